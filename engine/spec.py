@@ -1,0 +1,172 @@
+"""ModelSpec: the single source of truth for a model's shapes, read from GGUF metadata.
+
+Contract: ``ModelSpec.from_gguf(g)`` reads ``{arch}.*`` keys (llama.cpp names) and the
+tensor table of an open ``GGUFFile`` and returns a frozen dataclass; any contradiction
+between metadata and tensor shapes, or an unknown architecture, raises ``ModelFileError``
+/ ``UnsupportedModelError`` naming the file and the key.
+
+    spec = ModelSpec.from_gguf(open_gguf(path))
+    spec.n_layers, spec.kv_dim, spec.is_moe
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, asdict
+
+from .errors import ModelFileError, UnsupportedModelError
+
+ARCHS = ("llama", "qwen3", "qwen3moe", "olmoe")
+# llama.cpp's rope mode per arch: "norm" rotates adjacent pairs (llama's converter permutes
+# q/k for it), "neox" rotates the two halves of each head.
+ROPE_TYPE = {"llama": "norm", "qwen3": "neox", "qwen3moe": "neox", "olmoe": "neox"}
+# q/k normalisation: per head (Qwen3) or over the whole projection (OLMoE).
+QK_NORM = {"llama": "none", "qwen3": "head", "qwen3moe": "head", "olmoe": "full"}
+# whether top-k router weights are renormalised to sum to 1
+MOE_NORM_TOPK = {"llama": True, "qwen3moe": True, "olmoe": False}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    arch: str
+    name: str
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    d_ff: int                       # dense FFN width (0 when every layer is MoE)
+    vocab_size: int
+    ctx_train: int
+    rope_base: float
+    rope_type: str                  # "norm" | "neox"
+    rms_eps: float
+    qk_norm: str                    # "none" | "head" | "full"
+    n_experts: int = 0
+    n_experts_used: int = 0
+    d_ff_expert: int = 0
+    moe_norm_topk: bool = True
+    moe_layers: tuple[int, ...] = ()  # layers whose FFN is routed experts
+    tied_output: bool = False
+    bos_id: int | None = None
+    eos_id: int | None = None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def kv_dim(self) -> int:
+        return self.n_kv_heads * self.head_dim
+
+    @property
+    def q_dim(self) -> int:
+        return self.n_heads * self.head_dim
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    @property
+    def gqa(self) -> int:
+        return self.n_heads // self.n_kv_heads
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("extra")
+        d["moe_layers"] = list(self.moe_layers)
+        return d
+
+    @classmethod
+    def from_gguf(cls, g) -> "ModelSpec":
+        """Build from an open ``engine.gguf_io.GGUFFile`` (metadata + tensor shapes)."""
+        path = g.path
+        arch = g.arch
+        if arch not in ARCHS:
+            raise UnsupportedModelError(path, f"unknown architecture {arch!r} "
+                                        f"(supported: {', '.join(ARCHS)})",
+                                        "use a model of a supported architecture")
+
+        def key(k, default=None, required=False):
+            full = f"{arch}.{k}"
+            if required:
+                return g.require(full)
+            return g.get(full, default)
+
+        def as_int(k, value):
+            if isinstance(value, (list, tuple)):  # per-layer arrays: we need them uniform
+                if len(set(value)) != 1:
+                    raise UnsupportedModelError(path, f"{arch}.{k} varies per layer ({value[:4]}...)",
+                                                "per-layer geometry is not supported")
+                value = value[0]
+            try:
+                return int(value)
+            except (TypeError, ValueError):
+                raise ModelFileError(path, f"metadata {arch}.{k} = {value!r} is not an integer") from None
+
+        n_layers = as_int("block_count", key("block_count", required=True))
+        d_model = as_int("embedding_length", key("embedding_length", required=True))
+        n_heads = as_int("attention.head_count", key("attention.head_count", required=True))
+        n_kv = as_int("attention.head_count_kv", key("attention.head_count_kv", n_heads))
+        if n_layers <= 0 or d_model <= 0 or n_heads <= 0 or n_kv <= 0:
+            raise ModelFileError(path, f"non-positive geometry (block_count={n_layers}, "
+                                 f"embedding_length={d_model}, head_count={n_heads}, head_count_kv={n_kv})")
+        if n_heads % n_kv:
+            raise ModelFileError(path, f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
+        head_dim = as_int("attention.key_length", key("attention.key_length", d_model // n_heads))
+        v_dim = as_int("attention.value_length", key("attention.value_length", head_dim))
+        if v_dim != head_dim:
+            raise UnsupportedModelError(path, f"key_length {head_dim} != value_length {v_dim}")
+        if head_dim <= 0 or head_dim % 2:
+            raise ModelFileError(path, f"head dim {head_dim} must be positive and even")
+
+        # Shapes implied by metadata must agree with the tensors (catches contradictions).
+        q_shape = g.shape("blk.0.attn_q.weight")
+        k_shape = g.shape("blk.0.attn_k.weight")
+        if q_shape != (n_heads * head_dim, d_model) or k_shape != (n_kv * head_dim, d_model):
+            raise ModelFileError(path, f"metadata says {n_heads} heads / {n_kv} kv heads x "
+                                 f"{head_dim} over d_model {d_model}, but attn_q is {list(q_shape)} "
+                                 f"and attn_k is {list(k_shape)}",
+                                 "the file's metadata contradicts its tensors")
+        emb = g.shape("token_embd.weight")
+        if emb[1] != d_model:
+            raise ModelFileError(path, f"token_embd width {emb[1]} != embedding_length {d_model}")
+        vocab = emb[0]
+
+        n_exp = as_int("expert_count", key("expert_count", 0))
+        n_used = as_int("expert_used_count", key("expert_used_count", 0))
+        moe_layers = tuple(i for i in range(n_layers) if g.has(f"blk.{i}.ffn_gate_inp.weight"))
+        if moe_layers and (n_exp <= 0 or not 0 < n_used <= n_exp):
+            raise ModelFileError(path, f"MoE tensors present but expert_count={n_exp}, "
+                                 f"expert_used_count={n_used}")
+        d_ff_expert = 0
+        if moe_layers:
+            e_shape = g.shape(f"blk.{moe_layers[0]}.ffn_gate_exps.weight")  # [E, ff, d]
+            if e_shape[0] != n_exp or e_shape[2] != d_model:
+                raise ModelFileError(path, f"ffn_gate_exps shape {list(e_shape)} does not match "
+                                     f"expert_count {n_exp} x embedding_length {d_model}")
+            d_ff_expert = e_shape[1]
+            meta_ff = key("expert_feed_forward_length")
+            if meta_ff is not None and as_int("expert_feed_forward_length", meta_ff) != d_ff_expert:
+                raise ModelFileError(path, f"expert_feed_forward_length {meta_ff} != tensor width {d_ff_expert}")
+        d_ff = 0
+        dense = [i for i in range(n_layers) if i not in moe_layers]
+        if dense:
+            d_ff = g.shape(f"blk.{dense[0]}.ffn_gate.weight")[0]
+        elif arch not in MOE_NORM_TOPK:
+            raise ModelFileError(path, f"architecture {arch} has no dense FFN tensors")
+        if moe_layers and arch == "qwen3":
+            raise ModelFileError(path, "qwen3 (dense) file carries MoE tensors; expected qwen3moe")
+        norm_topk = bool(key("expert_weights_norm", MOE_NORM_TOPK.get(arch, True)))
+        rope_dim = key("rope.dimension_count")
+        if rope_dim is not None and as_int("rope.dimension_count", rope_dim) != head_dim:
+            raise UnsupportedModelError(path, f"partial rotary (rope.dimension_count={rope_dim}, head dim {head_dim})")
+        eps = key("attention.layer_norm_rms_epsilon", 1e-6)
+        return cls(
+            arch=arch,
+            name=str(g.get("general.name", path.stem)),
+            n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv,
+            head_dim=head_dim, d_ff=d_ff, vocab_size=vocab,
+            ctx_train=as_int("context_length", key("context_length", 4096)),
+            rope_base=float(key("rope.freq_base", 10000.0)),
+            rope_type=ROPE_TYPE[arch], rms_eps=float(eps), qk_norm=QK_NORM[arch],
+            n_experts=n_exp if moe_layers else 0, n_experts_used=n_used if moe_layers else 0,
+            d_ff_expert=d_ff_expert, moe_norm_topk=norm_topk, moe_layers=moe_layers,
+            tied_output=not g.has("output.weight"),
+            bos_id=g.get("tokenizer.ggml.bos_token_id"), eos_id=g.get("tokenizer.ggml.eos_token_id"),
+        )

@@ -1,0 +1,1 @@
+"""kvbench harness: declarative suites over the engine (see DESIGN.md)."""
