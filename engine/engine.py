@@ -1,0 +1,236 @@
+"""Engine: load a GGUF model and run teacher-forced logits and greedy generation.
+
+Contract (DESIGN.md "Engine contract"): ``load(model, kv_dtype=, device=, ctx=, ...)``
+returns an ``Engine`` with ``spec``, ``tokenizer``, ``logits(tokens)`` ([T, vocab] float32,
+teacher-forced), ``generate(tokens, max_new_tokens, stop_at_eos=True)`` (greedy, new tokens
+only), ``kv_dtypes`` (the dtype each layer's cache *holds*, read from its buffers). Every
+call starts from an empty cache: results never depend on earlier calls.
+
+    eng = load("smollm2-135m")
+    ids = eng.tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}])
+    print(eng.tokenizer.decode(eng.generate(ids, 32)))
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+
+from . import kv as kvmod
+from .errors import ConfigError, ContextOverflowError, ModelFileError
+from .gguf_io import GGUFFile, open_gguf
+from .model import Experts, LayerWeights, Transformer
+from .models import resolve
+from .spec import ModelSpec
+
+DEFAULT_WAVE_BUDGET = 256 << 20
+
+
+def _device(device: str | torch.device) -> torch.device:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device", "use 'cpu' or 'cuda'") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available",
+                          "use device='cpu' or run on a machine with a GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {device!r} is not supported", "use 'cpu' or 'cuda'")
+    return dev
+
+
+def load_weights(g: GGUFFile, spec: ModelSpec) -> tuple[list[LayerWeights], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Dequantize every tensor to float32 (host) with its shape checked against the spec."""
+    d, q, kvd = spec.d_model, spec.q_dim, spec.kv_dim
+    layers = []
+    for i in range(spec.n_layers):
+        p = f"blk.{i}."
+        t = lambda name, shape=None: g.tensor(p + name, shape)  # noqa: E731
+        lw = LayerWeights(
+            attn_norm=t("attn_norm.weight", (d,)), wq=t("attn_q.weight", (q, d)),
+            wk=t("attn_k.weight", (kvd, d)), wv=t("attn_v.weight", (kvd, d)),
+            wo=t("attn_output.weight", (d, q)), ffn_norm=t("ffn_norm.weight", (d,)))
+        if spec.qk_norm == "head":
+            lw.q_norm, lw.k_norm = t("attn_q_norm.weight", (spec.head_dim,)), t("attn_k_norm.weight", (spec.head_dim,))
+        elif spec.qk_norm == "full":
+            lw.q_norm, lw.k_norm = t("attn_q_norm.weight", (q,)), t("attn_k_norm.weight", (kvd,))
+        if i in spec.moe_layers:
+            E, ff = spec.n_experts, spec.d_ff_expert
+            lw.router = t("ffn_gate_inp.weight", (E, d))
+            lw.experts = Experts(t("ffn_gate_exps.weight", (E, ff, d)), t("ffn_up_exps.weight", (E, ff, d)),
+                                 t("ffn_down_exps.weight", (E, d, ff)))
+        else:
+            ff = spec.d_ff
+            lw.w_gate, lw.w_up = t("ffn_gate.weight", (ff, d)), t("ffn_up.weight", (ff, d))
+            lw.w_down = t("ffn_down.weight", (d, ff))
+        layers.append(lw)
+    embed = g.tensor("token_embd.weight", (spec.vocab_size, d))
+    out_norm = g.tensor("output_norm.weight", (d,))
+    output = embed if spec.tied_output else g.tensor("output.weight", (spec.vocab_size, d))
+    return layers, embed, out_norm, output
+
+
+def _make_kv(spec, layer, ctx, kv_dtype, device, wave_budget_bytes):
+    if hasattr(kvmod, "make_layer_kv"):
+        return kvmod.make_layer_kv(spec, layer, ctx, kv_dtype, device, wave_budget_bytes=wave_budget_bytes)
+    return kvmod.LayerKV(layer, spec.n_kv_heads, spec.head_dim, ctx, kv_dtype, device)
+
+
+class Engine:
+    def __init__(self, path: Path, g: GGUFFile, spec: ModelSpec, model: Transformer, tokenizer,
+                 kv_dtype: str, device: torch.device, ctx: int, wave_budget_bytes: int):
+        self.path, self.gguf, self.spec, self.model, self.tokenizer = path, g, spec, model, tokenizer
+        self.kv_dtype_requested, self.device, self.ctx = kv_dtype, device, ctx
+        self.wave_budget_bytes = wave_budget_bytes
+        self.caches = [_make_kv(spec, i, ctx, kv_dtype, model.layer_devices[i], wave_budget_bytes)
+                       for i in range(spec.n_layers)]
+        self.pos = 0
+        self.last_prefill_stats: dict = {}
+
+    # -- observables ---------------------------------------------------------------------
+    @property
+    def kv_dtypes(self) -> list[str]:
+        return [c.dtype for c in self.caches]
+
+    @property
+    def kv_bytes(self) -> int:
+        return sum(c.nbytes for c in self.caches)
+
+    # -- execution -----------------------------------------------------------------------
+    def reset(self) -> None:
+        self.pos = 0
+        for c in self.caches:
+            if hasattr(c, "reset"):
+                c.reset()
+
+    def _check_ctx(self, n: int) -> None:
+        if n > self.ctx:
+            raise ContextOverflowError(f"{n} tokens exceed the engine's ctx of {self.ctx}",
+                                       f"load the engine with ctx >= {n}")
+
+    @torch.inference_mode()
+    def _step(self, ids: list[int]) -> torch.Tensor:
+        """Run ``ids`` at the current position; returns final hidden states [T, d]."""
+        self._check_ctx(self.pos + len(ids))
+        h = self.model.forward(torch.tensor(ids, dtype=torch.long), self.pos, self.caches)
+        self.pos += len(ids)
+        return h
+
+    @torch.inference_mode()
+    def logits(self, tokens: list[int], chunk: int | None = None) -> torch.Tensor:
+        """Teacher-forced logits [len(tokens), vocab] float32 from an empty cache.
+
+        ``chunk`` prefills in pieces of that many tokens (same maths, different batching)."""
+        tokens = self._ids(tokens)
+        self.reset()
+        self._check_ctx(len(tokens))
+        step = chunk or len(tokens)
+        out = []
+        t0 = time.perf_counter()
+        for s in range(0, len(tokens), step):
+            out.append(self.model.head(self._step(tokens[s:s + step])).float().cpu())
+        self._prefill_stats(len(tokens), time.perf_counter() - t0)
+        return torch.cat(out)
+
+    @torch.inference_mode()
+    def prefill(self, tokens: list[int]) -> torch.Tensor:
+        """Reset, run the prompt in one batched pass; returns the last position's logits [vocab]."""
+        tokens = self._ids(tokens)
+        self.reset()
+        t0 = time.perf_counter()
+        h = self._step(tokens)[-1:]
+        out = self.model.head(h)[0].float()
+        self._prefill_stats(len(tokens), time.perf_counter() - t0)
+        return out
+
+    @torch.inference_mode()
+    def decode(self, token: int) -> torch.Tensor:
+        """Append one token after ``prefill``/``decode``; returns its logits [vocab]."""
+        return self.model.head(self._step([int(token)]))[0].float()
+
+    def _prefill_stats(self, n: int, seconds: float) -> None:
+        waves = [getattr(c, "last_waves", None) for c in self.caches]
+        scratch = [getattr(c, "peak_scratch_bytes", None) for c in self.caches]
+        self.last_prefill_stats = {
+            "tokens": n, "seconds": seconds,
+            "waves": max((w for w in waves if w is not None), default=None),
+            "peak_scratch_bytes": max((b for b in scratch if b is not None), default=None),
+        }
+
+    @torch.inference_mode()
+    def generate(self, tokens: list[int], max_new_tokens: int, stop_at_eos: bool = True) -> list[int]:
+        """Greedy decoding from an empty cache; returns only the new tokens."""
+        tokens = self._ids(tokens)
+        if not tokens:
+            raise ConfigError("generate() needs at least one prompt token")
+        self.reset()
+        self._check_ctx(len(tokens) + max_new_tokens - 1)
+        eos = set(self.tokenizer.eos_ids)
+        if self.spec.eos_id is not None:
+            eos.add(int(self.spec.eos_id))
+        h = self._step(tokens)[-1:]
+        new: list[int] = []
+        self.last_stop_reason = "length"
+        for _ in range(max_new_tokens):
+            nxt = int(self.model.head(h).argmax(-1)[0])
+            new.append(nxt)
+            if stop_at_eos and nxt in eos:
+                self.last_stop_reason = "eos"
+                break
+            if len(new) == max_new_tokens:
+                break
+            h = self._step([nxt])
+        return new
+
+    @staticmethod
+    def _ids(tokens) -> list[int]:
+        if isinstance(tokens, torch.Tensor):
+            tokens = tokens.tolist()
+        return [int(t) for t in tokens]
+
+
+class NoTokenizer:
+    """Stands in for a GGUF without tokenizer metadata: logits from ids work, text does not."""
+    eos_ids: frozenset = frozenset()
+
+    def __init__(self, path):
+        self.path = path
+
+    def __getattr__(self, name):
+        raise ModelFileError(self.path, f"has no tokenizer metadata, so tokenizer.{name} is unavailable",
+                             "pass token ids, or use a GGUF converted with its tokenizer")
+
+
+def _tokenizer_for(g: GGUFFile):
+    if "tokenizer.ggml.model" not in g.meta and "tokenizer.ggml.tokens" not in g.meta:
+        return NoTokenizer(g.path)
+    from .tokenizer import Tokenizer
+    return Tokenizer.from_gguf(g)
+
+
+def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torch.device = "cpu",
+         ctx: int = 4096, vram_budget: int | None = None, n_gpu_layers: int | None = None,
+         wave_budget_bytes: int | None = None) -> Engine:
+    """Load a registry name or .gguf path; see the module docstring."""
+    if kv_dtype not in kvmod.KV_DTYPES:
+        raise ConfigError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(kvmod.KV_DTYPES)}",
+                          "pick one of those")
+    if not isinstance(ctx, int) or ctx <= 0:
+        raise ConfigError(f"ctx {ctx!r} must be a positive integer")
+    dev = _device(device)
+    path = resolve(model)
+    g = open_gguf(path)
+    spec = ModelSpec.from_gguf(g)
+    tokenizer = _tokenizer_for(g)
+    layers, embed, out_norm, output = load_weights(g, spec)
+    layer_devices = [dev] * spec.n_layers
+    layers = [lw.to(dev) for lw in layers]
+    for lw in layers:
+        if lw.experts is not None:
+            lw.experts = Experts(*(t.to(dev) for t in lw.experts.tensors()))
+    out_norm, output = out_norm.to(dev), output.to(dev)
+    model_ = Transformer(spec, layers, embed, out_norm, output, layer_devices, dev)
+    return Engine(path, g, spec, model_, tokenizer, kv_dtype, dev, ctx,
+                  wave_budget_bytes or DEFAULT_WAVE_BUDGET)

@@ -1,0 +1,171 @@
+"""The transformer forward pass for every supported architecture, in plain torch.
+
+Contract: ``Transformer(spec, layers, globals_)`` holds float32 weights (per layer: attention,
+norms, dense FFN or router + experts) and runs ``forward(tokens, start, caches)`` ->
+hidden states [T, d_model] for tokens at positions ``start..start+T-1``, writing K/V into
+``caches[i]`` (one ``engine.kv.LayerKV`` per layer) and reading attention from them, so a
+narrowed cache affects every later position exactly as in a real engine. Architecture
+differences are data in ``ModelSpec`` (rope type, q/k norm kind, MoE top-k normalisation),
+not separate classes.
+
+    h = model.forward(torch.tensor(ids), 0, caches)     # [T, d_model]
+    logits = model.head(h)                              # [T, vocab]
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .spec import ModelSpec
+
+
+@dataclass
+class LayerWeights:
+    attn_norm: torch.Tensor            # [d]
+    wq: torch.Tensor                   # [Hq*D, d]
+    wk: torch.Tensor                   # [Hkv*D, d]
+    wv: torch.Tensor                   # [Hkv*D, d]
+    wo: torch.Tensor                   # [d, Hq*D]
+    ffn_norm: torch.Tensor             # [d]
+    q_norm: torch.Tensor | None = None  # [D] (per head) or [Hq*D] (full)
+    k_norm: torch.Tensor | None = None
+    w_gate: torch.Tensor | None = None  # dense: [ff, d]
+    w_up: torch.Tensor | None = None
+    w_down: torch.Tensor | None = None  # [d, ff]
+    router: torch.Tensor | None = None  # MoE: [E, d]
+    experts: object | None = None       # MoE: object with .gate/.up/.down [E, ff, d]/[E, d, ff] or an expert cache
+
+    def to(self, device) -> "LayerWeights":
+        out = {}
+        for name, value in self.__dict__.items():
+            out[name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        return LayerWeights(**out)
+
+    def tensors(self):
+        return [v for v in self.__dict__.values() if isinstance(v, torch.Tensor)]
+
+
+@dataclass
+class Experts:
+    """All routed experts of one layer, resident: gate/up [E, ff, d], down [E, d, ff]."""
+    gate: torch.Tensor
+    up: torch.Tensor
+    down: torch.Tensor
+
+    def get(self, layer: int, e: int):
+        return self.gate[e], self.up[e], self.down[e]
+
+    def tensors(self):
+        return [self.gate, self.up, self.down]
+
+
+def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+class Rope:
+    """Rotary tables for positions [0, n); ``apply(x [T, H, D], start)``."""
+
+    def __init__(self, head_dim: int, base: float, kind: str, n: int, device="cpu"):
+        self.kind, self.head_dim, self.base = kind, head_dim, base
+        self.cos = self.sin = None
+        self._build(n, device)
+
+    def _build(self, n: int, device):
+        inv = 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2, dtype=torch.float64) / self.head_dim))
+        ang = torch.arange(n, dtype=torch.float64)[:, None] * inv[None, :]   # [n, D/2]
+        self.cos = ang.cos().to(torch.float32).to(device)
+        self.sin = ang.sin().to(torch.float32).to(device)
+
+    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
+        T = x.shape[0]
+        if start + T > self.cos.shape[0]:
+            self._build(max(start + T, 2 * self.cos.shape[0]), self.cos.device)
+        cos = self.cos[start:start + T, None, :]   # [T, 1, D/2]
+        sin = self.sin[start:start + T, None, :]
+        if self.kind == "neox":
+            x1, x2 = x[..., : self.head_dim // 2], x[..., self.head_dim // 2:]
+            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+        x1, x2 = x[..., 0::2], x[..., 1::2]         # "norm": adjacent pairs
+        return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+
+
+class Transformer:
+    def __init__(self, spec: ModelSpec, layers: list[LayerWeights], embed: torch.Tensor,
+                 out_norm: torch.Tensor, output: torch.Tensor, layer_devices: list[torch.device],
+                 head_device: torch.device):
+        self.spec = spec
+        self.layers = layers
+        self.embed = embed                  # [V, d] on host
+        self.out_norm = out_norm
+        self.output = output                # [V, d] (tied: same storage as embed)
+        self.layer_devices = layer_devices
+        self.head_device = head_device
+        self.ropes: dict[torch.device, Rope] = {}
+        self.scale = spec.head_dim ** -0.5
+
+    def _rope(self, device) -> Rope:
+        key = torch.device(device)
+        if key not in self.ropes:
+            self.ropes[key] = Rope(self.spec.head_dim, self.spec.rope_base, self.spec.rope_type,
+                                   4096, device=key)
+        return self.ropes[key]
+
+    def attention(self, i: int, x: torch.Tensor, start: int, cache) -> torch.Tensor:
+        s, w = self.spec, self.layers[i]
+        T = x.shape[0]
+        h = rms_norm(x, w.attn_norm, s.rms_eps)
+        q, k, v = h @ w.wq.T, h @ w.wk.T, h @ w.wv.T
+        if s.qk_norm == "full":
+            q, k = rms_norm(q, w.q_norm, s.rms_eps), rms_norm(k, w.k_norm, s.rms_eps)
+        q = q.view(T, s.n_heads, s.head_dim)
+        k = k.view(T, s.n_kv_heads, s.head_dim)
+        v = v.view(T, s.n_kv_heads, s.head_dim)
+        if s.qk_norm == "head":
+            q, k = rms_norm(q, w.q_norm, s.rms_eps), rms_norm(k, w.k_norm, s.rms_eps)
+        rope = self._rope(x.device)
+        q, k = rope.apply(q, start), rope.apply(k, start)
+        cache.write(start, k, v)
+        o = cache.attend(q, start, self.scale)       # [T, Hq, D]
+        return o.reshape(T, s.q_dim) @ w.wo.T
+
+    def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        s, w = self.spec, self.layers[i]
+        h = rms_norm(x, w.ffn_norm, s.rms_eps)
+        if w.router is None:
+            return (F.silu(h @ w.w_gate.T) * (h @ w.w_up.T)) @ w.w_down.T
+        return self.moe(i, h)
+
+    def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
+        s, w = self.spec, self.layers[i]
+        probs = torch.softmax(h @ w.router.T, dim=-1)           # [T, E]
+        top_p, top_e = probs.topk(s.n_experts_used, dim=-1)     # [T, k]
+        if s.moe_norm_topk:
+            top_p = top_p / top_p.sum(-1, keepdim=True)
+        out = torch.zeros_like(h)
+        # Visit experts in ascending id so the cache access order is deterministic.
+        for e in torch.unique(top_e).tolist():
+            rows, slot = (top_e == e).nonzero(as_tuple=True)
+            gate, up, down = w.experts.get(i, e)
+            he = h[rows]
+            y = (F.silu(he @ gate.T) * (he @ up.T)) @ down.T
+            out.index_add_(0, rows, y * top_p[rows, slot, None])
+        return out
+
+    def forward(self, tokens: torch.Tensor, start: int, caches) -> torch.Tensor:
+        """tokens [T] (host) -> final hidden [T, d] on the head device."""
+        x = self.embed[tokens.to(self.embed.device)]
+        for i in range(self.spec.n_layers):
+            dev = self.layer_devices[i]
+            if x.device != dev:
+                x = x.to(dev, non_blocking=True)
+            x = x + self.attention(i, x, start, caches[i])
+            x = x + self.ffn(i, x)
+        if x.device != self.head_device:
+            x = x.to(self.head_device)
+        return x
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.out_norm, self.spec.rms_eps) @ self.output.T
