@@ -1,0 +1,188 @@
+"""Engine CLI: ``python -m engine {bench,generate,plan} ...``.
+
+Contract: each command is ``add_cli_args(parser)`` + ``main(args) -> int``. Engine errors print
+``error: <one line>`` on stderr and exit 2; any other exception prints one line plus the path
+of a saved traceback and exits 3. ``bench`` prints a human table, then one JSON line last.
+
+    python -m engine bench --model smollm2-135m
+    python -m engine generate smollm2-135m "What is the capital of France?"
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+import traceback
+
+import torch
+
+from .errors import EngineError
+
+
+def parse_size(text: str) -> int:
+    """'12GiB', '12GB', '500MiB', '1048576' -> bytes."""
+    units = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+             "kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "tib": 1 << 40}
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num):]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1
+    if unit not in units or value < 0:
+        raise argparse.ArgumentTypeError(f"size {text!r} is not like 12GiB, 500MiB, 8GB or a byte count")
+    return int(value * units[unit])
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--kv-dtype", default="fp32", help="KV cache dtype: fp32, bf16, q8_0")
+    p.add_argument("--device", default="cpu", help="cpu or cuda")
+    p.add_argument("--ctx", type=int, default=4096, help="KV cache capacity in tokens")
+
+
+# -- bench ---------------------------------------------------------------------------------
+def bench_add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2-135m", help="registry name or .gguf path")
+    _common(p)
+    p.add_argument("--prompt-tokens", type=int, default=512, help="teacher-forced length (pp)")
+    p.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed (tg)")
+    p.add_argument("--repeats", type=int, default=3)
+
+
+def _sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_main(args) -> int:
+    from rich.console import Console
+    from rich.table import Table
+
+    from . import load
+    con = Console(stderr=False)
+    t0 = time.perf_counter()
+    eng = load(args.model, kv_dtype=args.kv_dtype, device=args.device,
+               ctx=max(args.ctx, args.prompt_tokens + args.decode_tokens + 8))
+    load_s = time.perf_counter() - t0
+
+    question = "What is the capital of France?"
+    chat = eng.tokenizer.apply_chat_template([{"role": "user", "content": question}])
+    answer = eng.tokenizer.decode(eng.generate(chat, 48), skip_special_tokens=True).strip()
+
+    vocab = eng.spec.vocab_size
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (args.prompt_tokens,), generator=g).tolist()
+    eng.logits(ids[:32])  # warm-up
+    pp = []
+    for _ in range(args.repeats):
+        _sync(args.device)
+        t = time.perf_counter()
+        eng.logits(ids)
+        _sync(args.device)
+        pp.append(time.perf_counter() - t)
+    tg = []
+    for _ in range(args.repeats):
+        eng.prefill(ids[:16])
+        tok = ids[16]
+        _sync(args.device)
+        t = time.perf_counter()
+        for _ in range(args.decode_tokens):
+            tok = int(eng.decode(tok).argmax())
+        _sync(args.device)
+        tg.append(time.perf_counter() - t)
+    pp_s, tg_s = statistics.median(pp), statistics.median(tg)
+    result = {
+        "model": args.model, "arch": eng.spec.arch, "device": str(eng.device),
+        "kv_dtype_requested": args.kv_dtype, "kv_dtypes_applied": sorted(set(eng.kv_dtypes)),
+        "load_s": round(load_s, 3), f"logits{args.prompt_tokens}_s": round(pp_s, 3),
+        f"pp{args.prompt_tokens}_tok_s": round(args.prompt_tokens / pp_s, 1),
+        f"tg{args.decode_tokens}_tok_s": round(args.decode_tokens / tg_s, 2),
+        "threads": torch.get_num_threads(), "torch": torch.__version__,
+        "answer": answer,
+    }
+    table = Table(title=f"kvbench engine bench: {args.model} ({eng.spec.arch}, {eng.device}, KV {args.kv_dtype})")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    table.add_row("load (s)", f"{load_s:.2f}")
+    table.add_row(f"teacher-forced logits, {args.prompt_tokens} tokens (s, median of {args.repeats})", f"{pp_s:.2f}")
+    table.add_row(f"prefill pp{args.prompt_tokens} (tok/s)", f"{args.prompt_tokens / pp_s:.1f}")
+    table.add_row(f"greedy decode tg{args.decode_tokens} (tok/s, median of {args.repeats})", f"{args.decode_tokens / tg_s:.2f}")
+    table.add_row("KV dtype applied", ", ".join(sorted(set(eng.kv_dtypes))))
+    con.print(table)
+    con.print(f"[bold]Q:[/bold] {question}\n[bold]A:[/bold] {answer}")
+    print(json.dumps(result))
+    return 0
+
+
+# -- generate -------------------------------------------------------------------------------
+def generate_add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="registry name or .gguf path")
+    p.add_argument("prompt", help="user message (sent through the model's chat template)")
+    _common(p)
+    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--raw", action="store_true", help="skip the chat template")
+
+
+def generate_main(args) -> int:
+    from . import load
+    eng = load(args.model, kv_dtype=args.kv_dtype, device=args.device, ctx=args.ctx)
+    if args.raw:
+        ids = eng.tokenizer.encode(args.prompt, add_special_tokens=True)
+    else:
+        ids = eng.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
+    print(eng.tokenizer.decode(eng.generate(ids, args.max_new_tokens), skip_special_tokens=True))
+    return 0
+
+
+COMMANDS = {
+    "bench": (bench_add_cli_args, bench_main, "load, a greedy chat answer, prefill and decode throughput"),
+    "generate": (generate_add_cli_args, generate_main, "greedy answer to one chat message"),
+}
+
+
+def _register_plan() -> None:
+    try:
+        from . import planner
+    except ImportError:
+        return
+    if hasattr(planner, "add_cli_args") and hasattr(planner, "main"):
+        COMMANDS["plan"] = (planner.add_cli_args, planner.main, "print the memory plan (metadata only)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    _register_plan()
+    parser = argparse.ArgumentParser(prog="python -m engine", description="kvbench reference engine")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (add, run, help_) in COMMANDS.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        add(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def run_guarded(fn, args) -> int:
+    """Shared by the engine and harness CLIs: user errors -> exit 2, bugs -> exit 3."""
+    try:
+        return int(fn(args) or 0)
+    except EngineError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001
+        with tempfile.NamedTemporaryFile("w", prefix="kvbench-traceback-", suffix=".txt", delete=False) as fh:
+            traceback.print_exc(file=fh)
+        first = str(exc).splitlines()[0] if str(exc) else ""
+        print(f"error: internal error {type(exc).__name__}: {first} (traceback saved to {fh.name})",
+              file=sys.stderr)
+        return 3
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    return run_guarded(args._run, args)
