@@ -1,0 +1,446 @@
+"""VRAM planner: (ModelSpec, budget, ctx, KV dtype, wave budget) -> Plan of bytes per tier.
+
+Contract: ``plan(spec, ...)`` is pure arithmetic over the spec (no weights are read) and
+returns a ``Plan``: ``n_gpu_layers`` and, for the *trunk* (the device running layers
+``[0, n_gpu_layers)``) and the *host*, bytes per category (weights, kv, scratch,
+expert_cache, reserve), the expert-cache slot count, and per-layer lists. The runtime
+allocates exactly the buffers priced here, through ``engine.ledger.Ledger``, so
+``Ledger.compare(plan)`` can hold every category to the byte.
+
+Pricing rules (what the runtime must allocate for plan and ledger to agree):
+- Weights: every matrix at ``weight_format`` (f32 4 B, f16/bf16 2 B, q8_0 34 B per 32);
+  1-D norms always f32. One buffer per GGUF tensor (``layer_tensors`` lists them).
+  ``token_embd`` lives on the host. The head (``output_norm`` + ``output``; a tied output
+  is priced as its own trunk copy) is on the trunk when every layer is there and it fits
+  (``head_tier="auto"``), else on the host.
+- MoE trunk layers: router, attention and norms are resident; routed experts stay on the
+  host (``layer_expert_bytes``) and stream through the expert cache: three stacked trunk
+  buffers gate/up [S, ff, d] and down [S, d, ff]. S = what is left of the budget after
+  trunk weights, KV, scratch and reserve, in whole slots, capped at the trunk's expert
+  count; packing keeps room for at least ``min_expert_slots`` (default n_experts_used).
+- KV: two buffers per layer (K, V), each ``ctx * n_kv_heads * head_dim`` values at
+  fp32 4 B, bf16 2 B, q8_0 34 B per 32 (packed blocks). Trunk layers get ``kv_dtype``;
+  host (tail) layers are fp32.
+- Scratch per tier that runs layers: one wave buffer of ``wave_budget_bytes`` plus one
+  activation arena of ``activation_bytes``: ``ubatch`` tokens x f32 x (2 d_model +
+  2 q_dim + 2 kv_dim + 2 ffn width), ffn width = d_ff or n_experts_used * d_ff_expert,
+  plus [ubatch, vocab] logits where the head runs.
+- Reserve: ``reserve_bytes`` of headroom on the trunk (planned, never allocated).
+- Allocator rounding: ``round_alloc(nbytes, device)``; none on CPU; on CUDA the caching
+  allocator rounds every block up to 512 B (with its default config), which is what
+  ``torch.cuda.memory_allocated`` counts, so the plan prices each trunk buffer rounded.
+  Host numbers are logical bytes (pinned host memory is not rounded here).
+- Budget: ``vram_budget`` bytes; None means free CUDA memory (``torch.cuda.mem_get_info``)
+  on CUDA, and on CPU a budget that fits everything (all layers, head, every expert).
+
+    p = plan(spec, kv_dtype="q8_0", ctx=32768, vram_budget=12 << 30, device="cuda")
+    p.n_gpu_layers, p.trunk.kv, p.expert_slots, p.to_dict()
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from dataclasses import asdict, dataclass, field, fields
+from typing import NamedTuple
+
+import torch
+
+from .errors import ConfigError, EngineError, KVGeometryError, OutOfMemoryError
+from .spec import ModelSpec
+
+MiB = 1 << 20
+GiB = 1 << 30
+CATEGORIES = ("weights", "kv", "scratch", "expert_cache", "reserve")
+KV_FORMATS = {"fp32": (4, 1), "bf16": (2, 1), "q8_0": (34, 32)}      # bytes per values
+WEIGHT_FORMATS = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32)}
+DEFAULT_WAVE_BUDGET = 256 * MiB
+DEFAULT_RESERVE = 256 * MiB
+DEFAULT_UBATCH = 512
+CUDA_ALLOC_ROUND = 512
+
+
+def round_alloc(nbytes: int, device: str | torch.device) -> int:
+    """Bytes the allocator really takes for a buffer of ``nbytes`` on ``device``."""
+    nbytes = int(nbytes)
+    if nbytes <= 0:
+        return 0
+    if torch.device(device).type == "cuda":
+        return -(-nbytes // CUDA_ALLOC_ROUND) * CUDA_ALLOC_ROUND
+    return nbytes
+
+
+def _format_bytes(numel: int, fmt: tuple[int, int], what: str) -> int:
+    num, per = fmt
+    if numel % per:
+        raise KVGeometryError(f"{what}: {numel} values are not a whole number of {per}-value blocks",
+                              "pick a format whose block size divides the row")
+    return numel // per * num
+
+
+class WeightTensor(NamedTuple):
+    name: str                  # GGUF tensor name
+    shape: tuple[int, ...]     # PyTorch order
+    kind: str                  # "norm" (f32) | "matrix" (resident) | "expert" (routed, host)
+
+
+def layer_tensors(spec: ModelSpec, i: int) -> list[WeightTensor]:
+    """The tensors the runtime keeps for layer ``i`` (llama.cpp names)."""
+    d, q, kv, p = spec.d_model, spec.q_dim, spec.kv_dim, f"blk.{i}."
+    out = [WeightTensor(p + "attn_norm.weight", (d,), "norm"),
+           WeightTensor(p + "attn_q.weight", (q, d), "matrix"),
+           WeightTensor(p + "attn_k.weight", (kv, d), "matrix"),
+           WeightTensor(p + "attn_v.weight", (kv, d), "matrix"),
+           WeightTensor(p + "attn_output.weight", (d, q), "matrix"),
+           WeightTensor(p + "ffn_norm.weight", (d,), "norm")]
+    if spec.qk_norm == "head":
+        out += [WeightTensor(p + "attn_q_norm.weight", (spec.head_dim,), "norm"),
+                WeightTensor(p + "attn_k_norm.weight", (spec.head_dim,), "norm")]
+    elif spec.qk_norm == "full":
+        out += [WeightTensor(p + "attn_q_norm.weight", (q,), "norm"),
+                WeightTensor(p + "attn_k_norm.weight", (kv,), "norm")]
+    if i in spec.moe_layers:
+        E, ff = spec.n_experts, spec.d_ff_expert
+        out += [WeightTensor(p + "ffn_gate_inp.weight", (E, d), "matrix"),
+                WeightTensor(p + "ffn_gate_exps.weight", (E, ff, d), "expert"),
+                WeightTensor(p + "ffn_up_exps.weight", (E, ff, d), "expert"),
+                WeightTensor(p + "ffn_down_exps.weight", (E, d, ff), "expert")]
+    else:
+        ff = spec.d_ff
+        out += [WeightTensor(p + "ffn_gate.weight", (ff, d), "matrix"),
+                WeightTensor(p + "ffn_up.weight", (ff, d), "matrix"),
+                WeightTensor(p + "ffn_down.weight", (d, ff), "matrix")]
+    return out
+
+
+def tensor_bytes(t: WeightTensor, weight_format: str) -> int:
+    """Logical bytes of one weight tensor as the runtime stores it (norms always f32)."""
+    numel = 1
+    for s in t.shape:
+        numel *= s
+    if t.kind == "norm":
+        return 4 * numel
+    return _format_bytes(numel, WEIGHT_FORMATS[weight_format], f"{t.name} at {weight_format}")
+
+
+def expert_shapes(spec: ModelSpec) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Shapes of one expert's gate, up, down matrices."""
+    d, ff = spec.d_model, spec.d_ff_expert
+    return (ff, d), (ff, d), (d, ff)
+
+
+def expert_matrix_bytes(spec: ModelSpec, weight_format: str) -> list[int]:
+    """Logical bytes of one expert's gate, up, down at ``weight_format``."""
+    if not spec.is_moe:
+        return [0, 0, 0]
+    return [_format_bytes(a * b, WEIGHT_FORMATS[weight_format], f"expert matrix at {weight_format}")
+            for a, b in expert_shapes(spec)]
+
+
+def kv_buffer_bytes(spec: ModelSpec, ctx: int, kv_dtype: str) -> list[int]:
+    """Logical bytes of one layer's K and V buffers: [K, V]."""
+    if kv_dtype not in KV_FORMATS:
+        raise ConfigError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_FORMATS)}", "pick one of those")
+    num, per = KV_FORMATS[kv_dtype]
+    if spec.head_dim % per:
+        raise KVGeometryError(f"kv_dtype {kv_dtype} needs head_dim % {per} == 0, but head_dim is {spec.head_dim}",
+                              "use fp32 or bf16 for this model")
+    one = ctx * spec.kv_dim // per * num
+    return [one, one]
+
+
+def activation_bytes(spec: ModelSpec, ubatch: int, *, layers: bool = True, head: bool = False) -> int:
+    """Per-step activation arena for ``ubatch`` tokens (see the module docstring)."""
+    ff = max(spec.d_ff, spec.n_experts_used * spec.d_ff_expert)
+    per_token = 0
+    if layers:
+        per_token += 2 * spec.d_model + 2 * spec.q_dim + 2 * spec.kv_dim + 2 * ff
+    if head:
+        per_token += spec.vocab_size
+    return 4 * ubatch * per_token
+
+
+@dataclass
+class TierBytes:
+    weights: int = 0
+    kv: int = 0
+    scratch: int = 0
+    expert_cache: int = 0
+    reserve: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.scratch + self.expert_cache + self.reserve
+
+    def get(self, category: str) -> int:
+        if category not in CATEGORIES:
+            raise ConfigError(f"unknown memory category {category!r}", f"use one of {', '.join(CATEGORIES)}")
+        return getattr(self, category)
+
+
+@dataclass
+class Plan:
+    model: str
+    arch: str
+    device: str
+    n_layers: int
+    n_gpu_layers: int
+    ctx: int
+    kv_dtype: str                       # requested; applies to trunk layers only
+    weight_format: str
+    budget_bytes: int
+    budget_source: str                  # "vram_budget" | "cuda free" | "cpu default (fits all)"
+    wave_budget_bytes: int
+    ubatch: int
+    head_tier: str                      # "trunk" | "host"
+    trunk: TierBytes
+    host: TierBytes
+    expert_slots: int                   # slots in the trunk expert cache
+    expert_slot_bytes: int              # one expert's gate+up+down (logical bytes)
+    trunk_experts: int                  # routed experts of trunk layers (max useful slots)
+    layer_tiers: list[str] = field(default_factory=list)
+    layer_kv_dtypes: list[str] = field(default_factory=list)
+    layer_kv_bytes: list[int] = field(default_factory=list)       # K+V on the layer's tier
+    layer_weight_bytes: list[int] = field(default_factory=list)   # non-expert weights, layer's tier
+    layer_expert_bytes: list[int] = field(default_factory=list)   # routed experts, host
+    scratch_items: dict[str, int] = field(default_factory=dict)   # trunk scratch buffers
+
+    @property
+    def free_bytes(self) -> int:
+        return self.budget_bytes - self.trunk.total
+
+    def tier(self, name: str) -> TierBytes:
+        if name not in ("trunk", "host"):
+            raise ConfigError(f"unknown tier {name!r}", "use 'trunk' or 'host'")
+        return getattr(self, name)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["free_bytes"] = self.free_bytes
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Plan":
+        names = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        kw["trunk"], kw["host"] = TierBytes(**d["trunk"]), TierBytes(**d["host"])
+        return cls(**kw)
+
+
+def _mib(n: int) -> str:
+    return f"{n / MiB:.2f} MiB"
+
+
+def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budget: int | None = None,
+         n_gpu_layers: int | None = None, wave_budget_bytes: int = DEFAULT_WAVE_BUDGET,
+         weight_format: str = "f32", reserve_bytes: int = DEFAULT_RESERVE,
+         device: str | torch.device | None = None, ubatch: int = DEFAULT_UBATCH,
+         head_tier: str = "auto", min_expert_slots: int | None = None) -> Plan:
+    """Price a layer split; see the module docstring for the rules."""
+    try:
+        dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device", "use 'cpu' or 'cuda'") from None
+    if weight_format not in WEIGHT_FORMATS:
+        raise ConfigError(f"weight_format {weight_format!r} is not one of {', '.join(WEIGHT_FORMATS)}",
+                          "pick one of those")
+    for name, value in (("ctx", ctx), ("ubatch", ubatch)):
+        if not isinstance(value, int) or value <= 0:
+            raise ConfigError(f"{name} {value!r} must be a positive integer")
+    for name, value in (("wave_budget_bytes", wave_budget_bytes), ("reserve_bytes", reserve_bytes)):
+        if not isinstance(value, int) or value < 0:
+            raise ConfigError(f"{name} {value!r} must be a non-negative integer")
+    if head_tier not in ("auto", "host"):
+        raise ConfigError(f"head_tier {head_tier!r} must be 'auto' or 'host'")
+    L = spec.n_layers
+    if n_gpu_layers is not None and not (isinstance(n_gpu_layers, int) and 0 <= n_gpu_layers <= L):
+        raise ConfigError(f"n_gpu_layers {n_gpu_layers!r} must be an integer in [0, {L}]",
+                          f"pass 0..{L}, or None to fit as many as the budget holds")
+    rnd = lambda n: round_alloc(n, dev)  # noqa: E731
+
+    kv_trunk = [rnd(b) for b in kv_buffer_bytes(spec, ctx, kv_dtype)]
+    kv_host = kv_buffer_bytes(spec, ctx, "fp32")
+    w_trunk, w_host, w_expert = [], [], []
+    for i in range(L):
+        ts = layer_tensors(spec, i)
+        resident = [tensor_bytes(t, weight_format) for t in ts if t.kind != "expert"]
+        w_trunk.append(sum(rnd(b) for b in resident))
+        w_host.append(sum(resident))
+        w_expert.append(sum(tensor_bytes(t, weight_format) for t in ts if t.kind == "expert"))
+    embd_bytes = _format_bytes(spec.vocab_size * spec.d_model, WEIGHT_FORMATS[weight_format],
+                               f"token_embd/output at {weight_format}")
+    head_bytes = [4 * spec.d_model, embd_bytes]           # output_norm, output [vocab, d]
+    slot_parts = expert_matrix_bytes(spec, weight_format)
+    slot_bytes = sum(slot_parts)
+    moe = set(spec.moe_layers)
+    n_min = spec.n_experts_used if min_expert_slots is None else int(min_expert_slots)
+
+    def trunk_experts(k: int) -> int:
+        return spec.n_experts * sum(1 for i in range(k) if i in moe)
+
+    def cache_bytes(slots: int) -> int:
+        return sum(rnd(slots * b) for b in slot_parts)
+
+    def scratch_items(k: int, head: bool) -> dict[str, int]:
+        if k == 0:
+            return {}
+        return {"wave": rnd(wave_budget_bytes), "activations": rnd(activation_bytes(spec, ubatch, head=head))}
+
+    def trunk_cost(k: int, head: bool, slots: int) -> TierBytes:
+        return TierBytes(weights=sum(w_trunk[:k]) + (sum(rnd(b) for b in head_bytes) if head else 0),
+                         kv=k * sum(kv_trunk), scratch=sum(scratch_items(k, head).values()),
+                         expert_cache=cache_bytes(slots), reserve=reserve_bytes)
+
+    def min_slots(k: int) -> int:
+        return min(n_min, trunk_experts(k))
+
+    can_head = head_tier == "auto"
+    if vram_budget is not None:
+        if not isinstance(vram_budget, int) or vram_budget < 0:
+            raise ConfigError(f"vram_budget {vram_budget!r} must be a non-negative byte count")
+        budget, source = vram_budget, "vram_budget"
+    elif dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {dev} has no CUDA here to read free memory from",
+                              "pass vram_budget (--vram-budget) to simulate a card, or use device='cpu'")
+        budget, source = int(torch.cuda.mem_get_info(dev)[0]), "cuda free"
+    else:
+        budget = trunk_cost(L, can_head, trunk_experts(L)).total
+        source = "cpu default (fits all)"
+
+    essentials = reserve_bytes + sum(scratch_items(1, False).values())
+    if budget < essentials and n_gpu_layers != 0:
+        raise OutOfMemoryError(
+            f"vram budget {_mib(budget)} is below the trunk's essentials: reserve {_mib(reserve_bytes)} "
+            f"+ scratch {_mib(essentials - reserve_bytes)} (wave {_mib(wave_budget_bytes)} + activations "
+            f"for {ubatch} tokens) = {_mib(essentials)}",
+            f"raise --vram-budget to at least {_mib(essentials)}, lower the wave budget or reserve, "
+            f"or pass --n-gpu-layers 0")
+
+    fit = 0
+    for k in range(1, L + 1):
+        if trunk_cost(k, False, min_slots(k)).total > budget:
+            break
+        fit = k
+    k = fit if n_gpu_layers is None else n_gpu_layers
+    if k > fit:
+        need = trunk_cost(k, False, min_slots(k))
+        raise OutOfMemoryError(
+            f"n_gpu_layers={k} needs {_mib(need.total)} on the trunk (weights {_mib(need.weights)} + "
+            f"kv {kv_dtype} {_mib(need.kv)} + scratch {_mib(need.scratch)} + expert cache "
+            f"{_mib(need.expert_cache)} + reserve {_mib(need.reserve)}) but the budget is {_mib(budget)}",
+            f"use --n-gpu-layers {fit} (the most that fit) or raise --vram-budget")
+    head_on_trunk = (can_head and k == L and L > 0
+                     and trunk_cost(k, True, min_slots(k)).total <= budget)
+    base = trunk_cost(k, head_on_trunk, 0)
+    left = budget - base.total
+    slots = min(trunk_experts(k), max(left, 0) // slot_bytes) if slot_bytes else 0
+    while slots > 0 and cache_bytes(slots) > left:
+        slots -= 1
+    trunk = trunk_cost(k, head_on_trunk, slots)    # k == 0: the reserve alone
+
+    tail = range(k, L)
+    host_runs = len(tail) > 0
+    host_scratch = ((wave_budget_bytes if host_runs else 0)
+                    + activation_bytes(spec, ubatch, layers=host_runs, head=not head_on_trunk))
+    # a tied head on the host reads token_embd itself: only output_norm is extra
+    host_head = 0 if head_on_trunk else head_bytes[0] + (0 if spec.tied_output else head_bytes[1])
+    host = TierBytes(
+        weights=embd_bytes + host_head + sum(w_host[i] for i in tail) + sum(w_expert),
+        kv=len(tail) * sum(kv_host), scratch=host_scratch)
+    trunk_layers = range(k)
+    return Plan(
+        model=spec.name, arch=spec.arch, device=str(dev), n_layers=L, n_gpu_layers=k, ctx=ctx,
+        kv_dtype=kv_dtype, weight_format=weight_format, budget_bytes=budget, budget_source=source,
+        wave_budget_bytes=wave_budget_bytes, ubatch=ubatch,
+        head_tier="trunk" if head_on_trunk else "host", trunk=trunk, host=host,
+        expert_slots=slots, expert_slot_bytes=slot_bytes, trunk_experts=trunk_experts(k),
+        layer_tiers=["trunk" if i in trunk_layers else "host" for i in range(L)],
+        layer_kv_dtypes=[kv_dtype if i in trunk_layers else "fp32" for i in range(L)],
+        layer_kv_bytes=[sum(kv_trunk) if i in trunk_layers else sum(kv_host) for i in range(L)],
+        layer_weight_bytes=[w_trunk[i] if i in trunk_layers else w_host[i] for i in range(L)],
+        layer_expert_bytes=w_expert,
+        scratch_items=scratch_items(k, head_on_trunk),
+    )
+
+
+# -- CLI -------------------------------------------------------------------------------------
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": MiB, "mib": MiB, "mb": 10**6,
+          "g": GiB, "gib": GiB, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """'12GiB' / '12GB' / '500MiB' / '1.5G' (bare K/M/G/T are binary) / '4096' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ConfigError(f"{what}: cannot read {text!r} as a size",
+                          "write a byte count or a number with a unit, e.g. 12GiB, 12GB, 500MiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def spec_for_model(name: str) -> ModelSpec:
+    """ModelSpec from metadata only: synthetic names via engine.synth, else the GGUF header."""
+    from . import models
+    try:
+        from . import synth
+    except ImportError:
+        synth = None
+    entry = models.REGISTRY.get(str(name))
+    if synth is not None and hasattr(synth, "spec_for") and entry is not None and entry.kind == "synth":
+        return synth.spec_for(str(name))
+    from .gguf_io import open_gguf
+    return ModelSpec.from_gguf(open_gguf(models.resolve(name)))
+
+
+def format_plan(p: Plan) -> str:
+    """A load-log style banner: layers per tier, MiB per category, expert slots, KV tags."""
+    dev = "device" if p.device != "cpu" else "device (cpu)"
+    lines = [f"plan: {p.model} ({p.arch}, {p.n_layers} layers) on {p.device}: budget {_mib(p.budget_bytes)} "
+             f"({p.budget_source}), ctx {p.ctx}, weights {p.weight_format}",
+             f"offloaded {p.n_gpu_layers}/{p.n_layers} layers to {dev}; output head on {p.head_tier}",
+             f"{'category':<14}{'trunk MiB':>14}{'host MiB':>14}"]
+    for cat in (*CATEGORIES, "total"):
+        t, h = (p.trunk.total, p.host.total) if cat == "total" else (p.trunk.get(cat), p.host.get(cat))
+        lines.append(f"{cat:<14}{t / MiB:>14.2f}{h / MiB:>14.2f}")
+    lines.append(f"{'free':<14}{p.free_bytes / MiB:>14.2f}")
+    if p.expert_slot_bytes:
+        lines.append(f"expert cache: {p.expert_slots}/{p.trunk_experts} slots x {_mib(p.expert_slot_bytes)} "
+                     f"= {_mib(p.trunk.expert_cache)}")
+    n_tail = p.n_layers - p.n_gpu_layers
+    lines.append(f"KV {p.kv_dtype}: {_mib(p.trunk.kv)} (trunk, {p.n_gpu_layers} layers); "
+                 f"KV fp32: {_mib(p.host.kv)} (host, {n_tail} layers)")
+    return "\n".join(lines)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="registry name or .gguf path (only metadata is read)")
+    parser.add_argument("--kv-dtype", default="fp32", help=f"KV dtype of trunk layers ({', '.join(KV_FORMATS)})")
+    parser.add_argument("--ctx", type=int, default=4096, help="context length to price the KV for")
+    parser.add_argument("--vram-budget", default=None, help="trunk budget, e.g. 12GiB (default: free memory)")
+    parser.add_argument("--n-gpu-layers", type=int, default=None, help="pin the trunk layer count")
+    parser.add_argument("--wave-budget", default=str(DEFAULT_WAVE_BUDGET),
+                        help="attention wave scratch, e.g. 256MiB")
+    parser.add_argument("--reserve", default=str(DEFAULT_RESERVE), help="trunk headroom, e.g. 256MiB")
+    parser.add_argument("--weight-format", default="f32",
+                        help=f"stored weight format ({', '.join(WEIGHT_FORMATS)})")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        budget = None if args.vram_budget is None else parse_size(args.vram_budget, "--vram-budget")
+        p = plan(spec_for_model(args.model), kv_dtype=args.kv_dtype, ctx=args.ctx, vram_budget=budget,
+                 n_gpu_layers=args.n_gpu_layers, wave_budget_bytes=parse_size(args.wave_budget, "--wave-budget"),
+                 weight_format=args.weight_format, reserve_bytes=parse_size(args.reserve, "--reserve"),
+                 device=args.device)
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
+    return 0
