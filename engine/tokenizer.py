@@ -1,15 +1,18 @@
 """Tokenizer and chat templates, built from a GGUF's ``tokenizer.*`` metadata.
 
 Contract: ``Tokenizer.from_gguf(g)`` turns the vocabulary stored in an open ``GGUFFile``
-into an HF ``tokenizers`` (Rust) pipeline that gives the ids llama.cpp gives for the same
-file. ``tokenizer.ggml.model == "gpt2"`` is byte-level BPE with the split regex that
-``tokenizer.ggml.pre`` names (``PRE_SPLITS``); ``"llama"`` is SentencePiece-style BPE
-with byte fallback (merges rebuilt from the scores when the file has none). Control
+into an HF ``tokenizers`` (Rust) pipeline. ``tokenizer.ggml.model == "gpt2"`` is byte-level
+BPE split first by the regexes that ``tokenizer.ggml.pre`` names (``PRE_SPLITS``, as
+llama.cpp applies them); ``"llama"`` is SentencePiece-style BPE with byte fallback, merges
+rebuilt from the scores (Gemma: from file order) when the file has none. Ids equal HF
+transformers' GGUF loader, except where that loader ignores the pre type: for "smollm"
+(StarCoder family) every digit is split off first, as in the model's own tokenizer.json
+and llama.cpp, so "  1" is ["ĠĠ", "1"] where HF's loader gives ["Ġ", "Ġ", "1"]. Control
 (type 3) and user-defined (type 4) tokens are matched whole in any text, so
-``"<|im_start|>"`` is one id. ``encode`` never adds BOS/EOS unless asked and the file says
-so; ``apply_chat_template`` renders the model's own jinja template the way HF's
-``apply_chat_template`` does and encodes it with no extra BOS. Metadata the engine cannot
-handle raises ``UnsupportedModelError``; template problems raise ``ChatTemplateError``.
+``"<|im_start|>"`` is one id. ``encode`` adds BOS/EOS only when asked and the file says so;
+``apply_chat_template`` renders the model's jinja template as HF's ``apply_chat_template``
+does and encodes it with no extra BOS. Metadata the engine cannot handle raises
+``UnsupportedModelError``; a missing or failing template raises ``ChatTemplateError``.
 
     tok = Tokenizer.from_gguf(open_gguf(path))
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
@@ -25,7 +28,7 @@ from typing import Any, Iterable, Mapping
 import jinja2
 from jinja2.ext import Extension
 from jinja2.sandbox import ImmutableSandboxedEnvironment
-from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
 from tokenizers import Tokenizer as RustTokenizer
 
 from .errors import ChatTemplateError, UnsupportedModelError
@@ -168,16 +171,17 @@ class Tokenizer:
                           "add its split regex to engine.tokenizer.PRE_SPLITS")
             backend = _byte_level_bpe(tokens, types, merges, pre)
             add_bos_default = False
-        elif kind == "llama" and _sentencepiece_bpe is None:
-            raise bad("SentencePiece (tokenizer.ggml.model 'llama') vocabularies are not "
-                      "supported yet", "use a model with a byte-level BPE (gpt2) vocabulary")
         elif kind == "llama":
             scores = meta.get("tokenizer.ggml.scores")
-            if scores is None or len(scores) != n:
-                raise bad("SentencePiece vocabulary needs tokenizer.ggml.scores, one per token")
-            backend = _sentencepiece_bpe(tokens, types, scores, meta.get("tokenizer.ggml.merges"),
-                                         bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
-                                         ids["unknown_token_id"])
+            merges = meta.get("tokenizer.ggml.merges")
+            if not merges and (scores is None or len(scores) != n):
+                raise bad("SentencePiece vocabulary without merges needs tokenizer.ggml.scores, "
+                          "one per token")
+            arch = str(meta.get("general.architecture") or "")
+            backend = _sentencepiece_bpe(
+                tokens, types, scores, merges,
+                add_space_prefix=bool(meta.get("tokenizer.ggml.add_space_prefix", True)),
+                unk_id=ids["unknown_token_id"], order_by_position=arch.startswith("gemma"))
             add_bos_default = True   # llama.cpp's default for SentencePiece vocabularies
         else:
             raise bad(f"tokenizer.ggml.model {kind!r} is not supported (supported: gpt2, llama)",
@@ -314,7 +318,53 @@ def _byte_level_bpe(tokens: list[str], types: list[int], merges: list[str],
     return backend
 
 
-_sentencepiece_bpe = None   # SentencePiece vocabularies: not yet
+def _merges_from_vocab(vocab: dict[str, int], priority: list[float]) -> list[tuple[str, str]]:
+    """Every (left, right) whose concatenation is a token, best merge first.
+
+    SentencePiece BPE merges the adjacent pair whose joined text has the highest priority
+    (its score); a BPE merge list ranked that way reproduces it. Ties go to the longer left
+    part, then the longer right part, then file order (HF's ``generate_merges`` order, so
+    ids agree with HF's GGUF loader)."""
+    ranked = []
+    for text, i in vocab.items():
+        n = len(text)
+        p = -priority[i]
+        for k in range(1, n):
+            left, right = text[:k], text[k:]
+            if left in vocab and right in vocab:
+                ranked.append((p, -k, k - n, i, left, right))
+    ranked.sort()
+    return [(r[4], r[5]) for r in ranked]
+
+
+def _sentencepiece_bpe(tokens: list[str], types: list[int], scores: list[float] | None,
+                       merges: list[str] | None, *, add_space_prefix: bool,
+                       unk_id: int | None, order_by_position: bool) -> RustTokenizer:
+    space = "\u2581"
+    vocab: dict[str, int] = {}
+    for i, t in enumerate(tokens):
+        # Gemma stores runs of spaces as real spaces; the model sees them as "\u2581" runs
+        if " " in t and not t.strip():
+            t = t.replace(" ", space)
+        vocab[t] = i
+    if merges:
+        pairs = [tuple(m.split(" ", 1)) for m in merges]
+    else:
+        # Gemma's scores are not its merge order; the order of the tokens in the file is
+        priority = [-i for i in range(len(tokens))] if order_by_position else list(scores)
+        pairs = _merges_from_vocab(vocab, priority)
+    unk = tokens[unk_id] if unk_id is not None else None
+    bpe = models.BPE(vocab=vocab, merges=pairs, unk_token=unk, fuse_unk=True, byte_fallback=True)
+    backend = RustTokenizer(bpe)
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement=space, prepend_scheme="first" if add_space_prefix else "never", split=False)
+    steps = [decoders.Replace(space, " "), decoders.ByteFallback(), decoders.Fuse()]
+    if add_space_prefix:
+        steps.append(decoders.Strip(content=" ", left=1, right=0))
+    backend.decoder = decoders.Sequence(steps)
+    # a user-defined token is matched whole only where the vocabulary spells it as written
+    _add_special(backend, tokens, types, usable=lambda t: vocab.get(t) is not None)
+    return backend
 
 
 # --------------------------------------------------------------------- chat templates

@@ -308,6 +308,117 @@ def test_gguf_without_template_names_file(tiny_vocab, tmp_path):
         t.render_chat(MESSAGES["user"])
 
 
+# ------------------------------------------------------------------ SentencePiece vocabularies
+SPM_CORPUS = [
+    "Hello world! It's 2024, and we'll count 1234567 items.\n\n  def f(x):\n\treturn x  # done\r\n",
+    "(hello) [world] {foo} 'quoted' \"double\" 3.14159 -42 +7 don't WON'T",
+    "café naïve Привет мир hello hello world world the the the",
+    "    indented\n        more\n\n\n   spaces   \t\ttabs\n \n",
+]
+# emoji and CJK are not in the trained alphabet: they go through <0xXX> byte fallback
+SPM_PROBES = SPM_CORPUS + ["hello world", "emoji 🎉 and 日本", "<start_of_turn>user\nhi",
+                           "<tool>x", "a    b", "the\tthe", "", "x"]
+
+
+@pytest.fixture(scope="module")
+def spm_files(tmp_path_factory):
+    """Two SentencePiece-style GGUFs over one trained vocabulary (+ 256 byte tokens):
+    "llama" (merge order from scores, with many ties; prefix space) and "gemma3" (merge order
+    from file position, scores deliberately reversed; runs of spaces stored as spaces)."""
+    rt = RustTokenizer(models.BPE())
+    rt.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
+    rt.train_from_iterator(SPM_CORPUS * 20, trainers.BpeTrainer(vocab_size=400, show_progress=False))
+    model = json.loads(rt.to_str())["model"]
+    learned = sorted(model["vocab"], key=model["vocab"].get)
+    files = {}
+    for arch, prefix in (("llama", True), ("gemma3", False)):
+        tokens = ["<pad>", "<unk>", "<s>", "</s>", *[f"<0x{b:02X}>" for b in range(256)],
+                  *learned, "<start_of_turn>", "<tool>"]
+        types = [3, 2, 3, 3, *[6] * 256, *[1] * len(learned), 3, 4]
+        if arch == "gemma3":
+            tokens += ["  ", "   "]
+            types += [4, 4]
+            scores = [float(i) for i in range(len(tokens))]
+        else:
+            scores = [0.0] * 260 + [-float(i // 3) for i in range(len(learned))] + [0.0, 0.0]
+        d = tmp_path_factory.mktemp(arch)
+        w = gguf.GGUFWriter(str(d / "spm.gguf"), arch)
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_scores(scores)
+        w.add_bos_token_id(2)
+        w.add_eos_token_id(3)
+        w.add_unk_token_id(1)
+        w.add_add_space_prefix(prefix)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        files[arch] = d / "spm.gguf"
+    return files
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3"])
+def test_sentencepiece_matches_hf(spm_files, arch):
+    transformers = pytest.importorskip("transformers")
+    path = spm_files[arch]
+    ref = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    ours = Tokenizer.from_gguf(open_gguf(path))
+    assert ours.add_bos and ours.bos_id == ref.bos_token_id
+    byte_fallback = 0
+    for text in SPM_PROBES:
+        ids = ours.encode(text, add_special_tokens=True)
+        assert ids == ref.encode(text), f"{arch}: {text!r}"
+        assert ours.decode(ids, skip_special_tokens=True) == ref.decode(ids, skip_special_tokens=True)
+        byte_fallback += sum(ours.id_to_token(i).startswith("<0x") for i in ids)
+        if arch == "gemma3":   # no prefix space, so text survives the round trip exactly
+            assert ours.decode(ours.encode(text)) == text
+    assert byte_fallback > 0
+
+
+def test_sentencepiece_merge_order_matters(spm_files):
+    # the same vocabulary ranked by score instead of file position must tokenize differently,
+    # so the gemma test above would catch the wrong ranking
+    g = open_gguf(spm_files["gemma3"])
+    by_position = Tokenizer.from_gguf(g)
+    by_score = Tokenizer.from_meta({**g.meta, "general.architecture": "llama"})
+    assert any(by_position.encode(t) != by_score.encode(t) for t in SPM_PROBES)
+
+
+@pytest.fixture(scope="module")
+def gemma3_path():
+    from engine.errors import EngineError
+    from engine.models import REGISTRY, resolve
+    if "gemma3-270m" not in REGISTRY:
+        pytest.skip("gemma3-270m is not in the model registry")
+    try:
+        return resolve("gemma3-270m")
+    except EngineError as exc:
+        pytest.skip(f"gemma3-270m unavailable: {exc}")
+
+
+def test_gemma3_real_vocabulary_matches_hf(gemma3_path):
+    """262144-token SentencePiece vocabulary, no merges in the file, no chat template."""
+    transformers = pytest.importorskip("transformers")
+    g = open_gguf(gemma3_path)
+    t0 = time.perf_counter()
+    ours = Tokenizer.from_gguf(g)
+    build_s = time.perf_counter() - t0
+    ref = transformers.AutoTokenizer.from_pretrained(str(gemma3_path.parent),
+                                                     gguf_file=gemma3_path.name)
+    assert build_s < 10, f"from_gguf took {build_s:.1f}s"
+    assert ours.vocab_size == len(ref)
+    assert ref.convert_tokens_to_ids("<end_of_turn>") in ours.eos_ids
+    for text in STRINGS + DIGIT_EDGES + ["<start_of_turn>user\nhi<end_of_turn>\n", "a     b"]:
+        ids = ours.encode(text, add_special_tokens=True)
+        assert ids == ref.encode(text), repr(text)
+        assert ours.decode(ids[1:]) == text
+    if not g.meta.get("tokenizer.chat_template"):
+        with pytest.raises(ChatTemplateError, match="no tokenizer.chat_template"):
+            ours.apply_chat_template(MESSAGES["user"])
+
+
 # ------------------------------------------------------------------ metadata errors
 @pytest.mark.parametrize("edit, needle", [
     ({"tokenizer.ggml.model": "bert"}, "tokenizer.ggml.model 'bert'"),
