@@ -238,7 +238,7 @@ class Tokenizer:
         """The prompt text the model's template makes of ``messages`` (HF semantics)."""
         if not self.chat_template:
             raise ChatTemplateError(f"{self.source}: the model has no tokenizer.chat_template",
-                                    "pass a template (Tokenizer(..., chat_template=...) or "
+                                    "pass a template (Tokenizer.from_gguf(g, chat_template=...) or "
                                     "set_chat_template()) or use raw encode()")
         if not messages:
             raise ChatTemplateError("chat template: no messages to render",
