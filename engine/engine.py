@@ -80,12 +80,15 @@ def _make_kv(spec, layer, ctx, kv_dtype, device, wave_budget_bytes):
 
 class Engine:
     def __init__(self, path: Path, g: GGUFFile, spec: ModelSpec, model: Transformer, tokenizer,
-                 kv_dtype: str, device: torch.device, ctx: int, wave_budget_bytes: int):
+                 kv_dtype: str, device: torch.device, ctx: int, wave_budget_bytes: int,
+                 layer_kv_dtypes: list[str] | None = None):
         self.path, self.gguf, self.spec, self.model, self.tokenizer = path, g, spec, model, tokenizer
         self.kv_dtype_requested, self.device, self.ctx = kv_dtype, device, ctx
         self.wave_budget_bytes = wave_budget_bytes
-        self.caches = [_make_kv(spec, i, ctx, kv_dtype, model.layer_devices[i], wave_budget_bytes)
+        wanted = layer_kv_dtypes or [kv_dtype] * spec.n_layers
+        self.caches = [_make_kv(spec, i, ctx, wanted[i], model.layer_devices[i], wave_budget_bytes)
                        for i in range(spec.n_layers)]
+        self.plan = self.ledger = self.expert_cache = None
         self.pos = 0
         self.last_prefill_stats: dict = {}
 
@@ -213,24 +216,74 @@ def _tokenizer_for(g: GGUFFile):
 def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torch.device = "cpu",
          ctx: int = 4096, vram_budget: int | None = None, n_gpu_layers: int | None = None,
          wave_budget_bytes: int | None = None) -> Engine:
-    """Load a registry name or .gguf path; see the module docstring."""
+    """Load a registry name or .gguf path; see the module docstring.
+
+    The planner decides the split: layers ``[0, n_gpu_layers)`` (the trunk) run on ``device``
+    with a ``kv_dtype`` cache; the rest (the tail) run on the CPU with fp32 KV. Every buffer
+    is recorded in ``eng.ledger`` with its category and tier, so ``eng.ledger.compare(eng.plan)``
+    holds the runtime to the plan."""
+    from .expert_cache import ExpertCache
+    from .ledger import Ledger
+    from .planner import plan as make_plan
+
     if kv_dtype not in kvmod.KV_DTYPES:
         raise ConfigError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(kvmod.KV_DTYPES)}",
                           "pick one of those")
     if not isinstance(ctx, int) or ctx <= 0:
         raise ConfigError(f"ctx {ctx!r} must be a positive integer")
     dev = _device(device)
+    wave = int(wave_budget_bytes or DEFAULT_WAVE_BUDGET)
     path = resolve(model)
     g = open_gguf(path)
     spec = ModelSpec.from_gguf(g)
     tokenizer = _tokenizer_for(g)
+    ledger = Ledger(dev)   # before any allocation, so `unaccounted` sees everything
+    plan = make_plan(spec, kv_dtype=kv_dtype, ctx=ctx, vram_budget=vram_budget, n_gpu_layers=n_gpu_layers,
+                     wave_budget_bytes=wave, weight_format="f32", device=dev)
+    host = torch.device("cpu")
     layers, embed, out_norm, output = load_weights(g, spec)
-    layer_devices = [dev] * spec.n_layers
-    layers = [lw.to(dev) for lw in layers]
-    for lw in layers:
-        if lw.experts is not None:
-            lw.experts = Experts(*(t.to(dev) for t in lw.experts.tensors()))
-    out_norm, output = out_norm.to(dev), output.to(dev)
-    model_ = Transformer(spec, layers, embed, out_norm, output, layer_devices, dev)
-    return Engine(path, g, spec, model_, tokenizer, kv_dtype, dev, ctx,
-                  wave_budget_bytes or DEFAULT_WAVE_BUDGET)
+    tiers = plan.layer_tiers
+    layer_devices = [dev if t == "trunk" else host for t in tiers]
+    trunk_moe = [i for i in spec.moe_layers if tiers[i] == "trunk"]
+    cache = ExpertCache.for_spec(spec, ledger, plan.expert_slots) if trunk_moe else None
+    pin = dev.type == "cuda"
+    for i, lw in enumerate(layers):
+        tier, ldev = tiers[i], layer_devices[i]
+        moved = {}
+        for name, value in vars(lw).items():
+            if isinstance(value, torch.Tensor):
+                moved[name] = ledger.register("weights", value.to(ldev), tier, name=f"blk.{i}.{name}")
+        experts = lw.experts
+        lw = LayerWeights(**{**vars(lw), **moved})
+        if experts is not None:
+            hosted = [ledger.register("weights", t.pin_memory() if pin else t, "host", name=f"blk.{i}.experts.{n}")
+                      for n, t in zip(("gate", "up", "down"), experts.tensors())]
+            lw.experts = cache.layer(i, *hosted) if tier == "trunk" else Experts(*hosted)
+        layers[i] = lw
+    ledger.register("weights", embed, "host", name="token_embd")
+    if plan.head_tier == "trunk":
+        out_norm = ledger.register("weights", out_norm.to(dev), "trunk", name="output_norm")
+        output = ledger.register("weights", output.to(dev, copy=True), "trunk", name="output")
+    else:
+        out_norm = ledger.register("weights", out_norm, "host", name="output_norm")
+        if not spec.tied_output:
+            output = ledger.register("weights", output, "host", name="output")
+    for item, nbytes in plan.scratch_items.items():
+        ledger.alloc("scratch", (nbytes,), torch.uint8, "trunk", name=f"scratch.{item}", zero=False)
+    if plan.host.scratch:
+        ledger.alloc("scratch", (plan.host.scratch,), torch.uint8, "host", name="scratch.host", zero=False)
+    model_ = Transformer(spec, layers, embed, out_norm, output, layer_devices,
+                         dev if plan.head_tier == "trunk" else host)
+    eng = Engine(path, g, spec, model_, tokenizer, kv_dtype, dev, ctx, wave,
+                 layer_kv_dtypes=plan.layer_kv_dtypes)
+    for i, c in enumerate(eng.caches):
+        for j, buf in enumerate(_kv_buffers(c)):
+            ledger.register("kv", buf, tiers[i], name=f"blk.{i}.kv.{j}")
+    eng.plan, eng.ledger, eng.expert_cache = plan, ledger, cache
+    return eng
+
+
+def _kv_buffers(cache) -> list[torch.Tensor]:
+    if hasattr(cache, "buffers"):
+        return list(cache.buffers())
+    return [cache.k, cache.v]
