@@ -1,0 +1,110 @@
+"""argmax: teacher-forced logits of a narrowed KV cache against the fp32 baseline.
+
+Contract: for each message set, the tokens are the chat-templated prompt followed by the
+baseline's greedy continuation, ``positions`` tokens in all. The baseline's logits over
+them are the reference; each dtype's logits on the *same tokens* are compared position by
+position (``harness.metrics.logit_stats``): fp32 top-1 inside the narrowed top-k, top-1
+agreement (``Same top p``), logit max-abs / mean-abs, KLD statistics, PPL ratio. On the
+baseline row the same metrics are the *noise floor*: fp32 in one pass against fp32
+prefilled in chunks of ``noise_chunk`` tokens, the same maths batched differently.
+
+    [[check]]
+    kind = "argmax"; positions = 256; top_k = 5; max_abs = { bf16 = 2.5, q8_0 = 3.5 }
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..metrics import logit_stats
+from ..errors import SuiteError
+from ..suite import CheckConfig, Message, param, threshold
+from . import Check, Outcome, chat_ids, register
+
+DEFAULT_MESSAGES = [
+    [Message("user", "Write a short story about a lighthouse keeper who finds a message in a bottle.")],
+    [Message("user", "Explain how a bicycle stays upright, step by step, for a curious child.")],
+]
+
+BETTER = {"Max abs logit diff": "lower", "Mean abs logit diff": "lower", "Same top p": "higher",
+          "Mean KLD": "lower", "Maximum KLD": "lower", "99.9% KLD": "lower", "99.0% KLD": "lower",
+          "Median KLD": "lower", "10.0% KLD": "lower", "5.0% KLD": "lower", "Minimum KLD": "lower",
+          "Mean PPL(Q)/PPL(base)": "lower", "RMS Δp": "lower"}
+UNITS = {"Same top p": "%", "RMS Δp": "%", "Mean KLD": "nats", "Maximum KLD": "nats",
+         "99.9% KLD": "nats", "99.0% KLD": "nats", "Median KLD": "nats", "10.0% KLD": "nats",
+         "5.0% KLD": "nats", "Minimum KLD": "nats"}
+
+
+@dataclass
+class ArgmaxConfig(CheckConfig):
+    messages: list[list[Message]] = param(default_factory=lambda: [list(m) for m in DEFAULT_MESSAGES])
+    positions: int = param(256, lo=2, help="tokens per message set: prompt + greedy continuation")
+    top_k: int = param(5, lo=1)
+    noise_chunk: int = param(64, lo=1, help="prefill chunk of the second fp32 run (noise floor)")
+    min_top_k_pct: float | dict[str, float] | None = threshold(
+        "Top-1 in top-{top_k}", ">=", default=100.0, hi=100.0)
+    min_same_top_pct: float | dict[str, float] | None = threshold("Same top p", ">=", hi=100.0)
+    max_abs: float | dict[str, float] | None = threshold("Max abs logit diff", "<=")
+    max_mean_abs: float | dict[str, float] | None = threshold("Mean abs logit diff", "<=")
+    max_mean_kld: float | dict[str, float] | None = threshold("Mean KLD", "<=")
+    max_kld_99: float | dict[str, float] | None = threshold("99.0% KLD", "<=")
+    max_ppl_ratio: float | dict[str, float] | None = threshold("Mean PPL(Q)/PPL(base)", "<=")
+
+    def validate(self, path, where: str) -> None:
+        if not self.messages or any(not m for m in self.messages):
+            raise SuiteError(path, f"{where}.messages", "needs at least one non-empty message set")
+
+
+@register
+class Argmax(Check):
+    kind = "argmax"
+    config = ArgmaxConfig
+
+    def prepare(self, eng, cfg: ArgmaxConfig, ctx):
+        seqs, prompt_lens, logits = [], [], []
+        for msgs in cfg.messages:
+            prompt = chat_ids(eng, msgs)[:cfg.positions]
+            need = cfg.positions - len(prompt)
+            cont = eng.generate(prompt, need, stop_at_eos=False) if need > 0 else []
+            seq = prompt + list(cont)[:need]
+            seqs.append(seq)
+            prompt_lens.append(len(prompt))
+            logits.append(eng.logits(seq))
+        return {"seqs": seqs, "prompt_lens": prompt_lens, "logits": logits}
+
+    def measure(self, eng, cfg: ArgmaxConfig, state, ctx) -> Outcome:
+        out = Outcome()
+        names = [f"Top-1 in top-{cfg.top_k}", "Same top p", "Max abs logit diff", "Mean abs logit diff",
+                 "Mean KLD", "Median KLD", "99.0% KLD", "Maximum KLD", "Mean PPL(Q)/PPL(base)"]
+        tests = []
+        for seq in state["seqs"]:
+            if ctx.is_baseline:
+                try:
+                    tests.append(eng.logits(seq, chunk=cfg.noise_chunk))
+                except TypeError:
+                    for n in names:
+                        out.skip(n, "engine.logits has no chunk= argument: no noise floor",
+                                 UNITS.get(n, ""), BETTER.get(n))
+                    out.info["reference"] = "noise floor not available"
+                    return out
+            else:
+                tests.append(eng.logits(seq))
+        base = torch.cat(state["logits"])
+        test = torch.cat(tests)
+        targets = []
+        for seq in state["seqs"]:
+            targets += list(seq[1:]) + [-1]      # the last position has no known next token
+        stats = logit_stats(base, test, cfg.top_k, targets)
+        for name, value in stats.scalars.items():
+            unit = UNITS.get(name, "%" if name.startswith("Top-1 in") else "")
+            better = BETTER.get(name, "higher" if name.startswith("Top-1 in") else None)
+            out.add(name, value, unit, better)
+        out.add("Positions", int(base.shape[0]), "tokens")
+        out.series = stats.series
+        out.info["segments"] = [{"prompt_tokens": p, "tokens": len(s), "ids": list(s)}
+                                for p, s in zip(state["prompt_lens"], state["seqs"])]
+        out.info["reference"] = (f"{ctx.baseline} one pass vs {ctx.baseline} prefilled in chunks of "
+                                 f"{cfg.noise_chunk} (noise floor)" if ctx.is_baseline
+                                 else f"{ctx.kv_dtype} vs {ctx.baseline}, same tokens")
+        return out

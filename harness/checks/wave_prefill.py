@@ -1,0 +1,125 @@
+"""wave_prefill: one long prefill (> 4096 tokens) through the multi-wave attention path.
+
+Contract: the engine is loaded with a small wave (scratch) budget, so attention over the
+prefill runs in several waves of query rows. One call of ``eng.logits`` over ``tokens``
+tokens of seeded prose (chat-templated); logits at positions ``>= compare_from`` are held
+against the baseline's (fp32, same wave budget): fp32 top-1 in the top-k, max-abs, mean
+KLD. ``Waves`` and ``Peak scratch`` are read from ``eng.last_prefill_stats`` (observables:
+``Waves`` must exceed 1 or the wave path was not exercised); ``Prefill tok/s`` is timed.
+On the baseline row, when ``reference_run`` is on, the comparison is fp32 at the small
+budget against fp32 at ``reference_wave_budget_mib`` (default: the engine's own default,
+i.e. as few waves as it takes): the wave split must not change the logits.
+
+    [[check]]
+    kind = "wave_prefill"; tokens = 6169; wave_budget_mib = 8
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from ..errors import SuiteError
+from ..metrics import logit_stats
+from ..suite import CheckConfig, param, threshold
+from ..text import prompt_tokens
+from . import Check, Outcome, register
+
+@dataclass
+class WavePrefillConfig(CheckConfig):
+    tokens: int = param(6169, lo=2)
+    compare_from: int = param(4096, lo=0, help="first position compared")
+    top_k: int = param(5, lo=1)
+    reference_run: bool = True
+    reference_wave_budget_mib: float | None = param(None, lo=0, lo_open=True,
+                                                    help="budget of the fp32 reference (None: engine default)")
+    min_top_k_pct: float | dict[str, float] | None = threshold(
+        "Top-1 in top-{top_k}", ">=", default=100.0, hi=100.0)
+    max_abs: float | dict[str, float] | None = threshold("Max abs logit diff", "<=")
+    max_mean_kld: float | dict[str, float] | None = threshold("Mean KLD", "<=")
+    min_waves: float | dict[str, float] | None = threshold("Waves", ">=", default=2)
+
+    def validate(self, path, where: str) -> None:
+        if self.compare_from >= self.tokens:
+            raise SuiteError(path, f"{where}.compare_from", f"{self.compare_from} leaves no position "
+                             f"to compare in a prefill of {self.tokens} tokens",
+                             f"0 .. {self.tokens - 1}")
+        if self.ctx is not None and self.ctx < self.tokens:
+            raise SuiteError(path, f"{where}.ctx", f"{self.ctx} cannot hold the {self.tokens}-token "
+                             "prefill", f">= {self.tokens}")
+
+
+def _prefill(eng, tokens: list[int], compare_from: int):
+    t0 = time.perf_counter()
+    logits = eng.logits(tokens)
+    seconds = time.perf_counter() - t0
+    tail = logits[compare_from:].clone()       # keep only what is compared: [T - from, V]
+    del logits
+    stats = dict(getattr(eng, "last_prefill_stats", None) or {})
+    stats.setdefault("seconds", seconds)
+    return tail, stats
+
+
+@register
+class WavePrefill(Check):
+    kind = "wave_prefill"
+    config = WavePrefillConfig
+
+    def load_options(self, cfg: WavePrefillConfig, suite):
+        opts = super().load_options(cfg, suite)
+        opts["ctx"] = max(opts["ctx"], cfg.tokens)
+        return opts
+
+    def prepare(self, eng, cfg: WavePrefillConfig, ctx):
+        tokens = prompt_tokens(eng.tokenizer, cfg.tokens, ctx.seed)
+        logits, stats = _prefill(eng, tokens, cfg.compare_from)
+        state = {"tokens": tokens, "logits": logits, "stats": stats, "ref": None}
+        if cfg.reference_run and ctx.measure_baseline:
+            ref = ctx.load(wave_budget_mib=cfg.reference_wave_budget_mib)
+            state["ref"], state["ref_stats"] = _prefill(ref, tokens, cfg.compare_from)
+            del ref
+        return state
+
+    def measure(self, eng, cfg: WavePrefillConfig, state, ctx) -> Outcome:
+        out = Outcome()
+        k_name = f"Top-1 in top-{cfg.top_k}"
+        if ctx.is_baseline:
+            test, stats = state["logits"], state["stats"]
+            ref = state["ref"]
+            ref_waves = (state.get("ref_stats") or {}).get("waves")
+            ref_budget = (f"{cfg.reference_wave_budget_mib:g} MiB" if cfg.reference_wave_budget_mib
+                          else "the engine's default wave budget")
+            out.info["reference"] = (f"{ctx.baseline} at the small wave budget vs {ctx.baseline} at "
+                                     f"{ref_budget} ({ref_waves} waves)" if ref is not None
+                                     else "no reference run (reference_run = false)")
+        else:
+            test, stats = _prefill(eng, state["tokens"], cfg.compare_from)
+            ref = state["logits"]
+            out.info["reference"] = f"{ctx.kv_dtype} vs {ctx.baseline}, both in waves, same tokens"
+        if ref is None:
+            for n, b in ((k_name, "higher"), ("Max abs logit diff", "lower"), ("Mean KLD", "lower")):
+                out.skip(n, "reference_run is off", "%" if n == k_name else "", b)
+        else:
+            st = logit_stats(ref, test, cfg.top_k)
+            out.add(k_name, st.scalars[k_name], "%", "higher")
+            out.add("Max abs logit diff", st.scalars["Max abs logit diff"], "", "lower")
+            out.add("Mean KLD", st.scalars["Mean KLD"], "nats", "lower")
+            out.series = {"max_abs": st.series["max_abs"], "kld": st.series["kld"]}
+            if ctx.is_baseline:
+                out.info["ref_stats"] = state.get("ref_stats")
+        waves = stats.get("waves")
+        if waves is None:
+            out.skip("Waves", "engine does not report waves (last_prefill_stats['waves'] is None)",
+                     "", "higher")
+        else:
+            out.add("Waves", int(waves), "", None)
+        scratch = stats.get("peak_scratch_bytes")
+        if scratch is None:
+            out.skip("Peak scratch", "engine does not report peak_scratch_bytes", "MiB", "lower")
+        else:
+            out.add("Peak scratch", scratch / 2**20, "MiB", "lower")
+        out.add("Prefill tok/s", len(state["tokens"]) / max(stats["seconds"], 1e-9), "tok/s", "higher")
+        out.add("Tokens", len(state["tokens"]), "tokens")
+        out.info["compare_from"] = cfg.compare_from
+        out.info["wave_budget_mib"] = cfg.wave_budget_mib
+        out.info["prefill_stats"] = {k: v for k, v in stats.items() if isinstance(v, (int, float, str))}
+        return out

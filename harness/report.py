@@ -1,0 +1,461 @@
+"""Reports: a markdown page with tables and PNG plots, built from a results directory alone.
+
+Contract: ``build_report(results_dir, out_dir=None) -> Path`` reads only what the run wrote
+(manifest.json + records.jsonl) and writes ``<out_dir>/report.md`` (default
+``reports/<run>/``) plus PNGs beside it, linked relatively so the page renders on GitHub.
+Sections: run facts, the verdict table (model x check x dtype, the failing number in each
+failed cell), memory (KV bytes, expert-cache budget, applied dtypes, plan vs runtime),
+accuracy (llama.cpp KLD statistics with the fp32 noise floor, per-position max-abs / KLD
+curves, top-k containment), wave prefill, throughput (pp/tg bars), coherence samples, and
+every metric that was skipped with its reason. Tables are pandas frames; plots matplotlib
+(Agg backend, ``savefig`` then ``plt.close``). It can be rebuilt at any time.
+
+    path = build_report("results/kv-dtype-smollm2-135m-20250101-120000")
+    print(path)    # reports/kv-dtype-smollm2-135m-20250101-120000/report.md
+"""
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from .results import Results, atomic_write, load_results  # noqa: E402
+
+COLORS = {"fp32": "#555555", "bf16": "#1f77b4", "q8_0": "#ff7f0e"}
+ICON = {"pass": "✅ pass", "fail": "❌ **FAIL**", "error": "⚠️ **error**"}
+TEXT_CHARS = 320
+
+
+def md_table(df: pd.DataFrame, index: bool = False) -> str:
+    """A GitHub markdown table of ``df`` (pipes and newlines in cells escaped)."""
+    if index:
+        df = df.reset_index()
+    cols = [str(c) for c in df.columns]
+
+    def cell(v) -> str:
+        if v is None or (isinstance(v, float) and math.isnan(v)):
+            return ""
+        if isinstance(v, float):
+            return _num(v)
+        return str(v).replace("|", "\\|").replace("\n", " ")
+
+    lines = ["| " + " | ".join(cols) + " |", "|" + "|".join("---" for _ in cols) + "|"]
+    for row in df.itertuples(index=False):
+        lines.append("| " + " | ".join(cell(v) for v in row) + " |")
+    return "\n".join(lines)
+
+
+def _num(v: float) -> str:
+    if v == 0:
+        return "0"
+    if float(v).is_integer() and abs(v) < 1e15:
+        return f"{int(v):,}" if abs(v) >= 10000 else str(int(v))
+    if abs(v) >= 1000:
+        return f"{v:,.0f}"
+    if abs(v) >= 1:
+        return f"{v:.3g}" if abs(v) < 100 else f"{v:.1f}"
+    return f"{v:.3g}"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", Path(text).name if text.endswith(".gguf") else text)
+
+
+class _Report:
+    def __init__(self, res: Results, out: Path):
+        self.res, self.out = res, out
+        m = res.manifest.get("matrix") or {}
+        cases = res.cases()
+        self.models = m.get("models") or list(dict.fromkeys(c["model"] for c in cases))
+        self.dtypes = m.get("dtypes") or list(dict.fromkeys(c["kv_dtype"] for c in cases))
+        self.checks = m.get("checks") or list(dict.fromkeys(c["check"] for c in cases))
+        self.baseline = (res.manifest.get("suite", {}).get("suite", {}).get("baseline")
+                         or (self.dtypes[0] if self.dtypes else "fp32"))
+        self.kinds = {c["check"]: c["kind"] for c in cases}
+        self.case = {(c["model"], c["kv_dtype"], c["check"]): c for c in cases}
+        self.df = res.metrics()
+        self.md: list[str] = []
+        self.images: list[str] = []
+
+    # -- helpers ------------------------------------------------------------------------
+    def checks_of(self, kind: str) -> list[str]:
+        return [c for c in self.checks if self.kinds.get(c) == kind]
+
+    def value(self, model: str, dtype: str, check: str, metric: str):
+        df = self.df
+        if df.empty:
+            return None
+        sel = df[(df.model == model) & (df.kv_dtype == dtype) & (df.check == check) & (df.metric == metric)]
+        if sel.empty:
+            return None
+        v = sel.iloc[0]["value"]
+        return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+    def label(self, dtype: str, what: str = "") -> str:
+        return f"{dtype} ({what})" if dtype == self.baseline and what else dtype
+
+    def save(self, fig, name: str, alt: str) -> None:
+        fig.tight_layout()
+        fig.savefig(self.out / name, dpi=110)
+        plt.close(fig)
+        self.images.append(name)
+        self.md.append(f"![{alt}]({name})\n")
+
+    # -- sections -----------------------------------------------------------------------
+    def header(self) -> None:
+        man = self.res.manifest
+        suite = man.get("suite", {})
+        git = man.get("git") or {}
+        dev = man.get("device") or {}
+        ver = man.get("versions") or {}
+        sha = (git.get("sha") or "unknown")[:12] + (" (dirty)" if git.get("dirty") else "")
+        device = dev.get("gpu") or dev.get("cpu") or dev.get("requested") or "unknown"
+        self.md += [f"# kvbench report: {self.res.name}\n",
+                    f"- suite: `{suite.get('suite', {}).get('name', '?')}` ({suite.get('path', '?')}, "
+                    f"sha256 {str(suite.get('sha256', ''))[:12]})",
+                    f"- models: {', '.join(f'`{m}`' for m in self.models)}; KV dtypes: "
+                    f"{', '.join(self.dtypes)} (baseline {self.baseline})",
+                    f"- device: {dev.get('requested', '?')} = {device}"
+                    + (f", {dev['gpu_memory_gib']} GiB" if dev.get("gpu_memory_gib") else "")
+                    + (f", {dev['cpu_count']} CPU threads" if dev.get("cpu_count") else ""),
+                    f"- git: {sha}; python {ver.get('python')}, torch {ver.get('torch')}, "
+                    f"triton {ver.get('triton')}, gguf {ver.get('gguf')}",
+                    f"- command: `{man.get('command', '?')}`",
+                    f"- started {man.get('started')}, finished {man.get('finished') or 'not finished'}"
+                    + (f"; shard {man['shard']}" if man.get("shard") not in (None, "0/1") else "")]
+        fault = (man.get("env") or {}).get("KVBENCH_FAULT")
+        if fault:
+            self.md.append(f"- **fault injected: `KVBENCH_FAULT={fault}`** (this run is expected to fail)")
+        self.md.append("")
+
+    def verdict(self) -> None:
+        self.md.append("## Verdict\n")
+        rows = []
+        for m in self.models:
+            for chk in self.checks:
+                row = {"model": m, "check": chk}
+                for d in self.dtypes:
+                    c = self.case.get((m, d, chk))
+                    if c is None:
+                        row[self.label(d, "baseline")] = "— not run"
+                        continue
+                    cell = ICON[c["status"]]
+                    if c["status"] == "fail":
+                        cell += ": " + "; ".join(c.get("failures") or [])
+                    elif c["status"] == "error":
+                        cell += ": " + str(c.get("error"))
+                    skipped = self._skipped_count(m, d, chk)
+                    if skipped:
+                        cell += f" ({skipped} skipped)"
+                    row[self.label(d, "baseline")] = cell
+                rows.append(row)
+        self.md.append(md_table(pd.DataFrame(rows)) + "\n")
+        n = len(self.res.cases())
+        bad = [c for c in self.res.cases() if c["status"] != "pass"]
+        total = len(self.models) * len(self.dtypes) * len(self.checks)
+        self.md.append(f"{n} of {total} cases recorded; {len(bad)} failed.\n")
+
+    def _skipped_count(self, m, d, chk) -> int:
+        df = self.df
+        if df.empty or "skipped" not in df:
+            return 0
+        sel = df[(df.model == m) & (df.kv_dtype == d) & (df.check == chk)]
+        return int(sel["skipped"].notna().sum())
+
+    def memory(self) -> None:
+        names = self.checks_of("vram")
+        if not names:
+            return
+        self.md.append("## Memory: KV bytes, expert-cache budget, applied dtypes\n")
+        chk = names[0]
+        rows = []
+        for m in self.models:
+            for d in self.dtypes:
+                info = self.res.info(m, d, chk)
+                applied = info.get("applied") or []
+                counts = pd.Series(applied).value_counts() if applied else pd.Series(dtype=int)
+                rows.append({"model": m, "requested": d,
+                             "applied per layer": " + ".join(f"{n}× {k}" for k, n in counts.items()),
+                             "ctx": info.get("ctx"),
+                             "KV MiB (requested)": self.value(m, d, chk, "KV bytes (requested)"),
+                             "KV MiB (runtime)": self.value(m, d, chk, "KV bytes (runtime)"),
+                             "KV MiB (plan)": self.value(m, d, chk, "KV bytes (plan)"),
+                             "expert cache MiB": self.value(m, d, chk, "Expert-cache budget"),
+                             "plan vs runtime %": self.value(m, d, chk, "Plan vs runtime max diff"),
+                             "dtype mismatches": self.value(m, d, chk, "KV dtype mismatches")})
+        df = pd.DataFrame(rows)
+        self.md.append(md_table(df.dropna(axis=1, how="all")) + "\n")
+        for m in self.models:
+            fig, ax = plt.subplots(figsize=(6, 3.2))
+            xs = list(range(len(self.dtypes)))
+            for off, (col, name) in enumerate((("KV MiB (requested)", "requested"),
+                                                ("KV MiB (runtime)", "runtime"),
+                                                ("expert cache MiB", "expert-cache budget"))):
+                vals = [df[(df.model == m) & (df.requested == d)][col].iloc[0] for d in self.dtypes]
+                vals = [float(v) if v is not None and not pd.isna(v) else 0.0 for v in vals]
+                if any(vals):
+                    ax.bar([x + (off - 1) * 0.27 for x in xs], vals, width=0.27, label=name)
+            ax.set_xticks(xs, self.dtypes)
+            ax.set_ylabel("MiB")
+            ax.set_title(f"{m}: KV cache and expert-cache budget")
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
+            self.save(fig, f"memory_{_slug(m)}.png", f"KV bytes per dtype, {m}")
+            self.plan_bars(m, chk)
+
+    def plan_bars(self, m: str, chk: str) -> None:
+        per_dtype = {d: self.res.info(m, d, chk).get("plan_vs_runtime") for d in self.dtypes}
+        per_dtype = {d: r for d, r in per_dtype.items() if r}
+        if not per_dtype:
+            self.md.append(f"Plan vs runtime for `{m}`: not available (the engine reports no plan/ledger "
+                           "yet; see skipped metrics).\n")
+            return
+        fig, axes = plt.subplots(1, len(per_dtype), figsize=(4.2 * len(per_dtype), 3.4), squeeze=False)
+        for ax, (d, rows) in zip(axes[0], per_dtype.items()):
+            labels = [f"{r.get('category')}\n{r.get('tier')}" for r in rows]
+            xs = list(range(len(rows)))
+            ax.bar([x - 0.2 for x in xs], [float(r.get("planned") or 0) / 2**20 for r in rows], 0.4,
+                   label="plan")
+            ax.bar([x + 0.2 for x in xs], [float(r.get("runtime") or 0) / 2**20 for r in rows], 0.4,
+                   label="runtime")
+            ax.set_xticks(xs, labels, fontsize=7)
+            ax.set_title(f"{d}")
+            ax.set_ylabel("MiB")
+        axes[0][0].legend(fontsize=8)
+        fig.suptitle(f"{m}: plan vs runtime per category and tier")
+        self.save(fig, f"plan_vs_runtime_{_slug(m)}.png", f"plan vs runtime, {m}")
+
+    def accuracy(self) -> None:
+        names = self.checks_of("argmax")
+        if not names:
+            return
+        self.md.append("## Accuracy: teacher-forced logits against the baseline\n")
+        self.md.append(f"The `{self.baseline}` row is the noise floor: {self.baseline} in one pass "
+                       f"against {self.baseline} prefilled in chunks (same maths, different batching). "
+                       "KLD is KL(baseline ‖ dtype) in nats, as llama.cpp's perplexity tool reports it.\n")
+        metrics = None
+        for chk in names:
+            rows = []
+            for m in self.models:
+                for d in self.dtypes:
+                    if (m, d, chk) not in self.case:
+                        continue
+                    df = self.df[(self.df.model == m) & (self.df.kv_dtype == d) & (self.df.check == chk)]
+                    metrics = [x for x in df.metric if x.startswith("Top-1 in") or x in (
+                        "Same top p", "Max abs logit diff", "Mean abs logit diff", "Mean KLD",
+                        "Median KLD", "99.0% KLD", "Maximum KLD", "Mean PPL(Q)/PPL(base)", "RMS Δp",
+                        "Positions")]
+                    row = {"model": m, "dtype": self.label(d, "noise floor")}
+                    for x in metrics:
+                        row[x] = self.value(m, d, chk, x)
+                    rows.append(row)
+            if rows:
+                self.md.append(f"### `{chk}`\n")
+                self.md.append(md_table(pd.DataFrame(rows)) + "\n")
+            for m in self.models:
+                self.curves(m, chk, "max_abs", "max |logit diff|", log=False)
+                self.curves(m, chk, "kld", "KLD (nats)", log=True)
+                self.containment(m, chk)
+
+    def curves(self, m: str, chk: str, series: str, ylabel: str, log: bool, title: str = "") -> None:
+        data = {d: self.res.series(m, d, chk).get(series) for d in self.dtypes}
+        data = {d: v for d, v in data.items() if v}
+        if not data:
+            return
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        for d, vals in data.items():
+            start = self.res.info(m, d, chk).get("compare_from", 0)
+            ys = [max(float(v), 1e-12) if log else float(v) for v in vals]
+            ax.plot(range(start, start + len(ys)), ys, lw=0.9, color=COLORS.get(d),
+                    label=self.label(d, "noise floor"))
+        if log:
+            ax.set_yscale("log")
+        segs = self.res.info(m, next(iter(data)), chk).get("segments") or []
+        pos = 0
+        for s in segs[:-1]:
+            pos += s["tokens"]
+            ax.axvline(pos, color="#bbbbbb", lw=0.6, ls="--")
+        ax.set_xlabel("position")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title or f"{m}, {chk}: {ylabel} per position")
+        ax.legend(fontsize=8)
+        self.save(fig, f"{_slug(chk)}_{series}_{_slug(m)}.png", f"{ylabel} per position, {m}")
+
+    def containment(self, m: str, chk: str) -> None:
+        rows = []
+        for d in self.dtypes:
+            k = [x for x in self.df[(self.df.model == m) & (self.df.kv_dtype == d) & (self.df.check == chk)].metric
+                 if str(x).startswith("Top-1 in")] if not self.df.empty else []
+            if k:
+                rows.append((d, k[0], self.value(m, d, chk, k[0]), self.value(m, d, chk, "Same top p")))
+        rows = [r for r in rows if r[2] is not None]
+        if not rows:
+            return
+        fig, ax = plt.subplots(figsize=(6, 3))
+        xs = list(range(len(rows)))
+        ax.bar([x - 0.2 for x in xs], [r[2] for r in rows], 0.4, label=rows[0][1])
+        ax.bar([x + 0.2 for x in xs], [r[3] or 0 for r in rows], 0.4, label="Same top p")
+        ax.set_xticks(xs, [self.label(r[0], "noise floor") for r in rows])
+        lo = min(min(r[2] for r in rows), min(r[3] or 0 for r in rows))
+        ax.set_ylim(max(0, lo - 5), 100.5)
+        ax.set_ylabel("% of positions")
+        ax.set_title(f"{m}: baseline top-1 containment")
+        ax.legend(fontsize=8, loc="lower left")
+        self.save(fig, f"{_slug(chk)}_containment_{_slug(m)}.png", f"top-k containment, {m}")
+
+    def waves(self) -> None:
+        names = self.checks_of("wave_prefill")
+        if not names:
+            return
+        self.md.append("## Wave prefill: one long prefill through the multi-wave attention path\n")
+        for chk in names:
+            refs = {self.res.info(m, self.baseline, chk).get("reference") for m in self.models} - {None}
+            for ref in sorted(refs):
+                self.md.append(f"`{self.baseline}` row: {ref}.\n")
+            rows = []
+            for m in self.models:
+                for d in self.dtypes:
+                    if (m, d, chk) not in self.case:
+                        continue
+                    info = self.res.info(m, d, chk)
+                    row = {"model": m, "dtype": self.label(d, "reference"),
+                           "tokens": self.value(m, d, chk, "Tokens"),
+                           "compared from": info.get("compare_from"),
+                           "wave budget MiB": info.get("wave_budget_mib"),
+                           "waves": self.value(m, d, chk, "Waves"),
+                           "peak scratch MiB": self.value(m, d, chk, "Peak scratch")}
+                    df = self.df[(self.df.model == m) & (self.df.kv_dtype == d) & (self.df.check == chk)]
+                    for x in df.metric:
+                        if x.startswith("Top-1 in") or x in ("Max abs logit diff", "Mean KLD", "Prefill tok/s"):
+                            row[x] = self.value(m, d, chk, x)
+                    rows.append(row)
+            self.md.append(md_table(pd.DataFrame(rows)) + "\n")
+            for m in self.models:
+                self.curves(m, chk, "max_abs", "max |logit diff|", log=False,
+                            title=f"{m}, {chk}: max |logit diff| past the compare point")
+
+    def throughput(self) -> None:
+        names = self.checks_of("throughput")
+        if not names:
+            return
+        self.md.append("## Throughput (llama-bench style: pp = prefill, tg = decode)\n")
+        for chk in names:
+            rows = []
+            for m in self.models:
+                for d in self.dtypes:
+                    df = self.df[(self.df.model == m) & (self.df.kv_dtype == d) & (self.df.check == chk)]
+                    if df.empty:
+                        continue
+                    row = {"model": m, "dtype": d}
+                    for x in df.metric:
+                        if re.fullmatch(r"(pp|tg)\d+", str(x)):
+                            row[f"{x} tok/s"] = self.value(m, d, chk, x)
+                    rows.append(row)
+            if not rows:
+                continue
+            table = pd.DataFrame(rows)
+            self.md.append(md_table(table) + "\n")
+            cols = [c for c in table.columns if c.endswith("tok/s")]
+            for m in self.models:
+                t = table[table.model == m]
+                if t.empty:
+                    continue
+                fig, axes = plt.subplots(1, len(cols), figsize=(3.4 * len(cols), 3), squeeze=False)
+                for ax, c in zip(axes[0], cols):
+                    ax.bar(list(t.dtype), [float(v) if not pd.isna(v) else 0 for v in t[c]],
+                           color=[COLORS.get(d, "#888888") for d in t.dtype])
+                    ax.set_title(c)
+                    ax.set_ylabel("tok/s")
+                fig.suptitle(f"{m}: throughput per KV dtype")
+                self.save(fig, f"{_slug(chk)}_{_slug(m)}.png", f"throughput, {m}")
+
+    def coherence(self) -> None:
+        names = self.checks_of("coherence")
+        if not names:
+            return
+        self.md.append("## Coherence: greedy answers through the chat template\n")
+        for chk in names:
+            rows = []
+            for m in self.models:
+                for d in self.dtypes:
+                    if (m, d, chk) not in self.case:
+                        continue
+                    rows.append({"model": m, "dtype": d,
+                                 **{x: self.value(m, d, chk, x) for x in (
+                                     "Identical prefix", "First token EOS", "Distinct-2",
+                                     "Longest repeat run", "Stopped at EOS")}})
+            if rows:
+                self.md.append(md_table(pd.DataFrame(rows).dropna(axis=1, how="all")) + "\n")
+            for m in self.models:
+                samples = {d: self.res.info(m, d, chk).get("samples") or [] for d in self.dtypes}
+                n = max((len(s) for s in samples.values()), default=0)
+                for i in range(n):
+                    prompt = next((s[i]["prompt"] for s in samples.values() if len(s) > i), "")
+                    self.md.append(f"**{m}**, prompt {i + 1}: _{_clip(prompt, 160)}_\n")
+                    for d, s in samples.items():
+                        if len(s) <= i:
+                            continue
+                        x = s[i]
+                        same = ("" if d == self.baseline else
+                                f", identical to {self.baseline} for {x['identical_prefix']} tokens")
+                        self.md.append(f"- `{d}` ({x['tokens']} tokens, stop: {x['stop']}{same}):\n")
+                        self.md.append("  ```text\n  " + _clip(x["text"], TEXT_CHARS).replace("`", "'")
+                                       .replace("\n", "\n  ") + "\n  ```")
+                    self.md.append("")
+
+    def skipped(self) -> None:
+        df = self.df
+        if df.empty or "skipped" not in df:
+            return
+        sk = df[df.skipped.notna()]
+        if sk.empty:
+            return
+        self.md.append("## Not measured (skipped metrics)\n")
+        g = (sk.groupby(["check", "metric", "skipped"])
+               .apply(lambda x: ", ".join(sorted(set(x.kv_dtype))), include_groups=False)
+               .reset_index(name="dtypes"))
+        g = g.rename(columns={"skipped": "reason"})
+        self.md.append(md_table(g) + "\n")
+
+    def build(self) -> Path:
+        self.header()
+        self.verdict()
+        self.memory()
+        self.accuracy()
+        self.waves()
+        self.throughput()
+        self.coherence()
+        self.skipped()
+        path = self.out / "report.md"
+        atomic_write(path, "\n".join(self.md).rstrip() + "\n")
+        return path
+
+
+def _clip(text: str, n: int) -> str:
+    text = str(text)
+    return text if len(text) <= n else text[:n].rstrip() + " …"
+
+
+def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:
+    """Write report.md + PNGs for ``results_dir``; returns the path of report.md."""
+    res = load_results(results_dir)
+    out = Path(out_dir) if out_dir else Path("reports") / res.name
+    out.mkdir(parents=True, exist_ok=True)
+    return _Report(res, out).build()
+
+
+def add_cli_args(parser) -> None:
+    parser.add_argument("dir", help="results directory written by `python -m harness run`")
+    parser.add_argument("--out", help="report directory (default reports/<run>)")
+
+
+def main(args) -> int:
+    path = build_report(args.dir, args.out)
+    print(f"report: {path}")
+    return 0

@@ -1,0 +1,409 @@
+"""Suites: TOML files mapped one-to-one onto dataclasses, validated before anything runs.
+
+Contract: ``load_suite(path) -> Suite``. A suite has one ``[suite]`` table (``SuiteSection``:
+name, models, baseline, kv_dtypes, device, ctx, budgets, seed) and a list of ``[[check]]``
+tables, each parsed into the config dataclass its ``kind`` registers in ``harness.checks``.
+Every mistake raises ``SuiteError`` naming the file, the key path (``check[2].top_k``) and
+what is allowed: TOML syntax (with line), unknown keys, wrong types, unknown check kinds,
+unknown models, thresholds that cannot hold, an empty matrix.
+
+Thresholds are fields declared with ``threshold(metric, op)``: a number (every KV dtype)
+or a table per dtype (``max_abs = { bf16 = 2.5, q8_0 = 3.5 }``); a check's ``per_model``
+table overrides them per model (``per_model.coder30b = { max_abs = { q8_0 = 5.0 } }``).
+
+    suite = load_suite("suites/kv_dtype.toml")
+    suite.checks[0].threshold_for("max_abs", "smollm2-135m", "q8_0")   # -> 3.5
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import hashlib
+import re
+import tomllib
+import types
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Union, get_args, get_origin, get_type_hints
+
+from .errors import SuiteError
+
+KV_DTYPES = ("fp32", "bf16", "q8_0")
+ROLES = ("system", "user", "assistant")
+DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def param(default: Any = MISSING, *, lo: float | None = None, hi: float | None = None,
+          lo_open: bool = False, default_factory: Any = MISSING, help: str = "") -> Any:
+    """A check/suite parameter with bounds checked at load time (``lo``/``hi`` inclusive)."""
+    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "help": help}
+    if default_factory is not MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def threshold(metric: str, op: str, *, default: Any = None, lo: float = 0.0,
+              hi: float | None = None, help: str = "") -> Any:
+    """A pass/fail bound on the metric named ``metric`` (may use ``{field}`` of the config):
+    the metric passes when ``value op bound`` (op is ``<=`` or ``>=``)."""
+    assert op in ("<=", ">=")
+    meta = {"threshold": True, "metric": metric, "op": op, "lo": lo, "hi": hi,
+            "lo_open": False, "help": help}
+    if isinstance(default, dict):
+        return field(default_factory=lambda: dict(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+Threshold = Union[float, dict[str, float], None]
+
+
+@dataclass
+class Message:
+    role: str
+    content: str
+
+    def as_dict(self) -> dict:
+        return {"role": self.role, "content": self.content}
+
+
+@dataclass
+class CheckConfig:
+    """Fields every check accepts. Subclasses add parameters and thresholds."""
+    kind: str
+    name: str = ""                          # defaults to kind (kind#2, ... for repeats)
+    # engine.load overrides for this check (default: the [suite] values)
+    ctx: int | None = param(None, lo=1)
+    vram_budget_gib: float | None = param(None, lo=0, lo_open=True)
+    n_gpu_layers: int | None = param(None, lo=0)
+    wave_budget_mib: float | None = param(None, lo=0, lo_open=True)
+    per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    KIND = ""   # set by subclasses; class attribute, not a TOML key
+
+    @classmethod
+    def threshold_fields(cls) -> dict[str, dataclasses.Field]:
+        return {f.name: f for f in fields(cls) if f.metadata.get("threshold")}
+
+    def gate(self, name: str) -> tuple[str, str]:
+        """(metric name, op) of threshold field ``name``."""
+        meta = self.threshold_fields()[name].metadata
+        return meta["metric"].format(**dataclasses.asdict(self)), meta["op"]
+
+    def threshold_for(self, name: str, model: str, kv_dtype: str) -> float | None:
+        """The bound for ``kv_dtype`` on ``model``: per-model override, else the check's."""
+        value = getattr(self, name)
+        override = self.per_model.get(model, {})
+        if name in override:
+            o = override[name]
+            if isinstance(o, dict):
+                merged = dict(value) if isinstance(value, dict) else (
+                    {} if value is None else {d: value for d in KV_DTYPES})
+                merged.update(o)
+                value = merged
+            else:
+                value = o
+        if isinstance(value, dict):
+            return value.get(kv_dtype)
+        return value
+
+    def gates(self, model: str, kv_dtype: str) -> dict[str, tuple[float, str]]:
+        """metric name -> (bound, op) for every threshold that applies here."""
+        out = {}
+        for name in self.threshold_fields():
+            bound = self.threshold_for(name, model, kv_dtype)
+            if bound is not None:
+                metric, op = self.gate(name)
+                out[metric] = (float(bound), op)
+        return out
+
+    def load_overrides(self) -> dict:
+        return {k: getattr(self, k) for k in ("ctx", "vram_budget_gib", "n_gpu_layers",
+                                              "wave_budget_mib") if getattr(self, k) is not None}
+
+    def validate(self, path, where: str) -> None:
+        """Cross-field rules of a check kind (override; raise SuiteError)."""
+
+
+@dataclass
+class SuiteSection:
+    name: str
+    description: str = ""
+    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
+    baseline: str = "fp32"
+    kv_dtypes: list[str] = field(default_factory=lambda: ["bf16", "q8_0"])
+    device: str = "cpu"
+    ctx: int = param(4096, lo=1)
+    vram_budget_gib: float | None = param(None, lo=0, lo_open=True)
+    n_gpu_layers: int | None = param(None, lo=0)
+    wave_budget_mib: float | None = param(None, lo=0, lo_open=True)
+    seed: int = param(0, lo=0)
+
+
+@dataclass
+class Suite:
+    path: str
+    suite: SuiteSection
+    checks: list[CheckConfig]
+    sha256: str = ""
+
+    @property
+    def name(self) -> str:
+        return self.suite.name
+
+    @property
+    def dtypes(self) -> list[str]:
+        """Baseline first, then the narrowed dtypes: the order cases run in."""
+        return [self.suite.baseline, *self.suite.kv_dtypes]
+
+    def check(self, name: str) -> CheckConfig:
+        for c in self.checks:
+            if c.name == name:
+                return c
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        return {"path": self.path, "sha256": self.sha256,
+                "suite": dataclasses.asdict(self.suite),
+                "checks": [dataclasses.asdict(c) for c in self.checks]}
+
+
+# -- loading ---------------------------------------------------------------------------
+
+def load_suite(path: str | Path) -> Suite:
+    """Read and validate a suite file; raises ``SuiteError`` naming file and key."""
+    p = Path(path)
+    if not p.is_file():
+        raise SuiteError(p, None, "suite file not found" if not p.exists() else "not a file",
+                         "a .toml file such as suites/kv_dtype.toml")
+    raw = p.read_bytes()
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise SuiteError(p, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise SuiteError(p, None, f"TOML syntax error: {e}") from None
+    suite = parse_suite(data, p)
+    suite.sha256 = hashlib.sha256(raw).hexdigest()
+    return suite
+
+
+def parse_suite(data: dict, path: str | Path = "<suite>") -> Suite:
+    from . import checks as registry   # imported here: check modules import this module
+
+    _no_unknown(data, {"suite", "check"}, path, "")
+    if "suite" not in data:
+        raise SuiteError(path, "suite", "missing table [suite]", "a [suite] table with at least name")
+    section = _build(SuiteSection, data["suite"], path, "suite")
+    _validate_section(section, path)
+
+    raw_checks = data.get("check", [])
+    if not isinstance(raw_checks, list) or not all(isinstance(c, dict) for c in raw_checks):
+        raise SuiteError(path, "check", f"expected an array of tables [[check]], got "
+                         f"{_tname(raw_checks)}")
+    if not raw_checks:
+        raise SuiteError(path, "check", "empty matrix: the suite has no [[check]] tables",
+                         f"one or more of kinds {', '.join(registry.kinds())}")
+    checks: list[CheckConfig] = []
+    seen: dict[str, int] = {}
+    for i, rc in enumerate(raw_checks):
+        where = f"check[{i}]"
+        kind = rc.get("kind")
+        if kind is None:
+            raise SuiteError(path, f"{where}.kind", "missing", ", ".join(registry.kinds()))
+        if not isinstance(kind, str) or kind not in registry.kinds():
+            close = difflib.get_close_matches(str(kind), registry.kinds(), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise SuiteError(path, f"{where}.kind", f"unknown check kind {kind!r}{hint}",
+                             ", ".join(registry.kinds()))
+        cfg = _build(registry.config_class(kind), rc, path, where)
+        _validate_check(cfg, section, path, where)
+        if not cfg.name:
+            seen[kind] = seen.get(kind, 0) + 1
+            cfg.name = kind if seen[kind] == 1 else f"{kind}#{seen[kind]}"
+        if any(c.name == cfg.name for c in checks):
+            raise SuiteError(path, f"{where}.name", f"duplicate check name {cfg.name!r}",
+                             "a name used by no other check")
+        checks.append(cfg)
+    return Suite(str(path), section, checks)
+
+
+def validate_model(name: str, path: str | Path, key: str) -> None:
+    """A registry name or a .gguf path; anything else is a SuiteError with close names."""
+    import engine  # noqa: F401  (registers the synthetic models)
+    from engine import models
+    if name in models.names() or name.endswith(".gguf"):
+        return
+    close = difflib.get_close_matches(name, models.names(), n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    raise SuiteError(path, key, f"unknown model {name!r}{hint}",
+                     f"{', '.join(models.names())}, or a path ending in .gguf")
+
+
+def _validate_section(s: SuiteSection, path) -> None:
+    if not s.name.strip():
+        raise SuiteError(path, "suite.name", "must not be empty")
+    if not s.models:
+        raise SuiteError(path, "suite.models", "empty matrix: no models", "one or more model names")
+    for i, m in enumerate(s.models):
+        validate_model(m, path, f"suite.models[{i}]")
+    if s.baseline not in KV_DTYPES:
+        raise SuiteError(path, "suite.baseline", f"unknown KV dtype {s.baseline!r}", ", ".join(KV_DTYPES))
+    if not s.kv_dtypes:
+        raise SuiteError(path, "suite.kv_dtypes", "empty matrix: no KV dtypes to hold against the baseline",
+                         ", ".join(KV_DTYPES))
+    for i, d in enumerate(s.kv_dtypes):
+        if d not in KV_DTYPES:
+            raise SuiteError(path, f"suite.kv_dtypes[{i}]", f"unknown KV dtype {d!r}", ", ".join(KV_DTYPES))
+        if d == s.baseline:
+            raise SuiteError(path, f"suite.kv_dtypes[{i}]", f"{d!r} is the baseline; list only the "
+                             "dtypes compared against it", ", ".join(x for x in KV_DTYPES if x != s.baseline))
+    if len(set(s.kv_dtypes)) != len(s.kv_dtypes):
+        raise SuiteError(path, "suite.kv_dtypes", f"repeated dtype in {s.kv_dtypes}")
+    if not DEVICE_RE.match(s.device):
+        raise SuiteError(path, "suite.device", f"unknown device {s.device!r}", "cpu, cuda, cuda:N")
+
+
+def _validate_check(cfg: CheckConfig, s: SuiteSection, path, where: str) -> None:
+    dtypes = [s.baseline, *s.kv_dtypes]
+    tfields = cfg.threshold_fields()
+
+    def check_bound(name: str, value, key: str):
+        f = tfields[name]
+        items = value.items() if isinstance(value, dict) else [(None, value)]
+        for dt, v in items:
+            k = f"{key}.{dt}" if dt is not None else key
+            if dt is not None and dt not in dtypes:
+                raise SuiteError(path, k, f"KV dtype {dt!r} is not in this suite's matrix", ", ".join(dtypes))
+            _check_bounds(v, f.metadata, path, k, threshold=True)
+
+    for name in tfields:
+        value = getattr(cfg, name)
+        if value is not None:
+            check_bound(name, value, f"{where}.{name}")
+    for model, over in cfg.per_model.items():
+        key = f"{where}.per_model.{model}"
+        validate_model(model, path, key)
+        if not isinstance(over, dict):
+            raise SuiteError(path, key, f"expected a table of thresholds, got {_tname(over)}")
+        for name, value in over.items():
+            if name not in tfields:
+                raise SuiteError(path, f"{key}.{name}", "unknown threshold (per_model overrides "
+                                 "thresholds only)", ", ".join(tfields) or "none for this check")
+            hint = get_type_hints(type(cfg))[name]
+            value = _coerce(value, hint, path, f"{key}.{name}")
+            over[name] = value
+            check_bound(name, value, f"{key}.{name}")
+    cfg.validate(path, where)
+
+
+def _check_bounds(v, meta, path, key, threshold=False) -> None:
+    if v is None or isinstance(v, (list, dict, str, bool)):
+        return
+    lo, hi = meta.get("lo"), meta.get("hi")
+    what = "threshold that can never hold" if threshold else "value out of range"
+    if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):
+        rel = ">" if meta.get("lo_open") else ">="
+        raise SuiteError(path, key, f"{what}: {v!r}", f"{rel} {lo:g}" + (f" and <= {hi:g}" if hi is not None else ""))
+    if hi is not None and v > hi:
+        raise SuiteError(path, key, f"{what}: {v!r}", f"<= {hi:g}" + (f" and >= {lo:g}" if lo is not None else ""))
+
+
+def _no_unknown(table: dict, allowed, path, where: str) -> None:
+    for k in table:
+        if k not in allowed:
+            close = difflib.get_close_matches(k, list(allowed), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            key = f"{where}.{k}" if where else k
+            raise SuiteError(path, key, f"unknown key{hint}", ", ".join(sorted(allowed)))
+
+
+def _build(cls, table, path, where: str):
+    """Dataclass ``cls`` from a TOML table: every key known, every value the declared type."""
+    if not isinstance(table, dict):
+        raise SuiteError(path, where, f"expected a table, got {_tname(table)}")
+    hints = get_type_hints(cls)
+    flds = {f.name: f for f in fields(cls) if f.init}
+    _no_unknown(table, set(flds), path, where)
+    kwargs = {}
+    for name, f in flds.items():
+        key = f"{where}.{name}"
+        if name not in table:
+            if f.default is MISSING and f.default_factory is MISSING:
+                raise SuiteError(path, key, "missing required key")
+            continue
+        value = _coerce(table[name], hints[name], path, key)
+        if not f.metadata.get("threshold"):
+            _check_bounds(value, f.metadata, path, key)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _coerce(value, tp, path, key):
+    origin = get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = [a for a in get_args(tp) if a is not type(None)]
+        for a in options:
+            try:
+                return _coerce(value, a, path, key)
+            except SuiteError:
+                continue
+        raise SuiteError(path, key, f"expected {_describe(tp)}, got {_tname(value)}")
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+    elif tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif tp is str:
+        if isinstance(value, str):
+            return value
+    elif origin is list:
+        if isinstance(value, list):
+            (item,) = get_args(tp)
+            return [_coerce(v, item, path, f"{key}[{i}]") for i, v in enumerate(value)]
+    elif origin is dict:
+        if isinstance(value, dict):
+            _, vt = get_args(tp)
+            return {str(k): _coerce(v, vt, path, f"{key}.{k}") for k, v in value.items()}
+    elif tp is Message:
+        msg = _build(Message, value, path, key)
+        if msg.role not in ROLES:
+            raise SuiteError(path, f"{key}.role", f"unknown role {msg.role!r}", ", ".join(ROLES))
+        return msg
+    elif dataclasses.is_dataclass(tp):
+        return _build(tp, value, path, key)
+    raise SuiteError(path, key, f"expected {_describe(tp)}, got {_tname(value)}")
+
+
+def _describe(tp) -> str:
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join(_describe(a) for a in get_args(tp) if a is not type(None))
+    if origin is list:
+        return f"an array of {_describe(get_args(tp)[0]).removeprefix('a ').removeprefix('an ')}s"
+    if origin is dict:
+        return f"a table of {_describe(get_args(tp)[1]).removeprefix('a ').removeprefix('an ')}s"
+    if tp is Message:
+        return "a message table { role, content }"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(tp, str(tp))
+
+
+def _tname(v) -> str:
+    if isinstance(v, bool):
+        return f"boolean {str(v).lower()}"
+    if isinstance(v, int):
+        return f"integer {v}"
+    if isinstance(v, float):
+        return f"number {v:g}"
+    if isinstance(v, str):
+        return f"string {v[:40]!r}"
+    if isinstance(v, list):
+        return "an array"
+    if isinstance(v, dict):
+        return "a table"
+    return type(v).__name__
