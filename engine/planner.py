@@ -143,8 +143,10 @@ def kv_buffer_bytes(spec: ModelSpec, ctx: int, kv_dtype: str) -> list[int]:
     if kv_dtype not in KV_FORMATS:
         raise ConfigError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_FORMATS)}", "pick one of those")
     num, per = KV_FORMATS[kv_dtype]
-    if spec.head_dim % per:
-        raise KVGeometryError(f"kv_dtype {kv_dtype} needs head_dim % {per} == 0, but head_dim is {spec.head_dim}",
+    if spec.kv_dim % per:
+        # blocks run along each token's flattened K (or V) row of n_kv_heads*head_dim values
+        raise KVGeometryError(f"kv_dtype {kv_dtype} needs n_kv_heads*head_dim % {per} == 0, but "
+                              f"{spec.n_kv_heads} x {spec.head_dim} = {spec.kv_dim}",
                               "use fp32 or bf16 for this model")
     one = ctx * spec.kv_dim // per * num
     return [one, one]
@@ -259,7 +261,9 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
                           f"pass 0..{L}, or None to fit as many as the budget holds")
     rnd = lambda n: round_alloc(n, dev)  # noqa: E731
 
-    kv_trunk = [rnd(b) for b in kv_buffer_bytes(spec, ctx, kv_dtype)]
+    # only narrowed (trunk) layers are held to the dtype's geometry
+    narrowed = n_gpu_layers != 0
+    kv_trunk = [rnd(b) for b in kv_buffer_bytes(spec, ctx, kv_dtype if narrowed else "fp32")]
     kv_host = kv_buffer_bytes(spec, ctx, "fp32")
     w_trunk, w_host, w_expert = [], [], []
     for i in range(L):
