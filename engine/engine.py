@@ -215,8 +215,11 @@ def _tokenizer_for(g: GGUFFile):
 
 def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torch.device = "cpu",
          ctx: int = 4096, vram_budget: int | None = None, n_gpu_layers: int | None = None,
-         wave_budget_bytes: int | None = None) -> Engine:
+         wave_budget_bytes: int | None = None, weight_format: str = "f32") -> Engine:
     """Load a registry name or .gguf path; see the module docstring.
+
+    ``weight_format`` is how matrices are stored at run time ("f32" exact, "bf16"/"f16" half
+    the bytes; norms stay f32); the planner prices exactly that.
 
     The planner decides the split: layers ``[0, n_gpu_layers)`` (the trunk) run on ``device``
     with a ``kv_dtype`` cache; the rest (the tail) run on the CPU with fp32 KV. Every buffer
@@ -239,13 +242,21 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     tokenizer = _tokenizer_for(g)
     ledger = Ledger(dev)   # before any allocation, so `unaccounted` sees everything
     plan = make_plan(spec, kv_dtype=kv_dtype, ctx=ctx, vram_budget=vram_budget, n_gpu_layers=n_gpu_layers,
-                     wave_budget_bytes=wave, weight_format="f32", device=dev)
+                     wave_budget_bytes=wave, weight_format=weight_format, device=dev)
+    wdtype = WEIGHT_DTYPES.get(weight_format)
+    if wdtype is None:
+        raise ConfigError(f"weight_format {weight_format!r} cannot be applied by this engine "
+                          f"(it stores {', '.join(WEIGHT_DTYPES)})", "pick one of those")
     host = torch.device("cpu")
     layers, embed, out_norm, output = load_weights(g, spec)
     tiers = plan.layer_tiers
     layer_devices = [dev if t == "trunk" else host for t in tiers]
     trunk_moe = [i for i in spec.moe_layers if tiers[i] == "trunk"]
-    cache = ExpertCache.for_spec(spec, ledger, plan.expert_slots) if trunk_moe else None
+    cache = ExpertCache.for_spec(spec, ledger, plan.expert_slots, dtype=wdtype) if trunk_moe else None
+    layers = [_store(lw, wdtype) for lw in layers]
+    if wdtype != torch.float32:
+        embed = embed.to(wdtype)
+        output = embed if spec.tied_output else output.to(wdtype)
     pin = dev.type == "cuda"
     for i, lw in enumerate(layers):
         tier, ldev = tiers[i], layer_devices[i]
@@ -281,6 +292,23 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
             ledger.register("kv", buf, tiers[i], name=f"blk.{i}.kv.{j}")
     eng.plan, eng.ledger, eng.expert_cache = plan, ledger, cache
     return eng
+
+
+WEIGHT_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "router")
+
+
+def _store(lw: LayerWeights, dtype: torch.dtype) -> LayerWeights:
+    """Matrices (and routed experts) in the storage dtype; norms stay float32."""
+    if dtype == torch.float32:
+        return lw
+    for name in MATRICES:
+        t = getattr(lw, name)
+        if t is not None:
+            setattr(lw, name, t.to(dtype))
+    if lw.experts is not None:
+        lw.experts = Experts(*(t.to(dtype) for t in lw.experts.tensors()))
+    return lw
 
 
 def _kv_buffers(cache) -> list[torch.Tensor]:

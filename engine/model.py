@@ -61,6 +61,14 @@ class Experts:
         return [self.gate, self.up, self.down]
 
 
+def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x [T, in] float32 @ w[out, in].T; weights stored narrower (bf16/f16) compute in their
+    dtype with fp32 accumulation and come back as float32."""
+    if w.dtype == torch.float32:
+        return x @ w.T
+    return (x.to(w.dtype) @ w.T).float()
+
+
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
@@ -117,7 +125,7 @@ class Transformer:
         s, w = self.spec, self.layers[i]
         T = x.shape[0]
         h = rms_norm(x, w.attn_norm, s.rms_eps)
-        q, k, v = h @ w.wq.T, h @ w.wk.T, h @ w.wv.T
+        q, k, v = mm(h, w.wq), mm(h, w.wk), mm(h, w.wv)
         if s.qk_norm == "full":
             q, k = rms_norm(q, w.q_norm, s.rms_eps), rms_norm(k, w.k_norm, s.rms_eps)
         q = q.view(T, s.n_heads, s.head_dim)
@@ -129,18 +137,18 @@ class Transformer:
         q, k = rope.apply(q, start), rope.apply(k, start)
         cache.write(start, k, v)
         o = cache.attend(q, start, self.scale)       # [T, Hq, D]
-        return o.reshape(T, s.q_dim) @ w.wo.T
+        return mm(o.reshape(T, s.q_dim), w.wo)
 
     def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         s, w = self.spec, self.layers[i]
         h = rms_norm(x, w.ffn_norm, s.rms_eps)
         if w.router is None:
-            return (F.silu(h @ w.w_gate.T) * (h @ w.w_up.T)) @ w.w_down.T
+            return mm(F.silu(mm(h, w.w_gate)) * mm(h, w.w_up), w.w_down)
         return self.moe(i, h)
 
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         s, w = self.spec, self.layers[i]
-        probs = torch.softmax(h @ w.router.T, dim=-1)           # [T, E]
+        probs = torch.softmax(mm(h, w.router), dim=-1)           # [T, E]
         top_p, top_e = probs.topk(s.n_experts_used, dim=-1)     # [T, k]
         if s.moe_norm_topk:
             top_p = top_p / top_p.sum(-1, keepdim=True)
@@ -150,13 +158,13 @@ class Transformer:
             rows, slot = (top_e == e).nonzero(as_tuple=True)
             gate, up, down = w.experts.get(i, e)
             he = h[rows]
-            y = (F.silu(he @ gate.T) * (he @ up.T)) @ down.T
+            y = mm(F.silu(mm(he, gate)) * mm(he, up), down)
             out.index_add_(0, rows, y * top_p[rows, slot, None])
         return out
 
     def forward(self, tokens: torch.Tensor, start: int, caches) -> torch.Tensor:
         """tokens [T] (host) -> final hidden [T, d] on the head device."""
-        x = self.embed[tokens.to(self.embed.device)]
+        x = self.embed[tokens.to(self.embed.device)].float()
         for i in range(self.spec.n_layers):
             dev = self.layer_devices[i]
             if x.device != dev:
@@ -168,4 +176,4 @@ class Transformer:
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.out_norm, self.spec.rms_eps) @ self.output.T
+        return mm(rms_norm(x, self.out_norm, self.spec.rms_eps), self.output)

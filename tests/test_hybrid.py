@@ -95,3 +95,17 @@ def test_expert_cache_smaller_than_experts_gives_identical_logits():
     st = small.expert_cache.stats()
     print("expert cache:", {k: st[k] for k in ("capacity", "hits", "misses", "evictions", "hit_rate")})
     assert st["evictions"] > 0 and st["hits"] > 0 and st["bytes_moved"] > 0
+
+
+@pytest.mark.parametrize("wf", ["bf16", "f16"])
+def test_narrow_weight_storage_is_priced_and_applied(wf):
+    eng = engine.load("tiny-qwen3moe", ctx=96, weight_format=wf, n_gpu_layers=2)
+    assert eng.model.layers[0].wq.dtype == {"bf16": torch.bfloat16, "f16": torch.float16}[wf]
+    assert eng.model.layers[0].attn_norm.dtype == torch.float32
+    eng.logits(IDS[:20])
+    assert_plan_matches_runtime(eng)
+
+
+def test_unknown_weight_format_is_refused():
+    with pytest.raises(engine.errors.ConfigError, match="weight_format"):
+        engine.load("tiny-llama", weight_format="q4_k")
