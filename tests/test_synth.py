@@ -230,3 +230,33 @@ def test_ensure_caches_atomically_and_registers(tmp_path, monkeypatch, smollm2_p
     assert not list(p.parent.glob("*.part"))
     with pytest.raises(ModelNotFoundError, match="unknown synthetic model 'tiny-gpt'"):
         synth.ensure("tiny-gpt")
+
+
+def test_byte_level_fallback_without_smollm2(tmp_path, monkeypatch):
+    """No SmolLM2 (offline, fresh cache): a small byte-level tokenizer, said in the file."""
+    from engine import models
+
+    real = models.resolve
+
+    def offline(name):
+        if str(name) == "smollm2-135m":
+            raise ModelNotFoundError("smollm2-135m unavailable (simulated offline machine)")
+        return real(name)
+
+    monkeypatch.setattr(models, "resolve", offline)
+    synth._smollm2.cache_clear()
+    synth._base_tokenizer.cache_clear()
+    try:
+        path = synth.write("tiny-qwen3", tmp_path / "t.gguf")
+        import engine
+        eng = engine.load(path)
+        assert "byte-level fallback" in eng.gguf.meta["general.description"]
+        assert eng.spec == synth.spec_for("tiny-qwen3") and eng.spec.vocab_size == 3 + 256 + 5
+        text = "The ocean, in 12 words: wide, deep, blue."
+        assert eng.tokenizer.decode(eng.tokenizer.encode(text)) == text
+        chat = eng.tokenizer.apply_chat_template([{"role": "user", "content": "hi"}], add_generation_prompt=True)
+        assert chat[0] == synth.BOS_ID and eng.tokenizer.decode(chat).endswith("<|im_start|>assistant\n")
+        assert torch.isfinite(eng.logits(chat)).all()
+    finally:
+        synth._smollm2.cache_clear()
+        synth._base_tokenizer.cache_clear()
