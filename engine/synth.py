@@ -39,7 +39,8 @@ from . import models
 from .errors import ConfigError, EngineError, ModelNotFoundError
 from .spec import MOE_NORM_TOPK, QK_NORM, ROPE_TYPE, ModelSpec
 
-SYNTH_VERSION = 1            # bump when the generator's output changes (invalidates the cache)
+SYNTH_VERSION = 2            # bump when the generator's output changes (invalidates the cache)
+UPCYCLE_NOISE = 0.002       # smollm2-moe: expert = dense FFN + this x rms Gaussian noise
 STORAGE = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
 BOS_ID, EOS_ID = 1, 2        # SmolLM2's <|im_start|> / <|im_end|>; the fallback keeps them
 _CHUNK_BYTES = 32 << 20      # streaming granularity for real-scale tensors
@@ -364,7 +365,7 @@ def _upcycled_experts(cfg: SynthConfig, t: TensorDecl, smol) -> Iterator[np.ndar
     rms = float(np.sqrt(np.mean(w.astype(np.float64) ** 2)))
     for e in range(cfg.n_experts):
         noise = _rng(cfg.seed_name, t.name, e).standard_normal(w.shape, dtype=np.float32)
-        yield quantize(w + np.float32(0.01 * rms) * noise, t.qtype)
+        yield quantize(w + np.float32(UPCYCLE_NOISE * rms) * noise, t.qtype)
 
 
 def _smollm2_tensors() -> dict:

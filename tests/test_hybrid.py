@@ -109,3 +109,37 @@ def test_narrow_weight_storage_is_priced_and_applied(wf):
 def test_unknown_weight_format_is_refused():
     with pytest.raises(engine.errors.ConfigError, match="weight_format"):
         engine.load("tiny-llama", weight_format="q4_k")
+
+
+@pytest.fixture(scope="module")
+def smollm2_moe():
+    return engine.load("smollm2-moe", ctx=160)
+
+
+def test_smollm2_moe_answers_paris(smollm2_moe):
+    tok = smollm2_moe.tokenizer
+    ids = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
+    text = tok.decode(smollm2_moe.generate(ids, 16))
+    print("smollm2-moe:", text)
+    assert "Paris" in text
+
+
+def test_smollm2_moe_streaming_cache_equals_resident(smollm2_moe):
+    spec = smollm2_moe.spec
+    ids = IDS[:24]
+    ref = smollm2_moe.logits(ids)
+    all_experts = spec.n_experts * spec.n_layers
+    slots = all_experts // 2
+    small = engine.load("smollm2-moe", ctx=160, n_gpu_layers=spec.n_layers,
+                        vram_budget=budget_for("smollm2-moe", spec.n_layers, "fp32", 160,
+                                               slots - spec.n_experts_used))
+    assert small.plan.expert_slots == slots
+    assert torch.equal(small.logits(ids), ref)
+    small.prefill(ids[:4])
+    smollm2_moe.prefill(ids[:4])
+    for t in ids[4:]:
+        assert torch.equal(small.decode(t), smollm2_moe.decode(t))
+    st = small.expert_cache.stats()
+    print(f"smollm2-moe SLRU {slots}/{all_experts} slots: hit rate {st['hit_rate']:.2%}, "
+          f"{st['evictions']} evictions, {st['bytes_moved'] / 2**20:.1f} MiB moved")
+    assert st["evictions"] > 0 and st["hits"] > 0
