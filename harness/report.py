@@ -200,7 +200,8 @@ class _Report:
                 vals = [df[(df.model == m) & (df.requested == d)][col].iloc[0] for d in self.dtypes]
                 vals = [float(v) if v is not None and not pd.isna(v) else 0.0 for v in vals]
                 if any(vals):
-                    ax.bar([x + (off - 1) * 0.27 for x in xs], vals, width=0.27, label=name)
+                    bars = ax.bar([x + (off - 1) * 0.27 for x in xs], vals, width=0.27, label=name)
+                    ax.bar_label(bars, fmt="%.0f", fontsize=7)
             ax.set_xticks(xs, self.dtypes)
             ax.set_ylabel("MiB")
             ax.set_title(f"{m}: KV cache and expert-cache budget")
@@ -218,13 +219,14 @@ class _Report:
             return
         fig, axes = plt.subplots(1, len(per_dtype), figsize=(4.2 * len(per_dtype), 3.4), squeeze=False)
         for ax, (d, rows) in zip(axes[0], per_dtype.items()):
+            rows = [r for r in rows if r.get("planned") or r.get("runtime")]   # empty categories: no bar
             labels = [f"{r.get('category')}\n{r.get('tier')}" for r in rows]
             xs = list(range(len(rows)))
             ax.bar([x - 0.2 for x in xs], [float(r.get("planned") or 0) / 2**20 for r in rows], 0.4,
                    label="plan")
             ax.bar([x + 0.2 for x in xs], [float(r.get("runtime") or 0) / 2**20 for r in rows], 0.4,
                    label="runtime")
-            ax.set_xticks(xs, labels, fontsize=7)
+            ax.set_xticks(xs, labels, fontsize=7, rotation=30)
             ax.set_title(f"{d}")
             ax.set_ylabel("MiB")
         axes[0][0].legend(fontsize=8)
@@ -272,8 +274,10 @@ class _Report:
         for d, vals in data.items():
             start = self.res.info(m, d, chk).get("compare_from", 0)
             ys = [max(float(v), 1e-12) if log else float(v) for v in vals]
-            ax.plot(range(start, start + len(ys)), ys, lw=0.9, color=COLORS.get(d),
-                    label=self.label(d, "noise floor"))
+            label = self.label(d, "noise floor" if self.kinds.get(chk) == "argmax" else "reference")
+            if not any(float(v) for v in vals):
+                label += ": exactly 0" + (" (drawn at 1e-12)" if log else "")
+            ax.plot(range(start, start + len(ys)), ys, lw=0.9, color=COLORS.get(d), label=label)
         if log:
             ax.set_yscale("log")
         segs = self.res.info(m, next(iter(data)), chk).get("segments") or []

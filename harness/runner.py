@@ -227,6 +227,11 @@ class Runner:
     def run(self) -> RunSummary:
         if not DEVICE_RE.match(self.device):
             raise UsageError(f"--device {self.device!r}: expected cpu, cuda or cuda:N")
+        if self.device.startswith("cuda"):
+            import torch
+            if not torch.cuda.is_available():
+                raise UsageError(f"device {self.device!r} (suite {self.suite.path}): CUDA is not available "
+                                 "on this machine", "run on a GPU machine or pass --device cpu")
         from engine.models import resolve
         for m in dict.fromkeys(c.model for c in self.cases):
             resolve(m)      # a missing user model is bad input: fail before running anything
