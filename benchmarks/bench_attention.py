@@ -1,0 +1,259 @@
+"""Attention benchmark on the GPU: decode per KV dtype vs copy bandwidth, and wave prefill.
+
+Contract: on CUDA, times (CUDA events around CUDA-graph replays, so host launch overhead is
+out of the kernel numbers and reported apart; L2 flushed before each repeat; median after warm-up)
+(1) a device-to-device copy (bandwidth counting bytes read + written), (2) decode attention
+at ctx 16384, 8 KV heads x 128, 32 query heads, for fp32 / bf16 / q8_0 with the Triton
+kernels and with the torch reference, reporting time, cache bytes read and GB/s, and
+(3) a wave prefill of 16384 tokens on SmolLM2 geometry (9 q heads, 3 KV heads x 64) per dtype:
+tok/s, waves, peak scratch. Each Triton result is checked against the torch reference first.
+The last stdout line is one compact JSON document. ``--sweep`` also times decode variants.
+
+    python benchmarks/bench_attention.py            # ~1 minute on an H100
+    python benchmarks/bench_attention.py --sweep    # plus the decode kernel variants
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import kernels  # noqa: E402
+from engine.kv import KV_DTYPES, LayerKV  # noqa: E402
+from engine.kernels import decode_attention as dmod  # noqa: E402
+from engine.kernels.decode_attention import decode_attention, decode_bytes_read  # noqa: E402
+from engine.kernels.prefill_attention import plan_waves, prefill_attention_ref  # noqa: E402
+
+_flush_buf = None
+
+
+def bench_us(fn, reps: int, warmup: int = 3, flush: bool = True, graph: bool = True) -> tuple[float, list[float]]:
+    """Median device time of ``fn`` in microseconds: CUDA events around a CUDA-graph replay of
+    ``fn`` (so Python and launch overhead stay out), L2 flushed before each repeat."""
+    global _flush_buf
+    if _flush_buf is None:
+        _flush_buf = torch.empty(512 << 20, dtype=torch.int8, device="cuda")
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    run = fn
+    if graph:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            fn()
+        run = g.replay
+        run()
+        torch.cuda.synchronize()
+    pairs = []
+    for _ in range(reps):
+        if flush:
+            _flush_buf.zero_()
+        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        s.record()
+        run()
+        e.record()
+        pairs.append((s, e))
+    torch.cuda.synchronize()
+    samples = [s.elapsed_time(e) * 1e3 for s, e in pairs]
+    return statistics.median(samples), samples
+
+
+def host_us(fn, reps: int = 20) -> float:
+    """Median host time of one call including its launches (what an eager decode step pays)."""
+    ts = []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        ts.append((time.perf_counter() - t) * 1e6)
+    return statistics.median(ts)
+
+
+def copy_bandwidth(reps: int) -> float:
+    """GB/s of a 1 GiB device-to-device copy, counting bytes read plus bytes written."""
+    src = torch.randn(256 << 20, device="cuda")
+    dst = torch.empty_like(src)
+    us, _ = bench_us(lambda: dst.copy_(src), reps, flush=False, graph=False)
+    return 2 * src.nbytes / (us * 1e-6) / 1e9
+
+
+def fill_cache(cache: LayerKV, n: int, gen: torch.Generator, chunk: int = 4096) -> None:
+    for s in range(0, n, chunk):
+        t = min(chunk, n - s)
+        shape = (t, cache.n_kv_heads, cache.head_dim)
+        cache.write(s, torch.randn(shape, device="cuda", generator=gen),
+                    torch.randn(shape, device="cuda", generator=gen))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
+    d = (out.double() - ref.double())
+    return d.abs().max().item(), (d.norm() / ref.double().norm()).item()
+
+
+def decode_section(args, copy_gbps: float, gen: torch.Generator) -> dict:
+    ctx, hkv, d, hq = args.ctx, 8, 128, 32
+    scale = d ** -0.5
+    res = {}
+    print(f"\n== decode attention: ctx {ctx}, {hq} q heads, {hkv} kv heads x {d} ==")
+    print(f"{'dtype':6} {'impl':7} {'time_us':>9} {'MB_read':>8} {'GB/s':>8} {'%copy':>6} {'maxabs':>9} {'rel':>9}")
+    for fmt in KV_DTYPES:
+        cache = LayerKV(0, hkv, d, ctx, fmt, device="cuda")
+        fill_cache(cache, ctx, gen)
+        q = torch.randn(hq, d, device="cuda", generator=gen)
+        plan = plan_waves(1, ctx - 1, hq, hkv, d, 256 << 20)
+        ref, _ = prefill_attention_ref(q[None], cache.k, cache.v, fmt, ctx - 1, scale, hkv, plan)
+        out = decode_attention(q, cache.k, cache.v, fmt, ctx, scale, hkv)
+        mx, rel = rel_err(out, ref[0])
+        nbytes = decode_bytes_read(ctx, hkv, d, fmt)
+        t_tr, _ = bench_us(lambda: decode_attention(q, cache.k, cache.v, fmt, ctx, scale, hkv), args.reps)
+        t_ref, _ = bench_us(lambda: prefill_attention_ref(q[None], cache.k, cache.v, fmt, ctx - 1, scale,
+                                                          hkv, plan), max(5, args.reps // 5), graph=False)
+        t_host = host_us(lambda: decode_attention(q, cache.k, cache.v, fmt, ctx, scale, hkv))
+        gbps = nbytes / (t_tr * 1e-6) / 1e9
+        res[fmt] = {"triton_us": round(t_tr, 2), "torch_us": round(t_ref, 2), "eager_host_us": round(t_host, 1),
+                    "bytes_read": nbytes,
+                    "GBps": round(gbps, 1), "frac_copy": round(gbps / copy_gbps, 3),
+                    "max_abs_vs_ref": mx, "rel_vs_ref": rel,
+                    "scratch_bytes": dmod.last_scratch_bytes}
+        print(f"{fmt:6} {'triton':7} {t_tr:9.2f} {nbytes / 1e6:8.2f} {gbps:8.1f} {100 * gbps / copy_gbps:6.1f} "
+              f"{mx:9.2e} {rel:9.2e}")
+        print(f"{fmt:6} {'torch':7} {t_ref:9.2f} {nbytes / 1e6:8.2f} {nbytes / (t_ref * 1e-6) / 1e9:8.1f}"
+              f"   (triton eager call incl. launches: {t_host:.1f} us host time)")
+        if args.scaling:
+            pts = []
+            for n in (ctx // 16, ctx // 4, ctx // 2, ctx):
+                t, _ = bench_us(lambda: decode_attention(q, cache.k, cache.v, fmt, n, scale, hkv), args.reps)
+                pts.append((decode_bytes_read(n, hkv, d, fmt), t))
+            (x0, y0), (x1, y1) = pts[0], pts[-1]
+            slope = (y1 - y0) / (x1 - x0)
+            res[fmt]["scaling"] = {"points_bytes_us": pts, "fixed_us": round(y0 - slope * x0, 2),
+                                   "marginal_GBps": round(1e-3 / slope, 1)}
+            print(f"  scaling {fmt}: " + ", ".join(f"{b / 1e6:.1f}MB {t:.1f}us" for b, t in pts) +
+                  f"  -> fixed {y0 - slope * x0:.1f} us + bytes at {1e-3 / slope:.0f} GB/s")
+        if args.sweep and fmt in args.sweep_dtypes.split(","):
+            res[fmt]["sweep"] = sweep(cache, q, fmt, ctx, scale, hkv, args.reps, copy_gbps)
+        del cache
+    return res
+
+
+def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps) -> list[dict]:
+    rows = []
+    for bn, pps, warps, stages in itertools.product([16, 32, 64], [1, 2, 4], [2, 4, 8], [2, 3]):
+        cfg = {"block_n": bn, "programs_per_sm": pps, "num_warps": warps, "num_stages": stages}
+        try:
+            t, _ = bench_us(lambda: decode_attention(q, cache.k, cache.v, fmt, ctx, scale, hkv, cfg=cfg),
+                            max(10, reps // 2))
+        except Exception as e:   # a variant that does not fit (shared memory) is reported, not fatal
+            print(f"  sweep {fmt} {cfg}: {type(e).__name__}: {str(e)[:80]}")
+            continue
+        gbps = decode_bytes_read(ctx, hkv, q.shape[1], fmt) / (t * 1e-6) / 1e9
+        rows.append({**cfg, "us": round(t, 2), "GBps": round(gbps, 1)})
+    rows.sort(key=lambda r: r["us"])
+    for r in rows[:5]:
+        print(f"  sweep {fmt}: {r}  ({100 * r['GBps'] / copy_gbps:.1f}% of copy)")
+    return rows[:10]
+
+
+def prefill_section(args, gen: torch.Generator) -> dict:
+    n, hq, hkv, d = args.prefill_tokens, 9, 3, 64
+    scale = d ** -0.5
+    res = {}
+    print(f"\n== wave prefill: {n} tokens, {hq} q heads, {hkv} kv heads x {d}, budget "
+          f"{args.wave_budget >> 20} MiB ==")
+    print(f"{'dtype':6} {'ms':>9} {'tok/s':>11} {'waves':>6} {'scratch_MB':>10} {'cuda_peak_MB':>12} "
+          f"{'vs_1pass':>9} {'vs_torch':>9}")
+    for fmt in KV_DTYPES:
+        cache = LayerKV(0, hkv, d, n, fmt, device="cuda", wave_budget_bytes=args.wave_budget)
+        fill_cache(cache, n, gen)
+        q = torch.randn(n, hq, d, device="cuda", generator=gen)
+        out = cache.attend(q, 0, scale)
+        waves = cache.last_waves
+        one = LayerKV(0, hkv, d, n, fmt, device="cuda", wave_max_rows=1 << 30)
+        one.k.copy_(cache.k)
+        one.v.copy_(cache.v)
+        one_out = one.attend(q, 0, scale)
+        del one
+        mx_one, _ = rel_err(out, one_out)
+        prev = kernels.set_backend("torch")
+        try:
+            ref = cache.attend(q, 0, scale)
+        finally:
+            kernels.set_backend(prev)
+        mx_ref, rel_ref = rel_err(out, ref)
+        del ref, one_out
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = cache.attend(q, 0, scale)
+        torch.cuda.synchronize()
+        cuda_peak = torch.cuda.max_memory_allocated() - base - out.nbytes
+        del out
+        t, _ = bench_us(lambda: cache.attend(q, 0, scale), args.prefill_reps, warmup=1, flush=False, graph=False)
+        res[fmt] = {"ms": round(t / 1e3, 3), "tok_s": round(n / (t * 1e-6)), "waves": waves,
+                    "peak_scratch_bytes": cache.peak_scratch_bytes, "cuda_peak_extra_bytes": cuda_peak,
+                    "max_abs_vs_one_pass": mx_one, "max_abs_vs_torch": mx_ref, "rel_vs_torch": rel_ref}
+        print(f"{fmt:6} {t / 1e3:9.3f} {n / (t * 1e-6):11.0f} {waves:6d} {cache.peak_scratch_bytes / 1e6:10.2f} "
+              f"{cuda_peak / 1e6:12.2f} {mx_one:9.2e} {mx_ref:9.2e}")
+        del cache
+    return res
+
+
+def add_cli_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ctx", type=int, default=16384)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--prefill-tokens", type=int, default=16384)
+    p.add_argument("--prefill-reps", type=int, default=5)
+    p.add_argument("--wave-budget", type=int, default=256 << 20)
+    p.add_argument("--sweep", action="store_true", help="also time decode kernel variants")
+    p.add_argument("--sweep-dtypes", default="fp32,bf16,q8_0")
+    p.add_argument("--skip-prefill", action="store_true")
+    p.add_argument("--scaling", action="store_true", help="decode time vs context: fixed cost + GB/s")
+
+
+def main(args) -> int:
+    if not torch.cuda.is_available():
+        print("bench_attention needs CUDA (run it on the GPU machine)", file=sys.stderr)
+        return 2
+    import triton
+    t0 = time.time()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    props = torch.cuda.get_device_properties(0)
+    print(f"device {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
+          f"triton {triton.__version__}; decode config {dmod.CONFIG}")
+    copy_gbps = copy_bandwidth(args.reps)
+    print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
+    dec = decode_section(args, copy_gbps, gen)
+    pre = {} if args.skip_prefill else prefill_section(args, gen)
+    f32 = dec["fp32"]["triton_us"]
+    targets = {
+        "q8_0_speedup_vs_fp32": round(f32 / dec["q8_0"]["triton_us"], 2),
+        "bf16_speedup_vs_fp32": round(f32 / dec["bf16"]["triton_us"], 2),
+        "q8_0_frac_copy": dec["q8_0"]["frac_copy"],
+    }
+    targets["pass"] = (targets["q8_0_speedup_vs_fp32"] >= 2.5 and targets["bf16_speedup_vs_fp32"] >= 1.7
+                       and targets["q8_0_frac_copy"] >= 0.6)
+    print(f"\ntargets: q8_0 {targets['q8_0_speedup_vs_fp32']}x fp32 (>= 2.5), bf16 "
+          f"{targets['bf16_speedup_vs_fp32']}x (>= 1.7), q8_0 at {100 * targets['q8_0_frac_copy']:.0f}% "
+          f"of copy bandwidth (>= 60%): {'PASS' if targets['pass'] else 'FAIL'}  ({time.time() - t0:.0f} s)")
+    for v in dec.values():
+        v.pop("sweep", None) if not args.sweep else None
+    doc = {"bench": "attention", "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
+           "copy_GBps": round(copy_gbps, 1), "decode": dec, "prefill": pre, "targets": targets,
+           "decode_config": dmod.CONFIG}
+    print(json.dumps(doc, separators=(",", ":")))
+    return 0
+
+
+if __name__ == "__main__":
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_cli_args(ap)
+    raise SystemExit(main(ap.parse_args()))

@@ -1,0 +1,87 @@
+"""Attention/KV kernels: one file per op (Triton kernel, launch wrapper, torch ``*_ref``).
+
+Contract: ``use_triton(device)`` says which implementation an op runs. The backend is
+chosen once from ``KVBENCH_ATTN_BACKEND`` (``auto`` | ``torch`` | ``triton``; default
+``auto`` = Triton on CUDA, the torch reference elsewhere) and can be forced with
+``set_backend``. Without CUDA, Triton kernels run in its interpreter: this package sets
+``TRITON_INTERPRET=1`` before any kernel module is imported (``triton.jit`` reads the knob
+when it decorates), so the import order of tests does not matter.
+
+    from engine import kernels
+    kernels.set_backend("triton")   # force the kernels (interpreted on CPU) for a test
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+
+from ..errors import ConfigError
+
+BACKENDS = ("auto", "torch", "triton")
+KV_FORMAT_CODES = {"fp32": 0, "bf16": 1, "q8_0": 2}   # the FMT constexpr every kernel takes
+Q8_BLOCK, Q8_BYTES = 32, 34                            # ggml block_q8_0: 32 values in 34 bytes
+
+
+
+def _repair_interpreter() -> None:
+    """Triton's own @jit library functions (tl.sum, tl.max, ...) are interpreted only if
+    TRITON_INTERPRET was set when triton was first imported; if something imported triton
+    earlier (torch._dynamo does), rewrap them so that interpreted kernels can call them."""
+    import triton.language as tl
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+    swapped = {}
+    for mod in (tl.standard, tl.random, tl):
+        for name, value in list(vars(mod).items()):
+            if isinstance(value, JITFunction):
+                new = swapped.setdefault(id(value), InterpretedFunction(value.fn))
+                setattr(mod, name, new)
+    for name, value in list(vars(tl.tensor).items()):
+        if isinstance(value, JITFunction) and id(value) in swapped:
+            setattr(tl.tensor, name, swapped[id(value)])
+
+
+if not torch.cuda.is_available():
+    _triton_was_imported = "triton" in sys.modules
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    if _triton_was_imported and os.environ["TRITON_INTERPRET"] not in ("", "0"):
+        _repair_interpreter()
+
+
+def _check(name: str, source: str) -> str:
+    if name not in BACKENDS:
+        raise ConfigError(f"{source}={name!r} is not one of {', '.join(BACKENDS)}", "pick one of those")
+    return name
+
+
+_backend = _check(os.environ.get("KVBENCH_ATTN_BACKEND", "auto").strip().lower() or "auto",
+                  "KVBENCH_ATTN_BACKEND")
+
+
+def set_backend(name: str) -> str:
+    """Force ``auto``/``torch``/``triton`` for every later call; returns the previous one."""
+    global _backend
+    prev, _backend = _backend, _check(name, "set_backend")
+    return prev
+
+
+def get_backend() -> str:
+    return _backend
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def use_triton(device: torch.device | str) -> bool:
+    dev = torch.device(device)
+    if _backend == "torch":
+        return False
+    if _backend == "auto":
+        return dev.type == "cuda"
+    if dev.type == "cpu" and not interpreted():
+        raise ConfigError("KVBENCH_ATTN_BACKEND=triton on a CPU tensor needs TRITON_INTERPRET=1 "
+                          "before triton is imported", "unset TRITON_INTERPRET=0 or use the torch backend")
+    return True

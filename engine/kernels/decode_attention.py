@@ -1,0 +1,330 @@
+"""Decode attention (one query row) over a KV cache read in its own format, flash-decoding style.
+
+Contract: ``decode_attention(q, k_buf, v_buf, fmt, n_keys, scale, n_kv_heads)`` returns
+[Hq, D] float32 for ``q`` [Hq, D] attending to cache rows ``[0, n_keys)``. GQA: query head
+``i`` reads KV head ``i // (Hq // Hkv)``. One program per (KV head, context split) serves all
+of that head's query heads and dequantizes only the tile it reads; a second kernel combines
+the splits' partial softmax states. Arithmetic stays at float32 fidelity on tensor cores:
+float32 caches use tf32x3 dots; bf16 and q8_0 caches feed their exact values (bf16, or int8
+quants as bf16) to bf16 dots against a three-term bf16 split of the float32 operand. q8_0
+tiles are read as 4-byte words of whole head segments (34-byte blocks are only 2-byte
+aligned) and the dot runs in byte space against a query laid out the same way, so no load
+is narrower than a word. ``decode_attention_ref`` is the torch reference (the blocked CPU
+path with one row); ``last_scratch_bytes`` is the size of the last launch's partials.
+
+    out = decode_attention(q[0], cache.k, cache.v, "q8_0", n, 64 ** -0.5, n_kv_heads=3)
+    ref = decode_attention_ref(q[0], cache.k, cache.v, "q8_0", n, 64 ** -0.5, n_kv_heads=3)
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import KV_FORMAT_CODES, Q8_BYTES, interpreted
+from .common import cache_args, load_kv_tile
+
+LOG2E = 1.4426950408889634
+
+# Tunables (benchmarks/bench_attention.py --sweep compares them on the GPU).
+CONFIG = {
+    "block_n": int(os.environ.get("KVBENCH_DECODE_BLOCK_N", "64")),
+    "programs_per_sm": int(os.environ.get("KVBENCH_DECODE_PROGRAMS_PER_SM", "2")),
+    "num_warps": int(os.environ.get("KVBENCH_DECODE_WARPS", "4")),
+    "num_stages": int(os.environ.get("KVBENCH_DECODE_STAGES", "3")),
+    "precision": os.environ.get("KVBENCH_ATTN_PRECISION", "tf32x3"),   # float32 caches
+    "q8_words": os.environ.get("KVBENCH_DECODE_Q8_WORDS", "1") == "1",  # word-load q8_0 path
+    "max_splits": 256,
+}
+last_scratch_bytes = 0
+
+
+@triton.jit
+def dot_f32(a, b, SPLIT: tl.constexpr):
+    """a (float32) @ b (exact in bf16) at ~float32 fidelity: three bf16 terms of a on tensor
+    cores. SPLIT=False (the interpreter, whose bf16 dot is not numeric) does one fp32 dot."""
+    if SPLIT:
+        a1 = a.to(tl.bfloat16)
+        r1 = a - a1.to(tl.float32)
+        a2 = r1.to(tl.bfloat16)
+        a3 = (r1 - a2.to(tl.float32)).to(tl.bfloat16)
+        bb = b.to(tl.bfloat16)
+        acc = tl.dot(a1, bb, out_dtype=tl.float32)
+        acc = tl.dot(a2, bb, acc, out_dtype=tl.float32)
+        return tl.dot(a3, bb, acc, out_dtype=tl.float32)
+    else:
+        return tl.dot(a, b.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT,
+                         n_keys, keys_per_split, n_splits,
+                         stride_k, stride_ks, stride_v, stride_vs, qk_scale,
+                         G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                         BLOCK_N: tl.constexpr, FMT: tl.constexpr, PREC: tl.constexpr,
+                         SPLIT: tl.constexpr):
+    h = tl.program_id(0)            # KV head
+    sp = tl.program_id(1)           # context split
+    offs_g = tl.arange(0, G_PAD)
+    offs_d = tl.arange(0, D)
+    gmask = offs_g < G
+    q = tl.load(Q + (h * G + offs_g)[:, None] * D + offs_d[None, :], mask=gmask[:, None], other=0.0)
+    q = q * qk_scale                                                     # [G_PAD, D], log2 domain
+    col = h * D + offs_d
+    lo = sp * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_keys)
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([G_PAD, D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        if FMT == 1:
+            rows = offs_n.to(tl.int64)
+            k = tl.load(K + rows[:, None] * stride_k + col[None, :], mask=mask_n[:, None], other=0.0)
+            v = tl.load(V + rows[:, None] * stride_v + col[None, :], mask=mask_n[:, None], other=0.0)
+            s = dot_f32(q, tl.trans(k), SPLIT)
+        else:
+            k = load_kv_tile(K, KS, offs_n, mask_n, col, stride_k, stride_ks, FMT)   # [BLOCK_N, D]
+            v = load_kv_tile(V, VS, offs_n, mask_n, col, stride_v, stride_vs, FMT)
+            s = tl.dot(q, tl.trans(k), input_precision=PREC)              # [G_PAD, BLOCK_N]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        if FMT == 1:
+            pv = dot_f32(p, v, SPLIT)
+        else:
+            pv = tl.dot(p, v, input_precision=PREC)
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    o = (h * G + offs_g) * n_splits + sp
+    tl.store(M_OUT + o, m, mask=gmask)
+    tl.store(L_OUT + o, l, mask=gmask)
+    tl.store(ACC_OUT + o[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+
+
+@triton.jit
+def _word_bytes(w):
+    """int32 [N, W] little-endian words -> their 4W signed bytes in memory order, as exact
+    float16, without int->float conversions: 0x6400 | (byte ^ 0x80) is the half 1024 + byte + 128."""
+    u = w.to(tl.uint32, bitcast=True) ^ 0x80808080
+    h0 = ((u & 0xFF) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+    h1 = (((u >> 8) & 0xFF) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+    h2 = (((u >> 16) & 0xFF) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+    h3 = ((u >> 24) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
+    x = tl.join(tl.join(h0, h2), tl.join(h1, h3))       # [N, W, 2, 2]; [.., i, j] = byte 2 i + j
+    return tl.reshape(x, (w.shape[0], w.shape[1] * 4)) - 1152.0
+
+
+@triton.jit
+def _pow2_at_least(x):
+    """Smallest power of two >= x (x > 0), exact, as float32."""
+    return tl.exp2(tl.ceil(tl.log2(x)))
+
+
+@triton.jit
+def _split2(x, SPLIT: tl.constexpr):
+    """float32 (|x| <= 2^14) -> (hi, lo) float16 with hi + lo = x to ~2^-22 (SPLIT=False: (x, 0))."""
+    if SPLIT:
+        hi = x.to(tl.float16)
+        lo = (x - hi.to(tl.float32)).to(tl.float16)
+        return hi, lo
+    else:
+        return x, x * 0.0
+
+
+@triton.jit
+def _dot2(a, bh, bl, SPLIT: tl.constexpr):
+    """a (exact in float16) @ (bh + bl) with float32 accumulation; one float32 dot without SPLIT."""
+    if SPLIT:
+        acc = tl.dot(a, bh, out_dtype=tl.float32)
+        return tl.dot(a, bl, acc, out_dtype=tl.float32)
+    else:
+        return tl.dot(a.to(tl.float32), bh, input_precision="ieee")
+
+
+@triton.jit
+def _decode_q8_kernel(Q, KW, VW, KS, VS, M_OUT, L_OUT, ACC_OUT,
+                      n_keys, keys_per_split, n_splits, stride_kw, stride_vw, stride_ks, stride_vs,
+                      qk_scale,
+                      G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr, GB: tl.constexpr,
+                      BLOCK_N: tl.constexpr, TAIL_W: tl.constexpr, SPLIT: tl.constexpr):
+    # A head segment is NB blocks of 34 bytes = SEG_W 4-byte words. The tensor-core dots run in
+    # "byte space": column c = g * NB + b of the query operand holds head g's values of block
+    # b at the byte offsets where block b's quants sit (zero elsewhere, scale bytes included),
+    # so a dot with the segment's raw bytes gives per-block partial scores, then scaled by d.
+    # Float16 operands (bytes are exact in them) carry power-of-two-normalised hi/lo halves.
+    SEG_W: tl.constexpr = NB * 17 // 2
+    MAIN_W: tl.constexpr = NB * 8                       # words holding bytes [0, 32 NB)
+    MAIN_B: tl.constexpr = NB * 32
+    TAIL_B: tl.constexpr = TAIL_W * 4                   # bytes [32 NB, 34 NB) + padding
+    GP: tl.constexpr = GB // NB
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    c = tl.arange(0, GB)
+    g = c // NB
+    b = c % NB
+    t1 = tl.arange(0, MAIN_B)
+    t2 = MAIN_B + tl.arange(0, TAIL_B)
+    j1 = t1[:, None] - 34 * b[None, :] - 2              # index inside block b, valid in [0, 32)
+    j2 = t2[:, None] - 34 * b[None, :] - 2
+    v1 = (j1 >= 0) & (j1 < 32) & (g < G)[None, :]
+    v2 = (j2 >= 0) & (j2 < 32) & (g < G)[None, :]
+    qcol = (h * G + g)[None, :] * D + 32 * b[None, :]
+    q1 = tl.load(Q + qcol + j1, mask=v1, other=0.0)                    # [MAIN_B, GB]
+    q2 = tl.load(Q + qcol + j2, mask=v2, other=0.0)                    # [TAIL_B, GB]
+    qmax = tl.maximum(tl.max(tl.max(tl.abs(q1), axis=1), axis=0), tl.max(tl.max(tl.abs(q2), axis=1), axis=0))
+    qnorm = _pow2_at_least(tl.maximum(qmax, 1e-30)) / 8192.0           # q / qnorm <= 2^13
+    q1h, q1l = _split2(q1 / qnorm, SPLIT)
+    q2h, q2l = _split2(q2 / qnorm, SPLIT)
+    s_scale = qnorm * qk_scale
+    w1 = tl.arange(0, MAIN_W)
+    w2 = MAIN_W + tl.arange(0, TAIL_W)
+    tail_ok = w2 < SEG_W
+    scol = h * (SEG_W * 2) + 17 * b                     # fp16 index of block b's scale
+    lo = sp * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_keys)
+    m = tl.full([GP], float("-inf"), tl.float32)
+    l = tl.zeros([GP], tl.float32)
+    acc1 = tl.zeros([MAIN_B, GB], tl.float32)
+    acc2 = tl.zeros([TAIL_B, GB], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        rows = offs_n.to(tl.int64)
+        kp = KW + rows[:, None] * stride_kw + h * SEG_W
+        vp = VW + rows[:, None] * stride_vw + h * SEG_W
+        kb1 = _word_bytes(tl.load(kp + w1[None, :], mask=mask_n[:, None], other=0))
+        kb2 = _word_bytes(tl.load(kp + w2[None, :], mask=mask_n[:, None] & tail_ok[None, :], other=0))
+        dk = tl.load(KS + rows[:, None] * stride_ks + scol[None, :], mask=mask_n[:, None], other=0.0)
+        sp_ = _dot2(kb1, q1h, q1l, SPLIT) + _dot2(kb2, q2h, q2l, SPLIT)      # [BLOCK_N, GB]
+        s = tl.sum(tl.reshape(sp_ * dk.to(tl.float32), (BLOCK_N, GP, NB)), axis=2) * s_scale
+        s = tl.where(mask_n[:, None], s, float("-inf"))                  # [BLOCK_N, GP]
+        m_new = tl.maximum(m, tl.max(s, axis=0))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[None, :])
+        l = l * alpha + tl.sum(p, axis=0)
+        dv = tl.load(VS + rows[:, None] * stride_vs + scol[None, :], mask=mask_n[:, None], other=0.0)
+        pb = tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_N, GP, NB)), (BLOCK_N, GB)) * dv.to(tl.float32)
+        pnorm = _pow2_at_least(tl.maximum(tl.max(pb, axis=0), 1e-30)) / 8192.0      # per column
+        pbh, pbl = _split2(pb / pnorm[None, :], SPLIT)
+        ac = tl.reshape(tl.broadcast_to(alpha[:, None], (GP, NB)), (GB,))
+        vb1 = tl.trans(_word_bytes(tl.load(vp + w1[None, :], mask=mask_n[:, None], other=0)))
+        vb2 = tl.trans(_word_bytes(tl.load(vp + w2[None, :], mask=mask_n[:, None] & tail_ok[None, :],
+                                           other=0)))
+        acc1 = acc1 * ac[None, :] + _dot2(vb1, pbh, pbl, SPLIT) * pnorm[None, :]   # [MAIN_B, GB]
+        acc2 = acc2 * ac[None, :] + _dot2(vb2, pbh, pbl, SPLIT) * pnorm[None, :]
+        m = m_new
+    gi = tl.arange(0, GP)
+    o = (h * G + gi) * n_splits + sp
+    tl.store(M_OUT + o, m, mask=gi < G)
+    tl.store(L_OUT + o, l, mask=gi < G)
+    ocol = ((h * G + g) * n_splits + sp)[None, :] * D + 32 * b[None, :]
+    tl.store(ACC_OUT + ocol + j1, acc1, mask=v1)                         # byte space -> values
+    tl.store(ACC_OUT + ocol + j2, acc2, mask=v2)
+
+
+@triton.jit
+def _decode_combine_kernel(M_IN, L_IN, ACC_IN, OUT, n_splits, D: tl.constexpr, S_PAD: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
+    hq = tl.program_id(0)
+    offs_d = tl.arange(0, D)
+    offs = tl.arange(0, S_PAD)
+    m_all = tl.load(M_IN + hq * n_splits + offs, mask=offs < n_splits, other=float("-inf"))
+    m_max = tl.max(m_all, axis=0)
+    num = tl.zeros([D], tl.float32)
+    den = tl.zeros([BLOCK_S], tl.float32)
+    for s0 in range(0, n_splits, BLOCK_S):
+        offs_s = s0 + tl.arange(0, BLOCK_S)
+        smask = offs_s < n_splits
+        base = hq * n_splits + offs_s
+        m = tl.load(M_IN + base, mask=smask, other=float("-inf"))
+        l = tl.load(L_IN + base, mask=smask, other=0.0)
+        acc = tl.load(ACC_IN + base[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+        w = tl.exp2(m - m_max)                                           # empty splits weigh 0
+        num += tl.sum(w[:, None] * acc, axis=0)
+        den += w * l
+    tl.store(OUT + hq * D + offs_d, num / tl.sum(den, axis=0))
+
+
+def _n_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 2
+
+
+def split_plan(n_keys: int, n_kv_heads: int, device: torch.device, cfg: dict = CONFIG):
+    """(keys per split, number of splits): about programs_per_sm programs per SM, whole tiles."""
+    bn = cfg["block_n"]
+    target = max(1, cfg["programs_per_sm"] * _n_sms(device) // n_kv_heads)
+    splits = max(1, min(target, cfg["max_splits"], triton.cdiv(n_keys, bn)))
+    per = triton.cdiv(triton.cdiv(n_keys, splits), bn) * bn
+    return per, triton.cdiv(n_keys, per)
+
+
+def q8_word_path(head_dim: int) -> bool:
+    """Whether a q8_0 head segment is whole 4-byte words (an even number of 32-value blocks)."""
+    return head_dim % 64 == 0
+
+
+def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
+                     n_keys: int, scale: float, n_kv_heads: int, cfg: dict | None = None) -> torch.Tensor:
+    """q [Hq, D] float32 -> [Hq, D] float32 over cache rows [0, n_keys) (Triton)."""
+    global last_scratch_bytes
+    cfg = {**CONFIG, **(cfg or {})}
+    Hq, D = q.shape
+    if Hq % n_kv_heads or D & (D - 1) or D < 16:
+        raise ValueError(f"decode kernel needs Hq % Hkv == 0 and a power-of-two head_dim >= 16 "
+                         f"(Hq={Hq}, Hkv={n_kv_heads}, D={D})")
+    if n_keys < 1:
+        raise ValueError("decode attention needs at least one key")
+    G = Hq // n_kv_heads
+    split = not interpreted()
+    q = q.to(torch.float32).contiguous()
+    per, splits = split_plan(n_keys, n_kv_heads, q.device, cfg)
+    m = torch.empty(Hq, splits, device=q.device, dtype=torch.float32)
+    l = torch.empty_like(m)
+    acc = torch.empty(Hq, splits, D, device=q.device, dtype=torch.float32)
+    last_scratch_bytes = m.nbytes + l.nbytes + acc.nbytes
+    launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if fmt == "q8_0" and cfg["q8_words"] and q8_word_path(D):
+        nb = D // 32
+        kw, vw = k_buf.view(torch.int32), v_buf.view(torch.int32)
+        ks, vs = k_buf.view(torch.float16), v_buf.view(torch.float16)
+        _decode_q8_kernel[(n_kv_heads, splits)](
+            q, kw, vw, ks, vs, m, l, acc, n_keys, per, splits, kw.stride(0), vw.stride(0),
+            ks.stride(0), vs.stride(0), scale * LOG2E,
+            G=G, D=D, NB=nb, GB=max(16, triton.next_power_of_2(G * nb)), BLOCK_N=cfg["block_n"],
+            TAIL_W=max(4, triton.next_power_of_2(nb // 2)), SPLIT=split, **launch)
+    else:
+        kv, ks, sk, sks = cache_args(k_buf, fmt)
+        vv, vs, sv, svs = cache_args(v_buf, fmt)
+        _decode_split_kernel[(n_kv_heads, splits)](
+            q, kv, ks, vv, vs, m, l, acc, n_keys, per, splits, sk, sks, sv, svs, scale * LOG2E,
+            G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=cfg["block_n"],
+            FMT=KV_FORMAT_CODES[fmt], PREC=cfg["precision"], SPLIT=split, **launch)
+    out = torch.empty(Hq, D, device=q.device, dtype=torch.float32)
+    _decode_combine_kernel[(Hq,)](m, l, acc, out, splits, D=D, S_PAD=triton.next_power_of_2(splits),
+                                  BLOCK_S=min(32, triton.next_power_of_2(splits)), num_warps=4)
+    return out
+
+
+def decode_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
+                         n_keys: int, scale: float, n_kv_heads: int) -> torch.Tensor:
+    """Torch reference: the blocked CPU attention with one query row at position n_keys - 1."""
+    from .prefill_attention import plan_waves, prefill_attention_ref
+    Hq, D = q.shape
+    plan = plan_waves(1, n_keys - 1, Hq, n_kv_heads, D, budget=256 << 20)
+    out, _ = prefill_attention_ref(q[None], k_buf, v_buf, fmt, n_keys - 1, scale, n_kv_heads, plan)
+    return out[0]
+
+
+def decode_bytes_read(n_keys: int, n_kv_heads: int, head_dim: int, fmt: str) -> int:
+    """K+V cache bytes one decode step reads (the bandwidth figure of merit)."""
+    per_value = {"fp32": 4.0, "bf16": 2.0, "q8_0": Q8_BYTES / 32}[fmt]
+    return int(math.ceil(2 * n_keys * n_kv_heads * head_dim * per_value))

@@ -1,0 +1,133 @@
+"""KV append: store float32 K or V rows into a cache buffer in the cache's own format.
+
+Contract: ``kv_append(buf, start, x, fmt)`` writes ``x`` [T, Hkv, D] float32 into rows
+``start..start+T-1`` of ``buf``: fp32 copies, bf16 rounds to nearest even (bytes equal to
+torch's ``.to(torch.bfloat16)`` and to ``gguf.quants`` BF16 on every non-NaN value; NaN
+becomes 0x7FC0 as in torch), q8_0 quantizes each token's flattened row of ``Hkv*D`` values
+into ggml ``block_q8_0`` (2-byte fp16 scale + 32 int8) with bytes equal to
+``gguf.quants.quantize(x, Q8_0)``. ``kv_append_ref`` is the torch reference and CPU path.
+
+    buf = torch.empty(4096, 3 * 64 // 32 * 34, dtype=torch.uint8)
+    kv_append(buf, 0, k, "q8_0")                     # k: [T, 3, 64] float32
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import KV_FORMAT_CODES, Q8_BLOCK, Q8_BYTES, use_triton
+
+
+# --- Triton kernel --------------------------------------------------------------------------
+@triton.jit
+def _kv_append_kernel(X, OUT, OUT_S, n_cols, stride_x, stride_out, stride_out_s,
+                      FMT: tl.constexpr, BLOCK: tl.constexpr):
+    # grid: (T, cdiv(n_cols, BLOCK)); one program stores BLOCK values of one token row.
+    t = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < n_cols
+    x = tl.load(X + t * stride_x + c, mask=mask, other=0.0)
+    row = t.to(tl.int64)
+    if FMT == 0:
+        tl.store(OUT + row * stride_out + c, x, mask=mask)
+    elif FMT == 1:
+        # Round to nearest even on the bits (the interpreter's fp32->bf16 cast truncates).
+        bits = x.to(tl.uint32, bitcast=True)
+        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+        out = tl.where(is_nan, 0x7FC0, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
+        tl.store(OUT + row * stride_out + c, out, mask=mask)
+    else:
+        # BLOCK values = BLOCK // 32 q8_0 blocks; same float32 ops, in the same order, as
+        # gguf.quants.Q8_0 (d = amax / 127, id = 1 / d, q = round-half-away(x * id)).
+        NB: tl.constexpr = BLOCK // 32
+        xb = tl.reshape(x, (NB, 32))
+        amax = tl.max(tl.abs(xb), axis=1)
+        d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
+        inv = tl.where(d == 0.0, 0.0, tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), tl.where(d == 0.0, 1.0, d)))
+        n = xb * inv[:, None]
+        a = tl.abs(n)
+        f = tl.floor(a)
+        r = f + tl.floor(2.0 * (a - f))
+        r = tl.where(n < 0, -r, r)
+        r = tl.where(r == r, r, 0.0)          # NaN (only from 0*inf or inf inputs) -> 0, as numpy on x86
+        q = tl.reshape(r, (BLOCK,)).to(tl.int8)
+        blk = c // 32
+        tl.store(OUT + row * stride_out + blk * 34 + 2 + c % 32, q, mask=mask)
+        b = tl.program_id(1) * NB + tl.arange(0, NB)
+        tl.store(OUT_S + row * stride_out_s + b * 17, d.to(tl.float16), mask=b * 32 < n_cols)
+
+
+def kv_append(buf: torch.Tensor, start: int, x: torch.Tensor, fmt: str) -> None:
+    """Store ``x`` [T, Hkv, D] float32 into ``buf`` rows ``start..``; Triton or torch per backend."""
+    if not use_triton(buf.device):
+        kv_append_ref(buf, start, x, fmt)
+        return
+    T = x.shape[0]
+    n_cols = x.shape[1] * x.shape[2]
+    x2 = x.reshape(T, n_cols).to(torch.float32).contiguous()
+    dst = buf[start:start + T]
+    if fmt == "fp32":
+        out, out_s, stride_s = dst.view(T, n_cols), dst, 0
+    elif fmt == "bf16":
+        out, out_s, stride_s = dst.view(T, n_cols).view(torch.int16), dst, 0
+    elif fmt == "q8_0":
+        if n_cols % Q8_BLOCK:
+            raise ValueError(f"q8_0 rows need a multiple of {Q8_BLOCK} values, got {n_cols}")
+        out, out_s = dst.view(torch.int8), dst.view(torch.float16)
+        stride_s = out_s.stride(0)
+    else:
+        raise ValueError(f"unknown KV format {fmt!r}")
+    BLOCK = min(1024, triton.next_power_of_2(n_cols)) if fmt != "q8_0" else \
+        min(256, triton.next_power_of_2(n_cols))
+    grid = (T, triton.cdiv(n_cols, BLOCK))
+    _kv_append_kernel[grid](x2, out, out_s, n_cols, x2.stride(0), out.stride(0), stride_s,
+                            FMT=KV_FORMAT_CODES[fmt], BLOCK=BLOCK)
+
+
+# --- torch references -----------------------------------------------------------------------
+def quantize_q8_0_ref(x: torch.Tensor) -> torch.Tensor:
+    """float32 [..., n] (n % 32 == 0) -> uint8 [..., n // 32 * 34], ggml block_q8_0 bytes."""
+    if x.shape[-1] % Q8_BLOCK:
+        raise ValueError(f"q8_0 needs the last dim to be a multiple of {Q8_BLOCK}, got {x.shape[-1]}")
+    lead = x.shape[:-1]
+    nb = x.shape[-1] // Q8_BLOCK
+    blocks = x.to(torch.float32).reshape(-1, Q8_BLOCK)
+    amax = blocks.abs().amax(dim=1, keepdim=True)
+    # tensor / tensor: CUDA turns a division by a Python scalar into a reciprocal multiply.
+    d = amax / torch.full_like(amax, 127.0)
+    inv = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
+    n = blocks * inv
+    a = n.abs()
+    f = a.floor()
+    r = f + (2 * (a - f)).floor()
+    r = torch.where(n < 0, -r, r)
+    r = torch.where(torch.isnan(r), torch.zeros_like(r), r)
+    qs = r.to(torch.int8).view(torch.uint8)                              # [nblk, 32]
+    ds = d.to(torch.float16).view(torch.uint8)                           # [nblk, 2] little-endian
+    return torch.cat([ds, qs], dim=1).reshape(*lead, nb * Q8_BYTES)
+
+
+def dequantize_q8_0_ref(q: torch.Tensor, shape) -> torch.Tensor:
+    """uint8 [..., n // 32 * 34] -> float32 of ``shape`` (d * q, exact in float32)."""
+    blocks = q.reshape(-1, Q8_BYTES)
+    d = blocks[:, :2].contiguous().view(torch.float16).to(torch.float32)   # [nblk, 1]
+    qs = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)     # [nblk, 32]
+    return (qs * d).reshape(shape)
+
+
+def bf16_round_ref(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32).to(torch.bfloat16)
+
+
+def kv_append_ref(buf: torch.Tensor, start: int, x: torch.Tensor, fmt: str) -> None:
+    T = x.shape[0]
+    if fmt == "fp32":
+        buf[start:start + T] = x
+    elif fmt == "bf16":
+        buf[start:start + T] = bf16_round_ref(x)
+    elif fmt == "q8_0":
+        buf[start:start + T] = quantize_q8_0_ref(x.reshape(T, -1))
+    else:
+        raise ValueError(f"unknown KV format {fmt!r}")

@@ -1,0 +1,252 @@
+"""Causal prefill attention over a KV cache in its own format, in waves of query rows.
+
+Contract: queries ``q`` [T, Hq, D] sit at positions ``start..start+T-1`` and attend causally
+to cache rows ``[0, start+T)``. ``plan_waves`` splits the rows into waves of at most
+``wave_rows`` rows (<= ``max_rows``, default 4096, so a longer prefill always takes several
+waves) from a scratch budget; wave boundaries fall on absolute multiples of ``CHUNK_ROWS`` so
+that every row is computed the same way however the rows are grouped into waves.
+``prefill_attention`` runs one wave with the Triton flash kernel (online softmax, tiles
+dequantized in registers). ``prefill_attention_ref`` is the torch reference and the CPU
+path: per wave it dequantizes ``key_block`` cache rows at a time (never the whole cache)
+and updates each chunk's online-softmax state, so scratch is bounded by the budget and does
+not grow with N^2; its result is bit-identical for any wave grouping.
+
+    plan = plan_waves(T, start, Hq, Hkv, D, budget=8 << 20)
+    out, peak = prefill_attention_ref(q, cache.k, cache.v, "q8_0", start, D ** -0.5, Hkv, plan)
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..errors import ConfigError
+from . import KV_FORMAT_CODES, Q8_BLOCK, Q8_BYTES
+from .common import cache_args, load_kv_tile
+
+LOG2E = 1.4426950408889634
+CHUNK_ROWS = 128           # rows per reference chunk; waves are whole chunks
+MAX_WAVE_ROWS = 4096       # prefills longer than this always take several waves
+PREFILL_KEY_BLOCK = 512    # cache rows the reference dequantizes at a time for long prefills
+CONFIG = {
+    "block_m": int(os.environ.get("KVBENCH_PREFILL_BLOCK_M", "64")),
+    "block_n": int(os.environ.get("KVBENCH_PREFILL_BLOCK_N", "64")),
+    "precision": os.environ.get("KVBENCH_ATTN_PRECISION", "tf32x3"),
+    "num_warps": int(os.environ.get("KVBENCH_PREFILL_WARPS", "4")),
+}
+
+
+# --- wave plan ------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class WavePlan:
+    wave_rows: int                      # W: rows per wave (a multiple of chunk_rows unless one wave)
+    chunk_rows: int                     # R: reference row chunk (padded), at absolute multiples of R
+    key_block: int                      # KB: cache rows dequantized at a time by the reference
+    waves: tuple[tuple[int, int], ...]  # row ranges [r0, r1) of q, in order
+    chunks: tuple[tuple[int, int], ...] # row ranges of the reference chunks, in order
+
+    @property
+    def n_waves(self) -> int:
+        return len(self.waves)
+
+
+def _block_bytes(kb: int, hkv: int, d: int) -> int:
+    return 4 * 2 * hkv * kb * d                       # one dequantized K and V block (float32)
+
+
+def _row_bytes(hq: int, d: int, kb: int) -> int:
+    # per query row held for a wave: scaled q, accumulator, running max and sum, one block of
+    # scores and its p @ v product (float32), plus its position and causal mask
+    return 4 * hq * (2 * d + 2 + kb + d) + 8 + kb
+
+
+def plan_waves(T: int, start: int, n_heads: int, n_kv_heads: int, head_dim: int, budget: int,
+               max_rows: int = MAX_WAVE_ROWS, chunk_rows: int = CHUNK_ROWS) -> WavePlan:
+    """Split T query rows at ``start`` into waves whose scratch fits ``budget`` bytes."""
+    if T < 1:
+        raise ValueError("plan_waves needs at least one query row")
+    hq, hkv, d = n_heads, n_kv_heads, head_dim
+    if T <= chunk_rows:                               # decode / short step: one chunk, one wave
+        kb = 4096
+        while kb > 64 and _block_bytes(kb, hkv, d) + T * _row_bytes(hq, d, kb) > budget:
+            kb //= 2
+        if _block_bytes(kb, hkv, d) + T * _row_bytes(hq, d, kb) > budget:
+            _too_small(budget, hq, d, _block_bytes(kb, hkv, d) + T * _row_bytes(hq, d, kb))
+        return WavePlan(T, T, kb, ((0, T),), ((0, T),))
+    # Longer prefills: chunks of R rows at absolute multiples of R and a fixed key block, so a
+    # row's arithmetic never depends on how the chunks are grouped into waves.
+    R, kb = chunk_rows, PREFILL_KEY_BLOCK
+    bounds = [start] + list(range((start // R + 1) * R, start + T, R)) + [start + T]
+    chunks = tuple((x - start, y - start) for x, y in zip(bounds[:-1], bounds[1:]))
+    fit = max(0, budget - _block_bytes(kb, hkv, d)) // _row_bytes(hq, d, kb)
+    if T <= max_rows and fit >= len(chunks) * R:
+        return WavePlan(T, R, kb, ((0, T),), chunks)
+    W = min(max_rows, fit) // R * R
+    if W < R:
+        _too_small(budget, hq, d, _block_bytes(kb, hkv, d) + R * _row_bytes(hq, d, kb))
+    per = W // R
+    waves = tuple((chunks[i][0], chunks[min(i + per, len(chunks)) - 1][1])
+                  for i in range(0, len(chunks), per))
+    return WavePlan(W, R, kb, waves, chunks)
+
+
+def _too_small(budget: int, hq: int, d: int, need: int):
+    raise ConfigError(f"wave_budget_bytes={budget} is too small for attention with {hq} query heads "
+                      f"x {d} (the smallest wave needs {need} bytes)", f"raise the wave budget to at least {need}")
+
+
+# --- Triton kernel --------------------------------------------------------------------------
+@triton.jit
+def _attn_tile(acc, l, m, q, K, KS, V, VS, n0, hi, qpos, col, stride_k, stride_ks, stride_v, stride_vs,
+               BLOCK_N: tl.constexpr, FMT: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr):
+    offs_n = n0 + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < hi
+    k = load_kv_tile(K, KS, offs_n, mask_n, col, stride_k, stride_ks, FMT)      # [BLOCK_N, D]
+    v = load_kv_tile(V, VS, offs_n, mask_n, col, stride_v, stride_vs, FMT)
+    s = tl.dot(q, tl.trans(k), input_precision=PREC)                            # [BLOCK_M, BLOCK_N]
+    if MASKED:
+        s = tl.where((offs_n[None, :] <= qpos[:, None]) & mask_n[None, :], s, float("-inf"))
+    m_new = tl.maximum(m, tl.max(s, axis=1))
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(s - m_new[:, None])
+    l = l * alpha + tl.sum(p, axis=1)
+    acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=PREC)
+    return acc, l, m_new
+
+
+@triton.jit
+def _prefill_kernel(Q, K, KS, V, VS, O, T, start,
+                    stride_qt, stride_ot, stride_k, stride_ks, stride_v, stride_vs, qk_scale,
+                    G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                    FMT: tl.constexpr, PREC: tl.constexpr):
+    pid_m = tl.program_id(0)
+    hq = tl.program_id(1)
+    h = hq // G
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    mmask = offs_m < T
+    q = tl.load(Q + offs_m[:, None] * stride_qt + hq * D + offs_d[None, :], mask=mmask[:, None], other=0.0)
+    q = q * qk_scale
+    qpos = start + offs_m
+    col = h * D + offs_d
+    first = start + pid_m * BLOCK_M                     # smallest query position in the block
+    hi = tl.minimum(first + BLOCK_M, start + T)         # keys [0, hi) may be visible
+    full = (first + 1) // BLOCK_N * BLOCK_N             # keys [0, full) are visible to every row
+    m = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for n0 in range(0, full, BLOCK_N):
+        acc, l, m = _attn_tile(acc, l, m, q, K, KS, V, VS, n0, full, qpos, col, stride_k, stride_ks,
+                               stride_v, stride_vs, BLOCK_N, FMT, PREC, False)
+    for n0 in range(full, hi, BLOCK_N):
+        acc, l, m = _attn_tile(acc, l, m, q, K, KS, V, VS, n0, hi, qpos, col, stride_k, stride_ks,
+                               stride_v, stride_vs, BLOCK_N, FMT, PREC, True)
+    out = acc / l[:, None]
+    tl.store(O + offs_m[:, None] * stride_ot + hq * D + offs_d[None, :], out, mask=mmask[:, None])
+
+
+def prefill_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
+                      start: int, scale: float, n_kv_heads: int, out: torch.Tensor | None = None,
+                      cfg: dict | None = None) -> torch.Tensor:
+    """One wave (Triton): q [T, Hq, D] float32 at ``start`` -> [T, Hq, D] float32 (into ``out``)."""
+    cfg = {**CONFIG, **(cfg or {})}
+    T, Hq, D = q.shape
+    if Hq % n_kv_heads or D & (D - 1) or D < 16:
+        raise ValueError(f"prefill kernel needs Hq % Hkv == 0 and a power-of-two head_dim >= 16 "
+                         f"(Hq={Hq}, Hkv={n_kv_heads}, D={D})")
+    if q.stride(2) != 1 or q.stride(1) != D or q.dtype != torch.float32:
+        q = q.to(torch.float32).contiguous()
+    if out is None:
+        out = torch.empty(T, Hq, D, device=q.device, dtype=torch.float32)
+    block_m = cfg["block_m"] if T > 16 else 16
+    kv, ks, sk, sks = cache_args(k_buf, fmt)
+    vv, vs, sv, svs = cache_args(v_buf, fmt)
+    grid = (triton.cdiv(T, block_m), Hq)
+    _prefill_kernel[grid](q, kv, ks, vv, vs, out, T, start, q.stride(0), out.stride(0),
+                          sk, sks, sv, svs, scale * LOG2E,
+                          G=Hq // n_kv_heads, D=D, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
+                          FMT=KV_FORMAT_CODES[fmt], PREC=cfg["precision"], num_warps=cfg["num_warps"])
+    return out
+
+
+# --- torch reference (the CPU path) ---------------------------------------------------------
+def dequant_rows_ref(buf: torch.Tensor, fmt: str, j0: int, j1: int, n_kv_heads: int,
+                     head_dim: int) -> torch.Tensor:
+    """Cache rows [j0, j1) as float32 [Hkv, L, D] (a view for fp32, a fresh tensor otherwise)."""
+    rows = buf[j0:j1]
+    if fmt == "fp32":
+        x = rows
+    elif fmt == "bf16":
+        x = rows.to(torch.float32)
+    elif fmt == "q8_0":
+        L = j1 - j0
+        blocks = rows.reshape(L, -1, Q8_BYTES)
+        d = blocks[..., :2].contiguous().view(torch.float16).to(torch.float32)    # [L, nb, 1]
+        qs = blocks[..., 2:].view(torch.int8)                                      # [L, nb, 32]
+        x = (qs.to(torch.float32) * d).reshape(L, n_kv_heads, head_dim)
+    else:
+        raise ValueError(f"unknown KV format {fmt!r}")
+    return x.permute(1, 0, 2)
+
+
+def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
+                          start: int, scale: float, n_kv_heads: int, plan: WavePlan
+                          ) -> tuple[torch.Tensor, int]:
+    """Blocked causal attention in ``plan``'s waves; returns (out [T, Hq, D], peak scratch bytes).
+
+    Per wave, every chunk of R query rows (zero-padded to R) is one batch entry; the cache is
+    read KB rows at a time, always the same rows for a given block start (keys past a row's
+    position are masked), and each chunk keeps its own online-softmax state. So each row sees
+    the same operations on the same shapes whichever wave it falls in.
+    """
+    T, Hq, D = q.shape
+    Hkv, G, R, KB = n_kv_heads, Hq // n_kv_heads, plan.chunk_rows, plan.key_block
+    dev = q.device
+    n_rows = k_buf.shape[0]
+    out = torch.empty(T, Hq, D, device=dev, dtype=torch.float32)
+    peak = 0
+    ci = 0
+    for w0, w1 in plan.waves:
+        chunks = []
+        while ci < len(plan.chunks) and plan.chunks[ci][1] <= w1:
+            chunks.append(plan.chunks[ci])
+            ci += 1
+        C = len(chunks)
+        qs = torch.zeros(C, R, Hq, D, device=dev, dtype=torch.float32)
+        qpos = torch.empty(C, R, device=dev, dtype=torch.long)
+        for i, (c0, c1) in enumerate(chunks):
+            qs[i, :c1 - c0] = q[c0:c1]
+            qpos[i] = torch.arange(start + c0, start + c0 + R, device=dev)
+        qs = (qs * scale).view(C, R, Hkv, G, D).permute(0, 2, 3, 1, 4).reshape(C, Hkv, G * R, D)
+        m = torch.full((C, Hkv, G * R, 1), float("-inf"), device=dev)
+        l = torch.zeros(C, Hkv, G * R, 1, device=dev)
+        acc = torch.zeros(C, Hkv, G * R, D, device=dev)
+        held = qs.nbytes + qpos.nbytes + m.nbytes + l.nbytes + acc.nbytes
+        ends = [start + c1 for _, c1 in chunks]
+        for j0 in range(0, ends[-1], KB):
+            j1 = min(j0 + KB, n_rows)                  # the same rows for this block, always
+            first = next(i for i, e in enumerate(ends) if e > j0)
+            kb = dequant_rows_ref(k_buf, fmt, j0, j1, Hkv, D)              # [Hkv, L, D]
+            vb = dequant_rows_ref(v_buf, fmt, j0, j1, Hkv, D)
+            L = j1 - j0
+            sub = slice(first, C)
+            s = torch.matmul(qs[sub], kb.transpose(1, 2).unsqueeze(0))     # [C', Hkv, G*R, L]
+            kpos = torch.arange(j0, j1, device=dev)
+            mask = kpos[None, None, :] > qpos[sub][:, :, None]             # [C', R, L]
+            s.view(C - first, Hkv, G, R, L).masked_fill_(mask[:, None, None], float("-inf"))
+            m_new = torch.maximum(m[sub], s.amax(dim=-1, keepdim=True))
+            alpha = torch.exp(m[sub] - m_new)
+            s.sub_(m_new).exp_()
+            l[sub] = l[sub] * alpha + s.sum(dim=-1, keepdim=True)
+            pv = torch.matmul(s, vb.unsqueeze(0))                          # [C', Hkv, G*R, D]
+            acc[sub] = acc[sub] * alpha + pv
+            m[sub] = m_new
+            block = 0 if fmt == "fp32" else kb.nbytes + vb.nbytes
+            peak = max(peak, held + block + s.nbytes + mask.nbytes + pv.nbytes)
+        o = (acc / l).view(C, Hkv, G, R, D).permute(0, 3, 1, 2, 4).reshape(C, R, Hq, D)
+        for i, (c0, c1) in enumerate(chunks):
+            out[c0:c1] = o[i, :c1 - c0]
+    return out, peak
