@@ -188,6 +188,7 @@ class _Report:
                              "KV MiB (plan)": self.value(m, d, chk, "KV bytes (plan)"),
                              "expert cache MiB": self.value(m, d, chk, "Expert-cache budget"),
                              "plan vs runtime %": self.value(m, d, chk, "Plan vs runtime max diff"),
+                             "unaccounted MiB": self.value(m, d, chk, "Unaccounted"),
                              "dtype mismatches": self.value(m, d, chk, "KV dtype mismatches")})
         df = pd.DataFrame(rows)
         self.md.append(md_table(df.dropna(axis=1, how="all")) + "\n")

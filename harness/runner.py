@@ -261,6 +261,8 @@ class Runner:
         states: dict[str, Any] = {}
 
         def state_for(cfg: CheckConfig, check, opts: dict):
+            if not check.needs_baseline:
+                return None
             if cfg.name not in states:
                 ctx = self._ctx(model, base, opts)
                 ctx.measure_baseline = any(c.check == cfg.name and c.kv_dtype == base for c in pending)

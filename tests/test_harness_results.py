@@ -11,7 +11,7 @@ import pytest
 from harness import cli
 from harness.compare import compare
 from harness.report import build_report
-from harness.results import RECORDS, load_results, merge, read_records, repair, write_manifest
+from harness.results import RECORDS, load_results, read_records, repair, write_manifest
 
 DTYPES = ["fp32", "bf16", "q8_0"]
 CHECKS = ["argmax", "coherence", "vram", "throughput"]

@@ -69,6 +69,7 @@ class CaseContext:
 class Check:
     kind: str = ""
     config: type[CheckConfig] = CheckConfig
+    needs_baseline: bool = True       # False: prepare() is not run (no reference state)
 
     def load_options(self, cfg: CheckConfig, suite: SuiteSection) -> dict:
         """engine.load keyword arguments (beyond model/kv_dtype/device) for this check."""

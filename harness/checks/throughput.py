@@ -56,6 +56,7 @@ def _timed(fn, device: str, warmup: int, repeats: int, warm_n: int | None) -> li
 class Throughput(Check):
     kind = "throughput"
     config = ThroughputConfig
+    needs_baseline = False
 
     def load_options(self, cfg: ThroughputConfig, suite):
         opts = super().load_options(cfg, suite)

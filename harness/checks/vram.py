@@ -61,6 +61,7 @@ def _row(r) -> dict:
 class Vram(Check):
     kind = "vram"
     config = VramConfig
+    needs_baseline = False
 
     def measure(self, eng, cfg: VramConfig, state, ctx) -> Outcome:
         out = Outcome()
