@@ -134,7 +134,7 @@ class LayerKV:
         fmt = self.dtype
         plan = plan_waves(T, start, Hq, self.n_kv_heads, D, self.wave_budget_bytes, self.wave_max_rows)
         self.last_waves = plan.n_waves
-        if not kernels.use_triton(q.device):
+        if not kernels.use_triton(q.device) or D < 16 or D & (D - 1):   # kernels need pow2 D >= 16
             out, self.peak_scratch_bytes = prefill_attention_ref(q, self.k, self.v, fmt, start, scale,
                                                                  self.n_kv_heads, plan)
             return out

@@ -3,14 +3,15 @@
 Contract: ``decode_attention(q, k_buf, v_buf, fmt, n_keys, scale, n_kv_heads)`` returns
 [Hq, D] float32 for ``q`` [Hq, D] attending to cache rows ``[0, n_keys)``. GQA: query head
 ``i`` reads KV head ``i // (Hq // Hkv)``. One program per (KV head, context split) serves all
-of that head's query heads and dequantizes only the tile it reads; a second kernel combines
-the splits' partial softmax states. Arithmetic stays at float32 fidelity on tensor cores:
-float32 caches use tf32x3 dots; bf16 and q8_0 caches feed their exact values (bf16, or int8
-quants as bf16) to bf16 dots against a three-term bf16 split of the float32 operand. q8_0
-tiles are read as 4-byte words of whole head segments (34-byte blocks are only 2-byte
-aligned) and the dot runs in byte space against a query laid out the same way, so no load
-is narrower than a word. ``decode_attention_ref`` is the torch reference (the blocked CPU
-path with one row); ``last_scratch_bytes`` is the size of the last launch's partials.
+of that head's query heads and dequantizes only the tile it reads; the splits' partial softmax
+states are combined by a second kernel (or, with ``fuse_combine``, by the last split to
+finish). Arithmetic stays near float32 on tensor cores: float32 caches use tf32x3 dots; bf16
+caches feed their exact values to bf16 dots against a three-term bf16 split of q and p; q8_0
+caches (head_dim % 64 == 0) are read as 4-byte words of whole head segments (34-byte blocks
+are only 2-byte aligned), their int8 quants turned into exact float16 without int->float
+conversions, and dotted in "byte space" against a two-term float16 split of q and p.
+``decode_attention_ref`` is the torch reference (the blocked CPU path with one row);
+``last_scratch_bytes`` is the size of the last launch's partials.
 
     out = decode_attention(q[0], cache.k, cache.v, "q8_0", n, 64 ** -0.5, n_kv_heads=3)
     ref = decode_attention_ref(q[0], cache.k, cache.v, "q8_0", n, 64 ** -0.5, n_kv_heads=3)
@@ -37,8 +38,20 @@ CONFIG = {
     "num_stages": int(os.environ.get("KVBENCH_DECODE_STAGES", "3")),
     "precision": os.environ.get("KVBENCH_ATTN_PRECISION", "tf32x3"),   # float32 caches
     "q8_words": os.environ.get("KVBENCH_DECODE_Q8_WORDS", "1") == "1",  # word-load q8_0 path
+    "fuse_combine": os.environ.get("KVBENCH_DECODE_FUSE", "0") == "1",   # combine in the last program
+    "q8_terms": (2, 2),       # float16 terms of q and p in the q8_0 dots (2: ~fp32, 1: ~2^-11)
     "max_splits": 256,
 }
+# Per-format defaults: the fastest variants of the sweep on an H100 (triton 3.6, ctx 16384,
+# 8 KV heads x 128, 32 query heads): fp32 67 us, bf16 40 us, q8_0 58 us. Environment
+# variables above, or ``cfg=``, still override them.
+FORMAT_CONFIG = {
+    "fp32": {"block_n": 32, "programs_per_sm": 2, "num_warps": 2, "num_stages": 3},
+    "bf16": {"block_n": 32, "programs_per_sm": 2, "num_warps": 2, "num_stages": 3},
+    "q8_0": {"block_n": 32, "programs_per_sm": 4, "num_warps": 2, "num_stages": 3},
+}
+_ENV_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_DECODE_PROGRAMS_PER_SM",
+             "num_warps": "KVBENCH_DECODE_WARPS", "num_stages": "KVBENCH_DECODE_STAGES"}
 last_scratch_bytes = 0
 
 
@@ -60,12 +73,13 @@ def dot_f32(a, b, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT,
+def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER,
                          n_keys, keys_per_split, n_splits,
                          stride_k, stride_ks, stride_v, stride_vs, qk_scale,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                          BLOCK_N: tl.constexpr, FMT: tl.constexpr, PREC: tl.constexpr,
-                         SPLIT: tl.constexpr):
+                         SPLIT: tl.constexpr, FUSE: tl.constexpr, S_PAD: tl.constexpr,
+                         BLOCK_S: tl.constexpr):
     h = tl.program_id(0)            # KV head
     sp = tl.program_id(1)           # context split
     offs_g = tl.arange(0, G_PAD)
@@ -106,6 +120,8 @@ def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT,
     tl.store(M_OUT + o, m, mask=gmask)
     tl.store(L_OUT + o, l, mask=gmask)
     tl.store(ACC_OUT + o[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+    if FUSE:
+        _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
 
 
 @triton.jit
@@ -119,6 +135,12 @@ def _word_bytes(w):
     h3 = ((u >> 24) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
     x = tl.join(tl.join(h0, h2), tl.join(h1, h3))       # [N, W, 2, 2]; [.., i, j] = byte 2 i + j
     return tl.reshape(x, (w.shape[0], w.shape[1] * 4)) - 1152.0
+
+
+@triton.jit
+def _half(w, shift):
+    """The float16 held in the low (shift 0) or high (shift 16) half of int32 words, as float32."""
+    return ((w >> shift) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
 
 
 @triton.jit
@@ -139,21 +161,25 @@ def _split2(x, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _dot2(a, bh, bl, SPLIT: tl.constexpr):
-    """a (exact in float16) @ (bh + bl) with float32 accumulation; one float32 dot without SPLIT."""
+def _dot2(a, bh, bl, SPLIT: tl.constexpr, TERMS: tl.constexpr = 2):
+    """a (exact in float16) @ (bh + bl) with float32 accumulation (TERMS=1: bh only, ~2^-11);
+    one float32 dot without SPLIT (the interpreter)."""
     if SPLIT:
         acc = tl.dot(a, bh, out_dtype=tl.float32)
-        return tl.dot(a, bl, acc, out_dtype=tl.float32)
+        if TERMS == 2:
+            acc = tl.dot(a, bl, acc, out_dtype=tl.float32)
+        return acc
     else:
         return tl.dot(a.to(tl.float32), bh, input_precision="ieee")
 
 
 @triton.jit
-def _decode_q8_kernel(Q, KW, VW, KS, VS, M_OUT, L_OUT, ACC_OUT,
-                      n_keys, keys_per_split, n_splits, stride_kw, stride_vw, stride_ks, stride_vs,
-                      qk_scale,
+def _decode_q8_kernel(Q, KW, VW, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER,
+                      n_keys, keys_per_split, n_splits, stride_kw, stride_vw, qk_scale,
                       G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr, GB: tl.constexpr,
-                      BLOCK_N: tl.constexpr, TAIL_W: tl.constexpr, SPLIT: tl.constexpr):
+                      BLOCK_N: tl.constexpr, TAIL_W: tl.constexpr, SPLIT: tl.constexpr,
+                      Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
+                      S_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
     # A head segment is NB blocks of 34 bytes = SEG_W 4-byte words. The tensor-core dots run in
     # "byte space": column c = g * NB + b of the query operand holds head g's values of block
     # b at the byte offsets where block b's quants sit (zero elsewhere, scale bytes included),
@@ -186,7 +212,8 @@ def _decode_q8_kernel(Q, KW, VW, KS, VS, M_OUT, L_OUT, ACC_OUT,
     w1 = tl.arange(0, MAIN_W)
     w2 = MAIN_W + tl.arange(0, TAIL_W)
     tail_ok = w2 < SEG_W
-    scol = h * (SEG_W * 2) + 17 * b                     # fp16 index of block b's scale
+    swcol = h * SEG_W + (17 * b) // 2                   # word holding block b's fp16 scale
+    sshift = 16 * (b % 2)                               # ... in its low or high half
     lo = sp * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)
     m = tl.full([GP], float("-inf"), tl.float32)
@@ -201,25 +228,31 @@ def _decode_q8_kernel(Q, KW, VW, KS, VS, M_OUT, L_OUT, ACC_OUT,
         vp = VW + rows[:, None] * stride_vw + h * SEG_W
         kb1 = _word_bytes(tl.load(kp + w1[None, :], mask=mask_n[:, None], other=0))
         kb2 = _word_bytes(tl.load(kp + w2[None, :], mask=mask_n[:, None] & tail_ok[None, :], other=0))
-        dk = tl.load(KS + rows[:, None] * stride_ks + scol[None, :], mask=mask_n[:, None], other=0.0)
-        sp_ = _dot2(kb1, q1h, q1l, SPLIT) + _dot2(kb2, q2h, q2l, SPLIT)      # [BLOCK_N, GB]
-        s = tl.sum(tl.reshape(sp_ * dk.to(tl.float32), (BLOCK_N, GP, NB)), axis=2) * s_scale
+        dk = _half(tl.load(KW + rows[:, None] * stride_kw + swcol[None, :], mask=mask_n[:, None], other=0), sshift)
+        sp_ = _dot2(kb1, q1h, q1l, SPLIT, Q_TERMS) + _dot2(kb2, q2h, q2l, SPLIT, Q_TERMS)      # [BLOCK_N, GB]
+        s = tl.sum(tl.reshape(sp_ * dk, (BLOCK_N, GP, NB)), axis=2) * s_scale
         s = tl.where(mask_n[:, None], s, float("-inf"))                  # [BLOCK_N, GP]
+        # Lazy rescaling: move the running max only when it grows by more than 2^8, so most
+        # tiles skip rescaling the byte-space accumulators (p stays <= 256, exact either way).
         m_new = tl.maximum(m, tl.max(s, axis=0))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[None, :])
-        l = l * alpha + tl.sum(p, axis=0)
-        dv = tl.load(VS + rows[:, None] * stride_vs + scol[None, :], mask=mask_n[:, None], other=0.0)
-        pb = tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_N, GP, NB)), (BLOCK_N, GB)) * dv.to(tl.float32)
+        if tl.max(m_new - m, axis=0) > 8.0:
+            alpha = tl.exp2(m - m_new)
+            l = l * alpha
+            ac = tl.reshape(tl.broadcast_to(alpha[:, None], (GP, NB)), (GB,))
+            acc1 = acc1 * ac[None, :]
+            acc2 = acc2 * ac[None, :]
+            m = m_new
+        p = tl.exp2(s - m[None, :])
+        l = l + tl.sum(p, axis=0)
+        dv = _half(tl.load(VW + rows[:, None] * stride_vw + swcol[None, :], mask=mask_n[:, None], other=0), sshift)
+        pb = tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_N, GP, NB)), (BLOCK_N, GB)) * dv
         pnorm = _pow2_at_least(tl.maximum(tl.max(pb, axis=0), 1e-30)) / 8192.0      # per column
         pbh, pbl = _split2(pb / pnorm[None, :], SPLIT)
-        ac = tl.reshape(tl.broadcast_to(alpha[:, None], (GP, NB)), (GB,))
         vb1 = tl.trans(_word_bytes(tl.load(vp + w1[None, :], mask=mask_n[:, None], other=0)))
         vb2 = tl.trans(_word_bytes(tl.load(vp + w2[None, :], mask=mask_n[:, None] & tail_ok[None, :],
                                            other=0)))
-        acc1 = acc1 * ac[None, :] + _dot2(vb1, pbh, pbl, SPLIT) * pnorm[None, :]   # [MAIN_B, GB]
-        acc2 = acc2 * ac[None, :] + _dot2(vb2, pbh, pbl, SPLIT) * pnorm[None, :]
-        m = m_new
+        acc1 += _dot2(vb1, pbh, pbl, SPLIT, P_TERMS) * pnorm[None, :]            # [MAIN_B, GB]
+        acc2 += _dot2(vb2, pbh, pbl, SPLIT, P_TERMS) * pnorm[None, :]
     gi = tl.arange(0, GP)
     o = (h * G + gi) * n_splits + sp
     tl.store(M_OUT + o, m, mask=gi < G)
@@ -227,15 +260,18 @@ def _decode_q8_kernel(Q, KW, VW, KS, VS, M_OUT, L_OUT, ACC_OUT,
     ocol = ((h * G + g) * n_splits + sp)[None, :] * D + 32 * b[None, :]
     tl.store(ACC_OUT + ocol + j1, acc1, mask=v1)                         # byte space -> values
     tl.store(ACC_OUT + ocol + j2, acc2, mask=v2)
+    if FUSE:
+        _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
 
 
 @triton.jit
-def _decode_combine_kernel(M_IN, L_IN, ACC_IN, OUT, n_splits, D: tl.constexpr, S_PAD: tl.constexpr,
-                           BLOCK_S: tl.constexpr):
-    hq = tl.program_id(0)
+def _combine_head(M_IN, L_IN, ACC_IN, OUT, hq, n_splits, D: tl.constexpr, S_PAD: tl.constexpr,
+                  BLOCK_S: tl.constexpr):
+    """out[hq] = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m) over the splits."""
     offs_d = tl.arange(0, D)
     offs = tl.arange(0, S_PAD)
-    m_all = tl.load(M_IN + hq * n_splits + offs, mask=offs < n_splits, other=float("-inf"))
+    m_all = tl.load(M_IN + hq * n_splits + offs, mask=offs < n_splits, other=float("-inf"),
+                    cache_modifier=".cg")
     m_max = tl.max(m_all, axis=0)
     num = tl.zeros([D], tl.float32)
     den = tl.zeros([BLOCK_S], tl.float32)
@@ -243,13 +279,33 @@ def _decode_combine_kernel(M_IN, L_IN, ACC_IN, OUT, n_splits, D: tl.constexpr, S
         offs_s = s0 + tl.arange(0, BLOCK_S)
         smask = offs_s < n_splits
         base = hq * n_splits + offs_s
-        m = tl.load(M_IN + base, mask=smask, other=float("-inf"))
-        l = tl.load(L_IN + base, mask=smask, other=0.0)
-        acc = tl.load(ACC_IN + base[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0)
+        m = tl.load(M_IN + base, mask=smask, other=float("-inf"), cache_modifier=".cg")
+        l = tl.load(L_IN + base, mask=smask, other=0.0, cache_modifier=".cg")
+        acc = tl.load(ACC_IN + base[:, None] * D + offs_d[None, :], mask=smask[:, None], other=0.0,
+                      cache_modifier=".cg")
         w = tl.exp2(m - m_max)                                           # empty splits weigh 0
         num += tl.sum(w[:, None] * acc, axis=0)
         den += w * l
     tl.store(OUT + hq * D + offs_d, num / tl.sum(den, axis=0))
+
+
+@triton.jit
+def _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G: tl.constexpr, D: tl.constexpr,
+            S_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+    """Fused combine: the last split program of KV head h to finish combines its G query heads
+    (partials are released by the counter's acq_rel atomic) and resets the counter."""
+    tl.debug_barrier()
+    done = tl.atomic_add(COUNTER + h, 1, sem="acq_rel")
+    if done == n_splits - 1:
+        for g in tl.static_range(G):
+            _combine_head(M_OUT, L_OUT, ACC_OUT, OUT, h * G + g, n_splits, D, S_PAD, BLOCK_S)
+        tl.atomic_xchg(COUNTER + h, 0)
+
+
+@triton.jit
+def _decode_combine_kernel(M_IN, L_IN, ACC_IN, OUT, n_splits, D: tl.constexpr, S_PAD: tl.constexpr,
+                           BLOCK_S: tl.constexpr):
+    _combine_head(M_IN, L_IN, ACC_IN, OUT, tl.program_id(0), n_splits, D, S_PAD, BLOCK_S)
 
 
 def _n_sms(device: torch.device) -> int:
@@ -276,7 +332,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                      n_keys: int, scale: float, n_kv_heads: int, cfg: dict | None = None) -> torch.Tensor:
     """q [Hq, D] float32 -> [Hq, D] float32 over cache rows [0, n_keys) (Triton)."""
     global last_scratch_bytes
-    cfg = {**CONFIG, **(cfg or {})}
+    fmt_cfg = {k: v for k, v in FORMAT_CONFIG.get(fmt, {}).items() if _ENV_KEYS[k] not in os.environ}
+    cfg = {**CONFIG, **fmt_cfg, **(cfg or {})}
     Hq, D = q.shape
     if Hq % n_kv_heads or D & (D - 1) or D < 16:
         raise ValueError(f"decode kernel needs Hq % Hkv == 0 and a power-of-two head_dim >= 16 "
@@ -292,26 +349,42 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     acc = torch.empty(Hq, splits, D, device=q.device, dtype=torch.float32)
     last_scratch_bytes = m.nbytes + l.nbytes + acc.nbytes
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    out = torch.empty(Hq, D, device=q.device, dtype=torch.float32)
+    fuse = bool(cfg["fuse_combine"])
+    counter = _counter(q.device, n_kv_heads)
+    comb = {"FUSE": fuse, "S_PAD": triton.next_power_of_2(splits), "BLOCK_S": min(32, triton.next_power_of_2(splits))}
     if fmt == "q8_0" and cfg["q8_words"] and q8_word_path(D):
         nb = D // 32
         kw, vw = k_buf.view(torch.int32), v_buf.view(torch.int32)
-        ks, vs = k_buf.view(torch.float16), v_buf.view(torch.float16)
         _decode_q8_kernel[(n_kv_heads, splits)](
-            q, kw, vw, ks, vs, m, l, acc, n_keys, per, splits, kw.stride(0), vw.stride(0),
-            ks.stride(0), vs.stride(0), scale * LOG2E,
+            q, kw, vw, m, l, acc, out, counter, n_keys, per, splits, kw.stride(0), vw.stride(0),
+            scale * LOG2E,
             G=G, D=D, NB=nb, GB=max(16, triton.next_power_of_2(G * nb)), BLOCK_N=cfg["block_n"],
-            TAIL_W=max(4, triton.next_power_of_2(nb // 2)), SPLIT=split, **launch)
+            TAIL_W=max(4, triton.next_power_of_2(nb // 2)), SPLIT=split,
+            Q_TERMS=cfg["q8_terms"][0], P_TERMS=cfg["q8_terms"][1], **comb, **launch)
     else:
         kv, ks, sk, sks = cache_args(k_buf, fmt)
         vv, vs, sv, svs = cache_args(v_buf, fmt)
         _decode_split_kernel[(n_kv_heads, splits)](
-            q, kv, ks, vv, vs, m, l, acc, n_keys, per, splits, sk, sks, sv, svs, scale * LOG2E,
+            q, kv, ks, vv, vs, m, l, acc, out, counter, n_keys, per, splits, sk, sks, sv, svs, scale * LOG2E,
             G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=cfg["block_n"],
-            FMT=KV_FORMAT_CODES[fmt], PREC=cfg["precision"], SPLIT=split, **launch)
-    out = torch.empty(Hq, D, device=q.device, dtype=torch.float32)
-    _decode_combine_kernel[(Hq,)](m, l, acc, out, splits, D=D, S_PAD=triton.next_power_of_2(splits),
-                                  BLOCK_S=min(32, triton.next_power_of_2(splits)), num_warps=4)
+            FMT=KV_FORMAT_CODES[fmt], PREC=cfg["precision"], SPLIT=split, **comb, **launch)
+    if not fuse:
+        _decode_combine_kernel[(Hq,)](m, l, acc, out, splits, D=D, S_PAD=comb["S_PAD"],
+                                      BLOCK_S=comb["BLOCK_S"], num_warps=4)
     return out
+
+
+_counters: dict = {}
+
+
+def _counter(device: torch.device, n: int) -> torch.Tensor:
+    """Per-device int32 arrival counters for the fused combine (each launch leaves them at 0)."""
+    key = (device.type, device.index)
+    c = _counters.get(key)
+    if c is None or c.numel() < n:
+        c = _counters[key] = torch.zeros(max(n, 64), dtype=torch.int32, device=device)
+    return c
 
 
 def decode_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,

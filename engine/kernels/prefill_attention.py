@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from ..errors import ConfigError
-from . import KV_FORMAT_CODES, Q8_BLOCK, Q8_BYTES
+from . import KV_FORMAT_CODES, Q8_BYTES
 from .common import cache_args, load_kv_tile
 
 LOG2E = 1.4426950408889634
