@@ -8,7 +8,7 @@ SUITE  ?= suites/kv_dtype.toml
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test bench fuzz clean
+.PHONY: setup test bench engine-bench clean
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,7 +22,12 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+# The default suite over fp32/bf16/q8_0 KV on MODEL, then the markdown report.
 bench: $(STAMP)
+	$(PY) -m harness run $(SUITE) --model $(MODEL) --report
+
+# Engine-only numbers: load, a greedy chat answer, pp512 / tg64 throughput.
+engine-bench: $(STAMP)
 	$(PY) -m engine bench --model $(MODEL)
 
 clean:

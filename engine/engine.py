@@ -240,6 +240,8 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     g = open_gguf(path)
     spec = ModelSpec.from_gguf(g)
     tokenizer = _tokenizer_for(g)
+    if dev.type == "cuda":
+        _warm_cuda_libraries(dev)
     ledger = Ledger(dev)   # before any allocation, so `unaccounted` sees everything
     plan = make_plan(spec, kv_dtype=kv_dtype, ctx=ctx, vram_budget=vram_budget, n_gpu_layers=n_gpu_layers,
                      wave_budget_bytes=wave, weight_format=weight_format, device=dev)
@@ -292,6 +294,14 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
             ledger.register("kv", buf, tiers[i], name=f"blk.{i}.kv.{j}")
     eng.plan, eng.ledger, eng.expert_cache = plan, ledger, cache
     return eng
+
+
+def _warm_cuda_libraries(dev: torch.device) -> None:
+    """cuBLAS allocates its workspace through the caching allocator on first use; create it
+    before the ledger starts counting, so `unaccounted` measures the engine, not the library."""
+    for dt in (torch.float32, torch.bfloat16, torch.float16):
+        a = torch.ones(8, 8, device=dev, dtype=dt)
+        (a @ a).sum().item()
 
 
 WEIGHT_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}

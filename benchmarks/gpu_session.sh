@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# One GPU-machine session: set up, run the GPU tests and benchmarks, keep logs in $OUT.
+# Expects: .whl/ (gguf + rich wheels) carried, SmolLM2 parts already copied to /tmp/smolparts.
+# Usage on the device: bash benchmarks/gpu_session.sh [steps...]   (default: all)
+set -uo pipefail
+export PYTHONUNBUFFERED=1 KVBENCH_CACHE=/tmp/kvcache
+mkdir -p "$KVBENCH_CACHE" "${OUT:=/tmp/out}"
+if [ ! -d /tmp/site/gguf ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+export PYTHONPATH=/tmp/site:$PWD
+SMOL=$KVBENCH_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
+if [ ! -f "$SMOL" ] && [ -f /tmp/smolparts/smolpart.00 ] && [ -f /tmp/smolparts/smolpart.01 ]; then
+  cat /tmp/smolparts/smolpart.00 /tmp/smolparts/smolpart.01 > "$SMOL"
+fi
+[ -f "$SMOL" ] && sha256sum "$SMOL"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+steps="${*:-tests attn hybrid bench}"
+for step in $steps; do
+  echo "=== $step ==="
+  case $step in
+    tests)  python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+    attn)   python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench-attention.log" | tail -30 ;;
+    hybrid) python3 benchmarks/bench_hybrid.py --out "$OUT/hybrid.json" 2>&1 | tee "$OUT/bench-hybrid.log" | tail -30 ;;
+    bench)  for kv in fp32 bf16 q8_0; do python3 -m engine bench --device cuda --kv-dtype $kv --decode-tokens 128 2>&1 | tail -1; done | tee "$OUT/engine-bench.jsonl" ;;
+    suite)  python3 -m harness run suites/kv_dtype.toml --device cuda --out "$OUT/results" --no-progress 2>&1 | tail -30 ;;
+  esac
+done
