@@ -1,8 +1,14 @@
 """Shared pytest fixtures: real model files (fetched once into the cache) and GPU skips."""
 from __future__ import annotations
 
-import pytest
+import os
+
 import torch
+
+if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU machines
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 
 def pytest_collection_modifyitems(config, items):
