@@ -226,8 +226,12 @@ def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Ten
         acc = torch.zeros(C, Hkv, G * R, D, device=dev)
         held = qs.nbytes + qpos.nbytes + m.nbytes + l.nbytes + acc.nbytes
         ends = [start + c1 for _, c1 in chunks]
+        # Long prefills read whole key blocks (the same rows for a block start, whatever the
+        # wave grouping: bit-identical waves); a single short chunk (decode) reads only the
+        # filled rows, so a decode step costs O(position), not O(block).
+        limit = ends[-1] if len(plan.chunks) == 1 and T <= CHUNK_ROWS else n_rows
         for j0 in range(0, ends[-1], KB):
-            j1 = min(j0 + KB, n_rows)                  # the same rows for this block, always
+            j1 = min(j0 + KB, limit)
             first = next(i for i, e in enumerate(ends) if e > j0)
             kb = dequant_rows_ref(k_buf, fmt, j0, j1, Hkv, D)              # [Hkv, L, D]
             vb = dequant_rows_ref(v_buf, fmt, j0, j1, Hkv, D)
