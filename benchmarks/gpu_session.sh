@@ -24,6 +24,12 @@ for step in $steps; do
     attn)   python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench-attention.log" | tail -30 ;;
     hybrid) python3 benchmarks/bench_hybrid.py --out "$OUT/hybrid.json" 2>&1 | tee "$OUT/bench-hybrid.log" | tail -30 ;;
     bench)  for kv in fp32 bf16 q8_0; do python3 -m engine bench --device cuda --kv-dtype $kv --decode-tokens 128 2>&1 | tail -1; done | tee "$OUT/engine-bench.jsonl" ;;
-    suite)  python3 -m harness run suites/kv_dtype.toml --device cuda --out "$OUT/results" --no-progress 2>&1 | tail -30 ;;
+    suite)  rm -rf /tmp/suite && mkdir -p /tmp/suite
+            python3 -m harness run suites/kv_dtype.toml --device cuda --out /tmp/suite/results \
+              --report /tmp/suite/report --no-progress 2>&1 | tee "$OUT/suite.log" | tail -40
+            tar czf "$OUT/suite.tgz" -C /tmp/suite results report ;;
+    peer)   python3 benchmarks/bench_peer.py --out "$OUT/peer.json" 2>&1 | grep -v Converting | tee "$OUT/bench-peer.log" | tail -25 ;;
+    unacc)  python3 benchmarks/bench_hybrid.py --models smollm2-135m --kv fp32,q8_0 --decode 8 \
+              --out "$OUT/hybrid-unaccounted.json" 2>&1 | tee "$OUT/hybrid-unaccounted.log" | tail -8 ;;
   esac
 done

@@ -267,8 +267,7 @@ class Runner:
                 ctx = self._ctx(model, base, opts)
                 ctx.measure_baseline = any(c.check == cfg.name and c.kv_dtype == base for c in pending)
                 try:
-                    eng = self._engine(model, base, opts)
-                    states[cfg.name] = check.prepare(eng, cfg, ctx)
+                    states[cfg.name] = check.prepare(self._engine(model, base, opts), cfg, ctx)
                 except EngineError as e:
                     states[cfg.name] = e
             return states[cfg.name]
@@ -311,6 +310,7 @@ class Runner:
                 status, error = "error", f"unexpected {type(e).__name__}: {e} (traceback: {tb})"
                 self.summary.unexpected.append(str(tb))
             seconds = time.perf_counter() - t0
+            eng = None      # drop this frame's reference: the next load must not overlap it
             case_rec = {"type": "case", "status": status, "failures": failures, "error": error,
                         "seconds": round(seconds, 3), "finished": now(), "engine": engine_info}
             writer.write_case([{**common, **r} for r in recs] + [{**common, **case_rec}])
