@@ -10,14 +10,16 @@ dequantized by ``gguf.quants.dequantize``; no GGUF parsing or block decoding liv
 """
 from __future__ import annotations
 
+import mmap
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
-from gguf import GGUFReader
+from gguf import GGML_QUANT_SIZES, GGUFReader
 from gguf.quants import dequantize
 
 from .errors import ModelFileError, UnsupportedModelError
@@ -27,6 +29,9 @@ SUPPORTED_TYPES = {
     QT.Q4_K, QT.Q5_K, QT.Q6_K,
 }
 GGUF_MAGIC = b"GGUF"
+GGML_MAX_DIMS = 4
+# GGUF value types -> fixed byte size (8 = string, 9 = array are variable)
+_SCALAR_SIZE = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
 
 
 def _check_path(path: Path) -> None:
@@ -52,12 +57,111 @@ def _check_path(path: Path) -> None:
                              "convert it with a current llama.cpp")
 
 
+class _Truncated(Exception):
+    pass
+
+
+def _prescan(path: Path, size: int) -> None:
+    """Walk the header with struct only to check every declared count and size against the
+    file size before GGUFReader loops or builds arrays over them (absurd counts, lengths and
+    dims from a corrupt file are rejected here, not allocated). Values are skipped, not kept."""
+    with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+        pos = 8
+
+        def take(fmt: str):
+            nonlocal pos
+            n = struct.calcsize(fmt)
+            if pos + n > size:
+                raise _Truncated
+            out = struct.unpack_from(fmt, buf, pos)
+            pos += n
+            return out
+
+        def skip(n: int, what: str):
+            nonlocal pos
+            if n < 0 or pos + n > size:
+                raise ModelFileError(path, f"{what} declares {n} bytes at offset {pos}, past the end "
+                                     f"of the file ({size} bytes)", "the file is corrupt or truncated; re-download it")
+            pos += n
+
+        def string(what: str) -> bytes:
+            (n,) = take("<Q")
+            start = pos
+            skip(n, what)
+            return bytes(buf[start:pos])
+
+        def value(vtype: int, what: str, depth: int = 0):
+            if vtype in _SCALAR_SIZE:
+                start = pos
+                skip(_SCALAR_SIZE[vtype], what)
+                return bytes(buf[start:pos])
+            if vtype == 8:
+                return string(what)
+            if vtype == 9 and depth == 0:
+                etype, count = take("<IQ")
+                least = _SCALAR_SIZE.get(etype, 8)  # a string or nested array takes >= 8 bytes
+                if count * least > size - pos:
+                    raise ModelFileError(path, f"{what}: array of {count} elements cannot fit in the "
+                                         f"{size - pos} bytes left", "the file is corrupt; re-download it")
+                if etype in _SCALAR_SIZE:
+                    skip(count * _SCALAR_SIZE[etype], what)
+                else:
+                    for _ in range(count):
+                        value(etype, what, depth + 1)
+                return None
+            raise ModelFileError(path, f"{what} has unknown value type {vtype}", "the file is corrupt; re-download it")
+
+        try:
+            n_tensors, n_kv = take("<QQ")
+            if n_kv * 13 > size or n_tensors * 24 > size:  # smallest kv / tensor-info entry
+                raise ModelFileError(path, f"truncated or corrupt GGUF header: it declares {n_tensors} tensors and {n_kv} metadata keys, "
+                                     f"more than a {size}-byte file can hold", "the file is corrupt; re-download it")
+            alignment = 32
+            for i in range(n_kv):
+                key = string(f"metadata key #{i}")
+                (vtype,) = take("<I")
+                name = key.decode("utf-8", "replace")
+                raw = value(vtype, f"metadata {name!r}")
+                if name == "general.alignment" and vtype == 4:
+                    alignment = struct.unpack("<I", raw)[0]
+            infos = []
+            for i in range(n_tensors):
+                name = string(f"tensor info #{i}").decode("utf-8", "replace")
+                (n_dims,) = take("<I")
+                if n_dims > GGML_MAX_DIMS:
+                    raise ModelFileError(path, f"tensor {name} declares {n_dims} dimensions (ggml has at most "
+                                         f"{GGML_MAX_DIMS})", "the file is corrupt; re-download it")
+                dims = take(f"<{n_dims}Q")
+                qtype, offset = take("<IQ")
+                infos.append((name, dims, qtype, offset))
+        except _Truncated:
+            raise ModelFileError(path, f"truncated GGUF header (ends at byte {size} inside the header)",
+                                 "re-download the file") from None
+        if alignment == 0 or alignment & (alignment - 1):
+            return  # GGUFReader reports a bad alignment itself
+        data_start = -(-pos // alignment) * alignment
+        for name, dims, qtype, offset in infos:
+            try:
+                block, type_size = GGML_QUANT_SIZES[QT(qtype)]
+            except (ValueError, KeyError):
+                raise UnsupportedModelError(path, f"tensor {name} has unknown ggml type {qtype}",
+                                            "requantize the model to a supported type") from None
+            n = 1
+            for d in dims:
+                n *= d
+            end = data_start + offset + n // block * type_size
+            if end > size:
+                raise ModelFileError(path, f"truncated tensor data ({name} ends at byte {end}, file has {size})",
+                                     "re-download the file")
+
+
 class GGUFFile:
     """An open GGUF file: ``meta`` (plain Python values) and lazily dequantized tensors."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         _check_path(self.path)
+        _prescan(self.path, self.path.stat().st_size)
         try:
             self.reader = GGUFReader(self.path, "r")
         except (ValueError, IndexError, KeyError, OverflowError, MemoryError, EOFError, OSError,

@@ -1,0 +1,201 @@
+"""Bad input through the real CLIs: exit code 2, one ``error: `` line on stderr, no traceback.
+
+Each case of issue 7 lists 2 (GGUF files) and 3 (suite files) runs ``python -m engine`` or
+``python -m harness`` in a subprocess on a file made in tmp_path (gguf.GGUFWriter + byte
+surgery) and checks the message names the file and the problem.
+
+    .venv/bin/pytest -q tests/test_cli_errors.py
+"""
+from __future__ import annotations
+
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import gguf
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SHAPES = {
+    "token_embd.weight": (32, 8), "output_norm.weight": (8,),
+    "blk.0.attn_norm.weight": (8,), "blk.0.attn_q.weight": (8, 8),
+    "blk.0.attn_k.weight": (4, 8), "blk.0.attn_v.weight": (4, 8),
+    "blk.0.attn_output.weight": (8, 8), "blk.0.ffn_norm.weight": (8,),
+    "blk.0.ffn_gate.weight": (16, 8), "blk.0.ffn_up.weight": (16, 8),
+    "blk.0.ffn_down.weight": (8, 16),
+}
+
+
+def write_gguf(path, arch="llama", drop=(), n_head=2, shapes=None, raw=None):
+    """A tiny llama (1 layer, d=8); ``shapes`` overrides tensor shapes, ``raw`` maps a
+    tensor name to (bytes array, qtype) written as-is."""
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(1)
+    w.add_embedding_length(8)
+    w.add_head_count(n_head)
+    w.add_head_count_kv(1)
+    w.add_feed_forward_length(16)
+    w.add_context_length(64)
+    rng = np.random.default_rng(0)
+    for name, shape in {**SHAPES, **(shapes or {})}.items():
+        if name in drop:
+            continue
+        if raw and name in raw:
+            data, qtype = raw[name]
+            w.add_tensor(name, data, raw_dtype=qtype)
+        else:
+            w.add_tensor(name, rng.standard_normal(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def run_cli(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", *map(str, args)], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=120)
+
+
+def assert_user_error(res: subprocess.CompletedProcess, *needles: str) -> str:
+    assert res.returncode == 2, (res.returncode, res.stderr[-2000:])
+    assert "Traceback" not in res.stderr and "Traceback" not in res.stdout
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1, res.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    for n in needles:
+        assert n in lines[0], (n, lines[0])
+    return lines[0]
+
+
+# -- GGUF input (list 2) -----------------------------------------------------------------------
+def _cut(tmp_path, keep) -> Path:
+    full = write_gguf(tmp_path / "full.gguf").read_bytes()
+    p = tmp_path / "cut.gguf"
+    p.write_bytes(full[:keep(full)])
+    return p
+
+
+def _wrong_version(tmp_path) -> Path:
+    data = bytearray(write_gguf(tmp_path / "v.gguf").read_bytes())
+    data[4:8] = struct.pack("<I", 99)
+    p = tmp_path / "v99.gguf"
+    p.write_bytes(bytes(data))
+    return p
+
+
+def _not_gguf(tmp_path) -> Path:
+    p = tmp_path / "model.gguf"
+    p.write_bytes(b"PK\x03\x04 this is a zip archive, not a model" * 8)
+    return p
+
+
+def _zero(tmp_path) -> Path:
+    p = tmp_path / "empty.gguf"
+    p.write_bytes(b"")
+    return p
+
+
+def _directory(tmp_path) -> Path:
+    d = tmp_path / "model_dir.gguf"
+    d.mkdir()
+    return d
+
+
+def _unsupported_type(tmp_path) -> Path:
+    # F64: a real ggml type the engine does not load (the d=8 rows are too short for any
+    # block-quantized type, whose blocks hold >= 32 values)
+    data = np.random.default_rng(1).standard_normal((16, 8))  # float64
+    return write_gguf(tmp_path / "f64.gguf", raw={"blk.0.ffn_gate.weight": (data, gguf.GGMLQuantizationType.F64)})
+
+
+GGUF_CASES = {
+    # id: (make file, command, words the one line must hold)
+    "not-gguf": (_not_gguf, "plan", ["not a GGUF file"]),
+    "truncated-header": (lambda t: _cut(t, lambda d: 40), "plan", ["truncated"]),
+    "truncated-tensor-data": (lambda t: _cut(t, lambda d: len(d) - 10), "generate", ["truncated tensor data"]),
+    "wrong-version": (_wrong_version, "plan", ["version 99"]),
+    "unknown-architecture": (lambda t: write_gguf(t / "m.gguf", arch="mamba9"), "plan", ["mamba9"]),
+    "unsupported-tensor-type": (_unsupported_type, "generate", ["F64", "unsupported", "blk.0.ffn_gate.weight"]),
+    "missing-tensor": (lambda t: write_gguf(t / "m.gguf", drop=("blk.0.ffn_up.weight",)), "generate",
+                       ["blk.0.ffn_up.weight", "missing"]),
+    "misshaped-tensor": (lambda t: write_gguf(t / "m.gguf", shapes={"blk.0.attn_output.weight": (8, 7)}),
+                         "generate", ["blk.0.attn_output.weight", "shape"]),
+    "metadata-contradicts-shapes": (lambda t: write_gguf(t / "m.gguf", n_head=4), "generate", ["contradicts"]),
+    "zero-length": (_zero, "plan", ["empty"]),
+    "directory": (_directory, "generate", ["directory"]),
+}
+
+
+@pytest.mark.parametrize("case", list(GGUF_CASES))
+def test_gguf_input_errors(tmp_path, case):
+    make, command, needles = GGUF_CASES[case]
+    path = make(tmp_path)
+    args = ["engine", command, path] + (["hi", "--max-new-tokens", "1"] if command == "generate" else [])
+    assert_user_error(run_cli(*args), str(path), *needles)
+
+
+def test_gguf_no_read_permission(tmp_path):
+    p = write_gguf(tmp_path / "locked.gguf")
+    p.chmod(0)
+    try:
+        if os.access(p, os.R_OK):
+            pytest.skip("running as root: chmod 0 does not stop reading (nor does an unreadable "
+                        "parent directory), so the unreadable-file path cannot be exercised here")
+        assert_user_error(run_cli("engine", "plan", p), str(p), "no read permission")
+    finally:
+        p.chmod(0o644)
+
+
+# -- Suite input (list 3) ----------------------------------------------------------------------
+GOOD_SUITE = """\
+[suite]
+name = "t"
+models = ["tiny-qwen3"]
+baseline = "fp32"
+kv_dtypes = ["bf16"]
+device = "cpu"
+ctx = 256
+seed = 0
+
+[[check]]
+kind = "argmax"
+positions = 8
+top_k = 5
+messages = [[{ role = "user", content = "Hi." }]]
+"""
+
+SUITE_CASES = {
+    # id: (replace old -> new in GOOD_SUITE, words the one line must hold)
+    "toml-syntax-error": (("[suite]\nname", "[suite\nname"), ["TOML syntax error", "line 1"]),
+    "unknown-key": (("seed = 0", "seed = 0\ncolour = 'red'"), ["suite.colour", "unknown key"]),
+    "wrong-type": (("ctx = 256", "ctx = \"big\""), ["suite.ctx", "expected"]),
+    "unknown-check": (('kind = "argmax"', 'kind = "argmux"'), ["check[0].kind", "argmux"]),
+    "unknown-model": (('models = ["tiny-qwen3"]', 'models = ["gpt-17"]'), ["gpt-17", "unknown model"]),
+    "negative-threshold": (("top_k = 5", "top_k = 5\nmax_mean_kld = -0.5"), ["check[0].max_mean_kld"]),
+    "top-k-zero": (("top_k = 5", "top_k = 0"), ["check[0].top_k"]),
+    "empty-matrix": (('kv_dtypes = ["bf16"]', "kv_dtypes = []"), ["empty matrix"]),
+}
+
+
+def test_good_suite_template_is_valid():
+    # the cases below break one thing each in a suite that is otherwise accepted
+    from harness.suite import parse_suite
+    import tomllib
+    suite = parse_suite(tomllib.loads(GOOD_SUITE))
+    assert suite.checks[0].top_k == 5
+
+
+@pytest.mark.parametrize("case", list(SUITE_CASES))
+def test_suite_input_errors(tmp_path, case):
+    (old, new), needles = SUITE_CASES[case]
+    assert old in GOOD_SUITE
+    p = tmp_path / "suite.toml"
+    p.write_text(GOOD_SUITE.replace(old, new, 1))
+    assert_user_error(run_cli("harness", "run", p, "--out", tmp_path / "out"), str(p), *needles)
+    assert not list((tmp_path / "out").glob("**/*.jsonl"))  # nothing ran
