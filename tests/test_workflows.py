@@ -88,6 +88,16 @@ def test_github_workflows_schema_is_bundled():
     assert schema.is_file(), "check-jsonschema no longer bundles the github-workflows schema"
 
 
+def test_offline_env_really_blocks_schema_downloads():
+    """The builtin-schema checks below pass under this env, so they cannot be using the network."""
+    proc = subprocess.run([str(CHECK_JSONSCHEMA), "--no-cache", "--schemafile",
+                           "https://json.schemastore.org/github-workflow.json", str(WORKFLOWS[0])],
+                          capture_output=True, text=True, timeout=60, env=offline_env())
+    assert proc.returncode != 0, proc.stdout + proc.stderr
+    assert re.search(r"Connection ?Refused|ProxyError|Max retries", proc.stdout + proc.stderr, re.I), \
+        proc.stdout + proc.stderr
+
+
 @pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.name)
 def test_workflow_passes_check_jsonschema(path):
     proc = check_jsonschema(path)
