@@ -22,6 +22,9 @@ setup: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
+fuzz: $(STAMP)
+	KVBENCH_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_fuzz_gguf.py
+
 # The default suite over fp32/bf16/q8_0 KV on MODEL, then the markdown report.
 bench: $(STAMP)
 	$(PY) -m harness run $(SUITE) --model $(MODEL) --report

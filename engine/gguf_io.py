@@ -176,12 +176,26 @@ class GGUFFile:
             except Exception:  # noqa: BLE001 - a malformed field is reported when used
                 self.meta[name] = None
         self.tensors = {t.name: t for t in self.reader.tensors}
+        self._check_block_count()
         file_size = self.path.stat().st_size
         for t in self.reader.tensors:
             if t.data_offset + t.n_bytes > file_size:
                 raise ModelFileError(self.path, f"truncated tensor data ({t.name} ends at byte "
                                      f"{t.data_offset + t.n_bytes}, file has {file_size})",
                                      "re-download the file")
+
+    def _check_block_count(self) -> None:
+        """A block_count beyond the blocks that have tensors is rejected here, before any
+        planner or loader loops over (or allocates for) layers that do not exist."""
+        arch = self.meta.get("general.architecture")
+        n = self.meta.get(f"{arch}.block_count") if isinstance(arch, str) else None
+        if not isinstance(n, int) or isinstance(n, bool):
+            return
+        blocks = {int(k.split(".")[1]) for k in self.tensors if k.startswith("blk.") and k.split(".")[1].isdigit()}
+        if n > (max(blocks) + 1 if blocks else 0):
+            have = f"blocks 0..{max(blocks)}" if blocks else "no blk.* tensors"
+            raise ModelFileError(self.path, f"metadata {arch}.block_count = {n} contradicts the tensors "
+                                 f"({have})", "the file is corrupt or incomplete; re-download it")
 
     @property
     def arch(self) -> str:
