@@ -12,6 +12,7 @@ import os
 import struct
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import gguf
@@ -133,11 +134,9 @@ GGUF_CASES = {
 
 
 @pytest.mark.parametrize("case", list(GGUF_CASES))
-def test_gguf_input_errors(tmp_path, case):
-    make, command, needles = GGUF_CASES[case]
-    path = make(tmp_path)
-    args = ["engine", command, path] + (["hi", "--max-new-tokens", "1"] if command == "generate" else [])
-    assert_user_error(run_cli(*args), str(path), *needles)
+def test_gguf_input_errors(cli_runs, case):
+    path, res = cli_runs[("gguf", case)]
+    assert_user_error(res, str(path), *GGUF_CASES[case][2])
 
 
 def test_gguf_no_read_permission(tmp_path):
@@ -192,10 +191,26 @@ def test_good_suite_template_is_valid():
 
 
 @pytest.mark.parametrize("case", list(SUITE_CASES))
-def test_suite_input_errors(tmp_path, case):
-    (old, new), needles = SUITE_CASES[case]
-    assert old in GOOD_SUITE
-    p = tmp_path / "suite.toml"
-    p.write_text(GOOD_SUITE.replace(old, new, 1))
-    assert_user_error(run_cli("harness", "run", p, "--out", tmp_path / "out"), str(p), *needles)
-    assert not list((tmp_path / "out").glob("**/*.jsonl"))  # nothing ran
+def test_suite_input_errors(cli_runs, case):
+    path, res = cli_runs[("suite", case)]
+    assert_user_error(res, str(path), *SUITE_CASES[case][1])
+    assert not list((path.parent / "out").glob("**/*.jsonl"))  # nothing ran
+
+
+@pytest.fixture(scope="module")
+def cli_runs(tmp_path_factory) -> dict:
+    """Every bad-input case made on disk, then all CLI runs at once (each is ~1.5 s of
+    interpreter start-up; running them side by side keeps this file's wall time down)."""
+    jobs = {}
+    for case, (make, command, _) in GGUF_CASES.items():
+        path = make(tmp_path_factory.mktemp(f"gguf-{case}"))
+        extra = ["hi", "--max-new-tokens", "1"] if command == "generate" else []
+        jobs[("gguf", case)] = (path, ["engine", command, path, *extra])
+    for case, ((old, new), _) in SUITE_CASES.items():
+        assert old in GOOD_SUITE
+        path = tmp_path_factory.mktemp(f"suite-{case}") / "suite.toml"
+        path.write_text(GOOD_SUITE.replace(old, new, 1))
+        jobs[("suite", case)] = (path, ["harness", "run", path, "--out", path.parent / "out"])
+    with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
+        futures = {key: pool.submit(run_cli, *args) for key, (_, args) in jobs.items()}
+        return {key: (jobs[key][0], f.result()) for key, f in futures.items()}
