@@ -19,7 +19,7 @@ import traceback
 
 import torch
 
-from .errors import EngineError
+from .errors import EngineError, out_of_memory
 
 
 def parse_size(text: str) -> int:
@@ -36,6 +36,25 @@ def parse_size(text: str) -> int:
     if unit not in units or value < 0:
         raise argparse.ArgumentTypeError(f"size {text!r} is not like 12GiB, 500MiB, 8GB or a byte count")
     return int(value * units[unit])
+
+
+def _plan_for(model, kv_dtype: str, ctx: int, device):
+    """The planner's view of a load (metadata only), for an out-of-memory message."""
+    try:
+        from .planner import plan, spec_for_model
+        return plan(spec_for_model(str(model)), kv_dtype=kv_dtype, ctx=ctx, device=device)
+    except Exception:  # noqa: BLE001 - the message then says no plan was made
+        return None
+
+
+def load_explained(model, *, kv_dtype: str, device, ctx: int):
+    """``engine.load`` where an allocator failure becomes ``OutOfMemoryError`` (exit 2) with
+    the planner's numbers and the free memory, instead of a raw torch error (exit 3)."""
+    from . import load
+    try:
+        return load(model, kv_dtype=kv_dtype, device=device, ctx=ctx)
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory("load", _plan_for(model, kv_dtype, ctx, device), device, exc) from None
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -62,11 +81,10 @@ def bench_main(args) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from . import load
     con = Console(stderr=False)
     t0 = time.perf_counter()
-    eng = load(args.model, kv_dtype=args.kv_dtype, device=args.device,
-               ctx=max(args.ctx, args.prompt_tokens + args.decode_tokens + 8))
+    eng = load_explained(args.model, kv_dtype=args.kv_dtype, device=args.device,
+                         ctx=max(args.ctx, args.prompt_tokens + args.decode_tokens + 8))
     load_s = time.perf_counter() - t0
 
     question = "What is the capital of France?"
@@ -128,13 +146,16 @@ def generate_add_cli_args(p: argparse.ArgumentParser) -> None:
 
 
 def generate_main(args) -> int:
-    from . import load
-    eng = load(args.model, kv_dtype=args.kv_dtype, device=args.device, ctx=args.ctx)
+    eng = load_explained(args.model, kv_dtype=args.kv_dtype, device=args.device, ctx=args.ctx)
     if args.raw:
         ids = eng.tokenizer.encode(args.prompt, add_special_tokens=True)
     else:
         ids = eng.tokenizer.apply_chat_template([{"role": "user", "content": args.prompt}])
-    print(eng.tokenizer.decode(eng.generate(ids, args.max_new_tokens), skip_special_tokens=True))
+    try:
+        out = eng.generate(ids, args.max_new_tokens)
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory(f"prefill/decode of {len(ids)} prompt tokens", eng.plan, eng.device, exc) from None
+    print(eng.tokenizer.decode(out, skip_special_tokens=True))
     return 0
 
 

@@ -54,3 +54,49 @@ class ChatTemplateError(EngineError):
 
 class OutOfMemoryError(EngineError):
     """The device ran out of memory; the message carries the plan's numbers."""
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.2f} MiB"
+
+
+def free_memory(device) -> int | None:
+    """Bytes free now on ``device`` (CUDA: driver free; CPU: MemAvailable), None if unknown."""
+    try:
+        import torch
+        dev = torch.device(device)
+        if dev.type == "cuda":
+            return int(torch.cuda.mem_get_info(dev)[0])
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except Exception:  # noqa: BLE001 - the message says "unknown" instead
+        return None
+    return None
+
+
+def out_of_memory(stage: str, plan, device, exc: BaseException | None = None) -> OutOfMemoryError:
+    """An ``OutOfMemoryError`` for an allocator failure during ``stage`` (load, prefill, wave
+    prefill): the plan's per-tier totals and budget, the free memory now, and what to change.
+    ``plan`` is an ``engine.planner.Plan`` (or None when no plan was made)."""
+    free = free_memory(device)
+    free_s = _mib(free) if free is not None else "unknown"
+    if plan is None:
+        numbers = "no plan was made"
+        fix = "pass --vram-budget below the free memory, lower --ctx, or use --kv-dtype q8_0"
+    else:
+        t, h = plan.trunk, plan.host
+        numbers = (f"plan for {plan.model}: trunk {_mib(t.total)} (weights {_mib(t.weights)} + kv "
+                   f"{plan.kv_dtype} {_mib(t.kv)} + scratch {_mib(t.scratch)} + expert cache "
+                   f"{_mib(t.expert_cache)} + reserve {_mib(t.reserve)}) in a budget of "
+                   f"{_mib(plan.budget_bytes)} ({plan.budget_source}), host {_mib(h.total)}, "
+                   f"{plan.n_gpu_layers}/{plan.n_layers} layers on {plan.device}")
+        fewer = max(plan.n_gpu_layers - 1, 0)
+        fix = (f"pass --vram-budget below the free memory ({free_s}) so the planner leaves room, "
+               f"--n-gpu-layers {fewer}, a smaller --ctx, or --kv-dtype q8_0")
+    detail = ""
+    if exc is not None and str(exc):
+        detail = f" [{type(exc).__name__}: {str(exc).splitlines()[0][:160]}]"
+    return OutOfMemoryError(f"out of memory on {device} during {stage}{detail}; {numbers}; free now {free_s}",
+                            fix)
