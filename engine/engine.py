@@ -209,8 +209,15 @@ class NoTokenizer:
 def _tokenizer_for(g: GGUFFile):
     if "tokenizer.ggml.model" not in g.meta and "tokenizer.ggml.tokens" not in g.meta:
         return NoTokenizer(g.path)
+    from .models import fallback_chat_template
     from .tokenizer import Tokenizer
-    return Tokenizer.from_gguf(g)
+    tok = Tokenizer.from_gguf(g)
+    tok.chat_template_source = "gguf" if tok.has_chat_template else None
+    fallback = fallback_chat_template(g.path)
+    if fallback and not tok.has_chat_template:   # e.g. gemma3-270m: Gemma's turn format
+        tok.set_chat_template(fallback)
+        tok.chat_template_source = "registry fallback"
+    return tok
 
 
 def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torch.device = "cpu",
