@@ -97,6 +97,8 @@ def out_of_memory(stage: str, plan, device, exc: BaseException | None = None) ->
                f"--n-gpu-layers {fewer}, a smaller --ctx, or --kv-dtype q8_0")
     detail = ""
     if exc is not None and str(exc):
-        detail = f" [{type(exc).__name__}: {str(exc).splitlines()[0][:160]}]"
+        # torch's CUDA message: "CUDA out of memory. Tried to allocate 256.00 MiB. GPU 0 has ..."
+        first = ". ".join(str(exc).splitlines()[0].split(". ")[:2]).rstrip(".")[:160]
+        detail = f" [{type(exc).__name__}: {first}]"
     return OutOfMemoryError(f"out of memory on {device} during {stage}{detail}; {numbers}; free now {free_s}",
                             fix)

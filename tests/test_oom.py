@@ -6,6 +6,12 @@ model's forward pass (prefill). The engine CLI must turn it into ``error: out of
 (exit 2) carrying the planner's trunk/host totals for the same request, the free memory and a
 fix; never a traceback (exit 3).
 
+On the H100 (2026-11-25) the same path was driven by a real CUDA allocator failure (caching
+allocator capped at 100 MiB with set_per_process_memory_fraction, planner budget = 78 GiB
+driver-free): ``generate --device cuda`` exited 2 with "out of memory on cuda during load
+[... Tried to allocate 256.00 MiB]; plan ... trunk 512.21 MiB ..."; ``plan --vram-budget
+100MiB`` exited 2 with the planner's essentials (512.14 MiB) before allocating.
+
     .venv/bin/pytest -q tests/test_oom.py
 """
 from __future__ import annotations
