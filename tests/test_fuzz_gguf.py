@@ -134,15 +134,18 @@ def _alarm(signum, frame):
     raise CaseTimeout(f"one fuzz case ran past {CASE_SECONDS} s")
 
 
-def load_bounded(path) -> None:
-    """engine.load under a hard time bound; EngineError (or success) is the contract."""
+def load_bounded(path) -> str:
+    """engine.load under a hard time bound; EngineError (or success) is the contract.
+    Returns "loaded" or the EngineError's class name."""
     old = signal.signal(signal.SIGALRM, _alarm)
     signal.alarm(CASE_SECONDS)
     try:
         engine.load(path, ctx=16)
+        return "loaded"
     except EngineError as exc:
         msg = str(exc)
         assert msg and "\n" not in msg and str(path) in msg, msg
+        return type(exc).__name__
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
@@ -167,9 +170,13 @@ def test_fuzz_gguf_loader(base):
     @given(mutations(data, u64, u32))
     def case(mutation):
         path.write_bytes(apply(data, mutation))
-        load_bounded(path)
+        outcome = load_bounded(path)
+        seen[outcome] = seen.get(outcome, 0) + 1
 
+    seen: dict[str, int] = {}
     case()
+    print(f"fuzz outcomes over {sum(seen.values())} cases: {seen}")
+    assert sum(seen.values()) >= N_EXAMPLES and seen.get("loaded", 0) > 0 and len(seen) >= 2
     grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) / 1024
     assert grown < RSS_GROWTH_MIB, f"peak RSS grew {grown:.0f} MiB during the fuzz run"
 
