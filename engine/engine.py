@@ -56,6 +56,9 @@ def load_weights(g: GGUFFile, spec: ModelSpec) -> tuple[list[LayerWeights], torc
             lw.q_norm, lw.k_norm = t("attn_q_norm.weight", (spec.head_dim,)), t("attn_k_norm.weight", (spec.head_dim,))
         elif spec.qk_norm == "full":
             lw.q_norm, lw.k_norm = t("attn_q_norm.weight", (q,)), t("attn_k_norm.weight", (kvd,))
+        if spec.post_norms:
+            lw.post_attn_norm = t("post_attention_norm.weight", (d,))
+            lw.post_ffn_norm = t("post_ffw_norm.weight", (d,))
         if i in spec.moe_layers:
             E, ff = spec.n_experts, spec.d_ff_expert
             lw.router = t("ffn_gate_inp.weight", (E, d))

@@ -6,7 +6,8 @@ same in bfloat16 (round to nearest even), q8_0 ``uint8 [max_tokens, Hkv*D/32*34]
 ``block_q8_0`` along each token's flattened row. ``write(start, k, v)`` stores rows
 ``start..start+T-1`` (k, v: [T, Hkv, D] float32) in that format; ``attend(q, start, scale)``
 returns [T, Hq, D] float32 for queries at positions ``start..start+T-1`` attending causally to
-rows ``[0, start+T)``, reading the values the cache holds (Triton kernels on CUDA, their torch
+rows ``[0, start+T)`` (with ``window=W``: only keys at positions > qpos - W, Gemma's sliding
+window; torch path only, the Triton kernels raise ConfigError), reading the values the cache holds (Triton kernels on CUDA, their torch
 references elsewhere; ``engine.kernels.set_backend`` forces either). Prefills take waves of
 query rows sized from ``wave_budget_bytes`` (``last_waves``, ``peak_scratch_bytes``).
 ``dtype`` is read from the allocated buffers, never from the request; ``nbytes`` is exact.
@@ -123,7 +124,7 @@ class LayerKV:
         kv_append(self.k, start, k, fmt)
         kv_append(self.v, start, v, fmt)
 
-    def attend(self, q: torch.Tensor, start: int, scale: float) -> torch.Tensor:
+    def attend(self, q: torch.Tensor, start: int, scale: float, window: int | None = None) -> torch.Tensor:
         T, Hq, D = q.shape
         if D != self.head_dim or Hq % self.n_kv_heads:
             raise ValueError(f"layer {self.layer}: q [T, Hq, D] = {tuple(q.shape)} does not fit "
@@ -134,10 +135,16 @@ class LayerKV:
         fmt = self.dtype
         plan = plan_waves(T, start, Hq, self.n_kv_heads, D, self.wave_budget_bytes, self.wave_max_rows)
         self.last_waves = plan.n_waves
+        if window is not None and window <= 0:
+            raise ConfigError(f"layer {self.layer}: sliding window {window} must be positive",
+                              "pass window=None for global attention")
         if not kernels.use_triton(q.device) or D < 16 or D & (D - 1):   # kernels need pow2 D >= 16
             out, self.peak_scratch_bytes = prefill_attention_ref(q, self.k, self.v, fmt, start, scale,
-                                                                 self.n_kv_heads, plan)
+                                                                 self.n_kv_heads, plan, window=window)
             return out
+        if window is not None:
+            raise ConfigError(f"layer {self.layer}: sliding-window attention is implemented only in the "
+                              f"torch path", "use KVBENCH_ATTN_BACKEND=torch or device cpu")
         q = q.to(torch.float32).contiguous()
         if T == 1:
             from .kernels import decode_attention as dmod

@@ -5,8 +5,11 @@ norms, dense FFN or router + experts) and runs ``forward(tokens, start, caches)`
 hidden states [T, d_model] for tokens at positions ``start..start+T-1``, writing K/V into
 ``caches[i]`` (one ``engine.kv.LayerKV`` per layer) and reading attention from them, so a
 narrowed cache affects every later position exactly as in a real engine. Architecture
-differences are data in ``ModelSpec`` (rope type, q/k norm kind, MoE top-k normalisation),
-not separate classes.
+differences are data in ``ModelSpec`` (rope type, q/k norm kind, MoE top-k normalisation;
+Gemma 3's embedding scale, post-attention/post-FFN norms, GELU-tanh FFN, sliding-window
+layers with their own RoPE base, attention scale, logit softcap), not separate classes. Norm
+weights are used as the GGUF stores them (llama.cpp's converter already folded Gemma's
+``1 + w`` into the file).
 
     h = model.forward(torch.tensor(ids), 0, caches)     # [T, d_model]
     logits = model.head(h)                              # [T, vocab]
@@ -36,6 +39,8 @@ class LayerWeights:
     w_down: torch.Tensor | None = None  # [d, ff]
     router: torch.Tensor | None = None  # MoE: [E, d]
     experts: object | None = None       # MoE: object with .gate/.up/.down [E, ff, d]/[E, d, ff] or an expert cache
+    post_attn_norm: torch.Tensor | None = None  # Gemma: [d] on the attention output
+    post_ffn_norm: torch.Tensor | None = None   # Gemma: [d] on the FFN output
 
     def to(self, device) -> "LayerWeights":
         out = {}
@@ -111,14 +116,14 @@ class Transformer:
         self.output = output                # [V, d] (tied: same storage as embed)
         self.layer_devices = layer_devices
         self.head_device = head_device
-        self.ropes: dict[torch.device, Rope] = {}
-        self.scale = spec.head_dim ** -0.5
+        self.ropes: dict[tuple[torch.device, float], Rope] = {}
+        self.scale = spec.scale
 
-    def _rope(self, device) -> Rope:
-        key = torch.device(device)
+    def _rope(self, device, base: float | None = None) -> Rope:
+        base = self.spec.rope_base if base is None else base
+        key = (torch.device(device), base)
         if key not in self.ropes:
-            self.ropes[key] = Rope(self.spec.head_dim, self.spec.rope_base, self.spec.rope_type,
-                                   4096, device=key)
+            self.ropes[key] = Rope(self.spec.head_dim, base, self.spec.rope_type, 4096, device=key[0])
         return self.ropes[key]
 
     def attention(self, i: int, x: torch.Tensor, start: int, cache) -> torch.Tensor:
@@ -133,18 +138,26 @@ class Transformer:
         v = v.view(T, s.n_kv_heads, s.head_dim)
         if s.qk_norm == "head":
             q, k = rms_norm(q, w.q_norm, s.rms_eps), rms_norm(k, w.k_norm, s.rms_eps)
-        rope = self._rope(x.device)
+        rope = self._rope(x.device, s.rope_base_of(i))
         q, k = rope.apply(q, start), rope.apply(k, start)
         cache.write(start, k, v)
-        o = cache.attend(q, start, self.scale)       # [T, Hq, D]
-        return mm(o.reshape(T, s.q_dim), w.wo)
+        window = s.window(i)
+        if window:
+            o = cache.attend(q, start, self.scale, window=window)   # [T, Hq, D]
+        else:
+            o = cache.attend(q, start, self.scale)
+        o = mm(o.reshape(T, s.q_dim), w.wo)
+        return o if w.post_attn_norm is None else rms_norm(o, w.post_attn_norm, s.rms_eps)
 
     def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         s, w = self.spec, self.layers[i]
         h = rms_norm(x, w.ffn_norm, s.rms_eps)
-        if w.router is None:
-            return mm(F.silu(mm(h, w.w_gate)) * mm(h, w.w_up), w.w_down)
-        return self.moe(i, h)
+        if w.router is not None:
+            return self.moe(i, h)
+        gate = mm(h, w.w_gate)
+        gate = F.gelu(gate, approximate="tanh") if s.ffn_act == "gelu_tanh" else F.silu(gate)
+        y = mm(gate * mm(h, w.w_up), w.w_down)
+        return y if w.post_ffn_norm is None else rms_norm(y, w.post_ffn_norm, s.rms_eps)
 
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         s, w = self.spec, self.layers[i]
@@ -164,7 +177,10 @@ class Transformer:
 
     def forward(self, tokens: torch.Tensor, start: int, caches) -> torch.Tensor:
         """tokens [T] (host) -> final hidden [T, d] on the head device."""
-        x = self.embed[tokens.to(self.embed.device)].float()
+        x = self.embed[tokens.to(self.embed.device)]
+        if self.spec.embed_scale:   # HF Gemma: times sqrt(d_model) cast to the embedding dtype
+            x = x * torch.tensor(self.spec.d_model ** 0.5, dtype=x.dtype)
+        x = x.float()
         for i in range(self.spec.n_layers):
             dev = self.layer_devices[i]
             if x.device != dev:
@@ -176,4 +192,6 @@ class Transformer:
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        return mm(rms_norm(x, self.out_norm, self.spec.rms_eps), self.output)
+        logits = mm(rms_norm(x, self.out_norm, self.spec.rms_eps), self.output)
+        cap = self.spec.final_softcap
+        return logits if not cap else torch.tanh(logits / cap) * cap

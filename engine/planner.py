@@ -94,6 +94,9 @@ def layer_tensors(spec: ModelSpec, i: int) -> list[WeightTensor]:
            WeightTensor(p + "attn_v.weight", (kv, d), "matrix"),
            WeightTensor(p + "attn_output.weight", (d, q), "matrix"),
            WeightTensor(p + "ffn_norm.weight", (d,), "norm")]
+    if getattr(spec, "post_norms", False):    # Gemma: norms on the attention and FFN outputs
+        out += [WeightTensor(p + "post_attention_norm.weight", (d,), "norm"),
+                WeightTensor(p + "post_ffw_norm.weight", (d,), "norm")]
     if spec.qk_norm == "head":
         out += [WeightTensor(p + "attn_q_norm.weight", (spec.head_dim,), "norm"),
                 WeightTensor(p + "attn_k_norm.weight", (spec.head_dim,), "norm")]

@@ -14,12 +14,16 @@ from dataclasses import dataclass, field, asdict
 
 from .errors import ModelFileError, UnsupportedModelError
 
-ARCHS = ("llama", "qwen3", "qwen3moe", "olmoe")
+ARCHS = ("llama", "qwen3", "qwen3moe", "olmoe", "gemma3")
 # llama.cpp's rope mode per arch: "norm" rotates adjacent pairs (llama's converter permutes
 # q/k for it), "neox" rotates the two halves of each head.
-ROPE_TYPE = {"llama": "norm", "qwen3": "neox", "qwen3moe": "neox", "olmoe": "neox"}
+ROPE_TYPE = {"llama": "norm", "qwen3": "neox", "qwen3moe": "neox", "olmoe": "neox", "gemma3": "neox"}
 # q/k normalisation: per head (Qwen3) or over the whole projection (OLMoE).
-QK_NORM = {"llama": "none", "qwen3": "head", "qwen3moe": "head", "olmoe": "full"}
+QK_NORM = {"llama": "none", "qwen3": "head", "qwen3moe": "head", "olmoe": "full", "gemma3": "head"}
+# Gemma 3: every SWA_PATTERN-th layer (i + 1) % 6 == 0 attends globally, the others to a
+# sliding window; local layers use their own RoPE base (HF rope_local_base_freq default).
+GEMMA3_SWA_PATTERN = 6
+GEMMA3_LOCAL_ROPE_BASE = 10000.0
 # whether top-k router weights are renormalised to sum to 1
 MOE_NORM_TOPK = {"llama": True, "qwen3moe": True, "olmoe": False}
 
@@ -46,6 +50,15 @@ class ModelSpec:
     moe_norm_topk: bool = True
     moe_layers: tuple[int, ...] = ()  # layers whose FFN is routed experts
     tied_output: bool = False
+    # Gemma-style extras (defaults are the llama family's behaviour)
+    embed_scale: bool = False        # token embeddings times sqrt(d_model)
+    post_norms: bool = False         # RMSNorm on the attention and FFN outputs before the residual
+    ffn_act: str = "silu"            # "silu" | "gelu_tanh" (gated FFN activation)
+    attn_scale: float | None = None  # softmax scale; None: head_dim ** -0.5
+    sliding_window: int = 0          # keys with pos <= qpos - window are masked on swa_layers
+    swa_layers: tuple[int, ...] = ()
+    rope_base_local: float | None = None   # RoPE base of the swa_layers (None: rope_base)
+    final_softcap: float | None = None     # logits = c * tanh(logits / c)
     bos_id: int | None = None
     eos_id: int | None = None
     extra: dict = field(default_factory=dict, compare=False, hash=False)
@@ -59,6 +72,19 @@ class ModelSpec:
         return self.n_heads * self.head_dim
 
     @property
+    def scale(self) -> float:
+        return self.attn_scale if self.attn_scale is not None else self.head_dim ** -0.5
+
+    def window(self, layer: int) -> int | None:
+        """The sliding window of ``layer`` (None for a global-attention layer)."""
+        return self.sliding_window if layer in self.swa_layers else None
+
+    def rope_base_of(self, layer: int) -> float:
+        if layer in self.swa_layers and self.rope_base_local is not None:
+            return self.rope_base_local
+        return self.rope_base
+
+    @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
@@ -70,6 +96,7 @@ class ModelSpec:
         d = asdict(self)
         d.pop("extra")
         d["moe_layers"] = list(self.moe_layers)
+        d["swa_layers"] = list(self.swa_layers)
         return d
 
     @classmethod
@@ -157,6 +184,25 @@ class ModelSpec:
         if rope_dim is not None and as_int("rope.dimension_count", rope_dim) != head_dim:
             raise UnsupportedModelError(path, f"partial rotary (rope.dimension_count={rope_dim}, head dim {head_dim})")
         eps = key("attention.layer_norm_rms_epsilon", 1e-6)
+        gemma: dict = {}
+        if arch == "gemma3":
+            window = as_int("attention.sliding_window", key("attention.sliding_window", 0))
+            if window < 0:
+                raise ModelFileError(path, f"metadata {arch}.attention.sliding_window = {window} is negative")
+            pre = key("attention.query_pre_attn_scalar")
+            cap = key("final_logit_softcapping")
+            for name in ("post_attention_norm", "post_ffw_norm"):
+                if not g.has(f"blk.0.{name}.weight"):
+                    raise ModelFileError(path, f"gemma3 file lacks blk.0.{name}.weight",
+                                         "convert the model with a current llama.cpp")
+            gemma = dict(
+                embed_scale=True, post_norms=True, ffn_act="gelu_tanh",
+                attn_scale=float(pre) ** -0.5 if pre else None,
+                sliding_window=window,
+                swa_layers=tuple(i for i in range(n_layers) if (i + 1) % GEMMA3_SWA_PATTERN)
+                if window else (),
+                rope_base_local=float(key("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)),
+                final_softcap=float(cap) if cap else None)
         return cls(
             arch=arch,
             name=str(g.get("general.name", path.stem)),
@@ -169,4 +215,5 @@ class ModelSpec:
             d_ff_expert=d_ff_expert, moe_norm_topk=norm_topk, moe_layers=moe_layers,
             tied_output=not g.has("output.weight"),
             bos_id=g.get("tokenizer.ggml.bos_token_id"), eos_id=g.get("tokenizer.ggml.eos_token_id"),
+            **gemma,
         )

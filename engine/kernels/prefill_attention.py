@@ -9,7 +9,9 @@ that every row is computed the same way however the rows are grouped into waves.
 dequantized in registers). ``prefill_attention_ref`` is the torch reference and the CPU
 path: per wave it dequantizes ``key_block`` cache rows at a time (never the whole cache)
 and updates each chunk's online-softmax state, so scratch is bounded by the budget and does
-not grow with N^2; its result is bit-identical for any wave grouping.
+not grow with N^2; its result is bit-identical for any wave grouping. ``window=W`` (reference
+only) also masks keys at positions <= qpos - W (sliding-window attention) and skips key
+blocks no row of the wave can see.
 
     plan = plan_waves(T, start, Hq, Hkv, D, budget=8 << 20)
     out, peak = prefill_attention_ref(q, cache.k, cache.v, "q8_0", start, D ** -0.5, Hkv, plan)
@@ -193,8 +195,8 @@ def dequant_rows_ref(buf: torch.Tensor, fmt: str, j0: int, j1: int, n_kv_heads: 
 
 
 def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
-                          start: int, scale: float, n_kv_heads: int, plan: WavePlan
-                          ) -> tuple[torch.Tensor, int]:
+                          start: int, scale: float, n_kv_heads: int, plan: WavePlan,
+                          window: int | None = None) -> tuple[torch.Tensor, int]:
     """Blocked causal attention in ``plan``'s waves; returns (out [T, Hq, D], peak scratch bytes).
 
     Per wave, every chunk of R query rows (zero-padded to R) is one batch entry; the cache is
@@ -230,7 +232,11 @@ def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Ten
         # wave grouping: bit-identical waves); a single short chunk (decode) reads only the
         # filled rows, so a decode step costs O(position), not O(block).
         limit = ends[-1] if len(plan.chunks) == 1 and T <= CHUNK_ROWS else n_rows
-        for j0 in range(0, ends[-1], KB):
+        # Sliding window: blocks wholly before every row's window are skipped. A skipped block
+        # would be fully masked for those rows (alpha 1, p 0), so skipping is bit-exact and
+        # the wave grouping still does not change any row's result.
+        lo = 0 if window is None else max(0, start + w0 - window + 1) // KB * KB
+        for j0 in range(lo, ends[-1], KB):
             j1 = min(j0 + KB, limit)
             first = next(i for i, e in enumerate(ends) if e > j0)
             kb = dequant_rows_ref(k_buf, fmt, j0, j1, Hkv, D)              # [Hkv, L, D]
@@ -240,10 +246,15 @@ def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Ten
             s = torch.matmul(qs[sub], kb.transpose(1, 2).unsqueeze(0))     # [C', Hkv, G*R, L]
             kpos = torch.arange(j0, j1, device=dev)
             mask = kpos[None, None, :] > qpos[sub][:, :, None]             # [C', R, L]
+            if window is not None:
+                mask = mask | (kpos[None, None, :] <= qpos[sub][:, :, None] - window)
             s.view(C - first, Hkv, G, R, L).masked_fill_(mask[:, None, None], float("-inf"))
             m_new = torch.maximum(m[sub], s.amax(dim=-1, keepdim=True))
-            alpha = torch.exp(m[sub] - m_new)
-            s.sub_(m_new).exp_()
+            m_exp = m_new
+            if window is not None:      # a row may have seen no key yet: keep exp() finite (its m
+                m_exp = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # stays -inf)
+            alpha = torch.exp(m[sub] - m_exp)
+            s.sub_(m_exp).exp_()
             l[sub] = l[sub] * alpha + s.sum(dim=-1, keepdim=True)
             pv = torch.matmul(s, vb.unsqueeze(0))                          # [C', Hkv, G*R, D]
             acc[sub] = acc[sub] * alpha + pv
