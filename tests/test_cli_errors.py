@@ -9,6 +9,7 @@ surgery) and checks the message names the file and the problem.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -214,3 +215,46 @@ def cli_runs(tmp_path_factory) -> dict:
     with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 1)) as pool:
         futures = {key: pool.submit(run_cli, *args) for key, (_, args) in jobs.items()}
         return {key: (jobs[key][0], f.result()) for key, f in futures.items()}
+
+
+# -- Unexpected exceptions (a bug, not bad input) ------------------------------------------------
+def _saved_traceback(line: str) -> Path:
+    m = re.search(r"(/\S+kvbench-traceback-\S+\.txt)", line)
+    assert m, line
+    return Path(m.group(1))
+
+
+def test_engine_cli_bug_is_one_line_and_a_saved_traceback(monkeypatch, capsys):
+    import engine
+    from engine import cli
+
+    def broken(*args, **kwargs):
+        raise ZeroDivisionError("injected bug")
+
+    monkeypatch.setattr(engine, "load", broken)
+    assert cli.main(["generate", "tiny-qwen3", "hi"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "ZeroDivisionError" in err[0] and "Traceback" not in err[0]
+    saved = _saved_traceback(err[0])
+    try:
+        text = saved.read_text()
+        assert text.startswith("Traceback") and "injected bug" in text and "def broken" not in err[0]
+    finally:
+        saved.unlink()
+
+
+def test_harness_cli_bug_is_one_line_and_a_saved_traceback(monkeypatch, capsys, tmp_path):
+    from harness import cli, runner
+
+    def broken(args):
+        raise KeyError("injected bug")
+
+    monkeypatch.setattr(runner, "main", broken)
+    assert cli.main(["run", "suites/smoke.toml", "--out", str(tmp_path / "o")]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "KeyError" in err[0] and "Traceback" not in err[0]
+    saved = _saved_traceback(err[0])
+    try:
+        assert "injected bug" in saved.read_text()
+    finally:
+        saved.unlink()
