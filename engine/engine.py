@@ -255,6 +255,11 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     ledger = Ledger(dev)   # before any allocation, so `unaccounted` sees everything
     plan = make_plan(spec, kv_dtype=kv_dtype, ctx=ctx, vram_budget=vram_budget, n_gpu_layers=n_gpu_layers,
                      wave_budget_bytes=wave, weight_format=weight_format, device=dev)
+    swa_on_triton = [i for i in spec.swa_layers if plan.layer_tiers[i] == "trunk"]
+    if swa_on_triton and kvmod.kernels.use_triton(dev):   # fail at load, not mid-prefill
+        raise ConfigError(f"{path.name}: layers {swa_on_triton[:3]}... use sliding-window attention, "
+                          f"which is implemented only in the torch path",
+                          "use KVBENCH_ATTN_BACKEND=torch or device cpu")
     wdtype = WEIGHT_DTYPES.get(weight_format)
     if wdtype is None:
         raise ConfigError(f"weight_format {weight_format!r} cannot be applied by this engine "

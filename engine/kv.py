@@ -7,8 +7,9 @@ same in bfloat16 (round to nearest even), q8_0 ``uint8 [max_tokens, Hkv*D/32*34]
 ``start..start+T-1`` (k, v: [T, Hkv, D] float32) in that format; ``attend(q, start, scale)``
 returns [T, Hq, D] float32 for queries at positions ``start..start+T-1`` attending causally to
 rows ``[0, start+T)`` (with ``window=W``: only keys at positions > qpos - W, Gemma's sliding
-window; torch path only, the Triton kernels raise ConfigError), reading the values the cache holds (Triton kernels on CUDA, their torch
-references elsewhere; ``engine.kernels.set_backend`` forces either). Prefills take waves of
+window; torch path only, the Triton kernels raise ConfigError), reading the values the cache
+holds (Triton kernels on CUDA, their torch references elsewhere; ``engine.kernels.set_backend``
+forces either). Prefills take waves of
 query rows sized from ``wave_budget_bytes`` (``last_waves``, ``peak_scratch_bytes``).
 ``dtype`` is read from the allocated buffers, never from the request; ``nbytes`` is exact.
 ``make_layer_kv`` applies the q8_0 geometry guard; ``quantize_q8_0``/``dequantize_q8_0`` are

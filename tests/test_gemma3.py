@@ -169,3 +169,12 @@ def test_window_on_triton_path_is_refused():
     finally:
         kernels.set_backend(prev)
     assert math.isfinite(c.attend(torch.randn(8, 2, 32), 0, 32 ** -0.5, window=4).sum().item())
+
+
+def test_load_refuses_sliding_window_on_triton(eng):
+    prev = kernels.set_backend("triton")      # what auto picks on CUDA
+    try:
+        with pytest.raises(ConfigError, match="only in the torch path"):
+            engine.load(eng.path, ctx=64)
+    finally:
+        kernels.set_backend(prev)
