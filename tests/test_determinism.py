@@ -45,6 +45,9 @@ def timeless(rec: dict) -> dict:
 def test_smoke_suite_twice_gives_identical_records(tmp_path):
     # two CLI runs side by side, one torch thread each (the same settings for both runs;
     # on 2 cores this takes about half the wall time of two runs in a row)
+    # fetch/generate the suite's model once first: the two runs then only read the cache
+    from engine.models import resolve
+    resolve("tiny-qwen3")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     procs = [subprocess.Popen([sys.executable, "-m", "harness", "run", "suites/smoke.toml", "--out",
                                str(tmp_path / name), "--no-progress"], cwd=ROOT, env=env,
