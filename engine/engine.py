@@ -75,12 +75,6 @@ def load_weights(g: GGUFFile, spec: ModelSpec) -> tuple[list[LayerWeights], torc
     return layers, embed, out_norm, output
 
 
-def _make_kv(spec, layer, ctx, kv_dtype, device, wave_budget_bytes):
-    if hasattr(kvmod, "make_layer_kv"):
-        return kvmod.make_layer_kv(spec, layer, ctx, kv_dtype, device, wave_budget_bytes=wave_budget_bytes)
-    return kvmod.LayerKV(layer, spec.n_kv_heads, spec.head_dim, ctx, kv_dtype, device)
-
-
 class Engine:
     def __init__(self, path: Path, g: GGUFFile, spec: ModelSpec, model: Transformer, tokenizer,
                  kv_dtype: str, device: torch.device, ctx: int, wave_budget_bytes: int,
@@ -89,7 +83,8 @@ class Engine:
         self.kv_dtype_requested, self.device, self.ctx = kv_dtype, device, ctx
         self.wave_budget_bytes = wave_budget_bytes
         wanted = layer_kv_dtypes or [kv_dtype] * spec.n_layers
-        self.caches = [_make_kv(spec, i, ctx, wanted[i], model.layer_devices[i], wave_budget_bytes)
+        self.caches = [kvmod.make_layer_kv(spec, i, ctx, wanted[i], model.layer_devices[i],
+                                           wave_budget_bytes=wave_budget_bytes)
                        for i in range(spec.n_layers)]
         self.plan = self.ledger = self.expert_cache = None
         self.pos = 0
@@ -305,7 +300,7 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     eng = Engine(path, g, spec, model_, tokenizer, kv_dtype, dev, ctx, wave,
                  layer_kv_dtypes=plan.layer_kv_dtypes)
     for i, c in enumerate(eng.caches):
-        for j, buf in enumerate(_kv_buffers(c)):
+        for j, buf in enumerate((c.k, c.v)):
             ledger.register("kv", buf, tiers[i], name=f"blk.{i}.kv.{j}")
     eng.plan, eng.ledger, eng.expert_cache = plan, ledger, cache
     return eng
@@ -336,7 +331,3 @@ def _store(lw: LayerWeights, dtype: torch.dtype) -> LayerWeights:
     return lw
 
 
-def _kv_buffers(cache) -> list[torch.Tensor]:
-    if hasattr(cache, "buffers"):
-        return list(cache.buffers())
-    return [cache.k, cache.v]
