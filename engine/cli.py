@@ -22,6 +22,25 @@ import torch
 from .errors import EngineError, out_of_memory
 
 
+def _plan_for(model, kv_dtype: str, ctx: int, device):
+    """The planner's view of a load (metadata only), for an out-of-memory message."""
+    try:
+        from .planner import plan, spec_for_model
+        return plan(spec_for_model(str(model)), kv_dtype=kv_dtype, ctx=ctx, device=device)
+    except Exception:  # noqa: BLE001 - the message then says no plan was made
+        return None
+
+
+def load_explained(model, *, kv_dtype: str, device, ctx: int):
+    """``engine.load`` where an allocator failure becomes ``OutOfMemoryError`` (exit 2) with
+    the planner's numbers and the free memory, instead of a raw torch error (exit 3)."""
+    from . import load
+    try:
+        return load(model, kv_dtype=kv_dtype, device=device, ctx=ctx)
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory("load", _plan_for(model, kv_dtype, ctx, device), device, exc) from None
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", default="fp32", help="KV cache dtype: fp32, bf16, q8_0")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
