@@ -26,6 +26,7 @@ from .models import resolve
 from .spec import ModelSpec
 
 DEFAULT_WAVE_BUDGET = 256 << 20
+DECODE_MODES = ("auto", "eager", "static", "cuda_graph")
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -89,6 +90,8 @@ class Engine:
         self.plan = self.ledger = self.expert_cache = None
         self.pos = 0
         self.last_prefill_stats: dict = {}
+        self._static = None
+        self.set_decode_mode(os.environ.get("KVBENCH_DECODE_MODE", "auto").strip() or "auto")
 
     # -- observables ---------------------------------------------------------------------
     @property
@@ -115,7 +118,15 @@ class Engine:
     def _step(self, ids: list[int]) -> torch.Tensor:
         """Run ``ids`` at the current position; returns final hidden states [T, d]."""
         self._check_ctx(self.pos + len(ids))
-        h = self.model.forward(torch.tensor(ids, dtype=torch.long), self.pos, self.caches)
+        try:
+            h = self.model.forward(torch.tensor(ids, dtype=torch.long), self.pos, self.caches)
+        except torch.OutOfMemoryError as exc:
+            from .errors import out_of_memory
+            T = len(ids)
+            stage = f"decode at position {self.pos}" if T == 1 else f"prefill of {T} tokens at position {self.pos}"
+            if T > 1 and getattr(exc, "wave_prefill", None):     # LayerKV.attend's smallest wave failed
+                stage = f"wave {stage} ({exc.wave_prefill})"
+            raise out_of_memory(stage, self.plan, self.device, exc) from None
         self.pos += len(ids)
         return h
 
@@ -149,15 +160,62 @@ class Engine:
     @torch.inference_mode()
     def decode(self, token: int) -> torch.Tensor:
         """Append one token after ``prefill``/``decode``; returns its logits [vocab]."""
-        return self.model.head(self._step([int(token)]))[0].float()
+        if self.decode_path == "eager":
+            return self.model.head(self._step([int(token)]))[0].float()
+        return self._static_step(int(token))[0].clone()
+
+    # -- decode path ---------------------------------------------------------------------
+    def set_decode_mode(self, mode: str) -> str:
+        """How single-token steps run: ``eager`` (``Transformer.forward``), ``static`` (the
+        position on the device, ``engine.cuda_graph``), ``cuda_graph`` (static, captured and
+        replayed) or ``auto`` (cuda_graph on CUDA when the engine allows it, else eager). A
+        mode that cannot be applied raises ConfigError; ``decode_path`` and
+        ``decode_path_reason`` say what was applied. Returns the path."""
+        from .cuda_graph import eligibility
+        if mode not in DECODE_MODES:
+            raise ConfigError(f"decode mode {mode!r} is not one of {', '.join(DECODE_MODES)}",
+                              "pick one of those (KVBENCH_DECODE_MODE or eng.set_decode_mode)")
+        why = eligibility(self)
+        if mode in ("static", "cuda_graph") and why:
+            raise ConfigError(f"decode mode {mode!r} cannot be applied: {why}", "use decode mode eager or auto")
+        if mode == "cuda_graph" and self.device.type != "cuda":
+            raise ConfigError(f"decode mode 'cuda_graph' needs a CUDA device, this engine runs on {self.device}",
+                              "use decode mode static (same step, not captured) or eager")
+        if mode == "auto":
+            path = "cuda_graph" if self.device.type == "cuda" and why is None else "eager"
+            reason = "auto: " + (why or ("no CUDA device" if path == "eager" else "eligible"))
+        else:
+            path, reason = mode, "requested"
+        self.decode_mode, self.decode_path, self.decode_path_reason = mode, path, reason
+        self._static = None
+        return path
+
+    def _static_step(self, token: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token through ``StaticDecode`` at ``self.pos``: (logits, argmax), both reused."""
+        from .cuda_graph import StaticDecode, eligibility
+        self._check_ctx(self.pos + 1)
+        if self._static is None:
+            why = eligibility(self)
+            if why:
+                raise ConfigError(f"decode path {self.decode_path!r} is no longer possible: {why}",
+                                  "call eng.set_decode_mode('eager')")
+            self._static = StaticDecode(self, capture=self.decode_path == "cuda_graph")
+        out = self._static.step(token, self.pos)
+        self.pos += 1
+        return out
 
     def _prefill_stats(self, n: int, seconds: float) -> None:
         waves = [getattr(c, "last_waves", None) for c in self.caches]
         scratch = [getattr(c, "peak_scratch_bytes", None) for c in self.caches]
+        retries = [r for c in self.caches if (r := getattr(c, "last_wave_retries", None)) is not None]
+        rows = [r for c in self.caches if (r := getattr(c, "last_wave_rows", None)) is not None]
         self.last_prefill_stats = {
             "tokens": n, "seconds": seconds,
             "waves": max((w for w in waves if w is not None), default=None),
             "peak_scratch_bytes": max((b for b in scratch if b is not None), default=None),
+            # waves redone smaller after an out-of-memory (all layers), the smallest wave size in force
+            "wave_retries": sum(retries) if retries else None,
+            "wave_rows": min(rows, default=None),
         }
 
     @torch.inference_mode()
@@ -171,18 +229,20 @@ class Engine:
         eos = set(self.tokenizer.eos_ids)
         if self.spec.eos_id is not None:
             eos.add(int(self.spec.eos_id))
-        h = self._step(tokens)[-1:]
+        nxt = int(self.model.head(self._step(tokens)[-1:]).argmax(-1)[0])
         new: list[int] = []
         self.last_stop_reason = "length"
         for _ in range(max_new_tokens):
-            nxt = int(self.model.head(h).argmax(-1)[0])
             new.append(nxt)
             if stop_at_eos and nxt in eos:
                 self.last_stop_reason = "eos"
                 break
             if len(new) == max_new_tokens:
                 break
-            h = self._step([nxt])
+            if self.decode_path == "eager":
+                nxt = int(self.model.head(self._step([nxt])).argmax(-1)[0])
+            else:
+                nxt = int(self._static_step(nxt)[1])
         return new
 
     @staticmethod

@@ -10,7 +10,9 @@ rows ``[0, start+T)`` (with ``window=W``: only keys at positions > qpos - W, Gem
 window; torch path only, the Triton kernels raise ConfigError), reading the values the cache
 holds (Triton kernels on CUDA, their torch references elsewhere; ``engine.kernels.set_backend``
 forces either). Prefills take waves of
-query rows sized from ``wave_budget_bytes`` (``last_waves``, ``peak_scratch_bytes``).
+query rows sized from ``wave_budget_bytes`` (``last_waves``, ``peak_scratch_bytes``); a wave
+that raises ``torch.OutOfMemoryError`` is redone in halves, same results (``last_wave_retries``,
+``last_wave_rows``), and only a failing smallest wave lets the error through.
 ``dtype`` is read from the allocated buffers, never from the request; ``nbytes`` is exact.
 ``make_layer_kv`` applies the q8_0 geometry guard; ``quantize_q8_0``/``dequantize_q8_0`` are
 byte-exact with ``gguf.quants``.
@@ -20,6 +22,7 @@ byte-exact with ``gguf.quants``.
 """
 from __future__ import annotations
 
+import bisect
 import os
 
 import torch
@@ -29,7 +32,8 @@ from . import kernels
 from .kernels import Q8_BLOCK, Q8_BYTES
 from .kernels.kv_append import kv_append, quantize_q8_0_ref, dequantize_q8_0_ref
 from .kernels.decode_attention import decode_attention
-from .kernels.prefill_attention import MAX_WAVE_ROWS, plan_waves, prefill_attention, prefill_attention_ref
+from .kernels.prefill_attention import (MAX_WAVE_ROWS, WavePlan, plan_waves, prefill_attention,
+                                        prefill_attention_ref)
 
 KV_DTYPES = ("fp32", "bf16", "q8_0")
 DEFAULT_WAVE_BUDGET = 256 << 20
@@ -59,6 +63,48 @@ def kv_bytes_per_token(n_kv_heads: int, head_dim: int, dtype: str) -> int:
                                   f"{n_kv_heads} x {head_dim} = {n}", "use fp32 or bf16")
         return 2 * n // Q8_BLOCK * Q8_BYTES
     raise ConfigError(f"kv_dtype {dtype!r} is not one of {', '.join(KV_DTYPES)}", "pick one of those")
+
+
+MIN_RETRY_ROWS = 16        # a Triton wave that runs out of memory is halved down to this many rows
+
+
+def _cut_at(cuts: list[int], r0: int, limit: int) -> int:
+    """The last cut in (r0, limit], else the first cut after r0 (``cuts`` sorted, ends at T)."""
+    i = bisect.bisect_right(cuts, limit)
+    if i and cuts[i - 1] > r0:
+        return cuts[i - 1]
+    return cuts[bisect.bisect_right(cuts, r0)]
+
+
+def _run_waves(waves, cuts: list[int], run, where: str) -> tuple[int, int, int]:
+    """Call ``run(r0, r1)`` for every wave. A wave that raises ``torch.OutOfMemoryError`` is
+    redone in halves that end on ``cuts`` (row offsets where a wave may end), and every later
+    wave is held to the size that fits; when a wave of one cut step still fails, the error
+    goes up with ``exc.wave_prefill`` saying where. Returns (waves run, retries, largest wave
+    run since the last retry)."""
+    cap, ran, retries, largest = None, 0, 0, 0
+    for w0, w1 in waves:
+        r0 = w0
+        while r0 < w1:
+            r1 = w1 if cap is None else _cut_at(cuts, r0, min(w1, r0 + cap))
+            try:
+                run(r0, r1)
+            except torch.OutOfMemoryError as exc:
+                half = _cut_at(cuts, r0, r0 + (r1 - r0) // 2)
+                if half >= r1:
+                    exc.wave_prefill = f"{where}: the smallest wave, rows {r0}..{r1}, after {retries} retries"
+                    raise
+                cap, retries, largest = half - r0, retries + 1, 0
+                continue
+            ran, largest, r0 = ran + 1, max(largest, r1 - r0), r1
+    return ran, retries, largest
+
+
+def _one_wave(plan: WavePlan, r0: int, r1: int) -> WavePlan:
+    """``plan`` restricted to rows [r0, r1) (whole chunks): the reference then runs those rows
+    with the same chunks and key blocks as in the full plan, so each row's result is unchanged."""
+    chunks = tuple(c for c in plan.chunks if r0 <= c[0] and c[1] <= r1)
+    return WavePlan(r1 - r0, plan.chunk_rows, plan.key_block, ((r0, r1),), chunks)
 
 
 class LayerKV:
@@ -135,13 +181,32 @@ class LayerKV:
                                        f"{self.max_tokens}", "load the engine with a larger ctx")
         fmt = self.dtype
         plan = plan_waves(T, start, Hq, self.n_kv_heads, D, self.wave_budget_bytes, self.wave_max_rows)
-        self.last_waves = plan.n_waves
+        self.last_waves, self.last_wave_retries = plan.n_waves, 0
+        self.last_wave_rows = max(r1 - r0 for r0, r1 in plan.waves)
         if window is not None and window <= 0:
             raise ConfigError(f"layer {self.layer}: sliding window {window} must be positive",
                               "pass window=None for global attention")
+        where = f"layer {self.layer}"
+        # A wave that runs out of memory is redone in smaller waves (_run_waves). The reference
+        # splits only at chunk ends (its rows stay bit-identical); the kernels at 16-row steps.
         if not kernels.use_triton(q.device) or D < 16 or D & (D - 1):   # kernels need pow2 D >= 16
-            out, self.peak_scratch_bytes = prefill_attention_ref(q, self.k, self.v, fmt, start, scale,
-                                                                 self.n_kv_heads, plan, window=window)
+            out, peak = None, 0
+
+            def ref_wave(r0: int, r1: int) -> None:
+                nonlocal out, peak
+                part, scratch = prefill_attention_ref(q, self.k, self.v, fmt, start, scale, self.n_kv_heads,
+                                                      _one_wave(plan, r0, r1), window=window)
+                peak = max(peak, scratch)
+                if (r0, r1) == (0, T):
+                    out = part
+                    return
+                if out is None:
+                    out = torch.empty(T, Hq, D, device=q.device, dtype=torch.float32)
+                out[r0:r1] = part[r0:r1]
+
+            self.last_waves, self.last_wave_retries, self.last_wave_rows = _run_waves(
+                plan.waves, [c1 for _, c1 in plan.chunks], ref_wave, where)
+            self.peak_scratch_bytes = peak
             return out
         if window is not None:
             raise ConfigError(f"layer {self.layer}: sliding-window attention is implemented only in the "
@@ -153,11 +218,33 @@ class LayerKV:
             self.peak_scratch_bytes = dmod.last_scratch_bytes
             return out
         out = torch.empty_like(q)
-        for r0, r1 in plan.waves:
+
+        def kernel_wave(r0: int, r1: int) -> None:
             prefill_attention(q[r0:r1], self.k, self.v, fmt, start + r0, scale, self.n_kv_heads,
                               out=out[r0:r1])
+
+        step = MIN_RETRY_ROWS   # cuts at absolute multiples of 16 rows, plus every planned wave end
+        cuts = sorted({x - start for x in range((start // step + 1) * step, start + T, step)}
+                      | {r1 for _, r1 in plan.waves})
+        self.last_waves, self.last_wave_retries, self.last_wave_rows = _run_waves(
+            plan.waves, cuts, kernel_wave, where)
         self.peak_scratch_bytes = 0        # the flash kernel keeps its tiles in registers
         return out
+
+    # -- position on the device (CUDA-graph decode) ------------------------------------------
+    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``write`` of one token at the position held by ``pos`` (one-element int tensor on
+        the cache's device); Triton only, no host sync, so a CUDA graph can capture it. The
+        caller guarantees ``pos < max_tokens`` (the graph's owner checks it on the host)."""
+        fmt = self.dtype
+        kv_append(self.k, None, k, fmt, pos=pos)
+        kv_append(self.v, None, v, fmt, pos=pos)
+
+    def attend_at(self, q: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
+        """``attend`` for one query row [1, Hq, D] at the position held by ``pos``."""
+        fmt = self.dtype
+        q = q.to(torch.float32).contiguous()
+        return decode_attention(q[0], self.k, self.v, fmt, None, scale, self.n_kv_heads, pos=pos)[None]
 
 
 def _fault() -> tuple[str, int | None]:
@@ -180,6 +267,8 @@ def make_layer_kv(spec, layer: int, max_tokens: int, dtype: str, device: str | t
 
     Only a narrowed layer (dtype != fp32) is checked; q8_0 on a layer whose
     n_kv_heads*head_dim is not a multiple of 32 raises KVGeometryError (never a fallback).
+    A sliding-window layer whose ring (``engine.kv_ring``: window + chunk rows) is smaller than
+    ``max_tokens`` gets a ``RingKV``.
     """
     if dtype not in KV_DTYPES:
         raise ConfigError(f"kv_dtype {dtype!r} is not one of {', '.join(KV_DTYPES)}", "pick one of those")
@@ -191,4 +280,8 @@ def make_layer_kv(spec, layer: int, max_tokens: int, dtype: str, device: str | t
         raise KVGeometryError(
             f"layer {layer}: kv_dtype q8_0 needs n_kv_heads*head_dim % {Q8_BLOCK} == 0, but this layer "
             f"has {hkv} x {d} = {hkv * d}", "use kv_dtype fp32 or bf16 for this model")
+    from .kv_ring import RingKV, layer_kv_rows
+    if layer_kv_rows(spec, layer, max_tokens) < max_tokens:   # sliding window: a ring of window + chunk
+        return RingKV(layer, hkv, d, max_tokens, spec.window(layer), dtype, device,
+                      wave_budget_bytes=wave_budget_bytes, **kw)
     return LayerKV(layer, hkv, d, max_tokens, dtype, device, wave_budget_bytes=wave_budget_bytes, **kw)

@@ -92,12 +92,23 @@ class Rope:
         self.cos = ang.cos().to(torch.float32).to(device)
         self.sin = ang.sin().to(torch.float32).to(device)
 
+    def ensure(self, n: int) -> None:
+        """Tables for positions [0, n) (``apply_at`` never grows them: it cannot see the position)."""
+        if n > self.cos.shape[0]:
+            self._build(max(n, 2 * self.cos.shape[0]), self.cos.device)
+
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
         T = x.shape[0]
-        if start + T > self.cos.shape[0]:
-            self._build(max(start + T, 2 * self.cos.shape[0]), self.cos.device)
-        cos = self.cos[start:start + T, None, :]   # [T, 1, D/2]
-        sin = self.sin[start:start + T, None, :]
+        self.ensure(start + T)
+        return self._rotate(x, self.cos[start:start + T, None, :], self.sin[start:start + T, None, :])
+
+    def apply_at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        """``apply`` for one row at the position held by ``pos`` (one-element long tensor on the
+        tables' device): a gather instead of a slice, so no host sync."""
+        return self._rotate(x, self.cos.index_select(0, pos)[:, None, :], self.sin.index_select(0, pos)[:, None, :])
+
+    def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        # cos, sin: [T, 1, D/2]
         if self.kind == "neox":
             x1, x2 = x[..., : self.head_dim // 2], x[..., self.head_dim // 2:]
             return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
@@ -126,7 +137,8 @@ class Transformer:
             self.ropes[key] = Rope(self.spec.head_dim, base, self.spec.rope_type, 4096, device=key[0])
         return self.ropes[key]
 
-    def attention(self, i: int, x: torch.Tensor, start: int, cache) -> torch.Tensor:
+    def attention(self, i: int, x: torch.Tensor, start: int, cache, pos: torch.Tensor | None = None) -> torch.Tensor:
+        """``pos`` (decode only): the position as a device tensor instead of ``start``."""
         s, w = self.spec, self.layers[i]
         T = x.shape[0]
         h = rms_norm(x, w.attn_norm, s.rms_eps)
@@ -139,9 +151,17 @@ class Transformer:
         if s.qk_norm == "head":
             q, k = rms_norm(q, w.q_norm, s.rms_eps), rms_norm(k, w.k_norm, s.rms_eps)
         rope = self._rope(x.device, s.rope_base_of(i))
+        window = s.window(i)
+        if pos is not None:
+            if window:
+                raise ValueError("device-position decode does not support sliding-window layers")
+            q, k = rope.apply_at(q, pos), rope.apply_at(k, pos)
+            cache.write_at(pos, k, v)
+            o = cache.attend_at(q, pos, self.scale)
+            o = mm(o.reshape(T, s.q_dim), w.wo)
+            return o if w.post_attn_norm is None else rms_norm(o, w.post_attn_norm, s.rms_eps)
         q, k = rope.apply(q, start), rope.apply(k, start)
         cache.write(start, k, v)
-        window = s.window(i)
         if window:
             o = cache.attend(q, start, self.scale, window=window)   # [T, Hq, D]
         else:
@@ -175,12 +195,26 @@ class Transformer:
             out.index_add_(0, rows, y * top_p[rows, slot, None])
         return out
 
-    def forward(self, tokens: torch.Tensor, start: int, caches) -> torch.Tensor:
-        """tokens [T] (host) -> final hidden [T, d] on the head device."""
+    def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [T] -> float32 [T, d] on the embedding's (host) device, scaled as the arch says."""
         x = self.embed[tokens.to(self.embed.device)]
         if self.spec.embed_scale:   # HF Gemma: times sqrt(d_model) cast to the embedding dtype
             x = x * torch.tensor(self.spec.d_model ** 0.5, dtype=x.dtype)
-        x = x.float()
+        return x.float()
+
+    def decode_at(self, x: torch.Tensor, pos: torch.Tensor, caches) -> torch.Tensor:
+        """One decode step with the position on the device: ``x`` [1, d] float32 embedded token
+        on the trunk device, ``pos`` one-element long tensor there. Every layer on that device,
+        dense FFNs only (the MoE path routes on the host); no host sync, so a CUDA graph can
+        capture it. Returns the final hidden [1, d]."""
+        for i in range(self.spec.n_layers):
+            x = x + self.attention(i, x, 0, caches[i], pos=pos)
+            x = x + self.ffn(i, x)
+        return x
+
+    def forward(self, tokens: torch.Tensor, start: int, caches) -> torch.Tensor:
+        """tokens [T] (host) -> final hidden [T, d] on the head device."""
+        x = self.embed_tokens(tokens)
         for i in range(self.spec.n_layers):
             dev = self.layer_devices[i]
             if x.device != dev:

@@ -73,15 +73,17 @@ def dot_f32(a, b, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER,
+def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
                          n_keys, keys_per_split, n_splits,
                          stride_k, stride_ks, stride_v, stride_vs, qk_scale,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                          BLOCK_N: tl.constexpr, FMT: tl.constexpr, PREC: tl.constexpr,
                          SPLIT: tl.constexpr, FUSE: tl.constexpr, S_PAD: tl.constexpr,
-                         BLOCK_S: tl.constexpr):
+                         BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
     h = tl.program_id(0)            # KV head
     sp = tl.program_id(1)           # context split
+    if DEV_POS:                     # n_keys = position + 1 read on the device (CUDA graphs)
+        n_keys = tl.load(POS).to(tl.int32) + 1
     offs_g = tl.arange(0, G_PAD)
     offs_d = tl.arange(0, D)
     gmask = offs_g < G
@@ -174,12 +176,12 @@ def _dot2(a, bh, bl, SPLIT: tl.constexpr, TERMS: tl.constexpr = 2):
 
 
 @triton.jit
-def _decode_q8_kernel(Q, KW, VW, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER,
+def _decode_q8_kernel(Q, KW, VW, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
                       n_keys, keys_per_split, n_splits, stride_kw, stride_vw, qk_scale,
                       G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr, GB: tl.constexpr,
                       BLOCK_N: tl.constexpr, TAIL_W: tl.constexpr, SPLIT: tl.constexpr,
                       Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
-                      S_PAD: tl.constexpr, BLOCK_S: tl.constexpr):
+                      S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
     # A head segment is NB blocks of 34 bytes = SEG_W 4-byte words. The tensor-core dots run in
     # "byte space": column c = g * NB + b of the query operand holds head g's values of block
     # b at the byte offsets where block b's quants sit (zero elsewhere, scale bytes included),
@@ -192,6 +194,8 @@ def _decode_q8_kernel(Q, KW, VW, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER,
     GP: tl.constexpr = GB // NB
     h = tl.program_id(0)
     sp = tl.program_id(1)
+    if DEV_POS:
+        n_keys = tl.load(POS).to(tl.int32) + 1
     c = tl.arange(0, GB)
     g = c // NB
     b = c % NB
@@ -329,8 +333,13 @@ def q8_word_path(head_dim: int) -> bool:
 
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
-                     n_keys: int, scale: float, n_kv_heads: int, cfg: dict | None = None) -> torch.Tensor:
-    """q [Hq, D] float32 -> [Hq, D] float32 over cache rows [0, n_keys) (Triton)."""
+                     n_keys: int | None, scale: float, n_kv_heads: int, cfg: dict | None = None,
+                     pos: torch.Tensor | None = None) -> torch.Tensor:
+    """q [Hq, D] float32 -> [Hq, D] float32 over cache rows [0, n_keys) (Triton).
+
+    ``pos``: a one-element int device tensor holding ``n_keys - 1`` instead of ``n_keys``; the
+    launch then does not depend on the position (the splits cover the whole buffer and empty
+    ones weigh nothing), so it can be captured in a CUDA graph."""
     global last_scratch_bytes
     fmt_cfg = {k: v for k, v in FORMAT_CONFIG.get(fmt, {}).items() if _ENV_KEYS[k] not in os.environ}
     cfg = {**CONFIG, **fmt_cfg, **(cfg or {})}
@@ -338,12 +347,18 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if Hq % n_kv_heads or D & (D - 1) or D < 16:
         raise ValueError(f"decode kernel needs Hq % Hkv == 0 and a power-of-two head_dim >= 16 "
                          f"(Hq={Hq}, Hkv={n_kv_heads}, D={D})")
-    if n_keys < 1:
+    if pos is not None:
+        n_keys, grid_keys = 1, k_buf.shape[0]
+    elif n_keys < 1:
         raise ValueError("decode attention needs at least one key")
+    else:
+        grid_keys = n_keys
     G = Hq // n_kv_heads
     split = not interpreted()
     q = q.to(torch.float32).contiguous()
-    per, splits = split_plan(n_keys, n_kv_heads, q.device, cfg)
+    per, splits = split_plan(grid_keys, n_kv_heads, q.device, cfg)
+    dev_pos = {"DEV_POS": pos is not None}
+    pos = q if pos is None else pos
     m = torch.empty(Hq, splits, device=q.device, dtype=torch.float32)
     l = torch.empty_like(m)
     acc = torch.empty(Hq, splits, D, device=q.device, dtype=torch.float32)
@@ -357,18 +372,19 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         nb = D // 32
         kw, vw = k_buf.view(torch.int32), v_buf.view(torch.int32)
         _decode_q8_kernel[(n_kv_heads, splits)](
-            q, kw, vw, m, l, acc, out, counter, n_keys, per, splits, kw.stride(0), vw.stride(0),
+            q, kw, vw, m, l, acc, out, counter, pos, n_keys, per, splits, kw.stride(0), vw.stride(0),
             scale * LOG2E,
             G=G, D=D, NB=nb, GB=max(16, triton.next_power_of_2(G * nb)), BLOCK_N=cfg["block_n"],
             TAIL_W=max(4, triton.next_power_of_2(nb // 2)), SPLIT=split,
-            Q_TERMS=cfg["q8_terms"][0], P_TERMS=cfg["q8_terms"][1], **comb, **launch)
+            Q_TERMS=cfg["q8_terms"][0], P_TERMS=cfg["q8_terms"][1], **comb, **dev_pos, **launch)
     else:
         kv, ks, sk, sks = cache_args(k_buf, fmt)
         vv, vs, sv, svs = cache_args(v_buf, fmt)
         _decode_split_kernel[(n_kv_heads, splits)](
-            q, kv, ks, vv, vs, m, l, acc, out, counter, n_keys, per, splits, sk, sks, sv, svs, scale * LOG2E,
+            q, kv, ks, vv, vs, m, l, acc, out, counter, pos, n_keys, per, splits, sk, sks, sv, svs,
+            scale * LOG2E,
             G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=cfg["block_n"],
-            FMT=KV_FORMAT_CODES[fmt], PREC=cfg["precision"], SPLIT=split, **comb, **launch)
+            FMT=KV_FORMAT_CODES[fmt], PREC=cfg["precision"], SPLIT=split, **comb, **dev_pos, **launch)
     if not fuse:
         _decode_combine_kernel[(Hq,)](m, l, acc, out, splits, D=D, S_PAD=comb["S_PAD"],
                                       BLOCK_S=comb["BLOCK_S"], num_warps=4)

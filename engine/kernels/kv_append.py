@@ -21,14 +21,18 @@ from . import KV_FORMAT_CODES, Q8_BLOCK, Q8_BYTES, use_triton
 
 # --- Triton kernel --------------------------------------------------------------------------
 @triton.jit
-def _kv_append_kernel(X, OUT, OUT_S, n_cols, stride_x, stride_out, stride_out_s,
-                      FMT: tl.constexpr, BLOCK: tl.constexpr):
+def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_out_s,
+                      FMT: tl.constexpr, BLOCK: tl.constexpr, DEV_POS: tl.constexpr):
     # grid: (T, cdiv(n_cols, BLOCK)); one program stores BLOCK values of one token row.
+    # DEV_POS: OUT is the whole buffer and the first row is read from POS (a device int), so
+    # the launch is the same at every position (CUDA graphs).
     t = tl.program_id(0)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     mask = c < n_cols
     x = tl.load(X + t * stride_x + c, mask=mask, other=0.0)
     row = t.to(tl.int64)
+    if DEV_POS:
+        row += tl.load(POS).to(tl.int64)
     if FMT == 0:
         tl.store(OUT + row * stride_out + c, x, mask=mask)
     elif FMT == 1:
@@ -59,19 +63,25 @@ def _kv_append_kernel(X, OUT, OUT_S, n_cols, stride_x, stride_out, stride_out_s,
         tl.store(OUT_S + row * stride_out_s + b * 17, d.to(tl.float16), mask=b * 32 < n_cols)
 
 
-def kv_append(buf: torch.Tensor, start: int, x: torch.Tensor, fmt: str) -> None:
-    """Store ``x`` [T, Hkv, D] float32 into ``buf`` rows ``start..``; Triton or torch per backend."""
+def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
+              pos: torch.Tensor | None = None) -> None:
+    """Store ``x`` [T, Hkv, D] float32 into ``buf`` rows ``start..``; Triton or torch per backend.
+
+    ``pos`` (Triton only): a one-element int device tensor holding ``start`` instead, so the
+    launch does not depend on the position (no host sync, capturable in a CUDA graph)."""
+    if pos is not None and not use_triton(buf.device):
+        raise ValueError("kv_append(pos=...) needs the Triton backend")
     if not use_triton(buf.device):
         kv_append_ref(buf, start, x, fmt)
         return
     T = x.shape[0]
     n_cols = x.shape[1] * x.shape[2]
     x2 = x.reshape(T, n_cols).to(torch.float32).contiguous()
-    dst = buf[start:start + T]
+    dst = buf if pos is not None else buf[start:start + T]
     if fmt == "fp32":
-        out, out_s, stride_s = dst.view(T, n_cols), dst, 0
+        out, out_s, stride_s = dst.view(dst.shape[0], n_cols), dst, 0
     elif fmt == "bf16":
-        out, out_s, stride_s = dst.view(T, n_cols).view(torch.int16), dst, 0
+        out, out_s, stride_s = dst.view(dst.shape[0], n_cols).view(torch.int16), dst, 0
     elif fmt == "q8_0":
         if n_cols % Q8_BLOCK:
             raise ValueError(f"q8_0 rows need a multiple of {Q8_BLOCK} values, got {n_cols}")
@@ -82,8 +92,9 @@ def kv_append(buf: torch.Tensor, start: int, x: torch.Tensor, fmt: str) -> None:
     BLOCK = min(1024, triton.next_power_of_2(n_cols)) if fmt != "q8_0" else \
         min(256, triton.next_power_of_2(n_cols))
     grid = (T, triton.cdiv(n_cols, BLOCK))
-    _kv_append_kernel[grid](x2, out, out_s, n_cols, x2.stride(0), out.stride(0), stride_s,
-                            FMT=KV_FORMAT_CODES[fmt], BLOCK=BLOCK)
+    _kv_append_kernel[grid](x2, out, out_s, x2 if pos is None else pos, n_cols, x2.stride(0),
+                            out.stride(0), stride_s, FMT=KV_FORMAT_CODES[fmt], BLOCK=BLOCK,
+                            DEV_POS=pos is not None)
 
 
 # --- torch references -----------------------------------------------------------------------

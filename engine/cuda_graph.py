@@ -1,0 +1,101 @@
+"""Decode step with the position on the device, replayed from a CUDA graph.
+
+Contract: ``StaticDecode(eng)`` owns a static input row ``x`` [1, d] (the embedded token, on
+the trunk device), a static position ``pos`` (one-element long tensor) and runs
+``Transformer.decode_at`` + the head + argmax with those, so every launch of a step is the
+same at every position: KV append and decode attention read the position from ``pos``
+(``engine.kernels``' ``pos=`` launches), RoPE gathers its row. On CUDA the step is captured
+once in a ``torch.cuda.CUDAGraph`` (first call, after a warm-up on a side stream that runs
+the same step, so it writes the same KV row) and replayed; on CPU (Triton interpreter) the
+same static step runs eagerly, which is how CI checks it against the ordinary decode.
+``step(token, pos)`` returns (logits [vocab] float32, argmax as a 0-d device tensor); the
+returned tensors are overwritten by the next step.
+
+``eligibility(eng)`` says why an engine cannot take this path (None if it can): it needs the
+Triton attention backend, every layer and the head on one device, no MoE layer (routing
+chooses experts on the host) and no sliding-window layer.
+
+    sd = StaticDecode(eng)
+    logits, nxt = sd.step(token, eng.pos)
+"""
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+
+
+def eligibility(eng) -> str | None:
+    """None when ``eng`` can decode through ``StaticDecode``; otherwise the reason, one line."""
+    m, spec = eng.model, eng.spec
+    if not kernels.use_triton(eng.device):
+        return "the attention backend is torch (static decode needs the Triton kernels)"
+    if any(d != eng.device for d in m.layer_devices) or m.head_device != eng.device:
+        return "the model is split across devices (hybrid); only the eager step crosses tiers"
+    if spec.moe_layers:
+        return "MoE layers route experts on the host"
+    if spec.swa_layers:
+        return "sliding-window layers use the torch attention path"
+    return None
+
+
+class StaticDecode:
+    def __init__(self, eng, capture: bool | None = None):
+        why = eligibility(eng)
+        if why is not None:
+            raise ValueError(f"static decode is not possible: {why}")
+        self.eng, self.model, self.caches = eng, eng.model, eng.caches
+        dev = eng.device
+        self.capture = dev.type == "cuda" if capture is None else capture
+        spec = eng.spec
+        for i in range(spec.n_layers):   # RoPE tables for the whole ctx before anything captures them
+            self.model._rope(dev, spec.rope_base_of(i)).ensure(eng.ctx)
+        self.x = torch.zeros(1, spec.d_model, dtype=torch.float32, device=dev)
+        self.pos = torch.zeros(1, dtype=torch.long, device=dev)
+        pin = dev.type == "cuda"
+        self._stage = torch.zeros(1, spec.d_model, dtype=torch.float32, pin_memory=pin)
+        self._staged = torch.cuda.Event() if pin else None
+        self.graph = None
+        self.logits = self.next = None
+        self.pool_bytes = 0           # bytes the captured graph keeps allocated (its outputs)
+
+    def _body(self):
+        h = self.model.decode_at(self.x, self.pos, self.caches)
+        logits = self.model.head(h)[0].float()
+        return logits, logits.argmax()
+
+    def _load(self, token: int, pos: int) -> None:
+        if not 0 <= pos < self.eng.ctx:
+            raise IndexError(f"position {pos} outside the cache of {self.eng.ctx}")
+        if self._staged is not None:
+            self._staged.synchronize()           # the previous copy out of the stage is done
+        self._stage.copy_(self.model.embed_tokens(torch.tensor([int(token)])))
+        self.x.copy_(self._stage, non_blocking=True)
+        if self._staged is not None:
+            self._staged.record()
+        self.pos.fill_(pos)
+
+    def step(self, token: int, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        self._load(token, pos)
+        if not self.capture:
+            return self._body()
+        if self.graph is None:
+            self._capture()
+        self.graph.replay()
+        return self.logits, self.next
+
+    def _capture(self) -> None:
+        # Warm-up (Triton compiles, cuBLAS picks kernels) on a side stream, as torch's docs ask;
+        # it runs the very step about to be replayed, so the KV row it writes is the right one.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._body()
+        torch.cuda.current_stream().wait_stream(side)
+        before = torch.cuda.memory_allocated(self.eng.device)
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            self.logits, self.next = self._body()
+        self.pool_bytes = torch.cuda.memory_allocated(self.eng.device) - before
+        self.graph = g
