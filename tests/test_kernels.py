@@ -18,6 +18,7 @@ from engine import kernels
 from engine.kv import KV_DTYPES, LayerKV, dequantize_q8_0
 from engine.kernels.decode_attention import decode_attention, decode_attention_ref, decode_bytes_read
 from engine.kernels.kv_append import kv_append, kv_append_ref
+from engine.kernels.prefill_attention import CONFIG as PREFILL_CONFIG
 from engine.kernels.prefill_attention import plan_waves, prefill_attention, prefill_attention_ref
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -179,4 +180,20 @@ def test_gpu_wave_prefill_matches_one_pass(fmt, triton_backend):
     assert waves.last_waves >= 3 and one.last_waves == 1
     assert_close(f"gpu waves vs one pass {fmt}", b, a, 1e-3)
     kernels.set_backend("torch")
-    assert_close(f"gpu waves vs torch {fmt}", waves.attend(q, 0, D ** -0.5), a, 1e-4)
+    flash = fmt == "bf16" and PREFILL_CONFIG["bf16_flash"]   # q and p rounded to bf16 (as HF's SDPA)
+    assert_close(f"gpu waves vs torch {fmt}", waves.attend(q, 0, D ** -0.5), a, 2e-2 if flash else 1e-4)
+
+
+@pytest.mark.gpu
+def test_gpu_bf16_flash_prefill_chunk_matches_ref(triton_backend):
+    """Flash attention over a bf16 cache for a chunk after cached rows: the causal mask must be
+    aligned to the last row (a top-left mask would let row 0 see only key 0)."""
+    start, T, Hq, Hkv, D = 700, 1300, 32, 8, 128
+    cache, gen = filled("bf16", Hkv, D, start + T, seed=5)
+    q = torch.randn(T, Hq, D, device=DEV, generator=gen)
+    plan = plan_waves(T, start, Hq, Hkv, D, 256 << 20)
+    ref, _ = prefill_attention_ref(q, cache.k, cache.v, "bf16", start, D ** -0.5, Hkv, plan)
+    flash = prefill_attention(q, cache.k, cache.v, "bf16", start, D ** -0.5, Hkv, cfg={"bf16_flash": True})
+    assert_close("gpu bf16 flash chunk", ref, flash, 2e-2)
+    tri = prefill_attention(q, cache.k, cache.v, "bf16", start, D ** -0.5, Hkv, cfg={"bf16_flash": False})
+    assert_close("gpu bf16 triton chunk", ref, tri, TOL["bf16"])

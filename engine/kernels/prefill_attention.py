@@ -38,6 +38,9 @@ CONFIG = {
     "block_n": int(os.environ.get("KVBENCH_PREFILL_BLOCK_N", "64")),
     "precision": os.environ.get("KVBENCH_ATTN_PRECISION", "tf32x3"),
     "num_warps": int(os.environ.get("KVBENCH_PREFILL_WARPS", "4")),
+    # bf16 caches on CUDA: torch's flash attention (FlashAttention-2) reads the cached bf16
+    # values directly; q and p are rounded to bf16 as in HF's bf16 SDPA. 0: the Triton kernel.
+    "bf16_flash": os.environ.get("KVBENCH_PREFILL_BF16_FLASH", "1") == "1",
 }
 
 
@@ -156,6 +159,8 @@ def prefill_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     """One wave (Triton): q [T, Hq, D] float32 at ``start`` -> [T, Hq, D] float32 (into ``out``)."""
     cfg = {**CONFIG, **(cfg or {})}
     T, Hq, D = q.shape
+    if fmt == "bf16" and cfg["bf16_flash"] and q.is_cuda and D % 8 == 0 and D <= 256:
+        return prefill_attention_flash(q, k_buf, v_buf, start, scale, out)
     if Hq % n_kv_heads or D & (D - 1) or D < 16:
         raise ValueError(f"prefill kernel needs Hq % Hkv == 0 and a power-of-two head_dim >= 16 "
                          f"(Hq={Hq}, Hkv={n_kv_heads}, D={D})")
@@ -171,6 +176,26 @@ def prefill_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
                           sk, sks, sv, svs, scale * LOG2E,
                           G=Hq // n_kv_heads, D=D, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
                           FMT=KV_FORMAT_CODES[fmt], PREC=cfg["precision"], num_warps=cfg["num_warps"])
+    return out
+
+
+def prefill_attention_flash(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int,
+                            scale: float, out: torch.Tensor | None = None) -> torch.Tensor:
+    """One wave over a bf16 cache with torch's flash attention (CUDA): q [T, Hq, D] at ``start``
+    attends to cache rows [0, start+T), causal aligned to the last row (flash's causal mask is
+    bottom-right when there are more keys than queries). GQA natively (no expanded K/V); the
+    cache rows are read in place as [1, Hkv, n, D] views."""
+    T, Hq, D = q.shape
+    n = start + T
+    qb = q.to(torch.bfloat16).transpose(0, 1)[None]                    # [1, Hq, T, D]
+    k = k_buf[:n].transpose(0, 1)[None]                                # [1, Hkv, n, D] view
+    v = v_buf[:n].transpose(0, 1)[None]
+    o = torch.ops.aten._scaled_dot_product_flash_attention(
+        qb, k, v, 0.0, is_causal=True, return_debug_mask=False, scale=scale)[0]
+    o = o[0].transpose(0, 1)                                           # [T, Hq, D]
+    if out is None:
+        return o.float()
+    out.copy_(o)
     return out
 
 
