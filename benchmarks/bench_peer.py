@@ -1,9 +1,12 @@
 """kvbench engine vs HF transformers on the same GGUF, on the GPU, side by side in one run.
 
 Contract: loads SmolLM2-135M from the same GGUF into HF transformers (bf16, SDPA, static
-cache) and into our engine (f32 and bf16 weights; fp32/bf16/q8_0 KV), then times greedy
-decode of ``--tg`` tokens after a 512-token prompt and prefill of 8192 / 16384 tokens
-(medians after warm-up, CUDA-synchronised). Prints a table and one JSON line last.
+cache) and into our engine (f32 and bf16 weights; fp32/bf16/q8_0 KV; decode path as the
+engine chooses it, plus one eager row), then times greedy decode of ``--tg`` tokens after
+prompts of ``--ctx`` tokens (512 / 4096 / 16384) and prefill of 8192 / 16384 tokens (medians
+after warm-up, CUDA-synchronised). Each decode row carries the bytes one token moves (weights
+read + KV read at that context), the achieved GB/s and the roofline tok/s against the measured
+device-to-device copy bandwidth. Prints a table and one JSON line last.
 
     python benchmarks/bench_peer.py --out peer.json
 """
@@ -37,31 +40,59 @@ def timed(fn, reps=3, warm=1):
     return statistics.median(out), out
 
 
+def copy_bandwidth(nbytes: int = 1 << 30) -> float:
+    """Device-to-device copy bandwidth in bytes/s (read + write counted), median of 5."""
+    a = torch.empty(nbytes, dtype=torch.uint8, device="cuda")
+    b = torch.empty_like(a)
+    t, _ = timed(lambda: b.copy_(a), reps=5, warm=2)
+    del a, b
+    return 2 * nbytes / t
+
+
+def kv_read_bytes(spec, ctx: int, fmt: str) -> int:
+    from engine.kernels.decode_attention import decode_bytes_read
+    return spec.n_layers * decode_bytes_read(ctx, spec.n_kv_heads, spec.head_dim, fmt)
+
+
+def with_roofline(row: dict, bytes_per_token: int, bw: float) -> dict:
+    row.update(bytes_per_token=bytes_per_token, gb_s=row["tok_s"] * bytes_per_token / 1e9,
+               roofline_tok_s=bw / bytes_per_token, roofline_frac=row["tok_s"] * bytes_per_token / bw)
+    return row
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tg", type=int, default=64)
+    ap.add_argument("--ctx", default="512,4096,16384", help="decode after prompts of these lengths")
     ap.add_argument("--prefill", default="8192,16384")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     path = resolve("smollm2-135m")
     g = torch.Generator().manual_seed(0)
-    prompt = torch.randint(100, 49000, (512,), generator=g).tolist()
+    ctxs = [int(x) for x in args.ctx.split(",")]
+    prompts = {c: torch.randint(100, 49000, (c,), generator=g).tolist() for c in ctxs}
+    prompt = prompts[ctxs[0]]
     rows = []
+    bw = copy_bandwidth()
+    print(f"device-to-device copy: {bw / 1e9:.0f} GB/s", flush=True)
 
     from transformers import AutoModelForCausalLM, StaticCache  # noqa: F401
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16,
                                               attn_implementation="sdpa").cuda().eval()
-    ids = torch.tensor([prompt], device="cuda")
+    hf_weights = sum(p.numel() * p.element_size() for p in hf.parameters())
+    for c in ctxs:
+        ids = torch.tensor([prompts[c]], device="cuda")
 
-    def hf_decode():
-        hf.generate(ids, max_new_tokens=args.tg, min_new_tokens=args.tg, do_sample=False,
-                    cache_implementation="static", pad_token_id=0)
-    with torch.no_grad():
-        t, s = timed(hf_decode, reps=3, warm=2)
-        # generate includes the 512-token prefill: time it alone and subtract
-        tp, _ = timed(lambda: hf(ids), reps=3)
-    rows.append({"impl": "hf-transformers bf16 sdpa static", "kv": "bf16", "what": f"tg{args.tg}@512",
-                 "tok_s": args.tg / max(t - tp, 1e-9), "samples_s": s})
+        def hf_decode():
+            hf.generate(ids, max_new_tokens=args.tg, min_new_tokens=args.tg, do_sample=False,
+                        cache_implementation="static", pad_token_id=0)
+        with torch.no_grad():
+            t, s = timed(hf_decode, reps=3, warm=2)
+            # generate includes the prompt's prefill: time it alone and subtract
+            tp, _ = timed(lambda: hf(ids, logits_to_keep=1), reps=3)
+        rows.append(with_roofline({"impl": "hf-transformers bf16 sdpa static", "kv": "bf16",
+                                   "what": f"tg{args.tg}@{c}", "tok_s": args.tg / max(t - tp, 1e-9),
+                                   "samples_s": s}, hf_weights + kv_read_bytes(spec_of(path), c, "bf16"), bw))
     for n in [int(x) for x in args.prefill.split(",")]:
         long = torch.randint(100, 49000, (1, n), generator=g).cuda()
         with torch.no_grad():
@@ -73,17 +104,27 @@ def main() -> int:
 
     for wf in ("f32", "bf16"):
         for kv in ("fp32", "bf16", "q8_0"):
-            eng = engine.load(path, device="cuda", kv_dtype=kv, ctx=16384 + 64, weight_format=wf)
+            eng = engine.load(path, device="cuda", kv_dtype=kv, ctx=max(ctxs + [16384]) + args.tg + 64,
+                              weight_format=wf)
+            weights = eng.ledger.current("weights", "trunk")   # every trunk matrix is read once per token
+            modes = [eng.decode_path] + (["eager"] if (wf, kv) == ("bf16", "bf16") and eng.decode_path != "eager" else [])
+            for mode in modes:
+                eng.set_decode_mode(mode)
+                for c in ctxs if mode != "eager" else ctxs[:1]:
+                    p = prompts[c]
 
-            def dec():
-                eng.prefill(prompt)
-                tok = prompt[-1]
-                for _ in range(args.tg):
-                    tok = int(eng.decode(tok).argmax())
-            t, s = timed(dec, reps=3)
-            tp, _ = timed(lambda: eng.prefill(prompt), reps=3)
-            rows.append({"impl": f"kvbench w{wf}", "kv": kv, "what": f"tg{args.tg}@512",
-                         "tok_s": args.tg / max(t - tp, 1e-9), "samples_s": s})
+                    def dec():
+                        eng.prefill(p)
+                        tok = p[-1]
+                        for _ in range(args.tg):
+                            tok = int(eng.decode(tok).argmax())
+                    t, s = timed(dec, reps=3)
+                    tp, _ = timed(lambda: eng.prefill(p), reps=3)
+                    rows.append(with_roofline({"impl": f"kvbench w{wf} {mode}", "kv": kv, "what": f"tg{args.tg}@{c}",
+                                               "tok_s": args.tg / max(t - tp, 1e-9), "samples_s": s,
+                                               "decode_path": eng.decode_path},
+                                              weights + kv_read_bytes(eng.spec, c, kv), bw))
+            eng.set_decode_mode("auto")
             for n in [int(x) for x in args.prefill.split(",")]:
                 long = torch.randint(100, 49000, (n,), generator=g).tolist()
                 t, s = timed(lambda: eng.prefill(long), reps=2)
@@ -93,13 +134,20 @@ def main() -> int:
             torch.cuda.empty_cache()
     for r in rows:
         print(f"{r['impl']:34s} KV {r['kv']:5s} {r['what']:10s} {r['tok_s']:12.1f} tok/s"
+              + (f"  {r['gb_s']:7.1f} GB/s  {100 * r['roofline_frac']:5.1f}% of roofline" if "gb_s" in r else "")
               + (f"  waves {r['waves']}" if r.get("waves") else ""))
-    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}
+    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw_bytes_s": bw, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1))
     print(json.dumps([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()
                        if k != "samples_s"} for r in rows]))
     return 0
+
+
+def spec_of(path):
+    from engine.gguf_io import open_gguf
+    from engine.spec import ModelSpec
+    return ModelSpec.from_gguf(open_gguf(path))
 
 
 if __name__ == "__main__":

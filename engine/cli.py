@@ -31,20 +31,28 @@ def _plan_for(model, kv_dtype: str, ctx: int, device):
         return None
 
 
-def load_explained(model, *, kv_dtype: str, device, ctx: int):
+def load_explained(model, *, kv_dtype: str, device, ctx: int, weight_format: str = "f32",
+                   decode_mode: str | None = None):
     """``engine.load`` where an allocator failure becomes ``OutOfMemoryError`` (exit 2) with
-    the planner's numbers and the free memory, instead of a raw torch error (exit 3)."""
+    the planner's numbers and the free memory, instead of a raw torch error (exit 3); then the
+    decode mode, if given (a mode that cannot be applied is a ConfigError, exit 2)."""
     from . import load
     try:
-        return load(model, kv_dtype=kv_dtype, device=device, ctx=ctx)
+        eng = load(model, kv_dtype=kv_dtype, device=device, ctx=ctx, weight_format=weight_format)
     except torch.OutOfMemoryError as exc:
         raise out_of_memory("load", _plan_for(model, kv_dtype, ctx, device), device, exc) from None
+    if decode_mode:
+        eng.set_decode_mode(decode_mode)
+    return eng
 
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", default="fp32", help="KV cache dtype: fp32, bf16, q8_0")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--ctx", type=int, default=4096, help="KV cache capacity in tokens")
+    p.add_argument("--weight-format", default="f32", help="matrices stored as f32, bf16 or f16")
+    p.add_argument("--decode-mode", default=None,
+                   help="auto (CUDA graph on CUDA when possible), eager, static or cuda_graph")
 
 
 # -- bench ---------------------------------------------------------------------------------
@@ -68,7 +76,8 @@ def bench_main(args) -> int:
     con = Console(stderr=False)
     t0 = time.perf_counter()
     eng = load_explained(args.model, kv_dtype=args.kv_dtype, device=args.device,
-                         ctx=max(args.ctx, args.prompt_tokens + args.decode_tokens + 8))
+                         ctx=max(args.ctx, args.prompt_tokens + args.decode_tokens + 8),
+                         weight_format=args.weight_format, decode_mode=args.decode_mode)
     load_s = time.perf_counter() - t0
 
     question = "What is the capital of France?"
@@ -103,6 +112,7 @@ def bench_main(args) -> int:
         "load_s": round(load_s, 3), f"logits{args.prompt_tokens}_s": round(pp_s, 3),
         f"pp{args.prompt_tokens}_tok_s": round(args.prompt_tokens / pp_s, 1),
         f"tg{args.decode_tokens}_tok_s": round(args.decode_tokens / tg_s, 2),
+        "weight_format": args.weight_format, "decode_path": eng.decode_path,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "answer": answer,
     }
@@ -114,6 +124,7 @@ def bench_main(args) -> int:
     table.add_row(f"prefill pp{args.prompt_tokens} (tok/s)", f"{args.prompt_tokens / pp_s:.1f}")
     table.add_row(f"greedy decode tg{args.decode_tokens} (tok/s, median of {args.repeats})", f"{args.decode_tokens / tg_s:.2f}")
     table.add_row("KV dtype applied", ", ".join(sorted(set(eng.kv_dtypes))))
+    table.add_row("decode path", f"{eng.decode_path} ({eng.decode_path_reason})")
     con.print(table)
     con.print(f"[bold]Q:[/bold] {question}\n[bold]A:[/bold] {answer}")
     print(json.dumps(result))
@@ -130,7 +141,8 @@ def generate_add_cli_args(p: argparse.ArgumentParser) -> None:
 
 
 def generate_main(args) -> int:
-    eng = load_explained(args.model, kv_dtype=args.kv_dtype, device=args.device, ctx=args.ctx)
+    eng = load_explained(args.model, kv_dtype=args.kv_dtype, device=args.device, ctx=args.ctx,
+                         weight_format=args.weight_format, decode_mode=args.decode_mode)
     if args.raw:
         ids = eng.tokenizer.encode(args.prompt, add_special_tokens=True)
     else:
@@ -169,15 +181,17 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_guarded(fn, args) -> int:
-    """Shared by the engine and harness CLIs: user errors -> exit 2, bugs -> exit 3."""
+def run_guarded(fn, args, interrupted: str = "error: interrupted") -> int:
+    """``fn(args)`` for the engine and harness CLIs: an ``EngineError`` prints ``error: ...``
+    (exit 2), Ctrl-C prints the one line ``interrupted`` (exit 130), any other exception one
+    line naming a saved traceback (exit 3)."""
     try:
         return int(fn(args) or 0)
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
+        print(interrupted, file=sys.stderr)
         return 130
     except Exception as exc:  # noqa: BLE001
         with tempfile.NamedTemporaryFile("w", prefix="kvbench-traceback-", suffix=".txt", delete=False) as fh:
