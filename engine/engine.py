@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from . import kv as kvmod
-from .errors import ConfigError, ContextOverflowError, ModelFileError
+from .errors import ConfigError, ContextOverflowError, ModelFileError, out_of_memory
 from .gguf_io import GGUFFile, open_gguf
 from .model import Experts, LayerWeights, Transformer
 from .models import resolve
@@ -42,37 +42,65 @@ def _device(device: str | torch.device) -> torch.device:
     return dev
 
 
-def load_weights(g: GGUFFile, spec: ModelSpec) -> tuple[list[LayerWeights], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Dequantize every tensor to float32 (host) with its shape checked against the spec."""
+def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float32,
+                 layer_devices: list[torch.device] | None = None, head_device: torch.device | None = None,
+                 pin_experts: bool = False, decode_device: torch.device | None = None,
+                 ) -> tuple[list[LayerWeights], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every tensor read straight into its storage, shape checked against the spec.
+
+    Matrices and routed experts are stored as ``dtype``, norms float32. Layer ``i``'s resident
+    tensors live on ``layer_devices[i]``; routed experts (``Experts``) and ``token_embd`` on the
+    host, experts in pinned memory when ``pin_experts``; ``output_norm`` and ``output`` on
+    ``head_device`` when given (the head's own tier: a tied output is then its own copy),
+    else on the host (a tied output is ``token_embd`` itself). Tensors are decoded one at a
+    time in chunks (``GGUFFile.tensor``), on ``decode_device`` when given (e.g. the GPU for
+    host-bound tensors: raw blocks go up, the stored dtype comes back), else on their own
+    device, so the host never holds more than the stored bytes plus one chunk of float32.
+    Defaults: everything float32 on the host."""
     d, q, kvd = spec.d_model, spec.q_dim, spec.kv_dim
+    host = torch.device("cpu")
+    layer_devices = layer_devices or [host] * spec.n_layers
+
+    def read(name, shape, dev, wdtype=dtype, pin=False):
+        if dev.type == "cpu" and (pin or (decode_device is not None and decode_device != dev)):
+            out = torch.empty(shape, dtype=wdtype, pin_memory=pin)
+            return g.tensor(name, shape, dtype=wdtype, device=decode_device or host, out=out)
+        return g.tensor(name, shape, dtype=wdtype, device=dev)
+
     layers = []
     for i in range(spec.n_layers):
-        p = f"blk.{i}."
-        t = lambda name, shape=None: g.tensor(p + name, shape)  # noqa: E731
+        p, dev = f"blk.{i}.", layer_devices[i]
+        t = lambda name, shape: read(p + name, shape, dev)                        # noqa: E731
+        norm = lambda name, shape: read(p + name, shape, dev, torch.float32)      # noqa: E731
         lw = LayerWeights(
-            attn_norm=t("attn_norm.weight", (d,)), wq=t("attn_q.weight", (q, d)),
+            attn_norm=norm("attn_norm.weight", (d,)), wq=t("attn_q.weight", (q, d)),
             wk=t("attn_k.weight", (kvd, d)), wv=t("attn_v.weight", (kvd, d)),
-            wo=t("attn_output.weight", (d, q)), ffn_norm=t("ffn_norm.weight", (d,)))
+            wo=t("attn_output.weight", (d, q)), ffn_norm=norm("ffn_norm.weight", (d,)))
         if spec.qk_norm == "head":
-            lw.q_norm, lw.k_norm = t("attn_q_norm.weight", (spec.head_dim,)), t("attn_k_norm.weight", (spec.head_dim,))
+            lw.q_norm, lw.k_norm = norm("attn_q_norm.weight", (spec.head_dim,)), norm("attn_k_norm.weight", (spec.head_dim,))
         elif spec.qk_norm == "full":
-            lw.q_norm, lw.k_norm = t("attn_q_norm.weight", (q,)), t("attn_k_norm.weight", (kvd,))
+            lw.q_norm, lw.k_norm = norm("attn_q_norm.weight", (q,)), norm("attn_k_norm.weight", (kvd,))
         if spec.post_norms:
-            lw.post_attn_norm = t("post_attention_norm.weight", (d,))
-            lw.post_ffn_norm = t("post_ffw_norm.weight", (d,))
+            lw.post_attn_norm = norm("post_attention_norm.weight", (d,))
+            lw.post_ffn_norm = norm("post_ffw_norm.weight", (d,))
         if i in spec.moe_layers:
             E, ff = spec.n_experts, spec.d_ff_expert
             lw.router = t("ffn_gate_inp.weight", (E, d))
-            lw.experts = Experts(t("ffn_gate_exps.weight", (E, ff, d)), t("ffn_up_exps.weight", (E, ff, d)),
-                                 t("ffn_down_exps.weight", (E, d, ff)))
+            lw.experts = Experts(*(read(p + name, shape, host, pin=pin_experts) for name, shape in (
+                ("ffn_gate_exps.weight", (E, ff, d)), ("ffn_up_exps.weight", (E, ff, d)),
+                ("ffn_down_exps.weight", (E, d, ff)))))
         else:
             ff = spec.d_ff
             lw.w_gate, lw.w_up = t("ffn_gate.weight", (ff, d)), t("ffn_up.weight", (ff, d))
             lw.w_down = t("ffn_down.weight", (d, ff))
         layers.append(lw)
-    embed = g.tensor("token_embd.weight", (spec.vocab_size, d))
-    out_norm = g.tensor("output_norm.weight", (d,))
-    output = embed if spec.tied_output else g.tensor("output.weight", (spec.vocab_size, d))
+    vd = (spec.vocab_size, d)
+    embed = read("token_embd.weight", vd, host)
+    out_norm = read("output_norm.weight", (d,), head_device or host, torch.float32)
+    if spec.tied_output:
+        output = embed if head_device is None else embed.to(head_device, copy=True)
+    else:
+        output = read("output.weight", vd, head_device or host)
     return layers, embed, out_norm, output
 
 
@@ -320,45 +348,43 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
         raise ConfigError(f"weight_format {weight_format!r} cannot be applied by this engine "
                           f"(it stores {', '.join(WEIGHT_DTYPES)})", "pick one of those")
     host = torch.device("cpu")
-    layers, embed, out_norm, output = load_weights(g, spec)
     tiers = plan.layer_tiers
     layer_devices = [dev if t == "trunk" else host for t in tiers]
+    head_device = dev if plan.head_tier == "trunk" else None
     trunk_moe = [i for i in spec.moe_layers if tiers[i] == "trunk"]
-    cache = ExpertCache.for_spec(spec, ledger, plan.expert_slots, dtype=wdtype) if trunk_moe else None
-    layers = [_store(lw, wdtype) for lw in layers]
-    if wdtype != torch.float32:
-        embed = embed.to(wdtype)
-        output = embed if spec.tied_output else output.to(wdtype)
-    pin = dev.type == "cuda"
-    for i, lw in enumerate(layers):
-        tier, ldev = tiers[i], layer_devices[i]
-        moved = {}
-        for name, value in vars(lw).items():
-            if isinstance(value, torch.Tensor):
-                moved[name] = ledger.register("weights", value.to(ldev), tier, name=f"blk.{i}.{name}")
-        experts = lw.experts
-        lw = LayerWeights(**{**vars(lw), **moved})
-        if experts is not None:
-            hosted = [ledger.register("weights", t.pin_memory() if pin else t, "host", name=f"blk.{i}.experts.{n}")
-                      for n, t in zip(("gate", "up", "down"), experts.tensors())]
-            lw.experts = cache.layer(i, *hosted) if tier == "trunk" else Experts(*hosted)
-        layers[i] = lw
-    ledger.register("weights", embed, "host", name="token_embd")
-    if plan.head_tier == "trunk":
-        out_norm = ledger.register("weights", out_norm.to(dev), "trunk", name="output_norm")
-        output = ledger.register("weights", output.to(dev, copy=True), "trunk", name="output")
-    else:
-        out_norm = ledger.register("weights", out_norm, "host", name="output_norm")
-        if not spec.tied_output:
-            output = ledger.register("weights", output, "host", name="output")
-    for item, nbytes in plan.scratch_items.items():
-        ledger.alloc("scratch", (nbytes,), torch.uint8, "trunk", name=f"scratch.{item}", zero=False)
-    if plan.host.scratch:
-        ledger.alloc("scratch", (plan.host.scratch,), torch.uint8, "host", name="scratch.host", zero=False)
-    model_ = Transformer(spec, layers, embed, out_norm, output, layer_devices,
-                         dev if plan.head_tier == "trunk" else host)
-    eng = Engine(path, g, spec, model_, tokenizer, kv_dtype, dev, ctx, wave,
-                 layer_kv_dtypes=plan.layer_kv_dtypes)
+    try:
+        cache = ExpertCache.for_spec(spec, ledger, plan.expert_slots, dtype=wdtype) if trunk_moe else None
+        # streamed: each tensor is decoded (on the GPU when there is one) straight into its storage
+        layers, embed, out_norm, output = load_weights(
+            g, spec, wdtype, layer_devices, head_device, pin_experts=dev.type == "cuda",
+            decode_device=dev if dev.type == "cuda" else None)
+        for i, lw in enumerate(layers):
+            tier = tiers[i]
+            for name, value in vars(lw).items():
+                if isinstance(value, torch.Tensor):
+                    ledger.register("weights", value, tier, name=f"blk.{i}.{name}")
+            if lw.experts is not None:
+                hosted = [ledger.register("weights", t, "host", name=f"blk.{i}.experts.{n}")
+                          for n, t in zip(("gate", "up", "down"), lw.experts.tensors())]
+                if tier == "trunk":
+                    lw.experts = cache.layer(i, *hosted)
+        ledger.register("weights", embed, "host", name="token_embd")
+        if plan.head_tier == "trunk":
+            ledger.register("weights", out_norm, "trunk", name="output_norm")
+            ledger.register("weights", output, "trunk", name="output")
+        else:
+            ledger.register("weights", out_norm, "host", name="output_norm")
+            if not spec.tied_output:
+                ledger.register("weights", output, "host", name="output")
+        for item, nbytes in plan.scratch_items.items():
+            ledger.alloc("scratch", (nbytes,), torch.uint8, "trunk", name=f"scratch.{item}", zero=False)
+        if plan.host.scratch:
+            ledger.alloc("scratch", (plan.host.scratch,), torch.uint8, "host", name="scratch.host", zero=False)
+        model_ = Transformer(spec, layers, embed, out_norm, output, layer_devices, head_device or host)
+        eng = Engine(path, g, spec, model_, tokenizer, kv_dtype, dev, ctx, wave,
+                     layer_kv_dtypes=plan.layer_kv_dtypes)
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory("load", plan, dev, exc) from None
     for i, c in enumerate(eng.caches):
         for j, buf in enumerate((c.k, c.v)):
             ledger.register("kv", buf, tiers[i], name=f"blk.{i}.kv.{j}")

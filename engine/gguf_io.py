@@ -2,17 +2,23 @@
 
 Contract: ``open_gguf(path)`` returns a ``GGUFFile`` or raises ``ModelFileError`` with a
 one-line reason (missing, directory, unreadable, empty, not GGUF, truncated, bad version).
-Tensors come back as float32 torch tensors in PyTorch order (ggml shape reversed),
-dequantized by ``gguf.quants.dequantize``; no GGUF parsing or block decoding lives here.
+Tensors come back as torch tensors in PyTorch order (ggml shape reversed), float32 by
+default. F32/F16/BF16/Q8_0/Q4_0/Q4_1 are decoded here with torch ops (bit-identical to
+``gguf.quants.dequantize``, held to it by tests/test_gguf_fast_dequant.py), in chunks of rows
+and optionally on the target device (the raw blocks cross PCIe, not float32); every other
+type goes through ``gguf.quants.dequantize`` on the host. ``tensor(name, dtype=, device=,
+out=)`` casts each chunk to the storage dtype as it goes, so no whole float32 copy exists.
+The GGUF parser is gguf's; this module only decodes the block payloads it hands over.
 
     g = open_gguf("model.gguf")
-    g.meta["general.architecture"], g.tensor("blk.0.attn_q.weight").shape
+    w = g.tensor("blk.0.attn_q.weight", dtype=torch.bfloat16, device="cuda")   # [out, in]
 """
 from __future__ import annotations
 
 import mmap
 import os
 import struct
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -234,8 +240,14 @@ class GGUFFile:
                                  "the file is incomplete or for another architecture")
         return t
 
-    def tensor(self, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
-        """Dequantized float32 tensor in PyTorch order; ``shape`` (if given) is checked."""
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None, *, dtype: torch.dtype = torch.float32,
+               device: str | torch.device | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Tensor ``name`` in PyTorch order, dequantized to float32 then cast to ``dtype``.
+
+        ``shape`` (if given) is checked. ``device``: where the blocks are decoded and the result
+        lives (default cpu). ``out``: a tensor of the final shape and ``dtype`` to fill instead
+        (any device, e.g. pinned host memory); it is returned. Work proceeds in chunks of rows
+        (about ``DEQUANT_CHUNK_BYTES`` of float32 each), so peak extra memory is one chunk."""
         t = self._get(name)
         if t.tensor_type not in SUPPORTED_TYPES:
             allowed = ", ".join(q.name for q in sorted(SUPPORTED_TYPES))
@@ -246,12 +258,89 @@ class GGUFFile:
         if shape is not None and tuple(shape) != want:
             raise ModelFileError(self.path, f"tensor {name} has shape {list(want)}, metadata "
                                  f"implies {list(shape)}", "the file's metadata contradicts its tensors")
-        if t.tensor_type == QT.F32:
-            arr = np.asarray(t.data, dtype=np.float32)
-        else:
-            arr = dequantize(np.asarray(t.data), t.tensor_type)
-        arr = np.ascontiguousarray(arr, dtype=np.float32).reshape(want)
-        return torch.from_numpy(arr.copy())
+        work = torch.device(device if device is not None else "cpu")
+        if out is None:
+            out = torch.empty(want, dtype=dtype, device=work)
+        elif tuple(out.shape) != want or out.dtype != dtype or not out.is_contiguous():
+            raise ModelFileError(self.path, f"tensor {name}: out= is {tuple(out.shape)} {out.dtype}, "
+                                 f"needs contiguous {want} {dtype}", "allocate out with the tensor's shape")
+        row_len = want[-1] if want else 1
+        n_rows = out.numel() // max(row_len, 1)
+        raw = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(n_rows, -1)   # [rows, row bytes]
+        dst = out.view(n_rows, row_len)
+        step = max(1, min(n_rows, DEQUANT_CHUNK_BYTES // (4 * max(row_len, 1))))
+        direct = dtype == torch.float32 and out.device == work      # decode straight into out
+        buf = None if direct else torch.empty(step, row_len, dtype=torch.float32, device=work)
+        for r0 in range(0, n_rows, step):
+            rows = raw[r0:r0 + step]
+            x = dst[r0:r0 + step] if direct else buf[:len(rows)]
+            if t.tensor_type in TORCH_DECODERS:
+                dequantize_torch(_raw_tensor(rows).to(work), t.tensor_type, out=x)
+            else:
+                with np.errstate(invalid="ignore", over="ignore"):   # inf/NaN scales decode as they are
+                    x.copy_(torch.from_numpy(dequantize(rows, t.tensor_type).reshape(-1, row_len)))
+            if not direct:   # cast where the values are (device -> host moves the stored dtype)
+                dst[r0:r0 + step].copy_(x if out.device == work else x.to(dtype))
+        return out
+
+
+DEQUANT_CHUNK_BYTES = 64 << 20     # float32 bytes decoded per chunk
+
+
+def _raw_tensor(rows: np.ndarray) -> torch.Tensor:
+    """A uint8 tensor over the memory-mapped bytes without copying them (never written to)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)    # "non-writable array": we only read it
+        return torch.from_numpy(rows)
+
+
+def _f16(b: torch.Tensor) -> torch.Tensor:
+    """Little-endian fp16 fields from byte columns [n, 2] -> float32 [n, 1, 1]."""
+    return b.contiguous().view(torch.float16).float()[:, :, None]
+
+
+def _nibbles(qs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """ggml 4-bit packing: byte j holds value j (low nibble) and j+16 (high) -> out [n, 2, 16]."""
+    out[:, 0].copy_(qs & 0x0F)
+    out[:, 1].copy_(qs >> 4)
+    return out
+
+
+# Decoders write float32 into ``out`` with gguf.quants' operation order (same roundings):
+# Q8_0 q*d, Q4_0 (q-8)*d (q-8 is exact in float32), Q4_1 d*q + m.
+def _q8_0(b, out):
+    return out.copy_(b[:, 2:].view(torch.int8)).mul_(_f16(b[:, :2])[:, :, 0])
+
+
+def _q4_0(b, out):
+    return _nibbles(b[:, 2:], out.view(-1, 2, 16)).sub_(8).mul_(_f16(b[:, :2]))
+
+
+def _q4_1(b, out):
+    return _nibbles(b[:, 4:], out.view(-1, 2, 16)).mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4]))
+
+
+TORCH_DECODERS = {   # qtype -> (bytes per block, decode(raw [n, bytes] uint8, out [n, values] f32))
+    QT.F32: (4, lambda b, out: out.copy_(b.contiguous().view(torch.float32))),
+    QT.F16: (2, lambda b, out: out.copy_(b.contiguous().view(torch.float16))),
+    QT.BF16: (2, lambda b, out: out.copy_(b.contiguous().view(torch.bfloat16))),
+    QT.Q8_0: (34, _q8_0),
+    QT.Q4_0: (18, _q4_0),
+    QT.Q4_1: (20, _q4_1),
+}
+
+
+def dequantize_torch(raw: torch.Tensor, qtype: QT, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Raw GGUF bytes (uint8, whole blocks, any shape) -> float32 values, decoded on ``raw``'s
+    device with the arithmetic of ``gguf.quants.dequantize`` (bit-identical). ``out``: a
+    contiguous float32 tensor with room for exactly the decoded values (returned, flattened)."""
+    size, fn = TORCH_DECODERS[qtype]
+    block = GGML_QUANT_SIZES[qtype][0]
+    b = raw.reshape(-1, size)
+    if out is None:
+        out = torch.empty(b.shape[0] * block, dtype=torch.float32, device=raw.device)
+    fn(b, out.view(b.shape[0], block))
+    return out.view(-1)
 
 
 def open_gguf(path: str | os.PathLike) -> GGUFFile:
