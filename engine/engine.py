@@ -308,7 +308,8 @@ def _tokenizer_for(g: GGUFFile):
 
 def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torch.device = "cpu",
          ctx: int = 4096, vram_budget: int | None = None, n_gpu_layers: int | None = None,
-         wave_budget_bytes: int | None = None, weight_format: str = "f32") -> Engine:
+         wave_budget_bytes: int | None = None, weight_format: str = "f32",
+         weights_from: Engine | None = None) -> Engine:
     """Load a registry name or .gguf path; see the module docstring.
 
     ``weight_format`` is how matrices are stored at run time ("f32" exact, "bf16"/"f16" half
@@ -317,7 +318,15 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     The planner decides the split: layers ``[0, n_gpu_layers)`` (the trunk) run on ``device``
     with a ``kv_dtype`` cache; the rest (the tail) run on the CPU with fp32 KV. Every buffer
     is recorded in ``eng.ledger`` with its category and tier, so ``eng.ledger.compare(eng.plan)``
-    holds the runtime to the plan."""
+    holds the runtime to the plan.
+
+    ``weights_from``: an engine loaded from the same file, device and ``weight_format`` whose
+    weights this load takes over instead of reading the file again (seconds instead of minutes
+    at 30B scale); only the KV caches, scratch and expert cache are made anew for the new
+    kv_dtype / ctx / budget, in the same ledger. The new plan must place layers and head as
+    the old one did (else ConfigError). On CUDA ``vram_budget=None`` then means the old plan's
+    budget (free memory now would not count the weights already held). The old engine is
+    left unusable (its ``model`` is None)."""
     from .expert_cache import ExpertCache
     from .ledger import Ledger
     from .planner import plan as make_plan
@@ -330,12 +339,25 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     dev = _device(device)
     wave = int(wave_budget_bytes or DEFAULT_WAVE_BUDGET)
     path = resolve(model)
-    g = open_gguf(path)
-    spec = ModelSpec.from_gguf(g)
-    tokenizer = _tokenizer_for(g)
-    if dev.type == "cuda":
-        _warm_cuda_libraries(dev)
-    ledger = Ledger(dev)   # before any allocation, so `unaccounted` sees everything
+    reuse = weights_from
+    if reuse is not None:
+        if reuse.model is None:
+            raise ConfigError("weights_from: that engine's weights were already taken over by a later load",
+                              "pass the engine the last load returned")
+        if (Path(path), dev, weight_format) != (Path(reuse.path), reuse.device, reuse.plan.weight_format):
+            raise ConfigError(f"weights_from holds {Path(reuse.path).name} on {reuse.device} at "
+                              f"{reuse.plan.weight_format}, not {Path(path).name} on {dev} at {weight_format}",
+                              "load afresh (no weights_from) or match model, device and weight_format")
+        g, spec, tokenizer, ledger = reuse.gguf, reuse.spec, reuse.tokenizer, reuse.ledger
+        if vram_budget is None and dev.type == "cuda":
+            vram_budget = reuse.plan.budget_bytes
+    else:
+        g = open_gguf(path)
+        spec = ModelSpec.from_gguf(g)
+        tokenizer = _tokenizer_for(g)
+        if dev.type == "cuda":
+            _warm_cuda_libraries(dev)
+        ledger = Ledger(dev)   # before any allocation, so `unaccounted` sees everything
     plan = make_plan(spec, kv_dtype=kv_dtype, ctx=ctx, vram_budget=vram_budget, n_gpu_layers=n_gpu_layers,
                      wave_budget_bytes=wave, weight_format=weight_format, device=dev)
     swa_on_triton = [i for i in spec.swa_layers if plan.layer_tiers[i] == "trunk"]
@@ -352,35 +374,62 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     layer_devices = [dev if t == "trunk" else host for t in tiers]
     head_device = dev if plan.head_tier == "trunk" else None
     trunk_moe = [i for i in spec.moe_layers if tiers[i] == "trunk"]
+    if reuse is not None:
+        if (tiers, plan.head_tier) != (reuse.plan.layer_tiers, reuse.plan.head_tier):
+            raise ConfigError(f"weights_from: this plan puts {plan.n_gpu_layers} layers and the head on "
+                              f"{plan.head_tier}, the loaded weights are placed for {reuse.plan.n_gpu_layers} "
+                              f"and {reuse.plan.head_tier}", "load afresh (no weights_from) for this budget")
+        for c in reuse.caches:                         # free the old runtime buffers first
+            ledger.free(c.k)
+            ledger.free(c.v)
+        for buf in (reuse.expert_cache.slots if reuse.expert_cache is not None else ()):
+            ledger.free(buf)
+        for name in [f"scratch.{item}" for item in reuse.plan.scratch_items] + \
+                ["scratch.host"] * bool(reuse.plan.host.scratch):
+            ledger.release(name)
+        left = {(c, t): ledger.current(c, t) for c in ("kv", "scratch", "expert_cache") for t in ("trunk", "host")}
+        if any(left.values()):
+            raise ConfigError(f"weights_from: buffers outside the weights are still recorded ({left})",
+                              "load afresh (no weights_from)")
+        old_model = reuse.model
+        reuse.model = reuse.expert_cache = reuse._static = None   # a captured decode graph holds old buffers
+        reuse.caches = []
     try:
         cache = ExpertCache.for_spec(spec, ledger, plan.expert_slots, dtype=wdtype) if trunk_moe else None
-        # streamed: each tensor is decoded (on the GPU when there is one) straight into its storage
-        layers, embed, out_norm, output = load_weights(
-            g, spec, wdtype, layer_devices, head_device, pin_experts=dev.type == "cuda",
-            decode_device=dev if dev.type == "cuda" else None)
-        for i, lw in enumerate(layers):
-            tier = tiers[i]
-            for name, value in vars(lw).items():
-                if isinstance(value, torch.Tensor):
-                    ledger.register("weights", value, tier, name=f"blk.{i}.{name}")
-            if lw.experts is not None:
-                hosted = [ledger.register("weights", t, "host", name=f"blk.{i}.experts.{n}")
-                          for n, t in zip(("gate", "up", "down"), lw.experts.tensors())]
-                if tier == "trunk":
-                    lw.experts = cache.layer(i, *hosted)
-        ledger.register("weights", embed, "host", name="token_embd")
-        if plan.head_tier == "trunk":
-            ledger.register("weights", out_norm, "trunk", name="output_norm")
-            ledger.register("weights", output, "trunk", name="output")
+        if reuse is not None:
+            layers = [LayerWeights(**vars(lw)) for lw in old_model.layers]
+            for i in trunk_moe:
+                layers[i].experts = cache.layer(i, *layers[i].experts.tensors())
+            model_ = Transformer(spec, layers, old_model.embed, old_model.out_norm, old_model.output,
+                                 old_model.layer_devices, old_model.head_device)
         else:
-            ledger.register("weights", out_norm, "host", name="output_norm")
-            if not spec.tied_output:
-                ledger.register("weights", output, "host", name="output")
+            # streamed: each tensor is decoded (on the GPU when there is one) straight into its storage
+            layers, embed, out_norm, output = load_weights(
+                g, spec, wdtype, layer_devices, head_device, pin_experts=dev.type == "cuda",
+                decode_device=dev if dev.type == "cuda" else None)
+            for i, lw in enumerate(layers):
+                tier = tiers[i]
+                for name, value in vars(lw).items():
+                    if isinstance(value, torch.Tensor):
+                        ledger.register("weights", value, tier, name=f"blk.{i}.{name}")
+                if lw.experts is not None:
+                    hosted = [ledger.register("weights", t, "host", name=f"blk.{i}.experts.{n}")
+                              for n, t in zip(("gate", "up", "down"), lw.experts.tensors())]
+                    if tier == "trunk":
+                        lw.experts = cache.layer(i, *hosted)
+            ledger.register("weights", embed, "host", name="token_embd")
+            if plan.head_tier == "trunk":
+                ledger.register("weights", out_norm, "trunk", name="output_norm")
+                ledger.register("weights", output, "trunk", name="output")
+            else:
+                ledger.register("weights", out_norm, "host", name="output_norm")
+                if not spec.tied_output:
+                    ledger.register("weights", output, "host", name="output")
+            model_ = Transformer(spec, layers, embed, out_norm, output, layer_devices, head_device or host)
         for item, nbytes in plan.scratch_items.items():
             ledger.alloc("scratch", (nbytes,), torch.uint8, "trunk", name=f"scratch.{item}", zero=False)
         if plan.host.scratch:
             ledger.alloc("scratch", (plan.host.scratch,), torch.uint8, "host", name="scratch.host", zero=False)
-        model_ = Transformer(spec, layers, embed, out_norm, output, layer_devices, head_device or host)
         eng = Engine(path, g, spec, model_, tokenizer, kv_dtype, dev, ctx, wave,
                      layer_kv_dtypes=plan.layer_kv_dtypes)
     except torch.OutOfMemoryError as exc:
