@@ -122,7 +122,8 @@ def main() -> int:
                     tp, _ = timed(lambda: eng.prefill(p), reps=3)
                     rows.append(with_roofline({"impl": f"kvbench w{wf} {mode}", "kv": kv, "what": f"tg{args.tg}@{c}",
                                                "tok_s": args.tg / max(t - tp, 1e-9), "samples_s": s,
-                                               "decode_path": eng.decode_path},
+                                               "decode_path": eng.decode_path,
+                                               "compiled": getattr(eng._static, "compiled", False)},
                                               weights + kv_read_bytes(eng.spec, c, kv), bw))
             eng.set_decode_mode("auto")
             for n in [int(x) for x in args.prefill.split(",")]:

@@ -8,6 +8,8 @@ same at every position: KV append and decode attention read the position from ``
 once in a ``torch.cuda.CUDAGraph`` (first call, after a warm-up on a side stream that runs
 the same step, so it writes the same KV row) and replayed; on CPU (Triton interpreter) the
 same static step runs eagerly, which is how CI checks it against the ordinary decode.
+On CUDA the maths around attention also go through ``torch.compile`` (fused element-wise
+kernels; ``KVBENCH_DECODE_COMPILE=0`` captures them unfused); ``compiled`` says which.
 ``step(token, pos)`` returns (logits [vocab] float32, argmax as a 0-d device tensor); the
 returned tensors are overwritten by the next step.
 
@@ -20,9 +22,12 @@ chooses experts on the host) and no sliding-window layer.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
 from . import kernels
+from .errors import ConfigError
 
 
 def eligibility(eng) -> str | None:
@@ -47,6 +52,9 @@ class StaticDecode:
         self.eng, self.model, self.caches = eng, eng.model, eng.caches
         dev = eng.device
         self.capture = dev.type == "cuda" if capture is None else capture
+        # torch.compile fuses the element-wise ops around attention (a captured step of ~47
+        # kernels per layer is bound by kernel count); KVBENCH_DECODE_COMPILE=0 turns it off.
+        self.compiled = self.capture and os.environ.get("KVBENCH_DECODE_COMPILE", "1") != "0"
         spec = eng.spec
         for i in range(spec.n_layers):   # RoPE tables for the whole ctx before anything captures them
             self.model._rope(dev, spec.rope_base_of(i)).ensure(eng.ctx)
@@ -60,9 +68,8 @@ class StaticDecode:
         self.pool_bytes = 0           # bytes the captured graph keeps allocated (its outputs)
 
     def _body(self):
-        h = self.model.decode_at(self.x, self.pos, self.caches)
-        logits = self.model.head(h)[0].float()
-        return logits, logits.argmax()
+        h = self.model.decode_at(self.x, self.pos, self.caches, compiled=self.compiled)
+        return self.model.decode_head(h)
 
     def _load(self, token: int, pos: int) -> None:
         if not 0 <= pos < self.eng.ctx:
@@ -91,7 +98,14 @@ class StaticDecode:
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):
-                self._body()
+                try:
+                    self._body()
+                except Exception as exc:   # noqa: BLE001 - inductor/compiler failures of all kinds
+                    if not self.compiled or isinstance(exc, torch.OutOfMemoryError):
+                        raise
+                    raise ConfigError(f"torch.compile of the decode step failed "
+                                      f"({type(exc).__name__}: {str(exc).splitlines()[0][:120]})",
+                                      "set KVBENCH_DECODE_COMPILE=0 to capture the step uncompiled") from None
         torch.cuda.current_stream().wait_stream(side)
         before = torch.cuda.memory_allocated(self.eng.device)
         g = torch.cuda.CUDAGraph()

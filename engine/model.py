@@ -16,6 +16,7 @@ weights are used as the GGUF stores them (llama.cpp's converter already folded G
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -102,18 +103,58 @@ class Rope:
         self.ensure(start + T)
         return self._rotate(x, self.cos[start:start + T, None, :], self.sin[start:start + T, None, :])
 
-    def apply_at(self, x: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-        """``apply`` for one row at the position held by ``pos`` (one-element long tensor on the
-        tables' device): a gather instead of a slice, so no host sync."""
-        return self._rotate(x, self.cos.index_select(0, pos)[:, None, :], self.sin.index_select(0, pos)[:, None, :])
-
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        # cos, sin: [T, 1, D/2]
-        if self.kind == "neox":
-            x1, x2 = x[..., : self.head_dim // 2], x[..., self.head_dim // 2:]
-            return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-        x1, x2 = x[..., 0::2], x[..., 1::2]         # "norm": adjacent pairs
-        return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+        return rotate(x, cos, sin, self.kind)
+
+
+def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str) -> torch.Tensor:
+    """RoPE on x [T, H, D] with cos, sin [T, 1, D/2]: "neox" halves or "norm" adjacent pairs."""
+    if kind == "neox":
+        half = x.shape[-1] // 2
+        x1, x2 = x[..., :half], x[..., half:]
+        return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    x1, x2 = x[..., 0::2], x[..., 1::2]         # "norm": adjacent pairs
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+
+
+def decode_pre_attention(s: ModelSpec, x, attn_norm, wq, wk, wv, q_norm, k_norm, cos, sin, pos):
+    """Decode step, before attention: norm, q/k/v, q/k norms, RoPE at the position held by
+    ``pos`` (gathered from the ``cos``/``sin`` tables). x [1, d] -> q [1, Hq, D], k, v [1, Hkv, D]."""
+    h = rms_norm(x, attn_norm, s.rms_eps)
+    q, k, v = mm(h, wq), mm(h, wk), mm(h, wv)
+    if s.qk_norm == "full":
+        q, k = rms_norm(q, q_norm, s.rms_eps), rms_norm(k, k_norm, s.rms_eps)
+    q = q.view(1, s.n_heads, s.head_dim)
+    k = k.view(1, s.n_kv_heads, s.head_dim)
+    v = v.view(1, s.n_kv_heads, s.head_dim)
+    if s.qk_norm == "head":
+        q, k = rms_norm(q, q_norm, s.rms_eps), rms_norm(k, k_norm, s.rms_eps)
+    c, sn = cos.index_select(0, pos)[:, None, :], sin.index_select(0, pos)[:, None, :]
+    return rotate(q, c, sn, s.rope_type), rotate(k, c, sn, s.rope_type), v.contiguous()
+
+
+def decode_post_attention(s: ModelSpec, x, o, wo, post_attn_norm, ffn_norm, w_gate, w_up, w_down, post_ffn_norm):
+    """Decode step, after attention: output projection, residual, dense FFN, residual."""
+    a = mm(o.reshape(1, s.q_dim), wo)
+    if post_attn_norm is not None:
+        a = rms_norm(a, post_attn_norm, s.rms_eps)
+    x = x + a
+    h = rms_norm(x, ffn_norm, s.rms_eps)
+    gate = mm(h, w_gate)
+    gate = F.gelu(gate, approximate="tanh") if s.ffn_act == "gelu_tanh" else F.silu(gate)
+    y = mm(gate * mm(h, w_up), w_down)
+    if post_ffn_norm is not None:
+        y = rms_norm(y, post_ffn_norm, s.rms_eps)
+    return x + y
+
+
+def decode_head(s: ModelSpec, x, out_norm, output):
+    """Final norm, output projection (softcap) and the greedy token: (logits [V] f32, argmax)."""
+    logits = mm(rms_norm(x, out_norm, s.rms_eps), output)
+    if s.final_softcap:
+        logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
+    logits = logits[0].float()
+    return logits, logits.argmax()
 
 
 class Transformer:
@@ -128,17 +169,20 @@ class Transformer:
         self.layer_devices = layer_devices
         self.head_device = head_device
         self.ropes: dict[tuple[torch.device, float], Rope] = {}
+        self._decode_fns = None
         self.scale = spec.scale
 
     def _rope(self, device, base: float | None = None) -> Rope:
         base = self.spec.rope_base if base is None else base
-        key = (torch.device(device), base)
+        dev = torch.device(device)
+        if dev.type == "cuda" and dev.index is None:   # "cuda" and "cuda:0" must share one table
+            dev = torch.device("cuda", torch.cuda.current_device())
+        key = (dev, base)
         if key not in self.ropes:
             self.ropes[key] = Rope(self.spec.head_dim, base, self.spec.rope_type, 4096, device=key[0])
         return self.ropes[key]
 
-    def attention(self, i: int, x: torch.Tensor, start: int, cache, pos: torch.Tensor | None = None) -> torch.Tensor:
-        """``pos`` (decode only): the position as a device tensor instead of ``start``."""
+    def attention(self, i: int, x: torch.Tensor, start: int, cache) -> torch.Tensor:
         s, w = self.spec, self.layers[i]
         T = x.shape[0]
         h = rms_norm(x, w.attn_norm, s.rms_eps)
@@ -152,14 +196,6 @@ class Transformer:
             q, k = rms_norm(q, w.q_norm, s.rms_eps), rms_norm(k, w.k_norm, s.rms_eps)
         rope = self._rope(x.device, s.rope_base_of(i))
         window = s.window(i)
-        if pos is not None:
-            if window:
-                raise ValueError("device-position decode does not support sliding-window layers")
-            q, k = rope.apply_at(q, pos), rope.apply_at(k, pos)
-            cache.write_at(pos, k, v)
-            o = cache.attend_at(q, pos, self.scale)
-            o = mm(o.reshape(T, s.q_dim), w.wo)
-            return o if w.post_attn_norm is None else rms_norm(o, w.post_attn_norm, s.rms_eps)
         q, k = rope.apply(q, start), rope.apply(k, start)
         cache.write(start, k, v)
         if window:
@@ -202,15 +238,32 @@ class Transformer:
             x = x * torch.tensor(self.spec.d_model ** 0.5, dtype=x.dtype)
         return x.float()
 
-    def decode_at(self, x: torch.Tensor, pos: torch.Tensor, caches) -> torch.Tensor:
+    def decode_at(self, x: torch.Tensor, pos: torch.Tensor, caches, compiled: bool = False) -> torch.Tensor:
         """One decode step with the position on the device: ``x`` [1, d] float32 embedded token
         on the trunk device, ``pos`` one-element long tensor there. Every layer on that device,
-        dense FFNs only (the MoE path routes on the host); no host sync, so a CUDA graph can
-        capture it. Returns the final hidden [1, d]."""
-        for i in range(self.spec.n_layers):
-            x = x + self.attention(i, x, 0, caches[i], pos=pos)
-            x = x + self.ffn(i, x)
+        dense FFNs, no sliding window; no host sync, so a CUDA graph can capture it. The maths
+        around attention are two pure functions of explicit tensors (``decode_pre_attention``,
+        ``decode_post_attention``: the same ops as ``attention``/``ffn``), which ``compiled=True``
+        runs through ``torch.compile`` so their element-wise ops fuse into a few kernels.
+        Returns the final hidden [1, d]."""
+        s = self.spec
+        if self._decode_fns is None or self._decode_fns[0] != compiled:
+            fns = [functools.partial(f, s) for f in (decode_pre_attention, decode_post_attention, decode_head)]
+            if compiled:
+                fns = [torch.compile(f, dynamic=False, fullgraph=True) for f in fns]
+            self._decode_fns = (compiled, *fns)
+        _, pre, post, _ = self._decode_fns
+        for i in range(s.n_layers):
+            w, rope = self.layers[i], self._rope(x.device, s.rope_base_of(i))
+            q, k, v = pre(x, w.attn_norm, w.wq, w.wk, w.wv, w.q_norm, w.k_norm, rope.cos, rope.sin, pos)
+            caches[i].write_at(pos, k, v)
+            o = caches[i].attend_at(q, pos, self.scale)
+            x = post(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.w_gate, w.w_up, w.w_down, w.post_ffn_norm)
         return x
+
+    def decode_head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``head`` for the static decode step (compiled with it): (logits [V] f32, argmax)."""
+        return self._decode_fns[3](x, self.out_norm, self.output)
 
     def forward(self, tokens: torch.Tensor, start: int, caches) -> torch.Tensor:
         """tokens [T] (host) -> final hidden [T, d] on the head device."""

@@ -178,9 +178,12 @@ def test_gpu_wave_prefill_matches_one_pass(fmt, triton_backend):
         c.write(0, k, v)
     a, b = waves.attend(q, 0, D ** -0.5), one.attend(q, 0, D ** -0.5)
     assert waves.last_waves >= 3 and one.last_waves == 1
-    assert_close(f"gpu waves vs one pass {fmt}", b, a, 1e-3)
-    kernels.set_backend("torch")
     flash = fmt == "bf16" and PREFILL_CONFIG["bf16_flash"]   # q and p rounded to bf16 (as HF's SDPA)
+    # flash picks its tiling from the sequence lengths, so a wave's rows are summed in another
+    # order than in one pass; with p in bf16 (2^-9) that moves outputs of size ~1 by ~2e-3.
+    # The model-level bound (logits <= 1e-3) is test_static_decode's wave test.
+    assert_close(f"gpu waves vs one pass {fmt}", b, a, 4e-3 if flash else 1e-3)
+    kernels.set_backend("torch")
     assert_close(f"gpu waves vs torch {fmt}", waves.attend(q, 0, D ** -0.5), a, 2e-2 if flash else 1e-4)
 
 
