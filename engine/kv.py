@@ -78,10 +78,10 @@ def _cut_at(cuts: list[int], r0: int, limit: int) -> int:
 
 def _run_waves(waves, cuts: list[int], run, where: str) -> tuple[int, int, int]:
     """Call ``run(r0, r1)`` for every wave. A wave that raises ``torch.OutOfMemoryError`` is
-    redone in halves that end on ``cuts`` (row offsets where a wave may end), and every later
-    wave is held to the size that fits; when a wave of one cut step still fails, the error
-    goes up with ``exc.wave_prefill`` saying where. Returns (waves run, retries, largest wave
-    run since the last retry)."""
+    redone with at most half its rows, ending on ``cuts`` (row offsets where a wave may end),
+    and every later wave is held to that size; when a wave of one cut step still fails, the
+    error goes up with ``exc.wave_prefill`` saying where. Returns (waves run, retries, largest
+    wave run since the last retry)."""
     cap, ran, retries, largest = None, 0, 0, 0
     for w0, w1 in waves:
         r0 = w0
@@ -90,11 +90,11 @@ def _run_waves(waves, cuts: list[int], run, where: str) -> tuple[int, int, int]:
             try:
                 run(r0, r1)
             except torch.OutOfMemoryError as exc:
-                half = _cut_at(cuts, r0, r0 + (r1 - r0) // 2)
-                if half >= r1:
-                    exc.wave_prefill = f"{where}: the smallest wave, rows {r0}..{r1}, after {retries} retries"
+                if _cut_at(cuts, r0, r0 + (r1 - r0) // 2) >= r1:
+                    exc.wave_prefill = (f"{where}: the smallest wave, rows {r0}..{r1}, failed "
+                                        f"(smaller-wave retries: {retries})")
                     raise
-                cap, retries, largest = half - r0, retries + 1, 0
+                cap, retries, largest = (r1 - r0) // 2, retries + 1, 0
                 continue
             ran, largest, r0 = ran + 1, max(largest, r1 - r0), r1
     return ran, retries, largest

@@ -13,13 +13,12 @@ with ``--resume``).
 from __future__ import annotations
 
 import argparse
-import sys
-import tempfile
-import traceback
 
-from engine.errors import EngineError
+from engine.cli import run_guarded
 
 from . import compare, report, results, runner
+
+INTERRUPTED = "interrupted: finished cases are kept; rerun with --resume to continue"
 
 COMMANDS = {
     "run": (runner, "run a suite over its matrix of models x KV dtypes x checks"),
@@ -42,17 +41,4 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        return int(args._main(args))
-    except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted: finished cases are kept; rerun with --resume to continue", file=sys.stderr)
-        return 130
-    except Exception as e:  # a bug: one line here, the traceback in a file
-        with tempfile.NamedTemporaryFile("w", prefix="kvbench-traceback-", suffix=".txt",
-                                         delete=False) as fh:
-            fh.write(traceback.format_exc())
-        print(f"internal error: {type(e).__name__}: {e} (traceback: {fh.name})", file=sys.stderr)
-        return 3
+    return run_guarded(args._main, args, interrupted=INTERRUPTED)
