@@ -387,6 +387,7 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
         for name in [f"scratch.{item}" for item in reuse.plan.scratch_items] + \
                 ["scratch.host"] * bool(reuse.plan.host.scratch):
             ledger.release(name)
+        c = buf = None                                 # the loop variables held the last buffers
         left = {(c, t): ledger.current(c, t) for c in ("kv", "scratch", "expert_cache") for t in ("trunk", "host")}
         if any(left.values()):
             raise ConfigError(f"weights_from: buffers outside the weights are still recorded ({left})",
@@ -394,6 +395,8 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
         old_model = reuse.model
         reuse.model = reuse.expert_cache = reuse._static = None   # a captured decode graph holds old buffers
         reuse.caches = []
+        for i in trunk_moe:     # unbind the old cache's slots so they are freed before the new ones exist
+            old_model.layers[i].experts = Experts(*old_model.layers[i].experts.tensors())
     try:
         cache = ExpertCache.for_spec(spec, ledger, plan.expert_slots, dtype=wdtype) if trunk_moe else None
         if reuse is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import weakref
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ import torch
 
 import engine
 from engine.errors import ConfigError
+from engine.expert_cache import ExpertCache
 from engine.planner import plan, spec_for_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,11 +81,23 @@ def test_max_seconds_skips_and_names_every_case(capsys, tmp_path):
     assert "skipped: full q8_0 ctx 16" in text
 
 
-def test_weights_from_equals_a_fresh_load():
+def test_weights_from_equals_a_fresh_load(monkeypatch):
     first = engine.load(MODEL, ctx=64, weight_format="bf16")
     budget = streaming_budget(9, 64)
     kw = dict(kv_dtype="q8_0", ctx=48, vram_budget=budget, weight_format="bf16")
+    # the old KV and expert-cache buffers must be gone before the new ones are allocated (on a
+    # GPU holding every expert, old + new slots would not fit)
+    old = [weakref.ref(t) for t in first.expert_cache.slots + [b for c in first.caches for b in (c.k, c.v)]]
+    alive_at_alloc = []
+    init = ExpertCache.__init__
+
+    def spy(self, *a, **k):
+        alive_at_alloc.append(sum(r() is not None for r in old))
+        init(self, *a, **k)
+    monkeypatch.setattr(ExpertCache, "__init__", spy)
     reused = engine.load(MODEL, weights_from=first, **kw)
+    monkeypatch.setattr(ExpertCache, "__init__", init)
+    assert alive_at_alloc == [0]
     fresh = engine.load(MODEL, **kw)
     assert first.model is None                                  # taken over
     assert reused.plan.to_dict() == fresh.plan.to_dict()
