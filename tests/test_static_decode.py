@@ -104,11 +104,13 @@ def test_static_decode_refuses_what_it_cannot_apply(monkeypatch):
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv", ["fp32", "bf16", "q8_0"])
 def test_cuda_graph_decode_matches_eager(kv, smollm2_path):
-    eng = engine.load(smollm2_path, kv_dtype=kv, device="cuda", ctx=1024, weight_format="bf16")
+    """float32 weights, so the only differences are summation orders (split-K over the whole
+    buffer, inductor's fused kernels): logits within 2e-3 and the same greedy answer."""
+    eng = engine.load(smollm2_path, kv_dtype=kv, device="cuda", ctx=1024, weight_format="f32")
     assert eng.decode_path == "cuda_graph", eng.decode_path_reason
     prompt = eng.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     graph = eng.generate(prompt, 24, stop_at_eos=False)
-    assert eng._static.graph is not None
+    assert eng._static.graph is not None and eng._static.compiled
     eng.set_decode_mode("eager")
     eager = eng.generate(prompt, 24, stop_at_eos=False)
     assert graph == eager
@@ -116,7 +118,9 @@ def test_cuda_graph_decode_matches_eager(kv, smollm2_path):
     eng.set_decode_mode("cuda_graph")
     eng.prefill(PROMPT)
     got = torch.stack([eng.decode(PROMPT[-1] + i) for i in range(8)])
-    assert (got - ref).abs().max().item() < 2e-3
+    err = (got - ref).abs().max().item()
+    print(f"cuda graph vs eager, f32 weights, KV {kv}: logits max-abs {err:.2e}")
+    assert err < 2e-3
 
 
 @pytest.mark.gpu
@@ -124,7 +128,8 @@ def test_cuda_graph_decode_matches_eager(kv, smollm2_path):
 def test_gpu_wave_prefill_logits_match_one_pass(kv, smollm2_path):
     """SmolLM2, 6000-token prompt: >= 3 waves vs one pass (bf16 takes torch's flash attention),
     last 64 positions' logits within 1e-3; then a long context decodes through the CUDA graph
-    past the RoPE table's initial 4096 rows, equal to the eager step."""
+    past the RoPE table's initial 4096 rows: bf16 weights, so graph (inductor-fused) and eager
+    round activations to bf16 at different points; logits within 5e-2 of the eager step."""
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(100, 49000, (6000,), generator=g).tolist()
     out = {}
@@ -138,7 +143,11 @@ def test_gpu_wave_prefill_logits_match_one_pass(kv, smollm2_path):
     assert out["waves_waves"] >= 3 and out["one_waves"] == 1
     assert (out["waves"] - out["one"]).abs().max().item() <= 1e-3
     eng.prefill(ids)
-    graph = [int(eng.decode(t).argmax()) for t in ids[:16]]
+    graph = torch.stack([eng.decode(t) for t in ids[:16]])
     eng.set_decode_mode("eager")
     eng.prefill(ids)
-    assert [int(eng.decode(t).argmax()) for t in ids[:16]] == graph
+    eager = torch.stack([eng.decode(t) for t in ids[:16]])
+    err = (graph - eager).abs().max().item()
+    print(f"KV {kv}: waves vs one pass max-abs {(out['waves'] - out['one']).abs().max().item():.2e}; "
+          f"graph vs eager decode at 6000+ max-abs {err:.2e}")
+    assert err < 5e-2

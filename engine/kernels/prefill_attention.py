@@ -169,12 +169,15 @@ def prefill_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     if out is None:
         out = torch.empty(T, Hq, D, device=q.device, dtype=torch.float32)
     block_m = cfg["block_m"] if T > 16 else 16
+    block_n = cfg["block_n"]
+    if D >= 128 and fmt != "bf16":     # 64 x 128 float32 K and V tiles x 3 stages overflow 227 KB
+        block_n = min(block_n, 32)
     kv, ks, sk, sks = cache_args(k_buf, fmt)
     vv, vs, sv, svs = cache_args(v_buf, fmt)
     grid = (triton.cdiv(T, block_m), Hq)
     _prefill_kernel[grid](q, kv, ks, vv, vs, out, T, start, q.stride(0), out.stride(0),
                           sk, sks, sv, svs, scale * LOG2E,
-                          G=Hq // n_kv_heads, D=D, BLOCK_M=block_m, BLOCK_N=cfg["block_n"],
+                          G=Hq // n_kv_heads, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
                           FMT=KV_FORMAT_CODES[fmt], PREC=cfg["precision"], num_warps=cfg["num_warps"])
     return out
 
