@@ -18,9 +18,12 @@ Pricing rules (what the runtime must allocate for plan and ledger to agree):
   buffers gate/up [S, ff, d] and down [S, d, ff]. S = what is left of the budget after
   trunk weights, KV, scratch and reserve, in whole slots, capped at the trunk's expert
   count; packing keeps room for at least ``min_expert_slots`` (default n_experts_used).
-- KV: two buffers per layer (K, V), each ``ctx * n_kv_heads * head_dim`` values at
-  fp32 4 B, bf16 2 B, q8_0 34 B per 32 (packed blocks). Trunk layers get ``kv_dtype``;
-  host (tail) layers are fp32.
+- KV: two buffers per layer (K, V), each ``rows * n_kv_heads * head_dim`` values at
+  fp32 4 B, bf16 2 B, q8_0 34 B per 32 (packed blocks). ``rows`` is ``ctx``, except on a
+  sliding-window layer, whose ring holds ``window + chunk`` rows when that is fewer
+  (``engine.kv_ring.layer_kv_rows``; Gemma 3: 512 + 512). Trunk layers get ``kv_dtype``;
+  host (tail) layers are fp32. ``Plan.layer_kv_rows`` / ``layer_attention`` and
+  ``kv_by_kind()`` show global and sliding-window layers' KV apart.
 - Scratch per tier that runs layers: one wave buffer of ``wave_budget_bytes`` plus one
   activation arena of ``activation_bytes``: ``ubatch`` tokens x f32 x (2 d_model +
   2 q_dim + 2 kv_dim + 2 ffn width), ffn width = d_ff or n_experts_used * d_ff_expert,
@@ -48,6 +51,7 @@ from typing import NamedTuple
 import torch
 
 from .errors import ConfigError, EngineError, KVGeometryError, OutOfMemoryError
+from .kv_ring import layer_kv_rows
 from .spec import ModelSpec
 
 MiB = 1 << 20
@@ -142,7 +146,7 @@ def expert_matrix_bytes(spec: ModelSpec, weight_format: str) -> list[int]:
 
 
 def kv_buffer_bytes(spec: ModelSpec, ctx: int, kv_dtype: str) -> list[int]:
-    """Logical bytes of one layer's K and V buffers: [K, V]."""
+    """Logical bytes of one layer's K and V buffers of ``ctx`` rows: [K, V]."""
     if kv_dtype not in KV_FORMATS:
         raise ConfigError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_FORMATS)}", "pick one of those")
     num, per = KV_FORMATS[kv_dtype]
@@ -207,6 +211,8 @@ class Plan:
     layer_tiers: list[str] = field(default_factory=list)
     layer_kv_dtypes: list[str] = field(default_factory=list)
     layer_kv_bytes: list[int] = field(default_factory=list)       # K+V on the layer's tier
+    layer_kv_rows: list[int] = field(default_factory=list)        # ctx, or the ring of a SWA layer
+    layer_attention: list[str] = field(default_factory=list)      # "global" | "swa"
     layer_weight_bytes: list[int] = field(default_factory=list)   # non-expert weights, layer's tier
     layer_expert_bytes: list[int] = field(default_factory=list)   # routed experts, host
     scratch_items: dict[str, int] = field(default_factory=dict)   # trunk scratch buffers
@@ -220,9 +226,23 @@ class Plan:
             raise ConfigError(f"unknown tier {name!r}", "use 'trunk' or 'host'")
         return getattr(self, name)
 
+    def kv_by_kind(self) -> dict[str, dict]:
+        """KV of global vs sliding-window layers: {kind: {layers, rows, bytes, trunk, host}}
+        (``rows``: the distinct row counts); only the kinds the model has."""
+        out: dict[str, dict] = {}
+        for i, kind in enumerate(self.layer_attention):
+            k = out.setdefault(kind, {"layers": 0, "rows": [], "bytes": 0, "trunk": 0, "host": 0})
+            k["layers"] += 1
+            k["bytes"] += self.layer_kv_bytes[i]
+            k[self.layer_tiers[i]] += self.layer_kv_bytes[i]
+            if self.layer_kv_rows[i] not in k["rows"]:
+                k["rows"].append(self.layer_kv_rows[i])
+        return {kind: out[kind] for kind in ("global", "swa") if kind in out}
+
     def to_dict(self) -> dict:
         d = asdict(self)
         d["free_bytes"] = self.free_bytes
+        d["kv_by_kind"] = self.kv_by_kind()
         return d
 
     @classmethod
@@ -266,8 +286,10 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
 
     # only narrowed (trunk) layers are held to the dtype's geometry
     narrowed = n_gpu_layers != 0
-    kv_trunk = [rnd(b) for b in kv_buffer_bytes(spec, ctx, kv_dtype if narrowed else "fp32")]
-    kv_host = kv_buffer_bytes(spec, ctx, "fp32")
+    kv_rows = [layer_kv_rows(spec, i, ctx) for i in range(L)]
+    kv_trunk = [sum(rnd(b) for b in kv_buffer_bytes(spec, r, kv_dtype if narrowed else "fp32"))
+                for r in kv_rows]
+    kv_host = [sum(kv_buffer_bytes(spec, r, "fp32")) for r in kv_rows]
     w_trunk, w_host, w_expert = [], [], []
     for i in range(L):
         ts = layer_tensors(spec, i)
@@ -296,7 +318,7 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
 
     def trunk_cost(k: int, head: bool, slots: int) -> TierBytes:
         return TierBytes(weights=sum(w_trunk[:k]) + (sum(rnd(b) for b in head_bytes) if head else 0),
-                         kv=k * sum(kv_trunk), scratch=sum(scratch_items(k, head).values()),
+                         kv=sum(kv_trunk[:k]), scratch=sum(scratch_items(k, head).values()),
                          expert_cache=cache_bytes(slots), reserve=reserve_bytes)
 
     def min_slots(k: int) -> int:
@@ -355,7 +377,7 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
     host_head = 0 if head_on_trunk else head_bytes[0] + (0 if spec.tied_output else head_bytes[1])
     host = TierBytes(
         weights=embd_bytes + host_head + sum(w_host[i] for i in tail) + sum(w_expert),
-        kv=len(tail) * sum(kv_host), scratch=host_scratch)
+        kv=sum(kv_host[i] for i in tail), scratch=host_scratch)
     trunk_layers = range(k)
     return Plan(
         model=spec.name, arch=spec.arch, device=str(dev), n_layers=L, n_gpu_layers=k, ctx=ctx,
@@ -365,7 +387,9 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
         expert_slots=slots, expert_slot_bytes=slot_bytes, trunk_experts=trunk_experts(k),
         layer_tiers=["trunk" if i in trunk_layers else "host" for i in range(L)],
         layer_kv_dtypes=[kv_dtype if i in trunk_layers else "fp32" for i in range(L)],
-        layer_kv_bytes=[sum(kv_trunk) if i in trunk_layers else sum(kv_host) for i in range(L)],
+        layer_kv_bytes=[kv_trunk[i] if i in trunk_layers else kv_host[i] for i in range(L)],
+        layer_kv_rows=kv_rows,
+        layer_attention=["swa" if spec.window(i) else "global" for i in range(L)],
         layer_weight_bytes=[w_trunk[i] if i in trunk_layers else w_host[i] for i in range(L)],
         layer_expert_bytes=w_expert,
         scratch_items=scratch_items(k, head_on_trunk),
@@ -421,6 +445,13 @@ def format_plan(p: Plan) -> str:
     n_tail = p.n_layers - p.n_gpu_layers
     lines.append(f"KV {p.kv_dtype}: {_mib(p.trunk.kv)} (trunk, {p.n_gpu_layers} layers); "
                  f"KV fp32: {_mib(p.host.kv)} (host, {n_tail} layers)")
+    kinds = p.kv_by_kind()
+    if "swa" in kinds:
+        for kind, name in (("global", "global layers"), ("swa", "sliding-window layers")):
+            if kind in kinds:
+                k = kinds[kind]
+                rows = "/".join(str(r) for r in k["rows"])
+                lines.append(f"KV {name}: {k['layers']} x {rows} rows = {_mib(k['bytes'])}")
     return "\n".join(lines)
 
 

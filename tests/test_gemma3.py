@@ -4,7 +4,10 @@ sliding-window attention path against a plain float64 reference.
 Acceptance of issue 8 on CPU: teacher-forced fp32 logits over the last 300 positions of a
 731-token prompt (so positions beyond the 512-token window are compared) match HF loading the
 same GGUF (eager attention, fp32); bf16 / q8_0 KV (kv_dim 256) keep the fp32 top-1 in their
-top-5. HF and our engine are loaded once per module (~60-90 s on 2 cores in all).
+top-5. HF and our engine are loaded once per module (~60-90 s on 2 cores in all). The engine
+is loaded at ctx 32768, so its 15 sliding-window layers hold 1024-row rings (engine/kv_ring.py)
+and the HF comparison runs through them; the rings give hidden states torch.equal to
+full-length caches over prefill, chunked prefill and decode, and the plan prices them exactly.
 """
 from __future__ import annotations
 
@@ -18,9 +21,12 @@ from engine import kernels
 from engine.engine import Engine
 from engine.errors import ConfigError, EngineError
 from engine.kv import LayerKV
+from engine.kv_ring import RING_CHUNK, RingKV
+from engine.planner import plan as make_plan
 from engine.kernels.kv_append import dequantize_q8_0_ref
 
 KEEP = 300          # compared positions: the last KEEP of the prompt
+CTX = 32768         # the suite's vram ctx: sliding-window layers get rings far smaller than this
 WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly hex jolly "
          "banjos near river stones and old maps of distant cities describe winding roads").split()
 
@@ -31,7 +37,7 @@ def eng():
     if "gemma3-270m" not in REGISTRY:
         pytest.skip("gemma3-270m is not in the model registry")
     try:
-        return engine.load("gemma3-270m", ctx=1024)
+        return engine.load("gemma3-270m", ctx=CTX)
     except EngineError as exc:
         pytest.skip(f"gemma3-270m unavailable: {exc}")
 
@@ -178,3 +184,65 @@ def test_load_refuses_sliding_window_on_triton(eng):
             engine.load(eng.path, ctx=64)
     finally:
         kernels.set_backend(prev)
+
+
+# ------------------------------------------------------------ ring KV on the real model
+def hidden(e: Engine, ids: list[int], calls: list[int]) -> torch.Tensor:
+    """Final hidden states [len(ids), d] with the prompt fed in calls of the given sizes."""
+    e.reset()
+    out, pos = [], 0
+    with torch.inference_mode():
+        for n in calls:
+            out.append(e.model.forward(torch.tensor(ids[pos:pos + n]), pos, e.caches))
+            pos += n
+    assert pos == len(ids)
+    return torch.cat(out)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "q8_0"])
+def test_ring_kv_equals_full_length_kv(eng, ids, dtype):
+    """Rings on the 15 sliding-window layers vs full-length caches: torch.equal hidden states
+    for a 600-token prefill (two waves through the ring), two chunks and ten decode steps."""
+    ctx = 2048
+    ring = Engine(eng.path, eng.gguf, eng.spec, eng.model, eng.tokenizer, dtype, eng.device, ctx,
+                  eng.wave_budget_bytes)
+    full = Engine(eng.path, eng.gguf, eng.spec, eng.model, eng.tokenizer, dtype, eng.device, ctx,
+                  eng.wave_budget_bytes)
+    full.caches = [LayerKV(i, eng.spec.n_kv_heads, eng.spec.head_dim, ctx, dtype) for i in range(eng.spec.n_layers)]
+    swa = set(eng.spec.swa_layers)
+    assert [type(c) for c in ring.caches] == [RingKV if i in swa else LayerKV for i in range(eng.spec.n_layers)]
+    assert ring.kv_dtypes == full.kv_dtypes == [dtype] * eng.spec.n_layers
+    seq = ids                                         # > 600 tokens: crosses the 512 window
+    calls = [600, 100, len(seq) - 710] + [1] * 10
+    a, b = hidden(full, seq, calls), hidden(ring, seq, calls)
+    assert torch.equal(a, b)
+    assert ring.kv_bytes < full.kv_bytes * 0.65      # 15 of 18 layers at 1024 of 2048 rows
+
+
+def test_plan_prices_rings_and_matches_runtime(eng):
+    """The loaded engine (ctx 32768, fp32): sliding-window layers hold window + chunk rows,
+    the plan says so per layer, and the ledger matches the plan in every category to the byte."""
+    s, p = eng.spec, eng.plan
+    per_row = 2 * s.n_kv_heads * s.head_dim * 4                 # K + V, fp32
+    ring_rows = s.sliding_window + RING_CHUNK                   # 512 + 512
+    want = [(ring_rows if i in s.swa_layers else CTX) * per_row for i in range(s.n_layers)]
+    assert [c.nbytes for c in eng.caches] == want == p.layer_kv_bytes
+    assert p.layer_kv_rows == [ring_rows if i in s.swa_layers else CTX for i in range(s.n_layers)]
+    kinds = p.kv_by_kind()
+    assert kinds["swa"]["layers"] == 15 and kinds["global"]["layers"] == 3
+    assert kinds["swa"]["bytes"] == 15 * ring_rows * per_row and kinds["global"]["bytes"] == 3 * CTX * per_row
+    assert p.trunk.kv == sum(want) < s.n_layers * CTX * per_row / 5
+    bad = [r for r in eng.ledger.compare(p) if r.diff != 0]
+    assert not bad, bad
+
+
+def test_planner_prices_q8_0_rings_at_32k(eng):
+    """q8_0 at ctx 32768 (the suite's vram case): 34 bytes per 32 values on ring rows."""
+    s = eng.spec
+    p = make_plan(s, kv_dtype="q8_0", ctx=CTX, device="cpu")
+    q8_row = 2 * s.kv_dim // 32 * 34
+    kinds = p.kv_by_kind()
+    assert kinds["swa"]["bytes"] == 15 * 1024 * q8_row
+    assert kinds["swa"]["bytes"] == 15 * RingKV(0, s.n_kv_heads, s.head_dim, CTX, 512, "q8_0").nbytes
+    assert kinds["global"]["bytes"] == 3 * CTX * q8_row
+    assert p.to_dict()["kv_by_kind"] == kinds

@@ -1,0 +1,196 @@
+"""Ring KV for sliding-window layers: ``window + chunk`` rows instead of ``max_tokens``.
+
+Contract: ``RingKV`` has ``LayerKV``'s interface (``write(start, k, v)``, ``attend(q, start,
+scale, window=)``, ``dtype``, ``nbytes``, ``reset``, ``k``/``v``, ``last_waves``,
+``peak_scratch_bytes``) for a layer whose queries only see keys in ``(qpos - window, qpos]``.
+Position ``p`` lives in row ``p % rows`` with ``rows = ring_rows(window) = window + chunk``
+(``chunk`` = ``RING_CHUNK`` = 512 by default, a whole number of the reference's 128-row
+chunks). The rule: a call of ``T <= chunk`` tokens is written at once (its queries need the
+``window - 1`` keys before it plus its own ``T``: at most ``rows - 1`` live keys); a longer
+call's K/V are held (the caller's tensors, no copy) until ``attend``, which runs the prefill in
+waves of at most ``chunk`` rows and writes each wave's keys just before its queries read them,
+so no row still needed is ever overwritten. Rows are stored in the cache's format through the
+same ``kv_append`` as ``LayerKV`` (fp32, bf16 round-to-nearest-even, q8_0 ggml blocks: the
+stored bytes of a position equal a full-length cache's). ``attend`` runs the torch reference
+(``prefill_attention_ref``) on the same wave plan rules, chunks and key blocks as a full-length
+``LayerKV`` of ``max_tokens`` rows, reading the ring through a view that maps absolute
+positions to rows (positions that the ring no longer holds come back as other positions'
+finite values, and the reference masks them for every row that reads them), so the output is
+bit-identical to a full-length cache (``torch.equal``) for fp32, bf16 and q8_0. Like
+``LayerKV`` with a window, the Triton path is refused with ConfigError.
+
+    cache = RingKV(0, n_kv_heads=1, head_dim=256, max_tokens=32768, window=512, dtype="q8_0")
+    cache.write(0, k, v); out = cache.attend(q, 0, scale, window=512); cache.rows  # 1024
+"""
+from __future__ import annotations
+
+import torch
+
+from . import kernels
+from .errors import ConfigError, ContextOverflowError
+from .kernels.kv_append import kv_append
+from .kernels.prefill_attention import (CHUNK_ROWS, MAX_WAVE_ROWS, WavePlan, plan_waves,
+                                        prefill_attention_ref)
+from .kv import DEFAULT_WAVE_BUDGET, LayerKV
+
+RING_CHUNK = 4 * CHUNK_ROWS      # 512: tokens one call may write at once; longer calls take waves
+
+
+def ring_rows(window: int, chunk: int = RING_CHUNK) -> int:
+    """Rows a sliding-window layer's ring holds: the window plus one chunk of new tokens."""
+    return int(window) + int(chunk)
+
+
+class _Positions:
+    """A ring buffer read by absolute position: ``view[j0:j1]`` is rows ``j % n`` for
+    ``j in [j0, j1)`` as a ``[j1 - j0, ...]`` tensor laid out like a slice of a full-length
+    buffer (a view when the range does not wrap, else a gathered copy); ``shape[0]`` is the
+    full-length cache's row count, which the reference's key-block bounds depend on."""
+
+    def __init__(self, buf: torch.Tensor, n_positions: int):
+        self.buf, self.shape = buf, (n_positions, *buf.shape[1:])
+        self.gathered_bytes = 0
+
+    def __getitem__(self, sl: slice) -> torch.Tensor:
+        j0, j1 = sl.start, sl.stop
+        n = self.buf.shape[0]
+        s0 = j0 % n
+        if j1 - j0 <= n - s0:
+            return self.buf[s0:s0 + j1 - j0]
+        idx = torch.arange(j0, j1, device=self.buf.device) % n
+        out = self.buf.index_select(0, idx)
+        self.gathered_bytes = max(self.gathered_bytes, out.nbytes)
+        return out
+
+
+class RingKV:
+    def __init__(self, layer: int, n_kv_heads: int, head_dim: int, max_tokens: int, window: int,
+                 dtype: str = "fp32", device: str | torch.device = "cpu",
+                 wave_budget_bytes: int = DEFAULT_WAVE_BUDGET, wave_max_rows: int = MAX_WAVE_ROWS,
+                 chunk: int = RING_CHUNK):
+        if not isinstance(window, int) or window <= 0:
+            raise ConfigError(f"layer {layer}: sliding window {window!r} must be a positive integer",
+                              "check the model's attention.sliding_window metadata")
+        if chunk < CHUNK_ROWS or chunk % CHUNK_ROWS:
+            raise ConfigError(f"layer {layer}: ring chunk {chunk} must be a positive multiple of "
+                              f"{CHUNK_ROWS} (the attention reference's row chunk)",
+                              f"use a multiple of {CHUNK_ROWS}, e.g. {RING_CHUNK}")
+        self.window, self.chunk, self.rows = window, chunk, ring_rows(window, chunk)
+        # The storage (format, geometry checks, dtype/nbytes) is a LayerKV of `rows` rows;
+        # positions and attention are the ring's own.
+        self._store = LayerKV(layer, n_kv_heads, head_dim, self.rows, dtype, device,
+                              wave_budget_bytes=wave_budget_bytes, wave_max_rows=wave_max_rows)
+        self.layer, self.n_kv_heads, self.head_dim, self.max_tokens = layer, n_kv_heads, head_dim, max_tokens
+        self.wave_budget_bytes, self.wave_max_rows = wave_budget_bytes, wave_max_rows
+        self.k, self.v = self._store.k, self._store.v
+        self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.reset()
+
+    @property
+    def dtype(self) -> str:
+        return self._store.dtype
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    @property
+    def device(self) -> torch.device:
+        return self.k.device
+
+    def reset(self) -> None:
+        """Forget the sequence (held K/V are dropped; rows are overwritten before being read)."""
+        self._pending = None
+        self.last_waves = self.last_wave_retries = self.last_wave_rows = 0
+        self.peak_scratch_bytes = 0
+
+    # -- writing ---------------------------------------------------------------------------
+    def _store_rows(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Rows ``start..start+T-1`` into their ring rows (T <= rows), in at most two pieces."""
+        T, fmt = k.shape[0], self.dtype
+        s0 = start % self.rows
+        n1 = min(T, self.rows - s0)
+        for buf, x in ((self.k, k), (self.v, v)):
+            kv_append(buf, s0, x[:n1], fmt)
+            if n1 < T:
+                kv_append(buf, 0, x[n1:], fmt)
+
+    def _flush(self) -> None:
+        """Store held K/V that no attend() consumed: only the last ``rows`` positions matter."""
+        if self._pending is None:
+            return
+        start, k, v = self._pending
+        self._pending = None
+        skip = max(0, k.shape[0] - self.rows)
+        self._store_rows(start + skip, k[skip:], v[skip:])
+
+    def write(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        T = k.shape[0]
+        if start < 0 or start + T > self.max_tokens:
+            raise ContextOverflowError(f"layer {self.layer}: {start + T} tokens exceed the KV cache of "
+                                       f"{self.max_tokens}", "load the engine with a larger ctx")
+        if tuple(k.shape[1:]) != (self.n_kv_heads, self.head_dim) or k.shape != v.shape:
+            raise ValueError(f"layer {self.layer}: k/v must be [T, {self.n_kv_heads}, {self.head_dim}], "
+                             f"got {tuple(k.shape)} and {tuple(v.shape)}")
+        self._flush()
+        if T <= self.chunk:
+            self._store_rows(start, k, v)
+        else:                       # stored wave by wave in attend(), or by the next write
+            self._pending = (start, k, v)
+
+    # -- attention -------------------------------------------------------------------------
+    def attend(self, q: torch.Tensor, start: int, scale: float, window: int | None = None) -> torch.Tensor:
+        T, Hq, D = q.shape
+        if D != self.head_dim or Hq % self.n_kv_heads:
+            raise ValueError(f"layer {self.layer}: q [T, Hq, D] = {tuple(q.shape)} does not fit "
+                             f"{self.n_kv_heads} kv heads x {self.head_dim}")
+        if start + T > self.max_tokens:
+            raise ContextOverflowError(f"layer {self.layer}: {start + T} tokens exceed the KV cache of "
+                                       f"{self.max_tokens}", "load the engine with a larger ctx")
+        if window is None or window <= 0 or window > self.window:
+            raise ConfigError(f"layer {self.layer}: a ring KV of window {self.window} cannot serve "
+                              f"window={window}", "build a LayerKV for global or wider attention")
+        if kernels.use_triton(q.device) and D >= 16 and not D & (D - 1):
+            raise ConfigError(f"layer {self.layer}: sliding-window attention is implemented only in the "
+                              f"torch path", "use KVBENCH_ATTN_BACKEND=torch or device cpu")
+        held = self._pending
+        if held is not None and (held[0] != start or held[1].shape[0] != T):
+            self._flush()           # queries for other positions: the held keys are just history
+            held = None
+        self._pending = None
+        fmt = self.dtype
+        # Same chunks and key blocks as a full-length cache's plan; waves capped at `chunk`
+        # rows (waves never change a row's result), so each wave's keys fit beside the window.
+        plan = plan_waves(T, start, Hq, self.n_kv_heads, D, self.wave_budget_bytes,
+                          min(self.wave_max_rows, self.chunk))
+        kview, vview = _Positions(self.k, self.max_tokens), _Positions(self.v, self.max_tokens)
+        peak = 0
+        if len(plan.waves) == 1 and held is None:
+            out, peak = prefill_attention_ref(q, kview, vview, fmt, start, scale, self.n_kv_heads, plan,
+                                              window=window)
+        else:
+            out = torch.empty(T, Hq, D, device=q.device, dtype=torch.float32)
+            for r0, r1 in plan.waves:
+                if held is not None:
+                    self._store_rows(start + r0, held[1][r0:r1], held[2][r0:r1])
+                # the whole q (T > CHUNK_ROWS) with a one-wave plan: the reference then reads
+                # whole key blocks exactly as it does for the full plan
+                one = WavePlan(r1 - r0, plan.chunk_rows, plan.key_block, ((r0, r1),),
+                               tuple(c for c in plan.chunks if r0 <= c[0] and c[1] <= r1))
+                part, scratch = prefill_attention_ref(q, kview, vview, fmt, start, scale, self.n_kv_heads,
+                                                      one, window=window)
+                out[r0:r1] = part[r0:r1]
+                peak = max(peak, scratch)
+        self.last_waves, self.last_wave_retries = plan.n_waves, 0
+        self.last_wave_rows = max(r1 - r0 for r0, r1 in plan.waves)
+        self.peak_scratch_bytes = peak + kview.gathered_bytes + vview.gathered_bytes
+        return out
+
+
+def layer_kv_rows(spec, layer: int, max_tokens: int, chunk: int = RING_CHUNK) -> int:
+    """KV rows layer ``layer`` gets for a ``max_tokens`` context: the ring for a sliding-window
+    layer when the ring is smaller, else ``max_tokens`` (the planner prices exactly this)."""
+    window = spec.window(layer)
+    if window and ring_rows(window, chunk) < max_tokens:
+        return ring_rows(window, chunk)
+    return max_tokens
