@@ -4,7 +4,8 @@ Contract: ``build_report(results_dir, out_dir=None) -> Path`` reads only what th
 (manifest.json + records.jsonl) and writes ``<out_dir>/report.md`` (default
 ``reports/<run>/``) plus PNGs beside it, linked relatively so the page renders on GitHub.
 Sections: run facts, the verdict table (model x check x dtype, the failing number in each
-failed cell), memory (KV bytes, expert-cache budget, applied dtypes, plan vs runtime),
+failed cell), memory (KV bytes, expert-cache budget, applied dtypes, plan vs runtime; for a
+model with sliding-window layers, KV per layer kind: global vs SWA rings, with a plot),
 accuracy (llama.cpp KLD statistics with the fp32 noise floor, per-position max-abs / KLD
 curves, top-k containment), wave prefill, throughput (pp/tg bars), coherence samples, and
 every metric that was skipped with its reason. Tables are pandas frames; plots matplotlib
@@ -210,6 +211,66 @@ class _Report:
                 ax.legend(fontsize=8)
             self.save(fig, f"memory_{_slug(m)}.png", f"KV bytes per dtype, {m}")
             self.plan_bars(m, chk)
+        self.kv_kinds(chk)
+
+    def kv_kinds(self, chk: str) -> None:
+        """Global vs sliding-window layers' KV (vram info ``kv_by_kind``), where a model has both."""
+        rows = []
+        for m in self.models:
+            for d in self.dtypes:
+                info = self.res.info(m, d, chk)
+                for kind, k in (info.get("kv_by_kind") or {}).items():
+                    name = ("global (ctx rows)" if kind == "global" else
+                            f"sliding window {k.get('window')} (ring)")
+                    rows.append({"model": m, "requested": d, "layers": name, "n": k.get("layers"),
+                                 "rows per layer": "/".join(str(r) for r in k.get("rows") or []),
+                                 "KV MiB (runtime)": _mib(k.get("runtime_bytes")),
+                                 "KV MiB (plan)": _mib(k.get("plan_bytes")),
+                                 f"KV MiB at ctx {info.get('ctx')} rows": _mib(k.get("ctx_bytes"))})
+        if not rows:
+            return
+        self.md.append("### KV per layer kind: global vs sliding-window layers\n")
+        self.md.append("Sliding-window layers only need the last `window` keys: their cache is a ring "
+                       "of window + chunk rows instead of ctx rows (engine/kv_ring.py), priced so by "
+                       "the planner.\n")
+        df = pd.DataFrame(rows)
+        self.md.append(md_table(df.dropna(axis=1, how="all")) + "\n")
+        full_col = [c for c in df.columns if c.startswith("KV MiB at ctx")][0]
+        for m in self.models:
+            t = df[df.model == m]
+            if t.empty:
+                continue
+            fig, ax = plt.subplots(figsize=(6, 3.2))
+            dts = list(dict.fromkeys(t.requested))
+            xs = list(range(len(dts)))
+            bottom = [0.0] * len(dts)
+            for kind, color in (("global", "#555555"), ("sliding", "#2ca02c")):
+                sel = t[t.layers.str.startswith(kind)]
+                if sel.empty:
+                    continue
+                vals = [float(sel[sel.requested == d]["KV MiB (runtime)"].sum()) for d in dts]
+                bars = ax.bar(xs, vals, 0.5, bottom=bottom, color=color, label=sel.layers.iloc[0])
+                if kind == "global":
+                    ax.bar_label(bars, fmt="%.1f", label_type="center", fontsize=7, color="white")
+                else:       # a thin segment on top: label above it
+                    ax.bar_label(bars, labels=[f"+{v:.1f}" for v in vals], fontsize=7, padding=2)
+                bottom = [b + v for b, v in zip(bottom, vals)]
+            swa = t[t.layers.str.startswith("sliding")]
+            if not swa.empty:
+                glob = t[t.layers.str.startswith("global")]
+                alt = [float(glob[glob.requested == d]["KV MiB (runtime)"].sum())
+                       + float(swa[swa.requested == d][full_col].sum()) for d in dts]
+                ax.scatter(xs, alt, marker="_", s=900, color="#d62728", zorder=3,
+                           label="if SWA layers held ctx rows")
+                for x, a in zip(xs, alt):
+                    ax.annotate(f"{a:.0f}", (x, a), textcoords="offset points", xytext=(0, 4),
+                                ha="center", fontsize=7, color="#d62728")
+                ax.set_ylim(0, max(alt) * 1.25)
+            ax.set_xticks(xs, dts)
+            ax.set_ylabel("MiB (runtime)")
+            ax.set_title(f"{m}: KV per layer kind")
+            ax.legend(fontsize=7, loc="upper right")
+            self.save(fig, f"kv_kinds_{_slug(m)}.png", f"KV per layer kind, {m}")
 
     def plan_bars(self, m: str, chk: str) -> None:
         per_dtype = {d: self.res.info(m, d, chk).get("plan_vs_runtime") for d in self.dtypes}
@@ -440,6 +501,10 @@ class _Report:
         path = self.out / "report.md"
         atomic_write(path, "\n".join(self.md).rstrip() + "\n")
         return path
+
+
+def _mib(n) -> float | None:
+    return None if n is None else float(n) / 2**20
 
 
 def _clip(text: str, n: int) -> str:

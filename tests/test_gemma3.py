@@ -246,3 +246,47 @@ def test_planner_prices_q8_0_rings_at_32k(eng):
     assert kinds["swa"]["bytes"] == 15 * RingKV(0, s.n_kv_heads, s.head_dim, CTX, 512, "q8_0").nbytes
     assert kinds["global"]["bytes"] == 3 * CTX * q8_row
     assert p.to_dict()["kv_by_kind"] == kinds
+
+
+VRAM_SUITE = """
+[suite]
+name = "gemma3-vram"
+models = ["gemma3-270m"]
+baseline = "fp32"
+kv_dtypes = ["q8_0"]
+device = "cpu"
+ctx = 4096
+
+[[check]]
+kind = "vram"
+ctx = 32768
+vram_budget_gib = 12
+exercise_tokens = 16
+"""
+
+
+def test_vram_check_and_report_show_kv_per_layer_kind(eng, tmp_path):
+    """The harness end to end (fp32 case only: one more load): the vram check passes with the
+    rings priced at their rows, reports global vs SWA KV, and the report has the table + plot."""
+    from harness.report import build_report
+    from harness.results import load_results
+    from harness.runner import Runner
+    from harness.suite import load_suite
+    path = tmp_path / "vram.toml"
+    path.write_text(VRAM_SUITE)
+    summary = Runner(load_suite(path), tmp_path / "r", progress=False, max_cases=1).run()
+    assert [c["status"] for c in summary.cases] == ["pass"]
+    s = eng.spec
+    per_row = 2 * s.kv_dim * 4
+    res = load_results(tmp_path / "r")
+    df = res.metrics()
+    val = {m: v for m, v in zip(df.metric, df.value)}
+    assert val["KV bytes SWA layers"] == 15 * 1024 * per_row / 2**20 == 30.0
+    assert val["KV bytes global layers"] == 3 * CTX * per_row / 2**20 == 192.0
+    assert val["KV bytes vs requested"] == 0 and val["Plan vs runtime max diff"] == 0
+    kinds = res.info("gemma3-270m", "fp32", "vram")["kv_by_kind"]
+    assert kinds["swa"]["rows"] == [1024] and kinds["swa"]["ctx_bytes"] == 15 * CTX * per_row
+    report = build_report(tmp_path / "r", tmp_path / "rep")
+    text = report.read_text()
+    assert "KV per layer kind" in text and "| sliding window 512 (ring) | 15 | 1024 | 30 | 30 | 960 |" in text
+    assert (tmp_path / "rep" / "kv_kinds_gemma3-270m.png").stat().st_size > 5000

@@ -7,7 +7,12 @@ runtime KV bytes against the bytes the *requested* dtypes imply (DESIGN.md's tab
 and 34/32 bytes per value), and, once the planner and ledger exist, plan vs runtime per
 category and tier, ``unaccounted`` and the expert-cache budget. A mismatch fails the check
 and ``detail`` names the first bad layer / category. What the engine cannot report yet is a
-skipped metric with the reason, never a guess.
+skipped metric with the reason, never a guess. KV rows per layer are ``ctx`` unless the plan
+lists fewer (``layer_kv_rows``: sliding-window layers hold a ring of window + chunk rows);
+the bytes per value always come from the *requested* dtype. A model with sliding-window
+layers also gets ``KV bytes global layers`` / ``KV bytes SWA layers`` (runtime, from each
+layer cache's ``nbytes``) and ``info["kv_by_kind"]``: per kind, layers, rows per layer
+(runtime bytes / bytes per row), runtime, planned and full-ctx bytes.
 
     [[check]]
     kind = "vram"; ctx = 32768; vram_budget_gib = 12
@@ -35,9 +40,38 @@ class VramConfig(CheckConfig):
     max_unaccounted_mib: float | dict[str, float] | None = threshold("Unaccounted", "<=")
 
 
-def kv_bytes_for(spec, ctx: int, dtypes: list[str]) -> int:
-    """K + V bytes of a cache of ``ctx`` rows per layer at the given per-layer dtypes."""
-    return int(sum(2 * ctx * spec.kv_dim * BYTES_PER_VALUE[d] for d in dtypes))
+def kv_bytes_for(spec, ctx: int | list[int], dtypes: list[str]) -> int:
+    """K + V bytes of a cache of ``ctx`` rows per layer (or a row count per layer) at the
+    given per-layer dtypes."""
+    rows = ctx if isinstance(ctx, list) else [ctx] * len(dtypes)
+    return int(sum(2 * r * spec.kv_dim * BYTES_PER_VALUE[d] for r, d in zip(rows, dtypes)))
+
+
+def kv_by_kind(eng, ctx: int, applied: list[str], plan_d: dict | None) -> dict | None:
+    """Global vs sliding-window layers' KV (runtime from each cache's ``nbytes``, planned from
+    ``plan.layer_kv_bytes``, and what ``ctx`` rows would take); None without SWA layers."""
+    spec = eng.spec
+    swa = set(getattr(spec, "swa_layers", ()) or ())
+    caches = getattr(eng, "caches", None)
+    if not swa or caches is None:
+        return None
+    planned = _get(plan_d, "layer_kv_bytes")
+    out = {}
+    for kind, layers in (("global", [i for i in range(len(applied)) if i not in swa]),
+                         ("swa", sorted(swa))):
+        if not layers:
+            continue
+        per_row = {i: 2 * spec.kv_dim * BYTES_PER_VALUE[applied[i]] for i in layers}
+        runtime = [int(caches[i].nbytes) for i in layers]
+        out[kind] = {
+            "layers": len(layers),
+            "rows": sorted({round(b / per_row[i]) for b, i in zip(runtime, layers)}),
+            "runtime_bytes": sum(runtime),
+            "plan_bytes": sum(planned[i] for i in layers) if planned else None,
+            "ctx_bytes": int(sum(ctx * per_row[i] for i in layers)),
+            "window": getattr(spec, "sliding_window", None) if kind == "swa" else None,
+        }
+    return out
 
 
 def _get(obj, *names, default=None):
@@ -90,8 +124,11 @@ class Vram(Check):
         out.info.update(requested=ctx.kv_dtype, applied=applied, expected=expected,
                         tiers=list(tiers), ctx=n_ctx)
 
-        # runtime KV bytes vs what the requested dtypes cost
-        want = kv_bytes_for(eng.spec, n_ctx, expected)
+        # runtime KV bytes vs what the requested dtypes cost (rows per layer from the plan:
+        # a sliding-window layer's ring is smaller than ctx)
+        rows = _get(plan_d, "layer_kv_rows")
+        rows = list(rows) if rows and len(rows) == n_layers else n_ctx
+        want = kv_bytes_for(eng.spec, rows, expected)
         runtime, source = None, None
         led_kv = _tier_sum(_get(ledger_d, "current"), "kv")
         if led_kv is not None:
@@ -108,6 +145,15 @@ class Vram(Check):
             out.add("KV bytes vs requested", abs(diff), "%", "lower",
                     detail=f"runtime {runtime / MIB:.1f} MiB ({source}) vs {want / MIB:.1f} MiB "
                            f"for {ctx.kv_dtype}")
+        kinds = kv_by_kind(eng, n_ctx, applied, plan_d)
+        if kinds:
+            out.info["kv_by_kind"] = kinds
+            for kind, name in (("global", "KV bytes global layers"), ("swa", "KV bytes SWA layers")):
+                if kind in kinds:
+                    k = kinds[kind]
+                    out.add(name, k["runtime_bytes"] / MIB, "MiB", "lower",
+                            detail=f"{k['layers']} layers x {'/'.join(map(str, k['rows']))} rows "
+                                   f"(ctx {n_ctx}: {k['ctx_bytes'] / MIB:.1f} MiB)")
 
         # planner and ledger (land with the hybrid issue)
         if plan is None or ledger is None or not hasattr(ledger, "compare"):
