@@ -146,3 +146,17 @@ def test_errors():
         ring.attend(torch.zeros(1, 2, 32), 0, 1.0, window=200)
     with pytest.raises(ConfigError, match="multiple of 128"):
         RingKV(0, 1, 32, 600, 100, "fp32", chunk=100)
+
+
+@pytest.mark.parametrize("fmt", FMTS)
+def test_held_prefill_without_attend_is_flushed_by_the_next_write(fmt):
+    """A long write that no attend() consumed (e.g. keys only) still leaves the last window."""
+    window, n = 150, 700
+    q, k, v = qkv(n + 3, 4, 2, 32, seed=6)
+    full, ring = pair(fmt, n + 3, 2, 32, window, chunk=128)
+    for c in (full, ring):
+        c.write(0, k[:n], v[:n])                 # 700 > chunk: held by the ring
+        c.write(n, k[n:], v[n:])
+    a = full.attend(q[n:], n, 32 ** -0.5, window=window)
+    b = ring.attend(q[n:], n, 32 ** -0.5, window=window)
+    assert torch.equal(a, b)
