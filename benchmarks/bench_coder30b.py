@@ -87,8 +87,17 @@ def bytes_per_token(eng, pos: int) -> dict:
     return out
 
 
-def run_case(eng, prompt: list[int], n_decode: int, n_warm: int, bw: dict) -> dict:
+def run_case(eng, prompt: list[int], n_decode: int, n_warm: int, bw: dict, feed: str = "random") -> dict:
+    """``feed``: "random" feeds a seeded random token stream (each step still computes its
+    argmax, so the work and the sync are a greedy step's): a random-weight model's greedy
+    output repeats one token, which routes to the same experts and flatters the cache."""
     dev = eng.device
+    stream = torch.randint(0, eng.spec.vocab_size, (n_warm + n_decode + 1,),
+                           generator=torch.Generator().manual_seed(7)).tolist()
+
+    def step(tok, j):
+        nxt = int(eng.decode(tok).argmax())
+        return stream[j] if feed == "random" else nxt
     sync(dev)
     t = time.perf_counter()
     logits = eng.prefill(prompt)
@@ -96,15 +105,15 @@ def run_case(eng, prompt: list[int], n_decode: int, n_warm: int, bw: dict) -> di
     prefill_s = time.perf_counter() - t
     cache = eng.expert_cache
     tok = int(logits.argmax())
-    for _ in range(n_warm):
-        tok = int(eng.decode(tok).argmax())
+    for j in range(n_warm):
+        tok = step(tok, j)
     st0 = cache.stats() if cache is not None else None
     steps, moved = [], []
-    for _ in range(n_decode):
+    for j in range(n_decode):
         b0 = cache.bytes_moved if cache is not None else 0
         sync(dev)
         t = time.perf_counter()
-        tok = int(eng.decode(tok).argmax())
+        tok = step(tok, n_warm + j)
         sync(dev)
         steps.append(time.perf_counter() - t)
         moved.append((cache.bytes_moved if cache is not None else 0) - b0)
@@ -115,7 +124,7 @@ def run_case(eng, prompt: list[int], n_decode: int, n_warm: int, bw: dict) -> di
     r = {
         "n_gpu_layers": eng.plan.n_gpu_layers, "n_layers": eng.spec.n_layers, "head_tier": eng.plan.head_tier,
         "kv_dtypes_applied": sorted(set(eng.kv_dtypes)), "kv_applied_ok": eng.kv_dtypes == eng.plan.layer_kv_dtypes,
-        "decode_path": getattr(eng, "decode_path", "eager"),
+        "decode_path": getattr(eng, "decode_path", "eager"), "decode_feed": feed,
         "prefill_tokens": len(prompt), "prefill_s": prefill_s, "prefill_tok_s": len(prompt) / prefill_s,
         "prefill_waves": eng.last_prefill_stats.get("waves"),
         "decode_tok_s": 1 / step, "decode_step_s": step, "decode_samples_s": steps,
@@ -140,6 +149,8 @@ def run_case(eng, prompt: list[int], n_decode: int, n_warm: int, bw: dict) -> di
 def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="coder30b-synth", help="synth name, registry name or .gguf path")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--feed", choices=("random", "greedy"), default="random",
+                   help="decode inputs: a seeded random stream (varied routing) or the greedy token")
     p.add_argument("--budgets", default="full,24GiB,12GiB", help="'full' (no budget) or sizes, comma separated")
     p.add_argument("--kv", default="fp32,bf16,q8_0")
     p.add_argument("--contexts", default="512,16384", help="prompt lengths filled before decoding")
@@ -210,7 +221,7 @@ def main(args) -> int:
                         eng, fresh = engine.load(model, **kw), True
                     case["load_s"], case["fresh_load"] = time.perf_counter() - t0, fresh
                     prompt = torch.randint(0, eng.spec.vocab_size, (n,), generator=g).tolist()
-                    case.update(run_case(eng, prompt, args.decode, args.warmup, bw))
+                    case.update(run_case(eng, prompt, args.decode, args.warmup, bw, args.feed))
                 except EngineError as exc:         # e.g. out of memory: record it, go on
                     doc["failed"].append({**case, "error": str(exc)})
                     print(f"FAIL  {label:>7} {kv:5} ctx {n:6}: {exc}", flush=True)

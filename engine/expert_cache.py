@@ -119,6 +119,10 @@ class ExpertCache:
         return cls(SLRUPolicy(capacity, protected_fraction), ledger, ((ff, d), (ff, d), (d, ff)), dtype)
 
     def fetch(self, layer: int, expert: int, host_weights) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(buf[slot] for buf, slot in zip(self.slots, [self.fetch_slot(layer, expert, host_weights)] * 3))
+
+    def fetch_slot(self, layer: int, expert: int, host_weights) -> int:
+        """``fetch`` returning the slot index (the expert is in ``slots[*][slot]`` afterwards)."""
         hit, slot, _ = self.policy.access((layer, expert))
         out = tuple(buf[slot] for buf in self.slots)
         if not hit:
@@ -134,7 +138,7 @@ class ExpertCache:
                     self.pinned_copies += 1
                 else:
                     self.pageable_copies += 1
-        return out
+        return slot
 
     def layer(self, layer: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor) -> "CachedExperts":
         return CachedExperts(self, layer, gate, up, down)
@@ -156,6 +160,12 @@ class CachedExperts:
 
     def get(self, layer: int, e: int):
         return self.cache.fetch(layer, e, (self.gate[e], self.up[e], self.down[e]))
+
+    def get_many(self, layer: int, experts: list[int]):
+        """Experts ``experts`` (fetched in that order) stacked: gate/up [k, ff, d], down [k, d, ff]."""
+        slots = [self.cache.fetch_slot(layer, e, (self.gate[e], self.up[e], self.down[e])) for e in experts]
+        idx = torch.tensor(slots, device=self.cache.device)
+        return tuple(buf.index_select(0, idx) for buf in self.cache.slots)
 
     def tensors(self):
         return [self.gate, self.up, self.down]

@@ -63,6 +63,11 @@ class Experts:
     def get(self, layer: int, e: int):
         return self.gate[e], self.up[e], self.down[e]
 
+    def get_many(self, layer: int, experts: list[int]):
+        """Experts ``experts`` stacked: gate/up [k, ff, d], down [k, d, ff]."""
+        idx = torch.tensor(experts, device=self.gate.device)
+        return self.gate.index_select(0, idx), self.up.index_select(0, idx), self.down.index_select(0, idx)
+
     def tensors(self):
         return [self.gate, self.up, self.down]
 
@@ -221,6 +226,8 @@ class Transformer:
         top_p, top_e = probs.topk(s.n_experts_used, dim=-1)     # [T, k]
         if s.moe_norm_topk:
             top_p = top_p / top_p.sum(-1, keepdim=True)
+        if h.shape[0] == 1 and hasattr(w.experts, "get_many"):
+            return self._moe_one(i, h, top_p[0], top_e[0])
         out = torch.zeros_like(h)
         # Visit experts in ascending id so the cache access order is deterministic.
         for e in torch.unique(top_e).tolist():
@@ -264,6 +271,19 @@ class Transformer:
     def decode_head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``head`` for the static decode step (compiled with it): (logits [V] f32, argmax)."""
         return self._decode_fns[3](x, self.out_norm, self.output)
+
+    def _moe_one(self, i: int, h: torch.Tensor, top_p: torch.Tensor, top_e: torch.Tensor) -> torch.Tensor:
+        """One token's MoE FFN as batched matmuls over its k experts (stacked from their slots),
+        instead of k rounds of small kernels; experts fetched in ascending id as in ``moe``."""
+        order = torch.argsort(top_e)
+        ids = top_e[order].tolist()                       # the one host sync: routing decides fetches
+        gate, up, down = self.layers[i].experts.get_many(i, ids)     # [k, ff, d], [k, ff, d], [k, d, ff]
+        x = h.to(gate.dtype).expand(len(ids), -1).unsqueeze(-1)        # [k, d, 1]
+        a = torch.bmm(gate, x).float()
+        b = torch.bmm(up, x).float()
+        g = (F.silu(a) * b).to(down.dtype)                            # [k, ff, 1]
+        y = torch.bmm(down, g).float()[..., 0]                         # [k, d]
+        return (y * top_p[order, None]).sum(0, keepdim=True)
 
     def forward(self, tokens: torch.Tensor, start: int, caches) -> torch.Tensor:
         """tokens [T] (host) -> final hidden [T, d] on the head device."""
