@@ -101,6 +101,13 @@ def test_static_decode_refuses_what_it_cannot_apply(monkeypatch):
         engine.load(synth.ensure("tiny-llama"), ctx=32)
 
 
+# Graph vs eager, float32 weights. fp32 KV: summation order only. A narrowed cache rounds
+# K/V: an ulp of difference before rounding (fused vs unfused RoPE/norms) flips a bf16 or
+# q8_0 rounding step (2^-8 / amax/127 of a value), which moves later logits by up to ~1e-2 /
+# ~5e-2 (measured on the H100: 1.4e-2 and 4.5e-2); the greedy answer must not change.
+GRAPH_TOL = {"fp32": 2e-3, "bf16": 5e-2, "q8_0": 1e-1}
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("kv", ["fp32", "bf16", "q8_0"])
 def test_cuda_graph_decode_matches_eager(kv, smollm2_path):
@@ -120,34 +127,45 @@ def test_cuda_graph_decode_matches_eager(kv, smollm2_path):
     got = torch.stack([eng.decode(PROMPT[-1] + i) for i in range(8)])
     err = (got - ref).abs().max().item()
     print(f"cuda graph vs eager, f32 weights, KV {kv}: logits max-abs {err:.2e}")
-    assert err < 2e-3
+    assert err < GRAPH_TOL[kv]
+
+
+# Waves vs one pass, float32 weights. The Triton paths compute every row the same way in any
+# wave (measured on the H100: max-abs 0.0 for fp32, bf16, q8_0). The opt-in flash path for
+# bf16 caches picks its tiling and KV splits from the lengths it is given and rounds q and p
+# to bf16, so sums reorder at the 2^-9 level and compound over 30 layers: measured 0.246
+# (why it is not the default); its bound only catches a broken mask (errors of whole logits).
+WAVE_TOL = {"fp32": 1e-3, "bf16": 1e-3, "q8_0": 1e-3, "bf16-flash": 0.5}
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("kv", ["fp32", "bf16", "q8_0"])
-def test_gpu_wave_prefill_logits_match_one_pass(kv, smollm2_path):
-    """SmolLM2, 6000-token prompt: >= 3 waves vs one pass (bf16 takes torch's flash attention),
-    last 64 positions' logits within 1e-3; then a long context decodes through the CUDA graph
-    past the RoPE table's initial 4096 rows: bf16 weights, so graph (inductor-fused) and eager
-    round activations to bf16 at different points; logits within 5e-2 of the eager step."""
+@pytest.mark.parametrize("case", ["fp32", "bf16", "bf16-flash", "q8_0"])
+def test_gpu_wave_prefill_logits_match_one_pass(case, smollm2_path, monkeypatch):
+    """SmolLM2, 6000-token prompt: >= 3 waves vs one pass; then a long context decodes through
+    the CUDA graph past the RoPE table's initial 4096 rows, within GRAPH_TOL of the eager step.
+    float32 weights: with bf16 weights the logits themselves are bf16 (a step of 0.125 at ~20)."""
+    from engine.kernels import prefill_attention as pa
+    kv = case.split("-")[0]
+    monkeypatch.setitem(pa.CONFIG, "bf16_flash", case == "bf16-flash")
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(100, 49000, (6000,), generator=g).tolist()
     out = {}
     for name, budget in (("waves", 16 << 20), ("one", 1 << 30)):
-        eng = engine.load(smollm2_path, kv_dtype=kv, device="cuda", ctx=6100, weight_format="bf16",
+        eng = engine.load(smollm2_path, kv_dtype=kv, device="cuda", ctx=6100, weight_format="f32",
                           wave_budget_bytes=budget)
         for c in eng.caches:
             c.wave_max_rows = 1 << 20 if name == "one" else c.wave_max_rows
         out[name] = eng.logits(ids)[-64:]
         out[name + "_waves"] = eng.last_prefill_stats["waves"]
-    assert out["waves_waves"] >= 3 and out["one_waves"] == 1
-    assert (out["waves"] - out["one"]).abs().max().item() <= 1e-3
+    wave_err = (out["waves"] - out["one"]).abs().max().item()
     eng.prefill(ids)
     graph = torch.stack([eng.decode(t) for t in ids[:16]])
     eng.set_decode_mode("eager")
     eng.prefill(ids)
     eager = torch.stack([eng.decode(t) for t in ids[:16]])
     err = (graph - eager).abs().max().item()
-    print(f"KV {kv}: waves vs one pass max-abs {(out['waves'] - out['one']).abs().max().item():.2e}; "
+    print(f"{case}: waves ({out['waves_waves']}) vs one pass max-abs {wave_err:.2e}; "
           f"graph vs eager decode at 6000+ max-abs {err:.2e}")
-    assert err < 5e-2
+    assert out["waves_waves"] >= 3 and out["one_waves"] == 1
+    assert wave_err <= WAVE_TOL[case]
+    assert err < GRAPH_TOL[kv]
