@@ -228,7 +228,12 @@ class Engine:
                 raise ConfigError(f"decode path {self.decode_path!r} is no longer possible: {why}",
                                   "call eng.set_decode_mode('eager')")
             self._static = StaticDecode(self, capture=self.decode_path == "cuda_graph")
-        out = self._static.step(token, self.pos)
+        try:
+            out = self._static.step(token, self.pos)
+        except torch.OutOfMemoryError as exc:
+            from .errors import out_of_memory
+            raise out_of_memory(f"{self.decode_path} decode at position {self.pos}", self.plan,
+                                self.device, exc) from None
         self.pos += 1
         return out
 

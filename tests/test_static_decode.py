@@ -169,3 +169,18 @@ def test_gpu_wave_prefill_logits_match_one_pass(case, smollm2_path, monkeypatch)
     assert out["waves_waves"] >= 3 and out["one_waves"] == 1
     assert wave_err <= WAVE_TOL[case]
     assert err < GRAPH_TOL[kv]
+
+
+def test_static_decode_out_of_memory_is_an_engine_error(triton_backend, monkeypatch):
+    from engine import cuda_graph
+    from engine.errors import OutOfMemoryError
+    eng = engine.load(synth.ensure("tiny-llama"), ctx=32)
+    eng.set_decode_mode("static")
+    eng.prefill(PROMPT)
+
+    def boom(self):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+    monkeypatch.setattr(cuda_graph.StaticDecode, "_body", boom)
+    with pytest.raises(OutOfMemoryError, match=r"static decode at position 8.*Tried to allocate"):
+        eng.decode(3)
+    assert eng.pos == len(PROMPT)            # a failed step does not move the position
