@@ -258,6 +258,9 @@ class GGUFFile:
         if shape is not None and tuple(shape) != want:
             raise ModelFileError(self.path, f"tensor {name} has shape {list(want)}, metadata "
                                  f"implies {list(shape)}", "the file's metadata contradicts its tensors")
+        if 0 in want:
+            raise ModelFileError(self.path, f"tensor {name} has shape {list(want)} with no elements",
+                                 "the file is corrupt or was written wrongly; re-download or re-convert it")
         work = torch.device(device if device is not None else "cpu")
         if out is None:
             out = torch.empty(want, dtype=dtype, device=work)
