@@ -458,19 +458,3 @@ def _warm_cuda_libraries(dev: torch.device) -> None:
 
 
 WEIGHT_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
-MATRICES = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down", "router")
-
-
-def _store(lw: LayerWeights, dtype: torch.dtype) -> LayerWeights:
-    """Matrices (and routed experts) in the storage dtype; norms stay float32."""
-    if dtype == torch.float32:
-        return lw
-    for name in MATRICES:
-        t = getattr(lw, name)
-        if t is not None:
-            setattr(lw, name, t.to(dtype))
-    if lw.experts is not None:
-        lw.experts = Experts(*(t.to(dtype) for t in lw.experts.tensors()))
-    return lw
-
-
