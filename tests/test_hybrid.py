@@ -5,18 +5,28 @@ arithmetic (runtime bytes per category must equal it), and the all-resident MoE 
 streaming expert cache must not change logits)."""
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 import engine
+from engine.gguf_io import open_gguf
+from engine.models import resolve
 from engine.planner import plan as make_plan
+from engine.spec import ModelSpec
 
 IDS = list(range(300, 364))
 
 
+@functools.lru_cache(maxsize=None)
+def spec_of(model: str) -> ModelSpec:
+    return ModelSpec.from_gguf(open_gguf(resolve(model)))
+
+
 def budget_for(model: str, k: int, kv_dtype: str, ctx: int, slots_extra: int = 0) -> int:
     """A vram budget that fits exactly ``k`` trunk layers (priced by the planner itself)."""
-    eng_spec = engine.load(model, ctx=ctx, n_gpu_layers=0).spec
+    eng_spec = spec_of(model)
     p = make_plan(eng_spec, kv_dtype=kv_dtype, ctx=ctx, n_gpu_layers=k, device="cpu")
     min_slots = min(eng_spec.n_experts_used, p.trunk_experts)
     return p.trunk.total - p.trunk.expert_cache + (min_slots + slots_extra) * p.expert_slot_bytes
@@ -52,6 +62,7 @@ def assert_plan_matches_runtime(eng):
 
 @pytest.mark.parametrize("kv", ["fp32", "bf16", "q8_0"])
 @pytest.mark.parametrize("model,k", [("smollm2-135m", 10), ("smollm2-135m", 20),
+                                     ("smollm2-moe", 10), ("smollm2-moe", 20),
                                      ("tiny-qwen3moe", 1), ("tiny-qwen3moe", 2)])
 def test_plan_equals_runtime_after_prefill_and_decode(model, k, kv):
     ctx = 96
