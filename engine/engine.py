@@ -359,7 +359,7 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     else:
         g = open_gguf(path)
         spec = ModelSpec.from_gguf(g)
-        tokenizer = _tokenizer_for(g)
+        tokenizer = None            # built once the plan says this load can go ahead
         if dev.type == "cuda":
             _warm_cuda_libraries(dev)
         ledger = Ledger(dev)   # before any allocation, so `unaccounted` sees everything
@@ -374,6 +374,8 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     if wdtype is None:
         raise ConfigError(f"weight_format {weight_format!r} cannot be applied by this engine "
                           f"(it stores {', '.join(WEIGHT_DTYPES)})", "pick one of those")
+    if tokenizer is None:
+        tokenizer = _tokenizer_for(g)
     host = torch.device("cpu")
     tiers = plan.layer_tiers
     layer_devices = [dev if t == "trunk" else host for t in tiers]

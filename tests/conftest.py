@@ -24,3 +24,23 @@ def pytest_collection_modifyitems(config, items):
 def smollm2_path():
     from engine.models import resolve
     return resolve("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def gemma3_path():
+    """The real gemma3-270m GGUF (assembled from its PyPI part wheels once into the cache)."""
+    from engine.errors import EngineError
+    from engine.models import REGISTRY, resolve
+    if "gemma3-270m" not in REGISTRY:
+        pytest.skip("gemma3-270m is not in the model registry")
+    try:
+        return resolve("gemma3-270m")
+    except EngineError as exc:
+        pytest.skip(f"gemma3-270m unavailable: {exc}")
+
+
+@pytest.fixture(scope="session")
+def gemma3_hf_tokenizer(gemma3_path):
+    """HF transformers' tokenizer read from that GGUF (~15 s for 262144 tokens: built once)."""
+    transformers = pytest.importorskip("transformers")
+    return transformers.AutoTokenizer.from_pretrained(str(gemma3_path.parent), gguf_file=gemma3_path.name)

@@ -19,7 +19,7 @@ import torch
 import engine
 from engine import kernels
 from engine.engine import Engine
-from engine.errors import ConfigError, EngineError
+from engine.errors import ConfigError
 from engine.kv import LayerKV
 from engine.kv_ring import RING_CHUNK, RingKV
 from engine.planner import plan as make_plan
@@ -32,14 +32,8 @@ WORDS = ("the quick brown fox jumps over a lazy dog while seven wizards quietly 
 
 
 @pytest.fixture(scope="module")
-def eng():
-    from engine.models import REGISTRY
-    if "gemma3-270m" not in REGISTRY:
-        pytest.skip("gemma3-270m is not in the model registry")
-    try:
-        return engine.load("gemma3-270m", ctx=CTX)
-    except EngineError as exc:
-        pytest.skip(f"gemma3-270m unavailable: {exc}")
+def eng(gemma3_path):
+    return engine.load(gemma3_path, ctx=CTX)
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +93,11 @@ def test_logits_match_hf(ours, ref, ids):
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
-def test_chat_template_is_registry_fallback(eng, hf):
+def test_chat_template_is_registry_fallback(eng, gemma3_hf_tokenizer):
     tok = eng.tokenizer
     assert tok.chat_template_source == "registry fallback"
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
-    transformers = pytest.importorskip("transformers")
-    ref_tok = transformers.AutoTokenizer.from_pretrained(str(eng.path.parent), gguf_file=eng.path.name)
-    want = ref_tok.encode("<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
+    want = gemma3_hf_tokenizer.encode("<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
                           add_special_tokens=False)
     assert ids == want and ids.count(tok.bos_id) == 1
 

@@ -386,27 +386,13 @@ def test_sentencepiece_merge_order_matters(spm_files):
     assert any(by_position.encode(t) != by_score.encode(t) for t in SPM_PROBES)
 
 
-@pytest.fixture(scope="module")
-def gemma3_path():
-    from engine.errors import EngineError
-    from engine.models import REGISTRY, resolve
-    if "gemma3-270m" not in REGISTRY:
-        pytest.skip("gemma3-270m is not in the model registry")
-    try:
-        return resolve("gemma3-270m")
-    except EngineError as exc:
-        pytest.skip(f"gemma3-270m unavailable: {exc}")
-
-
-def test_gemma3_real_vocabulary_matches_hf(gemma3_path):
+def test_gemma3_real_vocabulary_matches_hf(gemma3_path, gemma3_hf_tokenizer):
     """262144-token SentencePiece vocabulary, no merges in the file, no chat template."""
-    transformers = pytest.importorskip("transformers")
     g = open_gguf(gemma3_path)
     t0 = time.perf_counter()
     ours = Tokenizer.from_gguf(g)
     build_s = time.perf_counter() - t0
-    ref = transformers.AutoTokenizer.from_pretrained(str(gemma3_path.parent),
-                                                     gguf_file=gemma3_path.name)
+    ref = gemma3_hf_tokenizer
     assert build_s < 10, f"from_gguf took {build_s:.1f}s"
     assert ours.vocab_size == len(ref)
     assert ref.convert_tokens_to_ids("<end_of_turn>") in ours.eos_ids
