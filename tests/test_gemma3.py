@@ -98,7 +98,7 @@ def test_chat_template_is_registry_fallback(eng, gemma3_hf_tokenizer):
     assert tok.chat_template_source == "registry fallback"
     ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}])
     want = gemma3_hf_tokenizer.encode("<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\n",
-                          add_special_tokens=False)
+                                      add_special_tokens=False)
     assert ids == want and ids.count(tok.bos_id) == 1
 
 

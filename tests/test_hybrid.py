@@ -11,17 +11,13 @@ import pytest
 import torch
 
 import engine
-from engine.gguf_io import open_gguf
-from engine.models import resolve
 from engine.planner import plan as make_plan
-from engine.spec import ModelSpec
+from engine.planner import spec_for_model
 
 IDS = list(range(300, 364))
 
 
-@functools.lru_cache(maxsize=None)
-def spec_of(model: str) -> ModelSpec:
-    return ModelSpec.from_gguf(open_gguf(resolve(model)))
+spec_of = functools.lru_cache(maxsize=None)(spec_for_model)   # metadata only, once per model
 
 
 def budget_for(model: str, k: int, kv_dtype: str, ctx: int, slots_extra: int = 0) -> int:
