@@ -28,6 +28,17 @@ for step in $steps; do
             python3 -m harness run suites/kv_dtype.toml --device cuda --out /tmp/suite/results \
               --report /tmp/suite/report --no-progress 2>&1 | tee "$OUT/suite.log" | tail -40
             tar czf "$OUT/suite.tgz" -C /tmp/suite results report ;;
+    coder)  # the headline command on the real geometry: `make bench MODEL=coder30b-synth` minus the venv
+            # (the GPU machine has no package index): device auto, weight format auto, default suite
+            rm -rf /tmp/coder && mkdir -p /tmp/coder
+            python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -2
+            free -g | head -2
+            SECONDS=0
+            timeout ${SUITE_TIMEOUT:-470} python3 -m harness run suites/kv_dtype.toml --model coder30b-synth \
+              --out /tmp/coder/results --report /tmp/coder/report --no-progress 2>&1 \
+              | grep -v "^\s*$" | tee "$OUT/coder-suite.log" | tail -45
+            echo "suite wall time: ${SECONDS} s" | tee -a "$OUT/coder-suite.log"
+            tar czf "$OUT/coder-suite.tgz" -C /tmp/coder results report ;;
     peer)   python3 benchmarks/bench_peer.py --out "$OUT/peer.json" 2>&1 | grep -v Converting | tee "$OUT/bench-peer.log" | tail -25 ;;
     unacc)  python3 benchmarks/bench_hybrid.py --models smollm2-135m --kv fp32,q8_0 --decode 8 \
               --out "$OUT/hybrid-unaccounted.json" 2>&1 | tee "$OUT/hybrid-unaccounted.log" | tail -8 ;;

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -21,6 +22,7 @@ import torch
 from . import kv as kvmod
 from .errors import ConfigError, ContextOverflowError, ModelFileError, out_of_memory
 from .gguf_io import GGUFFile, open_gguf
+from .hostmem import pinned_empty
 from .model import Experts, LayerWeights, Transformer
 from .models import resolve
 from .spec import ModelSpec
@@ -63,7 +65,8 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
 
     def read(name, shape, dev, wdtype=dtype, pin=False):
         if dev.type == "cpu" and (pin or (decode_device is not None and decode_device != dev)):
-            out = torch.empty(shape, dtype=wdtype, pin_memory=pin)
+            # pinned at its exact size (torch's pinned allocator rounds up to a power of two)
+            out = pinned_empty(shape, wdtype) if pin else torch.empty(shape, dtype=wdtype)
             return g.tensor(name, shape, dtype=wdtype, device=decode_device or host, out=out)
         return g.tensor(name, shape, dtype=wdtype, device=dev)
 
@@ -104,6 +107,18 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
     return layers, embed, out_norm, output
 
 
+class WeightsPlacementError(ConfigError):
+    """``weights_from`` an engine whose weights are placed differently from the new plan."""
+
+
+_LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+def live_engines() -> int:
+    """Engines of this process that still hold weights (not taken over, not closed)."""
+    return sum(1 for e in list(_LIVE) if e.model is not None)
+
+
 class Engine:
     def __init__(self, path: Path, g: GGUFFile, spec: ModelSpec, model: Transformer, tokenizer,
                  kv_dtype: str, device: torch.device, ctx: int, wave_budget_bytes: int,
@@ -120,6 +135,20 @@ class Engine:
         self.last_prefill_stats: dict = {}
         self._static = None
         self.set_decode_mode(os.environ.get("KVBENCH_DECODE_MODE", "auto").strip() or "auto")
+        _LIVE.add(self)
+
+    def _live(self) -> Transformer:
+        if self.model is None:
+            raise ConfigError("this engine no longer holds weights (closed, or taken over by a later "
+                              "load's weights_from)", "use the engine that load returned last")
+        return self.model
+
+    def close(self) -> None:
+        """Drop weights, caches and every recorded buffer now (``plan`` stays readable); the
+        engine cannot run afterwards. ``engine.hostmem.release_cached()`` then gives cached
+        device and pinned blocks back."""
+        self.model = self.expert_cache = self._static = self.ledger = None
+        self.caches = []
 
     # -- observables ---------------------------------------------------------------------
     @property
@@ -147,7 +176,7 @@ class Engine:
         """Run ``ids`` at the current position; returns final hidden states [T, d]."""
         self._check_ctx(self.pos + len(ids))
         try:
-            h = self.model.forward(torch.tensor(ids, dtype=torch.long), self.pos, self.caches)
+            h = self._live().forward(torch.tensor(ids, dtype=torch.long), self.pos, self.caches)
         except torch.OutOfMemoryError as exc:
             from .errors import out_of_memory
             T = len(ids)
@@ -170,7 +199,7 @@ class Engine:
         out = []
         t0 = time.perf_counter()
         for s in range(0, len(tokens), step):
-            out.append(self.model.head(self._step(tokens[s:s + step])).float().cpu())
+            out.append(self._live().head(self._step(tokens[s:s + step])).float().cpu())
         self._prefill_stats(len(tokens), time.perf_counter() - t0)
         return torch.cat(out)
 
@@ -181,7 +210,7 @@ class Engine:
         self.reset()
         t0 = time.perf_counter()
         h = self._step(tokens)[-1:]
-        out = self.model.head(h)[0].float()
+        out = self._live().head(h)[0].float()
         self._prefill_stats(len(tokens), time.perf_counter() - t0)
         return out
 
@@ -189,7 +218,7 @@ class Engine:
     def decode(self, token: int) -> torch.Tensor:
         """Append one token after ``prefill``/``decode``; returns its logits [vocab]."""
         if self.decode_path == "eager":
-            return self.model.head(self._step([int(token)]))[0].float()
+            return self._live().head(self._step([int(token)]))[0].float()
         return self._static_step(int(token))[0].clone()
 
     # -- decode path ---------------------------------------------------------------------
@@ -262,7 +291,7 @@ class Engine:
         eos = set(self.tokenizer.eos_ids)
         if self.spec.eos_id is not None:
             eos.add(int(self.spec.eos_id))
-        nxt = int(self.model.head(self._step(tokens)[-1:]).argmax(-1)[0])
+        nxt = int(self._live().head(self._step(tokens)[-1:]).argmax(-1)[0])
         new: list[int] = []
         self.last_stop_reason = "length"
         for _ in range(max_new_tokens):
@@ -273,7 +302,7 @@ class Engine:
             if len(new) == max_new_tokens:
                 break
             if self.decode_path == "eager":
-                nxt = int(self.model.head(self._step([nxt])).argmax(-1)[0])
+                nxt = int(self._live().head(self._step([nxt])).argmax(-1)[0])
             else:
                 nxt = int(self._static_step(nxt)[1])
         return new
@@ -313,12 +342,18 @@ def _tokenizer_for(g: GGUFFile):
 
 def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torch.device = "cpu",
          ctx: int = 4096, vram_budget: int | None = None, n_gpu_layers: int | None = None,
-         wave_budget_bytes: int | None = None, weight_format: str = "f32",
-         weights_from: Engine | None = None) -> Engine:
+         wave_budget_bytes: int | None = None, weight_format: str = "auto",
+         weights_from: Engine | None = None, host_ram: int | None = None) -> Engine:
     """Load a registry name or .gguf path; see the module docstring.
 
     ``weight_format`` is how matrices are stored at run time ("f32" exact, "bf16"/"f16" half
-    the bytes; norms stay f32); the planner prices exactly that.
+    the bytes; norms stay f32; "auto": f32 when it needs at most half the available host RAM,
+    else bf16: ``engine.planner``); the planner prices exactly that, and ``eng.plan``
+    records what was applied (``weight_format``) and asked for (``weight_format_requested``).
+
+    Host memory is planned too (``plan.host_ram``: weights, routed experts, tail KV, scratch,
+    against ``engine.hostmem.available()`` or ``host_ram`` bytes): a plan that does not fit
+    raises ``OutOfMemoryError`` before anything is read or allocated.
 
     The planner decides the split: layers ``[0, n_gpu_layers)`` (the trunk) run on ``device``
     with a ``kv_dtype`` cache; the rest (the tail) run on the CPU with fp32 KV. Every buffer
@@ -334,7 +369,7 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     left unusable (its ``model`` is None)."""
     from .expert_cache import ExpertCache
     from .ledger import Ledger
-    from .planner import plan as make_plan
+    from .planner import plan as make_plan, require_host_fit
 
     if kv_dtype not in kvmod.KV_DTYPES:
         raise ConfigError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(kvmod.KV_DTYPES)}",
@@ -349,6 +384,8 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
         if reuse.model is None:
             raise ConfigError("weights_from: that engine's weights were already taken over by a later load",
                               "pass the engine the last load returned")
+        if weight_format == "auto":             # the loaded weights decide
+            weight_format = reuse.plan.weight_format
         if (Path(path), dev, weight_format) != (Path(reuse.path), reuse.device, reuse.plan.weight_format):
             raise ConfigError(f"weights_from holds {Path(reuse.path).name} on {reuse.device} at "
                               f"{reuse.plan.weight_format}, not {Path(path).name} on {dev} at {weight_format}",
@@ -363,8 +400,12 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
         if dev.type == "cuda":
             _warm_cuda_libraries(dev)
         ledger = Ledger(dev)   # before any allocation, so `unaccounted` sees everything
+    held = 0 if reuse is None else reuse.plan.host_ram.need - reuse.plan.host_ram.headroom
     plan = make_plan(spec, kv_dtype=kv_dtype, ctx=ctx, vram_budget=vram_budget, n_gpu_layers=n_gpu_layers,
-                     wave_budget_bytes=wave, weight_format=weight_format, device=dev)
+                     wave_budget_bytes=wave, weight_format=weight_format, device=dev, host_ram=host_ram,
+                     host_held=held, file_bytes=Path(path).stat().st_size)
+    require_host_fit(plan)          # before anything is read or allocated
+    weight_format = plan.weight_format
     swa_on_triton = [i for i in spec.swa_layers if plan.layer_tiers[i] == "trunk"]
     if swa_on_triton and kvmod.kernels.use_triton(dev):   # fail at load, not mid-prefill
         raise ConfigError(f"{path.name}: layers {swa_on_triton[:3]}... use sliding-window attention, "
@@ -383,7 +424,7 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     trunk_moe = [i for i in spec.moe_layers if tiers[i] == "trunk"]
     if reuse is not None:
         if (tiers, plan.head_tier) != (reuse.plan.layer_tiers, reuse.plan.head_tier):
-            raise ConfigError(f"weights_from: this plan puts {plan.n_gpu_layers} layers and the head on "
+            raise WeightsPlacementError(f"weights_from: this plan puts {plan.n_gpu_layers} layers and the head on "
                               f"{plan.head_tier}, the loaded weights are placed for {reuse.plan.n_gpu_layers} "
                               f"and {reuse.plan.head_tier}", "load afresh (no weights_from) for this budget")
         for c in reuse.caches:                         # free the old runtime buffers first

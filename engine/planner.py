@@ -35,6 +35,20 @@ Pricing rules (what the runtime must allocate for plan and ledger to agree):
   Host numbers are logical bytes (pinned host memory is not rounded here).
 - Budget: ``vram_budget`` bytes; None means free CUDA memory (``torch.cuda.mem_get_info``)
   on CUDA, and on CPU a budget that fits everything (all layers, head, every expert).
+- Host RAM (``Plan.host_ram``, a ``HostRamPlan``): what the load keeps resident in host
+  memory: the host tier's weights (``token_embd``, tail layers, a host head) and every
+  routed expert (pinned at its exact size on CUDA: ``engine.hostmem.pinned_empty``), the
+  tail's fp32 KV and host scratch, and on a CPU device the trunk too (it is host memory),
+  plus ``HOST_HEADROOM`` for the process and the OS. It is held against
+  ``engine.hostmem.available()`` (MemAvailable, a cgroup limit, or ``KVBENCH_HOST_RAM``);
+  ``host_held`` bytes already resident that this load takes over (``weights_from``) count as
+  available. The GGUF's page cache is listed (``page_cache``) but not counted: it is
+  reclaimable, and MemAvailable already treats it so. ``require_host_fit(plan)`` raises
+  ``OutOfMemoryError`` with the numbers and the fix when it does not fit; ``engine.load``
+  calls it before allocating anything.
+- Weight format ``"auto"``: f32 when f32's host need is at most half of what is available
+  (room for the OS, page cache and a second process), else bf16; ``weight_format`` is then
+  the applied format and ``weight_format_requested`` says "auto" (``weight_format_reason``).
 
     p = plan(spec, kv_dtype="q8_0", ctx=32768, vram_budget=12 << 30, device="cuda")
     p.n_gpu_layers, p.trunk.kv, p.expert_slots, p.to_dict()
@@ -59,10 +73,13 @@ GiB = 1 << 30
 CATEGORIES = ("weights", "kv", "scratch", "expert_cache", "reserve")
 KV_FORMATS = {"fp32": (4, 1), "bf16": (2, 1), "q8_0": (34, 32)}      # bytes per values
 WEIGHT_FORMATS = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32)}
+WEIGHT_FORMAT_CHOICES = ("auto", *WEIGHT_FORMATS)
 DEFAULT_WAVE_BUDGET = 256 * MiB
 DEFAULT_RESERVE = 256 * MiB
 DEFAULT_UBATCH = 512
 CUDA_ALLOC_ROUND = 512
+HOST_HEADROOM_MIN = 1 * GiB         # process, libraries, temporary decode chunks
+HOST_HEADROOM_FRAC = 0.05           # ... or 5% of the machine's RAM, whichever is larger
 
 
 def round_alloc(nbytes: int, device: str | torch.device) -> int:
@@ -189,6 +206,35 @@ class TierBytes:
 
 
 @dataclass
+class HostRamPlan:
+    """Host memory the plan keeps resident, against what the machine has available."""
+    weights: int = 0            # host-tier matrices and norms (token_embd, tail layers, host head)
+    experts: int = 0            # routed experts of every MoE layer (pinned on CUDA)
+    kv: int = 0                 # tail layers' fp32 KV
+    scratch: int = 0            # host scratch
+    trunk: int = 0              # the trunk itself when the device is the CPU (minus its reserve)
+    headroom: int = 0           # kept free for the process and the OS
+    page_cache: int = 0         # the GGUF file's pages (reclaimable; listed, not counted)
+    held: int = 0               # already resident and taken over (weights_from)
+    available: int = 0          # engine.hostmem.available() when planned
+    total: int = 0              # the machine's RAM (MemTotal or the override)
+    source: str = ""            # where ``available`` came from
+
+    @property
+    def need(self) -> int:
+        return self.weights + self.experts + self.kv + self.scratch + self.trunk + self.headroom
+
+    @property
+    def fits(self) -> bool:
+        return self.need <= self.available + self.held
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.update(need=self.need, fits=self.fits)
+        return d
+
+
+@dataclass
 class Plan:
     model: str
     arch: str
@@ -216,6 +262,9 @@ class Plan:
     layer_weight_bytes: list[int] = field(default_factory=list)   # non-expert weights, layer's tier
     layer_expert_bytes: list[int] = field(default_factory=list)   # routed experts, host
     scratch_items: dict[str, int] = field(default_factory=dict)   # trunk scratch buffers
+    weight_format_requested: str = ""   # "auto" or the format asked for
+    weight_format_reason: str = ""      # why "auto" chose ``weight_format``
+    host_ram: HostRamPlan = field(default_factory=HostRamPlan)
 
     @property
     def free_bytes(self) -> int:
@@ -243,6 +292,7 @@ class Plan:
         d = asdict(self)
         d["free_bytes"] = self.free_bytes
         d["kv_by_kind"] = self.kv_by_kind()
+        d["host_ram"] = self.host_ram.to_dict()
         return d
 
     @classmethod
@@ -250,6 +300,9 @@ class Plan:
         names = {f.name for f in fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
         kw["trunk"], kw["host"] = TierBytes(**d["trunk"]), TierBytes(**d["host"])
+        if isinstance(d.get("host_ram"), dict):      # plans written before host RAM have none
+            hnames = {f.name for f in fields(HostRamPlan)}
+            kw["host_ram"] = HostRamPlan(**{k: v for k, v in d["host_ram"].items() if k in hnames})
         return cls(**kw)
 
 
@@ -257,12 +310,99 @@ def _mib(n: int) -> str:
     return f"{n / MiB:.2f} MiB"
 
 
+def _gib(n: int) -> str:
+    return f"{n / GiB:.2f} GiB"
+
+
 def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budget: int | None = None,
          n_gpu_layers: int | None = None, wave_budget_bytes: int = DEFAULT_WAVE_BUDGET,
          weight_format: str = "f32", reserve_bytes: int = DEFAULT_RESERVE,
          device: str | torch.device | None = None, ubatch: int = DEFAULT_UBATCH,
-         head_tier: str = "auto", min_expert_slots: int | None = None) -> Plan:
-    """Price a layer split; see the module docstring for the rules."""
+         head_tier: str = "auto", min_expert_slots: int | None = None,
+         host_ram: int | None = None, host_held: int = 0, file_bytes: int = 0) -> Plan:
+    """Price a layer split and its host RAM; see the module docstring for the rules.
+
+    ``host_ram``: bytes of host memory available (None: ``engine.hostmem.available()``);
+    ``host_held``: bytes already resident that this load takes over; ``file_bytes``: the
+    GGUF's size (its page cache, listed in ``host_ram``). ``weight_format="auto"`` picks f32
+    or bf16 (module docstring). The plan records whether the host fits; it does not raise
+    for host RAM (``require_host_fit`` does), so what-if plans stay possible."""
+    if weight_format not in WEIGHT_FORMAT_CHOICES:
+        raise ConfigError(f"weight_format {weight_format!r} is not one of {', '.join(WEIGHT_FORMAT_CHOICES)}",
+                          "pick one of those")
+    from . import hostmem
+    if host_ram is None:
+        ram = hostmem.available()
+    else:
+        if not isinstance(host_ram, int) or host_ram <= 0:
+            raise ConfigError(f"host_ram {host_ram!r} must be a positive byte count")
+        ram = hostmem.HostRam(host_ram, host_ram, "host_ram argument")
+    kw = dict(kv_dtype=kv_dtype, ctx=ctx, vram_budget=vram_budget, n_gpu_layers=n_gpu_layers,
+              wave_budget_bytes=wave_budget_bytes, reserve_bytes=reserve_bytes, device=device,
+              ubatch=ubatch, head_tier=head_tier, min_expert_slots=min_expert_slots)
+
+    def priced(fmt: str) -> Plan:
+        p = _plan(spec, weight_format=fmt, **kw)
+        p.weight_format_requested = weight_format
+        _price_host(p, ram, host_held, file_bytes)
+        return p
+
+    if weight_format != "auto":
+        return priced(weight_format)
+    try:
+        f32 = priced("f32")
+    except OutOfMemoryError:         # f32 does not fit the device budget; bf16 may
+        f32 = None
+    if f32 is not None and f32.host_ram.need <= (ram.bytes + host_held) // 2:
+        f32.weight_format_reason = (f"f32 needs {_gib(f32.host_ram.need)} of host RAM, at most half of the "
+                                    f"{_gib(ram.bytes + host_held)} available")
+        return f32
+    p = priced("bf16")
+    p.weight_format_reason = ("f32 does not fit the device budget" if f32 is None else
+                              f"f32 would need {_gib(f32.host_ram.need)} of host RAM, more than half of the "
+                              f"{_gib(ram.bytes + host_held)} available ({ram.source})")
+    return p
+
+
+def _price_host(p: Plan, ram, held: int, file_bytes: int) -> None:
+    experts = sum(p.layer_expert_bytes)
+    trunk_on_host = p.trunk.total - p.trunk.reserve if torch.device(p.device).type == "cpu" else 0
+    p.host_ram = HostRamPlan(
+        weights=p.host.weights - experts, experts=experts, kv=p.host.kv, scratch=p.host.scratch,
+        trunk=trunk_on_host, headroom=max(HOST_HEADROOM_MIN, int(HOST_HEADROOM_FRAC * ram.total)),
+        page_cache=int(file_bytes or 0), held=int(held or 0), available=ram.bytes, total=ram.total,
+        source=ram.source)
+
+
+def require_host_fit(p: Plan) -> None:
+    """Raise ``OutOfMemoryError`` (one line: the parts, what is available, the fix) when the
+    plan's host RAM does not fit; see the module docstring."""
+    h = p.host_ram
+    if h.fits:
+        return
+    parts = [f"{name} {_gib(v)}" for name, v in (("weights", h.weights), ("routed experts", h.experts),
+                                                 ("tail KV", h.kv), ("host scratch", h.scratch),
+                                                 ("trunk on the CPU", h.trunk)) if v]
+    have = f"{_gib(h.available)} available ({h.source})" + (f" + {_gib(h.held)} taken over" if h.held else "")
+    fixes = []
+    if p.weight_format == "f32":
+        fixes.append("--weight-format bf16 (half the bytes)")
+    if h.kv or h.trunk:
+        fixes.append("a smaller --ctx")
+    fixes.append("a machine with more RAM")
+    vouch = ("raise KVBENCH_HOST_RAM if this machine has more" if h.source == "KVBENCH_HOST_RAM" else
+             f"if {h.source} under-reports this machine, set KVBENCH_HOST_RAM=<size> to vouch for it")
+    raise OutOfMemoryError(
+        f"host RAM: {p.model} with {p.weight_format} weights on {p.device} needs {_gib(h.need)} resident "
+        f"({' + '.join(parts)} + headroom {_gib(h.headroom)}) but {have}",
+        f"use {', or '.join(fixes)}; {vouch}")
+
+
+def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
+          n_gpu_layers: int | None, wave_budget_bytes: int, weight_format: str, reserve_bytes: int,
+          device: str | torch.device | None, ubatch: int, head_tier: str,
+          min_expert_slots: int | None) -> Plan:
+    """The split and the device/host bytes at one concrete weight format."""
     try:
         dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     except (RuntimeError, TypeError):
@@ -431,8 +571,9 @@ def spec_for_model(name: str) -> ModelSpec:
 def format_plan(p: Plan) -> str:
     """A load-log style banner: layers per tier, MiB per category, expert slots, KV tags."""
     dev = "device" if p.device != "cpu" else "device (cpu)"
+    wf = p.weight_format + (f" (auto: {p.weight_format_reason})" if p.weight_format_requested == "auto" else "")
     lines = [f"plan: {p.model} ({p.arch}, {p.n_layers} layers) on {p.device}: budget {_mib(p.budget_bytes)} "
-             f"({p.budget_source}), ctx {p.ctx}, weights {p.weight_format}",
+             f"({p.budget_source}), ctx {p.ctx}, weights {wf}",
              f"offloaded {p.n_gpu_layers}/{p.n_layers} layers to {dev}; output head on {p.head_tier}",
              f"{'category':<14}{'trunk MiB':>14}{'host MiB':>14}"]
     for cat in (*CATEGORIES, "total"):
@@ -452,6 +593,12 @@ def format_plan(p: Plan) -> str:
                 k = kinds[kind]
                 rows = "/".join(str(r) for r in k["rows"])
                 lines.append(f"KV {name}: {k['layers']} x {rows} rows = {_mib(k['bytes'])}")
+    h = p.host_ram
+    lines.append(f"host RAM: needs {_gib(h.need)} (weights {_gib(h.weights)}, routed experts {_gib(h.experts)}, "
+                 f"KV {_gib(h.kv)}, scratch {_gib(h.scratch)}, trunk on CPU {_gib(h.trunk)}, headroom "
+                 f"{_gib(h.headroom)}) of {_gib(h.available)} available ({h.source})"
+                 + (f" + {_gib(h.held)} taken over" if h.held else "")
+                 + f": {'fits' if h.fits else 'DOES NOT FIT'}; page cache of the file {_gib(h.page_cache)} (reclaimable)")
     return "\n".join(lines)
 
 
@@ -464,8 +611,11 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--wave-budget", default=str(DEFAULT_WAVE_BUDGET),
                         help="attention wave scratch, e.g. 256MiB")
     parser.add_argument("--reserve", default=str(DEFAULT_RESERVE), help="trunk headroom, e.g. 256MiB")
-    parser.add_argument("--weight-format", default="f32",
-                        help=f"stored weight format ({', '.join(WEIGHT_FORMATS)})")
+    parser.add_argument("--weight-format", default="auto",
+                        help=f"stored weight format ({', '.join(WEIGHT_FORMAT_CHOICES)}; auto: f32 when it "
+                             "needs at most half the available host RAM, else bf16)")
+    parser.add_argument("--host-ram", default=None,
+                        help="host RAM to plan against, e.g. 24GiB (default: MemAvailable / cgroup limit)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
@@ -473,12 +623,33 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     try:
         budget = None if args.vram_budget is None else parse_size(args.vram_budget, "--vram-budget")
-        p = plan(spec_for_model(args.model), kv_dtype=args.kv_dtype, ctx=args.ctx, vram_budget=budget,
+        host = None if args.host_ram is None else parse_size(args.host_ram, "--host-ram")
+        spec = spec_for_model(args.model)
+        p = plan(spec, kv_dtype=args.kv_dtype, ctx=args.ctx, vram_budget=budget,
                  n_gpu_layers=args.n_gpu_layers, wave_budget_bytes=parse_size(args.wave_budget, "--wave-budget"),
                  weight_format=args.weight_format, reserve_bytes=parse_size(args.reserve, "--reserve"),
-                 device=args.device)
+                 device=args.device, host_ram=host or None, file_bytes=model_file_bytes(args.model))
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
+    try:
+        require_host_fit(p)
+    except OutOfMemoryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     return 0
+
+
+def model_file_bytes(name) -> int:
+    """Size of a model's GGUF without creating it: a synthetic model's planned size, else the
+    file's (0 when it is not there yet)."""
+    from . import models
+    entry = models.REGISTRY.get(str(name))
+    if entry is not None and entry.kind == "synth":
+        from . import synth
+        return synth.data_bytes(str(name))
+    try:
+        return models.resolve(name).stat().st_size
+    except (EngineError, OSError):
+        return 0

@@ -39,7 +39,7 @@ from . import models
 from .errors import ConfigError, EngineError, ModelNotFoundError
 from .spec import MOE_NORM_TOPK, QK_NORM, ROPE_TYPE, ModelSpec
 
-SYNTH_VERSION = 2            # bump when the generator's output changes (invalidates the cache)
+SYNTH_VERSION = 3            # bump when the generator's output changes (invalidates the cache)
 UPCYCLE_NOISE = 0.002       # smollm2-moe: expert = dense FFN + this x rms Gaussian noise
 STORAGE = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
 BOS_ID, EOS_ID = 1, 2        # SmolLM2's <|im_start|> / <|im_end|>; the fallback keeps them
@@ -106,6 +106,11 @@ CONFIGS: dict[str, SynthConfig] = {c.name: c for c in [
                 vocab=151936, ctx=262144, rope_base=1e7, rms_eps=1e-6, kind="blocks",
                 seed_name="coder30b-synth",
                 about="Qwen3-Coder-30B-A3B geometry, random Q8_0 attention / Q4_0 experts (~18 GB)"),
+    SynthConfig("coder30b-mini-synth", "qwen3moe", n_layers=6, d_model=256, n_heads=16, n_kv_heads=2,
+                head_dim=64, d_ff=768, n_experts=32, n_used=4, d_ff_expert=96, ctx=262144,
+                rope_base=1e7, rms_eps=1e-6, kind="blocks", seed_name="coder30b-mini-synth",
+                about="coder30b-synth scaled down for CI: qwen3moe, GQA 8:1, per-head q/k norm, "
+                      "32 experts top-4, random Q8_0 attention / Q4_0 experts (~25 MB)"),
     SynthConfig("olmoe-synth", "olmoe", n_layers=16, d_model=2048, n_heads=16, n_kv_heads=16,
                 head_dim=128, d_ff=1024, n_experts=64, n_used=8, d_ff_expert=1024,
                 vocab=50304, ctx=4096, rope_base=10000.0, rms_eps=1e-5, kind="blocks",
@@ -436,7 +441,37 @@ def _metadata(cfg: SynthConfig, tok: _Tokenizer, plan: list[TensorDecl]) -> list
     out = [(k, v, t, None) for k, v, t in kv]
     out += _tokenizer_kvs(tok, _vocab(cfg))
     out.append(("kvbench.synth.version", SYNTH_VERSION, U, None))
+    out.append((WEIGHTS_KEY, weights_origin(cfg), S, None))
     return out
+
+
+WEIGHTS_KEY = "kvbench.synth.weights"
+
+
+def weights_origin(model) -> str | None:
+    """"random" (seeded noise: no check of text quality can mean anything), "upcycled" (a real
+    model's weights rearranged: it still talks) for a synthetic model (registry name,
+    SynthConfig, or a .gguf path whose metadata says so), None for anything else."""
+    if isinstance(model, SynthConfig):
+        return "upcycled" if model.kind == "upcycle" else "random"
+    name = str(model)
+    entry = models.REGISTRY.get(name)
+    if entry is not None:
+        return weights_origin(config(name)) if entry.kind == "synth" else None
+    path = Path(name)
+    if not path.is_file():
+        return None
+    try:
+        fields = GGUFReader(path).fields
+    except Exception:            # noqa: BLE001  (not a readable GGUF: the loader will say why)
+        return None
+    if WEIGHTS_KEY in fields:
+        return bytes(fields[WEIGHTS_KEY].parts[-1]).decode("utf-8", "replace")
+    if "kvbench.synth.version" in fields:     # written before the key existed (v2): by its name
+        name_f = fields.get(Keys.General.NAME)
+        gname = bytes(name_f.parts[-1]).decode("utf-8", "replace") if name_f else ""
+        return weights_origin(CONFIGS[gname]) if gname in CONFIGS else "random"
+    return None
 
 
 # ---------------------------------------------------------------- writing

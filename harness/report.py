@@ -29,7 +29,8 @@ import pandas as pd  # noqa: E402
 from .results import Results, atomic_write, load_results  # noqa: E402
 
 COLORS = {"fp32": "#555555", "bf16": "#1f77b4", "q8_0": "#ff7f0e"}
-ICON = {"pass": "✅ pass", "fail": "❌ **FAIL**", "error": "⚠️ **error**"}
+ICON = {"pass": "✅ pass", "fail": "❌ **FAIL**", "error": "⚠️ **error**",
+        "incomplete": "⚠️ **incomplete**", "n/a": "➖ n/a"}
 TEXT_CHARS = 320
 
 
@@ -130,9 +131,33 @@ class _Report:
                     f"- command: `{man.get('command', '?')}`",
                     f"- started {man.get('started')}, finished {man.get('finished') or 'not finished'}"
                     + (f"; shard {man['shard']}" if man.get("shard") not in (None, "0/1") else "")]
-        fault = (man.get("env") or {}).get("KVBENCH_FAULT")
+        if dev.get("resolved"):
+            self.md.append(f"- ran on: **{dev['resolved']}** (requested `{dev.get('requested')}`)"
+                           + (f"; host RAM {dev['host_ram_available'] / 2**30:.1f} GiB available of "
+                              f"{dev['host_ram_total'] / 2**30:.1f} GiB ({dev.get('host_ram_source')})"
+                              if dev.get("host_ram_total") else ""))
+        wf = man.get("weight_format") or {}
+        if wf.get("models"):
+            self.md.append("- weights: " + "; ".join(
+                f"`{m}` **{f.get('applied')}** (requested {f.get('requested')}"
+                + (f": {f['reason']})" if f.get("reason") else ")") for m, f in wf["models"].items()))
+        for p in man.get("processes") or []:
+            gib = lambda n: f"{(n or 0) / 2**30:.2f} GiB"   # noqa: E731
+            self.md.append(f"- process {p.get('pid')} ({p.get('cases_run')} cases, {p.get('at')}): peak host "
+                           f"{gib(p.get('host_peak_anon_bytes'))} resident (RSS peak with mapped files "
+                           f"{gib(p.get('host_peak_rss_bytes'))})"
+                           + (f", peak GPU {gib(p.get('gpu_peak_allocated_bytes'))} allocated / "
+                              f"{gib(p.get('gpu_peak_reserved_bytes'))} reserved"
+                              if str(dev.get("resolved", "")).startswith("cuda") else "")
+                           + "; engine loads "
+                           f"{p.get('engine_loads')}, weight takeovers {p.get('engine_rebinds')}, at most "
+                           f"{p.get('max_live_engines')} engine(s) holding weights at once")
+        env = {k: v for k, v in (man.get("env") or {}).items() if v not in (None, "")}
+        fault = env.pop("KVBENCH_FAULT", None)
         if fault:
             self.md.append(f"- **fault injected: `KVBENCH_FAULT={fault}`** (this run is expected to fail)")
+        if env:
+            self.md.append("- settings: " + ", ".join(f"`{k}={v}`" for k, v in env.items()))
         self.md.append("")
 
     def verdict(self) -> None:
@@ -146,21 +171,38 @@ class _Report:
                     if c is None:
                         row[self.label(d, "baseline")] = "— not run"
                         continue
-                    cell = ICON[c["status"]]
+                    cell = ICON.get(c["status"], c["status"])
                     if c["status"] == "fail":
                         cell += ": " + "; ".join(c.get("failures") or [])
                     elif c["status"] == "error":
                         cell += ": " + str(c.get("error"))
+                    elif c["status"] == "incomplete":
+                        cell += ": " + "; ".join(c.get("unmeasured") or [])
+                    elif c["status"] == "n/a":
+                        cell += f" ({c.get('reason')})"
                     skipped = self._skipped_count(m, d, chk)
                     if skipped:
                         cell += f" ({skipped} skipped)"
                     row[self.label(d, "baseline")] = cell
                 rows.append(row)
         self.md.append(md_table(pd.DataFrame(rows)) + "\n")
-        n = len(self.res.cases())
-        bad = [c for c in self.res.cases() if c["status"] != "pass"]
+        cases = self.res.cases()
         total = len(self.models) * len(self.dtypes) * len(self.checks)
-        self.md.append(f"{n} of {total} cases recorded; {len(bad)} failed.\n")
+        count = {k: sum(c["status"] == k for c in cases) for k in ("pass", "fail", "error", "incomplete", "n/a")}
+        self.md.append(f"{len(cases)} of {total} cases recorded: {count['pass']} passed, {count['fail']} failed, "
+                       f"{count['incomplete']} incomplete (a gate not measured), {count['error']} errors, "
+                       f"{count['n/a']} not applicable.\n")
+        optional = [(c, r) for c in cases for r in self._optional_gates(c)]
+        if optional:
+            self.md.append("Gates allowed to go unmeasured (`optional` in the suite):\n")
+            self.md += [f"- {c['model']} {c['kv_dtype']} {c['check']}: {r['metric']}: {r['optional']}"
+                        for c, r in optional]
+            self.md.append("")
+
+    def _optional_gates(self, c: dict) -> list[dict]:
+        return [r for r in self.res.of_type("metric")
+                if (r["model"], r["kv_dtype"], r["check"]) == (c["model"], c["kv_dtype"], c["check"])
+                and r.get("optional") and r.get("passed") is None]
 
     def _skipped_count(self, m, d, chk) -> int:
         df = self.df
@@ -449,8 +491,12 @@ class _Report:
         for chk in names:
             rows = []
             for m in self.models:
+                na = {self.case[(m, d, chk)].get("reason") for d in self.dtypes
+                      if self.case.get((m, d, chk), {}).get("status") == "n/a"}
+                for why in na:
+                    self.md.append(f"`{m}`: not applicable: {why}\n")
                 for d in self.dtypes:
-                    if (m, d, chk) not in self.case:
+                    if (m, d, chk) not in self.case or self.case[(m, d, chk)]["status"] == "n/a":
                         continue
                     rows.append({"model": m, "dtype": d,
                                  **{x: self.value(m, d, chk, x) for x in (

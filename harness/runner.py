@@ -9,12 +9,27 @@ baseline is deterministic). Thresholds from the suite turn metrics into pass/fai
 whose engine raises an ``EngineError`` is recorded as ``error`` and the run goes on.
 Returns a ``RunSummary``; the CLI maps it to exit code 0 (all pass) or 1 (a case failed).
 
+Case statuses: ``pass``; ``fail`` (a gate measured and missed); ``incomplete`` (a gated
+metric skipped, missing or not finite, and not marked ``optional`` in the suite: exit 1 like
+a failure); ``error`` (the engine raised); ``n/a`` (the check declared before running that it
+cannot mean anything on this model, with the reason: not run, not a failure).
+
+Before anything is written: the device is resolved (``--device`` over the suite's ``device``;
+``auto`` = CUDA when present), every model is opened from metadata (a synthetic model is not
+generated yet) and every engine the matrix needs is planned, host RAM included: a plan that
+does not fit, a bad model file or a wave budget below the model's smallest wave is bad input
+(exit 2) before any case runs. Engines: at most one holds weights at a time (``EnginePool``):
+a new KV dtype or load option of the same model takes the loaded weights over
+(``engine.load(weights_from=...)``) when the plan places them the same way, else the old
+engine is closed and its memory given back before the next load. Peak host memory
+(``engine.hostmem``) and GPU memory are recorded per case and for the run.
+
     summary = run(load_suite("suites/smoke.toml"), "results/smoke")
     summary.exit_code
 """
 from __future__ import annotations
 
-import gc
+import json
 import math
 import os
 import sys
@@ -27,11 +42,14 @@ from typing import Any
 from engine.errors import EngineError
 
 from . import checks as registry
-from .checks import CaseContext, Outcome
+from .checks import CaseContext, ModelInfo, Outcome
 from .errors import ResultsError, UsageError
-from .results import (MANIFEST, RecordWriter, case_key, device_info, git_info, load_results, now,
-                      repair, versions, write_manifest, write_summary)
-from .suite import DEVICE_RE, CheckConfig, Suite, SuiteError, load_suite, validate_model
+from .results import (MANIFEST, RECORDS, RecordWriter, atomic_write, case_key, device_info, git_info,
+                      load_results, now, read_records, versions, write_manifest, write_summary)
+from .suite import (DEVICE_RE, WEIGHT_FORMATS, CheckConfig, Suite, SuiteError, load_suite, platform_of,
+                    validate_model)
+
+FINISHED = ("pass", "fail", "n/a")      # statuses --resume keeps; error / incomplete run again
 
 
 @dataclass(frozen=True)
@@ -55,15 +73,31 @@ class RunSummary:
     ran: int = 0                                          # cases run now (not resumed)
     unexpected: list[str] = field(default_factory=list)   # traceback files of harness bugs
 
+    expected: int = 0                                     # cases in this run's matrix (shard)
+
     @property
     def failed(self) -> list[dict]:
-        return [c for c in self.cases if c["status"] != "pass"]
+        """Cases that did not pass: fail, incomplete, error (n/a is declared, not failed)."""
+        return [c for c in self.cases if c["status"] not in ("pass", "n/a")]
+
+    @property
+    def not_run(self) -> int:
+        """Cases of the matrix with no record (``--max-cases`` stopped early, or interrupted)."""
+        return max(0, self.expected - len(self.cases))
+
+    @property
+    def verdict(self) -> str:
+        if self.unexpected:
+            return "error"
+        if self.failed:
+            return "fail"
+        return "incomplete" if self.not_run else "pass"
 
     @property
     def exit_code(self) -> int:
         if self.unexpected:
             return 3
-        return 1 if self.failed else 0
+        return 1 if self.failed or self.not_run else 0
 
 
 def matrix(suite: Suite, models: list[str]) -> list[Case]:
@@ -108,37 +142,145 @@ def _fmt(v) -> str:
     return str(v)
 
 
-def judge(outcome: Outcome, cfg: CheckConfig, model: str, kv_dtype: str) -> tuple[list[dict], list[str]]:
-    """Metric records with thresholds applied, and one line per failed threshold."""
-    gates = cfg.gates(model, kv_dtype)
-    recs, failures = [], []
+def judge(outcome: Outcome, cfg: CheckConfig, model: str, kv_dtype: str,
+          platform: str | None = None) -> tuple[list[dict], list[str], list[str]]:
+    """Metric records with thresholds applied; one line per failed gate; one line per gate
+    left unmeasured (skipped, not reported, not a finite number) that the suite does not
+    mark ``optional``: those make the case ``incomplete``, never ``pass``."""
+    gates = cfg.gates(model, kv_dtype, platform)
+    recs, failures, unmeasured = [], [], []
+
+    def unmeasured_gate(rec: dict, why: str) -> None:
+        reason = cfg.optional_reason(rec["metric"], model, kv_dtype)
+        rec["optional"] = reason
+        if reason is None:
+            unmeasured.append(f"{rec['metric']} not measured ({why}); required {rec['op']} {rec['threshold']:g}")
+
     for m in outcome.metrics:
         bound, op = gates.pop(m.name, (None, None))
-        passed = None
-        if bound is not None and m.skipped is None and isinstance(m.value, (int, float)):
-            v = float(m.value)
-            passed = (v <= bound if op == "<=" else v >= bound) and not math.isnan(v)
-            if not passed:
-                unit = f" {m.unit}" if m.unit else ""
-                failures.append(f"{m.name} = {_fmt(m.value)}{unit} (required {op} {bound:g})"
-                                + (f": {m.detail}" if m.detail else ""))
-        recs.append({"type": "metric", "metric": m.name, "value": m.value, "unit": m.unit,
-                     "better": m.better, "threshold": bound, "op": op, "passed": passed,
-                     "skipped": m.skipped, "detail": m.detail})
+        rec = {"type": "metric", "metric": m.name, "value": m.value, "unit": m.unit,
+               "better": m.better, "threshold": bound, "op": op, "passed": None,
+               "skipped": m.skipped, "detail": m.detail}
+        if bound is not None:
+            numeric = isinstance(m.value, (int, float)) and not isinstance(m.value, bool)
+            if m.skipped is not None:
+                unmeasured_gate(rec, m.skipped)
+            elif not numeric or not math.isfinite(float(m.value)):
+                unmeasured_gate(rec, f"value {m.value!r} is not a finite number")
+            else:
+                v = float(m.value)
+                rec["passed"] = v <= bound if op == "<=" else v >= bound
+                if not rec["passed"]:
+                    unit = f" {m.unit}" if m.unit else ""
+                    failures.append(f"{m.name} = {_fmt(m.value)}{unit} (required {op} {bound:g})"
+                                    + (f": {m.detail}" if m.detail else ""))
+        recs.append(rec)
     for name, (bound, op) in gates.items():   # a threshold on a metric the check did not report
-        recs.append({"type": "metric", "metric": name, "value": None, "unit": "", "better": None,
-                     "threshold": bound, "op": op, "passed": None,
-                     "skipped": "not reported by the check", "detail": None})
-    return recs, failures
+        rec = {"type": "metric", "metric": name, "value": None, "unit": "", "better": None,
+               "threshold": bound, "op": op, "passed": None,
+               "skipped": "not reported by the check", "detail": None}
+        unmeasured_gate(rec, "not reported by the check")
+        recs.append(rec)
+    return recs, failures, unmeasured
+
+
+def resolve_device(requested: str) -> str:
+    """``auto`` -> ``cuda`` when CUDA is available, else ``cpu``; anything else as given
+    (a CUDA request on a machine without CUDA is bad input)."""
+    if not DEVICE_RE.match(requested):
+        raise UsageError(f"--device {requested!r}: expected auto, cpu, cuda or cuda:N")
+    import torch
+    if requested == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError(f"device {requested!r}: CUDA is not available on this machine",
+                         "run on a GPU machine, or pass --device cpu (or auto)")
+    return requested
+
+
+class EnginePool:
+    """At most one engine holding weights at a time.
+
+    ``get(model, kv_dtype, opts)`` returns the live engine when it matches; else, for the
+    same model, the next engine takes the live one's weights over (``weights_from``: only KV,
+    scratch and expert cache are made anew) when its plan places them the same way; otherwise
+    the live engine is closed and its device and pinned memory given back first. The first
+    load of a model fixes its weight format (``auto`` resolves once), so every KV dtype of a
+    model runs on the same weights. ``loads``/``rebinds``/``max_live`` count what happened."""
+
+    def __init__(self, device: str, weight_format: str):
+        self.device, self.weight_format = device, weight_format
+        self.live, self.key = None, None
+        self.formats: dict[str, dict] = {}     # model -> requested / applied / reason
+        self.loads = self.rebinds = self.max_live = 0
+
+    def kwargs(self, model: str, kv_dtype: str, opts: dict) -> dict:
+        kw: dict[str, Any] = {"kv_dtype": kv_dtype, "device": self.device, "ctx": int(opts["ctx"]),
+                              "weight_format": self.formats.get(model, {}).get("applied", self.weight_format)}
+        if opts.get("vram_budget_gib"):
+            kw["vram_budget"] = int(opts["vram_budget_gib"] * 2**30)
+        if opts.get("n_gpu_layers") is not None:
+            kw["n_gpu_layers"] = int(opts["n_gpu_layers"])
+        if opts.get("wave_budget_mib"):
+            kw["wave_budget_bytes"] = int(opts["wave_budget_mib"] * 2**20)
+        elif opts.get("wave_split"):
+            from engine.planner import spec_for_model
+            from .checks.wave_prefill import wave_budget_for
+            tokens, waves = opts["wave_split"]
+            kw["wave_budget_bytes"] = wave_budget_for(spec_for_model(model), tokens, waves)
+        return kw
+
+    def get(self, model: str, kv_dtype: str, opts: dict):
+        import engine
+        from engine.engine import WeightsPlacementError, live_engines
+        key = (model, kv_dtype, tuple(sorted((k, str(v)) for k, v in opts.items())))
+        live = self.live if self.live is not None and self.live.model is not None else None
+        if live is not None and key == self.key:
+            return live
+        kw = self.kwargs(model, kv_dtype, opts)
+        eng = None
+        if live is not None and self.key[0] == model:
+            try:
+                eng = engine.load(model, weights_from=live, **kw)
+                self.rebinds += 1
+            except WeightsPlacementError:
+                eng = None
+        if eng is None:
+            self.release()
+            eng = engine.load(model, **kw)
+            self.loads += 1
+            self.formats.setdefault(model, {"requested": self.weight_format,
+                                            "applied": eng.plan.weight_format,
+                                            "reason": eng.plan.weight_format_reason})
+        self.live, self.key = eng, key
+        self.max_live = max(self.max_live, live_engines())
+        return eng
+
+    def release(self) -> None:
+        from engine.hostmem import release_cached
+        if self.live is not None:
+            self.live.close()
+        self.live, self.key = None, None
+        release_cached()
 
 
 class Runner:
     def __init__(self, suite: Suite, out_dir: str | Path, *, models: list[str] | None = None,
                  device: str | None = None, shard_spec: str | None = None, resume: bool = False,
-                 max_cases: int | None = None, console=None, progress: bool = True):
+                 max_cases: int | None = None, console=None, progress: bool = True,
+                 weight_format: str | None = None):
         self.suite = suite
         self.models = models or list(suite.suite.models)
-        self.device = device or suite.suite.device
+        dupes = sorted({m for m in self.models if self.models.count(m) > 1})
+        if dupes:
+            raise UsageError(f"--model {dupes[0]} is given more than once", "name each model once")
+        self.device_requested = device or suite.suite.device
+        self.device = resolve_device(self.device_requested)
+        self.weight_format = weight_format or suite.suite.weight_format
+        if self.weight_format not in WEIGHT_FORMATS:
+            raise UsageError(f"--weight-format {self.weight_format!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
+        if max_cases is not None and max_cases < 1:
+            raise UsageError(f"--max-cases {max_cases}: must be at least 1", "omit it to run every case")
         self.shard = parse_shard(shard_spec)
         self.dir = Path(out_dir)
         self.resume = resume
@@ -146,8 +288,9 @@ class Runner:
         self.console = console
         self.progress = progress
         self.cases = shard(matrix(suite, self.models), *self.shard)
-        self._eng_key, self._eng = None, None
-        self.summary = RunSummary(self.dir)
+        self.pool = EnginePool(self.device, self.weight_format)
+        self.infos: dict[str, ModelInfo] = {}
+        self.summary = RunSummary(self.dir, expected=len(self.cases))
 
     # -- setup ----------------------------------------------------------------------------
     def _matrix_info(self) -> dict:
@@ -155,15 +298,24 @@ class Runner:
                 "checks": [c.name for c in self.suite.checks]}
 
     def _manifest(self) -> dict:
+        from engine.hostmem import available
+        ram = available()
         return {"schema": 1, "run": self.dir.name, "suite": self.suite.to_dict(),
                 "matrix": self._matrix_info(), "shard": f"{self.shard[0]}/{self.shard[1]}",
-                "device": device_info(self.device), "seed": self.suite.suite.seed,
+                "device": {**device_info(self.device), "requested": self.device_requested,
+                           "resolved": self.device,
+                           "host_ram_available": ram.bytes, "host_ram_total": ram.total,
+                           "host_ram_source": ram.source},
+                "weight_format": {"requested": self.weight_format, "models": {}},
+                "seed": self.suite.suite.seed,
                 "git": git_info(), "versions": versions(), "command": " ".join(sys.argv),
-                "argv": list(sys.argv), "env": {"KVBENCH_FAULT": os.environ.get("KVBENCH_FAULT")},
-                "started": now(), "finished": None}
+                "argv": list(sys.argv), "env": {k: v for k, v in sorted(os.environ.items())
+                                                if k.startswith("KVBENCH_")},
+                "not_applicable": {}, "started": now(), "finished": None}
 
     def _prepare_dir(self) -> set:
-        """Create or reopen the results dir; returns the keys of cases already finished."""
+        """Create or reopen the results dir; returns the keys of cases already finished
+        (pass, fail, n/a: an ``error`` or ``incomplete`` case is dropped and runs again)."""
         manifest = self.dir / MANIFEST
         if self.resume and manifest.is_file():
             old = load_results(self.dir).manifest
@@ -173,7 +325,10 @@ class Runner:
             if old.get("matrix") != self._matrix_info() or old.get("shard") != self._manifest()["shard"]:
                 raise ResultsError(f"{self.dir} holds a different matrix/shard ({old.get('matrix')}, "
                                    f"shard {old.get('shard')})", "resume with the same --model/--shard")
-            done = {case_key(r) for r in repair(self.dir) if r.get("type") == "case"}
+            recs = read_records(self.dir)
+            done = {case_key(r) for r in recs if r.get("type") == "case" and r.get("status") in FINISHED}
+            keep = [r for r in recs if case_key(r) in done]
+            atomic_write(self.dir / RECORDS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in keep))
             self.manifest = old
             self.manifest.setdefault("resumed", []).append({"at": now(), "command": " ".join(sys.argv),
                                                             "git": git_info()})
@@ -188,51 +343,58 @@ class Runner:
         write_manifest(self.dir, self.manifest)
         return done
 
+    def preflight(self) -> None:
+        """Everything that can be known before a case runs (see the module docstring): model
+        files readable, every engine of the matrix planned with host RAM, wave budgets possible,
+        checks that cannot apply to a model. Bad input raises before anything is written."""
+        from engine.errors import ConfigError
+        from engine.planner import model_file_bytes, plan, require_host_fit, spec_for_model
+        from engine.synth import weights_origin
+        for model in dict.fromkeys(c.model for c in self.cases):
+            spec = spec_for_model(model)          # metadata only; a synthetic model is not written yet
+            self.infos[model] = ModelInfo(model, spec, weights_origin(model))
+            fmt = self.weight_format
+            size = model_file_bytes(model)
+            seen = set()
+            for case in (c for c in self.cases if c.model == model):
+                cfg = self.suite.check(case.check)
+                opts = registry.get(cfg.KIND).load_options(cfg, self.suite.suite)
+                key = (case.kv_dtype, tuple(sorted((k, str(v)) for k, v in opts.items())))
+                if key in seen:
+                    continue
+                seen.add(key)
+                kw = self.pool.kwargs(model, case.kv_dtype, opts)
+                try:
+                    p = plan(spec, kv_dtype=case.kv_dtype, ctx=kw["ctx"], vram_budget=kw.get("vram_budget"),
+                             n_gpu_layers=kw.get("n_gpu_layers"), weight_format=fmt, device=self.device,
+                             file_bytes=size, **({"wave_budget_bytes": kw["wave_budget_bytes"]}
+                                                 if "wave_budget_bytes" in kw else {}))
+                    require_host_fit(p)
+                    if "wave_budget_bytes" in kw and cfg.KIND == "wave_prefill":
+                        from engine.kernels.prefill_attention import plan_waves
+                        plan_waves(cfg.tokens, 0, spec.n_heads, spec.n_kv_heads, spec.head_dim,
+                                   kw["wave_budget_bytes"])
+                except EngineError as e:
+                    if isinstance(e, ConfigError) and "wave_budget" in str(e):
+                        raise UsageError(f"check {cfg.name!r} on {model}: {e}") from None
+                    raise
+                fmt = p.weight_format          # auto resolves once per model, as the pool will
+
     # -- engines --------------------------------------------------------------------------
-    def _load(self, model: str, kv_dtype: str, opts: dict):
-        import engine
-        kw: dict[str, Any] = {"kv_dtype": kv_dtype, "device": self.device, "ctx": int(opts["ctx"])}
-        if opts.get("vram_budget_gib"):
-            kw["vram_budget"] = int(opts["vram_budget_gib"] * 2**30)
-        if opts.get("n_gpu_layers") is not None:
-            kw["n_gpu_layers"] = int(opts["n_gpu_layers"])
-        if opts.get("wave_budget_mib"):
-            kw["wave_budget_bytes"] = int(opts["wave_budget_mib"] * 2**20)
-        return engine.load(model, **kw)
-
     def _engine(self, model: str, kv_dtype: str, opts: dict):
-        key = (model, kv_dtype, tuple(sorted(opts.items())))
-        if key != self._eng_key:
-            self._release()
-            self._eng = self._load(model, kv_dtype, opts)
-            self._eng_key = key
-        return self._eng
+        return self.pool.get(model, kv_dtype, opts)
 
-    def _release(self) -> None:
-        self._eng_key, self._eng = None, None
-        gc.collect()
-        try:
-            import torch
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        except ImportError:
-            pass
-
-    def _ctx(self, model: str, kv_dtype: str, opts: dict) -> CaseContext:
+    def _ctx(self, model: str, kv_dtype: str, opts: dict, platform: str = "") -> CaseContext:
         return CaseContext(model=model, kv_dtype=kv_dtype, baseline=self.suite.suite.baseline,
                            suite=self.suite.suite, device=self.device, seed=self.suite.suite.seed,
-                           load=lambda **over: self._load(model, kv_dtype, {**opts, **over}))
+                           platform=platform,
+                           load=lambda **over: self.pool.get(model, kv_dtype, {**opts, **over}))
 
     # -- the run --------------------------------------------------------------------------
     def run(self) -> RunSummary:
-        if not DEVICE_RE.match(self.device):
-            raise UsageError(f"--device {self.device!r}: expected cpu, cuda or cuda:N")
-        if self.device.startswith("cuda"):
-            import torch
-            if not torch.cuda.is_available():
-                raise UsageError(f"device {self.device!r} (suite {self.suite.path}): CUDA is not available "
-                                 "on this machine", "run on a GPU machine or pass --device cpu")
+        from engine.hostmem import PeakSampler
         from engine.models import resolve
+        self.preflight()
         for m in dict.fromkeys(c.model for c in self.cases):
             resolve(m)      # a missing user model is bad input: fail before running anything
         done = self._prepare_dir()
@@ -240,25 +402,55 @@ class Runner:
         if self.max_cases is not None:
             pending = pending[:self.max_cases]
         writer = RecordWriter(self.dir)
+        self._gpu_peak = {"allocated": 0, "reserved": 0}
+        sampler = PeakSampler()
         try:
-            with _Progress(self.console, len(pending), self.progress) as bar:
+            with sampler, _Progress(self.console, len(pending), self.progress) as bar:
                 for model in dict.fromkeys(c.model for c in pending):
                     self._run_model(model, [c for c in pending if c.model == model], writer, bar)
         finally:
             writer.close()
-            self._release()
+            self.pool.release()
             recs = load_results(self.dir).records
             write_summary(self.dir, recs)
             mine = {c.key for c in self.cases}
             self.summary.cases = [r for r in recs if r.get("type") == "case" and case_key(r) in mine]
             complete = all(c.key in {case_key(r) for r in self.summary.cases} for c in self.cases)
             self.manifest["finished"] = now() if complete else None
+            self.manifest.setdefault("weight_format", {}).setdefault("models", {}).update(self.pool.formats)
+            self.manifest.setdefault("not_applicable", {}).update(
+                {f"{m} {c}": why for (m, c), why in getattr(self, "_na", {}).items()})
+            runs = self.manifest.setdefault("processes", [])
+            runs.append({"at": now(), "pid": os.getpid(), "cases_run": self.summary.ran,
+                         "host_peak_anon_bytes": sampler.peak_anon, "host_peak_rss_bytes": sampler.peak_hwm,
+                         "gpu_peak_allocated_bytes": self._gpu_peak["allocated"],
+                         "gpu_peak_reserved_bytes": self._gpu_peak["reserved"],
+                         "engine_loads": self.pool.loads, "engine_rebinds": self.pool.rebinds,
+                         "max_live_engines": self.pool.max_live})
             write_manifest(self.dir, self.manifest)
         return self.summary
 
+    def _gpu_reset(self) -> None:
+        import torch
+        if self.device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+
+    def _gpu_peaks(self) -> dict:
+        import torch
+        if not self.device.startswith("cuda"):
+            return {}
+        out = {"gpu_peak_allocated_bytes": int(torch.cuda.max_memory_allocated()),
+               "gpu_peak_reserved_bytes": int(torch.cuda.max_memory_reserved())}
+        self._gpu_peak["allocated"] = max(self._gpu_peak["allocated"], out["gpu_peak_allocated_bytes"])
+        self._gpu_peak["reserved"] = max(self._gpu_peak["reserved"], out["gpu_peak_reserved_bytes"])
+        return out
+
     def _run_model(self, model: str, pending: list[Case], writer: RecordWriter, bar) -> None:
+        from engine.hostmem import PeakSampler
         suite, base = self.suite, self.suite.suite.baseline
         states: dict[str, Any] = {}
+        info = self.infos[model]
+        self._na = getattr(self, "_na", {})
 
         def state_for(cfg: CheckConfig, check, opts: dict):
             if not check.needs_baseline:
@@ -282,40 +474,59 @@ class Runner:
                       "kv_dtype": case.kv_dtype, "baseline": case.kv_dtype == base,
                       "check": cfg.name, "kind": cfg.KIND}
             recs: list[dict] = []
-            status, failures, error, engine_info = "pass", [], None, {}
-            try:
-                import torch
-                torch.manual_seed(suite.suite.seed)
-                state = state_for(cfg, check, opts)
-                if isinstance(state, EngineError):
-                    raise EngineError(f"baseline {base} failed: {state}")
-                eng = self._engine(model, case.kv_dtype, opts)
-                ctx = self._ctx(model, case.kv_dtype, opts)
-                outcome = check.measure(eng, cfg, state, ctx)
-                recs, failures = judge(outcome, cfg, model, case.kv_dtype)
-                recs += [{"type": "series", "name": k, "values": v} for k, v in outcome.series.items()]
-                if outcome.info:
-                    recs.append({"type": "info", "info": outcome.info})
-                engine_info = {"load_options": opts, "spec": _spec_dict(eng),
-                               "kv_dtypes": list(eng.kv_dtypes)}
-                status = "fail" if failures else "pass"
-            except EngineError as e:
-                status, error = "error", str(e)
-            except (KeyboardInterrupt, MemoryError):
-                raise
-            except Exception as e:   # a bug: keep the traceback, record the case, go on
-                tb = self.dir / "errors" / f"{model}-{case.kv_dtype}-{cfg.name}.txt".replace("/", "_")
-                tb.parent.mkdir(exist_ok=True)
-                tb.write_text(traceback.format_exc())
-                status, error = "error", f"unexpected {type(e).__name__}: {e} (traceback: {tb})"
-                self.summary.unexpected.append(str(tb))
+            status, failures, error, engine_info, reason = "pass", [], None, {}, None
+            unmeasured: list[str] = []
+            memory: dict = {}
+            na = check.not_applicable(cfg, info)
+            if na is not None:
+                status, reason = "n/a", na
+                self._na[(model, cfg.name)] = na
+            else:
+                self._gpu_reset()
+                sampler = PeakSampler()
+                try:
+                    with sampler:
+                        import torch
+                        torch.manual_seed(suite.suite.seed)
+                        state = state_for(cfg, check, opts)
+                        if isinstance(state, EngineError):
+                            raise EngineError(f"baseline {base} failed: {state}")
+                        eng = self._engine(model, case.kv_dtype, opts)
+                        platform = platform_of(self.device, eng.plan.weight_format)
+                        ctx = self._ctx(model, case.kv_dtype, opts, platform)
+                        outcome = check.measure(eng, cfg, state, ctx)
+                        eng = self._engine(model, case.kv_dtype, opts)   # a check may have switched engines
+                        recs, failures, unmeasured = judge(outcome, cfg, model, case.kv_dtype, platform)
+                        recs += [{"type": "series", "name": k, "values": v} for k, v in outcome.series.items()]
+                        if outcome.info:
+                            recs.append({"type": "info", "info": outcome.info})
+                        engine_info = {"load_options": {k: v for k, v in opts.items()},
+                                       "spec": _spec_dict(eng), "kv_dtypes": list(eng.kv_dtypes),
+                                       "device": str(eng.device), "platform": platform,
+                                       "weight_format": eng.plan.weight_format,
+                                       "weight_format_requested": eng.plan.weight_format_requested,
+                                       "decode_path": getattr(eng, "decode_path", None)}
+                        status = "fail" if failures else ("incomplete" if unmeasured else "pass")
+                except EngineError as e:
+                    status, error = "error", str(e)
+                except (KeyboardInterrupt, MemoryError):
+                    raise
+                except Exception as e:   # a bug: keep the traceback, record the case, go on
+                    tb = self.dir / "errors" / f"{model}-{case.kv_dtype}-{cfg.name}.txt".replace("/", "_")
+                    tb.parent.mkdir(exist_ok=True)
+                    tb.write_text(traceback.format_exc())
+                    status, error = "error", f"unexpected {type(e).__name__}: {e} (traceback: {tb})"
+                    self.summary.unexpected.append(str(tb))
+                memory = {"host_peak_anon_bytes": sampler.peak_anon, "host_peak_rss_bytes": sampler.peak_hwm,
+                          **self._gpu_peaks()}
             seconds = time.perf_counter() - t0
             eng = None      # drop this frame's reference: the next load must not overlap it
-            case_rec = {"type": "case", "status": status, "failures": failures, "error": error,
-                        "seconds": round(seconds, 3), "finished": now(), "engine": engine_info}
+            case_rec = {"type": "case", "status": status, "failures": failures, "unmeasured": unmeasured,
+                        "error": error, "reason": reason, "seconds": round(seconds, 3), "finished": now(),
+                        "engine": engine_info, "memory": memory}
             writer.write_case([{**common, **r} for r in recs] + [{**common, **case_rec}])
             self.summary.ran += 1
-            bar.done(case, status, failures, error, seconds)
+            bar.done(case, status, failures or unmeasured, error or reason, seconds)
             if case.kv_dtype == base:
                 st = states.get(cfg.name)
                 if isinstance(st, dict) and "ref" in st:
@@ -357,7 +568,7 @@ class _Progress:
             self.prog.update(self.task, description=str(case))
 
     def done(self, case: Case, status: str, failures: list[str], error: str | None, seconds: float):
-        style = {"pass": "green", "fail": "red", "error": "red"}[status]
+        style = {"pass": "green", "fail": "red", "error": "red", "incomplete": "yellow", "n/a": "dim"}[status]
         why = f" - {error}" if error else (f" - {failures[0]}" if failures else "")
         self.console.print(f"[{style}]{status:5}[/{style}] {case} ({seconds:.1f}s){why}", highlight=False,
                            markup=True, soft_wrap=True)
@@ -395,7 +606,8 @@ def summary_table(summary: RunSummary, suite: Suite, models: list[str]):
     for c in suite.checks:
         t.add_column(c.name)
     cell = {"pass": "[green]pass[/green]", "fail": "[bold red]FAIL[/bold red]",
-            "error": "[bold red]error[/bold red]"}
+            "error": "[bold red]error[/bold red]", "incomplete": "[bold yellow]incomplete[/bold yellow]",
+            "n/a": "[dim]n/a[/dim]"}
     for m in models:
         for d in suite.dtypes:
             row = [m, d + (" (baseline)" if d == suite.suite.baseline else "")]
@@ -411,7 +623,11 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--model", action="append", help="run this model instead of the suite's "
                         "list (registry name or .gguf path; repeatable)")
     parser.add_argument("--out", help="results directory (default results/<suite>-<model>-<time>)")
-    parser.add_argument("--device", help="override the suite's device (cpu, cuda, cuda:N)")
+    parser.add_argument("--device", help="override the suite's device (auto, cpu, cuda, cuda:N; "
+                        "auto: cuda when there is one)")
+    parser.add_argument("--weight-format", choices=WEIGHT_FORMATS,
+                        help="override the suite's weight format (auto: f32 when it needs at most "
+                        "half the available host RAM, else bf16)")
     parser.add_argument("--shard", help="run shard i of n of the matrix, e.g. 0/4")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out "
                         "(default: the latest run of this suite and model), skipping finished cases")
@@ -439,21 +655,34 @@ def main(args) -> int:
     else:
         out = default_out(suite, models)
     runner = Runner(suite, out, models=models, device=args.device, shard_spec=args.shard,
-                    resume=args.resume, max_cases=args.max_cases, progress=not args.no_progress)
+                    resume=args.resume, max_cases=args.max_cases, progress=not args.no_progress,
+                    weight_format=args.weight_format)
     summary = runner.run()
     console = Console()
     console.print(summary_table(summary, suite, models))
+    console.print(f"device {runner.device} (requested {runner.device_requested}); weights "
+                  + ", ".join(f"{m} {f['applied']} ({f['requested']}" + (f": {f['reason']})" if f.get('reason') else ")")
+                              for m, f in runner.pool.formats.items()), highlight=False, soft_wrap=True)
     for c in summary.failed:
-        why = c.get("error") or "; ".join(c.get("failures") or [])
+        why = c.get("error") or "; ".join((c.get("failures") or []) + (c.get("unmeasured") or []))
         console.print(f"[red]{c['status']}[/red] {c['model']} {c['kv_dtype']} {c['check']}: {why}",
                       highlight=False, soft_wrap=True)
+    for c in summary.cases:
+        if c["status"] == "n/a":
+            console.print(f"[dim]n/a[/dim] {c['model']} {c['kv_dtype']} {c['check']}: {c.get('reason')}",
+                          highlight=False, soft_wrap=True)
+    if summary.not_run:
+        console.print(f"[yellow]incomplete[/yellow]: {summary.not_run} of {summary.expected} cases not run; "
+                      f"rerun with --resume --out {out}", highlight=False, soft_wrap=True)
     report_path = None
     if args.report is not None:
         from .report import build_report
         report_path = build_report(out, args.report or None)
         console.print(f"report: {report_path}")
-    verdict = {0: "pass", 1: "fail", 3: "error"}[summary.exit_code]
-    print(json.dumps({"verdict": verdict, "results": str(out), "report": str(report_path) if report_path
+    statuses = [c["status"] for c in summary.cases]
+    print(json.dumps({"verdict": summary.verdict,
+                      "statuses": {k: statuses.count(k) for k in dict.fromkeys(statuses)},
+                      "not_run": summary.not_run, "results": str(out), "report": str(report_path) if report_path
                       else None, "cases": len(summary.cases), "failed": len(summary.failed),
                       "ran": summary.ran}))
     return summary.exit_code

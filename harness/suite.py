@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import hashlib
+import math
 import re
 import tomllib
 import types
@@ -30,7 +31,14 @@ from .errors import SuiteError
 
 KV_DTYPES = ("fp32", "bf16", "q8_0")
 ROLES = ("system", "user", "assistant")
-DEVICE_RE = re.compile(r"^(cpu|cuda(:\d+)?)$")
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+WEIGHT_FORMATS = ("auto", "f32", "bf16", "f16")
+PLATFORM_RE = re.compile(r"^(cpu|cuda)-(f32|bf16|f16)$")
+
+
+def platform_of(device: str, weight_format: str) -> str:
+    """The key of a ``per_platform`` threshold table: ``<device type>-<applied weight format>``."""
+    return f"{device.split(':')[0]}-{weight_format}"
 
 
 def param(default: Any = MISSING, *, lo: float | None = None, hi: float | None = None,
@@ -77,6 +85,12 @@ class CheckConfig:
     n_gpu_layers: int | None = param(None, lo=0)
     wave_budget_mib: float | None = param(None, lo=0, lo_open=True)
     per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # thresholds per platform ("cpu-f32", "cuda-bf16", ...: device type and applied weight
+    # format), calibrated from measured noise floors; per_model still wins over these
+    per_platform: dict[str, dict[str, Any]] = field(default_factory=dict)
+    # gates that may go unmeasured without making the case incomplete: threshold field, or
+    # field.dtype, -> the reason the report prints (per_model.<m>.optional adds more)
+    optional: dict[str, str] = field(default_factory=dict)
 
     KIND = ""   # set by subclasses; class attribute, not a TOML key
 
@@ -89,11 +103,15 @@ class CheckConfig:
         meta = self.threshold_fields()[name].metadata
         return meta["metric"].format(**dataclasses.asdict(self)), meta["op"]
 
-    def threshold_for(self, name: str, model: str, kv_dtype: str) -> float | None:
-        """The bound for ``kv_dtype`` on ``model``: per-model override, else the check's."""
+    def threshold_for(self, name: str, model: str, kv_dtype: str, platform: str | None = None) -> float | None:
+        """The bound for ``kv_dtype`` on ``model`` on ``platform``: the check's value, then the
+        ``per_platform`` table, then the ``per_model`` table (each overrides the one before,
+        dtype by dtype when both are tables)."""
         value = getattr(self, name)
-        override = self.per_model.get(model, {})
-        if name in override:
+        layers = [self.per_platform.get(platform, {}) if platform else {}, self.per_model.get(model, {})]
+        for override in layers:
+            if name not in override:
+                continue
             o = override[name]
             if isinstance(o, dict):
                 merged = dict(value) if isinstance(value, dict) else (
@@ -106,15 +124,28 @@ class CheckConfig:
             return value.get(kv_dtype)
         return value
 
-    def gates(self, model: str, kv_dtype: str) -> dict[str, tuple[float, str]]:
+    def gates(self, model: str, kv_dtype: str, platform: str | None = None) -> dict[str, tuple[float, str]]:
         """metric name -> (bound, op) for every threshold that applies here."""
         out = {}
         for name in self.threshold_fields():
-            bound = self.threshold_for(name, model, kv_dtype)
+            bound = self.threshold_for(name, model, kv_dtype, platform)
             if bound is not None:
                 metric, op = self.gate(name)
                 out[metric] = (float(bound), op)
         return out
+
+    def optional_reason(self, metric: str, model: str, kv_dtype: str) -> str | None:
+        """Why gate ``metric`` may go unmeasured for ``model``/``kv_dtype`` (None: it may not)."""
+        names = {self.gate(n)[0]: n for n in self.threshold_fields()}
+        fname = names.get(metric)
+        if fname is None:
+            return None
+        tables = [self.optional, self.per_model.get(model, {}).get("optional", {})]
+        for key in (f"{fname}.{kv_dtype}", fname):
+            for t in reversed(tables):
+                if key in t:
+                    return t[key]
+        return None
 
     def load_overrides(self) -> dict:
         return {k: getattr(self, k) for k in ("ctx", "vram_budget_gib", "n_gpu_layers",
@@ -131,7 +162,8 @@ class SuiteSection:
     models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
     baseline: str = "fp32"
     kv_dtypes: list[str] = field(default_factory=lambda: ["bf16", "q8_0"])
-    device: str = "cpu"
+    device: str = "auto"                  # auto: cuda when there is one, else cpu
+    weight_format: str = "auto"           # auto: f32 when it fits half the host RAM, else bf16
     ctx: int = param(4096, lo=1)
     vram_budget_gib: float | None = param(None, lo=0, lo_open=True)
     n_gpu_layers: int | None = param(None, lo=0)
@@ -260,7 +292,10 @@ def _validate_section(s: SuiteSection, path) -> None:
     if len(set(s.kv_dtypes)) != len(s.kv_dtypes):
         raise SuiteError(path, "suite.kv_dtypes", f"repeated dtype in {s.kv_dtypes}")
     if not DEVICE_RE.match(s.device):
-        raise SuiteError(path, "suite.device", f"unknown device {s.device!r}", "cpu, cuda, cuda:N")
+        raise SuiteError(path, "suite.device", f"unknown device {s.device!r}", "auto, cpu, cuda, cuda:N")
+    if s.weight_format not in WEIGHT_FORMATS:
+        raise SuiteError(path, "suite.weight_format", f"unknown weight format {s.weight_format!r}",
+                         ", ".join(WEIGHT_FORMATS))
 
 
 def _validate_check(cfg: CheckConfig, s: SuiteSection, path, where: str) -> None:
@@ -280,25 +315,70 @@ def _validate_check(cfg: CheckConfig, s: SuiteSection, path, where: str) -> None
         value = getattr(cfg, name)
         if value is not None:
             check_bound(name, value, f"{where}.{name}")
-    for model, over in cfg.per_model.items():
-        key = f"{where}.per_model.{model}"
-        validate_model(model, path, key)
-        if not isinstance(over, dict):
-            raise SuiteError(path, key, f"expected a table of thresholds, got {_tname(over)}")
-        for name, value in over.items():
-            if name not in tfields:
-                raise SuiteError(path, f"{key}.{name}", "unknown threshold (per_model overrides "
-                                 "thresholds only)", ", ".join(tfields) or "none for this check")
-            hint = get_type_hints(type(cfg))[name]
-            value = _coerce(value, hint, path, f"{key}.{name}")
-            over[name] = value
-            check_bound(name, value, f"{key}.{name}")
+    def check_optional(table, key: str):
+        if not isinstance(table, dict):
+            raise SuiteError(path, key, f"expected a table of reasons, got {_tname(table)}")
+        for k, reason in table.items():
+            fname, _, dt = k.partition(".")
+            if fname not in tfields:
+                raise SuiteError(path, f"{key}.{k}", "unknown threshold", ", ".join(tfields) or "none")
+            if dt and dt not in dtypes:
+                raise SuiteError(path, f"{key}.{k}", f"KV dtype {dt!r} is not in this suite's matrix",
+                                 ", ".join(dtypes))
+            if not isinstance(reason, str) or not reason.strip():
+                raise SuiteError(path, f"{key}.{k}", "an optional gate needs its reason (a non-empty "
+                                 "string the report prints)")
+
+    check_optional(cfg.optional, f"{where}.optional")
+    for table_name, table in (("per_model", cfg.per_model), ("per_platform", cfg.per_platform)):
+        for owner, over in table.items():
+            key = f"{where}.{table_name}.{owner}"
+            if table_name == "per_model":
+                validate_model(owner, path, key)
+            elif not PLATFORM_RE.match(owner):
+                raise SuiteError(path, key, f"unknown platform {owner!r}",
+                                 "<cpu|cuda>-<f32|bf16|f16>, e.g. cuda-bf16")
+            if not isinstance(over, dict):
+                raise SuiteError(path, key, f"expected a table of thresholds, got {_tname(over)}")
+            for name, value in over.items():
+                if name == "optional" and table_name == "per_model":
+                    check_optional(value, f"{key}.optional")
+                    continue
+                if name not in tfields:
+                    raise SuiteError(path, f"{key}.{name}", f"unknown threshold ({table_name} overrides "
+                                     "thresholds only)", ", ".join(tfields) or "none for this check")
+                hint = get_type_hints(type(cfg))[name]
+                value = _coerce(value, hint, path, f"{key}.{name}")
+                over[name] = value
+                check_bound(name, value, f"{key}.{name}")
     cfg.validate(path, where)
+    _refuse_unmeasurable(cfg, s, path, where)
+
+
+def _refuse_unmeasurable(cfg: CheckConfig, s: SuiteSection, path, where: str) -> None:
+    """A gate written for the baseline dtype on a metric the check never measures there (it
+    declares which: ``unmeasured_on_baseline``) can never be evaluated: refuse it now."""
+    from . import checks as registry
+    never = registry.get(cfg.KIND).unmeasured_on_baseline(cfg)
+    if not never:
+        return
+    tables = [("", getattr(cfg, n), n) for n in cfg.threshold_fields()]
+    for table_name in ("per_platform", "per_model"):
+        for owner, over in getattr(cfg, table_name).items():
+            tables += [(f"{table_name}.{owner}.", v, n) for n, v in over.items() if n in cfg.threshold_fields()]
+    for prefix, value, name in tables:
+        metric = cfg.gate(name)[0]
+        if metric in never and isinstance(value, dict) and s.baseline in value:
+            raise SuiteError(path, f"{where}.{prefix}{name}.{s.baseline}",
+                             f"gate on {metric!r} for the baseline can never be measured: {never[metric]}",
+                             "remove it, or change the check so the baseline measures it")
 
 
 def _check_bounds(v, meta, path, key, threshold=False) -> None:
     if v is None or isinstance(v, (list, dict, str, bool)):
         return
+    if isinstance(v, float) and not math.isfinite(v):
+        raise SuiteError(path, key, f"{'threshold' if threshold else 'value'} {v!r} is not a finite number")
     lo, hi = meta.get("lo"), meta.get("hi")
     what = "threshold that can never hold" if threshold else "value out of range"
     if lo is not None and (v < lo or (meta.get("lo_open") and v == lo)):

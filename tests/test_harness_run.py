@@ -18,6 +18,7 @@ import engine
 from harness.results import load_results, read_records
 from harness.runner import Runner
 from harness.suite import load_suite, parse_suite
+from record_norm import stable
 
 ROOT = Path(__file__).resolve().parent.parent
 MODEL = "tiny-qwen3"
@@ -45,11 +46,21 @@ def test_smoke_suite_end_to_end(smoke):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last["verdict"] == "pass" and last["cases"] == 15 and last["failed"] == 0
+    assert last["statuses"] == {"pass": 12, "n/a": 3}
     assert {(c["kv_dtype"], c["check"]) for c in res.cases()} == {
         (d, c) for d in ("fp32", "bf16", "q8_0")
         for c in ("argmax", "coherence", "wave_prefill", "vram", "throughput")}
+    # coherence cannot mean anything on random weights: declared n/a with its reason, not run
+    for c in res.cases():
+        if c["check"] == "coherence":
+            assert c["status"] == "n/a" and "random weights" in c["reason"]
+            assert not any(r["check"] == "coherence" for r in res.of_type("metric"))
     man = res.manifest
     assert man["git"]["sha"] and man["versions"]["torch"] and man["device"]["requested"] == "cpu"
+    assert man["device"]["resolved"] == "cpu" and man["weight_format"]["models"][MODEL]["applied"] == "f32"
+    proc_rec = man["processes"][-1]
+    assert proc_rec["max_live_engines"] == 1 and proc_rec["engine_loads"] == 1
+    assert proc_rec["host_peak_anon_bytes"] > 0
     assert man["seed"] == 0 and "suites/smoke.toml" in man["command"] and man["finished"]
     assert (tmp / "results" / "summary.csv").read_text().startswith("model,kv_dtype,check,kind,metric")
     md = (tmp / "report" / "report.md").read_text()
@@ -78,16 +89,27 @@ def test_argmax_matches_a_direct_computation(smoke):
     assert len(res.series(MODEL, "q8_0", "argmax")["kld"]) == 48
 
 
-def test_coherence_uses_the_chat_template(smoke):
-    _, res, _ = smoke
+def test_coherence_uses_the_chat_template():
+    # the check's own code on the tiny model (the runner declares it n/a on random weights)
+    from harness.checks import CaseContext, get
+    from harness.checks.coherence import CoherenceConfig
+    from harness.suite import Message
+    check, cfg = get("coherence"), CoherenceConfig(kind="coherence", max_new_tokens=8,
+                                                   messages=[[Message("user", "What is the capital of France?")]])
+    suite = load_suite(ROOT / "suites" / "smoke.toml").suite
+    ctx = lambda d: CaseContext(model=MODEL, kv_dtype=d, baseline="fp32", suite=suite, device="cpu", seed=0)  # noqa: E731
+    state = check.prepare(engine.load(MODEL, kv_dtype="fp32", ctx=1024), cfg, ctx("fp32"))
     eng = engine.load(MODEL, kv_dtype="bf16", ctx=1024)
+    out = check.measure(eng, cfg, state, ctx("bf16"))
     prompt = eng.tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])
     new = eng.generate(prompt, 8)
-    sample = res.info(MODEL, "bf16", "coherence")["samples"][0]
+    sample = out.info["samples"][0]
     assert sample["text"] == eng.tokenizer.decode([t for t in new if t not in eng.tokenizer.eos_ids])
     assert sample["tokens"] == len(new) and sample["stop"] in ("eos", "length")
-    assert metric(res, "fp32", "coherence", "Identical prefix")["skipped"] == "this is the baseline"
-    assert 0 <= metric(res, "bf16", "coherence", "Identical prefix")["value"] <= 8
+    base = check.measure(engine.load(MODEL, kv_dtype="fp32", ctx=1024), cfg, state, ctx("fp32"))
+    assert {m.name: m.skipped for m in base.metrics}["Identical prefix"] == \
+        "the baseline's answers are the reference itself"
+    assert 0 <= {m.name: m.value for m in out.metrics}["Identical prefix"] <= 8
 
 
 def test_wave_prefill_takes_several_waves(smoke):
@@ -153,16 +175,8 @@ def test_fault_injection_fails_the_default_suite(tmp_path, monkeypatch, fault, d
 
 
 def _norm(records):
-    """Records minus what legitimately differs between two runs (timings, run name)."""
-    out = []
-    for r in records:
-        if r.get("unit") == "tok/s" or str(r.get("name", "")).endswith("_samples"):
-            continue
-        r = {k: v for k, v in r.items() if k not in ("seconds", "finished", "run")}
-        if r["type"] == "info":
-            r["info"] = {k: v for k, v in r["info"].items() if k != "prefill_stats"}
-        out.append(r)
-    return out
+    """Records minus what legitimately differs between two runs (tests/record_norm.py)."""
+    return [stable(r) for r in records]
 
 
 RESUME_SUITE = """

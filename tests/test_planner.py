@@ -266,15 +266,24 @@ def _run_cli(capsys, *argv):
 
 def test_cli_banner_and_json_coder30b_synth(capsys):
     pytest.importorskip("engine.synth")
+    # a what-if plan for a machine with enough host RAM (--host-ram vouches for one)
     rc, out, _ = _run_cli(capsys, "coder30b-synth", "--kv-dtype", "q8_0", "--ctx", "32768",
-                          "--vram-budget", "12GiB", "--device", "cpu")
+                          "--vram-budget", "12GiB", "--device", "cpu", "--host-ram", "256GiB")
     assert rc == 0
     assert "offloaded 48/48 layers" in out and "KV q8_0: 1632.00 MiB" in out
     assert "expert cache:" in out and "/6144 slots" in out
+    assert "weights bf16 (auto: f32 would need" in out and ": fits;" in out
     rc, out, _ = _run_cli(capsys, "coder30b-synth", "--kv-dtype", "fp32", "--ctx", "32768",
-                          "--vram-budget", "12GiB", "--device", "cpu", "--json")
+                          "--vram-budget", "12GiB", "--device", "cpu", "--json", "--host-ram", "256GiB")
     d = json.loads(out)
     assert rc == 0 and d["trunk"]["kv"] == 6144 * MiB and d["n_gpu_layers"] == 48
+    assert d["weight_format"] == "bf16" and d["host_ram"]["fits"] is True
+    # the same plan on a 24 GiB box: printed, then refused in one line with the numbers (exit 2)
+    rc, out, err = _run_cli(capsys, "coder30b-synth", "--ctx", "32768", "--vram-budget", "12GiB",
+                            "--device", "cpu", "--host-ram", "24GiB")
+    assert rc == 2 and "DOES NOT FIT" in out and err.count("\n") == 1
+    assert err.startswith("error: host RAM: coder30b-synth with bf16 weights on cpu needs ")
+    assert "routed experts 54.00 GiB" in err and "but 24.00 GiB available (host_ram argument)" in err
     rc, _, err = _run_cli(capsys, "coder30b-synth", "--vram-budget", "10MiB", "--device", "cpu")
     assert rc == 2 and err.startswith("error: vram budget 10.00 MiB is below") and "essentials" in err
 

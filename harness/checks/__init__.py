@@ -10,7 +10,15 @@ config dataclass (a ``CheckConfig`` subclass, i.e. the TOML table's schema) and 
 
 An ``Outcome`` carries named ``Metric`` values (``skipped`` with a reason when the engine
 cannot provide one yet: never a made-up number), per-position ``series`` for plots and
-JSON-able ``info``. Thresholds are applied by the runner from the config, not by checks.
+JSON-able ``info``. Thresholds are applied by the runner from the config, not by checks; a
+gated metric that is skipped or missing makes the case ``incomplete``, never a pass.
+
+Two declarations come before anything runs:
+- ``unmeasured_on_baseline(cfg) -> {metric: reason}``: metrics the check never measures on
+  the baseline row (the suite refuses a baseline gate on them when it loads);
+- ``not_applicable(cfg, model: ModelInfo) -> reason | None``: the check cannot mean anything
+  on this model (e.g. coherence on random weights); the runner records its cases as ``n/a``
+  with the reason and does not run them.
 
     from harness import checks
     check = checks.get("argmax"); cfg_cls = checks.config_class("argmax")
@@ -48,6 +56,14 @@ class Outcome:
         return self.add(name, None, unit, better, skipped=reason)
 
 
+@dataclass(frozen=True)
+class ModelInfo:
+    """What is known about a model before it is loaded (metadata only)."""
+    name: str
+    spec: Any                          # engine.spec.ModelSpec
+    weights: str | None = None         # "random" / "upcycled" for synthetic models, else None
+
+
 @dataclass
 class CaseContext:
     """What a check knows about the case it runs in."""
@@ -57,6 +73,7 @@ class CaseContext:
     suite: SuiteSection
     device: str
     seed: int
+    platform: str = ""                # "<device type>-<weight format>" of the per_platform gates
     # load(**overrides) -> a new engine of this model and dtype with other load options
     load: Callable[..., Any] = None
     measure_baseline: bool = True     # (prepare only) whether the baseline row will be measured
@@ -77,6 +94,14 @@ class Check:
                 "n_gpu_layers": suite.n_gpu_layers, "wave_budget_mib": suite.wave_budget_mib}
         opts.update(cfg.load_overrides())
         return opts
+
+    def unmeasured_on_baseline(self, cfg: CheckConfig) -> dict[str, str]:
+        """Metrics this check never measures on the baseline row, with the reason."""
+        return {}
+
+    def not_applicable(self, cfg: CheckConfig, model: ModelInfo) -> str | None:
+        """Why this check cannot mean anything on ``model`` (None: it can)."""
+        return None
 
     def prepare(self, eng, cfg: CheckConfig, ctx: CaseContext) -> Any:
         return None

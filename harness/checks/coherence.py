@@ -55,6 +55,15 @@ class Coherence(Check):
     kind = "coherence"
     config = CoherenceConfig
 
+    def unmeasured_on_baseline(self, cfg):
+        return {"Identical prefix": "the baseline's answers are the reference itself"}
+
+    def not_applicable(self, cfg, model):
+        if model.weights == "random":
+            return ("random weights (synthetic model): its greedy text is noise, so repeat loops and "
+                    "EOS say nothing about the KV dtype")
+        return None
+
     def prepare(self, eng, cfg: CoherenceConfig, ctx):
         eos = eos_ids(eng)
         prompts = [chat_ids(eng, m) for m in cfg.messages]
@@ -79,7 +88,7 @@ class Coherence(Check):
                             "tokens": len(new), "stop": reason, "identical_prefix": prefix,
                             "baseline_tokens": len(base)})
         if ctx.is_baseline:
-            out.skip("Identical prefix", "this is the baseline", "tokens", "higher")
+            out.skip("Identical prefix", self.unmeasured_on_baseline(cfg)["Identical prefix"], "tokens", "higher")
         else:
             out.add("Identical prefix", min(prefixes), "tokens", "higher",
                     detail=f"per set: {prefixes}")
