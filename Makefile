@@ -4,6 +4,10 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 MODEL  ?= smollm2-135m
 SUITE  ?= suites/kv_dtype.toml
+# empty: the suite decides (device auto = CUDA when there is one; weights auto = f32 when it
+# needs at most half the host RAM, else bf16); e.g. make bench DEVICE=cpu WEIGHTS=bf16
+DEVICE  ?=
+WEIGHTS ?=
 # torch 2.13.0 is the CPU build this machine kind ships on disk; elsewhere pip picks one.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
@@ -27,7 +31,8 @@ fuzz: $(STAMP)
 
 # The default suite over fp32/bf16/q8_0 KV on MODEL, then the markdown report.
 bench: $(STAMP)
-	$(PY) -m harness run $(SUITE) --model $(MODEL) --report
+	$(PY) -m harness run $(SUITE) --model $(MODEL) --report $(if $(DEVICE),--device $(DEVICE)) \
+		$(if $(WEIGHTS),--weight-format $(WEIGHTS))
 
 # Engine-only numbers: load, a greedy chat answer, pp512 / tg64 throughput.
 engine-bench: $(STAMP)

@@ -39,6 +39,16 @@ for step in $steps; do
               | grep -v "^\s*$" | tee "$OUT/coder-suite.log" | tail -45
             echo "suite wall time: ${SECONDS} s" | tee -a "$OUT/coder-suite.log"
             tar czf "$OUT/coder-suite.tgz" -C /tmp/coder results report ;;
+    nightly) # one shard of suites/nightly.toml: NIGHTLY_MODELS="coder30b-synth olmoe-synth" (stand-ins)
+            tag=$(echo "${NIGHTLY_MODELS:-smollm2-135m}" | tr ' ' '_')
+            rm -rf "/tmp/nightly/$tag" && mkdir -p "/tmp/nightly/$tag"
+            margs=""; for m in ${NIGHTLY_MODELS:-smollm2-135m}; do margs="$margs --model $m"; done
+            SECONDS=0
+            timeout ${SUITE_TIMEOUT:-470} python3 -m harness run suites/nightly.toml $margs \
+              --out "/tmp/nightly/$tag/results" --report "/tmp/nightly/$tag/report" --no-progress 2>&1 \
+              | grep -v "^\s*$" | tee "$OUT/nightly-$tag.log" | tail -40
+            echo "nightly shard $tag wall time: ${SECONDS} s" | tee -a "$OUT/nightly-$tag.log"
+            tar czf "$OUT/nightly-$tag.tgz" -C "/tmp/nightly/$tag" results report ;;
     peer)   python3 benchmarks/bench_peer.py --out "$OUT/peer.json" 2>&1 | grep -v Converting | tee "$OUT/bench-peer.log" | tail -25 ;;
     unacc)  python3 benchmarks/bench_hybrid.py --models smollm2-135m --kv fp32,q8_0 --decode 8 \
               --out "$OUT/hybrid-unaccounted.json" 2>&1 | tee "$OUT/hybrid-unaccounted.log" | tail -8 ;;

@@ -133,6 +133,7 @@ class WavePrefill(Check):
                                      else "no reference run (reference_run = false)")
         else:
             test, stats = _prefill(eng, state["tokens"], cfg.compare_from)
+            stats["wave_budget_bytes"] = eng.wave_budget_bytes
             ref = state["logits"]
             out.info["reference"] = f"{ctx.kv_dtype} vs {ctx.baseline}, both in waves, same tokens"
         ref_stats = state.get("ref_stats") or {}
