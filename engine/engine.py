@@ -22,6 +22,7 @@ import torch
 from . import kv as kvmod
 from .errors import ConfigError, ContextOverflowError, ModelFileError, out_of_memory
 from .gguf_io import GGUFFile, open_gguf
+from . import settings
 from .hostmem import pinned_empty
 from .model import Experts, LayerWeights, Transformer
 from .models import resolve
@@ -134,7 +135,7 @@ class Engine:
         self.pos = 0
         self.last_prefill_stats: dict = {}
         self._static = None
-        self.set_decode_mode(os.environ.get("KVBENCH_DECODE_MODE", "auto").strip() or "auto")
+        self.set_decode_mode(settings.get("KVBENCH_DECODE_MODE"))
         _LIVE.add(self)
 
     def _live(self) -> Transformer:

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import ConfigError
 
 ENV = "KVBENCH_HOST_RAM"
 
@@ -77,22 +76,11 @@ def _cgroup_left() -> int | None:
     return None
 
 
-def parse_override(text: str) -> int:
-    from .planner import parse_size
-    try:
-        value = parse_size(text, ENV)
-    except ConfigError:
-        raise ConfigError(f"{ENV}={text!r} is not a size", f"write e.g. {ENV}=24GiB, or unset it") from None
-    if value <= 0:
-        raise ConfigError(f"{ENV}={text!r} must be a positive size", f"write e.g. {ENV}=24GiB, or unset it")
-    return value
-
-
 def available() -> HostRam:
     """Host memory a new load may take (see the module docstring)."""
-    override = os.environ.get(ENV, "").strip()
-    if override:
-        n = parse_override(override)
+    from . import settings
+    n = settings.get(ENV)
+    if n:
         return HostRam(n, n, ENV)
     info = _meminfo()
     total = info.get("MemTotal", 0)

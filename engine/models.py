@@ -85,7 +85,8 @@ register(Entry("olmoe", "user", "OLMoE-1B-7B-0924-Instruct-Q4_K_M.gguf",
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("KVBENCH_CACHE")
+    from . import settings
+    root = settings.get("KVBENCH_CACHE")
     path = Path(root) if root else Path.home() / ".cache" / "kvbench" / "models"
     path.mkdir(parents=True, exist_ok=True)
     return path
@@ -93,8 +94,9 @@ def cache_dir() -> Path:
 
 def models_dirs() -> list[Path]:
     dirs = []
-    if os.environ.get("KVBENCH_MODELS_DIR"):
-        dirs.append(Path(os.environ["KVBENCH_MODELS_DIR"]))
+    from . import settings
+    if settings.get("KVBENCH_MODELS_DIR"):
+        dirs.append(Path(settings.get("KVBENCH_MODELS_DIR")))
     dirs.append(Path("models"))
     return dirs
 

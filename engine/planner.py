@@ -538,20 +538,7 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
 
 # -- CLI -------------------------------------------------------------------------------------
 
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": MiB, "mib": MiB, "mb": 10**6,
-          "g": GiB, "gib": GiB, "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
-
-
-def parse_size(text: str | int, what: str = "size") -> int:
-    """'12GiB' / '12GB' / '500MiB' / '1.5G' (bare K/M/G/T are binary) / '4096' -> bytes."""
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = m.group(2).lower() if m else None
-    if not m or unit not in _UNITS:
-        raise ConfigError(f"{what}: cannot read {text!r} as a size",
-                          "write a byte count or a number with a unit, e.g. 12GiB, 12GB, 500MiB")
-    return int(float(m.group(1)) * _UNITS[unit])
+from .settings import parse_size  # noqa: E402,F401  (sizes are read in one place)
 
 
 def spec_for_model(name: str) -> ModelSpec:

@@ -152,12 +152,18 @@ class _Report:
                            + "; engine loads "
                            f"{p.get('engine_loads')}, weight takeovers {p.get('engine_rebinds')}, at most "
                            f"{p.get('max_live_engines')} engine(s) holding weights at once")
-        env = {k: v for k, v in (man.get("env") or {}).items() if v not in (None, "")}
+        if man.get("settings"):        # declared settings (engine/settings.py): the non-default ones
+            env = {k: v["value"] for k, v in man["settings"].items() if v.get("set")}
+            numerics = {k for k, v in man["settings"].items() if v.get("set") and v.get("numerics")}
+        else:                          # manifests written before settings were declared
+            env = {k: v for k, v in (man.get("env") or {}).items() if v not in (None, "")}
+            numerics = set()
         fault = env.pop("KVBENCH_FAULT", None)
         if fault:
             self.md.append(f"- **fault injected: `KVBENCH_FAULT={fault}`** (this run is expected to fail)")
         if env:
-            self.md.append("- settings: " + ", ".join(f"`{k}={v}`" for k, v in env.items()))
+            self.md.append("- settings (non-default): " + ", ".join(
+                f"`{k}={v}`" + (" (changes numerics)" if k in numerics else "") for k, v in env.items()))
         self.md.append("")
 
     def verdict(self) -> None:

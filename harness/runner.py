@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from engine import settings
 from engine.errors import EngineError
 
 from . import checks as registry
@@ -309,8 +310,8 @@ class Runner:
                 "weight_format": {"requested": self.weight_format, "models": {}},
                 "seed": self.suite.suite.seed,
                 "git": git_info(), "versions": versions(), "command": " ".join(sys.argv),
-                "argv": list(sys.argv), "env": {k: v for k, v in sorted(os.environ.items())
-                                                if k.startswith("KVBENCH_")},
+                "argv": list(sys.argv), "settings": settings.snapshot(),
+                "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("KVBENCH_")},
                 "not_applicable": {}, "started": now(), "finished": None}
 
     def _prepare_dir(self) -> set:

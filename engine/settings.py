@@ -1,0 +1,219 @@
+"""Settings: every ``KVBENCH_*`` environment variable, declared, validated and read in one place.
+
+Contract: ``SETTINGS`` declares each variable once (name, kind, default, allowed values or
+range, whether it can change logits: ``numerics``, and what it does). ``get(name)`` returns
+the parsed value (the default when unset), each distinct value parsed once; a malformed value is a ``ConfigError`` naming the variable, the value
+and what is allowed (the CLIs print it as ``error: ...``, exit 2, also for ``--help``).
+``validate()`` parses every variable that is set, so a run fails before it starts, not half
+way. ``snapshot()`` is what a results manifest records: every declared variable with its
+value, whether it is set (non-default) and whether it changes numerics; ``numerics_changes(a,
+b)`` lists the numerics-changing settings on which two snapshots differ (``harness compare``
+refuses those runs unless told to). Reading a ``KVBENCH_*`` variable that is not declared
+here is a bug (``get`` raises ``KeyError``).
+
+    from engine import settings
+    settings.get("KVBENCH_ATTN_BACKEND")      # "auto"
+    settings.snapshot()["KVBENCH_ATTN_BACKEND"]  # {"value": "auto", "set": False, "numerics": True}
+"""
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Setting:
+    name: str
+    kind: str                           # "str" | "int" | "bool" | "size" | "path" | "choice" | "fault"
+    default: Any
+    help: str
+    numerics: bool = False              # can change logits / tokens (compare refuses mixing them)
+    choices: tuple[str, ...] = ()
+    lo: int | None = None
+    hi: int | None = None
+
+
+def _s(*args, **kw) -> Setting:
+    return Setting(*args, **kw)
+
+
+SETTINGS: dict[str, Setting] = {s.name: s for s in [
+    _s("KVBENCH_CACHE", "path", None, "model cache directory (default ~/.cache/kvbench/models)"),
+    _s("KVBENCH_MODELS_DIR", "path", None, "directory of user-provided GGUFs (coder30b, olmoe)"),
+    _s("KVBENCH_HOST_RAM", "size", None, "host RAM the planner may use, e.g. 24GiB (default: "
+       "MemAvailable / cgroup limit)"),
+    _s("KVBENCH_FAULT", "fault", None, "plant a known bug (harness self-tests)", numerics=True),
+    _s("KVBENCH_ATTN_BACKEND", "choice", "auto", "attention kernels: auto (Triton on CUDA), torch, triton",
+       numerics=True, choices=("auto", "torch", "triton")),
+    _s("KVBENCH_ATTN_PRECISION", "choice", "tf32x3", "float32 dot products in the Triton kernels",
+       numerics=True, choices=("tf32x3", "ieee", "tf32")),
+    _s("KVBENCH_PREFILL_BF16_FLASH", "bool", False, "bf16 caches prefill through torch's flash attention "
+       "(faster, rounds q and p to bf16)", numerics=True),
+    _s("KVBENCH_PREFILL_BLOCK_M", "int", 64, "prefill kernel query tile", numerics=True, lo=16, hi=256),
+    _s("KVBENCH_PREFILL_BLOCK_N", "int", 64, "prefill kernel key tile", numerics=True, lo=16, hi=256),
+    _s("KVBENCH_PREFILL_WARPS", "int", 4, "prefill kernel warps", lo=1, hi=32),
+    _s("KVBENCH_DECODE_MODE", "choice", "auto", "single-token steps: auto, eager, static, cuda_graph",
+       numerics=True, choices=("auto", "eager", "static", "cuda_graph")),
+    _s("KVBENCH_DECODE_COMPILE", "bool", True, "torch.compile the maths around attention in the "
+       "captured decode step", numerics=True),
+    _s("KVBENCH_DECODE_BLOCK_N", "int", None, "decode kernel key tile (default: per format)",
+       numerics=True, lo=16, hi=1024),
+    _s("KVBENCH_DECODE_PROGRAMS_PER_SM", "int", None, "decode kernel context splits per SM "
+       "(default: per format)", numerics=True, lo=1, hi=64),
+    _s("KVBENCH_DECODE_WARPS", "int", None, "decode kernel warps (default: per format)", lo=1, hi=32),
+    _s("KVBENCH_DECODE_STAGES", "int", None, "decode kernel pipeline stages (default: per format)", lo=1, hi=8),
+    _s("KVBENCH_DECODE_Q8_WORDS", "bool", True, "q8_0 decode reads 32-bit words", numerics=True),
+    _s("KVBENCH_DECODE_FUSE", "bool", False, "decode combine fused into the last split program",
+       numerics=True),
+    _s("KVBENCH_FUZZ_EXAMPLES", "int", 500, "GGUF fuzz cases in make test", lo=1),
+]}
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 10**3, "m": (1 << 20), "mib": (1 << 20), "mb": 10**6,
+          "g": (1 << 30), "gib": (1 << 30), "gb": 10**9, "t": 1 << 40, "tib": 1 << 40, "tb": 10**12}
+
+
+def parse_size(text: str | int, what: str = "size") -> int:
+    """'12GiB' / '12GB' / '500MiB' / '1.5G' (bare K/M/G/T are binary) / '4096' -> bytes."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]*)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else None
+    if not m or unit not in _UNITS:
+        raise ConfigError(f"{what}: cannot read {text!r} as a size",
+                          "write a byte count or a number with a unit, e.g. 12GiB, 12GB, 500MiB")
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+_cache: dict[str, Any] = {}
+
+
+def _parse(s: Setting, raw: str) -> Any:
+    raw = raw.strip()
+    bad = lambda allowed: ConfigError(f"{s.name}={raw!r} is not {allowed}",   # noqa: E731
+                                      f"set it to {allowed}, or unset it ({s.help})")
+    if s.kind in ("str", "path"):
+        if not raw:
+            raise bad("a non-empty value")
+        return raw
+    if s.kind == "bool":
+        if raw.lower() in _TRUE:
+            return True
+        if raw.lower() in _FALSE:
+            return False
+        raise bad("0 or 1")
+    if s.kind == "int":
+        try:
+            v = int(raw)
+        except ValueError:
+            raise bad("an integer") from None
+        if (s.lo is not None and v < s.lo) or (s.hi is not None and v > s.hi):
+            raise bad(f"an integer in [{s.lo if s.lo is not None else '-inf'}, "
+                      f"{s.hi if s.hi is not None else 'inf'}]")
+        return v
+    if s.kind == "choice":
+        if raw.lower() not in s.choices:
+            raise bad(f"one of {', '.join(s.choices)}")
+        return raw.lower()
+    if s.kind == "size":
+        try:
+            v = parse_size(raw, s.name)
+        except ConfigError:
+            raise bad("a size such as 24GiB") from None
+        if v <= 0:
+            raise bad("a positive size such as 24GiB")
+        return v
+    if s.kind == "fault":
+        return _parse_fault(s, raw)
+    raise AssertionError(s.kind)
+
+
+FAULTS: dict[str, Callable[[str], bool]] = {}    # fault name -> validator of its argument
+
+
+def register_fault(name: str, takes_arg: bool = False, help: str = "") -> None:
+    """Declare a plantable fault (``KVBENCH_FAULT=name`` or ``name:N``) where it is implemented."""
+    FAULTS[name] = (lambda a: a.lstrip("-").isdigit()) if takes_arg else (lambda a: a == "")
+
+
+def _parse_fault(s: Setting, raw: str) -> tuple[str, int | None]:
+    name, _, arg = raw.partition(":")
+    ok = FAULTS.get(name)
+    if not raw or ok is None or not ok(arg.strip()):
+        known = ", ".join(f"{n}:N" if not FAULTS[n]("") else n for n in sorted(FAULTS)) or "none"
+        raise ConfigError(f"{s.name}={raw!r} is not a known fault", f"use one of {known}, or unset it")
+    return name, (int(arg) if arg.strip() else None)
+
+
+for _name, _arg in (("ignore_kv_dtype", False), ("skip_narrow_layer", True)):   # engine/kv.py
+    register_fault(_name, _arg)
+
+
+def get(name: str) -> Any:
+    """The parsed value of ``name`` (its default when unset); ConfigError when malformed."""
+    s = SETTINGS[name]
+    raw = os.environ.get(name)
+    key = (name, raw)
+    if key not in _cache:
+        _cache[key] = s.default if raw is None or not raw.strip() else _parse(s, raw)
+    return _cache[key]
+
+
+def validate() -> None:
+    """Parse every declared variable that is set (raises on the first malformed one), and
+    refuse an unknown ``KVBENCH_*`` variable (a typo would otherwise be ignored)."""
+    import difflib
+    for key in sorted(os.environ):
+        if key.startswith("KVBENCH_") and key not in SETTINGS and key not in WORKFLOW_VARIABLES:
+            close = difflib.get_close_matches(key, list(SETTINGS), n=1)
+            raise ConfigError(f"{key} is not a kvbench setting" + (f"; did you mean {close[0]}?" if close else ""),
+                              "unset it (engine/settings.py declares every setting)")
+    for name in SETTINGS:
+        get(name)
+
+
+# read by CI workflows, not by the engine or harness
+WORKFLOW_VARIABLES = {"KVBENCH_PR_GPU", "KVBENCH_PR_FAIL_ON_REGRESSION", "KVBENCH_GPU_LABELS"}
+
+
+def snapshot() -> dict[str, dict]:
+    """Every declared setting: ``{"value", "set", "numerics"}`` (JSON-able)."""
+    out = {}
+    for name, s in SETTINGS.items():
+        v = get(name)
+        if isinstance(v, tuple):
+            v = f"{v[0]}:{v[1]}" if v[1] is not None else v[0]
+        out[name] = {"value": v, "set": os.environ.get(name, "").strip() != "", "numerics": s.numerics}
+    return out
+
+
+def non_default(snap: dict[str, dict]) -> dict[str, Any]:
+    return {k: v["value"] for k, v in snap.items() if v.get("set")}
+
+
+def numerics_changes(a: dict[str, dict], b: dict[str, dict]) -> list[str]:
+    """Numerics-changing settings whose values differ between two snapshots, as lines."""
+    out = []
+    for name in sorted(set(a) | set(b)):
+        s = SETTINGS.get(name)
+        numerics = s.numerics if s else (a.get(name) or b.get(name) or {}).get("numerics", True)
+        va, vb = (a.get(name) or {}).get("value"), (b.get(name) or {}).get("value")
+        if numerics and va != vb:
+            out.append(f"{name}: {va!r} vs {vb!r}")
+    return out
+
+
+def describe() -> str:
+    """One line per setting: name, value, default, what it does (``python -m engine settings``)."""
+    lines = []
+    for name, s in SETTINGS.items():
+        v = get(name)
+        mark = "*" if os.environ.get(name, "").strip() else " "
+        lines.append(f"{mark} {name} = {v!r} (default {s.default!r}{', changes numerics' if s.numerics else ''}): "
+                     f"{s.help}")
+    return "\n".join(lines)
