@@ -1,8 +1,14 @@
 """Engine CLI: ``python -m engine {bench,generate,plan} ...``.
 
-Contract: each command is ``add_cli_args(parser)`` + ``main(args) -> int``. Engine errors print
-``error: <one line>`` on stderr and exit 2; any other exception prints one line plus the path
-of a saved traceback and exits 3. ``bench`` prints a human table, then one JSON line last.
+Contract: each command is ``add_cli_args(parser)`` + ``main(args) -> int``. Bad input prints
+``error: <one line>`` on stderr and exits 2: an ``EngineError``, a command-line value argparse
+refuses (``Parser`` prints argparse's message as that one line; counts such as ``--repeats``,
+``--prompt-tokens``, ``--max-new-tokens`` and ``--ctx`` must be >= 1), and an ``OSError`` that
+is the user's to fix (no permission, read-only or full filesystem, a file where a directory
+belongs or the reverse: ``USER_ERRNOS``), named by its path. A closed stdout (``... | head``)
+ends the command quietly with exit 141 (128 + SIGPIPE, what a shell reports for a tool that
+SIGPIPE ended, e.g. ``yes | head``). Any other exception prints one line plus the path of a
+saved traceback and exits 3 (a bug). ``bench`` prints a human table, then one JSON line last.
 
     python -m engine bench --model smollm2-135m
     python -m engine generate smollm2-135m "What is the capital of France?"
@@ -10,7 +16,9 @@ of a saved traceback and exits 3. ``bench`` prints a human table, then one JSON 
 from __future__ import annotations
 
 import argparse
+import errno
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -46,10 +54,32 @@ def load_explained(model, *, kv_dtype: str, device, ctx: int, weight_format: str
     return eng
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the CLI contract's error form: one ``error: ...`` line on stderr, exit 2
+    (argparse's default prints the usage block first)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {self.prog}: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
+def at_least(lo: int):
+    """argparse ``type=``: an integer >= ``lo`` (a count such as --repeats or --ctx)."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {lo}, got {text!r}") from None
+        if value < lo:
+            raise argparse.ArgumentTypeError(f"must be >= {lo}, got {value}")
+        return value
+    parse.__name__ = f"integer >= {lo}"
+    return parse
+
+
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-dtype", default="fp32", help="KV cache dtype: fp32, bf16, q8_0")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
-    p.add_argument("--ctx", type=int, default=4096, help="KV cache capacity in tokens")
+    p.add_argument("--ctx", type=at_least(1), default=4096, help="KV cache capacity in tokens")
     p.add_argument("--weight-format", default="f32", help="matrices stored as f32, bf16 or f16")
     p.add_argument("--decode-mode", default=None,
                    help="auto (CUDA graph on CUDA when possible), eager, static or cuda_graph")
@@ -59,9 +89,12 @@ def _common(p: argparse.ArgumentParser) -> None:
 def bench_add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2-135m", help="registry name or .gguf path")
     _common(p)
-    p.add_argument("--prompt-tokens", type=int, default=512, help="teacher-forced length (pp)")
-    p.add_argument("--decode-tokens", type=int, default=64, help="decode steps timed (tg)")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--prompt-tokens", type=at_least(1), default=512, help="teacher-forced length (pp)")
+    p.add_argument("--decode-tokens", type=at_least(1), default=64, help="decode steps timed (tg)")
+    p.add_argument("--repeats", type=at_least(1), default=3, help="timed repeats (median reported)")
+
+
+DECODE_PREFIX = 16      # tokens prefilled before the timed decode steps
 
 
 def _sync(device) -> None:
@@ -76,7 +109,7 @@ def bench_main(args) -> int:
     con = Console(stderr=False)
     t0 = time.perf_counter()
     eng = load_explained(args.model, kv_dtype=args.kv_dtype, device=args.device,
-                         ctx=max(args.ctx, args.prompt_tokens + args.decode_tokens + 8),
+                         ctx=max(args.ctx, args.prompt_tokens, DECODE_PREFIX + 1) + args.decode_tokens + 8,
                          weight_format=args.weight_format, decode_mode=args.decode_mode)
     load_s = time.perf_counter() - t0
 
@@ -86,7 +119,9 @@ def bench_main(args) -> int:
 
     vocab = eng.spec.vocab_size
     g = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (args.prompt_tokens,), generator=g).tolist()
+    # one draw serves both: the first prompt_tokens for pp, a DECODE_PREFIX-token prefix for tg
+    drawn = torch.randint(0, vocab, (max(args.prompt_tokens, DECODE_PREFIX + 1),), generator=g).tolist()
+    ids = drawn[:args.prompt_tokens]
     eng.logits(ids[:32])  # warm-up
     pp = []
     for _ in range(args.repeats):
@@ -97,8 +132,8 @@ def bench_main(args) -> int:
         pp.append(time.perf_counter() - t)
     tg = []
     for _ in range(args.repeats):
-        eng.prefill(ids[:16])
-        tok = ids[16]
+        eng.prefill(drawn[:DECODE_PREFIX])
+        tok = drawn[DECODE_PREFIX]
         _sync(args.device)
         t = time.perf_counter()
         for _ in range(args.decode_tokens):
@@ -136,7 +171,7 @@ def generate_add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="registry name or .gguf path")
     p.add_argument("prompt", help="user message (sent through the model's chat template)")
     _common(p)
-    p.add_argument("--max-new-tokens", type=int, default=128)
+    p.add_argument("--max-new-tokens", type=at_least(1), default=128)
     p.add_argument("--raw", action="store_true", help="skip the chat template")
 
 
@@ -169,7 +204,7 @@ def _register_plan() -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     _register_plan()
-    parser = argparse.ArgumentParser(prog="python -m engine", description="kvbench reference engine")
+    parser = Parser(prog="python -m engine", description="kvbench reference engine")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (add, run, help_) in COMMANDS.items():
         p = sub.add_parser(name, help=help_, description=help_)
@@ -178,25 +213,75 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# errno values that are the user's to fix (a path, a permission, a full disk), not a bug
+USER_ERRNOS = {
+    errno.EACCES: "check its permissions or choose a path you can write",
+    errno.EPERM: "check its permissions or choose a path you can write",
+    errno.EROFS: "the filesystem is read-only: choose a path on a writable one",
+    errno.ENOSPC: "the filesystem is full: free space or write elsewhere",
+    errno.EDQUOT: "the disk quota is exhausted: free space or write elsewhere",
+    errno.EFBIG: "the file is too large for its filesystem: write elsewhere",
+    errno.EISDIR: "a directory is in the way: pass a file path",
+    errno.ENOTDIR: "a file is in the way where a directory is needed: pass another path",
+    errno.EEXIST: "something already exists at that path: pass another path",
+    errno.ENAMETOOLONG: "shorten the path",
+}
+
+
+def describe_os_error(exc: OSError) -> str:
+    """One line for an ``OSError`` in ``USER_ERRNOS``: the path, the system's words, the fix."""
+    path = exc.filename if exc.filename is not None else exc.filename2
+    where = f"{os.fsdecode(path)}: " if path is not None else ""
+    return (f"{where}{exc.strerror or os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)}); "
+            f"{USER_ERRNOS[exc.errno]}")
+
+
+def _quiet_broken_pipe() -> int:
+    """stdout's reader went away (``| head``): stop writing, say nothing, exit 128 + SIGPIPE.
+    stdout is pointed at /dev/null so the interpreter's final flush cannot raise again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError, AttributeError):
+        pass
+    return 141
+
+
 def run_guarded(fn, args, interrupted: str = "error: interrupted") -> int:
     """``fn(args)`` for the engine and harness CLIs: an ``EngineError`` prints ``error: ...``
-    (exit 2), Ctrl-C prints the one line ``interrupted`` (exit 130), any other exception one
-    line naming a saved traceback (exit 3)."""
+    (exit 2), as does an ``OSError`` in ``USER_ERRNOS`` (naming the path); a closed stdout
+    exits 141 quietly; Ctrl-C prints the one line ``interrupted`` (exit 130); any other
+    exception one line naming a saved traceback (exit 3)."""
     try:
-        return int(fn(args) or 0)
+        code = int(fn(args) or 0)
+        sys.stdout.flush()       # a broken pipe surfaces here, not in the interpreter's exit
+        return code
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        return _quiet_broken_pipe()
     except KeyboardInterrupt:
         print(interrupted, file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno in USER_ERRNOS:
+            print(f"error: {describe_os_error(exc)}", file=sys.stderr)
+            return 2
+        return _internal(exc)
     except Exception as exc:  # noqa: BLE001
-        with tempfile.NamedTemporaryFile("w", prefix="kvbench-traceback-", suffix=".txt", delete=False) as fh:
-            traceback.print_exc(file=fh)
-        first = str(exc).splitlines()[0] if str(exc) else ""
-        print(f"error: internal error {type(exc).__name__}: {first} (traceback saved to {fh.name})",
-              file=sys.stderr)
-        return 3
+        return _internal(exc)
+
+
+def _internal(exc: BaseException) -> int:
+    """A bug: one line naming a traceback saved to a temp file (exit 3)."""
+    with tempfile.NamedTemporaryFile("w", prefix="kvbench-traceback-", suffix=".txt", delete=False) as fh:
+        traceback.print_exc(file=fh)
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    print(f"error: internal error {type(exc).__name__}: {first} (traceback saved to {fh.name})",
+          file=sys.stderr)
+    return 3
 
 
 def main(argv=None) -> int:

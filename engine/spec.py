@@ -3,13 +3,18 @@
 Contract: ``ModelSpec.from_gguf(g)`` reads ``{arch}.*`` keys (llama.cpp names) and the
 tensor table of an open ``GGUFFile`` and returns a frozen dataclass; any contradiction
 between metadata and tensor shapes, or an unknown architecture, raises ``ModelFileError``
-/ ``UnsupportedModelError`` naming the file and the key.
+/ ``UnsupportedModelError`` naming the file and the key. Every numeric hyperparameter it
+reads is validated before use: its type (an integer key holds an integer, a float key a
+number, never a string or a bool), finiteness (no NaN/inf) and range (``rms_eps`` in (0, 1),
+``rope_base`` > 0, counts >= 1, ...); a bad value is a ``ModelFileError`` naming the file,
+the key, the value, what is allowed and the fix, never garbage logits or a ``ValueError``.
 
     spec = ModelSpec.from_gguf(open_gguf(path))
     spec.n_layers, spec.kv_dim, spec.is_moe
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, asdict
 
 from .errors import ModelFileError, UnsupportedModelError
@@ -26,6 +31,56 @@ GEMMA3_SWA_PATTERN = 6
 GEMMA3_LOCAL_ROPE_BASE = 10000.0
 # whether top-k router weights are renormalised to sum to 1
 MOE_NORM_TOPK = {"llama": True, "qwen3moe": True, "olmoe": False}
+
+
+INT_MAX = 2**31 - 1        # no hyperparameter of a real model comes near; larger is corruption
+FIX_METADATA = ("the file's metadata is corrupt or hand-edited: re-convert the model with llama.cpp's "
+                "convert_hf_to_gguf.py, or correct the value with gguf-set-metadata")
+
+
+def _bad(path, key: str, value, allowed: str) -> ModelFileError:
+    shown = repr(value) if not isinstance(value, (list, tuple)) else f"an array {list(value[:4])!r}"
+    return ModelFileError(path, f"metadata {key} = {shown[:80]} is not {allowed}", FIX_METADATA)
+
+
+def meta_int(path, key: str, value, lo: int = 1, hi: int = INT_MAX) -> int:
+    """``value`` of metadata ``key`` as an int in [lo, hi]; a per-layer array must be uniform.
+    Strings, bools and floats are refused (GGUF stores these keys as integers)."""
+    allowed = f"an integer in [{lo}, {hi}]" if hi != INT_MAX else f"an integer >= {lo}"
+    if isinstance(value, (list, tuple)):   # per-layer arrays: we need them uniform
+        if not value:
+            raise _bad(path, key, value, allowed)
+        if len(set(map(repr, value))) != 1:
+            raise UnsupportedModelError(path, f"{key} varies per layer ({list(value[:4])}...)",
+                                        "per-layer geometry is not supported")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise _bad(path, key, value, allowed)
+    return value
+
+
+def meta_float(path, key: str, value, lo: float = 0.0, hi: float = math.inf, lo_open: bool = True,
+               hi_open: bool = False) -> float:
+    """``value`` of metadata ``key`` as a finite float in the range (lo, hi] (open or closed
+    ends as given). Strings, bools, arrays, NaN and infinities are refused."""
+    allowed = (f"a finite number {'>' if lo_open else '>='} {lo:g}"
+               + (f" and {'<' if hi_open else '<='} {hi:g}" if hi != math.inf else ""))
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise _bad(path, key, value, allowed)
+    f = float(value)
+    if (not math.isfinite(f) or (f <= lo if lo_open else f < lo)
+            or (f >= hi if hi_open else f > hi)):
+        raise _bad(path, key, value, allowed)
+    return f
+
+
+def meta_bool(path, key: str, value) -> bool:
+    """A GGUF bool (an int 0/1 is accepted, as some converters write one)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise _bad(path, key, value, "a bool")
 
 
 @dataclass(frozen=True)
@@ -115,27 +170,19 @@ class ModelSpec:
                 return g.require(full)
             return g.get(full, default)
 
-        def as_int(k, value):
-            if isinstance(value, (list, tuple)):  # per-layer arrays: we need them uniform
-                if len(set(value)) != 1:
-                    raise UnsupportedModelError(path, f"{arch}.{k} varies per layer ({value[:4]}...)",
-                                                "per-layer geometry is not supported")
-                value = value[0]
-            try:
-                return int(value)
-            except (TypeError, ValueError):
-                raise ModelFileError(path, f"metadata {arch}.{k} = {value!r} is not an integer") from None
+        def as_int(k, value, lo=1, hi=INT_MAX):
+            return meta_int(path, f"{arch}.{k}", value, lo, hi)
+
+        def as_float(k, value, **kw):
+            return meta_float(path, f"{arch}.{k}", value, **kw)
 
         n_layers = as_int("block_count", key("block_count", required=True))
         d_model = as_int("embedding_length", key("embedding_length", required=True))
         n_heads = as_int("attention.head_count", key("attention.head_count", required=True))
         n_kv = as_int("attention.head_count_kv", key("attention.head_count_kv", n_heads))
-        if n_layers <= 0 or d_model <= 0 or n_heads <= 0 or n_kv <= 0:
-            raise ModelFileError(path, f"non-positive geometry (block_count={n_layers}, "
-                                 f"embedding_length={d_model}, head_count={n_heads}, head_count_kv={n_kv})")
         if n_heads % n_kv:
             raise ModelFileError(path, f"head_count {n_heads} is not a multiple of head_count_kv {n_kv}")
-        head_dim = as_int("attention.key_length", key("attention.key_length", d_model // n_heads))
+        head_dim = as_int("attention.key_length", key("attention.key_length", max(d_model // n_heads, 1)))
         v_dim = as_int("attention.value_length", key("attention.value_length", head_dim))
         if v_dim != head_dim:
             raise UnsupportedModelError(path, f"key_length {head_dim} != value_length {v_dim}")
@@ -155,8 +202,8 @@ class ModelSpec:
             raise ModelFileError(path, f"token_embd width {emb[1]} != embedding_length {d_model}")
         vocab = emb[0]
 
-        n_exp = as_int("expert_count", key("expert_count", 0))
-        n_used = as_int("expert_used_count", key("expert_used_count", 0))
+        n_exp = as_int("expert_count", key("expert_count", 0), lo=0)
+        n_used = as_int("expert_used_count", key("expert_used_count", 0), lo=0)
         moe_layers = tuple(i for i in range(n_layers) if g.has(f"blk.{i}.ffn_gate_inp.weight"))
         if moe_layers and (n_exp <= 0 or not 0 < n_used <= n_exp):
             raise ModelFileError(path, f"MoE tensors present but expert_count={n_exp}, "
@@ -179,41 +226,55 @@ class ModelSpec:
             raise ModelFileError(path, f"architecture {arch} has no dense FFN tensors")
         if moe_layers and arch == "qwen3":
             raise ModelFileError(path, "qwen3 (dense) file carries MoE tensors; expected qwen3moe")
-        norm_topk = bool(key("expert_weights_norm", MOE_NORM_TOPK.get(arch, True)))
+        norm_topk = meta_bool(path, f"{arch}.expert_weights_norm",
+                              key("expert_weights_norm", MOE_NORM_TOPK.get(arch, True)))
         rope_dim = key("rope.dimension_count")
         if rope_dim is not None and as_int("rope.dimension_count", rope_dim) != head_dim:
             raise UnsupportedModelError(path, f"partial rotary (rope.dimension_count={rope_dim}, head dim {head_dim})")
-        eps = key("attention.layer_norm_rms_epsilon", 1e-6)
+        # RMSNorm divides by sqrt(mean(x^2) + eps): NaN/inf/<= 0 gives NaN logits, not an error
+        eps = as_float("attention.layer_norm_rms_epsilon", key("attention.layer_norm_rms_epsilon", 1e-6),
+                       lo=0.0, hi=1.0, hi_open=True)
+        rope_base = as_float("rope.freq_base", key("rope.freq_base", 10000.0), lo=0.0)
+        ctx_train = as_int("context_length", key("context_length", 4096))
+
+        def token_id(which: str) -> int | None:
+            k = f"tokenizer.ggml.{which}_token_id"
+            v = g.get(k)
+            return None if v is None else meta_int(path, k, v, lo=0, hi=max(vocab - 1, 0))
+
         gemma: dict = {}
         if arch == "gemma3":
-            window = as_int("attention.sliding_window", key("attention.sliding_window", 0))
-            if window < 0:
-                raise ModelFileError(path, f"metadata {arch}.attention.sliding_window = {window} is negative")
+            window = as_int("attention.sliding_window", key("attention.sliding_window", 0), lo=0)
             pre = key("attention.query_pre_attn_scalar")
-            cap = key("final_logit_softcapping")
+            if pre is not None:
+                pre = as_float("attention.query_pre_attn_scalar", pre, lo=0.0)
+            cap = key("final_logit_softcapping")      # 0 (or absent): no soft-capping
+            if cap is not None:
+                cap = as_float("final_logit_softcapping", cap, lo=0.0, lo_open=False)
+            rope_local = as_float("rope.freq_base_swa", key("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE),
+                                  lo=0.0)
             for name in ("post_attention_norm", "post_ffw_norm"):
                 if not g.has(f"blk.0.{name}.weight"):
                     raise ModelFileError(path, f"gemma3 file lacks blk.0.{name}.weight",
                                          "convert the model with a current llama.cpp")
             gemma = dict(
                 embed_scale=True, post_norms=True, ffn_act="gelu_tanh",
-                attn_scale=float(pre) ** -0.5 if pre else None,
+                attn_scale=pre ** -0.5 if pre is not None else None,
                 sliding_window=window,
                 swa_layers=tuple(i for i in range(n_layers) if (i + 1) % GEMMA3_SWA_PATTERN)
                 if window else (),
-                rope_base_local=float(key("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)),
-                final_softcap=float(cap) if cap else None)
+                rope_base_local=rope_local,
+                final_softcap=cap if cap else None)
         return cls(
             arch=arch,
             name=str(g.get("general.name", path.stem)),
             n_layers=n_layers, d_model=d_model, n_heads=n_heads, n_kv_heads=n_kv,
             head_dim=head_dim, d_ff=d_ff, vocab_size=vocab,
-            ctx_train=as_int("context_length", key("context_length", 4096)),
-            rope_base=float(key("rope.freq_base", 10000.0)),
-            rope_type=ROPE_TYPE[arch], rms_eps=float(eps), qk_norm=QK_NORM[arch],
+            ctx_train=ctx_train, rope_base=rope_base,
+            rope_type=ROPE_TYPE[arch], rms_eps=eps, qk_norm=QK_NORM[arch],
             n_experts=n_exp if moe_layers else 0, n_experts_used=n_used if moe_layers else 0,
             d_ff_expert=d_ff_expert, moe_norm_topk=norm_topk, moe_layers=moe_layers,
             tied_output=not g.has("output.weight"),
-            bos_id=g.get("tokenizer.ggml.bos_token_id"), eos_id=g.get("tokenizer.ggml.eos_token_id"),
+            bos_id=token_id("bos"), eos_id=token_id("eos"),
             **gemma,
         )

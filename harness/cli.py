@@ -2,10 +2,13 @@
 
 Contract: each command is a module exposing ``add_cli_args(parser)`` and ``main(args) -> int``
 (runner, report, compare, results). Exit codes: 0 everything passed, 1 a threshold failed
-(or ``compare`` found a regression), 2 bad input (``error: <one line>`` on stderr, no
-traceback: any ``EngineError``, which includes ``HarnessError``), 3 an unexpected exception
-(one line naming a saved traceback file), 130 interrupted (finished cases are kept; rerun
-with ``--resume``).
+(or ``compare`` found a regression, or the two runs' suites differ), 2 bad input
+(``error: <one line>`` on stderr, no traceback: any ``EngineError``, which includes
+``HarnessError``; a command-line value argparse refuses; an unwritable, read-only, full or
+file-occupied path, see ``engine.cli.run_guarded``), 3 an unexpected exception (one line
+naming a saved traceback file), 130 interrupted (finished cases are kept; rerun with
+``--resume``), 141 stdout closed early (``compare ... | head``: quiet, like any Unix tool
+that SIGPIPE ends).
 
     python -m harness run suites/kv_dtype.toml --model smollm2-135m --report
     python -m harness compare results/base results/head --out diff.md
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import argparse
 
-from engine.cli import run_guarded
+from engine.cli import Parser, run_guarded
 
 from . import compare, report, results, runner
 
@@ -29,7 +32,7 @@ COMMANDS = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m harness", description="kvbench harness: declarative "
+    p = Parser(prog="python -m harness", description="kvbench harness: declarative "
                                 "suites over the engine, results, reports")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (mod, help_) in COMMANDS.items():

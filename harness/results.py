@@ -1,22 +1,41 @@
-"""Results directories: records.jsonl, manifest.json, summary.csv; reading, repair, merge.
+"""Results directories: records.jsonl, manifest.json, summary.csv; reading, repair, merge, lock.
 
 Contract: a run directory holds ``records.jsonl`` (one JSON object per line; each finished
 case appends its ``metric`` / ``series`` / ``info`` records and last a ``case`` record, in
-one write, flushed and fsynced), ``manifest.json`` (suite, git sha, versions, device, seed,
-command) and ``summary.csv`` (one row per scalar metric). Manifest and summary are written
-atomically (temp file + rename). A case without its ``case`` record (a run killed while
-writing) does not count: ``read_records`` drops it and ``repair`` rewrites the file without
-it, so ``--resume`` reruns exactly the unfinished cases. ``merge`` joins shard directories.
+one write, flushed and fsynced; a write that fails, e.g. on a full disk, is cut back to the
+last whole case), ``manifest.json`` (schema, suite, git sha, versions, device, seed, command)
+and ``summary.csv`` (one row per scalar metric). Manifest and summary are written atomically
+(temp file + fsync + rename; a special file such as /dev/null is written in place). A case
+without its ``case`` record (a run killed while writing) does not count: ``read_records``
+drops it and a torn last line (no newline), and ``repair`` rewrites the file without them,
+so ``--resume`` reruns exactly the unfinished cases.
+
+Readers validate what they read and raise ``ResultsError`` naming the file (and line): the
+manifest is a JSON object whose ``schema`` is one this code reads (``READABLE_SCHEMAS``);
+every record is a UTF-8 JSON object with ``type``, ``model``, ``kv_dtype``, ``check`` as
+strings and the keys its type needs (``REQUIRED``), of the right types.
+
+One writer at a time: ``RunLock(dir)`` holds an exclusive ``fcntl.flock`` on ``<dir>/.lock``
+for as long as it is entered; a second process is refused with the holder's pid (the OS
+drops the lock when its holder dies, even by SIGKILL). ``merge`` joins shard directories
+under that lock, refuses an ``--out`` that holds a run unless ``force`` (and then names what
+it replaced), and writes ``manifest.json`` last: it is the commit point of the merged run.
 
     res = load_results("results/kv-dtype-smollm2-135m")
     df = res.metrics()          # pandas DataFrame of metric records
+    with RunLock("results/x"):  # around a whole run of the same directory
+        ...
 """
 from __future__ import annotations
 
 import csv
+import errno
+import fcntl
 import io
 import json
+import math
 import os
+import shutil
 import platform
 import subprocess
 import sys
@@ -28,8 +47,10 @@ from pathlib import Path
 
 from .errors import ResultsError
 
-RECORDS, MANIFEST, SUMMARY = "records.jsonl", "manifest.json", "summary.csv"
-SCHEMA = 1
+RECORDS, MANIFEST, SUMMARY, LOCK = "records.jsonl", "manifest.json", "summary.csv", ".lock"
+SCHEMA = 1                      # what the runner writes
+READABLE_SCHEMAS = (1,)         # what these readers understand
+FIX_CORRUPT = "the file was edited or corrupted; restore it or start a new run"
 SUMMARY_COLUMNS = ["model", "kv_dtype", "check", "kind", "metric", "value", "unit", "better",
                    "threshold", "op", "passed", "skipped", "status"]
 PACKAGES = ("torch", "triton", "numpy", "gguf", "tokenizers", "jinja2", "pandas", "matplotlib",
@@ -42,16 +63,40 @@ def case_key(rec: dict) -> tuple[str, str, str]:
 
 # -- writing -----------------------------------------------------------------------------
 
+def _named(exc: OSError, path) -> OSError:
+    """``exc`` naming ``path`` (the file the user asked for), not a temp file or nothing."""
+    exc.filename, exc.filename2 = str(path), None
+    return exc
+
+
 def atomic_write(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temp file in the same directory + rename."""
+    """Write ``text`` to ``path`` via a temp file in the same directory + fsync + rename, so a
+    crash or a full disk leaves the old file or the new one, never a torn one. A path that is
+    a directory is refused (EISDIR); an existing special file (/dev/null, a FIFO) is written in
+    place, as a rename would replace the device node itself. An ``OSError`` names ``path``."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    if path.is_dir():
+        raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), str(path))
+    if path.exists() and not path.is_file():
+        try:
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.write(text)
+            return
+        except OSError as e:
+            raise _named(e, path) from None
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as e:
+        raise _named(e, path) from None
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        raise _named(e, path) from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -65,10 +110,30 @@ class RecordWriter:
         self.fh = open(self.path, "a", encoding="utf-8")
 
     def write_case(self, records: list[dict]) -> None:
+        """Append one case (its records, ``case`` last) durably; if the write fails (a full
+        disk), cut the file back to where it was, so no partial case is left behind."""
         assert records and records[-1]["type"] == "case", "a case ends with its case record"
-        self.fh.write("".join(json.dumps(r, allow_nan=True, ensure_ascii=False) + "\n" for r in records))
+        data = "".join(json.dumps(r, allow_nan=True, ensure_ascii=False) + "\n" for r in records)
         self.fh.flush()
-        os.fsync(self.fh.fileno())
+        start = os.fstat(self.fh.fileno()).st_size
+        try:
+            self.fh.write(data)
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+        except OSError as e:
+            self._cut_back(start)
+            raise _named(e, self.path) from None
+
+    def _cut_back(self, size: int) -> None:
+        try:
+            self.fh.close()      # drops what the failed flush left buffered (it may raise again)
+        except OSError:
+            pass
+        try:
+            os.truncate(self.path, size)
+        except OSError:
+            pass                 # the reader still drops an unfinished case and a torn line
+        self.fh = open(self.path, "a", encoding="utf-8")
 
     def close(self) -> None:
         self.fh.close()
@@ -76,24 +141,82 @@ class RecordWriter:
 
 # -- reading -----------------------------------------------------------------------------
 
+_STR = (str,)
+_OPT_STR = (str, type(None))
+_NUM = (int, float, type(None))
+# keys every record holds, then the keys (and their types) each record type needs
+COMMON = {"type": _STR, "model": _STR, "kv_dtype": _STR, "check": _STR}
+REQUIRED = {
+    "case": {"status": _STR},
+    "metric": {"metric": _STR},
+    "series": {"name": _STR, "values": (list,)},
+    "info": {"info": (dict,)},
+}
+# optional keys whose type readers rely on (compare joins failures; report prints them)
+OPTIONAL = {
+    "case": {"failures": (list,), "unmeasured": (list,), "error": _OPT_STR, "reason": _OPT_STR},
+    "metric": {"threshold": _NUM, "passed": (bool, type(None)),
+               "better": _OPT_STR, "unit": _OPT_STR, "op": _OPT_STR},
+}
+
+
+def _type_names(types: tuple) -> str:
+    names = {str: "a string", int: "a number", float: "a number", list: "a list", dict: "an object",
+             bool: "true/false", type(None): "null"}
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def validate_record(rec, where: str) -> dict:
+    """``rec`` if it is a well-formed record, else ``ResultsError`` naming ``where`` (file:line)."""
+    if not isinstance(rec, dict):
+        raise ResultsError(f"{where}: a record must be a JSON object, got {type(rec).__name__}", FIX_CORRUPT)
+    kind = rec.get("type")
+    need = {**COMMON, **REQUIRED.get(kind, {})} if isinstance(kind, str) else COMMON
+    for key, types in need.items():
+        if key not in rec:
+            raise ResultsError(f"{where}: {kind or 'a'} record lacks the key {key!r} (a kvbench record "
+                               f"holds {', '.join(need)})", FIX_CORRUPT)
+        if not isinstance(rec[key], types) or isinstance(rec[key], bool) and bool not in types:
+            raise ResultsError(f"{where}: {key!r} must be {_type_names(types)}, got {rec[key]!r:.60}",
+                               FIX_CORRUPT)
+    for key, types in OPTIONAL.get(kind, {}).items():
+        v = rec.get(key)
+        if key in rec and (not isinstance(v, types) or isinstance(v, bool) and bool not in types):
+            raise ResultsError(f"{where}: {key!r} must be {_type_names(types)}, got {v!r:.60}", FIX_CORRUPT)
+    if kind == "case":
+        for key in ("failures", "unmeasured"):
+            if any(not isinstance(x, str) for x in rec.get(key) or []):
+                raise ResultsError(f"{where}: {key!r} must be a list of strings", FIX_CORRUPT)
+    return rec
+
+
 def read_records(run_dir: str | Path) -> list[dict]:
-    """Records of finished cases, in file order (unfinished cases and a torn last line dropped)."""
+    """Records of finished cases, in file order (unfinished cases and a torn last line, one
+    without its newline, dropped). Any other line that is not UTF-8, not JSON or not a valid
+    record is a ``ResultsError`` naming the file and line."""
     path = Path(run_dir) / RECORDS
     if not path.is_file():
         return []
-    lines = path.read_text(encoding="utf-8").splitlines()
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = lines.pop()          # b"" when the file ends with a newline, else the torn tail
     recs = []
-    for i, line in enumerate(lines):
-        if not line.strip():
+    for i, raw in enumerate(lines, start=1):
+        if not raw.strip():
             continue
         try:
-            recs.append(json.loads(line))
-        except json.JSONDecodeError:
-            if i == len(lines) - 1:      # torn final write of an interrupted run
-                break
-            raise ResultsError(f"{path}:{i + 1}: not a JSON record", "the file was edited or corrupted; "
-                               "restore it or start a new run") from None
-    done = {case_key(r) for r in recs if r.get("type") == "case"}
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ResultsError(f"{path}:{i}: not UTF-8 text (byte {raw[e.start]:#04x} at column {e.start + 1})",
+                               FIX_CORRUPT) from None
+        try:
+            rec = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ResultsError(f"{path}:{i}: not a JSON record ({e.msg} at column {e.colno})",
+                               FIX_CORRUPT) from None
+        recs.append(validate_record(rec, f"{path}:{i}"))
+    del torn                    # an interrupted write: its case has no case record either
+    done = {case_key(r) for r in recs if r["type"] == "case"}
     return [r for r in recs if case_key(r) in done]
 
 
@@ -111,6 +234,7 @@ class Results:
     dir: Path
     manifest: dict
     records: list[dict]
+    replaced: str | None = None      # merge --force: what the directory held before
 
     def of_type(self, kind: str) -> list[dict]:
         return [r for r in self.records if r.get("type") == kind]
@@ -141,20 +265,51 @@ class Results:
         return self.manifest.get("run") or self.dir.name
 
 
+def read_manifest(path: str | Path) -> dict:
+    """``manifest.json`` at ``path``, validated: UTF-8 JSON, an object, a readable ``schema``,
+    and the types of the keys readers use (``suite``, ``matrix``, ``run``)."""
+    mpath = Path(path)
+    try:
+        manifest = json.loads(mpath.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ResultsError(f"{mpath}: not UTF-8 text (byte at offset {e.start})", FIX_CORRUPT) from None
+    except json.JSONDecodeError as e:
+        raise ResultsError(f"{mpath}:{e.lineno}: not valid JSON ({e.msg})", FIX_CORRUPT) from None
+    if not isinstance(manifest, dict):
+        raise ResultsError(f"{mpath}: a manifest must be a JSON object, got {type(manifest).__name__}",
+                           FIX_CORRUPT)
+    schema = manifest.get("schema")
+    if "schema" not in manifest:
+        raise ResultsError(f"{mpath}: no 'schema' key: not a kvbench manifest",
+                           "pass a directory written by `python -m harness run`")
+    if isinstance(schema, bool) or not isinstance(schema, int) or schema not in READABLE_SCHEMAS:
+        newer = isinstance(schema, int) and not isinstance(schema, bool) and schema > max(READABLE_SCHEMAS)
+        raise ResultsError(f"{mpath}: results schema {schema!r} is "
+                           + ("newer than this kvbench reads" if newer else "not a kvbench schema")
+                           + f" (readable: {', '.join(map(str, READABLE_SCHEMAS))})",
+                           "read it with the kvbench version that wrote it" if newer else FIX_CORRUPT)
+    for key, types in {"suite": (dict,), "matrix": (dict,), "run": _OPT_STR, "shard": _OPT_STR}.items():
+        if key in manifest and not isinstance(manifest[key], types):
+            raise ResultsError(f"{mpath}: {key!r} must be {_type_names(types)}, got {manifest[key]!r:.60}",
+                               FIX_CORRUPT)
+    for key in ("models", "dtypes", "checks"):
+        v = (manifest.get("matrix") or {}).get(key)
+        if v is not None and (not isinstance(v, list) or any(not isinstance(x, str) for x in v)):
+            raise ResultsError(f"{mpath}: 'matrix.{key}' must be a list of strings, got {v!r:.60}", FIX_CORRUPT)
+    return manifest
+
+
 def load_results(run_dir: str | Path) -> Results:
     d = Path(run_dir)
     if not d.is_dir():
-        raise ResultsError(f"results directory {d} does not exist", "pass a directory written by "
+        what = "is a file, not a results directory" if d.exists() else "does not exist"
+        raise ResultsError(f"results directory {d} {what}", "pass a directory written by "
                            "`python -m harness run`")
     mpath = d / MANIFEST
     if not mpath.is_file():
         raise ResultsError(f"{d} has no {MANIFEST}: not a kvbench results directory",
                            "pass a directory written by `python -m harness run`")
-    try:
-        manifest = json.loads(mpath.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ResultsError(f"{mpath}: not valid JSON ({e.msg} at line {e.lineno})") from None
-    return Results(d, manifest, read_records(d))
+    return Results(d, read_manifest(mpath), read_records(d))
 
 
 # -- manifest and summary ----------------------------------------------------------------
@@ -222,21 +377,116 @@ def write_summary(run_dir: str | Path, records: list[dict]) -> None:
     atomic_write(Path(run_dir) / SUMMARY, buf.getvalue())
 
 
+# -- the lock ----------------------------------------------------------------------------
+
+class RunLock:
+    """Exclusive, non-blocking ``fcntl.flock`` on ``<run_dir>/.lock`` for one writer of a
+    results directory (the directory is created if needed). Entered while another process
+    holds it: ``ResultsError`` naming the holder's pid and the fix. The lock file holds the
+    holder's pid, start time and command; it is left in place (deleting it would let a third
+    process lock a new inode while the first still runs). The OS releases the lock when its
+    holder exits or dies, so a killed run never leaves the directory locked.
+
+        with RunLock(out_dir):
+            ...   # prepare the directory, run every case, write the manifest
+    """
+
+    def __init__(self, run_dir: str | Path):
+        self.dir = Path(run_dir)
+        self.path = self.dir / LOCK
+        self.fd: int | None = None
+
+    def holder(self) -> str:
+        """What the lock file says about its holder ("pid 123 since ..."), or "unknown"."""
+        try:
+            first = self.path.read_text(encoding="utf-8", errors="replace").split("\n", 1)[0].split()
+        except OSError:
+            return "unknown"
+        return f"pid {first[0]} since {first[1]}" if len(first) >= 2 else "unknown"
+
+    def __enter__(self) -> "RunLock":
+        if self.dir.exists() and not self.dir.is_dir():
+            raise ResultsError(f"results directory {self.dir} is a file", "pass a directory path as --out")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            who = self.holder()
+            pid = who.split()[1] if who.startswith("pid ") else None
+            raise ResultsError(f"{self.dir} is in use by another kvbench process ({who}; lock {self.path})",
+                               "wait for it to finish" + (f", or stop it (kill {pid})" if pid else "")
+                               + ", or pass another --out; two writers would lose records") from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()} {now()} {' '.join(sys.argv)}\n".encode("utf-8", "replace"))
+        except OSError:
+            pass                 # the lock holds without the note (e.g. a full disk)
+        self.fd = fd
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+        return False
+
+
 # -- merge -------------------------------------------------------------------------------
 
-def merge(dirs: list[str | Path], out: str | Path) -> Results:
-    """Join shard directories of one suite into ``out`` (first occurrence of a case wins)."""
+def describe_run(d: str | Path) -> str:
+    """A short description of the run in ``d`` (cases, suite, start), for a replace message."""
+    d = Path(d)
+    try:
+        res = load_results(d)
+    except ResultsError as e:
+        return f"an unreadable run ({str(e)[:80]})"
+    suite = (res.manifest.get("suite") or {}).get("path") or "unknown suite"
+    return f"{len(res.cases())} cases of {suite}, started {res.manifest.get('started') or 'unknown'}"
+
+
+def holds_run(d: Path) -> bool:
+    return (d / MANIFEST).exists() or (d / RECORDS).exists()
+
+
+def merge(dirs: list[str | Path], out: str | Path, force: bool = False) -> Results:
+    """Join shard directories of one suite into ``out`` (first occurrence of a case wins).
+    ``out`` must not hold a run unless ``force``; then that run's files (records, manifest,
+    summary, errors/) are removed first and ``Results.replaced`` describes what they held."""
     if len(dirs) < 1:
         raise ResultsError("merge needs at least one results directory")
     parts = [load_results(d) for d in dirs]
-    sha = {p.manifest.get("suite", {}).get("sha256") for p in parts}
+    sha = {(p.manifest.get("suite") or {}).get("sha256") for p in parts}
     if len(sha) > 1:
         raise ResultsError(f"cannot merge runs of different suites ({', '.join(str(p.dir) for p in parts)})",
                            "merge only shards of one suite file")
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ResultsError(f"merge --out {out} is a file, not a directory", "pass a directory path as --out")
     if any(out.resolve() == p.dir.resolve() for p in parts):
         raise ResultsError(f"merge output {out} is one of its inputs", "pass a new --out directory")
-    out.mkdir(parents=True, exist_ok=True)
+    with RunLock(out):
+        replaced = None
+        if holds_run(out):
+            if not force:
+                raise ResultsError(f"merge --out {out} already holds a run ({describe_run(out)})",
+                                   "pass --force to replace it, or a new --out directory")
+            replaced = describe_run(out)
+            # the manifest goes first: a crash below leaves a directory no reader trusts
+            for name in (MANIFEST, RECORDS, SUMMARY):
+                (out / name).unlink(missing_ok=True)
+            shutil.rmtree(out / "errors", ignore_errors=True)
+        res = _merge_into(parts, out)
+        res.replaced = replaced
+        return res
+
+
+def _merge_into(parts: list["Results"], out: Path) -> "Results":
     seen, records, dup = set(), [], []
     for p in parts:
         for key in dict.fromkeys(case_key(r) for r in p.records):
@@ -248,14 +498,14 @@ def merge(dirs: list[str | Path], out: str | Path) -> Results:
     order = _matrix_order(parts[0].manifest)
     records.sort(key=lambda r: order.get(case_key(r), len(order)))
     atomic_write(out / RECORDS, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    write_summary(out, records)
     manifest = dict(parts[0].manifest)
     manifest.update(run=out.name, shard=None, merged_from=[
         {"dir": str(p.dir), "shard": p.manifest.get("shard"), "git": p.manifest.get("git"),
          "started": p.manifest.get("started"), "finished": p.manifest.get("finished"),
          "cases": len(p.cases())} for p in parts], duplicates_dropped=[list(k) for k in dup],
         command=" ".join(sys.argv))
-    write_manifest(out, manifest)
-    write_summary(out, records)
+    write_manifest(out, manifest)          # last: the commit point of the merged run
     return Results(out, manifest, records)
 
 
@@ -268,10 +518,14 @@ def _matrix_order(manifest: dict) -> dict:
 
 def add_cli_args(parser) -> None:
     parser.add_argument("dirs", nargs="+", help="results directories (shards of one suite)")
-    parser.add_argument("--out", required=True, help="directory to write the merged run into")
+    parser.add_argument("--out", required=True, help="directory to write the merged run into "
+                        "(must not hold a run, unless --force)")
+    parser.add_argument("--force", action="store_true", help="replace a run that --out already holds")
 
 
 def main(args) -> int:
-    res = merge(args.dirs, args.out)
+    res = merge(args.dirs, args.out, force=args.force)
+    if res.replaced:
+        print(f"replaced the run in {res.dir} ({res.replaced})")
     print(f"merged {len(args.dirs)} runs, {len(res.cases())} cases -> {res.dir}")
     return 0

@@ -68,7 +68,7 @@ def make_run(d: Path, models=("m1",), max_abs_q8=1.25, tg_q8=50.0) -> Path:
                 ("pp512", 900.0, "tok/s", "higher", None, None),
                 ("tg128", tg_q8 if dt == "q8_0" else 50.0, "tok/s", "higher", None, None)])
     (d / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in recs))
-    write_manifest(d, {"run": d.name, "suite": {"path": "suites/hand.toml", "sha256": "abc",
+    write_manifest(d, {"schema": 1, "run": d.name, "suite": {"path": "suites/hand.toml", "sha256": "abc",
                                                  "suite": {"name": "hand", "baseline": "fp32"}},
                        "matrix": {"models": list(models), "dtypes": DTYPES, "checks": CHECKS},
                        "git": {"sha": "0" * 40, "dirty": False}, "device": {"requested": "cpu"},
