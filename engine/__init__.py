@@ -20,7 +20,3 @@ from .engine import Engine, load  # noqa: E402,F401
 from .errors import EngineError  # noqa: E402,F401
 from .spec import ModelSpec  # noqa: E402,F401
 
-try:  # synthetic models register themselves in the registry
-    from . import synth  # noqa: F401
-except ImportError:
-    pass

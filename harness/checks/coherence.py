@@ -17,8 +17,8 @@ from dataclasses import dataclass
 
 from ..errors import SuiteError
 from ..metrics import common_prefix, distinct_n, longest_repeat_run
-from ..suite import CheckConfig, Message, param, threshold
-from . import Check, Outcome, chat_ids, eos_ids, register
+from ..schema import CheckConfig, Message, param, threshold
+from .base import Check, Outcome, chat_ids, eos_ids, register
 
 DEFAULT_MESSAGES = [
     [Message("user", "What is the capital of France?")],

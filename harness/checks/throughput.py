@@ -18,9 +18,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..suite import CheckConfig, param, threshold
+from ..schema import CheckConfig, param, threshold
 from ..text import prompt_tokens
-from . import Check, Outcome, register
+from .base import Check, Outcome, register
 
 
 @dataclass

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from ..suite import CheckConfig, param, threshold
+from ..schema import CheckConfig, param, threshold
 from ..text import prompt_tokens
-from . import Check, Outcome, register
+from .base import Check, Outcome, register
 
 BYTES_PER_VALUE = {"fp32": 4.0, "bf16": 2.0, "q8_0": 34 / 32}
 MIB = 2**20

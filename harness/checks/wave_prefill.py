@@ -23,9 +23,9 @@ from dataclasses import dataclass
 
 from ..errors import SuiteError
 from ..metrics import logit_stats
-from ..suite import CheckConfig, param, threshold
+from ..schema import CheckConfig, param, threshold
 from ..text import prompt_tokens
-from . import Check, Outcome, register
+from .base import Check, Outcome, register
 
 @dataclass
 class WavePrefillConfig(CheckConfig):
