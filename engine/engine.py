@@ -121,6 +121,11 @@ def live_engines() -> int:
 
 
 class Engine:
+    # what the harness may ask of this engine (harness.engine_api names): everything
+    name = "kvbench"
+    capabilities = frozenset({"logits", "chunked_logits", "generate", "chat", "prefill", "kv_applied",
+                              "kv_bytes", "plan", "prefill_stats", "caches"})
+
     def __init__(self, path: Path, g: GGUFFile, spec: ModelSpec, model: Transformer, tokenizer,
                  kv_dtype: str, device: torch.device, ctx: int, wave_budget_bytes: int,
                  layer_kv_dtypes: list[str] | None = None):

@@ -44,6 +44,7 @@ from engine.errors import EngineError
 
 from . import checks as registry
 from .checks import CaseContext, ModelInfo, Outcome
+from .engine_api import missing
 from .errors import ResultsError, UsageError
 from .results import (MANIFEST, RECORDS, RecordWriter, atomic_write, case_key, device_info, git_info,
                       load_results, now, read_records, versions, write_manifest, write_summary)
@@ -210,6 +211,8 @@ class EnginePool:
     model runs on the same weights. ``loads``/``rebinds``/``max_live`` count what happened."""
 
     def __init__(self, device: str, weight_format: str):
+        from engine import Engine
+        self.engine_class = Engine          # what it loads: its capabilities are known up front
         self.device, self.weight_format = device, weight_format
         self.live, self.key = None, None
         self.formats: dict[str, dict] = {}     # model -> requested / applied / reason
@@ -478,7 +481,7 @@ class Runner:
             status, failures, error, engine_info, reason = "pass", [], None, {}, None
             unmeasured: list[str] = []
             memory: dict = {}
-            na = check.not_applicable(cfg, info)
+            na = check.not_applicable(cfg, info) or missing(self.pool.engine_class, check.requires)
             if na is not None:
                 status, reason = "n/a", na
                 self._na[(model, cfg.name)] = na
@@ -506,7 +509,8 @@ class Runner:
                                        "device": str(eng.device), "platform": platform,
                                        "weight_format": eng.plan.weight_format,
                                        "weight_format_requested": eng.plan.weight_format_requested,
-                                       "decode_path": getattr(eng, "decode_path", None)}
+                                       "engine": eng.name,
+                                       "decode_path": getattr(eng, "decode_path", None)}  # kvbench only
                         status = "fail" if failures else ("incomplete" if unmeasured else "pass")
                 except EngineError as e:
                     status, error = "error", str(e)
@@ -535,13 +539,7 @@ class Runner:
 
 
 def _spec_dict(eng) -> dict:
-    spec = getattr(eng, "spec", None)
-    if spec is None:
-        return {}
-    try:
-        return spec.to_dict()
-    except AttributeError:
-        return {}
+    return eng.spec.to_dict()
 
 
 class _Progress:

@@ -210,3 +210,27 @@ def test_a_stopped_run_is_incomplete_and_resume_reruns_errors(tmp_path):
     assert proc.returncode == 0 and last["verdict"] == "pass" and last["ran"] == 2, proc.stdout[-2000:]
     cases = [r for r in read_records(out) if r["type"] == "case"]
     assert [(c["kv_dtype"], c["status"]) for c in cases] == [("fp32", "pass"), ("q8_0", "pass")]
+
+
+def test_a_check_needing_a_capability_the_engine_lacks_is_na(tmp_path, monkeypatch):
+    """An engine without a plan/ledger (as an external engine would be): the vram check's
+    capability list allows it (dtype and bytes are still checked) but its plan gates cannot
+    be measured: incomplete, never pass; an engine without KV observables makes it n/a."""
+    import engine as eng_mod
+    from harness.engine_api import missing
+    from harness.checks import get
+    vram = get("vram")
+    full = eng_mod.Engine.capabilities
+    assert missing(eng_mod.Engine, vram.requires) is None
+    monkeypatch.setattr(eng_mod.Engine, "capabilities", full - {"kv_applied"})
+    summary = Runner(_suite(checks='[[check]]\nkind = "vram"\nexercise_tokens = 8\n'), tmp_path / "a",
+                     progress=False).run()
+    assert {c["status"] for c in summary.cases} == {"n/a"}
+    assert summary.cases[0]["reason"] == "engine kvbench does not provide kv_applied"
+    assert summary.exit_code == 0
+    monkeypatch.setattr(eng_mod.Engine, "capabilities", full - {"plan"})
+    summary = Runner(_suite(checks='[[check]]\nkind = "vram"\nexercise_tokens = 8\n'), tmp_path / "b",
+                     progress=False).run()
+    assert {c["status"] for c in summary.cases} == {"incomplete"} and summary.exit_code == 1
+    assert any("Plan vs runtime max diff not measured (engine kvbench does not provide plan)" in u
+               for u in summary.cases[0]["unmeasured"])

@@ -20,6 +20,7 @@ import torch
 from ..metrics import logit_stats
 from ..errors import SuiteError
 from ..schema import CheckConfig, Message, param, threshold
+from ..engine_api import CAP_CHAT, CAP_CHUNKED_LOGITS, CAP_GENERATE, CAP_LOGITS
 from .base import Check, Outcome, chat_ids, register
 
 DEFAULT_MESSAGES = [
@@ -60,6 +61,7 @@ class ArgmaxConfig(CheckConfig):
 class Argmax(Check):
     kind = "argmax"
     config = ArgmaxConfig
+    requires = frozenset({CAP_LOGITS, CAP_CHUNKED_LOGITS, CAP_GENERATE, CAP_CHAT})
 
     def prepare(self, eng, cfg: ArgmaxConfig, ctx):
         seqs, prompt_lens, logits = [], [], []
@@ -75,21 +77,8 @@ class Argmax(Check):
 
     def measure(self, eng, cfg: ArgmaxConfig, state, ctx) -> Outcome:
         out = Outcome()
-        names = [f"Top-1 in top-{cfg.top_k}", "Same top p", "Max abs logit diff", "Mean abs logit diff",
-                 "Mean KLD", "Median KLD", "99.0% KLD", "Maximum KLD", "Mean PPL(Q)/PPL(base)"]
-        tests = []
-        for seq in state["seqs"]:
-            if ctx.is_baseline:
-                try:
-                    tests.append(eng.logits(seq, chunk=cfg.noise_chunk))
-                except TypeError:
-                    for n in names:
-                        out.skip(n, "engine.logits has no chunk= argument: no noise floor",
-                                 UNITS.get(n, ""), BETTER.get(n))
-                    out.info["reference"] = "noise floor not available"
-                    return out
-            else:
-                tests.append(eng.logits(seq))
+        tests = [eng.logits(seq, chunk=cfg.noise_chunk) if ctx.is_baseline else eng.logits(seq)
+                 for seq in state["seqs"]]
         base = torch.cat(state["logits"])
         test = torch.cat(tests)
         targets = []

@@ -91,6 +91,7 @@ class Check:
     kind: str = ""
     config: type[CheckConfig] = CheckConfig
     needs_baseline: bool = True       # False: prepare() is not run (no reference state)
+    requires: frozenset[str] = frozenset()   # harness.engine_api capabilities the check uses
 
     def load_options(self, cfg: CheckConfig, suite: SuiteSection) -> dict:
         """engine.load keyword arguments (beyond model/kv_dtype/device) for this check."""
@@ -136,8 +137,8 @@ def config_class(kind: str) -> type[CheckConfig]:
 
 
 def eos_ids(eng) -> set[int]:
-    ids = set(getattr(eng.tokenizer, "eos_ids", None) or ())
-    if getattr(eng.spec, "eos_id", None) is not None:
+    ids = set(eng.tokenizer.eos_ids or ())
+    if eng.spec.eos_id is not None:
         ids.add(int(eng.spec.eos_id))
     return ids
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from ..errors import SuiteError
 from ..metrics import common_prefix, distinct_n, longest_repeat_run
 from ..schema import CheckConfig, Message, param, threshold
+from ..engine_api import CAP_CHAT, CAP_GENERATE
 from .base import Check, Outcome, chat_ids, eos_ids, register
 
 DEFAULT_MESSAGES = [
@@ -44,16 +45,14 @@ class CoherenceConfig(CheckConfig):
 
 def _answer(eng, prompt: list[int], max_new: int, eos: set[int]) -> tuple[list[int], str]:
     new = list(eng.generate(prompt, max_new, stop_at_eos=True))
-    reason = getattr(eng, "last_stop_reason", None)
-    if reason is None:
-        reason = "eos" if new and new[-1] in eos else "length"
-    return new, reason
+    return new, eng.last_stop_reason
 
 
 @register
 class Coherence(Check):
     kind = "coherence"
     config = CoherenceConfig
+    requires = frozenset({CAP_GENERATE, CAP_CHAT})
 
     def unmeasured_on_baseline(self, cfg):
         return {"Identical prefix": "the baseline's answers are the reference itself"}

@@ -20,6 +20,7 @@ import torch
 
 from ..schema import CheckConfig, param, threshold
 from ..text import prompt_tokens
+from ..engine_api import CAP_CHAT, CAP_GENERATE, CAP_PREFILL
 from .base import Check, Outcome, register
 
 
@@ -56,6 +57,7 @@ def _timed(fn, device: str, warmup: int, repeats: int, warm_n: int | None) -> li
 class Throughput(Check):
     kind = "throughput"
     config = ThroughputConfig
+    requires = frozenset({CAP_PREFILL, CAP_GENERATE, CAP_CHAT})
     needs_baseline = False
 
     def load_options(self, cfg: ThroughputConfig, suite):
@@ -65,11 +67,9 @@ class Throughput(Check):
 
     def measure(self, eng, cfg: ThroughputConfig, state, ctx) -> Outcome:
         prompt = prompt_tokens(eng.tokenizer, cfg.pp, ctx.seed)
-        has_prefill = callable(getattr(eng, "prefill", None))
-        prefill = eng.prefill if has_prefill else eng.logits
 
         def pp(n=None):
-            prefill(prompt[:n])
+            eng.prefill(prompt[:n])
             return len(prompt[:n])
 
         def tg(n=None):
@@ -81,6 +81,5 @@ class Throughput(Check):
         out.add(f"pp{cfg.pp}", statistics.median(pp_s), "tok/s", "higher")
         out.add(f"tg{cfg.tg}", statistics.median(tg_s), "tok/s", "higher")
         out.series = {f"pp{cfg.pp}_samples": pp_s, f"tg{cfg.tg}_samples": tg_s}
-        out.info.update(prefill_api="eng.prefill" if has_prefill else "eng.logits",
-                        warmup=cfg.warmup, warmup_tokens=cfg.warmup_tokens, repeats=cfg.repeats)
+        out.info.update(prefill_api="eng.prefill", warmup=cfg.warmup, warmup_tokens=cfg.warmup_tokens, repeats=cfg.repeats)
         return out

@@ -23,6 +23,8 @@ from dataclasses import dataclass
 
 from ..schema import CheckConfig, param, threshold
 from ..text import prompt_tokens
+from ..engine_api import (CAP_CACHES, CAP_CHAT, CAP_GENERATE, CAP_KV_APPLIED, CAP_KV_BYTES, CAP_PLAN,
+                          capabilities_of, missing)
 from .base import Check, Outcome, register
 
 BYTES_PER_VALUE = {"fp32": 4.0, "bf16": 2.0, "q8_0": 34 / 32}
@@ -51,9 +53,9 @@ def kv_by_kind(eng, ctx: int, applied: list[str], plan_d: dict | None) -> dict |
     """Global vs sliding-window layers' KV (runtime from each cache's ``nbytes``, planned from
     ``plan.layer_kv_bytes``, and what ``ctx`` rows would take); None without SWA layers."""
     spec = eng.spec
-    swa = set(getattr(spec, "swa_layers", ()) or ())
-    caches = getattr(eng, "caches", None)
-    if not swa or caches is None:
+    swa = set(spec.swa_layers)
+    caches = eng.caches
+    if not swa:
         return None
     planned = _get(plan_d, "layer_kv_bytes")
     out = {}
@@ -96,15 +98,17 @@ class Vram(Check):
     kind = "vram"
     config = VramConfig
     needs_baseline = False
+    requires = frozenset({CAP_KV_APPLIED, CAP_GENERATE, CAP_CHAT})   # plan / KV bytes when declared
 
     def measure(self, eng, cfg: VramConfig, state, ctx) -> Outcome:
         out = Outcome()
+        caps = capabilities_of(eng)
         n_ctx = self.load_options(cfg, ctx.suite)["ctx"]
         if cfg.exercise_tokens:
             toks = prompt_tokens(eng.tokenizer, min(cfg.exercise_tokens, n_ctx - 4), ctx.seed)
             eng.generate(toks, 4, stop_at_eos=False)
-        plan = getattr(eng, "plan", None)
-        ledger = getattr(eng, "ledger", None)
+        plan = eng.plan if CAP_PLAN in caps else None
+        ledger = eng.ledger if CAP_PLAN in caps else None
         plan_d, ledger_d = _as_dict(plan), _as_dict(ledger)
         applied = list(eng.kv_dtypes)
         n_layers = len(applied)
@@ -133,11 +137,11 @@ class Vram(Check):
         led_kv = _tier_sum(_get(ledger_d, "current"), "kv")
         if led_kv is not None:
             runtime, source = led_kv, "ledger"
-        elif getattr(eng, "kv_bytes", None) is not None:
+        elif CAP_KV_BYTES in caps:
             runtime, source = int(eng.kv_bytes), "eng.kv_bytes"
         out.add("KV bytes (requested)", want / MIB, "MiB", None)
         if runtime is None:
-            out.skip("KV bytes (runtime)", "engine reports no KV bytes (no ledger, no kv_bytes)", "MiB")
+            out.skip("KV bytes (runtime)", missing(eng, {CAP_KV_BYTES}), "MiB")
             out.skip("KV bytes vs requested", "no runtime KV bytes", "%", "lower")
         else:
             diff = 100.0 * (runtime - want) / want if want else 0.0
@@ -145,7 +149,7 @@ class Vram(Check):
             out.add("KV bytes vs requested", abs(diff), "%", "lower",
                     detail=f"runtime {runtime / MIB:.1f} MiB ({source}) vs {want / MIB:.1f} MiB "
                            f"for {ctx.kv_dtype}")
-        kinds = kv_by_kind(eng, n_ctx, applied, plan_d)
+        kinds = kv_by_kind(eng, n_ctx, applied, plan_d) if CAP_CACHES in caps else None
         if kinds:
             out.info["kv_by_kind"] = kinds
             for kind, name in (("global", "KV bytes global layers"), ("swa", "KV bytes SWA layers")):
@@ -156,9 +160,8 @@ class Vram(Check):
                                    f"(ctx {n_ctx}: {k['ctx_bytes'] / MIB:.1f} MiB)")
 
         # planner and ledger (land with the hybrid issue)
-        if plan is None or ledger is None or not hasattr(ledger, "compare"):
-            missing = "eng.plan" if plan is None else "eng.ledger"
-            reason = f"not available: the engine has no {missing} yet"
+        if plan is None:
+            reason = missing(eng, {CAP_PLAN})
             out.skip("Plan vs runtime max diff", reason, "%", "lower")
             out.skip("Unaccounted", reason, "MiB", "lower")
             out.skip("KV bytes (plan)", reason, "MiB")

@@ -25,6 +25,7 @@ from ..errors import SuiteError
 from ..metrics import logit_stats
 from ..schema import CheckConfig, param, threshold
 from ..text import prompt_tokens
+from ..engine_api import CAP_CHAT, CAP_LOGITS, CAP_PREFILL_STATS
 from .base import Check, Outcome, register
 
 @dataclass
@@ -83,7 +84,7 @@ def _prefill(eng, tokens: list[int], compare_from: int):
     seconds = time.perf_counter() - t0
     tail = logits[compare_from:].clone()       # keep only what is compared: [T - from, V]
     del logits
-    stats = dict(getattr(eng, "last_prefill_stats", None) or {})
+    stats = dict(eng.last_prefill_stats or {})
     stats.setdefault("seconds", seconds)
     return tail, stats
 
@@ -92,6 +93,7 @@ def _prefill(eng, tokens: list[int], compare_from: int):
 class WavePrefill(Check):
     kind = "wave_prefill"
     config = WavePrefillConfig
+    requires = frozenset({CAP_LOGITS, CAP_PREFILL_STATS, CAP_CHAT})
 
     def load_options(self, cfg: WavePrefillConfig, suite):
         opts = super().load_options(cfg, suite)

@@ -1,0 +1,76 @@
+"""The one interface checks may use to talk to an engine, with declared capabilities.
+
+Contract: an engine handed to a check satisfies ``EngineAPI`` for the capabilities it
+declares in ``capabilities`` (a frozenset of the ``CAP_*`` names below; the class attribute,
+so the runner knows them before loading anything). A check declares what it needs
+(``Check.requires``); the runner records a case whose engine lacks one as ``n/a`` with the
+reason ("engine X does not provide Y: ..."), before it runs: never a pass, never a crash.
+Checks call only what the capabilities promise: no ``getattr`` probing, no fallbacks on
+``TypeError``. kvbench's own engine (``engine.Engine``) declares every capability.
+
+Capabilities:
+- ``logits``: ``logits(tokens) -> Tensor[T, V]`` float32, teacher-forced, full vocabulary;
+- ``chunked_logits``: ``logits(tokens, chunk=N)``, the same maths prefilled in chunks (the
+  noise floor);
+- ``generate``: ``generate(tokens, max_new_tokens, stop_at_eos=True) -> list[int]`` greedy,
+  and ``last_stop_reason`` ("eos" | "length");
+- ``chat``: ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``,
+  ``tokenizer.encode/decode``, ``tokenizer.eos_ids``;
+- ``prefill``: ``prefill(tokens) -> Tensor[V]`` (last position's logits) for timing;
+- ``kv_applied``: ``kv_dtypes`` (the dtype each layer's cache holds, read from the cache);
+- ``kv_bytes``: ``kv_bytes`` (runtime bytes of every KV buffer);
+- ``plan``: ``plan`` (``engine.planner.Plan``) and ``ledger`` (``engine.ledger.Ledger``);
+- ``prefill_stats``: ``last_prefill_stats`` (waves, peak scratch, wave rows) and
+  ``wave_budget_bytes``;
+- ``caches``: ``caches`` (per-layer cache objects with ``nbytes``) for per-layer-kind KV.
+
+    from harness.engine_api import missing, CAP_PLAN
+    why = missing(type(eng), {CAP_PLAN})      # None when every capability is there
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+CAP_LOGITS = "logits"
+CAP_CHUNKED_LOGITS = "chunked_logits"
+CAP_GENERATE = "generate"
+CAP_CHAT = "chat"
+CAP_PREFILL = "prefill"
+CAP_KV_APPLIED = "kv_applied"
+CAP_KV_BYTES = "kv_bytes"
+CAP_PLAN = "plan"
+CAP_PREFILL_STATS = "prefill_stats"
+CAP_CACHES = "caches"
+CAPABILITIES = (CAP_LOGITS, CAP_CHUNKED_LOGITS, CAP_GENERATE, CAP_CHAT, CAP_PREFILL, CAP_KV_APPLIED,
+                CAP_KV_BYTES, CAP_PLAN, CAP_PREFILL_STATS, CAP_CACHES)
+
+
+@runtime_checkable
+class EngineAPI(Protocol):
+    name: str                         # "kvbench", "llama.cpp", "hf", ...
+    capabilities: frozenset[str]
+    spec: Any                         # engine.spec.ModelSpec (geometry)
+    tokenizer: Any
+
+    def logits(self, tokens: list[int], chunk: int | None = None) -> Any: ...
+
+    def generate(self, tokens: list[int], max_new_tokens: int, stop_at_eos: bool = True) -> list[int]: ...
+
+
+def capabilities_of(engine_or_class) -> frozenset[str]:
+    caps = getattr(engine_or_class, "capabilities", None)
+    if not isinstance(caps, frozenset):
+        raise TypeError(f"{engine_or_class!r} declares no capabilities (a frozenset of harness.engine_api names)")
+    unknown = caps - set(CAPABILITIES)
+    if unknown:
+        raise TypeError(f"{engine_or_class!r} declares unknown capabilities {sorted(unknown)}")
+    return caps
+
+
+def missing(engine_or_class, needed) -> str | None:
+    """None when the engine provides every capability in ``needed``; else the reason."""
+    lack = sorted(set(needed) - capabilities_of(engine_or_class))
+    if not lack:
+        return None
+    name = getattr(engine_or_class, "name", getattr(engine_or_class, "__name__", "engine"))
+    return f"engine {name} does not provide {', '.join(lack)}"
