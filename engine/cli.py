@@ -232,8 +232,10 @@ def describe_os_error(exc: OSError) -> str:
     """One line for an ``OSError`` in ``USER_ERRNOS``: the path, the system's words, the fix."""
     path = exc.filename if exc.filename is not None else exc.filename2
     where = f"{os.fsdecode(path)}: " if path is not None else ""
-    return (f"{where}{exc.strerror or os.strerror(exc.errno)} ({errno.errorcode.get(exc.errno, exc.errno)}); "
-            f"{USER_ERRNOS[exc.errno]}")
+    words, fix = exc.strerror or os.strerror(exc.errno), USER_ERRNOS[exc.errno]
+    if exc.errno == errno.EEXIST and path is not None and os.path.exists(path) and not os.path.isdir(path):
+        words, fix = "exists and is not a directory", "pass a directory path (or remove that file)"
+    return f"{where}{words} ({errno.errorcode.get(exc.errno, exc.errno)}); {fix}"
 
 
 def _quiet_broken_pipe() -> int:

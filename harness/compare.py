@@ -1,25 +1,42 @@
 """Compare two results directories: a markdown diff with regressions flagged (PR comments).
 
-Contract: ``compare(base, head) -> Comparison`` matches metric records on (model, kv dtype,
-check, metric). A *regression* is a case that passed in base and fails, errors or is missing
-in head; a threshold that held and no longer does; or a metric with a direction
-(``better``: lower/higher) that got worse by more than the tolerance (relative ``tol``,
-``speed_tol`` for tok/s, plus ``abs_tol`` so exact zeros do not flag float dust).
-``Comparison.markdown()`` is the PR-comment body; the CLI exits 1 when there is any regression.
+Contract: ``compare(base, head) -> Comparison`` matches cases on (model, kv dtype, check) and
+metric records on (case, metric). A *regression* is:
+
+- a case of base that is missing in head, or that passed (or was ``n/a``) in base and has
+  any other status in head (``fail``, ``error``, ``incomplete``, ...);
+- a gate (a metric with a threshold) that held in base and in head no longer holds, or is
+  *not measured in head*: the metric is missing, skipped or not judged, or its case ran
+  nothing (error, ``n/a``); a gate that head's suite dropped counts too, unless the suites
+  differ and ``allow_suite_change`` is given (then it is listed as a note);
+- a metric with a direction (``better``: lower/higher) that got worse by more than the
+  tolerance (relative ``tol``, ``speed_tol`` for tok/s, plus ``abs_tol`` so exact zeros do
+  not flag float dust).
+
+Statuses are strings, read generically: every case whose status is not ``pass`` in either
+run, or differs between them, is listed per case with its reason. When the two runs' suites
+differ (the manifests' suite sha256, or their check lists, suite settings or matrix), the
+differences are stated at the top of the markdown and ``Comparison.exit_code`` is 1 unless
+``allow_suite_change``; a different suite *path* with identical bytes is only noted.
+``Comparison.markdown()`` is the PR-comment body; the CLI exits with ``exit_code`` (0 or 1).
 
     cmp = compare("results/base", "results/head")
-    print(cmp.markdown()); sys.exit(1 if cmp.regressions else 0)
+    print(cmp.markdown()); sys.exit(cmp.exit_code)
 """
 from __future__ import annotations
 
+import argparse
 import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pandas as pd
 
 from .report import md_table
-from .results import atomic_write, case_key, load_results
+from .results import Results, atomic_write, case_key, load_results
+
+OK_STATUSES = ("pass", "n/a")     # a case in base with one of these must not get worse in head
 
 
 @dataclass
@@ -30,15 +47,36 @@ class Comparison:
     improvements: list[dict] = field(default_factory=list)
     unchanged: int = 0
     new_cases: list[tuple] = field(default_factory=list)
+    statuses: list[dict] = field(default_factory=list)      # cases not passing in either run, or changed
+    status_counts: dict = field(default_factory=dict)       # {"base": {"pass": 12, ...}, "head": {...}}
+    suite_changes: list[str] = field(default_factory=list)  # non-empty: the suites differ
+    suite_notes: list[str] = field(default_factory=list)    # informational (same bytes, other path; dropped gates)
+    allow_suite_change: bool = False
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.regressions or (self.suite_changes and not self.allow_suite_change) else 0
 
     def markdown(self) -> str:
         n_r, n_i = len(self.regressions), len(self.improvements)
-        head = "❌" if n_r else "✅"
-        md = [f"## kvbench compare {head}\n",
-              f"base `{self.base}` → head `{self.head}`: **{n_r} regression{'s' * (n_r != 1)}**, "
-              f"{n_i} improvement{'s' * (n_i != 1)}, {self.unchanged} metrics within tolerance.\n"]
+        md = [f"## kvbench compare {'❌' if self.exit_code else '✅'}\n"]
+        if self.suite_changes:
+            verdict = ("allowed by --allow-suite-change" if self.allow_suite_change
+                       else "exit 1; pass --allow-suite-change if the change is intended")
+            md += [f"**⚠️ The two runs used different suites** ({verdict}):\n",
+                   *[f"- {c}" for c in self.suite_changes], ""]
+        if self.suite_notes:
+            md += [*[f"- note: {c}" for c in self.suite_notes], ""]
+        md.append(f"base `{self.base}` → head `{self.head}`: **{n_r} regression{'s' * (n_r != 1)}**, "
+                  f"{n_i} improvement{'s' * (n_i != 1)}, {self.unchanged} metrics within tolerance.\n")
+        counts = {k: ", ".join(f"{n} {s}" for s, n in v.items()) or "no cases"
+                  for k, v in self.status_counts.items()}
+        if counts:
+            md.append(f"Cases: base {counts.get('base')}; head {counts.get('head')}.\n")
         if self.regressions:
             md += ["### Regressions\n", md_table(pd.DataFrame(self.regressions)), ""]
+        if self.statuses:
+            md += ["### Cases not passing\n", md_table(pd.DataFrame(self.statuses)), ""]
         if self.improvements:
             md += ["<details><summary>Improvements</summary>\n", md_table(pd.DataFrame(self.improvements)),
                    "\n</details>\n"]
@@ -57,35 +95,112 @@ def _num(v):
     return None if math.isnan(f) else f
 
 
+def _why(case: dict) -> str:
+    """Why a case is not ``pass``, from whatever its record says (any status)."""
+    parts = [case.get("error"), case.get("reason"), *(case.get("failures") or []), *(case.get("unmeasured") or [])]
+    return "; ".join(str(p) for p in parts if p)
+
+
+def _short(v, n: int = 60) -> str:
+    s = repr(v) if not isinstance(v, str) else v
+    return s if len(s) <= n else s[:n - 1] + "…"
+
+
+def suite_differences(base: dict, head: dict) -> tuple[list[str], list[str]]:
+    """(differences, notes) between the suites recorded in two manifests: file sha256, suite
+    settings, check lists and matrix are differences; the path alone (same sha256) is a note."""
+    bs, hs = base.get("suite") or {}, head.get("suite") or {}
+    diffs, notes = [], []
+    if bs.get("sha256") != hs.get("sha256"):
+        diffs.append(f"suite file sha256 `{str(bs.get('sha256'))[:12]}` ({bs.get('path')}) → "
+                     f"`{str(hs.get('sha256'))[:12]}` ({hs.get('path')})")
+    elif bs.get("path") != hs.get("path"):
+        notes.append(f"suite path {bs.get('path')} → {hs.get('path')} (identical bytes)")
+    bsec, hsec = bs.get("suite") or {}, hs.get("suite") or {}
+    for k in dict.fromkeys([*bsec, *hsec]):
+        if bsec.get(k) != hsec.get(k):
+            diffs.append(f"suite.{k}: {_short(bsec.get(k))} → {_short(hsec.get(k))}")
+    bchk = {c.get("name"): c for c in bs.get("checks") or [] if isinstance(c, dict)}
+    hchk = {c.get("name"): c for c in hs.get("checks") or [] if isinstance(c, dict)}
+    if only := [n for n in bchk if n not in hchk]:
+        diffs.append(f"checks only in base: {', '.join(map(str, only))}")
+    if only := [n for n in hchk if n not in bchk]:
+        diffs.append(f"checks only in head: {', '.join(map(str, only))}")
+    for n in (n for n in bchk if n in hchk and bchk[n] != hchk[n]):
+        keys = [k for k in dict.fromkeys([*bchk[n], *hchk[n]]) if bchk[n].get(k) != hchk[n].get(k)]
+        diffs.append(f"check {n}: " + "; ".join(f"{k} {_short(bchk[n].get(k), 40)} → {_short(hchk[n].get(k), 40)}"
+                                               for k in keys))
+    bm, hm = base.get("matrix") or {}, head.get("matrix") or {}
+    for k in ("models", "dtypes", "checks"):
+        if bm.get(k) != hm.get(k):
+            diffs.append(f"matrix {k}: {_short(bm.get(k))} → {_short(hm.get(k))}")
+    return diffs, notes
+
+
+def _counts(res: Results) -> dict:
+    return dict(Counter(c["status"] for c in res.cases()).most_common())
+
+
 def compare(base_dir: str | Path, head_dir: str | Path, tol: float = 0.10, speed_tol: float = 0.10,
-            abs_tol: float = 1e-6) -> Comparison:
+            abs_tol: float = 1e-6, allow_suite_change: bool = False) -> Comparison:
     base, head = load_results(base_dir), load_results(head_dir)
-    out = Comparison(str(base_dir), str(head_dir))
+    out = Comparison(str(base_dir), str(head_dir), allow_suite_change=allow_suite_change)
+    out.suite_changes, out.suite_notes = suite_differences(base.manifest, head.manifest)
+    out.status_counts = {"base": _counts(base), "head": _counts(head)}
     bcases = {case_key(c): c for c in base.cases()}
     hcases = {case_key(c): c for c in head.cases()}
+    bm = {(*case_key(r), r["metric"]): r for r in base.of_type("metric")}
+    hm = {(*case_key(r), r["metric"]): r for r in head.of_type("metric")}
+    measured_in_head = {case_key(r) for r in head.of_type("metric")}
+
     for key, bc in bcases.items():
         hc = hcases.get(key)
         row = {"model": key[0], "dtype": key[1], "check": key[2]}
+        held = [m for (*k, m), r in bm.items() if tuple(k) == key and r.get("passed") is True]
+        gates = f"; gates that held in base, not measured in head: {', '.join(held)}" if held else ""
+        bs, hs = bc["status"], (hc or {}).get("status", "missing")
+        if bs != "pass" or hs != "pass":
+            out.statuses.append({**row, "base": bs, "head": hs,
+                                 "why (head)": _why(hc) if hc else "case not run in head"})
         if hc is None:
-            out.regressions.append({**row, "metric": "(case)", "base": bc["status"], "head": "missing",
-                                    "change": "", "why": "case not run in head"})
-        elif bc["status"] == "pass" and hc["status"] != "pass":
-            why = hc.get("error") or "; ".join(hc.get("failures") or [])
-            out.regressions.append({**row, "metric": "(verdict)", "base": "pass", "head": hc["status"],
-                                    "change": "", "why": why})
-        elif bc["status"] != "pass" and hc["status"] == "pass":
-            out.improvements.append({**row, "metric": "(verdict)", "base": bc["status"], "head": "pass",
+            out.regressions.append({**row, "metric": "(case)", "base": bs, "head": "missing",
+                                    "change": "", "why": "case not run in head" + gates})
+            continue
+        ran = key in measured_in_head          # head measured something for this case
+        if hs != bs and (bs == "pass" or (bs in OK_STATUSES and hs not in OK_STATUSES)):
+            out.regressions.append({**row, "metric": "(verdict)", "base": bs, "head": hs, "change": "",
+                                    "why": (_why(hc) or f"status {hs}") + ("" if ran else gates)})
+        elif held and not ran:
+            out.regressions.append({**row, "metric": "(case)", "base": bs, "head": hs, "change": "",
+                                    "why": (_why(hc) or f"status {hs}") + gates})
+        elif bs not in OK_STATUSES and hs == "pass":
+            out.improvements.append({**row, "metric": "(verdict)", "base": bs, "head": "pass",
                                      "change": "", "why": "now passes"})
     out.new_cases = [k for k in hcases if k not in bcases]
 
-    hm = {(*case_key(r), r["metric"]): r for r in head.of_type("metric")}
-    for r in base.of_type("metric"):
-        key = (*case_key(r), r["metric"])
+    for key, r in bm.items():
+        ck = key[:3]
+        if ck not in hcases or ck not in measured_in_head:
+            continue                           # reported per case above
         h = hm.get(key)
-        if h is None or case_key(r) not in hcases:
-            continue
         row = {"model": key[0], "dtype": key[1], "check": key[2], "metric": key[3]}
-        bv, hv = _num(r.get("value")), _num(h.get("value"))
+        bv, hv = _num(r.get("value")), _num((h or {}).get("value"))
+        gate = f"{r.get('op')} {r.get('threshold')}"
+        if r.get("passed") is True and (h is None or h.get("passed") is None):
+            if h is None:
+                why = "not measured in head (metric missing)"
+            elif h.get("threshold") is None:
+                why = "not measured in head (head's suite has no threshold for it)"
+                if out.suite_changes and allow_suite_change:
+                    out.suite_notes.append(f"gate {gate} on {' '.join(key)} dropped by the suite change")
+                    continue
+            else:
+                why = f"not measured in head ({h.get('skipped') or 'not judged'})"
+            out.regressions.append({**row, "base": bv, "head": hv if hv is not None else "not measured",
+                                    "change": "", "why": f"gate {gate} held in base; {why}"})
+            continue
+        if h is None:
+            continue
         if r.get("passed") is True and h.get("passed") is False:
             out.regressions.append({**row, "base": bv, "head": hv, "change": _change(bv, hv),
                                     "why": f"threshold {h.get('op')} {h.get('threshold')} no longer holds"})
@@ -115,23 +230,38 @@ def _change(b, h) -> str:
     return f"{100.0 * (h - b) / abs(b):+.1f}%"
 
 
+def _tolerance(text: str) -> float:
+    """argparse ``type=``: a finite number >= 0."""
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}") from None
+    if not math.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return v
+
+
 def add_cli_args(parser) -> None:
     parser.add_argument("base", help="results directory of the base (e.g. main branch)")
     parser.add_argument("head", help="results directory of the head (e.g. the PR)")
     parser.add_argument("--out", help="write the markdown here (default: stdout only)")
-    parser.add_argument("--tolerance", type=float, default=0.10,
+    parser.add_argument("--tolerance", type=_tolerance, default=0.10,
                         help="relative worsening allowed for accuracy/memory metrics (default 0.10)")
-    parser.add_argument("--speed-tolerance", type=float, default=0.10,
+    parser.add_argument("--speed-tolerance", type=_tolerance, default=0.10,
                         help="relative slowdown allowed for tok/s metrics (default 0.10)")
-    parser.add_argument("--abs-tolerance", type=float, default=1e-6,
+    parser.add_argument("--abs-tolerance", type=_tolerance, default=1e-6,
                         help="absolute slack added to every comparison (default 1e-6)")
+    parser.add_argument("--allow-suite-change", action="store_true",
+                        help="compare runs of different suites without failing (the differences "
+                        "are still listed)")
 
 
 def main(args) -> int:
-    cmp = compare(args.base, args.head, args.tolerance, args.speed_tolerance, args.abs_tolerance)
+    cmp = compare(args.base, args.head, args.tolerance, args.speed_tolerance, args.abs_tolerance,
+                  allow_suite_change=args.allow_suite_change)
     text = cmp.markdown()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         atomic_write(args.out, text)
     print(text)
-    return 1 if cmp.regressions else 0
+    return cmp.exit_code

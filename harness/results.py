@@ -33,10 +33,9 @@ import errno
 import fcntl
 import io
 import json
-import math
 import os
-import shutil
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -406,7 +405,8 @@ class RunLock:
 
     def __enter__(self) -> "RunLock":
         if self.dir.exists() and not self.dir.is_dir():
-            raise ResultsError(f"results directory {self.dir} is a file", "pass a directory path as --out")
+            raise ResultsError(f"results directory {self.dir} is a file, not a directory",
+                               "pass a directory path as --out")
         self.dir.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         try:
