@@ -14,8 +14,15 @@ kernels; ``KVBENCH_DECODE_COMPILE=0`` captures them unfused); ``compiled`` says 
 returned tensors are overwritten by the next step.
 
 ``eligibility(eng)`` says why an engine cannot take this path (None if it can): it needs the
-Triton attention backend, every layer and the head on one device, no MoE layer (routing
-chooses experts on the host) and no sliding-window layer.
+Triton attention backend, every layer and the head on one device, no sliding-window layer,
+and MoE layers whose experts can all be resident on that device (plain stacks there, or an
+expert cache with a slot for every trunk expert: ``plan.expert_slots >= plan.trunk_experts``);
+a partial cache needs the host's SLRU policy on a miss, so such a model decodes eagerly.
+MoE layers route on the device (softmax, top-k, ``engine.kernels.moe`` through the cache's
+slot table); ``StaticDecode`` first makes the cache resident (copies the experts not cached
+yet: counted as ``preloaded``, not as misses) and counts each step's k experts per layer as
+resident hits (``ExpertCache.note_resident``): the host does not see which experts a
+captured step used, and no miss is possible.
 
     sd = StaticDecode(eng)
     logits, nxt = sd.step(token, eng.pos)
@@ -38,7 +45,9 @@ def eligibility(eng) -> str | None:
     if any(d != eng.device for d in m.layer_devices) or m.head_device != eng.device:
         return "the model is split across devices (hybrid); only the eager step crosses tiers"
     if spec.moe_layers:
-        return "MoE layers route experts on the host"
+        why = m.experts_not_resident(eng.device)
+        if why:
+            return why
     if spec.swa_layers:
         return "sliding-window layers use the torch attention path"
     return None
@@ -56,6 +65,8 @@ class StaticDecode:
         # kernels per layer is bound by kernel count); KVBENCH_DECODE_COMPILE=0 turns it off.
         self.compiled = self.capture and os.environ.get("KVBENCH_DECODE_COMPILE", "1") != "0"
         spec = eng.spec
+        # every expert on the device before anything is captured (the slot table is then fixed)
+        self.resident_caches = self.model.make_experts_resident()
         for i in range(spec.n_layers):   # RoPE tables for the whole ctx before anything captures them
             self.model._rope(dev, spec.rope_base_of(i)).ensure(eng.ctx)
         self.x = torch.zeros(1, spec.d_model, dtype=torch.float32, device=dev)
@@ -85,11 +96,15 @@ class StaticDecode:
     def step(self, token: int, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         self._load(token, pos)
         if not self.capture:
-            return self._body()
-        if self.graph is None:
-            self._capture()
-        self.graph.replay()
-        return self.logits, self.next
+            out = self._body()
+        else:
+            if self.graph is None:
+                self._capture()
+            self.graph.replay()
+            out = self.logits, self.next
+        for c in self.resident_caches:            # each MoE layer used k resident experts
+            c.note_resident(1, self.eng.spec.n_experts_used)
+        return out
 
     def _capture(self) -> None:
         # Warm-up (Triton compiles, cuBLAS picks kernels) on a side stream, as torch's docs ask;

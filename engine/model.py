@@ -11,6 +11,14 @@ layers with their own RoPE base, attention scale, logit softcap), not separate c
 weights are used as the GGUF stores them (llama.cpp's converter already folded Gemma's
 ``1 + w`` into the file).
 
+MoE: ``moe`` routes (softmax, top-k, optional renormalisation: ``moe_route``) and runs the
+selected experts; prefill (T > 1) loops over the unique experts, fetching each through the
+layer's experts object (``Experts`` stacks, or ``engine.expert_cache.CachedExperts``). One
+token goes through ``engine.kernels.moe`` (``moe_experts_torch`` where Triton does not run),
+which reads the k selected rows in place from the stacks or the cache's slot buffers: behind
+a cache, routing is read on the host so the SLRU policy sees every access; ``decode_at``
+(the static / CUDA-graph step) routes on the device through a resident cache's slot table.
+
     h = model.forward(torch.tensor(ids), 0, caches)     # [T, d_model]
     logits = model.head(h)                              # [T, vocab]
 """
@@ -63,10 +71,18 @@ class Experts:
     def get(self, layer: int, e: int):
         return self.gate[e], self.up[e], self.down[e]
 
-    def get_many(self, layer: int, experts: list[int]):
-        """Experts ``experts`` stacked: gate/up [k, ff, d], down [k, d, ff]."""
-        idx = torch.tensor(experts, device=self.gate.device)
-        return self.gate.index_select(0, idx), self.up.index_select(0, idx), self.down.index_select(0, idx)
+    def resident_blocker(self, device) -> str | None:
+        dev, here = torch.device(device), self.gate.device
+        if here.type != dev.type or None not in (here.index, dev.index) and here.index != dev.index:
+            return f"the routed experts are on {here}, the layer runs on {dev}"
+        return None
+
+    def resident_view(self):
+        """(gate, up, down, no slot table): the stacks are indexed by expert id directly."""
+        return self.gate, self.up, self.down, None
+
+    def make_resident(self):
+        return None
 
     def tensors(self):
         return [self.gate, self.up, self.down]
@@ -153,6 +169,40 @@ def decode_post_attention(s: ModelSpec, x, o, wo, post_attn_norm, ffn_norm, w_ga
     return x + y
 
 
+def moe_route(s: ModelSpec, h, router):
+    """Router softmax and top-k for h [T, d]: (top_p [T, k] float32, top_e [T, k] long),
+    renormalised over the k when the spec says so."""
+    probs = torch.softmax(mm(h, router), dim=-1)           # [T, E]
+    top_p, top_e = probs.topk(s.n_experts_used, dim=-1)
+    if s.moe_norm_topk:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    return top_p, top_e
+
+
+def decode_post_attention_moe(s: ModelSpec, x, o, wo, post_attn_norm, ffn_norm, router):
+    """Decode step, after attention, for a MoE layer: output projection, residual, FFN norm and
+    routing. Returns (x [1, d] with the attention residual, h [1, d] normed FFN input,
+    top_p [k], top_e [k]); the experts themselves run in ``engine.kernels.moe``."""
+    a = mm(o.reshape(1, s.q_dim), wo)
+    if post_attn_norm is not None:
+        a = rms_norm(a, post_attn_norm, s.rms_eps)
+    x = x + a
+    h = rms_norm(x, ffn_norm, s.rms_eps)
+    top_p, top_e = moe_route(s, h, router)
+    return x, h, top_p[0], top_e[0]
+
+
+def moe_experts_torch(h, gate, up, down, ids, weights, table=None, residual=None):
+    """``engine.kernels.moe.moe_decode`` where Triton does not run (the torch backend, the CPU
+    tail): one expert at a time as views of the stacks (no gathered copy), matmuls in the
+    stored dtype as ``mm`` does. Reads the ids on the host (a sync on CUDA: not for graphs)."""
+    rows = (table[ids] if table is not None else ids).tolist()
+    y = torch.zeros_like(h) if residual is None else residual
+    for s, p in zip(rows, weights.float().tolist()):
+        y = y + p * mm(F.silu(mm(h, gate[s])) * mm(h, up[s]), down[s])
+    return y
+
+
 def decode_head(s: ModelSpec, x, out_norm, output):
     """Final norm, output projection (softcap) and the greedy token: (logits [V] f32, argmax)."""
     logits = mm(rms_norm(x, out_norm, s.rms_eps), output)
@@ -222,11 +272,8 @@ class Transformer:
 
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         s, w = self.spec, self.layers[i]
-        probs = torch.softmax(mm(h, w.router), dim=-1)           # [T, E]
-        top_p, top_e = probs.topk(s.n_experts_used, dim=-1)     # [T, k]
-        if s.moe_norm_topk:
-            top_p = top_p / top_p.sum(-1, keepdim=True)
-        if h.shape[0] == 1 and hasattr(w.experts, "get_many"):
+        top_p, top_e = moe_route(s, h, w.router)                 # [T, k]
+        if h.shape[0] == 1:
             return self._moe_one(i, h, top_p[0], top_e[0])
         out = torch.zeros_like(h)
         # Visit experts in ascending id so the cache access order is deterministic.
@@ -238,6 +285,34 @@ class Transformer:
             out.index_add_(0, rows, y * top_p[rows, slot, None])
         return out
 
+    @staticmethod
+    def _moe_kernel(device):
+        """The one-token expert op for ``device``: the Triton kernel, or its torch stand-in."""
+        from . import kernels
+        if kernels.use_triton(device):
+            from .kernels.moe import moe_decode
+            return moe_decode
+        return moe_experts_torch
+
+    def experts_not_resident(self, device) -> str | None:
+        """Why some MoE layer's experts cannot be read on ``device`` without the host (the
+        device-routed decode's condition), or None."""
+        for i in self.spec.moe_layers:
+            why = self.layers[i].experts.resident_blocker(device)
+            if why:
+                return f"MoE layer {i}: {why}"
+        return None
+
+    def make_experts_resident(self) -> list:
+        """Every MoE layer's experts readable on the device with no host step (an expert cache
+        that can hold them all copies the missing ones in); returns the caches made resident."""
+        caches = []
+        for i in self.spec.moe_layers:
+            c = self.layers[i].experts.make_resident()
+            if c is not None and all(c is not d for d in caches):
+                caches.append(c)
+        return caches
+
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens [T] -> float32 [T, d] on the embedding's (host) device, scaled as the arch says."""
         x = self.embed[tokens.to(self.embed.device)]
@@ -248,24 +323,41 @@ class Transformer:
     def decode_at(self, x: torch.Tensor, pos: torch.Tensor, caches, compiled: bool = False) -> torch.Tensor:
         """One decode step with the position on the device: ``x`` [1, d] float32 embedded token
         on the trunk device, ``pos`` one-element long tensor there. Every layer on that device,
-        dense FFNs, no sliding window; no host sync, so a CUDA graph can capture it. The maths
-        around attention are two pure functions of explicit tensors (``decode_pre_attention``,
-        ``decode_post_attention``: the same ops as ``attention``/``ffn``), which ``compiled=True``
-        runs through ``torch.compile`` so their element-wise ops fuse into a few kernels.
-        Returns the final hidden [1, d]."""
+        no sliding window; no host sync, so a CUDA graph can capture it. The maths around
+        attention are pure functions of explicit tensors (``decode_pre_attention``,
+        ``decode_post_attention`` / ``decode_post_attention_moe``: the same ops as
+        ``attention``/``ffn``/``moe``), which ``compiled=True`` runs through ``torch.compile``
+        so their element-wise ops fuse into a few kernels. MoE layers route on the device and
+        run ``engine.kernels.moe`` over their resident stacks (``make_experts_resident`` first:
+        an expert cache's slots through its slot table); the host never sees which experts
+        were used (``StaticDecode`` counts them as resident hits). Returns the final hidden [1, d]."""
         s = self.spec
         if self._decode_fns is None or self._decode_fns[0] != compiled:
-            fns = [functools.partial(f, s) for f in (decode_pre_attention, decode_post_attention, decode_head)]
+            fns = [functools.partial(f, s) for f in (decode_pre_attention, decode_post_attention, decode_head,
+                                                     decode_post_attention_moe)]
             if compiled:
                 fns = [torch.compile(f, dynamic=False, fullgraph=True) for f in fns]
             self._decode_fns = (compiled, *fns)
-        _, pre, post, _ = self._decode_fns
+        _, pre, post, _, post_moe = self._decode_fns
         for i in range(s.n_layers):
             w, rope = self.layers[i], self._rope(x.device, s.rope_base_of(i))
             q, k, v = pre(x, w.attn_norm, w.wq, w.wk, w.wv, w.q_norm, w.k_norm, rope.cos, rope.sin, pos)
             caches[i].write_at(pos, k, v)
             o = caches[i].attend_at(q, pos, self.scale)
-            x = post(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.w_gate, w.w_up, w.w_down, w.post_ffn_norm)
+            if w.router is None:
+                x = post(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.w_gate, w.w_up, w.w_down, w.post_ffn_norm)
+                continue
+            x, h, top_p, top_e = post_moe(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.router)
+            view = w.experts.resident_view()
+            if view is None:
+                raise ValueError(f"decode_at: MoE layer {i}'s experts are not resident "
+                                 f"(call make_experts_resident first)")
+            gate, up, down, table = view
+            run = self._moe_kernel(x.device)
+            if w.post_ffn_norm is None:
+                x = run(h, gate, up, down, top_e, top_p, table=table, residual=x)
+            else:
+                x = x + rms_norm(run(h, gate, up, down, top_e, top_p, table=table), w.post_ffn_norm, s.rms_eps)
         return x
 
     def decode_head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -273,17 +365,24 @@ class Transformer:
         return self._decode_fns[3](x, self.out_norm, self.output)
 
     def _moe_one(self, i: int, h: torch.Tensor, top_p: torch.Tensor, top_e: torch.Tensor) -> torch.Tensor:
-        """One token's MoE FFN as batched matmuls over its k experts (stacked from their slots),
-        instead of k rounds of small kernels; experts fetched in ascending id as in ``moe``."""
+        """One token's MoE FFN (eager decode): the k experts' rows read in place from their
+        stacks by ``engine.kernels.moe`` (no gathered copy). Experts resident in a stack: the
+        device picks the rows (no host sync). Behind an expert cache: routing is read on the
+        host (the one sync: the SLRU policy decides what to fetch), experts are fetched in
+        ascending id as in ``moe`` (same cache accesses, same statistics) and the kernel reads
+        their slots; a token whose fetches would evict one of its own experts runs in groups."""
+        ex, run = self.layers[i].experts, self._moe_kernel(h.device)
+        if not hasattr(ex, "slot_groups"):
+            return run(h, ex.gate, ex.up, ex.down, top_e, top_p)
         order = torch.argsort(top_e)
         ids = top_e[order].tolist()                       # the one host sync: routing decides fetches
-        gate, up, down = self.layers[i].experts.get_many(i, ids)     # [k, ff, d], [k, ff, d], [k, d, ff]
-        x = h.to(gate.dtype).expand(len(ids), -1).unsqueeze(-1)        # [k, d, 1]
-        a = torch.bmm(gate, x).float()
-        b = torch.bmm(up, x).float()
-        g = (F.silu(a) * b).to(down.dtype)                            # [k, ff, 1]
-        y = torch.bmm(down, g).float()[..., 0]                         # [k, d]
-        return (y * top_p[order, None]).sum(0, keepdim=True)
+        p = top_p[order]
+        y = None
+        for pos, slots in ex.slot_groups(i, ids):
+            idx = torch.tensor(slots, dtype=torch.long, device=h.device)
+            pj = p if len(pos) == len(ids) else p[torch.tensor(pos, device=p.device)]
+            y = run(h, *ex.cache.slots, idx, pj, residual=y)
+        return y
 
     def forward(self, tokens: torch.Tensor, start: int, caches) -> torch.Tensor:
         """tokens [T] (host) -> final hidden [T, d] on the head device."""

@@ -1,4 +1,5 @@
-"""SLRU policy against a plainly written reference, hand-traced scenarios, and the slot store."""
+"""SLRU policy against a plainly written reference, hand-traced scenarios, the slot store and
+its resident mode (slot table, preloading, statistics of the device-routed path)."""
 from __future__ import annotations
 
 import random
@@ -174,7 +175,7 @@ def test_slot_store_on_cuda_with_pinned_host():
 
 
 def test_one_token_moe_batched_equals_expert_loop():
-    """The decode MoE (k experts stacked from their slots, batched matmuls) against the per-expert
+    """The decode MoE (the k experts read in place from their slots) against the per-expert
     loop that prefill uses, on the same routed token; both fetch in ascending expert id, so the
     cache sees the same accesses."""
     import engine
@@ -191,3 +192,88 @@ def test_one_token_moe_batched_equals_expert_loop():
     loop = m.moe(i, torch.cat([h, h]))[:1]                 # T = 2 takes the loop
     assert (batched - loop).abs().max().item() < 1e-5
     assert batched.abs().max().item() > 1e-3                 # not trivially zero
+
+
+def test_victim_and_admit():
+    pol = SLRUPolicy(3, 0.75)                    # protected holds 2
+    assert pol.victim() is None                  # free slots: nothing would be evicted
+    assert pol.admit("A") == 0 and (pol.hits, pol.misses) == (0, 0)   # not an access
+    with pytest.raises(ValueError, match="already cached"):
+        pol.admit("A")
+    for k in "BC":
+        pol.access(k)
+    assert pol.victim() == "A"                   # probationary LRU
+    pol.access("A")
+    pol.access("B")                              # A, B protected; C probationary
+    assert pol.victim() == "C"
+    ref = RefSLRU(3, 0.75)
+    for k in "ABCAB":
+        ref.access(k)
+    assert ref.access("D") == (False, "C")       # what the reference evicts next
+    with pytest.raises(ConfigError, match="no free slot"):
+        pol.admit("D")
+
+
+def _cache_with_layers(capacity, n_layers=3, E=6):
+    host = _host_experts(n_layers, E)
+    cache = ExpertCache(SLRUPolicy(capacity), Ledger("cpu"), ((8, 16), (8, 16), (16, 8)))
+    layers = [cache.layer(i, *host[i]) for i in range(n_layers)]
+    return host, cache, layers
+
+
+def test_make_resident_builds_a_table_of_every_expert():
+    host, cache, layers = _cache_with_layers(18)
+    assert cache.n_keys == 18 and cache.can_hold_all
+    assert layers[0].resident_view() is None                 # not yet resident
+    layers[1].get(1, 4)                                      # one miss before: keeps its slot
+    slot_before = cache.policy.slot_of((1, 4))
+    table = cache.make_resident()
+    assert table.shape == (3, 6) and table.dtype == torch.int32
+    assert sorted(table.flatten().tolist()) == list(range(18))          # a slot each, no sharing
+    assert table[1, 4].item() == slot_before
+    for i in range(3):
+        gate, up, down, row = layers[i].resident_view()
+        for e in range(6):
+            s = row[e].item()
+            assert torch.equal(gate[s], host[i][0][e]) and torch.equal(up[s], host[i][1][e])
+            assert torch.equal(down[s], host[i][2][e])
+    st = cache.stats()
+    assert (st["misses"], st["hits"], st["preloaded"], st["evictions"]) == (1, 0, 17, 0)
+    assert st["bytes_moved"] == 18 * 3 * 8 * 16 * 4
+    assert cache.make_resident() is table                    # idempotent, nothing copied again
+    assert cache.stats()["bytes_moved"] == st["bytes_moved"]
+    with pytest.raises(ConfigError, match="after make_resident"):
+        cache.layer(3, *host[0])
+
+
+def test_resident_statistics():
+    _, cache, layers = _cache_with_layers(18)
+    layers[0].get(0, 1)
+    layers[0].get(0, 1)                                       # host-routed: 1 miss, 1 hit
+    cache.make_resident()
+    cache.note_resident(5, 2)                                 # 5 device-routed tokens, k = 2
+    st = cache.stats()
+    assert st["resident_hits"] == 5 * 2 * 3 and st["resident_tokens"] == 5
+    assert st["hits"] == 1 + 30 and st["misses"] == 1
+    assert st["hit_rate"] == pytest.approx(31 / 32)
+    assert st["per_layer"][0] == {"hits": 11, "misses": 1, "hit_rate": 11 / 12, "resident_hits": 10}
+    assert st["per_layer"][2] == {"hits": 10, "misses": 0, "hit_rate": 1.0, "resident_hits": 10}
+
+
+def test_make_resident_refuses_a_partial_cache():
+    _, cache, layers = _cache_with_layers(17)
+    assert not cache.can_hold_all
+    assert "holds 17 of 18 trunk experts" in layers[0].resident_blocker("cpu")
+    with pytest.raises(ConfigError, match="17 slots cannot hold the 18 experts"):
+        cache.make_resident()
+
+
+def test_slot_groups_end_before_a_token_evicts_its_own_expert():
+    host, cache, layers = _cache_with_layers(3, n_layers=1, E=8)   # protected 2, probationary 1
+    for e in (0, 1, 0, 1):
+        layers[0].get(0, e)                                   # 0 and 1 protected
+    groups = list(layers[0].slot_groups(0, [4, 5, 6]))       # three misses through one slot
+    assert [pos for pos, _ in groups] == [[0], [1], [2]]
+    groups = list(layers[0].slot_groups(0, [0, 1, 7]))       # hits, then one miss: one group
+    assert [pos for pos, _ in groups] == [[0, 1, 2]]
+    assert len(set(groups[0][1])) == 3

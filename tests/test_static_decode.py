@@ -46,6 +46,13 @@ def test_kernels_with_device_position_match_references(fmt, triton_backend):
         assert (got - want).abs().max().item() < 1e-5
 
 
+def partial_cache_budget(slots: int, model: str = "tiny-qwen3moe", ctx: int = 32) -> int:
+    """A budget that holds every layer (f32, fp32 KV) but only ``slots`` experts."""
+    from engine.planner import plan, spec_for_model
+    p = plan(spec_for_model(model), kv_dtype="fp32", ctx=ctx, device="cpu")
+    return p.trunk.total - p.trunk.expert_cache + slots * p.expert_slot_bytes
+
+
 def _eager_logits(eng, n):
     eng.set_decode_mode("eager")
     eng.prefill(PROMPT)
@@ -90,10 +97,13 @@ def test_static_decode_refuses_what_it_cannot_apply(monkeypatch):
         dense.set_decode_mode("fast")
     prev = kernels.set_backend("triton")
     try:
-        moe = engine.load(synth.ensure("tiny-qwen3moe"), ctx=32)
-        with pytest.raises(ConfigError, match="MoE"):
+        # a partial expert cache: a miss needs the host's SLRU policy, so decode stays eager
+        moe = engine.load(synth.ensure("tiny-qwen3moe"), ctx=32, vram_budget=partial_cache_budget(10))
+        assert moe.plan.expert_slots == 10 < moe.plan.trunk_experts
+        with pytest.raises(ConfigError, match="MoE layer 0: the expert cache holds 10 of 32"):
             moe.set_decode_mode("static")
         assert moe.decode_path == "eager"
+        assert moe.set_decode_mode("auto") == "eager" and "expert cache holds 10 of 32" in moe.decode_path_reason
     finally:
         kernels.set_backend(prev)
     monkeypatch.setenv("KVBENCH_DECODE_MODE", "cuda_graph")
@@ -184,3 +194,64 @@ def test_static_decode_out_of_memory_is_an_engine_error(triton_backend, monkeypa
     with pytest.raises(OutOfMemoryError, match=r"static decode at position 8.*Tried to allocate"):
         eng.decode(3)
     assert eng.pos == len(PROMPT)            # a failed step does not move the position
+
+
+# MoE: the static step routes on the device and reads the experts through the expert cache's
+# slot table (every expert resident); the eager step reads routing on the host (SLRU). Same
+# float32 weights, so logits agree to summation order and the greedy tokens are identical.
+MOE_CASES = [pytest.param("tiny-qwen3moe", "fp32", id="qwen3moe-fp32"),
+             pytest.param("tiny-qwen3moe", "q8_0", id="qwen3moe-q8_0"),
+             pytest.param("tiny-olmoe", "bf16", id="olmoe-bf16"),
+             pytest.param("tiny-llama-moe", "fp32", id="llama-moe-fp32")]
+
+
+@pytest.mark.parametrize("model,kv", MOE_CASES)
+def test_static_moe_decode_matches_eager(model, kv, triton_backend):
+    eng = engine.load(synth.ensure(model), kv_dtype=kv, ctx=40)
+    spec, cache = eng.spec, eng.expert_cache
+    assert eng.plan.expert_slots == eng.plan.trunk_experts == spec.n_experts * len(spec.moe_layers)
+    ref = _eager_logits(eng, 4)
+    eager_tokens = eng.generate(PROMPT, 6, stop_at_eos=False)
+    before = cache.stats()
+    eng.set_decode_mode("static")
+    assert eng.decode_path == "static"
+    eng.prefill(PROMPT)
+    got = torch.stack([eng.decode(PROMPT[-1] + i) for i in range(4)])
+    err = (got - ref).abs().max().item()
+    print(f"{model} KV {kv}: static vs eager MoE decode max-abs {err:.2e}")
+    assert err < 1e-4
+    assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    assert eng.generate(PROMPT, 6, stop_at_eos=False) == eager_tokens
+    # statistics: the static steps (4 + 5) are resident hits, k per MoE layer; prefill stays host-routed
+    st, n_moe, k = cache.stats(), len(spec.moe_layers), spec.n_experts_used
+    assert st["resident"] and st["resident_tokens"] == 9
+    assert st["resident_hits"] == 9 * k * n_moe
+    assert st["misses"] == before["misses"] and st["evictions"] == 0
+    assert st["preloaded"] == spec.n_experts * n_moe - before["misses"]        # the rest were copied in once
+    one = 3 * spec.d_ff_expert * spec.d_model * 4
+    assert st["bytes_moved"] == (st["misses"] + st["preloaded"]) * one
+    assert st["hits"] > before["hits"] + st["resident_hits"]              # + the prefills' host-routed hits
+    for layer in spec.moe_layers:
+        row = st["per_layer"][layer]
+        assert row["resident_hits"] == 9 * k and row["hit_rate"] == row["hits"] / (row["hits"] + row["misses"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["tiny-qwen3moe", "tiny-olmoe", "tiny-llama-moe", "coder30b-mini-synth"])
+def test_cuda_graph_moe_decode_matches_eager(model):
+    """float32 weights, fp32 KV: the captured step (device routing, MoE kernel through the
+    slot table, compiled maths) against the eager step (host routing through the SLRU)."""
+    eng = engine.load(synth.ensure(model), kv_dtype="fp32", device="cuda", ctx=64, weight_format="f32")
+    assert eng.decode_path == "cuda_graph", eng.decode_path_reason
+    graph = eng.generate(PROMPT, 16, stop_at_eos=False)
+    assert eng._static.graph is not None and eng.expert_cache.stats()["resident"]
+    eng.set_decode_mode("eager")
+    eager = eng.generate(PROMPT, 16, stop_at_eos=False)
+    assert graph == eager
+    ref = _eager_logits(eng, 8)
+    eng.set_decode_mode("cuda_graph")
+    eng.prefill(PROMPT)
+    got = torch.stack([eng.decode(PROMPT[-1] + i) for i in range(8)])
+    err = (got - ref).abs().max().item()
+    print(f"{model}: cuda graph vs eager MoE decode, f32 weights: logits max-abs {err:.2e}")
+    assert err < GRAPH_TOL["fp32"]
