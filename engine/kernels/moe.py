@@ -9,7 +9,7 @@ in any float dtype, ``ids`` [k] integer and ``weights`` [k] float device tensors
 Only the k selected rows are read, straight from the stacks (no gathered copy); expert and
 slot ids are read on the device, so the launch is the same for every token (no host sync:
 a CUDA graph can capture it). Two launches: gate/up/SiLU into a [k, ff] float32 scratch,
-then down, the weighted sum over the k experts in order j = 0..k-1 and the residual. Every
+then down, the weighted sum over the k experts and the residual. Every
 product accumulates in float32 from the stored dtype. ``moe_decode_ref`` is the plain torch
 ground truth (float32 maths, a loop over the k experts); ``CONFIG`` holds the tile sizes.
 
@@ -75,22 +75,23 @@ def _moe_down_kernel(H, W, IDS, TABLE, P, R, OUT,
                      stride_we, stride_wd, stride_hk,
                      USE_TABLE: tl.constexpr, HAS_RES: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
-    # grid: (cdiv(D, BLOCK_D),); OUT[r] = R[r] + sum_j P[j] * (down[s_j, r] . H[j])
+    # grid: (cdiv(D, BLOCK_D),); OUT[r] = R[r] + sum_j P[j] * (down[s_j, r] . H[j]). One flat
+    # loop over (expert, column block) pairs, so the loads pipeline across experts too.
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
-    y = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for j in range(0, K):
+    row_off = offs_d[:, None].to(tl.int64) * stride_wd                        # [BLOCK_D, 1]
+    n_f = tl.cdiv(FF, BLOCK_F)
+    acc = tl.zeros([BLOCK_D, BLOCK_F], dtype=tl.float32)
+    for t in range(0, K * n_f):
+        j = t // n_f
+        offs_f = (t % n_f) * BLOCK_F + tl.arange(0, BLOCK_F)
+        mask_f = offs_f < FF
         s = _expert_row(IDS, TABLE, j, USE_TABLE)
         p = tl.load(P + j).to(tl.float32)
-        rows = W + s * stride_we + offs_d[:, None].to(tl.int64) * stride_wd      # [BLOCK_D, 1]
-        acc = tl.zeros([BLOCK_D, BLOCK_F], dtype=tl.float32)
-        for f0 in range(0, FF, BLOCK_F):
-            offs_f = f0 + tl.arange(0, BLOCK_F)
-            mask_f = offs_f < FF
-            h = tl.load(H + j * stride_hk + offs_f, mask=mask_f, other=0.0)      # [BLOCK_F] f32
-            w = tl.load(rows + offs_f[None, :], mask=mask_d[:, None] & mask_f[None, :], other=0.0)
-            acc += w.to(tl.float32) * h[None, :]
-        y += p * tl.sum(acc, axis=1)
+        h = tl.load(H + j * stride_hk + offs_f, mask=mask_f, other=0.0) * p     # [BLOCK_F] f32
+        w = tl.load(W + s * stride_we + row_off + offs_f[None, :], mask=mask_d[:, None] & mask_f[None, :], other=0.0)
+        acc += w.to(tl.float32) * h[None, :]
+    y = tl.sum(acc, axis=1)
     if HAS_RES:
         y += tl.load(R + offs_d, mask=mask_d, other=0.0)
     tl.store(OUT + offs_d, y, mask=mask_d)
