@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import time
 import weakref
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -23,8 +24,8 @@ from . import kv as kvmod
 from .errors import ConfigError, ContextOverflowError, ModelFileError, out_of_memory
 from .gguf_io import GGUFFile, open_gguf
 from . import settings
-from .hostmem import pinned_empty
-from .model import Experts, LayerWeights, Transformer
+from .hybrid import WeightsPlacementError, load_weights  # noqa: F401  (re-exported)
+from .model import Transformer
 from .models import resolve
 from .spec import ModelSpec
 
@@ -43,73 +44,6 @@ def _device(device: str | torch.device) -> torch.device:
     if dev.type not in ("cpu", "cuda"):
         raise ConfigError(f"device {device!r} is not supported", "use 'cpu' or 'cuda'")
     return dev
-
-
-def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float32,
-                 layer_devices: list[torch.device] | None = None, head_device: torch.device | None = None,
-                 pin_experts: bool = False, decode_device: torch.device | None = None,
-                 ) -> tuple[list[LayerWeights], torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Every tensor read straight into its storage, shape checked against the spec.
-
-    Matrices and routed experts are stored as ``dtype``, norms float32. Layer ``i``'s resident
-    tensors live on ``layer_devices[i]``; routed experts (``Experts``) and ``token_embd`` on the
-    host, experts in pinned memory when ``pin_experts``; ``output_norm`` and ``output`` on
-    ``head_device`` when given (the head's own tier: a tied output is then its own copy),
-    else on the host (a tied output is ``token_embd`` itself). Tensors are decoded one at a
-    time in chunks (``GGUFFile.tensor``), on ``decode_device`` when given (e.g. the GPU for
-    host-bound tensors: raw blocks go up, the stored dtype comes back), else on their own
-    device, so the host never holds more than the stored bytes plus one chunk of float32.
-    Defaults: everything float32 on the host."""
-    d, q, kvd = spec.d_model, spec.q_dim, spec.kv_dim
-    host = torch.device("cpu")
-    layer_devices = layer_devices or [host] * spec.n_layers
-
-    def read(name, shape, dev, wdtype=dtype, pin=False):
-        if dev.type == "cpu" and (pin or (decode_device is not None and decode_device != dev)):
-            # pinned at its exact size (torch's pinned allocator rounds up to a power of two)
-            out = pinned_empty(shape, wdtype) if pin else torch.empty(shape, dtype=wdtype)
-            return g.tensor(name, shape, dtype=wdtype, device=decode_device or host, out=out)
-        return g.tensor(name, shape, dtype=wdtype, device=dev)
-
-    layers = []
-    for i in range(spec.n_layers):
-        p, dev = f"blk.{i}.", layer_devices[i]
-        t = lambda name, shape: read(p + name, shape, dev)                        # noqa: E731
-        norm = lambda name, shape: read(p + name, shape, dev, torch.float32)      # noqa: E731
-        lw = LayerWeights(
-            attn_norm=norm("attn_norm.weight", (d,)), wq=t("attn_q.weight", (q, d)),
-            wk=t("attn_k.weight", (kvd, d)), wv=t("attn_v.weight", (kvd, d)),
-            wo=t("attn_output.weight", (d, q)), ffn_norm=norm("ffn_norm.weight", (d,)))
-        if spec.qk_norm == "head":
-            lw.q_norm, lw.k_norm = norm("attn_q_norm.weight", (spec.head_dim,)), norm("attn_k_norm.weight", (spec.head_dim,))
-        elif spec.qk_norm == "full":
-            lw.q_norm, lw.k_norm = norm("attn_q_norm.weight", (q,)), norm("attn_k_norm.weight", (kvd,))
-        if spec.post_norms:
-            lw.post_attn_norm = norm("post_attention_norm.weight", (d,))
-            lw.post_ffn_norm = norm("post_ffw_norm.weight", (d,))
-        if i in spec.moe_layers:
-            E, ff = spec.n_experts, spec.d_ff_expert
-            lw.router = t("ffn_gate_inp.weight", (E, d))
-            lw.experts = Experts(*(read(p + name, shape, host, pin=pin_experts) for name, shape in (
-                ("ffn_gate_exps.weight", (E, ff, d)), ("ffn_up_exps.weight", (E, ff, d)),
-                ("ffn_down_exps.weight", (E, d, ff)))))
-        else:
-            ff = spec.d_ff
-            lw.w_gate, lw.w_up = t("ffn_gate.weight", (ff, d)), t("ffn_up.weight", (ff, d))
-            lw.w_down = t("ffn_down.weight", (d, ff))
-        layers.append(lw)
-    vd = (spec.vocab_size, d)
-    embed = read("token_embd.weight", vd, host)
-    out_norm = read("output_norm.weight", (d,), head_device or host, torch.float32)
-    if spec.tied_output:
-        output = embed if head_device is None else embed.to(head_device, copy=True)
-    else:
-        output = read("output.weight", vd, head_device or host)
-    return layers, embed, out_norm, output
-
-
-class WeightsPlacementError(ConfigError):
-    """``weights_from`` an engine whose weights are placed differently from the new plan."""
 
 
 _LIVE: "weakref.WeakSet[Engine]" = weakref.WeakSet()
@@ -373,129 +307,102 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     the old one did (else ConfigError). On CUDA ``vram_budget=None`` then means the old plan's
     budget (free memory now would not count the weights already held). The old engine is
     left unusable (its ``model`` is None)."""
-    from .expert_cache import ExpertCache
-    from .ledger import Ledger
-    from .planner import plan as make_plan, require_host_fit
+    from . import hybrid
+    # 1. validate: the request, the file (or the engine whose weights are taken over)
+    req = _validate(model, kv_dtype, device, ctx, wave_budget_bytes, weight_format, weights_from)
+    src = _source(req, weights_from)
+    if weights_from is not None and vram_budget is None and req.device.type == "cuda":
+        vram_budget = weights_from.plan.budget_bytes     # free memory now would not count the held weights
+    # 2. plan: device and host memory, refused before anything is read or allocated
+    plan = _plan(req, src, vram_budget, n_gpu_layers, host_ram, weights_from)
+    # 3. place: which layers, head and experts live where (engine.hybrid)
+    placement = hybrid.place(plan, src.spec, req.device)
+    if weights_from is not None:
+        hybrid.take_over(weights_from, plan, placement)
+    # 4. bind: weights (read or taken over), expert cache, scratch, KV caches, all in the ledger
+    tokenizer = src.tokenizer or _tokenizer_for(src.gguf)
+    try:
+        model_, cache = hybrid.bind_weights(src.gguf, src.spec, plan, placement, src.ledger,
+                                            WEIGHT_DTYPES[plan.weight_format], weights_from)
+        hybrid.alloc_scratch(plan, src.ledger)
+        eng = Engine(req.path, src.gguf, src.spec, model_, tokenizer, req.kv_dtype, req.device, req.ctx,
+                     req.wave, layer_kv_dtypes=plan.layer_kv_dtypes)
+    except torch.OutOfMemoryError as exc:
+        raise out_of_memory("load", plan, req.device, exc) from None
+    hybrid.register_kv(eng.caches, placement, src.ledger)
+    eng.plan, eng.ledger, eng.expert_cache = plan, src.ledger, cache
+    return eng
 
+
+@dataclass(frozen=True)
+class _Request:
+    path: Path
+    kv_dtype: str
+    device: torch.device
+    ctx: int
+    wave: int
+    weight_format: str
+
+
+@dataclass
+class _Source:
+    gguf: GGUFFile
+    spec: ModelSpec
+    tokenizer: object | None      # None: built after the plan says the load can go ahead
+    ledger: object
+
+
+def _validate(model, kv_dtype, device, ctx, wave_budget_bytes, weight_format, reuse) -> _Request:
     if kv_dtype not in kvmod.KV_DTYPES:
         raise ConfigError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(kvmod.KV_DTYPES)}",
                           "pick one of those")
     if not isinstance(ctx, int) or ctx <= 0:
         raise ConfigError(f"ctx {ctx!r} must be a positive integer")
     dev = _device(device)
-    wave = int(wave_budget_bytes or DEFAULT_WAVE_BUDGET)
-    path = resolve(model)
-    reuse = weights_from
+    path = Path(resolve(model))
     if reuse is not None:
         if reuse.model is None:
             raise ConfigError("weights_from: that engine's weights were already taken over by a later load",
                               "pass the engine the last load returned")
         if weight_format == "auto":             # the loaded weights decide
             weight_format = reuse.plan.weight_format
-        if (Path(path), dev, weight_format) != (Path(reuse.path), reuse.device, reuse.plan.weight_format):
+        if (path, dev, weight_format) != (Path(reuse.path), reuse.device, reuse.plan.weight_format):
             raise ConfigError(f"weights_from holds {Path(reuse.path).name} on {reuse.device} at "
-                              f"{reuse.plan.weight_format}, not {Path(path).name} on {dev} at {weight_format}",
+                              f"{reuse.plan.weight_format}, not {path.name} on {dev} at {weight_format}",
                               "load afresh (no weights_from) or match model, device and weight_format")
-        g, spec, tokenizer, ledger = reuse.gguf, reuse.spec, reuse.tokenizer, reuse.ledger
-        if vram_budget is None and dev.type == "cuda":
-            vram_budget = reuse.plan.budget_bytes
-    else:
-        g = open_gguf(path)
-        spec = ModelSpec.from_gguf(g)
-        tokenizer = None            # built once the plan says this load can go ahead
-        if dev.type == "cuda":
-            _warm_cuda_libraries(dev)
-        ledger = Ledger(dev)   # before any allocation, so `unaccounted` sees everything
+    if weight_format != "auto" and weight_format not in WEIGHT_DTYPES:
+        raise ConfigError(f"weight_format {weight_format!r} cannot be applied by this engine "
+                          f"(it stores {', '.join(WEIGHT_DTYPES)}, or auto)", "pick one of those")
+    return _Request(path, kv_dtype, dev, ctx, int(wave_budget_bytes or DEFAULT_WAVE_BUDGET), weight_format)
+
+
+def _source(req: _Request, reuse) -> _Source:
+    if reuse is not None:
+        return _Source(reuse.gguf, reuse.spec, reuse.tokenizer, reuse.ledger)
+    from .ledger import Ledger
+    g = open_gguf(req.path)
+    spec = ModelSpec.from_gguf(g)
+    if req.device.type == "cuda":
+        _warm_cuda_libraries(req.device)
+    return _Source(g, spec, None, Ledger(req.device))   # the ledger before any allocation
+
+
+def _plan(req: _Request, src: _Source, vram_budget, n_gpu_layers, host_ram, reuse):
+    from .planner import plan as make_plan, require_host_fit
     held = 0 if reuse is None else reuse.plan.host_ram.need - reuse.plan.host_ram.headroom
-    plan = make_plan(spec, kv_dtype=kv_dtype, ctx=ctx, vram_budget=vram_budget, n_gpu_layers=n_gpu_layers,
-                     wave_budget_bytes=wave, weight_format=weight_format, device=dev, host_ram=host_ram,
-                     host_held=held, file_bytes=Path(path).stat().st_size)
-    require_host_fit(plan)          # before anything is read or allocated
-    weight_format = plan.weight_format
-    swa_on_triton = [i for i in spec.swa_layers if plan.layer_tiers[i] == "trunk"]
-    if swa_on_triton and kvmod.kernels.use_triton(dev):   # fail at load, not mid-prefill
-        raise ConfigError(f"{path.name}: layers {swa_on_triton[:3]}... use sliding-window attention, "
+    plan = make_plan(src.spec, kv_dtype=req.kv_dtype, ctx=req.ctx, vram_budget=vram_budget,
+                     n_gpu_layers=n_gpu_layers, wave_budget_bytes=req.wave, weight_format=req.weight_format,
+                     device=req.device, host_ram=host_ram, host_held=held, file_bytes=req.path.stat().st_size)
+    require_host_fit(plan)
+    swa_on_triton = [i for i in src.spec.swa_layers if plan.layer_tiers[i] == "trunk"]
+    if swa_on_triton and kvmod.kernels.use_triton(req.device):   # fail at load, not mid-prefill
+        raise ConfigError(f"{req.path.name}: layers {swa_on_triton[:3]}... use sliding-window attention, "
                           f"which is implemented only in the torch path",
                           "use KVBENCH_ATTN_BACKEND=torch or device cpu")
-    wdtype = WEIGHT_DTYPES.get(weight_format)
-    if wdtype is None:
-        raise ConfigError(f"weight_format {weight_format!r} cannot be applied by this engine "
+    if plan.weight_format not in WEIGHT_DTYPES:
+        raise ConfigError(f"weight_format {plan.weight_format!r} cannot be applied by this engine "
                           f"(it stores {', '.join(WEIGHT_DTYPES)})", "pick one of those")
-    if tokenizer is None:
-        tokenizer = _tokenizer_for(g)
-    host = torch.device("cpu")
-    tiers = plan.layer_tiers
-    layer_devices = [dev if t == "trunk" else host for t in tiers]
-    head_device = dev if plan.head_tier == "trunk" else None
-    trunk_moe = [i for i in spec.moe_layers if tiers[i] == "trunk"]
-    if reuse is not None:
-        if (tiers, plan.head_tier) != (reuse.plan.layer_tiers, reuse.plan.head_tier):
-            raise WeightsPlacementError(f"weights_from: this plan puts {plan.n_gpu_layers} layers and the head on "
-                              f"{plan.head_tier}, the loaded weights are placed for {reuse.plan.n_gpu_layers} "
-                              f"and {reuse.plan.head_tier}", "load afresh (no weights_from) for this budget")
-        for c in reuse.caches:                         # free the old runtime buffers first
-            ledger.free(c.k)
-            ledger.free(c.v)
-        for buf in (reuse.expert_cache.slots if reuse.expert_cache is not None else ()):
-            ledger.free(buf)
-        for name in [f"scratch.{item}" for item in reuse.plan.scratch_items] + \
-                ["scratch.host"] * bool(reuse.plan.host.scratch):
-            ledger.release(name)
-        c = buf = None                                 # the loop variables held the last buffers
-        left = {(c, t): ledger.current(c, t) for c in ("kv", "scratch", "expert_cache") for t in ("trunk", "host")}
-        if any(left.values()):
-            raise ConfigError(f"weights_from: buffers outside the weights are still recorded ({left})",
-                              "load afresh (no weights_from)")
-        old_model = reuse.model
-        reuse.model = reuse.expert_cache = reuse._static = None   # a captured decode graph holds old buffers
-        reuse.caches = []
-        for i in trunk_moe:     # unbind the old cache's slots so they are freed before the new ones exist
-            old_model.layers[i].experts = Experts(*old_model.layers[i].experts.tensors())
-    try:
-        cache = ExpertCache.for_spec(spec, ledger, plan.expert_slots, dtype=wdtype) if trunk_moe else None
-        if reuse is not None:
-            layers = [LayerWeights(**vars(lw)) for lw in old_model.layers]
-            for i in trunk_moe:
-                layers[i].experts = cache.layer(i, *layers[i].experts.tensors())
-            model_ = Transformer(spec, layers, old_model.embed, old_model.out_norm, old_model.output,
-                                 old_model.layer_devices, old_model.head_device)
-        else:
-            # streamed: each tensor is decoded (on the GPU when there is one) straight into its storage
-            layers, embed, out_norm, output = load_weights(
-                g, spec, wdtype, layer_devices, head_device, pin_experts=dev.type == "cuda",
-                decode_device=dev if dev.type == "cuda" else None)
-            for i, lw in enumerate(layers):
-                tier = tiers[i]
-                for name, value in vars(lw).items():
-                    if isinstance(value, torch.Tensor):
-                        ledger.register("weights", value, tier, name=f"blk.{i}.{name}")
-                if lw.experts is not None:
-                    hosted = [ledger.register("weights", t, "host", name=f"blk.{i}.experts.{n}")
-                              for n, t in zip(("gate", "up", "down"), lw.experts.tensors())]
-                    if tier == "trunk":
-                        lw.experts = cache.layer(i, *hosted)
-            ledger.register("weights", embed, "host", name="token_embd")
-            if plan.head_tier == "trunk":
-                ledger.register("weights", out_norm, "trunk", name="output_norm")
-                ledger.register("weights", output, "trunk", name="output")
-            else:
-                ledger.register("weights", out_norm, "host", name="output_norm")
-                if not spec.tied_output:
-                    ledger.register("weights", output, "host", name="output")
-            model_ = Transformer(spec, layers, embed, out_norm, output, layer_devices, head_device or host)
-        for item, nbytes in plan.scratch_items.items():
-            ledger.alloc("scratch", (nbytes,), torch.uint8, "trunk", name=f"scratch.{item}", zero=False)
-        if plan.host.scratch:
-            ledger.alloc("scratch", (plan.host.scratch,), torch.uint8, "host", name="scratch.host", zero=False)
-        eng = Engine(path, g, spec, model_, tokenizer, kv_dtype, dev, ctx, wave,
-                     layer_kv_dtypes=plan.layer_kv_dtypes)
-    except torch.OutOfMemoryError as exc:
-        raise out_of_memory("load", plan, dev, exc) from None
-    for i, c in enumerate(eng.caches):
-        for j, buf in enumerate((c.k, c.v)):
-            ledger.register("kv", buf, tiers[i], name=f"blk.{i}.kv.{j}")
-    eng.plan, eng.ledger, eng.expert_cache = plan, ledger, cache
-    return eng
+    return plan
 
 
 def _warm_cuda_libraries(dev: torch.device) -> None:

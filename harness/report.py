@@ -29,6 +29,18 @@ import pandas as pd  # noqa: E402
 from .results import Results, atomic_write, load_results  # noqa: E402
 
 COLORS = {"fp32": "#555555", "bf16": "#1f77b4", "q8_0": "#ff7f0e"}
+# check kind -> section(report, check_names): a check module outside this file adds the
+# section of its kind here (``register_section``); ``build`` calls it after the built-in ones
+SECTIONS: dict = {}
+
+
+def register_section(kind: str):
+    """Decorator: ``@register_section("needle") def needle(report, names): ...``; the
+    function appends markdown to ``report.md`` and saves plots with ``report.save``."""
+    def deco(fn):
+        SECTIONS[kind] = fn
+        return fn
+    return deco
 ICON = {"pass": "✅ pass", "fail": "❌ **FAIL**", "error": "⚠️ **error**",
         "incomplete": "⚠️ **incomplete**", "n/a": "➖ n/a"}
 TEXT_CHARS = 320
@@ -549,6 +561,10 @@ class _Report:
         self.waves()
         self.throughput()
         self.coherence()
+        for kind, section in SECTIONS.items():     # sections of check kinds defined elsewhere
+            names = self.checks_of(kind)
+            if names:
+                section(self, names)
         self.skipped()
         path = self.out / "report.md"
         atomic_write(path, "\n".join(self.md).rstrip() + "\n")

@@ -545,8 +545,6 @@ def test_run_lock_refuses_a_second_process(runs, tmp_path):
     assert len(load_results(d).cases()) == 12
 
 
-@pytest.mark.xfail(strict=True, reason="harness/runner.py does not take RunLock yet (issue 16: the lead "
-                   "wires it); remove this marker when it does")
 def test_run_refuses_a_locked_results_dir(tmp_path):
     """A run (here --resume, the case of the issue) on a directory another process holds is
     refused before it reads or rewrites anything, naming the holder."""

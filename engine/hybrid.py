@@ -1,0 +1,201 @@
+"""The hybrid placement: a plan's GPU trunk, CPU tail and expert cache made real.
+
+Contract: ``place(plan, spec, device) -> Placement`` says where each layer, the head and the
+routed experts live: layers ``[0, plan.n_gpu_layers)`` (the trunk) on ``device``, the tail on
+the CPU; the head on the trunk when the plan puts it there; a trunk MoE layer's routed
+experts on the host, streamed through the SLRU expert cache (``engine.expert_cache``) on the
+trunk device; a tail MoE layer computes with its host experts directly. ``bind_weights``
+reads the weights into that placement (``load_weights``: one tensor at a time, straight
+into its storage dtype and device; routed experts pinned at their exact size on CUDA) or
+takes over an engine's weights (``take_over`` first frees that engine's KV, scratch and
+expert cache and checks the placement is the same), builds the expert cache and the
+``Transformer``, and records every buffer in the ledger with its category and tier, so
+``ledger.compare(plan)`` holds the runtime to the plan byte for byte. ``alloc_scratch`` and
+``register_kv`` do the same for scratch and KV.
+
+    placement = place(plan, spec, torch.device("cuda"))
+    model, cache = bind_weights(gguf, spec, plan, placement, ledger, torch.bfloat16)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ConfigError
+from .gguf_io import GGUFFile
+from .hostmem import pinned_empty
+from .model import Experts, LayerWeights, Transformer
+from .spec import ModelSpec
+
+HOST = torch.device("cpu")
+
+
+class WeightsPlacementError(ConfigError):
+    """``weights_from`` an engine whose weights are placed differently from the new plan."""
+
+
+@dataclass(frozen=True)
+class Placement:
+    tiers: list[str]                      # per layer: "trunk" | "host"
+    layer_devices: list[torch.device]
+    head_device: torch.device | None      # None: the host (a tied head reads token_embd there)
+    trunk_moe: list[int]                  # MoE layers whose experts stream through the cache
+    device: torch.device
+
+
+def place(plan, spec: ModelSpec, device: torch.device) -> Placement:
+    tiers = list(plan.layer_tiers)
+    return Placement(tiers, [device if t == "trunk" else HOST for t in tiers],
+                     device if plan.head_tier == "trunk" else None,
+                     [i for i in spec.moe_layers if tiers[i] == "trunk"], device)
+
+
+def take_over(reuse, plan, placement: Placement) -> None:
+    """Free ``reuse``'s KV, scratch and expert cache (its weights stay) before the new ones
+    are allocated; ``reuse`` cannot run afterwards. Raises ``WeightsPlacementError`` (nothing
+    freed) when the plan places layers or head differently."""
+    if (placement.tiers, plan.head_tier) != (reuse.plan.layer_tiers, reuse.plan.head_tier):
+        raise WeightsPlacementError(f"weights_from: this plan puts {plan.n_gpu_layers} layers and the head on "
+                                    f"{plan.head_tier}, the loaded weights are placed for "
+                                    f"{reuse.plan.n_gpu_layers} and {reuse.plan.head_tier}",
+                                    "load afresh (no weights_from) for this budget")
+    ledger = reuse.ledger
+    for c in reuse.caches:
+        for buf in (c.k, c.v):
+            ledger.free(buf)
+    for buf in (reuse.expert_cache.slots if reuse.expert_cache is not None else ()):
+        ledger.free(buf)
+    for name in [f"scratch.{item}" for item in reuse.plan.scratch_items] + \
+            ["scratch.host"] * bool(reuse.plan.host.scratch):
+        ledger.release(name)
+    left = {(c, t): ledger.current(c, t) for c in ("kv", "scratch", "expert_cache") for t in ("trunk", "host")}
+    if any(left.values()):
+        raise ConfigError(f"weights_from: buffers outside the weights are still recorded ({left})",
+                          "load afresh (no weights_from)")
+    reuse.taken_model = reuse.model
+    reuse.model = reuse.expert_cache = reuse._static = None   # a captured decode graph holds old buffers
+    reuse.caches = []
+    for i in placement.trunk_moe:   # unbind the old cache's slots so they are freed before the new ones exist
+        reuse.taken_model.layers[i].experts = Experts(*reuse.taken_model.layers[i].experts.tensors())
+    import gc
+    gc.collect()      # what only a reference cycle still holds goes now, before the new buffers exist
+
+
+def bind_weights(g: GGUFFile, spec: ModelSpec, plan, placement: Placement, ledger, wdtype: torch.dtype,
+                 reuse=None):
+    """(Transformer, expert cache or None) for the placement: read from ``g``, or the weights
+    ``take_over`` left on ``reuse``; every weight recorded in ``ledger``."""
+    from .expert_cache import ExpertCache
+    cache = (ExpertCache.for_spec(spec, ledger, plan.expert_slots, dtype=wdtype)
+             if placement.trunk_moe else None)
+    if reuse is not None:
+        old = reuse.__dict__.pop("taken_model")
+        layers = [LayerWeights(**vars(lw)) for lw in old.layers]
+        for i in placement.trunk_moe:
+            layers[i].experts = cache.layer(i, *layers[i].experts.tensors())
+        return Transformer(spec, layers, old.embed, old.out_norm, old.output, old.layer_devices,
+                           old.head_device), cache
+    dev = placement.device
+    # streamed: each tensor is decoded (on the GPU when there is one) straight into its storage
+    layers, embed, out_norm, output = load_weights(
+        g, spec, wdtype, placement.layer_devices, placement.head_device, pin_experts=dev.type == "cuda",
+        decode_device=dev if dev.type == "cuda" else None)
+    for i, lw in enumerate(layers):
+        tier = placement.tiers[i]
+        for name, value in vars(lw).items():
+            if isinstance(value, torch.Tensor):
+                ledger.register("weights", value, tier, name=f"blk.{i}.{name}")
+        if lw.experts is not None:
+            hosted = [ledger.register("weights", t, "host", name=f"blk.{i}.experts.{n}")
+                      for n, t in zip(("gate", "up", "down"), lw.experts.tensors())]
+            if tier == "trunk":
+                lw.experts = cache.layer(i, *hosted)
+    ledger.register("weights", embed, "host", name="token_embd")
+    if plan.head_tier == "trunk":
+        ledger.register("weights", out_norm, "trunk", name="output_norm")
+        ledger.register("weights", output, "trunk", name="output")
+    else:
+        ledger.register("weights", out_norm, "host", name="output_norm")
+        if not spec.tied_output:
+            ledger.register("weights", output, "host", name="output")
+    return Transformer(spec, layers, embed, out_norm, output, placement.layer_devices,
+                       placement.head_device or HOST), cache
+
+
+def alloc_scratch(plan, ledger) -> None:
+    for item, nbytes in plan.scratch_items.items():
+        ledger.alloc("scratch", (nbytes,), torch.uint8, "trunk", name=f"scratch.{item}", zero=False)
+    if plan.host.scratch:
+        ledger.alloc("scratch", (plan.host.scratch,), torch.uint8, "host", name="scratch.host", zero=False)
+
+
+def register_kv(caches, placement: Placement, ledger) -> None:
+    for i, c in enumerate(caches):
+        for j, buf in enumerate((c.k, c.v)):
+            ledger.register("kv", buf, placement.tiers[i], name=f"blk.{i}.kv.{j}")
+
+
+def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float32,
+                 layer_devices: list[torch.device] | None = None, head_device: torch.device | None = None,
+                 pin_experts: bool = False, decode_device: torch.device | None = None,
+                 ) -> tuple[list[LayerWeights], torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Every tensor read straight into its storage, shape checked against the spec.
+
+    Matrices and routed experts are stored as ``dtype``, norms float32. Layer ``i``'s resident
+    tensors live on ``layer_devices[i]``; routed experts (``Experts``) and ``token_embd`` on the
+    host, experts in pinned memory when ``pin_experts``; ``output_norm`` and ``output`` on
+    ``head_device`` when given (the head's own tier: a tied output is then its own copy),
+    else on the host (a tied output is ``token_embd`` itself). Tensors are decoded one at a
+    time in chunks (``GGUFFile.tensor``), on ``decode_device`` when given (e.g. the GPU for
+    host-bound tensors: raw blocks go up, the stored dtype comes back), else on their own
+    device, so the host never holds more than the stored bytes plus one chunk of float32.
+    Defaults: everything float32 on the host."""
+    d, q, kvd = spec.d_model, spec.q_dim, spec.kv_dim
+    host = HOST
+    layer_devices = layer_devices or [host] * spec.n_layers
+
+    def read(name, shape, dev, wdtype=dtype, pin=False):
+        if dev.type == "cpu" and (pin or (decode_device is not None and decode_device != dev)):
+            # pinned at its exact size (torch's pinned allocator rounds up to a power of two)
+            out = pinned_empty(shape, wdtype) if pin else torch.empty(shape, dtype=wdtype)
+            return g.tensor(name, shape, dtype=wdtype, device=decode_device or host, out=out)
+        return g.tensor(name, shape, dtype=wdtype, device=dev)
+
+    layers = []
+    for i in range(spec.n_layers):
+        p, dev = f"blk.{i}.", layer_devices[i]
+        t = lambda name, shape: read(p + name, shape, dev)                        # noqa: E731
+        norm = lambda name, shape: read(p + name, shape, dev, torch.float32)      # noqa: E731
+        lw = LayerWeights(
+            attn_norm=norm("attn_norm.weight", (d,)), wq=t("attn_q.weight", (q, d)),
+            wk=t("attn_k.weight", (kvd, d)), wv=t("attn_v.weight", (kvd, d)),
+            wo=t("attn_output.weight", (d, q)), ffn_norm=norm("ffn_norm.weight", (d,)))
+        if spec.qk_norm == "head":
+            lw.q_norm, lw.k_norm = norm("attn_q_norm.weight", (spec.head_dim,)), norm("attn_k_norm.weight", (spec.head_dim,))
+        elif spec.qk_norm == "full":
+            lw.q_norm, lw.k_norm = norm("attn_q_norm.weight", (q,)), norm("attn_k_norm.weight", (kvd,))
+        if spec.post_norms:
+            lw.post_attn_norm = norm("post_attention_norm.weight", (d,))
+            lw.post_ffn_norm = norm("post_ffw_norm.weight", (d,))
+        if i in spec.moe_layers:
+            E, ff = spec.n_experts, spec.d_ff_expert
+            lw.router = t("ffn_gate_inp.weight", (E, d))
+            lw.experts = Experts(*(read(p + name, shape, host, pin=pin_experts) for name, shape in (
+                ("ffn_gate_exps.weight", (E, ff, d)), ("ffn_up_exps.weight", (E, ff, d)),
+                ("ffn_down_exps.weight", (E, d, ff)))))
+        else:
+            ff = spec.d_ff
+            lw.w_gate, lw.w_up = t("ffn_gate.weight", (ff, d)), t("ffn_up.weight", (ff, d))
+            lw.w_down = t("ffn_down.weight", (d, ff))
+        layers.append(lw)
+    vd = (spec.vocab_size, d)
+    embed = read("token_embd.weight", vd, host)
+    out_norm = read("output_norm.weight", (d,), head_device or host, torch.float32)
+    if spec.tied_output:
+        output = embed if head_device is None else embed.to(head_device, copy=True)
+    else:
+        output = read("output.weight", vd, head_device or host)
+    return layers, embed, out_norm, output
+
+
