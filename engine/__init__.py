@@ -16,7 +16,22 @@ except ConfigError as _e:
         raise SystemExit(2) from None
     raise
 
-from .engine import Engine, load  # noqa: E402,F401
 from .errors import EngineError  # noqa: E402,F401
-from .spec import ModelSpec  # noqa: E402,F401
+
+# ``Engine``, ``load`` and ``ModelSpec`` import torch: resolved on first use, so a CLI that
+# only parses arguments or reports an error starts in a fraction of a second
+_LAZY = {"Engine": "engine", "load": "engine", "ModelSpec": "spec"}
+_SUBMODULES = ("cli", "cuda_graph", "engine", "expert_cache", "gguf_io", "hostmem", "hybrid", "kernels", "kv",
+               "kv_ring", "ledger", "model", "models", "planner", "registry", "spec", "synth", "tokenizer")
+
+
+def __getattr__(name: str):
+    import importlib
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if name in _SUBMODULES:
+        return importlib.import_module(f".{name}", __name__)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
 
