@@ -23,7 +23,6 @@ byte-exact with ``gguf.quants``.
 from __future__ import annotations
 
 import bisect
-import os
 
 import torch
 
@@ -248,17 +247,10 @@ class LayerKV:
 
 
 def _fault() -> tuple[str, int | None]:
-    """KVBENCH_FAULT: ``ignore_kv_dtype`` or ``skip_narrow_layer:N`` (harness self-tests only)."""
-    raw = os.environ.get(FAULT_ENV, "").strip()
-    if not raw:
-        return "", None
-    if raw == "ignore_kv_dtype":
-        return raw, None
-    name, _, arg = raw.partition(":")
-    if name == "skip_narrow_layer" and arg.strip().lstrip("-").isdigit():
-        return name, int(arg)
-    raise ConfigError(f"{FAULT_ENV}={raw!r} is not a known fault",
-                      "use ignore_kv_dtype or skip_narrow_layer:N, or unset it")
+    """KVBENCH_FAULT (harness self-tests only), validated by ``engine.settings``: the faults
+    planted here are ``ignore_kv_dtype`` and ``skip_narrow_layer:N``; others live elsewhere."""
+    from . import settings
+    return settings.get(FAULT_ENV) or ("", None)
 
 
 def make_layer_kv(spec, layer: int, max_tokens: int, dtype: str, device: str | torch.device = "cpu",

@@ -57,13 +57,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
 import torch
 
+from . import settings
 from .errors import ConfigError, EngineError, KVGeometryError, OutOfMemoryError
 from .kv_ring import layer_kv_rows
 from .spec import ModelSpec
@@ -427,8 +427,10 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
     # only narrowed (trunk) layers are held to the dtype's geometry
     narrowed = n_gpu_layers != 0
     kv_rows = [layer_kv_rows(spec, i, ctx) for i in range(L)]
-    kv_trunk = [sum(rnd(b) for b in kv_buffer_bytes(spec, r, kv_dtype if narrowed else "fp32"))
-                for r in kv_rows]
+    priced = kv_dtype if narrowed else "fp32"
+    if settings.get("KVBENCH_FAULT") == ("kv_priced_fp32", None):
+        priced = "fp32"         # the seed's planner bug, on purpose: the harness must catch it
+    kv_trunk = [sum(rnd(b) for b in kv_buffer_bytes(spec, r, priced)) for r in kv_rows]
     kv_host = [sum(kv_buffer_bytes(spec, r, "fp32")) for r in kv_rows]
     w_trunk, w_host, w_expert = [], [], []
     for i in range(L):

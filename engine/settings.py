@@ -150,7 +150,9 @@ def _parse_fault(s: Setting, raw: str) -> tuple[str, int | None]:
     return name, (int(arg) if arg.strip() else None)
 
 
-for _name, _arg in (("ignore_kv_dtype", False), ("skip_narrow_layer", True)):   # engine/kv.py
+# where each fault is planted: engine/kv.py (the trunk ignores the requested KV dtype, on every
+# layer or one), engine/planner.py (KV priced at fp32 whatever the dtype: the seed's planner bug)
+for _name, _arg in (("ignore_kv_dtype", False), ("skip_narrow_layer", True), ("kv_priced_fp32", False)):
     register_fault(_name, _arg)
 
 
