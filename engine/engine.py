@@ -23,13 +23,13 @@ import torch
 from . import kv as kvmod
 from .errors import ConfigError, ContextOverflowError, ModelFileError, out_of_memory
 from .gguf_io import GGUFFile, open_gguf
-from . import settings
+from . import formats, settings
 from .hybrid import WeightsPlacementError, load_weights  # noqa: F401  (re-exported)
 from .model import Transformer
 from .models import resolve
 from .spec import ModelSpec
 
-DEFAULT_WAVE_BUDGET = 256 << 20
+DEFAULT_WAVE_BUDGET = formats.DEFAULT_WAVE_BUDGET
 DECODE_MODES = ("auto", "eager", "static", "cuda_graph")
 
 
@@ -353,9 +353,7 @@ class _Source:
 
 
 def _validate(model, kv_dtype, device, ctx, wave_budget_bytes, weight_format, reuse) -> _Request:
-    if kv_dtype not in kvmod.KV_DTYPES:
-        raise ConfigError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(kvmod.KV_DTYPES)}",
-                          "pick one of those")
+    formats.kv_format(kv_dtype)          # an unknown dtype is a ConfigError naming the known ones
     if not isinstance(ctx, int) or ctx <= 0:
         raise ConfigError(f"ctx {ctx!r} must be a positive integer")
     dev = _device(device)
@@ -414,3 +412,4 @@ def _warm_cuda_libraries(dev: torch.device) -> None:
 
 
 WEIGHT_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
+assert tuple(WEIGHT_DTYPES) == formats.ENGINE_WEIGHT_FORMATS

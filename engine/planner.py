@@ -63,41 +63,28 @@ from typing import NamedTuple
 
 import torch
 
-from . import settings
-from .errors import ConfigError, EngineError, KVGeometryError, OutOfMemoryError
+from . import formats, settings
+from .errors import ConfigError, EngineError, OutOfMemoryError
 from .kv_ring import layer_kv_rows
 from .spec import ModelSpec
 
 MiB = 1 << 20
 GiB = 1 << 30
 CATEGORIES = ("weights", "kv", "scratch", "expert_cache", "reserve")
-KV_FORMATS = {"fp32": (4, 1), "bf16": (2, 1), "q8_0": (34, 32)}      # bytes per values
-WEIGHT_FORMATS = {"f32": (4, 1), "f16": (2, 1), "bf16": (2, 1), "q8_0": (34, 32)}
-WEIGHT_FORMAT_CHOICES = ("auto", *WEIGHT_FORMATS)
-DEFAULT_WAVE_BUDGET = 256 * MiB
+KV_FORMATS = formats.KV_DTYPES               # format facts live in engine.formats
+WEIGHT_FORMATS = formats.WEIGHT_FORMATS
+WEIGHT_FORMAT_CHOICES = formats.WEIGHT_FORMAT_CHOICES
+DEFAULT_WAVE_BUDGET = formats.DEFAULT_WAVE_BUDGET
 DEFAULT_RESERVE = 256 * MiB
 DEFAULT_UBATCH = 512
-CUDA_ALLOC_ROUND = 512
+CUDA_ALLOC_ROUND = formats.CUDA_ALLOC_ROUND
 HOST_HEADROOM_MIN = 1 * GiB         # process, libraries, temporary decode chunks
 HOST_HEADROOM_FRAC = 0.05           # ... or 5% of the machine's RAM, whichever is larger
 
 
 def round_alloc(nbytes: int, device: str | torch.device) -> int:
     """Bytes the allocator really takes for a buffer of ``nbytes`` on ``device``."""
-    nbytes = int(nbytes)
-    if nbytes <= 0:
-        return 0
-    if torch.device(device).type == "cuda":
-        return -(-nbytes // CUDA_ALLOC_ROUND) * CUDA_ALLOC_ROUND
-    return nbytes
-
-
-def _format_bytes(numel: int, fmt: tuple[int, int], what: str) -> int:
-    num, per = fmt
-    if numel % per:
-        raise KVGeometryError(f"{what}: {numel} values are not a whole number of {per}-value blocks",
-                              "pick a format whose block size divides the row")
-    return numel // per * num
+    return formats.round_alloc(nbytes, torch.device(device).type)
 
 
 class WeightTensor(NamedTuple):
@@ -144,8 +131,8 @@ def tensor_bytes(t: WeightTensor, weight_format: str) -> int:
     for s in t.shape:
         numel *= s
     if t.kind == "norm":
-        return 4 * numel
-    return _format_bytes(numel, WEIGHT_FORMATS[weight_format], f"{t.name} at {weight_format}")
+        return formats.NORM_BYTES * numel
+    return formats.weight_format(weight_format).bytes_for(numel, f"{t.name} at {weight_format}")
 
 
 def expert_shapes(spec: ModelSpec) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
@@ -158,21 +145,14 @@ def expert_matrix_bytes(spec: ModelSpec, weight_format: str) -> list[int]:
     """Logical bytes of one expert's gate, up, down at ``weight_format``."""
     if not spec.is_moe:
         return [0, 0, 0]
-    return [_format_bytes(a * b, WEIGHT_FORMATS[weight_format], f"expert matrix at {weight_format}")
-            for a, b in expert_shapes(spec)]
+    f = formats.weight_format(weight_format)
+    return [f.bytes_for(a * b, f"expert matrix at {weight_format}") for a, b in expert_shapes(spec)]
 
 
 def kv_buffer_bytes(spec: ModelSpec, ctx: int, kv_dtype: str) -> list[int]:
     """Logical bytes of one layer's K and V buffers of ``ctx`` rows: [K, V]."""
-    if kv_dtype not in KV_FORMATS:
-        raise ConfigError(f"kv_dtype {kv_dtype!r} is not one of {', '.join(KV_FORMATS)}", "pick one of those")
-    num, per = KV_FORMATS[kv_dtype]
-    if spec.kv_dim % per:
-        # blocks run along each token's flattened K (or V) row of n_kv_heads*head_dim values
-        raise KVGeometryError(f"kv_dtype {kv_dtype} needs n_kv_heads*head_dim % {per} == 0, but "
-                              f"{spec.n_kv_heads} x {spec.head_dim} = {spec.kv_dim}",
-                              "use fp32 or bf16 for this model")
-    one = ctx * spec.kv_dim // per * num
+    formats.check_kv_geometry(kv_dtype, spec.n_kv_heads, spec.head_dim)
+    one = ctx * formats.kv_row_bytes(kv_dtype, spec.n_kv_heads, spec.head_dim)
     return [one, one]
 
 
@@ -439,8 +419,8 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
         w_trunk.append(sum(rnd(b) for b in resident))
         w_host.append(sum(resident))
         w_expert.append(sum(tensor_bytes(t, weight_format) for t in ts if t.kind == "expert"))
-    embd_bytes = _format_bytes(spec.vocab_size * spec.d_model, WEIGHT_FORMATS[weight_format],
-                               f"token_embd/output at {weight_format}")
+    embd_bytes = formats.weight_format(weight_format).bytes_for(spec.vocab_size * spec.d_model,
+                                                               f"token_embd/output at {weight_format}")
     head_bytes = [4 * spec.d_model, embd_bytes]           # output_norm, output [vocab, d]
     slot_parts = expert_matrix_bytes(spec, weight_format)
     slot_bytes = sum(slot_parts)

@@ -20,11 +20,13 @@ import re
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, Union
 
-KV_DTYPES = ("fp32", "bf16", "q8_0")
+from engine import formats
+
+KV_DTYPES = formats.KV_DTYPES
 ROLES = ("system", "user", "assistant")
 DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
-WEIGHT_FORMATS = ("auto", "f32", "bf16", "f16")
-PLATFORM_RE = re.compile(r"^(cpu|cuda)-(f32|bf16|f16)$")
+WEIGHT_FORMATS = ("auto", *formats.ENGINE_WEIGHT_FORMATS)
+PLATFORM_RE = re.compile(r"^(cpu|cuda)-(" + "|".join(formats.ENGINE_WEIGHT_FORMATS) + ")$")
 
 
 def platform_of(device: str, weight_format: str) -> str:

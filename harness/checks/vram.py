@@ -23,11 +23,13 @@ from dataclasses import dataclass
 
 from ..schema import CheckConfig, param, threshold
 from ..text import prompt_tokens
+from engine import formats
+
 from ..engine_api import (CAP_CACHES, CAP_CHAT, CAP_GENERATE, CAP_KV_APPLIED, CAP_KV_BYTES, CAP_PLAN,
                           capabilities_of, missing)
 from .base import Check, Outcome, register
 
-BYTES_PER_VALUE = {"fp32": 4.0, "bf16": 2.0, "q8_0": 34 / 32}
+BYTES_PER_VALUE = {name: f.bytes_per_value for name, f in formats.KV.items()}   # engine.formats
 MIB = 2**20
 
 
