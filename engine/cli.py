@@ -33,8 +33,9 @@ from .errors import EngineError, out_of_memory
 def _plan_for(model, kv_dtype: str, ctx: int, device):
     """The planner's view of a load (metadata only), for an out-of-memory message."""
     try:
-        from .planner import plan, spec_for_model
-        return plan(spec_for_model(str(model)), kv_dtype=kv_dtype, ctx=ctx, device=device)
+        from .models import spec_for
+        from .planner import plan
+        return plan(spec_for(str(model)), kv_dtype=kv_dtype, ctx=ctx, device=device)
     except Exception:  # noqa: BLE001 - the message then says no plan was made
         return None
 
@@ -194,12 +195,8 @@ COMMANDS = {
 
 
 def _register_plan() -> None:
-    try:
-        from . import planner
-    except ImportError:
-        return
-    if hasattr(planner, "add_cli_args") and hasattr(planner, "main"):
-        COMMANDS["plan"] = (planner.add_cli_args, planner.main, "print the memory plan (metadata only)")
+    from . import plan_cli
+    COMMANDS["plan"] = (plan_cli.add_cli_args, plan_cli.main, "print the memory plan (metadata only)")
 
 
 def build_parser() -> argparse.ArgumentParser:

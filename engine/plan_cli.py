@@ -1,0 +1,92 @@
+"""``python -m engine plan MODEL``: the memory plan of a model, from its metadata only.
+
+Contract: ``add_cli_args(parser)`` / ``main(args) -> int`` (exit 0, or 2 with one ``error:``
+line: bad input, or a plan that does not fit the host RAM, which is printed first so a
+what-if stays readable). ``format_plan(plan)`` is the load-log style banner (layers per
+tier, MiB per category, expert slots, KV per layer kind, host RAM).
+
+    python -m engine plan coder30b-synth --kv-dtype q8_0 --ctx 32768 --vram-budget 12GiB
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import EngineError, OutOfMemoryError
+from .models import file_bytes, spec_for
+from .planner import (CATEGORIES, DEFAULT_RESERVE, DEFAULT_WAVE_BUDGET, KV_FORMATS, MiB, WEIGHT_FORMAT_CHOICES,
+                      Plan, _gib, _mib, parse_size, plan, require_host_fit)
+
+
+def format_plan(p: Plan) -> str:
+    """A load-log style banner: layers per tier, MiB per category, expert slots, KV tags."""
+    dev = "device" if p.device != "cpu" else "device (cpu)"
+    wf = p.weight_format + (f" (auto: {p.weight_format_reason})" if p.weight_format_requested == "auto" else "")
+    lines = [f"plan: {p.model} ({p.arch}, {p.n_layers} layers) on {p.device}: budget {_mib(p.budget_bytes)} "
+             f"({p.budget_source}), ctx {p.ctx}, weights {wf}",
+             f"offloaded {p.n_gpu_layers}/{p.n_layers} layers to {dev}; output head on {p.head_tier}",
+             f"{'category':<14}{'trunk MiB':>14}{'host MiB':>14}"]
+    for cat in (*CATEGORIES, "total"):
+        t, h = (p.trunk.total, p.host.total) if cat == "total" else (p.trunk.get(cat), p.host.get(cat))
+        lines.append(f"{cat:<14}{t / MiB:>14.2f}{h / MiB:>14.2f}")
+    lines.append(f"{'free':<14}{p.free_bytes / MiB:>14.2f}")
+    if p.expert_slot_bytes:
+        lines.append(f"expert cache: {p.expert_slots}/{p.trunk_experts} slots x {_mib(p.expert_slot_bytes)} "
+                     f"= {_mib(p.trunk.expert_cache)}")
+    n_tail = p.n_layers - p.n_gpu_layers
+    lines.append(f"KV {p.kv_dtype}: {_mib(p.trunk.kv)} (trunk, {p.n_gpu_layers} layers); "
+                 f"KV fp32: {_mib(p.host.kv)} (host, {n_tail} layers)")
+    kinds = p.kv_by_kind()
+    if "swa" in kinds:
+        for kind, name in (("global", "global layers"), ("swa", "sliding-window layers")):
+            if kind in kinds:
+                k = kinds[kind]
+                rows = "/".join(str(r) for r in k["rows"])
+                lines.append(f"KV {name}: {k['layers']} x {rows} rows = {_mib(k['bytes'])}")
+    h = p.host_ram
+    lines.append(f"host RAM: needs {_gib(h.need)} (weights {_gib(h.weights)}, routed experts {_gib(h.experts)}, "
+                 f"KV {_gib(h.kv)}, scratch {_gib(h.scratch)}, trunk on CPU {_gib(h.trunk)}, headroom "
+                 f"{_gib(h.headroom)}) of {_gib(h.available)} available ({h.source})"
+                 + (f" + {_gib(h.held)} taken over" if h.held else "")
+                 + f": {'fits' if h.fits else 'DOES NOT FIT'}; page cache of the file {_gib(h.page_cache)} (reclaimable)")
+    return "\n".join(lines)
+
+
+def add_cli_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="registry name or .gguf path (only metadata is read)")
+    parser.add_argument("--kv-dtype", default="fp32", help=f"KV dtype of trunk layers ({', '.join(KV_FORMATS)})")
+    parser.add_argument("--ctx", type=int, default=4096, help="context length to price the KV for")
+    parser.add_argument("--vram-budget", default=None, help="trunk budget, e.g. 12GiB (default: free memory)")
+    parser.add_argument("--n-gpu-layers", type=int, default=None, help="pin the trunk layer count")
+    parser.add_argument("--wave-budget", default=str(DEFAULT_WAVE_BUDGET),
+                        help="attention wave scratch, e.g. 256MiB")
+    parser.add_argument("--reserve", default=str(DEFAULT_RESERVE), help="trunk headroom, e.g. 256MiB")
+    parser.add_argument("--weight-format", default="auto",
+                        help=f"stored weight format ({', '.join(WEIGHT_FORMAT_CHOICES)}; auto: f32 when it "
+                             "needs at most half the available host RAM, else bf16)")
+    parser.add_argument("--host-ram", default=None,
+                        help="host RAM to plan against, e.g. 24GiB (default: MemAvailable / cgroup limit)")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    try:
+        budget = None if args.vram_budget is None else parse_size(args.vram_budget, "--vram-budget")
+        host = None if args.host_ram is None else parse_size(args.host_ram, "--host-ram")
+        spec = spec_for(args.model)
+        p = plan(spec, kv_dtype=args.kv_dtype, ctx=args.ctx, vram_budget=budget,
+                 n_gpu_layers=args.n_gpu_layers, wave_budget_bytes=parse_size(args.wave_budget, "--wave-budget"),
+                 weight_format=args.weight_format, reserve_bytes=parse_size(args.reserve, "--reserve"),
+                 device=args.device, host_ram=host or None, file_bytes=file_bytes(args.model))
+    except EngineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
+    try:
+        require_host_fit(p)
+    except OutOfMemoryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
