@@ -406,9 +406,14 @@ def _plan(req: _Request, src: _Source, vram_budget, n_gpu_layers, host_ram, reus
 def _warm_cuda_libraries(dev: torch.device) -> None:
     """cuBLAS allocates its workspace through the caching allocator on first use; create it
     before the ledger starts counting, so `unaccounted` measures the engine, not the library."""
-    for dt in (torch.float32, torch.bfloat16, torch.float16):
-        a = torch.ones(8, 8, device=dev, dtype=dt)
-        (a @ a).sum().item()
+    from .cuda_graph import capture_stream
+    side = capture_stream(dev)       # the decode graphs' stream: its cuBLAS workspace too
+    for stream in (torch.cuda.current_stream(dev), side):
+        with torch.cuda.stream(stream):
+            for dt in (torch.float32, torch.bfloat16, torch.float16):
+                a = torch.ones(8, 8, device=dev, dtype=dt)
+                (a @ a).sum()
+        stream.synchronize()
 
 
 WEIGHT_DTYPES = {"f32": torch.float32, "bf16": torch.bfloat16, "f16": torch.float16}
