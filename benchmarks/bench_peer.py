@@ -1,10 +1,13 @@
 """kvbench engine vs HF transformers on the same GGUF, on the GPU, side by side in one run.
 
-Contract: loads SmolLM2-135M from the same GGUF into HF transformers (bf16, SDPA, static
-cache) and into our engine (f32 and bf16 weights; fp32/bf16/q8_0 KV; decode path as the
+Contract: loads ``--model`` (default SmolLM2-135M; ``smollm2-synth`` is the same geometry
+with Q8_0 weights, the file llama.cpp runs in benchmarks/bench_llamacpp.py) into HF
+transformers (bf16, SDPA, static cache) and into our engine (f32 and bf16 weights;
+fp32/bf16/q8_0 KV, the weights loaded once and taken over per KV dtype; decode path as the
 engine chooses it, plus one eager row), then times greedy decode of ``--tg`` tokens after
-prompts of ``--ctx`` tokens (512 / 4096 / 16384) and prefill of 8192 / 16384 tokens (medians
-after warm-up, CUDA-synchronised). Each decode row carries the bytes one token moves (weights
+prompts of ``--ctx`` tokens (16 / 4096 / 16384: llama-bench's ``-d`` depths) and prefill of
+8192 / 16384 tokens: the median of ``--reps`` (>= 5) repetitions after warm-up, with every
+sample and the quartiles kept (CUDA-synchronised). Each decode row carries the bytes one token moves (weights
 read + KV read at that context), the achieved GB/s and the roofline tok/s against the measured
 device-to-device copy bandwidth. Prints a table and one JSON line last.
 
@@ -27,7 +30,11 @@ import engine  # noqa: E402
 from engine.models import resolve  # noqa: E402
 
 
-def timed(fn, reps=3, warm=1):
+REPS = 5
+
+
+def timed(fn, reps=None, warm=1):
+    reps = reps or REPS
     for _ in range(warm):
         fn()
     out = []
@@ -62,12 +69,16 @@ def with_roofline(row: dict, bytes_per_token: int, bw: float) -> dict:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--tg", type=int, default=64)
-    ap.add_argument("--ctx", default="512,4096,16384", help="decode after prompts of these lengths")
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--ctx", default="16,4096,16384", help="decode after prompts of these lengths")
     ap.add_argument("--prefill", default="8192,16384")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
-    path = resolve("smollm2-135m")
+    global REPS
+    REPS = max(5, args.reps)
+    path = resolve(args.model)
     g = torch.Generator().manual_seed(0)
     ctxs = [int(x) for x in args.ctx.split(",")]
     prompts = {c: torch.randint(100, 49000, (c,), generator=g).tolist() for c in ctxs}
@@ -87,25 +98,26 @@ def main() -> int:
             hf.generate(ids, max_new_tokens=args.tg, min_new_tokens=args.tg, do_sample=False,
                         cache_implementation="static", pad_token_id=0)
         with torch.no_grad():
-            t, s = timed(hf_decode, reps=3, warm=2)
+            t, s = timed(hf_decode, warm=2)
             # generate includes the prompt's prefill: time it alone and subtract
-            tp, _ = timed(lambda: hf(ids, logits_to_keep=1), reps=3)
+            tp, _ = timed(lambda: hf(ids, logits_to_keep=1))
         rows.append(with_roofline({"impl": "hf-transformers bf16 sdpa static", "kv": "bf16",
                                    "what": f"tg{args.tg}@{c}", "tok_s": args.tg / max(t - tp, 1e-9),
-                                   "samples_s": s}, hf_weights + kv_read_bytes(spec_of(path), c, "bf16"), bw))
+                                   "samples_s": s, "prefill_s": tp}, hf_weights + kv_read_bytes(spec_of(path), c, "bf16"), bw))
     for n in [int(x) for x in args.prefill.split(",")]:
         long = torch.randint(100, 49000, (1, n), generator=g).cuda()
         with torch.no_grad():
-            t, s = timed(lambda: hf(long, logits_to_keep=1), reps=3)
+            t, s = timed(lambda: hf(long, logits_to_keep=1))
         rows.append({"impl": "hf-transformers bf16 sdpa", "kv": "bf16", "what": f"pp{n}", "tok_s": n / t,
                      "samples_s": s})
     del hf
     torch.cuda.empty_cache()
 
     for wf in ("f32", "bf16"):
+        eng = None
         for kv in ("fp32", "bf16", "q8_0"):
             eng = engine.load(path, device="cuda", kv_dtype=kv, ctx=max(ctxs + [16384]) + args.tg + 64,
-                              weight_format=wf)
+                              weight_format=wf, weights_from=eng)
             weights = eng.ledger.current("weights", "trunk")   # every trunk matrix is read once per token
             modes = [eng.decode_path] + (["eager"] if (wf, kv) == ("bf16", "bf16") and eng.decode_path != "eager" else [])
             for mode in modes:
@@ -118,26 +130,34 @@ def main() -> int:
                         tok = p[-1]
                         for _ in range(args.tg):
                             tok = int(eng.decode(tok).argmax())
-                    t, s = timed(dec, reps=3)
-                    tp, _ = timed(lambda: eng.prefill(p), reps=3)
+                    t, s = timed(dec)
+                    tp, _ = timed(lambda: eng.prefill(p))
                     rows.append(with_roofline({"impl": f"kvbench w{wf} {mode}", "kv": kv, "what": f"tg{args.tg}@{c}",
                                                "tok_s": args.tg / max(t - tp, 1e-9), "samples_s": s,
+                                               "prefill_s": tp,
                                                "decode_path": eng.decode_path,
                                                "compiled": getattr(eng._static, "compiled", False)},
                                               weights + kv_read_bytes(eng.spec, c, kv), bw))
             eng.set_decode_mode("auto")
             for n in [int(x) for x in args.prefill.split(",")]:
                 long = torch.randint(100, 49000, (n,), generator=g).tolist()
-                t, s = timed(lambda: eng.prefill(long), reps=2)
+                t, s = timed(lambda: eng.prefill(long))
                 rows.append({"impl": f"kvbench w{wf}", "kv": kv, "what": f"pp{n}", "tok_s": n / t,
                              "samples_s": s, "waves": eng.last_prefill_stats.get("waves")})
-            del eng
-            torch.cuda.empty_cache()
+        del eng
+        torch.cuda.empty_cache()
     for r in rows:
         print(f"{r['impl']:34s} KV {r['kv']:5s} {r['what']:10s} {r['tok_s']:12.1f} tok/s"
               + (f"  {r['gb_s']:7.1f} GB/s  {100 * r['roofline_frac']:5.1f}% of roofline" if "gb_s" in r else "")
               + (f"  waves {r['waves']}" if r.get("waves") else ""))
-    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw_bytes_s": bw, "rows": rows}
+    for r in rows:       # spread over the repetitions (tok/s of each sample; decode: prefill subtracted)
+        if "samples_s" in r:
+            n = args.tg if r["what"].startswith("tg") else int(r["what"][2:])
+            ts = sorted(n / max(x - r.get("prefill_s", 0.0), 1e-9) for x in r["samples_s"])
+            r.update(tok_s_min=ts[0], tok_s_max=ts[-1], tok_s_q1=ts[len(ts) // 4], tok_s_q3=ts[(3 * len(ts)) // 4],
+                     tok_s_samples=ts)
+    doc = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "copy_bw_bytes_s": bw,
+           "model": str(path), "reps": REPS, "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1))
     print(json.dumps([{k: (round(v, 1) if isinstance(v, float) else v) for k, v in r.items()
