@@ -49,6 +49,25 @@ for step in $steps; do
               | grep -v "^\s*$" | tee "$OUT/nightly-$tag.log" | tail -40
             echo "nightly shard $tag wall time: ${SECONDS} s" | tee -a "$OUT/nightly-$tag.log"
             tar czf "$OUT/nightly-$tag.tgz" -C "/tmp/nightly/$tag" results report ;;
+    lcbuild) # llama-bench with CUDA for this GPU from the carried sources (.devcarry/llamacpp-src.tar.gz,
+            # made by bench_llamacpp.py pack); ~5 min on 16 cores; the binary comes back in <16 MiB parts
+            SECONDS=0
+            python3 benchmarks/bench_llamacpp.py build .devcarry/llamacpp-src.tar.gz /tmp/lcb 2>&1 | tail -3
+            echo "llama-bench build: ${SECONDS} s" | tee "$OUT/lcbuild.log"
+            ls -la /tmp/lcb/bin/llama-bench | tee -a "$OUT/lcbuild.log"
+            split -b 15000000 -d /tmp/lcb/bin/llama-bench "$OUT/llama-bench.part" ;;
+    lcbench) # llama.cpp and kvbench on the same files: smollm2-synth (Q8_0 SmolLM2 geometry) and coder30b-synth
+            [ -x /tmp/lcb/bin/llama-bench ] || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcbin/llama-bench.part* > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
+            python3 -c "from engine import models; [models.resolve(m) for m in ('smollm2-synth', 'coder30b-synth')]" 2>&1 | tail -1
+            S=$KVBENCH_CACHE/synth
+            python3 benchmarks/bench_llamacpp.py bench $S/smollm2-synth.gguf --bin /tmp/lcb/bin/llama-bench \
+              --ctk f16,bf16,q8_0 --depths 16,4096,16384 --reps 5 --tg 64 --out "$OUT/llamacpp-smollm2.json" 2>&1 | tail -12
+            python3 benchmarks/bench_llamacpp.py bench $S/coder30b-synth.gguf --bin /tmp/lcb/bin/llama-bench \
+              --ctk f16,q8_0 --depths 0,16384 --reps 5 --tg 64 --out "$OUT/llamacpp-coder.json" 2>&1 | tail -6
+            python3 benchmarks/bench_llamacpp.py bench $S/coder30b-synth.gguf --bin /tmp/lcb/bin/llama-bench \
+              --ctk f16 --depths 0 --reps 5 --tg 64 --n-cpu-moe 17 --out "$OUT/llamacpp-coder-ncmoe17.json" 2>&1 | tail -3 ;;
+    peersynth) python3 benchmarks/bench_peer.py --model smollm2-synth --out "$OUT/peer-smollm2-synth.json" 2>&1 \
+              | grep -v Converting | tee "$OUT/bench-peer-synth.log" | tail -30 ;;
     peer)   python3 benchmarks/bench_peer.py --out "$OUT/peer.json" 2>&1 | grep -v Converting | tee "$OUT/bench-peer.log" | tail -25 ;;
     unacc)  python3 benchmarks/bench_hybrid.py --models smollm2-135m --kv fp32,q8_0 --decode 8 \
               --out "$OUT/hybrid-unaccounted.json" 2>&1 | tee "$OUT/hybrid-unaccounted.log" | tail -8 ;;
