@@ -12,7 +12,7 @@ WEIGHTS ?=
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test bench engine-bench clean
+.PHONY: setup test bench engine-bench clean llama-cpp test-engines
 
 $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -37,6 +37,26 @@ bench: $(STAMP)
 # Engine-only numbers: load, a greedy chat answer, pp512 / tg64 throughput.
 engine-bench: $(STAMP)
 	$(PY) -m engine bench --model $(MODEL)
+
+# llama.cpp for the engine adapters (harness/adapters): llama-cpp-python built from its PyPI
+# sdist with CMake, llama.cpp's tools, tests, examples, server and the multimodal library off
+# (the Python package's own OpenAI-compatible server is the [server] extra, pure Python).
+# About 6 minutes on 2 cores the first time; pip caches the built wheel, so later runs and
+# fresh venvs reuse it. JOBS sets the build's parallelism.
+LLAMA_CPP_SPEC ?= llama-cpp-python[server]==0.3.36
+JOBS ?= 2
+LLAMA_CMAKE_ARGS ?= -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_TESTS=OFF \
+	-DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF -DLLAMA_CURL=OFF
+llama-cpp: $(STAMP)
+	CMAKE_ARGS="$(LLAMA_CMAKE_ARGS)" CMAKE_BUILD_PARALLEL_LEVEL=$(JOBS) \
+		$(PY) -m pip install "$(LLAMA_CPP_SPEC)"
+	$(PY) -m pip install -q -e ".[engines]"
+
+# The engine adapters against the real engines: llama.cpp in-process and behind its own
+# OpenAI-compatible server on loopback, HF transformers with its quantized caches, and the
+# default suite with llama.cpp's KV forced to f16 (must fail naming the case).
+test-engines: llama-cpp
+	$(PY) -m pytest -q --durations=15 -m engines tests/test_engines_*.py tests/test_adapter_*.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

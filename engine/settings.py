@@ -151,8 +151,10 @@ def _parse_fault(s: Setting, raw: str) -> tuple[str, int | None]:
 
 
 # where each fault is planted: engine/kv.py (the trunk ignores the requested KV dtype, on every
-# layer or one), engine/planner.py (KV priced at fp32 whatever the dtype: the seed's planner bug)
-for _name, _arg in (("ignore_kv_dtype", False), ("skip_narrow_layer", True), ("kv_priced_fp32", False)):
+# layer or one), engine/planner.py (KV priced at fp32 whatever the dtype: the seed's planner bug),
+# harness/adapters/llamacpp.py (llama.cpp keeps its default f16 KV whatever the request)
+for _name, _arg in (("ignore_kv_dtype", False), ("skip_narrow_layer", True), ("kv_priced_fp32", False),
+                    ("llamacpp_keep_f16", False)):
     register_fault(_name, _arg)
 
 

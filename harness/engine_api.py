@@ -22,7 +22,11 @@ Capabilities:
 - ``plan``: ``plan`` (``engine.planner.Plan``) and ``ledger`` (``engine.ledger.Ledger``);
 - ``prefill_stats``: ``last_prefill_stats`` (waves, peak scratch, wave rows) and
   ``wave_budget_bytes``;
-- ``caches``: ``caches`` (per-layer cache objects with ``nbytes``) for per-layer-kind KV.
+- ``caches``: ``caches`` (per-layer cache objects with ``nbytes``) for per-layer-kind KV;
+- ``topk_logprobs``: ``topk_logprobs(tokens, k) -> harness.adapters.topk.TopK``, teacher-forced:
+  at each position the k most likely next tokens with their log-probabilities (the rest of
+  the vocabulary is one tail bucket) and the exact log-probability of the token that follows
+  (what an OpenAI-compatible completions server gives with ``echo`` and ``logprobs``).
 
     from harness.engine_api import missing, CAP_PLAN
     why = missing(type(eng), {CAP_PLAN})      # None when every capability is there
@@ -41,13 +45,14 @@ CAP_KV_BYTES = "kv_bytes"
 CAP_PLAN = "plan"
 CAP_PREFILL_STATS = "prefill_stats"
 CAP_CACHES = "caches"
+CAP_TOPK_LOGPROBS = "topk_logprobs"
 CAPABILITIES = (CAP_LOGITS, CAP_CHUNKED_LOGITS, CAP_GENERATE, CAP_CHAT, CAP_PREFILL, CAP_KV_APPLIED,
-                CAP_KV_BYTES, CAP_PLAN, CAP_PREFILL_STATS, CAP_CACHES)
+                CAP_KV_BYTES, CAP_PLAN, CAP_PREFILL_STATS, CAP_CACHES, CAP_TOPK_LOGPROBS)
 
 
 @runtime_checkable
 class EngineAPI(Protocol):
-    name: str                         # "kvbench", "llama.cpp", "hf", ...
+    name: str                         # "kvbench", "llama.cpp", "hf", "openai", ...
     capabilities: frozenset[str]
     spec: Any                         # engine.spec.ModelSpec (geometry)
     tokenizer: Any

@@ -45,7 +45,7 @@ from engine.errors import EngineError
 from . import checks as registry
 from .checks import CaseContext, ModelInfo, Outcome
 from .engine_api import missing
-from .engines import EnginePool
+from .engines import EnginePool, weight_format_of, weight_format_requested_of
 from .errors import ResultsError, UsageError
 from .results import (MANIFEST, RECORDS, RecordWriter, RunLock, atomic_write, case_key, device_info,
                       git_info, load_results, now, read_records, versions, write_manifest, write_summary)
@@ -205,7 +205,8 @@ class Runner:
     def __init__(self, suite: Suite, out_dir: str | Path, *, models: list[str] | None = None,
                  device: str | None = None, shard_spec: str | None = None, resume: bool = False,
                  max_cases: int | None = None, console=None, progress: bool = True,
-                 weight_format: str | None = None):
+                 weight_format: str | None = None, engine: str | None = None,
+                 engine_kv: list[str] | dict | None = None):
         self.suite = suite
         self.models = models or list(suite.suite.models)
         dupes = sorted({m for m in self.models if self.models.count(m) > 1})
@@ -225,7 +226,8 @@ class Runner:
         self.console = console
         self.progress = progress
         self.cases = shard(matrix(suite, self.models), *self.shard)
-        self.pool = EnginePool(self.device, self.weight_format)
+        self.pool = EnginePool(self.device, self.weight_format, engine=engine, engine_kv=engine_kv,
+                               baseline=suite.suite.baseline, rows=suite.dtypes)   # bad engine: exit 2 here
         self.infos: dict[str, ModelInfo] = {}
         self.summary = RunSummary(self.dir, expected=len(self.cases))
 
@@ -244,6 +246,7 @@ class Runner:
                            "host_ram_available": ram.bytes, "host_ram_total": ram.total,
                            "host_ram_source": ram.source},
                 "weight_format": {"requested": self.weight_format, "models": {}},
+                "engine": self.pool.describe(),
                 "seed": self.suite.suite.seed,
                 "git": git_info(), "versions": versions(), "command": " ".join(sys.argv),
                 "argv": list(sys.argv), "settings": settings.snapshot(),
@@ -259,6 +262,9 @@ class Runner:
             if old.get("suite", {}).get("sha256") != self.suite.sha256:
                 raise ResultsError(f"{self.dir} was written by a different version of "
                                    f"{self.suite.path}", "resume with the same suite file, or use a new --out")
+            if (old.get("engine") or {}).get("spec", "kvbench") != self.pool.describe()["spec"]:
+                raise ResultsError(f"{self.dir} was run with --engine {(old.get('engine') or {}).get('spec', 'kvbench')}",
+                                   "resume with the same --engine, or use a new --out")
             if old.get("matrix") != self._matrix_info() or old.get("shard") != self._manifest()["shard"]:
                 raise ResultsError(f"{self.dir} holds a different matrix/shard ({old.get('matrix')}, "
                                    f"shard {old.get('shard')})", "resume with the same --model/--shard")
@@ -418,7 +424,7 @@ class Runner:
             status, failures, error, engine_info, reason = "pass", [], None, {}, None
             unmeasured: list[str] = []
             memory: dict = {}
-            na = check.not_applicable(cfg, info) or missing(self.pool.engine_class, check.requires)
+            na = check.not_applicable(cfg, info) or missing(self.pool.engine_class_for(case.kv_dtype), check.requires)
             if na is not None:
                 status, reason = "n/a", na
                 self._na[(model, cfg.name)] = na
@@ -433,19 +439,22 @@ class Runner:
                         if isinstance(state, EngineError):
                             raise EngineError(f"baseline {base} failed: {state}")
                         eng = self._engine(model, case.kv_dtype, opts)
-                        platform = platform_of(self.device, eng.plan.weight_format)
+                        platform = platform_of(self.device, weight_format_of(eng))
                         ctx = self._ctx(model, case.kv_dtype, opts, platform)
                         outcome = check.measure(eng, cfg, state, ctx)
                         eng = self._engine(model, case.kv_dtype, opts)   # a check may have switched engines
                         recs, failures, unmeasured = judge(outcome, cfg, model, case.kv_dtype, platform)
+                        more, flags = self.pool.kv_effect(model, case.kv_dtype, eng)   # "not applied?" on other engines
+                        failures = flags + failures
                         recs += [{"type": "series", "name": k, "values": v} for k, v in outcome.series.items()]
                         if outcome.info:
                             recs.append({"type": "info", "info": outcome.info})
+                        recs += more                # after the check's own info (Results.info reads the first)
                         engine_info = {"load_options": {k: v for k, v in opts.items()},
                                        "spec": _spec_dict(eng), "kv_dtypes": list(eng.kv_dtypes),
                                        "device": str(eng.device), "platform": platform,
-                                       "weight_format": eng.plan.weight_format,
-                                       "weight_format_requested": eng.plan.weight_format_requested,
+                                       "weight_format": weight_format_of(eng),
+                                       "weight_format_requested": weight_format_requested_of(eng),
                                        "engine": eng.name,
                                        "decode_path": getattr(eng, "decode_path", None)}  # kvbench only
                         status = "fail" if failures else ("incomplete" if unmeasured else "pass")
@@ -564,6 +573,10 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--weight-format", choices=WEIGHT_FORMATS,
                         help="override the suite's weight format (auto: f32 when it needs at most "
                         "half the available host RAM, else bf16)")
+    parser.add_argument("--engine", help="engine of the narrowed rows: kvbench (default), llama.cpp, hf or "
+                        "openai://HOST:PORT; the baseline row runs on kvbench's engine")
+    parser.add_argument("--engine-kv", action="append", metavar="ROW=SETTING", help="the engine's own KV "
+                        "setting for a suite row, e.g. q8_0=quanto-int4 (hf) or q8_0=q4_0 (llama.cpp); repeatable")
     parser.add_argument("--shard", help="run shard i of n of the matrix, e.g. 0/4")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out "
                         "(default: the latest run of this suite and model), skipping finished cases")
@@ -592,7 +605,7 @@ def main(args) -> int:
         out = default_out(suite, models)
     runner = Runner(suite, out, models=models, device=args.device, shard_spec=args.shard,
                     resume=args.resume, max_cases=args.max_cases, progress=not args.no_progress,
-                    weight_format=args.weight_format)
+                    weight_format=args.weight_format, engine=args.engine, engine_kv=args.engine_kv)
     summary = runner.run()
     console = Console()
     console.print(summary_table(summary, suite, models))
@@ -616,7 +629,7 @@ def main(args) -> int:
         report_path = build_report(out, args.report or None)
         console.print(f"report: {report_path}")
     statuses = [c["status"] for c in summary.cases]
-    print(json.dumps({"verdict": summary.verdict,
+    print(json.dumps({"verdict": summary.verdict, "engine": str(runner.pool.spec),
                       "statuses": {k: statuses.count(k) for k in dict.fromkeys(statuses)},
                       "not_run": summary.not_run, "results": str(out), "report": str(report_path) if report_path
                       else None, "cases": len(summary.cases), "failed": len(summary.failed),
