@@ -52,6 +52,7 @@ def pack(sdist: Path, out: Path) -> Path:
             if parts[3] not in KEEP or any(rel == d or rel.startswith(d + "/") for d in DROP):
                 continue
             m.name = "llama.cpp/" + rel
+            m.pax_headers = {k: v for k, v in m.pax_headers.items() if k not in ("path", "linkpath")}  # long names
             dst.addfile(m, src.extractfile(m) if m.isfile() else None)
     return out
 

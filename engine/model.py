@@ -138,6 +138,18 @@ def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, kind: str) -> 
     return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
 
 
+def _allow_recompiles(limit: int = 512) -> None:
+    """Each model's compiled decode functions are ``functools.partial`` s over its spec, and
+    dynamo keys them all on one wrapper frame: a process that compiles several models (a
+    nightly suite, the GPU tests) would hit dynamo's default limit of 8 entries, which with
+    ``fullgraph=True`` is a hard failure. Raise the limits (never lower them)."""
+    import torch._dynamo as dynamo
+    for name in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                 "accumulated_cache_size_limit"):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(int(getattr(dynamo.config, name)), limit))
+
+
 def decode_pre_attention(s: ModelSpec, x, attn_norm, wq, wk, wv, q_norm, k_norm, cos, sin, pos):
     """Decode step, before attention: norm, q/k/v, q/k norms, RoPE at the position held by
     ``pos`` (gathered from the ``cos``/``sin`` tables). x [1, d] -> q [1, Hq, D], k, v [1, Hkv, D]."""
@@ -336,6 +348,7 @@ class Transformer:
             fns = [functools.partial(f, s) for f in (decode_pre_attention, decode_post_attention, decode_head,
                                                      decode_post_attention_moe)]
             if compiled:
+                _allow_recompiles()
                 fns = [torch.compile(f, dynamic=False, fullgraph=True) for f in fns]
             self._decode_fns = (compiled, *fns)
         _, pre, post, _, post_moe = self._decode_fns
