@@ -52,6 +52,7 @@ class Comparison:
     suite_changes: list[str] = field(default_factory=list)  # non-empty: the suites differ
     suite_notes: list[str] = field(default_factory=list)    # informational (same bytes, other path; dropped gates)
     allow_suite_change: bool = False
+    engines: str = ""                                        # side-by-side markdown when the engines differ
 
     @property
     def exit_code(self) -> int:
@@ -67,6 +68,8 @@ class Comparison:
                    *[f"- {c}" for c in self.suite_changes], ""]
         if self.suite_notes:
             md += [*[f"- note: {c}" for c in self.suite_notes], ""]
+        if self.engines:
+            md.append(self.engines)
         md.append(f"base `{self.base}` → head `{self.head}`: **{n_r} regression{'s' * (n_r != 1)}**, "
                   f"{n_i} improvement{'s' * (n_i != 1)}, {self.unchanged} metrics within tolerance.\n")
         counts = {k: ", ".join(f"{n} {s}" for s, n in v.items()) or "no cases"
@@ -147,6 +150,7 @@ def compare(base_dir: str | Path, head_dir: str | Path, tol: float = 0.10, speed
     out = Comparison(str(base_dir), str(head_dir), allow_suite_change=allow_suite_change)
     out.suite_changes, out.suite_notes = suite_differences(base.manifest, head.manifest)
     out.status_counts = {"base": _counts(base), "head": _counts(head)}
+    out.engines = engines_side_by_side(base, head)
     bcases = {case_key(c): c for c in base.cases()}
     hcases = {case_key(c): c for c in head.cases()}
     bm = {(*case_key(r), r["metric"]): r for r in base.of_type("metric")}
@@ -220,6 +224,47 @@ def compare(base_dir: str | Path, head_dir: str | Path, tol: float = 0.10, speed
         else:
             out.unchanged += 1
     return out
+
+
+def _engine_of(res: Results) -> str:
+    return str((res.manifest.get("engine") or {}).get("spec") or "kvbench")
+
+
+# the metrics set side by side when two runs' narrowed rows ran on different engines
+SIDE_METRICS = ("Mean KLD", "Max abs logit diff", "Same top p", "Top-1 in top-5", "KV-only Mean KLD",
+                "KV-only Max abs logit diff", "Mean PPL(Q)/PPL(base)", "KV bytes (runtime)", "KV dtype mismatches",
+                "Identical prefix", "Longest repeat run")
+
+
+def engines_side_by_side(base: Results, head: Results) -> str:
+    """When base and head ran their narrowed rows on different engines (``--engine``): a
+    statement that the verdicts below compare engines, not versions, and a table of the
+    accuracy, KV and speed metrics of every narrowed case in both runs, engine beside engine
+    (e.g. llama.cpp q8_0 KV next to kvbench q8_0 KV on the same model and tokens). Top-k+tail
+    KLDs (lower bounds) and tok/s are included by name. Empty when the engines are the same."""
+    be, he = _engine_of(base), _engine_of(head)
+    if be == he:
+        return ""
+    keep = lambda m: m in SIDE_METRICS or "+tail)" in m or m.startswith(("pp", "tg"))   # noqa: E731
+    bm = {(*case_key(r), r["metric"]): r.get("value") for r in base.of_type("metric") if keep(r["metric"])}
+    hm = {(*case_key(r), r["metric"]): r.get("value") for r in head.of_type("metric") if keep(r["metric"])}
+    baseline = ((head.manifest.get("suite") or {}).get("suite") or {}).get("baseline", "fp32")
+    rows = []
+    for key in dict.fromkeys([*bm, *hm]):
+        if key[1] == baseline:
+            continue                     # the baseline row is kvbench's engine in both runs
+        b, h = _num(bm.get(key)), _num(hm.get(key))
+        if b is None and h is None:
+            continue
+        rows.append({"model": key[0], "KV": key[1], "check": key[2], "metric": key[3],
+                     f"base: {be}": b, f"head: {he}": h})
+    md = [f"### Engines side by side: base `{be}`, head `{he}`\n",
+          f"The narrowed rows ran on different engines (baseline `{baseline}` on kvbench's engine in both), so "
+          "the regressions below compare engines, not versions. 'KV-only' metrics hold an engine's narrowed "
+          "KV against its own widest KV on the same tokens; '(top-k+tail)' KLDs are lower bounds.\n"]
+    if rows:
+        md.append(md_table(pd.DataFrame(rows).sort_values(["model", "KV", "check", "metric"], kind="stable")))
+    return "\n".join(md) + "\n"
 
 
 def _change(b, h) -> str:

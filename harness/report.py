@@ -555,6 +555,7 @@ class _Report:
 
     def build(self) -> Path:
         self.header()
+        engines_side_by_side(self)          # only when another engine ran the narrowed rows
         self.verdict()
         self.memory()
         self.accuracy()
@@ -578,6 +579,67 @@ def _mib(n) -> float | None:
 def _clip(text: str, n: int) -> str:
     text = str(text)
     return text if len(text) <= n else text[:n].rstrip() + " …"
+
+
+# metrics set side by side per row when another engine ran it: (check kind, metric, column)
+SIDE_BY_SIDE = (("argmax", "Mean KLD", "Mean KLD vs baseline"),
+                ("argmax", "Max abs logit diff", "Max abs vs baseline"),
+                ("argmax", "Same top p", "Same top p"),
+                ("argmax", "KV-only Mean KLD", "KV-only Mean KLD (same engine)"),
+                ("argmax", "KV-only Max abs logit diff", "KV-only max abs (same engine)"),
+                ("topk_argmax", "Mean KLD (top-{k}+tail)", "Mean KLD top-{k}+tail vs baseline (lower bound)"),
+                ("vram", "KV bytes (runtime)", "KV MiB (runtime)"))
+
+
+def engines_side_by_side(r: "_Report") -> None:
+    """Which engine ran each row (the manifest's ``engine``: the baseline on kvbench's engine,
+    the narrowed rows on the chosen one) and, per model and row, its cost against the baseline
+    beside the KV-only cost on its own engine (narrowed vs that engine's widest KV, same
+    tokens), the KV setting it was asked for and what it applied, and what the engine kept in
+    full precision or did not use. Nothing when kvbench's engine ran every row."""
+    eng = r.res.manifest.get("engine") or {}
+    if (eng.get("name") or "kvbench") == "kvbench":
+        return
+    rows_cfg = eng.get("rows") or {}
+    infos: dict = {}
+    for rec in r.res.of_type("info"):
+        if isinstance(rec.get("info"), dict) and isinstance(rec["info"].get("engine"), dict):
+            infos.setdefault((rec.get("model"), rec.get("kv_dtype")), rec["info"]["engine"])
+    df = r.df
+    ks = {}
+    for chk in r.checks_of("topk_argmax"):
+        sel = df[(df.check == chk) & df.metric.astype(str).str.startswith("Mean KLD (top-")] if not df.empty else df
+        if not sel.empty:
+            ks[chk] = str(sel.iloc[0]["metric"]).split("top-")[1].split("+")[0]
+    table, notes = [], []
+    for m in r.models:
+        for d in r.dtypes:
+            cfg = rows_cfg.get(d) or {}
+            info = infos.get((m, d), {})
+            row = {"model": m, "KV row": r.label(d, "baseline"), "engine": cfg.get("engine", "kvbench"),
+                   "engine KV": cfg.get("kv", d), "applied": ", ".join(info.get("kv_applied") or []) or None}
+            for kind, metric, col in SIDE_BY_SIDE:
+                for chk in r.checks_of(kind):
+                    k = ks.get(chk, "")
+                    v = r.value(m, d, chk, metric.format(k=k))
+                    if v is not None:
+                        row[col.format(k=k)] = v
+            flags = [f for c in r.res.cases() if (c["model"], c["kv_dtype"]) == (m, d)
+                     for f in c.get("failures") or [] if f.startswith("not applied?")]
+            row["not applied?"] = "⚠️ yes" if flags else ("no" if d != r.baseline else None)
+            table.append(row)
+            for n in [info.get("kv_note"), *(info.get("notes") or [])]:
+                if n and f"{d}: {n}" not in notes:
+                    notes.append(f"{d}: {n}")
+    r.md += ["## Engines side by side\n",
+             f"Baseline row `{r.baseline}` on kvbench's engine; narrowed rows on **{eng.get('spec')}**. "
+             "'vs baseline' holds the engine's narrowed KV against kvbench fp32 (engine and KV together); "
+             "'KV-only' holds it against the same engine's widest KV on the same tokens (what the format "
+             "costs on that engine). A top-k+tail KLD keeps the engine's top-k tokens and one tail bucket: a "
+             "lower bound of the full KLD.\n",
+             md_table(pd.DataFrame(table)) + "\n"]
+    if notes:
+        r.md += ["Engine notes:\n", *[f"- {n}" for n in notes], ""]
 
 
 def build_report(results_dir: str | Path, out_dir: str | Path | None = None) -> Path:

@@ -17,7 +17,8 @@ echoed the same tokens, so a server that serves another model is an error, not a
   with a BOS-less model). When the adapter connects it learns which, from the server's own
   greedy tokens (each must be the top-1 of the distribution that produced it); a server for
   which neither lines up is refused.
-- ``generate(tokens, n)``: greedy completion of the templated prompt (temperature 0); the
+- ``generate(tokens, n)``: greedy completion of the templated prompt (temperature 0, every
+  penalty off: ``GREEDY``); the
   text comes back and is tokenized with the model's tokenizer (+ EOS when the server
   stopped there). ``chat(messages, n)``: greedy through the server's own chat template.
 
@@ -45,6 +46,12 @@ START_HINT = ("start it first, e.g. python -m llama_cpp.server --model FILE --lo
               "--port 8000, and pass --engine openai://HOST:PORT")
 PROBE = [{"role": "user", "content": "Name three colours of the rainbow."}]
 TIMEOUT = 600
+# greedy means argmax of the model's logits: no sampling, and no penalty a server applies by
+# default (llama-cpp-python's repeat_penalty is 1.1 unless told otherwise: its "greedy" answer
+# to "What is the capital of France?" leaves the argmax at token 11); vLLM's name is
+# repetition_penalty. Servers that do not know a parameter ignore it.
+GREEDY = {"temperature": 0.0, "top_p": 1.0, "seed": 0, "frequency_penalty": 0.0, "presence_penalty": 0.0,
+          "repeat_penalty": 1.0, "repetition_penalty": 1.0}
 
 
 def _post(url: str, path: str, body: dict | None = None, timeout: float = TIMEOUT) -> dict:
@@ -142,7 +149,7 @@ class OpenAI(Adapter):
 
     # -- HTTP ---------------------------------------------------------------------------------
     def _complete(self, prompt: str, **kw) -> dict:
-        body = {"model": self.server_model, "prompt": prompt, "temperature": 0.0, "top_p": 1.0, "seed": 0, **kw}
+        body = {"model": self.server_model, "prompt": prompt, **GREEDY, **kw}
         try:
             got = _post(self.url, "/v1/completions", body)
         except _ServerSaid as exc:
@@ -285,8 +292,8 @@ class OpenAI(Adapter):
 
     def chat(self, messages: list[dict], max_new_tokens: int) -> str:
         """Greedy answer through the server's own chat template (``/v1/chat/completions``)."""
-        body = {"model": self.server_model, "messages": [dict(m) for m in messages], "temperature": 0.0,
-                "top_p": 1.0, "seed": 0, "max_tokens": int(max_new_tokens)}
+        body = {"model": self.server_model, "messages": [dict(m) for m in messages], **GREEDY,
+                "max_tokens": int(max_new_tokens)}
         try:
             got = _post(self.url, "/v1/chat/completions", body)
         except _ServerSaid as exc:
