@@ -1,5 +1,6 @@
 """What legitimately differs between two runs of the same suite, set aside before comparing
-records: wall-clock fields (run name, ``seconds``, ``finished``/``started``, tok/s values and
+records: wall-clock fields (run name, ``seconds``, ``finished``/``started``, tok/s values,
+every metric of a throughput check (spread, CV, unstable flag, load: all timing) and
 throughput timing samples), the case record's ``memory`` (this process's peak RSS, sampled
 by a thread) and what the planner read of the machine's free host RAM (``host_ram``
 readings and the weight-format reason that quotes them). Everything else must be equal."""
@@ -23,8 +24,8 @@ def _drop(v):
 def stable(rec: dict) -> dict:
     """A record without the run-dependent fields (at any depth)."""
     out = _drop(rec)
-    if out["type"] == "metric" and out.get("unit") == "tok/s":
-        for k in ("value", "passed"):
+    if out["type"] == "metric" and (out.get("unit") == "tok/s" or out.get("kind") == "throughput"):
+        for k in ("value", "passed", "detail"):
             out.pop(k, None)
     if out["type"] == "series" and (out.get("kind") == "throughput" or str(out.get("name", "")).endswith("_samples")):
         out.pop("values")

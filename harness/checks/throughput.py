@@ -1,36 +1,61 @@
-"""throughput: prefill and decode speed, named as llama-bench names them (pp512, tg128).
+"""throughput: prefill and decode speed, named as llama-bench names them (pp512, tg128),
+with the spread of its repetitions and the machine's load during each.
 
-Contract: ``pp<N>`` prefills N prompt tokens from an empty cache (``eng.prefill`` when the
-engine has it, else ``eng.logits``); ``tg<N>`` decodes N tokens greedily after a one-token
-prompt (``eng.generate(..., stop_at_eos=False)``). Each runs ``warmup`` times untimed, then
-``repeats`` times timed (CUDA synchronized; ``warmup_tokens`` shrinks the warm-up runs where
-a full-size one costs too much, e.g. on a 2-core CPU); the metric is the median tok/s and the raw
-samples are kept in the record's series.
+Contract: ``pp<N>`` prefills N prompt tokens from an empty cache (``eng.prefill``);
+``tg<N>`` decodes N tokens greedily after a one-token prompt
+(``eng.generate(..., stop_at_eos=False)``). Each runs ``warmup`` times untimed, then
+``repeats`` (at least 5, issue 15.7) times timed (CUDA synchronized; ``warmup_tokens``
+shrinks the warm-up runs where a full-size one costs too much, e.g. on a 2-core CPU).
+
+Per measure (``pp<N>`` / ``tg<N>``), with ``harness.speedstats.spread`` over the samples:
+
+- metric ``<name>``: the median tok/s (the gated value); its ``detail`` says ``unstable``
+  when the row is;
+- metric ``<name> stddev`` (tok/s, sample standard deviation) and ``<name> CV`` (%,
+  stddev / mean), descriptive;
+- metric ``<name> unstable``: true when the CV is above ``max_cv_pct`` (default 10%): such a
+  row is shown as unstable and ``harness compare`` does not compare it;
+- series ``<name>_samples`` (every tok/s sample, in order: the records ``compare`` ranks),
+  ``<name>_load1`` (``os.getloadavg()[0]`` after each sample) and ``<name>_others_cpu``
+  (the fraction of all CPUs that *other* processes kept busy during each sample: busy time
+  from ``/proc/stat`` minus this process's CPU time, over wall time x CPUs; None where
+  ``/proc/stat`` is missing);
+- metric ``Others' CPU busy`` (%): the largest such fraction over every sample, descriptive.
+
+``info`` holds the deterministic facts: repeats, warm-up, ``cpu_count`` (``os.cpu_count``),
+``cpus_usable`` (the affinity mask) and how the load was read. Results written before these
+metrics existed hold ``<name>_samples`` only; readers compute the spread from them.
 
     [[check]]
-    kind = "throughput"; pp = 512; tg = 128; repeats = 3
+    kind = "throughput"; pp = 512; tg = 128; repeats = 5
 """
 from __future__ import annotations
 
-import statistics
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
-from ..schema import CheckConfig, param, threshold
-from ..text import prompt_tokens
 from ..engine_api import CAP_CHAT, CAP_GENERATE, CAP_PREFILL
+from ..schema import CheckConfig, param, threshold
+from ..speedstats import spread
+from ..text import prompt_tokens
 from .base import Check, Outcome, register
+
+MIN_REPEATS = 5
 
 
 @dataclass
 class ThroughputConfig(CheckConfig):
     pp: int = param(512, lo=1)
     tg: int = param(128, lo=1)
-    repeats: int = param(3, lo=1)
+    repeats: int = param(MIN_REPEATS, lo=MIN_REPEATS,
+                         help="timed repetitions (>= 5: the rank test in compare needs them)")
     warmup: int = param(1, lo=0)
     warmup_tokens: int | None = param(None, lo=1, help="size of warm-up runs (default: full size)")
+    max_cv_pct: float = param(10.0, lo=0, lo_open=True,
+                              help="a row whose coefficient of variation is above this is unstable")
     min_pp_tok_s: float | dict[str, float] | None = threshold("pp{pp}", ">=")
     min_tg_tok_s: float | dict[str, float] | None = threshold("tg{tg}", ">=")
 
@@ -40,17 +65,65 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _timed(fn, device: str, warmup: int, repeats: int, warm_n: int | None) -> list[float]:
+def _proc_stat() -> tuple[int, int] | None:
+    """(busy, total) jiffies of all CPUs from /proc/stat, or None."""
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            first = fh.readline().split()
+    except OSError:
+        return None
+    if not first or first[0] != "cpu":
+        return None
+    v = [int(x) for x in first[1:9]]          # user nice system idle iowait irq softirq steal
+    v += [0] * (8 - len(v))
+    return sum(v) - v[3] - v[4], sum(v)
+
+
+def _n_cpus_in_stat() -> int | None:
+    try:
+        with open("/proc/stat", encoding="ascii") as fh:
+            return sum(1 for line in fh if line.startswith("cpu") and line[3:4].isdigit()) or None
+    except OSError:
+        return None
+
+
+class LoadProbe:
+    """Around one timed sample: the 1-minute load average after it, and the fraction of all
+    CPUs that other processes used during it (system busy time minus ours)."""
+    HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+    def __enter__(self):
+        self.stat0, self.cpu0, self.t0 = _proc_stat(), time.process_time(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.t0
+        own = time.process_time() - self.cpu0
+        stat1 = _proc_stat()
+        self.load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+        self.others = None
+        if self.stat0 and stat1 and stat1[1] > self.stat0[1] and wall > 0:
+            busy_s = (stat1[0] - self.stat0[0]) / self.HZ
+            cpus = (stat1[1] - self.stat0[1]) / self.HZ / wall    # CPUs the counters covered
+            self.others = min(1.0, max(0.0, (busy_s - own) / (wall * max(cpus, 1.0))))
+        return False
+
+
+def _timed(fn, device: str, warmup: int, repeats: int, warm_n: int | None):
     for _ in range(warmup):
         fn(warm_n)
     _sync(device)
-    out = []
+    out, load1, others = [], [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        n = fn(None)
-        _sync(device)
-        out.append(n / (time.perf_counter() - t0))
-    return out
+        with LoadProbe() as probe:
+            t0 = time.perf_counter()
+            n = fn(None)
+            _sync(device)
+            dt = time.perf_counter() - t0
+        out.append(n / dt)
+        load1.append(probe.load1)
+        others.append(probe.others)
+    return out, load1, others
 
 
 @register
@@ -75,11 +148,32 @@ class Throughput(Check):
         def tg(n=None):
             return len(eng.generate(prompt[:1], n or cfg.tg, stop_at_eos=False))
 
-        pp_s = _timed(pp, ctx.device, cfg.warmup, cfg.repeats, cfg.warmup_tokens)
-        tg_s = _timed(tg, ctx.device, cfg.warmup, cfg.repeats, cfg.warmup_tokens)
         out = Outcome()
-        out.add(f"pp{cfg.pp}", statistics.median(pp_s), "tok/s", "higher")
-        out.add(f"tg{cfg.tg}", statistics.median(tg_s), "tok/s", "higher")
-        out.series = {f"pp{cfg.pp}_samples": pp_s, f"tg{cfg.tg}_samples": tg_s}
-        out.info.update(prefill_api="eng.prefill", warmup=cfg.warmup, warmup_tokens=cfg.warmup_tokens, repeats=cfg.repeats)
+        busiest = []
+        for name, fn in ((f"pp{cfg.pp}", pp), (f"tg{cfg.tg}", tg)):
+            samples, load1, others = _timed(fn, ctx.device, cfg.warmup, cfg.repeats, cfg.warmup_tokens)
+            s = spread(samples)
+            unstable = s.unstable(cfg.max_cv_pct / 100.0)
+            cv = None if s.cv is None else 100.0 * s.cv
+            out.add(name, s.median, "tok/s", "higher",
+                    detail=f"unstable: CV {cv:.1f}% > {cfg.max_cv_pct:g}% over {s.n} repetitions"
+                    if unstable else None)
+            out.add(f"{name} stddev", s.stdev, "tok/s", None)
+            out.add(f"{name} CV", cv, "%", None)
+            out.add(f"{name} unstable", bool(unstable), "", None)
+            out.series[f"{name}_samples"] = samples
+            out.series[f"{name}_load1"] = load1
+            out.series[f"{name}_others_cpu"] = others
+            busiest += [x for x in others if x is not None]
+        if busiest:
+            out.add("Others' CPU busy", 100.0 * max(busiest), "%", None,
+                    detail="largest share of all CPUs other processes used during one timed sample")
+        else:
+            out.skip("Others' CPU busy", "/proc/stat is not readable on this system", "%")
+        affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        out.info.update(prefill_api="eng.prefill", warmup=cfg.warmup, warmup_tokens=cfg.warmup_tokens,
+                        repeats=cfg.repeats, max_cv_pct=cfg.max_cv_pct, cpu_count=os.cpu_count(),
+                        cpus_usable=affinity, cpus_in_proc_stat=_n_cpus_in_stat(),
+                        load_probe="os.getloadavg()[0] after each sample; others' CPU share from "
+                        "/proc/stat busy jiffies minus this process's CPU time")
         return out
