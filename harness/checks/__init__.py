@@ -10,4 +10,4 @@ from __future__ import annotations
 
 from .base import (CaseContext, Check, Metric, ModelInfo, Outcome, chat_ids, config_class,  # noqa: F401
                    eos_ids, get, kinds, register)
-from . import argmax, coherence, wave_prefill, vram, throughput  # noqa: E402,F401  (register)
+from . import argmax, coherence, wave_prefill, vram, throughput, multiturn  # noqa: E402,F401  (register)
