@@ -4,7 +4,12 @@ Contract: ``logit_stats(base, test, top_k, targets)`` compares two teacher-force
 matrices [T, V] (baseline first) and returns scalars named as llama.cpp's perplexity
 KL-divergence report names them (``Mean KLD``, ``Median KLD``, ``99.0% KLD``, ``Maximum KLD``,
 ``Same top p``, ``Mean PPL(Q)/PPL(base)``, ...) plus per-position series for plots. KLD is
-KL(base || test) in nats, computed in float64. Text metrics: ``distinct_n``,
+KL(base || test) in nats, computed in float64. Each of ``Mean KLD``, ``Same top p``,
+``RMS Δp``, ``Mean PPL(Q)/PPL(base)`` and ``Mean ln(PPL(Q)/PPL(base))`` comes with its
+standard error as the scalar ``"<name> SE"`` (the ``+/-`` llama-perplexity prints; the maths
+and its caveats are ``harness.stats``): SE over positions, binomial for ``Same top p``,
+delta method for ``RMS Δp``, SE of the mean log-ratio exponentiated for the PPL ratio. NaN
+where fewer than 2 positions make it undefined. Text metrics: ``distinct_n``,
 ``longest_repeat_run`` (collapse detector) and ``common_prefix``.
 
     stats = logit_stats(fp32_logits, q8_logits, top_k=5, targets=tokens[1:])
@@ -16,6 +21,8 @@ import math
 from dataclasses import dataclass, field
 
 import torch
+
+from .stats import mean_se, proportion_se, ratio_of_means_log, rms_se
 
 KLD_QUANTILES = {"99.9% KLD": 0.999, "99.0% KLD": 0.99, "Median KLD": 0.5,
                  "10.0% KLD": 0.10, "5.0% KLD": 0.05}
@@ -64,12 +71,17 @@ def logit_stats(base: torch.Tensor, test: torch.Tensor, top_k: int = 5,
                 dp.append(pt.exp() - pb.exp())
     max_abs_t, mean_abs_t = torch.cat(max_abs), torch.cat(mean_abs)
     kld_t, rank_t, same_t = torch.cat(kld), torch.cat(rank), torch.cat(same)
+    n_same = int(same_t.sum())
+    same_p, same_se = proportion_se(n_same, T)
+    kld_mean, kld_se = mean_se(kld_t)
     sc: dict[str, float] = {
         "Max abs logit diff": float(max_abs_t.max()),
         "Mean abs logit diff": float(mean_abs_t.mean()),
         f"Top-1 in top-{top_k}": 100.0 * float((rank_t < top_k).double().mean()),
-        "Same top p": 100.0 * float(same_t.double().mean()),
-        "Mean KLD": float(kld_t.mean()),
+        "Same top p": 100.0 * same_p,
+        "Same top p SE": 100.0 * same_se,
+        "Mean KLD": kld_mean,
+        "Mean KLD SE": kld_se,
         "Maximum KLD": float(kld_t.max()),
         "Minimum KLD": float(kld_t.min()),
     }
@@ -77,10 +89,16 @@ def logit_stats(base: torch.Tensor, test: torch.Tensor, top_k: int = 5,
     sc.update({name: float(v) for name, v in zip(KLD_QUANTILES, q)})
     if nll_b:
         nb, nt, d = torch.cat(nll_b), torch.cat(nll_t), torch.cat(dp)
+        ratio, ratio_se, log_ratio, log_se = ratio_of_means_log(nt, nb)
+        rms, rms_err = rms_se(d)
         sc["Mean PPL(base)"] = math.exp(float(nb.mean()))
         sc["Mean PPL(Q)"] = math.exp(float(nt.mean()))
-        sc["Mean PPL(Q)/PPL(base)"] = math.exp(float(nt.mean() - nb.mean()))
-        sc["RMS Δp"] = 100.0 * float(d.pow(2).mean().sqrt())
+        sc["Mean PPL(Q)/PPL(base)"] = ratio
+        sc["Mean PPL(Q)/PPL(base) SE"] = ratio_se
+        sc["Mean ln(PPL(Q)/PPL(base))"] = log_ratio
+        sc["Mean ln(PPL(Q)/PPL(base)) SE"] = log_se
+        sc["RMS Δp"] = 100.0 * rms
+        sc["RMS Δp SE"] = 100.0 * rms_err
     series = {"max_abs": _round(max_abs_t), "kld": _round(kld_t),
               "top1_rank": [int(r) for r in rank_t], "same_top": [bool(x) for x in same_t]}
     return LogitStats(sc, series)

@@ -8,6 +8,12 @@ agreement (``Same top p``), logit max-abs / mean-abs, KLD statistics, PPL ratio.
 baseline row the same metrics are the *noise floor*: fp32 in one pass against fp32
 prefilled in chunks of ``noise_chunk`` tokens, the same maths batched differently.
 
+Uncertainty: ``Mean KLD``, ``Same top p``, ``RMS Δp``, ``Mean PPL(Q)/PPL(base)`` and
+``Mean ln(PPL(Q)/PPL(base))`` each come with a descriptive metric ``"<name> SE"`` (same unit,
+no direction: never gated, never a regression by itself), the ``+/-`` llama-perplexity
+prints (``harness.stats``). The report holds a dtype's delta against the baseline row (the
+noise floor) with ``harness.stats.significant`` and marks the significant ones.
+
     [[check]]
     kind = "argmax"; positions = 256; top_k = 5; max_abs = { bf16 = 2.5, q8_0 = 3.5 }
 """
@@ -31,7 +37,7 @@ DEFAULT_MESSAGES = [
 BETTER = {"Max abs logit diff": "lower", "Mean abs logit diff": "lower", "Same top p": "higher",
           "Mean KLD": "lower", "Maximum KLD": "lower", "99.9% KLD": "lower", "99.0% KLD": "lower",
           "Median KLD": "lower", "10.0% KLD": "lower", "5.0% KLD": "lower", "Minimum KLD": "lower",
-          "Mean PPL(Q)/PPL(base)": "lower", "RMS Δp": "lower"}
+          "Mean PPL(Q)/PPL(base)": "lower", "RMS Δp": "lower", "Mean ln(PPL(Q)/PPL(base))": "lower"}
 UNITS = {"Same top p": "%", "RMS Δp": "%", "Mean KLD": "nats", "Maximum KLD": "nats",
          "99.9% KLD": "nats", "99.0% KLD": "nats", "Median KLD": "nats", "10.0% KLD": "nats",
          "5.0% KLD": "nats", "Minimum KLD": "nats"}
@@ -86,6 +92,9 @@ class Argmax(Check):
             targets += list(seq[1:]) + [-1]      # the last position has no known next token
         stats = logit_stats(base, test, cfg.top_k, targets)
         for name, value in stats.scalars.items():
+            if name.endswith(" SE"):       # the +/- of the metric it names: same unit, descriptive
+                out.add(name, value, UNITS.get(name[:-3], ""), None)
+                continue
             unit = UNITS.get(name, "%" if name.startswith("Top-1 in") else "")
             better = BETTER.get(name, "higher" if name.startswith("Top-1 in") else None)
             out.add(name, value, unit, better)
