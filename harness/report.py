@@ -26,6 +26,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from . import stats as _stats  # noqa: E402
 from .results import Results, atomic_write, load_results  # noqa: E402
 
 COLORS = {"fp32": "#555555", "bf16": "#1f77b4", "q8_0": "#ff7f0e"}
@@ -378,10 +379,16 @@ class _Report:
                     row = {"model": m, "dtype": self.label(d, "noise floor")}
                     for x in metrics:
                         row[x] = self.value(m, d, chk, x)
+                    _with_uncertainty(self, row, m, d, chk)
                     rows.append(row)
             if rows:
                 self.md.append(f"### `{chk}`\n")
                 self.md.append(md_table(pd.DataFrame(rows)) + "\n")
+                if any(r.get("significant") for r in rows) or any("±" in str(v) for r in rows for v in r.values()):
+                    self.md.append("Values are mean ± standard error over positions (binomial for Same top p). "
+                                   "**significant**: the dtype's delta exceeds the noise floor row by more than "
+                                   f"{_stats.Z_SIGNIFICANT:g} combined standard errors (`harness.stats.significant`); "
+                                   "other deltas are within noise.\n")
             for m in self.models:
                 self.curves(m, chk, "max_abs", "max |logit diff|", log=False)
                 self.curves(m, chk, "kld", "KLD (nats)", log=True)
@@ -519,9 +526,19 @@ class _Report:
                     rows.append({"model": m, "dtype": d,
                                  **{x: self.value(m, d, chk, x) for x in (
                                      "Identical prefix", "First token EOS", "Distinct-2",
-                                     "Longest repeat run", "Stopped at EOS")}})
+                                     "Longest repeat run", "Stopped at EOS", "Prompts", "Collapse rate",
+                                     "Collapse excess", "Diverged prompts", "Near-tie flips",
+                                     "Confident divergences", "Confident divergence excess",
+                                     "Largest flipped margin")}})
             if rows:
                 self.md.append(md_table(pd.DataFrame(rows).dropna(axis=1, how="all")) + "\n")
+                if any(r.get("Collapse excess") is not None for r in rows):
+                    self.md.append("Rates are gated, not single answers: an *excess* (percentage points) is the "
+                                   "dtype's rate minus the one-sided 95% Clopper-Pearson upper bound of the "
+                                   f"reference's ({self.baseline}'s collapses; zero divergences for "
+                                   "divergences), so it fails only when > 0. A divergence is a *near-tie flip* "
+                                   f"when {self.baseline}'s top-1/top-2 logit margin at that step is within the "
+                                   "suite's `tie_margin`: reported, not a failure.\n")
             for m in self.models:
                 samples = {d: self.res.info(m, d, chk).get("samples") or [] for d in self.dtypes}
                 n = max((len(s) for s in samples.values()), default=0)
@@ -534,6 +551,11 @@ class _Report:
                         x = s[i]
                         same = ("" if d == self.baseline else
                                 f", identical to {self.baseline} for {x['identical_prefix']} tokens")
+                        if x.get("flip"):
+                            same += (f", **{x['flip']}** flip at step {x['diverged_at']} ({self.baseline} "
+                                     f"margin {x['fp32_margin']:.3g})")
+                        if x.get("collapsed"):
+                            same += f", **collapsed** (repeat run {x.get('repeat_run')})"
                         self.md.append(f"- `{d}` ({x['tokens']} tokens, stop: {x['stop']}{same}):\n")
                         self.md.append("  ```text\n  " + _clip(x["text"], TEXT_CHARS).replace("`", "'")
                                        .replace("\n", "\n  ") + "\n  ```")
@@ -570,6 +592,25 @@ class _Report:
         path = self.out / "report.md"
         atomic_write(path, "\n".join(self.md).rstrip() + "\n")
         return path
+
+
+def _with_uncertainty(r: "_Report", row: dict, m: str, d: str, chk: str) -> None:
+    """Accuracy row in place: ``value ± SE`` where the check recorded ``"<metric> SE"``, and a
+    ``significant`` column naming the metrics whose delta beats the noise floor (the baseline
+    row) by the rule of ``harness.stats.significant``. Runs without SE metrics are untouched."""
+    names = [x for x in _stats.DELTAS if x in row]
+    vals = {x: r.value(m, d, chk, x) for n in names for x in (n, _stats.DELTAS[n][1])}
+    vals["Mean ln(PPL(Q)/PPL(base))"] = r.value(m, d, chk, "Mean ln(PPL(Q)/PPL(base))")
+    vals["Mean ln(PPL(Q)/PPL(base)) SE"] = r.value(m, d, chk, "Mean ln(PPL(Q)/PPL(base)) SE")
+    for x in names:
+        se = vals.get(_stats.DELTAS[x][1])
+        if row[x] is not None and se is not None:
+            row[x] = f"{_num(float(row[x]))} ± {_num(float(se))}"
+    if d == r.baseline or not any(v is not None for k, v in vals.items() if k.endswith(" SE")):
+        return
+    floor = {k: r.value(m, r.baseline, chk, k) for k in vals}
+    sig = _stats.significance(vals, floor)
+    row["significant"] = ", ".join(x for x in names if sig.get(x)) or "none"
 
 
 def _mib(n) -> float | None:
