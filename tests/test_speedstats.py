@@ -1,0 +1,210 @@
+"""Speed verdicts from repetitions (issue 15.7): the Mann-Whitney U test of
+harness/speedstats.py against an independent computation (every split of the pooled samples
+enumerated, U counted pair by pair; scipy.stats.mannwhitneyu too when installed), the spread
+statistics against numpy, the throughput check's ``unstable`` marking on timings the test
+controls, and ``harness compare`` on synthetic results directories: a noisy speed difference
+is not a regression, a clear one is, an unstable row is reported as unstable.
+
+    .venv/bin/python -m pytest -q tests/test_speedstats.py
+"""
+from __future__ import annotations
+
+import itertools
+import math
+import random
+import time
+
+import numpy as np
+import pytest
+
+from harness import speedstats as ss
+
+
+# -- independent reference: brute-force permutation distribution of U ----------------------
+
+def _u_pairs(x, y) -> float:
+    return sum(1.0 if a > b else 0.5 if a == b else 0.0 for a in x for b in y)
+
+
+def _brute(x, y, alternative="two-sided") -> tuple[float, float]:
+    """(U of x, p) over every split of the pooled values into len(x) and len(y)."""
+    pooled = np.array(list(x) + list(y), dtype=float)
+    m, N = len(x), len(pooled)
+    g = (pooled[:, None] > pooled[None, :]) + 0.5 * (pooled[:, None] == pooled[None, :])
+    combos = np.array(list(itertools.combinations(range(N), m)))
+    mask = np.zeros((len(combos), N), dtype=bool)
+    np.put_along_axis(mask, combos, True, axis=1)
+    us = ((mask.astype(float) @ g) * ~mask).sum(axis=1)          # pairs (i in x-side, j in y-side)
+    u = _u_pairs(x, y)
+    ge, le = np.mean(us >= u - 1e-9), np.mean(us <= u + 1e-9)
+    p = {"greater": ge, "less": le, "two-sided": min(1.0, 2 * min(ge, le))}[alternative]
+    return u, float(p)
+
+
+CASES = [  # (x, y): no ties / ties / one side all larger / equal samples
+    ([20.1, 20.3, 19.8, 20.0, 20.2], [15.0, 15.2, 14.9, 15.1, 15.3]),
+    ([5.1, 4.9, 5.3, 5.0, 4.8, 5.2], [5.05, 5.25, 4.7, 4.95, 5.15]),
+    ([1.0, 2.0, 2.0, 3.0, 4.0], [2.0, 3.0, 3.0, 5.0, 1.0, 6.0]),
+    ([7, 7, 8, 9, 9, 9, 10], [7, 8, 8, 8, 9, 10, 11, 11]),
+    ([3.0, 3.0, 3.0], [3.0, 3.0, 3.0, 3.0]),
+]
+
+
+@pytest.mark.parametrize("alternative", ["two-sided", "greater", "less"])
+@pytest.mark.parametrize("x,y", CASES)
+def test_small_samples_match_the_brute_force_permutation_test(x, y, alternative):
+    r = ss.mann_whitney_u(x, y, alternative)
+    u, p = _brute(x, y, alternative)
+    assert r.u == pytest.approx(u, abs=1e-9)
+    assert r.method == ("exact" if len(set(x + y)) == len(x + y) else "permutation")
+    assert r.p == pytest.approx(p, abs=1e-12)
+
+
+def test_exact_distribution_without_ties_at_larger_sizes():
+    rng = random.Random(1)
+    for m, n in ((8, 9), (4, 12), (1, 7)):
+        x = [rng.random() for _ in range(m)]
+        y = [rng.random() + 0.2 for _ in range(n)]
+        r = ss.mann_whitney_u(x, y)
+        assert r.method == "exact"
+        assert r.p == pytest.approx(_brute(x, y)[1], abs=1e-12)
+
+
+def test_normal_approximation_is_close_to_the_permutation_distribution():
+    rng = random.Random(7)
+    # ties and 10 + 10 values (184,756 splits): past the enumeration limit, so asymptotic
+    for shift in (0.0, 0.6, 1.2):
+        x = [round(rng.gauss(0, 1), 1) for _ in range(10)]
+        y = [round(rng.gauss(shift, 1), 1) for _ in range(10)]
+        r = ss.mann_whitney_u(x, y)
+        assert r.method == "asymptotic"
+        assert r.p == pytest.approx(_brute(x, y)[1], abs=0.015)
+
+
+def test_against_scipy_when_installed():
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(3)
+    for m, n in ((5, 5), (7, 6), (30, 40)):
+        x = [round(rng.gauss(0, 1), 2) for _ in range(m)]
+        y = [round(rng.gauss(0.5, 1), 2) for _ in range(n)]
+        mine = ss.mann_whitney_u(x, y)
+        ref = stats.mannwhitneyu(x, y, alternative="two-sided",
+                                 method="exact" if mine.method == "exact" else "asymptotic")
+        assert mine.u == pytest.approx(ref.statistic)
+        if mine.method != "permutation":
+            assert mine.p == pytest.approx(ref.pvalue, rel=1e-6)
+
+
+def test_min_p_and_bad_input():
+    assert ss.min_p(5, 5) == pytest.approx(2 / math.comb(10, 5))
+    assert ss.min_p(3, 3) == pytest.approx(0.1)
+    # the extreme split of 5 vs 5 reaches exactly min_p
+    assert ss.mann_whitney_u([1, 2, 3, 4, 5], [6, 7, 8, 9, 10]).p == pytest.approx(ss.min_p(5, 5))
+    for bad in (([], [1.0]), ([float("nan")], [1.0])):
+        with pytest.raises(ValueError):
+            ss.mann_whitney_u(*bad)
+    with pytest.raises(ValueError):
+        ss.mann_whitney_u([1], [2], "both")
+
+
+def test_spread_matches_numpy():
+    xs = [21.0, 19.5, 20.25, 23.0, 18.0, 20.0]
+    s = ss.spread(xs)
+    assert s.n == 6 and s.median == pytest.approx(float(np.median(xs)))
+    assert s.stdev == pytest.approx(float(np.std(xs, ddof=1)))
+    assert s.cv == pytest.approx(float(np.std(xs, ddof=1) / np.mean(xs)))
+    assert ss.spread([5.0]).cv is None and ss.spread([]).n == 0
+
+
+# -- verdicts --------------------------------------------------------------------------------
+
+BASE = [20.1, 20.3, 19.8, 20.0, 20.2]
+
+
+def test_clear_slowdown_is_a_regression_and_speedup_an_improvement():
+    v = ss.compare_speed(BASE, [15.0, 15.2, 14.9, 15.1, 15.3])
+    assert v.verdict == "regression" and v.p == pytest.approx(ss.min_p(5, 5)) and v.change < -0.2
+    assert ss.compare_speed(BASE, [25.0, 25.2, 24.9, 25.1, 25.3]).verdict == "improvement"
+    # for a time-like metric (lower is better) the same samples read the other way round
+    assert ss.compare_speed(BASE, [25.0, 25.2, 24.9, 25.1, 25.3], better="lower").verdict == "regression"
+
+
+def test_overlapping_samples_are_unchanged_and_a_tiny_shift_is_below_the_effect_size():
+    v = ss.compare_speed(BASE, [20.0, 20.4, 19.7, 20.1, 19.9])
+    assert v.verdict == "unchanged" and v.p >= 0.05
+    v = ss.compare_speed(BASE, [x * 0.98 for x in BASE])             # significant but 2%
+    assert v.verdict == "unchanged" and v.p < 0.05 and "less than 5%" in v.why
+
+
+def test_wide_spread_is_unstable_never_a_verdict():
+    noisy = [5.4, 21.0, 12.0, 20.5, 8.0]                             # the issue's busy 2-core box
+    v = ss.compare_speed(BASE, noisy)
+    assert v.verdict == "unstable" and "head CV" in v.why and v.head.cv > 0.10
+    assert ss.compare_speed(noisy, BASE).verdict == "unstable"
+
+
+def test_too_few_repetitions_are_untested():
+    assert ss.compare_speed([20.0], [10.0]).verdict == "untested"
+    v = ss.compare_speed([20.0, 20.1, 20.2], [10.0, 10.1, 10.2])      # min p 0.1 >= 0.05
+    assert v.verdict == "untested" and "cannot reach" in v.why
+
+
+# -- the throughput check marks an unstable row ----------------------------------------------
+
+class _Tok:
+    def apply_chat_template(self, messages, add_generation_prompt=True):
+        return list(range(len(messages[0]["content"].split())))
+
+    def encode(self, text):
+        return list(range(len(text.split())))
+
+
+class _TimedEngine:
+    """prefill/generate that take the wall time the test dictates (sleep), one call after another."""
+
+    def __init__(self, pp_s, tg_s):
+        self.pp_s, self.tg_s = list(pp_s), list(tg_s)
+        self.tokenizer = _Tok()
+
+    def prefill(self, tokens):
+        time.sleep(self.pp_s.pop(0) if self.pp_s else 0.0)
+
+    def generate(self, prompt, n, stop_at_eos=True):
+        time.sleep(self.tg_s.pop(0) if self.tg_s else 0.0)
+        return [0] * n
+
+
+def _run_throughput(pp_s, tg_s):
+    from harness import checks
+    from harness.checks.base import CaseContext
+    from harness.checks.throughput import ThroughputConfig
+    from harness.schema import SuiteSection
+    cfg = ThroughputConfig(kind="throughput", pp=8, tg=4, repeats=5, warmup=0)
+    out = checks.get("throughput").measure(_TimedEngine(pp_s, tg_s), cfg, None,
+                                           CaseContext("m", "fp32", "fp32", SuiteSection(name="t"), "cpu", 0))
+    return {m.name: m for m in out.metrics}, out
+
+
+def test_throughput_marks_a_wide_spread_unstable_and_keeps_every_sample():
+    m, out = _run_throughput([0.06] * 5, [0.02, 0.08, 0.02, 0.08, 0.04])
+    samples = out.series["tg4_samples"]
+    assert len(samples) == 5 and len(out.series["tg4_load1"]) == 5 and len(out.series["tg4_others_cpu"]) == 5
+    # independent: CV of the samples the check kept, by numpy
+    cv = 100 * np.std(samples, ddof=1) / np.mean(samples)
+    assert m["tg4 CV"].value == pytest.approx(cv)
+    assert m["tg4"].value == pytest.approx(float(np.median(samples)))
+    assert cv > 10 and m["tg4 unstable"].value is True and "unstable" in m["tg4"].detail
+    assert m["pp8 unstable"].value is False and m["pp8 CV"].value < 10 and m["pp8"].detail is None
+    assert out.info["repeats"] == 5 and out.info["cpu_count"] >= 1
+
+
+def test_repeats_below_five_are_refused_by_the_suite(tmp_path):
+    from harness.errors import SuiteError
+    from harness.suite import load_suite
+    p = tmp_path / "s.toml"
+    body = '[suite]\nname = "t"\nmodels = ["tiny-llama"]\n\n[[check]]\nkind = "throughput"\n'
+    p.write_text(body + "repeats = 4\n")
+    with pytest.raises(SuiteError, match="repeats"):
+        load_suite(p)
+    p.write_text(body)
+    assert load_suite(p).check("throughput").repeats == 5
