@@ -33,13 +33,17 @@ COLORS = {"fp32": "#555555", "bf16": "#1f77b4", "q8_0": "#ff7f0e"}
 # check kind -> section(report, check_names): a check module outside this file adds the
 # section of its kind here (``register_section``); ``build`` calls it after the built-in ones
 SECTIONS: dict = {}
+# name -> section(report, every check name): run-wide sections placed after the verdict table
+TOP_SECTIONS: dict = {}
 
 
-def register_section(kind: str):
+def register_section(kind: str, *, top: bool = False):
     """Decorator: ``@register_section("needle") def needle(report, names): ...``; the
-    function appends markdown to ``report.md`` and saves plots with ``report.save``."""
+    function appends markdown to ``report.md`` and saves plots with ``report.save``.
+    ``top=True``: a run-wide section (``kind`` is only its name, e.g. the summary), placed
+    right after the verdict table and called with every check of the run, whatever its kind."""
     def deco(fn):
-        SECTIONS[kind] = fn
+        (TOP_SECTIONS if top else SECTIONS)[kind] = fn
         return fn
     return deco
 ICON = {"pass": "✅ pass", "fail": "❌ **FAIL**", "error": "⚠️ **error**",
@@ -579,6 +583,8 @@ class _Report:
         self.header()
         engines_side_by_side(self)          # only when another engine ran the narrowed rows
         self.verdict()
+        for section in TOP_SECTIONS.values():      # run-wide sections defined elsewhere (summary)
+            section(self, list(self.checks))
         self.memory()
         self.accuracy()
         self.waves()

@@ -208,3 +208,113 @@ def test_repeats_below_five_are_refused_by_the_suite(tmp_path):
         load_suite(p)
     p.write_text(body)
     assert load_suite(p).check("throughput").repeats == 5
+
+
+# -- synthetic results directories: the report's summary and `harness compare` ---------------
+
+def _write_run(d, speed: dict, extra=None):
+    """A results directory by hand: ``speed`` maps kv dtype -> {"tg128": samples, ...} (a
+    throughput case each, written as the check writes it: median, stddev, CV, unstable flag,
+    samples series); ``extra`` maps (dtype, check, kind) -> [(metric, value), ...]."""
+    import json
+    from harness.results import RECORDS, write_manifest
+    d.mkdir(parents=True)
+    recs, checks = [], ["throughput"]
+
+    def case(dtype, check, kind, metrics, series=None, status="pass", reason=None):
+        common = {"run": d.name, "suite": "hand", "model": "m1", "kv_dtype": dtype,
+                  "baseline": dtype == "fp32", "check": check, "kind": kind}
+        for name, value, unit, better in metrics:
+            recs.append({**common, "type": "metric", "metric": name, "value": value, "unit": unit,
+                         "better": better, "threshold": None, "op": None, "passed": None,
+                         "skipped": None, "detail": None})
+        for k, v in (series or {}).items():
+            recs.append({**common, "type": "series", "name": k, "values": v})
+        recs.append({**common, "type": "case", "status": status, "failures": [], "error": None,
+                     "reason": reason, "seconds": 1.0, "finished": "x", "engine": {}})
+
+    for dtype, per in speed.items():
+        metrics, series = [], {}
+        for name, xs in per.items():
+            s = ss.spread(xs)
+            metrics += [(name, s.median, "tok/s", "higher"), (f"{name} stddev", s.stdev, "tok/s", None),
+                        (f"{name} CV", None if s.cv is None else 100 * s.cv, "%", None),
+                        (f"{name} unstable", s.unstable(), "", None)]
+            series[f"{name}_samples"] = list(xs)
+        case(dtype, "throughput", "throughput", metrics, series)
+    for (dtype, check, kind), metrics in (extra or {}).items():
+        if check not in checks:
+            checks.append(check)
+        if metrics == "n/a":
+            case(dtype, check, kind, [], status="n/a", reason="random weights")
+        else:
+            case(dtype, check, kind, [(n, v, "", None) for n, v in metrics])
+    (d / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    write_manifest(d, {"schema": 1, "run": d.name, "suite": {"path": "suites/hand.toml", "sha256": "abc",
+                                                              "suite": {"name": "hand", "baseline": "fp32"}},
+                       "matrix": {"models": ["m1"], "dtypes": list(speed), "checks": checks},
+                       "git": {"sha": "0" * 40, "dirty": False}, "device": {"requested": "cpu"},
+                       "versions": {"python": "3.11"}, "command": "hand", "started": "x", "finished": "y"})
+    return d
+
+
+QUIET = [20.1, 20.3, 19.8, 20.0, 20.2]
+NOISY = [5.4, 21.0, 12.0, 20.5, 8.0]
+
+
+def _summary_rows(md: str) -> dict:
+    lines = md.split("## Summary")[1].split("\n## ")[0].splitlines()
+    table = [x for x in lines if x.startswith("|")]
+    head = [c.strip() for c in table[0].strip("|").split("|")]
+    return {row[1]: dict(zip(head, row)) for row in
+            ([c.strip() for c in x.strip("|").split("|")] for x in table[2:])}
+
+
+def _pm_parse(cell: str) -> tuple[float, float]:
+    a, b = cell.split("±")
+    return float(a.replace(",", "")), float(b.split()[0].replace(",", ""))
+
+
+def test_summary_section_puts_speed_and_quality_in_one_table(tmp_path):
+    import harness.summary  # noqa: F401  (registers the section)
+    from harness.report import build_report
+    run = _write_run(tmp_path / "r", {"fp32": {"tg128": QUIET}, "bf16": {"tg128": NOISY}, "q8_0": {"tg128": QUIET}},
+                     extra={("fp32", "argmax", "argmax"): [("Mean KLD", 1e-7), ("Mean KLD SE", 2e-8)],
+                            ("bf16", "argmax", "argmax"): [("Mean KLD", 0.0021), ("Mean KLD SE", 0.0004)],
+                            ("q8_0", "argmax", "argmax"): [("Mean KLD", 0.0042)],
+                            ("fp32", "coherence", "coherence"): [("Collapse rate", 4.0), ("Collapse rate SE", 2.0)],
+                            ("bf16", "coherence", "coherence"): [("Collapse rate", 12.5)],
+                            ("q8_0", "coherence", "coherence"): "n/a",
+                            ("fp32", "vram", "vram"): [("KV bytes (runtime)", 120.0)],
+                            ("bf16", "vram", "vram"): [("KV bytes (runtime)", 60.0)],
+                            ("q8_0", "vram", "vram"): [("KV bytes (runtime)", 31.875)]})
+    md = build_report(run, tmp_path / "rep").read_text()
+    rows = _summary_rows(md)
+    assert md.index("## Summary") < md.index("## Throughput")          # right after the verdict
+    med, sd = _pm_parse(rows["fp32"]["tg128 tok/s"])
+    assert med == pytest.approx(float(np.median(QUIET)), rel=1e-3)
+    assert sd == pytest.approx(float(np.std(QUIET, ddof=1)), rel=1e-2)
+    assert "unstable" not in rows["fp32"]["tg128 tok/s"]
+    cv = 100 * np.std(NOISY, ddof=1) / np.mean(NOISY)
+    assert "**unstable**" in rows["bf16"]["tg128 tok/s"] and f"CV {cv:.0f}%" in rows["bf16"]["tg128 tok/s"]
+    assert _pm_parse(rows["bf16"]["Mean KLD"]) == pytest.approx((0.0021, 0.0004))
+    assert float(rows["q8_0"]["Mean KLD"]) == pytest.approx(0.0042)          # no SE recorded: bare value
+    assert _pm_parse(rows["fp32"]["coherent %"]) == pytest.approx((96.0, 2.0))
+    assert float(rows["bf16"]["coherent %"]) == pytest.approx(87.5)
+    assert rows["q8_0"]["coherent %"] == "" and rows["q8_0"]["needle score"] == ""   # n/a, not run
+    assert float(rows["q8_0"]["KV MiB"]) == pytest.approx(31.9, abs=0.05)
+
+
+def test_summary_of_old_results_reads_the_samples(tmp_path):
+    """Results written before the spread metrics existed (samples series only, 3 repetitions)."""
+    import json
+    import harness.summary  # noqa: F401
+    from harness.report import build_report
+    from harness.results import RECORDS
+    run = _write_run(tmp_path / "old", {"fp32": {"pp512": [900.0, 905.0, 880.0]}, "q8_0": {"pp512": [700.0, 400.0, 650.0]}})
+    recs = [json.loads(x) for x in (run / RECORDS).read_text().splitlines()]
+    recs = [r for r in recs if not (r["type"] == "metric" and r["metric"] != "pp512")]
+    (run / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    rows = _summary_rows(build_report(run, tmp_path / "rep").read_text())
+    assert _pm_parse(rows["fp32"]["pp512 tok/s"])[1] == pytest.approx(np.std([900, 905, 880], ddof=1), rel=1e-2)
+    assert "**unstable**" in rows["q8_0"]["pp512 tok/s"]

@@ -11,3 +11,5 @@ from __future__ import annotations
 from .base import (CaseContext, Check, Metric, ModelInfo, Outcome, chat_ids, config_class,  # noqa: F401
                    eos_ids, get, kinds, register)
 from . import argmax, coherence, wave_prefill, vram, throughput, multiturn  # noqa: E402,F401  (register)
+from .. import summary  # noqa: E402,F401  (registers the report sections of the run summary and multiturn)
+from . import corpus_kld, needle  # noqa: E402,F401  (register; issue 15 items 2 and 5)
