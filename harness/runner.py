@@ -251,6 +251,7 @@ class Runner:
                 "git": git_info(), "versions": versions(), "command": " ".join(sys.argv),
                 "argv": list(sys.argv), "settings": settings.snapshot(),
                 "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("KVBENCH_")},
+                "inputs": getattr(self, "_inputs", {}),
                 "not_applicable": {}, "started": now(), "finished": None}
 
     def _prepare_dir(self) -> set:
@@ -293,6 +294,11 @@ class Runner:
         from engine.errors import ConfigError
         from engine.planner import model_file_bytes, plan, require_host_fit, spec_for_model
         from engine.synth import weights_origin
+        self._inputs = {}       # fixed inputs of the checks (pinned corpora): bad input if missing
+        for cfg in self.suite.checks:
+            got = registry.get(cfg.KIND).inputs(cfg)
+            if got:
+                self._inputs[cfg.name] = got
         for model in dict.fromkeys(c.model for c in self.cases):
             spec = spec_for_model(model)          # metadata only; a synthetic model is not written yet
             self.infos[model] = ModelInfo(model, spec, weights_origin(model))
@@ -577,6 +583,9 @@ def add_cli_args(parser) -> None:
                         "openai://HOST:PORT; the baseline row runs on kvbench's engine")
     parser.add_argument("--engine-kv", action="append", metavar="ROW=SETTING", help="the engine's own KV "
                         "setting for a suite row, e.g. q8_0=quanto-int4 (hf) or q8_0=q4_0 (llama.cpp); repeatable")
+    parser.add_argument("--set", action="append", metavar="CHECK.KEY=VALUE", help="override one key of "
+                        "the suite (TOML value), e.g. corpus_kld.depths=[512,2048] or suite.ctx=8192; "
+                        "CHECK is a check's name or kind; recorded in the manifest; repeatable")
     parser.add_argument("--shard", help="run shard i of n of the matrix, e.g. 0/4")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out "
                         "(default: the latest run of this suite and model), skipping finished cases")
@@ -590,7 +599,7 @@ def main(args) -> int:
     import json
 
     from rich.console import Console
-    suite = load_suite(args.suite)
+    suite = load_suite(args.suite, overrides=args.set)
     models = args.model or list(suite.suite.models)
     for m in models:
         try:

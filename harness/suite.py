@@ -42,6 +42,7 @@ class Suite:
     suite: SuiteSection
     checks: list[CheckConfig]
     sha256: str = ""
+    overrides: list[str] = dataclasses.field(default_factory=list)   # --set CHECK.KEY=VALUE
 
     @property
     def name(self) -> str:
@@ -59,15 +60,20 @@ class Suite:
         raise KeyError(name)
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "sha256": self.sha256,
+        return {"path": self.path, "sha256": self.sha256, **({"overrides": list(self.overrides)}
+                                                              if self.overrides else {}),
                 "suite": dataclasses.asdict(self.suite),
                 "checks": [dataclasses.asdict(c) for c in self.checks]}
 
 
 # -- loading ---------------------------------------------------------------------------
 
-def load_suite(path: str | Path) -> Suite:
-    """Read and validate a suite file; raises ``SuiteError`` naming file and key."""
+def load_suite(path: str | Path, overrides: list[str] | None = None) -> Suite:
+    """Read and validate a suite file; raises ``SuiteError`` naming file and key.
+
+    ``overrides`` (``--set``): ``CHECK.KEY=VALUE`` strings applied to the TOML before it is
+    validated (``CHECK``: a check's name or kind, or ``suite``; ``VALUE``: a TOML value, a
+    bare word is a string). The suite's sha256 then covers them too, and ``overrides`` is kept."""
     p = Path(path)
     if not p.is_file():
         raise SuiteError(p, None, "suite file not found" if not p.exists() else "not a file",
@@ -79,9 +85,38 @@ def load_suite(path: str | Path) -> Suite:
         raise SuiteError(p, None, f"not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise SuiteError(p, None, f"TOML syntax error: {e}") from None
+    overrides = list(overrides or [])
+    for text in overrides:
+        _apply_override(data, text, p)
     suite = parse_suite(data, p)
-    suite.sha256 = hashlib.sha256(raw).hexdigest()
+    suite.sha256 = hashlib.sha256(raw + "".join(f"\n--set {o}" for o in overrides).encode()).hexdigest()
+    suite.overrides = overrides
     return suite
+
+
+def _apply_override(data: dict, text: str, path) -> None:
+    """One ``--set CHECK.KEY=VALUE`` on the raw TOML tables (validated with the rest later)."""
+    target, eq, value = text.partition("=")
+    owner, dot, key = target.strip().rpartition(".")
+    if not eq or not dot or not owner or not key:
+        raise SuiteError(path, f"--set {text}", "expected CHECK.KEY=VALUE",
+                         "e.g. corpus_kld.depths=[512,2048] or suite.ctx=8192")
+    try:
+        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        parsed = value.strip()              # a bare word: a string
+    if owner == "suite":
+        tables = [data.setdefault("suite", {})]
+    else:
+        checks = data.get("check") if isinstance(data.get("check"), list) else []
+        tables = [c for c in checks if isinstance(c, dict)
+                  and (c.get("name") == owner or (not c.get("name") and c.get("kind") == owner))]
+        if not tables:
+            names = [str(c.get("name") or c.get("kind")) for c in checks if isinstance(c, dict)]
+            raise SuiteError(path, f"--set {text}", f"no check named {owner!r}",
+                             ", ".join(["suite", *names]))
+    for t in tables:
+        t[key] = parsed
 
 
 def parse_suite(data: dict, path: str | Path = "<suite>") -> Suite:

@@ -17,7 +17,8 @@ cannot provide one yet: never a made-up number), per-position ``series`` for plo
 JSON-able ``info``. Thresholds are applied by the runner from the config, not by checks; a
 gated metric that is skipped or missing makes the case ``incomplete``, never a pass.
 
-Two declarations come before anything runs:
+Declarations that come before anything runs (``inputs(cfg)``, the fixed inputs a check
+reads, e.g. a pinned corpus, goes into the manifest and fails the run early when missing):
 - ``unmeasured_on_baseline(cfg) -> {metric: reason}``: metrics the check never measures on
   the baseline row (the suite refuses a baseline gate on them when it loads);
 - ``not_applicable(cfg, model: ModelInfo) -> reason | None``: the check cannot mean anything
@@ -103,6 +104,12 @@ class Check:
     def unmeasured_on_baseline(self, cfg: CheckConfig) -> dict[str, str]:
         """Metrics this check never measures on the baseline row, with the reason."""
         return {}
+
+    def inputs(self, cfg: CheckConfig) -> dict | None:
+        """Fixed inputs the check reads (e.g. a pinned corpus), resolved before any case runs:
+        a JSON-able dict for the run manifest's ``inputs``; a missing input raises a one-line
+        ``HarnessError`` (bad input, exit 2). None: the check reads none."""
+        return None
 
     def not_applicable(self, cfg: CheckConfig, model: ModelInfo) -> str | None:
         """Why this check cannot mean anything on ``model`` (None: it can)."""
