@@ -10,8 +10,14 @@ metric records on (case, metric). A *regression* is:
   nothing (error, ``n/a``); a gate that head's suite dropped counts too, unless the suites
   differ and ``allow_suite_change`` is given (then it is listed as a note);
 - a metric with a direction (``better``: lower/higher) that got worse by more than the
-  tolerance (relative ``tol``, ``speed_tol`` for tok/s, plus ``abs_tol`` so exact zeros do
-  not flag float dust).
+  tolerance (relative ``tol``, plus ``abs_tol`` so exact zeros do not flag float dust);
+- a speed metric (unit tok/s) only when its repetitions say so (issue 15.7): the
+  ``<metric>_samples`` series of both runs go through ``harness.speedstats.compare_speed``, a
+  Mann-Whitney U rank test at ``speed_alpha`` plus a minimum change of the median of
+  ``speed_tol``; a row whose samples spread more than ``max_cv`` (coefficient of variation) in
+  either run is *unstable*: listed as such, never a regression or an improvement; too few
+  repetitions (a record without samples counts as one) are *untested*. Every speed row and its
+  verdict is in ``Comparison.speed``.
 
 Statuses are strings, read generically: every case whose status is not ``pass`` in either
 run, or differs between them, is listed per case with its reason. When the two runs' suites
@@ -35,6 +41,7 @@ import pandas as pd
 
 from .report import md_table
 from .results import Results, atomic_write, case_key, load_results
+from .speedstats import DEFAULT_ALPHA, DEFAULT_MAX_CV, DEFAULT_MIN_EFFECT, compare_speed
 
 OK_STATUSES = ("pass", "n/a")     # a case in base with one of these must not get worse in head
 
@@ -53,6 +60,7 @@ class Comparison:
     suite_notes: list[str] = field(default_factory=list)    # informational (same bytes, other path; dropped gates)
     allow_suite_change: bool = False
     engines: str = ""                                        # side-by-side markdown when the engines differ
+    speed: list[dict] = field(default_factory=list)         # every tok/s row: rank-test verdict
 
     @property
     def exit_code(self) -> int:
@@ -83,6 +91,10 @@ class Comparison:
         if self.improvements:
             md += ["<details><summary>Improvements</summary>\n", md_table(pd.DataFrame(self.improvements)),
                    "\n</details>\n"]
+        if self.speed:
+            n_u = sum(r["verdict"] == "unstable" for r in self.speed)
+            md += [f"<details><summary>Speed: rank test over the repetitions ({n_u} unstable, not compared)"
+                   "</summary>\n", md_table(pd.DataFrame(self.speed)), "\n</details>\n"]
         if self.new_cases:
             md.append(f"New in head (not in base): {', '.join(' '.join(k) for k in self.new_cases)}\n")
         return "\n".join(md)
@@ -144,8 +156,9 @@ def _counts(res: Results) -> dict:
     return dict(Counter(c["status"] for c in res.cases()).most_common())
 
 
-def compare(base_dir: str | Path, head_dir: str | Path, tol: float = 0.10, speed_tol: float = 0.10,
-            abs_tol: float = 1e-6, allow_suite_change: bool = False) -> Comparison:
+def compare(base_dir: str | Path, head_dir: str | Path, tol: float = 0.10, speed_tol: float = DEFAULT_MIN_EFFECT,
+            abs_tol: float = 1e-6, allow_suite_change: bool = False, speed_alpha: float = DEFAULT_ALPHA,
+            max_cv: float = DEFAULT_MAX_CV) -> Comparison:
     base, head = load_results(base_dir), load_results(head_dir)
     out = Comparison(str(base_dir), str(head_dir), allow_suite_change=allow_suite_change)
     out.suite_changes, out.suite_notes = suite_differences(base.manifest, head.manifest)
@@ -156,6 +169,8 @@ def compare(base_dir: str | Path, head_dir: str | Path, tol: float = 0.10, speed
     bm = {(*case_key(r), r["metric"]): r for r in base.of_type("metric")}
     hm = {(*case_key(r), r["metric"]): r for r in head.of_type("metric")}
     measured_in_head = {case_key(r) for r in head.of_type("metric")}
+    bser = {(*case_key(r), r["name"]): r["values"] for r in base.of_type("series")}
+    hser = {(*case_key(r), r["name"]): r["values"] for r in head.of_type("series")}
 
     for key, bc in bcases.items():
         hc = hcases.get(key)
@@ -212,7 +227,19 @@ def compare(base_dir: str | Path, head_dir: str | Path, tol: float = 0.10, speed
         better = r.get("better") or h.get("better")
         if better not in ("lower", "higher") or bv is None or hv is None:
             continue
-        t = speed_tol if (r.get("unit") == "tok/s") else tol
+        if r.get("unit") == "tok/s":
+            samples = [(ser.get((*key[:3], f"{key[3]}_samples")) or [v]) for ser, v in ((bser, bv), (hser, hv))]
+            v = compare_speed(*samples, better, alpha=speed_alpha, min_effect=speed_tol, max_cv=max_cv)
+            out.speed.append({**row, "base": bv, "head": hv, "change": _change(bv, hv), "verdict": v.verdict,
+                              "p": v.p, "CV base": _pct(v.base.cv), "CV head": _pct(v.head.cv), "why": v.why})
+            if v.verdict == "regression":
+                out.regressions.append({**row, "base": bv, "head": hv, "change": _change(bv, hv), "why": v.why})
+            elif v.verdict == "improvement":
+                out.improvements.append({**row, "base": bv, "head": hv, "change": _change(bv, hv), "why": v.why})
+            else:
+                out.unchanged += 1
+            continue
+        t = tol
         margin = abs(bv) * t + abs_tol
         worse = hv > bv + margin if better == "lower" else hv < bv - margin
         better_ = hv < bv - margin if better == "lower" else hv > bv + margin
@@ -275,6 +302,10 @@ def _change(b, h) -> str:
     return f"{100.0 * (h - b) / abs(b):+.1f}%"
 
 
+def _pct(x) -> str:
+    return "" if x is None else f"{100 * x:.1f}%"
+
+
 def _tolerance(text: str) -> float:
     """argparse ``type=``: a finite number >= 0."""
     try:
@@ -292,8 +323,14 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--out", help="write the markdown here (default: stdout only)")
     parser.add_argument("--tolerance", type=_tolerance, default=0.10,
                         help="relative worsening allowed for accuracy/memory metrics (default 0.10)")
-    parser.add_argument("--speed-tolerance", type=_tolerance, default=0.10,
-                        help="relative slowdown allowed for tok/s metrics (default 0.10)")
+    parser.add_argument("--speed-tolerance", type=_tolerance, default=DEFAULT_MIN_EFFECT,
+                        help="smallest relative change of a tok/s median that counts, when the rank test "
+                        f"says the repetitions differ (default {DEFAULT_MIN_EFFECT:g})")
+    parser.add_argument("--speed-alpha", type=_tolerance, default=DEFAULT_ALPHA,
+                        help=f"significance level of the rank test over tok/s repetitions (default {DEFAULT_ALPHA:g})")
+    parser.add_argument("--max-cv", type=_tolerance, default=DEFAULT_MAX_CV,
+                        help="a tok/s row whose repetitions' coefficient of variation exceeds this in either "
+                        f"run is unstable and not compared (default {DEFAULT_MAX_CV:g})")
     parser.add_argument("--abs-tolerance", type=_tolerance, default=1e-6,
                         help="absolute slack added to every comparison (default 1e-6)")
     parser.add_argument("--allow-suite-change", action="store_true",
@@ -303,7 +340,7 @@ def add_cli_args(parser) -> None:
 
 def main(args) -> int:
     cmp = compare(args.base, args.head, args.tolerance, args.speed_tolerance, args.abs_tolerance,
-                  allow_suite_change=args.allow_suite_change)
+                  allow_suite_change=args.allow_suite_change, speed_alpha=args.speed_alpha, max_cv=args.max_cv)
     text = cmp.markdown()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)

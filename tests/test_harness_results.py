@@ -131,8 +131,11 @@ def test_compare_verdict_and_speed_regressions(tmp_path):
     cmp = compare(base, head)
     what = {(r["dtype"], r["check"], r["metric"]) for r in cmp.regressions}
     assert ("q8_0", "argmax", "(verdict)") in what
-    assert ("q8_0", "throughput", "tg128") in what                 # 40% slower
-    faster = make_run(tmp_path / "faster", tg_q8=52.0)             # +4%: inside tolerance
+    # 40% slower, but one timing per run (no samples): the rank test cannot call it (issue 15.7;
+    # tests/test_speedstats.py covers repetitions that do)
+    assert ("q8_0", "throughput", "tg128") not in what
+    assert {r["verdict"] for r in cmp.speed if r["metric"] == "tg128"} == {"untested"}
+    faster = make_run(tmp_path / "faster", tg_q8=52.0)
     assert not compare(base, faster).regressions
 
 

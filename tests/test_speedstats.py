@@ -318,3 +318,43 @@ def test_summary_of_old_results_reads_the_samples(tmp_path):
     rows = _summary_rows(build_report(run, tmp_path / "rep").read_text())
     assert _pm_parse(rows["fp32"]["pp512 tok/s"])[1] == pytest.approx(np.std([900, 905, 880], ddof=1), rel=1e-2)
     assert "**unstable**" in rows["q8_0"]["pp512 tok/s"]
+
+
+def test_compare_calls_a_noisy_difference_no_regression_and_a_clear_one_a_regression(tmp_path):
+    from harness.compare import compare
+    overlapping = [18.4, 21.0, 19.0, 20.6, 18.9]            # median -5.5%, CV < 10%, ranks interleave
+    assert ss.spread(overlapping).cv < 0.10
+    base = _write_run(tmp_path / "base", {"fp32": {"tg128": QUIET}, "q8_0": {"tg128": QUIET}})
+    head = _write_run(tmp_path / "head", {"fp32": {"tg128": overlapping}, "q8_0": {"tg128": [15.0, 15.2, 14.9, 15.1, 15.3]}})
+    cmp = compare(base, head)
+    speed = {(r["dtype"], r["metric"]): r for r in cmp.speed}
+    # independent: the two-sided exact p by brute force
+    assert speed[("fp32", "tg128")]["verdict"] == "unchanged"
+    assert speed[("fp32", "tg128")]["p"] == pytest.approx(_brute(overlapping, QUIET)[1])
+    assert _brute(overlapping, QUIET)[1] >= 0.05
+    assert speed[("q8_0", "tg128")]["verdict"] == "regression"
+    assert speed[("q8_0", "tg128")]["p"] == pytest.approx(_brute([15.0, 15.2, 14.9, 15.1, 15.3], QUIET)[1])
+    regs = {(r["dtype"], r["metric"]) for r in cmp.regressions}
+    assert regs == {("q8_0", "tg128")} and cmp.exit_code == 1
+    md = cmp.markdown()
+    assert "1 regression" in md and "rank test p=" in md
+
+
+def test_compare_reports_an_unstable_row_as_unstable_never_a_regression(tmp_path):
+    from harness.compare import compare
+    base = _write_run(tmp_path / "base", {"fp32": {"tg128": QUIET}})
+    head = _write_run(tmp_path / "head", {"fp32": {"tg128": NOISY}})      # median 12 vs 20: -40%
+    for a, b in ((base, head), (head, base)):
+        cmp = compare(a, b)
+        assert not cmp.regressions and not cmp.improvements and cmp.exit_code == 0
+        assert [r["verdict"] for r in cmp.speed] == ["unstable"]
+        assert "1 unstable, not compared" in cmp.markdown()
+
+
+def test_compare_of_single_timings_is_untested_not_a_regression(tmp_path):
+    """Records of one repetition (older results): a 40% slowdown cannot be told from noise."""
+    from harness.compare import compare
+    base = _write_run(tmp_path / "base", {"fp32": {"tg128": [50.0]}})
+    head = _write_run(tmp_path / "head", {"fp32": {"tg128": [30.0]}})
+    cmp = compare(base, head)
+    assert not cmp.regressions and cmp.speed[0]["verdict"] == "untested"
