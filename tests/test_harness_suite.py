@@ -50,7 +50,7 @@ def error_of(tmp_path, text: str) -> str:
 def test_shipped_suites_load(name):
     s = load_suite(ROOT / "suites" / f"{name}.toml")
     assert s.suite.baseline == "fp32" and s.suite.kv_dtypes == ["bf16", "q8_0"]
-    assert {c.KIND for c in s.checks} == {"argmax", "coherence", "wave_prefill", "vram", "throughput"}
+    assert {"argmax", "coherence", "wave_prefill", "vram", "throughput"} <= {c.KIND for c in s.checks}   # + issue 15 checks
 
 
 def test_default_suite_sizes_meet_the_issue():
