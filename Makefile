@@ -8,6 +8,9 @@ SUITE  ?= suites/kv_dtype.toml
 # needs at most half the host RAM, else bf16); e.g. make bench DEVICE=cpu WEIGHTS=bf16
 DEVICE  ?=
 WEIGHTS ?=
+# empty: kvbench's own engine; llama.cpp (needs `make llama-cpp`), hf, or openai://HOST:PORT run
+# the narrowed rows on that engine, with kvbench's fp32 engine as the baseline row
+ENGINE  ?=
 # torch 2.13.0 is the CPU build this machine kind ships on disk; elsewhere pip picks one.
 TORCH_SPEC ?= torch==2.13.0
 STAMP  := $(VENV)/.installed
@@ -32,7 +35,7 @@ fuzz: $(STAMP)
 # The default suite over fp32/bf16/q8_0 KV on MODEL, then the markdown report.
 bench: $(STAMP)
 	$(PY) -m harness run $(SUITE) --model $(MODEL) --report $(if $(DEVICE),--device $(DEVICE)) \
-		$(if $(WEIGHTS),--weight-format $(WEIGHTS))
+		$(if $(WEIGHTS),--weight-format $(WEIGHTS)) $(if $(ENGINE),--engine $(ENGINE))
 
 # Engine-only numbers: load, a greedy chat answer, pp512 / tg64 throughput.
 engine-bench: $(STAMP)

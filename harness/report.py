@@ -215,6 +215,15 @@ class _Report:
         self.md.append(f"{len(cases)} of {total} cases recorded: {count['pass']} passed, {count['fail']} failed, "
                        f"{count['incomplete']} incomplete (a gate not measured), {count['error']} errors, "
                        f"{count['n/a']} not applicable.\n")
+        na_gates = [(c, r) for c in cases if c["status"] != "n/a" for r in self.res.of_type("metric")
+                    if (r["model"], r["kv_dtype"], r["check"]) == (c["model"], c["kv_dtype"], c["check"])
+                    and r.get("na") and r.get("threshold") is not None]
+        if na_gates:
+            self.md.append("Gates that cannot apply to the engine or model of a case (declared `n/a` by the "
+                           "check: not judged, so not part of that case's pass):\n")
+            self.md += [f"- {c['model']} {c['kv_dtype']} {c['check']}: {r['metric']}: {r['na']}"
+                        for c, r in na_gates]
+            self.md.append("")
         optional = [(c, r) for c in cases for r in self._optional_gates(c)]
         if optional:
             self.md.append("Gates allowed to go unmeasured (`optional` in the suite):\n")

@@ -164,9 +164,13 @@ def judge(outcome: Outcome, cfg: CheckConfig, model: str, kv_dtype: str,
         rec = {"type": "metric", "metric": m.name, "value": m.value, "unit": m.unit,
                "better": m.better, "threshold": bound, "op": op, "passed": None,
                "skipped": m.skipped, "detail": m.detail}
+        if getattr(m, "na", False):
+            rec["na"] = m.skipped or "not applicable"
         if bound is not None:
             numeric = isinstance(m.value, (int, float)) and not isinstance(m.value, bool)
-            if m.skipped is not None:
+            if rec.get("na"):
+                pass                         # declared not applicable: neither measured nor missing
+            elif m.skipped is not None:
                 unmeasured_gate(rec, m.skipped)
             elif not numeric or not math.isfinite(float(m.value)):
                 unmeasured_gate(rec, f"value {m.value!r} is not a finite number")
@@ -464,6 +468,11 @@ class Runner:
                                        "engine": eng.name,
                                        "decode_path": getattr(eng, "decode_path", None)}  # kvbench only
                         status = "fail" if failures else ("incomplete" if unmeasured else "pass")
+                        gated = [r for r in recs if r.get("type") == "metric" and r.get("threshold") is not None]
+                        if status == "pass" and gated and all(r.get("na") for r in gated):
+                            # every gate declared n/a: nothing was judged, so the case is n/a, not pass
+                            status = "n/a"
+                            reason = "; ".join(dict.fromkeys(r["na"] for r in gated))
                 except EngineError as e:
                     status, error = "error", str(e)
                 except (KeyboardInterrupt, MemoryError):

@@ -98,6 +98,21 @@ def test_a_gate_the_check_never_reported_is_incomplete_and_optional_needs_a_reas
         _cfg(optional='{ max_kld = "typo" }')
 
 
+def test_a_gate_declared_not_applicable_is_neither_measured_nor_unmeasured():
+    """An engine without a planner cannot be held to plan == runtime: the check declares that
+    gate n/a (with the reason) and the judge neither passes nor counts it as missing; a gate
+    merely skipped is still incomplete."""
+    cfg = _cfg()
+    out = Outcome([Metric("Max abs logit diff", 0.5, better="lower"), TOP])
+    out.not_applicable("Mean KLD", "engine llama.cpp does not provide full logits")
+    recs, failures, unmeasured = judge(out, cfg, MODEL, "q8_0")
+    assert failures == [] and unmeasured == []
+    kld = next(r for r in recs if r["metric"] == "Mean KLD")
+    assert kld["passed"] is None and kld["na"] == "engine llama.cpp does not provide full logits"
+    out = Outcome([Metric("Max abs logit diff", 0.5), TOP, Metric("Mean KLD", None, skipped="engine has no logits")])
+    assert judge(out, cfg, MODEL, "q8_0")[2]
+
+
 def test_measured_gates_still_fail():
     cfg = _cfg()
     recs, failures, unmeasured = judge(Outcome([Metric("Max abs logit diff", 7.0), Metric("Mean KLD", 0.2), TOP]),
@@ -214,8 +229,9 @@ def test_a_stopped_run_is_incomplete_and_resume_reruns_errors(tmp_path):
 
 def test_a_check_needing_a_capability_the_engine_lacks_is_na(tmp_path, monkeypatch):
     """An engine without a plan/ledger (as an external engine would be): the vram check's
-    capability list allows it (dtype and bytes are still checked) but its plan gates cannot
-    be measured: incomplete, never pass; an engine without KV observables makes it n/a."""
+    capability list allows it (dtype and bytes are still checked) and declares its plan gates
+    n/a (recorded with the reason, listed by the report), so the case stands on the gates it
+    measured; an engine without KV observables makes the whole check n/a."""
     import engine as eng_mod
     from harness.engine_api import missing
     from harness.checks import get
@@ -231,6 +247,13 @@ def test_a_check_needing_a_capability_the_engine_lacks_is_na(tmp_path, monkeypat
     monkeypatch.setattr(eng_mod.Engine, "capabilities", full - {"plan"})
     summary = Runner(_suite(checks='[[check]]\nkind = "vram"\nexercise_tokens = 8\n'), tmp_path / "b",
                      progress=False).run()
-    assert {c["status"] for c in summary.cases} == {"incomplete"} and summary.exit_code == 1
-    assert any("Plan vs runtime max diff not measured (engine kvbench does not provide plan)" in u
-               for u in summary.cases[0]["unmeasured"])
+    assert {c["status"] for c in summary.cases} == {"pass"} and summary.exit_code == 0
+    recs = read_records(tmp_path / "b")
+    plan_gates = [r for r in recs if r.get("type") == "metric" and r["metric"] == "Plan vs runtime max diff"]
+    assert plan_gates and all(r["na"] == "engine kvbench does not provide plan" and r["passed"] is None
+                              for r in plan_gates)
+    measured = [r for r in recs if r.get("type") == "metric" and r.get("threshold") is not None and not r.get("na")]
+    assert measured and all(r["passed"] is True for r in measured)     # KV dtype and bytes still judged
+    from harness.report import build_report
+    md = build_report(tmp_path / "b", tmp_path / "rep").read_text()
+    assert "Plan vs runtime max diff: engine kvbench does not provide plan" in md

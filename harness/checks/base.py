@@ -44,6 +44,8 @@ class Metric:
     better: str | None = None         # "lower" | "higher" | None (descriptive)
     skipped: str | None = None        # why it could not be measured
     detail: str | None = None         # what a failing value means (e.g. the first bad layer)
+    na: bool = False                  # skipped because it cannot apply here (e.g. the engine has
+                                      # no planner): its gate is 'n/a', not unmeasured
 
 
 @dataclass
@@ -59,6 +61,12 @@ class Outcome:
 
     def skip(self, name: str, reason: str, unit: str = "", better: str | None = None) -> Metric:
         return self.add(name, None, unit, better, skipped=reason)
+
+    def not_applicable(self, name: str, reason: str, unit: str = "", better: str | None = None) -> Metric:
+        """A metric that cannot apply to this case (say, plan vs runtime on an engine without a
+        planner): a gate on it is recorded as ``n/a`` with ``reason``, neither measured nor
+        unmeasured. A case whose every gate is n/a is itself ``n/a``, never ``pass``."""
+        return self.add(name, None, unit, better, skipped=reason, na=True)
 
 
 @dataclass(frozen=True)

@@ -164,10 +164,10 @@ class Vram(Check):
         # planner and ledger (land with the hybrid issue)
         if plan is None:
             reason = missing(eng, {CAP_PLAN})
-            out.skip("Plan vs runtime max diff", reason, "%", "lower")
-            out.skip("Unaccounted", reason, "MiB", "lower")
-            out.skip("KV bytes (plan)", reason, "MiB")
-            out.skip("Expert-cache budget", reason, "MiB", "higher")
+            out.not_applicable("Plan vs runtime max diff", reason, "%", "lower")
+            out.not_applicable("Unaccounted", reason, "MiB", "lower")
+            out.not_applicable("KV bytes (plan)", reason, "MiB")
+            out.not_applicable("Expert-cache budget", reason, "MiB", "higher")
         else:
             rows = [_row(r) for r in ledger.compare(plan)]
             worst, worst_row = 0.0, None
