@@ -169,20 +169,19 @@ def _load_entry(entry: Entry) -> Corpus:
         "license": entry.license, "path": str(dest), "description": entry.description})
 
 
-_TOKEN_CACHE: dict[tuple[int, str], list[int]] = {}
+_TOKEN_CACHE: dict = {}     # one tokenizer's ids at a time (held, so its id cannot be reused)
 
 
 def tokens(tokenizer, corpus: Corpus, n: int | None = None, bos: int | None = None) -> list[int]:
     """The first ``n`` ids of the corpus text (all when ``n`` is None): ``bos`` first when given
     and the tokenizer did not add it. ``CorpusError`` when the text holds fewer than ``n``."""
-    key = (id(tokenizer), corpus.manifest.get("sha256", corpus.name))
-    if key not in _TOKEN_CACHE:
-        _TOKEN_CACHE.clear()             # one tokenizer's ids at a time: long lists
+    key = (corpus.manifest.get("sha256", corpus.name), bos)
+    if _TOKEN_CACHE.get("tokenizer") is not tokenizer or _TOKEN_CACHE.get("key") != key:
         ids = list(tokenizer.encode(corpus.text))
         if bos is not None and (not ids or ids[0] != bos):
             ids = [bos, *ids]
-        _TOKEN_CACHE[key] = ids
-    ids = _TOKEN_CACHE[key]
+        _TOKEN_CACHE.update(tokenizer=tokenizer, key=key, ids=ids)
+    ids = _TOKEN_CACHE["ids"]
     if n is not None and len(ids) < n:
         raise CorpusError(f"corpus {corpus.name!r} is {len(ids)} tokens long for this model's tokenizer, "
                           f"{n} are needed", "lower the check's depths/lengths, or pick a longer corpus")
