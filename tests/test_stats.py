@@ -169,3 +169,41 @@ def test_significance_rule():
     # KLD 10 SE above 0; 1% flipped top-1 is < 2 x 0.6; |ln ratio| 0.02 > 2 x 0.005
     assert sig == {"Mean KLD": True, "Same top p": False, "Mean ln(PPL(Q)/PPL(base))": True,
                    "Mean PPL(Q)/PPL(base)": True}
+
+
+def test_report_shows_plus_minus_and_marks_only_significant_deltas(tmp_path):
+    """A hand-made results directory: bf16's Mean KLD is 10 SE above a zero floor
+    (significant), q8_0's is 1 SE (noise); Same top p 99 +/- 0.2 is 5 SE below the floor."""
+    import json
+    from test_harness_results import _case
+    from harness.report import build_report
+    from harness.results import RECORDS, write_manifest
+    run = tmp_path / "r"
+    run.mkdir()
+    rows = {"fp32": (0.0, 0.0, 100.0, 0.0), "bf16": (1e-3, 1e-4, 99.0, 0.2), "q8_0": (1e-4, 1e-4, 100.0, 0.0)}
+    recs = []
+    for d, (kld, kse, same, sse) in rows.items():
+        recs += _case("m", d, "argmax", "argmax", [
+            ("Mean KLD", kld, "nats", "lower", None, None), ("Mean KLD SE", kse, "nats", None, None, None),
+            ("Same top p", same, "%", "higher", None, None), ("Same top p SE", sse, "%", None, None, None)])
+        recs += _case("m", d, "coherence", "coherence", [
+            ("Collapse rate", 0.0, "%", "lower", None, None)] + ([] if d == "fp32" else [
+            ("Collapse excess", -11.7, "pp", "lower", 0.0, "<="), ("Near-tie flips", 1, "sets", None, None, None)]),
+            info={"samples": [{"prompt": "Capital of France?", "text": "Paris.", "tokens": 3, "stop": "eos",
+                               "identical_prefix": 0, "baseline_tokens": 3, "diverged_at": 0,
+                               "fp32_margin": 0.082, "flip": None if d == "fp32" else "near-tie",
+                               "collapsed": False}]})
+    (run / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    write_manifest(run, {"schema": 1, "run": "r", "suite": {"path": "s.toml", "sha256": "abc",
+                                                            "suite": {"name": "s", "baseline": "fp32"}},
+                         "matrix": {"models": ["m"], "dtypes": list(rows), "checks": ["argmax", "coherence"]},
+                         "git": {"sha": "0" * 40, "dirty": False}, "device": {"requested": "cpu"},
+                         "versions": {"python": "3.11"}, "command": "hand", "started": "x", "finished": "y"})
+    md = build_report(run, tmp_path / "rep").read_text()
+    acc = md[md.index("### `argmax`"):md.index("Values are mean")]
+    line = {d: next(x for x in acc.splitlines() if x.startswith(f"| m | {d}")) for d in ("bf16", "q8_0")}
+    assert "0.001 ± 0.0001" in line["bf16"] and line["bf16"].rstrip(" |").endswith("Mean KLD, Same top p")
+    assert "0.0001 ± 0.0001" in line["q8_0"] and line["q8_0"].rstrip(" |").endswith("none")
+    assert "by more than 2 combined standard errors" in md
+    assert "**near-tie** flip at step 0 (fp32 margin 0.082)" in md
+    assert "Clopper-Pearson" in md
