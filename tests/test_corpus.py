@@ -136,8 +136,16 @@ def test_bad_suite_keys_are_one_line_errors(tmp_path):
         s.write_text(f'[suite]\nname = "x"\nmodels = ["tiny-llama"]\n[[check]]\nkind = "corpus_kld"\n{bad}\n')
         with pytest.raises(SuiteError, match=what):
             load_suite(s)
+    long = Path(__file__).parent.parent / "suites" / "long.toml"
     with pytest.raises(SuiteError, match="no check named 'nope'"):
-        load_suite(Path(__file__).parent.parent / "suites" / "long.toml", overrides=["nope.depths=[2]"])
+        load_suite(long, overrides=["nope.depths=[2]"])
+    with pytest.raises(SuiteError, match=r"check\[0\].depths\[0\]: depth 1 is too short"):
+        load_suite(long, overrides=["corpus_kld.depths=[1]"])
+    plain, reduced = load_suite(long), load_suite(long, overrides=["corpus_kld.depths=[512,2048]", "suite.seed=3"])
+    assert reduced.check("corpus_kld").depths == [512, 2048] and reduced.suite.seed == 3
+    assert reduced.sha256 != plain.sha256 and reduced.to_dict()["overrides"] == ["corpus_kld.depths=[512,2048]",
+                                                                                  "suite.seed=3"]
+    assert "overrides" not in plain.to_dict()
 
 
 def test_depths_resolve_against_the_trained_context():
