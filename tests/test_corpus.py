@@ -202,7 +202,7 @@ def _numpy_stats(b: np.ndarray, t: np.ndarray, targets: np.ndarray) -> dict:
     kld = (np.exp(lb) * (lb - lt)).sum(1)
     rows = np.arange(len(b))
     nll_b, nll_t = -lb[rows, targets], -lt[rows, targets]
-    return {"Mean KLD": kld.mean(), "99.0% KLD": np.quantile(kld, 0.99), "Maximum KLD": kld.max(),
+    return {"Mean KLD": kld.mean(), "Mean KLD SE": kld.std(ddof=1) / np.sqrt(len(kld)), "99.0% KLD": np.quantile(kld, 0.99), "Maximum KLD": kld.max(),
             "Same top p": 100 * np.mean(b.argmax(1) == t.argmax(1)),
             "Mean PPL(Q)/PPL(base)": np.exp(nll_t.mean() - nll_b.mean()),
             "RMS Δp": 100 * np.sqrt(np.mean((np.exp(-nll_t) - np.exp(-nll_b)) ** 2))}
@@ -230,6 +230,8 @@ def test_bucket_statistics_match_numpy_on_the_same_logits(tmp_path, per_bucket):
         if per_bucket and len(pos) > per_bucket:
             pos = np.unique(lo + (np.arange(per_bucket) * (hi - lo - 1)) // (per_bucket - 1))
         want = _numpy_stats(full_b[pos], full_t[pos], ids[pos + 1])
+        row = next(b for b in out.info["buckets"] if b["lo"] == lo)
+        assert row["Mean KLD SE"] == pytest.approx(want.pop("Mean KLD SE"), rel=1e-6)
         for name, v in want.items():
             assert got[f"{name} @ {lo}-{hi}"] == pytest.approx(v, rel=1e-6, abs=1e-9), (name, lo, hi)
         means.append(want["Mean KLD"])

@@ -185,6 +185,8 @@ class CorpusKld(Check):
                 if name in allst.scalars:
                     out.add(name, allst.scalars[name], UNITS.get(name, "%" if name == k_name else ""),
                             BETTER.get(name, "higher" if name == k_name else None))
+                if f"{name} SE" in allst.scalars:      # the +/- llama-perplexity prints (harness.stats)
+                    out.add(f"{name} SE", allst.scalars[f"{name} SE"], UNITS.get(name, ""))
             start = 0
             for (lo, hi), pos in zip(zip(state["edges"], state["edges"][1:]), state["buckets"]):
                 sl = slice(start, start + len(pos))
@@ -195,6 +197,8 @@ class CorpusKld(Check):
                     name = name.format(k=cfg.top_k)
                     v = st.scalars.get(name)
                     row[name] = v
+                    if st.scalars.get(f"{name} SE") is not None:
+                        row[f"{name} SE"] = st.scalars[f"{name} SE"]
                     if v is not None:
                         out.add(f"{name} @ {bucket_name(lo, hi)}", v, UNITS.get(name, "%" if name == k_name else ""),
                                 BETTER.get(name, "higher" if name == k_name else None))
@@ -262,9 +266,15 @@ def corpus_kld_section(report, names: list[str]) -> None:
             for d in report.dtypes:
                 inf = report.res.info(m, d, chk)
                 for b in inf.get("buckets") or []:
-                    rows.append({"model": m, "dtype": report.label(d, "noise floor"),
-                                 "positions": f"{b['lo']}-{b['hi']}", "scored": b.get("positions"),
-                                 **{k: v for k, v in b.items() if k not in ("lo", "hi", "positions")}})
+                    row = {"model": m, "dtype": report.label(d, "noise floor"),
+                           "positions": f"{b['lo']}-{b['hi']}", "scored": b.get("positions")}
+                    for k, v in b.items():
+                        if k in ("lo", "hi", "positions") or k.endswith(" SE"):
+                            continue
+                        se = b.get(f"{k} SE")
+                        row[k] = (f"{_fmt(v)} ± {_fmt(se)}" if se is not None and v is not None
+                                  and se == se else v)
+                    rows.append(row)
             if not rows:
                 continue
             df = pd.DataFrame(rows).dropna(axis=1, how="all")
@@ -286,6 +296,11 @@ def corpus_kld_section(report, names: list[str]) -> None:
             ax.set_title(f"{m}, {chk}: Mean KLD per depth bucket")
             ax.legend(fontsize=8)
             report.save(fig, f"{_slug(chk)}_buckets_{_slug(m)}.png", f"Mean KLD per depth bucket, {m}")
+
+
+def _fmt(v) -> str:
+    from ..report import _num
+    return _num(float(v))
 
 
 def _register_section() -> None:
