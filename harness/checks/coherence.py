@@ -29,6 +29,10 @@ measured on the baseline row (it is the reference). Without the baseline's logit
 engine without the ``logits`` capability as baseline) divergences cannot be classified:
 the divergence metrics are skipped (a gate on them goes ``incomplete``), never guessed.
 
+The rate metrics carry no direction (``better`` None): their noise is in the gate's bound,
+so ``harness compare`` judges them by the gate (held in base, failed in head), never by a
+relative change of a count that one near-tie can move.
+
 Other metrics: ``Identical prefix`` (fewest tokens equal to the fp32 continuation; not on
 the baseline), ``First token EOS``, ``Distinct-2`` (lowest), ``Longest repeat run``,
 ``Stopped at EOS``, ``Collapse rate`` (%; the baseline's own too), ``Diverged prompts``,
@@ -180,33 +184,33 @@ class Coherence(Check):
         out.add("Stopped at EOS", sum(s["stop"] == "eos" for s in samples), "sets")
         out.add("Prompts", n, "sets")
         rate, se = proportion_se(n_collapse, n)
-        out.add("Collapse rate", 100.0 * rate, "%", "lower",
+        out.add("Collapse rate", 100.0 * rate, "%", None,
                 detail=f"{n_collapse}/{n} answers with a repeat run >= {cfg.collapse_run} tokens")
         out.add("Collapse rate SE", 100.0 * se, "%", None)
         out.add("Collapse rate 95% upper bound", 100.0 * binom_upper(n_collapse, n), "%", None)
         if ctx.is_baseline:
-            out.skip("Collapse excess", REFERENCE, "pp", "lower")
-            out.skip("Confident divergence excess", REFERENCE, "pp", "lower")
+            out.skip("Collapse excess", REFERENCE, "pp")
+            out.skip("Confident divergence excess", REFERENCE, "pp")
         else:
             g = rate_gate(n_collapse, n, n_collapse_ref, n)
-            out.add("Collapse excess", 100.0 * g.excess, "pp", "lower",
+            out.add("Collapse excess", 100.0 * g.excess, "pp", None,
                     detail=g.describe(f"collapsed answers ({ctx.baseline}'s as the reference)"))
-            out.add("Diverged prompts", n_div, "sets", "lower")
+            out.add("Diverged prompts", n_div, "sets", None)
             if margins is None:
                 why = ("the baseline engine gave no logits, so divergences cannot be told near-ties or not")
                 for name, unit in (("Near-tie flips", "sets"), ("Confident divergences", "sets"),
                                    ("Confident divergence rate", "%"), ("Confident divergence excess", "pp")):
-                    out.skip(name, why, unit, "lower")
+                    out.skip(name, why, unit)
             else:
                 c = rate_gate(n_conf, n, 0, n)
                 out.add("Near-tie flips", n_tie, "sets", None,
                         detail=f"divergences where {ctx.baseline}'s top-1/top-2 margin <= {cfg.tie_margin:g} "
                                "(reported, not gated)")
-                out.add("Confident divergences", n_conf, "sets", "lower",
+                out.add("Confident divergences", n_conf, "sets", None,
                         detail=f"divergences where {ctx.baseline}'s margin > {cfg.tie_margin:g}")
-                out.add("Confident divergence rate", 100.0 * c.rate, "%", "lower")
+                out.add("Confident divergence rate", 100.0 * c.rate, "%", None)
                 out.add("Confident divergence rate 95% lower bound", 100.0 * binom_lower(n_conf, n), "%", None)
-                out.add("Confident divergence excess", 100.0 * c.excess, "pp", "lower",
+                out.add("Confident divergence excess", 100.0 * c.excess, "pp", None,
                         detail=c.describe(f"confident divergences (margin > {cfg.tie_margin:g})"))
                 if flipped:
                     out.add("Largest flipped margin", max(flipped), "logits", None)
