@@ -285,3 +285,15 @@ def test_corpus_kld_end_to_end_on_the_tiny_model_and_a_planted_bad_kv_dtype(tmp_
     assert cases["fp32"]["status"] == "pass"
     for d in ("bf16", "q8_0"):
         assert cases[d]["status"] == "fail" and any(f.startswith("Mean KLD") for f in cases[d]["failures"])
+
+
+def test_a_pass_that_cannot_fit_in_host_memory_is_refused_naming_the_fix(monkeypatch):
+    """gemma3-270m at its trained 32768 tokens: one [32768, 262144] float32 logit matrix is 34 GB."""
+    from engine import hostmem
+    from harness.checks.corpus_kld import _guard_memory
+    from harness.errors import HarnessError
+    monkeypatch.setattr(hostmem, "available", lambda: hostmem.HostRam(24 << 30, 24 << 30, "test"))
+    with pytest.raises(HarnessError, match=r"32768 positions x 262144 logits need about 56.0 GiB of host memory, 24.0 GiB are available .* lower the "
+                                           r"check's depths"):
+        _guard_memory(32768, 4096 * 3, 262144)
+    _guard_memory(8192, 8192, 49152)          # SmolLM2 at 8192: 4.5 GiB, fits
