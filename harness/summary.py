@@ -157,12 +157,15 @@ def summary(r, names) -> None:
         return
     r.md.append("## Summary: speed and quality per model x KV dtype\n")
     r.md.append(md_table(pd.DataFrame(rows)) + "\n")
-    r.md.append("KV MiB: runtime KV cache at the vram check's context (or computed from the applied dtypes "
-                "at the suite's context). tok/s: median ± standard deviation over the repetitions; a row "
-                "whose coefficient of variation exceeds the check's limit (10% by default) is **unstable**: "
-                "the machine was too busy to compare it, and `harness compare` does not. Mean KLD ± its "
-                "standard error over positions. coherent %: 100 - the coherence check's collapse rate. "
-                "Blank: that check did not run (or is not applicable) for the row.\n")
+    notes = ["KV MiB: runtime KV cache at the vram check's context (or computed from the applied dtypes "
+             "at the suite's context)."]
+    if any(k.endswith("tok/s") for row in rows for k in row):
+        notes.append("tok/s: median ± standard deviation over the repetitions; a row whose coefficient of "
+                     "variation exceeds the check's limit (10% by default) is **unstable**: the machine was "
+                     "too busy to compare it, and `harness compare` does not.")
+    notes.append("Mean KLD ± its standard error over positions. coherent %: 100 - the coherence check's "
+                 "collapse rate. Blank: that check did not run (or is not applicable) for the row.")
+    r.md.append(" ".join(notes) + "\n")
 
 
 @register_section("multiturn")
