@@ -8,7 +8,10 @@ Contract: ``KV[name]`` / ``kv_format(name)`` -> ``Format`` (values per block, by
 is the one q8_0-style guard (a row of ``n_kv_heads * head_dim`` values must be whole blocks
 on a layer that is narrowed), raising ``KVGeometryError`` naming the layer and the fix.
 ``WEIGHTS`` are the storage formats of weight matrices (norms stay f32);
-``round_alloc(nbytes, device_type)`` is what an allocator really takes. No torch import:
+``round_alloc(nbytes, device_type)`` is what an allocator really takes; ``Q8_BLOCK``,
+``Q8_BYTES``, ``Q8_SCALE_BYTES`` are the q8_0 block geometry the kernels address. A plain
+format names its element type (``torch_dtype``); a block format is stored as uint8 bytes
+(``engine.kv_layout`` allocates and recognises both from this table). No torch import:
 the harness reads this module without loading the engine.
 
     kv_format("q8_0").bytes_for(512)        # 544: 16 blocks of 34 bytes
@@ -27,6 +30,8 @@ class Format:
     block: int                # values per block (1: a plain element type)
     block_bytes: int          # bytes per block
     about: str = ""
+    torch_dtype: str | None = None   # a plain format's element type (a torch attribute name);
+                                     # None: a block format, stored as uint8 bytes
 
     @property
     def bytes_per_value(self) -> float:
@@ -41,8 +46,8 @@ class Format:
 
 
 KV: dict[str, Format] = {f.name: f for f in (
-    Format("fp32", 1, 4, "IEEE float32"),
-    Format("bf16", 1, 2, "bfloat16, round to nearest even from fp32"),
+    Format("fp32", 1, 4, "IEEE float32", "float32"),
+    Format("bf16", 1, 2, "bfloat16, round to nearest even from fp32", "bfloat16"),
     Format("q8_0", 32, 34, "ggml block_q8_0: fp16 scale d = amax/127 + 32 int8 q = round(x/d), "
                            "blocks along each token's flattened K (or V) row"),
 )}
@@ -50,7 +55,8 @@ KV_DTYPES = tuple(KV)
 WIDEST_KV = "fp32"            # the baseline every narrowed dtype is held against; tail layers keep it
 
 WEIGHTS: dict[str, Format] = {f.name: f for f in (
-    Format("f32", 1, 4), Format("f16", 1, 2), Format("bf16", 1, 2), Format("q8_0", 32, 34),
+    Format("f32", 1, 4, torch_dtype="float32"), Format("f16", 1, 2, torch_dtype="float16"),
+    Format("bf16", 1, 2, torch_dtype="bfloat16"), Format("q8_0", 32, 34),
 )}
 WEIGHT_FORMATS = tuple(WEIGHTS)
 WEIGHT_FORMAT_CHOICES = ("auto", *WEIGHT_FORMATS)
@@ -59,6 +65,12 @@ NORM_BYTES = 4                                        # 1-D norms always f32
 
 DEFAULT_WAVE_BUDGET = 256 << 20       # attention wave scratch of a prefill
 CUDA_ALLOC_ROUND = 512                # the caching allocator's block rounding (default config)
+
+# q8_0 geometry (ggml block_q8_0: one little-endian fp16 scale, then 32 int8 quants), read by the
+# kernels that address a block's bytes directly
+Q8_BLOCK = KV["q8_0"].block           # 32 values per block
+Q8_BYTES = KV["q8_0"].block_bytes     # 34 bytes per block
+Q8_SCALE_BYTES = Q8_BYTES - Q8_BLOCK  # 2: the fp16 scale d in front of the quants
 
 
 def kv_format(name: str) -> Format:

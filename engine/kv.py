@@ -14,7 +14,9 @@ query rows sized from ``wave_budget_bytes`` (``last_waves``, ``peak_scratch_byte
 that raises ``torch.OutOfMemoryError`` is redone in halves, same results (``last_wave_retries``,
 ``last_wave_rows``), and only a failing smallest wave lets the error through.
 ``dtype`` is read from the allocated buffers, never from the request; ``nbytes`` is exact.
-``make_layer_kv`` applies the q8_0 geometry guard; ``quantize_q8_0``/``dequantize_q8_0`` are
+Formats, their bytes and the q8_0 geometry guard come from ``engine.formats``; buffers are
+allocated and recognised by ``engine.kv_layout`` (imports go kv -> kv_ring -> kv_layout, one
+way). ``make_layer_kv`` applies the geometry guard; ``quantize_q8_0``/``dequantize_q8_0`` are
 byte-exact with ``gguf.quants``.
 
     cache = make_layer_kv(spec, layer=0, max_tokens=4096, dtype="q8_0", device="cpu")
@@ -26,16 +28,17 @@ import bisect
 
 import torch
 
-from .errors import ConfigError, ContextOverflowError, KVGeometryError
-from . import kernels
-from .kernels import Q8_BLOCK, Q8_BYTES
+from . import formats, kernels
+from .errors import ConfigError, ContextOverflowError
 from .kernels.kv_append import kv_append, quantize_q8_0_ref, dequantize_q8_0_ref
 from .kernels.decode_attention import decode_attention
 from .kernels.prefill_attention import (MAX_WAVE_ROWS, WavePlan, plan_waves, prefill_attention,
                                         prefill_attention_ref)
+from .kv_layout import alloc_kv, buffer_format
+from .kv_ring import RingKV, layer_kv_rows
 
-KV_DTYPES = ("fp32", "bf16", "q8_0")
-DEFAULT_WAVE_BUDGET = 256 << 20
+KV_DTYPES = formats.KV_DTYPES                    # format facts live in engine.formats
+DEFAULT_WAVE_BUDGET = formats.DEFAULT_WAVE_BUDGET
 FAULT_ENV = "KVBENCH_FAULT"
 
 
@@ -50,18 +53,10 @@ def dequantize_q8_0(q: torch.Tensor, shape) -> torch.Tensor:
 
 
 def kv_bytes_per_token(n_kv_heads: int, head_dim: int, dtype: str) -> int:
-    """Exact K+V bytes one token occupies: 2 * Hkv * D values at 4, 2 or 34/32 bytes."""
-    n = n_kv_heads * head_dim
-    if dtype == "fp32":
-        return 2 * n * 4
-    if dtype == "bf16":
-        return 2 * n * 2
-    if dtype == "q8_0":
-        if n % Q8_BLOCK:
-            raise KVGeometryError(f"q8_0 needs n_kv_heads*head_dim % {Q8_BLOCK} == 0, got "
-                                  f"{n_kv_heads} x {head_dim} = {n}", "use fp32 or bf16")
-        return 2 * n // Q8_BLOCK * Q8_BYTES
-    raise ConfigError(f"kv_dtype {dtype!r} is not one of {', '.join(KV_DTYPES)}", "pick one of those")
+    """Exact K+V bytes one token occupies: 2 rows of Hkv * D values in ``dtype``
+    (``engine.formats``: 4, 2 or 34/32 bytes a value; KVGeometryError on ragged blocks)."""
+    formats.check_kv_geometry(dtype, n_kv_heads, head_dim)
+    return 2 * formats.kv_row_bytes(dtype, n_kv_heads, head_dim)
 
 
 MIN_RETRY_ROWS = 16        # a Triton wave that runs out of memory is halved down to this many rows
@@ -110,25 +105,13 @@ class LayerKV:
     def __init__(self, layer: int, n_kv_heads: int, head_dim: int, max_tokens: int,
                  dtype: str = "fp32", device: str | torch.device = "cpu",
                  wave_budget_bytes: int = DEFAULT_WAVE_BUDGET, wave_max_rows: int = MAX_WAVE_ROWS):
-        if dtype not in KV_DTYPES:
-            raise ConfigError(f"kv_dtype {dtype!r} is not supported (supported: {', '.join(KV_DTYPES)})",
-                              "pick one of those")
+        formats.kv_format(dtype)          # ConfigError naming the known formats
         if wave_budget_bytes <= 0 or wave_max_rows <= 0:
             raise ConfigError(f"wave_budget_bytes={wave_budget_bytes} and wave_max_rows={wave_max_rows} "
                               f"must be positive", "pass positive values")
         self.layer, self.n_kv_heads, self.head_dim, self.max_tokens = layer, n_kv_heads, head_dim, max_tokens
         self.wave_budget_bytes, self.wave_max_rows = wave_budget_bytes, wave_max_rows
-        n = n_kv_heads * head_dim
-        if dtype == "q8_0":
-            if n % Q8_BLOCK:
-                raise KVGeometryError(
-                    f"layer {layer}: kv_dtype q8_0 needs n_kv_heads*head_dim % {Q8_BLOCK} == 0, but "
-                    f"{n_kv_heads} x {head_dim} = {n}", "use kv_dtype fp32 or bf16 for this model")
-            shape, tdtype = (max_tokens, n // Q8_BLOCK * Q8_BYTES), torch.uint8
-        else:
-            shape, tdtype = (max_tokens, n_kv_heads, head_dim), \
-                {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-        self.k = torch.zeros(shape, dtype=tdtype, device=device)
+        self.k = alloc_kv(max_tokens, n_kv_heads, head_dim, dtype, device, layer=layer)   # + the guard
         self.v = torch.zeros_like(self.k)
         self.last_waves = 0
         self.peak_scratch_bytes = 0
@@ -136,14 +119,11 @@ class LayerKV:
     @property
     def dtype(self) -> str:
         """The format the buffers hold (from their dtype and row width, not the request)."""
-        t = self.k.dtype
-        if t == torch.float32:
-            return "fp32"
-        if t == torch.bfloat16:
-            return "bf16"
-        if t == torch.uint8 and self.k.shape[-1] * Q8_BLOCK == self.n_kv_heads * self.head_dim * Q8_BYTES:
-            return "q8_0"
-        raise AssertionError(f"layer {self.layer}: KV buffer of {t} {tuple(self.k.shape)} is no known format")
+        fmt = buffer_format(self.k, self.n_kv_heads, self.head_dim)
+        if fmt is None:
+            raise AssertionError(f"layer {self.layer}: KV buffer of {self.k.dtype} {tuple(self.k.shape)} "
+                                 f"is no known format")
+        return fmt
 
     @property
     def nbytes(self) -> int:
@@ -255,24 +235,19 @@ def _fault() -> tuple[str, int | None]:
 
 def make_layer_kv(spec, layer: int, max_tokens: int, dtype: str, device: str | torch.device = "cpu",
                   wave_budget_bytes: int = DEFAULT_WAVE_BUDGET, **kw) -> LayerKV:
-    """Build layer ``layer``'s cache in ``dtype`` for a ModelSpec, with the q8_0 geometry guard.
+    """Build layer ``layer``'s cache in ``dtype`` for a ModelSpec, with the geometry guard.
 
-    Only a narrowed layer (dtype != fp32) is checked; q8_0 on a layer whose
-    n_kv_heads*head_dim is not a multiple of 32 raises KVGeometryError (never a fallback).
-    A sliding-window layer whose ring (``engine.kv_ring``: window + chunk rows) is smaller than
-    ``max_tokens`` gets a ``RingKV``.
+    Only a narrowed layer (a block format such as q8_0) can fail the guard
+    (``formats.check_kv_geometry``): n_kv_heads*head_dim not whole blocks raises
+    KVGeometryError naming the layer (never a fallback). A sliding-window layer whose ring
+    (``engine.kv_ring``: window + chunk rows) is smaller than ``max_tokens`` gets a ``RingKV``.
     """
-    if dtype not in KV_DTYPES:
-        raise ConfigError(f"kv_dtype {dtype!r} is not one of {', '.join(KV_DTYPES)}", "pick one of those")
+    formats.kv_format(dtype)
     fault, arg = _fault()
     if fault == "ignore_kv_dtype" or (fault == "skip_narrow_layer" and arg == layer):
-        dtype = "fp32"          # the seed's bug, on purpose, so the harness can prove it catches it
+        dtype = formats.WIDEST_KV   # the seed's bug, on purpose, so the harness can prove it catches it
     hkv, d = spec.n_kv_heads, spec.head_dim
-    if dtype == "q8_0" and (hkv * d) % Q8_BLOCK:
-        raise KVGeometryError(
-            f"layer {layer}: kv_dtype q8_0 needs n_kv_heads*head_dim % {Q8_BLOCK} == 0, but this layer "
-            f"has {hkv} x {d} = {hkv * d}", "use kv_dtype fp32 or bf16 for this model")
-    from .kv_ring import RingKV, layer_kv_rows
+    formats.check_kv_geometry(dtype, hkv, d, layer=layer)
     if layer_kv_rows(spec, layer, max_tokens) < max_tokens:   # sliding window: a ring of window + chunk
         return RingKV(layer, hkv, d, max_tokens, spec.window(layer), dtype, device,
                       wave_budget_bytes=wave_budget_bytes, **kw)

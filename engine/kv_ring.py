@@ -17,7 +17,8 @@ stored bytes of a position equal a full-length cache's). ``attend`` runs the tor
 positions to rows (positions that the ring no longer holds come back as other positions'
 finite values, and the reference masks them for every row that reads them), so the output is
 bit-identical to a full-length cache (``torch.equal``) for fp32, bf16 and q8_0. Like
-``LayerKV`` with a window, the Triton path is refused with ConfigError.
+``LayerKV`` with a window, the Triton path is refused with ConfigError. Buffers come from
+``engine.kv_layout`` (as ``LayerKV``'s do); this module does not import ``engine.kv``.
 
     cache = RingKV(0, n_kv_heads=1, head_dim=256, max_tokens=32768, window=512, dtype="q8_0")
     cache.write(0, k, v); out = cache.attend(q, 0, scale, window=512); cache.rows  # 1024
@@ -28,10 +29,11 @@ import torch
 
 from . import kernels
 from .errors import ConfigError, ContextOverflowError
+from .formats import DEFAULT_WAVE_BUDGET
 from .kernels.kv_append import kv_append
 from .kernels.prefill_attention import (CHUNK_ROWS, MAX_WAVE_ROWS, WavePlan, plan_waves,
                                         prefill_attention_ref)
-from .kv import DEFAULT_WAVE_BUDGET, LayerKV
+from .kv_layout import alloc_kv, buffer_format
 
 RING_CHUNK = 4 * CHUNK_ROWS      # 512: tokens one call may write at once; longer calls take waves
 
@@ -76,19 +78,25 @@ class RingKV:
                               f"{CHUNK_ROWS} (the attention reference's row chunk)",
                               f"use a multiple of {CHUNK_ROWS}, e.g. {RING_CHUNK}")
         self.window, self.chunk, self.rows = window, chunk, ring_rows(window, chunk)
-        # The storage (format, geometry checks, dtype/nbytes) is a LayerKV of `rows` rows;
-        # positions and attention are the ring's own.
-        self._store = LayerKV(layer, n_kv_heads, head_dim, self.rows, dtype, device,
-                              wave_budget_bytes=wave_budget_bytes, wave_max_rows=wave_max_rows)
+        if wave_budget_bytes <= 0 or wave_max_rows <= 0:
+            raise ConfigError(f"wave_budget_bytes={wave_budget_bytes} and wave_max_rows={wave_max_rows} "
+                              f"must be positive", "pass positive values")
+        # The storage (format, geometry guard, layout) is engine.kv_layout's, as for LayerKV, with
+        # `rows` rows; positions and attention are the ring's own.
+        self.k = alloc_kv(self.rows, n_kv_heads, head_dim, dtype, device, layer=layer)
+        self.v = torch.zeros_like(self.k)
         self.layer, self.n_kv_heads, self.head_dim, self.max_tokens = layer, n_kv_heads, head_dim, max_tokens
         self.wave_budget_bytes, self.wave_max_rows = wave_budget_bytes, wave_max_rows
-        self.k, self.v = self._store.k, self._store.v
         self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.reset()
 
     @property
     def dtype(self) -> str:
-        return self._store.dtype
+        fmt = buffer_format(self.k, self.n_kv_heads, self.head_dim)
+        if fmt is None:
+            raise AssertionError(f"layer {self.layer}: KV buffer of {self.k.dtype} {tuple(self.k.shape)} "
+                                 f"is no known format")
+        return fmt
 
     @property
     def nbytes(self) -> int:

@@ -5,9 +5,9 @@ Contract: ``Ledger(device)`` owns the buffers it records (it keeps a reference u
 ``free``/``release``, so the ledger and the allocator see the same live memory). Tiers:
 ``"trunk"`` (the ledger's device) and ``"host"`` (CPU). Categories: weights, kv, scratch,
 expert_cache (``reserve`` exists in plans only and cannot be allocated). Each buffer counts
-``planner.round_alloc(storage bytes, device)``: exact on CPU, rounded up to 512 B on CUDA,
-the same rule the planner prices with. ``current``/``peak`` are per (tier, category);
-``unaccounted`` is ``torch.cuda.memory_allocated() - memory at construction - trunk total``
+``formats.round_alloc(storage bytes, device type)``: exact on CPU, rounded up to 512 B on
+CUDA (``engine.formats`` owns the rule; the planner prices with the same function).
+``current``/``peak`` are per (tier, category); ``unaccounted`` is ``torch.cuda.memory_allocated() - memory at construction - trunk total``
 on CUDA and 0 on CPU. ``compare(plan)`` returns one ``CompareRow`` per allocated category
 and tier with ``diff = runtime - planned``.
 
@@ -21,8 +21,9 @@ from typing import NamedTuple
 
 import torch
 
+from . import formats
 from .errors import ConfigError
-from .planner import CATEGORIES, Plan, round_alloc
+from .planner import CATEGORIES, Plan
 
 TIERS = ("trunk", "host")
 ALLOCATED = tuple(c for c in CATEGORIES if c != "reserve")
@@ -91,7 +92,7 @@ class Ledger:
         if storage.nbytes() and key in self._by_storage:
             raise ConfigError(f"ledger: {name!r} shares storage with {self._by_storage[key]!r}",
                               "record each buffer once")
-        e = _Entry(name, category, tier, round_alloc(storage.nbytes(), tensor.device), tensor)
+        e = _Entry(name, category, tier, formats.round_alloc(storage.nbytes(), tensor.device.type), tensor)
         self._entries[name] = e
         if storage.nbytes():
             self._by_storage[key] = name

@@ -10,7 +10,9 @@ section (what ``ModelSpec.from_gguf`` and the planner need, no disk). Convention
 to an oracle: llama files hold attn_q/attn_k in llama.cpp's permuted ("norm" RoPE) layout;
 qwen3/qwen3moe/olmoe files are unpermuted (NEOX RoPE). Models carry SmolLM2's tokenizer
 (padded with UNUSED tokens up to the model's vocab) or, when SmolLM2 is unavailable, a small
-byte-level one (said in general.description).
+byte-level one (said in general.description). Weight storage names are
+``engine.formats.WEIGHTS`` (+ q4_0); tensor bytes and alignment are gguf's (the file format's
+owner: ``GGML_QUANT_SIZES``, ``GGUF_DEFAULT_ALIGNMENT``); KV facts are not synth's.
 
     path = ensure("tiny-qwen3moe")            # ~25 MB, float32 weights, SmolLM2 tokenizer
     spec = spec_for("coder30b-synth")         # exact Qwen3-Coder-30B-A3B geometry, no weights
@@ -28,20 +30,22 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-from gguf import GGML_QUANT_SIZES, GGUFReader, GGUFValueType, GGUFWriter, Keys, TokenType
+from gguf import GGML_QUANT_SIZES, GGUF_DEFAULT_ALIGNMENT, GGUFReader, GGUFValueType, GGUFWriter, Keys, TokenType
 from gguf import GGMLQuantizationType as QT
 from gguf import LlamaFileType
 from gguf import MODEL_TENSOR as MT
 from gguf import TENSOR_NAMES
 from gguf.quants import dequantize, quantize
 
-from . import registry
+from . import formats, registry
 from .errors import ConfigError, EngineError, ModelNotFoundError
 from .spec import MOE_NORM_TOPK, QK_NORM, ROPE_TYPE, ModelSpec
 
 SYNTH_VERSION = 3            # bump when the generator's output changes (invalidates the cache)
 UPCYCLE_NOISE = 0.002       # smollm2-moe: expert = dense FFN + this x rms Gaussian noise
-STORAGE = {"f32": QT.F32, "f16": QT.F16, "bf16": QT.BF16, "q8_0": QT.Q8_0, "q4_0": QT.Q4_0}
+# storage variants: the engine's weight formats (engine.formats.WEIGHTS) plus q4_0, a file-only
+# block type the loader dequantizes; a file tensor's bytes are gguf's (GGML_QUANT_SIZES)
+STORAGE = {name: QT[name.upper()] for name in (*formats.WEIGHT_FORMATS, "q4_0")}
 BOS_ID, EOS_ID = 1, 2        # SmolLM2's <|im_start|> / <|im_end|>; the fallback keeps them
 _CHUNK_BYTES = 32 << 20      # streaming granularity for real-scale tensors
 
@@ -547,7 +551,7 @@ def data_bytes(name: str | SynthConfig) -> int:
     """Bytes of tensor data the model's file holds (its size less a few MB of header)."""
     cfg = config(name)
     plan = _upcycle_plan(cfg, _smollm2_tensors()) if cfg.kind == "upcycle" else tensor_plan(cfg)
-    return sum(_pad(t.nbytes, 32) for t in plan)
+    return sum(_pad(t.nbytes, GGUF_DEFAULT_ALIGNMENT) for t in plan)
 
 
 def path_for(name: str) -> Path:

@@ -3,7 +3,10 @@
 Contract: ``use_triton(device)`` says which implementation an op runs. The backend is
 chosen once from ``KVBENCH_ATTN_BACKEND`` (``auto`` | ``torch`` | ``triton``; default
 ``auto`` = Triton on CUDA, the torch reference elsewhere) and can be forced with
-``set_backend``. Without CUDA, Triton kernels run in its interpreter: this package sets
+``set_backend``. Format facts (``Q8_BLOCK``, ``Q8_BYTES``, ``Q8_SCALE_BYTES``: ggml block_q8_0's
+32 values in 34 bytes, a 2-byte fp16 scale first) come from ``engine.formats``; the Triton
+kernels read them as ``tl.constexpr`` globals; ``KV_FORMAT_CODES`` is the kernels' own FMT
+code of each format. Without CUDA, Triton kernels run in its interpreter: this package sets
 ``TRITON_INTERPRET=1`` before any kernel module is imported (``triton.jit`` reads the knob
 when it decorates), so the import order of tests does not matter.
 
@@ -18,11 +21,10 @@ import sys
 import torch
 
 from ..errors import ConfigError
+from ..formats import Q8_BLOCK, Q8_BYTES, Q8_SCALE_BYTES  # noqa: F401  (block geometry: engine.formats)
 
 BACKENDS = ("auto", "torch", "triton")
 KV_FORMAT_CODES = {"fp32": 0, "bf16": 1, "q8_0": 2}   # the FMT constexpr every kernel takes
-Q8_BLOCK, Q8_BYTES = 32, 34                            # ggml block_q8_0: 32 values in 34 bytes
-
 
 
 def _repair_interpreter() -> None:

@@ -25,8 +25,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import KV_FORMAT_CODES, Q8_BYTES, interpreted
-from .common import cache_args, load_kv_tile
+from .. import formats
+from . import KV_FORMAT_CODES, Q8_BLOCK, interpreted
+from .common import QB, QB_HALF, QD, QK, cache_args, load_kv_tile
 
 LOG2E = 1.4426950408889634
 
@@ -187,9 +188,9 @@ def _decode_q8_kernel(Q, KW, VW, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
     # b at the byte offsets where block b's quants sit (zero elsewhere, scale bytes included),
     # so a dot with the segment's raw bytes gives per-block partial scores, then scaled by d.
     # Float16 operands (bytes are exact in them) carry power-of-two-normalised hi/lo halves.
-    SEG_W: tl.constexpr = NB * 17 // 2
-    MAIN_W: tl.constexpr = NB * 8                       # words holding bytes [0, 32 NB)
-    MAIN_B: tl.constexpr = NB * 32
+    SEG_W: tl.constexpr = NB * QB_HALF // 2
+    MAIN_W: tl.constexpr = NB * QK // 4                 # words holding bytes [0, 32 NB)
+    MAIN_B: tl.constexpr = NB * QK
     TAIL_B: tl.constexpr = TAIL_W * 4                   # bytes [32 NB, 34 NB) + padding
     GP: tl.constexpr = GB // NB
     h = tl.program_id(0)
@@ -201,11 +202,11 @@ def _decode_q8_kernel(Q, KW, VW, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
     b = c % NB
     t1 = tl.arange(0, MAIN_B)
     t2 = MAIN_B + tl.arange(0, TAIL_B)
-    j1 = t1[:, None] - 34 * b[None, :] - 2              # index inside block b, valid in [0, 32)
-    j2 = t2[:, None] - 34 * b[None, :] - 2
-    v1 = (j1 >= 0) & (j1 < 32) & (g < G)[None, :]
-    v2 = (j2 >= 0) & (j2 < 32) & (g < G)[None, :]
-    qcol = (h * G + g)[None, :] * D + 32 * b[None, :]
+    j1 = t1[:, None] - QB * b[None, :] - QD             # index inside block b, valid in [0, 32)
+    j2 = t2[:, None] - QB * b[None, :] - QD
+    v1 = (j1 >= 0) & (j1 < QK) & (g < G)[None, :]
+    v2 = (j2 >= 0) & (j2 < QK) & (g < G)[None, :]
+    qcol = (h * G + g)[None, :] * D + QK * b[None, :]
     q1 = tl.load(Q + qcol + j1, mask=v1, other=0.0)                    # [MAIN_B, GB]
     q2 = tl.load(Q + qcol + j2, mask=v2, other=0.0)                    # [TAIL_B, GB]
     qmax = tl.maximum(tl.max(tl.max(tl.abs(q1), axis=1), axis=0), tl.max(tl.max(tl.abs(q2), axis=1), axis=0))
@@ -216,7 +217,7 @@ def _decode_q8_kernel(Q, KW, VW, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
     w1 = tl.arange(0, MAIN_W)
     w2 = MAIN_W + tl.arange(0, TAIL_W)
     tail_ok = w2 < SEG_W
-    swcol = h * SEG_W + (17 * b) // 2                   # word holding block b's fp16 scale
+    swcol = h * SEG_W + (QB_HALF * b) // 2              # word holding block b's fp16 scale
     sshift = 16 * (b % 2)                               # ... in its low or high half
     lo = sp * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)
@@ -261,7 +262,7 @@ def _decode_q8_kernel(Q, KW, VW, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
     o = (h * G + gi) * n_splits + sp
     tl.store(M_OUT + o, m, mask=gi < G)
     tl.store(L_OUT + o, l, mask=gi < G)
-    ocol = ((h * G + g) * n_splits + sp)[None, :] * D + 32 * b[None, :]
+    ocol = ((h * G + g) * n_splits + sp)[None, :] * D + QK * b[None, :]
     tl.store(ACC_OUT + ocol + j1, acc1, mask=v1)                         # byte space -> values
     tl.store(ACC_OUT + ocol + j2, acc2, mask=v2)
     if FUSE:
@@ -329,7 +330,7 @@ def split_plan(n_keys: int, n_kv_heads: int, device: torch.device, cfg: dict = C
 
 def q8_word_path(head_dim: int) -> bool:
     """Whether a q8_0 head segment is whole 4-byte words (an even number of 32-value blocks)."""
-    return head_dim % 64 == 0
+    return head_dim % (2 * Q8_BLOCK) == 0
 
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
@@ -369,7 +370,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     counter = _counter(q.device, n_kv_heads)
     comb = {"FUSE": fuse, "S_PAD": triton.next_power_of_2(splits), "BLOCK_S": min(32, triton.next_power_of_2(splits))}
     if fmt == "q8_0" and cfg["q8_words"] and q8_word_path(D):
-        nb = D // 32
+        nb = D // Q8_BLOCK
         kw, vw = k_buf.view(torch.int32), v_buf.view(torch.int32)
         _decode_q8_kernel[(n_kv_heads, splits)](
             q, kw, vw, m, l, acc, out, counter, pos, n_keys, per, splits, kw.stride(0), vw.stride(0),
@@ -408,12 +409,12 @@ def decode_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tens
     """Torch reference: the blocked CPU attention with one query row at position n_keys - 1."""
     from .prefill_attention import plan_waves, prefill_attention_ref
     Hq, D = q.shape
-    plan = plan_waves(1, n_keys - 1, Hq, n_kv_heads, D, budget=256 << 20)
+    plan = plan_waves(1, n_keys - 1, Hq, n_kv_heads, D, budget=formats.DEFAULT_WAVE_BUDGET)
     out, _ = prefill_attention_ref(q[None], k_buf, v_buf, fmt, n_keys - 1, scale, n_kv_heads, plan)
     return out[0]
 
 
 def decode_bytes_read(n_keys: int, n_kv_heads: int, head_dim: int, fmt: str) -> int:
     """K+V cache bytes one decode step reads (the bandwidth figure of merit)."""
-    per_value = {"fp32": 4.0, "bf16": 2.0, "q8_0": Q8_BYTES / 32}[fmt]
+    per_value = formats.kv_format(fmt).bytes_per_value
     return int(math.ceil(2 * n_keys * n_kv_heads * head_dim * per_value))

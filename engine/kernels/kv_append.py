@@ -16,7 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import KV_FORMAT_CODES, Q8_BLOCK, Q8_BYTES, use_triton
+from . import KV_FORMAT_CODES, Q8_BLOCK, Q8_BYTES, Q8_SCALE_BYTES, use_triton
+from .common import QB, QB_HALF, QD, QK
 
 
 # --- Triton kernel --------------------------------------------------------------------------
@@ -45,8 +46,8 @@ def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_o
     else:
         # BLOCK values = BLOCK // 32 q8_0 blocks; same float32 ops, in the same order, as
         # gguf.quants.Q8_0 (d = amax / 127, id = 1 / d, q = round-half-away(x * id)).
-        NB: tl.constexpr = BLOCK // 32
-        xb = tl.reshape(x, (NB, 32))
+        NB: tl.constexpr = BLOCK // QK
+        xb = tl.reshape(x, (NB, QK))
         amax = tl.max(tl.abs(xb), axis=1)
         d = tl.math.div_rn(amax, tl.full(amax.shape, 127.0, tl.float32))
         inv = tl.where(d == 0.0, 0.0, tl.math.div_rn(tl.full(d.shape, 1.0, tl.float32), tl.where(d == 0.0, 1.0, d)))
@@ -57,10 +58,10 @@ def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_o
         r = tl.where(n < 0, -r, r)
         r = tl.where(r == r, r, 0.0)          # NaN (only from 0*inf or inf inputs) -> 0, as numpy on x86
         q = tl.reshape(r, (BLOCK,)).to(tl.int8)
-        blk = c // 32
-        tl.store(OUT + row * stride_out + blk * 34 + 2 + c % 32, q, mask=mask)
+        blk = c // QK
+        tl.store(OUT + row * stride_out + blk * QB + QD + c % QK, q, mask=mask)
         b = tl.program_id(1) * NB + tl.arange(0, NB)
-        tl.store(OUT_S + row * stride_out_s + b * 17, d.to(tl.float16), mask=b * 32 < n_cols)
+        tl.store(OUT_S + row * stride_out_s + b * QB_HALF, d.to(tl.float16), mask=b * QK < n_cols)
 
 
 def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
@@ -123,8 +124,8 @@ def quantize_q8_0_ref(x: torch.Tensor) -> torch.Tensor:
 def dequantize_q8_0_ref(q: torch.Tensor, shape) -> torch.Tensor:
     """uint8 [..., n // 32 * 34] -> float32 of ``shape`` (d * q, exact in float32)."""
     blocks = q.reshape(-1, Q8_BYTES)
-    d = blocks[:, :2].contiguous().view(torch.float16).to(torch.float32)   # [nblk, 1]
-    qs = blocks[:, 2:].contiguous().view(torch.int8).to(torch.float32)     # [nblk, 32]
+    d = blocks[:, :Q8_SCALE_BYTES].contiguous().view(torch.float16).to(torch.float32)   # [nblk, 1]
+    qs = blocks[:, Q8_SCALE_BYTES:].contiguous().view(torch.int8).to(torch.float32)     # [nblk, 32]
     return (qs * d).reshape(shape)
 
 

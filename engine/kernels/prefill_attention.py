@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from ..errors import ConfigError
-from . import KV_FORMAT_CODES, Q8_BYTES
+from ..formats import DEFAULT_WAVE_BUDGET  # noqa: F401  (the default budget callers plan with)
+from . import KV_FORMAT_CODES, Q8_BYTES, Q8_SCALE_BYTES
 from .common import cache_args, load_kv_tile
 
 LOG2E = 1.4426950408889634
@@ -217,8 +218,8 @@ def dequant_rows_ref(buf: torch.Tensor, fmt: str, j0: int, j1: int, n_kv_heads: 
     elif fmt == "q8_0":
         L = j1 - j0
         blocks = rows.reshape(L, -1, Q8_BYTES)
-        d = blocks[..., :2].contiguous().view(torch.float16).to(torch.float32)    # [L, nb, 1]
-        qs = blocks[..., 2:].view(torch.int8)                                      # [L, nb, 32]
+        d = blocks[..., :Q8_SCALE_BYTES].contiguous().view(torch.float16).to(torch.float32)  # [L, nb, 1]
+        qs = blocks[..., Q8_SCALE_BYTES:].view(torch.int8)                                   # [L, nb, 32]
         x = (qs.to(torch.float32) * d).reshape(L, n_kv_heads, head_dim)
     else:
         raise ValueError(f"unknown KV format {fmt!r}")
