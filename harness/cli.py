@@ -4,7 +4,8 @@ Contract: each command is a module exposing ``add_cli_args(parser)`` and ``main(
 (runner, report, compare, results). Exit codes: 0 everything passed, 1 a threshold failed
 (or ``compare`` found a regression, or the two runs' suites differ), 2 bad input
 (``error: <one line>`` on stderr, no traceback: any ``EngineError``, which includes
-``HarnessError``; a command-line value argparse refuses; an unwritable, read-only, full or
+``HarnessError``, e.g. ``compare`` of runs whose numerics-changing settings differ without
+``--allow-settings-change``; a command-line value argparse refuses; an unwritable, read-only, full or
 file-occupied path, see ``engine.cli.run_guarded``), 3 an unexpected exception (one line
 naming a saved traceback file), 130 interrupted (finished cases are kept; rerun with
 ``--resume``), 141 stdout closed early (``compare ... | head``: quiet, like any Unix tool

@@ -24,6 +24,10 @@ run, or differs between them, is listed per case with its reason. When the two r
 differ (the manifests' suite sha256, or their check lists, suite settings or matrix), the
 differences are stated at the top of the markdown and ``Comparison.exit_code`` is 1 unless
 ``allow_suite_change``; a different suite *path* with identical bytes is only noted.
+Runs whose numerics-changing settings differ (the manifests' ``settings`` snapshots,
+``engine.settings.numerics_changes``: attention backend, precision, a planted fault, ...) are
+refused: ``SettingsChangeError``, one line naming each setting, exit 2, unless
+``allow_settings_change`` (then listed at the top); a manifest without a snapshot is a note.
 ``Comparison.markdown()`` is the PR-comment body; the CLI exits with ``exit_code`` (0 or 1).
 
     cmp = compare("results/base", "results/head")
@@ -39,6 +43,9 @@ from pathlib import Path
 
 import pandas as pd
 
+from engine import settings as engine_settings
+
+from .errors import HarnessError
 from .report import md_table
 from .results import Results, atomic_write, case_key, load_results
 from .speedstats import DEFAULT_ALPHA, DEFAULT_MAX_CV, DEFAULT_MIN_EFFECT, compare_speed
@@ -59,6 +66,7 @@ class Comparison:
     suite_changes: list[str] = field(default_factory=list)  # non-empty: the suites differ
     suite_notes: list[str] = field(default_factory=list)    # informational (same bytes, other path; dropped gates)
     allow_suite_change: bool = False
+    settings_changes: list[str] = field(default_factory=list)  # numerics-changing settings that differ
     engines: str = ""                                        # side-by-side markdown when the engines differ
     speed: list[dict] = field(default_factory=list)         # every tok/s row: rank-test verdict
 
@@ -74,6 +82,10 @@ class Comparison:
                        else "exit 1; pass --allow-suite-change if the change is intended")
             md += [f"**⚠️ The two runs used different suites** ({verdict}):\n",
                    *[f"- {c}" for c in self.suite_changes], ""]
+        if self.settings_changes:
+            md += ["**⚠️ The two runs used different numerics-changing settings** (allowed by "
+                   "--allow-settings-change; their numbers need not agree):\n",
+                   *[f"- {c}" for c in self.settings_changes], ""]
         if self.suite_notes:
             md += [*[f"- note: {c}" for c in self.suite_notes], ""]
         if self.engines:
@@ -152,16 +164,40 @@ def suite_differences(base: dict, head: dict) -> tuple[list[str], list[str]]:
     return diffs, notes
 
 
+class SettingsChangeError(HarnessError):
+    """Two runs whose numerics-changing settings differ (bad input: exit 2)."""
+
+
+def settings_differences(base: dict, head: dict) -> tuple[list[str], list[str]]:
+    """(differences, notes) between the ``settings`` snapshots of two manifests
+    (``engine.settings.snapshot``): a difference is a setting that can change logits
+    (``numerics``) with another value; a run whose manifest predates the snapshot is a note
+    (nothing to hold it against)."""
+    bs, hs = base.get("settings"), head.get("settings")
+    missing = [w for w, snap in (("base", bs), ("head", hs)) if not isinstance(snap, dict)]
+    if missing:
+        return [], [f"settings not recorded in {' and '.join(missing)}'s manifest: numerics-changing "
+                    "settings could not be compared"]
+    return engine_settings.numerics_changes(bs, hs), []
+
+
 def _counts(res: Results) -> dict:
     return dict(Counter(c["status"] for c in res.cases()).most_common())
 
 
 def compare(base_dir: str | Path, head_dir: str | Path, tol: float = 0.10, speed_tol: float = DEFAULT_MIN_EFFECT,
             abs_tol: float = 1e-6, allow_suite_change: bool = False, speed_alpha: float = DEFAULT_ALPHA,
-            max_cv: float = DEFAULT_MAX_CV) -> Comparison:
+            max_cv: float = DEFAULT_MAX_CV, allow_settings_change: bool = False) -> Comparison:
     base, head = load_results(base_dir), load_results(head_dir)
-    out = Comparison(str(base_dir), str(head_dir), allow_suite_change=allow_suite_change)
+    changed, notes = settings_differences(base.manifest, head.manifest)
+    if changed and not allow_settings_change:
+        raise SettingsChangeError(
+            f"{base_dir} and {head_dir} ran with different numerics-changing settings ({'; '.join(changed)}), "
+            "so their numbers are not comparable",
+            "rerun one with the other's settings, or pass --allow-settings-change")
+    out = Comparison(str(base_dir), str(head_dir), allow_suite_change=allow_suite_change, settings_changes=changed)
     out.suite_changes, out.suite_notes = suite_differences(base.manifest, head.manifest)
+    out.suite_notes += notes
     out.status_counts = {"base": _counts(base), "head": _counts(head)}
     out.engines = engines_side_by_side(base, head)
     bcases = {case_key(c): c for c in base.cases()}
@@ -336,11 +372,15 @@ def add_cli_args(parser) -> None:
     parser.add_argument("--allow-suite-change", action="store_true",
                         help="compare runs of different suites without failing (the differences "
                         "are still listed)")
+    parser.add_argument("--allow-settings-change", action="store_true",
+                        help="compare runs whose numerics-changing KVBENCH_* settings differ (refused "
+                        "otherwise, exit 2; the differences are listed at the top)")
 
 
 def main(args) -> int:
     cmp = compare(args.base, args.head, args.tolerance, args.speed_tolerance, args.abs_tolerance,
-                  allow_suite_change=args.allow_suite_change, speed_alpha=args.speed_alpha, max_cv=args.max_cv)
+                  allow_suite_change=args.allow_suite_change, speed_alpha=args.speed_alpha, max_cv=args.max_cv,
+                  allow_settings_change=args.allow_settings_change)
     text = cmp.markdown()
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
