@@ -252,6 +252,7 @@ def corpus_kld_section(report, names: list[str]) -> None:
             info = report.res.info(m, report.baseline, chk) or next(
                 (report.res.info(m, d, chk) for d in report.dtypes if report.res.info(m, d, chk)), {})
             c = info.get("corpus") or {}
+            one_pass = info.get("baseline_prefill") or info.get("prefill") or {}
             if c:
                 report.md.append(f"`{m}`: corpus **{c.get('name')}** ("
                                  + (f"{c.get('package')}=={c.get('version')} `{c.get('member')}`, "
@@ -260,8 +261,9 @@ def corpus_kld_section(report, names: list[str]) -> None:
                                  f"{info.get('depths')}" + (f", dropped beyond the trained context: "
                                                             f"{info.get('dropped_depths')}"
                                                             if info.get("dropped_depths") else "")
-                                 + f"; {(info.get('prefill') or {}).get('waves')} wave(s) in the "
-                                 f"{(info.get('prefill') or {}).get('tokens')}-token pass.\n")
+                                 + f"; {one_pass.get('waves')} wave(s) of at most {one_pass.get('wave_rows')} "
+                                 f"rows in the {one_pass.get('tokens')}-token pass ({one_pass.get('seconds')} s "
+                                 f"for {report.baseline}).\n")
             rows = []
             for d in report.dtypes:
                 inf = report.res.info(m, d, chk)
@@ -287,8 +289,9 @@ def corpus_kld_section(report, names: list[str]) -> None:
                 if not bs:
                     continue
                 xs = list(range(len(bs)))
+                zero = not any(b["Mean KLD"] for b in bs)
                 ax.plot(xs, [max(b["Mean KLD"], 1e-12) for b in bs], marker="o", color=COLORS.get(d),
-                        label=report.label(d, "noise floor"))
+                        label=report.label(d, "noise floor") + (": exactly 0 (drawn at 1e-12)" if zero else ""))
                 ax.set_xticks(xs, [f"{b['lo']}-{b['hi']}" for b in bs])
             ax.set_yscale("log")
             ax.set_xlabel("positions (depth bucket)")
