@@ -159,8 +159,8 @@ def test_prompts_on_a_real_tokenizer_and_forced_random_weights_never_pass(tmp_pa
     p = tmp_path / "filler.txt"
     p.write_text(TEXT)
     monkeypatch.setattr(type(get("needle")), "not_applicable", lambda self, cfg, model: None)
-    suite = parse_suite({"suite": {"name": "n", "models": ["tiny-llama"], "ctx": 256},
-                         "check": [{"kind": "needle", "corpus": str(p), "lengths": [200], "depths_pct": [0, 100],
+    suite = parse_suite({"suite": {"name": "n", "models": ["tiny-llama"], "ctx": 160},
+                         "check": [{"kind": "needle", "corpus": str(p), "lengths": [150], "depths_pct": [0, 100],
                                     "max_new_tokens": 4, "min_score": {"bf16": 80, "q8_0": 80}}]})
     summary = Runner(suite, tmp_path / "r", progress=False).run()
     cases = {c["kv_dtype"]: c for c in summary.cases}
