@@ -9,7 +9,8 @@ metric records on (case, metric). A *regression* is:
   *not measured in head*: the metric is missing, skipped or not judged, or its case ran
   nothing (error, ``n/a``); a gate that head's suite dropped counts too, unless the suites
   differ and ``allow_suite_change`` is given (then it is listed as a note);
-- a metric with a direction (``better``: lower/higher) that got worse by more than the
+- a metric with a direction (lower/higher is better, as ``harness.metric_registry`` declares it;
+  the record's ``better`` only for metrics nobody declares) that got worse by more than the
   tolerance (relative ``tol``, plus ``abs_tol`` so exact zeros do not flag float dust);
 - a speed metric (unit tok/s) only when its repetitions say so (issue 15.7): the
   ``<metric>_samples`` series of both runs go through ``harness.speedstats.compare_speed``, a
@@ -45,6 +46,8 @@ import pandas as pd
 
 from engine import settings as engine_settings
 
+from . import checks as _checks  # noqa: F401  (importing the checks declares their metrics)
+from . import metric_registry
 from .errors import HarnessError
 from .report import md_table
 from .results import Results, atomic_write, case_key, load_results
@@ -205,6 +208,7 @@ def compare(base_dir: str | Path, head_dir: str | Path, tol: float = 0.10, speed
     bm = {(*case_key(r), r["metric"]): r for r in base.of_type("metric")}
     hm = {(*case_key(r), r["metric"]): r for r in head.of_type("metric")}
     measured_in_head = {case_key(r) for r in head.of_type("metric")}
+    tables = [metric_registry.from_json(res.manifest.get("metrics")) for res in (head, base)]
     bser = {(*case_key(r), r["name"]): r["values"] for r in base.of_type("series")}
     hser = {(*case_key(r), r["name"]): r["values"] for r in head.of_type("series")}
 
@@ -260,10 +264,11 @@ def compare(base_dir: str | Path, head_dir: str | Path, tol: float = 0.10, speed
             out.regressions.append({**row, "base": bv, "head": hv, "change": _change(bv, hv),
                                     "why": f"threshold {h.get('op')} {h.get('threshold')} no longer holds"})
             continue
-        better = r.get("better") or h.get("better")
+        decl = _declaration(r.get("kind") or key[2], key[3], tables)
+        better = decl.better if decl else (r.get("better") or h.get("better"))
         if better not in ("lower", "higher") or bv is None or hv is None:
             continue
-        if r.get("unit") == "tok/s":
+        if (decl.unit if decl else r.get("unit")) == "tok/s":
             samples = [(ser.get((*key[:3], f"{key[3]}_samples")) or [v]) for ser, v in ((bser, bv), (hser, hv))]
             v = compare_speed(*samples, better, alpha=speed_alpha, min_effect=speed_tol, max_cv=max_cv)
             out.speed.append({**row, "base": bv, "head": hv, "change": _change(bv, hv), "verdict": v.verdict,
@@ -287,6 +292,17 @@ def compare(base_dir: str | Path, head_dir: str | Path, tol: float = 0.10, speed
         else:
             out.unchanged += 1
     return out
+
+
+def _declaration(kind: str, metric: str, tables: list[dict]):
+    """A metric's declaration (``harness.metric_registry``): the checks' live declarations,
+    else the ones head's or base's manifest recorded (a check since removed), else None (the
+    record's own ``better``/``unit`` are used: results written before the registry)."""
+    decl = metric_registry.lookup(kind, metric)
+    for table in tables:
+        if decl is None and table.get(kind):
+            decl = metric_registry.lookup(kind, metric, table)
+    return decl
 
 
 def _engine_of(res: Results) -> str:

@@ -5,7 +5,10 @@ Contract: ``run(suite, out_dir, ...)`` runs every case of the matrix in a fixed 
 it finishes (``harness.results.RecordWriter``: appended, flushed, fsynced). Each check's
 baseline state (reference tokens and logits) is computed once per model on the baseline
 engine and kept in memory; a resumed or sharded run recomputes it when it needs it (the
-baseline is deterministic). Thresholds from the suite turn metrics into pass/fail; a case
+baseline is deterministic). A metric record's unit and direction are its declaration in
+``harness.metric_registry`` (the check's own values where it declares none), and the manifest
+records the declarations of the suite's checks (``metrics``) for the report and ``compare``.
+Thresholds from the suite turn metrics into pass/fail; a case
 whose engine raises an ``EngineError`` is recorded as ``error`` and the run goes on.
 Returns a ``RunSummary``; the CLI maps it to exit code 0 (all pass) or 1 (a case failed).
 
@@ -43,6 +46,7 @@ from engine import settings
 from engine.errors import EngineError
 
 from . import checks as registry
+from . import metric_registry
 from .checks import CaseContext, ModelInfo, Outcome
 from .engine_api import missing
 from .engines import EnginePool, weight_format_of, weight_format_requested_of
@@ -159,10 +163,12 @@ def judge(outcome: Outcome, cfg: CheckConfig, model: str, kv_dtype: str,
         if reason is None:
             unmeasured.append(f"{rec['metric']} not measured ({why}); required {rec['op']} {rec['threshold']:g}")
 
+    kind = getattr(cfg, "KIND", "")
     for m in outcome.metrics:
         bound, op = gates.pop(m.name, (None, None))
-        rec = {"type": "metric", "metric": m.name, "value": m.value, "unit": m.unit,
-               "better": m.better, "threshold": bound, "op": op, "passed": None,
+        decl = metric_registry.lookup(kind, m.name)       # unit and direction, declared once
+        rec = {"type": "metric", "metric": m.name, "value": m.value, "unit": decl.unit if decl else m.unit,
+               "better": decl.better if decl else m.better, "threshold": bound, "op": op, "passed": None,
                "skipped": m.skipped, "detail": m.detail}
         if getattr(m, "na", False):
             rec["na"] = m.skipped or "not applicable"
@@ -178,13 +184,14 @@ def judge(outcome: Outcome, cfg: CheckConfig, model: str, kv_dtype: str,
                 v = float(m.value)
                 rec["passed"] = v <= bound if op == "<=" else v >= bound
                 if not rec["passed"]:
-                    unit = f" {m.unit}" if m.unit else ""
+                    unit = f" {rec['unit']}" if rec["unit"] else ""
                     failures.append(f"{m.name} = {_fmt(m.value)}{unit} (required {op} {bound:g})"
                                     + (f": {m.detail}" if m.detail else ""))
         recs.append(rec)
     for name, (bound, op) in gates.items():   # a threshold on a metric the check did not report
-        rec = {"type": "metric", "metric": name, "value": None, "unit": "", "better": None,
-               "threshold": bound, "op": op, "passed": None,
+        decl = metric_registry.lookup(kind, name)
+        rec = {"type": "metric", "metric": name, "value": None, "unit": decl.unit if decl else "",
+               "better": decl.better if decl else None, "threshold": bound, "op": op, "passed": None,
                "skipped": "not reported by the check", "detail": None}
         unmeasured_gate(rec, "not reported by the check")
         recs.append(rec)
@@ -256,6 +263,7 @@ class Runner:
                 "argv": list(sys.argv), "settings": settings.snapshot(),
                 "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("KVBENCH_")},
                 "inputs": getattr(self, "_inputs", {}),
+                "metrics": metric_registry.to_json(dict.fromkeys(c.KIND for c in self.suite.checks)),
                 "not_applicable": {}, "started": now(), "finished": None}
 
     def _prepare_dir(self) -> set:

@@ -108,3 +108,50 @@ def test_identical_settings_compare_as_before(tmp_path, monkeypatch):
     cmp = compare(base, head)
     assert cmp.exit_code == 0 and not cmp.settings_changes
     assert json.loads((head / MANIFEST).read_text())["settings"]["KVBENCH_ATTN_PRECISION"]["set"]
+
+
+def _kld_run(d: Path, kind: str, kld: float, better) -> Path:
+    d.mkdir(parents=True)
+    recs = []
+    for dt in ("fp32", "q8_0"):
+        m = _metric(dt, kind, "Mean KLD", kld if dt == "q8_0" else 0.0, "nats", better)
+        c = _case(dt, kind)
+        m["check"] = m["kind"] = c["check"] = c["kind"] = kind
+        recs += [m, c]
+    (d / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    write_manifest(d, {"schema": 1, "run": d.name, "suite": {"path": "s.toml", "sha256": "abc", "suite": {}},
+                       "matrix": {}, "git": {}, "device": {}, "versions": {}, "command": "hand",
+                       "started": "x", "finished": "y"})
+    return d
+
+
+def test_compare_takes_the_direction_from_the_metric_registry(tmp_path):
+    """wave_prefill declares Mean KLD lower-is-better: compare flags a worse head even when the
+    records carry no direction, or the wrong one; an undeclared kind keeps the record's."""
+    from harness import metric_registry
+    assert metric_registry.direction("wave_prefill", "Mean KLD") == "lower"
+    for better in (None, "higher"):
+        base = _kld_run(tmp_path / f"b-{better}", "wave_prefill", 0.010, better)
+        head = _kld_run(tmp_path / f"h-{better}", "wave_prefill", 0.020, better)
+        cmp = compare(base, head)
+        assert [(r["metric"], r["why"]) for r in cmp.regressions] == [("Mean KLD", "lower is better; tolerance 10%")]
+        assert not compare(head, base).regressions and compare(head, base).improvements
+    # a kind nobody declares: the record's own direction (results older than the registry)
+    base = _kld_run(tmp_path / "b-x", "someone_elses_check", 0.010, "higher")
+    head = _kld_run(tmp_path / "h-x", "someone_elses_check", 0.020, "higher")
+    assert not compare(base, head).regressions and compare(base, head).improvements
+    base = _kld_run(tmp_path / "b-y", "someone_elses_check", 0.010, None)
+    head = _kld_run(tmp_path / "h-y", "someone_elses_check", 0.020, None)
+    assert not compare(base, head).regressions and not compare(base, head).improvements
+
+
+def test_a_recorded_declaration_serves_a_check_the_code_no_longer_has(tmp_path):
+    from harness import metric_registry
+    base = _kld_run(tmp_path / "b", "retired_check", 0.010, None)
+    head = _kld_run(tmp_path / "h", "retired_check", 0.020, None)
+    table = {"retired_check": [{"name": "Mean KLD", "unit": "nats", "better": "lower", "show": []}]}
+    for d in (base, head):
+        man = json.loads((d / MANIFEST).read_text())
+        write_manifest(d, {**man, "metrics": table})
+    assert metric_registry.lookup("retired_check", "Mean KLD") is None
+    assert [r["metric"] for r in compare(base, head).regressions] == ["Mean KLD"]

@@ -17,6 +17,12 @@ cannot provide one yet: never a made-up number), per-position ``series`` for plo
 JSON-able ``info``. Thresholds are applied by the runner from the config, not by checks; a
 gated metric that is skipped or missing makes the case ``incomplete``, never a pass.
 
+Every metric a check emits is declared once on the class, ``metrics = (metric(name, unit,
+better, show=...), ...)`` (``harness.metric_registry``: unit, direction, report views; the
+gate is read from the config's thresholds): ``register`` hands them to the registry that the
+runner, the report and ``compare`` read. The ``unit``/``better`` a check passes to
+``Outcome.add`` must agree with its declaration (tests/test_metric_registry.py).
+
 Declarations that come before anything runs (``inputs(cfg)``, the fixed inputs a check
 reads, e.g. a pinned corpus, goes into the manifest and fails the run early when missing):
 - ``unmeasured_on_baseline(cfg) -> {metric: reason}``: metrics the check never measures on
@@ -33,6 +39,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from .. import metric_registry
+from ..metric_registry import MetricDecl, metric  # noqa: F401  (what checks declare their metrics with)
 from ..schema import CheckConfig, SuiteSection
 
 
@@ -101,6 +109,7 @@ class Check:
     config: type[CheckConfig] = CheckConfig
     needs_baseline: bool = True       # False: prepare() is not run (no reference state)
     requires: frozenset[str] = frozenset()   # harness.engine_api capabilities the check uses
+    metrics: tuple[MetricDecl, ...] = ()     # every metric it emits (harness.metric_registry)
 
     def load_options(self, cfg: CheckConfig, suite: SuiteSection) -> dict:
         """engine.load keyword arguments (beyond model/kv_dtype/device) for this check."""
@@ -136,6 +145,8 @@ _REGISTRY: dict[str, Check] = {}
 def register(cls: type[Check]) -> type[Check]:
     _REGISTRY[cls.kind] = cls()
     cls.config.KIND = cls.kind
+    if cls.metrics:
+        metric_registry.declare(cls.kind, cls.metrics, cls.config)
     return cls
 
 

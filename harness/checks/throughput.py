@@ -41,7 +41,7 @@ from ..engine_api import CAP_CHAT, CAP_GENERATE, CAP_PREFILL
 from ..schema import CheckConfig, param, threshold
 from ..speedstats import spread
 from ..text import prompt_tokens
-from .base import Check, Outcome, register
+from .base import Check, Outcome, metric, register
 
 MIN_REPEATS = 5
 
@@ -131,6 +131,14 @@ class Throughput(Check):
     kind = "throughput"
     config = ThroughputConfig
     requires = frozenset({CAP_PREFILL, CAP_GENERATE, CAP_CHAT})
+    metrics = (
+        metric("pp{n}", "tok/s", "higher", "prompt processing (llama-bench pp<n>): median of the repetitions"),
+        metric("tg{n}", "tok/s", "higher", "token generation (llama-bench tg<n>): median of the repetitions"),
+        metric("{measure} stddev", "tok/s", None, "spread of the repetitions"),
+        metric("{measure} CV", "%", None, "coefficient of variation of the repetitions"),
+        metric("{measure} unstable", "", None, "CV above max_cv_pct: not compared as a speed change"),
+        metric("Others' CPU busy", "%", None, "largest share of the CPUs other processes used in a sample"),
+    )
     needs_baseline = False
 
     def load_options(self, cfg: ThroughputConfig, suite):

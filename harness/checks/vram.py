@@ -27,7 +27,7 @@ from engine import formats
 
 from ..engine_api import (CAP_CACHES, CAP_CHAT, CAP_GENERATE, CAP_KV_APPLIED, CAP_KV_BYTES, CAP_PLAN,
                           capabilities_of, missing)
-from .base import Check, Outcome, register
+from .base import Check, Outcome, metric, register
 
 BYTES_PER_VALUE = {name: f.bytes_per_value for name, f in formats.KV.items()}   # engine.formats
 MIB = 2**20
@@ -101,6 +101,18 @@ class Vram(Check):
     config = VramConfig
     needs_baseline = False
     requires = frozenset({CAP_KV_APPLIED, CAP_GENERATE, CAP_CHAT})   # plan / KV bytes when declared
+    metrics = (
+        metric("KV dtype mismatches", "layers", "lower", "layers whose cache holds another dtype than requested"),
+        metric("KV bytes (requested)", "MiB", None, "KV bytes the requested dtypes take at ctx"),
+        metric("KV bytes (runtime)", "MiB", "lower", "KV bytes the engine holds", show=("side",)),
+        metric("KV bytes vs requested", "%", "lower", "runtime vs requested KV bytes"),
+        metric("KV bytes global layers", "MiB", "lower", "KV bytes of the global-attention layers"),
+        metric("KV bytes SWA layers", "MiB", "lower", "KV bytes of the sliding-window layers (rings)"),
+        metric("Plan vs runtime max diff", "%", "lower", "largest plan vs ledger difference of a category"),
+        metric("Unaccounted", "MiB", "lower", "device memory outside the ledger"),
+        metric("KV bytes (plan)", "MiB", None, "KV bytes the plan priced"),
+        metric("Expert-cache budget", "MiB", "higher", "what the plan leaves to the expert cache"),
+    )
 
     def measure(self, eng, cfg: VramConfig, state, ctx) -> Outcome:
         out = Outcome()

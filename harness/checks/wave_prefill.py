@@ -26,7 +26,7 @@ from ..metrics import logit_stats
 from ..schema import CheckConfig, param, threshold
 from ..text import prompt_tokens
 from ..engine_api import CAP_CHAT, CAP_LOGITS, CAP_PREFILL_STATS
-from .base import Check, Outcome, register
+from .base import Check, Outcome, metric, register
 
 @dataclass
 class WavePrefillConfig(CheckConfig):
@@ -94,6 +94,15 @@ class WavePrefill(Check):
     kind = "wave_prefill"
     config = WavePrefillConfig
     requires = frozenset({CAP_LOGITS, CAP_PREFILL_STATS, CAP_CHAT})
+    metrics = (
+        metric("Top-1 in top-{k}", "%", "higher", "reference top-1 within the waves' top-k", show=("table",)),
+        metric("Max abs logit diff", "", "lower", "largest logit difference from the reference", show=("table",)),
+        metric("Mean KLD", "nats", "lower", "KL(reference || waves), mean over positions", show=("table",)),
+        metric("Waves", "", None, "waves the prefill ran in"),
+        metric("Peak scratch", "MiB", "lower", "largest attention scratch of a wave"),
+        metric("Prefill tok/s", "tok/s", "higher", "the whole prefill, one timing", show=("table",)),
+        metric("Tokens", "tokens", None, "prefill length"),
+    )
 
     def load_options(self, cfg: WavePrefillConfig, suite):
         opts = super().load_options(cfg, suite)
