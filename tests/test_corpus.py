@@ -297,3 +297,23 @@ def test_a_pass_that_cannot_fit_in_host_memory_is_refused_naming_the_fix(monkeyp
                                            r"check's depths"):
         _guard_memory(32768, 4096 * 3, 262144)
     _guard_memory(8192, 8192, 49152)          # SmolLM2 at 8192: 4.5 GiB, fits
+
+
+def test_the_baseline_row_is_the_noise_floor_or_says_why_not(tmp_path):
+    p = tmp_path / "c.txt"
+    p.write_text(TEXT)
+    check = get("corpus_kld")
+    suite = SuiteSection(name="t", ctx=4096)
+    ctx = CaseContext(model="m", kv_dtype="fp32", baseline="fp32", suite=suite, device="cpu", seed=0)
+    for noise, caps, why in ((True, {"logits", "chunked_logits"}, None),
+                             (False, {"logits", "chunked_logits"}, "noise_floor = false"),
+                             (True, {"logits"}, "cannot prefill in chunks")):
+        cfg = CorpusKldConfig(kind="corpus_kld", corpus=str(p), depths=[16, 64], noise_floor=noise,
+                              max_mean_kld={"fp32": 1e-6})
+        eng = ScriptedEngine("fp32")
+        eng.capabilities = frozenset(caps)
+        m = {x.name: x for x in check.measure(eng, cfg, check.prepare(eng, cfg, ctx), ctx).metrics}
+        if why is None:
+            assert m["Mean KLD"].value == 0.0 and m["Mean KLD (deepest bucket)"].value == 0.0
+        else:
+            assert why in m["Mean KLD"].skipped and why in m["Mean KLD (deepest bucket)"].skipped

@@ -135,7 +135,7 @@ def _guard_memory(T: int, kept: int, vocab: int) -> None:
 class CorpusKld(Check):
     kind = "corpus_kld"
     config = CorpusKldConfig
-    requires = frozenset({CAP_LOGITS, CAP_CHUNKED_LOGITS})
+    requires = frozenset({CAP_LOGITS})       # chunked logits: the baseline row's noise floor only
 
     def inputs(self, cfg: CorpusKldConfig) -> dict:
         return {"corpus": corpora.load(cfg.corpus, cfg.corpus_sha256).manifest}
@@ -167,9 +167,12 @@ class CorpusKld(Check):
     def measure(self, eng, cfg: CorpusKldConfig, state, ctx) -> Outcome:
         out = Outcome()
         T, idx = state["T"], state["idx"]
-        if ctx.is_baseline and not cfg.noise_floor:
-            for metric, why in self.unmeasured_on_baseline(cfg).items():
-                out.skip(metric, why, UNITS.get(metric, ""), BETTER.get(metric))
+        no_floor = ctx.is_baseline and (not cfg.noise_floor or CAP_CHUNKED_LOGITS not in capabilities_of(eng))
+        if no_floor:
+            why = (None if cfg.noise_floor else self.unmeasured_on_baseline(cfg))
+            for metric in (cfg.gate(n)[0] for n in cfg.threshold_fields()):
+                out.skip(metric, why[metric] if why else f"engine {eng.name} cannot prefill in chunks: no noise "
+                         "floor", UNITS.get(metric, ""), BETTER.get(metric))
             test, stats = None, state["stats"]
         else:
             eng = ensure_ctx(self, eng, cfg, ctx, T)
