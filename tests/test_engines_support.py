@@ -21,8 +21,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(autouse=True, scope="module")
 def engines_only(request):
+    # module scope: pytest sets up higher-scoped fixtures first, so a function-scoped skip came
+    # after a module's server fixture had already tried to start llama.cpp (errors in make test)
     if "engines" not in (request.config.getoption("-m") or ""):
         pytest.skip("needs the llama.cpp build: runs in make test-engines (pytest -m engines)")
     pytest.importorskip("llama_cpp", reason="llama-cpp-python is not built: make llama-cpp")
