@@ -144,13 +144,18 @@ def unit(kind: str, name: str, default: str = "", table: dict | None = None) -> 
 
 
 def shown(kind: str, view: str, names: Iterable[str] | None = None, table: dict | None = None) -> list[str]:
-    """The metrics ``view`` lists for ``kind``: with ``names`` (what a run recorded), those
-    whose declaration lists the view, in the declared order; without, the declared names."""
-    decls = [d for d in ((table or {}).get(kind) or _DECLARED.get(kind, ())) if view in d.show]
+    """The metrics ``view`` lists for ``kind``: without ``names``, the declared names in the
+    declared order; with ``names`` (what a run recorded), those whose declaration lists the
+    view, in the recorded order (a ``"<x> SE"`` is never listed: it goes beside its metric).
+    When ``kind`` has no declaration at all (an old run read without its checks): every name."""
+    decls = (table or {}).get(kind) or _DECLARED.get(kind, ())
+    names = None if names is None else list(dict.fromkeys(names))
+    if not decls:
+        return [] if names is None else [n for n in names if not n.endswith(" SE")]
+    decls = [d for d in decls if view in d.show]
     if names is None:
         return [d.name for d in decls]
-    names = list(dict.fromkeys(names))
-    return [n for d in decls for n in names if d.matches(n)]
+    return [n for n in names if any(d.matches(n) for d in decls)]
 
 
 def to_json(kinds_: Iterable[str] | None = None) -> dict[str, list[dict]]:

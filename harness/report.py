@@ -9,7 +9,9 @@ model with sliding-window layers, KV per layer kind: global vs SWA rings, with a
 accuracy (llama.cpp KLD statistics with the fp32 noise floor, per-position max-abs / KLD
 curves, top-k containment), wave prefill, throughput (pp/tg bars), coherence samples, and
 every metric that was skipped with its reason. Tables are pandas frames; plots matplotlib
-(Agg backend, ``savefig`` then ``plt.close``). It can be rebuilt at any time.
+(Agg backend, ``savefig`` then ``plt.close``). It can be rebuilt at any time. Which metrics
+the accuracy, wave and coherence tables list is the checks' declaration (``show=("table",)``
+in ``harness.metric_registry``), as the run's manifest recorded it.
 
     path = build_report("results/kv-dtype-smollm2-135m-20250101-120000")
     print(path)    # reports/kv-dtype-smollm2-135m-20250101-120000/report.md
@@ -26,6 +28,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
 
+from . import metric_registry  # noqa: E402
 from . import stats as _stats  # noqa: E402
 from .results import Results, atomic_write, load_results  # noqa: E402
 
@@ -99,6 +102,9 @@ class _Report:
         self.kinds = {c["check"]: c["kind"] for c in cases}
         self.case = {(c["model"], c["kv_dtype"], c["check"]): c for c in cases}
         self.df = res.metrics()
+        # which metrics a table lists: the declarations the run recorded (harness.metric_registry),
+        # else the live ones (results written before the registry)
+        self.declared = metric_registry.from_json(res.manifest.get("metrics"))
         self.md: list[str] = []
         self.images: list[str] = []
 
@@ -385,10 +391,7 @@ class _Report:
                     if (m, d, chk) not in self.case:
                         continue
                     df = self.df[(self.df.model == m) & (self.df.kv_dtype == d) & (self.df.check == chk)]
-                    metrics = [x for x in df.metric if x.startswith("Top-1 in") or x in (
-                        "Same top p", "Max abs logit diff", "Mean abs logit diff", "Mean KLD",
-                        "Median KLD", "99.0% KLD", "Maximum KLD", "Mean PPL(Q)/PPL(base)", "RMS Δp",
-                        "Positions")]
+                    metrics = metric_registry.shown("argmax", "table", df.metric, self.declared)
                     row = {"model": m, "dtype": self.label(d, "noise floor")}
                     for x in metrics:
                         row[x] = self.value(m, d, chk, x)
@@ -477,9 +480,8 @@ class _Report:
                            "waves": self.value(m, d, chk, "Waves"),
                            "peak scratch MiB": self.value(m, d, chk, "Peak scratch")}
                     df = self.df[(self.df.model == m) & (self.df.kv_dtype == d) & (self.df.check == chk)]
-                    for x in df.metric:
-                        if x.startswith("Top-1 in") or x in ("Max abs logit diff", "Mean KLD", "Prefill tok/s"):
-                            row[x] = self.value(m, d, chk, x)
+                    for x in metric_registry.shown("wave_prefill", "table", df.metric, self.declared):
+                        row[x] = self.value(m, d, chk, x)
                     rows.append(row)
             self.md.append(md_table(pd.DataFrame(rows)) + "\n")
             for m in self.models:
@@ -537,12 +539,8 @@ class _Report:
                     if (m, d, chk) not in self.case or self.case[(m, d, chk)]["status"] == "n/a":
                         continue
                     rows.append({"model": m, "dtype": d,
-                                 **{x: self.value(m, d, chk, x) for x in (
-                                     "Identical prefix", "First token EOS", "Distinct-2",
-                                     "Longest repeat run", "Stopped at EOS", "Prompts", "Collapse rate",
-                                     "Collapse excess", "Diverged prompts", "Near-tie flips",
-                                     "Confident divergences", "Confident divergence excess",
-                                     "Largest flipped margin")}})
+                                 **{x: self.value(m, d, chk, x) for x in
+                                    metric_registry.shown("coherence", "table", table=self.declared)}})
             if rows:
                 self.md.append(md_table(pd.DataFrame(rows).dropna(axis=1, how="all")) + "\n")
                 if any(r.get("Collapse excess") is not None for r in rows):

@@ -27,6 +27,7 @@ from ..metrics import logit_stats
 from ..errors import SuiteError
 from ..schema import CheckConfig, Message, param, threshold
 from ..engine_api import CAP_CHAT, CAP_CHUNKED_LOGITS, CAP_GENERATE, CAP_LOGITS
+from ..metric_registry import lookup, metric
 from .base import Check, Outcome, chat_ids, register
 
 DEFAULT_MESSAGES = [
@@ -34,13 +35,28 @@ DEFAULT_MESSAGES = [
     [Message("user", "Explain how a bicycle stays upright, step by step, for a curious child.")],
 ]
 
-BETTER = {"Max abs logit diff": "lower", "Mean abs logit diff": "lower", "Same top p": "higher",
-          "Mean KLD": "lower", "Maximum KLD": "lower", "99.9% KLD": "lower", "99.0% KLD": "lower",
-          "Median KLD": "lower", "10.0% KLD": "lower", "5.0% KLD": "lower", "Minimum KLD": "lower",
-          "Mean PPL(Q)/PPL(base)": "lower", "RMS Δp": "lower", "Mean ln(PPL(Q)/PPL(base))": "lower"}
-UNITS = {"Same top p": "%", "RMS Δp": "%", "Mean KLD": "nats", "Maximum KLD": "nats",
-         "99.9% KLD": "nats", "99.0% KLD": "nats", "Median KLD": "nats", "10.0% KLD": "nats",
-         "5.0% KLD": "nats", "Minimum KLD": "nats"}
+# every metric the check emits (harness.metric_registry; "<name> SE" derive from them),
+# named as llama-perplexity's KL-divergence report names them (harness.metrics.logit_stats)
+METRICS = (
+    metric("Max abs logit diff", "", "lower", "largest |logit - baseline logit|", show=("table", "side")),
+    metric("Mean abs logit diff", "", "lower", "mean |logit - baseline logit|", show=("table",)),
+    metric("Top-1 in top-{k}", "%", "higher", "baseline top-1 within the narrowed top-k", show=("table",)),
+    metric("Same top p", "%", "higher", "positions with the same top-1", show=("table", "side")),
+    metric("Mean KLD", "nats", "lower", "KL(baseline || narrowed), mean over positions", show=("table", "side")),
+    metric("Median KLD", "nats", "lower", show=("table",)),
+    metric("99.9% KLD", "nats", "lower"),
+    metric("99.0% KLD", "nats", "lower", show=("table",)),
+    metric("10.0% KLD", "nats", "lower"),
+    metric("5.0% KLD", "nats", "lower"),
+    metric("Maximum KLD", "nats", "lower", show=("table",)),
+    metric("Minimum KLD", "nats", "lower"),
+    metric("Mean PPL(base)", "", None, "perplexity of the baseline on the sequences"),
+    metric("Mean PPL(Q)", "", None, "perplexity of the narrowed row"),
+    metric("Mean PPL(Q)/PPL(base)", "", "lower", show=("table", "side")),
+    metric("Mean ln(PPL(Q)/PPL(base))", "", "lower"),
+    metric("RMS Δp", "%", "lower", "RMS of the change of the target token's probability", show=("table",)),
+    metric("Positions", "tokens", None, "teacher-forced positions", show=("table",)),
+)
 
 
 @dataclass
@@ -68,6 +84,7 @@ class Argmax(Check):
     kind = "argmax"
     config = ArgmaxConfig
     requires = frozenset({CAP_LOGITS, CAP_CHUNKED_LOGITS, CAP_GENERATE, CAP_CHAT})
+    metrics = METRICS
 
     def prepare(self, eng, cfg: ArgmaxConfig, ctx):
         seqs, prompt_lens, logits = [], [], []
@@ -92,12 +109,8 @@ class Argmax(Check):
             targets += list(seq[1:]) + [-1]      # the last position has no known next token
         stats = logit_stats(base, test, cfg.top_k, targets)
         for name, value in stats.scalars.items():
-            if name.endswith(" SE"):       # the +/- of the metric it names: same unit, descriptive
-                out.add(name, value, UNITS.get(name[:-3], ""), None)
-                continue
-            unit = UNITS.get(name, "%" if name.startswith("Top-1 in") else "")
-            better = BETTER.get(name, "higher" if name.startswith("Top-1 in") else None)
-            out.add(name, value, unit, better)
+            d = lookup(self.kind, name)    # "<x> SE": the +/- of x, same unit, descriptive
+            out.add(name, value, d.unit if d else "", d.better if d else None)
         out.add("Positions", int(base.shape[0]), "tokens")
         out.series = stats.series
         out.info["segments"] = [{"prompt_tokens": p, "tokens": len(s), "ids": list(s)}

@@ -52,6 +52,7 @@ from ..metrics import common_prefix, distinct_n, longest_repeat_run
 from ..schema import CheckConfig, Message, param, threshold
 from ..engine_api import CAP_CHAT, CAP_GENERATE, CAP_LOGITS, capabilities_of
 from ..stats import binom_lower, binom_upper, proportion_se, rate_gate
+from ..metric_registry import metric
 from .base import Check, Outcome, chat_ids, eos_ids, register
 
 DEFAULT_MESSAGES = [
@@ -116,6 +117,26 @@ class Coherence(Check):
     kind = "coherence"
     config = CoherenceConfig
     requires = frozenset({CAP_GENERATE, CAP_CHAT})
+    # every metric it emits (harness.metric_registry); "table": the report's coherence table, in this order
+    metrics = (
+        metric("Identical prefix", "tokens", "higher", "shortest common prefix with the baseline's answer", show=("table",)),
+        metric("First token EOS", "sets", "lower", "answers that end before their first token", show=("table",)),
+        metric("Distinct-2", "", "higher", "smallest share of distinct bigrams of an answer", show=("table",)),
+        metric("Longest repeat run", "tokens", "lower", "longest repeating run of an answer", show=("table",)),
+        metric("Stopped at EOS", "sets", None, show=("table",)),
+        metric("Prompts", "sets", None, show=("table",)),
+        metric("Collapse rate", "%", None, "answers whose repeat run reaches collapse_run", show=("table",)),
+        metric("Collapse rate 95% upper bound", "%", None, "one-sided Clopper-Pearson"),
+        metric("Collapse excess", "pp", None, "collapse rate beyond the baseline's bound (gated)", show=("table",)),
+        metric("Diverged prompts", "sets", None, show=("table",)),
+        metric("Near-tie flips", "sets", None, "divergences at a baseline margin <= tie_margin", show=("table",)),
+        metric("Confident divergences", "sets", None, "divergences at a margin > tie_margin", show=("table",)),
+        metric("Confident divergence rate", "%", None),
+        metric("Confident divergence rate 95% lower bound", "%", None, "one-sided Clopper-Pearson"),
+        metric("Confident divergence excess", "pp", None, "confident divergences beyond chance (gated)",
+               show=("table",)),
+        metric("Largest flipped margin", "logits", None, show=("table",)),
+    )
 
     def unmeasured_on_baseline(self, cfg):
         return {"Identical prefix": REFERENCE, "Collapse excess": REFERENCE,
