@@ -7,7 +7,8 @@ it without import cycles. A declaration:
 
 - ``name``: the metric's exact name, or a pattern with ``{placeholders}`` for names built from
   the config (``"Top-1 in top-{k}"``, ``"pp{n}"``, ``"{measure} CV"``); a placeholder matches
-  any non-empty text;
+  a non-empty run of non-blank characters, and the most specific pattern (most literal text)
+  wins;
 - ``unit``: ``"%"``, ``"nats"``, ``"MiB"``, ``"tok/s"``, ``"tokens"``, ... (``""``: none);
 - ``better``: ``"lower"`` / ``"higher"`` (``compare`` flags a change in the worse direction as a
   regression) or ``None`` (descriptive: never a regression by itself);
@@ -72,7 +73,7 @@ def _pattern(name: str):
     if "{" not in name:
         return None
     parts = re.split(r"\{[^{}]*\}", name)
-    return re.compile(".+?".join(re.escape(p) for p in parts))
+    return re.compile(r"\S+?".join(re.escape(p) for p in parts))
 
 
 _DECLARED: dict[str, tuple[MetricDecl, ...]] = {}
@@ -123,7 +124,8 @@ def lookup(kind: str, name: str, table: dict | None = None) -> MetricDecl | None
     for d in decls:
         if d.name == name:
             return d
-    for d in decls:
+    # the most specific pattern first: "{measure} CV" before "pp{n}" for "pp512 CV"
+    for d in sorted((d for d in decls if d._re is not None), key=lambda d: -len(re.sub(r"\{[^{}]*\}", "", d.name))):
         if d.matches(name):
             return d
     if name.endswith(" SE"):
