@@ -32,6 +32,8 @@ class Format:
     about: str = ""
     torch_dtype: str | None = None   # a plain format's element type (a torch attribute name);
                                      # None: a block format, stored as uint8 bytes
+    gguf_type: str | None = None     # the independent reference of its bytes (a gguf
+                                     # GGMLQuantizationType name), None when gguf has none
 
     @property
     def bytes_per_value(self) -> float:
@@ -46,10 +48,10 @@ class Format:
 
 
 KV: dict[str, Format] = {f.name: f for f in (
-    Format("fp32", 1, 4, "IEEE float32", "float32"),
-    Format("bf16", 1, 2, "bfloat16, round to nearest even from fp32", "bfloat16"),
+    Format("fp32", 1, 4, "IEEE float32", "float32", "F32"),
+    Format("bf16", 1, 2, "bfloat16, round to nearest even from fp32", "bfloat16", "BF16"),
     Format("q8_0", 32, 34, "ggml block_q8_0: fp16 scale d = amax/127 + 32 int8 q = round(x/d), "
-                           "blocks along each token's flattened K (or V) row"),
+                           "blocks along each token's flattened K (or V) row", gguf_type="Q8_0"),
 )}
 KV_DTYPES = tuple(KV)
 WIDEST_KV = "fp32"            # the baseline every narrowed dtype is held against; tail layers keep it

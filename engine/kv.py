@@ -13,7 +13,9 @@ forces either). Prefills take waves of
 query rows sized from ``wave_budget_bytes`` (``last_waves``, ``peak_scratch_bytes``); a wave
 that raises ``torch.OutOfMemoryError`` is redone in halves, same results (``last_wave_retries``,
 ``last_wave_rows``), and only a failing smallest wave lets the error through.
-``dtype`` is read from the allocated buffers, never from the request; ``nbytes`` is exact.
+``dtype`` is the applied-dtype observable, read from the allocated buffers, never from the
+request, and qualified when the format's write path does not give its reference bytes
+(``engine.kv_layout.observed_dtype``); ``format`` is the buffers' format; ``nbytes`` is exact.
 Formats, their bytes and the q8_0 geometry guard come from ``engine.formats``; buffers are
 allocated and recognised by ``engine.kv_layout`` (imports go kv -> kv_ring -> kv_layout, one
 way). ``make_layer_kv`` applies the geometry guard; ``quantize_q8_0``/``dequantize_q8_0`` are
@@ -34,7 +36,7 @@ from .kernels.kv_append import kv_append, quantize_q8_0_ref, dequantize_q8_0_ref
 from .kernels.decode_attention import decode_attention
 from .kernels.prefill_attention import (MAX_WAVE_ROWS, WavePlan, plan_waves, prefill_attention,
                                         prefill_attention_ref)
-from .kv_layout import alloc_kv, buffer_format
+from .kv_layout import alloc_kv, buffer_format, observed_dtype
 from .kv_ring import RingKV, layer_kv_rows
 
 KV_DTYPES = formats.KV_DTYPES                    # format facts live in engine.formats
@@ -117,13 +119,20 @@ class LayerKV:
         self.peak_scratch_bytes = 0
 
     @property
-    def dtype(self) -> str:
-        """The format the buffers hold (from their dtype and row width, not the request)."""
+    def format(self) -> str:
+        """The format the buffers hold (from their element type and row width): what the
+        kernels are told to read and write."""
         fmt = buffer_format(self.k, self.n_kv_heads, self.head_dim)
         if fmt is None:
             raise AssertionError(f"layer {self.layer}: KV buffer of {self.k.dtype} {tuple(self.k.shape)} "
                                  f"is no known format")
         return fmt
+
+    @property
+    def dtype(self) -> str:
+        """The applied-dtype observable (``engine.kv_layout.observed_dtype``): the format the
+        buffers hold, never the request, qualified when its write path is not that format's bytes."""
+        return observed_dtype(self.k, self.n_kv_heads, self.head_dim, f"layer {self.layer}")
 
     @property
     def nbytes(self) -> int:
@@ -146,7 +155,7 @@ class LayerKV:
         if tuple(k.shape[1:]) != (self.n_kv_heads, self.head_dim) or k.shape != v.shape:
             raise ValueError(f"layer {self.layer}: k/v must be [T, {self.n_kv_heads}, {self.head_dim}], "
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
-        fmt = self.dtype
+        fmt = self.format
         kv_append(self.k, start, k, fmt)
         kv_append(self.v, start, v, fmt)
 
@@ -158,7 +167,7 @@ class LayerKV:
         if start + T > self.max_tokens:
             raise ContextOverflowError(f"layer {self.layer}: {start + T} tokens exceed the KV cache of "
                                        f"{self.max_tokens}", "load the engine with a larger ctx")
-        fmt = self.dtype
+        fmt = self.format
         plan = plan_waves(T, start, Hq, self.n_kv_heads, D, self.wave_budget_bytes, self.wave_max_rows)
         self.last_waves, self.last_wave_retries = plan.n_waves, 0
         self.last_wave_rows = max(r1 - r0 for r0, r1 in plan.waves)
@@ -197,10 +206,11 @@ class LayerKV:
             self.peak_scratch_bytes = dmod.last_scratch_bytes
             return out
         out = torch.empty_like(q)
+        wave_fault = kernels.planted("wave_mask_off_by_one")
 
         def kernel_wave(r0: int, r1: int) -> None:
             prefill_attention(q[r0:r1], self.k, self.v, fmt, start + r0, scale, self.n_kv_heads,
-                              out=out[r0:r1])
+                              out=out[r0:r1], mask_shift=int(r0 > 0 and wave_fault))
 
         step = MIN_RETRY_ROWS   # cuts at absolute multiples of 16 rows, plus every planned wave end
         cuts = sorted({x - start for x in range((start // step + 1) * step, start + T, step)}
@@ -215,13 +225,13 @@ class LayerKV:
         """``write`` of one token at the position held by ``pos`` (one-element int tensor on
         the cache's device); Triton only, no host sync, so a CUDA graph can capture it. The
         caller guarantees ``pos < max_tokens`` (the graph's owner checks it on the host)."""
-        fmt = self.dtype
+        fmt = self.format
         kv_append(self.k, None, k, fmt, pos=pos)
         kv_append(self.v, None, v, fmt, pos=pos)
 
     def attend_at(self, q: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
         """``attend`` for one query row [1, Hq, D] at the position held by ``pos``."""
-        fmt = self.dtype
+        fmt = self.format
         q = q.to(torch.float32).contiguous()
         return decode_attention(q[0], self.k, self.v, fmt, None, scale, self.n_kv_heads, pos=pos)[None]
 

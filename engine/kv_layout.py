@@ -9,6 +9,10 @@ Hkv*D/block*block_bytes]``, blocks running along each token's flattened row (ggm
 The q8_0-style geometry guard is ``formats.check_kv_geometry`` (raised here too, naming the
 layer). ``buffer_format(buf, n_kv_heads, head_dim)`` is the format a buffer holds, read from
 its element type and row width (never from a request); ``None`` when it is no known format.
+``observed_dtype`` is the caches' applied-dtype observable: that format, qualified with the
+reason when ``write_path_error`` finds the format's write path (``kv_append``, the backend in
+force) does not give the bytes of the format's independent reference (``gguf.quants`` of its
+``gguf_type``: a q8_0 whose scales are rounded to the wrong width is not q8_0).
 Both ``engine.kv.LayerKV`` and ``engine.kv_ring.RingKV`` allocate through here, so neither
 imports the other's module for storage (imports go kv -> kv_ring -> kv_layout).
 
@@ -17,9 +21,11 @@ imports the other's module for storage (imports go kv -> kv_ring -> kv_layout).
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from . import formats
+from . import formats, kernels, settings
+from .kernels.kv_append import kv_append
 
 
 def _torch_dtype(f: formats.Format) -> torch.dtype:
@@ -48,3 +54,61 @@ def buffer_format(buf: torch.Tensor, n_kv_heads: int, head_dim: int) -> str | No
                 and buf.shape[-1] == n // f.block * f.block_bytes:
             return name
     return None
+
+
+_written: dict[tuple, str | None] = {}
+
+
+def write_path_error(dtype: str, n_kv_heads: int, head_dim: int, device: torch.device) -> str | None:
+    """Why ``dtype``'s write path (``kv_append`` on ``device``, the backend in force) does not
+    give the format's reference bytes, or None when it does (or gguf has no reference for it).
+
+    A fixed probe of 2 tokens x ``n_kv_heads*head_dim`` values (magnitudes 1e-3 to 1e3, a zero
+    row segment, exact ties) is written through the same path the cache uses and compared with
+    ``gguf.quants.quantize(probe, <gguf_type>)``: the first differing byte is named (for a
+    block format, whether it sits in the block's scale or its values). Cached per format,
+    geometry, device type, backend and planted fault."""
+    f = formats.kv_format(dtype)
+    if not f.gguf_type:
+        return None
+    dev = torch.device(device)
+    key = (dtype, n_kv_heads, head_dim, dev.type, kernels.use_triton(dev), settings.get("KVBENCH_FAULT"))
+    if key in _written:
+        return _written[key]
+    import gguf
+    from gguf.quants import quantize
+    n = n_kv_heads * head_dim
+    g = torch.Generator().manual_seed(1234)
+    x = torch.randn(2, n, generator=g) * torch.logspace(-3, 3, n).roll(n // 3)
+    x[1, : min(n, f.block)] = 0.0                                   # an all-zero block
+    x[1, -1] = 0.5                                                  # a tie
+    buf = alloc_kv(2, n_kv_heads, head_dim, dtype, dev)
+    kv_append(buf, 0, x.reshape(2, n_kv_heads, head_dim).to(dev), dtype)
+    got = buf.cpu().contiguous().view(torch.uint8).reshape(2, -1).numpy()
+    want = np.ascontiguousarray(quantize(x.numpy(), gguf.GGMLQuantizationType[f.gguf_type])).view(np.uint8)
+    want = want.reshape(2, -1)
+    why = None
+    if got.shape != want.shape:
+        why = f"{dtype} rows of {got.shape[1]} bytes, gguf {f.gguf_type} writes {want.shape[1]}"
+    elif not np.array_equal(got, want):
+        t, b = (int(v[0]) for v in np.nonzero(got != want))
+        if f.block > 1:
+            blk, off = divmod(b, f.block_bytes)
+            part = "scale" if off < f.block_bytes - f.block else "quants"
+            why = (f"{dtype} written wrong: block {blk} byte {off} (its {part}) is 0x{got[t, b]:02x}, "
+                   f"gguf {f.gguf_type} writes 0x{want[t, b]:02x}")
+        else:
+            why = f"{dtype} written wrong: byte {b} is 0x{got[t, b]:02x}, gguf {f.gguf_type} writes 0x{want[t, b]:02x}"
+    _written[key] = why
+    return why
+
+
+def observed_dtype(buf: torch.Tensor, n_kv_heads: int, head_dim: int, where: str) -> str:
+    """The applied-dtype observable of a cache: the format its buffer holds (``buffer_format``),
+    qualified when that format's write path does not produce the format's reference bytes
+    (``"q8_0 (q8_0 written wrong: ...)"``), so a request-vs-applied check fails naming it."""
+    fmt = buffer_format(buf, n_kv_heads, head_dim)
+    if fmt is None:
+        raise AssertionError(f"{where}: KV buffer of {buf.dtype} {tuple(buf.shape)} is no known format")
+    why = write_path_error(fmt, n_kv_heads, head_dim, buf.device)
+    return fmt if why is None else f"{fmt} ({why})"

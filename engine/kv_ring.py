@@ -33,7 +33,7 @@ from .formats import DEFAULT_WAVE_BUDGET
 from .kernels.kv_append import kv_append
 from .kernels.prefill_attention import (CHUNK_ROWS, MAX_WAVE_ROWS, WavePlan, plan_waves,
                                         prefill_attention_ref)
-from .kv_layout import alloc_kv, buffer_format
+from .kv_layout import alloc_kv, buffer_format, observed_dtype
 
 RING_CHUNK = 4 * CHUNK_ROWS      # 512: tokens one call may write at once; longer calls take waves
 
@@ -91,12 +91,20 @@ class RingKV:
         self.reset()
 
     @property
-    def dtype(self) -> str:
+    def format(self) -> str:
+        """The format the buffers hold (from their element type and row width): what the
+        kernels are told to read and write."""
         fmt = buffer_format(self.k, self.n_kv_heads, self.head_dim)
         if fmt is None:
             raise AssertionError(f"layer {self.layer}: KV buffer of {self.k.dtype} {tuple(self.k.shape)} "
                                  f"is no known format")
         return fmt
+
+    @property
+    def dtype(self) -> str:
+        """The applied-dtype observable (``engine.kv_layout.observed_dtype``): the format the
+        buffers hold, never the request, qualified when its write path is not that format's bytes."""
+        return observed_dtype(self.k, self.n_kv_heads, self.head_dim, f"layer {self.layer}")
 
     @property
     def nbytes(self) -> int:
@@ -115,7 +123,7 @@ class RingKV:
     # -- writing ---------------------------------------------------------------------------
     def _store_rows(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Rows ``start..start+T-1`` into their ring rows (T <= rows), in at most two pieces."""
-        T, fmt = k.shape[0], self.dtype
+        T, fmt = k.shape[0], self.format
         s0 = start % self.rows
         n1 = min(T, self.rows - s0)
         for buf, x in ((self.k, k), (self.v, v)):
@@ -166,7 +174,7 @@ class RingKV:
             self._flush()           # queries for other positions: the held keys are just history
             held = None
         self._pending = None
-        fmt = self.dtype
+        fmt = self.format
         # Same chunks and key blocks as a full-length cache's plan; waves capped at `chunk`
         # rows (waves never change a row's result), so each wave's keys fit beside the window.
         plan = plan_waves(T, start, Hq, self.n_kv_heads, D, self.wave_budget_bytes,

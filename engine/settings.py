@@ -152,9 +152,12 @@ def _parse_fault(s: Setting, raw: str) -> tuple[str, int | None]:
 
 # where each fault is planted: engine/kv.py (the trunk ignores the requested KV dtype, on every
 # layer or one), engine/planner.py (KV priced at fp32 whatever the dtype: the seed's planner bug),
-# harness/adapters/llamacpp.py (llama.cpp keeps its default f16 KV whatever the request)
+# harness/adapters/llamacpp.py (llama.cpp keeps its default f16 KV whatever the request),
+# engine/kernels (torch references and Triton kernels alike): prefill_attention.py + kv.py
+# (wave_mask_off_by_one: waves after a prefill's first see one key past their position),
+# kv_append.py (q8_scale_bf16: q8_0 block scales rounded to bfloat16 before stored as fp16)
 for _name, _arg in (("ignore_kv_dtype", False), ("skip_narrow_layer", True), ("kv_priced_fp32", False),
-                    ("llamacpp_keep_f16", False)):
+                    ("llamacpp_keep_f16", False), ("wave_mask_off_by_one", False), ("q8_scale_bf16", False)):
     register_fault(_name, _arg)
 
 

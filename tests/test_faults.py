@@ -5,7 +5,12 @@ Faults (``KVBENCH_FAULT``, declared in engine/settings.py; the last one planted 
 - ``ignore_kv_dtype``: the trunk allocates fp32 KV whatever was requested (the seed's bug);
 - ``skip_narrow_layer:N``: one layer keeps fp32 (a partial version of it);
 - ``kv_priced_fp32``: the planner prices KV at fp32 whatever the dtype (the seed's planner bug);
+- ``wave_mask_off_by_one``: waves after a prefill's first see one key past their position;
+- ``q8_scale_bf16``: q8_0 block scales rounded to bfloat16's width before stored as fp16;
 - a check that silently drops its gated metric (the judge must not pass it).
+
+The two kernel faults are planted in the torch references (what the CPU runs, so the suite
+runs below exercise them) and in the Triton kernels (tested here in Triton's interpreter).
 
 The default suite (suites/kv_dtype.toml) runs whole, every check, scaled to the tiny model
 (shorter prompts and prefill: the same code paths, seconds instead of minutes)."""
@@ -14,6 +19,8 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
+import torch
 
 from harness.runner import Runner
 from harness.suite import load_suite
@@ -88,3 +95,68 @@ def test_a_check_that_silently_drops_its_gated_metric_goes_incomplete(tmp_path, 
         c = cases[(d, "wave_prefill")]
         assert c["status"] == "incomplete"
         assert c["unmeasured"] == ["Waves not measured (not reported by the check); required >= 2"]
+
+
+def test_a_wave_mask_off_by_one_fails_the_wave_prefill_check(tmp_path, monkeypatch):
+    """Waves after the first see one key past their position (the CPU runs the torch
+    reference, where it is planted): waves no longer equal one pass, on every row."""
+    monkeypatch.setenv("KVBENCH_FAULT", "wave_mask_off_by_one")
+    summary, cases = _run(tmp_path, "wave-mask")
+    assert summary.exit_code == 1
+    c = cases[("fp32", "wave_prefill")]
+    assert c["status"] == "fail" and _why(c).startswith("Max abs logit diff = "), _why(c)
+    assert "(required <= 0)" in _why(c)
+    for d in ("fp32", "bf16", "q8_0"):                  # memory and dtypes are untouched
+        assert cases[(d, "vram")]["status"] == "pass"
+
+
+def test_a_q8_0_scale_at_the_wrong_width_fails_the_applied_dtype_gate(tmp_path, monkeypatch):
+    """q8_0 scales rounded to bfloat16 before stored as fp16: an error as small as q8_0's own
+    rounding (no accuracy gate can tell), but the bytes are not ggml's block_q8_0, so the
+    applied-dtype observable (engine.kv_layout.observed_dtype, held against gguf.quants) says
+    so and the vram check fails naming the scale byte."""
+    monkeypatch.setenv("KVBENCH_FAULT", "q8_scale_bf16")
+    summary, cases = _run(tmp_path, "q8-scale")
+    assert summary.exit_code == 1
+    c = cases[("q8_0", "vram")]
+    assert c["status"] == "fail", _why(c)
+    assert _why(c).startswith("KV dtype mismatches = 4 layers (required <= 0): layer 0 holds q8_0 (q8_0 "
+                              "written wrong: block 0 byte "), _why(c)
+    assert "(its scale)" in _why(c) and "requested q8_0" in _why(c)
+    for d in ("fp32", "bf16"):
+        assert cases[(d, "vram")]["status"] == "pass"
+
+
+def test_the_kernel_faults_are_planted_in_the_triton_kernels_too(monkeypatch):
+    """What CUDA runs: the Triton kv_append writes bf16-width scales under the fault (held
+    against gguf.quants by the same observable), and the Triton prefill's later waves see
+    one key ahead (waves differ from one pass from the first row of the second wave on)."""
+    from engine import kernels
+    from engine.kv import LayerKV
+    from engine.kv_layout import write_path_error
+    prev = kernels.set_backend("triton")
+    try:
+        cpu = torch.device("cpu")
+        assert write_path_error("q8_0", 2, 64, cpu) is None
+        g = torch.Generator().manual_seed(0)
+        T, Hq, Hkv, D = 256, 2, 1, 16
+        q, k, v = (torch.randn(T, h, D, generator=g) for h in (Hq, Hkv, Hkv))
+
+        def prefill(max_rows):
+            c = LayerKV(0, Hkv, D, T, "fp32", wave_max_rows=max_rows)
+            c.write(0, k, v)
+            return c.attend(q, 0, D ** -0.5), c.last_waves
+
+        (one, n1), (waves, n2) = prefill(4096), prefill(128)
+        assert (n1, n2) == (1, 2) and torch.equal(one, waves)
+        monkeypatch.setenv("KVBENCH_FAULT", "wave_mask_off_by_one")
+        (one_f, _), (waves_f, _) = prefill(4096), prefill(128)
+        assert torch.equal(one_f, one)                    # a single wave is untouched
+        assert torch.equal(waves_f[:128], one[:128])      # so is the first wave
+        moved = (waves_f[128:] - one[128:]).abs().amax(dim=(1, 2)) > 0
+        assert moved[:-1].all() and not moved[-1]          # every later row but the last (no key after it)
+        monkeypatch.setenv("KVBENCH_FAULT", "q8_scale_bf16")
+        why = write_path_error("q8_0", 2, 64, cpu)
+        assert why is not None and why.startswith("q8_0 written wrong: block ") and "(its scale)" in why
+    finally:
+        kernels.set_backend(prev)

@@ -73,6 +73,16 @@ def get_backend() -> str:
     return _backend
 
 
+def planted(fault: str) -> bool:
+    """Whether ``KVBENCH_FAULT`` plants ``fault`` here (harness self-tests only; declared in
+    ``engine.settings``). The kernels' faults, in the torch references and the Triton kernels
+    alike: ``wave_mask_off_by_one`` (waves after a prefill's first see one key past their
+    position: the causal mask shifted by one) and ``q8_scale_bf16`` (q8_0 block scales rounded
+    to bfloat16's width before they are stored as fp16)."""
+    from .. import settings
+    return (settings.get("KVBENCH_FAULT") or ("", None))[0] == fault
+
+
 def interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 

@@ -6,6 +6,8 @@ torch's ``.to(torch.bfloat16)`` and to ``gguf.quants`` BF16 on every non-NaN val
 becomes 0x7FC0 as in torch), q8_0 quantizes each token's flattened row of ``Hkv*D`` values
 into ggml ``block_q8_0`` (2-byte fp16 scale + 32 int8) with bytes equal to
 ``gguf.quants.quantize(x, Q8_0)``. ``kv_append_ref`` is the torch reference and CPU path.
+Planted fault ``q8_scale_bf16`` (``KVBENCH_FAULT``, self-tests only) rounds each q8_0 scale to
+bfloat16 before storing it as fp16, in both paths.
 
     buf = torch.empty(4096, 3 * 64 // 32 * 34, dtype=torch.uint8)
     kv_append(buf, 0, k, "q8_0")                     # k: [T, 3, 64] float32
@@ -16,14 +18,15 @@ import torch
 import triton
 import triton.language as tl
 
-from . import KV_FORMAT_CODES, Q8_BLOCK, Q8_BYTES, Q8_SCALE_BYTES, use_triton
+from . import KV_FORMAT_CODES, Q8_BLOCK, Q8_BYTES, Q8_SCALE_BYTES, planted, use_triton
 from .common import QB, QB_HALF, QD, QK
 
 
 # --- Triton kernel --------------------------------------------------------------------------
 @triton.jit
 def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_out_s,
-                      FMT: tl.constexpr, BLOCK: tl.constexpr, DEV_POS: tl.constexpr):
+                      FMT: tl.constexpr, BLOCK: tl.constexpr, DEV_POS: tl.constexpr,
+                      SCALE_BF16: tl.constexpr = False):
     # grid: (T, cdiv(n_cols, BLOCK)); one program stores BLOCK values of one token row.
     # DEV_POS: OUT is the whole buffer and the first row is read from POS (a device int), so
     # the launch is the same at every position (CUDA graphs).
@@ -61,6 +64,8 @@ def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_o
         blk = c // QK
         tl.store(OUT + row * stride_out + blk * QB + QD + c % QK, q, mask=mask)
         b = tl.program_id(1) * NB + tl.arange(0, NB)
+        if SCALE_BF16:              # planted fault q8_scale_bf16: the scale at the wrong width
+            d = d.to(tl.bfloat16).to(tl.float32)
         tl.store(OUT_S + row * stride_out_s + b * QB_HALF, d.to(tl.float16), mask=b * QK < n_cols)
 
 
@@ -95,7 +100,8 @@ def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
     grid = (T, triton.cdiv(n_cols, BLOCK))
     _kv_append_kernel[grid](x2, out, out_s, x2 if pos is None else pos, n_cols, x2.stride(0),
                             out.stride(0), stride_s, FMT=KV_FORMAT_CODES[fmt], BLOCK=BLOCK,
-                            DEV_POS=pos is not None)
+                            DEV_POS=pos is not None,
+                            SCALE_BF16=fmt == "q8_0" and planted("q8_scale_bf16"))
 
 
 # --- torch references -----------------------------------------------------------------------
@@ -117,6 +123,8 @@ def quantize_q8_0_ref(x: torch.Tensor) -> torch.Tensor:
     r = torch.where(n < 0, -r, r)
     r = torch.where(torch.isnan(r), torch.zeros_like(r), r)
     qs = r.to(torch.int8).view(torch.uint8)                              # [nblk, 32]
+    if planted("q8_scale_bf16"):      # harness self-test: the scale rounded to the wrong width
+        d = d.to(torch.bfloat16).to(torch.float32)
     ds = d.to(torch.float16).view(torch.uint8)                           # [nblk, 2] little-endian
     return torch.cat([ds, qs], dim=1).reshape(*lead, nb * Q8_BYTES)
 

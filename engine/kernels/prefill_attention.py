@@ -11,7 +11,9 @@ path: per wave it dequantizes ``key_block`` cache rows at a time (never the whol
 and updates each chunk's online-softmax state, so scratch is bounded by the budget and does
 not grow with N^2; its result is bit-identical for any wave grouping. ``window=W`` (reference
 only) also masks keys at positions <= qpos - W (sliding-window attention) and skips key
-blocks no row of the wave can see.
+blocks no row of the wave can see. Planted fault ``wave_mask_off_by_one`` (``KVBENCH_FAULT``,
+self-tests only): every wave after a prefill's first lets each row see one key past its own
+position (the reference here; the kernel through ``mask_shift``, set by ``engine.kv``).
 
     plan = plan_waves(T, start, Hq, Hkv, D, budget=8 << 20)
     out, peak = prefill_attention_ref(q, cache.k, cache.v, "q8_0", start, D ** -0.5, Hkv, plan)
@@ -27,7 +29,7 @@ import triton.language as tl
 
 from ..errors import ConfigError
 from ..formats import DEFAULT_WAVE_BUDGET  # noqa: F401  (the default budget callers plan with)
-from . import KV_FORMAT_CODES, Q8_BYTES, Q8_SCALE_BYTES
+from . import KV_FORMAT_CODES, Q8_BYTES, Q8_SCALE_BYTES, planted
 from .common import cache_args, load_kv_tile
 
 LOG2E = 1.4426950408889634
@@ -128,7 +130,7 @@ def _attn_tile(acc, l, m, q, K, KS, V, VS, n0, hi, qpos, col, stride_k, stride_k
 
 @triton.jit
 def _prefill_kernel(Q, K, KS, V, VS, O, T, start,
-                    stride_qt, stride_ot, stride_k, stride_ks, stride_v, stride_vs, qk_scale,
+                    stride_qt, stride_ot, stride_k, stride_ks, stride_v, stride_vs, qk_scale, mask_shift,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                     FMT: tl.constexpr, PREC: tl.constexpr):
     pid_m = tl.program_id(0)
@@ -139,10 +141,10 @@ def _prefill_kernel(Q, K, KS, V, VS, O, T, start,
     mmask = offs_m < T
     q = tl.load(Q + offs_m[:, None] * stride_qt + hq * D + offs_d[None, :], mask=mmask[:, None], other=0.0)
     q = q * qk_scale
-    qpos = start + offs_m
+    qpos = start + offs_m + mask_shift                  # mask_shift: 0 (1 only as a planted fault)
     col = h * D + offs_d
     first = start + pid_m * BLOCK_M                     # smallest query position in the block
-    hi = tl.minimum(first + BLOCK_M, start + T)         # keys [0, hi) may be visible
+    hi = tl.minimum(first + BLOCK_M + mask_shift, start + T)   # keys [0, hi) may be visible
     full = (first + 1) // BLOCK_N * BLOCK_N             # keys [0, full) are visible to every row
     m = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l = tl.zeros([BLOCK_M], tl.float32)
@@ -159,8 +161,9 @@ def _prefill_kernel(Q, K, KS, V, VS, O, T, start,
 
 def prefill_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
                       start: int, scale: float, n_kv_heads: int, out: torch.Tensor | None = None,
-                      cfg: dict | None = None) -> torch.Tensor:
-    """One wave (Triton): q [T, Hq, D] float32 at ``start`` -> [T, Hq, D] float32 (into ``out``)."""
+                      cfg: dict | None = None, mask_shift: int = 0) -> torch.Tensor:
+    """One wave (Triton): q [T, Hq, D] float32 at ``start`` -> [T, Hq, D] float32 (into ``out``).
+    ``mask_shift`` (fault injection only: 1 lets each row see one key past its position)."""
     cfg = {**CONFIG, **(cfg or {})}
     T, Hq, D = q.shape
     if fmt == "bf16" and cfg["bf16_flash"] and q.is_cuda and D % 8 == 0 and D <= 256:
@@ -180,7 +183,7 @@ def prefill_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     vv, vs, sv, svs = cache_args(v_buf, fmt)
     grid = (triton.cdiv(T, block_m), Hq)
     _prefill_kernel[grid](q, kv, ks, vv, vs, out, T, start, q.stride(0), out.stride(0),
-                          sk, sks, sv, svs, scale * LOG2E,
+                          sk, sks, sv, svs, scale * LOG2E, mask_shift,
                           G=Hq // n_kv_heads, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
                           FMT=KV_FORMAT_CODES[fmt], PREC=cfg["precision"], num_warps=cfg["num_warps"])
     return out
@@ -243,7 +246,9 @@ def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Ten
     out = torch.empty(T, Hq, D, device=dev, dtype=torch.float32)
     peak = 0
     ci = 0
+    wave_fault = planted("wave_mask_off_by_one")
     for w0, w1 in plan.waves:
+        shift = 1 if wave_fault and w0 > 0 else 0     # the planted fault: later waves see one key ahead
         chunks = []
         while ci < len(plan.chunks) and plan.chunks[ci][1] <= w1:
             chunks.append(plan.chunks[ci])
@@ -277,7 +282,7 @@ def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Ten
             sub = slice(first, C)
             s = torch.matmul(qs[sub], kb.transpose(1, 2).unsqueeze(0))     # [C', Hkv, G*R, L]
             kpos = torch.arange(j0, j1, device=dev)
-            mask = kpos[None, None, :] > qpos[sub][:, :, None]             # [C', R, L]
+            mask = kpos[None, None, :] > qpos[sub][:, :, None] + shift     # [C', R, L]
             if window is not None:
                 mask = mask | (kpos[None, None, :] <= qpos[sub][:, :, None] - window)
             s.view(C - first, Hkv, G, R, L).masked_fill_(mask[:, None, None], float("-inf"))
