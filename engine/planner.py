@@ -12,7 +12,9 @@ Pricing rules (what the runtime must allocate for plan and ledger to agree):
   1-D norms always f32. One buffer per GGUF tensor (``layer_tensors`` lists them).
   ``token_embd`` lives on the host. The head (``output_norm`` + ``output``; a tied output
   is priced as its own trunk copy) is on the trunk when every layer is there and it fits
-  (``head_tier="auto"``), else on the host.
+  (``head_tier="auto"``), else on the host. With the head on a CUDA trunk, an untied model
+  also keeps a trunk copy of ``token_embd`` (``embed_tier="trunk"``, when it fits and
+  ``KVBENCH_DECODE_DEVICE_EMBED`` is on: the static decode gathers the token on the device).
 - MoE trunk layers: router, attention and norms are resident; routed experts stay on the
   host (``layer_expert_bytes``) and stream through the expert cache: three stacked trunk
   buffers gate/up [S, ff, d] and down [S, d, ff]. S = what is left of the budget after
@@ -242,6 +244,7 @@ class Plan:
     weight_format_requested: str = ""   # "auto" or the format asked for
     weight_format_reason: str = ""      # why "auto" chose ``weight_format``
     host_ram: HostRamPlan = field(default_factory=HostRamPlan)
+    embed_tier: str = "host"            # "trunk": a device copy of token_embd too (static decode)
 
     @property
     def free_bytes(self) -> int:
@@ -481,12 +484,19 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
             f"use --n-gpu-layers {fit} (the most that fit) or raise --vram-budget")
     head_on_trunk = (can_head and k == L and L > 0
                      and trunk_cost(k, True, min_slots(k)).total <= budget)
+    # static decode gathers the token's embedding on the device: an untied model on CUDA keeps
+    # a trunk copy of token_embd when it fits beside the head (a tied head's output is that copy)
+    embed_copy = rnd(embd_bytes) if (head_on_trunk and dev.type == "cuda" and not spec.tied_output
+                                     and settings.get("KVBENCH_DECODE_DEVICE_EMBED")) else 0
+    if embed_copy and trunk_cost(k, True, min_slots(k)).total + embed_copy > budget:
+        embed_copy = 0
     base = trunk_cost(k, head_on_trunk, 0)
-    left = budget - base.total
+    left = budget - base.total - embed_copy
     slots = min(trunk_experts(k), max(left, 0) // slot_bytes) if slot_bytes else 0
     while slots > 0 and cache_bytes(slots) > left:
         slots -= 1
     trunk = trunk_cost(k, head_on_trunk, slots)    # k == 0: the reserve alone
+    trunk.weights += embed_copy
 
     tail = range(k, L)
     host_runs = len(tail) > 0
@@ -512,6 +522,7 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
         layer_weight_bytes=[w_trunk[i] if i in trunk_layers else w_host[i] for i in range(L)],
         layer_expert_bytes=w_expert,
         scratch_items=scratch_items(k, head_on_trunk),
+        embed_tier="trunk" if embed_copy else "host",
     )
 
 

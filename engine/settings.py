@@ -69,6 +69,15 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_DECODE_Q8_WORDS", "bool", True, "q8_0 decode reads 32-bit words", numerics=True),
     _s("KVBENCH_DECODE_FUSE", "bool", False, "decode combine fused into the last split program",
        numerics=True),
+    _s("KVBENCH_DECODE_FUSED_QKV", "bool", True, "q/k/v weights of a layer in one [q+2kv, d] buffer "
+       "(wq/wk/wv are row views of it, same bytes) read by one matmul per layer", numerics=True),
+    _s("KVBENCH_DECODE_ROUTE_KERNEL", "bool", True, "static decode routes MoE tokens with the Triton "
+       "softmax/top-k kernel (engine.kernels.route) instead of torch.topk", numerics=True),
+    _s("KVBENCH_DECODE_DEVICE_EMBED", "bool", True, "static decode gathers the embedding row on the "
+       "device and feeds each step's argmax to the next on the device (generate reads tokens back "
+       "in batches); untied models on CUDA keep a priced device copy of token_embd"),
+    _s("KVBENCH_DECODE_READBACK", "int", 16, "static greedy decode reads tokens back every N steps "
+       "(with KVBENCH_DECODE_DEVICE_EMBED)", lo=1, hi=4096),
     _s("KVBENCH_FUZZ_EXAMPLES", "int", 500, "GGUF fuzz cases in make test", lo=1),
 ]}
 
