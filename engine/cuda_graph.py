@@ -13,6 +13,18 @@ kernels; ``KVBENCH_DECODE_COMPILE=0`` captures them unfused); ``compiled`` says 
 ``step(token, pos)`` returns (logits [vocab] float32, argmax as a 0-d device tensor); the
 returned tensors are overwritten by the next step.
 
+Settings read when a ``StaticDecode`` is built (so a benchmark can A/B them by rebuilding it):
+``KVBENCH_DECODE_FUSED_QKV`` and ``KVBENCH_DECODE_ROUTE_KERNEL`` (``Transformer.decode_at``),
+and ``KVBENCH_DECODE_DEVICE_EMBED`` (``device_embed``): the step gathers the token's row from
+an embedding table on the device (``Transformer.embed_table``) instead of staging a row
+embedded on the host, and ends by writing its argmax into its token input and advancing its
+position input by one, so ``step(None, pos)`` runs the next greedy step with nothing from the
+host (no fill, no copy, no sync: the host may queue steps back to back and read tokens back
+in batches, ``Engine.generate``). ``step(token, pos)`` still accepts any token and position;
+each is written to the device only when it differs from what the last step left there.
+Without ``device_embed`` (the setting off, or no table on the device) ``step`` needs a token
+and embeds it on the host through a pinned stage (an event sync per step).
+
 ``eligibility(eng)`` says why an engine cannot take this path (None if it can): it needs the
 Triton attention backend, every layer and the head on one device, no sliding-window layer,
 and MoE layers whose experts can all be resident on that device (plain stacks there, or an
@@ -86,22 +98,48 @@ class StaticDecode:
         self.resident_caches = self.model.make_experts_resident()
         for i in range(spec.n_layers):   # RoPE tables for the whole ctx before anything captures them
             self.model._rope(dev, spec.rope_base_of(i)).ensure(eng.ctx)
+        from . import settings
+        self.fused_qkv = bool(settings.get("KVBENCH_DECODE_FUSED_QKV"))
+        self.route_kernel = bool(settings.get("KVBENCH_DECODE_ROUTE_KERNEL"))
+        self.device_embed = bool(settings.get("KVBENCH_DECODE_DEVICE_EMBED")) and \
+            self.model.embed_table(dev) is not None
         self.x = torch.zeros(1, spec.d_model, dtype=torch.float32, device=dev)
         self.pos = torch.zeros(1, dtype=torch.long, device=dev)
-        pin = dev.type == "cuda"
-        self._stage = torch.zeros(1, spec.d_model, dtype=torch.float32, pin_memory=pin)
+        self.token = torch.zeros(1, dtype=torch.long, device=dev)
+        self._pos_held = self._token_held = None     # what pos / token hold after the last step (host view)
+        pin = dev.type == "cuda" and not self.device_embed
+        self._stage = None if self.device_embed else \
+            torch.zeros(1, spec.d_model, dtype=torch.float32, pin_memory=pin)
         self._staged = torch.cuda.Event() if pin else None
         self.graph = None
         self.logits = self.next = None
         self.pool_bytes = 0           # bytes the captured graph keeps allocated (its outputs)
 
     def _body(self):
-        h = self.model.decode_at(self.x, self.pos, self.caches, compiled=self.compiled)
-        return self.model.decode_head(h)
+        x = self.model.decode_embed(self.token, compiled=self.compiled) if self.device_embed else self.x
+        h = self.model.decode_at(x, self.pos, self.caches, compiled=self.compiled,
+                                 fused_qkv=self.fused_qkv, route_kernel=self.route_kernel)
+        logits, nxt = self.model.decode_head(h)
+        if self.device_embed:                    # the next step's inputs, on the device
+            self.token.copy_(nxt.reshape(1))
+            self.pos.add_(1)
+        return logits, nxt
 
-    def _load(self, token: int, pos: int) -> None:
+    def _load(self, token: int | None, pos: int) -> None:
         if not 0 <= pos < self.eng.ctx:
             raise IndexError(f"position {pos} outside the cache of {self.eng.ctx}")
+        if self.device_embed:
+            if token is None and self._token_held is None:
+                raise ValueError("StaticDecode.step(None, ...): no previous step left a token on the device")
+            if token is not None:
+                self.token.fill_(int(token))
+                self._token_held = None
+            if pos != self._pos_held:
+                self.pos.fill_(pos)
+            return
+        if token is None:
+            raise ValueError("StaticDecode.step(None, ...) needs device_embed (KVBENCH_DECODE_DEVICE_EMBED=1 "
+                             "and an embedding table on the device)")
         if self._staged is not None:
             self._staged.synchronize()           # the previous copy out of the stage is done
         self._stage.copy_(self.model.embed_tokens(torch.tensor([int(token)])))
@@ -110,8 +148,10 @@ class StaticDecode:
             self._staged.record()
         self.pos.fill_(pos)
 
-    def step(self, token: int, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def step(self, token: int | None, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """One step of ``token`` (None: the previous step's argmax, still on the device) at ``pos``."""
         self._load(token, pos)
+        self._pos_held = self._token_held = None             # unknown until the step has run
         if not self.capture:
             out = self._body()
         else:
@@ -119,6 +159,7 @@ class StaticDecode:
                 self._capture()
             self.graph.replay()
             out = self.logits, self.next
+        self._pos_held, self._token_held = pos + 1, True     # what the step left (device_embed)
         for c in self.resident_caches:            # each MoE layer used k resident experts
             c.note_resident(1, self.eng.spec.n_experts_used)
         return out
@@ -128,10 +169,13 @@ class StaticDecode:
         # it runs the very step about to be replayed, so the KV row it writes is the right one.
         side = capture_stream(self.eng.device)
         side.wait_stream(torch.cuda.current_stream())
+        inputs = (self.token.clone(), self.pos.clone())    # the warm-ups advance token and pos
         with torch.cuda.stream(side):
             for _ in range(2):
                 try:
                     self._body()
+                    self.token.copy_(inputs[0])
+                    self.pos.copy_(inputs[1])
                 except Exception as exc:   # noqa: BLE001 - inductor/compiler failures of all kinds
                     if not self.compiled or isinstance(exc, torch.OutOfMemoryError):
                         raise

@@ -187,16 +187,22 @@ class Engine:
         self._static = None
         return path
 
-    def _static_step(self, token: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token through ``StaticDecode`` at ``self.pos``: (logits, argmax), both reused."""
+    def _static_decoder(self):
+        """The engine's ``StaticDecode`` (built on first use for the applied decode path)."""
         from .cuda_graph import StaticDecode, eligibility
-        self._check_ctx(self.pos + 1)
         if self._static is None:
             why = eligibility(self)
             if why:
                 raise ConfigError(f"decode path {self.decode_path!r} is no longer possible: {why}",
                                   "call eng.set_decode_mode('eager')")
             self._static = StaticDecode(self, capture=self.decode_path == "cuda_graph")
+        return self._static
+
+    def _static_step(self, token: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One token through ``StaticDecode`` at ``self.pos``: (logits, argmax), both reused.
+        ``token`` None: the previous step's argmax, left on the device (``device_embed``)."""
+        self._check_ctx(self.pos + 1)
+        self._static_decoder()
         try:
             out = self._static.step(token, self.pos)
         except torch.OutOfMemoryError as exc:
@@ -232,20 +238,59 @@ class Engine:
         if self.spec.eos_id is not None:
             eos.add(int(self.spec.eos_id))
         nxt = int(self._live().head(self._step(tokens)[-1:]).argmax(-1)[0])
-        new: list[int] = []
+        new: list[int] = [nxt]
         self.last_stop_reason = "length"
-        for _ in range(max_new_tokens):
-            new.append(nxt)
-            if stop_at_eos and nxt in eos:
-                self.last_stop_reason = "eos"
-                break
-            if len(new) == max_new_tokens:
-                break
-            if self.decode_path == "eager":
-                nxt = int(self._live().head(self._step([nxt])).argmax(-1)[0])
-            else:
-                nxt = int(self._static_step(nxt)[1])
-        return new
+        if stop_at_eos and nxt in eos:
+            self.last_stop_reason = "eos"
+        elif max_new_tokens > 1:
+            batches = self._greedy(nxt, max_new_tokens - 1)
+            for batch in batches:
+                for t in batch:
+                    new.append(t)
+                    if stop_at_eos and t in eos:
+                        self.last_stop_reason = "eos"
+                        break
+                if self.last_stop_reason == "eos":
+                    batches.close()
+                    break
+        # the last token returned is never fed (as one step at a time would leave it), whatever
+        # a batch computed past an EOS (its KV rows lie beyond the position: harmless)
+        self.pos = len(tokens) + len(new) - 1
+        return new[:max_new_tokens]
+
+    @torch.inference_mode()
+    def decode_greedy(self, token: int, n: int) -> list[int]:
+        """``n`` greedy steps after ``prefill``/``decode``: ``token`` at ``self.pos``, then each
+        step's argmax; returns the ``n`` argmax tokens (the last one not fed; ``self.pos`` ends
+        ``n`` further). The static path with ``device_embed`` queues the steps back to back
+        and reads the tokens back every ``KVBENCH_DECODE_READBACK`` steps."""
+        return [t for batch in self._greedy(int(token), n) for t in batch]
+
+    def _greedy(self, token: int, n: int):
+        """Yield lists of greedy tokens, ``n`` in all, starting by feeding ``token``. Eager and
+        the static path without ``device_embed``: one step, one read-back (a sync) each. With
+        ``device_embed``: up to ``KVBENCH_DECODE_READBACK`` steps queued with nothing read or
+        written by the host (each step takes the previous argmax on the device), their argmaxes
+        gathered in a device buffer, then one read-back."""
+        self._check_ctx(self.pos + n)
+        if self.decode_path == "eager" or not self._static_decoder().device_embed:
+            for _ in range(n):
+                if self.decode_path == "eager":
+                    token = int(self._live().head(self._step([token])).argmax(-1)[0])
+                else:
+                    token = int(self._static_step(token)[1])
+                yield [token]
+            return
+        per = settings.get("KVBENCH_DECODE_READBACK")
+        buf = torch.empty(min(per, n), dtype=torch.long, device=self.device)
+        feed = token
+        while n > 0:
+            b = min(per, n)
+            for j in range(b):
+                buf[j].copy_(self._static_step(feed)[1])
+                feed = None                          # from now on the device holds the token
+            n -= b
+            yield buf[:b].tolist()                   # the one sync of the batch
 
     @staticmethod
     def _ids(tokens) -> list[int]:

@@ -25,7 +25,8 @@ import torch
 from .errors import ConfigError
 from .gguf_io import GGUFFile
 from .hostmem import pinned_empty
-from .model import Experts, LayerWeights, Transformer
+from .formats import round_alloc
+from .model import Experts, LayerWeights, Transformer, fused_qkv_on, split_qkv_rows
 from .spec import ModelSpec
 
 HOST = torch.device("cpu")
@@ -94,8 +95,10 @@ def bind_weights(g: GGUFFile, spec: ModelSpec, plan, placement: Placement, ledge
         layers = [LayerWeights(**vars(lw)) for lw in old.layers]
         for i in placement.trunk_moe:
             layers[i].experts = cache.layer(i, *layers[i].experts.tensors())
-        return Transformer(spec, layers, old.embed, old.out_norm, old.output, old.layer_devices,
-                           old.head_device), cache
+        model = Transformer(spec, layers, old.embed, old.out_norm, old.output, old.layer_devices,
+                            old.head_device)
+        _bind_embed_copy(model, plan, placement, ledger, old.embed_device)
+        return model, cache
     dev = placement.device
     # streamed: each tensor is decoded (on the GPU when there is one) straight into its storage
     layers, embed, out_norm, output = load_weights(
@@ -103,9 +106,8 @@ def bind_weights(g: GGUFFile, spec: ModelSpec, plan, placement: Placement, ledge
         decode_device=dev if dev.type == "cuda" else None)
     for i, lw in enumerate(layers):
         tier = placement.tiers[i]
-        for name, value in vars(lw).items():
-            if isinstance(value, torch.Tensor):
-                ledger.register("weights", value, tier, name=f"blk.{i}.{name}")
+        for name, value in lw.owned():          # a fused wqkv once, not its wq/wk/wv views
+            ledger.register("weights", value, tier, name=f"blk.{i}.{name}")
         if lw.experts is not None:
             hosted = [ledger.register("weights", t, "host", name=f"blk.{i}.experts.{n}")
                       for n, t in zip(("gate", "up", "down"), lw.experts.tensors())]
@@ -119,8 +121,25 @@ def bind_weights(g: GGUFFile, spec: ModelSpec, plan, placement: Placement, ledge
         ledger.register("weights", out_norm, "host", name="output_norm")
         if not spec.tied_output:
             ledger.register("weights", output, "host", name="output")
-    return Transformer(spec, layers, embed, out_norm, output, placement.layer_devices,
-                       placement.head_device or HOST), cache
+    model = Transformer(spec, layers, embed, out_norm, output, placement.layer_devices,
+                        placement.head_device or HOST)
+    _bind_embed_copy(model, plan, placement, ledger, None)
+    return model, cache
+
+
+def _bind_embed_copy(model: Transformer, plan, placement: Placement, ledger, old) -> None:
+    """The device copy of ``token_embd`` the plan prices (``plan.embed_tier == "trunk"``: the
+    static decode gathers the token's row on the device), recorded as trunk weights; ``old``
+    (a taken-over engine's copy, still in the ledger) is kept when the plan wants one, else
+    freed."""
+    want = getattr(plan, "embed_tier", "host") == "trunk"
+    if old is not None and not want:
+        ledger.free(old)
+        old = None
+    if want and old is None:
+        old = ledger.register("weights", model.embed.to(placement.device, copy=True), "trunk",
+                              name="token_embd.trunk")
+    model.embed_device = old
 
 
 def alloc_scratch(plan, ledger) -> None:
@@ -134,6 +153,17 @@ def register_kv(caches, placement: Placement, ledger) -> None:
     for i, c in enumerate(caches):
         for j, buf in enumerate((c.k, c.v)):
             ledger.register("kv", buf, placement.tiers[i], name=f"blk.{i}.kv.{j}")
+
+
+def fuse_qkv(spec: ModelSpec, dtype: torch.dtype, dev: torch.device) -> bool:
+    """Whether a layer on ``dev`` stores q/k/v as one fused buffer: ``KVBENCH_DECODE_FUSED_QKV``
+    and the allocator takes the same bytes for one buffer as for three (on CUDA every block is
+    rounded up to 512 B; the planner prices three), so plan == runtime holds either way."""
+    if not fused_qkv_on():
+        return False
+    size = torch.empty((), dtype=dtype).element_size() * spec.d_model
+    parts = [spec.q_dim * size, spec.kv_dim * size, spec.kv_dim * size]
+    return sum(round_alloc(b, dev.type) for b in parts) == round_alloc(sum(parts), dev.type)
 
 
 def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float32,
@@ -155,21 +185,33 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
     host = HOST
     layer_devices = layer_devices or [host] * spec.n_layers
 
-    def read(name, shape, dev, wdtype=dtype, pin=False):
+    def read(name, shape, dev, wdtype=dtype, pin=False, out=None):
         if dev.type == "cpu" and (pin or (decode_device is not None and decode_device != dev)):
             # pinned at its exact size (torch's pinned allocator rounds up to a power of two)
-            out = pinned_empty(shape, wdtype) if pin else torch.empty(shape, dtype=wdtype)
+            if out is None:
+                out = pinned_empty(shape, wdtype) if pin else torch.empty(shape, dtype=wdtype)
             return g.tensor(name, shape, dtype=wdtype, device=decode_device or host, out=out)
-        return g.tensor(name, shape, dtype=wdtype, device=dev)
+        return g.tensor(name, shape, dtype=wdtype, device=dev, out=out)
+
+    def read_qkv(p, dev):
+        """(wq, wk, wv, wqkv): with ``fused``, each read straight into its rows of one buffer."""
+        if not fuse_qkv(spec, dtype, dev):
+            return read(p + "attn_q.weight", (q, d), dev), read(p + "attn_k.weight", (kvd, d), dev), \
+                read(p + "attn_v.weight", (kvd, d), dev), None
+        wqkv = torch.empty(q + 2 * kvd, d, dtype=dtype, device=dev)
+        views = split_qkv_rows(wqkv, q, kvd)
+        for name, view in zip(("attn_q", "attn_k", "attn_v"), views):
+            read(p + name + ".weight", tuple(view.shape), dev, out=view)
+        return (*views, wqkv)
 
     layers = []
     for i in range(spec.n_layers):
         p, dev = f"blk.{i}.", layer_devices[i]
         t = lambda name, shape: read(p + name, shape, dev)                        # noqa: E731
         norm = lambda name, shape: read(p + name, shape, dev, torch.float32)      # noqa: E731
+        wq, wk, wv, wqkv = read_qkv(p, dev)
         lw = LayerWeights(
-            attn_norm=norm("attn_norm.weight", (d,)), wq=t("attn_q.weight", (q, d)),
-            wk=t("attn_k.weight", (kvd, d)), wv=t("attn_v.weight", (kvd, d)),
+            attn_norm=norm("attn_norm.weight", (d,)), wq=wq, wk=wk, wv=wv, wqkv=wqkv,
             wo=t("attn_output.weight", (d, q)), ffn_norm=norm("ffn_norm.weight", (d,)))
         if spec.qk_norm == "head":
             lw.q_norm, lw.k_norm = norm("attn_q_norm.weight", (spec.head_dim,)), norm("attn_k_norm.weight", (spec.head_dim,))

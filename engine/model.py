@@ -30,7 +30,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import settings
 from .spec import ModelSpec
+
+
+def fused_qkv_on() -> bool:
+    """``KVBENCH_DECODE_FUSED_QKV``: store q/k/v fused (at load) and project with one matmul."""
+    return bool(settings.get("KVBENCH_DECODE_FUSED_QKV"))
 
 
 @dataclass
@@ -50,15 +56,42 @@ class LayerWeights:
     experts: object | None = None       # MoE: object with .gate/.up/.down [E, ff, d]/[E, d, ff] or an expert cache
     post_attn_norm: torch.Tensor | None = None  # Gemma: [d] on the attention output
     post_ffn_norm: torch.Tensor | None = None   # Gemma: [d] on the FFN output
+    wqkv: torch.Tensor | None = None    # fused [Hq*D + 2*Hkv*D, d]: wq, wk, wv are its row views
+
+    QKV_VIEWS = ("wq", "wk", "wv")
 
     def to(self, device) -> "LayerWeights":
         out = {}
         for name, value in self.__dict__.items():
+            if self.wqkv is not None and name in self.QKV_VIEWS:
+                continue                     # re-sliced from the moved fused buffer below
             out[name] = value.to(device) if isinstance(value, torch.Tensor) else value
+        if self.wqkv is not None:
+            out.update(zip(self.QKV_VIEWS, split_qkv_rows(out["wqkv"], self.wq.shape[0], self.wk.shape[0])))
         return LayerWeights(**out)
 
     def tensors(self):
-        return [v for v in self.__dict__.values() if isinstance(v, torch.Tensor)]
+        """Every tensor that owns its bytes (with ``wqkv``, its views wq/wk/wv are not listed)."""
+        return [v for n, v in self.__dict__.items() if isinstance(v, torch.Tensor)
+                and not (self.wqkv is not None and n in self.QKV_VIEWS)]
+
+    def owned(self):
+        """(name, tensor) of ``tensors()``: what a ledger records, each storage once."""
+        return [(n, v) for n, v in self.__dict__.items() if isinstance(v, torch.Tensor)
+                and not (self.wqkv is not None and n in self.QKV_VIEWS)]
+
+
+def split_qkv_rows(wqkv: torch.Tensor, q_rows: int, kv_rows: int):
+    """(wq, wk, wv): row views of a fused [q_rows + 2 kv_rows, d] weight (contiguous, shared storage)."""
+    return wqkv[:q_rows], wqkv[q_rows:q_rows + kv_rows], wqkv[q_rows + kv_rows:q_rows + 2 * kv_rows]
+
+
+def qkv_proj(s: ModelSpec, h: torch.Tensor, wq, wk, wv, wqkv=None):
+    """(q, k, v) = h @ w.T for h [T, d]: one matmul over ``wqkv`` when given (then split along
+    the columns: views), else three. Same products either way (each output is one row's dot)."""
+    if wqkv is None:
+        return mm(h, wq), mm(h, wk), mm(h, wv)
+    return mm(h, wqkv).split([s.q_dim, s.kv_dim, s.kv_dim], dim=-1)
 
 
 @dataclass
@@ -150,11 +183,21 @@ def _allow_recompiles(limit: int = 512) -> None:
             setattr(dynamo.config, name, max(int(getattr(dynamo.config, name)), limit))
 
 
-def decode_pre_attention(s: ModelSpec, x, attn_norm, wq, wk, wv, q_norm, k_norm, cos, sin, pos):
-    """Decode step, before attention: norm, q/k/v, q/k norms, RoPE at the position held by
-    ``pos`` (gathered from the ``cos``/``sin`` tables). x [1, d] -> q [1, Hq, D], k, v [1, Hkv, D]."""
+def decode_embed(s: ModelSpec, table, token):
+    """The token's embedding row gathered on the table's device: ``token`` [1] long -> float32
+    [1, d], scaled as ``Transformer.embed_tokens`` does (bit for bit the same row)."""
+    x = table.index_select(0, token)
+    if s.embed_scale:
+        x = x * torch.tensor(s.d_model ** 0.5, dtype=x.dtype)
+    return x.float()
+
+
+def decode_pre_attention(s: ModelSpec, x, attn_norm, wq, wk, wv, wqkv, q_norm, k_norm, cos, sin, pos):
+    """Decode step, before attention: norm, q/k/v (one matmul over ``wqkv`` when given, else
+    three), q/k norms, RoPE at the position held by ``pos`` (gathered from the ``cos``/``sin``
+    tables). x [1, d] -> q [1, Hq, D], k, v [1, Hkv, D]."""
     h = rms_norm(x, attn_norm, s.rms_eps)
-    q, k, v = mm(h, wq), mm(h, wk), mm(h, wv)
+    q, k, v = qkv_proj(s, h, wq, wk, wv, wqkv)
     if s.qk_norm == "full":
         q, k = rms_norm(q, q_norm, s.rms_eps), rms_norm(k, k_norm, s.rms_eps)
     q = q.view(1, s.n_heads, s.head_dim)
@@ -204,6 +247,17 @@ def decode_post_attention_moe(s: ModelSpec, x, o, wo, post_attn_norm, ffn_norm, 
     return x, h, top_p[0], top_e[0]
 
 
+def decode_post_attention_moe_logits(s: ModelSpec, x, o, wo, post_attn_norm, ffn_norm, router):
+    """``decode_post_attention_moe`` up to the router logits: (x, h, logits [1, E] float32);
+    softmax and top-k then run in ``engine.kernels.route`` (outside the compiled function)."""
+    a = mm(o.reshape(1, s.q_dim), wo)
+    if post_attn_norm is not None:
+        a = rms_norm(a, post_attn_norm, s.rms_eps)
+    x = x + a
+    h = rms_norm(x, ffn_norm, s.rms_eps)
+    return x, h, mm(h, router)
+
+
 def moe_experts_torch(h, gate, up, down, ids, weights, table=None, residual=None):
     """``engine.kernels.moe.moe_decode`` where Triton does not run (the torch backend, the CPU
     tail): one expert at a time as views of the stacks (no gathered copy), matmuls in the
@@ -231,6 +285,7 @@ class Transformer:
         self.spec = spec
         self.layers = layers
         self.embed = embed                  # [V, d] on host
+        self.embed_device = None            # [V, d] device copy (plan.embed_tier == "trunk"), or None
         self.out_norm = out_norm
         self.output = output                # [V, d] (tied: same storage as embed)
         self.layer_devices = layer_devices
@@ -253,12 +308,12 @@ class Transformer:
         s, w = self.spec, self.layers[i]
         T = x.shape[0]
         h = rms_norm(x, w.attn_norm, s.rms_eps)
-        q, k, v = mm(h, w.wq), mm(h, w.wk), mm(h, w.wv)
+        q, k, v = qkv_proj(s, h, w.wq, w.wk, w.wv, w.wqkv if fused_qkv_on() else None)
         if s.qk_norm == "full":
             q, k = rms_norm(q, w.q_norm, s.rms_eps), rms_norm(k, w.k_norm, s.rms_eps)
-        q = q.view(T, s.n_heads, s.head_dim)
-        k = k.view(T, s.n_kv_heads, s.head_dim)
-        v = v.view(T, s.n_kv_heads, s.head_dim)
+        q = q.reshape(T, s.n_heads, s.head_dim)
+        k = k.reshape(T, s.n_kv_heads, s.head_dim)
+        v = v.reshape(T, s.n_kv_heads, s.head_dim).contiguous()
         if s.qk_norm == "head":
             q, k = rms_norm(q, w.q_norm, s.rms_eps), rms_norm(k, w.k_norm, s.rms_eps)
         rope = self._rope(x.device, s.rope_base_of(i))
@@ -332,50 +387,102 @@ class Transformer:
             x = x * torch.tensor(self.spec.d_model ** 0.5, dtype=x.dtype)
         return x.float()
 
-    def decode_at(self, x: torch.Tensor, pos: torch.Tensor, caches, compiled: bool = False) -> torch.Tensor:
+    def _decode_functions(self, compiled: bool):
+        """(pre, post, head, post_moe, post_moe_logits, embed): the step's maths as partials over
+        the spec, through ``torch.compile`` when ``compiled`` (built once per mode)."""
+        if self._decode_fns is None or self._decode_fns[0] != compiled:
+            fns = [functools.partial(f, self.spec) for f in (
+                decode_pre_attention, decode_post_attention, decode_head, decode_post_attention_moe,
+                decode_post_attention_moe_logits, decode_embed)]
+            if compiled:
+                _allow_recompiles()
+                fns = [torch.compile(f, dynamic=False, fullgraph=True) for f in fns]
+            self._decode_fns = (compiled, *fns)
+        return self._decode_fns[1:]
+
+    def embed_table(self, device) -> torch.Tensor | None:
+        """The [V, d] embedding table readable on ``device`` with no host step, or None: the host
+        table itself on a CPU device, else the device copy (``embed_device``), else a tied head's
+        own copy of ``token_embd`` on that device (same dtype, same values)."""
+        dev = torch.device(device)
+
+        def on(t):
+            return t is not None and t.device.type == dev.type and (
+                dev.index is None or t.device.index is None or t.device.index == dev.index)
+        for t in (self.embed, self.embed_device):
+            if on(t):
+                return t
+        if self.spec.tied_output and on(self.output) and self.output.dtype == self.embed.dtype \
+                and self.output.shape == self.embed.shape:
+            return self.output
+        return None
+
+    def decode_embed(self, token: torch.Tensor, compiled: bool = False) -> torch.Tensor:
+        """``token`` [1] long on a device holding an ``embed_table`` -> float32 [1, d] there."""
+        table = self.embed_table(token.device)
+        if table is None:
+            raise ValueError(f"decode_embed: no embedding table on {token.device}")
+        return self._decode_functions(compiled)[5](table, token)
+
+    def decode_at(self, x: torch.Tensor, pos: torch.Tensor, caches, compiled: bool = False,
+                  fused_qkv: bool | None = None, route_kernel: bool | None = None) -> torch.Tensor:
         """One decode step with the position on the device: ``x`` [1, d] float32 embedded token
         on the trunk device, ``pos`` one-element long tensor there. Every layer on that device,
         no sliding window; no host sync, so a CUDA graph can capture it. The maths around
         attention are pure functions of explicit tensors (``decode_pre_attention``,
         ``decode_post_attention`` / ``decode_post_attention_moe``: the same ops as
         ``attention``/``ffn``/``moe``), which ``compiled=True`` runs through ``torch.compile``
-        so their element-wise ops fuse into a few kernels. MoE layers route on the device and
-        run ``engine.kernels.moe`` over their resident stacks (``make_experts_resident`` first:
-        an expert cache's slots through its slot table); the host never sees which experts
-        were used (``StaticDecode`` counts them as resident hits). Returns the final hidden [1, d]."""
+        so their element-wise ops fuse into a few kernels. ``fused_qkv`` (default: the
+        ``KVBENCH_DECODE_FUSED_QKV`` setting) projects q/k/v with one matmul over a layer's
+        ``wqkv`` where it has one. MoE layers route on the device (``route_kernel``, default
+        ``KVBENCH_DECODE_ROUTE_KERNEL``: router logits from the compiled function, then
+        ``engine.kernels.route``'s softmax/top-k launch; else ``moe_route``'s torch.topk inside
+        it) and run ``engine.kernels.moe`` over their resident stacks (``make_experts_resident``
+        first: an expert cache's slots through its slot table); the host never sees which
+        experts were used (``StaticDecode`` counts them as resident hits). Returns the final
+        hidden [1, d]."""
         s = self.spec
-        if self._decode_fns is None or self._decode_fns[0] != compiled:
-            fns = [functools.partial(f, s) for f in (decode_pre_attention, decode_post_attention, decode_head,
-                                                     decode_post_attention_moe)]
-            if compiled:
-                _allow_recompiles()
-                fns = [torch.compile(f, dynamic=False, fullgraph=True) for f in fns]
-            self._decode_fns = (compiled, *fns)
-        _, pre, post, _, post_moe = self._decode_fns
+        fused_qkv = fused_qkv_on() if fused_qkv is None else fused_qkv
+        if route_kernel is None:
+            route_kernel = bool(settings.get("KVBENCH_DECODE_ROUTE_KERNEL"))
+        pre, post, _, post_moe, post_moe_logits, _ = self._decode_functions(compiled)
+        run = self._moe_kernel(x.device)
+        route = self._route_kernel(x.device) if route_kernel else None
         for i in range(s.n_layers):
             w, rope = self.layers[i], self._rope(x.device, s.rope_base_of(i))
-            q, k, v = pre(x, w.attn_norm, w.wq, w.wk, w.wv, w.q_norm, w.k_norm, rope.cos, rope.sin, pos)
+            q, k, v = pre(x, w.attn_norm, w.wq, w.wk, w.wv, w.wqkv if fused_qkv else None, w.q_norm, w.k_norm,
+                          rope.cos, rope.sin, pos)
             caches[i].write_at(pos, k, v)
             o = caches[i].attend_at(q, pos, self.scale)
             if w.router is None:
                 x = post(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.w_gate, w.w_up, w.w_down, w.post_ffn_norm)
                 continue
-            x, h, top_p, top_e = post_moe(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.router)
+            if route is None:
+                x, h, top_p, top_e = post_moe(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.router)
+            else:
+                x, h, logits = post_moe_logits(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.router)
+                top_p, top_e = route(logits[0], s.n_experts_used, s.moe_norm_topk)
             view = w.experts.resident_view()
             if view is None:
                 raise ValueError(f"decode_at: MoE layer {i}'s experts are not resident "
                                  f"(call make_experts_resident first)")
             gate, up, down, table = view
-            run = self._moe_kernel(x.device)
             if w.post_ffn_norm is None:
                 x = run(h, gate, up, down, top_e, top_p, table=table, residual=x)
             else:
                 x = x + rms_norm(run(h, gate, up, down, top_e, top_p, table=table), w.post_ffn_norm, s.rms_eps)
         return x
 
+    @staticmethod
+    def _route_kernel(device):
+        """The device routing op: ``engine.kernels.route``'s Triton launch, or its torch reference."""
+        from . import kernels
+        from .kernels import route
+        return route.route_topk if kernels.use_triton(device) else route.route_topk_ref
+
     def decode_head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``head`` for the static decode step (compiled with it): (logits [V] f32, argmax)."""
-        return self._decode_fns[3](x, self.out_norm, self.output)
+        return self._decode_functions(self._decode_fns[0])[2](x, self.out_norm, self.output)
 
     def _moe_one(self, i: int, h: torch.Tensor, top_p: torch.Tensor, top_e: torch.Tensor) -> torch.Tensor:
         """One token's MoE FFN (eager decode): the k experts' rows read in place from their
