@@ -2,8 +2,12 @@
 
 Contract: a ``LayerKV`` preallocates ``max_tokens`` rows of K and V for one layer, in the
 requested format (DESIGN.md "KV formats"): fp32 ``[max_tokens, Hkv, D]`` float32, bf16 the
-same in bfloat16 (round to nearest even), q8_0 ``uint8 [max_tokens, Hkv*D/32*34]`` of ggml
-``block_q8_0`` along each token's flattened row. ``write(start, k, v)`` stores rows
+same in bfloat16 (round to nearest even), q8_0 the values of ggml ``block_q8_0`` along each
+token's flattened row, stored as two aligned arrays in one flat uint8 buffer (int8 quants
+``[max_tokens, Hkv, D]``, then fp16 scales ``[max_tokens, Hkv*D/32]``:
+``engine.kernels.q8_layout``), 34 bytes per 32 values as priced; ``to_ggml_blocks(n)`` is the
+tested view of rows ``[0, n)`` as ggml's interleaved block bytes (equal to
+``gguf.quants.quantize``). ``write(start, k, v)`` stores rows
 ``start..start+T-1`` (k, v: [T, Hkv, D] float32) in that format; ``attend(q, start, scale)``
 returns [T, Hq, D] float32 for queries at positions ``start..start+T-1`` attending causally to
 rows ``[0, start+T)`` (with ``window=W``: only keys at positions > qpos - W, Gemma's sliding
@@ -36,7 +40,7 @@ from .kernels.kv_append import kv_append, quantize_q8_0_ref, dequantize_q8_0_ref
 from .kernels.decode_attention import decode_attention
 from .kernels.prefill_attention import (MAX_WAVE_ROWS, WavePlan, plan_waves, prefill_attention,
                                         prefill_attention_ref)
-from .kv_layout import alloc_kv, buffer_format, observed_dtype
+from .kv_layout import alloc_kv, buffer_format, observed_dtype, to_ggml_bytes
 from .kv_ring import RingKV, layer_kv_rows
 
 KV_DTYPES = formats.KV_DTYPES                    # format facts live in engine.formats
@@ -137,6 +141,13 @@ class LayerKV:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    def to_ggml_blocks(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V rows ``[0, n)`` (all rows by default) as gguf lays the format out, uint8
+        ``[n, row bytes]``: for q8_0 ggml's block_q8_0 bytes (``kv_layout.to_ggml_bytes``)."""
+        fmt = self.format
+        k, v = (to_ggml_bytes(b, fmt, self.n_kv_heads, self.head_dim) for b in (self.k, self.v))
+        return (k, v) if n is None else (k[:n], v[:n])
 
     @property
     def device(self) -> torch.device:

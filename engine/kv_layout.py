@@ -3,9 +3,13 @@
 Contract: both read ``engine.formats.KV`` only, so a format added there is allocated and
 recognised here without an edit. ``alloc_kv(rows, n_kv_heads, head_dim, dtype, device)``
 returns one zeroed buffer (K or V) of ``rows`` token rows: a plain format (``torch_dtype``
-set) as ``[rows, Hkv, D]`` of that element type, a block format (q8_0) as ``uint8 [rows,
-Hkv*D/block*block_bytes]``, blocks running along each token's flattened row (ggml's layout);
-``nbytes == rows * formats.kv_row_bytes(dtype, Hkv, D)`` exactly (what the planner prices).
+set) as ``[rows, Hkv, D]`` of that element type; q8_0 in the split layout of
+``engine.kernels.q8_layout`` (one flat uint8 buffer: int8 quants ``[rows, Hkv, D]``, then fp16
+scales ``[rows, Hkv*D/32]``; ggml's interleaved blocks are the view ``to_ggml_bytes``); any
+other block format as ``uint8 [rows, Hkv*D/block*block_bytes]``, blocks running along each
+token's flattened row (ggml's layout). ``nbytes == rows * formats.kv_row_bytes(dtype, Hkv, D)``
+exactly (what the planner prices). ``to_ggml_bytes(buf, fmt, Hkv, D)`` is a buffer's bytes as
+gguf lays the format out (``uint8 [rows, row bytes]``).
 The q8_0-style geometry guard is ``formats.check_kv_geometry`` (raised here too, naming the
 layer). ``buffer_format(buf, n_kv_heads, head_dim)`` is the format a buffer holds, read from
 its element type and row width (never from a request); ``None`` when it is no known format.
@@ -16,7 +20,7 @@ force) does not give the bytes of the format's independent reference (``gguf.qua
 Both ``engine.kv.LayerKV`` and ``engine.kv_ring.RingKV`` allocate through here, so neither
 imports the other's module for storage (imports go kv -> kv_ring -> kv_layout).
 
-    k = alloc_kv(4096, 4, 128, "q8_0", "cpu")      # uint8 [4096, 544]
+    k = alloc_kv(4096, 4, 128, "q8_0", "cpu")      # uint8 [4096 * 544]: quants, then scales
     buffer_format(k, 4, 128)                       # "q8_0"
 """
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 
 from . import formats, kernels, settings
+from .kernels import q8_layout
 from .kernels.kv_append import kv_append
 
 
@@ -39,6 +44,8 @@ def alloc_kv(rows: int, n_kv_heads: int, head_dim: int, dtype: str, device: str 
     formats.check_kv_geometry(dtype, n_kv_heads, head_dim, layer=layer)
     if f.torch_dtype:
         return torch.zeros((rows, n_kv_heads, head_dim), dtype=_torch_dtype(f), device=device)
+    if dtype == q8_layout.FMT:
+        return q8_layout.alloc(rows, n_kv_heads, head_dim, device)
     return torch.zeros((rows, formats.kv_row_bytes(dtype, n_kv_heads, head_dim)), dtype=torch.uint8,
                        device=device)
 
@@ -50,10 +57,22 @@ def buffer_format(buf: torch.Tensor, n_kv_heads: int, head_dim: int) -> str | No
         if f.torch_dtype:
             if buf.dtype == _torch_dtype(f) and tuple(buf.shape[1:]) == (n_kv_heads, head_dim):
                 return name
+        elif name == q8_layout.FMT:
+            if q8_layout.is_buffer(buf, n_kv_heads, head_dim):
+                return name
         elif buf.dtype == torch.uint8 and buf.dim() == 2 and n % f.block == 0 \
                 and buf.shape[-1] == n // f.block * f.block_bytes:
             return name
     return None
+
+
+def to_ggml_bytes(buf: torch.Tensor, fmt: str, n_kv_heads: int, head_dim: int) -> torch.Tensor:
+    """The buffer's token rows as gguf lays ``fmt`` out: ``uint8 [rows, row bytes]`` (a copy on
+    the buffer's device for q8_0: ggml's interleaved block_q8_0 bytes; the bytes as they are
+    otherwise)."""
+    if fmt == q8_layout.FMT:
+        return q8_layout.to_ggml_blocks(q8_layout.split(buf, n_kv_heads, head_dim))
+    return buf.contiguous().view(torch.uint8).reshape(buf.shape[0], -1)
 
 
 _written: dict[tuple, str | None] = {}
@@ -84,7 +103,7 @@ def write_path_error(dtype: str, n_kv_heads: int, head_dim: int, device: torch.d
     x[1, -1] = 0.5                                                  # a tie
     buf = alloc_kv(2, n_kv_heads, head_dim, dtype, dev)
     kv_append(buf, 0, x.reshape(2, n_kv_heads, head_dim).to(dev), dtype)
-    got = buf.cpu().contiguous().view(torch.uint8).reshape(2, -1).numpy()
+    got = to_ggml_bytes(buf, dtype, n_kv_heads, head_dim).cpu().numpy()
     want = np.ascontiguousarray(quantize(x.numpy(), gguf.GGMLQuantizationType[f.gguf_type])).view(np.uint8)
     want = want.reshape(2, -1)
     why = None

@@ -10,8 +10,8 @@ chunks). The rule: a call of ``T <= chunk`` tokens is written at once (its queri
 call's K/V are held (the caller's tensors, no copy) until ``attend``, which runs the prefill in
 waves of at most ``chunk`` rows and writes each wave's keys just before its queries read them,
 so no row still needed is ever overwritten. Rows are stored in the cache's format through the
-same ``kv_append`` as ``LayerKV`` (fp32, bf16 round-to-nearest-even, q8_0 ggml blocks: the
-stored bytes of a position equal a full-length cache's). ``attend`` runs the torch reference
+same ``kv_append`` as ``LayerKV`` (fp32, bf16 round-to-nearest-even, q8_0 ggml block values
+in the split layout: the stored bytes of a position equal a full-length cache's). ``attend`` runs the torch reference
 (``prefill_attention_ref``) on the same wave plan rules, chunks and key blocks as a full-length
 ``LayerKV`` of ``max_tokens`` rows, reading the ring through a view that maps absolute
 positions to rows (positions that the ring no longer holds come back as other positions'
@@ -33,7 +33,8 @@ from .formats import DEFAULT_WAVE_BUDGET
 from .kernels.kv_append import kv_append
 from .kernels.prefill_attention import (CHUNK_ROWS, MAX_WAVE_ROWS, WavePlan, plan_waves,
                                         prefill_attention_ref)
-from .kv_layout import alloc_kv, buffer_format, observed_dtype
+from .kernels import q8_layout
+from .kv_layout import alloc_kv, buffer_format, observed_dtype, to_ggml_bytes
 
 RING_CHUNK = 4 * CHUNK_ROWS      # 512: tokens one call may write at once; longer calls take waves
 
@@ -47,9 +48,10 @@ class _Positions:
     """A ring buffer read by absolute position: ``view[j0:j1]`` is rows ``j % n`` for
     ``j in [j0, j1)`` as a ``[j1 - j0, ...]`` tensor laid out like a slice of a full-length
     buffer (a view when the range does not wrap, else a gathered copy); ``shape[0]`` is the
-    full-length cache's row count, which the reference's key-block bounds depend on."""
+    full-length cache's row count, which the reference's key-block bounds depend on. ``buf``
+    is row-indexable: a plain buffer, or a q8_0 one as ``q8_layout.Q8Rows``."""
 
-    def __init__(self, buf: torch.Tensor, n_positions: int):
+    def __init__(self, buf, n_positions: int):
         self.buf, self.shape = buf, (n_positions, *buf.shape[1:])
         self.gathered_bytes = 0
 
@@ -109,6 +111,12 @@ class RingKV:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    def to_ggml_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """K and V ring rows as gguf lays the format out, uint8 ``[rows, row bytes]`` (q8_0:
+        ggml's block_q8_0 bytes, ``kv_layout.to_ggml_bytes``)."""
+        fmt = self.format
+        return tuple(to_ggml_bytes(b, fmt, self.n_kv_heads, self.head_dim) for b in (self.k, self.v))
 
     @property
     def device(self) -> torch.device:
@@ -179,7 +187,8 @@ class RingKV:
         # rows (waves never change a row's result), so each wave's keys fit beside the window.
         plan = plan_waves(T, start, Hq, self.n_kv_heads, D, self.wave_budget_bytes,
                           min(self.wave_max_rows, self.chunk))
-        kview, vview = _Positions(self.k, self.max_tokens), _Positions(self.v, self.max_tokens)
+        kview, vview = (_Positions(q8_layout.rows_view(b, fmt, self.n_kv_heads, D), self.max_tokens)
+                        for b in (self.k, self.v))
         peak = 0
         if len(plan.waves) == 1 and held is None:
             out, peak = prefill_attention_ref(q, kview, vview, fmt, start, scale, self.n_kv_heads, plan,

@@ -66,7 +66,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "(default: per format)", numerics=True, lo=1, hi=64),
     _s("KVBENCH_DECODE_WARPS", "int", None, "decode kernel warps (default: per format)", lo=1, hi=32),
     _s("KVBENCH_DECODE_STAGES", "int", None, "decode kernel pipeline stages (default: per format)", lo=1, hi=8),
-    _s("KVBENCH_DECODE_Q8_WORDS", "bool", True, "q8_0 decode reads 32-bit words", numerics=True),
+    _s("KVBENCH_DECODE_Q8_KERNEL", "bool", True, "q8_0 decode through its own kernel (0: the generic "
+       "kernel)", numerics=True),
     _s("KVBENCH_DECODE_FUSE", "bool", False, "decode combine fused into the last split program",
        numerics=True),
     _s("KVBENCH_DECODE_FUSED_QKV", "bool", True, "q/k/v weights of a layer in one [q+2kv, d] buffer "

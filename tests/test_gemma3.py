@@ -147,7 +147,7 @@ def dense_window_ref(q, k, v, start, scale, window):
 def stored(cache: LayerKV, n: int):
     if cache.dtype == "q8_0":
         shape = (n, cache.n_kv_heads, cache.head_dim)
-        return dequantize_q8_0_ref(cache.k[:n], shape), dequantize_q8_0_ref(cache.v[:n], shape)
+        return tuple(dequantize_q8_0_ref(b, shape) for b in cache.to_ggml_blocks(n))
     return cache.k[:n].float(), cache.v[:n].float()
 
 

@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from engine import kernels
-from engine.kv import KV_DTYPES, LayerKV, dequantize_q8_0
+from engine.kv import KV_DTYPES, LayerKV, dequantize_q8_0, quantize_q8_0
+from engine.kv_layout import alloc_kv, to_ggml_bytes
 from engine.kernels.decode_attention import decode_attention, decode_attention_ref, decode_bytes_read
 from engine.kernels.kv_append import kv_append, kv_append_ref
 from engine.kernels.prefill_attention import CONFIG as PREFILL_CONFIG
@@ -37,9 +38,10 @@ def assert_close(name: str, ref: torch.Tensor, out: torch.Tensor, tol: float) ->
 
 
 def dequant(cache: LayerKV) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the cache holds as float32; q8_0 decoded from its ggml block view (the oracle's input)."""
     shape = (cache.max_tokens, cache.n_kv_heads, cache.head_dim)
     if cache.dtype == "q8_0":
-        return dequantize_q8_0(cache.k, shape), dequantize_q8_0(cache.v, shape)
+        return tuple(dequantize_q8_0(b, shape) for b in cache.to_ggml_blocks())
     return cache.k.float(), cache.v.float()
 
 
@@ -85,11 +87,12 @@ CASES = [pytest.param(*s, f, id=f"T{s[0]}-Hq{s[1]}-Hkv{s[2]}-D{s[3]}-{f}") for s
 def test_kv_append_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     cache, gen = filled(fmt, Hkv, D, 8, seed=T)
     x = torch.randn(T, Hkv, D, device=DEV, generator=gen) * torch.logspace(-3, 3, T, device=DEV)[:, None, None]
-    shape = (T + 5,) + tuple(cache.k.shape[1:])
-    ref, out = cache.k.new_zeros(shape), cache.k.new_zeros(shape)
+    ref, out = (alloc_kv(T + 5, Hkv, D, fmt, DEV) for _ in range(2))
     kv_append_ref(ref, 3, x, fmt)
     kv_append(out, 3, x, fmt)
     assert torch.equal(out.view(torch.uint8), ref.view(torch.uint8)), f"{fmt}: kernel bytes differ from the reference"
+    if fmt == "q8_0":                 # and the rows hold ggml's block bytes (gguf: test_kv.py)
+        assert torch.equal(to_ggml_bytes(out, fmt, Hkv, D)[3:3 + T].cpu(), quantize_q8_0(x.reshape(T, -1).cpu()))
 
 
 @pytest.mark.parametrize("T,Hq,Hkv,D,fmt", CASES)
@@ -100,9 +103,45 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     ref = decode_attention_ref(q, cache.k, cache.v, fmt, T, scale, Hkv)
     k, v = dequant(cache)
     assert_close(f"ref-vs-oracle decode {fmt}", oracle(q[None], k, v, T - 1, scale)[0], ref, 1e-5)
-    for cfg in ({"block_n": 16}, {"block_n": 32, "q8_words": False}):   # several splits, both q8_0 paths
+    for cfg in ({"block_n": 16}, {"block_n": 32, "q8_kernel": False}):   # several splits, both q8_0 paths
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_backend):
+    """q8_0's own decode kernel (split layout, per-block batched float16 dots): its two-term
+    float16 splits keep float32 fidelity whatever the magnitudes (q heads 1e-3..1e2, K tokens
+    1e-3..10, V blocks 1e-2..1e4, an all-zero V block), with the combine fused or not, and the
+    device-position launch of a CUDA graph (splits over the whole buffer, the empty ones
+    weighing nothing) gives the host launch's result."""
+    Hq, Hkv, n, cap = 8, 2, 90, 200
+    gen = torch.Generator(device=DEV).manual_seed(D)
+    k = torch.randn(n, Hkv, D, device=DEV, generator=gen) * torch.logspace(-3, 1, n, device=DEV)[:, None, None]
+    vmag = torch.logspace(-2, 4, Hkv * D // 32, device=DEV)
+    vmag = vmag[torch.randperm(len(vmag), generator=gen, device=DEV)].repeat_interleave(32).view(Hkv, D)
+    v = torch.randn(n, Hkv, D, device=DEV, generator=gen) * vmag
+    v[7, 0, :32] = 0.0
+    cache = LayerKV(0, Hkv, D, cap, "q8_0", device=DEV)
+    cache.write(0, k, v)                                   # through the Triton append kernel
+    q = torch.randn(Hq, D, device=DEV, generator=gen) * torch.logspace(-3, 2, Hq, device=DEV)[:, None]
+    scale = D ** -0.5
+    ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", n, scale, Hkv)
+    kd, vd = dequant(cache)
+    want = oracle(q[None], kd, vd, n - 1, scale)[0]
+    # relative per query head and 32-value block of the output (V's blocks span 10 decades),
+    # to the block's sum p |v| (a random-sign sum may cancel far below its terms)
+    size = oracle(q[None], kd, vd.abs(), n - 1, scale)[0]
+    blk = lambda t: t.reshape(Hq, D // 32, 32).abs().amax(2)
+    rel = lambda out: (blk(out - want) / blk(size)).max().item()
+    print(f"q8_0 reference: rel {rel(ref):.2e}")
+    assert rel(ref) < 4e-6
+    pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
+    for cfg in ({"block_n": 16}, {"block_n": 32, "fuse_combine": True}):
+        out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
+        at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)
+        print(f"q8_0 kernel {cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")
+        assert rel(out) < 2e-6 and rel(at) < 2e-6
 
 
 @pytest.mark.parametrize("T,Hq,Hkv,D,fmt", CASES)
@@ -161,7 +200,7 @@ def test_gpu_append_bytes_equal_cpu_reference(fmt, triton_backend):
     x = torch.randn(1000, 8, 128, device=DEV) * torch.logspace(-20, 4, 1000, device=DEV)[:, None, None]
     gpu = LayerKV(0, 8, 128, 1000, fmt, device=DEV)
     gpu.write(0, x, x)
-    cpu = torch.zeros(tuple(gpu.k.shape), dtype=gpu.k.dtype)
+    cpu = alloc_kv(1000, 8, 128, fmt)
     kv_append_ref(cpu, 0, x.cpu(), fmt)
     assert torch.equal(gpu.k.cpu().view(torch.uint8), cpu.view(torch.uint8))
 

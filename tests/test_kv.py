@@ -105,12 +105,49 @@ def test_bf16_storage_is_rne_and_matches_gguf():
 
 
 def test_layer_kv_q8_0_buffer_is_gguf_bytes():
+    """The split layout (quants, then scales) holds ggml's block_q8_0 values: its block view
+    is gguf's bytes, and the two arrays are exactly gguf's quants and scales, in place."""
     x = torch.randn(10, 3, 64)
     cache = LayerKV(0, 3, 64, 16, "q8_0")
     cache.write(2, x, -x)
-    assert cache.k.dtype == torch.uint8 and tuple(cache.k.shape) == (16, 3 * 64 // 32 * 34)
-    assert np.array_equal(cache.k[2:12].numpy(), gguf_q8(x.reshape(10, -1).numpy()))
-    assert np.array_equal(cache.v[2:12].numpy(), gguf_q8(-x.reshape(10, -1).numpy()))
+    kb, vb = cache.to_ggml_blocks()
+    assert kb.dtype == torch.uint8 and tuple(kb.shape) == (16, 3 * 64 // 32 * 34)
+    assert np.array_equal(kb[2:12].numpy(), gguf_q8(x.reshape(10, -1).numpy()))
+    assert np.array_equal(vb[2:12].numpy(), gguf_q8(-x.reshape(10, -1).numpy()))
+    assert np.array_equal(cache.to_ggml_blocks(12)[0][2:].numpy(), kb[2:12].numpy())
+    # the buffer itself: one flat uint8 allocation of 34 bytes per 32 values, int8 quants
+    # [rows, Hkv, D] first, then the fp16 scales [rows, Hkv*D/32], read here by hand
+    assert cache.k.dtype == torch.uint8 and tuple(cache.k.shape) == (16 * 3 * 64 * 34 // 32,)
+    g = gguf_q8(x.reshape(10, -1).numpy()).reshape(10, 6, 34)
+    raw = cache.k.numpy()
+    quants = raw[:16 * 192].view(np.int8).reshape(16, 3, 64)
+    scales = raw[16 * 192:].view(np.float16).reshape(16, 6)
+    assert np.array_equal(quants[2:12].reshape(10, 6, 32), g[:, :, 2:].view(np.int8))
+    assert np.array_equal(scales[2:12], g[:, :, :2].copy().view(np.float16)[..., 0])
+    assert not quants[:2].any() and not quants[12:].any()        # rows never written stay zero
+
+
+def test_q8_0_split_arrays_are_aligned_views():
+    """Each head's quants are one contiguous run at a 16-byte multiple (vector loads), the scales
+    array starts at a 32-byte multiple; views share the buffer; ggml blocks round-trip."""
+    from engine.kernels import q8_layout
+    for rows, hkv, d in ((37, 4, 128), (5, 3, 64), (9, 1, 256)):
+        buf = q8_layout.alloc(rows, hkv, d)
+        assert buf.nbytes == rows * hkv * d * 34 // 32
+        r = q8_layout.split(buf, hkv, d)
+        assert r.quants.data_ptr() == buf.data_ptr() and r.quants.stride() == (hkv * d, d, 1)
+        assert (r.scales.data_ptr() - buf.data_ptr()) % 32 == 0 and r.scales.is_contiguous()
+        assert tuple(r.scales.shape) == (rows, hkv * d // 32) and r.shape == (rows, hkv, d)
+        assert all((r.quants[j, h].data_ptr() - buf.data_ptr()) % 16 == 0 for j in range(rows) for h in range(hkv))
+        x = torch.randn(rows, hkv * d) * torch.logspace(-3, 3, rows)[:, None]
+        blocks = quantize_q8_0(x)
+        back = q8_layout.from_ggml_blocks(blocks, hkv, d)
+        assert torch.equal(q8_layout.to_ggml_blocks(back), blocks)
+        assert torch.equal(q8_layout.dequantize(back), dequantize_q8_0(blocks, (rows, hkv, d)))
+        sub = back[3:5]
+        assert sub.shape == (2, hkv, d) and torch.equal(q8_layout.to_ggml_blocks(sub), blocks[3:5])
+        idx = torch.tensor([4, 0, 2])
+        assert torch.equal(q8_layout.to_ggml_blocks(back.index_select(0, idx)), blocks[idx])
 
 
 def test_kv_bytes_match_design_numbers():
@@ -138,7 +175,7 @@ def stored(cache):
     """What the cache holds, decoded with gguf (q8_0) / plain casts: the oracle's K and V."""
     if cache.dtype == "q8_0":
         shape = (cache.max_tokens, cache.n_kv_heads, cache.head_dim)
-        return tuple(torch.from_numpy(gg_dequantize(b.numpy(), QT.Q8_0)).reshape(shape) for b in (cache.k, cache.v))
+        return tuple(torch.from_numpy(gg_dequantize(b.numpy(), QT.Q8_0)).reshape(shape) for b in cache.to_ggml_blocks())
     return cache.k.float(), cache.v.float()
 
 

@@ -104,7 +104,7 @@ def test_ring_honours_the_window_against_dense(fmt):
     full = LayerKV(0, 2, 32, n, fmt)          # only for the stored values the ring quantized
     full.write(0, k, v)
     if fmt == "q8_0":
-        ks, vs = (dequantize_q8_0_ref(b, (n, 2, 32)) for b in (full.k, full.v))
+        ks, vs = (dequantize_q8_0_ref(b, (n, 2, 32)) for b in full.to_ggml_blocks())
     else:
         ks, vs = full.k.float(), full.v.float()
     want = dense_ref(q, ks, vs, window)
@@ -117,7 +117,7 @@ def test_bytes_are_ring_rows(fmt, per_row):
     ring = RingKV(3, 1, 256, 32768, 512, fmt)
     assert ring.rows == ring_rows(512) == 512 + RING_CHUNK == 1024
     assert ring.dtype == fmt and ring.nbytes == 1024 * per_row
-    assert ring.k.shape[0] == ring.v.shape[0] == 1024
+    assert ring.to_ggml_blocks()[0].shape[0] == ring.to_ggml_blocks()[1].shape[0] == 1024
 
 
 class _Spec:

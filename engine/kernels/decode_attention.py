@@ -7,9 +7,13 @@ of that head's query heads and dequantizes only the tile it reads; the splits' p
 states are combined by a second kernel (or, with ``fuse_combine``, by the last split to
 finish). Arithmetic stays near float32 on tensor cores: float32 caches use tf32x3 dots; bf16
 caches feed their exact values to bf16 dots against a three-term bf16 split of q and p; q8_0
-caches (head_dim % 64 == 0) are read as 4-byte words of whole head segments (34-byte blocks
-are only 2-byte aligned), their int8 quants turned into exact float16 without int->float
-conversions, and dotted in "byte space" against a two-term float16 split of q and p.
+caches (the split layout of ``engine.kernels.q8_layout``: int8 quants and fp16 scales in two
+arrays) have their own kernel: 16-byte vector loads of each head's contiguous quants, the
+quants turned into exact float16 in registers (no int->float conversion), and per-block
+batched dots ([blocks, ., .] operands, so a block's scale multiplies a dot's result and never
+enters it) against a two-term float16 split of q and of p times the V scales, accumulated in
+float32; ``cfg={"q8_kernel": False}`` reads q8_0 through the generic kernel instead
+(dequantized to float32 tiles, tf32x3 dots).
 ``decode_attention_ref`` is the torch reference (the blocked CPU path with one row);
 ``last_scratch_bytes`` is the size of the last launch's partials.
 
@@ -26,8 +30,8 @@ import triton
 import triton.language as tl
 
 from .. import formats
-from . import KV_FORMAT_CODES, Q8_BLOCK, interpreted
-from .common import QB, QB_HALF, QD, QK, cache_args, load_kv_tile
+from . import KV_FORMAT_CODES, Q8_BLOCK, interpreted, q8_layout
+from .common import QK, cache_args, load_kv_tile
 
 LOG2E = 1.4426950408889634
 
@@ -38,18 +42,20 @@ CONFIG = {
     "num_warps": int(os.environ.get("KVBENCH_DECODE_WARPS", "4")),
     "num_stages": int(os.environ.get("KVBENCH_DECODE_STAGES", "3")),
     "precision": os.environ.get("KVBENCH_ATTN_PRECISION", "tf32x3"),   # float32 caches
-    "q8_words": os.environ.get("KVBENCH_DECODE_Q8_WORDS", "1") == "1",  # word-load q8_0 path
+    "q8_kernel": os.environ.get("KVBENCH_DECODE_Q8_KERNEL", "1") == "1",  # q8_0's own kernel
     "fuse_combine": os.environ.get("KVBENCH_DECODE_FUSE", "0") == "1",   # combine in the last program
     "q8_terms": (2, 2),       # float16 terms of q and p in the q8_0 dots (2: ~fp32, 1: ~2^-11)
     "max_splits": 256,
 }
-# Per-format defaults: the fastest variants of the sweep on an H100 (triton 3.6, ctx 16384,
-# 8 KV heads x 128, 32 query heads): fp32 67 us, bf16 40 us, q8_0 58 us. Environment
-# variables above, or ``cfg=``, still override them.
+# Per-format defaults: fp32 / bf16 the fastest variants of the sweep on an H100 (triton 3.6,
+# ctx 16384, 8 KV heads x 128, 32 query heads): fp32 67 us, bf16 40 us. q8_0 (split layout,
+# its own kernel): not yet timed, a first guess to be replaced by the H200 sweep
+# (benchmarks/bench_attention.py --sweep). Environment variables above, or ``cfg=``, still
+# override them.
 FORMAT_CONFIG = {
     "fp32": {"block_n": 32, "programs_per_sm": 2, "num_warps": 2, "num_stages": 3},
     "bf16": {"block_n": 32, "programs_per_sm": 2, "num_warps": 2, "num_stages": 3},
-    "q8_0": {"block_n": 32, "programs_per_sm": 4, "num_warps": 2, "num_stages": 3},
+    "q8_0": {"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3},
 }
 _ENV_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_DECODE_PROGRAMS_PER_SM",
              "num_warps": "KVBENCH_DECODE_WARPS", "num_stages": "KVBENCH_DECODE_STAGES"}
@@ -128,22 +134,10 @@ def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, P
 
 
 @triton.jit
-def _word_bytes(w):
-    """int32 [N, W] little-endian words -> their 4W signed bytes in memory order, as exact
-    float16, without int->float conversions: 0x6400 | (byte ^ 0x80) is the half 1024 + byte + 128."""
-    u = w.to(tl.uint32, bitcast=True) ^ 0x80808080
-    h0 = ((u & 0xFF) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
-    h1 = (((u >> 8) & 0xFF) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
-    h2 = (((u >> 16) & 0xFF) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
-    h3 = ((u >> 24) | 0x6400).to(tl.uint16).to(tl.float16, bitcast=True)
-    x = tl.join(tl.join(h0, h2), tl.join(h1, h3))       # [N, W, 2, 2]; [.., i, j] = byte 2 i + j
-    return tl.reshape(x, (w.shape[0], w.shape[1] * 4)) - 1152.0
-
-
-@triton.jit
-def _half(w, shift):
-    """The float16 held in the low (shift 0) or high (shift 16) half of int32 words, as float32."""
-    return ((w >> shift) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+def _i8_to_f16(x):
+    """int8 -> float16, exact, without an int->float conversion: the half with bits
+    0x6400 + (x + 128) is 1024 + x + 128."""
+    return (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
 
 
 @triton.jit
@@ -153,118 +147,92 @@ def _pow2_at_least(x):
 
 
 @triton.jit
-def _split2(x, SPLIT: tl.constexpr):
-    """float32 (|x| <= 2^14) -> (hi, lo) float16 with hi + lo = x to ~2^-22 (SPLIT=False: (x, 0))."""
-    if SPLIT:
-        hi = x.to(tl.float16)
+def _split2(x, TERMS: tl.constexpr):
+    """float32 (|x| <= 2^14) -> (hi, lo) float16 with hi + lo = x to ~2^-22 relative (TERMS=1:
+    lo = 0, ~2^-11)."""
+    hi = x.to(tl.float16)
+    if TERMS == 2:
         lo = (x - hi.to(tl.float32)).to(tl.float16)
-        return hi, lo
     else:
-        return x, x * 0.0
+        lo = hi * 0.0
+    return hi, lo
 
 
 @triton.jit
-def _dot2(a, bh, bl, SPLIT: tl.constexpr, TERMS: tl.constexpr = 2):
-    """a (exact in float16) @ (bh + bl) with float32 accumulation (TERMS=1: bh only, ~2^-11);
-    one float32 dot without SPLIT (the interpreter)."""
-    if SPLIT:
-        acc = tl.dot(a, bh, out_dtype=tl.float32)
-        if TERMS == 2:
-            acc = tl.dot(a, bl, acc, out_dtype=tl.float32)
-        return acc
-    else:
-        return tl.dot(a.to(tl.float32), bh, input_precision="ieee")
+def _dot2(a_hi, a_lo, b, TERMS: tl.constexpr):
+    """(a_hi + a_lo) @ b, b exact in float16 (int8 values): float16 tensor-core dots with
+    float32 accumulation (TERMS=1: a_hi only). The interpreter computes float16 dots in float32
+    (exact products), so the same arithmetic is tested on the CPU."""
+    acc = tl.dot(a_hi, b, out_dtype=tl.float32)
+    if TERMS == 2:
+        acc = tl.dot(a_lo, b, acc, out_dtype=tl.float32)
+    return acc
 
 
 @triton.jit
-def _decode_q8_kernel(Q, KW, VW, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
-                      n_keys, keys_per_split, n_splits, stride_kw, stride_vw, qk_scale,
-                      G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr, GB: tl.constexpr,
-                      BLOCK_N: tl.constexpr, TAIL_W: tl.constexpr, SPLIT: tl.constexpr,
+def _decode_q8_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
+                      n_keys, keys_per_split, n_splits, qk_scale,
+                      HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                      NB: tl.constexpr, BLOCK_N: tl.constexpr,
                       Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
                       S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
-    # A head segment is NB blocks of 34 bytes = SEG_W 4-byte words. The tensor-core dots run in
-    # "byte space": column c = g * NB + b of the query operand holds head g's values of block
-    # b at the byte offsets where block b's quants sit (zero elsewhere, scale bytes included),
-    # so a dot with the segment's raw bytes gives per-block partial scores, then scaled by d.
-    # Float16 operands (bytes are exact in them) carry power-of-two-normalised hi/lo halves.
-    SEG_W: tl.constexpr = NB * QB_HALF // 2
-    MAIN_W: tl.constexpr = NB * QK // 4                 # words holding bytes [0, 32 NB)
-    MAIN_B: tl.constexpr = NB * QK
-    TAIL_B: tl.constexpr = TAIL_W * 4                   # bytes [32 NB, 34 NB) + padding
-    GP: tl.constexpr = GB // NB
+    # One program: KV head h, context split sp, all G query heads of the group. The q8_0 cache
+    # is the split layout (q8_layout): quants int8 [rows, HKV, D], scales fp16 [rows, HKV, NB].
+    # A head's row is NB blocks of QK values; every tensor here carries the block as a leading
+    # batch axis, [NB, ., .], so the per-block scales never enter a dot:
+    #   s[g, n]    = sum_b dk[n, b] * (q[b, g, :] . kq[n, b, :])      (batched dot over b)
+    #   acc[b,g,:] += (p[g, n] * dv[n, b]) @ vq[n, b, :]             (batched dot over b)
+    # Quants are exact in float16 (|q| <= 127); q and p * dv are float32 split into two float16
+    # terms after power-of-two normalisation, so the dots are ~float32 and accumulate in
+    # float32. The int8 tiles are 16-byte vector loads of each head's contiguous quants.
+    RQ: tl.constexpr = HKV * D          # quants per token
+    RS: tl.constexpr = HKV * NB         # scales per token
     h = tl.program_id(0)
     sp = tl.program_id(1)
-    if DEV_POS:
+    if DEV_POS:                         # n_keys = position + 1 read on the device (CUDA graphs)
         n_keys = tl.load(POS).to(tl.int32) + 1
-    c = tl.arange(0, GB)
-    g = c // NB
-    b = c % NB
-    t1 = tl.arange(0, MAIN_B)
-    t2 = MAIN_B + tl.arange(0, TAIL_B)
-    j1 = t1[:, None] - QB * b[None, :] - QD             # index inside block b, valid in [0, 32)
-    j2 = t2[:, None] - QB * b[None, :] - QD
-    v1 = (j1 >= 0) & (j1 < QK) & (g < G)[None, :]
-    v2 = (j2 >= 0) & (j2 < QK) & (g < G)[None, :]
-    qcol = (h * G + g)[None, :] * D + QK * b[None, :]
-    q1 = tl.load(Q + qcol + j1, mask=v1, other=0.0)                    # [MAIN_B, GB]
-    q2 = tl.load(Q + qcol + j2, mask=v2, other=0.0)                    # [TAIL_B, GB]
-    qmax = tl.maximum(tl.max(tl.max(tl.abs(q1), axis=1), axis=0), tl.max(tl.max(tl.abs(q2), axis=1), axis=0))
-    qnorm = _pow2_at_least(tl.maximum(qmax, 1e-30)) / 8192.0           # q / qnorm <= 2^13
-    q1h, q1l = _split2(q1 / qnorm, SPLIT)
-    q2h, q2l = _split2(q2 / qnorm, SPLIT)
-    s_scale = qnorm * qk_scale
-    w1 = tl.arange(0, MAIN_W)
-    w2 = MAIN_W + tl.arange(0, TAIL_W)
-    tail_ok = w2 < SEG_W
-    swcol = h * SEG_W + (QB_HALF * b) // 2              # word holding block b's fp16 scale
-    sshift = 16 * (b % 2)                               # ... in its low or high half
+    ob = tl.arange(0, NB)
+    og = tl.arange(0, G_PAD)
+    oj = tl.arange(0, QK)
+    gmask = og < G
+    qo = (h * G + og)[None, :, None] * D + ob[:, None, None] * QK + oj[None, None, :]   # [NB, G_PAD, QK]
+    q = tl.load(Q + qo, mask=gmask[None, :, None], other=0.0) * qk_scale             # log2 domain
+    qmax = tl.max(tl.max(tl.max(tl.abs(q), axis=2), axis=1), axis=0)
+    qnorm = _pow2_at_least(tl.maximum(qmax, 1e-30)) / 8192.0                          # |q/qnorm| <= 2^13
+    qh, ql = _split2(q / qnorm, Q_TERMS)
+    kcol = h * D + ob[:, None, None] * QK + oj[None, :, None]                         # [NB, QK, 1]
+    vcol = h * D + ob[:, None, None] * QK + oj[None, None, :]                         # [NB, 1, QK]
+    scol = h * NB + ob[:, None]                                                       # [NB, 1]
     lo = sp * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)
-    m = tl.full([GP], float("-inf"), tl.float32)
-    l = tl.zeros([GP], tl.float32)
-    acc1 = tl.zeros([MAIN_B, GB], tl.float32)
-    acc2 = tl.zeros([TAIL_B, GB], tl.float32)
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([NB, G_PAD, QK], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         rows = offs_n.to(tl.int64)
-        kp = KW + rows[:, None] * stride_kw + h * SEG_W
-        vp = VW + rows[:, None] * stride_vw + h * SEG_W
-        kb1 = _word_bytes(tl.load(kp + w1[None, :], mask=mask_n[:, None], other=0))
-        kb2 = _word_bytes(tl.load(kp + w2[None, :], mask=mask_n[:, None] & tail_ok[None, :], other=0))
-        dk = _half(tl.load(KW + rows[:, None] * stride_kw + swcol[None, :], mask=mask_n[:, None], other=0), sshift)
-        sp_ = _dot2(kb1, q1h, q1l, SPLIT, Q_TERMS) + _dot2(kb2, q2h, q2l, SPLIT, Q_TERMS)      # [BLOCK_N, GB]
-        s = tl.sum(tl.reshape(sp_ * dk, (BLOCK_N, GP, NB)), axis=2) * s_scale
-        s = tl.where(mask_n[:, None], s, float("-inf"))                  # [BLOCK_N, GP]
-        # Lazy rescaling: move the running max only when it grows by more than 2^8, so most
-        # tiles skip rescaling the byte-space accumulators (p stays <= 256, exact either way).
-        m_new = tl.maximum(m, tl.max(s, axis=0))
-        if tl.max(m_new - m, axis=0) > 8.0:
-            alpha = tl.exp2(m - m_new)
-            l = l * alpha
-            ac = tl.reshape(tl.broadcast_to(alpha[:, None], (GP, NB)), (GB,))
-            acc1 = acc1 * ac[None, :]
-            acc2 = acc2 * ac[None, :]
-            m = m_new
-        p = tl.exp2(s - m[None, :])
-        l = l + tl.sum(p, axis=0)
-        dv = _half(tl.load(VW + rows[:, None] * stride_vw + swcol[None, :], mask=mask_n[:, None], other=0), sshift)
-        pb = tl.reshape(tl.broadcast_to(p[:, :, None], (BLOCK_N, GP, NB)), (BLOCK_N, GB)) * dv
-        pnorm = _pow2_at_least(tl.maximum(tl.max(pb, axis=0), 1e-30)) / 8192.0      # per column
-        pbh, pbl = _split2(pb / pnorm[None, :], SPLIT)
-        vb1 = tl.trans(_word_bytes(tl.load(vp + w1[None, :], mask=mask_n[:, None], other=0)))
-        vb2 = tl.trans(_word_bytes(tl.load(vp + w2[None, :], mask=mask_n[:, None] & tail_ok[None, :],
-                                           other=0)))
-        acc1 += _dot2(vb1, pbh, pbl, SPLIT, P_TERMS) * pnorm[None, :]            # [MAIN_B, GB]
-        acc2 += _dot2(vb2, pbh, pbl, SPLIT, P_TERMS) * pnorm[None, :]
-    gi = tl.arange(0, GP)
-    o = (h * G + gi) * n_splits + sp
-    tl.store(M_OUT + o, m, mask=gi < G)
-    tl.store(L_OUT + o, l, mask=gi < G)
-    ocol = ((h * G + g) * n_splits + sp)[None, :] * D + QK * b[None, :]
-    tl.store(ACC_OUT + ocol + j1, acc1, mask=v1)                         # byte space -> values
-    tl.store(ACC_OUT + ocol + j2, acc2, mask=v2)
+        kq = tl.load(KQ + rows[None, None, :] * RQ + kcol, mask=mask_n[None, None, :], other=0)  # [NB, QK, BN]
+        dk = tl.load(KS + rows[None, :] * RS + scol, mask=mask_n[None, :], other=0.0)          # [NB, BN]
+        s3 = _dot2(qh, ql, _i8_to_f16(kq), Q_TERMS)                                          # [NB, G_PAD, BN]
+        s = tl.sum(s3 * dk.to(tl.float32)[:, None, :], axis=0) * qnorm                      # [G_PAD, BN]
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])                                                     # <= 1
+        l = l * alpha + tl.sum(p, axis=1)
+        vq = tl.load(VQ + rows[None, :, None] * RQ + vcol, mask=mask_n[None, :, None], other=0)  # [NB, BN, QK]
+        dv = tl.load(VS + rows[None, :] * RS + scol, mask=mask_n[None, :], other=0.0).to(tl.float32)
+        pn = _pow2_at_least(tl.maximum(tl.max(dv, axis=1), 1e-30)) / 8192.0                 # [NB]
+        pbh, pbl = _split2(p[None, :, :] * (dv / pn[:, None])[:, None, :], P_TERMS)         # [NB, G_PAD, BN]
+        pv = _dot2(pbh, pbl, _i8_to_f16(vq), P_TERMS)                                       # [NB, G_PAD, QK]
+        acc = acc * alpha[None, :, None] + pv * pn[:, None, None]
+        m = m_new
+    o = (h * G + og) * n_splits + sp
+    tl.store(M_OUT + o, m, mask=gmask)
+    tl.store(L_OUT + o, l, mask=gmask)
+    ao = o[None, :, None] * D + ob[:, None, None] * QK + oj[None, None, :]
+    tl.store(ACC_OUT + ao, acc, mask=gmask[None, :, None])
     if FUSE:
         _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
 
@@ -328,9 +296,9 @@ def split_plan(n_keys: int, n_kv_heads: int, device: torch.device, cfg: dict = C
     return per, triton.cdiv(n_keys, per)
 
 
-def q8_word_path(head_dim: int) -> bool:
-    """Whether a q8_0 head segment is whole 4-byte words (an even number of 32-value blocks)."""
-    return head_dim % (2 * Q8_BLOCK) == 0
+def q8_kernel_fits(head_dim: int) -> bool:
+    """Whether q8_0's own kernel serves this head size: whole 32-value blocks per head."""
+    return not head_dim % Q8_BLOCK
 
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
@@ -349,7 +317,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         raise ValueError(f"decode kernel needs Hq % Hkv == 0 and a power-of-two head_dim >= 16 "
                          f"(Hq={Hq}, Hkv={n_kv_heads}, D={D})")
     if pos is not None:
-        n_keys, grid_keys = 1, k_buf.shape[0]
+        n_keys, grid_keys = 1, q8_layout.rows_view(k_buf, fmt, n_kv_heads, D).shape[0]
     elif n_keys < 1:
         raise ValueError("decode attention needs at least one key")
     else:
@@ -369,18 +337,17 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     fuse = bool(cfg["fuse_combine"])
     counter = _counter(q.device, n_kv_heads)
     comb = {"FUSE": fuse, "S_PAD": triton.next_power_of_2(splits), "BLOCK_S": min(32, triton.next_power_of_2(splits))}
-    if fmt == "q8_0" and cfg["q8_words"] and q8_word_path(D):
-        nb = D // Q8_BLOCK
-        kw, vw = k_buf.view(torch.int32), v_buf.view(torch.int32)
+    if fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D):
+        kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         _decode_q8_kernel[(n_kv_heads, splits)](
-            q, kw, vw, m, l, acc, out, counter, pos, n_keys, per, splits, kw.stride(0), vw.stride(0),
-            scale * LOG2E,
-            G=G, D=D, NB=nb, GB=max(16, triton.next_power_of_2(G * nb)), BLOCK_N=cfg["block_n"],
-            TAIL_W=max(4, triton.next_power_of_2(nb // 2)), SPLIT=split,
-            Q_TERMS=cfg["q8_terms"][0], P_TERMS=cfg["q8_terms"][1], **comb, **dev_pos, **launch)
+            q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
+            splits, scale * LOG2E,
+            HKV=n_kv_heads, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, NB=D // Q8_BLOCK,
+            BLOCK_N=cfg["block_n"], Q_TERMS=cfg["q8_terms"][0], P_TERMS=cfg["q8_terms"][1],
+            **comb, **dev_pos, **launch)
     else:
-        kv, ks, sk, sks = cache_args(k_buf, fmt)
-        vv, vs, sv, svs = cache_args(v_buf, fmt)
+        kv, ks, sk, sks = cache_args(k_buf, fmt, n_kv_heads, D)
+        vv, vs, sv, svs = cache_args(v_buf, fmt, n_kv_heads, D)
         _decode_split_kernel[(n_kv_heads, splits)](
             q, kv, ks, vv, vs, m, l, acc, out, counter, pos, n_keys, per, splits, sk, sks, sv, svs,
             scale * LOG2E,

@@ -4,12 +4,14 @@ Contract: ``kv_append(buf, start, x, fmt)`` writes ``x`` [T, Hkv, D] float32 int
 ``start..start+T-1`` of ``buf``: fp32 copies, bf16 rounds to nearest even (bytes equal to
 torch's ``.to(torch.bfloat16)`` and to ``gguf.quants`` BF16 on every non-NaN value; NaN
 becomes 0x7FC0 as in torch), q8_0 quantizes each token's flattened row of ``Hkv*D`` values
-into ggml ``block_q8_0`` (2-byte fp16 scale + 32 int8) with bytes equal to
-``gguf.quants.quantize(x, Q8_0)``. ``kv_append_ref`` is the torch reference and CPU path.
-Planted fault ``q8_scale_bf16`` (``KVBENCH_FAULT``, self-tests only) rounds each q8_0 scale to
-bfloat16 before storing it as fp16, in both paths.
+into ggml ``block_q8_0`` values (fp16 scale + 32 int8 per block), stored in the split layout
+of ``engine.kernels.q8_layout`` (quants and scales arrays; its ``to_ggml_blocks`` view equals
+``gguf.quants.quantize(x, Q8_0)`` byte for byte). ``kv_append_ref`` is the torch reference and
+CPU path. ``quantize_q8_0_ref`` / ``dequantize_q8_0_ref`` are the ggml block-byte codec (the
+interleaved bytes gguf writes and reads). Planted fault ``q8_scale_bf16`` (``KVBENCH_FAULT``,
+self-tests only) rounds each q8_0 scale to bfloat16 before storing it as fp16, in both paths.
 
-    buf = torch.empty(4096, 3 * 64 // 32 * 34, dtype=torch.uint8)
+    buf = q8_layout.alloc(4096, 3, 64)               # flat uint8: quants, then scales
     kv_append(buf, 0, k, "q8_0")                     # k: [T, 3, 64] float32
 """
 from __future__ import annotations
@@ -19,7 +21,8 @@ import triton
 import triton.language as tl
 
 from . import KV_FORMAT_CODES, Q8_BLOCK, Q8_BYTES, Q8_SCALE_BYTES, planted, use_triton
-from .common import QB, QB_HALF, QD, QK
+from . import q8_layout
+from .common import QK
 
 
 # --- Triton kernel --------------------------------------------------------------------------
@@ -28,6 +31,7 @@ def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_o
                       FMT: tl.constexpr, BLOCK: tl.constexpr, DEV_POS: tl.constexpr,
                       SCALE_BF16: tl.constexpr = False):
     # grid: (T, cdiv(n_cols, BLOCK)); one program stores BLOCK values of one token row.
+    # q8_0: OUT is the quants array (int8, row stride n_cols), OUT_S the scales array (fp16).
     # DEV_POS: OUT is the whole buffer and the first row is read from POS (a device int), so
     # the launch is the same at every position (CUDA graphs).
     t = tl.program_id(0)
@@ -61,12 +65,11 @@ def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_o
         r = tl.where(n < 0, -r, r)
         r = tl.where(r == r, r, 0.0)          # NaN (only from 0*inf or inf inputs) -> 0, as numpy on x86
         q = tl.reshape(r, (BLOCK,)).to(tl.int8)
-        blk = c // QK
-        tl.store(OUT + row * stride_out + blk * QB + QD + c % QK, q, mask=mask)
+        tl.store(OUT + row * stride_out + c, q, mask=mask)
         b = tl.program_id(1) * NB + tl.arange(0, NB)
         if SCALE_BF16:              # planted fault q8_scale_bf16: the scale at the wrong width
             d = d.to(tl.bfloat16).to(tl.float32)
-        tl.store(OUT_S + row * stride_out_s + b * QB_HALF, d.to(tl.float16), mask=b * QK < n_cols)
+        tl.store(OUT_S + row * stride_out_s + b, d.to(tl.float16), mask=b * QK < n_cols)
 
 
 def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
@@ -83,15 +86,20 @@ def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
     T = x.shape[0]
     n_cols = x.shape[1] * x.shape[2]
     x2 = x.reshape(T, n_cols).to(torch.float32).contiguous()
-    dst = buf if pos is not None else buf[start:start + T]
+    if fmt == "q8_0":
+        if n_cols % Q8_BLOCK:
+            raise ValueError(f"q8_0 rows need a multiple of {Q8_BLOCK} values, got {n_cols}")
+        dst = q8_layout.split(buf, x.shape[1], x.shape[2])
+    else:
+        dst = buf
+    if pos is None:
+        dst = dst[start:start + T]
     if fmt == "fp32":
         out, out_s, stride_s = dst.view(dst.shape[0], n_cols), dst, 0
     elif fmt == "bf16":
         out, out_s, stride_s = dst.view(dst.shape[0], n_cols).view(torch.int16), dst, 0
     elif fmt == "q8_0":
-        if n_cols % Q8_BLOCK:
-            raise ValueError(f"q8_0 rows need a multiple of {Q8_BLOCK} values, got {n_cols}")
-        out, out_s = dst.view(torch.int8), dst.view(torch.float16)
+        out, out_s = dst.quants, dst.scales
         stride_s = out_s.stride(0)
     else:
         raise ValueError(f"unknown KV format {fmt!r}")
@@ -105,28 +113,23 @@ def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
 
 
 # --- torch references -----------------------------------------------------------------------
+def _scale_fault(d: torch.Tensor) -> torch.Tensor:
+    """The planted fault q8_scale_bf16 (harness self-test): the scale rounded to the wrong width."""
+    return d.to(torch.bfloat16).to(torch.float32)
+
+
+def quantize_q8_0_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [..., n] (n % 32 == 0) -> (int8 quants [..., n], fp16 scales [..., n // 32]):
+    ``q8_layout.quantize`` with the planted fault applied when it is set."""
+    return q8_layout.quantize(x, _scale_fault if planted("q8_scale_bf16") else None)
+
+
 def quantize_q8_0_ref(x: torch.Tensor) -> torch.Tensor:
     """float32 [..., n] (n % 32 == 0) -> uint8 [..., n // 32 * 34], ggml block_q8_0 bytes."""
-    if x.shape[-1] % Q8_BLOCK:
-        raise ValueError(f"q8_0 needs the last dim to be a multiple of {Q8_BLOCK}, got {x.shape[-1]}")
-    lead = x.shape[:-1]
-    nb = x.shape[-1] // Q8_BLOCK
-    blocks = x.to(torch.float32).reshape(-1, Q8_BLOCK)
-    amax = blocks.abs().amax(dim=1, keepdim=True)
-    # tensor / tensor: CUDA turns a division by a Python scalar into a reciprocal multiply.
-    d = amax / torch.full_like(amax, 127.0)
-    inv = torch.where(d == 0, torch.zeros_like(d), torch.ones_like(d) / d)
-    n = blocks * inv
-    a = n.abs()
-    f = a.floor()
-    r = f + (2 * (a - f)).floor()
-    r = torch.where(n < 0, -r, r)
-    r = torch.where(torch.isnan(r), torch.zeros_like(r), r)
-    qs = r.to(torch.int8).view(torch.uint8)                              # [nblk, 32]
-    if planted("q8_scale_bf16"):      # harness self-test: the scale rounded to the wrong width
-        d = d.to(torch.bfloat16).to(torch.float32)
-    ds = d.to(torch.float16).view(torch.uint8)                           # [nblk, 2] little-endian
-    return torch.cat([ds, qs], dim=1).reshape(*lead, nb * Q8_BYTES)
+    lead, n = x.shape[:-1], x.shape[-1]
+    qs, ds = quantize_q8_0_parts(x)
+    rows = q8_layout.Q8Rows(qs.reshape(-1, 1, n), ds.reshape(-1, n // Q8_BLOCK))
+    return q8_layout.to_ggml_blocks(rows).reshape(*lead, n // Q8_BLOCK * Q8_BYTES)
 
 
 def dequantize_q8_0_ref(q: torch.Tensor, shape) -> torch.Tensor:
@@ -148,6 +151,9 @@ def kv_append_ref(buf: torch.Tensor, start: int, x: torch.Tensor, fmt: str) -> N
     elif fmt == "bf16":
         buf[start:start + T] = bf16_round_ref(x)
     elif fmt == "q8_0":
-        buf[start:start + T] = quantize_q8_0_ref(x.reshape(T, -1))
+        rows = q8_layout.split(buf, x.shape[1], x.shape[2])[start:start + T]
+        qs, ds = quantize_q8_0_parts(x.reshape(T, -1))
+        rows.quants.copy_(qs.reshape(rows.quants.shape))
+        rows.scales.copy_(ds)
     else:
         raise ValueError(f"unknown KV format {fmt!r}")

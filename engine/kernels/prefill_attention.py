@@ -29,7 +29,7 @@ import triton.language as tl
 
 from ..errors import ConfigError
 from ..formats import DEFAULT_WAVE_BUDGET  # noqa: F401  (the default budget callers plan with)
-from . import KV_FORMAT_CODES, Q8_BYTES, Q8_SCALE_BYTES, planted
+from . import KV_FORMAT_CODES, planted, q8_layout
 from .common import cache_args, load_kv_tile
 
 LOG2E = 1.4426950408889634
@@ -179,8 +179,8 @@ def prefill_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     block_n = cfg["block_n"]
     if D >= 128 and fmt != "bf16":     # 64 x 128 float32 K and V tiles x 3 stages overflow 227 KB
         block_n = min(block_n, 32)
-    kv, ks, sk, sks = cache_args(k_buf, fmt)
-    vv, vs, sv, svs = cache_args(v_buf, fmt)
+    kv, ks, sk, sks = cache_args(k_buf, fmt, n_kv_heads, D)
+    vv, vs, sv, svs = cache_args(v_buf, fmt, n_kv_heads, D)
     grid = (triton.cdiv(T, block_m), Hq)
     _prefill_kernel[grid](q, kv, ks, vv, vs, out, T, start, q.stride(0), out.stride(0),
                           sk, sks, sv, svs, scale * LOG2E, mask_shift,
@@ -212,18 +212,15 @@ def prefill_attention_flash(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.T
 # --- torch reference (the CPU path) ---------------------------------------------------------
 def dequant_rows_ref(buf: torch.Tensor, fmt: str, j0: int, j1: int, n_kv_heads: int,
                      head_dim: int) -> torch.Tensor:
-    """Cache rows [j0, j1) as float32 [Hkv, L, D] (a view for fp32, a fresh tensor otherwise)."""
-    rows = buf[j0:j1]
+    """Cache rows [j0, j1) as float32 [Hkv, L, D] (a view for fp32, a fresh tensor otherwise).
+    ``buf``: a buffer in row-indexable form (``q8_layout.rows_view``; q8_0 as ``Q8Rows``)."""
+    rows = q8_layout.rows_view(buf, fmt, n_kv_heads, head_dim)[j0:j1]
     if fmt == "fp32":
         x = rows
     elif fmt == "bf16":
         x = rows.to(torch.float32)
     elif fmt == "q8_0":
-        L = j1 - j0
-        blocks = rows.reshape(L, -1, Q8_BYTES)
-        d = blocks[..., :Q8_SCALE_BYTES].contiguous().view(torch.float16).to(torch.float32)  # [L, nb, 1]
-        qs = blocks[..., Q8_SCALE_BYTES:].view(torch.int8)                                   # [L, nb, 32]
-        x = (qs.to(torch.float32) * d).reshape(L, n_kv_heads, head_dim)
+        x = q8_layout.dequantize(rows)                                  # q * d, exact in float32
     else:
         raise ValueError(f"unknown KV format {fmt!r}")
     return x.permute(1, 0, 2)
@@ -242,6 +239,8 @@ def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Ten
     T, Hq, D = q.shape
     Hkv, G, R, KB = n_kv_heads, Hq // n_kv_heads, plan.chunk_rows, plan.key_block
     dev = q.device
+    k_buf = q8_layout.rows_view(k_buf, fmt, Hkv, D)                    # q8_0: quants + scales views
+    v_buf = q8_layout.rows_view(v_buf, fmt, Hkv, D)
     n_rows = k_buf.shape[0]
     out = torch.empty(T, Hq, D, device=dev, dtype=torch.float32)
     peak = 0
