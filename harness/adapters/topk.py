@@ -34,6 +34,7 @@ from ..checks.argmax import DEFAULT_MESSAGES
 from ..checks.base import Check, Outcome, chat_ids, register
 from ..engine_api import CAP_LOGITS, CAP_TOPK_LOGPROBS, capabilities_of
 from ..errors import SuiteError
+from ..metric_registry import metric
 from ..schema import CheckConfig, Message, param, threshold
 
 TINY = 1e-30
@@ -178,6 +179,18 @@ def topk_of(eng, tokens: list[int], k: int, chunk: int | None = None) -> TopK:
 @register
 class TopKArgmax(Check):
     kind = "topk_argmax"
+    metrics = (
+        metric("Top-1 in top-{k}", "%", "higher", "baseline top-1 among the engine's top-k"),
+        metric("Same top p", "%", "higher", "engine top-1 == baseline top-1"),
+        metric("Mean KLD (top-{k}+tail)", "nats", "lower", "KL over the top-k + one tail bucket: a lower bound",
+               show=("table", "side")),
+        metric("99.0% KLD (top-{k}+tail)", "nats", "lower", "lower bound, 99th percentile"),
+        metric("Maximum KLD (top-{k}+tail)", "nats", "lower", "lower bound, maximum"),
+        metric("Max abs logprob diff (top-{k})", "", "lower", "largest log-probability change of a top-k token"),
+        metric("Mean PPL(Q)/PPL(base)", "", "lower", "exp of the mean NLL difference"),
+        metric("Positions scored", "tokens", None, "positions with a known next token"),
+        metric("Positions", "tokens", None, "teacher-forced positions"),
+    )
     config = TopKArgmaxConfig
     # the row's engine needs top-k log-probabilities or full logits; the baseline (kvbench) has logits
     requires = frozenset()

@@ -42,6 +42,7 @@ from dataclasses import dataclass
 
 from ..engine_api import CAP_CHAT, CAP_GENERATE
 from ..errors import SuiteError
+from ..metric_registry import metric
 from ..metrics import common_prefix, longest_repeat_run
 from ..schema import CheckConfig, Message, param, threshold
 from .base import Check, Outcome, eos_ids, register
@@ -122,6 +123,14 @@ def divergence(base: list[int], new: list[int]) -> int | None:
 @register
 class Multiturn(Check):
     kind = "multiturn"
+    metrics = (
+        metric("Turns before divergence", "turns", "higher", "turns identical to the baseline's before the first divergence"),
+        metric("Identical tokens before divergence", "tokens", "higher", "answer tokens identical to the baseline's"),
+        metric("Long first divergence", "tokens", "higher", "first step of the long generation that differs"),
+        metric("Collapsed turns", "turns", "lower", "turns whose longest repeat run reaches collapse_run"),
+        metric("Long repeat run", "tokens", "lower", "longest repeat run of the long generation"),
+        metric("Collapse beyond fp32", "segments", "lower", "turns / long generation collapsed where the baseline did not"),
+    )
     config = MultiturnConfig
     requires = frozenset({CAP_GENERATE, CAP_CHAT})
 
