@@ -8,6 +8,8 @@ greedy tokens are identical. The GPU test does the same with the captured graph 
 """
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -255,3 +257,193 @@ def test_cuda_graph_moe_decode_matches_eager(model):
     err = (got - ref).abs().max().item()
     print(f"{model}: cuda graph vs eager MoE decode, f32 weights: logits max-abs {err:.2e}")
     assert err < GRAPH_TOL["fp32"]
+
+
+# --- issue 14.2: fused q/k/v, the routing kernel, the device embedding and token feedback ------
+DECODE_SETTINGS = ("KVBENCH_DECODE_FUSED_QKV", "KVBENCH_DECODE_ROUTE_KERNEL", "KVBENCH_DECODE_DEVICE_EMBED")
+
+
+def _prefill_torch(eng, prompt):
+    """Prefill through the torch reference kernels (fast in CI; same KV bytes as the Triton
+    ones: tests/test_kernels.py), so a static-decode test spends its time on the decode."""
+    prev = kernels.set_backend("torch")
+    try:
+        eng.prefill(prompt)
+    finally:
+        kernels.set_backend(prev)
+
+
+def _static_run(eng, monkeypatch, on: bool, n_logits=1, n_greedy=3):
+    """Static decode with the three settings all on / all off: (logits of n_logits steps fed
+    by hand, then n_greedy greedy tokens through decode_greedy, the final position)."""
+    for name in DECODE_SETTINGS:
+        monkeypatch.setenv(name, "1" if on else "0")
+    monkeypatch.setenv("KVBENCH_DECODE_READBACK", "2")      # batches of 2: a partial last one too
+    eng.set_decode_mode("static")
+    _prefill_torch(eng, PROMPT)
+    logits = torch.stack([eng.decode(PROMPT[-1] + i) for i in range(n_logits)])
+    sd = eng._static
+    assert (sd.fused_qkv, sd.route_kernel, sd.device_embed) == (on, on, on)
+    tokens = eng.decode_greedy(int(logits[-1].argmax()), n_greedy)
+    return logits, tokens, eng.pos
+
+
+@pytest.mark.parametrize("model", ["tiny-qwen3moe", "tiny-olmoe", "tiny-llama"])
+def test_decode_settings_on_match_off(model, triton_backend, monkeypatch):
+    """Fused q/k/v (one matmul), the route kernel (no sort) and the device embedding with the
+    argmax fed back on the device, all on, against all off (three matmuls, torch.topk, the row
+    embedded on the host): same float32 maths, so logits agree to summation order, and the
+    greedy tokens are identical; and both against the eager torch step."""
+    eng = engine.load(synth.ensure(model), kv_dtype="fp32", ctx=40)
+    eng.set_decode_mode("eager")
+    _prefill_torch(eng, PROMPT)
+    prev = kernels.set_backend("torch")
+    try:
+        eager = torch.stack([eng.decode(PROMPT[-1] + i) for i in range(1)])
+        eager_tokens = eng.decode_greedy(int(eager[-1].argmax()), 3)
+    finally:
+        kernels.set_backend(prev)
+    off_logits, off_tokens, off_pos = _static_run(eng, monkeypatch, False)
+    on_logits, on_tokens, on_pos = _static_run(eng, monkeypatch, True)
+    err, err_eager = (on_logits - off_logits).abs().max().item(), (on_logits - eager).abs().max().item()
+    print(f"{model}: settings on vs off max-abs {err:.2e}, on vs eager {err_eager:.2e}")
+    assert err < 1e-4 and err_eager < 1e-4
+    assert torch.equal(on_logits.argmax(-1), off_logits.argmax(-1))
+    assert on_tokens == off_tokens == eager_tokens
+    assert on_pos == off_pos == len(PROMPT) + 1 + 3
+
+
+def test_fused_qkv_views_share_storage_and_plan_equals_runtime(monkeypatch):
+    """wq/wk/wv are row views of one wqkv buffer (no extra bytes; the ledger records it once as
+    blk.i.wqkv) and plan == runtime to the byte, fused or not."""
+    from engine.hybrid import fuse_qkv
+    eng = engine.load(synth.ensure("tiny-qwen3moe"), ctx=32)
+    spec = eng.spec
+    for i, w in enumerate(eng.model.layers):
+        assert w.wqkv is not None and w.wqkv.shape == (spec.q_dim + 2 * spec.kv_dim, spec.d_model)
+        base = w.wqkv.untyped_storage().data_ptr()
+        size = w.wqkv.element_size() * spec.d_model
+        for view, row in ((w.wq, 0), (w.wk, spec.q_dim), (w.wv, spec.q_dim + spec.kv_dim)):
+            assert view.untyped_storage().data_ptr() == base and view.is_contiguous()
+            assert view.data_ptr() == w.wqkv.data_ptr() + row * size
+        assert all(t.untyped_storage().data_ptr() != base for t in w.tensors() if t is not w.wqkv)
+    names = eng.ledger.names
+    assert "blk.0.wqkv" in names and "blk.0.wq" not in names
+    assert all(r.diff == 0 for r in eng.ledger.compare(eng.plan) if r.tier == "trunk"), eng.ledger.compare(eng.plan)
+    fused_bytes = eng.ledger.current("weights", "trunk")
+    # the same weights as the file holds them (each tensor read straight into its rows)
+    g = eng.gguf
+    assert torch.equal(eng.model.layers[1].wk, g.tensor("blk.1.attn_k.weight", tuple(eng.model.layers[1].wk.shape)))
+    monkeypatch.setenv("KVBENCH_DECODE_FUSED_QKV", "0")
+    sep = engine.load(synth.ensure("tiny-qwen3moe"), ctx=32)
+    assert sep.model.layers[0].wqkv is None and "blk.0.wq" in sep.ledger.names
+    assert sep.ledger.current("weights", "trunk") == fused_bytes
+    assert torch.equal(sep.model.layers[1].wk, eng.model.layers[1].wk)
+    # CUDA rounds each block to 512 B; the planner prices three buffers: fuse only where that is the same
+    monkeypatch.setenv("KVBENCH_DECODE_FUSED_QKV", "1")
+    cuda = torch.device("cuda")
+    assert fuse_qkv(spec, torch.float32, cuda) == (spec.q_dim * spec.d_model * 4 % 512 == 0
+                                                   and spec.kv_dim * spec.d_model * 4 % 512 == 0)
+    odd = dataclasses.replace(spec, d_model=36)
+    assert fuse_qkv(odd, torch.bfloat16, torch.device("cpu")) and not fuse_qkv(odd, torch.bfloat16, cuda)
+
+
+def test_device_embed_copy_is_planned_and_recorded(monkeypatch):
+    """An untied model whose head is on a CUDA trunk plans a trunk copy of token_embd (the
+    static step gathers the token there); a tied one reads its head's copy; the CPU reads the
+    host table. The copy is recorded in the ledger, kept by a takeover that wants it, freed by
+    one that does not."""
+    from engine import hybrid
+    from engine.ledger import Ledger
+    from engine.planner import plan, round_alloc, spec_for_model
+    untied, tied = spec_for_model("tiny-qwen3moe"), spec_for_model("tiny-llama")
+    assert not untied.tied_output and tied.tied_output
+    kw = dict(ctx=64, vram_budget=1 << 30, reserve_bytes=0)
+    on = plan(untied, device="cuda", **kw)
+    monkeypatch.setenv("KVBENCH_DECODE_DEVICE_EMBED", "0")
+    off = plan(untied, device="cuda", **kw)
+    monkeypatch.setenv("KVBENCH_DECODE_DEVICE_EMBED", "1")
+    table = round_alloc(untied.vocab_size * untied.d_model * 4, "cuda")
+    assert (on.embed_tier, off.embed_tier) == ("trunk", "host")
+    assert on.trunk.weights - off.trunk.weights == table
+    assert on.expert_slots == off.expert_slots                     # 1 GiB holds every expert either way
+    assert plan(tied, device="cuda", **kw).embed_tier == "host"     # the tied head's output is the table
+    assert plan(untied, device="cpu", **kw).embed_tier == "host"    # the host table is on the device
+    # a budget that holds the head but not the copy too: no copy (the step stages on the host)
+    min_cache = untied.n_experts_used * off.expert_slot_bytes       # the head's fit test: n_used slots
+    tight = plan(untied, device="cuda", ctx=64, vram_budget=off.trunk.total - off.trunk.expert_cache + min_cache,
+                 reserve_bytes=0)
+    assert tight.head_tier == "trunk" and tight.embed_tier == "host"
+    # binding: recorded as trunk weights, kept or freed by a takeover
+    eng = engine.load(synth.ensure("tiny-qwen3moe"), ctx=32)
+    led, model = Ledger("cpu"), eng.model
+    place = hybrid.Placement(["trunk"] * untied.n_layers, [torch.device("cpu")] * untied.n_layers,
+                             torch.device("cpu"), [], torch.device("cpu"))
+    hybrid._bind_embed_copy(model, on, place, led, None)
+    copy = model.embed_device
+    assert copy is not None and torch.equal(copy, model.embed) and copy.data_ptr() != model.embed.data_ptr()
+    assert led.current("weights", "trunk") == copy.numel() * copy.element_size() and "token_embd.trunk" in led.names
+    hybrid._bind_embed_copy(model, on, place, led, copy)
+    assert model.embed_device is copy and led.current("weights", "trunk") > 0
+    hybrid._bind_embed_copy(model, off, place, led, copy)
+    assert model.embed_device is None and led.current("weights", "trunk") == 0
+
+
+def test_greedy_batches_stop_at_eos_and_leave_the_position_right(triton_backend, monkeypatch):
+    """Tokens read back in batches of 4: an EOS inside a batch ends the answer there (the steps
+    queued after it are not returned), max_new_tokens is never exceeded, ``eng.pos`` is where
+    one step at a time leaves it, and decoding on from there matches the eager engine."""
+    eng = engine.load(synth.ensure("tiny-llama"), ctx=40)
+    free = eng.generate(PROMPT, 8, stop_at_eos=False)
+    j = next(j for j in range(2, 8) if free[j] not in free[:j])      # a token first seen at j >= 2
+    eos = free[j]
+    monkeypatch.setattr(eng.tokenizer, "eos_ids", frozenset({eos}), raising=False)
+    eager = eng.generate(PROMPT, 8)
+    eager_pos = eng.pos
+    eager_next = eng.decode(eos)
+    assert eager == free[:j + 1] and eager_pos == len(PROMPT) + j and eng.last_stop_reason == "eos"
+    monkeypatch.setenv("KVBENCH_DECODE_READBACK", "4")
+    eng.set_decode_mode("static")
+    got = eng.generate(PROMPT, 8)
+    assert eng._static.device_embed and got == eager and eng.pos == eager_pos and eng.last_stop_reason == "eos"
+    assert (eng.decode(eos) - eager_next).abs().max().item() < 1e-4   # the KV past the EOS was harmless
+    assert eng.generate(PROMPT, 3, stop_at_eos=False) == free[:3] and eng.pos == len(PROMPT) + 2
+    assert eng.generate(PROMPT, 1) == free[:1] and eng.pos == len(PROMPT)
+
+
+def test_static_step_without_a_device_token_is_refused(triton_backend, monkeypatch):
+    monkeypatch.setenv("KVBENCH_DECODE_DEVICE_EMBED", "0")
+    eng = engine.load(synth.ensure("tiny-llama"), ctx=32)
+    eng.set_decode_mode("static")
+    eng.prefill(PROMPT)
+    with pytest.raises(ValueError, match="needs device_embed"):
+        eng._static_decoder().step(None, eng.pos)
+    assert not eng._static.device_embed
+    got = eng.decode_greedy(3, 3)                        # the host-staged path, one read-back a step
+    eng.set_decode_mode("eager")
+    eng.prefill(PROMPT)
+    assert got == eng.decode_greedy(3, 3)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model", ["tiny-qwen3moe", "tiny-llama", "coder30b-mini-synth"])
+def test_cuda_graph_decode_settings_on_match_off(model, monkeypatch):
+    """The captured step with fused q/k/v, the route kernel and the device embedding (an
+    untied model's planned trunk copy of token_embd; a tied one reads its head) against all
+    three off: same greedy tokens, logits within GRAPH_TOL, plan == runtime to the byte."""
+    eng = engine.load(synth.ensure(model), kv_dtype="fp32", device="cuda", ctx=64, weight_format="f32")
+    assert eng.decode_path == "cuda_graph", eng.decode_path_reason
+    assert all(r.diff == 0 for r in eng.ledger.compare(eng.plan) if r.tier == "trunk"), eng.ledger.compare(eng.plan)
+    assert (eng.plan.embed_tier == "trunk") == (not eng.spec.tied_output)
+    out = {}
+    for on in (False, True):
+        for name in DECODE_SETTINGS:
+            monkeypatch.setenv(name, "1" if on else "0")
+        eng.set_decode_mode("cuda_graph")
+        eng.prefill(PROMPT)
+        logits = torch.stack([eng.decode(PROMPT[-1] + i) for i in range(4)])
+        assert eng._static.device_embed == on and eng._static.graph is not None
+        out[on] = logits, eng.generate(PROMPT, 24, stop_at_eos=False), eng.pos
+    err = (out[True][0] - out[False][0]).abs().max().item()
+    print(f"{model}: cuda graph settings on vs off, f32 weights: logits max-abs {err:.2e}")
+    assert err < GRAPH_TOL["fp32"] and out[True][1:] == out[False][1:]
