@@ -21,8 +21,26 @@ one step per path (top kernels by device time, kernel count, time per category).
 variant is recorded under ``failed`` and the run goes on; ``--max-seconds`` skips what no
 longer fits. Writes ``--out`` JSON; the last stdout line is a compact JSON document.
 
+Settings variants (``--variants``, issue 14.2): each (KV dtype, depth) case times every path
+once per variant, a named set of ``KVBENCH_DECODE_*`` settings applied around its timing
+(the static step is rebuilt and recaptured for each): ``default`` (the settings as the
+environment has them: fused q/k/v, route kernel and device embedding on unless set off),
+``baseline`` (all three off: the step measured on 2026-12-03), ``no_fused_qkv``,
+``no_route_kernel``, ``no_device_embed``, ``only_fused_qkv``, ``only_route_kernel``,
+``only_device_embed``, or an ad-hoc ``NAME:KEY=VALUE+KEY=VALUE``. The weights are loaded
+once with the defaults (q/k/v stored fused, token_embd's device copy planned), so a variant
+changes only what the step does. The case's ``paths`` hold the first variant's results (the
+schema of one-variant runs); ``by_variant`` holds every variant's ``settings``, ``paths``
+and ``path_errors``; summary rows carry ``variant``. ``--timing greedy`` (or ``both``) also
+times the back-to-back greedy loop ``generate`` runs (``Engine.decode_greedy``: with the
+device embedding, steps queued with no host round trip, tokens read back every
+``KVBENCH_DECODE_READBACK`` steps) as ``greedy_tok_s``; ``decode`` (default) times only
+``eng.decode`` + an argmax read-back per step (``tok_s``, as before).
+
     python benchmarks/bench_moe_decode.py --out moe_decode.json             # H200: ~4-5 min
     python benchmarks/bench_moe_decode.py --model tiny-qwen3moe --device cpu --depths 8,40 --steps 2
+    python benchmarks/bench_moe_decode.py --kv bf16 --depths 16 --paths cuda_graph --timing both \
+        --variants default,baseline,no_fused_qkv,no_route_kernel,no_device_embed --out v.json
 """
 from __future__ import annotations
 
@@ -175,8 +193,57 @@ def profile_step(step, dev: torch.device, top: int = 15) -> dict:
                     for n, (c, us) in rows]}
 
 
+# --- settings variants -------------------------------------------------------------------------
+DECODE_SETTINGS = {"fused_qkv": "KVBENCH_DECODE_FUSED_QKV", "route_kernel": "KVBENCH_DECODE_ROUTE_KERNEL",
+                   "device_embed": "KVBENCH_DECODE_DEVICE_EMBED"}
+VARIANTS = {"default": {}, "baseline": {v: "0" for v in DECODE_SETTINGS.values()}}
+for _short, _name in DECODE_SETTINGS.items():
+    VARIANTS[f"no_{_short}"] = {_name: "0"}
+    VARIANTS[f"only_{_short}"] = {v: "1" if v == _name else "0" for v in DECODE_SETTINGS.values()}
+
+
+def parse_variants(text: str) -> dict[str, dict[str, str]]:
+    """``default,baseline,...`` or ``NAME:KEY=VALUE+KEY=VALUE`` -> {name: {setting: value}}
+    (every setting validated by ``engine.settings``)."""
+    from engine import settings
+    out = {}
+    for item in (t.strip() for t in text.split(",") if t.strip()):
+        if ":" in item:
+            name, _, body = item.partition(":")
+            env = dict(kv.split("=", 1) for kv in body.split("+") if kv)
+        elif item in VARIANTS:
+            name, env = item, VARIANTS[item]
+        else:
+            raise SystemExit(f"error: --variants: unknown variant {item!r} (known: {', '.join(VARIANTS)}, "
+                             f"or NAME:KVBENCH_X=V+KVBENCH_Y=W)")
+        for key, value in env.items():
+            if key not in settings.SETTINGS:
+                raise SystemExit(f"error: --variants {name}: {key} is not a kvbench setting")
+            settings._parse(settings.SETTINGS[key], value)     # malformed: ConfigError now, not mid-run
+        out[name] = dict(env)
+    return out or {"default": {}}
+
+
+class applied_settings:
+    """Set ``env`` in os.environ for a block, restore what was there after."""
+
+    def __init__(self, env: dict[str, str]):
+        self.env, self.saved = env, {}
+
+    def __enter__(self):
+        self.saved = {k: os.environ.get(k) for k in self.env}
+        os.environ.update(self.env)
+
+    def __exit__(self, *exc):
+        for k, v in self.saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 # --- one variant ------------------------------------------------------------------------------
-def time_path(eng, path: str, depth: int, prompt: list[int], args, stream: list[int]) -> dict:
+def time_path(eng, path: str, depth: int, prompt: list[int], args, stream: list[int], variant: str = "default") -> dict:
     dev = eng.device
     eng.set_decode_mode(path)                    # ConfigError when the path cannot be applied
     t = time.perf_counter()
@@ -214,11 +281,27 @@ def time_path(eng, path: str, depth: int, prompt: list[int], args, stream: list[
     r = {"path": path, "reason": eng.decode_path_reason, "fill_s": fill_s, "warmup_s": warm_s,
          "compiled": getattr(static, "compiled", None), "captured": getattr(static, "graph", None) is not None,
          "steps_per_rep": steps, "tok_s": spread(samples), "tok_s_samples": samples}
-    if args.profile == "all" or (args.profile == "first" and not args._profiled.get(path)):
+    if static is not None:
+        r["settings"] = {"fused_qkv": static.fused_qkv, "route_kernel": static.route_kernel,
+                         "device_embed": static.device_embed}
+    if args.timing in ("greedy", "both") and path != "eager":
+        greedy = []                              # generate's loop: back to back, batched read-backs
+        for _ in range(args.reps):
+            rewind()
+            sync(dev)
+            t = time.perf_counter()
+            eng.decode_greedy(stream[j % len(stream)], steps)
+            sync(dev)
+            greedy.append(steps / (time.perf_counter() - t))
+        from engine import settings
+        r.update(greedy_tok_s=spread(greedy), greedy_tok_s_samples=greedy,
+                 readback=settings.get("KVBENCH_DECODE_READBACK"))
+    key = (variant, path)
+    if args.profile == "all" or (args.profile == "first" and not args._profiled.get(key)):
         rewind()
         try:
             r["profile"] = profile_step(step, dev)
-            args._profiled[path] = True
+            args._profiled[key] = True
         except Exception as exc:                 # noqa: BLE001 - the profiler is optional evidence
             r["profile_error"] = f"{type(exc).__name__}: {str(exc)[:200]}"
     return r
@@ -233,11 +316,30 @@ def run_variant(eng, kv: str, depth: int, args, bw: dict, stream: list[int]) -> 
     st0 = eng.expert_cache.stats() if eng.expert_cache is not None else None
     out = {"kv": kv, "depth": depth, "ctx": eng.ctx, "kv_dtypes_applied": sorted(set(eng.kv_dtypes)),
            "expert_slots": eng.plan.expert_slots, "trunk_experts": eng.plan.trunk_experts,
-           "n_gpu_layers": eng.plan.n_gpu_layers, "bytes_per_token": per_tok, "paths": {}, "path_errors": {}}
+           "n_gpu_layers": eng.plan.n_gpu_layers, "bytes_per_token": per_tok, "paths": {}, "path_errors": {},
+           "embed_tier": getattr(eng.plan, "embed_tier", None), "by_variant": {}}
+    for n, (variant, env) in enumerate(args.variants.items()):
+        with applied_settings(env):
+            res = time_paths(eng, kv, depth, prompt, args, bw, stream, per_tok, variant)
+        out["by_variant"][variant] = {"settings": env, **res}
+        if n == 0:                                # the first variant: the one-variant schema
+            out["paths"], out["path_errors"] = res["paths"], res["path_errors"]
+    if eng.expert_cache is not None:            # counts over this variant (every path, prefills included)
+        st = eng.expert_cache.stats()
+        c = {k: st[k] - st0[k] for k in ("hits", "misses", "evictions", "resident_hits", "preloaded", "bytes_moved")}
+        c.update(resident=st["resident"], hit_rate=c["hits"] / max(c["hits"] + c["misses"], 1))
+        out["expert_cache"] = c
+    return out
+
+
+def time_paths(eng, kv, depth, prompt, args, bw, stream, per_tok, variant: str) -> dict:
+    """Every path of one case under the settings in force: {"paths", "path_errors"}."""
+    out = {"paths": {}, "path_errors": {}}
+    tag = "" if variant == "default" and len(args.variants) == 1 else f" [{variant}]"
     for path in args.paths:
         try:
             try:
-                r = time_path(eng, path, depth, prompt, args, stream)
+                r = time_path(eng, path, depth, prompt, args, stream, variant)
             except ConfigError as exc:
                 if "torch.compile" not in str(exc) or os.environ.get("KVBENCH_DECODE_COMPILE") == "0":
                     raise
@@ -245,25 +347,21 @@ def run_variant(eng, kv: str, depth: int, args, bw: dict, stream: list[int]) -> 
                 doc_note = f"torch.compile failed ({str(exc)[:200]}); KVBENCH_DECODE_COMPILE=0 from here on"
                 print(f"  {kv:5} depth {depth:6} {path}: {doc_note}", flush=True)
                 os.environ["KVBENCH_DECODE_COMPILE"] = "0"
-                r = time_path(eng, path, depth, prompt, args, stream)
+                r = time_path(eng, path, depth, prompt, args, stream, variant)
                 r["compile_failed"] = doc_note
         except Exception as exc:                 # noqa: BLE001 - record, go on to the next path
             out["path_errors"][path] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
             out["path_errors"][path + "_trace"] = traceback.format_exc(limit=6)[-1500:]
-            print(f"  {kv:5} depth {depth:6} {path}: FAILED {out['path_errors'][path]}", flush=True)
+            print(f"  {kv:5} depth {depth:6} {path}{tag}: FAILED {out['path_errors'][path]}", flush=True)
             continue
         med = r["tok_s"]["median"]
         r.update(gb_s=med * per_tok / 1e9, roofline_tok_s=bw["copy"] / per_tok,
                  roofline_frac=med * per_tok / bw["copy"])
         out["paths"][path] = r
-        print(f"  {kv:5} depth {depth:6} {path:10}: {med:8.2f} tok/s (min {r['tok_s']['min']:.2f}, max "
-              f"{r['tok_s']['max']:.2f}), {r['gb_s']:7.1f} GB/s = {r['roofline_frac']:5.1%} of copy; "
+        greedy = f", greedy {r['greedy_tok_s']['median']:.2f} tok/s" if "greedy_tok_s" in r else ""
+        print(f"  {kv:5} depth {depth:6} {path:10}{tag}: {med:8.2f} tok/s (min {r['tok_s']['min']:.2f}, max "
+              f"{r['tok_s']['max']:.2f}), {r['gb_s']:7.1f} GB/s = {r['roofline_frac']:5.1%} of copy{greedy}; "
               f"warm-up {r['warmup_s']:.1f} s", flush=True)
-    if eng.expert_cache is not None:            # counts over this variant (every path, prefills included)
-        st = eng.expert_cache.stats()
-        c = {k: st[k] - st0[k] for k in ("hits", "misses", "evictions", "resident_hits", "preloaded", "bytes_moved")}
-        c.update(resident=st["resident"], hit_rate=c["hits"] / max(c["hits"] + c["misses"], 1))
-        out["expert_cache"] = c
     return out
 
 
@@ -283,6 +381,11 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--profile", choices=("all", "first", "none"), default="all",
                    help="profile one step of each path in every variant / the first variant only / never")
+    p.add_argument("--variants", default="default",
+                   help="settings variants timed in every case: " + ", ".join(VARIANTS) + " or NAME:KEY=V+KEY=W")
+    p.add_argument("--timing", choices=("decode", "greedy", "both"), default="decode",
+                   help="decode: eng.decode + argmax read-back per step (tok_s); greedy: also the back-to-back "
+                        "greedy loop of generate (greedy_tok_s); both: the two")
     p.add_argument("--no-kernel-bench", action="store_true")
     p.add_argument("--no-sweep", action="store_true", help="kernel bench at the default tiles only")
     p.add_argument("--max-seconds", type=float, default=330.0, help="skip variants that would end after this")
@@ -293,6 +396,7 @@ def main(args) -> int:
     t_start = time.perf_counter()
     dev = torch.device(args.device)
     args.paths = (args.paths or ("eager,cuda_graph" if dev.type == "cuda" else "eager,static")).split(",")
+    args.variants = parse_variants(args.variants) if isinstance(args.variants, str) else args.variants
     args._profiled = {}
     if dev.type == "cpu" and any(p != "eager" for p in args.paths):
         kernels.set_backend("triton")            # the static step needs the kernels (interpreted)
@@ -302,6 +406,7 @@ def main(args) -> int:
            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "weight_format": args.weight_format, "paths": args.paths,
            "fill": args.fill, "reps": args.reps, "steps": args.steps, "eager_steps": args.eager_steps,
+           "settings_variants": args.variants, "timing": args.timing,
            "variants": [], "skipped": [], "failed": []}
     try:
         import triton
@@ -381,15 +486,25 @@ def main(args) -> int:
 
 
 def table(doc: dict) -> str:
-    head = f"{'kv':5} {'depth':>6} {'path':10} {'tok/s':>8} {'min':>8} {'max':>8} {'GB/s':>7} {'%copy':>6} {'kernels':>7}"
+    head = (f"{'kv':5} {'depth':>6} {'path':10} {'variant':16} {'tok/s':>8} {'min':>8} {'max':>8} {'GB/s':>7} "
+            f"{'%copy':>6} {'kernels':>7} {'greedy':>8}")
     lines = [head, "-" * len(head)]
     for v in doc["variants"]:
-        for path, r in v["paths"].items():
+        for variant, path, r in _rows(v):
             prof = r.get("profile", {})
-            lines.append(f"{v['kv']:5} {v['depth']:6} {path:10} {r['tok_s']['median']:8.2f} {r['tok_s']['min']:8.2f} "
-                         f"{r['tok_s']['max']:8.2f} {r['gb_s']:7.1f} {r['roofline_frac']:6.1%} "
-                         f"{prof.get('kernels', '-'):>7}")
+            greedy = f"{r['greedy_tok_s']['median']:8.2f}" if "greedy_tok_s" in r else f"{'-':>8}"
+            lines.append(f"{v['kv']:5} {v['depth']:6} {path:10} {variant:16} {r['tok_s']['median']:8.2f} "
+                         f"{r['tok_s']['min']:8.2f} {r['tok_s']['max']:8.2f} {r['gb_s']:7.1f} {r['roofline_frac']:6.1%} "
+                         f"{prof.get('kernels', '-'):>7} {greedy}")
     return "\n".join(lines)
+
+
+def _rows(v: dict):
+    """(variant, path, result) of one case: every settings variant (older JSON: ``paths`` only)."""
+    by = v.get("by_variant") or {"default": {"paths": v["paths"]}}
+    for variant, res in by.items():
+        for path, r in res["paths"].items():
+            yield variant, path, r
 
 
 def summary(doc: dict) -> dict:
@@ -400,10 +515,15 @@ def summary(doc: dict) -> dict:
             "old_moe_us": round(kb["index_select_bmm"]["us"], 2) if kb else None,
             "tok_s": [{"kv": v["kv"], "depth": v["depth"], "path": p, "median": round(r["tok_s"]["median"], 2),
                        "min": round(r["tok_s"]["min"], 2), "max": round(r["tok_s"]["max"], 2),
-                       "roof": round(r["roofline_frac"], 3)}
-                      for v in doc["variants"] for p, r in v["paths"].items()],
+                       "roof": round(r["roofline_frac"], 3),
+                       **({"variant": var} if len(v.get("by_variant") or {}) > 1 else {}),
+                       **({"greedy": round(r["greedy_tok_s"]["median"], 2)} if "greedy_tok_s" in r else {})}
+                      for v in doc["variants"] for var, p, r in _rows(v)],
             "path_errors": [(v["kv"], v["depth"], p) for v in doc["variants"] for p in v["path_errors"]
-                            if not p.endswith("_trace")],
+                            if not p.endswith("_trace")] +
+                           [(v["kv"], v["depth"], f"{p} [{var}]") for v in doc["variants"]
+                            for i, (var, res) in enumerate((v.get("by_variant") or {}).items()) if i
+                            for p in res["path_errors"] if not p.endswith("_trace")],
             "skipped": [(s["kv"], s["depth"]) for s in doc["skipped"]],
             "failed": [(s["kv"], s["depth"]) for s in doc["failed"]]}
 
