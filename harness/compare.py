@@ -309,10 +309,14 @@ def _engine_of(res: Results) -> str:
     return str((res.manifest.get("engine") or {}).get("spec") or "kvbench")
 
 
-# the metrics set side by side when two runs' narrowed rows ran on different engines
-SIDE_METRICS = ("Mean KLD", "Max abs logit diff", "Same top p", "Top-1 in top-5", "KV-only Mean KLD",
-                "KV-only Max abs logit diff", "Mean PPL(Q)/PPL(base)", "KV bytes (runtime)", "KV dtype mismatches",
-                "Identical prefix", "Longest repeat run")
+def _side(rec: dict, tables: list[dict]) -> bool:
+    """Whether a metric record goes in the engines side-by-side table: its declaration lists
+    the ``"side"`` view or is in tok/s (``harness.metric_registry``), or it is one of the
+    engine pool's KV-only records (``harness.engines``: narrowed vs the same engine's widest KV)."""
+    if str(rec.get("metric", "")).startswith("KV-only "):
+        return True
+    decl = _declaration(rec.get("kind") or "", rec["metric"], tables)
+    return decl is not None and ("side" in decl.show or decl.unit == "tok/s")
 
 
 def engines_side_by_side(base: Results, head: Results) -> str:
@@ -320,13 +324,14 @@ def engines_side_by_side(base: Results, head: Results) -> str:
     statement that the verdicts below compare engines, not versions, and a table of the
     accuracy, KV and speed metrics of every narrowed case in both runs, engine beside engine
     (e.g. llama.cpp q8_0 KV next to kvbench q8_0 KV on the same model and tokens). Top-k+tail
-    KLDs (lower bounds) and tok/s are included by name. Empty when the engines are the same."""
+    KLDs (lower bounds) and tok/s come from the metric registry's ``"side"`` view. Empty when
+    the engines are the same."""
     be, he = _engine_of(base), _engine_of(head)
     if be == he:
         return ""
-    keep = lambda m: m in SIDE_METRICS or "+tail)" in m or m.startswith(("pp", "tg"))   # noqa: E731
-    bm = {(*case_key(r), r["metric"]): r.get("value") for r in base.of_type("metric") if keep(r["metric"])}
-    hm = {(*case_key(r), r["metric"]): r.get("value") for r in head.of_type("metric") if keep(r["metric"])}
+    tables = [metric_registry.from_json(res.manifest.get("metrics")) for res in (head, base)]
+    bm = {(*case_key(r), r["metric"]): r.get("value") for r in base.of_type("metric") if _side(r, tables)}
+    hm = {(*case_key(r), r["metric"]): r.get("value") for r in head.of_type("metric") if _side(r, tables)}
     baseline = ((head.manifest.get("suite") or {}).get("suite") or {}).get("baseline", "fp32")
     rows = []
     for key in dict.fromkeys([*bm, *hm]):

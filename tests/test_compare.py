@@ -155,3 +155,30 @@ def test_a_recorded_declaration_serves_a_check_the_code_no_longer_has(tmp_path):
         write_manifest(d, {**man, "metrics": table})
     assert metric_registry.lookup("retired_check", "Mean KLD") is None
     assert [r["metric"] for r in compare(base, head).regressions] == ["Mean KLD"]
+
+
+def test_engines_side_by_side_lists_what_the_registry_shows_side_by_side(tmp_path, monkeypatch):
+    """Two runs whose narrowed rows ran on different engines: the side-by-side table takes its
+    metrics from the registry's 'side' view (Mean KLD, Same top p, KV bytes) plus the engine
+    pool's KV-only records, and leaves out descriptive ones (Positions)."""
+    snap = _snap(monkeypatch)
+    runs = []
+    for name, spec, kld in (("a", None, 0.01), ("b", "llama.cpp", 0.03)):
+        d = make_run(tmp_path / name, snap, kld=kld)
+        with (d / RECORDS).open("a") as f:
+            for rec in (_metric("q8_0", "argmax", "Same top p", 97.0, "%", "higher"),
+                        _metric("q8_0", "argmax", "Positions", 160, "tokens"),
+                        _metric("q8_0", "argmax", "KV-only Mean KLD", 0.02, "nats", "lower")):
+                f.write(json.dumps(rec) + "\n")
+        if spec:
+            m = json.loads((d / MANIFEST).read_text())
+            m["engine"] = {"name": spec, "spec": spec}
+            write_manifest(d, m)
+        runs.append(d)
+    out = compare(runs[0], runs[1])
+    assert "Engines side by side: base `kvbench`, head `llama.cpp`" in out.engines
+    table = out.engines.split("\n")
+    assert any("Mean KLD" in line and "0.01" in line and "0.03" in line for line in table)
+    assert any("Same top p" in line for line in table) and any("KV-only Mean KLD" in line for line in table)
+    assert not any("| Positions |" in line for line in table)
+    assert compare(runs[0], runs[0]).engines == ""

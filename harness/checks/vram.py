@@ -102,7 +102,8 @@ class Vram(Check):
     needs_baseline = False
     requires = frozenset({CAP_KV_APPLIED, CAP_GENERATE, CAP_CHAT})   # plan / KV bytes when declared
     metrics = (
-        metric("KV dtype mismatches", "layers", "lower", "layers whose cache holds another dtype than requested"),
+        metric("KV dtype mismatches", "layers", "lower", "layers whose cache holds another dtype than requested",
+               show=("side",)),
         metric("KV bytes (requested)", "MiB", None, "KV bytes the requested dtypes take at ctx"),
         metric("KV bytes (runtime)", "MiB", "lower", "KV bytes the engine holds", show=("side",)),
         metric("KV bytes vs requested", "%", "lower", "runtime vs requested KV bytes"),
