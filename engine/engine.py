@@ -3,7 +3,8 @@
 Contract (DESIGN.md "Engine contract"): ``load(model, kv_dtype=, device=, ctx=, ...)``
 returns an ``Engine`` with ``spec``, ``tokenizer``, ``logits(tokens)`` ([T, vocab] float32,
 teacher-forced), ``generate(tokens, max_new_tokens, stop_at_eos=True)`` (greedy, new tokens
-only), ``kv_dtypes`` (the dtype each layer's cache *holds*, read from its buffers). Every
+only; on the static path with ``KVBENCH_DECODE_DEVICE_EMBED`` the steps run back to back and
+tokens are read back in batches, ``decode_greedy(token, n)`` the same loop after a prefill), ``kv_dtypes`` (the dtype each layer's cache *holds*, read from its buffers). Every
 call starts from an empty cache: results never depend on earlier calls.
 
     eng = load("smollm2-135m")

@@ -11,7 +11,10 @@ takes over an engine's weights (``take_over`` first frees that engine's KV, scra
 expert cache and checks the placement is the same), builds the expert cache and the
 ``Transformer``, and records every buffer in the ledger with its category and tier, so
 ``ledger.compare(plan)`` holds the runtime to the plan byte for byte. ``alloc_scratch`` and
-``register_kv`` do the same for scratch and KV.
+``register_kv`` do the same for scratch and KV. A layer's q/k/v are read into one fused
+buffer where ``fuse_qkv`` allows (recorded once as ``blk.i.wqkv``; ``wq``/``wk``/``wv`` are
+its row views), and a plan with ``embed_tier == "trunk"`` gets a device copy of
+``token_embd`` (``token_embd.trunk``, trunk weights) for the static step's embedding.
 
     placement = place(plan, spec, torch.device("cuda"))
     model, cache = bind_weights(gguf, spec, plan, placement, ledger, torch.bfloat16)

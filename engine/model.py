@@ -19,6 +19,12 @@ which reads the k selected rows in place from the stacks or the cache's slot buf
 a cache, routing is read on the host so the SLRU policy sees every access; ``decode_at``
 (the static / CUDA-graph step) routes on the device through a resident cache's slot table.
 
+Attention projections: a layer loaded with ``KVBENCH_DECODE_FUSED_QKV`` holds ``wqkv``
+[q_dim + 2 kv_dim, d] and ``wq``/``wk``/``wv`` as its row views; ``qkv_proj`` then runs one
+matmul and splits (same products as three). ``decode_at`` routes MoE tokens with
+``engine.kernels.route`` (``KVBENCH_DECODE_ROUTE_KERNEL``) and ``decode_embed`` gathers a
+token's row from ``embed_table(device)`` for the static step's device-side token feedback.
+
     h = model.forward(torch.tensor(ids), 0, caches)     # [T, d_model]
     logits = model.head(h)                              # [T, vocab]
 """
