@@ -31,6 +31,7 @@ import torch
 from .. import corpus as corpora
 from ..engine_api import CAP_CHUNKED_LOGITS, CAP_LOGITS, CAP_PREFILL_STATS, capabilities_of
 from ..errors import HarnessError, SuiteError
+from ..metric_registry import metric
 from ..metrics import logit_stats
 from ..schema import CheckConfig, param, threshold
 from .base import Check, Outcome, register
@@ -134,6 +135,26 @@ def _guard_memory(T: int, kept: int, vocab: int) -> None:
 @register
 class CorpusKld(Check):
     kind = "corpus_kld"
+    metrics = (
+        metric("Mean KLD", "nats", "lower", "KL(baseline || narrowed) over the corpus, mean", show=("table",)),
+        metric("Median KLD", "nats", "lower"),
+        metric("99.0% KLD", "nats", "lower"),
+        metric("Maximum KLD", "nats", "lower"),
+        metric("Same top p", "%", "higher", show=("table",)),
+        metric("Top-1 in top-{k}", "%", "higher"),
+        metric("Max abs logit diff", "", "lower"),
+        metric("Mean PPL(Q)/PPL(base)", "", "lower", show=("table",)),
+        metric("RMS Δp", "%", "lower"),
+        metric("Mean KLD (deepest bucket)", "nats", "lower", "Mean KLD over the deepest depth bucket"),
+        *(metric(f"{stat} @ {{bucket}}", unit, better, f"{stat} over the positions of one depth bucket")
+          for stat, unit, better in (("Mean KLD", "nats", "lower"), ("99.0% KLD", "nats", "lower"),
+                                     ("Maximum KLD", "nats", "lower"), ("Same top p", "%", "higher"),
+                                     ("Top-1 in top-{k}", "%", "higher"), ("Mean PPL(Q)/PPL(base)", "", "lower"),
+                                     ("RMS Δp", "%", "lower"))),
+        metric("Tokens", "tokens", None, "corpus tokens teacher-forced"),
+        metric("Scored positions", "positions", None),
+        metric("Waves", "", None, "waves of the longest prefill"),
+    )
     config = CorpusKldConfig
     requires = frozenset({CAP_LOGITS})       # chunked logits: the baseline row's noise floor only
 

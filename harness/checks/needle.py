@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from .. import corpus as corpora
 from ..engine_api import CAP_CHAT, CAP_GENERATE
 from ..errors import HarnessError, SuiteError
+from ..metric_registry import metric
 from ..schema import CheckConfig, param, threshold
 from .base import Check, Outcome, register
 from .corpus_kld import check_depth_list, ensure_ctx, resolve_lengths
@@ -152,6 +153,14 @@ def _answer(eng, cell: dict, max_new: int) -> dict:
 @register
 class Needle(Check):
     kind = "needle"
+    metrics = (
+        metric("Needle score", "%", "higher", "informative cells whose passkey the dtype found", show=("table",)),
+        metric("Lost needles", "cells", "lower", "informative cells the dtype missed"),
+        metric("Found", "cells", "higher"),
+        metric("Cells", "cells", None),
+        metric("Informative cells", "cells", None, "cells where the baseline found the passkey"),
+        metric("Gained needles", "cells", None, "cells the dtype found where the baseline did not"),
+    )
     config = NeedleConfig
     requires = frozenset({CAP_GENERATE, CAP_CHAT})
 
