@@ -40,7 +40,7 @@ from .kernels.kv_append import kv_append, quantize_q8_0_ref, dequantize_q8_0_ref
 from .kernels.decode_attention import decode_attention
 from .kernels.prefill_attention import (MAX_WAVE_ROWS, WavePlan, plan_waves, prefill_attention,
                                         prefill_attention_ref)
-from .kv_layout import alloc_kv, buffer_format, observed_dtype, to_ggml_bytes
+from .kv_layout import alloc_kv, cache_format, observed_dtype, to_ggml_bytes
 from .kv_ring import RingKV, layer_kv_rows
 
 KV_DTYPES = formats.KV_DTYPES                    # format facts live in engine.formats
@@ -126,11 +126,7 @@ class LayerKV:
     def format(self) -> str:
         """The format the buffers hold (from their element type and row width): what the
         kernels are told to read and write."""
-        fmt = buffer_format(self.k, self.n_kv_heads, self.head_dim)
-        if fmt is None:
-            raise AssertionError(f"layer {self.layer}: KV buffer of {self.k.dtype} {tuple(self.k.shape)} "
-                                 f"is no known format")
-        return fmt
+        return cache_format(self)
 
     @property
     def dtype(self) -> str:

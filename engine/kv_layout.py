@@ -66,6 +66,15 @@ def buffer_format(buf: torch.Tensor, n_kv_heads: int, head_dim: int) -> str | No
     return None
 
 
+def cache_format(cache) -> str:
+    """The format a cache's K buffer holds (``buffer_format``); a buffer no format fits is a bug."""
+    fmt = buffer_format(cache.k, cache.n_kv_heads, cache.head_dim)
+    if fmt is None:
+        raise AssertionError(f"layer {cache.layer}: KV buffer of {cache.k.dtype} {tuple(cache.k.shape)} "
+                             f"is no known format")
+    return fmt
+
+
 def to_ggml_bytes(buf: torch.Tensor, fmt: str, n_kv_heads: int, head_dim: int) -> torch.Tensor:
     """The buffer's token rows as gguf lays ``fmt`` out: ``uint8 [rows, row bytes]`` (a copy on
     the buffer's device for q8_0: ggml's interleaved block_q8_0 bytes; the bytes as they are

@@ -34,7 +34,7 @@ from .kernels.kv_append import kv_append
 from .kernels.prefill_attention import (CHUNK_ROWS, MAX_WAVE_ROWS, WavePlan, plan_waves,
                                         prefill_attention_ref)
 from .kernels import q8_layout
-from .kv_layout import alloc_kv, buffer_format, observed_dtype, to_ggml_bytes
+from .kv_layout import alloc_kv, cache_format, observed_dtype, to_ggml_bytes
 
 RING_CHUNK = 4 * CHUNK_ROWS      # 512: tokens one call may write at once; longer calls take waves
 
@@ -96,11 +96,7 @@ class RingKV:
     def format(self) -> str:
         """The format the buffers hold (from their element type and row width): what the
         kernels are told to read and write."""
-        fmt = buffer_format(self.k, self.n_kv_heads, self.head_dim)
-        if fmt is None:
-            raise AssertionError(f"layer {self.layer}: KV buffer of {self.k.dtype} {tuple(self.k.shape)} "
-                                 f"is no known format")
-        return fmt
+        return cache_format(self)
 
     @property
     def dtype(self) -> str:
