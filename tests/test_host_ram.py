@@ -9,6 +9,7 @@ the harness did."""
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import subprocess
 import sys
@@ -101,16 +102,23 @@ def test_weights_from_counts_the_weights_it_takes_over():
 def test_rss_reading_is_sane():
     r = hostmem.rss()
     assert 0 < r["anon"] <= r["rss"] <= r["hwm"] and r["file"] >= 0
+    n = 256 << 20
     with hostmem.PeakSampler(interval=0.01) as s:
         before = hostmem.rss()["anon"]
-        x = torch.ones(256 << 20, dtype=torch.uint8)    # 256 MiB touched
+        # a fresh private anonymous mapping, every page written: new RssAnon for certain (a
+        # torch tensor can be served from pages the allocator already holds, which in a long
+        # pytest process left RssAnon unchanged in CI)
+        buf = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        page = mmap.PAGESIZE
+        for off in range(0, n, page):
+            buf[off] = 1
         # hold it until the sampler thread has run (a loaded 2-core box can delay it well past
         # one interval); it must see the peak within 5 s
         deadline = time.monotonic() + 5.0
         while s.peak_anon < before + (192 << 20) and time.monotonic() < deadline:
             time.sleep(0.02)
-        del x
-    assert s.peak_anon >= before + (192 << 20)
+        buf.close()
+    assert s.peak_anon >= before + (192 << 20), (s.peak_anon, before)
 
 
 @pytest.mark.gpu
