@@ -8,7 +8,11 @@ default. F32/F16/BF16/Q8_0/Q4_0/Q4_1 are decoded here with torch ops (bit-identi
 and optionally on the target device (the raw blocks cross PCIe, not float32); every other
 type goes through ``gguf.quants.dequantize`` on the host. ``tensor(name, dtype=, device=,
 out=)`` casts each chunk to the storage dtype as it goes, so no whole float32 copy exists.
-The GGUF parser is gguf's; this module only decodes the block payloads it hands over.
+The header is parsed here (``_parse``: every count and size checked against the file before
+use; metadata values and tensor infos equal what ``gguf.GGUFReader`` reads, held to it by
+tests/test_gguf_parse.py), because gguf's reader builds a numpy view per vocabulary string
+(~11 s for gemma3's 262144 tokens, ~6 s for Qwen3's 151k, paid by every load); block payloads
+are decoded by ``dequantize_torch`` / ``gguf.quants``.
 
     g = open_gguf("model.gguf")
     w = g.tensor("blk.0.attn_q.weight", dtype=torch.bfloat16, device="cuda")   # [out, in]
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
-from gguf import GGML_QUANT_SIZES, GGUFReader
+from gguf import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
 from .errors import ModelFileError, UnsupportedModelError
@@ -67,10 +71,50 @@ class _Truncated(Exception):
     pass
 
 
-def _prescan(path: Path, size: int) -> None:
-    """Walk the header with struct only to check every declared count and size against the
-    file size before GGUFReader loops or builds arrays over them (absurd counts, lengths and
-    dims from a corrupt file are rejected here, not allocated). Values are skipped, not kept."""
+# GGUF scalar value types -> numpy dtypes (little-endian), for arrays decoded in one call
+_NP = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8",
+       11: "<i8", 12: "<f8"}
+_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q",
+               11: "<q", 12: "<d"}
+
+
+class TensorInfo:
+    """One tensor's header entry: ``name``, ``tensor_type`` (ggml type), ``shape`` (ggml order,
+    numpy uint64 as gguf's reader gives it), ``n_elements``, ``n_bytes``, ``data_offset`` (from
+    the start of the file) and ``data``: a read-only view of its bytes in the mapped file, typed
+    and shaped as ``gguf.GGUFReader`` gives it (F32/F16 values in PyTorch order, block types as
+    uint8 rows)."""
+
+    __slots__ = ("name", "tensor_type", "shape", "n_elements", "n_bytes", "data_offset", "_mm")
+
+    def __init__(self, name, tensor_type, shape, n_elements, n_bytes, data_offset, mm):
+        self.name, self.tensor_type, self.shape = name, tensor_type, shape
+        self.n_elements, self.n_bytes, self.data_offset, self._mm = n_elements, n_bytes, data_offset, mm
+
+    @property
+    def data(self) -> np.ndarray:
+        dims = tuple(int(d) for d in reversed(self.shape.tolist()))
+        raw = self._mm[self.data_offset:self.data_offset + self.n_bytes]
+        if self.tensor_type == QT.F32:
+            return raw.view(np.float32).reshape(dims)
+        if self.tensor_type == QT.F16:
+            return raw.view(np.float16).reshape(dims)
+        block, size = GGML_QUANT_SIZES[self.tensor_type]
+        return raw.reshape(*dims[:-1], dims[-1] // block * size)
+
+
+def _parse(path: Path, size: int) -> tuple[dict[str, Any], list[tuple], int]:
+    """Read the header: metadata as plain Python values (what ``gguf``'s ``field.contents()``
+    gives: str, int, float, bool, lists of them; ``None`` for a value that is not valid UTF-8),
+    the tensor infos ``(name, dims, ggml type id, offset)`` and the data section's start.
+
+    Every declared count and size is checked against the file size before anything is built
+    over it (absurd counts, lengths and dims from a corrupt file are rejected here, not
+    allocated), so a corrupt file is a ``ModelFileError`` with a one-line reason. Arrays of
+    numbers are decoded by numpy in one call and strings with ``struct``: a 262144-token
+    vocabulary reads in well under a second (``gguf.GGUFReader`` builds a numpy view per string
+    and takes ~11 s for it on a 2-core box, a cost every load paid)."""
+    bad = "the file is corrupt; re-download it"
     with open(path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
         pos = 8
 
@@ -90,61 +134,89 @@ def _prescan(path: Path, size: int) -> None:
                                      f"of the file ({size} bytes)", "the file is corrupt or truncated; re-download it")
             pos += n
 
-        def string(what: str) -> bytes:
+        def raw_string(what: str) -> bytes:
             (n,) = take("<Q")
             start = pos
             skip(n, what)
-            return bytes(buf[start:pos])
+            return buf[start:pos]
 
-        def value(vtype: int, what: str, depth: int = 0):
+        def text(b: bytes):
+            try:
+                return b.decode("utf-8")
+            except UnicodeDecodeError:
+                return _BadText
+
+        def value(vtype: int, what: str):
+            nonlocal pos
             if vtype in _SCALAR_SIZE:
                 start = pos
                 skip(_SCALAR_SIZE[vtype], what)
-                return bytes(buf[start:pos])
+                return struct.unpack_from(_SCALAR_FMT[vtype], buf, start)[0]
             if vtype == 8:
-                return string(what)
-            if vtype == 9 and depth == 0:
+                return text(raw_string(what))
+            if vtype == 9:
                 etype, count = take("<IQ")
                 least = _SCALAR_SIZE.get(etype, 8)  # a string or nested array takes >= 8 bytes
                 if count * least > size - pos:
                     raise ModelFileError(path, f"{what}: array of {count} elements cannot fit in the "
-                                         f"{size - pos} bytes left", "the file is corrupt; re-download it")
+                                         f"{size - pos} bytes left", bad)
                 if etype in _SCALAR_SIZE:
+                    start = pos
                     skip(count * _SCALAR_SIZE[etype], what)
-                else:
+                    return np.frombuffer(buf, dtype=_NP[etype], count=count, offset=start).tolist()
+                if etype == 8:
+                    out = []
                     for _ in range(count):
-                        value(etype, what, depth + 1)
-                return None
-            raise ModelFileError(path, f"{what} has unknown value type {vtype}", "the file is corrupt; re-download it")
+                        (n,) = take("<Q")
+                        if n > size - pos:
+                            skip(n, what)                      # raises, naming the array
+                        out.append(text(buf[pos:pos + n]))
+                        pos += n
+                    return out
+                raise ModelFileError(path, f"{what} is an array of value type {etype}, which GGUF "
+                                     f"models do not use (nested arrays are not read)", bad)
+            raise ModelFileError(path, f"{what} has unknown value type {vtype}", bad)
 
         try:
             n_tensors, n_kv = take("<QQ")
             if n_kv * 13 > size or n_tensors * 24 > size:  # smallest kv / tensor-info entry
                 raise ModelFileError(path, f"truncated or corrupt GGUF header: it declares {n_tensors} tensors and {n_kv} metadata keys, "
-                                     f"more than a {size}-byte file can hold", "the file is corrupt; re-download it")
-            alignment = 32
+                                     f"more than a {size}-byte file can hold", bad)
+            version = int.from_bytes(buf[4:8], "little")
+            meta: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": n_tensors,
+                                    "GGUF.kv_count": n_kv}
             for i in range(n_kv):
-                key = string(f"metadata key #{i}")
+                name = text(raw_string(f"metadata key #{i}"))
+                if name is _BadText:
+                    raise ModelFileError(path, f"metadata key #{i} is not valid UTF-8", bad)
                 (vtype,) = take("<I")
-                name = key.decode("utf-8", "replace")
-                raw = value(vtype, f"metadata {name!r}")
-                if name == "general.alignment" and vtype == 4:
-                    alignment = struct.unpack("<I", raw)[0]
-            infos = []
+                val = value(vtype, f"metadata {name!r}")
+                if name in meta:
+                    raise ModelFileError(path, f"metadata key {name!r} appears twice", bad)
+                if name == "general.alignment" and vtype != 4:
+                    raise ModelFileError(path, "metadata general.alignment is not a uint32", bad)
+                meta[name] = None if val is _BadText or (isinstance(val, list) and _BadText in val) else val
+            infos, seen = [], set()
             for i in range(n_tensors):
-                name = string(f"tensor info #{i}").decode("utf-8", "replace")
+                name = text(raw_string(f"tensor info #{i}"))
+                if name is _BadText:
+                    raise ModelFileError(path, f"tensor info #{i}: name is not valid UTF-8", bad)
+                if name in seen:
+                    raise ModelFileError(path, f"tensor {name} appears twice in the header", bad)
+                seen.add(name)
                 (n_dims,) = take("<I")
                 if n_dims > GGML_MAX_DIMS:
                     raise ModelFileError(path, f"tensor {name} declares {n_dims} dimensions (ggml has at most "
-                                         f"{GGML_MAX_DIMS})", "the file is corrupt; re-download it")
+                                         f"{GGML_MAX_DIMS})", bad)
                 dims = take(f"<{n_dims}Q")
                 qtype, offset = take("<IQ")
                 infos.append((name, dims, qtype, offset))
         except _Truncated:
             raise ModelFileError(path, f"truncated GGUF header (ends at byte {size} inside the header)",
                                  "re-download the file") from None
+        alignment = meta.get("general.alignment", 32)
         if alignment == 0 or alignment & (alignment - 1):
-            return  # GGUFReader reports a bad alignment itself
+            raise ModelFileError(path, f"metadata general.alignment = {alignment} is not a power of two", bad)
         data_start = -(-pos // alignment) * alignment
         for name, dims, qtype, offset in infos:
             try:
@@ -155,10 +227,17 @@ def _prescan(path: Path, size: int) -> None:
             n = 1
             for d in dims:
                 n *= d
+            if n % block or (dims and dims[0] % block):
+                raise ModelFileError(path, f"tensor {name}: {list(dims)} is not whole {QT(qtype).name} "
+                                     f"blocks of {block}", bad)
             end = data_start + offset + n // block * type_size
             if end > size:
                 raise ModelFileError(path, f"truncated tensor data ({name} ends at byte {end}, file has {size})",
                                      "re-download the file")
+        return meta, infos, data_start
+
+
+_BadText = object()      # a string that is not valid UTF-8 (its metadata value reads as None)
 
 
 class GGUFFile:
@@ -167,28 +246,20 @@ class GGUFFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         _check_path(self.path)
-        _prescan(self.path, self.path.stat().st_size)
-        try:
-            self.reader = GGUFReader(self.path, "r")
-        except (ValueError, IndexError, KeyError, OverflowError, MemoryError, EOFError, OSError,
-                TypeError, UnicodeDecodeError) as exc:
-            raise ModelFileError(self.path, f"corrupt or truncated GGUF ({type(exc).__name__}: "
-                                 f"{str(exc).splitlines()[0] if str(exc) else 'no detail'})",
-                                 "re-download or regenerate the file") from None
-        self.meta: dict[str, Any] = {}
-        for name, field in self.reader.fields.items():
-            try:
-                self.meta[name] = field.contents()
-            except Exception:  # noqa: BLE001 - a malformed field is reported when used
-                self.meta[name] = None
-        self.tensors = {t.name: t for t in self.reader.tensors}
+        size = self.path.stat().st_size
+        self.meta, infos, self.data_start = _parse(self.path, size)
+        # the tensors' bytes: one read-only map of the file, viewed (never copied) per tensor
+        self._mm = np.memmap(self.path, mode="r") if size else np.zeros(0, np.uint8)
+        self.tensors: dict[str, TensorInfo] = {}
+        for name, dims, qtype, offset in infos:
+            t = QT(qtype)
+            block, type_size = GGML_QUANT_SIZES[t]
+            n = 1
+            for d in dims:
+                n *= d
+            self.tensors[name] = TensorInfo(name, t, np.array(dims, dtype=np.uint64), n,
+                                            n // block * type_size, self.data_start + offset, self._mm)
         self._check_block_count()
-        file_size = self.path.stat().st_size
-        for t in self.reader.tensors:
-            if t.data_offset + t.n_bytes > file_size:
-                raise ModelFileError(self.path, f"truncated tensor data ({t.name} ends at byte "
-                                     f"{t.data_offset + t.n_bytes}, file has {file_size})",
-                                     "re-download the file")
 
     def _check_block_count(self) -> None:
         """A block_count beyond the blocks that have tensors is rejected here, before any

@@ -469,15 +469,15 @@ def weights_origin(model) -> str | None:
     path = Path(name)
     if not path.is_file():
         return None
+    from .gguf_io import open_gguf
     try:
-        fields = GGUFReader(path).fields
-    except Exception:            # noqa: BLE001  (not a readable GGUF: the loader will say why)
+        meta = open_gguf(path).meta
+    except EngineError:          # not a readable GGUF: the loader will say why
         return None
-    if WEIGHTS_KEY in fields:
-        return bytes(fields[WEIGHTS_KEY].parts[-1]).decode("utf-8", "replace")
-    if "kvbench.synth.version" in fields:     # written before the key existed (v2): by its name
-        name_f = fields.get(Keys.General.NAME)
-        gname = bytes(name_f.parts[-1]).decode("utf-8", "replace") if name_f else ""
+    if isinstance(meta.get(WEIGHTS_KEY), str):
+        return meta[WEIGHTS_KEY]
+    if "kvbench.synth.version" in meta:       # written before the key existed (v2): by its name
+        gname = meta.get(Keys.General.NAME) or ""
         return weights_origin(CONFIGS[gname]) if gname in CONFIGS else "random"
     return None
 
