@@ -5,7 +5,8 @@ Contract: three steps, each usable alone.
 - ``pack SDIST OUT.tar.gz``: the parts of the vendored llama.cpp that build llama-bench
   (ggml, src, include, common, tools without the web UI, vendor, cmake, app, pocs and the
   top-level CMake files: ~5 MB), so a machine without network can build it.
-- ``build SRC BUILD_DIR``: configure and build ``llama-bench`` only, with CUDA for the GPU
+- ``build SRC BUILD_DIR [--target T]``: configure and build ``llama-bench`` only (or tool ``T``,
+  e.g. ``llama-perplexity`` for ``benchmarks/kld_vs_llamacpp.py``), with CUDA for the GPU
   present (``-DGGML_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=<its compute capability>``) or for the
   CPU, tests / examples / server / web UI / curl off; SRC is a directory or a tarball from
   ``pack``. A build directory that already holds llama-bench is reused.
@@ -68,9 +69,10 @@ def _cuda_arch() -> str | None:
     return None
 
 
-def build(src: Path, build_dir: Path, jobs: int | None = None) -> Path:
-    """llama-bench from ``src`` (directory or ``pack`` tarball) into ``build_dir``; returns the binary."""
-    binary = build_dir / "bin" / "llama-bench"
+def build(src: Path, build_dir: Path, jobs: int | None = None, target: str = "llama-bench") -> Path:
+    """``target`` (llama-bench, or another llama.cpp tool such as llama-perplexity) from ``src``
+    (directory or ``pack`` tarball) into ``build_dir``; returns the binary."""
+    binary = build_dir / "bin" / target
     if binary.is_file():
         return binary
     if src.is_file():
@@ -89,7 +91,7 @@ def build(src: Path, build_dir: Path, jobs: int | None = None) -> Path:
     gen = ["-G", "Ninja"] if shutil.which("ninja") else []
     t0 = time.time()
     subprocess.run(["cmake", "-S", str(src), "-B", str(build_dir), *gen, *flags], check=True)
-    subprocess.run(["cmake", "--build", str(build_dir), "--target", "llama-bench", "-j", str(jobs or os.cpu_count())],
+    subprocess.run(["cmake", "--build", str(build_dir), "--target", target, "-j", str(jobs or os.cpu_count())],
                    check=True)
     print(f"built {binary} in {time.time() - t0:.0f} s ({'CUDA sm_' + arch if arch else 'CPU'})", file=sys.stderr)
     return binary
@@ -136,6 +138,7 @@ def main(argv=None) -> int:
     b.add_argument("src", type=Path)
     b.add_argument("build_dir", type=Path)
     b.add_argument("-j", type=int, default=None)
+    b.add_argument("--target", default="llama-bench", help="llama.cpp tool to build (e.g. llama-perplexity)")
     r = sub.add_parser("bench")
     r.add_argument("model", type=Path)
     r.add_argument("--bin", type=Path, required=True)
@@ -153,7 +156,7 @@ def main(argv=None) -> int:
         print(json.dumps({"packed": str(out), "bytes": out.stat().st_size}))
         return 0
     if args.cmd == "build":
-        print(json.dumps({"binary": str(build(args.src, args.build_dir, args.j))}))
+        print(json.dumps({"binary": str(build(args.src, args.build_dir, args.j, args.target))}))
         return 0
     doc = bench(args.bin, args.model, args.ctk.split(","), [int(x) for x in args.depths.split(",")], args.reps,
                 args.tg, args.pp, args.n_cpu_moe, args.threads)
