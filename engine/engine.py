@@ -24,7 +24,7 @@ import torch
 from . import kv as kvmod
 from .errors import ConfigError, ContextOverflowError, ModelFileError, out_of_memory
 from .gguf_io import GGUFFile, open_gguf
-from . import formats, settings
+from . import formats, kv_spec as kvspec, settings
 from .hybrid import WeightsPlacementError, load_weights  # noqa: F401  (re-exported)
 from .model import Transformer
 from .models import resolve
@@ -63,13 +63,14 @@ class Engine:
 
     def __init__(self, path: Path, g: GGUFFile, spec: ModelSpec, model: Transformer, tokenizer,
                  kv_dtype: str, device: torch.device, ctx: int, wave_budget_bytes: int,
-                 layer_kv_dtypes: list[str] | None = None):
+                 layer_kv_formats: list[tuple[str, str]] | None = None):
         self.path, self.gguf, self.spec, self.model, self.tokenizer = path, g, spec, model, tokenizer
         self.kv_dtype_requested, self.device, self.ctx = kv_dtype, device, ctx
         self.wave_budget_bytes = wave_budget_bytes
-        wanted = layer_kv_dtypes or [kv_dtype] * spec.n_layers
-        self.caches = [kvmod.make_layer_kv(spec, i, ctx, wanted[i], model.layer_devices[i],
-                                           wave_budget_bytes=wave_budget_bytes)
+        # (K, V) format per layer: the plan's (trunk: the spec's, tail: fp32), else the spec's
+        wanted = layer_kv_formats or kvspec.parse(kv_dtype).layer_formats(spec.n_layers, spec.name)
+        self.caches = [kvmod.make_layer_kv(spec, i, ctx, wanted[i][0], model.layer_devices[i],
+                                           wave_budget_bytes=wave_budget_bytes, v_dtype=wanted[i][1])
                        for i in range(spec.n_layers)]
         self.plan = self.ledger = self.expert_cache = None
         self.pos = 0
@@ -94,7 +95,29 @@ class Engine:
     # -- observables ---------------------------------------------------------------------
     @property
     def kv_dtypes(self) -> list[str]:
+        """Per layer, the dtype its cache holds (read from the buffers): ``q8_0``, or
+        ``k-q8_0.v-bf16`` when K and V hold different formats (``kv_spec.layer_label``)."""
         return [c.dtype for c in self.caches]
+
+    @property
+    def kv_formats(self) -> list[tuple[str, str]]:
+        """Per layer, (K, V) as their buffers hold them (each qualified as ``kv_dtypes`` is when
+        its write path is not the format's bytes)."""
+        return [tuple(c.kv_dtypes) for c in self.caches]
+
+    @property
+    def kv_spec(self) -> str:
+        """The applied KV spec, canonical (``engine.kv_spec.KVSpec.from_layers`` of ``kv_formats``):
+        ``q8_0`` for a uniform cache, ``q8_0.fp32@0,23``, ``k-q8_0.v-bf16``, ...; when a buffer's
+        write path is not its format's bytes, the spec followed by that reason in parentheses
+        (so it never equals a request)."""
+        pairs = self.kv_formats
+        bad = [(i, w, x) for i, p in enumerate(pairs) for w, x in zip("KV", p) if x not in formats.KV]
+        if not bad:
+            return str(kvspec.KVSpec.from_layers(pairs))
+        clean = [tuple(x.split(" ", 1)[0] for x in p) for p in pairs]
+        i, w, x = bad[0]
+        return f"{kvspec.KVSpec.from_layers(clean)} (layer {i} {w}: {x})"
 
     @property
     def kv_bytes(self) -> int:
@@ -372,7 +395,7 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
                                             WEIGHT_DTYPES[plan.weight_format], weights_from)
         hybrid.alloc_scratch(plan, src.ledger)
         eng = Engine(req.path, src.gguf, src.spec, model_, tokenizer, req.kv_dtype, req.device, req.ctx,
-                     req.wave, layer_kv_dtypes=plan.layer_kv_dtypes)
+                     req.wave, layer_kv_formats=list(zip(plan.layer_k_dtypes, plan.layer_v_dtypes)))
     except torch.OutOfMemoryError as exc:
         raise out_of_memory("load", plan, req.device, exc) from None
     hybrid.register_kv(eng.caches, placement, src.ledger)
@@ -399,7 +422,7 @@ class _Source:
 
 
 def _validate(model, kv_dtype, device, ctx, wave_budget_bytes, weight_format, reuse) -> _Request:
-    formats.kv_format(kv_dtype)          # an unknown dtype is a ConfigError naming the known ones
+    kvspec.parse(kv_dtype)              # a bad spec is a ConfigError naming it and the accepted forms
     if not isinstance(ctx, int) or ctx <= 0:
         raise ConfigError(f"ctx {ctx!r} must be a positive integer")
     dev = _device(device)

@@ -40,8 +40,9 @@ from .kernels.kv_append import kv_append, quantize_q8_0_ref, dequantize_q8_0_ref
 from .kernels.decode_attention import decode_attention
 from .kernels.prefill_attention import (MAX_WAVE_ROWS, WavePlan, plan_waves, prefill_attention,
                                         prefill_attention_ref)
-from .kv_layout import alloc_kv, cache_format, observed_dtype, to_ggml_bytes
+from .kv_layout import alloc_kv, cache_dtypes, cache_format, to_ggml_bytes
 from .kv_ring import RingKV, layer_kv_rows
+from .kv_spec import layer_label
 
 KV_DTYPES = formats.KV_DTYPES                    # format facts live in engine.formats
 DEFAULT_WAVE_BUDGET = formats.DEFAULT_WAVE_BUDGET
@@ -58,11 +59,15 @@ def dequantize_q8_0(q: torch.Tensor, shape) -> torch.Tensor:
     return dequantize_q8_0_ref(q, shape)
 
 
-def kv_bytes_per_token(n_kv_heads: int, head_dim: int, dtype: str) -> int:
-    """Exact K+V bytes one token occupies: 2 rows of Hkv * D values in ``dtype``
-    (``engine.formats``: 4, 2 or 34/32 bytes a value; KVGeometryError on ragged blocks)."""
-    formats.check_kv_geometry(dtype, n_kv_heads, head_dim)
-    return 2 * formats.kv_row_bytes(dtype, n_kv_heads, head_dim)
+def kv_bytes_per_token(n_kv_heads: int, head_dim: int, dtype: str, v_dtype: str | None = None) -> int:
+    """Exact K+V bytes one token occupies: a row of Hkv * D values in ``dtype`` (K) and one in
+    ``v_dtype`` (V; None: the same) (``engine.formats``: 4, 2 or 34/32 bytes a value;
+    KVGeometryError on ragged blocks)."""
+    total = 0
+    for f in (dtype, v_dtype or dtype):
+        formats.check_kv_geometry(f, n_kv_heads, head_dim)
+        total += formats.kv_row_bytes(f, n_kv_heads, head_dim)
+    return total
 
 
 MIN_RETRY_ROWS = 16        # a Triton wave that runs out of memory is halved down to this many rows
@@ -110,29 +115,50 @@ def _one_wave(plan: WavePlan, r0: int, r1: int) -> WavePlan:
 class LayerKV:
     def __init__(self, layer: int, n_kv_heads: int, head_dim: int, max_tokens: int,
                  dtype: str = "fp32", device: str | torch.device = "cpu",
-                 wave_budget_bytes: int = DEFAULT_WAVE_BUDGET, wave_max_rows: int = MAX_WAVE_ROWS):
+                 wave_budget_bytes: int = DEFAULT_WAVE_BUDGET, wave_max_rows: int = MAX_WAVE_ROWS,
+                 v_dtype: str | None = None):
+        v_dtype = dtype if v_dtype is None else v_dtype
         formats.kv_format(dtype)          # ConfigError naming the known formats
+        formats.kv_format(v_dtype)
         if wave_budget_bytes <= 0 or wave_max_rows <= 0:
             raise ConfigError(f"wave_budget_bytes={wave_budget_bytes} and wave_max_rows={wave_max_rows} "
                               f"must be positive", "pass positive values")
         self.layer, self.n_kv_heads, self.head_dim, self.max_tokens = layer, n_kv_heads, head_dim, max_tokens
         self.wave_budget_bytes, self.wave_max_rows = wave_budget_bytes, wave_max_rows
         self.k = alloc_kv(max_tokens, n_kv_heads, head_dim, dtype, device, layer=layer)   # + the guard
-        self.v = torch.zeros_like(self.k)
+        self.v = alloc_kv(max_tokens, n_kv_heads, head_dim, v_dtype, device, layer=layer)
         self.last_waves = 0
         self.peak_scratch_bytes = 0
 
     @property
+    def k_format(self) -> str:
+        """The format the K buffer holds (from its element type and row width): what the
+        kernels are told to read and write K in."""
+        return cache_format(self, "k")
+
+    @property
+    def v_format(self) -> str:
+        """The format the V buffer holds (as ``k_format``)."""
+        return cache_format(self, "v")
+
+    @property
     def format(self) -> str:
-        """The format the buffers hold (from their element type and row width): what the
-        kernels are told to read and write."""
-        return cache_format(self)
+        """Both buffers' formats as one cell (``kv_spec.layer_label``): ``q8_0``, or
+        ``k-q8_0.v-bf16`` when K and V differ."""
+        return layer_label(self.k_format, self.v_format)
+
+    @property
+    def kv_dtypes(self) -> tuple[str, str]:
+        """The applied-dtype observables of K and V (``engine.kv_layout.observed_dtype``): the
+        format each buffer holds, never the request, qualified when its write path is not that
+        format's bytes."""
+        return cache_dtypes(self)
 
     @property
     def dtype(self) -> str:
-        """The applied-dtype observable (``engine.kv_layout.observed_dtype``): the format the
-        buffers hold, never the request, qualified when its write path is not that format's bytes."""
-        return observed_dtype(self.k, self.n_kv_heads, self.head_dim, f"layer {self.layer}")
+        """The layer's applied-dtype observable: ``kv_dtypes`` as one cell (``q8_0``, or
+        ``k-q8_0.v-bf16`` when K and V hold different formats)."""
+        return layer_label(*self.kv_dtypes)
 
     @property
     def nbytes(self) -> int:
@@ -140,9 +166,10 @@ class LayerKV:
 
     def to_ggml_blocks(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V rows ``[0, n)`` (all rows by default) as gguf lays the format out, uint8
-        ``[n, row bytes]``: for q8_0 ggml's block_q8_0 bytes (``kv_layout.to_ggml_bytes``)."""
-        fmt = self.format
-        k, v = (to_ggml_bytes(b, fmt, self.n_kv_heads, self.head_dim) for b in (self.k, self.v))
+        ``[n, row bytes]``: for q8_0 ggml's block_q8_0 bytes (``kv_layout.to_ggml_bytes``);
+        K and V each in its own format."""
+        k, v = (to_ggml_bytes(b, f, self.n_kv_heads, self.head_dim)
+                for b, f in ((self.k, self.k_format), (self.v, self.v_format)))
         return (k, v) if n is None else (k[:n], v[:n])
 
     @property
@@ -162,9 +189,8 @@ class LayerKV:
         if tuple(k.shape[1:]) != (self.n_kv_heads, self.head_dim) or k.shape != v.shape:
             raise ValueError(f"layer {self.layer}: k/v must be [T, {self.n_kv_heads}, {self.head_dim}], "
                              f"got {tuple(k.shape)} and {tuple(v.shape)}")
-        fmt = self.format
-        kv_append(self.k, start, k, fmt)
-        kv_append(self.v, start, v, fmt)
+        kv_append(self.k, start, k, self.k_format)
+        kv_append(self.v, start, v, self.v_format)
 
     def attend(self, q: torch.Tensor, start: int, scale: float, window: int | None = None) -> torch.Tensor:
         T, Hq, D = q.shape
@@ -174,7 +200,7 @@ class LayerKV:
         if start + T > self.max_tokens:
             raise ContextOverflowError(f"layer {self.layer}: {start + T} tokens exceed the KV cache of "
                                        f"{self.max_tokens}", "load the engine with a larger ctx")
-        fmt = self.format
+        fmt, vfmt = self.k_format, self.v_format
         plan = plan_waves(T, start, Hq, self.n_kv_heads, D, self.wave_budget_bytes, self.wave_max_rows)
         self.last_waves, self.last_wave_retries = plan.n_waves, 0
         self.last_wave_rows = max(r1 - r0 for r0, r1 in plan.waves)
@@ -190,7 +216,7 @@ class LayerKV:
             def ref_wave(r0: int, r1: int) -> None:
                 nonlocal out, peak
                 part, scratch = prefill_attention_ref(q, self.k, self.v, fmt, start, scale, self.n_kv_heads,
-                                                      _one_wave(plan, r0, r1), window=window)
+                                                      _one_wave(plan, r0, r1), window=window, v_fmt=vfmt)
                 peak = max(peak, scratch)
                 if (r0, r1) == (0, T):
                     out = part
@@ -209,7 +235,7 @@ class LayerKV:
         q = q.to(torch.float32).contiguous()
         if T == 1:
             from .kernels import decode_attention as dmod
-            out = decode_attention(q[0], self.k, self.v, fmt, start + 1, scale, self.n_kv_heads)[None]
+            out = decode_attention(q[0], self.k, self.v, fmt, start + 1, scale, self.n_kv_heads, v_fmt=vfmt)[None]
             self.peak_scratch_bytes = dmod.last_scratch_bytes
             return out
         out = torch.empty_like(q)
@@ -217,7 +243,7 @@ class LayerKV:
 
         def kernel_wave(r0: int, r1: int) -> None:
             prefill_attention(q[r0:r1], self.k, self.v, fmt, start + r0, scale, self.n_kv_heads,
-                              out=out[r0:r1], mask_shift=int(r0 > 0 and wave_fault))
+                              out=out[r0:r1], mask_shift=int(r0 > 0 and wave_fault), v_fmt=vfmt)
 
         step = MIN_RETRY_ROWS   # cuts at absolute multiples of 16 rows, plus every planned wave end
         cuts = sorted({x - start for x in range((start // step + 1) * step, start + T, step)}
@@ -232,15 +258,14 @@ class LayerKV:
         """``write`` of one token at the position held by ``pos`` (one-element int tensor on
         the cache's device); Triton only, no host sync, so a CUDA graph can capture it. The
         caller guarantees ``pos < max_tokens`` (the graph's owner checks it on the host)."""
-        fmt = self.format
-        kv_append(self.k, None, k, fmt, pos=pos)
-        kv_append(self.v, None, v, fmt, pos=pos)
+        kv_append(self.k, None, k, self.k_format, pos=pos)
+        kv_append(self.v, None, v, self.v_format, pos=pos)
 
     def attend_at(self, q: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
         """``attend`` for one query row [1, Hq, D] at the position held by ``pos``."""
-        fmt = self.format
         q = q.to(torch.float32).contiguous()
-        return decode_attention(q[0], self.k, self.v, fmt, None, scale, self.n_kv_heads, pos=pos)[None]
+        return decode_attention(q[0], self.k, self.v, self.k_format, None, scale, self.n_kv_heads, pos=pos,
+                                v_fmt=self.v_format)[None]
 
 
 def _fault() -> tuple[str, int | None]:
@@ -251,21 +276,27 @@ def _fault() -> tuple[str, int | None]:
 
 
 def make_layer_kv(spec, layer: int, max_tokens: int, dtype: str, device: str | torch.device = "cpu",
-                  wave_budget_bytes: int = DEFAULT_WAVE_BUDGET, **kw) -> LayerKV:
-    """Build layer ``layer``'s cache in ``dtype`` for a ModelSpec, with the geometry guard.
+                  wave_budget_bytes: int = DEFAULT_WAVE_BUDGET, v_dtype: str | None = None, **kw) -> LayerKV:
+    """Build layer ``layer``'s cache with K in ``dtype`` and V in ``v_dtype`` (None: ``dtype``)
+    for a ModelSpec, with the geometry guard.
 
-    Only a narrowed layer (a block format such as q8_0) can fail the guard
+    Only a narrowed buffer (a block format such as q8_0) can fail the guard
     (``formats.check_kv_geometry``): n_kv_heads*head_dim not whole blocks raises
     KVGeometryError naming the layer (never a fallback). A sliding-window layer whose ring
     (``engine.kv_ring``: window + chunk rows) is smaller than ``max_tokens`` gets a ``RingKV``.
     """
+    v_dtype = dtype if v_dtype is None else v_dtype
     formats.kv_format(dtype)
+    formats.kv_format(v_dtype)
     fault, arg = _fault()
     if fault == "ignore_kv_dtype" or (fault == "skip_narrow_layer" and arg == layer):
-        dtype = formats.WIDEST_KV   # the seed's bug, on purpose, so the harness can prove it catches it
+        # the seed's bug, on purpose, so the harness can prove it catches it
+        dtype = v_dtype = formats.WIDEST_KV
     hkv, d = spec.n_kv_heads, spec.head_dim
-    formats.check_kv_geometry(dtype, hkv, d, layer=layer)
+    for f in (dtype, v_dtype):
+        formats.check_kv_geometry(f, hkv, d, layer=layer)
     if layer_kv_rows(spec, layer, max_tokens) < max_tokens:   # sliding window: a ring of window + chunk
         return RingKV(layer, hkv, d, max_tokens, spec.window(layer), dtype, device,
-                      wave_budget_bytes=wave_budget_bytes, **kw)
-    return LayerKV(layer, hkv, d, max_tokens, dtype, device, wave_budget_bytes=wave_budget_bytes, **kw)
+                      wave_budget_bytes=wave_budget_bytes, v_dtype=v_dtype, **kw)
+    return LayerKV(layer, hkv, d, max_tokens, dtype, device, wave_budget_bytes=wave_budget_bytes,
+                   v_dtype=v_dtype, **kw)

@@ -66,13 +66,21 @@ def buffer_format(buf: torch.Tensor, n_kv_heads: int, head_dim: int) -> str | No
     return None
 
 
-def cache_format(cache) -> str:
-    """The format a cache's K buffer holds (``buffer_format``); a buffer no format fits is a bug."""
-    fmt = buffer_format(cache.k, cache.n_kv_heads, cache.head_dim)
+def cache_format(cache, which: str = "k") -> str:
+    """The format a cache's K (``which="k"``) or V (``"v"``) buffer holds (``buffer_format``);
+    a buffer no format fits is a bug."""
+    buf = cache.k if which == "k" else cache.v
+    fmt = buffer_format(buf, cache.n_kv_heads, cache.head_dim)
     if fmt is None:
-        raise AssertionError(f"layer {cache.layer}: KV buffer of {cache.k.dtype} {tuple(cache.k.shape)} "
+        raise AssertionError(f"layer {cache.layer}: {which.upper()} buffer of {buf.dtype} {tuple(buf.shape)} "
                              f"is no known format")
     return fmt
+
+
+def cache_dtypes(cache) -> tuple[str, str]:
+    """The applied-dtype observables (``observed_dtype``) of a cache's K and V buffers."""
+    return tuple(observed_dtype(b, cache.n_kv_heads, cache.head_dim, f"layer {cache.layer} {w}")
+                 for w, b in (("K", cache.k), ("V", cache.v)))
 
 
 def to_ggml_bytes(buf: torch.Tensor, fmt: str, n_kv_heads: int, head_dim: int) -> torch.Tensor:

@@ -34,7 +34,8 @@ from .kernels.kv_append import kv_append
 from .kernels.prefill_attention import (CHUNK_ROWS, MAX_WAVE_ROWS, WavePlan, plan_waves,
                                         prefill_attention_ref)
 from .kernels import q8_layout
-from .kv_layout import alloc_kv, cache_format, observed_dtype, to_ggml_bytes
+from .kv_layout import alloc_kv, cache_dtypes, cache_format, to_ggml_bytes
+from .kv_spec import layer_label
 
 RING_CHUNK = 4 * CHUNK_ROWS      # 512: tokens one call may write at once; longer calls take waves
 
@@ -71,7 +72,8 @@ class RingKV:
     def __init__(self, layer: int, n_kv_heads: int, head_dim: int, max_tokens: int, window: int,
                  dtype: str = "fp32", device: str | torch.device = "cpu",
                  wave_budget_bytes: int = DEFAULT_WAVE_BUDGET, wave_max_rows: int = MAX_WAVE_ROWS,
-                 chunk: int = RING_CHUNK):
+                 chunk: int = RING_CHUNK, v_dtype: str | None = None):
+        v_dtype = dtype if v_dtype is None else v_dtype
         if not isinstance(window, int) or window <= 0:
             raise ConfigError(f"layer {layer}: sliding window {window!r} must be a positive integer",
                               "check the model's attention.sliding_window metadata")
@@ -86,23 +88,38 @@ class RingKV:
         # The storage (format, geometry guard, layout) is engine.kv_layout's, as for LayerKV, with
         # `rows` rows; positions and attention are the ring's own.
         self.k = alloc_kv(self.rows, n_kv_heads, head_dim, dtype, device, layer=layer)
-        self.v = torch.zeros_like(self.k)
+        self.v = alloc_kv(self.rows, n_kv_heads, head_dim, v_dtype, device, layer=layer)
         self.layer, self.n_kv_heads, self.head_dim, self.max_tokens = layer, n_kv_heads, head_dim, max_tokens
         self.wave_budget_bytes, self.wave_max_rows = wave_budget_bytes, wave_max_rows
         self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.reset()
 
     @property
+    def k_format(self) -> str:
+        """The format the K buffer holds (from its element type and row width)."""
+        return cache_format(self, "k")
+
+    @property
+    def v_format(self) -> str:
+        """The format the V buffer holds."""
+        return cache_format(self, "v")
+
+    @property
     def format(self) -> str:
-        """The format the buffers hold (from their element type and row width): what the
-        kernels are told to read and write."""
-        return cache_format(self)
+        """Both formats as one cell (``kv_spec.layer_label``), as ``LayerKV.format``."""
+        return layer_label(self.k_format, self.v_format)
+
+    @property
+    def kv_dtypes(self) -> tuple[str, str]:
+        """The applied-dtype observables of K and V (``engine.kv_layout.observed_dtype``): the
+        format each buffer holds, never the request, qualified when its write path is not that
+        format's bytes."""
+        return cache_dtypes(self)
 
     @property
     def dtype(self) -> str:
-        """The applied-dtype observable (``engine.kv_layout.observed_dtype``): the format the
-        buffers hold, never the request, qualified when its write path is not that format's bytes."""
-        return observed_dtype(self.k, self.n_kv_heads, self.head_dim, f"layer {self.layer}")
+        """The layer's applied-dtype observable: ``kv_dtypes`` as one cell."""
+        return layer_label(*self.kv_dtypes)
 
     @property
     def nbytes(self) -> int:
@@ -111,8 +128,8 @@ class RingKV:
     def to_ggml_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ring rows as gguf lays the format out, uint8 ``[rows, row bytes]`` (q8_0:
         ggml's block_q8_0 bytes, ``kv_layout.to_ggml_bytes``)."""
-        fmt = self.format
-        return tuple(to_ggml_bytes(b, fmt, self.n_kv_heads, self.head_dim) for b in (self.k, self.v))
+        return tuple(to_ggml_bytes(b, f, self.n_kv_heads, self.head_dim)
+                     for b, f in ((self.k, self.k_format), (self.v, self.v_format)))
 
     @property
     def device(self) -> torch.device:
@@ -127,10 +144,10 @@ class RingKV:
     # -- writing ---------------------------------------------------------------------------
     def _store_rows(self, start: int, k: torch.Tensor, v: torch.Tensor) -> None:
         """Rows ``start..start+T-1`` into their ring rows (T <= rows), in at most two pieces."""
-        T, fmt = k.shape[0], self.format
+        T = k.shape[0]
         s0 = start % self.rows
         n1 = min(T, self.rows - s0)
-        for buf, x in ((self.k, k), (self.v, v)):
+        for buf, x, fmt in ((self.k, k, self.k_format), (self.v, v, self.v_format)):
             kv_append(buf, s0, x[:n1], fmt)
             if n1 < T:
                 kv_append(buf, 0, x[n1:], fmt)
@@ -178,17 +195,17 @@ class RingKV:
             self._flush()           # queries for other positions: the held keys are just history
             held = None
         self._pending = None
-        fmt = self.format
+        fmt, vfmt = self.k_format, self.v_format
         # Same chunks and key blocks as a full-length cache's plan; waves capped at `chunk`
         # rows (waves never change a row's result), so each wave's keys fit beside the window.
         plan = plan_waves(T, start, Hq, self.n_kv_heads, D, self.wave_budget_bytes,
                           min(self.wave_max_rows, self.chunk))
-        kview, vview = (_Positions(q8_layout.rows_view(b, fmt, self.n_kv_heads, D), self.max_tokens)
-                        for b in (self.k, self.v))
+        kview, vview = (_Positions(q8_layout.rows_view(b, f, self.n_kv_heads, D), self.max_tokens)
+                        for b, f in ((self.k, fmt), (self.v, vfmt)))
         peak = 0
         if len(plan.waves) == 1 and held is None:
             out, peak = prefill_attention_ref(q, kview, vview, fmt, start, scale, self.n_kv_heads, plan,
-                                              window=window)
+                                              window=window, v_fmt=vfmt)
         else:
             out = torch.empty(T, Hq, D, device=q.device, dtype=torch.float32)
             for r0, r1 in plan.waves:
@@ -199,7 +216,7 @@ class RingKV:
                 one = WavePlan(r1 - r0, plan.chunk_rows, plan.key_block, ((r0, r1),),
                                tuple(c for c in plan.chunks if r0 <= c[0] and c[1] <= r1))
                 part, scratch = prefill_attention_ref(q, kview, vview, fmt, start, scale, self.n_kv_heads,
-                                                      one, window=window)
+                                                      one, window=window, v_fmt=vfmt)
                 out[r0:r1] = part[r0:r1]
                 peak = max(peak, scratch)
         self.last_waves, self.last_wave_retries = plan.n_waves, 0

@@ -21,10 +21,16 @@ Pricing rules (what the runtime must allocate for plan and ledger to agree):
   trunk weights, KV, scratch and reserve, in whole slots, capped at the trunk's expert
   count; packing keeps room for at least ``min_expert_slots`` (default n_experts_used).
 - KV: two buffers per layer (K, V), each ``rows * n_kv_heads * head_dim`` values at
-  fp32 4 B, bf16 2 B, q8_0 34 B per 32 (packed blocks). ``rows`` is ``ctx``, except on a
+  fp32 4 B, bf16 2 B, q8_0 34 B per 32 (packed blocks), K at the layer's K format and V at
+  its V format. ``rows`` is ``ctx``, except on a
   sliding-window layer, whose ring holds ``window + chunk`` rows when that is fewer
-  (``engine.kv_ring.layer_kv_rows``; Gemma 3: 512 + 512). Trunk layers get ``kv_dtype``;
-  host (tail) layers are fp32. ``Plan.layer_kv_rows`` / ``layer_attention`` and
+  (``engine.kv_ring.layer_kv_rows``; Gemma 3: 512 + 512). ``kv_dtype`` is a KV spec
+  (``engine.kv_spec``: one dtype, ``k-<dtype>.v-<dtype>``, per-layer overrides ``<dtype>@<layers>``);
+  trunk layer ``i`` gets the spec's (K, V) formats of layer ``i``; host (tail) layers are fp32
+  (K and V). ``Plan.layer_k_dtypes`` / ``layer_v_dtypes`` are those formats per layer,
+  ``layer_kv_dtypes`` each layer's cell (``kv_spec.layer_label``), ``kv_spec`` the planned
+  assignment in canonical form; a layer's ``layer_kv_bytes`` is its K bytes + V bytes (each
+  buffer rounded by the allocator on its own). ``Plan.layer_kv_rows`` / ``layer_attention`` and
   ``kv_by_kind()`` show global and sliding-window layers' KV apart.
 - Scratch per tier that runs layers: one wave buffer of ``wave_budget_bytes`` plus one
   activation arena of ``activation_bytes``: ``ubatch`` tokens x f32 x (2 d_model +
@@ -62,7 +68,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import formats, settings
+from . import formats, kv_spec as kvspec, settings
 from .errors import ConfigError, OutOfMemoryError
 from .kv_ring import layer_kv_rows
 from .spec import ModelSpec
@@ -148,11 +154,14 @@ def expert_matrix_bytes(spec: ModelSpec, weight_format: str) -> list[int]:
     return [f.bytes_for(a * b, f"expert matrix at {weight_format}") for a, b in expert_shapes(spec)]
 
 
-def kv_buffer_bytes(spec: ModelSpec, ctx: int, kv_dtype: str) -> list[int]:
-    """Logical bytes of one layer's K and V buffers of ``ctx`` rows: [K, V]."""
-    formats.check_kv_geometry(kv_dtype, spec.n_kv_heads, spec.head_dim)
-    one = ctx * formats.kv_row_bytes(kv_dtype, spec.n_kv_heads, spec.head_dim)
-    return [one, one]
+def kv_buffer_bytes(spec: ModelSpec, ctx: int, kv_dtype: str, v_dtype: str | None = None) -> list[int]:
+    """Logical bytes of one layer's K and V buffers of ``ctx`` rows: [K, V], K in ``kv_dtype``
+    and V in ``v_dtype`` (None: the same)."""
+    out = []
+    for f in (kv_dtype, v_dtype or kv_dtype):
+        formats.check_kv_geometry(f, spec.n_kv_heads, spec.head_dim)
+        out.append(ctx * formats.kv_row_bytes(f, spec.n_kv_heads, spec.head_dim))
+    return out
 
 
 def activation_bytes(spec: ModelSpec, ubatch: int, *, layers: bool = True, head: bool = False) -> int:
@@ -221,7 +230,7 @@ class Plan:
     n_layers: int
     n_gpu_layers: int
     ctx: int
-    kv_dtype: str                       # requested; applies to trunk layers only
+    kv_dtype: str                       # requested KV spec (engine.kv_spec); applies to trunk layers only
     weight_format: str
     budget_bytes: int
     budget_source: str                  # "vram_budget" | "cuda free" | "cpu default (fits all)"
@@ -234,7 +243,10 @@ class Plan:
     expert_slot_bytes: int              # one expert's gate+up+down (logical bytes)
     trunk_experts: int                  # routed experts of trunk layers (max useful slots)
     layer_tiers: list[str] = field(default_factory=list)
-    layer_kv_dtypes: list[str] = field(default_factory=list)
+    layer_kv_dtypes: list[str] = field(default_factory=list)     # per layer: kv_spec.layer_label(K, V)
+    layer_k_dtypes: list[str] = field(default_factory=list)      # K format per layer
+    layer_v_dtypes: list[str] = field(default_factory=list)      # V format per layer
+    kv_spec: str = ""                   # the planned per-layer K/V formats, canonical (kv_spec.KVSpec.from_layers)
     layer_kv_bytes: list[int] = field(default_factory=list)       # K+V on the layer's tier
     layer_kv_rows: list[int] = field(default_factory=list)        # ctx, or the ring of a SWA layer
     layer_attention: list[str] = field(default_factory=list)      # "global" | "swa"
@@ -407,10 +419,11 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
     # only narrowed (trunk) layers are held to the dtype's geometry
     narrowed = n_gpu_layers != 0
     kv_rows = [layer_kv_rows(spec, i, ctx) for i in range(L)]
-    priced = kv_dtype if narrowed else "fp32"
+    wanted = kvspec.parse(kv_dtype).layer_formats(L, spec.name)     # (K, V) per layer, range-checked
+    priced = wanted if narrowed else [("fp32", "fp32")] * L
     if settings.get("KVBENCH_FAULT") == ("kv_priced_fp32", None):
-        priced = "fp32"         # the seed's planner bug, on purpose: the harness must catch it
-    kv_trunk = [sum(rnd(b) for b in kv_buffer_bytes(spec, r, priced)) for r in kv_rows]
+        priced = [("fp32", "fp32")] * L   # the seed's planner bug, on purpose: the harness must catch it
+    kv_trunk = [sum(rnd(b) for b in kv_buffer_bytes(spec, r, *priced[i])) for i, r in enumerate(kv_rows)]
     kv_host = [sum(kv_buffer_bytes(spec, r, "fp32")) for r in kv_rows]
     w_trunk, w_host, w_expert = [], [], []
     for i in range(L):
@@ -508,6 +521,7 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
         weights=embd_bytes + host_head + sum(w_host[i] for i in tail) + sum(w_expert),
         kv=sum(kv_host[i] for i in tail), scratch=host_scratch)
     trunk_layers = range(k)
+    applied = [wanted[i] if i in trunk_layers else ("fp32", "fp32") for i in range(L)]
     return Plan(
         model=spec.name, arch=spec.arch, device=str(dev), n_layers=L, n_gpu_layers=k, ctx=ctx,
         kv_dtype=kv_dtype, weight_format=weight_format, budget_bytes=budget, budget_source=source,
@@ -515,7 +529,9 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
         head_tier="trunk" if head_on_trunk else "host", trunk=trunk, host=host,
         expert_slots=slots, expert_slot_bytes=slot_bytes, trunk_experts=trunk_experts(k),
         layer_tiers=["trunk" if i in trunk_layers else "host" for i in range(L)],
-        layer_kv_dtypes=[kv_dtype if i in trunk_layers else "fp32" for i in range(L)],
+        layer_kv_dtypes=[kvspec.layer_label(*a) for a in applied],
+        layer_k_dtypes=[a[0] for a in applied], layer_v_dtypes=[a[1] for a in applied],
+        kv_spec=str(kvspec.KVSpec.from_layers(applied)),
         layer_kv_bytes=[kv_trunk[i] if i in trunk_layers else kv_host[i] for i in range(L)],
         layer_kv_rows=kv_rows,
         layer_attention=["swa" if spec.window(i) else "global" for i in range(L)],

@@ -275,6 +275,8 @@ def test_dtype_is_read_from_buffers_and_faults_are_visible(monkeypatch):
         assert c.dtype == dt
     c = make_layer_kv(spec, 0, 32, "q8_0", "cpu")
     c.k = torch.zeros(32, 4, 128)                     # swap the buffer: the report follows it
+    assert c.dtype == "k-fp32.v-q8_0" and c.kv_dtypes == ("fp32", "q8_0")   # K and V each read
+    c.v = torch.zeros(32, 4, 128)
     assert c.dtype == "fp32"
     monkeypatch.setenv("KVBENCH_FAULT", "ignore_kv_dtype")
     assert [make_layer_kv(spec, i, 32, "q8_0", "cpu").dtype for i in range(4)] == ["fp32"] * 4

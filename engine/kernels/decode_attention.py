@@ -84,9 +84,11 @@ def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, P
                          n_keys, keys_per_split, n_splits,
                          stride_k, stride_ks, stride_v, stride_vs, qk_scale,
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                         BLOCK_N: tl.constexpr, FMT: tl.constexpr, PREC: tl.constexpr,
-                         SPLIT: tl.constexpr, FUSE: tl.constexpr, S_PAD: tl.constexpr,
-                         BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
+                         BLOCK_N: tl.constexpr, KFMT: tl.constexpr, VFMT: tl.constexpr,
+                         PREC: tl.constexpr, SPLIT: tl.constexpr, FUSE: tl.constexpr,
+                         S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
+    # KFMT / VFMT: the K and V buffers' formats (KV_FORMAT_CODES), each read in its own: a bf16
+    # buffer's exact values feed dot_f32, other formats are dequantized to float32 tiles.
     h = tl.program_id(0)            # KV head
     sp = tl.program_id(1)           # context split
     if DEV_POS:                     # n_keys = position + 1 read on the device (CUDA graphs)
@@ -105,21 +107,23 @@ def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, P
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
-        if FMT == 1:
-            rows = offs_n.to(tl.int64)
+        rows = offs_n.to(tl.int64)
+        if KFMT == 1:
             k = tl.load(K + rows[:, None] * stride_k + col[None, :], mask=mask_n[:, None], other=0.0)
-            v = tl.load(V + rows[:, None] * stride_v + col[None, :], mask=mask_n[:, None], other=0.0)
             s = dot_f32(q, tl.trans(k), SPLIT)
         else:
-            k = load_kv_tile(K, KS, offs_n, mask_n, col, stride_k, stride_ks, FMT)   # [BLOCK_N, D]
-            v = load_kv_tile(V, VS, offs_n, mask_n, col, stride_v, stride_vs, FMT)
+            k = load_kv_tile(K, KS, offs_n, mask_n, col, stride_k, stride_ks, KFMT)  # [BLOCK_N, D]
             s = tl.dot(q, tl.trans(k), input_precision=PREC)              # [G_PAD, BLOCK_N]
+        if VFMT == 1:
+            v = tl.load(V + rows[:, None] * stride_v + col[None, :], mask=mask_n[:, None], other=0.0)
+        else:
+            v = load_kv_tile(V, VS, offs_n, mask_n, col, stride_v, stride_vs, VFMT)
         s = tl.where(mask_n[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])
         l = l * alpha + tl.sum(p, axis=1)
-        if FMT == 1:
+        if VFMT == 1:
             pv = dot_f32(p, v, SPLIT)
         else:
             pv = tl.dot(p, v, input_precision=PREC)
@@ -303,14 +307,18 @@ def q8_kernel_fits(head_dim: int) -> bool:
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
                      n_keys: int | None, scale: float, n_kv_heads: int, cfg: dict | None = None,
-                     pos: torch.Tensor | None = None) -> torch.Tensor:
-    """q [Hq, D] float32 -> [Hq, D] float32 over cache rows [0, n_keys) (Triton).
+                     pos: torch.Tensor | None = None, v_fmt: str | None = None) -> torch.Tensor:
+    """q [Hq, D] float32 -> [Hq, D] float32 over cache rows [0, n_keys) (Triton). ``fmt`` is
+    the K buffer's format, ``v_fmt`` the V buffer's (None: the same); q8_0's own kernel serves
+    q8_0 K with q8_0 V, any other pair the generic kernel (each buffer read in its format).
 
     ``pos``: a one-element int device tensor holding ``n_keys - 1`` instead of ``n_keys``; the
     launch then does not depend on the position (the splits cover the whole buffer and empty
     ones weigh nothing), so it can be captured in a CUDA graph."""
     global last_scratch_bytes
-    fmt_cfg = {k: v for k, v in FORMAT_CONFIG.get(fmt, {}).items() if _ENV_KEYS[k] not in os.environ}
+    v_fmt = fmt if v_fmt is None else v_fmt
+    fmt_cfg = {k: v for k, v in FORMAT_CONFIG.get(fmt if v_fmt == fmt else "", {}).items()
+               if _ENV_KEYS[k] not in os.environ}
     cfg = {**CONFIG, **fmt_cfg, **(cfg or {})}
     Hq, D = q.shape
     if Hq % n_kv_heads or D & (D - 1) or D < 16:
@@ -337,7 +345,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     fuse = bool(cfg["fuse_combine"])
     counter = _counter(q.device, n_kv_heads)
     comb = {"FUSE": fuse, "S_PAD": triton.next_power_of_2(splits), "BLOCK_S": min(32, triton.next_power_of_2(splits))}
-    if fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D):
+    if fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D):
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         _decode_q8_kernel[(n_kv_heads, splits)](
             q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
@@ -347,12 +355,13 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             **comb, **dev_pos, **launch)
     else:
         kv, ks, sk, sks = cache_args(k_buf, fmt, n_kv_heads, D)
-        vv, vs, sv, svs = cache_args(v_buf, fmt, n_kv_heads, D)
+        vv, vs, sv, svs = cache_args(v_buf, v_fmt, n_kv_heads, D)
         _decode_split_kernel[(n_kv_heads, splits)](
             q, kv, ks, vv, vs, m, l, acc, out, counter, pos, n_keys, per, splits, sk, sks, sv, svs,
             scale * LOG2E,
             G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=cfg["block_n"],
-            FMT=KV_FORMAT_CODES[fmt], PREC=cfg["precision"], SPLIT=split, **comb, **dev_pos, **launch)
+            KFMT=KV_FORMAT_CODES[fmt], VFMT=KV_FORMAT_CODES[v_fmt], PREC=cfg["precision"], SPLIT=split,
+            **comb, **dev_pos, **launch)
     if not fuse:
         _decode_combine_kernel[(Hq,)](m, l, acc, out, splits, D=D, S_PAD=comb["S_PAD"],
                                       BLOCK_S=comb["BLOCK_S"], num_warps=4)
@@ -372,16 +381,17 @@ def _counter(device: torch.device, n: int) -> torch.Tensor:
 
 
 def decode_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
-                         n_keys: int, scale: float, n_kv_heads: int) -> torch.Tensor:
-    """Torch reference: the blocked CPU attention with one query row at position n_keys - 1."""
+                         n_keys: int, scale: float, n_kv_heads: int, v_fmt: str | None = None) -> torch.Tensor:
+    """Torch reference: the blocked CPU attention with one query row at position n_keys - 1
+    (``v_fmt``: the V buffer's format when it differs from K's ``fmt``)."""
     from .prefill_attention import plan_waves, prefill_attention_ref
     Hq, D = q.shape
     plan = plan_waves(1, n_keys - 1, Hq, n_kv_heads, D, budget=formats.DEFAULT_WAVE_BUDGET)
-    out, _ = prefill_attention_ref(q[None], k_buf, v_buf, fmt, n_keys - 1, scale, n_kv_heads, plan)
+    out, _ = prefill_attention_ref(q[None], k_buf, v_buf, fmt, n_keys - 1, scale, n_kv_heads, plan, v_fmt=v_fmt)
     return out[0]
 
 
-def decode_bytes_read(n_keys: int, n_kv_heads: int, head_dim: int, fmt: str) -> int:
+def decode_bytes_read(n_keys: int, n_kv_heads: int, head_dim: int, fmt: str, v_fmt: str | None = None) -> int:
     """K+V cache bytes one decode step reads (the bandwidth figure of merit)."""
-    per_value = formats.kv_format(fmt).bytes_per_value
-    return int(math.ceil(2 * n_keys * n_kv_heads * head_dim * per_value))
+    per_value = formats.kv_format(fmt).bytes_per_value + formats.kv_format(v_fmt or fmt).bytes_per_value
+    return int(math.ceil(n_keys * n_kv_heads * head_dim * per_value))

@@ -112,11 +112,12 @@ def _too_small(budget: int, hq: int, d: int, need: int):
 # --- Triton kernel --------------------------------------------------------------------------
 @triton.jit
 def _attn_tile(acc, l, m, q, K, KS, V, VS, n0, hi, qpos, col, stride_k, stride_ks, stride_v, stride_vs,
-               BLOCK_N: tl.constexpr, FMT: tl.constexpr, PREC: tl.constexpr, MASKED: tl.constexpr):
+               BLOCK_N: tl.constexpr, KFMT: tl.constexpr, VFMT: tl.constexpr, PREC: tl.constexpr,
+               MASKED: tl.constexpr):
     offs_n = n0 + tl.arange(0, BLOCK_N)
     mask_n = offs_n < hi
-    k = load_kv_tile(K, KS, offs_n, mask_n, col, stride_k, stride_ks, FMT)      # [BLOCK_N, D]
-    v = load_kv_tile(V, VS, offs_n, mask_n, col, stride_v, stride_vs, FMT)
+    k = load_kv_tile(K, KS, offs_n, mask_n, col, stride_k, stride_ks, KFMT)     # [BLOCK_N, D]
+    v = load_kv_tile(V, VS, offs_n, mask_n, col, stride_v, stride_vs, VFMT)
     s = tl.dot(q, tl.trans(k), input_precision=PREC)                            # [BLOCK_M, BLOCK_N]
     if MASKED:
         s = tl.where((offs_n[None, :] <= qpos[:, None]) & mask_n[None, :], s, float("-inf"))
@@ -132,7 +133,8 @@ def _attn_tile(acc, l, m, q, K, KS, V, VS, n0, hi, qpos, col, stride_k, stride_k
 def _prefill_kernel(Q, K, KS, V, VS, O, T, start,
                     stride_qt, stride_ot, stride_k, stride_ks, stride_v, stride_vs, qk_scale, mask_shift,
                     G: tl.constexpr, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                    FMT: tl.constexpr, PREC: tl.constexpr):
+                    KFMT: tl.constexpr, VFMT: tl.constexpr, PREC: tl.constexpr):
+    # KFMT / VFMT: the K and V buffers' formats (KV_FORMAT_CODES), each read in its own
     pid_m = tl.program_id(0)
     hq = tl.program_id(1)
     h = hq // G
@@ -151,22 +153,24 @@ def _prefill_kernel(Q, K, KS, V, VS, O, T, start,
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for n0 in range(0, full, BLOCK_N):
         acc, l, m = _attn_tile(acc, l, m, q, K, KS, V, VS, n0, full, qpos, col, stride_k, stride_ks,
-                               stride_v, stride_vs, BLOCK_N, FMT, PREC, False)
+                               stride_v, stride_vs, BLOCK_N, KFMT, VFMT, PREC, False)
     for n0 in range(full, hi, BLOCK_N):
         acc, l, m = _attn_tile(acc, l, m, q, K, KS, V, VS, n0, hi, qpos, col, stride_k, stride_ks,
-                               stride_v, stride_vs, BLOCK_N, FMT, PREC, True)
+                               stride_v, stride_vs, BLOCK_N, KFMT, VFMT, PREC, True)
     out = acc / l[:, None]
     tl.store(O + offs_m[:, None] * stride_ot + hq * D + offs_d[None, :], out, mask=mmask[:, None])
 
 
 def prefill_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
                       start: int, scale: float, n_kv_heads: int, out: torch.Tensor | None = None,
-                      cfg: dict | None = None, mask_shift: int = 0) -> torch.Tensor:
+                      cfg: dict | None = None, mask_shift: int = 0, v_fmt: str | None = None) -> torch.Tensor:
     """One wave (Triton): q [T, Hq, D] float32 at ``start`` -> [T, Hq, D] float32 (into ``out``).
+    ``fmt`` is the K buffer's format, ``v_fmt`` the V buffer's (None: the same).
     ``mask_shift`` (fault injection only: 1 lets each row see one key past its position)."""
     cfg = {**CONFIG, **(cfg or {})}
+    v_fmt = fmt if v_fmt is None else v_fmt
     T, Hq, D = q.shape
-    if fmt == "bf16" and cfg["bf16_flash"] and q.is_cuda and D % 8 == 0 and D <= 256:
+    if fmt == v_fmt == "bf16" and cfg["bf16_flash"] and q.is_cuda and D % 8 == 0 and D <= 256:
         return prefill_attention_flash(q, k_buf, v_buf, start, scale, out)
     if Hq % n_kv_heads or D & (D - 1) or D < 16:
         raise ValueError(f"prefill kernel needs Hq % Hkv == 0 and a power-of-two head_dim >= 16 "
@@ -177,15 +181,16 @@ def prefill_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
         out = torch.empty(T, Hq, D, device=q.device, dtype=torch.float32)
     block_m = cfg["block_m"] if T > 16 else 16
     block_n = cfg["block_n"]
-    if D >= 128 and fmt != "bf16":     # 64 x 128 float32 K and V tiles x 3 stages overflow 227 KB
+    if D >= 128 and not fmt == v_fmt == "bf16":   # 64 x 128 float32 K and V tiles x 3 stages overflow 227 KB
         block_n = min(block_n, 32)
     kv, ks, sk, sks = cache_args(k_buf, fmt, n_kv_heads, D)
-    vv, vs, sv, svs = cache_args(v_buf, fmt, n_kv_heads, D)
+    vv, vs, sv, svs = cache_args(v_buf, v_fmt, n_kv_heads, D)
     grid = (triton.cdiv(T, block_m), Hq)
     _prefill_kernel[grid](q, kv, ks, vv, vs, out, T, start, q.stride(0), out.stride(0),
                           sk, sks, sv, svs, scale * LOG2E, mask_shift,
                           G=Hq // n_kv_heads, D=D, BLOCK_M=block_m, BLOCK_N=block_n,
-                          FMT=KV_FORMAT_CODES[fmt], PREC=cfg["precision"], num_warps=cfg["num_warps"])
+                          KFMT=KV_FORMAT_CODES[fmt], VFMT=KV_FORMAT_CODES[v_fmt], PREC=cfg["precision"],
+                          num_warps=cfg["num_warps"])
     return out
 
 
@@ -228,8 +233,10 @@ def dequant_rows_ref(buf: torch.Tensor, fmt: str, j0: int, j1: int, n_kv_heads: 
 
 def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
                           start: int, scale: float, n_kv_heads: int, plan: WavePlan,
-                          window: int | None = None) -> tuple[torch.Tensor, int]:
+                          window: int | None = None, v_fmt: str | None = None) -> tuple[torch.Tensor, int]:
     """Blocked causal attention in ``plan``'s waves; returns (out [T, Hq, D], peak scratch bytes).
+    ``fmt`` is the K buffer's format, ``v_fmt`` the V buffer's (None: the same); each is
+    dequantized by its own format.
 
     Per wave, every chunk of R query rows (zero-padded to R) is one batch entry; the cache is
     read KB rows at a time, always the same rows for a given block start (keys past a row's
@@ -239,8 +246,9 @@ def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Ten
     T, Hq, D = q.shape
     Hkv, G, R, KB = n_kv_heads, Hq // n_kv_heads, plan.chunk_rows, plan.key_block
     dev = q.device
+    v_fmt = fmt if v_fmt is None else v_fmt
     k_buf = q8_layout.rows_view(k_buf, fmt, Hkv, D)                    # q8_0: quants + scales views
-    v_buf = q8_layout.rows_view(v_buf, fmt, Hkv, D)
+    v_buf = q8_layout.rows_view(v_buf, v_fmt, Hkv, D)
     n_rows = k_buf.shape[0]
     out = torch.empty(T, Hq, D, device=dev, dtype=torch.float32)
     peak = 0
@@ -276,7 +284,7 @@ def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Ten
             j1 = min(j0 + KB, limit)
             first = next(i for i, e in enumerate(ends) if e > j0)
             kb = dequant_rows_ref(k_buf, fmt, j0, j1, Hkv, D)              # [Hkv, L, D]
-            vb = dequant_rows_ref(v_buf, fmt, j0, j1, Hkv, D)
+            vb = dequant_rows_ref(v_buf, v_fmt, j0, j1, Hkv, D)
             L = j1 - j0
             sub = slice(first, C)
             s = torch.matmul(qs[sub], kb.transpose(1, 2).unsqueeze(0))     # [C', Hkv, G*R, L]
@@ -295,7 +303,7 @@ def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Ten
             pv = torch.matmul(s, vb.unsqueeze(0))                          # [C', Hkv, G*R, D]
             acc[sub] = acc[sub] * alpha + pv
             m[sub] = m_new
-            block = 0 if fmt == "fp32" else kb.nbytes + vb.nbytes
+            block = (0 if fmt == "fp32" else kb.nbytes) + (0 if v_fmt == "fp32" else vb.nbytes)
             peak = max(peak, held + block + s.nbytes + mask.nbytes + pv.nbytes)
         o = (acc / l).view(C, Hkv, G, R, D).permute(0, 3, 1, 2, 4).reshape(C, R, Hq, D)
         for i, (c0, c1) in enumerate(chunks):
