@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import settings
+from . import attn_math, settings
 from .spec import ModelSpec
 
 
@@ -298,6 +298,9 @@ class Transformer:
         self.head_device = head_device
         self.ropes: dict[tuple[torch.device, float], Rope] = {}
         self._decode_fns = None
+        # the attention kernel's precision (engine.attn_math): "exact", or "ggml-cpu" (the query
+        # converted to the K cache's dot type before K·Q, as llama.cpp's CPU kernels do)
+        self.attn_math = attn_math.DEFAULT
         self.scale = spec.scale
 
     def _rope(self, device, base: float | None = None) -> Rope:
@@ -326,6 +329,8 @@ class Transformer:
         window = s.window(i)
         q, k = rope.apply(q, start), rope.apply(k, start)
         cache.write(start, k, v)
+        if self.attn_math != "exact":
+            q = attn_math.q_for_k(q, cache.k_format, self.attn_math)
         if window:
             o = cache.attend(q, start, self.scale, window=window)   # [T, Hq, D]
         else:
@@ -459,6 +464,8 @@ class Transformer:
             q, k, v = pre(x, w.attn_norm, w.wq, w.wk, w.wv, w.wqkv if fused_qkv else None, w.q_norm, w.k_norm,
                           rope.cos, rope.sin, pos)
             caches[i].write_at(pos, k, v)
+            if self.attn_math != "exact":
+                q = attn_math.q_for_k(q, caches[i].k_format, self.attn_math)
             o = caches[i].attend_at(q, pos, self.scale)
             if w.router is None:
                 x = post(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.w_gate, w.w_up, w.w_down, w.post_ffn_norm)

@@ -54,3 +54,36 @@ def test_unknown_mode_and_unconvertible_format_are_config_errors():
         attn_math.q_for_k(_q(), "q4_0", "ggml-cpu")
     with pytest.raises(ConfigError, match="divisible by 32"):
         attn_math.q_for_k(torch.ones(2, 2, 48), "q8_0", "ggml-cpu")
+
+
+def test_the_engine_applies_the_mode_to_every_attention_call():
+    """fp32 K: ggml-cpu maths is the identity (bit-equal logits); q8_0 K: the query is converted
+    (logits move), and the moved logits equal those of an exact-maths run whose attention is fed
+    the converted query by hand (the mode changes nothing else)."""
+    import engine
+    from engine import synth
+    path = synth.ensure("tiny-qwen3")                  # head_dim 32: one q8_0 block per head row
+    ids = list(range(3, 40))
+    e32 = engine.load(path, kv_dtype="fp32", ctx=64)
+    exact = e32.logits(ids)
+    e32.model.attn_math = "ggml-cpu"
+    assert torch.equal(e32.logits(ids), exact)
+    e32.close()
+    e8 = engine.load(path, kv_dtype="q8_0", ctx=64)
+    ex8 = e8.logits(ids)
+    e8.model.attn_math = "ggml-cpu"
+    gg8 = e8.logits(ids)
+    assert not torch.equal(gg8, ex8) and (gg8 - ex8).abs().max() < 0.5
+    # by hand: exact maths, every cache's attend fed the q8_0-rounded query
+    e8.model.attn_math = "exact"
+    calls = []
+    for c in e8.caches:
+        orig = c.attend
+
+        def attend(q, start, scale, window=None, _orig=orig):
+            calls.append(1)
+            q2 = torch.from_numpy(dequantize(quantize(q.numpy(), QT.Q8_0), QT.Q8_0).reshape(q.shape))
+            return _orig(q2, start, scale) if window is None else _orig(q2, start, scale, window=window)
+        c.attend = attend
+    assert torch.equal(e8.logits(ids), gg8) and len(calls) == len(e8.caches)
+    e8.close()
