@@ -114,7 +114,7 @@ def scored(logits: torch.Tensor, n_ctx: int) -> torch.Tensor:
 def kvbench_logits(model: str, kv: str, mode: str, chunks: list[list[int]], n_ctx: int) -> list[torch.Tensor]:
     eng = engine.load(model, kv_dtype=kv, ctx=n_ctx, device="cpu", weight_format="f32")
     try:
-        eng.model.attn_math = mode
+        eng.set_attn_math(mode)
         return [scored(eng.logits(ids), n_ctx) for ids in chunks]
     finally:
         eng.close()

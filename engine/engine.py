@@ -211,6 +211,29 @@ class Engine:
         self._static = None
         return path
 
+    @property
+    def attn_math(self) -> str:
+        """The attention kernel's precision in force (``engine.attn_math``): ``exact`` (float32
+        maths on the stored values) or ``ggml-cpu`` (the query converted to K's dot type)."""
+        return self._live().attn_math
+
+    def set_attn_math(self, mode: str) -> str:
+        """Apply kernel precision ``mode`` to every layer; a mode some layer's K format cannot
+        take (no query conversion, or a head size that is not whole q8_0 blocks) raises
+        ConfigError naming the layer, and nothing changes. Captured decode steps are rebuilt."""
+        from . import attn_math
+        attn_math.check_mode(mode)
+        model = self._live()
+        for i, (k, _v) in enumerate(self.kv_formats):
+            try:
+                attn_math.q_for_k(torch.zeros(1, 1, self.spec.head_dim), k.split(" ", 1)[0], mode)
+            except ConfigError as exc:
+                raise ConfigError(f"attention maths {mode!r} cannot be applied to layer {i} (K {k}): "
+                                  f"{exc.args[0] if exc.args else exc}", "use attention maths 'exact'") from None
+        model.attn_math = mode
+        self._static = None
+        return mode
+
     def _static_decoder(self):
         """The engine's ``StaticDecode`` (built on first use for the applied decode path)."""
         from .cuda_graph import StaticDecode, eligibility

@@ -87,3 +87,19 @@ def test_the_engine_applies_the_mode_to_every_attention_call():
         c.attend = attend
     assert torch.equal(e8.logits(ids), gg8) and len(calls) == len(e8.caches)
     e8.close()
+
+
+def test_set_attn_math_is_observable_and_refuses_what_a_layer_cannot_take():
+    import engine
+    from engine import synth
+    eng = engine.load(synth.ensure("tiny-llama"), kv_dtype="q8_0", ctx=32)      # head_dim 16
+    assert eng.attn_math == "exact"
+    with pytest.raises(ConfigError, match="cannot be applied to layer 0 .*divisible by 32"):
+        eng.set_attn_math("ggml-cpu")
+    assert eng.attn_math == "exact"
+    with pytest.raises(ConfigError, match="unknown"):
+        eng.set_attn_math("fast")
+    eng.close()
+    eng = engine.load(synth.ensure("tiny-qwen3"), kv_dtype="bf16", ctx=32)
+    assert eng.set_attn_math("ggml-cpu") == "ggml-cpu" == eng.attn_math
+    eng.close()
