@@ -59,7 +59,7 @@ class Engine:
     # what the harness may ask of this engine (harness.engine_api names): everything
     name = "kvbench"
     capabilities = frozenset({"logits", "chunked_logits", "generate", "chat", "prefill", "kv_applied",
-                              "kv_bytes", "plan", "prefill_stats", "caches"})
+                              "kv_bytes", "plan", "prefill_stats", "caches", "attn_math"})
 
     def __init__(self, path: Path, g: GGUFFile, spec: ModelSpec, model: Transformer, tokenizer,
                  kv_dtype: str, device: torch.device, ctx: int, wave_budget_bytes: int,

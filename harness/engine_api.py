@@ -26,7 +26,9 @@ Capabilities:
 - ``topk_logprobs``: ``topk_logprobs(tokens, k) -> harness.adapters.topk.TopK``, teacher-forced:
   at each position the k most likely next tokens with their log-probabilities (the rest of
   the vocabulary is one tail bucket) and the exact log-probability of the token that follows
-  (what an OpenAI-compatible completions server gives with ``echo`` and ``logprobs``).
+  (what an OpenAI-compatible completions server gives with ``echo`` and ``logprobs``);
+- ``attn_math``: ``attn_math`` and ``set_attn_math(mode)`` (``engine.attn_math``: the attention
+  kernel's precision, ``exact`` or ``ggml-cpu``), so a check can attribute KLD to storage and maths.
 
     from harness.engine_api import missing, CAP_PLAN
     why = missing(type(eng), {CAP_PLAN})      # None when every capability is there
@@ -46,8 +48,9 @@ CAP_PLAN = "plan"
 CAP_PREFILL_STATS = "prefill_stats"
 CAP_CACHES = "caches"
 CAP_TOPK_LOGPROBS = "topk_logprobs"
+CAP_ATTN_MATH = "attn_math"
 CAPABILITIES = (CAP_LOGITS, CAP_CHUNKED_LOGITS, CAP_GENERATE, CAP_CHAT, CAP_PREFILL, CAP_KV_APPLIED,
-                CAP_KV_BYTES, CAP_PLAN, CAP_PREFILL_STATS, CAP_CACHES, CAP_TOPK_LOGPROBS)
+                CAP_KV_BYTES, CAP_PLAN, CAP_PREFILL_STATS, CAP_CACHES, CAP_TOPK_LOGPROBS, CAP_ATTN_MATH)
 
 
 @runtime_checkable

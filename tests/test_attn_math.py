@@ -103,3 +103,41 @@ def test_set_attn_math_is_observable_and_refuses_what_a_layer_cannot_take():
     eng = engine.load(synth.ensure("tiny-qwen3"), kv_dtype="bf16", ctx=32)
     assert eng.set_attn_math("ggml-cpu") == "ggml-cpu" == eng.attn_math
     eng.close()
+
+
+def test_corpus_kld_maths_axis_equals_numpy_on_the_engines_own_logits(tmp_path):
+    """corpus_kld with attn_math = [exact, ggml-cpu] on a q8_0 row: the extra metrics equal KL
+    computed by numpy from the engine's logits under each mode, and the share is their ratio."""
+    import engine
+    from engine import synth
+    from harness.checks import CaseContext, get
+    from harness.checks.corpus_kld import CorpusKldConfig
+    from harness.schema import SuiteSection
+    text = tmp_path / "t.txt"
+    text.write_text(" ".join(f"word{i % 37} value{i % 11}" for i in range(400)))
+    path = synth.ensure("tiny-qwen3")
+    cfg = CorpusKldConfig(kind="corpus_kld", corpus=str(text), depths=[64, 96], trained_cap=96,
+                          attn_math=["exact", "ggml-cpu"])
+    check, suite = get("corpus_kld"), SuiteSection(name="t", ctx=128)
+    base_eng = engine.load(path, kv_dtype="fp32", ctx=128)
+    ctx0 = CaseContext(model="tiny-qwen3", kv_dtype="fp32", baseline="fp32", suite=suite, device="cpu", seed=0)
+    state = check.prepare(base_eng, cfg, ctx0)
+    base = base_eng.logits(state["ids"][:96]).numpy().astype(np.float64)
+    base_eng.close()
+    eng = engine.load(path, kv_dtype="q8_0", ctx=128)
+    ctx1 = CaseContext(model="tiny-qwen3", kv_dtype="q8_0", baseline="fp32", suite=suite, device="cpu", seed=0)
+    out = check.measure(eng, cfg, state, ctx1)
+    got = {m.name: m.value for m in out.metrics}
+    assert eng.attn_math == "exact"                         # restored after the extra pass
+
+    def kl(t):
+        lb = base - np.log(np.exp(base - base.max(1, keepdims=True)).sum(1, keepdims=True)) - base.max(1, keepdims=True)
+        lt = t - np.log(np.exp(t - t.max(1, keepdims=True)).sum(1, keepdims=True)) - t.max(1, keepdims=True)
+        return float((np.exp(lb) * (lb - lt)).sum(1).mean())
+    exact = kl(eng.logits(state["ids"][:96]).numpy().astype(np.float64))
+    eng.set_attn_math("ggml-cpu")
+    maths = kl(eng.logits(state["ids"][:96]).numpy().astype(np.float64))
+    eng.close()
+    assert got["Mean KLD"] == pytest.approx(exact, rel=1e-5)
+    assert got["Mean KLD (ggml-cpu maths)"] == pytest.approx(maths, rel=1e-5) and maths != exact
+    assert got["Kernel maths share of Mean KLD (ggml-cpu)"] == pytest.approx(100 * (maths - exact) / maths, rel=1e-4)

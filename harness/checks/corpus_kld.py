@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import corpus as corpora
-from ..engine_api import CAP_CHUNKED_LOGITS, CAP_LOGITS, CAP_PREFILL_STATS, capabilities_of
+from ..engine_api import CAP_ATTN_MATH, CAP_CHUNKED_LOGITS, CAP_LOGITS, CAP_PREFILL_STATS, capabilities_of
 from ..errors import HarnessError, SuiteError
 from ..metric_registry import metric
 from ..metrics import logit_stats
@@ -102,9 +102,18 @@ class CorpusKldConfig(CheckConfig):
     max_mean_kld_deepest: float | dict[str, float] | None = threshold("Mean KLD (deepest bucket)", "<=")
     max_kld_99: float | dict[str, float] | None = threshold("99.0% KLD", "<=")
     max_ppl_ratio: float | dict[str, float] | None = threshold("Mean PPL(Q)/PPL(base)", "<=")
+    attn_math: list[str] = param(default_factory=lambda: ["exact"],
+                                 help='kernel precisions of the narrowed rows: "exact" (storage error '
+                                      'alone) and/or "ggml-cpu" (the query converted to K\'s dot type, '
+                                      'as llama.cpp\'s CPU kernels do)')
 
     def validate(self, path, where: str) -> None:
         check_depth_list(self.depths, path, f"{where}.depths", "depth")
+        from engine.attn_math import MODES
+        if "exact" not in self.attn_math or any(m not in MODES for m in self.attn_math) \
+                or len(set(self.attn_math)) != len(self.attn_math):
+            raise SuiteError(path, f"{where}.attn_math", f"{self.attn_math!r} must list \"exact\" and may add "
+                             f"others, each once", f"from {', '.join(MODES)}")
         if self.corpus not in corpora.CORPORA and not self.corpus.strip():
             raise SuiteError(path, f"{where}.corpus", "must not be empty", ", ".join(corpora.CORPORA))
         if self.corpus_sha256 is not None and (len(self.corpus_sha256) != 64 or
@@ -151,6 +160,11 @@ class CorpusKld(Check):
                                      ("Maximum KLD", "nats", "lower"), ("Same top p", "%", "higher"),
                                      ("Top-1 in top-{k}", "%", "higher"), ("Mean PPL(Q)/PPL(base)", "", "lower"),
                                      ("RMS Δp", "%", "lower"))),
+        metric("Mean KLD ({maths} maths)", "nats", "lower",
+               "Mean KLD with the attention kernel's precision set to that mode (engine.attn_math)"),
+        metric("Mean KLD SE ({maths} maths)", "nats", None),
+        metric("Kernel maths share of Mean KLD ({maths})", "%", None,
+               "(Mean KLD under that maths - Mean KLD exact) / Mean KLD under that maths"),
         metric("Tokens", "tokens", None, "corpus tokens teacher-forced"),
         metric("Scored positions", "positions", None),
         metric("Waves", "", None, "waves of the longest prefill"),
@@ -233,6 +247,8 @@ class CorpusKld(Check):
         else:
             buckets_info = [{"lo": lo, "hi": hi, "positions": len(pos)}
                             for (lo, hi), pos in zip(zip(state["edges"], state["edges"][1:]), state["buckets"])]
+        if test is not None and not ctx.is_baseline:
+            _maths_axis(out, eng, cfg, state, targets, allst.scalars.get("Mean KLD"))
         out.add("Tokens", T, "tokens")
         out.add("Scored positions", int(idx.numel()), "positions")
         if stats.get("waves") is not None:
@@ -243,6 +259,38 @@ class CorpusKld(Check):
             "reference": (f"{ctx.baseline} one pass vs {ctx.baseline} prefilled in chunks of {cfg.noise_chunk} "
                           "(noise floor)" if ctx.is_baseline else f"{ctx.kv_dtype} vs {ctx.baseline}, same tokens")})
         return out
+
+
+def _maths_axis(out: Outcome, eng, cfg: CorpusKldConfig, state, targets, exact_kld) -> None:
+    """The kernel-precision axis: each extra ``attn_math`` mode's pass on the narrowed row, its
+    Mean KLD (+/- SE) and the share the maths adds to the storage error (``exact``)."""
+    extra = [m for m in cfg.attn_math if m != "exact"]
+    if not extra:
+        return
+    if CAP_ATTN_MATH not in capabilities_of(eng):
+        for m in extra:
+            out.skip(f"Mean KLD ({m} maths)", f"engine {eng.name} cannot set its attention maths: its "
+                     "own kernels' precision is in every number it gives", "nats", "lower")
+        return
+    from engine.errors import ConfigError
+    for m in extra:
+        try:
+            eng.set_attn_math(m)
+        except ConfigError as exc:
+            out.skip(f"Mean KLD ({m} maths)", str(exc.args[0] if exc.args else exc), "nats", "lower")
+            continue
+        try:
+            test, _ = _pass(eng, state["ids"][:state["T"]], state["idx"])
+        finally:
+            eng.set_attn_math("exact")
+        st = logit_stats(state["logits"], test, cfg.top_k, targets).scalars
+        kld = st.get("Mean KLD")
+        out.add(f"Mean KLD ({m} maths)", kld, "nats", "lower")
+        if st.get("Mean KLD SE") is not None:
+            out.add(f"Mean KLD SE ({m} maths)", st["Mean KLD SE"], "nats")
+        if kld and exact_kld is not None:
+            out.add(f"Kernel maths share of Mean KLD ({m})", 100.0 * (kld - exact_kld) / kld, "%")
+        out.info.setdefault("attn_math", {})[m] = {"Mean KLD": kld, "Mean KLD SE": st.get("Mean KLD SE")}
 
 
 def _pass(eng, ids: list[int], idx: torch.Tensor, chunk: int | None = None) -> tuple[torch.Tensor, dict]:
