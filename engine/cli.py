@@ -78,7 +78,8 @@ def at_least(lo: int):
 
 
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--kv-dtype", default="fp32", help="KV cache dtype: fp32, bf16, q8_0")
+    p.add_argument("--kv-dtype", default="fp32", help="KV cache dtype: fp32, bf16, q8_0, or a KV spec "
+                   "(engine.kv_spec: k-q8_0.v-bf16, q8_0.fp32@0,23)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--ctx", type=at_least(1), default=4096, help="KV cache capacity in tokens")
     p.add_argument("--weight-format", default="f32", help="matrices stored as f32, bf16 or f16")
@@ -145,6 +146,7 @@ def bench_main(args) -> int:
     result = {
         "model": args.model, "arch": eng.spec.arch, "device": str(eng.device),
         "kv_dtype_requested": args.kv_dtype, "kv_dtypes_applied": sorted(set(eng.kv_dtypes)),
+        "kv_spec_applied": eng.kv_spec,
         "load_s": round(load_s, 3), f"logits{args.prompt_tokens}_s": round(pp_s, 3),
         f"pp{args.prompt_tokens}_tok_s": round(args.prompt_tokens / pp_s, 1),
         f"tg{args.decode_tokens}_tok_s": round(args.decode_tokens / tg_s, 2),
@@ -159,7 +161,7 @@ def bench_main(args) -> int:
     table.add_row(f"teacher-forced logits, {args.prompt_tokens} tokens (s, median of {args.repeats})", f"{pp_s:.2f}")
     table.add_row(f"prefill pp{args.prompt_tokens} (tok/s)", f"{args.prompt_tokens / pp_s:.1f}")
     table.add_row(f"greedy decode tg{args.decode_tokens} (tok/s, median of {args.repeats})", f"{args.decode_tokens / tg_s:.2f}")
-    table.add_row("KV dtype applied", ", ".join(sorted(set(eng.kv_dtypes))))
+    table.add_row("KV dtype applied", eng.kv_spec)
     table.add_row("decode path", f"{eng.decode_path} ({eng.decode_path_reason})")
     con.print(table)
     con.print(f"[bold]Q:[/bold] {question}\n[bold]A:[/bold] {answer}")

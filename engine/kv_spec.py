@@ -226,6 +226,24 @@ def model_canonical(text, n_layers: int, model: str = "") -> str:
     return str(KVSpec.from_layers(parse(text).layer_formats(n_layers, model)))
 
 
+def strip_reasons(cell: str) -> str:
+    """An applied-dtype observable without its qualifications: ``"q8_0 (q8_0 written wrong: ...
+    (its scale) ...)"`` -> ``"q8_0"`` (parenthesized reasons removed, nested ones too)."""
+    prev = None
+    while prev != cell:
+        prev, cell = cell, re.sub(r"\s*\([^()]*\)", "", cell)
+    return cell.strip()
+
+
+def cell_formats(cell: str) -> tuple[str, str]:
+    """(K, V) formats of one layer's cell (``layer_label``; a qualified observable is read by the
+    formats it names): ``"q8_0"`` -> ``("q8_0", "q8_0")``, ``"k-q8_0.v-bf16"`` -> ``("q8_0", "bf16")``."""
+    s = parse(strip_reasons(cell))
+    if s.layers:
+        raise _err(cell, "a layer's cell has no per-layer overrides")
+    return s.k, s.v
+
+
 def is_spec(text) -> bool:
     """Whether ``text`` parses (no exception)."""
     try:

@@ -37,6 +37,8 @@ def format_plan(p: Plan) -> str:
     n_tail = p.n_layers - p.n_gpu_layers
     lines.append(f"KV {p.kv_dtype}: {_mib(p.trunk.kv)} (trunk, {p.n_gpu_layers} layers); "
                  f"KV fp32: {_mib(p.host.kv)} (host, {n_tail} layers)")
+    if p.kv_spec and p.kv_spec != p.kv_dtype:       # per-layer / per-K/V formats as planned
+        lines.append(f"KV per layer: {p.kv_spec}")
     kinds = p.kv_by_kind()
     if "swa" in kinds:
         for kind, name in (("global", "global layers"), ("swa", "sliding-window layers")):
@@ -55,7 +57,8 @@ def format_plan(p: Plan) -> str:
 
 def add_cli_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("model", help="registry name or .gguf path (only metadata is read)")
-    parser.add_argument("--kv-dtype", default="fp32", help=f"KV dtype of trunk layers ({', '.join(KV_FORMATS)})")
+    parser.add_argument("--kv-dtype", default="fp32", help=f"KV dtype of trunk layers ({', '.join(KV_FORMATS)}), or a KV spec "
+                        "(engine.kv_spec: k-q8_0.v-bf16, q8_0.fp32@0,23)")
     parser.add_argument("--ctx", type=int, default=4096, help="context length to price the KV for")
     parser.add_argument("--vram-budget", default=None, help="trunk budget, e.g. 12GiB (default: free memory)")
     parser.add_argument("--n-gpu-layers", type=int, default=None, help="pin the trunk layer count")

@@ -349,7 +349,7 @@ class Runner:
         return CaseContext(model=model, kv_dtype=kv_dtype, baseline=self.suite.suite.baseline,
                            suite=self.suite.suite, device=self.device, seed=self.suite.suite.seed,
                            platform=platform,
-                           load=lambda **over: self.pool.get(model, kv_dtype, {**opts, **over}))
+                           load=lambda kv_dtype=kv_dtype, **over: self.pool.get(model, kv_dtype, {**opts, **over}))
 
     # -- the run --------------------------------------------------------------------------
     def run(self) -> RunSummary:
@@ -470,6 +470,7 @@ class Runner:
                         recs += more                # after the check's own info (Results.info reads the first)
                         engine_info = {"load_options": {k: v for k, v in opts.items()},
                                        "spec": _spec_dict(eng), "kv_dtypes": list(eng.kv_dtypes),
+                                       "kv_spec": getattr(eng, "kv_spec", None),   # applied, canonical (kvbench)
                                        "device": str(eng.device), "platform": platform,
                                        "weight_format": weight_format_of(eng),
                                        "weight_format_requested": weight_format_requested_of(eng),

@@ -101,20 +101,23 @@ class CheckConfig:
         ``per_platform`` table, then the ``per_model`` table (each overrides the one before,
         dtype by dtype when both are tables)."""
         value = getattr(self, name)
+        fallback = None         # a number overridden by a table still holds for the dtypes (and
         layers = [self.per_platform.get(platform, {}) if platform else {}, self.per_model.get(model, {})]
-        for override in layers:
+        for override in layers:   # KV specs) the table does not name
             if name not in override:
                 continue
             o = override[name]
             if isinstance(o, dict):
-                merged = dict(value) if isinstance(value, dict) else (
-                    {} if value is None else {d: value for d in KV_DTYPES})
+                if isinstance(value, dict):
+                    merged = dict(value)
+                else:
+                    merged, fallback = {}, value
                 merged.update(o)
                 value = merged
             else:
-                value = o
+                value, fallback = o, None
         if isinstance(value, dict):
-            return value.get(kv_dtype)
+            return value.get(kv_dtype, fallback)
         return value
 
     def gates(self, model: str, kv_dtype: str, platform: str | None = None) -> dict[str, tuple[float, str]]:

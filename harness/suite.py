@@ -23,6 +23,7 @@ import dataclasses
 import difflib
 import hashlib
 import math
+import re
 import tomllib
 import types
 from dataclasses import MISSING, dataclass, fields
@@ -183,8 +184,7 @@ def _validate_section(s: SuiteSection, path) -> None:
         raise SuiteError(path, "suite.kv_dtypes", "empty matrix: no KV dtypes to hold against the baseline",
                          ", ".join(KV_DTYPES))
     for i, d in enumerate(s.kv_dtypes):
-        if d not in KV_DTYPES:
-            raise SuiteError(path, f"suite.kv_dtypes[{i}]", f"unknown KV dtype {d!r}", ", ".join(KV_DTYPES))
+        _validate_kv_spec(d, path, f"suite.kv_dtypes[{i}]")
         if d == s.baseline:
             raise SuiteError(path, f"suite.kv_dtypes[{i}]", f"{d!r} is the baseline; list only the "
                              "dtypes compared against it", ", ".join(x for x in KV_DTYPES if x != s.baseline))
@@ -195,6 +195,28 @@ def _validate_section(s: SuiteSection, path) -> None:
     if s.weight_format not in WEIGHT_FORMATS:
         raise SuiteError(path, "suite.weight_format", f"unknown weight format {s.weight_format!r}",
                          ", ".join(WEIGHT_FORMATS))
+
+
+def _validate_kv_spec(d, path, key: str) -> None:
+    """A row of ``kv_dtypes``: a KV dtype, or a KV spec (``engine.kv_spec``: K/V split, per-layer
+    overrides) written in its canonical form (the row's label in results and reports, so one
+    setting has one name). Layer indices are held against each model when the run is planned."""
+    from engine.errors import ConfigError
+    from engine.kv_spec import ACCEPTED, parse
+    if not isinstance(d, str) or not d:
+        raise SuiteError(path, key, f"expected a KV dtype string, got {_tname(d)}", ACCEPTED)
+    if d in KV_DTYPES:
+        return
+    if re.fullmatch(r"[A-Za-z0-9_]+", d):            # a bare word: an unknown dtype, as before
+        raise SuiteError(path, key, f"unknown KV dtype {d!r}", ", ".join(KV_DTYPES) + ", or a KV spec "
+                         "such as k-q8_0.v-bf16 or q8_0.fp32@0,23")
+    try:
+        spec = parse(d)
+    except ConfigError as e:
+        raise SuiteError(path, key, f"bad KV spec: {str(e).split('; write ')[0]}", ACCEPTED) from None
+    if str(spec) != d:
+        raise SuiteError(path, key, f"KV spec {d!r} is not in canonical form: write {str(spec)!r}",
+                         "the canonical form, the row's one name in results and reports")
 
 
 def _validate_check(cfg: CheckConfig, s: SuiteSection, path, where: str) -> None:

@@ -33,6 +33,8 @@ import re
 import pandas as pd
 
 from engine import formats
+from engine.errors import EngineError
+from engine.kv_spec import cell_formats
 
 from .report import _num, md_table, register_section
 from .speedstats import DEFAULT_MAX_CV, spread
@@ -79,8 +81,9 @@ def kv_cell(r, m: str, d: str) -> tuple[float | None, int | None, str]:
             return None, None, ""
         try:
             row = spec["n_kv_heads"] * spec["head_dim"]
-            total = sum(2 * row * ctx * formats.kv_format(a).bytes_per_value for a in applied)
-        except (KeyError, TypeError, ValueError):
+            total = sum(row * ctx * sum(formats.kv_format(f).bytes_per_value for f in cell_formats(a))
+                        for a in applied)     # a cell: q8_0, or k-q8_0.v-bf16 (engine.kv_spec)
+        except (KeyError, TypeError, ValueError, EngineError):
             return None, None, ""
         return total / 2**20, ctx, "computed"
     return None, None, ""

@@ -13,3 +13,4 @@ from .base import (CaseContext, Check, Metric, ModelInfo, Outcome, chat_ids, con
 from . import argmax, coherence, wave_prefill, vram, throughput, multiturn  # noqa: E402,F401  (register)
 from .. import summary  # noqa: E402,F401  (registers the report sections of the run summary and multiturn)
 from . import corpus_kld, needle  # noqa: E402,F401  (register; issue 15 items 2 and 5)
+from . import layer_sensitivity  # noqa: E402,F401  (register; issue 15 item 6)

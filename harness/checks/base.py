@@ -95,7 +95,8 @@ class CaseContext:
     device: str
     seed: int
     platform: str = ""                # "<device type>-<weight format>" of the per_platform gates
-    # load(**overrides) -> a new engine of this model and dtype with other load options
+    # load(**overrides) -> a new engine of this model and dtype with other load options;
+    # load(kv_dtype=spec, ...) one of another KV spec (engine.kv_spec), e.g. one layer narrowed
     load: Callable[..., Any] = None
     measure_baseline: bool = True     # (prepare only) whether the baseline row will be measured
 

@@ -1,10 +1,12 @@
 """vram: did the engine apply the KV dtype it was asked for, and allocate what it planned?
 
 Contract: after a short prefill + decode (so scratch is live), the check reads observables
-only: ``eng.kv_dtypes`` (the dtype each layer's buffers hold) against the request (trunk
-layers narrowed, tail layers fp32 when a plan splits the model; every layer otherwise),
-runtime KV bytes against the bytes the *requested* dtypes imply (DESIGN.md's table: 4, 2
-and 34/32 bytes per value), and, once the planner and ledger exist, plan vs runtime per
+only: ``eng.kv_dtypes`` (the dtype each layer's buffers hold: ``q8_0``, or ``k-q8_0.v-bf16``
+when K and V differ) against the request (a KV spec, ``engine.kv_spec``: each trunk layer
+gets the spec's K and V formats of that layer, tail layers fp32 when a plan splits the model;
+every layer otherwise), the applied spec (``eng.kv_spec``, canonical) beside the expected one
+in ``info``, runtime KV bytes against the bytes the *requested* per-layer K and V dtypes imply
+(DESIGN.md's table: 4, 2 and 34/32 bytes per value), and, once the planner and ledger exist, plan vs runtime per
 category and tier, ``unaccounted`` and the expert-cache budget. A mismatch fails the check
 and ``detail`` names the first bad layer / category. What the engine cannot report yet is a
 skipped metric with the reason, never a guess. KV rows per layer are ``ctx`` unless the plan
@@ -24,6 +26,7 @@ from dataclasses import dataclass
 from ..schema import CheckConfig, param, threshold
 from ..text import prompt_tokens
 from engine import formats
+from engine.kv_spec import KVSpec, cell_formats, layer_label, parse as parse_kv_spec
 
 from ..engine_api import (CAP_CACHES, CAP_CHAT, CAP_GENERATE, CAP_KV_APPLIED, CAP_KV_BYTES, CAP_PLAN,
                           capabilities_of, missing)
@@ -44,11 +47,25 @@ class VramConfig(CheckConfig):
     max_unaccounted_mib: float | dict[str, float] | None = threshold("Unaccounted", "<=")
 
 
+def pair_bytes_per_value(cell: str) -> float:
+    """Bytes of one K value plus one V value of a layer's cell (``q8_0``: 2 x 34/32,
+    ``k-q8_0.v-bf16``: 34/32 + 2)."""
+    k, v = cell_formats(cell)
+    return BYTES_PER_VALUE[k] + BYTES_PER_VALUE[v]
+
+
+def expected_cells(kv_dtype: str, tiers: list[str]) -> list[str]:
+    """Per layer, the cell the request implies: the spec's (K, V) on trunk layers, fp32 on
+    the host tier (the tail)."""
+    pairs = parse_kv_spec(kv_dtype).layer_formats(len(tiers))
+    return [layer_label(*p) if t == "trunk" else formats.WIDEST_KV for p, t in zip(pairs, tiers)]
+
+
 def kv_bytes_for(spec, ctx: int | list[int], dtypes: list[str]) -> int:
     """K + V bytes of a cache of ``ctx`` rows per layer (or a row count per layer) at the
-    given per-layer dtypes."""
+    given per-layer cells (``q8_0``, ``k-q8_0.v-bf16``)."""
     rows = ctx if isinstance(ctx, list) else [ctx] * len(dtypes)
-    return int(sum(2 * r * spec.kv_dim * BYTES_PER_VALUE[d] for r, d in zip(rows, dtypes)))
+    return int(sum(r * spec.kv_dim * pair_bytes_per_value(d) for r, d in zip(rows, dtypes)))
 
 
 def kv_by_kind(eng, ctx: int, applied: list[str], plan_d: dict | None) -> dict | None:
@@ -65,7 +82,7 @@ def kv_by_kind(eng, ctx: int, applied: list[str], plan_d: dict | None) -> dict |
                          ("swa", sorted(swa))):
         if not layers:
             continue
-        per_row = {i: 2 * spec.kv_dim * BYTES_PER_VALUE[applied[i]] for i in layers}
+        per_row = {i: spec.kv_dim * pair_bytes_per_value(applied[i]) for i in layers}
         runtime = [int(caches[i].nbytes) for i in layers]
         out[kind] = {
             "layers": len(layers),
@@ -132,7 +149,7 @@ class Vram(Check):
             n_gpu = _get(plan_d, "n_gpu_layers")
             trunk = n_layers if n_gpu is None else int(n_gpu)
             tiers = ["trunk" if i < trunk else "host" for i in range(n_layers)]
-        expected = [ctx.kv_dtype if t == "trunk" else "fp32" for t in tiers]
+        expected = expected_cells(ctx.kv_dtype, list(tiers))
         bad = [i for i, (a, e) in enumerate(zip(applied, expected)) if a != e]
         detail = None
         if bad:
@@ -141,7 +158,9 @@ class Vram(Check):
                       + (f" (+{len(bad) - 1} more layers)" if len(bad) > 1 else ""))
         out.add("KV dtype mismatches", len(bad), "layers", "lower", detail=detail)
         out.info.update(requested=ctx.kv_dtype, applied=applied, expected=expected,
-                        tiers=list(tiers), ctx=n_ctx)
+                        tiers=list(tiers), ctx=n_ctx,
+                        expected_spec=str(KVSpec.from_layers(cell_formats(e) for e in expected)),
+                        applied_spec=getattr(eng, "kv_spec", None))
 
         # runtime KV bytes vs what the requested dtypes cost (rows per layer from the plan:
         # a sliding-window layer's ring is smaller than ctx)
