@@ -2,7 +2,10 @@
 
 Contract (DESIGN.md "Engine contract"): ``load(model, kv_dtype=, device=, ctx=, ...)``
 returns an ``Engine`` with ``spec``, ``tokenizer``, ``logits(tokens)`` ([T, vocab] float32,
-teacher-forced), ``generate(tokens, max_new_tokens, stop_at_eos=True)`` (greedy, new tokens
+teacher-forced), ``kv_dtype`` a KV spec (``engine.kv_spec``: ``q8_0``, ``k-q8_0.v-bf16``,
+``q8_0.fp32@0,23``; bad ones are one-line ConfigErrors, a layer index out of range too),
+``kv_formats`` ((K, V) each layer's buffers hold) and ``kv_spec`` (those, canonical: equal to
+the request's canonical form when every layer holds what was asked), ``generate(tokens, max_new_tokens, stop_at_eos=True)`` (greedy, new tokens
 only; on the static path with ``KVBENCH_DECODE_DEVICE_EMBED`` the steps run back to back and
 tokens are read back in batches, ``decode_greedy(token, n)`` the same loop after a prefill), ``kv_dtypes`` (the dtype each layer's cache *holds*, read from its buffers). Every
 call starts from an empty cache: results never depend on earlier calls.

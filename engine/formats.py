@@ -14,6 +14,10 @@ format names its element type (``torch_dtype``); a block format is stored as uin
 (``engine.kv_layout`` allocates and recognises both from this table). No torch import:
 the harness reads this module without loading the engine.
 
+A KV *request* may name more than one format (K and V apart, per-layer overrides): that is a
+KV spec (``engine.kv_spec``), whose every component is a format of this table; each K or V
+buffer holds exactly one of them.
+
     kv_format("q8_0").bytes_for(512)        # 544: 16 blocks of 34 bytes
     check_kv_geometry("q8_0", 3, 64, layer=0)
 """

@@ -1,7 +1,8 @@
 """KV cache: one interface for fp32, bf16 and q8_0; callers never branch on the dtype.
 
-Contract: a ``LayerKV`` preallocates ``max_tokens`` rows of K and V for one layer, in the
-requested format (DESIGN.md "KV formats"): fp32 ``[max_tokens, Hkv, D]`` float32, bf16 the
+Contract: a ``LayerKV`` preallocates ``max_tokens`` rows of K and V for one layer, K in the
+requested format ``dtype`` and V in ``v_dtype`` (default: the same; a KV spec's K/V split,
+``engine.kv_spec``), each buffer in its format (DESIGN.md "KV formats"): fp32 ``[max_tokens, Hkv, D]`` float32, bf16 the
 same in bfloat16 (round to nearest even), q8_0 the values of ggml ``block_q8_0`` along each
 token's flattened row, stored as two aligned arrays in one flat uint8 buffer (int8 quants
 ``[max_tokens, Hkv, D]``, then fp16 scales ``[max_tokens, Hkv*D/32]``:
@@ -17,12 +18,16 @@ forces either). Prefills take waves of
 query rows sized from ``wave_budget_bytes`` (``last_waves``, ``peak_scratch_bytes``); a wave
 that raises ``torch.OutOfMemoryError`` is redone in halves, same results (``last_wave_retries``,
 ``last_wave_rows``), and only a failing smallest wave lets the error through.
-``dtype`` is the applied-dtype observable, read from the allocated buffers, never from the
-request, and qualified when the format's write path does not give its reference bytes
-(``engine.kv_layout.observed_dtype``); ``format`` is the buffers' format; ``nbytes`` is exact.
+``kv_dtypes`` is the applied-dtype observable of (K, V), read from the allocated buffers, never
+from the request, each qualified when its format's write path does not give its reference bytes
+(``engine.kv_layout.observed_dtype``); ``dtype`` is that pair as one cell (``q8_0``, or
+``k-q8_0.v-bf16`` when they differ: ``kv_spec.layer_label``). ``k_format`` / ``v_format`` are
+the buffers' formats, what the kernels read and write each buffer in (the torch references and
+the Triton kernels take K's and V's format apart: ``fmt`` and ``v_fmt``, never one for both);
+``format`` is the pair as one cell; ``nbytes`` is exact (K bytes + V bytes).
 Formats, their bytes and the q8_0 geometry guard come from ``engine.formats``; buffers are
 allocated and recognised by ``engine.kv_layout`` (imports go kv -> kv_ring -> kv_layout, one
-way). ``make_layer_kv`` applies the geometry guard; ``quantize_q8_0``/``dequantize_q8_0`` are
+way). ``make_layer_kv(spec, layer, max_tokens, dtype, v_dtype=)`` applies the geometry guard to each buffer; ``quantize_q8_0``/``dequantize_q8_0`` are
 byte-exact with ``gguf.quants``.
 
     cache = make_layer_kv(spec, layer=0, max_tokens=4096, dtype="q8_0", device="cpu")

@@ -17,6 +17,9 @@ its element type and row width (never from a request); ``None`` when it is no kn
 reason when ``write_path_error`` finds the format's write path (``kv_append``, the backend in
 force) does not give the bytes of the format's independent reference (``gguf.quants`` of its
 ``gguf_type``: a q8_0 whose scales are rounded to the wrong width is not q8_0).
+A cache's K and V are two buffers, each allocated and recognised on its own, so they may hold
+different formats (a KV spec's ``k-q8_0.v-bf16``): ``cache_format(cache, "k"|"v")`` is one
+buffer's format, ``cache_dtypes(cache)`` the (K, V) observables.
 Both ``engine.kv.LayerKV`` and ``engine.kv_ring.RingKV`` allocate through here, so neither
 imports the other's module for storage (imports go kv -> kv_ring -> kv_layout).
 

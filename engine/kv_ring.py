@@ -1,7 +1,8 @@
 """Ring KV for sliding-window layers: ``window + chunk`` rows instead of ``max_tokens``.
 
 Contract: ``RingKV`` has ``LayerKV``'s interface (``write(start, k, v)``, ``attend(q, start,
-scale, window=)``, ``dtype``, ``nbytes``, ``reset``, ``k``/``v``, ``last_waves``,
+scale, window=)``, ``dtype``, ``kv_dtypes``, ``k_format``/``v_format`` (K and V may hold
+different formats: ``v_dtype``), ``nbytes``, ``reset``, ``k``/``v``, ``last_waves``,
 ``peak_scratch_bytes``) for a layer whose queries only see keys in ``(qpos - window, qpos]``.
 Position ``p`` lives in row ``p % rows`` with ``rows = ring_rows(window) = window + chunk``
 (``chunk`` = ``RING_CHUNK`` = 512 by default, a whole number of the reference's 128-row

@@ -7,6 +7,11 @@ Every mistake raises ``SuiteError`` naming the file, the key path (``check[2].to
 what is allowed: TOML syntax (with line), unknown keys, wrong types, unknown check kinds,
 unknown models, thresholds that cannot hold, an empty matrix.
 
+``kv_dtypes`` rows are KV dtypes or KV specs (``engine.kv_spec``: ``k-q8_0.v-bf16``,
+``q8_0.fp32@0,23``) in canonical form (a row's one name in results, reports and threshold
+tables; a spec in another form is refused naming its canonical form); layer indices are held
+against each model when the run is planned (``Runner.preflight``: one line, exit 2).
+
 Thresholds are fields declared with ``threshold(metric, op)``: a number (every KV dtype)
 or a table per dtype (``max_abs = { bf16 = 2.5, q8_0 = 3.5 }``); a check's ``per_model``
 table overrides them per model (``per_model.coder30b = { max_abs = { q8_0 = 5.0 } }``).

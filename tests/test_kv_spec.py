@@ -306,3 +306,40 @@ def test_all_fp32_overrides_give_fp32_logits_bit_for_bit_and_one_layer_does_not(
     assert wide2.kv_formats == [("fp32", "fp32")] * 4 and torch.equal(wide2.logits(ids), ref)
     one = engine.load(MODEL, kv_dtype="fp32.k-q8_0@2", ctx=64)
     assert one.kv_formats[2] == ("q8_0", "fp32") and not torch.equal(one.logits(ids), ref)
+
+
+# -- the harness: specs are rows of results, reports and compare ---------------------------------
+
+def test_mixed_rows_flow_through_results_report_and_compare(tmp_path, monkeypatch):
+    """A suite with a K/V split and a per-layer row: the vram check holds each layer's applied
+    K/V cells to the request (expected vs applied spec in its info) and the KV bytes to the
+    per-K/V arithmetic; the rows are the report's and compare's rows; a planted one-layer fault
+    is a regression compare names on the mixed row."""
+    from harness.compare import compare
+    from harness.report import build_report
+    from harness.results import load_results
+    from harness.runner import Runner
+    from harness.suite import parse_suite
+    rows = ["q8_0", "k-q8_0.v-bf16", "q8_0.fp32@0"]
+    suite = {"suite": {"name": "mixed", "models": [MODEL], "ctx": 64, "kv_dtypes": rows},
+             "check": [{"kind": "vram", "exercise_tokens": 8, "ctx": 64}]}
+    summary = Runner(parse_suite(suite), tmp_path / "a", progress=False).run()
+    assert summary.exit_code == 0, [(c["kv_dtype"], c.get("failures")) for c in summary.cases]
+    res = load_results(tmp_path / "a")
+    spec = spec_for_model(MODEL)
+    for row in rows:
+        info = res.info(MODEL, row, "vram")
+        assert info["applied_spec"] == info["expected_spec"] == row
+        want = sum(64 * (_row_bytes(k, spec) + _row_bytes(v, spec)) for k, v in parse(row).layer_formats(4))
+        df = res.metrics()
+        got = df[(df.kv_dtype == row) & (df.metric == "KV bytes (runtime)")].value.iloc[0]
+        assert got * 2**20 == pytest.approx(want, rel=1e-12)
+    md = build_report(tmp_path / "a", tmp_path / "rep").read_text()
+    for row in rows:
+        assert f"| {row} |" in md
+    monkeypatch.setenv("KVBENCH_FAULT", "skip_narrow_layer:1")
+    Runner(parse_suite(suite), tmp_path / "b", progress=False).run()
+    cmp = compare(tmp_path / "a", tmp_path / "b", allow_settings_change=True)
+    bad = {r.get("kv_dtype") or r.get("dtype") for r in cmp.regressions}
+    assert "k-q8_0.v-bf16" in bad and "q8_0.fp32@0" in bad, cmp.regressions
+    assert "k-q8_0.v-bf16" in cmp.markdown()

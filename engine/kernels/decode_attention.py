@@ -14,6 +14,9 @@ batched dots ([blocks, ., .] operands, so a block's scale multiplies a dot's res
 enters it) against a two-term float16 split of q and of p times the V scales, accumulated in
 float32; ``cfg={"q8_kernel": False}`` reads q8_0 through the generic kernel instead
 (dequantized to float32 tiles, tf32x3 dots).
+K and V may hold different formats (``v_fmt``, default ``fmt``): the generic kernel reads each
+in its own (``KFMT`` / ``VFMT`` constexprs: a bf16 K with ``dot_f32``, a q8_0 V dequantized to
+float32 tiles, ...); q8_0's own kernel serves only q8_0 K with q8_0 V.
 ``decode_attention_ref`` is the torch reference (the blocked CPU path with one row);
 ``last_scratch_bytes`` is the size of the last launch's partials.
 

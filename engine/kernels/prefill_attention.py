@@ -1,7 +1,9 @@
 """Causal prefill attention over a KV cache in its own format, in waves of query rows.
 
 Contract: queries ``q`` [T, Hq, D] sit at positions ``start..start+T-1`` and attend causally
-to cache rows ``[0, start+T)``. ``plan_waves`` splits the rows into waves of at most
+to cache rows ``[0, start+T)``. ``fmt`` is the K buffer's format and ``v_fmt`` (default: the
+same) the V buffer's: each is read in its own (the kernel's ``KFMT`` / ``VFMT`` constexprs, the
+reference's per-buffer dequantization), so a K/V split (q8_0 K, bf16 V) is exact for both. ``plan_waves`` splits the rows into waves of at most
 ``wave_rows`` rows (<= ``max_rows``, default 4096, so a longer prefill always takes several
 waves) from a scratch budget; wave boundaries fall on absolute multiples of ``CHUNK_ROWS`` so
 that every row is computed the same way however the rows are grouped into waves.
