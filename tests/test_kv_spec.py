@@ -343,3 +343,25 @@ def test_mixed_rows_flow_through_results_report_and_compare(tmp_path, monkeypatc
     bad = {r.get("kv_dtype") or r.get("dtype") for r in cmp.regressions}
     assert "k-q8_0.v-bf16" in bad and "q8_0.fp32@0" in bad, cmp.regressions
     assert "k-q8_0.v-bf16" in cmp.markdown()
+
+
+def test_static_decode_with_a_mixed_spec_matches_eager():
+    """The static step (device position: ``write_at`` / ``attend_at``, the step a CUDA graph
+    captures; Triton interpreted on CPU) over K q8_0 / V bf16 with one layer fp32: the same
+    logits as the eager step to float32 summation order, the same greedy tokens."""
+    prev = kernels.set_backend("triton")
+    try:
+        eng = engine.load("tiny-qwen3", kv_dtype="k-q8_0.v-bf16.fp32@1", ctx=32)
+        prompt = [5, 17, 3, 99, 42, 7, 11, 64]
+        eng.set_decode_mode("eager")
+        eng.prefill(prompt)
+        ref = torch.stack([eng.decode(prompt[-1] + i) for i in range(4)])
+        eager = eng.generate(prompt, 5, stop_at_eos=False)
+        eng.set_decode_mode("static")
+        eng.prefill(prompt)
+        got = torch.stack([eng.decode(prompt[-1] + i) for i in range(4)])
+        assert eng.generate(prompt, 5, stop_at_eos=False) == eager
+    finally:
+        kernels.set_backend(prev)
+    assert eng.kv_formats[1] == ("fp32", "fp32") and eng.kv_formats[0] == ("q8_0", "bf16")
+    assert (got - ref).abs().max().item() < 1e-4
