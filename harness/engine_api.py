@@ -17,7 +17,9 @@ Capabilities:
 - ``chat``: ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``,
   ``tokenizer.encode/decode``, ``tokenizer.eos_ids``;
 - ``prefill``: ``prefill(tokens) -> Tensor[V]`` (last position's logits) for timing;
-- ``kv_applied``: ``kv_dtypes`` (the dtype each layer's cache holds, read from the cache);
+- ``kv_applied``: ``kv_dtypes`` (the dtype each layer's cache holds, read from the cache: ``q8_0``,
+  or ``k-q8_0.v-bf16`` when its K and V differ), and where the engine has it ``kv_spec`` (the
+  applied per-layer K/V formats as one canonical KV spec, ``engine.kv_spec``);
 - ``kv_bytes``: ``kv_bytes`` (runtime bytes of every KV buffer);
 - ``plan``: ``plan`` (``engine.planner.Plan``) and ``ledger`` (``engine.ledger.Ledger``);
 - ``prefill_stats``: ``last_prefill_stats`` (waves, peak scratch, wave rows) and
