@@ -65,6 +65,35 @@ def kld_rows(base_logits: torch.Tensor, test_logits: torch.Tensor) -> np.ndarray
     return (lp.exp() * (lp - lq)).sum(-1).numpy()
 
 
+def write_f32_copy(src: Path, dst: Path) -> Path:
+    """``src`` with every tensor dequantized to F32 (metadata copied as gguf's reader types it):
+    llama.cpp then multiplies in float32 (for a quantized or f16 weight it first converts each
+    activation row to the weight's dot type, q8_1 / q8_0 / f16, which turns any perturbation,
+    a KV dtype's included, into that requantization's noise: see the report)."""
+    if dst.is_file():
+        return dst
+    import gguf
+    from gguf.quants import dequantize
+    r = gguf.GGUFReader(src, "r")
+    w = gguf.GGUFWriter(str(dst) + ".part", r.fields["general.architecture"].contents())
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture" or key == "general.file_type":
+            continue
+        vtype = gguf.GGUFValueType(f.types[0])
+        sub = gguf.GGUFValueType(f.types[-1]) if vtype == gguf.GGUFValueType.ARRAY else None
+        w.add_key_value(key, f.contents(), vtype, sub_type=sub)
+    w.add_file_type(gguf.LlamaFileType.ALL_F32)
+    for t in r.tensors:
+        shape = tuple(int(x) for x in reversed(t.shape.tolist()))
+        w.add_tensor(t.name, dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    os.replace(str(dst) + ".part", dst)
+    return dst
+
+
 def read_base_tokens(path: Path) -> tuple[int, int, int, np.ndarray]:
     """n_ctx, n_vocab, n_chunk and the evaluated tokens from a llama-perplexity base file."""
     with open(path, "rb") as fh:
@@ -77,8 +106,11 @@ def read_base_tokens(path: Path) -> tuple[int, int, int, np.ndarray]:
 
 def run_perplexity(binary: Path, model: Path, text: Path, ctx: int, chunks: int, kv: str, base: Path,
                    threads: int, score: bool) -> dict:
+    # the f32 base without flash attention: llama.cpp's flash attention casts an f32 K/V to f16
+    # (measured here: its "f32" and f16 KV logits are bit-identical), so only -fa off is f32 maths
+    fa = "on" if score else "off"
     cmd = [str(binary), "-m", str(model), "-f", str(text), "-c", str(ctx), "-b", str(ctx), "--chunks", str(chunks),
-           "-ctk", kv, "-ctv", kv, "-fa", "on", "-t", str(threads), "--kl-divergence-base", str(base)]
+           "-ctk", kv, "-ctv", kv, "-fa", fa, "-t", str(threads), "--kl-divergence-base", str(base)]
     if score:
         cmd.append("--kl-divergence")
     t0 = time.perf_counter()
@@ -122,7 +154,7 @@ def kvbench_logits(model: str, kv: str, mode: str, chunks: list[list[int]], n_ct
 
 def llamacpp_logits(model: str, kv: str, chunks: list[list[int]], n_ctx: int, threads: int) -> list[torch.Tensor]:
     from harness.adapters.llamacpp import LlamaCpp
-    eng = LlamaCpp(model, kv, kv, {"ctx": n_ctx}, threads=threads)
+    eng = LlamaCpp(model, kv, kv, {"ctx": n_ctx}, threads=threads, flash_attn=kv != "f32")
     try:
         applied = eng.kv_applied_native
         if set(applied) != {kv}:
@@ -141,6 +173,9 @@ def main(argv=None) -> int:
     ap.add_argument("--chunks", type=int, default=16)
     ap.add_argument("--kv", default="bf16,q8_0")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--weights", choices=("f32", "file"), default="f32",
+                    help="f32: run every engine on an F32 copy of the model (default; see write_f32_copy); "
+                         "file: the GGUF as it is")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args(argv)
     if not args.perplexity.is_file():
@@ -152,9 +187,13 @@ def main(argv=None) -> int:
     work = out / "work"                          # base logits file and the text: not committed
     work.mkdir(parents=True, exist_ok=True)
     gguf_path = Path(resolve(args.model))
+    display = args.model if args.weights == "file" else f"{args.model} (F32 copy of {gguf_path.name})"
+    if args.weights == "f32":
+        gguf_path = write_f32_copy(gguf_path, work / (gguf_path.stem + ".F32.gguf"))
+        args.model = str(gguf_path)
     text = corpora.load(args.corpus)
     (work / "text.txt").write_text(text.text)
-    doc: dict = {"model": args.model, "gguf": gguf_path.name, "corpus": text.manifest, "ctx": args.ctx,
+    doc: dict = {"model": display, "gguf": gguf_path.name, "weights": args.weights, "corpus": text.manifest, "ctx": args.ctx,
                  "chunks": args.chunks, "threads": args.threads, "machine": platform.processor() or platform.machine(),
                  "cpus": os.cpu_count(), "when": time.strftime("%Y-%m-%dT%H:%M:%S"), "kv": {}}
     base = work / "base.kld"
