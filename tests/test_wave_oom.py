@@ -43,7 +43,7 @@ class CappedAllocator:
         return self.fn(*args, **kwargs)
 
 
-def ref_rows(q, k, v, fmt, start, scale, hkv, plan, window=None):
+def ref_rows(q, k, v, fmt, start, scale, hkv, plan, window=None, v_fmt=None):
     return sum(r1 - r0 for r0, r1 in plan.waves)
 
 
