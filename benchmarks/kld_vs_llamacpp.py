@@ -16,6 +16,10 @@ each predicting the next token), for each narrowed KV type T:
   ``attn_math = exact`` (storage error alone) and ``ggml-cpu`` (the query converted to K's dot
   type, as llama.cpp's CPU kernels do: storage + kernel maths).
 
+llama.cpp runs with ``LLAMA_ATTN_ROT_DISABLE=1`` (plain KV types, like kvbench's): its default
+for a quantized KV type (head size % 64 == 0) multiplies Q, K and V by a Walsh-Hadamard matrix
+before storing, a different format, reported in its own column (``llamacpp_rot``).
+
 The verdict per T (issue 15 item 8): kvbench ``ggml-cpu`` Mean KLD within 20% of llama.cpp's
 and within 3 standard errors of the paired per-position difference. The report attributes T's
 KLD to storage (``exact``) and maths (``ggml-cpu`` minus ``exact``). Writes ``kld.json``,
@@ -104,8 +108,11 @@ def read_base_tokens(path: Path) -> tuple[int, int, int, np.ndarray]:
     return n_ctx, n_vocab, n_chunk, toks
 
 
+ROT_ENV = "LLAMA_ATTN_ROT_DISABLE"     # llama.cpp: 1 = no Hadamard rotation of Q/K/V for quantized KV
+
+
 def run_perplexity(binary: Path, model: Path, text: Path, ctx: int, chunks: int, kv: str, base: Path,
-                   threads: int, score: bool) -> dict:
+                   threads: int, score: bool, rot: bool = False) -> dict:
     # the f32 base without flash attention: llama.cpp's flash attention casts an f32 K/V to f16
     # (measured here: its "f32" and f16 KV logits are bit-identical), so only -fa off is f32 maths
     fa = "on" if score else "off"
@@ -114,8 +121,10 @@ def run_perplexity(binary: Path, model: Path, text: Path, ctx: int, chunks: int,
     if score:
         cmd.append("--kl-divergence")
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, capture_output=True, text=True)
-    out = {"cmd": " ".join(cmd), "rc": p.returncode, "seconds": round(time.perf_counter() - t0, 1)}
+    env = {**os.environ, ROT_ENV: "0" if rot else "1"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    out = {"cmd": f"{ROT_ENV}={env[ROT_ENV]} " + " ".join(cmd), "rc": p.returncode,
+           "seconds": round(time.perf_counter() - t0, 1)}
     log = p.stdout + p.stderr
     if p.returncode != 0:
         out["log_tail"] = log[-3000:]
@@ -152,8 +161,12 @@ def kvbench_logits(model: str, kv: str, mode: str, chunks: list[list[int]], n_ct
         eng.close()
 
 
-def llamacpp_logits(model: str, kv: str, chunks: list[list[int]], n_ctx: int, threads: int) -> list[torch.Tensor]:
+def llamacpp_logits(model: str, kv: str, chunks: list[list[int]], n_ctx: int, threads: int,
+                    rot: bool = False) -> list[torch.Tensor]:
+    """llama.cpp's logits; ``rot``: its Hadamard rotation of Q/K/V for a quantized KV type on (its
+    default since it was added) or off (``LLAMA_ATTN_ROT_DISABLE=1``: plain q8_0, like kvbench's)."""
     from harness.adapters.llamacpp import LlamaCpp
+    os.environ[ROT_ENV] = "0" if rot else "1"        # read by llama.cpp when the context is made
     eng = LlamaCpp(model, kv, kv, {"ctx": n_ctx}, threads=threads, flash_attn=kv != "f32")
     try:
         applied = eng.kv_applied_native
@@ -221,6 +234,14 @@ def main(argv=None) -> int:
         lc = llamacpp_logits(args.model, kv, chunks, n_ctx, args.threads)
         k_lc = np.concatenate([kld_rows(a, b) for a, b in zip(ref_lc, lc)])
         row["llamacpp"] = dict(zip(("mean_kld", "se"), mean_se(k_lc)))
+        # llama.cpp's default for a quantized KV type: Q, K (and V, un-rotated after) multiplied by a
+        # Walsh-Hadamard matrix before storing (head size % 64 == 0): another format, shown apart
+        print(f"[{kv}] llama.cpp in-process, Hadamard rotation on (its default)", file=sys.stderr)
+        lc_rot = llamacpp_logits(args.model, kv, chunks, n_ctx, args.threads, rot=True)
+        row["llamacpp_rot"] = dict(zip(("mean_kld", "se"), mean_se(
+            np.concatenate([kld_rows(a, b) for a, b in zip(ref_lc, lc_rot)]))))
+        row["llama_perplexity_rot"] = run_perplexity(args.perplexity, gguf_path, work / "text.txt", args.ctx,
+                                                     args.chunks, kv, base, args.threads, score=True, rot=True)
         per_mode = {}
         for mode in MODES:
             print(f"[{kv}] kvbench attn_math={mode}", file=sys.stderr)
@@ -250,6 +271,14 @@ def main(argv=None) -> int:
     return 0 if ok_all else 1
 
 
+def _rot_cell(r: dict) -> str:
+    a, b = r.get("llamacpp_rot"), r.get("llama_perplexity_rot") or {}
+    if not a:
+        return "—"
+    pb = f"{b['mean_kld']:.3e} ± {b['mean_kld_se']:.1e}" if b.get("mean_kld") is not None else "—"
+    return f"{a['mean_kld']:.3e} ± {a['se']:.1e} / {pb}"
+
+
 def write_report(doc: dict, out: Path, command: str) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -258,13 +287,14 @@ def write_report(doc: dict, out: Path, command: str) -> None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     w = 0.2
     series = [("kvbench exact (storage)", "kvbench_exact"), ("kvbench ggml-cpu (storage+maths)", "kvbench_ggml-cpu"),
-              ("llama.cpp in-process", "llamacpp")]
+              ("llama.cpp in-process", "llamacpp"), ("llama.cpp default (Hadamard-rotated)", "llamacpp_rot")]
+    w = 0.18
     for j, (label, key) in enumerate(series):
         ms = [doc["kv"][k][key]["mean_kld"] for k in kvs]
         ses = [doc["kv"][k][key]["se"] for k in kvs]
-        ax.bar(np.arange(len(kvs)) + (j - 1) * w, ms, w, yerr=ses, capsize=3, label=label)
+        ax.bar(np.arange(len(kvs)) + (j - 1.5) * w, ms, w, yerr=ses, capsize=3, label=label)
     lp = [doc["kv"][k]["llama_perplexity"].get("mean_kld") for k in kvs]
-    ax.scatter(np.arange(len(kvs)) + 1.6 * w, lp, marker="D", color="k", zorder=3, label="llama-perplexity (printed)")
+    ax.scatter(np.arange(len(kvs)) + 2.3 * w, lp, marker="D", color="k", zorder=3, label="llama-perplexity (printed)")
     ax.set_xticks(np.arange(len(kvs)), [f"{k} KV" for k in kvs])
     ax.set_yscale("log")
     ax.set_ylabel("Mean KLD vs f32 KV (nats)")
@@ -282,9 +312,12 @@ def write_report(doc: dict, out: Path, command: str) -> None:
              "Base of every KLD: the same engine with f32 KV. kvbench `exact`: float32 maths on the stored "
              "values (the storage error alone); kvbench `ggml-cpu`: the query converted to the K type's "
              "dot type first, as llama.cpp's CPU flash attention does (storage + kernel maths).", "",
+             "llama.cpp columns without a note: `LLAMA_ATTN_ROT_DISABLE=1` (plain KV types, like kvbench's). "
+             "llama.cpp's default for a quantized KV type with head size % 64 == 0 is to multiply Q, K and V "
+             "by a Walsh-Hadamard matrix before storing (llama-kv-cache.cpp `attn_rot_k/v`): its own column.", "",
              "| KV | kvbench exact | kvbench ggml-cpu | llama.cpp (in-process) | llama-perplexity (printed) | "
-             "ggml-cpu / llama.cpp | paired diff ± SE | kernel share | verdict |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "ggml-cpu / llama.cpp | paired diff ± SE | kernel share | verdict | llama.cpp default (rotated): in-process / printed |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for kv in kvs:
         r = doc["kv"][kv]
         e, g, lc, lp = r["kvbench_exact"], r["kvbench_ggml-cpu"], r["llamacpp"], r["llama_perplexity"]
@@ -296,7 +329,7 @@ def write_report(doc: dict, out: Path, command: str) -> None:
         lines.append(f"| {kv} | {e['mean_kld']:.3e} ± {e['se']:.1e} | {g['mean_kld']:.3e} ± {g['se']:.1e} | "
                      f"{lc['mean_kld']:.3e} ± {lc['se']:.1e} | {lp_s} | {g['ratio_to_llamacpp']:.3f} | "
                      f"{g['paired_diff']:+.2e} ± {g['paired_diff_se']:.1e} | "
-                     f"{'—' if share is None else f'{share:.0f}%'} | {verdict} |")
+                     f"{'—' if share is None else f'{share:.0f}%'} | {verdict} | {_rot_cell(r)} |")
     lines += ["", "The bar (issue 15 item 8): kvbench `ggml-cpu` Mean KLD within 20% of llama.cpp's and within 3 "
               "standard errors of the paired per-position difference.", "", "![KLD](kld.png)", "",
               "llama-perplexity's own KL block per KV type is in `kld.json` (`kld_block`)."]
