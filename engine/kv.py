@@ -45,9 +45,8 @@ from .kernels.kv_append import kv_append, quantize_q8_0_ref, dequantize_q8_0_ref
 from .kernels.decode_attention import decode_attention
 from .kernels.prefill_attention import (MAX_WAVE_ROWS, WavePlan, plan_waves, prefill_attention,
                                         prefill_attention_ref)
-from .kv_layout import alloc_kv, cache_dtypes, cache_format, to_ggml_bytes
+from .kv_layout import CacheObservables, alloc_kv, to_ggml_bytes
 from .kv_ring import RingKV, layer_kv_rows
-from .kv_spec import layer_label
 
 KV_DTYPES = formats.KV_DTYPES                    # format facts live in engine.formats
 DEFAULT_WAVE_BUDGET = formats.DEFAULT_WAVE_BUDGET
@@ -117,7 +116,7 @@ def _one_wave(plan: WavePlan, r0: int, r1: int) -> WavePlan:
     return WavePlan(r1 - r0, plan.chunk_rows, plan.key_block, ((r0, r1),), chunks)
 
 
-class LayerKV:
+class LayerKV(CacheObservables):
     def __init__(self, layer: int, n_kv_heads: int, head_dim: int, max_tokens: int,
                  dtype: str = "fp32", device: str | torch.device = "cpu",
                  wave_budget_bytes: int = DEFAULT_WAVE_BUDGET, wave_max_rows: int = MAX_WAVE_ROWS,
@@ -134,40 +133,6 @@ class LayerKV:
         self.v = alloc_kv(max_tokens, n_kv_heads, head_dim, v_dtype, device, layer=layer)
         self.last_waves = 0
         self.peak_scratch_bytes = 0
-
-    @property
-    def k_format(self) -> str:
-        """The format the K buffer holds (from its element type and row width): what the
-        kernels are told to read and write K in."""
-        return cache_format(self, "k")
-
-    @property
-    def v_format(self) -> str:
-        """The format the V buffer holds (as ``k_format``)."""
-        return cache_format(self, "v")
-
-    @property
-    def format(self) -> str:
-        """Both buffers' formats as one cell (``kv_spec.layer_label``): ``q8_0``, or
-        ``k-q8_0.v-bf16`` when K and V differ."""
-        return layer_label(self.k_format, self.v_format)
-
-    @property
-    def kv_dtypes(self) -> tuple[str, str]:
-        """The applied-dtype observables of K and V (``engine.kv_layout.observed_dtype``): the
-        format each buffer holds, never the request, qualified when its write path is not that
-        format's bytes."""
-        return cache_dtypes(self)
-
-    @property
-    def dtype(self) -> str:
-        """The layer's applied-dtype observable: ``kv_dtypes`` as one cell (``q8_0``, or
-        ``k-q8_0.v-bf16`` when K and V hold different formats)."""
-        return layer_label(*self.kv_dtypes)
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
 
     def to_ggml_blocks(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V rows ``[0, n)`` (all rows by default) as gguf lays the format out, uint8

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from . import formats, kernels, settings
+from .kv_spec import layer_label
 from .kernels import q8_layout
 from .kernels.kv_append import kv_append
 
@@ -151,3 +152,36 @@ def observed_dtype(buf: torch.Tensor, n_kv_heads: int, head_dim: int, where: str
         raise AssertionError(f"{where}: KV buffer of {buf.dtype} {tuple(buf.shape)} is no known format")
     why = write_path_error(fmt, n_kv_heads, head_dim, buf.device)
     return fmt if why is None else f"{fmt} ({why})"
+
+
+class CacheObservables:
+    """What a layer cache (``engine.kv.LayerKV``, ``engine.kv_ring.RingKV``) says about itself,
+    read from its ``k`` and ``v`` buffers (never from the request): ``k_format`` / ``v_format``
+    (what the kernels are told to read and write), ``format`` (both as one cell,
+    ``kv_spec.layer_label``: ``q8_0`` or ``k-q8_0.v-bf16``), ``kv_dtypes`` (each format qualified
+    when its write path is not that format's bytes: ``observed_dtype``), ``dtype`` (those as one
+    cell) and ``nbytes`` (exact)."""
+
+    @property
+    def k_format(self) -> str:
+        return cache_format(self, "k")
+
+    @property
+    def v_format(self) -> str:
+        return cache_format(self, "v")
+
+    @property
+    def format(self) -> str:
+        return layer_label(self.k_format, self.v_format)
+
+    @property
+    def kv_dtypes(self) -> tuple[str, str]:
+        return cache_dtypes(self)
+
+    @property
+    def dtype(self) -> str:
+        return layer_label(*self.kv_dtypes)
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes

@@ -35,8 +35,7 @@ from .kernels.kv_append import kv_append
 from .kernels.prefill_attention import (CHUNK_ROWS, MAX_WAVE_ROWS, WavePlan, plan_waves,
                                         prefill_attention_ref)
 from .kernels import q8_layout
-from .kv_layout import alloc_kv, cache_dtypes, cache_format, to_ggml_bytes
-from .kv_spec import layer_label
+from .kv_layout import CacheObservables, alloc_kv, to_ggml_bytes
 
 RING_CHUNK = 4 * CHUNK_ROWS      # 512: tokens one call may write at once; longer calls take waves
 
@@ -69,7 +68,7 @@ class _Positions:
         return out
 
 
-class RingKV:
+class RingKV(CacheObservables):
     def __init__(self, layer: int, n_kv_heads: int, head_dim: int, max_tokens: int, window: int,
                  dtype: str = "fp32", device: str | torch.device = "cpu",
                  wave_budget_bytes: int = DEFAULT_WAVE_BUDGET, wave_max_rows: int = MAX_WAVE_ROWS,
@@ -94,37 +93,6 @@ class RingKV:
         self.wave_budget_bytes, self.wave_max_rows = wave_budget_bytes, wave_max_rows
         self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
         self.reset()
-
-    @property
-    def k_format(self) -> str:
-        """The format the K buffer holds (from its element type and row width)."""
-        return cache_format(self, "k")
-
-    @property
-    def v_format(self) -> str:
-        """The format the V buffer holds."""
-        return cache_format(self, "v")
-
-    @property
-    def format(self) -> str:
-        """Both formats as one cell (``kv_spec.layer_label``), as ``LayerKV.format``."""
-        return layer_label(self.k_format, self.v_format)
-
-    @property
-    def kv_dtypes(self) -> tuple[str, str]:
-        """The applied-dtype observables of K and V (``engine.kv_layout.observed_dtype``): the
-        format each buffer holds, never the request, qualified when its write path is not that
-        format's bytes."""
-        return cache_dtypes(self)
-
-    @property
-    def dtype(self) -> str:
-        """The layer's applied-dtype observable: ``kv_dtypes`` as one cell."""
-        return layer_label(*self.kv_dtypes)
-
-    @property
-    def nbytes(self) -> int:
-        return self.k.nbytes + self.v.nbytes
 
     def to_ggml_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V ring rows as gguf lays the format out, uint8 ``[rows, row bytes]`` (q8_0:
