@@ -9,6 +9,10 @@ if [ ! -d /tmp/site/gguf ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
+# carried inputs: the corpus (the device reaches no package index) and SmolLM2 in two parts
+# (carried in two calls: the tree that travels is capped at 64 MiB)
+[ -d .devcarry/corpora ] && mkdir -p "$KVBENCH_CACHE/corpora" && cp -rn .devcarry/corpora/. "$KVBENCH_CACHE/corpora/"
+mkdir -p /tmp/smolparts && for p in .devcarry/smolpart.0*; do [ -f "$p" ] && cp -n "$p" /tmp/smolparts/; done
 SMOL=$KVBENCH_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
 if [ ! -f "$SMOL" ] && [ -f /tmp/smolparts/smolpart.00 ] && [ -f /tmp/smolparts/smolpart.01 ]; then
   cat /tmp/smolparts/smolpart.00 /tmp/smolparts/smolpart.01 > "$SMOL"
@@ -21,6 +25,11 @@ for step in $steps; do
   echo "=== $step ==="
   case $step in
     tests)  python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+    kernels) # the kernel-vs-reference tests whole (not only -m gpu): on CUDA they run the Triton
+            # kernels compiled for the device instead of TRITON_INTERPRET
+            python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kv.py tests/test_kv_spec.py \
+              tests/test_static_decode.py 2>&1 | tee "$OUT/gpu-kernel-tests.log" | tail -25 ;;
+    diagq8) python3 benchmarks/oneoff/diag_q8_gpu.py --model coder30b-mini-synth 2>&1 | tail -8 ;;
     attn)   python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench-attention.log" | tail -30 ;;
     hybrid) python3 benchmarks/bench_hybrid.py --out "$OUT/hybrid.json" 2>&1 | tee "$OUT/bench-hybrid.log" | tail -30 ;;
     bench)  for kv in fp32 bf16 q8_0; do python3 -m engine bench --device cuda --kv-dtype $kv --decode-tokens 128 2>&1 | tail -1; done | tee "$OUT/engine-bench.jsonl" ;;
@@ -40,15 +49,27 @@ for step in $steps; do
             echo "suite wall time: ${SECONDS} s" | tee -a "$OUT/coder-suite.log"
             tar czf "$OUT/coder-suite.tgz" -C /tmp/coder results report ;;
     nightly) # one shard of suites/nightly.toml: NIGHTLY_MODELS="coder30b-synth olmoe-synth" (stand-ins)
+            # NIGHTLY_RESUME=1: continue the shard's results (left in /tmp by an earlier call on this
+            # machine, or carried back as .devcarry/nightly-<tag>.tgz) with --resume
             tag=$(echo "${NIGHTLY_MODELS:-smollm2-135m}" | tr ' ' '_')
-            rm -rf "/tmp/nightly/$tag" && mkdir -p "/tmp/nightly/$tag"
+            rargs=""
+            if [ "${NIGHTLY_RESUME:-0}" = 1 ]; then
+              if [ ! -f "/tmp/nightly/$tag/results/manifest.json" ] && [ -f ".devcarry/nightly-$tag.tgz" ]; then
+                mkdir -p "/tmp/nightly/$tag" && tar xzf ".devcarry/nightly-$tag.tgz" -C "/tmp/nightly/$tag"
+              fi
+              rargs="--resume"
+            else
+              rm -rf "/tmp/nightly/$tag" && mkdir -p "/tmp/nightly/$tag"
+            fi
             margs=""; for m in ${NIGHTLY_MODELS:-smollm2-135m}; do margs="$margs --model $m"; done
+            [ "$tag" = coder30b-synth ] && python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
             SECONDS=0
-            timeout ${SUITE_TIMEOUT:-470} python3 -m harness run suites/nightly.toml $margs \
+            timeout ${SUITE_TIMEOUT:-470} python3 -m harness run suites/nightly.toml $margs $rargs \
               --out "/tmp/nightly/$tag/results" --report "/tmp/nightly/$tag/report" --no-progress 2>&1 \
               | grep -v "^\s*$" | tee "$OUT/nightly-$tag.log" | tail -40
             echo "nightly shard $tag wall time: ${SECONDS} s" | tee -a "$OUT/nightly-$tag.log"
-            tar czf "$OUT/nightly-$tag.tgz" -C "/tmp/nightly/$tag" results report ;;
+            # (a shard stopped by the timeout has results but no report yet)
+            (cd "/tmp/nightly/$tag" && tar czf "$OUT/nightly-$tag.tgz" $(ls -d results report 2>/dev/null)) ;;
     lcbuild) # llama-bench with CUDA for this GPU from the carried sources (.devcarry/llamacpp-src.tar.gz,
             # made by bench_llamacpp.py pack); ~5 min on 16 cores; the binary comes back in <16 MiB parts
             SECONDS=0
