@@ -132,7 +132,9 @@ def test_topk_tail_bucket_kld_is_a_lower_bound_and_exact_at_full_vocab():
     assert by_k[V] == pytest.approx(full, rel=1e-9)            # k = vocab: no tail, the full KLD
     assert by_k[5] < by_k[100] < full                          # more buckets, tighter bound
     same = topk_stats(base, TopK.from_logits(base, tokens, 10)).scalars
-    assert same["Mean KLD (top-10+tail)"] == 0.0 and same["Same top p"] == 100.0
+    # the same distribution through both paths (full softmax vs top-k + tail bucket): zero up to
+    # float64 rounding (CI saw 2.9e-18 once), far below the narrowed rows above (0.06 to 0.2 nats)
+    assert abs(same["Mean KLD (top-10+tail)"]) <= 1e-15 and same["Same top p"] == 100.0
 
 
 def test_two_server_rows_with_identical_topk_are_flagged_not_applied():

@@ -140,4 +140,6 @@ def test_the_long_and_nightly_suites_carry_it():
     for name in ("long.toml", "nightly.toml"):
         suite = load_suite(ROOT / "suites" / name)
         cfg = next(c for c in suite.checks if c.KIND == "layer_sensitivity")
-        assert cfg.tokens >= 256 and cfg.parts == ["kv", "k", "v"]
+        # long.toml takes K and V apart; the nightly keeps K+V only (1 + trunk-layer passes per
+        # dtype instead of 3x that, inside the coder30b shard's time)
+        assert cfg.tokens >= 256 and cfg.parts == (["kv", "k", "v"] if name == "long.toml" else ["kv"])
