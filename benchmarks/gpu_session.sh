@@ -29,7 +29,6 @@ for step in $steps; do
             # kernels compiled for the device instead of TRITON_INTERPRET
             python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_kv.py tests/test_kv_spec.py \
               tests/test_static_decode.py 2>&1 | tee "$OUT/gpu-kernel-tests.log" | tail -25 ;;
-    diagq8) python3 benchmarks/oneoff/diag_q8_gpu.py --model coder30b-mini-synth 2>&1 | tail -8 ;;
     attn)   python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench-attention.log" | tail -30 ;;
     hybrid) python3 benchmarks/bench_hybrid.py --out "$OUT/hybrid.json" 2>&1 | tee "$OUT/bench-hybrid.log" | tail -30 ;;
     bench)  for kv in fp32 bf16 q8_0; do python3 -m engine bench --device cuda --kv-dtype $kv --decode-tokens 128 2>&1 | tail -1; done | tee "$OUT/engine-bench.jsonl" ;;
