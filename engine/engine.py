@@ -62,7 +62,7 @@ class Engine:
     # what the harness may ask of this engine (harness.engine_api names): everything
     name = "kvbench"
     capabilities = frozenset({"logits", "chunked_logits", "generate", "chat", "prefill", "kv_applied",
-                              "kv_bytes", "plan", "prefill_stats", "caches", "attn_math"})
+                              "kv_bytes", "plan", "prefill_stats", "caches", "attn_math", "routes"})
 
     def __init__(self, path: Path, g: GGUFFile, spec: ModelSpec, model: Transformer, tokenizer,
                  kv_dtype: str, device: torch.device, ctx: int, wave_budget_bytes: int,
@@ -169,6 +169,46 @@ class Engine:
             out.append(self._live().head(self._step(tokens[s:s + step])).float().cpu())
         self._prefill_stats(len(tokens), time.perf_counter() - t0)
         return torch.cat(out)
+
+    @torch.inference_mode()
+    def routed_logits(self, tokens: list[int], chunk: int | None = None,
+                      routes: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``logits`` and the experts every MoE layer chose at each position: (logits [T, vocab]
+        float32, routes [n_moe_layers, T, k] long, each row's expert ids ascending, layers in
+        ``spec.moe_layers`` order; [0, T, 0] on a dense model). Read from the routing the
+        forward pass itself ran (``Transformer.moe``), not recomputed.
+
+        ``routes`` (that shape, e.g. another run's) forces the experts: each MoE layer runs the
+        given k experts at each position, weighted by its own router's probabilities of them
+        (``engine.model.moe_route_forced``), so a logit change can be split into what the router's discrete
+        choice did and what the rest did. The returned routes are then the forced ones."""
+        tokens = self._ids(tokens)
+        model = self._live()
+        moe = list(self.spec.moe_layers)
+        if routes is not None:
+            k = self.spec.n_experts_used
+            if tuple(routes.shape) != (len(moe), len(tokens), k if moe else 0):
+                raise ValueError(f"routed_logits: routes of shape {tuple(routes.shape)} for "
+                                 f"{len(moe)} MoE layers x {len(tokens)} tokens x {k} experts")
+            if moe:
+                model.route_force = {i: routes[j].to(torch.long) for j, i in enumerate(moe)}
+        model.route_log = []
+        try:
+            logits = self.logits(tokens, chunk)
+            log = model.route_log
+        finally:
+            model.route_log = None
+            model.route_force = None
+        if not moe:
+            return logits, torch.zeros((0, len(tokens), 0), dtype=torch.long)
+        per = {i: [] for i in moe}
+        for i, e in log:
+            per[i].append(e.cpu())
+        got = torch.stack([torch.cat(per[i]) for i in moe])
+        if got.shape[1] != len(tokens):
+            raise RuntimeError(f"routed_logits: recorded {got.shape[1]} routed positions for "
+                               f"{len(tokens)} tokens (a MoE path that bypasses Transformer.moe)")
+        return logits, got
 
     @torch.inference_mode()
     def prefill(self, tokens: list[int]) -> torch.Tensor:

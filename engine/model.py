@@ -240,6 +240,19 @@ def moe_route(s: ModelSpec, h, router):
     return top_p, top_e
 
 
+def moe_route_forced(s: ModelSpec, h, router, experts):
+    """``moe_route`` with the experts given (experts [T, k] long) instead of chosen: the same
+    router softmax, gathered at those experts and renormalised the same way. With the experts
+    ``moe_route`` would choose, bit for bit: the k are put in descending probability, topk's
+    order, so the renormalising sum adds them in the same order."""
+    probs = torch.softmax(mm(h, router), dim=-1)           # [T, E]
+    top_p, order = probs.gather(-1, experts).sort(dim=-1, descending=True, stable=True)
+    experts = experts.gather(-1, order)
+    if s.moe_norm_topk:
+        top_p = top_p / top_p.sum(-1, keepdim=True)
+    return top_p, experts
+
+
 def decode_post_attention_moe(s: ModelSpec, x, o, wo, post_attn_norm, ffn_norm, router):
     """Decode step, after attention, for a MoE layer: output projection, residual, FFN norm and
     routing. Returns (x [1, d] with the attention residual, h [1, d] normed FFN input,
@@ -298,6 +311,9 @@ class Transformer:
         self.head_device = head_device
         self.ropes: dict[tuple[torch.device, float], Rope] = {}
         self._decode_fns = None
+        self.route_log: list | None = None  # (layer, experts [T, k] ascending) per MoE call while a list
+        self.route_force: dict | None = None  # layer -> experts [T_all, k] to use instead of the top-k
+        self._route_start = 0               # position of the forward's first token (route_force rows)
         # the attention kernel's precision (engine.attn_math): "exact", or "ggml-cpu" (the query
         # converted to the K cache's dot type before K·Q, as llama.cpp's CPU kernels do)
         self.attn_math = attn_math.DEFAULT
@@ -350,7 +366,13 @@ class Transformer:
 
     def moe(self, i: int, h: torch.Tensor) -> torch.Tensor:
         s, w = self.spec, self.layers[i]
-        top_p, top_e = moe_route(s, h, w.router)                 # [T, k]
+        if self.route_force is not None:    # Engine.routed_logits(routes=...): experts given, weights ours
+            rows = self.route_force[i][self._route_start:self._route_start + h.shape[0]]
+            top_p, top_e = moe_route_forced(s, h, w.router, rows.to(h.device))
+        else:
+            top_p, top_e = moe_route(s, h, w.router)             # [T, k]
+        if self.route_log is not None:      # Engine.routed_logits: which experts each position chose
+            self.route_log.append((i, top_e.sort(dim=-1).values))
         if h.shape[0] == 1:
             return self._moe_one(i, h, top_p[0], top_e[0])
         out = torch.zeros_like(h)
@@ -519,6 +541,7 @@ class Transformer:
 
     def forward(self, tokens: torch.Tensor, start: int, caches) -> torch.Tensor:
         """tokens [T] (host) -> final hidden [T, d] on the head device."""
+        self._route_start = start
         x = self.embed_tokens(tokens)
         for i in range(self.spec.n_layers):
             dev = self.layer_devices[i]

@@ -165,9 +165,11 @@ def _parse_fault(s: Setting, raw: str) -> tuple[str, int | None]:
 # harness/adapters/llamacpp.py (llama.cpp keeps its default f16 KV whatever the request),
 # engine/kernels (torch references and Triton kernels alike): prefill_attention.py + kv.py
 # (wave_mask_off_by_one: waves after a prefill's first see one key past their position),
-# kv_append.py (q8_scale_bf16: q8_0 block scales rounded to bfloat16 before stored as fp16)
+# kv_append.py (q8_scale_bf16: q8_0 block scales rounded to bfloat16 before stored as fp16;
+# q8_scale_shift: each q8_0 block stored with the scale of the block before it in its row)
 for _name, _arg in (("ignore_kv_dtype", False), ("skip_narrow_layer", True), ("kv_priced_fp32", False),
-                    ("llamacpp_keep_f16", False), ("wave_mask_off_by_one", False), ("q8_scale_bf16", False)):
+                    ("llamacpp_keep_f16", False), ("wave_mask_off_by_one", False), ("q8_scale_bf16", False),
+                    ("q8_scale_shift", False)):
     register_fault(_name, _arg)
 
 

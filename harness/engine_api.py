@@ -30,7 +30,11 @@ Capabilities:
   the vocabulary is one tail bucket) and the exact log-probability of the token that follows
   (what an OpenAI-compatible completions server gives with ``echo`` and ``logprobs``);
 - ``attn_math``: ``attn_math`` and ``set_attn_math(mode)`` (``engine.attn_math``: the attention
-  kernel's precision, ``exact`` or ``ggml-cpu``), so a check can attribute KLD to storage and maths.
+  kernel's precision, ``exact`` or ``ggml-cpu``), so a check can attribute KLD to storage and maths;
+- ``routes``: ``routed_logits(tokens, chunk=None, routes=None) -> (logits [T, V], routes [L_moe, T, k]
+  long)``: ``logits`` plus the experts each MoE layer chose at each position (ids ascending;
+  [0, T, 0] on a dense model); ``routes=`` forces those experts (weighted by the engine's own
+  router), so a check can separate an expert-routing flip from the rest of a logit change.
 
     from harness.engine_api import missing, CAP_PLAN
     why = missing(type(eng), {CAP_PLAN})      # None when every capability is there
@@ -51,8 +55,10 @@ CAP_PREFILL_STATS = "prefill_stats"
 CAP_CACHES = "caches"
 CAP_TOPK_LOGPROBS = "topk_logprobs"
 CAP_ATTN_MATH = "attn_math"
+CAP_ROUTES = "routes"
 CAPABILITIES = (CAP_LOGITS, CAP_CHUNKED_LOGITS, CAP_GENERATE, CAP_CHAT, CAP_PREFILL, CAP_KV_APPLIED,
-                CAP_KV_BYTES, CAP_PLAN, CAP_PREFILL_STATS, CAP_CACHES, CAP_TOPK_LOGPROBS, CAP_ATTN_MATH)
+                CAP_KV_BYTES, CAP_PLAN, CAP_PREFILL_STATS, CAP_CACHES, CAP_TOPK_LOGPROBS, CAP_ATTN_MATH,
+                CAP_ROUTES)
 
 
 @runtime_checkable

@@ -423,6 +423,15 @@ class _Report:
             if not any(float(v) for v in vals):
                 label += ": exactly 0" + (" (drawn at 1e-12)" if log else "")
             ax.plot(range(start, start + len(ys)), ys, lw=0.9, color=COLORS.get(d), label=label)
+            forced = self.res.series(m, d, chk).get("max_abs_routes_forced") if series == "max_abs" else None
+            if forced and any(float(v) != float(w) for v, w in zip(forced, vals)):
+                ax.plot(range(start, start + len(forced)), [float(v) for v in forced], lw=0.8, ls="--",
+                        color=COLORS.get(d), label=f"{d}: baseline's experts forced (gated)")
+            flips = self.res.series(m, d, chk).get("route_flip") if series == "max_abs" else None
+            if flips and any(flips):        # argmax on a MoE: positions whose expert routing flipped
+                xs = [i for i, f in enumerate(flips) if f and i < len(ys)]
+                ax.scatter([start + i for i in xs], [ys[i] for i in xs], marker="x", s=14, lw=0.8,
+                           color=COLORS.get(d), label=f"{d}: routing flip ({len(xs)})")
         if log:
             ax.set_yscale("log")
         segs = self.res.info(m, next(iter(data)), chk).get("segments") or []

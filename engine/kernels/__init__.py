@@ -77,8 +77,9 @@ def planted(fault: str) -> bool:
     """Whether ``KVBENCH_FAULT`` plants ``fault`` here (harness self-tests only; declared in
     ``engine.settings``). The kernels' faults, in the torch references and the Triton kernels
     alike: ``wave_mask_off_by_one`` (waves after a prefill's first see one key past their
-    position: the causal mask shifted by one) and ``q8_scale_bf16`` (q8_0 block scales rounded
-    to bfloat16's width before they are stored as fp16)."""
+    position: the causal mask shifted by one), ``q8_scale_bf16`` (q8_0 block scales rounded
+    to bfloat16's width before they are stored as fp16) and ``q8_scale_shift`` (each q8_0 block
+    stored with the scale of the block before it in its row)."""
     from .. import settings
     return (settings.get("KVBENCH_FAULT") or ("", None))[0] == fault
 

@@ -8,8 +8,10 @@ into ggml ``block_q8_0`` values (fp16 scale + 32 int8 per block), stored in the 
 of ``engine.kernels.q8_layout`` (quants and scales arrays; its ``to_ggml_blocks`` view equals
 ``gguf.quants.quantize(x, Q8_0)`` byte for byte). ``kv_append_ref`` is the torch reference and
 CPU path. ``quantize_q8_0_ref`` / ``dequantize_q8_0_ref`` are the ggml block-byte codec (the
-interleaved bytes gguf writes and reads). Planted fault ``q8_scale_bf16`` (``KVBENCH_FAULT``,
-self-tests only) rounds each q8_0 scale to bfloat16 before storing it as fp16, in both paths.
+interleaved bytes gguf writes and reads). Planted faults (``KVBENCH_FAULT``, self-tests only), in
+both paths: ``q8_scale_bf16`` rounds each q8_0 scale to bfloat16 before storing it as fp16 (an
+error as small as q8_0's own); ``q8_scale_shift`` stores each block with the scale of the block
+before it in its row (a block-index off-by-one: the values come back at a neighbour's scale).
 
     buf = q8_layout.alloc(4096, 3, 64)               # flat uint8: quants, then scales
     kv_append(buf, 0, k, "q8_0")                     # k: [T, 3, 64] float32
@@ -29,7 +31,7 @@ from .common import QK
 @triton.jit
 def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_out_s,
                       FMT: tl.constexpr, BLOCK: tl.constexpr, DEV_POS: tl.constexpr,
-                      SCALE_BF16: tl.constexpr = False):
+                      SCALE_BF16: tl.constexpr = False, SCALE_SHIFT: tl.constexpr = False):
     # grid: (T, cdiv(n_cols, BLOCK)); one program stores BLOCK values of one token row.
     # q8_0: OUT is the quants array (int8, row stride n_cols), OUT_S the scales array (fp16).
     # DEV_POS: OUT is the whole buffer and the first row is read from POS (a device int), so
@@ -69,7 +71,11 @@ def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_o
         b = tl.program_id(1) * NB + tl.arange(0, NB)
         if SCALE_BF16:              # planted fault q8_scale_bf16: the scale at the wrong width
             d = d.to(tl.bfloat16).to(tl.float32)
-        tl.store(OUT_S + row * stride_out_s + b, d.to(tl.float16), mask=b * QK < n_cols)
+        if SCALE_SHIFT:             # planted fault q8_scale_shift: block b's scale lands on block b+1
+            b_to = (b + 1) % (n_cols // QK)
+        else:
+            b_to = b
+        tl.store(OUT_S + row * stride_out_s + b_to, d.to(tl.float16), mask=b * QK < n_cols)
 
 
 def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
@@ -109,7 +115,8 @@ def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
     _kv_append_kernel[grid](x2, out, out_s, x2 if pos is None else pos, n_cols, x2.stride(0),
                             out.stride(0), stride_s, FMT=KV_FORMAT_CODES[fmt], BLOCK=BLOCK,
                             DEV_POS=pos is not None,
-                            SCALE_BF16=fmt == "q8_0" and planted("q8_scale_bf16"))
+                            SCALE_BF16=fmt == "q8_0" and planted("q8_scale_bf16"),
+                            SCALE_SHIFT=fmt == "q8_0" and planted("q8_scale_shift"))
 
 
 # --- torch references -----------------------------------------------------------------------
@@ -118,10 +125,18 @@ def _scale_fault(d: torch.Tensor) -> torch.Tensor:
     return d.to(torch.bfloat16).to(torch.float32)
 
 
+def _shift_fault(n: int):
+    """The planted fault q8_scale_shift (harness self-test): each block stored with the scale
+    of the block before it in its row of ``n`` values (the first with the row's last)."""
+    return lambda d: d.reshape(-1, n // Q8_BLOCK).roll(1, dims=-1).reshape(d.shape)
+
+
 def quantize_q8_0_parts(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """float32 [..., n] (n % 32 == 0) -> (int8 quants [..., n], fp16 scales [..., n // 32]):
     ``q8_layout.quantize`` with the planted fault applied when it is set."""
-    return q8_layout.quantize(x, _scale_fault if planted("q8_scale_bf16") else None)
+    hook = _scale_fault if planted("q8_scale_bf16") else \
+        _shift_fault(x.shape[-1]) if planted("q8_scale_shift") else None
+    return q8_layout.quantize(x, hook)
 
 
 def quantize_q8_0_ref(x: torch.Tensor) -> torch.Tensor:
