@@ -3,6 +3,8 @@ coincide with expert-routing flips? Teacher-forces 512 seeded tokens through cod
 (CPU, f32 weights) at fp32 / bf16 / q8_0 KV, records every MoE layer's top-k experts per position
 (a spy on ``engine.model.moe_route``) and prints, per narrowed dtype, how many positions with
 max-abs > 1 had a routing flip there. Output of 2026-12-04 in reports/h200-2026-12-04/README.md.
+On the full coder30b-synth geometry the q8_0 outlier turned out not to be a flip (forcing the
+baseline's experts leaves it): reports/h200-2026-12-04b/README.md, oneoff/q8_outlier*.py.
 
     python benchmarks/oneoff/route_flips.py
 """
