@@ -7,9 +7,10 @@ Faults (``KVBENCH_FAULT``, declared in engine/settings.py; the last one planted 
 - ``kv_priced_fp32``: the planner prices KV at fp32 whatever the dtype (the seed's planner bug);
 - ``wave_mask_off_by_one``: waves after a prefill's first see one key past their position;
 - ``q8_scale_bf16``: q8_0 block scales rounded to bfloat16's width before stored as fp16;
+- ``q8_scale_shift``: each q8_0 block stored with the scale of the block before it in its row;
 - a check that silently drops its gated metric (the judge must not pass it).
 
-The two kernel faults are planted in the torch references (what the CPU runs, so the suite
+The three kernel faults are planted in the torch references (what the CPU runs, so the suite
 runs below exercise them) and in the Triton kernels (tested here in Triton's interpreter).
 
 The default suite (suites/kv_dtype.toml) runs whole, every check, scaled to the tiny model
@@ -160,3 +161,19 @@ def test_the_kernel_faults_are_planted_in_the_triton_kernels_too(monkeypatch):
         assert why is not None and why.startswith("q8_0 written wrong: block ") and "(its scale)" in why
     finally:
         kernels.set_backend(prev)
+
+
+def test_a_q8_0_scale_on_the_wrong_block_fails_argmax_and_the_applied_dtype_gate(tmp_path, monkeypatch):
+    """Each q8_0 block stored with the scale of the block before it in its row (a block-index
+    off-by-one, ``q8_scale_shift``): the values come back at a neighbour's scale, so the
+    accuracy gates fail on the q8_0 row (not only the byte-level observable), and the other
+    rows stay clean."""
+    monkeypatch.setenv("KVBENCH_FAULT", "q8_scale_shift")
+    summary, cases = _run(tmp_path, "q8-shift")
+    assert summary.exit_code == 1
+    arg = cases[("q8_0", "argmax")]
+    assert arg["status"] == "fail" and "Max abs logit diff = " in _why(arg), _why(arg)
+    vram = cases[("q8_0", "vram")]
+    assert vram["status"] == "fail" and "(its scale)" in _why(vram), _why(vram)
+    for d in ("fp32", "bf16"):
+        assert cases[(d, "argmax")]["status"] == "pass" and cases[(d, "vram")]["status"] == "pass"
