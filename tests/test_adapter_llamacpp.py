@@ -131,3 +131,39 @@ def test_the_planted_fault_keeps_f16_and_the_applied_type_shows_it(kv_ref, monke
         twin.close()
     finally:
         e.close()
+
+
+def test_separate_k_and_v_types_are_applied_like_ctk_ctv(kv_ref):
+    """The row ``k-q8_0.v-bf16`` maps to llama.cpp's ``-ctk q8_0 -ctv bf16`` (``q8_0/bf16``): its
+    KV log names q8_0 for K and bf16 for V on every layer, the bytes per cached token are K at
+    q8_0's ggml size plus V at bf16's (gguf's sizes), the row's name is what ``kv_dtypes``
+    reports, and the logits differ from both uniform types. Per-layer rows have no llama.cpp
+    setting; K and V of one type are the plain setting, not ``k/v``."""
+    from harness.adapters import EngineSpec, native_for
+    from harness.adapters.llamacpp import LlamaCpp
+    from harness.errors import UsageError
+    spec, seq = kv_ref["eng"].spec, kv_ref["seq"]
+    assert LlamaCpp.native_of("k-q8_0.v-bf16") == "q8_0/bf16" and LlamaCpp.native_of("v-q8_0") == "f32/q8_0"
+    assert LlamaCpp.native_of("q8_0.fp32@0,23") is None and not LlamaCpp.valid_native("q8_0/q8_0")
+    with pytest.raises(UsageError, match="no KV cache in q8_0.fp32@0"):
+        native_for(EngineSpec("llama.cpp"), "q8_0.fp32@0", {})
+    e = LlamaCpp("smollm2-135m", "k-q8_0.v-bf16", "q8_0/bf16", {"ctx": 512})
+    try:
+        assert e.kv_applied_native == ["q8_0/bf16"] * spec.n_layers
+        assert e.kv_dtypes == ["k-q8_0.v-bf16"] * spec.n_layers
+        kb, ks = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.Q8_0]
+        vb, vs = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType.BF16]
+        per_token = spec.n_layers * (spec.kv_dim // kb * ks + spec.kv_dim // vb * vs)
+        assert abs(e.kv_bytes - per_token * 512) <= 0.01 * 2**20 + 1
+        assert e.state_bytes_per_token == per_token + 12
+        assert e.references() == ["f32", "f16", "bf16", "q8_0"]     # K or V dropped: one of the uniform runs
+        mixed = e.logits(seq)
+    finally:
+        e.close()
+    for native in ("q8_0", "bf16"):
+        u = lc(native)
+        try:
+            assert not torch.equal(u.logits(seq), mixed)
+        finally:
+            u.close()
+

@@ -71,12 +71,12 @@ def parse_kv_overrides(items: list[str] | None) -> dict[str, str]:
 def native_for(spec: EngineSpec, row: str, overrides: dict[str, str]) -> str:
     """The engine's KV setting for suite row ``row`` (UsageError when it has none)."""
     cls = adapter_class(spec)
-    native = overrides.get(row, cls.ROWS.get(row))
+    native = overrides.get(row) or cls.native_of(row)
     if native is None:
         raise UsageError(f"--engine {spec} has no KV cache in {row}'s format",
                          f"map the row to one of its own: --engine-kv {row}=SETTING, SETTING one of "
                          f"{', '.join(cls.NATIVE)}")
-    if native not in cls.NATIVE:
+    if not cls.valid_native(native):
         raise UsageError(f"--engine-kv {row}={native}: {spec} has no KV setting {native!r}",
                          f"use one of {', '.join(cls.NATIVE)}")
     return native

@@ -58,9 +58,19 @@ class Adapter:
     ROWS: dict[str, str] = {}           # suite row -> the engine's setting for it (default mapping)
     SAME_FORMAT: dict[str, str] = {}  # engine setting -> kvbench's name for the same format
 
+    @classmethod
+    def valid_native(cls, native: str) -> bool:
+        """Whether ``native`` is one of this engine's KV settings."""
+        return native in cls.NATIVE
+
+    @classmethod
+    def native_of(cls, row: str) -> str | None:
+        """The engine's setting for suite row ``row`` by default (None: it has none)."""
+        return cls.ROWS.get(row)
+
     def __init__(self, model: str, row: str, native: str, opts: dict | None = None, device: str = "cpu"):
         from engine.models import resolve, spec_for
-        if native not in self.NATIVE:
+        if not self.valid_native(native):
             raise KVNotSupported(f"{self.name} has no KV setting {native!r}",
                                  f"use one of {', '.join(self.NATIVE)}")
         self.model_name, self.kv_dtype_requested, self.kv_native_requested = model, row, native

@@ -3,8 +3,9 @@
 Contract: ``LlamaCpp(model, row, native, opts)`` loads the model's GGUF with llama.cpp (mmap;
 one model shared by every context of the process, so a ``twin`` costs a KV cache, not
 weights) and makes a context of ``opts["ctx"]`` cells with ``type_k = type_v = native``
-(``f32``, ``f16``, ``bf16``, ``q8_0``, ``q5_1``, ``q5_0``, ``q4_1``, ``q4_0``, ``iq4_nl``) and
-flash attention on (llama.cpp needs it for a quantized V cache; ``flash_attn=False`` is
+(``f32``, ``f16``, ``bf16``, ``q8_0``, ``q5_1``, ``q5_0``, ``q4_1``, ``q4_0``, ``iq4_nl``), or
+``type_k/type_v`` for separate K and V types (llama.cpp's ``-ctk``/``-ctv``: ``q8_0/bf16``; the
+row ``k-q8_0.v-bf16`` maps there by default), and flash attention on (llama.cpp needs it for a quantized V cache; ``flash_attn=False`` is
 refused for those). Every call clears the cache first. ``logits`` asks llama.cpp for the
 logits of every position (``chunk``: decode batches of that many tokens, the noise floor);
 ``generate`` is greedy on llama.cpp's logits; tokens and the chat template are llama.cpp's
@@ -177,6 +178,37 @@ class LlamaCpp(Adapter):
     def check_available(cls) -> None:
         import_llama_cpp()
 
+    @classmethod
+    def valid_native(cls, native: str) -> bool:
+        """One type (K and V), or ``k/v`` with two different ones (``-ctk k -ctv v``)."""
+        k, sep, v = native.partition("/")
+        return native in cls.NATIVE or (bool(sep) and k in cls.NATIVE and v in cls.NATIVE and k != v)
+
+    @classmethod
+    def native_of(cls, row: str) -> str | None:
+        """A uniform row by ``ROWS``; a row whose K and V formats differ on every layer alike
+        (``k-q8_0.v-bf16``) as ``q8_0/bf16``; per-layer rows have no llama.cpp setting (None)."""
+        if row in cls.ROWS:
+            return cls.ROWS[row]
+        from engine import kv_spec
+        from engine.errors import ConfigError
+        try:
+            spec = kv_spec.parse(row)
+        except ConfigError:
+            return None
+        if spec.layers:
+            return None
+        k, v = cls.ROWS.get(spec.k), cls.ROWS.get(spec.v)
+        return f"{k}/{v}" if k and v and k != v else None
+
+    def references(self) -> list[str]:
+        """As ``Adapter.references``; for ``k/v`` every setting down to the narrower of the two,
+        the two uniform ones included (K or V ignored leaves the logits of one of them)."""
+        if "/" not in self.kv_native_requested:
+            return super().references()
+        i = max(self.NATIVE.index(t) for t in self.kv_native_requested.split("/"))
+        return [n for n in self.NATIVE[:i + 1] if n in self.DETECTOR_REFERENCES]
+
     def __init__(self, model: str, row: str, native: str, opts: dict | None = None, device: str = "cpu",
                  flash_attn: bool = True, threads: int | None = None, _shared: _Model | None = None):
         super().__init__(model, row, native, opts, device)
@@ -185,7 +217,7 @@ class LlamaCpp(Adapter):
             raise EngineUnavailable(f"engine llama.cpp: device {device!r} asked, but this llama-cpp-python "
                                     "build has no GPU backend", "pass --device cpu, or rebuild it with "
                                     "CMAKE_ARGS=-DGGML_CUDA=on")
-        if native in QUANTIZED and not flash_attn:
+        if native.partition("/")[2 if "/" in native else 0] in QUANTIZED and not flash_attn:
             raise KVNotSupported(f"llama.cpp needs flash attention for a {native} V cache",
                                  "keep flash_attn on")
         _Log.install(L)
@@ -209,7 +241,8 @@ class LlamaCpp(Adapter):
         p.n_ctx = self.ctx
         p.n_batch = p.n_ubatch = min(self.BATCH, self.ctx)
         p.n_seq_max = 1
-        p.type_k = p.type_v = GGML_TYPES[native]
+        k, _, v = native.partition("/")
+        p.type_k, p.type_v = GGML_TYPES[k], GGML_TYPES[v or k]
         p.flash_attn_type = FLASH_ENABLED if self.flash_attn else 0
         p.n_threads = p.n_threads_batch = self.threads
         p.no_perf = True
