@@ -365,3 +365,20 @@ def test_static_decode_with_a_mixed_spec_matches_eager():
         kernels.set_backend(prev)
     assert eng.kv_formats[1] == ("fp32", "fp32") and eng.kv_formats[0] == ("q8_0", "bf16")
     assert (got - ref).abs().max().item() < 1e-4
+
+
+def test_rows_map_to_llamacpp_ctk_ctv_without_the_build():
+    """What ``--engine llama.cpp`` runs for a row (no llama.cpp needed to decide it): uniform rows
+    by name, K/V rows as ``type_k/type_v``, per-layer rows refused with the fix."""
+    from harness.adapters import EngineSpec, native_for
+    from harness.adapters.llamacpp import LlamaCpp
+    from harness.errors import UsageError
+    assert [LlamaCpp.native_of(r) for r in ("fp32", "bf16", "q8_0")] == ["f32", "bf16", "q8_0"]
+    assert LlamaCpp.native_of("k-q8_0.v-bf16") == "q8_0/bf16"
+    assert LlamaCpp.native_of("k-bf16") == "bf16/f32"            # V unnamed: fp32
+    assert LlamaCpp.native_of("q8_0.fp32@0,23") is None and LlamaCpp.native_of("nonsense!") is None
+    assert LlamaCpp.valid_native("q4_0/f16") and not LlamaCpp.valid_native("q8_0/q8_0")
+    assert not LlamaCpp.valid_native("q8_0/q2_k")
+    assert native_for(EngineSpec("llama.cpp"), "k-q8_0.v-bf16", {}) == "q8_0/bf16"
+    with pytest.raises(UsageError, match="has no KV cache in q8_0.fp32@0's format"):
+        native_for(EngineSpec("llama.cpp"), "q8_0.fp32@0", {})
