@@ -7,7 +7,9 @@ teacher-forced), ``kv_dtype`` a KV spec (``engine.kv_spec``: ``q8_0``, ``k-q8_0.
 ``kv_formats`` ((K, V) each layer's buffers hold) and ``kv_spec`` (those, canonical: equal to
 the request's canonical form when every layer holds what was asked), ``generate(tokens, max_new_tokens, stop_at_eos=True)`` (greedy, new tokens
 only; on the static path with ``KVBENCH_DECODE_DEVICE_EMBED`` the steps run back to back and
-tokens are read back in batches, ``decode_greedy(token, n)`` the same loop after a prefill), ``kv_dtypes`` (the dtype each layer's cache *holds*, read from its buffers). Every
+tokens are read back in batches, ``decode_greedy(token, n)`` the same loop after a prefill), ``kv_dtypes`` (the dtype each layer's cache *holds*, read from its buffers),
+``routed_logits(tokens, chunk=None, routes=None)`` (``logits`` plus the experts each MoE layer
+ran per position; ``routes=`` forces given experts). Every
 call starts from an empty cache: results never depend on earlier calls.
 
     eng = load("smollm2-135m")
