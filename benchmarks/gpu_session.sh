@@ -29,7 +29,23 @@ for step in $steps; do
             # the Triton kernels compiled for the device instead of TRITON_INTERPRET (other files'
             # unmarked tests force Triton on CPU tensors and belong to the CPU run)
             python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/gpu-kernel-tests.log" | tail -25 ;;
-    attn)   python3 benchmarks/bench_attention.py 2>&1 | tee "$OUT/bench-attention.log" | tail -30 ;;
+    attn)   python3 benchmarks/bench_attention.py --sweep --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench-attention.log" | tail -40 ;;
+    moevar) # issue 14.2: the captured decode step with each change on and off (bf16/q8_0 KV, depth 16 and 16384)
+            python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
+            python3 benchmarks/bench_moe_decode.py --kv bf16,q8_0 --depths 16,16384 --paths cuda_graph --timing both \
+              --variants ${MOE_VARIANTS:-default,baseline,no_fused_qkv,no_route_kernel,no_device_embed} --no-sweep \
+              --max-seconds ${MOE_MAX_S:-330} --out "$OUT/moe_decode_variants.json" 2>&1 | grep -v "^\s*$" \
+              | tee "$OUT/moe-variants.log" | tail -40 ;;
+    lcbuildbg) # start the llama-bench CUDA build in the background (niced), so GPU steps run meanwhile; lcwait joins it
+            (SECONDS=0; nice -n 19 python3 benchmarks/bench_llamacpp.py build .devcarry/llamacpp-src.tar.gz /tmp/lcb \
+               > /tmp/lcbuild.out 2>&1; echo "llama-bench build: ${SECONDS} s (background, niced)" >> /tmp/lcbuild.out) &
+            echo "lcbuild started in the background (pid $!)" ;;
+    lcwait) w=0; while [ ! -x /tmp/lcb/bin/llama-bench ] && pgrep -f "bench_llamacpp.py build" >/dev/null \
+              && [ $w -lt ${LCWAIT_S:-240} ]; do sleep 5; w=$((w+5)); done
+            sleep 2; tail -3 /tmp/lcbuild.out | tee "$OUT/lcbuild.log"; ls -la /tmp/lcb/bin/llama-bench | tee -a "$OUT/lcbuild.log"
+            strip -o /tmp/llama-bench.stripped /tmp/lcb/bin/llama-bench 2>/dev/null && ls -la /tmp/llama-bench.stripped | tee -a "$OUT/lcbuild.log"
+            [ "$(stat -c %s /tmp/llama-bench.stripped 2>/dev/null || echo 99999999999)" -lt 45000000 ] \
+              && split -b 15000000 -d /tmp/llama-bench.stripped "$OUT/llama-bench.part" ;;
     hybrid) python3 benchmarks/bench_hybrid.py --out "$OUT/hybrid.json" 2>&1 | tee "$OUT/bench-hybrid.log" | tail -30 ;;
     bench)  for kv in fp32 bf16 q8_0; do python3 -m engine bench --device cuda --kv-dtype $kv --decode-tokens 128 2>&1 | tail -1; done | tee "$OUT/engine-bench.jsonl" ;;
     suite)  rm -rf /tmp/suite && mkdir -p /tmp/suite
