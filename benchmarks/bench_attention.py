@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import kernels  # noqa: E402
+from engine import kernels, settings  # noqa: E402
 from engine.kv import KV_DTYPES, LayerKV  # noqa: E402
 from engine.kernels import decode_attention as dmod  # noqa: E402
 from engine.kernels.decode_attention import decode_attention, decode_bytes_read  # noqa: E402
@@ -172,6 +172,8 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps) -> list[dict]:
                  for bn, pps, w, st in itertools.product([128], [1, 2, 4], [4, 8], [2, 3, 4])]
         grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_kernel": False}
                  for bn, pps in itertools.product([32, 64], [2, 4])]
+        grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "batched"}
+                 for bn, pps, w, st in ((64, 4, 2, 2), (32, 4, 2, 2), (64, 2, 4, 3))]   # the form it replaced
         grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_terms": t}
                  for pps in (2, 4) for t in ((1, 1), (1, 2), (2, 1))]
     for cfg in grid:
@@ -186,7 +188,7 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps) -> list[dict]:
     rows.sort(key=lambda r: r["us"])
     for r in rows[:5]:
         print(f"  sweep {fmt}: {r}  ({100 * r['GBps'] / copy_gbps:.1f}% of copy)")
-    return rows[:10]
+    return rows
 
 
 GEOMETRIES = {"bench": (8, 128, 32), "coder30b": (4, 128, 32)}     # (kv heads, head_dim, q heads)
@@ -333,7 +335,8 @@ def main(args) -> int:
         v.pop("sweep", None) if not args.sweep else None
     doc = {"bench": "attention", "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
            "copy_GBps": round(copy_gbps, 1), "decode": dec, "decode_grid": grid, "prefill": pre, "targets": targets,
-           "decode_config": {**dmod.CONFIG, "per_format": dmod.FORMAT_CONFIG}}
+           "decode_config": {**dmod.CONFIG, "q8_impl": settings.get("KVBENCH_DECODE_Q8_IMPL"),
+                             "per_format": dmod.FORMAT_CONFIG}}
     text = json.dumps(doc, separators=(",", ":"))
     if args.out:
         Path(args.out).write_text(text + "\n")

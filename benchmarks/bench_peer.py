@@ -81,7 +81,10 @@ def main() -> int:
     path = resolve(args.model)
     g = torch.Generator().manual_seed(0)
     ctxs = [int(x) for x in args.ctx.split(",")]
-    prompts = {c: torch.randint(100, 49000, (c,), generator=g).tolist() for c in ctxs}
+    # token ids inside the model's vocabulary (a synth file made without SmolLM2 at hand has a
+    # byte-level one: ids past it are a device-side assert, reported later as a cuBLAS error)
+    hi_id = min(49000, spec_of(path).vocab_size)
+    prompts = {c: torch.randint(min(100, hi_id - 1), hi_id, (c,), generator=g).tolist() for c in ctxs}
     prompt = prompts[ctxs[0]]
     rows = []
     bw = copy_bandwidth()
@@ -105,7 +108,7 @@ def main() -> int:
                                    "what": f"tg{args.tg}@{c}", "tok_s": args.tg / max(t - tp, 1e-9),
                                    "samples_s": s, "prefill_s": tp}, hf_weights + kv_read_bytes(spec_of(path), c, "bf16"), bw))
     for n in [int(x) for x in args.prefill.split(",")]:
-        long = torch.randint(100, 49000, (1, n), generator=g).cuda()
+        long = torch.randint(min(100, hi_id - 1), hi_id, (1, n), generator=g).cuda()
         with torch.no_grad():
             t, s = timed(lambda: hf(long, logits_to_keep=1))
         rows.append({"impl": "hf-transformers bf16 sdpa", "kv": "bf16", "what": f"pp{n}", "tok_s": n / t,
@@ -140,7 +143,7 @@ def main() -> int:
                                               weights + kv_read_bytes(eng.spec, c, kv), bw))
             eng.set_decode_mode("auto")
             for n in [int(x) for x in args.prefill.split(",")]:
-                long = torch.randint(100, 49000, (n,), generator=g).tolist()
+                long = torch.randint(min(100, hi_id - 1), hi_id, (n,), generator=g).tolist()
                 t, s = timed(lambda: eng.prefill(long))
                 rows.append({"impl": f"kvbench w{wf}", "kv": kv, "what": f"pp{n}", "tok_s": n / t,
                              "samples_s": s, "waves": eng.last_prefill_stats.get("waves")})

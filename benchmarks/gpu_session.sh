@@ -29,7 +29,7 @@ for step in $steps; do
             # the Triton kernels compiled for the device instead of TRITON_INTERPRET (other files'
             # unmarked tests force Triton on CPU tensors and belong to the CPU run)
             python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/gpu-kernel-tests.log" | tail -25 ;;
-    attn)   python3 benchmarks/bench_attention.py --sweep --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench-attention.log" | tail -40 ;;
+    attn)   python3 benchmarks/bench_attention.py --sweep ${ATTN_ARGS:-} --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench-attention.log" | tail -40 ;;
     moevar) # issue 14.2: the captured decode step with each change on and off (bf16/q8_0 KV, depth 16 and 16384)
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
             python3 benchmarks/bench_moe_decode.py --kv bf16,q8_0 --depths 16,16384 --paths cuda_graph --timing both \
@@ -45,7 +45,10 @@ for step in $steps; do
             sleep 2; tail -3 /tmp/lcbuild.out | tee "$OUT/lcbuild.log"; ls -la /tmp/lcb/bin/llama-bench | tee -a "$OUT/lcbuild.log"
             strip -o /tmp/llama-bench.stripped /tmp/lcb/bin/llama-bench 2>/dev/null && ls -la /tmp/llama-bench.stripped | tee -a "$OUT/lcbuild.log"
             [ "$(stat -c %s /tmp/llama-bench.stripped 2>/dev/null || echo 99999999999)" -lt 45000000 ] \
-              && split -b 15000000 -d /tmp/llama-bench.stripped "$OUT/llama-bench.part" ;;
+              && split -b 15000000 -d /tmp/llama-bench.stripped "$OUT/llama-bench.part"
+            # compressed, it comes back under the 64 MiB limit: later sessions carry it instead of building
+            gzip -9 -c /tmp/llama-bench.stripped > /tmp/llama-bench.gz && ls -la /tmp/llama-bench.gz | tee -a "$OUT/lcbuild.log"
+            [ "$(stat -c %s /tmp/llama-bench.gz)" -lt 60000000 ] && split -b 15000000 -d /tmp/llama-bench.gz "$OUT/llama-bench.gz.part" ;;
     hybrid) python3 benchmarks/bench_hybrid.py --out "$OUT/hybrid.json" 2>&1 | tee "$OUT/bench-hybrid.log" | tail -30 ;;
     bench)  for kv in fp32 bf16 q8_0; do python3 -m engine bench --device cuda --kv-dtype $kv --decode-tokens 128 2>&1 | tail -1; done | tee "$OUT/engine-bench.jsonl" ;;
     suite)  rm -rf /tmp/suite && mkdir -p /tmp/suite
@@ -93,11 +96,13 @@ for step in $steps; do
             ls -la /tmp/lcb/bin/llama-bench | tee -a "$OUT/lcbuild.log"
             split -b 15000000 -d /tmp/lcb/bin/llama-bench "$OUT/llama-bench.part" ;;
     lcbench) # llama.cpp and kvbench on the same files: smollm2-synth (Q8_0 SmolLM2 geometry) and coder30b-synth
-            [ -x /tmp/lcb/bin/llama-bench ] || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcbin/llama-bench.part* > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
-            python3 -c "from engine import models; [models.resolve(m) for m in ('smollm2-synth', 'coder30b-synth')]" 2>&1 | tail -1
+            [ -x /tmp/lcb/bin/llama-bench ] || [ ! -f .devcarry/lcbin/llama-bench.gz.part00 ] \
+              || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcbin/llama-bench.gz.part* | gunzip > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
+            python3 -c "from engine import models; [models.resolve(m) for m in ('smollm2-synth',) + (() if '${LCB_ONLY:-}' else ('coder30b-synth',))]" 2>&1 | tail -1
             S=$KVBENCH_CACHE/synth
             python3 benchmarks/bench_llamacpp.py bench $S/smollm2-synth.gguf --bin /tmp/lcb/bin/llama-bench \
               --ctk f16,bf16,q8_0 --depths 16,4096,16384 --reps 5 --tg 64 --out "$OUT/llamacpp-smollm2.json" 2>&1 | tail -12
+            [ "${LCB_ONLY:-}" = smollm2 ] && continue
             python3 benchmarks/bench_llamacpp.py bench $S/coder30b-synth.gguf --bin /tmp/lcb/bin/llama-bench \
               --ctk f16,q8_0 --depths 0,16384 --reps 5 --tg 64 --out "$OUT/llamacpp-coder.json" 2>&1 | tail -6
             python3 benchmarks/bench_llamacpp.py bench $S/coder30b-synth.gguf --bin /tmp/lcb/bin/llama-bench \

@@ -121,7 +121,7 @@ CONFIGS: dict[str, SynthConfig] = {c.name: c for c in [
                 seed_name="olmoe-synth",
                 about="OLMoE-1B-7B-0924 geometry, random Q8_0 attention / Q4_0 experts (~4 GB)"),
     SynthConfig("smollm2-synth", "llama", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3, head_dim=64,
-                d_ff=1536, ctx=8192, rope_base=100000.0, rms_eps=1e-5, tied=True, kind="blocks",
+                d_ff=1536, vocab=49152, ctx=8192, rope_base=100000.0, rms_eps=1e-5, tied=True, kind="blocks",
                 seed_name="smollm2-synth",
                 about="SmolLM2-135M geometry, random Q8_0 weights (speed comparisons with llama.cpp / HF on "
                       "one file; ~145 MB)"),

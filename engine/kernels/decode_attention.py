@@ -8,12 +8,15 @@ states are combined by a second kernel (or, with ``fuse_combine``, by the last s
 finish). Arithmetic stays near float32 on tensor cores: float32 caches use tf32x3 dots; bf16
 caches feed their exact values to bf16 dots against a three-term bf16 split of q and p; q8_0
 caches (the split layout of ``engine.kernels.q8_layout``: int8 quants and fp16 scales in two
-arrays) have their own kernel: 16-byte vector loads of each head's contiguous quants, the
-quants turned into exact float16 in registers (no int->float conversion), and per-block
-batched dots ([blocks, ., .] operands, so a block's scale multiplies a dot's result and never
-enters it) against a two-term float16 split of q and of p times the V scales, accumulated in
-float32; ``cfg={"q8_kernel": False}`` reads q8_0 through the generic kernel instead
-(dequantized to float32 tiles, tf32x3 dots).
+arrays) have their own kernel: vector loads of each head's contiguous quants, the quants turned
+into exact float16 in registers (no int->float conversion), and dots in which a block's scale
+multiplies a dot's result and never enters it, against a two-term float16 split of q and of p
+times the V scales, accumulated in float32. Two forms (``q8_impl``, setting
+``KVBENCH_DECODE_Q8_IMPL``): ``rows`` (default) makes each (query head, block) pair a row of
+one 2-D [G*NB, D] operand, zero outside its block, so plain 2-D dots give every block's partial
+product; ``batched`` makes the block a batch axis of 3-D dots (Triton lowers those poorly:
+~0.8 TB/s on the H200). ``cfg={"q8_kernel": False}`` reads q8_0 through the generic kernel
+instead (dequantized to float32 tiles, tf32x3 dots).
 K and V may hold different formats (``v_fmt``, default ``fmt``): the generic kernel reads each
 in its own (``KFMT`` / ``VFMT`` constexprs: a bf16 K with ``dot_f32``, a q8_0 V dequantized to
 float32 tiles, ...); q8_0's own kernel serves only q8_0 K with q8_0 V.
@@ -32,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .. import formats
+from .. import formats, settings
 from . import KV_FORMAT_CODES, Q8_BLOCK, interpreted, q8_layout
 from .common import QK, cache_args, load_kv_tile
 
@@ -245,6 +248,82 @@ def _decode_q8_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, PO
 
 
 @triton.jit
+def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
+                           n_keys, keys_per_split, n_splits, qk_scale,
+                           HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                           NB: tl.constexpr, BLOCK_N: tl.constexpr,
+                           Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
+                           S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
+    # q8_0's decode kernel with plain 2-D dots ("block rows"; the batched kernel above made the
+    # block a batch axis of 3-D dots, which Triton lowers poorly: ~0.8 TB/s on the H200).
+    # Row r = g * NB + b of an [M = G_PAD * NB, D] operand is query head g restricted to block b
+    # (zero elsewhere), so ONE [M, D] x [D, BLOCK_N] dot over the raw int8 values (exact in
+    # float16) gives every block's partial score, and the per-(key, block) scales multiply its
+    # result, never its operands:
+    #   s[g, n]    = sum_b dk[n, b] * S[(g, b), n],   S = Qrows @ kq^T
+    #   A[(g,b),:] += (p[g, n] * dv[n, b]) @ vq[n, :]   (only block b's columns of row (g, b) used)
+    # For G * NB <= 16 the zero columns cost nothing (a dot's M is at least 16 anyway). q and
+    # p * dv are float32 split into two float16 terms after power-of-two normalisation (~2^-22
+    # relative), float32 accumulation, as in the batched kernel.
+    M: tl.constexpr = G_PAD * NB
+    RQ: tl.constexpr = HKV * D          # quants per token
+    RS: tl.constexpr = HKV * NB         # scales per token
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    if DEV_POS:                         # n_keys = position + 1 read on the device (CUDA graphs)
+        n_keys = tl.load(POS).to(tl.int32) + 1
+    orow = tl.arange(0, M)
+    rg = orow // NB
+    rb = orow % NB
+    od = tl.arange(0, D)
+    inblk = (od[None, :] // QK) == rb[:, None]                                        # [M, D]
+    q = tl.load(Q + (h * G + rg)[:, None] * D + od[None, :], mask=(rg < G)[:, None] & inblk,
+                other=0.0) * qk_scale                                                 # log2 domain
+    qmax = tl.max(tl.max(tl.abs(q), axis=1), axis=0)
+    qnorm = _pow2_at_least(tl.maximum(qmax, 1e-30)) / 8192.0                          # |q/qnorm| <= 2^13
+    qh, ql = _split2(q / qnorm, Q_TERMS)
+    kcol = h * D + od
+    scol = h * NB + tl.arange(0, NB)
+    lo = sp * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_keys)
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([G_PAD], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        rows = offs_n.to(tl.int64)
+        kq = tl.load(KQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
+        dk = tl.load(KS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0)  # [NB, BN]
+        sb = _dot2(qh, ql, tl.trans(_i8_to_f16(kq)), Q_TERMS)                               # [M, BN]
+        s = tl.sum(tl.reshape(sb, [G_PAD, NB, BLOCK_N]) * dk.to(tl.float32)[None, :, :], axis=1) * qnorm
+        s = tl.where(mask_n[None, :], s, float("-inf"))                                      # [G_PAD, BN]
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])                                                      # <= 1
+        l = l * alpha + tl.sum(p, axis=1)
+        vq = tl.load(VQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
+        dv = tl.load(VS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0).to(tl.float32)
+        pn = _pow2_at_least(tl.maximum(tl.max(dv, axis=1), 1e-30)) / 8192.0                  # [NB]
+        pb = tl.reshape(p[:, None, :] * (dv / pn[:, None])[None, :, :], [M, BLOCK_N])        # row (g, b)
+        pbh, pbl = _split2(pb, P_TERMS)
+        pv = _dot2(pbh, pbl, _i8_to_f16(vq), P_TERMS)                                        # [M, D]
+        alpha_r = tl.reshape(tl.broadcast_to(alpha[:, None], [G_PAD, NB]), [M])
+        pn_r = tl.reshape(tl.broadcast_to(pn[None, :], [G_PAD, NB]), [M])
+        acc = acc * alpha_r[:, None] + pv * pn_r[:, None]
+        m = m_new
+    og = tl.arange(0, G_PAD)
+    gmask = og < G
+    o = (h * G + og) * n_splits + sp
+    tl.store(M_OUT + o, m, mask=gmask)
+    tl.store(L_OUT + o, l, mask=gmask)
+    out = tl.sum(tl.reshape(tl.where(inblk, acc, 0.0), [G_PAD, NB, D]), axis=1)           # [G_PAD, D]
+    tl.store(ACC_OUT + o[:, None] * D + od[None, :], out, mask=gmask[:, None])
+    if FUSE:
+        _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
+
+
+@triton.jit
 def _combine_head(M_IN, L_IN, ACC_IN, OUT, hq, n_splits, D: tl.constexpr, S_PAD: tl.constexpr,
                   BLOCK_S: tl.constexpr):
     """out[hq] = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m) over the splits."""
@@ -322,7 +401,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     v_fmt = fmt if v_fmt is None else v_fmt
     fmt_cfg = {k: v for k, v in FORMAT_CONFIG.get(fmt if v_fmt == fmt else "", {}).items()
                if _ENV_KEYS[k] not in os.environ}
-    cfg = {**CONFIG, **fmt_cfg, **(cfg or {})}
+    cfg = {**CONFIG, "q8_impl": settings.get("KVBENCH_DECODE_Q8_IMPL"), **fmt_cfg, **(cfg or {})}
     Hq, D = q.shape
     if Hq % n_kv_heads or D & (D - 1) or D < 16:
         raise ValueError(f"decode kernel needs Hq % Hkv == 0 and a power-of-two head_dim >= 16 "
@@ -350,10 +429,16 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     comb = {"FUSE": fuse, "S_PAD": triton.next_power_of_2(splits), "BLOCK_S": min(32, triton.next_power_of_2(splits))}
     if fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D):
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
-        _decode_q8_kernel[(n_kv_heads, splits)](
+        nb = D // Q8_BLOCK
+        if cfg["q8_impl"] not in ("rows", "batched"):
+            raise ValueError(f"q8_impl must be 'rows' or 'batched', not {cfg['q8_impl']!r}")
+        rows_form = cfg["q8_impl"] == "rows"
+        kern = _decode_q8_rows_kernel if rows_form else _decode_q8_kernel
+        g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
+        kern[(n_kv_heads, splits)](
             q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
             splits, scale * LOG2E,
-            HKV=n_kv_heads, G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, NB=D // Q8_BLOCK,
+            HKV=n_kv_heads, G=G, G_PAD=g_pad, D=D, NB=nb,
             BLOCK_N=cfg["block_n"], Q_TERMS=cfg["q8_terms"][0], P_TERMS=cfg["q8_terms"][1],
             **comb, **dev_pos, **launch)
     else:
