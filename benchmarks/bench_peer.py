@@ -6,7 +6,9 @@ transformers (bf16, SDPA, static cache) and into our engine (f32 and bf16 weight
 fp32/bf16/q8_0 KV, the weights loaded once and taken over per KV dtype; decode path as the
 engine chooses it, plus one eager row), then times greedy decode of ``--tg`` tokens after
 prompts of ``--ctx`` tokens (16 / 4096 / 16384: llama-bench's ``-d`` depths) and prefill of
-8192 / 16384 tokens: the median of ``--reps`` (>= 5) repetitions after warm-up, with every
+8192 / 16384 tokens (ours on the exact path and on the fast one, ``Engine.set_prefill_path``:
+bfloat16 SDPA, each row's ``prefill_path`` recorded, plus the fast-vs-exact max abs logit
+over 2048 teacher-forced tokens per weight format x KV dtype): the median of ``--reps`` (>= 5) repetitions after warm-up, with every
 sample and the quartiles kept (CUDA-synchronised). Each decode row carries the bytes one token moves (weights
 read + KV read at that context), the achieved GB/s and the roofline tok/s against the measured
 device-to-device copy bandwidth. Prints a table and one JSON line last.
@@ -144,12 +146,32 @@ def main() -> int:
             eng.set_decode_mode("auto")
             for n in [int(x) for x in args.prefill.split(",")]:
                 long = torch.randint(min(100, hi_id - 1), hi_id, (n,), generator=g).tolist()
-                t, s = timed(lambda: eng.prefill(long))
-                rows.append({"impl": f"kvbench w{wf}", "kv": kv, "what": f"pp{n}", "tok_s": n / t,
-                             "samples_s": s, "waves": eng.last_prefill_stats.get("waves")})
+                for pf in ("exact", "fast"):           # issue 14.3: the fast path beside the exact one
+                    eng.set_prefill_path(pf)
+                    try:
+                        t, s = timed(lambda: eng.prefill(long))
+                    finally:
+                        eng.set_prefill_path("exact")
+                    rows.append({"impl": f"kvbench w{wf}" + (" fast" if pf == "fast" else ""), "kv": kv,
+                                 "what": f"pp{n}", "tok_s": n / t, "samples_s": s, "prefill_path": pf,
+                                 "waves": eng.last_prefill_stats.get("waves")})
+            # what the fast path costs in accuracy, once per weight format x KV dtype
+            probe = torch.randint(min(100, hi_id - 1), hi_id, (2048,), generator=g).tolist()
+            exact_l = eng.logits(probe)
+            eng.set_prefill_path("fast")
+            try:
+                fast_l = eng.logits(probe)
+            finally:
+                eng.set_prefill_path("exact")
+            rows.append({"impl": f"kvbench w{wf}", "kv": kv, "what": "fast-vs-exact max abs logit (2048 tokens)",
+                         "tok_s": 0.0, "fast_vs_exact_max_abs": (fast_l - exact_l).abs().max().item()})
+            del exact_l, fast_l
         del eng
         torch.cuda.empty_cache()
     for r in rows:
+        if "fast_vs_exact_max_abs" in r:
+            print(f"{r['impl']:34s} KV {r['kv']:5s} {r['what']}: {r['fast_vs_exact_max_abs']:.4f}")
+            continue
         print(f"{r['impl']:34s} KV {r['kv']:5s} {r['what']:10s} {r['tok_s']:12.1f} tok/s"
               + (f"  {r['gb_s']:7.1f} GB/s  {100 * r['roofline_frac']:5.1f}% of roofline" if "gb_s" in r else "")
               + (f"  waves {r['waves']}" if r.get("waves") else ""))

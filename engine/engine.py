@@ -64,7 +64,8 @@ class Engine:
     # what the harness may ask of this engine (harness.engine_api names): everything
     name = "kvbench"
     capabilities = frozenset({"logits", "chunked_logits", "generate", "chat", "prefill", "kv_applied",
-                              "kv_bytes", "plan", "prefill_stats", "caches", "attn_math", "routes"})
+                              "kv_bytes", "plan", "prefill_stats", "caches", "attn_math", "routes",
+                              "prefill_path"})
 
     def __init__(self, path: Path, g: GGUFFile, spec: ModelSpec, model: Transformer, tokenizer,
                  kv_dtype: str, device: torch.device, ctx: int, wave_budget_bytes: int,
@@ -278,6 +279,34 @@ class Engine:
         model.attn_math = mode
         self._static = None
         return mode
+
+    PREFILL_PATHS = ("exact", "fast")
+
+    @property
+    def prefill_path(self) -> str:
+        """How prefills attend (``set_prefill_path``): ``exact`` (the cache's own kernels,
+        float32 maths on the stored values: every accuracy number) or ``fast`` (bfloat16 SDPA
+        over the stored rows, ``engine.kernels.prefill_attention.prefill_attention_fast``:
+        throughput numbers only)."""
+        return self._live().prefill_path
+
+    def set_prefill_path(self, path: str) -> str:
+        """Apply prefill path ``path`` to every layer. A path that is not one of
+        ``PREFILL_PATHS``, or ``fast`` on an engine with a layer whose cache cannot take it (a
+        sliding-window ring, ``engine.kv_ring``), raises ConfigError naming it, and nothing
+        changes. Returns the path."""
+        if path not in self.PREFILL_PATHS:
+            raise ConfigError(f"prefill path {path!r} is not one of {', '.join(self.PREFILL_PATHS)}",
+                              "use prefill path 'exact' (accuracy) or 'fast' (throughput)")
+        model = self._live()
+        if path == "fast":
+            bad = [i for i, c in enumerate(self.caches) if not hasattr(c, "attend_fast")]
+            if bad:
+                raise ConfigError(f"prefill path 'fast' cannot be applied to layer {bad[0]} "
+                                  f"({type(self.caches[bad[0]]).__name__}: a sliding-window ring; "
+                                  f"{len(bad)} such layers)", "use prefill path 'exact' for this model")
+        model.prefill_path = path
+        return path
 
     def _static_decoder(self):
         """The engine's ``StaticDecode`` (built on first use for the applied decode path)."""

@@ -44,6 +44,7 @@ from .errors import ConfigError, ContextOverflowError
 from .kernels.kv_append import kv_append, quantize_q8_0_ref, dequantize_q8_0_ref
 from .kernels.decode_attention import decode_attention
 from .kernels.prefill_attention import (MAX_WAVE_ROWS, WavePlan, plan_waves, prefill_attention,
+                                        prefill_attention_fast,
                                         prefill_attention_ref)
 from .kv_layout import CacheObservables, alloc_kv, to_ggml_bytes
 from .kv_ring import RingKV, layer_kv_rows
@@ -222,6 +223,18 @@ class LayerKV(CacheObservables):
             plan.waves, cuts, kernel_wave, where)
         self.peak_scratch_bytes = 0        # the flash kernel keeps its tiles in registers
         return out
+
+    def attend_fast(self, q: torch.Tensor, start: int, scale: float, window: int | None = None) -> torch.Tensor:
+        """``attend`` on the fast prefill path (``prefill_attention_fast``: bfloat16 q/K/V, torch
+        SDPA, one pass): throughput numbers only, never accuracy."""
+        T, Hq, D = q.shape
+        if start + T > self.max_tokens:
+            raise ContextOverflowError(f"layer {self.layer}: {start + T} tokens exceed the KV cache of "
+                                       f"{self.max_tokens}", "load the engine with a larger ctx")
+        self.last_waves, self.last_wave_retries, self.last_wave_rows = 1, 0, T
+        self.peak_scratch_bytes = 0
+        return prefill_attention_fast(q, self.k, self.v, self.k_format, start, scale, self.n_kv_heads,
+                                      v_fmt=self.v_format, window=window)
 
     # -- position on the device (CUDA-graph decode) ------------------------------------------
     def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

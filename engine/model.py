@@ -317,6 +317,9 @@ class Transformer:
         # the attention kernel's precision (engine.attn_math): "exact", or "ggml-cpu" (the query
         # converted to the K cache's dot type before K·Q, as llama.cpp's CPU kernels do)
         self.attn_math = attn_math.DEFAULT
+        # how prefills (T > 1) attend (engine.Engine.set_prefill_path): "exact" (the cache's own
+        # kernels, float32 maths) or "fast" (bfloat16 SDPA: throughput numbers only)
+        self.prefill_path = "exact"
         self.scale = spec.scale
 
     def _rope(self, device, base: float | None = None) -> Rope:
@@ -347,7 +350,9 @@ class Transformer:
         cache.write(start, k, v)
         if self.attn_math != "exact":
             q = attn_math.q_for_k(q, cache.k_format, self.attn_math)
-        if window:
+        if T > 1 and self.prefill_path == "fast":
+            o = cache.attend_fast(q, start, self.scale, window=window or None)
+        elif window:
             o = cache.attend(q, start, self.scale, window=window)   # [T, Hq, D]
         else:
             o = cache.attend(q, start, self.scale)

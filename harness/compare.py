@@ -17,8 +17,10 @@ metric records on (case, metric). A *regression* is:
   Mann-Whitney U rank test at ``speed_alpha`` plus a minimum change of the median of
   ``speed_tol``; a row whose samples spread more than ``max_cv`` (coefficient of variation) in
   either run is *unstable*: listed as such, never a regression or an improvement; too few
-  repetitions (a record without samples counts as one) are *untested*. Every speed row and its
-  verdict is in ``Comparison.speed``.
+  repetitions (a record without samples counts as one) are *untested*. A prefill speed
+  (``pp<N>``) timed on different prefill paths (the throughput check's ``info.prefill_path``:
+  ``exact`` vs ``fast``) is *not comparable*, never a change. Every speed row and its verdict
+  is in ``Comparison.speed``.
 
 Statuses are strings, read generically: every case whose status is not ``pass`` in either
 run, or differs between them, is listed per case with its reason. When the two runs' suites
@@ -269,6 +271,12 @@ def compare(base_dir: str | Path, head_dir: str | Path, tol: float = 0.10, speed
         if better not in ("lower", "higher") or bv is None or hv is None:
             continue
         if (decl.unit if decl else r.get("unit")) == "tok/s":
+            paths = [res.info(*key[:3]).get("prefill_path", "exact") for res in (base, head)]
+            if key[3].startswith("pp") and paths[0] != paths[1]:
+                out.speed.append({**row, "base": bv, "head": hv, "change": _change(bv, hv),
+                                  "verdict": "not comparable", "p": None, "CV base": "", "CV head": "",
+                                  "why": f"prefill path {paths[0]} in base, {paths[1]} in head"})
+                continue
             samples = [(ser.get((*key[:3], f"{key[3]}_samples")) or [v]) for ser, v in ((bser, bv), (hser, hv))]
             v = compare_speed(*samples, better, alpha=speed_alpha, min_effect=speed_tol, max_cv=max_cv)
             out.speed.append({**row, "base": bv, "head": hv, "change": _change(bv, hv), "verdict": v.verdict,

@@ -31,6 +31,9 @@ Capabilities:
   (what an OpenAI-compatible completions server gives with ``echo`` and ``logprobs``);
 - ``attn_math``: ``attn_math`` and ``set_attn_math(mode)`` (``engine.attn_math``: the attention
   kernel's precision, ``exact`` or ``ggml-cpu``), so a check can attribute KLD to storage and maths;
+- ``prefill_path``: ``prefill_path`` and ``set_prefill_path(path)`` (``exact`` or ``fast``:
+  bfloat16 SDPA over the stored KV rows), so a throughput check can time the fast path and
+  record which path produced its number;
 - ``routes``: ``routed_logits(tokens, chunk=None, routes=None) -> (logits [T, V], routes [L_moe, T, k]
   long)``: ``logits`` plus the experts each MoE layer chose at each position (ids ascending;
   [0, T, 0] on a dense model); ``routes=`` forces those experts (weighted by the engine's own
@@ -56,9 +59,10 @@ CAP_CACHES = "caches"
 CAP_TOPK_LOGPROBS = "topk_logprobs"
 CAP_ATTN_MATH = "attn_math"
 CAP_ROUTES = "routes"
+CAP_PREFILL_PATH = "prefill_path"
 CAPABILITIES = (CAP_LOGITS, CAP_CHUNKED_LOGITS, CAP_GENERATE, CAP_CHAT, CAP_PREFILL, CAP_KV_APPLIED,
                 CAP_KV_BYTES, CAP_PLAN, CAP_PREFILL_STATS, CAP_CACHES, CAP_TOPK_LOGPROBS, CAP_ATTN_MATH,
-                CAP_ROUTES)
+                CAP_ROUTES, CAP_PREFILL_PATH)
 
 
 @runtime_checkable

@@ -182,3 +182,36 @@ def test_engines_side_by_side_lists_what_the_registry_shows_side_by_side(tmp_pat
     assert any("Same top p" in line for line in table) and any("KV-only Mean KLD" in line for line in table)
     assert not any("| Positions |" in line for line in table)
     assert compare(runs[0], runs[0]).engines == ""
+
+
+def _throughput_run(d: Path, path: str, pp_samples: list[float]) -> Path:
+    """One throughput case (bf16 row) whose pp64 was timed on prefill path ``path``."""
+    d.mkdir(parents=True)
+    med = sorted(pp_samples)[len(pp_samples) // 2]
+    key = {"run": "hand", "suite": "hand", "model": "m1", "kv_dtype": "bf16", "baseline": False,
+           "check": "throughput", "kind": "throughput"}
+    recs = [{**_metric("bf16", "throughput", "pp64", med, "tok/s", "higher"), "kind": "throughput"},
+            {**key, "type": "series", "name": "pp64_samples", "values": pp_samples},
+            {**key, "type": "info", "info": {"prefill_path": path}},
+            _case("bf16", "throughput")]
+    (d / RECORDS).write_text("".join(json.dumps(r) + "\n" for r in recs))
+    write_manifest(d, {"schema": 1, "run": d.name, "suite": {"path": "suites/hand.toml", "sha256": "abc",
+                                                             "suite": {"name": "hand", "baseline": "fp32"}},
+                       "matrix": {"models": ["m1"], "dtypes": ["bf16"], "checks": ["throughput"]},
+                       "git": {"sha": "0" * 40, "dirty": False}, "device": {"requested": "cpu"},
+                       "versions": {"python": "3.11"}, "command": "hand", "started": "x", "finished": "y"})
+    return d
+
+
+def test_prefill_speeds_of_different_prefill_paths_are_not_compared(tmp_path):
+    """A fast-path pp (bf16 SDPA) 5x an exact-path one is a path change, not an improvement;
+    the same path with the same 5x is one (the rank test over the repetitions)."""
+    exact = _throughput_run(tmp_path / "exact", "exact", [100.0, 101.0, 99.0, 100.5, 100.2])
+    fast = _throughput_run(tmp_path / "fast", "fast", [500.0, 505.0, 498.0, 502.0, 501.0])
+    out = compare(exact, fast)
+    row = next(r for r in out.speed if r["metric"] == "pp64")
+    assert row["verdict"] == "not comparable" and "prefill path exact in base, fast in head" in row["why"]
+    assert not out.improvements and not out.regressions
+    exact2 = _throughput_run(tmp_path / "exact2", "exact", [500.0, 505.0, 498.0, 502.0, 501.0])
+    out2 = compare(exact, exact2)
+    assert [r["metric"] for r in out2.improvements] == ["pp64"]

@@ -216,6 +216,49 @@ def prefill_attention_flash(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.T
     return out
 
 
+# --- fast path (throughput numbers; not for accuracy) -----------------------------------------
+FAST_PREFILL = "bf16 SDPA"      # what the fast path is, as results record it
+
+
+def prefill_attention_fast(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
+                           start: int, scale: float, n_kv_heads: int, v_fmt: str | None = None,
+                           window: int | None = None) -> torch.Tensor:
+    """The fast prefill path (``engine.Engine.set_prefill_path("fast")``): q [T, Hq, D] at
+    ``start`` attends causally to cache rows [0, start+T) with bfloat16 q, K, V and torch's
+    scaled-dot-product attention (flash on CUDA, its own CPU kernel elsewhere), in one pass.
+    K and V are the cache's rows as stored, dequantized (q8_0) and rounded to bfloat16 (fp32
+    caches; bf16 caches are read in place). Its rounding moves logits by far more than the
+    KV dtypes under test (docs/perf-notes.md: 0.25 logits on SmolLM2), so accuracy checks
+    never use it; throughput checks that do record it. ``window``: sliding-window attention
+    (keys at positions <= qpos - window masked). Returns float32 [T, Hq, D]."""
+    v_fmt = fmt if v_fmt is None else v_fmt
+    T, Hq, D = q.shape
+    n = start + T
+
+    def rows(buf, f):
+        if f == "bf16":
+            return q8_layout.rows_view(buf, f, n_kv_heads, D)[:n].permute(1, 0, 2)[None]   # [1, Hkv, n, D] view
+        return dequant_rows_ref(buf, f, 0, n, n_kv_heads, D).to(torch.bfloat16)[None]
+
+    k, v = rows(k_buf, fmt), rows(v_buf, v_fmt)
+    qb = q.to(torch.bfloat16).transpose(0, 1)[None]                                      # [1, Hq, T, D]
+    if q.is_cuda and window is None and D % 8 == 0 and D <= 256:
+        # flash's causal mask is aligned to the last row (bottom-right) when keys outnumber queries
+        o = torch.ops.aten._scaled_dot_product_flash_attention(
+            qb, k, v, 0.0, is_causal=True, return_debug_mask=False, scale=scale)[0]
+    else:
+        qpos = torch.arange(start, n, device=q.device)[:, None]
+        kpos = torch.arange(n, device=q.device)[None, :]
+        mask = kpos <= qpos
+        if window is not None:
+            mask &= kpos > qpos - window
+        if Hq != n_kv_heads:                                  # GQA: each KV head serves G query heads
+            k = k.repeat_interleave(Hq // n_kv_heads, dim=1)
+            v = v.repeat_interleave(Hq // n_kv_heads, dim=1)
+        o = torch.nn.functional.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
+    return o[0].transpose(0, 1).float()                                                 # [T, Hq, D]
+
+
 # --- torch reference (the CPU path) ---------------------------------------------------------
 def dequant_rows_ref(buf: torch.Tensor, fmt: str, j0: int, j1: int, n_kv_heads: int,
                      head_dim: int) -> torch.Tensor:

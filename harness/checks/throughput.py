@@ -22,6 +22,16 @@ Per measure (``pp<N>`` / ``tg<N>``), with ``harness.speedstats.spread`` over the
   ``/proc/stat`` is missing);
 - metric ``Others' CPU busy`` (%): the largest such fraction over every sample, descriptive.
 
+Prefill path (``prefill_path``, issue 14.3): ``exact`` (default: the engine's own kernels,
+float32 maths over the KV stored at the dtype, as every accuracy check runs) or ``fast``
+(``Engine.set_prefill_path("fast")``: bfloat16 SDPA over the stored rows, for throughput on
+GPUs). ``pp<N>`` is timed on the path asked for and its ``detail`` names it; with ``fast`` the
+check also measures, once per row, metric ``Fast-vs-exact max abs logit`` (teacher-forced
+logits of the first ``min(pp, fast_delta_tokens)`` prompt tokens on both paths) and puts the
+engine back on ``exact`` afterwards. An engine that cannot set its prefill path gets ``pp<N>``
+and the delta as n/a with the reason, never an exact-path number under a fast label.
+``info.prefill_path`` records the path.
+
 ``info`` holds the deterministic facts: repeats, warm-up, ``cpu_count`` (``os.cpu_count``),
 ``cpus_usable`` (the affinity mask) and how the load was read. Results written before these
 metrics existed hold ``<name>_samples`` only; readers compute the spread from them.
@@ -37,7 +47,8 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine_api import CAP_CHAT, CAP_GENERATE, CAP_PREFILL
+from ..engine_api import CAP_CHAT, CAP_GENERATE, CAP_LOGITS, CAP_PREFILL, CAP_PREFILL_PATH, capabilities_of
+from ..errors import SuiteError
 from ..schema import CheckConfig, param, threshold
 from ..speedstats import spread
 from ..text import prompt_tokens
@@ -56,8 +67,16 @@ class ThroughputConfig(CheckConfig):
     warmup_tokens: int | None = param(None, lo=1, help="size of warm-up runs (default: full size)")
     max_cv_pct: float = param(10.0, lo=0, lo_open=True,
                               help="a row whose coefficient of variation is above this is unstable")
+    prefill_path: str = param("exact", help='"exact" (float32 maths over the stored KV, as accuracy '
+                                            'checks run) or "fast" (bfloat16 SDPA: throughput only)')
+    fast_delta_tokens: int = param(512, lo=2, help="prompt tokens of the fast-vs-exact logit comparison")
     min_pp_tok_s: float | dict[str, float] | None = threshold("pp{pp}", ">=")
     min_tg_tok_s: float | dict[str, float] | None = threshold("tg{tg}", ">=")
+
+    def validate(self, path, where: str) -> None:
+        if self.prefill_path not in ("exact", "fast"):
+            raise SuiteError(path, f"{where}.prefill_path", f"{self.prefill_path!r} is not a prefill path",
+                             '"exact" or "fast"')
 
 
 def _sync(device: str) -> None:
@@ -138,6 +157,8 @@ class Throughput(Check):
         metric("{measure} CV", "%", None, "coefficient of variation of the repetitions"),
         metric("{measure} unstable", "", None, "CV above max_cv_pct: not compared as a speed change"),
         metric("Others' CPU busy", "%", None, "largest share of the CPUs other processes used in a sample"),
+        metric("Fast-vs-exact max abs logit", "logits", None,
+               "largest teacher-forced logit difference between the fast and the exact prefill path"),
     )
     needs_baseline = False
 
@@ -158,14 +179,37 @@ class Throughput(Check):
 
         out = Outcome()
         busiest = []
-        for name, fn in ((f"pp{cfg.pp}", pp), (f"tg{cfg.tg}", tg)):
-            samples, load1, others = _timed(fn, ctx.device, cfg.warmup, cfg.repeats, cfg.warmup_tokens)
+        fast = cfg.prefill_path == "fast"
+        fast_why = None
+        if fast and CAP_PREFILL_PATH not in capabilities_of(eng):
+            fast_why = f"engine {eng.name} cannot set its prefill path (no fast path to time)"
+        elif fast:
+            try:
+                eng.set_prefill_path("fast")
+                eng.set_prefill_path("exact")
+            except Exception as exc:                         # ConfigError: e.g. sliding-window rings
+                fast_why = str(exc.args[0] if exc.args else exc)
+        pp_name = f"pp{cfg.pp}"
+        for name, fn in ((pp_name, pp), (f"tg{cfg.tg}", tg)):
+            if name == pp_name and fast_why:
+                out.skip(name, f"prefill path 'fast' not applied: {fast_why}", "tok/s", "higher")
+                continue
+            try:
+                if name == pp_name and fast:
+                    eng.set_prefill_path("fast")
+                samples, load1, others = _timed(fn, ctx.device, cfg.warmup, cfg.repeats, cfg.warmup_tokens)
+            finally:
+                if name == pp_name and fast:
+                    eng.set_prefill_path("exact")
             s = spread(samples)
             unstable = s.unstable(cfg.max_cv_pct / 100.0)
             cv = None if s.cv is None else 100.0 * s.cv
-            out.add(name, s.median, "tok/s", "higher",
-                    detail=f"unstable: CV {cv:.1f}% > {cfg.max_cv_pct:g}% over {s.n} repetitions"
-                    if unstable else None)
+            notes = []
+            if name == pp_name and fast:
+                notes.append("fast prefill path (bf16 SDPA)")
+            if unstable:
+                notes.append(f"unstable: CV {cv:.1f}% > {cfg.max_cv_pct:g}% over {s.n} repetitions")
+            out.add(name, s.median, "tok/s", "higher", detail="; ".join(notes) or None)
             out.add(f"{name} stddev", s.stdev, "tok/s", None)
             out.add(f"{name} CV", cv, "%", None)
             out.add(f"{name} unstable", bool(unstable), "", None)
@@ -178,8 +222,23 @@ class Throughput(Check):
                     detail="largest share of all CPUs other processes used during one timed sample")
         else:
             out.skip("Others' CPU busy", "/proc/stat is not readable on this system", "%")
+        if fast and fast_why:
+            out.skip("Fast-vs-exact max abs logit", f"prefill path 'fast' not applied: {fast_why}", "logits")
+        elif fast and CAP_LOGITS not in capabilities_of(eng):
+            out.skip("Fast-vs-exact max abs logit", f"engine {eng.name} gives no teacher-forced logits", "logits")
+        elif fast:
+            n = min(cfg.pp, cfg.fast_delta_tokens)
+            exact_logits = eng.logits(prompt[:n])
+            try:
+                eng.set_prefill_path("fast")
+                fast_logits = eng.logits(prompt[:n])
+            finally:
+                eng.set_prefill_path("exact")
+            delta = (fast_logits.float() - exact_logits.float()).abs().max().item()
+            out.add("Fast-vs-exact max abs logit", delta, "logits", None,
+                    detail=f"teacher-forced, {n} prompt tokens; the exact path is what accuracy checks use")
         affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
-        out.info.update(prefill_api="eng.prefill", warmup=cfg.warmup, warmup_tokens=cfg.warmup_tokens,
+        out.info.update(prefill_api="eng.prefill", prefill_path=cfg.prefill_path, warmup=cfg.warmup, warmup_tokens=cfg.warmup_tokens,
                         repeats=cfg.repeats, max_cv_pct=cfg.max_cv_pct, cpu_count=os.cpu_count(),
                         cpus_usable=affinity, cpus_in_proc_stat=_n_cpus_in_stat(),
                         load_probe="os.getloadavg()[0] after each sample; others' CPU share from "

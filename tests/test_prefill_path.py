@@ -1,0 +1,130 @@
+"""The fast prefill path (issue 14.3): bfloat16 SDPA over the stored KV rows, for throughput.
+
+- ``prefill_attention_fast`` equals an independent float64 attention over the same rows
+  rounded to bfloat16 (K/V dequantized by gguf.quants for q8_0), for every KV format, a K/V
+  split, GQA, a chunk after cached rows and a sliding window; it is not the exact path.
+- ``Engine.set_prefill_path``: ``fast`` moves logits a little, ``exact`` gives back the
+  bit-identical exact logits, a bad path is a one-line ConfigError and changes nothing.
+- The throughput check with ``prefill_path = "fast"`` records the path, names it on ``pp<N>``,
+  measures ``Fast-vs-exact max abs logit`` (recounted here from the engine's logits) and
+  leaves the engine on ``exact``.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType, quants
+
+import engine
+from engine import kernels, synth
+from engine.errors import ConfigError
+from engine.kernels.prefill_attention import prefill_attention_fast
+from engine.kv import LayerKV
+
+
+def _rows_f64(x: torch.Tensor, fmt: str) -> torch.Tensor:
+    """What the cache stores for float32 rows x [n, Hkv, D], independently of kvbench: fp32 as
+    is, bf16 rounded by torch, q8_0 through gguf.quants' quantize/dequantize."""
+    if fmt == "fp32":
+        return x.double()
+    if fmt == "bf16":
+        return x.to(torch.bfloat16).double()
+    n, h, d = x.shape
+    flat = x.reshape(n, h * d).numpy().astype(np.float32)
+    deq = quants.dequantize(quants.quantize(flat, GGMLQuantizationType.Q8_0), GGMLQuantizationType.Q8_0)
+    return torch.from_numpy(np.asarray(deq, dtype=np.float64)).reshape(n, h, d)
+
+
+def _ref(q, k, v, start, scale, window=None):
+    """float64 causal attention of bfloat16-rounded q, K, V (the fast path's inputs)."""
+    T, Hq, D = q.shape
+    n, Hkv, _ = k.shape
+    bf = lambda t: t.to(torch.bfloat16).double()                     # noqa: E731
+    qd, kd, vd = bf(q.float()), bf(k.float()), bf(v.float())
+    kd, vd = kd.repeat_interleave(Hq // Hkv, dim=1), vd.repeat_interleave(Hq // Hkv, dim=1)
+    s = torch.einsum("thd,nhd->htn", qd, kd) * scale
+    qpos = torch.arange(start, start + T)[:, None]
+    kpos = torch.arange(n)[None, :]
+    mask = kpos <= qpos
+    if window is not None:
+        mask &= kpos > qpos - window
+    s = s.masked_fill(~mask[None], float("-inf"))
+    return torch.einsum("htn,nhd->thd", s.softmax(-1), vd)
+
+
+@pytest.mark.parametrize("kf,vf", [("fp32", "fp32"), ("bf16", "bf16"), ("q8_0", "q8_0"), ("q8_0", "bf16")])
+@pytest.mark.parametrize("window", [None, 16])
+def test_fast_attention_equals_a_float64_reference_of_bf16_inputs(kf, vf, window):
+    gen = torch.Generator().manual_seed(7)
+    Hq, Hkv, D, start, T = 9, 3, 64, 37, 20
+    n = start + T
+    k = torch.randn(n, Hkv, D, generator=gen)
+    v = torch.randn(n, Hkv, D, generator=gen) * 3
+    q = torch.randn(T, Hq, D, generator=gen)
+    cache = LayerKV(0, Hkv, D, 80, kf, v_dtype=vf)
+    prev = kernels.set_backend("torch")
+    try:
+        cache.write(0, k, v)
+        exact = cache.attend(q, start, D ** -0.5, window=window)
+    finally:
+        kernels.set_backend(prev)
+    out = prefill_attention_fast(q, cache.k, cache.v, kf, start, D ** -0.5, Hkv, v_fmt=vf, window=window)
+    want = _ref(q, _rows_f64(k, kf), _rows_f64(v, vf), start, D ** -0.5, window)
+    size = want.abs().max().item()
+    err = (out.double() - want).abs().max().item()
+    print(f"{kf}/{vf} window={window}: fast vs float64-of-bf16 {err:.3e} (|o| {size:.2f}), "
+          f"fast vs exact {(out - exact).abs().max().item():.3e}")
+    assert out.shape == (T, Hq, D) and out.dtype == torch.float32
+    assert err <= 5e-3 * size                                          # bf16 rounding of the output (2^-9)
+    assert (out - exact).abs().max().item() > 0                        # it is not the exact path
+
+
+def test_engine_prefill_path_switches_and_comes_back_bit_identical():
+    eng = engine.load(synth.ensure("tiny-llama"), kv_dtype="q8_0", device="cpu", ctx=256)
+    toks = list(range(5, 105))
+    assert eng.prefill_path == "exact"
+    exact = eng.logits(toks)
+    assert eng.set_prefill_path("fast") == "fast" and eng.prefill_path == "fast"
+    fast = eng.logits(toks)
+    delta = (fast - exact).abs().max().item()
+    print(f"tiny-llama q8_0: fast vs exact max abs logit {delta:.3e}")
+    assert 0 < delta < 0.5 * exact.abs().max().item()
+    eng.set_prefill_path("exact")
+    assert torch.equal(eng.logits(toks), exact)
+    with pytest.raises(ConfigError, match="prefill path 'flash' is not one of exact, fast"):
+        eng.set_prefill_path("flash")
+    assert eng.prefill_path == "exact"
+
+
+def test_throughput_check_times_the_fast_path_and_records_it():
+    from harness import checks
+    from harness.checks.base import CaseContext
+    from harness.checks.throughput import ThroughputConfig
+    from harness.schema import SuiteSection
+    from harness.text import prompt_tokens
+    eng = engine.load(synth.ensure("tiny-llama"), kv_dtype="bf16", device="cpu", ctx=256)
+    cfg = ThroughputConfig(kind="throughput", pp=64, tg=4, repeats=5, warmup=0, prefill_path="fast",
+                           fast_delta_tokens=48)
+    out = checks.get("throughput").measure(eng, cfg, None, CaseContext("m", "bf16", "fp32", SuiteSection(name="t"),
+                                                                       "cpu", 0))
+    m = {x.name: x for x in out.metrics}
+    assert out.info["prefill_path"] == "fast"
+    assert "fast prefill path" in (m["pp64"].detail or "") and m["pp64"].value > 0
+    assert "fast" not in (m["tg4"].detail or "")
+    assert eng.prefill_path == "exact"                                 # put back
+    # recount the delta from the engine itself
+    toks = prompt_tokens(eng.tokenizer, 64, 0)[:48]
+    exact = eng.logits(toks)
+    eng.set_prefill_path("fast")
+    fast = eng.logits(toks)
+    eng.set_prefill_path("exact")
+    assert m["Fast-vs-exact max abs logit"].value == pytest.approx((fast - exact).abs().max().item())
+    assert m["Fast-vs-exact max abs logit"].value > 0
+
+
+def test_suite_rejects_an_unknown_prefill_path(tmp_path):
+    from harness.checks.throughput import ThroughputConfig
+    from harness.errors import SuiteError
+    with pytest.raises(SuiteError, match="prefill_path"):
+        ThroughputConfig(kind="throughput", prefill_path="flash").validate(tmp_path / "s.toml", "check[0]")
