@@ -78,7 +78,7 @@ def eligibility(eng) -> str | None:
         if why:
             return why
     if spec.swa_layers:
-        return "sliding-window layers use the torch attention path"
+        return "sliding-window layers (ring caches) are not in the captured step yet: their decode runs the Triton kernel eagerly"
     return None
 
 

@@ -558,11 +558,6 @@ def _plan(req: _Request, src: _Source, vram_budget, n_gpu_layers, host_ram, reus
                      n_gpu_layers=n_gpu_layers, wave_budget_bytes=req.wave, weight_format=req.weight_format,
                      device=req.device, host_ram=host_ram, host_held=held, file_bytes=req.path.stat().st_size)
     require_host_fit(plan)
-    swa_on_triton = [i for i in src.spec.swa_layers if plan.layer_tiers[i] == "trunk"]
-    if swa_on_triton and kvmod.kernels.use_triton(req.device):   # fail at load, not mid-prefill
-        raise ConfigError(f"{req.path.name}: layers {swa_on_triton[:3]}... use sliding-window attention, "
-                          f"which is implemented only in the torch path",
-                          "use KVBENCH_ATTN_BACKEND=torch or device cpu")
     if plan.weight_format not in WEIGHT_DTYPES:
         raise ConfigError(f"weight_format {plan.weight_format!r} cannot be applied by this engine "
                           f"(it stores {', '.join(WEIGHT_DTYPES)})", "pick one of those")

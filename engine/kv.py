@@ -181,7 +181,10 @@ class LayerKV(CacheObservables):
         where = f"layer {self.layer}"
         # A wave that runs out of memory is redone in smaller waves (_run_waves). The reference
         # splits only at chunk ends (its rows stay bit-identical); the kernels at 16-row steps.
-        if not kernels.use_triton(q.device) or D < 16 or D & (D - 1):   # kernels need pow2 D >= 16
+        # kernels need pow2 D >= 16; a sliding-window prefill (T > 1) runs the torch reference on
+        # any device (same exact maths: the Triton prefill kernel has no window), a window's
+        # decode step the Triton decode kernel
+        if not kernels.use_triton(q.device) or D < 16 or D & (D - 1) or (window is not None and T > 1):
             out, peak = None, 0
 
             def ref_wave(r0: int, r1: int) -> None:
@@ -200,13 +203,11 @@ class LayerKV(CacheObservables):
                 plan.waves, [c1 for _, c1 in plan.chunks], ref_wave, where)
             self.peak_scratch_bytes = peak
             return out
-        if window is not None:
-            raise ConfigError(f"layer {self.layer}: sliding-window attention is implemented only in the "
-                              f"torch path", "use KVBENCH_ATTN_BACKEND=torch or device cpu")
         q = q.to(torch.float32).contiguous()
         if T == 1:
             from .kernels import decode_attention as dmod
-            out = decode_attention(q[0], self.k, self.v, fmt, start + 1, scale, self.n_kv_heads, v_fmt=vfmt)[None]
+            out = decode_attention(q[0], self.k, self.v, fmt, start + 1, scale, self.n_kv_heads, v_fmt=vfmt,
+                                   window=window)[None]
             self.peak_scratch_bytes = dmod.last_scratch_bytes
             return out
         out = torch.empty_like(q)

@@ -17,8 +17,9 @@ in the split layout: the stored bytes of a position equal a full-length cache's)
 ``LayerKV`` of ``max_tokens`` rows, reading the ring through a view that maps absolute
 positions to rows (positions that the ring no longer holds come back as other positions'
 finite values, and the reference masks them for every row that reads them), so the output is
-bit-identical to a full-length cache (``torch.equal``) for fp32, bf16 and q8_0. Like
-``LayerKV`` with a window, the Triton path is refused with ConfigError. Buffers come from
+bit-identical to a full-length cache (``torch.equal``) for fp32, bf16 and q8_0. Where the
+Triton kernels serve the device, a decode step (T = 1) runs the Triton decode kernel over the
+ring (``window``, ``ring_rows``); a prefill stays on the torch reference. Buffers come from
 ``engine.kv_layout`` (as ``LayerKV``'s do); this module does not import ``engine.kv``.
 
     cache = RingKV(0, n_kv_heads=1, head_dim=256, max_tokens=32768, window=512, dtype="q8_0")
@@ -34,7 +35,8 @@ from .formats import DEFAULT_WAVE_BUDGET
 from .kernels.kv_append import kv_append
 from .kernels.prefill_attention import (CHUNK_ROWS, MAX_WAVE_ROWS, WavePlan, plan_waves,
                                         prefill_attention_ref)
-from .kernels import q8_layout
+from .kernels import decode_attention as dattn, q8_layout
+from .kernels.decode_attention import decode_attention
 from .kv_layout import CacheObservables, alloc_kv, to_ggml_bytes
 
 RING_CHUNK = 4 * CHUNK_ROWS      # 512: tokens one call may write at once; longer calls take waves
@@ -156,10 +158,16 @@ class RingKV(CacheObservables):
         if window is None or window <= 0 or window > self.window:
             raise ConfigError(f"layer {self.layer}: a ring KV of window {self.window} cannot serve "
                               f"window={window}", "build a LayerKV for global or wider attention")
-        if kernels.use_triton(q.device) and D >= 16 and not D & (D - 1):
-            raise ConfigError(f"layer {self.layer}: sliding-window attention is implemented only in the "
-                              f"torch path", "use KVBENCH_ATTN_BACKEND=torch or device cpu")
         held = self._pending
+        if T == 1 and held is None and kernels.use_triton(q.device) and D >= 16 and not D & (D - 1):
+            # a decode step: the Triton decode kernel over the ring's rows (p -> p % rows), the
+            # window's keys only (a prefill, T > 1, runs the torch reference below on any device)
+            self.last_waves, self.last_wave_retries, self.last_wave_rows = 1, 0, 1
+            out = decode_attention(q[0].to(torch.float32).contiguous(), self.k, self.v, self.k_format, start + 1,
+                                   scale, self.n_kv_heads, v_fmt=self.v_format, window=window,
+                                   ring_rows=self.rows)[None]
+            self.peak_scratch_bytes = dattn.last_scratch_bytes
+            return out
         if held is not None and (held[0] != start or held[1].shape[0] != T):
             self._flush()           # queries for other positions: the held keys are just history
             held = None

@@ -11,7 +11,6 @@ full-length caches over prefill, chunked prefill and decode, and the plan prices
 """
 from __future__ import annotations
 
-import math
 
 import pytest
 import torch
@@ -174,25 +173,41 @@ def test_window_attention_matches_dense_and_waves_are_bit_identical(fmt):
         assert (step[0] - want[t]).abs().max().item() < 1e-5
 
 
-def test_window_on_triton_path_is_refused():
-    c = LayerKV(0, 1, 32, 64, "fp32")
-    c.write(0, torch.randn(8, 1, 32), torch.randn(8, 1, 32))
+def test_window_on_triton_path_decodes_through_the_kernel_and_prefills_through_the_reference():
+    """Issue 14.5: a sliding-window layer on the Triton backend (what auto picks on CUDA)
+    prefills through the torch reference (the same exact maths, bit for bit) and decodes
+    through the Triton decode kernel's window (equal to the torch path; the kernel against a
+    float64 reference: tests/test_window_decode.py)."""
+    g = torch.Generator().manual_seed(3)
+    k, v, q = torch.randn(9, 1, 32, generator=g), torch.randn(9, 1, 32, generator=g), torch.randn(9, 2, 32, generator=g)
+    outs = {}
+    for backend in ("torch", "triton"):
+        c = LayerKV(0, 1, 32, 64, "fp32")
+        prev = kernels.set_backend(backend)
+        try:
+            c.write(0, k[:8], v[:8])
+            pre = c.attend(q[:8], 0, 32 ** -0.5, window=4)
+            c.write(8, k[8:], v[8:])
+            outs[backend] = pre, c.attend(q[8:], 8, 32 ** -0.5, window=4)
+        finally:
+            kernels.set_backend(prev)
+    assert torch.equal(outs["torch"][0], outs["triton"][0])
+    assert (outs["torch"][1] - outs["triton"][1]).abs().max().item() < 1e-5
+
+
+def test_triton_backend_decodes_gemma3_like_the_torch_backend(eng):
+    """On the Triton backend (what auto picks on CUDA; loading is no longer refused) a decode
+    step after a prefill gives the torch backend's logits: the ring layers decode through the
+    kernel's window, the global ones through the plain kernel."""
     prev = kernels.set_backend("triton")
     try:
-        with pytest.raises(ConfigError, match="only in the torch path"):
-            c.attend(torch.randn(8, 2, 32), 0, 32 ** -0.5, window=4)
+        eng.prefill([2, 651, 6037, 563, 496])
+        a = eng.decode(236764)
     finally:
         kernels.set_backend(prev)
-    assert math.isfinite(c.attend(torch.randn(8, 2, 32), 0, 32 ** -0.5, window=4).sum().item())
-
-
-def test_load_refuses_sliding_window_on_triton(eng):
-    prev = kernels.set_backend("triton")      # what auto picks on CUDA
-    try:
-        with pytest.raises(ConfigError, match="only in the torch path"):
-            engine.load(eng.path, ctx=64)
-    finally:
-        kernels.set_backend(prev)
+    eng.prefill([2, 651, 6037, 563, 496])
+    b = eng.decode(236764)
+    assert (a - b).abs().max().item() < 1e-3 * b.abs().max().item()
 
 
 # ------------------------------------------------------------ ring KV on the real model

@@ -17,6 +17,8 @@ one 2-D [G*NB, D] operand, zero outside its block, so plain 2-D dots give every 
 product; ``batched`` makes the block a batch axis of 3-D dots (Triton lowers those poorly:
 ~0.8 TB/s on the H200). ``cfg={"q8_kernel": False}`` reads q8_0 through the generic kernel
 instead (dequantized to float32 tiles, tf32x3 dots).
+Sliding windows (``window``) and ring buffers (``ring_rows``, ``engine.kv_ring``) are read by
+the generic kernel: its splits cover only the window's keys, a ring's rows taken modulo.
 K and V may hold different formats (``v_fmt``, default ``fmt``): the generic kernel reads each
 in its own (``KFMT`` / ``VFMT`` constexprs: a bf16 K with ``dot_f32``, a q8_0 V dequantized to
 float32 tiles, ...); q8_0's own kernel serves only q8_0 K with q8_0 V.
@@ -92,9 +94,12 @@ def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, P
                          G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                          BLOCK_N: tl.constexpr, KFMT: tl.constexpr, VFMT: tl.constexpr,
                          PREC: tl.constexpr, SPLIT: tl.constexpr, FUSE: tl.constexpr,
-                         S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
+                         S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr,
+                         WINDOW: tl.constexpr = 0, RING: tl.constexpr = 0):
     # KFMT / VFMT: the K and V buffers' formats (KV_FORMAT_CODES), each read in its own: a bf16
     # buffer's exact values feed dot_f32, other formats are dequantized to float32 tiles.
+    # WINDOW > 0: sliding-window attention, keys at positions (n_keys - 1 - WINDOW, n_keys - 1]
+    # only (the splits cover that range); RING > 0: position p lives in row p % RING (RingKV).
     h = tl.program_id(0)            # KV head
     sp = tl.program_id(1)           # context split
     if DEV_POS:                     # n_keys = position + 1 read on the device (CUDA graphs)
@@ -105,7 +110,10 @@ def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, P
     q = tl.load(Q + (h * G + offs_g)[:, None] * D + offs_d[None, :], mask=gmask[:, None], other=0.0)
     q = q * qk_scale                                                     # [G_PAD, D], log2 domain
     col = h * D + offs_d
-    lo = sp * keys_per_split
+    first = 0
+    if WINDOW > 0:
+        first = tl.maximum(n_keys - WINDOW, 0)
+    lo = first + sp * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
@@ -113,6 +121,8 @@ def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, P
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
+        if RING > 0:
+            offs_n = offs_n % RING
         rows = offs_n.to(tl.int64)
         if KFMT == 1:
             k = tl.load(K + rows[:, None] * stride_k + col[None, :], mask=mask_n[:, None], other=0.0)
@@ -389,14 +399,19 @@ def q8_kernel_fits(head_dim: int) -> bool:
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
                      n_keys: int | None, scale: float, n_kv_heads: int, cfg: dict | None = None,
-                     pos: torch.Tensor | None = None, v_fmt: str | None = None) -> torch.Tensor:
+                     pos: torch.Tensor | None = None, v_fmt: str | None = None, window: int | None = None,
+                     ring_rows: int | None = None) -> torch.Tensor:
     """q [Hq, D] float32 -> [Hq, D] float32 over cache rows [0, n_keys) (Triton). ``fmt`` is
     the K buffer's format, ``v_fmt`` the V buffer's (None: the same); q8_0's own kernel serves
     q8_0 K with q8_0 V, any other pair the generic kernel (each buffer read in its format).
 
     ``pos``: a one-element int device tensor holding ``n_keys - 1`` instead of ``n_keys``; the
     launch then does not depend on the position (the splits cover the whole buffer and empty
-    ones weigh nothing), so it can be captured in a CUDA graph."""
+    ones weigh nothing), so it can be captured in a CUDA graph.
+
+    ``window``: sliding-window attention, only keys at positions > n_keys - 1 - window (the
+    splits cover those alone). ``ring_rows``: the buffer is a ring (``engine.kv_ring``), position
+    p in row p % ring_rows, which must hold the window. Both go through the generic kernel."""
     global last_scratch_bytes
     v_fmt = fmt if v_fmt is None else v_fmt
     fmt_cfg = {k: v for k, v in FORMAT_CONFIG.get(fmt if v_fmt == fmt else "", {}).items()
@@ -406,12 +421,19 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if Hq % n_kv_heads or D & (D - 1) or D < 16:
         raise ValueError(f"decode kernel needs Hq % Hkv == 0 and a power-of-two head_dim >= 16 "
                          f"(Hq={Hq}, Hkv={n_kv_heads}, D={D})")
+    if window is not None and window < 1:
+        raise ValueError(f"sliding window {window} must be positive")
+    if ring_rows is not None and (window is None or ring_rows < window):
+        raise ValueError(f"a ring of {ring_rows} rows needs a window of at most that many keys (window={window})")
     if pos is not None:
         n_keys, grid_keys = 1, q8_layout.rows_view(k_buf, fmt, n_kv_heads, D).shape[0]
     elif n_keys < 1:
         raise ValueError("decode attention needs at least one key")
     else:
         grid_keys = n_keys
+    if window is not None:
+        grid_keys = min(grid_keys, window)
+    win = {"WINDOW": window or 0, "RING": ring_rows or 0}
     G = Hq // n_kv_heads
     split = not interpreted()
     q = q.to(torch.float32).contiguous()
@@ -427,7 +449,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     fuse = bool(cfg["fuse_combine"])
     counter = _counter(q.device, n_kv_heads)
     comb = {"FUSE": fuse, "S_PAD": triton.next_power_of_2(splits), "BLOCK_S": min(32, triton.next_power_of_2(splits))}
-    if fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D):
+    if fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D) and window is None:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
         if cfg["q8_impl"] not in ("rows", "batched"):
@@ -449,7 +471,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             scale * LOG2E,
             G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=cfg["block_n"],
             KFMT=KV_FORMAT_CODES[fmt], VFMT=KV_FORMAT_CODES[v_fmt], PREC=cfg["precision"], SPLIT=split,
-            **comb, **dev_pos, **launch)
+            **comb, **dev_pos, **win, **launch)
     if not fuse:
         _decode_combine_kernel[(Hq,)](m, l, acc, out, splits, D=D, S_PAD=comb["S_PAD"],
                                       BLOCK_S=comb["BLOCK_S"], num_warps=4)
