@@ -104,14 +104,14 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     k, v = dequant(cache)
     assert_close(f"ref-vs-oracle decode {fmt}", oracle(q[None], k, v, T - 1, scale)[0], ref, 1e-5)
     for cfg in ({"block_n": 16}, {"block_n": 32, "q8_kernel": False},    # several splits, every q8_0 path
-                {"block_n": 16, "q8_impl": "batched"}):
+                {"block_n": 16, "q8_impl": "batched"}, {"block_n": 32, "q8_impl": "int8"}):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
 
 
 @pytest.mark.parametrize("D", [64, 128])
 def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_backend):
-    """q8_0's own decode kernels (split layout; block-row and per-block batched float16 dots): its two-term
+    """q8_0's own decode kernels (split layout; block rows on float16 or int8 dots, per-block batched float16 dots): its two-term
     float16 splits keep float32 fidelity whatever the magnitudes (q heads 1e-3..1e2, K tokens
     1e-3..10, V blocks 1e-2..1e4, an all-zero V block), with the combine fused or not, and the
     device-position launch of a CUDA graph (splits over the whole buffer, the empty ones
@@ -138,7 +138,8 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
     print(f"q8_0 reference: rel {rel(ref):.2e}")
     assert rel(ref) < 4e-6
     pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
-    for cfg in ({"block_n": 16}, {"block_n": 32, "fuse_combine": True}, {"block_n": 16, "q8_impl": "batched"}):
+    for cfg in ({"block_n": 16}, {"block_n": 32, "fuse_combine": True}, {"block_n": 16, "q8_impl": "batched"},
+                {"block_n": 32, "q8_impl": "int8"}):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)
         print(f"q8_0 kernel {cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")
