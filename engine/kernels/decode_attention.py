@@ -11,11 +11,12 @@ caches (the split layout of ``engine.kernels.q8_layout``: int8 quants and fp16 s
 arrays) have their own kernel: vector loads of each head's contiguous quants, the quants turned
 into exact float16 in registers (no int->float conversion), and dots in which a block's scale
 multiplies a dot's result and never enters it, against a two-term float16 split of q and of p
-times the V scales, accumulated in float32. Two forms (``q8_impl``, setting
+times the V scales, accumulated in float32. Three forms (``q8_impl``, setting
 ``KVBENCH_DECODE_Q8_IMPL``): ``rows`` (default) makes each (query head, block) pair a row of
 one 2-D [G*NB, D] operand, zero outside its block, so plain 2-D dots give every block's partial
-product; ``batched`` makes the block a batch axis of 3-D dots (Triton lowers those poorly:
-~0.8 TB/s on the H200). ``cfg={"q8_kernel": False}`` reads q8_0 through the generic kernel
+product; ``int8`` is the same on int8 tensor cores (the quants enter the dots as stored, q and
+p*dv as three int8 terms each, exact int32 sums); ``batched`` makes the block a batch axis of
+3-D dots (Triton lowers those poorly: ~0.8 TB/s on the H200). ``cfg={"q8_kernel": False}`` reads q8_0 through the generic kernel
 instead (dequantized to float32 tiles, tf32x3 dots).
 Sliding windows (``window``) and ring buffers (``ring_rows``, ``engine.kv_ring``) are read by
 the generic kernel: its splits cover only the window's keys, a ring's rows taken modulo.
