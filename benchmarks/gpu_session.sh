@@ -66,6 +66,16 @@ for step in $steps; do
               | grep -v "^\s*$" | tee "$OUT/coder-suite.log" | tail -45
             echo "suite wall time: ${SECONDS} s" | tee -a "$OUT/coder-suite.log"
             tar czf "$OUT/coder-suite.tgz" -C /tmp/coder results report ;;
+    gemma3) # issue 14.5: the default suite on the gemma3 stand-in (Gemma-3-270M geometry, random Q8_0
+            # weights, made on the device): sliding-window decode through the Triton kernel
+            rm -rf /tmp/g3 && mkdir -p /tmp/g3
+            python3 -c "from engine import synth; synth.ensure('gemma3-synth')" 2>&1 | tail -1
+            SECONDS=0
+            timeout ${SUITE_TIMEOUT:-400} python3 -m harness run suites/kv_dtype.toml --model gemma3-synth \
+              --out /tmp/g3/results --report /tmp/g3/report --no-progress 2>&1 | grep -v "^\s*$" \
+              | tee "$OUT/gemma3-suite.log" | tail -40
+            echo "gemma3-synth suite wall time: ${SECONDS} s" | tee -a "$OUT/gemma3-suite.log"
+            (cd /tmp/g3 && tar czf "$OUT/gemma3-suite.tgz" $(ls -d results report 2>/dev/null)) ;;
     nightly) # one shard of suites/nightly.toml: NIGHTLY_MODELS="coder30b-synth olmoe-synth" (stand-ins)
             # NIGHTLY_RESUME=1: continue the shard's results (left in /tmp by an earlier call on this
             # machine, or carried back as .devcarry/nightly-<tag>.tgz) with --resume

@@ -39,7 +39,7 @@ from gguf.quants import dequantize, quantize
 
 from . import formats, registry
 from .errors import ConfigError, EngineError, ModelNotFoundError
-from .spec import MOE_NORM_TOPK, QK_NORM, ROPE_TYPE, ModelSpec
+from .spec import GEMMA3_LOCAL_ROPE_BASE, GEMMA3_SWA_PATTERN, MOE_NORM_TOPK, QK_NORM, ROPE_TYPE, ModelSpec
 
 SYNTH_VERSION = 3            # bump when the generator's output changes (invalidates the cache)
 UPCYCLE_NOISE = 0.002       # smollm2-moe: expert = dense FFN + this x rms Gaussian noise
@@ -53,7 +53,7 @@ _CHUNK_BYTES = 32 << 20      # streaming granularity for real-scale tensors
 @dataclass(frozen=True)
 class SynthConfig:
     name: str
-    arch: str                      # "llama" | "qwen3" | "qwen3moe" | "olmoe"
+    arch: str                      # "llama" | "qwen3" | "qwen3moe" | "olmoe" | "gemma3"
     n_layers: int
     d_model: int
     n_heads: int
@@ -76,6 +76,8 @@ class SynthConfig:
     expert_qtype: QT = QT.Q4_0     # "blocks" / "upcycle": routed experts
     seed_name: str = ""            # name the seeds derive from (storage variants share floats)
     about: str = ""
+    sliding_window: int = 0        # gemma3: the local layers' window (every 6th layer global)
+    query_pre_attn_scalar: float | None = None   # gemma3: attention scale = this ** -0.5
 
     @property
     def is_moe(self) -> bool:
@@ -103,6 +105,9 @@ CONFIGS: dict[str, SynthConfig] = {c.name: c for c in [
     _tiny("tiny-qwen3moe", "qwen3moe", n_heads=8, n_kv_heads=2, d_ff=96, n_experts=8, n_used=3,
           d_ff_expert=32, rope_base=1e6, rms_eps=1e-6,
           about="qwen3moe, per-head q/k norm, 8 experts top-3 renormalised, expert FFN 32 != 96"),
+    _tiny("tiny-gemma3", "gemma3", n_layers=6, head_dim=32, n_kv_heads=1, tied=True, rope_base=1e6,
+          rms_eps=1e-6, sliding_window=8, query_pre_attn_scalar=32.0,
+          about="gemma3: 5 sliding-window layers (window 8) and 1 global, post-norms, GELU, scaled embedding"),
     _tiny("tiny-olmoe", "olmoe", d_ff=32, n_experts=8, n_used=2, d_ff_expert=32,
           about="olmoe, q/k RMSNorm over the full projection, 8 experts top-2 not renormalised"),
     SynthConfig("coder30b-synth", "qwen3moe", n_layers=48, d_model=2048, n_heads=32, n_kv_heads=4,
@@ -125,6 +130,11 @@ CONFIGS: dict[str, SynthConfig] = {c.name: c for c in [
                 seed_name="smollm2-synth",
                 about="SmolLM2-135M geometry, random Q8_0 weights (speed comparisons with llama.cpp / HF on "
                       "one file; ~145 MB)"),
+    SynthConfig("gemma3-synth", "gemma3", n_layers=18, d_model=640, n_heads=4, n_kv_heads=1, head_dim=256,
+                d_ff=2048, vocab=262144, ctx=32768, rope_base=1e6, rms_eps=1e-6, tied=True, kind="blocks",
+                sliding_window=512, query_pre_attn_scalar=256.0, seed_name="gemma3-synth",
+                about="Gemma-3-270M geometry (15 sliding-window layers of 512, 3 global, 262144-token "
+                      "vocabulary), random Q8_0 weights: the gemma3 suite on a GPU that cannot fetch the model"),
     SynthConfig("smollm2-moe", "llama", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3,
                 head_dim=64, d_ff=1536, n_experts=8, n_used=2, vocab=49152, ctx=8192,
                 rope_base=100000.0, rms_eps=1e-5, tied=True, kind="upcycle", expert_qtype=QT.Q8_0,
@@ -297,6 +307,8 @@ def tensor_plan(cfg: SynthConfig) -> list[TensorDecl]:
         elif QK_NORM[cfg.arch] == "full":
             out += [T(_tname(MT.ATTN_Q_NORM, i), (q,), "qknorm"),
                     T(_tname(MT.ATTN_K_NORM, i), (kv,), "qknorm")]
+        if cfg.arch == "gemma3":
+            out.append(T(_tname(MT.ATTN_POST_NORM, i), (d,), "norm"))
         out.append(T(_tname(MT.FFN_NORM, i), (d,), "norm"))
         if cfg.is_moe:
             out += [T(_tname(MT.FFN_GATE_INP, i), (E, d), "router", 2.0 * d ** -0.5),
@@ -307,6 +319,8 @@ def tensor_plan(cfg: SynthConfig) -> list[TensorDecl]:
             out += [T(_tname(MT.FFN_GATE, i), (cfg.d_ff, d), "ffn", d ** -0.5),
                     T(_tname(MT.FFN_UP, i), (cfg.d_ff, d), "ffn", d ** -0.5),
                     T(_tname(MT.FFN_DOWN, i), (d, cfg.d_ff), "ffn_down", 0.5 * cfg.d_ff ** -0.5)]
+        if cfg.arch == "gemma3":
+            out.append(T(_tname(MT.FFN_POST_NORM, i), (d,), "norm"))
     out.append(T(_tname(MT.OUTPUT_NORM), (d,), "norm"))
     if not cfg.tied:
         out.append(T(_tname(MT.OUTPUT), (vocab, d), "output", 2.0 / d ** 0.5))
@@ -447,6 +461,11 @@ def _metadata(cfg: SynthConfig, tok: _Tokenizer, plan: list[TensorDecl]) -> list
                (Keys.LLM.EXPERT_USED_COUNT.format(arch=a), cfg.n_used, U)]
         if cfg.d_ff_expert:
             kv.append((Keys.LLM.EXPERT_FEED_FORWARD_LENGTH.format(arch=a), cfg.d_ff_expert, U))
+    if a == "gemma3":
+        kv += [(f"{a}.attention.sliding_window", cfg.sliding_window, U),
+               (f"{a}.rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE, F)]
+        if cfg.query_pre_attn_scalar is not None:
+            kv.append((f"{a}.attention.query_pre_attn_scalar", cfg.query_pre_attn_scalar, F))
     out = [(k, v, t, None) for k, v, t in kv]
     out += _tokenizer_kvs(tok, _vocab(cfg))
     out.append(("kvbench.synth.version", SYNTH_VERSION, U, None))
@@ -544,7 +563,20 @@ def spec_for(name: str | SynthConfig) -> ModelSpec:
         n_experts=cfg.n_experts, n_experts_used=cfg.n_used,
         d_ff_expert=cfg.expert_ff if cfg.is_moe else 0,
         moe_norm_topk=MOE_NORM_TOPK.get(cfg.arch, True), moe_layers=moe_layers,
-        tied_output=cfg.tied, bos_id=BOS_ID, eos_id=EOS_ID)
+        tied_output=cfg.tied, bos_id=BOS_ID, eos_id=EOS_ID, **_gemma_fields(cfg))
+
+
+def _gemma_fields(cfg: SynthConfig) -> dict:
+    """The gemma3 ModelSpec fields, as ``ModelSpec.from_gguf`` derives them from the metadata."""
+    if cfg.arch != "gemma3":
+        return {}
+    pre = cfg.query_pre_attn_scalar
+    return dict(embed_scale=True, post_norms=True, ffn_act="gelu_tanh",
+                attn_scale=float(np.float32(pre)) ** -0.5 if pre is not None else None,
+                sliding_window=cfg.sliding_window,
+                swa_layers=tuple(i for i in range(cfg.n_layers) if (i + 1) % GEMMA3_SWA_PATTERN)
+                if cfg.sliding_window else (),
+                rope_base_local=GEMMA3_LOCAL_ROPE_BASE, final_softcap=None)
 
 
 def data_bytes(name: str | SynthConfig) -> int:

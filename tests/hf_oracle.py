@@ -1,9 +1,9 @@
 """HF transformers oracle for GGUF models: an explicit-config HF model with the file's weights.
 
-Contract: ``hf_model_for(path)`` reads a llama / qwen3 / qwen3moe / olmoe GGUF with the
+Contract: ``hf_model_for(path)`` reads a llama / qwen3 / qwen3moe / olmoe / gemma3 GGUF with the
 upstream ``gguf`` package alone (no engine code), builds the matching transformers model
 from an EXPLICIT config (LlamaConfig, MixtralConfig for llama files with experts,
-Qwen3Config, Qwen3MoeConfig, OlmoeConfig; eager attention, float32) and copies every
+Qwen3Config, Qwen3MoeConfig, OlmoeConfig, Gemma3TextConfig; eager attention, float32) and copies every
 dequantized tensor in; a parameter left unassigned or a tensor left unused is an error.
 Explicit configs, because transformers' own GGUF loader ignores expert_feed_forward_length
 (qwen3moe) and cannot load olmoe. llama files store attn_q/attn_k permuted for llama.cpp's
@@ -96,6 +96,19 @@ def config_for(meta: dict, tensors: dict):
         cfg = tf.OlmoeConfig(intermediate_size=eff, num_experts=n_exp, num_experts_per_tok=n_used,
                              norm_topk_prob=bool(k("expert_weights_norm", False)), clip_qkv=None,
                              **common)
+    elif arch == "gemma3":
+        n_layers, window = int(k("block_count")), int(k("attention.sliding_window", 0))
+        g = {key: v for key, v in common.items() if key not in ("hidden_act", "rope_parameters")}
+        cfg = tf.Gemma3TextConfig(
+            intermediate_size=tensors["blk.0.ffn_gate.weight"].shape[0], head_dim=head_dim,
+            hidden_activation="gelu_pytorch_tanh",
+            query_pre_attn_scalar=int(k("attention.query_pre_attn_scalar", head_dim)),
+            sliding_window=window or None,
+            layer_types=["sliding_attention" if window and (i + 1) % 6 else "full_attention" for i in range(n_layers)],
+            rope_parameters={"sliding_attention": {"rope_type": "default",
+                                                   "rope_theta": float(k("rope.freq_base_swa", 10000.0))},
+                             "full_attention": {"rope_type": "default", "rope_theta": float(k("rope.freq_base"))}},
+            final_logit_softcapping=None, attn_logit_softcapping=None, **g)
     else:
         raise ValueError(f"no HF oracle for architecture {arch!r}")
     return cfg
@@ -123,6 +136,16 @@ def hf_state_dict(meta: dict, tensors: dict, cfg) -> dict[str, torch.Tensor]:
         if f"blk.{i}.attn_q_norm.weight" in src:
             sd[p + "self_attn.q_norm.weight"] = take("attn_q_norm")
             sd[p + "self_attn.k_norm.weight"] = take("attn_k_norm")
+        if arch == "gemma3":     # llama.cpp stores gemma's RMSNorm weights as 1 + w; HF keeps w
+            for hf_name in ("self_attn.q_norm", "self_attn.k_norm"):     # taken above
+                sd[p + hf_name + ".weight"] = sd[p + hf_name + ".weight"] - 1.0
+            for hf_name, gg in (("input_layernorm", "attn_norm"), ("post_attention_layernorm", "post_attention_norm"),
+                                ("pre_feedforward_layernorm", "ffn_norm"), ("post_feedforward_layernorm", "post_ffw_norm")):
+                sd[p + hf_name + ".weight"] = take(gg) - 1.0
+            sd[p + "mlp.gate_proj.weight"] = take("ffn_gate")
+            sd[p + "mlp.up_proj.weight"] = take("ffn_up")
+            sd[p + "mlp.down_proj.weight"] = take("ffn_down")
+            continue
         sd[p + "input_layernorm.weight"] = take("attn_norm")
         sd[p + "post_attention_layernorm.weight"] = take("ffn_norm")
         if f"blk.{i}.ffn_gate_inp.weight" in src:
@@ -133,6 +156,8 @@ def hf_state_dict(meta: dict, tensors: dict, cfg) -> dict[str, torch.Tensor]:
             sd[p + "mlp.gate_proj.weight"] = take("ffn_gate")
             sd[p + "mlp.up_proj.weight"] = take("ffn_up")
             sd[p + "mlp.down_proj.weight"] = take("ffn_down")
+    if arch == "gemma3":
+        sd["model.norm.weight"] = sd["model.norm.weight"] - 1.0
     if src:
         raise ValueError(f"GGUF tensors with no HF counterpart: {sorted(src)[:5]}")
     return sd
