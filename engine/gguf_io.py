@@ -185,12 +185,15 @@ def _parse(path: Path, size: int) -> tuple[dict[str, Any], list[tuple], int]:
             version = int.from_bytes(buf[4:8], "little")
             meta: dict[str, Any] = {"GGUF.version": version, "GGUF.tensor_count": n_tensors,
                                     "GGUF.kv_count": n_kv}
+            types: dict[str, tuple[int, int | None]] = {}
             for i in range(n_kv):
                 name = text(raw_string(f"metadata key #{i}"))
                 if name is _BadText:
                     raise ModelFileError(path, f"metadata key #{i} is not valid UTF-8", bad)
                 (vtype,) = take("<I")
+                etype = struct.unpack_from("<I", buf, pos)[0] if vtype == 9 and pos + 4 <= size else None
                 val = value(vtype, f"metadata {name!r}")
+                types[name] = (vtype, etype)
                 if name in meta:
                     raise ModelFileError(path, f"metadata key {name!r} appears twice", bad)
                 if name == "general.alignment" and vtype != 4:
@@ -234,20 +237,22 @@ def _parse(path: Path, size: int) -> tuple[dict[str, Any], list[tuple], int]:
             if end > size:
                 raise ModelFileError(path, f"truncated tensor data ({name} ends at byte {end}, file has {size})",
                                      "re-download the file")
-        return meta, infos, data_start
+        return meta, infos, data_start, types
 
 
 _BadText = object()      # a string that is not valid UTF-8 (its metadata value reads as None)
 
 
 class GGUFFile:
-    """An open GGUF file: ``meta`` (plain Python values) and lazily dequantized tensors."""
+    """An open GGUF file: ``meta`` (plain Python values), ``meta_types`` (key -> (GGUF value
+    type, element type of an array or None), as the file declares them) and lazily dequantized
+    tensors."""
 
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         _check_path(self.path)
         size = self.path.stat().st_size
-        self.meta, infos, self.data_start = _parse(self.path, size)
+        self.meta, infos, self.data_start, self.meta_types = _parse(self.path, size)
         # the tensors' bytes: one read-only map of the file, viewed (never copied) per tensor
         self._mm = np.memmap(self.path, mode="r") if size else np.zeros(0, np.uint8)
         self.tensors: dict[str, TensorInfo] = {}
