@@ -26,8 +26,12 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# Two pytest-xdist workers (CI has 2 cores), one torch thread each; a file runs whole on one
+# worker (its module fixtures built once), the slowest files first (tests/conftest.py,
+# @pytest.mark.slow(seconds=N)). TEST_JOBS=0 runs everything in one process.
+TEST_JOBS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests
+	$(PY) -m pytest -q --durations=15 $(if $(filter-out 0,$(TEST_JOBS)),-n $(TEST_JOBS) --dist loadfile --no-loadscope-reorder) tests
 
 fuzz: $(STAMP)
 	KVBENCH_FUZZ_EXAMPLES=10000 $(PY) -m pytest -q tests/test_fuzz_gguf.py

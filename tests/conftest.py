@@ -8,10 +8,62 @@ import torch
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU machines
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Under pytest-xdist (`make test`: -n 2 on the 2-core CI box) each worker gets its share of the
+# cores for torch's intra-op pool, and so do the CLI subprocesses it starts (they read
+# OMP_NUM_THREADS): two workers at two threads each on two cores spin against each other.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _threads = max(1, (os.cpu_count() or 1) // _WORKERS)
+    os.environ.setdefault("OMP_NUM_THREADS", str(_threads))
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
 import pytest  # noqa: E402
+
+# `make test` runs two pytest-xdist workers with `--dist loadfile`: a file runs whole on one
+# worker, so module-scoped fixtures (a loaded model, HF's oracle, a batch of CLI runs) are built
+# once. Files that also share an expensive session fixture go to the same worker: HF's gemma3
+# tokenizer (~30 s) is built once per worker that asks for it.
+SHARED_GROUPS = {"test_gemma3.py": "gemma3-hf-tokenizer", "test_tokenizer.py": "gemma3-hf-tokenizer"}
+
+
+def _unit(nodeid: str) -> str:
+    """The unit one xdist worker runs whole: the test's file, or its shared group."""
+    path = nodeid.split("::", 1)[0]
+    return SHARED_GROUPS.get(path.rsplit("/", 1)[-1], path)
+
+
+try:
+    from xdist.scheduler import LoadFileScheduling
+except ImportError:            # no xdist: plain pytest, nothing to schedule
+    pass
+else:
+    class _FileGroupScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit(nodeid)
+
+    def pytest_xdist_make_scheduler(config, log):
+        # --dist loadfile, with SHARED_GROUPS' files as one unit (xdist_group marks cannot do it
+        # under pytest 9.2: xdist's loadgroup renames items through an attribute pytest no
+        # longer reads, so every test became its own unit)
+        if config.getvalue("dist") == "loadfile":
+            return _FileGroupScheduling(config, log)
+        return None
+
+
+def _slow_seconds(item) -> float:
+    """``@pytest.mark.slow(seconds=N)``: about N s on one core (0 when not marked)."""
+    mark = item.get_closest_marker("slow")
+    return float(mark.kwargs.get("seconds", 1)) if mark else 0.0
 
 
 def pytest_collection_modifyitems(config, items):
+    # Heaviest units first (a unit counts the slow seconds of its tests): xdist's workers each
+    # take the next unit as they get free (--no-loadscope-reorder keeps this order), so they
+    # finish together instead of one waiting on a slow file that started last.
+    cost: dict[str, float] = {}
+    for i in items:
+        cost[_unit(i.nodeid)] = cost.get(_unit(i.nodeid), 0.0) + _slow_seconds(i)
+    items.sort(key=lambda i: -cost[_unit(i.nodeid)])
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs CUDA (run on the GPU machine)")

@@ -44,6 +44,7 @@ def _tokens(vocab: int, n: int = 48, seed: int = 0) -> list[int]:
     return [1] + torch.randint(3, vocab, (n - 1,), generator=g).tolist()
 
 
+@pytest.mark.slow(seconds=18)
 @pytest.mark.parametrize("name", ["tiny-qwen3moe", "tiny-olmoe"])
 def test_routes_are_the_experts_hf_routes_to(name):
     from hf_oracle import hf_model_for

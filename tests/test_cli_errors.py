@@ -135,6 +135,7 @@ GGUF_CASES = {
 }
 
 
+@pytest.mark.slow(seconds=3)
 @pytest.mark.parametrize("case", list(GGUF_CASES))
 def test_gguf_input_errors(cli_runs, case):
     path, res = cli_runs[("gguf", case)]

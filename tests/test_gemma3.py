@@ -71,6 +71,7 @@ def ref(hf, ids):
         return hf(torch.tensor([ids]), logits_to_keep=KEEP).logits[0].float()
 
 
+@pytest.mark.slow(seconds=75)
 def test_spec_matches_hf_config(eng, hf):
     s, c = eng.spec, hf.config
     assert s.arch == "gemma3" and s.kv_dim == 256 and s.sliding_window == c.sliding_window == 512
@@ -82,6 +83,7 @@ def test_spec_matches_hf_config(eng, hf):
     assert c.final_logit_softcapping is None and s.final_softcap is None
 
 
+@pytest.mark.slow(seconds=30)
 def test_logits_match_hf(ours, ref, ids):
     assert ours.shape == ref.shape == (KEEP, 262144)
     assert len(ids) - KEEP < 512 < len(ids)         # compared positions cross the window
@@ -92,6 +94,7 @@ def test_logits_match_hf(ours, ref, ids):
     assert torch.equal(ours.argmax(-1), ref.argmax(-1))
 
 
+@pytest.mark.slow(seconds=35)
 def test_chat_template_is_registry_fallback(eng, gemma3_hf_tokenizer):
     tok = eng.tokenizer
     assert tok.chat_template_source == "registry fallback"
@@ -101,6 +104,7 @@ def test_chat_template_is_registry_fallback(eng, gemma3_hf_tokenizer):
     assert ids == want and ids.count(tok.bos_id) == 1
 
 
+@pytest.mark.slow(seconds=27)
 @pytest.mark.parametrize("prompt", ["chat", "raw"])
 def test_greedy_generation_matches_hf(eng, hf, prompt):
     """Greedy tokens through our prefill + decode (ring KV on the 15 sliding-window layers)
@@ -118,6 +122,7 @@ def test_greedy_generation_matches_hf(eng, hf, prompt):
     assert len(ours) == 24 and ours == ref, (tok.decode(ours), tok.decode(ref))
 
 
+@pytest.mark.slow(seconds=30)
 @pytest.mark.parametrize("dtype", ["bf16", "q8_0"])
 def test_narrow_kv_keeps_top1(eng, ids, ours, dtype):
     narrow = Engine(eng.path, eng.gguf, eng.spec, eng.model, eng.tokenizer, dtype, eng.device,

@@ -45,6 +45,7 @@ def test_real_smollm2_header_equals_gguf_reader(smollm2_path):
     assert_same_as_gguf(smollm2_path)
 
 
+@pytest.mark.slow(seconds=25)
 def test_real_gemma3_header_equals_gguf_reader_and_is_fast(gemma3_path):
     t0 = time.perf_counter()
     g = open_gguf(gemma3_path)

@@ -199,6 +199,7 @@ max_kv_bytes_diff_pct = 0.5
 """
 
 
+@pytest.mark.slow(seconds=22)
 def test_kill_and_resume_gives_the_records_of_one_clean_run(tmp_path):
     path = tmp_path / "resume.toml"
     path.write_text(RESUME_SUITE)

@@ -51,6 +51,7 @@ def _hf_gguf_loader(path):
                                                 attn_implementation="eager").eval()
 
 
+@pytest.mark.slow(seconds=25)
 def test_oracle_matches_hf_gguf_loader_llama():
     path = synth.ensure("tiny-llama")
     ours = hf_model_for(path)
@@ -68,6 +69,7 @@ def test_oracle_matches_hf_gguf_loader_llama():
     assert (hf_logits(ours, toks) - ref).abs().max().item() > 0.05
 
 
+@pytest.mark.slow(seconds=19)
 def test_oracle_matches_hf_gguf_loader_qwen3moe(tmp_path):
     """Validates the NEOX (unpermuted) q/k, per-head q/k norm and fused-expert mapping.
 

@@ -234,6 +234,7 @@ def runs(tmp_path_factory) -> dict:
         return {k: (f.result(), jobs[k][1]) for k, f in futures.items()} | {"good": good}
 
 
+@pytest.mark.slow(seconds=25)
 @pytest.mark.parametrize("case", ["eps-nan", "eps-string"])
 def test_cli_bad_metadata(runs, case):
     res, (path, key) = runs[f"gguf-{case}"]

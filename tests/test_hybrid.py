@@ -60,6 +60,7 @@ def assert_plan_matches_runtime(eng):
 @pytest.mark.parametrize("model,k", [("smollm2-135m", 10), ("smollm2-135m", 20),
                                      ("smollm2-moe", 10), ("smollm2-moe", 20),
                                      ("tiny-qwen3moe", 1), ("tiny-qwen3moe", 2)])
+@pytest.mark.slow(seconds=3)
 def test_plan_equals_runtime_after_prefill_and_decode(model, k, kv):
     ctx = 96
     budget = budget_for(model, k, kv, ctx)
@@ -131,6 +132,7 @@ def test_smollm2_moe_answers_paris(smollm2_moe):
     assert "Paris" in text
 
 
+@pytest.mark.slow(seconds=30)
 def test_smollm2_moe_streaming_cache_equals_resident(smollm2_moe):
     spec = smollm2_moe.spec
     ids = IDS[:24]

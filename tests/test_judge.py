@@ -207,6 +207,7 @@ def test_bad_input_to_run_is_exit_2_before_anything_is_written(tmp_path):
         assert not out.exists(), args
 
 
+@pytest.mark.slow(seconds=22)
 def test_a_stopped_run_is_incomplete_and_resume_reruns_errors(tmp_path):
     suite = _suite(tmp=tmp_path)
     out = tmp_path / "r"

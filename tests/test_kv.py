@@ -310,6 +310,7 @@ def smol_engines(smollm2_path):
     return {dt: engine.load(smollm2_path, kv_dtype=dt, ctx=512) for dt in KV_DTYPES}
 
 
+@pytest.mark.slow(seconds=50)
 def test_smollm2_kv_dtypes_applied_and_teacher_forced_top1_stable(smol_engines):
     base = smol_engines["fp32"]
     text = ("The history of the printing press begins in the fifteenth century, when Johannes "

@@ -10,6 +10,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 from engine import kernels, synth
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -31,6 +33,7 @@ def run_bench(capsys, tmp_path, *argv):
     return json.loads(out.read_text()), json.loads(text.strip().splitlines()[-1]), text
 
 
+@pytest.mark.slow(seconds=40)
 def test_bench_runs_both_paths_and_records_a_failing_one(capsys, tmp_path):
     doc, last, text = run_bench(capsys, tmp_path, "--model", "tiny-qwen3moe", "--device", "cpu", "--kv", "fp32,q8_0",
                                 "--depths", "8,24", "--paths", "eager,static,cuda_graph", "--steps", "1",

@@ -16,6 +16,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from harness.cli import INTERRUPTED
 from harness.results import load_results, read_records
 from harness.runner import Runner
@@ -29,6 +31,7 @@ def _default_sigint():
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
+@pytest.mark.slow(seconds=20)
 def test_ctrl_c_then_resume_gives_the_records_of_one_clean_run(tmp_path):
     path = tmp_path / "resume.toml"
     path.write_text(RESUME_SUITE)

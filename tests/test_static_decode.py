@@ -207,6 +207,7 @@ MOE_CASES = [pytest.param("tiny-qwen3moe", "fp32", id="qwen3moe-fp32"),
              pytest.param("tiny-llama-moe", "fp32", id="llama-moe-fp32")]
 
 
+@pytest.mark.slow(seconds=25)
 @pytest.mark.parametrize("model,kv", MOE_CASES)
 def test_static_moe_decode_matches_eager(model, kv, triton_backend):
     eng = engine.load(synth.ensure(model), kv_dtype=kv, ctx=40)
