@@ -41,6 +41,7 @@ else:
         def _split_scope(self, nodeid: str) -> str:
             return _unit(nodeid)
 
+    @pytest.hookimpl(optionalhook=True)      # -p no:xdist leaves the hook undeclared
     def pytest_xdist_make_scheduler(config, log):
         # --dist loadfile, with SHARED_GROUPS' files as one unit (xdist_group marks cannot do it
         # under pytest 9.2: xdist's loadgroup renames items through an attribute pytest no

@@ -15,6 +15,8 @@ fused 3-D ``gate_up_proj`` [E, 2*ff, d] (gate rows first) and ``down_proj`` [E, 
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import torch
 from gguf import GGMLQuantizationType as QT
@@ -22,12 +24,23 @@ from gguf import GGUFReader
 from gguf.quants import dequantize
 
 
+_READ: dict[tuple, tuple[dict, dict[str, torch.Tensor]]] = {}
+
+
 def read_gguf(path, reader: GGUFReader | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """(metadata without the tokenizer, {name: float32 tensor in PyTorch order}).
 
     ``reader``: an already open ``gguf.GGUFReader`` of ``path`` (parsing a 49k-token
-    tokenizer costs ~2 s; tests pass the engine's reader, dequantization stays ours)."""
-    reader = reader if reader is not None else GGUFReader(path, "r")
+    tokenizer costs ~5 s on the 2-core box; dequantization stays ours). Without one, a file
+    read before in this process (same path, size and mtime) is not parsed again: the dicts
+    are fresh, the tensors shared (nothing here writes into them)."""
+    if reader is None:
+        st = os.stat(path)
+        key = (os.path.realpath(path), st.st_size, st.st_mtime_ns)
+        if key not in _READ:
+            _READ[key] = read_gguf(path, GGUFReader(path, "r"))
+        meta, tensors = _READ[key]
+        return dict(meta), dict(tensors)
     meta = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("tokenizer.")}
     tensors = {}
     for t in reader.tensors:

@@ -20,10 +20,20 @@ IDS = list(range(300, 364))
 spec_of = functools.lru_cache(maxsize=None)(spec_for_model)   # metadata only, once per model
 
 
+@functools.lru_cache(maxsize=None)
+def weights_of(model: str) -> str:
+    """The weight format ``auto`` picks for ``model`` here, resolved once: auto follows the host
+    RAM free at that moment (smollm2-moe is f32 only while 2 x 6.6 GiB are free), which other
+    models loaded beside it move, so a budget priced in one format and a load in the other would
+    disagree. Budgets and loads below use this one."""
+    return make_plan(spec_of(model), device="cpu").weight_format
+
+
 def budget_for(model: str, k: int, kv_dtype: str, ctx: int, slots_extra: int = 0) -> int:
     """A vram budget that fits exactly ``k`` trunk layers (priced by the planner itself)."""
     eng_spec = spec_of(model)
-    p = make_plan(eng_spec, kv_dtype=kv_dtype, ctx=ctx, n_gpu_layers=k, device="cpu")
+    p = make_plan(eng_spec, kv_dtype=kv_dtype, ctx=ctx, n_gpu_layers=k, device="cpu",
+                  weight_format=weights_of(model))
     min_slots = min(eng_spec.n_experts_used, p.trunk_experts)
     return p.trunk.total - p.trunk.expert_cache + (min_slots + slots_extra) * p.expert_slot_bytes
 
@@ -64,7 +74,7 @@ def assert_plan_matches_runtime(eng):
 def test_plan_equals_runtime_after_prefill_and_decode(model, k, kv):
     ctx = 96
     budget = budget_for(model, k, kv, ctx)
-    eng = engine.load(model, ctx=ctx, kv_dtype=kv, vram_budget=budget)
+    eng = engine.load(model, ctx=ctx, kv_dtype=kv, vram_budget=budget, weight_format=weights_of(model))
     assert eng.plan.n_gpu_layers == k
     eng.prefill(IDS[:40])
     eng.decode(5)
@@ -121,7 +131,7 @@ def test_unknown_weight_format_is_refused():
 
 @pytest.fixture(scope="module")
 def smollm2_moe():
-    return engine.load("smollm2-moe", ctx=160)
+    return engine.load("smollm2-moe", ctx=160, weight_format=weights_of("smollm2-moe"))
 
 
 def test_smollm2_moe_answers_paris(smollm2_moe):
@@ -139,7 +149,7 @@ def test_smollm2_moe_streaming_cache_equals_resident(smollm2_moe):
     ref = smollm2_moe.logits(ids)
     all_experts = spec.n_experts * spec.n_layers
     slots = all_experts // 2
-    small = engine.load("smollm2-moe", ctx=160, n_gpu_layers=spec.n_layers,
+    small = engine.load("smollm2-moe", ctx=160, n_gpu_layers=spec.n_layers, weight_format=weights_of("smollm2-moe"),
                         vram_budget=budget_for("smollm2-moe", spec.n_layers, "fp32", 160,
                                                slots - spec.n_experts_used))
     assert small.plan.expert_slots == slots
