@@ -117,6 +117,20 @@ for step in $steps; do
               --ctk f16,q8_0 --depths 0,16384 --reps 5 --tg 64 --out "$OUT/llamacpp-coder.json" 2>&1 | tail -6
             python3 benchmarks/bench_llamacpp.py bench $S/coder30b-synth.gguf --bin /tmp/lcb/bin/llama-bench \
               --ctk f16 --depths 0 --reps 5 --tg 64 --n-cpu-moe 17 --out "$OUT/llamacpp-coder-ncmoe17.json" 2>&1 | tail -3 ;;
+    smolprof) # where the dense (SmolLM2-geometry) captured decode step's time goes: profile + timing
+            python3 benchmarks/bench_moe_decode.py --model smollm2-synth --kv bf16,q8_0 --depths 16,16384 \
+              --paths cuda_graph --timing both --variants default --no-sweep --no-kernel-bench \
+              --out "$OUT/smollm2_decode_step.json" 2>&1 | grep -v "^\s*$" | tee "$OUT/smollm2-step.log" | tail -40 ;;
+    pfprof) python3 benchmarks/profile_prefill.py --model smollm2-synth --out "$OUT/prefill_profile.json" 2>&1 \
+              | grep -v "Converting\|Loading weights\|UserWarning\|_warn_once\|warnings.warn" | tee "$OUT/prefill-profile.log" | tail -80 ;;
+    long)   # suites/long.toml on SmolLM2-135M at full size (trained context 8192) on the GPU
+            rm -rf /tmp/long && mkdir -p /tmp/long
+            SECONDS=0
+            timeout ${SUITE_TIMEOUT:-470} python3 -m harness run suites/long.toml --model smollm2-135m --device cuda \
+              --out /tmp/long/results --report /tmp/long/report --no-progress ${LONG_ARGS:-} 2>&1 | grep -v "^\s*$" \
+              | tee "$OUT/long-suite.log" | tail -40
+            echo "long suite wall time: ${SECONDS} s" | tee -a "$OUT/long-suite.log"
+            (cd /tmp/long && tar czf "$OUT/long-suite.tgz" $(ls -d results report 2>/dev/null)) ;;
     peersynth) python3 benchmarks/bench_peer.py --model smollm2-synth --out "$OUT/peer-smollm2-synth.json" 2>&1 \
               | grep -v Converting | tee "$OUT/bench-peer-synth.log" | tail -30 ;;
     peer)   python3 benchmarks/bench_peer.py --out "$OUT/peer.json" 2>&1 | grep -v Converting | tee "$OUT/bench-peer.log" | tail -25 ;;

@@ -345,6 +345,10 @@ class Engine:
             # waves redone smaller after an out-of-memory (all layers), the smallest wave size in force
             "wave_retries": sum(retries) if retries else None,
             "wave_rows": min(rows, default=None),
+            # each layer's (waves, rows per wave): sliding-window rings run in window-sized
+            # chunks whatever the budget, so only a per-layer record says which splits moved
+            "layer_splits": [[getattr(c, "last_waves", None), getattr(c, "last_wave_rows", None)]
+                             for c in self.caches],
         }
 
     @torch.inference_mode()

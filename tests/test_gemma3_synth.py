@@ -42,3 +42,30 @@ def test_gemma3_synth_has_gemma3_270m_geometry(tmp_path):
         ("gemma3", 18, 640, 4, 1, 256, 262144)
     assert s.sliding_window == 512 and len(s.swa_layers) == 15 and s.post_norms and s.embed_scale
     assert s == synth.spec_for("gemma3-synth")
+
+
+def test_wave_prefill_check_compares_gemma3_global_layers(tmp_path):
+    """gemma3-synth on the H200 (2026-12-04): the fp32 wave_prefill check said "the reference
+    ran the same 13 waves" and measured nothing, because its sliding-window rings prefill in
+    512-row chunks whatever the wave budget and the maximum over layers hid that the global
+    layers' splits differed. Per-layer splits: here the global layer runs in 2 waves against
+    1 (the rings in 3 chunks both times), so the check compares them (exact on the CPU), and
+    says how many layers were split differently."""
+    from harness.checks.wave_prefill import wave_budget_for
+    from harness.results import load_results
+    from harness.runner import Runner
+    from harness.suite import parse_suite
+    n = 1100
+    mib = wave_budget_for(synth.spec_for("tiny-gemma3"), n, 2) / 2**20
+    suite = parse_suite({"suite": {"name": "g3-waves", "models": ["tiny-gemma3"], "kv_dtypes": ["q8_0"],
+                                   "device": "cpu", "ctx": 1152},
+                         "check": [{"kind": "wave_prefill", "tokens": n, "compare_from": 1000,
+                                    "wave_budget_mib": mib, "max_abs": {"fp32": 0.0, "q8_0": 3.5}}]})
+    summary = Runner(suite, tmp_path / "r", progress=False).run()
+    cases = {c["kv_dtype"]: c for c in summary.cases}
+    assert cases["fp32"]["status"] == "pass", cases["fp32"]
+    res = load_results(tmp_path / "r")
+    info = res.info("tiny-gemma3", "fp32", "wave_prefill")
+    assert info["layers_split_differently"] == "1 of 6"
+    m = {r["metric"]: r for r in res.of_type("metric") if r["kv_dtype"] == "fp32"}
+    assert m["Max abs logit diff"]["value"] == 0.0 and m["Waves"]["value"] == 3

@@ -91,8 +91,10 @@ def test_gpu_greedy_tokens_match_hf_on_smollm2(kv, smollm2_path):
     """Issue 14's correctness bar on the GPU: the captured decode step (CUDA graph, device
     position, Triton attention; f32 weights) generates the same greedy tokens as HF
     transformers holding the same GGUF's weights (float32, eager attention, on the CPU).
-    fp32 KV must match token for token; bf16 KV must match up to its first near-tie flip, so
-    it is held to the tokens before the first step whose HF top-1/top-2 margin is < 0.1."""
+    fp32 KV must match token for token. bf16 KV is teacher-forced along HF's tokens through
+    the same captured step and must choose HF's token at every step whose HF top-1/top-2
+    margin is >= 0.1 (near-ties may flip; at least 16 of the 32 steps must be decided, so
+    the comparison cannot pass on nothing: on the H200 the first answer token is a near-tie)."""
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")
     eng = engine.load(smollm2_path, kv_dtype=kv, device="cuda", ctx=512, weight_format="f32")
@@ -112,5 +114,8 @@ def test_gpu_greedy_tokens_match_hf_on_smollm2(kv, smollm2_path):
     if kv == "fp32":
         assert ours == ref, (ours, ref)
     else:
-        n = next((i for i, m in enumerate(margins) if m < 0.1), len(ref))
-        assert n >= 4 and ours[:n] == ref[:n], (n, ours, ref)
+        picked = [int(eng.prefill(ids).argmax())] + [int(eng.decode(t).argmax()) for t in ref[:-1]]
+        decided = [i for i, m in enumerate(margins) if m >= 0.1]
+        assert len(decided) >= 16, (len(decided), margins)
+        wrong = [(i, picked[i], ref[i], margins[i]) for i in decided if picked[i] != ref[i]]
+        assert not wrong, wrong

@@ -160,6 +160,35 @@ def test_prefill_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     assert_close(f"prefill {fmt}", ref, out, TOL[fmt])
 
 
+def test_prefill_tiles_fit_shared_memory():
+    """gemma3's head_dim 256: the default 64 x 64 / 64 x 32 tiles asked the H200 for 393216 /
+    327680 bytes of shared memory (227 KB offered) and the suite errored on CUDA
+    (reports/h200-2026-12-04d). ``fit_tiles`` shrinks them until the estimate, an upper bound
+    of what Triton asked for, fits; D <= 128 keeps its tuned tiles; no fit raises."""
+    from engine.kernels.prefill_attention import fit_tiles, tile_smem_bytes
+    h200 = 232448
+    assert tile_smem_bytes(256, 64, 32) == 327680 and tile_smem_bytes(256, 64, 64) >= 393216
+    bm, bn = fit_tiles(256, 64, 64, h200)
+    assert tile_smem_bytes(256, bm, bn) <= h200 - 8192 and (bm, bn) == (32, 16)
+    assert fit_tiles(64, 64, 64, h200) == (64, 64)
+    with pytest.raises(ValueError, match="head_dim 1024"):
+        fit_tiles(1024, 64, 64, 48 * 1024)
+
+
+@pytest.mark.parametrize("fmt", KV_DTYPES)
+def test_prefill_kernel_head_dim_256_matches_ref(fmt, triton_backend):
+    """The kernel on gemma3's head size with the tiles ``fit_tiles`` picks for a 227 KB device."""
+    from engine.kernels.prefill_attention import fit_tiles
+    T, Hq, Hkv, D, start = 40, 4, 1, 256, 9
+    cache, gen = filled(fmt, Hkv, D, start + T, seed=5)
+    q = torch.randn(T, Hq, D, device=DEV, generator=gen)
+    plan = plan_waves(T, start, Hq, Hkv, D, 256 << 20)
+    ref, _ = prefill_attention_ref(q, cache.k, cache.v, fmt, start, D ** -0.5, Hkv, plan)
+    bm, bn = fit_tiles(D, 64, 64, 232448)
+    out = prefill_attention(q, cache.k, cache.v, fmt, start, D ** -0.5, Hkv, cfg={"block_m": bm, "block_n": bn})
+    assert_close(f"prefill D=256 {fmt}", ref, out, TOL[fmt])
+
+
 @pytest.mark.parametrize("fmt", KV_DTYPES)
 def test_layer_kv_triton_path_waves_match_torch_path(fmt, triton_backend):
     """LayerKV through the kernels (write + multi-wave attend + decode) equals the torch path."""

@@ -147,7 +147,9 @@ def test_cuda_graph_decode_matches_eager(kv, smollm2_path):
 # bf16 caches picks its tiling and KV splits from the lengths it is given and rounds q and p
 # to bf16, so sums reorder at the 2^-9 level and compound over 30 layers: measured 0.246
 # (why it is not the default); its bound only catches a broken mask (errors of whole logits).
-WAVE_TOL = {"fp32": 1e-3, "bf16": 1e-3, "q8_0": 1e-3, "bf16-flash": 0.5}
+# bf16-flash (opt-in, not exact): bf16 q and p in each wave; measured 0.25 on the H100 and
+# 0.5007 on the H200 (2026-12-04, reports/h200-2026-12-04d): bounded at twice the worst seen
+WAVE_TOL = {"fp32": 1e-3, "bf16": 1e-3, "q8_0": 1e-3, "bf16-flash": 1.0}
 
 
 @pytest.mark.gpu

@@ -185,6 +185,8 @@ def prefill_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     block_n = cfg["block_n"]
     if D >= 128 and not fmt == v_fmt == "bf16":   # 64 x 128 float32 K and V tiles x 3 stages overflow 227 KB
         block_n = min(block_n, 32)
+    if D > 128:                                   # gemma3 (D = 256): fit the tiles to the device
+        block_m, block_n = fit_tiles(D, block_m, block_n, smem_limit(q.device))
     kv, ks, sk, sks = cache_args(k_buf, fmt, n_kv_heads, D)
     vv, vs, sv, svs = cache_args(v_buf, v_fmt, n_kv_heads, D)
     grid = (triton.cdiv(T, block_m), Hq)
@@ -194,6 +196,41 @@ def prefill_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
                           KFMT=KV_FORMAT_CODES[fmt], VFMT=KV_FORMAT_CODES[v_fmt], PREC=cfg["precision"],
                           num_warps=cfg["num_warps"])
     return out
+
+
+def tile_smem_bytes(D: int, block_m: int, block_n: int, stages: int = 3) -> int:
+    """Shared memory the prefill kernel's tiles need, an upper bound: K and V tiles of
+    ``block_n`` rows in every pipeline stage and the q tile twice (its hi/lo split for tf32x3),
+    every operand as float32 (narrow tiles are widened for the dots). Matches what Triton 3.6
+    asked for on the H200 for float32 tiles at D = 256 (327680 bytes at 64 x 32), over-estimates
+    bf16 tiles (393216 asked at 64 x 64, 524288 estimated)."""
+    return stages * block_n * D * 8 + 2 * block_m * D * 4
+
+
+def smem_limit(device: torch.device) -> int:
+    """Opt-in shared memory per block on ``device`` (CUDA), else the H100/H200's 227 KB."""
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        for name in ("shared_memory_per_block_optin", "shared_memory_per_multiprocessor"):
+            v = getattr(props, name, None)
+            if v:
+                return int(v)
+    return 232448
+
+
+def fit_tiles(D: int, block_m: int, block_n: int, limit: int, margin: int = 8192) -> tuple[int, int]:
+    """The largest (block_m, block_n) at or below the given ones whose tiles fit ``limit`` bytes
+    of shared memory with ``margin`` to spare: block_n halves first (down to 16), then block_m.
+    Raises when even 16 x 16 tiles do not fit (never silently launches a kernel that cannot run)."""
+    while tile_smem_bytes(D, block_m, block_n) > limit - margin:
+        if block_n > 16:
+            block_n //= 2
+        elif block_m > 16:
+            block_m //= 2
+        else:
+            raise ValueError(f"prefill kernel: head_dim {D} needs {tile_smem_bytes(D, 16, 16)} bytes of shared "
+                             f"memory at 16 x 16 tiles, the device offers {limit}")
+    return block_m, block_n
 
 
 def prefill_attention_flash(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, start: int,
