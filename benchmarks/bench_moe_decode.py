@@ -25,7 +25,7 @@ Settings variants (``--variants``, issue 14.2): each (KV dtype, depth) case time
 once per variant, a named set of ``KVBENCH_DECODE_*`` settings applied around its timing
 (the static step is rebuilt and recaptured for each): ``default`` (the settings as the
 environment has them: fused q/k/v, route kernel and device embedding on unless set off),
-``baseline`` (all three off: the step measured on 2026-12-03), ``no_fused_qkv``,
+``baseline`` (all off: the step measured on 2026-12-03), ``no_fused_qkv``, ``no_fused_gate_up``,
 ``no_route_kernel``, ``no_device_embed``, ``only_fused_qkv``, ``only_route_kernel``,
 ``only_device_embed``, or an ad-hoc ``NAME:KEY=VALUE+KEY=VALUE``. The weights are loaded
 once with the defaults (q/k/v stored fused, token_embd's device copy planned), so a variant
@@ -195,6 +195,7 @@ def profile_step(step, dev: torch.device, top: int = 15) -> dict:
 
 # --- settings variants -------------------------------------------------------------------------
 DECODE_SETTINGS = {"fused_qkv": "KVBENCH_DECODE_FUSED_QKV", "route_kernel": "KVBENCH_DECODE_ROUTE_KERNEL",
+                   "fused_gate_up": "KVBENCH_DECODE_FUSED_GATE_UP",
                    "device_embed": "KVBENCH_DECODE_DEVICE_EMBED"}
 VARIANTS = {"default": {}, "baseline": {v: "0" for v in DECODE_SETTINGS.values()}}
 for _short, _name in DECODE_SETTINGS.items():
@@ -283,7 +284,7 @@ def time_path(eng, path: str, depth: int, prompt: list[int], args, stream: list[
          "steps_per_rep": steps, "tok_s": spread(samples), "tok_s_samples": samples}
     if static is not None:
         r["settings"] = {"fused_qkv": static.fused_qkv, "route_kernel": static.route_kernel,
-                         "device_embed": static.device_embed}
+                         "device_embed": static.device_embed, "fused_gate_up": static.fused_gate_up}
     if args.timing in ("greedy", "both") and path != "eager":
         greedy = []                              # generate's loop: back to back, batched read-backs
         for _ in range(args.reps):

@@ -100,6 +100,7 @@ class StaticDecode:
             self.model._rope(dev, spec.rope_base_of(i)).ensure(eng.ctx)
         from . import settings
         self.fused_qkv = bool(settings.get("KVBENCH_DECODE_FUSED_QKV"))
+        self.fused_gate_up = bool(settings.get("KVBENCH_DECODE_FUSED_GATE_UP"))
         self.route_kernel = bool(settings.get("KVBENCH_DECODE_ROUTE_KERNEL"))
         self.device_embed = bool(settings.get("KVBENCH_DECODE_DEVICE_EMBED")) and \
             self.model.embed_table(dev) is not None
@@ -118,7 +119,8 @@ class StaticDecode:
     def _body(self):
         x = self.model.decode_embed(self.token, compiled=self.compiled) if self.device_embed else self.x
         h = self.model.decode_at(x, self.pos, self.caches, compiled=self.compiled,
-                                 fused_qkv=self.fused_qkv, route_kernel=self.route_kernel)
+                                 fused_qkv=self.fused_qkv, route_kernel=self.route_kernel,
+                                 fused_gate_up=self.fused_gate_up)
         logits, nxt = self.model.decode_head(h)
         if self.device_embed:                    # the next step's inputs, on the device
             self.token.copy_(nxt.reshape(1))

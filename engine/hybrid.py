@@ -13,7 +13,8 @@ expert cache and checks the placement is the same), builds the expert cache and 
 ``ledger.compare(plan)`` holds the runtime to the plan byte for byte. ``alloc_scratch`` and
 ``register_kv`` do the same for scratch and KV. A layer's q/k/v are read into one fused
 buffer where ``fuse_qkv`` allows (recorded once as ``blk.i.wqkv``; ``wq``/``wk``/``wv`` are
-its row views), and a plan with ``embed_tier == "trunk"`` gets a device copy of
+its row views), a dense layer's gate/up into one ``w_gu`` where ``fuse_gate_up`` allows
+(``blk.i.w_gu``; ``w_gate``/``w_up`` its row views), and a plan with ``embed_tier == "trunk"`` gets a device copy of
 ``token_embd`` (``token_embd.trunk``, trunk weights) for the static step's embedding.
 
     placement = place(plan, spec, torch.device("cuda"))
@@ -29,7 +30,7 @@ from .errors import ConfigError
 from .gguf_io import GGUFFile
 from .hostmem import pinned_empty
 from .formats import round_alloc
-from .model import Experts, LayerWeights, Transformer, fused_qkv_on, split_qkv_rows
+from .model import Experts, LayerWeights, Transformer, fused_gate_up_on, fused_qkv_on, split_gate_up_rows, split_qkv_rows
 from .spec import ModelSpec
 
 HOST = torch.device("cpu")
@@ -169,6 +170,15 @@ def fuse_qkv(spec: ModelSpec, dtype: torch.dtype, dev: torch.device) -> bool:
     return sum(round_alloc(b, dev.type) for b in parts) == round_alloc(sum(parts), dev.type)
 
 
+def fuse_gate_up(spec: ModelSpec, dtype: torch.dtype, dev: torch.device) -> bool:
+    """Whether a dense layer on ``dev`` stores gate/up as one fused buffer:
+    ``KVBENCH_DECODE_FUSED_GATE_UP`` and the same allocator bytes as two buffers (``fuse_qkv``)."""
+    if not fused_gate_up_on() or not spec.d_ff:
+        return False
+    b = torch.empty((), dtype=dtype).element_size() * spec.d_model * spec.d_ff
+    return 2 * round_alloc(b, dev.type) == round_alloc(2 * b, dev.type)
+
+
 def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float32,
                  layer_devices: list[torch.device] | None = None, head_device: torch.device | None = None,
                  pin_experts: bool = False, decode_device: torch.device | None = None,
@@ -231,7 +241,13 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
                 ("ffn_down_exps.weight", (E, d, ff)))))
         else:
             ff = spec.d_ff
-            lw.w_gate, lw.w_up = t("ffn_gate.weight", (ff, d)), t("ffn_up.weight", (ff, d))
+            if fuse_gate_up(spec, dtype, dev):     # each read straight into its rows of one buffer
+                lw.w_gu = torch.empty(2 * ff, d, dtype=dtype, device=dev)
+                lw.w_gate, lw.w_up = split_gate_up_rows(lw.w_gu)
+                read(p + "ffn_gate.weight", (ff, d), dev, out=lw.w_gate)
+                read(p + "ffn_up.weight", (ff, d), dev, out=lw.w_up)
+            else:
+                lw.w_gate, lw.w_up = t("ffn_gate.weight", (ff, d)), t("ffn_up.weight", (ff, d))
             lw.w_down = t("ffn_down.weight", (d, ff))
         layers.append(lw)
     vd = (spec.vocab_size, d)

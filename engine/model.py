@@ -21,7 +21,9 @@ a cache, routing is read on the host so the SLRU policy sees every access; ``dec
 
 Attention projections: a layer loaded with ``KVBENCH_DECODE_FUSED_QKV`` holds ``wqkv``
 [q_dim + 2 kv_dim, d] and ``wq``/``wk``/``wv`` as its row views; ``qkv_proj`` then runs one
-matmul and splits (same products as three). ``decode_at`` routes MoE tokens with
+matmul and splits (same products as three). Dense FFNs likewise: with
+``KVBENCH_DECODE_FUSED_GATE_UP`` a layer holds ``w_gu`` [2 d_ff, d] with ``w_gate``/``w_up``
+as its row views, and the decode step projects both with one matmul. ``decode_at`` routes MoE tokens with
 ``engine.kernels.route`` (``KVBENCH_DECODE_ROUTE_KERNEL``) and ``decode_embed`` gathers a
 token's row from ``embed_table(device)`` for the static step's device-side token feedback.
 
@@ -45,6 +47,12 @@ def fused_qkv_on() -> bool:
     return bool(settings.get("KVBENCH_DECODE_FUSED_QKV"))
 
 
+def fused_gate_up_on() -> bool:
+    """``KVBENCH_DECODE_FUSED_GATE_UP``: store a dense FFN's gate/up fused (at load); the decode
+    step projects both with one matmul."""
+    return bool(settings.get("KVBENCH_DECODE_FUSED_GATE_UP"))
+
+
 @dataclass
 class LayerWeights:
     attn_norm: torch.Tensor            # [d]
@@ -63,33 +71,44 @@ class LayerWeights:
     post_attn_norm: torch.Tensor | None = None  # Gemma: [d] on the attention output
     post_ffn_norm: torch.Tensor | None = None   # Gemma: [d] on the FFN output
     wqkv: torch.Tensor | None = None    # fused [Hq*D + 2*Hkv*D, d]: wq, wk, wv are its row views
+    w_gu: torch.Tensor | None = None    # dense FFN fused [2*ff, d]: w_gate, w_up are its row views
 
     QKV_VIEWS = ("wq", "wk", "wv")
+    GU_VIEWS = ("w_gate", "w_up")
+
+    def _is_view(self, name: str) -> bool:
+        return (self.wqkv is not None and name in self.QKV_VIEWS) or (self.w_gu is not None and name in self.GU_VIEWS)
 
     def to(self, device) -> "LayerWeights":
         out = {}
         for name, value in self.__dict__.items():
-            if self.wqkv is not None and name in self.QKV_VIEWS:
+            if self._is_view(name):
                 continue                     # re-sliced from the moved fused buffer below
             out[name] = value.to(device) if isinstance(value, torch.Tensor) else value
         if self.wqkv is not None:
             out.update(zip(self.QKV_VIEWS, split_qkv_rows(out["wqkv"], self.wq.shape[0], self.wk.shape[0])))
+        if self.w_gu is not None:
+            out.update(zip(self.GU_VIEWS, split_gate_up_rows(out["w_gu"])))
         return LayerWeights(**out)
 
     def tensors(self):
-        """Every tensor that owns its bytes (with ``wqkv``, its views wq/wk/wv are not listed)."""
-        return [v for n, v in self.__dict__.items() if isinstance(v, torch.Tensor)
-                and not (self.wqkv is not None and n in self.QKV_VIEWS)]
+        """Every tensor that owns its bytes (a fused buffer's row views are not listed)."""
+        return [v for n, v in self.__dict__.items() if isinstance(v, torch.Tensor) and not self._is_view(n)]
 
     def owned(self):
         """(name, tensor) of ``tensors()``: what a ledger records, each storage once."""
-        return [(n, v) for n, v in self.__dict__.items() if isinstance(v, torch.Tensor)
-                and not (self.wqkv is not None and n in self.QKV_VIEWS)]
+        return [(n, v) for n, v in self.__dict__.items() if isinstance(v, torch.Tensor) and not self._is_view(n)]
 
 
 def split_qkv_rows(wqkv: torch.Tensor, q_rows: int, kv_rows: int):
     """(wq, wk, wv): row views of a fused [q_rows + 2 kv_rows, d] weight (contiguous, shared storage)."""
     return wqkv[:q_rows], wqkv[q_rows:q_rows + kv_rows], wqkv[q_rows + kv_rows:q_rows + 2 * kv_rows]
+
+
+def split_gate_up_rows(w_gu: torch.Tensor):
+    """(w_gate, w_up): row views of a fused [2 ff, d] weight (contiguous, shared storage)."""
+    ff = w_gu.shape[0] // 2
+    return w_gu[:ff], w_gu[ff:]
 
 
 def qkv_proj(s: ModelSpec, h: torch.Tensor, wq, wk, wv, wqkv=None):
@@ -215,16 +234,22 @@ def decode_pre_attention(s: ModelSpec, x, attn_norm, wq, wk, wv, wqkv, q_norm, k
     return rotate(q, c, sn, s.rope_type), rotate(k, c, sn, s.rope_type), v.contiguous()
 
 
-def decode_post_attention(s: ModelSpec, x, o, wo, post_attn_norm, ffn_norm, w_gate, w_up, w_down, post_ffn_norm):
-    """Decode step, after attention: output projection, residual, dense FFN, residual."""
+def decode_post_attention(s: ModelSpec, x, o, wo, post_attn_norm, ffn_norm, w_gate, w_up, w_down, post_ffn_norm,
+                          w_gu=None):
+    """Decode step, after attention: output projection, residual, dense FFN, residual. With
+    ``w_gu`` (fused [2 ff, d]) gate and up come from one matmul, split along the columns (the
+    same products: each output is one row's dot)."""
     a = mm(o.reshape(1, s.q_dim), wo)
     if post_attn_norm is not None:
         a = rms_norm(a, post_attn_norm, s.rms_eps)
     x = x + a
     h = rms_norm(x, ffn_norm, s.rms_eps)
-    gate = mm(h, w_gate)
+    if w_gu is None:
+        gate, up = mm(h, w_gate), mm(h, w_up)
+    else:
+        gate, up = mm(h, w_gu).split([w_gate.shape[0], w_up.shape[0]], dim=-1)
     gate = F.gelu(gate, approximate="tanh") if s.ffn_act == "gelu_tanh" else F.silu(gate)
-    y = mm(gate * mm(h, w_up), w_down)
+    y = mm(gate * up, w_down)
     if post_ffn_norm is not None:
         y = rms_norm(y, post_ffn_norm, s.rms_eps)
     return x + y
@@ -419,8 +444,13 @@ class Transformer:
         return caches
 
     def embed_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
-        """tokens [T] -> float32 [T, d] on the embedding's (host) device, scaled as the arch says."""
-        x = self.embed[tokens.to(self.embed.device)]
+        """tokens [T] -> float32 [T, d], scaled as the arch says: gathered on the first layer's
+        device when a table is there (``embed_table``: the static step's device copy or a tied
+        head's; the same values), else on the host table's device (prefill then copies T rows
+        up instead of T ids: 3.9 ms of a 75 ms SmolLM2 prefill at 16384 on the H200)."""
+        table = self.embed_table(self.layer_devices[0]) if self.layer_devices else None
+        table = self.embed if table is None else table
+        x = table[tokens.to(table.device)]
         if self.spec.embed_scale:   # HF Gemma: times sqrt(d_model) cast to the embedding dtype
             x = x * torch.tensor(self.spec.d_model ** 0.5, dtype=x.dtype)
         return x.float()
@@ -463,7 +493,8 @@ class Transformer:
         return self._decode_functions(compiled)[5](table, token)
 
     def decode_at(self, x: torch.Tensor, pos: torch.Tensor, caches, compiled: bool = False,
-                  fused_qkv: bool | None = None, route_kernel: bool | None = None) -> torch.Tensor:
+                  fused_qkv: bool | None = None, route_kernel: bool | None = None,
+                  fused_gate_up: bool | None = None) -> torch.Tensor:
         """One decode step with the position on the device: ``x`` [1, d] float32 embedded token
         on the trunk device, ``pos`` one-element long tensor there. Every layer on that device,
         no sliding window; no host sync, so a CUDA graph can capture it. The maths around
@@ -478,9 +509,11 @@ class Transformer:
         it) and run ``engine.kernels.moe`` over their resident stacks (``make_experts_resident``
         first: an expert cache's slots through its slot table); the host never sees which
         experts were used (``StaticDecode`` counts them as resident hits). Returns the final
-        hidden [1, d]."""
+        hidden [1, d]. ``fused_gate_up`` (default ``KVBENCH_DECODE_FUSED_GATE_UP``): a dense FFN's
+        gate and up from one matmul over ``w_gu`` where the layer has one."""
         s = self.spec
         fused_qkv = fused_qkv_on() if fused_qkv is None else fused_qkv
+        fused_gate_up = fused_gate_up_on() if fused_gate_up is None else fused_gate_up
         if route_kernel is None:
             route_kernel = bool(settings.get("KVBENCH_DECODE_ROUTE_KERNEL"))
         pre, post, _, post_moe, post_moe_logits, _ = self._decode_functions(compiled)
@@ -495,7 +528,8 @@ class Transformer:
                 q = attn_math.q_for_k(q, caches[i].k_format, self.attn_math)
             o = caches[i].attend_at(q, pos, self.scale)
             if w.router is None:
-                x = post(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.w_gate, w.w_up, w.w_down, w.post_ffn_norm)
+                x = post(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.w_gate, w.w_up, w.w_down, w.post_ffn_norm,
+                         w.w_gu if fused_gate_up else None)
                 continue
             if route is None:
                 x, h, top_p, top_e = post_moe(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.router)

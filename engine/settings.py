@@ -75,6 +75,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        numerics=True),
     _s("KVBENCH_DECODE_FUSED_QKV", "bool", True, "q/k/v weights of a layer in one [q+2kv, d] buffer "
        "(wq/wk/wv are row views of it, same bytes) read by one matmul per layer", numerics=True),
+    _s("KVBENCH_DECODE_FUSED_GATE_UP", "bool", True, "a dense FFN's gate/up weights in one [2ff, d] "
+       "buffer (w_gate/w_up are row views of it, same bytes) read by one matmul per decode step",
+       numerics=True),
     _s("KVBENCH_DECODE_ROUTE_KERNEL", "bool", True, "static decode routes MoE tokens with the Triton "
        "softmax/top-k kernel (engine.kernels.route) instead of torch.topk", numerics=True),
     _s("KVBENCH_DECODE_DEVICE_EMBED", "bool", True, "static decode gathers the embedding row on the "

@@ -15,6 +15,8 @@ suite file.
   results), followed by ``unstable (CV x%)`` when the CV is above the check's ``max_cv_pct``
   (10% by default, or the record's own ``<name> unstable`` flag);
 - ``Mean KLD``: of the first argmax-kind check, ``± <Mean KLD SE>`` when the check recorded it;
+  in a suite with no argmax check (``long.toml``), the first corpus_kld check's whole-text
+  Mean KLD, marked ``(corpus)``;
 - ``coherent %``: 100 - the coherence check's ``Collapse rate`` (± its SE), blank when the
   check did not run, was n/a, or recorded no rate;
 - ``needle score``: a needle-kind check's score metric (``Needle score`` or the first metric
@@ -142,9 +144,11 @@ def summary(r, names) -> None:
             for chk in r.checks_of("throughput"):
                 row.update(speed_cells(r, m, d, chk))
             kld = None
-            for chk in argmax:
+            for chk in argmax + r.checks_of("corpus_kld"):     # a suite without argmax: the corpus text's
                 if _ran(r, m, d, chk) and _f(r.value(m, d, chk, "Mean KLD")) is not None:
                     kld = _pm(r.value(m, d, chk, "Mean KLD"), r.value(m, d, chk, "Mean KLD SE"))
+                    if chk not in argmax:
+                        kld = f"{kld} (corpus)"
                     break
             row["Mean KLD"] = kld
             coh = None

@@ -272,6 +272,12 @@ def test_corpus_kld_end_to_end_on_the_tiny_model_and_a_planted_bad_kv_dtype(tmp_
     assert res.manifest["inputs"]["corpus_kld"]["corpus"]["sha256"] == hashlib.sha256(TEXT.encode()).hexdigest()
     info = res.info("tiny-llama", "q8_0", "corpus_kld")
     assert info["prefill"]["waves"] > 1                     # the long pass went through the wave path
+    # the report's summary takes Mean KLD from the corpus when the suite has no argmax check
+    from harness.report import build_report
+    md = build_report(tmp_path / "clean", tmp_path / "rep").read_text()
+    summary_md = md.split("## Summary")[1].split("\n## ")[0]
+    row = next(line for line in summary_md.splitlines() if line.startswith("| tiny-llama | q8_0 |"))
+    assert "(corpus)" in row and "±" in row, row
     assert [(b["lo"], b["hi"]) for b in info["buckets"]] == [(0, 48), (48, 160)]
 
     import engine.kv as kv

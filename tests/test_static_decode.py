@@ -263,7 +263,8 @@ def test_cuda_graph_moe_decode_matches_eager(model):
 
 
 # --- issue 14.2: fused q/k/v, the routing kernel, the device embedding and token feedback ------
-DECODE_SETTINGS = ("KVBENCH_DECODE_FUSED_QKV", "KVBENCH_DECODE_ROUTE_KERNEL", "KVBENCH_DECODE_DEVICE_EMBED")
+DECODE_SETTINGS = ("KVBENCH_DECODE_FUSED_QKV", "KVBENCH_DECODE_ROUTE_KERNEL", "KVBENCH_DECODE_DEVICE_EMBED",
+                   "KVBENCH_DECODE_FUSED_GATE_UP")
 
 
 def _prefill_torch(eng, prompt):
@@ -286,7 +287,7 @@ def _static_run(eng, monkeypatch, on: bool, n_logits=1, n_greedy=3):
     _prefill_torch(eng, PROMPT)
     logits = torch.stack([eng.decode(PROMPT[-1] + i) for i in range(n_logits)])
     sd = eng._static
-    assert (sd.fused_qkv, sd.route_kernel, sd.device_embed) == (on, on, on)
+    assert (sd.fused_qkv, sd.route_kernel, sd.device_embed, sd.fused_gate_up) == (on, on, on, on)
     tokens = eng.decode_greedy(int(logits[-1].argmax()), n_greedy)
     return logits, tokens, eng.pos
 
@@ -349,6 +350,49 @@ def test_fused_qkv_views_share_storage_and_plan_equals_runtime(monkeypatch):
                                                    and spec.kv_dim * spec.d_model * 4 % 512 == 0)
     odd = dataclasses.replace(spec, d_model=36)
     assert fuse_qkv(odd, torch.bfloat16, torch.device("cpu")) and not fuse_qkv(odd, torch.bfloat16, cuda)
+
+
+def test_fused_gate_up_views_share_storage_and_plan_equals_runtime(monkeypatch):
+    """A dense layer's w_gate/w_up are row views of one w_gu buffer (the ledger records it once
+    as blk.i.w_gu), the same values as the file holds, plan == runtime to the byte fused or not,
+    and the decode step's one matmul equals the two (each output one row's dot)."""
+    from engine.hybrid import fuse_gate_up
+    from engine.model import decode_post_attention
+    path = synth.ensure("tiny-llama")
+    eng = engine.load(path, ctx=32)
+    spec = eng.spec
+    for w in eng.model.layers:
+        assert w.w_gu is not None and w.w_gu.shape == (2 * spec.d_ff, spec.d_model)
+        base = w.w_gu.untyped_storage().data_ptr()
+        assert w.w_gate.untyped_storage().data_ptr() == base == w.w_up.untyped_storage().data_ptr()
+        assert w.w_up.data_ptr() == w.w_gu.data_ptr() + spec.d_ff * spec.d_model * w.w_gu.element_size()
+        assert w.w_gate.is_contiguous() and w.w_up.is_contiguous()
+        assert all(t.untyped_storage().data_ptr() != base for t in w.tensors() if t is not w.w_gu)
+    names = eng.ledger.names
+    assert "blk.0.w_gu" in names and "blk.0.w_gate" not in names
+    assert all(r.diff == 0 for r in eng.ledger.compare(eng.plan) if r.tier == "trunk"), eng.ledger.compare(eng.plan)
+    g = eng.gguf
+    w1 = eng.model.layers[1]
+    assert torch.equal(w1.w_up, g.tensor("blk.1.ffn_up.weight", tuple(w1.w_up.shape)))
+    assert torch.equal(w1.w_gate, g.tensor("blk.1.ffn_gate.weight", tuple(w1.w_gate.shape)))
+    gen = torch.Generator().manual_seed(3)
+    x, o = torch.randn(1, spec.d_model, generator=gen), torch.randn(1, spec.q_dim, generator=gen)
+    args = (x, o, w1.wo, w1.post_attn_norm, w1.ffn_norm, w1.w_gate, w1.w_up, w1.w_down, w1.post_ffn_norm)
+    two, one = decode_post_attention(spec, *args), decode_post_attention(spec, *args, w_gu=w1.w_gu)
+    assert (one - two).abs().max().item() <= 1e-5 * two.abs().max().item()
+    moved = w1.to("cpu")
+    assert moved.w_gate.data_ptr() == moved.w_gu.data_ptr()
+    fused_bytes = eng.ledger.current("weights", "trunk")
+    monkeypatch.setenv("KVBENCH_DECODE_FUSED_GATE_UP", "0")
+    sep = engine.load(path, ctx=32)
+    assert sep.model.layers[0].w_gu is None and "blk.0.w_gate" in sep.ledger.names
+    assert sep.ledger.current("weights", "trunk") == fused_bytes
+    assert torch.equal(sep.model.layers[1].w_up, w1.w_up)
+    monkeypatch.setenv("KVBENCH_DECODE_FUSED_GATE_UP", "1")
+    odd = dataclasses.replace(spec, d_model=36, d_ff=36)          # 36 x 36 x 2 B: not a 512 B multiple
+    assert fuse_gate_up(odd, torch.bfloat16, torch.device("cpu"))
+    assert not fuse_gate_up(odd, torch.bfloat16, torch.device("cuda"))
+    assert not fuse_gate_up(dataclasses.replace(spec, d_ff=0), torch.float32, torch.device("cpu"))
 
 
 def test_device_embed_copy_is_planned_and_recorded(monkeypatch):
