@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: set up, run the GPU tests and benchmarks, keep logs in $OUT.
 # Expects: .whl/ (gguf + rich wheels) carried, SmolLM2 parts already copied to /tmp/smolparts.
+# Steps needing the corpus (long, nightly) need .devcarry/corpora carried too.
 # Usage on the device: bash benchmarks/gpu_session.sh [steps...]   (default: all)
 set -uo pipefail
 export PYTHONUNBUFFERED=1 KVBENCH_CACHE=/tmp/kvcache
@@ -138,3 +139,11 @@ for step in $steps; do
               --out "$OUT/hybrid-unaccounted.json" 2>&1 | tee "$OUT/hybrid-unaccounted.log" | tail -8 ;;
   esac
 done
+# The device returns at most 8 files from $OUT: past that, pack the small ones (logs, JSON,
+# suite tarballs) into one archive so nothing is left behind; big parts (llama-bench) stay apart.
+n=$(find "$OUT" -maxdepth 1 -type f | wc -l)
+if [ "$n" -gt 8 ]; then
+  small=$(cd "$OUT" && find . -maxdepth 1 -type f -size -8M -printf "%f\n" | sort)
+  (cd "$OUT" && tar czf session-files.tgz $small && rm -f $small)
+  echo "packed $(echo $small | wc -w) files into session-files.tgz (more than 8 in \$OUT)"
+fi
