@@ -195,7 +195,7 @@ def profile_step(step, dev: torch.device, top: int = 15) -> dict:
 
 # --- settings variants -------------------------------------------------------------------------
 DECODE_SETTINGS = {"fused_qkv": "KVBENCH_DECODE_FUSED_QKV", "route_kernel": "KVBENCH_DECODE_ROUTE_KERNEL",
-                   "fused_gate_up": "KVBENCH_DECODE_FUSED_GATE_UP",
+                   "fused_gate_up": "KVBENCH_DECODE_FUSED_GATE_UP", "kv_pair": "KVBENCH_DECODE_KV_PAIR",
                    "device_embed": "KVBENCH_DECODE_DEVICE_EMBED"}
 VARIANTS = {"default": {}, "baseline": {v: "0" for v in DECODE_SETTINGS.values()}}
 for _short, _name in DECODE_SETTINGS.items():

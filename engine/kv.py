@@ -242,6 +242,11 @@ class LayerKV(CacheObservables):
         """``write`` of one token at the position held by ``pos`` (one-element int tensor on
         the cache's device); Triton only, no host sync, so a CUDA graph can capture it. The
         caller guarantees ``pos < max_tokens`` (the graph's owner checks it on the host)."""
+        from . import settings
+        if settings.get("KVBENCH_DECODE_KV_PAIR"):
+            from .kernels.kv_append import kv_append_pair
+            kv_append_pair(self.k, self.v, k, v, self.k_format, self.v_format, pos)
+            return
         kv_append(self.k, None, k, self.k_format, pos=pos)
         kv_append(self.v, None, v, self.v_format, pos=pos)
 

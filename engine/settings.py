@@ -78,6 +78,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_DECODE_FUSED_GATE_UP", "bool", True, "a dense FFN's gate/up weights in one [2ff, d] "
        "buffer (w_gate/w_up are row views of it, same bytes) read by one matmul per decode step",
        numerics=True),
+    _s("KVBENCH_DECODE_KV_PAIR", "bool", True, "the captured decode step appends K and V in one "
+       "Triton launch (kv_append_pair: the same bytes as two)"),
     _s("KVBENCH_DECODE_ROUTE_KERNEL", "bool", True, "static decode routes MoE tokens with the Triton "
        "softmax/top-k kernel (engine.kernels.route) instead of torch.topk", numerics=True),
     _s("KVBENCH_DECODE_DEVICE_EMBED", "bool", True, "static decode gathers the embedding row on the "

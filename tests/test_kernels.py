@@ -160,6 +160,43 @@ def test_prefill_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     assert_close(f"prefill {fmt}", ref, out, TOL[fmt])
 
 
+@pytest.mark.parametrize("k_fmt,v_fmt", [(a, b) for a in KV_DTYPES for b in KV_DTYPES])
+def test_kv_append_pair_writes_the_bytes_of_two_appends(k_fmt, v_fmt, triton_backend, monkeypatch):
+    """The captured step's one-launch K+V append (``kv_append_pair``, device position) leaves
+    both buffers byte-equal to two ``kv_append`` calls and to the torch reference, for every
+    K x V format pair; a planted q8_0 scale fault is planted in it too."""
+    from engine.kernels.kv_append import kv_append_pair
+    Hkv, D, n = 2, 64, 12
+    gen = torch.Generator(device=DEV).manual_seed(11)
+    pair_k, pair_v = alloc_kv(n, Hkv, D, k_fmt, DEV), alloc_kv(n, Hkv, D, v_fmt, DEV)
+    ref_k, ref_v = alloc_kv(n, Hkv, D, k_fmt, DEV), alloc_kv(n, Hkv, D, v_fmt, DEV)
+    two_k, two_v = alloc_kv(n, Hkv, D, k_fmt, DEV), alloc_kv(n, Hkv, D, v_fmt, DEV)
+    for p in (0, 5, n - 1):
+        k = torch.randn(1, Hkv, D, device=DEV, generator=gen) * 3
+        v = torch.randn(1, Hkv, D, device=DEV, generator=gen)
+        pos = torch.tensor([p], device=DEV)
+        kv_append_pair(pair_k, pair_v, k, v, k_fmt, v_fmt, pos)
+        kv_append(two_k, None, k, k_fmt, pos=pos)
+        kv_append(two_v, None, v, v_fmt, pos=pos)
+        kv_append_ref(ref_k, p, k, k_fmt)
+        kv_append_ref(ref_v, p, v, v_fmt)
+    for a, b, c in ((pair_k, two_k, ref_k), (pair_v, two_v, ref_v)):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+        assert torch.equal(a.view(torch.uint8), c.view(torch.uint8))
+    if "q8_0" in (k_fmt, v_fmt):
+        monkeypatch.setenv("KVBENCH_FAULT", "q8_scale_bf16")
+        kv_append_pair(pair_k, pair_v, k, v, k_fmt, v_fmt, torch.tensor([1], device=DEV))
+        kv_append(two_k, None, k, k_fmt, pos=torch.tensor([1], device=DEV))
+        kv_append(two_v, None, v, v_fmt, pos=torch.tensor([1], device=DEV))
+        assert torch.equal(pair_k.view(torch.uint8), two_k.view(torch.uint8))
+        assert torch.equal(pair_v.view(torch.uint8), two_v.view(torch.uint8))
+        monkeypatch.delenv("KVBENCH_FAULT")
+        clean_k, clean_v = pair_k.clone(), pair_v.clone()
+        kv_append_pair(clean_k, clean_v, k, v, k_fmt, v_fmt, torch.tensor([1], device=DEV))
+        q8 = (pair_k, clean_k) if k_fmt == "q8_0" else (pair_v, clean_v)
+        assert not torch.equal(q8[0].view(torch.uint8), q8[1].view(torch.uint8))   # the fault did act
+
+
 def test_prefill_tiles_fit_shared_memory():
     """gemma3's head_dim 256: the default 64 x 64 / 64 x 32 tiles asked the H200 for 393216 /
     327680 bytes of shared memory (227 KB offered) and the suite errored on CUDA

@@ -264,7 +264,7 @@ def test_cuda_graph_moe_decode_matches_eager(model):
 
 # --- issue 14.2: fused q/k/v, the routing kernel, the device embedding and token feedback ------
 DECODE_SETTINGS = ("KVBENCH_DECODE_FUSED_QKV", "KVBENCH_DECODE_ROUTE_KERNEL", "KVBENCH_DECODE_DEVICE_EMBED",
-                   "KVBENCH_DECODE_FUSED_GATE_UP")
+                   "KVBENCH_DECODE_FUSED_GATE_UP", "KVBENCH_DECODE_KV_PAIR")
 
 
 def _prefill_torch(eng, prompt):

@@ -15,6 +15,9 @@ before it in its row (a block-index off-by-one: the values come back at a neighb
 
     buf = q8_layout.alloc(4096, 3, 64)               # flat uint8: quants, then scales
     kv_append(buf, 0, k, "q8_0")                     # k: [T, 3, 64] float32
+
+``kv_append_pair(k_buf, v_buf, k, v, k_fmt, v_fmt, pos)``: both in one launch at a device
+position (the captured decode step; ``KVBENCH_DECODE_KV_PAIR``), the same bytes as two calls.
 """
 from __future__ import annotations
 
@@ -29,20 +32,10 @@ from .common import QK
 
 # --- Triton kernel --------------------------------------------------------------------------
 @triton.jit
-def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_out_s,
-                      FMT: tl.constexpr, BLOCK: tl.constexpr, DEV_POS: tl.constexpr,
-                      SCALE_BF16: tl.constexpr = False, SCALE_SHIFT: tl.constexpr = False):
-    # grid: (T, cdiv(n_cols, BLOCK)); one program stores BLOCK values of one token row.
+def _store_row(x, OUT, OUT_S, row, c, mask, n_cols, stride_out, stride_out_s, pid1,
+               FMT: tl.constexpr, BLOCK: tl.constexpr, SCALE_BF16: tl.constexpr, SCALE_SHIFT: tl.constexpr):
+    # BLOCK float32 values ``x`` of one token row -> row ``row`` of OUT in format FMT.
     # q8_0: OUT is the quants array (int8, row stride n_cols), OUT_S the scales array (fp16).
-    # DEV_POS: OUT is the whole buffer and the first row is read from POS (a device int), so
-    # the launch is the same at every position (CUDA graphs).
-    t = tl.program_id(0)
-    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    mask = c < n_cols
-    x = tl.load(X + t * stride_x + c, mask=mask, other=0.0)
-    row = t.to(tl.int64)
-    if DEV_POS:
-        row += tl.load(POS).to(tl.int64)
     if FMT == 0:
         tl.store(OUT + row * stride_out + c, x, mask=mask)
     elif FMT == 1:
@@ -68,7 +61,7 @@ def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_o
         r = tl.where(r == r, r, 0.0)          # NaN (only from 0*inf or inf inputs) -> 0, as numpy on x86
         q = tl.reshape(r, (BLOCK,)).to(tl.int8)
         tl.store(OUT + row * stride_out + c, q, mask=mask)
-        b = tl.program_id(1) * NB + tl.arange(0, NB)
+        b = pid1 * NB + tl.arange(0, NB)
         if SCALE_BF16:              # planted fault q8_scale_bf16: the scale at the wrong width
             d = d.to(tl.bfloat16).to(tl.float32)
         if SCALE_SHIFT:             # planted fault q8_scale_shift: block b's scale lands on block b+1
@@ -78,17 +71,47 @@ def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_o
         tl.store(OUT_S + row * stride_out_s + b_to, d.to(tl.float16), mask=b * QK < n_cols)
 
 
-def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
-              pos: torch.Tensor | None = None) -> None:
-    """Store ``x`` [T, Hkv, D] float32 into ``buf`` rows ``start..``; Triton or torch per backend.
+@triton.jit
+def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_out_s,
+                      FMT: tl.constexpr, BLOCK: tl.constexpr, DEV_POS: tl.constexpr,
+                      SCALE_BF16: tl.constexpr = False, SCALE_SHIFT: tl.constexpr = False):
+    # grid: (T, cdiv(n_cols, BLOCK)); one program stores BLOCK values of one token row.
+    # DEV_POS: OUT is the whole buffer and the first row is read from POS (a device int), so
+    # the launch is the same at every position (CUDA graphs).
+    t = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = c < n_cols
+    x = tl.load(X + t * stride_x + c, mask=mask, other=0.0)
+    row = t.to(tl.int64)
+    if DEV_POS:
+        row += tl.load(POS).to(tl.int64)
+    _store_row(x, OUT, OUT_S, row, c, mask, n_cols, stride_out, stride_out_s, tl.program_id(1),
+               FMT, BLOCK, SCALE_BF16, SCALE_SHIFT)
 
-    ``pos`` (Triton only): a one-element int device tensor holding ``start`` instead, so the
-    launch does not depend on the position (no host sync, capturable in a CUDA graph)."""
-    if pos is not None and not use_triton(buf.device):
-        raise ValueError("kv_append(pos=...) needs the Triton backend")
-    if not use_triton(buf.device):
-        kv_append_ref(buf, start, x, fmt)
-        return
+
+@triton.jit
+def _kv_append_pair_kernel(XK, XV, OK, OKS, OV, OVS, POS, n_cols, stride_xk, stride_xv, stride_ok, stride_oks,
+                           stride_ov, stride_ovs, KFMT: tl.constexpr, VFMT: tl.constexpr, BLOCK: tl.constexpr,
+                           K_SCALE_BF16: tl.constexpr = False, K_SCALE_SHIFT: tl.constexpr = False,
+                           V_SCALE_BF16: tl.constexpr = False, V_SCALE_SHIFT: tl.constexpr = False):
+    # grid: (T, cdiv(n_cols, BLOCK), 2): axis 2 picks K (0) or V (1); rows from POS (device).
+    t = tl.program_id(0)
+    pid1 = tl.program_id(1)
+    c = pid1 * BLOCK + tl.arange(0, BLOCK)
+    mask = c < n_cols
+    row = t.to(tl.int64) + tl.load(POS).to(tl.int64)
+    if tl.program_id(2) == 0:
+        x = tl.load(XK + t * stride_xk + c, mask=mask, other=0.0)
+        _store_row(x, OK, OKS, row, c, mask, n_cols, stride_ok, stride_oks, pid1, KFMT, BLOCK,
+                   K_SCALE_BF16, K_SCALE_SHIFT)
+    else:
+        x = tl.load(XV + t * stride_xv + c, mask=mask, other=0.0)
+        _store_row(x, OV, OVS, row, c, mask, n_cols, stride_ov, stride_ovs, pid1, VFMT, BLOCK,
+                   V_SCALE_BF16, V_SCALE_SHIFT)
+
+
+def _dst(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str, pos):
+    """(x as [T, n] float32, out, out_s, stride_s, n_cols) for a launch into ``buf``."""
     T = x.shape[0]
     n_cols = x.shape[1] * x.shape[2]
     x2 = x.reshape(T, n_cols).to(torch.float32).contiguous()
@@ -109,14 +132,54 @@ def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
         stride_s = out_s.stride(0)
     else:
         raise ValueError(f"unknown KV format {fmt!r}")
-    BLOCK = min(1024, triton.next_power_of_2(n_cols)) if fmt != "q8_0" else \
-        min(256, triton.next_power_of_2(n_cols))
-    grid = (T, triton.cdiv(n_cols, BLOCK))
+    return x2, out, out_s, stride_s, n_cols
+
+
+def _block(fmt: str, n_cols: int) -> int:
+    return min(1024, triton.next_power_of_2(n_cols)) if fmt != "q8_0" else min(256, triton.next_power_of_2(n_cols))
+
+
+def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
+              pos: torch.Tensor | None = None) -> None:
+    """Store ``x`` [T, Hkv, D] float32 into ``buf`` rows ``start..``; Triton or torch per backend.
+
+    ``pos`` (Triton only): a one-element int device tensor holding ``start`` instead, so the
+    launch does not depend on the position (no host sync, capturable in a CUDA graph)."""
+    if pos is not None and not use_triton(buf.device):
+        raise ValueError("kv_append(pos=...) needs the Triton backend")
+    if not use_triton(buf.device):
+        kv_append_ref(buf, start, x, fmt)
+        return
+    x2, out, out_s, stride_s, n_cols = _dst(buf, start, x, fmt, pos)
+    BLOCK = _block(fmt, n_cols)
+    grid = (x2.shape[0], triton.cdiv(n_cols, BLOCK))
     _kv_append_kernel[grid](x2, out, out_s, x2 if pos is None else pos, n_cols, x2.stride(0),
                             out.stride(0), stride_s, FMT=KV_FORMAT_CODES[fmt], BLOCK=BLOCK,
                             DEV_POS=pos is not None,
                             SCALE_BF16=fmt == "q8_0" and planted("q8_scale_bf16"),
                             SCALE_SHIFT=fmt == "q8_0" and planted("q8_scale_shift"))
+
+
+def kv_append_pair(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   k_fmt: str, v_fmt: str, pos: torch.Tensor) -> None:
+    """``kv_append(k_buf, None, k, k_fmt, pos)`` and the same for V in one launch (Triton, the
+    position on the device: the captured decode step's append, one kernel instead of two).
+    The bytes written are those of the two single appends (same per-format code)."""
+    if not use_triton(k_buf.device):
+        raise ValueError("kv_append_pair needs the Triton backend")
+    if k.shape != v.shape:
+        raise ValueError(f"kv_append_pair: K {tuple(k.shape)} and V {tuple(v.shape)} differ")
+    xk, ok, oks, sks, n_cols = _dst(k_buf, None, k, k_fmt, pos)
+    xv, ov, ovs, svs, _ = _dst(v_buf, None, v, v_fmt, pos)
+    BLOCK = min(_block(k_fmt, n_cols), _block(v_fmt, n_cols))
+    grid = (xk.shape[0], triton.cdiv(n_cols, BLOCK), 2)
+    _kv_append_pair_kernel[grid](xk, xv, ok, oks, ov, ovs, pos, n_cols, xk.stride(0), xv.stride(0), ok.stride(0),
+                                 sks, ov.stride(0), svs, KFMT=KV_FORMAT_CODES[k_fmt], VFMT=KV_FORMAT_CODES[v_fmt],
+                                 BLOCK=BLOCK,
+                                 K_SCALE_BF16=k_fmt == "q8_0" and planted("q8_scale_bf16"),
+                                 K_SCALE_SHIFT=k_fmt == "q8_0" and planted("q8_scale_shift"),
+                                 V_SCALE_BF16=v_fmt == "q8_0" and planted("q8_scale_bf16"),
+                                 V_SCALE_SHIFT=v_fmt == "q8_0" and planted("q8_scale_shift"))
 
 
 # --- torch references -----------------------------------------------------------------------
