@@ -26,7 +26,8 @@ Without ``device_embed`` (the setting off, or no table on the device) ``step`` n
 and embeds it on the host through a pinned stage (an event sync per step).
 
 ``eligibility(eng)`` says why an engine cannot take this path (None if it can): it needs the
-Triton attention backend, every layer and the head on one device, no sliding-window layer,
+Triton attention backend, every layer and the head on one device (sliding-window layers read
+their ring caches through the same kernels: ``RingKV.write_at`` / ``attend_at``),
 and MoE layers whose experts can all be resident on that device (plain stacks there, or an
 expert cache with a slot for every trunk expert: ``plan.expert_slots >= plan.trunk_experts``);
 a partial cache needs the host's SLRU policy on a miss, so such a model decodes eagerly.
@@ -77,8 +78,6 @@ def eligibility(eng) -> str | None:
         why = m.experts_not_resident(eng.device)
         if why:
             return why
-    if spec.swa_layers:
-        return "sliding-window layers (ring caches) are not in the captured step yet: their decode runs the Triton kernel eagerly"
     return None
 
 
@@ -99,6 +98,7 @@ class StaticDecode:
         for i in range(spec.n_layers):   # RoPE tables for the whole ctx before anything captures them
             self.model._rope(dev, spec.rope_base_of(i)).ensure(eng.ctx)
         from . import settings
+        self._rings = [c for c in self.caches if hasattr(c, "flush")]     # sliding-window layers
         self.fused_qkv = bool(settings.get("KVBENCH_DECODE_FUSED_QKV"))
         self.fused_gate_up = bool(settings.get("KVBENCH_DECODE_FUSED_GATE_UP"))
         self.route_kernel = bool(settings.get("KVBENCH_DECODE_ROUTE_KERNEL"))
@@ -130,6 +130,8 @@ class StaticDecode:
     def _load(self, token: int | None, pos: int) -> None:
         if not 0 <= pos < self.eng.ctx:
             raise IndexError(f"position {pos} outside the cache of {self.eng.ctx}")
+        for c in self._rings:                    # prefill K/V a ring still holds, stored first
+            c.flush()
         if self.device_embed:
             if token is None and self._token_held is None:
                 raise ValueError("StaticDecode.step(None, ...): no previous step left a token on the device")

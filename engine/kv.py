@@ -250,11 +250,12 @@ class LayerKV(CacheObservables):
         kv_append(self.k, None, k, self.k_format, pos=pos)
         kv_append(self.v, None, v, self.v_format, pos=pos)
 
-    def attend_at(self, q: torch.Tensor, pos: torch.Tensor, scale: float) -> torch.Tensor:
-        """``attend`` for one query row [1, Hq, D] at the position held by ``pos``."""
+    def attend_at(self, q: torch.Tensor, pos: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
+        """``attend`` for one query row [1, Hq, D] at the position held by ``pos`` (``window``:
+        sliding-window attention over this full-length buffer)."""
         q = q.to(torch.float32).contiguous()
         return decode_attention(q[0], self.k, self.v, self.k_format, None, scale, self.n_kv_heads, pos=pos,
-                                v_fmt=self.v_format)[None]
+                                v_fmt=self.v_format, window=window)[None]
 
 
 def _fault() -> tuple[str, int | None]:

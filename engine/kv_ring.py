@@ -146,6 +146,34 @@ class RingKV(CacheObservables):
         else:                       # stored wave by wave in attend(), or by the next write
             self._pending = (start, k, v)
 
+    # -- position on the device (the captured decode step) -----------------------------------
+    def flush(self) -> None:
+        """Store prefill K/V still held (``engine.cuda_graph`` calls it before each step)."""
+        self._flush()
+
+    def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """``write`` of one token at the position held by ``pos`` (device), into row pos % rows;
+        Triton only, no host sync, so a CUDA graph can capture it. Held prefill K/V must have
+        been stored first (``flush``)."""
+        from . import settings
+        if settings.get("KVBENCH_DECODE_KV_PAIR"):
+            from .kernels.kv_append import kv_append_pair
+            kv_append_pair(self.k, self.v, k, v, self.k_format, self.v_format, pos, ring_rows=self.rows)
+            return
+        kv_append(self.k, None, k, self.k_format, pos=pos, ring_rows=self.rows)
+        kv_append(self.v, None, v, self.v_format, pos=pos, ring_rows=self.rows)
+
+    def attend_at(self, q: torch.Tensor, pos: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
+        """``attend`` for one query row [1, Hq, D] at the position held by ``pos``: the window's
+        keys read through the ring (Triton)."""
+        window = self.window if window is None else window
+        if window <= 0 or window > self.window:
+            raise ConfigError(f"layer {self.layer}: a ring KV of window {self.window} cannot serve "
+                              f"window={window}", "build a LayerKV for global or wider attention")
+        q = q.to(torch.float32).contiguous()
+        return decode_attention(q[0], self.k, self.v, self.k_format, None, scale, self.n_kv_heads, pos=pos,
+                                v_fmt=self.v_format, window=window, ring_rows=self.rows)[None]
+
     # -- attention -------------------------------------------------------------------------
     def attend(self, q: torch.Tensor, start: int, scale: float, window: int | None = None) -> torch.Tensor:
         T, Hq, D = q.shape

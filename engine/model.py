@@ -496,8 +496,8 @@ class Transformer:
                   fused_qkv: bool | None = None, route_kernel: bool | None = None,
                   fused_gate_up: bool | None = None) -> torch.Tensor:
         """One decode step with the position on the device: ``x`` [1, d] float32 embedded token
-        on the trunk device, ``pos`` one-element long tensor there. Every layer on that device,
-        no sliding window; no host sync, so a CUDA graph can capture it. The maths around
+        on the trunk device, ``pos`` one-element long tensor there. Every layer on that device
+        (sliding-window layers through their caches' ``attend_at(window=)``); no host sync, so a CUDA graph can capture it. The maths around
         attention are pure functions of explicit tensors (``decode_pre_attention``,
         ``decode_post_attention`` / ``decode_post_attention_moe``: the same ops as
         ``attention``/``ffn``/``moe``), which ``compiled=True`` runs through ``torch.compile``
@@ -526,7 +526,9 @@ class Transformer:
             caches[i].write_at(pos, k, v)
             if self.attn_math != "exact":
                 q = attn_math.q_for_k(q, caches[i].k_format, self.attn_math)
-            o = caches[i].attend_at(q, pos, self.scale)
+            window = s.window(i)
+            o = caches[i].attend_at(q, pos, self.scale, window=window) if window else \
+                caches[i].attend_at(q, pos, self.scale)
             if w.router is None:
                 x = post(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.w_gate, w.w_up, w.w_down, w.post_ffn_norm,
                          w.w_gu if fused_gate_up else None)

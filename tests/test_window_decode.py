@@ -107,6 +107,68 @@ def test_ring_decode_kernel_after_the_ring_wrapped(fmt):
     assert all((outs["triton", p] - outs["torch", p]).abs().max().item() < 2e-5 for p in range(prompt, n))
 
 
+@pytest.mark.parametrize("fmt,pair", [("fp32", True), ("q8_0", True), ("bf16", False)])
+def test_ring_device_position_steps_after_the_ring_wrapped(fmt, pair, triton_backend, monkeypatch):
+    """The captured step's ring path: ``RingKV.write_at`` / ``attend_at`` with the position on
+    the device (K+V in one launch or two), after a prefill that wrapped the ring twice and
+    across its end, store the rows ``write`` stores and equal the float64 reference."""
+    monkeypatch.setenv("KVBENCH_DECODE_KV_PAIR", "1" if pair else "0")
+    n, prompt = 462, 450
+    k, v, q = _data(n, 3)
+    ks, vs = stored(k, fmt), stored(v, fmt)
+    ring, ref = (RingKV(0, HKV, D, 512, W, fmt, chunk=128) for _ in range(2))
+    for s0 in range(0, prompt, 128):
+        s1 = min(prompt, s0 + 128)
+        for c in (ring, ref):
+            c.write(s0, k[s0:s1], v[s0:s1])
+            c.attend(q[s0:s1], s0, D ** -0.5, window=W)
+    ring.flush()
+    for pos in range(prompt, n):
+        p = torch.tensor([pos], dtype=torch.int32)
+        ring.write_at(p, k[pos:pos + 1], v[pos:pos + 1])
+        ref.write(pos, k[pos:pos + 1], v[pos:pos + 1])
+        out = ring.attend_at(q[pos:pos + 1], p, D ** -0.5)[0]
+        ref.attend(q[pos:pos + 1], pos, D ** -0.5, window=W)
+        err = (out.double() - window_ref(q[pos], ks, vs, pos, W)).abs().max().item()
+        assert err < 2e-5, (pos, err)
+    assert torch.equal(ring.k.view(torch.uint8), ref.k.view(torch.uint8))
+    assert torch.equal(ring.v.view(torch.uint8), ref.v.view(torch.uint8))
+
+
+def test_gemma3_static_decode_matches_eager_through_wrapping_rings(monkeypatch):
+    """tiny-gemma3 (5 sliding-window layers of window 8 in rings of 520 rows, one global) in
+    the static decode step (device position, the step a CUDA graph captures; Triton by the
+    interpreter here) against the eager step, from position 515 across the rings' end: the
+    same logits to float32 summation order and the same greedy tokens."""
+    from engine import synth
+    import engine
+    from engine.kv_ring import RingKV as Ring
+    eng = engine.load(synth.ensure("tiny-gemma3"), kv_dtype="q8_0", ctx=600)
+    assert sum(isinstance(c, Ring) for c in eng.caches) == 5 and eng.caches[0].rows == 520
+    prompt = torch.randint(100, 40000, (515,), generator=torch.Generator().manual_seed(4)).tolist()
+    prev = kernels.set_backend("torch")
+    try:
+        eng.set_decode_mode("eager")
+        eng.prefill(prompt)
+        eager = torch.stack([eng.decode(prompt[-1] + i) for i in range(8)])
+    finally:
+        kernels.set_backend(prev)
+    prev = kernels.set_backend("triton")
+    try:
+        eng.set_decode_mode("static")
+        assert eng.decode_path == "static", eng.decode_path_reason
+        kernels.set_backend("torch")
+        eng.prefill(prompt)
+        kernels.set_backend("triton")
+        static = torch.stack([eng.decode(prompt[-1] + i) for i in range(8)])
+    finally:
+        kernels.set_backend(prev)
+    err = (static - eager).abs().max().item()
+    print(f"tiny-gemma3 static vs eager, positions 515-522 (rings of 520 rows): max abs {err:.2e}")
+    assert err < 1e-4 * eager.abs().max().item()
+    assert torch.equal(static.argmax(-1), eager.argmax(-1))
+
+
 def test_windowed_prefill_on_the_triton_backend_is_the_torch_reference(triton_backend):
     k, v, q = _data(60, 3)
     tri = LayerKV(0, HKV, D, 64, "q8_0")

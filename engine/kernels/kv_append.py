@@ -74,7 +74,8 @@ def _store_row(x, OUT, OUT_S, row, c, mask, n_cols, stride_out, stride_out_s, pi
 @triton.jit
 def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_out_s,
                       FMT: tl.constexpr, BLOCK: tl.constexpr, DEV_POS: tl.constexpr,
-                      SCALE_BF16: tl.constexpr = False, SCALE_SHIFT: tl.constexpr = False):
+                      SCALE_BF16: tl.constexpr = False, SCALE_SHIFT: tl.constexpr = False,
+                      RING: tl.constexpr = 0):
     # grid: (T, cdiv(n_cols, BLOCK)); one program stores BLOCK values of one token row.
     # DEV_POS: OUT is the whole buffer and the first row is read from POS (a device int), so
     # the launch is the same at every position (CUDA graphs).
@@ -85,6 +86,8 @@ def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_o
     row = t.to(tl.int64)
     if DEV_POS:
         row += tl.load(POS).to(tl.int64)
+    if RING > 0:                    # a sliding-window ring (engine.kv_ring): position p in row p % RING
+        row = row % RING
     _store_row(x, OUT, OUT_S, row, c, mask, n_cols, stride_out, stride_out_s, tl.program_id(1),
                FMT, BLOCK, SCALE_BF16, SCALE_SHIFT)
 
@@ -93,13 +96,16 @@ def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_o
 def _kv_append_pair_kernel(XK, XV, OK, OKS, OV, OVS, POS, n_cols, stride_xk, stride_xv, stride_ok, stride_oks,
                            stride_ov, stride_ovs, KFMT: tl.constexpr, VFMT: tl.constexpr, BLOCK: tl.constexpr,
                            K_SCALE_BF16: tl.constexpr = False, K_SCALE_SHIFT: tl.constexpr = False,
-                           V_SCALE_BF16: tl.constexpr = False, V_SCALE_SHIFT: tl.constexpr = False):
+                           V_SCALE_BF16: tl.constexpr = False, V_SCALE_SHIFT: tl.constexpr = False,
+                           RING: tl.constexpr = 0):
     # grid: (T, cdiv(n_cols, BLOCK), 2): axis 2 picks K (0) or V (1); rows from POS (device).
     t = tl.program_id(0)
     pid1 = tl.program_id(1)
     c = pid1 * BLOCK + tl.arange(0, BLOCK)
     mask = c < n_cols
     row = t.to(tl.int64) + tl.load(POS).to(tl.int64)
+    if RING > 0:
+        row = row % RING
     if tl.program_id(2) == 0:
         x = tl.load(XK + t * stride_xk + c, mask=mask, other=0.0)
         _store_row(x, OK, OKS, row, c, mask, n_cols, stride_ok, stride_oks, pid1, KFMT, BLOCK,
@@ -140,13 +146,16 @@ def _block(fmt: str, n_cols: int) -> int:
 
 
 def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
-              pos: torch.Tensor | None = None) -> None:
+              pos: torch.Tensor | None = None, ring_rows: int | None = None) -> None:
     """Store ``x`` [T, Hkv, D] float32 into ``buf`` rows ``start..``; Triton or torch per backend.
 
     ``pos`` (Triton only): a one-element int device tensor holding ``start`` instead, so the
-    launch does not depend on the position (no host sync, capturable in a CUDA graph)."""
+    launch does not depend on the position (no host sync, capturable in a CUDA graph).
+    ``ring_rows`` (with ``pos`` only): ``buf`` is a ring, position p goes to row p % ring_rows."""
     if pos is not None and not use_triton(buf.device):
         raise ValueError("kv_append(pos=...) needs the Triton backend")
+    if ring_rows is not None and pos is None:
+        raise ValueError("kv_append(ring_rows=...) takes the position on the device (pos=...)")
     if not use_triton(buf.device):
         kv_append_ref(buf, start, x, fmt)
         return
@@ -157,11 +166,12 @@ def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
                             out.stride(0), stride_s, FMT=KV_FORMAT_CODES[fmt], BLOCK=BLOCK,
                             DEV_POS=pos is not None,
                             SCALE_BF16=fmt == "q8_0" and planted("q8_scale_bf16"),
-                            SCALE_SHIFT=fmt == "q8_0" and planted("q8_scale_shift"))
+                            SCALE_SHIFT=fmt == "q8_0" and planted("q8_scale_shift"),
+                            RING=ring_rows or 0)
 
 
 def kv_append_pair(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   k_fmt: str, v_fmt: str, pos: torch.Tensor) -> None:
+                   k_fmt: str, v_fmt: str, pos: torch.Tensor, ring_rows: int | None = None) -> None:
     """``kv_append(k_buf, None, k, k_fmt, pos)`` and the same for V in one launch (Triton, the
     position on the device: the captured decode step's append, one kernel instead of two).
     The bytes written are those of the two single appends (same per-format code)."""
@@ -179,7 +189,8 @@ def kv_append_pair(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v:
                                  K_SCALE_BF16=k_fmt == "q8_0" and planted("q8_scale_bf16"),
                                  K_SCALE_SHIFT=k_fmt == "q8_0" and planted("q8_scale_shift"),
                                  V_SCALE_BF16=v_fmt == "q8_0" and planted("q8_scale_bf16"),
-                                 V_SCALE_SHIFT=v_fmt == "q8_0" and planted("q8_scale_shift"))
+                                 V_SCALE_SHIFT=v_fmt == "q8_0" and planted("q8_scale_shift"),
+                                 RING=ring_rows or 0)
 
 
 # --- torch references -----------------------------------------------------------------------
