@@ -41,7 +41,7 @@ import torch
 
 from . import formats, kernels
 from .errors import ConfigError, ContextOverflowError
-from .kernels.kv_append import kv_append, quantize_q8_0_ref, dequantize_q8_0_ref
+from .kernels.kv_append import kv_append, kv_append_at, quantize_q8_0_ref, dequantize_q8_0_ref
 from .kernels.decode_attention import decode_attention
 from .kernels.prefill_attention import (MAX_WAVE_ROWS, WavePlan, plan_waves, prefill_attention,
                                         prefill_attention_fast,
@@ -242,13 +242,7 @@ class LayerKV(CacheObservables):
         """``write`` of one token at the position held by ``pos`` (one-element int tensor on
         the cache's device); Triton only, no host sync, so a CUDA graph can capture it. The
         caller guarantees ``pos < max_tokens`` (the graph's owner checks it on the host)."""
-        from . import settings
-        if settings.get("KVBENCH_DECODE_KV_PAIR"):
-            from .kernels.kv_append import kv_append_pair
-            kv_append_pair(self.k, self.v, k, v, self.k_format, self.v_format, pos)
-            return
-        kv_append(self.k, None, k, self.k_format, pos=pos)
-        kv_append(self.v, None, v, self.v_format, pos=pos)
+        kv_append_at(self.k, self.v, k, v, self.k_format, self.v_format, pos)
 
     def attend_at(self, q: torch.Tensor, pos: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
         """``attend`` for one query row [1, Hq, D] at the position held by ``pos`` (``window``:

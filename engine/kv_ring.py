@@ -32,7 +32,7 @@ import torch
 from . import kernels
 from .errors import ConfigError, ContextOverflowError
 from .formats import DEFAULT_WAVE_BUDGET
-from .kernels.kv_append import kv_append
+from .kernels.kv_append import kv_append, kv_append_at
 from .kernels.prefill_attention import (CHUNK_ROWS, MAX_WAVE_ROWS, WavePlan, plan_waves,
                                         prefill_attention_ref)
 from .kernels import decode_attention as dattn, q8_layout
@@ -155,13 +155,7 @@ class RingKV(CacheObservables):
         """``write`` of one token at the position held by ``pos`` (device), into row pos % rows;
         Triton only, no host sync, so a CUDA graph can capture it. Held prefill K/V must have
         been stored first (``flush``)."""
-        from . import settings
-        if settings.get("KVBENCH_DECODE_KV_PAIR"):
-            from .kernels.kv_append import kv_append_pair
-            kv_append_pair(self.k, self.v, k, v, self.k_format, self.v_format, pos, ring_rows=self.rows)
-            return
-        kv_append(self.k, None, k, self.k_format, pos=pos, ring_rows=self.rows)
-        kv_append(self.v, None, v, self.v_format, pos=pos, ring_rows=self.rows)
+        kv_append_at(self.k, self.v, k, v, self.k_format, self.v_format, pos, ring_rows=self.rows)
 
     def attend_at(self, q: torch.Tensor, pos: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
         """``attend`` for one query row [1, Hq, D] at the position held by ``pos``: the window's

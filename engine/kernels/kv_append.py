@@ -193,6 +193,18 @@ def kv_append_pair(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v:
                                  RING=ring_rows or 0)
 
 
+def kv_append_at(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                 k_fmt: str, v_fmt: str, pos: torch.Tensor, ring_rows: int | None = None) -> None:
+    """A cache's one-token write at a device position (``LayerKV``/``RingKV.write_at``): K and V
+    in one launch when ``KVBENCH_DECODE_KV_PAIR`` is on, else two ``kv_append`` launches."""
+    from .. import settings
+    if settings.get("KVBENCH_DECODE_KV_PAIR"):
+        kv_append_pair(k_buf, v_buf, k, v, k_fmt, v_fmt, pos, ring_rows=ring_rows)
+        return
+    kv_append(k_buf, None, k, k_fmt, pos=pos, ring_rows=ring_rows)
+    kv_append(v_buf, None, v, v_fmt, pos=pos, ring_rows=ring_rows)
+
+
 # --- torch references -----------------------------------------------------------------------
 def _scale_fault(d: torch.Tensor) -> torch.Tensor:
     """The planted fault q8_scale_bf16 (harness self-test): the scale rounded to the wrong width."""
