@@ -101,6 +101,9 @@ class StaticDecode:
         self._rings = [c for c in self.caches if hasattr(c, "flush")]     # sliding-window layers
         self.fused_qkv = bool(settings.get("KVBENCH_DECODE_FUSED_QKV"))
         self.fused_gate_up = bool(settings.get("KVBENCH_DECODE_FUSED_GATE_UP"))
+        # applied, not only asked: the layers whose projections run through engine.kernels.gemv
+        self.fused_gemv = bool(settings.get("KVBENCH_DECODE_FUSED_GEMV")) and self.fused_qkv and \
+            any(self.model.fused_gemv_layers(dev))
         self.route_kernel = bool(settings.get("KVBENCH_DECODE_ROUTE_KERNEL"))
         self.device_embed = bool(settings.get("KVBENCH_DECODE_DEVICE_EMBED")) and \
             self.model.embed_table(dev) is not None
@@ -120,7 +123,7 @@ class StaticDecode:
         x = self.model.decode_embed(self.token, compiled=self.compiled) if self.device_embed else self.x
         h = self.model.decode_at(x, self.pos, self.caches, compiled=self.compiled,
                                  fused_qkv=self.fused_qkv, route_kernel=self.route_kernel,
-                                 fused_gate_up=self.fused_gate_up)
+                                 fused_gate_up=self.fused_gate_up, fused_gemv=self.fused_gemv)
         logits, nxt = self.model.decode_head(h)
         if self.device_embed:                    # the next step's inputs, on the device
             self.token.copy_(nxt.reshape(1))

@@ -223,6 +223,26 @@ def decode_pre_attention(s: ModelSpec, x, attn_norm, wq, wk, wv, wqkv, q_norm, k
     tables). x [1, d] -> q [1, Hq, D], k, v [1, Hkv, D]."""
     h = rms_norm(x, attn_norm, s.rms_eps)
     q, k, v = qkv_proj(s, h, wq, wk, wv, wqkv)
+    return decode_qk_rope(s, q, k, v, q_norm, k_norm, cos, sin, pos)
+
+
+def decode_qkv_rope(s: ModelSpec, qkv, q_norm, k_norm, cos, sin, pos):
+    """``decode_pre_attention`` after its projection, from the fused projection qkv [1, q+2kv]
+    (``engine.kernels.gemv``'s output): q/k norms and RoPE. Without q/k norms, q and k rotate
+    as one [1, Hq + Hkv, D] tensor (one fused kernel, the same element-wise maths)."""
+    if s.qk_norm is None:
+        qk = qkv[:, :s.q_dim + s.kv_dim].view(1, s.n_heads + s.n_kv_heads, s.head_dim)
+        c, sn = cos.index_select(0, pos)[:, None, :], sin.index_select(0, pos)[:, None, :]
+        r = rotate(qk, c, sn, s.rope_type)
+        v = qkv[:, s.q_dim + s.kv_dim:].reshape(1, s.n_kv_heads, s.head_dim)
+        return r[:, :s.n_heads], r[:, s.n_heads:], v.contiguous()
+    q, k, v = qkv.split([s.q_dim, s.kv_dim, s.kv_dim], dim=-1)
+    return decode_qk_rope(s, q, k, v, q_norm, k_norm, cos, sin, pos)
+
+
+def decode_qk_rope(s: ModelSpec, q, k, v, q_norm, k_norm, cos, sin, pos):
+    """The decode step's q/k norms and RoPE at the position held by ``pos``: q [1, q_dim],
+    k, v [1, kv_dim] -> q [1, Hq, D], k, v [1, Hkv, D]."""
     if s.qk_norm == "full":
         q, k = rms_norm(q, q_norm, s.rms_eps), rms_norm(k, k_norm, s.rms_eps)
     q = q.view(1, s.n_heads, s.head_dim)
@@ -461,7 +481,7 @@ class Transformer:
         if self._decode_fns is None or self._decode_fns[0] != compiled:
             fns = [functools.partial(f, self.spec) for f in (
                 decode_pre_attention, decode_post_attention, decode_head, decode_post_attention_moe,
-                decode_post_attention_moe_logits, decode_embed)]
+                decode_post_attention_moe_logits, decode_embed, decode_qkv_rope)]
             if compiled:
                 _allow_recompiles()
                 fns = [torch.compile(f, dynamic=False, fullgraph=True) for f in fns]
@@ -492,9 +512,27 @@ class Transformer:
             raise ValueError(f"decode_embed: no embedding table on {token.device}")
         return self._decode_functions(compiled)[5](table, token)
 
+    def fused_gemv_layers(self, device) -> list[bool]:
+        """Per layer: does ``decode_at(fused_gemv=True)`` run it through ``engine.kernels.gemv``
+        on ``device``? Where Triton runs, weights are float32 or bfloat16 and the layer holds
+        ``wqkv`` (its norm and q/k/v in one launch; a dense FFN without post norms, with
+        ``w_gu``, also gets its output projection + residual, its FFN norm + gate/up and its
+        activation + down + residual in one launch each). Others run the compiled torch maths."""
+        from . import kernels
+        if not kernels.use_triton(torch.device(device)):
+            return [False] * self.spec.n_layers
+        return [w.wqkv is not None and w.wqkv.dtype in (torch.float32, torch.bfloat16)
+                and w.wqkv.device.type == torch.device(device).type for w in self.layers]
+
+    def _dense_gemv(self, w) -> bool:
+        """A dense FFN layer whose whole post-attention part runs through the gemv kernel."""
+        return (w.router is None and w.w_gu is not None and w.post_attn_norm is None
+                and w.post_ffn_norm is None and w.wo.stride(1) == 1 and w.w_down.stride(1) == 1
+                and w.wo.dtype == w.w_gu.dtype == w.w_down.dtype == w.wqkv.dtype)
+
     def decode_at(self, x: torch.Tensor, pos: torch.Tensor, caches, compiled: bool = False,
                   fused_qkv: bool | None = None, route_kernel: bool | None = None,
-                  fused_gate_up: bool | None = None) -> torch.Tensor:
+                  fused_gate_up: bool | None = None, fused_gemv: bool | None = None) -> torch.Tensor:
         """One decode step with the position on the device: ``x`` [1, d] float32 embedded token
         on the trunk device, ``pos`` one-element long tensor there. Every layer on that device
         (sliding-window layers through their caches' ``attend_at(window=)``); no host sync, so a CUDA graph can capture it. The maths around
@@ -510,25 +548,42 @@ class Transformer:
         first: an expert cache's slots through its slot table); the host never sees which
         experts were used (``StaticDecode`` counts them as resident hits). Returns the final
         hidden [1, d]. ``fused_gate_up`` (default ``KVBENCH_DECODE_FUSED_GATE_UP``): a dense FFN's
-        gate and up from one matmul over ``w_gu`` where the layer has one."""
+        gate and up from one matmul over ``w_gu`` where the layer has one. ``fused_gemv`` (default
+        ``KVBENCH_DECODE_FUSED_GEMV``): the layers ``fused_gemv_layers`` names run their
+        projections through ``engine.kernels.gemv`` with the norms, activation and residual
+        adds fused in (the same maths and roundings as ``mm``; only summation order differs)."""
         s = self.spec
         fused_qkv = fused_qkv_on() if fused_qkv is None else fused_qkv
         fused_gate_up = fused_gate_up_on() if fused_gate_up is None else fused_gate_up
         if route_kernel is None:
             route_kernel = bool(settings.get("KVBENCH_DECODE_ROUTE_KERNEL"))
-        pre, post, _, post_moe, post_moe_logits, _ = self._decode_functions(compiled)
+        if fused_gemv is None:
+            fused_gemv = bool(settings.get("KVBENCH_DECODE_FUSED_GEMV"))
+        pre, post, _, post_moe, post_moe_logits, _, qkv_rope = self._decode_functions(compiled)
         run = self._moe_kernel(x.device)
         route = self._route_kernel(x.device) if route_kernel else None
+        gemv_on = self.fused_gemv_layers(x.device) if fused_gemv and fused_qkv else [False] * s.n_layers
+        if any(gemv_on):
+            from .kernels.gemv import gemv
         for i in range(s.n_layers):
             w, rope = self.layers[i], self._rope(x.device, s.rope_base_of(i))
-            q, k, v = pre(x, w.attn_norm, w.wq, w.wk, w.wv, w.wqkv if fused_qkv else None, w.q_norm, w.k_norm,
-                          rope.cos, rope.sin, pos)
+            if gemv_on[i]:
+                qkv = gemv(x, w.wqkv, "rms", g=w.attn_norm, eps=s.rms_eps)
+                q, k, v = qkv_rope(qkv, w.q_norm, w.k_norm, rope.cos, rope.sin, pos)
+            else:
+                q, k, v = pre(x, w.attn_norm, w.wq, w.wk, w.wv, w.wqkv if fused_qkv else None, w.q_norm,
+                              w.k_norm, rope.cos, rope.sin, pos)
             caches[i].write_at(pos, k, v)
             if self.attn_math != "exact":
                 q = attn_math.q_for_k(q, caches[i].k_format, self.attn_math)
             window = s.window(i)
             o = caches[i].attend_at(q, pos, self.scale, window=window) if window else \
                 caches[i].attend_at(q, pos, self.scale)
+            if gemv_on[i] and fused_gate_up and self._dense_gemv(w):
+                x = gemv(o.reshape(1, s.q_dim), w.wo, residual=x)
+                gu = gemv(x, w.w_gu, "rms", g=w.ffn_norm, eps=s.rms_eps)
+                x = gemv(gu, w.w_down, "gelu_tanh" if s.ffn_act == "gelu_tanh" else "silu", residual=x)
+                continue
             if w.router is None:
                 x = post(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.w_gate, w.w_up, w.w_down, w.post_ffn_norm,
                          w.w_gu if fused_gate_up else None)

@@ -78,6 +78,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_DECODE_FUSED_GATE_UP", "bool", True, "a dense FFN's gate/up weights in one [2ff, d] "
        "buffer (w_gate/w_up are row views of it, same bytes) read by one matmul per decode step",
        numerics=True),
+    _s("KVBENCH_DECODE_FUSED_GEMV", "bool", True, "the captured decode step's projections through "
+       "engine.kernels.gemv where Triton runs (f32/bf16 weights, fused q/k/v): RMS norm, activation and "
+       "residual add fused into the matrix-vector launches", numerics=True),
+    _s("KVBENCH_GEMV_BLOCK_N", "int", None, "engine.kernels.gemv output rows per program (default: "
+       "by the row count)", lo=1, hi=64),
     _s("KVBENCH_DECODE_KV_PAIR", "bool", True, "the captured decode step appends K and V in one "
        "Triton launch (kv_append_pair: the same bytes as two)"),
     _s("KVBENCH_DECODE_ROUTE_KERNEL", "bool", True, "static decode routes MoE tokens with the Triton "

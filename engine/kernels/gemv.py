@@ -1,0 +1,160 @@
+"""One token's matrix-vector products with their neighbours fused in (the decode step, issue 14.2).
+
+Contract: ``gemv(x, w, prologue=, g=, eps=, residual=)`` returns ``y [1, N]`` float32 with
+
+    y = round_w(pro(x) @ w.T) (+ residual)
+
+for one token: ``w [N, K]`` (rows contiguous along K; a row view of a fused buffer is fine)
+float32 or bfloat16 (the weight formats the decode step runs); ``x`` float32 on the same device. The prologue is the op that
+feeds the product, recomputed by every program from ``x`` (a few KB) so it needs no launch of
+its own:
+
+- ``"none"``: ``x [1, K]`` as it is;
+- ``"rms"``: ``x * rsqrt(mean(x^2) + eps) * g`` (``engine.model.rms_norm``), ``g [K]``;
+- ``"silu"`` / ``"gelu_tanh"``: ``x = [gate | up]`` of ``[1, 2K]`` (``w_gu``'s output),
+  ``act(gate) * up`` (a dense FFN's SwiGLU / GeGLU before its down projection).
+
+The rounding is ``engine.model.mm``'s: with bfloat16 ``w`` the input is rounded to
+bfloat16 (nearest, ties to even), products accumulate in float32 and the result is rounded to bfloat16 (what
+``(x.to(w.dtype) @ w.T).float()`` returns); float32 ``w`` rounds nothing. ``residual [1, N]``
+float32 is added after that rounding (``x + mm(...)``). Summation order differs from
+cuBLAS's, so results agree with ``gemv_ref`` to float32 summation error before the rounding
+(a value at a bf16 rounding boundary can land one bf16 ulp apart). One program per
+``BLOCK_N`` output rows; launches read nothing on the host, so a CUDA graph captures them.
+``gemv_ref`` is the same maths from ``engine.model``'s own torch ops.
+
+    qkv = gemv(x, w.wqkv, prologue="rms", g=w.attn_norm, eps=spec.rms_eps)
+    x = gemv(o, w.wo, residual=x)
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+PROLOGUES = {"none": 0, "rms": 1, "silu": 2, "gelu_tanh": 3}
+_GELU_C = 0.7978845608028654          # sqrt(2 / pi)
+
+
+@triton.jit
+def _round_bf16(v):
+    """float32 -> the nearest bfloat16 (ties to even), kept in float32. Integer maths, not a
+    cast: Triton's interpreter truncates float32 -> bfloat16 casts whatever rounding is asked."""
+    u = v.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _gemv_kernel(X, W, Y, G, R, N, K, stride_w, eps,
+                 PRO: tl.constexpr, RES: tl.constexpr, NARROW: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    offs = tl.arange(0, BLOCK_K)
+    inv = 1.0
+    if PRO == 1:                                   # the row's inverse RMS, from all K inputs
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            c = k0 + offs
+            xv = tl.load(X + c, mask=c < K, other=0.0)
+            ss += xv * xv
+        inv = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        c = k0 + offs
+        cm = c < K
+        if PRO >= 2:                               # act(gate) * up from [gate | up]
+            a = tl.load(X + c, mask=cm, other=0.0)
+            b = tl.load(X + K + c, mask=cm, other=0.0)
+            if PRO == 2:
+                a = a * tl.sigmoid(a)
+            else:
+                z = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+                a = 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))
+            xv = a * b
+        else:
+            xv = tl.load(X + c, mask=cm, other=0.0)
+            if PRO == 1:
+                xv = xv * inv * tl.load(G + c, mask=cm, other=0.0)
+        if NARROW:
+            xv = _round_bf16(xv)
+        wv = tl.load(W + rows[:, None] * stride_w + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
+        acc += wv.to(tl.float32) * xv[None, :]
+    y = tl.sum(acc, axis=1)
+    if NARROW:
+        y = _round_bf16(y)
+    if RES:
+        y += tl.load(R + rows, mask=rmask, other=0.0)
+    tl.store(Y + rows, y, mask=rmask)
+
+
+def _check(x, w, prologue, g, residual) -> int:
+    if prologue not in PROLOGUES:
+        raise ValueError(f"gemv: prologue {prologue!r} is not one of {', '.join(PROLOGUES)}")
+    if w.dim() != 2 or w.stride(1) != 1:
+        raise ValueError(f"gemv: w {tuple(w.shape)} must be [N, K] with rows contiguous along K")
+    if w.dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"gemv: w dtype {w.dtype} is not float32 / bfloat16 (the decode step's "
+                         f"weight formats); use engine.model.mm")
+    N, K = w.shape
+    want = 2 * K if prologue in ("silu", "gelu_tanh") else K
+    if x.dtype != torch.float32 or x.numel() != want:
+        raise ValueError(f"gemv: x must be float32 with {want} values for prologue {prologue!r} "
+                         f"(w {tuple(w.shape)}), got {x.dtype} {tuple(x.shape)}")
+    if prologue == "rms" and (g is None or g.numel() != K):
+        raise ValueError(f"gemv: prologue 'rms' needs g with {K} values")
+    if residual is not None and (residual.numel() != N or residual.dtype != torch.float32):
+        raise ValueError(f"gemv: residual must be float32 with {N} values")
+    return want
+
+
+def block_n(n: int) -> int:
+    """Rows per program: enough programs to spread one weight read over the SMs (a decode GEMV
+    is a ~1 MB read, bound by latency: more, smaller programs beat fewer wide ones).
+    ``KVBENCH_GEMV_BLOCK_N`` overrides it (benchmarks/bench_gemv.py sweeps it)."""
+    from .. import settings
+    forced = settings.get("KVBENCH_GEMV_BLOCK_N")
+    if forced:
+        if forced & (forced - 1):
+            from ..errors import ConfigError
+            raise ConfigError(f"KVBENCH_GEMV_BLOCK_N={forced} is not a power of two", "use 1, 2, 4, ... 64")
+        return int(forced)
+    return 4 if n <= 2048 else 8
+
+
+def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tensor | None = None,
+         eps: float = 0.0, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton launch (interpreted on CPU); see the module docstring."""
+    _check(x, w, prologue, g, residual)
+    N, K = w.shape
+    xin = x.reshape(-1)
+    if not xin.is_contiguous():
+        xin = xin.contiguous()
+    y = torch.empty(1, N, dtype=torch.float32, device=x.device) if out is None else out
+    bn = block_n(N)
+    gg = g if g is not None else xin
+    rr = residual.reshape(-1) if residual is not None else xin
+    _gemv_kernel[(triton.cdiv(N, bn),)](
+        xin, w, y, gg, rr, N, K, w.stride(0), float(eps),
+        PRO=PROLOGUES[prologue], RES=residual is not None, NARROW=w.dtype != torch.float32,
+        BLOCK_N=bn, BLOCK_K=128 if K >= 128 else triton.next_power_of_2(K), num_warps=4)
+    return y
+
+
+def gemv_ref(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tensor | None = None,
+             eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Plain torch reference: ``engine.model``'s ``rms_norm`` / ``mm`` and torch's activations."""
+    from ..model import mm, rms_norm
+    want = _check(x, w, prologue, g, residual)
+    h = x.reshape(1, want)
+    if prologue == "rms":
+        h = rms_norm(h, g, eps)
+    elif prologue in ("silu", "gelu_tanh"):
+        gate, up = h.split([want // 2, want // 2], dim=-1)
+        gate = F.silu(gate) if prologue == "silu" else F.gelu(gate, approximate="tanh")
+        h = gate * up
+    y = mm(h, w)
+    return y if residual is None else residual.reshape(1, -1) + y
