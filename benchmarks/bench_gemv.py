@@ -4,8 +4,9 @@ Contract: on CUDA, for each projection shape of a model's decode step (SmolLM2 g
 default: q/k/v 960x576, output 576x576, gate/up 3072x576, down 576x1536; bf16 weights), times
 (a) what the unfused step runs: ``engine.model.mm`` plus the neighbouring torch op (RMS norm
 before, SwiGLU before, residual add after) and (b) ``gemv`` with that op fused, for each
-rows-per-program setting in ``--block-n``; each inside a CUDA graph of ``--reps`` launches
-(``triton.testing.do_bench_cudagraph``), so launch gaps count as in the captured step.
+tile setting in ``--variants`` (rows x columns per step); each inside a CUDA graph
+(``triton.testing.do_bench_cudagraph``), so launch gaps count as in the captured step, over
+enough copies of the weight (~128 MB) that every call reads it from HBM, not from L2.
 Prints a table and writes ``--out`` JSON: microseconds per call and effective GB/s (weight
 bytes / time). Not a test: numbers only (correctness is tests/test_gemv.py).
 
@@ -30,7 +31,8 @@ SHAPES = {"qkv": (960, 576, "rms"), "o": (576, 576, "res"), "gate_up": (3072, 57
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--block-n", default="default,2,4,8,16")
+    ap.add_argument("--variants", default="default,4x128,8x256,4x512,8x512,16x1024",
+                    help="BLOCK_NxBLOCK_K settings to time (default: the kernel's own choice)")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -42,40 +44,54 @@ def main() -> int:
     from engine.model import mm, rms_norm
     dev = torch.device("cuda")
     rows = []
+    variants = [tuple(v.split("x")) if "x" in v else (v, "default") for v in args.variants.split(",")]
     for name, (N, K, kind) in SHAPES.items():
-        w = torch.randn(N, K, device=dev).to(torch.bfloat16)
+        # enough copies of the weight that one pass over them (~128 MB) leaves the 50-60 MB L2
+        # behind: each call reads its weights from HBM, as the decode step does
+        copies = max(1, (128 << 20) // (N * K * 2))
+        ws = [torch.randn(N, K, device=dev).to(torch.bfloat16) for _ in range(copies)]
         g = torch.rand(K, device=dev) + 0.5
         xk = 2 * K if kind == "silu_res" else K
         x = torch.randn(1, xk, device=dev)
         r = torch.randn(1, N, device=dev)
-        if kind == "rms":
-            torch_fn = lambda: mm(rms_norm(x, g, 1e-5), w)                          # noqa: E731
-        elif kind == "res":
-            torch_fn = lambda: r + mm(x, w)                                         # noqa: E731
-        else:
-            torch_fn = lambda: r + mm(F.silu(x[:, :K]) * x[:, K:], w)               # noqa: E731
-        fns = {"torch (mm + op)": torch_fn}
-        for bn in args.block_n.split(","):
-            def fused(bn=bn):
-                if bn != "default":
-                    os.environ["KVBENCH_GEMV_BLOCK_N"] = bn
+
+        def torch_one(w):
+            if kind == "rms":
+                return mm(rms_norm(x, g, 1e-5), w)
+            if kind == "res":
+                return r + mm(x, w)
+            return r + mm(F.silu(x[:, :K]) * x[:, K:], w)
+
+        def gemv_one(w):
+            if kind == "rms":
+                return gemv(x, w, "rms", g=g, eps=1e-5)
+            if kind == "res":
+                return gemv(x, w, residual=r)
+            return gemv(x, w, "silu", residual=r)
+        fns = {"torch (mm + op)": (None, None, torch_one)}
+        for bn, bk in variants:
+            fns[f"gemv bn={bn} bk={bk}"] = (bn, bk, gemv_one)
+        for label, (bn, bk, one) in fns.items():
+            for key, val in (("KVBENCH_GEMV_BLOCK_N", bn), ("KVBENCH_GEMV_BLOCK_K", bk)):
+                if val in (None, "default"):
+                    os.environ.pop(key, None)
                 else:
-                    os.environ.pop("KVBENCH_GEMV_BLOCK_N", None)
-                if kind == "rms":
-                    return gemv(x, w, "rms", g=g, eps=1e-5)
-                if kind == "res":
-                    return gemv(x, w, residual=r)
-                return gemv(x, w, "silu", residual=r)
-            fns[f"gemv block_n={bn}"] = fused
-        for label, fn in fns.items():
-            fn()
+                    os.environ[key] = val
+
+            def run(one=one):
+                for w in ws:
+                    one(w)
+            run()
             torch.cuda.synchronize()
-            # the env var is read at launch time: a graph replays what was captured with it
-            us = triton.testing.do_bench_cudagraph(fn, rep=args.reps) * 1e3
+            # the settings are read at launch time: the graph replays what was captured with them
+            us = triton.testing.do_bench_cudagraph(run, rep=args.reps) * 1e3 / copies
             gbs = N * K * 2 / (us * 1e-6) / 1e9
-            rows.append({"shape": name, "N": N, "K": K, "impl": label, "us": round(us, 2), "gb_s": round(gbs, 1)})
-            print(f"{name:8s} {N:5d}x{K:<5d} {label:22s} {us:8.2f} us  {gbs:7.1f} GB/s", flush=True)
-        os.environ.pop("KVBENCH_GEMV_BLOCK_N", None)
+            rows.append({"shape": name, "N": N, "K": K, "impl": label, "us": round(us, 2), "gb_s": round(gbs, 1),
+                         "copies": copies})
+            print(f"{name:8s} {N:5d}x{K:<5d} {label:26s} {us:8.2f} us  {gbs:7.1f} GB/s (HBM: {copies} copies)",
+                  flush=True)
+        for key in ("KVBENCH_GEMV_BLOCK_N", "KVBENCH_GEMV_BLOCK_K"):
+            os.environ.pop(key, None)
     doc = {"bench": "gemv", "device": torch.cuda.get_device_name(), "rows": rows}
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1))

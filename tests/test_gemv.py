@@ -110,7 +110,7 @@ def test_static_step_with_fused_gemv_matches_unfused_on_bf16_weights(triton_back
     bf16 rounding: a small fraction of the logits' spread. The applied flag says it ran."""
     import engine
     from engine import kernels, synth
-    eng = engine.load(synth.ensure("tiny-llama"), kv_dtype="fp32", ctx=40, weight_format="bf16")
+    eng = engine.load(synth.ensure("tiny-llama"), kv_dtype="fp32", ctx=40, weight_format="bf16", device=DEV)
     assert eng.model.layers[0].wqkv.dtype == torch.bfloat16
     prompt = [5, 17, 3, 99, 42, 7, 11, 64]
     runs = {}

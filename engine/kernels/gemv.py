@@ -47,9 +47,11 @@ def _round_bf16(v):
 
 
 @triton.jit
-def _gemv_kernel(X, W, Y, G, R, N, K, stride_w, eps,
+def _gemv_kernel(X, W, Y, G, R, N, stride_w, eps, K: tl.constexpr,
                  PRO: tl.constexpr, RES: tl.constexpr, NARROW: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # K is a compile-time constant and the K loops unroll (tl.static_range): every weight
+    # load of a program can be in flight at once (a decode GEMV is bound by memory latency)
     pid = tl.program_id(0)
     rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
     rmask = rows < N
@@ -57,13 +59,13 @@ def _gemv_kernel(X, W, Y, G, R, N, K, stride_w, eps,
     inv = 1.0
     if PRO == 1:                                   # the row's inverse RMS, from all K inputs
         ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        for k0 in tl.static_range(0, K, BLOCK_K):
             c = k0 + offs
             xv = tl.load(X + c, mask=c < K, other=0.0)
             ss += xv * xv
         inv = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in tl.static_range(0, K, BLOCK_K):
         c = k0 + offs
         cm = c < K
         if PRO >= 2:                               # act(gate) * up from [gate | up]
@@ -125,6 +127,18 @@ def block_n(n: int) -> int:
     return 4 if n <= 2048 else 8
 
 
+def block_k(k: int) -> int:
+    """Columns per unrolled step (``KVBENCH_GEMV_BLOCK_K`` overrides): 256 bf16 = 512 B per row."""
+    from .. import settings
+    forced = settings.get("KVBENCH_GEMV_BLOCK_K")
+    if forced:
+        if forced & (forced - 1):
+            from ..errors import ConfigError
+            raise ConfigError(f"KVBENCH_GEMV_BLOCK_K={forced} is not a power of two", "use 16, 32, ... 4096")
+        return int(forced)
+    return min(256, triton.next_power_of_2(k))
+
+
 def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tensor | None = None,
          eps: float = 0.0, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton launch (interpreted on CPU); see the module docstring."""
@@ -138,9 +152,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tens
     gg = g if g is not None else xin
     rr = residual.reshape(-1) if residual is not None else xin
     _gemv_kernel[(triton.cdiv(N, bn),)](
-        xin, w, y, gg, rr, N, K, w.stride(0), float(eps),
+        xin, w, y, gg, rr, N, w.stride(0), float(eps), K=K,
         PRO=PROLOGUES[prologue], RES=residual is not None, NARROW=w.dtype != torch.float32,
-        BLOCK_N=bn, BLOCK_K=128 if K >= 128 else triton.next_power_of_2(K), num_warps=4)
+        BLOCK_N=bn, BLOCK_K=block_k(K), num_warps=4)
     return y
 
 
