@@ -228,14 +228,15 @@ def decode_pre_attention(s: ModelSpec, x, attn_norm, wq, wk, wv, wqkv, q_norm, k
 
 def decode_qkv_rope(s: ModelSpec, qkv, q_norm, k_norm, cos, sin, pos):
     """``decode_pre_attention`` after its projection, from the fused projection qkv [1, q+2kv]
-    (``engine.kernels.gemv``'s output): q/k norms and RoPE. Without q/k norms, q and k rotate
-    as one [1, Hq + Hkv, D] tensor (one fused kernel, the same element-wise maths)."""
+    (``engine.kernels.gemv``'s output): q/k norms and RoPE -> (q, k, v) as
+    ``decode_pre_attention`` returns them, except that without q/k norms q and k rotate as one
+    tensor and come back as (qk [1, Hq + Hkv, D], None, v): the caller takes q and k as views
+    of it (returned apart, inductor wrote each with a kernel of its own). The same element-wise
+    maths either way."""
     if s.qk_norm is None:
         qk = qkv[:, :s.q_dim + s.kv_dim].view(1, s.n_heads + s.n_kv_heads, s.head_dim)
         c, sn = cos.index_select(0, pos)[:, None, :], sin.index_select(0, pos)[:, None, :]
-        r = rotate(qk, c, sn, s.rope_type)
-        v = qkv[:, s.q_dim + s.kv_dim:].reshape(1, s.n_kv_heads, s.head_dim)
-        return r[:, :s.n_heads], r[:, s.n_heads:], v.contiguous()
+        return rotate(qk, c, sn, s.rope_type), None, qkv[:, s.q_dim + s.kv_dim:].reshape(1, s.n_kv_heads, s.head_dim)
     q, k, v = qkv.split([s.q_dim, s.kv_dim, s.kv_dim], dim=-1)
     return decode_qk_rope(s, q, k, v, q_norm, k_norm, cos, sin, pos)
 
@@ -570,6 +571,8 @@ class Transformer:
             if gemv_on[i]:
                 qkv = gemv(x, w.wqkv, "rms", g=w.attn_norm, eps=s.rms_eps)
                 q, k, v = qkv_rope(qkv, w.q_norm, w.k_norm, rope.cos, rope.sin, pos)
+                if k is None:                            # q and k rotated as one tensor
+                    q, k = q[:, :s.n_heads], q[:, s.n_heads:]
             else:
                 q, k, v = pre(x, w.attn_norm, w.wq, w.wk, w.wv, w.wqkv if fused_qkv else None, w.q_norm,
                               w.k_norm, rope.cos, rope.sin, pos)

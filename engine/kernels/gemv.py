@@ -115,7 +115,9 @@ def _check(x, w, prologue, g, residual) -> int:
 
 def block_n(n: int) -> int:
     """Rows per program: enough programs to spread one weight read over the SMs (a decode GEMV
-    is a ~1 MB read, bound by latency: more, smaller programs beat fewer wide ones).
+    is a ~1 MB read, bound by latency: more, smaller programs beat fewer wide ones). 4 x 512
+    was the fastest tile at all four SmolLM2 projection shapes on the H200, reading HBM
+    (benchmarks/bench_gemv.py, reports/h200-2026-12-04e/call5: 2.4-3.6 us vs 3.0-4.7 at 4-8 x 256).
     ``KVBENCH_GEMV_BLOCK_N`` overrides it (benchmarks/bench_gemv.py sweeps it)."""
     from .. import settings
     forced = settings.get("KVBENCH_GEMV_BLOCK_N")
@@ -124,11 +126,11 @@ def block_n(n: int) -> int:
             from ..errors import ConfigError
             raise ConfigError(f"KVBENCH_GEMV_BLOCK_N={forced} is not a power of two", "use 1, 2, 4, ... 64")
         return int(forced)
-    return 4 if n <= 2048 else 8
+    return 4
 
 
 def block_k(k: int) -> int:
-    """Columns per unrolled step (``KVBENCH_GEMV_BLOCK_K`` overrides): 256 bf16 = 512 B per row."""
+    """Columns per unrolled step (``KVBENCH_GEMV_BLOCK_K`` overrides): 512 bf16 = 1 KB per row."""
     from .. import settings
     forced = settings.get("KVBENCH_GEMV_BLOCK_K")
     if forced:
@@ -136,7 +138,7 @@ def block_k(k: int) -> int:
             from ..errors import ConfigError
             raise ConfigError(f"KVBENCH_GEMV_BLOCK_K={forced} is not a power of two", "use 16, 32, ... 4096")
         return int(forced)
-    return min(256, triton.next_power_of_2(k))
+    return min(512, triton.next_power_of_2(k))
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tensor | None = None,
