@@ -1,7 +1,8 @@
 """The decode step's matrix-vector products: engine.kernels.gemv against cuBLAS (issue 14.2).
 
-Contract: on CUDA, for each projection shape of a model's decode step (SmolLM2 geometry by
-default: q/k/v 960x576, output 576x576, gate/up 3072x576, down 576x1536; bf16 weights), times
+Contract: on CUDA, for each projection shape of a model's decode step (``--geometry``:
+SmolLM2's q/k/v 960x576, output 576x576, gate/up 3072x576, down 576x1536; Qwen3-Coder-30B's
+q/k/v 5120x2048, output 2048x4096, router 128x2048; bf16 weights), times
 (a) what the unfused step runs: ``engine.model.mm`` plus the neighbouring torch op (RMS norm
 before, SwiGLU before, residual add after) and (b) ``gemv`` with that op fused, for each
 tile setting in ``--variants`` (rows x columns per step); each inside a CUDA graph
@@ -25,14 +26,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch                                       # noqa: E402
 import torch.nn.functional as F                    # noqa: E402
 
-SHAPES = {"qkv": (960, 576, "rms"), "o": (576, 576, "res"), "gate_up": (3072, 576, "rms"),
-          "down": (576, 1536, "silu_res")}
+SHAPES = {"smollm2": {"qkv": (960, 576, "rms"), "o": (576, 576, "res"), "gate_up": (3072, 576, "rms"),
+                      "down": (576, 1536, "silu_res")},
+          # Qwen3-Coder-30B-A3B's attention projections (d 2048, 32 x 128 q, 4 x 128 kv) and router
+          "coder30b": {"qkv": (5120, 2048, "rms"), "o": (2048, 4096, "res"), "router": (128, 2048, "rms")}}
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--variants", default="default,4x128,8x256,4x512,8x512,16x1024",
                     help="BLOCK_NxBLOCK_K settings to time (default: the kernel's own choice)")
+    ap.add_argument("--geometry", default="smollm2,coder30b", help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--reps", type=int, default=200)
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -45,7 +49,13 @@ def main() -> int:
     dev = torch.device("cuda")
     rows = []
     variants = [tuple(v.split("x")) if "x" in v else (v, "default") for v in args.variants.split(",")]
-    for name, (N, K, kind) in SHAPES.items():
+    shapes = {}
+    for geo in args.geometry.split(","):
+        if geo not in SHAPES:
+            print(f"bench_gemv: unknown geometry {geo!r} (one of {', '.join(SHAPES)})", file=sys.stderr)
+            return 2
+        shapes.update({f"{geo}.{k}": v for k, v in SHAPES[geo].items()})
+    for name, (N, K, kind) in shapes.items():
         # enough copies of the weight that one pass over them (~128 MB) leaves the 50-60 MB L2
         # behind: each call reads its weights from HBM, as the decode step does
         copies = max(1, (128 << 20) // (N * K * 2))
@@ -88,7 +98,7 @@ def main() -> int:
             gbs = N * K * 2 / (us * 1e-6) / 1e9
             rows.append({"shape": name, "N": N, "K": K, "impl": label, "us": round(us, 2), "gb_s": round(gbs, 1),
                          "copies": copies})
-            print(f"{name:8s} {N:5d}x{K:<5d} {label:26s} {us:8.2f} us  {gbs:7.1f} GB/s (HBM: {copies} copies)",
+            print(f"{name:16s} {N:5d}x{K:<5d} {label:26s} {us:8.2f} us  {gbs:7.1f} GB/s (HBM: {copies} copies)",
                   flush=True)
         for key in ("KVBENCH_GEMV_BLOCK_N", "KVBENCH_GEMV_BLOCK_K"):
             os.environ.pop(key, None)

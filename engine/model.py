@@ -312,6 +312,11 @@ def decode_post_attention_moe(s: ModelSpec, x, o, wo, post_attn_norm, ffn_norm, 
     return x, h, top_p[0], top_e[0]
 
 
+def decode_norm(s: ModelSpec, x, w):
+    """``rms_norm`` at the spec's eps (one compiled kernel in the fused-gemv MoE step)."""
+    return rms_norm(x, w, s.rms_eps)
+
+
 def decode_post_attention_moe_logits(s: ModelSpec, x, o, wo, post_attn_norm, ffn_norm, router):
     """``decode_post_attention_moe`` up to the router logits: (x, h, logits [1, E] float32);
     softmax and top-k then run in ``engine.kernels.route`` (outside the compiled function)."""
@@ -482,7 +487,7 @@ class Transformer:
         if self._decode_fns is None or self._decode_fns[0] != compiled:
             fns = [functools.partial(f, self.spec) for f in (
                 decode_pre_attention, decode_post_attention, decode_head, decode_post_attention_moe,
-                decode_post_attention_moe_logits, decode_embed, decode_qkv_rope)]
+                decode_post_attention_moe_logits, decode_embed, decode_qkv_rope, decode_norm)]
             if compiled:
                 _allow_recompiles()
                 fns = [torch.compile(f, dynamic=False, fullgraph=True) for f in fns]
@@ -531,6 +536,12 @@ class Transformer:
                 and w.post_ffn_norm is None and w.wo.stride(1) == 1 and w.w_down.stride(1) == 1
                 and w.wo.dtype == w.w_gu.dtype == w.w_down.dtype == w.wqkv.dtype)
 
+    @staticmethod
+    def _moe_gemv(w) -> bool:
+        """A MoE layer whose output projection and router run through the gemv kernel."""
+        return (w.post_attn_norm is None and w.wo.stride(1) == 1 and w.router.stride(1) == 1
+                and w.wo.dtype == w.wqkv.dtype and w.router.dtype in (torch.float32, torch.bfloat16))
+
     def decode_at(self, x: torch.Tensor, pos: torch.Tensor, caches, compiled: bool = False,
                   fused_qkv: bool | None = None, route_kernel: bool | None = None,
                   fused_gate_up: bool | None = None, fused_gemv: bool | None = None) -> torch.Tensor:
@@ -560,7 +571,7 @@ class Transformer:
             route_kernel = bool(settings.get("KVBENCH_DECODE_ROUTE_KERNEL"))
         if fused_gemv is None:
             fused_gemv = bool(settings.get("KVBENCH_DECODE_FUSED_GEMV"))
-        pre, post, _, post_moe, post_moe_logits, _, qkv_rope = self._decode_functions(compiled)
+        pre, post, _, post_moe, post_moe_logits, _, qkv_rope, norm = self._decode_functions(compiled)
         run = self._moe_kernel(x.device)
         route = self._route_kernel(x.device) if route_kernel else None
         gemv_on = self.fused_gemv_layers(x.device) if fused_gemv and fused_qkv else [False] * s.n_layers
@@ -579,9 +590,7 @@ class Transformer:
             caches[i].write_at(pos, k, v)
             if self.attn_math != "exact":
                 q = attn_math.q_for_k(q, caches[i].k_format, self.attn_math)
-            window = s.window(i)
-            o = caches[i].attend_at(q, pos, self.scale, window=window) if window else \
-                caches[i].attend_at(q, pos, self.scale)
+            o = caches[i].attend_at(q, pos, self.scale, window=s.window(i) or None)
             if gemv_on[i] and fused_gate_up and self._dense_gemv(w):
                 x = gemv(o.reshape(1, s.q_dim), w.wo, residual=x)
                 gu = gemv(x, w.w_gu, "rms", g=w.ffn_norm, eps=s.rms_eps)
@@ -593,6 +602,13 @@ class Transformer:
                 continue
             if route is None:
                 x, h, top_p, top_e = post_moe(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.router)
+            elif gemv_on[i] and self._moe_gemv(w):
+                # output projection + residual, then the router over the normed x with the same
+                # norm fused in (h itself, the experts' input, from one compiled kernel)
+                x = gemv(o.reshape(1, s.q_dim), w.wo, residual=x)
+                logits = gemv(x, w.router, "rms", g=w.ffn_norm, eps=s.rms_eps)
+                h = norm(x, w.ffn_norm)
+                top_p, top_e = route(logits[0], s.n_experts_used, s.moe_norm_topk)
             else:
                 x, h, logits = post_moe_logits(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.router)
                 top_p, top_e = route(logits[0], s.n_experts_used, s.moe_norm_topk)
