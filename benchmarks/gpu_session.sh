@@ -34,7 +34,7 @@ for step in $steps; do
     moevar) # issue 14.2: the captured decode step with each change on and off (bf16/q8_0 KV, depth 16 and 16384)
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
             python3 benchmarks/bench_moe_decode.py --kv bf16,q8_0 --depths 16,16384 --paths cuda_graph --timing both \
-              --variants ${MOE_VARIANTS:-default,baseline,no_fused_qkv,no_route_kernel,no_device_embed} --no-sweep \
+              --variants ${MOE_VARIANTS:-default,no_fused_gemv,baseline} --no-sweep \
               --max-seconds ${MOE_MAX_S:-330} --out "$OUT/moe_decode_variants.json" 2>&1 | grep -v "^\s*$" \
               | tee "$OUT/moe-variants.log" | tail -40 ;;
     lcbuildbg) # start the llama-bench CUDA build in the background (niced), so GPU steps run meanwhile; lcwait joins it
@@ -120,7 +120,7 @@ for step in $steps; do
               --ctk f16 --depths 0 --reps 5 --tg 64 --n-cpu-moe 17 --out "$OUT/llamacpp-coder-ncmoe17.json" 2>&1 | tail -3 ;;
     smolprof) # where the dense (SmolLM2-geometry) captured decode step's time goes: profile + timing
             python3 benchmarks/bench_moe_decode.py --model smollm2-synth --kv bf16,q8_0 --depths 16,16384 \
-              --paths cuda_graph --timing both --variants ${SMOL_VARIANTS:-default,no_fused_gate_up,no_kv_pair} \
+              --paths cuda_graph --timing both --variants ${SMOL_VARIANTS:-default,no_fused_gemv} \
               --no-sweep --no-kernel-bench --max-seconds ${SMOL_MAX_S:-240} \
               --out "$OUT/smollm2_decode_step.json" 2>&1 | grep -v "^\s*$" | tee "$OUT/smollm2-step.log" | tail -40 ;;
     gemv)   # engine.kernels.gemv vs cuBLAS (+ the op it fuses) per projection shape, and its tests compiled for the GPU
