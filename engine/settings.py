@@ -85,6 +85,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "by the row count)", lo=1, hi=64),
     _s("KVBENCH_GEMV_BLOCK_K", "int", None, "engine.kernels.gemv columns per unrolled step (default: "
        "512)", lo=16, hi=4096),
+    _s("KVBENCH_MOE_UNROLL", "bool", True, "engine.kernels.moe's loops unrolled at compile time "
+       "(every weight load of a program in flight together)"),
     _s("KVBENCH_DECODE_KV_PAIR", "bool", True, "the captured decode step appends K and V in one "
        "Triton launch (kv_append_pair: the same bytes as two)"),
     _s("KVBENCH_DECODE_ROUTE_KERNEL", "bool", True, "static decode routes MoE tokens with the Triton "

@@ -45,8 +45,10 @@ CASES = [pytest.param(6, 40, 72, 3, torch.float32, False, False, id="S6-ff40-d72
          pytest.param(5, 17, 33, 5, torch.float16, False, True, id="S5-ff17-d33-k5-f16-res")]
 
 
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "loop"])
 @pytest.mark.parametrize("S,ff,d,k,dtype,use_table,use_res", CASES)
-def test_kernel_matches_reference(S, ff, d, k, dtype, use_table, use_res):
+def test_kernel_matches_reference(S, ff, d, k, dtype, use_table, use_res, unroll, monkeypatch):
+    monkeypatch.setenv("KVBENCH_MOE_UNROLL", "1" if unroll else "0")    # KVBENCH_MOE_UNROLL both ways
     gate, up, down = stacks(S, ff, d, dtype)
     g = torch.Generator().manual_seed(1)
     x = torch.randn(1, d, generator=g)

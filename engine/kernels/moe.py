@@ -10,7 +10,9 @@ Only the k selected rows are read, straight from the stacks (no gathered copy); 
 slot ids are read on the device, so the launch is the same for every token (no host sync:
 a CUDA graph can capture it). Two launches: gate/up/SiLU into a [k, ff] float32 scratch,
 then down, the weighted sum over the k experts and the residual. Every
-product accumulates in float32 from the stored dtype. ``moe_decode_ref`` is the plain torch
+product accumulates in float32 from the stored dtype. ``KVBENCH_MOE_UNROLL`` (default on)
+unrolls both kernels' loops at compile time (d, ff and k become compile-time constants: one
+compilation per model geometry). ``moe_decode_ref`` is the plain torch
 ground truth (float32 maths, a loop over the k experts); ``CONFIG`` holds the tile sizes.
 
     y = moe_decode(h, cache_gate, cache_up, cache_down, top_e, top_p, table=slot_of_expert)
@@ -41,11 +43,25 @@ def _expert_row(IDS, TABLE, j, USE_TABLE: tl.constexpr):
 
 
 @triton.jit
+def _gate_up_step(X, g_rows, u_rows, mask_f, d0, acc_g, acc_u, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    offs_d = d0 + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    x = tl.load(X + offs_d, mask=mask_d, other=0.0).to(tl.float32)              # [BLOCK_D]
+    m = mask_f[:, None] & mask_d[None, :]
+    g = tl.load(g_rows + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    u = tl.load(u_rows + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
+    return acc_g + g * x[None, :], acc_u + u * x[None, :]
+
+
+@triton.jit
 def _moe_gate_up_kernel(X, G, U, IDS, TABLE, H,
-                        D, FF,
+                        D: tl.constexpr, FF,
                         stride_ge, stride_gf, stride_ue, stride_uf, stride_hk,
-                        USE_TABLE: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
-    # grid: (k, cdiv(FF, BLOCK_F)); H[j, f] = silu(gate[s_j, f] . x) * (up[s_j, f] . x)
+                        USE_TABLE: tl.constexpr, UNROLL: tl.constexpr,
+                        BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+    # grid: (k, cdiv(FF, BLOCK_F)); H[j, f] = silu(gate[s_j, f] . x) * (up[s_j, f] . x).
+    # UNROLL: the D loop unrolled at compile time, so a program's loads are all in flight
+    # together (a decode GEMV waits on memory latency, not bandwidth, when they go one by one)
     j = tl.program_id(0)
     s = _expert_row(IDS, TABLE, j, USE_TABLE)
     offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
@@ -54,15 +70,12 @@ def _moe_gate_up_kernel(X, G, U, IDS, TABLE, H,
     u_rows = U + s * stride_ue + offs_f[:, None].to(tl.int64) * stride_uf
     acc_g = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_F, BLOCK_D], dtype=tl.float32)
-    for d0 in range(0, D, BLOCK_D):
-        offs_d = d0 + tl.arange(0, BLOCK_D)
-        mask_d = offs_d < D
-        x = tl.load(X + offs_d, mask=mask_d, other=0.0).to(tl.float32)          # [BLOCK_D]
-        m = mask_f[:, None] & mask_d[None, :]
-        g = tl.load(g_rows + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-        u = tl.load(u_rows + offs_d[None, :], mask=m, other=0.0).to(tl.float32)
-        acc_g += g * x[None, :]
-        acc_u += u * x[None, :]
+    if UNROLL:
+        for d0 in tl.static_range(0, D, BLOCK_D):
+            acc_g, acc_u = _gate_up_step(X, g_rows, u_rows, mask_f, d0, acc_g, acc_u, D, BLOCK_D)
+    else:
+        for d0 in range(0, D, BLOCK_D):
+            acc_g, acc_u = _gate_up_step(X, g_rows, u_rows, mask_f, d0, acc_g, acc_u, D, BLOCK_D)
     a = tl.sum(acc_g, axis=1)
     b = tl.sum(acc_u, axis=1)
     h = a / (1.0 + tl.exp(-a)) * b
@@ -70,27 +83,41 @@ def _moe_gate_up_kernel(X, G, U, IDS, TABLE, H,
 
 
 @triton.jit
+def _down_step(H, W, IDS, TABLE, P, row_off, mask_d, t, acc, stride_we, stride_hk,
+               FF: tl.constexpr, USE_TABLE: tl.constexpr, BLOCK_F: tl.constexpr):
+    n_f: tl.constexpr = (FF + BLOCK_F - 1) // BLOCK_F
+    j = t // n_f
+    offs_f = (t % n_f) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_f = offs_f < FF
+    s = _expert_row(IDS, TABLE, j, USE_TABLE)
+    p = tl.load(P + j).to(tl.float32)
+    h = tl.load(H + j * stride_hk + offs_f, mask=mask_f, other=0.0) * p         # [BLOCK_F] f32
+    w = tl.load(W + s * stride_we + row_off + offs_f[None, :], mask=mask_d[:, None] & mask_f[None, :], other=0.0)
+    return acc + w.to(tl.float32) * h[None, :]
+
+
+@triton.jit
 def _moe_down_kernel(H, W, IDS, TABLE, P, R, OUT,
-                     D, FF, K,
+                     D, FF: tl.constexpr, K: tl.constexpr,
                      stride_we, stride_wd, stride_hk,
-                     USE_TABLE: tl.constexpr, HAS_RES: tl.constexpr,
+                     USE_TABLE: tl.constexpr, HAS_RES: tl.constexpr, UNROLL: tl.constexpr,
                      BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
     # grid: (cdiv(D, BLOCK_D),); OUT[r] = R[r] + sum_j P[j] * (down[s_j, r] . H[j]). One flat
-    # loop over (expert, column block) pairs, so the loads pipeline across experts too.
+    # loop over (expert, column block) pairs, so the loads pipeline across experts too
+    # (UNROLL: unrolled at compile time, every load of the program in flight together).
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     row_off = offs_d[:, None].to(tl.int64) * stride_wd                        # [BLOCK_D, 1]
-    n_f = tl.cdiv(FF, BLOCK_F)
+    n_f: tl.constexpr = (FF + BLOCK_F - 1) // BLOCK_F
     acc = tl.zeros([BLOCK_D, BLOCK_F], dtype=tl.float32)
-    for t in range(0, K * n_f):
-        j = t // n_f
-        offs_f = (t % n_f) * BLOCK_F + tl.arange(0, BLOCK_F)
-        mask_f = offs_f < FF
-        s = _expert_row(IDS, TABLE, j, USE_TABLE)
-        p = tl.load(P + j).to(tl.float32)
-        h = tl.load(H + j * stride_hk + offs_f, mask=mask_f, other=0.0) * p     # [BLOCK_F] f32
-        w = tl.load(W + s * stride_we + row_off + offs_f[None, :], mask=mask_d[:, None] & mask_f[None, :], other=0.0)
-        acc += w.to(tl.float32) * h[None, :]
+    if UNROLL:
+        for t in tl.static_range(0, K * n_f):
+            acc = _down_step(H, W, IDS, TABLE, P, row_off, mask_d, t, acc, stride_we, stride_hk,
+                             FF, USE_TABLE, BLOCK_F)
+    else:
+        for t in range(0, K * n_f):
+            acc = _down_step(H, W, IDS, TABLE, P, row_off, mask_d, t, acc, stride_we, stride_hk,
+                             FF, USE_TABLE, BLOCK_F)
     y = tl.sum(acc, axis=1)
     if HAS_RES:
         y += tl.load(R + offs_d, mask=mask_d, other=0.0)
@@ -131,14 +158,17 @@ def moe_decode(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
     h = torch.empty(k, ff, dtype=torch.float32, device=x.device)              # [k, ff] scratch
     out = torch.empty(1, d, dtype=torch.float32, device=x.device)
     cu, cd = CONFIG["gate_up"], CONFIG["down"]
+    from .. import settings
+    unroll = bool(settings.get("KVBENCH_MOE_UNROLL"))
     _moe_gate_up_kernel[(k, triton.cdiv(ff, cu["BLOCK_F"]))](
         x1, gate, up, ids, tab, h, d, ff,
         gate.stride(0), gate.stride(1), up.stride(0), up.stride(1), h.stride(0),
-        USE_TABLE=table is not None, BLOCK_F=cu["BLOCK_F"], BLOCK_D=cu["BLOCK_D"], num_warps=cu["num_warps"])
+        USE_TABLE=table is not None, UNROLL=unroll,
+        BLOCK_F=cu["BLOCK_F"], BLOCK_D=cu["BLOCK_D"], num_warps=cu["num_warps"])
     _moe_down_kernel[(triton.cdiv(d, cd["BLOCK_D"]),)](
         h, down, ids, tab, p, x1 if res is None else res, out, d, ff, k,
         down.stride(0), down.stride(1), h.stride(0),
-        USE_TABLE=table is not None, HAS_RES=res is not None,
+        USE_TABLE=table is not None, HAS_RES=res is not None, UNROLL=unroll,
         BLOCK_D=cd["BLOCK_D"], BLOCK_F=cd["BLOCK_F"], num_warps=cd["num_warps"])
     return out
 
