@@ -34,7 +34,7 @@ for step in $steps; do
     moevar) # issue 14.2: the captured decode step with each change on and off (bf16/q8_0 KV, depth 16 and 16384)
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
             python3 benchmarks/bench_moe_decode.py --kv bf16,q8_0 --depths 16,16384 --paths cuda_graph --timing both \
-              --variants ${MOE_VARIANTS:-default,no_fused_gemv,baseline} --no-sweep \
+              --variants ${MOE_VARIANTS:-default,no_fused_gemv,moeloop:KVBENCH_MOE_UNROLL=0} --no-sweep \
               --max-seconds ${MOE_MAX_S:-330} --out "$OUT/moe_decode_variants.json" 2>&1 | grep -v "^\s*$" \
               | tee "$OUT/moe-variants.log" | tail -40 ;;
     lcbuildbg) # start the llama-bench CUDA build in the background (niced), so GPU steps run meanwhile; lcwait joins it
