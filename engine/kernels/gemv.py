@@ -33,6 +33,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import interpreted
+
 PROLOGUES = {"none": 0, "rms": 1, "silu": 2, "gelu_tanh": 3}
 _GELU_C = 0.7978845608028654          # sqrt(2 / pi)
 
@@ -126,6 +128,8 @@ def block_n(n: int) -> int:
             from ..errors import ConfigError
             raise ConfigError(f"KVBENCH_GEMV_BLOCK_N={forced} is not a power of two", "use 1, 2, 4, ... 64")
         return int(forced)
+    if interpreted():            # the interpreter runs programs one by one: few, wide ones
+        return min(64, triton.next_power_of_2(n))
     return 4
 
 
@@ -138,7 +142,7 @@ def block_k(k: int) -> int:
             from ..errors import ConfigError
             raise ConfigError(f"KVBENCH_GEMV_BLOCK_K={forced} is not a power of two", "use 16, 32, ... 4096")
         return int(forced)
-    return min(512, triton.next_power_of_2(k))
+    return min(2048 if interpreted() else 512, triton.next_power_of_2(k))
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tensor | None = None,
@@ -162,15 +166,15 @@ def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tens
 
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tensor | None = None,
              eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """Plain torch reference: ``engine.model``'s ``rms_norm`` / ``mm`` and torch's activations."""
-    from ..model import mm, rms_norm
+    """Plain torch reference: ``engine.model``'s ``rms_norm`` and ``mm`` written out (this
+    module is below ``engine.model``: no import back) and torch's activations."""
     want = _check(x, w, prologue, g, residual)
     h = x.reshape(1, want)
     if prologue == "rms":
-        h = rms_norm(h, g, eps)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps) * g
     elif prologue in ("silu", "gelu_tanh"):
         gate, up = h.split([want // 2, want // 2], dim=-1)
         gate = F.silu(gate) if prologue == "silu" else F.gelu(gate, approximate="tanh")
         h = gate * up
-    y = mm(h, w)
+    y = h @ w.T if w.dtype == torch.float32 else (h.to(w.dtype) @ w.T).float()
     return y if residual is None else residual.reshape(1, -1) + y
