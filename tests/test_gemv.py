@@ -132,3 +132,16 @@ def test_static_step_with_fused_gemv_matches_unfused_on_bf16_weights(triton_back
     spread = off.std().item()
     print(f"tiny-llama bf16 weights: fused gemv vs off, logits max-abs {err:.3e} (logit std {spread:.3f})")
     assert 0 <= err <= 0.05 * spread
+
+
+def test_gemv_tiles_must_be_powers_of_two(monkeypatch):
+    from engine.errors import ConfigError
+    from engine.kernels.gemv import block_k, block_n
+    monkeypatch.setenv("KVBENCH_GEMV_BLOCK_N", "6")
+    with pytest.raises(ConfigError, match="KVBENCH_GEMV_BLOCK_N=6 is not a power of two"):
+        block_n(64)
+    monkeypatch.setenv("KVBENCH_GEMV_BLOCK_N", "8")
+    monkeypatch.setenv("KVBENCH_GEMV_BLOCK_K", "48")
+    assert block_n(64) == 8
+    with pytest.raises(ConfigError, match="KVBENCH_GEMV_BLOCK_K=48"):
+        block_k(64)

@@ -115,19 +115,25 @@ def _check(x, w, prologue, g, residual) -> int:
     return want
 
 
+def _forced_tile(name: str) -> int | None:
+    """A tile size set through ``name`` (a power of two: ``tl.arange`` needs one), else None."""
+    from .. import settings
+    forced = settings.get(name)
+    if forced and forced & (forced - 1):
+        from ..errors import ConfigError
+        raise ConfigError(f"{name}={forced} is not a power of two", "use 1, 2, 4, 8, ...")
+    return forced or None
+
+
 def block_n(n: int) -> int:
     """Rows per program: enough programs to spread one weight read over the SMs (a decode GEMV
     is a ~1 MB read, bound by latency: more, smaller programs beat fewer wide ones). 4 x 512
     was the fastest tile at all four SmolLM2 projection shapes on the H200, reading HBM
     (benchmarks/bench_gemv.py, reports/h200-2026-12-04e/call5: 2.4-3.6 us vs 3.0-4.7 at 4-8 x 256).
     ``KVBENCH_GEMV_BLOCK_N`` overrides it (benchmarks/bench_gemv.py sweeps it)."""
-    from .. import settings
-    forced = settings.get("KVBENCH_GEMV_BLOCK_N")
+    forced = _forced_tile("KVBENCH_GEMV_BLOCK_N")
     if forced:
-        if forced & (forced - 1):
-            from ..errors import ConfigError
-            raise ConfigError(f"KVBENCH_GEMV_BLOCK_N={forced} is not a power of two", "use 1, 2, 4, ... 64")
-        return int(forced)
+        return forced
     if interpreted():            # the interpreter runs programs one by one: few, wide ones
         return min(64, triton.next_power_of_2(n))
     return 4
@@ -135,13 +141,9 @@ def block_n(n: int) -> int:
 
 def block_k(k: int) -> int:
     """Columns per unrolled step (``KVBENCH_GEMV_BLOCK_K`` overrides): 512 bf16 = 1 KB per row."""
-    from .. import settings
-    forced = settings.get("KVBENCH_GEMV_BLOCK_K")
+    forced = _forced_tile("KVBENCH_GEMV_BLOCK_K")
     if forced:
-        if forced & (forced - 1):
-            from ..errors import ConfigError
-            raise ConfigError(f"KVBENCH_GEMV_BLOCK_K={forced} is not a power of two", "use 16, 32, ... 4096")
-        return int(forced)
+        return forced
     return min(2048 if interpreted() else 512, triton.next_power_of_2(k))
 
 
