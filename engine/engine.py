@@ -7,7 +7,10 @@ teacher-forced), ``kv_dtype`` a KV spec (``engine.kv_spec``: ``q8_0``, ``k-q8_0.
 ``kv_formats`` ((K, V) each layer's buffers hold) and ``kv_spec`` (those, canonical: equal to
 the request's canonical form when every layer holds what was asked), ``generate(tokens, max_new_tokens, stop_at_eos=True)`` (greedy, new tokens
 only; on the static path with ``KVBENCH_DECODE_DEVICE_EMBED`` the steps run back to back and
-tokens are read back in batches, ``decode_greedy(token, n)`` the same loop after a prefill), ``kv_dtypes`` (the dtype each layer's cache *holds*, read from its buffers),
+tokens are read back in batches, ``decode_greedy(token, n)`` the same loop after a prefill),
+``generate_batch(prompts, max_new_tokens)`` (``generate`` for several prompts; on the eager path
+one decode step feeds every sequence, each in caches of its own made like the engine's:
+``last_generate_batch`` says how they ran), ``kv_dtypes`` (the dtype each layer's cache *holds*, read from its buffers),
 ``routed_logits(tokens, chunk=None, routes=None)`` (``logits`` plus the experts each MoE layer
 ran per position; ``routes=`` forces given experts). Every
 call starts from an empty cache: results never depend on earlier calls.
@@ -65,7 +68,7 @@ class Engine:
     name = "kvbench"
     capabilities = frozenset({"logits", "chunked_logits", "generate", "chat", "prefill", "kv_applied",
                               "kv_bytes", "plan", "prefill_stats", "caches", "attn_math", "routes",
-                              "prefill_path"})
+                              "prefill_path", "generate_batch"})
 
     def __init__(self, path: Path, g: GGUFFile, spec: ModelSpec, model: Transformer, tokenizer,
                  kv_dtype: str, device: torch.device, ctx: int, wave_budget_bytes: int,
@@ -75,6 +78,7 @@ class Engine:
         self.wave_budget_bytes = wave_budget_bytes
         # (K, V) format per layer: the plan's (trunk: the spec's, tail: fp32), else the spec's
         wanted = layer_kv_formats or kvspec.parse(kv_dtype).layer_formats(spec.n_layers, spec.name)
+        self._wanted_formats = list(wanted)     # what generate_batch's own caches are made with
         self.caches = [kvmod.make_layer_kv(spec, i, ctx, wanted[i][0], model.layer_devices[i],
                                            wave_budget_bytes=wave_budget_bytes, v_dtype=wanted[i][1])
                        for i in range(spec.n_layers)]
@@ -359,9 +363,7 @@ class Engine:
             raise ConfigError("generate() needs at least one prompt token")
         self.reset()
         self._check_ctx(len(tokens) + max_new_tokens - 1)
-        eos = set(self.tokenizer.eos_ids)
-        if self.spec.eos_id is not None:
-            eos.add(int(self.spec.eos_id))
+        eos = self._eos()
         nxt = int(self._live().head(self._step(tokens)[-1:]).argmax(-1)[0])
         new: list[int] = [nxt]
         self.last_stop_reason = "length"
@@ -382,6 +384,111 @@ class Engine:
         # a batch computed past an EOS (its KV rows lie beyond the position: harmless)
         self.pos = len(tokens) + len(new) - 1
         return new[:max_new_tokens]
+
+    def _eos(self) -> set[int]:
+        eos = set(self.tokenizer.eos_ids)
+        if self.spec.eos_id is not None:
+            eos.add(int(self.spec.eos_id))
+        return eos
+
+    @torch.inference_mode()
+    def generate_batch(self, prompts: list[list[int]], max_new_tokens: int,
+                       stop_at_eos: bool = True) -> list[list[int]]:
+        """``generate`` for several prompts; returns each one's new tokens (``last_stop_reasons``
+        their stop reasons, ``last_generate_batch`` how they ran).
+
+        On the eager decode path the prompts run together: each is prefilled alone into caches
+        of its own (made as the engine's: each layer's K/V formats on the layer's device, sized
+        to prompt + answer, checked to hold the engine's applied formats), then every decode
+        step feeds one token of every sequence through ``Transformer.forward_rows``: one matmul
+        per weight for all of them (the weights are read once per step, not once per sequence),
+        attention per sequence through its cache. Prompts are packed in order into batches
+        whose cache rows together fit the engine's ``ctx`` (so the extra KV never exceeds the
+        engine's own). A sequence that stops keeps its row (ignored), so every step of a batch
+        has the same shape: an answer never depends on when the others stopped. Rows differ
+        from ``generate`` only by the matmuls' accumulation order at B rows (the same tokens
+        but at near-ties). On the static / CUDA-graph paths (one sequence per captured step)
+        the prompts run one after another through ``generate``. The engine's own cache is
+        left empty (``reset``)."""
+        prompts = [self._ids(p) for p in prompts]
+        if any(not p for p in prompts):
+            raise ConfigError("generate_batch() needs at least one token in every prompt")
+        for p in prompts:
+            self._check_ctx(len(p) + max_new_tokens - 1)
+        t0 = time.perf_counter()
+        if self.decode_path != "eager" or max_new_tokens < 1 or len(prompts) < 2:
+            outs, reasons = [], []
+            for p in prompts:
+                outs.append(self.generate(p, max_new_tokens, stop_at_eos))
+                reasons.append(self.last_stop_reason)
+            self.last_stop_reasons = reasons
+            self.last_generate_batch = {"path": "sequential", "decode_path": self.decode_path,
+                                        "sequences": len(prompts), "batches": [1] * len(prompts),
+                                        "seconds": time.perf_counter() - t0}
+            self.reset()
+            return outs
+        self.reset()
+        rows = [len(p) + max_new_tokens for p in prompts]
+        groups, cur = [], []
+        for b, r in enumerate(rows):
+            if cur and sum(rows[j] for j in cur) + r > max(self.ctx, r):
+                groups.append(cur)
+                cur = []
+            cur.append(b)
+        groups.append(cur)
+        outs: list[list[int]] = [[] for _ in prompts]
+        reasons = ["length"] * len(prompts)
+        steps = 0
+        for group in groups:
+            steps += self._generate_group([prompts[b] for b in group], max_new_tokens, stop_at_eos,
+                                          [outs[b] for b in group], reasons, group)
+        self.last_stop_reasons = reasons
+        self.last_generate_batch = {"path": "batched", "decode_path": self.decode_path,
+                                    "sequences": len(prompts), "batches": [len(g) for g in groups],
+                                    "decode_steps": steps, "seconds": time.perf_counter() - t0}
+        return outs
+
+    def _generate_group(self, prompts, max_new: int, stop_at_eos: bool, outs, reasons, index) -> int:
+        """One batch of ``generate_batch``: fills ``outs`` (lists, in place) and ``reasons[index[b]]``;
+        returns the batched decode steps it ran."""
+        model, spec = self._live(), self.spec
+        eos = self._eos()
+        n = max(len(p) for p in prompts) + max_new
+        caches = [[kvmod.make_layer_kv(spec, i, n, k, model.layer_devices[i],
+                                       wave_budget_bytes=self.wave_budget_bytes, v_dtype=v)
+                   for i, (k, v) in enumerate(self._wanted_formats)] for _ in prompts]
+        for c in caches:                     # never a different KV than the engine's own
+            got = [tuple(x.kv_dtypes) for x in c]
+            if got != self.kv_formats:
+                raise RuntimeError(f"generate_batch: its caches hold {got[:2]}... where the engine's "
+                                   f"hold {self.kv_formats[:2]}...")
+        live, pos, last = [], [], []
+        for b, p in enumerate(prompts):
+            h = model.forward(torch.tensor(p, dtype=torch.long), 0, caches[b])
+            t = int(model.head(h[-1:]).argmax(-1)[0])
+            outs[b].append(t)
+            pos.append(len(p))
+            last.append(t)
+            if stop_at_eos and t in eos:
+                reasons[index[b]] = "eos"
+            elif max_new > 1:
+                live.append(b)
+        steps = 0
+        while live:
+            h = model.forward_rows(torch.tensor(last, dtype=torch.long), pos, caches, live)
+            nxt = model.head(h).argmax(-1).tolist()
+            steps += 1
+            for b in list(live):
+                t = nxt[b]
+                outs[b].append(t)
+                pos[b] += 1
+                last[b] = t
+                if stop_at_eos and t in eos:
+                    reasons[index[b]] = "eos"
+                    live.remove(b)
+                elif len(outs[b]) >= max_new:
+                    live.remove(b)
+        return steps
 
     @torch.inference_mode()
     def decode_greedy(self, token: int, n: int) -> list[int]:

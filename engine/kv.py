@@ -14,7 +14,9 @@ returns [T, Hq, D] float32 for queries at positions ``start..start+T-1`` attendi
 rows ``[0, start+T)`` (with ``window=W``: only keys at positions > qpos - W, Gemma's sliding
 window; torch path only, the Triton kernels raise ConfigError), reading the values the cache
 holds (Triton kernels on CUDA, their torch references elsewhere; ``engine.kernels.set_backend``
-forces either). Prefills take waves of
+forces either; off Triton a decode step, T = 1, takes ``decode_rows_ref``: its one row over the
+filled rows, the blocked reference's maths without its 128-row padded chunk, equal to it up to
+float32 summation order; ``KVBENCH_DECODE_ROWS=0`` restores the blocked path). Prefills take waves of
 query rows sized from ``wave_budget_bytes`` (``last_waves``, ``peak_scratch_bytes``); a wave
 that raises ``torch.OutOfMemoryError`` is redone in halves, same results (``last_wave_retries``,
 ``last_wave_rows``), and only a failing smallest wave lets the error through.
@@ -39,11 +41,11 @@ import bisect
 
 import torch
 
-from . import formats, kernels
+from . import formats, kernels, settings
 from .errors import ConfigError, ContextOverflowError
 from .kernels.kv_append import kv_append, kv_append_at, quantize_q8_0_ref, dequantize_q8_0_ref
 from .kernels.decode_attention import decode_attention
-from .kernels.prefill_attention import (MAX_WAVE_ROWS, WavePlan, plan_waves, prefill_attention,
+from .kernels.prefill_attention import (MAX_WAVE_ROWS, WavePlan, decode_rows_ref, plan_waves, prefill_attention,
                                         prefill_attention_fast,
                                         prefill_attention_ref)
 from .kv_layout import CacheObservables, alloc_kv, to_ggml_bytes
@@ -134,6 +136,7 @@ class LayerKV(CacheObservables):
         self.v = alloc_kv(max_tokens, n_kv_heads, head_dim, v_dtype, device, layer=layer)
         self.last_waves = 0
         self.peak_scratch_bytes = 0
+        self.decode_fast = settings.get("KVBENCH_DECODE_ROWS")   # decode_rows_ref off Triton
 
     def to_ggml_blocks(self, n: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """K and V rows ``[0, n)`` (all rows by default) as gguf lays the format out, uint8
@@ -185,6 +188,11 @@ class LayerKV(CacheObservables):
         # any device (same exact maths: the Triton prefill kernel has no window), a window's
         # decode step the Triton decode kernel
         if not kernels.use_triton(q.device) or D < 16 or D & (D - 1) or (window is not None and T > 1):
+            if T == 1 and self.decode_fast:
+                self.last_waves, self.last_wave_retries, self.last_wave_rows = 1, 0, 1
+                out, self.peak_scratch_bytes = decode_rows_ref(q, self.k, self.v, fmt, start, scale,
+                                                               self.n_kv_heads, window=window, v_fmt=vfmt)
+                return out
             out, peak = None, 0
 
             def ref_wave(r0: int, r1: int) -> None:

@@ -17,7 +17,9 @@ in the split layout: the stored bytes of a position equal a full-length cache's)
 ``LayerKV`` of ``max_tokens`` rows, reading the ring through a view that maps absolute
 positions to rows (positions that the ring no longer holds come back as other positions'
 finite values, and the reference masks them for every row that reads them), so the output is
-bit-identical to a full-length cache (``torch.equal``) for fp32, bf16 and q8_0. Where the
+bit-identical to a full-length cache (``torch.equal``) for fp32, bf16 and q8_0; a decode step
+off Triton takes ``decode_rows_ref`` over the window's positions, as a full-length cache's does
+(still ``torch.equal``). Where the
 Triton kernels serve the device, a decode step (T = 1) runs the Triton decode kernel over the
 ring (``window``, ``ring_rows``); a prefill stays on the torch reference. Buffers come from
 ``engine.kv_layout`` (as ``LayerKV``'s do); this module does not import ``engine.kv``.
@@ -29,11 +31,11 @@ from __future__ import annotations
 
 import torch
 
-from . import kernels
+from . import kernels, settings
 from .errors import ConfigError, ContextOverflowError
 from .formats import DEFAULT_WAVE_BUDGET
 from .kernels.kv_append import kv_append, kv_append_at
-from .kernels.prefill_attention import (CHUNK_ROWS, MAX_WAVE_ROWS, WavePlan, plan_waves,
+from .kernels.prefill_attention import (CHUNK_ROWS, MAX_WAVE_ROWS, WavePlan, decode_rows_ref, plan_waves,
                                         prefill_attention_ref)
 from .kernels import decode_attention as dattn, q8_layout
 from .kernels.decode_attention import decode_attention
@@ -94,6 +96,7 @@ class RingKV(CacheObservables):
         self.layer, self.n_kv_heads, self.head_dim, self.max_tokens = layer, n_kv_heads, head_dim, max_tokens
         self.wave_budget_bytes, self.wave_max_rows = wave_budget_bytes, wave_max_rows
         self._pending: tuple[int, torch.Tensor, torch.Tensor] | None = None
+        self.decode_fast = settings.get("KVBENCH_DECODE_ROWS")   # decode_rows_ref off Triton, as LayerKV
         self.reset()
 
     def to_ggml_blocks(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +198,15 @@ class RingKV(CacheObservables):
             held = None
         self._pending = None
         fmt, vfmt = self.k_format, self.v_format
+        if T == 1 and held is None and self.decode_fast:
+            # a decode step off Triton: LayerKV's one-row reference over the window's positions
+            kview, vview = (_Positions(q8_layout.rows_view(b, f, self.n_kv_heads, D), self.max_tokens)
+                            for b, f in ((self.k, fmt), (self.v, vfmt)))
+            out, peak = decode_rows_ref(q, kview, vview, fmt, start, scale, self.n_kv_heads, window=window,
+                                        v_fmt=vfmt)
+            self.last_waves, self.last_wave_retries, self.last_wave_rows = 1, 0, 1
+            self.peak_scratch_bytes = peak + kview.gathered_bytes + vview.gathered_bytes
+            return out
         # Same chunks and key blocks as a full-length cache's plan; waves capped at `chunk`
         # rows (waves never change a row's result), so each wave's keys fit beside the window.
         plan = plan_waves(T, start, Hq, self.n_kv_heads, D, self.wave_budget_bytes,

@@ -383,7 +383,9 @@ class Transformer:
             self.ropes[key] = Rope(self.spec.head_dim, base, self.spec.rope_type, 4096, device=key[0])
         return self.ropes[key]
 
-    def attention(self, i: int, x: torch.Tensor, start: int, cache) -> torch.Tensor:
+    def _qkv(self, i: int, x: torch.Tensor):
+        """Layer ``i``'s q [T, Hq, D], k, v [T, Hkv, D] for rows x [T, d]: norm, projections,
+        QK norms; before RoPE (each row is its own: rows never mix)."""
         s, w = self.spec, self.layers[i]
         T = x.shape[0]
         h = rms_norm(x, w.attn_norm, s.rms_eps)
@@ -395,20 +397,48 @@ class Transformer:
         v = v.reshape(T, s.n_kv_heads, s.head_dim).contiguous()
         if s.qk_norm == "head":
             q, k = rms_norm(q, w.q_norm, s.rms_eps), rms_norm(k, w.k_norm, s.rms_eps)
-        rope = self._rope(x.device, s.rope_base_of(i))
-        window = s.window(i)
-        q, k = rope.apply(q, start), rope.apply(k, start)
+        return q, k, v
+
+    def _attn_out(self, i: int, o: torch.Tensor) -> torch.Tensor:
+        """Attention output rows o [T, Hq, D] -> [T, d]: o-projection and post-attention norm."""
+        s, w = self.spec, self.layers[i]
+        o = mm(o.reshape(o.shape[0], s.q_dim), w.wo)
+        return o if w.post_attn_norm is None else rms_norm(o, w.post_attn_norm, s.rms_eps)
+
+    def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, cache):
+        """Rotated q, k [T, H, D] of one sequence at ``start``: store k, v in ``cache``, attend."""
+        T = q.shape[0]
         cache.write(start, k, v)
         if self.attn_math != "exact":
             q = attn_math.q_for_k(q, cache.k_format, self.attn_math)
+        window = self.spec.window(i)
         if T > 1 and self.prefill_path == "fast":
-            o = cache.attend_fast(q, start, self.scale, window=window or None)
-        elif window:
-            o = cache.attend(q, start, self.scale, window=window)   # [T, Hq, D]
-        else:
-            o = cache.attend(q, start, self.scale)
-        o = mm(o.reshape(T, s.q_dim), w.wo)
-        return o if w.post_attn_norm is None else rms_norm(o, w.post_attn_norm, s.rms_eps)
+            return cache.attend_fast(q, start, self.scale, window=window or None)
+        return cache.attend(q, start, self.scale, window=window or None)    # [T, Hq, D]
+
+    def attention(self, i: int, x: torch.Tensor, start: int, cache) -> torch.Tensor:
+        q, k, v = self._qkv(i, x)
+        rope = self._rope(x.device, self.spec.rope_base_of(i))
+        q, k = rope.apply(q, start), rope.apply(k, start)
+        return self._attn_out(i, self._attend(i, q, k, v, start, cache))
+
+    def attention_rows(self, i: int, x: torch.Tensor, starts: list[int], caches: list, live: list[int]):
+        """Layer ``i``'s attention for B sequences, one new token each: x [B, d], row b at
+        position ``starts[b]`` of its own cache ``caches[b]``. Norms and projections run over
+        all B rows at once; RoPE, the cache write and attention per sequence, through the same
+        cache calls as ``attention``. Rows not in ``live`` (finished sequences) attend to
+        nothing (zeros) and write nothing, so B, and with it every matmul's shape, stays fixed."""
+        s = self.spec
+        q, k, v = self._qkv(i, x)
+        rope = self._rope(x.device, s.rope_base_of(i))
+        rope.ensure(max(starts) + 1)
+        at = torch.tensor(starts, device=rope.cos.device)
+        cos, sin = rope.cos[at, None, :], rope.sin[at, None, :]
+        q, k = rope._rotate(q, cos, sin), rope._rotate(k, cos, sin)
+        o = torch.zeros_like(q)
+        for b in live:
+            o[b] = self._attend(i, q[b:b + 1], k[b:b + 1], v[b:b + 1], starts[b], caches[b])[0]
+        return self._attn_out(i, o)
 
     def ffn(self, i: int, x: torch.Tensor) -> torch.Tensor:
         s, w = self.spec, self.layers[i]
@@ -663,6 +693,23 @@ class Transformer:
             if x.device != dev:
                 x = x.to(dev, non_blocking=True)
             x = x + self.attention(i, x, start, caches[i])
+            x = x + self.ffn(i, x)
+        if x.device != self.head_device:
+            x = x.to(self.head_device)
+        return x
+
+    def forward_rows(self, tokens: torch.Tensor, starts: list[int], caches: list, live: list[int]) -> torch.Tensor:
+        """B sequences, one token each: tokens [B] (host), ``starts[b]`` the position of row b in
+        its own caches ``caches[b]`` (one per layer) -> final hidden [B, d] on the head device.
+        Each row equals ``forward`` of that one token on that sequence's caches up to the
+        matmuls' accumulation order at B rows (``attention_rows``); rows outside ``live`` are
+        carried and ignored."""
+        x = self.embed_tokens(tokens)
+        for i in range(self.spec.n_layers):
+            dev = self.layer_devices[i]
+            if x.device != dev:
+                x = x.to(dev, non_blocking=True)
+            x = x + self.attention_rows(i, x, starts, [c[i] for c in caches], live)
             x = x + self.ffn(i, x)
         if x.device != self.head_device:
             x = x.to(self.head_device)

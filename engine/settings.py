@@ -81,6 +81,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_DECODE_FUSED_GEMV", "bool", True, "the captured decode step's projections through "
        "engine.kernels.gemv where Triton runs (f32/bf16 weights, fused q/k/v): RMS norm, activation and "
        "residual add fused into the matrix-vector launches", numerics=True),
+    _s("KVBENCH_DECODE_ROWS", "bool", True, "a decode step off Triton (the CPU) attends through "
+       "engine.kernels.prefill_attention.decode_rows_ref (its one query row over the filled cache rows) "
+       "instead of the blocked reference's 128-row padded chunk: same maths, O(position) work",
+       numerics=True),
     _s("KVBENCH_GEMV_BLOCK_N", "int", None, "engine.kernels.gemv output rows per program (default: "
        "by the row count)", lo=1, hi=64),
     _s("KVBENCH_GEMV_BLOCK_K", "int", None, "engine.kernels.gemv columns per unrolled step (default: "

@@ -14,6 +14,10 @@ Capabilities:
   noise floor);
 - ``generate``: ``generate(tokens, max_new_tokens, stop_at_eos=True) -> list[int]`` greedy,
   and ``last_stop_reason`` ("eos" | "length");
+- ``generate_batch``: ``generate_batch(prompts, max_new_tokens, stop_at_eos=True) -> list[list[int]]``,
+  ``generate`` for each prompt (each answer as ``generate`` gives it, up to the accumulation
+  order of a batched matmul), ``last_stop_reasons`` (one per prompt) and ``last_generate_batch``
+  (a dict: ``path`` "batched" | "sequential", ``sequences``, ``batches`` (their sizes), ...);
 - ``chat``: ``tokenizer.apply_chat_template(messages, add_generation_prompt=True)``,
   ``tokenizer.encode/decode``, ``tokenizer.eos_ids``;
 - ``prefill``: ``prefill(tokens) -> Tensor[V]`` (last position's logits) for timing;
@@ -60,9 +64,10 @@ CAP_TOPK_LOGPROBS = "topk_logprobs"
 CAP_ATTN_MATH = "attn_math"
 CAP_ROUTES = "routes"
 CAP_PREFILL_PATH = "prefill_path"
+CAP_GENERATE_BATCH = "generate_batch"
 CAPABILITIES = (CAP_LOGITS, CAP_CHUNKED_LOGITS, CAP_GENERATE, CAP_CHAT, CAP_PREFILL, CAP_KV_APPLIED,
                 CAP_KV_BYTES, CAP_PLAN, CAP_PREFILL_STATS, CAP_CACHES, CAP_TOPK_LOGPROBS, CAP_ATTN_MATH,
-                CAP_ROUTES, CAP_PREFILL_PATH)
+                CAP_ROUTES, CAP_PREFILL_PATH, CAP_GENERATE_BATCH)
 
 
 @runtime_checkable

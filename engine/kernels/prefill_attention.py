@@ -322,6 +322,29 @@ def dequant_rows_ref(buf: torch.Tensor, fmt: str, j0: int, j1: int, n_kv_heads: 
     return x.permute(1, 0, 2)
 
 
+def decode_rows_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str, pos: int,
+                    scale: float, n_kv_heads: int, window: int | None = None,
+                    v_fmt: str | None = None) -> tuple[torch.Tensor, int]:
+    """One query row q [1, Hq, D] at position ``pos`` over cache rows [lo, pos] (lo = 0, or
+    pos - window + 1 with a sliding window): (out [1, Hq, D] float32, scratch bytes). The same
+    maths as ``prefill_attention_ref`` on the values the cache holds (each buffer dequantized
+    by its own format, float32 softmax), in one block and without padding the row to a chunk:
+    the torch decode step (``LayerKV.attend`` with T == 1 off Triton), O(position) work instead
+    of a 128-row chunk's. Equal to the blocked reference up to float32 summation order."""
+    _, Hq, D = q.shape
+    Hkv, G = n_kv_heads, Hq // n_kv_heads
+    v_fmt = fmt if v_fmt is None else v_fmt
+    lo = 0 if window is None else max(0, pos - window + 1)
+    kb = dequant_rows_ref(k_buf, fmt, lo, pos + 1, Hkv, D)                 # [Hkv, L, D]
+    vb = dequant_rows_ref(v_buf, v_fmt, lo, pos + 1, Hkv, D)
+    qs = (q[0].to(torch.float32) * scale).view(Hkv, G, D)
+    s = torch.matmul(qs, kb.transpose(1, 2))                               # [Hkv, G, L]
+    p = (s - s.amax(dim=-1, keepdim=True)).exp_()
+    o = torch.matmul(p, vb).div_(p.sum(dim=-1, keepdim=True))             # [Hkv, G, D]
+    scratch = (0 if fmt == "fp32" else kb.nbytes) + (0 if v_fmt == "fp32" else vb.nbytes) + 2 * s.nbytes
+    return o.reshape(1, Hq, D), scratch
+
+
 def prefill_attention_ref(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
                           start: int, scale: float, n_kv_heads: int, plan: WavePlan,
                           window: int | None = None, v_fmt: str | None = None) -> tuple[torch.Tensor, int]:

@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from ..errors import SuiteError
 from ..metrics import common_prefix, distinct_n, longest_repeat_run
 from ..schema import CheckConfig, Message, param, threshold
-from ..engine_api import CAP_CHAT, CAP_GENERATE, CAP_LOGITS, capabilities_of
+from ..engine_api import CAP_CHAT, CAP_GENERATE, CAP_GENERATE_BATCH, CAP_LOGITS, capabilities_of
 from ..stats import binom_lower, binom_upper, proportion_se, rate_gate
 from ..metric_registry import metric
 from .base import Check, Outcome, chat_ids, eos_ids, register
@@ -88,6 +88,22 @@ class CoherenceConfig(CheckConfig):
 def _answer(eng, prompt: list[int], max_new: int) -> tuple[list[int], str]:
     new = list(eng.generate(prompt, max_new, stop_at_eos=True))
     return new, eng.last_stop_reason
+
+
+def _answers(eng, prompts: list[list[int]], max_new: int) -> tuple[list[tuple[list[int], str]], dict]:
+    """Every prompt's greedy answer and stop reason, and how they ran: together through
+    ``generate_batch`` where the engine has it (its ``last_generate_batch``), else one by one."""
+    if CAP_GENERATE_BATCH in capabilities_of(eng):
+        outs = eng.generate_batch(prompts, max_new, stop_at_eos=True)
+        return [(list(o), r) for o, r in zip(outs, eng.last_stop_reasons)], dict(eng.last_generate_batch)
+    return [_answer(eng, p, max_new) for p in prompts], {"path": "sequential", "sequences": len(prompts)}
+
+
+def _how(gen: dict) -> str:
+    if gen.get("path") == "batched":
+        return (f"answers decoded together ({'+'.join(map(str, gen['batches']))} sequences per step, "
+                f"{gen.get('decode_steps', '?')} batched steps)")
+    return "answers decoded one prompt at a time"
 
 
 def _margins(eng, prompt: list[int], answer: list[int]) -> list[float]:
@@ -150,16 +166,18 @@ class Coherence(Check):
 
     def prepare(self, eng, cfg: CoherenceConfig, ctx):
         prompts = [chat_ids(eng, m) for m in cfg.messages]
-        answers = [_answer(eng, p, cfg.max_new_tokens) for p in prompts]
+        answers, gen = _answers(eng, prompts, cfg.max_new_tokens)
         margins = None
         if CAP_LOGITS in capabilities_of(eng):
             margins = [_margins(eng, p, a) for p, (a, _) in zip(prompts, answers)]
-        return {"prompts": prompts, "answers": answers, "margins": margins}
+        return {"prompts": prompts, "answers": answers, "margins": margins, "generation": gen}
 
     def measure(self, eng, cfg: CoherenceConfig, state, ctx) -> Outcome:
         eos = eos_ids(eng)
-        answers = (state["answers"] if ctx.is_baseline else
-                   [_answer(eng, p, cfg.max_new_tokens) for p in state["prompts"]])
+        if ctx.is_baseline:
+            answers, gen = state["answers"], state["generation"]
+        else:
+            answers, gen = _answers(eng, state["prompts"], cfg.max_new_tokens)
         margins = state.get("margins")
         out = Outcome()
         n = len(answers)
@@ -203,7 +221,7 @@ class Coherence(Check):
             out.skip("Distinct-2", "every answer is shorter than 2 tokens", "", "higher")
         out.add("Longest repeat run", max(runs), "tokens", "lower")
         out.add("Stopped at EOS", sum(s["stop"] == "eos" for s in samples), "sets")
-        out.add("Prompts", n, "sets")
+        out.add("Prompts", n, "sets", detail=_how(gen))
         rate, se = proportion_se(n_collapse, n)
         out.add("Collapse rate", 100.0 * rate, "%", None,
                 detail=f"{n_collapse}/{n} answers with a repeat run >= {cfg.collapse_run} tokens")
@@ -236,6 +254,7 @@ class Coherence(Check):
                 if flipped:
                     out.add("Largest flipped margin", max(flipped), "logits", None)
         out.info["samples"] = samples
+        out.info["generation"] = gen
         out.info["tie_margin"] = cfg.tie_margin
         out.info["collapse_run"] = cfg.collapse_run
         return out
