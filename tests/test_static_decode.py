@@ -216,6 +216,8 @@ def test_static_moe_decode_matches_eager(model, kv, triton_backend):
     spec, cache = eng.spec, eng.expert_cache
     assert eng.plan.expert_slots == eng.plan.trunk_experts == spec.n_experts * len(spec.moe_layers)
     ref = _eager_logits(eng, 4)
+    rows = len(PROMPT) + 4
+    eager_kv = [(c.k.clone(), c.v.clone()) for c in eng.caches]
     eager_tokens = eng.generate(PROMPT, 6, stop_at_eos=False)
     before = cache.stats()
     eng.set_decode_mode("static")
@@ -223,8 +225,14 @@ def test_static_moe_decode_matches_eager(model, kv, triton_backend):
     eng.prefill(PROMPT)
     got = torch.stack([eng.decode(PROMPT[-1] + i) for i in range(4)])
     err = (got - ref).abs().max().item()
-    print(f"{model} KV {kv}: static vs eager MoE decode max-abs {err:.2e}")
-    assert err < 1e-4
+    # The two paths sum in different orders; with a narrowed KV a value that lies on a rounding
+    # boundary then rounds one step apart, and the logits move by that step's effect (tiny-olmoe,
+    # bf16 KV, one torch thread as under `make test`: 7 stored values apart by 1-4 bf16 steps,
+    # 3.3e-4 in the logits; two threads: none, 3e-6). fp32 KV has no rounding step to flip.
+    moved = sum(int((a[:rows] != b[:rows]).sum()) for (ek, ev), c in zip(eager_kv, eng.caches)
+                for a, b in ((ek, c.k), (ev, c.v)) if a.dtype == torch.bfloat16)
+    print(f"{model} KV {kv}: static vs eager MoE decode max-abs {err:.2e}, {moved} stored bf16 values apart")
+    assert err < (1e-4 if kv == "fp32" else 2e-3)
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
     assert eng.generate(PROMPT, 6, stop_at_eos=False) == eager_tokens
     # statistics: the static steps (4 + 5) are resident hits, k per MoE layer; prefill stays host-routed
