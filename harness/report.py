@@ -559,6 +559,17 @@ class _Report:
                                    "divergences), so it fails only when > 0. A divergence is a *near-tie flip* "
                                    f"when {self.baseline}'s top-1/top-2 logit margin at that step is within the "
                                    "suite's `tie_margin`: reported, not a failure.\n")
+                how = []
+                for m in self.models:
+                    for d in self.dtypes:
+                        g = self.res.info(m, d, chk).get("generation") if (m, d, chk) in self.case else None
+                        if g:
+                            how.append(f"`{m}` {d}: " + (
+                                f"decoded together, {'+'.join(map(str, g.get('batches') or []))} prompts per "
+                                f"step, {g.get('decode_steps', '?')} steps" if g.get("path") == "batched"
+                                else f"one prompt at a time ({g.get('decode_path', 'the engine')} path)"))
+                if how:
+                    self.md.append("Answers: " + "; ".join(how) + ".\n")
             for m in self.models:
                 samples = {d: self.res.info(m, d, chk).get("samples") or [] for d in self.dtypes}
                 n = max((len(s) for s in samples.values()), default=0)

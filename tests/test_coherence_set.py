@@ -256,6 +256,10 @@ def test_tiny_model_margins_flips_and_a_planted_bad_kv_dtype(engines, monkeypatc
                 assert s["flip"] == ("confident" if mg[step] > cfg.tie_margin else "near-tie")
                 expect_conf += mg[step] > cfg.tie_margin
         assert {m.name: m.value for m in out.metrics}["Confident divergences"] == expect_conf
+        # kvbench's eager engine answered every prompt in one decode step per token, and says so
+        gen = out.info["generation"]
+        assert gen["path"] == "batched" and gen["sequences"] == len(PROMPTS) == sum(gen["batches"])
+        assert "decoded together" in {m.name: m.detail for m in out.metrics}["Prompts"]
         return expect_conf, failures
 
     conf, failures = measure()                     # the real q8_0: within the bound

@@ -3,9 +3,12 @@
 Contract: for each message set, the prompt is rendered with the model's chat template (raw
 prompts make instruct models collapse whatever the KV dtype) and decoded greedily up to
 ``max_new_tokens`` (stopping at EOS). The baseline's answers are the reference; ``prepare``
-also takes the baseline's teacher-forced logits over prompt + answer (same maths as its
-decode steps, batched: the noise floor apart, which is 0 on CPU) so every answer step has
-its fp32 *margin*: top-1 minus top-2 logit.
+also takes the baseline's teacher-forced logits over prompt + answer (the maths of its decode
+steps, batched: equal up to float32 summation order, orders of magnitude below ``tie_margin``)
+so every answer step has its fp32 *margin*: top-1 minus top-2 logit. Answers come from the
+engine's ``generate_batch`` where it has one (kvbench's eager path: every prompt in one step
+per token), else from one ``generate`` per prompt; ``info["generation"]`` and the ``Prompts``
+row's detail say which.
 
 Per prompt (``info["samples"]``): the answer (text and token ids), its first divergence step from the baseline's
 tokens (None when identical), the fp32 margin at that step, the flip's class, and collapse:
