@@ -403,8 +403,10 @@ class Engine:
         step feeds one token of every sequence through ``Transformer.forward_rows``: one matmul
         per weight for all of them (the weights are read once per step, not once per sequence),
         attention per sequence through its cache. Prompts are packed in order into batches
-        whose cache rows together fit the engine's ``ctx`` (so the extra KV never exceeds the
-        engine's own). A sequence that stops keeps its row (ignored), so every step of a batch
+        whose caches together fit ``wave_budget_bytes``: the prefill scratch the plan already
+        prices, which no long prefill uses while they decode (``last_generate_batch``
+        ``cache_bytes``: the largest batch's; a prompt whose caches alone are larger runs
+        alone). A sequence that stops keeps its row (ignored), so every step of a batch
         has the same shape: an answer never depends on when the others stopped. Rows differ
         from ``generate`` only by the matmuls' accumulation order at B rows (the same tokens
         but at near-ties). On the static / CUDA-graph paths (one sequence per captured step)
@@ -428,24 +430,30 @@ class Engine:
             self.reset()
             return outs
         self.reset()
-        rows = [len(p) + max_new_tokens for p in prompts]
-        groups, cur = [], []
-        for b, r in enumerate(rows):
-            if cur and sum(rows[j] for j in cur) + r > max(self.ctx, r):
+        # caches of a batch: one per sequence, each sized to the batch's longest prompt + answer
+        per_row = sum(kvmod.kv_bytes_per_token(self.spec.n_kv_heads, self.spec.head_dim, k, v)
+                      for k, v in self._wanted_formats)
+        groups, cur, longest = [], [], 0
+        for b, p in enumerate(prompts):
+            n = max(longest, len(p)) + max_new_tokens
+            if cur and (len(cur) + 1) * n * per_row > self.wave_budget_bytes:
                 groups.append(cur)
-                cur = []
+                cur, longest = [], 0
             cur.append(b)
+            longest = max(longest, len(p))
         groups.append(cur)
         outs: list[list[int]] = [[] for _ in prompts]
         reasons = ["length"] * len(prompts)
         steps = 0
+        cache_bytes = max(len(g) * (max(len(prompts[b]) for b in g) + max_new_tokens) * per_row for g in groups)
         for group in groups:
             steps += self._generate_group([prompts[b] for b in group], max_new_tokens, stop_at_eos,
                                           [outs[b] for b in group], reasons, group)
         self.last_stop_reasons = reasons
         self.last_generate_batch = {"path": "batched", "decode_path": self.decode_path,
                                     "sequences": len(prompts), "batches": [len(g) for g in groups],
-                                    "decode_steps": steps, "seconds": time.perf_counter() - t0}
+                                    "decode_steps": steps, "cache_bytes": cache_bytes,
+                                    "seconds": time.perf_counter() - t0}
         return outs
 
     def _generate_group(self, prompts, max_new: int, stop_at_eos: bool, outs, reasons, index) -> int:

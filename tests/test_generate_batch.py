@@ -147,21 +147,24 @@ def test_generate_batch_gives_generates_answers_on_smollm2(smol, kv):
     assert "Paris" in eng.tokenizer.decode(got[0]) or kv == "q8_0"
 
 
-def test_generate_batch_packs_into_the_engines_ctx(smollm2_path):
-    eng = engine.load(smollm2_path, kv_dtype="bf16", ctx=64)
-    prompts = [eng.tokenizer.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
+def test_generate_batch_packs_its_caches_into_the_wave_budget(smollm2_path):
+    """The batches' caches fit the prefill scratch the plan prices (wave_budget_bytes)."""
+    per_row = 30 * 2 * 3 * 64 * 2                       # smollm2: 30 layers, K+V, 3 x 64 bf16
+    tok = engine.load(smollm2_path, kv_dtype="bf16", ctx=256).tokenizer
+    prompts = [tok.apply_chat_template([{"role": "user", "content": c}], add_generation_prompt=True)
                for c in CHAT[:3]]
-    rows = [len(p) + 6 for p in prompts]
-    assert sum(rows) > 64 >= max(rows)
+    rows = max(len(p) for p in prompts) + 6
+    # room for the caches of two sequences, not three
+    eng = engine.load(smollm2_path, kv_dtype="bf16", ctx=256, wave_budget_bytes=2 * rows * per_row)
     got = eng.generate_batch(prompts, 6, stop_at_eos=False)
     run = eng.last_generate_batch
-    assert sum(run["batches"]) == 3 and len(run["batches"]) > 1
+    assert run["batches"] == [2, 1] and 0 < run["cache_bytes"] <= eng.wave_budget_bytes
     assert got == [eng.generate(p, 6, stop_at_eos=False) for p in prompts]
     assert eng.last_stop_reasons == ["length"] * 3
     with pytest.raises(ConfigError, match="at least one token"):
         eng.generate_batch([prompts[0], []], 4)
     with pytest.raises(engine.errors.ContextOverflowError):
-        eng.generate_batch([prompts[0] * 4], 4)
+        eng.generate_batch([prompts[0] * 10], 4)
 
 
 def test_generate_batch_runs_one_by_one_on_the_static_path():
