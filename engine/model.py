@@ -687,16 +687,7 @@ class Transformer:
     def forward(self, tokens: torch.Tensor, start: int, caches) -> torch.Tensor:
         """tokens [T] (host) -> final hidden [T, d] on the head device."""
         self._route_start = start
-        x = self.embed_tokens(tokens)
-        for i in range(self.spec.n_layers):
-            dev = self.layer_devices[i]
-            if x.device != dev:
-                x = x.to(dev, non_blocking=True)
-            x = x + self.attention(i, x, start, caches[i])
-            x = x + self.ffn(i, x)
-        if x.device != self.head_device:
-            x = x.to(self.head_device)
-        return x
+        return self._layers(self.embed_tokens(tokens), lambda i, x: self.attention(i, x, start, caches[i]))
 
     def forward_rows(self, tokens: torch.Tensor, starts: list[int], caches: list, live: list[int]) -> torch.Tensor:
         """B sequences, one token each: tokens [B] (host), ``starts[b]`` the position of row b in
@@ -704,12 +695,17 @@ class Transformer:
         Each row equals ``forward`` of that one token on that sequence's caches up to the
         matmuls' accumulation order at B rows (``attention_rows``); rows outside ``live`` are
         carried and ignored."""
-        x = self.embed_tokens(tokens)
+        return self._layers(self.embed_tokens(tokens),
+                            lambda i, x: self.attention_rows(i, x, starts, [c[i] for c in caches], live))
+
+    def _layers(self, x: torch.Tensor, attend) -> torch.Tensor:
+        """Every layer over hidden rows x: ``x + attend(i, x)``, then ``x + ffn``, each on the
+        layer's device; the result on the head device."""
         for i in range(self.spec.n_layers):
             dev = self.layer_devices[i]
             if x.device != dev:
                 x = x.to(dev, non_blocking=True)
-            x = x + self.attention_rows(i, x, starts, [c[i] for c in caches], live)
+            x = x + attend(i, x)
             x = x + self.ffn(i, x)
         if x.device != self.head_device:
             x = x.to(self.head_device)
