@@ -55,7 +55,9 @@ def make_run(d: Path, models=("m1",), max_abs_q8=1.25, tg_q8=50.0) -> Path:
                 ("First token EOS", 0, "sets", "lower", 0, "<="),
                 ("Distinct-2", 0.9, "", "higher", None, None)],
                 info={"samples": [{"prompt": "Capital of France?", "text": "Paris. " * 100, "tokens": 48,
-                                   "stop": "length", "identical_prefix": 48, "baseline_tokens": 48}]})
+                                   "stop": "length", "identical_prefix": 48, "baseline_tokens": 48}],
+                      "generation": ({"path": "batched", "batches": [16, 8], "decode_steps": 94} if dt != "q8_0"
+                                     else {"path": "sequential", "decode_path": "cuda_graph"})})
             kvb = {"fp32": 4.0, "bf16": 2.0, "q8_0": 34 / 32}[dt] * 30
             recs += _case(m, dt, "vram", "vram", [
                 ("KV dtype mismatches", 0, "layers", "lower", 0, "<="),
@@ -93,6 +95,9 @@ def test_report_from_results_dir_alone(tmp_path):
     # memory table: KV bytes per dtype, applied dtypes; coherence text is truncated
     assert "4× q8_0" in md and "31.9" in md        # 30 * 34/32 MiB
     assert "Paris. Paris." in md and ("Paris. " * 60) not in md and "…" in md
+    # how coherence's answers ran, per row
+    assert "`m1` bf16: decoded together, 16+8 prompts per step, 94 steps" in md
+    assert "`m1` q8_0: one prompt at a time (cuda_graph path)" in md
 
 
 def test_report_cli_default_location(tmp_path, monkeypatch):
