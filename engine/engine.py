@@ -162,20 +162,27 @@ class Engine:
         return h
 
     @torch.inference_mode()
-    def logits(self, tokens: list[int], chunk: int | None = None) -> torch.Tensor:
-        """Teacher-forced logits [len(tokens), vocab] float32 from an empty cache.
+    def logits(self, tokens: list[int], chunk: int | None = None, first: int = 0) -> torch.Tensor:
+        """Teacher-forced logits [len(tokens) - first, vocab] float32 from an empty cache.
 
-        ``chunk`` prefills in pieces of that many tokens (same maths, different batching)."""
+        ``chunk`` prefills in pieces of that many tokens (same maths, different batching).
+        ``first``: only positions ``first..`` come back, and only their rows go through the
+        output head (the prefill still runs every token): a long prefill compared past a
+        position skips the vocabulary projection of the rows before it."""
         tokens = self._ids(tokens)
+        if not 0 <= first < max(len(tokens), 1):
+            raise ConfigError(f"logits(first={first}) for {len(tokens)} tokens", "pass 0 <= first < len(tokens)")
         self.reset()
         self._check_ctx(len(tokens))
         step = chunk or len(tokens)
         out = []
         t0 = time.perf_counter()
         for s in range(0, len(tokens), step):
-            out.append(self._live().head(self._step(tokens[s:s + step])).float().cpu())
+            h = self._step(tokens[s:s + step])
+            if s + h.shape[0] > first:
+                out.append(self._live().head(h[max(0, first - s):]).float().cpu())
         self._prefill_stats(len(tokens), time.perf_counter() - t0)
-        return torch.cat(out)
+        return out[0] if len(out) == 1 else torch.cat(out)
 
     @torch.inference_mode()
     def routed_logits(self, tokens: list[int], chunk: int | None = None,

@@ -26,8 +26,9 @@ Capabilities:
   applied per-layer K/V formats as one canonical KV spec, ``engine.kv_spec``);
 - ``kv_bytes``: ``kv_bytes`` (runtime bytes of every KV buffer);
 - ``plan``: ``plan`` (``engine.planner.Plan``) and ``ledger`` (``engine.ledger.Ledger``);
-- ``prefill_stats``: ``last_prefill_stats`` (waves, peak scratch, wave rows) and
-  ``wave_budget_bytes``;
+- ``prefill_stats``: ``last_prefill_stats`` (waves, peak scratch, wave rows),
+  ``wave_budget_bytes``, and ``logits(tokens, first=N)``: positions N.. only (the prefill runs
+  every token; the output head only those rows);
 - ``caches``: ``caches`` (per-layer cache objects with ``nbytes``) for per-layer-kind KV;
 - ``topk_logprobs``: ``topk_logprobs(tokens, k) -> harness.adapters.topk.TopK``, teacher-forced:
   at each position the k most likely next tokens with their log-probabilities (the rest of

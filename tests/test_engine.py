@@ -68,6 +68,30 @@ def test_chunked_prefill_matches_one_pass(smol, prompt_ids):
     assert (full - chunked).abs().max().item() <= 1e-4
 
 
+def test_logits_from_a_position_are_the_tail_of_the_whole(smol, prompt_ids, hf_smol):
+    """``logits(first=N)``: rows N.. of the whole (HF's too), in one pass or chunks; the head
+    never sees the rows before N."""
+    with torch.no_grad():
+        ref = hf_smol(torch.tensor([prompt_ids])).logits[0].float()
+    full = smol.logits(prompt_ids)
+    n = len(prompt_ids)
+    for first, chunk in ((100, None), (100, 29), (1, 64), (n - 1, None)):
+        tail = smol.logits(prompt_ids, chunk=chunk, first=first)
+        assert tail.shape == (n - first, smol.spec.vocab_size)
+        assert (tail - ref[first:]).abs().max().item() <= 1e-3
+        assert (tail - full[first:]).abs().max().item() <= 1e-4
+    rows = []
+    head = smol.model.head
+    smol.model.head = lambda h: (rows.append(h.shape[0]), head(h))[1]
+    try:
+        smol.logits(prompt_ids, chunk=29, first=100)
+    finally:
+        del smol.model.head
+    assert sum(rows) == n - 100
+    with pytest.raises(engine.errors.ConfigError, match="first"):
+        smol.logits(prompt_ids, first=n)
+
+
 def test_logits_do_not_depend_on_earlier_calls(smol, prompt_ids):
     a = smol.logits(prompt_ids[:50])
     smol.generate(prompt_ids[:10], 5)
