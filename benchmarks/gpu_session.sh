@@ -121,7 +121,7 @@ for step in $steps; do
               --ctk f16 --depths 0 --reps 5 --tg 64 --n-cpu-moe 17 --out "$OUT/llamacpp-coder-ncmoe17.json" 2>&1 | tail -3 ;;
     smolprof) # where the dense (SmolLM2-geometry) captured decode step's time goes: profile + timing
             python3 benchmarks/bench_moe_decode.py --model smollm2-synth --kv bf16,q8_0 --depths 16,16384 \
-              --paths cuda_graph --timing both --variants ${SMOL_VARIANTS:-default,no_fused_gemv} \
+              --paths cuda_graph --timing both --variants ${SMOL_VARIANTS:-default,no_fused_gemv,gemv_rope:KVBENCH_DECODE_GEMV_ROPE=1} \
               --no-sweep --no-kernel-bench --max-seconds ${SMOL_MAX_S:-240} \
               --out "$OUT/smollm2_decode_step.json" 2>&1 | grep -v "^\s*$" | tee "$OUT/smollm2-step.log" | tail -40 ;;
     gemv)   # engine.kernels.gemv vs cuBLAS (+ the op it fuses) per projection shape, and its tests compiled for the GPU
