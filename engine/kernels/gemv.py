@@ -88,13 +88,11 @@ def _x_chunk(X, G, c, cm, inv, K: tl.constexpr, PRO: tl.constexpr, NARROW: tl.co
 
 
 @triton.jit
-def _plain_rows(X, W, Y, G, R, N, stride_w, inv, base, K: tl.constexpr, PRO: tl.constexpr,
-                RES: tl.constexpr, NARROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Output rows base.. base + BLOCK_N: the products (rounded as mm's) plus the residual."""
+def _dot_rows(X, W, G, rows, rmask, stride_w, inv, K: tl.constexpr, PRO: tl.constexpr,
+              NARROW: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The products of output rows ``rows`` (R of them), rounded as mm's output."""
     offs = tl.arange(0, BLOCK_K)
-    rows = base + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    acc = tl.zeros([R, BLOCK_K], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):
         c = k0 + offs
         cm = c < K
@@ -104,6 +102,16 @@ def _plain_rows(X, W, Y, G, R, N, stride_w, inv, base, K: tl.constexpr, PRO: tl.
     y = tl.sum(acc, axis=1)
     if NARROW:
         y = _round_bf16(y)
+    return y
+
+
+@triton.jit
+def _plain_rows(X, W, Y, G, R, N, stride_w, inv, base, K: tl.constexpr, PRO: tl.constexpr,
+                RES: tl.constexpr, NARROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Output rows base.. base + BLOCK_N: the products plus the residual."""
+    rows = base + tl.arange(0, BLOCK_N)
+    rmask = rows < N
+    y = _dot_rows(X, W, G, rows, rmask, stride_w, inv, K, PRO, NARROW, BLOCK_N, BLOCK_K)
     if RES:
         y += tl.load(R + rows, mask=rmask, other=0.0)
     tl.store(Y + rows, y, mask=rmask)
@@ -118,7 +126,6 @@ def _rope_pairs(X, W, Y, G, COS, SIN, POS, stride_w, inv, pid, K: tl.constexpr, 
     angles of the position held at POS (engine.model.rotate's maths on the rounded products)."""
     HALF: tl.constexpr = HEAD_D // 2
     HB: tl.constexpr = BLOCK_N // 2
-    offs = tl.arange(0, BLOCK_K)
     i = pid * HB + tl.arange(0, HB)
     imask = i < ROT_ROWS // 2
     j = i % HALF
@@ -128,21 +135,8 @@ def _rope_pairs(X, W, Y, G, COS, SIN, POS, stride_w, inv, pid, K: tl.constexpr, 
     else:
         r1 = (i // HALF) * HEAD_D + 2 * j
         r2 = r1 + 1
-    acc1 = tl.zeros([HB, BLOCK_K], dtype=tl.float32)
-    acc2 = tl.zeros([HB, BLOCK_K], dtype=tl.float32)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        c = k0 + offs
-        cm = c < K
-        xv = _x_chunk(X, G, c, cm, inv, K, PRO, NARROW)
-        w1 = tl.load(W + r1[:, None] * stride_w + c[None, :], mask=imask[:, None] & cm[None, :], other=0.0)
-        w2 = tl.load(W + r2[:, None] * stride_w + c[None, :], mask=imask[:, None] & cm[None, :], other=0.0)
-        acc1 += w1.to(tl.float32) * xv[None, :]
-        acc2 += w2.to(tl.float32) * xv[None, :]
-    y1 = tl.sum(acc1, axis=1)
-    y2 = tl.sum(acc2, axis=1)
-    if NARROW:
-        y1 = _round_bf16(y1)
-        y2 = _round_bf16(y2)
+    y1 = _dot_rows(X, W, G, r1, imask, stride_w, inv, K, PRO, NARROW, HB, BLOCK_K)
+    y2 = _dot_rows(X, W, G, r2, imask, stride_w, inv, K, PRO, NARROW, HB, BLOCK_K)
     p = tl.load(POS).to(tl.int64)
     cs = tl.load(COS + p * HALF + j, mask=imask, other=0.0)
     sn = tl.load(SIN + p * HALF + j, mask=imask, other=0.0)
