@@ -156,13 +156,21 @@ def decode_section(args, copy_gbps: float, gen: torch.Generator) -> dict:
             print(f"  scaling {fmt}: " + ", ".join(f"{b / 1e6:.1f}MB {t:.1f}us" for b, t in pts) +
                   f"  -> fixed {y0 - slope * x0:.1f} us + bytes at {1e-3 / slope:.0f} GB/s")
         if args.sweep and fmt in args.sweep_dtypes.split(","):
-            res[fmt]["sweep"] = sweep(cache, q, fmt, ctx, scale, hkv, args.reps, copy_gbps)
+            depths = [int(x) for x in args.sweep_depths.split(",")] if args.sweep_depths else [None]
+            for dp in depths:
+                key = "sweep" if dp is None else f"sweep_depth{dp}"
+                res[fmt][key] = sweep(cache, q, fmt, ctx, scale, hkv, args.reps, copy_gbps, depth=dp)
         del cache
     return res
 
 
-def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps) -> list[dict]:
+def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = None) -> list[dict]:
+    """Every variant's time over ``ctx`` keys; with ``depth``, launched as the captured decode
+    step launches it: position ``depth - 1`` held on the device, splits over the whole buffer."""
     rows = []
+    pos = None if depth is None else torch.tensor([depth - 1], device="cuda", dtype=torch.int64)
+    n_keys = ctx if depth is None else None
+    read_keys = ctx if depth is None else depth
     grid = [{"block_n": bn, "programs_per_sm": pps, "num_warps": warps, "num_stages": stages}
             for bn, pps, warps, stages in itertools.product([16, 32, 64], [1, 2, 4, 8], [2, 4], [2, 3])]
     grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": 3, "fuse_combine": False}
@@ -180,16 +188,23 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps) -> list[dict]:
                  for pps in (2, 4) for t in ((1, 1), (1, 2), (2, 1))]
     for cfg in grid:
         try:
-            t, _ = bench_us(lambda: decode_attention(q, cache.k, cache.v, fmt, ctx, scale, hkv, cfg=cfg),
-                            max(10, reps // 2))
+            t, _ = bench_us(lambda: decode_attention(q, cache.k, cache.v, fmt, n_keys, scale, hkv, cfg=cfg,
+                                                     pos=pos), max(10, reps // 2))
         except Exception as e:   # a variant that does not fit (shared memory) is reported, not fatal
             print(f"  sweep {fmt} {cfg}: {type(e).__name__}: {str(e)[:80]}")
             continue
-        gbps = decode_bytes_read(ctx, hkv, q.shape[1], fmt) / (t * 1e-6) / 1e9
-        rows.append({**cfg, "us": round(t, 2), "GBps": round(gbps, 1)})
+        gbps = decode_bytes_read(read_keys, hkv, q.shape[1], fmt) / (t * 1e-6) / 1e9
+        rows.append({**cfg, "us": round(t, 2), "GBps": round(gbps, 1), "depth": depth})
     rows.sort(key=lambda r: r["us"])
+    default = {**{k: v for k, v in dmod.CONFIG.items() if k in ("block_n", "programs_per_sm", "num_warps",
+                                                                 "num_stages")}, **dmod.FORMAT_CONFIG.get(fmt, {})}
+    at = "" if depth is None else f" at depth {depth} (device-held position)"
     for r in rows[:5]:
-        print(f"  sweep {fmt}: {r}  ({100 * r['GBps'] / copy_gbps:.1f}% of copy)")
+        print(f"  sweep {fmt}{at}: {r}  ({100 * r['GBps'] / copy_gbps:.1f}% of copy)")
+    for i, r in enumerate(rows):     # where today's default stands
+        if all(r.get(k) == v for k, v in default.items()) and len(r) == len(default) + 3:
+            print(f"  sweep {fmt}{at}: default {default} is #{i + 1} of {len(rows)}, {r['us']} us")
+            break
     return rows
 
 
@@ -302,6 +317,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--geometry", default="bench", choices=sorted(GEOMETRIES),
                    help="the decode section's (and sweep's) geometry; the targets are the bench one's")
     p.add_argument("--sweep-dtypes", default="fp32,bf16,q8_0")
+    p.add_argument("--sweep-depths", default="",
+                   help="sweep as the captured step launches: a device-held position at each of these depths "
+                        "over a --ctx-row buffer ('' : n_keys = ctx, the host-known length)")
     p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--scaling", action="store_true", help="decode time vs context: fixed cost + GB/s")
     p.add_argument("--ctxs", default="4096,16384,32768", help="decode grid contexts ('' skips the grid)")

@@ -31,7 +31,7 @@ for step in $steps; do
             # the Triton kernels compiled for the device instead of TRITON_INTERPRET (other files'
             # unmarked tests force Triton on CPU tensors and belong to the CPU run)
             python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py 2>&1 | tee "$OUT/gpu-kernel-tests.log" | tail -25 ;;
-    attn)   python3 benchmarks/bench_attention.py --sweep ${ATTN_ARGS:-} --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench-attention.log" | tail -40 ;;
+    attn)   timeout ${ATTN_TIMEOUT:-590} python3 benchmarks/bench_attention.py --sweep ${ATTN_ARGS:-} --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench-attention.log" | tail -40 ;;
     moevar) # issue 14.2: the captured decode step with each change on and off (bf16/q8_0 KV, depth 16 and 16384)
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
             python3 benchmarks/bench_moe_decode.py --kv bf16,q8_0 --depths 16,16384 --paths cuda_graph --timing both \
@@ -120,10 +120,15 @@ for step in $steps; do
             python3 benchmarks/bench_llamacpp.py bench $S/coder30b-synth.gguf --bin /tmp/lcb/bin/llama-bench \
               --ctk f16 --depths 0 --reps 5 --tg 64 --n-cpu-moe 17 --out "$OUT/llamacpp-coder-ncmoe17.json" 2>&1 | tail -3 ;;
     smolprof) # where the dense (SmolLM2-geometry) captured decode step's time goes: profile + timing
-            python3 benchmarks/bench_moe_decode.py --model smollm2-synth --kv bf16,q8_0 --depths 16,16384 \
+            # SMOL_DEPTHS (16,16384), SMOL_STEPS (steps per repetition, 32), SMOL_TAG (file-name suffix: a
+            # second run in one call keeps the first's files)
+            python3 benchmarks/bench_moe_decode.py --model smollm2-synth --kv ${SMOL_KV:-bf16,q8_0} --depths ${SMOL_DEPTHS:-16,16384} \
               --paths cuda_graph --timing both --variants ${SMOL_VARIANTS:-default,no_fused_gemv,gemv_rope:KVBENCH_DECODE_GEMV_ROPE=1} \
-              --no-sweep --no-kernel-bench --max-seconds ${SMOL_MAX_S:-240} \
-              --out "$OUT/smollm2_decode_step.json" 2>&1 | grep -v "^\s*$" | tee "$OUT/smollm2-step.log" | tail -40 ;;
+              --steps ${SMOL_STEPS:-32} --no-sweep --no-kernel-bench --max-seconds ${SMOL_MAX_S:-240} \
+              --out "$OUT/smollm2_decode_step${SMOL_TAG:-}.json" 2>&1 | grep -v "^\s*$" | tee "$OUT/smollm2-step${SMOL_TAG:-}.log" | tail -40 ;;
+    ropetest) # the q/k/v GEMV's RoPE epilogue compiled for this GPU: kernel tests and the captured step on vs off
+            python3 -m pytest -q -p no:cacheprovider -k "rope" tests/test_gemv.py 2>&1 | tail -3 | tee "$OUT/rope-tests.log"
+            python3 -m pytest -q -m gpu -k settings_on_match_off -p no:cacheprovider tests/test_static_decode.py 2>&1 | tail -3 | tee -a "$OUT/rope-tests.log" ;;
     gemv)   # engine.kernels.gemv vs cuBLAS (+ the op it fuses) per projection shape, and its tests compiled for the GPU
             python3 -m pytest -q -p no:cacheprovider tests/test_gemv.py 2>&1 | tail -3 | tee "$OUT/gemv-tests.log"
             python3 -m pytest -q -m gpu -k settings_on_match_off -p no:cacheprovider tests/test_static_decode.py 2>&1 | tail -3 | tee -a "$OUT/gemv-tests.log"
