@@ -4,8 +4,9 @@
 #   .whl/                          gguf's wheel (the device image has every other dependency)
 #   .devcarry/llamacpp-src.tar.gz  llama.cpp as vendored in llama-cpp-python's PyPI sdist,
 #                                  trimmed to what builds llama-bench (bench_llamacpp.py pack)
-#   .devcarry/smolpart.00, .01     SmolLM2-135M's GGUF in two halves (a call carries at most
-#                                  64 MiB: one half per call, two calls back to back)
+#   .devcarry/smolpart.00 .. .02   SmolLM2-135M's GGUF (94 MiB) in three parts: a call carries at
+#                                  most 64 MiB with the tracked tree (18 MiB), so one part per
+#                                  call, three calls back to back while the machine stays warm
 #   .devcarry/corpora/             the pinned corpus (suites/long.toml, nightly.toml)
 # All are ignored (.git/info/exclude) and none is in a session's fresh checkout: run this first.
 # llama-bench itself is built on the device (gpu_session.sh lcbuildbg / lcwait, ~5 min there);
@@ -39,14 +40,16 @@ ls -la .devcarry/llamacpp-src.tar.gz
 
 # 3. SmolLM2 in two halves (the registry fetches and checks it when the cache lacks it)
 smol=$($PY -c "from engine.models import resolve; print(resolve('smollm2-135m'))")
-if [ ! -f .devcarry/smolpart.00 ] || [ ! -f .devcarry/smolpart.01 ]; then
-  split -n 2 -d -a 2 "$smol" .devcarry/smolpart.
+SMOL_PARTS=${SMOL_PARTS:-3}
+if [ "$(ls .devcarry/smolpart.* 2>/dev/null | wc -l)" != "$SMOL_PARTS" ]; then
+  rm -f .devcarry/smolpart.*
+  split -n "$SMOL_PARTS" -d -a 2 "$smol" .devcarry/smolpart.
 fi
-cat .devcarry/smolpart.00 .devcarry/smolpart.01 | cmp - "$smol"
+cat .devcarry/smolpart.* | cmp - "$smol"
 ls -la .devcarry/smolpart.*
 
 # 4. the pinned corpus
 cdir=$($PY -c "from harness import corpus; c = corpus.load(); print(corpus.corpora_dir())")
 mkdir -p .devcarry/corpora && cp -rn "$cdir"/. .devcarry/corpora/
 du -sh .whl .devcarry .devcarry/corpora
-echo "carry: .whl and .devcarry/smolpart.00 (call 1), .devcarry/smolpart.01 (call 2), plus what a step needs"
+echo "carry: .whl and one of .devcarry/smolpart.00/.01/.02 per call (three calls back to back), plus what a step needs"

@@ -11,14 +11,15 @@ if [ ! -d /tmp/site/gguf ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 fi
 export PYTHONPATH=/tmp/site:$PWD
-# carried inputs: the corpus (the device reaches no package index) and SmolLM2 in two parts
-# (carried in two calls: the tree that travels is capped at 64 MiB)
+# carried inputs: the corpus (the device reaches no package index) and SmolLM2 in SMOL_PARTS parts
+# (default 3, one per call: the tree that travels is capped at 64 MiB, the tracked files take 18)
 [ -d .devcarry/corpora ] && mkdir -p "$KVBENCH_CACHE/corpora" && cp -rn .devcarry/corpora/. "$KVBENCH_CACHE/corpora/"
 mkdir -p /tmp/smolparts && for p in .devcarry/smolpart.0*; do [ -f "$p" ] && cp -n "$p" /tmp/smolparts/; done
 SMOL=$KVBENCH_CACHE/SmolLM2-135M-Instruct.Q4_1.gguf
-if [ ! -f "$SMOL" ] && [ -f /tmp/smolparts/smolpart.00 ] && [ -f /tmp/smolparts/smolpart.01 ]; then
-  cat /tmp/smolparts/smolpart.00 /tmp/smolparts/smolpart.01 > "$SMOL"
+if [ ! -f "$SMOL" ] && [ "$(ls /tmp/smolparts/smolpart.* 2>/dev/null | wc -l)" = "${SMOL_PARTS:-3}" ]; then
+  cat /tmp/smolparts/smolpart.* > "$SMOL"
 fi
+echo "SmolLM2 parts here: $(ls /tmp/smolparts 2>/dev/null | tr '\n' ' ')"
 [ -f "$SMOL" ] && sha256sum "$SMOL"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
