@@ -574,8 +574,7 @@ class Transformer:
 
     def decode_at(self, x: torch.Tensor, pos: torch.Tensor, caches, compiled: bool = False,
                   fused_qkv: bool | None = None, route_kernel: bool | None = None,
-                  fused_gate_up: bool | None = None, fused_gemv: bool | None = None,
-                  gemv_rope: bool | None = None) -> torch.Tensor:
+                  fused_gate_up: bool | None = None, fused_gemv: bool | None = None) -> torch.Tensor:
         """One decode step with the position on the device: ``x`` [1, d] float32 embedded token
         on the trunk device, ``pos`` one-element long tensor there. Every layer on that device
         (sliding-window layers through their caches' ``attend_at(window=)``); no host sync, so a CUDA graph can capture it. The maths around
@@ -594,9 +593,7 @@ class Transformer:
         gate and up from one matmul over ``w_gu`` where the layer has one. ``fused_gemv`` (default
         ``KVBENCH_DECODE_FUSED_GEMV``): the layers ``fused_gemv_layers`` names run their
         projections through ``engine.kernels.gemv`` with the norms, activation and residual
-        adds fused in (the same maths and roundings as ``mm``; only summation order differs).
-        ``gemv_rope`` (default ``KVBENCH_DECODE_GEMV_ROPE``): on those layers, when the model has
-        no q/k norms, the q/k/v launch also rotates q and k at ``pos`` (no RoPE launch)."""
+        adds fused in (the same maths and roundings as ``mm``; only summation order differs)."""
         s = self.spec
         fused_qkv = fused_qkv_on() if fused_qkv is None else fused_qkv
         fused_gate_up = fused_gate_up_on() if fused_gate_up is None else fused_gate_up
@@ -610,19 +607,9 @@ class Transformer:
         gemv_on = self.fused_gemv_layers(x.device) if fused_gemv and fused_qkv else [False] * s.n_layers
         if any(gemv_on):
             from .kernels.gemv import gemv
-        if gemv_rope is None:
-            gemv_rope = bool(settings.get("KVBENCH_DECODE_GEMV_ROPE"))
-        gemv_rope = gemv_rope and s.qk_norm is None          # q/k norms sit between product and RoPE
-        rot_rows = s.q_dim + s.kv_dim
         for i in range(s.n_layers):
             w, rope = self.layers[i], self._rope(x.device, s.rope_base_of(i))
-            if gemv_on[i] and gemv_rope:                 # q, k rotated in the projection's launch
-                qkv = gemv(x, w.wqkv, "rms", g=w.attn_norm, eps=s.rms_eps,
-                           rope=(rope.cos, rope.sin, pos, s.rope_type, s.head_dim, rot_rows))
-                q = qkv[:, :s.q_dim].view(1, s.n_heads, s.head_dim)
-                k = qkv[:, s.q_dim:rot_rows].view(1, s.n_kv_heads, s.head_dim)
-                v = qkv[:, rot_rows:].view(1, s.n_kv_heads, s.head_dim)
-            elif gemv_on[i]:
+            if gemv_on[i]:
                 qkv = gemv(x, w.wqkv, "rms", g=w.attn_norm, eps=s.rms_eps)
                 q, k, v = qkv_rope(qkv, w.q_norm, w.k_norm, rope.cos, rope.sin, pos)
                 if k is None:                            # q and k rotated as one tensor

@@ -85,9 +85,6 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "engine.kernels.prefill_attention.decode_rows_ref (its one query row over the filled cache rows) "
        "instead of the blocked reference's 128-row padded chunk: same maths, O(position) work",
        numerics=True),
-    _s("KVBENCH_DECODE_GEMV_ROPE", "bool", False, "the captured decode step rotates q and k (RoPE) in "
-       "the q/k/v gemv's epilogue on layers without q/k norms, instead of a launch of its own "
-       "(off until timed on the GPU: engine.kernels.gemv rope=)", numerics=True),
     _s("KVBENCH_GEMV_BLOCK_N", "int", None, "engine.kernels.gemv output rows per program (default: "
        "by the row count)", lo=1, hi=64),
     _s("KVBENCH_GEMV_BLOCK_K", "int", None, "engine.kernels.gemv columns per unrolled step (default: "

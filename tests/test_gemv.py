@@ -82,59 +82,6 @@ def test_gemv_matches_oracle_and_reference(dtype, prologue, residual, N, K, tile
         assert same >= 0.9, f"only {same:.0%} of outputs equal the torch reference"
 
 
-def _rotate64(x, pos, base, kind):
-    """float64 RoPE of x [H, D] at ``pos`` (neox: halves; norm: adjacent pairs), written here."""
-    H, D = x.shape
-    inv = 1.0 / (base ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
-    c, s = torch.cos(pos * inv), torch.sin(pos * inv)
-    if kind == "neox":
-        a, b = x[:, :D // 2], x[:, D // 2:]
-        return torch.cat([a * c - b * s, b * c + a * s], dim=1)
-    a, b = x[:, 0::2], x[:, 1::2]
-    return torch.stack([a * c - b * s, b * c + a * s], dim=-1).flatten(1)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["neox", "norm"])
-@pytest.mark.parametrize("tiles", ["small", "default"])
-def test_gemv_rope_epilogue_matches_oracle(dtype, kind, tiles, monkeypatch):
-    """``rope=``: the q/k rows come back rotated at the device-held position (each pair from the
-    oracle's own products, rotated in float64), the v rows as plain products."""
-    from engine.model import Rope
-    if tiles == "small":       # pairs split over many programs, several K steps
-        monkeypatch.setenv("KVBENCH_GEMV_BLOCK_N", "4")
-        monkeypatch.setenv("KVBENCH_GEMV_BLOCK_K", "32")
-    hq, hkv, d, K = 6, 2, 16, 80
-    rot, N = (hq + hkv) * d, (hq + 2 * hkv) * d
-    gen = torch.Generator().manual_seed(7)
-    w = torch.randn(N, K, generator=gen).to(dtype).to(DEV)
-    x = torch.randn(1, K, generator=gen).to(DEV)
-    g = (torch.rand(K, generator=gen) + 0.5).to(DEV)
-    rope = Rope(d, 10000.0, kind, 64, device=DEV)
-    for p in (0, 37):
-        got = gemv(x, w, "rms", g=g, eps=1e-5,
-                   rope=(rope.cos, rope.sin, torch.tensor([p], device=DEV), kind, d, rot)).cpu().double()[0]
-        want, bound = oracle(x.cpu(), w.cpu(), "rms", g.cpu(), 1e-5, None)
-        qk = _rotate64(want[:rot].view(hq + hkv, d), p, 10000.0, kind).reshape(-1)
-        # the products' rounding (one ulp at the weight dtype) moves through the rotation: bound it
-        # by the pair's magnitude; float32 tables and sums add ~1e-6 relative
-        pair = want[:rot].view(hq + hkv, d).abs()
-        mag = (pair + (pair.roll(d // 2, 1) if kind == "neox" else pair.view(-1, d // 2, 2).flip(-1).reshape(-1, d)))
-        tol = (ULP[dtype] + 4e-6) * mag.reshape(-1) + 1e-6 * bound[:rot]
-        err = (got[:rot] - qk).abs()
-        assert (err <= tol + 1e-9).all(), f"rotated rows: worst {(err - tol).max().item():.3e} over"
-        verr = (got[rot:] - want[rot:]).abs()
-        assert (verr <= ULP[dtype] * want[rot:].abs() + 1e-6 * bound[rot:] + 1e-9).all()
-        if p == 0:             # position 0 rotates nothing: the plain launch's q/k, bit for bit
-            plain = gemv(x, w, "rms", g=g, eps=1e-5).cpu().double()[0]
-            assert torch.equal(got, plain)
-    with pytest.raises(ValueError, match="rope"):
-        gemv(x, w, "rms", g=g, eps=1e-5, rope=(rope.cos, rope.sin, torch.tensor([0], device=DEV), "gptj", d, rot))
-    with pytest.raises(ValueError, match="rope"):
-        gemv(x, w, "rms", g=g, eps=1e-5, residual=torch.zeros(1, N, device=DEV),
-             rope=(rope.cos, rope.sin, torch.tensor([0], device=DEV), kind, d, rot))
-
-
 def test_gemv_rejects_bad_shapes():
     w = torch.zeros(8, 16)
     with pytest.raises(ValueError, match="prologue"):

@@ -272,8 +272,7 @@ def test_cuda_graph_moe_decode_matches_eager(model):
 
 # --- issue 14.2: fused q/k/v, the routing kernel, the device embedding and token feedback ------
 DECODE_SETTINGS = ("KVBENCH_DECODE_FUSED_QKV", "KVBENCH_DECODE_ROUTE_KERNEL", "KVBENCH_DECODE_DEVICE_EMBED",
-                   "KVBENCH_DECODE_FUSED_GATE_UP", "KVBENCH_DECODE_KV_PAIR", "KVBENCH_DECODE_FUSED_GEMV",
-                   "KVBENCH_DECODE_GEMV_ROPE")
+                   "KVBENCH_DECODE_FUSED_GATE_UP", "KVBENCH_DECODE_KV_PAIR", "KVBENCH_DECODE_FUSED_GEMV")
 
 
 def _prefill_torch(eng, prompt):
@@ -298,7 +297,6 @@ def _static_run(eng, monkeypatch, on: bool, n_logits=1, n_greedy=3):
     sd = eng._static
     assert (sd.fused_qkv, sd.route_kernel, sd.device_embed, sd.fused_gate_up) == (on, on, on, on)
     assert sd.fused_gemv == on          # applied: every tiny model has f32 wqkv and Triton runs
-    assert sd.gemv_rope == (on and eng.spec.qk_norm is None)    # RoPE in the gemv: no q/k norms only
     tokens = eng.decode_greedy(int(logits[-1].argmax()), n_greedy)
     return logits, tokens, eng.pos
 

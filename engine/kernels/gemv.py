@@ -23,12 +23,6 @@ cuBLAS's, so results agree with ``gemv_ref`` to float32 summation error before t
 ``BLOCK_N`` output rows; launches read nothing on the host, so a CUDA graph captures them.
 ``gemv_ref`` is the same maths from ``engine.model``'s own torch ops.
 
-``rope=(cos, sin, pos, kind, head_dim, rot_rows)`` adds RoPE as an epilogue: rows
-``[0, rot_rows)`` (the q and k heads of a fused q/k/v weight) come back rotated at the position
-held by the one-element device tensor ``pos`` (``engine.model.rotate``'s "neox" or "norm"
-maths on the rounded products, float32 tables ``[n, head_dim/2]``); the first programs of the
-launch take rotation pairs (both rows of a pair), the rest the rows after them.
-
     qkv = gemv(x, w.wqkv, prologue="rms", g=w.attn_norm, eps=spec.rms_eps)
     x = gemv(o, w.wo, residual=x)
 """
@@ -55,117 +49,50 @@ def _round_bf16(v):
 
 
 @triton.jit
-def _inv_rms(X, eps, K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The input row's inverse RMS, from all K inputs (the "rms" prologue's scale)."""
+def _gemv_kernel(X, W, Y, G, R, N, stride_w, eps, K: tl.constexpr,
+                 PRO: tl.constexpr, RES: tl.constexpr, NARROW: tl.constexpr,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    # K is a compile-time constant and the K loops unroll (tl.static_range): every weight
+    # load of a program can be in flight at once (a decode GEMV is bound by memory latency)
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_N + tl.arange(0, BLOCK_N)
+    rmask = rows < N
     offs = tl.arange(0, BLOCK_K)
-    ss = tl.zeros([BLOCK_K], dtype=tl.float32)
-    for k0 in tl.static_range(0, K, BLOCK_K):
-        c = k0 + offs
-        xv = tl.load(X + c, mask=c < K, other=0.0)
-        ss += xv * xv
-    return tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
-
-
-@triton.jit
-def _x_chunk(X, G, c, cm, inv, K: tl.constexpr, PRO: tl.constexpr, NARROW: tl.constexpr):
-    """Columns c of the prologue's output (what multiplies the weights), rounded as mm's input."""
-    if PRO >= 2:                                   # act(gate) * up from [gate | up]
-        a = tl.load(X + c, mask=cm, other=0.0)
-        b = tl.load(X + K + c, mask=cm, other=0.0)
-        if PRO == 2:
-            a = a * tl.sigmoid(a)
-        else:
-            z = 0.7978845608028654 * (a + 0.044715 * a * a * a)
-            a = 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))
-        xv = a * b
-    else:
-        xv = tl.load(X + c, mask=cm, other=0.0)
-        if PRO == 1:
-            xv = xv * inv * tl.load(G + c, mask=cm, other=0.0)
-    if NARROW:
-        xv = _round_bf16(xv)
-    return xv
-
-
-@triton.jit
-def _dot_rows(X, W, G, rows, rmask, stride_w, inv, K: tl.constexpr, PRO: tl.constexpr,
-              NARROW: tl.constexpr, R: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The products of output rows ``rows`` (R of them), rounded as mm's output."""
-    offs = tl.arange(0, BLOCK_K)
-    acc = tl.zeros([R, BLOCK_K], dtype=tl.float32)
+    inv = 1.0
+    if PRO == 1:                                   # the row's inverse RMS, from all K inputs
+        ss = tl.zeros([BLOCK_K], dtype=tl.float32)
+        for k0 in tl.static_range(0, K, BLOCK_K):
+            c = k0 + offs
+            xv = tl.load(X + c, mask=c < K, other=0.0)
+            ss += xv * xv
+        inv = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
+    acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):
         c = k0 + offs
         cm = c < K
-        xv = _x_chunk(X, G, c, cm, inv, K, PRO, NARROW)
+        if PRO >= 2:                               # act(gate) * up from [gate | up]
+            a = tl.load(X + c, mask=cm, other=0.0)
+            b = tl.load(X + K + c, mask=cm, other=0.0)
+            if PRO == 2:
+                a = a * tl.sigmoid(a)
+            else:
+                z = 0.7978845608028654 * (a + 0.044715 * a * a * a)
+                a = 0.5 * a * (1.0 + (2.0 * tl.sigmoid(2.0 * z) - 1.0))
+            xv = a * b
+        else:
+            xv = tl.load(X + c, mask=cm, other=0.0)
+            if PRO == 1:
+                xv = xv * inv * tl.load(G + c, mask=cm, other=0.0)
+        if NARROW:
+            xv = _round_bf16(xv)
         wv = tl.load(W + rows[:, None] * stride_w + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
         acc += wv.to(tl.float32) * xv[None, :]
     y = tl.sum(acc, axis=1)
     if NARROW:
         y = _round_bf16(y)
-    return y
-
-
-@triton.jit
-def _plain_rows(X, W, Y, G, R, N, stride_w, inv, base, K: tl.constexpr, PRO: tl.constexpr,
-                RES: tl.constexpr, NARROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    """Output rows base.. base + BLOCK_N: the products plus the residual."""
-    rows = base + tl.arange(0, BLOCK_N)
-    rmask = rows < N
-    y = _dot_rows(X, W, G, rows, rmask, stride_w, inv, K, PRO, NARROW, BLOCK_N, BLOCK_K)
     if RES:
         y += tl.load(R + rows, mask=rmask, other=0.0)
     tl.store(Y + rows, y, mask=rmask)
-
-
-@triton.jit
-def _rope_pairs(X, W, Y, G, COS, SIN, POS, stride_w, inv, pid, K: tl.constexpr, PRO: tl.constexpr,
-                NARROW: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                ROPE: tl.constexpr, HEAD_D: tl.constexpr, ROT_ROWS: tl.constexpr):
-    """BLOCK_N / 2 rotation pairs of rows [0, ROT_ROWS) (q and k heads of HEAD_D), both rows of
-    each (neox: d and d + HEAD_D/2 of a head; norm: 2d and 2d + 1), written rotated by the
-    angles of the position held at POS (engine.model.rotate's maths on the rounded products)."""
-    HALF: tl.constexpr = HEAD_D // 2
-    HB: tl.constexpr = BLOCK_N // 2
-    i = pid * HB + tl.arange(0, HB)
-    imask = i < ROT_ROWS // 2
-    j = i % HALF
-    if ROPE == 1:
-        r1 = (i // HALF) * HEAD_D + j
-        r2 = r1 + HALF
-    else:
-        r1 = (i // HALF) * HEAD_D + 2 * j
-        r2 = r1 + 1
-    y1 = _dot_rows(X, W, G, r1, imask, stride_w, inv, K, PRO, NARROW, HB, BLOCK_K)
-    y2 = _dot_rows(X, W, G, r2, imask, stride_w, inv, K, PRO, NARROW, HB, BLOCK_K)
-    p = tl.load(POS).to(tl.int64)
-    cs = tl.load(COS + p * HALF + j, mask=imask, other=0.0)
-    sn = tl.load(SIN + p * HALF + j, mask=imask, other=0.0)
-    tl.store(Y + r1, y1 * cs - y2 * sn, mask=imask)
-    tl.store(Y + r2, y2 * cs + y1 * sn, mask=imask)
-
-
-@triton.jit
-def _gemv_kernel(X, W, Y, G, R, COS, SIN, POS, N, stride_w, eps, K: tl.constexpr,
-                 PRO: tl.constexpr, RES: tl.constexpr, NARROW: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                 ROPE: tl.constexpr, HEAD_D: tl.constexpr, ROT_ROWS: tl.constexpr, ROT_PROGS: tl.constexpr):
-    # K is a compile-time constant and the K loops unroll (tl.static_range): every weight
-    # load of a program can be in flight at once (a decode GEMV is bound by memory latency).
-    # With ROPE, the first ROT_PROGS programs take rotation pairs of rows [0, ROT_ROWS), the
-    # rest the rows after them; without, program p takes rows p * BLOCK_N..
-    pid = tl.program_id(0)
-    inv = 1.0
-    if PRO == 1:
-        inv = _inv_rms(X, eps, K, BLOCK_K)
-    if ROPE != 0:
-        if pid < ROT_PROGS:
-            _rope_pairs(X, W, Y, G, COS, SIN, POS, stride_w, inv, pid, K, PRO, NARROW, BLOCK_N, BLOCK_K,
-                        ROPE, HEAD_D, ROT_ROWS)
-        else:
-            _plain_rows(X, W, Y, G, R, N, stride_w, inv, ROT_ROWS + (pid - ROT_PROGS) * BLOCK_N,
-                        K, PRO, RES, NARROW, BLOCK_N, BLOCK_K)
-    else:
-        _plain_rows(X, W, Y, G, R, N, stride_w, inv, pid * BLOCK_N, K, PRO, RES, NARROW, BLOCK_N, BLOCK_K)
 
 
 def _check(x, w, prologue, g, residual) -> int:
@@ -220,17 +147,9 @@ def block_k(k: int) -> int:
     return min(2048 if interpreted() else 512, triton.next_power_of_2(k))
 
 
-ROPE_KINDS = {"neox": 1, "norm": 2}
-
-
 def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tensor | None = None,
-         eps: float = 0.0, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
-         rope: tuple | None = None) -> torch.Tensor:
-    """The Triton launch (interpreted on CPU); see the module docstring. ``rope`` = (cos, sin,
-    pos, kind, head_dim, rot_rows): rows [0, rot_rows) are heads of ``head_dim`` rotated at the
-    position held by ``pos`` (a one-element device tensor; ``cos``/``sin`` [n, head_dim/2]
-    tables) in the same launch: ``engine.model.rotate``'s maths ("neox" or "norm") on the
-    rounded products; no residual with it."""
+         eps: float = 0.0, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton launch (interpreted on CPU); see the module docstring."""
     _check(x, w, prologue, g, residual)
     N, K = w.shape
     xin = x.reshape(-1)
@@ -240,23 +159,10 @@ def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tens
     bn = block_n(N)
     gg = g if g is not None else xin
     rr = residual.reshape(-1) if residual is not None else xin
-    kind, head_d, rot_rows, rot_progs, cos, sin, pos = 0, 2, 0, 0, xin, xin, xin
-    if rope is not None:
-        cos, sin, pos, name, head_d, rot_rows = rope
-        if name not in ROPE_KINDS or residual is not None or head_d % 2 or rot_rows % head_d or rot_rows > N:
-            raise ValueError(f"gemv: rope {name!r} over {rot_rows} of {N} rows in heads of {head_d} "
-                             f"(residual {'given' if residual is not None else 'none'}) cannot be applied")
-        if tuple(cos.shape[1:]) != (head_d // 2,) or cos.shape != sin.shape or pos.numel() != 1:
-            raise ValueError(f"gemv: rope tables {tuple(cos.shape)} / {tuple(sin.shape)} and position "
-                             f"{tuple(pos.shape)} do not fit heads of {head_d}")
-        bn = max(bn, 2)
-        kind, rot_progs = ROPE_KINDS[name], triton.cdiv(rot_rows // 2, bn // 2)
-    grid = rot_progs + triton.cdiv(N - rot_rows, bn)
-    _gemv_kernel[(grid,)](
-        xin, w, y, gg, rr, cos, sin, pos, N, w.stride(0), float(eps), K=K,
+    _gemv_kernel[(triton.cdiv(N, bn),)](
+        xin, w, y, gg, rr, N, w.stride(0), float(eps), K=K,
         PRO=PROLOGUES[prologue], RES=residual is not None, NARROW=w.dtype != torch.float32,
-        BLOCK_N=bn, BLOCK_K=block_k(K), ROPE=kind, HEAD_D=head_d, ROT_ROWS=rot_rows, ROT_PROGS=rot_progs,
-        num_warps=4)
+        BLOCK_N=bn, BLOCK_K=block_k(K), num_warps=4)
     return y
 
 
