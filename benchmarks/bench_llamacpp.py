@@ -158,6 +158,15 @@ def main(argv=None) -> int:
     if args.cmd == "build":
         print(json.dumps({"binary": str(build(args.src, args.build_dir, args.j, args.target))}))
         return 0
+    for what, path, fix in (("llama-bench binary (--bin)", args.bin, "build it first (bench_llamacpp.py build "
+                             "SRC BUILD_DIR) or pass its path"),
+                            ("model", args.model, "pass a GGUF that exists (engine.models.resolve NAME)")):
+        if not path.is_file():
+            print(f"bench_llamacpp: {what} {path} does not exist: {fix}", file=sys.stderr)
+            return 2
+    if not os.access(args.bin, os.X_OK):
+        print(f"bench_llamacpp: {args.bin} is not executable (chmod +x it)", file=sys.stderr)
+        return 2
     doc = bench(args.bin, args.model, args.ctk.split(","), [int(x) for x in args.depths.split(",")], args.reps,
                 args.tg, args.pp, args.n_cpu_moe, args.threads)
     doc["when"] = time.strftime("%Y-%m-%dT%H:%M:%S")
