@@ -197,7 +197,8 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         rows.append({**cfg, "us": round(t, 2), "GBps": round(gbps, 1), "depth": depth})
     rows.sort(key=lambda r: r["us"])
     default = {**{k: v for k, v in dmod.CONFIG.items() if k in ("block_n", "programs_per_sm", "num_warps",
-                                                                 "num_stages")}, **dmod.FORMAT_CONFIG.get(fmt, {})}
+                                                                 "num_stages")}, **dmod.FORMAT_CONFIG.get(fmt, {}),
+               **dmod.HEAD_DIM_CONFIG.get((fmt, q.shape[1]), {})}
     at = "" if depth is None else f" at depth {depth} (device-held position)"
     for r in rows[:5]:
         print(f"  sweep {fmt}{at}: {r}  ({100 * r['GBps'] / copy_gbps:.1f}% of copy)")
@@ -363,7 +364,8 @@ def main(args) -> int:
     doc = {"bench": "attention", "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
            "copy_GBps": round(copy_gbps, 1), "decode": dec, "decode_grid": grid, "prefill": pre, "targets": targets,
            "decode_config": {**dmod.CONFIG, "q8_impl": settings.get("KVBENCH_DECODE_Q8_IMPL"),
-                             "per_format": dmod.FORMAT_CONFIG}}
+                             "per_format": dmod.FORMAT_CONFIG,
+                             "per_head_dim": {f"{f}/{d}": c for (f, d), c in dmod.HEAD_DIM_CONFIG.items()}}}
     text = json.dumps(doc, separators=(",", ":"))
     if args.out:
         Path(args.out).write_text(text + "\n")

@@ -196,7 +196,7 @@ def profile_step(step, dev: torch.device, top: int = 15) -> dict:
 # --- settings variants -------------------------------------------------------------------------
 DECODE_SETTINGS = {"fused_qkv": "KVBENCH_DECODE_FUSED_QKV", "route_kernel": "KVBENCH_DECODE_ROUTE_KERNEL",
                    "fused_gate_up": "KVBENCH_DECODE_FUSED_GATE_UP", "kv_pair": "KVBENCH_DECODE_KV_PAIR",
-                   "fused_gemv": "KVBENCH_DECODE_FUSED_GEMV",
+                   "fused_gemv": "KVBENCH_DECODE_FUSED_GEMV", "rope_append": "KVBENCH_DECODE_ROPE_APPEND",
                    "device_embed": "KVBENCH_DECODE_DEVICE_EMBED"}
 VARIANTS = {"default": {}, "baseline": {v: "0" for v in DECODE_SETTINGS.values()}}
 for _short, _name in DECODE_SETTINGS.items():
@@ -286,7 +286,7 @@ def time_path(eng, path: str, depth: int, prompt: list[int], args, stream: list[
     if static is not None:
         r["settings"] = {"fused_qkv": static.fused_qkv, "route_kernel": static.route_kernel,
                          "device_embed": static.device_embed, "fused_gate_up": static.fused_gate_up,
-                         "fused_gemv": static.fused_gemv}
+                         "fused_gemv": static.fused_gemv, "rope_append": static.rope_append}
     if args.timing in ("greedy", "both") and path != "eager":
         greedy = []                              # generate's loop: back to back, batched read-backs
         for _ in range(args.reps):

@@ -104,6 +104,9 @@ class StaticDecode:
         # applied, not only asked: the layers whose projections run through engine.kernels.gemv
         self.fused_gemv = bool(settings.get("KVBENCH_DECODE_FUSED_GEMV")) and self.fused_qkv and \
             any(self.model.fused_gemv_layers(dev))
+        # applied: the layers whose RoPE and K/V append run as one launch (rope_append_layers)
+        self.rope_append = bool(settings.get("KVBENCH_DECODE_ROPE_APPEND")) and self.fused_gemv and \
+            any(self.model.rope_append_layers(dev, self.caches))
         self.route_kernel = bool(settings.get("KVBENCH_DECODE_ROUTE_KERNEL"))
         self.device_embed = bool(settings.get("KVBENCH_DECODE_DEVICE_EMBED")) and \
             self.model.embed_table(dev) is not None
@@ -123,7 +126,8 @@ class StaticDecode:
         x = self.model.decode_embed(self.token, compiled=self.compiled) if self.device_embed else self.x
         h = self.model.decode_at(x, self.pos, self.caches, compiled=self.compiled,
                                  fused_qkv=self.fused_qkv, route_kernel=self.route_kernel,
-                                 fused_gate_up=self.fused_gate_up, fused_gemv=self.fused_gemv)
+                                 fused_gate_up=self.fused_gate_up, fused_gemv=self.fused_gemv,
+                                 rope_append=self.rope_append)
         logits, nxt = self.model.decode_head(h)
         if self.device_embed:                    # the next step's inputs, on the device
             self.token.copy_(nxt.reshape(1))

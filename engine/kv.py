@@ -43,7 +43,7 @@ import torch
 
 from . import formats, kernels, settings
 from .errors import ConfigError, ContextOverflowError
-from .kernels.kv_append import kv_append, kv_append_at, quantize_q8_0_ref, dequantize_q8_0_ref
+from .kernels.kv_append import kv_append, kv_append_at, quantize_q8_0_ref, dequantize_q8_0_ref, rope_append_at
 from .kernels.decode_attention import decode_attention
 from .kernels.prefill_attention import (MAX_WAVE_ROWS, WavePlan, decode_rows_ref, plan_waves, prefill_attention,
                                         prefill_attention_fast,
@@ -251,6 +251,13 @@ class LayerKV(CacheObservables):
         the cache's device); Triton only, no host sync, so a CUDA graph can capture it. The
         caller guarantees ``pos < max_tokens`` (the graph's owner checks it on the host)."""
         kv_append_at(self.k, self.v, k, v, self.k_format, self.v_format, pos)
+
+    def rope_write_at(self, pos: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      n_heads: int, kind: str) -> torch.Tensor:
+        """RoPE and ``write_at`` in one launch from the fused projection row ``qkv``: stores k
+        rotated and v at ``pos``, returns q [1, Hq, D] rotated (``kv_append.rope_append_at``)."""
+        return rope_append_at(qkv, cos, sin, pos, self.k, self.v, self.k_format, self.v_format, n_heads,
+                              self.n_kv_heads, self.head_dim, kind)
 
     def attend_at(self, q: torch.Tensor, pos: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
         """``attend`` for one query row [1, Hq, D] at the position held by ``pos`` (``window``:

@@ -34,7 +34,7 @@ import torch
 from . import kernels, settings
 from .errors import ConfigError, ContextOverflowError
 from .formats import DEFAULT_WAVE_BUDGET
-from .kernels.kv_append import kv_append, kv_append_at
+from .kernels.kv_append import kv_append, kv_append_at, rope_append_at
 from .kernels.prefill_attention import (CHUNK_ROWS, MAX_WAVE_ROWS, WavePlan, decode_rows_ref, plan_waves,
                                         prefill_attention_ref)
 from .kernels import decode_attention as dattn, q8_layout
@@ -159,6 +159,12 @@ class RingKV(CacheObservables):
         Triton only, no host sync, so a CUDA graph can capture it. Held prefill K/V must have
         been stored first (``flush``)."""
         kv_append_at(self.k, self.v, k, v, self.k_format, self.v_format, pos, ring_rows=self.rows)
+
+    def rope_write_at(self, pos: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                      n_heads: int, kind: str) -> torch.Tensor:
+        """``LayerKV.rope_write_at`` into row pos % rows (held prefill K/V stored first: ``flush``)."""
+        return rope_append_at(qkv, cos, sin, pos, self.k, self.v, self.k_format, self.v_format, n_heads,
+                              self.n_kv_heads, self.head_dim, kind, ring_rows=self.rows)
 
     def attend_at(self, q: torch.Tensor, pos: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
         """``attend`` for one query row [1, Hq, D] at the position held by ``pos``: the window's

@@ -560,6 +560,21 @@ class Transformer:
         return [w.wqkv is not None and w.wqkv.dtype in (torch.float32, torch.bfloat16)
                 and w.wqkv.device.type == torch.device(device).type for w in self.layers]
 
+    def rope_append_layers(self, device, caches) -> list[bool]:
+        """Per layer: does ``decode_at(rope_append=True)`` rotate q/k and append K/V in one launch
+        (``engine.kernels.kv_append.rope_append_at``)? Layers through the gemv kernel (their
+        fused q/k/v row), models without q/k norms (they sit between projection and RoPE),
+        caches that have ``rope_write_at``, and whole q8_0 blocks per head where a buffer is q8_0."""
+        s = self.spec
+        gemv_on = self.fused_gemv_layers(device)
+        ok = []
+        for i, c in enumerate(caches):
+            q8_fits = all(f != "q8_0" or s.head_dim % 32 == 0 for f in (getattr(c, "k_format", None),
+                                                                      getattr(c, "v_format", None)))
+            ok.append(bool(gemv_on[i] and s.qk_norm is None and hasattr(c, "rope_write_at")
+                           and s.rope_type in ("neox", "norm") and not s.head_dim & (s.head_dim - 1) and q8_fits))
+        return ok
+
     def _dense_gemv(self, w) -> bool:
         """A dense FFN layer whose whole post-attention part runs through the gemv kernel."""
         return (w.router is None and w.w_gu is not None and w.post_attn_norm is None
@@ -574,7 +589,8 @@ class Transformer:
 
     def decode_at(self, x: torch.Tensor, pos: torch.Tensor, caches, compiled: bool = False,
                   fused_qkv: bool | None = None, route_kernel: bool | None = None,
-                  fused_gate_up: bool | None = None, fused_gemv: bool | None = None) -> torch.Tensor:
+                  fused_gate_up: bool | None = None, fused_gemv: bool | None = None,
+                  rope_append: bool | None = None) -> torch.Tensor:
         """One decode step with the position on the device: ``x`` [1, d] float32 embedded token
         on the trunk device, ``pos`` one-element long tensor there. Every layer on that device
         (sliding-window layers through their caches' ``attend_at(window=)``); no host sync, so a CUDA graph can capture it. The maths around
@@ -593,7 +609,10 @@ class Transformer:
         gate and up from one matmul over ``w_gu`` where the layer has one. ``fused_gemv`` (default
         ``KVBENCH_DECODE_FUSED_GEMV``): the layers ``fused_gemv_layers`` names run their
         projections through ``engine.kernels.gemv`` with the norms, activation and residual
-        adds fused in (the same maths and roundings as ``mm``; only summation order differs)."""
+        adds fused in (the same maths and roundings as ``mm``; only summation order differs).
+        ``rope_append`` (default ``KVBENCH_DECODE_ROPE_APPEND``): on the layers
+        ``rope_append_layers`` names, RoPE and the K/V append in one launch
+        (``rope_write_at``) instead of the compiled rotation and ``write_at``."""
         s = self.spec
         fused_qkv = fused_qkv_on() if fused_qkv is None else fused_qkv
         fused_gate_up = fused_gate_up_on() if fused_gate_up is None else fused_gate_up
@@ -605,19 +624,26 @@ class Transformer:
         run = self._moe_kernel(x.device)
         route = self._route_kernel(x.device) if route_kernel else None
         gemv_on = self.fused_gemv_layers(x.device) if fused_gemv and fused_qkv else [False] * s.n_layers
+        if rope_append is None:
+            rope_append = bool(settings.get("KVBENCH_DECODE_ROPE_APPEND"))
+        rope_on = self.rope_append_layers(x.device, caches) if rope_append and any(gemv_on) else [False] * s.n_layers
         if any(gemv_on):
             from .kernels.gemv import gemv
         for i in range(s.n_layers):
             w, rope = self.layers[i], self._rope(x.device, s.rope_base_of(i))
-            if gemv_on[i]:
+            if gemv_on[i] and rope_on[i]:                # RoPE + K/V append: one launch
                 qkv = gemv(x, w.wqkv, "rms", g=w.attn_norm, eps=s.rms_eps)
-                q, k, v = qkv_rope(qkv, w.q_norm, w.k_norm, rope.cos, rope.sin, pos)
-                if k is None:                            # q and k rotated as one tensor
-                    q, k = q[:, :s.n_heads], q[:, s.n_heads:]
+                q = caches[i].rope_write_at(pos, qkv, rope.cos, rope.sin, s.n_heads, s.rope_type)
             else:
-                q, k, v = pre(x, w.attn_norm, w.wq, w.wk, w.wv, w.wqkv if fused_qkv else None, w.q_norm,
-                              w.k_norm, rope.cos, rope.sin, pos)
-            caches[i].write_at(pos, k, v)
+                if gemv_on[i]:
+                    qkv = gemv(x, w.wqkv, "rms", g=w.attn_norm, eps=s.rms_eps)
+                    q, k, v = qkv_rope(qkv, w.q_norm, w.k_norm, rope.cos, rope.sin, pos)
+                    if k is None:                        # q and k rotated as one tensor
+                        q, k = q[:, :s.n_heads], q[:, s.n_heads:]
+                else:
+                    q, k, v = pre(x, w.attn_norm, w.wq, w.wk, w.wv, w.wqkv if fused_qkv else None, w.q_norm,
+                                  w.k_norm, rope.cos, rope.sin, pos)
+                caches[i].write_at(pos, k, v)
             if self.attn_math != "exact":
                 q = attn_math.q_for_k(q, caches[i].k_format, self.attn_math)
             o = caches[i].attend_at(q, pos, self.scale, window=s.window(i) or None)

@@ -109,6 +109,46 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
 
 
+@pytest.mark.parametrize("dev_pos,window,n_keys,per,n_used", [(False, 0, 20, 8, 3), (True, 0, 20, 8, 3),
+                                                               (False, 8, 20, 8, 1), (True, 12, 20, 8, 2),
+                                                               (True, 0, 1, 8, 1), (False, 0, 80, 8, 10)])
+def test_decode_combine_reads_only_the_splits_holding_keys(dev_pos, window, n_keys, per, n_used, triton_backend):
+    """The combine takes splits [0, ceil(keys / per)) only (keys: n_keys, or the window's), the
+    position read on the device when the launch is a CUDA graph's: the splits past them are
+    NaN here and must not reach the output, which equals a float64 combine of the used ones."""
+    from engine.kernels.decode_attention import _decode_combine_kernel
+    Hq, S, D = 3, 10, 16
+    gen = torch.Generator().manual_seed(n_keys + window)
+    m = torch.randn(Hq, S, generator=gen) * 4
+    l = torch.rand(Hq, S, generator=gen) + 0.5
+    acc = torch.randn(Hq, S, D, generator=gen)
+    want_m, want_l, want_acc = m[:, :n_used].double(), l[:, :n_used].double(), acc[:, :n_used].double()
+    m[:, n_used:], l[:, n_used:], acc[:, n_used:] = float("nan"), float("nan"), float("nan")
+    w = torch.exp2(want_m - want_m.amax(1, keepdim=True))
+    want = (w[..., None] * want_acc).sum(1) / (w * want_l).sum(1, keepdim=True)
+    out = torch.empty(Hq, D, device=DEV)
+    pos = torch.tensor([n_keys - 1], dtype=torch.int32, device=DEV)
+    _decode_combine_kernel[(Hq,)](m.to(DEV), l.to(DEV), acc.to(DEV), out, pos, 1 if dev_pos else n_keys, per, S,
+                                  D=D, S_PAD=16, BLOCK_S=4, DEV_POS=dev_pos, WINDOW=window, num_warps=4)
+    got = out.cpu().double()
+    assert torch.isfinite(got).all(), "a split past the keys reached the output"
+    assert (got - want).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("fmt", KV_DTYPES)
+def test_decode_at_a_short_depth_in_a_long_buffer(fmt, triton_backend):
+    """The captured step's launch: position 20 held on the device, splits over a 512-row buffer
+    (most of them empty): the reference's result at 21 keys."""
+    Hq, Hkv, D, n = 6, 2, 64, 21
+    cache, gen = filled(fmt, Hkv, D, 512, seed=5)
+    q = torch.randn(Hq, D, device=DEV, generator=gen)
+    ref = decode_attention_ref(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv)
+    pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
+    for cfg in ({"block_n": 16}, {"block_n": 16, "q8_kernel": False}):
+        out = decode_attention(q, cache.k, cache.v, fmt, None, D ** -0.5, Hkv, cfg=cfg, pos=pos)
+        assert_close(f"decode {fmt} at 21 of 512 {cfg}", ref, out, TOL[fmt])
+
+
 @pytest.mark.parametrize("D", [64, 128])
 def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_backend):
     """q8_0's own decode kernels (split layout; block rows on float16 or int8 dots, per-block batched float16 dots): its two-term

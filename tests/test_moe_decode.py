@@ -213,7 +213,8 @@ def test_bench_settings_variants_parse_and_restore(monkeypatch):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     names = ("KVBENCH_DECODE_FUSED_QKV", "KVBENCH_DECODE_ROUTE_KERNEL", "KVBENCH_DECODE_DEVICE_EMBED",
-             "KVBENCH_DECODE_FUSED_GATE_UP", "KVBENCH_DECODE_KV_PAIR", "KVBENCH_DECODE_FUSED_GEMV")
+             "KVBENCH_DECODE_FUSED_GATE_UP", "KVBENCH_DECODE_KV_PAIR", "KVBENCH_DECODE_FUSED_GEMV",
+             "KVBENCH_DECODE_ROPE_APPEND")
     assert all(settings.SETTINGS[n].default is True for n in names)
     assert settings.SETTINGS["KVBENCH_DECODE_FUSED_QKV"].numerics and settings.SETTINGS["KVBENCH_DECODE_ROUTE_KERNEL"].numerics
     v = mod.parse_variants("default,baseline,no_route_kernel,only_device_embed,mine:KVBENCH_DECODE_READBACK=4")
@@ -221,7 +222,8 @@ def test_bench_settings_variants_parse_and_restore(monkeypatch):
     assert v["no_route_kernel"] == {"KVBENCH_DECODE_ROUTE_KERNEL": "0"}
     assert v["only_device_embed"] == {"KVBENCH_DECODE_FUSED_QKV": "0", "KVBENCH_DECODE_ROUTE_KERNEL": "0",
                                       "KVBENCH_DECODE_DEVICE_EMBED": "1", "KVBENCH_DECODE_FUSED_GATE_UP": "0",
-                                      "KVBENCH_DECODE_KV_PAIR": "0", "KVBENCH_DECODE_FUSED_GEMV": "0"}
+                                      "KVBENCH_DECODE_KV_PAIR": "0", "KVBENCH_DECODE_FUSED_GEMV": "0",
+                                      "KVBENCH_DECODE_ROPE_APPEND": "0"}
     assert v["mine"] == {"KVBENCH_DECODE_READBACK": "4"} and list(v)[0] == "default"
     for bad, msg in (("fastest", "unknown variant"), ("x:KVBENCH_NOPE=1", "not a kvbench setting")):
         with pytest.raises(SystemExit, match=msg):
@@ -231,5 +233,5 @@ def test_bench_settings_variants_parse_and_restore(monkeypatch):
     monkeypatch.setenv("KVBENCH_DECODE_FUSED_QKV", "1")
     monkeypatch.delenv("KVBENCH_DECODE_ROUTE_KERNEL", raising=False)
     with mod.applied_settings(v["baseline"]):
-        assert [os.environ[n] for n in names] == ["0"] * 6 and not settings.get("KVBENCH_DECODE_FUSED_QKV")
+        assert [os.environ[n] for n in names] == ["0"] * len(names) and not settings.get("KVBENCH_DECODE_FUSED_QKV")
     assert os.environ["KVBENCH_DECODE_FUSED_QKV"] == "1" and "KVBENCH_DECODE_ROUTE_KERNEL" not in os.environ

@@ -272,7 +272,8 @@ def test_cuda_graph_moe_decode_matches_eager(model):
 
 # --- issue 14.2: fused q/k/v, the routing kernel, the device embedding and token feedback ------
 DECODE_SETTINGS = ("KVBENCH_DECODE_FUSED_QKV", "KVBENCH_DECODE_ROUTE_KERNEL", "KVBENCH_DECODE_DEVICE_EMBED",
-                   "KVBENCH_DECODE_FUSED_GATE_UP", "KVBENCH_DECODE_KV_PAIR", "KVBENCH_DECODE_FUSED_GEMV")
+                   "KVBENCH_DECODE_FUSED_GATE_UP", "KVBENCH_DECODE_KV_PAIR", "KVBENCH_DECODE_FUSED_GEMV",
+                   "KVBENCH_DECODE_ROPE_APPEND")
 
 
 def _prefill_torch(eng, prompt):
@@ -297,6 +298,9 @@ def _static_run(eng, monkeypatch, on: bool, n_logits=1, n_greedy=3):
     sd = eng._static
     assert (sd.fused_qkv, sd.route_kernel, sd.device_embed, sd.fused_gate_up) == (on, on, on, on)
     assert sd.fused_gemv == on          # applied: every tiny model has f32 wqkv and Triton runs
+    # RoPE + append in one launch: models without q/k norms only (and whole q8_0 blocks per head)
+    assert sd.rope_append == (on and any(eng.model.rope_append_layers(eng.device, eng.caches)))
+    assert sd.rope_append == (on and eng.spec.qk_norm is None and eng.spec.head_dim & (eng.spec.head_dim - 1) == 0)
     tokens = eng.decode_greedy(int(logits[-1].argmax()), n_greedy)
     return logits, tokens, eng.pos
 

@@ -66,6 +66,13 @@ FORMAT_CONFIG = {
     "bf16": {"block_n": 32, "programs_per_sm": 2, "num_warps": 2, "num_stages": 3},
     "q8_0": {"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3},
 }
+# Per (format, head_dim) over the format's defaults: q8_0 at head_dim 64 (SmolLM2: 3 KV heads x 64,
+# 9 query heads) from the H200 sweep at that geometry (reports/h200-2026-12-04f/call1,
+# bench_attention.py --geometry smollm2 --sweep-depths 16,16384: the device-held launch of the
+# captured step): 128-key blocks, 2 stages, best summed over both depths (27.7 vs 28.7 us).
+HEAD_DIM_CONFIG = {
+    ("q8_0", 64): {"block_n": 128, "num_stages": 2},
+}
 _ENV_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_DECODE_PROGRAMS_PER_SM",
              "num_warps": "KVBENCH_DECODE_WARPS", "num_stages": "KVBENCH_DECODE_STAGES"}
 last_scratch_bytes = 0
@@ -429,18 +436,20 @@ def _decode_q8_int8_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
 
 @triton.jit
 def _combine_head(M_IN, L_IN, ACC_IN, OUT, hq, n_splits, D: tl.constexpr, S_PAD: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
-    """out[hq] = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m) over the splits."""
+                  BLOCK_S: tl.constexpr, n_used):
+    """out[hq] = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m) over the splits.
+    Only splits [0, n_used) hold keys; the rest hold m = -inf, l = 0, acc = 0, weigh exactly 0
+    and are not read (the same result, bit for bit)."""
     offs_d = tl.arange(0, D)
     offs = tl.arange(0, S_PAD)
-    m_all = tl.load(M_IN + hq * n_splits + offs, mask=offs < n_splits, other=float("-inf"),
+    m_all = tl.load(M_IN + hq * n_splits + offs, mask=offs < n_used, other=float("-inf"),
                     cache_modifier=".cg")
     m_max = tl.max(m_all, axis=0)
     num = tl.zeros([D], tl.float32)
     den = tl.zeros([BLOCK_S], tl.float32)
-    for s0 in range(0, n_splits, BLOCK_S):
+    for s0 in range(0, n_used, BLOCK_S):
         offs_s = s0 + tl.arange(0, BLOCK_S)
-        smask = offs_s < n_splits
+        smask = offs_s < n_used
         base = hq * n_splits + offs_s
         m = tl.load(M_IN + base, mask=smask, other=float("-inf"), cache_modifier=".cg")
         l = tl.load(L_IN + base, mask=smask, other=0.0, cache_modifier=".cg")
@@ -461,14 +470,23 @@ def _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G: tl.constexpr, D
     done = tl.atomic_add(COUNTER + h, 1, sem="acq_rel")
     if done == n_splits - 1:
         for g in tl.static_range(G):
-            _combine_head(M_OUT, L_OUT, ACC_OUT, OUT, h * G + g, n_splits, D, S_PAD, BLOCK_S)
+            _combine_head(M_OUT, L_OUT, ACC_OUT, OUT, h * G + g, n_splits, D, S_PAD, BLOCK_S, n_splits)
         tl.atomic_xchg(COUNTER + h, 0)
 
 
 @triton.jit
-def _decode_combine_kernel(M_IN, L_IN, ACC_IN, OUT, n_splits, D: tl.constexpr, S_PAD: tl.constexpr,
-                           BLOCK_S: tl.constexpr):
-    _combine_head(M_IN, L_IN, ACC_IN, OUT, tl.program_id(0), n_splits, D, S_PAD, BLOCK_S)
+def _decode_combine_kernel(M_IN, L_IN, ACC_IN, OUT, POS, n_keys, keys_per_split, n_splits, D: tl.constexpr,
+                           S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr,
+                           WINDOW: tl.constexpr = 0):
+    # Only the splits that hold keys are read: at a short depth in a long buffer (the captured
+    # step's splits cover the whole buffer) that is one or a few of ~100.
+    if DEV_POS:
+        n_keys = tl.load(POS).to(tl.int32) + 1
+    first = 0
+    if WINDOW > 0:
+        first = tl.maximum(n_keys - WINDOW, 0)
+    n_used = tl.minimum((n_keys - first + keys_per_split - 1) // keys_per_split, n_splits)
+    _combine_head(M_IN, L_IN, ACC_IN, OUT, tl.program_id(0), n_splits, D, S_PAD, BLOCK_S, n_used)
 
 
 def _n_sms(device: torch.device) -> int:
@@ -508,7 +526,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     p in row p % ring_rows, which must hold the window. Both go through the generic kernel."""
     global last_scratch_bytes
     v_fmt = fmt if v_fmt is None else v_fmt
-    fmt_cfg = {k: v for k, v in FORMAT_CONFIG.get(fmt if v_fmt == fmt else "", {}).items()
+    same = fmt if v_fmt == fmt else ""
+    fmt_cfg = {k: v for k, v in {**FORMAT_CONFIG.get(same, {}), **HEAD_DIM_CONFIG.get((same, q.shape[1]), {})}.items()
                if _ENV_KEYS[k] not in os.environ}
     cfg = {**CONFIG, "q8_impl": settings.get("KVBENCH_DECODE_Q8_IMPL"), **fmt_cfg, **(cfg or {})}
     Hq, D = q.shape
@@ -571,7 +590,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             KFMT=KV_FORMAT_CODES[fmt], VFMT=KV_FORMAT_CODES[v_fmt], PREC=cfg["precision"], SPLIT=split,
             **comb, **dev_pos, **win, **launch)
     if not fuse:
-        _decode_combine_kernel[(Hq,)](m, l, acc, out, splits, D=D, S_PAD=comb["S_PAD"],
+        _decode_combine_kernel[(Hq,)](m, l, acc, out, pos, n_keys, per, splits, D=D, S_PAD=comb["S_PAD"],
+                                      DEV_POS=dev_pos["DEV_POS"], WINDOW=win["WINDOW"],
                                       BLOCK_S=comb["BLOCK_S"], num_warps=4)
     return out
 

@@ -18,6 +18,12 @@ before it in its row (a block-index off-by-one: the values come back at a neighb
 
 ``kv_append_pair(k_buf, v_buf, k, v, k_fmt, v_fmt, pos)``: both in one launch at a device
 position (the captured decode step; ``KVBENCH_DECODE_KV_PAIR``), the same bytes as two calls.
+
+``rope_append_at(qkv, cos, sin, pos, k_buf, v_buf, ...)``: the captured step's RoPE and append
+in one launch (``KVBENCH_DECODE_ROPE_APPEND``): from a fused projection row ``[q | k | v]`` it
+returns q rotated at the device-held position and stores k rotated and v as they are, in the
+cache's formats (``engine.model.rotate``'s maths: ``x1 cos - x2 sin``, ``x2 cos + x1 sin`` in
+float32, neox halves or adjacent pairs; the same per-format stores as ``kv_append``).
 """
 from __future__ import annotations
 
@@ -116,6 +122,46 @@ def _kv_append_pair_kernel(XK, XV, OK, OKS, OV, OVS, POS, n_cols, stride_xk, str
                    V_SCALE_BF16, V_SCALE_SHIFT)
 
 
+@triton.jit
+def _rope_append_kernel(QKV, COS, SIN, POS, QOUT, OK, OKS, OV, OVS, stride_ok, stride_oks, stride_ov, stride_ovs,
+                        HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr,
+                        KFMT: tl.constexpr, VFMT: tl.constexpr,
+                        K_SCALE_BF16: tl.constexpr = False, K_SCALE_SHIFT: tl.constexpr = False,
+                        V_SCALE_BF16: tl.constexpr = False, V_SCALE_SHIFT: tl.constexpr = False,
+                        RING: tl.constexpr = 0):
+    # grid: (HQ + 2 * HKV,): program h takes head h of the row [q heads | k heads | v heads].
+    h = tl.program_id(0)
+    HALF: tl.constexpr = D // 2
+    d = tl.arange(0, D)
+    p = tl.load(POS).to(tl.int64)
+    x = tl.load(QKV + h * D + d).to(tl.float32)
+    row = p
+    if RING > 0:
+        row = row % RING
+    if h < HQ + HKV:
+        if NEOX:                                  # halves: (x1, x2) = (x[j], x[j + D/2])
+            partner = (d + HALF) % D
+            first = d < HALF
+            j = d % HALF
+        else:                                     # adjacent pairs: (x1, x2) = (x[2j], x[2j + 1])
+            partner = d ^ 1
+            first = (d % 2) == 0
+            j = d // 2
+        xp = tl.load(QKV + h * D + partner).to(tl.float32)
+        c = tl.load(COS + p * HALF + j)
+        sn = tl.load(SIN + p * HALF + j)
+        # first of a pair: x1 cos - x2 sin; second: x2 cos + x1 sin (x = own value, xp = partner's)
+        y = tl.where(first, x * c - xp * sn, x * c + xp * sn)
+        if h < HQ:
+            tl.store(QOUT + h * D + d, y)
+        else:
+            _store_row(y, OK, OKS, row, (h - HQ) * D + d, d < D, HKV * D, stride_ok, stride_oks, h - HQ,
+                       KFMT, D, K_SCALE_BF16, K_SCALE_SHIFT)
+    else:
+        _store_row(x, OV, OVS, row, (h - HQ - HKV) * D + d, d < D, HKV * D, stride_ov, stride_ovs, h - HQ - HKV,
+                   VFMT, D, V_SCALE_BF16, V_SCALE_SHIFT)
+
+
 def _dst(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str, pos):
     """(x as [T, n] float32, out, out_s, stride_s, n_cols) for a launch into ``buf``."""
     T = x.shape[0]
@@ -203,6 +249,43 @@ def kv_append_at(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: t
         return
     kv_append(k_buf, None, k, k_fmt, pos=pos, ring_rows=ring_rows)
     kv_append(v_buf, None, v, v_fmt, pos=pos, ring_rows=ring_rows)
+
+
+def rope_append_at(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
+                   k_buf: torch.Tensor, v_buf: torch.Tensor, k_fmt: str, v_fmt: str, n_heads: int,
+                   n_kv_heads: int, head_dim: int, kind: str, ring_rows: int | None = None) -> torch.Tensor:
+    """RoPE and the K/V append of one decode token in one launch (Triton, position on the
+    device). ``qkv`` [1, (n_heads + 2 n_kv_heads) head_dim] float32 or bfloat16, contiguous;
+    ``cos``/``sin`` [positions, head_dim / 2] float32 tables (``engine.model.Rope``), which must
+    cover the position; ``kind`` "neox" or "norm". Returns q [1, n_heads, head_dim] float32
+    rotated; stores k rotated and v into row ``pos`` (``% ring_rows``) of the buffers in their
+    formats, the bytes ``kv_append`` writes for the same float32 rows."""
+    if not use_triton(k_buf.device):
+        raise ValueError("rope_append_at needs the Triton backend")
+    if kind not in ("neox", "norm"):
+        raise ValueError(f"rope_append_at: RoPE kind {kind!r} is not 'neox' or 'norm'")
+    D = head_dim
+    if D & (D - 1) or D < 2:
+        raise ValueError(f"rope_append_at needs a power-of-two head_dim, got {D}")
+    n = (n_heads + 2 * n_kv_heads) * D
+    if qkv.dim() != 2 or qkv.shape[0] != 1 or qkv.shape[1] != n or not qkv.is_contiguous():
+        raise ValueError(f"rope_append_at: qkv must be a contiguous [1, {n}] row, got {tuple(qkv.shape)}")
+    if cos.shape[-1] != D // 2 or sin.shape != cos.shape or cos.dtype != torch.float32:
+        raise ValueError(f"rope_append_at: cos/sin must be float32 [positions, {D // 2}]")
+    shape = (1, n_kv_heads, D)
+    _, ok, oks, sks, _ = _dst(k_buf, None, torch.empty(shape, device=k_buf.device), k_fmt, pos)
+    _, ov, ovs, svs, _ = _dst(v_buf, None, torch.empty(shape, device=v_buf.device), v_fmt, pos)
+    q = torch.empty(1, n_heads, D, device=qkv.device, dtype=torch.float32)
+    _rope_append_kernel[(n_heads + 2 * n_kv_heads,)](
+        qkv, cos, sin, pos, q, ok, oks, ov, ovs, ok.stride(0), sks, ov.stride(0), svs,
+        HQ=n_heads, HKV=n_kv_heads, D=D, NEOX=kind == "neox",
+        KFMT=KV_FORMAT_CODES[k_fmt], VFMT=KV_FORMAT_CODES[v_fmt],
+        K_SCALE_BF16=k_fmt == "q8_0" and planted("q8_scale_bf16"),
+        K_SCALE_SHIFT=k_fmt == "q8_0" and planted("q8_scale_shift"),
+        V_SCALE_BF16=v_fmt == "q8_0" and planted("q8_scale_bf16"),
+        V_SCALE_SHIFT=v_fmt == "q8_0" and planted("q8_scale_shift"),
+        RING=ring_rows or 0)
+    return q
 
 
 # --- torch references -----------------------------------------------------------------------
