@@ -109,17 +109,26 @@ for step in $steps; do
             ls -la /tmp/lcb/bin/llama-bench | tee -a "$OUT/lcbuild.log"
             split -b 15000000 -d /tmp/lcb/bin/llama-bench "$OUT/llama-bench.part" ;;
     lcbench) # llama.cpp and kvbench on the same files: smollm2-synth (Q8_0 SmolLM2 geometry) and coder30b-synth
+            # LCB_ONLY=smollm2 or LCB_ONLY=coder: one of the two
             [ -x /tmp/lcb/bin/llama-bench ] || [ ! -f .devcarry/lcbin/llama-bench.gz.part00 ] \
               || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcbin/llama-bench.gz.part* | gunzip > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
-            python3 -c "from engine import models; [models.resolve(m) for m in ('smollm2-synth',) + (() if '${LCB_ONLY:-}' else ('coder30b-synth',))]" 2>&1 | tail -1
             S=$KVBENCH_CACHE/synth
-            python3 benchmarks/bench_llamacpp.py bench $S/smollm2-synth.gguf --bin /tmp/lcb/bin/llama-bench \
-              --ctk f16,bf16,q8_0 --depths 16,4096,16384 --reps 5 --tg 64 --out "$OUT/llamacpp-smollm2.json" 2>&1 | tail -12
-            [ "${LCB_ONLY:-}" = smollm2 ] && continue
-            python3 benchmarks/bench_llamacpp.py bench $S/coder30b-synth.gguf --bin /tmp/lcb/bin/llama-bench \
-              --ctk f16,q8_0 --depths 0,16384 --reps 5 --tg 64 --out "$OUT/llamacpp-coder.json" 2>&1 | tail -6
-            python3 benchmarks/bench_llamacpp.py bench $S/coder30b-synth.gguf --bin /tmp/lcb/bin/llama-bench \
-              --ctk f16 --depths 0 --reps 5 --tg 64 --n-cpu-moe 17 --out "$OUT/llamacpp-coder-ncmoe17.json" 2>&1 | tail -3 ;;
+            if [ "${LCB_ONLY:-}" != coder ]; then
+              python3 -c "from engine import models; models.resolve('smollm2-synth')" 2>&1 | tail -1
+              python3 benchmarks/bench_llamacpp.py bench $S/smollm2-synth.gguf --bin /tmp/lcb/bin/llama-bench \
+                --ctk f16,bf16,q8_0 --depths 16,4096,16384 --reps 5 --tg 64 --out "$OUT/llamacpp-smollm2${LCB_TAG:-}.json" 2>&1 | tail -12
+            fi
+            if [ "${LCB_ONLY:-}" != smollm2 ]; then
+              python3 -c "from engine import models; models.resolve('coder30b-synth')" 2>&1 | tail -1
+              python3 benchmarks/bench_llamacpp.py bench $S/coder30b-synth.gguf --bin /tmp/lcb/bin/llama-bench \
+                --ctk f16,q8_0 --depths 0,16384 --reps 5 --tg 64 --out "$OUT/llamacpp-coder.json" 2>&1 | tail -6
+              python3 benchmarks/bench_llamacpp.py bench $S/coder30b-synth.gguf --bin /tmp/lcb/bin/llama-bench \
+                --ctk f16 --depths 0 --reps 5 --tg 64 --n-cpu-moe 17 --out "$OUT/llamacpp-coder-ncmoe17.json" 2>&1 | tail -3
+            fi ;;
+    newk)   # this session's new kernels compiled for the GPU: RoPE + append, the combine over the used splits
+            python3 -m pytest -q -p no:cacheprovider tests/test_rope_append.py 2>&1 | tail -2 | tee "$OUT/newk-tests.log"
+            python3 -m pytest -q -p no:cacheprovider -k "combine or short_depth" tests/test_kernels.py 2>&1 | tail -2 | tee -a "$OUT/newk-tests.log"
+            python3 -m pytest -q -m gpu -k settings_on_match_off -p no:cacheprovider tests/test_static_decode.py 2>&1 | tail -2 | tee -a "$OUT/newk-tests.log" ;;
     smolprof) # where the dense (SmolLM2-geometry) captured decode step's time goes: profile + timing
             # SMOL_DEPTHS (16,16384), SMOL_STEPS (steps per repetition, 32), SMOL_TAG (file-name suffix: a
             # second run in one call keeps the first's files)
