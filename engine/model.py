@@ -233,7 +233,7 @@ def decode_qkv_rope(s: ModelSpec, qkv, q_norm, k_norm, cos, sin, pos):
     tensor and come back as (qk [1, Hq + Hkv, D], None, v): the caller takes q and k as views
     of it (returned apart, inductor wrote each with a kernel of its own). The same element-wise
     maths either way."""
-    if s.qk_norm is None:
+    if s.qk_norm == "none":
         qk = qkv[:, :s.q_dim + s.kv_dim].view(1, s.n_heads + s.n_kv_heads, s.head_dim)
         c, sn = cos.index_select(0, pos)[:, None, :], sin.index_select(0, pos)[:, None, :]
         return rotate(qk, c, sn, s.rope_type), None, qkv[:, s.q_dim + s.kv_dim:].reshape(1, s.n_kv_heads, s.head_dim)
@@ -571,7 +571,7 @@ class Transformer:
         for i, c in enumerate(caches):
             q8_fits = all(f != "q8_0" or s.head_dim % 32 == 0 for f in (getattr(c, "k_format", None),
                                                                       getattr(c, "v_format", None)))
-            ok.append(bool(gemv_on[i] and s.qk_norm is None and hasattr(c, "rope_write_at")
+            ok.append(bool(gemv_on[i] and s.qk_norm == "none" and hasattr(c, "rope_write_at")
                            and s.rope_type in ("neox", "norm") and not s.head_dim & (s.head_dim - 1) and q8_fits))
         return ok
 
