@@ -204,6 +204,17 @@ for _short, _name in DECODE_SETTINGS.items():
     VARIANTS[f"only_{_short}"] = {v: "1" if v == _name else "0" for v in DECODE_SETTINGS.values()}
 
 
+def not_applied(env: dict[str, str], applied: dict | None) -> list[str]:
+    """The variant's settings asked on (``"1"``) that the step did not apply (``applied``:
+    StaticDecode's flags by short name, as ``time_path`` records them): such a variant measured
+    the default step again, and its row must say so rather than pass for the setting's effect."""
+    if not applied:
+        return []
+    short = {v: k for k, v in DECODE_SETTINGS.items()}
+    return [name for name, value in env.items()
+            if value == "1" and name in short and applied.get(short[name]) is False]
+
+
 def parse_variants(text: str) -> dict[str, dict[str, str]]:
     """``default,baseline,...`` or ``NAME:KEY=VALUE+KEY=VALUE`` -> {name: {setting: value}}
     (every setting validated by ``engine.settings``)."""
@@ -357,6 +368,10 @@ def time_paths(eng, kv, depth, prompt, args, bw, stream, per_tok, variant: str) 
             out["path_errors"][path + "_trace"] = traceback.format_exc(limit=6)[-1500:]
             print(f"  {kv:5} depth {depth:6} {path}{tag}: FAILED {out['path_errors'][path]}", flush=True)
             continue
+        r["not_applied"] = not_applied(args.variants.get(variant, {}), r.get("settings"))
+        if r["not_applied"]:
+            print(f"  {kv:5} depth {depth:6} {path}{tag}: NOT APPLIED {', '.join(r['not_applied'])} (the step ran "
+                  f"without it: this row measures the default step)", flush=True)
         med = r["tok_s"]["median"]
         r.update(gb_s=med * per_tok / 1e9, roofline_tok_s=bw["copy"] / per_tok,
                  roofline_frac=med * per_tok / bw["copy"])
@@ -498,7 +513,8 @@ def table(doc: dict) -> str:
             greedy = f"{r['greedy_tok_s']['median']:8.2f}" if "greedy_tok_s" in r else f"{'-':>8}"
             lines.append(f"{v['kv']:5} {v['depth']:6} {path:10} {variant:16} {r['tok_s']['median']:8.2f} "
                          f"{r['tok_s']['min']:8.2f} {r['tok_s']['max']:8.2f} {r['gb_s']:7.1f} {r['roofline_frac']:6.1%} "
-                         f"{prof.get('kernels', '-'):>7} {greedy}")
+                         f"{prof.get('kernels', '-'):>7} {greedy}"
+                         + (f"  NOT APPLIED: {', '.join(r['not_applied'])}" if r.get("not_applied") else ""))
     return "\n".join(lines)
 
 
@@ -520,7 +536,8 @@ def summary(doc: dict) -> dict:
                        "min": round(r["tok_s"]["min"], 2), "max": round(r["tok_s"]["max"], 2),
                        "roof": round(r["roofline_frac"], 3),
                        **({"variant": var} if len(v.get("by_variant") or {}) > 1 else {}),
-                       **({"greedy": round(r["greedy_tok_s"]["median"], 2)} if "greedy_tok_s" in r else {})}
+                       **({"greedy": round(r["greedy_tok_s"]["median"], 2)} if "greedy_tok_s" in r else {}),
+                       **({"not_applied": r["not_applied"]} if r.get("not_applied") else {})}
                       for v in doc["variants"] for var, p, r in _rows(v)],
             "path_errors": [(v["kv"], v["depth"], p) for v in doc["variants"] for p in v["path_errors"]
                             if not p.endswith("_trace")] +

@@ -235,3 +235,29 @@ def test_bench_settings_variants_parse_and_restore(monkeypatch):
     with mod.applied_settings(v["baseline"]):
         assert [os.environ[n] for n in names] == ["0"] * len(names) and not settings.get("KVBENCH_DECODE_FUSED_QKV")
     assert os.environ["KVBENCH_DECODE_FUSED_QKV"] == "1" and "KVBENCH_DECODE_ROUTE_KERNEL" not in os.environ
+
+
+def test_bench_flags_a_variant_whose_setting_was_not_applied():
+    """A variant asking a decode setting on that the step did not apply measured the default
+    step again: the bench names it (row, table, summary), it never passes for the setting."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_moe_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_moe_decode_applied", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    applied = {"fused_gemv": True, "rope_append": False, "device_embed": True}
+    assert mod.not_applied({"KVBENCH_DECODE_ROPE_APPEND": "1"}, applied) == ["KVBENCH_DECODE_ROPE_APPEND"]
+    assert mod.not_applied({"KVBENCH_DECODE_ROPE_APPEND": "0"}, applied) == []       # asked off, is off
+    assert mod.not_applied({"KVBENCH_DECODE_FUSED_GEMV": "1", "KVBENCH_DECODE_READBACK": "4"}, applied) == []
+    assert mod.not_applied({"KVBENCH_DECODE_ROPE_APPEND": "1"}, None) == []           # eager path: no flags
+    r = {"tok_s": {"median": 1.0, "min": 1.0, "max": 1.0}, "gb_s": 1.0, "roofline_frac": 0.1,
+         "not_applied": ["KVBENCH_DECODE_ROPE_APPEND"]}
+    doc = {"variants": [{"kv": "bf16", "depth": 16, "paths": {}, "path_errors": {},
+                         "by_variant": {"default": {"paths": {"cuda_graph": dict(r, not_applied=[])}, "path_errors": {}},
+                                        "rope": {"paths": {"cuda_graph": r}, "path_errors": {}}}}],
+           "model": "m", "total_s": 1.0, "ensure_s": 0.0, "bandwidth_bytes_s": {"copy": 1e12}, "skipped": [],
+           "failed": []}
+    assert "NOT APPLIED: KVBENCH_DECODE_ROPE_APPEND" in mod.table(doc).splitlines()[-1]
+    rows = mod.summary(doc)["tok_s"]
+    assert "not_applied" not in rows[0] and rows[1]["not_applied"] == ["KVBENCH_DECODE_ROPE_APPEND"]
