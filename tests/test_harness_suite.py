@@ -79,6 +79,20 @@ def test_default_suite_sizes_meet_the_issue():
         "coder30b", "olmoe", "smollm2-135m", "smollm2-moe"]
 
 
+def test_long_and_nightly_carry_issue_15s_long_context_checks():
+    """Issue 15 items 2, 4, 5, 6 and 8 go in suites/long.toml and suites/nightly.toml: the corpus
+    KLD over depths up to the trained context with the kernel-precision axis, the needle, the
+    multi-turn / long generation and the per-layer sensitivity, each with a gate it can fail."""
+    for name in ("long.toml", "nightly.toml"):
+        s = load_suite(ROOT / "suites" / name)
+        kinds = {c.kind for c in s.checks}
+        assert {"corpus_kld", "needle", "multiturn", "layer_sensitivity"} <= kinds, (name, kinds)
+        ck = s.check("corpus_kld")
+        assert "trained" in ck.depths and 512 in ck.depths and ck.attn_math == ["exact", "ggml-cpu"]
+        assert ck.threshold_for("max_mean_kld", "smollm2-135m", "q8_0") is not None
+        assert s.check("needle").threshold_for("min_score", "smollm2-135m", "q8_0") is not None
+
+
 def test_thresholds_per_dtype_and_per_model(tmp_path):
     s = load_suite(write(tmp_path, GOOD))
     a = s.check("argmax")
