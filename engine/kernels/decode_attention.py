@@ -123,6 +123,9 @@ def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, P
         first = tl.maximum(n_keys - WINDOW, 0)
     lo = first + sp * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)
+    if not FUSE:                    # a split past the keys: the combine never reads it
+        if lo >= n_keys:
+            return
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     acc = tl.zeros([G_PAD, D], tl.float32)
@@ -219,6 +222,9 @@ def _decode_q8_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, PO
     sp = tl.program_id(1)
     if DEV_POS:                         # n_keys = position + 1 read on the device (CUDA graphs)
         n_keys = tl.load(POS).to(tl.int32) + 1
+    if not FUSE:                        # a split past the keys: the combine never reads it
+        if sp * keys_per_split >= n_keys:
+            return
     ob = tl.arange(0, NB)
     og = tl.arange(0, G_PAD)
     oj = tl.arange(0, QK)
@@ -290,6 +296,9 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     sp = tl.program_id(1)
     if DEV_POS:                         # n_keys = position + 1 read on the device (CUDA graphs)
         n_keys = tl.load(POS).to(tl.int32) + 1
+    if not FUSE:                        # a split past the keys: the combine never reads it
+        if sp * keys_per_split >= n_keys:
+            return
     orow = tl.arange(0, M)
     rg = orow // NB
     rb = orow % NB
@@ -382,6 +391,9 @@ def _decode_q8_int8_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     sp = tl.program_id(1)
     if DEV_POS:
         n_keys = tl.load(POS).to(tl.int32) + 1
+    if not FUSE:                        # a split past the keys: the combine never reads it
+        if sp * keys_per_split >= n_keys:
+            return
     orow = tl.arange(0, M)
     rg = orow // NB
     rb = orow % NB
