@@ -141,3 +141,26 @@ def test_corpus_kld_maths_axis_equals_numpy_on_the_engines_own_logits(tmp_path):
     assert got["Mean KLD"] == pytest.approx(exact, rel=1e-5)
     assert got["Mean KLD (ggml-cpu maths)"] == pytest.approx(maths, rel=1e-5) and maths != exact
     assert got["Kernel maths share of Mean KLD (ggml-cpu)"] == pytest.approx(100 * (maths - exact) / maths, rel=1e-4)
+
+
+def test_report_puts_storage_and_kernel_error_side_by_side():
+    """The corpus_kld report section's storage-vs-maths table: per narrowed dtype the exact
+    (storage) Mean KLD, each extra mode's, and the share the maths add, from the recorded
+    values; no table when no extra mode ran."""
+    from types import SimpleNamespace
+    from harness.checks.corpus_kld import _maths_table
+    vals = {("q8_0", "Mean KLD"): 1.0e-3, ("q8_0", "Mean KLD SE"): 8.0e-5}
+    infos = {"q8_0": {"attn_math": {"ggml-cpu": {"Mean KLD": 1.6e-3, "Mean KLD SE": 1.4e-4}}}, "fp32": {}}
+    rep = SimpleNamespace(dtypes=["fp32", "q8_0"], md=[],
+                          res=SimpleNamespace(info=lambda m, d, c: infos.get(d, {})),
+                          value=lambda m, d, c, k: vals.get((d, k)))
+    _maths_table(rep, "tiny", "corpus_kld")
+    text = "\n".join(rep.md)
+    row = next(line for line in text.splitlines() if line.startswith("| tiny | q8_0"))
+    assert "ggml-cpu" in row and "0.001 ± 8e-05" in row and "0.0016 ± 0.00014" in row
+    assert row.rstrip(" |").endswith(f"{100 * (1.6e-3 - 1.0e-3) / 1.6e-3:.0f}")       # 38 %
+    assert "fp32" not in text
+    infos["q8_0"] = {}
+    rep.md.clear()
+    _maths_table(rep, "tiny", "corpus_kld")
+    assert rep.md == []

@@ -353,6 +353,7 @@ def corpus_kld_section(report, names: list[str]) -> None:
                 continue
             df = pd.DataFrame(rows).dropna(axis=1, how="all")
             report.md.append(md_table(df) + "\n")
+            _maths_table(report, m, chk)
             if "Mean KLD" not in df:
                 continue
             fig, ax = plt.subplots(figsize=(6.5, 3.2))
@@ -371,6 +372,36 @@ def corpus_kld_section(report, names: list[str]) -> None:
             ax.set_title(f"{m}, {chk}: Mean KLD per depth bucket")
             ax.legend(fontsize=8)
             report.save(fig, f"{_slug(chk)}_buckets_{_slug(m)}.png", f"Mean KLD per depth bucket, {m}")
+
+
+def _maths_table(report, m: str, chk: str) -> None:
+    """Storage error vs kernel error (issue 15 item 8): per narrowed dtype, the whole text's
+    Mean KLD with exact maths (the storage alone) beside each extra ``attn_math`` mode's, and
+    the share the maths adds. Nothing when the check ran no extra mode."""
+    from ..report import md_table
+    rows = []
+    for d in report.dtypes:
+        extra = (report.res.info(m, d, chk) or {}).get("attn_math") or {}
+        for mode, st in extra.items():
+            exact, exact_se = report.value(m, d, chk, "Mean KLD"), report.value(m, d, chk, "Mean KLD SE")
+            kld, se = st.get("Mean KLD"), st.get("Mean KLD SE")
+            rows.append({"model": m, "dtype": d,
+                         "Mean KLD, exact maths (storage)": _pm(exact, exact_se),
+                         "maths": mode, "Mean KLD, with the maths": _pm(kld, se),
+                         "maths share %": (f"{100.0 * (kld - exact) / kld:.0f}" if kld and exact is not None
+                                           else "-")})
+    if rows:
+        import pandas as pd
+        report.md.append("Storage error vs kernel error: the same narrowed cache read with exact "
+                         "float32 maths, and with the query converted to K's dot type as llama.cpp's "
+                         "CPU kernels do (`ggml-cpu`); the share is what the kernel's maths add.\n")
+        report.md.append(md_table(pd.DataFrame(rows)) + "\n")
+
+
+def _pm(v, se) -> str:
+    if v is None:
+        return "-"
+    return f"{_fmt(v)} ± {_fmt(se)}" if se is not None and se == se else _fmt(v)
 
 
 def _fmt(v) -> str:
