@@ -135,6 +135,19 @@ def test_decode_combine_reads_only_the_splits_holding_keys(dev_pos, window, n_ke
     assert (got - want).abs().max().item() < 1e-5
 
 
+@pytest.mark.parametrize("block", ["2", "128"])
+def test_decode_combine_block_setting(block, triton_backend, monkeypatch):
+    """KVBENCH_DECODE_COMBINE_BLOCK (splits per step of the combine's loop: many steps, or all
+    splits at once) changes nothing but speed: the reference's result either way."""
+    monkeypatch.setenv("KVBENCH_DECODE_COMBINE_BLOCK", block)
+    cache, gen = filled("bf16", 2, 64, 300, seed=3)
+    q = torch.randn(6, 64, device=DEV, generator=gen)
+    ref = decode_attention_ref(q, cache.k, cache.v, "bf16", 201, 0.125, 2)
+    out = decode_attention(q, cache.k, cache.v, "bf16", None, 0.125, 2, cfg={"block_n": 16},
+                           pos=torch.tensor([200], device=DEV))
+    assert_close(f"combine block {block}", ref, out, TOL["bf16"])
+
+
 @pytest.mark.parametrize("fmt", KV_DTYPES)
 def test_decode_at_a_short_depth_in_a_long_buffer(fmt, triton_backend):
     """The captured step's launch: position 20 held on the device, splits over a 512-row buffer

@@ -573,7 +573,9 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     out = torch.empty(Hq, D, device=q.device, dtype=torch.float32)
     fuse = bool(cfg["fuse_combine"])
     counter = _counter(q.device, n_kv_heads)
-    comb = {"FUSE": fuse, "S_PAD": triton.next_power_of_2(splits), "BLOCK_S": min(32, triton.next_power_of_2(splits))}
+    block_s = triton.next_power_of_2(int(settings.get("KVBENCH_DECODE_COMBINE_BLOCK")))
+    comb = {"FUSE": fuse, "S_PAD": triton.next_power_of_2(splits),
+            "BLOCK_S": min(block_s, triton.next_power_of_2(splits))}
     if fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D) and window is None:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
