@@ -133,7 +133,7 @@ for step in $steps; do
             # SMOL_DEPTHS (16,16384), SMOL_STEPS (steps per repetition, 32), SMOL_TAG (file-name suffix: a
             # second run in one call keeps the first's files)
             python3 benchmarks/bench_moe_decode.py --model smollm2-synth --kv ${SMOL_KV:-bf16,q8_0} --depths ${SMOL_DEPTHS:-16,16384} \
-              --paths cuda_graph --timing both --variants ${SMOL_VARIANTS:-default,no_fused_gemv} \
+              --paths cuda_graph --timing both --variants ${SMOL_VARIANTS:-default,no_rope_append:KVBENCH_DECODE_ROPE_APPEND=0,cb128:KVBENCH_DECODE_COMBINE_BLOCK=128} \
               --steps ${SMOL_STEPS:-32} --no-sweep --no-kernel-bench --max-seconds ${SMOL_MAX_S:-240} \
               --out "$OUT/smollm2_decode_step${SMOL_TAG:-}.json" 2>&1 | grep -v "^\s*$" | tee "$OUT/smollm2-step${SMOL_TAG:-}.log" | tail -40 ;;
     ropetest) # the q/k/v GEMV's RoPE epilogue compiled for this GPU: kernel tests and the captured step on vs off
