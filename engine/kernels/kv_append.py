@@ -165,12 +165,17 @@ def _rope_append_kernel(QKV, COS, SIN, POS, QOUT, OK, OKS, OV, OVS, stride_ok, s
 def _dst(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str, pos):
     """(x as [T, n] float32, out, out_s, stride_s, n_cols) for a launch into ``buf``."""
     T = x.shape[0]
-    n_cols = x.shape[1] * x.shape[2]
-    x2 = x.reshape(T, n_cols).to(torch.float32).contiguous()
+    x2 = x.reshape(T, x.shape[1] * x.shape[2]).to(torch.float32).contiguous()
+    return (x2, *_out(buf, start, T, x.shape[1], x.shape[2], fmt, pos))
+
+
+def _out(buf: torch.Tensor, start: int | None, T: int, n_kv_heads: int, head_dim: int, fmt: str, pos):
+    """(out, out_s, stride_s, n_cols): the arrays a launch stores ``T`` rows of ``buf`` through."""
+    n_cols = n_kv_heads * head_dim
     if fmt == "q8_0":
         if n_cols % Q8_BLOCK:
             raise ValueError(f"q8_0 rows need a multiple of {Q8_BLOCK} values, got {n_cols}")
-        dst = q8_layout.split(buf, x.shape[1], x.shape[2])
+        dst = q8_layout.split(buf, n_kv_heads, head_dim)
     else:
         dst = buf
     if pos is None:
@@ -184,7 +189,7 @@ def _dst(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str, pos):
         stride_s = out_s.stride(0)
     else:
         raise ValueError(f"unknown KV format {fmt!r}")
-    return x2, out, out_s, stride_s, n_cols
+    return out, out_s, stride_s, n_cols
 
 
 def _block(fmt: str, n_cols: int) -> int:
@@ -272,9 +277,8 @@ def rope_append_at(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
         raise ValueError(f"rope_append_at: qkv must be a contiguous [1, {n}] row, got {tuple(qkv.shape)}")
     if cos.shape[-1] != D // 2 or sin.shape != cos.shape or cos.dtype != torch.float32:
         raise ValueError(f"rope_append_at: cos/sin must be float32 [positions, {D // 2}]")
-    shape = (1, n_kv_heads, D)
-    _, ok, oks, sks, _ = _dst(k_buf, None, torch.empty(shape, device=k_buf.device), k_fmt, pos)
-    _, ov, ovs, svs, _ = _dst(v_buf, None, torch.empty(shape, device=v_buf.device), v_fmt, pos)
+    ok, oks, sks, _ = _out(k_buf, None, 1, n_kv_heads, D, k_fmt, pos)
+    ov, ovs, svs, _ = _out(v_buf, None, 1, n_kv_heads, D, v_fmt, pos)
     q = torch.empty(1, n_heads, D, device=qkv.device, dtype=torch.float32)
     _rope_append_kernel[(n_heads + 2 * n_kv_heads,)](
         qkv, cos, sin, pos, q, ok, oks, ov, ovs, ok.stride(0), sks, ov.stride(0), svs,
