@@ -215,6 +215,20 @@ def not_applied(env: dict[str, str], applied: dict | None) -> list[str]:
             if value == "1" and name in short and applied.get(short[name]) is False]
 
 
+def mark_same_step(paths: dict, first_paths: dict, env: dict[str, str], first: str, where: str = "") -> None:
+    """A variant that changes decode settings but applied the same ones as the first variant
+    ran the same step: its comparison with that variant measures nothing. Mark each such
+    path's result ``same_step_as`` (and say so)."""
+    if not any(name in DECODE_SETTINGS.values() for name in env):
+        return
+    for path, r in paths.items():
+        base = first_paths.get(path) or {}
+        if r.get("settings") is not None and r.get("settings") == base.get("settings"):
+            r["same_step_as"] = first
+            print(f"  {where} {path}: SAME STEP as [{first}] (applied settings identical): this "
+                  f"variant's difference measures nothing", flush=True)
+
+
 def parse_variants(text: str) -> dict[str, dict[str, str]]:
     """``default,baseline,...`` or ``NAME:KEY=VALUE+KEY=VALUE`` -> {name: {setting: value}}
     (every setting validated by ``engine.settings``)."""
@@ -338,6 +352,9 @@ def run_variant(eng, kv: str, depth: int, args, bw: dict, stream: list[int]) -> 
         out["by_variant"][variant] = {"settings": env, **res}
         if n == 0:                                # the first variant: the one-variant schema
             out["paths"], out["path_errors"] = res["paths"], res["path_errors"]
+            first = variant
+        else:
+            mark_same_step(res["paths"], out["paths"], env, first, f"{kv:5} depth {depth:6}")
     if eng.expert_cache is not None:            # counts over this variant (every path, prefills included)
         st = eng.expert_cache.stats()
         c = {k: st[k] - st0[k] for k in ("hits", "misses", "evictions", "resident_hits", "preloaded", "bytes_moved")}
@@ -514,7 +531,8 @@ def table(doc: dict) -> str:
             lines.append(f"{v['kv']:5} {v['depth']:6} {path:10} {variant:16} {r['tok_s']['median']:8.2f} "
                          f"{r['tok_s']['min']:8.2f} {r['tok_s']['max']:8.2f} {r['gb_s']:7.1f} {r['roofline_frac']:6.1%} "
                          f"{prof.get('kernels', '-'):>7} {greedy}"
-                         + (f"  NOT APPLIED: {', '.join(r['not_applied'])}" if r.get("not_applied") else ""))
+                         + (f"  NOT APPLIED: {', '.join(r['not_applied'])}" if r.get("not_applied") else "")
+                         + (f"  SAME STEP AS {r['same_step_as']}" if r.get("same_step_as") else ""))
     return "\n".join(lines)
 
 
@@ -537,7 +555,8 @@ def summary(doc: dict) -> dict:
                        "roof": round(r["roofline_frac"], 3),
                        **({"variant": var} if len(v.get("by_variant") or {}) > 1 else {}),
                        **({"greedy": round(r["greedy_tok_s"]["median"], 2)} if "greedy_tok_s" in r else {}),
-                       **({"not_applied": r["not_applied"]} if r.get("not_applied") else {})}
+                       **({"not_applied": r["not_applied"]} if r.get("not_applied") else {}),
+                       **({"same_step_as": r["same_step_as"]} if r.get("same_step_as") else {})}
                       for v in doc["variants"] for var, p, r in _rows(v)],
             "path_errors": [(v["kv"], v["depth"], p) for v in doc["variants"] for p in v["path_errors"]
                             if not p.endswith("_trace")] +

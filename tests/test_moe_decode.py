@@ -261,3 +261,14 @@ def test_bench_flags_a_variant_whose_setting_was_not_applied():
     assert "NOT APPLIED: KVBENCH_DECODE_ROPE_APPEND" in mod.table(doc).splitlines()[-1]
     rows = mod.summary(doc)["tok_s"]
     assert "not_applied" not in rows[0] and rows[1]["not_applied"] == ["KVBENCH_DECODE_ROPE_APPEND"]
+    # call 4 of 2026-12-04: rope_append asked off, and the default had not applied it either
+    on = {"cuda_graph": {"settings": dict(applied)}}
+    off = {"cuda_graph": {"settings": dict(applied)}}
+    mod.mark_same_step(off, on, {"KVBENCH_DECODE_ROPE_APPEND": "0"}, "default")
+    assert off["cuda_graph"]["same_step_as"] == "default"
+    differs = {"cuda_graph": {"settings": dict(applied, rope_append=True)}}
+    mod.mark_same_step(differs, on, {"KVBENCH_DECODE_ROPE_APPEND": "1"}, "default")
+    assert "same_step_as" not in differs["cuda_graph"]
+    tiles = {"cuda_graph": {"settings": dict(applied)}}            # not a decode setting: tiles may differ
+    mod.mark_same_step(tiles, on, {"KVBENCH_DECODE_BLOCK_N": "64"}, "default")
+    assert "same_step_as" not in tiles["cuda_graph"]
