@@ -196,15 +196,14 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         gbps = decode_bytes_read(read_keys, hkv, q.shape[1], fmt) / (t * 1e-6) / 1e9
         rows.append({**cfg, "us": round(t, 2), "GBps": round(gbps, 1), "depth": depth})
     rows.sort(key=lambda r: r["us"])
-    default = {**{k: v for k, v in dmod.CONFIG.items() if k in ("block_n", "programs_per_sm", "num_warps",
-                                                                 "num_stages")}, **dmod.FORMAT_CONFIG.get(fmt, {}),
-               **dmod.HEAD_DIM_CONFIG.get((fmt, q.shape[1]), {})}
+    default = dmod.resolved_config(fmt, fmt, q.shape[1])
     at = "" if depth is None else f" at depth {depth} (device-held position)"
     for r in rows[:5]:
         print(f"  sweep {fmt}{at}: {r}  ({100 * r['GBps'] / copy_gbps:.1f}% of copy)")
-    for i, r in enumerate(rows):     # where today's default stands
-        if all(r.get(k) == v for k, v in default.items()) and len(r) == len(default) + 3:
-            print(f"  sweep {fmt}{at}: default {default} is #{i + 1} of {len(rows)}, {r['us']} us")
+    for i, r in enumerate(rows):     # where today's default stands: the first row that launches as it does
+        row_cfg = {k: v for k, v in r.items() if k not in ("us", "GBps", "depth")}
+        if dmod.resolved_config(fmt, fmt, q.shape[1], row_cfg) == default:
+            print(f"  sweep {fmt}{at}: the default is #{i + 1} of {len(rows)}, {r['us']} us")
             break
     return rows
 

@@ -626,12 +626,13 @@ class Transformer:
         gemv_on = self.fused_gemv_layers(x.device) if fused_gemv and fused_qkv else [False] * s.n_layers
         if rope_append is None:
             rope_append = bool(settings.get("KVBENCH_DECODE_ROPE_APPEND"))
+        # a subset of gemv_on: rope_append_layers asks fused_gemv_layers too
         rope_on = self.rope_append_layers(x.device, caches) if rope_append and any(gemv_on) else [False] * s.n_layers
         if any(gemv_on):
             from .kernels.gemv import gemv
         for i in range(s.n_layers):
             w, rope = self.layers[i], self._rope(x.device, s.rope_base_of(i))
-            if gemv_on[i] and rope_on[i]:                # RoPE + K/V append: one launch
+            if rope_on[i]:                               # RoPE + K/V append: one launch
                 qkv = gemv(x, w.wqkv, "rms", g=w.attn_norm, eps=s.rms_eps)
                 q = caches[i].rope_write_at(pos, qkv, rope.cos, rope.sin, s.n_heads, s.rope_type)
             else:

@@ -450,8 +450,8 @@ def _decode_q8_int8_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
 def _combine_head(M_IN, L_IN, ACC_IN, OUT, hq, n_splits, D: tl.constexpr, S_PAD: tl.constexpr,
                   BLOCK_S: tl.constexpr, n_used):
     """out[hq] = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m) over the splits.
-    Only splits [0, n_used) hold keys; the rest hold m = -inf, l = 0, acc = 0, weigh exactly 0
-    and are not read (the same result, bit for bit)."""
+    Only splits [0, n_used) hold keys and are read: the split kernels return before writing
+    anything for the others (their scratch is left as allocated), which would weigh 0 anyway."""
     offs_d = tl.arange(0, D)
     offs = tl.arange(0, S_PAD)
     m_all = tl.load(M_IN + hq * n_splits + offs, mask=offs < n_used, other=float("-inf"),
@@ -521,6 +521,15 @@ def q8_kernel_fits(head_dim: int) -> bool:
     return not head_dim % Q8_BLOCK
 
 
+def resolved_config(fmt: str, v_fmt: str, head_dim: int, cfg: dict | None = None) -> dict:
+    """The launch configuration in force: ``CONFIG``, then the format's (K and V alike) and the
+    (format, head_dim) defaults unless their environment variable is set, then ``cfg``."""
+    same = fmt if v_fmt == fmt else ""
+    fmt_cfg = {k: v for k, v in {**FORMAT_CONFIG.get(same, {}), **HEAD_DIM_CONFIG.get((same, head_dim), {})}.items()
+               if _ENV_KEYS[k] not in os.environ}
+    return {**CONFIG, "q8_impl": settings.get("KVBENCH_DECODE_Q8_IMPL"), **fmt_cfg, **(cfg or {})}
+
+
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
                      n_keys: int | None, scale: float, n_kv_heads: int, cfg: dict | None = None,
                      pos: torch.Tensor | None = None, v_fmt: str | None = None, window: int | None = None,
@@ -538,10 +547,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     p in row p % ring_rows, which must hold the window. Both go through the generic kernel."""
     global last_scratch_bytes
     v_fmt = fmt if v_fmt is None else v_fmt
-    same = fmt if v_fmt == fmt else ""
-    fmt_cfg = {k: v for k, v in {**FORMAT_CONFIG.get(same, {}), **HEAD_DIM_CONFIG.get((same, q.shape[1]), {})}.items()
-               if _ENV_KEYS[k] not in os.environ}
-    cfg = {**CONFIG, "q8_impl": settings.get("KVBENCH_DECODE_Q8_IMPL"), **fmt_cfg, **(cfg or {})}
+    cfg = resolved_config(fmt, v_fmt, q.shape[1], cfg)
     Hq, D = q.shape
     if Hq % n_kv_heads or D & (D - 1) or D < 16:
         raise ValueError(f"decode kernel needs Hq % Hkv == 0 and a power-of-two head_dim >= 16 "
