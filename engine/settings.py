@@ -73,8 +73,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "(per-block 3-D dots)", numerics=True, choices=("rows", "int8", "batched")),
     _s("KVBENCH_DECODE_FUSE", "bool", False, "decode combine fused into the last split program",
        numerics=True),
-    _s("KVBENCH_DECODE_COMBINE_BLOCK", "int", 32, "splits the decode combine reads per step of its "
-       "loop (a power of two; up to the split count)", lo=1, hi=1024),
+    _s("KVBENCH_DECODE_COMBINE_BLOCK", "int", 128, "splits the decode combine reads per step of its "
+       "loop (a power of two; up to the split count). 128 from the H200 (reports/h200-2026-12-04g): "
+       "the SmolLM2 step's combine 115 -> 67 us at depth 4096 against 32", lo=1, hi=1024),
     _s("KVBENCH_DECODE_FUSED_QKV", "bool", True, "q/k/v weights of a layer in one [q+2kv, d] buffer "
        "(wq/wk/wv are row views of it, same bytes) read by one matmul per layer", numerics=True),
     _s("KVBENCH_DECODE_FUSED_GATE_UP", "bool", True, "a dense FFN's gate/up weights in one [2ff, d] "
