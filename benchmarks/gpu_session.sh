@@ -125,9 +125,9 @@ for step in $steps; do
               python3 benchmarks/bench_llamacpp.py bench $S/coder30b-synth.gguf --bin /tmp/lcb/bin/llama-bench \
                 --ctk f16 --depths 0 --reps 5 --tg 64 --n-cpu-moe 17 --out "$OUT/llamacpp-coder-ncmoe17.json" 2>&1 | tail -3
             fi ;;
-    newk)   # this session's new kernels compiled for the GPU: RoPE + append, the combine over the used splits
+    newk)   # recent kernels compiled for the GPU: RoPE + append, the combine over the used splits, q8_0's fma form
             python3 -m pytest -q -p no:cacheprovider tests/test_rope_append.py 2>&1 | tail -2 | tee "$OUT/newk-tests.log"
-            python3 -m pytest -q -p no:cacheprovider -k "combine or short_depth" tests/test_kernels.py 2>&1 | tail -2 | tee -a "$OUT/newk-tests.log"
+            python3 -m pytest -q -p no:cacheprovider -k "combine or short_depth or q8_decode or decode_kernel_matches or launch_config" tests/test_kernels.py 2>&1 | tail -2 | tee -a "$OUT/newk-tests.log"
             python3 -m pytest -q -m gpu -k settings_on_match_off -p no:cacheprovider tests/test_static_decode.py 2>&1 | tail -2 | tee -a "$OUT/newk-tests.log" ;;
     smolprof) # where the dense (SmolLM2-geometry) captured decode step's time goes: profile + timing
             # SMOL_DEPTHS (16,16384), SMOL_STEPS (steps per repetition, 32), SMOL_TAG (file-name suffix: a

@@ -104,7 +104,8 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     k, v = dequant(cache)
     assert_close(f"ref-vs-oracle decode {fmt}", oracle(q[None], k, v, T - 1, scale)[0], ref, 1e-5)
     for cfg in ({"block_n": 16}, {"block_n": 32, "q8_kernel": False},    # several splits, every q8_0 path
-                {"block_n": 16, "q8_impl": "batched"}, {"block_n": 32, "q8_impl": "int8"}):
+                {"block_n": 16, "q8_impl": "batched"}, {"block_n": 32, "q8_impl": "int8"},
+                {"block_n": 16, "q8_impl": "fma"}):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
 
@@ -157,7 +158,7 @@ def test_decode_at_a_short_depth_in_a_long_buffer(fmt, triton_backend):
     q = torch.randn(Hq, D, device=DEV, generator=gen)
     ref = decode_attention_ref(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv)
     pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
-    for cfg in ({"block_n": 16}, {"block_n": 16, "q8_kernel": False}):
+    for cfg in ({"block_n": 16}, {"block_n": 16, "q8_kernel": False}, {"block_n": 16, "q8_impl": "fma"}):
         out = decode_attention(q, cache.k, cache.v, fmt, None, D ** -0.5, Hkv, cfg=cfg, pos=pos)
         assert_close(f"decode {fmt} at 21 of 512 {cfg}", ref, out, TOL[fmt])
 
@@ -192,7 +193,8 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
     assert rel(ref) < 4e-6
     pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
     for cfg in ({"block_n": 16}, {"block_n": 32, "fuse_combine": True}, {"block_n": 16, "q8_impl": "batched"},
-                {"block_n": 32, "q8_impl": "int8"}):
+                {"block_n": 32, "q8_impl": "int8"}, {"block_n": 16, "q8_impl": "fma"},
+                {"block_n": 32, "q8_impl": "fma", "fuse_combine": True}):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)
         print(f"q8_0 kernel {cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")
@@ -360,3 +362,20 @@ def test_gpu_bf16_flash_prefill_chunk_matches_ref(triton_backend):
     assert_close("gpu bf16 flash chunk", ref, flash, 2e-2)
     tri = prefill_attention(q, cache.k, cache.v, "bf16", start, D ** -0.5, Hkv, cfg={"bf16_flash": False})
     assert_close("gpu bf16 triton chunk", ref, tri, TOL["bf16"])
+
+
+def test_decode_launch_config_reads_tile_variables_when_called(monkeypatch):
+    """A tile variable set after import (a bench variant sets it around a capture) is the launch's
+    value, over the format's default; unset, the (format, head_dim) default applies. Before, the
+    variable only removed the format default and the import-time value ran instead."""
+    from engine.kernels import decode_attention as da
+    for name in da._ENV_KEYS.values():
+        monkeypatch.delenv(name, raising=False)
+    assert da.resolved_config("q8_0", "q8_0", 64)["block_n"] == da.HEAD_DIM_CONFIG[("q8_0", 64)]["block_n"]
+    assert da.resolved_config("bf16", "bf16", 64)["num_warps"] == da.FORMAT_CONFIG["bf16"]["num_warps"]
+    monkeypatch.setenv("KVBENCH_DECODE_BLOCK_N", "16")
+    monkeypatch.setenv("KVBENCH_DECODE_PROGRAMS_PER_SM", "5")
+    monkeypatch.setenv("KVBENCH_DECODE_Q8_IMPL", "fma")
+    got = da.resolved_config("q8_0", "q8_0", 64)
+    assert (got["block_n"], got["programs_per_sm"], got["q8_impl"]) == (16, 5, "fma")
+    assert da.resolved_config("q8_0", "q8_0", 64, {"block_n": 32})["block_n"] == 32   # cfg= over all
