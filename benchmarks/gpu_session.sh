@@ -129,6 +129,8 @@ for step in $steps; do
             python3 -m pytest -q -p no:cacheprovider tests/test_rope_append.py 2>&1 | tail -2 | tee "$OUT/newk-tests.log"
             python3 -m pytest -q -p no:cacheprovider -k "combine or short_depth or q8_decode or decode_kernel_matches or launch_config" tests/test_kernels.py 2>&1 | tail -2 | tee -a "$OUT/newk-tests.log"
             python3 -m pytest -q -m gpu -k settings_on_match_off -p no:cacheprovider tests/test_static_decode.py 2>&1 | tail -2 | tee -a "$OUT/newk-tests.log" ;;
+    q8test) # q8_0's decode kernels compiled, every form, with each form's error printed
+            python3 -m pytest -q -s -p no:cacheprovider -k "q8_decode_kernel_across or decode_kernel_matches" tests/test_kernels.py 2>&1 | grep -v "^\s*$" | tail -60 | tee "$OUT/q8-tests.log" ;;
     smolprof) # where the dense (SmolLM2-geometry) captured decode step's time goes: profile + timing
             # SMOL_DEPTHS (16,16384), SMOL_STEPS (steps per repetition, 32), SMOL_TAG (file-name suffix: a
             # second run in one call keeps the first's files)

@@ -376,6 +376,9 @@ def test_decode_launch_config_reads_tile_variables_when_called(monkeypatch):
     monkeypatch.setenv("KVBENCH_DECODE_BLOCK_N", "16")
     monkeypatch.setenv("KVBENCH_DECODE_PROGRAMS_PER_SM", "5")
     monkeypatch.setenv("KVBENCH_DECODE_Q8_IMPL", "fma")
+    monkeypatch.setenv("KVBENCH_DECODE_Q8_KERNEL", "0")
+    monkeypatch.setenv("KVBENCH_DECODE_FUSE", "1")
     got = da.resolved_config("q8_0", "q8_0", 64)
     assert (got["block_n"], got["programs_per_sm"], got["q8_impl"]) == (16, 5, "fma")
+    assert (got["q8_kernel"], got["fuse_combine"]) == (False, True)
     assert da.resolved_config("q8_0", "q8_0", 64, {"block_n": 32})["block_n"] == 32   # cfg= over all
