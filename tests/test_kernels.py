@@ -104,8 +104,7 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     k, v = dequant(cache)
     assert_close(f"ref-vs-oracle decode {fmt}", oracle(q[None], k, v, T - 1, scale)[0], ref, 1e-5)
     for cfg in ({"block_n": 16}, {"block_n": 32, "q8_kernel": False},    # several splits, every q8_0 path
-                {"block_n": 16, "q8_impl": "batched"}, {"block_n": 32, "q8_impl": "int8"},
-                {"block_n": 16, "q8_impl": "fma"}):
+                {"block_n": 16, "q8_impl": "batched"}, {"block_n": 32, "q8_impl": "int8"}):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
 
@@ -158,7 +157,7 @@ def test_decode_at_a_short_depth_in_a_long_buffer(fmt, triton_backend):
     q = torch.randn(Hq, D, device=DEV, generator=gen)
     ref = decode_attention_ref(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv)
     pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
-    for cfg in ({"block_n": 16}, {"block_n": 16, "q8_kernel": False}, {"block_n": 16, "q8_impl": "fma"}):
+    for cfg in ({"block_n": 16}, {"block_n": 16, "q8_kernel": False}):
         out = decode_attention(q, cache.k, cache.v, fmt, None, D ** -0.5, Hkv, cfg=cfg, pos=pos)
         assert_close(f"decode {fmt} at 21 of 512 {cfg}", ref, out, TOL[fmt])
 
@@ -192,13 +191,15 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
     print(f"q8_0 reference: rel {rel(ref):.2e}")
     assert rel(ref) < 4e-6
     pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
+    bad = []
     for cfg in ({"block_n": 16}, {"block_n": 32, "fuse_combine": True}, {"block_n": 16, "q8_impl": "batched"},
-                {"block_n": 32, "q8_impl": "int8"}, {"block_n": 16, "q8_impl": "fma"},
-                {"block_n": 32, "q8_impl": "fma", "fuse_combine": True}):
+                {"block_n": 32, "q8_impl": "int8"}, {"block_n": 64}, {"block_n": 128, "num_stages": 2}):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)
         print(f"q8_0 kernel {cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")
-        assert rel(out) < 2e-6 and rel(at) < 2e-6
+        if not (rel(out) < 2e-6 and rel(at) < 2e-6):
+            bad.append(f"{cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")
+    assert not bad, "q8_0 kernel beyond 2e-6 of the float64 oracle: " + "; ".join(bad)
 
 
 @pytest.mark.parametrize("T,Hq,Hkv,D,fmt", CASES)
@@ -375,10 +376,10 @@ def test_decode_launch_config_reads_tile_variables_when_called(monkeypatch):
     assert da.resolved_config("bf16", "bf16", 64)["num_warps"] == da.FORMAT_CONFIG["bf16"]["num_warps"]
     monkeypatch.setenv("KVBENCH_DECODE_BLOCK_N", "16")
     monkeypatch.setenv("KVBENCH_DECODE_PROGRAMS_PER_SM", "5")
-    monkeypatch.setenv("KVBENCH_DECODE_Q8_IMPL", "fma")
+    monkeypatch.setenv("KVBENCH_DECODE_Q8_IMPL", "int8")
     monkeypatch.setenv("KVBENCH_DECODE_Q8_KERNEL", "0")
     monkeypatch.setenv("KVBENCH_DECODE_FUSE", "1")
     got = da.resolved_config("q8_0", "q8_0", 64)
-    assert (got["block_n"], got["programs_per_sm"], got["q8_impl"]) == (16, 5, "fma")
+    assert (got["block_n"], got["programs_per_sm"], got["q8_impl"]) == (16, 5, "int8")
     assert (got["q8_kernel"], got["fuse_combine"]) == (False, True)
     assert da.resolved_config("q8_0", "q8_0", 64, {"block_n": 32})["block_n"] == 32   # cfg= over all

@@ -11,10 +11,8 @@ caches (the split layout of ``engine.kernels.q8_layout``: int8 quants and fp16 s
 arrays) have their own kernel: vector loads of each head's contiguous quants, the quants turned
 into exact float16 in registers (no int->float conversion), and dots in which a block's scale
 multiplies a dot's result and never enters it, against a two-term float16 split of q and of p
-times the V scales, accumulated in float32. Four forms (``q8_impl``, setting
-``KVBENCH_DECODE_Q8_IMPL``): ``fma`` dequantizes each tile to float32 in registers (exact) and
-sums in float32 on the FMA units, the reference's maths with no tensor-core dot, so a small GQA
-group is not padded to 16 rows; ``rows`` (default) makes each (query head, block) pair a row of
+times the V scales, accumulated in float32. Three forms (``q8_impl``, setting
+``KVBENCH_DECODE_Q8_IMPL``): ``rows`` (default) makes each (query head, block) pair a row of
 one 2-D [G*NB, D] operand, zero outside its block, so plain 2-D dots give every block's partial
 product; ``int8`` is the same on int8 tensor cores (the quants enter the dots as stored, q and
 p*dv as three int8 terms each, exact int32 sums); ``batched`` makes the block a batch axis of
@@ -69,11 +67,12 @@ FORMAT_CONFIG = {
     "q8_0": {"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3},
 }
 # Per (format, head_dim) over the format's defaults: q8_0 at head_dim 64 (SmolLM2: 3 KV heads x 64,
-# 9 query heads) from the H200 sweep at that geometry (reports/h200-2026-12-04f/call1,
-# bench_attention.py --geometry smollm2 --sweep-depths 16,16384: the device-held launch of the
-# captured step): 128-key blocks, 2 stages, best summed over both depths (27.7 vs 28.7 us).
+# 9 query heads), timed inside the captured SmolLM2 step on the H200 (reports/h200-2026-12-04g
+# call 3, the q8_0 kernel's us a step at depth 16 / 4096 / 16384): 64-key blocks with 3 stages
+# 119 / 149 / 292, against 146 / 170 / 292 for the 128-key, 2-stage blocks the isolated sweep had
+# picked (reports/h200-2026-12-04f/call1, where the two differed by 1 us in 28).
 HEAD_DIM_CONFIG = {
-    ("q8_0", 64): {"block_n": 128, "num_stages": 2},
+    ("q8_0", 64): {"block_n": 64, "num_stages": 3},
 }
 _ENV_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_DECODE_PROGRAMS_PER_SM",
              "num_warps": "KVBENCH_DECODE_WARPS", "num_stages": "KVBENCH_DECODE_STAGES"}
@@ -201,8 +200,8 @@ def _dot2(a_hi, a_lo, b, TERMS: tl.constexpr):
     float32 accumulation (TERMS=1: a_hi only). The interpreter computes float16 dots in float32
     (exact products), so the same arithmetic is tested on the CPU."""
     acc = tl.dot(a_hi, b, out_dtype=tl.float32)
-    if TERMS == 2:
-        acc = tl.dot(a_lo, b, acc, out_dtype=tl.float32)
+    if TERMS == 2:                  # its own accumulator: not added into the hi sum inside the MMA
+        acc += tl.dot(a_lo, b, out_dtype=tl.float32)
     return acc
 
 
@@ -352,69 +351,6 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     tl.store(L_OUT + o, l, mask=gmask)
     out = tl.sum(tl.reshape(tl.where(inblk, acc, 0.0), [G_PAD, NB, D]), axis=1)           # [G_PAD, D]
     tl.store(ACC_OUT + o[:, None] * D + od[None, :], out, mask=gmask[:, None])
-    if FUSE:
-        _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
-
-
-@triton.jit
-def _decode_q8_fma_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
-                          n_keys, keys_per_split, n_splits, qk_scale,
-                          HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                          NB: tl.constexpr, BLOCK_N: tl.constexpr, FUSE: tl.constexpr,
-                          S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
-    # q8_0's decode kernel without tensor cores ("fma"): for a small GQA group (SmolLM2: 3 query
-    # heads a KV head) a tensor-core dot pads the group to 16 rows and the float16 splits double
-    # each dot, so the rows kernel spends ~5 us on one 128-key block. Here each tile is
-    # dequantized in registers to float32 (int8 quant x fp16 scale: exact in float32) as
-    # [BN, NB, QK] (the block a middle axis, so a block's scale broadcasts along its values with
-    # no gather and no reshape), and scores and the PV sum are float32 FMA reductions over the
-    # G_PAD real heads: the torch reference's maths (float32 products and sums), only the sums'
-    # order differs.
-    RQ: tl.constexpr = HKV * D          # quants per token
-    RS: tl.constexpr = HKV * NB         # scales per token
-    h = tl.program_id(0)
-    sp = tl.program_id(1)
-    if DEV_POS:                         # n_keys = position + 1 read on the device (CUDA graphs)
-        n_keys = tl.load(POS).to(tl.int32) + 1
-    if not FUSE:                        # a split past the keys: the combine never reads it
-        if sp * keys_per_split >= n_keys:
-            return
-    og = tl.arange(0, G_PAD)
-    ob = tl.arange(0, NB)
-    oj = tl.arange(0, QK)
-    gmask = og < G
-    qo = (h * G + og)[:, None, None] * D + ob[None, :, None] * QK + oj[None, None, :]     # [G_PAD, NB, QK]
-    q = tl.load(Q + qo, mask=gmask[:, None, None], other=0.0) * qk_scale                 # log2 domain
-    kcol = h * D + ob[None, :, None] * QK + oj[None, None, :]                            # [1, NB, QK]
-    scol = h * NB + ob[None, :]                                                          # [1, NB]
-    lo = sp * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, n_keys)
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, NB, QK], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < hi
-        rows = offs_n.to(tl.int64)
-        kq = tl.load(KQ + rows[:, None, None] * RQ + kcol, mask=mask_n[:, None, None], other=0)   # [BN, NB, QK]
-        dk = tl.load(KS + rows[:, None] * RS + scol, mask=mask_n[:, None], other=0.0)             # [BN, NB]
-        k = kq.to(tl.float32) * dk.to(tl.float32)[:, :, None]
-        s = tl.sum(tl.sum(q[:, None, :, :] * k[None, :, :, :], axis=3), axis=2)                 # [G_PAD, BN]
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])                                                           # <= 1
-        l = l * alpha + tl.sum(p, axis=1)
-        vq = tl.load(VQ + rows[:, None, None] * RQ + kcol, mask=mask_n[:, None, None], other=0)
-        dv = tl.load(VS + rows[:, None] * RS + scol, mask=mask_n[:, None], other=0.0)
-        v = vq.to(tl.float32) * dv.to(tl.float32)[:, :, None]                                    # [BN, NB, QK]
-        acc = acc * alpha[:, None, None] + tl.sum(p[:, :, None, None] * v[None, :, :, :], axis=1)
-        m = m_new
-    o = (h * G + og) * n_splits + sp
-    tl.store(M_OUT + o, m, mask=gmask)
-    tl.store(L_OUT + o, l, mask=gmask)
-    ao = o[:, None, None] * D + ob[None, :, None] * QK + oj[None, None, :]
-    tl.store(ACC_OUT + ao, acc, mask=gmask[:, None, None])
     if FUSE:
         _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
 
@@ -656,15 +592,13 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D) and window is None:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
-        if cfg["q8_impl"] not in ("rows", "batched", "int8", "fma"):
-            raise ValueError(f"q8_impl must be 'rows', 'batched', 'int8' or 'fma', not {cfg['q8_impl']!r}")
+        if cfg["q8_impl"] not in ("rows", "batched", "int8"):
+            raise ValueError(f"q8_impl must be 'rows', 'batched' or 'int8', not {cfg['q8_impl']!r}")
         rows_form = cfg["q8_impl"] in ("rows", "int8")
         kern = {"rows": _decode_q8_rows_kernel, "int8": _decode_q8_int8_kernel,
-                "batched": _decode_q8_kernel, "fma": _decode_q8_fma_kernel}[cfg["q8_impl"]]
+                "batched": _decode_q8_kernel}[cfg["q8_impl"]]
         g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
         terms = {"Q_TERMS": cfg["q8_terms"][0], "P_TERMS": cfg["q8_terms"][1]}
-        if cfg["q8_impl"] == "fma":          # no dots: the group's own rows, no float16 terms
-            g_pad, terms = triton.next_power_of_2(G), {}
         if cfg["q8_impl"] == "int8" and (cfg["block_n"] < 32 or cfg["block_n"] > 1024):
             raise ValueError(f"q8_impl 'int8' needs 32 <= block_n <= 1024 (int8 dots take K >= 32; "
                              f"int32 sums stay exact in float32), got {cfg['block_n']}")
