@@ -188,8 +188,17 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
     size = oracle(q[None], kd, vd.abs(), n - 1, scale)[0]
     blk = lambda t: t.reshape(Hq, D // 32, 32).abs().amax(2)
     rel = lambda out: (blk(out - want) / blk(size)).max().item()
-    print(f"q8_0 reference: rel {rel(ref):.2e}")
-    assert rel(ref) < 4e-6
+    # The instance's sensitivity: how far a 2^-22 relative perturbation of q (the resolution of
+    # the kernels' two-term float16 split) moves the float64 result. The softmax amplifies it
+    # instance by instance (on the CPU, over 12 seeds at head_dim 128: 1e-7 to 1.2e-5, and the
+    # float32 reference's own error reaches 2x it), so a fixed bound alone passes or fails by seed.
+    sens = 0.0
+    for _ in range(4):
+        sign = torch.randint(0, 2, q.shape, generator=gen, device=DEV).double() * 2 - 1
+        sens = max(sens, rel(oracle((q.double() * (1 + 2.0 ** -22 * sign))[None], kd, vd, n - 1, scale)[0]))
+    bound = max(2e-6, 4 * sens)
+    print(f"q8_0 reference: rel {rel(ref):.2e}; sensitivity to 2^-22 in q {sens:.2e}, bound {bound:.2e}")
+    assert rel(ref) < max(4e-6, 4 * sens)
     pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
     bad = []
     for cfg in ({"block_n": 16}, {"block_n": 32, "fuse_combine": True}, {"block_n": 16, "q8_impl": "batched"},
@@ -197,9 +206,9 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)
         print(f"q8_0 kernel {cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")
-        if not (rel(out) < 2e-6 and rel(at) < 2e-6):
+        if not (rel(out) < bound and rel(at) < bound):
             bad.append(f"{cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")
-    assert not bad, "q8_0 kernel beyond 2e-6 of the float64 oracle: " + "; ".join(bad)
+    assert not bad, f"q8_0 kernel beyond {bound:.2e} of the float64 oracle: " + "; ".join(bad)
 
 
 @pytest.mark.parametrize("T,Hq,Hkv,D,fmt", CASES)

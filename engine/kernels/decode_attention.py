@@ -184,11 +184,14 @@ def _pow2_at_least(x):
 
 @triton.jit
 def _split2(x, TERMS: tl.constexpr):
-    """float32 (|x| <= 2^14) -> (hi, lo) float16 with hi + lo = x to ~2^-22 relative (TERMS=1:
-    lo = 0, ~2^-11)."""
+    """float32 (|x| <= 2^13) -> (hi, lo) float16 with hi + lo * 2^-11 = x to ~2^-22 relative
+    (TERMS=1: lo = 0, ~2^-11). lo is stored scaled by 2^11: unscaled, the remainder of a value
+    near 16 is often below float16's smallest normal (2^-14), and the H200's tensor-core path
+    loses such subnormals (an error of ~2^-14 / x: 5.4e-6 against the float64 oracle where the
+    interpreter gave 1e-7, reports/h200-2026-12-04g call 9). |lo| <= 2^13 * 2^-11 * 2^11 fits."""
     hi = x.to(tl.float16)
     if TERMS == 2:
-        lo = (x - hi.to(tl.float32)).to(tl.float16)
+        lo = ((x - hi.to(tl.float32)) * 2048.0).to(tl.float16)
     else:
         lo = hi * 0.0
     return hi, lo
@@ -196,12 +199,12 @@ def _split2(x, TERMS: tl.constexpr):
 
 @triton.jit
 def _dot2(a_hi, a_lo, b, TERMS: tl.constexpr):
-    """(a_hi + a_lo) @ b, b exact in float16 (int8 values): float16 tensor-core dots with
-    float32 accumulation (TERMS=1: a_hi only). The interpreter computes float16 dots in float32
-    (exact products), so the same arithmetic is tested on the CPU."""
+    """(a_hi + a_lo * 2^-11) @ b, b exact in float16 (int8 values): float16 tensor-core dots
+    with float32 accumulation (TERMS=1: a_hi only). The interpreter computes float16 dots in
+    float32 (exact products), so the same arithmetic is tested on the CPU."""
     acc = tl.dot(a_hi, b, out_dtype=tl.float32)
-    if TERMS == 2:                  # its own accumulator: not added into the hi sum inside the MMA
-        acc += tl.dot(a_lo, b, out_dtype=tl.float32)
+    if TERMS == 2:                  # its own accumulator, scaled back by 2^-11 (exact)
+        acc += tl.dot(a_lo, b, out_dtype=tl.float32) * (1.0 / 2048.0)
     return acc
 
 
