@@ -210,6 +210,13 @@ def get(name: str) -> Any:
     return _cache[key]
 
 
+def overrides(keys: dict[str, str]) -> dict[str, Any]:
+    """{field: parsed value} for each ``keys`` entry (field -> variable) whose variable is set in
+    the environment now. For tunables a module reads into a dict at import: merged at each call,
+    a variable a benchmark variant sets after import is applied instead of silently ignored."""
+    return {field: get(name) for field, name in keys.items() if (os.environ.get(name) or "").strip()}
+
+
 def validate() -> None:
     """Parse every declared variable that is set (raises on the first malformed one), and
     refuse an unknown ``KVBENCH_*`` variable (a typo would otherwise be ignored)."""

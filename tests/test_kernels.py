@@ -379,7 +379,7 @@ def test_decode_launch_config_reads_tile_variables_when_called(monkeypatch):
     value, over the format's default; unset, the (format, head_dim) default applies. Before, the
     variable only removed the format default and the import-time value ran instead."""
     from engine.kernels import decode_attention as da
-    for name in da._ENV_KEYS.values():
+    for name in da._LIVE_KEYS.values():
         monkeypatch.delenv(name, raising=False)
     assert da.resolved_config("q8_0", "q8_0", 64)["block_n"] == da.HEAD_DIM_CONFIG[("q8_0", 64)]["block_n"]
     assert da.resolved_config("bf16", "bf16", 64)["num_warps"] == da.FORMAT_CONFIG["bf16"]["num_warps"]
@@ -392,3 +392,16 @@ def test_decode_launch_config_reads_tile_variables_when_called(monkeypatch):
     assert (got["block_n"], got["programs_per_sm"], got["q8_impl"]) == (16, 5, "int8")
     assert (got["q8_kernel"], got["fuse_combine"]) == (False, True)
     assert da.resolved_config("q8_0", "q8_0", 64, {"block_n": 32})["block_n"] == 32   # cfg= over all
+
+
+def test_prefill_launch_config_reads_its_variables_when_called(monkeypatch):
+    """The prefill kernel's tunables set after import (a variant) are applied; unset, CONFIG's."""
+    from engine.kernels import prefill_attention as pa
+    for name in pa._LIVE_KEYS.values():
+        monkeypatch.delenv(name, raising=False)
+    assert pa.resolved_config() == pa.CONFIG
+    monkeypatch.setenv("KVBENCH_PREFILL_BLOCK_M", "32")
+    monkeypatch.setenv("KVBENCH_PREFILL_BF16_FLASH", "1")
+    got = pa.resolved_config()
+    assert (got["block_m"], got["bf16_flash"]) == (32, True)
+    assert pa.resolved_config({"block_m": 16})["block_m"] == 16

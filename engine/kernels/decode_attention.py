@@ -74,12 +74,12 @@ FORMAT_CONFIG = {
 HEAD_DIM_CONFIG = {
     ("q8_0", 64): {"block_n": 64, "num_stages": 3},
 }
-_ENV_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_DECODE_PROGRAMS_PER_SM",
-             "num_warps": "KVBENCH_DECODE_WARPS", "num_stages": "KVBENCH_DECODE_STAGES"}
-# Read at each launch too (a bench variant sets them after import; CONFIG's import-time values
-# would otherwise run in their place, silently).
-_LIVE_KEYS = {"q8_impl": "KVBENCH_DECODE_Q8_IMPL", "q8_kernel": "KVBENCH_DECODE_Q8_KERNEL",
-              "fuse_combine": "KVBENCH_DECODE_FUSE", "precision": "KVBENCH_ATTN_PRECISION"}
+# Variables read again at each launch (``settings.overrides``): a bench variant sets them after
+# import, and CONFIG's import-time values would otherwise run in their place, silently.
+_LIVE_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_DECODE_PROGRAMS_PER_SM",
+              "num_warps": "KVBENCH_DECODE_WARPS", "num_stages": "KVBENCH_DECODE_STAGES",
+              "q8_kernel": "KVBENCH_DECODE_Q8_KERNEL", "fuse_combine": "KVBENCH_DECODE_FUSE",
+              "precision": "KVBENCH_ATTN_PRECISION"}
 last_scratch_bytes = 0
 
 
@@ -535,9 +535,8 @@ def resolved_config(fmt: str, v_fmt: str, head_dim: int, cfg: dict | None = None
     a variant that sets one after import gets its value), then ``cfg``."""
     same = fmt if v_fmt == fmt else ""
     fmt_cfg = {**FORMAT_CONFIG.get(same, {}), **HEAD_DIM_CONFIG.get((same, head_dim), {})}
-    env = {k: settings.get(name) for k, name in _ENV_KEYS.items() if settings.get(name) is not None}
-    live = {k: settings.get(name) for k, name in _LIVE_KEYS.items()}
-    return {**CONFIG, **live, **fmt_cfg, **env, **(cfg or {})}
+    return {**CONFIG, "q8_impl": settings.get("KVBENCH_DECODE_Q8_IMPL"), **fmt_cfg,
+            **settings.overrides(_LIVE_KEYS), **(cfg or {})}
 
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,

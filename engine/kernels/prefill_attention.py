@@ -29,6 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import settings
 from ..errors import ConfigError
 from ..formats import DEFAULT_WAVE_BUDGET  # noqa: F401  (the default budget callers plan with)
 from . import KV_FORMAT_CODES, planted, q8_layout
@@ -50,6 +51,16 @@ CONFIG = {
     # kvbench's accuracy numbers; so the default is the Triton kernel (docs/perf-notes.md).
     "bf16_flash": os.environ.get("KVBENCH_PREFILL_BF16_FLASH", "0") == "1",
 }
+# Read again at each launch when set (``settings.overrides``): a variant sets them after import.
+_LIVE_KEYS = {"block_m": "KVBENCH_PREFILL_BLOCK_M", "block_n": "KVBENCH_PREFILL_BLOCK_N",
+              "precision": "KVBENCH_ATTN_PRECISION", "num_warps": "KVBENCH_PREFILL_WARPS",
+              "bf16_flash": "KVBENCH_PREFILL_BF16_FLASH"}
+
+
+def resolved_config(cfg: dict | None = None) -> dict:
+    """The prefill launch configuration in force: ``CONFIG``, then the variables set now, then
+    ``cfg``."""
+    return {**CONFIG, **settings.overrides(_LIVE_KEYS), **(cfg or {})}
 
 
 # --- wave plan ------------------------------------------------------------------------------
@@ -169,7 +180,7 @@ def prefill_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor,
     """One wave (Triton): q [T, Hq, D] float32 at ``start`` -> [T, Hq, D] float32 (into ``out``).
     ``fmt`` is the K buffer's format, ``v_fmt`` the V buffer's (None: the same).
     ``mask_shift`` (fault injection only: 1 lets each row see one key past its position)."""
-    cfg = {**CONFIG, **(cfg or {})}
+    cfg = resolved_config(cfg)
     v_fmt = fmt if v_fmt is None else v_fmt
     T, Hq, D = q.shape
     if fmt == v_fmt == "bf16" and cfg["bf16_flash"] and q.is_cuda and D % 8 == 0 and D <= 256:
