@@ -298,8 +298,15 @@ class Engine:
         """How prefills attend (``set_prefill_path``): ``exact`` (the cache's own kernels,
         float32 maths on the stored values: every accuracy number) or ``fast`` (bfloat16 SDPA
         over the stored rows, ``engine.kernels.prefill_attention.prefill_attention_fast``:
-        throughput numbers only)."""
+        throughput numbers only; over bf16 weights its activations are bf16 too:
+        ``prefill_activations``)."""
         return self._live().prefill_path
+
+    @property
+    def prefill_activations(self) -> str:
+        """The activations' dtype a prefill runs with now (``Transformer.prefill_act_dtype``):
+        ``bf16`` on the fast path over bf16 weights (as HF's bf16 model), else ``fp32``."""
+        return "bf16" if self._live().prefill_act_dtype(2) == torch.bfloat16 else "fp32"
 
     def set_prefill_path(self, path: str) -> str:
         """Apply prefill path ``path`` to every layer. A path that is not one of

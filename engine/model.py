@@ -148,13 +148,18 @@ class Experts:
 
 def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, in] float32 @ w[out, in].T; weights stored narrower (bf16/f16) compute in their
-    dtype with fp32 accumulation and come back as float32."""
+    dtype with fp32 accumulation and come back as float32. Activations already in the weights'
+    narrow dtype (the fast prefill path over bf16 weights) stay in it."""
     if w.dtype == torch.float32:
         return x @ w.T
-    return (x.to(w.dtype) @ w.T).float()
+    y = x.to(w.dtype) @ w.T
+    return y if x.dtype == w.dtype else y.float()
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    if x.dtype != torch.float32:    # narrow activations: the statistic in float32, as HF's norms
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w.to(x.dtype)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
@@ -419,7 +424,10 @@ class Transformer:
     def attention(self, i: int, x: torch.Tensor, start: int, cache) -> torch.Tensor:
         q, k, v = self._qkv(i, x)
         rope = self._rope(x.device, self.spec.rope_base_of(i))
-        q, k = rope.apply(q, start), rope.apply(k, start)
+        q, k = rope.apply(q, start), rope.apply(k, start)     # float32 (the tables are)
+        if x.dtype != torch.float32:        # fast prefill, bf16 activations: the cache takes float32
+            k, v = k.float(), v.float()
+            return self._attn_out(i, self._attend(i, q, k, v, start, cache).to(x.dtype))
         return self._attn_out(i, self._attend(i, q, k, v, start, cache))
 
     def attention_rows(self, i: int, x: torch.Tensor, starts: list[int], caches: list, live: list[int]):
@@ -444,6 +452,8 @@ class Transformer:
         s, w = self.spec, self.layers[i]
         h = rms_norm(x, w.ffn_norm, s.rms_eps)
         if w.router is not None:
+            if h.dtype != torch.float32:    # fast prefill's bf16 activations: routing stays float32
+                return self.moe(i, h.float()).to(h.dtype)
             return self.moe(i, h)
         gate = mm(h, w.w_gate)
         gate = F.gelu(gate, approximate="tanh") if s.ffn_act == "gelu_tanh" else F.silu(gate)
@@ -711,10 +721,22 @@ class Transformer:
             y = run(h, *ex.cache.slots, idx, pj, residual=y)
         return y
 
+    def prefill_act_dtype(self, T: int) -> torch.dtype:
+        """The activations' dtype of a T-row ``forward``: bfloat16 on the fast prefill path over
+        bf16 weights (HF's bf16 model: the residual stream, projections and FFN in bf16, norm
+        statistics in float32; attention through ``attend_fast``), float32 everywhere else,
+        which is every accuracy path."""
+        if T > 1 and self.prefill_path == "fast" and self.layers and self.layers[0].wo.dtype == torch.bfloat16:
+            return torch.bfloat16
+        return torch.float32
+
     def forward(self, tokens: torch.Tensor, start: int, caches) -> torch.Tensor:
-        """tokens [T] (host) -> final hidden [T, d] on the head device."""
+        """tokens [T] (host) -> final hidden [T, d] on the head device (float32, or bfloat16 on
+        the fast prefill path over bf16 weights: ``prefill_act_dtype``)."""
         self._route_start = start
-        return self._layers(self.embed_tokens(tokens), lambda i, x: self.attention(i, x, start, caches[i]))
+        x = self.embed_tokens(tokens)
+        x = x.to(self.prefill_act_dtype(x.shape[0]))
+        return self._layers(x, lambda i, x: self.attention(i, x, start, caches[i]))
 
     def forward_rows(self, tokens: torch.Tensor, starts: list[int], caches: list, live: list[int]) -> torch.Tensor:
         """B sequences, one token each: tokens [B] (host), ``starts[b]`` the position of row b in
@@ -739,6 +761,6 @@ class Transformer:
         return x
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
-        logits = mm(rms_norm(x, self.out_norm, self.spec.rms_eps), self.output)
+        logits = mm(rms_norm(x, self.out_norm, self.spec.rms_eps), self.output).float()
         cap = self.spec.final_softcap
         return logits if not cap else torch.tanh(logits / cap) * cap

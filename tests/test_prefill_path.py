@@ -5,6 +5,9 @@
   split, GQA, a chunk after cached rows and a sliding window; it is not the exact path.
 - ``Engine.set_prefill_path``: ``fast`` moves logits a little, ``exact`` gives back the
   bit-identical exact logits, a bad path is a one-line ConfigError and changes nothing.
+- Over bf16 weights the fast path's activations are bf16 (``prefill_activations``), as HF's
+  bf16 model runs; its logits are no further from HF's float32 model than HF's own bf16 model
+  is, and the exact path over the same weights is untouched.
 - The throughput check with ``prefill_path = "fast"`` records the path, names it on ``pp<N>``,
   measures ``Fast-vs-exact max abs logit`` (recounted here from the engine's logits) and
   leaves the engine on ``exact``.
@@ -110,7 +113,8 @@ def test_throughput_check_times_the_fast_path_and_records_it():
                                                                        "cpu", 0))
     m = {x.name: x for x in out.metrics}
     assert out.info["prefill_path"] == "fast"
-    assert "fast prefill path" in (m["pp64"].detail or "") and m["pp64"].value > 0
+    assert out.info["prefill_activations"] == eng.prefill_activations == "fp32"    # f32 weights here
+    assert "fast prefill path (bf16 SDPA, fp32 activations)" in (m["pp64"].detail or "") and m["pp64"].value > 0
     assert "fast" not in (m["tg4"].detail or "")
     assert eng.prefill_path == "exact"                                 # put back
     # recount the delta from the engine itself
@@ -128,3 +132,40 @@ def test_suite_rejects_an_unknown_prefill_path(tmp_path):
     from harness.errors import SuiteError
     with pytest.raises(SuiteError, match="prefill_path"):
         ThroughputConfig(kind="throughput", prefill_path="flash").validate(tmp_path / "s.toml", "check[0]")
+
+
+@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3moe"])
+def test_fast_path_runs_bf16_activations_over_bf16_weights_like_hf(name):
+    """An independent yardstick for the bf16 activations: HF transformers on the same GGUF
+    (tests/hf_oracle.py) in float32 and cast to bfloat16. On these random-weight models bf16
+    moves logits by ~0.2 (HF's own bf16 model from its float32 one); the fast path, bf16
+    activations and all, stays within 1.25x of that, its activations are observably bf16, and
+    the exact path over the same bf16 weights gives back its float32-activation logits."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).parent))
+    from hf_oracle import hf_logits, hf_model_for
+    path = synth.ensure(name)
+    hf = hf_model_for(path)
+    toks = [1] + torch.randint(3, hf.config.vocab_size, (63,), generator=torch.Generator().manual_seed(2)).tolist()
+    ref32 = hf_logits(hf, toks)
+    refbf = hf_logits(hf.to(torch.bfloat16), toks).float()
+    eng = engine.load(path, weight_format="bf16", ctx=128)
+    exact = eng.logits(toks)
+    assert eng.prefill_activations == "fp32"
+    eng.set_prefill_path("fast")
+    assert eng.prefill_activations == "bf16"
+    fast = eng.logits(toks)
+    model = eng._live()                   # the same fast path with float32 activations differs
+    model.prefill_act_dtype = lambda T: torch.float32                   # (the bf16 ones reach the logits)
+    fast32 = eng.logits(toks)
+    del model.prefill_act_dtype
+    eng.set_prefill_path("exact")
+    d = lambda a, b: (a.float() - b.float()).abs().max().item()          # noqa: E731
+    assert d(fast, fast32) > 0
+    print(f"{name}: |fast - hf32| {d(fast, ref32):.3f}, |hf bf16 - hf32| {d(refbf, ref32):.3f}, "
+          f"|fast - exact| {d(fast, exact):.3f}")
+    assert fast.dtype == torch.float32 and torch.isfinite(fast).all()
+    assert d(fast, ref32) <= 1.25 * d(refbf, ref32)
+    assert d(fast, exact) > 0
+    assert torch.equal(eng.logits(toks), exact)                        # the exact path is untouched

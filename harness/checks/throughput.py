@@ -24,13 +24,14 @@ Per measure (``pp<N>`` / ``tg<N>``), with ``harness.speedstats.spread`` over the
 
 Prefill path (``prefill_path``, issue 14.3): ``exact`` (default: the engine's own kernels,
 float32 maths over the KV stored at the dtype, as every accuracy check runs) or ``fast``
-(``Engine.set_prefill_path("fast")``: bfloat16 SDPA over the stored rows, for throughput on
-GPUs). ``pp<N>`` is timed on the path asked for and its ``detail`` names it; with ``fast`` the
+(``Engine.set_prefill_path("fast")``: bfloat16 SDPA over the stored rows, and bf16 activations
+over bf16 weights, as HF's bf16 model runs; for throughput on GPUs). ``pp<N>`` is timed on the path asked for and its ``detail`` names it; with ``fast`` the
 check also measures, once per row, metric ``Fast-vs-exact max abs logit`` (teacher-forced
 logits of the first ``min(pp, fast_delta_tokens)`` prompt tokens on both paths) and puts the
 engine back on ``exact`` afterwards. An engine that cannot set its prefill path gets ``pp<N>``
 and the delta as n/a with the reason, never an exact-path number under a fast label.
-``info.prefill_path`` records the path.
+``info.prefill_path`` records the path, ``info.prefill_activations`` the fast path's activation
+dtype where the engine says it.
 
 ``info`` holds the deterministic facts: repeats, warm-up, ``cpu_count`` (``os.cpu_count``),
 ``cpus_usable`` (the affinity mask) and how the load was read. Results written before these
@@ -180,7 +181,7 @@ class Throughput(Check):
         out = Outcome()
         busiest = []
         fast = cfg.prefill_path == "fast"
-        fast_why = None
+        fast_why = fast_act = None
         if fast and CAP_PREFILL_PATH not in capabilities_of(eng):
             fast_why = f"engine {eng.name} cannot set its prefill path (no fast path to time)"
         elif fast:
@@ -197,6 +198,7 @@ class Throughput(Check):
             try:
                 if name == pp_name and fast:
                     eng.set_prefill_path("fast")
+                    fast_act = getattr(eng, "prefill_activations", None)
                 samples, load1, others = _timed(fn, ctx.device, cfg.warmup, cfg.repeats, cfg.warmup_tokens)
             finally:
                 if name == pp_name and fast:
@@ -206,7 +208,7 @@ class Throughput(Check):
             cv = None if s.cv is None else 100.0 * s.cv
             notes = []
             if name == pp_name and fast:
-                notes.append("fast prefill path (bf16 SDPA)")
+                notes.append("fast prefill path (bf16 SDPA" + (f", {fast_act} activations)" if fast_act else ")"))
             if unstable:
                 notes.append(f"unstable: CV {cv:.1f}% > {cfg.max_cv_pct:g}% over {s.n} repetitions")
             out.add(name, s.median, "tok/s", "higher", detail="; ".join(notes) or None)
@@ -238,6 +240,8 @@ class Throughput(Check):
             out.add("Fast-vs-exact max abs logit", delta, "logits", None,
                     detail=f"teacher-forced, {n} prompt tokens; the exact path is what accuracy checks use")
         affinity = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+        if fast_act:
+            out.info["prefill_activations"] = fast_act
         out.info.update(prefill_api="eng.prefill", prefill_path=cfg.prefill_path, warmup=cfg.warmup, warmup_tokens=cfg.warmup_tokens,
                         repeats=cfg.repeats, max_cv_pct=cfg.max_cv_pct, cpu_count=os.cpu_count(),
                         cpus_usable=affinity, cpus_in_proc_stat=_n_cpus_in_stat(),
