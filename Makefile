@@ -19,7 +19,7 @@ TORCH_SPEC ?= torch==2.13.0
 BASE_STAMP := $(VENV)/.installed-base
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup test bench engine-bench clean llama-cpp test-engines
+.PHONY: setup test bench engine-bench clean llama-cpp test-engines test-gpu
 
 $(BASE_STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -70,6 +70,13 @@ llama-cpp: $(STAMP)
 # The engine adapters against the real engines: llama.cpp in-process and behind its own
 # OpenAI-compatible server on loopback, HF transformers with its quantized caches, and the
 # default suite with llama.cpp's KV forced to f16 (must fail naming the case).
+# On a CUDA machine: the GPU-marked tests, then the kernel tests whole (on CUDA each kernel runs
+# compiled against its torch reference and a float64 oracle: defects only a real GPU shows,
+# e.g. float16 subnormals lost on the tensor-core path, which the interpreter keeps).
+test-gpu: $(STAMP)
+	$(PY) -m pytest -q -m gpu tests
+	$(PY) -m pytest -q tests/test_kernels.py tests/test_rope_append.py
+
 test-engines: llama-cpp
 	$(PY) -m pytest -q --durations=15 -m engines tests/test_engines_*.py tests/test_adapter_*.py
 

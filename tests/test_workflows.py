@@ -180,13 +180,16 @@ def test_nightly_write_token_only_for_the_history_job_and_gate_after_uploads():
     assert upload and bench[upload[0]].get("if") == "always()"
     assert bench[upload[0]]["with"].get("retention-days")
     # the run and compare steps record their exit codes instead of failing the job early
-    for sid in ("run", "compare"):
+    for sid in ("run", "compare", "gputests"):
         step = next(s for s in bench if s.get("id") == sid)
         assert "set +e" in step["run"] and 'echo "rc=$rc" >> "$GITHUB_OUTPUT"' in step["run"]
     history = steps_of(wf["jobs"]["history"])
     assert "RESULTS_BRANCH" in history[1]["run"] and "git push" in history[1]["run"]
     gate = history[-1]["run"]
-    assert "exit 1" in gate and "COMPARE_RC" in gate and "RUN_RC" in gate
+    assert "exit 1" in gate and "COMPARE_RC" in gate and "RUN_RC" in gate and "GPUTESTS_RC" in gate
+    # the GPU tests (compiled kernels vs their references) run every night, before the suite
+    ids = [s.get("id") for s in bench]
+    assert "make test-gpu" in bench[ids.index("gputests")]["run"] and ids.index("gputests") < ids.index("run")
     assert "cancelled()" in wf["jobs"]["history"]["if"]
 
 
