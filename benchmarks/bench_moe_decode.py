@@ -198,6 +198,12 @@ DECODE_SETTINGS = {"fused_qkv": "KVBENCH_DECODE_FUSED_QKV", "route_kernel": "KVB
                    "fused_gate_up": "KVBENCH_DECODE_FUSED_GATE_UP", "kv_pair": "KVBENCH_DECODE_KV_PAIR",
                    "fused_gemv": "KVBENCH_DECODE_FUSED_GEMV", "rope_append": "KVBENCH_DECODE_ROPE_APPEND",
                    "device_embed": "KVBENCH_DECODE_DEVICE_EMBED"}
+# The attention kernel's tunables: applied values are the step's recorded launches
+# (``StaticDecode.attn_launches``), so a variant setting one that the launch did not take (or
+# that resolves to the default's launch) compares equal settings and is marked SAME STEP.
+KERNEL_SETTINGS = {"KVBENCH_DECODE_BLOCK_N", "KVBENCH_DECODE_PROGRAMS_PER_SM", "KVBENCH_DECODE_WARPS",
+                   "KVBENCH_DECODE_STAGES", "KVBENCH_DECODE_Q8_IMPL", "KVBENCH_DECODE_Q8_KERNEL",
+                   "KVBENCH_DECODE_FUSE", "KVBENCH_DECODE_COMBINE_BLOCK", "KVBENCH_ATTN_PRECISION"}
 VARIANTS = {"default": {}, "baseline": {v: "0" for v in DECODE_SETTINGS.values()}}
 for _short, _name in DECODE_SETTINGS.items():
     VARIANTS[f"no_{_short}"] = {_name: "0"}
@@ -219,10 +225,13 @@ def mark_same_step(paths: dict, first_paths: dict, env: dict[str, str], first: s
     """A variant that changes decode settings but applied the same ones as the first variant
     ran the same step: its comparison with that variant measures nothing. Mark each such
     path's result ``same_step_as`` (and say so)."""
-    if not any(name in DECODE_SETTINGS.values() for name in env):
+    if not any(name in DECODE_SETTINGS.values() or name in KERNEL_SETTINGS for name in env):
         return
+    kernel_only = not any(name in DECODE_SETTINGS.values() for name in env)
     for path, r in paths.items():
         base = first_paths.get(path) or {}
+        if kernel_only and (r.get("settings") or {}).get("attn_launches") is None:
+            continue                      # no launches recorded: nothing says the kernel was the same
         if r.get("settings") is not None and r.get("settings") == base.get("settings"):
             r["same_step_as"] = first
             print(f"  {where} {path}: SAME STEP as [{first}] (applied settings identical): this "
@@ -311,7 +320,8 @@ def time_path(eng, path: str, depth: int, prompt: list[int], args, stream: list[
     if static is not None:
         r["settings"] = {"fused_qkv": static.fused_qkv, "route_kernel": static.route_kernel,
                          "device_embed": static.device_embed, "fused_gate_up": static.fused_gate_up,
-                         "fused_gemv": static.fused_gemv, "rope_append": static.rope_append}
+                         "fused_gemv": static.fused_gemv, "rope_append": static.rope_append,
+                         "attn_launches": getattr(static, "attn_launches", None)}
     if args.timing in ("greedy", "both") and path != "eager":
         greedy = []                              # generate's loop: back to back, batched read-backs
         for _ in range(args.reps):
@@ -396,8 +406,17 @@ def time_paths(eng, kv, depth, prompt, args, bw, stream, per_tok, variant: str) 
         greedy = f", greedy {r['greedy_tok_s']['median']:.2f} tok/s" if "greedy_tok_s" in r else ""
         print(f"  {kv:5} depth {depth:6} {path:10}{tag}: {med:8.2f} tok/s (min {r['tok_s']['min']:.2f}, max "
               f"{r['tok_s']['max']:.2f}), {r['gb_s']:7.1f} GB/s = {r['roofline_frac']:5.1%} of copy{greedy}; "
-              f"warm-up {r['warmup_s']:.1f} s", flush=True)
+              f"warm-up {r['warmup_s']:.1f} s{launches_text(r)}", flush=True)
     return out
+
+
+def launches_text(r: dict) -> str:
+    """'; attention <kernel> <block_n>-key tiles x <stages> stages, ...' from the step's recorded
+    launches (what ran, not what was asked); empty when none were recorded."""
+    launches = (r.get("settings") or {}).get("attn_launches") or []
+    parts = [f"{x['kernel'].lstrip('_')} {x['block_n']}x{x['num_stages']}st {x['num_warps']}w "
+             f"{x['splits']} splits ({x['layers']} layers)" for x in launches]
+    return f"; attention {', '.join(parts)}" if parts else ""
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -119,15 +119,25 @@ class StaticDecode:
             torch.zeros(1, spec.d_model, dtype=torch.float32, pin_memory=pin)
         self._staged = torch.cuda.Event() if pin else None
         self.graph = None
+        self.attn_launches: list[dict] = []     # the step's attention launches (``_body``)
         self.logits = self.next = None
         self.pool_bytes = 0           # bytes the captured graph keeps allocated (its outputs)
 
     def _body(self):
+        from .kernels import decode_attention
         x = self.model.decode_embed(self.token, compiled=self.compiled) if self.device_embed else self.x
-        h = self.model.decode_at(x, self.pos, self.caches, compiled=self.compiled,
-                                 fused_qkv=self.fused_qkv, route_kernel=self.route_kernel,
-                                 fused_gate_up=self.fused_gate_up, fused_gemv=self.fused_gemv,
-                                 rope_append=self.rope_append)
+        with decode_attention.recording() as launches:
+            h = self.model.decode_at(x, self.pos, self.caches, compiled=self.compiled,
+                                     fused_qkv=self.fused_qkv, route_kernel=self.route_kernel,
+                                     fused_gate_up=self.fused_gate_up, fused_gemv=self.fused_gemv,
+                                     rope_append=self.rope_append)
+        # applied: each distinct attention launch configuration of the step (what a captured
+        # graph replays is its capture's), with how many layers made it
+        seen: dict = {}
+        for cfg in launches:
+            key = tuple(sorted((k, str(v)) for k, v in cfg.items()))
+            seen.setdefault(key, dict(cfg, layers=0))["layers"] += 1
+        self.attn_launches = list(seen.values())
         logits, nxt = self.model.decode_head(h)
         if self.device_embed:                    # the next step's inputs, on the device
             self.token.copy_(nxt.reshape(1))

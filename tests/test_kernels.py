@@ -405,3 +405,28 @@ def test_prefill_launch_config_reads_its_variables_when_called(monkeypatch):
     got = pa.resolved_config()
     assert (got["block_m"], got["bf16_flash"]) == (32, True)
     assert pa.resolved_config({"block_m": 16})["block_m"] == 16
+
+
+def test_decode_launches_are_recorded_as_applied(monkeypatch, triton_backend):
+    """``decode_attention.recording`` yields what each launch ran (kernel, tiles, combine step),
+    read from the launch itself: a tile variable set now shows in it, the q8_0 form too."""
+    from engine.kernels import decode_attention as da
+    for name in da._LIVE_KEYS.values():
+        monkeypatch.delenv(name, raising=False)
+    Hq, Hkv, D, n = 6, 2, 64, 40
+    q = torch.randn(Hq, D, device=DEV)
+    caches = {fmt: filled(fmt, Hkv, D, n, seed=9)[0] for fmt in ("bf16", "q8_0")}
+    with da.recording() as log:
+        for fmt, c in caches.items():
+            decode_attention(q, c.k, c.v, fmt, n, D ** -0.5, Hkv)
+        monkeypatch.setenv("KVBENCH_DECODE_BLOCK_N", "16")
+        monkeypatch.setenv("KVBENCH_DECODE_Q8_IMPL", "batched")
+        decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv)
+    assert [x["kernel"] for x in log] == ["_decode_split_kernel", "_decode_q8_rows_kernel", "_decode_q8_kernel"]
+    assert log[0]["block_n"] == da.FORMAT_CONFIG["bf16"]["block_n"]
+    assert log[1]["block_n"] == da.HEAD_DIM_CONFIG[("q8_0", 64)]["block_n"] and log[2]["block_n"] == 16
+    assert log[2]["keys_per_split"] % 16 == 0 and log[2]["splits"] * log[2]["keys_per_split"] >= n
+    with da.recording() as outside:
+        pass
+    decode_attention(q, caches["bf16"].k, caches["bf16"].v, "bf16", n, D ** -0.5, Hkv)
+    assert outside == [] and da._launch_log is None       # nothing recorded outside a block

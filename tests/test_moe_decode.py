@@ -269,6 +269,34 @@ def test_bench_flags_a_variant_whose_setting_was_not_applied():
     differs = {"cuda_graph": {"settings": dict(applied, rope_append=True)}}
     mod.mark_same_step(differs, on, {"KVBENCH_DECODE_ROPE_APPEND": "1"}, "default")
     assert "same_step_as" not in differs["cuda_graph"]
-    tiles = {"cuda_graph": {"settings": dict(applied)}}            # not a decode setting: tiles may differ
+    tiles = {"cuda_graph": {"settings": dict(applied)}}            # a tile variable with no launches recorded: not marked
     mod.mark_same_step(tiles, on, {"KVBENCH_DECODE_BLOCK_N": "64"}, "default")
     assert "same_step_as" not in tiles["cuda_graph"]
+
+
+def test_bench_marks_a_kernel_tunable_that_changed_no_launch():
+    """A variant setting only an attention-kernel tunable is compared on the step's recorded
+    launches: the same launches as the first variant (the variable not taken, or resolving to
+    the default) is SAME STEP; a different launch is a real variant."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_moe_decode.py"
+    spec = importlib.util.spec_from_file_location("bench_moe_decode_kernel", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    launch = {"kernel": "_decode_q8_rows_kernel", "block_n": 64, "layers": 30}
+    flags = {"fused_gemv": True, "rope_append": True}
+    first = {"cuda_graph": {"settings": dict(flags, attn_launches=[launch])}}
+    same = {"cuda_graph": {"settings": dict(flags, attn_launches=[dict(launch)])}}
+    mod.mark_same_step(same, first, {"KVBENCH_DECODE_BLOCK_N": "64"}, "default")
+    assert same["cuda_graph"]["same_step_as"] == "default"
+    other = {"cuda_graph": {"settings": dict(flags, attn_launches=[dict(launch, block_n=32)])}}
+    mod.mark_same_step(other, first, {"KVBENCH_DECODE_BLOCK_N": "32"}, "default")
+    assert "same_step_as" not in other["cuda_graph"]
+    unrelated = {"cuda_graph": {"settings": dict(flags, attn_launches=[dict(launch)])}}
+    mod.mark_same_step(unrelated, first, {"KVBENCH_DECODE_READBACK": "4"}, "default")   # not a step setting
+    assert "same_step_as" not in unrelated["cuda_graph"]
+    full = dict(launch, num_stages=3, num_warps=4, splits=88)
+    assert mod.launches_text({"settings": {"attn_launches": [full]}}) == \
+        "; attention decode_q8_rows_kernel 64x3st 4w 88 splits (30 layers)"
+    assert mod.launches_text({"settings": {}}) == ""

@@ -76,6 +76,10 @@ def test_static_decode_matches_eager(kv, triton_backend):
     assert eng.pos == len(PROMPT) + 4
     assert (got - ref).abs().max().item() < 1e-4
     assert torch.equal(got.argmax(-1), ref.argmax(-1))
+    # what the step's attention ran is recorded: one launch per layer, q8_0 through its own kernel
+    launches = eng._static.attn_launches
+    assert sum(x["layers"] for x in launches) == eng.spec.n_layers
+    assert {x["kernel"] for x in launches} == {"_decode_q8_rows_kernel" if kv == "q8_0" else "_decode_split_kernel"}
 
 
 def test_static_generate_equals_eager(triton_backend):
