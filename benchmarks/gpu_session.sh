@@ -131,6 +131,10 @@ for step in $steps; do
             python3 -m pytest -q -p no:cacheprovider tests/test_rope_append.py 2>&1 | tail -2 | tee "$OUT/newk-tests.log"
             python3 -m pytest -q -p no:cacheprovider -k "combine or short_depth or q8_decode or decode_kernel_matches or launch_config" tests/test_kernels.py 2>&1 | tail -2 | tee -a "$OUT/newk-tests.log"
             python3 -m pytest -q -m gpu -k settings_on_match_off -p no:cacheprovider tests/test_static_decode.py 2>&1 | tail -2 | tee -a "$OUT/newk-tests.log" ;;
+    loadprof) # where coder30b-synth's load goes (issue 14: <= 20 s; 21.9 s in reports/h200-2026-12-04c)
+            python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
+            python3 benchmarks/profile_load.py --model coder30b-synth --device cuda --top 30 \
+              --out "$OUT/load_profile.json" 2>&1 | tee "$OUT/load-profile.log" | tail -35 ;;
     q8test) # q8_0's decode kernels compiled, every form, with each form's error printed
             python3 -m pytest -q -s -p no:cacheprovider -k "q8_decode_kernel_across or decode_kernel_matches" tests/test_kernels.py 2>&1 | grep -v "^\s*$" | tail -60 | tee "$OUT/q8-tests.log" ;;
     smolprof) # where the dense (SmolLM2-geometry) captured decode step's time goes: profile + timing
