@@ -182,8 +182,6 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
                  for bn, pps in itertools.product([32, 64], [2, 4])]
         grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "batched"}
                  for bn, pps, w, st in ((64, 4, 2, 2), (32, 4, 2, 2), (64, 2, 4, 3))]   # the form it replaced
-        grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "int8"}
-                 for bn, pps, w, st in itertools.product([32, 64, 128], [2, 4], [4, 8], [2, 3])]
         grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_terms": t}
                  for pps in (2, 4) for t in ((1, 1), (1, 2), (2, 1))]
     for cfg in grid:

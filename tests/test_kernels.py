@@ -104,7 +104,7 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     k, v = dequant(cache)
     assert_close(f"ref-vs-oracle decode {fmt}", oracle(q[None], k, v, T - 1, scale)[0], ref, 1e-5)
     for cfg in ({"block_n": 16}, {"block_n": 32, "q8_kernel": False},    # several splits, every q8_0 path
-                {"block_n": 16, "q8_impl": "batched"}, {"block_n": 32, "q8_impl": "int8"}):
+                {"block_n": 16, "q8_impl": "batched"}):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
 
@@ -164,7 +164,7 @@ def test_decode_at_a_short_depth_in_a_long_buffer(fmt, triton_backend):
 
 @pytest.mark.parametrize("D", [64, 128])
 def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_backend):
-    """q8_0's own decode kernels (split layout; block rows on float16 or int8 dots, per-block batched float16 dots): its two-term
+    """q8_0's own decode kernels (split layout; block rows on float16 dots, per-block batched float16 dots): its two-term
     float16 splits keep float32 fidelity whatever the magnitudes (q heads 1e-3..1e2, K tokens
     1e-3..10, V blocks 1e-2..1e4, an all-zero V block), with the combine fused or not, and the
     device-position launch of a CUDA graph (splits over the whole buffer, the empty ones
@@ -202,7 +202,7 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
     pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
     bad = []
     for cfg in ({"block_n": 16}, {"block_n": 32, "fuse_combine": True}, {"block_n": 16, "q8_impl": "batched"},
-                {"block_n": 32, "q8_impl": "int8"}, {"block_n": 64}, {"block_n": 128, "num_stages": 2}):
+                {"block_n": 64}, {"block_n": 128, "num_stages": 2}):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)
         print(f"q8_0 kernel {cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")
@@ -385,11 +385,11 @@ def test_decode_launch_config_reads_tile_variables_when_called(monkeypatch):
     assert da.resolved_config("bf16", "bf16", 64)["num_warps"] == da.FORMAT_CONFIG["bf16"]["num_warps"]
     monkeypatch.setenv("KVBENCH_DECODE_BLOCK_N", "16")
     monkeypatch.setenv("KVBENCH_DECODE_PROGRAMS_PER_SM", "5")
-    monkeypatch.setenv("KVBENCH_DECODE_Q8_IMPL", "int8")
+    monkeypatch.setenv("KVBENCH_DECODE_Q8_IMPL", "batched")
     monkeypatch.setenv("KVBENCH_DECODE_Q8_KERNEL", "0")
     monkeypatch.setenv("KVBENCH_DECODE_FUSE", "1")
     got = da.resolved_config("q8_0", "q8_0", 64)
-    assert (got["block_n"], got["programs_per_sm"], got["q8_impl"]) == (16, 5, "int8")
+    assert (got["block_n"], got["programs_per_sm"], got["q8_impl"]) == (16, 5, "batched")
     assert (got["q8_kernel"], got["fuse_combine"]) == (False, True)
     assert da.resolved_config("q8_0", "q8_0", 64, {"block_n": 32})["block_n"] == 32   # cfg= over all
 

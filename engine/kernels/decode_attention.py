@@ -11,11 +11,10 @@ caches (the split layout of ``engine.kernels.q8_layout``: int8 quants and fp16 s
 arrays) have their own kernel: vector loads of each head's contiguous quants, the quants turned
 into exact float16 in registers (no int->float conversion), and dots in which a block's scale
 multiplies a dot's result and never enters it, against a two-term float16 split of q and of p
-times the V scales, accumulated in float32. Three forms (``q8_impl``, setting
+times the V scales, accumulated in float32. Two forms (``q8_impl``, setting
 ``KVBENCH_DECODE_Q8_IMPL``): ``rows`` (default) makes each (query head, block) pair a row of
 one 2-D [G*NB, D] operand, zero outside its block, so plain 2-D dots give every block's partial
-product; ``int8`` is the same on int8 tensor cores (the quants enter the dots as stored, q and
-p*dv as three int8 terms each, exact int32 sums); ``batched`` makes the block a batch axis of
+product; ``batched`` makes the block a batch axis of
 3-D dots (Triton lowers those poorly: ~0.8 TB/s on the H200). ``cfg={"q8_kernel": False}`` reads q8_0 through the generic kernel
 instead (dequantized to float32 tiles, tf32x3 dots).
 Sliding windows (``window``) and ring buffers (``ring_rows``, ``engine.kv_ring``) are read by
@@ -374,102 +373,6 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
 
 
 @triton.jit
-def _i8_terms(x):
-    """float32 x with |x| <= 127 -> three int8 terms with x ~= t1 + t2/254 + t3/254^2 (the
-    remainder is below 0.5/254^2 = 2^-17 of one unit: ~2^-24 of 127), exactly representable
-    products for int8 tensor-core dots."""
-    t1 = tl.floor(x + 0.5)
-    r = (x - t1) * 254.0
-    t2 = tl.floor(r + 0.5)
-    t3 = tl.floor((r - t2) * 254.0 + 0.5)
-    return t1.to(tl.int8), t2.to(tl.int8), t3.to(tl.int8)
-
-
-@triton.jit
-def _dot3_i8(t1, t2, t3, b):
-    """(t1 + t2/254 + t3/254^2) @ b for int8 operands: three exact int32 dots, summed in float32."""
-    d1 = tl.dot(t1, b, out_dtype=tl.int32).to(tl.float32)
-    d2 = tl.dot(t2, b, out_dtype=tl.int32).to(tl.float32)
-    d3 = tl.dot(t3, b, out_dtype=tl.int32).to(tl.float32)
-    return d1 + (d2 + d3 * (1.0 / 254.0)) * (1.0 / 254.0)
-
-
-@triton.jit
-def _decode_q8_int8_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
-                           n_keys, keys_per_split, n_splits, qk_scale,
-                           HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                           NB: tl.constexpr, BLOCK_N: tl.constexpr,
-                           Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
-                           S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
-    # The block-row form (``_decode_q8_rows_kernel``) on int8 tensor cores: the quants go into
-    # the dots as stored (no conversion, so the loads can feed shared memory directly), and the
-    # float32 operands (q rows, p * dv rows) become three int8 terms each after per-row
-    # normalisation to 127 (``_i8_terms``: ~2^-24 relative, the float32 rounding of the exact
-    # path). Int32 accumulation is exact (|dot| <= BLOCK_N * 127^2 < 2^24 for BLOCK_N <= 1024).
-    # Q_TERMS / P_TERMS are unused (always three terms); kept for one launch signature.
-    M: tl.constexpr = G_PAD * NB
-    RQ: tl.constexpr = HKV * D
-    RS: tl.constexpr = HKV * NB
-    h = tl.program_id(0)
-    sp = tl.program_id(1)
-    if DEV_POS:
-        n_keys = tl.load(POS).to(tl.int32) + 1
-    if not FUSE:                        # a split past the keys: the combine never reads it
-        if sp * keys_per_split >= n_keys:
-            return
-    orow = tl.arange(0, M)
-    rg = orow // NB
-    rb = orow % NB
-    od = tl.arange(0, D)
-    inblk = (od[None, :] // QK) == rb[:, None]                                        # [M, D]
-    q = tl.load(Q + (h * G + rg)[:, None] * D + od[None, :], mask=(rg < G)[:, None] & inblk,
-                other=0.0) * qk_scale                                                 # log2 domain
-    qn = tl.max(tl.abs(q), axis=1)                                                    # [M] row max
-    qn = tl.where(qn > 0, qn, 1.0)
-    q1, q2, q3 = _i8_terms(q * (127.0 / qn)[:, None])
-    qn_r = qn * (1.0 / 127.0)
-    kcol = h * D + od
-    scol = h * NB + tl.arange(0, NB)
-    lo = sp * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, n_keys)
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([M, D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < hi
-        rows = offs_n.to(tl.int64)
-        kq = tl.load(KQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D] int8
-        dk = tl.load(KS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0)  # [NB, BN]
-        sb = _dot3_i8(q1, q2, q3, tl.trans(kq)) * qn_r[:, None]                               # [M, BN]
-        s = tl.sum(tl.reshape(sb, [G_PAD, NB, BLOCK_N]) * dk.to(tl.float32)[None, :, :], axis=1)
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l = l * alpha + tl.sum(p, axis=1)
-        vq = tl.load(VQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D] int8
-        dv = tl.load(VS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0).to(tl.float32)
-        pb = tl.reshape(p[:, None, :] * dv[None, :, :], [M, BLOCK_N])                        # row (g, b)
-        pr = tl.max(pb, axis=1)
-        pr = tl.where(pr > 0, pr, 1.0)
-        p1, p2, p3 = _i8_terms(pb * (127.0 / pr)[:, None])
-        pv = _dot3_i8(p1, p2, p3, vq) * (pr * (1.0 / 127.0))[:, None]                       # [M, D]
-        alpha_r = tl.reshape(tl.broadcast_to(alpha[:, None], [G_PAD, NB]), [M])
-        acc = acc * alpha_r[:, None] + pv
-        m = m_new
-    og = tl.arange(0, G_PAD)
-    gmask = og < G
-    o = (h * G + og) * n_splits + sp
-    tl.store(M_OUT + o, m, mask=gmask)
-    tl.store(L_OUT + o, l, mask=gmask)
-    out = tl.sum(tl.reshape(tl.where(inblk, acc, 0.0), [G_PAD, NB, D]), axis=1)
-    tl.store(ACC_OUT + o[:, None] * D + od[None, :], out, mask=gmask[:, None])
-    if FUSE:
-        _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
-
-
-@triton.jit
 def _combine_head(M_IN, L_IN, ACC_IN, OUT, hq, n_splits, D: tl.constexpr, S_PAD: tl.constexpr,
                   BLOCK_S: tl.constexpr, n_used):
     """out[hq] = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m) over the splits.
@@ -609,16 +512,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D) and window is None:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
-        if cfg["q8_impl"] not in ("rows", "batched", "int8"):
-            raise ValueError(f"q8_impl must be 'rows', 'batched' or 'int8', not {cfg['q8_impl']!r}")
-        rows_form = cfg["q8_impl"] in ("rows", "int8")
-        kern = {"rows": _decode_q8_rows_kernel, "int8": _decode_q8_int8_kernel,
-                "batched": _decode_q8_kernel}[cfg["q8_impl"]]
+        if cfg["q8_impl"] not in ("rows", "batched"):
+            raise ValueError(f"q8_impl must be 'rows' or 'batched', not {cfg['q8_impl']!r}")
+        rows_form = cfg["q8_impl"] == "rows"
+        kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel}[cfg["q8_impl"]]
         g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
         terms = {"Q_TERMS": cfg["q8_terms"][0], "P_TERMS": cfg["q8_terms"][1]}
-        if cfg["q8_impl"] == "int8" and (cfg["block_n"] < 32 or cfg["block_n"] > 1024):
-            raise ValueError(f"q8_impl 'int8' needs 32 <= block_n <= 1024 (int8 dots take K >= 32; "
-                             f"int32 sums stay exact in float32), got {cfg['block_n']}")
         if _launch_log is not None:
             _launch_log.append({"kernel": kern.__name__, "block_n": cfg["block_n"], "num_warps": cfg["num_warps"],
                                 "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
