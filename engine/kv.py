@@ -253,11 +253,12 @@ class LayerKV(CacheObservables):
         kv_append_at(self.k, self.v, k, v, self.k_format, self.v_format, pos)
 
     def rope_write_at(self, pos: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      n_heads: int, kind: str) -> torch.Tensor:
+                      n_heads: int, kind: str, head_norm=None) -> torch.Tensor:
         """RoPE and ``write_at`` in one launch from the fused projection row ``qkv``: stores k
-        rotated and v at ``pos``, returns q [1, Hq, D] rotated (``kv_append.rope_append_at``)."""
+        rotated and v at ``pos``, returns q [1, Hq, D] rotated (``kv_append.rope_append_at``; ``head_norm``: (q_norm, k_norm, eps), per-head norms first)."""
         return rope_append_at(qkv, cos, sin, pos, self.k, self.v, self.k_format, self.v_format, n_heads,
-                              self.n_kv_heads, self.head_dim, kind)
+                              self.n_kv_heads, self.head_dim, kind,
+                              head_norm=head_norm)
 
     def attend_at(self, q: torch.Tensor, pos: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
         """``attend`` for one query row [1, Hq, D] at the position held by ``pos`` (``window``:

@@ -161,10 +161,11 @@ class RingKV(CacheObservables):
         kv_append_at(self.k, self.v, k, v, self.k_format, self.v_format, pos, ring_rows=self.rows)
 
     def rope_write_at(self, pos: torch.Tensor, qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                      n_heads: int, kind: str) -> torch.Tensor:
+                      n_heads: int, kind: str, head_norm=None) -> torch.Tensor:
         """``LayerKV.rope_write_at`` into row pos % rows (held prefill K/V stored first: ``flush``)."""
         return rope_append_at(qkv, cos, sin, pos, self.k, self.v, self.k_format, self.v_format, n_heads,
-                              self.n_kv_heads, self.head_dim, kind, ring_rows=self.rows)
+                              self.n_kv_heads, self.head_dim, kind, ring_rows=self.rows,
+                              head_norm=head_norm)
 
     def attend_at(self, q: torch.Tensor, pos: torch.Tensor, scale: float, window: int | None = None) -> torch.Tensor:
         """``attend`` for one query row [1, Hq, D] at the position held by ``pos``: the window's

@@ -573,7 +573,8 @@ class Transformer:
     def rope_append_layers(self, device, caches) -> list[bool]:
         """Per layer: does ``decode_at(rope_append=True)`` rotate q/k and append K/V in one launch
         (``engine.kernels.kv_append.rope_append_at``)? Layers through the gemv kernel (their
-        fused q/k/v row), models without q/k norms (they sit between projection and RoPE),
+        fused q/k/v row), models without q/k norms or with per-head ones (float32 [head_dim]
+        weights: the launch norms each head first; a "full" norm spans heads and stays out),
         caches that have ``rope_write_at``, and whole q8_0 blocks per head where a buffer is q8_0."""
         s = self.spec
         gemv_on = self.fused_gemv_layers(device)
@@ -581,9 +582,17 @@ class Transformer:
         for i, c in enumerate(caches):
             q8_fits = all(f != "q8_0" or s.head_dim % 32 == 0 for f in (getattr(c, "k_format", None),
                                                                       getattr(c, "v_format", None)))
-            ok.append(bool(gemv_on[i] and s.qk_norm == "none" and hasattr(c, "rope_write_at")
+            ok.append(bool(gemv_on[i] and self._rope_append_norm_ok(self.layers[i]) and hasattr(c, "rope_write_at")
                            and s.rope_type in ("neox", "norm") and not s.head_dim & (s.head_dim - 1) and q8_fits))
         return ok
+
+    def _rope_append_norm_ok(self, w) -> bool:
+        """The rope+append launch can take this layer's q/k norms: none, or per head in float32."""
+        s = self.spec
+        if s.qk_norm == "none":
+            return True
+        return s.qk_norm == "head" and all(t is not None and t.dtype == torch.float32 and tuple(t.shape) == (s.head_dim,)
+                                           for t in (w.q_norm, w.k_norm))
 
     def _dense_gemv(self, w) -> bool:
         """A dense FFN layer whose whole post-attention part runs through the gemv kernel."""
@@ -644,7 +653,8 @@ class Transformer:
             w, rope = self.layers[i], self._rope(x.device, s.rope_base_of(i))
             if rope_on[i]:                               # RoPE + K/V append: one launch
                 qkv = gemv(x, w.wqkv, "rms", g=w.attn_norm, eps=s.rms_eps)
-                q = caches[i].rope_write_at(pos, qkv, rope.cos, rope.sin, s.n_heads, s.rope_type)
+                q = caches[i].rope_write_at(pos, qkv, rope.cos, rope.sin, s.n_heads, s.rope_type,
+                                            head_norm=None if s.qk_norm == "none" else (w.q_norm, w.k_norm, s.rms_eps))
             else:
                 if gemv_on[i]:
                     qkv = gemv(x, w.wqkv, "rms", g=w.attn_norm, eps=s.rms_eps)

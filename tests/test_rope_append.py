@@ -107,3 +107,38 @@ def test_rope_append_rejects_what_it_cannot_apply(triton_backend):
         rope_append_at(torch.zeros(1, 5 * 64, device=DEV), *args, 2, 2, 64, "neox")
     with pytest.raises(ValueError, match="power-of-two"):
         rope_append_at(torch.zeros(1, 6 * 48, device=DEV), *args, 2, 2, 48, "neox")
+
+
+@pytest.mark.parametrize("kind", ["neox", "norm"])
+@pytest.mark.parametrize("k_fmt,v_fmt", [("fp32", "fp32"), ("bf16", "bf16"), ("q8_0", "q8_0")])
+def test_rope_append_with_head_norms_matches_norm_rotate_append(kind, k_fmt, v_fmt, triton_backend):
+    """qk_norm "head" (Qwen3): each q and k head RMS-normed with its weights, then rotated and
+    appended, in the one launch; against engine.model.rms_norm, rotate and kv_append_ref. The
+    norm's sum runs in another order than torch's mean, so values are held to a few ulps and
+    the stored K to one step of its format (v is untouched by the norm: bytes equal)."""
+    from engine.model import rms_norm
+    hq, hkv, d, pos, n, eps = 4, 2, 64, 11, 16, 1e-6
+    gen = torch.Generator().manual_seed(5)
+    qkv = torch.randn(1, (hq + 2 * hkv) * d, generator=gen) * 3
+    qn, kn = torch.rand(d, generator=gen) + 0.5, torch.rand(d, generator=gen) + 0.5
+    rope = Rope(d, 10000.0, kind, 32, device="cpu")
+    kb, vb = alloc_kv(n, hkv, d, k_fmt, DEV), alloc_kv(n, hkv, d, v_fmt, DEV)
+    q = rope_append_at(qkv.to(DEV), rope.cos.to(DEV), rope.sin.to(DEV), torch.tensor([pos], device=DEV), kb, vb,
+                       k_fmt, v_fmt, hq, hkv, d, kind, head_norm=(qn.to(DEV), kn.to(DEV), eps))
+    c, s = rope.cos[pos:pos + 1, None, :], rope.sin[pos:pos + 1, None, :]
+    q_ref = rotate(rms_norm(qkv[:, :hq * d].view(1, hq, d), qn, eps), c, s, kind)
+    k_ref = rotate(rms_norm(qkv[:, hq * d:(hq + hkv) * d].view(1, hkv, d), kn, eps), c, s, kind)
+    v_ref = qkv[:, (hq + hkv) * d:].view(1, hkv, d)
+    assert (q.cpu() - q_ref).abs().max().item() <= 8 * 2 ** -23 * q_ref.abs().max().item()
+    kr, vr = alloc_kv(n, hkv, d, k_fmt), alloc_kv(n, hkv, d, v_fmt)
+    kv_append_ref(kr, pos, k_ref, k_fmt)
+    kv_append_ref(vr, pos, v_ref, v_fmt)
+    g, w = _dequant(kb, k_fmt, hkv, d), _dequant(kr, k_fmt, hkv, d)
+    step = {"fp32": 2 ** -20, "bf16": 2 ** -7, "q8_0": 1 / 64}[k_fmt]
+    assert ((g - w).abs() <= step * w.abs().amax() + 1e-30).all()
+    assert torch.equal(to_ggml_bytes(vb, v_fmt, hkv, d).cpu(), to_ggml_bytes(vr, v_fmt, hkv, d))
+    # without the norms the same launch gives a different q: the norms were applied
+    kb2, vb2 = alloc_kv(n, hkv, d, k_fmt, DEV), alloc_kv(n, hkv, d, v_fmt, DEV)
+    q_plain = rope_append_at(qkv.to(DEV), rope.cos.to(DEV), rope.sin.to(DEV), torch.tensor([pos], device=DEV),
+                             kb2, vb2, k_fmt, v_fmt, hq, hkv, d, kind)
+    assert (q_plain.cpu() - q_ref).abs().max().item() > 0.1

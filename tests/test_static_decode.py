@@ -302,10 +302,11 @@ def _static_run(eng, monkeypatch, on: bool, n_logits=1, n_greedy=3):
     sd = eng._static
     assert (sd.fused_qkv, sd.route_kernel, sd.device_embed, sd.fused_gate_up) == (on, on, on, on)
     assert sd.fused_gemv == on          # applied: every tiny model has f32 wqkv and Triton runs
-    # RoPE + append in one launch: models without q/k norms only (and whole q8_0 blocks per head)
+    # RoPE + append in one launch: models without q/k norms or with per-head ones (and whole q8_0 blocks per head)
     assert sd.rope_append == (on and any(eng.model.rope_append_layers(eng.device, eng.caches)))
-    assert sd.rope_append == (on and eng.spec.qk_norm == "none" and eng.spec.head_dim & (eng.spec.head_dim - 1) == 0)
-    if eng.spec.arch == "llama":          # tiny-llama has no q/k norms: the fused launch must run
+    assert sd.rope_append == (on and eng.spec.qk_norm in ("none", "head")
+                              and eng.spec.head_dim & (eng.spec.head_dim - 1) == 0)
+    if eng.spec.arch in ("llama", "qwen3moe"):   # no q/k norms / per-head ones: the fused launch must run
         assert sd.rope_append == on
     tokens = eng.decode_greedy(int(logits[-1].argmax()), n_greedy)
     return logits, tokens, eng.pos

@@ -124,12 +124,15 @@ def _kv_append_pair_kernel(XK, XV, OK, OKS, OV, OVS, POS, n_cols, stride_xk, str
 
 @triton.jit
 def _rope_append_kernel(QKV, COS, SIN, POS, QOUT, OK, OKS, OV, OVS, stride_ok, stride_oks, stride_ov, stride_ovs,
+                        QN, KN, eps,
                         HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr,
                         KFMT: tl.constexpr, VFMT: tl.constexpr,
                         K_SCALE_BF16: tl.constexpr = False, K_SCALE_SHIFT: tl.constexpr = False,
                         V_SCALE_BF16: tl.constexpr = False, V_SCALE_SHIFT: tl.constexpr = False,
-                        RING: tl.constexpr = 0):
+                        RING: tl.constexpr = 0, HEAD_NORM: tl.constexpr = False):
     # grid: (HQ + 2 * HKV,): program h takes head h of the row [q heads | k heads | v heads].
+    # HEAD_NORM: q and k heads are RMS-normed per head first (qk_norm "head": Qwen3), with the
+    # weights QN / KN [D]: x * rsqrt(mean(x^2) + eps) * w, engine.model.rms_norm's maths.
     h = tl.program_id(0)
     HALF: tl.constexpr = D // 2
     d = tl.arange(0, D)
@@ -148,6 +151,12 @@ def _rope_append_kernel(QKV, COS, SIN, POS, QOUT, OK, OKS, OV, OVS, stride_ok, s
             first = (d % 2) == 0
             j = d // 2
         xp = tl.load(QKV + h * D + partner).to(tl.float32)
+        if HEAD_NORM:
+            r = tl.rsqrt(tl.sum(x * x, axis=0) / D + eps)
+            if h < HQ:
+                x, xp = x * r * tl.load(QN + d), xp * r * tl.load(QN + partner)
+            else:
+                x, xp = x * r * tl.load(KN + d), xp * r * tl.load(KN + partner)
         c = tl.load(COS + p * HALF + j)
         sn = tl.load(SIN + p * HALF + j)
         # first of a pair: x1 cos - x2 sin; second: x2 cos + x1 sin (x = own value, xp = partner's)
@@ -258,13 +267,15 @@ def kv_append_at(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: t
 
 def rope_append_at(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos: torch.Tensor,
                    k_buf: torch.Tensor, v_buf: torch.Tensor, k_fmt: str, v_fmt: str, n_heads: int,
-                   n_kv_heads: int, head_dim: int, kind: str, ring_rows: int | None = None) -> torch.Tensor:
+                   n_kv_heads: int, head_dim: int, kind: str, ring_rows: int | None = None,
+                   head_norm: tuple[torch.Tensor, torch.Tensor, float] | None = None) -> torch.Tensor:
     """RoPE and the K/V append of one decode token in one launch (Triton, position on the
     device). ``qkv`` [1, (n_heads + 2 n_kv_heads) head_dim] float32 or bfloat16, contiguous;
     ``cos``/``sin`` [positions, head_dim / 2] float32 tables (``engine.model.Rope``), which must
     cover the position; ``kind`` "neox" or "norm". Returns q [1, n_heads, head_dim] float32
     rotated; stores k rotated and v into row ``pos`` (``% ring_rows``) of the buffers in their
-    formats, the bytes ``kv_append`` writes for the same float32 rows."""
+    formats, the bytes ``kv_append`` writes for the same float32 rows. ``head_norm`` (q_norm,
+    k_norm float32 [head_dim], eps): each q and k head RMS-normed before RoPE (qk_norm "head")."""
     if not use_triton(k_buf.device):
         raise ValueError("rope_append_at needs the Triton backend")
     if kind not in ("neox", "norm"):
@@ -277,12 +288,18 @@ def rope_append_at(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
         raise ValueError(f"rope_append_at: qkv must be a contiguous [1, {n}] row, got {tuple(qkv.shape)}")
     if cos.shape[-1] != D // 2 or sin.shape != cos.shape or cos.dtype != torch.float32:
         raise ValueError(f"rope_append_at: cos/sin must be float32 [positions, {D // 2}]")
+    if head_norm is not None:
+        qn, kn, eps = head_norm
+        if qn.shape != (D,) or kn.shape != (D,) or qn.dtype != torch.float32 or kn.dtype != torch.float32:
+            raise ValueError(f"rope_append_at: head norm weights must be float32 [{D}]")
+    else:
+        qn, kn, eps = cos, cos, 0.0              # unread (HEAD_NORM off)
     ok, oks, sks, _ = _out(k_buf, None, 1, n_kv_heads, D, k_fmt, pos)
     ov, ovs, svs, _ = _out(v_buf, None, 1, n_kv_heads, D, v_fmt, pos)
     q = torch.empty(1, n_heads, D, device=qkv.device, dtype=torch.float32)
     _rope_append_kernel[(n_heads + 2 * n_kv_heads,)](
-        qkv, cos, sin, pos, q, ok, oks, ov, ovs, ok.stride(0), sks, ov.stride(0), svs,
-        HQ=n_heads, HKV=n_kv_heads, D=D, NEOX=kind == "neox",
+        qkv, cos, sin, pos, q, ok, oks, ov, ovs, ok.stride(0), sks, ov.stride(0), svs, qn, kn, float(eps),
+        HQ=n_heads, HKV=n_kv_heads, D=D, NEOX=kind == "neox", HEAD_NORM=head_norm is not None,
         KFMT=KV_FORMAT_CODES[k_fmt], VFMT=KV_FORMAT_CODES[v_fmt],
         K_SCALE_BF16=k_fmt == "q8_0" and planted("q8_scale_bf16"),
         K_SCALE_SHIFT=k_fmt == "q8_0" and planted("q8_scale_shift"),
