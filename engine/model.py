@@ -317,11 +317,6 @@ def decode_post_attention_moe(s: ModelSpec, x, o, wo, post_attn_norm, ffn_norm, 
     return x, h, top_p[0], top_e[0]
 
 
-def decode_norm(s: ModelSpec, x, w):
-    """``rms_norm`` at the spec's eps (one compiled kernel in the fused-gemv MoE step)."""
-    return rms_norm(x, w, s.rms_eps)
-
-
 def decode_post_attention_moe_logits(s: ModelSpec, x, o, wo, post_attn_norm, ffn_norm, router):
     """``decode_post_attention_moe`` up to the router logits: (x, h, logits [1, E] float32);
     softmax and top-k then run in ``engine.kernels.route`` (outside the compiled function)."""
@@ -522,12 +517,12 @@ class Transformer:
         return x.float()
 
     def _decode_functions(self, compiled: bool):
-        """(pre, post, head, post_moe, post_moe_logits, embed): the step's maths as partials over
+        """(pre, post, head, post_moe, post_moe_logits, embed, qkv_rope): the step's maths as partials over
         the spec, through ``torch.compile`` when ``compiled`` (built once per mode)."""
         if self._decode_fns is None or self._decode_fns[0] != compiled:
             fns = [functools.partial(f, self.spec) for f in (
                 decode_pre_attention, decode_post_attention, decode_head, decode_post_attention_moe,
-                decode_post_attention_moe_logits, decode_embed, decode_qkv_rope, decode_norm)]
+                decode_post_attention_moe_logits, decode_embed, decode_qkv_rope)]
             if compiled:
                 _allow_recompiles()
                 fns = [torch.compile(f, dynamic=False, fullgraph=True) for f in fns]
@@ -639,7 +634,7 @@ class Transformer:
             route_kernel = bool(settings.get("KVBENCH_DECODE_ROUTE_KERNEL"))
         if fused_gemv is None:
             fused_gemv = bool(settings.get("KVBENCH_DECODE_FUSED_GEMV"))
-        pre, post, _, post_moe, post_moe_logits, _, qkv_rope, norm = self._decode_functions(compiled)
+        pre, post, _, post_moe, post_moe_logits, _, qkv_rope = self._decode_functions(compiled)
         run = self._moe_kernel(x.device)
         route = self._route_kernel(x.device) if route_kernel else None
         gemv_on = self.fused_gemv_layers(x.device) if fused_gemv and fused_qkv else [False] * s.n_layers
@@ -681,10 +676,10 @@ class Transformer:
                 x, h, top_p, top_e = post_moe(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.router)
             elif gemv_on[i] and self._moe_gemv(w):
                 # output projection + residual, then the router over the normed x with the same
-                # norm fused in (h itself, the experts' input, from one compiled kernel)
+                # norm fused in; the router's launch also writes h, the normed x (the experts' input)
                 x = gemv(o.reshape(1, s.q_dim), w.wo, residual=x)
-                logits = gemv(x, w.router, "rms", g=w.ffn_norm, eps=s.rms_eps)
-                h = norm(x, w.ffn_norm)
+                h = torch.empty_like(x)
+                logits = gemv(x, w.router, "rms", g=w.ffn_norm, eps=s.rms_eps, norm_out=h)
                 top_p, top_e = route(logits[0], s.n_experts_used, s.moe_norm_topk)
             else:
                 x, h, logits = post_moe_logits(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.router)

@@ -82,6 +82,31 @@ def test_gemv_matches_oracle_and_reference(dtype, prologue, residual, N, K, tile
         assert same >= 0.9, f"only {same:.0%} of outputs equal the torch reference"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gemv_norm_out_is_the_normed_input(dtype, monkeypatch):
+    """``norm_out``: the rms prologue's normed input written once beside the product (a MoE
+    layer's expert input), equal to a float64 rms_norm to float32 rounding, and the product
+    itself bit-equal to the launch without it."""
+    monkeypatch.setenv("KVBENCH_GEMV_BLOCK_N", "4")
+    monkeypatch.setenv("KVBENCH_GEMV_BLOCK_K", "64")
+    gen = torch.Generator().manual_seed(3)
+    N, K, eps = 24, 200, 1e-6
+    w = torch.randn(N, K, generator=gen).to(dtype).to(DEV)
+    x = (torch.randn(1, K, generator=gen) * 3).to(DEV)
+    g = (torch.rand(K, generator=gen) + 0.5).to(DEV)
+    h = torch.full((1, K), float("nan"), device=DEV)
+    y = gemv(x, w, "rms", g=g, eps=eps, norm_out=h)
+    xd = x.double().cpu().reshape(-1)
+    want = xd * torch.rsqrt(xd.pow(2).mean() + eps) * g.double().cpu()
+    assert torch.isfinite(h).all()
+    assert ((h.double().cpu().reshape(-1) - want).abs() <= 4 * ULP[torch.float32] * want.abs() + 1e-30).all()
+    assert torch.equal(y, gemv(x, w, "rms", g=g, eps=eps))
+    with pytest.raises(ValueError, match="norm_out"):
+        gemv(x, w, "none", norm_out=h)
+    with pytest.raises(ValueError, match="norm_out"):
+        gemv(x, w, "rms", g=g, norm_out=torch.zeros(1, K - 1, device=DEV))
+
+
 def test_gemv_rejects_bad_shapes():
     w = torch.zeros(8, 16)
     with pytest.raises(ValueError, match="prologue"):

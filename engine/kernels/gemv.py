@@ -49,9 +49,9 @@ def _round_bf16(v):
 
 
 @triton.jit
-def _gemv_kernel(X, W, Y, G, R, N, stride_w, eps, K: tl.constexpr,
+def _gemv_kernel(X, W, Y, G, R, H, N, stride_w, eps, K: tl.constexpr,
                  PRO: tl.constexpr, RES: tl.constexpr, NARROW: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HOUT: tl.constexpr = False):
     # K is a compile-time constant and the K loops unroll (tl.static_range): every weight
     # load of a program can be in flight at once (a decode GEMV is bound by memory latency)
     pid = tl.program_id(0)
@@ -83,6 +83,9 @@ def _gemv_kernel(X, W, Y, G, R, N, stride_w, eps, K: tl.constexpr,
             xv = tl.load(X + c, mask=cm, other=0.0)
             if PRO == 1:
                 xv = xv * inv * tl.load(G + c, mask=cm, other=0.0)
+                if HOUT:                           # the normed input itself, once (program 0)
+                    if pid == 0:
+                        tl.store(H + c, xv, mask=cm)
         if NARROW:
             xv = _round_bf16(xv)
         wv = tl.load(W + rows[:, None] * stride_w + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
@@ -148,9 +151,17 @@ def block_k(k: int) -> int:
 
 
 def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tensor | None = None,
-         eps: float = 0.0, residual: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
-    """The Triton launch (interpreted on CPU); see the module docstring."""
+         eps: float = 0.0, residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+         norm_out: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton launch (interpreted on CPU); see the module docstring. ``norm_out`` (prologue
+    ``"rms"`` only): a float32 tensor of K values that also receives the normed input
+    ``x * rsqrt(mean(x^2) + eps) * g`` (unrounded), so a caller that needs it (a MoE layer's
+    experts, after the router's product) has no norm launch of its own."""
     _check(x, w, prologue, g, residual)
+    if norm_out is not None and (prologue != "rms" or norm_out.dtype != torch.float32
+                                 or norm_out.numel() != w.shape[1] or not norm_out.is_contiguous()):
+        raise ValueError(f"gemv: norm_out needs prologue 'rms' and a contiguous float32 tensor of "
+                         f"{w.shape[1]} values")
     N, K = w.shape
     xin = x.reshape(-1)
     if not xin.is_contiguous():
@@ -160,9 +171,9 @@ def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tens
     gg = g if g is not None else xin
     rr = residual.reshape(-1) if residual is not None else xin
     _gemv_kernel[(triton.cdiv(N, bn),)](
-        xin, w, y, gg, rr, N, w.stride(0), float(eps), K=K,
+        xin, w, y, gg, rr, xin if norm_out is None else norm_out, N, w.stride(0), float(eps), K=K,
         PRO=PROLOGUES[prologue], RES=residual is not None, NARROW=w.dtype != torch.float32,
-        BLOCK_N=bn, BLOCK_K=block_k(K), num_warps=4)
+        BLOCK_N=bn, BLOCK_K=block_k(K), HOUT=norm_out is not None, num_warps=4)
     return y
 
 
