@@ -169,3 +169,18 @@ def test_fast_path_runs_bf16_activations_over_bf16_weights_like_hf(name):
     assert d(fast, ref32) <= 1.25 * d(refbf, ref32)
     assert d(fast, exact) > 0
     assert torch.equal(eng.logits(toks), exact)                        # the exact path is untouched
+
+
+def test_mm_keeps_narrow_activations_only_over_their_own_weights():
+    """engine.model.mm: bf16 activations over bf16 weights stay bf16 (the fast prefill); over
+    float32 weights (a hybrid's host tail) they are widened and the product is float32, as is
+    every float32-activation product (the exact path, unchanged)."""
+    from engine.model import mm
+    gen = torch.Generator().manual_seed(4)
+    x, w = torch.randn(3, 8, generator=gen), torch.randn(5, 8, generator=gen)
+    assert torch.equal(mm(x, w), x @ w.T)
+    assert torch.equal(mm(x, w.bfloat16()), (x.bfloat16() @ w.bfloat16().T).float())
+    y = mm(x.bfloat16(), w.bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.equal(y, x.bfloat16() @ w.bfloat16().T)
+    z = mm(x.bfloat16(), w)
+    assert z.dtype == torch.float32 and torch.equal(z, x.bfloat16().float() @ w.T)
