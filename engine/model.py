@@ -149,9 +149,10 @@ class Experts:
 def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, in] float32 @ w[out, in].T; weights stored narrower (bf16/f16) compute in their
     dtype with fp32 accumulation and come back as float32. Activations already in the weights'
-    narrow dtype (the fast prefill path over bf16 weights) stay in it."""
-    if w.dtype == torch.float32:     # (narrow activations reaching float32 weights, e.g. a
-        return (x if x.dtype == torch.float32 else x.float()) @ w.T    # hybrid's host tail: float32 on)
+    narrow dtype (the fast prefill path over bf16 weights) stay in it; narrow activations that
+    reach float32 weights (a mixed placement) are widened, and float32 goes on from there."""
+    if w.dtype == torch.float32:
+        return (x if x.dtype == torch.float32 else x.float()) @ w.T
     y = x.to(w.dtype) @ w.T
     return y if x.dtype == w.dtype else y.float()
 
