@@ -68,7 +68,7 @@ FORMAT_CONFIG = {
 }
 # Per (format, head_dim) over the format's defaults: q8_0 at head_dim 64 (SmolLM2: 3 KV heads x 64,
 # 9 query heads), timed inside the captured SmolLM2 step on the H200 (reports/h200-2026-12-04g
-# call 3, the q8_0 kernel's us a step at depth 16 / 4096 / 16384): 64-key blocks with 3 stages
+# call 7, variant bn64s3: the q8_0 kernel's us a step at depth 16 / 4096 / 16384): 64-key blocks with 3 stages
 # 119 / 149 / 292, against 146 / 170 / 292 for the 128-key, 2-stage blocks the isolated sweep had
 # picked (reports/h200-2026-12-04f/call1, where the two differed by 1 us in 28).
 HEAD_DIM_CONFIG = {
@@ -202,7 +202,7 @@ def _split2(x, TERMS: tl.constexpr):
     (TERMS=1: lo = 0, ~2^-11). lo is stored scaled by 2^11: unscaled, the remainder of a value
     near 16 is often below float16's smallest normal (2^-14), and the H200's tensor-core path
     loses such subnormals (an error of ~2^-14 / x: 5.4e-6 against the float64 oracle where the
-    interpreter gave 1e-7, reports/h200-2026-12-04g call 9). |lo| <= 2^13 * 2^-11 * 2^11 fits."""
+    interpreter gave 1e-7, reports/h200-2026-12-04g call 9). Scaled, |lo| <= 2^13: it fits."""
     hi = x.to(tl.float16)
     if TERMS == 2:
         lo = ((x - hi.to(tl.float32)) * 2048.0).to(tl.float16)
