@@ -42,7 +42,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from engine import kernels, settings  # noqa: E402
+from engine import kernels  # noqa: E402
 from engine.kv import KV_DTYPES, LayerKV  # noqa: E402
 from engine.kernels import decode_attention as dmod  # noqa: E402
 from engine.kernels.decode_attention import decode_attention, decode_bytes_read  # noqa: E402
@@ -334,7 +334,7 @@ def main(args) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     props = torch.cuda.get_device_properties(0)
     print(f"device {props.name}, {props.multi_processor_count} SMs; torch {torch.__version__}, "
-          f"triton {triton.__version__}; decode config {dmod.CONFIG}")
+          f"triton {triton.__version__}; decode config {dmod.resolved_config('', '', 0)}")
     copy_gbps = copy_bandwidth(args.reps)
     print(f"device-to-device copy: {copy_gbps:.0f} GB/s (read + write)")
     dec = decode_section(args, copy_gbps, gen)
@@ -360,7 +360,7 @@ def main(args) -> int:
         v.pop("sweep", None) if not args.sweep else None
     doc = {"bench": "attention", "device": props.name, "torch": torch.__version__, "triton": triton.__version__,
            "copy_GBps": round(copy_gbps, 1), "decode": dec, "decode_grid": grid, "prefill": pre, "targets": targets,
-           "decode_config": {**dmod.CONFIG, "q8_impl": settings.get("KVBENCH_DECODE_Q8_IMPL"),
+           "decode_config": {**dmod.resolved_config("", "", 0),
                              "per_format": dmod.FORMAT_CONFIG,
                              "per_head_dim": {f"{f}/{d}": c for (f, d), c in dmod.HEAD_DIM_CONFIG.items()}}}
     text = json.dumps(doc, separators=(",", ":"))

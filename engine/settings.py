@@ -95,7 +95,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "(every weight load of a program in flight together)"),
     _s("KVBENCH_DECODE_ROPE_APPEND", "bool", True, "the captured decode step rotates q/k (RoPE) and "
        "appends K/V in one Triton launch (kv_append.rope_append_at) on layers through the gemv kernel "
-       "without q/k norms, instead of the compiled rotation and kv_append", numerics=True),
+       "without q/k norms or with per-head ones (normed in the launch), instead of the compiled "
+       "rotation and kv_append", numerics=True),
     _s("KVBENCH_DECODE_KV_PAIR", "bool", True, "the captured decode step appends K and V in one "
        "Triton launch (kv_append_pair: the same bytes as two)"),
     _s("KVBENCH_DECODE_ROUTE_KERNEL", "bool", True, "static decode routes MoE tokens with the Triton "

@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 
 import torch
 import triton
@@ -44,15 +43,16 @@ from .common import QK, cache_args, load_kv_tile
 
 LOG2E = 1.4426950408889634
 
-# Tunables (benchmarks/bench_attention.py --sweep compares them on the GPU).
+# Tunables' defaults (benchmarks/bench_attention.py --sweep compares them on the GPU); the
+# variables in _LIVE_KEYS override them at each launch (``resolved_config``).
 CONFIG = {
-    "block_n": int(os.environ.get("KVBENCH_DECODE_BLOCK_N", "64")),
-    "programs_per_sm": int(os.environ.get("KVBENCH_DECODE_PROGRAMS_PER_SM", "2")),
-    "num_warps": int(os.environ.get("KVBENCH_DECODE_WARPS", "4")),
-    "num_stages": int(os.environ.get("KVBENCH_DECODE_STAGES", "3")),
-    "precision": os.environ.get("KVBENCH_ATTN_PRECISION", "tf32x3"),   # float32 caches
-    "q8_kernel": os.environ.get("KVBENCH_DECODE_Q8_KERNEL", "1") == "1",  # q8_0's own kernel
-    "fuse_combine": os.environ.get("KVBENCH_DECODE_FUSE", "0") == "1",   # combine in the last program
+    "block_n": 64,
+    "programs_per_sm": 2,
+    "num_warps": 4,
+    "num_stages": 3,
+    "precision": "tf32x3",    # float32 caches
+    "q8_kernel": True,        # q8_0's own kernel
+    "fuse_combine": False,    # combine in the last program
     "q8_terms": (2, 2),       # float16 terms of q and p in the q8_0 dots (2: ~fp32, 1: ~2^-11)
     "max_splits": 256,
 }

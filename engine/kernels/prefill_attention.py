@@ -22,7 +22,6 @@ position (the reference here; the kernel through ``mask_shift``, set by ``engine
 """
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -39,17 +38,17 @@ LOG2E = 1.4426950408889634
 CHUNK_ROWS = 128           # rows per reference chunk; waves are whole chunks
 MAX_WAVE_ROWS = 4096       # prefills longer than this always take several waves
 PREFILL_KEY_BLOCK = 512    # cache rows the reference dequantizes at a time for long prefills
-CONFIG = {
-    "block_m": int(os.environ.get("KVBENCH_PREFILL_BLOCK_M", "64")),
-    "block_n": int(os.environ.get("KVBENCH_PREFILL_BLOCK_N", "64")),
-    "precision": os.environ.get("KVBENCH_ATTN_PRECISION", "tf32x3"),
-    "num_warps": int(os.environ.get("KVBENCH_PREFILL_WARPS", "4")),
+CONFIG = {                 # defaults; the variables in _LIVE_KEYS override them at each launch
+    "block_m": 64,
+    "block_n": 64,
+    "precision": "tf32x3",
+    "num_warps": 4,
     # bf16 caches on CUDA, opt-in: torch's flash attention (FlashAttention-2) over the cached
     # bf16 values, q and p rounded to bf16 as in HF's bf16 SDPA. 2.5x the Triton kernel's
     # prefill on the H100, but its rounding adds attention error of its own (SmolLM2, 6000
     # tokens: waves vs one pass 0.25 logits vs 0.0), which would be charged to the bf16 cache in
     # kvbench's accuracy numbers; so the default is the Triton kernel (docs/perf-notes.md).
-    "bf16_flash": os.environ.get("KVBENCH_PREFILL_BF16_FLASH", "0") == "1",
+    "bf16_flash": False,
 }
 # Read again at each launch when set (``settings.overrides``): a variant sets them after import.
 _LIVE_KEYS = {"block_m": "KVBENCH_PREFILL_BLOCK_M", "block_n": "KVBENCH_PREFILL_BLOCK_N",
