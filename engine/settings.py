@@ -93,6 +93,18 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "512)", lo=16, hi=4096),
     _s("KVBENCH_MOE_UNROLL", "bool", True, "engine.kernels.moe's loops unrolled at compile time "
        "(every weight load of a program in flight together)"),
+    _s("KVBENCH_MOE_BLOCKS_GU_BLOCK_F", "int", None, "engine.kernels.moe_blocks gate/up rows per program "
+       "(default 16)", lo=1, hi=256),
+    _s("KVBENCH_MOE_BLOCKS_GU_BLOCK_K", "int", None, "engine.kernels.moe_blocks gate/up values of d per "
+       "step (a multiple of 32; default 256)", lo=32, hi=4096),
+    _s("KVBENCH_MOE_BLOCKS_GU_WARPS", "int", None, "engine.kernels.moe_blocks gate/up warps (default 4)",
+       lo=1, hi=32),
+    _s("KVBENCH_MOE_BLOCKS_DOWN_BLOCK_D", "int", None, "engine.kernels.moe_blocks down output rows per "
+       "program (default 16)", lo=1, hi=256),
+    _s("KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K", "int", None, "engine.kernels.moe_blocks down values of ff per "
+       "step (a multiple of 32; default 256)", lo=32, hi=4096),
+    _s("KVBENCH_MOE_BLOCKS_DOWN_WARPS", "int", None, "engine.kernels.moe_blocks down warps (default 4)",
+       lo=1, hi=32),
     _s("KVBENCH_DECODE_ROPE_APPEND", "bool", True, "the captured decode step rotates q/k (RoPE) and "
        "appends K/V in one Triton launch (kv_append.rope_append_at) on layers through the gemv kernel "
        "without q/k norms or with per-head ones (normed in the launch), instead of the compiled "

@@ -1,0 +1,300 @@
+"""One-token MoE FFN over routed experts kept in their GGUF block format (Q4_0, Q8_0).
+
+Contract: a ``BlockStack`` is a stack [S, N, K] of ggml blocks (32 values along K) held as
+two aligned arrays instead of ggml's interleaved 18- or 34-byte blocks:
+- ``q4_0``: ``qs`` uint8 [S, N, K/2]; byte ``16 b + j`` of a row holds value ``32 b + j``
+  in its low nibble and ``32 b + 16 + j`` in its high nibble (ggml's order inside a block);
+  a value is ``d * (nibble - 8)``.
+- ``q8_0``: ``qs`` int8 [S, N, K]; a value is ``d * q``.
+- ``d`` float16 [S, N, K/32]: one scale per block.
+``BlockStack.from_ggml(raw, fmt, shape)`` splits a tensor's GGUF bytes (row-major blocks) and
+``to_ggml()`` puts them back byte for byte; ``dequantize()`` / ``rows(s)`` give float32.
+Q4_0 takes 0.5625 bytes a value, Q8_0 1.0625, against 2 for bf16: the planner prices
+experts kept this way at their block bytes (``nbytes``).
+
+``moe_decode_blocks(x, gate, up, down, ids, weights, table=None, residual=None)`` computes
+what ``engine.kernels.moe.moe_decode`` does, ``residual + sum_j weights[j] * down[s_j] @
+(silu(gate[s_j] @ x) * (up[s_j] @ x))`` as float32 [1, d], reading the k selected experts'
+blocks in place and dequantising them in registers (float32 maths from the exact block
+values: the only difference from the float kernel over dequantised stacks is summation
+order). Expert and slot ids are read on the device (no host sync; a CUDA graph can capture
+it). ``moe_decode_blocks_ref`` is the plain torch ground truth over ``dequantize()``; tests
+check ``dequantize`` itself against ``gguf.quants``.
+
+    gate = BlockStack.from_ggml(raw_gate, "q4_0", (E, ff, d))
+    y = moe_decode_blocks(h, gate, up, down, top_e, top_p, residual=x)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from .moe import moe_decode_ref
+
+BLOCK = 32                                   # values per ggml block (Q4_0 and Q8_0)
+FORMATS = {"q4_0": (4, 18), "q8_0": (8, 34)}  # bits a value, ggml bytes a block
+
+# Tile sizes: gate_up: BLOCK_F rows of gate and up per program, BLOCK_K values of d per step;
+# down: BLOCK_D output rows per program, BLOCK_K values of ff per step (multiples of 32).
+CONFIG = {"gate_up": {"BLOCK_F": 16, "BLOCK_K": 256, "num_warps": 4},
+          "down": {"BLOCK_D": 16, "BLOCK_K": 256, "num_warps": 4}}
+
+
+@dataclass
+class BlockStack:
+    """A [S, N, K] stack of Q4_0 or Q8_0 blocks as quants ``qs`` and scales ``d`` (see module)."""
+    fmt: str
+    qs: torch.Tensor
+    d: torch.Tensor
+
+    def __post_init__(self):
+        if self.fmt not in FORMATS:
+            raise ValueError(f"BlockStack: format {self.fmt!r} is not one of {', '.join(FORMATS)}")
+        S, N, nb = self.d.shape
+        want = (S, N, nb * BLOCK // (8 // FORMATS[self.fmt][0]))
+        if tuple(self.qs.shape) != want or self.d.dtype != torch.float16 or \
+                self.qs.dtype != (torch.uint8 if self.fmt == "q4_0" else torch.int8):
+            raise ValueError(f"BlockStack {self.fmt}: qs {tuple(self.qs.shape)} {self.qs.dtype} and d "
+                             f"{tuple(self.d.shape)} {self.d.dtype} do not form a stack (qs {want})")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        S, N, nb = self.d.shape
+        return S, N, nb * BLOCK
+
+    @property
+    def device(self) -> torch.device:
+        return self.qs.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.qs.numel() * self.qs.element_size() + self.d.numel() * 2
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.qs, self.d]
+
+    def __getitem__(self, s) -> "BlockStack":
+        """Experts ``s`` (an index or a slice) as a stack of their own (views, no copy)."""
+        if isinstance(s, int):
+            s = slice(s, s + 1)
+        return BlockStack(self.fmt, self.qs[s], self.d[s])
+
+    def to(self, device, non_blocking: bool = False) -> "BlockStack":
+        return BlockStack(self.fmt, self.qs.to(device, non_blocking=non_blocking),
+                          self.d.to(device, non_blocking=non_blocking))
+
+    @staticmethod
+    def empty(fmt: str, shape: tuple[int, int, int], device="cpu", pin: bool = False) -> "BlockStack":
+        S, N, K = shape
+        if fmt not in FORMATS or K % BLOCK:
+            raise ValueError(f"BlockStack.empty: {fmt} over rows of {K} values (a multiple of {BLOCK} needed)")
+        per = 8 // FORMATS[fmt][0]
+        qdt = torch.uint8 if fmt == "q4_0" else torch.int8
+        return BlockStack(fmt, torch.empty(S, N, K // per, dtype=qdt, device=device, pin_memory=pin),
+                          torch.empty(S, N, K // BLOCK, dtype=torch.float16, device=device, pin_memory=pin))
+
+    @staticmethod
+    def from_ggml(raw: torch.Tensor, fmt: str, shape: tuple[int, int, int], out: "BlockStack | None" = None) -> "BlockStack":
+        """Split ggml's blocks ``raw`` (uint8, the tensor's bytes, rows of K/32 blocks) into ``out``
+        (or a new host stack)."""
+        S, N, K = shape
+        if fmt not in FORMATS:
+            raise ValueError(f"BlockStack.from_ggml: format {fmt!r} is not one of {', '.join(FORMATS)}")
+        bytes_per = FORMATS[fmt][1]
+        if K % BLOCK or raw.numel() != S * N * (K // BLOCK) * bytes_per:
+            raise ValueError(f"BlockStack.from_ggml: {raw.numel()} bytes are not {fmt} blocks of {shape}")
+        blocks = raw.reshape(S, N, K // BLOCK, bytes_per)
+        out = out if out is not None else BlockStack.empty(fmt, shape)
+        out.d.view(torch.uint8).view(S, N, K // BLOCK, 2).copy_(blocks[..., :2])
+        q = blocks[..., 2:].reshape(S, N, -1)
+        out.qs.copy_(q if fmt == "q4_0" else q.view(torch.int8))
+        return out
+
+    def to_ggml(self) -> torch.Tensor:
+        """The ggml bytes [S, N, K/32 * bytes-per-block] (uint8), byte-identical to the GGUF's."""
+        S, N, nb = self.d.shape
+        q = self.qs.view(torch.uint8).reshape(S, N, nb, -1)
+        return torch.cat([self.d.contiguous().view(torch.uint8).reshape(S, N, nb, 2), q], dim=-1).reshape(S, N, -1)
+
+    def rows(self, s: int) -> torch.Tensor:
+        """Expert ``s`` dequantised: float32 [N, K]."""
+        return self[s].dequantize()[0]
+
+    def dequantize(self) -> torch.Tensor:
+        """Every value as float32 [S, N, K]."""
+        S, N, nb = self.d.shape
+        if self.fmt == "q4_0":
+            q = self.qs.reshape(S, N, nb, 16)
+            v = torch.cat([(q & 15), (q >> 4)], dim=-1).to(torch.float32) - 8.0     # [.., nb, 32]
+        else:
+            v = self.qs.reshape(S, N, nb, BLOCK).to(torch.float32)
+        return (v * self.d.to(torch.float32)[..., None]).reshape(S, N, nb * BLOCK)
+
+
+# --- Triton kernels -------------------------------------------------------------------------
+@triton.jit
+def _expert_row(IDS, TABLE, j, USE_TABLE: tl.constexpr):
+    e = tl.load(IDS + j)
+    if USE_TABLE:
+        e = tl.load(TABLE + e)
+    return e.to(tl.int64)
+
+
+@triton.jit
+def _block_tile(Q, Dsc, q_rows, d_rows, mask_r, X, k0, K, QBITS: tl.constexpr, BLOCK_K: tl.constexpr):
+    # rows' values k0 .. k0 + BLOCK_K times x, not yet summed over k: [R, BLOCK_K // (8 // QBITS)]
+    # float32 (a Q4_0 byte carries two values, so its column holds their two products' sum)
+    if QBITS == 4:
+        c = tl.arange(0, BLOCK_K // 2)                      # byte columns of this step
+        blk = k0 // 32 + c // 16
+        lo = blk * 32 + c % 16                              # the low nibble's value; high: lo + 16
+        mask_c = lo < K
+        m = mask_r[:, None] & mask_c[None, :]
+        q = tl.load(Q + q_rows + (k0 // 2 + c)[None, :], mask=m, other=0).to(tl.int32)
+        xl = tl.load(X + lo, mask=mask_c, other=0.0).to(tl.float32)
+        xh = tl.load(X + lo + 16, mask=mask_c, other=0.0).to(tl.float32)
+        s = tl.load(Dsc + d_rows + blk[None, :], mask=m, other=0.0).to(tl.float32)
+        vl = (q & 15).to(tl.float32) - 8.0
+        vh = (q >> 4).to(tl.float32) - 8.0
+        return s * (vl * xl[None, :] + vh * xh[None, :])
+    else:
+        c = k0 + tl.arange(0, BLOCK_K)
+        mask_c = c < K
+        m = mask_r[:, None] & mask_c[None, :]
+        q = tl.load(Q + q_rows + c[None, :], mask=m, other=0).to(tl.float32)
+        x = tl.load(X + c, mask=mask_c, other=0.0).to(tl.float32)
+        s = tl.load(Dsc + d_rows + (c // 32)[None, :], mask=m, other=0.0).to(tl.float32)
+        return s * (q * x[None, :])
+
+
+@triton.jit
+def _blocks_gate_up_kernel(X, GQ, GD, UQ, UD, IDS, TABLE, H, D: tl.constexpr, FF,
+                           sgq_e, sgq_f, sgd_e, sgd_f, suq_e, suq_f, sud_e, sud_f, stride_hk,
+                           USE_TABLE: tl.constexpr, QBITS: tl.constexpr, UNROLL: tl.constexpr,
+                           BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
+    # grid: (k, cdiv(FF, BLOCK_F)); H[j, f] = silu(gate[s_j, f] . x) * (up[s_j, f] . x)
+    j = tl.program_id(0)
+    s = _expert_row(IDS, TABLE, j, USE_TABLE)
+    offs_f = tl.program_id(1) * BLOCK_F + tl.arange(0, BLOCK_F)
+    mask_f = offs_f < FF
+    f64 = offs_f[:, None].to(tl.int64)
+    gq, gd = s * sgq_e + f64 * sgq_f, s * sgd_e + f64 * sgd_f
+    uq, ud = s * suq_e + f64 * suq_f, s * sud_e + f64 * sud_f
+    W: tl.constexpr = BLOCK_K // (8 // QBITS)
+    acc_g = tl.zeros([BLOCK_F, W], dtype=tl.float32)
+    acc_u = tl.zeros([BLOCK_F, W], dtype=tl.float32)
+    if UNROLL:
+        for k0 in tl.static_range(0, D, BLOCK_K):
+            acc_g += _block_tile(GQ, GD, gq, gd, mask_f, X, k0, D, QBITS, BLOCK_K)
+            acc_u += _block_tile(UQ, UD, uq, ud, mask_f, X, k0, D, QBITS, BLOCK_K)
+    else:
+        for k0 in range(0, D, BLOCK_K):
+            acc_g += _block_tile(GQ, GD, gq, gd, mask_f, X, k0, D, QBITS, BLOCK_K)
+            acc_u += _block_tile(UQ, UD, uq, ud, mask_f, X, k0, D, QBITS, BLOCK_K)
+    a = tl.sum(acc_g, axis=1)
+    b = tl.sum(acc_u, axis=1)
+    tl.store(H + j * stride_hk + offs_f, a / (1.0 + tl.exp(-a)) * b, mask=mask_f)
+
+
+@triton.jit
+def _blocks_down_kernel(H, WQ, WD, IDS, TABLE, P, R, OUT, D, FF: tl.constexpr, K: tl.constexpr,
+                        swq_e, swq_d, swd_e, swd_d, stride_hk,
+                        USE_TABLE: tl.constexpr, HAS_RES: tl.constexpr, QBITS: tl.constexpr,
+                        UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+    # grid: (cdiv(D, BLOCK_D),); OUT[r] = R[r] + sum_j P[j] * (down[s_j, r] . H[j]): one flat
+    # loop over (expert, column block) pairs, so loads pipeline across experts too
+    offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    mask_d = offs_d < D
+    d64 = offs_d[:, None].to(tl.int64)
+    n_k: tl.constexpr = (FF + BLOCK_K - 1) // BLOCK_K
+    W: tl.constexpr = BLOCK_K // (8 // QBITS)
+    acc = tl.zeros([BLOCK_D, W], dtype=tl.float32)
+    if UNROLL:
+        for t in tl.static_range(0, K * n_k):
+            s = _expert_row(IDS, TABLE, t // n_k, USE_TABLE)
+            p = tl.load(P + t // n_k).to(tl.float32)
+            acc += p * _block_tile(WQ, WD, s * swq_e + d64 * swq_d, s * swd_e + d64 * swd_d, mask_d,
+                                   H + (t // n_k) * stride_hk, (t % n_k) * BLOCK_K, FF, QBITS, BLOCK_K)
+    else:
+        for t in range(0, K * n_k):
+            s = _expert_row(IDS, TABLE, t // n_k, USE_TABLE)
+            p = tl.load(P + t // n_k).to(tl.float32)
+            acc += p * _block_tile(WQ, WD, s * swq_e + d64 * swq_d, s * swd_e + d64 * swd_d, mask_d,
+                                   H + (t // n_k) * stride_hk, (t % n_k) * BLOCK_K, FF, QBITS, BLOCK_K)
+    y = tl.sum(acc, axis=1)
+    if HAS_RES:
+        y += tl.load(R + offs_d, mask=mask_d, other=0.0)
+    tl.store(OUT + offs_d, y, mask=mask_d)
+
+
+# --- launch wrapper -------------------------------------------------------------------------
+def _check(x, gate, up, down, ids, weights, table, residual):
+    S, ff, d = gate.shape
+    if not all(isinstance(t, BlockStack) for t in (gate, up, down)):
+        raise ValueError("moe_decode_blocks: gate, up and down must be BlockStacks")
+    if len({gate.fmt, up.fmt, down.fmt}) != 1:
+        raise ValueError(f"moe_decode_blocks: gate {gate.fmt}, up {up.fmt}, down {down.fmt} differ")
+    if up.shape != gate.shape or down.shape != (S, d, ff):
+        raise ValueError(f"moe_decode_blocks: gate {gate.shape}, up {up.shape}, down {down.shape} are not "
+                         "[S, ff, d], [S, ff, d], [S, d, ff]")
+    if x.shape != (1, d):
+        raise ValueError(f"moe_decode_blocks: x {tuple(x.shape)} must be one token [1, {d}]")
+    if ids.dim() != 1 or weights.shape != ids.shape:
+        raise ValueError(f"moe_decode_blocks: ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must be [k]")
+    if residual is not None and residual.shape != (1, d):
+        raise ValueError(f"moe_decode_blocks: residual {tuple(residual.shape)} must be [1, {d}]")
+    for name, st in (("gate", gate), ("up", up), ("down", down)):
+        if st.qs.stride(-1) != 1 or st.d.stride(-1) != 1:
+            raise ValueError(f"moe_decode_blocks: {name}'s rows must be contiguous")
+
+
+def moe_decode_blocks(x: torch.Tensor, gate: BlockStack, up: BlockStack, down: BlockStack,
+                      ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor | None = None,
+                      residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The Triton launches (interpreted on CPU); see the module docstring. float32 [1, d]."""
+    _check(x, gate, up, down, ids, weights, table, residual)
+    S, ff, d = gate.shape
+    k = ids.shape[0]
+    qbits = FORMATS[gate.fmt][0]
+    x1 = x.reshape(d).to(torch.float32).contiguous()
+    ids = ids.contiguous()
+    p = weights.to(torch.float32).contiguous()
+    tab = ids if table is None else table.contiguous()
+    res = None if residual is None else residual.reshape(d).to(torch.float32).contiguous()
+    h = torch.empty(k, ff, dtype=torch.float32, device=x.device)
+    out = torch.empty(1, d, dtype=torch.float32, device=x.device)
+    from .. import settings
+    cu = {**CONFIG["gate_up"], **settings.overrides(_TUNABLES["gate_up"])}
+    cd = {**CONFIG["down"], **settings.overrides(_TUNABLES["down"])}
+    unroll = bool(settings.get("KVBENCH_MOE_UNROLL"))
+    _blocks_gate_up_kernel[(k, triton.cdiv(ff, cu["BLOCK_F"]))](
+        x1, gate.qs, gate.d, up.qs, up.d, ids, tab, h, d, ff,
+        gate.qs.stride(0), gate.qs.stride(1), gate.d.stride(0), gate.d.stride(1),
+        up.qs.stride(0), up.qs.stride(1), up.d.stride(0), up.d.stride(1), h.stride(0),
+        USE_TABLE=table is not None, QBITS=qbits, UNROLL=unroll,
+        BLOCK_F=cu["BLOCK_F"], BLOCK_K=cu["BLOCK_K"], num_warps=cu["num_warps"])
+    _blocks_down_kernel[(triton.cdiv(d, cd["BLOCK_D"]),)](
+        h, down.qs, down.d, ids, tab, p, x1 if res is None else res, out, d, ff, k,
+        down.qs.stride(0), down.qs.stride(1), down.d.stride(0), down.d.stride(1), h.stride(0),
+        USE_TABLE=table is not None, HAS_RES=res is not None, QBITS=qbits, UNROLL=unroll,
+        BLOCK_D=cd["BLOCK_D"], BLOCK_K=cd["BLOCK_K"], num_warps=cd["num_warps"])
+    return out
+
+
+_TUNABLES = {"gate_up": {"BLOCK_F": "KVBENCH_MOE_BLOCKS_GU_BLOCK_F", "BLOCK_K": "KVBENCH_MOE_BLOCKS_GU_BLOCK_K",
+                         "num_warps": "KVBENCH_MOE_BLOCKS_GU_WARPS"},
+             "down": {"BLOCK_D": "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_D", "BLOCK_K": "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K",
+                      "num_warps": "KVBENCH_MOE_BLOCKS_DOWN_WARPS"}}
+
+
+# --- torch reference ------------------------------------------------------------------------
+def moe_decode_blocks_ref(x: torch.Tensor, gate: BlockStack, up: BlockStack, down: BlockStack,
+                          ids: torch.Tensor, weights: torch.Tensor, table: torch.Tensor | None = None,
+                          residual: torch.Tensor | None = None) -> torch.Tensor:
+    """Ground truth: ``moe_decode_ref`` over the dequantised stacks (float32, one expert at a time)."""
+    _check(x, gate, up, down, ids, weights, table, residual)
+    return moe_decode_ref(x, gate.dequantize(), up.dequantize(), down.dequantize(), ids, weights,
+                          table=table, residual=residual)

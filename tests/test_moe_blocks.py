@@ -1,0 +1,113 @@
+"""Routed experts kept in GGUF blocks: the split layout and the one-token MoE kernel over it.
+
+References: ``gguf.quants`` (the GGUF package's own quantize/dequantize) for the layout: the
+split arrays give back ggml's bytes exactly and dequantise to ``gguf.quants.dequantize``'s
+values; ``moe_decode_ref`` (plain torch, float32, one expert at a time) over those values
+for the kernel. On CPU the kernel runs in Triton's interpreter.
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from gguf import GGMLQuantizationType as QT
+from gguf import quants
+
+from engine import settings
+from engine.kernels.moe import moe_decode_ref
+from engine.kernels.moe_blocks import BlockStack, moe_decode_blocks, moe_decode_blocks_ref
+
+QTYPES = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0}
+
+
+def ggml_stack(fmt, S, N, K, seed):
+    """(raw ggml bytes [S, N*K/32*bytes] as torch uint8, gguf.quants' float values [S, N, K])."""
+    rng = np.random.default_rng(seed)
+    w = (rng.standard_normal((S * N, K)) / K ** 0.5).astype(np.float32)
+    w[0, :32] *= 1e-3                                # a block of small values
+    raw = quants.quantize(w, QTYPES[fmt])            # [S*N, K/32*bytes] uint8
+    ref = quants.dequantize(raw, QTYPES[fmt]).reshape(S, N, K)
+    return torch.from_numpy(raw.reshape(S, N, -1).copy()), torch.from_numpy(ref.copy())
+
+
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_split_layout_round_trips_ggml_bytes_and_values(fmt):
+    raw, ref = ggml_stack(fmt, 3, 5, 96, seed=1)
+    st = BlockStack.from_ggml(raw, fmt, (3, 5, 96))
+    assert st.shape == (3, 5, 96) and st.d.dtype == torch.float16
+    assert torch.equal(st.to_ggml(), raw), "split arrays do not give back ggml's bytes"
+    assert torch.equal(st.dequantize(), ref), "values differ from gguf.quants.dequantize"
+    assert torch.equal(st.rows(2), ref[2])
+    assert st.nbytes == raw.numel()                  # the same bytes, only rearranged
+    assert torch.equal(st[1].dequantize()[0], ref[1])
+
+
+def test_layout_rejects_what_is_not_a_stack():
+    raw, _ = ggml_stack("q4_0", 2, 3, 64, seed=2)
+    with pytest.raises(ValueError, match="not q4_0 blocks"):
+        BlockStack.from_ggml(raw[:, :, :-1].contiguous(), "q4_0", (2, 3, 64))
+    with pytest.raises(ValueError, match="not one of"):
+        BlockStack.from_ggml(raw, "q5_k", (2, 3, 64))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        BlockStack.empty("q8_0", (1, 2, 48))
+
+
+CASES = [pytest.param("q4_0", 6, 64, 96, 3, False, False, id="q4_0-S6-ff64-d96-k3"),
+         pytest.param("q4_0", 8, 96, 320, 2, True, True, id="q4_0-S8-ff96-d320-k2-table-res"),
+         pytest.param("q8_0", 5, 96, 288, 4, True, False, id="q8_0-S5-ff96-d288-k4-table"),
+         pytest.param("q8_0", 4, 160, 64, 2, False, True, id="q8_0-S4-ff160-d64-k2-res")]
+
+
+def assert_close(name, ref, out, tol):
+    err = (out - ref).abs().max().item()
+    scale = ref.abs().max().item()
+    print(f"{name}: max-abs {err:.3e} of {scale:.3e}")
+    assert scale > 0 and torch.isfinite(out).all() and err <= tol * scale, f"{name}: {err} > {tol} x {scale}"
+
+
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "loop"])
+@pytest.mark.parametrize("fmt,S,ff,d,k,use_table,use_res", CASES)
+def test_kernel_matches_reference_over_gguf_values(fmt, S, ff, d, k, use_table, use_res, unroll, monkeypatch):
+    monkeypatch.setenv("KVBENCH_MOE_UNROLL", "1" if unroll else "0")
+    monkeypatch.setenv("KVBENCH_MOE_BLOCKS_GU_BLOCK_K", "64")     # several steps, a ragged last one
+    monkeypatch.setenv("KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K", "64")
+    monkeypatch.setenv("KVBENCH_MOE_BLOCKS_DOWN_BLOCK_D", "8")
+    stacks = []
+    for i, shape in enumerate(((S, ff, d), (S, ff, d), (S, d, ff))):
+        raw, ref = ggml_stack(fmt, *shape, seed=10 + i)
+        stacks.append((BlockStack.from_ggml(raw, fmt, shape), ref))
+    (gate, g_ref), (up, u_ref), (down, d_ref) = stacks
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(1, d, generator=g)
+    table = torch.randperm(S, generator=g).to(torch.int32) if use_table else None
+    ids = torch.randperm(S, generator=g)[:k]
+    w = torch.rand(k, generator=g)
+    res = torch.randn(1, d, generator=g) if use_res else None
+    ref = moe_decode_ref(x, g_ref, u_ref, d_ref, ids, w, table=table, residual=res)   # gguf.quants' values
+    out = moe_decode_blocks(x, gate, up, down, ids, w, table=table, residual=res)
+    assert out.shape == (1, d) and out.dtype == torch.float32
+    assert_close(f"moe_decode_blocks {fmt}", ref, out, 1e-5)
+    assert_close("moe_decode_blocks_ref", ref, moe_decode_blocks_ref(x, gate, up, down, ids, w, table, res), 1e-6)
+
+
+def test_kernel_reads_only_the_selected_experts():
+    """Scales of experts not selected are NaN: a kernel that touched them would return NaN."""
+    shapes = ((5, 64, 64), (5, 64, 64), (5, 64, 64))
+    stacks = [BlockStack.from_ggml(ggml_stack("q4_0", *s, seed=20 + i)[0], "q4_0", s) for i, s in enumerate(shapes)]
+    ids = torch.tensor([3, 1])
+    clean = [st.dequantize() for st in stacks]
+    for st in stacks:
+        keep = st.d[ids].clone()
+        st.d.fill_(float("nan"))
+        st.d[ids] = keep
+    x, w = torch.randn(1, 64), torch.tensor([0.6, 0.4])
+    out = moe_decode_blocks(x, *stacks, ids, w)
+    assert_close("selected experts only", moe_decode_ref(x, *clean, ids, w), out, 1e-5)
+
+
+def test_tile_settings_are_read_at_each_launch(monkeypatch):
+    """A tile size set after import is what the launch uses (a BLOCK_K that is not a multiple of
+    32 is refused by the setting's own range, a wrong one here would change nothing)."""
+    monkeypatch.setenv("KVBENCH_MOE_BLOCKS_GU_BLOCK_K", "16")
+    with pytest.raises(Exception, match="KVBENCH_MOE_BLOCKS_GU_BLOCK_K"):
+        settings.validate()
