@@ -424,6 +424,9 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="coder30b-synth", help="synth name, registry name or .gguf path")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--weight-format", default="bf16")
+    p.add_argument("--expert-format", default="weights", choices=("weights", "blocks"),
+                   help="routed experts at the weight format, or kept in the file's Q4_0/Q8_0 blocks "
+                        "(engine.kernels.moe_blocks; every expert on the device: cpu_moe=0)")
     p.add_argument("--kv", default="fp32,bf16,q8_0")
     p.add_argument("--depths", default="16,16384", help="decode positions")
     p.add_argument("--paths", default=None, help="default: eager,cuda_graph on CUDA, eager,static on CPU")
@@ -459,6 +462,7 @@ def main(args) -> int:
     doc = {"bench": "moe_decode", "model": args.model, "device": str(dev),
            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
            "torch": torch.__version__, "weight_format": args.weight_format, "paths": args.paths,
+           "expert_format": args.expert_format,
            "fill": args.fill, "reps": args.reps, "steps": args.steps, "eager_steps": args.eager_steps,
            "settings_variants": args.variants, "timing": args.timing,
            "variants": [], "skipped": [], "failed": []}
@@ -509,7 +513,8 @@ def main(args) -> int:
                 print(f"skip {kv} depth {depth}: {doc['skipped'][-1]['reason']}", flush=True)
                 continue
             t0 = time.perf_counter()
-            kw = dict(device=dev, kv_dtype=kv, ctx=depth + margin, weight_format=args.weight_format)
+            kw = dict(device=dev, kv_dtype=kv, ctx=depth + margin, weight_format=args.weight_format,
+                      expert_format=args.expert_format, cpu_moe=0 if args.expert_format == "blocks" else None)
             try:
                 fresh = eng is None
                 eng = engine.load(model, **kw) if fresh else engine.load(model, weights_from=eng, **kw)

@@ -131,6 +131,20 @@ for step in $steps; do
             python3 -m pytest -q -p no:cacheprovider tests/test_rope_append.py 2>&1 | tail -2 | tee "$OUT/newk-tests.log"
             python3 -m pytest -q -p no:cacheprovider -k "combine or short_depth or q8_decode or decode_kernel_matches or launch_config" tests/test_kernels.py 2>&1 | tail -2 | tee -a "$OUT/newk-tests.log"
             python3 -m pytest -q -m gpu -k settings_on_match_off -p no:cacheprovider tests/test_static_decode.py 2>&1 | tail -2 | tee -a "$OUT/newk-tests.log" ;;
+    cpumoe) # llama.cpp's placement on both engines, same file, same call: experts of the first N MoE layers on
+            # the CPU, the rest (Q4_0 blocks) and all attention/KV on the GPU. CPUMOE_N: llama.cpp's counts
+            # (17: 46.8 tok/s at ~12 GiB, issue 14); kvbench at 12 GiB (auto) and at the same counts
+            [ -x /tmp/lcb/bin/llama-bench ] || [ ! -f .devcarry/lcbin/llama-bench.gz.part00 ] \
+              || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcbin/llama-bench.gz.part* | gunzip > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
+            python3 -c "from engine import models; models.resolve('coder30b-synth')" 2>&1 | tail -1
+            for n in ${CPUMOE_N:-17 22}; do
+              [ -x /tmp/lcb/bin/llama-bench ] && python3 benchmarks/bench_llamacpp.py bench $KVBENCH_CACHE/synth/coder30b-synth.gguf \
+                --bin /tmp/lcb/bin/llama-bench --ctk f16,q8_0 --depths 0,4096 --reps 3 --tg 32 --n-cpu-moe $n \
+                --out "$OUT/llamacpp-coder-ncmoe$n.json" 2>&1 | tail -4
+            done
+            timeout ${CPUMOE_TIMEOUT:-420} python3 benchmarks/bench_cpu_moe.py --model coder30b-synth \
+              --cases 12GiB:auto,$(for n in ${CPUMOE_N:-17 22}; do printf 'none:%s,' $n; done)none:0 --kv bf16,q8_0 --depths 16,4096 --tokens 32 --reps 3 \
+              --threads ${CPUMOE_THREADS:-4,8,16} --out "$OUT/cpu_moe.json" 2>&1 | tee "$OUT/cpu-moe.log" | tail -20 ;;
     loadprof) # where coder30b-synth's load goes (issue 14: <= 20 s; 21.9 s in reports/h200-2026-12-04c)
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
             python3 benchmarks/profile_load.py --model coder30b-synth --device cuda --top 30 \

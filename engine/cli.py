@@ -41,13 +41,14 @@ def _plan_for(model, kv_dtype: str, ctx: int, device):
 
 
 def load_explained(model, *, kv_dtype: str, device, ctx: int, weight_format: str = "f32",
-                   decode_mode: str | None = None):
+                   decode_mode: str | None = None, expert_format: str = "weights", cpu_moe=None):
     """``engine.load`` where an allocator failure becomes ``OutOfMemoryError`` (exit 2) with
     the planner's numbers and the free memory, instead of a raw torch error (exit 3); then the
     decode mode, if given (a mode that cannot be applied is a ConfigError, exit 2)."""
     from . import load
     try:
-        eng = load(model, kv_dtype=kv_dtype, device=device, ctx=ctx, weight_format=weight_format)
+        eng = load(model, kv_dtype=kv_dtype, device=device, ctx=ctx, weight_format=weight_format,
+                   expert_format=expert_format, cpu_moe=cpu_moe)
     except torch.OutOfMemoryError as exc:
         raise out_of_memory("load", _plan_for(model, kv_dtype, ctx, device), device, exc) from None
     if decode_mode:
@@ -85,6 +86,25 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-format", default="f32", help="matrices stored as f32, bf16 or f16")
     p.add_argument("--decode-mode", default=None,
                    help="auto (CUDA graph on CUDA when possible), eager, static or cuda_graph")
+    p.add_argument("--expert-format", default="weights", choices=("weights", "blocks"),
+                   help="MoE experts at the weight format, or kept in the file's Q4_0/Q8_0 blocks "
+                        "(every layer on --device, no expert cache)")
+    p.add_argument("--cpu-moe", type=auto_or_count, default=None,
+                   help="with --expert-format blocks: the first N MoE layers' experts compute on the CPU "
+                        "(llama.cpp's --n-cpu-moe), or auto: the fewest that fit the device")
+
+
+def auto_or_count(text: str):
+    """argparse ``type=``: ``auto`` or an integer >= 0 (``--cpu-moe``)."""
+    if text == "auto":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected auto or an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be auto or >= 0, got {value}")
+    return value
 
 
 # -- bench ---------------------------------------------------------------------------------
@@ -112,7 +132,8 @@ def bench_main(args) -> int:
     t0 = time.perf_counter()
     eng = load_explained(args.model, kv_dtype=args.kv_dtype, device=args.device,
                          ctx=max(args.ctx, args.prompt_tokens, DECODE_PREFIX + 1) + args.decode_tokens + 8,
-                         weight_format=args.weight_format, decode_mode=args.decode_mode)
+                         weight_format=args.weight_format, decode_mode=args.decode_mode,
+                         expert_format=args.expert_format, cpu_moe=args.cpu_moe)
     load_s = time.perf_counter() - t0
 
     question = "What is the capital of France?"
@@ -151,6 +172,8 @@ def bench_main(args) -> int:
         f"pp{args.prompt_tokens}_tok_s": round(args.prompt_tokens / pp_s, 1),
         f"tg{args.decode_tokens}_tok_s": round(args.decode_tokens / tg_s, 2),
         "weight_format": args.weight_format, "decode_path": eng.decode_path,
+        "expert_format": eng.plan.expert_format, "cpu_moe": eng.plan.cpu_moe,
+        "cpu_expert_math": eng.cpu_expert_math,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "answer": answer,
     }
@@ -163,6 +186,9 @@ def bench_main(args) -> int:
     table.add_row(f"greedy decode tg{args.decode_tokens} (tok/s, median of {args.repeats})", f"{args.decode_tokens / tg_s:.2f}")
     table.add_row("KV dtype applied", eng.kv_spec)
     table.add_row("decode path", f"{eng.decode_path} ({eng.decode_path_reason})")
+    if eng.plan.expert_format != "weights":
+        table.add_row("experts", f"{eng.plan.expert_format} blocks, {eng.plan.cpu_moe} MoE layers on the CPU"
+                      + (f" ({eng.cpu_expert_math})" if eng.cpu_expert_math else ""))
     con.print(table)
     con.print(f"[bold]Q:[/bold] {question}\n[bold]A:[/bold] {answer}")
     print(json.dumps(result))
@@ -180,7 +206,8 @@ def generate_add_cli_args(p: argparse.ArgumentParser) -> None:
 
 def generate_main(args) -> int:
     eng = load_explained(args.model, kv_dtype=args.kv_dtype, device=args.device, ctx=args.ctx,
-                         weight_format=args.weight_format, decode_mode=args.decode_mode)
+                         weight_format=args.weight_format, decode_mode=args.decode_mode,
+                         expert_format=args.expert_format, cpu_moe=args.cpu_moe)
     if args.raw:
         ids = eng.tokenizer.encode(args.prompt, add_special_tokens=True)
     else:

@@ -31,6 +31,11 @@ their ring caches through the same kernels: ``RingKV.write_at`` / ``attend_at``)
 and MoE layers whose experts can all be resident on that device (plain stacks there, or an
 expert cache with a slot for every trunk expert: ``plan.expert_slots >= plan.trunk_experts``);
 a partial cache needs the host's SLRU policy on a miss, so such a model decodes eagerly.
+Experts computed on the host CPU (``cpu_moe``, ``host_layers``) are a host round trip inside
+the step: the step is captured as one graph per stretch between those layers (the step's
+generator, ``Transformer.decode_steps``, yields at each), and a replay runs the graphs in
+order with the host experts in between, writing each output into the buffer the next graph
+reads (``graphs``; ``graph`` is the first).
 MoE layers route on the device (softmax, top-k, ``engine.kernels.moe`` through the cache's
 slot table); ``StaticDecode`` first makes the cache resident (copies the experts not cached
 yet: counted as ``preloaded``, not as misses) and counts each step's k experts per layer as
@@ -81,6 +86,12 @@ def eligibility(eng) -> str | None:
     return None
 
 
+def host_layers(eng) -> list[int]:
+    """MoE layers whose experts compute on the host CPU (cpu_moe): a captured step is one CUDA
+    graph per stretch between them, replayed with the host experts run in between."""
+    return eng.model.host_expert_layers() if eng.model is not None else []
+
+
 class StaticDecode:
     def __init__(self, eng, capture: bool | None = None):
         why = eligibility(eng)
@@ -118,19 +129,34 @@ class StaticDecode:
         self._stage = None if self.device_embed else \
             torch.zeros(1, spec.d_model, dtype=torch.float32, pin_memory=pin)
         self._staged = torch.cuda.Event() if pin else None
-        self.graph = None
+        self.graph = None             # the first of ``graphs`` once captured
+        self.graphs: list = []        # the step's graphs: one, or one more than cpu_moe layers
+        self._host: list = []         # per cpu_moe layer: (experts, h, top_e, top_p, output buffer)
         self.attn_launches: list[dict] = []     # the step's attention launches (``_body``)
         self.logits = self.next = None
         self.pool_bytes = 0           # bytes the captured graph keeps allocated (its outputs)
 
     def _body(self):
+        """One whole step, the host-expert layers (cpu_moe) run inline."""
+        steps = self._body_steps()
+        y = None
+        while True:
+            try:
+                i, h, top_e, top_p = steps.send(y)
+            except StopIteration as done:
+                return done.value
+            y = self.model.layers[i].experts.run(h, top_e, top_p)
+
+    def _body_steps(self):
+        """The step as a generator (``Transformer.decode_steps``): yields at each layer whose
+        experts compute on the host CPU, returns (logits, argmax)."""
         from .kernels import decode_attention
         x = self.model.decode_embed(self.token, compiled=self.compiled) if self.device_embed else self.x
         with decode_attention.recording() as launches:
-            h = self.model.decode_at(x, self.pos, self.caches, compiled=self.compiled,
-                                     fused_qkv=self.fused_qkv, route_kernel=self.route_kernel,
-                                     fused_gate_up=self.fused_gate_up, fused_gemv=self.fused_gemv,
-                                     rope_append=self.rope_append)
+            h = yield from self.model.decode_steps(x, self.pos, self.caches, compiled=self.compiled,
+                                                   fused_qkv=self.fused_qkv, route_kernel=self.route_kernel,
+                                                   fused_gate_up=self.fused_gate_up, fused_gemv=self.fused_gemv,
+                                                   rope_append=self.rope_append)
         # applied: each distinct attention launch configuration of the step (what a captured
         # graph replays is its capture's), with how many layers made it
         seen: dict = {}
@@ -178,7 +204,11 @@ class StaticDecode:
         else:
             if self.graph is None:
                 self._capture()
-            self.graph.replay()
+            for k, g in enumerate(self.graphs):
+                g.replay()
+                if k < len(self._host):           # a cpu_moe layer between two graphs
+                    experts, h, top_e, top_p, y = self._host[k]
+                    experts.run(h, top_e, top_p, out=y)
             out = self.logits, self.next
         self._pos_held, self._token_held = pos + 1, True     # what the step left (device_embed)
         for c in self.resident_caches:            # each MoE layer used k resident experts
@@ -205,8 +235,24 @@ class StaticDecode:
                                       "set KVBENCH_DECODE_COMPILE=0 to capture the step uncompiled") from None
         torch.cuda.current_stream().wait_stream(side)
         before = torch.cuda.memory_allocated(self.eng.device)
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g, stream=side):
-            self.logits, self.next = self._body()
+        # one graph per stretch between host-expert layers (one graph when there are none): each
+        # stretch ends at a yield of the step's generator; the host output's buffer ``y`` is
+        # made between two captures and read by the next graph
+        graphs, host, steps, y, pool = [], [], self._body_steps(), None, None
+        while True:
+            g, result = torch.cuda.CUDAGraph(), None
+            with torch.cuda.graph(g, stream=side, pool=pool):
+                try:
+                    request = steps.send(y)
+                except StopIteration as done:
+                    result = done.value
+            pool = pool if pool is not None else g.pool()
+            graphs.append(g)
+            if result is not None:
+                self.logits, self.next = result
+                break
+            i, h, top_e, top_p = request
+            y = torch.zeros(1, self.eng.spec.d_model, dtype=torch.float32, device=self.eng.device)
+            host.append((self.model.layers[i].experts, h, top_e, top_p, y))
         self.pool_bytes = torch.cuda.memory_allocated(self.eng.device) - before
-        self.graph = g
+        self.graphs, self._host, self.graph = graphs, host, graphs[0]

@@ -246,10 +246,11 @@ class Engine:
     def set_decode_mode(self, mode: str) -> str:
         """How single-token steps run: ``eager`` (``Transformer.forward``), ``static`` (the
         position on the device, ``engine.cuda_graph``), ``cuda_graph`` (static, captured and
-        replayed) or ``auto`` (cuda_graph on CUDA when the engine allows it, else eager). A
+        replayed; with cpu_moe layers, one graph per stretch between them) or ``auto``
+        (cuda_graph on CUDA when the engine allows it, else eager). A
         mode that cannot be applied raises ConfigError; ``decode_path`` and
         ``decode_path_reason`` say what was applied. Returns the path."""
-        from .cuda_graph import eligibility
+        from .cuda_graph import eligibility, host_layers
         if mode not in DECODE_MODES:
             raise ConfigError(f"decode mode {mode!r} is not one of {', '.join(DECODE_MODES)}",
                               "pick one of those (KVBENCH_DECODE_MODE or eng.set_decode_mode)")
@@ -264,6 +265,10 @@ class Engine:
             reason = "auto: " + (why or ("no CUDA device" if path == "eager" else "eligible"))
         else:
             path, reason = mode, "requested"
+        host = host_layers(self) if path == "cuda_graph" else []
+        if host:
+            reason += (f"; {len(host)} MoE layers' experts on the host CPU (cpu_moe): captured as "
+                       f"{len(host) + 1} graphs around them")
         self.decode_mode, self.decode_path, self.decode_path_reason = mode, path, reason
         self._static = None
         return path
@@ -290,6 +295,14 @@ class Engine:
         model.attn_math = mode
         self._static = None
         return mode
+
+    @property
+    def cpu_expert_math(self) -> str | None:
+        """The arithmetic of experts computed on the host CPU (``cpu_moe`` layers:
+        ``engine.cpu_experts.MATH``), or None when no layer's experts run there."""
+        model = self._live()
+        host = model.host_expert_layers()
+        return model.layers[host[0]].experts.math if host else None
 
     PREFILL_PATHS = ("exact", "fast")
 
@@ -582,7 +595,8 @@ def _tokenizer_for(g: GGUFFile):
 def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torch.device = "cpu",
          ctx: int = 4096, vram_budget: int | None = None, n_gpu_layers: int | None = None,
          wave_budget_bytes: int | None = None, weight_format: str = "auto",
-         weights_from: Engine | None = None, host_ram: int | None = None) -> Engine:
+         weights_from: Engine | None = None, host_ram: int | None = None,
+         expert_format: str = "weights", cpu_moe: int | str | None = None) -> Engine:
     """Load a registry name or .gguf path; see the module docstring.
 
     ``weight_format`` is how matrices are stored at run time ("f32" exact, "bf16"/"f16" half
@@ -605,15 +619,26 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     kv_dtype / ctx / budget, in the same ledger. The new plan must place layers and head as
     the old one did (else ConfigError). On CUDA ``vram_budget=None`` then means the old plan's
     budget (free memory now would not count the weights already held). The old engine is
-    left unusable (its ``model`` is None)."""
+    left unusable (its ``model`` is None).
+
+    ``expert_format``: "weights" (routed experts at ``weight_format``, as above) or "blocks"
+    (kept in the file's Q4_0 / Q8_0 blocks, llama.cpp's placement ``-ngl 99 --n-cpu-moe N``:
+    every layer's attention and KV on ``device``, the experts of the first ``cpu_moe`` MoE
+    layers computed on the host CPU from Q4_0, the others resident on ``device`` and read by
+    ``engine.kernels.moe_blocks``; ``cpu_moe`` "auto"/None: the fewest that fit the budget).
+    Experts stored otherwise raise; ``eng.plan`` records ``expert_format``, ``cpu_moe`` and
+    ``layer_expert_tiers``; ``eng.cpu_expert_math`` the host path's arithmetic."""
     from . import hybrid
+    if expert_format not in ("weights", "blocks"):
+        raise ConfigError(f"expert_format {expert_format!r} is not 'weights' or 'blocks'", "pick one of those")
     # 1. validate: the request, the file (or the engine whose weights are taken over)
     req = _validate(model, kv_dtype, device, ctx, wave_budget_bytes, weight_format, weights_from)
     src = _source(req, weights_from)
     if weights_from is not None and vram_budget is None and req.device.type == "cuda":
         vram_budget = weights_from.plan.budget_bytes     # free memory now would not count the held weights
     # 2. plan: device and host memory, refused before anything is read or allocated
-    plan = _plan(req, src, vram_budget, n_gpu_layers, host_ram, weights_from)
+    blocks = _expert_blocks(src) if expert_format == "blocks" else None
+    plan = _plan(req, src, vram_budget, n_gpu_layers, host_ram, weights_from, blocks, cpu_moe)
     # 3. place: which layers, head and experts live where (engine.hybrid)
     placement = hybrid.place(plan, src.spec, req.device)
     if weights_from is not None:
@@ -684,12 +709,35 @@ def _source(req: _Request, reuse) -> _Source:
     return _Source(g, spec, None, Ledger(req.device))   # the ledger before any allocation
 
 
-def _plan(req: _Request, src: _Source, vram_budget, n_gpu_layers, host_ram, reuse):
+def _expert_blocks(src: _Source) -> str:
+    """The block format every routed expert tensor of the file is stored in (q4_0 / q8_0), or a
+    ConfigError naming the first that is not."""
+    from gguf import GGMLQuantizationType as QT
+    if not src.spec.moe_layers:
+        raise ConfigError(f"{src.spec.name} has no routed experts to keep in blocks",
+                          "drop expert_format='blocks' (--expert-format)")
+    kinds = {QT.Q4_0: "q4_0", QT.Q8_0: "q8_0"}
+    found = None
+    for i in src.spec.moe_layers:
+        for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
+            q = src.gguf.qtype(f"blk.{i}.{name}.weight")
+            if q not in kinds or (found is not None and kinds[q] != found):
+                raise ConfigError(f"expert_format 'blocks': blk.{i}.{name}.weight is {q.name}"
+                                  + (f", the experts before it {found}" if found and q in kinds else ""),
+                                  "blocks mode reads experts stored all in Q4_0 or all in Q8_0; "
+                                  "use expert_format='weights'")
+            found = kinds[q]
+    return found
+
+
+def _plan(req: _Request, src: _Source, vram_budget, n_gpu_layers, host_ram, reuse, expert_blocks=None,
+          cpu_moe=None):
     from .planner import plan as make_plan, require_host_fit
     held = 0 if reuse is None else reuse.plan.host_ram.need - reuse.plan.host_ram.headroom
     plan = make_plan(src.spec, kv_dtype=req.kv_dtype, ctx=req.ctx, vram_budget=vram_budget,
                      n_gpu_layers=n_gpu_layers, wave_budget_bytes=req.wave, weight_format=req.weight_format,
-                     device=req.device, host_ram=host_ram, host_held=held, file_bytes=req.path.stat().st_size)
+                     device=req.device, host_ram=host_ram, host_held=held, file_bytes=req.path.stat().st_size,
+                     expert_blocks=expert_blocks, cpu_moe=cpu_moe)
     require_host_fit(plan)
     if plan.weight_format not in WEIGHT_DTYPES:
         raise ConfigError(f"weight_format {plan.weight_format!r} cannot be applied by this engine "

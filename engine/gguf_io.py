@@ -316,6 +316,19 @@ class GGUFFile:
                                  "the file is incomplete or for another architecture")
         return t
 
+    def blocks(self, name: str, shape: tuple[int, ...], qtype: QT) -> torch.Tensor:
+        """Tensor ``name``'s bytes as they are in the file (uint8, a read-only view of the mapped
+        file, one row of blocks per row of ``shape``), after checking its shape and that it is
+        stored as ``qtype``."""
+        t = self._get(name)
+        if t.tensor_type != qtype:
+            raise UnsupportedModelError(self.path, f"tensor {name} is {t.tensor_type.name}, not {qtype.name} "
+                                        "blocks", "keep the experts at the weight format (expert_format='weights')")
+        if self.shape(name) != tuple(shape):
+            raise ModelFileError(self.path, f"tensor {name} has shape {list(self.shape(name))}, metadata "
+                                 f"implies {list(shape)}", "the file's metadata contradicts its tensors")
+        return _raw_tensor(np.asarray(t.data).reshape(-1).view(np.uint8))
+
     def tensor(self, name: str, shape: tuple[int, ...] | None = None, *, dtype: torch.dtype = torch.float32,
                device: str | torch.device | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor ``name`` in PyTorch order, dequantized to float32 then cast to ``dtype``.

@@ -51,15 +51,22 @@ class Placement:
 
 def place(plan, spec: ModelSpec, device: torch.device) -> Placement:
     tiers = list(plan.layer_tiers)
+    streamed = getattr(plan, "expert_format", "weights") == "weights"   # blocks: no expert cache
     return Placement(tiers, [device if t == "trunk" else HOST for t in tiers],
                      device if plan.head_tier == "trunk" else None,
-                     [i for i in spec.moe_layers if tiers[i] == "trunk"], device)
+                     [i for i in spec.moe_layers if tiers[i] == "trunk" and streamed], device)
 
 
 def take_over(reuse, plan, placement: Placement) -> None:
     """Free ``reuse``'s KV, scratch and expert cache (its weights stay) before the new ones
     are allocated; ``reuse`` cannot run afterwards. Raises ``WeightsPlacementError`` (nothing
     freed) when the plan places layers or head differently."""
+    old_experts = (reuse.plan.expert_format, reuse.plan.layer_expert_tiers)
+    if (plan.expert_format, plan.layer_expert_tiers) != old_experts:
+        raise WeightsPlacementError(f"weights_from: this plan keeps experts as {plan.expert_format} with "
+                                    f"{plan.cpu_moe} MoE layers on the CPU, the loaded weights as "
+                                    f"{old_experts[0]} with {reuse.plan.cpu_moe}",
+                                    "load afresh (no weights_from), or ask for the same expert placement")
     if (placement.tiers, plan.head_tier) != (reuse.plan.layer_tiers, reuse.plan.head_tier):
         raise WeightsPlacementError(f"weights_from: this plan puts {plan.n_gpu_layers} layers and the head on "
                                     f"{plan.head_tier}, the loaded weights are placed for "
@@ -105,14 +112,23 @@ def bind_weights(g: GGUFFile, spec: ModelSpec, plan, placement: Placement, ledge
         return model, cache
     dev = placement.device
     # streamed: each tensor is decoded (on the GPU when there is one) straight into its storage
+    blocks = getattr(plan, "expert_format", "weights") != "weights"
     layers, embed, out_norm, output = load_weights(
         g, spec, wdtype, placement.layer_devices, placement.head_device, pin_experts=dev.type == "cuda",
-        decode_device=dev if dev.type == "cuda" else None)
+        decode_device=dev if dev.type == "cuda" else None,
+        expert_blocks=plan.expert_format if blocks else None,
+        expert_tiers=plan.layer_expert_tiers if blocks else None)
     for i, lw in enumerate(layers):
         tier = placement.tiers[i]
         for name, value in lw.owned():          # a fused wqkv once, not its wq/wk/wv views
             ledger.register("weights", value, tier, name=f"blk.{i}.{name}")
-        if lw.experts is not None:
+        if blocks and lw.experts is not None:   # resident blocks on the trunk, or packed on the host
+            on_cpu = plan.layer_expert_tiers[i] == "cpu"
+            names = ("gu", "gu_sz", "down", "down_sz") if on_cpu else \
+                ("gate.qs", "gate.d", "up.qs", "up.d", "down.qs", "down.d")
+            for n, t in zip(names, lw.experts.tensors()):
+                ledger.register("weights", t, "host" if on_cpu else "trunk", name=f"blk.{i}.experts.{n}")
+        elif lw.experts is not None:
             hosted = [ledger.register("weights", t, "host", name=f"blk.{i}.experts.{n}")
                       for n, t in zip(("gate", "up", "down"), lw.experts.tensors())]
             if tier == "trunk":
@@ -182,6 +198,7 @@ def fuse_gate_up(spec: ModelSpec, dtype: torch.dtype, dev: torch.device) -> bool
 def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float32,
                  layer_devices: list[torch.device] | None = None, head_device: torch.device | None = None,
                  pin_experts: bool = False, decode_device: torch.device | None = None,
+                 expert_blocks: str | None = None, expert_tiers: list[str] | None = None,
                  ) -> tuple[list[LayerWeights], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every tensor read straight into its storage, shape checked against the spec.
 
@@ -193,6 +210,9 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
     time in chunks (``GGUFFile.tensor``), on ``decode_device`` when given (e.g. the GPU for
     host-bound tensors: raw blocks go up, the stored dtype comes back), else on their own
     device, so the host never holds more than the stored bytes plus one chunk of float32.
+    ``expert_blocks`` ("q4_0" | "q8_0"): routed experts stay in the file's blocks instead, per
+    ``expert_tiers``: "trunk" resident ``BlockExperts`` on the layer's device, "cpu"
+    ``CpuExperts`` packed on the host (``read_block_experts``).
     Defaults: everything float32 on the host."""
     d, q, kvd = spec.d_model, spec.q_dim, spec.kv_dim
     host = HOST
@@ -236,6 +256,10 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
         if i in spec.moe_layers:
             E, ff = spec.n_experts, spec.d_ff_expert
             lw.router = t("ffn_gate_inp.weight", (E, d))
+            if expert_blocks is not None:
+                lw.experts = read_block_experts(g, spec, i, expert_blocks, expert_tiers[i], dev)
+                layers.append(lw)
+                continue
             lw.experts = Experts(*(read(p + name, shape, host, pin=pin_experts) for name, shape in (
                 ("ffn_gate_exps.weight", (E, ff, d)), ("ffn_up_exps.weight", (E, ff, d)),
                 ("ffn_down_exps.weight", (E, d, ff)))))
@@ -260,3 +284,27 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
     return layers, embed, out_norm, output
 
 
+
+
+def read_block_experts(g: GGUFFile, spec: ModelSpec, i: int, fmt: str, tier: str, dev: torch.device):
+    """Layer ``i``'s routed experts from the file's ``fmt`` blocks: ``BlockExperts`` on ``dev``
+    (tier "trunk": the bytes go up as they are and are split into quants and scales there) or
+    ``CpuExperts`` (tier "cpu": split and repacked on the host for the CPU int4 matmul)."""
+    from gguf import GGMLQuantizationType as QT
+    from .kernels.moe_blocks import BlockStack
+    from .model import BlockExperts, CpuExperts
+    E, ff, d = spec.n_experts, spec.d_ff_expert, spec.d_model
+    qtype = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0}[fmt]
+    stacks = []
+    for name, shape in (("ffn_gate_exps.weight", (E, ff, d)), ("ffn_up_exps.weight", (E, ff, d)),
+                        ("ffn_down_exps.weight", (E, d, ff))):
+        raw = g.blocks(f"blk.{i}.{name}", shape, qtype)
+        where = dev if tier == "trunk" else HOST
+        out = BlockStack.empty(fmt, shape, device=where)
+        stacks.append(BlockStack.from_ggml(raw.to(where), fmt, shape, out=out))
+    if tier == "trunk":
+        return BlockExperts(*stacks)
+    if tier != "cpu":
+        raise ValueError(f"read_block_experts: tier {tier!r} is not 'trunk' or 'cpu'")
+    from .cpu_experts import HostQ4Experts
+    return CpuExperts(HostQ4Experts.from_blocks(*stacks))

@@ -146,6 +146,66 @@ class Experts:
         return [self.gate, self.up, self.down]
 
 
+class BlockExperts(Experts):
+    """All routed experts of one layer resident in their GGUF blocks: gate/up/down are
+    ``engine.kernels.moe_blocks.BlockStack``s ([E, ff, d], [E, ff, d], [E, d, ff]) on the
+    layer's device. One-token steps read the blocks in place (``moe_decode_blocks``); a
+    prefill's expert is dequantised to float32 rows (``get``)."""
+
+    def get(self, layer: int, e: int):
+        return self.gate.rows(e), self.up.rows(e), self.down.rows(e)
+
+    def tensors(self):
+        return [*self.gate.tensors(), *self.up.tensors(), *self.down.tensors()]
+
+
+class CpuExperts:
+    """One layer's routed experts computed on the host CPU (llama.cpp's ``--n-cpu-moe``):
+    ``packed`` is an ``engine.cpu_experts.HostQ4Experts``. The layer's router runs where the
+    layer does; ``run`` brings the normed hidden rows and the routing to the host, computes
+    there and returns float32 rows on the hidden's device (a host round trip: a captured
+    step is one graph per stretch between such layers, ``engine.cuda_graph``).
+    ``math`` is the CPU path's arithmetic."""
+    host_compute = True
+
+    def __init__(self, packed):
+        self.packed = packed
+        self.math = packed.math
+
+    def resident_blocker(self, device) -> str | None:
+        return None                  # nothing to fetch: the experts compute where they are
+
+    def resident_view(self):
+        return None
+
+    def make_resident(self):
+        return None
+
+    def tensors(self):
+        return self.packed.tensors()
+
+    def run(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 [T, d]: rows ``h`` [T, d] through their experts ``top_e`` [T, k] weighted
+        ``top_p`` [T, k]; written into ``out`` (on ``h``'s device) when given."""
+        T, k = top_e.shape
+        if h.device.type == "cpu":
+            hh, ids, p = h.detach().float(), top_e.tolist(), top_p.float().tolist()
+        else:                            # one device -> host transfer (one sync) for rows and routing
+            both = torch.cat([h.detach().reshape(-1).float(), top_p.reshape(-1).float(), top_e.reshape(-1).float()]).cpu()
+            n = h.numel()
+            hh = both[:n].reshape(T, -1)
+            p = both[n:n + T * k].reshape(T, k).tolist()
+            ids = both[n + T * k:].reshape(T, k).long().tolist()
+        y = self.packed.rows(hh, ids, p)
+        return y.to(h.device) if out is None else out.copy_(y)
+
+
+def expert_rows(stack, s: int) -> torch.Tensor:
+    """Expert ``s`` of a stack: a view of a float stack, or a block stack's rows dequantised."""
+    return stack[s] if torch.is_tensor(stack) else stack.rows(s)
+
+
 def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, in] float32 @ w[out, in].T; weights stored narrower (bf16/f16) compute in their
     dtype with fp32 accumulation and come back as float32. Activations already in the weights'
@@ -336,7 +396,8 @@ def moe_experts_torch(h, gate, up, down, ids, weights, table=None, residual=None
     rows = (table[ids] if table is not None else ids).tolist()
     y = torch.zeros_like(h) if residual is None else residual
     for s, p in zip(rows, weights.float().tolist()):
-        y = y + p * mm(F.silu(mm(h, gate[s])) * mm(h, up[s]), down[s])
+        g, u, dn = expert_rows(gate, s), expert_rows(up, s), expert_rows(down, s)
+        y = y + p * mm(F.silu(mm(h, g)) * mm(h, u), dn)
     return y
 
 
@@ -465,6 +526,8 @@ class Transformer:
             top_p, top_e = moe_route(s, h, w.router)             # [T, k]
         if self.route_log is not None:      # Engine.routed_logits: which experts each position chose
             self.route_log.append((i, top_e.sort(dim=-1).values))
+        if getattr(w.experts, "host_compute", False):          # cpu_moe: the experts run on the host CPU
+            return w.experts.run(h, top_e, top_p).to(h.dtype)
         if h.shape[0] == 1:
             return self._moe_one(i, h, top_p[0], top_e[0])
         out = torch.zeros_like(h)
@@ -479,12 +542,22 @@ class Transformer:
 
     @staticmethod
     def _moe_kernel(device):
-        """The one-token expert op for ``device``: the Triton kernel, or its torch stand-in."""
+        """The one-token expert op for ``device``: the Triton kernels (over float stacks or GGUF
+        block stacks, by what the stacks are), or the torch stand-in."""
         from . import kernels
         if kernels.use_triton(device):
             from .kernels.moe import moe_decode
-            return moe_decode
+            from .kernels.moe_blocks import moe_decode_blocks
+
+            def run(h, gate, up, down, ids, weights, table=None, residual=None):
+                op = moe_decode if torch.is_tensor(gate) else moe_decode_blocks
+                return op(h, gate, up, down, ids, weights, table=table, residual=residual)
+            return run
         return moe_experts_torch
+
+    def host_expert_layers(self) -> list[int]:
+        """MoE layers whose experts compute on the host CPU (``CpuExperts``)."""
+        return [i for i in self.spec.moe_layers if getattr(self.layers[i].experts, "host_compute", False)]
 
     def experts_not_resident(self, device) -> str | None:
         """Why some MoE layer's experts cannot be read on ``device`` without the host (the
@@ -627,7 +700,30 @@ class Transformer:
         adds fused in (the same maths and roundings as ``mm``; only summation order differs).
         ``rope_append`` (default ``KVBENCH_DECODE_ROPE_APPEND``): on the layers
         ``rope_append_layers`` names, RoPE and the K/V append in one launch
-        (``rope_write_at``) instead of the compiled rotation and ``write_at``."""
+        (``rope_write_at``) instead of the compiled rotation and ``write_at``. Layers whose
+        experts compute on the host CPU (``CpuExperts``) run there inline; ``decode_steps`` is
+        the same step as a generator that hands those layers to its caller instead."""
+        steps = self.decode_steps(x, pos, caches, compiled=compiled, fused_qkv=fused_qkv,
+                                  route_kernel=route_kernel, fused_gate_up=fused_gate_up,
+                                  fused_gemv=fused_gemv, rope_append=rope_append)
+        y = None
+        while True:
+            try:
+                i, h, top_e, top_p = steps.send(y)
+            except StopIteration as done:
+                return done.value
+            y = self.layers[i].experts.run(h, top_e, top_p)
+
+    def decode_steps(self, x: torch.Tensor, pos: torch.Tensor, caches, compiled: bool = False,
+                     fused_qkv: bool | None = None, route_kernel: bool | None = None,
+                     fused_gate_up: bool | None = None, fused_gemv: bool | None = None,
+                     rope_append: bool | None = None):
+        """``decode_at`` as a generator: at each layer whose experts compute on the host CPU it
+        yields ``(i, h, top_e, top_p)`` (device tensors: the normed row [1, d], the routing
+        [1, k]) and takes back that layer's expert output [1, d] (float32, on the device) through
+        ``send``; it returns the final hidden. Between two yields everything stays on the
+        device, so a caller can capture each stretch as its own CUDA graph
+        (``engine.cuda_graph.StaticDecode``)."""
         s = self.spec
         fused_qkv = fused_qkv_on() if fused_qkv is None else fused_qkv
         fused_gate_up = fused_gate_up_on() if fused_gate_up is None else fused_gate_up
@@ -685,6 +781,10 @@ class Transformer:
             else:
                 x, h, logits = post_moe_logits(x, o, w.wo, w.post_attn_norm, w.ffn_norm, w.router)
                 top_p, top_e = route(logits[0], s.n_experts_used, s.moe_norm_topk)
+            if getattr(w.experts, "host_compute", False):     # cpu_moe: the caller runs the host experts
+                y = yield i, h, top_e.reshape(1, -1), top_p.reshape(1, -1)
+                x = x + (y if w.post_ffn_norm is None else rms_norm(y, w.post_ffn_norm, s.rms_eps))
+                continue
             view = w.experts.resident_view()
             if view is None:
                 raise ValueError(f"decode_at: MoE layer {i}'s experts are not resident "

@@ -20,6 +20,15 @@ Pricing rules (what the runtime must allocate for plan and ledger to agree):
   buffers gate/up [S, ff, d] and down [S, d, ff]. S = what is left of the budget after
   trunk weights, KV, scratch and reserve, in whole slots, capped at the trunk's expert
   count; packing keeps room for at least ``min_expert_slots`` (default n_experts_used).
+- Experts kept in their GGUF blocks (``expert_blocks="q4_0"|"q8_0"``, llama.cpp's placement:
+  ``-ngl 99 --n-cpu-moe N``): every layer and the head on the trunk; the routed experts of the
+  first ``cpu_moe`` MoE layers live on the host and compute on its CPU (Q4_0 only, repacked
+  for torch's CPU int4 matmul: ``engine.cpu_experts.packed_bytes``), those of the other MoE
+  layers are resident on the trunk as two buffers per stack (quants and fp16 scales:
+  ``expert_block_buffers``), no expert cache. ``cpu_moe="auto"`` (or None) takes the fewest
+  that fit the budget with the head on the trunk. ``Plan.layer_expert_tiers`` says per layer
+  where its experts are ("trunk" resident blocks, "cpu" host compute, "cache" streamed to a
+  trunk layer, "host" a tail layer's, "" dense) and ``layer_expert_bytes`` their bytes there.
 - KV: two buffers per layer (K, V), each ``rows * n_kv_heads * head_dim`` values at
   fp32 4 B, bf16 2 B, q8_0 34 B per 32 (packed blocks), K at the layer's K format and V at
   its V format. ``rows`` is ``ctx``, except on a
@@ -154,6 +163,22 @@ def expert_matrix_bytes(spec: ModelSpec, weight_format: str) -> list[int]:
     return [f.bytes_for(a * b, f"expert matrix at {weight_format}") for a, b in expert_shapes(spec)]
 
 
+EXPERT_BLOCK_FORMATS = ("q4_0", "q8_0")
+
+
+def expert_block_buffers(spec: ModelSpec, fmt: str) -> list[int]:
+    """Logical bytes of one MoE layer's experts kept as ``fmt`` blocks: quants and scales of
+    gate, up and down (``engine.kernels.moe_blocks.BlockStack``), six buffers."""
+    if fmt not in EXPERT_BLOCK_FORMATS:
+        raise ConfigError(f"expert blocks {fmt!r} are not one of {', '.join(EXPERT_BLOCK_FORMATS)}",
+                          "keep the experts at the weight format instead (expert_format='weights')")
+    out = []
+    for a, b in expert_shapes(spec):
+        n = spec.n_experts * a * b
+        out += [n // 2 if fmt == "q4_0" else n, n // 32 * 2]
+    return out
+
+
 def kv_buffer_bytes(spec: ModelSpec, ctx: int, kv_dtype: str, v_dtype: str | None = None) -> list[int]:
     """Logical bytes of one layer's K and V buffers of ``ctx`` rows: [K, V], K in ``kv_dtype``
     and V in ``v_dtype`` (None: the same)."""
@@ -251,12 +276,16 @@ class Plan:
     layer_kv_rows: list[int] = field(default_factory=list)        # ctx, or the ring of a SWA layer
     layer_attention: list[str] = field(default_factory=list)      # "global" | "swa"
     layer_weight_bytes: list[int] = field(default_factory=list)   # non-expert weights, layer's tier
-    layer_expert_bytes: list[int] = field(default_factory=list)   # routed experts, host
+    layer_expert_bytes: list[int] = field(default_factory=list)   # routed experts, where they live
     scratch_items: dict[str, int] = field(default_factory=dict)   # trunk scratch buffers
     weight_format_requested: str = ""   # "auto" or the format asked for
     weight_format_reason: str = ""      # why "auto" chose ``weight_format``
     host_ram: HostRamPlan = field(default_factory=HostRamPlan)
     embed_tier: str = "host"            # "trunk": a device copy of token_embd too (static decode)
+    expert_format: str = "weights"      # "weights" (the weight format) | "q4_0" | "q8_0" (GGUF blocks kept)
+    cpu_moe: int = 0                    # MoE layers whose experts compute on the host CPU (blocks mode)
+    cpu_moe_requested: str = ""         # "auto" or the count asked for; "" outside blocks mode
+    layer_expert_tiers: list[str] = field(default_factory=list)  # "trunk"|"cpu"|"cache"|"host"|"" per layer
 
     @property
     def free_bytes(self) -> int:
@@ -311,12 +340,14 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
          weight_format: str = "f32", reserve_bytes: int = DEFAULT_RESERVE,
          device: str | torch.device | None = None, ubatch: int = DEFAULT_UBATCH,
          head_tier: str = "auto", min_expert_slots: int | None = None,
-         host_ram: int | None = None, host_held: int = 0, file_bytes: int = 0) -> Plan:
+         host_ram: int | None = None, host_held: int = 0, file_bytes: int = 0,
+         expert_blocks: str | None = None, cpu_moe: int | str | None = None) -> Plan:
     """Price a layer split and its host RAM; see the module docstring for the rules.
 
     ``host_ram``: bytes of host memory available (None: ``engine.hostmem.available()``);
     ``host_held``: bytes already resident that this load takes over; ``file_bytes``: the
-    GGUF's size (its page cache, listed in ``host_ram``). ``weight_format="auto"`` picks f32
+    GGUF's size (its page cache, listed in ``host_ram``). ``expert_blocks``: the GGUF's expert
+    block format when experts stay in it (then ``cpu_moe``: a count or "auto", module docstring). ``weight_format="auto"`` picks f32
     or bf16 (module docstring). The plan records whether the host fits; it does not raise
     for host RAM (``require_host_fit`` does), so what-if plans stay possible."""
     if weight_format not in WEIGHT_FORMAT_CHOICES:
@@ -331,7 +362,8 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
         ram = hostmem.HostRam(host_ram, host_ram, "host_ram argument")
     kw = dict(kv_dtype=kv_dtype, ctx=ctx, vram_budget=vram_budget, n_gpu_layers=n_gpu_layers,
               wave_budget_bytes=wave_budget_bytes, reserve_bytes=reserve_bytes, device=device,
-              ubatch=ubatch, head_tier=head_tier, min_expert_slots=min_expert_slots)
+              ubatch=ubatch, head_tier=head_tier, min_expert_slots=min_expert_slots,
+              expert_blocks=expert_blocks, cpu_moe=cpu_moe)
 
     def priced(fmt: str) -> Plan:
         p = _plan(spec, weight_format=fmt, **kw)
@@ -357,7 +389,8 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
 
 
 def _price_host(p: Plan, ram, held: int, file_bytes: int) -> None:
-    experts = sum(p.layer_expert_bytes)
+    tiers = p.layer_expert_tiers or [""] * len(p.layer_expert_bytes)
+    experts = sum(b for b, t in zip(p.layer_expert_bytes, tiers) if t != "trunk")
     trunk_on_host = p.trunk.total - p.trunk.reserve if torch.device(p.device).type == "cpu" else 0
     p.host_ram = HostRamPlan(
         weights=p.host.weights - experts, experts=experts, kv=p.host.kv, scratch=p.host.scratch,
@@ -393,7 +426,8 @@ def require_host_fit(p: Plan) -> None:
 def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
           n_gpu_layers: int | None, wave_budget_bytes: int, weight_format: str, reserve_bytes: int,
           device: str | torch.device | None, ubatch: int, head_tier: str,
-          min_expert_slots: int | None) -> Plan:
+          min_expert_slots: int | None, expert_blocks: str | None = None,
+          cpu_moe: int | str | None = None) -> Plan:
     """The split and the device/host bytes at one concrete weight format."""
     try:
         dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -482,6 +516,13 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
             f"raise --vram-budget to at least {_mib(essentials)}, lower the wave budget or reserve, "
             f"or pass --n-gpu-layers 0")
 
+    if expert_blocks is not None or cpu_moe is not None:
+        return _plan_blocks(spec, dev, budget, source, dict(
+            rnd=rnd, trunk_cost=trunk_cost, scratch_items=scratch_items, w_trunk=w_trunk, kv_trunk=kv_trunk,
+            kv_rows=kv_rows, wanted=wanted, embd_bytes=embd_bytes, slot_bytes=slot_bytes, moe=moe),
+            expert_blocks=expert_blocks, cpu_moe=cpu_moe, n_gpu_layers=n_gpu_layers, kv_dtype=kv_dtype,
+            ctx=ctx, weight_format=weight_format, wave_budget_bytes=wave_budget_bytes, ubatch=ubatch)
+
     fit = 0
     for k in range(1, L + 1):
         if trunk_cost(k, False, min_slots(k)).total > budget:
@@ -537,8 +578,91 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
         layer_attention=["swa" if spec.window(i) else "global" for i in range(L)],
         layer_weight_bytes=[w_trunk[i] if i in trunk_layers else w_host[i] for i in range(L)],
         layer_expert_bytes=w_expert,
+        layer_expert_tiers=[("cache" if i in trunk_layers else "host") if i in moe else "" for i in range(L)],
         scratch_items=scratch_items(k, head_on_trunk),
         embed_tier="trunk" if embed_copy else "host",
+    )
+
+
+def cpu_expert_bytes(spec: ModelSpec) -> int:
+    """Host bytes of one MoE layer's experts packed for the CPU int4 matmul: 4 bits a value and
+    a bf16 (scale, zero) pair per 32 values (``engine.cpu_experts.packed_bytes``)."""
+    values = 3 * spec.d_ff_expert * spec.d_model
+    return spec.n_experts * (values // 2 + values // 32 * 4)
+
+
+def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c: dict, *,
+                 expert_blocks: str | None, cpu_moe, n_gpu_layers, kv_dtype: str, ctx: int,
+                 weight_format: str, wave_budget_bytes: int, ubatch: int) -> Plan:
+    """The blocks placement (module docstring): every layer and the head on the trunk, experts of
+    the first ``cpu_moe`` MoE layers on the host CPU, the others resident in blocks."""
+    L, rnd, moe = spec.n_layers, c["rnd"], c["moe"]
+    if expert_blocks is None:
+        raise ConfigError("cpu_moe computes experts from their GGUF blocks; the experts are kept at the "
+                          "weight format", "pass expert_format='blocks' (--expert-format blocks)")
+    if not moe:
+        raise ConfigError(f"{spec.name} has no routed experts to keep in blocks",
+                          "drop expert_format='blocks' (--expert-format)")
+    if n_gpu_layers not in (None, L):
+        raise ConfigError(f"experts in blocks keep all {L} layers on the trunk (llama.cpp's -ngl 99 "
+                          f"--n-cpu-moe N); n_gpu_layers={n_gpu_layers} asks otherwise",
+                          f"drop n_gpu_layers (or pass {L}) and size the split with cpu_moe")
+    gpu_layer = sum(rnd(b) for b in expert_block_buffers(spec, expert_blocks))
+    host_layer = cpu_expert_bytes(spec)
+    order = sorted(moe)
+    requested = "auto" if cpu_moe in (None, "auto") else cpu_moe
+    if requested != "auto" and (isinstance(requested, bool) or not isinstance(requested, int)
+                                or not 0 <= requested <= len(order)):
+        raise ConfigError(f"cpu_moe {cpu_moe!r} must be 'auto' or an integer in [0, {len(order)}] "
+                          f"(the MoE layers of {spec.name})", f"pass 0..{len(order)} or 'auto'")
+    if requested not in ("auto", 0) and expert_blocks != "q4_0":
+        raise ConfigError(f"cpu_moe={requested}: the CPU computes experts from Q4_0 blocks, this file's "
+                          f"are {expert_blocks}", "pass cpu_moe=0 (every expert on the trunk)")
+    base = c["trunk_cost"](L, True, 0)
+
+    def need(n: int) -> int:
+        return base.total + gpu_layer * (len(order) - n)
+    counts = range(len(order) + 1) if expert_blocks == "q4_0" else range(1)
+    fewest = next((n for n in counts if need(n) <= budget), None)
+    n = fewest if requested == "auto" else requested
+    if n is None:
+        raise OutOfMemoryError(
+            f"experts in {expert_blocks} blocks: even with every MoE layer's experts on the CPU the trunk "
+            f"needs {_mib(base.total)} (attention, norms, head, KV {kv_dtype}, scratch, reserve) but the "
+            f"budget is {_mib(budget)}", "raise --vram-budget, or use a smaller --ctx")
+    if need(n) > budget:
+        raise OutOfMemoryError(
+            f"cpu_moe={n}: the trunk needs {_mib(need(n))} ({_mib(base.total)} of attention, norms, head, KV "
+            f"{kv_dtype}, scratch and reserve + the experts of {len(order) - n} layers at {_mib(gpu_layer)} "
+            f"each) but the budget is {_mib(budget)}",
+            f"use cpu_moe={fewest} (--cpu-moe {fewest}), the fewest that fit, or raise --vram-budget")
+    cpu_layers = set(order[:n])
+    trunk = c["trunk_cost"](L, True, 0)
+    trunk.weights += gpu_layer * (len(order) - n)
+    embed_copy = rnd(c["embd_bytes"]) if (dev.type == "cuda" and not spec.tied_output
+                                         and settings.get("KVBENCH_DECODE_DEVICE_EMBED")) else 0
+    if embed_copy and trunk.total + embed_copy > budget:
+        embed_copy = 0
+    trunk.weights += embed_copy
+    host = TierBytes(weights=c["embd_bytes"] + host_layer * n)
+    applied = c["wanted"]
+    tiers = [("cpu" if i in cpu_layers else "trunk") if i in moe else "" for i in range(L)]
+    return Plan(
+        model=spec.name, arch=spec.arch, device=str(dev), n_layers=L, n_gpu_layers=L, ctx=ctx,
+        kv_dtype=kv_dtype, weight_format=weight_format, budget_bytes=budget, budget_source=source,
+        wave_budget_bytes=wave_budget_bytes, ubatch=ubatch, head_tier="trunk", trunk=trunk, host=host,
+        expert_slots=0, expert_slot_bytes=c["slot_bytes"], trunk_experts=0,
+        layer_tiers=["trunk"] * L,
+        layer_kv_dtypes=[kvspec.layer_label(*a) for a in applied],
+        layer_k_dtypes=[a[0] for a in applied], layer_v_dtypes=[a[1] for a in applied],
+        kv_spec=str(kvspec.KVSpec.from_layers(applied)),
+        layer_kv_bytes=list(c["kv_trunk"]), layer_kv_rows=c["kv_rows"],
+        layer_attention=["swa" if spec.window(i) else "global" for i in range(L)],
+        layer_weight_bytes=list(c["w_trunk"]),
+        layer_expert_bytes=[(host_layer if t == "cpu" else gpu_layer) if t else 0 for t in tiers],
+        layer_expert_tiers=tiers, scratch_items=c["scratch_items"](L, True),
+        embed_tier="trunk" if embed_copy else "host", expert_format=expert_blocks, cpu_moe=n,
+        cpu_moe_requested=str(requested),
     )
 
 

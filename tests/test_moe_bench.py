@@ -60,3 +60,16 @@ def test_bench_runs_both_paths_and_records_a_failing_one(capsys, tmp_path):
     assert len(last["tok_s"]) == 8 and last["path_errors"] == [["fp32", 8, "cuda_graph"], ["fp32", 24, "cuda_graph"],
                                                                ["q8_0", 8, "cuda_graph"], ["q8_0", 24, "cuda_graph"]]
     assert "tok/s" in text
+
+
+@pytest.mark.slow(seconds=15)
+def test_bench_keeps_experts_in_blocks_when_asked(capsys, tmp_path):
+    """--expert-format blocks: every case loads with the experts in the file's Q4_0 blocks (no
+    expert cache), recorded in the document; the static step reads them through moe_decode_blocks."""
+    doc, _, _ = run_bench(capsys, tmp_path, "--model", "tiny-olmoe-q4_0", "--device", "cpu", "--kv", "fp32",
+                          "--depths", "8,16", "--paths", "eager,static", "--steps", "1", "--eager-steps", "1",
+                          "--reps", "1", "--warmup", "1", "--profile", "none", "--expert-format", "blocks")
+    assert doc["expert_format"] == "blocks" and not doc["failed"]
+    for v in doc["variants"]:
+        assert v["expert_slots"] == v["trunk_experts"] == 0 and "expert_cache" not in v
+        assert set(v["paths"]) == {"eager", "static"}

@@ -31,11 +31,16 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+from gguf import GGML_QUANT_SIZES
+from gguf import GGMLQuantizationType as QT
 
+from ..formats import Q8_BLOCK
 from .moe import moe_decode_ref
 
-BLOCK = 32                                   # values per ggml block (Q4_0 and Q8_0)
-FORMATS = {"q4_0": (4, 18), "q8_0": (8, 34)}  # bits a value, ggml bytes a block
+# bits a value and ggml bytes a block, from the gguf package's table of ggml's block types
+FORMATS = {name: (bits, GGML_QUANT_SIZES[qt][1]) for name, bits, qt in (("q4_0", 4, QT.Q4_0), ("q8_0", 8, QT.Q8_0))}
+BLOCK = GGML_QUANT_SIZES[QT.Q4_0][0]        # values a block (32; Q8_0's too: engine.formats.Q8_BLOCK)
+assert GGML_QUANT_SIZES[QT.Q8_0][0] == BLOCK == Q8_BLOCK
 
 # Tile sizes: gate_up: BLOCK_F rows of gate and up per program, BLOCK_K values of d per step;
 # down: BLOCK_D output rows per program, BLOCK_K values of ff per step (multiples of 32).

@@ -1,0 +1,217 @@
+"""llama.cpp's placement on our engine: experts in GGUF blocks, the first N MoE layers' on the CPU.
+
+Contract: for a MoE GGUF with Q4_0 experts (default coder30b-synth) on CUDA, loads the engine
+with ``expert_format="blocks"`` at each ``--cases`` (budget:cpu_moe) x ``--kv`` and
+records: the applied ``cpu_moe`` and decode path, plan vs ledger (max |diff|), load seconds,
+greedy decode tok/s at each ``--depths`` (greedy ``decode`` steps after a fast-path prefill
+of that many tokens: median of ``--reps``), and the time one step spends in the host experts
+(``CpuExperts.run`` timed with the device synced around it). Then two isolated timings for
+one layer of k experts: the host CPU path (``HostQ4Experts``, at each ``--threads``) and
+the device kernels (``moe_decode_blocks`` on Q4_0 blocks against ``moe_decode`` on bf16
+stacks, ``triton.testing.do_bench``). Prints one line per case and writes JSON to ``--out``.
+The llama.cpp side of the comparison is ``benchmarks/bench_llamacpp.py run --n-cpu-moe N``
+on the same file, in the same call.
+
+    python benchmarks/bench_cpu_moe.py --model coder30b-synth --cases 12GiB:auto,none:17 \\
+        --kv bf16,q8_0 --depths 16,4096 --out cpu_moe.json
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import engine  # noqa: E402
+from engine import settings  # noqa: E402
+from engine.errors import EngineError  # noqa: E402
+from engine.model import CpuExperts  # noqa: E402
+
+
+def _sync():
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class HostTimer:
+    """Wraps every ``CpuExperts.run`` of a model: seconds spent there, device synced around."""
+
+    def __init__(self, model):
+        self.seconds, self.calls, self.wrapped = 0.0, 0, []
+        for w in model.layers:
+            if isinstance(w.experts, CpuExperts):
+                self.wrapped.append((w.experts, w.experts.run))
+                w.experts.run = self._timed(w.experts.run)
+
+    def _timed(self, run):
+        def timed(*a, **kw):
+            _sync()
+            t = time.perf_counter()
+            y = run(*a, **kw)
+            _sync()
+            self.seconds += time.perf_counter() - t
+            self.calls += 1
+            return y
+        return timed
+
+    def reset(self):
+        self.seconds, self.calls = 0.0, 0
+
+    def restore(self):
+        for ex, run in self.wrapped:
+            ex.run = run
+
+
+def decode_case(eng, depth: int, n: int, reps: int) -> dict:
+    g = torch.Generator().manual_seed(depth)
+    prompt = torch.randint(100, eng.spec.vocab_size - 100, (max(depth, 2),), generator=g).tolist()
+    timer = HostTimer(eng.model) if eng.model.host_expert_layers() else None
+    tok_s, host_ms = [], []
+    for _ in range(reps):
+        eng.set_prefill_path("fast")
+        eng.prefill(prompt)
+        eng.set_prefill_path("exact")
+        if timer:
+            timer.reset()
+        _sync()
+        t = time.perf_counter()
+        _greedy(eng, prompt[-1], n)
+        _sync()
+        dt = time.perf_counter() - t
+        tok_s.append(n / dt)
+        if timer:
+            host_ms.append(1e3 * timer.seconds / n)
+    if timer:
+        timer.restore()
+    out = {"depth": depth, "tokens": n, "tok_s": statistics.median(tok_s), "tok_s_all": tok_s}
+    if host_ms:
+        out.update(host_experts_ms_per_step=statistics.median(host_ms),
+                   step_ms=1e3 / statistics.median(tok_s))
+    return out
+
+
+def _greedy(eng, tok: int, n: int) -> None:
+    for _ in range(n):
+        tok = int(eng.decode(tok).argmax())
+
+
+def layer_timings(spec, threads: list[int], reps: int = 50) -> dict:
+    """One layer of k experts: the host int4 path per thread count, the device kernels."""
+    from engine.cpu_experts import HostQ4Experts
+    from engine.kernels.moe_blocks import BlockStack
+    E, ff, d, k = spec.n_experts, spec.d_ff_expert, spec.d_model, spec.n_experts_used
+    g = torch.Generator().manual_seed(0)
+
+    def stack(shape):
+        S, N, K = shape
+        st = BlockStack.empty("q4_0", shape)
+        st.qs.copy_(torch.randint(0, 256, st.qs.shape, generator=g, dtype=torch.int32).to(torch.uint8))
+        st.d.copy_((torch.rand(st.d.shape, generator=g) * 0.01 + 0.001).half())
+        return st
+    stacks = [stack((E, ff, d)), stack((E, ff, d)), stack((E, d, ff))]
+    t = time.perf_counter()
+    host = HostQ4Experts.from_blocks(*stacks)
+    pack_s = time.perf_counter() - t
+    out = {"pack_layer_s": pack_s, "host_us": {}}
+    x = torch.randn(1, d)
+    ids = torch.randperm(E, generator=g)[:k].tolist()
+    p = [1.0 / k] * k
+    prev = torch.get_num_threads()
+    for n in threads:
+        torch.set_num_threads(n)
+        host(x, ids, p)
+        t = time.perf_counter()
+        for _ in range(reps):
+            host(x, ids, p)
+        out["host_us"][n] = 1e6 * (time.perf_counter() - t) / reps
+    torch.set_num_threads(prev)
+    if torch.cuda.is_available():
+        import triton.testing
+        from engine.kernels.moe import moe_decode
+        from engine.kernels.moe_blocks import moe_decode_blocks
+        dev = torch.device("cuda")
+        blk = [s.to(dev) for s in stacks]
+        flt = [s.dequantize().to(dev, torch.bfloat16) for s in stacks]
+        xd = x.to(dev)
+        idd = torch.tensor(ids, device=dev)
+        pd = torch.tensor(p, device=dev)
+        out["device_blocks_us"] = 1e3 * triton.testing.do_bench(lambda: moe_decode_blocks(xd, *blk, idd, pd))
+        out["device_bf16_us"] = 1e3 * triton.testing.do_bench(lambda: moe_decode(xd, *flt, idd, pd))
+        out["bytes_blocks"] = k * 3 * ff * d * 18 // 32
+        out["bytes_bf16"] = k * 3 * ff * d * 2
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="coder30b-synth")
+    ap.add_argument("--cases", default="12GiB:auto,none:17",
+                    help="comma list of BUDGET:CPU_MOE (budget none: free memory; cpu_moe auto or a count)")
+    ap.add_argument("--kv", default="bf16,q8_0")
+    ap.add_argument("--depths", default="16,4096")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--threads", default="", help="comma list of CPU thread counts for the layer timing "
+                                                  "(default: this machine's)")
+    ap.add_argument("--weight-format", default="bf16")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args(argv)
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    depths = [int(x) for x in args.depths.split(",")]
+    ctx = max(depths) + args.tokens + 64
+    from engine.models import spec_for
+    spec = spec_for(args.model)
+    threads = [int(x) for x in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    layer = layer_timings(spec, threads)
+    print(f"one layer, k={spec.n_experts_used}: host {layer['host_us']} us, pack {layer['pack_layer_s']:.2f} s"
+          + (f"; device blocks {layer['device_blocks_us']:.1f} us vs bf16 {layer['device_bf16_us']:.1f} us"
+             if "device_blocks_us" in layer else ""), flush=True)
+    cases = []
+    result = {"model": args.model, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
+              "torch": torch.__version__, "cases": cases, "layer": layer}
+    for spec_case in args.cases.split(","):
+        budget, n = spec_case.split(":")
+        vram = None if budget == "none" else settings.parse_size(budget)
+        cpu_moe = "auto" if n == "auto" else int(n)
+        for kv in args.kv.split(","):
+            if dev == "cuda":
+                torch.cuda.empty_cache()
+            t = time.perf_counter()
+            try:
+                eng = engine.load(args.model, kv_dtype=kv, device=dev, ctx=ctx, vram_budget=vram,
+                                  weight_format=args.weight_format, expert_format="blocks", cpu_moe=cpu_moe)
+            except EngineError as exc:       # one case refused: recorded, the rest go on
+                cases.append({"budget": budget, "cpu_moe_requested": n, "kv": kv, "error": str(exc)})
+                print(f"{args.model} budget {budget} cpu_moe {n} KV {kv}: refused: {exc}", flush=True)
+                continue
+            load_s = time.perf_counter() - t
+            rows = eng.ledger.compare(eng.plan)
+            case = {"budget": budget, "cpu_moe_requested": n, "cpu_moe": eng.plan.cpu_moe, "kv": kv,
+                    "expert_format": eng.plan.expert_format, "decode_path": eng.decode_path,
+                    "decode_path_reason": eng.decode_path_reason, "cpu_expert_math": eng.cpu_expert_math,
+                    "load_s": load_s, "trunk_bytes": eng.plan.trunk.total, "host_bytes": eng.plan.host.total,
+                    "plan_max_abs_diff": max(abs(r.diff) for r in rows),
+                    "threads": torch.get_num_threads(),
+                    "decode": [decode_case(eng, dpt, args.tokens, args.reps) for dpt in depths]}
+            cases.append(case)
+            speeds = ", ".join(f"d{c['depth']} {c['tok_s']:.1f} tok/s"
+                               + (f" (host experts {c['host_experts_ms_per_step']:.2f} of "
+                                  f"{c['step_ms']:.2f} ms)" if "step_ms" in c else "") for c in case["decode"])
+            print(f"{args.model} budget {budget} cpu_moe {n}->{case['cpu_moe']} KV {kv}: {case['decode_path']}, "
+                  f"load {load_s:.1f} s, plan diff {case['plan_max_abs_diff']} B; {speeds}", flush=True)
+            del eng
+            if args.out:                 # after every case: a timeout keeps what was measured
+                args.out.write_text(json.dumps(result, indent=1))
+    if args.out:
+        args.out.write_text(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

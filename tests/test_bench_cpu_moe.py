@@ -1,0 +1,30 @@
+"""benchmarks/bench_cpu_moe.py on the CPU: every case recorded with what was applied, a case
+the planner refuses recorded as refused (not dropped), the host experts' time measured only
+where layers run there."""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import bench_cpu_moe  # noqa: E402
+
+
+def test_cases_record_what_was_applied(tmp_path):
+    out = tmp_path / "cpu_moe.json"
+    assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--cases", "none:auto,none:2,1MiB:auto",
+                               "--kv", "fp32", "--depths", "8", "--tokens", "2", "--reps", "1",
+                               "--weight-format", "f32", "--threads", "1", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    auto, two, refused = r["cases"]
+    assert auto["cpu_moe"] == 0 and auto["expert_format"] == "q4_0" and auto["cpu_expert_math"] is None
+    assert two["cpu_moe"] == 2 and "bf16" in two["cpu_expert_math"]
+    assert auto["plan_max_abs_diff"] == two["plan_max_abs_diff"] == 0
+    assert "host_experts_ms_per_step" not in auto["decode"][0]
+    d = two["decode"][0]
+    assert 0 < d["host_experts_ms_per_step"] < d["step_ms"] and d["tok_s"] > 0
+    assert "error" in refused and "budget" in refused["error"]
+    layer = r["layer"]
+    assert layer["host_us"]["1"] > 0 and layer["pack_layer_s"] > 0

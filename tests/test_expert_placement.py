@@ -1,0 +1,203 @@
+"""Experts kept in their GGUF blocks, and llama.cpp's placement (``--n-cpu-moe N``).
+
+References: the engine with experts dequantised at load (float32 weights: the file's exact
+values), for the blocks on the trunk (same values, float32 maths: summation order only) and,
+within the bf16 speed path's bound, for the experts computed on the host CPU; the GGUF's own
+tensor byte counts for what the planner prices; the eager step for the static one. The
+per-expert maths are tests/test_moe_blocks.py and tests/test_cpu_experts.py (gguf.quants).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import engine
+from engine import kernels, planner, synth
+from engine.cuda_graph import host_layers
+from engine.errors import ConfigError, OutOfMemoryError
+from engine.models import spec_for
+
+PROMPT = [5, 17, 29, 41, 53, 65, 77, 89]
+
+
+@pytest.fixture(scope="module")
+def mini():
+    return synth.ensure("coder30b-mini-synth")         # Q4_0 experts, Q8_0 attention
+
+
+def load(path, **kw):
+    return engine.load(path, kv_dtype="fp32", device="cpu", ctx=48, weight_format="f32", **kw)
+
+
+def rel(a, b):
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
+def test_blocks_on_the_trunk_compute_the_files_values(mini):
+    ref, blk = load(mini), load(mini, expert_format="blocks", cpu_moe=0)
+    spec = blk.spec
+    assert blk.plan.expert_format == "q4_0" and blk.plan.cpu_moe == 0 and blk.plan.cpu_moe_requested == "0"
+    assert blk.plan.layer_expert_tiers == ["trunk" if i in spec.moe_layers else "" for i in range(spec.n_layers)]
+    assert blk.expert_cache is None and blk.cpu_expert_math is None
+    assert all(r.diff == 0 for r in blk.ledger.compare(blk.plan))
+    # the experts take the file's bytes: Q4_0 blocks split into quants and scales, nothing added
+    g = blk.gguf
+    file_bytes = sum(g.tensors[f"blk.{i}.{n}.weight"].n_bytes for i in spec.moe_layers
+                     for n in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"))
+    assert sum(blk.plan.layer_expert_bytes) == file_bytes
+    # against float32 experts (the default engine caches every one of them on the trunk): 4 bytes a value
+    assert blk.plan.trunk.weights - ref.plan.trunk.weights == file_bytes
+    assert ref.plan.trunk.expert_cache == 4 * file_bytes * 32 // 18 and blk.plan.trunk.expert_cache == 0
+    lr, lb = ref.prefill(PROMPT), blk.prefill(PROMPT)
+    assert rel(lb, lr) < 1e-5
+    for t in (3, 11, 19):
+        assert rel(blk.decode(t), ref.decode(t)) < 1e-4
+
+
+def test_blocks_refuse_what_they_cannot_apply(mini, tmp_path):
+    with pytest.raises(ConfigError, match="expert_format 'bogus'"):
+        load(mini, expert_format="bogus")
+    with pytest.raises(ConfigError, match="F32"):            # float experts are not blocks
+        load(synth.ensure("tiny-qwen3moe"), expert_format="blocks")
+    with pytest.raises(ConfigError, match="no routed experts"):
+        load(synth.ensure("tiny-llama"), expert_format="blocks")
+    with pytest.raises(ConfigError, match="expert_format='blocks'"):
+        load(mini, cpu_moe=2)                                   # host experts need the blocks
+    with pytest.raises(ConfigError, match="Q4_0"):
+        load(synth.ensure("tiny-qwen3moe-q8_0"), expert_format="blocks", cpu_moe=1)
+    first = load(mini)
+    with pytest.raises(ConfigError, match="weights_from: this plan keeps experts as q4_0"):
+        engine.load(mini, kv_dtype="fp32", device="cpu", ctx=48, weight_format="f32",
+                    expert_format="blocks", weights_from=first)
+    assert first.model is not None                      # refused before anything was taken
+
+
+def test_weights_from_takes_over_blocks_with_the_same_placement(mini):
+    a = load(mini, expert_format="blocks", cpu_moe=2)
+    la = a.prefill(PROMPT)
+    b = engine.load(mini, kv_dtype="bf16", device="cpu", ctx=64, weight_format="f32", expert_format="blocks",
+                    cpu_moe=2, weights_from=a)
+    assert a.model is None and b.plan.cpu_moe == 2 and b.kv_spec == "bf16"
+    assert all(r.diff == 0 for r in b.ledger.compare(b.plan))
+    assert rel(b.prefill(PROMPT), la) < 2e-2          # bf16 KV now; the same weights
+    with pytest.raises(ConfigError, match="with 1 MoE layers on the CPU, the loaded weights as q4_0 with 2"):
+        engine.load(mini, kv_dtype="fp32", device="cpu", ctx=48, weight_format="f32", expert_format="blocks",
+                    cpu_moe=1, weights_from=b)
+
+
+def test_cpu_moe_runs_the_first_layers_experts_on_the_host(mini):
+    ref, cpu = load(mini), load(mini, expert_format="blocks", cpu_moe=2)
+    spec = cpu.spec
+    moe = sorted(spec.moe_layers)
+    assert cpu.plan.cpu_moe == 2
+    assert [cpu.plan.layer_expert_tiers[i] for i in moe] == ["cpu", "cpu"] + ["trunk"] * (len(moe) - 2)
+    assert "bf16" in cpu.cpu_expert_math
+    assert cpu.model.host_expert_layers() == moe[:2]
+    assert all(r.diff == 0 for r in cpu.ledger.compare(cpu.plan))
+    host = [r for r in cpu.ledger.compare(cpu.plan) if (r.category, r.tier) == ("weights", "host")][0]
+    assert host.planned == cpu.plan.host.weights > 2 * planner.cpu_expert_bytes(spec)
+    lr, lc = ref.prefill(PROMPT), cpu.prefill(PROMPT)
+    err = rel(lc, lr)
+    print(f"cpu_moe=2 prefill logits vs the exact engine: {err:.2e} of max |logit|")
+    assert 0 < err < 2e-2           # bf16 activations and scales in two layers, nothing else
+    assert rel(cpu.decode(3), ref.decode(3)) < 2e-2
+
+
+@pytest.mark.slow(seconds=15)
+@pytest.mark.parametrize("model,cpu_moe", [("coder30b-mini-synth", 0), ("coder30b-mini-synth", 2),
+                                           ("tiny-qwen3moe-q8_0", 0)])
+def test_static_step_over_blocks_matches_eager(model, cpu_moe):
+    """The static step (route kernel, moe_decode_blocks over resident blocks, the host round
+    trip of cpu_moe layers) against the eager step, interpreted on CPU."""
+    prev = kernels.set_backend("triton")
+    try:
+        eng = load(synth.ensure(model), expert_format="blocks", cpu_moe=cpu_moe)
+        eng.set_decode_mode("eager")
+        eng.prefill(PROMPT)
+        ref = torch.stack([eng.decode(t) for t in (3, 11)])
+        assert host_layers(eng) == sorted(eng.spec.moe_layers)[:cpu_moe]
+        # the step's generator stops at exactly those layers (a captured step: one graph per stretch)
+        stops = [i for i, *_ in _generator_stops(eng)]
+        assert stops == host_layers(eng)
+        eng.set_decode_mode("static")
+        eng.prefill(PROMPT)
+        got = torch.stack([eng.decode(t) for t in (3, 11)])
+    finally:
+        kernels.set_backend(prev)
+    err = rel(got, ref)
+    print(f"{model} cpu_moe={cpu_moe}: static vs eager {err:.2e}")
+    assert err < 1e-4
+
+
+def _generator_stops(eng):
+    """Drive ``Transformer.decode_steps`` once (at position 0 of a scratch prefill), collecting
+    what it yields; the host experts answer each stop."""
+    eng.prefill(PROMPT[:2])
+    x = eng.model.embed_tokens(torch.tensor([PROMPT[2]]))
+    steps = eng.model.decode_steps(x, torch.tensor([2]), eng.caches)
+    stops, y = [], None
+    while True:
+        try:
+            stop = steps.send(y)
+        except StopIteration:
+            return stops
+        stops.append(stop)
+        y = eng.model.layers[stop[0]].experts.run(*stop[1:])
+
+
+@pytest.mark.gpu
+def test_cuda_graph_around_host_experts_matches_eager():
+    """A captured step with cpu_moe layers: one graph per stretch between them, the host
+    experts run in between; against the eager step (tokens equal, logits to summation order)."""
+    eng = engine.load(synth.ensure("coder30b-mini-synth"), kv_dtype="bf16", device="cuda", ctx=64,
+                      weight_format="f32", expert_format="blocks", cpu_moe=2)
+    assert eng.decode_path == "cuda_graph" and "3 graphs" in eng.decode_path_reason
+    graph = eng.generate(PROMPT, 12, stop_at_eos=False)
+    assert len(eng._static.graphs) == 3
+    eng.set_decode_mode("eager")
+    assert eng.generate(PROMPT, 12, stop_at_eos=False) == graph
+    eng.prefill(PROMPT)
+    ref = torch.stack([eng.decode(t) for t in (3, 11, 19)])
+    eng.set_decode_mode("cuda_graph")
+    eng.prefill(PROMPT)
+    got = torch.stack([eng.decode(t) for t in (3, 11, 19)])
+    assert rel(got, ref) < 1e-3
+
+
+CODER = spec_for("coder30b-synth")
+
+
+def coder_plan(**kw):
+    return planner.plan(CODER, kv_dtype="bf16", ctx=4096, weight_format="bf16", device="cpu",
+                        host_ram=200 << 30, expert_blocks="q4_0", **kw)
+
+
+def test_planner_takes_the_fewest_cpu_layers_that_fit():
+    p = coder_plan(vram_budget=12 << 30)
+    n = p.cpu_moe
+    assert 0 < n < 48 and p.cpu_moe_requested == "auto" and p.n_gpu_layers == 48 and p.head_tier == "trunk"
+    assert p.trunk.total <= p.budget_bytes and p.expert_slots == 0
+    with pytest.raises(OutOfMemoryError, match=f"cpu_moe={n}"):          # one fewer does not fit
+        coder_plan(vram_budget=12 << 30, cpu_moe=n - 1)
+    q = coder_plan(vram_budget=12 << 30, cpu_moe=n + 5)
+    # five more layers on the host: their blocks leave the trunk, their packed form joins the host
+    blocks = sum(planner.expert_block_buffers(CODER, "q4_0"))
+    assert p.trunk.total - q.trunk.total == 5 * blocks
+    assert q.host.weights - p.host.weights == 5 * planner.cpu_expert_bytes(CODER)
+    assert blocks == 3 * 128 * 768 * 2048 * 18 // 32            # ggml Q4_0: 18 bytes per 32 values
+    assert q.host_ram.experts == (n + 5) * planner.cpu_expert_bytes(CODER)
+    assert coder_plan(vram_budget=40 << 30).cpu_moe == 0
+
+
+def test_planner_refuses_placements_it_cannot_make():
+    with pytest.raises(ConfigError, match="integer in"):
+        coder_plan(vram_budget=12 << 30, cpu_moe=49)
+    with pytest.raises(ConfigError, match="all 48 layers"):
+        coder_plan(vram_budget=12 << 30, n_gpu_layers=30)
+    with pytest.raises(OutOfMemoryError, match="even with every MoE layer"):
+        coder_plan(vram_budget=2 << 30)
+    with pytest.raises(ConfigError, match="Q4_0"):
+        planner.plan(CODER, kv_dtype="bf16", ctx=4096, weight_format="bf16", device="cpu",
+                     host_ram=200 << 30, expert_blocks="q8_0", cpu_moe=3, vram_budget=12 << 30)
+    with pytest.raises(ConfigError, match="expert blocks 'q5_k'"):
+        planner.plan(CODER, device="cpu", host_ram=200 << 30, expert_blocks="q5_k")
