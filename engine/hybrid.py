@@ -289,7 +289,8 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
 def read_block_experts(g: GGUFFile, spec: ModelSpec, i: int, fmt: str, tier: str, dev: torch.device):
     """Layer ``i``'s routed experts from the file's ``fmt`` blocks: ``BlockExperts`` on ``dev``
     (tier "trunk": the bytes go up as they are and are split into quants and scales there) or
-    ``CpuExperts`` (tier "cpu": split and repacked on the host for the CPU int4 matmul)."""
+    ``CpuExperts`` (tier "cpu": split and repacked on ``dev`` for the CPU int4 matmul, kept on
+    the host)."""
     from gguf import GGMLQuantizationType as QT
     from .kernels.moe_blocks import BlockStack
     from .model import BlockExperts, CpuExperts
@@ -299,9 +300,10 @@ def read_block_experts(g: GGUFFile, spec: ModelSpec, i: int, fmt: str, tier: str
     for name, shape in (("ffn_gate_exps.weight", (E, ff, d)), ("ffn_up_exps.weight", (E, ff, d)),
                         ("ffn_down_exps.weight", (E, d, ff))):
         raw = g.blocks(f"blk.{i}.{name}", shape, qtype)
-        where = dev if tier == "trunk" else HOST
-        out = BlockStack.empty(fmt, shape, device=where)
-        stacks.append(BlockStack.from_ggml(raw.to(where), fmt, shape, out=out))
+        # host experts are split and repacked on the GPU too when there is one (only the packed
+        # bytes come back): faster than the host's cores at load
+        out = BlockStack.empty(fmt, shape, device=dev)
+        stacks.append(BlockStack.from_ggml(raw.to(dev), fmt, shape, out=out))
     if tier == "trunk":
         return BlockExperts(*stacks)
     if tier != "cpu":

@@ -100,3 +100,13 @@ def test_rows_equal_one_token_at_a_time_and_bytes_are_priced():
     together = ex.rows(h, ids, p)
     for t in range(4):
         assert torch.allclose(together[t:t + 1], ex(h[t:t + 1], ids[t], p[t]), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.gpu
+def test_packing_on_the_gpu_gives_the_same_bytes():
+    """A load repacks host experts on the GPU when there is one: the same bytes as on the CPU."""
+    stacks = [q4_stack(4, 64, 128, 9)[0], q4_stack(4, 64, 128, 10)[0], q4_stack(4, 128, 64, 11)[0]]
+    host = HostQ4Experts.from_blocks(*stacks)
+    gpu = HostQ4Experts.from_blocks(*(s.to("cuda") for s in stacks))
+    assert all(t.device.type == "cpu" for t in gpu.tensors())
+    assert all(torch.equal(a, b) for a, b in zip(host.tensors(), gpu.tensors()))
