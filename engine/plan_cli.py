@@ -6,6 +6,7 @@ what-if stays readable). ``format_plan(plan)`` is the load-log style banner (lay
 tier, MiB per category, expert slots, KV per layer kind, host RAM).
 
     python -m engine plan coder30b-synth --kv-dtype q8_0 --ctx 32768 --vram-budget 12GiB
+    python -m engine plan coder30b-synth --kv-dtype q8_0 --vram-budget 12GiB --expert-blocks q4_0 --cpu-moe auto
 """
 from __future__ import annotations
 
@@ -31,7 +32,14 @@ def format_plan(p: Plan) -> str:
         t, h = (p.trunk.total, p.host.total) if cat == "total" else (p.trunk.get(cat), p.host.get(cat))
         lines.append(f"{cat:<14}{t / MiB:>14.2f}{h / MiB:>14.2f}")
     lines.append(f"{'free':<14}{p.free_bytes / MiB:>14.2f}")
-    if p.expert_slot_bytes:
+    if p.expert_format != "weights":
+        tiers = p.layer_expert_tiers
+        on = [b for b, t in zip(p.layer_expert_bytes, tiers) if t == "trunk"]
+        off = [b for b, t in zip(p.layer_expert_bytes, tiers) if t == "cpu"]
+        lines.append(f"experts in {p.expert_format} blocks (cpu_moe {p.cpu_moe_requested} -> {p.cpu_moe}): "
+                     f"{len(on)} MoE layers on the trunk ({_mib(sum(on))}), {len(off)} on the host CPU "
+                     f"({_mib(sum(off))}, repacked for its int4 matmul)")
+    elif p.expert_slot_bytes:
         lines.append(f"expert cache: {p.expert_slots}/{p.trunk_experts} slots x {_mib(p.expert_slot_bytes)} "
                      f"= {_mib(p.trunk.expert_cache)}")
     n_tail = p.n_layers - p.n_gpu_layers
@@ -72,6 +80,21 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                         help="host RAM to plan against, e.g. 24GiB (default: MemAvailable / cgroup limit)")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda if available)")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--expert-blocks", default=None, choices=("q4_0", "q8_0"),
+                        help="price routed experts kept in these GGUF blocks (what --expert-format blocks "
+                             "keeps from the file): every layer on the trunk, no expert cache")
+    parser.add_argument("--cpu-moe", default=None, help="with --expert-blocks: auto or the first N MoE layers' "
+                        "experts on the host CPU (llama.cpp's --n-cpu-moe)")
+
+
+def _cpu_moe(text: str | None):
+    if text is None or text == "auto":
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        from .errors import ConfigError
+        raise ConfigError(f"--cpu-moe {text!r} is not auto or a count", "pass auto or an integer >= 0") from None
 
 
 def main(args: argparse.Namespace) -> int:
@@ -82,7 +105,8 @@ def main(args: argparse.Namespace) -> int:
         p = plan(spec, kv_dtype=args.kv_dtype, ctx=args.ctx, vram_budget=budget,
                  n_gpu_layers=args.n_gpu_layers, wave_budget_bytes=parse_size(args.wave_budget, "--wave-budget"),
                  weight_format=args.weight_format, reserve_bytes=parse_size(args.reserve, "--reserve"),
-                 device=args.device, host_ram=host or None, file_bytes=file_bytes(args.model))
+                 device=args.device, host_ram=host or None, file_bytes=file_bytes(args.model),
+                 expert_blocks=args.expert_blocks, cpu_moe=_cpu_moe(args.cpu_moe))
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -289,6 +289,26 @@ def test_cli_banner_and_json_coder30b_synth(capsys):
     assert rc == 2 and err.startswith("error: vram budget 10.00 MiB is below") and "essentials" in err
 
 
+def test_cli_prices_experts_in_blocks(capsys):
+    """--expert-blocks / --cpu-moe: llama.cpp's placement priced from metadata; the banner says
+    how many MoE layers' experts sit where; a count that does not fit names the fewest that do."""
+    rc, out, _ = _run_cli(capsys, "coder30b-synth", "--kv-dtype", "q8_0", "--vram-budget", "12GiB", "--device",
+                          "cpu", "--weight-format", "bf16", "--host-ram", "100GiB", "--expert-blocks", "q4_0",
+                          "--cpu-moe", "auto", "--json")
+    d = json.loads(out)
+    n = d["cpu_moe"]
+    assert rc == 0 and 0 < n < 48 and d["n_gpu_layers"] == 48 and d["trunk"]["expert_cache"] == 0
+    assert d["layer_expert_tiers"] == ["cpu"] * n + ["trunk"] * (48 - n)
+    rc, out, _ = _run_cli(capsys, "coder30b-synth", "--kv-dtype", "q8_0", "--vram-budget", "12GiB", "--device",
+                          "cpu", "--weight-format", "bf16", "--host-ram", "100GiB", "--expert-blocks", "q4_0")
+    assert rc == 0 and f"experts in q4_0 blocks (cpu_moe auto -> {n}): {48 - n} MoE layers on the trunk" in out
+    rc, _, err = _run_cli(capsys, "coder30b-synth", "--kv-dtype", "q8_0", "--vram-budget", "12GiB", "--device",
+                          "cpu", "--weight-format", "bf16", "--expert-blocks", "q4_0", "--cpu-moe", str(n - 1))
+    assert rc == 2 and f"use cpu_moe={n} (--cpu-moe {n}), the fewest that fit" in err and err.count("\n") == 1
+    rc, _, err = _run_cli(capsys, "coder30b-synth", "--expert-blocks", "q4_0", "--cpu-moe", "some")
+    assert rc == 2 and "--cpu-moe 'some' is not auto or a count" in err
+
+
 def test_cli_on_a_real_gguf_and_bad_size(capsys, smollm2_path):
     rc, out, _ = _run_cli(capsys, str(smollm2_path), "--kv-dtype", "q8_0", "--ctx", "4096",
                           "--vram-budget", "1GiB", "--device", "cpu", "--json")
