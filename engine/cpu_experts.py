@@ -144,12 +144,18 @@ class HostQ4Experts:
         """float32 [T, d] for T host rows ``h`` [T, d], row t through experts ``ids[t]`` weighted
         ``weights[t]``: each expert runs once over the rows that chose it."""
         x = h.to(torch.bfloat16)
+        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
+        if h.shape[0] == 1:              # one token (decode): the element-wise work once for all k experts
+            es = [int(e) for e in ids[0]]
+            gu = torch.cat([mm(x, self.gu[e], BLOCK, self.gu_sz[e]) for e in es]).float()    # [k, 2 ff]
+            a = (F.silu(gu[:, :self.ff]) * gu[:, self.ff:]).to(torch.bfloat16)
+            out = torch.cat([mm(a[j:j + 1], self.down[e], BLOCK, self.down_sz[e]) for j, e in enumerate(es)])
+            return torch.tensor([weights[0]], dtype=torch.float32) @ out.float()             # [1, d]
         y = torch.zeros(h.shape[0], self.d, dtype=torch.float32)
         by_expert: dict[int, list[tuple[int, float]]] = {}
         for t, (es, ps) in enumerate(zip(ids, weights)):
             for e, p in zip(es, ps):
                 by_expert.setdefault(int(e), []).append((t, float(p)))
-        mm = torch.ops.aten._weight_int4pack_mm_for_cpu
         for e in sorted(by_expert):
             rows = [t for t, _ in by_expert[e]]
             p = torch.tensor([q for _, q in by_expert[e]], dtype=torch.float32)[:, None]
