@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -143,6 +144,30 @@ def layer_timings(spec, threads: list[int], reps: int = 50) -> dict:
         pd = torch.tensor(p, device=dev)
         out["device_blocks_us"] = 1e3 * triton.testing.do_bench(lambda: moe_decode_blocks(xd, *blk, idd, pd))
         out["device_bf16_us"] = 1e3 * triton.testing.do_bench(lambda: moe_decode(xd, *flt, idd, pd))
+        ref = moe_decode(xd, *[s.dequantize().to(dev) for s in stacks], idd, pd)
+        out["device_blocks_err"] = ((moe_decode_blocks(xd, *blk, idd, pd) - ref).abs().max() / ref.abs().max()).item()
+        # the blocks kernel's tiles (read at each launch from the settings): a small sweep
+        sweep = []
+        for gu_f, gu_k, dn_d, dn_k, warps in ((16, 256, 16, 256, 4), (8, 256, 8, 256, 4), (32, 256, 8, 256, 4),
+                                              (16, 512, 8, 512, 4), (16, 256, 4, 256, 4), (8, 512, 8, 256, 2),
+                                              (32, 512, 16, 512, 8)):
+            env = {"KVBENCH_MOE_BLOCKS_GU_BLOCK_F": gu_f, "KVBENCH_MOE_BLOCKS_GU_BLOCK_K": gu_k,
+                   "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_D": dn_d, "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K": dn_k,
+                   "KVBENCH_MOE_BLOCKS_GU_WARPS": warps, "KVBENCH_MOE_BLOCKS_DOWN_WARPS": warps}
+            old = {k: os.environ.get(k) for k in env}
+            os.environ.update({k: str(v) for k, v in env.items()})
+            try:
+                us = 1e3 * triton.testing.do_bench(lambda: moe_decode_blocks(xd, *blk, idd, pd))
+                sweep.append({"tiles": env, "us": us})
+            except Exception as exc:       # noqa: BLE001 - a tile the kernel cannot take: recorded
+                sweep.append({"tiles": env, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
+            finally:
+                for k, v in old.items():
+                    if v is None:
+                        os.environ.pop(k, None)
+                    else:
+                        os.environ[k] = v
+        out["device_blocks_sweep"] = sweep
         out["bytes_blocks"] = k * 3 * ff * d * 18 // 32
         out["bytes_bf16"] = k * 3 * ff * d * 2
     return out
@@ -172,6 +197,10 @@ def main(argv=None) -> int:
     print(f"one layer, k={spec.n_experts_used}: host {layer['host_us']} us, pack {layer['pack_layer_s']:.2f} s"
           + (f"; device blocks {layer['device_blocks_us']:.1f} us vs bf16 {layer['device_bf16_us']:.1f} us"
              if "device_blocks_us" in layer else ""), flush=True)
+    timed = [t for t in layer.get("device_blocks_sweep", []) if "us" in t]
+    if timed:
+        best = min(timed, key=lambda t: t["us"])
+        print(f"blocks kernel tiles: best {best['us']:.1f} us at {best['tiles']}", flush=True)
     cases = []
     result = {"model": args.model, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
               "torch": torch.__version__, "cases": cases, "layer": layer}
