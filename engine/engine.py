@@ -711,23 +711,10 @@ def _source(req: _Request, reuse) -> _Source:
 
 def _expert_blocks(src: _Source) -> str:
     """The block format every routed expert tensor of the file is stored in (q4_0 / q8_0), or a
-    ConfigError naming the first that is not."""
-    from gguf import GGMLQuantizationType as QT
-    if not src.spec.moe_layers:
-        raise ConfigError(f"{src.spec.name} has no routed experts to keep in blocks",
-                          "drop expert_format='blocks' (--expert-format)")
-    kinds = {QT.Q4_0: "q4_0", QT.Q8_0: "q8_0"}
-    found = None
-    for i in src.spec.moe_layers:
-        for name in ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps"):
-            q = src.gguf.qtype(f"blk.{i}.{name}.weight")
-            if q not in kinds or (found is not None and kinds[q] != found):
-                raise ConfigError(f"expert_format 'blocks': blk.{i}.{name}.weight is {q.name}"
-                                  + (f", the experts before it {found}" if found and q in kinds else ""),
-                                  "blocks mode reads experts stored all in Q4_0 or all in Q8_0; "
-                                  "use expert_format='weights'")
-            found = kinds[q]
-    return found
+    ConfigError naming the first that is not (``engine.models.expert_blocks_of``)."""
+    from .models import EXPERT_TENSORS, expert_blocks_of
+    names = [f"blk.{i}.{n}.weight" for i in src.spec.moe_layers for n in EXPERT_TENSORS]
+    return expert_blocks_of({n: src.gguf.qtype(n) for n in names}, src.spec.name)
 
 
 def _plan(req: _Request, src: _Source, vram_budget, n_gpu_layers, host_ram, reuse, expert_blocks=None,

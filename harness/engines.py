@@ -126,6 +126,10 @@ class EnginePool:
             kw["vram_budget"] = int(opts["vram_budget_gib"] * 2**30)
         if opts.get("n_gpu_layers") is not None:
             kw["n_gpu_layers"] = int(opts["n_gpu_layers"])
+        if opts.get("expert_format"):
+            kw["expert_format"] = opts["expert_format"]
+        if opts.get("cpu_moe") is not None:
+            kw["cpu_moe"] = opts["cpu_moe"]
         if opts.get("wave_budget_mib"):
             kw["wave_budget_bytes"] = int(opts["wave_budget_mib"] * 2**20)
         elif opts.get("wave_split"):

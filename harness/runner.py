@@ -304,6 +304,7 @@ class Runner:
         files readable, every engine of the matrix planned with host RAM, wave budgets possible,
         checks that cannot apply to a model. Bad input raises before anything is written."""
         from engine.errors import ConfigError
+        from engine.models import expert_blocks
         from engine.planner import model_file_bytes, plan, require_host_fit, spec_for_model
         from engine.synth import weights_origin
         self._inputs = {}       # fixed inputs of the checks (pinned corpora): bad input if missing
@@ -326,10 +327,11 @@ class Runner:
                 seen.add(key)
                 kw = self.pool.kwargs(model, case.kv_dtype, opts)
                 try:
+                    blocks = expert_blocks(model) if kw.get("expert_format") == "blocks" else None
                     p = plan(spec, kv_dtype=case.kv_dtype, ctx=kw["ctx"], vram_budget=kw.get("vram_budget"),
                              n_gpu_layers=kw.get("n_gpu_layers"), weight_format=fmt, device=self.device,
-                             file_bytes=size, **({"wave_budget_bytes": kw["wave_budget_bytes"]}
-                                                 if "wave_budget_bytes" in kw else {}))
+                             file_bytes=size, expert_blocks=blocks, cpu_moe=kw.get("cpu_moe"),
+                             **({"wave_budget_bytes": kw["wave_budget_bytes"]} if "wave_budget_bytes" in kw else {}))
                     require_host_fit(p)
                     if "wave_budget_bytes" in kw and cfg.KIND == "wave_prefill":
                         from engine.kernels.prefill_attention import plan_waves

@@ -58,6 +58,11 @@ def threshold(metric: str, op: str, *, default: Any = None, lo: float = 0.0,
 Threshold = Union[float, dict[str, float], None]
 
 
+# engine.load options a suite or a check may set (a check's value wins over the suite's)
+LOAD_OPTIONS = ("ctx", "vram_budget_gib", "n_gpu_layers", "wave_budget_mib", "expert_format", "cpu_moe")
+EXPERT_FORMATS = ("weights", "blocks")
+
+
 @dataclass
 class Message:
     role: str
@@ -77,6 +82,8 @@ class CheckConfig:
     vram_budget_gib: float | None = param(None, lo=0, lo_open=True)
     n_gpu_layers: int | None = param(None, lo=0)
     wave_budget_mib: float | None = param(None, lo=0, lo_open=True)
+    expert_format: str | None = None        # "weights" | "blocks" (engine.load's expert_format)
+    cpu_moe: int | str | None = None        # "auto" or a count: MoE layers' experts on the CPU (blocks)
     per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
     # thresholds per platform ("cpu-f32", "cuda-bf16", ...: device type and applied weight
     # format), calibrated from measured noise floors; per_model still wins over these
@@ -144,8 +151,7 @@ class CheckConfig:
         return None
 
     def load_overrides(self) -> dict:
-        return {k: getattr(self, k) for k in ("ctx", "vram_budget_gib", "n_gpu_layers",
-                                              "wave_budget_mib") if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in LOAD_OPTIONS if getattr(self, k) is not None}
 
     def validate(self, path, where: str) -> None:
         """Cross-field rules of a check kind (override; raise SuiteError)."""
@@ -164,4 +170,6 @@ class SuiteSection:
     vram_budget_gib: float | None = param(None, lo=0, lo_open=True)
     n_gpu_layers: int | None = param(None, lo=0)
     wave_budget_mib: float | None = param(None, lo=0, lo_open=True)
+    expert_format: str | None = None      # "blocks": routed experts in the file's Q4_0/Q8_0 blocks
+    cpu_moe: int | str | None = None      # with blocks: "auto" or the first N MoE layers' experts on the CPU
     seed: int = param(0, lo=0)

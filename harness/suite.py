@@ -38,7 +38,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from . import checks as registry
 from .errors import SuiteError
 
-from .schema import (DEVICE_RE, KV_DTYPES, PLATFORM_RE, ROLES, WEIGHT_FORMATS, CheckConfig,  # noqa: F401
+from .schema import (DEVICE_RE, EXPERT_FORMATS, KV_DTYPES, PLATFORM_RE, ROLES, WEIGHT_FORMATS, CheckConfig,  # noqa: F401
                      Message, SuiteSection, Threshold, param, platform_of, threshold)
 
 
@@ -200,6 +200,21 @@ def _validate_section(s: SuiteSection, path) -> None:
     if s.weight_format not in WEIGHT_FORMATS:
         raise SuiteError(path, "suite.weight_format", f"unknown weight format {s.weight_format!r}",
                          ", ".join(WEIGHT_FORMATS))
+    _validate_experts(s.expert_format, s.cpu_moe, path, "suite")
+
+
+def _validate_experts(fmt, cpu_moe, path, where: str) -> None:
+    """``expert_format`` and ``cpu_moe`` (suite or check, after the check inherits the suite's)."""
+    if fmt is not None and fmt not in EXPERT_FORMATS:
+        raise SuiteError(path, f"{where}.expert_format", f"unknown expert format {fmt!r}", ", ".join(EXPERT_FORMATS))
+    if cpu_moe is None:
+        return
+    if isinstance(cpu_moe, str) and cpu_moe != "auto" or isinstance(cpu_moe, int) and cpu_moe < 0:
+        raise SuiteError(path, f"{where}.cpu_moe", f"{cpu_moe!r} is not auto or a count", "auto, or an integer >= 0")
+    if fmt != "blocks":
+        raise SuiteError(path, f"{where}.cpu_moe", "computes experts from their GGUF blocks, but the experts "
+                         f"are kept at the weight format (expert_format {fmt or 'unset'})",
+                         'expert_format = "blocks" beside it (or in [suite])')
 
 
 def _validate_kv_spec(d, path, key: str) -> None:
@@ -225,6 +240,8 @@ def _validate_kv_spec(d, path, key: str) -> None:
 
 
 def _validate_check(cfg: CheckConfig, s: SuiteSection, path, where: str) -> None:
+    _validate_experts(cfg.expert_format or s.expert_format,
+                      cfg.cpu_moe if cfg.cpu_moe is not None else s.cpu_moe, path, where)
     dtypes = [s.baseline, *s.kv_dtypes]
     tfields = cfg.threshold_fields()
 

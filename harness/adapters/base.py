@@ -36,6 +36,8 @@ FOREIGN_OPTIONS = {
     "n_gpu_layers": "kvbench's trunk/tail split; {engine} runs every layer on {device}",
     "wave_budget_mib": "kvbench's attention wave budget; {engine} has no wave prefill",
     "wave_split": "kvbench's attention waves; {engine} has no wave prefill",
+    "expert_format": "kvbench's storage of routed experts; {engine} keeps its own",
+    "cpu_moe": "kvbench's experts-on-the-CPU placement; {engine} places its own experts",
 }
 
 

@@ -114,8 +114,8 @@ class Check:
 
     def load_options(self, cfg: CheckConfig, suite: SuiteSection) -> dict:
         """engine.load keyword arguments (beyond model/kv_dtype/device) for this check."""
-        opts = {"ctx": suite.ctx, "vram_budget_gib": suite.vram_budget_gib,
-                "n_gpu_layers": suite.n_gpu_layers, "wave_budget_mib": suite.wave_budget_mib}
+        from ..schema import LOAD_OPTIONS
+        opts = {k: getattr(suite, k) for k in LOAD_OPTIONS}
         opts.update(cfg.load_overrides())
         return opts
 

@@ -1,0 +1,59 @@
+"""Suites ask for llama.cpp's expert placement (``expert_format``, ``cpu_moe``): validated at
+load (one line, exit-2 class errors), passed to the engine, priced in the preflight plan, and
+visible in what the vram check records (the plan the engine applied, held to its ledger)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from harness.errors import SuiteError
+from harness.runner import Runner
+from harness.suite import load_suite
+
+SUITE = """
+[suite]
+name = "experts"
+models = ["tiny-olmoe-q4_0"]
+kv_dtypes = ["q8_0"]
+device = "cpu"
+ctx = 64
+{suite_extra}
+
+[[check]]
+kind = "vram"
+ctx = 64
+{check_extra}
+"""
+
+
+def write(tmp_path, suite_extra="", check_extra=""):
+    p = tmp_path / "s.toml"
+    p.write_text(SUITE.format(suite_extra=suite_extra, check_extra=check_extra))
+    return p
+
+
+@pytest.mark.parametrize("suite_extra,check_extra,match", [
+    ('expert_format = "bytes"', "", "unknown expert format 'bytes'"),
+    ("cpu_moe = 1", "", "computes experts from their GGUF blocks"),
+    ('expert_format = "blocks"\ncpu_moe = "most"', "", "'most' is not auto or a count"),
+    ('expert_format = "blocks"', "cpu_moe = -1", "-1 is not auto or a count"),
+    ("", "cpu_moe = true", "cpu_moe"),
+])
+def test_bad_expert_options_are_refused_at_load(tmp_path, suite_extra, check_extra, match):
+    with pytest.raises(SuiteError, match=match):
+        load_suite(write(tmp_path, suite_extra, check_extra))
+
+
+def test_the_vram_check_sees_the_placement_it_asked_for(tmp_path):
+    suite = load_suite(write(tmp_path, 'expert_format = "blocks"\ncpu_moe = 1'))
+    out = tmp_path / "res"
+    summary = Runner(suite, out, progress=False).run()
+    assert summary.verdict == "pass", summary.cases
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    plans = [r["info"]["plan"] for r in recs if r.get("type") == "info" and "plan" in r.get("info", {})]
+    assert len(plans) == 2                                   # the fp32 and q8_0 rows
+    for p in plans:
+        assert p["expert_format"] == "q4_0" and p["cpu_moe"] == 1 and p["layer_expert_tiers"][0] == "cpu"
+    rows = [r for r in recs if r.get("type") == "metric" and r["metric"] == "Plan vs runtime max diff"]
+    assert rows and all(r["value"] == 0.0 for r in rows)
