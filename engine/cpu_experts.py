@@ -110,10 +110,11 @@ class HostQ4Experts:
 
     @classmethod
     def from_blocks(cls, gate: BlockStack, up: BlockStack, down: BlockStack,
-                    out: "HostQ4Experts | None" = None) -> "HostQ4Experts":
+                    out: "HostQ4Experts | None" = None, first: int = 0) -> "HostQ4Experts":
         """Pack Q4_0 stacks into ``out`` (or new host stacks). The stacks may be on a GPU: the
         repacking runs there (a load's ~0.5 s a coder30b layer on two CPU cores) and only the
-        packed bytes come to the host."""
+        packed bytes come to the host. ``first``: the stacks are experts ``first ...`` of
+        ``out`` (a load packs a layer in chunks of experts)."""
         if {gate.fmt, up.fmt, down.fmt} != {"q4_0"}:
             raise ValueError(f"HostQ4Experts: experts in {gate.fmt}/{up.fmt}/{down.fmt}; the CPU int4 path "
                              "takes Q4_0 only")
@@ -121,11 +122,15 @@ class HostQ4Experts:
         if up.shape != gate.shape or down.shape != (E, d, ff):
             raise ValueError(f"HostQ4Experts: gate {gate.shape}, up {up.shape}, down {down.shape} do not agree")
         out = out if out is not None else cls.empty(E, ff, d)
+        if out.n_experts < first + E or (out.d, out.ff) != (d, ff):
+            raise ValueError(f"HostQ4Experts.from_blocks: experts {first}..{first + E - 1} of [{ff}, {d}] do not "
+                             f"fit a packing of {out.n_experts} experts of [{out.ff}, {out.d}]")
         for e in range(E):
-            out.gu[e].copy_(_pack(torch.cat([_values(gate[e])[0], _values(up[e])[0]])))
-            _scales(torch.cat([gate.d[e], up.d[e]]), out.gu_sz[e])
-            out.down[e].copy_(_pack(_values(down[e])[0]))
-            _scales(down.d[e], out.down_sz[e])
+            o = first + e
+            out.gu[o].copy_(_pack(torch.cat([_values(gate[e])[0], _values(up[e])[0]])))
+            _scales(torch.cat([gate.d[e], up.d[e]]), out.gu_sz[o])
+            out.down[o].copy_(_pack(_values(down[e])[0]))
+            _scales(down.d[e], out.down_sz[o])
         return out
 
     def tensors(self) -> list[torch.Tensor]:

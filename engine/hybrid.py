@@ -286,27 +286,39 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
 
 
 
+LOAD_CHUNK_EXPERTS = 16     # experts a block stack is moved and split in at a time (bounds the transient)
+
+
 def read_block_experts(g: GGUFFile, spec: ModelSpec, i: int, fmt: str, tier: str, dev: torch.device):
     """Layer ``i``'s routed experts from the file's ``fmt`` blocks: ``BlockExperts`` on ``dev``
     (tier "trunk": the bytes go up as they are and are split into quants and scales there) or
     ``CpuExperts`` (tier "cpu": split and repacked on ``dev`` for the CPU int4 matmul, kept on
-    the host)."""
+    the host: a GPU repacks faster than the host's cores). Work goes ``LOAD_CHUNK_EXPERTS``
+    experts at a time, so what the load holds beyond the planned buffers is a few tens of MB
+    (within the plan's reserve)."""
     from gguf import GGMLQuantizationType as QT
     from .kernels.moe_blocks import BlockStack
     from .model import BlockExperts, CpuExperts
+    if tier not in ("trunk", "cpu"):
+        raise ValueError(f"read_block_experts: tier {tier!r} is not 'trunk' or 'cpu'")
     E, ff, d = spec.n_experts, spec.d_ff_expert, spec.d_model
     qtype = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0}[fmt]
-    stacks = []
-    for name, shape in (("ffn_gate_exps.weight", (E, ff, d)), ("ffn_up_exps.weight", (E, ff, d)),
-                        ("ffn_down_exps.weight", (E, d, ff))):
-        raw = g.blocks(f"blk.{i}.{name}", shape, qtype)
-        # host experts are split and repacked on the GPU too when there is one (only the packed
-        # bytes come back): faster than the host's cores at load
-        out = BlockStack.empty(fmt, shape, device=dev)
-        stacks.append(BlockStack.from_ggml(raw.to(dev), fmt, shape, out=out))
+    shapes = {"gate": (E, ff, d), "up": (E, ff, d), "down": (E, d, ff)}
+    raws = {k: g.blocks(f"blk.{i}.ffn_{k}_exps.weight", shp, qtype).reshape(E, -1) for k, shp in shapes.items()}
     if tier == "trunk":
-        return BlockExperts(*stacks)
-    if tier != "cpu":
-        raise ValueError(f"read_block_experts: tier {tier!r} is not 'trunk' or 'cpu'")
-    from .cpu_experts import HostQ4Experts
-    return CpuExperts(HostQ4Experts.from_blocks(*stacks))
+        stacks = {k: BlockStack.empty(fmt, shp, device=dev) for k, shp in shapes.items()}
+    else:
+        from .cpu_experts import HostQ4Experts
+        packed = HostQ4Experts.empty(E, ff, d)
+    for e0 in range(0, E, LOAD_CHUNK_EXPERTS):
+        e1 = min(E, e0 + LOAD_CHUNK_EXPERTS)
+        part = {}
+        for k, (_, n, kk) in shapes.items():
+            out = stacks[k][e0:e1] if tier == "trunk" else None
+            part[k] = BlockStack.from_ggml(raws[k][e0:e1].to(dev), fmt, (e1 - e0, n, kk),
+                                           out=out if out is not None else BlockStack.empty(fmt, (e1 - e0, n, kk), dev))
+        if tier == "cpu":
+            HostQ4Experts.from_blocks(part["gate"], part["up"], part["down"], out=packed, first=e0)
+    if tier == "trunk":
+        return BlockExperts(stacks["gate"], stacks["up"], stacks["down"])
+    return CpuExperts(packed)
