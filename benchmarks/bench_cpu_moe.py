@@ -73,10 +73,14 @@ def decode_case(eng, depth: int, n: int, reps: int) -> dict:
     g = torch.Generator().manual_seed(depth)
     prompt = torch.randint(100, eng.spec.vocab_size - 100, (max(depth, 2),), generator=g).tolist()
     timer = HostTimer(eng.model) if eng.model.host_expert_layers() else None
-    tok_s, host_ms = [], []
+    tok_s, host_ms, prefill_s = [], [], []
     for _ in range(reps):
         eng.set_prefill_path("fast")
+        _sync()
+        t = time.perf_counter()
         eng.prefill(prompt)
+        _sync()
+        prefill_s.append(time.perf_counter() - t)
         eng.set_prefill_path("exact")
         if timer:
             timer.reset()
@@ -90,7 +94,8 @@ def decode_case(eng, depth: int, n: int, reps: int) -> dict:
             host_ms.append(1e3 * timer.seconds / n)
     if timer:
         timer.restore()
-    out = {"depth": depth, "tokens": n, "tok_s": statistics.median(tok_s), "tok_s_all": tok_s}
+    out = {"depth": depth, "tokens": n, "tok_s": statistics.median(tok_s), "tok_s_all": tok_s,
+           "prefill_s": statistics.median(prefill_s)}
     if host_ms:
         out.update(host_experts_ms_per_step=statistics.median(host_ms),
                    step_ms=1e3 / statistics.median(tok_s))

@@ -276,14 +276,51 @@ def _quiet_broken_pipe() -> int:
     return 141
 
 
+_SIGINT_SEEN = False
+
+
+def _on_sigint(signum, frame):
+    global _SIGINT_SEEN
+    _SIGINT_SEEN = True
+    raise KeyboardInterrupt
+
+
+def check_interrupt() -> None:
+    """Raise ``KeyboardInterrupt`` when Ctrl-C came while ``run_guarded`` ran, even if that
+    KeyboardInterrupt was swallowed where it landed (a weakref callback or ``__del__`` only
+    prints "Exception ignored"): long loops call this at safe points (the harness: each case)."""
+    if _SIGINT_SEEN:
+        raise KeyboardInterrupt
+
+
 def run_guarded(fn, args, interrupted: str = "error: interrupted") -> int:
     """``fn(args)`` for the engine and harness CLIs: an ``EngineError`` prints ``error: ...``
     (exit 2), as does an ``OSError`` in ``USER_ERRNOS`` (naming the path); a closed stdout
-    exits 141 quietly; Ctrl-C prints the one line ``interrupted`` (exit 130); any other
-    exception one line naming a saved traceback (exit 3)."""
+    exits 141 quietly; Ctrl-C prints the one line ``interrupted`` (exit 130), also when the
+    interrupt was swallowed where it landed (``check_interrupt``); any other exception one line
+    naming a saved traceback (exit 3)."""
+    global _SIGINT_SEEN
+    import signal
+    import threading
+    _SIGINT_SEEN = False
+    installed = threading.current_thread() is threading.main_thread() and \
+        signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    if installed:
+        signal.signal(signal.SIGINT, _on_sigint)
+    try:
+        return _guarded(fn, args, interrupted)
+    finally:
+        if installed:
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
+def _guarded(fn, args, interrupted: str) -> int:
     try:
         code = int(fn(args) or 0)
         sys.stdout.flush()       # a broken pipe surfaces here, not in the interpreter's exit
+        if _SIGINT_SEEN:         # interrupted, and the KeyboardInterrupt was lost on the way
+            print(interrupted, file=sys.stderr)
+            return 130
         return code
     except EngineError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -62,7 +62,8 @@ def take_over(reuse, plan, placement: Placement) -> None:
     are allocated; ``reuse`` cannot run afterwards. Raises ``WeightsPlacementError`` (nothing
     freed) when the plan places layers or head differently."""
     old_experts = (reuse.plan.expert_format, reuse.plan.layer_expert_tiers)
-    if (plan.expert_format, plan.layer_expert_tiers) != old_experts:
+    blocks = {plan.expert_format, reuse.plan.expert_format} != {"weights"}   # a layer split: held below
+    if blocks and (plan.expert_format, plan.layer_expert_tiers) != old_experts:
         raise WeightsPlacementError(f"weights_from: this plan keeps experts as {plan.expert_format} with "
                                     f"{plan.cpu_moe} MoE layers on the CPU, the loaded weights as "
                                     f"{old_experts[0]} with {reuse.plan.cpu_moe}",

@@ -681,7 +681,8 @@ class Transformer:
                   rope_append: bool | None = None) -> torch.Tensor:
         """One decode step with the position on the device: ``x`` [1, d] float32 embedded token
         on the trunk device, ``pos`` one-element long tensor there. Every layer on that device
-        (sliding-window layers through their caches' ``attend_at(window=)``); no host sync, so a CUDA graph can capture it. The maths around
+        (sliding-window layers through their caches' ``attend_at(window=)``); no host sync (but
+        at layers whose experts run on the host CPU, below), so a CUDA graph can capture it. The maths around
         attention are pure functions of explicit tensors (``decode_pre_attention``,
         ``decode_post_attention`` / ``decode_post_attention_moe``: the same ops as
         ``attention``/``ffn``/``moe``), which ``compiled=True`` runs through ``torch.compile``

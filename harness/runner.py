@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import settings
+from engine.cli import check_interrupt
 from engine.errors import EngineError
 
 from . import checks as registry
@@ -432,6 +433,7 @@ class Runner:
             return states[cfg.name]
 
         for case in pending:
+            check_interrupt()        # a Ctrl-C swallowed during the last case stops the run here
             cfg = suite.check(case.check)
             check = registry.get(cfg.KIND)
             opts = check.load_options(cfg, suite.suite)
