@@ -310,6 +310,7 @@ def run_guarded(fn, args, interrupted: str = "error: interrupted") -> int:
     try:
         return _guarded(fn, args, interrupted)
     finally:
+        _SIGINT_SEEN = False          # in-process callers (tests) go on afterwards
         if installed:
             signal.signal(signal.SIGINT, signal.default_int_handler)
 

@@ -91,3 +91,4 @@ def test_an_interrupt_swallowed_where_it_landed_still_stops_the_run(tmp_path, ca
     assert capsys.readouterr().err.strip() == INTERRUPTED
     assert not any(r["type"] == "case" for r in read_records(tmp_path / "out"))   # stopped before a case
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler            # handler restored
+    ecli.check_interrupt()              # the interrupt belonged to that run: nothing left to raise later
