@@ -111,3 +111,24 @@ def test_tile_settings_are_read_at_each_launch(monkeypatch):
     monkeypatch.setenv("KVBENCH_MOE_BLOCKS_GU_BLOCK_K", "16")
     with pytest.raises(Exception, match="KVBENCH_MOE_BLOCKS_GU_BLOCK_K"):
         settings.validate()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_compiled_kernel_matches_reference_at_coder30b_geometry(fmt):
+    """The kernel compiled for the GPU at the geometry that matters (coder30b: d 2048, ff 768,
+    8 experts, through a slot table; 16 experts in the stack keep the numpy quantisation short),
+    against moe_decode_ref over gguf.quants' values."""
+    E, ff, d, k = 16, 768, 2048, 8
+    raws = [ggml_stack(fmt, *shape, seed=30 + i) for i, shape in enumerate(((E, ff, d), (E, ff, d), (E, d, ff)))]
+    stacks = [BlockStack.from_ggml(r, fmt, shape).to("cuda")
+              for (r, _), shape in zip(raws, ((E, ff, d), (E, ff, d), (E, d, ff)))]
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, d, generator=g)
+    table = torch.randperm(E, generator=g).to(torch.int32)
+    ids = torch.randperm(E, generator=g)[:k]
+    w = torch.rand(k, generator=g)
+    res = torch.randn(1, d, generator=g)
+    ref = moe_decode_ref(x, raws[0][1], raws[1][1], raws[2][1], ids, w, table=table, residual=res)
+    out = moe_decode_blocks(x.cuda(), *stacks, ids.cuda(), w.cuda(), table=table.cuda(), residual=res.cuda())
+    assert_close(f"compiled moe_decode_blocks {fmt}", ref, out.cpu(), 1e-5)
