@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import engine  # noqa: E402
 from engine import settings  # noqa: E402
+from engine.engine import WeightsPlacementError  # noqa: E402
 from engine.errors import EngineError  # noqa: E402
 from engine.model import CpuExperts  # noqa: E402
 
@@ -213,23 +214,34 @@ def main(argv=None) -> int:
         budget, n = spec_case.split(":")
         vram = None if budget == "none" else settings.parse_size(budget)
         cpu_moe = "auto" if n == "auto" else int(n)
+        prev = None                          # the case's engine: the next KV dtype takes its weights over
         for kv in args.kv.split(","):
             if dev == "cuda":
                 torch.cuda.empty_cache()
             t = time.perf_counter()
+            kw = dict(kv_dtype=kv, device=dev, ctx=ctx, vram_budget=vram, weight_format=args.weight_format,
+                      expert_format="blocks", cpu_moe=cpu_moe)
+            eng = None
             try:
-                eng = engine.load(args.model, kv_dtype=kv, device=dev, ctx=ctx, vram_budget=vram,
-                                  weight_format=args.weight_format, expert_format="blocks", cpu_moe=cpu_moe)
+                if prev is not None:
+                    try:
+                        eng = engine.load(args.model, weights_from=prev, **kw)
+                    except WeightsPlacementError:   # auto placed differently at this KV: load afresh
+                        prev.close()
+                eng = eng or engine.load(args.model, **kw)
             except EngineError as exc:       # one case refused: recorded, the rest go on
                 cases.append({"budget": budget, "cpu_moe_requested": n, "kv": kv, "error": str(exc)})
                 print(f"{args.model} budget {budget} cpu_moe {n} KV {kv}: refused: {exc}", flush=True)
+                prev = None
                 continue
+            reused, prev = prev is not None and prev.model is None, eng
             load_s = time.perf_counter() - t
             rows = eng.ledger.compare(eng.plan)
             case = {"budget": budget, "cpu_moe_requested": n, "cpu_moe": eng.plan.cpu_moe, "kv": kv,
                     "expert_format": eng.plan.expert_format, "decode_path": eng.decode_path,
                     "decode_path_reason": eng.decode_path_reason, "cpu_expert_math": eng.cpu_expert_math,
-                    "load_s": load_s, "trunk_bytes": eng.plan.trunk.total, "host_bytes": eng.plan.host.total,
+                    "load_s": load_s, "weights_reused": reused,
+                    "trunk_bytes": eng.plan.trunk.total, "host_bytes": eng.plan.host.total,
                     "plan_max_abs_diff": max(abs(r.diff) for r in rows),
                     "threads": torch.get_num_threads(),
                     "decode": [decode_case(eng, dpt, args.tokens, args.reps) for dpt in depths]}
@@ -242,6 +254,8 @@ def main(argv=None) -> int:
             del eng
             if args.out:                 # after every case: a timeout keeps what was measured
                 args.out.write_text(json.dumps(result, indent=1))
+        if prev is not None:
+            prev.close()
     if args.out:
         args.out.write_text(json.dumps(result, indent=1))
     return 0

@@ -28,3 +28,14 @@ def test_cases_record_what_was_applied(tmp_path):
     assert "error" in refused and "budget" in refused["error"]
     layer = r["layer"]
     assert layer["host_us"]["1"] > 0 and layer["pack_layer_s"] > 0
+    assert not auto.get("weights_reused")
+
+
+def test_the_next_kv_dtype_takes_the_weights_over(tmp_path):
+    out = tmp_path / "cpu_moe.json"
+    assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--cases", "none:2", "--kv", "fp32,bf16",
+                               "--depths", "8", "--tokens", "2", "--reps", "1", "--weight-format", "f32",
+                               "--threads", "1", "--out", str(out)]) == 0
+    first, second = json.loads(out.read_text())["cases"]
+    assert (first["weights_reused"], second["weights_reused"]) == (False, True)
+    assert first["cpu_moe"] == second["cpu_moe"] == 2 and second["plan_max_abs_diff"] == 0
