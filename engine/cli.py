@@ -41,14 +41,17 @@ def _plan_for(model, kv_dtype: str, ctx: int, device):
 
 
 def load_explained(model, *, kv_dtype: str, device, ctx: int, weight_format: str = "f32",
-                   decode_mode: str | None = None, expert_format: str = "weights", cpu_moe=None):
+                   decode_mode: str | None = None, expert_format: str = "weights", cpu_moe=None,
+                   vram_budget: str | None = None):
     """``engine.load`` where an allocator failure becomes ``OutOfMemoryError`` (exit 2) with
     the planner's numbers and the free memory, instead of a raw torch error (exit 3); then the
     decode mode, if given (a mode that cannot be applied is a ConfigError, exit 2)."""
     from . import load
     try:
+        from .settings import parse_size
+        budget = None if vram_budget is None else parse_size(vram_budget, "--vram-budget")
         eng = load(model, kv_dtype=kv_dtype, device=device, ctx=ctx, weight_format=weight_format,
-                   expert_format=expert_format, cpu_moe=cpu_moe)
+                   expert_format=expert_format, cpu_moe=cpu_moe, vram_budget=budget)
     except torch.OutOfMemoryError as exc:
         raise out_of_memory("load", _plan_for(model, kv_dtype, ctx, device), device, exc) from None
     if decode_mode:
@@ -86,6 +89,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weight-format", default="f32", help="matrices stored as f32, bf16 or f16")
     p.add_argument("--decode-mode", default=None,
                    help="auto (CUDA graph on CUDA when possible), eager, static or cuda_graph")
+    p.add_argument("--vram-budget", default=None,
+                   help="device budget the planner holds the load to, e.g. 12GiB (default: free memory)")
     p.add_argument("--expert-format", default="weights", choices=("weights", "blocks"),
                    help="MoE experts at the weight format, or kept in the file's Q4_0/Q8_0 blocks "
                         "(every layer on --device, no expert cache)")
@@ -133,7 +138,7 @@ def bench_main(args) -> int:
     eng = load_explained(args.model, kv_dtype=args.kv_dtype, device=args.device,
                          ctx=max(args.ctx, args.prompt_tokens, DECODE_PREFIX + 1) + args.decode_tokens + 8,
                          weight_format=args.weight_format, decode_mode=args.decode_mode,
-                         expert_format=args.expert_format, cpu_moe=args.cpu_moe)
+                         expert_format=args.expert_format, cpu_moe=args.cpu_moe, vram_budget=args.vram_budget)
     load_s = time.perf_counter() - t0
 
     question = "What is the capital of France?"
@@ -207,7 +212,7 @@ def generate_add_cli_args(p: argparse.ArgumentParser) -> None:
 def generate_main(args) -> int:
     eng = load_explained(args.model, kv_dtype=args.kv_dtype, device=args.device, ctx=args.ctx,
                          weight_format=args.weight_format, decode_mode=args.decode_mode,
-                         expert_format=args.expert_format, cpu_moe=args.cpu_moe)
+                         expert_format=args.expert_format, cpu_moe=args.cpu_moe, vram_budget=args.vram_budget)
     if args.raw:
         ids = eng.tokenizer.encode(args.prompt, add_special_tokens=True)
     else:

@@ -280,3 +280,20 @@ def test_harness_cli_bug_is_one_line_and_a_saved_traceback(monkeypatch, capsys, 
         assert "injected bug" in saved.read_text()
     finally:
         saved.unlink()
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["--vram-budget", "12 parsecs"], "--vram-budget: cannot read '12 parsecs'"),
+    (["--cpu-moe", "2"], "pass expert_format='blocks' (--expert-format blocks)"),
+    (["--cpu-moe", "many"], "argument --cpu-moe: expected auto or an integer >= 0"),
+    (["--expert-format", "blocks", "--cpu-moe", "9"], "cpu_moe 9 must be 'auto' or an integer in [0, 6]"),
+])
+def test_engine_cli_expert_placement_errors(capsys, argv, needle):
+    """The hybrid's flags: bad input is one line, exit 2, before any weights are read."""
+    from engine import cli
+    try:
+        rc = cli.main(["generate", "coder30b-mini-synth", "hi", "--ctx", "64", *argv])
+    except SystemExit as exc:                  # argparse's own refusal (engine.cli.Parser: one line)
+        rc = exc.code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and needle in err[0], err
