@@ -138,14 +138,7 @@ class StaticDecode:
 
     def _body(self):
         """One whole step, the host-expert layers (cpu_moe) run inline."""
-        steps = self._body_steps()
-        y = None
-        while True:
-            try:
-                i, h, top_e, top_p = steps.send(y)
-            except StopIteration as done:
-                return done.value
-            y = self.model.layers[i].experts.run(h, top_e, top_p)
+        return self.model.with_host_experts(self._body_steps())
 
     def _body_steps(self):
         """The step as a generator (``Transformer.decode_steps``): yields at each layer whose

@@ -704,9 +704,13 @@ class Transformer:
         (``rope_write_at``) instead of the compiled rotation and ``write_at``. Layers whose
         experts compute on the host CPU (``CpuExperts``) run there inline; ``decode_steps`` is
         the same step as a generator that hands those layers to its caller instead."""
-        steps = self.decode_steps(x, pos, caches, compiled=compiled, fused_qkv=fused_qkv,
-                                  route_kernel=route_kernel, fused_gate_up=fused_gate_up,
-                                  fused_gemv=fused_gemv, rope_append=rope_append)
+        return self.with_host_experts(self.decode_steps(
+            x, pos, caches, compiled=compiled, fused_qkv=fused_qkv, route_kernel=route_kernel,
+            fused_gate_up=fused_gate_up, fused_gemv=fused_gemv, rope_append=rope_append))
+
+    def with_host_experts(self, steps):
+        """Run a step generator (``decode_steps``, or one built on it) to its end, answering each
+        stop with that layer's host experts; returns what the generator returns."""
         y = None
         while True:
             try:

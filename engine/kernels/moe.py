@@ -125,22 +125,29 @@ def _moe_down_kernel(H, W, IDS, TABLE, P, R, OUT,
 
 
 # --- launch wrapper -------------------------------------------------------------------------
-def _check(x, gate, up, down, ids, weights, table, residual):
+def check_stacks_and_route(op, x, gate, up, down, ids, weights, table, residual):
+    """The arguments every one-token MoE launch shares (``op`` names the caller in errors):
+    stacks [S, ff, d], [S, ff, d], [S, d, ff] (anything with a ``shape``), one token, [k] ids
+    and weights, an [E] table, a [1, d] residual."""
     S, ff, d = gate.shape
-    if up.shape != gate.shape or down.shape != (S, d, ff):
-        raise ValueError(f"moe_decode: gate {tuple(gate.shape)}, up {tuple(up.shape)}, down "
+    if tuple(up.shape) != tuple(gate.shape) or tuple(down.shape) != (S, d, ff):
+        raise ValueError(f"{op}: gate {tuple(gate.shape)}, up {tuple(up.shape)}, down "
                          f"{tuple(down.shape)} are not [S, ff, d], [S, ff, d], [S, d, ff]")
     if x.shape != (1, d):
-        raise ValueError(f"moe_decode: x {tuple(x.shape)} must be one token [1, {d}]")
+        raise ValueError(f"{op}: x {tuple(x.shape)} must be one token [1, {d}]")
     if ids.dim() != 1 or weights.shape != ids.shape:
-        raise ValueError(f"moe_decode: ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must be [k]")
+        raise ValueError(f"{op}: ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must be [k]")
     if residual is not None and residual.shape != (1, d):
-        raise ValueError(f"moe_decode: residual {tuple(residual.shape)} must be [1, {d}]")
+        raise ValueError(f"{op}: residual {tuple(residual.shape)} must be [1, {d}]")
+    if table is not None and table.dim() != 1:
+        raise ValueError(f"{op}: table {tuple(table.shape)} must be [E]")
+
+
+def _check(x, gate, up, down, ids, weights, table, residual):
+    check_stacks_and_route("moe_decode", x, gate, up, down, ids, weights, table, residual)
     for name, t in (("gate", gate), ("up", up), ("down", down)):
         if t.stride(-1) != 1:
             raise ValueError(f"moe_decode: {name} rows must be contiguous (stride {t.stride()})")
-    if table is not None and table.dim() != 1:
-        raise ValueError(f"moe_decode: table {tuple(table.shape)} must be [E]")
 
 
 def moe_decode(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,

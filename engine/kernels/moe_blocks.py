@@ -35,7 +35,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from ..formats import Q8_BLOCK
-from .moe import moe_decode_ref
+from .moe import _expert_row, check_stacks_and_route, moe_decode_ref  # shared with the float kernel
 
 # bits a value and ggml bytes a block, from the gguf package's table of ggml's block types
 FORMATS = {name: (bits, GGML_QUANT_SIZES[qt][1]) for name, bits, qt in (("q4_0", 4, QT.Q4_0), ("q8_0", 8, QT.Q8_0))}
@@ -141,14 +141,6 @@ class BlockStack:
 
 # --- Triton kernels -------------------------------------------------------------------------
 @triton.jit
-def _expert_row(IDS, TABLE, j, USE_TABLE: tl.constexpr):
-    e = tl.load(IDS + j)
-    if USE_TABLE:
-        e = tl.load(TABLE + e)
-    return e.to(tl.int64)
-
-
-@triton.jit
 def _block_tile(Q, Dsc, q_rows, d_rows, mask_r, X, k0, K, QBITS: tl.constexpr, BLOCK_K: tl.constexpr):
     # rows' values k0 .. k0 + BLOCK_K times x, not yet summed over k: [R, BLOCK_K // (8 // QBITS)]
     # float32 (a Q4_0 byte carries two values, so its column holds their two products' sum)
@@ -237,20 +229,11 @@ def _blocks_down_kernel(H, WQ, WD, IDS, TABLE, P, R, OUT, D, FF: tl.constexpr, K
 
 # --- launch wrapper -------------------------------------------------------------------------
 def _check(x, gate, up, down, ids, weights, table, residual):
-    S, ff, d = gate.shape
     if not all(isinstance(t, BlockStack) for t in (gate, up, down)):
         raise ValueError("moe_decode_blocks: gate, up and down must be BlockStacks")
     if len({gate.fmt, up.fmt, down.fmt}) != 1:
         raise ValueError(f"moe_decode_blocks: gate {gate.fmt}, up {up.fmt}, down {down.fmt} differ")
-    if up.shape != gate.shape or down.shape != (S, d, ff):
-        raise ValueError(f"moe_decode_blocks: gate {gate.shape}, up {up.shape}, down {down.shape} are not "
-                         "[S, ff, d], [S, ff, d], [S, d, ff]")
-    if x.shape != (1, d):
-        raise ValueError(f"moe_decode_blocks: x {tuple(x.shape)} must be one token [1, {d}]")
-    if ids.dim() != 1 or weights.shape != ids.shape:
-        raise ValueError(f"moe_decode_blocks: ids {tuple(ids.shape)} and weights {tuple(weights.shape)} must be [k]")
-    if residual is not None and residual.shape != (1, d):
-        raise ValueError(f"moe_decode_blocks: residual {tuple(residual.shape)} must be [1, {d}]")
+    check_stacks_and_route("moe_decode_blocks", x, gate, up, down, ids, weights, table, residual)
     for name, st in (("gate", gate), ("up", up), ("down", down)):
         if st.qs.stride(-1) != 1 or st.d.stride(-1) != 1:
             raise ValueError(f"moe_decode_blocks: {name}'s rows must be contiguous")
