@@ -125,8 +125,8 @@ def bind_weights(g: GGUFFile, spec: ModelSpec, plan, placement: Placement, ledge
             ledger.register("weights", value, tier, name=f"blk.{i}.{name}")
         if blocks and lw.experts is not None:   # resident blocks on the trunk, or packed on the host
             on_cpu = plan.layer_expert_tiers[i] == "cpu"
-            names = ("gu", "gu_sz", "down", "down_sz") if on_cpu else \
-                ("gate.qs", "gate.d", "up.qs", "up.d", "down.qs", "down.d")
+            blocks = ("gate.qs", "gate.d", "up.qs", "up.d", "down.qs", "down.d")
+            names = ("gu", "gu_sz", "down", "down_sz", *blocks) if on_cpu else blocks
             for n, t in zip(names, lw.experts.tensors()):
                 ledger.register("weights", t, "host" if on_cpu else "trunk", name=f"blk.{i}.experts.{n}")
         elif lw.experts is not None:
@@ -308,18 +308,21 @@ def read_block_experts(g: GGUFFile, spec: ModelSpec, i: int, fmt: str, tier: str
     raws = {k: g.blocks(f"blk.{i}.ffn_{k}_exps.weight", shp, qtype).reshape(E, -1) for k, shp in shapes.items()}
     if tier == "trunk":
         stacks = {k: BlockStack.empty(fmt, shp, device=dev) for k, shp in shapes.items()}
-    else:
+    else:                # packed for the CPU; the blocks too (pinned on CUDA), for large batches
         from .cpu_experts import HostQ4Experts
         packed = HostQ4Experts.empty(E, ff, d)
+        pin = dev.type == "cuda"
+        stacks = {k: BlockStack.empty(fmt, shp, device=HOST, pinned=pin) for k, shp in shapes.items()}
     for e0 in range(0, E, LOAD_CHUNK_EXPERTS):
         e1 = min(E, e0 + LOAD_CHUNK_EXPERTS)
         part = {}
         for k, (_, n, kk) in shapes.items():
-            out = stacks[k][e0:e1] if tier == "trunk" else None
-            part[k] = BlockStack.from_ggml(raws[k][e0:e1].to(dev), fmt, (e1 - e0, n, kk),
-                                           out=out if out is not None else BlockStack.empty(fmt, (e1 - e0, n, kk), dev))
+            if tier == "trunk":
+                part[k] = BlockStack.from_ggml(raws[k][e0:e1].to(dev), fmt, (e1 - e0, n, kk), out=stacks[k][e0:e1])
+            else:
+                BlockStack.from_ggml(raws[k][e0:e1], fmt, (e1 - e0, n, kk), out=stacks[k][e0:e1])
+                part[k] = stacks[k][e0:e1].to(dev)
         if tier == "cpu":
             HostQ4Experts.from_blocks(part["gate"], part["up"], part["down"], out=packed, first=e0)
-    if tier == "trunk":
-        return BlockExperts(stacks["gate"], stacks["up"], stacks["down"])
-    return CpuExperts(packed)
+    blocks = (stacks["gate"], stacks["up"], stacks["down"])
+    return BlockExperts(*blocks) if tier == "trunk" else CpuExperts(packed, blocks)

@@ -167,10 +167,14 @@ class CpuExperts:
     step is one graph per stretch between such layers, ``engine.cuda_graph``).
     ``math`` is the CPU path's arithmetic."""
     host_compute = True
+    OFFLOAD_ROWS = 32              # a batch of at least this many rows runs on the device (below)
+    OFFLOAD_CHUNK = 16             # experts staged on the device at a time
 
-    def __init__(self, packed):
+    def __init__(self, packed, blocks=None):
         self.packed = packed
-        self.math = packed.math
+        self.blocks = blocks           # (gate, up, down) host BlockStacks: what large batches read
+        self.math = packed.math + ("; batches of >= %d rows on the device from the blocks (float32)"
+                                   % self.OFFLOAD_ROWS if blocks is not None else "")
 
     def resident_blocker(self, device) -> str | None:
         return None                  # nothing to fetch: the experts compute where they are
@@ -182,13 +186,19 @@ class CpuExperts:
         return None
 
     def tensors(self):
-        return self.packed.tensors()
+        blocks = [t for st in self.blocks for t in st.tensors()] if self.blocks is not None else []
+        return self.packed.tensors() + blocks
 
     def run(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor,
             out: torch.Tensor | None = None) -> torch.Tensor:
         """float32 [T, d]: rows ``h`` [T, d] through their experts ``top_e`` [T, k] weighted
-        ``top_p`` [T, k]; written into ``out`` (on ``h``'s device) when given."""
+        ``top_p`` [T, k]; written into ``out`` (on ``h``'s device) when given. A batch of
+        ``OFFLOAD_ROWS`` or more on a GPU (a prefill) runs there instead, as llama.cpp does:
+        the chosen experts' blocks go up ``OFFLOAD_CHUNK`` at a time (``on_device``)."""
         T, k = top_e.shape
+        if self.blocks is not None and T >= self.OFFLOAD_ROWS and h.device.type != "cpu":
+            y = self.on_device(h, top_e, top_p)
+            return y if out is None else out.copy_(y)
         if h.device.type == "cpu":
             hh, ids, p = h.detach().float(), top_e.tolist(), top_p.float().tolist()
         else:                            # one device -> host transfer (one sync) for rows and routing
@@ -199,6 +209,36 @@ class CpuExperts:
             ids = both[n + T * k:].reshape(T, k).long().tolist()
         y = self.packed.rows(hh, ids, p)
         return y.to(h.device) if out is None else out.copy_(y)
+
+    def on_device(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """The rows through their experts on ``h``'s device, from the host blocks: float32 maths
+        on the exact block values (as ``BlockExperts``' prefill), in ascending expert id."""
+        used = torch.unique(top_e).tolist()
+        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+        E = self.blocks[0].shape[0]
+        for e0 in range(0, E, self.OFFLOAD_CHUNK):
+            here = [e for e in used if e0 <= e < e0 + self.OFFLOAD_CHUNK]
+            if not here:
+                continue
+            stage = [st[e0:e0 + self.OFFLOAD_CHUNK].to(h.device, non_blocking=True) for st in self.blocks]
+            experts_over_rows(h, top_e, top_p, here,
+                              lambda e: tuple(expert_rows(st, e - e0) for st in stage), out=out)
+        return out
+
+
+def experts_over_rows(h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor, experts, get,
+                      out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows ``h`` [T, d] through their routed experts, one expert at a time over the rows that
+    chose it: ``get(e)`` gives expert ``e``'s (gate, up, down) float rows; ``experts`` the ids to
+    visit, in order. Added into ``out`` (default zeros like ``h``)."""
+    out = torch.zeros_like(h) if out is None else out
+    for e in experts:
+        rows, slot = (top_e == e).nonzero(as_tuple=True)
+        gate, up, down = get(e)
+        he = h[rows]
+        y = mm(F.silu(mm(he, gate)) * mm(he, up), down)
+        out.index_add_(0, rows, (y * top_p[rows, slot, None]).to(out.dtype))
+    return out
 
 
 def expert_rows(stack, s: int) -> torch.Tensor:
@@ -530,15 +570,8 @@ class Transformer:
             return w.experts.run(h, top_e, top_p).to(h.dtype)
         if h.shape[0] == 1:
             return self._moe_one(i, h, top_p[0], top_e[0])
-        out = torch.zeros_like(h)
         # Visit experts in ascending id so the cache access order is deterministic.
-        for e in torch.unique(top_e).tolist():
-            rows, slot = (top_e == e).nonzero(as_tuple=True)
-            gate, up, down = w.experts.get(i, e)
-            he = h[rows]
-            y = mm(F.silu(mm(he, gate)) * mm(he, up), down)
-            out.index_add_(0, rows, y * top_p[rows, slot, None])
-        return out
+        return experts_over_rows(h, top_e, top_p, torch.unique(top_e).tolist(), lambda e: w.experts.get(i, e))
 
     @staticmethod
     def _moe_kernel(device):

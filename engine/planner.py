@@ -23,7 +23,7 @@ Pricing rules (what the runtime must allocate for plan and ledger to agree):
 - Experts kept in their GGUF blocks (``expert_blocks="q4_0"|"q8_0"``, llama.cpp's placement:
   ``-ngl 99 --n-cpu-moe N``): every layer and the head on the trunk; the routed experts of the
   first ``cpu_moe`` MoE layers live on the host and compute on its CPU (Q4_0 only, repacked
-  for torch's CPU int4 matmul: ``engine.cpu_experts.packed_bytes``), those of the other MoE
+  for torch's CPU int4 matmul, and kept as blocks for large batches: ``cpu_expert_bytes``), those of the other MoE
   layers are resident on the trunk as two buffers per stack (quants and fp16 scales:
   ``expert_block_buffers``), no expert cache. ``cpu_moe="auto"`` (or None) takes the fewest
   that fit the budget with the head on the trunk. ``Plan.layer_expert_tiers`` says per layer
@@ -585,10 +585,12 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
 
 
 def cpu_expert_bytes(spec: ModelSpec) -> int:
-    """Host bytes of one MoE layer's experts packed for the CPU int4 matmul: 4 bits a value and
-    a bf16 (scale, zero) pair per 32 values (``engine.cpu_experts.packed_bytes``)."""
+    """Host bytes of one MoE layer's experts on the CPU: packed for the CPU int4 matmul (4 bits
+    a value and a bf16 (scale, zero) pair per 32 values, ``engine.cpu_experts.packed_bytes``)
+    plus the Q4_0 blocks themselves (quants and scales), which a large batch reads on the
+    device (``engine.model.CpuExperts.on_device``)."""
     values = 3 * spec.d_ff_expert * spec.d_model
-    return spec.n_experts * (values // 2 + values // 32 * 4)
+    return spec.n_experts * (values // 2 + values // 32 * 4) + sum(expert_block_buffers(spec, "q4_0"))
 
 
 def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c: dict, *,

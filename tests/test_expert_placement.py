@@ -201,3 +201,40 @@ def test_planner_refuses_placements_it_cannot_make():
                      host_ram=200 << 30, expert_blocks="q8_0", cpu_moe=3, vram_budget=12 << 30)
     with pytest.raises(ConfigError, match="expert blocks 'q5_k'"):
         planner.plan(CODER, device="cpu", host_ram=200 << 30, expert_blocks="q5_k")
+
+
+def test_large_batches_through_host_experts_run_from_the_blocks(mini):
+    """A prefill's batch through a cpu_moe layer runs from the layer's Q4_0 blocks on the device
+    (llama.cpp's offload of large batches): float32 maths on the file's values, held here to a
+    float64 expert sum over the reference engine's experts (dequantised at its load)."""
+    ref, cpu = load(mini), load(mini, expert_format="blocks", cpu_moe=2)
+    i = sorted(cpu.spec.moe_layers)[0]
+    ex = cpu.model.layers[i].experts
+    assert ex.blocks is not None and "on the device from the blocks" in cpu.cpu_expert_math
+    E, k, d, T = cpu.spec.n_experts, cpu.spec.n_experts_used, cpu.spec.d_model, 40
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(T, d, generator=g)
+    top_e = torch.stack([torch.randperm(E, generator=g)[:k] for _ in range(T)])
+    top_p = torch.rand(T, k, generator=g)
+    want = torch.zeros(T, d, dtype=torch.float64)
+    for t in range(T):
+        for j in range(k):
+            gate, up, down = (m.double() for m in ref.model.layers[i].experts.get(i, int(top_e[t, j])))
+            x = h[t].double()
+            want[t] += top_p[t, j].double() * (down @ (torch.nn.functional.silu(gate @ x) * (up @ x)))
+    got = ex.on_device(h, top_e, top_p)
+    assert got.dtype == torch.float32 and rel(got.double(), want) < 1e-5
+
+
+@pytest.mark.gpu
+def test_prefill_through_host_experts_runs_on_the_gpu():
+    """48 rows through cpu_moe layers on CUDA take the device path (float32 from the blocks):
+    the logits equal, to summation order, an engine with every expert resident in blocks."""
+    path = synth.ensure("coder30b-mini-synth")
+    kw = dict(kv_dtype="fp32", device="cuda", ctx=64, weight_format="f32", expert_format="blocks")
+    toks = list(range(3, 51))
+    resident = engine.load(path, cpu_moe=0, **kw).logits(toks)
+    hosted = engine.load(path, cpu_moe=2, **kw)
+    assert all(t.is_pinned() for st in hosted.model.layers[sorted(hosted.spec.moe_layers)[0]].experts.blocks
+               for t in st.tensors())
+    assert rel(hosted.logits(toks), resident) < 1e-4

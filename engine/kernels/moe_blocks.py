@@ -92,14 +92,19 @@ class BlockStack:
                           self.d.to(device, non_blocking=non_blocking))
 
     @staticmethod
-    def empty(fmt: str, shape: tuple[int, int, int], device="cpu", pin: bool = False) -> "BlockStack":
+    def empty(fmt: str, shape: tuple[int, int, int], device="cpu", pinned: bool = False) -> "BlockStack":
+        """An uninitialised stack on ``device``; ``pinned``: host memory page-locked at its exact
+        size (``engine.hostmem.pinned_empty``), for asynchronous copies to a GPU."""
         S, N, K = shape
         if fmt not in FORMATS or K % BLOCK:
             raise ValueError(f"BlockStack.empty: {fmt} over rows of {K} values (a multiple of {BLOCK} needed)")
         per = 8 // FORMATS[fmt][0]
         qdt = torch.uint8 if fmt == "q4_0" else torch.int8
-        return BlockStack(fmt, torch.empty(S, N, K // per, dtype=qdt, device=device, pin_memory=pin),
-                          torch.empty(S, N, K // BLOCK, dtype=torch.float16, device=device, pin_memory=pin))
+        if pinned:
+            from ..hostmem import pinned_empty
+            return BlockStack(fmt, pinned_empty((S, N, K // per), qdt), pinned_empty((S, N, K // BLOCK), torch.float16))
+        return BlockStack(fmt, torch.empty(S, N, K // per, dtype=qdt, device=device),
+                          torch.empty(S, N, K // BLOCK, dtype=torch.float16, device=device))
 
     @staticmethod
     def from_ggml(raw: torch.Tensor, fmt: str, shape: tuple[int, int, int], out: "BlockStack | None" = None) -> "BlockStack":
