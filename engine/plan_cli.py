@@ -38,7 +38,7 @@ def format_plan(p: Plan) -> str:
         off = [b for b, t in zip(p.layer_expert_bytes, tiers) if t == "cpu"]
         lines.append(f"experts in {p.expert_format} blocks (cpu_moe {p.cpu_moe_requested} -> {p.cpu_moe}): "
                      f"{len(on)} MoE layers on the trunk ({_mib(sum(on))}), {len(off)} on the host CPU "
-                     f"({_mib(sum(off))}, repacked for its int4 matmul)")
+                     f"({_mib(sum(off))}: repacked for its int4 matmul, and the blocks for large batches)")
     elif p.expert_slot_bytes:
         lines.append(f"expert cache: {p.expert_slots}/{p.trunk_experts} slots x {_mib(p.expert_slot_bytes)} "
                      f"= {_mib(p.trunk.expert_cache)}")
