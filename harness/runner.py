@@ -309,6 +309,7 @@ class Runner:
         from engine.planner import model_file_bytes, plan, require_host_fit, spec_for_model
         from engine.synth import weights_origin
         self._inputs = {}       # fixed inputs of the checks (pinned corpora): bad input if missing
+        self._blocks_na = {}    # model -> why experts in blocks cannot apply (its blocks cases: n/a)
         for cfg in self.suite.checks:
             got = registry.get(cfg.KIND).inputs(cfg)
             if got:
@@ -327,8 +328,14 @@ class Runner:
                     continue
                 seen.add(key)
                 kw = self.pool.kwargs(model, case.kv_dtype, opts)
+                blocks = None
+                if kw.get("expert_format") == "blocks":
+                    try:
+                        blocks = expert_blocks(model)
+                    except ConfigError as e:      # the option cannot apply to this model: its cases are n/a
+                        self._blocks_na[model] = f"expert_format 'blocks' does not apply: {e.args[0].split('; ')[0]}"
+                        continue
                 try:
-                    blocks = expert_blocks(model) if kw.get("expert_format") == "blocks" else None
                     p = plan(spec, kv_dtype=case.kv_dtype, ctx=kw["ctx"], vram_budget=kw.get("vram_budget"),
                              n_gpu_layers=kw.get("n_gpu_layers"), weight_format=fmt, device=self.device,
                              file_bytes=size, expert_blocks=blocks, cpu_moe=kw.get("cpu_moe"),
@@ -446,7 +453,9 @@ class Runner:
             status, failures, error, engine_info, reason = "pass", [], None, {}, None
             unmeasured: list[str] = []
             memory: dict = {}
-            na = check.not_applicable(cfg, info) or missing(self.pool.engine_class_for(case.kv_dtype), check.requires)
+            na = check.not_applicable(cfg, info) or \
+                (self._blocks_na.get(model) if opts.get("expert_format") == "blocks" else None) or \
+                missing(self.pool.engine_class_for(case.kv_dtype), check.requires)
             if na is not None:
                 status, reason = "n/a", na
                 self._na[(model, cfg.name)] = na

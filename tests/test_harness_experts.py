@@ -57,3 +57,21 @@ def test_the_vram_check_sees_the_placement_it_asked_for(tmp_path):
         assert p["expert_format"] == "q4_0" and p["cpu_moe"] == 1 and p["layer_expert_tiers"][0] == "cpu"
     rows = [r for r in recs if r.get("type") == "metric" and r["metric"] == "Plan vs runtime max diff"]
     assert rows and all(r["value"] == 0.0 for r in rows)
+
+
+def test_models_the_placement_cannot_apply_to_are_na_with_the_reason(tmp_path):
+    """A suite over several models: a dense model, and one whose experts are not Q4_0/Q8_0
+    blocks, declare the blocks cases n/a (never pass), naming why; the MoE in blocks runs."""
+    text = SUITE.format(suite_extra='expert_format = "blocks"\ncpu_moe = "auto"', check_extra="").replace(
+        'models = ["tiny-olmoe-q4_0"]', 'models = ["tiny-llama", "tiny-qwen3moe", "tiny-olmoe-q4_0"]')
+    p = tmp_path / "s.toml"
+    p.write_text(text)
+    summary = Runner(load_suite(p), tmp_path / "res", progress=False).run()
+    by_model = {}
+    for c in summary.cases:
+        by_model.setdefault(c["model"], set()).add(c["status"])
+    assert by_model == {"tiny-llama": {"n/a"}, "tiny-qwen3moe": {"n/a"}, "tiny-olmoe-q4_0": {"pass"}}
+    reasons = {c["model"]: c["reason"] for c in summary.cases if c["status"] == "n/a"}
+    assert "has no routed experts" in reasons["tiny-llama"]
+    assert "blk.0.ffn_down_exps.weight is F32" in reasons["tiny-qwen3moe"]
+    assert summary.verdict == "pass"
