@@ -200,15 +200,29 @@ class CpuExperts:
             y = self.on_device(h, top_e, top_p)
             return y if out is None else out.copy_(y)
         if h.device.type == "cpu":
-            hh, ids, p = h.detach().float(), top_e.tolist(), top_p.float().tolist()
-        else:                            # one device -> host transfer (one sync) for rows and routing
-            both = torch.cat([h.detach().reshape(-1).float(), top_p.reshape(-1).float(), top_e.reshape(-1).float()]).cpu()
-            n = h.numel()
-            hh = both[:n].reshape(T, -1)
-            p = both[n:n + T * k].reshape(T, k).tolist()
-            ids = both[n + T * k:].reshape(T, k).long().tolist()
-        y = self.packed.rows(hh, ids, p)
-        return y.to(h.device) if out is None else out.copy_(y)
+            y = self.packed.rows(h.detach().float(), top_e.tolist(), top_p.float().tolist())
+            return y if out is None else out.copy_(y)
+        # one device -> host transfer for rows and routing, through a pinned stage, then one sync
+        src = torch.cat([h.detach().reshape(-1).float(), top_p.reshape(-1).float(), top_e.reshape(-1).float()])
+        stage = self._pinned("_in", src.numel())
+        stage.copy_(src, non_blocking=True)
+        torch.cuda.current_stream(h.device).synchronize()
+        n = h.numel()
+        y = self.packed.rows(stage[:n].reshape(T, -1), stage[n + T * k:].reshape(T, k).long().tolist(),
+                             stage[n:n + T * k].reshape(T, k).tolist())
+        # back through a pinned stage too; the next run's sync orders its reuse after this copy
+        back = self._pinned("_out", y.numel()).view(y.shape)
+        back.copy_(y)
+        out = torch.empty(y.shape, dtype=torch.float32, device=h.device) if out is None else out
+        return out.copy_(back, non_blocking=True)
+
+    def _pinned(self, name: str, n: int) -> torch.Tensor:
+        """A page-locked float32 staging buffer of at least ``n`` values, kept between runs."""
+        buf = self.__dict__.get(name)
+        if buf is None or buf.numel() < n:
+            buf = torch.empty(n, dtype=torch.float32, pin_memory=True)
+            self.__dict__[name] = buf
+        return buf[:n]
 
     def on_device(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """The rows through their experts on ``h``'s device, from the host blocks: float32 maths
