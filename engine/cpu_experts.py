@@ -83,10 +83,10 @@ def _scales(d: torch.Tensor, out: torch.Tensor) -> None:
 
 
 def packed_bytes(n_experts: int, ff: int, d: int) -> int:
-    """Host bytes of one layer's packed experts: 4 bits a value plus a bf16 (scale, zero) pair
-    per 32 values, for gate+up [2 ff, d] and down [d, ff] of each expert."""
-    values = 3 * ff * d
-    return n_experts * (values // 2 + values // BLOCK * 4)
+    """Host bytes of one layer's packed experts (``engine.planner.int4_packed_bytes``: what the
+    planner prices)."""
+    from .planner import int4_packed_bytes
+    return int4_packed_bytes(n_experts, ff, d)
 
 
 class HostQ4Experts:

@@ -589,8 +589,14 @@ def cpu_expert_bytes(spec: ModelSpec) -> int:
     a value and a bf16 (scale, zero) pair per 32 values, ``engine.cpu_experts.packed_bytes``)
     plus the Q4_0 blocks themselves (quants and scales), which a large batch reads on the
     device (``engine.model.CpuExperts.on_device``)."""
-    values = 3 * spec.d_ff_expert * spec.d_model
-    return spec.n_experts * (values // 2 + values // 32 * 4) + sum(expert_block_buffers(spec, "q4_0"))
+    return int4_packed_bytes(spec.n_experts, spec.d_ff_expert, spec.d_model) + sum(expert_block_buffers(spec, "q4_0"))
+
+
+def int4_packed_bytes(n_experts: int, ff: int, d: int) -> int:
+    """Host bytes of ``n_experts`` experts packed for torch's CPU int4 matmul: 4 bits a value
+    and a bf16 (scale, zero) pair per 32 values, for gate+up [2 ff, d] and down [d, ff] each."""
+    values = 3 * ff * d
+    return n_experts * (values // 2 + values // 32 * 4)
 
 
 def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c: dict, *,
