@@ -96,13 +96,13 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_MOE_BLOCKS_GU_BLOCK_F", "int", None, "engine.kernels.moe_blocks gate/up rows per program "
        "(default 16)", lo=1, hi=256),
     _s("KVBENCH_MOE_BLOCKS_GU_BLOCK_K", "int", None, "engine.kernels.moe_blocks gate/up values of d per "
-       "step (a multiple of 32; default 256)", lo=32, hi=4096),
+       "step (a power of two >= 32; default 256)", lo=32, hi=4096),
     _s("KVBENCH_MOE_BLOCKS_GU_WARPS", "int", None, "engine.kernels.moe_blocks gate/up warps (default 4)",
        lo=1, hi=32),
     _s("KVBENCH_MOE_BLOCKS_DOWN_BLOCK_D", "int", None, "engine.kernels.moe_blocks down output rows per "
        "program (default 16)", lo=1, hi=256),
     _s("KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K", "int", None, "engine.kernels.moe_blocks down values of ff per "
-       "step (a multiple of 32; default 256)", lo=32, hi=4096),
+       "step (a power of two >= 32; default 256)", lo=32, hi=4096),
     _s("KVBENCH_MOE_BLOCKS_DOWN_WARPS", "int", None, "engine.kernels.moe_blocks down warps (default 4)",
        lo=1, hi=32),
     _s("KVBENCH_DECODE_ROPE_APPEND", "bool", True, "the captured decode step rotates q/k (RoPE) and "

@@ -14,6 +14,7 @@ from gguf import GGMLQuantizationType as QT
 from gguf import quants
 
 from engine import settings
+from engine.errors import ConfigError
 from engine.kernels.moe import moe_decode_ref
 from engine.kernels.moe_blocks import BlockStack, moe_decode_blocks, moe_decode_blocks_ref
 
@@ -105,11 +106,18 @@ def test_kernel_reads_only_the_selected_experts():
     assert_close("selected experts only", moe_decode_ref(x, *clean, ids, w), out, 1e-5)
 
 
-def test_tile_settings_are_read_at_each_launch(monkeypatch):
-    """A tile size set after import is what the launch uses (a BLOCK_K that is not a multiple of
-    32 is refused by the setting's own range, a wrong one here would change nothing)."""
+def test_tile_settings_are_read_at_each_launch_and_checked(monkeypatch):
+    """A tile size set after import reaches the launch: one the kernel cannot take (not a power
+    of two) is refused there, naming the setting; below 32 the setting's own range refuses it."""
+    raw, _ = ggml_stack("q4_0", 2, 64, 64, seed=4)
+    st = BlockStack.from_ggml(raw, "q4_0", (2, 64, 64))
+    args = (torch.randn(1, 64), st, st, st, torch.tensor([1]), torch.tensor([1.0]))
+    moe_decode_blocks(*args)                                        # the defaults run
+    monkeypatch.setenv("KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K", "96")
+    with pytest.raises(ConfigError, match="KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K=96 is not a power of two"):
+        moe_decode_blocks(*args)
     monkeypatch.setenv("KVBENCH_MOE_BLOCKS_GU_BLOCK_K", "16")
-    with pytest.raises(Exception, match="KVBENCH_MOE_BLOCKS_GU_BLOCK_K"):
+    with pytest.raises(ConfigError, match="KVBENCH_MOE_BLOCKS_GU_BLOCK_K"):
         settings.validate()
 
 

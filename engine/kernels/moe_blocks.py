@@ -262,6 +262,12 @@ def moe_decode_blocks(x: torch.Tensor, gate: BlockStack, up: BlockStack, down: B
     from .. import settings
     cu = {**CONFIG["gate_up"], **settings.overrides(_TUNABLES["gate_up"])}
     cd = {**CONFIG["down"], **settings.overrides(_TUNABLES["down"])}
+    for part, cfg in (("gate_up", cu), ("down", cd)):
+        bk = cfg["BLOCK_K"]
+        if bk < BLOCK or bk & (bk - 1):
+            from ..errors import ConfigError
+            raise ConfigError(f"{_TUNABLES[part]['BLOCK_K']}={bk} is not a power of two >= {BLOCK}",
+                              "use 32, 64, 128, 256, ...")
     unroll = bool(settings.get("KVBENCH_MOE_UNROLL"))
     _blocks_gate_up_kernel[(k, triton.cdiv(ff, cu["BLOCK_F"]))](
         x1, gate.qs, gate.d, up.qs, up.d, ids, tab, h, d, ff,
