@@ -1,7 +1,8 @@
 """llama.cpp's placement on our engine: experts in GGUF blocks, the first N MoE layers' on the CPU.
 
 Contract: for a MoE GGUF with Q4_0 experts (default coder30b-synth) on CUDA, loads the engine
-with ``expert_format="blocks"`` at each ``--cases`` (budget:cpu_moe) x ``--kv`` and
+with ``expert_format="blocks"`` at each ``--cases`` (budget:cpu_moe[:weights], weights the
+non-expert matrices' format, e.g. q8_0 as llama.cpp keeps them) x ``--kv`` and
 records: the applied ``cpu_moe`` and decode path, plan vs ledger (max |diff|), load seconds,
 greedy decode tok/s at each ``--depths`` (greedy ``decode`` steps after a fast-path prefill
 of that many tokens: median of ``--reps``), and the time one step spends in the host experts
@@ -183,7 +184,8 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="coder30b-synth")
     ap.add_argument("--cases", default="12GiB:auto,none:17",
-                    help="comma list of BUDGET:CPU_MOE (budget none: free memory; cpu_moe auto or a count)")
+                    help="comma list of BUDGET:CPU_MOE[:WEIGHTS] (budget none: free memory; cpu_moe auto or "
+                         "a count; WEIGHTS: the non-expert matrices' format, default --weight-format)")
     ap.add_argument("--kv", default="bf16,q8_0")
     ap.add_argument("--depths", default="16,4096")
     ap.add_argument("--tokens", type=int, default=32)
@@ -211,7 +213,8 @@ def main(argv=None) -> int:
     result = {"model": args.model, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
               "torch": torch.__version__, "cases": cases, "layer": layer}
     for spec_case in args.cases.split(","):
-        budget, n = spec_case.split(":")
+        budget, n, *wf = spec_case.split(":")
+        wf = wf[0] if wf else args.weight_format
         vram = None if budget == "none" else settings.parse_size(budget)
         cpu_moe = "auto" if n == "auto" else int(n)
         prev = None                          # the case's engine: the next KV dtype takes its weights over
@@ -219,7 +222,7 @@ def main(argv=None) -> int:
             if dev == "cuda":
                 torch.cuda.empty_cache()
             t = time.perf_counter()
-            kw = dict(kv_dtype=kv, device=dev, ctx=ctx, vram_budget=vram, weight_format=args.weight_format,
+            kw = dict(kv_dtype=kv, device=dev, ctx=ctx, vram_budget=vram, weight_format=wf,
                       expert_format="blocks", cpu_moe=cpu_moe)
             eng = None
             try:
@@ -230,7 +233,8 @@ def main(argv=None) -> int:
                         prev.close()
                 eng = eng or engine.load(args.model, **kw)
             except EngineError as exc:       # one case refused: recorded, the rest go on
-                cases.append({"budget": budget, "cpu_moe_requested": n, "kv": kv, "error": str(exc)})
+                cases.append({"budget": budget, "cpu_moe_requested": n, "kv": kv, "weight_format": wf,
+                              "error": str(exc)})
                 print(f"{args.model} budget {budget} cpu_moe {n} KV {kv}: refused: {exc}", flush=True)
                 prev = None
                 continue
@@ -238,6 +242,7 @@ def main(argv=None) -> int:
             load_s = time.perf_counter() - t
             rows = eng.ledger.compare(eng.plan)
             case = {"budget": budget, "cpu_moe_requested": n, "cpu_moe": eng.plan.cpu_moe, "kv": kv,
+                    "weight_format": eng.plan.weight_format,
                     "expert_format": eng.plan.expert_format, "decode_path": eng.decode_path,
                     "decode_path_reason": eng.decode_path_reason, "cpu_expert_math": eng.cpu_expert_math,
                     "load_s": load_s, "weights_reused": reused,
@@ -249,7 +254,7 @@ def main(argv=None) -> int:
             speeds = ", ".join(f"d{c['depth']} {c['tok_s']:.1f} tok/s"
                                + (f" (host experts {c['host_experts_ms_per_step']:.2f} of "
                                   f"{c['step_ms']:.2f} ms)" if "step_ms" in c else "") for c in case["decode"])
-            print(f"{args.model} budget {budget} cpu_moe {n}->{case['cpu_moe']} KV {kv}: {case['decode_path']}, "
+            print(f"{args.model} budget {budget} cpu_moe {n}->{case['cpu_moe']} KV {kv} weights {wf}: {case['decode_path']}, "
                   f"load {load_s:.1f} s, plan diff {case['plan_max_abs_diff']} B; {speeds}", flush=True)
             del eng
             if args.out:                 # after every case: a timeout keeps what was measured

@@ -37,8 +37,9 @@ for step in $steps; do
     attn)   timeout ${ATTN_TIMEOUT:-590} python3 benchmarks/bench_attention.py --sweep ${ATTN_ARGS:-} --out "$OUT/attention.json" 2>&1 | tee "$OUT/bench-attention.log" | tail -40 ;;
     moevar) # issue 14.2: the captured decode step with each change on and off (bf16/q8_0 KV, depth 16 and 16384)
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
+            # MOE_ARGS: e.g. "--expert-format blocks --weight-format q8_0" (llama.cpp's bytes: Q4_0 experts, Q8_0 attention)
             python3 benchmarks/bench_moe_decode.py --kv bf16,q8_0 --depths 16,16384 --paths cuda_graph --timing both \
-              --variants ${MOE_VARIANTS:-default,no_fused_gemv,moeloop:KVBENCH_MOE_UNROLL=0} --no-sweep \
+              --variants ${MOE_VARIANTS:-default,no_fused_gemv,moeloop:KVBENCH_MOE_UNROLL=0} --no-sweep ${MOE_ARGS:-} \
               --max-seconds ${MOE_MAX_S:-330} --out "$OUT/moe_decode_variants.json" 2>&1 | grep -v "^\s*$" \
               | tee "$OUT/moe-variants.log" | tail -40 ;;
     lcbuildbg) # start the llama-bench CUDA build in the background (niced), so GPU steps run meanwhile; lcwait joins it
@@ -143,7 +144,7 @@ for step in $steps; do
                 --out "$OUT/llamacpp-coder-ncmoe$n.json" 2>&1 | tail -4
             done
             timeout ${CPUMOE_TIMEOUT:-420} python3 benchmarks/bench_cpu_moe.py --model coder30b-synth \
-              --cases 12GiB:auto,$(for n in ${CPUMOE_N:-17 22}; do printf 'none:%s,' $n; done)none:0 --kv bf16,q8_0 --depths ${CPUMOE_DEPTHS:-16,1024} --tokens 32 --reps 3 \
+              --cases ${CPUMOE_CASES:-12GiB:auto,12GiB:auto:q8_0,$(for n in ${CPUMOE_N:-17 22}; do printf 'none:%s,' $n; done)none:0} --kv bf16,q8_0 --depths ${CPUMOE_DEPTHS:-16,1024} --tokens 32 --reps 3 \
               --threads ${CPUMOE_THREADS:-4,8,16} --out "$OUT/cpu_moe.json" 2>&1 | tee "$OUT/cpu-moe.log" | tail -20 ;;
     loadprof) # where coder30b-synth's load goes (issue 14: <= 20 s; 21.9 s in reports/h200-2026-12-04c)
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1

@@ -86,7 +86,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                    "(engine.kv_spec: k-q8_0.v-bf16, q8_0.fp32@0,23)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--ctx", type=at_least(1), default=4096, help="KV cache capacity in tokens")
-    p.add_argument("--weight-format", default="f32", help="matrices stored as f32, bf16 or f16")
+    p.add_argument("--weight-format", default="f32", help="matrices stored as f32, bf16, f16 or q8_0 (the file's "
+                   "Q8_0 blocks as they are; MoE models need --expert-format blocks)")
     p.add_argument("--decode-mode", default=None,
                    help="auto (CUDA graph on CUDA when possible), eager, static or cuda_graph")
     p.add_argument("--vram-budget", default=None,

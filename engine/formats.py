@@ -66,7 +66,7 @@ WEIGHTS: dict[str, Format] = {f.name: f for f in (
 )}
 WEIGHT_FORMATS = tuple(WEIGHTS)
 WEIGHT_FORMAT_CHOICES = ("auto", *WEIGHT_FORMATS)
-ENGINE_WEIGHT_FORMATS = ("f32", "bf16", "f16")        # what the engine stores matrices as
+ENGINE_WEIGHT_FORMATS = ("f32", "bf16", "f16", "q8_0")  # what the engine stores matrices as (q8_0: engine.qweights)
 NORM_BYTES = 4                                        # 1-D norms always f32
 
 DEFAULT_WAVE_BUDGET = 256 << 20       # attention wave scratch of a prefill

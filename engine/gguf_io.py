@@ -366,17 +366,59 @@ class GGUFFile:
         for r0 in range(0, n_rows, step):
             rows = raw[r0:r0 + step]
             x = dst[r0:r0 + step] if direct else buf[:len(rows)]
-            if t.tensor_type in TORCH_DECODERS:
-                dequantize_torch(_raw_tensor(rows).to(work), t.tensor_type, out=x)
-            else:
-                with np.errstate(invalid="ignore", over="ignore"):   # inf/NaN scales decode as they are
-                    x.copy_(torch.from_numpy(dequantize(rows, t.tensor_type).reshape(-1, row_len)))
+            _decode_rows(t.tensor_type, rows, row_len, work, x)
             if not direct:   # cast where the values are (device -> host moves the stored dtype)
                 dst[r0:r0 + step].copy_(x if out.device == work else x.to(dtype))
         return out
 
+    def tensor_q8(self, name: str, shape: tuple[int, int], *, device: str | torch.device | None = None,
+                  out: torch.Tensor | None = None) -> torch.Tensor:
+        """Matrix ``name`` [N, K] as a Q8_0 matrix (``engine.qweights``: int8 [N, K + K/16]).
+        Stored as Q8_0 in the file: its bytes exactly, no arithmetic. Stored otherwise: decoded
+        to float32 and quantised (``gguf.quants``' Q8_0 arithmetic) on ``device`` (default cpu),
+        ``DEQUANT_CHUNK_BYTES`` of float32 rows at a time. ``out``: a matrix to fill instead
+        (any device, e.g. pinned host memory); it is returned."""
+        from . import qweights
+        t = self._get(name)
+        n, k = shape
+        if self.shape(name) != (n, k):
+            raise ModelFileError(self.path, f"tensor {name} has shape {list(self.shape(name))}, metadata "
+                                 f"implies {list(shape)}", "the file's metadata contradicts its tensors")
+        if k % qweights.QK or t.tensor_type not in SUPPORTED_TYPES:
+            raise UnsupportedModelError(self.path, f"tensor {name} ({t.tensor_type.name}, rows of {k}) cannot be "
+                                        f"stored as Q8_0 (rows must be whole {qweights.QK}-value blocks)",
+                                        "use weight_format f32, bf16 or f16")
+        work = torch.device(device if device is not None else "cpu")
+        if out is None:
+            out = qweights.empty(n, k, work)
+        elif tuple(out.shape) != (n, qweights.row_bytes(k)) or out.dtype != torch.int8 or not out.is_contiguous():
+            raise ModelFileError(self.path, f"tensor {name}: out= is {tuple(out.shape)} {out.dtype}, needs "
+                                 f"contiguous int8 {(n, qweights.row_bytes(k))}", "allocate it with engine.qweights.empty")
+        raw = np.asarray(t.data).reshape(-1).view(np.uint8).reshape(n, -1)
+        step = max(1, min(n, DEQUANT_CHUNK_BYTES // (4 * k)))
+        buf = None if t.tensor_type == QT.Q8_0 else torch.empty(step, k, dtype=torch.float32, device=work)
+        for r0 in range(0, n, step):
+            rows = raw[r0:r0 + step]
+            if buf is None:            # the file's own blocks: reordered, never recomputed
+                qweights.from_ggml(_raw_tensor(rows), out=out[r0:r0 + len(rows)])
+                continue
+            x = buf[:len(rows)]
+            _decode_rows(t.tensor_type, rows, k, work, x)
+            q = qweights.quantize(x)
+            out[r0:r0 + len(rows)].copy_(q)
+        return out
+
 
 DEQUANT_CHUNK_BYTES = 64 << 20     # float32 bytes decoded per chunk
+
+
+def _decode_rows(qtype: QT, rows: np.ndarray, row_len: int, work: torch.device, x: torch.Tensor) -> None:
+    """Raw rows of a tensor's bytes decoded into float32 ``x`` [len(rows), row_len] on ``work``."""
+    if qtype in TORCH_DECODERS:
+        dequantize_torch(_raw_tensor(rows).to(work), qtype, out=x)
+    else:
+        with np.errstate(invalid="ignore", over="ignore"):   # inf/NaN scales decode as they are
+            x.copy_(torch.from_numpy(dequantize(rows, qtype).reshape(-1, row_len)))
 
 
 def _raw_tensor(rows: np.ndarray) -> torch.Tensor:

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import ConfigError
+from . import qweights
 from .gguf_io import GGUFFile
 from .hostmem import pinned_empty
 from .formats import round_alloc
@@ -182,7 +183,7 @@ def fuse_qkv(spec: ModelSpec, dtype: torch.dtype, dev: torch.device) -> bool:
     rounded up to 512 B; the planner prices three), so plan == runtime holds either way."""
     if not fused_qkv_on():
         return False
-    size = torch.empty((), dtype=dtype).element_size() * spec.d_model
+    size = matrix_row_bytes(dtype, spec.d_model)
     parts = [spec.q_dim * size, spec.kv_dim * size, spec.kv_dim * size]
     return sum(round_alloc(b, dev.type) for b in parts) == round_alloc(sum(parts), dev.type)
 
@@ -192,8 +193,23 @@ def fuse_gate_up(spec: ModelSpec, dtype: torch.dtype, dev: torch.device) -> bool
     ``KVBENCH_DECODE_FUSED_GATE_UP`` and the same allocator bytes as two buffers (``fuse_qkv``)."""
     if not fused_gate_up_on() or not spec.d_ff:
         return False
-    b = torch.empty((), dtype=dtype).element_size() * spec.d_model * spec.d_ff
+    b = matrix_row_bytes(dtype, spec.d_model) * spec.d_ff
     return 2 * round_alloc(b, dev.type) == round_alloc(2 * b, dev.type)
+
+
+def matrix_row_bytes(dtype: torch.dtype, k: int) -> int:
+    """Bytes of one stored matrix row of ``k`` values: ``dtype``'s size, or Q8_0 rows for int8
+    (``engine.qweights``)."""
+    if dtype == torch.int8:
+        return qweights.row_bytes(k)
+    return torch.empty((), dtype=dtype).element_size() * k
+
+
+def _matrix_shape(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The stored shape of a tensor of logical ``shape``: a Q8_0 matrix's rows are bytes."""
+    if dtype == torch.int8 and len(shape) == 2:
+        return shape[0], qweights.row_bytes(shape[1])
+    return tuple(shape)
 
 
 def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float32,
@@ -203,7 +219,9 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
                  ) -> tuple[list[LayerWeights], torch.Tensor, torch.Tensor, torch.Tensor]:
     """Every tensor read straight into its storage, shape checked against the spec.
 
-    Matrices and routed experts are stored as ``dtype``, norms float32. Layer ``i``'s resident
+    Matrices and routed experts are stored as ``dtype``, norms float32; ``torch.int8`` means
+    Q8_0 matrices (``engine.qweights``, ``GGUFFile.tensor_q8``: a Q8_0 file's bytes as they are),
+    which needs routed experts in blocks (``expert_blocks``). Layer ``i``'s resident
     tensors live on ``layer_devices[i]``; routed experts (``Experts``) and ``token_embd`` on the
     host, experts in pinned memory when ``pin_experts``; ``output_norm`` and ``output`` on
     ``head_device`` when given (the head's own tier: a tied output is then its own copy),
@@ -219,23 +237,32 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
     host = HOST
     layer_devices = layer_devices or [host] * spec.n_layers
 
+    if dtype == torch.int8 and spec.is_moe and expert_blocks is None:
+        raise ValueError("load_weights: Q8_0 matrices (int8) need the routed experts in blocks (expert_blocks)")
+
+    def get(name, shape, wdtype, device, out):
+        if wdtype == torch.int8:
+            return g.tensor_q8(name, shape, device=device, out=out)
+        return g.tensor(name, shape, dtype=wdtype, device=device, out=out)
+
     def read(name, shape, dev, wdtype=dtype, pin=False, out=None):
         if dev.type == "cpu" and (pin or (decode_device is not None and decode_device != dev)):
             # pinned at its exact size (torch's pinned allocator rounds up to a power of two)
             if out is None:
-                out = pinned_empty(shape, wdtype) if pin else torch.empty(shape, dtype=wdtype)
-            return g.tensor(name, shape, dtype=wdtype, device=decode_device or host, out=out)
-        return g.tensor(name, shape, dtype=wdtype, device=dev, out=out)
+                phys = _matrix_shape(wdtype, shape)
+                out = pinned_empty(phys, wdtype) if pin else torch.empty(phys, dtype=wdtype)
+            return get(name, shape, wdtype, decode_device or host, out)
+        return get(name, shape, wdtype, dev, out)
 
     def read_qkv(p, dev):
         """(wq, wk, wv, wqkv): with ``fused``, each read straight into its rows of one buffer."""
         if not fuse_qkv(spec, dtype, dev):
             return read(p + "attn_q.weight", (q, d), dev), read(p + "attn_k.weight", (kvd, d), dev), \
                 read(p + "attn_v.weight", (kvd, d), dev), None
-        wqkv = torch.empty(q + 2 * kvd, d, dtype=dtype, device=dev)
+        wqkv = torch.empty(_matrix_shape(dtype, (q + 2 * kvd, d)), dtype=dtype, device=dev)
         views = split_qkv_rows(wqkv, q, kvd)
         for name, view in zip(("attn_q", "attn_k", "attn_v"), views):
-            read(p + name + ".weight", tuple(view.shape), dev, out=view)
+            read(p + name + ".weight", (view.shape[0], d), dev, out=view)
         return (*views, wqkv)
 
     layers = []
@@ -256,7 +283,8 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
             lw.post_ffn_norm = norm("post_ffw_norm.weight", (d,))
         if i in spec.moe_layers:
             E, ff = spec.n_experts, spec.d_ff_expert
-            lw.router = t("ffn_gate_inp.weight", (E, d))
+            # under Q8_0 matrices the router stays float32 (engine.planner prices it so)
+            lw.router = read(p + "ffn_gate_inp.weight", (E, d), dev, torch.float32 if dtype == torch.int8 else dtype)
             if expert_blocks is not None:
                 lw.experts = read_block_experts(g, spec, i, expert_blocks, expert_tiers[i], dev)
                 layers.append(lw)
@@ -267,7 +295,7 @@ def load_weights(g: GGUFFile, spec: ModelSpec, dtype: torch.dtype = torch.float3
         else:
             ff = spec.d_ff
             if fuse_gate_up(spec, dtype, dev):     # each read straight into its rows of one buffer
-                lw.w_gu = torch.empty(2 * ff, d, dtype=dtype, device=dev)
+                lw.w_gu = torch.empty(_matrix_shape(dtype, (2 * ff, d)), dtype=dtype, device=dev)
                 lw.w_gate, lw.w_up = split_gate_up_rows(lw.w_gu)
                 read(p + "ffn_gate.weight", (ff, d), dev, out=lw.w_gate)
                 read(p + "ffn_up.weight", (ff, d), dev, out=lw.w_up)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from . import attn_math, settings
+from . import attn_math, qweights, settings
 from .spec import ModelSpec
 
 
@@ -264,7 +264,10 @@ def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x [T, in] float32 @ w[out, in].T; weights stored narrower (bf16/f16) compute in their
     dtype with fp32 accumulation and come back as float32. Activations already in the weights'
     narrow dtype (the fast prefill path over bf16 weights) stay in it; narrow activations that
-    reach float32 weights (a mixed placement) are widened, and float32 goes on from there."""
+    reach float32 weights (a mixed placement) are widened, and float32 goes on from there. A
+    Q8_0 matrix (int8, ``engine.qweights``) computes in float32 over its exact values."""
+    if w.dtype == torch.int8:
+        return qweights.mm(x, w)
     if w.dtype == torch.float32:
         return (x if x.dtype == torch.float32 else x.float()) @ w.T
     y = x.to(w.dtype) @ w.T
@@ -332,6 +335,8 @@ def decode_embed(s: ModelSpec, table, token):
     """The token's embedding row gathered on the table's device: ``token`` [1] long -> float32
     [1, d], scaled as ``Transformer.embed_tokens`` does (bit for bit the same row)."""
     x = table.index_select(0, token)
+    if x.dtype == torch.int8:                 # Q8_0 rows (engine.qweights)
+        x = qweights.dequantize(x)
     if s.embed_scale:
         x = x * torch.tensor(s.d_model ** 0.5, dtype=x.dtype)
     return x.float()
@@ -462,6 +467,9 @@ def decode_head(s: ModelSpec, x, out_norm, output):
         logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
     logits = logits[0].float()
     return logits, logits.argmax()
+
+
+GEMV_DTYPES = (torch.float32, torch.bfloat16, torch.int8)   # weights engine.kernels.gemv reads (int8: Q8_0)
 
 
 class Transformer:
@@ -633,6 +641,8 @@ class Transformer:
         table = self.embed_table(self.layer_devices[0]) if self.layer_devices else None
         table = self.embed if table is None else table
         x = table[tokens.to(table.device)]
+        if x.dtype == torch.int8:           # Q8_0 rows (engine.qweights)
+            x = qweights.dequantize(x)
         if self.spec.embed_scale:   # HF Gemma: times sqrt(d_model) cast to the embedding dtype
             x = x * torch.tensor(self.spec.d_model ** 0.5, dtype=x.dtype)
         return x.float()
@@ -683,7 +693,7 @@ class Transformer:
         from . import kernels
         if not kernels.use_triton(torch.device(device)):
             return [False] * self.spec.n_layers
-        return [w.wqkv is not None and w.wqkv.dtype in (torch.float32, torch.bfloat16)
+        return [w.wqkv is not None and w.wqkv.dtype in GEMV_DTYPES
                 and w.wqkv.device.type == torch.device(device).type for w in self.layers]
 
     def rope_append_layers(self, device, caches) -> list[bool]:
@@ -720,7 +730,7 @@ class Transformer:
     def _moe_gemv(w) -> bool:
         """A MoE layer whose output projection and router run through the gemv kernel."""
         return (w.post_attn_norm is None and w.wo.stride(1) == 1 and w.router.stride(1) == 1
-                and w.wo.dtype == w.wqkv.dtype and w.router.dtype in (torch.float32, torch.bfloat16))
+                and w.wo.dtype == w.wqkv.dtype and w.router.dtype in GEMV_DTYPES)
 
     def decode_at(self, x: torch.Tensor, pos: torch.Tensor, caches, compiled: bool = False,
                   fused_qkv: bool | None = None, route_kernel: bool | None = None,
@@ -856,7 +866,17 @@ class Transformer:
         return route.route_topk if kernels.use_triton(device) else route.route_topk_ref
 
     def decode_head(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """``head`` for the static decode step (compiled with it): (logits [V] f32, argmax)."""
+        """``head`` for the static decode step (compiled with it): (logits [V] f32, argmax). A
+        Q8_0 head goes through ``engine.kernels.gemv`` where Triton runs (its norm fused in),
+        so no float32 copy of it is ever made."""
+        from . import kernels
+        if self.output.dtype == torch.int8 and kernels.use_triton(x.device):
+            from .kernels.gemv import gemv
+            s = self.spec
+            logits = gemv(x, self.output, "rms", g=self.out_norm, eps=s.rms_eps)
+            if s.final_softcap:
+                logits = torch.tanh(logits / s.final_softcap) * s.final_softcap
+            return logits[0], logits[0].argmax()
         return self._decode_functions(self._decode_fns[0])[2](x, self.out_norm, self.output)
 
     def _moe_one(self, i: int, h: torch.Tensor, top_p: torch.Tensor, top_e: torch.Tensor) -> torch.Tensor:

@@ -8,8 +8,9 @@ allocates exactly the buffers priced here, through ``engine.ledger.Ledger``, so
 ``Ledger.compare(plan)`` can hold every category to the byte.
 
 Pricing rules (what the runtime must allocate for plan and ledger to agree):
-- Weights: every matrix at ``weight_format`` (f32 4 B, f16/bf16 2 B, q8_0 34 B per 32);
-  1-D norms always f32. One buffer per GGUF tensor (``layer_tensors`` lists them).
+- Weights: every matrix at ``weight_format`` (f32 4 B, f16/bf16 2 B, q8_0 34 B per 32:
+  ``engine.qweights``); 1-D norms always f32, and so is a MoE router under q8_0 (which
+  experts run hangs on its few bytes; llama.cpp's converters keep it F32 too). One buffer per GGUF tensor (``layer_tensors`` lists them).
   ``token_embd`` lives on the host. The head (``output_norm`` + ``output``; a tied output
   is priced as its own trunk copy) is on the trunk when every layer is there and it fits
   (``head_tier="auto"``), else on the host. With the head on a CUDA trunk, an untied model
@@ -104,7 +105,8 @@ def round_alloc(nbytes: int, device: str | torch.device) -> int:
 class WeightTensor(NamedTuple):
     name: str                  # GGUF tensor name
     shape: tuple[int, ...]     # PyTorch order
-    kind: str                  # "norm" (f32) | "matrix" (resident) | "expert" (routed, host)
+    kind: str                  # "norm" (f32) | "matrix" (resident) | "router" (a MoE layer's
+                               # router: a matrix, f32 under q8_0 weights) | "expert" (routed, host)
 
 
 def layer_tensors(spec: ModelSpec, i: int) -> list[WeightTensor]:
@@ -127,7 +129,7 @@ def layer_tensors(spec: ModelSpec, i: int) -> list[WeightTensor]:
                 WeightTensor(p + "attn_k_norm.weight", (kv,), "norm")]
     if i in spec.moe_layers:
         E, ff = spec.n_experts, spec.d_ff_expert
-        out += [WeightTensor(p + "ffn_gate_inp.weight", (E, d), "matrix"),
+        out += [WeightTensor(p + "ffn_gate_inp.weight", (E, d), "router"),
                 WeightTensor(p + "ffn_gate_exps.weight", (E, ff, d), "expert"),
                 WeightTensor(p + "ffn_up_exps.weight", (E, ff, d), "expert"),
                 WeightTensor(p + "ffn_down_exps.weight", (E, d, ff), "expert")]
@@ -144,7 +146,7 @@ def tensor_bytes(t: WeightTensor, weight_format: str) -> int:
     numel = 1
     for s in t.shape:
         numel *= s
-    if t.kind == "norm":
+    if t.kind == "norm" or (t.kind == "router" and weight_format == "q8_0"):
         return formats.NORM_BYTES * numel
     return formats.weight_format(weight_format).bytes_for(numel, f"{t.name} at {weight_format}")
 

@@ -45,6 +45,22 @@ def test_engine_matches_hf(name):
     assert torch.equal(out.argmax(-1), ref.argmax(-1)), report(ref, out)
 
 
+@pytest.mark.parametrize("name,kw", [("tiny-llama-q8_0", {}), ("tiny-qwen3moe-q8_0", {"expert_format": "blocks"})])
+def test_engine_with_q8_0_weights_matches_hf(name, kw):
+    """weight_format q8_0 keeps the file's Q8_0 blocks (engine.qweights) and computes over their
+    exact values, so its logits are HF's over the dequantised file to the same 1e-4."""
+    path = synth.ensure(name)
+    eng = engine.load(path, weight_format="q8_0", **kw)
+    assert eng.model.layers[0].wo.dtype == torch.int8 and eng.plan.weight_format == "q8_0"
+    model = hf_model_for(path)
+    toks = tokens_for(model.config.vocab_size)
+    ref = hf_logits(model, toks)
+    out = eng.logits(toks)
+    assert ref.std() > 0.5
+    assert (out - ref).abs().max().item() <= 1e-4, report(ref, out)
+    assert torch.equal(out.argmax(-1), ref.argmax(-1)), report(ref, out)
+
+
 def _hf_gguf_loader(path):
     from transformers import AutoModelForCausalLM
     return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32,

@@ -5,7 +5,9 @@ Contract: ``gemv(x, w, prologue=, g=, eps=, residual=)`` returns ``y [1, N]`` fl
     y = round_w(pro(x) @ w.T) (+ residual)
 
 for one token: ``w [N, K]`` (rows contiguous along K; a row view of a fused buffer is fine)
-float32 or bfloat16 (the weight formats the decode step runs); ``x`` float32 on the same device. The prologue is the op that
+float32 or bfloat16, or a Q8_0 matrix (``engine.qweights``: int8 [N, K + K/16], quants then
+fp16 block scales per row; its values dequantised in registers); ``x`` float32 on the same
+device. The prologue is the op that
 feeds the product, recomputed by every program from ``x`` (a few KB) so it needs no launch of
 its own:
 
@@ -16,7 +18,8 @@ its own:
 
 The rounding is ``engine.model.mm``'s: with bfloat16 ``w`` the input is rounded to
 bfloat16 (nearest, ties to even), products accumulate in float32 and the result is rounded to bfloat16 (what
-``(x.to(w.dtype) @ w.T).float()`` returns); float32 ``w`` rounds nothing. ``residual [1, N]``
+``(x.to(w.dtype) @ w.T).float()`` returns); float32 ``w`` rounds nothing, nor does Q8_0 (float32
+products of the exact block values: ``engine.qweights.mm``). ``residual [1, N]``
 float32 is added after that rounding (``x + mm(...)``). Summation order differs from
 cuBLAS's, so results agree with ``gemv_ref`` to float32 summation error before the rounding
 (a value at a bf16 rounding boundary can land one bf16 ulp apart). One program per
@@ -33,6 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from ..formats import Q8_BLOCK, Q8_BYTES
 from . import interpreted
 
 PROLOGUES = {"none": 0, "rms": 1, "silu": 2, "gelu_tanh": 3}
@@ -49,9 +53,10 @@ def _round_bf16(v):
 
 
 @triton.jit
-def _gemv_kernel(X, W, Y, G, R, H, N, stride_w, eps, K: tl.constexpr,
+def _gemv_kernel(X, W, Y, G, R, H, WD, N, stride_w, stride_d, eps, K: tl.constexpr,
                  PRO: tl.constexpr, RES: tl.constexpr, NARROW: tl.constexpr,
-                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HOUT: tl.constexpr = False):
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HOUT: tl.constexpr = False,
+                 Q8: tl.constexpr = False, QB: tl.constexpr = 32):
     # K is a compile-time constant and the K loops unroll (tl.static_range): every weight
     # load of a program can be in flight at once (a decode GEMV is bound by memory latency)
     pid = tl.program_id(0)
@@ -88,8 +93,14 @@ def _gemv_kernel(X, W, Y, G, R, H, N, stride_w, eps, K: tl.constexpr,
                         tl.store(H + c, xv, mask=cm)
         if NARROW:
             xv = _round_bf16(xv)
-        wv = tl.load(W + rows[:, None] * stride_w + c[None, :], mask=rmask[:, None] & cm[None, :], other=0.0)
-        acc += wv.to(tl.float32) * xv[None, :]
+        m2 = rmask[:, None] & cm[None, :]
+        if Q8:       # int8 quants times their block's fp16 scale (WD: the scales, stride_d a row)
+            wv = tl.load(W + rows[:, None] * stride_w + c[None, :], mask=m2, other=0).to(tl.float32)
+            dv = tl.load(WD + rows[:, None] * stride_d + (c // QB)[None, :], mask=m2, other=0.0)
+            acc += (wv * dv.to(tl.float32)) * xv[None, :]
+        else:
+            wv = tl.load(W + rows[:, None] * stride_w + c[None, :], mask=m2, other=0.0)
+            acc += wv.to(tl.float32) * xv[None, :]
     y = tl.sum(acc, axis=1)
     if NARROW:
         y = _round_bf16(y)
@@ -103,10 +114,10 @@ def _check(x, w, prologue, g, residual) -> int:
         raise ValueError(f"gemv: prologue {prologue!r} is not one of {', '.join(PROLOGUES)}")
     if w.dim() != 2 or w.stride(1) != 1:
         raise ValueError(f"gemv: w {tuple(w.shape)} must be [N, K] with rows contiguous along K")
-    if w.dtype not in (torch.float32, torch.bfloat16):
-        raise ValueError(f"gemv: w dtype {w.dtype} is not float32 / bfloat16 (the decode step's "
-                         f"weight formats); use engine.model.mm")
-    N, K = w.shape
+    if w.dtype not in (torch.float32, torch.bfloat16, torch.int8):
+        raise ValueError(f"gemv: w dtype {w.dtype} is not float32 / bfloat16 / int8 Q8_0 rows (the "
+                         f"decode step's weight formats); use engine.model.mm")
+    N, K = w.shape[0], (_q8_k(w) if w.dtype == torch.int8 else w.shape[1])
     want = 2 * K if prologue in ("silu", "gelu_tanh") else K
     if x.dtype != torch.float32 or x.numel() != want:
         raise ValueError(f"gemv: x must be float32 with {want} values for prologue {prologue!r} "
@@ -116,6 +127,15 @@ def _check(x, w, prologue, g, residual) -> int:
     if residual is not None and (residual.numel() != N or residual.dtype != torch.float32):
         raise ValueError(f"gemv: residual must be float32 with {N} values")
     return want
+
+
+def _q8_k(w: torch.Tensor) -> int:
+    """K of a Q8_0 matrix (``engine.qweights``: K + K/16 bytes a row)."""
+    r = w.shape[1]
+    if r % Q8_BYTES:
+        raise ValueError(f"gemv: an int8 w of {r} bytes a row is not Q8_0 rows ({Q8_BYTES} bytes per "
+                         f"{Q8_BLOCK} values)")
+    return r // Q8_BYTES * Q8_BLOCK
 
 
 def _forced_tile(name: str) -> int | None:
@@ -158,11 +178,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tens
     ``x * rsqrt(mean(x^2) + eps) * g`` (unrounded), so a caller that needs it (a MoE layer's
     experts, after the router's product) has no norm launch of its own."""
     _check(x, w, prologue, g, residual)
+    q8 = w.dtype == torch.int8
+    N, K = w.shape[0], (_q8_k(w) if q8 else w.shape[1])
     if norm_out is not None and (prologue != "rms" or norm_out.dtype != torch.float32
-                                 or norm_out.numel() != w.shape[1] or not norm_out.is_contiguous()):
+                                 or norm_out.numel() != K or not norm_out.is_contiguous()):
         raise ValueError(f"gemv: norm_out needs prologue 'rms' and a contiguous float32 tensor of "
-                         f"{w.shape[1]} values")
-    N, K = w.shape
+                         f"{K} values")
     xin = x.reshape(-1)
     if not xin.is_contiguous():
         xin = xin.contiguous()
@@ -170,10 +191,12 @@ def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tens
     bn = block_n(N)
     gg = g if g is not None else xin
     rr = residual.reshape(-1) if residual is not None else xin
+    wd = w[:, K:].view(torch.float16) if q8 else xin       # a Q8_0 row's scales follow its quants
     _gemv_kernel[(triton.cdiv(N, bn),)](
-        xin, w, y, gg, rr, xin if norm_out is None else norm_out, N, w.stride(0), float(eps), K=K,
-        PRO=PROLOGUES[prologue], RES=residual is not None, NARROW=w.dtype != torch.float32,
-        BLOCK_N=bn, BLOCK_K=block_k(K), HOUT=norm_out is not None, num_warps=4)
+        xin, w, y, gg, rr, xin if norm_out is None else norm_out, wd, N, w.stride(0),
+        wd.stride(0) if q8 else 0, float(eps), K=K,
+        PRO=PROLOGUES[prologue], RES=residual is not None, NARROW=w.dtype == torch.bfloat16,
+        BLOCK_N=bn, BLOCK_K=block_k(K), HOUT=norm_out is not None, Q8=q8, QB=Q8_BLOCK, num_warps=4)
     return y
 
 
@@ -189,5 +212,11 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.
         gate, up = h.split([want // 2, want // 2], dim=-1)
         gate = F.silu(gate) if prologue == "silu" else F.gelu(gate, approximate="tanh")
         h = gate * up
-    y = h @ w.T if w.dtype == torch.float32 else (h.to(w.dtype) @ w.T).float()
+    if w.dtype == torch.int8:                       # Q8_0 rows: the exact values, float32
+        q = w[:, :want // 2 if prologue in ("silu", "gelu_tanh") else want]
+        n, k = q.shape
+        d = w[:, k:].view(torch.float16)
+        y = h @ (q.reshape(n, k // Q8_BLOCK, Q8_BLOCK).float() * d.float()[..., None]).reshape(n, k).T
+    else:
+        y = h @ w.T if w.dtype == torch.float32 else (h.to(w.dtype) @ w.T).float()
     return y if residual is None else residual.reshape(1, -1) + y
