@@ -78,11 +78,14 @@ def test_mm_is_the_exact_values_product_in_chunks(monkeypatch):
         qweights.mm(torch.zeros(1, 96), m)
 
 
+@pytest.mark.parametrize("form", ["blocks", "gather"])
 @pytest.mark.parametrize("prologue,residual", [("none", False), ("rms", True), ("silu", True),
                                                 ("gelu_tanh", False)])
-def test_gemv_over_q8_rows_matches_float64(prologue, residual, monkeypatch):
-    """The decode step's gemv reading Q8_0 rows in place: float32 maths over the exact values,
-    so within float32 summation error of a float64 product (no rounding to a narrow dtype)."""
+def test_gemv_over_q8_rows_matches_float64(prologue, residual, form, monkeypatch):
+    """The decode step's gemv reading Q8_0 rows in place, in both forms of the sum: float32
+    maths over the exact values, so within float32 summation error of a float64 product (no
+    rounding to a narrow dtype)."""
+    monkeypatch.setenv("KVBENCH_GEMV_Q8_FORM", form)
     monkeypatch.setenv("KVBENCH_GEMV_BLOCK_N", "4")
     monkeypatch.setenv("KVBENCH_GEMV_BLOCK_K", "64")
     N, K = 37, 160                                   # ragged tiles at both ends; 5 blocks a row
@@ -109,6 +112,16 @@ def test_gemv_over_q8_rows_matches_float64(prologue, residual, monkeypatch):
     for name, y in (("kernel", got), ("torch reference", tref)):
         err = (y.double().cpu().reshape(-1) - want).abs()
         assert (err <= tol).all(), f"{name}: worst {(err - tol).max().item():.3e} over the bound"
+
+
+def test_gemv_q8_blocks_form_needs_whole_blocks_a_step(monkeypatch):
+    raw, _, _ = ggml_matrix(8, 64, seed=5)
+    w = qweights.from_ggml(raw).to(DEV)
+    monkeypatch.setenv("KVBENCH_GEMV_BLOCK_K", "16")
+    with pytest.raises(ConfigError, match="KVBENCH_GEMV_BLOCK_K=16 is below a Q8_0 block"):
+        gemv(torch.ones(1, 64, device=DEV), w)
+    monkeypatch.setenv("KVBENCH_GEMV_Q8_FORM", "gather")        # the gather form takes any tile
+    assert torch.allclose(gemv(torch.ones(1, 64, device=DEV), w), gemv_ref(torch.ones(1, 64, device=DEV), w))
 
 
 def test_engine_q8_0_keeps_the_files_q8_0_bytes_and_quantizes_a_float_file():

@@ -19,7 +19,10 @@ its own:
 The rounding is ``engine.model.mm``'s: with bfloat16 ``w`` the input is rounded to
 bfloat16 (nearest, ties to even), products accumulate in float32 and the result is rounded to bfloat16 (what
 ``(x.to(w.dtype) @ w.T).float()`` returns); float32 ``w`` rounds nothing, nor does Q8_0 (float32
-products of the exact block values: ``engine.qweights.mm``). ``residual [1, N]``
+products of the exact block values: ``engine.qweights.mm``). Over Q8_0 the sum takes one of two
+forms (``KVBENCH_GEMV_Q8_FORM``): "blocks" sums each block's 32 products and multiplies the sum by
+the block's scale (one scale load a block), "gather" multiplies every value by its block's
+scale before summing; the GPU's profile decides which is the default. ``residual [1, N]``
 float32 is added after that rounding (``x + mm(...)``). Summation order differs from
 cuBLAS's, so results agree with ``gemv_ref`` to float32 summation error before the rounding
 (a value at a bf16 rounding boundary can land one bf16 ulp apart). One program per
@@ -56,7 +59,7 @@ def _round_bf16(v):
 def _gemv_kernel(X, W, Y, G, R, H, WD, N, stride_w, stride_d, eps, K: tl.constexpr,
                  PRO: tl.constexpr, RES: tl.constexpr, NARROW: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HOUT: tl.constexpr = False,
-                 Q8: tl.constexpr = False, QB: tl.constexpr = 32):
+                 Q8: tl.constexpr = False, QB: tl.constexpr = 32, Q8_BLOCKS: tl.constexpr = False):
     # K is a compile-time constant and the K loops unroll (tl.static_range): every weight
     # load of a program can be in flight at once (a decode GEMV is bound by memory latency)
     pid = tl.program_id(0)
@@ -72,6 +75,8 @@ def _gemv_kernel(X, W, Y, G, R, H, WD, N, stride_w, stride_d, eps, K: tl.constex
             ss += xv * xv
         inv = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
+    if Q8_BLOCKS:                                  # one sum a block
+        accb = tl.zeros([BLOCK_N, BLOCK_K // QB], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):
         c = k0 + offs
         cm = c < K
@@ -96,12 +101,22 @@ def _gemv_kernel(X, W, Y, G, R, H, WD, N, stride_w, stride_d, eps, K: tl.constex
         m2 = rmask[:, None] & cm[None, :]
         if Q8:       # int8 quants times their block's fp16 scale (WD: the scales, stride_d a row)
             wv = tl.load(W + rows[:, None] * stride_w + c[None, :], mask=m2, other=0).to(tl.float32)
-            dv = tl.load(WD + rows[:, None] * stride_d + (c // QB)[None, :], mask=m2, other=0.0)
-            acc += (wv * dv.to(tl.float32)) * xv[None, :]
+            if Q8_BLOCKS:    # a block's 32 products summed, then times its one scale
+                part = tl.sum(tl.reshape(wv * xv[None, :], (BLOCK_N, BLOCK_K // QB, QB)), axis=2)
+                cb = k0 // QB + tl.arange(0, BLOCK_K // QB)
+                dv = tl.load(WD + rows[:, None] * stride_d + cb[None, :],
+                             mask=rmask[:, None] & (cb < K // QB)[None, :], other=0.0)
+                accb += part * dv.to(tl.float32)
+            else:            # each value times its block's scale, gathered per value
+                dv = tl.load(WD + rows[:, None] * stride_d + (c // QB)[None, :], mask=m2, other=0.0)
+                acc += (wv * dv.to(tl.float32)) * xv[None, :]
         else:
             wv = tl.load(W + rows[:, None] * stride_w + c[None, :], mask=m2, other=0.0)
             acc += wv.to(tl.float32) * xv[None, :]
-    y = tl.sum(acc, axis=1)
+    if Q8_BLOCKS:
+        y = tl.sum(accb, axis=1)
+    else:
+        y = tl.sum(acc, axis=1)
     if NARROW:
         y = _round_bf16(y)
     if RES:
@@ -136,6 +151,12 @@ def _q8_k(w: torch.Tensor) -> int:
         raise ValueError(f"gemv: an int8 w of {r} bytes a row is not Q8_0 rows ({Q8_BYTES} bytes per "
                          f"{Q8_BLOCK} values)")
     return r // Q8_BYTES * Q8_BLOCK
+
+
+def _q8_form() -> str:
+    """``KVBENCH_GEMV_Q8_FORM`` at this launch: "blocks" or "gather" (module docstring)."""
+    from .. import settings
+    return settings.get("KVBENCH_GEMV_Q8_FORM")
 
 
 def _forced_tile(name: str) -> int | None:
@@ -192,11 +213,18 @@ def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tens
     gg = g if g is not None else xin
     rr = residual.reshape(-1) if residual is not None else xin
     wd = w[:, K:].view(torch.float16) if q8 else xin       # a Q8_0 row's scales follow its quants
+    bk = block_k(K)
+    q8_blocks = q8 and _q8_form() == "blocks"
+    if q8_blocks and bk % Q8_BLOCK:
+        from ..errors import ConfigError
+        raise ConfigError(f"KVBENCH_GEMV_BLOCK_K={bk} is below a Q8_0 block ({Q8_BLOCK} values)",
+                          f"use {Q8_BLOCK} or more, or KVBENCH_GEMV_Q8_FORM=gather")
     _gemv_kernel[(triton.cdiv(N, bn),)](
         xin, w, y, gg, rr, xin if norm_out is None else norm_out, wd, N, w.stride(0),
         wd.stride(0) if q8 else 0, float(eps), K=K,
         PRO=PROLOGUES[prologue], RES=residual is not None, NARROW=w.dtype == torch.bfloat16,
-        BLOCK_N=bn, BLOCK_K=block_k(K), HOUT=norm_out is not None, Q8=q8, QB=Q8_BLOCK, num_warps=4)
+        BLOCK_N=bn, BLOCK_K=bk, HOUT=norm_out is not None, Q8=q8, QB=Q8_BLOCK, Q8_BLOCKS=q8_blocks,
+        num_warps=4)
     return y
 
 
