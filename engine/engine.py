@@ -634,8 +634,6 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     # 1. validate: the request, the file (or the engine whose weights are taken over)
     req = _validate(model, kv_dtype, device, ctx, wave_budget_bytes, weight_format, weights_from)
     src = _source(req, weights_from)
-    if req.weight_format == "q8_0":
-        _check_q8_weights(src.spec, expert_format)
     if weights_from is not None and vram_budget is None and req.device.type == "cuda":
         vram_budget = weights_from.plan.budget_bytes     # free memory now would not count the held weights
     # 2. plan: device and host memory, refused before anything is read or allocated
@@ -709,21 +707,6 @@ def _source(req: _Request, reuse) -> _Source:
     if req.device.type == "cuda":
         _warm_cuda_libraries(req.device)
     return _Source(g, spec, None, Ledger(req.device))   # the ledger before any allocation
-
-
-def _check_q8_weights(spec, expert_format: str) -> None:
-    """Q8_0 matrices need rows of whole 32-value blocks, and a MoE model's experts in blocks."""
-    if spec.is_moe and expert_format != "blocks":
-        raise ConfigError(f"weight_format q8_0 stores {spec.name}'s routed experts only in the file's blocks",
-                          "pass expert_format='blocks' (--expert-format blocks), or weight_format f32/bf16/f16")
-    ks = {"d_model": spec.d_model, "q_dim": spec.q_dim}
-    if spec.d_ff:
-        ks["d_ff"] = spec.d_ff
-    bad = {n: k for n, k in ks.items() if k % formats.Q8_BLOCK}
-    if bad:
-        n, k = next(iter(bad.items()))
-        raise ConfigError(f"weight_format q8_0: {spec.name}'s matrix rows of {n}={k} values are not whole "
-                          f"{formats.Q8_BLOCK}-value blocks", "use weight_format f32, bf16 or f16")
 
 
 def _expert_blocks(src: _Source) -> str:

@@ -337,6 +337,20 @@ def _gib(n: int) -> str:
     return f"{n / GiB:.2f} GiB"
 
 
+def check_q8_weights(spec: ModelSpec, expert_blocks: str | None) -> None:
+    """What Q8_0 matrices (``engine.qweights``) need, else a ConfigError naming it: rows of
+    whole 32-value blocks, and a MoE model's routed experts kept in the file's blocks (the
+    engine has no Q8_0 path for stacked experts)."""
+    if spec.is_moe and expert_blocks is None:
+        raise ConfigError(f"weight_format q8_0 stores {spec.name}'s routed experts only in the file's blocks",
+                          "pass expert_format='blocks' (--expert-format blocks), or weight_format f32/bf16/f16")
+    ks = {"d_model": spec.d_model, "q_dim": spec.q_dim, **({"d_ff": spec.d_ff} if spec.d_ff else {})}
+    for name, k in ks.items():
+        if k % formats.Q8_BLOCK:
+            raise ConfigError(f"weight_format q8_0: {spec.name}'s matrix rows of {name}={k} values are not "
+                              f"whole {formats.Q8_BLOCK}-value blocks", "use weight_format f32, bf16 or f16")
+
+
 def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budget: int | None = None,
          n_gpu_layers: int | None = None, wave_budget_bytes: int = DEFAULT_WAVE_BUDGET,
          weight_format: str = "f32", reserve_bytes: int = DEFAULT_RESERVE,
@@ -355,6 +369,8 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
     if weight_format not in WEIGHT_FORMAT_CHOICES:
         raise ConfigError(f"weight_format {weight_format!r} is not one of {', '.join(WEIGHT_FORMAT_CHOICES)}",
                           "pick one of those")
+    if weight_format == "q8_0":
+        check_q8_weights(spec, expert_blocks)
     from . import hostmem
     if host_ram is None:
         ram = hostmem.available()

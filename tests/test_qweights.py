@@ -164,10 +164,25 @@ def test_q8_0_weights_refusals():
     with pytest.raises(ConfigError, match="pass expert_format='blocks'"):
         engine.load(synth.ensure("tiny-qwen3moe-q8_0"), weight_format="q8_0", ctx=32)
     from dataclasses import replace
-    from engine.engine import _check_q8_weights
+    from engine.planner import plan
     spec = engine.ModelSpec.from_gguf(open_gguf(synth.ensure("tiny-llama")))
     with pytest.raises(ConfigError, match="d_ff=100 values are not whole 32-value blocks"):
-        _check_q8_weights(replace(spec, d_ff=100), "weights")
+        plan(replace(spec, d_ff=100), weight_format="q8_0")
+    moe = engine.ModelSpec.from_gguf(open_gguf(synth.ensure("coder30b-mini-synth")))
+    with pytest.raises(ConfigError, match="pass expert_format='blocks'"):
+        plan(moe, weight_format="q8_0")
+    assert plan(moe, weight_format="q8_0", expert_blocks="q4_0").weight_format == "q8_0"
+
+
+def test_harness_refuses_q8_0_on_moe_without_blocks_before_writing(tmp_path, capsys):
+    """The suite's preflight plans every engine: the refusal is one line, exit 2, nothing written."""
+    from harness import cli
+    out = tmp_path / "run"
+    rc = cli.main(["run", "suites/kv_dtype.toml", "--model", "coder30b-mini-synth", "--weight-format", "q8_0",
+                   "--out", str(out)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "expert_format='blocks'" in err[0], err
+    assert not out.exists() or not any(out.iterdir())
 
 
 def test_engine_cli_q8_0_on_moe_without_blocks_is_one_line(capsys):
