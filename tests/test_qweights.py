@@ -226,3 +226,18 @@ def test_static_step_with_fused_gemv_over_q8_0_matches_unfused(triton_backend, m
     err = (on - off).abs().max().item()
     print(f"tiny-llama q8_0 weights: fused gemv vs off, logits max-abs {err:.3e}")
     assert err <= 1e-4 * off.abs().max().item()
+
+
+def test_weights_taken_over_at_q8_0_keep_their_bytes():
+    """``weights_from`` at q8_0 (the benchmarks' next KV dtype): the int8 matrices move over as
+    they are, plan == ledger holds, and the new engine's logits equal a fresh load's."""
+    path = synth.ensure("tiny-llama-q8_0")
+    first = engine.load(path, weight_format="q8_0", ctx=64)
+    wo = first.model.layers[0].wo
+    assert wo.dtype == torch.int8
+    second = engine.load(path, weight_format="q8_0", ctx=64, kv_dtype="bf16", weights_from=first)
+    assert second.model.layers[0].wo is wo and first.model is None
+    assert all(r.diff == 0 for r in second.ledger.compare(second.plan))
+    toks = list(range(3, 30))
+    fresh = engine.load(path, weight_format="q8_0", ctx=64, kv_dtype="bf16")
+    assert torch.equal(second.logits(toks), fresh.logits(toks))
