@@ -901,10 +901,10 @@ class Transformer:
 
     def prefill_act_dtype(self, T: int) -> torch.dtype:
         """The activations' dtype of a T-row ``forward``: bfloat16 on the fast prefill path over
-        bf16 weights (HF's bf16 model: the residual stream, projections and FFN in bf16, norm
+        bf16 or Q8_0 weights (HF's bf16 model: the residual stream, projections and FFN in bf16, norm
         statistics in float32; attention through ``attend_fast``), float32 everywhere else,
         which is every accuracy path."""
-        if T > 1 and self.prefill_path == "fast" and self.layers and self.layers[0].wo.dtype == torch.bfloat16:
+        if T > 1 and self.prefill_path == "fast" and self.layers and self.layers[0].wo.dtype in (torch.bfloat16, torch.int8):
             return torch.bfloat16
         return torch.float32
 

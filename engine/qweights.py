@@ -17,7 +17,8 @@ it; an int8 2-D weight means Q8_0 everywhere in the engine (``is_q8``).
   [N, K/32]) as views.
 - ``mm(x, w)``: ``x [T, K] @ dequantize(w).T`` in float32 (the exact maths of the stored
   values), dequantising ``MM_CHUNK_BYTES`` of float32 rows at a time, so an output head of
-  150k rows never needs its float32 copy at once. Returns float32 [T, N].
+  150k rows never needs its float32 copy at once. Returns float32 [T, N]; bfloat16 ``x`` (the
+  fast prefill path) computes and returns bfloat16 over the values rounded to bfloat16.
 - ``rows(w, idx)``: rows ``idx`` dequantised (an embedding lookup).
 
 Torch only (no Triton): ``engine.model`` and the loader import it.
@@ -118,15 +119,19 @@ def rows(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
 
 
 def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """``x [T, K] @ dequantize(w).T`` in float32 -> float32 [T, N], a chunk of rows at a time."""
-    x = x.float()
+    """``x [T, K] @ dequantize(w).T`` in float32 -> float32 [T, N], a chunk of rows at a time.
+    bfloat16 ``x`` (the fast prefill path's activations) gets the values rounded to bfloat16
+    and a bfloat16 product back, as ``engine.model.mm`` over bf16 weights; any other dtype is
+    computed in float32."""
+    dt = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+    x = x.to(dt)
     n, k = w.shape[0], in_features(w)
     if x.shape[-1] != k:
         raise ValueError(f"mm: x has {x.shape[-1]} features, the Q8_0 matrix {k}")
     step = max(1, MM_CHUNK_BYTES // (4 * k))
     if step >= n:
-        return x @ dequantize(w).T
-    y = torch.empty(*x.shape[:-1], n, dtype=torch.float32, device=x.device)
+        return x @ dequantize(w, dt).T
+    y = torch.empty(*x.shape[:-1], n, dtype=dt, device=x.device)
     for r0 in range(0, n, step):
-        y[..., r0:r0 + step] = x @ dequantize(w[r0:r0 + step]).T
+        y[..., r0:r0 + step] = x @ dequantize(w[r0:r0 + step], dt).T
     return y

@@ -134,9 +134,13 @@ def test_suite_rejects_an_unknown_prefill_path(tmp_path):
         ThroughputConfig(kind="throughput", prefill_path="flash").validate(tmp_path / "s.toml", "check[0]")
 
 
-@pytest.mark.parametrize("name", ["tiny-llama", "tiny-qwen3moe"])
-def test_fast_path_runs_bf16_activations_over_bf16_weights_like_hf(name):
-    """An independent yardstick for the bf16 activations: HF transformers on the same GGUF
+@pytest.mark.parametrize("name,wf,kw", [("tiny-llama", "bf16", {}), ("tiny-qwen3moe", "bf16", {}),
+                                        ("tiny-llama-q8_0", "q8_0", {}),
+                                        ("tiny-qwen3moe-q8_0", "q8_0", {"expert_format": "blocks"})])
+def test_fast_path_runs_bf16_activations_over_bf16_weights_like_hf(name, wf, kw):
+    """Over bf16 weights, and over Q8_0 ones (the file's blocks, rounded to bf16 on this path,
+    as HF's bf16 model rounds the dequantised file). An independent yardstick for the bf16
+    activations: HF transformers on the same GGUF
     (tests/hf_oracle.py) in float32 and cast to bfloat16. On these random-weight models bf16
     moves logits by ~0.2 (HF's own bf16 model from its float32 one); the fast path, bf16
     activations and all, stays within 1.25x of that, its activations are observably bf16, and
@@ -150,7 +154,7 @@ def test_fast_path_runs_bf16_activations_over_bf16_weights_like_hf(name):
     toks = [1] + torch.randint(3, hf.config.vocab_size, (63,), generator=torch.Generator().manual_seed(2)).tolist()
     ref32 = hf_logits(hf, toks)
     refbf = hf_logits(hf.to(torch.bfloat16), toks).float()
-    eng = engine.load(path, weight_format="bf16", ctx=128)
+    eng = engine.load(path, weight_format=wf, ctx=128, **kw)       # q8_0: the file's blocks, bf16 on the fast path
     exact = eng.logits(toks)
     assert eng.prefill_activations == "fp32"
     eng.set_prefill_path("fast")

@@ -74,6 +74,11 @@ def test_mm_is_the_exact_values_product_in_chunks(monkeypatch):
         assert y.dtype == torch.float32 and y.shape == (3, 45)
         assert ((y.double() - want).abs() <= 1e-6 * bound + 1e-30).all()
     assert torch.equal(whole, chunked)            # each output column is the same dot either way
+    # bfloat16 activations (the fast prefill path): the values rounded to bf16, a bf16 result
+    yb = qweights.mm(x.to(torch.bfloat16), m)
+    wantb = x.to(torch.bfloat16).double() @ ref.to(torch.bfloat16).double().T
+    assert yb.dtype == torch.bfloat16
+    assert ((yb.double() - wantb).abs() <= 2 ** -8 * wantb.abs() + 1e-6 * bound + 1e-30).all()
     with pytest.raises(ValueError, match="features"):
         qweights.mm(torch.zeros(1, 96), m)
 
