@@ -6,7 +6,9 @@ non-expert matrices' format, e.g. q8_0 as llama.cpp keeps them) x ``--kv`` and
 records: the applied ``cpu_moe`` and decode path, plan vs ledger (max |diff|), load seconds,
 greedy decode tok/s at each ``--depths`` (greedy ``decode`` steps after a fast-path prefill
 of that many tokens: median of ``--reps``), and the time one step spends in the host experts
-(``CpuExperts.run`` timed with the device synced around it). Then two isolated timings for
+(``CpuExperts.run`` timed with the device synced around it), and the bytes a token reads on
+each side (``planner.decode_read_bytes``) with the rates they imply (trunk GB/s at the measured
+tok/s; host experts' GB/s over the time spent in them). Then two isolated timings for
 one layer of k experts: the host CPU path (``HostQ4Experts``, at each ``--threads``) and
 the device kernels (``moe_decode_blocks`` on Q4_0 blocks against ``moe_decode`` on bf16
 stacks, ``triton.testing.do_bench``). Prints one line per case and writes JSON to ``--out``.
@@ -98,9 +100,17 @@ def decode_case(eng, depth: int, n: int, reps: int) -> dict:
         timer.restore()
     out = {"depth": depth, "tokens": n, "tok_s": statistics.median(tok_s), "tok_s_all": tok_s,
            "prefill_s": statistics.median(prefill_s)}
+    # what a token reads where (planner.decode_read_bytes) and the rate that implies: the
+    # step's bytes over its time, against the device's and the host's bandwidth
+    from engine.planner import decode_read_bytes
+    reads = decode_read_bytes(eng.plan, eng.spec, depth)
+    out.update(trunk_read_bytes=reads["trunk"]["total"], host_read_bytes=reads["host"]["total"],
+               trunk_read_gb_s=reads["trunk"]["total"] * out["tok_s"] / 1e9)
     if host_ms:
         out.update(host_experts_ms_per_step=statistics.median(host_ms),
                    step_ms=1e3 / statistics.median(tok_s))
+        # the host experts' bytes over the time spent in them: how close the CPU runs to its memory
+        out["host_experts_gb_s"] = reads["host"]["experts"] / (out["host_experts_ms_per_step"] * 1e-3) / 1e9
     return out
 
 
@@ -252,8 +262,9 @@ def main(argv=None) -> int:
                     "decode": [decode_case(eng, dpt, args.tokens, args.reps) for dpt in depths]}
             cases.append(case)
             speeds = ", ".join(f"d{c['depth']} {c['tok_s']:.1f} tok/s"
-                               + (f" (host experts {c['host_experts_ms_per_step']:.2f} of "
-                                  f"{c['step_ms']:.2f} ms)" if "step_ms" in c else "") for c in case["decode"])
+                               + f", trunk reads {c['trunk_read_gb_s']:.0f} GB/s"
+                               + (f" (host experts {c['host_experts_ms_per_step']:.2f} of {c['step_ms']:.2f} ms, "
+                                  f"{c['host_experts_gb_s']:.1f} GB/s)" if "step_ms" in c else "") for c in case["decode"])
             print(f"{args.model} budget {budget} cpu_moe {n}->{case['cpu_moe']} KV {kv} weights {wf}: {case['decode_path']}, "
                   f"load {load_s:.1f} s, plan diff {case['plan_max_abs_diff']} B; {speeds}", flush=True)
             del eng

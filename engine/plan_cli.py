@@ -3,7 +3,9 @@
 Contract: ``add_cli_args(parser)`` / ``main(args) -> int`` (exit 0, or 2 with one ``error:``
 line: bad input, or a plan that does not fit the host RAM, which is printed first so a
 what-if stays readable). ``format_plan(plan)`` is the load-log style banner (layers per
-tier, MiB per category, expert slots, KV per layer kind, host RAM).
+tier, MiB per category, expert slots, KV per layer kind, host RAM), and the bytes one decode
+token reads at depth 0 and at ``--ctx`` (``planner.decode_read_bytes``: a roofline's
+numerator).
 
     python -m engine plan coder30b-synth --kv-dtype q8_0 --ctx 32768 --vram-budget 12GiB
     python -m engine plan coder30b-synth --kv-dtype q8_0 --vram-budget 12GiB --expert-blocks q4_0 --cpu-moe auto
@@ -17,11 +19,26 @@ import sys
 from .errors import EngineError, OutOfMemoryError
 from .models import file_bytes, spec_for
 from .planner import (CATEGORIES, DEFAULT_RESERVE, DEFAULT_WAVE_BUDGET, KV_FORMATS, MiB, WEIGHT_FORMAT_CHOICES,
-                      Plan, _gib, _mib, parse_size, plan, require_host_fit)
+                      Plan, _gib, _mib, decode_read_bytes, parse_size, plan, require_host_fit)
 
 
-def format_plan(p: Plan) -> str:
-    """A load-log style banner: layers per tier, MiB per category, expert slots, KV tags."""
+def format_reads(p: Plan, spec, depths) -> list[str]:
+    """One line per depth: the bytes a decode token reads on the trunk and on the host
+    (``planner.decode_read_bytes``), the roofline's numerator."""
+    out = []
+    for d in depths:
+        r = decode_read_bytes(p, spec, d)
+        for tier in ("trunk", "host"):
+            t = r[tier]
+            if t["total"]:
+                out.append(f"decode reads at depth {d} ({tier}): {_mib(t['total'])} (weights {_mib(t['weights'])}, "
+                           f"experts {_mib(t['experts'])}, KV {_mib(t['kv'])}, head {_mib(t['head'])})")
+    return out
+
+
+def format_plan(p: Plan, spec=None, depths=()) -> str:
+    """A load-log style banner: layers per tier, MiB per category, expert slots, KV tags, and
+    with ``spec`` the bytes a decode token reads at each of ``depths``."""
     dev = "device" if p.device != "cpu" else "device (cpu)"
     wf = p.weight_format + (f" (auto: {p.weight_format_reason})" if p.weight_format_requested == "auto" else "")
     lines = [f"plan: {p.model} ({p.arch}, {p.n_layers} layers) on {p.device}: budget {_mib(p.budget_bytes)} "
@@ -60,6 +77,8 @@ def format_plan(p: Plan) -> str:
                  f"{_gib(h.headroom)}) of {_gib(h.available)} available ({h.source})"
                  + (f" + {_gib(h.held)} taken over" if h.held else "")
                  + f": {'fits' if h.fits else 'DOES NOT FIT'}; page cache of the file {_gib(h.page_cache)} (reclaimable)")
+    if spec is not None:
+        lines += format_reads(p, spec, depths)
     return "\n".join(lines)
 
 
@@ -110,7 +129,11 @@ def main(args: argparse.Namespace) -> int:
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(p.to_dict(), indent=2) if args.json else format_plan(p))
+    depths = (0, args.ctx)
+    if args.json:
+        print(json.dumps({**p.to_dict(), "decode_reads": [decode_read_bytes(p, spec, d) for d in depths]}, indent=2))
+    else:
+        print(format_plan(p, spec, depths))
     try:
         require_host_fit(p)
     except OutOfMemoryError as e:

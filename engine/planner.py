@@ -602,6 +602,48 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
     )
 
 
+def decode_read_bytes(p: Plan, spec: ModelSpec, depth: int) -> dict:
+    """Bytes one decode token reads with ``depth`` positions already cached, by where and what:
+    a roofline's numerator (bandwidth / bytes = the step's ceiling in tokens a second).
+
+    ``{"depth", "trunk": {...}, "host": {...}}``, each part's bytes: ``weights`` (every matrix,
+    norm and router of the layers there, at the plan's weight format), ``experts`` (the k routed
+    experts a MoE layer runs: at the weight format, as the file's blocks on the trunk, or packed
+    for the CPU's int4 matmul on the host), ``kv`` (K and V of the positions attended, a
+    sliding-window layer's window at most), ``head`` (output norm and matrix) and ``embed`` (one
+    row), and ``total``. Logical bytes of what is read, not what is allocated; a layer on the
+    host tier (the layer split's tail) counts on the host. An expert cache's misses are not
+    counted: with every hit they cost nothing, a miss adds one expert's copy."""
+    if not isinstance(depth, int) or depth < 0:
+        raise ConfigError(f"depth {depth!r} must be a non-negative integer")
+    parts = {t: {"weights": 0, "experts": 0, "kv": 0, "head": 0, "embed": 0} for t in ("trunk", "host")}
+    wf, k = p.weight_format, spec.n_experts_used
+    for i in range(spec.n_layers):
+        tier = p.layer_tiers[i] if p.layer_tiers else "trunk"
+        ts = layer_tensors(spec, i)
+        parts[tier]["weights"] += sum(tensor_bytes(t, wf) for t in ts if t.kind != "expert")
+        if i in spec.moe_layers:
+            where = p.layer_expert_tiers[i] if p.layer_expert_tiers else ""
+            if where == "cpu":
+                parts["host"]["experts"] += int4_packed_bytes(k, spec.d_ff_expert, spec.d_model)
+            elif p.expert_format != "weights":
+                parts[tier]["experts"] += k * sum(expert_block_buffers(spec, p.expert_format)) // spec.n_experts
+            else:
+                parts[tier]["experts"] += k * sum(expert_matrix_bytes(spec, wf))
+        window = spec.window(i)
+        rows = min(depth, window) if window else depth
+        kf = p.layer_k_dtypes[i] if p.layer_k_dtypes else "fp32"
+        vf = p.layer_v_dtypes[i] if p.layer_v_dtypes else kf
+        parts[tier]["kv"] += sum(kv_buffer_bytes(spec, rows, kf, vf))
+    head = "trunk" if p.head_tier == "trunk" else "host"
+    parts[head]["head"] = formats.NORM_BYTES * spec.d_model + formats.weight_format(wf).bytes_for(
+        spec.vocab_size * spec.d_model)
+    parts["trunk" if p.embed_tier == "trunk" else "host"]["embed"] = formats.weight_format(wf).bytes_for(spec.d_model)
+    for part in parts.values():
+        part["total"] = sum(part.values())
+    return {"depth": depth, **parts}
+
+
 def cpu_expert_bytes(spec: ModelSpec) -> int:
     """Host bytes of one MoE layer's experts on the CPU: packed for the CPU int4 matmul (4 bits
     a value and a bf16 (scale, zero) pair per 32 values, ``engine.cpu_experts.packed_bytes``)

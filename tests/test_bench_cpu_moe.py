@@ -26,6 +26,10 @@ def test_cases_record_what_was_applied(tmp_path):
     assert "host_experts_ms_per_step" not in auto["decode"][0]
     d = two["decode"][0]
     assert 0 < d["host_experts_ms_per_step"] < d["step_ms"] and d["tok_s"] > 0
+    assert d["host_read_bytes"] > 0 and d["host_experts_gb_s"] > 0 and d["trunk_read_gb_s"] > 0
+    a = auto["decode"][0]              # no host experts: nothing timed there, its reads are the trunk's
+    assert "host_experts_gb_s" not in a and d["host_read_bytes"] > a["host_read_bytes"]
+    assert d["trunk_read_bytes"] < a["trunk_read_bytes"]
     assert "error" in refused and "budget" in refused["error"]
     layer = r["layer"]
     assert layer["host_us"]["1"] > 0 and layer["pack_layer_s"] > 0

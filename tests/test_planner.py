@@ -274,11 +274,16 @@ def test_cli_banner_and_json_coder30b_synth(capsys):
     assert "offloaded 48/48 layers" in out and "KV q8_0: 1632.00 MiB" in out
     assert "expert cache:" in out and "/6144 slots" in out
     assert "weights bf16 (auto: f32 would need" in out and ": fits;" in out
+    # a decode token's reads at depth 0 and at ctx: the KV (q8_0, 34 bytes a 32 values) is the difference
+    assert "decode reads at depth 0 (trunk)" in out and "decode reads at depth 32768 (trunk)" in out
+    assert "KV 1632.00 MiB, head" in out
     rc, out, _ = _run_cli(capsys, "coder30b-synth", "--kv-dtype", "fp32", "--ctx", "32768",
                           "--vram-budget", "12GiB", "--device", "cpu", "--json", "--host-ram", "256GiB")
     d = json.loads(out)
     assert rc == 0 and d["trunk"]["kv"] == 6144 * MiB and d["n_gpu_layers"] == 48
     assert d["weight_format"] == "bf16" and d["host_ram"]["fits"] is True
+    reads = d["decode_reads"]
+    assert [r["depth"] for r in reads] == [0, 32768] and reads[1]["trunk"]["kv"] == 6144 * MiB
     # the same plan on a 24 GiB box: printed, then refused in one line with the numbers (exit 2)
     rc, out, err = _run_cli(capsys, "coder30b-synth", "--ctx", "32768", "--vram-budget", "12GiB",
                             "--device", "cpu", "--host-ram", "24GiB")
