@@ -38,6 +38,9 @@ from engine.engine import WeightsPlacementError  # noqa: E402
 from engine.errors import EngineError  # noqa: E402
 from engine.model import CpuExperts  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vram import used_vram_mib  # noqa: E402
+
 
 def _sync():
     if torch.cuda.is_available():
@@ -260,13 +263,21 @@ def main(argv=None) -> int:
                     "plan_max_abs_diff": max(abs(r.diff) for r in rows),
                     "threads": torch.get_num_threads(),
                     "decode": [decode_case(eng, dpt, args.tokens, args.reps) for dpt in depths]}
+            # what this process holds on the card after the case, as nvidia-smi sees it (the same
+            # reading as llama.cpp's peak in bench_llamacpp.py), and the allocator's own peak
+            case["process_vram_mib"] = used_vram_mib(os.getpid())
+            if dev == "cuda":
+                case["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / 2 ** 20
+                torch.cuda.reset_peak_memory_stats()
             cases.append(case)
             speeds = ", ".join(f"d{c['depth']} {c['tok_s']:.1f} tok/s"
                                + f", trunk reads {c['trunk_read_gb_s']:.0f} GB/s"
                                + (f" (host experts {c['host_experts_ms_per_step']:.2f} of {c['step_ms']:.2f} ms, "
                                   f"{c['host_experts_gb_s']:.1f} GB/s)" if "step_ms" in c else "") for c in case["decode"])
             print(f"{args.model} budget {budget} cpu_moe {n}->{case['cpu_moe']} KV {kv} weights {wf}: {case['decode_path']}, "
-                  f"load {load_s:.1f} s, plan diff {case['plan_max_abs_diff']} B; {speeds}", flush=True)
+                  f"load {load_s:.1f} s, plan diff {case['plan_max_abs_diff']} B, trunk planned "
+                  f"{case['trunk_bytes'] / 2 ** 20:.0f} MiB, process VRAM {case['process_vram_mib']} MiB; {speeds}",
+                  flush=True)
             del eng
             if args.out:                 # after every case: a timeout keeps what was measured
                 args.out.write_text(json.dumps(result, indent=1))

@@ -14,7 +14,8 @@ Contract: three steps, each usable alone.
   decode ``tg`` at each depth (``-d``, same depths as kvbench's decode benchmarks) and prefill
   ``pp``, ``-r`` repetitions; optional ``--n-cpu-moe N`` (attention and KV of every layer on
   the GPU, the routed experts of N layers on the CPU). The JSON keeps llama-bench's own
-  records (avg and stddev over repetitions, every sample) plus the command, build and device.
+  records (avg and stddev over repetitions, every sample) plus the command, build and device,
+  and each run's peak GPU memory as nvidia-smi saw the process (``benchmarks/vram.py``).
   The last stdout line is one compact JSON document.
 
     python benchmarks/bench_llamacpp.py pack /tmp/llama_cpp_python-0.3.36.tar.gz .devcarry/llamacpp-src.tar.gz
@@ -33,6 +34,9 @@ import sys
 import tarfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from vram import PeakVram  # noqa: E402
 
 KEEP = ("ggml", "src", "include", "common", "tools", "vendor", "cmake", "app", "pocs", "licenses",
         "CMakeLists.txt", "CMakePresets.json", "LICENSE")
@@ -109,8 +113,12 @@ def bench(binary: Path, model: Path, ctk: list[str], depths: list[int], reps: in
         if threads:
             cmd += ["-t", str(threads)]
         t0 = time.time()
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        rec = {"kv": kv, "cmd": " ".join(cmd), "rc": proc.returncode, "seconds": round(time.time() - t0, 1)}
+        child = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        with PeakVram(child.pid) as peak:        # what llama.cpp holds on the card: "equal VRAM"
+            stdout, stderr = child.communicate()
+        proc = subprocess.CompletedProcess(cmd, child.returncode, stdout, stderr)
+        rec = {"kv": kv, "cmd": " ".join(cmd), "rc": proc.returncode, "seconds": round(time.time() - t0, 1),
+               **peak.result()}
         if proc.returncode == 0:
             try:
                 rec["results"] = json.loads(proc.stdout)
@@ -125,6 +133,8 @@ def bench(binary: Path, model: Path, ctk: list[str], depths: list[int], reps: in
             n = r.get("n_gen") or r.get("n_prompt")
             print(f"{kv:5} {kind}{n} @ d{r.get('n_depth', 0)}: {r.get('avg_ts', 0):9.1f} +/- "
                   f"{r.get('stddev_ts', 0):6.1f} tok/s", file=sys.stderr)
+        print(f"{kv:5} peak VRAM {rec['peak_vram_mib']} MiB" + (f" ({rec['why']})" if "why" in rec else ""),
+              file=sys.stderr)
     return {"model": str(model), "binary": str(binary), "runs": runs}
 
 
