@@ -130,6 +130,8 @@ class EnginePool:
             kw["expert_format"] = opts["expert_format"]
         if opts.get("cpu_moe") is not None:
             kw["cpu_moe"] = opts["cpu_moe"]
+        if opts.get("weight_format"):            # the check's own (CheckConfig.weight_format)
+            kw["weight_format"] = opts["weight_format"]
         if opts.get("wave_budget_mib"):
             kw["wave_budget_bytes"] = int(opts["wave_budget_mib"] * 2**20)
         elif opts.get("wave_split"):
@@ -157,7 +159,9 @@ class EnginePool:
         from engine.engine import WeightsPlacementError, live_engines
         kw = self.kwargs(model, kv_dtype, opts)
         eng = None
-        if live is not None and self.key[0] == model:
+        # weights are taken over only at the format they were read in
+        same_weights = kw["weight_format"] in ("auto", getattr(getattr(live, "plan", None), "weight_format", None))
+        if live is not None and self.key[0] == model and same_weights:
             try:
                 eng = engine.load(model, weights_from=live, **kw)
                 self.rebinds += 1
@@ -167,9 +171,10 @@ class EnginePool:
             self.release()
             eng = engine.load(model, **kw)
             self.loads += 1
-            self.formats.setdefault(model, {"requested": self.weight_format,
-                                            "applied": eng.plan.weight_format,
-                                            "reason": eng.plan.weight_format_reason})
+            if not opts.get("weight_format"):  # the run's format; a check's own is recorded by its cases
+                self.formats.setdefault(model, {"requested": self.weight_format,
+                                                "applied": eng.plan.weight_format,
+                                                "reason": eng.plan.weight_format_reason})
         self.live, self.key = eng, key
         self.max_live = max(self.max_live, live_engines())
         return eng

@@ -310,6 +310,7 @@ class Runner:
         from engine.synth import weights_origin
         self._inputs = {}       # fixed inputs of the checks (pinned corpora): bad input if missing
         self._blocks_na = {}    # model -> why experts in blocks cannot apply (its blocks cases: n/a)
+        self._wf_na = {}        # (model, check) -> why the check's own weight format cannot apply
         for cfg in self.suite.checks:
             got = registry.get(cfg.KIND).inputs(cfg)
             if got:
@@ -335,9 +336,17 @@ class Runner:
                     except ConfigError as e:      # the option cannot apply to this model: its cases are n/a
                         self._blocks_na[model] = f"expert_format 'blocks' does not apply: {e.args[0].split('; ')[0]}"
                         continue
+                own = opts.get("weight_format")    # the check's own weight format, else the run's
+                if own == "q8_0":                  # a model Q8_0 matrices cannot hold: n/a, not a refusal
+                    from engine.planner import check_q8_weights
+                    try:
+                        check_q8_weights(spec, blocks)
+                    except ConfigError as e:
+                        self._wf_na[(model, cfg.name)] = f"weight_format q8_0 does not apply: {e.args[0].split('; ')[0]}"
+                        continue
                 try:
                     p = plan(spec, kv_dtype=case.kv_dtype, ctx=kw["ctx"], vram_budget=kw.get("vram_budget"),
-                             n_gpu_layers=kw.get("n_gpu_layers"), weight_format=fmt, device=self.device,
+                             n_gpu_layers=kw.get("n_gpu_layers"), weight_format=own or fmt, device=self.device,
                              file_bytes=size, expert_blocks=blocks, cpu_moe=kw.get("cpu_moe"),
                              **({"wave_budget_bytes": kw["wave_budget_bytes"]} if "wave_budget_bytes" in kw else {}))
                     require_host_fit(p)
@@ -349,7 +358,8 @@ class Runner:
                     if isinstance(e, ConfigError) and "wave_budget" in str(e):
                         raise UsageError(f"check {cfg.name!r} on {model}: {e}") from None
                     raise
-                fmt = p.weight_format          # auto resolves once per model, as the pool will
+                if not own:
+                    fmt = p.weight_format      # auto resolves once per model, as the pool will
 
     # -- engines --------------------------------------------------------------------------
     def _engine(self, model: str, kv_dtype: str, opts: dict):
@@ -455,6 +465,7 @@ class Runner:
             memory: dict = {}
             na = check.not_applicable(cfg, info) or \
                 (self._blocks_na.get(model) if opts.get("expert_format") == "blocks" else None) or \
+                self._wf_na.get((model, cfg.name)) or \
                 missing(self.pool.engine_class_for(case.kv_dtype), check.requires)
             if na is not None:
                 status, reason = "n/a", na

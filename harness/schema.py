@@ -84,6 +84,9 @@ class CheckConfig:
     wave_budget_mib: float | None = param(None, lo=0, lo_open=True)
     expert_format: str | None = None        # "weights" | "blocks" (engine.load's expert_format)
     cpu_moe: int | str | None = None        # "auto" or a count: MoE layers' experts on the CPU (blocks)
+    # this check's weight format (default: the run's, --weight-format / [suite]): a speed check
+    # under llama.cpp's placement asks for q8_0, the bytes llama.cpp computes from
+    weight_format: str | None = None
     per_model: dict[str, dict[str, Any]] = field(default_factory=dict)
     # thresholds per platform ("cpu-f32", "cuda-bf16", ...: device type and applied weight
     # format), calibrated from measured noise floors; per_model still wins over these
@@ -151,7 +154,7 @@ class CheckConfig:
         return None
 
     def load_overrides(self) -> dict:
-        return {k: getattr(self, k) for k in LOAD_OPTIONS if getattr(self, k) is not None}
+        return {k: getattr(self, k) for k in (*LOAD_OPTIONS, "weight_format") if getattr(self, k) is not None}
 
     def validate(self, path, where: str) -> None:
         """Cross-field rules of a check kind (override; raise SuiteError)."""

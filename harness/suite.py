@@ -242,6 +242,9 @@ def _validate_kv_spec(d, path, key: str) -> None:
 def _validate_check(cfg: CheckConfig, s: SuiteSection, path, where: str) -> None:
     _validate_experts(cfg.expert_format or s.expert_format,
                       cfg.cpu_moe if cfg.cpu_moe is not None else s.cpu_moe, path, where)
+    if cfg.weight_format is not None and cfg.weight_format not in WEIGHT_FORMATS:
+        raise SuiteError(path, f"{where}.weight_format", f"unknown weight format {cfg.weight_format!r}",
+                         ", ".join(WEIGHT_FORMATS))
     dtypes = [s.baseline, *s.kv_dtypes]
     tfields = cfg.threshold_fields()
 

@@ -75,3 +75,43 @@ def test_models_the_placement_cannot_apply_to_are_na_with_the_reason(tmp_path):
     assert "has no routed experts" in reasons["tiny-llama"]
     assert "blk.0.ffn_down_exps.weight is F32" in reasons["tiny-qwen3moe"]
     assert summary.verdict == "pass"
+
+
+def test_a_check_runs_at_its_own_weight_format(tmp_path):
+    """``weight_format`` on a check (the nightly's speed check under llama.cpp's placement asks
+    for q8_0): that check's engine stores Q8_0 matrices, the other check keeps the run's format,
+    each case records what it ran at, and an unknown format is refused at load."""
+    text = SUITE.format(suite_extra='expert_format = "blocks"', check_extra='weight_format = "q8_0"\n\n'
+                        '[[check]]\nkind = "vram"\nname = "vram_run_format"\nctx = 64\n')
+    p = tmp_path / "s.toml"
+    p.write_text(text)
+    out = tmp_path / "res"
+    summary = Runner(load_suite(p), out, progress=False, weight_format="f32").run()
+    assert summary.verdict == "pass", summary.cases
+    recs = [json.loads(line) for line in (out / "records.jsonl").read_text().splitlines()]
+    plans = {}
+    for r in recs:
+        if r.get("type") == "info" and "plan" in r.get("info", {}):
+            plans.setdefault(r["check"], set()).add(r["info"]["plan"]["weight_format"])
+    assert plans == {"vram": {"q8_0"}, "vram_run_format": {"f32"}}
+    cases = [r for r in recs if r.get("type") == "case"]
+    fmts = {(r["check"], r["engine"]["weight_format"], r["engine"]["platform"]) for r in cases}
+    assert fmts == {("vram", "q8_0", "cpu-q8_0"), ("vram_run_format", "f32", "cpu-f32")}, fmts
+    p.write_text(text.replace('weight_format = "q8_0"', 'weight_format = "q4_k"'))
+    with pytest.raises(SuiteError, match="unknown weight format 'q4_k'"):
+        load_suite(p)
+
+
+def test_a_checks_own_q8_0_is_na_where_it_cannot_apply(tmp_path):
+    """Q8_0 matrices on a MoE model whose experts stay at the weight format: that model's cases
+    of the check are n/a with the planner's reason (never a pass, never a refused run); the dense
+    model runs at q8_0."""
+    text = SUITE.format(suite_extra="", check_extra='weight_format = "q8_0"').replace(
+        'models = ["tiny-olmoe-q4_0"]', 'models = ["tiny-llama", "tiny-olmoe-q4_0"]')
+    p = tmp_path / "s.toml"
+    p.write_text(text)
+    summary = Runner(load_suite(p), tmp_path / "res", progress=False).run()
+    status = {(c["model"], c["status"]) for c in summary.cases}
+    assert status == {("tiny-llama", "pass"), ("tiny-olmoe-q4_0", "n/a")}, summary.cases
+    reason = next(c["reason"] for c in summary.cases if c["status"] == "n/a")
+    assert "weight_format q8_0 does not apply" in reason and "blocks" in reason
