@@ -59,7 +59,7 @@ def _round_bf16(v):
 def _gemv_kernel(X, W, Y, G, R, H, WD, N, stride_w, stride_d, eps, K: tl.constexpr,
                  PRO: tl.constexpr, RES: tl.constexpr, NARROW: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HOUT: tl.constexpr = False,
-                 Q8: tl.constexpr = False, QB: tl.constexpr = 32, Q8_BLOCKS: tl.constexpr = False):
+                 Q8: tl.constexpr = False, QB: tl.constexpr = 32, BLOCK_SUMS: tl.constexpr = False):
     # K is a compile-time constant and the K loops unroll (tl.static_range): every weight
     # load of a program can be in flight at once (a decode GEMV is bound by memory latency)
     pid = tl.program_id(0)
@@ -75,7 +75,7 @@ def _gemv_kernel(X, W, Y, G, R, H, WD, N, stride_w, stride_d, eps, K: tl.constex
             ss += xv * xv
         inv = tl.rsqrt(tl.sum(ss, axis=0) / K + eps)
     acc = tl.zeros([BLOCK_N, BLOCK_K], dtype=tl.float32)
-    if Q8_BLOCKS:                                  # one sum a block
+    if BLOCK_SUMS:                                  # one sum a block
         accb = tl.zeros([BLOCK_N, BLOCK_K // QB], dtype=tl.float32)
     for k0 in tl.static_range(0, K, BLOCK_K):
         c = k0 + offs
@@ -101,7 +101,7 @@ def _gemv_kernel(X, W, Y, G, R, H, WD, N, stride_w, stride_d, eps, K: tl.constex
         m2 = rmask[:, None] & cm[None, :]
         if Q8:       # int8 quants times their block's fp16 scale (WD: the scales, stride_d a row)
             wv = tl.load(W + rows[:, None] * stride_w + c[None, :], mask=m2, other=0).to(tl.float32)
-            if Q8_BLOCKS:    # a block's 32 products summed, then times its one scale
+            if BLOCK_SUMS:    # a block's 32 products summed, then times its one scale
                 part = tl.sum(tl.reshape(wv * xv[None, :], (BLOCK_N, BLOCK_K // QB, QB)), axis=2)
                 cb = k0 // QB + tl.arange(0, BLOCK_K // QB)
                 dv = tl.load(WD + rows[:, None] * stride_d + cb[None, :],
@@ -113,7 +113,7 @@ def _gemv_kernel(X, W, Y, G, R, H, WD, N, stride_w, stride_d, eps, K: tl.constex
         else:
             wv = tl.load(W + rows[:, None] * stride_w + c[None, :], mask=m2, other=0.0)
             acc += wv.to(tl.float32) * xv[None, :]
-    if Q8_BLOCKS:
+    if BLOCK_SUMS:
         y = tl.sum(accb, axis=1)
     else:
         y = tl.sum(acc, axis=1)
@@ -223,7 +223,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tens
         xin, w, y, gg, rr, xin if norm_out is None else norm_out, wd, N, w.stride(0),
         wd.stride(0) if q8 else 0, float(eps), K=K,
         PRO=PROLOGUES[prologue], RES=residual is not None, NARROW=w.dtype == torch.bfloat16,
-        BLOCK_N=bn, BLOCK_K=bk, HOUT=norm_out is not None, Q8=q8, QB=Q8_BLOCK, Q8_BLOCKS=q8_blocks,
+        BLOCK_N=bn, BLOCK_K=bk, HOUT=norm_out is not None, Q8=q8, QB=Q8_BLOCK, BLOCK_SUMS=q8_blocks,
         num_warps=4)
     return y
 
