@@ -163,7 +163,8 @@ class _Report:
         if wf.get("models"):
             self.md.append("- weights: " + "; ".join(
                 f"`{m}` **{f.get('applied')}** (requested {f.get('requested')}"
-                + (f": {f['reason']})" if f.get("reason") else ")") for m, f in wf["models"].items()))
+                + (f": {f['reason']})" if f.get("reason") else ")") for m, f in wf["models"].items())
+                + "".join(f"; check `{c}` at **{fmt}** (its own)" for c, fmt in (wf.get("checks") or {}).items()))
         for p in man.get("processes") or []:
             gib = lambda n: f"{(n or 0) / 2**30:.2f} GiB"   # noqa: E731
             self.md.append(f"- process {p.get('pid')} ({p.get('cases_run')} cases, {p.get('at')}): peak host "

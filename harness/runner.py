@@ -257,7 +257,10 @@ class Runner:
                            "resolved": self.device,
                            "host_ram_available": ram.bytes, "host_ram_total": ram.total,
                            "host_ram_source": ram.source},
-                "weight_format": {"requested": self.weight_format, "models": {}},
+                "weight_format": {"requested": self.weight_format, "models": {},
+                                  # checks that ask for their own (CheckConfig.weight_format)
+                                  "checks": {c.name: c.weight_format for c in self.suite.checks
+                                             if c.weight_format}},
                 "engine": self.pool.describe(),
                 "seed": self.suite.suite.seed,
                 "git": git_info(), "versions": versions(), "command": " ".join(sys.argv),

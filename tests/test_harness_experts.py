@@ -94,6 +94,11 @@ def test_a_check_runs_at_its_own_weight_format(tmp_path):
         if r.get("type") == "info" and "plan" in r.get("info", {}):
             plans.setdefault(r["check"], set()).add(r["info"]["plan"]["weight_format"])
     assert plans == {"vram": {"q8_0"}, "vram_run_format": {"f32"}}
+    man = json.loads((out / "manifest.json").read_text())
+    assert man["weight_format"]["checks"] == {"vram": "q8_0"}
+    from harness.report import build_report
+    md = build_report(out, tmp_path / "report").read_text()
+    assert "check `vram` at **q8_0** (its own)" in md
     cases = [r for r in recs if r.get("type") == "case"]
     fmts = {(r["check"], r["engine"]["weight_format"], r["engine"]["platform"]) for r in cases}
     assert fmts == {("vram", "q8_0", "cpu-q8_0"), ("vram_run_format", "f32", "cpu-f32")}, fmts
