@@ -154,10 +154,11 @@ for step in $steps; do
             python3 -m pytest -q -s -p no:cacheprovider -k "q8_decode_kernel_across or decode_kernel_matches" tests/test_kernels.py 2>&1 | grep -v "^\s*$" | tail -60 | tee "$OUT/q8-tests.log" ;;
     smolprof) # where the dense (SmolLM2-geometry) captured decode step's time goes: profile + timing
             # SMOL_DEPTHS (16,16384), SMOL_STEPS (steps per repetition, 32), SMOL_TAG (file-name suffix: a
-            # second run in one call keeps the first's files)
+            # second run in one call keeps the first's files), SMOL_ARGS (e.g. "--weight-format q8_0": the
+            # file's Q8_0 weights as llama.cpp reads them, half the bf16 bytes)
             python3 benchmarks/bench_moe_decode.py --model smollm2-synth --kv ${SMOL_KV:-bf16,q8_0} --depths ${SMOL_DEPTHS:-16,16384} \
               --paths cuda_graph --timing both --variants ${SMOL_VARIANTS:-default,no_rope_append:KVBENCH_DECODE_ROPE_APPEND=0,cb128:KVBENCH_DECODE_COMBINE_BLOCK=128} \
-              --steps ${SMOL_STEPS:-32} --no-sweep --no-kernel-bench --max-seconds ${SMOL_MAX_S:-240} \
+              --steps ${SMOL_STEPS:-32} --no-sweep --no-kernel-bench --max-seconds ${SMOL_MAX_S:-240} ${SMOL_ARGS:-} \
               --out "$OUT/smollm2_decode_step${SMOL_TAG:-}.json" 2>&1 | grep -v "^\s*$" | tee "$OUT/smollm2-step${SMOL_TAG:-}.log" | tail -40 ;;
     ropetest) # the q/k/v GEMV's RoPE epilogue compiled for this GPU: kernel tests and the captured step on vs off
             python3 -m pytest -q -p no:cacheprovider -k "rope" tests/test_gemv.py 2>&1 | tail -3 | tee "$OUT/rope-tests.log"
