@@ -109,6 +109,9 @@ def decode_case(eng, depth: int, n: int, reps: int) -> dict:
     reads = decode_read_bytes(eng.plan, eng.spec, depth)
     out.update(trunk_read_bytes=reads["trunk"]["total"], host_read_bytes=reads["host"]["total"],
                trunk_read_gb_s=reads["trunk"]["total"] * out["tok_s"] / 1e9)
+    if reads["host"]["experts"] and not host_ms:      # host blocks the device reads (host_experts pcie):
+        # their bytes at the step's rate, a floor under the PCIe rate while they are read
+        out["pcie_read_gb_s"] = reads["host"]["experts"] * out["tok_s"] / 1e9
     if host_ms:
         out.update(host_experts_ms_per_step=statistics.median(host_ms),
                    step_ms=1e3 / statistics.median(tok_s))
@@ -197,8 +200,9 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="coder30b-synth")
     ap.add_argument("--cases", default="12GiB:auto,none:17",
-                    help="comma list of BUDGET:CPU_MOE[:WEIGHTS] (budget none: free memory; cpu_moe auto or "
-                         "a count; WEIGHTS: the non-expert matrices' format, default --weight-format)")
+                    help="comma list of BUDGET:CPU_MOE[:WEIGHTS[:HOST]] (budget none: free memory; cpu_moe auto "
+                         "or a count; WEIGHTS: the non-expert matrices' format, default --weight-format; HOST: "
+                         "cpu (the host computes those experts) or pcie (the GPU reads them in place), default cpu)")
     ap.add_argument("--kv", default="bf16,q8_0")
     ap.add_argument("--depths", default="16,4096")
     ap.add_argument("--tokens", type=int, default=32)
@@ -226,8 +230,9 @@ def main(argv=None) -> int:
     result = {"model": args.model, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
               "torch": torch.__version__, "cases": cases, "layer": layer}
     for spec_case in args.cases.split(","):
-        budget, n, *wf = spec_case.split(":")
-        wf = wf[0] if wf else args.weight_format
+        budget, n, *rest = spec_case.split(":")
+        wf = rest[0] if rest else args.weight_format
+        host = rest[1] if len(rest) > 1 else "cpu"
         vram = None if budget == "none" else settings.parse_size(budget)
         cpu_moe = "auto" if n == "auto" else int(n)
         prev = None                          # the case's engine: the next KV dtype takes its weights over
@@ -236,7 +241,7 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             t = time.perf_counter()
             kw = dict(kv_dtype=kv, device=dev, ctx=ctx, vram_budget=vram, weight_format=wf,
-                      expert_format="blocks", cpu_moe=cpu_moe)
+                      expert_format="blocks", cpu_moe=cpu_moe, host_experts=host)
             eng = None
             try:
                 if prev is not None:
@@ -247,7 +252,7 @@ def main(argv=None) -> int:
                 eng = eng or engine.load(args.model, **kw)
             except EngineError as exc:       # one case refused: recorded, the rest go on
                 cases.append({"budget": budget, "cpu_moe_requested": n, "kv": kv, "weight_format": wf,
-                              "error": str(exc)})
+                              "host_experts": host, "error": str(exc)})
                 print(f"{args.model} budget {budget} cpu_moe {n} KV {kv}: refused: {exc}", flush=True)
                 prev = None
                 continue
@@ -255,7 +260,7 @@ def main(argv=None) -> int:
             load_s = time.perf_counter() - t
             rows = eng.ledger.compare(eng.plan)
             case = {"budget": budget, "cpu_moe_requested": n, "cpu_moe": eng.plan.cpu_moe, "kv": kv,
-                    "weight_format": eng.plan.weight_format,
+                    "weight_format": eng.plan.weight_format, "host_experts": eng.plan.host_experts,
                     "expert_format": eng.plan.expert_format, "decode_path": eng.decode_path,
                     "decode_path_reason": eng.decode_path_reason, "cpu_expert_math": eng.cpu_expert_math,
                     "load_s": load_s, "weights_reused": reused,
@@ -273,8 +278,11 @@ def main(argv=None) -> int:
             speeds = ", ".join(f"d{c['depth']} {c['tok_s']:.1f} tok/s"
                                + f", trunk reads {c['trunk_read_gb_s']:.0f} GB/s"
                                + (f" (host experts {c['host_experts_ms_per_step']:.2f} of {c['step_ms']:.2f} ms, "
-                                  f"{c['host_experts_gb_s']:.1f} GB/s)" if "step_ms" in c else "") for c in case["decode"])
-            print(f"{args.model} budget {budget} cpu_moe {n}->{case['cpu_moe']} KV {kv} weights {wf}: {case['decode_path']}, "
+                                  f"{c['host_experts_gb_s']:.1f} GB/s)" if "step_ms" in c else "")
+                               + (f" (host blocks over PCIe >= {c['pcie_read_gb_s']:.1f} GB/s)"
+                                  if "pcie_read_gb_s" in c else "") for c in case["decode"])
+            print(f"{args.model} budget {budget} cpu_moe {n}->{case['cpu_moe']} ({host}) KV {kv} weights {wf}: "
+                  f"{case['decode_path']}, "
                   f"load {load_s:.1f} s, plan diff {case['plan_max_abs_diff']} B, trunk planned "
                   f"{case['trunk_bytes'] / 2 ** 20:.0f} MiB, process VRAM {case['process_vram_mib']} MiB; {speeds}",
                   flush=True)

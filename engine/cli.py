@@ -42,7 +42,7 @@ def _plan_for(model, kv_dtype: str, ctx: int, device):
 
 def load_explained(model, *, kv_dtype: str, device, ctx: int, weight_format: str = "f32",
                    decode_mode: str | None = None, expert_format: str = "weights", cpu_moe=None,
-                   vram_budget: str | None = None):
+                   vram_budget: str | None = None, host_experts: str = "cpu"):
     """``engine.load`` where an allocator failure becomes ``OutOfMemoryError`` (exit 2) with
     the planner's numbers and the free memory, instead of a raw torch error (exit 3); then the
     decode mode, if given (a mode that cannot be applied is a ConfigError, exit 2)."""
@@ -51,7 +51,7 @@ def load_explained(model, *, kv_dtype: str, device, ctx: int, weight_format: str
         from .settings import parse_size
         budget = None if vram_budget is None else parse_size(vram_budget, "--vram-budget")
         eng = load(model, kv_dtype=kv_dtype, device=device, ctx=ctx, weight_format=weight_format,
-                   expert_format=expert_format, cpu_moe=cpu_moe, vram_budget=budget)
+                   expert_format=expert_format, cpu_moe=cpu_moe, vram_budget=budget, host_experts=host_experts)
     except torch.OutOfMemoryError as exc:
         raise out_of_memory("load", _plan_for(model, kv_dtype, ctx, device), device, exc) from None
     if decode_mode:
@@ -98,6 +98,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-moe", type=auto_or_count, default=None,
                    help="with --expert-format blocks: the first N MoE layers' experts compute on the CPU "
                         "(llama.cpp's --n-cpu-moe), or auto: the fewest that fit the device")
+    p.add_argument("--host-experts", default="cpu", choices=("cpu", "pcie"),
+                   help="with --cpu-moe: those experts computed by the host's CPU (int4 matmul), or kept on "
+                        "the host as blocks the GPU reads in place over PCIe")
 
 
 def auto_or_count(text: str):
@@ -139,7 +142,8 @@ def bench_main(args) -> int:
     eng = load_explained(args.model, kv_dtype=args.kv_dtype, device=args.device,
                          ctx=max(args.ctx, args.prompt_tokens, DECODE_PREFIX + 1) + args.decode_tokens + 8,
                          weight_format=args.weight_format, decode_mode=args.decode_mode,
-                         expert_format=args.expert_format, cpu_moe=args.cpu_moe, vram_budget=args.vram_budget)
+                         expert_format=args.expert_format, cpu_moe=args.cpu_moe, vram_budget=args.vram_budget,
+                         host_experts=args.host_experts)
     load_s = time.perf_counter() - t0
 
     question = "What is the capital of France?"
@@ -178,7 +182,7 @@ def bench_main(args) -> int:
         f"pp{args.prompt_tokens}_tok_s": round(args.prompt_tokens / pp_s, 1),
         f"tg{args.decode_tokens}_tok_s": round(args.decode_tokens / tg_s, 2),
         "weight_format": args.weight_format, "decode_path": eng.decode_path,
-        "expert_format": eng.plan.expert_format, "cpu_moe": eng.plan.cpu_moe,
+        "expert_format": eng.plan.expert_format, "cpu_moe": eng.plan.cpu_moe, "host_experts": eng.plan.host_experts,
         "cpu_expert_math": eng.cpu_expert_math,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "answer": answer,
@@ -193,7 +197,8 @@ def bench_main(args) -> int:
     table.add_row("KV dtype applied", eng.kv_spec)
     table.add_row("decode path", f"{eng.decode_path} ({eng.decode_path_reason})")
     if eng.plan.expert_format != "weights":
-        table.add_row("experts", f"{eng.plan.expert_format} blocks, {eng.plan.cpu_moe} MoE layers on the CPU"
+        table.add_row("experts", f"{eng.plan.expert_format} blocks, {eng.plan.cpu_moe} MoE layers' on the host "
+                      f"({eng.plan.host_experts})"
                       + (f" ({eng.cpu_expert_math})" if eng.cpu_expert_math else ""))
     con.print(table)
     con.print(f"[bold]Q:[/bold] {question}\n[bold]A:[/bold] {answer}")
@@ -213,7 +218,8 @@ def generate_add_cli_args(p: argparse.ArgumentParser) -> None:
 def generate_main(args) -> int:
     eng = load_explained(args.model, kv_dtype=args.kv_dtype, device=args.device, ctx=args.ctx,
                          weight_format=args.weight_format, decode_mode=args.decode_mode,
-                         expert_format=args.expert_format, cpu_moe=args.cpu_moe, vram_budget=args.vram_budget)
+                         expert_format=args.expert_format, cpu_moe=args.cpu_moe, vram_budget=args.vram_budget,
+                         host_experts=args.host_experts)
     if args.raw:
         ids = eng.tokenizer.encode(args.prompt, add_special_tokens=True)
     else:

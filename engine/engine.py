@@ -298,10 +298,13 @@ class Engine:
 
     @property
     def cpu_expert_math(self) -> str | None:
-        """The arithmetic of experts computed on the host CPU (``cpu_moe`` layers:
-        ``engine.cpu_experts.MATH``), or None when no layer's experts run there."""
+        """The arithmetic of the ``cpu_moe`` layers' experts (``engine.cpu_experts.MATH`` where
+        the host's CPU computes them; ``PcieExperts.math`` where the device reads their host
+        blocks), or None when every expert is on the device."""
+        from .model import PcieExperts
         model = self._live()
-        host = model.host_expert_layers()
+        host = model.host_expert_layers() or [i for i in model.spec.moe_layers
+                                              if isinstance(model.layers[i].experts, PcieExperts)]
         return model.layers[host[0]].experts.math if host else None
 
     PREFILL_PATHS = ("exact", "fast")
@@ -596,7 +599,7 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
          ctx: int = 4096, vram_budget: int | None = None, n_gpu_layers: int | None = None,
          wave_budget_bytes: int | None = None, weight_format: str = "auto",
          weights_from: Engine | None = None, host_ram: int | None = None,
-         expert_format: str = "weights", cpu_moe: int | str | None = None) -> Engine:
+         expert_format: str = "weights", cpu_moe: int | str | None = None, host_experts: str = "cpu") -> Engine:
     """Load a registry name or .gguf path; see the module docstring.
 
     ``weight_format`` is how matrices are stored at run time ("f32" exact, "bf16"/"f16" half
@@ -627,7 +630,10 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     layers computed on the host CPU from Q4_0, the others resident on ``device`` and read by
     ``engine.kernels.moe_blocks``; ``cpu_moe`` "auto"/None: the fewest that fit the budget).
     Experts stored otherwise raise; ``eng.plan`` records ``expert_format``, ``cpu_moe`` and
-    ``layer_expert_tiers``; ``eng.cpu_expert_math`` the host path's arithmetic."""
+    ``layer_expert_tiers``; ``eng.cpu_expert_math`` the host path's arithmetic.
+    ``host_experts="pcie"``: those layers' experts stay on the host as their blocks (pinned)
+    and the device's kernel reads them in place over PCIe instead of the CPU computing them
+    (``engine.model.PcieExperts``; the captured step stays one graph)."""
     from . import hybrid
     if expert_format not in ("weights", "blocks"):
         raise ConfigError(f"expert_format {expert_format!r} is not 'weights' or 'blocks'", "pick one of those")
@@ -638,7 +644,7 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
         vram_budget = weights_from.plan.budget_bytes     # free memory now would not count the held weights
     # 2. plan: device and host memory, refused before anything is read or allocated
     blocks = _expert_blocks(src) if expert_format == "blocks" else None
-    plan = _plan(req, src, vram_budget, n_gpu_layers, host_ram, weights_from, blocks, cpu_moe)
+    plan = _plan(req, src, vram_budget, n_gpu_layers, host_ram, weights_from, blocks, cpu_moe, host_experts)
     # 3. place: which layers, head and experts live where (engine.hybrid)
     placement = hybrid.place(plan, src.spec, req.device)
     if weights_from is not None:
@@ -718,13 +724,13 @@ def _expert_blocks(src: _Source) -> str:
 
 
 def _plan(req: _Request, src: _Source, vram_budget, n_gpu_layers, host_ram, reuse, expert_blocks=None,
-          cpu_moe=None):
+          cpu_moe=None, host_experts="cpu"):
     from .planner import plan as make_plan, require_host_fit
     held = 0 if reuse is None else reuse.plan.host_ram.need - reuse.plan.host_ram.headroom
     plan = make_plan(src.spec, kv_dtype=req.kv_dtype, ctx=req.ctx, vram_budget=vram_budget,
                      n_gpu_layers=n_gpu_layers, wave_budget_bytes=req.wave, weight_format=req.weight_format,
                      device=req.device, host_ram=host_ram, host_held=held, file_bytes=req.path.stat().st_size,
-                     expert_blocks=expert_blocks, cpu_moe=cpu_moe)
+                     expert_blocks=expert_blocks, cpu_moe=cpu_moe, host_experts=host_experts)
     require_host_fit(plan)
     if plan.weight_format not in WEIGHT_DTYPES:
         raise ConfigError(f"weight_format {plan.weight_format!r} cannot be applied by this engine "

@@ -125,11 +125,11 @@ def bind_weights(g: GGUFFile, spec: ModelSpec, plan, placement: Placement, ledge
         for name, value in lw.owned():          # a fused wqkv once, not its wq/wk/wv views
             ledger.register("weights", value, tier, name=f"blk.{i}.{name}")
         if blocks and lw.experts is not None:   # resident blocks on the trunk, or packed on the host
-            on_cpu = plan.layer_expert_tiers[i] == "cpu"
+            where = plan.layer_expert_tiers[i]       # "trunk", "cpu" (packed + blocks) or "pcie" (blocks)
             blocks = ("gate.qs", "gate.d", "up.qs", "up.d", "down.qs", "down.d")
-            names = ("gu", "gu_sz", "down", "down_sz", *blocks) if on_cpu else blocks
+            names = ("gu", "gu_sz", "down", "down_sz", *blocks) if where == "cpu" else blocks
             for n, t in zip(names, lw.experts.tensors()):
-                ledger.register("weights", t, "host" if on_cpu else "trunk", name=f"blk.{i}.experts.{n}")
+                ledger.register("weights", t, "trunk" if where == "trunk" else "host", name=f"blk.{i}.experts.{n}")
         elif lw.experts is not None:
             hosted = [ledger.register("weights", t, "host", name=f"blk.{i}.experts.{n}")
                       for n, t in zip(("gate", "up", "down"), lw.experts.tensors())]
@@ -327,15 +327,17 @@ def read_block_experts(g: GGUFFile, spec: ModelSpec, i: int, fmt: str, tier: str
     (within the plan's reserve)."""
     from gguf import GGMLQuantizationType as QT
     from .kernels.moe_blocks import BlockStack
-    from .model import BlockExperts, CpuExperts
-    if tier not in ("trunk", "cpu"):
-        raise ValueError(f"read_block_experts: tier {tier!r} is not 'trunk' or 'cpu'")
+    from .model import BlockExperts, CpuExperts, PcieExperts
+    if tier not in ("trunk", "cpu", "pcie"):
+        raise ValueError(f"read_block_experts: tier {tier!r} is not 'trunk', 'cpu' or 'pcie'")
     E, ff, d = spec.n_experts, spec.d_ff_expert, spec.d_model
     qtype = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0}[fmt]
     shapes = {"gate": (E, ff, d), "up": (E, ff, d), "down": (E, d, ff)}
     raws = {k: g.blocks(f"blk.{i}.ffn_{k}_exps.weight", shp, qtype).reshape(E, -1) for k, shp in shapes.items()}
     if tier == "trunk":
         stacks = {k: BlockStack.empty(fmt, shp, device=dev) for k, shp in shapes.items()}
+    elif tier == "pcie":         # host blocks the device reads in place: pinned on CUDA
+        stacks = {k: BlockStack.empty(fmt, shp, device=HOST, pinned=dev.type == "cuda") for k, shp in shapes.items()}
     else:                # packed for the CPU; the blocks too (pinned on CUDA), for large batches
         from .cpu_experts import HostQ4Experts
         packed = HostQ4Experts.empty(E, ff, d)
@@ -349,8 +351,11 @@ def read_block_experts(g: GGUFFile, spec: ModelSpec, i: int, fmt: str, tier: str
                 part[k] = BlockStack.from_ggml(raws[k][e0:e1].to(dev), fmt, (e1 - e0, n, kk), out=stacks[k][e0:e1])
             else:
                 BlockStack.from_ggml(raws[k][e0:e1], fmt, (e1 - e0, n, kk), out=stacks[k][e0:e1])
-                part[k] = stacks[k][e0:e1].to(dev)
+                if tier == "cpu":
+                    part[k] = stacks[k][e0:e1].to(dev)
         if tier == "cpu":
             HostQ4Experts.from_blocks(part["gate"], part["up"], part["down"], out=packed, first=e0)
     blocks = (stacks["gate"], stacks["up"], stacks["down"])
+    if tier == "pcie":
+        return PcieExperts(*blocks)
     return BlockExperts(*blocks) if tier == "trunk" else CpuExperts(packed, blocks)

@@ -159,6 +159,47 @@ class BlockExperts(Experts):
         return [*self.gate.tensors(), *self.up.tensors(), *self.down.tensors()]
 
 
+class PcieExperts(BlockExperts):
+    """One layer's routed experts kept on the host as their GGUF blocks (pinned on a CUDA
+    machine) and read in place by the device (``host_experts="pcie"``): a one-token step's
+    kernel (``moe_decode_blocks``) reads the k chosen experts' rows straight from host memory
+    over PCIe (CUDA's unified addressing of pinned memory: no copy, no host sync, so the
+    captured step stays one graph). A batch of rows (a prefill) instead copies the chosen
+    experts up ``OFFLOAD_CHUNK`` at a time (``on_device``), as ``CpuExperts`` does. On a CPU
+    device it is ``BlockExperts`` (host and device are one memory)."""
+    OFFLOAD_CHUNK = 16
+    math = ("the device reads the host's blocks in place over PCIe: float32 maths on the exact "
+            "block values, as resident blocks")
+
+    def resident_blocker(self, device) -> str | None:
+        dev = torch.device(device)
+        if dev.type == "cuda" and not self.gate.qs.is_pinned():
+            return "host experts for the device to read in place must be in pinned memory"
+        return None
+
+    def over_rows(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """Rows [T, d] through their experts on ``h``'s device (float32 maths on the block values)."""
+        if h.device.type == "cpu":
+            return experts_over_rows(h, top_e, top_p, torch.unique(top_e).tolist(), lambda e: self.get(0, e))
+        return experts_on_device(h, top_e, top_p, (self.gate, self.up, self.down), self.OFFLOAD_CHUNK)
+
+
+def experts_on_device(h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor, blocks, chunk: int) -> torch.Tensor:
+    """Rows ``h`` through their experts on ``h``'s device from host block stacks ``blocks``
+    (gate, up, down): the chosen experts go up ``chunk`` at a time, float32 maths on the exact
+    block values, in ascending expert id."""
+    used = torch.unique(top_e).tolist()
+    out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
+    E = blocks[0].shape[0]
+    for e0 in range(0, E, chunk):
+        here = [e for e in used if e0 <= e < e0 + chunk]
+        if not here:
+            continue
+        stage = [st[e0:e0 + chunk].to(h.device, non_blocking=True) for st in blocks]
+        experts_over_rows(h, top_e, top_p, here, lambda e: tuple(expert_rows(st, e - e0) for st in stage), out=out)
+    return out
+
+
 class CpuExperts:
     """One layer's routed experts computed on the host CPU (llama.cpp's ``--n-cpu-moe``):
     ``packed`` is an ``engine.cpu_experts.HostQ4Experts``. The layer's router runs where the
@@ -227,17 +268,7 @@ class CpuExperts:
     def on_device(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
         """The rows through their experts on ``h``'s device, from the host blocks: float32 maths
         on the exact block values (as ``BlockExperts``' prefill), in ascending expert id."""
-        used = torch.unique(top_e).tolist()
-        out = torch.zeros(h.shape, dtype=torch.float32, device=h.device)
-        E = self.blocks[0].shape[0]
-        for e0 in range(0, E, self.OFFLOAD_CHUNK):
-            here = [e for e in used if e0 <= e < e0 + self.OFFLOAD_CHUNK]
-            if not here:
-                continue
-            stage = [st[e0:e0 + self.OFFLOAD_CHUNK].to(h.device, non_blocking=True) for st in self.blocks]
-            experts_over_rows(h, top_e, top_p, here,
-                              lambda e: tuple(expert_rows(st, e - e0) for st in stage), out=out)
-        return out
+        return experts_on_device(h, top_e, top_p, self.blocks, self.OFFLOAD_CHUNK)
 
 
 def experts_over_rows(h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor, experts, get,
@@ -592,6 +623,8 @@ class Transformer:
             return w.experts.run(h, top_e, top_p).to(h.dtype)
         if h.shape[0] == 1:
             return self._moe_one(i, h, top_p[0], top_e[0])
+        if hasattr(w.experts, "over_rows"):                     # host blocks the device reads
+            return w.experts.over_rows(h, top_e, top_p)
         # Visit experts in ascending id so the cache access order is deterministic.
         return experts_over_rows(h, top_e, top_p, torch.unique(top_e).tolist(), lambda e: w.experts.get(i, e))
 

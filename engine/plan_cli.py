@@ -52,10 +52,12 @@ def format_plan(p: Plan, spec=None, depths=()) -> str:
     if p.expert_format != "weights":
         tiers = p.layer_expert_tiers
         on = [b for b, t in zip(p.layer_expert_bytes, tiers) if t == "trunk"]
-        off = [b for b, t in zip(p.layer_expert_bytes, tiers) if t == "cpu"]
+        off = [b for b, t in zip(p.layer_expert_bytes, tiers) if t in ("cpu", "pcie")]
+        how = ("on the host CPU ({}: repacked for its int4 matmul, and the blocks for large batches)"
+               if p.host_experts == "cpu" else "on the host, read in place by the GPU over PCIe ({}: pinned blocks)")
         lines.append(f"experts in {p.expert_format} blocks (cpu_moe {p.cpu_moe_requested} -> {p.cpu_moe}): "
-                     f"{len(on)} MoE layers on the trunk ({_mib(sum(on))}), {len(off)} on the host CPU "
-                     f"({_mib(sum(off))}: repacked for its int4 matmul, and the blocks for large batches)")
+                     f"{len(on)} MoE layers on the trunk ({_mib(sum(on))}), {len(off)} "
+                     + how.format(_mib(sum(off))))
     elif p.expert_slot_bytes:
         lines.append(f"expert cache: {p.expert_slots}/{p.trunk_experts} slots x {_mib(p.expert_slot_bytes)} "
                      f"= {_mib(p.trunk.expert_cache)}")
@@ -104,6 +106,8 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                              "keeps from the file): every layer on the trunk, no expert cache")
     parser.add_argument("--cpu-moe", default=None, help="with --expert-blocks: auto or the first N MoE layers' "
                         "experts on the host CPU (llama.cpp's --n-cpu-moe)")
+    parser.add_argument("--host-experts", default="cpu", choices=("cpu", "pcie"),
+                        help="those experts computed by the host's CPU, or read in place by the GPU over PCIe")
 
 
 def _cpu_moe(text: str | None):
@@ -125,7 +129,7 @@ def main(args: argparse.Namespace) -> int:
                  n_gpu_layers=args.n_gpu_layers, wave_budget_bytes=parse_size(args.wave_budget, "--wave-budget"),
                  weight_format=args.weight_format, reserve_bytes=parse_size(args.reserve, "--reserve"),
                  device=args.device, host_ram=host or None, file_bytes=file_bytes(args.model),
-                 expert_blocks=args.expert_blocks, cpu_moe=_cpu_moe(args.cpu_moe))
+                 expert_blocks=args.expert_blocks, cpu_moe=_cpu_moe(args.cpu_moe), host_experts=args.host_experts)
     except EngineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -27,9 +27,12 @@ Pricing rules (what the runtime must allocate for plan and ledger to agree):
   for torch's CPU int4 matmul, and kept as blocks for large batches: ``cpu_expert_bytes``), those of the other MoE
   layers are resident on the trunk as two buffers per stack (quants and fp16 scales:
   ``expert_block_buffers``), no expert cache. ``cpu_moe="auto"`` (or None) takes the fewest
-  that fit the budget with the head on the trunk. ``Plan.layer_expert_tiers`` says per layer
-  where its experts are ("trunk" resident blocks, "cpu" host compute, "cache" streamed to a
-  trunk layer, "host" a tail layer's, "" dense) and ``layer_expert_bytes`` their bytes there.
+  that fit the budget with the head on the trunk. ``host_experts="pcie"`` keeps those layers'
+  experts on the host as their blocks alone (pinned), read in place by the GPU's kernel over
+  PCIe instead of computed by the CPU (any block format). ``Plan.layer_expert_tiers`` says per
+  layer where its experts are ("trunk" resident blocks, "cpu" host compute, "pcie" host blocks
+  the GPU reads, "cache" streamed to a trunk layer, "host" a tail layer's, "" dense) and
+  ``layer_expert_bytes`` their bytes there.
 - KV: two buffers per layer (K, V), each ``rows * n_kv_heads * head_dim`` values at
   fp32 4 B, bf16 2 B, q8_0 34 B per 32 (packed blocks), K at the layer's K format and V at
   its V format. ``rows`` is ``ctx``, except on a
@@ -166,6 +169,7 @@ def expert_matrix_bytes(spec: ModelSpec, weight_format: str) -> list[int]:
 
 
 EXPERT_BLOCK_FORMATS = ("q4_0", "q8_0")
+HOST_EXPERTS = ("cpu", "pcie")      # what computes the experts of cpu_moe layers (Plan.host_experts)
 
 
 def expert_block_buffers(spec: ModelSpec, fmt: str) -> list[int]:
@@ -287,6 +291,8 @@ class Plan:
     expert_format: str = "weights"      # "weights" (the weight format) | "q4_0" | "q8_0" (GGUF blocks kept)
     cpu_moe: int = 0                    # MoE layers whose experts compute on the host CPU (blocks mode)
     cpu_moe_requested: str = ""         # "auto" or the count asked for; "" outside blocks mode
+    host_experts: str = "cpu"           # what computes the cpu_moe layers' experts: "cpu" (the host's
+                                        # int4 matmul) | "pcie" (the GPU, reading their blocks in place)
     layer_expert_tiers: list[str] = field(default_factory=list)  # "trunk"|"cpu"|"cache"|"host"|"" per layer
 
     @property
@@ -357,7 +363,7 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
          device: str | torch.device | None = None, ubatch: int = DEFAULT_UBATCH,
          head_tier: str = "auto", min_expert_slots: int | None = None,
          host_ram: int | None = None, host_held: int = 0, file_bytes: int = 0,
-         expert_blocks: str | None = None, cpu_moe: int | str | None = None) -> Plan:
+         expert_blocks: str | None = None, cpu_moe: int | str | None = None, host_experts: str = "cpu") -> Plan:
     """Price a layer split and its host RAM; see the module docstring for the rules.
 
     ``host_ram``: bytes of host memory available (None: ``engine.hostmem.available()``);
@@ -371,6 +377,9 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
                           "pick one of those")
     if weight_format == "q8_0":
         check_q8_weights(spec, expert_blocks)
+    if host_experts != "cpu" and expert_blocks is None:
+        raise ConfigError(f"host_experts {host_experts!r} places the experts of cpu_moe layers, which needs them "
+                          "in the file's blocks", "pass expert_format='blocks' (--expert-format blocks)")
     from . import hostmem
     if host_ram is None:
         ram = hostmem.available()
@@ -381,7 +390,7 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
     kw = dict(kv_dtype=kv_dtype, ctx=ctx, vram_budget=vram_budget, n_gpu_layers=n_gpu_layers,
               wave_budget_bytes=wave_budget_bytes, reserve_bytes=reserve_bytes, device=device,
               ubatch=ubatch, head_tier=head_tier, min_expert_slots=min_expert_slots,
-              expert_blocks=expert_blocks, cpu_moe=cpu_moe)
+              expert_blocks=expert_blocks, cpu_moe=cpu_moe, host_experts=host_experts)
 
     def priced(fmt: str) -> Plan:
         p = _plan(spec, weight_format=fmt, **kw)
@@ -445,7 +454,7 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
           n_gpu_layers: int | None, wave_budget_bytes: int, weight_format: str, reserve_bytes: int,
           device: str | torch.device | None, ubatch: int, head_tier: str,
           min_expert_slots: int | None, expert_blocks: str | None = None,
-          cpu_moe: int | str | None = None) -> Plan:
+          cpu_moe: int | str | None = None, host_experts: str = "cpu") -> Plan:
     """The split and the device/host bytes at one concrete weight format."""
     try:
         dev = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -538,7 +547,8 @@ def _plan(spec: ModelSpec, *, kv_dtype: str, ctx: int, vram_budget: int | None,
         return _plan_blocks(spec, dev, budget, source, dict(
             rnd=rnd, trunk_cost=trunk_cost, scratch_items=scratch_items, w_trunk=w_trunk, kv_trunk=kv_trunk,
             kv_rows=kv_rows, wanted=wanted, embd_bytes=embd_bytes, slot_bytes=slot_bytes, moe=moe),
-            expert_blocks=expert_blocks, cpu_moe=cpu_moe, n_gpu_layers=n_gpu_layers, kv_dtype=kv_dtype,
+            expert_blocks=expert_blocks, cpu_moe=cpu_moe, host_experts=host_experts, n_gpu_layers=n_gpu_layers,
+            kv_dtype=kv_dtype,
             ctx=ctx, weight_format=weight_format, wave_budget_bytes=wave_budget_bytes, ubatch=ubatch)
 
     fit = 0
@@ -608,8 +618,8 @@ def decode_read_bytes(p: Plan, spec: ModelSpec, depth: int) -> dict:
 
     ``{"depth", "trunk": {...}, "host": {...}}``, each part's bytes: ``weights`` (every matrix,
     norm and router of the layers there, at the plan's weight format), ``experts`` (the k routed
-    experts a MoE layer runs: at the weight format, as the file's blocks on the trunk, or packed
-    for the CPU's int4 matmul on the host), ``kv`` (K and V of the positions attended, a
+    experts a MoE layer runs: at the weight format, as the file's blocks on the trunk, packed
+    for the CPU's int4 matmul on the host, or the host's blocks the GPU reads over PCIe), ``kv`` (K and V of the positions attended, a
     sliding-window layer's window at most), ``head`` (output norm and matrix) and ``embed`` (one
     row), and ``total``. Logical bytes of what is read, not what is allocated; a layer on the
     host tier (the layer split's tail) counts on the host. An expert cache's misses are not
@@ -626,6 +636,8 @@ def decode_read_bytes(p: Plan, spec: ModelSpec, depth: int) -> dict:
             where = p.layer_expert_tiers[i] if p.layer_expert_tiers else ""
             if where == "cpu":
                 parts["host"]["experts"] += int4_packed_bytes(k, spec.d_ff_expert, spec.d_model)
+            elif where == "pcie":         # host memory, read by the GPU over PCIe
+                parts["host"]["experts"] += k * sum(expert_block_buffers(spec, p.expert_format)) // spec.n_experts
             elif p.expert_format != "weights":
                 parts[tier]["experts"] += k * sum(expert_block_buffers(spec, p.expert_format)) // spec.n_experts
             else:
@@ -661,7 +673,7 @@ def int4_packed_bytes(n_experts: int, ff: int, d: int) -> int:
 
 def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c: dict, *,
                  expert_blocks: str | None, cpu_moe, n_gpu_layers, kv_dtype: str, ctx: int,
-                 weight_format: str, wave_budget_bytes: int, ubatch: int) -> Plan:
+                 weight_format: str, wave_budget_bytes: int, ubatch: int, host_experts: str = "cpu") -> Plan:
     """The blocks placement (module docstring): every layer and the head on the trunk, experts of
     the first ``cpu_moe`` MoE layers on the host CPU, the others resident in blocks."""
     L, rnd, moe = spec.n_layers, c["rnd"], c["moe"]
@@ -675,22 +687,26 @@ def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c
         raise ConfigError(f"experts in blocks keep all {L} layers on the trunk (llama.cpp's -ngl 99 "
                           f"--n-cpu-moe N); n_gpu_layers={n_gpu_layers} asks otherwise",
                           f"drop n_gpu_layers (or pass {L}) and size the split with cpu_moe")
+    if host_experts not in HOST_EXPERTS:
+        raise ConfigError(f"host_experts {host_experts!r} is not one of {', '.join(HOST_EXPERTS)}",
+                          "cpu: the host's int4 matmul; pcie: the GPU reads the host's blocks in place")
     gpu_layer = sum(rnd(b) for b in expert_block_buffers(spec, expert_blocks))
-    host_layer = cpu_expert_bytes(spec)
+    # on the host: packed for its int4 matmul plus the blocks (cpu), or the blocks alone (pcie)
+    host_layer = cpu_expert_bytes(spec) if host_experts == "cpu" else sum(expert_block_buffers(spec, expert_blocks))
     order = sorted(moe)
     requested = "auto" if cpu_moe in (None, "auto") else cpu_moe
     if requested != "auto" and (isinstance(requested, bool) or not isinstance(requested, int)
                                 or not 0 <= requested <= len(order)):
         raise ConfigError(f"cpu_moe {cpu_moe!r} must be 'auto' or an integer in [0, {len(order)}] "
                           f"(the MoE layers of {spec.name})", f"pass 0..{len(order)} or 'auto'")
-    if requested not in ("auto", 0) and expert_blocks != "q4_0":
+    if requested not in ("auto", 0) and expert_blocks != "q4_0" and host_experts == "cpu":
         raise ConfigError(f"cpu_moe={requested}: the CPU computes experts from Q4_0 blocks, this file's "
                           f"are {expert_blocks}", "pass cpu_moe=0 (every expert on the trunk)")
     base = c["trunk_cost"](L, True, 0)
 
     def need(n: int) -> int:
         return base.total + gpu_layer * (len(order) - n)
-    counts = range(len(order) + 1) if expert_blocks == "q4_0" else range(1)
+    counts = range(len(order) + 1) if expert_blocks == "q4_0" or host_experts == "pcie" else range(1)
     fewest = next((n for n in counts if need(n) <= budget), None)
     n = fewest if requested == "auto" else requested
     if n is None:
@@ -714,7 +730,8 @@ def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c
     trunk.weights += embed_copy
     host = TierBytes(weights=c["embd_bytes"] + host_layer * n)
     applied = c["wanted"]
-    tiers = [("cpu" if i in cpu_layers else "trunk") if i in moe else "" for i in range(L)]
+    off = "cpu" if host_experts == "cpu" else "pcie"
+    tiers = [(off if i in cpu_layers else "trunk") if i in moe else "" for i in range(L)]
     return Plan(
         model=spec.name, arch=spec.arch, device=str(dev), n_layers=L, n_gpu_layers=L, ctx=ctx,
         kv_dtype=kv_dtype, weight_format=weight_format, budget_bytes=budget, budget_source=source,
@@ -727,10 +744,10 @@ def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c
         layer_kv_bytes=list(c["kv_trunk"]), layer_kv_rows=c["kv_rows"],
         layer_attention=["swa" if spec.window(i) else "global" for i in range(L)],
         layer_weight_bytes=list(c["w_trunk"]),
-        layer_expert_bytes=[(host_layer if t == "cpu" else gpu_layer) if t else 0 for t in tiers],
+        layer_expert_bytes=[(gpu_layer if t == "trunk" else host_layer) if t else 0 for t in tiers],
         layer_expert_tiers=tiers, scratch_items=c["scratch_items"](L, True),
         embed_tier="trunk" if embed_copy else "host", expert_format=expert_blocks, cpu_moe=n,
-        cpu_moe_requested=str(requested),
+        cpu_moe_requested=str(requested), host_experts=host_experts,
     )
 
 

@@ -130,6 +130,8 @@ class EnginePool:
             kw["expert_format"] = opts["expert_format"]
         if opts.get("cpu_moe") is not None:
             kw["cpu_moe"] = opts["cpu_moe"]
+        if opts.get("host_experts"):
+            kw["host_experts"] = opts["host_experts"]
         if opts.get("weight_format"):            # the check's own (CheckConfig.weight_format)
             kw["weight_format"] = opts["weight_format"]
         if opts.get("wave_budget_mib"):

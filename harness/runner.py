@@ -351,6 +351,7 @@ class Runner:
                     p = plan(spec, kv_dtype=case.kv_dtype, ctx=kw["ctx"], vram_budget=kw.get("vram_budget"),
                              n_gpu_layers=kw.get("n_gpu_layers"), weight_format=own or fmt, device=self.device,
                              file_bytes=size, expert_blocks=blocks, cpu_moe=kw.get("cpu_moe"),
+                             host_experts=kw.get("host_experts", "cpu"),
                              **({"wave_budget_bytes": kw["wave_budget_bytes"]} if "wave_budget_bytes" in kw else {}))
                     require_host_fit(p)
                     if "wave_budget_bytes" in kw and cfg.KIND == "wave_prefill":

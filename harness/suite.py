@@ -38,7 +38,7 @@ from typing import Any, Union, get_args, get_origin, get_type_hints
 from . import checks as registry
 from .errors import SuiteError
 
-from .schema import (DEVICE_RE, EXPERT_FORMATS, KV_DTYPES, PLATFORM_RE, ROLES, WEIGHT_FORMATS, CheckConfig,  # noqa: F401
+from .schema import (DEVICE_RE, EXPERT_FORMATS, HOST_EXPERTS, KV_DTYPES, PLATFORM_RE, ROLES, WEIGHT_FORMATS, CheckConfig,  # noqa: F401
                      Message, SuiteSection, Threshold, param, platform_of, threshold)
 
 
@@ -200,13 +200,19 @@ def _validate_section(s: SuiteSection, path) -> None:
     if s.weight_format not in WEIGHT_FORMATS:
         raise SuiteError(path, "suite.weight_format", f"unknown weight format {s.weight_format!r}",
                          ", ".join(WEIGHT_FORMATS))
-    _validate_experts(s.expert_format, s.cpu_moe, path, "suite")
+    _validate_experts(s.expert_format, s.cpu_moe, path, "suite", s.host_experts)
 
 
-def _validate_experts(fmt, cpu_moe, path, where: str) -> None:
-    """``expert_format`` and ``cpu_moe`` (suite or check, after the check inherits the suite's)."""
+def _validate_experts(fmt, cpu_moe, path, where: str, host=None) -> None:
+    """``expert_format``, ``cpu_moe`` and ``host_experts`` (suite or check, after the check
+    inherits the suite's)."""
     if fmt is not None and fmt not in EXPERT_FORMATS:
         raise SuiteError(path, f"{where}.expert_format", f"unknown expert format {fmt!r}", ", ".join(EXPERT_FORMATS))
+    if host is not None and host not in HOST_EXPERTS:
+        raise SuiteError(path, f"{where}.host_experts", f"unknown host_experts {host!r}", ", ".join(HOST_EXPERTS))
+    if host not in (None, "cpu") and fmt != "blocks":
+        raise SuiteError(path, f"{where}.host_experts", "places the experts of cpu_moe layers, which needs them in "
+                         f"the file's blocks (expert_format {fmt or 'unset'})", 'expert_format = "blocks" beside it')
     if cpu_moe is None:
         return
     if isinstance(cpu_moe, str) and cpu_moe != "auto" or isinstance(cpu_moe, int) and cpu_moe < 0:
@@ -241,7 +247,8 @@ def _validate_kv_spec(d, path, key: str) -> None:
 
 def _validate_check(cfg: CheckConfig, s: SuiteSection, path, where: str) -> None:
     _validate_experts(cfg.expert_format or s.expert_format,
-                      cfg.cpu_moe if cfg.cpu_moe is not None else s.cpu_moe, path, where)
+                      cfg.cpu_moe if cfg.cpu_moe is not None else s.cpu_moe, path, where,
+                      cfg.host_experts or s.host_experts)
     if cfg.weight_format is not None and cfg.weight_format not in WEIGHT_FORMATS:
         raise SuiteError(path, f"{where}.weight_format", f"unknown weight format {cfg.weight_format!r}",
                          ", ".join(WEIGHT_FORMATS))

@@ -14,11 +14,15 @@ import bench_cpu_moe  # noqa: E402
 
 def test_cases_record_what_was_applied(tmp_path):
     out = tmp_path / "cpu_moe.json"
-    assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--cases", "none:auto,none:2:q8_0,1MiB:auto",
+    assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--cases", "none:auto,none:2:q8_0,1MiB:auto,none:2:q8_0:pcie",
                                "--kv", "fp32", "--depths", "8", "--tokens", "2", "--reps", "1",
                                "--weight-format", "f32", "--threads", "1", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    auto, two, refused = r["cases"]
+    auto, two, refused, pcie = r["cases"]
+    assert (pcie["host_experts"], pcie["cpu_moe"], pcie["cpu_expert_math"].split(":")[0]) == \
+        ("pcie", 2, "the device reads the host's blocks in place over PCIe")
+    pd = pcie["decode"][0]               # nothing computed on the host: no host time, the read rate instead
+    assert "host_experts_ms_per_step" not in pd and pd["pcie_read_gb_s"] > 0 and pcie["plan_max_abs_diff"] == 0
     assert auto["cpu_moe"] == 0 and auto["expert_format"] == "q4_0" and auto["cpu_expert_math"] is None
     assert two["cpu_moe"] == 2 and "bf16" in two["cpu_expert_math"]
     assert (auto["weight_format"], two["weight_format"], refused["weight_format"]) == ("f32", "q8_0", "f32")

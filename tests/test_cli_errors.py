@@ -287,6 +287,8 @@ def test_harness_cli_bug_is_one_line_and_a_saved_traceback(monkeypatch, capsys, 
     (["--cpu-moe", "2"], "pass expert_format='blocks' (--expert-format blocks)"),
     (["--cpu-moe", "many"], "argument --cpu-moe: expected auto or an integer >= 0"),
     (["--expert-format", "blocks", "--cpu-moe", "9"], "cpu_moe 9 must be 'auto' or an integer in [0, 6]"),
+    (["--host-experts", "pcie"], "host_experts 'pcie' places the experts of cpu_moe layers"),
+    (["--host-experts", "gpu"], "argument --host-experts: invalid choice: 'gpu'"),
 ])
 def test_engine_cli_expert_placement_errors(capsys, argv, needle):
     """The hybrid's flags: bad input is one line, exit 2, before any weights are read."""

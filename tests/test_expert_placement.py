@@ -103,6 +103,53 @@ def test_cpu_moe_runs_the_first_layers_experts_on_the_host(mini):
     assert rel(cpu.decode(3), ref.decode(3)) < 2e-2
 
 
+def test_pcie_host_experts_compute_what_resident_blocks_do(mini):
+    """host_experts="pcie": the cpu_moe layers' experts stay on the host as their blocks alone
+    (the planner prices no int4 packing) and are read in place by the layer's device, with the
+    resident blocks' maths, so every logit equals an all-trunk load's (on a CPU device host and
+    trunk are one memory: the GPU's PCIe reads are test_pcie_experts_on_the_gpu_...)."""
+    trunk = load(mini, expert_format="blocks", cpu_moe=0)
+    pcie = load(mini, expert_format="blocks", cpu_moe=2, host_experts="pcie")
+    cpu = load(mini, expert_format="blocks", cpu_moe=2)
+    moe = sorted(pcie.spec.moe_layers)
+    assert [pcie.plan.layer_expert_tiers[i] for i in moe] == ["pcie", "pcie"] + ["trunk"] * (len(moe) - 2)
+    assert pcie.plan.host_experts == "pcie" and pcie.model.host_expert_layers() == []
+    assert "over PCIe" in pcie.cpu_expert_math
+    assert all(r.diff == 0 for r in pcie.ledger.compare(pcie.plan))
+    blocks = sum(planner.expert_block_buffers(pcie.spec, "q4_0"))
+    assert pcie.plan.host.weights - trunk.plan.host.weights == 2 * blocks          # the blocks alone
+    assert cpu.plan.host.weights - pcie.plan.host.weights == 2 * (planner.cpu_expert_bytes(pcie.spec) - blocks)
+    toks = PROMPT + [3, 11, 19]
+    assert torch.equal(pcie.logits(toks), trunk.logits(toks))
+    pcie.prefill(PROMPT)
+    trunk.prefill(PROMPT)
+    assert torch.equal(pcie.decode(3), trunk.decode(3))
+    with pytest.raises(ConfigError, match="host_experts 'gpu' is not one of cpu, pcie"):
+        load(mini, expert_format="blocks", cpu_moe=2, host_experts="gpu")
+    with pytest.raises(ConfigError, match="needs them in the file's blocks"):
+        load(mini, cpu_moe=None, host_experts="pcie")
+
+
+@pytest.mark.gpu
+def test_pcie_experts_on_the_gpu_read_pinned_host_blocks_in_one_graph():
+    """On CUDA the pcie layers' blocks are pinned host memory that the blocks kernel reads in
+    place (no copy, no host sync): the captured step stays one graph, and its tokens and logits
+    equal an all-on-the-GPU load's (the same kernel over the same bytes)."""
+    kw = dict(kv_dtype="bf16", device="cuda", ctx=64, weight_format="q8_0", expert_format="blocks")
+    path = synth.ensure("coder30b-mini-synth")
+    ref = engine.load(path, cpu_moe=0, **kw)
+    eng = engine.load(path, cpu_moe=3, host_experts="pcie", **kw)
+    ex = eng.model.layers[sorted(eng.spec.moe_layers)[0]].experts
+    assert ex.gate.qs.device.type == "cpu" and ex.gate.qs.is_pinned()
+    assert eng.decode_path == "cuda_graph" and "graphs" not in eng.decode_path_reason
+    want = ref.generate(PROMPT, 12, stop_at_eos=False)
+    assert eng.generate(PROMPT, 12, stop_at_eos=False) == want
+    assert len(eng._static.graphs) == 1
+    ref.prefill(PROMPT)
+    eng.prefill(PROMPT)
+    assert rel(eng.decode(3), ref.decode(3)) < 1e-5
+
+
 @pytest.mark.slow(seconds=15)
 @pytest.mark.parametrize("model,cpu_moe", [("coder30b-mini-synth", 0), ("coder30b-mini-synth", 2),
                                            ("tiny-qwen3moe-q8_0", 0)])

@@ -39,14 +39,17 @@ def write(tmp_path, suite_extra="", check_extra=""):
     ('expert_format = "blocks"\ncpu_moe = "most"', "", "'most' is not auto or a count"),
     ('expert_format = "blocks"', "cpu_moe = -1", "-1 is not auto or a count"),
     ("", "cpu_moe = true", "cpu_moe"),
+    ('expert_format = "blocks"', 'host_experts = "gpu"', "unknown host_experts 'gpu'"),
+    ("", 'host_experts = "pcie"', "needs them in the file's blocks"),
 ])
 def test_bad_expert_options_are_refused_at_load(tmp_path, suite_extra, check_extra, match):
     with pytest.raises(SuiteError, match=match):
         load_suite(write(tmp_path, suite_extra, check_extra))
 
 
-def test_the_vram_check_sees_the_placement_it_asked_for(tmp_path):
-    suite = load_suite(write(tmp_path, 'expert_format = "blocks"\ncpu_moe = 1'))
+@pytest.mark.parametrize("host", ["cpu", "pcie"])
+def test_the_vram_check_sees_the_placement_it_asked_for(tmp_path, host):
+    suite = load_suite(write(tmp_path, f'expert_format = "blocks"\ncpu_moe = 1\nhost_experts = "{host}"'))
     out = tmp_path / "res"
     summary = Runner(suite, out, progress=False).run()
     assert summary.verdict == "pass", summary.cases
@@ -54,7 +57,8 @@ def test_the_vram_check_sees_the_placement_it_asked_for(tmp_path):
     plans = [r["info"]["plan"] for r in recs if r.get("type") == "info" and "plan" in r.get("info", {})]
     assert len(plans) == 2                                   # the fp32 and q8_0 rows
     for p in plans:
-        assert p["expert_format"] == "q4_0" and p["cpu_moe"] == 1 and p["layer_expert_tiers"][0] == "cpu"
+        assert p["expert_format"] == "q4_0" and p["cpu_moe"] == 1 and p["layer_expert_tiers"][0] == host
+        assert p["host_experts"] == host
     rows = [r for r in recs if r.get("type") == "metric" and r["metric"] == "Plan vs runtime max diff"]
     assert rows and all(r["value"] == 0.0 for r in rows)
 
