@@ -267,7 +267,18 @@ def main(argv=None) -> int:
                     "trunk_bytes": eng.plan.trunk.total, "host_bytes": eng.plan.host.total,
                     "plan_max_abs_diff": max(abs(r.diff) for r in rows),
                     "threads": torch.get_num_threads(),
-                    "decode": [decode_case(eng, dpt, args.tokens, args.reps) for dpt in depths]}
+                    "decode": []}
+            try:
+                case["decode"] = [decode_case(eng, dpt, args.tokens, args.reps) for dpt in depths]
+            except Exception as exc:   # noqa: BLE001 - a path failing on this machine: recorded, the rest go on
+                case["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
+                print(f"{args.model} budget {budget} cpu_moe {n} ({host}) KV {kv}: failed: {case['error']}", flush=True)
+                cases.append(case)
+                eng.close()
+                prev = None
+                if args.out:
+                    args.out.write_text(json.dumps(result, indent=1))
+                continue
             # what this process holds on the card after the case, as nvidia-smi sees it (the same
             # reading as llama.cpp's peak in bench_llamacpp.py), and the allocator's own peak
             case["process_vram_mib"] = used_vram_mib(os.getpid())
