@@ -172,8 +172,9 @@ class PcieExperts(BlockExperts):
             "block values, as resident blocks")
 
     def resident_blocker(self, device) -> str | None:
+        from .hostmem import is_registered     # cudaHostRegister'd: mapped into the device's addresses
         dev = torch.device(device)
-        if dev.type == "cuda" and not self.gate.qs.is_pinned():
+        if dev.type == "cuda" and not all(t.is_pinned() or is_registered(t) for t in self.tensors()):
             return "host experts for the device to read in place must be in pinned memory"
         return None
 
