@@ -36,7 +36,7 @@ import engine  # noqa: E402
 from engine import settings  # noqa: E402
 from engine.engine import WeightsPlacementError  # noqa: E402
 from engine.errors import EngineError  # noqa: E402
-from engine.model import CpuExperts  # noqa: E402
+
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vram import used_vram_mib  # noqa: E402
@@ -53,7 +53,7 @@ class HostTimer:
     def __init__(self, model):
         self.seconds, self.calls, self.wrapped = 0.0, 0, []
         for w in model.layers:
-            if isinstance(w.experts, CpuExperts):
+            if getattr(w.experts, "host_compute", False):     # CpuExperts, DmaExperts
                 self.wrapped.append((w.experts, w.experts.run))
                 w.experts.run = self._timed(w.experts.run)
 
@@ -202,7 +202,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="12GiB:auto,none:17",
                     help="comma list of BUDGET:CPU_MOE[:WEIGHTS[:HOST]] (budget none: free memory; cpu_moe auto "
                          "or a count; WEIGHTS: the non-expert matrices' format, default --weight-format; HOST: "
-                         "cpu (the host computes those experts) or pcie (the GPU reads them in place), default cpu)")
+                         "cpu (the host computes those experts), pcie (the GPU reads them in place) or dma (the GPU "
+                         "copies the chosen ones), default cpu)")
     ap.add_argument("--kv", default="bf16,q8_0")
     ap.add_argument("--depths", default="16,4096")
     ap.add_argument("--tokens", type=int, default=32)

@@ -98,9 +98,10 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-moe", type=auto_or_count, default=None,
                    help="with --expert-format blocks: the first N MoE layers' experts compute on the CPU "
                         "(llama.cpp's --n-cpu-moe), or auto: the fewest that fit the device")
-    p.add_argument("--host-experts", default="cpu", choices=("cpu", "pcie"),
+    p.add_argument("--host-experts", default="cpu", choices=("cpu", "pcie", "dma"),
                    help="with --cpu-moe: those experts computed by the host's CPU (int4 matmul), or kept on "
-                        "the host as blocks the GPU reads in place over PCIe")
+                        "the host as blocks the GPU reads in place over PCIe (pcie), or whose chosen ones it "
+                        "copies by DMA (dma)")
 
 
 def auto_or_count(text: str):

@@ -267,7 +267,7 @@ class Engine:
             path, reason = mode, "requested"
         host = host_layers(self) if path == "cuda_graph" else []
         if host:
-            reason += (f"; {len(host)} MoE layers' experts on the host CPU (cpu_moe): captured as "
+            reason += (f"; {len(host)} MoE layers' experts on the host (cpu_moe): captured as "
                        f"{len(host) + 1} graphs around them")
         self.decode_mode, self.decode_path, self.decode_path_reason = mode, path, reason
         self._static = None
@@ -301,7 +301,7 @@ class Engine:
         """The arithmetic of the ``cpu_moe`` layers' experts (``engine.cpu_experts.MATH`` where
         the host's CPU computes them; ``PcieExperts.math`` where the device reads their host
         blocks), or None when every expert is on the device."""
-        from .model import PcieExperts
+        from .model import PcieExperts   # DmaExperts (host_compute) is among host_expert_layers
         model = self._live()
         host = model.host_expert_layers() or [i for i in model.spec.moe_layers
                                               if isinstance(model.layers[i].experts, PcieExperts)]
@@ -633,7 +633,9 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     ``layer_expert_tiers``; ``eng.cpu_expert_math`` the host path's arithmetic.
     ``host_experts="pcie"``: those layers' experts stay on the host as their blocks (pinned)
     and the device's kernel reads them in place over PCIe instead of the CPU computing them
-    (``engine.model.PcieExperts``; the captured step stays one graph)."""
+    (``engine.model.PcieExperts``; the captured step stays one graph); ``"dma"``: the same host
+    blocks, a token's k chosen experts copied to a device staging stack after a routing sync
+    (``engine.model.DmaExperts``)."""
     from . import hybrid
     if expert_format not in ("weights", "blocks"):
         raise ConfigError(f"expert_format {expert_format!r} is not 'weights' or 'blocks'", "pick one of those")
@@ -654,7 +656,8 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     try:
         model_, cache = hybrid.bind_weights(src.gguf, src.spec, plan, placement, src.ledger,
                                             WEIGHT_DTYPES[plan.weight_format], weights_from)
-        hybrid.alloc_scratch(plan, src.ledger)
+        scratch = hybrid.alloc_scratch(plan, src.ledger)
+        hybrid.bind_staging(model_, src.spec, plan, scratch)
         eng = Engine(req.path, src.gguf, src.spec, model_, tokenizer, req.kv_dtype, req.device, req.ctx,
                      req.wave, layer_kv_formats=list(zip(plan.layer_k_dtypes, plan.layer_v_dtypes)))
     except torch.OutOfMemoryError as exc:

@@ -125,7 +125,7 @@ def bind_weights(g: GGUFFile, spec: ModelSpec, plan, placement: Placement, ledge
         for name, value in lw.owned():          # a fused wqkv once, not its wq/wk/wv views
             ledger.register("weights", value, tier, name=f"blk.{i}.{name}")
         if blocks and lw.experts is not None:   # resident blocks on the trunk, or packed on the host
-            where = plan.layer_expert_tiers[i]       # "trunk", "cpu" (packed + blocks) or "pcie" (blocks)
+            where = plan.layer_expert_tiers[i]       # "trunk", "cpu" (packed + blocks), "pcie"/"dma" (blocks)
             blocks = ("gate.qs", "gate.d", "up.qs", "up.d", "down.qs", "down.d")
             names = ("gu", "gu_sz", "down", "down_sz", *blocks) if where == "cpu" else blocks
             for n, t in zip(names, lw.experts.tensors()):
@@ -164,11 +164,27 @@ def _bind_embed_copy(model: Transformer, plan, placement: Placement, ledger, old
     model.embed_device = old
 
 
-def alloc_scratch(plan, ledger) -> None:
+def alloc_scratch(plan, ledger) -> dict:
+    """The plan's scratch buffers, recorded in the ledger; returns {item: uint8 buffer}."""
+    out = {}
     for item, nbytes in plan.scratch_items.items():
-        ledger.alloc("scratch", (nbytes,), torch.uint8, "trunk", name=f"scratch.{item}", zero=False)
+        out[item] = ledger.alloc("scratch", (nbytes,), torch.uint8, "trunk", name=f"scratch.{item}", zero=False)
     if plan.host.scratch:
         ledger.alloc("scratch", (plan.host.scratch,), torch.uint8, "host", name="scratch.host", zero=False)
+    return out
+
+
+def bind_staging(model, spec, plan, scratch: dict) -> None:
+    """The DMA layers' shared staging stacks, carved from the plan's ``expert_staging``."""
+    buf = scratch.get("expert_staging")
+    if buf is None:
+        return
+    from .model import DmaExperts, carve_staging
+    from .planner import expert_staging_parts
+    stage = carve_staging(buf, spec, plan.expert_format, expert_staging_parts(spec, plan.expert_format))
+    for lw in model.layers:
+        if isinstance(lw.experts, DmaExperts):
+            lw.experts.stage = stage
 
 
 def register_kv(caches, placement: Placement, ledger) -> None:
@@ -327,16 +343,16 @@ def read_block_experts(g: GGUFFile, spec: ModelSpec, i: int, fmt: str, tier: str
     (within the plan's reserve)."""
     from gguf import GGMLQuantizationType as QT
     from .kernels.moe_blocks import BlockStack
-    from .model import BlockExperts, CpuExperts, PcieExperts
-    if tier not in ("trunk", "cpu", "pcie"):
-        raise ValueError(f"read_block_experts: tier {tier!r} is not 'trunk', 'cpu' or 'pcie'")
+    from .model import BlockExperts, CpuExperts, DmaExperts, PcieExperts
+    if tier not in ("trunk", "cpu", "pcie", "dma"):
+        raise ValueError(f"read_block_experts: tier {tier!r} is not 'trunk', 'cpu', 'pcie' or 'dma'")
     E, ff, d = spec.n_experts, spec.d_ff_expert, spec.d_model
     qtype = {"q4_0": QT.Q4_0, "q8_0": QT.Q8_0}[fmt]
     shapes = {"gate": (E, ff, d), "up": (E, ff, d), "down": (E, d, ff)}
     raws = {k: g.blocks(f"blk.{i}.ffn_{k}_exps.weight", shp, qtype).reshape(E, -1) for k, shp in shapes.items()}
     if tier == "trunk":
         stacks = {k: BlockStack.empty(fmt, shp, device=dev) for k, shp in shapes.items()}
-    elif tier == "pcie":         # host blocks the device reads in place: pinned on CUDA
+    elif tier in ("pcie", "dma"):  # host blocks the device reads in place or copies: pinned on CUDA
         stacks = {k: BlockStack.empty(fmt, shp, device=HOST, pinned=dev.type == "cuda") for k, shp in shapes.items()}
     else:                # packed for the CPU; the blocks too (pinned on CUDA), for large batches
         from .cpu_experts import HostQ4Experts
@@ -356,6 +372,6 @@ def read_block_experts(g: GGUFFile, spec: ModelSpec, i: int, fmt: str, tier: str
         if tier == "cpu":
             HostQ4Experts.from_blocks(part["gate"], part["up"], part["down"], out=packed, first=e0)
     blocks = (stacks["gate"], stacks["up"], stacks["down"])
-    if tier == "pcie":
-        return PcieExperts(*blocks)
+    if tier in ("pcie", "dma"):
+        return (PcieExperts if tier == "pcie" else DmaExperts)(*blocks)
     return BlockExperts(*blocks) if tier == "trunk" else CpuExperts(packed, blocks)

@@ -185,6 +185,54 @@ class PcieExperts(BlockExperts):
         return experts_on_device(h, top_e, top_p, (self.gate, self.up, self.down), self.OFFLOAD_CHUNK)
 
 
+class DmaExperts(PcieExperts):
+    """``PcieExperts`` whose one-token step copies the k chosen experts' blocks into a staging
+    stack on the device (``stage``: three ``BlockStack``s of k experts, carved from the plan's
+    ``expert_staging`` scratch and shared by every such layer) by DMA, then runs the blocks
+    kernel there (``host_experts="dma"``). The copies need the chosen ids on the host: a
+    routing sync a layer, so the step yields at these layers like ``CpuExperts`` (a captured
+    step is one graph per stretch between them)."""
+    host_compute = True
+    math = ("the k chosen experts' blocks copied to the device after a routing sync (DMA): float32 maths "
+            "on the exact block values, as resident blocks")
+    stage = None
+
+    def run(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor,
+            out: torch.Tensor | None = None) -> torch.Tensor:
+        T, k = top_e.shape
+        if T > 1 or self.stage is None:
+            y = self.over_rows(h, top_e, top_p)
+            return y if out is None else out.copy_(y)
+        ids = top_e.reshape(-1).tolist()                  # the routing sync: which experts to copy
+        for j, e in enumerate(ids):
+            for src, dst in zip((self.gate, self.up, self.down), self.stage):
+                dst.qs[j].copy_(src.qs[e], non_blocking=True)
+                dst.d[j].copy_(src.d[e], non_blocking=True)
+        slots = self.__dict__.get("_slots")
+        if slots is None or slots.numel() != k or slots.device != h.device:
+            slots = self._slots = torch.arange(k, device=h.device)
+        y = Transformer._moe_kernel(h.device)(h, *self.stage, slots, top_p.reshape(-1))
+        return y if out is None else out.copy_(y)
+
+
+def carve_staging(buf: torch.Tensor, spec, fmt: str, parts: list[int]):
+    """(gate, up, down) ``BlockStack``s of k experts as views of the uint8 ``buf`` (the plan's
+    ``expert_staging``), each part at its offset in ``parts`` (``planner.expert_staging_parts``)."""
+    from .kernels.moe_blocks import BlockStack
+    k, d, ff = spec.n_experts_used, spec.d_model, spec.d_ff_expert
+    per = 2 if fmt == "q4_0" else 1
+    qdt = torch.uint8 if fmt == "q4_0" else torch.int8
+    stacks, off, it = [], 0, iter(parts)
+    for n, kk in ((ff, d), (ff, d), (d, ff)):
+        q_bytes, d_bytes = next(it), next(it)
+        qs = buf[off:off + k * n * kk // per].view(qdt).view(k, n, kk // per)
+        off += q_bytes
+        sc = buf[off:off + k * n * kk // 32 * 2].view(torch.float16).view(k, n, kk // 32)
+        off += d_bytes
+        stacks.append(BlockStack(fmt, qs, sc))
+    return tuple(stacks)
+
+
 def experts_on_device(h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor, blocks, chunk: int) -> torch.Tensor:
     """Rows ``h`` through their experts on ``h``'s device from host block stacks ``blocks``
     (gate, up, down): the chosen experts go up ``chunk`` at a time, float32 maths on the exact

@@ -52,9 +52,10 @@ def format_plan(p: Plan, spec=None, depths=()) -> str:
     if p.expert_format != "weights":
         tiers = p.layer_expert_tiers
         on = [b for b, t in zip(p.layer_expert_bytes, tiers) if t == "trunk"]
-        off = [b for b, t in zip(p.layer_expert_bytes, tiers) if t in ("cpu", "pcie")]
-        how = ("on the host CPU ({}: repacked for its int4 matmul, and the blocks for large batches)"
-               if p.host_experts == "cpu" else "on the host, read in place by the GPU over PCIe ({}: pinned blocks)")
+        off = [b for b, t in zip(p.layer_expert_bytes, tiers) if t in ("cpu", "pcie", "dma")]
+        how = {"cpu": "on the host CPU ({}: repacked for its int4 matmul, and the blocks for large batches)",
+               "pcie": "on the host, read in place by the GPU over PCIe ({}: pinned blocks)",
+               "dma": "on the host, the chosen ones copied to the GPU by DMA ({}: pinned blocks)"}[p.host_experts]
         lines.append(f"experts in {p.expert_format} blocks (cpu_moe {p.cpu_moe_requested} -> {p.cpu_moe}): "
                      f"{len(on)} MoE layers on the trunk ({_mib(sum(on))}), {len(off)} "
                      + how.format(_mib(sum(off))))
@@ -106,7 +107,7 @@ def add_cli_args(parser: argparse.ArgumentParser) -> None:
                              "keeps from the file): every layer on the trunk, no expert cache")
     parser.add_argument("--cpu-moe", default=None, help="with --expert-blocks: auto or the first N MoE layers' "
                         "experts on the host CPU (llama.cpp's --n-cpu-moe)")
-    parser.add_argument("--host-experts", default="cpu", choices=("cpu", "pcie"),
+    parser.add_argument("--host-experts", default="cpu", choices=("cpu", "pcie", "dma"),
                         help="those experts computed by the host's CPU, or read in place by the GPU over PCIe")
 
 

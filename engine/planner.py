@@ -29,9 +29,11 @@ Pricing rules (what the runtime must allocate for plan and ledger to agree):
   ``expert_block_buffers``), no expert cache. ``cpu_moe="auto"`` (or None) takes the fewest
   that fit the budget with the head on the trunk. ``host_experts="pcie"`` keeps those layers'
   experts on the host as their blocks alone (pinned), read in place by the GPU's kernel over
-  PCIe instead of computed by the CPU (any block format). ``Plan.layer_expert_tiers`` says per
+  PCIe instead of computed by the CPU (any block format); ``"dma"`` keeps them so too and
+  copies a token's k chosen experts into one trunk staging stack (scratch item
+  ``expert_staging``: ``expert_staging_parts``) before the kernel reads them there. ``Plan.layer_expert_tiers`` says per
   layer where its experts are ("trunk" resident blocks, "cpu" host compute, "pcie" host blocks
-  the GPU reads, "cache" streamed to a trunk layer, "host" a tail layer's, "" dense) and
+  the GPU reads, "dma" host blocks the GPU copies, "cache" streamed to a trunk layer, "host" a tail layer's, "" dense) and
   ``layer_expert_bytes`` their bytes there.
 - KV: two buffers per layer (K, V), each ``rows * n_kv_heads * head_dim`` values at
   fp32 4 B, bf16 2 B, q8_0 34 B per 32 (packed blocks), K at the layer's K format and V at
@@ -169,7 +171,16 @@ def expert_matrix_bytes(spec: ModelSpec, weight_format: str) -> list[int]:
 
 
 EXPERT_BLOCK_FORMATS = ("q4_0", "q8_0")
-HOST_EXPERTS = ("cpu", "pcie")      # what computes the experts of cpu_moe layers (Plan.host_experts)
+HOST_EXPERTS = ("cpu", "pcie", "dma")   # what computes the experts of cpu_moe layers (Plan.host_experts)
+STAGING_ALIGN = 256                       # bytes each part of the DMA staging slots starts on
+
+
+def expert_staging_parts(spec: ModelSpec, fmt: str) -> list[int]:
+    """Bytes of the six parts (quants and scales of gate, up, down) of a device staging stack
+    for the k experts one token chooses (``host_experts="dma"``), each rounded up to
+    ``STAGING_ALIGN`` so the parts can be carved from one buffer."""
+    k, E = spec.n_experts_used, spec.n_experts
+    return [-(-(b // E * k) // STAGING_ALIGN) * STAGING_ALIGN for b in expert_block_buffers(spec, fmt)]
 
 
 def expert_block_buffers(spec: ModelSpec, fmt: str) -> list[int]:
@@ -293,6 +304,7 @@ class Plan:
     cpu_moe_requested: str = ""         # "auto" or the count asked for; "" outside blocks mode
     host_experts: str = "cpu"           # what computes the cpu_moe layers' experts: "cpu" (the host's
                                         # int4 matmul) | "pcie" (the GPU, reading their blocks in place)
+                                        # | "dma" (the GPU, from a staging copy of the k chosen)
     layer_expert_tiers: list[str] = field(default_factory=list)  # "trunk"|"cpu"|"cache"|"host"|"" per layer
 
     @property
@@ -636,7 +648,7 @@ def decode_read_bytes(p: Plan, spec: ModelSpec, depth: int) -> dict:
             where = p.layer_expert_tiers[i] if p.layer_expert_tiers else ""
             if where == "cpu":
                 parts["host"]["experts"] += int4_packed_bytes(k, spec.d_ff_expert, spec.d_model)
-            elif where == "pcie":         # host memory, read by the GPU over PCIe
+            elif where in ("pcie", "dma"):  # host memory, read by the GPU over PCIe (in place / copied)
                 parts["host"]["experts"] += k * sum(expert_block_buffers(spec, p.expert_format)) // spec.n_experts
             elif p.expert_format != "weights":
                 parts[tier]["experts"] += k * sum(expert_block_buffers(spec, p.expert_format)) // spec.n_experts
@@ -693,6 +705,8 @@ def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c
     gpu_layer = sum(rnd(b) for b in expert_block_buffers(spec, expert_blocks))
     # on the host: packed for its int4 matmul plus the blocks (cpu), or the blocks alone (pcie)
     host_layer = cpu_expert_bytes(spec) if host_experts == "cpu" else sum(expert_block_buffers(spec, expert_blocks))
+    # dma: one staging stack on the trunk for the k experts a token chooses (shared by the layers)
+    staging = sum(expert_staging_parts(spec, expert_blocks)) if host_experts == "dma" else 0
     order = sorted(moe)
     requested = "auto" if cpu_moe in (None, "auto") else cpu_moe
     if requested != "auto" and (isinstance(requested, bool) or not isinstance(requested, int)
@@ -705,8 +719,8 @@ def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c
     base = c["trunk_cost"](L, True, 0)
 
     def need(n: int) -> int:
-        return base.total + gpu_layer * (len(order) - n)
-    counts = range(len(order) + 1) if expert_blocks == "q4_0" or host_experts == "pcie" else range(1)
+        return base.total + gpu_layer * (len(order) - n) + (rnd(staging) if n else 0)
+    counts = range(len(order) + 1) if expert_blocks == "q4_0" or host_experts != "cpu" else range(1)
     fewest = next((n for n in counts if need(n) <= budget), None)
     n = fewest if requested == "auto" else requested
     if n is None:
@@ -723,6 +737,10 @@ def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c
     cpu_layers = set(order[:n])
     trunk = c["trunk_cost"](L, True, 0)
     trunk.weights += gpu_layer * (len(order) - n)
+    scratch_items = c["scratch_items"](L, True)
+    if staging and n:
+        scratch_items["expert_staging"] = rnd(staging)
+        trunk.scratch += rnd(staging)
     embed_copy = rnd(c["embd_bytes"]) if (dev.type == "cuda" and not spec.tied_output
                                          and settings.get("KVBENCH_DECODE_DEVICE_EMBED")) else 0
     if embed_copy and trunk.total + embed_copy > budget:
@@ -730,7 +748,7 @@ def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c
     trunk.weights += embed_copy
     host = TierBytes(weights=c["embd_bytes"] + host_layer * n)
     applied = c["wanted"]
-    off = "cpu" if host_experts == "cpu" else "pcie"
+    off = host_experts                      # the tier name: "cpu", "pcie" or "dma"
     tiers = [(off if i in cpu_layers else "trunk") if i in moe else "" for i in range(L)]
     return Plan(
         model=spec.name, arch=spec.arch, device=str(dev), n_layers=L, n_gpu_layers=L, ctx=ctx,
@@ -745,7 +763,7 @@ def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c
         layer_attention=["swa" if spec.window(i) else "global" for i in range(L)],
         layer_weight_bytes=list(c["w_trunk"]),
         layer_expert_bytes=[(gpu_layer if t == "trunk" else host_layer) if t else 0 for t in tiers],
-        layer_expert_tiers=tiers, scratch_items=c["scratch_items"](L, True),
+        layer_expert_tiers=tiers, scratch_items=scratch_items,
         embed_tier="trunk" if embed_copy else "host", expert_format=expert_blocks, cpu_moe=n,
         cpu_moe_requested=str(requested), host_experts=host_experts,
     )

@@ -61,7 +61,7 @@ Threshold = Union[float, dict[str, float], None]
 # engine.load options a suite or a check may set (a check's value wins over the suite's)
 LOAD_OPTIONS = ("ctx", "vram_budget_gib", "n_gpu_layers", "wave_budget_mib", "expert_format", "cpu_moe",
                 "host_experts")
-HOST_EXPERTS = ("cpu", "pcie")          # engine.load's host_experts: what computes the cpu_moe layers' experts
+HOST_EXPERTS = ("cpu", "pcie", "dma")   # engine.load's host_experts: what computes the cpu_moe layers' experts
 EXPERT_FORMATS = ("weights", "blocks")
 
 
@@ -178,5 +178,5 @@ class SuiteSection:
     wave_budget_mib: float | None = param(None, lo=0, lo_open=True)
     expert_format: str | None = None      # "blocks": routed experts in the file's Q4_0/Q8_0 blocks
     cpu_moe: int | str | None = None      # with blocks: "auto" or the first N MoE layers' experts on the CPU
-    host_experts: str | None = None       # "cpu" (the host computes them) | "pcie" (the GPU reads them in place)
+    host_experts: str | None = None       # "cpu" (the host computes them) | "pcie" (the GPU reads them in place) | "dma"
     seed: int = param(0, lo=0)

@@ -14,11 +14,14 @@ import bench_cpu_moe  # noqa: E402
 
 def test_cases_record_what_was_applied(tmp_path):
     out = tmp_path / "cpu_moe.json"
-    assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--cases", "none:auto,none:2:q8_0,1MiB:auto,none:2:q8_0:pcie",
+    assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--cases", "none:auto,none:2:q8_0,1MiB:auto,none:2:q8_0:pcie,none:1:q8_0:dma",
                                "--kv", "fp32", "--depths", "8", "--tokens", "2", "--reps", "1",
                                "--weight-format", "f32", "--threads", "1", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    auto, two, refused, pcie = r["cases"]
+    auto, two, refused, pcie, dma = r["cases"]
+    assert dma["host_experts"] == "dma" and dma["plan_max_abs_diff"] == 0
+    dd = dma["decode"][0]                # a routing sync and copies a layer: timed as host experts
+    assert dd["host_experts_ms_per_step"] > 0 and dd["host_experts_gb_s"] > 0
     assert (pcie["host_experts"], pcie["cpu_moe"], pcie["cpu_expert_math"].split(":")[0]) == \
         ("pcie", 2, "the device reads the host's blocks in place over PCIe")
     pd = pcie["decode"][0]               # nothing computed on the host: no host time, the read rate instead

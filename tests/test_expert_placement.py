@@ -103,49 +103,59 @@ def test_cpu_moe_runs_the_first_layers_experts_on_the_host(mini):
     assert rel(cpu.decode(3), ref.decode(3)) < 2e-2
 
 
-def test_pcie_host_experts_compute_what_resident_blocks_do(mini):
-    """host_experts="pcie": the cpu_moe layers' experts stay on the host as their blocks alone
-    (the planner prices no int4 packing) and are read in place by the layer's device, with the
-    resident blocks' maths, so every logit equals an all-trunk load's (on a CPU device host and
-    trunk are one memory: the GPU's PCIe reads are test_pcie_experts_on_the_gpu_...)."""
+@pytest.mark.parametrize("host", ["pcie", "dma"])
+def test_pcie_host_experts_compute_what_resident_blocks_do(mini, host):
+    """host_experts="pcie"/"dma": the cpu_moe layers' experts stay on the host as their blocks
+    alone (the planner prices no int4 packing) and the layer's device reads them in place
+    (pcie) or from a staging copy of the k chosen (dma: one trunk scratch stack, shared), with
+    the resident blocks' maths, so every logit equals an all-trunk load's (on a CPU device
+    host and trunk are one memory: the GPU's reads are test_pcie_experts_on_the_gpu_...)."""
     trunk = load(mini, expert_format="blocks", cpu_moe=0)
-    pcie = load(mini, expert_format="blocks", cpu_moe=2, host_experts="pcie")
+    eng = load(mini, expert_format="blocks", cpu_moe=2, host_experts=host)
     cpu = load(mini, expert_format="blocks", cpu_moe=2)
-    moe = sorted(pcie.spec.moe_layers)
-    assert [pcie.plan.layer_expert_tiers[i] for i in moe] == ["pcie", "pcie"] + ["trunk"] * (len(moe) - 2)
-    assert pcie.plan.host_experts == "pcie" and pcie.model.host_expert_layers() == []
-    assert "over PCIe" in pcie.cpu_expert_math
-    assert all(r.diff == 0 for r in pcie.ledger.compare(pcie.plan))
-    blocks = sum(planner.expert_block_buffers(pcie.spec, "q4_0"))
-    assert pcie.plan.host.weights - trunk.plan.host.weights == 2 * blocks          # the blocks alone
-    assert cpu.plan.host.weights - pcie.plan.host.weights == 2 * (planner.cpu_expert_bytes(pcie.spec) - blocks)
+    moe = sorted(eng.spec.moe_layers)
+    assert [eng.plan.layer_expert_tiers[i] for i in moe] == [host, host] + ["trunk"] * (len(moe) - 2)
+    assert eng.plan.host_experts == host
+    assert eng.model.host_expert_layers() == ([] if host == "pcie" else moe[:2])   # dma: a routing sync
+    assert ("over PCIe" if host == "pcie" else "DMA") in eng.cpu_expert_math
+    assert all(r.diff == 0 for r in eng.ledger.compare(eng.plan))
+    blocks = sum(planner.expert_block_buffers(eng.spec, "q4_0"))
+    assert eng.plan.host.weights - trunk.plan.host.weights == 2 * blocks          # the blocks alone
+    assert cpu.plan.host.weights - eng.plan.host.weights == 2 * (planner.cpu_expert_bytes(eng.spec) - blocks)
+    staging = eng.plan.scratch_items.get("expert_staging", 0)
+    k, E = eng.spec.n_experts_used, eng.spec.n_experts
+    assert (staging >= k * blocks // E) if host == "dma" else staging == 0       # k experts' blocks
     toks = PROMPT + [3, 11, 19]
-    assert torch.equal(pcie.logits(toks), trunk.logits(toks))
-    pcie.prefill(PROMPT)
+    assert torch.equal(eng.logits(toks), trunk.logits(toks))
+    eng.prefill(PROMPT)
     trunk.prefill(PROMPT)
-    assert torch.equal(pcie.decode(3), trunk.decode(3))
-    with pytest.raises(ConfigError, match="host_experts 'gpu' is not one of cpu, pcie"):
+    for t in (3, 11):                        # one-token steps: in place, or through the staging copy
+        assert torch.equal(eng.decode(t), trunk.decode(t))
+    with pytest.raises(ConfigError, match="host_experts 'gpu' is not one of cpu, pcie, dma"):
         load(mini, expert_format="blocks", cpu_moe=2, host_experts="gpu")
     with pytest.raises(ConfigError, match="needs them in the file's blocks"):
-        load(mini, cpu_moe=None, host_experts="pcie")
+        load(mini, cpu_moe=None, host_experts=host)
 
 
 @pytest.mark.gpu
-def test_pcie_experts_on_the_gpu_read_pinned_host_blocks_in_one_graph():
-    """On CUDA the pcie layers' blocks are pinned host memory that the blocks kernel reads in
-    place (no copy, no host sync): the captured step stays one graph, and its tokens and logits
+@pytest.mark.parametrize("host", ["pcie", "dma"])
+def test_pcie_experts_on_the_gpu_read_pinned_host_blocks_in_one_graph(host):
+    """On CUDA the host layers' blocks are pinned host memory that the blocks kernel reads in
+    place (pcie: no copy, no host sync, the captured step stays one graph) or that DMA copies
+    into the staging stack (dma: one graph per stretch between the layers). Tokens and logits
     equal an all-on-the-GPU load's (the same kernel over the same bytes)."""
     kw = dict(kv_dtype="bf16", device="cuda", ctx=64, weight_format="q8_0", expert_format="blocks")
     path = synth.ensure("coder30b-mini-synth")
     ref = engine.load(path, cpu_moe=0, **kw)
-    eng = engine.load(path, cpu_moe=3, host_experts="pcie", **kw)
+    eng = engine.load(path, cpu_moe=3, host_experts=host, **kw)
     ex = eng.model.layers[sorted(eng.spec.moe_layers)[0]].experts
     from engine.hostmem import is_registered
     assert ex.gate.qs.device.type == "cpu" and is_registered(ex.gate.qs)
-    assert eng.decode_path == "cuda_graph" and "graphs" not in eng.decode_path_reason
+    graphs = 1 if host == "pcie" else 4                 # dma: a routing sync at each of the 3 layers
+    assert eng.decode_path == "cuda_graph" and ("graphs" not in eng.decode_path_reason) == (graphs == 1)
     want = ref.generate(PROMPT, 12, stop_at_eos=False)
     assert eng.generate(PROMPT, 12, stop_at_eos=False) == want
-    assert len(eng._static.graphs) == 1
+    assert len(eng._static.graphs) == graphs
     ref.prefill(PROMPT)
     eng.prefill(PROMPT)
     assert rel(eng.decode(3), ref.decode(3)) < 1e-5
