@@ -296,3 +296,20 @@ def test_prefill_through_host_experts_runs_on_the_gpu():
     assert all(t.is_pinned() for st in hosted.model.layers[sorted(hosted.spec.moe_layers)[0]].experts.blocks
                for t in st.tensors())
     assert rel(hosted.logits(toks), resident) < 1e-4
+
+
+def test_dma_staging_is_rebound_when_weights_are_taken_over(mini):
+    """The staging stack lives in the plan's scratch, which a take-over frees and allocates
+    anew: the DMA layers read the new engine's (its one-token steps equal a fresh load's)."""
+    kw = dict(expert_format="blocks", cpu_moe=2, host_experts="dma")
+    first = load(mini, **kw)
+    second = engine.load(mini, kv_dtype="bf16", device="cpu", ctx=48, weight_format="f32", weights_from=first, **kw)
+    fresh = engine.load(mini, kv_dtype="bf16", device="cpu", ctx=48, weight_format="f32", **kw)
+    stage = second.model.layers[sorted(second.spec.moe_layers)[0]].experts.stage
+    held = second.ledger._entries["scratch.expert_staging"].tensor      # the buffer the new plan priced
+    assert all(t.untyped_storage().data_ptr() == held.untyped_storage().data_ptr()
+               for st in stage for t in st.tensors())
+    assert all(r.diff == 0 for r in second.ledger.compare(second.plan))
+    second.prefill(PROMPT)
+    fresh.prefill(PROMPT)
+    assert torch.equal(second.decode(3), fresh.decode(3))
