@@ -323,3 +323,27 @@ def test_cli_on_a_real_gguf_and_bad_size(capsys, smollm2_path):
     rc, out, err = _run_cli(capsys, str(smollm2_path), "--vram-budget", "12 parsecs")
     assert rc == 2 and out == ""
     assert err.startswith("error: --vram-budget: cannot read '12 parsecs'") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("host,needle", [("cpu", "on the host CPU"), ("pcie", "read in place by the GPU over PCIe"),
+                                         ("dma", "copied to the GPU by DMA")])
+def test_cli_prices_each_host_experts_mode(capsys, host, needle):
+    """engine plan --host-experts: the blocks alone on the host for pcie/dma (no int4 packing),
+    a staging stack on the trunk for dma only, and the same cpu_moe count at the same budget."""
+    rc, out, _ = _run_cli(capsys, "coder30b-synth", "--kv-dtype", "bf16", "--vram-budget", "12GiB", "--device", "cpu",
+                          "--host-ram", "256GiB", "--expert-blocks", "q4_0", "--cpu-moe", "auto",
+                          "--weight-format", "q8_0", "--host-experts", host, "--json")
+    d = json.loads(out)
+    assert rc == 0 and d["host_experts"] == host
+    tiers = [t for t in d["layer_expert_tiers"] if t]
+    assert tiers.count(host) == d["cpu_moe"] > 0 and set(tiers) == {host, "trunk"}
+    assert ("expert_staging" in d["scratch_items"]) == (host == "dma")
+    per_layer = {t: b for t, b in zip(d["layer_expert_tiers"], d["layer_expert_bytes"]) if t == host}[host]
+    from engine import planner
+    spec = planner.spec_for_model("coder30b-synth")
+    blocks = sum(planner.expert_block_buffers(spec, "q4_0"))
+    assert per_layer == (planner.cpu_expert_bytes(spec) if host == "cpu" else blocks)
+    rc, out, _ = _run_cli(capsys, "coder30b-synth", "--kv-dtype", "bf16", "--vram-budget", "12GiB", "--device", "cpu",
+                          "--host-ram", "256GiB", "--expert-blocks", "q4_0", "--cpu-moe", "auto",
+                          "--weight-format", "q8_0", "--host-experts", host)
+    assert needle in out
