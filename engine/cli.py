@@ -198,7 +198,7 @@ def bench_main(args) -> int:
     table.add_row("KV dtype applied", eng.kv_spec)
     table.add_row("decode path", f"{eng.decode_path} ({eng.decode_path_reason})")
     if eng.plan.expert_format != "weights":
-        table.add_row("experts", f"{eng.plan.expert_format} blocks, {eng.plan.cpu_moe} MoE layers' on the host "
+        table.add_row("experts", f"{eng.plan.expert_format} blocks, {eng.plan.cpu_moe} MoE layers' experts on the host "
                       f"({eng.plan.host_experts})"
                       + (f" ({eng.cpu_expert_math})" if eng.cpu_expert_math else ""))
     con.print(table)
