@@ -129,18 +129,11 @@ def triton_backend():
     kernels.set_backend(prev)
 
 
-@pytest.mark.slow(seconds=40)
-def test_static_step_with_fused_gemv_matches_unfused_on_bf16_weights(triton_backend, monkeypatch):
-    """tiny-llama with bf16 weights: the static decode step with KVBENCH_DECODE_FUSED_GEMV on
-    (norm + q/k/v, output projection + residual, norm + gate/up, SwiGLU + down + residual: four
-    gemv launches per layer) against it off (the compiled torch maths and mm). The same
-    roundings, so the logits differ only where a float32 sum lands on the other side of a
-    bf16 rounding: a small fraction of the logits' spread. The applied flag says it ran."""
-    import engine
-    from engine import kernels, synth
-    eng = engine.load(synth.ensure("tiny-llama"), kv_dtype="fp32", ctx=40, weight_format="bf16", device=DEV)
-    assert eng.model.layers[0].wqkv.dtype == torch.bfloat16
-    prompt = [5, 17, 3, 99, 42, 7, 11, 64]
+def fused_gemv_off_and_on(eng, monkeypatch, prompt=(5, 17, 3, 99, 42, 7, 11, 64)):
+    """Logits of two static decode steps after the same prefill (prefilled through the torch
+    backend), with KVBENCH_DECODE_FUSED_GEMV off and on; asserts each setting was applied."""
+    from engine import kernels
+    prompt = list(prompt)
     runs = {}
     for on in (False, True):
         monkeypatch.setenv("KVBENCH_DECODE_FUSED_GEMV", "1" if on else "0")
@@ -152,7 +145,21 @@ def test_static_step_with_fused_gemv_matches_unfused_on_bf16_weights(triton_back
             kernels.set_backend(prev)
         runs[on] = torch.stack([eng.decode(prompt[-1] + i) for i in range(2)])
         assert eng._static.fused_gemv == on
-    off, on = runs[False], runs[True]
+    return runs[False], runs[True]
+
+
+@pytest.mark.slow(seconds=40)
+def test_static_step_with_fused_gemv_matches_unfused_on_bf16_weights(triton_backend, monkeypatch):
+    """tiny-llama with bf16 weights: the static decode step with KVBENCH_DECODE_FUSED_GEMV on
+    (norm + q/k/v, output projection + residual, norm + gate/up, SwiGLU + down + residual: four
+    gemv launches per layer) against it off (the compiled torch maths and mm). The same
+    roundings, so the logits differ only where a float32 sum lands on the other side of a
+    bf16 rounding: a small fraction of the logits' spread. The applied flag says it ran."""
+    import engine
+    from engine import synth
+    eng = engine.load(synth.ensure("tiny-llama"), kv_dtype="fp32", ctx=40, weight_format="bf16", device=DEV)
+    assert eng.model.layers[0].wqkv.dtype == torch.bfloat16
+    off, on = fused_gemv_off_and_on(eng, monkeypatch)
     err = (on - off).abs().max().item()
     spread = off.std().item()
     print(f"tiny-llama bf16 weights: fused gemv vs off, logits max-abs {err:.3e} (logit std {spread:.3f})")

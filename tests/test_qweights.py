@@ -214,20 +214,8 @@ def test_static_step_with_fused_gemv_over_q8_0_matches_unfused(triton_backend, m
     eng = engine.load(synth.ensure("tiny-llama-q8_0"), kv_dtype="fp32", ctx=40, weight_format="q8_0", device=DEV)
     assert eng.model.layers[0].wqkv is not None and eng.model.layers[0].wqkv.dtype == torch.int8
     assert eng.model.fused_gemv_layers(DEV) == [True] * eng.spec.n_layers
-    prompt = [5, 17, 3, 99, 42, 7, 11, 64]
-    runs = {}
-    from engine import kernels
-    for on in (False, True):
-        monkeypatch.setenv("KVBENCH_DECODE_FUSED_GEMV", "1" if on else "0")
-        eng.set_decode_mode("static")
-        prev = kernels.set_backend("torch")
-        try:
-            eng.prefill(prompt)
-        finally:
-            kernels.set_backend(prev)
-        runs[on] = torch.stack([eng.decode(prompt[-1] + i) for i in range(2)])
-        assert eng._static.fused_gemv == on
-    off, on = runs[False], runs[True]
+    from test_gemv import fused_gemv_off_and_on
+    off, on = fused_gemv_off_and_on(eng, monkeypatch)
     err = (on - off).abs().max().item()
     print(f"tiny-llama q8_0 weights: fused gemv vs off, logits max-abs {err:.3e}")
     assert err <= 1e-4 * off.abs().max().item()

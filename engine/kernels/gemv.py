@@ -39,7 +39,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ..formats import Q8_BLOCK, Q8_BYTES
+from .. import qweights
+from ..formats import Q8_BLOCK
 from . import interpreted
 
 PROLOGUES = {"none": 0, "rms": 1, "silu": 2, "gelu_tanh": 3}
@@ -132,7 +133,7 @@ def _check(x, w, prologue, g, residual) -> int:
     if w.dtype not in (torch.float32, torch.bfloat16, torch.int8):
         raise ValueError(f"gemv: w dtype {w.dtype} is not float32 / bfloat16 / int8 Q8_0 rows (the "
                          f"decode step's weight formats); use engine.model.mm")
-    N, K = w.shape[0], (_q8_k(w) if w.dtype == torch.int8 else w.shape[1])
+    N, K = w.shape[0], (qweights.in_features(w) if w.dtype == torch.int8 else w.shape[1])
     want = 2 * K if prologue in ("silu", "gelu_tanh") else K
     if x.dtype != torch.float32 or x.numel() != want:
         raise ValueError(f"gemv: x must be float32 with {want} values for prologue {prologue!r} "
@@ -142,15 +143,6 @@ def _check(x, w, prologue, g, residual) -> int:
     if residual is not None and (residual.numel() != N or residual.dtype != torch.float32):
         raise ValueError(f"gemv: residual must be float32 with {N} values")
     return want
-
-
-def _q8_k(w: torch.Tensor) -> int:
-    """K of a Q8_0 matrix (``engine.qweights``: K + K/16 bytes a row)."""
-    r = w.shape[1]
-    if r % Q8_BYTES:
-        raise ValueError(f"gemv: an int8 w of {r} bytes a row is not Q8_0 rows ({Q8_BYTES} bytes per "
-                         f"{Q8_BLOCK} values)")
-    return r // Q8_BYTES * Q8_BLOCK
 
 
 def _q8_form() -> str:
@@ -200,7 +192,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tens
     experts, after the router's product) has no norm launch of its own."""
     _check(x, w, prologue, g, residual)
     q8 = w.dtype == torch.int8
-    N, K = w.shape[0], (_q8_k(w) if q8 else w.shape[1])
+    N, K = w.shape[0], (qweights.in_features(w) if q8 else w.shape[1])
     if norm_out is not None and (prologue != "rms" or norm_out.dtype != torch.float32
                                  or norm_out.numel() != K or not norm_out.is_contiguous()):
         raise ValueError(f"gemv: norm_out needs prologue 'rms' and a contiguous float32 tensor of "
@@ -231,7 +223,8 @@ def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tens
 def gemv_ref(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tensor | None = None,
              eps: float = 0.0, residual: torch.Tensor | None = None) -> torch.Tensor:
     """Plain torch reference: ``engine.model``'s ``rms_norm`` and ``mm`` written out (this
-    module is below ``engine.model``: no import back) and torch's activations."""
+    module is below ``engine.model``: no import back; ``engine.qweights`` for Q8_0 values) and
+    torch's activations."""
     want = _check(x, w, prologue, g, residual)
     h = x.reshape(1, want)
     if prologue == "rms":
@@ -241,10 +234,7 @@ def gemv_ref(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.
         gate = F.silu(gate) if prologue == "silu" else F.gelu(gate, approximate="tanh")
         h = gate * up
     if w.dtype == torch.int8:                       # Q8_0 rows: the exact values, float32
-        q = w[:, :want // 2 if prologue in ("silu", "gelu_tanh") else want]
-        n, k = q.shape
-        d = w[:, k:].view(torch.float16)
-        y = h @ (q.reshape(n, k // Q8_BLOCK, Q8_BLOCK).float() * d.float()[..., None]).reshape(n, k).T
+        y = h @ qweights.dequantize(w).T
     else:
         y = h @ w.T if w.dtype == torch.float32 else (h.to(w.dtype) @ w.T).float()
     return y if residual is None else residual.reshape(1, -1) + y
