@@ -19,7 +19,6 @@ it; an int8 2-D weight means Q8_0 everywhere in the engine (``is_q8``).
   values), dequantising ``MM_CHUNK_BYTES`` of float32 rows at a time, so an output head of
   150k rows never needs its float32 copy at once. Returns float32 [T, N]; bfloat16 ``x`` (the
   fast prefill path) computes and returns bfloat16 over the values rounded to bfloat16.
-- ``rows(w, idx)``: rows ``idx`` dequantised (an embedding lookup).
 
 Torch only (no Triton): ``engine.model`` and the loader import it.
 
@@ -111,11 +110,6 @@ def dequantize(w: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Ten
     n, k = q.shape
     v = (q.reshape(n, k // QK, QK).to(torch.float32) * d.to(torch.float32)[..., None]).reshape(n, k)
     return v if dtype == torch.float32 else v.to(dtype)
-
-
-def rows(w: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows ``idx`` (long, on ``w``'s device) dequantised: float32 [len(idx), K]."""
-    return dequantize(w.index_select(0, idx))
 
 
 def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
