@@ -153,6 +153,9 @@ for step in $steps; do
               --out "$OUT/load_profile.json" 2>&1 | tee "$OUT/load-profile.log" | tail -35 ;;
     q8test) # q8_0's decode kernels compiled, every form, with each form's error printed
             python3 -m pytest -q -s -p no:cacheprovider -k "q8_decode_kernel_across or decode_kernel_matches" tests/test_kernels.py 2>&1 | grep -v "^\s*$" | tail -60 | tee "$OUT/q8-tests.log" ;;
+    q8wtest) # the static step over Q8_0 weights, fused gemv on vs off, compiled (its error printed)
+            python3 -m pytest -q -s -p no:cacheprovider -k "fused_gemv" tests/test_qweights.py tests/test_gemv.py 2>&1 \
+              | grep -v "^\s*$" | tail -30 | tee "$OUT/q8w-tests.log" ;;
     smolprof) # where the dense (SmolLM2-geometry) captured decode step's time goes: profile + timing
             # SMOL_DEPTHS (16,16384), SMOL_STEPS (steps per repetition, 32), SMOL_TAG (file-name suffix: a
             # second run in one call keeps the first's files), SMOL_ARGS (e.g. "--weight-format q8_0": the
