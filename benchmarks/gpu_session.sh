@@ -170,8 +170,7 @@ for step in $steps; do
     gemv)   # engine.kernels.gemv vs cuBLAS (+ the op it fuses) per projection shape, and its tests compiled for the GPU
             python3 -m pytest -q -p no:cacheprovider tests/test_gemv.py tests/test_qweights.py 2>&1 | tail -3 | tee "$OUT/gemv-tests.log"
             python3 -m pytest -q -m gpu -k settings_on_match_off -p no:cacheprovider tests/test_static_decode.py 2>&1 | tail -3 | tee -a "$OUT/gemv-tests.log"
-            python3 benchmarks/bench_gemv.py ${GEMV_ARGS:---weights bf16,q8_0 --variants default,4x256,8x512} \
-              --out "$OUT/gemv.json" 2>&1 | tee "$OUT/bench-gemv.log" | tail -40 ;;
+            ;&       # then the bench, as gemvbench
     gemvbench) # bench_gemv alone (no tests): GEMV_ARGS picks weights, geometry, tiles and Q8_0 forms
             python3 benchmarks/bench_gemv.py ${GEMV_ARGS:---weights bf16,q8_0 --q8-forms blocks --variants default,2x512,4x256,8x256,8x512,16x512} \
               --out "$OUT/gemv${GEMV_TAG:-}.json" 2>&1 | tee "$OUT/bench-gemv${GEMV_TAG:-}.log" | tail -40 ;;
