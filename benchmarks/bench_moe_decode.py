@@ -203,7 +203,10 @@ DECODE_SETTINGS = {"fused_qkv": "KVBENCH_DECODE_FUSED_QKV", "route_kernel": "KVB
 # that resolves to the default's launch) compares equal settings and is marked SAME STEP.
 KERNEL_SETTINGS = {"KVBENCH_DECODE_BLOCK_N", "KVBENCH_DECODE_PROGRAMS_PER_SM", "KVBENCH_DECODE_WARPS",
                    "KVBENCH_DECODE_STAGES", "KVBENCH_DECODE_Q8_IMPL", "KVBENCH_DECODE_Q8_KERNEL",
-                   "KVBENCH_DECODE_FUSE", "KVBENCH_DECODE_COMBINE_BLOCK", "KVBENCH_ATTN_PRECISION"}
+                   "KVBENCH_DECODE_FUSE", "KVBENCH_DECODE_COMBINE_BLOCK", "KVBENCH_ATTN_PRECISION",
+                   # the MoE-blocks kernels' (recorded as ``StaticDecode.moe_launches``)
+                   "KVBENCH_MOE_BLOCKS_FORM", *(
+                       f"KVBENCH_MOE_BLOCKS_{p}_{t}" for p in ("GU", "DOWN") for t in ("BLOCK_F", "BLOCK_D", "BLOCK_K", "WARPS"))}
 VARIANTS = {"default": {}, "baseline": {v: "0" for v in DECODE_SETTINGS.values()}}
 for _short, _name in DECODE_SETTINGS.items():
     VARIANTS[f"no_{_short}"] = {_name: "0"}
@@ -321,7 +324,8 @@ def time_path(eng, path: str, depth: int, prompt: list[int], args, stream: list[
         r["settings"] = {"fused_qkv": static.fused_qkv, "route_kernel": static.route_kernel,
                          "device_embed": static.device_embed, "fused_gate_up": static.fused_gate_up,
                          "fused_gemv": static.fused_gemv, "rope_append": static.rope_append,
-                         "attn_launches": getattr(static, "attn_launches", None)}
+                         "attn_launches": getattr(static, "attn_launches", None),
+                         "moe_launches": getattr(static, "moe_launches", None)}
     if args.timing in ("greedy", "both") and path != "eager":
         greedy = []                              # generate's loop: back to back, batched read-backs
         for _ in range(args.reps):
@@ -416,7 +420,9 @@ def launches_text(r: dict) -> str:
     launches = (r.get("settings") or {}).get("attn_launches") or []
     parts = [f"{x['kernel'].lstrip('_')} {x['block_n']}x{x['num_stages']}st {x['num_warps']}w "
              f"{x['splits']} splits ({x['layers']} layers)" for x in launches]
-    return f"; attention {', '.join(parts)}" if parts else ""
+    moe = [f"{x['part']} {x['form']} {x.get('BLOCK_F', x.get('BLOCK_D'))}x{x['BLOCK_K']} {x['num_warps']}w"
+           for x in (r.get("settings") or {}).get("moe_launches") or []]
+    return (f"; attention {', '.join(parts)}" if parts else "") + (f"; moe {', '.join(moe)}" if moe else "")
 
 
 # --- CLI ----------------------------------------------------------------------------------------

@@ -171,6 +171,15 @@ for step in $steps; do
             python3 -m pytest -q -p no:cacheprovider tests/test_gemv.py tests/test_qweights.py 2>&1 | tail -3 | tee "$OUT/gemv-tests.log"
             python3 -m pytest -q -m gpu -k settings_on_match_off -p no:cacheprovider tests/test_static_decode.py 2>&1 | tail -3 | tee -a "$OUT/gemv-tests.log"
             ;&       # then the bench, as gemvbench
+    moeblocks) # the Q4_0-expert MoE kernels' tile/form sweep (alone, HBM-bound), then the coder30b step at
+            # llama.cpp's bytes with the default, the old per-value form, and the sweep's best (moevar)
+            timeout ${MOEB_TIMEOUT:-300} python3 benchmarks/bench_moe_blocks.py --max-seconds ${MOEB_MAX_S:-240} \
+              --out "$OUT/moe_blocks.json" 2>&1 | tee "$OUT/moe-blocks.log" | grep -v "^\s*$" | tail -30
+            best=$(sed -n 's/^export //p' "$OUT/moe_blocks.env" 2>/dev/null | paste -sd+)
+            export MOE_ARGS="--expert-format blocks --weight-format q8_0" MOE_MAX_S=${MOE_MAX_S:-240} \
+              MOE_VARIANTS="default,gather:KVBENCH_MOE_BLOCKS_FORM=gather${best:+,best:$best}"
+            echo "moevar variants: $MOE_VARIANTS"
+            bash "$0" moevar ;;
     gemvbench) # bench_gemv alone (no tests): GEMV_ARGS picks weights, geometry, tiles and Q8_0 forms
             python3 benchmarks/bench_gemv.py ${GEMV_ARGS:---weights bf16,q8_0 --q8-forms blocks --variants default,2x512,4x256,8x256,8x512,16x512} \
               --out "$OUT/gemv${GEMV_TAG:-}.json" 2>&1 | tee "$OUT/bench-gemv${GEMV_TAG:-}.log" | tail -40 ;;

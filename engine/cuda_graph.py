@@ -133,6 +133,7 @@ class StaticDecode:
         self.graphs: list = []        # the step's graphs: one, or one more than cpu_moe layers
         self._host: list = []         # per cpu_moe layer: (experts, h, top_e, top_p, output buffer)
         self.attn_launches: list[dict] = []     # the step's attention launches (``_body``)
+        self.moe_launches: list[dict] = []      # its MoE launches over expert blocks (``_body``)
         self.logits = self.next = None
         self.pool_bytes = 0           # bytes the captured graph keeps allocated (its outputs)
 
@@ -143,9 +144,9 @@ class StaticDecode:
     def _body_steps(self):
         """The step as a generator (``Transformer.decode_steps``): yields at each layer whose
         experts compute on the host CPU, returns (logits, argmax)."""
-        from .kernels import decode_attention
+        from .kernels import decode_attention, moe_blocks
         x = self.model.decode_embed(self.token, compiled=self.compiled) if self.device_embed else self.x
-        with decode_attention.recording() as launches:
+        with decode_attention.recording() as launches, moe_blocks.recording() as moe_launches:
             h = yield from self.model.decode_steps(x, self.pos, self.caches, compiled=self.compiled,
                                                    fused_qkv=self.fused_qkv, route_kernel=self.route_kernel,
                                                    fused_gate_up=self.fused_gate_up, fused_gemv=self.fused_gemv,
@@ -157,6 +158,11 @@ class StaticDecode:
             key = tuple(sorted((k, str(v)) for k, v in cfg.items()))
             seen.setdefault(key, dict(cfg, layers=0))["layers"] += 1
         self.attn_launches = list(seen.values())
+        seen = {}                                # and each distinct MoE-blocks launch (moe_blocks)
+        for cfg in moe_launches:
+            key = tuple(sorted((k, str(v)) for k, v in cfg.items()))
+            seen.setdefault(key, dict(cfg, layers=0))["layers"] += 1
+        self.moe_launches = list(seen.values())
         logits, nxt = self.model.decode_head(h)
         if self.device_embed:                    # the next step's inputs, on the device
             self.token.copy_(nxt.reshape(1))

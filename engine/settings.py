@@ -95,6 +95,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "32-value block's products summed, then times its one scale) or gather (each value times its "
        "block's scale, loaded per value); the same values, summed in another order",
        choices=("blocks", "gather")),
+    _s("KVBENCH_MOE_BLOCKS_FORM", "choice", "blocks", "engine.kernels.moe_blocks' sums: blocks (a "
+       "32-value block's products summed, then times its one scale) or gather (each value times its "
+       "block's scale, loaded per value); the same values, summed in another order",
+       choices=("blocks", "gather")),
     _s("KVBENCH_MOE_UNROLL", "bool", True, "engine.kernels.moe's loops unrolled at compile time "
        "(every weight load of a program in flight together)"),
     _s("KVBENCH_MOE_BLOCKS_GU_BLOCK_F", "int", None, "engine.kernels.moe_blocks gate/up rows per program "

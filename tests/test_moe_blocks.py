@@ -66,10 +66,13 @@ def assert_close(name, ref, out, tol):
     assert scale > 0 and torch.isfinite(out).all() and err <= tol * scale, f"{name}: {err} > {tol} x {scale}"
 
 
-@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "loop"])
+@pytest.mark.parametrize("unroll,form", [(True, "blocks"), (False, "gather"), (True, "gather"), (False, "blocks")],
+                         ids=["unrolled-blocks", "loop-gather", "unrolled-gather", "loop-blocks"])
 @pytest.mark.parametrize("fmt,S,ff,d,k,use_table,use_res", CASES)
-def test_kernel_matches_reference_over_gguf_values(fmt, S, ff, d, k, use_table, use_res, unroll, monkeypatch):
+def test_kernel_matches_reference_over_gguf_values(fmt, S, ff, d, k, use_table, use_res, unroll, form, monkeypatch):
+    """Both sum forms (per-block sums times the scale; per-value scales) in both loop forms."""
     monkeypatch.setenv("KVBENCH_MOE_UNROLL", "1" if unroll else "0")
+    monkeypatch.setenv("KVBENCH_MOE_BLOCKS_FORM", form)
     monkeypatch.setenv("KVBENCH_MOE_BLOCKS_GU_BLOCK_K", "64")     # several steps, a ragged last one
     monkeypatch.setenv("KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K", "64")
     monkeypatch.setenv("KVBENCH_MOE_BLOCKS_DOWN_BLOCK_D", "8")
@@ -122,11 +125,13 @@ def test_tile_settings_are_read_at_each_launch_and_checked(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("form", ["blocks", "gather"])
 @pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
-def test_compiled_kernel_matches_reference_at_coder30b_geometry(fmt):
+def test_compiled_kernel_matches_reference_at_coder30b_geometry(fmt, form, monkeypatch):
     """The kernel compiled for the GPU at the geometry that matters (coder30b: d 2048, ff 768,
     8 experts, through a slot table; 16 experts in the stack keep the numpy quantisation short),
     against moe_decode_ref over gguf.quants' values."""
+    monkeypatch.setenv("KVBENCH_MOE_BLOCKS_FORM", form)
     E, ff, d, k = 16, 768, 2048, 8
     raws = [ggml_stack(fmt, *shape, seed=30 + i) for i, shape in enumerate(((E, ff, d), (E, ff, d), (E, d, ff)))]
     stacks = [BlockStack.from_ggml(r, fmt, shape).to("cuda")

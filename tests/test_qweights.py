@@ -206,12 +206,20 @@ def triton_backend():
 
 
 @pytest.mark.slow(seconds=40)
-def test_static_step_with_fused_gemv_over_q8_0_matches_unfused(triton_backend, monkeypatch):
-    """tiny-llama-q8_0 at q8_0 weights: the static step with the gemv kernel reading Q8_0 rows
-    (norm + q/k/v, output + residual, norm + gate/up, SwiGLU + down + residual, and the head)
-    against it off (compiled torch maths over ``qweights.mm``). Both float32 over the same
-    values: only summation order differs."""
-    eng = engine.load(synth.ensure("tiny-llama-q8_0"), kv_dtype="fp32", ctx=40, weight_format="q8_0", device=DEV)
+def test_static_step_with_fused_gemv_over_q8_0_matches_unfused(triton_backend, monkeypatch, tmp_path):
+    """tiny-llama-q8_0 widened to d_model 128 at q8_0 weights: the static step with the gemv
+    kernel reading Q8_0 rows (norm + q/k/v, output + residual, norm + gate/up, SwiGLU + down +
+    residual, and the head) against it off (compiled torch maths over ``qweights.mm``). Both
+    float32 over the same values: only summation order differs. The width makes q, k, v, gate
+    and up whole 512-byte allocator blocks at 136 bytes a Q8_0 row, so CUDA fuses them as the
+    CPU does (at d_model 64 it declines: ``engine.hybrid.fuse_qkv``)."""
+    import dataclasses
+    from engine.hybrid import fuse_gate_up, fuse_qkv
+    cfg = dataclasses.replace(synth.config("tiny-llama-q8_0"), name="tiny-llama-q8_0-d128", d_model=128,
+                              head_dim=32, d_ff=128)
+    path = synth.write(cfg, tmp_path / "tiny-llama-q8_0-d128.gguf")
+    eng = engine.load(path, kv_dtype="fp32", ctx=40, weight_format="q8_0", device=DEV)
+    assert fuse_qkv(eng.spec, torch.int8, torch.device(DEV)) and fuse_gate_up(eng.spec, torch.int8, torch.device(DEV))
     assert eng.model.layers[0].wqkv is not None and eng.model.layers[0].wqkv.dtype == torch.int8
     assert eng.model.fused_gemv_layers(DEV) == [True] * eng.spec.n_layers
     from test_gemv import fused_gemv_off_and_on

@@ -26,6 +26,7 @@ check ``dequantize`` itself against ``gguf.quants``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -46,6 +47,25 @@ assert GGML_QUANT_SIZES[QT.Q8_0][0] == BLOCK == Q8_BLOCK
 # down: BLOCK_D output rows per program, BLOCK_K values of ff per step (multiples of 32).
 CONFIG = {"gate_up": {"BLOCK_F": 16, "BLOCK_K": 256, "num_warps": 4},
           "down": {"BLOCK_D": 16, "BLOCK_K": 256, "num_warps": 4}}
+_launch_log: list | None = None      # ``recording``: the launches made meanwhile
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect, in the list this yields, each launch's applied configuration (part, format, tiles,
+    form) made inside the block: what a decode step ran (``StaticDecode.moe_launches``)."""
+    global _launch_log
+    prev, _launch_log = _launch_log, []
+    try:
+        yield _launch_log
+    finally:
+        _launch_log = prev
+
+
+def _record(part: str, fmt: str, cfg: dict) -> None:
+    if _launch_log is not None:
+        _launch_log.append({"part": part, "fmt": fmt, "form": "blocks" if cfg["SUMS"] else "gather",
+                            **{k: v for k, v in cfg.items() if k != "SUMS"}})
 
 
 @dataclass
@@ -146,9 +166,13 @@ class BlockStack:
 
 # --- Triton kernels -------------------------------------------------------------------------
 @triton.jit
-def _block_tile(Q, Dsc, q_rows, d_rows, mask_r, X, k0, K, QBITS: tl.constexpr, BLOCK_K: tl.constexpr):
-    # rows' values k0 .. k0 + BLOCK_K times x, not yet summed over k: [R, BLOCK_K // (8 // QBITS)]
-    # float32 (a Q4_0 byte carries two values, so its column holds their two products' sum)
+def _block_tile(Q, Dsc, q_rows, d_rows, mask_r, X, k0, K, QBITS: tl.constexpr, BLOCK_K: tl.constexpr,
+                SUMS: tl.constexpr):
+    # rows' values k0 .. k0 + BLOCK_K times x, not yet summed over the tile. SUMS: each 32-value
+    # block's products summed, then times the block's one scale: [R, BLOCK_K // 32] (one scale
+    # load a block). Else each value times its block's scale, loaded per column: [R, BLOCK_K //
+    # (8 // QBITS)] float32 (a Q4_0 byte carries two values, so its column holds their sum).
+    NB: tl.constexpr = BLOCK_K // 32
     if QBITS == 4:
         c = tl.arange(0, BLOCK_K // 2)                      # byte columns of this step
         blk = k0 // 32 + c // 16
@@ -158,16 +182,27 @@ def _block_tile(Q, Dsc, q_rows, d_rows, mask_r, X, k0, K, QBITS: tl.constexpr, B
         q = tl.load(Q + q_rows + (k0 // 2 + c)[None, :], mask=m, other=0).to(tl.int32)
         xl = tl.load(X + lo, mask=mask_c, other=0.0).to(tl.float32)
         xh = tl.load(X + lo + 16, mask=mask_c, other=0.0).to(tl.float32)
-        s = tl.load(Dsc + d_rows + blk[None, :], mask=m, other=0.0).to(tl.float32)
         vl = (q & 15).to(tl.float32) - 8.0
         vh = (q >> 4).to(tl.float32) - 8.0
-        return s * (vl * xl[None, :] + vh * xh[None, :])
+        prod = vl * xl[None, :] + vh * xh[None, :]
+        if SUMS:
+            cb = k0 // 32 + tl.arange(0, NB)
+            s = tl.load(Dsc + d_rows + cb[None, :], mask=mask_r[:, None] & (cb * 32 < K)[None, :],
+                        other=0.0).to(tl.float32)
+            return tl.sum(tl.reshape(prod, (prod.shape[0], NB, 16)), axis=2) * s
+        s = tl.load(Dsc + d_rows + blk[None, :], mask=m, other=0.0).to(tl.float32)
+        return s * prod
     else:
         c = k0 + tl.arange(0, BLOCK_K)
         mask_c = c < K
         m = mask_r[:, None] & mask_c[None, :]
         q = tl.load(Q + q_rows + c[None, :], mask=m, other=0).to(tl.float32)
         x = tl.load(X + c, mask=mask_c, other=0.0).to(tl.float32)
+        if SUMS:
+            cb = k0 // 32 + tl.arange(0, NB)
+            s = tl.load(Dsc + d_rows + cb[None, :], mask=mask_r[:, None] & (cb * 32 < K)[None, :],
+                        other=0.0).to(tl.float32)
+            return tl.sum(tl.reshape(q * x[None, :], (q.shape[0], NB, 32)), axis=2) * s
         s = tl.load(Dsc + d_rows + (c // 32)[None, :], mask=m, other=0.0).to(tl.float32)
         return s * (q * x[None, :])
 
@@ -176,7 +211,7 @@ def _block_tile(Q, Dsc, q_rows, d_rows, mask_r, X, k0, K, QBITS: tl.constexpr, B
 def _blocks_gate_up_kernel(X, GQ, GD, UQ, UD, IDS, TABLE, H, D: tl.constexpr, FF,
                            sgq_e, sgq_f, sgd_e, sgd_f, suq_e, suq_f, sud_e, sud_f, stride_hk,
                            USE_TABLE: tl.constexpr, QBITS: tl.constexpr, UNROLL: tl.constexpr,
-                           BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr):
+                           BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, SUMS: tl.constexpr):
     # grid: (k, cdiv(FF, BLOCK_F)); H[j, f] = silu(gate[s_j, f] . x) * (up[s_j, f] . x)
     j = tl.program_id(0)
     s = _expert_row(IDS, TABLE, j, USE_TABLE)
@@ -185,17 +220,17 @@ def _blocks_gate_up_kernel(X, GQ, GD, UQ, UD, IDS, TABLE, H, D: tl.constexpr, FF
     f64 = offs_f[:, None].to(tl.int64)
     gq, gd = s * sgq_e + f64 * sgq_f, s * sgd_e + f64 * sgd_f
     uq, ud = s * suq_e + f64 * suq_f, s * sud_e + f64 * sud_f
-    W: tl.constexpr = BLOCK_K // (8 // QBITS)
+    W: tl.constexpr = BLOCK_K // 32 if SUMS else BLOCK_K // (8 // QBITS)
     acc_g = tl.zeros([BLOCK_F, W], dtype=tl.float32)
     acc_u = tl.zeros([BLOCK_F, W], dtype=tl.float32)
     if UNROLL:
         for k0 in tl.static_range(0, D, BLOCK_K):
-            acc_g += _block_tile(GQ, GD, gq, gd, mask_f, X, k0, D, QBITS, BLOCK_K)
-            acc_u += _block_tile(UQ, UD, uq, ud, mask_f, X, k0, D, QBITS, BLOCK_K)
+            acc_g += _block_tile(GQ, GD, gq, gd, mask_f, X, k0, D, QBITS, BLOCK_K, SUMS)
+            acc_u += _block_tile(UQ, UD, uq, ud, mask_f, X, k0, D, QBITS, BLOCK_K, SUMS)
     else:
         for k0 in range(0, D, BLOCK_K):
-            acc_g += _block_tile(GQ, GD, gq, gd, mask_f, X, k0, D, QBITS, BLOCK_K)
-            acc_u += _block_tile(UQ, UD, uq, ud, mask_f, X, k0, D, QBITS, BLOCK_K)
+            acc_g += _block_tile(GQ, GD, gq, gd, mask_f, X, k0, D, QBITS, BLOCK_K, SUMS)
+            acc_u += _block_tile(UQ, UD, uq, ud, mask_f, X, k0, D, QBITS, BLOCK_K, SUMS)
     a = tl.sum(acc_g, axis=1)
     b = tl.sum(acc_u, axis=1)
     tl.store(H + j * stride_hk + offs_f, a / (1.0 + tl.exp(-a)) * b, mask=mask_f)
@@ -205,27 +240,28 @@ def _blocks_gate_up_kernel(X, GQ, GD, UQ, UD, IDS, TABLE, H, D: tl.constexpr, FF
 def _blocks_down_kernel(H, WQ, WD, IDS, TABLE, P, R, OUT, D, FF: tl.constexpr, K: tl.constexpr,
                         swq_e, swq_d, swd_e, swd_d, stride_hk,
                         USE_TABLE: tl.constexpr, HAS_RES: tl.constexpr, QBITS: tl.constexpr,
-                        UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr):
+                        UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+                        SUMS: tl.constexpr):
     # grid: (cdiv(D, BLOCK_D),); OUT[r] = R[r] + sum_j P[j] * (down[s_j, r] . H[j]): one flat
     # loop over (expert, column block) pairs, so loads pipeline across experts too
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     mask_d = offs_d < D
     d64 = offs_d[:, None].to(tl.int64)
     n_k: tl.constexpr = (FF + BLOCK_K - 1) // BLOCK_K
-    W: tl.constexpr = BLOCK_K // (8 // QBITS)
+    W: tl.constexpr = BLOCK_K // 32 if SUMS else BLOCK_K // (8 // QBITS)
     acc = tl.zeros([BLOCK_D, W], dtype=tl.float32)
     if UNROLL:
         for t in tl.static_range(0, K * n_k):
             s = _expert_row(IDS, TABLE, t // n_k, USE_TABLE)
             p = tl.load(P + t // n_k).to(tl.float32)
             acc += p * _block_tile(WQ, WD, s * swq_e + d64 * swq_d, s * swd_e + d64 * swd_d, mask_d,
-                                   H + (t // n_k) * stride_hk, (t % n_k) * BLOCK_K, FF, QBITS, BLOCK_K)
+                                   H + (t // n_k) * stride_hk, (t % n_k) * BLOCK_K, FF, QBITS, BLOCK_K, SUMS)
     else:
         for t in range(0, K * n_k):
             s = _expert_row(IDS, TABLE, t // n_k, USE_TABLE)
             p = tl.load(P + t // n_k).to(tl.float32)
             acc += p * _block_tile(WQ, WD, s * swq_e + d64 * swq_d, s * swd_e + d64 * swd_d, mask_d,
-                                   H + (t // n_k) * stride_hk, (t % n_k) * BLOCK_K, FF, QBITS, BLOCK_K)
+                                   H + (t // n_k) * stride_hk, (t % n_k) * BLOCK_K, FF, QBITS, BLOCK_K, SUMS)
     y = tl.sum(acc, axis=1)
     if HAS_RES:
         y += tl.load(R + offs_d, mask=mask_d, other=0.0)
@@ -249,37 +285,63 @@ def moe_decode_blocks(x: torch.Tensor, gate: BlockStack, up: BlockStack, down: B
                       residual: torch.Tensor | None = None) -> torch.Tensor:
     """The Triton launches (interpreted on CPU); see the module docstring. float32 [1, d]."""
     _check(x, gate, up, down, ids, weights, table, residual)
-    S, ff, d = gate.shape
-    k = ids.shape[0]
-    qbits = FORMATS[gate.fmt][0]
+    d = gate.shape[2]
     x1 = x.reshape(d).to(torch.float32).contiguous()
     ids = ids.contiguous()
     p = weights.to(torch.float32).contiguous()
-    tab = ids if table is None else table.contiguous()
+    tab = None if table is None else table.contiguous()
     res = None if residual is None else residual.reshape(d).to(torch.float32).contiguous()
-    h = torch.empty(k, ff, dtype=torch.float32, device=x.device)
-    out = torch.empty(1, d, dtype=torch.float32, device=x.device)
+    h = gate_up_launch(x1, gate, up, ids, tab)
+    return down_launch(h, down, ids, tab, p, res, x1)
+
+
+def launch_config(part: str) -> dict:
+    """``part``'s ("gate_up" / "down") tiles and form as a launch now applies them: ``CONFIG``
+    under the settings set at this moment (read at each launch), checked."""
     from .. import settings
-    cu = {**CONFIG["gate_up"], **settings.overrides(_TUNABLES["gate_up"])}
-    cd = {**CONFIG["down"], **settings.overrides(_TUNABLES["down"])}
-    for part, cfg in (("gate_up", cu), ("down", cd)):
-        bk = cfg["BLOCK_K"]
-        if bk < BLOCK or bk & (bk - 1):
-            from ..errors import ConfigError
-            raise ConfigError(f"{_TUNABLES[part]['BLOCK_K']}={bk} is not a power of two >= {BLOCK}",
-                              "use 32, 64, 128, 256, ...")
-    unroll = bool(settings.get("KVBENCH_MOE_UNROLL"))
+    cfg = {**CONFIG[part], **settings.overrides(_TUNABLES[part])}
+    bk = cfg["BLOCK_K"]
+    if bk < BLOCK or bk & (bk - 1):
+        from ..errors import ConfigError
+        raise ConfigError(f"{_TUNABLES[part]['BLOCK_K']}={bk} is not a power of two >= {BLOCK}",
+                          "use 32, 64, 128, 256, ...")
+    return {**cfg, "UNROLL": bool(settings.get("KVBENCH_MOE_UNROLL")),
+            "SUMS": settings.get("KVBENCH_MOE_BLOCKS_FORM") == "blocks"}
+
+
+def gate_up_launch(x1: torch.Tensor, gate: BlockStack, up: BlockStack, ids: torch.Tensor,
+                   table: torch.Tensor | None, cfg: dict | None = None) -> torch.Tensor:
+    """The first launch alone: ``h [k, ff]`` float32, ``silu(gate[s_j] @ x) * (up[s_j] @ x)``
+    (``x1`` float32 [d] contiguous). ``cfg``: a full ``launch_config`` (benchmarks' sweeps)."""
+    cu = cfg or launch_config("gate_up")
+    S, ff, d = gate.shape
+    k = ids.shape[0]
+    h = torch.empty(k, ff, dtype=torch.float32, device=x1.device)
     _blocks_gate_up_kernel[(k, triton.cdiv(ff, cu["BLOCK_F"]))](
-        x1, gate.qs, gate.d, up.qs, up.d, ids, tab, h, d, ff,
+        x1, gate.qs, gate.d, up.qs, up.d, ids, ids if table is None else table, h, d, ff,
         gate.qs.stride(0), gate.qs.stride(1), gate.d.stride(0), gate.d.stride(1),
         up.qs.stride(0), up.qs.stride(1), up.d.stride(0), up.d.stride(1), h.stride(0),
-        USE_TABLE=table is not None, QBITS=qbits, UNROLL=unroll,
-        BLOCK_F=cu["BLOCK_F"], BLOCK_K=cu["BLOCK_K"], num_warps=cu["num_warps"])
+        USE_TABLE=table is not None, QBITS=FORMATS[gate.fmt][0], UNROLL=cu["UNROLL"],
+        BLOCK_F=cu["BLOCK_F"], BLOCK_K=cu["BLOCK_K"], SUMS=cu["SUMS"], num_warps=cu["num_warps"])
+    _record("gate_up", gate.fmt, cu)
+    return h
+
+
+def down_launch(h: torch.Tensor, down: BlockStack, ids: torch.Tensor, table: torch.Tensor | None,
+                p: torch.Tensor, res: torch.Tensor | None, x1: torch.Tensor,
+                cfg: dict | None = None) -> torch.Tensor:
+    """The second launch alone: ``res + sum_j p[j] * down[s_j] @ h[j]`` as float32 [1, d]
+    (``x1`` only fills the unused residual argument when ``res`` is None)."""
+    cd = cfg or launch_config("down")
+    S, d, ff = down.shape
+    k = ids.shape[0]
+    out = torch.empty(1, d, dtype=torch.float32, device=h.device)
     _blocks_down_kernel[(triton.cdiv(d, cd["BLOCK_D"]),)](
-        h, down.qs, down.d, ids, tab, p, x1 if res is None else res, out, d, ff, k,
+        h, down.qs, down.d, ids, ids if table is None else table, p, x1 if res is None else res, out, d, ff, k,
         down.qs.stride(0), down.qs.stride(1), down.d.stride(0), down.d.stride(1), h.stride(0),
-        USE_TABLE=table is not None, HAS_RES=res is not None, QBITS=qbits, UNROLL=unroll,
-        BLOCK_D=cd["BLOCK_D"], BLOCK_K=cd["BLOCK_K"], num_warps=cd["num_warps"])
+        USE_TABLE=table is not None, HAS_RES=res is not None, QBITS=FORMATS[down.fmt][0], UNROLL=cd["UNROLL"],
+        BLOCK_D=cd["BLOCK_D"], BLOCK_K=cd["BLOCK_K"], SUMS=cd["SUMS"], num_warps=cd["num_warps"])
+    _record("down", down.fmt, cd)
     return out
 
 
