@@ -328,9 +328,11 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     inblk = (od[None, :] // QK) == rb[:, None]                                        # [M, D]
     q = tl.load(Q + (h * G + rg)[:, None] * D + od[None, :], mask=(rg < G)[:, None] & inblk,
                 other=0.0) * qk_scale                                                 # log2 domain
-    qmax = tl.max(tl.max(tl.abs(q), axis=1), axis=0)
-    qnorm = _pow2_at_least(tl.maximum(qmax, 1e-30)) / 8192.0                          # |q/qnorm| <= 2^13
-    qh, ql = _split2(q / qnorm, Q_TERMS)
+    # one power of two per row (query head g, block b), so |q/qnorm| <= 2^13 and each row's values
+    # sit near the top of float16's range: a head or block far below the group's largest would
+    # otherwise fall into float16's subnormals, which the GPU's tensor cores flush to zero
+    qnorm = _pow2_at_least(tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)) / 8192.0    # [M]
+    qh, ql = _split2(q / qnorm[:, None], Q_TERMS)
     kcol = h * D + od
     scol = h * NB + tl.arange(0, NB)
     lo = sp * keys_per_split
@@ -344,8 +346,8 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         rows = offs_n.to(tl.int64)
         kq = tl.load(KQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
         dk = tl.load(KS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0)  # [NB, BN]
-        sb = _dot2(qh, ql, tl.trans(_i8_to_f16(kq)), Q_TERMS)                               # [M, BN]
-        s = tl.sum(tl.reshape(sb, [G_PAD, NB, BLOCK_N]) * dk.to(tl.float32)[None, :, :], axis=1) * qnorm
+        sb = _dot2(qh, ql, tl.trans(_i8_to_f16(kq)), Q_TERMS) * qnorm[:, None]              # [M, BN]
+        s = tl.sum(tl.reshape(sb, [G_PAD, NB, BLOCK_N]) * dk.to(tl.float32)[None, :, :], axis=1)
         s = tl.where(mask_n[None, :], s, float("-inf"))                                      # [G_PAD, BN]
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
