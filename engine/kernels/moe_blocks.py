@@ -169,10 +169,31 @@ class BlockStack:
 def _block_tile(Q, Dsc, q_rows, d_rows, mask_r, X, k0, K, QBITS: tl.constexpr, BLOCK_K: tl.constexpr,
                 SUMS: tl.constexpr):
     # rows' values k0 .. k0 + BLOCK_K times x, not yet summed over the tile. SUMS: each 32-value
-    # block's products summed, then times the block's one scale: [R, BLOCK_K // 32] (one scale
-    # load a block). Else each value times its block's scale, loaded per column: [R, BLOCK_K //
-    # (8 // QBITS)] float32 (a Q4_0 byte carries two values, so its column holds their sum).
-    NB: tl.constexpr = BLOCK_K // 32
+    # block's products summed, then times the block's one scale: [R, BLOCK_K // 32], from 3-D
+    # tiles [R, blocks, bytes of a block] whose last axis is contiguous (16-byte loads), the
+    # masks whole blocks. Else each value times its block's scale, loaded per column: [R,
+    # BLOCK_K // (8 // QBITS)] float32 (a Q4_0 byte carries two values, so its column holds
+    # their two products' sum).
+    if SUMS:
+        NB: tl.constexpr = BLOCK_K // 32
+        cb = k0 // 32 + tl.arange(0, NB)                    # blocks of this step
+        mb = cb < K // 32
+        mq = mask_r[:, None, None] & mb[None, :, None]
+        s = tl.load(Dsc + d_rows + cb[None, :], mask=mask_r[:, None] & mb[None, :], other=0.0).to(tl.float32)
+        if QBITS == 4:
+            j = tl.arange(0, 16)
+            q = tl.load(Q + q_rows[:, :, None] + (cb[:, None] * 16 + j[None, :])[None, :, :], mask=mq,
+                        other=0).to(tl.int32)               # [R, NB, 16]: byte j holds values j, j + 16
+            xo = cb[:, None] * 32 + j[None, :]
+            xl = tl.load(X + xo, mask=mb[:, None], other=0.0).to(tl.float32)
+            xh = tl.load(X + xo + 16, mask=mb[:, None], other=0.0).to(tl.float32)
+            prod = ((q & 15) - 8).to(tl.float32) * xl[None, :, :] + ((q >> 4) - 8).to(tl.float32) * xh[None, :, :]
+        else:
+            j = tl.arange(0, 32)
+            xo = cb[:, None] * 32 + j[None, :]
+            q = tl.load(Q + q_rows[:, :, None] + xo[None, :, :], mask=mq, other=0).to(tl.float32)
+            prod = q * tl.load(X + xo, mask=mb[:, None], other=0.0).to(tl.float32)[None, :, :]
+        return tl.sum(prod, axis=2) * s
     if QBITS == 4:
         c = tl.arange(0, BLOCK_K // 2)                      # byte columns of this step
         blk = k0 // 32 + c // 16
@@ -182,27 +203,16 @@ def _block_tile(Q, Dsc, q_rows, d_rows, mask_r, X, k0, K, QBITS: tl.constexpr, B
         q = tl.load(Q + q_rows + (k0 // 2 + c)[None, :], mask=m, other=0).to(tl.int32)
         xl = tl.load(X + lo, mask=mask_c, other=0.0).to(tl.float32)
         xh = tl.load(X + lo + 16, mask=mask_c, other=0.0).to(tl.float32)
+        s = tl.load(Dsc + d_rows + blk[None, :], mask=m, other=0.0).to(tl.float32)
         vl = (q & 15).to(tl.float32) - 8.0
         vh = (q >> 4).to(tl.float32) - 8.0
-        prod = vl * xl[None, :] + vh * xh[None, :]
-        if SUMS:
-            cb = k0 // 32 + tl.arange(0, NB)
-            s = tl.load(Dsc + d_rows + cb[None, :], mask=mask_r[:, None] & (cb * 32 < K)[None, :],
-                        other=0.0).to(tl.float32)
-            return tl.sum(tl.reshape(prod, (prod.shape[0], NB, 16)), axis=2) * s
-        s = tl.load(Dsc + d_rows + blk[None, :], mask=m, other=0.0).to(tl.float32)
-        return s * prod
+        return s * (vl * xl[None, :] + vh * xh[None, :])
     else:
         c = k0 + tl.arange(0, BLOCK_K)
         mask_c = c < K
         m = mask_r[:, None] & mask_c[None, :]
         q = tl.load(Q + q_rows + c[None, :], mask=m, other=0).to(tl.float32)
         x = tl.load(X + c, mask=mask_c, other=0.0).to(tl.float32)
-        if SUMS:
-            cb = k0 // 32 + tl.arange(0, NB)
-            s = tl.load(Dsc + d_rows + cb[None, :], mask=mask_r[:, None] & (cb * 32 < K)[None, :],
-                        other=0.0).to(tl.float32)
-            return tl.sum(tl.reshape(q * x[None, :], (q.shape[0], NB, 32)), axis=2) * s
         s = tl.load(Dsc + d_rows + (c // 32)[None, :], mask=m, other=0.0).to(tl.float32)
         return s * (q * x[None, :])
 
