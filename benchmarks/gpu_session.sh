@@ -149,7 +149,8 @@ for step in $steps; do
               --threads ${CPUMOE_THREADS:-4,8,16} --out "$OUT/cpu_moe.json" 2>&1 | tee "$OUT/cpu-moe.log" | tail -20 ;;
     loadprof) # where coder30b-synth's load goes (issue 14: <= 20 s; 21.9 s in reports/h200-2026-12-04c)
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
-            python3 benchmarks/profile_load.py --model coder30b-synth --device cuda --top 30 \
+            # LOAD_ARGS: e.g. "--weight-format q8_0 --expert-format blocks --cold" (llama.cpp's bytes, page cache dropped)
+            python3 benchmarks/profile_load.py --model coder30b-synth --device cuda --top 30 ${LOAD_ARGS:-} \
               --out "$OUT/load_profile.json" 2>&1 | tee "$OUT/load-profile.log" | tail -35 ;;
     q8test) # q8_0's decode kernels compiled, every form, with each form's error printed
             python3 -m pytest -q -s -p no:cacheprovider -k "q8_decode_kernel_across or decode_kernel_matches" tests/test_kernels.py 2>&1 | grep -v "^\s*$" | tail -60 | tee "$OUT/q8-tests.log" ;;

@@ -37,6 +37,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="registry name (e.g. coder30b-synth) or GGUF path")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--weight-format", default="auto")
+    ap.add_argument("--expert-format", default=None, choices=("weights", "blocks"),
+                    help="routed experts at the weight format, or in the file's blocks (all on the device)")
+    ap.add_argument("--cold", action="store_true",
+                    help="ask the kernel to drop the file from the page cache first (posix_fadvise "
+                         "DONTNEED; recorded, with the read rate that says whether it took)")
     ap.add_argument("--top", type=int, default=25)
     ap.add_argument("--out", default=None, help="JSON file (and <out>.prof)")
     args = ap.parse_args(argv)
@@ -49,18 +54,33 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: model {args.model!r}: {exc}", file=sys.stderr)
         return 2
     size = path.stat().st_size
+    dropped = None
+    if args.cold:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            dropped = True
+        except OSError as exc:
+            print(f"warning: could not drop {path.name} from the page cache: {exc}", file=sys.stderr)
+            dropped = False
+        finally:
+            os.close(fd)
+    kw = {} if args.expert_format is None else {"expert_format": args.expert_format,
+                                                "cpu_moe": 0 if args.expert_format == "blocks" else None}
     prof = cProfile.Profile()
     t0 = time.perf_counter()
     prof.enable()
-    eng = engine.load(path, device=args.device, weight_format=args.weight_format)
+    eng = engine.load(path, device=args.device, weight_format=args.weight_format, **kw)
     prof.disable()
     wall = time.perf_counter() - t0
     stats = pstats.Stats(prof, stream=io.StringIO())
     doc = {"model": str(path), "file_bytes": size, "load_s": round(wall, 2), "read_gb_s": round(size / wall / 1e9, 2),
            "device": str(eng.device), "weight_format": eng.plan.weight_format,
+           "expert_format": args.expert_format, "page_cache_dropped": dropped,
            "top_cumulative": top(stats, "cumulative", args.top), "top_own": top(stats, "tottime", args.top)}
     print(f"{path.name}: {size / 1e9:.1f} GB loaded in {wall:.1f} s ({doc['read_gb_s']} GB/s), "
-          f"device {doc['device']}, weights {doc['weight_format']}")
+          f"device {doc['device']}, weights {doc['weight_format']}, experts {args.expert_format or 'default'}"
+          + (", page cache dropped first" if dropped else ""))
     print("largest own times:")
     for r in doc["top_own"]:
         print(f"  {r['own_s']:8.3f} s own {r['cumulative_s']:8.3f} s cum {r['calls']:>8} x  {r['function']}")
