@@ -51,14 +51,19 @@ def random_stack(fmt: str, shape, dev, gen) -> mb.BlockStack:
     return st.to(dev)
 
 
-def configs(part: str, quick: bool) -> list[dict]:
+def ints(text: str) -> list[int]:
+    return [int(v) for v in text.split(",") if v.strip()]
+
+
+def configs(part: str, args) -> list[dict]:
     rows = ("BLOCK_F" if part == "gate_up" else "BLOCK_D")
-    if quick:
-        grid = {"SUMS": [True, False], rows: [4], "BLOCK_K": [64], "num_warps": [2]}
+    forms = [f == "blocks" for f in args.forms.split(",")]
+    if args.quick:
+        grid = {"SUMS": forms, rows: [4], "BLOCK_K": [64], "num_warps": [2]}
     else:
-        grid = {"SUMS": [True, False], rows: [2, 4, 8, 16], "BLOCK_K": [256, 512, 1024], "num_warps": [2, 4]}
+        grid = {"SUMS": forms, rows: ints(args.rows), "BLOCK_K": ints(args.ks), "num_warps": ints(args.warps)}
     out = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
-    default = {**mb.CONFIG[part], "SUMS": True}
+    default = {k: v for k, v in mb.launch_config(part).items() if k != "UNROLL"}   # what a launch applies now
     if default not in out:
         out.insert(0, default)
     return [{**c, "UNROLL": True} for c in out]
@@ -102,6 +107,10 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--quick", action="store_true", help="two configurations a part (a smoke run)")
     ap.add_argument("--parts", default="gate_up,down")
+    ap.add_argument("--forms", default="blocks,gather", help="sum forms swept (blocks, gather)")
+    ap.add_argument("--rows", default="2,4,8,16", help="rows a program (BLOCK_F / BLOCK_D)")
+    ap.add_argument("--ks", default="256,512,1024", help="values a step (BLOCK_K)")
+    ap.add_argument("--warps", default="2,4")
     ap.add_argument("--max-seconds", type=float, default=400.0, help="stop sweeping after this (listed)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
@@ -134,7 +143,7 @@ def main() -> int:
     doc["triton"] = triton.__version__
     for part in args.parts.split(","):
         rows = []
-        for cfg in configs(part, args.quick):
+        for cfg in configs(part, args):
             label = f"{part} {'blocks' if cfg['SUMS'] else 'gather'} " + "x".join(
                 str(cfg[key]) for key in ("BLOCK_F" if part == "gate_up" else "BLOCK_D", "BLOCK_K")) + f" w{cfg['num_warps']}"
             if time.perf_counter() - t0 > args.max_seconds:
@@ -163,7 +172,8 @@ def main() -> int:
             rows.append({"config": label, **{kk: vv for kk, vv in cfg.items()}, "us": sec * 1e6, "gb_s": gbs, "rel_err": err})
             print(f"{label:34s} {sec * 1e6:9.2f} us {gbs:8.1f} GB/s  rel err {err:.1e}", flush=True)
         best = min(rows, key=lambda r: r["us"], default=None)
-        default = next((r for r in rows if all(r[kk] == vv for kk, vv in {**mb.CONFIG[part], "SUMS": True}.items())), None)
+        applied = {kk: vv for kk, vv in mb.launch_config(part).items() if kk != "UNROLL"}
+        default = next((r for r in rows if all(r[kk] == vv for kk, vv in applied.items())), None)
         doc["parts"][part] = {"rows": rows, "best": best, "default": default,
                               "bytes_per_launch": k * per_expert[part]}
         if best:

@@ -174,11 +174,11 @@ for step in $steps; do
             ;&       # then the bench, as gemvbench
     moeblocks) # the Q4_0-expert MoE kernels' tile/form sweep (alone, HBM-bound), then the coder30b step at
             # llama.cpp's bytes with the default, the old per-value form, and the sweep's best (moevar)
-            timeout ${MOEB_TIMEOUT:-300} python3 benchmarks/bench_moe_blocks.py --max-seconds ${MOEB_MAX_S:-240} \
+            timeout ${MOEB_TIMEOUT:-300} python3 benchmarks/bench_moe_blocks.py --max-seconds ${MOEB_MAX_S:-240} ${MOEB_ARGS:-} \
               --out "$OUT/moe_blocks.json" 2>&1 | tee "$OUT/moe-blocks.log" | grep -v "^\s*$" | tail -30
             best=$(sed -n 's/^export //p' "$OUT/moe_blocks.env" 2>/dev/null | paste -sd+)
             export MOE_ARGS="--expert-format blocks --weight-format q8_0" MOE_MAX_S=${MOE_MAX_S:-240} \
-              MOE_VARIANTS="default,gather:KVBENCH_MOE_BLOCKS_FORM=gather${best:+,best:$best}"
+              MOE_VARIANTS="${MOEB_VARIANTS:-default,gather:KVBENCH_MOE_BLOCKS_FORM=gather}${best:+,best:$best}"
             echo "moevar variants: $MOE_VARIANTS"
             bash "$0" moevar ;;
     gemvbench) # bench_gemv alone (no tests): GEMV_ARGS picks weights, geometry, tiles and Q8_0 forms

@@ -45,8 +45,15 @@ assert GGML_QUANT_SIZES[QT.Q8_0][0] == BLOCK == Q8_BLOCK
 
 # Tile sizes: gate_up: BLOCK_F rows of gate and up per program, BLOCK_K values of d per step;
 # down: BLOCK_D output rows per program, BLOCK_K values of ff per step (multiples of 32).
-CONFIG = {"gate_up": {"BLOCK_F": 16, "BLOCK_K": 256, "num_warps": 4},
-          "down": {"BLOCK_D": 16, "BLOCK_K": 256, "num_warps": 4}}
+# The GPU's: the fastest of benchmarks/bench_moe_blocks.py's sweep at coder30b's geometry (Q4_0,
+# per-value "gather" form; reports/h200-2026-12-05 call 2, H100): gate/up 18.4 us and down 12.1
+# us a launch, against 47 and 28 us (H200) at the first guess of 16 x 256 x 4 warps, which the
+# interpreter keeps (it runs programs one by one: few, wide ones). The per-block form had not
+# compiled in that call; it is the next sweep's to place.
+CONFIG = {"gate_up": {"BLOCK_F": 4, "BLOCK_K": 1024, "num_warps": 2},
+          "down": {"BLOCK_D": 8, "BLOCK_K": 1024, "num_warps": 4}}
+INTERPRETED_CONFIG = {"gate_up": {"BLOCK_F": 16, "BLOCK_K": 256, "num_warps": 4},
+                      "down": {"BLOCK_D": 16, "BLOCK_K": 256, "num_warps": 4}}
 _launch_log: list | None = None      # ``recording``: the launches made meanwhile
 
 
@@ -194,27 +201,28 @@ def _block_tile(Q, Dsc, q_rows, d_rows, mask_r, X, k0, K, QBITS: tl.constexpr, B
             q = tl.load(Q + q_rows[:, :, None] + xo[None, :, :], mask=mq, other=0).to(tl.float32)
             prod = q * tl.load(X + xo, mask=mb[:, None], other=0.0).to(tl.float32)[None, :, :]
         return tl.sum(prod, axis=2) * s
-    if QBITS == 4:
-        c = tl.arange(0, BLOCK_K // 2)                      # byte columns of this step
-        blk = k0 // 32 + c // 16
-        lo = blk * 32 + c % 16                              # the low nibble's value; high: lo + 16
-        mask_c = lo < K
-        m = mask_r[:, None] & mask_c[None, :]
-        q = tl.load(Q + q_rows + (k0 // 2 + c)[None, :], mask=m, other=0).to(tl.int32)
-        xl = tl.load(X + lo, mask=mask_c, other=0.0).to(tl.float32)
-        xh = tl.load(X + lo + 16, mask=mask_c, other=0.0).to(tl.float32)
-        s = tl.load(Dsc + d_rows + blk[None, :], mask=m, other=0.0).to(tl.float32)
-        vl = (q & 15).to(tl.float32) - 8.0
-        vh = (q >> 4).to(tl.float32) - 8.0
-        return s * (vl * xl[None, :] + vh * xh[None, :])
     else:
-        c = k0 + tl.arange(0, BLOCK_K)
-        mask_c = c < K
-        m = mask_r[:, None] & mask_c[None, :]
-        q = tl.load(Q + q_rows + c[None, :], mask=m, other=0).to(tl.float32)
-        x = tl.load(X + c, mask=mask_c, other=0.0).to(tl.float32)
-        s = tl.load(Dsc + d_rows + (c // 32)[None, :], mask=m, other=0.0).to(tl.float32)
-        return s * (q * x[None, :])
+        if QBITS == 4:
+            c = tl.arange(0, BLOCK_K // 2)                      # byte columns of this step
+            blk = k0 // 32 + c // 16
+            lo = blk * 32 + c % 16                              # the low nibble's value; high: lo + 16
+            mask_c = lo < K
+            m = mask_r[:, None] & mask_c[None, :]
+            q = tl.load(Q + q_rows + (k0 // 2 + c)[None, :], mask=m, other=0).to(tl.int32)
+            xl = tl.load(X + lo, mask=mask_c, other=0.0).to(tl.float32)
+            xh = tl.load(X + lo + 16, mask=mask_c, other=0.0).to(tl.float32)
+            s = tl.load(Dsc + d_rows + blk[None, :], mask=m, other=0.0).to(tl.float32)
+            vl = (q & 15).to(tl.float32) - 8.0
+            vh = (q >> 4).to(tl.float32) - 8.0
+            return s * (vl * xl[None, :] + vh * xh[None, :])
+        else:
+            c = k0 + tl.arange(0, BLOCK_K)
+            mask_c = c < K
+            m = mask_r[:, None] & mask_c[None, :]
+            q = tl.load(Q + q_rows + c[None, :], mask=m, other=0).to(tl.float32)
+            x = tl.load(X + c, mask=mask_c, other=0.0).to(tl.float32)
+            s = tl.load(Dsc + d_rows + (c // 32)[None, :], mask=m, other=0.0).to(tl.float32)
+            return s * (q * x[None, :])
 
 
 @triton.jit
@@ -309,7 +317,8 @@ def launch_config(part: str) -> dict:
     """``part``'s ("gate_up" / "down") tiles and form as a launch now applies them: ``CONFIG``
     under the settings set at this moment (read at each launch), checked."""
     from .. import settings
-    cfg = {**CONFIG[part], **settings.overrides(_TUNABLES[part])}
+    from . import interpreted
+    cfg = {**(INTERPRETED_CONFIG if interpreted() else CONFIG)[part], **settings.overrides(_TUNABLES[part])}
     bk = cfg["BLOCK_K"]
     if bk < BLOCK or bk & (bk - 1):
         from ..errors import ConfigError
