@@ -10,7 +10,9 @@
 #   .devcarry/corpora/             the pinned corpus (suites/long.toml, nightly.toml)
 # All are ignored (.git/info/exclude) and none is in a session's fresh checkout: run this first.
 # llama-bench itself is built on the device (gpu_session.sh lcbuildbg / lcwait, ~5 min there);
-# its gzip'd parts come back in $OUT and can be carried as .devcarry/lcbin/ afterwards.
+# its xz'd parts (llama-bench.xz.part*, 42 MB in all) come back in $OUT: copy them into
+# .devcarry/lcxz/ and carry that folder (cpumoe and coderpeer unpack it). The gzip'd parts
+# (.devcarry/lcbin/, 44 MB) no longer fit the 64 MiB carry beside the tracked tree.
 # Usage: bash benchmarks/gpu_carry.sh            (PY=python with kvbench installed; default .venv)
 set -euo pipefail
 cd "$(dirname "$0")/.."

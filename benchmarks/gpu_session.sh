@@ -54,7 +54,8 @@ for step in $steps; do
               && split -b 15000000 -d /tmp/llama-bench.stripped "$OUT/llama-bench.part"
             # compressed, it comes back under the 64 MiB limit: later sessions carry it instead of building
             gzip -9 -c /tmp/llama-bench.stripped > /tmp/llama-bench.gz && ls -la /tmp/llama-bench.gz | tee -a "$OUT/lcbuild.log"
-            [ "$(stat -c %s /tmp/llama-bench.gz)" -lt 60000000 ] && split -b 15000000 -d /tmp/llama-bench.gz "$OUT/llama-bench.gz.part" ;;
+            # xz'd (42 MB) it fits a later call's 64 MiB carry beside the tracked tree: carry .devcarry/lcxz/
+            xz -9 -T0 -c /tmp/llama-bench.stripped > /tmp/llama-bench.xz && split -b 15000000 -d /tmp/llama-bench.xz "$OUT/llama-bench.xz.part" ;;
     hybrid) python3 benchmarks/bench_hybrid.py --out "$OUT/hybrid.json" 2>&1 | tee "$OUT/bench-hybrid.log" | tail -30 ;;
     bench)  for kv in fp32 bf16 q8_0; do python3 -m engine bench --device cuda --kv-dtype $kv --decode-tokens 128 2>&1 | tail -1; done | tee "$OUT/engine-bench.jsonl" ;;
     suite)  rm -rf /tmp/suite && mkdir -p /tmp/suite
@@ -137,6 +138,9 @@ for step in $steps; do
             # (17: 46.8 tok/s at ~12 GiB, issue 14); kvbench at 12 GiB (auto) and at the same counts
             [ -x /tmp/lcb/bin/llama-bench ] || [ ! -f .devcarry/lcbin/llama-bench.gz.part00 ] \
               || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcbin/llama-bench.gz.part* | gunzip > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
+            # or xz'd in one file (42 MB: fits the 64 MiB carry beside the tracked tree; the gz parts, 44 MB, do not)
+            [ -x /tmp/lcb/bin/llama-bench ] || [ -z "$(ls .devcarry/lcxz/llama-bench.xz* 2>/dev/null)" ] \
+              || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcxz/llama-bench.xz* | xz -dc > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
             python3 -c "from engine import models; models.resolve('coder30b-synth')" 2>&1 | tail -1
             for n in ${CPUMOE_N:-17 22}; do
               [ -x /tmp/lcb/bin/llama-bench ] && python3 benchmarks/bench_llamacpp.py bench $KVBENCH_CACHE/synth/coder30b-synth.gguf \
@@ -181,6 +185,16 @@ for step in $steps; do
               MOE_VARIANTS="${MOEB_VARIANTS:-default,gather:KVBENCH_MOE_BLOCKS_FORM=gather}${best:+,best:$best}"
             echo "moevar variants: $MOE_VARIANTS"
             bash "$0" moevar ;;
+    coderpeer) # issue 14's headline row in one call: coder30b-synth all on the GPU at llama.cpp's bytes
+            # (our captured step, default tiles) and llama-bench on the same file (carried binary:
+            # .devcarry/lcxz/llama-bench.xz, or one built by lcbuild in this call), same depths
+            [ -x /tmp/lcb/bin/llama-bench ] || [ -z "$(ls .devcarry/lcxz/llama-bench.xz* 2>/dev/null)" ] \
+              || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcxz/llama-bench.xz* | xz -dc > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
+            MOE_ARGS="--expert-format blocks --weight-format q8_0" MOE_VARIANTS=${MOE_VARIANTS:-default} \
+              MOE_MAX_S=${MOE_MAX_S:-150} bash "$0" moevar
+            [ -x /tmp/lcb/bin/llama-bench ] && python3 benchmarks/bench_llamacpp.py bench $KVBENCH_CACHE/synth/coder30b-synth.gguf \
+              --bin /tmp/lcb/bin/llama-bench --ctk f16,q8_0 --depths 16,16384 --reps ${LCB_REPS:-3} --tg 32 \
+              --out "$OUT/llamacpp-coder.json" 2>&1 | tail -8 | tee "$OUT/llamacpp-coder.log" ;;
     gemvbench) # bench_gemv alone (no tests): GEMV_ARGS picks weights, geometry, tiles and Q8_0 forms
             python3 benchmarks/bench_gemv.py ${GEMV_ARGS:---weights bf16,q8_0 --q8-forms blocks --variants default,2x512,4x256,8x256,8x512,16x512} \
               --out "$OUT/gemv${GEMV_TAG:-}.json" 2>&1 | tee "$OUT/bench-gemv${GEMV_TAG:-}.log" | tail -40 ;;
