@@ -167,10 +167,10 @@ def test_default_suite_on_scaled_down_coder30b(tmp_path):
     recs = [json.loads(x) for x in (out / "records.jsonl").read_text().splitlines()]
     cases = [c for c in recs if c["type"] == "case"]
     status = {(c["kv_dtype"], c["check"]): c["status"] for c in cases}
-    assert len(status) == 15 and last["not_run"] == 0
+    assert len(status) == 18 and last["not_run"] == 0
     # the baseline holds its own noise-floor gates; memory and speed checks pass for every dtype
     assert all(v == "pass" for (d, c), v in status.items() if d == "fp32" and c != "coherence")
-    assert all(status[(d, c)] == "pass" for d in ("fp32", "bf16", "q8_0") for c in ("vram", "throughput"))
+    assert all(status[(d, c)] == "pass" for d in ("fp32", "bf16", "q8_0") for c in ("vram", "throughput", "throughput_blocks"))
     assert all(status[(d, "coherence")] == "n/a" for d in ("fp32", "bf16", "q8_0"))
     # the narrowed rows are measured verdicts: this random model is far more sensitive to KV
     # rounding than coder30b-synth (bf16 Mean KLD ~5e-3 vs 6e-5), so some fail: never an
@@ -182,9 +182,12 @@ def test_default_suite_on_scaled_down_coder30b(tmp_path):
     fmt = man["weight_format"]["models"][MINI]
     assert (fmt["requested"], fmt["applied"]) == ("auto", "bf16") and "more than half" in fmt["reason"]
     p = man["processes"][-1]
-    assert p["max_live_engines"] == 1 and p["engine_loads"] == 1 and p["engine_rebinds"] >= 5
+    # two weight sets, one live at a time: the run's bf16 and throughput_blocks' Q8_0 + expert
+    # blocks, each loaded once per KV dtype row (the row's checks run in suite order)
+    assert p["max_live_engines"] == 1 and p["engine_loads"] == 6 and p["engine_rebinds"] >= 5
     assert p["host_peak_anon_bytes"] > 0
-    assert {c["engine"]["platform"] for c in cases if c["status"] != "n/a"} == {"cpu-bf16"}
+    assert {c["engine"]["platform"] for c in cases if c["status"] != "n/a" and c["check"] != "throughput_blocks"} == {"cpu-bf16"}
+    assert {c["engine"]["platform"] for c in cases if c["check"] == "throughput_blocks"} == {"cpu-q8_0"}   # its own format
     assert all(c["memory"]["host_peak_anon_bytes"] > 0 for c in cases if c["status"] != "n/a")
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "ran on: **cpu** (requested `auto`)" in md and f"`{MINI}` **bf16** (requested auto" in md
