@@ -187,6 +187,30 @@ def test_static_step_over_blocks_matches_eager(model, cpu_moe):
     assert err < 1e-4
 
 
+@pytest.mark.slow(seconds=15)
+def test_static_step_records_the_moe_blocks_launches_it_made(monkeypatch):
+    """What the step ran is observable (``StaticDecode.moe_launches``): every MoE layer's two
+    launches over blocks, in the form the setting asked; changing the setting changes the
+    record, and the logits only by float32 summation order."""
+    prev = kernels.set_backend("triton")
+    out = {}
+    try:
+        eng = load(synth.ensure("coder30b-mini-synth"), expert_format="blocks", cpu_moe=0)
+        n = len(eng.spec.moe_layers)
+        for form in ("blocks", "gather"):
+            monkeypatch.setenv("KVBENCH_MOE_BLOCKS_FORM", form)
+            eng.set_decode_mode("static")
+            eng.prefill(PROMPT)
+            out[form] = eng.decode(3)
+            got = {(x["part"], x["fmt"], x["form"], x["layers"]) for x in eng._static.moe_launches}
+            assert got == {("gate_up", "q4_0", form, n), ("down", "q4_0", form, n)}, got
+    finally:
+        kernels.set_backend(prev)
+    err = rel(out["blocks"], out["gather"])
+    print(f"moe_blocks forms: blocks vs gather logits {err:.2e}")
+    assert 0 < n and err < 1e-5
+
+
 def _generator_stops(eng):
     """Drive ``Transformer.decode_steps`` once (at position 0 of a scratch prefill), collecting
     what it yields; the host experts answer each stop."""
