@@ -108,6 +108,17 @@ class RunSummary:
         return 1 if self.failed or self.not_run else 0
 
 
+def _experts_applied(eng) -> dict:
+    """Where the routed experts went, as the engine's plan applied it (kvbench; {} for a peer):
+    kept at the weight format or in the file's blocks, and how many MoE layers' experts live on
+    the host (an "auto" request resolved to its count), so a row's placement is read, not assumed."""
+    plan = getattr(eng, "plan", None)
+    if plan is None or not hasattr(plan, "expert_format"):
+        return {}
+    return {"expert_format": plan.expert_format, "cpu_moe": plan.cpu_moe,
+            "cpu_moe_requested": plan.cpu_moe_requested or None, "host_experts": plan.host_experts}
+
+
 def matrix(suite: Suite, models: list[str]) -> list[Case]:
     """Every case in run order: model, then dtype (baseline first), then checks grouped by
     their engine.load options (so one engine serves consecutive checks), suite order within."""
@@ -503,7 +514,8 @@ class Runner:
                                        "weight_format": weight_format_of(eng),
                                        "weight_format_requested": weight_format_requested_of(eng),
                                        "engine": eng.name,
-                                       "decode_path": getattr(eng, "decode_path", None)}  # kvbench only
+                                       "decode_path": getattr(eng, "decode_path", None),  # kvbench only
+                                       **_experts_applied(eng)}
                         status = "fail" if failures else ("incomplete" if unmeasured else "pass")
                         gated = [r for r in recs if r.get("type") == "metric" and r.get("threshold") is not None]
                         if status == "pass" and gated and all(r.get("na") for r in gated):

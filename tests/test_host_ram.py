@@ -188,6 +188,10 @@ def test_default_suite_on_scaled_down_coder30b(tmp_path):
     assert p["host_peak_anon_bytes"] > 0
     assert {c["engine"]["platform"] for c in cases if c["status"] != "n/a" and c["check"] != "throughput_blocks"} == {"cpu-bf16"}
     assert {c["engine"]["platform"] for c in cases if c["check"] == "throughput_blocks"} == {"cpu-q8_0"}   # its own format
+    # where the experts went is recorded as applied: the file's Q4_0 blocks, "auto" resolved to a count
+    blocks = [c["engine"] for c in cases if c["check"] == "throughput_blocks"]
+    assert all((e["expert_format"], e["cpu_moe_requested"], e["cpu_moe"]) == ("q4_0", "auto", 0) for e in blocks)
+    assert {c["engine"]["expert_format"] for c in cases if c["status"] != "n/a" and c["check"] != "throughput_blocks"} == {"weights"}
     assert all(c["memory"]["host_peak_anon_bytes"] > 0 for c in cases if c["status"] != "n/a")
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "ran on: **cpu** (requested `auto`)" in md and f"`{MINI}` **bf16** (requested auto" in md
