@@ -205,8 +205,9 @@ KERNEL_SETTINGS = {"KVBENCH_DECODE_BLOCK_N", "KVBENCH_DECODE_PROGRAMS_PER_SM", "
                    "KVBENCH_DECODE_STAGES", "KVBENCH_DECODE_Q8_IMPL", "KVBENCH_DECODE_Q8_KERNEL",
                    "KVBENCH_DECODE_FUSE", "KVBENCH_DECODE_COMBINE_BLOCK", "KVBENCH_ATTN_PRECISION",
                    # the MoE-blocks kernels' (recorded as ``StaticDecode.moe_launches``)
-                   "KVBENCH_MOE_BLOCKS_FORM", *(
-                       f"KVBENCH_MOE_BLOCKS_{p}_{t}" for p in ("GU", "DOWN") for t in ("BLOCK_F", "BLOCK_D", "BLOCK_K", "WARPS"))}
+                   "KVBENCH_MOE_BLOCKS_FORM", "KVBENCH_MOE_BLOCKS_GU_BLOCK_F", "KVBENCH_MOE_BLOCKS_GU_BLOCK_K",
+                   "KVBENCH_MOE_BLOCKS_GU_WARPS", "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_D",
+                   "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K", "KVBENCH_MOE_BLOCKS_DOWN_WARPS"}
 VARIANTS = {"default": {}, "baseline": {v: "0" for v in DECODE_SETTINGS.values()}}
 for _short, _name in DECODE_SETTINGS.items():
     VARIANTS[f"no_{_short}"] = {_name: "0"}

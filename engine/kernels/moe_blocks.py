@@ -24,7 +24,7 @@ check ``dequantize`` itself against ``gguf.quants``.
 It is two launches, each callable alone (``gate_up_launch``, ``down_launch``: what
 benchmarks/bench_moe_blocks.py times): tiles and sum form come from ``launch_config`` at each
 launch (``CONFIG`` on the GPU, measured; ``INTERPRETED_CONFIG`` under the interpreter; the
-``KVBENCH_MOE_BLOCKS_*`` settings over either). The form (``KVBENCH_MOE_BLOCKS_FORM``):
+tile settings (``_TUNABLES``) over either). The form (``KVBENCH_MOE_BLOCKS_FORM``):
 "gather" multiplies each value by its block's scale, "blocks" sums a block's 32 products first
 and multiplies once. Inside ``recording()`` every launch's applied configuration is logged
 (``StaticDecode.moe_launches``), so what a decode step ran is observable.
