@@ -144,25 +144,17 @@ class StaticDecode:
     def _body_steps(self):
         """The step as a generator (``Transformer.decode_steps``): yields at each layer whose
         experts compute on the host CPU, returns (logits, argmax)."""
-        from .kernels import decode_attention, moe_blocks
+        from .kernels import LaunchLog, decode_attention, moe_blocks
         x = self.model.decode_embed(self.token, compiled=self.compiled) if self.device_embed else self.x
         with decode_attention.recording() as launches, moe_blocks.recording() as moe_launches:
             h = yield from self.model.decode_steps(x, self.pos, self.caches, compiled=self.compiled,
                                                    fused_qkv=self.fused_qkv, route_kernel=self.route_kernel,
                                                    fused_gate_up=self.fused_gate_up, fused_gemv=self.fused_gemv,
                                                    rope_append=self.rope_append)
-        # applied: each distinct attention launch configuration of the step (what a captured
-        # graph replays is its capture's), with how many layers made it
-        seen: dict = {}
-        for cfg in launches:
-            key = tuple(sorted((k, str(v)) for k, v in cfg.items()))
-            seen.setdefault(key, dict(cfg, layers=0))["layers"] += 1
-        self.attn_launches = list(seen.values())
-        seen = {}                                # and each distinct MoE-blocks launch (moe_blocks)
-        for cfg in moe_launches:
-            key = tuple(sorted((k, str(v)) for k, v in cfg.items()))
-            seen.setdefault(key, dict(cfg, layers=0))["layers"] += 1
-        self.moe_launches = list(seen.values())
+        # applied: each distinct attention and MoE-blocks launch configuration of the step (what
+        # a captured graph replays is its capture's), with how many layers made it
+        self.attn_launches = LaunchLog.distinct(launches)
+        self.moe_launches = LaunchLog.distinct(moe_launches)
         logits, nxt = self.model.decode_head(h)
         if self.device_embed:                    # the next step's inputs, on the device
             self.token.copy_(nxt.reshape(1))

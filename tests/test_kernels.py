@@ -429,4 +429,4 @@ def test_decode_launches_are_recorded_as_applied(monkeypatch, triton_backend):
     with da.recording() as outside:
         pass
     decode_attention(q, caches["bf16"].k, caches["bf16"].v, "bf16", n, D ** -0.5, Hkv)
-    assert outside == [] and da._launch_log is None       # nothing recorded outside a block
+    assert outside == [] and da.LAUNCHES.active is None   # nothing recorded outside a block

@@ -15,6 +15,7 @@ when it decorates), so the import order of tests does not matter.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 
@@ -82,6 +83,36 @@ def planted(fault: str) -> bool:
     stored with the scale of the block before it in its row)."""
     from .. import settings
     return (settings.get("KVBENCH_FAULT") or ("", None))[0] == fault
+
+
+class LaunchLog:
+    """What a kernel module's launches applied, observable: inside ``recording()`` each launch's
+    configuration (kernel, tiles, form, as the launch read them) is appended to the list it
+    yields; outside, nothing is kept. ``distinct(entries)``: each distinct configuration once,
+    with how many launches made it (``layers``: a decode step launches once a layer)."""
+
+    def __init__(self):
+        self.active: list | None = None
+
+    @contextlib.contextmanager
+    def recording(self):
+        prev, self.active = self.active, []
+        try:
+            yield self.active
+        finally:
+            self.active = prev
+
+    def record(self, entry: dict) -> None:
+        if self.active is not None:
+            self.active.append(entry)
+
+    @staticmethod
+    def distinct(entries: list[dict]) -> list[dict]:
+        seen: dict = {}
+        for cfg in entries:
+            key = tuple(sorted((k, str(v)) for k, v in cfg.items()))
+            seen.setdefault(key, dict(cfg, layers=0))["layers"] += 1
+        return list(seen.values())
 
 
 def interpreted() -> bool:

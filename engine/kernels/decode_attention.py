@@ -30,7 +30,6 @@ float32 tiles, ...); q8_0's own kernel serves only q8_0 K with q8_0 V.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -38,7 +37,7 @@ import triton
 import triton.language as tl
 
 from .. import formats, settings
-from . import KV_FORMAT_CODES, Q8_BLOCK, interpreted, q8_layout
+from . import KV_FORMAT_CODES, Q8_BLOCK, LaunchLog, interpreted, q8_layout
 from .common import QK, cache_args, load_kv_tile
 
 LOG2E = 1.4426950408889634
@@ -81,20 +80,11 @@ _LIVE_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_D
               "q8_kernel": "KVBENCH_DECODE_Q8_KERNEL", "fuse_combine": "KVBENCH_DECODE_FUSE",
               "precision": "KVBENCH_ATTN_PRECISION"}
 last_scratch_bytes = 0
-_launch_log: list | None = None      # ``recording``: the launches made meanwhile
-
-
-@contextlib.contextmanager
-def recording():
-    """Collect, in the list this yields, each ``decode_attention`` launch's applied configuration
-    (kernel, tiles, splits, combine) made inside the block: what a decode step ran, observable
-    (``StaticDecode.attn_launches``), not only what the settings asked."""
-    global _launch_log
-    prev, _launch_log = _launch_log, []
-    try:
-        yield _launch_log
-    finally:
-        _launch_log = prev
+LAUNCHES = LaunchLog()     # each launch's applied configuration, inside ``recording()``
+recording = LAUNCHES.recording
+"""Collect, in the list this yields, each ``decode_attention`` launch's applied configuration
+(kernel, tiles, splits, combine) made inside the block: what a decode step ran, observable
+(``StaticDecode.attn_launches``), not only what the settings asked."""
 
 
 @triton.jit
@@ -520,10 +510,9 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel}[cfg["q8_impl"]]
         g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
         terms = {"Q_TERMS": cfg["q8_terms"][0], "P_TERMS": cfg["q8_terms"][1]}
-        if _launch_log is not None:
-            _launch_log.append({"kernel": kern.__name__, "block_n": cfg["block_n"], "num_warps": cfg["num_warps"],
-                                "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
-                                "combine_block": 0 if fuse else comb["BLOCK_S"], "q8_terms": list(cfg["q8_terms"])})
+        LAUNCHES.record({"kernel": kern.__name__, "block_n": cfg["block_n"], "num_warps": cfg["num_warps"],
+                         "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
+                         "combine_block": 0 if fuse else comb["BLOCK_S"], "q8_terms": list(cfg["q8_terms"])})
         kern[(n_kv_heads, splits)](
             q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
             splits, scale * LOG2E,
@@ -532,11 +521,10 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     else:
         kv, ks, sk, sks = cache_args(k_buf, fmt, n_kv_heads, D)
         vv, vs, sv, svs = cache_args(v_buf, v_fmt, n_kv_heads, D)
-        if _launch_log is not None:
-            _launch_log.append({"kernel": "_decode_split_kernel", "block_n": cfg["block_n"],
-                                "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "splits": splits,
-                                "keys_per_split": per, "combine_block": 0 if fuse else comb["BLOCK_S"],
-                                "precision": cfg["precision"]})
+        LAUNCHES.record({"kernel": "_decode_split_kernel", "block_n": cfg["block_n"],
+                         "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "splits": splits,
+                         "keys_per_split": per, "combine_block": 0 if fuse else comb["BLOCK_S"],
+                         "precision": cfg["precision"]})
         _decode_split_kernel[(n_kv_heads, splits)](
             q, kv, ks, vv, vs, m, l, acc, out, counter, pos, n_keys, per, splits, sk, sks, sv, svs,
             scale * LOG2E,

@@ -34,7 +34,6 @@ and multiplies once. Inside ``recording()`` every launch's applied configuration
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -44,6 +43,7 @@ from gguf import GGML_QUANT_SIZES
 from gguf import GGMLQuantizationType as QT
 
 from ..formats import Q8_BLOCK
+from . import LaunchLog
 from .moe import _expert_row, check_stacks_and_route, moe_decode_ref  # shared with the float kernel
 
 # bits a value and ggml bytes a block, from the gguf package's table of ggml's block types
@@ -62,25 +62,13 @@ CONFIG = {"gate_up": {"BLOCK_F": 4, "BLOCK_K": 1024, "num_warps": 2},
           "down": {"BLOCK_D": 8, "BLOCK_K": 1024, "num_warps": 4}}
 INTERPRETED_CONFIG = {"gate_up": {"BLOCK_F": 16, "BLOCK_K": 256, "num_warps": 4},
                       "down": {"BLOCK_D": 16, "BLOCK_K": 256, "num_warps": 4}}
-_launch_log: list | None = None      # ``recording``: the launches made meanwhile
-
-
-@contextlib.contextmanager
-def recording():
-    """Collect, in the list this yields, each launch's applied configuration (part, format, tiles,
-    form) made inside the block: what a decode step ran (``StaticDecode.moe_launches``)."""
-    global _launch_log
-    prev, _launch_log = _launch_log, []
-    try:
-        yield _launch_log
-    finally:
-        _launch_log = prev
+LAUNCHES = LaunchLog()     # each launch's applied configuration (part, format, tiles, form)
+recording = LAUNCHES.recording          # what a decode step ran: ``StaticDecode.moe_launches``
 
 
 def _record(part: str, fmt: str, cfg: dict) -> None:
-    if _launch_log is not None:
-        _launch_log.append({"part": part, "fmt": fmt, "form": "blocks" if cfg["SUMS"] else "gather",
-                            **{k: v for k, v in cfg.items() if k != "SUMS"}})
+    LAUNCHES.record({"part": part, "fmt": fmt, "form": "blocks" if cfg["SUMS"] else "gather",
+                     **{k: v for k, v in cfg.items() if k != "SUMS"}})
 
 
 @dataclass
