@@ -40,8 +40,8 @@ for step in $steps; do
             # MOE_ARGS: e.g. "--expert-format blocks --weight-format q8_0" (llama.cpp's bytes: Q4_0 experts, Q8_0 attention)
             python3 benchmarks/bench_moe_decode.py --kv bf16,q8_0 --depths 16,16384 --paths cuda_graph --timing both \
               --variants ${MOE_VARIANTS:-default,no_fused_gemv,moeloop:KVBENCH_MOE_UNROLL=0} --no-sweep ${MOE_ARGS:-} \
-              --max-seconds ${MOE_MAX_S:-330} --out "$OUT/moe_decode_variants.json" 2>&1 | grep -v "^\s*$" \
-              | tee "$OUT/moe-variants.log" | tail -40 ;;
+              --max-seconds ${MOE_MAX_S:-330} --out "$OUT/moe_decode_variants${MOE_TAG:-}.json" 2>&1 | grep -v "^\s*$" \
+              | tee "$OUT/moe-variants${MOE_TAG:-}.log" | tail -40 ;;
     lcbuildbg) # start the llama-bench CUDA build in the background (niced), so GPU steps run meanwhile; lcwait joins it
             (SECONDS=0; nice -n 19 python3 benchmarks/bench_llamacpp.py build .devcarry/llamacpp-src.tar.gz /tmp/lcb \
                > /tmp/lcbuild.out 2>&1; echo "llama-bench build: ${SECONDS} s (background, niced)" >> /tmp/lcbuild.out) &
@@ -191,7 +191,12 @@ for step in $steps; do
             [ -x /tmp/lcb/bin/llama-bench ] || [ -z "$(ls .devcarry/lcxz/llama-bench.xz* 2>/dev/null)" ] \
               || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcxz/llama-bench.xz* | xz -dc > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
             MOE_ARGS="--expert-format blocks --weight-format q8_0" MOE_VARIANTS=${MOE_VARIANTS:-default} \
-              MOE_MAX_S=${MOE_MAX_S:-150} bash "$0" moevar
+              MOE_MAX_S=${MOE_MAX_S:-150} MOE_TAG=${MOE_TAG:-_coderpeer} bash "$0" moevar
+            ;&       # then llama-bench on the same file, as lccoder
+    lccoder) # llama-bench alone on coder30b-synth (after moeblocks, whose step at the default is ours in the same call)
+            [ -x /tmp/lcb/bin/llama-bench ] || [ -z "$(ls .devcarry/lcxz/llama-bench.xz* 2>/dev/null)" ] \
+              || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcxz/llama-bench.xz* | xz -dc > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
+            python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
             [ -x /tmp/lcb/bin/llama-bench ] && python3 benchmarks/bench_llamacpp.py bench $KVBENCH_CACHE/synth/coder30b-synth.gguf \
               --bin /tmp/lcb/bin/llama-bench --ctk f16,q8_0 --depths 16,16384 --reps ${LCB_REPS:-3} --tg 32 \
               --out "$OUT/llamacpp-coder.json" 2>&1 | tail -8 | tee "$OUT/llamacpp-coder.log" ;;
