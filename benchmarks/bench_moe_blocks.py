@@ -36,9 +36,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.kernels import moe_blocks as mb  # noqa: E402
 
 ENV = {"gate_up": {"BLOCK_F": "KVBENCH_MOE_BLOCKS_GU_BLOCK_F", "BLOCK_K": "KVBENCH_MOE_BLOCKS_GU_BLOCK_K",
-                   "num_warps": "KVBENCH_MOE_BLOCKS_GU_WARPS"},
+                   "num_warps": "KVBENCH_MOE_BLOCKS_GU_WARPS", "SUMS": "KVBENCH_MOE_BLOCKS_GU_SUMS"},
        "down": {"BLOCK_D": "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_D", "BLOCK_K": "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K",
-                "num_warps": "KVBENCH_MOE_BLOCKS_DOWN_WARPS"}}
+                "num_warps": "KVBENCH_MOE_BLOCKS_DOWN_WARPS", "SUMS": "KVBENCH_MOE_BLOCKS_DOWN_SUMS"}}
 assert ENV == mb._TUNABLES, "the sweep's settings drifted from engine.kernels.moe_blocks"
 
 
@@ -183,10 +183,7 @@ def main() -> int:
     for part, r in doc["parts"].items():
         if r["best"]:
             for key, var in ENV[part].items():
-                env[var] = str(r["best"][key])
-    forms = {r["best"]["SUMS"] for r in doc["parts"].values() if r["best"]}
-    if len(forms) == 1:
-        env["KVBENCH_MOE_BLOCKS_FORM"] = "blocks" if forms.pop() else "gather"
+                env[var] = str(int(r["best"][key]))     # SUMS as 0/1, the settings' bool
     doc["best_env"] = env
     doc["total_s"] = time.perf_counter() - t0
     if doc["skipped"]:

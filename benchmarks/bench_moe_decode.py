@@ -207,7 +207,8 @@ KERNEL_SETTINGS = {"KVBENCH_DECODE_BLOCK_N", "KVBENCH_DECODE_PROGRAMS_PER_SM", "
                    # the MoE-blocks kernels' (recorded as ``StaticDecode.moe_launches``)
                    "KVBENCH_MOE_BLOCKS_FORM", "KVBENCH_MOE_BLOCKS_GU_BLOCK_F", "KVBENCH_MOE_BLOCKS_GU_BLOCK_K",
                    "KVBENCH_MOE_BLOCKS_GU_WARPS", "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_D",
-                   "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K", "KVBENCH_MOE_BLOCKS_DOWN_WARPS"}
+                   "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K", "KVBENCH_MOE_BLOCKS_DOWN_WARPS",
+                   "KVBENCH_MOE_BLOCKS_GU_SUMS", "KVBENCH_MOE_BLOCKS_DOWN_SUMS"}
 VARIANTS = {"default": {}, "baseline": {v: "0" for v in DECODE_SETTINGS.values()}}
 for _short, _name in DECODE_SETTINGS.items():
     VARIANTS[f"no_{_short}"] = {_name: "0"}

@@ -95,24 +95,32 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "32-value block's products summed, then times its one scale) or gather (each value times its "
        "block's scale, loaded per value); the same values, summed in another order",
        choices=("blocks", "gather")),
-    _s("KVBENCH_MOE_BLOCKS_FORM", "choice", "gather", "engine.kernels.moe_blocks' sums: blocks (a "
+    _s("KVBENCH_MOE_BLOCKS_FORM", "choice", "auto", "engine.kernels.moe_blocks' sums: blocks (a "
        "32-value block's products summed, then times its one scale) or gather (each value times its "
-       "block's scale, loaded per value); the same values, summed in another order",
-       choices=("blocks", "gather")),
+       "block's scale, loaded per value); the same values, summed in another order; auto: each "
+       "launch's measured default (moe_blocks.CONFIG: blocks on the GPU, gather interpreted) or its "
+       "part's KVBENCH_MOE_BLOCKS_GU_SUMS / KVBENCH_MOE_BLOCKS_DOWN_SUMS",
+       choices=("auto", "blocks", "gather")),
     _s("KVBENCH_MOE_UNROLL", "bool", True, "engine.kernels.moe's loops unrolled at compile time "
        "(every weight load of a program in flight together)"),
     _s("KVBENCH_MOE_BLOCKS_GU_BLOCK_F", "int", None, "engine.kernels.moe_blocks gate/up rows per program "
-       "(default 4 on the GPU, 16 interpreted)", lo=1, hi=256),
+       "(default 8 on the GPU, 16 interpreted)", lo=1, hi=256),
     _s("KVBENCH_MOE_BLOCKS_GU_BLOCK_K", "int", None, "engine.kernels.moe_blocks gate/up values of d per "
-       "step (a power of two >= 32; default 1024 on the GPU, 256 interpreted)", lo=32, hi=4096),
+       "step (a power of two >= 32; default 512 on the GPU, 256 interpreted)", lo=32, hi=4096),
     _s("KVBENCH_MOE_BLOCKS_GU_WARPS", "int", None, "engine.kernels.moe_blocks gate/up warps (default 2 on the GPU, 4 interpreted)",
        lo=1, hi=32),
     _s("KVBENCH_MOE_BLOCKS_DOWN_BLOCK_D", "int", None, "engine.kernels.moe_blocks down output rows per "
-       "program (default 8 on the GPU, 16 interpreted)", lo=1, hi=256),
+       "program (default 4 on the GPU, 16 interpreted)", lo=1, hi=256),
     _s("KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K", "int", None, "engine.kernels.moe_blocks down values of ff per "
-       "step (a power of two >= 32; default 1024 on the GPU, 256 interpreted)", lo=32, hi=4096),
+       "step (a power of two >= 32; default 512 on the GPU, 256 interpreted)", lo=32, hi=4096),
     _s("KVBENCH_MOE_BLOCKS_DOWN_WARPS", "int", None, "engine.kernels.moe_blocks down warps (default 4)",
        lo=1, hi=32),
+    _s("KVBENCH_MOE_BLOCKS_GU_SUMS", "bool", None, "engine.kernels.moe_blocks gate/up in the per-block "
+       "sum form (1) or the per-value one (0); default 1 on the GPU, 0 interpreted; "
+       "KVBENCH_MOE_BLOCKS_FORM, when not auto, sets both parts"),
+    _s("KVBENCH_MOE_BLOCKS_DOWN_SUMS", "bool", None, "engine.kernels.moe_blocks down in the per-block "
+       "sum form (1) or the per-value one (0); default 1 on the GPU, 0 interpreted; "
+       "KVBENCH_MOE_BLOCKS_FORM, when not auto, sets both parts"),
     _s("KVBENCH_DECODE_ROPE_APPEND", "bool", True, "the captured decode step rotates q/k (RoPE) and "
        "appends K/V in one Triton launch (kv_append.rope_append_at) on layers through the gemv kernel "
        "without q/k norms or with per-head ones (normed in the launch), instead of the compiled "

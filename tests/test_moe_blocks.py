@@ -124,6 +124,28 @@ def test_tile_settings_are_read_at_each_launch_and_checked(monkeypatch):
         settings.validate()
 
 
+
+def test_each_part_takes_its_form_and_the_form_setting_overrides_both(monkeypatch):
+    """The sum form is per part (CONFIG's SUMS, or the part's _SUMS setting); FORM=blocks|gather
+    sets both; what each launch ran is in the launch log, not only in the configuration."""
+    from engine.kernels import moe_blocks as mb
+    raw, _ = ggml_stack("q4_0", 2, 64, 64, seed=5)
+    st = BlockStack.from_ggml(raw, "q4_0", (2, 64, 64))
+    args = (torch.randn(1, 64), st, st, st, torch.tensor([1]), torch.tensor([1.0]))
+
+    def ran():
+        with mb.recording() as log:
+            moe_decode_blocks(*args)
+        return {r["part"]: r["form"] for r in log}
+
+    monkeypatch.setenv("KVBENCH_MOE_BLOCKS_GU_SUMS", "1")
+    monkeypatch.setenv("KVBENCH_MOE_BLOCKS_DOWN_SUMS", "0")
+    assert ran() == {"gate_up": "blocks", "down": "gather"}
+    monkeypatch.setenv("KVBENCH_MOE_BLOCKS_FORM", "gather")
+    assert ran() == {"gate_up": "gather", "down": "gather"}
+    monkeypatch.setenv("KVBENCH_MOE_BLOCKS_FORM", "blocks")
+    assert ran() == {"gate_up": "blocks", "down": "blocks"}
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("form", ["blocks", "gather"])
 @pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])

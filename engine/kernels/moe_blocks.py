@@ -24,9 +24,9 @@ check ``dequantize`` itself against ``gguf.quants``.
 It is two launches, each callable alone (``gate_up_launch``, ``down_launch``: what
 benchmarks/bench_moe_blocks.py times): tiles and sum form come from ``launch_config`` at each
 launch (``CONFIG`` on the GPU, measured; ``INTERPRETED_CONFIG`` under the interpreter; the
-tile settings (``_TUNABLES``) over either). The form (``KVBENCH_MOE_BLOCKS_FORM``):
-"gather" multiplies each value by its block's scale, "blocks" sums a block's 32 products first
-and multiplies once. Inside ``recording()`` every launch's applied configuration is logged
+tile settings (``_TUNABLES``) over either). The form (each config's ``SUMS``, or
+a part's ``_SUMS`` setting, ``KVBENCH_MOE_BLOCKS_FORM`` over both): "gather" multiplies each value by its block's
+scale, "blocks" sums a block's 32 products first and multiplies once. Inside ``recording()`` every launch's applied configuration is logged
 (``StaticDecode.moe_launches``), so what a decode step ran is observable.
 
     gate = BlockStack.from_ggml(raw_gate, "q4_0", (E, ff, d))
@@ -53,15 +53,19 @@ assert GGML_QUANT_SIZES[QT.Q8_0][0] == BLOCK == Q8_BLOCK
 
 # Tile sizes: gate_up: BLOCK_F rows of gate and up per program, BLOCK_K values of d per step;
 # down: BLOCK_D output rows per program, BLOCK_K values of ff per step (multiples of 32).
+# SUMS: the form, True = "blocks" (a block's 32 products summed, then times its scale), False =
+# "gather" (each value times its block's scale); the part's _SUMS setting, or
+# KVBENCH_MOE_BLOCKS_FORM=blocks|gather for both parts, overrides it.
 # The GPU's: the fastest of benchmarks/bench_moe_blocks.py's sweep at coder30b's geometry (Q4_0,
-# per-value "gather" form; reports/h200-2026-12-05 call 2, H100): gate/up 18.4 us and down 12.1
-# us a launch, against 47 and 28 us (H200) at the first guess of 16 x 256 x 4 warps, which the
-# interpreter keeps (it runs programs one by one: few, wide ones). The per-block form had not
-# compiled in that call; it is the next sweep's to place.
-CONFIG = {"gate_up": {"BLOCK_F": 4, "BLOCK_K": 1024, "num_warps": 2},
-          "down": {"BLOCK_D": 8, "BLOCK_K": 1024, "num_warps": 4}}
-INTERPRETED_CONFIG = {"gate_up": {"BLOCK_F": 16, "BLOCK_K": 256, "num_warps": 4},
-                      "down": {"BLOCK_D": 16, "BLOCK_K": 256, "num_warps": 4}}
+# forms x rows {2,4,8} x BLOCK_K {512,1024} x warps {2,4}; reports/h100-2026-12-05c call 1, H100,
+# each launch reading HBM): gate/up 11.2 us (1269 GB/s) at blocks 8 x 512 x 2 warps, down 10.5 us
+# (673 GB/s) at blocks 4 x 512 x 4 warps, against 18.4 and 12.3 us for the best per-value tiles
+# (the previous defaults) and 47 / 28 us (H200) at the first guess of 16 x 256 x 4 warps, which
+# the interpreter keeps (it runs programs one by one: few, wide ones), in the per-value form.
+CONFIG = {"gate_up": {"BLOCK_F": 8, "BLOCK_K": 512, "num_warps": 2, "SUMS": True},
+          "down": {"BLOCK_D": 4, "BLOCK_K": 512, "num_warps": 4, "SUMS": True}}
+INTERPRETED_CONFIG = {"gate_up": {"BLOCK_F": 16, "BLOCK_K": 256, "num_warps": 4, "SUMS": False},
+                      "down": {"BLOCK_D": 16, "BLOCK_K": 256, "num_warps": 4, "SUMS": False}}
 LAUNCHES = LaunchLog()     # each launch's applied configuration (part, format, tiles, form)
 recording = LAUNCHES.recording          # what a decode step ran: ``StaticDecode.moe_launches``
 
@@ -320,8 +324,9 @@ def launch_config(part: str) -> dict:
         from ..errors import ConfigError
         raise ConfigError(f"{_TUNABLES[part]['BLOCK_K']}={bk} is not a power of two >= {BLOCK}",
                           "use 32, 64, 128, 256, ...")
+    form = settings.get("KVBENCH_MOE_BLOCKS_FORM")
     return {**cfg, "UNROLL": bool(settings.get("KVBENCH_MOE_UNROLL")),
-            "SUMS": settings.get("KVBENCH_MOE_BLOCKS_FORM") == "blocks"}
+            "SUMS": bool(cfg["SUMS"]) if form == "auto" else form == "blocks"}
 
 
 def gate_up_launch(x1: torch.Tensor, gate: BlockStack, up: BlockStack, ids: torch.Tensor,
@@ -361,9 +366,9 @@ def down_launch(h: torch.Tensor, down: BlockStack, ids: torch.Tensor, table: tor
 
 
 _TUNABLES = {"gate_up": {"BLOCK_F": "KVBENCH_MOE_BLOCKS_GU_BLOCK_F", "BLOCK_K": "KVBENCH_MOE_BLOCKS_GU_BLOCK_K",
-                         "num_warps": "KVBENCH_MOE_BLOCKS_GU_WARPS"},
+                         "num_warps": "KVBENCH_MOE_BLOCKS_GU_WARPS", "SUMS": "KVBENCH_MOE_BLOCKS_GU_SUMS"},
              "down": {"BLOCK_D": "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_D", "BLOCK_K": "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K",
-                      "num_warps": "KVBENCH_MOE_BLOCKS_DOWN_WARPS"}}
+                      "num_warps": "KVBENCH_MOE_BLOCKS_DOWN_WARPS", "SUMS": "KVBENCH_MOE_BLOCKS_DOWN_SUMS"}}
 
 
 # --- torch reference ------------------------------------------------------------------------
