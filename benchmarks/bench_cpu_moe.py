@@ -169,28 +169,6 @@ def layer_timings(spec, threads: list[int], reps: int = 50) -> dict:
         out["device_bf16_us"] = 1e3 * triton.testing.do_bench(lambda: moe_decode(xd, *flt, idd, pd))
         ref = moe_decode(xd, *[s.dequantize().to(dev) for s in stacks], idd, pd)
         out["device_blocks_err"] = ((moe_decode_blocks(xd, *blk, idd, pd) - ref).abs().max() / ref.abs().max()).item()
-        # the blocks kernel's tiles (read at each launch from the settings): a small sweep
-        sweep = []
-        for gu_f, gu_k, dn_d, dn_k, warps in ((16, 256, 16, 256, 4), (8, 256, 8, 256, 4), (32, 256, 8, 256, 4),
-                                              (16, 512, 8, 512, 4), (16, 256, 4, 256, 4), (8, 512, 8, 256, 2),
-                                              (32, 512, 16, 512, 8)):
-            env = {"KVBENCH_MOE_BLOCKS_GU_BLOCK_F": gu_f, "KVBENCH_MOE_BLOCKS_GU_BLOCK_K": gu_k,
-                   "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_D": dn_d, "KVBENCH_MOE_BLOCKS_DOWN_BLOCK_K": dn_k,
-                   "KVBENCH_MOE_BLOCKS_GU_WARPS": warps, "KVBENCH_MOE_BLOCKS_DOWN_WARPS": warps}
-            old = {k: os.environ.get(k) for k in env}
-            os.environ.update({k: str(v) for k, v in env.items()})
-            try:
-                us = 1e3 * triton.testing.do_bench(lambda: moe_decode_blocks(xd, *blk, idd, pd))
-                sweep.append({"tiles": env, "us": us})
-            except Exception as exc:       # noqa: BLE001 - a tile the kernel cannot take: recorded
-                sweep.append({"tiles": env, "error": f"{type(exc).__name__}: {str(exc)[:120]}"})
-            finally:
-                for k, v in old.items():
-                    if v is None:
-                        os.environ.pop(k, None)
-                    else:
-                        os.environ[k] = v
-        out["device_blocks_sweep"] = sweep
         out["bytes_blocks"] = k * 3 * ff * d * 18 // 32
         out["bytes_bf16"] = k * 3 * ff * d * 2
     return out
@@ -219,17 +197,19 @@ def main(argv=None) -> int:
     from engine.models import spec_for
     spec = spec_for(args.model)
     threads = [int(x) for x in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
+    context_mib = None
+    if dev == "cuda":      # what the process holds before any model: CUDA context and torch's own
+        torch.empty(1, device=dev)
+        context_mib = used_vram_mib(os.getpid())
     layer = layer_timings(spec, threads)
+    if dev == "cuda":
+        torch.cuda.empty_cache()
     print(f"one layer, k={spec.n_experts_used}: host {layer['host_us']} us, pack {layer['pack_layer_s']:.2f} s"
           + (f"; device blocks {layer['device_blocks_us']:.1f} us vs bf16 {layer['device_bf16_us']:.1f} us"
              if "device_blocks_us" in layer else ""), flush=True)
-    timed = [t for t in layer.get("device_blocks_sweep", []) if "us" in t]
-    if timed:
-        best = min(timed, key=lambda t: t["us"])
-        print(f"blocks kernel tiles: best {best['us']:.1f} us at {best['tiles']}", flush=True)
     cases = []
     result = {"model": args.model, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-              "torch": torch.__version__, "cases": cases, "layer": layer}
+              "torch": torch.__version__, "cases": cases, "layer": layer, "context_vram_mib": context_mib}
     for spec_case in args.cases.split(","):
         budget, n, *rest = spec_case.split(":")
         wf = rest[0] if rest else args.weight_format
@@ -285,6 +265,7 @@ def main(argv=None) -> int:
             case["process_vram_mib"] = used_vram_mib(os.getpid())
             if dev == "cuda":
                 case["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / 2 ** 20
+                case["cuda_reserved_mib"] = torch.cuda.memory_reserved() / 2 ** 20   # now, beside the process reading
                 torch.cuda.reset_peak_memory_stats()
             cases.append(case)
             speeds = ", ".join(f"d{c['depth']} {c['tok_s']:.1f} tok/s"
@@ -296,7 +277,9 @@ def main(argv=None) -> int:
             print(f"{args.model} budget {budget} cpu_moe {n}->{case['cpu_moe']} ({host}) KV {kv} weights {wf}: "
                   f"{case['decode_path']}, "
                   f"load {load_s:.1f} s, plan diff {case['plan_max_abs_diff']} B, trunk planned "
-                  f"{case['trunk_bytes'] / 2 ** 20:.0f} MiB, process VRAM {case['process_vram_mib']} MiB; {speeds}",
+                  f"{case['trunk_bytes'] / 2 ** 20:.0f} MiB, process VRAM {case['process_vram_mib']} MiB"
+                  + (f" (context {context_mib}, allocator {case['cuda_reserved_mib']:.0f})" if context_mib else "")
+                  + f"; {speeds}",
                   flush=True)
             del eng
             if args.out:                 # after every case: a timeout keeps what was measured
