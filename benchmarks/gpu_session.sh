@@ -142,6 +142,9 @@ for step in $steps; do
             [ -x /tmp/lcb/bin/llama-bench ] || [ -z "$(ls .devcarry/lcxz/llama-bench.xz* 2>/dev/null)" ] \
               || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcxz/llama-bench.xz* | xz -dc > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
             python3 -c "from engine import models; models.resolve('coder30b-synth')" 2>&1 | tail -1
+            # a freshly written 18 GB file is still being flushed: llama.cpp's CPU layers timed during
+            # that ran at 34-40 tok/s with +/-8-22 (reports/h100-2026-12-05c call 4) against 81 quiet
+            sync
             for n in ${CPUMOE_N:-17 22}; do
               [ -x /tmp/lcb/bin/llama-bench ] && python3 benchmarks/bench_llamacpp.py bench $KVBENCH_CACHE/synth/coder30b-synth.gguf \
                 --bin /tmp/lcb/bin/llama-bench --ctk f16,q8_0 --depths ${CPUMOE_DEPTHS:-16,1024} --reps 3 --tg 32 --n-cpu-moe $n \
@@ -197,6 +200,7 @@ for step in $steps; do
             [ -x /tmp/lcb/bin/llama-bench ] || [ -z "$(ls .devcarry/lcxz/llama-bench.xz* 2>/dev/null)" ] \
               || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcxz/llama-bench.xz* | xz -dc > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
+            sync     # a fresh file's writeback competes with llama.cpp's host threads (see cpumoe)
             [ -x /tmp/lcb/bin/llama-bench ] && python3 benchmarks/bench_llamacpp.py bench $KVBENCH_CACHE/synth/coder30b-synth.gguf \
               --bin /tmp/lcb/bin/llama-bench --ctk f16,q8_0 --depths 16,16384 --reps ${LCB_REPS:-3} --tg 32 \
               --out "$OUT/llamacpp-coder.json" 2>&1 | tail -8 | tee "$OUT/llamacpp-coder.log" ;;

@@ -394,7 +394,13 @@ class Engine:
         self.reset()
         self._check_ctx(len(tokens) + max_new_tokens - 1)
         eos = self._eos()
-        nxt = int(self._live().head(self._step(tokens)[-1:]).argmax(-1)[0])
+        if len(tokens) == 1 and self.decode_path != "eager":
+            # a one-token prompt is one decode step (llama.cpp decodes it so), not a prefill: on
+            # MoE models over expert blocks the prefill path's fixed cost was ~0.1 s, half of a
+            # tg32 (reports/h100-2026-12-05c call 4). Eager: the same _step either way.
+            nxt = int(self._static_step(tokens[0])[1])
+        else:
+            nxt = int(self._live().head(self._step(tokens)[-1:]).argmax(-1)[0])
         new: list[int] = [nxt]
         self.last_stop_reason = "length"
         if stop_at_eos and nxt in eos:

@@ -518,6 +518,7 @@ class _Report:
             if not rows:
                 continue
             table = pd.DataFrame(rows)
+            self.md.append(f"`{chk}`" + self._applied_line(chk) + "\n")   # two throughput checks: which is which
             self.md.append(md_table(table) + "\n")
             cols = [c for c in table.columns if c.endswith("tok/s")]
             for m in self.models:
@@ -530,8 +531,26 @@ class _Report:
                            color=[COLORS.get(d, "#888888") for d in t.dtype])
                     ax.set_title(c)
                     ax.set_ylabel("tok/s")
-                fig.suptitle(f"{m}: throughput per KV dtype")
-                self.save(fig, f"{_slug(chk)}_{_slug(m)}.png", f"throughput, {m}")
+                fig.suptitle(f"{m}: {chk} per KV dtype")
+                self.save(fig, f"{_slug(chk)}_{_slug(m)}.png", f"{chk}, {m}")
+
+    def _applied_line(self, chk: str) -> str:
+        """What the check's engines applied (weights, experts, decode path), per model, from the
+        case records: ": coder30b-synth: weights q8_0, experts q4_0 (cpu_moe 0), cuda_graph"."""
+        parts = []
+        for m in self.models:
+            eng = next((self.case[(m, d, chk)].get("engine") or {} for d in self.dtypes
+                        if (m, d, chk) in self.case), {})
+            bits = [f"weights {eng['weight_format']}"] if eng.get("weight_format") else []
+            if eng.get("expert_format"):
+                ef = eng["expert_format"]
+                bits.append(("experts at the weights' format" if ef == "weights" else f"experts {ef}")
+                            + (f" (cpu_moe {eng['cpu_moe']})" if eng.get("cpu_moe") is not None else ""))
+            if eng.get("decode_path"):
+                bits.append(f"decode {eng['decode_path']}")
+            if bits:
+                parts.append(f"{m}: {', '.join(bits)}")
+        return (": " + "; ".join(parts)) if parts else ""
 
     def coherence(self) -> None:
         names = self.checks_of("coherence")

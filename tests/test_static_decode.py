@@ -89,6 +89,20 @@ def test_static_generate_equals_eager(triton_backend):
     assert eng.generate(PROMPT, 6, stop_at_eos=False) == eager
 
 
+def test_one_token_prompt_is_one_decode_step_not_a_prefill(triton_backend):
+    """generate() from a one-token prompt (the throughput check's tg<N>) runs that token
+    through the decode step, as llama.cpp does, not the prefill path; the tokens are eager's."""
+    eng = engine.load(synth.ensure("tiny-qwen3moe"), kv_dtype="bf16", ctx=40)
+    eager = eng.generate(PROMPT[:1], 6, stop_at_eos=False)
+    eng.set_decode_mode("static")
+    prefills = []
+    step = eng._step
+    eng._step = lambda ids: prefills.append(len(ids)) or step(ids)     # counts, then runs the real one
+    assert eng.generate(PROMPT[:1], 6, stop_at_eos=False) == eager
+    assert prefills == [] and eng.pos == 6
+    assert eng.generate(PROMPT[:3], 2, stop_at_eos=False) and prefills == [3]   # longer prompts: prefilled
+
+
 def test_static_decode_refuses_what_it_cannot_apply(monkeypatch):
     dense = engine.load(synth.ensure("tiny-llama"), ctx=32)
     with pytest.raises(ConfigError, match="attention backend is torch"):
