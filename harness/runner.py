@@ -10,7 +10,8 @@ baseline is deterministic). A metric record's unit and direction are its declara
 records the declarations of the suite's checks (``metrics``) for the report and ``compare``.
 Thresholds from the suite turn metrics into pass/fail; a case
 whose engine raises an ``EngineError`` is recorded as ``error`` and the run goes on.
-Returns a ``RunSummary``; the CLI maps it to exit code 0 (all pass) or 1 (a case failed).
+Returns a ``RunSummary``; the CLI maps it to exit code 0 (all pass) or 1 (a case failed, a
+case not run, or nothing measured: every case n/a is verdict "nothing measured", never a pass).
 
 Case statuses: ``pass``; ``fail`` (a gate measured and missed); ``incomplete`` (a gated
 metric skipped, missing or not finite, and not marked ``optional`` in the suite: exit 1 like
@@ -99,13 +100,16 @@ class RunSummary:
             return "error"
         if self.failed:
             return "fail"
-        return "incomplete" if self.not_run else "pass"
+        if self.not_run:
+            return "incomplete"
+        # every case declared n/a (or none at all): nothing was measured, so nothing passed
+        return "pass" if any(c["status"] == "pass" for c in self.cases) else "nothing measured"
 
     @property
     def exit_code(self) -> int:
         if self.unexpected:
             return 3
-        return 1 if self.failed or self.not_run else 0
+        return 0 if self.verdict == "pass" else 1
 
 
 def _experts_applied(eng) -> dict:
@@ -687,6 +691,9 @@ def main(args) -> int:
         if c["status"] == "n/a":
             console.print(f"[dim]n/a[/dim] {c['model']} {c['kv_dtype']} {c['check']}: {c.get('reason')}",
                           highlight=False, soft_wrap=True)
+    if summary.verdict == "nothing measured":
+        console.print(f"[yellow]nothing measured[/yellow]: every one of the {len(summary.cases)} cases is n/a; "
+                      "pick a model the suite's checks apply to", highlight=False, soft_wrap=True)
     if summary.not_run:
         console.print(f"[yellow]incomplete[/yellow]: {summary.not_run} of {summary.expected} cases not run; "
                       f"rerun with --resume --out {out}", highlight=False, soft_wrap=True)

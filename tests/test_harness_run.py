@@ -259,3 +259,18 @@ def test_missing_user_model_is_bad_input(tmp_path, monkeypatch):
     assert proc.returncode == 2
     assert proc.stderr.startswith("error: model 'coder30b'") and "Qwen3-Coder-30B-A3B-Instruct" in proc.stderr
     assert proc.stderr.count("\n") == 1
+
+
+def test_a_run_where_every_case_is_na_is_not_a_pass(tmp_path):
+    """A suite whose only check declares itself n/a on the model (expert blocks on a model whose
+    experts are F32) measured nothing: verdict "nothing measured", exit 1, never "pass"."""
+    suite = tmp_path / "blocks.toml"
+    suite.write_text('[suite]\nname = "blocks-only"\nmodels = ["tiny-qwen3moe"]\nbaseline = "fp32"\n'
+                     'kv_dtypes = ["bf16"]\ndevice = "cpu"\nctx = 256\nseed = 0\n\n'
+                     '[[check]]\nkind = "throughput"\nname = "throughput_blocks"\nexpert_format = "blocks"\n'
+                     'pp = 8\ntg = 4\n')
+    proc = subprocess.run([sys.executable, "-m", "harness", "run", str(suite), "--out", str(tmp_path / "r"),
+                           "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    last = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert last["statuses"] == {"n/a": 2} and last["verdict"] == "nothing measured", proc.stdout[-2000:]
+    assert proc.returncode == 1 and "nothing measured: every one of the 2 cases is n/a" in proc.stdout
