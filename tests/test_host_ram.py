@@ -196,6 +196,9 @@ def test_default_suite_on_scaled_down_coder30b(tmp_path):
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "ran on: **cpu** (requested `auto`)" in md and f"`{MINI}` **bf16** (requested auto" in md
     assert "at most 1 engine(s) holding weights at once" in md
+    # on the CPU the suite's smaller warm-up runs are applied (on CUDA it is always full size)
+    infos = [r["info"] for r in recs if r["type"] == "info" and r["check"] == "throughput"]
+    assert len(infos) == 3 and all(i["warmup_tokens"] == i["warmup_tokens_requested"] == 16 for i in infos)
     # the two throughput tables say which check and which weights each is
     assert f"`throughput`: {MINI}: weights bf16, experts at the weights' format" in md
     assert f"`throughput_blocks`: {MINI}: weights q8_0, experts q4_0 (cpu_moe 0)" in md
