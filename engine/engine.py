@@ -68,7 +68,7 @@ class Engine:
     name = "kvbench"
     capabilities = frozenset({"logits", "chunked_logits", "generate", "chat", "prefill", "kv_applied",
                               "kv_bytes", "plan", "prefill_stats", "caches", "attn_math", "routes",
-                              "prefill_path", "generate_batch"})
+                              "prefill_path", "generate_batch", "decode_at"})
 
     def __init__(self, path: Path, g: GGUFFile, spec: ModelSpec, model: Transformer, tokenizer,
                  kv_dtype: str, device: torch.device, ctx: int, wave_budget_bytes: int,
@@ -420,6 +420,30 @@ class Engine:
         # a batch computed past an EOS (its KV rows lie beyond the position: harmless)
         self.pos = len(tokens) + len(new) - 1
         return new[:max_new_tokens]
+
+    def rewind(self, pos: int) -> None:
+        """Forget positions ``pos..``: the next step writes at ``pos``. Exact for linear caches
+        (rows are addressed by position and written before they are read again). A
+        sliding-window ring may already have overwritten rows a position before ``pos`` still
+        needs, so an engine with one raises ConfigError and nothing changes."""
+        if not 0 <= pos <= self.pos:
+            raise ConfigError(f"rewind({pos}) outside the sequence of {self.pos} positions",
+                              "rewind to a position between 0 and the current one")
+        from .kv_ring import RingKV
+        rings = [i for i, c in enumerate(self.caches) if isinstance(c, RingKV)]
+        if rings and pos < self.pos:
+            raise ConfigError(f"rewind cannot be applied: layer {rings[0]} is a sliding-window ring "
+                              f"({len(rings)} such layers), whose rows before position {pos} may be overwritten",
+                              "prefill the sequence again instead")
+        self.pos = pos
+
+    def decode_greedy(self, token: int, n: int) -> list[int]:
+        """Feed ``token`` at the current position, then its greedy continuation: ``n`` decode
+        steps on the applied decode path, their ``n`` argmax tokens (no EOS stop). With
+        ``rewind`` it times decode at a depth as llama-bench's ``tg N @ d D`` does."""
+        if n < 1:
+            raise ConfigError(f"decode_greedy(n={n})", "ask for at least one token")
+        return [t for batch in self._greedy(int(token), n) for t in batch]
 
     def _eos(self) -> set[int]:
         eos = set(self.tokenizer.eos_ids)

@@ -39,6 +39,10 @@ Capabilities:
 - ``prefill_path``: ``prefill_path`` and ``set_prefill_path(path)`` (``exact`` or ``fast``:
   bfloat16 SDPA over the stored KV rows), so a throughput check can time the fast path and
   record which path produced its number;
+- ``decode_at``: ``rewind(pos)`` (forget positions ``pos..``; raises where the caches cannot) and
+  ``decode_greedy(token, n) -> list[int]`` (feed ``token`` at the current position, then ``n``
+  greedy decode steps in all, no EOS stop), so a throughput check can time decode at a depth
+  (llama-bench's ``tg N @ d D``) from one prefill;
 - ``routes``: ``routed_logits(tokens, chunk=None, routes=None) -> (logits [T, V], routes [L_moe, T, k]
   long)``: ``logits`` plus the experts each MoE layer chose at each position (ids ascending;
   [0, T, 0] on a dense model); ``routes=`` forces those experts (weighted by the engine's own
@@ -66,9 +70,10 @@ CAP_ATTN_MATH = "attn_math"
 CAP_ROUTES = "routes"
 CAP_PREFILL_PATH = "prefill_path"
 CAP_GENERATE_BATCH = "generate_batch"
+CAP_DECODE_AT = "decode_at"
 CAPABILITIES = (CAP_LOGITS, CAP_CHUNKED_LOGITS, CAP_GENERATE, CAP_CHAT, CAP_PREFILL, CAP_KV_APPLIED,
                 CAP_KV_BYTES, CAP_PLAN, CAP_PREFILL_STATS, CAP_CACHES, CAP_TOPK_LOGPROBS, CAP_ATTN_MATH,
-                CAP_ROUTES, CAP_PREFILL_PATH, CAP_GENERATE_BATCH)
+                CAP_ROUTES, CAP_PREFILL_PATH, CAP_GENERATE_BATCH, CAP_DECODE_AT)
 
 
 @runtime_checkable

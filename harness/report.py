@@ -512,7 +512,7 @@ class _Report:
                         continue
                     row = {"model": m, "dtype": d}
                     for x in df.metric:
-                        if re.fullmatch(r"(pp|tg)\d+", str(x)):
+                        if re.fullmatch(r"(pp|tg)\d+(@d\d+)?", str(x)):
                             row[f"{x} tok/s"] = self.value(m, d, chk, x)
                     rows.append(row)
             if not rows:

@@ -41,7 +41,7 @@ from engine.kv_spec import cell_formats
 from .report import _num, md_table, register_section
 from .speedstats import DEFAULT_MAX_CV, spread
 
-SPEED_RE = re.compile(r"(pp|tg)\d+")
+SPEED_RE = re.compile(r"(pp|tg)\d+(@d\d+)?")      # tg<N>@d<D>: decode at a depth
 
 
 def _f(v) -> float | None:

@@ -119,3 +119,29 @@ def test_generate_stops_at_eos(smol):
 def test_context_overflow_is_a_clear_error(smol):
     with pytest.raises(engine.errors.ContextOverflowError, match="ctx"):
         smol.logits(list(range(2000)))
+
+
+def test_rewind_and_decode_greedy_continue_generate_from_a_depth():
+    """What the throughput check's tg<N>@d<D> runs: decode_greedy after a prefill gives
+    generate's greedy tokens; rewinding to the depth and decoding again gives them again (rows
+    rewritten before they are read); a sliding-window ring refuses to rewind back, naming why."""
+    from engine import synth
+    from engine.errors import ConfigError
+    from engine.kv_ring import RingKV
+    eng = engine.load(synth.ensure("tiny-qwen3"), kv_dtype="q8_0", ctx=128)
+    prompt = list(range(5, 45))
+    want = eng.generate(prompt, 7, stop_at_eos=False)
+    first = int(eng.prefill(prompt).argmax())
+    assert first == want[0]
+    assert eng.decode_greedy(first, 6) == want[1:]
+    eng.rewind(len(prompt))
+    assert eng.decode_greedy(first, 6) == want[1:] and eng.pos == len(prompt) + 6
+    with pytest.raises(ConfigError, match="outside the sequence"):
+        eng.rewind(eng.pos + 1)
+    ring = engine.load(synth.ensure("tiny-gemma3"), ctx=1024)
+    assert any(isinstance(c, RingKV) for c in ring.caches)
+    ring.prefill(prompt)
+    ring.rewind(len(prompt))                       # nothing forgotten: allowed
+    with pytest.raises(ConfigError, match="sliding-window ring"):
+        ring.rewind(10)
+    assert ring.pos == len(prompt)

@@ -274,3 +274,25 @@ def test_a_run_where_every_case_is_na_is_not_a_pass(tmp_path):
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last["statuses"] == {"n/a": 2} and last["verdict"] == "nothing measured", proc.stdout[-2000:]
     assert proc.returncode == 1 and "nothing measured: every one of the 2 cases is n/a" in proc.stdout
+
+
+def test_throughput_times_decode_at_a_depth_or_says_why_not(tmp_path):
+    """tg_depths = [D]: metric tg<N>@d<D> timed after a D-token prefill; on a model whose
+    sliding-window rings cannot rewind, the metric is skipped with that reason (never a
+    depth-0 number under the depth's name)."""
+    out = {}
+    for model, ctx in (("tiny-qwen3", 256), ("tiny-gemma3", 1024)):
+        suite = tmp_path / f"{model}.toml"
+        suite.write_text(f'[suite]\nname = "depth"\nmodels = ["{model}"]\nbaseline = "fp32"\nkv_dtypes = ["q8_0"]\n'
+                         f'device = "cpu"\nctx = {ctx}\nseed = 0\n\n[[check]]\nkind = "throughput"\npp = 8\ntg = 4\n'
+                         'warmup = 0\ntg_depths = [64]\n')
+        proc = subprocess.run([sys.executable, "-m", "harness", "run", str(suite), "--out", str(tmp_path / model),
+                               "--no-progress"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+        out[model] = {(r["kv_dtype"], r["metric"]): r for r in read_records(tmp_path / model)
+                      if r["type"] == "metric" and r["metric"].startswith("tg4@d64")}
+    for d in ("fp32", "q8_0"):
+        assert out["tiny-qwen3"][(d, "tg4@d64")]["value"] > 0
+        assert out["tiny-qwen3"][(d, "tg4@d64 CV")]["value"] is not None
+        skipped = out["tiny-gemma3"][(d, "tg4@d64")]
+        assert skipped["value"] is None and "sliding-window ring" in skipped["skipped"]

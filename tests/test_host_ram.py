@@ -160,7 +160,8 @@ def test_default_suite_on_scaled_down_coder30b(tmp_path):
                  "--no-progress",
                  # smaller work, same path: the wave prefill still crosses 4096 tokens (RoPE's first
                  # table) in waves; positions 4096..4223 compared
-                 "--set", "wave_prefill.tokens=4224", "--set", "throughput.pp=64", "--set", "throughput.tg=16"],
+                 "--set", "wave_prefill.tokens=4224", "--set", "throughput.pp=64", "--set", "throughput.tg=16",
+                 "--set", "throughput_blocks.tg_depths=[128]"],
                 {"KVBENCH_HOST_RAM": str(ram)})
     assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -199,6 +200,10 @@ def test_default_suite_on_scaled_down_coder30b(tmp_path):
     # on the CPU the suite's smaller warm-up runs are applied (on CUDA it is always full size)
     infos = [r["info"] for r in recs if r["type"] == "info" and r["check"] == "throughput"]
     assert len(infos) == 3 and all(i["warmup_tokens"] == i["warmup_tokens_requested"] == 16 for i in infos)
+    # decode at a depth, on the blocks row (the suite's 4096, set to 128 here)
+    depth = [r for r in recs if r["type"] == "metric" and r["check"] == "throughput_blocks"
+             and r["metric"].startswith("tg") and r["metric"].endswith("@d128")]
+    assert len(depth) == 3 and all(r["value"] > 0 for r in depth)
     # the two throughput tables say which check and which weights each is
     assert f"`throughput`: {MINI}: weights bf16, experts at the weights' format" in md
     assert f"`throughput_blocks`: {MINI}: weights q8_0, experts q4_0 (cpu_moe 0)" in md

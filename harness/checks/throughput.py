@@ -10,7 +10,14 @@ the warm-up is always full size, since the first run at a new size compiles and 
 for it: pp256 after a pp16 warm-up timed 68-92 tok/s against ~350 for the next four,
 reports/h100-2026-12-05c call 5; ``info.warmup_tokens`` is the size applied).
 
-Per measure (``pp<N>`` / ``tg<N>``), with ``harness.speedstats.spread`` over the samples:
+``tg<N>@d<D>`` for each ``tg_depths`` entry D (llama-bench's ``tg N @ d D``, where a KV dtype's
+bytes show: at depth 0 the KV is a few kB): the D context tokens are prefilled once, untimed;
+each sample rewinds to D (``Engine.rewind``, untimed) and times N greedy decode steps from
+there (``decode_greedy``). An engine without ``rewind`` / ``decode_greedy`` (capability
+``decode_at``), or whose caches cannot rewind (sliding-window rings), gets the metric skipped
+with the reason, never a depth-0 number under a depth label.
+
+Per measure (``pp<N>`` / ``tg<N>`` / ``tg<N>@d<D>``), with ``harness.speedstats.spread`` over the samples:
 
 - metric ``<name>``: the median tok/s (the gated value); its ``detail`` says ``unstable``
   when the row is;
@@ -51,7 +58,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..engine_api import CAP_CHAT, CAP_GENERATE, CAP_LOGITS, CAP_PREFILL, CAP_PREFILL_PATH, capabilities_of
+from engine.errors import ConfigError
+
+from ..engine_api import (CAP_CHAT, CAP_DECODE_AT, CAP_GENERATE, CAP_LOGITS, CAP_PREFILL, CAP_PREFILL_PATH,
+                          capabilities_of)
 from ..errors import SuiteError
 from ..schema import CheckConfig, param, threshold
 from ..speedstats import spread
@@ -74,10 +84,16 @@ class ThroughputConfig(CheckConfig):
     prefill_path: str = param("exact", help='"exact" (float32 maths over the stored KV, as accuracy '
                                             'checks run) or "fast" (bfloat16 SDPA: throughput only)')
     fast_delta_tokens: int = param(512, lo=2, help="prompt tokens of the fast-vs-exact logit comparison")
+    tg_depths: list[int] = param(default_factory=list,
+                                 help="depths D at which tg is timed again, as llama-bench's tg N @ d D: "
+                                      "metric tg<N>@d<D>, after one untimed prefill of D tokens")
     min_pp_tok_s: float | dict[str, float] | None = threshold("pp{pp}", ">=")
     min_tg_tok_s: float | dict[str, float] | None = threshold("tg{tg}", ">=")
 
     def validate(self, path, where: str) -> None:
+        if any(not isinstance(d, int) or isinstance(d, bool) or d < 1 for d in self.tg_depths):
+            raise SuiteError(path, f"{where}.tg_depths", f"{self.tg_depths!r} is not a list of depths",
+                             "positive token counts, e.g. [4096, 16384]")
         if self.prefill_path not in ("exact", "fast"):
             raise SuiteError(path, f"{where}.prefill_path", f"{self.prefill_path!r} is not a prefill path",
                              '"exact" or "fast"')
@@ -133,20 +149,42 @@ class LoadProbe:
 
 
 def _timed(fn, device: str, warmup: int, repeats: int, warm_n: int | None):
+    """tok/s of ``repeats`` calls of ``fn(None)`` after ``warmup`` untimed ``fn(warm_n)``. ``fn``
+    returns the tokens it ran, timed whole; or, with untimed set-up of its own (``_at_depth``),
+    a callable that runs the timed part and returns the tokens."""
     for _ in range(warmup):
-        fn(warm_n)
+        r = fn(warm_n)
+        if callable(r):
+            r()
     _sync(device)
     out, load1, others = [], [], []
     for _ in range(repeats):
+        run = fn(None)
+        _sync(device)
         with LoadProbe() as probe:
             t0 = time.perf_counter()
-            n = fn(None)
+            n = run() if callable(run) else run
             _sync(device)
             dt = time.perf_counter() - t0
         out.append(n / dt)
         load1.append(probe.load1)
         others.append(probe.others)
     return out, load1, others
+
+
+def _at_depth(eng, context: list[int], n_tokens: int):
+    """``tg<N>@d<D>``: one untimed prefill of the D context tokens (on the first call), then per
+    sample an untimed ``rewind(D)`` and the timed part: ``decode_greedy`` of N tokens from the
+    prefill's argmax, each step attending over the D tokens and those decoded so far."""
+    state = {}
+
+    def fn(n=None):
+        if "first" not in state:
+            state["first"] = int(eng.prefill(context).argmax())
+        eng.rewind(len(context))
+        k = n or n_tokens
+        return lambda: len(eng.decode_greedy(state["first"], k))
+    return fn
 
 
 @register
@@ -157,6 +195,8 @@ class Throughput(Check):
     metrics = (
         metric("pp{n}", "tok/s", "higher", "prompt processing (llama-bench pp<n>): median of the repetitions"),
         metric("tg{n}", "tok/s", "higher", "token generation (llama-bench tg<n>): median of the repetitions"),
+        metric("tg{n}@d{depth}", "tok/s", "higher",
+               "token generation after <depth> tokens of context (llama-bench tg<n> @ d<depth>): median"),
         metric("{measure} stddev", "tok/s", None, "spread of the repetitions"),
         metric("{measure} CV", "%", None, "coefficient of variation of the repetitions"),
         metric("{measure} unstable", "", None, "CV above max_cv_pct: not compared as a speed change"),
@@ -168,7 +208,7 @@ class Throughput(Check):
 
     def load_options(self, cfg: ThroughputConfig, suite):
         opts = super().load_options(cfg, suite)
-        opts["ctx"] = max(opts["ctx"], cfg.pp, cfg.tg + 1)
+        opts["ctx"] = max(opts["ctx"], cfg.pp, cfg.tg + 1, max(cfg.tg_depths, default=0) + cfg.tg)
         return opts
 
     def measure(self, eng, cfg: ThroughputConfig, state, ctx) -> Outcome:
@@ -195,15 +235,30 @@ class Throughput(Check):
                 fast_why = str(exc.args[0] if exc.args else exc)
         pp_name = f"pp{cfg.pp}"
         warm_n = None if str(ctx.device).startswith("cuda") else cfg.warmup_tokens     # see the docstring
-        for name, fn in ((pp_name, pp), (f"tg{cfg.tg}", tg)):
+        measures = [(pp_name, pp), (f"tg{cfg.tg}", tg)]
+        depth_why = {}
+        for depth in cfg.tg_depths:
+            name = f"tg{cfg.tg}@d{depth}"
+            if CAP_DECODE_AT not in capabilities_of(eng):
+                depth_why[name] = f"engine {eng.name} cannot decode from a depth (rewind + decode_greedy)"
+            measures.append((name, _at_depth(eng, prompt_tokens(eng.tokenizer, depth, ctx.seed + depth), cfg.tg)))
+        for name, fn in measures:
             if name == pp_name and fast_why:
                 out.skip(name, f"prefill path 'fast' not applied: {fast_why}", "tok/s", "higher")
+                continue
+            if name in depth_why:
+                out.skip(name, depth_why[name], "tok/s", "higher")
                 continue
             try:
                 if name == pp_name and fast:
                     eng.set_prefill_path("fast")
                     fast_act = getattr(eng, "prefill_activations", None)
                 samples, load1, others = _timed(fn, ctx.device, cfg.warmup, cfg.repeats, warm_n)
+            except ConfigError as exc:           # e.g. rewind on sliding-window rings: not measured, said so
+                if name == pp_name or "@d" not in name:
+                    raise
+                out.skip(name, f"not measured: {exc.args[0] if exc.args else exc}", "tok/s", "higher")
+                continue
             finally:
                 if name == pp_name and fast:
                     eng.set_prefill_path("exact")
