@@ -204,6 +204,20 @@ for step in $steps; do
             [ -x /tmp/lcb/bin/llama-bench ] && python3 benchmarks/bench_llamacpp.py bench $KVBENCH_CACHE/synth/coder30b-synth.gguf \
               --bin /tmp/lcb/bin/llama-bench --ctk f16,q8_0 --depths 16,16384 --reps ${LCB_REPS:-3} --tg 32 \
               --out "$OUT/llamacpp-coder.json" 2>&1 | tail -8 | tee "$OUT/llamacpp-coder.log" ;;
+    q8diag) # the q8_0 rows kernel's GPU precision (tests/test_kernels.py magnitude test): the test with
+            # each form's error, then whether float16 tensor-core dots accumulate as float32 does
+            bash "$0" q8test
+            python3 benchmarks/oneoff/tc_accum.py 2>&1 | tee "$OUT/tc-accum.log" ;;
+    blocksuite) # the default suite's throughput_blocks check alone on coder30b-synth (tg32 at depth 0 and
+            # 4096 per KV dtype: what the speed column says a KV dtype costs, on the engine's fast path)
+            python3 benchmarks/oneoff/blocks_suite.py /tmp/blocks.toml
+            python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
+            rm -rf /tmp/bsuite && SECONDS=0
+            timeout ${SUITE_TIMEOUT:-300} python3 -m harness run /tmp/blocks.toml --model coder30b-synth \
+              --out /tmp/bsuite/results --report /tmp/bsuite/report --no-progress 2>&1 | grep -v "^\s*$" \
+              | tee "$OUT/blocks-suite.log" | tail -15
+            echo "wall ${SECONDS} s" >> "$OUT/blocks-suite.log"
+            tar czf "$OUT/blocks-suite.tgz" -C /tmp/bsuite . ;;
     gemvbench) # bench_gemv alone (no tests): GEMV_ARGS picks weights, geometry, tiles and Q8_0 forms
             python3 benchmarks/bench_gemv.py ${GEMV_ARGS:---weights bf16,q8_0 --q8-forms blocks --variants default,2x512,4x256,8x256,8x512,16x512} \
               --out "$OUT/gemv${GEMV_TAG:-}.json" 2>&1 | tee "$OUT/bench-gemv${GEMV_TAG:-}.log" | tail -40 ;;

@@ -244,7 +244,8 @@ def test_a_check_needing_a_capability_the_engine_lacks_is_na(tmp_path, monkeypat
                      progress=False).run()
     assert {c["status"] for c in summary.cases} == {"n/a"}
     assert summary.cases[0]["reason"] == "engine kvbench does not provide kv_applied"
-    assert summary.exit_code == 0
+    # every case n/a: nothing was measured, which is not a pass
+    assert summary.verdict == "nothing measured" and summary.exit_code == 1
     monkeypatch.setattr(eng_mod.Engine, "capabilities", full - {"plan"})
     summary = Runner(_suite(checks='[[check]]\nkind = "vram"\nexercise_tokens = 8\n'), tmp_path / "b",
                      progress=False).run()

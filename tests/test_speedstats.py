@@ -16,6 +16,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 
 from harness import speedstats as ss
 
@@ -358,3 +359,40 @@ def test_compare_of_single_timings_is_untested_not_a_regression(tmp_path):
     head = _write_run(tmp_path / "head", {"fp32": {"tg128": [30.0]}})
     cmp = compare(base, head)
     assert not cmp.regressions and cmp.speed[0]["verdict"] == "untested"
+
+
+class _DepthEngine(_TimedEngine):
+    """A slow prefill (0.3 s) and a decode at depth that takes 0.05 s: tg<N>@d<D> must time the
+    decode alone, from one prefill, rewinding to the depth before each sample."""
+    name = "timed"
+    capabilities = frozenset({"prefill", "generate", "chat", "decode_at"})
+
+    def __init__(self):
+        super().__init__([], [])
+        self.prefills, self.rewinds = 0, []
+
+    def prefill(self, tokens):
+        self.prefills += 1
+        time.sleep(0.3)
+        return torch.zeros(8)
+
+    def rewind(self, pos):
+        self.rewinds.append(pos)
+
+    def decode_greedy(self, token, n):
+        time.sleep(0.05)
+        return [0] * n
+
+
+def test_decode_at_a_depth_times_the_decode_alone():
+    from harness import checks
+    from harness.checks.base import CaseContext
+    from harness.checks.throughput import ThroughputConfig
+    from harness.schema import SuiteSection
+    eng = _DepthEngine()
+    cfg = ThroughputConfig(kind="throughput", pp=8, tg=4, repeats=5, warmup=1, tg_depths=[64])
+    out = checks.get("throughput").measure(eng, cfg, None, CaseContext("m", "fp32", "fp32", SuiteSection(name="t"), "cpu", 0))
+    m = {x.name: x for x in out.metrics}
+    # 4 tokens in ~0.05 s: ~80 tok/s; with the 0.3 s prefill inside it would be ~11
+    assert 50 < m["tg4@d64"].value < 81 and len(out.series["tg4@d64_samples"]) == 5
+    assert eng.rewinds == [64] * 6 and eng.prefills == 1 + 6      # pp8's: warm-up + 5; the depth's: once

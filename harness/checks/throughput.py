@@ -149,21 +149,20 @@ class LoadProbe:
 
 
 def _timed(fn, device: str, warmup: int, repeats: int, warm_n: int | None):
-    """tok/s of ``repeats`` calls of ``fn(None)`` after ``warmup`` untimed ``fn(warm_n)``. ``fn``
-    returns the tokens it ran, timed whole; or, with untimed set-up of its own (``_at_depth``),
-    a callable that runs the timed part and returns the tokens."""
+    """tok/s of ``repeats`` calls of ``fn(None)`` after ``warmup`` untimed ``fn(warm_n)``; ``fn``
+    returns the tokens it ran and is timed whole. A measure with untimed set-up of its own
+    (``_AtDepth``) has ``setup(n)``: run untimed before each call, it returns the timed part."""
+    setup = getattr(fn, "setup", None)
     for _ in range(warmup):
-        r = fn(warm_n)
-        if callable(r):
-            r()
+        (setup(warm_n) if setup else (lambda: fn(warm_n)))()
     _sync(device)
     out, load1, others = [], [], []
     for _ in range(repeats):
-        run = fn(None)
+        run = setup(None) if setup else (lambda: fn(None))
         _sync(device)
         with LoadProbe() as probe:
             t0 = time.perf_counter()
-            n = run() if callable(run) else run
+            n = run()
             _sync(device)
             dt = time.perf_counter() - t0
         out.append(n / dt)
@@ -172,19 +171,20 @@ def _timed(fn, device: str, warmup: int, repeats: int, warm_n: int | None):
     return out, load1, others
 
 
-def _at_depth(eng, context: list[int], n_tokens: int):
-    """``tg<N>@d<D>``: one untimed prefill of the D context tokens (on the first call), then per
-    sample an untimed ``rewind(D)`` and the timed part: ``decode_greedy`` of N tokens from the
+class _AtDepth:
+    """``tg<N>@d<D>``: one untimed prefill of the D context tokens (at the first set-up), then per
+    sample an untimed ``rewind(D)``; the timed part is ``decode_greedy`` of N tokens from the
     prefill's argmax, each step attending over the D tokens and those decoded so far."""
-    state = {}
 
-    def fn(n=None):
-        if "first" not in state:
-            state["first"] = int(eng.prefill(context).argmax())
-        eng.rewind(len(context))
-        k = n or n_tokens
-        return lambda: len(eng.decode_greedy(state["first"], k))
-    return fn
+    def __init__(self, eng, context: list[int], n_tokens: int):
+        self.eng, self.context, self.n_tokens, self.first = eng, context, n_tokens, None
+
+    def setup(self, n=None):
+        if self.first is None:
+            self.first = int(self.eng.prefill(self.context).argmax())
+        self.eng.rewind(len(self.context))
+        k = n or self.n_tokens
+        return lambda: len(self.eng.decode_greedy(self.first, k))
 
 
 @register
@@ -241,7 +241,7 @@ class Throughput(Check):
             name = f"tg{cfg.tg}@d{depth}"
             if CAP_DECODE_AT not in capabilities_of(eng):
                 depth_why[name] = f"engine {eng.name} cannot decode from a depth (rewind + decode_greedy)"
-            measures.append((name, _at_depth(eng, prompt_tokens(eng.tokenizer, depth, ctx.seed + depth), cfg.tg)))
+            measures.append((name, _AtDepth(eng, prompt_tokens(eng.tokenizer, depth, ctx.seed + depth), cfg.tg)))
         for name, fn in measures:
             if name == pp_name and fast_why:
                 out.skip(name, f"prefill path 'fast' not applied: {fast_why}", "tok/s", "higher")
