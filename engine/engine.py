@@ -396,8 +396,9 @@ class Engine:
         eos = self._eos()
         if len(tokens) == 1 and self.decode_path != "eager":
             # a one-token prompt is one decode step (llama.cpp decodes it so), not a prefill: on
-            # MoE models over expert blocks the prefill path's fixed cost was ~0.1 s, half of a
-            # tg32 (reports/h100-2026-12-05c call 4). Eager: the same _step either way.
+            # MoE models over expert blocks the prefill path's fixed cost halved the suite's tg32
+            # (~0.1 s a sample, inferred; reports/h100-2026-12-05c calls 4-5). Eager: the same
+            # _step either way.
             nxt = int(self._static_step(tokens[0])[1])
         else:
             nxt = int(self._live().head(self._step(tokens)[-1:]).argmax(-1)[0])

@@ -24,9 +24,10 @@ check ``dequantize`` itself against ``gguf.quants``.
 It is two launches, each callable alone (``gate_up_launch``, ``down_launch``: what
 benchmarks/bench_moe_blocks.py times): tiles and sum form come from ``launch_config`` at each
 launch (``CONFIG`` on the GPU, measured; ``INTERPRETED_CONFIG`` under the interpreter; the
-tile settings (``_TUNABLES``) over either). The form (each config's ``SUMS``, or
-a part's ``_SUMS`` setting, ``KVBENCH_MOE_BLOCKS_FORM`` over both): "gather" multiplies each value by its block's
-scale, "blocks" sums a block's 32 products first and multiplies once. Inside ``recording()`` every launch's applied configuration is logged
+tile settings (``_TUNABLES``) over either). The form (each config's ``SUMS``, or a part's
+``_SUMS`` setting, ``KVBENCH_MOE_BLOCKS_FORM`` over both): "gather" multiplies each value by its
+block's scale, "blocks" sums a block's 32 products first and multiplies once. Inside
+``recording()`` every launch's applied configuration is logged
 (``StaticDecode.moe_launches``), so what a decode step ran is observable.
 
     gate = BlockStack.from_ggml(raw_gate, "q4_0", (E, ff, d))
