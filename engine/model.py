@@ -326,8 +326,18 @@ def experts_over_rows(h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor,
     chose it: ``get(e)`` gives expert ``e``'s (gate, up, down) float rows; ``experts`` the ids to
     visit, in order. Added into ``out`` (default zeros like ``h``)."""
     out = torch.zeros_like(h) if out is None else out
+    # each expert's (row, slot) pairs from one stable sort and one read-back, instead of a
+    # nonzero() (a host sync on CUDA) per expert; rows stay ascending, as nonzero gave them
+    k = top_e.shape[1]
+    order = torch.argsort(top_e.reshape(-1), stable=True)
+    ids, counts = torch.unique(top_e, return_counts=True)
+    ends = torch.cumsum(counts, 0)
+    span = {e: (b - c, b) for e, c, b in zip(*torch.stack([ids, counts, ends]).tolist())}
     for e in experts:
-        rows, slot = (top_e == e).nonzero(as_tuple=True)
+        if e not in span:                # chosen by no row (callers pass chosen ids): nothing to add
+            continue
+        seg = order[span[e][0]:span[e][1]]
+        rows, slot = seg // k, seg % k
         gate, up, down = get(e)
         he = h[rows]
         y = mm(F.silu(mm(he, gate)) * mm(he, up), down)

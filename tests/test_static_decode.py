@@ -103,6 +103,19 @@ def test_one_token_prompt_is_one_decode_step_not_a_prefill(triton_backend):
     assert eng.generate(PROMPT[:3], 2, stop_at_eos=False) and prefills == [3]   # longer prompts: prefilled
 
 
+def test_rewind_on_the_static_path_decodes_the_same_tokens_again(triton_backend):
+    """tg<N>@d<D> on the GPU's path: the static step holds its position on the device, so a
+    rewind must reach it; decoding again from the depth gives eager's continuation again."""
+    eng = engine.load(synth.ensure("tiny-qwen3moe"), kv_dtype="q8_0", ctx=40)
+    want = eng.generate(PROMPT, 5, stop_at_eos=False)            # eager
+    eng.set_decode_mode("static")
+    first = int(eng.prefill(PROMPT).argmax())
+    assert eng.decode_greedy(first, 4) == want[1:]
+    for _ in range(2):
+        eng.rewind(len(PROMPT))
+        assert eng.decode_greedy(first, 4) == want[1:]
+
+
 def test_static_decode_refuses_what_it_cannot_apply(monkeypatch):
     dense = engine.load(synth.ensure("tiny-llama"), ctx=32)
     with pytest.raises(ConfigError, match="attention backend is torch"):
