@@ -85,6 +85,9 @@ def decode_case(eng, depth: int, n: int, reps: int) -> dict:
     # 1.5 tok/s against 84-85 for the next two)
     eng.prefill(prompt)
     _greedy(eng, prompt[-1], 2)
+    # the process's card memory once a prefill and a captured step have run (with the reading
+    # right after the load: where the memory outside the allocator appears)
+    vram_warm = used_vram_mib(os.getpid()) if torch.cuda.is_available() else None
     for _ in range(reps):
         eng.set_prefill_path("fast")
         _sync()
@@ -106,6 +109,7 @@ def decode_case(eng, depth: int, n: int, reps: int) -> dict:
     if timer:
         timer.restore()
     out = {"depth": depth, "tokens": n, "tok_s": statistics.median(tok_s), "tok_s_all": tok_s,
+           "process_vram_after_warmup_mib": vram_warm,
            "prefill_s": statistics.median(prefill_s)}
     # what a token reads where (planner.decode_read_bytes) and the rate that implies: the
     # step's bytes over its time, against the device's and the host's bandwidth

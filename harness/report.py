@@ -222,6 +222,9 @@ class _Report:
         self.md.append(f"{len(cases)} of {total} cases recorded: {count['pass']} passed, {count['fail']} failed, "
                        f"{count['incomplete']} incomplete (a gate not measured), {count['error']} errors, "
                        f"{count['n/a']} not applicable.\n")
+        if cases and not count["pass"] and not any(count[k] for k in ("fail", "error", "incomplete")):
+            self.md.append("**Nothing measured**: every case is n/a, so this run passed nothing "
+                           "(the CLI's verdict \"nothing measured\", exit 1).\n")
         na_gates = [(c, r) for c in cases if c["status"] != "n/a" for r in self.res.of_type("metric")
                     if (r["model"], r["kv_dtype"], r["check"]) == (c["model"], c["kv_dtype"], c["check"])
                     and r.get("na") and r.get("threshold") is not None]

@@ -274,6 +274,8 @@ def test_a_run_where_every_case_is_na_is_not_a_pass(tmp_path):
     last = json.loads(proc.stdout.strip().splitlines()[-1])
     assert last["statuses"] == {"n/a": 2} and last["verdict"] == "nothing measured", proc.stdout[-2000:]
     assert proc.returncode == 1 and "nothing measured: every one of the 2 cases is n/a" in proc.stdout
+    from harness.report import build_report
+    assert "**Nothing measured**: every case is n/a" in build_report(tmp_path / "r", tmp_path / "rep").read_text()
 
 
 def test_throughput_times_decode_at_a_depth_or_says_why_not(tmp_path):
