@@ -13,6 +13,10 @@ fails to compile or to match is listed, never timed.
     python benchmarks/bench_moe_blocks.py --out moe_blocks.json            # the sweep (CUDA)
     python benchmarks/bench_moe_blocks.py --device cpu --quick             # a smoke run (interpreter)
 
+``--placement pinned`` leaves the stacks in page-locked host memory, so each launch reads its
+experts over PCIe as the hybrid's ``host_experts="pcie"`` layers do (CUDA only): which tiles
+keep the link busiest.
+
 Prints one line per configuration and the best of each part, and writes JSON (``best_env``:
 the settings that select each part's fastest configuration, for a following run to export).
 """
@@ -42,13 +46,15 @@ ENV = {"gate_up": {"BLOCK_F": "KVBENCH_MOE_BLOCKS_GU_BLOCK_F", "BLOCK_K": "KVBEN
 assert ENV == mb._TUNABLES, "the sweep's settings drifted from engine.kernels.moe_blocks"
 
 
-def random_stack(fmt: str, shape, dev, gen) -> mb.BlockStack:
-    """Valid random blocks: uniform quants, scales ~ 1/(8 sqrt(K)) (values of a unit-variance row)."""
+def random_stack(fmt: str, shape, dev, gen, pinned: bool = False) -> mb.BlockStack:
+    """Valid random blocks: uniform quants, scales ~ 1/(8 sqrt(K)) (values of a unit-variance row).
+    ``pinned``: left in page-locked host memory, which a CUDA kernel reads in place over PCIe
+    (as ``host_experts="pcie"`` layers are read)."""
     S, N, K = shape
-    st = mb.BlockStack.empty(fmt, shape, device="cpu")
+    st = mb.BlockStack.empty(fmt, shape, device="cpu", pinned=pinned)
     st.qs.copy_(torch.randint(0, 256, st.qs.shape, generator=gen, dtype=torch.int32).to(st.qs.dtype))
     st.d.copy_((torch.rand(st.d.shape, generator=gen) + 0.5) / (8 * K ** 0.5))
-    return st.to(dev)
+    return st if pinned else st.to(dev)
 
 
 def ints(text: str) -> list[int]:
@@ -112,6 +118,9 @@ def main() -> int:
     ap.add_argument("--ks", default="256,512,1024", help="values a step (BLOCK_K)")
     ap.add_argument("--warps", default="2,4")
     ap.add_argument("--max-seconds", type=float, default=400.0, help="stop sweeping after this (listed)")
+    ap.add_argument("--placement", default="device", choices=("device", "pinned"),
+                    help="where the expert stacks live: device memory (HBM), or pinned host memory read "
+                         "in place over PCIe (the hybrid's host_experts='pcie' layers; CUDA only)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     dev = torch.device(args.device)
@@ -119,8 +128,14 @@ def main() -> int:
     sets = min(args.sets, E // k)
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
-    gate, up = random_stack(args.fmt, (E, ff, d), dev, gen), random_stack(args.fmt, (E, ff, d), dev, gen)
-    down = random_stack(args.fmt, (E, d, ff), dev, gen)
+    pinned = args.placement == "pinned"
+    if pinned and dev.type != "cuda":
+        print("error: --placement pinned needs a CUDA device (a kernel reading host memory over PCIe); "
+              "use --placement device", file=sys.stderr)
+        return 2
+    gate = random_stack(args.fmt, (E, ff, d), dev, gen, pinned)
+    up = random_stack(args.fmt, (E, ff, d), dev, gen, pinned)
+    down = random_stack(args.fmt, (E, d, ff), dev, gen, pinned)
     perm = torch.randperm(E, generator=gen)
     idsets = [perm[i * k:(i + 1) * k].to(torch.int32).to(dev) for i in range(sets)]
     x1 = torch.randn(d, generator=gen).to(dev)
@@ -128,7 +143,8 @@ def main() -> int:
     res = torch.randn(d, generator=gen).to(dev)
     hs = [torch.randn(k, ff, generator=gen).to(dev) for _ in range(sets)]
     # references over the first set (torch maths on the dequantised experts)
-    sel = lambda st, ids: mb.BlockStack(st.fmt, st.qs[ids.long()], st.d[ids.long()]).dequantize()  # noqa: E731
+    sel = lambda st, ids: mb.BlockStack(st.fmt, st.qs[ids.long().to(st.qs.device)],  # noqa: E731
+                                        st.d[ids.long().to(st.d.device)]).dequantize().to(dev)
     ids0 = idsets[0]
     g0, u0, w0 = sel(gate, ids0), sel(up, ids0), sel(down, ids0)
     a, b = g0 @ x1, u0 @ x1
@@ -136,7 +152,7 @@ def main() -> int:
     out_ref = res + (p[:, None] * torch.einsum("kdf,kf->kd", w0, hs[0])).sum(0)
     per_expert = {"gate_up": 2 * ff * (d // 2 if args.fmt == "q4_0" else d) + 2 * ff * (d // 32) * 2,
                   "down": d * (ff // 2 if args.fmt == "q4_0" else ff) + d * (ff // 32) * 2}
-    doc = {"bench": "moe_blocks", "device": str(dev), "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
+    doc = {"bench": "moe_blocks", "device": str(dev), "placement": args.placement, "device_name": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu",
            "torch": torch.__version__, "fmt": args.fmt, "geometry": {"E": E, "d": d, "ff": ff, "k": k},
            "sets": sets, "reps": args.reps, "parts": {}, "skipped": [], "failed": []}
     import triton

@@ -34,3 +34,11 @@ def test_sweep_checks_times_and_names_the_best(tmp_path):
     from engine import settings
     for key, value in env.items():
         settings._parse(settings.SETTINGS[key], value)                  # each one a valid setting value
+
+
+def test_pinned_placement_without_cuda_is_refused_in_one_line():
+    r = subprocess.run([sys.executable, "benchmarks/bench_moe_blocks.py", "--device", "cpu", "--placement", "pinned",
+                        "--quick", "--geometry", "mini"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: --placement pinned needs a CUDA device")
