@@ -187,7 +187,8 @@ for step in $steps; do
             export MOE_ARGS="--expert-format blocks --weight-format q8_0" MOE_MAX_S=${MOE_MAX_S:-240} \
               MOE_VARIANTS="${MOEB_VARIANTS:-default,gather:KVBENCH_MOE_BLOCKS_FORM=gather}${best:+,best:$best}"
             echo "moevar variants: $MOE_VARIANTS"
-            bash "$0" moevar ;;
+            # MOEB_NO_STEP=1: the sweep alone (e.g. --placement pinned, whose best tiles are not the step's)
+            [ "${MOEB_NO_STEP:-0}" = 1 ] || bash "$0" moevar ;;
     coderpeer) # issue 14's headline row in one call: coder30b-synth all on the GPU at llama.cpp's bytes
             # (our captured step, default tiles) and llama-bench on the same file (carried binary:
             # .devcarry/lcxz/llama-bench.xz, or one built by lcbuild in this call), same depths
