@@ -76,20 +76,22 @@ class HostTimer:
             ex.run = run
 
 
-def decode_case(eng, depth: int, n: int, reps: int) -> dict:
+def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") -> dict:
     g = torch.Generator().manual_seed(depth)
     prompt = torch.randint(100, eng.spec.vocab_size - 100, (max(depth, 2),), generator=g).tolist()
     timer = HostTimer(eng.model) if eng.model.host_expert_layers() else None
     tok_s, host_ms, prefill_s = [], [], []
     # untimed warm-up: the first step at a depth compiles and captures (call 3's first repetition:
     # 1.5 tok/s against 84-85 for the next two)
+    eng.set_prefill_path(prefill_path)
     eng.prefill(prompt)
+    eng.set_prefill_path("exact")
     _greedy(eng, prompt[-1], 2)
     # the process's card memory once a prefill and a captured step have run (with the reading
     # right after the load: where the memory outside the allocator appears)
     vram_warm = used_vram_mib(os.getpid()) if torch.cuda.is_available() else None
     for _ in range(reps):
-        eng.set_prefill_path("fast")
+        eng.set_prefill_path(prefill_path)
         _sync()
         t = time.perf_counter()
         eng.prefill(prompt)
@@ -109,6 +111,7 @@ def decode_case(eng, depth: int, n: int, reps: int) -> dict:
     if timer:
         timer.restore()
     out = {"depth": depth, "tokens": n, "tok_s": statistics.median(tok_s), "tok_s_all": tok_s,
+           "prefill_path": prefill_path,
            "process_vram_after_warmup_mib": vram_warm,
            "prefill_s": statistics.median(prefill_s)}
     # what a token reads where (planner.decode_read_bytes) and the rate that implies: the
@@ -197,6 +200,9 @@ def main(argv=None) -> int:
     ap.add_argument("--threads", default="", help="comma list of CPU thread counts for the layer timing "
                                                   "(default: this machine's)")
     ap.add_argument("--weight-format", default="bf16")
+    ap.add_argument("--prefill-path", default="fast", choices=("fast", "exact"),
+                    help="the depth's fill: fast (bf16 SDPA, loads cuDNN/flash modules into the CUDA "
+                         "context) or exact (the engine's own kernels): the process VRAM with each")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     dev = "cuda" if torch.cuda.is_available() else "cpu"
@@ -261,7 +267,7 @@ def main(argv=None) -> int:
                     "process_vram_after_load_mib": used_vram_mib(os.getpid()) if dev == "cuda" else None,
                     "decode": []}
             try:
-                case["decode"] = [decode_case(eng, dpt, args.tokens, args.reps) for dpt in depths]
+                case["decode"] = [decode_case(eng, dpt, args.tokens, args.reps, args.prefill_path) for dpt in depths]
             except Exception as exc:   # noqa: BLE001 - a path failing on this machine: recorded, the rest go on
                 case["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
                 print(f"{args.model} budget {budget} cpu_moe {n} ({host}) KV {kv}: failed: {case['error']}", flush=True)

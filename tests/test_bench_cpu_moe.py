@@ -47,7 +47,8 @@ def test_the_next_kv_dtype_takes_the_weights_over(tmp_path):
     out = tmp_path / "cpu_moe.json"
     assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--cases", "none:2", "--kv", "fp32,bf16",
                                "--depths", "8", "--tokens", "2", "--reps", "1", "--weight-format", "f32",
-                               "--threads", "1", "--out", str(out)]) == 0
+                               "--threads", "1", "--prefill-path", "exact", "--out", str(out)]) == 0
     first, second = json.loads(out.read_text())["cases"]
+    assert first["decode"][0]["prefill_path"] == "exact"              # the depth filled as asked
     assert (first["weights_reused"], second["weights_reused"]) == (False, True)
     assert first["cpu_moe"] == second["cpu_moe"] == 2 and second["plan_max_abs_diff"] == 0
