@@ -23,6 +23,20 @@ echo "SmolLM2 parts here: $(ls /tmp/smolparts 2>/dev/null | tr '\n' ' ')"
 [ -f "$SMOL" ] && sha256sum "$SMOL"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
+# a llama-bench carried from an earlier call (benchmarks/gpu_carry.sh, lcwait): .devcarry/lcxz/llama-bench.xz*
+# (42 MB: fits the 64 MiB carry beside the tracked tree) or the older gzip parts in .devcarry/lcbin/
+carried_llamabench() {
+  [ -x /tmp/lcb/bin/llama-bench ] && return 0
+  mkdir -p /tmp/lcb/bin
+  if ls .devcarry/lcxz/llama-bench.xz* >/dev/null 2>&1; then
+    cat .devcarry/lcxz/llama-bench.xz* | xz -dc > /tmp/lcb/bin/llama-bench
+  elif [ -f .devcarry/lcbin/llama-bench.gz.part00 ]; then
+    cat .devcarry/lcbin/llama-bench.gz.part* | gunzip > /tmp/lcb/bin/llama-bench
+  else
+    return 0
+  fi
+  chmod +x /tmp/lcb/bin/llama-bench
+}
 steps="${*:-tests attn hybrid bench}"
 for step in $steps; do
   echo "=== $step ==="
@@ -114,8 +128,7 @@ for step in $steps; do
             split -b 15000000 -d /tmp/lcb/bin/llama-bench "$OUT/llama-bench.part" ;;
     lcbench) # llama.cpp and kvbench on the same files: smollm2-synth (Q8_0 SmolLM2 geometry) and coder30b-synth
             # LCB_ONLY=smollm2 or LCB_ONLY=coder: one of the two
-            [ -x /tmp/lcb/bin/llama-bench ] || [ ! -f .devcarry/lcbin/llama-bench.gz.part00 ] \
-              || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcbin/llama-bench.gz.part* | gunzip > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
+            carried_llamabench
             S=$KVBENCH_CACHE/synth
             if [ "${LCB_ONLY:-}" != coder ]; then
               python3 -c "from engine import models; models.resolve('smollm2-synth')" 2>&1 | tail -1
@@ -136,11 +149,7 @@ for step in $steps; do
     cpumoe) # llama.cpp's placement on both engines, same file, same call: experts of the first N MoE layers on
             # the CPU, the rest (Q4_0 blocks) and all attention/KV on the GPU. CPUMOE_N: llama.cpp's counts
             # (17: 46.8 tok/s at ~12 GiB, issue 14); kvbench at 12 GiB (auto) and at the same counts
-            [ -x /tmp/lcb/bin/llama-bench ] || [ ! -f .devcarry/lcbin/llama-bench.gz.part00 ] \
-              || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcbin/llama-bench.gz.part* | gunzip > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
-            # or xz'd in one file (42 MB: fits the 64 MiB carry beside the tracked tree; the gz parts, 44 MB, do not)
-            [ -x /tmp/lcb/bin/llama-bench ] || [ -z "$(ls .devcarry/lcxz/llama-bench.xz* 2>/dev/null)" ] \
-              || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcxz/llama-bench.xz* | xz -dc > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
+            carried_llamabench
             python3 -c "from engine import models; models.resolve('coder30b-synth')" 2>&1 | tail -1
             # a freshly written 18 GB file is still being flushed: llama.cpp's CPU layers timed during
             # that ran at 34-40 tok/s with +/-8-22 (reports/h100-2026-12-05c call 4) against 81 quiet
@@ -193,14 +202,12 @@ for step in $steps; do
     coderpeer) # issue 14's headline row in one call: coder30b-synth all on the GPU at llama.cpp's bytes
             # (our captured step, default tiles) and llama-bench on the same file (carried binary:
             # .devcarry/lcxz/llama-bench.xz, or one built by lcbuild in this call), same depths
-            [ -x /tmp/lcb/bin/llama-bench ] || [ -z "$(ls .devcarry/lcxz/llama-bench.xz* 2>/dev/null)" ] \
-              || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcxz/llama-bench.xz* | xz -dc > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
+            carried_llamabench
             MOE_ARGS="--expert-format blocks --weight-format q8_0" MOE_VARIANTS=${MOE_VARIANTS:-default} \
               MOE_MAX_S=${MOE_MAX_S:-150} MOE_TAG=${MOE_TAG:-_coderpeer} bash "$0" moevar
             ;&       # then llama-bench on the same file, as lccoder
     lccoder) # llama-bench alone on coder30b-synth (after moeblocks, whose step at the default is ours in the same call)
-            [ -x /tmp/lcb/bin/llama-bench ] || [ -z "$(ls .devcarry/lcxz/llama-bench.xz* 2>/dev/null)" ] \
-              || { mkdir -p /tmp/lcb/bin; cat .devcarry/lcxz/llama-bench.xz* | xz -dc > /tmp/lcb/bin/llama-bench; chmod +x /tmp/lcb/bin/llama-bench; }
+            carried_llamabench
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
             sync     # a fresh file's writeback competes with llama.cpp's host threads (see cpumoe)
             [ -x /tmp/lcb/bin/llama-bench ] && python3 benchmarks/bench_llamacpp.py bench $KVBENCH_CACHE/synth/coder30b-synth.gguf \
