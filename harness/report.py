@@ -30,7 +30,9 @@ import pandas as pd  # noqa: E402
 
 from . import metric_registry  # noqa: E402
 from . import stats as _stats  # noqa: E402
-from .results import Results, atomic_write, load_results  # noqa: E402
+from .results import Results, atomic_write, load_results, nothing_measured  # noqa: E402
+
+SPEED_RE = re.compile(r"(pp|tg)\d+(@d\d+)?")     # throughput's measures: pp<N>, tg<N>, tg<N>@d<D>
 
 COLORS = {"fp32": "#555555", "bf16": "#1f77b4", "q8_0": "#ff7f0e"}
 # check kind -> section(report, check_names): a check module outside this file adds the
@@ -222,7 +224,7 @@ class _Report:
         self.md.append(f"{len(cases)} of {total} cases recorded: {count['pass']} passed, {count['fail']} failed, "
                        f"{count['incomplete']} incomplete (a gate not measured), {count['error']} errors, "
                        f"{count['n/a']} not applicable.\n")
-        if cases and not count["pass"] and not any(count[k] for k in ("fail", "error", "incomplete")):
+        if cases and nothing_measured(c["status"] for c in cases):
             self.md.append("**Nothing measured**: every case is n/a, so this run passed nothing "
                            "(the CLI's verdict \"nothing measured\", exit 1).\n")
         na_gates = [(c, r) for c in cases if c["status"] != "n/a" for r in self.res.of_type("metric")
@@ -515,7 +517,7 @@ class _Report:
                         continue
                     row = {"model": m, "dtype": d}
                     for x in df.metric:
-                        if re.fullmatch(r"(pp|tg)\d+(@d\d+)?", str(x)):
+                        if SPEED_RE.fullmatch(str(x)):
                             row[f"{x} tok/s"] = self.value(m, d, chk, x)
                     rows.append(row)
             if not rows:
@@ -539,7 +541,7 @@ class _Report:
 
     def _applied_line(self, chk: str) -> str:
         """What the check's engines applied (weights, experts, decode path), per model, from the
-        case records: ": coder30b-synth: weights q8_0, experts q4_0 (cpu_moe 0), cuda_graph"."""
+        case records: ": coder30b-synth: weights q8_0, experts q4_0 (cpu_moe 0), decode cuda_graph"."""
         parts = []
         for m in self.models:
             eng = next((self.case[(m, d, chk)].get("engine") or {} for d in self.dtypes

@@ -62,6 +62,12 @@ def case_key(rec: dict) -> tuple[str, str, str]:
 
 # -- writing -----------------------------------------------------------------------------
 
+def nothing_measured(statuses) -> bool:
+    """True when a run's cases are all ``n/a`` (or there are none): nothing was measured, so
+    nothing passed. The CLI's verdict and the report both read it from here."""
+    return all(s == "n/a" for s in statuses)
+
+
 def _named(exc: OSError, path) -> OSError:
     """``exc`` naming ``path`` (the file the user asked for), not a temp file or nothing."""
     exc.filename, exc.filename2 = str(path), None

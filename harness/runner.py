@@ -54,7 +54,8 @@ from .engine_api import missing
 from .engines import EnginePool, weight_format_of, weight_format_requested_of
 from .errors import ResultsError, UsageError
 from .results import (MANIFEST, RECORDS, RecordWriter, RunLock, atomic_write, case_key, device_info,
-                      git_info, load_results, now, read_records, versions, write_manifest, write_summary)
+                      git_info, load_results, nothing_measured, now, read_records, versions, write_manifest,
+                      write_summary)
 from .suite import (DEVICE_RE, WEIGHT_FORMATS, CheckConfig, Suite, SuiteError, load_suite, platform_of,
                     validate_model)
 
@@ -102,8 +103,7 @@ class RunSummary:
             return "fail"
         if self.not_run:
             return "incomplete"
-        # every case declared n/a (or none at all): nothing was measured, so nothing passed
-        return "pass" if any(c["status"] == "pass" for c in self.cases) else "nothing measured"
+        return "nothing measured" if nothing_measured(c["status"] for c in self.cases) else "pass"
 
     @property
     def exit_code(self) -> int:

@@ -30,7 +30,6 @@ divergence step and repeat run of every dtype (fp32's own for reference).
 from __future__ import annotations
 
 import math
-import re
 
 import pandas as pd
 
@@ -38,10 +37,9 @@ from engine import formats
 from engine.errors import EngineError
 from engine.kv_spec import cell_formats
 
-from .report import _num, md_table, register_section
+from .report import SPEED_RE, _num, md_table, register_section
 from .speedstats import DEFAULT_MAX_CV, spread
 
-SPEED_RE = re.compile(r"(pp|tg)\d+(@d\d+)?")      # tg<N>@d<D>: decode at a depth
 
 
 def _f(v) -> float | None:
