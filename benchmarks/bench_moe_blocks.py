@@ -69,7 +69,8 @@ def configs(part: str, args) -> list[dict]:
     else:
         grid = {"SUMS": forms, rows: ints(args.rows), "BLOCK_K": ints(args.ks), "num_warps": ints(args.warps)}
     out = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]
-    default = {k: v for k, v in mb.launch_config(part).items() if k != "UNROLL"}   # what a launch applies now
+    where = "host" if args.placement == "pinned" else "device"
+    default = {k: v for k, v in mb.launch_config(part, where).items() if k != "UNROLL"}   # what a launch applies now
     if default not in out:
         out.insert(0, default)
     return [{**c, "UNROLL": True} for c in out]
@@ -188,7 +189,8 @@ def main() -> int:
             rows.append({"config": label, **{kk: vv for kk, vv in cfg.items()}, "us": sec * 1e6, "gb_s": gbs, "rel_err": err})
             print(f"{label:34s} {sec * 1e6:9.2f} us {gbs:8.1f} GB/s  rel err {err:.1e}", flush=True)
         best = min(rows, key=lambda r: r["us"], default=None)
-        applied = {kk: vv for kk, vv in mb.launch_config(part).items() if kk != "UNROLL"}
+        applied = {kk: vv for kk, vv in mb.launch_config(part, "host" if pinned else "device").items()
+                   if kk != "UNROLL"}
         default = next((r for r in rows if all(r[kk] == vv for kk, vv in applied.items())), None)
         doc["parts"][part] = {"rows": rows, "best": best, "default": default,
                               "bytes_per_launch": k * per_expert[part]}

@@ -76,8 +76,17 @@ def main() -> int:
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--ctx", default="16,4096,16384", help="decode after prompts of these lengths")
     ap.add_argument("--prefill", default="8192,16384")
+    ap.add_argument("--weight-formats", default="f32,bf16", help="our engine's weight formats (comma list)")
+    ap.add_argument("--kv", default="fp32,bf16,q8_0", help="our engine's KV dtypes (comma list)")
+    ap.add_argument("--no-decode", action="store_true", help="prefill rows only (both engines)")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
+    bad = [w for w in args.weight_formats.split(",") if w not in ("f32", "bf16")] + \
+          [k for k in args.kv.split(",") if k not in ("fp32", "bf16", "q8_0")]
+    if bad:
+        print(f"bench_peer: unknown weight format or KV dtype {', '.join(bad)}: weight formats f32,bf16; "
+              "KV fp32,bf16,q8_0", file=sys.stderr)
+        return 2
     global REPS
     REPS = max(5, args.reps)
     path = resolve(args.model)
@@ -96,7 +105,7 @@ def main() -> int:
     hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.bfloat16,
                                               attn_implementation="sdpa").cuda().eval()
     hf_weights = sum(p.numel() * p.element_size() for p in hf.parameters())
-    for c in ctxs:
+    for c in ctxs if not args.no_decode else []:
         ids = torch.tensor([prompts[c]], device="cuda")
 
         def hf_decode():
@@ -118,14 +127,14 @@ def main() -> int:
     del hf
     torch.cuda.empty_cache()
 
-    for wf in ("f32", "bf16"):
+    for wf in args.weight_formats.split(","):
         eng = None
-        for kv in ("fp32", "bf16", "q8_0"):
+        for kv in args.kv.split(","):
             eng = engine.load(path, device="cuda", kv_dtype=kv, ctx=max(ctxs + [16384]) + args.tg + 64,
                               weight_format=wf, weights_from=eng)
             weights = eng.ledger.current("weights", "trunk")   # every trunk matrix is read once per token
             modes = [eng.decode_path] + (["eager"] if (wf, kv) == ("bf16", "bf16") and eng.decode_path != "eager" else [])
-            for mode in modes:
+            for mode in modes if not args.no_decode else []:
                 eng.set_decode_mode(mode)
                 for c in ctxs if mode != "eager" else ctxs[:1]:
                     p = prompts[c]

@@ -146,6 +146,59 @@ def test_each_part_takes_its_form_and_the_form_setting_overrides_both(monkeypatc
     monkeypatch.setenv("KVBENCH_MOE_BLOCKS_FORM", "blocks")
     assert ran() == {"gate_up": "blocks", "down": "blocks"}
 
+def test_stacks_in_host_memory_take_the_host_tiles_and_the_settings_override_both(monkeypatch):
+    """A CUDA launch over stacks in host memory (read over PCIe) applies HOST_CONFIG, over stacks
+    on the device CONFIG; the tile settings override either; a launch on the CPU is "device"
+    (one memory); an unknown placement is refused, never replaced by a default."""
+    from engine.kernels import moe_blocks as mb
+    monkeypatch.setattr("engine.kernels.interpreted", lambda: False)
+    st = BlockStack.empty("q4_0", (2, 64, 64))
+    assert mb.placement_of(st, torch.device("cuda")) == "host"
+    assert mb.placement_of(st, torch.device("cpu")) == "device"
+    for part in ("gate_up", "down"):
+        host, dev = mb.launch_config(part, "host"), mb.launch_config(part, "device")
+        assert {k: host[k] for k in mb.HOST_CONFIG[part]} == {**mb.HOST_CONFIG[part], "SUMS": bool(mb.HOST_CONFIG[part]["SUMS"])}
+        assert {k: dev[k] for k in mb.CONFIG[part]} == {**mb.CONFIG[part], "SUMS": bool(mb.CONFIG[part]["SUMS"])}
+    assert mb.HOST_CONFIG != mb.CONFIG          # else the placement would select nothing
+    monkeypatch.setenv("KVBENCH_MOE_BLOCKS_GU_BLOCK_K", "64")
+    assert mb.launch_config("gate_up", "host")["BLOCK_K"] == mb.launch_config("gate_up", "device")["BLOCK_K"] == 64
+    with pytest.raises(ValueError, match="placement 'pcie'"):
+        mb.launch_config("down", "pcie")
+    raw, _ = ggml_stack("q4_0", 2, 64, 64, seed=5)
+    st = BlockStack.from_ggml(raw, "q4_0", (2, 64, 64))
+    monkeypatch.undo()
+    with mb.recording() as log:
+        moe_decode_blocks(torch.randn(1, 64), st, st, st, torch.tensor([1]), torch.tensor([1.0]))
+    assert [r["placement"] for r in log] == ["device", "device"]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])
+def test_compiled_kernel_reads_pinned_host_stacks_over_pcie(fmt):
+    """The kernels compiled for the GPU reading stacks in page-locked host memory in place (the
+    hybrid's "pcie" tier) at their host tiles, against moe_decode_ref over gguf.quants' values."""
+    from engine.kernels import moe_blocks as mb
+    E, ff, d, k = 16, 768, 2048, 8
+    shapes = ((E, ff, d), (E, ff, d), (E, d, ff))
+    raws = [ggml_stack(fmt, *shape, seed=40 + i) for i, shape in enumerate(shapes)]
+    stacks = []
+    for (r, _), shape in zip(raws, shapes):
+        src = BlockStack.from_ggml(r, fmt, shape)
+        dst = BlockStack.empty(fmt, shape, pinned=True)
+        dst.qs.copy_(src.qs)
+        dst.d.copy_(src.d)
+        stacks.append(dst)
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(1, d, generator=g)
+    ids = torch.randperm(E, generator=g)[:k]
+    w = torch.rand(k, generator=g)
+    ref = moe_decode_ref(x, raws[0][1], raws[1][1], raws[2][1], ids, w)
+    with mb.recording() as log:
+        out = moe_decode_blocks(x.cuda(), *stacks, ids.cuda(), w.cuda())
+    assert {r["placement"] for r in log} == {"host"}
+    assert_close(f"compiled moe_decode_blocks {fmt} over pinned host stacks", ref, out.cpu(), 1e-5)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("form", ["blocks", "gather"])
 @pytest.mark.parametrize("fmt", ["q4_0", "q8_0"])

@@ -23,8 +23,9 @@ check ``dequantize`` itself against ``gguf.quants``.
 
 It is two launches, each callable alone (``gate_up_launch``, ``down_launch``: what
 benchmarks/bench_moe_blocks.py times): tiles and sum form come from ``launch_config`` at each
-launch (``CONFIG`` on the GPU, measured; ``INTERPRETED_CONFIG`` under the interpreter; the
-tile settings (``_TUNABLES``) over either). The form (each config's ``SUMS``, or a part's
+launch (``CONFIG`` on the GPU, measured; ``HOST_CONFIG`` for stacks the GPU reads from pinned
+host memory, measured over PCIe; ``INTERPRETED_CONFIG`` under the interpreter; the tile settings
+(``_TUNABLES``) over any of them). The form (each config's ``SUMS``, or a part's
 ``_SUMS`` setting, ``KVBENCH_MOE_BLOCKS_FORM`` over both): "gather" multiplies each value by its
 block's scale, "blocks" sums a block's 32 products first and multiplies once. Inside
 ``recording()`` every launch's applied configuration is logged
@@ -65,15 +66,28 @@ assert GGML_QUANT_SIZES[QT.Q8_0][0] == BLOCK == Q8_BLOCK
 # the interpreter keeps (it runs programs one by one: few, wide ones), in the per-value form.
 CONFIG = {"gate_up": {"BLOCK_F": 8, "BLOCK_K": 512, "num_warps": 2, "SUMS": True},
           "down": {"BLOCK_D": 4, "BLOCK_K": 512, "num_warps": 4, "SUMS": True}}
+# Stacks in page-locked host memory, read in place over PCIe (``PcieExperts``): a read crosses
+# the bus, so a program needs more bytes in flight than one reading HBM. The same sweep with the
+# stacks pinned on the host (bench_moe_blocks.py --placement pinned; reports/h100-2026-12-05d call
+# 2, H100, PCIe): gate/up 299 us (47 GB/s) at blocks 2 x 1024 x 2 warps against 378 us at the HBM
+# tiles; down 151 us (47 GB/s) at blocks 4 x 1024 x 4 warps against 168 us.
+HOST_CONFIG = {"gate_up": {"BLOCK_F": 2, "BLOCK_K": 1024, "num_warps": 2, "SUMS": True},
+               "down": {"BLOCK_D": 4, "BLOCK_K": 1024, "num_warps": 4, "SUMS": True}}
 INTERPRETED_CONFIG = {"gate_up": {"BLOCK_F": 16, "BLOCK_K": 256, "num_warps": 4, "SUMS": False},
                       "down": {"BLOCK_D": 16, "BLOCK_K": 256, "num_warps": 4, "SUMS": False}}
 LAUNCHES = LaunchLog()     # each launch's applied configuration (part, format, tiles, form)
 recording = LAUNCHES.recording          # what a decode step ran: ``StaticDecode.moe_launches``
 
 
-def _record(part: str, fmt: str, cfg: dict) -> None:
-    LAUNCHES.record({"part": part, "fmt": fmt, "form": "blocks" if cfg["SUMS"] else "gather",
+def _record(part: str, fmt: str, cfg: dict, placement: str) -> None:
+    LAUNCHES.record({"part": part, "fmt": fmt, "placement": placement, "form": "blocks" if cfg["SUMS"] else "gather",
                      **{k: v for k, v in cfg.items() if k != "SUMS"}})
+
+
+def placement_of(stack: "BlockStack", device: torch.device) -> str:
+    """"host" for a stack in host memory that a launch on a CUDA ``device`` reads over PCIe,
+    else "device" (on a CPU device host and device are one memory)."""
+    return "host" if device.type == "cuda" and stack.qs.device.type == "cpu" else "device"
 
 
 @dataclass
@@ -314,12 +328,16 @@ def moe_decode_blocks(x: torch.Tensor, gate: BlockStack, up: BlockStack, down: B
     return down_launch(h, down, ids, tab, p, res, x1)
 
 
-def launch_config(part: str) -> dict:
+def launch_config(part: str, placement: str = "device") -> dict:
     """``part``'s ("gate_up" / "down") tiles and form as a launch now applies them: ``CONFIG``
-    under the settings set at this moment (read at each launch), checked."""
+    (``HOST_CONFIG`` for stacks in host memory, ``placement="host"``) under the settings set at
+    this moment (read at each launch), checked."""
     from .. import settings
     from . import interpreted
-    cfg = {**(INTERPRETED_CONFIG if interpreted() else CONFIG)[part], **settings.overrides(_TUNABLES[part])}
+    if placement not in ("device", "host"):
+        raise ValueError(f"launch_config: placement {placement!r} is not 'device' or 'host'")
+    base = INTERPRETED_CONFIG if interpreted() else HOST_CONFIG if placement == "host" else CONFIG
+    cfg = {**base[part], **settings.overrides(_TUNABLES[part])}
     bk = cfg["BLOCK_K"]
     if bk < BLOCK or bk & (bk - 1):
         from ..errors import ConfigError
@@ -334,7 +352,8 @@ def gate_up_launch(x1: torch.Tensor, gate: BlockStack, up: BlockStack, ids: torc
                    table: torch.Tensor | None, cfg: dict | None = None) -> torch.Tensor:
     """The first launch alone: ``h [k, ff]`` float32, ``silu(gate[s_j] @ x) * (up[s_j] @ x)``
     (``x1`` float32 [d] contiguous). ``cfg``: a full ``launch_config`` (benchmarks' sweeps)."""
-    cu = cfg or launch_config("gate_up")
+    where = placement_of(gate, x1.device)
+    cu = cfg or launch_config("gate_up", where)
     S, ff, d = gate.shape
     k = ids.shape[0]
     h = torch.empty(k, ff, dtype=torch.float32, device=x1.device)
@@ -344,7 +363,7 @@ def gate_up_launch(x1: torch.Tensor, gate: BlockStack, up: BlockStack, ids: torc
         up.qs.stride(0), up.qs.stride(1), up.d.stride(0), up.d.stride(1), h.stride(0),
         USE_TABLE=table is not None, QBITS=FORMATS[gate.fmt][0], UNROLL=cu["UNROLL"],
         BLOCK_F=cu["BLOCK_F"], BLOCK_K=cu["BLOCK_K"], SUMS=cu["SUMS"], num_warps=cu["num_warps"])
-    _record("gate_up", gate.fmt, cu)
+    _record("gate_up", gate.fmt, cu, where)
     return h
 
 
@@ -353,7 +372,8 @@ def down_launch(h: torch.Tensor, down: BlockStack, ids: torch.Tensor, table: tor
                 cfg: dict | None = None) -> torch.Tensor:
     """The second launch alone: ``res + sum_j p[j] * down[s_j] @ h[j]`` as float32 [1, d]
     (``x1`` only fills the unused residual argument when ``res`` is None)."""
-    cd = cfg or launch_config("down")
+    where = placement_of(down, h.device)
+    cd = cfg or launch_config("down", where)
     S, d, ff = down.shape
     k = ids.shape[0]
     out = torch.empty(1, d, dtype=torch.float32, device=h.device)
@@ -362,7 +382,7 @@ def down_launch(h: torch.Tensor, down: BlockStack, ids: torch.Tensor, table: tor
         down.qs.stride(0), down.qs.stride(1), down.d.stride(0), down.d.stride(1), h.stride(0),
         USE_TABLE=table is not None, HAS_RES=res is not None, QBITS=FORMATS[down.fmt][0], UNROLL=cd["UNROLL"],
         BLOCK_D=cd["BLOCK_D"], BLOCK_K=cd["BLOCK_K"], SUMS=cd["SUMS"], num_warps=cd["num_warps"])
-    _record("down", down.fmt, cd)
+    _record("down", down.fmt, cd, where)
     return out
 
 

@@ -1,0 +1,75 @@
+"""Where the q8_0 rows kernel's 8.47e-5 (compiled, head_dim 128) sits: the magnitude test's exact
+instance (tests/test_kernels.py::test_q8_decode_kernel_across_magnitudes..., same generator
+sequence), its error per (query head, 32-value output block) for the rows form with each
+combination of float16 terms of q and p (``q8_terms``) and for the batched form, with each head's
+q magnitude and each block's V magnitude beside the worst cells. A one-off for one GPU call:
+
+    python benchmarks/oneoff/q8_rows_map.py [--d 128]
+
+If the worst cell moves with p's terms, the defect is in P.V; with q's, in the scores; with
+neither, elsewhere (the normaliser, the combine).
+"""
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+from test_kernels import DEV, dequant, oracle  # noqa: E402
+
+from engine.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
+from engine.kv import LayerKV  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--d", type=int, default=128)
+    D = ap.parse_args().d
+    Hq, Hkv, n, cap = 8, 2, 90, 200
+    gen = torch.Generator(device=DEV).manual_seed(D)
+    k = torch.randn(n, Hkv, D, device=DEV, generator=gen) * torch.logspace(-3, 1, n, device=DEV)[:, None, None]
+    vmag = torch.logspace(-2, 4, Hkv * D // 32, device=DEV)
+    vmag = vmag[torch.randperm(len(vmag), generator=gen, device=DEV)].repeat_interleave(32).view(Hkv, D)
+    v = torch.randn(n, Hkv, D, device=DEV, generator=gen) * vmag
+    v[7, 0, :32] = 0.0
+    cache = LayerKV(0, Hkv, D, cap, "q8_0", device=DEV)
+    cache.write(0, k, v)
+    qmag = torch.logspace(-3, 2, Hq, device=DEV)
+    q = torch.randn(Hq, D, device=DEV, generator=gen) * qmag[:, None]
+    scale = D ** -0.5
+    kd, vd = dequant(cache)
+    want = oracle(q[None], kd, vd, n - 1, scale)[0]
+    size = oracle(q[None], kd, vd.abs(), n - 1, scale)[0]
+    blk = lambda t: t.reshape(Hq, D // 32, 32).abs().amax(2)   # noqa: E731
+    g = Hq // Hkv
+    # the softmax of each head in float64: how peaked (its largest p and how many keys hold 99%)
+    s = torch.einsum("hd,nhd->hn", q.double(), kd[:n].double().repeat_interleave(g, 1)) * scale
+    p = s.softmax(-1)
+    for h in range(Hq):
+        ps = p[h].sort(descending=True).values
+        print(f"head {h}: |q| scale {qmag[h].item():.1e}, max p {ps[0].item():.3e}, "
+              f"keys for 99% {(ps.cumsum(0) < 0.99).sum().item() + 1}, score range {s[h].max().item() - s[h].min().item():.1f}")
+    cases = [("reference", None)]
+    for terms in ((2, 2), (1, 2), (2, 1), (1, 1)):
+        cases.append((f"rows q8_terms {terms}", {"block_n": 64, "q8_terms": terms}))
+    cases.append(("batched (2, 2)", {"block_n": 16, "q8_impl": "batched"}))
+    cases.append(("rows (2, 2) block_n 16", {"block_n": 16}))
+    for label, cfg in cases:
+        out = decode_attention_ref(q, cache.k, cache.v, "q8_0", n, scale, Hkv) if cfg is None else \
+            decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
+        rel = blk(out - want) / blk(size)
+        worst = rel.flatten().topk(4)
+        cells = []
+        for val, idx in zip(worst.values.tolist(), worst.indices.tolist()):
+            h, b = divmod(idx, D // 32)
+            cells.append(f"(head {h}, block {b}: {val:.2e}, v block scale {vmag[h // g, b * 32].item():.1e})")
+        print(f"{label:26s} max {rel.max().item():.2e}; worst " + " ".join(cells), flush=True)
+        if cfg is not None and label.startswith("rows q8_terms (2, 2)"):
+            print("  per head (max over blocks): " + " ".join(f"{x:.1e}" for x in rel.amax(1).tolist()))
+            print("  per block (max over heads): " + " ".join(f"{x:.1e}" for x in rel.amax(0).tolist()))
+
+
+if __name__ == "__main__":
+    main()
