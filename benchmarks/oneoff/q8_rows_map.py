@@ -57,6 +57,8 @@ def main() -> None:
         cases.append((f"rows q8_terms {terms}", {"block_n": 64, "q8_terms": terms}))
     cases.append(("batched (2, 2)", {"block_n": 16, "q8_impl": "batched"}))
     cases.append(("rows (2, 2) block_n 16", {"block_n": 16}))
+    for qn, pn in ((8192, 2048), (8192, 256), (2048, 8192), (2048, 2048)):
+        cases.append((f"rows (2, 2) norms q {qn} p {pn}", {"block_n": 64, "q8_norms": (qn, pn)}))
     cases.append(("rows (2, 2) 2 warps", {"block_n": 64, "num_warps": 2}))
     cases.append(("rows (2, 2) 8 warps", {"block_n": 64, "num_warps": 8}))
     cases.append(("rows (2, 2) heads 4-7 reversed", {"block_n": 64, "perm": True}))

@@ -53,6 +53,7 @@ CONFIG = {
     "q8_kernel": True,        # q8_0's own kernel
     "fuse_combine": False,    # combine in the last program
     "q8_terms": (2, 2),       # float16 terms of q and p in the q8_0 dots (2: ~fp32, 1: ~2^-11)
+    "q8_norms": (8192, 8192),  # the rows kernel's power-of-two targets for |q| and |p * dv| rows
     "max_splits": 256,
 }
 # Per-format defaults: fp32 / bf16 the fastest variants of the sweep on an H100 (triton 3.6,
@@ -289,7 +290,8 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
                            HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                            NB: tl.constexpr, BLOCK_N: tl.constexpr,
                            Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
-                           S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
+                           S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr,
+                           QN: tl.constexpr = 8192.0, PN: tl.constexpr = 8192.0):
     # q8_0's decode kernel with plain 2-D dots ("block rows"; the batched kernel above made the
     # block a batch axis of 3-D dots, which Triton lowers poorly: ~0.8 TB/s on the H200).
     # Row r = g * NB + b of an [M = G_PAD * NB, D] operand is query head g restricted to block b
@@ -321,7 +323,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     # one power of two per row (query head g, block b), so |q/qnorm| <= 2^13 and each row's values
     # sit near the top of float16's range: a head or block far below the group's largest would
     # otherwise fall into float16's subnormals, which the GPU's tensor cores flush to zero
-    qnorm = _pow2_at_least(tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)) / 8192.0    # [M]
+    qnorm = _pow2_at_least(tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)) / QN        # [M]
     qh, ql = _split2(q / qnorm[:, None], Q_TERMS)
     kcol = h * D + od
     scol = h * NB + tl.arange(0, NB)
@@ -345,7 +347,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         l = l * alpha + tl.sum(p, axis=1)
         vq = tl.load(VQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
         dv = tl.load(VS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0).to(tl.float32)
-        pn = _pow2_at_least(tl.maximum(tl.max(dv, axis=1), 1e-30)) / 8192.0                  # [NB]
+        pn = _pow2_at_least(tl.maximum(tl.max(dv, axis=1), 1e-30)) / PN                      # [NB]
         pb = tl.reshape(p[:, None, :] * (dv / pn[:, None])[None, :, :], [M, BLOCK_N])        # row (g, b)
         pbh, pbl = _split2(pb, P_TERMS)
         pv = _dot2(pbh, pbl, _i8_to_f16(vq), P_TERMS)                                        # [M, D]
@@ -510,6 +512,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel}[cfg["q8_impl"]]
         g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
         terms = {"Q_TERMS": cfg["q8_terms"][0], "P_TERMS": cfg["q8_terms"][1]}
+        if rows_form:
+            terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]))
         LAUNCHES.record({"kernel": kern.__name__, "block_n": cfg["block_n"], "num_warps": cfg["num_warps"],
                          "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
                          "combine_block": 0 if fuse else comb["BLOCK_S"], "q8_terms": list(cfg["q8_terms"])})
