@@ -75,7 +75,7 @@ llama-cpp: $(STAMP)
 # e.g. float16 subnormals lost on the tensor-core path, which the interpreter keeps).
 test-gpu: $(STAMP)
 	$(PY) -m pytest -q -m gpu tests
-	$(PY) -m pytest -q tests/test_kernels.py tests/test_rope_append.py
+	$(PY) -m pytest -q tests/test_kernels.py tests/test_rope_append.py tests/test_rows_kernels.py
 
 test-engines: llama-cpp
 	$(PY) -m pytest -q --durations=15 -m engines tests/test_engines_*.py tests/test_adapter_*.py

@@ -43,7 +43,7 @@ for step in $steps; do
   case $step in
     tests)  python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25
             # the kernels compiled against their references (make test-gpu's second half)
-            python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_rope_append.py 2>&1 | tee -a "$OUT/gpu-tests.log" | tail -8 ;;
+            python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py tests/test_rope_append.py tests/test_rows_kernels.py 2>&1 | tee -a "$OUT/gpu-tests.log" | tail -8 ;;
     kernels) # tests/test_kernels.py whole (not only -m gpu): on CUDA its kernel-vs-reference cases run
             # the Triton kernels compiled for the device instead of TRITON_INTERPRET (other files'
             # unmarked tests force Triton on CPU tensors and belong to the CPU run)

@@ -366,6 +366,10 @@ def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
     if x.dtype != torch.float32:    # narrow activations: the statistic in float32, as HF's norms
+        from . import kernels
+        if x.dtype == torch.bfloat16 and kernels.use_triton(x.device):   # the fast prefill: one launch
+            from .kernels import rows
+            return rows.rms_norm_rows(x, w, eps)
         xf = x.float()
         return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * w.to(x.dtype)
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
@@ -393,6 +397,10 @@ class Rope:
     def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
         T = x.shape[0]
         self.ensure(start + T)
+        from . import kernels
+        if x.dtype == torch.bfloat16 and kernels.use_triton(x.device):   # the fast prefill: one launch
+            from .kernels import rows
+            return rows.rope_rows(x, self.cos, self.sin, start, self.kind)
         return self._rotate(x, self.cos[start:start + T, None, :], self.sin[start:start + T, None, :])
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -430,3 +430,31 @@ def test_decode_launches_are_recorded_as_applied(monkeypatch, triton_backend):
         pass
     decode_attention(q, caches["bf16"].k, caches["bf16"].v, "bf16", n, D ** -0.5, Hkv)
     assert outside == [] and da.LAUNCHES.active is None   # nothing recorded outside a block
+
+
+import triton  # noqa: E402 (after TRITON_INTERPRET is set above)
+import triton.language as tl  # noqa: E402
+
+from engine.kernels.decode_attention import _pow2_at_least  # noqa: E402
+
+
+@triton.jit
+def _pow2_probe(X, OUT, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(OUT + i, _pow2_at_least(tl.load(X + i)))
+
+
+def test_pow2_at_least_is_the_exact_power_of_two(triton_backend):
+    """The q8_0 kernels' normaliser: the smallest power of two >= x, exactly (bits, not the GPU's
+    approximate lg2/ex2), at powers of two, one ulp either side of them, and in between; against
+    float64 maths."""
+    p = torch.tensor([2.0 ** e for e in range(-100, 120, 7)])
+    vals = torch.cat([p, torch.nextafter(p, p * 2), torch.nextafter(p, p / 2), p * 1.37, torch.tensor([1e-30, 3.0, 8192.0])])
+    n = triton.next_power_of_2(vals.numel())
+    x = torch.ones(n)
+    x[:vals.numel()] = vals
+    out = torch.empty(n)
+    x, out = x.to(DEV), out.to(DEV)
+    _pow2_probe[(1,)](x, out, N=n)
+    want = torch.exp2(torch.ceil(torch.log2(x.double()))).float()
+    assert torch.equal(out, want), (x[out != want], out[out != want], want[out != want])

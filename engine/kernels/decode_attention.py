@@ -183,8 +183,12 @@ def _i8_to_f16(x):
 
 @triton.jit
 def _pow2_at_least(x):
-    """Smallest power of two >= x (x > 0), exact, as float32."""
-    return tl.exp2(tl.ceil(tl.log2(x)))
+    """Smallest power of two >= x (x a normal float32 > 0, below 2^127), exact, as float32: from
+    the exponent bits. (``exp2(ceil(log2(x)))`` compiles to the GPU's approximate ``lg2`` and
+    ``ex2``, which promise neither a power of two nor the right one at a binade's edge.)"""
+    bits = x.to(tl.int32, bitcast=True)
+    e = ((bits >> 23) & 0xFF) + ((bits & 0x7FFFFF) != 0).to(tl.int32)
+    return (e << 23).to(tl.float32, bitcast=True)
 
 
 @triton.jit

@@ -1,0 +1,108 @@
+"""Row-wise kernels of the fast prefill path: one launch where torch's eager ops take six or seven.
+
+Contract (both callable on any device through the interpreter; ``engine.model`` uses them on
+CUDA tensors when the Triton backend is in use, on the fast prefill path's bfloat16 activations):
+- ``rms_norm_rows(x, w, eps)``: x bfloat16 [..., d] (contiguous), w [d] any float dtype ->
+  bfloat16 [..., d], ``engine.model.rms_norm``'s narrow-activation maths: the statistic in
+  float32 (``rstd = 1 / sqrt(mean(x^2) + eps)``), ``bf16(x * rstd)`` times ``bf16(w)``, rounded to
+  bfloat16 (nearest even, on the bits: the interpreter's casts truncate). Against torch's ops it
+  differs only where the float32 sum's order or the reciprocal square root moves a product
+  across a bfloat16 rounding boundary: one bfloat16 step, on a few values.
+- ``rope_rows(x, cos, sin, start, kind)``: x [T, H, D] (bfloat16 or float32, contiguous), cos,
+  sin float32 [n, D/2] tables -> float32 [T, H, D], ``engine.model.rotate`` at positions
+  ``start .. start+T-1``: ``x1 cos - x2 sin``, ``x2 cos + x1 sin`` in float32 over "neox" halves
+  or "norm" adjacent pairs (compiled, a fused multiply-add may move a value by one float32 ulp).
+
+What it buys (the H100 profile of reports/h100-2026-12-05d call 1): SmolLM2's fast prefill
+launched 1635 kernels for 8192 tokens (54 a layer) and was bound by the launches (37 ms of wall
+for 21.7 ms of device time), where HF launched 1311. RoPE over q and k was ~14 launches a layer
+(float32 promotion, four products, two sums, a stack), each norm ~7.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _bf16_bits(x):
+    """float32 -> bfloat16 bits (int16), round to nearest even; NaN -> 0x7FC0 (torch's)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(is_nan, 0x7FC0, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def _bf16_round(x):
+    """float32 -> the float32 value of its bfloat16 rounding (nearest even)."""
+    return (_bf16_bits(x).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _rms_rows_kernel(X, W, OUT, d, eps, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.arange(0, BLOCK)
+    mask = c < d
+    x = tl.load(X + row * d + c, mask=mask, other=0).to(tl.float32)
+    ms = tl.sum(x * x, axis=0) / d
+    rstd = 1.0 / tl.sqrt(ms + eps)
+    w = _bf16_round(tl.load(W + c, mask=mask, other=0).to(tl.float32))
+    y = _bf16_round(x * rstd) * w
+    tl.store(OUT + row * d + c, _bf16_bits(y), mask=mask)
+
+
+def rms_norm_rows(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    """See the module docstring. bfloat16 [..., d]."""
+    if x.dtype != torch.bfloat16:
+        raise ValueError(f"rms_norm_rows: x must be bfloat16 (the fast prefill's activations), not {x.dtype}")
+    d = x.shape[-1]
+    if w.shape != (d,):
+        raise ValueError(f"rms_norm_rows: weight {tuple(w.shape)} does not match rows of {d}")
+    x2 = x.contiguous().view(-1, d)
+    out = torch.empty(x2.shape, dtype=torch.int16, device=x.device)
+    if x2.shape[0]:
+        _rms_rows_kernel[(x2.shape[0],)](x2, w.contiguous(), out, d, float(eps),
+                                         BLOCK=triton.next_power_of_2(d), num_warps=4)
+    return out.view(torch.bfloat16).view(x.shape)
+
+
+@triton.jit
+def _rope_rows_kernel(X, COS, SIN, OUT, start, H: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    t = tl.program_id(0).to(tl.int64)
+    HALF: tl.constexpr = D // 2
+    i = tl.arange(0, BLOCK)                      # one (head, pair) per lane: H * D/2 of them
+    mask = i < H * HALF
+    h = i // HALF
+    j = i % HALF
+    if NEOX:
+        c1 = h * D + j
+        c2 = c1 + HALF
+    else:
+        c1 = h * D + 2 * j
+        c2 = c1 + 1
+    base = t * (H * D)
+    x1 = tl.load(X + base + c1, mask=mask, other=0).to(tl.float32)
+    x2 = tl.load(X + base + c2, mask=mask, other=0).to(tl.float32)
+    cs = tl.load(COS + (start + t) * HALF + j, mask=mask, other=0)
+    sn = tl.load(SIN + (start + t) * HALF + j, mask=mask, other=0)
+    tl.store(OUT + base + c1, x1 * cs - x2 * sn, mask=mask)
+    tl.store(OUT + base + c2, x2 * cs + x1 * sn, mask=mask)
+
+
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, kind: str) -> torch.Tensor:
+    """See the module docstring. float32 [T, H, D]."""
+    if kind not in ("neox", "norm"):
+        raise ValueError(f"rope_rows: kind {kind!r} is not 'neox' or 'norm'")
+    T, H, D = x.shape
+    if cos.dtype != torch.float32 or cos.shape[1] != D // 2 or start + T > cos.shape[0]:
+        raise ValueError(f"rope_rows: tables {tuple(cos.shape)} {cos.dtype} do not cover positions "
+                         f"{start}..{start + T - 1} of head_dim {D} in float32")
+    x = x.contiguous()
+    out = torch.empty(T, H, D, dtype=torch.float32, device=x.device)
+    if T:
+        _rope_rows_kernel[(T,)](x, cos.contiguous(), sin.contiguous(), out, start, H=H, D=D,
+                                NEOX=kind == "neox", BLOCK=triton.next_power_of_2(H * D // 2), num_warps=4)
+    return out
