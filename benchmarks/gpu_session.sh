@@ -217,6 +217,15 @@ for step in $steps; do
             # each form's error, then whether float16 tensor-core dots accumulate as float32 does
             bash "$0" q8test
             python3 benchmarks/oneoff/tc_accum.py 2>&1 | tee "$OUT/tc-accum.log" ;;
+    verify) # what the seventeenth session changed without a GPU: the row kernels and the exact power
+            # of two compiled (their tests), the q8_0 rows kernel's magnitude test and error map, and
+            # the fast prefill against HF at 8192 / 16384 (bench_peer, prefill rows only), then its profile
+            python3 -m pytest -q -p no:cacheprovider tests/test_rows_kernels.py 2>&1 | tail -3 | tee "$OUT/rows-tests.log"
+            bash "$0" q8test
+            timeout 120 python3 benchmarks/oneoff/q8_rows_map.py 2>&1 | tee "$OUT/q8-rows-map.log" | grep -v "^head" | tail -40
+            timeout 240 python3 benchmarks/bench_peer.py --model smollm2-synth --weight-formats bf16 --kv bf16 --no-decode \
+              --ctx 16 --out "$OUT/peer-prefill.json" 2>&1 | grep -v "Converting\|Warning\|warn" | tee "$OUT/peer-prefill.log" | tail -12
+            bash "$0" pfprof ;;
     blocksuite) # the default suite's throughput_blocks check alone on coder30b-synth (tg32 at depth 0 and
             # 4096 per KV dtype: what the speed column says a KV dtype costs, on the engine's fast path)
             python3 benchmarks/oneoff/blocks_suite.py /tmp/blocks.toml
