@@ -58,6 +58,11 @@ def test_rope_rows_matches_rotate(kind, dtype):
     ref = rope.apply(x, start)
     out = rope_rows(x, rope.cos, rope.sin, start, kind)
     assert out.dtype == torch.float32
+    # a column view of a fused projection [T, (H + 2) * D]: strided rows, read in place
+    fused = torch.cat([x.reshape(T, H * D), torch.randn(T, 2 * D, generator=g).to(dtype).to(DEV)], dim=1)
+    view = fused[:, :H * D].reshape(T, H, D)
+    assert not view.is_contiguous()
+    assert torch.equal(rope_rows(view, rope.cos, rope.sin, start, kind), out)
     if DEV == "cpu":
         assert torch.equal(out, ref)
     else:

@@ -8,7 +8,8 @@ CUDA tensors when the Triton backend is in use, on the fast prefill path's bfloa
   bfloat16 (nearest even, on the bits: the interpreter's casts truncate). Against torch's ops it
   differs only where the float32 sum's order or the reciprocal square root moves a product
   across a bfloat16 rounding boundary: one bfloat16 step, on a few values.
-- ``rope_rows(x, cos, sin, start, kind)``: x [T, H, D] (bfloat16 or float32, contiguous), cos,
+- ``rope_rows(x, cos, sin, start, kind)``: x [T, H, D] (bfloat16 or float32; rows may be strided,
+  as a column view of a fused projection is, each row's H x D values contiguous), cos,
   sin float32 [n, D/2] tables -> float32 [T, H, D], ``engine.model.rotate`` at positions
   ``start .. start+T-1``: ``x1 cos - x2 sin``, ``x2 cos + x1 sin`` in float32 over "neox" halves
   or "norm" adjacent pairs (compiled, a fused multiply-add may move a value by one float32 ulp).
@@ -69,7 +70,7 @@ def rms_norm_rows(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 @triton.jit
-def _rope_rows_kernel(X, COS, SIN, OUT, start, H: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr,
+def _rope_rows_kernel(X, COS, SIN, OUT, start, stride_t, H: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr,
                       BLOCK: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = D // 2
@@ -84,8 +85,8 @@ def _rope_rows_kernel(X, COS, SIN, OUT, start, H: tl.constexpr, D: tl.constexpr,
         c1 = h * D + 2 * j
         c2 = c1 + 1
     base = t * (H * D)
-    x1 = tl.load(X + base + c1, mask=mask, other=0).to(tl.float32)
-    x2 = tl.load(X + base + c2, mask=mask, other=0).to(tl.float32)
+    x1 = tl.load(X + t * stride_t + c1, mask=mask, other=0).to(tl.float32)
+    x2 = tl.load(X + t * stride_t + c2, mask=mask, other=0).to(tl.float32)
     cs = tl.load(COS + (start + t) * HALF + j, mask=mask, other=0)
     sn = tl.load(SIN + (start + t) * HALF + j, mask=mask, other=0)
     tl.store(OUT + base + c1, x1 * cs - x2 * sn, mask=mask)
@@ -100,9 +101,10 @@ def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int,
     if cos.dtype != torch.float32 or cos.shape[1] != D // 2 or start + T > cos.shape[0]:
         raise ValueError(f"rope_rows: tables {tuple(cos.shape)} {cos.dtype} do not cover positions "
                          f"{start}..{start + T - 1} of head_dim {D} in float32")
-    x = x.contiguous()
+    if x.stride(2) != 1 or x.stride(1) != D:      # rows may be strided (q, k: column views of one
+        x = x.contiguous()                          # projection), each row's heads contiguous
     out = torch.empty(T, H, D, dtype=torch.float32, device=x.device)
     if T:
-        _rope_rows_kernel[(T,)](x, cos.contiguous(), sin.contiguous(), out, start, H=H, D=D,
+        _rope_rows_kernel[(T,)](x, cos.contiguous(), sin.contiguous(), out, start, x.stride(0), H=H, D=D,
                                 NEOX=kind == "neox", BLOCK=triton.next_power_of_2(H * D // 2), num_warps=4)
     return out
