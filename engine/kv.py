@@ -233,9 +233,11 @@ class LayerKV(CacheObservables):
         self.peak_scratch_bytes = 0        # the flash kernel keeps its tiles in registers
         return out
 
-    def attend_fast(self, q: torch.Tensor, start: int, scale: float, window: int | None = None) -> torch.Tensor:
+    def attend_fast(self, q: torch.Tensor, start: int, scale: float, window: int | None = None,
+                    out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``attend`` on the fast prefill path (``prefill_attention_fast``: bfloat16 q/K/V, torch
-        SDPA, one pass): throughput numbers only, never accuracy."""
+        SDPA, one pass): throughput numbers only, never accuracy. ``out_dtype``: the rows'
+        dtype (the fast path's bf16 activations take bf16: one copy instead of two)."""
         T, Hq, D = q.shape
         if start + T > self.max_tokens:
             raise ContextOverflowError(f"layer {self.layer}: {start + T} tokens exceed the KV cache of "
@@ -243,7 +245,7 @@ class LayerKV(CacheObservables):
         self.last_waves, self.last_wave_retries, self.last_wave_rows = 1, 0, T
         self.peak_scratch_bytes = 0
         return prefill_attention_fast(q, self.k, self.v, self.k_format, start, scale, self.n_kv_heads,
-                                      v_fmt=self.v_format, window=window)
+                                      v_fmt=self.v_format, window=window, out_dtype=out_dtype)
 
     # -- position on the device (CUDA-graph decode) ------------------------------------------
     def write_at(self, pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:

@@ -627,15 +627,17 @@ class Transformer:
         o = mm(o.reshape(o.shape[0], s.q_dim), w.wo)
         return o if w.post_attn_norm is None else rms_norm(o, w.post_attn_norm, s.rms_eps)
 
-    def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, cache):
-        """Rotated q, k [T, H, D] of one sequence at ``start``: store k, v in ``cache``, attend."""
+    def _attend(self, i: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, start: int, cache,
+                out_dtype: torch.dtype = torch.float32):
+        """Rotated q, k [T, H, D] of one sequence at ``start``: store k, v in ``cache``, attend
+        (rows of ``out_dtype`` from the fast path; the cache's own attention is float32)."""
         T = q.shape[0]
         cache.write(start, k, v)
         if self.attn_math != "exact":
             q = attn_math.q_for_k(q, cache.k_format, self.attn_math)
         window = self.spec.window(i)
         if T > 1 and self.prefill_path == "fast":
-            return cache.attend_fast(q, start, self.scale, window=window or None)
+            return cache.attend_fast(q, start, self.scale, window=window or None, out_dtype=out_dtype)
         return cache.attend(q, start, self.scale, window=window or None)    # [T, Hq, D]
 
     def attention(self, i: int, x: torch.Tensor, start: int, cache) -> torch.Tensor:
@@ -644,7 +646,7 @@ class Transformer:
         q, k = rope.apply(q, start), rope.apply(k, start)     # float32 (the tables are)
         if x.dtype != torch.float32:        # fast prefill, bf16 activations: the cache takes float32
             k, v = k.float(), v.float()
-            return self._attn_out(i, self._attend(i, q, k, v, start, cache).to(x.dtype))
+            return self._attn_out(i, self._attend(i, q, k, v, start, cache, out_dtype=x.dtype).to(x.dtype))
         return self._attn_out(i, self._attend(i, q, k, v, start, cache))
 
     def attention_rows(self, i: int, x: torch.Tensor, starts: list[int], caches: list, live: list[int]):

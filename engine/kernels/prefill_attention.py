@@ -269,7 +269,7 @@ FAST_PREFILL = "bf16 SDPA"      # what the fast path is, as results record it
 
 def prefill_attention_fast(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
                            start: int, scale: float, n_kv_heads: int, v_fmt: str | None = None,
-                           window: int | None = None) -> torch.Tensor:
+                           window: int | None = None, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The fast prefill path (``engine.Engine.set_prefill_path("fast")``): q [T, Hq, D] at
     ``start`` attends causally to cache rows [0, start+T) with bfloat16 q, K, V and torch's
     scaled-dot-product attention (flash on CUDA, its own CPU kernel elsewhere), in one pass.
@@ -312,7 +312,7 @@ def prefill_attention_fast(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Te
             k = k.repeat_interleave(Hq // n_kv_heads, dim=1)
             v = v.repeat_interleave(Hq // n_kv_heads, dim=1)
         o = torch.nn.functional.scaled_dot_product_attention(qb, k, v, attn_mask=mask, scale=scale)
-    return o[0].transpose(0, 1).float()                                                 # [T, Hq, D]
+    return o[0].transpose(0, 1).to(out_dtype)          # [T, Hq, D]: one copy, float32 unless asked
 
 
 # --- torch reference (the CPU path) ---------------------------------------------------------
