@@ -674,6 +674,13 @@ class Transformer:
             if h.dtype != torch.float32:    # fast prefill's bf16 activations: routing stays float32
                 return self.moe(i, h.float()).to(h.dtype)
             return self.moe(i, h)
+        w_gu = getattr(w, "w_gu", None)
+        if h.dtype == torch.bfloat16 and w_gu is not None and w_gu.dtype == torch.bfloat16 and s.ffn_act != "gelu_tanh":
+            from . import kernels
+            if kernels.use_triton(h.device):    # the fast prefill: one projection, one activation launch
+                from .kernels import rows
+                y = mm(rows.silu_mul_rows(mm(h, w_gu)), w.w_down)
+                return y if w.post_ffn_norm is None else rms_norm(y, w.post_ffn_norm, s.rms_eps)
         gate = mm(h, w.w_gate)
         gate = F.gelu(gate, approximate="tanh") if s.ffn_act == "gelu_tanh" else F.silu(gate)
         y = mm(gate * mm(h, w.w_up), w.w_down)

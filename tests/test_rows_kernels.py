@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from engine import kernels
-from engine.kernels.rows import rms_norm_rows, rope_rows
+import torch.nn.functional as F
+
+from engine.kernels.rows import rms_norm_rows, rope_rows, silu_mul_rows
 from engine.model import Rope, rms_norm, rotate
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
@@ -70,6 +72,26 @@ def test_rope_rows_matches_rotate(kind, dtype):
     assert torch.equal(ref, rotate(x, rope.cos[start:start + T, None, :], rope.sin[start:start + T, None, :], kind))
 
 
+@pytest.mark.parametrize("T,ff", [(33, 1536), (5, 96), (1, 2050)])
+def test_silu_mul_rows_matches_the_torch_ffn(T, ff):
+    """bf16(bf16(silu(gate)) * up) from a fused [T, 2 ff] projection, as the dense FFN computes it
+    on bf16 activations: equal, but where exp's last bit moves silu across a bfloat16 rounding
+    boundary (one step, rarely)."""
+    g = torch.Generator().manual_seed(T + ff)
+    gu = (torch.randn(T, 2 * ff, generator=g) * 4).to(torch.bfloat16).to(DEV)
+    ref = F.silu(gu[:, :ff]) * gu[:, ff:]
+    out = silu_mul_rows(gu)
+    assert out.dtype == torch.bfloat16 and out.shape == (T, ff)
+    diff = (out.float() - ref.float()).abs()
+    step = ref.float().abs() * 2.0 ** -7 + 1e-30
+    assert bool((diff <= step).all()), f"beyond one bfloat16 step: {(diff / step).max().item():.2f} steps"
+    same = (diff == 0).float().mean().item()
+    print(f"silu_mul_rows [{T}, {ff}]: {same:.2%} equal to torch's")
+    assert same >= 0.99
+    with pytest.raises(ValueError, match="bfloat16"):
+        silu_mul_rows(gu.float())
+
+
 def test_rope_rows_refuses_tables_short_of_the_positions():
     rope = Rope(64, 10000.0, "neox", 16, device=DEV)
     with pytest.raises(ValueError, match="do not cover positions"):
@@ -84,8 +106,8 @@ def test_fast_prefill_goes_through_the_row_kernels_and_keeps_its_logits(monkeypa
     torch's ops (the exact path never calls them)."""
     import engine
     from engine.kernels import rows
-    calls = {"norm": 0, "rope": 0}
-    real_norm, real_rope = rows.rms_norm_rows, rows.rope_rows
+    calls = {"norm": 0, "rope": 0, "ffn": 0}
+    real_norm, real_rope, real_ffn = rows.rms_norm_rows, rows.rope_rows, rows.silu_mul_rows
 
     def count_norm(*a, **k):
         calls["norm"] += 1
@@ -94,23 +116,27 @@ def test_fast_prefill_goes_through_the_row_kernels_and_keeps_its_logits(monkeypa
     def count_rope(*a, **k):
         calls["rope"] += 1
         return real_rope(*a, **k)
+    def count_ffn(*a, **k):
+        calls["ffn"] += 1
+        return real_ffn(*a, **k)
     monkeypatch.setattr(rows, "rms_norm_rows", count_norm)
     monkeypatch.setattr(rows, "rope_rows", count_rope)
+    monkeypatch.setattr(rows, "silu_mul_rows", count_ffn)
     toks = list(range(5, 69))
     prev = kernels.set_backend("torch")
     try:
         eng = engine.load("tiny-llama", device=DEV, kv_dtype="bf16", ctx=128, weight_format="bf16")
         eng.set_prefill_path("fast")
         ref = eng.logits(toks)
-        assert calls == {"norm": 0, "rope": 0}
+        assert calls == {"norm": 0, "rope": 0, "ffn": 0}
         kernels.set_backend("triton")
         out = eng.logits(toks)
         n = eng.spec.n_layers
-        assert calls["rope"] == 2 * n and calls["norm"] >= 2 * n + 1, calls
-        calls.update(norm=0, rope=0)
+        assert calls["rope"] == 2 * n and calls["norm"] >= 2 * n + 1 and calls["ffn"] == n, calls
+        calls.update(norm=0, rope=0, ffn=0)
         eng.set_prefill_path("exact")
         eng.logits(toks)
-        assert calls == {"norm": 0, "rope": 0}
+        assert calls == {"norm": 0, "rope": 0, "ffn": 0}
     finally:
         kernels.set_backend(prev)
     err = (out.float() - ref.float()).abs().max().item()
