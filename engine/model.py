@@ -263,8 +263,25 @@ class CpuExperts:
     def __init__(self, packed, blocks=None):
         self.packed = packed
         self.blocks = blocks           # (gate, up, down) host BlockStacks: what large batches read
-        self.math = packed.math + ("; batches of >= %d rows on the device from the blocks (float32)"
-                                   % self.OFFLOAD_ROWS if blocks is not None else "")
+        self.last_gpu_share = 0        # of the last one-token step's k experts, those the GPU computed
+
+    def gpu_share(self, device) -> int:
+        """How many of a one-token step's experts the GPU takes (``KVBENCH_CPU_MOE_GPU_SHARE``, read
+        now): only on CUDA and where the layer keeps its blocks (pinned, readable in place)."""
+        from . import settings
+        n = int(settings.get("KVBENCH_CPU_MOE_GPU_SHARE"))
+        return n if n and self.blocks is not None and torch.device(device).type == "cuda" else 0
+
+    @property
+    def math(self) -> str:
+        m = self.packed.math + ("; batches of >= %d rows on the device from the blocks (float32)"
+                                % self.OFFLOAD_ROWS if self.blocks is not None else "")
+        from . import settings
+        n = int(settings.get("KVBENCH_CPU_MOE_GPU_SHARE"))
+        if n and self.blocks is not None:
+            m += (f"; on CUDA, {n} of each token's experts computed by the GPU from the pinned blocks over "
+                  "PCIe (float32 block maths) while the CPU computes the rest (KVBENCH_CPU_MOE_GPU_SHARE)")
+        return m
 
     def resident_blocker(self, device) -> str | None:
         return None                  # nothing to fetch: the experts compute where they are
@@ -292,6 +309,10 @@ class CpuExperts:
         if h.device.type == "cpu":
             y = self.packed.rows(h.detach().float(), top_e.tolist(), top_p.float().tolist())
             return y if out is None else out.copy_(y)
+        share = min(self.gpu_share(h.device), k) if T == 1 else 0
+        self.last_gpu_share = share
+        if share:
+            return self._split_run(h, top_e, top_p, share, out)
         # one device -> host transfer for rows and routing, through a pinned stage, then one sync
         src = torch.cat([h.detach().reshape(-1).float(), top_p.reshape(-1).float(), top_e.reshape(-1).float()])
         stage = self._pinned("_in", src.numel())
@@ -305,6 +326,41 @@ class CpuExperts:
         back.copy_(y)
         out = torch.empty(y.shape, dtype=torch.float32, device=h.device) if out is None else out
         return out.copy_(back, non_blocking=True)
+
+    def _split_run(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor, share: int,
+                   out: torch.Tensor | None) -> torch.Tensor:
+        """One token on CUDA, its experts split: the first ``share`` of ``top_e`` on the GPU (the
+        blocks kernel reading the pinned host blocks over PCIe, launched on a side stream before
+        the routing sync, so it runs while the CPU computes), the rest on the CPU's int4 path;
+        the two [1, d] sums added on ``h``'s device."""
+        from .kernels.moe_blocks import moe_decode_blocks
+        k = top_e.shape[1]
+        main = torch.cuda.current_stream(h.device)
+        side = self.__dict__.get("_side")
+        if side is None or side.device != h.device:
+            side = self._side = torch.cuda.Stream(h.device)
+        side.wait_stream(main)                               # h and the routing are ready there
+        with torch.cuda.stream(side):
+            y_gpu = moe_decode_blocks(h.detach().reshape(1, -1).float(), *self.blocks,
+                                      top_e[0, :share], top_p[0, :share])
+        y_gpu.record_stream(main)
+        out = torch.empty(1, h.shape[-1], dtype=torch.float32, device=h.device) if out is None else out
+        if share < k:
+            src = torch.cat([h.detach().reshape(-1).float(), top_p.reshape(-1).float(), top_e.reshape(-1).float()])
+            stage = self._pinned("_in", src.numel())
+            stage.copy_(src, non_blocking=True)
+            main.synchronize()                               # the main stream only: the side's kernel runs on
+            n = h.numel()
+            ids = stage[n + k:n + 2 * k].long().tolist()[share:]
+            p = stage[n:n + k].tolist()[share:]
+            y = self.packed.rows(stage[:n].reshape(1, -1), [ids], [p])
+            back = self._pinned("_out", y.numel()).view(y.shape)
+            back.copy_(y)
+            out.copy_(back, non_blocking=True)
+        else:
+            out.zero_()
+        main.wait_stream(side)
+        return out.add_(y_gpu)
 
     def _pinned(self, name: str, n: int) -> torch.Tensor:
         """A page-locked float32 staging buffer of at least ``n`` values, kept between runs."""

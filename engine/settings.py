@@ -121,6 +121,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_MOE_BLOCKS_DOWN_SUMS", "bool", None, "engine.kernels.moe_blocks down in the per-block "
        "sum form (1) or the per-value one (0); default 1 on the GPU, 0 interpreted; "
        "KVBENCH_MOE_BLOCKS_FORM, when not auto, sets both parts"),
+    _s("KVBENCH_CPU_MOE_GPU_SHARE", "int", 0, "of the k experts a token chooses on a cpu-tier MoE layer "
+       "(cpu_moe, host_experts=cpu), how many the GPU computes from the layer's pinned host blocks over "
+       "PCIe, on a side stream, while the CPU computes the rest (one-token steps on CUDA; float32 block "
+       "maths for the GPU's share); 0: the CPU computes all k", numerics=True, lo=0, hi=64),
     _s("KVBENCH_DECODE_ROPE_APPEND", "bool", True, "the captured decode step rotates q/k (RoPE) and "
        "appends K/V in one Triton launch (kv_append.rope_append_at) on layers through the gemv kernel "
        "without q/k norms or with per-head ones (normed in the launch), instead of the compiled "

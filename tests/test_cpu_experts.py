@@ -110,3 +110,55 @@ def test_packing_on_the_gpu_gives_the_same_bytes():
     gpu = HostQ4Experts.from_blocks(*(s.to("cuda") for s in stacks))
     assert all(t.device.type == "cpu" for t in gpu.tensors())
     assert all(torch.equal(a, b) for a, b in zip(host.tensors(), gpu.tensors()))
+
+
+def _pinned_copy(st: BlockStack) -> BlockStack:
+    dst = BlockStack.empty(st.fmt, st.shape, pinned=torch.cuda.is_available())
+    dst.qs.copy_(st.qs)
+    dst.d.copy_(st.d)
+    return dst
+
+
+def test_gpu_share_applies_only_on_cuda_with_blocks_and_is_named_in_the_math(monkeypatch):
+    """KVBENCH_CPU_MOE_GPU_SHARE: the GPU's share of a cpu-tier layer's experts, only where a GPU
+    can read the layer's blocks (CUDA, blocks kept); the layer's recorded maths says so; a value
+    out of range is refused, not clamped."""
+    from engine.errors import ConfigError
+    from engine.model import CpuExperts
+    stacks = [q4_stack(4, 64, 64, 12)[0], q4_stack(4, 64, 64, 13)[0], q4_stack(4, 64, 64, 14)[0]]
+    packed = HostQ4Experts.from_blocks(*stacks)
+    layer, bare = CpuExperts(packed, tuple(stacks)), CpuExperts(packed)
+    assert layer.gpu_share("cuda") == 0 and "GPU_SHARE" not in layer.math
+    monkeypatch.setenv("KVBENCH_CPU_MOE_GPU_SHARE", "3")
+    assert layer.gpu_share("cuda") == 3 and layer.gpu_share("cpu") == 0 and bare.gpu_share("cuda") == 0
+    assert "3 of each token's experts computed by the GPU" in layer.math and "GPU_SHARE" not in bare.math
+    monkeypatch.setenv("KVBENCH_CPU_MOE_GPU_SHARE", "65")
+    with pytest.raises(ConfigError):
+        layer.gpu_share("cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("share", [3, 8])
+def test_split_step_is_the_gpu_share_plus_the_cpu_rest(share, monkeypatch):
+    """One token through a cpu-tier layer with its experts split: the GPU's share (blocks kernel
+    over the pinned host blocks, on a side stream) plus the CPU's rest (the int4 path), against
+    each part computed alone; all 8 on the GPU is the blocks kernel alone."""
+    from engine.kernels.moe_blocks import moe_decode_blocks_ref
+    from engine.model import CpuExperts
+    E, ff, d, k = 16, 256, 512, 8
+    stacks = [q4_stack(E, ff, d, 20)[0], q4_stack(E, ff, d, 21)[0], q4_stack(E, d, ff, 22)[0]]
+    packed = HostQ4Experts.from_blocks(*stacks)
+    layer = CpuExperts(packed, tuple(_pinned_copy(s) for s in stacks))
+    g = torch.Generator().manual_seed(23)
+    h = torch.randn(1, d, generator=g)
+    ids = torch.randperm(E, generator=g)[:k]
+    p = torch.rand(k, generator=g)
+    monkeypatch.setenv("KVBENCH_CPU_MOE_GPU_SHARE", str(share))
+    out = layer.run(h.cuda(), ids[None].cuda(), p[None].cuda()).cpu()
+    assert layer.last_gpu_share == share
+    want = moe_decode_blocks_ref(h, *stacks, ids[:share], p[:share])
+    if share < k:
+        want = want + packed(h, ids[share:].tolist(), p[share:].tolist())
+    err = ((out - want).abs().max() / want.abs().max()).item()
+    print(f"split {share}/{k}: rel err {err:.2e}")
+    assert err < 1e-5
