@@ -203,8 +203,20 @@ def main(argv=None) -> int:
     ap.add_argument("--prefill-path", default="fast", choices=("fast", "exact"),
                     help="the depth's fill: fast (bf16 SDPA, loads cuDNN/flash modules into the CUDA "
                          "context) or exact (the engine's own kernels): the process VRAM with each")
+    ap.add_argument("--gpu-shares", default="0",
+                    help="comma list: of a token's k experts on cpu-tier layers, how many the GPU computes "
+                         "from the pinned blocks while the CPU computes the rest (KVBENCH_CPU_MOE_GPU_SHARE), "
+                         "each timed")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    try:
+        shares = [int(x) for x in args.gpu_shares.split(",")]
+    except ValueError:
+        shares = []
+    if not shares or any(x < 0 or x > 64 for x in shares):
+        print(f"bench_cpu_moe: --gpu-shares {args.gpu_shares!r} must be a comma list of integers 0..64",
+              file=sys.stderr)
+        return 2
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     depths = [int(x) for x in args.depths.split(",")]
     ctx = max(depths) + args.tokens + 64
@@ -265,7 +277,21 @@ def main(argv=None) -> int:
                     "process_vram_after_load_mib": used_vram_mib(os.getpid()) if dev == "cuda" else None,
                     "decode": []}
             try:
-                case["decode"] = [decode_case(eng, dpt, args.tokens, args.reps, args.prefill_path) for dpt in depths]
+                case["decode"] = []
+                prior = os.environ.get("KVBENCH_CPU_MOE_GPU_SHARE")
+                try:
+                    for share in shares:     # KVBENCH_CPU_MOE_GPU_SHARE is read at each step
+                        os.environ["KVBENCH_CPU_MOE_GPU_SHARE"] = str(share)
+                        for dpt in depths:
+                            row = decode_case(eng, dpt, args.tokens, args.reps, args.prefill_path)
+                            row["gpu_share"] = share
+                            row["cpu_expert_math"] = eng.cpu_expert_math
+                            case["decode"].append(row)
+                finally:
+                    if prior is None:
+                        os.environ.pop("KVBENCH_CPU_MOE_GPU_SHARE", None)
+                    else:
+                        os.environ["KVBENCH_CPU_MOE_GPU_SHARE"] = prior
             except Exception as exc:   # noqa: BLE001 - a path failing on this machine: recorded, the rest go on
                 case["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0][:300] if str(exc) else ''}"
                 print(f"{args.model} budget {budget} cpu_moe {n} ({host}) KV {kv}: failed: {case['error']}", flush=True)
@@ -285,7 +311,8 @@ def main(argv=None) -> int:
                     case["process_vram_outside_allocator_mib"] = case["process_vram_mib"] - case["cuda_reserved_mib"]
                 torch.cuda.reset_peak_memory_stats()
             cases.append(case)
-            speeds = ", ".join(f"d{c['depth']} {c['tok_s']:.1f} tok/s"
+            speeds = ", ".join((f"GPU share {c['gpu_share']}: " if len(shares) > 1 else "")
+                               + f"d{c['depth']} {c['tok_s']:.1f} tok/s"
                                + f", trunk reads {c['trunk_read_gb_s']:.0f} GB/s"
                                + (f" (host experts {c['host_experts_ms_per_step']:.2f} of {c['step_ms']:.2f} ms, "
                                   f"{c['host_experts_gb_s']:.1f} GB/s)" if "step_ms" in c else "")

@@ -162,7 +162,7 @@ for step in $steps; do
             # CPUMOE_KV (default bf16: the placements first; CPUMOE_KV=bf16,q8_0 for the KV dtypes too)
             timeout ${CPUMOE_TIMEOUT:-420} python3 benchmarks/bench_cpu_moe.py --model coder30b-synth \
               --cases ${CPUMOE_CASES:-12GiB:auto:q8_0:pcie,12GiB:auto:q8_0:dma,12GiB:auto:q8_0,12GiB:auto,$(for n in ${CPUMOE_N:-17 22}; do printf 'none:%s,' $n; done)none:0} --kv ${CPUMOE_KV:-bf16} --depths ${CPUMOE_DEPTHS:-16,1024} --tokens 32 --reps 3 \
-              --threads ${CPUMOE_THREADS:-4,8,16} ${CPUMOE_ARGS:-} --out "$OUT/cpu_moe${CPUMOE_TAG:-}.json" 2>&1 \
+              --threads ${CPUMOE_THREADS:-4,8,16} --gpu-shares ${CPUMOE_SHARES:-0} ${CPUMOE_ARGS:-} --out "$OUT/cpu_moe${CPUMOE_TAG:-}.json" 2>&1 \
               | tee "$OUT/cpu-moe${CPUMOE_TAG:-}.log" | tail -20 ;;
     loadprof) # where coder30b-synth's load goes (issue 14: <= 20 s; 21.9 s in reports/h200-2026-12-04c)
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1

@@ -52,3 +52,22 @@ def test_the_next_kv_dtype_takes_the_weights_over(tmp_path):
     assert first["decode"][0]["prefill_path"] == "exact"              # the depth filled as asked
     assert (first["weights_reused"], second["weights_reused"]) == (False, True)
     assert first["cpu_moe"] == second["cpu_moe"] == 2 and second["plan_max_abs_diff"] == 0
+
+
+def test_gpu_shares_each_timed_and_recorded_and_bad_ones_refused(tmp_path, capsys, monkeypatch):
+    """--gpu-shares: each share of a cpu-tier layer's experts timed on the same engine, the share
+    and the layer's recorded maths on every row (on a CPU the share cannot apply and the maths
+    says it is CUDA's); a value that is not a share is exit 2 with one line, nothing written."""
+    monkeypatch.delenv("KVBENCH_CPU_MOE_GPU_SHARE", raising=False)
+    import os
+    out = tmp_path / "cpu_moe.json"
+    assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--cases", "none:2:q8_0", "--kv", "fp32",
+                               "--depths", "8", "--tokens", "2", "--reps", "1", "--weight-format", "f32",
+                               "--threads", "1", "--gpu-shares", "0,2", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["cases"][0]["decode"]
+    assert [r["gpu_share"] for r in rows] == [0, 2]
+    assert "KVBENCH_CPU_MOE_GPU_SHARE" not in os.environ        # the bench put the environment back
+    assert "GPU_SHARE" not in rows[0]["cpu_expert_math"] and "on CUDA, 2 of each token's experts" in rows[1]["cpu_expert_math"]
+    bad = tmp_path / "bad.json"
+    assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--gpu-shares", "2,x", "--out", str(bad)]) == 2
+    assert "--gpu-shares" in capsys.readouterr().err and not bad.exists()
