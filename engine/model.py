@@ -340,6 +340,8 @@ class CpuExperts:
         if side is None or side.device != h.device:
             side = self._side = torch.cuda.Stream(h.device)
         side.wait_stream(main)                               # h and the routing are ready there
+        for t in (h, top_e, top_p):                          # read on the side stream: not reused
+            t.record_stream(side)                            # by main before the side is done
         with torch.cuda.stream(side):
             y_gpu = moe_decode_blocks(h.detach().reshape(1, -1).float(), *self.blocks,
                                       top_e[0, :share], top_p[0, :share])
