@@ -452,13 +452,17 @@ class Rope:
         if n > self.cos.shape[0]:
             self._build(max(n, 2 * self.cos.shape[0]), self.cos.device)
 
-    def apply(self, x: torch.Tensor, start: int) -> torch.Tensor:
+    def apply(self, x: torch.Tensor, start: int, out_dtype: torch.dtype | None = None) -> torch.Tensor:
+        """RoPE at positions start..: float32 rows (the tables' dtype); ``out_dtype=bfloat16``: those
+        rounded to bfloat16 (where the row kernel runs, in its launch)."""
         T = x.shape[0]
         self.ensure(start + T)
         from . import kernels
         if x.dtype == torch.bfloat16 and kernels.use_triton(x.device):   # the fast prefill: one launch
             from .kernels import rows
-            return rows.rope_rows(x, self.cos, self.sin, start, self.kind)
+            return rows.rope_rows(x, self.cos, self.sin, start, self.kind, out_dtype or torch.float32)
+        if out_dtype is not None:
+            return self._rotate(x, self.cos[start:start + T, None, :], self.sin[start:start + T, None, :]).to(out_dtype)
         return self._rotate(x, self.cos[start:start + T, None, :], self.sin[start:start + T, None, :])
 
     def _rotate(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -701,7 +705,9 @@ class Transformer:
     def attention(self, i: int, x: torch.Tensor, start: int, cache) -> torch.Tensor:
         q, k, v = self._qkv(i, x)
         rope = self._rope(x.device, self.spec.rope_base_of(i))
-        q, k = rope.apply(q, start), rope.apply(k, start)     # float32 (the tables are)
+        # float32 (the tables are); the fast prefill's q goes to bf16 SDPA: rounded in RoPE's launch
+        q_dt = x.dtype if x.dtype != torch.float32 and self.attn_math == "exact" else None
+        q, k = rope.apply(q, start, q_dt), rope.apply(k, start)
         if x.dtype != torch.float32:        # fast prefill, bf16 activations: the cache takes float32
             k, v = k.float(), v.float()
             return self._attn_out(i, self._attend(i, q, k, v, start, cache, out_dtype=x.dtype).to(x.dtype))

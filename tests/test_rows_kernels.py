@@ -65,6 +65,14 @@ def test_rope_rows_matches_rotate(kind, dtype):
     view = fused[:, :H * D].reshape(T, H, D)
     assert not view.is_contiguous()
     assert torch.equal(rope_rows(view, rope.cos, rope.sin, start, kind), out)
+    # rounded to bfloat16 in the launch (the fast prefill's q): torch's .to(bfloat16) of those values
+    qb = rope_rows(x, rope.cos, rope.sin, start, kind, torch.bfloat16)
+    assert qb.dtype == torch.bfloat16
+    if DEV == "cpu":
+        assert torch.equal(qb, ref.to(torch.bfloat16))
+    else:
+        assert bool(((qb.float() - ref.to(torch.bfloat16).float()).abs() <= ref.abs() * 2.0 ** -7).all())
+    assert torch.equal(rope.apply(x.float(), start, torch.bfloat16), ref.to(torch.bfloat16))   # torch path
     if DEV == "cpu":
         assert torch.equal(out, ref)
     else:
@@ -98,6 +106,8 @@ def test_rope_rows_refuses_tables_short_of_the_positions():
         rope_rows(torch.randn(8, 2, 64, device=DEV), rope.cos, rope.sin, 12, "neox")
     with pytest.raises(ValueError, match="kind"):
         rope_rows(torch.randn(8, 2, 64, device=DEV), rope.cos, rope.sin, 0, "yarn")
+    with pytest.raises(ValueError, match="out_dtype"):
+        rope_rows(torch.randn(8, 2, 64, device=DEV), rope.cos, rope.sin, 0, "neox", torch.float16)
 
 
 def test_fast_prefill_goes_through_the_row_kernels_and_keeps_its_logits(monkeypatch):

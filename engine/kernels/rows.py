@@ -10,7 +10,8 @@ CUDA tensors when the Triton backend is in use, on the fast prefill path's bfloa
   across a bfloat16 rounding boundary: one bfloat16 step, on a few values.
 - ``rope_rows(x, cos, sin, start, kind)``: x [T, H, D] (bfloat16 or float32; rows may be strided,
   as a column view of a fused projection is, each row's H x D values contiguous), cos,
-  sin float32 [n, D/2] tables -> float32 [T, H, D], ``engine.model.rotate`` at positions
+  sin float32 [n, D/2] tables -> float32 [T, H, D] (or those values rounded to bfloat16,
+  ``out_dtype``), ``engine.model.rotate`` at positions
   ``start .. start+T-1``: ``x1 cos - x2 sin``, ``x2 cos + x1 sin`` in float32 over "neox" halves
   or "norm" adjacent pairs (compiled, a fused multiply-add may move a value by one float32 ulp).
 
@@ -76,7 +77,7 @@ def rms_norm_rows(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
 
 @triton.jit
 def _rope_rows_kernel(X, COS, SIN, OUT, start, stride_t, H: tl.constexpr, D: tl.constexpr, NEOX: tl.constexpr,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, OUT_BF16: tl.constexpr):
     t = tl.program_id(0).to(tl.int64)
     HALF: tl.constexpr = D // 2
     i = tl.arange(0, BLOCK)                      # one (head, pair) per lane: H * D/2 of them
@@ -94,25 +95,37 @@ def _rope_rows_kernel(X, COS, SIN, OUT, start, stride_t, H: tl.constexpr, D: tl.
     x2 = tl.load(X + t * stride_t + c2, mask=mask, other=0).to(tl.float32)
     cs = tl.load(COS + (start + t) * HALF + j, mask=mask, other=0)
     sn = tl.load(SIN + (start + t) * HALF + j, mask=mask, other=0)
-    tl.store(OUT + base + c1, x1 * cs - x2 * sn, mask=mask)
-    tl.store(OUT + base + c2, x2 * cs + x1 * sn, mask=mask)
+    y1 = x1 * cs - x2 * sn
+    y2 = x2 * cs + x1 * sn
+    if OUT_BF16:                                 # float32 maths, then torch's .to(bfloat16) rounding
+        tl.store(OUT + base + c1, _bf16_bits(y1), mask=mask)
+        tl.store(OUT + base + c2, _bf16_bits(y2), mask=mask)
+    else:
+        tl.store(OUT + base + c1, y1, mask=mask)
+        tl.store(OUT + base + c2, y2, mask=mask)
 
 
-def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, kind: str) -> torch.Tensor:
-    """See the module docstring. float32 [T, H, D]."""
+def rope_rows(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, start: int, kind: str,
+              out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """See the module docstring. [T, H, D] float32, or bfloat16 (``out_dtype``: the float32
+    result rounded as ``.to(torch.bfloat16)`` rounds it, in the same launch)."""
     if kind not in ("neox", "norm"):
         raise ValueError(f"rope_rows: kind {kind!r} is not 'neox' or 'norm'")
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"rope_rows: out_dtype {out_dtype} is not float32 or bfloat16")
     T, H, D = x.shape
     if cos.dtype != torch.float32 or cos.shape[1] != D // 2 or start + T > cos.shape[0]:
         raise ValueError(f"rope_rows: tables {tuple(cos.shape)} {cos.dtype} do not cover positions "
                          f"{start}..{start + T - 1} of head_dim {D} in float32")
     if x.stride(2) != 1 or x.stride(1) != D:      # rows may be strided (q, k: column views of one
         x = x.contiguous()                          # projection), each row's heads contiguous
-    out = torch.empty(T, H, D, dtype=torch.float32, device=x.device)
+    bf16 = out_dtype == torch.bfloat16
+    out = torch.empty(T, H, D, dtype=torch.int16 if bf16 else torch.float32, device=x.device)
     if T:
         _rope_rows_kernel[(T,)](x, cos.contiguous(), sin.contiguous(), out, start, x.stride(0), H=H, D=D,
-                                NEOX=kind == "neox", BLOCK=triton.next_power_of_2(H * D // 2), num_warps=4)
-    return out
+                                NEOX=kind == "neox", BLOCK=triton.next_power_of_2(H * D // 2),
+                                OUT_BF16=bf16, num_warps=4)
+    return out.view(torch.bfloat16) if bf16 else out
 
 
 @triton.jit
