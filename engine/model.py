@@ -313,14 +313,21 @@ class CpuExperts:
         self.last_gpu_share = share
         if share:
             return self._split_run(h, top_e, top_p, share, out)
-        # one device -> host transfer for rows and routing, through a pinned stage, then one sync
+        return self._on_host(h, top_e, top_p, 0, out)
+
+    def _on_host(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor, first: int,
+                 out: torch.Tensor | None) -> torch.Tensor:
+        """Rows ``h`` through each row's experts ``top_e[:, first:]`` on the host CPU: one device ->
+        host transfer of rows and routing through a pinned stage, one sync of the current stream,
+        the int4 path, the result back through a pinned stage into ``out`` (on ``h``'s device)."""
+        T, k = top_e.shape
         src = torch.cat([h.detach().reshape(-1).float(), top_p.reshape(-1).float(), top_e.reshape(-1).float()])
         stage = self._pinned("_in", src.numel())
         stage.copy_(src, non_blocking=True)
         torch.cuda.current_stream(h.device).synchronize()
         n = h.numel()
-        y = self.packed.rows(stage[:n].reshape(T, -1), stage[n + T * k:].reshape(T, k).long().tolist(),
-                             stage[n:n + T * k].reshape(T, k).tolist())
+        y = self.packed.rows(stage[:n].reshape(T, -1), stage[n + T * k:].reshape(T, k)[:, first:].long().tolist(),
+                             stage[n:n + T * k].reshape(T, k)[:, first:].tolist())
         # back through a pinned stage too; the next run's sync orders its reuse after this copy
         back = self._pinned("_out", y.numel()).view(y.shape)
         back.copy_(y)
@@ -331,10 +338,10 @@ class CpuExperts:
                    out: torch.Tensor | None) -> torch.Tensor:
         """One token on CUDA, its experts split: the first ``share`` of ``top_e`` on the GPU (the
         blocks kernel reading the pinned host blocks over PCIe, launched on a side stream before
-        the routing sync, so it runs while the CPU computes), the rest on the CPU's int4 path;
-        the two [1, d] sums added on ``h``'s device."""
+        the routing sync, so it runs while the CPU computes), the rest on the CPU's int4 path
+        (``_on_host``, whose sync waits for the current stream only); the two [1, d] sums added
+        on ``h``'s device."""
         from .kernels.moe_blocks import moe_decode_blocks
-        k = top_e.shape[1]
         main = torch.cuda.current_stream(h.device)
         side = self.__dict__.get("_side")
         if side is None or side.device != h.device:
@@ -346,21 +353,10 @@ class CpuExperts:
             y_gpu = moe_decode_blocks(h.detach().reshape(1, -1).float(), *self.blocks,
                                       top_e[0, :share], top_p[0, :share])
         y_gpu.record_stream(main)
-        out = torch.empty(1, h.shape[-1], dtype=torch.float32, device=h.device) if out is None else out
-        if share < k:
-            src = torch.cat([h.detach().reshape(-1).float(), top_p.reshape(-1).float(), top_e.reshape(-1).float()])
-            stage = self._pinned("_in", src.numel())
-            stage.copy_(src, non_blocking=True)
-            main.synchronize()                               # the main stream only: the side's kernel runs on
-            n = h.numel()
-            ids = stage[n + k:n + 2 * k].long().tolist()[share:]
-            p = stage[n:n + k].tolist()[share:]
-            y = self.packed.rows(stage[:n].reshape(1, -1), [ids], [p])
-            back = self._pinned("_out", y.numel()).view(y.shape)
-            back.copy_(y)
-            out.copy_(back, non_blocking=True)
+        if share < top_e.shape[1]:
+            out = self._on_host(h, top_e, top_p, share, out)
         else:
-            out.zero_()
+            out = torch.zeros(1, h.shape[-1], dtype=torch.float32, device=h.device) if out is None else out.zero_()
         main.wait_stream(side)
         return out.add_(y_gpu)
 

@@ -162,13 +162,11 @@ def test_decode_at_a_short_depth_in_a_long_buffer(fmt, triton_backend):
         assert_close(f"decode {fmt} at 21 of 512 {cfg}", ref, out, TOL[fmt])
 
 
-@pytest.mark.parametrize("D", [64, 128])
-def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_backend):
-    """q8_0's own decode kernels (split layout; block rows on float16 dots, per-block batched float16 dots): its two-term
-    float16 splits keep float32 fidelity whatever the magnitudes (q heads 1e-3..1e2, K tokens
-    1e-3..10, V blocks 1e-2..1e4, an all-zero V block), with the combine fused or not, and the
-    device-position launch of a CUDA graph (splits over the whole buffer, the empty ones
-    weighing nothing) gives the host launch's result."""
+def q8_magnitude_instance(D: int) -> dict:
+    """The magnitude test's instance (also benchmarks/oneoff/q8_rows_map.py's): 8 query heads over
+    2 KV heads, 90 keys; q heads 1e-3..1e2, K tokens 1e-3..10, V blocks 1e-2..1e4 (``vmag``, per KV
+    head and column), one all-zero V block; the cache written through the append kernel. ``gen``
+    continues the instance's generator."""
     Hq, Hkv, n, cap = 8, 2, 90, 200
     gen = torch.Generator(device=DEV).manual_seed(D)
     k = torch.randn(n, Hkv, D, device=DEV, generator=gen) * torch.logspace(-3, 1, n, device=DEV)[:, None, None]
@@ -178,8 +176,21 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
     v[7, 0, :32] = 0.0
     cache = LayerKV(0, Hkv, D, cap, "q8_0", device=DEV)
     cache.write(0, k, v)                                   # through the Triton append kernel
-    q = torch.randn(Hq, D, device=DEV, generator=gen) * torch.logspace(-3, 2, Hq, device=DEV)[:, None]
-    scale = D ** -0.5
+    qmag = torch.logspace(-3, 2, Hq, device=DEV)
+    q = torch.randn(Hq, D, device=DEV, generator=gen) * qmag[:, None]
+    return {"Hq": Hq, "Hkv": Hkv, "n": n, "gen": gen, "cache": cache, "q": q, "qmag": qmag, "vmag": vmag,
+            "scale": D ** -0.5}
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_backend):
+    """q8_0's own decode kernels (split layout; block rows on float16 dots, per-block batched float16 dots): its two-term
+    float16 splits keep float32 fidelity whatever the magnitudes (q heads 1e-3..1e2, K tokens
+    1e-3..10, V blocks 1e-2..1e4, an all-zero V block), with the combine fused or not, and the
+    device-position launch of a CUDA graph (splits over the whole buffer, the empty ones
+    weighing nothing) gives the host launch's result."""
+    inst = q8_magnitude_instance(D)
+    Hq, Hkv, n, gen, cache, q, scale = (inst[x] for x in ("Hq", "Hkv", "n", "gen", "cache", "q", "scale"))
     ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", n, scale, Hkv)
     kd, vd = dequant(cache)
     want = oracle(q[None], kd, vd, n - 1, scale)[0]

@@ -17,28 +17,17 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
-from test_kernels import DEV, dequant, oracle  # noqa: E402
+from test_kernels import DEV, dequant, oracle, q8_magnitude_instance  # noqa: E402
 
 from engine.kernels.decode_attention import decode_attention, decode_attention_ref  # noqa: E402
-from engine.kv import LayerKV  # noqa: E402
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--d", type=int, default=128)
     D = ap.parse_args().d
-    Hq, Hkv, n, cap = 8, 2, 90, 200
-    gen = torch.Generator(device=DEV).manual_seed(D)
-    k = torch.randn(n, Hkv, D, device=DEV, generator=gen) * torch.logspace(-3, 1, n, device=DEV)[:, None, None]
-    vmag = torch.logspace(-2, 4, Hkv * D // 32, device=DEV)
-    vmag = vmag[torch.randperm(len(vmag), generator=gen, device=DEV)].repeat_interleave(32).view(Hkv, D)
-    v = torch.randn(n, Hkv, D, device=DEV, generator=gen) * vmag
-    v[7, 0, :32] = 0.0
-    cache = LayerKV(0, Hkv, D, cap, "q8_0", device=DEV)
-    cache.write(0, k, v)
-    qmag = torch.logspace(-3, 2, Hq, device=DEV)
-    q = torch.randn(Hq, D, device=DEV, generator=gen) * qmag[:, None]
-    scale = D ** -0.5
+    inst = q8_magnitude_instance(D)
+    Hq, Hkv, n, cache, q, qmag, vmag, scale = (inst[x] for x in ("Hq", "Hkv", "n", "cache", "q", "qmag", "vmag", "scale"))
     kd, vd = dequant(cache)
     want = oracle(q[None], kd, vd, n - 1, scale)[0]
     size = oracle(q[None], kd, vd.abs(), n - 1, scale)[0]
