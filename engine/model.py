@@ -265,20 +265,22 @@ class CpuExperts:
         self.blocks = blocks           # (gate, up, down) host BlockStacks: what large batches read
         self.last_gpu_share = 0        # of the last one-token step's k experts, those the GPU computed
 
+    def _requested_share(self) -> int:
+        """``KVBENCH_CPU_MOE_GPU_SHARE`` as set now, where this layer could apply it (blocks kept)."""
+        from . import settings
+        return int(settings.get("KVBENCH_CPU_MOE_GPU_SHARE")) if self.blocks is not None else 0
+
     def gpu_share(self, device) -> int:
         """How many of a one-token step's experts the GPU takes (``KVBENCH_CPU_MOE_GPU_SHARE``, read
         now): only on CUDA and where the layer keeps its blocks (pinned, readable in place)."""
-        from . import settings
-        n = int(settings.get("KVBENCH_CPU_MOE_GPU_SHARE"))
-        return n if n and self.blocks is not None and torch.device(device).type == "cuda" else 0
+        return self._requested_share() if torch.device(device).type == "cuda" else 0
 
     @property
     def math(self) -> str:
         m = self.packed.math + ("; batches of >= %d rows on the device from the blocks (float32)"
                                 % self.OFFLOAD_ROWS if self.blocks is not None else "")
-        from . import settings
-        n = int(settings.get("KVBENCH_CPU_MOE_GPU_SHARE"))
-        if n and self.blocks is not None:
+        n = self._requested_share()
+        if n:
             m += (f"; on CUDA, {n} of each token's experts computed by the GPU from the pinned blocks over "
                   "PCIe (float32 block maths) while the CPU computes the rest (KVBENCH_CPU_MOE_GPU_SHARE)")
         return m

@@ -5,7 +5,9 @@ layouts, all token-major: fp32 / bf16 ``[tokens, Hkv, D]``; q8_0 the split layou
 ``engine.kernels.q8_layout`` (int8 quants ``[tokens, Hkv, D]`` and fp16 scales ``[tokens,
 Hkv*D/32]``, block geometry from ``engine.formats`` as the constexpr ``QK``), passed as the two
 arrays. ``cache_args(buf, fmt, n_kv_heads, head_dim)`` builds the (values, scales, token stride,
-scale token stride) launch arguments for a buffer.
+scale token stride) launch arguments for a buffer. ``bf16_bits`` / ``round_bf16``: float32 ->
+bfloat16 rounded to nearest even on the bits (the interpreter's casts truncate), as int16 bits
+(NaN -> 0x7FC0, torch's) or as the float32 value.
 
     k = load_kv_tile(K, KS, offs_n, mask_n, h * D + offs_d, stride_k, stride_ks, FMT)
     args = cache_args(buf, "q8_0", 4, 128)
@@ -19,6 +21,24 @@ import triton.language as tl
 from . import Q8_BLOCK, q8_layout
 
 QK = tl.constexpr(Q8_BLOCK)                   # q8_0 values per block (engine.formats)
+
+
+@triton.jit
+def bf16_bits(x):
+    """float32 -> bfloat16 bits (int16), round to nearest even; NaN -> 0x7FC0 (torch's)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(is_nan, 0x7FC0, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def round_bf16(v):
+    """float32 -> the nearest bfloat16 (ties to even), kept in float32. Integer maths, not a
+    cast: Triton's interpreter truncates float32 -> bfloat16 casts whatever rounding is asked."""
+    u = v.to(tl.uint32, bitcast=True)
+    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
+    return u.to(tl.float32, bitcast=True)
 
 
 @triton.jit

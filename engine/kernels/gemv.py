@@ -42,18 +42,10 @@ import triton.language as tl
 from .. import qweights
 from ..formats import Q8_BLOCK
 from . import interpreted
+from .common import round_bf16
 
 PROLOGUES = {"none": 0, "rms": 1, "silu": 2, "gelu_tanh": 3}
 _GELU_C = 0.7978845608028654          # sqrt(2 / pi)
-
-
-@triton.jit
-def _round_bf16(v):
-    """float32 -> the nearest bfloat16 (ties to even), kept in float32. Integer maths, not a
-    cast: Triton's interpreter truncates float32 -> bfloat16 casts whatever rounding is asked."""
-    u = v.to(tl.uint32, bitcast=True)
-    u = (u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000
-    return u.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -98,7 +90,7 @@ def _gemv_kernel(X, W, Y, G, R, H, WD, N, stride_w, stride_d, eps, K: tl.constex
                     if pid == 0:
                         tl.store(H + c, xv, mask=cm)
         if NARROW:
-            xv = _round_bf16(xv)
+            xv = round_bf16(xv)
         m2 = rmask[:, None] & cm[None, :]
         if Q8:       # int8 quants times their block's fp16 scale (WD: the scales, stride_d a row)
             wv = tl.load(W + rows[:, None] * stride_w + c[None, :], mask=m2, other=0).to(tl.float32)
@@ -119,7 +111,7 @@ def _gemv_kernel(X, W, Y, G, R, H, WD, N, stride_w, stride_d, eps, K: tl.constex
     else:
         y = tl.sum(acc, axis=1)
     if NARROW:
-        y = _round_bf16(y)
+        y = round_bf16(y)
     if RES:
         y += tl.load(R + rows, mask=rmask, other=0.0)
     tl.store(Y + rows, y, mask=rmask)

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import KV_FORMAT_CODES, Q8_BLOCK, Q8_BYTES, Q8_SCALE_BYTES, planted, use_triton
 from . import q8_layout
-from .common import QK
+from .common import QK, bf16_bits
 
 
 # --- Triton kernel --------------------------------------------------------------------------
@@ -46,11 +46,7 @@ def _store_row(x, OUT, OUT_S, row, c, mask, n_cols, stride_out, stride_out_s, pi
         tl.store(OUT + row * stride_out + c, x, mask=mask)
     elif FMT == 1:
         # Round to nearest even on the bits (the interpreter's fp32->bf16 cast truncates).
-        bits = x.to(tl.uint32, bitcast=True)
-        rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-        is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-        out = tl.where(is_nan, 0x7FC0, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
-        tl.store(OUT + row * stride_out + c, out, mask=mask)
+        tl.store(OUT + row * stride_out + c, bf16_bits(x), mask=mask)
     else:
         # BLOCK values = BLOCK // 32 q8_0 blocks; same float32 ops, in the same order, as
         # gguf.quants.Q8_0 (d = amax / 127, id = 1 / d, q = round-half-away(x * id)).

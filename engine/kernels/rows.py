@@ -31,20 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-
-@triton.jit
-def _bf16_bits(x):
-    """float32 -> bfloat16 bits (int16), round to nearest even; NaN -> 0x7FC0 (torch's)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    rounded = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
-    is_nan = (bits & 0x7FFFFFFF) > 0x7F800000
-    return tl.where(is_nan, 0x7FC0, rounded).to(tl.uint16).to(tl.int16, bitcast=True)
-
-
-@triton.jit
-def _bf16_round(x):
-    """float32 -> the float32 value of its bfloat16 rounding (nearest even)."""
-    return (_bf16_bits(x).to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+from .common import bf16_bits, round_bf16
 
 
 @triton.jit
@@ -55,9 +42,9 @@ def _rms_rows_kernel(X, W, OUT, d, eps, BLOCK: tl.constexpr):
     x = tl.load(X + row * d + c, mask=mask, other=0).to(tl.float32)
     ms = tl.sum(x * x, axis=0) / d
     rstd = 1.0 / tl.sqrt(ms + eps)
-    w = _bf16_round(tl.load(W + c, mask=mask, other=0).to(tl.float32))
-    y = _bf16_round(x * rstd) * w
-    tl.store(OUT + row * d + c, _bf16_bits(y), mask=mask)
+    w = round_bf16(tl.load(W + c, mask=mask, other=0).to(tl.float32))
+    y = round_bf16(x * rstd) * w
+    tl.store(OUT + row * d + c, bf16_bits(y), mask=mask)
 
 
 def rms_norm_rows(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,8 +85,8 @@ def _rope_rows_kernel(X, COS, SIN, OUT, start, stride_t, H: tl.constexpr, D: tl.
     y1 = x1 * cs - x2 * sn
     y2 = x2 * cs + x1 * sn
     if OUT_BF16:                                 # float32 maths, then torch's .to(bfloat16) rounding
-        tl.store(OUT + base + c1, _bf16_bits(y1), mask=mask)
-        tl.store(OUT + base + c2, _bf16_bits(y2), mask=mask)
+        tl.store(OUT + base + c1, bf16_bits(y1), mask=mask)
+        tl.store(OUT + base + c2, bf16_bits(y2), mask=mask)
     else:
         tl.store(OUT + base + c1, y1, mask=mask)
         tl.store(OUT + base + c2, y2, mask=mask)
@@ -135,8 +122,8 @@ def _silu_mul_kernel(GU, OUT, ff, BLOCK: tl.constexpr):
     mask = c < ff
     g = tl.load(GU + row * 2 * ff + c, mask=mask, other=0).to(tl.float32)
     u = tl.load(GU + row * 2 * ff + ff + c, mask=mask, other=0).to(tl.float32)
-    a = _bf16_round(g / (1.0 + tl.exp(-g)))
-    tl.store(OUT + row * ff + c, _bf16_bits(a * u), mask=mask)
+    a = round_bf16(g / (1.0 + tl.exp(-g)))
+    tl.store(OUT + row * ff + c, bf16_bits(a * u), mask=mask)
 
 
 def silu_mul_rows(gu: torch.Tensor) -> torch.Tensor:
