@@ -285,6 +285,9 @@ def main(argv=None) -> int:
                         for dpt in depths:
                             row = decode_case(eng, dpt, args.tokens, args.reps, args.prefill_path)
                             row["gpu_share"] = share
+                            # what the steps applied (0 where it cannot: no CUDA, no blocks kept)
+                            row["gpu_share_applied"] = max([getattr(eng.model.layers[i].experts, "last_gpu_share", 0)
+                                                            for i in eng.model.host_expert_layers()] or [0])
                             row["cpu_expert_math"] = eng.cpu_expert_math
                             case["decode"].append(row)
                 finally:
@@ -311,7 +314,8 @@ def main(argv=None) -> int:
                     case["process_vram_outside_allocator_mib"] = case["process_vram_mib"] - case["cuda_reserved_mib"]
                 torch.cuda.reset_peak_memory_stats()
             cases.append(case)
-            speeds = ", ".join((f"GPU share {c['gpu_share']}: " if len(shares) > 1 else "")
+            speeds = ", ".join((f"GPU share {c['gpu_share']} (applied {c['gpu_share_applied']}): "
+                                if len(shares) > 1 else "")
                                + f"d{c['depth']} {c['tok_s']:.1f} tok/s"
                                + f", trunk reads {c['trunk_read_gb_s']:.0f} GB/s"
                                + (f" (host experts {c['host_experts_ms_per_step']:.2f} of {c['step_ms']:.2f} ms, "

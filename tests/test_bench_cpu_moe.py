@@ -66,6 +66,7 @@ def test_gpu_shares_each_timed_and_recorded_and_bad_ones_refused(tmp_path, capsy
                                "--threads", "1", "--gpu-shares", "0,2", "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["cases"][0]["decode"]
     assert [r["gpu_share"] for r in rows] == [0, 2]
+    assert [r["gpu_share_applied"] for r in rows] == [0, 0]     # asked on a CPU: not applied, and says so
     assert "KVBENCH_CPU_MOE_GPU_SHARE" not in os.environ        # the bench put the environment back
     assert "GPU_SHARE" not in rows[0]["cpu_expert_math"] and "on CUDA, 2 of each token's experts" in rows[1]["cpu_expert_math"]
     bad = tmp_path / "bad.json"
