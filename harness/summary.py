@@ -139,8 +139,17 @@ def summary(r, names) -> None:
             mib, ctx, src = kv_cell(r, m, d)
             row = {"model": m, "dtype": d, "KV MiB": mib,
                    "at ctx": f"{ctx} ({src})" if ctx and src == "computed" else ctx}
-            for chk in r.checks_of("throughput"):
-                row.update(speed_cells(r, m, d, chk))
+            # One throughput check per row: several (a suite's eager, CPU-expert and PCIe rows) measure
+            # different engines, and their cells under one heading would mix them. The first that
+            # measured the row speaks; where the suite has several, the row names it.
+            speed_checks = r.checks_of("throughput")
+            for chk in speed_checks:
+                cells = speed_cells(r, m, d, chk)
+                if cells:
+                    if len(speed_checks) > 1:
+                        row["speed from"] = f"`{chk}`"
+                    row.update(cells)
+                    break
             kld = None
             for chk in argmax + r.checks_of("corpus_kld"):     # a suite without argmax: the corpus text's
                 if _ran(r, m, d, chk) and _f(r.value(m, d, chk, "Mean KLD")) is not None:
@@ -165,6 +174,9 @@ def summary(r, names) -> None:
     notes = ["KV MiB: runtime KV cache at the vram check's context (or computed from the applied dtypes "
              "at the suite's context)."]
     if any(k.endswith("tok/s") for row in rows for k in row):
+        if any("speed from" in row for row in rows):
+            notes.append("speed from: the throughput check whose numbers the row shows (the first that measured "
+                         "it); the suite's other throughput checks are in their own tables below.")
         notes.append("tok/s: median ± standard deviation over the repetitions; a row whose coefficient of "
                      "variation exceeds the check's limit (10% by default) is **unstable**: the machine was "
                      "too busy to compare it, and `harness compare` does not.")

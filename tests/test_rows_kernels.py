@@ -51,15 +51,22 @@ def test_rms_norm_rows_refuses_what_it_does_not_compute():
 @pytest.mark.parametrize("kind", ["neox", "norm"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_rope_rows_matches_rotate(kind, dtype):
-    """float32 RoPE at positions start.. over bf16 or f32 rows: interpreted, the same float32 ops
-    as rotate (equal); compiled, within one float32 ulp (a fused multiply-add)."""
+    """float32 RoPE at positions start.. over bf16 or f32 rows against ``rotate`` (torch ops):
+    interpreted, the same float32 ops (equal); compiled, within what a fused multiply-add moves
+    (a float32 ulp of the larger product, not of the result, which may cancel)."""
     g = torch.Generator().manual_seed(3)
     T, H, D, start = 23, 3, 64, 41
     rope = Rope(D, 10000.0, kind, 128, device=DEV)
     x = (torch.randn(T, H, D, generator=g) * 10).to(dtype).to(DEV)
-    ref = rope.apply(x, start)
+    ref = rotate(x, rope.cos[start:start + T, None, :], rope.sin[start:start + T, None, :], kind)
+    assert ref.dtype == torch.float32
+    slack = x.float().abs().amax(-1, keepdim=True) * 2.0 ** -21      # per row: 2 ulps of the largest term
     out = rope_rows(x, rope.cos, rope.sin, start, kind)
     assert out.dtype == torch.float32
+    if DEV == "cpu":
+        assert torch.equal(out, ref)
+    else:
+        assert bool(((out - ref).abs() <= slack).all()), f"max {(out - ref).abs().max().item():.3g}"
     # a column view of a fused projection [T, (H + 2) * D]: strided rows, read in place
     fused = torch.cat([x.reshape(T, H * D), torch.randn(T, 2 * D, generator=g).to(dtype).to(DEV)], dim=1)
     view = fused[:, :H * D].reshape(T, H, D)
@@ -70,14 +77,12 @@ def test_rope_rows_matches_rotate(kind, dtype):
     assert qb.dtype == torch.bfloat16
     if DEV == "cpu":
         assert torch.equal(qb, ref.to(torch.bfloat16))
-    else:
-        assert bool(((qb.float() - ref.to(torch.bfloat16).float()).abs() <= ref.abs() * 2.0 ** -7).all())
-    assert torch.equal(rope.apply(x.float(), start, torch.bfloat16), ref.to(torch.bfloat16))   # torch path
-    if DEV == "cpu":
-        assert torch.equal(out, ref)
-    else:
-        torch.testing.assert_close(out, ref, rtol=2e-7, atol=1e-6)
-    assert torch.equal(ref, rotate(x, rope.cos[start:start + T, None, :], rope.sin[start:start + T, None, :], kind))
+    else:     # each side one bf16 rounding (2^-8 relative) of values at most `slack` apart
+        assert bool(((qb.float() - ref.to(torch.bfloat16).float()).abs() <= ref.abs() * 2.0 ** -7 + 2 * slack).all())
+    # Rope.apply: bf16 rows go to the row kernel where Triton runs, others to rotate
+    assert torch.equal(rope.apply(x.float(), start, torch.bfloat16), ref.to(torch.bfloat16))
+    via = rope.apply(x, start)
+    assert torch.equal(via, out if dtype == torch.bfloat16 and kernels.use_triton(x.device) else ref)
 
 
 @pytest.mark.parametrize("T,ff", [(33, 1536), (5, 96), (1, 2050)])

@@ -306,6 +306,24 @@ def test_summary_section_puts_speed_and_quality_in_one_table(tmp_path):
     assert float(rows["q8_0"]["KV MiB"]) == pytest.approx(31.9, abs=0.05)
 
 
+def test_summary_row_takes_its_speed_from_one_throughput_check(tmp_path):
+    """A suite with several throughput checks (eager, CPU experts, PCIe experts) measures different
+    engines: a summary row shows one check's numbers and names it, never one column from each."""
+    import harness.summary  # noqa: F401
+    from harness.report import build_report
+    deep = [15.0, 15.2, 14.9, 15.1, 15.0]
+    run = _write_run(tmp_path / "multi", {"fp32": {"tg128": QUIET, "tg128@d4096": deep}, "q8_0": {"tg128": QUIET}},
+                     extra={("fp32", "throughput_pcie_moe", "throughput"): [("tg128", 900.0), ("pp512", 2000.0)],
+                            ("q8_0", "throughput_pcie_moe", "throughput"): [("tg128", 880.0)]})
+    md = build_report(run, tmp_path / "rep").read_text()
+    rows = _summary_rows(md)
+    assert rows["fp32"]["speed from"] == "`throughput`"
+    assert _pm_parse(rows["fp32"]["tg128 tok/s"])[0] == pytest.approx(float(np.median(QUIET)), rel=1e-3)
+    assert _pm_parse(rows["fp32"]["tg128@d4096 tok/s"])[0] == pytest.approx(15.0, rel=1e-3)
+    assert rows["fp32"].get("pp512 tok/s", "") == ""              # the PCIe check's column is not mixed in
+    assert "speed from: the throughput check" in md
+
+
 def test_summary_of_old_results_reads_the_samples(tmp_path):
     """Results written before the spread metrics existed (samples series only, 3 repetitions)."""
     import json
