@@ -437,6 +437,16 @@ def test_decode_launches_are_recorded_as_applied(monkeypatch, triton_backend):
     assert log[0]["block_n"] == da.FORMAT_CONFIG["bf16"]["block_n"]
     assert log[1]["block_n"] == da.HEAD_DIM_CONFIG[("q8_0", 64)]["block_n"] and log[2]["block_n"] == 16
     assert log[2]["keys_per_split"] % 16 == 0 and log[2]["splits"] * log[2]["keys_per_split"] >= n
+    # the rows kernel's one-s guards as the launch applied them (the batched kernel has none)
+    assert log[1]["q8_guards"] == [bool(x) for x in da.CONFIG["q8_guards"]] and "q8_guards" not in log[2]
+    monkeypatch.setenv("KVBENCH_DECODE_Q8_IMPL", "rows")
+    ref = decode_attention_ref(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv)
+    with da.recording() as log:
+        for guards in ((False, False), (True, False), (False, True)):
+            out = decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv,
+                                   cfg={"q8_guards": guards})
+            assert_close(f"q8_0 rows guards {guards}", ref, out, TOL["q8_0"])
+    assert [x["q8_guards"] for x in log] == [[False, False], [True, False], [False, True]]
     with da.recording() as outside:
         pass
     decode_attention(q, caches["bf16"].k, caches["bf16"].v, "bf16", n, D ** -0.5, Hkv)

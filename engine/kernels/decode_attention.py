@@ -54,6 +54,7 @@ CONFIG = {
     "fuse_combine": False,    # combine in the last program
     "q8_terms": (2, 2),       # float16 terms of q and p in the q8_0 dots (2: ~fp32, 1: ~2^-11)
     "q8_norms": (8192, 8192),  # the rows kernel's power-of-two targets for |q| and |p * dv| rows
+    "q8_guards": (True, True),  # the rows kernel's one-s guards: (l per row, s in float64)
     "max_splits": 256,
 }
 # Per-format defaults: fp32 / bf16 the fastest variants of the sweep on an H100 (triton 3.6,
@@ -295,7 +296,8 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
                            NB: tl.constexpr, BLOCK_N: tl.constexpr,
                            Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
                            S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr,
-                           QN: tl.constexpr = 8192.0, PN: tl.constexpr = 8192.0):
+                           QN: tl.constexpr = 8192.0, PN: tl.constexpr = 8192.0,
+                           ROW_L: tl.constexpr = True, S64: tl.constexpr = True):
     # q8_0's decode kernel with plain 2-D dots ("block rows"; the batched kernel above made the
     # block a batch axis of 3-D dots, which Triton lowers poorly: ~0.8 TB/s on the H200).
     # Row r = g * NB + b of an [M = G_PAD * NB, D] operand is query head g restricted to block b
@@ -333,13 +335,18 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     scol = h * NB + tl.arange(0, NB)
     lo = sp * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)
-    # The softmax's sum l is kept per row (g, b), from the same [M, BN] tensor of p that weighs
-    # that row's values. Compiled, the per-head p (and s under it) is recomputed in the rows'
-    # layout rather than moved there, and the NB-term sum behind s may round differently per
-    # row: the top key's p of some rows was 2^(1 ulp of s), not 1 (s = 1121 in the magnitude
-    # test: 2^-13 * ln 2 = 8.46e-5 relative, the whole of the error measured on the H100,
-    # reports/h100-2026-12-05e). Normalised by its own l, a row's deviation cancels.
+    # One s, whichever row reads it. Compiled, the top key's p of some rows (g, b) was 2^(1 ulp
+    # of s), not the 1 that l summed: s = 1121 in the magnitude test, 2^-13 * ln 2 = 8.46e-5
+    # relative, the whole of the error measured on the H100 (reports/h100-2026-12-05e). The
+    # suspect: p (and s under it) recomputed in the rows' layout instead of moved there, with
+    # the NB-term sum behind s rounded in another order. Two guards, each a constexpr so the
+    # GPU can show which one holds (benchmarks/oneoff/q8_rows_map.py):
+    #   S64:   s's products and NB-term sum in float64 (exact products, the sum ~2^-53), so any
+    #          order rounds to the same float32;
+    #   ROW_L: l kept per row from the same [M, BN] tensor of p that weighs the row, and the
+    #          rows rescaled to one l per head at the end: a row's deviation then cancels.
     m = tl.full([G_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([G_PAD], tl.float32)
     l_r = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
     for n0 in range(lo, hi, BLOCK_N):
@@ -349,7 +356,11 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         kq = tl.load(KQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
         dk = tl.load(KS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0)  # [NB, BN]
         sb = _dot2(qh, ql, tl.trans(_i8_to_f16(kq)), Q_TERMS) * qnorm[:, None]              # [M, BN]
-        s = tl.sum(tl.reshape(sb, [G_PAD, NB, BLOCK_N]) * dk.to(tl.float32)[None, :, :], axis=1)
+        if S64:
+            s = tl.sum(tl.reshape(sb, [G_PAD, NB, BLOCK_N]).to(tl.float64)
+                       * dk.to(tl.float64)[None, :, :], axis=1).to(tl.float32)
+        else:
+            s = tl.sum(tl.reshape(sb, [G_PAD, NB, BLOCK_N]) * dk.to(tl.float32)[None, :, :], axis=1)
         s = tl.where(mask_n[None, :], s, float("-inf"))                                      # [G_PAD, BN]
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
@@ -363,7 +374,10 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         pv = _dot2(pbh, pbl, _i8_to_f16(vq), P_TERMS)                                        # [M, D]
         alpha_r = tl.reshape(tl.broadcast_to(alpha[:, None], [G_PAD, NB]), [M])
         pn_r = tl.reshape(tl.broadcast_to(pn[None, :], [G_PAD, NB]), [M])
-        l_r = l_r * alpha_r + tl.sum(p_r, axis=1)
+        if ROW_L:
+            l_r = l_r * alpha_r + tl.sum(p_r, axis=1)
+        else:
+            l = l * alpha + tl.sum(p, axis=1)
         acc = acc * alpha_r[:, None] + pv * pn_r[:, None]
         m = m_new
     og = tl.arange(0, G_PAD)
@@ -371,9 +385,10 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     o = (h * G + og) * n_splits + sp
     # one l per head for the combine: block 0's row; the other rows rescaled to it (l_r / l_r is
     # exactly 1 where the rows agree; an empty split has l 0 and writes 0)
-    l = tl.sum(tl.where(tl.arange(0, NB)[None, :] == 0, tl.reshape(l_r, [G_PAD, NB]), 0.0), axis=1)
-    l_g = tl.reshape(tl.broadcast_to(l[:, None], [G_PAD, NB]), [M])
-    acc = acc * tl.where(l_r > 0, l_g / tl.where(l_r > 0, l_r, 1.0), 0.0)[:, None]
+    if ROW_L:
+        l = tl.sum(tl.where(tl.arange(0, NB)[None, :] == 0, tl.reshape(l_r, [G_PAD, NB]), 0.0), axis=1)
+        l_g = tl.reshape(tl.broadcast_to(l[:, None], [G_PAD, NB]), [M])
+        acc = acc * tl.where(l_r > 0, l_g / tl.where(l_r > 0, l_r, 1.0), 0.0)[:, None]
     tl.store(M_OUT + o, m, mask=gmask)
     tl.store(L_OUT + o, l, mask=gmask)
     out = tl.sum(tl.reshape(tl.where(inblk, acc, 0.0), [G_PAD, NB, D]), axis=1)           # [G_PAD, D]
@@ -529,10 +544,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
         terms = {"Q_TERMS": cfg["q8_terms"][0], "P_TERMS": cfg["q8_terms"][1]}
         if rows_form:
-            terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]))
+            terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]),
+                         ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]))
         LAUNCHES.record({"kernel": kern.__name__, "block_n": cfg["block_n"], "num_warps": cfg["num_warps"],
                          "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
-                         "combine_block": 0 if fuse else comb["BLOCK_S"], "q8_terms": list(cfg["q8_terms"])})
+                         "combine_block": 0 if fuse else comb["BLOCK_S"], "q8_terms": list(cfg["q8_terms"]),
+                         **({"q8_guards": list(map(bool, cfg["q8_guards"]))} if rows_form else {})})
         kern[(n_kv_heads, splits)](
             q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
             splits, scale * LOG2E,
