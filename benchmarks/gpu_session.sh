@@ -226,6 +226,10 @@ for step in $steps; do
             timeout 240 python3 benchmarks/bench_peer.py --model smollm2-synth --weight-formats bf16 --kv bf16 --no-decode \
               --ctx 16 --out "$OUT/peer-prefill.json" 2>&1 | grep -v "Converting\|Warning\|warn" | tee "$OUT/peer-prefill.log" | tail -12
             bash "$0" pfprof ;;
+    contention) # do the CPU's int4 experts and the GPU's PCIe reads share one limit? (the split's
+            # no-gain in reports/h100-2026-12-05e): each alone and both at once, per split of k=8
+            timeout ${CONT_TIMEOUT:-240} python3 benchmarks/oneoff/host_contention.py ${CONT_ARGS:---layers 6} \
+              --out "$OUT/host_contention.json" 2>&1 | tee "$OUT/host-contention.log" | tail -12 ;;
     blocksuite) # the default suite's throughput_blocks check alone on coder30b-synth (tg32 at depth 0 and
             # 4096 per KV dtype: what the speed column says a KV dtype costs, on the engine's fast path)
             python3 benchmarks/oneoff/blocks_suite.py /tmp/blocks.toml
