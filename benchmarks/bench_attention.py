@@ -184,6 +184,12 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
                  for bn, pps, w, st in ((64, 4, 2, 2), (32, 4, 2, 2), (64, 2, 4, 3))]   # the form it replaced
         grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_terms": t}
                  for pps in (2, 4) for t in ((1, 1), (1, 2), (2, 1))]
+        # the rows kernel's one-s guards (what each costs), and its ablations: timing only, wrong
+        # results (no score dots / no V path): where its compute-bound time goes
+        grid += [{"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3, "q8_guards": g}
+                 for g in ((False, False), (True, False), (False, True), (True, True))]
+        grid += [{"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3, "q8_ablate": a}
+                 for a in ("qk", "pv", "qk,pv")]
     for cfg in grid:
         try:
             t, _ = bench_us(lambda: decode_attention(q, cache.k, cache.v, fmt, n_keys, scale, hkv, cfg=cfg,

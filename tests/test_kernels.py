@@ -441,12 +441,26 @@ def test_decode_launches_are_recorded_as_applied(monkeypatch, triton_backend):
     assert log[1]["q8_guards"] == [bool(x) for x in da.CONFIG["q8_guards"]] and "q8_guards" not in log[2]
     monkeypatch.setenv("KVBENCH_DECODE_Q8_IMPL", "rows")
     ref = decode_attention_ref(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv)
+    with da.recording() as log_rows:
+        decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv)
     with da.recording() as log:
         for guards in ((False, False), (True, False), (False, True)):
             out = decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv,
                                    cfg={"q8_guards": guards})
             assert_close(f"q8_0 rows guards {guards}", ref, out, TOL["q8_0"])
     assert [x["q8_guards"] for x in log] == [[False, False], [True, False], [False, True]]
+    # the ablations (timing only) run, change the result, are recorded, and refuse what they are not
+    with da.recording() as log:
+        for a in ("qk", "pv", "qk,pv"):
+            out = decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv,
+                                   cfg={"q8_ablate": a})
+            assert out.shape == ref.shape and (out - ref).abs().max().item() > 1e-3
+    assert [x["q8_ablate"] for x in log] == [["qk"], ["pv"], ["pv", "qk"]] and "q8_ablate" not in log_rows[0]
+    with pytest.raises(ValueError, match="q8_ablate"):
+        decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv, cfg={"q8_ablate": "v"})
+    with pytest.raises(ValueError, match="rows kernel only"):
+        decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv,
+                         cfg={"q8_ablate": "qk", "q8_impl": "batched"})
     with da.recording() as outside:
         pass
     decode_attention(q, caches["bf16"].k, caches["bf16"].v, "bf16", n, D ** -0.5, Hkv)

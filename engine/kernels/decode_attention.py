@@ -55,6 +55,7 @@ CONFIG = {
     "q8_terms": (2, 2),       # float16 terms of q and p in the q8_0 dots (2: ~fp32, 1: ~2^-11)
     "q8_norms": (8192, 8192),  # the rows kernel's power-of-two targets for |q| and |p * dv| rows
     "q8_guards": (True, True),  # the rows kernel's one-s guards: (l per row, s in float64)
+    "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
     "max_splits": 256,
 }
 # Per-format defaults: fp32 / bf16 the fastest variants of the sweep on an H100 (triton 3.6,
@@ -297,7 +298,8 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
                            Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
                            S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr,
                            QN: tl.constexpr = 8192.0, PN: tl.constexpr = 8192.0,
-                           ROW_L: tl.constexpr = True, S64: tl.constexpr = True):
+                           ROW_L: tl.constexpr = True, S64: tl.constexpr = True,
+                           SKIP_QK: tl.constexpr = False, SKIP_PV: tl.constexpr = False):
     # q8_0's decode kernel with plain 2-D dots ("block rows"; the batched kernel above made the
     # block a batch axis of 3-D dots, which Triton lowers poorly: ~0.8 TB/s on the H200).
     # Row r = g * NB + b of an [M = G_PAD * NB, D] operand is query head g restricted to block b
@@ -355,7 +357,10 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         rows = offs_n.to(tl.int64)
         kq = tl.load(KQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
         dk = tl.load(KS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0)  # [NB, BN]
-        sb = _dot2(qh, ql, tl.trans(_i8_to_f16(kq)), Q_TERMS) * qnorm[:, None]              # [M, BN]
+        if SKIP_QK:     # ablation (timing only, wrong scores): no conversion, no dots; K still read
+            sb = tl.max(kq, axis=1).to(tl.float32)[None, :] * qnorm[:, None]
+        else:
+            sb = _dot2(qh, ql, tl.trans(_i8_to_f16(kq)), Q_TERMS) * qnorm[:, None]          # [M, BN]
         if S64:
             s = tl.sum(tl.reshape(sb, [G_PAD, NB, BLOCK_N]).to(tl.float64)
                        * dk.to(tl.float64)[None, :, :], axis=1).to(tl.float32)
@@ -370,8 +375,11 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         dv = tl.load(VS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0).to(tl.float32)
         pn = _pow2_at_least(tl.maximum(tl.max(dv, axis=1), 1e-30)) / PN                      # [NB]
         dvn_r = tl.reshape(tl.broadcast_to((dv / pn[:, None])[None, :, :], [G_PAD, NB, BLOCK_N]), [M, BLOCK_N])
-        pbh, pbl = _split2(p_r * dvn_r, P_TERMS)
-        pv = _dot2(pbh, pbl, _i8_to_f16(vq), P_TERMS)                                        # [M, D]
+        if SKIP_PV:     # ablation (timing only, wrong values): no split, no conversion, no dots
+            pv = tl.sum(p_r * dvn_r, axis=1)[:, None] * tl.max(vq, axis=0).to(tl.float32)[None, :]
+        else:
+            pbh, pbl = _split2(p_r * dvn_r, P_TERMS)
+            pv = _dot2(pbh, pbl, _i8_to_f16(vq), P_TERMS)                                    # [M, D]
         alpha_r = tl.reshape(tl.broadcast_to(alpha[:, None], [G_PAD, NB]), [M])
         pn_r = tl.reshape(tl.broadcast_to(pn[None, :], [G_PAD, NB]), [M])
         if ROW_L:
@@ -540,16 +548,22 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         if cfg["q8_impl"] not in ("rows", "batched"):
             raise ValueError(f"q8_impl must be 'rows' or 'batched', not {cfg['q8_impl']!r}")
         rows_form = cfg["q8_impl"] == "rows"
+        ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
+        if ablate - {"qk", "pv"} or (ablate and not rows_form):
+            raise ValueError(f"q8_ablate {cfg['q8_ablate']!r}: 'qk' and/or 'pv', on the rows kernel only "
+                             f"(this launch: {cfg['q8_impl']})")
         kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel}[cfg["q8_impl"]]
         g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
         terms = {"Q_TERMS": cfg["q8_terms"][0], "P_TERMS": cfg["q8_terms"][1]}
         if rows_form:
             terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]),
-                         ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]))
+                         ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
+                         SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate)
         LAUNCHES.record({"kernel": kern.__name__, "block_n": cfg["block_n"], "num_warps": cfg["num_warps"],
                          "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
                          "combine_block": 0 if fuse else comb["BLOCK_S"], "q8_terms": list(cfg["q8_terms"]),
-                         **({"q8_guards": list(map(bool, cfg["q8_guards"]))} if rows_form else {})})
+                         **({"q8_guards": list(map(bool, cfg["q8_guards"]))} if rows_form else {}),
+                         **({"q8_ablate": sorted(ablate)} if ablate else {})})
         kern[(n_kv_heads, splits)](
             q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
             splits, scale * LOG2E,
