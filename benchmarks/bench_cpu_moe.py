@@ -266,7 +266,8 @@ def main(argv=None) -> int:
             rows = eng.ledger.compare(eng.plan)
             case = {"budget": budget, "cpu_moe_requested": n, "cpu_moe": eng.plan.cpu_moe, "kv": kv,
                     "weight_format": eng.plan.weight_format, "host_experts": eng.plan.host_experts,
-                    "expert_format": eng.plan.expert_format, "decode_path": eng.decode_path,
+                    "expert_format": eng.plan.expert_format, "embed_tier": eng.plan.embed_tier,
+                    "decode_path": eng.decode_path,
                     "decode_path_reason": eng.decode_path_reason, "cpu_expert_math": eng.cpu_expert_math,
                     "load_s": load_s, "weights_reused": reused,
                     "trunk_bytes": eng.plan.trunk.total, "host_bytes": eng.plan.host.total,

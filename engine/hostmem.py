@@ -157,10 +157,18 @@ def _unregister(ptr: int) -> None:
 
 def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     """An uninitialised host tensor, page-locked at its exact size when CUDA is available."""
-    t = torch.empty(tuple(shape), dtype=dtype)
-    if not torch.cuda.is_available() or t.numel() == 0:
+    return register(torch.empty(tuple(shape), dtype=dtype))
+
+
+def register(t: torch.Tensor) -> torch.Tensor:
+    """Page-lock host tensor ``t``'s whole storage in place (``cudaHostRegister``; a no-op without
+    CUDA, for an empty tensor, or when already registered here); unregistered when ``t`` is
+    collected, so whoever needs the pages locked keeps ``t``. Returns ``t``."""
+    if t.device.type != "cpu":
+        raise ValueError(f"hostmem.register: a host tensor, not one on {t.device}")
+    if not torch.cuda.is_available() or t.numel() == 0 or is_registered(t):
         return t
-    ptr, n = t.data_ptr(), t.untyped_storage().nbytes()
+    ptr, n = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
     rc = torch.cuda.cudart().cudaHostRegister(ptr, n, 0)
     code = int(rc[0] if isinstance(rc, tuple) else rc)
     if code != 0:
@@ -170,6 +178,32 @@ def pinned_empty(shape, dtype: torch.dtype) -> torch.Tensor:
     _REGISTERED[ptr] = n
     weakref.finalize(t, _unregister, ptr)
     return t
+
+
+class _CudaAlias:
+    """``__cuda_array_interface__`` over the bytes of a registered host tensor (kept alive here)."""
+
+    def __init__(self, t: torch.Tensor):
+        self.t = t
+        self.__cuda_array_interface__ = {"shape": (t.untyped_storage().nbytes(),), "typestr": "|u1",
+                                         "data": (t.untyped_storage().data_ptr(), False), "version": 3,
+                                         "strides": None}
+
+
+def device_view(t: torch.Tensor, device) -> torch.Tensor:
+    """A CUDA tensor over registered host tensor ``t``'s memory (contiguous, from its storage's
+    start): the same bytes, read in place over PCIe by any kernel, a captured CUDA graph's too
+    (unified addressing: a page-locked host address is valid on the device). It keeps ``t``
+    alive; writes through either are seen by both."""
+    dev = torch.device(device)
+    if dev.type != "cuda":
+        raise ValueError(f"hostmem.device_view: a CUDA device, not {dev}")
+    if not is_registered(t) or not t.is_contiguous() or t.storage_offset() != 0:
+        raise ValueError("hostmem.device_view: a contiguous tensor at the start of a storage that "
+                         "hostmem.register page-locked")
+    with torch.cuda.device(dev):
+        raw = torch.as_tensor(_CudaAlias(t), device=dev)
+    return raw[:t.numel() * t.element_size()].view(t.dtype).view(t.shape)
 
 
 def is_registered(t: torch.Tensor) -> bool:

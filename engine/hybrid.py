@@ -149,16 +149,29 @@ def bind_weights(g: GGUFFile, spec: ModelSpec, plan, placement: Placement, ledge
     return model, cache
 
 
+def is_mapped(t: torch.Tensor) -> bool:
+    """A CUDA view of page-locked host memory (``hostmem.device_view``), not device memory."""
+    from .hostmem import is_registered
+    return t.device.type == "cuda" and is_registered(t)
+
+
 def _bind_embed_copy(model: Transformer, plan, placement: Placement, ledger, old) -> None:
-    """The device copy of ``token_embd`` the plan prices (``plan.embed_tier == "trunk"``: the
-    static decode gathers the token's row on the device), recorded as trunk weights; ``old``
-    (a taken-over engine's copy, still in the ledger) is kept when the plan wants one, else
-    freed."""
-    want = getattr(plan, "embed_tier", "host") == "trunk"
-    if old is not None and not want:
+    """The static decode's embedding table on the device, as the plan has it:
+    ``embed_tier == "trunk"``: a device copy of ``token_embd``, recorded as trunk weights;
+    ``"mapped"``: a CUDA view of the host table, page-locked in place and read over PCIe (no
+    trunk bytes; the host bytes are ``token_embd``'s own); ``"host"``: none. ``old`` (a
+    taken-over engine's table) is kept when it is the copy the plan wants, else freed."""
+    tier = getattr(plan, "embed_tier", "host")
+    if old is not None and is_mapped(old):       # a view of the host table: nothing to free
+        old = None
+    if old is not None and tier != "trunk":
         ledger.free(old)
         old = None
-    if want and old is None:
+    if tier == "mapped":
+        from .hostmem import device_view, register
+        model.embed_device = device_view(register(model.embed), placement.device)
+        return
+    if tier == "trunk" and old is None:
         old = ledger.register("weights", model.embed.to(placement.device, copy=True), "trunk",
                               name="token_embd.trunk")
     model.embed_device = old

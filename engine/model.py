@@ -637,7 +637,8 @@ class Transformer:
         self.spec = spec
         self.layers = layers
         self.embed = embed                  # [V, d] on host
-        self.embed_device = None            # [V, d] device copy (plan.embed_tier == "trunk"), or None
+        self.embed_device = None            # [V, d] on the device: a copy (plan.embed_tier "trunk"), a view
+                                            # of the page-locked host table ("mapped"), or None
         self.out_norm = out_norm
         self.output = output                # [V, d] (tied: same storage as embed)
         self.layer_devices = layer_devices

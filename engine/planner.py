@@ -16,6 +16,8 @@ Pricing rules (what the runtime must allocate for plan and ledger to agree):
   (``head_tier="auto"``), else on the host. With the head on a CUDA trunk, an untied model
   also keeps a trunk copy of ``token_embd`` (``embed_tier="trunk"``, when it fits and
   ``KVBENCH_DECODE_DEVICE_EMBED`` is on: the static decode gathers the token on the device).
+  With experts in blocks on the host (``cpu_moe`` > 0) and ``KVBENCH_EMBED_MAPPED`` on, no copy:
+  the host table is page-locked and the step reads its row over PCIe (``embed_tier="mapped"``).
 - MoE trunk layers: router, attention and norms are resident; routed experts stay on the
   host (``layer_expert_bytes``) and stream through the expert cache: three stacked trunk
   buffers gate/up [S, ff, d] and down [S, d, ff]. S = what is left of the budget after
@@ -298,7 +300,8 @@ class Plan:
     weight_format_requested: str = ""   # "auto" or the format asked for
     weight_format_reason: str = ""      # why "auto" chose ``weight_format``
     host_ram: HostRamPlan = field(default_factory=HostRamPlan)
-    embed_tier: str = "host"            # "trunk": a device copy of token_embd too (static decode)
+    embed_tier: str = "host"            # "trunk": a device copy of token_embd too (static decode);
+                                        # "mapped": the host table page-locked, read over PCIe
     expert_format: str = "weights"      # "weights" (the weight format) | "q4_0" | "q8_0" (GGUF blocks kept)
     cpu_moe: int = 0                    # MoE layers whose experts compute on the host CPU (blocks mode)
     cpu_moe_requested: str = ""         # "auto" or the count asked for; "" outside blocks mode
@@ -741,8 +744,12 @@ def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c
     if staging and n:
         scratch_items["expert_staging"] = rnd(staging)
         trunk.scratch += rnd(staging)
-    embed_copy = rnd(c["embd_bytes"]) if (dev.type == "cuda" and not spec.tied_output
-                                         and settings.get("KVBENCH_DECODE_DEVICE_EMBED")) else 0
+    # the static decode's embedding row: with experts on the host, read from the host table in
+    # place over PCIe (page-locked, "mapped"), as llama.cpp keeps token_embd on the host, so the
+    # VRAM a trunk copy would take holds experts; else a trunk copy when it fits
+    device_embed = dev.type == "cuda" and not spec.tied_output and settings.get("KVBENCH_DECODE_DEVICE_EMBED")
+    mapped = bool(device_embed and n and settings.get("KVBENCH_EMBED_MAPPED"))
+    embed_copy = rnd(c["embd_bytes"]) if device_embed and not mapped else 0
     if embed_copy and trunk.total + embed_copy > budget:
         embed_copy = 0
     trunk.weights += embed_copy
@@ -764,7 +771,7 @@ def _plan_blocks(spec: ModelSpec, dev: torch.device, budget: int, source: str, c
         layer_weight_bytes=list(c["w_trunk"]),
         layer_expert_bytes=[(gpu_layer if t == "trunk" else host_layer) if t else 0 for t in tiers],
         layer_expert_tiers=tiers, scratch_items=scratch_items,
-        embed_tier="trunk" if embed_copy else "host", expert_format=expert_blocks, cpu_moe=n,
+        embed_tier="mapped" if mapped else "trunk" if embed_copy else "host", expert_format=expert_blocks, cpu_moe=n,
         cpu_moe_requested=str(requested), host_experts=host_experts,
     )
 

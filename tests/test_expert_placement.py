@@ -234,6 +234,8 @@ def test_cuda_graph_around_host_experts_matches_eager():
     eng = engine.load(synth.ensure("coder30b-mini-synth"), kv_dtype="bf16", device="cuda", ctx=64,
                       weight_format="f32", expert_format="blocks", cpu_moe=2)
     assert eng.decode_path == "cuda_graph" and "3 graphs" in eng.decode_path_reason
+    # the token's row read from the page-locked host table inside the graph (no trunk copy)
+    assert eng.plan.embed_tier == "mapped" and eng._static_decoder().device_embed
     graph = eng.generate(PROMPT, 12, stop_at_eos=False)
     assert len(eng._static.graphs) == 3
     eng.set_decode_mode("eager")
@@ -269,6 +271,53 @@ def test_planner_takes_the_fewest_cpu_layers_that_fit():
     assert blocks == 3 * 128 * 768 * 2048 * 18 // 32            # ggml Q4_0: 18 bytes per 32 values
     assert q.host_ram.experts == (n + 5) * planner.cpu_expert_bytes(CODER)
     assert coder_plan(vram_budget=40 << 30).cpu_moe == 0
+
+
+def test_with_host_experts_the_embedding_is_read_from_the_host_not_copied(monkeypatch):
+    """llama.cpp keeps token_embd on the host. With experts on the host (cpu_moe > 0) on CUDA, the
+    plan prices no trunk copy of the table (embed_tier "mapped": page-locked, read in place by the
+    step), so the step gathers its token on the device at no VRAM cost. Without it, the copy takes
+    trunk bytes where it fits, and where it does not (llama.cpp's footprint: 11468 MiB, 20 host
+    layers) the step stages each token's row from the host (a sync per step)."""
+    kw = dict(kv_dtype="bf16", ctx=1120, weight_format="q8_0", device="cuda", host_ram=200 << 30,
+              expert_blocks="q4_0", host_experts="pcie", cpu_moe=20)
+    table = planner.round_alloc(CODER.vocab_size * 2048 * 34 // 32, "cuda")   # Q8_0 rows of d 2048
+    on = planner.plan(CODER, vram_budget=11468 << 20, **kw)
+    monkeypatch.setenv("KVBENCH_EMBED_MAPPED", "0")
+    tight = planner.plan(CODER, vram_budget=11468 << 20, **kw)
+    roomy = planner.plan(CODER, vram_budget=(11468 << 20) + table, **kw)
+    assert (on.embed_tier, tight.embed_tier, roomy.embed_tier) == ("mapped", "host", "trunk")
+    assert on.trunk.weights == tight.trunk.weights and roomy.trunk.weights - on.trunk.weights == table
+    assert on.host.weights == tight.host.weights == roomy.host.weights      # token_embd's own bytes
+    monkeypatch.setenv("KVBENCH_EMBED_MAPPED", "1")
+    # nothing on the host (every expert resident): a trunk copy as before; on a CPU device, none
+    assert planner.plan(CODER, vram_budget=40 << 30, **{**kw, "cpu_moe": 0}).embed_tier == "trunk"
+    assert planner.plan(CODER, vram_budget=11468 << 20, **{**kw, "device": "cpu"}).embed_tier == "host"
+
+
+@pytest.mark.gpu
+def test_mapped_embedding_gathers_the_host_rows_on_the_gpu():
+    """The step's embedding row read over PCIe from the page-locked host table equals the host
+    embedding of the same token, inside a captured CUDA graph too."""
+    from engine import hostmem
+    table = torch.randint(-127, 127, (64, 40), dtype=torch.int8)
+    view = hostmem.device_view(hostmem.register(table), "cuda")
+    assert view.device.type == "cuda" and view.data_ptr() == table.data_ptr()
+    tok = torch.tensor([37], device="cuda")
+    assert torch.equal(view.index_select(0, tok).cpu(), table[37:38])
+    g = torch.cuda.CUDAGraph()
+    out = torch.empty(1, 40, dtype=torch.int8, device="cuda")
+    with torch.cuda.graph(g):
+        out.copy_(view.index_select(0, tok))
+    for t in (3, 61):
+        tok.fill_(t)
+        g.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out.cpu(), table[t:t + 1])
+    table[61] += 1                      # the host's bytes, read in place: seen at the next replay
+    g.replay()
+    torch.cuda.synchronize()
+    assert torch.equal(out.cpu(), table[61:62])
 
 
 def test_planner_refuses_placements_it_cannot_make():
