@@ -21,6 +21,7 @@ call starts from an empty cache: results never depend on earlier calls.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 import weakref
@@ -40,6 +41,8 @@ from .spec import ModelSpec
 
 DEFAULT_WAVE_BUDGET = formats.DEFAULT_WAVE_BUDGET
 DECODE_MODES = ("auto", "eager", "static", "cuda_graph")
+# the trunk scratch a prefill may lend its transients (KVBENCH_SCRATCH_LEND; hybrid.alloc_scratch's names)
+SCRATCH_LENT = ("scratch.wave", "scratch.activations")
 
 
 def _device(device: str | torch.device) -> torch.device:
@@ -149,8 +152,12 @@ class Engine:
     def _step(self, ids: list[int]) -> torch.Tensor:
         """Run ``ids`` at the current position; returns final hidden states [T, d]."""
         self._check_ctx(self.pos + len(ids))
+        ledger = getattr(self, "ledger", None)
+        lend = (len(ids) > 1 and self.device.type == "cuda" and ledger is not None
+                and settings.get("KVBENCH_SCRATCH_LEND"))
         try:
-            h = self._live().forward(torch.tensor(ids, dtype=torch.long), self.pos, self.caches)
+            with ledger.lend(SCRATCH_LENT) if lend else contextlib.nullcontext():
+                h = self._live().forward(torch.tensor(ids, dtype=torch.long), self.pos, self.caches)
         except torch.OutOfMemoryError as exc:
             from .errors import out_of_memory
             T = len(ids)

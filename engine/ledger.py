@@ -16,6 +16,7 @@ and tier with ``diff = runtime - planned``.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -108,6 +109,27 @@ class Ledger:
         storage = e.tensor.untyped_storage()
         self._by_storage.pop((str(e.tensor.device), storage.data_ptr()), None)
         self._current[(e.tier, e.category)] -= e.nbytes
+
+    @contextlib.contextmanager
+    def lend(self, names):
+        """The named buffers (those recorded; others are skipped) released for the block, so their
+        memory returns to the allocator and the block's transient tensors reuse it (on CUDA the
+        caching allocator splits the freed blocks), then allocated again under the same name,
+        category, tier and size: at rest the ledger is what it was. Yields the names lent.
+        Another buffer allocated for good inside the block may take that memory, and then the
+        buffers come back from fresh memory: lend around compute, not loads."""
+        taken = []
+        for name in names:
+            e = self._entries.get(name)
+            if e is not None:
+                taken.append((name, e.category, e.tier, tuple(e.tensor.shape), e.tensor.dtype))
+                self.release(name)
+                e.tensor = None
+        try:
+            yield [t[0] for t in taken]
+        finally:
+            for name, category, tier, shape, dtype in taken:
+                self.alloc(category, shape, dtype, tier, name=name, zero=False)
 
     def free(self, tensor: torch.Tensor) -> None:
         """Forget the buffer holding ``tensor``'s storage (the ledger drops its reference)."""

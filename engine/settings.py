@@ -140,6 +140,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "decode reads the token's embedding row from the page-locked host table over PCIe instead of "
        "a trunk copy (plan embed_tier 'mapped'), as llama.cpp keeps token_embd on the host: that "
        "VRAM holds experts"),
+    _s("KVBENCH_SCRATCH_LEND", "bool", False, "a prefill on CUDA releases the plan's trunk scratch "
+       "(scratch.wave, scratch.activations: buffers that hold the planned room) for its own transient "
+       "tensors and takes it back after, so they reuse that memory instead of adding to it"),
     _s("KVBENCH_DECODE_READBACK", "int", 16, "static greedy decode reads tokens back every N steps "
        "(with KVBENCH_DECODE_DEVICE_EMBED)", lo=1, hi=4096),
     _s("KVBENCH_FUZZ_EXAMPLES", "int", 500, "GGUF fuzz cases in make test", lo=1),
