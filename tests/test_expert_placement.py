@@ -228,9 +228,10 @@ def _generator_stops(eng):
 
 
 @pytest.mark.gpu
-def test_cuda_graph_around_host_experts_matches_eager():
+def test_cuda_graph_around_host_experts_matches_eager(monkeypatch):
     """A captured step with cpu_moe layers: one graph per stretch between them, the host
     experts run in between; against the eager step (tokens equal, logits to summation order)."""
+    monkeypatch.setenv("KVBENCH_EMBED_MAPPED", "1")
     eng = engine.load(synth.ensure("coder30b-mini-synth"), kv_dtype="bf16", device="cuda", ctx=64,
                       weight_format="f32", expert_format="blocks", cpu_moe=2)
     assert eng.decode_path == "cuda_graph" and "3 graphs" in eng.decode_path_reason
@@ -282,6 +283,7 @@ def test_with_host_experts_the_embedding_is_read_from_the_host_not_copied(monkey
     kw = dict(kv_dtype="bf16", ctx=1120, weight_format="q8_0", device="cuda", host_ram=200 << 30,
               expert_blocks="q4_0", host_experts="pcie", cpu_moe=20)
     table = planner.round_alloc(CODER.vocab_size * 2048 * 34 // 32, "cuda")   # Q8_0 rows of d 2048
+    monkeypatch.setenv("KVBENCH_EMBED_MAPPED", "1")     # off by default until timed on the GPU
     on = planner.plan(CODER, vram_budget=11468 << 20, **kw)
     monkeypatch.setenv("KVBENCH_EMBED_MAPPED", "0")
     tight = planner.plan(CODER, vram_budget=11468 << 20, **kw)
