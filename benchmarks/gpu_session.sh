@@ -217,10 +217,14 @@ for step in $steps; do
             # each form's error, then whether float16 tensor-core dots accumulate as float32 does
             bash "$0" q8test
             python3 benchmarks/oneoff/tc_accum.py 2>&1 | tee "$OUT/tc-accum.log" ;;
-    verify) # what the seventeenth session changed without a GPU: the row kernels and the exact power
+    verify) # what the seventeenth and eighteenth sessions changed without a GPU: the row kernels and the exact power
             # of two compiled (their tests), the q8_0 rows kernel's magnitude test and error map, and
             # the fast prefill against HF at 8192 / 16384 (bench_peer, prefill rows only), then its profile
             python3 -m pytest -q -p no:cacheprovider tests/test_rows_kernels.py 2>&1 | tail -3 | tee "$OUT/rows-tests.log"
+            # the eighteenth session's: the mapped embedding (a CUDA view of registered host memory in
+            # a graph; the cpu_moe graph against eager on it) and the prefill lending its scratch
+            python3 -m pytest -q -s -m gpu -p no:cacheprovider -k "mapped or host_experts_matches_eager or lends" \
+              tests/test_expert_placement.py tests/test_ledger.py 2>&1 | grep -v "^\s*$" | tail -8 | tee "$OUT/gpu18-tests.log"
             bash "$0" q8test
             timeout 120 python3 benchmarks/oneoff/q8_rows_map.py 2>&1 | tee "$OUT/q8-rows-map.log" | grep -v "^head" | tail -40
             timeout 240 python3 benchmarks/bench_peer.py --model smollm2-synth --weight-formats bf16 --kv bf16 --no-decode \
