@@ -267,7 +267,7 @@ def main(argv=None) -> int:
             case = {"budget": budget, "cpu_moe_requested": n, "cpu_moe": eng.plan.cpu_moe, "kv": kv,
                     "weight_format": eng.plan.weight_format, "host_experts": eng.plan.host_experts,
                     "expert_format": eng.plan.expert_format, "embed_tier": eng.plan.embed_tier,
-                    "scratch_lend": bool(settings.get("KVBENCH_SCRATCH_LEND")),
+                    "scratch_lend": eng.scratch_lend,
                     "decode_path": eng.decode_path,
                     "decode_path_reason": eng.decode_path_reason, "cpu_expert_math": eng.cpu_expert_math,
                     "load_s": load_s, "weights_reused": reused,

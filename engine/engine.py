@@ -152,11 +152,9 @@ class Engine:
     def _step(self, ids: list[int]) -> torch.Tensor:
         """Run ``ids`` at the current position; returns final hidden states [T, d]."""
         self._check_ctx(self.pos + len(ids))
-        ledger = getattr(self, "ledger", None)
-        lend = (len(ids) > 1 and self.device.type == "cuda" and ledger is not None
-                and settings.get("KVBENCH_SCRATCH_LEND"))
+        lend = len(ids) > 1 and self.scratch_lend
         try:
-            with ledger.lend(SCRATCH_LENT) if lend else contextlib.nullcontext():
+            with self.ledger.lend(SCRATCH_LENT) if lend else contextlib.nullcontext():
                 h = self._live().forward(torch.tensor(ids, dtype=torch.long), self.pos, self.caches)
         except torch.OutOfMemoryError as exc:
             from .errors import out_of_memory
@@ -315,6 +313,14 @@ class Engine:
         return model.layers[host[0]].experts.math if host else None
 
     PREFILL_PATHS = ("exact", "fast")
+
+    @property
+    def scratch_lend(self) -> bool:
+        """Whether a prefill now lends the plan's trunk scratch to its transients (applied, not
+        only asked: ``KVBENCH_SCRATCH_LEND`` on, a CUDA engine, a ledger holding the buffers)."""
+        ledger = getattr(self, "ledger", None)
+        return (self.device.type == "cuda" and ledger is not None and bool(settings.get("KVBENCH_SCRATCH_LEND"))
+                and any(n in ledger.names for n in SCRATCH_LENT))
 
     @property
     def prefill_path(self) -> str:

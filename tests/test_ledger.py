@@ -194,6 +194,7 @@ def test_prefill_lends_the_plans_scratch_to_its_transients(monkeypatch):
     peaks, grown = {}, {}
     for on in ("1", "0"):
         monkeypatch.setenv("KVBENCH_SCRATCH_LEND", on)
+        assert eng.scratch_lend == (on == "1")
         torch.cuda.synchronize()
         torch.cuda.empty_cache()                 # nothing cached but the buffers in use
         torch.cuda.reset_peak_memory_stats()
@@ -206,3 +207,13 @@ def test_prefill_lends_the_plans_scratch_to_its_transients(monkeypatch):
     print(f"prefill peak allocated {peaks['0']} / {peaks['1']} B, reserved grew {grown['0']} / {grown['1']} B "
           f"without / with lending; scratch {lent} B")
     assert peaks["1"] < peaks["0"] and grown["1"] < grown["0"]
+
+
+def test_scratch_lending_is_applied_only_where_it_can_be(monkeypatch):
+    """On a CPU engine the setting asks for nothing that runs: ``scratch_lend`` says False."""
+    import engine
+    from engine import synth
+    monkeypatch.setenv("KVBENCH_SCRATCH_LEND", "1")
+    eng = engine.load(synth.ensure("tiny-llama"), ctx=64)
+    assert eng.scratch_lend is False
+    eng.prefill([3, 4, 5])          # runs as without the setting
