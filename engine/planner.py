@@ -16,8 +16,8 @@ Pricing rules (what the runtime must allocate for plan and ledger to agree):
   (``head_tier="auto"``), else on the host. With the head on a CUDA trunk, an untied model
   also keeps a trunk copy of ``token_embd`` (``embed_tier="trunk"``, when it fits and
   ``KVBENCH_DECODE_DEVICE_EMBED`` is on: the static decode gathers the token on the device).
-  With experts in blocks on the host (``cpu_moe`` > 0) and ``KVBENCH_EMBED_MAPPED`` on (off by
-  default until timed on the GPU), no copy:
+  With experts in blocks on the host (``cpu_moe`` > 0) and ``KVBENCH_EMBED_MAPPED`` on (the
+  default since its GPU tests passed on the H100, reports/h100-2026-12-05f), no copy:
   the host table is page-locked and the step reads its row over PCIe (``embed_tier="mapped"``).
 - MoE trunk layers: router, attention and norms are resident; routed experts stay on the
   host (``layer_expert_bytes``) and stream through the expert cache: three stacked trunk

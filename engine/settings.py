@@ -136,7 +136,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_DECODE_DEVICE_EMBED", "bool", True, "static decode gathers the embedding row on the "
        "device and feeds each step's argmax to the next on the device (generate reads tokens back "
        "in batches); untied models on CUDA keep a priced device copy of token_embd"),
-    _s("KVBENCH_EMBED_MAPPED", "bool", False, "with MoE experts on the host (cpu_moe > 0), the static "
+    _s("KVBENCH_EMBED_MAPPED", "bool", True, "with MoE experts on the host (cpu_moe > 0), the static "
        "decode reads the token's embedding row from the page-locked host table over PCIe instead of "
        "a trunk copy (plan embed_tier 'mapped'), as llama.cpp keeps token_embd on the host: that "
        "VRAM holds experts"),

@@ -182,8 +182,12 @@ def test_lend_releases_named_buffers_for_a_block_and_takes_them_back():
 @pytest.mark.gpu
 def test_prefill_lends_the_plans_scratch_to_its_transients(monkeypatch):
     """KVBENCH_SCRATCH_LEND: a CUDA prefill's transient tensors reuse the memory of the plan's
-    scratch buffers (the peak of allocated memory drops by about their size) and the ledger is
-    back to the plan after, byte for byte."""
+    scratch buffers: the peak of allocated memory is below the run without lending (it would be
+    above if the lent buffers were not freed, or came back from fresh memory), the memory the
+    allocator reserves grows no more than without, and the ledger is back to the plan after,
+    byte for byte. (The first GPU run asserted reserved growth strictly lower and failed: this
+    model's transients are all under 1 MiB, so both runs take one new 2 MiB segment of the small
+    pool, which never splits a freed large block such as the lent ones.)"""
     import engine
     from engine import synth
     eng = engine.load(synth.ensure("tiny-llama"), kv_dtype="fp32", device="cuda", ctx=256,
@@ -191,22 +195,27 @@ def test_prefill_lends_the_plans_scratch_to_its_transients(monkeypatch):
     lent = sum(e.nbytes for n, e in eng.ledger._entries.items() if n in ("scratch.wave", "scratch.activations"))
     assert lent > 0
     prompt = list(range(3, 203))
-    peaks, grown = {}, {}
+    peaks, grown, base = {}, {}, {}
     for on in ("1", "0"):
         monkeypatch.setenv("KVBENCH_SCRATCH_LEND", on)
         assert eng.scratch_lend == (on == "1")
+        eng.reset()
         torch.cuda.synchronize()
         torch.cuda.empty_cache()                 # nothing cached but the buffers in use
         torch.cuda.reset_peak_memory_stats()
+        base[on] = torch.cuda.memory_allocated()
         held = torch.cuda.memory_reserved()
         eng.prefill(prompt)
         torch.cuda.synchronize()
         peaks[on] = torch.cuda.max_memory_allocated()
         grown[on] = torch.cuda.memory_reserved() - held     # what the transients took beyond what was held
         assert all(r.diff == 0 for r in eng.ledger.compare(eng.plan) if r.tier == "trunk")
-    print(f"prefill peak allocated {peaks['0']} / {peaks['1']} B, reserved grew {grown['0']} / {grown['1']} B "
-          f"without / with lending; scratch {lent} B")
-    assert peaks["1"] < peaks["0"] and grown["1"] < grown["0"]
+    said = (f"prefill peak allocated {peaks['0']} / {peaks['1']} B over {base['0']} / {base['1']} B at rest, "
+            f"reserved grew {grown['0']} / {grown['1']} B, without / with lending; scratch lent {lent} B")
+    print(said)
+    assert base["1"] == base["0"], said                  # at rest the same buffers, lending or not
+    assert peaks["1"] < peaks["0"], said
+    assert grown["1"] <= grown["0"], said
 
 
 def test_scratch_lending_is_applied_only_where_it_can_be(monkeypatch):
