@@ -230,6 +230,19 @@ for step in $steps; do
             timeout 240 python3 benchmarks/bench_peer.py --model smollm2-synth --weight-formats bf16 --kv bf16 --no-decode \
               --ctx 16 --out "$OUT/peer-prefill.json" 2>&1 | grep -v "Converting\|Warning\|warn" | tee "$OUT/peer-prefill.log" | tail -12
             bash "$0" pfprof ;;
+    cputier) # where a cpu-tier step's host round trip goes (the split's no-gain, perf-notes nineteenth
+            # session): the lending and clock GPU tests, then cpu_tier_profile.py at each thread count and
+            # share, and again with passive OpenMP workers (spinning ones may starve the launching thread)
+            python3 -m pytest -q -s -m gpu -p no:cacheprovider -k "lends or clock or split_step" \
+              tests/test_ledger.py tests/test_cpu_experts.py 2>&1 | grep -v "^\s*$" | tail -12 | tee "$OUT/cputier-tests.log"
+            python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
+            sync
+            timeout ${CT_TIMEOUT:-300} python3 benchmarks/oneoff/cpu_tier_profile.py --budget ${CT_BUDGET:-11468MiB} \
+              --threads ${CT_THREADS:-16,8} --shares ${CT_SHARES:-0,2,4,6} --out "$OUT/cpu_tier_profile.json" 2>&1 \
+              | grep -v "^\s*$" | tee "$OUT/cpu-tier-profile.log" | tail -40
+            OMP_WAIT_POLICY=PASSIVE timeout ${CT_TIMEOUT:-300} python3 benchmarks/oneoff/cpu_tier_profile.py \
+              --budget ${CT_BUDGET:-11468MiB} --threads 16 --shares ${CT_SHARES:-0,2,4,6} --profile-steps 0 --tag passive \
+              --out "$OUT/cpu_tier_profile_passive.json" 2>&1 | grep -v "^\s*$" | tee "$OUT/cpu-tier-profile-passive.log" | tail -8 ;;
     contention) # do the CPU's int4 experts and the GPU's PCIe reads share one limit? (the split's
             # no-gain in reports/h100-2026-12-05e): each alone and both at once, per split of k=8
             timeout ${CONT_TIMEOUT:-240} python3 benchmarks/oneoff/host_contention.py ${CONT_ARGS:---layers 6} \

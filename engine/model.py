@@ -33,6 +33,7 @@ token's row from ``embed_table(device)`` for the static step's device-side token
 from __future__ import annotations
 
 import functools
+import time
 from dataclasses import dataclass
 
 import torch
@@ -259,6 +260,11 @@ class CpuExperts:
     host_compute = True
     OFFLOAD_ROWS = 32              # a batch of at least this many rows runs on the device (below)
     OFFLOAD_CHUNK = 16             # experts staged on the device at a time
+    # where a one-token step's host round trip spends its time: a list set here (by a profiler,
+    # ``benchmarks/oneoff/cpu_tier_profile.py``) gets one tuple of ``time.perf_counter()`` stamps a
+    # run on CUDA: (start, side kernel launched, sync reached, synced, CPU experts done, end);
+    # None (the default): nothing is read or kept
+    clock: list | None = None
 
     def __init__(self, packed, blocks=None):
         self.packed = packed
@@ -313,12 +319,15 @@ class CpuExperts:
             return y if out is None else out.copy_(y)
         share = min(self.gpu_share(h.device), k) if T == 1 else 0
         self.last_gpu_share = share
+        stamps = None if CpuExperts.clock is None else [time.perf_counter()]
         if share:
-            return self._split_run(h, top_e, top_p, share, out)
-        return self._on_host(h, top_e, top_p, 0, out)
+            return self._split_run(h, top_e, top_p, share, out, stamps)
+        if stamps is not None:
+            stamps.append(stamps[0])                     # no side kernel
+        return self._on_host(h, top_e, top_p, 0, out, stamps)
 
     def _on_host(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor, first: int,
-                 out: torch.Tensor | None) -> torch.Tensor:
+                 out: torch.Tensor | None, stamps: list | None = None) -> torch.Tensor:
         """Rows ``h`` through each row's experts ``top_e[:, first:]`` on the host CPU: one device ->
         host transfer of rows and routing through a pinned stage, one sync of the current stream,
         the int4 path, the result back through a pinned stage into ``out`` (on ``h``'s device)."""
@@ -326,18 +335,27 @@ class CpuExperts:
         src = torch.cat([h.detach().reshape(-1).float(), top_p.reshape(-1).float(), top_e.reshape(-1).float()])
         stage = self._pinned("_in", src.numel())
         stage.copy_(src, non_blocking=True)
+        if stamps is not None:
+            stamps.append(time.perf_counter())
         torch.cuda.current_stream(h.device).synchronize()
+        if stamps is not None:
+            stamps.append(time.perf_counter())
         n = h.numel()
         y = self.packed.rows(stage[:n].reshape(T, -1), stage[n + T * k:].reshape(T, k)[:, first:].long().tolist(),
                              stage[n:n + T * k].reshape(T, k)[:, first:].tolist())
+        if stamps is not None:
+            stamps.append(time.perf_counter())
         # back through a pinned stage too; the next run's sync orders its reuse after this copy
         back = self._pinned("_out", y.numel()).view(y.shape)
         back.copy_(y)
         out = torch.empty(y.shape, dtype=torch.float32, device=h.device) if out is None else out
-        return out.copy_(back, non_blocking=True)
+        out = out.copy_(back, non_blocking=True)
+        if stamps is not None and CpuExperts.clock is not None:
+            CpuExperts.clock.append(tuple(stamps) + (time.perf_counter(),))
+        return out
 
     def _split_run(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor, share: int,
-                   out: torch.Tensor | None) -> torch.Tensor:
+                   out: torch.Tensor | None, stamps: list | None = None) -> torch.Tensor:
         """One token on CUDA, its experts split: the first ``share`` of ``top_e`` on the GPU (the
         blocks kernel reading the pinned host blocks over PCIe, launched on a side stream before
         the routing sync, so it runs while the CPU computes), the rest on the CPU's int4 path
@@ -355,8 +373,10 @@ class CpuExperts:
             y_gpu = moe_decode_blocks(h.detach().reshape(1, -1).float(), *self.blocks,
                                       top_e[0, :share], top_p[0, :share])
         y_gpu.record_stream(main)
+        if stamps is not None:
+            stamps.append(time.perf_counter())
         if share < top_e.shape[1]:
-            out = self._on_host(h, top_e, top_p, share, out)
+            out = self._on_host(h, top_e, top_p, share, out, stamps)
         else:
             out = torch.zeros(1, h.shape[-1], dtype=torch.float32, device=h.device) if out is None else out.zero_()
         main.wait_stream(side)

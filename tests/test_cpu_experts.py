@@ -162,3 +162,27 @@ def test_split_step_is_the_gpu_share_plus_the_cpu_rest(share, monkeypatch):
     err = ((out - want).abs().max() / want.abs().max()).item()
     print(f"split {share}/{k}: rel err {err:.2e}")
     assert err < 1e-5
+
+
+@pytest.mark.gpu
+def test_clock_stamps_each_host_round_trip_in_order(monkeypatch):
+    """``CpuExperts.clock``: a list there gets one tuple of six ordered stamps per one-token run on
+    CUDA (start, side launched, sync reached, synced, CPU done, end), with a GPU share or without;
+    None (the default) keeps nothing."""
+    from engine.model import CpuExperts
+    E, ff, d, k = 16, 256, 512, 8
+    stacks = [q4_stack(E, ff, d, 30)[0], q4_stack(E, ff, d, 31)[0], q4_stack(E, d, ff, 32)[0]]
+    layer = CpuExperts(HostQ4Experts.from_blocks(*stacks), tuple(_pinned_copy(s) for s in stacks))
+    h, ids, p = torch.randn(1, d).cuda(), torch.randperm(E)[:k][None].cuda(), torch.rand(1, k).cuda()
+    assert CpuExperts.clock is None
+    layer.run(h, ids, p)
+    try:
+        CpuExperts.clock = []
+        for share in ("0", "3"):
+            monkeypatch.setenv("KVBENCH_CPU_MOE_GPU_SHARE", share)
+            layer.run(h, ids, p)
+        clock = CpuExperts.clock
+    finally:
+        CpuExperts.clock = None
+    assert len(clock) == 2 and all(len(c) == 6 and list(c) == sorted(c) for c in clock)
+    assert clock[0][1] == clock[0][0] and clock[1][1] > clock[1][0]     # the side launch only with a share
