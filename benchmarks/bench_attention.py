@@ -190,6 +190,9 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
                  for g in ((False, False), (True, False), (False, True), (True, True))]
         grid += [{"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3, "q8_ablate": a}
                  for a in ("qk", "pv", "qk,pv")]
+        # the blocks form (one 2-D dot a 32-value block, no zero rows; nineteenth session, untimed)
+        grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "blocks"}
+                 for bn, pps, w, st in itertools.product([32, 64, 128], [2, 4], [2, 4], [2, 3])]
     for cfg in grid:
         try:
             t, _ = bench_us(lambda: decode_attention(q, cache.k, cache.v, fmt, n_keys, scale, hkv, cfg=cfg,
@@ -198,14 +201,17 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
             print(f"  sweep {fmt} {cfg}: {type(e).__name__}: {str(e)[:80]}")
             continue
         gbps = decode_bytes_read(read_keys, hkv, q.shape[1], fmt) / (t * 1e-6) / 1e9
-        rows.append({**cfg, "us": round(t, 2), "GBps": round(gbps, 1), "depth": depth})
+        with dmod.recording() as log:    # what the compiled attention kernel holds (the first launch)
+            decode_attention(q, cache.k, cache.v, fmt, n_keys, scale, hkv, cfg=cfg, pos=pos)
+        regs = {k: log[0][k] for k in ("n_regs", "n_spills") if log and k in log[0]}
+        rows.append({**cfg, "us": round(t, 2), "GBps": round(gbps, 1), "depth": depth, **regs})
     rows.sort(key=lambda r: r["us"])
     default = dmod.resolved_config(fmt, fmt, q.shape[1])
     at = "" if depth is None else f" at depth {depth} (device-held position)"
     for r in rows[:5]:
         print(f"  sweep {fmt}{at}: {r}  ({100 * r['GBps'] / copy_gbps:.1f}% of copy)")
     for i, r in enumerate(rows):     # where today's default stands: the first row that launches as it does
-        row_cfg = {k: v for k, v in r.items() if k not in ("us", "GBps", "depth")}
+        row_cfg = {k: v for k, v in r.items() if k not in ("us", "GBps", "depth", "n_regs", "n_spills")}
         if dmod.resolved_config(fmt, fmt, q.shape[1], row_cfg) == default:
             print(f"  sweep {fmt}{at}: the default is #{i + 1} of {len(rows)}, {r['us']} us")
             break

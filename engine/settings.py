@@ -69,7 +69,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_DECODE_Q8_KERNEL", "bool", True, "q8_0 decode through its own kernel (0: the generic "
        "kernel)", numerics=True),
     _s("KVBENCH_DECODE_Q8_IMPL", "choice", "rows", "q8_0's own decode kernel: rows (2-D float16 dots "
-       "over block rows) or batched (per-block 3-D dots)", numerics=True, choices=("rows", "batched")),
+       "over block rows), batched (per-block 3-D dots) or blocks (one 2-D dot a 32-value block; "
+       "head_dim 32, 64, 128)", numerics=True, choices=("rows", "batched", "blocks")),
     _s("KVBENCH_DECODE_FUSE", "bool", False, "decode combine fused into the last split program",
        numerics=True),
     _s("KVBENCH_DECODE_COMBINE_BLOCK", "int", 128, "splits the decode combine reads per step of its "

@@ -104,7 +104,7 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     k, v = dequant(cache)
     assert_close(f"ref-vs-oracle decode {fmt}", oracle(q[None], k, v, T - 1, scale)[0], ref, 1e-5)
     for cfg in ({"block_n": 16}, {"block_n": 32, "q8_kernel": False},    # several splits, every q8_0 path
-                {"block_n": 16, "q8_impl": "batched"}):
+                {"block_n": 16, "q8_impl": "batched"}, {"block_n": 16, "q8_impl": "blocks"}):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
 
@@ -213,7 +213,8 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
     pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
     bad = []
     for cfg in ({"block_n": 16}, {"block_n": 32, "fuse_combine": True}, {"block_n": 16, "q8_impl": "batched"},
-                {"block_n": 64}, {"block_n": 128, "num_stages": 2}):
+                {"block_n": 64}, {"block_n": 128, "num_stages": 2}, {"block_n": 16, "q8_impl": "blocks"},
+                {"block_n": 64, "q8_impl": "blocks", "fuse_combine": True}):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)
         print(f"q8_0 kernel {cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")
@@ -461,6 +462,19 @@ def test_decode_launches_are_recorded_as_applied(monkeypatch, triton_backend):
     with pytest.raises(ValueError, match="rows kernel only"):
         decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv,
                          cfg={"q8_ablate": "qk", "q8_impl": "batched"})
+    # the blocks form: its own kernel, as the launch names it; a head of 8 blocks it refuses
+    with da.recording() as log:
+        out = decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv,
+                               cfg={"q8_impl": "blocks"})
+    assert [x["kernel"] for x in log] == ["_decode_q8_blocks_kernel"]
+    # the compiled kernel's registers and spills where the backend compiled it; none interpreted
+    from engine.kernels import interpreted
+    assert ("n_regs" not in log[0]) if interpreted() else (log[0]["n_regs"] > 0 and log[0]["n_spills"] >= 0)
+    assert_close("q8_0 blocks", ref, out, TOL["q8_0"])
+    wide = filled("q8_0", Hkv, 256, n, seed=10)[0]
+    with pytest.raises(ValueError, match="'blocks' serves head_dim 32, 64 or 128"):
+        decode_attention(torch.randn(Hq, 256, device=DEV), wide.k, wide.v, "q8_0", n, 256 ** -0.5, Hkv,
+                         cfg={"q8_impl": "blocks"})
     with da.recording() as outside:
         pass
     decode_attention(q, caches["bf16"].k, caches["bf16"].v, "bf16", n, D ** -0.5, Hkv)

@@ -48,6 +48,7 @@ def main() -> None:
     for guards in ((False, False), (True, False), (False, True), (True, True)):
         cases.append((f"rows guards l/row {int(guards[0])} s64 {int(guards[1])}", {"block_n": 64, "q8_guards": guards}))
     cases.append(("batched (2, 2)", {"block_n": 16, "q8_impl": "batched"}))
+    cases.append(("blocks (2, 2)", {"block_n": 64, "q8_impl": "blocks"}))
     cases.append(("rows (2, 2) block_n 16", {"block_n": 16}))
     for qn, pn in ((8192, 2048), (8192, 256), (2048, 8192), (2048, 2048)):
         cases.append((f"rows (2, 2) norms q {qn} p {pn}", {"block_n": 64, "q8_norms": (qn, pn)}))

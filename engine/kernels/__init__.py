@@ -106,6 +106,13 @@ class LaunchLog:
         if self.active is not None:
             self.active.append(entry)
 
+    def compiled(self, handle) -> None:
+        """Add to the last recorded launch what its compiled kernel ``handle`` (what a Triton
+        launch returns) reports: registers a thread and spills (``n_regs``, ``n_spills``), where
+        the backend compiled it (not the interpreter: nothing is added)."""
+        if self.active and getattr(handle, "n_regs", None) is not None:
+            self.active[-1].update(n_regs=int(handle.n_regs), n_spills=int(getattr(handle, "n_spills", 0) or 0))
+
     @staticmethod
     def distinct(entries: list[dict]) -> list[dict]:
         seen: dict = {}

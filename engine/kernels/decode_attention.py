@@ -15,7 +15,10 @@ times the V scales, accumulated in float32. Two forms (``q8_impl``, setting
 ``KVBENCH_DECODE_Q8_IMPL``): ``rows`` (default) makes each (query head, block) pair a row of
 one 2-D [G*NB, D] operand, zero outside its block, so plain 2-D dots give every block's partial
 product; ``batched`` makes the block a batch axis of
-3-D dots (Triton lowers those poorly: ~0.8 TB/s on the H200). ``cfg={"q8_kernel": False}`` reads q8_0 through the generic kernel
+3-D dots (Triton lowers those poorly: ~0.8 TB/s on the H200); ``blocks`` (head_dim 32 / 64 / 128)
+runs one 2-D dot a 32-value block for the scores and one for each block's output columns, each
+block's quants their own tile, so no operand carries the rows form's zeros (3/4 of it at
+head_dim 128) and p has one layout. ``cfg={"q8_kernel": False}`` reads q8_0 through the generic kernel
 instead (dequantized to float32 tiles, tf32x3 dots).
 Sliding windows (``window``) and ring buffers (``ring_rows``, ``engine.kv_ring``) are read by
 the generic kernel: its splits cover only the window's keys, a ring's rows taken modulo.
@@ -411,6 +414,120 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
 
 
 @triton.jit
+def _q8_q_block(Q, qrow, gmask, oj, b: tl.constexpr, qk_scale, QN: tl.constexpr, Q_TERMS: tl.constexpr):
+    """Block ``b`` of the group's query heads [G_PAD, QK] in the log2 domain, normalised per head
+    by a power of two (|q/qn| <= QN) and split into float16 terms; returns (hi, lo, qn [G_PAD])."""
+    q = tl.load(Q + qrow[:, None] + b * QK + oj[None, :], mask=gmask[:, None], other=0.0) * qk_scale
+    qn = _pow2_at_least(tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)) / QN
+    qh, ql = _split2(q / qn[:, None], Q_TERMS)
+    return qh, ql, qn
+
+
+@triton.jit
+def _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, b: tl.constexpr, oj, RQ: tl.constexpr, RS: tl.constexpr,
+                 qh, ql, qn, Q_TERMS: tl.constexpr):
+    """Block ``b``'s part of the scores [G_PAD, BN]: (q_b . kq_b) * qn * dk_b, the int8 quants
+    exact in float16, the block's scales applied to the dot's result."""
+    kq = tl.load(KQ + rows[:, None] * RQ + kcol + b * QK + oj[None, :], mask=mask_n[:, None], other=0)   # [BN, QK]
+    dk = tl.load(KS + rows * RS + scol + b, mask=mask_n, other=0.0).to(tl.float32)                       # [BN]
+    return _dot2(qh, ql, tl.trans(_i8_to_f16(kq)), Q_TERMS) * qn[:, None] * dk[None, :]
+
+
+@triton.jit
+def _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, b: tl.constexpr, oj, RQ: tl.constexpr, RS: tl.constexpr,
+                 p, acc, alpha, PN: tl.constexpr, P_TERMS: tl.constexpr):
+    """Block ``b``'s columns of the output [G_PAD, QK], rescaled by ``alpha`` and advanced by this
+    tile: (p * dv_b) @ vq_b, p * dv_b normalised by a power of two and split into float16 terms."""
+    vq = tl.load(VQ + rows[:, None] * RQ + kcol + b * QK + oj[None, :], mask=mask_n[:, None], other=0)   # [BN, QK]
+    dv = tl.load(VS + rows * RS + scol + b, mask=mask_n, other=0.0).to(tl.float32)                       # [BN]
+    pn = _pow2_at_least(tl.maximum(tl.max(dv, axis=0), 1e-30)) / PN
+    ph, pl = _split2(p * (dv / pn)[None, :], P_TERMS)
+    return acc * alpha[:, None] + _dot2(ph, pl, _i8_to_f16(vq), P_TERMS) * pn
+
+
+@triton.jit
+def _decode_q8_blocks_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
+                             n_keys, keys_per_split, n_splits, qk_scale,
+                             HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
+                             NB: tl.constexpr, BLOCK_N: tl.constexpr,
+                             Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
+                             S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr,
+                             QN: tl.constexpr = 8192.0, PN: tl.constexpr = 8192.0):
+    # q8_0's decode kernel one block of 32 values at a time ("blocks"; NB = 1, 2 or 4 blocks a
+    # head, i.e. head_dim 32, 64 or 128): every dot is 2-D and carries no zeros beyond G_PAD's,
+    #   s[g, n]       = sum_b dk[n, b] * (q[g, b-block] . kq[n, b-block])     NB dots [G_PAD, QK] x [QK, BN]
+    #   acc_b[g, :]  += (p[g, n] * dv[n, b]) @ vq[n, b-block]                 NB dots [G_PAD, BN] x [BN, QK]
+    # against the rows kernel's [G_PAD * NB, D] operands, 3/4 zeros at NB = 4. Each block's quants
+    # are their own [BN, 32] tile (32 contiguous bytes a row); p is formed once, in one layout, and
+    # both weighs V and sums into l (no per-row copy of it to disagree: the rows kernel's guard).
+    # q and p * dv are float32 split into two float16 terms after power-of-two normalisation (~2^-22
+    # relative), float32 accumulation, as the other q8_0 kernels.
+    RQ: tl.constexpr = HKV * D          # quants per token
+    RS: tl.constexpr = HKV * NB         # scales per token
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    if DEV_POS:                         # n_keys = position + 1 read on the device (CUDA graphs)
+        n_keys = tl.load(POS).to(tl.int32) + 1
+    if not FUSE:                        # a split past the keys: the combine never reads it
+        if sp * keys_per_split >= n_keys:
+            return
+    og = tl.arange(0, G_PAD)
+    gmask = og < G
+    oj = tl.arange(0, QK)
+    qrow = (h * G + og) * D
+    kcol = h * D
+    scol = h * NB
+    q0h, q0l, q0n = _q8_q_block(Q, qrow, gmask, oj, 0, qk_scale, QN, Q_TERMS)
+    acc0 = tl.zeros([G_PAD, QK], tl.float32)
+    if NB >= 2:
+        q1h, q1l, q1n = _q8_q_block(Q, qrow, gmask, oj, 1, qk_scale, QN, Q_TERMS)
+        acc1 = tl.zeros([G_PAD, QK], tl.float32)
+    if NB == 4:
+        q2h, q2l, q2n = _q8_q_block(Q, qrow, gmask, oj, 2, qk_scale, QN, Q_TERMS)
+        q3h, q3l, q3n = _q8_q_block(Q, qrow, gmask, oj, 3, qk_scale, QN, Q_TERMS)
+        acc2 = tl.zeros([G_PAD, QK], tl.float32)
+        acc3 = tl.zeros([G_PAD, QK], tl.float32)
+    lo = sp * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_keys)
+    m = tl.full([G_PAD], float("-inf"), tl.float32)
+    l = tl.zeros([G_PAD], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        rows = offs_n.to(tl.int64)
+        s = _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, 0, oj, RQ, RS, q0h, q0l, q0n, Q_TERMS)
+        if NB >= 2:
+            s += _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, 1, oj, RQ, RS, q1h, q1l, q1n, Q_TERMS)
+        if NB == 4:
+            s += _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, 2, oj, RQ, RS, q2h, q2l, q2n, Q_TERMS)
+            s += _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, 3, oj, RQ, RS, q3h, q3l, q3n, Q_TERMS)
+        s = tl.where(mask_n[None, :], s, float("-inf"))                                      # [G_PAD, BN]
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])                                                      # <= 1
+        l = l * alpha + tl.sum(p, axis=1)
+        acc0 = _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, 0, oj, RQ, RS, p, acc0, alpha, PN, P_TERMS)
+        if NB >= 2:
+            acc1 = _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, 1, oj, RQ, RS, p, acc1, alpha, PN, P_TERMS)
+        if NB == 4:
+            acc2 = _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, 2, oj, RQ, RS, p, acc2, alpha, PN, P_TERMS)
+            acc3 = _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, 3, oj, RQ, RS, p, acc3, alpha, PN, P_TERMS)
+        m = m_new
+    o = (h * G + og) * n_splits + sp
+    tl.store(M_OUT + o, m, mask=gmask)
+    tl.store(L_OUT + o, l, mask=gmask)
+    ao = o[:, None] * D + oj[None, :]
+    tl.store(ACC_OUT + ao, acc0, mask=gmask[:, None])
+    if NB >= 2:
+        tl.store(ACC_OUT + ao + QK, acc1, mask=gmask[:, None])
+    if NB == 4:
+        tl.store(ACC_OUT + ao + 2 * QK, acc2, mask=gmask[:, None])
+        tl.store(ACC_OUT + ao + 3 * QK, acc3, mask=gmask[:, None])
+    if FUSE:
+        _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
+
+
+@triton.jit
 def _combine_head(M_IN, L_IN, ACC_IN, OUT, hq, n_splits, D: tl.constexpr, S_PAD: tl.constexpr,
                   BLOCK_S: tl.constexpr, n_used):
     """out[hq] = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m) over the splits.
@@ -550,16 +667,22 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D) and window is None:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
-        if cfg["q8_impl"] not in ("rows", "batched"):
-            raise ValueError(f"q8_impl must be 'rows' or 'batched', not {cfg['q8_impl']!r}")
+        if cfg["q8_impl"] not in ("rows", "batched", "blocks"):
+            raise ValueError(f"q8_impl must be 'rows', 'batched' or 'blocks', not {cfg['q8_impl']!r}")
+        if cfg["q8_impl"] == "blocks" and nb not in (1, 2, 4):
+            raise ValueError(f"q8_impl 'blocks' serves head_dim 32, 64 or 128 (1, 2 or 4 blocks a head), "
+                             f"not {D}: use 'rows'")
         rows_form = cfg["q8_impl"] == "rows"
         ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
         if ablate - {"qk", "pv"} or (ablate and not rows_form):
             raise ValueError(f"q8_ablate {cfg['q8_ablate']!r}: 'qk' and/or 'pv', on the rows kernel only "
                              f"(this launch: {cfg['q8_impl']})")
-        kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel}[cfg["q8_impl"]]
+        kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel,
+                "blocks": _decode_q8_blocks_kernel}[cfg["q8_impl"]]
         g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
         terms = {"Q_TERMS": cfg["q8_terms"][0], "P_TERMS": cfg["q8_terms"][1]}
+        if cfg["q8_impl"] == "blocks":
+            terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]))
         if rows_form:
             terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]),
                          ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
@@ -569,11 +692,11 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                          "combine_block": 0 if fuse else comb["BLOCK_S"], "q8_terms": list(cfg["q8_terms"]),
                          **({"q8_guards": list(map(bool, cfg["q8_guards"]))} if rows_form else {}),
                          **({"q8_ablate": sorted(ablate)} if ablate else {})})
-        kern[(n_kv_heads, splits)](
+        LAUNCHES.compiled(kern[(n_kv_heads, splits)](
             q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
             splits, scale * LOG2E,
             HKV=n_kv_heads, G=G, G_PAD=g_pad, D=D, NB=nb, BLOCK_N=cfg["block_n"],
-            **terms, **comb, **dev_pos, **launch)
+            **terms, **comb, **dev_pos, **launch))
     else:
         kv, ks, sk, sks = cache_args(k_buf, fmt, n_kv_heads, D)
         vv, vs, sv, svs = cache_args(v_buf, v_fmt, n_kv_heads, D)
@@ -581,12 +704,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                          "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "splits": splits,
                          "keys_per_split": per, "combine_block": 0 if fuse else comb["BLOCK_S"],
                          "precision": cfg["precision"]})
-        _decode_split_kernel[(n_kv_heads, splits)](
+        LAUNCHES.compiled(_decode_split_kernel[(n_kv_heads, splits)](
             q, kv, ks, vv, vs, m, l, acc, out, counter, pos, n_keys, per, splits, sk, sks, sv, svs,
             scale * LOG2E,
             G=G, G_PAD=max(16, triton.next_power_of_2(G)), D=D, BLOCK_N=cfg["block_n"],
             KFMT=KV_FORMAT_CODES[fmt], VFMT=KV_FORMAT_CODES[v_fmt], PREC=cfg["precision"], SPLIT=split,
-            **comb, **dev_pos, **win, **launch)
+            **comb, **dev_pos, **win, **launch))
     if not fuse:
         _decode_combine_kernel[(Hq,)](m, l, acc, out, pos, n_keys, per, splits, D=D, S_PAD=comb["S_PAD"],
                                       DEV_POS=dev_pos["DEV_POS"], WINDOW=win["WINDOW"],
