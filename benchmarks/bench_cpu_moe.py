@@ -204,8 +204,8 @@ def main(argv=None) -> int:
     ap.add_argument("--cases", default="12GiB:auto,none:17",
                     help="comma list of BUDGET:CPU_MOE[:WEIGHTS[:HOST]] (budget none: free memory; cpu_moe auto "
                          "or a count; WEIGHTS: the non-expert matrices' format, default --weight-format; HOST: "
-                         "cpu (the host computes those experts), pcie (the GPU reads them in place) or dma (the GPU "
-                         "copies the chosen ones), default cpu)")
+                         "cpu (the host computes those experts), pcie (the GPU reads them in place), dma (the GPU "
+                         "copies the chosen ones) or auto (cpu or pcie as measured at load), default cpu)")
     ap.add_argument("--kv", default="bf16,q8_0")
     ap.add_argument("--depths", default="16,4096")
     ap.add_argument("--tokens", type=int, default=32)
@@ -279,6 +279,7 @@ def main(argv=None) -> int:
             rows = eng.ledger.compare(eng.plan)
             case = {"budget": budget, "cpu_moe_requested": n, "cpu_moe": eng.plan.cpu_moe, "kv": kv,
                     "weight_format": eng.plan.weight_format, "host_experts": eng.plan.host_experts,
+                    "host_experts_reason": eng.plan.host_experts_reason or None,
                     "expert_format": eng.plan.expert_format, "embed_tier": eng.plan.embed_tier,
                     "scratch_lend": eng.scratch_lend,
                     "decode_path": eng.decode_path,

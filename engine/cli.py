@@ -98,10 +98,11 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cpu-moe", type=auto_or_count, default=None,
                    help="with --expert-format blocks: the first N MoE layers' experts compute on the CPU "
                         "(llama.cpp's --n-cpu-moe), or auto: the fewest that fit the device")
-    p.add_argument("--host-experts", default="cpu", choices=("cpu", "pcie", "dma"),
+    p.add_argument("--host-experts", default="cpu", choices=("cpu", "pcie", "dma", "auto"),
                    help="with --cpu-moe: those experts computed by the host's CPU (int4 matmul), or kept on "
                         "the host as blocks the GPU reads in place over PCIe (pcie), or whose chosen ones it "
-                        "copies by DMA (dma)")
+                        "copies by DMA (dma), or auto: cpu or pcie, whichever one layer's experts measure "
+                        "faster on this machine at load (the reason is printed and recorded)")
 
 
 def auto_or_count(text: str):
@@ -184,6 +185,7 @@ def bench_main(args) -> int:
         f"tg{args.decode_tokens}_tok_s": round(args.decode_tokens / tg_s, 2),
         "weight_format": args.weight_format, "decode_path": eng.decode_path,
         "expert_format": eng.plan.expert_format, "cpu_moe": eng.plan.cpu_moe, "host_experts": eng.plan.host_experts,
+        "host_experts_reason": eng.plan.host_experts_reason or None,
         "cpu_expert_math": eng.cpu_expert_math,
         "threads": torch.get_num_threads(), "torch": torch.__version__,
         "answer": answer,
@@ -200,7 +202,8 @@ def bench_main(args) -> int:
     if eng.plan.expert_format != "weights":
         table.add_row("experts", f"{eng.plan.expert_format} blocks, {eng.plan.cpu_moe} MoE layers' experts on the host "
                       f"({eng.plan.host_experts})"
-                      + (f" ({eng.cpu_expert_math})" if eng.cpu_expert_math else ""))
+                      + (f" ({eng.cpu_expert_math})" if eng.cpu_expert_math else "")
+                      + (f"; {eng.plan.host_experts_reason}" if eng.plan.host_experts_reason else ""))
     con.print(table)
     con.print(f"[bold]Q:[/bold] {question}\n[bold]A:[/bold] {answer}")
     print(json.dumps(result))

@@ -22,6 +22,7 @@ call starts from an empty cache: results never depend on earlier calls.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import time
 import weakref
@@ -679,7 +680,11 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     and the device's kernel reads them in place over PCIe instead of the CPU computing them
     (``engine.model.PcieExperts``; the captured step stays one graph); ``"dma"``: the same host
     blocks, a token's k chosen experts copied to a device staging stack after a routing sync
-    (``engine.model.DmaExperts``)."""
+    (``engine.model.DmaExperts``); ``"auto"``: "cpu" or "pcie", whichever one layer's experts
+    take less time on this machine, measured at load (``engine.host_probe``: about a second),
+    or the only one that applies (a CPU device: cpu; no host layers or Q8_0 blocks: pcie);
+    ``eng.plan.host_experts`` is what was applied, ``host_experts_requested`` "auto" and
+    ``host_experts_reason`` the numbers behind it."""
     from . import hybrid
     if expert_format not in ("weights", "blocks"):
         raise ConfigError(f"expert_format {expert_format!r} is not 'weights' or 'blocks'", "pick one of those")
@@ -690,7 +695,13 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
         vram_budget = weights_from.plan.budget_bytes     # free memory now would not count the held weights
     # 2. plan: device and host memory, refused before anything is read or allocated
     blocks = _expert_blocks(src) if expert_format == "blocks" else None
+    auto_reason = None
+    if host_experts == "auto":
+        host_experts, auto_reason = _auto_host_experts(req, src, vram_budget, n_gpu_layers, host_ram,
+                                                       weights_from, blocks, cpu_moe)
     plan = _plan(req, src, vram_budget, n_gpu_layers, host_ram, weights_from, blocks, cpu_moe, host_experts)
+    if auto_reason is not None:
+        plan = dataclasses.replace(plan, host_experts_requested="auto", host_experts_reason=auto_reason)
     # 3. place: which layers, head and experts live where (engine.hybrid)
     placement = hybrid.place(plan, src.spec, req.device)
     if weights_from is not None:
@@ -768,6 +779,24 @@ def _expert_blocks(src: _Source) -> str:
     from .models import EXPERT_TENSORS, expert_blocks_of
     names = [f"blk.{i}.{n}.weight" for i in src.spec.moe_layers for n in EXPERT_TENSORS]
     return expert_blocks_of({n: src.gguf.qtype(n) for n in names}, src.spec.name)
+
+
+def _auto_host_experts(req: _Request, src: _Source, vram_budget, n_gpu_layers, host_ram, reuse, blocks,
+                       cpu_moe) -> tuple[str, str]:
+    """``host_experts="auto"``: the placement of the host layers' experts that is faster on this
+    machine (``engine.host_probe``), or the only one that applies; (tier, reason)."""
+    if blocks is None:
+        raise ConfigError("host_experts 'auto' chooses how experts kept in their GGUF blocks are computed",
+                          "pass expert_format='blocks' with it")
+    if req.device.type != "cuda":
+        return "cpu", f"auto: on a {req.device.type} device the host CPU computes every expert"
+    probe_plan = _plan(req, src, vram_budget, n_gpu_layers, host_ram, reuse, blocks, cpu_moe, "pcie")
+    if not probe_plan.cpu_moe:
+        return "pcie", "auto: no MoE layer's experts are on the host (cpu_moe 0), nothing to choose"
+    if blocks != "q4_0":
+        return "pcie", f"auto: the CPU tier computes Q4_0 experts only, these are {blocks}"
+    from . import host_probe
+    return host_probe.choose(host_probe.measure(src.spec, req.device))
 
 
 def _plan(req: _Request, src: _Source, vram_budget, n_gpu_layers, host_ram, reuse, expert_blocks=None,

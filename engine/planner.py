@@ -309,6 +309,8 @@ class Plan:
     host_experts: str = "cpu"           # what computes the cpu_moe layers' experts: "cpu" (the host's
                                         # int4 matmul) | "pcie" (the GPU, reading their blocks in place)
                                         # | "dma" (the GPU, from a staging copy of the k chosen)
+    host_experts_requested: str = ""    # "auto" when engine.load measured which (engine.host_probe)
+    host_experts_reason: str = ""       # why "auto" chose ``host_experts``, with the numbers
     layer_expert_tiers: list[str] = field(default_factory=list)  # "trunk"|"cpu"|"cache"|"host"|"" per layer
 
     @property
@@ -393,6 +395,10 @@ def plan(spec: ModelSpec, *, kv_dtype: str = "fp32", ctx: int = 4096, vram_budge
                           "pick one of those")
     if weight_format == "q8_0":
         check_q8_weights(spec, expert_blocks)
+    if host_experts == "auto":
+        raise ConfigError("host_experts 'auto' is decided by engine.load, which measures this machine's CPU and "
+                          "PCIe (engine.host_probe); a plan needs the placement itself",
+                          "plan with host_experts 'cpu' or 'pcie' (or load with 'auto' and read eng.plan)")
     if host_experts != "cpu" and expert_blocks is None:
         raise ConfigError(f"host_experts {host_experts!r} places the experts of cpu_moe layers, which needs them "
                           "in the file's blocks", "pass expert_format='blocks' (--expert-format blocks)")

@@ -8,6 +8,8 @@ per-expert maths are tests/test_moe_blocks.py and tests/test_cpu_experts.py (ggu
 """
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -388,3 +390,52 @@ def test_dma_staging_is_rebound_when_weights_are_taken_over(mini):
     second.prefill(PROMPT)
     fresh.prefill(PROMPT)
     assert torch.equal(second.decode(3), fresh.decode(3))
+
+
+def test_auto_host_experts_applies_what_fits_and_says_why(mini):
+    """``host_experts="auto"``: on a CPU device the host CPU computes the host layers' experts
+    (the only placement there), recorded with the request and the reason; without blocks it is
+    refused, and a plan cannot be asked for it (load decides, by measuring)."""
+    eng = load(mini, expert_format="blocks", cpu_moe=2, host_experts="auto")
+    assert (eng.plan.host_experts, eng.plan.host_experts_requested) == ("cpu", "auto")
+    assert "cpu device" in eng.plan.host_experts_reason
+    assert eng.model.host_expert_layers() == sorted(eng.spec.moe_layers)[:2]
+    plain = load(mini, expert_format="blocks", cpu_moe=2)
+    assert (plain.plan.host_experts_requested, plain.plan.host_experts_reason) == ("", "")
+    with pytest.raises(ConfigError, match="expert_format='blocks'"):
+        load(mini, host_experts="auto")
+    with pytest.raises(ConfigError, match="decided by engine.load"):
+        planner.plan(spec_for("coder30b-mini-synth"), kv_dtype="bf16", ctx=64, device="cpu", expert_blocks="q4_0",
+                     cpu_moe=2, host_experts="auto")
+
+
+def test_auto_host_experts_picks_the_faster_side_with_the_round_trip():
+    """``host_probe.choose``: the CPU's time plus a cpu-tier layer's round trip against the PCIe
+    reads; a tie goes to pcie (one graph, no host sync), and the reason carries the numbers."""
+    from engine import host_probe
+    fast_cpu = {"cpu_us": 400.0, "pcie_us": 811.0, "threads": 16, "experts": 8}
+    slow_cpu = {"cpu_us": 917.0, "pcie_us": 450.0, "threads": 16, "experts": 8}
+    assert host_probe.choose(fast_cpu)[0] == "cpu" and host_probe.choose(slow_cpu)[0] == "pcie"
+    tier, why = host_probe.choose({"cpu_us": 671.0, "pcie_us": 811.0, "threads": 8, "experts": 8}, roundtrip_us=140)
+    assert tier == "pcie" and "671 us on the CPU (8 threads) + 140 us round trip = 811 us" in why and "811 us read" in why
+    with pytest.raises(ConfigError, match="CUDA device"):
+        host_probe.measure(spec_for("coder30b-mini-synth"), torch.device("cpu"))
+
+
+@pytest.mark.gpu
+def test_auto_host_experts_measures_on_the_gpu_and_applies_its_choice():
+    """On CUDA with host layers, ``auto`` times one layer's experts both ways (engine.host_probe) and
+    loads the faster placement: the applied tier is the one the reason names, the probe's times are
+    positive, and the engine decodes as a load that asked for that tier by name."""
+    kw = dict(kv_dtype="bf16", device="cuda", ctx=64, weight_format="q8_0", expert_format="blocks", cpu_moe=3)
+    path = synth.ensure("coder30b-mini-synth")
+    eng = engine.load(path, host_experts="auto", **kw)
+    tier = eng.plan.host_experts
+    print(eng.plan.host_experts_reason)
+    assert tier in ("cpu", "pcie") and eng.plan.host_experts_reason.endswith(f": {tier}")
+    nums = [float(x) for x in re.findall(r"take (\d+) us on the CPU .* against (\d+) us read", eng.plan.host_experts_reason)[0]]
+    assert all(x > 0 for x in nums)
+    named = engine.load(path, host_experts=tier, **kw)
+    assert eng.generate(PROMPT, 8, stop_at_eos=False) == named.generate(PROMPT, 8, stop_at_eos=False)
+    none = engine.load(path, **{**kw, "cpu_moe": 0}, host_experts="auto")
+    assert none.plan.host_experts == "pcie" and "nothing to choose" in none.plan.host_experts_reason
