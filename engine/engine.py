@@ -795,6 +795,11 @@ def _auto_host_experts(req: _Request, src: _Source, vram_budget, n_gpu_layers, h
         return "pcie", "auto: no MoE layer's experts are on the host (cpu_moe 0), nothing to choose"
     if blocks != "q4_0":
         return "pcie", f"auto: the CPU tier computes Q4_0 experts only, these are {blocks}"
+    from .errors import OutOfMemoryError
+    try:                              # the CPU tier keeps int4 copies beside the blocks: more host memory
+        _plan(req, src, vram_budget, n_gpu_layers, host_ram, reuse, blocks, cpu_moe, "cpu")
+    except OutOfMemoryError as exc:
+        return "pcie", f"auto: the CPU tier does not fit host memory ({exc.args[0].split('; ')[0]})"
     from . import host_probe
     return host_probe.choose(host_probe.measure(src.spec, req.device))
 

@@ -120,7 +120,9 @@ def _experts_applied(eng) -> dict:
     if plan is None or not hasattr(plan, "expert_format"):
         return {}
     return {"expert_format": plan.expert_format, "cpu_moe": plan.cpu_moe,
-            "cpu_moe_requested": plan.cpu_moe_requested or None, "host_experts": plan.host_experts}
+            "cpu_moe_requested": plan.cpu_moe_requested or None, "host_experts": plan.host_experts,
+            **({"host_experts_requested": plan.host_experts_requested,
+                "host_experts_reason": plan.host_experts_reason} if getattr(plan, "host_experts_requested", "") else {})}
 
 
 def matrix(suite: Suite, models: list[str]) -> list[Case]:
@@ -366,7 +368,11 @@ class Runner:
                     p = plan(spec, kv_dtype=case.kv_dtype, ctx=kw["ctx"], vram_budget=kw.get("vram_budget"),
                              n_gpu_layers=kw.get("n_gpu_layers"), weight_format=own or fmt, device=self.device,
                              file_bytes=size, expert_blocks=blocks, cpu_moe=kw.get("cpu_moe"),
-                             host_experts=kw.get("host_experts", "cpu"),
+                             # "auto" is decided at load (it measures the machine), which falls
+                             # back to pcie where the CPU tier's host memory does not fit: pcie's plan
+                             # is what must fit here
+                             host_experts={"auto": "pcie"}.get(kw.get("host_experts", "cpu"),
+                                                               kw.get("host_experts", "cpu")),
                              **({"wave_budget_bytes": kw["wave_budget_bytes"]} if "wave_budget_bytes" in kw else {}))
                     require_host_fit(p)
                     if "wave_budget_bytes" in kw and cfg.KIND == "wave_prefill":

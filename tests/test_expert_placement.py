@@ -439,3 +439,13 @@ def test_auto_host_experts_measures_on_the_gpu_and_applies_its_choice():
     assert eng.generate(PROMPT, 8, stop_at_eos=False) == named.generate(PROMPT, 8, stop_at_eos=False)
     none = engine.load(path, **{**kw, "cpu_moe": 0}, host_experts="auto")
     assert none.plan.host_experts == "pcie" and "nothing to choose" in none.plan.host_experts_reason
+    # host memory that holds the pcie placement's blocks but not the CPU tier's int4 copies beside them
+    from pathlib import Path
+    common = dict(kv_dtype="bf16", ctx=64, weight_format="q8_0", device=torch.device("cuda"), expert_blocks="q4_0",
+                  cpu_moe=3, file_bytes=Path(path).stat().st_size, host_ram=1 << 40)
+    ram = {t: planner.plan(spec_for("coder30b-mini-synth"), host_experts=t, **common).host_ram for t in ("pcie", "cpu")}
+    base = {t: r.need - r.headroom for t, r in ram.items()}         # the headroom scales with what is available
+    between = planner.HOST_HEADROOM_MIN + (base["pcie"] + base["cpu"]) // 2
+    assert base["cpu"] > base["pcie"] and planner.HOST_HEADROOM_FRAC * between <= planner.HOST_HEADROOM_MIN
+    tight = engine.load(path, host_experts="auto", host_ram=between, **kw)
+    assert tight.plan.host_experts == "pcie" and "does not fit host memory" in tight.plan.host_experts_reason

@@ -47,8 +47,9 @@ def test_bad_expert_options_are_refused_at_load(tmp_path, suite_extra, check_ext
         load_suite(write(tmp_path, suite_extra, check_extra))
 
 
-@pytest.mark.parametrize("host", ["cpu", "pcie"])
-def test_the_vram_check_sees_the_placement_it_asked_for(tmp_path, host):
+@pytest.mark.parametrize("host,applied", [("cpu", "cpu"), ("pcie", "pcie"), ("auto", "cpu")])
+def test_the_vram_check_sees_the_placement_it_asked_for(tmp_path, host, applied):
+    """... and "auto" the one load chose (on a CPU device: the CPU), with the request recorded."""
     suite = load_suite(write(tmp_path, f'expert_format = "blocks"\ncpu_moe = 1\nhost_experts = "{host}"'))
     out = tmp_path / "res"
     summary = Runner(suite, out, progress=False).run()
@@ -57,8 +58,9 @@ def test_the_vram_check_sees_the_placement_it_asked_for(tmp_path, host):
     plans = [r["info"]["plan"] for r in recs if r.get("type") == "info" and "plan" in r.get("info", {})]
     assert len(plans) == 2                                   # the fp32 and q8_0 rows
     for p in plans:
-        assert p["expert_format"] == "q4_0" and p["cpu_moe"] == 1 and p["layer_expert_tiers"][0] == host
-        assert p["host_experts"] == host
+        assert p["expert_format"] == "q4_0" and p["cpu_moe"] == 1 and p["layer_expert_tiers"][0] == applied
+        assert p["host_experts"] == applied
+        assert p["host_experts_requested"] == ("auto" if host == "auto" else "")
     rows = [r for r in recs if r.get("type") == "metric" and r["metric"] == "Plan vs runtime max diff"]
     assert rows and all(r["value"] == 0.0 for r in rows)
 
