@@ -205,7 +205,7 @@ def main(argv=None) -> int:
                     help="comma list of BUDGET:CPU_MOE[:WEIGHTS[:HOST]] (budget none: free memory; cpu_moe auto "
                          "or a count; WEIGHTS: the non-expert matrices' format, default --weight-format; HOST: "
                          "cpu (the host computes those experts), pcie (the GPU reads them in place), dma (the GPU "
-                         "copies the chosen ones) or auto (cpu or pcie as measured at load), default cpu)")
+                         "copies the chosen ones) or auto (cpu, pcie or dma as measured at load), default cpu)")
     ap.add_argument("--kv", default="bf16,q8_0")
     ap.add_argument("--depths", default="16,4096")
     ap.add_argument("--tokens", type=int, default=32)

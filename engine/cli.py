@@ -101,8 +101,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host-experts", default="cpu", choices=("cpu", "pcie", "dma", "auto"),
                    help="with --cpu-moe: those experts computed by the host's CPU (int4 matmul), or kept on "
                         "the host as blocks the GPU reads in place over PCIe (pcie), or whose chosen ones it "
-                        "copies by DMA (dma), or auto: cpu or pcie, whichever one layer's experts measure "
-                        "faster on this machine at load (the reason is printed and recorded)")
+                        "copies by DMA (dma), or auto: cpu, pcie or dma, whichever one layer's experts "
+                        "measure fastest on this machine at load (the reason is printed and recorded)")
 
 
 def auto_or_count(text: str):

@@ -680,8 +680,8 @@ def load(model: str | os.PathLike, *, kv_dtype: str = "fp32", device: str | torc
     and the device's kernel reads them in place over PCIe instead of the CPU computing them
     (``engine.model.PcieExperts``; the captured step stays one graph); ``"dma"``: the same host
     blocks, a token's k chosen experts copied to a device staging stack after a routing sync
-    (``engine.model.DmaExperts``); ``"auto"``: "cpu" or "pcie", whichever one layer's experts
-    take less time on this machine, measured at load (``engine.host_probe``: about a second),
+    (``engine.model.DmaExperts``); ``"auto"``: "cpu", "pcie" or "dma", whichever one layer's
+    experts take least time on this machine, measured at load (``engine.host_probe``: seconds),
     or the only one that applies (a CPU device: cpu; no host layers or Q8_0 blocks: pcie);
     ``eng.plan.host_experts`` is what was applied, ``host_experts_requested`` "auto" and
     ``host_experts_reason`` the numbers behind it."""

@@ -1,15 +1,17 @@
-"""Which placement computes the host layers' experts faster on this machine (``host_experts="auto"``).
+"""Which placement computes the host layers' experts fastest on this machine (``host_experts="auto"``).
 
 Contract: ``measure(spec, device, reps)`` builds one MoE layer of random Q4_0 expert stacks in
 ``spec``'s geometry in page-locked host memory, and times a decode step's k experts two ways,
 with fresh random experts every step (a layer's bytes exceed the last-level cache, as a decode's
-do): ``cpu_us``, the host CPU's int4 path (``engine.cpu_experts.HostQ4Experts``, torch's threads)
-and ``pcie_us``, the device's blocks kernel reading the pinned blocks in place over PCIe
-(``engine.kernels.moe_blocks``, CUDA events). It returns both with the thread count, or raises
-``ConfigError`` where it cannot measure (no CUDA device). ``choose(probe, roundtrip_us)`` returns
-``(tier, reason)``: ``"cpu"`` when the CPU's time plus a cpu-tier layer's round trip
-(``ROUNDTRIP_US``: the routing sync, the copies, a graph boundary) is below the PCIe reads',
-else ``"pcie"``; the reason states the numbers.
+do): ``cpu_us``, the host CPU's int4 path (``engine.cpu_experts.HostQ4Experts``, torch's threads);
+``pcie_us``, the device's blocks kernel reading the pinned blocks in place over PCIe
+(``engine.kernels.moe_blocks``, CUDA events); ``dma_us``, the k chosen experts' blocks copied to a
+device staging stack by the copy engines and the kernel run there (``engine.model.DmaExperts``'
+step after its routing sync). It returns them with the thread count, or raises ``ConfigError``
+where it cannot measure (no CUDA device). ``choose(probe, roundtrip_us)`` returns ``(tier,
+reason)``: the tier with the least time a host layer, where "cpu" and "dma" pay a round trip on
+top (``ROUNDTRIP_US``: the routing sync, the copies, a graph boundary) and "pcie" none (one
+graph, no host sync); a tie goes to "pcie". The reason states the numbers.
 
 The two placements' speeds move with the host independently: the `pcie` placement decoded
 coder30b-synth at 84-88 tok/s on hosts whose PCIe reads ran ~45 GB/s and at 53.6 on one at
@@ -50,7 +52,7 @@ def measure(spec, device: torch.device, reps: int = 24) -> dict:
         raise ConfigError(f"host_experts 'auto' measures the GPU's PCIe reads, which needs a CUDA device, not {device}",
                           "pass host_experts='cpu' or 'pcie'")
     from .cpu_experts import HostQ4Experts
-    from .kernels.moe_blocks import moe_decode_blocks
+    from .kernels.moe_blocks import BlockStack, moe_decode_blocks
     E, ff, d, k = spec.n_experts, spec.d_ff_expert, spec.d_model, spec.n_experts_used
     gen = torch.Generator().manual_seed(0)
     t0 = time.perf_counter()
@@ -69,27 +71,48 @@ def measure(spec, device: torch.device, reps: int = 24) -> dict:
     xd = x.to(device)
     pd = torch.full((k,), 1.0 / k, device=device)
     ids_d = [sel.to(device) for sel in ids]
-    moe_decode_blocks(xd, *stacks, ids_d[0], pd)
-    torch.cuda.synchronize(device)
-    pcie = []
-    for sel in ids_d[1:]:
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        moe_decode_blocks(xd, *stacks, sel, pd)
-        b.record()
-        b.synchronize()
-        pcie.append(a.elapsed_time(b) * 1e-3)
-    return {"cpu_us": round(1e6 * statistics.median(cpu), 1), "pcie_us": round(1e6 * statistics.median(pcie), 1),
-            "threads": torch.get_num_threads(), "experts": k, "reps": reps,
+    stage = (BlockStack.empty("q4_0", (k, ff, d), device=device), BlockStack.empty("q4_0", (k, ff, d), device=device),
+             BlockStack.empty("q4_0", (k, d, ff), device=device))
+    slots = torch.arange(k, device=device)
+
+    def pcie_step(i):
+        moe_decode_blocks(xd, *stacks, ids_d[i], pd)
+
+    def dma_step(i):
+        for j, e in enumerate(ids[i].tolist()):
+            for src, dst in zip(stacks, stage):
+                dst.qs[j].copy_(src.qs[e], non_blocking=True)
+                dst.d[j].copy_(src.d[e], non_blocking=True)
+        moe_decode_blocks(xd, *stage, slots, pd)
+
+    def device_us(step):
+        step(0)
+        torch.cuda.synchronize(device)
+        out = []
+        for i in range(1, reps + 1):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            step(i)
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) * 1e3)
+        return round(statistics.median(out), 1)
+    return {"cpu_us": round(1e6 * statistics.median(cpu), 1), "pcie_us": device_us(pcie_step),
+            "dma_us": device_us(dma_step), "threads": torch.get_num_threads(), "experts": k, "reps": reps,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def choose(probe: dict, roundtrip_us: float = ROUNDTRIP_US) -> tuple[str, str]:
-    """``("cpu" | "pcie", reason)`` from ``measure``'s numbers: the faster per host layer."""
-    cpu = probe["cpu_us"] + roundtrip_us
-    pcie = probe["pcie_us"]
-    tier = "cpu" if cpu < pcie else "pcie"
-    reason = (f"auto: a host layer's {probe['experts']} experts take {probe['cpu_us']:.0f} us on the CPU "
-              f"({probe['threads']} threads) + {roundtrip_us:.0f} us round trip = {cpu:.0f} us, against "
-              f"{pcie:.0f} us read over PCIe by the GPU: {tier}")
-    return tier, reason
+    """``(tier, reason)`` from ``measure``'s numbers: the least time a host layer ("dma" only where
+    the probe timed it), "pcie" on a tie."""
+    k = probe["experts"]
+    cost = {"pcie": probe["pcie_us"], "cpu": probe["cpu_us"] + roundtrip_us}
+    said = [f"{probe['pcie_us']:.0f} us read over PCIe by the GPU (pcie)",
+            f"{probe['cpu_us']:.0f} us on the CPU ({probe['threads']} threads) + {roundtrip_us:.0f} us round trip "
+            f"= {cost['cpu']:.0f} us (cpu)"]
+    if probe.get("dma_us") is not None:
+        cost["dma"] = probe["dma_us"] + roundtrip_us
+        said.append(f"{probe['dma_us']:.0f} us copied up and computed + {roundtrip_us:.0f} us round trip "
+                    f"= {cost['dma']:.0f} us (dma)")
+    tier = min(cost, key=lambda t: (cost[t], t != "pcie"))
+    return tier, f"auto: a host layer's {k} experts take " + "; ".join(said) + f": {tier}"

@@ -62,7 +62,7 @@ Threshold = Union[float, dict[str, float], None]
 LOAD_OPTIONS = ("ctx", "vram_budget_gib", "n_gpu_layers", "wave_budget_mib", "expert_format", "cpu_moe",
                 "host_experts")
 HOST_EXPERTS = ("cpu", "pcie", "dma", "auto")   # engine.load's host_experts: what computes the cpu_moe layers'
-                                                # experts ("auto": cpu or pcie, measured at load)
+                                                # experts ("auto": cpu, pcie or dma, measured at load)
 EXPERT_FORMATS = ("weights", "blocks")
 
 

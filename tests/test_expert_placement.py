@@ -410,31 +410,35 @@ def test_auto_host_experts_applies_what_fits_and_says_why(mini):
 
 
 def test_auto_host_experts_picks_the_faster_side_with_the_round_trip():
-    """``host_probe.choose``: the CPU's time plus a cpu-tier layer's round trip against the PCIe
-    reads; a tie goes to pcie (one graph, no host sync), and the reason carries the numbers."""
+    """``host_probe.choose``: the CPU's time, and the DMA copies' where timed, each plus a round
+    trip, against the PCIe reads; a tie goes to pcie (one graph, no host sync), and the reason
+    carries the numbers."""
     from engine import host_probe
     fast_cpu = {"cpu_us": 400.0, "pcie_us": 811.0, "threads": 16, "experts": 8}
     slow_cpu = {"cpu_us": 917.0, "pcie_us": 450.0, "threads": 16, "experts": 8}
     assert host_probe.choose(fast_cpu)[0] == "cpu" and host_probe.choose(slow_cpu)[0] == "pcie"
     tier, why = host_probe.choose({"cpu_us": 671.0, "pcie_us": 811.0, "threads": 8, "experts": 8}, roundtrip_us=140)
-    assert tier == "pcie" and "671 us on the CPU (8 threads) + 140 us round trip = 811 us" in why and "811 us read" in why
+    assert tier == "pcie" and "671 us on the CPU (8 threads) + 140 us round trip = 811 us (cpu)" in why
+    assert "811 us read over PCIe by the GPU (pcie)" in why and "(dma)" not in why
+    tier, why = host_probe.choose({**slow_cpu, "pcie_us": 811.0, "dma_us": 400.0})      # copy engines faster
+    assert tier == "dma" and "400 us copied up and computed + 140 us round trip = 540 us (dma)" in why
     with pytest.raises(ConfigError, match="CUDA device"):
         host_probe.measure(spec_for("coder30b-mini-synth"), torch.device("cpu"))
 
 
 @pytest.mark.gpu
 def test_auto_host_experts_measures_on_the_gpu_and_applies_its_choice():
-    """On CUDA with host layers, ``auto`` times one layer's experts both ways (engine.host_probe) and
-    loads the faster placement: the applied tier is the one the reason names, the probe's times are
+    """On CUDA with host layers, ``auto`` times one layer's experts three ways (engine.host_probe) and
+    loads the fastest placement (cpu, pcie or dma): the applied tier is the one the reason names, the probe's times are
     positive, and the engine decodes as a load that asked for that tier by name."""
     kw = dict(kv_dtype="bf16", device="cuda", ctx=64, weight_format="q8_0", expert_format="blocks", cpu_moe=3)
     path = synth.ensure("coder30b-mini-synth")
     eng = engine.load(path, host_experts="auto", **kw)
     tier = eng.plan.host_experts
     print(eng.plan.host_experts_reason)
-    assert tier in ("cpu", "pcie") and eng.plan.host_experts_reason.endswith(f": {tier}")
-    nums = [float(x) for x in re.findall(r"take (\d+) us on the CPU .* against (\d+) us read", eng.plan.host_experts_reason)[0]]
-    assert all(x > 0 for x in nums)
+    assert tier in ("cpu", "pcie", "dma") and eng.plan.host_experts_reason.endswith(f": {tier}")
+    nums = [float(x) for x in re.findall(r"(\d+) us (?:read|on the CPU|copied)", eng.plan.host_experts_reason)]
+    assert len(nums) == 3 and all(x > 0 for x in nums)
     named = engine.load(path, host_experts=tier, **kw)
     assert eng.generate(PROMPT, 8, stop_at_eos=False) == named.generate(PROMPT, 8, stop_at_eos=False)
     none = engine.load(path, **{**kw, "cpu_moe": 0}, host_experts="auto")
