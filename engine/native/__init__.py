@@ -1,0 +1,180 @@
+"""Native host kernels, built on this machine at first use: one MoE layer's experts for one token
+straight from their GGUF Q4_0 blocks, as integer dot products against 8-bit activation blocks.
+
+Contract: ``moe_q4_decode(x, ids, weights, gate, up, down, threads=None)`` takes ``x`` float32 [d]
+(or [1, d]), host expert ids and weights (k of each), and one layer's host ``BlockStack``s in
+Q4_0 (gate/up [E, ff, d], down [E, d, ff], ``engine.kernels.moe_blocks``, read in place: no
+repacking, no copy) and returns float32 [d]: ``sum_j w_j down[e_j] @ (silu(gate[e_j] @ x') *
+(up[e_j] @ x'))'`` where ``x'`` is ``x`` and ``(...)'`` the SiLU product each rounded to 8-bit
+blocks of 32 (scale ``max|v| / 127``, values ``round-half-even(v * (1 / scale))``): llama.cpp's
+CPU arithmetic class (Q4_0 x Q8_0), not its code. Sums of products are exact integers a block;
+the block scales multiply them in float32. ``moe_q4_decode_ref`` is the same maths in torch
+(float64 over the same integers), the tests' reference. ``MATH`` names the arithmetic.
+
+Building: ``gcc`` (``$CC``) compiles ``q4q8.c`` with ``-O3 -march=native -fopenmp`` (``-march``:
+``KVBENCH_NATIVE_MARCH``) into the
+cache (``$KVBENCH_CACHE/native`` or ``~/.cache/kvbench/native``), keyed by the source, the flags
+and this CPU's model and flags (a library built for another CPU is never loaded). Without a
+compiler ``available()`` says why and ``moe_q4_decode`` raises ``ConfigError``; nothing falls
+back silently. ``simd()`` says which path was compiled (2: AVX2, 0: portable C).
+
+    y = native.moe_q4_decode(h[0], [3, 17, 40, 99, 5, 6, 7, 8], [0.125] * 8, gate, up, down)
+"""
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+from pathlib import Path
+
+import torch
+
+from ..errors import ConfigError
+
+MATH = "Q4_0 blocks x 8-bit activation blocks (integer dots, float32 block scales; native, OpenMP)"
+SOURCE = Path(__file__).with_name("q4q8.c")
+FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
+
+
+def _march() -> str:
+    """``-march``: ``KVBENCH_NATIVE_MARCH`` (default native: this CPU's vector units; x86-64
+    builds the portable C path, which the tests check too)."""
+    return os.environ.get("KVBENCH_NATIVE_MARCH") or "native"
+
+
+def _cpu_id() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(keep)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("KVBENCH_CACHE")
+    return (Path(root) if root else Path.home() / ".cache" / "kvbench") / "native"
+
+
+@functools.lru_cache(maxsize=4)
+def _build(march: str = "native") -> tuple[ctypes.CDLL | None, str]:
+    cc = os.environ.get("CC") or shutil.which("gcc") or shutil.which("cc")
+    if not cc:
+        return None, "no C compiler (gcc or $CC) on this machine"
+    flags = [f"-march={march}", *FLAGS]
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join([cc, *flags]).encode() + _cpu_id().encode()).hexdigest()[:16]
+    lib = _cache_dir() / f"q4q8-{key}.so"
+    if not lib.exists():
+        lib.parent.mkdir(parents=True, exist_ok=True)
+        tmp = lib.with_suffix(f".{os.getpid()}.tmp")
+        run = subprocess.run([cc, *flags, "-o", str(tmp), str(SOURCE), "-lm"], capture_output=True, text=True)
+        if run.returncode:
+            return None, f"{cc} could not build {SOURCE.name}: {run.stderr.strip().splitlines()[-1:] or run.returncode}"
+        os.replace(tmp, lib)
+    dll = ctypes.CDLL(str(lib))
+    p = ctypes.c_void_p
+    dll.kvb_moe_q4_decode.argtypes = [p, ctypes.c_int, ctypes.c_int, ctypes.c_int, p, p, p, p, p, p, p, p, p,
+                                      ctypes.c_int]
+    dll.kvb_moe_q4_decode.restype = ctypes.c_int
+    dll.kvb_simd.restype = ctypes.c_int
+    return dll, ""
+
+
+def available() -> tuple[bool, str]:
+    """(whether the native kernels could be built and loaded here, why not)."""
+    dll, why = _build(_march())
+    return dll is not None, why
+
+
+def simd() -> int:
+    """The vector path compiled: 2 (AVX2) or 0 (portable C)."""
+    return _lib().kvb_simd()
+
+
+def _lib() -> ctypes.CDLL:
+    dll, why = _build(_march())
+    if dll is None:
+        raise ConfigError(f"the native CPU expert kernel is not available: {why}",
+                          "install gcc (or set CC), or use the torch int4 path")
+    return dll
+
+
+def _check(gate, up, down) -> tuple[int, int, int]:
+    if {gate.fmt, up.fmt, down.fmt} != {"q4_0"}:
+        raise ConfigError(f"native experts: {gate.fmt}/{up.fmt}/{down.fmt} blocks; this kernel reads Q4_0",
+                          "keep the experts in Q4_0 blocks")
+    E, ff, d = gate.shape
+    if up.shape != gate.shape or down.shape != (E, d, ff) or d % 32 or ff % 32:
+        raise ConfigError(f"native experts: gate {gate.shape}, up {up.shape}, down {down.shape} do not agree",
+                          "pass one layer's gate/up [E, ff, d] and down [E, d, ff]")
+    for st in (gate, up, down):
+        for t in (st.qs, st.d):
+            if t.device.type != "cpu" or not t.is_contiguous():
+                raise ConfigError("native experts read host memory in place: contiguous CPU blocks needed",
+                                  "pass the layer's host BlockStacks")
+    return E, ff, d
+
+
+def moe_q4_decode(x: torch.Tensor, ids, weights, gate, up, down, threads: int | None = None) -> torch.Tensor:
+    """float32 [d]; see the module docstring."""
+    E, ff, d = _check(gate, up, down)
+    xs = x.detach().reshape(-1).to(torch.float32).contiguous()
+    ids_t = torch.as_tensor(ids, dtype=torch.int64).reshape(-1).contiguous()
+    w_t = torch.as_tensor(weights, dtype=torch.float32).reshape(-1).contiguous()
+    if xs.numel() != d or ids_t.numel() != w_t.numel() or not ids_t.numel():
+        raise ConfigError(f"native experts: x of {xs.numel()} values for d {d}, {ids_t.numel()} ids and "
+                          f"{w_t.numel()} weights", "one token's row and k ids with k weights")
+    if int(ids_t.min()) < 0 or int(ids_t.max()) >= E:
+        raise ConfigError(f"native experts: ids {ids_t.tolist()} outside 0..{E - 1}", "route within the layer")
+    y = torch.empty(d, dtype=torch.float32)
+    rc = _lib().kvb_moe_q4_decode(
+        xs.data_ptr(), d, ff, ids_t.numel(), ids_t.data_ptr(), w_t.data_ptr(),
+        gate.qs.data_ptr(), gate.d.data_ptr(), up.qs.data_ptr(), up.d.data_ptr(),
+        down.qs.data_ptr(), down.d.data_ptr(), y.data_ptr(), int(threads or torch.get_num_threads()))
+    if rc:
+        raise RuntimeError(f"kvb_moe_q4_decode returned {rc}")
+    return y
+
+
+def quantize_blocks_ref(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 [..., K] -> (int values [..., K] as float64, scales [..., K/32] float32), as the
+    kernel rounds: scale = max|v| / 127 and values round-half-even(v * (1 / scale)) in float32."""
+    b = v.to(torch.float32).reshape(*v.shape[:-1], -1, 32)
+    d = b.abs().amax(-1) / 127.0
+    inv = torch.where(d > 0, 1.0 / d, torch.zeros_like(d))
+    q = torch.round(b * inv[..., None])
+    return q.reshape(v.shape).double(), d
+
+
+def _q4_values(st, e: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Expert ``e``'s Q4_0 values minus 8 (float64 [N, K]) and block scales (float64 [N, K/32])."""
+    qs = st.qs[e]
+    lo, hi = (qs & 0x0F).to(torch.int16), (qs >> 4).to(torch.int16)
+    N = qs.shape[0]
+    vals = torch.cat([lo.reshape(N, -1, 16), hi.reshape(N, -1, 16)], dim=-1).reshape(N, -1)
+    return (vals - 8).double(), st.d[e].double()
+
+
+def _mm_ref(st, e: int, q: torch.Tensor, dq: torch.Tensor) -> torch.Tensor:
+    w, dw = _q4_values(st, e)
+    N, K = w.shape
+    isum = (w.reshape(N, K // 32, 32) * q.reshape(1, K // 32, 32)).sum(-1)            # exact integers
+    return (isum * dw * dq.double()[None, :]).sum(-1)
+
+
+def moe_q4_decode_ref(x: torch.Tensor, ids, weights, gate, up, down) -> torch.Tensor:
+    """``moe_q4_decode``'s maths in torch: the same 8-bit roundings (float32, as the kernel), the
+    block sums exact, everything after them in float64; float64 [d]."""
+    _, ff, d = _check(gate, up, down)
+    qx, dx = quantize_blocks_ref(x.reshape(-1))
+    y = torch.zeros(d, dtype=torch.float64)
+    for e, w in zip(torch.as_tensor(ids).reshape(-1).tolist(), torch.as_tensor(weights).reshape(-1).tolist()):
+        g, u = _mm_ref(gate, e, qx, dx).float(), _mm_ref(up, e, qx, dx).float()   # the kernel keeps float32
+        a = g / (1.0 + torch.exp(-g)) * u
+        qa, da = quantize_blocks_ref(a)
+        y += w * _mm_ref(down, e, qa, da)
+    return y
