@@ -230,15 +230,19 @@ for step in $steps; do
             timeout 240 python3 benchmarks/bench_peer.py --model smollm2-synth --weight-formats bf16 --kv bf16 --no-decode \
               --ctx 16 --out "$OUT/peer-prefill.json" 2>&1 | grep -v "Converting\|Warning\|warn" | tee "$OUT/peer-prefill.log" | tail -12
             bash "$0" pfprof ;;
-    cputier) # where a cpu-tier step's host round trip goes (the split's no-gain, perf-notes nineteenth
+    cputier) # (first: engine.native built on this host and timed against torch's int4 path, no GPU needed)
+            timeout 120 python3 benchmarks/oneoff/native_experts_bench.py --layers 3 --threads 16,8 \
+              --out "$OUT/native_experts.json" 2>&1 | tee "$OUT/native-experts.log" | tail -4
+            # where a cpu-tier step's host round trip goes (the split's no-gain, perf-notes nineteenth
             # session): the lending and clock GPU tests, then cpu_tier_profile.py at each thread count and
             # share, and again with passive OpenMP workers (spinning ones may starve the launching thread)
-            python3 -m pytest -q -s -m gpu -p no:cacheprovider -k "lends or clock or split_step or auto_host_experts" \
+            python3 -m pytest -q -s -m gpu -p no:cacheprovider -k "lends or clock or split_step or auto_host_experts or native" \
               tests/test_ledger.py tests/test_cpu_experts.py tests/test_expert_placement.py 2>&1 | grep -v "^\s*$" | tail -12 | tee "$OUT/cputier-tests.log"
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
             sync
             timeout ${CT_TIMEOUT:-300} python3 benchmarks/oneoff/cpu_tier_profile.py --budget ${CT_BUDGET:-11468MiB} \
-              --threads ${CT_THREADS:-16,8} --shares ${CT_SHARES:-0,2,4,6} --out "$OUT/cpu_tier_profile.json" 2>&1 \
+              --threads ${CT_THREADS:-16,8} --shares ${CT_SHARES:-0,2,4,6} --native ${CT_NATIVE:-0,1} \
+              --out "$OUT/cpu_tier_profile.json" 2>&1 \
               | grep -v "^\s*$" | tee "$OUT/cpu-tier-profile.log" | tail -40
             OMP_WAIT_POLICY=PASSIVE timeout ${CT_TIMEOUT:-300} python3 benchmarks/oneoff/cpu_tier_profile.py \
               --budget ${CT_BUDGET:-11468MiB} --threads 16 --shares ${CT_SHARES:-0,2,4,6} --profile-steps 0 --tag passive \

@@ -3,7 +3,9 @@
 Contract: ``measure(spec, device, reps)`` builds one MoE layer of random Q4_0 expert stacks in
 ``spec``'s geometry in page-locked host memory, and times a decode step's k experts two ways,
 with fresh random experts every step (a layer's bytes exceed the last-level cache, as a decode's
-do): ``cpu_us``, the host CPU's int4 path (``engine.cpu_experts.HostQ4Experts``, torch's threads);
+do): ``cpu_us``, the host CPU's path a cpu-tier step takes (torch's int4 kernel,
+``engine.cpu_experts.HostQ4Experts``, or ``engine.native`` with ``KVBENCH_CPU_MOE_NATIVE``; torch's
+threads; ``cpu_path`` says which);
 ``pcie_us``, the device's blocks kernel reading the pinned blocks in place over PCIe
 (``engine.kernels.moe_blocks``, CUDA events); ``dma_us``, the k chosen experts' blocks copied to a
 device staging stack by the copy engines and the kernel run there (``engine.model.DmaExperts``'
@@ -45,8 +47,8 @@ def _random_stack(shape, gen: torch.Generator, pinned: bool):
 
 
 def measure(spec, device: torch.device, reps: int = 24) -> dict:
-    """One layer's k experts on the host CPU (int4) and over PCIe (blocks kernel): median us a
-    step over ``reps`` steps of fresh random experts, after one untimed step each."""
+    """One layer's k experts on the host CPU (the cpu tier's path), over PCIe (blocks kernel) and
+    by DMA: median us a step over ``reps`` steps of fresh random experts, after one untimed step each."""
     device = torch.device(device)
     if device.type != "cuda" or not torch.cuda.is_available():
         raise ConfigError(f"host_experts 'auto' measures the GPU's PCIe reads, which needs a CUDA device, not {device}",
@@ -58,14 +60,21 @@ def measure(spec, device: torch.device, reps: int = 24) -> dict:
     t0 = time.perf_counter()
     stacks = (_random_stack((E, ff, d), gen, True), _random_stack((E, ff, d), gen, True),
               _random_stack((E, d, ff), gen, True))
-    host = HostQ4Experts.from_blocks(*stacks)
+    from .model import CpuExperts
     x = torch.randn(1, d, generator=gen)
     ids = [torch.randperm(E, generator=gen)[:k] for _ in range(reps + 1)]
     w = [1.0 / k] * k
+    cpu_path = "native" if CpuExperts.native_requested() else "int4"   # the path a cpu-tier step would take
+    if cpu_path == "native":
+        from . import native
+        host = lambda sel: native.moe_q4_decode(x, sel, w, *stacks)          # noqa: E731
+    else:
+        packed = HostQ4Experts.from_blocks(*stacks)
+        host = lambda sel: packed(x, sel, w)                                 # noqa: E731
     cpu = []
     for i, sel in enumerate(ids):
         t = time.perf_counter()
-        host(x, sel.tolist(), w)
+        host(sel.tolist())
         if i:
             cpu.append(time.perf_counter() - t)
     xd = x.to(device)
@@ -98,7 +107,8 @@ def measure(spec, device: torch.device, reps: int = 24) -> dict:
             out.append(a.elapsed_time(b) * 1e3)
         return round(statistics.median(out), 1)
     return {"cpu_us": round(1e6 * statistics.median(cpu), 1), "pcie_us": device_us(pcie_step),
-            "dma_us": device_us(dma_step), "threads": torch.get_num_threads(), "experts": k, "reps": reps,
+            "dma_us": device_us(dma_step), "cpu_path": cpu_path, "threads": torch.get_num_threads(),
+            "experts": k, "reps": reps,
             "seconds": round(time.perf_counter() - t0, 2)}
 
 
@@ -108,7 +118,8 @@ def choose(probe: dict, roundtrip_us: float = ROUNDTRIP_US) -> tuple[str, str]:
     k = probe["experts"]
     cost = {"pcie": probe["pcie_us"], "cpu": probe["cpu_us"] + roundtrip_us}
     said = [f"{probe['pcie_us']:.0f} us read over PCIe by the GPU (pcie)",
-            f"{probe['cpu_us']:.0f} us on the CPU ({probe['threads']} threads) + {roundtrip_us:.0f} us round trip "
+            f"{probe['cpu_us']:.0f} us on the CPU ({probe['threads']} threads"
+            + (f", {probe['cpu_path']} path" if probe.get("cpu_path") else "") + f") + {roundtrip_us:.0f} us round trip "
             f"= {cost['cpu']:.0f} us (cpu)"]
     if probe.get("dma_us") is not None:
         cost["dma"] = probe["dma_us"] + roundtrip_us

@@ -281,10 +281,29 @@ class CpuExperts:
         now): only on CUDA and where the layer keeps its blocks (pinned, readable in place)."""
         return self._requested_share() if torch.device(device).type == "cuda" else 0
 
+    @staticmethod
+    def native_requested() -> bool:
+        """``KVBENCH_CPU_MOE_NATIVE`` as set now: one-token steps through ``engine.native``."""
+        from . import settings
+        return bool(settings.get("KVBENCH_CPU_MOE_NATIVE"))
+
+    def _native_row(self, h: torch.Tensor, ids: list[int], weights: list[float]) -> torch.Tensor:
+        """One host row [1, d] through ``ids`` with ``engine.native`` over the layer's Q4_0 blocks."""
+        from . import native
+        from .errors import ConfigError
+        if self.blocks is None:
+            raise ConfigError("KVBENCH_CPU_MOE_NATIVE: this cpu-tier layer keeps no Q4_0 blocks to read",
+                              "unset KVBENCH_CPU_MOE_NATIVE")
+        return native.moe_q4_decode(h, ids, weights, *self.blocks).reshape(1, -1)
+
     @property
     def math(self) -> str:
-        m = self.packed.math + ("; batches of >= %d rows on the device from the blocks (float32)"
-                                % self.OFFLOAD_ROWS if self.blocks is not None else "")
+        m = self.packed.math
+        if self.native_requested():
+            from . import native
+            m = f"one-token steps: {native.MATH}; batches: {m}"
+        m += ("; batches of >= %d rows on the device from the blocks (float32)"
+              % self.OFFLOAD_ROWS if self.blocks is not None else "")
         n = self._requested_share()
         if n:
             m += (f"; on CUDA, {n} of each token's experts computed by the GPU from the pinned blocks over "
@@ -315,7 +334,10 @@ class CpuExperts:
             y = self.on_device(h, top_e, top_p)
             return y if out is None else out.copy_(y)
         if h.device.type == "cpu":
-            y = self.packed.rows(h.detach().float(), top_e.tolist(), top_p.float().tolist())
+            if T == 1 and self.native_requested():
+                y = self._native_row(h.detach().float(), top_e[0].tolist(), top_p[0].float().tolist())
+            else:
+                y = self.packed.rows(h.detach().float(), top_e.tolist(), top_p.float().tolist())
             return y if out is None else out.copy_(y)
         share = min(self.gpu_share(h.device), k) if T == 1 else 0
         self.last_gpu_share = share
@@ -341,8 +363,12 @@ class CpuExperts:
         if stamps is not None:
             stamps.append(time.perf_counter())
         n = h.numel()
-        y = self.packed.rows(stage[:n].reshape(T, -1), stage[n + T * k:].reshape(T, k)[:, first:].long().tolist(),
-                             stage[n:n + T * k].reshape(T, k)[:, first:].tolist())
+        ids = stage[n + T * k:].reshape(T, k)[:, first:].long().tolist()
+        wts = stage[n:n + T * k].reshape(T, k)[:, first:].tolist()
+        if T == 1 and self.native_requested():
+            y = self._native_row(stage[:n], ids[0], wts[0])
+        else:
+            y = self.packed.rows(stage[:n].reshape(T, -1), ids, wts)
         if stamps is not None:
             stamps.append(time.perf_counter())
         # back through a pinned stage too; the next run's sync orders its reuse after this copy

@@ -139,6 +139,27 @@ def test_pcie_host_experts_compute_what_resident_blocks_do(mini, host):
         load(mini, cpu_moe=None, host_experts=host)
 
 
+def test_native_cpu_experts_decode_as_the_exact_engine_does(mini, monkeypatch):
+    """KVBENCH_CPU_MOE_NATIVE: the cpu-tier layers' one-token steps go through engine.native (Q4_0
+    blocks x 8-bit activations), named in the layer's maths; a decode stays within the 8-bit
+    rounding of the exact engine's, and differs from the int4 path's (it is not that path)."""
+    from engine import native
+    ok, why = native.available()
+    if not ok:
+        pytest.skip(f"native kernels unavailable: {why}")
+    ref, cpu = load(mini), load(mini, expert_format="blocks", cpu_moe=2)
+    ref.prefill(PROMPT)
+    want = ref.decode(3)
+    cpu.prefill(PROMPT)
+    int4 = cpu.decode(3)
+    monkeypatch.setenv("KVBENCH_CPU_MOE_NATIVE", "1")
+    assert native.MATH in cpu.cpu_expert_math and "batches:" in cpu.cpu_expert_math
+    cpu.prefill(PROMPT)
+    got = cpu.decode(3)
+    print(f"native decode vs exact {rel(got, want):.2e}, int4 path vs exact {rel(int4, want):.2e}")
+    assert rel(got, want) < 2e-2 and not torch.equal(got, int4)
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("host", ["pcie", "dma"])
 def test_pcie_experts_on_the_gpu_read_pinned_host_blocks_in_one_graph(host):

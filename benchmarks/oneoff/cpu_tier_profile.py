@@ -110,6 +110,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weight-format", default="q8_0")
     ap.add_argument("--threads", default="", help="comma list (default: torch's)")
     ap.add_argument("--shares", default="0,4")
+    ap.add_argument("--native", default="0", help="comma list of KVBENCH_CPU_MOE_NATIVE values (0: torch's int4 "
+                                                  "path, 1: engine.native), each timed")
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
@@ -124,6 +126,7 @@ def main(argv=None) -> int:
     try:
         threads = [int(x) for x in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
         shares = [int(x) for x in args.shares.split(",")]
+        natives = [int(x) for x in args.native.split(",")]
         cpu_moe = args.cpu_moe if args.cpu_moe == "auto" else int(args.cpu_moe)
     except ValueError as exc:
         print(f"error: {exc}: --threads, --shares and --cpu-moe take integers", file=sys.stderr)
@@ -142,21 +145,26 @@ def main(argv=None) -> int:
            "cpu_moe": eng.plan.cpu_moe, "host_experts": eng.plan.host_experts, "decode_path": eng.decode_path,
            "cpu_expert_math": eng.cpu_expert_math, "default_threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "rows": [], "profiles": []}
-    prior = os.environ.get("KVBENCH_CPU_MOE_GPU_SHARE")
+    prior = {k: os.environ.get(k) for k in ("KVBENCH_CPU_MOE_GPU_SHARE", "KVBENCH_CPU_MOE_NATIVE")}
     try:
-        for th in threads:
-            torch.set_num_threads(th)
-            for share in shares:
-                os.environ["KVBENCH_CPU_MOE_GPU_SHARE"] = str(share)
-                row = {"threads": th, "gpu_share": share, **timed_decode(eng, prompt, args.tokens, args.reps)}
-                row["gpu_share_applied"] = max(getattr(eng.model.layers[i].experts, "last_gpu_share", 0)
-                                               for i in eng.model.host_expert_layers())
-                res["rows"].append(row)
-                print(f"{args.tag or 'default'} threads {th} share {share} (applied {row['gpu_share_applied']}): "
-                      f"{row['tok_s']} tok/s, step {row['step_us']} us, per host layer {row['phases_us']}, "
-                      f"outside host layers {row['outside_host_layers_us']} us", flush=True)
+        for nat in natives:
+            os.environ["KVBENCH_CPU_MOE_NATIVE"] = str(nat)
+            for th in threads:
+                torch.set_num_threads(th)
+                for share in shares:
+                    os.environ["KVBENCH_CPU_MOE_GPU_SHARE"] = str(share)
+                    row = {"threads": th, "gpu_share": share, "native": nat,
+                           **timed_decode(eng, prompt, args.tokens, args.reps)}
+                    row["gpu_share_applied"] = max(getattr(eng.model.layers[i].experts, "last_gpu_share", 0)
+                                                   for i in eng.model.host_expert_layers())
+                    row["cpu_expert_math"] = eng.cpu_expert_math
+                    res["rows"].append(row)
+                    print(f"{args.tag or 'default'} native {nat} threads {th} share {share} (applied "
+                          f"{row['gpu_share_applied']}): {row['tok_s']} tok/s, step {row['step_us']} us, per host "
+                          f"layer {row['phases_us']}, outside host layers {row['outside_host_layers_us']} us", flush=True)
         if args.profile_steps:
             torch.set_num_threads(threads[0])
+            os.environ["KVBENCH_CPU_MOE_NATIVE"] = str(natives[0])
             for share in shares:
                 os.environ["KVBENCH_CPU_MOE_GPU_SHARE"] = str(share)
                 res["profiles"].append({"threads": threads[0], "gpu_share": share,
@@ -166,10 +174,11 @@ def main(argv=None) -> int:
                 for e in res["profiles"][-1]["device_self"][:6]:
                     print(f"  share {share} device{e['us_per_step']:9.1f} us/step {e['calls']:5d}x {e['name']}")
     finally:
-        if prior is None:
-            os.environ.pop("KVBENCH_CPU_MOE_GPU_SHARE", None)
-        else:
-            os.environ["KVBENCH_CPU_MOE_GPU_SHARE"] = prior
+        for k, v in prior.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     args.out.write_text(json.dumps(res, indent=1))
     return 0
 
