@@ -130,6 +130,8 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "one-token steps with engine.native (the layer's Q4_0 blocks read in place, integer dots against "
        "8-bit activation blocks, built with the machine's C compiler) instead of torch's int4 path; "
        "without a compiler a step raises", numerics=True),
+    _s("KVBENCH_NATIVE_MARCH", "str", "native", "gcc -march for engine.native's build: native (this CPU's "
+       "vector units) or e.g. x86-64 (the portable C path)"),
     _s("KVBENCH_DECODE_ROPE_APPEND", "bool", True, "the captured decode step rotates q/k (RoPE) and "
        "appends K/V in one Triton launch (kv_append.rope_append_at) on layers through the gemv kernel "
        "without q/k norms or with per-head ones (normed in the launch), instead of the compiled "

@@ -43,7 +43,8 @@ FLAGS = ["-O3", "-fopenmp", "-shared", "-fPIC", "-std=c11"]
 def _march() -> str:
     """``-march``: ``KVBENCH_NATIVE_MARCH`` (default native: this CPU's vector units; x86-64
     builds the portable C path, which the tests check too)."""
-    return os.environ.get("KVBENCH_NATIVE_MARCH") or "native"
+    from .. import settings
+    return str(settings.get("KVBENCH_NATIVE_MARCH") or "native")
 
 
 def _cpu_id() -> str:
