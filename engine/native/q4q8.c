@@ -28,8 +28,8 @@ static inline float half_to_float(uint16_t h) {
 #endif
 }
 
-/* x [K] -> 8-bit blocks of 32: d = max|x| / 127, q = round-half-even(x * (1 / d)); sums of q per block */
-static void quantize_blocks(const float *x, int K, int8_t *q, float *d, int32_t *sums) {
+/* x [K] -> 8-bit blocks of 32: d = max|x| / 127, q = round-half-even(x * (1 / d)) */
+static void quantize_blocks(const float *x, int K, int8_t *q, float *d) {
     for (int b = 0; b < K / 32; b++) {
         const float *xb = x + 32 * b;
         float amax = 0.0f;
@@ -39,14 +39,9 @@ static void quantize_blocks(const float *x, int K, int8_t *q, float *d, int32_t 
         }
         float db = amax / 127.0f;
         float id = db > 0.0f ? 1.0f / db : 0.0f;
-        int32_t s = 0;
-        for (int i = 0; i < 32; i++) {
-            int v = (int)nearbyintf(xb[i] * id);
-            q[32 * b + i] = (int8_t)v;
-            s += v;
-        }
+        for (int i = 0; i < 32; i++)
+            q[32 * b + i] = (int8_t)(int)nearbyintf(xb[i] * id);
         d[b] = db;
-        sums[b] = s;
     }
 }
 
@@ -132,15 +127,13 @@ int kvb_moe_q4_decode(const float *x, int d, int ff, int k, const int64_t *ids, 
     const int nbd = d / 32, nbf = ff / 32;
     int8_t *qx = malloc((size_t)d + (size_t)k * ff);
     float *fl = malloc(sizeof(float) * ((size_t)nbd + (size_t)k * 2 * ff + (size_t)k * ff + (size_t)k * nbf));
-    int32_t *sums = malloc(sizeof(int32_t) * ((size_t)nbd + (size_t)k * nbf));
-    if (!qx || !fl || !sums) {
-        free(qx), free(fl), free(sums);
+    if (!qx || !fl) {
+        free(qx), free(fl);
         return 2;
     }
     int8_t *qa = qx + d;
     float *dx = fl, *gu = dx + nbd, *a = gu + (size_t)k * 2 * ff, *da = a + (size_t)k * ff;
-    int32_t *sx = sums, *sa = sums + nbd;
-    quantize_blocks(x, d, qx, dx, sx);
+    quantize_blocks(x, d, qx, dx);
     const size_t grow = (size_t)d / 2, gsc = (size_t)nbd;
 #pragma omp parallel for schedule(static) num_threads(nthreads)
     for (long r4 = 0; r4 < (long)k * 2 * ff / 4; r4++) {
@@ -154,7 +147,7 @@ int kvb_moe_q4_decode(const float *x, int d, int ff, int k, const int64_t *ids, 
             float g = gu[(size_t)e * 2 * ff + j], u = gu[(size_t)e * 2 * ff + ff + j];
             a[(size_t)e * ff + j] = g / (1.0f + expf(-g)) * u;
         }
-        quantize_blocks(a + (size_t)e * ff, ff, qa + (size_t)e * ff, da + (size_t)e * nbf, sa + (size_t)e * nbf);
+        quantize_blocks(a + (size_t)e * ff, ff, qa + (size_t)e * ff, da + (size_t)e * nbf);
     }
     const size_t drow = (size_t)ff / 2, dsc = (size_t)nbf;
     /* each thread a contiguous range of output rows, expert by expert: one long stream of each
@@ -181,6 +174,6 @@ int kvb_moe_q4_decode(const float *x, int d, int ff, int k, const int64_t *ids, 
             }
         }
     }
-    free(qx), free(fl), free(sums);
+    free(qx), free(fl);
     return 0;
 }
