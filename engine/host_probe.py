@@ -4,8 +4,8 @@ Contract: ``measure(spec, device, reps)`` builds one MoE layer of random Q4_0 ex
 ``spec``'s geometry in page-locked host memory, and times a decode step's k experts two ways,
 with fresh random experts every step (a layer's bytes exceed the last-level cache, as a decode's
 do): ``cpu_us``, the host CPU's path a cpu-tier step takes (torch's int4 kernel,
-``engine.cpu_experts.HostQ4Experts``, or ``engine.native`` with ``KVBENCH_CPU_MOE_NATIVE``; torch's
-threads; ``cpu_path`` says which);
+``engine.cpu_experts.HostQ4Experts``, or ``engine.native`` where the tier takes it:
+``KVBENCH_CPU_MOE_NATIVE``, by default its AVX2 build; torch's threads; ``cpu_path`` says which);
 ``pcie_us``, the device's blocks kernel reading the pinned blocks in place over PCIe
 (``engine.kernels.moe_blocks``, CUDA events); ``dma_us``, the k chosen experts' blocks copied to a
 device staging stack by the copy engines and the kernel run there (``engine.model.DmaExperts``'

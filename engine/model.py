@@ -282,10 +282,23 @@ class CpuExperts:
         return self._requested_share() if torch.device(device).type == "cuda" else 0
 
     @staticmethod
-    def native_requested() -> bool:
-        """``KVBENCH_CPU_MOE_NATIVE`` as set now: one-token steps through ``engine.native``."""
+    def native_requested(blocks_kept: bool = True) -> bool:
+        """Whether one-token steps go through ``engine.native``, read now: ``KVBENCH_CPU_MOE_NATIVE``
+        when set (1 where the layer keeps no blocks raises at the step), else ``native.default_on()``
+        for a layer that keeps its Q4_0 blocks."""
         from . import settings
-        return bool(settings.get("KVBENCH_CPU_MOE_NATIVE"))
+        v = settings.get("KVBENCH_CPU_MOE_NATIVE")
+        if v is not None:
+            return bool(v)
+        if not blocks_kept:
+            return False
+        from . import native
+        return native.default_on()[0]
+
+    @property
+    def uses_native(self) -> bool:
+        """This layer's one-token steps through ``engine.native`` (``native_requested``)."""
+        return self.native_requested(self.blocks is not None)
 
     def _native_row(self, h: torch.Tensor, ids: list[int], weights: list[float]) -> torch.Tensor:
         """One host row [1, d] through ``ids`` with ``engine.native`` over the layer's Q4_0 blocks."""
@@ -299,7 +312,7 @@ class CpuExperts:
     @property
     def math(self) -> str:
         m = self.packed.math
-        if self.native_requested():
+        if self.uses_native:
             from . import native
             m = f"one-token steps: {native.MATH}; batches: {m}"
         m += ("; batches of >= %d rows on the device from the blocks (float32)"
@@ -334,7 +347,7 @@ class CpuExperts:
             y = self.on_device(h, top_e, top_p)
             return y if out is None else out.copy_(y)
         if h.device.type == "cpu":
-            if T == 1 and self.native_requested():
+            if T == 1 and self.uses_native:
                 y = self._native_row(h.detach().float(), top_e[0].tolist(), top_p[0].float().tolist())
             else:
                 y = self.packed.rows(h.detach().float(), top_e.tolist(), top_p.float().tolist())
@@ -365,7 +378,7 @@ class CpuExperts:
         n = h.numel()
         ids = stage[n + T * k:].reshape(T, k)[:, first:].long().tolist()
         wts = stage[n:n + T * k].reshape(T, k)[:, first:].tolist()
-        if T == 1 and self.native_requested():
+        if T == 1 and self.uses_native:
             y = self._native_row(stage[:n], ids[0], wts[0])
         else:
             y = self.packed.rows(stage[:n].reshape(T, -1), ids, wts)

@@ -126,10 +126,12 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "(cpu_moe, host_experts=cpu), how many the GPU computes from the layer's pinned host blocks over "
        "PCIe, on a side stream, while the CPU computes the rest (one-token steps on CUDA; float32 block "
        "maths for the GPU's share); 0: the CPU computes all k", numerics=True, lo=0, hi=64),
-    _s("KVBENCH_CPU_MOE_NATIVE", "bool", False, "cpu-tier MoE layers (cpu_moe, host_experts=cpu) compute "
+    _s("KVBENCH_CPU_MOE_NATIVE", "bool", None, "cpu-tier MoE layers (cpu_moe, host_experts=cpu) compute "
        "one-token steps with engine.native (the layer's Q4_0 blocks read in place, integer dots against "
        "8-bit activation blocks, built with the machine's C compiler) instead of torch's int4 path; "
-       "without a compiler a step raises", numerics=True),
+       "unset: native where the layer keeps its blocks and engine.native builds here with AVX2, torch's "
+       "int4 path otherwise (cpu_expert_math names the one taken); 1 without a compiler: a step raises",
+       numerics=True),
     _s("KVBENCH_NATIVE_MARCH", "str", "native", "gcc -march for engine.native's build: native (this CPU's "
        "vector units) or e.g. x86-64 (the portable C path)"),
     _s("KVBENCH_DECODE_ROPE_APPEND", "bool", True, "the captured decode step rotates q/k (RoPE) and "

@@ -142,7 +142,8 @@ def test_pcie_host_experts_compute_what_resident_blocks_do(mini, host):
 def test_native_cpu_experts_decode_as_the_exact_engine_does(mini, monkeypatch):
     """KVBENCH_CPU_MOE_NATIVE: the cpu-tier layers' one-token steps go through engine.native (Q4_0
     blocks x 8-bit activations), named in the layer's maths; a decode stays within the 8-bit
-    rounding of the exact engine's, and differs from the int4 path's (it is not that path)."""
+    rounding of the exact engine's, and differs from the int4 path's (it is not that path).
+    Unset, the layer takes native exactly where engine.native built its AVX2 path."""
     from engine import native
     ok, why = native.available()
     if not ok:
@@ -150,6 +151,8 @@ def test_native_cpu_experts_decode_as_the_exact_engine_does(mini, monkeypatch):
     ref, cpu = load(mini), load(mini, expert_format="blocks", cpu_moe=2)
     ref.prefill(PROMPT)
     want = ref.decode(3)
+    monkeypatch.setenv("KVBENCH_CPU_MOE_NATIVE", "0")
+    assert native.MATH not in cpu.cpu_expert_math
     cpu.prefill(PROMPT)
     int4 = cpu.decode(3)
     monkeypatch.setenv("KVBENCH_CPU_MOE_NATIVE", "1")
@@ -158,6 +161,13 @@ def test_native_cpu_experts_decode_as_the_exact_engine_does(mini, monkeypatch):
     got = cpu.decode(3)
     print(f"native decode vs exact {rel(got, want):.2e}, int4 path vs exact {rel(int4, want):.2e}")
     assert rel(got, want) < 2e-2 and not torch.equal(got, int4)
+    # unset: the AVX2 build is the default, the portable one is not; the maths says which ran
+    monkeypatch.delenv("KVBENCH_CPU_MOE_NATIVE")
+    on, why = native.default_on()
+    assert on == (native.simd() == 2), why
+    assert (native.MATH in cpu.cpu_expert_math) == on
+    cpu.prefill(PROMPT)
+    assert torch.equal(cpu.decode(3), got if on else int4)
 
 
 @pytest.mark.gpu

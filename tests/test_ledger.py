@@ -187,7 +187,8 @@ def test_prefill_lends_the_plans_scratch_to_its_transients(monkeypatch):
     allocator reserves grows no more than without, and the ledger is back to the plan after,
     byte for byte. (The first GPU run asserted reserved growth strictly lower and failed: this
     model's transients are all under 1 MiB, so both runs take one new 2 MiB segment of the small
-    pool, which never splits a freed large block such as the lent ones.)"""
+    pool, which never splits a freed large block such as the lent ones. The second run found
+    the memory at rest 256 KiB apart, left by whichever prefill ran first: a warm-up runs now.)"""
     import engine
     from engine import synth
     eng = engine.load(synth.ensure("tiny-llama"), kv_dtype="fp32", device="cuda", ctx=256,
@@ -195,6 +196,11 @@ def test_prefill_lends_the_plans_scratch_to_its_transients(monkeypatch):
     lent = sum(e.nbytes for n, e in eng.ledger._entries.items() if n in ("scratch.wave", "scratch.activations"))
     assert lent > 0
     prompt = list(range(3, 203))
+    # warm-up: the first prefill leaves 256 KiB the later ones reuse (the second GPU run measured
+    # the lending run first, and its memory at rest came out 256 KiB lower for that reason)
+    monkeypatch.setenv("KVBENCH_SCRATCH_LEND", "0")
+    eng.reset()
+    eng.prefill(prompt)
     peaks, grown, base = {}, {}, {}
     for on in ("1", "0"):
         monkeypatch.setenv("KVBENCH_SCRATCH_LEND", on)
@@ -214,7 +220,7 @@ def test_prefill_lends_the_plans_scratch_to_its_transients(monkeypatch):
             f"reserved grew {grown['0']} / {grown['1']} B, without / with lending; scratch lent {lent} B")
     print(said)
     assert base["1"] == base["0"], said                  # at rest the same buffers, lending or not
-    assert peaks["1"] < peaks["0"], said
+    assert peaks["1"] - base["1"] < peaks["0"] - base["0"], said    # the transients' peak above rest
     assert grown["1"] <= grown["0"], said
 
 
