@@ -220,6 +220,9 @@ def main(argv=None) -> int:
                     help="comma list: of a token's k experts on cpu-tier layers, how many the GPU computes "
                          "from the pinned blocks while the CPU computes the rest (KVBENCH_CPU_MOE_GPU_SHARE), "
                          "each timed")
+    ap.add_argument("--wave-budget", default=None,
+                    help="the plan's attention wave scratch (e.g. 32MiB; default the engine's 256 MiB): "
+                         "held on the card, so at one budget a smaller wave leaves room for more experts")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     try:
@@ -229,6 +232,13 @@ def main(argv=None) -> int:
     if not shares or any(x < 0 or x > 64 for x in shares):
         print(f"bench_cpu_moe: --gpu-shares {args.gpu_shares!r} must be a comma list of integers 0..64",
               file=sys.stderr)
+        return 2
+    try:
+        wave = settings.parse_size(args.wave_budget) if args.wave_budget else None
+    except (ValueError, EngineError):
+        wave = -1
+    if wave is not None and wave <= 0:
+        print(f"bench_cpu_moe: --wave-budget {args.wave_budget!r} is not a positive size (e.g. 32MiB)", file=sys.stderr)
         return 2
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     depths = [int(x) for x in args.depths.split(",")]
@@ -259,7 +269,7 @@ def main(argv=None) -> int:
                 torch.cuda.empty_cache()
             t = time.perf_counter()
             kw = dict(kv_dtype=kv, device=dev, ctx=ctx, vram_budget=vram, weight_format=wf,
-                      expert_format="blocks", cpu_moe=cpu_moe, host_experts=host)
+                      expert_format="blocks", cpu_moe=cpu_moe, host_experts=host, wave_budget_bytes=wave)
             eng = None
             try:
                 if prev is not None:
@@ -281,7 +291,7 @@ def main(argv=None) -> int:
                     "weight_format": eng.plan.weight_format, "host_experts": eng.plan.host_experts,
                     "host_experts_reason": eng.plan.host_experts_reason or None,
                     "expert_format": eng.plan.expert_format, "embed_tier": eng.plan.embed_tier,
-                    "scratch_lend": eng.scratch_lend,
+                    "scratch_lend": eng.scratch_lend, "scratch_items": dict(eng.plan.scratch_items),
                     "decode_path": eng.decode_path,
                     "decode_path_reason": eng.decode_path_reason, "cpu_expert_math": eng.cpu_expert_math,
                     "load_s": load_s, "weights_reused": reused,

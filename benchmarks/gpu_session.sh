@@ -156,7 +156,7 @@ for step in $steps; do
             sync
             for n in ${CPUMOE_N:-17 22}; do
               [ -x /tmp/lcb/bin/llama-bench ] && python3 benchmarks/bench_llamacpp.py bench $KVBENCH_CACHE/synth/coder30b-synth.gguf \
-                --bin /tmp/lcb/bin/llama-bench --ctk f16,q8_0 --depths ${CPUMOE_DEPTHS:-16,1024} --reps 3 --tg 32 --n-cpu-moe $n \
+                --bin /tmp/lcb/bin/llama-bench --ctk f16,q8_0 --depths ${CPUMOE_DEPTHS:-16,1024} --reps ${LCB_REPS:-3} --tg 32 --n-cpu-moe $n \
                 --out "$OUT/llamacpp-coder-ncmoe$n.json" 2>&1 | tail -4
             done
             # CPUMOE_KV (default bf16: the placements first; CPUMOE_KV=bf16,q8_0 for the KV dtypes too)

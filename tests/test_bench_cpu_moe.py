@@ -43,15 +43,22 @@ def test_cases_record_what_was_applied(tmp_path):
     assert not auto.get("weights_reused")
 
 
-def test_the_next_kv_dtype_takes_the_weights_over(tmp_path):
+def test_the_next_kv_dtype_takes_the_weights_over(tmp_path, capsys):
+    """The second KV dtype takes the first's weights over; --wave-budget is the plan's wave scratch
+    in every case (and a size that is not one is exit 2, nothing written)."""
     out = tmp_path / "cpu_moe.json"
     assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--cases", "none:2", "--kv", "fp32,bf16",
                                "--depths", "8", "--tokens", "2", "--reps", "1", "--weight-format", "f32",
-                               "--threads", "1", "--prefill-path", "exact", "--out", str(out)]) == 0
+                               "--threads", "1", "--prefill-path", "exact", "--wave-budget", "8MiB",
+                               "--out", str(out)]) == 0
     first, second = json.loads(out.read_text())["cases"]
     assert first["decode"][0]["prefill_path"] == "exact"              # the depth filled as asked
     assert (first["weights_reused"], second["weights_reused"]) == (False, True)
     assert first["cpu_moe"] == second["cpu_moe"] == 2 and second["plan_max_abs_diff"] == 0
+    assert first["scratch_items"]["wave"] == second["scratch_items"]["wave"] == 8 << 20
+    bad = tmp_path / "bad.json"
+    assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--wave-budget", "lots", "--out", str(bad)]) == 2
+    assert "--wave-budget" in capsys.readouterr().err and not bad.exists()
 
 
 def test_gpu_shares_each_timed_and_recorded_and_bad_ones_refused(tmp_path, capsys, monkeypatch):
