@@ -82,7 +82,11 @@ def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") 
     prompt = torch.randint(100, eng.spec.vocab_size - 100, (max(depth, 2),), generator=g).tolist()
     # the host experts' time comes from a pass of its own: the timer syncs the device around each
     # host layer, which the tok/s pass must not pay (until the nineteenth session it did)
-    timed_host = bool(eng.model.host_expert_layers())
+    from engine.cuda_graph import node_layers
+    # host-node layers (KVBENCH_HOST_NODES) run inside the graph, never through CpuExperts.run:
+    # the synced pass cannot time them, and is not run (no zero recorded as their time)
+    nodes = node_layers(eng) if eng.decode_path == "cuda_graph" else []
+    timed_host = bool(eng.model.host_expert_layers()) and not nodes
     tok_s, host_ms, host_pass_tok_s, prefill_s = [], [], [], []
     # untimed warm-up: the first step at a depth compiles and captures (call 3's first repetition:
     # 1.5 tok/s against 84-85 for the next two)
@@ -123,6 +127,8 @@ def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") 
                 timer.restore()
     out = {"depth": depth, "tokens": n, "tok_s": statistics.median(tok_s), "tok_s_all": tok_s,
            "prefill_path": prefill_path,
+           "host_node_layers": len(nodes),
+           "captured_graphs": len(eng._static.graphs) if getattr(eng, "_static", None) is not None else None,
            "process_vram_after_warmup_mib": vram_warm,
            "prefill_s": statistics.median(prefill_s)}
     # what a token reads where (planner.decode_read_bytes) and the rate that implies: the

@@ -236,7 +236,7 @@ for step in $steps; do
             # where a cpu-tier step's host round trip goes (the split's no-gain, perf-notes nineteenth
             # session): the lending and clock GPU tests, then cpu_tier_profile.py at each thread count and
             # share, and again with passive OpenMP workers (spinning ones may starve the launching thread)
-            python3 -m pytest -q -s -m gpu -p no:cacheprovider -k "lends or clock or split_step or auto_host_experts or native" \
+            python3 -m pytest -q -s -m gpu -p no:cacheprovider -k "lends or clock or split_step or auto_host_experts or native or host_nodes" \
               tests/test_ledger.py tests/test_cpu_experts.py tests/test_expert_placement.py 2>&1 | grep -v "^\s*$" | tail -12 | tee "$OUT/cputier-tests.log"
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
             sync

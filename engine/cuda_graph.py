@@ -35,7 +35,10 @@ Experts computed on the host CPU (``cpu_moe``, ``host_layers``) are a host round
 the step: the step is captured as one graph per stretch between those layers (the step's
 generator, ``Transformer.decode_steps``, yields at each), and a replay runs the graphs in
 order with the host experts in between, writing each output into the buffer the next graph
-reads (``graphs``; ``graph`` is the first).
+reads (``graphs``; ``graph`` is the first). With ``KVBENCH_HOST_NODES`` the layers that compute
+through ``engine.native`` (``node_layers``) are not boundaries: the graph records their copy in,
+``native.HostJob``'s host function (``cuLaunchHostFunc``: a host node) and the copy back, so no
+Python runs between them and the step can be one graph.
 MoE layers route on the device (softmax, top-k, ``engine.kernels.moe`` through the cache's
 slot table); ``StaticDecode`` first makes the cache resident (copies the experts not cached
 yet: counted as ``preloaded``, not as misses) and counts each step's k experts per layer as
@@ -92,6 +95,17 @@ def host_layers(eng) -> list[int]:
     return eng.model.host_expert_layers() if eng.model is not None else []
 
 
+def node_layers(eng) -> list[int]:
+    """``host_layers`` a captured step runs as CUDA host nodes inside its graph instead of ending
+    a graph at them (``KVBENCH_HOST_NODES``, read now): on CUDA, the cpu-tier layers whose
+    one-token steps go through ``engine.native`` with no GPU share (``CpuExperts.node_ready``)."""
+    from . import settings
+    if not settings.get("KVBENCH_HOST_NODES") or eng.device.type != "cuda":
+        return []
+    return [i for i in host_layers(eng)
+            if getattr(eng.model.layers[i].experts, "node_ready", lambda dev: False)(eng.device)]
+
+
 class StaticDecode:
     def __init__(self, eng, capture: bool | None = None):
         why = eligibility(eng)
@@ -119,6 +133,10 @@ class StaticDecode:
         self.rope_append = bool(settings.get("KVBENCH_DECODE_ROPE_APPEND")) and self.fused_gemv and \
             any(self.model.rope_append_layers(dev, self.caches))
         self.route_kernel = bool(settings.get("KVBENCH_DECODE_ROUTE_KERNEL"))
+        # cpu-tier layers run as host nodes inside the graph (applied: captured steps only)
+        self.node_layers = node_layers(eng) if self.capture else []
+        for i in self.node_layers:
+            self.model.layers[i].experts.prepare_node(spec.n_experts_used)
         self.device_embed = bool(settings.get("KVBENCH_DECODE_DEVICE_EMBED")) and \
             self.model.embed_table(dev) is not None
         self.x = torch.zeros(1, spec.d_model, dtype=torch.float32, device=dev)
@@ -228,15 +246,22 @@ class StaticDecode:
         before = torch.cuda.memory_allocated(self.eng.device)
         # one graph per stretch between host-expert layers (one graph when there are none): each
         # stretch ends at a yield of the step's generator; the host output's buffer ``y`` is
-        # made between two captures and read by the next graph
+        # made between two captures and read by the next graph; a host-node layer
+        # (``node_layers``) is recorded inside the graph instead: copy in, host function, copy back
         graphs, host, steps, y, pool = [], [], self._body_steps(), None, None
         while True:
             g, result = torch.cuda.CUDAGraph(), None
             with torch.cuda.graph(g, stream=side, pool=pool):
-                try:
-                    request = steps.send(y)
-                except StopIteration as done:
-                    result = done.value
+                while True:
+                    try:
+                        request = steps.send(y)
+                    except StopIteration as done:
+                        result = done.value
+                        break
+                    if request[0] not in self.node_layers:
+                        break
+                    i, h, top_e, top_p = request
+                    y = self.model.layers[i].experts.node(h, top_e, top_p)
             pool = pool if pool is not None else g.pool()
             graphs.append(g)
             if result is not None:

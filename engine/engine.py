@@ -256,7 +256,7 @@ class Engine:
         (cuda_graph on CUDA when the engine allows it, else eager). A
         mode that cannot be applied raises ConfigError; ``decode_path`` and
         ``decode_path_reason`` say what was applied. Returns the path."""
-        from .cuda_graph import eligibility, host_layers
+        from .cuda_graph import eligibility, host_layers, node_layers
         if mode not in DECODE_MODES:
             raise ConfigError(f"decode mode {mode!r} is not one of {', '.join(DECODE_MODES)}",
                               "pick one of those (KVBENCH_DECODE_MODE or eng.set_decode_mode)")
@@ -272,7 +272,12 @@ class Engine:
         else:
             path, reason = mode, "requested"
         host = host_layers(self) if path == "cuda_graph" else []
-        if host:
+        nodes = node_layers(self) if host else []
+        if nodes:
+            reason += (f"; {len(host)} MoE layers' experts on the host (cpu_moe): {len(nodes)} as host nodes "
+                       f"inside the graph (KVBENCH_HOST_NODES), captured as {len(host) - len(nodes) + 1} "
+                       f"graph{'s' if len(host) > len(nodes) else ''}")
+        elif host:
             reason += (f"; {len(host)} MoE layers' experts on the host (cpu_moe): captured as "
                        f"{len(host) + 1} graphs around them")
         self.decode_mode, self.decode_path, self.decode_path_reason = mode, path, reason

@@ -300,6 +300,34 @@ class CpuExperts:
         """This layer's one-token steps through ``engine.native`` (``native_requested``)."""
         return self.native_requested(self.blocks is not None)
 
+    def node_ready(self, device) -> bool:
+        """Whether a captured step can run this layer's one-token step as a CUDA host node
+        (``node``): on CUDA, through ``engine.native`` over the kept blocks, no GPU share."""
+        return (torch.device(device).type == "cuda" and self.blocks is not None and self.uses_native
+                and self.gpu_share(device) == 0)
+
+    def prepare_node(self, k: int):
+        """This layer's ``native.HostJob`` for k experts a token, made once (before a capture:
+        its page-locked buffers are not allocated while a stream is capturing)."""
+        from . import native
+        job = self.__dict__.get("_job")
+        if job is None or job.k != k:
+            job = self._job = native.HostJob(*self.blocks, k=k)
+        return job
+
+    def node(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """Queue this layer's one-token step on the current CUDA stream, with no host sync and no
+        Python when it runs (what a captured step records as three nodes): the row and routing
+        copied into the job's page-locked stage, ``engine.native``'s host function
+        (``native.HostJob``), its output copied back; returns that output [1, d] float32 on
+        ``h``'s device. Call only where ``node_ready``."""
+        job = self.prepare_node(top_e.numel())
+        src = torch.cat([h.detach().reshape(-1).float(), top_p.reshape(-1).float(), top_e.reshape(-1).float()])
+        job.stage.copy_(src, non_blocking=True)
+        job.launch(torch.cuda.current_stream(h.device))
+        y = torch.empty(1, h.shape[-1], dtype=torch.float32, device=h.device)
+        return y.copy_(job.out.view(1, -1), non_blocking=True)
+
     def _native_row(self, h: torch.Tensor, ids: list[int], weights: list[float]) -> torch.Tensor:
         """One host row [1, d] through ``ids`` with ``engine.native`` over the layer's Q4_0 blocks."""
         from . import native

@@ -132,6 +132,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "unset: native where the layer keeps its blocks and engine.native builds here with AVX2, torch's "
        "int4 path otherwise (cpu_expert_math names the one taken); 1 without a compiler: a step raises",
        numerics=True),
+    _s("KVBENCH_HOST_NODES", "bool", False, "a captured decode step runs each cpu-tier MoE layer that "
+       "computes through engine.native (no GPU share) as CUDA host nodes inside one graph (copy in, "
+       "the native host function, copy back: no Python and no host sync between layers) instead of "
+       "ending a graph at it; read when the decode path is set and the step built; layers that cannot "
+       "stay graph boundaries, and decode_path_reason counts both"),
     _s("KVBENCH_NATIVE_MARCH", "str", "native", "gcc -march for engine.native's build: native (this CPU's "
        "vector units) or e.g. x86-64 (the portable C path)"),
     _s("KVBENCH_DECODE_ROPE_APPEND", "bool", True, "the captured decode step rotates q/k (RoPE) and "

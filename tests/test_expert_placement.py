@@ -170,6 +170,51 @@ def test_native_cpu_experts_decode_as_the_exact_engine_does(mini, monkeypatch):
     assert torch.equal(cpu.decode(3), got if on else int4)
 
 
+def test_host_nodes_ask_for_nothing_off_cuda(mini, monkeypatch):
+    """KVBENCH_HOST_NODES on a CPU engine: no step is captured, so no layer becomes a host node,
+    and the decode path's reason claims none."""
+    from engine.cuda_graph import StaticDecode, node_layers
+    monkeypatch.setenv("KVBENCH_HOST_NODES", "1")
+    monkeypatch.setenv("KVBENCH_CPU_MOE_NATIVE", "1")
+    prev = kernels.set_backend("triton")
+    try:
+        eng = load(mini, expert_format="blocks", cpu_moe=2)
+        eng.set_decode_mode("static")
+        assert node_layers(eng) == [] and "host nodes" not in eng.decode_path_reason
+        assert StaticDecode(eng).node_layers == []
+    finally:
+        kernels.set_backend(prev)
+
+
+@pytest.mark.gpu
+def test_host_nodes_make_the_hybrid_step_one_graph(monkeypatch):
+    """KVBENCH_HOST_NODES: the cpu-tier layers (engine.native) run as host nodes inside one CUDA
+    graph (copy in, native host function, copy back) instead of one graph per stretch between
+    them; the tokens and logits are those of the split graphs (the same C function over the
+    same bytes), the reason says so, and each layer's job ran once per step without error."""
+    from engine import native
+    if native.simd() != 2:
+        pytest.skip("engine.native without AVX2 is not the cpu tier's path here")
+    monkeypatch.setenv("KVBENCH_CPU_MOE_NATIVE", "1")
+    kw = dict(kv_dtype="bf16", device="cuda", ctx=64, weight_format="q8_0", expert_format="blocks")
+    eng = engine.load(synth.ensure("coder30b-mini-synth"), cpu_moe=3, **kw)
+    host = host_layers(eng)
+    assert len(host) == 3 and eng.decode_path == "cuda_graph" and "4 graphs" in eng.decode_path_reason
+    want = eng.generate(PROMPT, 12, stop_at_eos=False)
+    eng.prefill(PROMPT)
+    ref = eng.decode(3)
+    monkeypatch.setenv("KVBENCH_HOST_NODES", "1")
+    eng.set_decode_mode("auto")
+    assert "3 as host nodes" in eng.decode_path_reason and "captured as 1 graph" in eng.decode_path_reason
+    assert eng.generate(PROMPT, 12, stop_at_eos=False) == want
+    assert len(eng._static.graphs) == 1 and eng._static.node_layers == host
+    eng.prefill(PROMPT)
+    assert torch.equal(eng.decode(3), ref)
+    torch.cuda.synchronize()
+    jobs = [eng.model.layers[i].experts._job for i in host]
+    assert all(j.rc == 0 and j.runs >= 12 for j in jobs), [(j.rc, j.runs) for j in jobs]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("host", ["pcie", "dma"])
 def test_pcie_experts_on_the_gpu_read_pinned_host_blocks_in_one_graph(host):

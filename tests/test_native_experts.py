@@ -87,3 +87,25 @@ def test_native_experts_refuse_what_they_cannot_read():
         native.moe_q4_decode(x, [0], [1.0], q8, up, down)
     with pytest.raises(ConfigError, match="do not agree"):
         native.moe_q4_decode(x, [0], [1.0], gate, up, stack((4, 32, 64), gen))
+
+
+def test_a_host_job_computes_what_the_call_does():
+    """HostJob: the body of a captured step's host node (kvb_run_job over the page-locked stage),
+    run here on this thread: equal to moe_q4_decode on the same inputs, bit for bit (the same
+    C function under it); an id outside the layer cannot raise from a host node, so the output
+    turns NaN and rc says so; runs counts each run."""
+    gen = torch.Generator().manual_seed(9)
+    gate, up, down = stack((16, 128, 256), gen), stack((16, 128, 256), gen), stack((16, 256, 128), gen)
+    job = native.HostJob(gate, up, down, k=4, threads=2)
+    for step in range(3):
+        x = torch.randn(256, generator=gen)
+        ids = torch.randperm(16, generator=gen)[:4].tolist()
+        w = (torch.rand(4, generator=gen) + 0.1).tolist()
+        job.fill(x, ids, w)
+        got = job.run().clone()
+        assert torch.equal(got, native.moe_q4_decode(x, ids, w, gate, up, down, threads=2))
+    assert job.runs == 3 and job.rc == 0
+    job.fill(x, [0, 1, 16, 2], w)
+    assert torch.isnan(job.run()).all() and job.rc != 0
+    with pytest.raises(ConfigError, match="k = 65"):
+        native.HostJob(gate, up, down, k=65)

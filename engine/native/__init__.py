@@ -83,6 +83,8 @@ def _build(march: str = "native") -> tuple[ctypes.CDLL | None, str]:
                                       ctypes.c_int]
     dll.kvb_moe_q4_decode.restype = ctypes.c_int
     dll.kvb_simd.restype = ctypes.c_int
+    dll.kvb_run_job.argtypes = [p]
+    dll.kvb_run_job.restype = None
     return dll, ""
 
 
@@ -193,3 +195,78 @@ def moe_q4_decode_ref(x: torch.Tensor, ids, weights, gate, up, down) -> torch.Te
         qa, da = quantize_blocks_ref(a)
         y += w * _mm_ref(down, e, qa, da)
     return y
+
+
+class _Job(ctypes.Structure):
+    """``kvb_job`` in q4q8.c, field for field."""
+    _fields_ = [("stage", ctypes.c_void_p), ("out", ctypes.c_void_p),
+                ("d", ctypes.c_int), ("ff", ctypes.c_int), ("k", ctypes.c_int), ("E", ctypes.c_int),
+                ("nthreads", ctypes.c_int), ("rc", ctypes.c_int),
+                ("gate_qs", ctypes.c_void_p), ("up_qs", ctypes.c_void_p), ("down_qs", ctypes.c_void_p),
+                ("gate_d", ctypes.c_void_p), ("up_d", ctypes.c_void_p), ("down_d", ctypes.c_void_p),
+                ("runs", ctypes.c_longlong)]
+
+
+@functools.lru_cache(maxsize=1)
+def _driver() -> ctypes.CDLL:
+    """The CUDA driver (``libcuda.so.1``, one per process, whichever runtime torch loaded) with
+    ``cuLaunchHostFunc``: a host function queued on a stream, captured as a graph's host node."""
+    try:
+        lib = ctypes.CDLL("libcuda.so.1")
+    except OSError as exc:
+        raise ConfigError(f"host nodes need the CUDA driver library: {exc}", "run on a machine with CUDA") from None
+    lib.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    lib.cuLaunchHostFunc.restype = ctypes.c_int
+    return lib
+
+
+class HostJob:
+    """One cpu-tier MoE layer's one-token step as a host function a CUDA stream (or a captured
+    graph, as a host node) runs in order with its kernels: ``stage`` (page-locked float32, [d]
+    row, [k] weights, [k] ids as floats) in, ``out`` (page-locked float32 [d]) out, the layer's
+    Q4_0 ``gate``/``up``/``down`` host blocks read in place, ``threads`` OpenMP threads.
+    ``run()`` computes now on this thread (what the host node does; the CPU tests' entry);
+    ``launch(stream)`` queues it on a CUDA stream: no Python runs when it executes, and the
+    caller's copies into ``stage`` and out of ``out`` on the same stream order it. ``rc`` is
+    non-zero after a run that met an id outside the layer (its ``out`` then NaN); ``runs`` counts
+    runs. The job keeps every tensor it points at alive."""
+
+    def __init__(self, gate, up, down, k: int, threads: int | None = None):
+        E, ff, d = _check(gate, up, down)
+        if not 1 <= k <= 64:
+            raise ConfigError(f"native host job: k = {k} experts a token", "route 1..64 experts")
+        from ..hostmem import pinned_empty     # registered pages, outside torch's caching host
+        self.stage = pinned_empty((d + 2 * k,), torch.float32).zero_()   # allocator (no events
+        self.out = pinned_empty((d,), torch.float32).zero_()             # recorded in a capture)
+        self.blocks, self.d, self.k = (gate, up, down), d, k
+        self._fn = _lib().kvb_run_job
+        self._job = _Job(self.stage.data_ptr(), self.out.data_ptr(), d, ff, k, E,
+                         int(threads or torch.get_num_threads()), 0,
+                         gate.qs.data_ptr(), up.qs.data_ptr(), down.qs.data_ptr(),
+                         gate.d.data_ptr(), up.d.data_ptr(), down.d.data_ptr(), 0)
+
+    @property
+    def rc(self) -> int:
+        return int(self._job.rc)
+
+    @property
+    def runs(self) -> int:
+        return int(self._job.runs)
+
+    def fill(self, x, ids, weights) -> None:
+        """Write a token's row, ids and weights into the stage from the host (the tests' way in;
+        a captured step copies them from the device instead)."""
+        self.stage[:self.d] = torch.as_tensor(x, dtype=torch.float32).reshape(-1)
+        self.stage[self.d:self.d + self.k] = torch.as_tensor(weights, dtype=torch.float32).reshape(-1)
+        self.stage[self.d + self.k:] = torch.as_tensor(ids, dtype=torch.float32).reshape(-1)
+
+    def run(self) -> torch.Tensor:
+        self._fn(ctypes.byref(self._job))
+        return self.out
+
+    def launch(self, stream) -> None:
+        fn = ctypes.cast(self._fn, ctypes.c_void_p).value
+        rc = _driver().cuLaunchHostFunc(ctypes.c_void_p(stream.cuda_stream), ctypes.c_void_p(fn),
+                                        ctypes.c_void_p(ctypes.addressof(self._job)))
+        if rc:
+            raise RuntimeError(f"cuLaunchHostFunc returned CUDA error {rc}")

@@ -177,3 +177,38 @@ int kvb_moe_q4_decode(const float *x, int d, int ff, int k, const int64_t *ids, 
     free(qx), free(fl);
     return 0;
 }
+
+/* One host layer of a captured decode step, run by a CUDA host node (cuLaunchHostFunc): the
+ * graph copies the token's row and routing into ``stage`` (page-locked: [d] row, [k] weights,
+ * [k] expert ids as float32, the layout of engine.model.CpuExperts' stage), this function
+ * computes the layer into ``out`` ([d], page-locked), and the graph copies ``out`` back. It must
+ * make no CUDA call (a host node may not). An id outside 0..E-1 (never from a top-k) writes NaN
+ * rows, so the step's logits show it, and sets ``rc``. */
+typedef struct {
+    const float *stage;
+    float *out;
+    int d, ff, k, E, nthreads, rc;
+    const uint8_t *gate_qs, *up_qs, *down_qs;
+    const uint16_t *gate_d, *up_d, *down_d;
+    long long runs;
+} kvb_job;
+
+void kvb_run_job(void *p) {
+    kvb_job *j = (kvb_job *)p;
+    int64_t ids[64];
+    int rc = j->k < 1 || j->k > 64;
+    for (int e = 0; !rc && e < j->k; e++) {
+        const float f = j->stage[j->d + j->k + e];
+        rc = !(f >= 0.0f && f < (float)j->E);
+        ids[e] = rc ? 0 : (int64_t)f;
+    }
+    if (!rc)
+        rc = kvb_moe_q4_decode(j->stage, j->d, j->ff, j->k, ids, j->stage + j->d, j->gate_qs, j->gate_d,
+                               j->up_qs, j->up_d, j->down_qs, j->down_d, j->out, j->nthreads);
+    if (rc) {
+        for (int r = 0; r < j->d; r++)
+            j->out[r] = NAN;
+        j->rc = rc;
+    }
+    j->runs++;
+}
