@@ -280,6 +280,9 @@ class Engine:
         elif host:
             reason += (f"; {len(host)} MoE layers' experts on the host (cpu_moe): captured as "
                        f"{len(host) + 1} graphs around them")
+        if host and len(nodes) < len(host) and settings.get("KVBENCH_HOST_NODES"):
+            reason += (f"; KVBENCH_HOST_NODES applied to {len(nodes)} of them (a host node needs a cpu-tier "
+                       f"layer computing through engine.native with no GPU share)")
         self.decode_mode, self.decode_path, self.decode_path_reason = mode, path, reason
         self._static = None
         return path
