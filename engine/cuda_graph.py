@@ -137,6 +137,9 @@ class StaticDecode:
         self.node_layers = node_layers(eng) if self.capture else []
         for i in self.node_layers:
             self.model.layers[i].experts.prepare_node(spec.n_experts_used)
+        # a host node bakes these settings' values into the graph, where a split step reads them
+        # at every run: a change after the build refuses the step instead of being ignored
+        self._node_settings = self._node_env() if self.node_layers else None
         self.device_embed = bool(settings.get("KVBENCH_DECODE_DEVICE_EMBED")) and \
             self.model.embed_table(dev) is not None
         self.x = torch.zeros(1, spec.d_model, dtype=torch.float32, device=dev)
@@ -204,8 +207,19 @@ class StaticDecode:
             self._staged.record()
         self.pos.fill_(pos)
 
+    NODE_SETTINGS = ("KVBENCH_HOST_NODES", "KVBENCH_CPU_MOE_NATIVE", "KVBENCH_CPU_MOE_GPU_SHARE")
+
+    @classmethod
+    def _node_env(cls) -> tuple:
+        return tuple(os.environ.get(k) for k in cls.NODE_SETTINGS) + (torch.get_num_threads(),)
+
     def step(self, token: int | None, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         """One step of ``token`` (None: the previous step's argmax, still on the device) at ``pos``."""
+        if self._node_settings is not None and self._node_env() != self._node_settings:
+            raise ConfigError(f"{', '.join(self.NODE_SETTINGS)} or torch's thread count changed after this "
+                              f"step was captured with "
+                              f"{len(self.node_layers)} host-node layers, which cannot apply the change",
+                              "call eng.set_decode_mode(...) again to rebuild the step")
         self._load(token, pos)
         self._pos_held = self._token_held = None             # unknown until the step has run
         if not self.capture:

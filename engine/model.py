@@ -307,11 +307,12 @@ class CpuExperts:
                 and self.gpu_share(device) == 0)
 
     def prepare_node(self, k: int):
-        """This layer's ``native.HostJob`` for k experts a token, made once (before a capture:
-        its page-locked buffers are not allocated while a stream is capturing)."""
+        """This layer's ``native.HostJob`` for k experts a token at torch's thread count now, made
+        before a capture (its page-locked buffers are not allocated while a stream is capturing)
+        and kept while k and the thread count stay."""
         from . import native
         job = self.__dict__.get("_job")
-        if job is None or job.k != k:
+        if job is None or job.k != k or job.threads != torch.get_num_threads():
             job = self._job = native.HostJob(*self.blocks, k=k)
         return job
 

@@ -213,6 +213,10 @@ def test_host_nodes_make_the_hybrid_step_one_graph(monkeypatch):
     torch.cuda.synchronize()
     jobs = [eng.model.layers[i].experts._job for i in host]
     assert all(j.rc == 0 and j.runs >= 12 for j in jobs), [(j.rc, j.runs) for j in jobs]
+    monkeypatch.setenv("KVBENCH_CPU_MOE_GPU_SHARE", "2")   # baked into the graph: refused, not ignored
+    with pytest.raises(ConfigError, match="changed after this step was captured"):
+        eng.decode(5)
+    monkeypatch.delenv("KVBENCH_CPU_MOE_GPU_SHARE")
     monkeypatch.setenv("KVBENCH_CPU_MOE_NATIVE", "0")      # torch's int4 path: no host node can run it
     eng.set_decode_mode("auto")
     assert "4 graphs" in eng.decode_path_reason and "HOST_NODES applied to 0 of them" in eng.decode_path_reason

@@ -112,6 +112,8 @@ def main(argv=None) -> int:
     ap.add_argument("--shares", default="0,4")
     ap.add_argument("--native", default="0", help="comma list of KVBENCH_CPU_MOE_NATIVE values (0: torch's int4 "
                                                   "path, 1: engine.native), each timed")
+    ap.add_argument("--host-nodes", default="0", help="comma list of KVBENCH_HOST_NODES values (1: the native "
+                                                      "layers as host nodes inside one graph; no phase clock there)")
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
@@ -127,6 +129,7 @@ def main(argv=None) -> int:
         threads = [int(x) for x in args.threads.split(",")] if args.threads else [torch.get_num_threads()]
         shares = [int(x) for x in args.shares.split(",")]
         natives = [int(x) for x in args.native.split(",")]
+        nodes = [int(x) for x in args.host_nodes.split(",")]
         cpu_moe = args.cpu_moe if args.cpu_moe == "auto" else int(args.cpu_moe)
     except ValueError as exc:
         print(f"error: {exc}: --threads, --shares and --cpu-moe take integers", file=sys.stderr)
@@ -145,28 +148,34 @@ def main(argv=None) -> int:
            "cpu_moe": eng.plan.cpu_moe, "host_experts": eng.plan.host_experts, "decode_path": eng.decode_path,
            "cpu_expert_math": eng.cpu_expert_math, "default_threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "rows": [], "profiles": []}
-    prior = {k: os.environ.get(k) for k in ("KVBENCH_CPU_MOE_GPU_SHARE", "KVBENCH_CPU_MOE_NATIVE")}
+    prior = {k: os.environ.get(k) for k in ("KVBENCH_CPU_MOE_GPU_SHARE", "KVBENCH_CPU_MOE_NATIVE", "KVBENCH_HOST_NODES")}
     try:
-        for nat in natives:
+        for hn, nat, th, share in ((a, b, c, d) for a in nodes for b in natives for c in threads for d in shares):
+            os.environ["KVBENCH_HOST_NODES"] = str(hn)
             os.environ["KVBENCH_CPU_MOE_NATIVE"] = str(nat)
-            for th in threads:
-                torch.set_num_threads(th)
-                for share in shares:
-                    os.environ["KVBENCH_CPU_MOE_GPU_SHARE"] = str(share)
-                    row = {"threads": th, "gpu_share": share, "native": nat,
-                           **timed_decode(eng, prompt, args.tokens, args.reps)}
-                    row["gpu_share_applied"] = max(getattr(eng.model.layers[i].experts, "last_gpu_share", 0)
-                                                   for i in eng.model.host_expert_layers())
-                    row["cpu_expert_math"] = eng.cpu_expert_math
-                    res["rows"].append(row)
-                    print(f"{args.tag or 'default'} native {nat} threads {th} share {share} (applied "
-                          f"{row['gpu_share_applied']}): {row['tok_s']} tok/s, step {row['step_us']} us, per host "
-                          f"layer {row['phases_us']}, outside host layers {row['outside_host_layers_us']} us", flush=True)
+            torch.set_num_threads(th)
+            os.environ["KVBENCH_CPU_MOE_GPU_SHARE"] = str(share)
+            eng.set_decode_mode("auto")       # rebuilt: a host node bakes these settings (and the threads) in
+            for i in eng.model.host_expert_layers():      # set by CpuExperts.run, which a host node skips
+                eng.model.layers[i].experts.last_gpu_share = 0
+            row = {"threads": th, "gpu_share": share, "native": nat, "host_nodes": hn,
+                   **timed_decode(eng, prompt, args.tokens, args.reps)}
+            row["host_node_layers"] = len(eng._static.node_layers) if eng._static is not None else 0
+            row["decode_path_reason"] = eng.decode_path_reason
+            row["gpu_share_applied"] = max(getattr(eng.model.layers[i].experts, "last_gpu_share", 0)
+                                           for i in eng.model.host_expert_layers())
+            row["cpu_expert_math"] = eng.cpu_expert_math
+            res["rows"].append(row)
+            print(f"{args.tag or 'default'} nodes {row['host_node_layers']} native {nat} threads {th} share {share} (applied "
+                  f"{row['gpu_share_applied']}): {row['tok_s']} tok/s, step {row['step_us']} us, per host "
+                  f"layer {row['phases_us']}, outside host layers {row['outside_host_layers_us']} us", flush=True)
         if args.profile_steps:
             torch.set_num_threads(threads[0])
+            os.environ["KVBENCH_HOST_NODES"] = str(nodes[0])
             os.environ["KVBENCH_CPU_MOE_NATIVE"] = str(natives[0])
             for share in shares:
                 os.environ["KVBENCH_CPU_MOE_GPU_SHARE"] = str(share)
+                eng.set_decode_mode("auto")
                 res["profiles"].append({"threads": threads[0], "gpu_share": share,
                                         **profile(eng, prompt, args.profile_steps)})
                 for e in res["profiles"][-1]["host_self"][:6]:

@@ -239,9 +239,9 @@ class HostJob:
         self.stage = pinned_empty((d + 2 * k,), torch.float32).zero_()   # allocator (no events
         self.out = pinned_empty((d,), torch.float32).zero_()             # recorded in a capture)
         self.blocks, self.d, self.k = (gate, up, down), d, k
+        self.threads = int(threads or torch.get_num_threads())
         self._fn = _lib().kvb_run_job
-        self._job = _Job(self.stage.data_ptr(), self.out.data_ptr(), d, ff, k, E,
-                         int(threads or torch.get_num_threads()), 0,
+        self._job = _Job(self.stage.data_ptr(), self.out.data_ptr(), d, ff, k, E, self.threads, 0,
                          gate.qs.data_ptr(), up.qs.data_ptr(), down.qs.data_ptr(),
                          gate.d.data_ptr(), up.d.data_ptr(), down.d.data_ptr(), 0)
 
