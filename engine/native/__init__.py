@@ -103,12 +103,18 @@ def default_on() -> tuple[bool, str]:
     """Whether the cpu tier takes this path when ``KVBENCH_CPU_MOE_NATIVE`` is not set, and why:
     where it builds here with its AVX2 path (measured 2.12x torch's int4 path on a 16-core H100
     host, 1.15-1.26x on a 2-core box: ``reports/h100-2026-12-06``); the portable C path was never
-    measured faster, so without AVX2 (or a compiler) the default is torch's int4 path."""
-    ok, why = available()
-    if not ok:
+    measured faster, so without AVX2 (or a compiler) the default is torch's int4 path. Known once
+    per ``-march`` (a cpu-tier step asks at every host layer)."""
+    return _default_on(_march())
+
+
+@functools.lru_cache(maxsize=4)
+def _default_on(march: str) -> tuple[bool, str]:
+    dll, why = _build(march)
+    if dll is None:
         return False, why
-    if simd() != 2:
-        return False, f"built without AVX2 (-march={_march()}): the portable C path is not the default"
+    if dll.kvb_simd() != 2:
+        return False, f"built without AVX2 (-march={march}): the portable C path is not the default"
     return True, "built here with AVX2"
 
 
