@@ -135,8 +135,8 @@ class StaticDecode:
         self.route_kernel = bool(settings.get("KVBENCH_DECODE_ROUTE_KERNEL"))
         # cpu-tier layers run as host nodes inside the graph (applied: captured steps only)
         self.node_layers = node_layers(eng) if self.capture else []
-        for i in self.node_layers:
-            self.model.layers[i].experts.prepare_node(spec.n_experts_used)
+        # the jobs the graph's host nodes point at live as long as this step does
+        self._jobs = [self.model.layers[i].experts.prepare_node(spec.n_experts_used) for i in self.node_layers]
         # a host node bakes these settings' values into the graph, where a split step reads them
         # at every run: a change after the build refuses the step instead of being ignored
         self._node_settings = self._node_env() if self.node_layers else None
