@@ -306,6 +306,12 @@ class CpuExperts:
         return (torch.device(device).type == "cuda" and self.blocks is not None and self.uses_native
                 and self.gpu_share(device) == 0)
 
+    @staticmethod
+    def _stage_src(h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+        """One float32 vector on ``h``'s device: the rows, the weights, the expert ids (the host
+        stage's layout, which ``kvb_run_job`` reads too)."""
+        return torch.cat([h.detach().reshape(-1).float(), top_p.reshape(-1).float(), top_e.reshape(-1).float()])
+
     def prepare_node(self, k: int):
         """This layer's ``native.HostJob`` for k experts a token at torch's thread count now, made
         before a capture (its page-locked buffers are not allocated while a stream is capturing)
@@ -323,7 +329,7 @@ class CpuExperts:
         (``native.HostJob``), its output copied back; returns that output [1, d] float32 on
         ``h``'s device. Call only where ``node_ready``."""
         job = self.prepare_node(top_e.numel())
-        src = torch.cat([h.detach().reshape(-1).float(), top_p.reshape(-1).float(), top_e.reshape(-1).float()])
+        src = self._stage_src(h, top_e, top_p)
         job.stage.copy_(src, non_blocking=True)
         job.launch(torch.cuda.current_stream(h.device))
         y = torch.empty(1, h.shape[-1], dtype=torch.float32, device=h.device)
@@ -396,7 +402,7 @@ class CpuExperts:
         host transfer of rows and routing through a pinned stage, one sync of the current stream,
         the int4 path, the result back through a pinned stage into ``out`` (on ``h``'s device)."""
         T, k = top_e.shape
-        src = torch.cat([h.detach().reshape(-1).float(), top_p.reshape(-1).float(), top_e.reshape(-1).float()])
+        src = self._stage_src(h, top_e, top_p)
         stage = self._pinned("_in", src.numel())
         stage.copy_(src, non_blocking=True)
         if stamps is not None:

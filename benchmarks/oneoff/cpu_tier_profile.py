@@ -155,7 +155,8 @@ def main(argv=None) -> int:
             os.environ["KVBENCH_CPU_MOE_NATIVE"] = str(nat)
             torch.set_num_threads(th)
             os.environ["KVBENCH_CPU_MOE_GPU_SHARE"] = str(share)
-            eng.set_decode_mode("auto")       # rebuilt: a host node bakes these settings (and the threads) in
+            if hn or (eng._static is not None and eng._static.node_layers):
+                eng.set_decode_mode("auto")   # rebuilt: a host node bakes these settings (and the threads) in
             for i in eng.model.host_expert_layers():      # set by CpuExperts.run, which a host node skips
                 eng.model.layers[i].experts.last_gpu_share = 0
             row = {"threads": th, "gpu_share": share, "native": nat, "host_nodes": hn,
@@ -175,7 +176,8 @@ def main(argv=None) -> int:
             os.environ["KVBENCH_CPU_MOE_NATIVE"] = str(natives[0])
             for share in shares:
                 os.environ["KVBENCH_CPU_MOE_GPU_SHARE"] = str(share)
-                eng.set_decode_mode("auto")
+                if nodes[0] or (eng._static is not None and eng._static.node_layers):
+                    eng.set_decode_mode("auto")
                 res["profiles"].append({"threads": threads[0], "gpu_share": share,
                                         **profile(eng, prompt, args.profile_steps)})
                 for e in res["profiles"][-1]["host_self"][:6]:
