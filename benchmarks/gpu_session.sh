@@ -154,8 +154,9 @@ for step in $steps; do
             # a freshly written 18 GB file is still being flushed: llama.cpp's CPU layers timed during
             # that ran at 34-40 tok/s with +/-8-22 (reports/h100-2026-12-05c call 4) against 81 quiet
             sync
+            # (CPUMOE_LCB=0: kvbench's cases alone, e.g. a second variant in a call that timed llama.cpp already)
             for n in ${CPUMOE_N:-17 22}; do
-              [ -x /tmp/lcb/bin/llama-bench ] && python3 benchmarks/bench_llamacpp.py bench $KVBENCH_CACHE/synth/coder30b-synth.gguf \
+              [ "${CPUMOE_LCB:-1}" = 1 ] && [ -x /tmp/lcb/bin/llama-bench ] && python3 benchmarks/bench_llamacpp.py bench $KVBENCH_CACHE/synth/coder30b-synth.gguf \
                 --bin /tmp/lcb/bin/llama-bench --ctk f16,q8_0 --depths ${CPUMOE_DEPTHS:-16,1024} --reps ${LCB_REPS:-3} --tg 32 --n-cpu-moe $n \
                 --out "$OUT/llamacpp-coder-ncmoe$n.json" 2>&1 | tail -4
             done
@@ -231,7 +232,8 @@ for step in $steps; do
               --ctx 16 --out "$OUT/peer-prefill.json" 2>&1 | grep -v "Converting\|Warning\|warn" | tee "$OUT/peer-prefill.log" | tail -12
             bash "$0" pfprof ;;
     cputier) # (first: engine.native built on this host and timed against torch's int4 path, no GPU needed)
-            timeout 120 python3 benchmarks/oneoff/native_experts_bench.py --layers 3 --threads 16,8 \
+            # (CT_NATIVE_BENCH=0 skips it, CT_PASSIVE=0 the passive-OpenMP profile at the end)
+            [ "${CT_NATIVE_BENCH:-1}" = 1 ] && timeout 120 python3 benchmarks/oneoff/native_experts_bench.py --layers 3 --threads 16,8 \
               --out "$OUT/native_experts.json" 2>&1 | tee "$OUT/native-experts.log" | tail -4
             # where a cpu-tier step's host round trip goes (the split's no-gain, perf-notes nineteenth
             # session): the lending and clock GPU tests, then cpu_tier_profile.py at each thread count and
@@ -244,7 +246,7 @@ for step in $steps; do
               --threads ${CT_THREADS:-16,8} --shares ${CT_SHARES:-0,2,4,6} --native ${CT_NATIVE:-0,1} --host-nodes ${CT_NODES:-0} \
               --out "$OUT/cpu_tier_profile.json" 2>&1 \
               | grep -v "^\s*$" | tee "$OUT/cpu-tier-profile.log" | tail -40
-            OMP_WAIT_POLICY=PASSIVE timeout ${CT_TIMEOUT:-300} python3 benchmarks/oneoff/cpu_tier_profile.py \
+            [ "${CT_PASSIVE:-1}" = 1 ] && OMP_WAIT_POLICY=PASSIVE timeout ${CT_TIMEOUT:-300} python3 benchmarks/oneoff/cpu_tier_profile.py \
               --budget ${CT_BUDGET:-11468MiB} --threads 16 --shares ${CT_SHARES:-0,2,4,6} --profile-steps 0 --tag passive \
               --out "$OUT/cpu_tier_profile_passive.json" 2>&1 | grep -v "^\s*$" | tee "$OUT/cpu-tier-profile-passive.log" | tail -8 ;;
     contention) # do the CPU's int4 experts and the GPU's PCIe reads share one limit? (the split's
