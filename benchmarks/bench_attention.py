@@ -159,12 +159,14 @@ def decode_section(args, copy_gbps: float, gen: torch.Generator) -> dict:
             depths = [int(x) for x in args.sweep_depths.split(",")] if args.sweep_depths else [None]
             for dp in depths:
                 key = "sweep" if dp is None else f"sweep_depth{dp}"
-                res[fmt][key] = sweep(cache, q, fmt, ctx, scale, hkv, args.reps, copy_gbps, depth=dp)
+                res[fmt][key] = sweep(cache, q, fmt, ctx, scale, hkv, args.reps, copy_gbps, depth=dp,
+                                      impls=args.sweep_impls.split(",") if args.sweep_impls else None)
         del cache
     return res
 
 
-def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = None) -> list[dict]:
+def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = None,
+          impls: list[str] | None = None) -> list[dict]:
     """Every variant's time over ``ctx`` keys; with ``depth``, launched as the captured decode
     step launches it: position ``depth - 1`` held on the device, splits over the whole buffer."""
     rows = []
@@ -193,6 +195,16 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         # the blocks form (one 2-D dot a 32-value block, no zero rows; nineteenth session, untimed)
         grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "blocks"}
                  for bn, pps, w, st in itertools.product([32, 64, 128], [2, 4], [2, 4], [2, 3])]
+        # the deq form (tiles dequantized in registers into two exact float16 terms, [G, D] dots;
+        # twenty-first session), with one-term q / p too
+        grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "deq"}
+                 for bn, pps, w, st in itertools.product([32, 64, 128], [2, 4], [4, 8], [2, 3])]
+        grid += [{"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3, "q8_impl": "deq",
+                  "q8_terms": t} for t in ((1, 1), (1, 2), (2, 1))]
+    if impls:   # the q8_0 forms asked for (a variant without q8_impl is the default form, "rows";
+        # q8_kernel False the generic kernel, "generic")
+        form = lambda c: "generic" if c.get("q8_kernel") is False else c.get("q8_impl", "rows")
+        grid = [c for c in grid if form(c) in impls]
     for cfg in grid:
         try:
             t, _ = bench_us(lambda: decode_attention(q, cache.k, cache.v, fmt, n_keys, scale, hkv, cfg=cfg,
@@ -330,6 +342,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sweep-depths", default="",
                    help="sweep as the captured step launches: a device-held position at each of these depths "
                         "over a --ctx-row buffer ('' : n_keys = ctx, the host-known length)")
+    p.add_argument("--sweep-impls", default="", help="sweep only these q8_0 forms (rows, batched, "
+                   "blocks, deq, generic; '' all)")
     p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--scaling", action="store_true", help="decode time vs context: fixed cost + GB/s")
     p.add_argument("--ctxs", default="4096,16384,32768", help="decode grid contexts ('' skips the grid)")
