@@ -141,8 +141,10 @@ def test_gpu_share_applies_only_on_cuda_with_blocks_and_is_named_in_the_math(mon
 @pytest.mark.parametrize("share", [3, 8])
 def test_split_step_is_the_gpu_share_plus_the_cpu_rest(share, monkeypatch):
     """One token through a cpu-tier layer with its experts split: the GPU's share (blocks kernel
-    over the pinned host blocks, on a side stream) plus the CPU's rest (the int4 path), against
-    each part computed alone; all 8 on the GPU is the blocks kernel alone."""
+    over the pinned host blocks, on a side stream) plus the CPU's rest (engine.native's 8-bit
+    activation blocks where it is in force, else the int4 path), against each part's own
+    reference; all 8 on the GPU is the blocks kernel alone."""
+    from engine import native
     from engine.kernels.moe_blocks import moe_decode_blocks_ref
     from engine.model import CpuExperts
     E, ff, d, k = 16, 256, 512, 8
@@ -157,8 +159,10 @@ def test_split_step_is_the_gpu_share_plus_the_cpu_rest(share, monkeypatch):
     out = layer.run(h.cuda(), ids[None].cuda(), p[None].cuda()).cpu()
     assert layer.last_gpu_share == share
     want = moe_decode_blocks_ref(h, *stacks, ids[:share], p[:share])
-    if share < k:
-        want = want + packed(h, ids[share:].tolist(), p[share:].tolist())
+    if share < k:   # the CPU's rest in the maths the layer runs (native: activations in 8-bit blocks)
+        rest = (native.moe_q4_decode_ref(h[0], ids[share:].tolist(), p[share:].tolist(), *stacks).float()[None]
+                if layer.uses_native else packed(h, ids[share:].tolist(), p[share:].tolist()))
+        want = want + rest
     err = ((out - want).abs().max() / want.abs().max()).item()
     print(f"split {share}/{k}: rel err {err:.2e}")
     assert err < 1e-5
