@@ -137,8 +137,9 @@ def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") 
     reads = decode_read_bytes(eng.plan, eng.spec, depth)
     out.update(trunk_read_bytes=reads["trunk"]["total"], host_read_bytes=reads["host"]["total"],
                trunk_read_gb_s=reads["trunk"]["total"] * out["tok_s"] / 1e9)
-    if reads["host"]["experts"] and not host_ms:      # host blocks the device reads (host_experts pcie):
-        # their bytes at the step's rate, a floor under the PCIe rate while they are read
+    if reads["host"]["experts"] and eng.plan.host_experts in ("pcie", "dma") and not host_ms:   # blocks the GPU reads:
+        # their bytes at the step's rate, a floor under the PCIe rate while they are read (host-node
+        # layers run on the CPU: their rows carry no timing, not a PCIe rate they never had)
         out["pcie_read_gb_s"] = reads["host"]["experts"] * out["tok_s"] / 1e9
     if host_ms:
         # host_experts_ms_per_step: from the synced pass (host_pass_tok_s, slower by those syncs)
@@ -353,7 +354,10 @@ def main(argv=None) -> int:
                                + (f" (host experts {c['host_experts_ms_per_step']:.2f} of {c['step_ms']:.2f} ms, "
                                   f"{c['host_experts_gb_s']:.1f} GB/s)" if "step_ms" in c else "")
                                + (f" (host blocks over PCIe >= {c['pcie_read_gb_s']:.1f} GB/s)"
-                                  if "pcie_read_gb_s" in c else "") for c in case["decode"])
+                                  if "pcie_read_gb_s" in c else "")
+                               + (f" ({c['host_node_layers']} layers' host experts as host nodes in "
+                                  f"{c['captured_graphs']} graph(s), untimed)" if c["host_node_layers"] else "")
+                               for c in case["decode"])
             print(f"{args.model} budget {budget} cpu_moe {n}->{case['cpu_moe']} ({host}) KV {kv} weights {wf}: "
                   f"{case['decode_path']}, "
                   f"load {load_s:.1f} s, plan diff {case['plan_max_abs_diff']} B, trunk planned "
