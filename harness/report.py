@@ -30,7 +30,7 @@ import pandas as pd  # noqa: E402
 
 from . import metric_registry  # noqa: E402
 from . import stats as _stats  # noqa: E402
-from .results import Results, atomic_write, load_results, nothing_measured  # noqa: E402
+from .results import Results, atomic_write, load_results, nothing_measured, origins_note  # noqa: E402
 
 SPEED_RE = re.compile(r"(pp|tg)\d+(@d\d+)?")     # throughput's measures: pp<N>, tg<N>, tg<N>@d<D>
 
@@ -156,6 +156,12 @@ class _Report:
                     f"- command: `{man.get('command', '?')}`",
                     f"- started {man.get('started')}, finished {man.get('finished') or 'not finished'}"
                     + (f"; shard {man['shard']}" if man.get("shard") not in (None, "0/1") else "")]
+        resumed = [r for r in man.get("resumed") or [] if isinstance(r, dict)]
+        if resumed:     # the run's other sessions: their cases may come from other code or machines
+            self.md.append(f"- resumed {len(resumed)} time(s): " + ", ".join(
+                f"{r.get('at')} (git {((r.get('git') or {}).get('sha') or 'unknown')[:12]}"
+                + (" dirty" if (r.get("git") or {}).get("dirty") else "") + ")" for r in resumed)
+                + "; which process measured each case is named under any table that mixes them")
         if dev.get("resolved"):
             self.md.append(f"- ran on: **{dev['resolved']}** (requested `{dev.get('requested')}`)"
                            + (f"; host RAM {dev['host_ram_available'] / 2**30:.1f} GiB available of "
@@ -525,6 +531,9 @@ class _Report:
             table = pd.DataFrame(rows)
             self.md.append(f"`{chk}`" + self._applied_line(chk) + "\n")   # two throughput checks: which is which
             self.md.append(md_table(table) + "\n")
+            note = self.origins_note(chk)
+            if note:
+                self.md.append(note + "\n")
             cols = [c for c in table.columns if c.endswith("tok/s")]
             for m in self.models:
                 t = table[table.model == m]
@@ -538,6 +547,12 @@ class _Report:
                     ax.set_ylabel("tok/s")
                 fig.suptitle(f"{m}: {chk} per KV dtype")
                 self.save(fig, f"{_slug(chk)}_{_slug(m)}.png", f"{chk}, {m}")
+
+    def origins_note(self, chk: str, rows: list | None = None) -> str | None:
+        """``results.origins_note`` over this check's cases (``rows``: (model, dtype) pairs; all)."""
+        pairs = rows if rows is not None else [(m, d) for m in self.models for d in self.dtypes]
+        cases = {(f"{m} {d}" if len(self.models) > 1 else d): self.case.get((m, d, chk)) for m, d in pairs}
+        return origins_note(self.res.manifest, {k: c for k, c in cases.items() if c is not None})
 
     def _applied_line(self, chk: str) -> str:
         """What the check's engines applied (weights, experts, decode path), per model, from the

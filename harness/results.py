@@ -367,6 +367,73 @@ def now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
+# -- which process measured a case ---------------------------------------------------------------
+# A resumed run holds cases measured by several processes, possibly on other commits or machines
+# (a nightly shard resumed over days): speeds from different ones are not comparable, and the
+# report must say so rather than set them side by side as if one run had measured them.
+
+def process_identity(device_info_: dict, git: dict | None = None) -> dict:
+    """This process, as each case record names it (``process``): pid, start, git sha and
+    whether the tree was dirty, host name and GPU."""
+    import socket
+    git = git_info() if git is None else git
+    return {"pid": os.getpid(), "started": now(), "git": git.get("sha"), "dirty": git.get("dirty"),
+            "host": socket.gethostname(), "gpu": device_info_.get("gpu"), "cpu": device_info_.get("cpu")}
+
+
+def case_origin(manifest: dict, case: dict) -> dict:
+    """Which process measured ``case``: its own ``process`` tag (records written since the
+    twenty-first session), or for older records the session of the run in force when the case
+    finished (the run's start or one of its ``resumed`` entries, by time), whose git is known but
+    not the host. Adds ``key`` (equal keys: comparable) and ``label``."""
+    p = case.get("process")
+    if isinstance(p, dict) and p.get("pid") is not None:
+        o = dict(p)
+        # a dirty tree's contents are not named by its sha: only the same process vouches for them
+        o["key"] = (o.get("git"), bool(o.get("dirty")), o.get("host"), o.get("gpu"),
+                    (o.get("pid"), o.get("started")) if o.get("dirty") or not o.get("git") else None)
+        o["machine"] = (o.get("git"), bool(o.get("dirty")), o.get("host"), o.get("gpu"))
+    else:
+        sessions = [{"at": manifest.get("started"), "git": manifest.get("git") or {}}]
+        sessions += [r for r in manifest.get("resumed") or [] if isinstance(r, dict)]
+        fin = str(case.get("finished") or "")
+        cur = sessions[0]
+        for s in sessions:
+            if s.get("at") and fin and str(s["at"]) <= fin:
+                cur = s
+        g = cur.get("git") or {}
+        o = {"git": g.get("sha"), "dirty": g.get("dirty"), "host": None, "gpu": None,
+             "started": cur.get("at"), "session": True}
+        o["key"] = o["machine"] = ("session", cur.get("at"))
+    sha = (o.get("git") or "no git")[:7] + ("+dirty" if o.get("dirty") else "")
+    where = f" on {o['host']}" if o.get("host") else ""
+    where += f" ({o['gpu']})" if o.get("gpu") else ""
+    o["label"] = (f"git {sha}{where}, " + ("run session started " if o.get("session") else "process started ")
+                  + str(o.get("started")))
+    return o
+
+
+def origins_note(manifest: dict, cases: dict) -> str | None:
+    """One line for a table whose rows (``cases``: row label -> case record) were measured by more
+    than one process: bold "not comparable" where the code or the machine differ (or cannot be
+    told apart: older records, dirty trees), a plain note where only the process did (a resumed
+    run, same clean commit and machine). None when one process measured them all."""
+    origins = {row: case_origin(manifest, c) for row, c in cases.items() if c is not None}
+    if (len({o["key"] for o in origins.values()}) <= 1
+            and len({(o.get("pid"), o.get("started")) for o in origins.values()}) <= 1):
+        return None
+    groups: dict = {}
+    for row, o in origins.items():
+        groups.setdefault(o["label"], []).append(str(row))
+    where = "; ".join(f"{', '.join(rows)}: {label}" for label, rows in groups.items())
+    if len({o["key"] for o in origins.values()}) > 1:
+        return (f"**Rows not comparable**: measured by different processes of this (resumed) run whose "
+                f"code or machine differ or cannot be shown equal ({where}). A speed difference between "
+                f"them may be the code or the machine, not the KV dtype.")
+    return (f"Rows measured by different processes of this resumed run, same clean commit and machine "
+            f"({where}).")
+
+
 def write_manifest(run_dir: str | Path, manifest: dict) -> None:
     atomic_write(Path(run_dir) / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False) + "\n")
 

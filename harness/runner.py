@@ -54,8 +54,8 @@ from .engine_api import missing
 from .engines import EnginePool, weight_format_of, weight_format_requested_of
 from .errors import ResultsError, UsageError
 from .results import (MANIFEST, RECORDS, RecordWriter, RunLock, atomic_write, case_key, device_info,
-                      git_info, load_results, nothing_measured, now, read_records, versions, write_manifest,
-                      write_summary)
+                      git_info, load_results, nothing_measured, now, process_identity, read_records, versions,
+                      write_manifest, write_summary)
 from .suite import (DEVICE_RE, WEIGHT_FORMATS, CheckConfig, Suite, SuiteError, load_suite, platform_of,
                     validate_model)
 
@@ -408,6 +408,9 @@ class Runner:
     def _run_locked(self) -> RunSummary:
         from engine.hostmem import PeakSampler
         done = self._prepare_dir()
+        # who measures this process's cases (results.case_origin): a resumed run's rows may come
+        # from other commits or machines, and the report says so
+        self._process = process_identity(device_info(self.device))
         pending = [c for c in self.cases if c.key not in done]
         if self.max_cases is not None:
             pending = pending[:self.max_cases]
@@ -548,7 +551,7 @@ class Runner:
             eng = None      # drop this frame's reference: the next load must not overlap it
             case_rec = {"type": "case", "status": status, "failures": failures, "unmeasured": unmeasured,
                         "error": error, "reason": reason, "seconds": round(seconds, 3), "finished": now(),
-                        "engine": engine_info, "memory": memory}
+                        "engine": engine_info, "memory": memory, "process": self._process}
             writer.write_case([{**common, **r} for r in recs] + [{**common, **case_rec}])
             self.summary.ran += 1
             bar.done(case, status, failures or unmeasured, error or reason, seconds)

@@ -38,6 +38,7 @@ from engine.errors import EngineError
 from engine.kv_spec import cell_formats
 
 from .report import SPEED_RE, _num, md_table, register_section
+from .results import origins_note
 from .speedstats import DEFAULT_MAX_CV, spread
 
 
@@ -129,7 +130,7 @@ def needle_score(r, m: str, d: str):
 
 @register_section("summary", top=True)
 def summary(r, names) -> None:
-    rows = []
+    rows, speed_rows = [], {}
     argmax = r.checks_of("argmax")
     coherence = r.checks_of("coherence")
     for m in r.models:
@@ -149,6 +150,7 @@ def summary(r, names) -> None:
                     if len(speed_checks) > 1:
                         row["speed from"] = f"`{chk}`"
                     row.update(cells)
+                    speed_rows.setdefault(chk, []).append((m, d))
                     break
             kld = None
             for chk in argmax + r.checks_of("corpus_kld"):     # a suite without argmax: the corpus text's
@@ -183,6 +185,14 @@ def summary(r, names) -> None:
     notes.append("Mean KLD ± its standard error over positions. coherent %: 100 - the coherence check's "
                  "collapse rate. Blank: that check did not run (or is not applicable) for the row.")
     r.md.append(" ".join(notes) + "\n")
+    # the speed columns side by side are only a comparison where one process measured them
+    pairs = [p for chk in speed_rows for p in speed_rows[chk]]
+    if pairs:
+        cases = {f"{m} {d}" if len(r.models) > 1 else d: r.case.get((m, d, chk))
+                 for chk in speed_rows for m, d in speed_rows[chk]}
+        note = origins_note(r.res.manifest, {k: c for k, c in cases.items() if c is not None})
+        if note:
+            r.md.append("Speed columns: " + note + "\n")
 
 
 @register_section("multiturn")

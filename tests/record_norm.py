@@ -2,11 +2,12 @@
 records: wall-clock fields (run name, ``seconds``, ``finished``/``started``, tok/s values,
 every metric of a throughput check (spread, CV, unstable flag, load: all timing) and
 throughput timing samples), the case record's ``memory`` (this process's peak RSS, sampled
-by a thread) and what the planner read of the machine's free host RAM (``host_ram``
+by a thread), the case record's ``process`` (which process measured it: pid, start, host) and
+what the planner read of the machine's free host RAM (``host_ram``
 readings and the weight-format reason that quotes them). Everything else must be equal."""
 from __future__ import annotations
 
-TIMING_KEYS = {"run", "seconds", "finished", "started", "memory"}
+TIMING_KEYS = {"run", "seconds", "finished", "started", "memory", "process"}
 MACHINE_KEYS = {"weight_format_reason"}
 HOST_RAM_READINGS = {"available", "total", "source"}
 
