@@ -249,6 +249,10 @@ for step in $steps; do
             [ "${CT_PASSIVE:-1}" = 1 ] && OMP_WAIT_POLICY=PASSIVE timeout ${CT_TIMEOUT:-300} python3 benchmarks/oneoff/cpu_tier_profile.py \
               --budget ${CT_BUDGET:-11468MiB} --threads 16 --shares ${CT_SHARES:-0,2,4,6} --profile-steps 0 --tag passive \
               --out "$OUT/cpu_tier_profile_passive.json" 2>&1 | grep -v "^\s*$" | tee "$OUT/cpu-tier-profile-passive.log" | tail -8 ;;
+    hostprobe) # where a host node's time goes: a no-op host node's round trip, the native job on the main
+            # thread / a second thread / alternating (two OpenMP teams), and as N nodes in one graph
+            timeout ${HP_TIMEOUT:-180} python3 benchmarks/oneoff/host_node_probe.py --nodes ${HP_NODES:-20} \
+              --out "$OUT/host_node_probe.json" 2>&1 | tee "$OUT/host-node-probe.log" | tail -6 ;;
     contention) # do the CPU's int4 experts and the GPU's PCIe reads share one limit? (the split's
             # no-gain in reports/h100-2026-12-05e): each alone and both at once, per split of k=8
             timeout ${CONT_TIMEOUT:-240} python3 benchmarks/oneoff/host_contention.py ${CONT_ARGS:---layers 6} \
