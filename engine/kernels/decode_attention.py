@@ -452,13 +452,98 @@ def _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, b: tl.constexpr, oj, RQ: tl.c
 
 
 @triton.jit
+def _i8_terms(x, TERMS: tl.constexpr):
+    """float32 x with |x| <= 64 -> int8 terms t1..t4 with x ~ t1 + t2/128 + t3/128^2 + t4/128^3
+    (TERMS of them; the others 0): each term rounds to nearest, the remainder (|r| <= 1/2) scaled by
+    128 stays within [-64, 64], and every step is exact in float32; the error is <= 2^-(7 TERMS) of
+    the bound 64 (the row's largest value, within a factor of 2): 2^-21 at 3 terms, 2^-28 at 4."""
+    f1 = tl.floor(x + 0.5)
+    r = (x - f1) * 128.0
+    f2 = tl.floor(r + 0.5)
+    t2 = f2.to(tl.int8)
+    t3 = t2 * 0
+    t4 = t2 * 0
+    if TERMS >= 3:
+        r = (r - f2) * 128.0
+        f3 = tl.floor(r + 0.5)
+        t3 = f3.to(tl.int8)
+        if TERMS >= 4:
+            r = (r - f3) * 128.0
+            t4 = tl.floor(r + 0.5).to(tl.int8)
+    return f1.to(tl.int8), t2, t3, t4
+
+
+@triton.jit
+def _idot(a1, a2, a3, a4, b, TERMS: tl.constexpr):
+    """(a1 + a2/128 + a3/128^2 + a4/128^3) @ b over int8 operands: exact int32 dots on the integer
+    tensor cores; terms paired in int32 (d1 * 128 + d2 and d3 * 128 + d4: |d| <= 64 * 127 * K, so a
+    pair stays below 2^31 for K <= 2048) and the pairs combined in float32."""
+    hi = tl.dot(a1, b, out_dtype=tl.int32) * 128 + tl.dot(a2, b, out_dtype=tl.int32)
+    if TERMS == 2:
+        return hi.to(tl.float32) * (1.0 / 128.0)
+    lo = tl.dot(a3, b, out_dtype=tl.int32)
+    if TERMS == 4:
+        return hi.to(tl.float32) * (1.0 / 128.0) + (lo * 128 + tl.dot(a4, b, out_dtype=tl.int32)).to(tl.float32) * (1.0 / 2097152.0)
+    return hi.to(tl.float32) * (1.0 / 128.0) + lo.to(tl.float32) * (1.0 / 16384.0)
+
+
+@triton.jit
+def _blk_q(Q, qrow, gmask, oj, b: tl.constexpr, qk_scale, QN: tl.constexpr, TERMS: tl.constexpr,
+           INT8: tl.constexpr):
+    """The blocks kernel's block ``b`` of q as its dots take it: (hi, lo, -, -, qn) float16 terms,
+    or (t1, t2, t3, t4, qs) int8 terms with INT8."""
+    if INT8:
+        q = tl.load(Q + qrow[:, None] + b * QK + oj[None, :], mask=gmask[:, None], other=0.0) * qk_scale
+        qs = _pow2_at_least(tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)) / 64.0
+        t1, t2, t3, t4 = _i8_terms(q / qs[:, None], TERMS)
+        return t1, t2, t3, t4, qs
+    else:
+        qh, ql, qn = _q8_q_block(Q, qrow, gmask, oj, b, qk_scale, QN, TERMS)
+        return qh, ql, qh, ql, qn
+
+
+@triton.jit
+def _blk_qk(KQ, KS, rows, mask_n, kcol, scol, b: tl.constexpr, oj, RQ: tl.constexpr, RS: tl.constexpr,
+            x1, x2, x3, x4, xn, TERMS: tl.constexpr, INT8: tl.constexpr):
+    """Block ``b``'s part of the scores [G_PAD, BN] from ``_blk_q``'s terms."""
+    if INT8:
+        kq = tl.load(KQ + rows[:, None] * RQ + kcol + b * QK + oj[None, :], mask=mask_n[:, None], other=0)
+        dk = tl.load(KS + rows * RS + scol + b, mask=mask_n, other=0.0).to(tl.float32)
+        return _idot(x1, x2, x3, x4, tl.trans(kq), TERMS) * xn[:, None] * dk[None, :]
+    else:
+        return _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, b, oj, RQ, RS, x1, x2, xn, TERMS)
+
+
+@triton.jit
+def _blk_pv(VQ, VS, rows, mask_n, kcol, scol, b: tl.constexpr, oj, RQ: tl.constexpr, RS: tl.constexpr,
+            p, acc, alpha, PN: tl.constexpr, TERMS: tl.constexpr, INT8: tl.constexpr):
+    """Block ``b``'s output columns [G_PAD, QK] rescaled by ``alpha`` and advanced by this tile; with
+    INT8, w = p * dv_b as int8 terms of w / ws (ws a power of two per head over 64)."""
+    if INT8:
+        vq = tl.load(VQ + rows[:, None] * RQ + kcol + b * QK + oj[None, :], mask=mask_n[:, None], other=0)
+        dv = tl.load(VS + rows * RS + scol + b, mask=mask_n, other=0.0).to(tl.float32)
+        w = p * dv[None, :]
+        ws = _pow2_at_least(tl.maximum(tl.max(tl.abs(w), axis=1), 1e-30)) / 64.0
+        w1, w2, w3, w4 = _i8_terms(w / ws[:, None], TERMS)
+        return acc * alpha[:, None] + _idot(w1, w2, w3, w4, vq, TERMS) * ws[:, None]
+    else:
+        return _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, b, oj, RQ, RS, p, acc, alpha, PN, TERMS)
+
+
+@triton.jit
 def _decode_q8_blocks_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
                              n_keys, keys_per_split, n_splits, qk_scale,
                              HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                              NB: tl.constexpr, BLOCK_N: tl.constexpr,
                              Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
                              S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr,
-                             QN: tl.constexpr = 8192.0, PN: tl.constexpr = 8192.0):
+                             QN: tl.constexpr = 8192.0, PN: tl.constexpr = 8192.0, INT8: tl.constexpr = False):
+    # INT8 (the "imma" form): the same dots on the integer tensor cores, both operands int8: the
+    # stored K and V quants enter them as they are (read into the MMA layout with ldmatrix, where
+    # an int8 -> float16 operand went through LDS and byte permutes: reports/cpu-2026-12-06), and
+    # q (per head and block) and p * dv (per head) are normalised by a power of two and split into
+    # Q_TERMS / P_TERMS int8 terms (2..4; ~2^-7T of the row's largest value: a fixed point per
+    # row), each an exact int32 dot, combined in float32 (_blk_q, _blk_qk, _blk_pv dispatch).
     # q8_0's decode kernel one block of 32 values at a time ("blocks"; NB = 1, 2 or 4 blocks a
     # head, i.e. head_dim 32, 64 or 128): every dot is 2-D and carries no zeros beyond G_PAD's,
     #   s[g, n]       = sum_b dk[n, b] * (q[g, b-block] . kq[n, b-block])     NB dots [G_PAD, QK] x [QK, BN]
@@ -483,14 +568,14 @@ def _decode_q8_blocks_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUN
     qrow = (h * G + og) * D
     kcol = h * D
     scol = h * NB
-    q0h, q0l, q0n = _q8_q_block(Q, qrow, gmask, oj, 0, qk_scale, QN, Q_TERMS)
+    q0a, q0b, q0c, q0d, q0n = _blk_q(Q, qrow, gmask, oj, 0, qk_scale, QN, Q_TERMS, INT8)
     acc0 = tl.zeros([G_PAD, QK], tl.float32)
     if NB >= 2:
-        q1h, q1l, q1n = _q8_q_block(Q, qrow, gmask, oj, 1, qk_scale, QN, Q_TERMS)
+        q1a, q1b, q1c, q1d, q1n = _blk_q(Q, qrow, gmask, oj, 1, qk_scale, QN, Q_TERMS, INT8)
         acc1 = tl.zeros([G_PAD, QK], tl.float32)
     if NB == 4:
-        q2h, q2l, q2n = _q8_q_block(Q, qrow, gmask, oj, 2, qk_scale, QN, Q_TERMS)
-        q3h, q3l, q3n = _q8_q_block(Q, qrow, gmask, oj, 3, qk_scale, QN, Q_TERMS)
+        q2a, q2b, q2c, q2d, q2n = _blk_q(Q, qrow, gmask, oj, 2, qk_scale, QN, Q_TERMS, INT8)
+        q3a, q3b, q3c, q3d, q3n = _blk_q(Q, qrow, gmask, oj, 3, qk_scale, QN, Q_TERMS, INT8)
         acc2 = tl.zeros([G_PAD, QK], tl.float32)
         acc3 = tl.zeros([G_PAD, QK], tl.float32)
     lo = sp * keys_per_split
@@ -501,23 +586,31 @@ def _decode_q8_blocks_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUN
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         rows = offs_n.to(tl.int64)
-        s = _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, 0, oj, RQ, RS, q0h, q0l, q0n, Q_TERMS)
+        s = _blk_qk(KQ, KS, rows, mask_n, kcol, scol, 0, oj, RQ, RS, q0a, q0b, q0c, q0d, q0n,
+                    Q_TERMS, INT8)
         if NB >= 2:
-            s += _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, 1, oj, RQ, RS, q1h, q1l, q1n, Q_TERMS)
+            s += _blk_qk(KQ, KS, rows, mask_n, kcol, scol, 1, oj, RQ, RS, q1a, q1b, q1c, q1d, q1n,
+                    Q_TERMS, INT8)
         if NB == 4:
-            s += _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, 2, oj, RQ, RS, q2h, q2l, q2n, Q_TERMS)
-            s += _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, 3, oj, RQ, RS, q3h, q3l, q3n, Q_TERMS)
+            s += _blk_qk(KQ, KS, rows, mask_n, kcol, scol, 2, oj, RQ, RS, q2a, q2b, q2c, q2d, q2n,
+                    Q_TERMS, INT8)
+            s += _blk_qk(KQ, KS, rows, mask_n, kcol, scol, 3, oj, RQ, RS, q3a, q3b, q3c, q3d, q3n,
+                    Q_TERMS, INT8)
         s = tl.where(mask_n[None, :], s, float("-inf"))                                      # [G_PAD, BN]
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])                                                      # <= 1
         l = l * alpha + tl.sum(p, axis=1)
-        acc0 = _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, 0, oj, RQ, RS, p, acc0, alpha, PN, P_TERMS)
+        acc0 = _blk_pv(VQ, VS, rows, mask_n, kcol, scol, 0, oj, RQ, RS, p, acc0, alpha, PN, P_TERMS,
+                           INT8)
         if NB >= 2:
-            acc1 = _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, 1, oj, RQ, RS, p, acc1, alpha, PN, P_TERMS)
+            acc1 = _blk_pv(VQ, VS, rows, mask_n, kcol, scol, 1, oj, RQ, RS, p, acc1, alpha, PN, P_TERMS,
+                           INT8)
         if NB == 4:
-            acc2 = _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, 2, oj, RQ, RS, p, acc2, alpha, PN, P_TERMS)
-            acc3 = _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, 3, oj, RQ, RS, p, acc3, alpha, PN, P_TERMS)
+            acc2 = _blk_pv(VQ, VS, rows, mask_n, kcol, scol, 2, oj, RQ, RS, p, acc2, alpha, PN, P_TERMS,
+                           INT8)
+            acc3 = _blk_pv(VQ, VS, rows, mask_n, kcol, scol, 3, oj, RQ, RS, p, acc3, alpha, PN, P_TERMS,
+                           INT8)
         m = m_new
     o = (h * G + og) * n_splits + sp
     tl.store(M_OUT + o, m, mask=gmask)
@@ -619,156 +712,6 @@ def _decode_q8_deq_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER
     tl.store(M_OUT + o, m, mask=gmask)
     tl.store(L_OUT + o, l, mask=gmask)
     tl.store(ACC_OUT + o[:, None] * D + od[None, :], acc, mask=gmask[:, None])
-    if FUSE:
-        _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
-
-
-@triton.jit
-def _i8_terms(x, TERMS: tl.constexpr):
-    """float32 x with |x| <= 64 -> int8 terms t1..t4 with x ~ t1 + t2/128 + t3/128^2 + t4/128^3
-    (TERMS of them; the others 0): each term rounds to nearest, the remainder (|r| <= 1/2) scaled by
-    128 stays within [-64, 64], and every step is exact in float32; the error is <= 2^-(7 TERMS) of
-    the bound 64 (the row's largest value, within a factor of 2): 2^-21 at 3 terms, 2^-28 at 4."""
-    f1 = tl.floor(x + 0.5)
-    r = (x - f1) * 128.0
-    f2 = tl.floor(r + 0.5)
-    t2 = f2.to(tl.int8)
-    t3 = t2 * 0
-    t4 = t2 * 0
-    if TERMS >= 3:
-        r = (r - f2) * 128.0
-        f3 = tl.floor(r + 0.5)
-        t3 = f3.to(tl.int8)
-        if TERMS >= 4:
-            r = (r - f3) * 128.0
-            t4 = tl.floor(r + 0.5).to(tl.int8)
-    return f1.to(tl.int8), t2, t3, t4
-
-
-@triton.jit
-def _idot(a1, a2, a3, a4, b, TERMS: tl.constexpr):
-    """(a1 + a2/128 + a3/128^2 + a4/128^3) @ b over int8 operands: exact int32 dots on the integer
-    tensor cores; terms paired in int32 (d1 * 128 + d2 and d3 * 128 + d4: |d| <= 64 * 127 * K, so a
-    pair stays below 2^31 for K <= 2048) and the pairs combined in float32."""
-    hi = tl.dot(a1, b, out_dtype=tl.int32) * 128 + tl.dot(a2, b, out_dtype=tl.int32)
-    if TERMS == 2:
-        return hi.to(tl.float32) * (1.0 / 128.0)
-    lo = tl.dot(a3, b, out_dtype=tl.int32)
-    if TERMS == 4:
-        return hi.to(tl.float32) * (1.0 / 128.0) + (lo * 128 + tl.dot(a4, b, out_dtype=tl.int32)).to(tl.float32) * (1.0 / 2097152.0)
-    return hi.to(tl.float32) * (1.0 / 128.0) + lo.to(tl.float32) * (1.0 / 16384.0)
-
-
-@triton.jit
-def _imma_q_block(Q, qrow, gmask, oj, b: tl.constexpr, qk_scale, TERMS: tl.constexpr):
-    """Block ``b`` of the group's query heads [G_PAD, QK] (log2 domain) as int8 terms of q / qs, qs
-    [G_PAD] a power of two per head over 64 (|q / qs| <= 64)."""
-    q = tl.load(Q + qrow[:, None] + b * QK + oj[None, :], mask=gmask[:, None], other=0.0) * qk_scale
-    qs = _pow2_at_least(tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)) / 64.0
-    t1, t2, t3, t4 = _i8_terms(q / qs[:, None], TERMS)
-    return t1, t2, t3, t4, qs
-
-
-@triton.jit
-def _imma_qk_block(KQ, KS, rows, mask_n, kcol, scol, b: tl.constexpr, oj, RQ: tl.constexpr, RS: tl.constexpr,
-                   q1, q2, q3, q4, qs, TERMS: tl.constexpr):
-    """Block ``b``'s part of the scores [G_PAD, BN]: integer dots of q's terms with the block's stored
-    quants, times qs and the block's scales."""
-    kq = tl.load(KQ + rows[:, None] * RQ + kcol + b * QK + oj[None, :], mask=mask_n[:, None], other=0)   # [BN, QK]
-    dk = tl.load(KS + rows * RS + scol + b, mask=mask_n, other=0.0).to(tl.float32)                       # [BN]
-    return _idot(q1, q2, q3, q4, tl.trans(kq), TERMS) * qs[:, None] * dk[None, :]
-
-
-@triton.jit
-def _imma_pv_block(VQ, VS, rows, mask_n, kcol, scol, b: tl.constexpr, oj, RQ: tl.constexpr, RS: tl.constexpr,
-                   p, acc, alpha, TERMS: tl.constexpr):
-    """Block ``b``'s output columns [G_PAD, QK], rescaled by ``alpha`` and advanced by this tile:
-    w = p * dv_b as int8 terms of w / ws (ws a power of two per head over 64), integer dots with the
-    block's stored quants, times ws."""
-    vq = tl.load(VQ + rows[:, None] * RQ + kcol + b * QK + oj[None, :], mask=mask_n[:, None], other=0)   # [BN, QK]
-    dv = tl.load(VS + rows * RS + scol + b, mask=mask_n, other=0.0).to(tl.float32)                       # [BN]
-    w = p * dv[None, :]
-    ws = _pow2_at_least(tl.maximum(tl.max(tl.abs(w), axis=1), 1e-30)) / 64.0
-    w1, w2, w3, w4 = _i8_terms(w / ws[:, None], TERMS)
-    return acc * alpha[:, None] + _idot(w1, w2, w3, w4, vq, TERMS) * ws[:, None]
-
-
-@triton.jit
-def _decode_q8_imma_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
-                           n_keys, keys_per_split, n_splits, qk_scale,
-                           HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                           NB: tl.constexpr, BLOCK_N: tl.constexpr,
-                           Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
-                           S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
-    # q8_0's decode kernel on the integer tensor cores ("imma"; head_dim 32, 64, 128): the blocks
-    # form's one 2-D dot a 32-value block, with both operands int8. The stored K and V quants
-    # enter the dots as they are (no conversion; the compiler reads them into the MMA layout with
-    # ldmatrix, where an int8 -> float16 operand went through LDS and byte permutes:
-    # reports/cpu-2026-12-06); q (per head and block) and p * dv (per head) are normalised by a
-    # power of two and split into Q_TERMS / P_TERMS int8 terms (2..4; ~2^-7T of the row's largest
-    # value: a fixed point per row), each an exact int32 dot, combined in float32; the block scales multiply the
-    # results. Accumulation in float32 as the other forms.
-    RQ: tl.constexpr = HKV * D          # quants per token
-    RS: tl.constexpr = HKV * NB         # scales per token
-    h = tl.program_id(0)
-    sp = tl.program_id(1)
-    if DEV_POS:                         # n_keys = position + 1 read on the device (CUDA graphs)
-        n_keys = tl.load(POS).to(tl.int32) + 1
-    if not FUSE:                        # a split past the keys: the combine never reads it
-        if sp * keys_per_split >= n_keys:
-            return
-    og = tl.arange(0, G_PAD)
-    gmask = og < G
-    oj = tl.arange(0, QK)
-    qrow = (h * G + og) * D
-    kcol = h * D
-    scol = h * NB
-    a1, a2, a3, a4, qs0 = _imma_q_block(Q, qrow, gmask, oj, 0, qk_scale, Q_TERMS)
-    acc0 = tl.zeros([G_PAD, QK], tl.float32)
-    if NB >= 2:
-        b1, b2, b3, b4, qs1 = _imma_q_block(Q, qrow, gmask, oj, 1, qk_scale, Q_TERMS)
-        acc1 = tl.zeros([G_PAD, QK], tl.float32)
-    if NB == 4:
-        c1, c2, c3, c4, qs2 = _imma_q_block(Q, qrow, gmask, oj, 2, qk_scale, Q_TERMS)
-        d1, d2, d3, d4, qs3 = _imma_q_block(Q, qrow, gmask, oj, 3, qk_scale, Q_TERMS)
-        acc2 = tl.zeros([G_PAD, QK], tl.float32)
-        acc3 = tl.zeros([G_PAD, QK], tl.float32)
-    lo = sp * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, n_keys)
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < hi
-        rows = offs_n.to(tl.int64)
-        s = _imma_qk_block(KQ, KS, rows, mask_n, kcol, scol, 0, oj, RQ, RS, a1, a2, a3, a4, qs0, Q_TERMS)
-        if NB >= 2:
-            s += _imma_qk_block(KQ, KS, rows, mask_n, kcol, scol, 1, oj, RQ, RS, b1, b2, b3, b4, qs1, Q_TERMS)
-        if NB == 4:
-            s += _imma_qk_block(KQ, KS, rows, mask_n, kcol, scol, 2, oj, RQ, RS, c1, c2, c3, c4, qs2, Q_TERMS)
-            s += _imma_qk_block(KQ, KS, rows, mask_n, kcol, scol, 3, oj, RQ, RS, d1, d2, d3, d4, qs3, Q_TERMS)
-        s = tl.where(mask_n[None, :], s, float("-inf"))                                      # [G_PAD, BN]
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])                                                      # <= 1
-        l = l * alpha + tl.sum(p, axis=1)
-        acc0 = _imma_pv_block(VQ, VS, rows, mask_n, kcol, scol, 0, oj, RQ, RS, p, acc0, alpha, P_TERMS)
-        if NB >= 2:
-            acc1 = _imma_pv_block(VQ, VS, rows, mask_n, kcol, scol, 1, oj, RQ, RS, p, acc1, alpha, P_TERMS)
-        if NB == 4:
-            acc2 = _imma_pv_block(VQ, VS, rows, mask_n, kcol, scol, 2, oj, RQ, RS, p, acc2, alpha, P_TERMS)
-            acc3 = _imma_pv_block(VQ, VS, rows, mask_n, kcol, scol, 3, oj, RQ, RS, p, acc3, alpha, P_TERMS)
-        m = m_new
-    o = (h * G + og) * n_splits + sp
-    tl.store(M_OUT + o, m, mask=gmask)
-    tl.store(L_OUT + o, l, mask=gmask)
-    ao = o[:, None] * D + oj[None, :]
-    tl.store(ACC_OUT + ao, acc0, mask=gmask[:, None])
-    if NB >= 2:
-        tl.store(ACC_OUT + ao + QK, acc1, mask=gmask[:, None])
-    if NB == 4:
-        tl.store(ACC_OUT + ao + 2 * QK, acc2, mask=gmask[:, None])
-        tl.store(ACC_OUT + ao + 3 * QK, acc3, mask=gmask[:, None])
     if FUSE:
         _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
 
@@ -925,20 +868,21 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                              f"(this launch: {cfg['q8_impl']})")
         kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel,
                 "blocks": _decode_q8_blocks_kernel, "deq": _decode_q8_deq_kernel,
-                "imma": _decode_q8_imma_kernel}[cfg["q8_impl"]]
+                "imma": _decode_q8_blocks_kernel}[cfg["q8_impl"]]
         g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
         terms = {"Q_TERMS": cfg["q8_terms"][0], "P_TERMS": cfg["q8_terms"][1]}
         if cfg["q8_impl"] == "imma":    # int8 terms: q8_imma_terms (2..4 each), not the float16 ones
             terms = {"Q_TERMS": cfg["q8_imma_terms"][0], "P_TERMS": cfg["q8_imma_terms"][1]}
             if not all(2 <= t <= 4 for t in cfg["q8_imma_terms"]):
                 raise ValueError(f"q8_imma_terms {cfg['q8_imma_terms']!r}: 2 to 4 int8 terms each for q and p")
-        if cfg["q8_impl"] == "blocks":
-            terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]))
+        if cfg["q8_impl"] in ("blocks", "imma"):
+            terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]), INT8=cfg["q8_impl"] == "imma")
         if rows_form:
             terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]),
                          ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
                          SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate)
-        LAUNCHES.record({"kernel": kern.__name__, "block_n": cfg["block_n"], "num_warps": cfg["num_warps"],
+        LAUNCHES.record({"kernel": kern.__name__, "q8_impl": cfg["q8_impl"], "block_n": cfg["block_n"],
+                         "num_warps": cfg["num_warps"],
                          "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
                          "combine_block": 0 if fuse else comb["BLOCK_S"],
                          "q8_terms": [terms["Q_TERMS"], terms["P_TERMS"]],
