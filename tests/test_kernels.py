@@ -105,7 +105,7 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     assert_close(f"ref-vs-oracle decode {fmt}", oracle(q[None], k, v, T - 1, scale)[0], ref, 1e-5)
     for cfg in ({"block_n": 16}, {"block_n": 32, "q8_kernel": False},    # several splits, every q8_0 path
                 {"block_n": 16, "q8_impl": "batched"}, {"block_n": 16, "q8_impl": "blocks"},
-                {"block_n": 16, "q8_impl": "deq"}, {"block_n": 16, "q8_impl": "imma"}):
+                {"block_n": 16, "q8_impl": "imma"}):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
 
@@ -215,8 +215,7 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
     bad = []
     for cfg in ({"block_n": 16}, {"block_n": 32, "fuse_combine": True}, {"block_n": 16, "q8_impl": "batched"},
                 {"block_n": 64}, {"block_n": 128, "num_stages": 2}, {"block_n": 16, "q8_impl": "blocks"},
-                {"block_n": 64, "q8_impl": "blocks", "fuse_combine": True}, {"block_n": 16, "q8_impl": "deq"},
-                {"block_n": 64, "q8_impl": "deq", "fuse_combine": True}, {"block_n": 16, "q8_impl": "imma"},
+                {"block_n": 64, "q8_impl": "blocks", "fuse_combine": True}, {"block_n": 16, "q8_impl": "imma"},
                 {"block_n": 64, "q8_impl": "imma", "fuse_combine": True}):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)

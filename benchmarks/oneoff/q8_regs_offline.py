@@ -4,9 +4,9 @@ to PTX and ptxas to a cubin for ``--arch`` (sm_90 by default) on any machine, an
 twenty-first session's question: every q8_0 form sits at 254-255 registers on the H100 while
 bf16's split kernel does not; which constexprs move that, without spending device time.
 
-Contract: for each variant (``--variants``, or the built-in list: the rows kernel at the H100's
-default tiles with 2- and 1-term splits, its ablations, the deq and blocks forms, the bf16 split
-kernel) compile at coder30b's geometry (4 KV heads x 128, 32 query heads), with a launch's
+Contract: for each variant of the built-in list (``--only`` picks some by name: the rows kernel at the H100's
+default tiles with 2- and 1-term splits, its ablations, the blocks form and its int8 (imma) form,
+the bf16 split kernel) compile at coder30b's geometry (4 KV heads x 128, 32 query heads), with a launch's
 specializations (16-byte aligned pointers and strides), and print registers, stack, shared
 memory, SASS instructions (all, and in the main loop by opcode) and whether loads are pipelined
 (``cp_async``: LDGSTS); JSON to ``--out``. Registers here come from this
@@ -52,7 +52,6 @@ def q8_variants():
            ("rows no qk", da._decode_q8_rows_kernel, dict(rows, SKIP_QK=True), 4, 3),
            ("rows no pv", da._decode_q8_rows_kernel, dict(rows, SKIP_PV=True), 4, 3),
            ("rows no qk, no pv", da._decode_q8_rows_kernel, dict(rows, SKIP_QK=True, SKIP_PV=True), 4, 3),
-           ("deq (2,2) bn64 w4", da._decode_q8_deq_kernel, dict(base, G_PAD=16), 4, 3),
            ("imma (4,4) bn64 w4", da._decode_q8_blocks_kernel, dict(imma, Q_TERMS=4, P_TERMS=4), 4, 3),
            ("imma (4,4) bn32 w4", da._decode_q8_blocks_kernel, dict(imma, Q_TERMS=4, P_TERMS=4, BLOCK_N=32), 4, 3),
            ("imma (4,4) bn64 w2", da._decode_q8_blocks_kernel, dict(imma, Q_TERMS=4, P_TERMS=4), 2, 3),

@@ -18,12 +18,12 @@ product; ``batched`` makes the block a batch axis of
 3-D dots (Triton lowers those poorly: ~0.8 TB/s on the H200); ``blocks`` (head_dim 32 / 64 / 128)
 runs one 2-D dot a 32-value block for the scores and one for each block's output columns, each
 block's quants their own tile, so no operand carries the rows form's zeros (3/4 of it at
-head_dim 128) and p has one layout; ``deq`` dequantizes each tile in registers into two exact
-float16 terms for [G, D] dots; ``imma`` (head_dim 32 / 64 / 128) runs the blocks form's dots on
+head_dim 128) and p has one layout; ``imma`` (head_dim 32 / 64 / 128) runs the blocks form's dots on
 the integer tensor cores, the stored int8 quants against int8 terms of q and of p times the V
 scales (``q8_imma_terms``, 4 each by default: ~2^-28 of a row's largest value), exact int32 dots
 combined in float32. Only ``rows`` has been the default; the others stay selectable for the
-sweeps (timings: docs/perf-notes.md). ``cfg={"q8_kernel": False}`` reads q8_0 through the generic
+sweeps (timings: docs/perf-notes.md; a form that dequantized the tiles in registers, measured
+slower in reports/h100-2026-12-06b, was removed). ``cfg={"q8_kernel": False}`` reads q8_0 through the generic
 kernel instead (dequantized to float32 tiles, tf32x3 dots).
 Sliding windows (``window``) and ring buffers (``ring_rows``, ``engine.kv_ring``) are read by
 the generic kernel: its splits cover only the window's keys, a ring's rows taken modulo.
@@ -627,96 +627,6 @@ def _decode_q8_blocks_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUN
 
 
 @triton.jit
-def _q8_deq_tile(XQ, XS, rows, mask_n, col, scol, RQ: tl.constexpr, RS: tl.constexpr, NB: tl.constexpr,
-                 BLOCK_N: tl.constexpr, D: tl.constexpr, XN: tl.constexpr):
-    """A [BLOCK_N, D] tile of one head's q8_0 rows dequantized exactly into two float16 terms:
-    value = (hi + lo * 2^-11) * xb[column's block]. xb [D] is a power of two per 32-value block
-    (the tile's largest scale over XN), so |quant * scale / xb| <= 127 * XN; that product of an
-    int8 and a float16 has at most 19 significant bits, exact in float32, and its float16 hi and
-    the remainder (scaled by 2^11, at most 8 bits) are exact too."""
-    xq = tl.load(XQ + rows[:, None] * RQ + col[None, :], mask=mask_n[:, None], other=0)           # [BN, D]
-    xs = tl.load(XS + rows[:, None] * RS + scol[None, :], mask=mask_n[:, None], other=0.0).to(tl.float32)  # [BN, NB]
-    xb = _pow2_at_least(tl.maximum(tl.max(tl.abs(xs), axis=0), 1e-30)) / XN                                 # [NB]
-    xs_e = tl.reshape(tl.broadcast_to((xs / xb[None, :])[:, :, None], [BLOCK_N, NB, QK]), [BLOCK_N, D])
-    hi, lo = _split2(_i8_to_f16(xq).to(tl.float32) * xs_e, 2)
-    return hi, lo, tl.reshape(tl.broadcast_to(xb[:, None], [NB, QK]), [D])
-
-
-@triton.jit
-def _dot3(a_hi, a_lo, b_hi, b_lo, TERMS: tl.constexpr):
-    """(a_hi + a_lo 2^-11) @ (b_hi + b_lo 2^-11) to ~2^-22 relative: hi.hi, then the two cross
-    terms in their own accumulator scaled back by 2^-11 (lo.lo, ~2^-22, dropped). TERMS=1: a is
-    a_hi alone (a rounded to float16), b still exact."""
-    acc = tl.dot(a_hi, b_hi, out_dtype=tl.float32)
-    cross = tl.dot(a_hi, b_lo, out_dtype=tl.float32)
-    if TERMS == 2:
-        cross = tl.dot(a_lo, b_hi, cross, out_dtype=tl.float32)
-    return acc + cross * (1.0 / 2048.0)
-
-
-@triton.jit
-def _decode_q8_deq_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
-                          n_keys, keys_per_split, n_splits, qk_scale,
-                          HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
-                          NB: tl.constexpr, BLOCK_N: tl.constexpr,
-                          Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
-                          S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
-    # q8_0's decode kernel with the tiles dequantized in registers ("deq"): each K and V tile
-    # becomes two exact float16 terms times a power of two per 32-value block (_q8_deq_tile), so
-    # the dots are the plain [G_PAD, D] x [D, BN] and [G_PAD, BN] x [BN, D] of the bf16 kernel,
-    # with no block rows (the rows kernel's [G_PAD * NB, D] operands and accumulator, 3/4 zeros
-    # at head_dim 128, held it at 255 registers). A tile's power of two per block folds into q
-    # for the scores (q * kb, then one power of two per head row, split in two float16 terms) and
-    # into the accumulator's columns for the output; p is scaled by 2^13 before its split so
-    # that small weights stay above float16's subnormals. ~2^-22 relative, float32 accumulation.
-    RQ: tl.constexpr = HKV * D          # quants per token
-    RS: tl.constexpr = HKV * NB         # scales per token
-    h = tl.program_id(0)
-    sp = tl.program_id(1)
-    if DEV_POS:                         # n_keys = position + 1 read on the device (CUDA graphs)
-        n_keys = tl.load(POS).to(tl.int32) + 1
-    if not FUSE:                        # a split past the keys: the combine never reads it
-        if sp * keys_per_split >= n_keys:
-            return
-    og = tl.arange(0, G_PAD)
-    od = tl.arange(0, D)
-    gmask = og < G
-    q = tl.load(Q + (h * G + og)[:, None] * D + od[None, :], mask=gmask[:, None], other=0.0) * qk_scale
-    col = h * D + od
-    scol = h * NB + tl.arange(0, NB)
-    lo = sp * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, n_keys)
-    m = tl.full([G_PAD], float("-inf"), tl.float32)
-    l = tl.zeros([G_PAD], tl.float32)
-    acc = tl.zeros([G_PAD, D], tl.float32)
-    for n0 in range(lo, hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        mask_n = offs_n < hi
-        rows = offs_n.to(tl.int64)
-        kh, kl, kb = _q8_deq_tile(KQ, KS, rows, mask_n, col, scol, RQ, RS, NB, BLOCK_N, D, 64.0)
-        qk = q * kb[None, :]                                                                  # exact
-        qn = _pow2_at_least(tl.maximum(tl.max(tl.abs(qk), axis=1), 1e-30)) / 8192.0           # [G_PAD]
-        qh, ql = _split2(qk / qn[:, None], Q_TERMS)
-        s = _dot3(qh, ql, tl.trans(kh), tl.trans(kl), Q_TERMS) * qn[:, None]                  # [G_PAD, BN]
-        s = tl.where(mask_n[None, :], s, float("-inf"))
-        m_new = tl.maximum(m, tl.max(s, axis=1))
-        alpha = tl.exp2(m - m_new)
-        p = tl.exp2(s - m_new[:, None])                                                       # <= 1
-        l = l * alpha + tl.sum(p, axis=1)
-        vh, vl, vb = _q8_deq_tile(VQ, VS, rows, mask_n, col, scol, RQ, RS, NB, BLOCK_N, D, 64.0)
-        ph, pl = _split2(p * 8192.0, P_TERMS)
-        pv = _dot3(ph, pl, vh, vl, P_TERMS)                                                   # [G_PAD, D]
-        acc = acc * alpha[:, None] + pv * (vb * (1.0 / 8192.0))[None, :]
-        m = m_new
-    o = (h * G + og) * n_splits + sp
-    tl.store(M_OUT + o, m, mask=gmask)
-    tl.store(L_OUT + o, l, mask=gmask)
-    tl.store(ACC_OUT + o[:, None] * D + od[None, :], acc, mask=gmask[:, None])
-    if FUSE:
-        _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
-
-
-@triton.jit
 def _combine_head(M_IN, L_IN, ACC_IN, OUT, hq, n_splits, D: tl.constexpr, S_PAD: tl.constexpr,
                   BLOCK_S: tl.constexpr, n_used):
     """out[hq] = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m) over the splits.
@@ -856,8 +766,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D) and window is None:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
-        if cfg["q8_impl"] not in ("rows", "batched", "blocks", "deq", "imma"):
-            raise ValueError(f"q8_impl must be 'rows', 'batched', 'blocks', 'deq' or 'imma', not {cfg['q8_impl']!r}")
+        if cfg["q8_impl"] not in ("rows", "batched", "blocks", "imma"):
+            raise ValueError(f"q8_impl must be 'rows', 'batched', 'blocks' or 'imma', not {cfg['q8_impl']!r}")
         if cfg["q8_impl"] in ("blocks", "imma") and nb not in (1, 2, 4):
             raise ValueError(f"q8_impl {cfg['q8_impl']!r} serves head_dim 32, 64 or 128 (1, 2 or 4 blocks a head), "
                              f"not {D}: use 'rows'")
@@ -867,8 +777,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_ablate {cfg['q8_ablate']!r}: 'qk' and/or 'pv', on the rows kernel only "
                              f"(this launch: {cfg['q8_impl']})")
         kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel,
-                "blocks": _decode_q8_blocks_kernel, "deq": _decode_q8_deq_kernel,
-                "imma": _decode_q8_blocks_kernel}[cfg["q8_impl"]]
+                "blocks": _decode_q8_blocks_kernel, "imma": _decode_q8_blocks_kernel}[cfg["q8_impl"]]
         g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
         terms = {"Q_TERMS": cfg["q8_terms"][0], "P_TERMS": cfg["q8_terms"][1]}
         if cfg["q8_impl"] == "imma":    # int8 terms: q8_imma_terms (2..4 each), not the float16 ones
