@@ -30,17 +30,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from benchmarks.oneoff.native_experts_bench import D, E, FF, K, stack  # noqa: E402  (coder30b's layer)
 from engine import native  # noqa: E402
-from engine.kernels.moe_blocks import BlockStack  # noqa: E402
-
-E, D, FF, K = 128, 2048, 768, 8
-
-
-def stack(shape, gen) -> BlockStack:
-    st = BlockStack.empty("q4_0", shape)
-    st.qs.copy_(torch.randint(0, 256, st.qs.shape, generator=gen, dtype=torch.int32).to(torch.uint8))
-    st.d.copy_(((torch.rand(st.d.shape, generator=gen) + 0.5) / (8 * shape[2] ** 0.5)).half())
-    return st
 
 
 def median_us(f, n: int) -> float:
