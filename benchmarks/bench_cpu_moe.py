@@ -37,6 +37,7 @@ import engine  # noqa: E402
 from engine import settings  # noqa: E402
 from engine.engine import WeightsPlacementError  # noqa: E402
 from engine.errors import EngineError  # noqa: E402
+from harness.results import runtime_env  # noqa: E402
 
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -299,6 +300,7 @@ def main(argv=None) -> int:
                     "host_experts_reason": eng.plan.host_experts_reason or None,
                     "expert_format": eng.plan.expert_format, "embed_tier": eng.plan.embed_tier,
                     "scratch_lend": eng.scratch_lend, "scratch_items": dict(eng.plan.scratch_items),
+                    "runtime_env": runtime_env(),     # e.g. the allocator's expandable segments
                     "decode_path": eng.decode_path,
                     "decode_path_reason": eng.decode_path_reason, "cpu_expert_math": eng.cpu_expert_math,
                     "load_s": load_s, "weights_reused": reused,

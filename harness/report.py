@@ -196,6 +196,8 @@ class _Report:
         if env:
             self.md.append("- settings (non-default): " + ", ".join(
                 f"`{k}={v}`" + (" (changes numerics)" if k in numerics else "") for k, v in env.items()))
+        if man.get("runtime_env"):     # allocator, threads, OpenMP, GPU choice: what memory and speed ran under
+            self.md.append("- runtime environment: " + ", ".join(f"`{k}={v}`" for k, v in man["runtime_env"].items()))
         self.md.append("")
 
     def verdict(self) -> None:

@@ -372,13 +372,25 @@ def now() -> str:
 # (a nightly shard resumed over days): speeds from different ones are not comparable, and the
 # report must say so rather than set them side by side as if one run had measured them.
 
+# Variables outside kvbench's own settings that change what a run measures: the CUDA allocator's
+# configuration (memory figures), thread counts and OpenMP's wait policy (speeds), the GPU chosen.
+RUNTIME_ENV = ("PYTORCH_CUDA_ALLOC_CONF", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS", "OMP_WAIT_POLICY",
+               "MKL_NUM_THREADS")
+
+
+def runtime_env() -> dict:
+    """The ``RUNTIME_ENV`` variables set in this process (unset ones left out)."""
+    return {k: os.environ[k] for k in RUNTIME_ENV if k in os.environ}
+
+
 def process_identity(device_info_: dict, git: dict | None = None) -> dict:
     """This process, as each case record names it (``process``): pid, start, git sha and
-    whether the tree was dirty, host name and GPU."""
+    whether the tree was dirty, host name, GPU and the ``runtime_env`` it ran under."""
     import socket
     git = git_info() if git is None else git
     return {"pid": os.getpid(), "started": now(), "git": git.get("sha"), "dirty": git.get("dirty"),
-            "host": socket.gethostname(), "gpu": device_info_.get("gpu"), "cpu": device_info_.get("cpu")}
+            "host": socket.gethostname(), "gpu": device_info_.get("gpu"), "cpu": device_info_.get("cpu"),
+            "env": runtime_env()}
 
 
 def case_origin(manifest: dict, case: dict) -> dict:
@@ -390,9 +402,9 @@ def case_origin(manifest: dict, case: dict) -> dict:
     if isinstance(p, dict) and p.get("pid") is not None:
         o = dict(p)
         # a dirty tree's contents are not named by its sha: only the same process vouches for them
-        o["key"] = (o.get("git"), bool(o.get("dirty")), o.get("host"), o.get("gpu"),
+        env = tuple(sorted((o.get("env") or {}).items()))
+        o["key"] = (o.get("git"), bool(o.get("dirty")), o.get("host"), o.get("gpu"), env,
                     (o.get("pid"), o.get("started")) if o.get("dirty") or not o.get("git") else None)
-        o["machine"] = (o.get("git"), bool(o.get("dirty")), o.get("host"), o.get("gpu"))
     else:
         sessions = [{"at": manifest.get("started"), "git": manifest.get("git") or {}}]
         sessions += [r for r in manifest.get("resumed") or [] if isinstance(r, dict)]
@@ -404,10 +416,11 @@ def case_origin(manifest: dict, case: dict) -> dict:
         g = cur.get("git") or {}
         o = {"git": g.get("sha"), "dirty": g.get("dirty"), "host": None, "gpu": None,
              "started": cur.get("at"), "session": True}
-        o["key"] = o["machine"] = ("session", cur.get("at"))
+        o["key"] = ("session", cur.get("at"))
     sha = (o.get("git") or "no git")[:7] + ("+dirty" if o.get("dirty") else "")
     where = f" on {o['host']}" if o.get("host") else ""
     where += f" ({o['gpu']})" if o.get("gpu") else ""
+    where += "".join(f", {k}={v}" for k, v in sorted((o.get("env") or {}).items()))
     o["label"] = (f"git {sha}{where}, " + ("run session started " if o.get("session") else "process started ")
                   + str(o.get("started")))
     return o
@@ -428,10 +441,10 @@ def origins_note(manifest: dict, cases: dict) -> str | None:
     where = "; ".join(f"{', '.join(rows)}: {label}" for label, rows in groups.items())
     if len({o["key"] for o in origins.values()}) > 1:
         return (f"**Rows not comparable**: measured by different processes of this (resumed) run whose "
-                f"code or machine differ or cannot be shown equal ({where}). A speed difference between "
-                f"them may be the code or the machine, not the KV dtype.")
-    return (f"Rows measured by different processes of this resumed run, same clean commit and machine "
-            f"({where}).")
+                f"code, machine or runtime environment differ or cannot be shown equal ({where}). A speed "
+                f"difference between them may be those, not the KV dtype.")
+    return (f"Rows measured by different processes of this resumed run, same clean commit, machine and "
+            f"runtime environment ({where}).")
 
 
 def write_manifest(run_dir: str | Path, manifest: dict) -> None:

@@ -54,8 +54,8 @@ from .engine_api import missing
 from .engines import EnginePool, weight_format_of, weight_format_requested_of
 from .errors import ResultsError, UsageError
 from .results import (MANIFEST, RECORDS, RecordWriter, RunLock, atomic_write, case_key, device_info,
-                      git_info, load_results, nothing_measured, now, process_identity, read_records, versions,
-                      write_manifest, write_summary)
+                      git_info, load_results, nothing_measured, now, process_identity, read_records, runtime_env,
+                      versions, write_manifest, write_summary)
 from .suite import (DEVICE_RE, WEIGHT_FORMATS, CheckConfig, Suite, SuiteError, load_suite, platform_of,
                     validate_model)
 
@@ -283,6 +283,7 @@ class Runner:
                 "git": git_info(), "versions": versions(), "command": " ".join(sys.argv),
                 "argv": list(sys.argv), "settings": settings.snapshot(),
                 "env": {k: v for k, v in sorted(os.environ.items()) if k.startswith("KVBENCH_")},
+                "runtime_env": runtime_env(),
                 "inputs": getattr(self, "_inputs", {}),
                 "metrics": metric_registry.to_json(dict.fromkeys(c.KIND for c in self.suite.checks)),
                 "not_applicable": {}, "started": now(), "finished": None}

@@ -2,7 +2,8 @@
 table's rows come from different ones: a resumed run's speeds, measured by other processes that
 may run other code on other machines, must not read as one comparison of KV dtypes.
 
-The run here is real (tiny-qwen3 on the CPU: one process measures fp32, a second, resumed, the
+A process's runtime environment (allocator configuration, thread counts: harness.results.RUNTIME_ENV)
+is part of what must match. The run here is real (tiny-qwen3 on the CPU: one process measures fp32, a second, resumed, the
 other dtypes); the older-records case is the same run's records without their process tags (as
 results written before the tags existed); ``origins_note`` itself is also checked on manifests
 that differ only in what decides comparability."""
@@ -12,7 +13,7 @@ import json
 import time
 
 from harness.report import build_report
-from harness.results import case_origin, git_info, load_results, origins_note, read_records
+from harness.results import case_origin, git_info, load_results, origins_note, read_records, runtime_env
 from harness.runner import Runner
 from harness.suite import load_suite
 
@@ -48,6 +49,8 @@ def test_a_resumed_runs_rows_name_their_processes_and_the_report_says_so(tmp_pat
     git = git_info()
     for p in procs.values():
         assert p["git"] == git["sha"] and p["dirty"] == git["dirty"] and p["host"] and p["started"]
+        assert p["env"] == runtime_env()
+    assert res.manifest["runtime_env"] == runtime_env()
     # one process measured fp32, another (the resume) the narrowed rows: pids and starts differ
     assert (procs["fp32"]["pid"], procs["fp32"]["started"]) != (procs["bf16"]["pid"], procs["bf16"]["started"])
     assert procs["bf16"] == procs["q8_0"]
@@ -56,7 +59,7 @@ def test_a_resumed_runs_rows_name_their_processes_and_the_report_says_so(tmp_pat
     md = (tmp_path / "report" / "report.md").read_text()
     assert "resumed 1 time(s)" in md
     if git["sha"] and not git["dirty"]:     # a clean checkout (CI): same commit and machine, said plainly
-        assert "Rows measured by different processes of this resumed run, same clean commit and machine" in md
+        assert "Rows measured by different processes of this resumed run, same clean commit, machine" in md
         assert "Rows not comparable" not in md
     else:                                   # a dirty tree: its sha does not name the code
         assert "**Rows not comparable**" in md
@@ -88,7 +91,7 @@ def test_origins_note_names_what_differs():
     assert origins_note(man, same) is None
     other_pid = {"fp32": _case("fp32"), "q8_0": _case("q8_0", pid=2, started="2026-12-06T04:30:00+00:00")}
     assert origins_note(man, other_pid).startswith("Rows measured by different processes")
-    for change in ({"git": "b" * 40}, {"host": "other"}, {"gpu": "H200"}):
+    for change in ({"git": "b" * 40}, {"host": "other"}, {"gpu": "H200"}, {"env": {"OMP_NUM_THREADS": "1"}}):
         note = origins_note(man, {"fp32": _case("fp32"), "q8_0": _case("q8_0", pid=2, **change)})
         assert note.startswith("**Rows not comparable**"), change
     # a dirty tree: the same sha in two processes is not the same code
