@@ -533,7 +533,7 @@ class _Report:
             table = pd.DataFrame(rows)
             self.md.append(f"`{chk}`" + self._applied_line(chk) + "\n")   # two throughput checks: which is which
             self.md.append(md_table(table) + "\n")
-            note = self.origins_note(chk)
+            note = self.origins_note([(m, d, chk) for m in self.models for d in self.dtypes])
             if note:
                 self.md.append(note + "\n")
             cols = [c for c in table.columns if c.endswith("tok/s")]
@@ -550,10 +550,10 @@ class _Report:
                 fig.suptitle(f"{m}: {chk} per KV dtype")
                 self.save(fig, f"{_slug(chk)}_{_slug(m)}.png", f"{chk}, {m}")
 
-    def origins_note(self, chk: str, rows: list | None = None) -> str | None:
-        """``results.origins_note`` over this check's cases (``rows``: (model, dtype) pairs; all)."""
-        pairs = rows if rows is not None else [(m, d) for m in self.models for d in self.dtypes]
-        cases = {(f"{m} {d}" if len(self.models) > 1 else d): self.case.get((m, d, chk)) for m, d in pairs}
+    def origins_note(self, cells: list) -> str | None:
+        """``results.origins_note`` over the cases of ``cells`` ((model, dtype, check) triples), each
+        row named by its dtype (and model, where the report has several)."""
+        cases = {(f"{m} {d}" if len(self.models) > 1 else d): self.case.get((m, d, chk)) for m, d, chk in cells}
         return origins_note(self.res.manifest, {k: c for k, c in cases.items() if c is not None})
 
     def _applied_line(self, chk: str) -> str:

@@ -428,9 +428,10 @@ def case_origin(manifest: dict, case: dict) -> dict:
 
 def origins_note(manifest: dict, cases: dict) -> str | None:
     """One line for a table whose rows (``cases``: row label -> case record) were measured by more
-    than one process: bold "not comparable" where the code or the machine differ (or cannot be
-    told apart: older records, dirty trees), a plain note where only the process did (a resumed
-    run, same clean commit and machine). None when one process measured them all."""
+    than one process: bold "not comparable" where the code, the machine or the runtime environment
+    differ (or cannot be told apart: older records, dirty trees), a plain note where only the
+    process did (a resumed run, same clean commit, machine and environment). None when one process
+    measured them all."""
     origins = {row: case_origin(manifest, c) for row, c in cases.items() if c is not None}
     if (len({o["key"] for o in origins.values()}) <= 1
             and len({(o.get("pid"), o.get("started")) for o in origins.values()}) <= 1):

@@ -38,7 +38,6 @@ from engine.errors import EngineError
 from engine.kv_spec import cell_formats
 
 from .report import SPEED_RE, _num, md_table, register_section
-from .results import origins_note
 from .speedstats import DEFAULT_MAX_CV, spread
 
 
@@ -186,13 +185,9 @@ def summary(r, names) -> None:
                  "collapse rate. Blank: that check did not run (or is not applicable) for the row.")
     r.md.append(" ".join(notes) + "\n")
     # the speed columns side by side are only a comparison where one process measured them
-    pairs = [p for chk in speed_rows for p in speed_rows[chk]]
-    if pairs:
-        cases = {f"{m} {d}" if len(r.models) > 1 else d: r.case.get((m, d, chk))
-                 for chk in speed_rows for m, d in speed_rows[chk]}
-        note = origins_note(r.res.manifest, {k: c for k, c in cases.items() if c is not None})
-        if note:
-            r.md.append("Speed columns: " + note + "\n")
+    note = r.origins_note([(m, d, chk) for chk in speed_rows for m, d in speed_rows[chk]])
+    if note:
+        r.md.append("Speed columns: " + note + "\n")
 
 
 @register_section("multiturn")
