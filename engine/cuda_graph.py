@@ -140,6 +140,11 @@ class StaticDecode:
         # a host node bakes these settings' values into the graph, where a split step reads them
         # at every run: a change after the build refuses the step instead of being ignored
         self._node_settings = self._node_env() if self.node_layers else None
+        # with host nodes the host's wait for the step sleeps on a blocking event (applied:
+        # ``host_wait``; None without host nodes): a spinning wait takes a core the nodes' OpenMP
+        # team needs (reports/h100-2026-12-06c: 85 us a node layer spinning, 27 asleep)
+        self.host_wait = settings.get("KVBENCH_HOST_NODES_WAIT") if self.node_layers else None
+        self._wake = torch.cuda.Event(blocking=True) if self.host_wait == "sleep" else None
         self.device_embed = bool(settings.get("KVBENCH_DECODE_DEVICE_EMBED")) and \
             self.model.embed_table(dev) is not None
         self.x = torch.zeros(1, spec.d_model, dtype=torch.float32, device=dev)
@@ -207,7 +212,8 @@ class StaticDecode:
             self._staged.record()
         self.pos.fill_(pos)
 
-    NODE_SETTINGS = ("KVBENCH_HOST_NODES", "KVBENCH_CPU_MOE_NATIVE", "KVBENCH_CPU_MOE_GPU_SHARE")
+    NODE_SETTINGS = ("KVBENCH_HOST_NODES", "KVBENCH_CPU_MOE_NATIVE", "KVBENCH_CPU_MOE_GPU_SHARE",
+                     "KVBENCH_HOST_NODES_WAIT")
 
     @classmethod
     def _node_env(cls) -> tuple:
@@ -232,6 +238,9 @@ class StaticDecode:
                 if k < len(self._host):           # a cpu_moe layer between two graphs
                     experts, h, top_e, top_p, y = self._host[k]
                     experts.run(h, top_e, top_p, out=y)
+            if self._wake is not None:            # asleep until the step (and its host nodes) ran
+                self._wake.record()
+                self._wake.synchronize()
             out = self.logits, self.next
         self._pos_held, self._token_held = pos + 1, True     # what the step left (device_embed)
         for c in self.resident_caches:            # each MoE layer used k resident experts

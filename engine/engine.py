@@ -276,7 +276,9 @@ class Engine:
         if nodes:
             reason += (f"; {len(host)} MoE layers' experts on the host (cpu_moe): {len(nodes)} as host nodes "
                        f"inside the graph (KVBENCH_HOST_NODES), captured as {len(host) - len(nodes) + 1} "
-                       f"graph{'s' if len(host) > len(nodes) else ''}")
+                       f"graph{'s' if len(host) > len(nodes) else ''}; the host waits for a step by "
+                       f"{'sleeping on a blocking event' if settings.get('KVBENCH_HOST_NODES_WAIT') == 'sleep' else 'spinning'}"
+                       f" (KVBENCH_HOST_NODES_WAIT)")
         elif host:
             reason += (f"; {len(host)} MoE layers' experts on the host (cpu_moe): captured as "
                        f"{len(host) + 1} graphs around them")

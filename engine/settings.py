@@ -138,6 +138,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "the native host function, copy back: no Python and no host sync between layers) instead of "
        "ending a graph at it; read when the decode path is set and the step built; layers that cannot "
        "stay graph boundaries, and decode_path_reason counts both"),
+    _s("KVBENCH_HOST_NODES_WAIT", "choice", "sleep", "how the host waits for a captured step with host "
+       "nodes (KVBENCH_HOST_NODES): sleep (on a blocking CUDA event: the thread gives its core to the "
+       "callback thread's OpenMP team, whose static schedule waits for its slowest thread) or spin (CUDA's "
+       "default wait, which takes one of those cores: reports/h100-2026-12-06c)",
+       choices=("sleep", "spin")),
     _s("KVBENCH_NATIVE_MARCH", "str", "native", "gcc -march for engine.native's build: native (this CPU's "
        "vector units) or e.g. x86-64 (the portable C path)"),
     _s("KVBENCH_DECODE_ROPE_APPEND", "bool", True, "the captured decode step rotates q/k (RoPE) and "

@@ -208,8 +208,17 @@ def test_host_nodes_make_the_hybrid_step_one_graph(monkeypatch):
     assert "3 as host nodes" in eng.decode_path_reason and "captured as 1 graph" in eng.decode_path_reason
     assert eng.generate(PROMPT, 12, stop_at_eos=False) == want
     assert len(eng._static.graphs) == 1 and eng._static.node_layers == host
+    assert eng._static.host_wait == "sleep" and "sleeping on a blocking event" in eng.decode_path_reason
     eng.prefill(PROMPT)
     assert torch.equal(eng.decode(3), ref)
+    monkeypatch.setenv("KVBENCH_HOST_NODES_WAIT", "spin")  # CUDA's spinning wait: the same step
+    eng.set_decode_mode("auto")
+    assert eng.generate(PROMPT, 12, stop_at_eos=False) == want
+    assert eng._static.host_wait == "spin" and "by spinning" in eng.decode_path_reason
+    monkeypatch.delenv("KVBENCH_HOST_NODES_WAIT")
+    eng.set_decode_mode("auto")
+    eng.prefill(PROMPT)
+    assert torch.equal(eng.decode(3), ref)                 # the step is built (sleeping wait)
     torch.cuda.synchronize()
     jobs = [eng.model.layers[i].experts._job for i in host]
     assert all(j.rc == 0 and j.runs >= 12 for j in jobs), [(j.rc, j.runs) for j in jobs]

@@ -11,7 +11,8 @@ Contract: three timings, printed and written as JSON to ``--out``:
    alternating main / second thread (a host node's job runs on CUDA's callback thread, whose
    OpenMP team is not the main thread's: two teams on one set of cores). Median us a call.
 3. ``nodes`` (CUDA only): the same job as ``--nodes`` host nodes in one graph (no kernels between)
-   against ``--nodes`` calls on the main thread: what the graph adds per job.
+   against ``--nodes`` calls on the main thread: what the graph adds per job, with the main thread
+   spinning on the graph or asleep on a blocking event, at torch's thread count and one fewer.
 
     python benchmarks/oneoff/host_node_probe.py --nodes 20 --out host_nodes.json
 """
@@ -114,24 +115,42 @@ def dispatch_probe(nodes: int, reps: int) -> dict:
     return out
 
 
-def nodes_probe(job: native.HostJob, nodes: int, reps: int) -> dict:
-    """The job as ``nodes`` host nodes in one graph against ``nodes`` calls on the main thread."""
-    s = torch.cuda.Stream()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.stream(s):
-        torch.cuda.synchronize()
-        with torch.cuda.graph(g, stream=s):
-            for _ in range(nodes):
-                job.launch(s)
+def nodes_probe(job: native.HostJob, nodes: int, reps: int, fewer: native.HostJob | None = None) -> dict:
+    """The job as ``nodes`` host nodes in one graph against ``nodes`` calls on the main thread,
+    the main thread waiting for the graph by spinning (``torch.cuda.synchronize``, CUDA's default
+    here) or asleep on a blocking event (``cudaEventBlockingSync``): a spinning waiter takes a core
+    from the callback thread's OpenMP team, whose static schedule waits for its slowest thread.
+    ``fewer``: the same job at one thread less, both ways."""
+    out = {}
+    for tag, jb in (("", job), ("_fewer", fewer)):
+        if jb is None:
+            continue
+        s = torch.cuda.Stream()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.stream(s):
+            torch.cuda.synchronize()
+            with torch.cuda.graph(g, stream=s):
+                for _ in range(nodes):
+                    jb.launch(s)
+        ev = torch.cuda.Event(blocking=True)
 
-    def replay():
-        g.replay()
-        torch.cuda.synchronize()
-    replay()
-    graph_us = median_us(replay, reps)
-    main_us = median_us(lambda: [job.run() for _ in range(nodes)], reps)
-    return {"graph_us": graph_us, "main_thread_us": main_us, "per_job_added_us": (graph_us - main_us) / nodes,
-            "job_rc": job.rc}
+        def spin():
+            g.replay()
+            torch.cuda.synchronize()
+
+        def asleep():
+            g.replay()
+            ev.record()
+            ev.synchronize()
+        spin()
+        out[f"graph{tag}_us"] = median_us(spin, reps)
+        out[f"graph_blocking{tag}_us"] = median_us(asleep, reps)
+        out[f"main_thread{tag}_us"] = main_us = median_us(lambda: [jb.run() for _ in range(nodes)], reps)
+        out[f"per_job_added{tag}_us"] = (out[f"graph{tag}_us"] - main_us) / nodes
+        out[f"per_job_added_blocking{tag}_us"] = (out[f"graph_blocking{tag}_us"] - main_us) / nodes
+        out[f"threads{tag}"] = jb.threads
+        out[f"job_rc{tag}"] = jb.rc
+    return out
 
 
 def main() -> int:
@@ -156,7 +175,11 @@ def main() -> int:
         res["device"] = torch.cuda.get_device_name()
         res["dispatch"] = dispatch_probe(args.nodes, args.reps)
         print("dispatch:", {k: round(v, 1) for k, v in res["dispatch"].items()})
-        res["nodes_probe"] = nodes_probe(job, args.nodes, args.reps)
+        fewer = None
+        if job.threads > 1:
+            fewer = native.HostJob(gate, up, down, K, threads=job.threads - 1)
+            fewer.fill(torch.randn(D, generator=gen), torch.randperm(E, generator=gen)[:K], torch.rand(K, generator=gen))
+        res["nodes_probe"] = nodes_probe(job, args.nodes, args.reps, fewer)
         print("nodes:", {k: round(v, 1) if isinstance(v, float) else v for k, v in res["nodes_probe"].items()})
     else:
         res["device"] = None
