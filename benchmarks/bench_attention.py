@@ -195,12 +195,6 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         # the blocks form (one 2-D dot a 32-value block, no zero rows; nineteenth session, untimed)
         grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "blocks"}
                  for bn, pps, w, st in itertools.product([32, 64, 128], [2, 4], [2, 4], [2, 3])]
-        # the imma form (int8 x int8 integer tensor-core dots a block, q and p in int8 terms; 135
-        # registers at 64 keys and 4 warps offline against the rows form's 225: more programs a SM)
-        grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "imma"}
-                 for bn, pps, w, st in itertools.product([32, 64, 128], [2, 4, 8], [4, 8], [2, 3])]
-        grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_impl": "imma",
-                  "q8_imma_terms": (3, 3)} for pps in (2, 4)]
     if impls:   # the q8_0 forms asked for (a variant without q8_impl is the default form, "rows";
         # q8_kernel False the generic kernel, "generic")
         form = lambda c: "generic" if c.get("q8_kernel") is False else c.get("q8_impl", "rows")
@@ -343,7 +337,7 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    help="sweep as the captured step launches: a device-held position at each of these depths "
                         "over a --ctx-row buffer ('' : n_keys = ctx, the host-known length)")
     p.add_argument("--sweep-impls", default="", help="sweep only these q8_0 forms (rows, batched, "
-                   "blocks, imma, generic; '' all)")
+                   "blocks, generic; '' all)")
     p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--scaling", action="store_true", help="decode time vs context: fixed cost + GB/s")
     p.add_argument("--ctxs", default="4096,16384,32768", help="decode grid contexts ('' skips the grid)")

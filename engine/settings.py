@@ -70,8 +70,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "kernel)", numerics=True),
     _s("KVBENCH_DECODE_Q8_IMPL", "choice", "rows", "q8_0's own decode kernel: rows (2-D float16 dots "
        "over block rows), batched (per-block 3-D dots) or blocks (one 2-D dot a 32-value block; "
-       "head_dim 32, 64, 128) or imma (the blocks form on int8 x int8 integer tensor-core dots, q and p "
-       "in int8 terms; head_dim 32, 64, 128)", numerics=True, choices=("rows", "batched", "blocks", "imma")),
+       "head_dim 32, 64, 128)", numerics=True, choices=("rows", "batched", "blocks")),
     _s("KVBENCH_DECODE_FUSE", "bool", False, "decode combine fused into the last split program",
        numerics=True),
     _s("KVBENCH_DECODE_COMBINE_BLOCK", "int", 128, "splits the decode combine reads per step of its "

@@ -104,8 +104,7 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     k, v = dequant(cache)
     assert_close(f"ref-vs-oracle decode {fmt}", oracle(q[None], k, v, T - 1, scale)[0], ref, 1e-5)
     for cfg in ({"block_n": 16}, {"block_n": 32, "q8_kernel": False},    # several splits, every q8_0 path
-                {"block_n": 16, "q8_impl": "batched"}, {"block_n": 16, "q8_impl": "blocks"},
-                {"block_n": 16, "q8_impl": "imma"}):
+                {"block_n": 16, "q8_impl": "batched"}, {"block_n": 16, "q8_impl": "blocks"}):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
 
@@ -215,8 +214,7 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
     bad = []
     for cfg in ({"block_n": 16}, {"block_n": 32, "fuse_combine": True}, {"block_n": 16, "q8_impl": "batched"},
                 {"block_n": 64}, {"block_n": 128, "num_stages": 2}, {"block_n": 16, "q8_impl": "blocks"},
-                {"block_n": 64, "q8_impl": "blocks", "fuse_combine": True}, {"block_n": 16, "q8_impl": "imma"},
-                {"block_n": 64, "q8_impl": "imma", "fuse_combine": True}):
+                {"block_n": 64, "q8_impl": "blocks", "fuse_combine": True}):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)
         print(f"q8_0 kernel {cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")

@@ -5,7 +5,8 @@ twenty-first session's question: every q8_0 form sits at 254-255 registers on th
 bf16's split kernel does not; which constexprs move that, without spending device time.
 
 Contract: for each variant of the built-in list (``--only`` picks some by name: the rows kernel at the H100's
-default tiles with 2- and 1-term splits, its ablations, the blocks form and its int8 (imma) form,
+default tiles with 2- and 1-term splits, its ablations, the blocks form (its int8 "imma" form,
+removed, is in commit b2a901c),
 the bf16 split kernel) compile at coder30b's geometry (4 KV heads x 128, 32 query heads), with a launch's
 specializations (16-byte aligned pointers and strides), and print registers, stack, shared
 memory, SASS instructions (all, and in the main loop by opcode) and whether loads are pipelined
@@ -44,7 +45,6 @@ def q8_variants():
     base = dict(HKV=HKV, G=G, D=D, NB=NB, BLOCK_N=64, Q_TERMS=2, P_TERMS=2, FUSE=False, S_PAD=128,
                 BLOCK_S=128, DEV_POS=True)
     rows = dict(base, G_PAD=8, QN=8192.0, PN=8192.0, ROW_L=True, S64=False, SKIP_QK=False, SKIP_PV=False)
-    imma = dict(base, G_PAD=16, QN=8192.0, PN=8192.0, INT8=True)     # the blocks kernel's int8 form
     out = [("rows (2,2) bn64 w4", da._decode_q8_rows_kernel, rows, 4, 3),
            ("rows (1,1) bn64 w4", da._decode_q8_rows_kernel, dict(rows, Q_TERMS=1, P_TERMS=1), 4, 3),
            ("rows (2,2) bn32 w4", da._decode_q8_rows_kernel, dict(rows, BLOCK_N=32), 4, 3),
@@ -52,10 +52,6 @@ def q8_variants():
            ("rows no qk", da._decode_q8_rows_kernel, dict(rows, SKIP_QK=True), 4, 3),
            ("rows no pv", da._decode_q8_rows_kernel, dict(rows, SKIP_PV=True), 4, 3),
            ("rows no qk, no pv", da._decode_q8_rows_kernel, dict(rows, SKIP_QK=True, SKIP_PV=True), 4, 3),
-           ("imma (4,4) bn64 w4", da._decode_q8_blocks_kernel, dict(imma, Q_TERMS=4, P_TERMS=4), 4, 3),
-           ("imma (4,4) bn32 w4", da._decode_q8_blocks_kernel, dict(imma, Q_TERMS=4, P_TERMS=4, BLOCK_N=32), 4, 3),
-           ("imma (4,4) bn64 w2", da._decode_q8_blocks_kernel, dict(imma, Q_TERMS=4, P_TERMS=4), 2, 3),
-           ("imma (3,3) bn64 w4", da._decode_q8_blocks_kernel, dict(imma, Q_TERMS=3, P_TERMS=3), 4, 3),
            ("blocks (2,2) bn64 w4", da._decode_q8_blocks_kernel, dict(base, G_PAD=16, QN=8192.0, PN=8192.0), 4, 3)]
     bf16 = dict(G=G, G_PAD=16, D=D, BLOCK_N=32, KFMT=1, VFMT=1, PREC="tf32x3", SPLIT=True, FUSE=False,
                 S_PAD=128, BLOCK_S=128, DEV_POS=True, WINDOW=0, RING=0)

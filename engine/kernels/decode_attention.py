@@ -18,12 +18,11 @@ product; ``batched`` makes the block a batch axis of
 3-D dots (Triton lowers those poorly: ~0.8 TB/s on the H200); ``blocks`` (head_dim 32 / 64 / 128)
 runs one 2-D dot a 32-value block for the scores and one for each block's output columns, each
 block's quants their own tile, so no operand carries the rows form's zeros (3/4 of it at
-head_dim 128) and p has one layout; ``imma`` (head_dim 32 / 64 / 128) runs the blocks form's dots on
-the integer tensor cores, the stored int8 quants against int8 terms of q and of p times the V
-scales (``q8_imma_terms``, 4 each by default: ~2^-28 of a row's largest value), exact int32 dots
-combined in float32. Only ``rows`` has been the default; the others stay selectable for the
-sweeps (timings: docs/perf-notes.md; a form that dequantized the tiles in registers, measured
-slower in reports/h100-2026-12-06b, was removed). ``cfg={"q8_kernel": False}`` reads q8_0 through the generic
+head_dim 128) and p has one layout. Only ``rows`` has been the default; the others stay
+selectable for the sweeps (timings: docs/perf-notes.md). Two more forms were measured slower and
+removed: tiles dequantized in registers (reports/h100-2026-12-06b; commit f548d24 has it) and
+int8 x int8 integer tensor-core dots over int8 terms of q and p (reports/h100-2026-12-06c;
+commit b2a901c has it). ``cfg={"q8_kernel": False}`` reads q8_0 through the generic
 kernel instead (dequantized to float32 tiles, tf32x3 dots).
 Sliding windows (``window``) and ring buffers (``ring_rows``, ``engine.kv_ring``) are read by
 the generic kernel: its splits cover only the window's keys, a ring's rows taken modulo.
@@ -61,7 +60,6 @@ CONFIG = {
     "q8_kernel": True,        # q8_0's own kernel
     "fuse_combine": False,    # combine in the last program
     "q8_terms": (2, 2),       # float16 terms of q and p in the q8_0 dots (2: ~fp32, 1: ~2^-11)
-    "q8_imma_terms": (4, 4),  # int8 terms of q and p in the imma form (4: ~2^-28 of a row's largest, 3: 2^-21)
     "q8_norms": (8192, 8192),  # the rows kernel's power-of-two targets for |q| and |p * dv| rows
     # the rows kernel's one-s guards (l per row, s in float64): l per row alone holds the H100
     # magnitude test (2.03e-7, as both; 8.47e-5 with neither) and costs 0.7 us at coder30b ctx
@@ -452,98 +450,13 @@ def _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, b: tl.constexpr, oj, RQ: tl.c
 
 
 @triton.jit
-def _i8_terms(x, TERMS: tl.constexpr):
-    """float32 x with |x| <= 64 -> int8 terms t1..t4 with x ~ t1 + t2/128 + t3/128^2 + t4/128^3
-    (TERMS of them; the others 0): each term rounds to nearest, the remainder (|r| <= 1/2) scaled by
-    128 stays within [-64, 64], and every step is exact in float32; the error is <= 2^-(7 TERMS) of
-    the bound 64 (the row's largest value, within a factor of 2): 2^-21 at 3 terms, 2^-28 at 4."""
-    f1 = tl.floor(x + 0.5)
-    r = (x - f1) * 128.0
-    f2 = tl.floor(r + 0.5)
-    t2 = f2.to(tl.int8)
-    t3 = t2 * 0
-    t4 = t2 * 0
-    if TERMS >= 3:
-        r = (r - f2) * 128.0
-        f3 = tl.floor(r + 0.5)
-        t3 = f3.to(tl.int8)
-        if TERMS >= 4:
-            r = (r - f3) * 128.0
-            t4 = tl.floor(r + 0.5).to(tl.int8)
-    return f1.to(tl.int8), t2, t3, t4
-
-
-@triton.jit
-def _idot(a1, a2, a3, a4, b, TERMS: tl.constexpr):
-    """(a1 + a2/128 + a3/128^2 + a4/128^3) @ b over int8 operands: exact int32 dots on the integer
-    tensor cores; terms paired in int32 (d1 * 128 + d2 and d3 * 128 + d4: |d| <= 64 * 127 * K, so a
-    pair stays below 2^31 for K <= 2048) and the pairs combined in float32."""
-    hi = tl.dot(a1, b, out_dtype=tl.int32) * 128 + tl.dot(a2, b, out_dtype=tl.int32)
-    if TERMS == 2:
-        return hi.to(tl.float32) * (1.0 / 128.0)
-    lo = tl.dot(a3, b, out_dtype=tl.int32)
-    if TERMS == 4:
-        return hi.to(tl.float32) * (1.0 / 128.0) + (lo * 128 + tl.dot(a4, b, out_dtype=tl.int32)).to(tl.float32) * (1.0 / 2097152.0)
-    return hi.to(tl.float32) * (1.0 / 128.0) + lo.to(tl.float32) * (1.0 / 16384.0)
-
-
-@triton.jit
-def _blk_q(Q, qrow, gmask, oj, b: tl.constexpr, qk_scale, QN: tl.constexpr, TERMS: tl.constexpr,
-           INT8: tl.constexpr):
-    """The blocks kernel's block ``b`` of q as its dots take it: (hi, lo, -, -, qn) float16 terms,
-    or (t1, t2, t3, t4, qs) int8 terms with INT8."""
-    if INT8:
-        q = tl.load(Q + qrow[:, None] + b * QK + oj[None, :], mask=gmask[:, None], other=0.0) * qk_scale
-        qs = _pow2_at_least(tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)) / 64.0
-        t1, t2, t3, t4 = _i8_terms(q / qs[:, None], TERMS)
-        return t1, t2, t3, t4, qs
-    else:
-        qh, ql, qn = _q8_q_block(Q, qrow, gmask, oj, b, qk_scale, QN, TERMS)
-        return qh, ql, qh, ql, qn
-
-
-@triton.jit
-def _blk_qk(KQ, KS, rows, mask_n, kcol, scol, b: tl.constexpr, oj, RQ: tl.constexpr, RS: tl.constexpr,
-            x1, x2, x3, x4, xn, TERMS: tl.constexpr, INT8: tl.constexpr):
-    """Block ``b``'s part of the scores [G_PAD, BN] from ``_blk_q``'s terms."""
-    if INT8:
-        kq = tl.load(KQ + rows[:, None] * RQ + kcol + b * QK + oj[None, :], mask=mask_n[:, None], other=0)
-        dk = tl.load(KS + rows * RS + scol + b, mask=mask_n, other=0.0).to(tl.float32)
-        return _idot(x1, x2, x3, x4, tl.trans(kq), TERMS) * xn[:, None] * dk[None, :]
-    else:
-        return _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, b, oj, RQ, RS, x1, x2, xn, TERMS)
-
-
-@triton.jit
-def _blk_pv(VQ, VS, rows, mask_n, kcol, scol, b: tl.constexpr, oj, RQ: tl.constexpr, RS: tl.constexpr,
-            p, acc, alpha, PN: tl.constexpr, TERMS: tl.constexpr, INT8: tl.constexpr):
-    """Block ``b``'s output columns [G_PAD, QK] rescaled by ``alpha`` and advanced by this tile; with
-    INT8, w = p * dv_b as int8 terms of w / ws (ws a power of two per head over 64)."""
-    if INT8:
-        vq = tl.load(VQ + rows[:, None] * RQ + kcol + b * QK + oj[None, :], mask=mask_n[:, None], other=0)
-        dv = tl.load(VS + rows * RS + scol + b, mask=mask_n, other=0.0).to(tl.float32)
-        w = p * dv[None, :]
-        ws = _pow2_at_least(tl.maximum(tl.max(tl.abs(w), axis=1), 1e-30)) / 64.0
-        w1, w2, w3, w4 = _i8_terms(w / ws[:, None], TERMS)
-        return acc * alpha[:, None] + _idot(w1, w2, w3, w4, vq, TERMS) * ws[:, None]
-    else:
-        return _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, b, oj, RQ, RS, p, acc, alpha, PN, TERMS)
-
-
-@triton.jit
 def _decode_q8_blocks_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
                              n_keys, keys_per_split, n_splits, qk_scale,
                              HKV: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, D: tl.constexpr,
                              NB: tl.constexpr, BLOCK_N: tl.constexpr,
                              Q_TERMS: tl.constexpr, P_TERMS: tl.constexpr, FUSE: tl.constexpr,
                              S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr,
-                             QN: tl.constexpr = 8192.0, PN: tl.constexpr = 8192.0, INT8: tl.constexpr = False):
-    # INT8 (the "imma" form): the same dots on the integer tensor cores, both operands int8: the
-    # stored K and V quants enter them as they are (read into the MMA layout with ldmatrix, where
-    # an int8 -> float16 operand went through LDS and byte permutes: reports/cpu-2026-12-06), and
-    # q (per head and block) and p * dv (per head) are normalised by a power of two and split into
-    # Q_TERMS / P_TERMS int8 terms (2..4; ~2^-7T of the row's largest value: a fixed point per
-    # row), each an exact int32 dot, combined in float32 (_blk_q, _blk_qk, _blk_pv dispatch).
+                             QN: tl.constexpr = 8192.0, PN: tl.constexpr = 8192.0):
     # q8_0's decode kernel one block of 32 values at a time ("blocks"; NB = 1, 2 or 4 blocks a
     # head, i.e. head_dim 32, 64 or 128): every dot is 2-D and carries no zeros beyond G_PAD's,
     #   s[g, n]       = sum_b dk[n, b] * (q[g, b-block] . kq[n, b-block])     NB dots [G_PAD, QK] x [QK, BN]
@@ -568,14 +481,14 @@ def _decode_q8_blocks_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUN
     qrow = (h * G + og) * D
     kcol = h * D
     scol = h * NB
-    q0a, q0b, q0c, q0d, q0n = _blk_q(Q, qrow, gmask, oj, 0, qk_scale, QN, Q_TERMS, INT8)
+    q0h, q0l, q0n = _q8_q_block(Q, qrow, gmask, oj, 0, qk_scale, QN, Q_TERMS)
     acc0 = tl.zeros([G_PAD, QK], tl.float32)
     if NB >= 2:
-        q1a, q1b, q1c, q1d, q1n = _blk_q(Q, qrow, gmask, oj, 1, qk_scale, QN, Q_TERMS, INT8)
+        q1h, q1l, q1n = _q8_q_block(Q, qrow, gmask, oj, 1, qk_scale, QN, Q_TERMS)
         acc1 = tl.zeros([G_PAD, QK], tl.float32)
     if NB == 4:
-        q2a, q2b, q2c, q2d, q2n = _blk_q(Q, qrow, gmask, oj, 2, qk_scale, QN, Q_TERMS, INT8)
-        q3a, q3b, q3c, q3d, q3n = _blk_q(Q, qrow, gmask, oj, 3, qk_scale, QN, Q_TERMS, INT8)
+        q2h, q2l, q2n = _q8_q_block(Q, qrow, gmask, oj, 2, qk_scale, QN, Q_TERMS)
+        q3h, q3l, q3n = _q8_q_block(Q, qrow, gmask, oj, 3, qk_scale, QN, Q_TERMS)
         acc2 = tl.zeros([G_PAD, QK], tl.float32)
         acc3 = tl.zeros([G_PAD, QK], tl.float32)
     lo = sp * keys_per_split
@@ -586,31 +499,23 @@ def _decode_q8_blocks_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUN
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         rows = offs_n.to(tl.int64)
-        s = _blk_qk(KQ, KS, rows, mask_n, kcol, scol, 0, oj, RQ, RS, q0a, q0b, q0c, q0d, q0n,
-                    Q_TERMS, INT8)
+        s = _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, 0, oj, RQ, RS, q0h, q0l, q0n, Q_TERMS)
         if NB >= 2:
-            s += _blk_qk(KQ, KS, rows, mask_n, kcol, scol, 1, oj, RQ, RS, q1a, q1b, q1c, q1d, q1n,
-                    Q_TERMS, INT8)
+            s += _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, 1, oj, RQ, RS, q1h, q1l, q1n, Q_TERMS)
         if NB == 4:
-            s += _blk_qk(KQ, KS, rows, mask_n, kcol, scol, 2, oj, RQ, RS, q2a, q2b, q2c, q2d, q2n,
-                    Q_TERMS, INT8)
-            s += _blk_qk(KQ, KS, rows, mask_n, kcol, scol, 3, oj, RQ, RS, q3a, q3b, q3c, q3d, q3n,
-                    Q_TERMS, INT8)
+            s += _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, 2, oj, RQ, RS, q2h, q2l, q2n, Q_TERMS)
+            s += _q8_qk_block(KQ, KS, rows, mask_n, kcol, scol, 3, oj, RQ, RS, q3h, q3l, q3n, Q_TERMS)
         s = tl.where(mask_n[None, :], s, float("-inf"))                                      # [G_PAD, BN]
         m_new = tl.maximum(m, tl.max(s, axis=1))
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])                                                      # <= 1
         l = l * alpha + tl.sum(p, axis=1)
-        acc0 = _blk_pv(VQ, VS, rows, mask_n, kcol, scol, 0, oj, RQ, RS, p, acc0, alpha, PN, P_TERMS,
-                           INT8)
+        acc0 = _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, 0, oj, RQ, RS, p, acc0, alpha, PN, P_TERMS)
         if NB >= 2:
-            acc1 = _blk_pv(VQ, VS, rows, mask_n, kcol, scol, 1, oj, RQ, RS, p, acc1, alpha, PN, P_TERMS,
-                           INT8)
+            acc1 = _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, 1, oj, RQ, RS, p, acc1, alpha, PN, P_TERMS)
         if NB == 4:
-            acc2 = _blk_pv(VQ, VS, rows, mask_n, kcol, scol, 2, oj, RQ, RS, p, acc2, alpha, PN, P_TERMS,
-                           INT8)
-            acc3 = _blk_pv(VQ, VS, rows, mask_n, kcol, scol, 3, oj, RQ, RS, p, acc3, alpha, PN, P_TERMS,
-                           INT8)
+            acc2 = _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, 2, oj, RQ, RS, p, acc2, alpha, PN, P_TERMS)
+            acc3 = _q8_pv_block(VQ, VS, rows, mask_n, kcol, scol, 3, oj, RQ, RS, p, acc3, alpha, PN, P_TERMS)
         m = m_new
     o = (h * G + og) * n_splits + sp
     tl.store(M_OUT + o, m, mask=gmask)
@@ -766,10 +671,10 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D) and window is None:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
-        if cfg["q8_impl"] not in ("rows", "batched", "blocks", "imma"):
-            raise ValueError(f"q8_impl must be 'rows', 'batched', 'blocks' or 'imma', not {cfg['q8_impl']!r}")
-        if cfg["q8_impl"] in ("blocks", "imma") and nb not in (1, 2, 4):
-            raise ValueError(f"q8_impl {cfg['q8_impl']!r} serves head_dim 32, 64 or 128 (1, 2 or 4 blocks a head), "
+        if cfg["q8_impl"] not in ("rows", "batched", "blocks"):
+            raise ValueError(f"q8_impl must be 'rows', 'batched' or 'blocks', not {cfg['q8_impl']!r}")
+        if cfg["q8_impl"] == "blocks" and nb not in (1, 2, 4):
+            raise ValueError(f"q8_impl 'blocks' serves head_dim 32, 64 or 128 (1, 2 or 4 blocks a head), "
                              f"not {D}: use 'rows'")
         rows_form = cfg["q8_impl"] == "rows"
         ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
@@ -777,15 +682,11 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_ablate {cfg['q8_ablate']!r}: 'qk' and/or 'pv', on the rows kernel only "
                              f"(this launch: {cfg['q8_impl']})")
         kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel,
-                "blocks": _decode_q8_blocks_kernel, "imma": _decode_q8_blocks_kernel}[cfg["q8_impl"]]
+                "blocks": _decode_q8_blocks_kernel}[cfg["q8_impl"]]
         g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
         terms = {"Q_TERMS": cfg["q8_terms"][0], "P_TERMS": cfg["q8_terms"][1]}
-        if cfg["q8_impl"] == "imma":    # int8 terms: q8_imma_terms (2..4 each), not the float16 ones
-            terms = {"Q_TERMS": cfg["q8_imma_terms"][0], "P_TERMS": cfg["q8_imma_terms"][1]}
-            if not all(2 <= t <= 4 for t in cfg["q8_imma_terms"]):
-                raise ValueError(f"q8_imma_terms {cfg['q8_imma_terms']!r}: 2 to 4 int8 terms each for q and p")
-        if cfg["q8_impl"] in ("blocks", "imma"):
-            terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]), INT8=cfg["q8_impl"] == "imma")
+        if cfg["q8_impl"] == "blocks":
+            terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]))
         if rows_form:
             terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]),
                          ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
@@ -795,7 +696,6 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                          "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
                          "combine_block": 0 if fuse else comb["BLOCK_S"],
                          "q8_terms": [terms["Q_TERMS"], terms["P_TERMS"]],
-                         "q8_term_type": "int8" if cfg["q8_impl"] == "imma" else "float16",
                          **({"q8_guards": list(map(bool, cfg["q8_guards"]))} if rows_form else {}),
                          **({"q8_ablate": sorted(ablate)} if ablate else {})})
         LAUNCHES.compiled(kern[(n_kv_heads, splits)](
