@@ -9,8 +9,11 @@ of that many tokens: median of ``--reps``), and the time one step spends in the 
 (``CpuExperts.run`` timed with the device synced around it, in a pass of its own after each
 timed one, so the tok/s pays no such syncs), and the bytes a token reads on
 each side (``planner.decode_read_bytes``) with the rates they imply (trunk GB/s at the measured
-tok/s; host experts' GB/s over the time spent in them). Then two isolated timings for
-one layer of k experts: the host CPU path (``HostQ4Experts``, at each ``--threads``) and
+tok/s; host experts' GB/s over the time spent in them, and that rate's share of the host's
+read rate at the cases' thread count, timed once at the start: ``engine.native.read_rate`` over
+``--host-read-mib``, ``host_read`` in the JSON). Then two isolated timings for
+one layer of k experts: the host CPU paths (torch int4 ``HostQ4Experts`` as ``host_us``, and
+``engine.native`` as ``native_us`` where it builds, at each ``--threads``) and
 the device kernels (``moe_decode_blocks`` on Q4_0 blocks against ``moe_decode`` on bf16
 stacks, ``triton.testing.do_bench``). Prints one line per case and writes JSON to ``--out``.
 The llama.cpp side of the comparison is ``benchmarks/bench_llamacpp.py run --n-cpu-moe N``
@@ -157,6 +160,18 @@ def _greedy(eng, tok: int, n: int) -> None:
         tok = int(eng.decode(tok).argmax())
 
 
+def host_read(mib: int) -> dict:
+    """The host's read rate at torch's thread count (``engine.native.read_rate`` over ``mib`` MiB),
+    or why it was not measured (``--host-read-mib 0``, no native build): never a silent zero."""
+    if mib <= 0:
+        return {"skipped": "--host-read-mib 0"}
+    from engine import native
+    ok, why = native.available()
+    if not ok:
+        return {"skipped": f"engine.native unavailable: {why}"}
+    return native.read_rate(mib << 20, threads=torch.get_num_threads())
+
+
 def layer_timings(spec, threads: list[int], reps: int = 50) -> dict:
     """One layer of k experts: the host int4 path per thread count, the device kernels."""
     from engine.cpu_experts import HostQ4Experts
@@ -186,6 +201,15 @@ def layer_timings(spec, threads: list[int], reps: int = 50) -> dict:
         for _ in range(reps):
             host(x, ids, p)
         out["host_us"][n] = 1e6 * (time.perf_counter() - t) / reps
+    from engine import native
+    if native.available()[0]:           # the cpu tier's default path where it builds
+        out["native_us"], out["native_simd"] = {}, native.simd()
+        for n in threads:
+            native.moe_q4_decode(x, ids, p, *stacks, threads=n)
+            t = time.perf_counter()
+            for _ in range(reps):
+                native.moe_q4_decode(x, ids, p, *stacks, threads=n)
+            out["native_us"][n] = 1e6 * (time.perf_counter() - t) / reps
     torch.set_num_threads(prev)
     if torch.cuda.is_available():
         import triton.testing
@@ -231,6 +255,9 @@ def main(argv=None) -> int:
     ap.add_argument("--wave-budget", default=None,
                     help="the plan's attention wave scratch (e.g. 32MiB; default the engine's 256 MiB): "
                          "held on the card, so at one budget a smaller wave leaves room for more experts")
+    ap.add_argument("--host-read-mib", type=int, default=512,
+                    help="MiB of host memory read to time the host's read rate at the cases' thread count "
+                         "(engine.native.read_rate: the roof the host experts' rate is read against); 0 skips it")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
     try:
@@ -264,7 +291,9 @@ def main(argv=None) -> int:
     # in this bench against 0.76 GiB in a fresh process after the same load), which every case's
     # process reading then carried
     result = {"model": args.model, "device": torch.cuda.get_device_name() if dev == "cuda" else "cpu",
-              "torch": torch.__version__, "cases": cases, "layer": None, "context_vram_mib": context_mib}
+              "torch": torch.__version__, "cases": cases, "layer": None, "context_vram_mib": context_mib,
+              "host_read": host_read(args.host_read_mib)}
+    roof = result["host_read"].get("gb_s")
     for spec_case in args.cases.split(","):
         budget, n, *rest = spec_case.split(":")
         wf = rest[0] if rest else args.weight_format
@@ -348,13 +377,19 @@ def main(argv=None) -> int:
                 if case["process_vram_mib"] is not None:  # CUDA context, cuBLAS, graphs: beyond the allocator
                     case["process_vram_outside_allocator_mib"] = case["process_vram_mib"] - case["cuda_reserved_mib"]
                 torch.cuda.reset_peak_memory_stats()
+            for c in case["decode"]:
+                if roof and "host_experts_gb_s" in c:     # how close the host experts run to the host's memory
+                    c["host_experts_of_read"] = c["host_experts_gb_s"] / roof
             cases.append(case)
             speeds = ", ".join((f"GPU share {c['gpu_share']} (applied {c['gpu_share_applied']}): "
                                 if len(shares) > 1 else "")
                                + f"d{c['depth']} {c['tok_s']:.1f} tok/s"
                                + f", trunk reads {c['trunk_read_gb_s']:.0f} GB/s"
                                + (f" (host experts {c['host_experts_ms_per_step']:.2f} of {c['step_ms']:.2f} ms, "
-                                  f"{c['host_experts_gb_s']:.1f} GB/s)" if "step_ms" in c else "")
+                                  f"{c['host_experts_gb_s']:.1f} GB/s"
+                                  + (f" = {100 * c['host_experts_of_read']:.0f}% of the host's read rate "
+                                     f"{roof:.1f}" if "host_experts_of_read" in c else "") + ")"
+                                  if "step_ms" in c else "")
                                + (f" (host blocks over PCIe >= {c['pcie_read_gb_s']:.1f} GB/s)"
                                   if "pcie_read_gb_s" in c else "")
                                + (f" ({c['host_node_layers']} layers' host experts as host nodes in "
@@ -375,7 +410,9 @@ def main(argv=None) -> int:
     if dev == "cuda":
         torch.cuda.empty_cache()
     layer = result["layer"] = layer_timings(spec, threads)
-    print(f"one layer, k={spec.n_experts_used}: host {layer['host_us']} us, pack {layer['pack_layer_s']:.2f} s"
+    print(f"one layer, k={spec.n_experts_used}: host torch int4 {layer['host_us']} us"
+          + (f", native (simd {layer['native_simd']}) {layer['native_us']} us" if "native_us" in layer else "")
+          + f", pack {layer['pack_layer_s']:.2f} s"
           + (f"; device blocks {layer['device_blocks_us']:.1f} us vs bf16 {layer['device_bf16_us']:.1f} us"
              if "device_blocks_us" in layer else ""), flush=True)
     if args.out:

@@ -16,9 +16,18 @@ def test_cases_record_what_was_applied(tmp_path):
     out = tmp_path / "cpu_moe.json"
     assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--cases", "none:auto,none:2:q8_0,1MiB:auto,none:2:q8_0:pcie,none:1:q8_0:dma",
                                "--kv", "fp32", "--depths", "8", "--tokens", "2", "--reps", "1",
-                               "--weight-format", "f32", "--threads", "1", "--out", str(out)]) == 0
+                               "--weight-format", "f32", "--threads", "1", "--host-read-mib", "16",
+                               "--out", str(out)]) == 0
     r = json.loads(out.read_text())
     auto, two, refused, pcie, dma = r["cases"]
+    from engine import native
+    if native.available()[0]:            # the host's read rate, and the host experts' share of it
+        assert r["host_read"]["bytes"] == 16 << 20 and r["host_read"]["gb_s"] > 0
+        d2 = two["decode"][0]
+        assert abs(d2["host_experts_of_read"] - d2["host_experts_gb_s"] / r["host_read"]["gb_s"]) < 1e-12
+        assert r["layer"]["native_us"]["1"] > 0
+    else:
+        assert "skipped" in r["host_read"] and "host_experts_of_read" not in two["decode"][0]
     assert dma["host_experts"] == "dma" and dma["plan_max_abs_diff"] == 0
     dd = dma["decode"][0]                # a routing sync and copies a layer: timed as host experts
     assert dd["host_experts_ms_per_step"] > 0 and dd["host_experts_gb_s"] > 0

@@ -164,7 +164,7 @@ def test_native_cpu_experts_decode_as_the_exact_engine_does(mini, monkeypatch):
     # unset: the AVX2 build is the default, the portable one is not; the maths says which ran
     monkeypatch.delenv("KVBENCH_CPU_MOE_NATIVE")
     on, why = native.default_on()
-    assert on == (native.simd() == 2), why
+    assert on == (native.simd() >= 2), why
     assert (native.MATH in cpu.cpu_expert_math) == on
     cpu.prefill(PROMPT)
     assert torch.equal(cpu.decode(3), got if on else int4)
@@ -193,7 +193,7 @@ def test_host_nodes_make_the_hybrid_step_one_graph(monkeypatch):
     them; the tokens and logits are those of the split graphs (the same C function over the
     same bytes), the reason says so, and each layer's job ran once per step without error."""
     from engine import native
-    if native.simd() != 2:
+    if native.simd() < 2:
         pytest.skip("engine.native without AVX2 is not the cpu tier's path here")
     monkeypatch.setenv("KVBENCH_CPU_MOE_NATIVE", "1")
     kw = dict(kv_dtype="bf16", device="cuda", ctx=64, weight_format="q8_0", expert_format="blocks")

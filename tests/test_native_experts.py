@@ -64,7 +64,7 @@ def test_the_portable_path_computes_what_the_vector_path_does(monkeypatch):
     gate, up, down = stack((8, 96, 128), gen), stack((8, 96, 128), gen), stack((8, 128, 96), gen)
     x, ids, w = torch.randn(128, generator=gen), [1, 6, 3], [0.5, 0.3, 0.2]
     vec = native.moe_q4_decode(x, ids, w, gate, up, down)
-    if native.simd() != 2:
+    if native.simd() < 2:
         pytest.skip("this CPU has no AVX2: its default build is the portable path already")
     monkeypatch.setenv("KVBENCH_NATIVE_MARCH", "x86-64")
     plain = native.moe_q4_decode(x, ids, w, gate, up, down)
@@ -72,6 +72,26 @@ def test_the_portable_path_computes_what_the_vector_path_does(monkeypatch):
     ref = native.moe_q4_decode_ref(x, ids, w, gate, up, down)
     assert ((plain.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
     assert ((plain - vec).abs().max() / vec.abs().max()).item() < 1e-5
+
+
+@pytest.mark.parametrize("d,ff", [(128, 96), (2048, 768)])
+def test_the_avx512_path_computes_what_the_avx2_path_does(monkeypatch, d, ff):
+    """Where this CPU has AVX-512 VNNI (simd 3: two blocks a step, vpdpbusd), the AVX2 build
+    (-march=haswell) gives the same layer to float32 summation order, both within the reference's
+    bound; 96 / 32 = 3 blocks leaves an odd last block to the AVX2 loop of the AVX-512 build."""
+    if native.simd() != 3:
+        pytest.skip("this CPU's build has no AVX-512 VNNI path")
+    gen = torch.Generator().manual_seed(d + ff)
+    gate, up, down = stack((8, ff, d), gen), stack((8, ff, d), gen), stack((8, d, ff), gen)
+    x, ids, w = torch.randn(d, generator=gen), [1, 6, 3, 0], [0.4, 0.3, 0.2, 0.1]
+    wide = native.moe_q4_decode(x, ids, w, gate, up, down, threads=2)
+    monkeypatch.setenv("KVBENCH_NATIVE_MARCH", "haswell")
+    assert native.simd() == 2
+    avx2 = native.moe_q4_decode(x, ids, w, gate, up, down, threads=2)
+    ref = native.moe_q4_decode_ref(x, ids, w, gate, up, down)
+    for y in (wide, avx2):
+        assert ((y.double() - ref).abs().max() / ref.abs().max()).item() < 1e-5
+    assert ((wide - avx2).abs().max() / avx2.abs().max()).item() < 1e-5 and not torch.equal(wide, torch.zeros_like(wide))
 
 
 def test_native_experts_refuse_what_they_cannot_read():
@@ -109,3 +129,22 @@ def test_a_host_job_computes_what_the_call_does():
     assert torch.isnan(job.run()).all() and job.rc != 0
     with pytest.raises(ConfigError, match="k = 65"):
         native.HostJob(gate, up, down, k=65)
+
+
+@pytest.mark.parametrize("n,threads", [(1, 1), (1001, 2), (1 << 16, 2)])
+def test_read_xor_is_the_xor_of_every_word(n, threads):
+    """read_rate's kernel reads every word once whatever the thread split: its XOR equals numpy's
+    over the same words (odd lengths leave a remainder to one thread's range)."""
+    buf = torch.randint(-2 ** 62, 2 ** 62, (n,), generator=torch.Generator().manual_seed(n), dtype=torch.int64)
+    want = int(np.bitwise_xor.reduce(buf.numpy()))
+    assert native.read_xor(buf, threads) == want % 2 ** 64
+    with pytest.raises(ConfigError, match="int64"):
+        native.read_xor(buf.to(torch.int32))
+
+
+def test_read_rate_times_the_bytes_asked():
+    r = native.read_rate(1 << 24, threads=1, reps=3)
+    assert r["bytes"] == 1 << 24 and r["threads"] == 1 and len(r["gb_s_all"]) == 3
+    assert 0 < min(r["gb_s_all"]) <= r["gb_s"] <= max(r["gb_s_all"])
+    with pytest.raises(ConfigError, match="repetitions"):
+        native.read_rate(1 << 10, reps=0)

@@ -6,7 +6,8 @@ Contract: builds ``--layers`` layers of random Q4_0 experts in coder30b's geomet
 d 2048, ff 768, k 8; ~340 MB of blocks a layer, so the bytes read exceed the last-level cache),
 then, per ``--threads``, times k fresh random experts a step on each path (median us a step over
 ``--steps``, after a warm-up step), with the bytes each reads and the rate that implies, and the
-two paths' distance from the exact float64 maths on one token. Prints a line a thread count and
+two paths' distance from the exact float64 maths on one token, and the host's read rate at each
+thread count (``engine.native.read_rate``: the roof). Prints a line a thread count and
 writes JSON to ``--out``. Runs on any host with a C compiler.
 
     python benchmarks/oneoff/native_experts_bench.py --layers 3 --threads 1,2 --out native.json
@@ -95,6 +96,10 @@ def main(argv=None) -> int:
             row[f"{name}_us"] = round(us, 1)
             row[f"{name}_gb_s"] = round((int4_bytes if name == "torch_int4" else blocks_bytes) / us / 1e3, 2)
         row["speedup"] = round(row["torch_int4_us"] / row["native_q4q8_us"], 2)
+        # the host's read roof at this thread count (engine.native.read_rate, 512 MiB): how far the
+        # native path's rate is from the memory it reads
+        row["read_gb_s"] = round(native.read_rate(threads=n)["gb_s"], 2)
+        row["native_of_read"] = round(row["native_q4q8_gb_s"] / row["read_gb_s"], 3)
         res["rows"].append(row)
         print(" ".join(f"{k} {v}" for k, v in row.items()), flush=True)
     torch.set_num_threads(prev)

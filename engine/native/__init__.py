@@ -16,8 +16,9 @@ Building: ``gcc`` (``$CC``) compiles ``q4q8.c`` with ``-O3 -march=native -fopenm
 cache (``$KVBENCH_CACHE/native`` or ``~/.cache/kvbench/native``), keyed by the source, the flags
 and this CPU's model and flags (a library built for another CPU is never loaded). Without a
 compiler ``available()`` says why and ``moe_q4_decode`` raises ``ConfigError``; nothing falls
-back silently. ``simd()`` says which path was compiled (2: AVX2, 0: portable C);
-``default_on()`` whether the cpu tier takes it when not told (the AVX2 build only).
+back silently. ``simd()`` says which path was compiled (3: AVX-512 with VNNI, two blocks a step;
+2: AVX2; 0: portable C); ``default_on()`` whether the cpu tier takes it when not told (a vector
+build: 2 or 3).
 
     y = native.moe_q4_decode(h[0], [3, 17, 40, 99, 5, 6, 7, 8], [0.125] * 8, gate, up, down)
 """
@@ -85,6 +86,8 @@ def _build(march: str = "native") -> tuple[ctypes.CDLL | None, str]:
     dll.kvb_simd.restype = ctypes.c_int
     dll.kvb_run_job.argtypes = [p]
     dll.kvb_run_job.restype = None
+    dll.kvb_read_xor.argtypes = [p, ctypes.c_long, ctypes.c_int]
+    dll.kvb_read_xor.restype = ctypes.c_uint64
     return dll, ""
 
 
@@ -95,7 +98,7 @@ def available() -> tuple[bool, str]:
 
 
 def simd() -> int:
-    """The vector path compiled: 2 (AVX2) or 0 (portable C)."""
+    """The vector path compiled: 3 (AVX-512 VNNI), 2 (AVX2) or 0 (portable C)."""
     return _lib().kvb_simd()
 
 
@@ -113,9 +116,9 @@ def _default_on(march: str) -> tuple[bool, str]:
     dll, why = _build(march)
     if dll is None:
         return False, why
-    if dll.kvb_simd() != 2:
+    if dll.kvb_simd() < 2:
         return False, f"built without AVX2 (-march={march}): the portable C path is not the default"
-    return True, "built here with AVX2"
+    return True, "built here with " + ("AVX-512 VNNI" if dll.kvb_simd() == 3 else "AVX2")
 
 
 def _lib() -> ctypes.CDLL:
@@ -124,6 +127,36 @@ def _lib() -> ctypes.CDLL:
         raise ConfigError(f"the native CPU expert kernel is not available: {why}",
                           "install gcc (or set CC), or use the torch int4 path")
     return dll
+
+
+def read_xor(buf: torch.Tensor, threads: int | None = None) -> int:
+    """The XOR of ``buf``'s 64-bit words (a contiguous host int64 tensor), read by ``threads``
+    OpenMP threads (default torch's count): ``read_rate``'s kernel, checked by the tests."""
+    if buf.dtype != torch.int64 or buf.device.type != "cpu" or not buf.is_contiguous():
+        raise ConfigError(f"native.read_xor: a contiguous host int64 tensor, not {buf.dtype} on {buf.device}",
+                          "pass torch.int64 host memory")
+    return int(_lib().kvb_read_xor(buf.data_ptr(), buf.numel(), int(threads or torch.get_num_threads())))
+
+
+def read_rate(nbytes: int = 512 << 20, threads: int | None = None, reps: int = 5) -> dict:
+    """The host's read bandwidth at ``threads`` (default torch's count), through the same compiler
+    and OpenMP runtime as the expert kernel: ``nbytes`` of host memory (filled, so resident; larger
+    than a last-level cache by default) read ``reps`` times after one untimed pass. Returns
+    ``{"bytes", "threads", "gb_s"`` (the median pass), ``"gb_s_all"}``: the roof a host expert
+    layer's rate is read against (a layer reads its k experts' blocks once a token)."""
+    import statistics
+    import time
+    if nbytes < 8 or reps < 1:
+        raise ConfigError(f"native.read_rate: {nbytes} bytes, {reps} repetitions", "read at least one word once")
+    th = int(threads or torch.get_num_threads())
+    buf = torch.arange(nbytes // 8, dtype=torch.int64)
+    read_xor(buf, th)
+    rates = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        read_xor(buf, th)
+        rates.append(buf.numel() * 8 / (time.perf_counter() - t) / 1e9)
+    return {"bytes": buf.numel() * 8, "threads": th, "gb_s": statistics.median(rates), "gb_s_all": rates}
 
 
 def _check(gate, up, down) -> tuple[int, int, int]:

@@ -11,6 +11,12 @@
 #if defined(__AVX2__) || defined(__F16C__)
 #include <immintrin.h>
 #endif
+/* AVX-512 with VNNI (vpdpbusd): two blocks a step in dot_rows4, the AVX2 loop for an odd last block */
+#if defined(__AVX2__) && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VNNI__)
+#define KVB_AVX512_VNNI 1
+#else
+#define KVB_AVX512_VNNI 0
+#endif
 
 static inline float half_to_float(uint16_t h) {
 #ifdef __F16C__
@@ -64,18 +70,58 @@ static inline void dot_rows4(const uint8_t *qs, size_t qstride, const uint16_t *
             sc[r][b] = half_to_float(d[b]) * dx[b];
     }
 #ifdef __AVX2__
+    float tot[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int b = 0;
+#if KVB_AVX512_VNNI
+    /* two blocks a step in 512-bit registers: a row's 32 bytes split into its low nibbles [b0 0-15 |
+     * b1 0-15] and high ones [b0 16-31 | b1 16-31], x's two blocks reordered to match once for the
+     * four rows; the nibbles (0..15, unsigned) dot x with vpdpbusd, started from -8 * sum(x) over
+     * the same four values a lane, so each lane holds sum (w - 8) x exactly; lanes 0-3 and 8-11 are
+     * block b's, 4-7 and 12-15 block b + 1's, each scaled by its block's scale */
+    {
+        __m512 acc5[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
+        const __m256i low = _mm256_set1_epi8(0x0f);
+        const __m512i eight = _mm512_set1_epi8(8);
+        const __m512i pick = _mm512_set_epi32(1, 1, 1, 1, 0, 0, 0, 0, 1, 1, 1, 1, 0, 0, 0, 0);
+        for (; b + 2 <= nb; b += 2) {
+            if ((b & 3) == 0) {        /* as the AVX2 loop below */
+                for (int r = 4; r < 12; r++)
+                    _mm_prefetch((const char *)(qs + r * qstride + 16 * b), _MM_HINT_T1);
+                if ((b & 31) == 0)
+                    for (int r = 4; r < 12; r++)
+                        _mm_prefetch((const char *)(dw + r * dstride + b), _MM_HINT_T1);
+            }
+            __m512i x = _mm512_loadu_si512((const void *)(qx + 32 * b));
+            x = _mm512_shuffle_i64x2(x, x, _MM_SHUFFLE(3, 1, 2, 0));          /* [b0 lo, b1 lo, b0 hi, b1 hi] */
+            const __m512i nc = _mm512_sub_epi32(_mm512_setzero_si512(),
+                                                _mm512_dpbusd_epi32(_mm512_setzero_si512(), eight, x));
+            for (int r = 0; r < 4; r++) {
+                const __m256i raw = _mm256_loadu_si256((const __m256i *)(qs + r * qstride + 16 * b));
+                const __m512i w = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(raw, low)),
+                                                     _mm256_and_si256(_mm256_srli_epi16(raw, 4), low), 1);
+                const __m512 s = _mm512_permutexvar_ps(pick, _mm512_castps128_ps512(
+                    _mm_castsi128_ps(_mm_loadl_epi64((const __m128i *)(sc[r] + b)))));
+                acc5[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(_mm512_dpbusd_epi32(nc, w, x)), s, acc5[r]);
+            }
+        }
+        for (int r = 0; r < 4; r++)
+            tot[r] = _mm512_reduce_add_ps(acc5[r]);
+    }
+#endif
     __m256 acc[4] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
     const __m128i low = _mm_set1_epi8(0x0f);
     const __m256i eight = _mm256_set1_epi8(8);
     const __m256i ones = _mm256_set1_epi16(1);
-    for (int b = 0; b < nb; b++) {
+    for (; b < nb; b++) {
         __m256i x = _mm256_loadu_si256((const __m256i *)(qx + 32 * b));
-        if ((b & 3) == 0) {        /* the lines at this offset 4 and 8 rows on: DRAM latency hidden */
+        /* the lines at this offset 4 to 11 rows on, into L2 (T1: more misses in flight than L1's fill
+         * buffers hold; 12-15% faster than T0 on the 2-core box, 2026-12-06) */
+        if ((b & 3) == 0) {
             for (int r = 4; r < 12; r++)
-                _mm_prefetch((const char *)(qs + r * qstride + 16 * b), _MM_HINT_T0);
+                _mm_prefetch((const char *)(qs + r * qstride + 16 * b), _MM_HINT_T1);
             if ((b & 31) == 0)
                 for (int r = 4; r < 12; r++)
-                    _mm_prefetch((const char *)(dw + r * dstride + b), _MM_HINT_T0);
+                    _mm_prefetch((const char *)(dw + r * dstride + b), _MM_HINT_T1);
         }
         for (int r = 0; r < 4; r++) {
             __m128i raw = _mm_loadu_si128((const __m128i *)(qs + r * qstride + 16 * b));
@@ -90,7 +136,7 @@ static inline void dot_rows4(const uint8_t *qs, size_t qstride, const uint16_t *
         __m128 s = _mm_add_ps(_mm256_castps256_ps128(acc[r]), _mm256_extractf128_ps(acc[r], 1));
         s = _mm_hadd_ps(s, s);
         s = _mm_hadd_ps(s, s);
-        out[r] = _mm_cvtss_f32(s);
+        out[r] = tot[r] + _mm_cvtss_f32(s);
     }
 #else
     for (int r = 0; r < 4; r++) {
@@ -108,8 +154,21 @@ static inline void dot_rows4(const uint8_t *qs, size_t qstride, const uint16_t *
 #endif
 }
 
+/* The host's read rate through this library's compiler and OpenMP: the XOR of n 64-bit words of
+ * buf, read by nthreads threads over static ranges (the XOR keeps the reads from being elided).
+ * The roof the experts' rate is read against (benchmarks; engine.native.read_rate). */
+uint64_t kvb_read_xor(const uint64_t *buf, long n, int nthreads) {
+    uint64_t total = 0;
+#pragma omp parallel for schedule(static) num_threads(nthreads) reduction(^ : total)
+    for (long i = 0; i < n; i++)
+        total ^= buf[i];
+    return total;
+}
+
 int kvb_simd(void) {
-#ifdef __AVX2__
+#if KVB_AVX512_VNNI
+    return 3;
+#elif defined(__AVX2__)
     return 2;
 #else
     return 0;
@@ -133,27 +192,33 @@ int kvb_moe_q4_decode(const float *x, int d, int ff, int k, const int64_t *ids, 
     }
     int8_t *qa = qx + d;
     float *dx = fl, *gu = dx + nbd, *a = gu + (size_t)k * 2 * ff, *da = a + (size_t)k * ff;
-    quantize_blocks(x, d, qx, dx);
-    const size_t grow = (size_t)d / 2, gsc = (size_t)nbd;
-#pragma omp parallel for schedule(static) num_threads(nthreads)
-    for (long r4 = 0; r4 < (long)k * 2 * ff / 4; r4++) {
-        const long r = 4 * r4, e = r / (2 * ff), j = r % (2 * ff);      /* 4 rows of one matrix: ff % 4 == 0 */
-        const size_t row = (size_t)ids[e] * ff + (size_t)(j < ff ? j : j - ff);
-        dot_rows4((j < ff ? gate_qs : up_qs) + row * grow, grow, (j < ff ? gate_d : up_d) + row * gsc, gsc,
-                  qx, dx, nbd, gu + r);
-    }
-    for (int e = 0; e < k; e++) {
-        for (int j = 0; j < ff; j++) {
-            float g = gu[(size_t)e * 2 * ff + j], u = gu[(size_t)e * 2 * ff + ff + j];
-            a[(size_t)e * ff + j] = g / (1.0f + expf(-g)) * u;
-        }
-        quantize_blocks(a + (size_t)e * ff, ff, qa + (size_t)e * ff, da + (size_t)e * nbf);
-    }
-    const size_t drow = (size_t)ff / 2, dsc = (size_t)nbf;
-    /* each thread a contiguous range of output rows, expert by expert: one long stream of each
-     * expert's down rows at a time (interleaving the k experts row by row starved the prefetchers) */
+    const size_t grow = (size_t)d / 2, gsc = (size_t)nbd, drow = (size_t)ff / 2, dsc = (size_t)nbf;
+    /* one parallel region, four phases with a barrier after each: x to 8-bit blocks; the k experts'
+     * gate/up rows; SiLU(gate) * up to 8-bit blocks, a block at a time; the output rows (the two
+     * middle phases ran on one thread until 2026-12-06: ~1/9 of a layer at 16 threads) */
 #pragma omp parallel num_threads(nthreads)
     {
+#pragma omp for schedule(static)
+        for (long b = 0; b < nbd; b++)
+            quantize_blocks(x + 32 * b, 32, qx + 32 * b, dx + b);
+#pragma omp for schedule(static)
+        for (long r4 = 0; r4 < (long)k * 2 * ff / 4; r4++) {
+            const long r = 4 * r4, e = r / (2 * ff), j = r % (2 * ff);      /* 4 rows of one matrix: ff % 4 == 0 */
+            const size_t row = (size_t)ids[e] * ff + (size_t)(j < ff ? j : j - ff);
+            dot_rows4((j < ff ? gate_qs : up_qs) + row * grow, grow, (j < ff ? gate_d : up_d) + row * gsc, gsc,
+                      qx, dx, nbd, gu + r);
+        }
+#pragma omp for schedule(static)
+        for (long eb = 0; eb < (long)k * nbf; eb++) {
+            const long e = eb / nbf, b = eb % nbf;
+            const float *g = gu + (size_t)e * 2 * ff + 32 * b, *u = g + ff;
+            float *ab = a + (size_t)e * ff + 32 * b;
+            for (int j = 0; j < 32; j++)
+                ab[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+            quantize_blocks(ab, 32, qa + (size_t)e * ff + 32 * b, da + (size_t)e * nbf + b);
+        }
+        /* each thread a contiguous range of output rows, expert by expert: one long stream of each
+         * expert's down rows at a time (interleaving the k experts row by row starved the prefetchers) */
 #ifdef _OPENMP
         const int nt = omp_get_num_threads(), t = omp_get_thread_num();
 #else
