@@ -161,33 +161,55 @@ class _Tok:
 
 
 class _TimedEngine:
-    """prefill/generate that take the wall time the test dictates (sleep), one call after another."""
+    """prefill/generate that take the wall time the test dictates, one call after another: asleep,
+    or (``clock``) by advancing the clock the check reads, so the samples are exactly those times
+    (a 0.06 s sleep overshot enough on a loaded 2-core box to read a CV above 10% once)."""
 
-    def __init__(self, pp_s, tg_s):
+    def __init__(self, pp_s, tg_s, clock=None):
         self.pp_s, self.tg_s = list(pp_s), list(tg_s)
         self.tokenizer = _Tok()
+        self.clock = clock
+
+    def _take(self, dt: float) -> None:
+        if self.clock is None:
+            time.sleep(dt)
+        else:
+            self.clock.t += dt
 
     def prefill(self, tokens):
-        time.sleep(self.pp_s.pop(0) if self.pp_s else 0.0)
+        self._take(self.pp_s.pop(0) if self.pp_s else 0.0)
 
     def generate(self, prompt, n, stop_at_eos=True):
-        time.sleep(self.tg_s.pop(0) if self.tg_s else 0.0)
+        self._take(self.tg_s.pop(0) if self.tg_s else 0.0)
         return [0] * n
 
 
-def _run_throughput(pp_s, tg_s):
+class _Clock:
+    """time.perf_counter for the check under test: the time the fake engine took, nothing else."""
+
+    def __init__(self):
+        self.t = 1000.0
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _run_throughput(pp_s, tg_s, monkeypatch):
     from harness import checks
     from harness.checks.base import CaseContext
     from harness.checks.throughput import ThroughputConfig
     from harness.schema import SuiteSection
+    clock = _Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
     cfg = ThroughputConfig(kind="throughput", pp=8, tg=4, repeats=5, warmup=0)
-    out = checks.get("throughput").measure(_TimedEngine(pp_s, tg_s), cfg, None,
+    out = checks.get("throughput").measure(_TimedEngine(pp_s, tg_s, clock), cfg, None,
                                            CaseContext("m", "fp32", "fp32", SuiteSection(name="t"), "cpu", 0))
+    monkeypatch.undo()
     return {m.name: m for m in out.metrics}, out
 
 
-def test_throughput_marks_a_wide_spread_unstable_and_keeps_every_sample():
-    m, out = _run_throughput([0.06] * 5, [0.02, 0.08, 0.02, 0.08, 0.04])
+def test_throughput_marks_a_wide_spread_unstable_and_keeps_every_sample(monkeypatch):
+    m, out = _run_throughput([0.06] * 5, [0.02, 0.08, 0.02, 0.08, 0.04], monkeypatch)
     samples = out.series["tg4_samples"]
     assert len(samples) == 5 and len(out.series["tg4_load1"]) == 5 and len(out.series["tg4_others_cpu"]) == 5
     # independent: CV of the samples the check kept, by numpy
@@ -196,6 +218,7 @@ def test_throughput_marks_a_wide_spread_unstable_and_keeps_every_sample():
     assert m["tg4"].value == pytest.approx(float(np.median(samples)))
     assert cv > 10 and m["tg4 unstable"].value is True and "unstable" in m["tg4"].detail
     assert m["pp8 unstable"].value is False and m["pp8 CV"].value < 10 and m["pp8"].detail is None
+    assert sorted(samples) == pytest.approx(sorted(4 / t for t in (0.02, 0.08, 0.02, 0.08, 0.04)))
     assert out.info["repeats"] == 5 and out.info["cpu_count"] >= 1
 
 
