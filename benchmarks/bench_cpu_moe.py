@@ -5,7 +5,8 @@ with ``expert_format="blocks"`` at each ``--cases`` (budget:cpu_moe[:weights], w
 non-expert matrices' format, e.g. q8_0 as llama.cpp keeps them) x ``--kv`` and
 records: the applied ``cpu_moe`` and decode path, plan vs ledger (max |diff|), load seconds,
 greedy decode tok/s at each ``--depths`` (greedy ``decode`` steps after a fast-path prefill
-of that many tokens: median of ``--reps``), and the time one step spends in the host experts
+of that many tokens: median of ``--reps``; each timed step's milliseconds as ``step_ms_reps``, and
+any step over ten times their median as ``stalls``), and the time one step spends in the host experts
 (``CpuExperts.run`` timed with the device synced around it, in a pass of its own after each
 timed one, so the tok/s pays no such syncs), and the bytes a token reads on
 each side (``planner.decode_read_bytes``) with the rates they imply (trunk GB/s at the measured
@@ -91,7 +92,7 @@ def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") 
     # the synced pass cannot time them, and is not run (no zero recorded as their time)
     nodes = node_layers(eng) if eng.decode_path == "cuda_graph" else []
     timed_host = bool(eng.model.host_expert_layers()) and not nodes
-    tok_s, host_ms, host_pass_tok_s, prefill_s = [], [], [], []
+    tok_s, host_ms, host_pass_tok_s, prefill_s, step_ms = [], [], [], [], []
     # untimed warm-up: the first step at a depth compiles and captures (call 3's first repetition:
     # 1.5 tok/s against 84-85 for the next two)
     eng.set_prefill_path(prefill_path)
@@ -111,7 +112,7 @@ def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") 
         eng.set_prefill_path("exact")
         _sync()
         t = time.perf_counter()
-        _greedy(eng, prompt[-1], n)
+        step_ms.append(_greedy(eng, prompt[-1], n))
         _sync()
         dt = time.perf_counter() - t
         tok_s.append(n / dt)
@@ -134,7 +135,15 @@ def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") 
            "host_node_layers": len(nodes),
            "captured_graphs": len(eng._static.graphs) if getattr(eng, "_static", None) is not None else None,
            "process_vram_after_warmup_mib": vram_warm,
-           "prefill_s": statistics.median(prefill_s)}
+           "prefill_s": statistics.median(prefill_s),
+           # each timed repetition's steps (ms): a slow repetition shows whether every step was slow
+           # or one stalled (reports/h100-2026-12-06c: 9 tok/s repetitions beside 85-100)
+           "step_ms_reps": [[round(x, 3) for x in r] for r in step_ms]}
+    med = statistics.median(x for r in step_ms for x in r)
+    stalls = [{"rep": i, "step": j, "ms": round(ms, 1)} for i, r in enumerate(step_ms) for j, ms in enumerate(r)
+              if ms > 10 * med]                 # a step ten times the median: named, not averaged away
+    if stalls:
+        out["stalls"] = stalls
     # what a token reads where (planner.decode_read_bytes) and the rate that implies: the
     # step's bytes over its time, against the device's and the host's bandwidth
     from engine.planner import decode_read_bytes
@@ -155,9 +164,15 @@ def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") 
     return out
 
 
-def _greedy(eng, tok: int, n: int) -> None:
+def _greedy(eng, tok: int, n: int) -> list[float]:
+    """n greedy steps; each step's wall milliseconds (its argmax is read back: the step's own sync,
+    so the per-step clock adds none)."""
+    ms = []
     for _ in range(n):
+        t = time.perf_counter()
         tok = int(eng.decode(tok).argmax())
+        ms.append(1e3 * (time.perf_counter() - t))
+    return ms
 
 
 def host_read(mib: int) -> dict:
@@ -392,6 +407,8 @@ def main(argv=None) -> int:
                                   if "step_ms" in c else "")
                                + (f" (host blocks over PCIe >= {c['pcie_read_gb_s']:.1f} GB/s)"
                                   if "pcie_read_gb_s" in c else "")
+                               + (f" [{len(c['stalls'])} stalled step(s), the longest {max(s['ms'] for s in c['stalls'])} ms]"
+                                  if c.get("stalls") else "")
                                + (f" ({c['host_node_layers']} layers' host experts as host nodes in "
                                   f"{c['captured_graphs']} graph(s), untimed)" if c["host_node_layers"] else "")
                                for c in case["decode"])

@@ -42,6 +42,9 @@ def test_cases_record_what_was_applied(tmp_path):
     assert "host_experts_ms_per_step" not in auto["decode"][0]
     d = two["decode"][0]
     assert 0 < d["host_experts_ms_per_step"] < d["step_ms"] and d["tok_s"] > 0
+    # every timed step's clock kept: 1 repetition of 2 tokens, whose sum is the repetition's time
+    assert len(d["step_ms_reps"]) == 1 and len(d["step_ms_reps"][0]) == 2
+    assert 2 / (sum(d["step_ms_reps"][0]) / 1e3) >= d["tok_s"]
     assert d["host_read_bytes"] > 0 and d["host_experts_gb_s"] > 0 and d["trunk_read_gb_s"] > 0
     a = auto["decode"][0]              # no host experts: nothing timed there, its reads are the trunk's
     assert "host_experts_gb_s" not in a and d["host_read_bytes"] > a["host_read_bytes"]
