@@ -62,8 +62,11 @@ def test_the_next_kv_dtype_takes_the_weights_over(tmp_path, capsys):
     assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--cases", "none:2", "--kv", "fp32,bf16",
                                "--depths", "8", "--tokens", "2", "--reps", "1", "--weight-format", "f32",
                                "--threads", "1", "--prefill-path", "exact", "--wave-budget", "8MiB",
-                               "--out", str(out)]) == 0
-    first, second = json.loads(out.read_text())["cases"]
+                               "--host-read-mib", "0", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    first, second = r["cases"]
+    assert r["host_read"] == {"skipped": "--host-read-mib 0"}      # not measured, and says so
+    assert all("host_experts_of_read" not in c["decode"][0] for c in (first, second))
     assert first["decode"][0]["prefill_path"] == "exact"              # the depth filled as asked
     assert (first["weights_reused"], second["weights_reused"]) == (False, True)
     assert first["cpu_moe"] == second["cpu_moe"] == 2 and second["plan_max_abs_diff"] == 0
@@ -82,7 +85,8 @@ def test_gpu_shares_each_timed_and_recorded_and_bad_ones_refused(tmp_path, capsy
     out = tmp_path / "cpu_moe.json"
     assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--cases", "none:2:q8_0", "--kv", "fp32",
                                "--depths", "8", "--tokens", "2", "--reps", "1", "--weight-format", "f32",
-                               "--threads", "1", "--gpu-shares", "0,2", "--out", str(out)]) == 0
+                               "--threads", "1", "--gpu-shares", "0,2", "--host-read-mib", "0",
+                               "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["cases"][0]["decode"]
     assert [r["gpu_share"] for r in rows] == [0, 2]
     assert [r["gpu_share_applied"] for r in rows] == [0, 0]     # asked on a CPU: not applied, and says so
