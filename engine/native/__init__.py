@@ -20,6 +20,9 @@ back silently. ``simd()`` says which path was compiled (3: AVX-512 with VNNI, tw
 2: AVX2; 0: portable C); ``default_on()`` whether the cpu tier takes it when not told (a vector
 build: 2 or 3).
 
+``read_rate(nbytes, threads)`` times the host's read bandwidth through the same compiler and
+OpenMP runtime (``read_xor`` over resident memory): the roof the experts' rate is read against.
+
     y = native.moe_q4_decode(h[0], [3, 17, 40, 99, 5, 6, 7, 8], [0.125] * 8, gate, up, down)
 """
 from __future__ import annotations
@@ -30,7 +33,9 @@ import hashlib
 import os
 import platform
 import shutil
+import statistics
 import subprocess
+import time
 from pathlib import Path
 
 import torch
@@ -144,8 +149,6 @@ def read_rate(nbytes: int = 512 << 20, threads: int | None = None, reps: int = 5
     than a last-level cache by default) read ``reps`` times after one untimed pass. Returns
     ``{"bytes", "threads", "gb_s"`` (the median pass), ``"gb_s_all"}``: the roof a host expert
     layer's rate is read against (a layer reads its k experts' blocks once a token)."""
-    import statistics
-    import time
     if nbytes < 8 or reps < 1:
         raise ConfigError(f"native.read_rate: {nbytes} bytes, {reps} repetitions", "read at least one word once")
     th = int(threads or torch.get_num_threads())
