@@ -233,7 +233,7 @@ for step in $steps; do
             bash "$0" pfprof ;;
     cputier) # (first: engine.native built on this host and timed against torch's int4 path, no GPU needed)
             # (CT_NATIVE_BENCH=0 skips it, CT_PASSIVE=0 the passive-OpenMP profile at the end)
-            [ "${CT_NATIVE_BENCH:-1}" = 1 ] && timeout 120 python3 benchmarks/oneoff/native_experts_bench.py --layers 3 --threads 16,8 \
+            [ "${CT_NATIVE_BENCH:-1}" = 1 ] && timeout 120 python3 benchmarks/oneoff/native_experts_bench.py --layers 3 --threads 16,8 --also-march haswell \
               --out "$OUT/native_experts.json" 2>&1 | tee "$OUT/native-experts.log" | tail -4
             # where a cpu-tier step's host round trip goes (the split's no-gain, perf-notes nineteenth
             # session): the lending and clock GPU tests, then cpu_tier_profile.py at each thread count and

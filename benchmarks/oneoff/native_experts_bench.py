@@ -7,7 +7,8 @@ d 2048, ff 768, k 8; ~340 MB of blocks a layer, so the bytes read exceed the las
 then, per ``--threads``, times k fresh random experts a step on each path (median us a step over
 ``--steps``, after a warm-up step), with the bytes each reads and the rate that implies, and the
 two paths' distance from the exact float64 maths on one token, and the host's read rate at each
-thread count (``engine.native.read_rate``: the roof). Prints a line a thread count and
+thread count (``engine.native.read_rate``: the roof); ``--also-march`` times other builds of the
+native kernel on the same steps (e.g. ``haswell``: the AVX2 path). Prints a line a thread count and
 writes JSON to ``--out``. Runs on any host with a C compiler.
 
     python benchmarks/oneoff/native_experts_bench.py --layers 3 --threads 1,2 --out native.json
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import time
@@ -44,6 +46,9 @@ def main(argv=None) -> int:
     ap.add_argument("--layers", type=int, default=3)
     ap.add_argument("--threads", default="", help="comma list (default: torch's)")
     ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--also-march", default="", help="comma list of other -march builds of the native kernel "
+                                                      "to time beside this CPU's (e.g. haswell: the AVX2 path "
+                                                      "where this CPU has AVX-512)")
     ap.add_argument("--out", type=Path, default=Path("native_experts.json"))
     args = ap.parse_args(argv)
     ok, why = native.available()
@@ -96,6 +101,24 @@ def main(argv=None) -> int:
             row[f"{name}_us"] = round(us, 1)
             row[f"{name}_gb_s"] = round((int4_bytes if name == "torch_int4" else blocks_bytes) / us / 1e3, 2)
         row["speedup"] = round(row["torch_int4_us"] / row["native_q4q8_us"], 2)
+        for march in [m for m in args.also_march.split(",") if m]:     # the same steps on another build
+            prior = os.environ.get("KVBENCH_NATIVE_MARCH")
+            os.environ["KVBENCH_NATIVE_MARCH"] = march
+            try:
+                native.moe_q4_decode(x, picks[0], w, *layers[0][0], threads=n)
+                ts = []
+                for i, sel in enumerate(picks[1:]):
+                    t = time.perf_counter()
+                    native.moe_q4_decode(x, sel, w, *layers[i % len(layers)][0], threads=n)
+                    ts.append(time.perf_counter() - t)
+                row[f"native_{march}_simd"] = native.simd()
+            finally:
+                if prior is None:
+                    os.environ.pop("KVBENCH_NATIVE_MARCH", None)
+                else:
+                    os.environ["KVBENCH_NATIVE_MARCH"] = prior
+            row[f"native_{march}_us"] = round(1e6 * statistics.median(ts), 1)
+            row[f"native_{march}_gb_s"] = round(blocks_bytes / row[f"native_{march}_us"] / 1e3, 2)
         # the host's read roof at this thread count (engine.native.read_rate, 512 MiB): how far the
         # native path's rate is from the memory it reads
         row["read_gb_s"] = round(native.read_rate(threads=n)["gb_s"], 2)
