@@ -253,6 +253,10 @@ for step in $steps; do
             # thread / a second thread / alternating (two OpenMP teams), and as N nodes in one graph
             timeout ${HP_TIMEOUT:-180} python3 benchmarks/oneoff/host_node_probe.py --nodes ${HP_NODES:-20} \
               --out "$OUT/host_node_probe.json" 2>&1 | tee "$OUT/host-node-probe.log" | tail -6 ;;
+    doorbell) # would a doorbell beat the cpu tier's round trip? the round trip as now (sync + launch) against
+            # cuStreamWriteValue32 / cuStreamWaitValue32 on page-locked flags, no work on either side
+            timeout ${DB_TIMEOUT:-120} python3 benchmarks/oneoff/doorbell_probe.py --rounds 20 \
+              --out "$OUT/doorbell.json" 2>&1 | tee "$OUT/doorbell.log" | tail -3 ;;
     contention) # do the CPU's int4 experts and the GPU's PCIe reads share one limit? (the split's
             # no-gain in reports/h100-2026-12-05e): each alone and both at once, per split of k=8
             timeout ${CONT_TIMEOUT:-240} python3 benchmarks/oneoff/host_contention.py ${CONT_ARGS:---layers 6} \
