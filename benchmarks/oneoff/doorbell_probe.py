@@ -18,6 +18,9 @@ median microseconds a round trip over ``--reps`` repetitions, printed and writte
    until flag B holds it); the host polls flag A and writes flag B.
 3. ``doorbell_row``: the same with the row's copy (page-locked -> device) queued after each wait,
    as the copy back would be.
+4. ``doorbell_graph``: every round captured in one CUDA graph (kernel, the row's copy to the host,
+   write flag i of A, wait flag i of B, the copy back), the host resetting the flags before each
+   replay: whether stream capture takes the memory operations at all, and what they cost there.
 
 Both flags are one page-locked int32 pair, the device reaching it through
 ``cuMemHostGetDevicePointer``; the host polls it through a numpy view. A CUDA error in any call is
@@ -124,6 +127,53 @@ def doorbell_rounds(lib, rounds: int, reps: int, d: int, with_row: bool) -> floa
     return statistics.median(times[1:]) * 1e6
 
 
+def doorbell_graph_rounds(lib, rounds: int, reps: int, d: int) -> float:
+    """The doorbell captured: one graph of every round (kernel, row's copy in, write flag i of A,
+    wait flag i of B, row's copy back), so the flags' values are fixed at capture and the host resets
+    them before each replay: whether stream capture takes the memory operations, and their cost
+    inside a graph."""
+    s = torch.cuda.Stream()
+    x = torch.zeros(16, device="cuda")
+    flags = torch.zeros(2 * rounds, dtype=torch.int32, pin_memory=True)
+    view = flags.numpy()
+    dptr = ctypes.c_uint64()
+    check(lib.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), ctypes.c_void_p(flags.data_ptr()), 0),
+          "cuMemHostGetDevicePointer")
+    stage = torch.zeros(d, pin_memory=True)
+    row_dev = torch.zeros(d, device="cuda")
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.stream(s):
+        x.add_(1)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(g, stream=s):
+            stream = ctypes.c_void_p(torch.cuda.current_stream().cuda_stream)
+            for i in range(rounds):
+                x.add_(1)
+                stage.copy_(row_dev, non_blocking=True)
+                check(lib.cuStreamWriteValue32_v2(stream, dptr.value + 4 * i, 1, WRITE_DEFAULT),
+                      "cuStreamWriteValue32 (captured)")
+                check(lib.cuStreamWaitValue32_v2(stream, dptr.value + 4 * (rounds + i), 1, GEQ),
+                      "cuStreamWaitValue32 (captured)")
+                row_dev.copy_(stage, non_blocking=True)
+    times = []
+    for _ in range(reps + 1):
+        torch.cuda.synchronize()
+        view[:] = 0
+        t = time.perf_counter()
+        g.replay()
+        for i in range(rounds):
+            deadline = time.perf_counter() + 5.0
+            while view[i] == 0:
+                if time.perf_counter() > deadline:
+                    view[rounds:] = 1
+                    torch.cuda.synchronize()
+                    raise CudaError(f"captured flag {i} never set: the replayed write did not reach the host")
+            view[rounds + i] = 1
+        torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) / rounds)
+    return statistics.median(times[1:]) * 1e6
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=20, help="round trips a repetition (a step's host layers)")
@@ -140,7 +190,8 @@ def main(argv=None) -> int:
         lib = driver()
         res["doorbell_us"] = doorbell_rounds(lib, args.rounds, args.reps, args.d, with_row=False)
         res["doorbell_row_us"] = doorbell_rounds(lib, args.rounds, args.reps, args.d, with_row=True)
-    except (CudaError, OSError, AttributeError) as exc:
+        res["doorbell_graph_us"] = doorbell_graph_rounds(lib, args.rounds, args.reps, args.d)
+    except (RuntimeError, OSError, AttributeError) as exc:   # CudaError, and a capture torch ends in error
         res["error"] = f"{type(exc).__name__}: {exc}"
     print(json.dumps(res))
     if args.out:
