@@ -243,7 +243,7 @@ for step in $steps; do
             python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
             sync
             timeout ${CT_TIMEOUT:-300} python3 benchmarks/oneoff/cpu_tier_profile.py --budget ${CT_BUDGET:-11468MiB} \
-              --threads ${CT_THREADS:-16,8} --shares ${CT_SHARES:-0,2,4,6} --native ${CT_NATIVE:-0,1} --host-nodes ${CT_NODES:-0} --node-waits ${CT_WAITS:-sleep} \
+              --threads ${CT_THREADS:-16,8} --shares ${CT_SHARES:-0,2,4,6} --native ${CT_NATIVE:-0,1} --host-nodes ${CT_NODES:-0} --node-waits ${CT_WAITS:-sleep} --node-runs ${CT_RUNS:-callback} \
               --out "$OUT/cpu_tier_profile.json" 2>&1 \
               | grep -v "^\s*$" | tee "$OUT/cpu-tier-profile.log" | tail -40
             [ "${CT_PASSIVE:-1}" = 1 ] && OMP_WAIT_POLICY=PASSIVE timeout ${CT_TIMEOUT:-300} python3 benchmarks/oneoff/cpu_tier_profile.py \

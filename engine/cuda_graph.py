@@ -145,6 +145,12 @@ class StaticDecode:
         # team needs (reports/h100-2026-12-06c: 85 us a node layer spinning, 27 asleep)
         self.host_wait = settings.get("KVBENCH_HOST_NODES_WAIT") if self.node_layers else None
         self._wake = torch.cuda.Event(blocking=True) if self.host_wait == "sleep" else None
+        # who runs the host-node layers (applied: ``node_run``; None without host nodes): CUDA's
+        # callback thread, or this thread at each layer's doorbell (flags made before any capture)
+        self.node_run = settings.get("KVBENCH_HOST_NODES_RUN") if self.node_layers else None
+        from . import native
+        self._bell = native.Doorbell(len(self.node_layers)) if self.node_run == "doorbell" else None
+        self._rings: list[list[int]] = []       # per graph: the doorbell nodes it rings, in order
         self.device_embed = bool(settings.get("KVBENCH_DECODE_DEVICE_EMBED")) and \
             self.model.embed_table(dev) is not None
         self.x = torch.zeros(1, spec.d_model, dtype=torch.float32, device=dev)
@@ -213,7 +219,7 @@ class StaticDecode:
         self.pos.fill_(pos)
 
     NODE_SETTINGS = ("KVBENCH_HOST_NODES", "KVBENCH_CPU_MOE_NATIVE", "KVBENCH_CPU_MOE_GPU_SHARE",
-                     "KVBENCH_HOST_NODES_WAIT")
+                     "KVBENCH_HOST_NODES_WAIT", "KVBENCH_HOST_NODES_RUN")
 
     @classmethod
     def _node_env(cls) -> tuple:
@@ -233,8 +239,13 @@ class StaticDecode:
         else:
             if self.graph is None:
                 self._capture()
+            if self._bell is not None:
+                self._bell.reset()
             for k, g in enumerate(self.graphs):
                 g.replay()
+                if self._bell is not None:        # this graph's doorbell layers, run here in order
+                    for j in self._rings[k]:
+                        self._bell.serve(j, self._jobs[j])
                 if k < len(self._host):           # a cpu_moe layer between two graphs
                     experts, h, top_e, top_p, y = self._host[k]
                     experts.run(h, top_e, top_p, out=y)
@@ -272,26 +283,38 @@ class StaticDecode:
         # made between two captures and read by the next graph; a host-node layer
         # (``node_layers``) is recorded inside the graph instead: copy in, host function, copy back
         graphs, host, steps, y, pool = [], [], self._body_steps(), None, None
-        while True:
-            g, result = torch.cuda.CUDAGraph(), None
-            with torch.cuda.graph(g, stream=side, pool=pool):
-                while True:
-                    try:
-                        request = steps.send(y)
-                    except StopIteration as done:
-                        result = done.value
-                        break
-                    if request[0] not in self.node_layers:
-                        break
-                    i, h, top_e, top_p = request
-                    y = self.model.layers[i].experts.node(h, top_e, top_p)
-            pool = pool if pool is not None else g.pool()
-            graphs.append(g)
-            if result is not None:
-                self.logits, self.next = result
-                break
-            i, h, top_e, top_p = request
-            y = torch.zeros(1, self.eng.spec.d_model, dtype=torch.float32, device=self.eng.device)
-            host.append((self.model.layers[i].experts, h, top_e, top_p, y))
+        self._rings = []
+        try:
+            while True:
+                g, result, rings = torch.cuda.CUDAGraph(), None, []
+                with torch.cuda.graph(g, stream=side, pool=pool):
+                    while True:
+                        try:
+                            request = steps.send(y)
+                        except StopIteration as done:
+                            result = done.value
+                            break
+                        if request[0] not in self.node_layers:
+                            break
+                        i, h, top_e, top_p = request
+                        bell = None
+                        if self._bell is not None:
+                            rings.append(self.node_layers.index(i))
+                            bell = (self._bell, rings[-1])
+                        y = self.model.layers[i].experts.node(h, top_e, top_p, doorbell=bell)
+                pool = pool if pool is not None else g.pool()
+                graphs.append(g)
+                self._rings.append(rings)
+                if result is not None:
+                    self.logits, self.next = result
+                    break
+                i, h, top_e, top_p = request
+                y = torch.zeros(1, self.eng.spec.d_model, dtype=torch.float32, device=self.eng.device)
+                host.append((self.model.layers[i].experts, h, top_e, top_p, y))
+        except RuntimeError as exc:   # a doorbell's memory operations this CUDA cannot capture
+            if self._bell is None or isinstance(exc, torch.OutOfMemoryError):
+                raise
+            raise ConfigError(f"KVBENCH_HOST_NODES_RUN=doorbell: the step's capture failed ({type(exc).__name__}: "
+                              f"{str(exc).splitlines()[0][:160]})", "set KVBENCH_HOST_NODES_RUN=callback") from None
         self.pool_bytes = torch.cuda.memory_allocated(self.eng.device) - before
         self.graphs, self._host, self.graph = graphs, host, graphs[0]

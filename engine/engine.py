@@ -274,11 +274,13 @@ class Engine:
         host = host_layers(self) if path == "cuda_graph" else []
         nodes = node_layers(self) if host else []
         if nodes:
+            runner = ("the host thread at each layer's doorbell" if settings.get("KVBENCH_HOST_NODES_RUN") == "doorbell"
+                      else "CUDA's callback thread")
+            waits = "sleeping on a blocking event" if settings.get("KVBENCH_HOST_NODES_WAIT") == "sleep" else "spinning"
             reason += (f"; {len(host)} MoE layers' experts on the host (cpu_moe): {len(nodes)} as host nodes "
                        f"inside the graph (KVBENCH_HOST_NODES), captured as {len(host) - len(nodes) + 1} "
-                       f"graph{'s' if len(host) > len(nodes) else ''}; the host waits for a step by "
-                       f"{'sleeping on a blocking event' if settings.get('KVBENCH_HOST_NODES_WAIT') == 'sleep' else 'spinning'}"
-                       f" (KVBENCH_HOST_NODES_WAIT)")
+                       f"graph{'s' if len(host) > len(nodes) else ''}, run by {runner} (KVBENCH_HOST_NODES_RUN); "
+                       f"the host waits for a step by {waits} (KVBENCH_HOST_NODES_WAIT)")
         elif host:
             reason += (f"; {len(host)} MoE layers' experts on the host (cpu_moe): captured as "
                        f"{len(host) + 1} graphs around them")

@@ -322,16 +322,21 @@ class CpuExperts:
             job = self._job = native.HostJob(*self.blocks, k=k)
         return job
 
-    def node(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    def node(self, h: torch.Tensor, top_e: torch.Tensor, top_p: torch.Tensor, doorbell=None) -> torch.Tensor:
         """Queue this layer's one-token step on the current CUDA stream, with no host sync and no
         Python when it runs (what a captured step records as three nodes): the row and routing
         copied into the job's page-locked stage, ``engine.native``'s host function
         (``native.HostJob``), its output copied back; returns that output [1, d] float32 on
-        ``h``'s device. Call only where ``node_ready``."""
+        ``h``'s device. ``doorbell`` (``(native.Doorbell, i)``): instead of the host function, ring
+        flag ``i`` and wait for the host thread's answer (it runs the job). Call only where
+        ``node_ready``."""
         job = self.prepare_node(top_e.numel())
         src = self._stage_src(h, top_e, top_p)
         job.stage.copy_(src, non_blocking=True)
-        job.launch(torch.cuda.current_stream(h.device))
+        if doorbell is None:
+            job.launch(torch.cuda.current_stream(h.device))
+        else:
+            doorbell[0].ring_and_wait(doorbell[1], torch.cuda.current_stream(h.device))
         y = torch.empty(1, h.shape[-1], dtype=torch.float32, device=h.device)
         return y.copy_(job.out.view(1, -1), non_blocking=True)
 

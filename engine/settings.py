@@ -137,6 +137,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "the native host function, copy back: no Python and no host sync between layers) instead of "
        "ending a graph at it; read when the decode path is set and the step built; layers that cannot "
        "stay graph boundaries, and decode_path_reason counts both"),
+    _s("KVBENCH_HOST_NODES_RUN", "choice", "callback", "who runs a captured step's host-node layers "
+       "(KVBENCH_HOST_NODES): callback (CUDA host functions, on CUDA's callback thread and its own OpenMP "
+       "team) or doorbell (the graph rings a page-locked flag at each layer and waits for the host "
+       "thread's answer: the jobs run on the host thread's OpenMP team, no launch or driver wait between "
+       "layers; engine.native.Doorbell)", choices=("callback", "doorbell")),
     _s("KVBENCH_HOST_NODES_WAIT", "choice", "sleep", "how the host waits for a captured step with host "
        "nodes (KVBENCH_HOST_NODES): sleep (on a blocking CUDA event: the thread gives its core to the "
        "callback thread's OpenMP team, whose static schedule waits for its slowest thread) or spin (CUDA's "

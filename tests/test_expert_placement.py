@@ -216,6 +216,20 @@ def test_host_nodes_make_the_hybrid_step_one_graph(monkeypatch):
     assert eng.generate(PROMPT, 12, stop_at_eos=False) == want
     assert eng._static.host_wait == "spin" and "by spinning" in eng.decode_path_reason
     monkeypatch.delenv("KVBENCH_HOST_NODES_WAIT")
+    # the doorbell: the graph rings a page-locked flag at each node layer and this thread runs the
+    # job (engine.native.Doorbell): the same tokens and logits, every job run once a step
+    monkeypatch.setenv("KVBENCH_HOST_NODES_RUN", "doorbell")
+    eng.set_decode_mode("auto")
+    assert "host thread at each layer's doorbell" in eng.decode_path_reason
+    runs = [eng.model.layers[i].experts._job.runs for i in host]
+    assert eng.generate(PROMPT, 12, stop_at_eos=False) == want
+    assert eng._static.node_run == "doorbell" and len(eng._static.graphs) == 1
+    assert eng._static._rings == [[0, 1, 2]]
+    eng.prefill(PROMPT)
+    assert torch.equal(eng.decode(3), ref)
+    jobs = [eng.model.layers[i].experts._job for i in host]
+    assert all(j.rc == 0 and j.runs - r >= 12 for j, r in zip(jobs, runs)), [(j.rc, j.runs, r) for j, r in zip(jobs, runs)]
+    monkeypatch.delenv("KVBENCH_HOST_NODES_RUN")
     eng.set_decode_mode("auto")
     eng.prefill(PROMPT)
     assert torch.equal(eng.decode(3), ref)                 # the step is built (sleeping wait)

@@ -148,3 +148,27 @@ def test_read_rate_times_the_bytes_asked():
     assert 0 < min(r["gb_s_all"]) <= r["gb_s"] <= max(r["gb_s_all"])
     with pytest.raises(ConfigError, match="repetitions"):
         native.read_rate(1 << 10, reps=0)
+
+
+def test_a_doorbell_runs_the_rung_job_answers_and_gives_up_on_silence():
+    """Doorbell.serve, the host side of KVBENCH_HOST_NODES_RUN=doorbell (the device side, the
+    captured ring and wait, runs on a GPU only: tests/test_expert_placement.py): a rung flag makes
+    it run that node's job here and set the answer flag; a ring that never comes releases every
+    wait (no stream left blocked) and raises a one-line ConfigError naming the setting."""
+    gen = torch.Generator().manual_seed(11)
+    gate, up, down = stack((8, 64, 128), gen), stack((8, 64, 128), gen), stack((8, 128, 64), gen)
+    job = native.HostJob(gate, up, down, k=2, threads=1)
+    x, ids, w = torch.randn(128, generator=gen), [5, 2], [0.7, 0.3]
+    job.fill(x, ids, w)
+    bell = native.Doorbell(2)
+    assert bell.view.tolist() == [0, 0, 0, 0]
+    bell.view[0] = 1                        # what the graph's cuStreamWriteValue32 does at node 0
+    bell.serve(0, job)
+    assert bell.view.tolist() == [1, 0, 1, 0] and job.runs == 1
+    assert torch.equal(job.out, native.moe_q4_decode(x, ids, w, gate, up, down, threads=1))
+    with pytest.raises(ConfigError, match="never rang") as err:
+        bell.serve(1, job, timeout_s=0.05)
+    assert "set KVBENCH_HOST_NODES_RUN=callback" in str(err.value) and "\n" not in str(err.value)
+    assert bell.view.tolist()[2:] == [1, 1] and job.runs == 1
+    bell.reset()
+    assert bell.view.tolist() == [0, 0, 0, 0]

@@ -116,6 +116,8 @@ def main(argv=None) -> int:
                                                       "layers as host nodes inside one graph; no phase clock there)")
     ap.add_argument("--node-waits", default="sleep", help="comma list of KVBENCH_HOST_NODES_WAIT values for the "
                                                           "host-node rows (sleep, spin)")
+    ap.add_argument("--node-runs", default="callback", help="comma list of KVBENCH_HOST_NODES_RUN values for the "
+                                                            "host-node rows (callback, doorbell)")
     ap.add_argument("--depth", type=int, default=16)
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--reps", type=int, default=3)
@@ -151,13 +153,15 @@ def main(argv=None) -> int:
            "cpu_expert_math": eng.cpu_expert_math, "default_threads": torch.get_num_threads(),
            "cpu_count": os.cpu_count(), "rows": [], "profiles": []}
     prior = {k: os.environ.get(k) for k in ("KVBENCH_CPU_MOE_GPU_SHARE", "KVBENCH_CPU_MOE_NATIVE", "KVBENCH_HOST_NODES",
-                                            "KVBENCH_HOST_NODES_WAIT")}
-    waits = args.node_waits.split(",")
+                                            "KVBENCH_HOST_NODES_WAIT", "KVBENCH_HOST_NODES_RUN")}
+    waits, runs = args.node_waits.split(","), args.node_runs.split(",")
     try:
-        for hn, wt, nat, th, share in ((a, w, b, c, d) for a in nodes for w in (waits if a else waits[:1])
-                                       for b in natives for c in threads for d in shares):
+        for hn, rn, wt, nat, th, share in ((a, r, w, b, c, d) for a in nodes for r in (runs if a else runs[:1])
+                                           for w in (waits if a else waits[:1])
+                                           for b in natives for c in threads for d in shares):
             os.environ["KVBENCH_HOST_NODES"] = str(hn)
             os.environ["KVBENCH_HOST_NODES_WAIT"] = wt
+            os.environ["KVBENCH_HOST_NODES_RUN"] = rn
             os.environ["KVBENCH_CPU_MOE_NATIVE"] = str(nat)
             torch.set_num_threads(th)
             os.environ["KVBENCH_CPU_MOE_GPU_SHARE"] = str(share)
@@ -169,12 +173,13 @@ def main(argv=None) -> int:
                    **timed_decode(eng, prompt, args.tokens, args.reps)}
             row["host_node_layers"] = len(eng._static.node_layers) if eng._static is not None else 0
             row["host_wait"] = eng._static.host_wait if eng._static is not None else None   # applied (None: no nodes)
+            row["node_run"] = eng._static.node_run if eng._static is not None else None
             row["decode_path_reason"] = eng.decode_path_reason
             row["gpu_share_applied"] = max(getattr(eng.model.layers[i].experts, "last_gpu_share", 0)
                                            for i in eng.model.host_expert_layers())
             row["cpu_expert_math"] = eng.cpu_expert_math
             res["rows"].append(row)
-            print(f"{args.tag or 'default'} nodes {row['host_node_layers']} wait {row['host_wait']} native {nat} threads {th} share {share} (applied "
+            print(f"{args.tag or 'default'} nodes {row['host_node_layers']} run {row['node_run']} wait {row['host_wait']} native {nat} threads {th} share {share} (applied "
                   f"{row['gpu_share_applied']}): {row['tok_s']} tok/s, step {row['step_us']} us, per host "
                   f"layer {row['phases_us']}, outside host layers {row['outside_host_layers_us']} us", flush=True)
         if args.profile_steps:

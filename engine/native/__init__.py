@@ -259,7 +259,62 @@ def _driver() -> ctypes.CDLL:
         raise ConfigError(f"host nodes need the CUDA driver library: {exc}", "run on a machine with CUDA") from None
     lib.cuLaunchHostFunc.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
     lib.cuLaunchHostFunc.restype = ctypes.c_int
+    for name in ("cuStreamWriteValue32_v2", "cuStreamWaitValue32_v2"):
+        getattr(lib, name).argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_uint]
+        getattr(lib, name).restype = ctypes.c_int
     return lib
+
+
+class Doorbell:
+    """Page-locked int32 flags by which a captured step hands its host-node layers to the host
+    thread (``KVBENCH_HOST_NODES_RUN=doorbell``) instead of to CUDA's callback thread. At node
+    ``i`` the graph writes ``ring[i] = 1`` (``cuStreamWriteValue32``, ordered after the copy of the
+    layer's row into its job's stage) and waits until ``done[i] >= 1`` (``cuStreamWaitValue32``)
+    before it copies the job's output back. The host, after launching the graph, ``serve``s each
+    node in order: polls ``ring[i]``, runs the job on its own thread (its own OpenMP team: no
+    second team, no launch and no driver wait between layers) and sets ``done[i]``. The values are
+    fixed at capture, so ``reset()`` zeroes the flags before each replay. The device reads and
+    writes the flags at their host address (unified addressing, as ``hostmem.device_view``)."""
+
+    def __init__(self, n: int):
+        from ..hostmem import pinned_empty
+        self.n = int(n)
+        self.flags = pinned_empty((2 * self.n,), torch.int32).zero_()
+        self.view = self.flags.numpy()
+        self.addr = self.flags.data_ptr()
+
+    def ring_and_wait(self, i: int, stream) -> None:
+        """Queue node ``i``'s ring and its wait for the host on ``stream`` (captured in a graph)."""
+        lib, s = _driver(), ctypes.c_void_p(stream.cuda_stream)
+        for name, addr in (("cuStreamWriteValue32_v2", self.addr + 4 * i),
+                           ("cuStreamWaitValue32_v2", self.addr + 4 * (self.n + i))):
+            rc = getattr(lib, name)(s, addr, 1, 0)      # write 1 / wait until >= 1 (GEQ)
+            if rc:
+                raise ConfigError(f"KVBENCH_HOST_NODES_RUN=doorbell: {name[:-3]} returned CUDA error {rc}",
+                                  "set KVBENCH_HOST_NODES_RUN=callback")
+
+    def reset(self) -> None:
+        self.view[:] = 0
+
+    def release(self) -> None:
+        """Satisfy every wait (a step given up must not leave the stream blocked)."""
+        self.view[self.n:] = 1
+
+    def serve(self, i: int, job: "HostJob", timeout_s: float = 10.0) -> None:
+        """Wait for node ``i``'s ring, run its job here, answer. A ring that never comes (the
+        graph's write never reached the host) releases the stream and raises."""
+        v, spins, deadline = self.view, 0, None
+        while v[i] == 0:
+            spins += 1
+            if spins & 0xFFFF == 0:
+                now = time.perf_counter()
+                deadline = deadline or now + timeout_s
+                if now > deadline:
+                    self.release()
+                    raise ConfigError(f"KVBENCH_HOST_NODES_RUN=doorbell: host node {i} never rang in "
+                                      f"{timeout_s:.0f} s", "set KVBENCH_HOST_NODES_RUN=callback")
+        job.run()
+        v[self.n + i] = 1
 
 
 class HostJob:
