@@ -252,6 +252,8 @@ class StaticDecode:
             if self._wake is not None:            # asleep until the step (and its host nodes) ran
                 self._wake.record()
                 self._wake.synchronize()
+            elif self._bell is not None:          # the next step's reset() must not meet a wait of
+                torch.cuda.current_stream().synchronize()   # this one's still unevaluated
             out = self.logits, self.next
         self._pos_held, self._token_held = pos + 1, True     # what the step left (device_embed)
         for c in self.resident_caches:            # each MoE layer used k resident experts
