@@ -22,8 +22,8 @@ median microseconds a round trip over ``--reps`` repetitions, printed and writte
    write flag i of A, wait flag i of B, the copy back), the host resetting the flags before each
    replay: whether stream capture takes the memory operations at all, and what they cost there.
 
-Both flags are one page-locked int32 pair, the device reaching it through
-``cuMemHostGetDevicePointer``; the host polls it through a numpy view. A CUDA error in any call is
+The flags are page-locked int32s (``pinned_flags``), the device reaching them through
+``cuMemHostGetDevicePointer``; the host polls them through a numpy view. A CUDA error in any call is
 reported with its code, never as a time.
 
     python benchmarks/oneoff/doorbell_probe.py --rounds 20 --out doorbell.json
@@ -63,17 +63,32 @@ def check(rc: int, what: str) -> None:
         raise CudaError(f"{what} returned CUDA error {rc}")
 
 
-def sync_rounds(rounds: int, reps: int, d: int) -> float:
-    s = torch.cuda.Stream()
-    x = torch.zeros(16, device="cuda")
-    row_host = torch.zeros(d, pin_memory=True)
-    row_dev = torch.zeros(d, device="cuda")
+def pinned_flags(lib, n: int):
+    """n page-locked int32 flags: the tensor, a numpy view the host polls, their device address."""
+    flags = torch.zeros(n, dtype=torch.int32, pin_memory=True)
+    dptr = ctypes.c_uint64()
+    check(lib.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), ctypes.c_void_p(flags.data_ptr()), 0),
+          "cuMemHostGetDevicePointer")
+    return flags, flags.numpy(), dptr.value
+
+
+def one_kernel_graph(s, x):
+    """x.add_(1) captured on stream s (warmed up outside the capture first)."""
     g = torch.cuda.CUDAGraph()
     with torch.cuda.stream(s):
         x.add_(1)
         torch.cuda.synchronize()
         with torch.cuda.graph(g, stream=s):
             x.add_(1)
+    return g
+
+
+def sync_rounds(rounds: int, reps: int, d: int) -> float:
+    s = torch.cuda.Stream()
+    x = torch.zeros(16, device="cuda")
+    row_host = torch.zeros(d, pin_memory=True)
+    row_dev = torch.zeros(d, device="cuda")
+    g = one_kernel_graph(s, x)
     times = []
     for _ in range(reps + 1):
         torch.cuda.synchronize()
@@ -91,12 +106,8 @@ def sync_rounds(rounds: int, reps: int, d: int) -> float:
 def doorbell_rounds(lib, rounds: int, reps: int, d: int, with_row: bool) -> float:
     s = torch.cuda.Stream()
     x = torch.zeros(16, device="cuda")
-    flags = torch.zeros(2, dtype=torch.int32, pin_memory=True)
-    view = flags.numpy()
-    dptr = ctypes.c_uint64()
-    check(lib.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), ctypes.c_void_p(flags.data_ptr()), 0),
-          "cuMemHostGetDevicePointer")
-    a, b = dptr.value, dptr.value + 4
+    flags, view, a = pinned_flags(lib, 2)
+    b = a + 4
     row_host = torch.zeros(d, pin_memory=True)
     row_dev = torch.zeros(d, device="cuda")
     stream = ctypes.c_void_p(s.cuda_stream)
@@ -134,11 +145,7 @@ def doorbell_graph_rounds(lib, rounds: int, reps: int, d: int) -> float:
     inside a graph."""
     s = torch.cuda.Stream()
     x = torch.zeros(16, device="cuda")
-    flags = torch.zeros(2 * rounds, dtype=torch.int32, pin_memory=True)
-    view = flags.numpy()
-    dptr = ctypes.c_uint64()
-    check(lib.cuMemHostGetDevicePointer_v2(ctypes.byref(dptr), ctypes.c_void_p(flags.data_ptr()), 0),
-          "cuMemHostGetDevicePointer")
+    flags, view, addr = pinned_flags(lib, 2 * rounds)
     stage = torch.zeros(d, pin_memory=True)
     row_dev = torch.zeros(d, device="cuda")
     g = torch.cuda.CUDAGraph()
@@ -150,9 +157,9 @@ def doorbell_graph_rounds(lib, rounds: int, reps: int, d: int) -> float:
             for i in range(rounds):
                 x.add_(1)
                 stage.copy_(row_dev, non_blocking=True)
-                check(lib.cuStreamWriteValue32_v2(stream, dptr.value + 4 * i, 1, WRITE_DEFAULT),
+                check(lib.cuStreamWriteValue32_v2(stream, addr + 4 * i, 1, WRITE_DEFAULT),
                       "cuStreamWriteValue32 (captured)")
-                check(lib.cuStreamWaitValue32_v2(stream, dptr.value + 4 * (rounds + i), 1, GEQ),
+                check(lib.cuStreamWaitValue32_v2(stream, addr + 4 * (rounds + i), 1, GEQ),
                       "cuStreamWaitValue32 (captured)")
                 row_dev.copy_(stage, non_blocking=True)
     times = []
