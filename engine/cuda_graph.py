@@ -150,7 +150,7 @@ class StaticDecode:
         self.node_run = settings.get("KVBENCH_HOST_NODES_RUN") if self.node_layers else None
         from . import native
         self._bell = native.Doorbell(len(self.node_layers)) if self.node_run == "doorbell" else None
-        self._rings: list[list[int]] = []       # per graph: the doorbell nodes it rings, in order
+        self._bells: list[list[int]] = []       # per graph: the doorbell nodes it rings, in order
         self.device_embed = bool(settings.get("KVBENCH_DECODE_DEVICE_EMBED")) and \
             self.model.embed_table(dev) is not None
         self.x = torch.zeros(1, spec.d_model, dtype=torch.float32, device=dev)
@@ -244,7 +244,7 @@ class StaticDecode:
             for k, g in enumerate(self.graphs):
                 g.replay()
                 if self._bell is not None:        # this graph's doorbell layers, run here in order
-                    for j in self._rings[k]:
+                    for j in self._bells[k]:
                         self._bell.serve(j, self._jobs[j])
                 if k < len(self._host):           # a cpu_moe layer between two graphs
                     experts, h, top_e, top_p, y = self._host[k]
@@ -285,7 +285,7 @@ class StaticDecode:
         # made between two captures and read by the next graph; a host-node layer
         # (``node_layers``) is recorded inside the graph instead: copy in, host function, copy back
         graphs, host, steps, y, pool = [], [], self._body_steps(), None, None
-        self._rings = []
+        self._bells = []
         try:
             while True:
                 g, result, rings = torch.cuda.CUDAGraph(), None, []
@@ -306,7 +306,7 @@ class StaticDecode:
                         y = self.model.layers[i].experts.node(h, top_e, top_p, doorbell=bell)
                 pool = pool if pool is not None else g.pool()
                 graphs.append(g)
-                self._rings.append(rings)
+                self._bells.append(rings)
                 if result is not None:
                     self.logits, self.next = result
                     break

@@ -224,7 +224,7 @@ def test_host_nodes_make_the_hybrid_step_one_graph(monkeypatch):
     runs = [eng.model.layers[i].experts._job.runs for i in host]
     assert eng.generate(PROMPT, 12, stop_at_eos=False) == want
     assert eng._static.node_run == "doorbell" and len(eng._static.graphs) == 1
-    assert eng._static._rings == [[0, 1, 2]]
+    assert eng._static._bells == [[0, 1, 2]]
     eng.prefill(PROMPT)
     assert torch.equal(eng.decode(3), ref)
     jobs = [eng.model.layers[i].experts._job for i in host]
