@@ -92,7 +92,7 @@ def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") 
     # the synced pass cannot time them, and is not run (no zero recorded as their time)
     nodes = node_layers(eng) if eng.decode_path == "cuda_graph" else []
     timed_host = bool(eng.model.host_expert_layers()) and not nodes
-    tok_s, host_ms, host_pass_tok_s, prefill_s, step_ms = [], [], [], [], []
+    tok_s, host_ms, host_pass_tok_s, prefill_s, step_ms, counters = [], [], [], [], [], []
     # untimed warm-up: the first step at a depth compiles and captures (call 3's first repetition:
     # 1.5 tok/s against 84-85 for the next two)
     eng.set_prefill_path(prefill_path)
@@ -111,10 +111,12 @@ def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") 
         prefill_s.append(time.perf_counter() - t)
         eng.set_prefill_path("exact")
         _sync()
+        c0 = host_counters()
         t = time.perf_counter()
         step_ms.append(_greedy(eng, prompt[-1], n))
         _sync()
         dt = time.perf_counter() - t
+        counters.append(counter_delta(c0, host_counters()))
         tok_s.append(n / dt)
         if timed_host:
             eng.set_prefill_path(prefill_path)
@@ -138,7 +140,9 @@ def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") 
            "prefill_s": statistics.median(prefill_s),
            # each timed repetition's steps (ms): a slow repetition shows whether every step was slow
            # or one stalled (reports/h100-2026-12-06c: 9 tok/s repetitions beside 85-100)
-           "step_ms_reps": [[round(x, 3) for x in r] for r in step_ms]}
+           "step_ms_reps": [[round(x, 3) for x in r] for r in step_ms],
+           # and what the host did meanwhile (host_counters: context switches, faults, CPU jiffies)
+           "host_counters_reps": counters}
     med = statistics.median(x for r in step_ms for x in r)
     stalls = [{"rep": i, "step": j, "ms": round(ms, 1)} for i, r in enumerate(step_ms) for j, ms in enumerate(r)
               if ms > 10 * med]                 # a step ten times the median: named, not averaged away
@@ -162,6 +166,44 @@ def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") 
         # the host experts' bytes over the time spent in them: how close the CPU runs to its memory
         out["host_experts_gb_s"] = reads["host"]["experts"] / (out["host_experts_ms_per_step"] * 1e-3) / 1e9
     return out
+
+
+VMSTAT_KEYS = ("pgmajfault", "pgfault", "thp_fault_alloc", "thp_collapse_alloc", "compact_stall", "numa_hint_faults",
+               "pgscan_kswapd", "pgsteal_kswapd", "nr_dirty", "nr_writeback")
+
+
+def host_counters() -> dict:
+    """What the host did around a timed repetition (Linux /proc; {} elsewhere): this process's
+    context switches summed over its threads (involuntary ones: a thread taken off its core),
+    its page faults, the system's CPU jiffies by kind (another process's or the kernel's work
+    shows in them) and a few /proc/vmstat counters (reclaim, compaction, huge pages, writeback)."""
+    out: dict = {}
+    try:
+        vol = inv = 0
+        for task in Path("/proc/self/task").iterdir():
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith("voluntary_ctxt_switches"):
+                    vol += int(line.split()[1])
+                elif line.startswith("nonvoluntary_ctxt_switches"):
+                    inv += int(line.split()[1])
+        out.update(ctxt_voluntary=vol, ctxt_involuntary=inv)
+        stat = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+        out.update(minflt=int(stat[7]), majflt=int(stat[9]))
+        cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        for name, v in zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"), cpu):
+            out[f"cpu_{name}"] = int(v)
+        for line in Path("/proc/vmstat").read_text().splitlines():
+            k, _, v = line.partition(" ")
+            if k in VMSTAT_KEYS:
+                out[k] = int(v)
+    except (OSError, ValueError, IndexError):
+        pass
+    return out
+
+
+def counter_delta(a: dict, b: dict) -> dict:
+    """``b - a`` for counters both hold (nr_* are levels: ``b``'s value)."""
+    return {k: (b[k] if k.startswith("nr_") else b[k] - a[k]) for k in b if k in a}
 
 
 def _greedy(eng, tok: int, n: int) -> list[float]:

@@ -13,7 +13,9 @@ step after its routing sync). It returns them with the thread count, or raises `
 where it cannot measure (no CUDA device). ``choose(probe, roundtrip_us)`` returns ``(tier,
 reason)``: the tier with the least time a host layer, where "cpu" and "dma" pay a round trip on
 top (``ROUNDTRIP_US``: the routing sync, the copies, a graph boundary) and "pcie" none (one
-graph, no host sync); a tie goes to "pcie". The reason states the numbers.
+graph, no host sync); "cpu" pays the doorbell's hand-off instead (``DOORBELL_US``) where its
+step would run as a host node rung by the graph (``cpu_handoff``); a tie goes to "pcie". The
+reason states the numbers.
 
 The two placements' speeds move with the host independently: the `pcie` placement decoded
 coder30b-synth at 84-88 tok/s on hosts whose PCIe reads ran ~45 GB/s and at 53.6 on one at
@@ -36,6 +38,22 @@ from .errors import ConfigError
 # layers at 42.4 tok/s (23.6 ms a step) where one layer's experts took 917 us and the rest of the
 # step ~2.5 ms: (23.6 - 2.5) / 20 - 0.917 = ~0.14 ms a layer.
 ROUNDTRIP_US = 140.0
+# The same with the doorbell (KVBENCH_HOST_NODES with KVBENCH_HOST_NODES_RUN=doorbell, the default
+# where the tier computes through engine.native): reports/h100-2026-12-06d call 4 decoded 20 cpu-tier
+# layers in 6.80-7.00 ms a step against 8.99-9.18 split at each layer, 100-119 us a layer less.
+DOORBELL_US = 30.0
+
+
+def cpu_handoff(cpu_path: str) -> str:
+    """How a cpu-tier layer's step would hand its row to the CPU and back, read from the settings
+    now: "doorbell" where a captured step would run it as a host node rung by the graph (native
+    path, no GPU share, KVBENCH_HOST_NODES on with KVBENCH_HOST_NODES_RUN=doorbell), else "round
+    trip" (a routing sync and a graph boundary each layer)."""
+    from . import settings
+    if (cpu_path == "native" and settings.get("KVBENCH_HOST_NODES") and not settings.get("KVBENCH_CPU_MOE_GPU_SHARE")
+            and settings.get("KVBENCH_HOST_NODES_RUN") == "doorbell"):
+        return "doorbell"
+    return "round trip"
 
 
 def _random_stack(shape, gen: torch.Generator, pinned: bool):
@@ -107,7 +125,8 @@ def measure(spec, device: torch.device, reps: int = 24) -> dict:
             out.append(a.elapsed_time(b) * 1e3)
         return round(statistics.median(out), 1)
     out = {"cpu_us": round(1e6 * statistics.median(cpu), 1), "pcie_us": device_us(pcie_step),
-           "dma_us": device_us(dma_step), "cpu_path": cpu_path, "threads": torch.get_num_threads(),
+           "dma_us": device_us(dma_step), "cpu_path": cpu_path, "cpu_handoff": cpu_handoff(cpu_path),
+           "threads": torch.get_num_threads(),
            "experts": k, "reps": reps}
     del stage, ids_d, xd, pd, slots
     torch.cuda.empty_cache()          # the staging stacks' device memory back before the load places anything
@@ -117,13 +136,16 @@ def measure(spec, device: torch.device, reps: int = 24) -> dict:
 
 def choose(probe: dict, roundtrip_us: float = ROUNDTRIP_US) -> tuple[str, str]:
     """``(tier, reason)`` from ``measure``'s numbers: the least time a host layer ("dma" only where
-    the probe timed it), "pcie" on a tie."""
+    the probe timed it), "pcie" on a tie. The CPU pays ``DOORBELL_US`` where the probe's
+    ``cpu_handoff`` is "doorbell", ``roundtrip_us`` otherwise; DMA always pays the round trip."""
     k = probe["experts"]
-    cost = {"pcie": probe["pcie_us"], "cpu": probe["cpu_us"] + roundtrip_us}
+    bell = probe.get("cpu_handoff") == "doorbell"
+    cpu_extra = DOORBELL_US if bell else roundtrip_us
+    cost = {"pcie": probe["pcie_us"], "cpu": probe["cpu_us"] + cpu_extra}
     said = [f"{probe['pcie_us']:.0f} us read over PCIe by the GPU (pcie)",
             f"{probe['cpu_us']:.0f} us on the CPU ({probe['threads']} threads"
-            + (f", {probe['cpu_path']} path" if probe.get("cpu_path") else "") + f") + {roundtrip_us:.0f} us round trip "
-            f"= {cost['cpu']:.0f} us (cpu)"]
+            + (f", {probe['cpu_path']} path" if probe.get("cpu_path") else "") + f") + {cpu_extra:.0f} us "
+            + ("doorbell hand-off" if bell else "round trip") + f" = {cost['cpu']:.0f} us (cpu)"]
     if probe.get("dma_us") is not None:
         cost["dma"] = probe["dma_us"] + roundtrip_us
         said.append(f"{probe['dma_us']:.0f} us copied up and computed + {roundtrip_us:.0f} us round trip "

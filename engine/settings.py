@@ -132,12 +132,14 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "unset: native where the layer keeps its blocks and engine.native builds here with AVX2, torch's "
        "int4 path otherwise (cpu_expert_math names the one taken); 1 without a compiler: a step raises",
        numerics=True),
-    _s("KVBENCH_HOST_NODES", "bool", False, "a captured decode step runs each cpu-tier MoE layer that "
+    _s("KVBENCH_HOST_NODES", "bool", True, "a captured decode step runs each cpu-tier MoE layer that "
        "computes through engine.native (no GPU share) as CUDA host nodes inside one graph (copy in, "
        "the native host function, copy back: no Python and no host sync between layers) instead of "
        "ending a graph at it; read when the decode path is set and the step built; layers that cannot "
-       "stay graph boundaries, and decode_path_reason counts both"),
-    _s("KVBENCH_HOST_NODES_RUN", "choice", "callback", "who runs a captured step's host-node layers "
+       "stay graph boundaries, and decode_path_reason counts both. On by default since "
+       "reports/h100-2026-12-06d (with the doorbell: 1.28-1.59x the graphs split at each layer); "
+       "0 splits the step at every cpu-tier layer"),
+    _s("KVBENCH_HOST_NODES_RUN", "choice", "doorbell", "who runs a captured step's host-node layers "
        "(KVBENCH_HOST_NODES): callback (CUDA host functions, on CUDA's callback thread and its own OpenMP "
        "team) or doorbell (the graph rings a page-locked flag at each layer and waits for the host "
        "thread's answer: the jobs run on the host thread's OpenMP team, no launch or driver wait between "

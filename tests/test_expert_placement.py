@@ -199,11 +199,19 @@ def test_host_nodes_make_the_hybrid_step_one_graph(monkeypatch):
     kw = dict(kv_dtype="bf16", device="cuda", ctx=64, weight_format="q8_0", expert_format="blocks")
     eng = engine.load(synth.ensure("coder30b-mini-synth"), cpu_moe=3, **kw)
     host = host_layers(eng)
+    # the default: host nodes, rung by the doorbell
+    assert "3 as host nodes" in eng.decode_path_reason and "host thread at each layer's doorbell" in eng.decode_path_reason
+    default = eng.generate(PROMPT, 12, stop_at_eos=False)
+    assert eng._static.node_run == "doorbell" and len(eng._static.graphs) == 1
+    monkeypatch.setenv("KVBENCH_HOST_NODES", "0")          # the step split at each host layer
+    eng.set_decode_mode("auto")
     assert len(host) == 3 and eng.decode_path == "cuda_graph" and "4 graphs" in eng.decode_path_reason
     want = eng.generate(PROMPT, 12, stop_at_eos=False)
+    assert default == want
     eng.prefill(PROMPT)
     ref = eng.decode(3)
     monkeypatch.setenv("KVBENCH_HOST_NODES", "1")
+    monkeypatch.setenv("KVBENCH_HOST_NODES_RUN", "callback")
     eng.set_decode_mode("auto")
     assert "3 as host nodes" in eng.decode_path_reason and "captured as 1 graph" in eng.decode_path_reason
     assert eng.generate(PROMPT, 12, stop_at_eos=False) == want
@@ -229,7 +237,7 @@ def test_host_nodes_make_the_hybrid_step_one_graph(monkeypatch):
     assert torch.equal(eng.decode(3), ref)
     jobs = [eng.model.layers[i].experts._job for i in host]
     assert all(j.rc == 0 and j.runs - r >= 12 for j, r in zip(jobs, runs)), [(j.rc, j.runs, r) for j, r in zip(jobs, runs)]
-    monkeypatch.delenv("KVBENCH_HOST_NODES_RUN")
+    monkeypatch.setenv("KVBENCH_HOST_NODES_RUN", "callback")
     eng.set_decode_mode("auto")
     eng.prefill(PROMPT)
     assert torch.equal(eng.decode(3), ref)                 # the step is built (sleeping wait)
@@ -340,6 +348,7 @@ def test_cuda_graph_around_host_experts_matches_eager(monkeypatch):
     """A captured step with cpu_moe layers: one graph per stretch between them, the host
     experts run in between; against the eager step (tokens equal, logits to summation order)."""
     monkeypatch.setenv("KVBENCH_EMBED_MAPPED", "1")
+    monkeypatch.setenv("KVBENCH_HOST_NODES", "0")          # split at each host layer (the nodes: above)
     eng = engine.load(synth.ensure("coder30b-mini-synth"), kv_dtype="bf16", device="cuda", ctx=64,
                       weight_format="f32", expert_format="blocks", cpu_moe=2)
     assert eng.decode_path == "cuda_graph" and "3 graphs" in eng.decode_path_reason
@@ -530,6 +539,29 @@ def test_auto_host_experts_picks_the_faster_side_with_the_round_trip():
     assert tier == "dma" and "400 us copied up and computed + 140 us round trip = 540 us (dma)" in why
     with pytest.raises(ConfigError, match="CUDA device"):
         host_probe.measure(spec_for("coder30b-mini-synth"), torch.device("cpu"))
+
+
+def test_auto_host_experts_prices_the_doorbell_where_the_step_would_ring_it(monkeypatch):
+    """Where a captured step would run the cpu tier's layers as host nodes rung by the graph
+    (native path, no GPU share, KVBENCH_HOST_NODES on, run by the doorbell: the defaults), the
+    CPU pays the doorbell's hand-off, not the split graphs' round trip; any setting that splits
+    the step again brings the round trip back. DMA pays its round trip either way."""
+    from engine import host_probe
+    for k in ("KVBENCH_HOST_NODES", "KVBENCH_HOST_NODES_RUN", "KVBENCH_CPU_MOE_GPU_SHARE"):
+        monkeypatch.delenv(k, raising=False)
+    assert host_probe.cpu_handoff("native") == "doorbell" and host_probe.cpu_handoff("int4") == "round trip"
+    for k, v in (("KVBENCH_HOST_NODES", "0"), ("KVBENCH_HOST_NODES_RUN", "callback"), ("KVBENCH_CPU_MOE_GPU_SHARE", "2")):
+        monkeypatch.setenv(k, v)
+        assert host_probe.cpu_handoff("native") == "round trip", k
+        monkeypatch.delenv(k)
+    probe = {"cpu_us": 700.0, "pcie_us": 811.0, "dma_us": 760.0, "threads": 16, "experts": 8, "cpu_path": "native"}
+    assert host_probe.DOORBELL_US < 811.0 - 700.0 < host_probe.ROUNDTRIP_US
+    tier, why = host_probe.choose({**probe, "cpu_handoff": "doorbell"})
+    bell = host_probe.DOORBELL_US
+    assert tier == "cpu" and f"700 us on the CPU (16 threads, native path) + {bell:.0f} us doorbell hand-off = " \
+        f"{700 + bell:.0f} us (cpu)" in why and "760 us copied up and computed + 140 us round trip = 900 us (dma)" in why
+    tier, why = host_probe.choose({**probe, "cpu_handoff": "round trip"})
+    assert tier == "pcie" and "+ 140 us round trip = 840 us (cpu)" in why
 
 
 @pytest.mark.gpu
