@@ -135,6 +135,7 @@ def decode_case(eng, depth: int, n: int, reps: int, prefill_path: str = "fast") 
     out = {"depth": depth, "tokens": n, "tok_s": statistics.median(tok_s), "tok_s_all": tok_s,
            "prefill_path": prefill_path,
            "host_node_layers": len(nodes),
+           "compile_workers_stopped": getattr(getattr(eng, "_static", None), "compile_workers_stopped", None),
            "captured_graphs": len(eng._static.graphs) if getattr(eng, "_static", None) is not None else None,
            "process_vram_after_warmup_mib": vram_warm,
            "prefill_s": statistics.median(prefill_s),
@@ -192,6 +193,8 @@ def host_counters() -> dict:
         cpu = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
         for name, v in zip(("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal"), cpu):
             out[f"cpu_{name}"] = int(v)
+        kids, cpu_ticks = _descendants()
+        out.update(descendants=kids, descendants_cpu=cpu_ticks)
         for line in Path("/proc/vmstat").read_text().splitlines():
             k, _, v = line.partition(" ")
             if k in VMSTAT_KEYS:
@@ -201,9 +204,30 @@ def host_counters() -> dict:
     return out
 
 
+def _descendants() -> tuple[int, int]:
+    """This process's descendant processes (e.g. torch.compile's worker pool): how many, and their
+    user + system CPU ticks so far."""
+    parent, ticks = {}, {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                f = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            parent[int(d.name)], ticks[int(d.name)] = int(f[1]), int(f[11]) + int(f[12])
+    mine, frontier = set(), {os.getpid()}
+    while frontier:
+        frontier = {p for p, pp in parent.items() if pp in frontier and p not in mine}
+        mine |= frontier
+    return len(mine), sum(ticks[p] for p in mine)
+
+
+LEVELS = ("nr_dirty", "nr_writeback", "descendants")    # levels, not counters
+
+
 def counter_delta(a: dict, b: dict) -> dict:
-    """``b - a`` for counters both hold (nr_* are levels: ``b``'s value)."""
-    return {k: (b[k] if k.startswith("nr_") else b[k] - a[k]) for k in b if k in a}
+    """``b - a`` for counters both hold (``LEVELS``: ``b``'s value)."""
+    return {k: (b[k] if k in LEVELS else b[k] - a[k]) for k in b if k in a}
 
 
 def _greedy(eng, tok: int, n: int) -> list[float]:

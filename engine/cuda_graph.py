@@ -106,6 +106,17 @@ def node_layers(eng) -> list[int]:
             if getattr(eng.model.layers[i].experts, "node_ready", lambda dev: False)(eng.device)]
 
 
+def stop_compile_workers() -> bool:
+    """Shut down torch.compile's compile worker processes (inductor's pool; a later compile starts
+    it again). True when torch offered the call and it returned."""
+    try:
+        from torch._inductor.async_compile import shutdown_compile_workers
+        shutdown_compile_workers()
+    except Exception:      # noqa: BLE001 - a torch without it, or a pool already gone: nothing stopped
+        return False
+    return True
+
+
 class StaticDecode:
     def __init__(self, eng, capture: bool | None = None):
         why = eligibility(eng)
@@ -148,6 +159,7 @@ class StaticDecode:
         # who runs the host-node layers (applied: ``node_run``; None without host nodes): CUDA's
         # callback thread, or this thread at each layer's doorbell (flags made before any capture)
         self.node_run = settings.get("KVBENCH_HOST_NODES_RUN") if self.node_layers else None
+        self.compile_workers_stopped = False     # applied at capture (KVBENCH_STOP_COMPILE_WORKERS)
         from . import native
         self._bell = native.Doorbell(len(self.node_layers)) if self.node_run == "doorbell" else None
         self._bells: list[list[int]] = []       # per graph: the doorbell nodes it rings, in order
@@ -320,3 +332,8 @@ class StaticDecode:
                               f"{str(exc).splitlines()[0][:160]})", "set KVBENCH_HOST_NODES_RUN=callback") from None
         self.pool_bytes = torch.cuda.memory_allocated(self.eng.device) - before
         self.graphs, self._host, self.graph = graphs, host, graphs[0]
+        # the hybrid's host cores are the cpu tier's: torch.compile's worker pool, booting now
+        # beside its OpenMP team, stalled the first steps (reports/h100-2026-12-06d)
+        from . import settings
+        if self.compiled and host_layers(self.eng) and settings.get("KVBENCH_STOP_COMPILE_WORKERS"):
+            self.compile_workers_stopped = stop_compile_workers()

@@ -144,6 +144,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "team) or doorbell (the graph rings a page-locked flag at each layer and waits for the host "
        "thread's answer: the jobs run on the host thread's OpenMP team, no launch or driver wait between "
        "layers; engine.native.Doorbell)", choices=("callback", "doorbell")),
+    _s("KVBENCH_STOP_COMPILE_WORKERS", "bool", True, "after a captured decode step with cpu-tier MoE "
+       "layers is built, shut down torch.compile's pool of compile worker processes (one a core, started "
+       "at the first compile): while they boot they take the cores the cpu tier's OpenMP team computes "
+       "on, and its first steps stall (reports/h100-2026-12-06d: 400 ms steps for ~5 s); applied: "
+       "StaticDecode.compile_workers_stopped; a later compile starts the pool again"),
     _s("KVBENCH_HOST_NODES_WAIT", "choice", "sleep", "how the host waits for a captured step with host "
        "nodes (KVBENCH_HOST_NODES): sleep (on a blocking CUDA event: the thread gives its core to the "
        "callback thread's OpenMP team, whose static schedule waits for its slowest thread) or spin (CUDA's "

@@ -203,6 +203,7 @@ def test_host_nodes_make_the_hybrid_step_one_graph(monkeypatch):
     assert "3 as host nodes" in eng.decode_path_reason and "host thread at each layer's doorbell" in eng.decode_path_reason
     default = eng.generate(PROMPT, 12, stop_at_eos=False)
     assert eng._static.node_run == "doorbell" and len(eng._static.graphs) == 1
+    assert eng._static.compile_workers_stopped           # the host's cores left to the cpu tier
     monkeypatch.setenv("KVBENCH_HOST_NODES", "0")          # the step split at each host layer
     eng.set_decode_mode("auto")
     assert len(host) == 3 and eng.decode_path == "cuda_graph" and "4 graphs" in eng.decode_path_reason
