@@ -137,7 +137,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "the native host function, copy back: no Python and no host sync between layers) instead of "
        "ending a graph at it; read when the decode path is set and the step built; layers that cannot "
        "stay graph boundaries, and decode_path_reason counts both. On by default since "
-       "reports/h100-2026-12-06d (with the doorbell: 1.28-1.59x the graphs split at each layer); "
+       "reports/h100-2026-12-06d (with the doorbell: 1.27-1.64x the tok/s of the graphs split at each layer); "
        "0 splits the step at every cpu-tier layer"),
     _s("KVBENCH_HOST_NODES_RUN", "choice", "doorbell", "who runs a captured step's host-node layers "
        "(KVBENCH_HOST_NODES): callback (CUDA host functions, on CUDA's callback thread and its own OpenMP "

@@ -95,3 +95,30 @@ def test_gpu_shares_each_timed_and_recorded_and_bad_ones_refused(tmp_path, capsy
     bad = tmp_path / "bad.json"
     assert bench_cpu_moe.main(["--model", "coder30b-mini-synth", "--gpu-shares", "2,x", "--out", str(bad)]) == 2
     assert "--gpu-shares" in capsys.readouterr().err and not bad.exists()
+
+
+def test_host_counters_see_a_child_that_burns_cpu():
+    """``host_counters``: a child process of this one that runs while the counters are read shows
+    as a descendant, with the CPU it burnt, and the system's user jiffies rise by at least as
+    much; levels (the descendant count) are not differenced. Linux only: /proc."""
+    import subprocess
+    import time
+    import pytest
+    if not Path("/proc/self/task").is_dir():
+        pytest.skip("host_counters reads Linux's /proc")
+    a = bench_cpu_moe.host_counters()
+    child = subprocess.Popen([sys.executable, "-c", "import time\nt = time.process_time()\n"
+                              "while time.process_time() - t < 0.3: pass\ntime.sleep(30)"])
+    try:
+        deadline = time.time() + 20
+        while time.time() < deadline:
+            b = bench_cpu_moe.host_counters()
+            if b["descendants_cpu"] - a["descendants_cpu"] >= 25:       # ticks of 10 ms: >= 0.25 s
+                break
+            time.sleep(0.1)
+        d = bench_cpu_moe.counter_delta(a, b)
+        assert b["descendants"] >= 1 and d["descendants"] == b["descendants"]
+        assert d["descendants_cpu"] >= 25 and d["cpu_user"] + d["cpu_system"] >= d["descendants_cpu"] - 5
+    finally:
+        child.kill()
+        child.wait()
