@@ -104,7 +104,8 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     k, v = dequant(cache)
     assert_close(f"ref-vs-oracle decode {fmt}", oracle(q[None], k, v, T - 1, scale)[0], ref, 1e-5)
     for cfg in ({"block_n": 16}, {"block_n": 32, "q8_kernel": False},    # several splits, every q8_0 path
-                {"block_n": 16, "q8_impl": "batched"}, {"block_n": 16, "q8_impl": "blocks"}):
+                {"block_n": 16, "q8_impl": "batched"}, {"block_n": 16, "q8_impl": "blocks"},
+                {"block_n": 16, "q8_words": "kv"}):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
 
@@ -214,7 +215,8 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
     bad = []
     for cfg in ({"block_n": 16}, {"block_n": 32, "fuse_combine": True}, {"block_n": 16, "q8_impl": "batched"},
                 {"block_n": 64}, {"block_n": 128, "num_stages": 2}, {"block_n": 16, "q8_impl": "blocks"},
-                {"block_n": 64, "q8_impl": "blocks", "fuse_combine": True}):
+                {"block_n": 64, "q8_impl": "blocks", "fuse_combine": True}, {"block_n": 64, "q8_words": "kv"},
+                {"block_n": 16, "q8_words": "k"}, {"block_n": 32, "q8_words": "v", "fuse_combine": True}):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)
         print(f"q8_0 kernel {cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")
@@ -450,6 +452,23 @@ def test_decode_launches_are_recorded_as_applied(monkeypatch, triton_backend):
                                    cfg={"q8_guards": guards})
             assert_close(f"q8_0 rows guards {guards}", ref, out, TOL["q8_0"])
     assert [x["q8_guards"] for x in log] == [[False, False], [True, False], [False, True]]
+    # K and V read as int16 words (float16 where they land): the same float16 values into the same
+    # dots, so the same output as the int8 tiles; recorded as applied; refused off the rows kernel
+    with da.recording() as log:
+        base = decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv)
+        for words in ("k", "v", "kv"):
+            out = decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv,
+                                   cfg={"q8_words": words})
+            assert torch.equal(out, base), words
+        monkeypatch.setenv("KVBENCH_DECODE_Q8_WORDS", "kv")      # the setting, read at the launch
+        decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv)
+        monkeypatch.delenv("KVBENCH_DECODE_Q8_WORDS")
+    assert [x["q8_words"] for x in log] == ["none", "k", "v", "kv", "kv"]
+    with pytest.raises(ValueError, match="q8_words"):
+        decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv, cfg={"q8_words": "q"})
+    with pytest.raises(ValueError, match="rows kernel only"):
+        decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv,
+                         cfg={"q8_words": "kv", "q8_impl": "blocks"})
     # the ablations (timing only) run, change the result, are recorded, and refuse what they are not
     with da.recording() as log:
         for a in ("qk", "pv", "qk,pv"):

@@ -66,6 +66,7 @@ CONFIG = {
     # 16384 against 2.4 for both (reports/h100-2026-12-05f); s in float64 alone holds too (+1.7 us)
     "q8_guards": (True, False),
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
+    "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv), float16 where they land
     "max_splits": 256,
 }
 # Per-format defaults: fp32 / bf16 the fastest variants of the sweep on an H100 (triton 3.6,
@@ -91,7 +92,7 @@ HEAD_DIM_CONFIG = {
 _LIVE_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_DECODE_PROGRAMS_PER_SM",
               "num_warps": "KVBENCH_DECODE_WARPS", "num_stages": "KVBENCH_DECODE_STAGES",
               "q8_kernel": "KVBENCH_DECODE_Q8_KERNEL", "fuse_combine": "KVBENCH_DECODE_FUSE",
-              "precision": "KVBENCH_ATTN_PRECISION"}
+              "precision": "KVBENCH_ATTN_PRECISION", "q8_words": "KVBENCH_DECODE_Q8_WORDS"}
 last_scratch_bytes = 0
 LAUNCHES = LaunchLog()     # each launch's applied configuration, inside ``recording()``
 recording = LAUNCHES.recording
@@ -191,6 +192,18 @@ def _i8_to_f16(x):
     """int8 -> float16, exact, without an int->float conversion: the half with bits
     0x6400 + (x + 128) is 1024 + x + 128."""
     return (x.to(tl.int16) + 0x6480).to(tl.float16, bitcast=True) - 1152.0
+
+
+@triton.jit
+def _i8pairs_to_f16(w):
+    """A tile of int16 words, each two int8 values (little-endian: the low byte first), -> the
+    float16 tile of twice the columns, exact, by ``_i8_to_f16``'s magic per byte, interleaved
+    in registers: the conversion runs where the words land, and the float16 tile reaches a dot
+    operand by the 16-bit path (not the byte gather an int8 dot operand takes)."""
+    u = w.to(tl.int32)
+    lo = (((u & 0xFF) ^ 0x80) | 0x6400).to(tl.int16)
+    hi = ((((u >> 8) & 0xFF) ^ 0x80) | 0x6400).to(tl.int16)
+    return tl.interleave(lo, hi).to(tl.float16, bitcast=True) - 1152.0
 
 
 @triton.jit
@@ -309,7 +322,8 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
                            S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr,
                            QN: tl.constexpr = 8192.0, PN: tl.constexpr = 8192.0,
                            ROW_L: tl.constexpr = True, S64: tl.constexpr = False,
-                           SKIP_QK: tl.constexpr = False, SKIP_PV: tl.constexpr = False):
+                           SKIP_QK: tl.constexpr = False, SKIP_PV: tl.constexpr = False,
+                           K16: tl.constexpr = False, V16: tl.constexpr = False):
     # q8_0's decode kernel with plain 2-D dots ("block rows"; the batched kernel above made the
     # block a batch axis of 3-D dots, which Triton lowers poorly: ~0.8 TB/s on the H200).
     # Row r = g * NB + b of an [M = G_PAD * NB, D] operand is query head g restricted to block b
@@ -367,12 +381,18 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         rows = offs_n.to(tl.int64)
-        kq = tl.load(KQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
+        if K16:         # K as int16 words, turned into float16 before any layout change
+            kw = tl.load(KQ.to(tl.pointer_type(tl.int16)) + rows[:, None] * (RQ // 2) + (h * (D // 2)
+                         + tl.arange(0, D // 2))[None, :], mask=mask_n[:, None], other=0)  # [BN, D/2]
+            kq = _i8pairs_to_f16(kw)
+        else:
+            kq = tl.load(KQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
         dk = tl.load(KS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0)  # [NB, BN]
         if SKIP_QK:     # ablation (timing only, wrong scores): no conversion, no dots; K still read
             sb = tl.max(kq, axis=1).to(tl.float32)[None, :] * qnorm[:, None]
         else:
-            sb = _dot2(qh, ql, tl.trans(_i8_to_f16(kq)), Q_TERMS) * qnorm[:, None]          # [M, BN]
+            kf = kq if K16 else _i8_to_f16(kq)
+            sb = _dot2(qh, ql, tl.trans(kf), Q_TERMS) * qnorm[:, None]                         # [M, BN]
         if S64:
             s = tl.sum(tl.reshape(sb, [G_PAD, NB, BLOCK_N]).to(tl.float64)
                        * dk.to(tl.float64)[None, :, :], axis=1).to(tl.float32)
@@ -383,7 +403,12 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])                                                      # <= 1
         p_r = tl.reshape(tl.broadcast_to(p[:, None, :], [G_PAD, NB, BLOCK_N]), [M, BLOCK_N])  # row (g, b)
-        vq = tl.load(VQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
+        if V16:         # V as int16 words, turned into float16 before any layout change
+            vw = tl.load(VQ.to(tl.pointer_type(tl.int16)) + rows[:, None] * (RQ // 2) + (h * (D // 2)
+                         + tl.arange(0, D // 2))[None, :], mask=mask_n[:, None], other=0)  # [BN, D/2]
+            vq = _i8pairs_to_f16(vw)
+        else:
+            vq = tl.load(VQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
         dv = tl.load(VS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0).to(tl.float32)
         pn = _pow2_at_least(tl.maximum(tl.max(dv, axis=1), 1e-30)) / PN                      # [NB]
         dvn_r = tl.reshape(tl.broadcast_to((dv / pn[:, None])[None, :, :], [G_PAD, NB, BLOCK_N]), [M, BLOCK_N])
@@ -391,7 +416,8 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
             pv = tl.sum(p_r * dvn_r, axis=1)[:, None] * tl.max(vq, axis=0).to(tl.float32)[None, :]
         else:
             pbh, pbl = _split2(p_r * dvn_r, P_TERMS)
-            pv = _dot2(pbh, pbl, _i8_to_f16(vq), P_TERMS)                                    # [M, D]
+            vf = vq if V16 else _i8_to_f16(vq)
+            pv = _dot2(pbh, pbl, vf, P_TERMS)                                                # [M, D]
         alpha_r = tl.reshape(tl.broadcast_to(alpha[:, None], [G_PAD, NB]), [M])
         pn_r = tl.reshape(tl.broadcast_to(pn[None, :], [G_PAD, NB]), [M])
         if ROW_L:
@@ -678,6 +704,10 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                              f"not {D}: use 'rows'")
         rows_form = cfg["q8_impl"] == "rows"
         ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
+        words = str(cfg["q8_words"] or "none")
+        if words not in ("none", "k", "v", "kv") or (words != "none" and not rows_form):
+            raise ValueError(f"q8_words {words!r}: 'none', 'k', 'v' or 'kv', on the rows kernel only "
+                             f"(this launch: {cfg['q8_impl']})")
         if ablate - {"qk", "pv"} or (ablate and not rows_form):
             raise ValueError(f"q8_ablate {cfg['q8_ablate']!r}: 'qk' and/or 'pv', on the rows kernel only "
                              f"(this launch: {cfg['q8_impl']})")
@@ -690,13 +720,13 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         if rows_form:
             terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]),
                          ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
-                         SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate)
+                         SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate, K16="k" in words, V16="v" in words)
         LAUNCHES.record({"kernel": kern.__name__, "q8_impl": cfg["q8_impl"], "block_n": cfg["block_n"],
                          "num_warps": cfg["num_warps"],
                          "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
                          "combine_block": 0 if fuse else comb["BLOCK_S"],
                          "q8_terms": [terms["Q_TERMS"], terms["P_TERMS"]],
-                         **({"q8_guards": list(map(bool, cfg["q8_guards"]))} if rows_form else {}),
+                         **({"q8_guards": list(map(bool, cfg["q8_guards"])), "q8_words": words} if rows_form else {}),
                          **({"q8_ablate": sorted(ablate)} if ablate else {})})
         LAUNCHES.compiled(kern[(n_kv_heads, splits)](
             q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
