@@ -193,10 +193,11 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         grid += [{"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3, "q8_ablate": a}
                  for a in ("qk", "pv", "qk,pv")]
         # K / V read as int16 words, float16 where they land (twenty-third session: 106.6 -> 86.4
-        # sm_90 instructions a key offline, reports/cpu-2026-12-06c; untimed)
+        # sm_90 instructions a key offline, 75.4 unpacked by PTX permutes; reports/cpu-2026-12-06c; untimed)
         grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": 3, "q8_words": wd}
                  for bn, pps, w, wd in ((64, 2, 4, "kv"), (64, 2, 4, "k"), (64, 2, 4, "v"), (64, 4, 4, "kv"),
-                                        (64, 2, 8, "kv"), (32, 2, 4, "kv"), (128, 2, 8, "kv"))]
+                                        (64, 2, 8, "kv"), (32, 2, 4, "kv"), (128, 2, 8, "kv"), (64, 2, 4, "kv_prmt"),
+                                        (64, 4, 4, "kv_prmt"), (128, 2, 8, "kv_prmt"))]
         # the blocks form (one 2-D dot a 32-value block, no zero rows; nineteenth session, untimed)
         grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "blocks"}
                  for bn, pps, w, st in itertools.product([32, 64, 128], [2, 4], [2, 4], [2, 3])]

@@ -74,8 +74,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_DECODE_Q8_WORDS", "choice", "none", "the q8_0 rows kernel reads K, V or both as int16 "
        "words and turns them into float16 where they land (k, v, kv), instead of int8 tiles that reach "
        "the dots through a byte gather (none): the same float16 values; sm_90 SASS of the main loop "
-       "106.6 -> 86.4 instructions a key with kv (reports/cpu-2026-12-06c), not yet timed on a GPU",
-       numerics=True, choices=("none", "k", "v", "kv")),
+       "106.6 -> 86.4 instructions a key with kv, 75.4 with kv_prmt (kv, the bytes unpacked by PTX byte "
+       "permutes; compiled only) (reports/cpu-2026-12-06c), not yet timed on a GPU",
+       numerics=True, choices=("none", "k", "v", "kv", "kv_prmt")),
     _s("KVBENCH_DECODE_FUSE", "bool", False, "decode combine fused into the last split program",
        numerics=True),
     _s("KVBENCH_DECODE_COMBINE_BLOCK", "int", 128, "splits the decode combine reads per step of its "

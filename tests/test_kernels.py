@@ -216,7 +216,8 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
     for cfg in ({"block_n": 16}, {"block_n": 32, "fuse_combine": True}, {"block_n": 16, "q8_impl": "batched"},
                 {"block_n": 64}, {"block_n": 128, "num_stages": 2}, {"block_n": 16, "q8_impl": "blocks"},
                 {"block_n": 64, "q8_impl": "blocks", "fuse_combine": True}, {"block_n": 64, "q8_words": "kv"},
-                {"block_n": 16, "q8_words": "k"}, {"block_n": 32, "q8_words": "v", "fuse_combine": True}):
+                {"block_n": 16, "q8_words": "k"}, {"block_n": 32, "q8_words": "v", "fuse_combine": True},
+                *([] if kernels.interpreted() else [{"block_n": 64, "q8_words": "kv_prmt"}])):   # PTX: compiled only
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)
         print(f"q8_0 kernel {cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")
@@ -464,6 +465,14 @@ def test_decode_launches_are_recorded_as_applied(monkeypatch, triton_backend):
         decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv)
         monkeypatch.delenv("KVBENCH_DECODE_Q8_WORDS")
     assert [x["q8_words"] for x in log] == ["none", "k", "v", "kv", "kv"]
+    from engine.kernels import interpreted
+    if interpreted():      # the PTX byte permutes: refused by the interpreter, not run another way
+        with pytest.raises(ValueError, match="kv_prmt.*interpreter cannot run"):
+            decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv, cfg={"q8_words": "kv_prmt"})
+    else:
+        out = decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv,
+                               cfg={"q8_words": "kv_prmt"})
+        assert torch.equal(out, base)
     with pytest.raises(ValueError, match="q8_words"):
         decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv, cfg={"q8_words": "q"})
     with pytest.raises(ValueError, match="rows kernel only"):

@@ -45,12 +45,13 @@ def q8_variants():
     base = dict(HKV=HKV, G=G, D=D, NB=NB, BLOCK_N=64, Q_TERMS=2, P_TERMS=2, FUSE=False, S_PAD=128,
                 BLOCK_S=128, DEV_POS=True)
     rows = dict(base, G_PAD=8, QN=8192.0, PN=8192.0, ROW_L=True, S64=False, SKIP_QK=False, SKIP_PV=False,
-                K16=False, V16=False)
+                K16=False, V16=False, PRMT=False)
     out = [("rows (2,2) bn64 w4", da._decode_q8_rows_kernel, rows, 4, 3),
            ("rows (1,1) bn64 w4", da._decode_q8_rows_kernel, dict(rows, Q_TERMS=1, P_TERMS=1), 4, 3),
            ("rows (2,2) bn64 w4 k16", da._decode_q8_rows_kernel, dict(rows, K16=True), 4, 3),
            ("rows (2,2) bn64 w4 v16", da._decode_q8_rows_kernel, dict(rows, V16=True), 4, 3),
            ("rows (2,2) bn64 w4 k16 v16", da._decode_q8_rows_kernel, dict(rows, K16=True, V16=True), 4, 3),
+           ("rows (2,2) bn64 w4 k16 v16 prmt", da._decode_q8_rows_kernel, dict(rows, K16=True, V16=True, PRMT=True), 4, 3),
            ("rows (2,2) bn64 w8 k16 v16", da._decode_q8_rows_kernel, dict(rows, K16=True, V16=True), 8, 3),
            ("rows (2,2) bn32 w4 k16 v16", da._decode_q8_rows_kernel, dict(rows, BLOCK_N=32, K16=True, V16=True), 4, 3),
            ("rows (2,2) bn32 w4", da._decode_q8_rows_kernel, dict(rows, BLOCK_N=32), 4, 3),

@@ -207,6 +207,25 @@ def _i8pairs_to_f16(w):
 
 
 @triton.jit
+def _i8pairs_to_f16_prmt(w):
+    """``_i8pairs_to_f16`` with the bytes unpacked by PTX byte permutes: two int16 words a
+    register, their four bytes flipped to x + 128 and placed under 0x64 (one ``prmt`` for the low
+    bytes, one for the high), then one float16x2 subtract of 1152 each. Compiled only."""
+    lo, hi = tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t, c;
+        xor.b32 t, $2, 0x80808080;
+        mov.b32 c, 0x64806480;
+        prmt.b32 $0, t, 0x64646464, 0x5240;
+        prmt.b32 $1, t, 0x64646464, 0x5341;
+        sub.f16x2 $0, $0, c;
+        sub.f16x2 $1, $1, c;
+        }""",
+        constraints="=r,=r,r", args=[w], dtype=(tl.float16, tl.float16), is_pure=True, pack=2)
+    return tl.interleave(lo, hi)
+
+
+@triton.jit
 def _pow2_at_least(x):
     """Smallest power of two >= x (x a normal float32 > 0, below 2^127), exact, as float32: from
     the exponent bits. (``exp2(ceil(log2(x)))`` compiles to the GPU's approximate ``lg2`` and
@@ -323,7 +342,8 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
                            QN: tl.constexpr = 8192.0, PN: tl.constexpr = 8192.0,
                            ROW_L: tl.constexpr = True, S64: tl.constexpr = False,
                            SKIP_QK: tl.constexpr = False, SKIP_PV: tl.constexpr = False,
-                           K16: tl.constexpr = False, V16: tl.constexpr = False):
+                           K16: tl.constexpr = False, V16: tl.constexpr = False,
+                           PRMT: tl.constexpr = False):
     # q8_0's decode kernel with plain 2-D dots ("block rows"; the batched kernel above made the
     # block a batch axis of 3-D dots, which Triton lowers poorly: ~0.8 TB/s on the H200).
     # Row r = g * NB + b of an [M = G_PAD * NB, D] operand is query head g restricted to block b
@@ -384,7 +404,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         if K16:         # K as int16 words, turned into float16 before any layout change
             kw = tl.load(KQ.to(tl.pointer_type(tl.int16)) + rows[:, None] * (RQ // 2) + (h * (D // 2)
                          + tl.arange(0, D // 2))[None, :], mask=mask_n[:, None], other=0)  # [BN, D/2]
-            kq = _i8pairs_to_f16(kw)
+            kq = _i8pairs_to_f16_prmt(kw) if PRMT else _i8pairs_to_f16(kw)
         else:
             kq = tl.load(KQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
         dk = tl.load(KS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0)  # [NB, BN]
@@ -406,7 +426,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         if V16:         # V as int16 words, turned into float16 before any layout change
             vw = tl.load(VQ.to(tl.pointer_type(tl.int16)) + rows[:, None] * (RQ // 2) + (h * (D // 2)
                          + tl.arange(0, D // 2))[None, :], mask=mask_n[:, None], other=0)  # [BN, D/2]
-            vq = _i8pairs_to_f16(vw)
+            vq = _i8pairs_to_f16_prmt(vw) if PRMT else _i8pairs_to_f16(vw)
         else:
             vq = tl.load(VQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
         dv = tl.load(VS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0).to(tl.float32)
@@ -705,9 +725,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         rows_form = cfg["q8_impl"] == "rows"
         ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
         words = str(cfg["q8_words"] or "none")
-        if words not in ("none", "k", "v", "kv") or (words != "none" and not rows_form):
-            raise ValueError(f"q8_words {words!r}: 'none', 'k', 'v' or 'kv', on the rows kernel only "
+        if words not in ("none", "k", "v", "kv", "kv_prmt") or (words != "none" and not rows_form):
+            raise ValueError(f"q8_words {words!r}: 'none', 'k', 'v', 'kv' or 'kv_prmt', on the rows kernel only "
                              f"(this launch: {cfg['q8_impl']})")
+        if words == "kv_prmt" and interpreted():
+            raise ValueError("q8_words 'kv_prmt' unpacks with PTX byte permutes, which the Triton interpreter "
+                             "cannot run: use 'kv' (the same values) or a compiled launch")
         if ablate - {"qk", "pv"} or (ablate and not rows_form):
             raise ValueError(f"q8_ablate {cfg['q8_ablate']!r}: 'qk' and/or 'pv', on the rows kernel only "
                              f"(this launch: {cfg['q8_impl']})")
@@ -720,7 +743,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         if rows_form:
             terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]),
                          ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
-                         SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate, K16="k" in words, V16="v" in words)
+                         SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate, K16="k" in words, V16="v" in words,
+                         PRMT=words == "kv_prmt")
         LAUNCHES.record({"kernel": kern.__name__, "q8_impl": cfg["q8_impl"], "block_n": cfg["block_n"],
                          "num_warps": cfg["num_warps"],
                          "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
