@@ -226,6 +226,23 @@ def _i8pairs_to_f16_prmt(w):
 
 
 @triton.jit
+def _q8_tile(P, rows, mask_n, h, RQ: tl.constexpr, D: tl.constexpr, WORDS: tl.constexpr, PRMT: tl.constexpr):
+    """Head ``h``'s quants of cache ``rows`` (int8 [BN, D] from a [rows, RQ] array), masked rows
+    0: as int8 (``WORDS`` False), or read as int16 words and turned into float16 where they land
+    (``_i8pairs_to_f16``, by PTX permutes with ``PRMT``), before any layout change."""
+    if WORDS:
+        w = tl.load(P.to(tl.pointer_type(tl.int16)) + rows[:, None] * (RQ // 2)
+                    + (h * (D // 2) + tl.arange(0, D // 2))[None, :], mask=mask_n[:, None], other=0)
+        if PRMT:
+            t = _i8pairs_to_f16_prmt(w)
+        else:
+            t = _i8pairs_to_f16(w)
+    else:
+        t = tl.load(P + rows[:, None] * RQ + (h * D + tl.arange(0, D))[None, :], mask=mask_n[:, None], other=0)
+    return t
+
+
+@triton.jit
 def _pow2_at_least(x):
     """Smallest power of two >= x (x a normal float32 > 0, below 2^127), exact, as float32: from
     the exponent bits. (``exp2(ceil(log2(x)))`` compiles to the GPU's approximate ``lg2`` and
@@ -377,7 +394,6 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     # otherwise fall into float16's subnormals, which the GPU's tensor cores flush to zero
     qnorm = _pow2_at_least(tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)) / QN        # [M]
     qh, ql = _split2(q / qnorm[:, None], Q_TERMS)
-    kcol = h * D + od
     scol = h * NB + tl.arange(0, NB)
     lo = sp * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)
@@ -401,12 +417,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         rows = offs_n.to(tl.int64)
-        if K16:         # K as int16 words, turned into float16 before any layout change
-            kw = tl.load(KQ.to(tl.pointer_type(tl.int16)) + rows[:, None] * (RQ // 2) + (h * (D // 2)
-                         + tl.arange(0, D // 2))[None, :], mask=mask_n[:, None], other=0)  # [BN, D/2]
-            kq = _i8pairs_to_f16_prmt(kw) if PRMT else _i8pairs_to_f16(kw)
-        else:
-            kq = tl.load(KQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
+        kq = _q8_tile(KQ, rows, mask_n, h, RQ, D, K16, PRMT)                                 # [BN, D]
         dk = tl.load(KS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0)  # [NB, BN]
         if SKIP_QK:     # ablation (timing only, wrong scores): no conversion, no dots; K still read
             sb = tl.max(kq, axis=1).to(tl.float32)[None, :] * qnorm[:, None]
@@ -423,12 +434,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         alpha = tl.exp2(m - m_new)
         p = tl.exp2(s - m_new[:, None])                                                      # <= 1
         p_r = tl.reshape(tl.broadcast_to(p[:, None, :], [G_PAD, NB, BLOCK_N]), [M, BLOCK_N])  # row (g, b)
-        if V16:         # V as int16 words, turned into float16 before any layout change
-            vw = tl.load(VQ.to(tl.pointer_type(tl.int16)) + rows[:, None] * (RQ // 2) + (h * (D // 2)
-                         + tl.arange(0, D // 2))[None, :], mask=mask_n[:, None], other=0)  # [BN, D/2]
-            vq = _i8pairs_to_f16_prmt(vw) if PRMT else _i8pairs_to_f16(vw)
-        else:
-            vq = tl.load(VQ + rows[:, None] * RQ + kcol[None, :], mask=mask_n[:, None], other=0)  # [BN, D]
+        vq = _q8_tile(VQ, rows, mask_n, h, RQ, D, V16, PRMT)                                 # [BN, D]
         dv = tl.load(VS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0).to(tl.float32)
         pn = _pow2_at_least(tl.maximum(tl.max(dv, axis=1), 1e-30)) / PN                      # [NB]
         dvn_r = tl.reshape(tl.broadcast_to((dv / pn[:, None])[None, :, :], [G_PAD, NB, BLOCK_N]), [M, BLOCK_N])
