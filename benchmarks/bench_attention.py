@@ -197,7 +197,8 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": 3, "q8_words": wd}
                  for bn, pps, w, wd in ((64, 2, 4, "kv"), (64, 2, 4, "k"), (64, 2, 4, "v"), (64, 4, 4, "kv"),
                                         (64, 2, 8, "kv"), (32, 2, 4, "kv"), (128, 2, 8, "kv"), (64, 2, 4, "kv_prmt"),
-                                        (64, 4, 4, "kv_prmt"), (128, 2, 8, "kv_prmt"))]
+                                        (64, 4, 4, "kv_prmt"), (128, 2, 8, "kv_prmt"), (128, 1, 4, "kv_prmt"),
+                                        (128, 2, 4, "kv_prmt"))]
         # the blocks form (one 2-D dot a 32-value block, no zero rows; nineteenth session, untimed)
         grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "blocks"}
                  for bn, pps, w, st in itertools.product([32, 64, 128], [2, 4], [2, 4], [2, 3])]

@@ -52,6 +52,8 @@ def q8_variants():
            ("rows (2,2) bn64 w4 v16", da._decode_q8_rows_kernel, dict(rows, V16=True), 4, 3),
            ("rows (2,2) bn64 w4 k16 v16", da._decode_q8_rows_kernel, dict(rows, K16=True, V16=True), 4, 3),
            ("rows (2,2) bn64 w4 k16 v16 prmt", da._decode_q8_rows_kernel, dict(rows, K16=True, V16=True, PRMT=True), 4, 3),
+           ("rows (2,2) bn128 w4 k16 v16 prmt", da._decode_q8_rows_kernel,
+            dict(rows, BLOCK_N=128, K16=True, V16=True, PRMT=True), 4, 3),
            ("rows (2,2) bn64 w8 k16 v16", da._decode_q8_rows_kernel, dict(rows, K16=True, V16=True), 8, 3),
            ("rows (2,2) bn32 w4 k16 v16", da._decode_q8_rows_kernel, dict(rows, BLOCK_N=32, K16=True, V16=True), 4, 3),
            ("rows (2,2) bn32 w4", da._decode_q8_rows_kernel, dict(rows, BLOCK_N=32), 4, 3),
