@@ -66,7 +66,7 @@ CONFIG = {
     # 16384 against 2.4 for both (reports/h100-2026-12-05f); s in float64 alone holds too (+1.7 us)
     "q8_guards": (True, False),
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
-    "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv), float16 where they land
+    "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv; kv_prmt: PTX unpack), float16 where they land
     "max_splits": 256,
 }
 # Per-format defaults: fp32 / bf16 the fastest variants of the sweep on an H100 (triton 3.6,
