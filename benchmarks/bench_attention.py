@@ -112,26 +112,28 @@ def fill_cache(cache: LayerKV, n: int, gen: torch.Generator, chunk: int = 4096) 
                     torch.randn(shape, device="cuda", generator=gen))
 
 
-def layered_us(cache: LayerKV, q: torch.Tensor, fmt: str, ctx: int, scale: float, hkv: int, reps: int,
-               l2_bytes: int, cap_bytes: int = 6 << 30) -> tuple[float, int, list[float]]:
-    """Per-launch device time as a decode step pays it: ``n`` copies of the cache (distinct memory,
-    together at least 4x the L2, so no launch reads another's bytes from L2), one CUDA graph of
-    ``n`` back-to-back launches, one per copy (as a step's layers follow each other), events
-    around each replay, median / n. No graph launch latency and no L2 flush in each launch's
-    time, unlike ``bench_us`` (one launch per replay, whose ~10 us of event + graph-launch
-    latency sits in every sample). Returns (us per launch, n, samples)."""
-    per = decode_bytes_read(ctx, hkv, q.shape[1], fmt)
-    n = max(8, -(-4 * l2_bytes // per))
+def layered_copies(cache: LayerKV, per_launch_bytes: int, l2_bytes: int,
+                   cap_bytes: int = 6 << 30) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Copies of the cache's K and V (distinct memory) enough that one pass over them reads at
+    least 4x the L2 (at least 8 copies, at most ``cap_bytes`` of them)."""
+    n = max(8, -(-4 * l2_bytes // per_launch_bytes))
     n = max(2, min(n, cap_bytes // max(1, cache.k.nbytes + cache.v.nbytes)))
-    bufs = [(cache.k.clone(), cache.v.clone()) for _ in range(n)]
-    fns = [lambda k=k, v=v: decode_attention(q, k, v, fmt, ctx, scale, hkv) for k, v in bufs]
-    for f in fns:
-        f()
+    return [(cache.k.clone(), cache.v.clone()) for _ in range(n)]
+
+
+def layered_time(bufs, launch, reps: int) -> tuple[float, list[float]]:
+    """Per-launch device time as a decode step pays it: one CUDA graph of ``len(bufs)``
+    back-to-back ``launch(k, v)``, one per copy (as a step's layers follow each other), events
+    around each replay, median / copies. No graph launch latency and no L2 flush in each
+    launch's time, unlike ``bench_us`` (one launch per replay, whose event and graph-launch
+    latency and the flush's write-back sit in every sample)."""
+    for k, v in bufs:
+        launch(k, v)
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
-        for f in fns:
-            f()
+        for k, v in bufs:
+            launch(k, v)
     g.replay()
     torch.cuda.synchronize()
     pairs = []
@@ -142,9 +144,19 @@ def layered_us(cache: LayerKV, q: torch.Tensor, fmt: str, ctx: int, scale: float
         e.record()
         pairs.append((s, e))
     torch.cuda.synchronize()
-    samples = [s.elapsed_time(e) * 1e3 / n for s, e in pairs]
-    del g, fns, bufs
-    return statistics.median(samples), n, samples
+    samples = [s.elapsed_time(e) * 1e3 / len(bufs) for s, e in pairs]
+    del g
+    return statistics.median(samples), samples
+
+
+def layered_us(cache: LayerKV, q: torch.Tensor, fmt: str, ctx: int, scale: float, hkv: int, reps: int,
+               l2_bytes: int) -> tuple[float, int, list[float]]:
+    """``layered_time`` of the default launch over ``ctx`` keys: (us per launch, copies, samples)."""
+    bufs = layered_copies(cache, decode_bytes_read(ctx, hkv, q.shape[1], fmt), l2_bytes)
+    t, samples = layered_time(bufs, lambda k, v: decode_attention(q, k, v, fmt, ctx, scale, hkv), reps)
+    n = len(bufs)
+    del bufs
+    return t, n, samples
 
 
 def rel_err(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
@@ -198,12 +210,13 @@ def decode_section(args, copy_gbps: float, gen: torch.Generator) -> dict:
                 key = "sweep" if dp is None else f"sweep_depth{dp}"
                 res[fmt][key] = sweep(cache, q, fmt, ctx, scale, hkv, args.reps, copy_gbps, depth=dp,
                                       impls=args.sweep_impls.split(",") if args.sweep_impls else None,
-                                      keys=args.sweep_keys.split(",") if args.sweep_keys else None)
+                                      keys=args.sweep_keys.split(",") if args.sweep_keys else None,
+                                      layered=args.sweep_layered)
         del cache
     return res
 
 
-def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = None, keys=None,
+def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = None, keys=None, layered=False,
           impls: list[str] | None = None) -> list[dict]:
     """Every variant's time over ``ctx`` keys; with ``depth``, launched as the captured decode
     step launches it: position ``depth - 1`` held on the device, splits over the whole buffer."""
@@ -247,10 +260,16 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
     if keys:    # only the variants that set one of these settings, and the row that launches as the default
         default = dmod.resolved_config(fmt, fmt, q.shape[1])
         grid = [c for c in grid if any(k in c for k in keys) or dmod.resolved_config(fmt, fmt, q.shape[1], c) == default]
+    bufs = (layered_copies(cache, decode_bytes_read(read_keys, hkv, q.shape[1], fmt),
+                           torch.cuda.get_device_properties(0).L2_cache_size) if layered else None)
     for cfg in grid:
         try:
-            t, _ = bench_us(lambda: decode_attention(q, cache.k, cache.v, fmt, n_keys, scale, hkv, cfg=cfg,
-                                                     pos=pos), max(10, reps // 2))
+            if layered:     # each variant as a decode step pays it (see layered_time)
+                t, _ = layered_time(bufs, lambda k, v: decode_attention(q, k, v, fmt, n_keys, scale, hkv, cfg=cfg,
+                                                                        pos=pos), max(10, reps // 2))
+            else:
+                t, _ = bench_us(lambda: decode_attention(q, cache.k, cache.v, fmt, n_keys, scale, hkv, cfg=cfg,
+                                                         pos=pos), max(10, reps // 2))
         except Exception as e:   # a variant that does not fit (shared memory) is reported, not fatal
             print(f"  sweep {fmt} {cfg}: {type(e).__name__}: {str(e)[:80]}")
             continue
@@ -258,14 +277,16 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         with dmod.recording() as log:    # what the compiled attention kernel holds (the first launch)
             decode_attention(q, cache.k, cache.v, fmt, n_keys, scale, hkv, cfg=cfg, pos=pos)
         regs = {k: log[0][k] for k in ("n_regs", "n_spills") if log and k in log[0]}
-        rows.append({**cfg, "us": round(t, 2), "GBps": round(gbps, 1), "depth": depth, **regs})
+        rows.append({**cfg, "us": round(t, 2), "GBps": round(gbps, 1), "depth": depth,
+                     "timing": "layered" if layered else "graph", **regs})
+    del bufs
     rows.sort(key=lambda r: r["us"])
     default = dmod.resolved_config(fmt, fmt, q.shape[1])
     at = "" if depth is None else f" at depth {depth} (device-held position)"
     for r in rows[:5]:
         print(f"  sweep {fmt}{at}: {r}  ({100 * r['GBps'] / copy_gbps:.1f}% of copy)")
     for i, r in enumerate(rows):     # where today's default stands: the first row that launches as it does
-        row_cfg = {k: v for k, v in r.items() if k not in ("us", "GBps", "depth", "n_regs", "n_spills")}
+        row_cfg = {k: v for k, v in r.items() if k not in ("us", "GBps", "depth", "timing", "n_regs", "n_spills")}
         if dmod.resolved_config(fmt, fmt, q.shape[1], row_cfg) == default:
             print(f"  sweep {fmt}{at}: the default is #{i + 1} of {len(rows)}, {r['us']} us")
             break
@@ -397,6 +418,8 @@ def add_cli_args(p: argparse.ArgumentParser) -> None:
                    "blocks, generic; '' all)")
     p.add_argument("--sweep-keys", default="", help="sweep only the variants setting one of these cfg keys "
                    "(e.g. q8_words), plus the default's row")
+    p.add_argument("--sweep-layered", action="store_true", help="time the sweep's variants as a decode step pays "
+                   "them (layered_time: back-to-back launches over distinct cache copies) instead of one launch a replay")
     p.add_argument("--skip-prefill", action="store_true")
     p.add_argument("--scaling", action="store_true", help="decode time vs context: fixed cost + GB/s")
     p.add_argument("--ctxs", default="4096,16384,32768", help="decode grid contexts ('' skips the grid)")
