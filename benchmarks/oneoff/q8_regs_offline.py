@@ -11,9 +11,13 @@ the bf16 split kernel) compile at coder30b's geometry (4 KV heads x 128, 32 quer
 specializations (16-byte aligned pointers and strides), and print registers, stack, shared
 memory, SASS instructions (all, and in the main loop by opcode) and whether loads are pipelined
 (``cp_async``: LDGSTS); JSON to ``--out``. Registers here come from this
-machine's Triton (its version printed), which may allocate differently from the device's.
+machine's Triton (its version printed): run it through `benchmarks/oneoff/with_device_triton.sh`
+to compile with the device's (3.6.0), whose registers match the device's for every variant timed
+there; the .venv's 3.9 allocated the rows kernel at 225 registers where the device has 255, and
+counted the int16-word forms 19-29% lower where the device's compiler adds 2-8%
+(reports/cpu-2026-12-06d). A different Triton is warned about on stderr and recorded in the JSON.
 
-    python benchmarks/oneoff/q8_regs_offline.py --out q8_regs.json
+    bash benchmarks/oneoff/with_device_triton.sh python benchmarks/oneoff/q8_regs_offline.py --out q8_regs.json
 """
 from __future__ import annotations
 
@@ -34,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from engine.kernels import decode_attention as da  # noqa: E402
 
 HKV, G, D, NB = 4, 8, 128, 4
+DEVICE_TRITON = "3.6.0"     # what torch 2.11+cu130 on the GPU machine brings
 
 PTR = {"Q": "*fp32", "KQ": "*i8", "KS": "*fp16", "VQ": "*i8", "VS": "*fp16", "M_OUT": "*fp32",
        "L_OUT": "*fp32", "ACC_OUT": "*fp32", "OUT": "*fp32", "COUNTER": "*i32", "POS": "*i64",
@@ -126,6 +131,9 @@ def main() -> int:
     args = ap.parse_args()
     rows = []
     print(f"triton {triton.__version__}, sm_{args.arch}")
+    if triton.__version__ != DEVICE_TRITON:
+        print(f"warning: triton {triton.__version__} is not the device's {DEVICE_TRITON}: registers and instruction "
+              f"counts will differ from the device's (run through benchmarks/oneoff/with_device_triton.sh)", file=sys.stderr)
     for name, fn, consts, warps, stages in q8_variants():
         if args.only and not any(s in name for s in args.only.split("|")):
             continue
@@ -136,7 +144,8 @@ def main() -> int:
         rows.append(r)
         print(json.dumps(r))
     if args.out:
-        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "arch": args.arch, "rows": rows}, indent=1))
+        Path(args.out).write_text(json.dumps({"triton": triton.__version__, "device_triton": DEVICE_TRITON,
+                                              "arch": args.arch, "rows": rows}, indent=1))
     return 0
 
 
