@@ -235,6 +235,13 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
                  for bn, pps in itertools.product([32, 64], [2, 4])]
         grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "batched"}
                  for bn, pps, w, st in ((64, 4, 2, 2), (32, 4, 2, 2), (64, 2, 4, 3))]   # the form it replaced
+        # the batched form at as many programs a SM as its registers and shared memory let an SM hold
+        # (offline, the device's Triton: 125-168 registers, 4-7 programs; the rows form's 255 hold 2).
+        # benchmarks/oneoff/q8_occupancy_model.py fitted the H100's sweeps to instructions a key /
+        # (warps a scheduler)^0.5 and predicts 21-22 us at coder30b ctx 16384 against rows' 28.8
+        grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "batched"}
+                 for bn, pps, w, st in ((16, 6, 2, 2), (16, 7, 2, 2), (32, 5, 2, 2), (32, 6, 2, 2), (32, 6, 2, 3),
+                                        (32, 4, 4, 2), (32, 4, 4, 3), (64, 3, 4, 2))]
         grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_terms": t}
                  for pps in (2, 4) for t in ((1, 1), (1, 2), (2, 1))]
         # the rows kernel's one-s guards (what each costs), and its ablations: timing only, wrong

@@ -9,7 +9,8 @@ default tiles with 2- and 1-term splits, its ablations, the blocks form (its int
 removed, is in commit b2a901c),
 the bf16 split kernel) compile at coder30b's geometry (4 KV heads x 128, 32 query heads), with a launch's
 specializations (16-byte aligned pointers and strides), and print registers, stack, shared
-memory, SASS instructions (all, and in the main loop by opcode) and whether loads are pipelined
+memory (static, and what a launch asks for), how many programs an SM can hold at once (registers,
+shared memory, warps: with ``programs_per_sm`` above it, a launch runs in more than one wave), SASS instructions (all, and in the main loop by opcode) and whether loads are pipelined
 (``cp_async``: LDGSTS); JSON to ``--out``. Registers here come from this
 machine's Triton (its version printed): run it through `benchmarks/oneoff/with_device_triton.sh`
 to compile with the device's (3.6.0), whose registers match the device's for every variant timed
@@ -66,7 +67,11 @@ def q8_variants():
            ("rows no qk", da._decode_q8_rows_kernel, dict(rows, SKIP_QK=True), 4, 3),
            ("rows no pv", da._decode_q8_rows_kernel, dict(rows, SKIP_PV=True), 4, 3),
            ("rows no qk, no pv", da._decode_q8_rows_kernel, dict(rows, SKIP_QK=True, SKIP_PV=True), 4, 3),
-           ("blocks (2,2) bn64 w4", da._decode_q8_blocks_kernel, dict(base, G_PAD=16, QN=8192.0, PN=8192.0), 4, 3)]
+           ("blocks (2,2) bn64 w4", da._decode_q8_blocks_kernel, dict(base, G_PAD=16, QN=8192.0, PN=8192.0), 4, 3),
+           # the batched form (the block a batch axis of 3-D dots): the H100's sweep had it level with rows
+           ("batched (2,2) bn32 w2 s2", da._decode_q8_kernel, dict(base, G_PAD=16, BLOCK_N=32), 2, 2),
+           ("batched (2,2) bn64 w4 s3", da._decode_q8_kernel, dict(base, G_PAD=16), 4, 3),
+           ("batched (2,2) bn32 w4 s3", da._decode_q8_kernel, dict(base, G_PAD=16, BLOCK_N=32), 4, 3)]
     bf16 = dict(G=G, G_PAD=16, D=D, BLOCK_N=32, KFMT=1, VFMT=1, PREC="tf32x3", SPLIT=True, FUSE=False,
                 S_PAD=128, BLOCK_S=128, DEV_POS=True, WINDOW=0, RING=0)
     out.append(("bf16 split bn32 w2", da._decode_split_kernel, bf16, 2, 3))
@@ -113,13 +118,20 @@ def compile_one(fn, consts: dict, warps: int, stages: int, arch: int) -> dict:
                 body[op] = body.get(op, 0) + 1
     m = re.search(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)", res)
     ptx = ck.asm["ptx"]
-    return {"regs": int(m.group(1)) if m else None, "stack": int(m.group(2)) if m else None,
+    regs = int(m.group(1)) if m else None
+    smem = int(ck.metadata.shared)      # what a launch asks for: the pipeline's stages and the dots' staging
+    # programs (CTAs) an sm_90 SM holds at once: 64K registers (allocated per warp in units of 256),
+    # 228 KB of shared memory (1 KB reserved a CTA), 64 warps, 32 CTAs
+    per_warp = -(-(regs or 255) * 32 // 256) * 256
+    fit = min(65536 // (per_warp * warps), (233472 // (smem + 1024)) if smem else 32, 64 // warps, 32)
+    return {"regs": regs, "stack": int(m.group(2)) if m else None,
+            "smem_launch": smem, "ctas_per_sm": fit, "warps_per_sm": fit * warps,
             "shared": int(m.group(3)) if m else None,
             "ptx_lines": ptx.count("\n"), "mma": len(re.findall(r"\bmma\.sync|wgmma\.mma_async", ptx)),
             "ld_shared": len(re.findall(r"\bld\.shared", ptx)), "st_shared": len(re.findall(r"\bst\.shared", ptx)),
             "cvt": len(re.findall(r"\bcvt\.", ptx)), "sass": sum(ops.values()),
             "cp_async": ops.get("LDGSTS", 0),     # loads pipelined through shared memory (num_stages)
-            "loop_sass": sum(body.values()), "loop_top": dict(sorted(body.items(), key=lambda kv: -kv[1])[:16]),
+            "loop_sass": sum(body.values()), "loop_top": dict(sorted(body.items(), key=lambda kv: -kv[1])[:40]),
             "sass_top": dict(sorted(ops.items(), key=lambda kv: -kv[1])[:14])}
 
 
