@@ -56,6 +56,18 @@ for step in $steps; do
               --variants ${MOE_VARIANTS:-default,no_fused_gemv,moeloop:KVBENCH_MOE_UNROLL=0} --no-sweep ${MOE_ARGS:-} \
               --max-seconds ${MOE_MAX_S:-330} --out "$OUT/moe_decode_variants${MOE_TAG:-}.json" 2>&1 | grep -v "^\s*$" \
               | tee "$OUT/moe-variants${MOE_TAG:-}.log" | tail -40 ;;
+    q8occ)  # the occupancy model's bet (reports/cpu-2026-12-06d): q8_0's batched form at the 4-7 programs a
+            # SM its registers allow, predicted 21-23 us against the rows default's 28.8 (coder30b, ctx 16384).
+            # 1) the sweep as a step pays it (layered, position on the device); 2) the captured coder30b step
+            # with the best three launches as variants (KVBENCH_DECODE_Q8_TILES moves q8_0's launch only)
+            timeout ${ATTN_TIMEOUT:-200} python3 benchmarks/bench_attention.py --sweep --geometry coder30b \
+              --sweep-dtypes q8_0 --sweep-impls rows,batched --sweep-keys q8_impl --sweep-layered --sweep-depths 16384 \
+              --ctxs "" --skip-prefill --out "$OUT/attention-q8occ.json" 2>&1 | grep -v "^{" | tee "$OUT/q8occ-attn.log" | tail -25
+            python3 -c "from engine import synth; synth.ensure('coder30b-synth')" 2>&1 | tail -1
+            python3 benchmarks/bench_moe_decode.py --kv bf16,q8_0 --depths 16,16384 --paths cuda_graph --timing both \
+              --variants "${Q8OCC_VARIANTS:-default,b16x7:KVBENCH_DECODE_Q8_IMPL=batched+KVBENCH_DECODE_Q8_TILES=16x7x2x2,b32x6:KVBENCH_DECODE_Q8_IMPL=batched+KVBENCH_DECODE_Q8_TILES=32x6x2x2,b32x4:KVBENCH_DECODE_Q8_IMPL=batched+KVBENCH_DECODE_Q8_TILES=32x4x4x2}" \
+              --no-sweep ${MOE_ARGS:-} --max-seconds ${MOE_MAX_S:-300} --out "$OUT/moe_decode_q8occ.json" 2>&1 \
+              | grep -v "^\s*$" | tee "$OUT/moe-q8occ.log" | tail -40 ;;
     lcbuildbg) # start the llama-bench CUDA build in the background (niced), so GPU steps run meanwhile; lcwait joins it
             (SECONDS=0; nice -n 19 python3 benchmarks/bench_llamacpp.py build .devcarry/llamacpp-src.tar.gz /tmp/lcb \
                > /tmp/lcbuild.out 2>&1; echo "llama-bench build: ${SECONDS} s (background, niced)" >> /tmp/lcbuild.out) &

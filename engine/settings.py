@@ -28,7 +28,7 @@ from .errors import ConfigError
 @dataclass(frozen=True)
 class Setting:
     name: str
-    kind: str                           # "str" | "int" | "bool" | "size" | "path" | "choice" | "fault"
+    kind: str                           # "str" | "int" | "bool" | "size" | "path" | "choice" | "fault" | "tiles"
     default: Any
     help: str
     numerics: bool = False              # can change logits / tokens (compare refuses mixing them)
@@ -71,6 +71,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_DECODE_Q8_IMPL", "choice", "rows", "q8_0's own decode kernel: rows (2-D float16 dots "
        "over block rows), batched (per-block 3-D dots) or blocks (one 2-D dot a 32-value block; "
        "head_dim 32, 64, 128)", numerics=True, choices=("rows", "batched", "blocks")),
+    _s("KVBENCH_DECODE_Q8_TILES", "tiles", None, "q8_0's own decode kernel's launch, block_n,programs_per_sm,"
+       "num_warps,num_stages (e.g. 32,6,2,2 or 32x6x2x2), for q8_0 K and V only where KVBENCH_DECODE_BLOCK_N and its "
+       "siblings set every format's: a variant that changes q8_0's tiles leaves bf16's as they are "
+       "(default: per format and head_dim)", numerics=True),
     _s("KVBENCH_DECODE_Q8_WORDS", "choice", "none", "the q8_0 rows kernel reads K, V or both as int16 "
        "words and turns them into float16 where they land (k, v, kv), instead of int8 tiles that reach "
        "the dots through a byte gather (none): the same float16 values; sm_90 SASS of the main loop "
@@ -243,6 +247,16 @@ def _parse(s: Setting, raw: str) -> Any:
         return v
     if s.kind == "fault":
         return _parse_fault(s, raw)
+    if s.kind == "tiles":     # block_n,programs_per_sm,num_warps,num_stages
+        allowed = "four integers block_n,programs_per_sm,num_warps,num_stages such as 32,6,2,2 or 32x6x2x2 " \
+                  "(block_n a power of two in [16, 256], programs 1-64, warps 1, 2, 4 or 8, stages 1-8)"
+        try:
+            bn, pps, w, st = (int(x) for x in raw.lower().replace("x", ",").split(","))
+        except ValueError:
+            raise bad(allowed) from None
+        if bn & (bn - 1) or not 16 <= bn <= 256 or not 1 <= pps <= 64 or w not in (1, 2, 4, 8) or not 1 <= st <= 8:
+            raise bad(allowed)
+        return {"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st}
     raise AssertionError(s.kind)
 
 

@@ -409,6 +409,43 @@ def test_decode_launch_config_reads_tile_variables_when_called(monkeypatch):
     assert da.resolved_config("q8_0", "q8_0", 64, {"block_n": 32})["block_n"] == 32   # cfg= over all
 
 
+def test_q8_tiles_set_q8_0_launches_only(monkeypatch, triton_backend):
+    """``KVBENCH_DECODE_Q8_TILES`` sets the launch of q8_0's own kernel (tiles, splits, warps, stages)
+    and nothing else: a bf16 launch in the same process keeps its own, as do mixed K/V formats (the
+    generic kernel). What ran is in the launch log, the output still equals the reference, and a
+    malformed value is a one-line ConfigError naming the variable, before any launch."""
+    from engine import settings
+    from engine.errors import ConfigError
+    from engine.kernels import decode_attention as da
+    for name in (*da._LIVE_KEYS.values(), "KVBENCH_DECODE_Q8_TILES", "KVBENCH_DECODE_Q8_IMPL"):
+        monkeypatch.delenv(name, raising=False)
+    Hq, Hkv, D, n = 8, 2, 64, 70
+    q = torch.randn(Hq, D, device=DEV)
+    caches = {fmt: filled(fmt, Hkv, D, n, seed=21)[0] for fmt in ("bf16", "q8_0")}
+    with da.recording() as before:
+        for fmt, c in caches.items():
+            decode_attention(q, c.k, c.v, fmt, n, D ** -0.5, Hkv)
+    mixed = da.resolved_config("bf16", "q8_0", 64)          # K bf16, V q8_0: the generic kernel
+    monkeypatch.setenv("KVBENCH_DECODE_Q8_TILES", "16x3x2x2")     # (x: a bench variant's lists split on commas)
+    monkeypatch.setenv("KVBENCH_DECODE_Q8_IMPL", "batched")
+    ref = decode_attention_ref(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv)
+    with da.recording() as after:
+        for fmt, c in caches.items():
+            out = decode_attention(q, c.k, c.v, fmt, n, D ** -0.5, Hkv)
+    assert_close("q8_0 batched at KVBENCH_DECODE_Q8_TILES", ref, out, TOL["q8_0"])
+    assert {k: after[0][k] for k in ("kernel", "block_n", "num_warps", "num_stages", "splits")} == \
+        {k: before[0][k] for k in ("kernel", "block_n", "num_warps", "num_stages", "splits")}     # bf16 untouched
+    got = after[1]
+    assert (got["kernel"], got["block_n"], got["num_warps"], got["num_stages"]) == ("_decode_q8_kernel", 16, 2, 2)
+    assert got["keys_per_split"] % 16 == 0 and got["splits"] * got["keys_per_split"] >= n
+    assert da.resolved_config("q8_0", "q8_0", 64)["programs_per_sm"] == 3
+    assert da.resolved_config("bf16", "q8_0", 64) == {**mixed, "q8_impl": "batched"}     # only the form's setting moved
+    for bad in ("32,6,2", "24,6,2,2", "32,6,3,2", "a,b,c,d"):
+        monkeypatch.setenv("KVBENCH_DECODE_Q8_TILES", bad)
+        with pytest.raises(ConfigError, match="KVBENCH_DECODE_Q8_TILES"):
+            settings.validate()
+
+
 def test_prefill_launch_config_reads_its_variables_when_called(monkeypatch):
     """The prefill kernel's tunables set after import (a variant) are applied; unset, CONFIG's."""
     from engine.kernels import prefill_attention as pa

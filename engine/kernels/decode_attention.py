@@ -661,11 +661,13 @@ def q8_kernel_fits(head_dim: int) -> bool:
 def resolved_config(fmt: str, v_fmt: str, head_dim: int, cfg: dict | None = None) -> dict:
     """The launch configuration in force: ``CONFIG``, then the format's (K and V alike) and the
     (format, head_dim) defaults, then the tile environment variables as set now (not at import:
-    a variant that sets one after import gets its value), then ``cfg``."""
+    a variant that sets one after import gets its value), then q8_0's own tiles
+    (``KVBENCH_DECODE_Q8_TILES``, q8_0 K and V only), then ``cfg``."""
     same = fmt if v_fmt == fmt else ""
     fmt_cfg = {**FORMAT_CONFIG.get(same, {}), **HEAD_DIM_CONFIG.get((same, head_dim), {})}
+    q8_tiles = (settings.get("KVBENCH_DECODE_Q8_TILES") or {}) if same == "q8_0" else {}
     return {**CONFIG, "q8_impl": settings.get("KVBENCH_DECODE_Q8_IMPL"), **fmt_cfg,
-            **settings.overrides(_LIVE_KEYS), **(cfg or {})}
+            **settings.overrides(_LIVE_KEYS), **q8_tiles, **(cfg or {})}
 
 
 def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, fmt: str,
