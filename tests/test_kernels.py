@@ -217,6 +217,9 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
                 {"block_n": 64}, {"block_n": 128, "num_stages": 2}, {"block_n": 16, "q8_impl": "blocks"},
                 {"block_n": 64, "q8_impl": "blocks", "fuse_combine": True}, {"block_n": 64, "q8_words": "kv"},
                 {"block_n": 16, "q8_words": "k"}, {"block_n": 32, "q8_words": "v", "fuse_combine": True},
+                # the batched form at the launches the occupancy model bets on (reports/cpu-2026-12-06d)
+                {"block_n": 32, "q8_impl": "batched", "num_warps": 2, "num_stages": 2, "programs_per_sm": 6},
+                {"block_n": 32, "q8_impl": "batched", "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
                 *([] if kernels.interpreted() else [{"block_n": 64, "q8_words": "kv_prmt"}])):   # PTX: compiled only
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)
