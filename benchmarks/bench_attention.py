@@ -122,30 +122,16 @@ def layered_copies(cache: LayerKV, per_launch_bytes: int, l2_bytes: int,
 
 
 def layered_time(bufs, launch, reps: int) -> tuple[float, list[float]]:
-    """Per-launch device time as a decode step pays it: one CUDA graph of ``len(bufs)``
-    back-to-back ``launch(k, v)``, one per copy (as a step's layers follow each other), events
-    around each replay, median / copies. No graph launch latency and no L2 flush in each
-    launch's time, unlike ``bench_us`` (one launch per replay, whose event and graph-launch
-    latency and the flush's write-back sit in every sample)."""
-    for k, v in bufs:
-        launch(k, v)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
+    """Per-launch device time as a decode step pays it: ``bench_us`` of one CUDA graph of
+    ``len(bufs)`` back-to-back ``launch(k, v)``, one per copy (as a step's layers follow each
+    other), no flush, divided by the copies. No graph launch latency and no L2 flush in each
+    launch's time, unlike ``bench_us`` of one launch (whose event and graph-launch latency and
+    the flush's write-back sit in every sample)."""
+    def all_copies():
         for k, v in bufs:
             launch(k, v)
-    g.replay()
-    torch.cuda.synchronize()
-    pairs = []
-    for _ in range(reps):
-        s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        s.record()
-        g.replay()
-        e.record()
-        pairs.append((s, e))
-    torch.cuda.synchronize()
-    samples = [s.elapsed_time(e) * 1e3 / len(bufs) for s, e in pairs]
-    del g
+    _, samples = bench_us(all_copies, reps, warmup=1, flush=False)
+    samples = [t / len(bufs) for t in samples]
     return statistics.median(samples), samples
 
 
