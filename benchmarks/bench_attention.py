@@ -250,8 +250,8 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         # q8_kernel False the generic kernel, "generic")
         form = lambda c: "generic" if c.get("q8_kernel") is False else c.get("q8_impl", "rows")
         grid = [c for c in grid if form(c) in impls]
+    default = dmod.resolved_config(fmt, fmt, q.shape[1])
     if keys:    # only the variants that set one of these settings, and the row that launches as the default
-        default = dmod.resolved_config(fmt, fmt, q.shape[1])
         grid = [c for c in grid if any(k in c for k in keys) or dmod.resolved_config(fmt, fmt, q.shape[1], c) == default]
     bufs = (layered_copies(cache, decode_bytes_read(read_keys, hkv, q.shape[1], fmt),
                            torch.cuda.get_device_properties(0).L2_cache_size) if layered else None)
@@ -274,7 +274,6 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
                      "timing": "layered" if layered else "graph", **regs})
     del bufs
     rows.sort(key=lambda r: r["us"])
-    default = dmod.resolved_config(fmt, fmt, q.shape[1])
     at = "" if depth is None else f" at depth {depth} (device-held position)"
     for r in rows[:5]:
         print(f"  sweep {fmt}{at}: {r}  ({100 * r['GBps'] / copy_gbps:.1f}% of copy)")
