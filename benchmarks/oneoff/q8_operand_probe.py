@@ -13,7 +13,10 @@ Contract: each kernel is one decode launch's shape (grid: KV heads x splits, eac
 its split's keys in ``--block-n`` tiles of a [rows, HKV, D] cache, 4 warps, 3 stages):
   ``qk``  s = q @ k^T per tile, a running max kept (q [M, D] float16 per head);
   ``pv``  acc += p @ v per tile (p [M, BLOCK_N] float16 per program);
-  ``both`` the two, p = exp2(s - running max) (softmax without its rescale).
+  ``both`` the two, p = exp2(s - running max) (softmax without its rescale);
+  ``both+2terms`` with q and p as two float16 terms each (two dots each, as every q8_0 form);
+  ``both+blocks4`` the rows form's block bookkeeping: rows (head, block), the scores' block sum
+  with the K scales, p broadcast to the rows times the V scales, the accumulator's rescale.
 The cache holds int8 (``i8``, turned into float16 by the engine's ``_i8_to_f16``) or float16
 (``f16``). ``--check`` runs each once at a small size (interpreted on the CPU) against torch
 and exits non-zero on a mismatch; ``--time`` (CUDA) times each as a step pays it
@@ -47,9 +50,9 @@ MODES = ("qk", "pv", "both")
 
 
 @triton.jit
-def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys,
+def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
                   HKV: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MODE: tl.constexpr, I8: tl.constexpr):
+                  MODE: tl.constexpr, I8: tl.constexpr, TERMS: tl.constexpr = 1, NB: tl.constexpr = 0):
     # MODE 0: qk (reads K), 1: pv (reads V), 2: both. K, V: [rows, HKV, D], int8 (I8) or float16.
     h = tl.program_id(0)
     sp = tl.program_id(1)
@@ -62,6 +65,44 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys,
     acc = tl.zeros([M, D], tl.float32)
     lo = sp * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)
+    if NB > 0:      # the rows form's block bookkeeping (MODE 2 only): row r = g * NB + b
+        GR: tl.constexpr = M // NB
+        mg = tl.full([GR], -1e30, tl.float32)
+        ql = (q.to(tl.float32) * 0.5).to(tl.float16)      # a second term's operand (timing shape)
+        for n0 in range(lo, hi, BLOCK_N):
+            rows = (n0 + ob).to(tl.int64)
+            mask = (n0 + ob) < hi
+            offs = rows[:, None] * (HKV * D) + (h * D + od)[None, :]
+            scol = h * NB + tl.arange(0, NB)
+            k = tl.load(K + offs, mask=mask[:, None], other=0)
+            kf = _i8_to_f16(k) if I8 else k
+            sb = tl.dot(q, tl.trans(kf), out_dtype=tl.float32)                          # [M, BN]
+            if TERMS == 2:
+                sb += tl.dot(ql, tl.trans(kf), out_dtype=tl.float32) * (1.0 / 2048.0)
+            dk = tl.load(KS + rows[None, :] * (HKV * NB) + scol[:, None], mask=mask[None, :], other=0.0)
+            sg = tl.sum(tl.reshape(sb, [GR, NB, BLOCK_N]) * dk.to(tl.float32)[None, :, :], axis=1)
+            sg = tl.where(mask[None, :], sg, -1e30)                                       # [GR, BN]
+            m_new = tl.maximum(mg, tl.max(sg, axis=1))
+            alpha = tl.exp2(mg - m_new)
+            pg = tl.exp2(sg - m_new[:, None])
+            p_r = tl.reshape(tl.broadcast_to(pg[:, None, :], [GR, NB, BLOCK_N]), [M, BLOCK_N])
+            dv = tl.load(VS + rows[None, :] * (HKV * NB) + scol[:, None], mask=mask[None, :], other=0.0)
+            dv_r = tl.reshape(tl.broadcast_to(dv.to(tl.float32)[None, :, :], [GR, NB, BLOCK_N]), [M, BLOCK_N])
+            pw = p_r * dv_r
+            ph = pw.to(tl.float16)
+            v = tl.load(V + offs, mask=mask[:, None], other=0)
+            vf = _i8_to_f16(v) if I8 else v
+            pv = tl.dot(ph, vf, out_dtype=tl.float32)
+            if TERMS == 2:
+                pl = ((pw - ph.to(tl.float32)) * 2048.0).to(tl.float16)
+                pv += tl.dot(pl, vf, out_dtype=tl.float32) * (1.0 / 2048.0)
+            alpha_r = tl.reshape(tl.broadcast_to(alpha[:, None], [GR, NB]), [M])
+            acc = acc * alpha_r[:, None] + pv
+            mg = m_new
+        m = tl.reshape(tl.broadcast_to(mg[:, None], [GR, NB]), [M])
+        hi = lo         # the loop below runs no tile
+    elif TERMS == 2:
+        ql = (q.to(tl.float32) * 0.5).to(tl.float16)
     for n0 in range(lo, hi, BLOCK_N):
         rows = (n0 + ob).to(tl.int64)
         mask = (n0 + ob) < hi
@@ -71,27 +112,44 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys,
             acc += tl.dot(p0, _i8_to_f16(v) if I8 else v, out_dtype=tl.float32)
         else:
             k = tl.load(K + offs, mask=mask[:, None], other=0)
-            s = tl.dot(q, tl.trans(_i8_to_f16(k) if I8 else k), out_dtype=tl.float32)  # [M, BN]
+            kf = _i8_to_f16(k) if I8 else k
+            s = tl.dot(q, tl.trans(kf), out_dtype=tl.float32)                           # [M, BN]
+            if TERMS == 2:      # the second term of a two-term q (timing shape: q / 2)
+                s += tl.dot(ql, tl.trans(kf), out_dtype=tl.float32) * (1.0 / 2048.0)
             s = tl.where(mask[None, :], s, -1e30)
             m = tl.maximum(m, tl.max(s, axis=1))
             if MODE == 2:
                 v = tl.load(V + offs, mask=mask[:, None], other=0)
-                p = tl.exp2(s - m[:, None]).to(tl.float16)
-                acc += tl.dot(p, _i8_to_f16(v) if I8 else v, out_dtype=tl.float32)
+                vf = _i8_to_f16(v) if I8 else v
+                pw = tl.exp2(s - m[:, None])
+                p = pw.to(tl.float16)
+                acc += tl.dot(p, vf, out_dtype=tl.float32)
+                if TERMS == 2:
+                    pl = ((pw - p.to(tl.float32)) * 2048.0).to(tl.float16)
+                    acc += tl.dot(pl, vf, out_dtype=tl.float32) * (1.0 / 2048.0)
     o = h * tl.num_programs(1) + sp
     tl.store(OUT + (o * M + om)[:, None] * (D + 1) + od[None, :], acc)
     tl.store(OUT + (o * M + om) * (D + 1) + D, m)
 
 
-def launch(q, k, v, p, out, keys_per_split, n_keys, splits, hkv, m, d, bn, mode, i8, warps=4, stages=3):
-    _probe_kernel[(hkv, splits)](q, k, v, p, out, keys_per_split, n_keys, HKV=hkv, M=m, D=d, BLOCK_N=bn,
-                                 MODE=MODES.index(mode), I8=i8, num_warps=warps, num_stages=stages)
+def launch(q, k, v, p, out, keys_per_split, n_keys, splits, hkv, m, d, bn, mode, i8, warps=4, stages=3,
+           terms=1, nb=0, ks=None, vs=None):
+    if nb and mode != "both":
+        raise ValueError("the block bookkeeping (nb) is timed in mode 'both' only")
+    _probe_kernel[(hkv, splits)](q, k, v, p, out, keys_per_split, n_keys, q if ks is None else ks,
+                                 q if vs is None else vs, HKV=hkv, M=m, D=d, BLOCK_N=bn,
+                                 MODE=MODES.index(mode), I8=i8, TERMS=terms, NB=nb, num_warps=warps,
+                                 num_stages=stages)
 
 
-def reference(q, k, v, p, keys_per_split, n_keys, splits, hkv, m, d, bn, mode):
-    """float64 torch: per program the same sums (the running max over its keys)."""
+def reference(q, k, v, p, keys_per_split, n_keys, splits, hkv, m, d, bn, mode, terms=1, nb=0, ks=None, vs=None):
+    """float64 torch: per program the same sums (the running max over its keys). ``terms`` 2 adds
+    the second term's dot as the kernel forms it (q / 2, scaled by 2^-11; p's remainder: p exact);
+    ``nb`` > 0: rows (g, b) = g * nb + b, scores summed over b with the K scales, weights
+    exp2(s - final max) times the V scales (the kernel rescales its accumulator as it goes)."""
     out = torch.zeros(hkv * splits * m, d + 1, dtype=torch.float64)
     kf, vf = k.double(), v.double()
+    qk_gain = 1.0 + (0.5 / 2048.0 if terms == 2 else 0.0)
     for h in range(hkv):
         qh, ph = q[h * m:(h + 1) * m].double(), p[h * m:(h + 1) * m].double()
         for sp in range(splits):
@@ -99,6 +157,17 @@ def reference(q, k, v, p, keys_per_split, n_keys, splits, hkv, m, d, bn, mode):
             o = (h * splits + sp) * m
             if lo >= hi:
                 out[o:o + m, d] = -1e30
+                continue
+            if nb:
+                gr = m // nb
+                sb = (qh @ kf[lo:hi, h].T) * qk_gain                                   # [M, n]
+                dk, dv = ks[lo:hi, h].double(), vs[lo:hi, h].double()                  # [n, nb]
+                sg = (sb.reshape(gr, nb, -1) * dk.T[None]).sum(1)                     # [gr, n]
+                mx = sg.max(dim=1).values
+                w = torch.exp2(sg - mx[:, None])                                       # [gr, n]
+                wr = (w[:, None, :] * dv.T[None]).reshape(m, -1)                       # [M, n]
+                out[o:o + m, :d] = wr @ vf[lo:hi, h]
+                out[o:o + m, d] = mx.repeat_interleave(nb)
                 continue
             if mode == "pv":
                 acc = torch.zeros(m, d, dtype=torch.float64)
@@ -108,14 +177,15 @@ def reference(q, k, v, p, keys_per_split, n_keys, splits, hkv, m, d, bn, mode):
                 out[o:o + m, :d] = acc
                 out[o:o + m, d] = -1e30
                 continue
-            s = qh @ kf[lo:hi, h].T                                                    # [M, n]
+            s = (qh @ kf[lo:hi, h].T) * qk_gain                                        # [M, n]
             out[o:o + m, d] = s.max(dim=1).values
             if mode == "both":        # p from the running max at each tile, as the kernel forms it
                 acc, run = torch.zeros(m, d, dtype=torch.float64), torch.full((m,), -1e30, dtype=torch.float64)
                 for n0 in range(lo, hi, bn):
                     st = s[:, n0 - lo:min(n0 + bn, hi) - lo]
                     run = torch.maximum(run, st.max(dim=1).values)
-                    pt = torch.exp2(st - run[:, None]).half().double()
+                    pt = torch.exp2(st - run[:, None])
+                    pt = pt if terms == 2 else pt.half().double()
                     acc += pt @ vf[n0:n0 + st.shape[1], h]
                 out[o:o + m, :d] = acc
     return out
@@ -130,21 +200,29 @@ def make(n_keys, hkv, m, d, bn, i8, device, gen):
     return q, p, cache(), cache()
 
 
+def scales(n_keys, hkv, nb, device, gen):
+    return (torch.rand(n_keys, hkv, nb, generator=gen) * 0.01 + 0.001).half().to(device)
+
+
 def check(args) -> int:
     gen = torch.Generator().manual_seed(0)
     hkv, m, d, bn, n_keys, per = 2, 16, 32, 16, 80, 32
     splits = -(-n_keys // per)
     bad = 0
-    for mode in MODES:
+    cases = [(mode, 1, 0) for mode in MODES] + [("both", 2, 0), ("both", 1, 4), ("both", 2, 4)]
+    for mode, terms, nb in cases:
         for i8 in (True, False):
             q, p, k, v = make(n_keys, hkv, m, d, bn, i8, "cpu", gen)
+            ks, vs = (scales(n_keys, hkv, nb, "cpu", gen) for _ in range(2)) if nb else (None, None)
             out = torch.empty(hkv * splits * m, d + 1, dtype=torch.float32)
-            launch(q, k, v, p, out, per, n_keys, splits, hkv, m, d, bn, mode, i8)
-            ref = reference(q.float(), k.float(), v.float(), p.float(), per, n_keys, splits, hkv, m, d, bn, mode)
+            launch(q, k, v, p, out, per, n_keys, splits, hkv, m, d, bn, mode, i8, terms=terms, nb=nb, ks=ks, vs=vs)
+            ref = reference(q.float(), k.float(), v.float(), p.float(), per, n_keys, splits, hkv, m, d, bn, mode,
+                            terms=terms, nb=nb, ks=ks, vs=vs)
             err = ((out.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
             ok = err < 2e-3
             bad += not ok
-            print(f"check {mode:4} {'i8' if i8 else 'f16'}: max rel err {err:.2e} {'ok' if ok else 'MISMATCH'}")
+            print(f"check {mode:4} terms {terms} nb {nb} {'i8' if i8 else 'f16'}: max rel err {err:.2e} "
+                  f"{'ok' if ok else 'MISMATCH'}")
     return 1 if bad else 0
 
 
@@ -166,15 +244,20 @@ def time_all(args) -> dict:
         copies = max(2, -(-4 * l2 // nbytes))
         bufs = [(k.clone(), v.clone()) for _ in range(copies)]
         out = torch.empty(hkv * splits * m, d + 1, dtype=torch.float32, device=dev)
-        for mode in MODES:
+        nb = d // 32
+        ks, vs = scales(n_keys, hkv, nb, dev, gen), scales(n_keys, hkv, nb, dev, gen)
+        for mode, terms, blocks in [(mode, 1, 0) for mode in MODES] + [("both", 2, 0), ("both", 1, nb),
+                                                                          ("both", 2, nb)]:
             bytes_read = nbytes * (2 if mode == "both" else 1)
             us, _ = layered_time(bufs, lambda kb, vb: launch(q, kb, vb, p, out, per, n_keys, splits, hkv, m, d,
-                                                             bn, mode, i8), args.reps)
+                                                             bn, mode, i8, terms=terms, nb=blocks, ks=ks, vs=vs),
+                                 args.reps)
+            mode = mode + (f"+{terms}terms" if terms > 1 else "") + (f"+blocks{blocks}" if blocks else "")
             r = {"mode": mode, "cache": "i8" if i8 else "f16", "us": round(us, 2), "bytes_read": bytes_read,
                  "GBps": round(bytes_read / (us * 1e-6) / 1e9, 1), "copies": copies,
                  "splits": splits, "keys_per_split": per, "M": m, "block_n": bn, "ctx": n_keys, "hkv": hkv}
             rows.append(r)
-            print(f"{mode:4} {r['cache']:3}: {us:7.2f} us a launch, {r['GBps']:7.1f} GB/s "
+            print(f"{mode:20} {r['cache']:3}: {us:7.2f} us a launch, {r['GBps']:7.1f} GB/s "
                   f"({bytes_read / 1e6:.1f} MB; {splits} splits x {per} keys, M {m}, {bn}-key tiles)", flush=True)
         del bufs
     return {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
@@ -187,9 +270,12 @@ def offline(args) -> dict:
     rows = []
     for i8 in (True, False):
         R.PTR["K"] = R.PTR["V"] = "*i8" if i8 else "*fp16"
-        for mode in MODES:
+        R.PTR["KS"] = R.PTR["VS"] = "*fp16"
+        for mode, terms, nb in [(mode, 1, 0) for mode in MODES] + [("both", 2, 0), ("both", 1, args.d // 32),
+                                                                      ("both", 2, args.d // 32)]:
             r = R.compile_one(_probe_kernel, dict(HKV=args.hkv, M=args.m, D=args.d, BLOCK_N=args.block_n,
-                                                   MODE=MODES.index(mode), I8=i8), 4, 3, 90)
+                                                   MODE=MODES.index(mode), I8=i8, TERMS=terms, NB=nb), 4, 3, 90)
+            mode = mode + (f"+{terms}terms" if terms > 1 else "") + (f"+blocks{nb}" if nb else "")
             lt = r["loop_top"]
             row = {"mode": mode, "cache": "i8" if i8 else "f16", "regs": r["regs"], "loop_sass": r["loop_sass"],
                    **{k: lt.get(k, 0) for k in ("LDS", "LDSM", "PRMT", "HADD2", "HMMA", "LDGSTS", "BAR")}}
