@@ -15,6 +15,8 @@ its split's keys in ``--block-n`` tiles of a [rows, HKV, D] cache, 4 warps, 3 st
   ``pv``  acc += p @ v per tile (p [M, BLOCK_N] float16 per program);
   ``both`` the two, p = exp2(s - running max) (softmax without its rescale);
   ``both+2terms`` with q and p as two float16 terms each (two dots each, as every q8_0 form);
+  ``both+2stacked`` the same two terms stacked along M (one dot of 2M rows each: the int8
+  operand converted once; the halves summed after);
   ``both+blocks4`` the rows form's block bookkeeping: rows (head, block), the scores' block sum
   with the K scales, p broadcast to the rows times the V scales, the accumulator's rescale.
 The cache holds int8 (``i8``, turned into float16 by the engine's ``_i8_to_f16``) or float16
@@ -65,7 +67,7 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
     acc = tl.zeros([M, D], tl.float32)
     lo = sp * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)
-    if NB > 0:      # the rows form's block bookkeeping (MODE 2 only): row r = g * NB + b
+    if NB > 0:      # the rows form's block bookkeeping (MODE 2 only, TERMS 1 or 2): row r = g * NB + b
         GR: tl.constexpr = M // NB
         mg = tl.full([GR], -1e30, tl.float32)
         ql = (q.to(tl.float32) * 0.5).to(tl.float16)      # a second term's operand (timing shape)
@@ -101,7 +103,7 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
             mg = m_new
         m = tl.reshape(tl.broadcast_to(mg[:, None], [GR, NB]), [M])
         hi = lo         # the loop below runs no tile
-    elif TERMS == 2:
+    elif TERMS >= 2:
         ql = (q.to(tl.float32) * 0.5).to(tl.float16)
     for n0 in range(lo, hi, BLOCK_N):
         rows = (n0 + ob).to(tl.int64)
@@ -113,7 +115,13 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
         else:
             k = tl.load(K + offs, mask=mask[:, None], other=0)
             kf = _i8_to_f16(k) if I8 else k
-            s = tl.dot(q, tl.trans(kf), out_dtype=tl.float32)                           # [M, BN]
+            if TERMS == 3:      # the two terms stacked along M: one dot, the operand converted once
+                w2 = tl.where(tl.arange(0, 2) == 0, 1.0, 1.0 / 2048.0)
+                q2 = tl.reshape(tl.permute(tl.join(q, ql), (2, 0, 1)), [2 * M, D])
+                s2 = tl.dot(q2, tl.trans(kf), out_dtype=tl.float32)                     # [2M, BN]
+                s = tl.sum(tl.reshape(s2, [2, M, BLOCK_N]) * w2[:, None, None], axis=0)
+            else:
+                s = tl.dot(q, tl.trans(kf), out_dtype=tl.float32)                       # [M, BN]
             if TERMS == 2:      # the second term of a two-term q (timing shape: q / 2)
                 s += tl.dot(ql, tl.trans(kf), out_dtype=tl.float32) * (1.0 / 2048.0)
             s = tl.where(mask[None, :], s, -1e30)
@@ -123,7 +131,13 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
                 vf = _i8_to_f16(v) if I8 else v
                 pw = tl.exp2(s - m[:, None])
                 p = pw.to(tl.float16)
-                acc += tl.dot(p, vf, out_dtype=tl.float32)
+                if TERMS == 3:
+                    pl = ((pw - p.to(tl.float32)) * 2048.0).to(tl.float16)
+                    p2 = tl.reshape(tl.permute(tl.join(p, pl), (2, 0, 1)), [2 * M, BLOCK_N])
+                    pv2 = tl.dot(p2, vf, out_dtype=tl.float32)                          # [2M, D]
+                    acc += tl.sum(tl.reshape(pv2, [2, M, D]) * w2[:, None, None], axis=0)
+                else:
+                    acc += tl.dot(p, vf, out_dtype=tl.float32)
                 if TERMS == 2:
                     pl = ((pw - p.to(tl.float32)) * 2048.0).to(tl.float16)
                     acc += tl.dot(pl, vf, out_dtype=tl.float32) * (1.0 / 2048.0)
@@ -134,8 +148,8 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
 
 def launch(q, k, v, p, out, keys_per_split, n_keys, splits, hkv, m, d, bn, mode, i8, warps=4, stages=3,
            terms=1, nb=0, ks=None, vs=None):
-    if nb and mode != "both":
-        raise ValueError("the block bookkeeping (nb) is timed in mode 'both' only")
+    if nb and (mode != "both" or terms == 3):
+        raise ValueError("the block bookkeeping (nb) is timed in mode 'both' with 1 or 2 terms only")
     _probe_kernel[(hkv, splits)](q, k, v, p, out, keys_per_split, n_keys, q if ks is None else ks,
                                  q if vs is None else vs, HKV=hkv, M=m, D=d, BLOCK_N=bn,
                                  MODE=MODES.index(mode), I8=i8, TERMS=terms, NB=nb, num_warps=warps,
@@ -149,7 +163,7 @@ def reference(q, k, v, p, keys_per_split, n_keys, splits, hkv, m, d, bn, mode, t
     exp2(s - final max) times the V scales (the kernel rescales its accumulator as it goes)."""
     out = torch.zeros(hkv * splits * m, d + 1, dtype=torch.float64)
     kf, vf = k.double(), v.double()
-    qk_gain = 1.0 + (0.5 / 2048.0 if terms == 2 else 0.0)
+    qk_gain = 1.0 + (0.5 / 2048.0 if terms >= 2 else 0.0)     # 3: the same two terms, stacked
     for h in range(hkv):
         qh, ph = q[h * m:(h + 1) * m].double(), p[h * m:(h + 1) * m].double()
         for sp in range(splits):
@@ -185,7 +199,7 @@ def reference(q, k, v, p, keys_per_split, n_keys, splits, hkv, m, d, bn, mode, t
                     st = s[:, n0 - lo:min(n0 + bn, hi) - lo]
                     run = torch.maximum(run, st.max(dim=1).values)
                     pt = torch.exp2(st - run[:, None])
-                    pt = pt if terms == 2 else pt.half().double()
+                    pt = pt if terms >= 2 else pt.half().double()
                     acc += pt @ vf[n0:n0 + st.shape[1], h]
                 out[o:o + m, :d] = acc
     return out
@@ -209,7 +223,7 @@ def check(args) -> int:
     hkv, m, d, bn, n_keys, per = 2, 16, 32, 16, 80, 32
     splits = -(-n_keys // per)
     bad = 0
-    cases = [(mode, 1, 0) for mode in MODES] + [("both", 2, 0), ("both", 1, 4), ("both", 2, 4)]
+    cases = [(mode, 1, 0) for mode in MODES] + [("both", 2, 0), ("both", 3, 0), ("both", 1, 4), ("both", 2, 4)]
     for mode, terms, nb in cases:
         for i8 in (True, False):
             q, p, k, v = make(n_keys, hkv, m, d, bn, i8, "cpu", gen)
@@ -246,13 +260,13 @@ def time_all(args) -> dict:
         out = torch.empty(hkv * splits * m, d + 1, dtype=torch.float32, device=dev)
         nb = d // 32
         ks, vs = scales(n_keys, hkv, nb, dev, gen), scales(n_keys, hkv, nb, dev, gen)
-        for mode, terms, blocks in [(mode, 1, 0) for mode in MODES] + [("both", 2, 0), ("both", 1, nb),
+        for mode, terms, blocks in [(mode, 1, 0) for mode in MODES] + [("both", 2, 0), ("both", 3, 0), ("both", 1, nb),
                                                                           ("both", 2, nb)]:
             bytes_read = nbytes * (2 if mode == "both" else 1)
             us, _ = layered_time(bufs, lambda kb, vb: launch(q, kb, vb, p, out, per, n_keys, splits, hkv, m, d,
                                                              bn, mode, i8, terms=terms, nb=blocks, ks=ks, vs=vs),
                                  args.reps)
-            mode = mode + (f"+{terms}terms" if terms > 1 else "") + (f"+blocks{blocks}" if blocks else "")
+            mode = mode + {1: "", 2: "+2terms", 3: "+2stacked"}[terms] + (f"+blocks{blocks}" if blocks else "")
             r = {"mode": mode, "cache": "i8" if i8 else "f16", "us": round(us, 2), "bytes_read": bytes_read,
                  "GBps": round(bytes_read / (us * 1e-6) / 1e9, 1), "copies": copies,
                  "splits": splits, "keys_per_split": per, "M": m, "block_n": bn, "ctx": n_keys, "hkv": hkv}
@@ -271,11 +285,11 @@ def offline(args) -> dict:
     for i8 in (True, False):
         R.PTR["K"] = R.PTR["V"] = "*i8" if i8 else "*fp16"
         R.PTR["KS"] = R.PTR["VS"] = "*fp16"
-        for mode, terms, nb in [(mode, 1, 0) for mode in MODES] + [("both", 2, 0), ("both", 1, args.d // 32),
+        for mode, terms, nb in [(mode, 1, 0) for mode in MODES] + [("both", 2, 0), ("both", 3, 0), ("both", 1, args.d // 32),
                                                                       ("both", 2, args.d // 32)]:
             r = R.compile_one(_probe_kernel, dict(HKV=args.hkv, M=args.m, D=args.d, BLOCK_N=args.block_n,
                                                    MODE=MODES.index(mode), I8=i8, TERMS=terms, NB=nb), 4, 3, 90)
-            mode = mode + (f"+{terms}terms" if terms > 1 else "") + (f"+blocks{nb}" if nb else "")
+            mode = mode + {1: "", 2: "+2terms", 3: "+2stacked"}[terms] + (f"+blocks{nb}" if nb else "")
             lt = r["loop_top"]
             row = {"mode": mode, "cache": "i8" if i8 else "f16", "regs": r["regs"], "loop_sass": r["loop_sass"],
                    **{k: lt.get(k, 0) for k in ("LDS", "LDSM", "PRMT", "HADD2", "HMMA", "LDGSTS", "BAR")}}
