@@ -18,7 +18,8 @@ its split's keys in ``--block-n`` tiles of a [rows, HKV, D] cache, 4 warps, 3 st
   ``both+2stacked`` the same two terms stacked along M (one dot of 2M rows each: the int8
   operand converted once; the halves summed after);
   ``both+blocks4`` the rows form's block bookkeeping: rows (head, block), the scores' block sum
-  with the K scales, p broadcast to the rows times the V scales, the accumulator's rescale.
+  with the K scales, p broadcast to the rows times the V scales, the accumulator's rescale;
+  ``+pn`` / ``+rowl`` the production rows form's per-tile V-scale normalisation and row-wise l.
 The cache holds int8 (``i8``, turned into float16 by the engine's ``_i8_to_f16``) or float16
 (``f16``). ``--check`` runs each once at a small size (interpreted on the CPU) against torch
 and exits non-zero on a mismatch; ``--time`` (CUDA) times each as a step pays it
@@ -46,15 +47,28 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "benchmarks" / "oneoff"))
 
-from engine.kernels.decode_attention import _i8_to_f16  # noqa: E402
+from engine.kernels.decode_attention import _i8_to_f16, _pow2_at_least  # noqa: E402
 
 MODES = ("qk", "pv", "both")
+
+
+def cases(nb: int) -> list[tuple[str, int, int, int]]:
+    """(mode, terms, blocks, extra) timed and checked: extra bit 0 the per-tile V-scale
+    normalisation, bit 1 the row-wise l (the production rows form's two remaining parts)."""
+    return ([(mode, 1, 0, 0) for mode in MODES] + [("both", 2, 0, 0), ("both", 3, 0, 0), ("both", 1, nb, 0)]
+            + [("both", 2, nb, extra) for extra in range(4)])
+
+
+def case_name(mode: str, terms: int, blocks: int, extra: int) -> str:
+    return (mode + {1: "", 2: "+2terms", 3: "+2stacked"}[terms] + (f"+blocks{blocks}" if blocks else "")
+            + ("+pn" if extra & 1 else "") + ("+rowl" if extra & 2 else ""))
 
 
 @triton.jit
 def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
                   HKV: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-                  MODE: tl.constexpr, I8: tl.constexpr, TERMS: tl.constexpr = 1, NB: tl.constexpr = 0):
+                  MODE: tl.constexpr, I8: tl.constexpr, TERMS: tl.constexpr = 1, NB: tl.constexpr = 0,
+                  PN: tl.constexpr = False, ROWL: tl.constexpr = False):
     # MODE 0: qk (reads K), 1: pv (reads V), 2: both. K, V: [rows, HKV, D], int8 (I8) or float16.
     h = tl.program_id(0)
     sp = tl.program_id(1)
@@ -70,6 +84,7 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
     if NB > 0:      # the rows form's block bookkeeping (MODE 2 only, TERMS 1 or 2): row r = g * NB + b
         GR: tl.constexpr = M // NB
         mg = tl.full([GR], -1e30, tl.float32)
+        l_r = tl.zeros([M], tl.float32)
         ql = (q.to(tl.float32) * 0.5).to(tl.float16)      # a second term's operand (timing shape)
         for n0 in range(lo, hi, BLOCK_N):
             rows = (n0 + ob).to(tl.int64)
@@ -89,7 +104,11 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
             pg = tl.exp2(sg - m_new[:, None])
             p_r = tl.reshape(tl.broadcast_to(pg[:, None, :], [GR, NB, BLOCK_N]), [M, BLOCK_N])
             dv = tl.load(VS + rows[None, :] * (HKV * NB) + scol[:, None], mask=mask[None, :], other=0.0)
-            dv_r = tl.reshape(tl.broadcast_to(dv.to(tl.float32)[None, :, :], [GR, NB, BLOCK_N]), [M, BLOCK_N])
+            dvf = dv.to(tl.float32)
+            if PN:      # the production form's per-tile power-of-two normalisation of the V scales
+                pn = _pow2_at_least(tl.maximum(tl.max(dvf, axis=1), 1e-30)) / 8192.0          # [NB]
+                dvf = dvf / pn[:, None]
+            dv_r = tl.reshape(tl.broadcast_to(dvf[None, :, :], [GR, NB, BLOCK_N]), [M, BLOCK_N])
             pw = p_r * dv_r
             ph = pw.to(tl.float16)
             v = tl.load(V + offs, mask=mask[:, None], other=0)
@@ -99,9 +118,15 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
                 pl = ((pw - ph.to(tl.float32)) * 2048.0).to(tl.float16)
                 pv += tl.dot(pl, vf, out_dtype=tl.float32) * (1.0 / 2048.0)
             alpha_r = tl.reshape(tl.broadcast_to(alpha[:, None], [GR, NB]), [M])
+            if PN:
+                pv = pv * tl.reshape(tl.broadcast_to(pn[None, :], [GR, NB]), [M])[:, None]
+            if ROWL:    # the production form's row-wise l (its precision guard)
+                l_r = l_r * alpha_r + tl.sum(p_r, axis=1)
             acc = acc * alpha_r[:, None] + pv
             mg = m_new
         m = tl.reshape(tl.broadcast_to(mg[:, None], [GR, NB]), [M])
+        if ROWL:    # l_r stored in the max's column (what the production form writes as l)
+            m = l_r
         hi = lo         # the loop below runs no tile
     elif TERMS >= 2:
         ql = (q.to(tl.float32) * 0.5).to(tl.float16)
@@ -147,20 +172,22 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
 
 
 def launch(q, k, v, p, out, keys_per_split, n_keys, splits, hkv, m, d, bn, mode, i8, warps=4, stages=3,
-           terms=1, nb=0, ks=None, vs=None):
+           terms=1, nb=0, ks=None, vs=None, pn=False, rowl=False):
     if nb and (mode != "both" or terms == 3):
         raise ValueError("the block bookkeeping (nb) is timed in mode 'both' with 1 or 2 terms only")
     _probe_kernel[(hkv, splits)](q, k, v, p, out, keys_per_split, n_keys, q if ks is None else ks,
                                  q if vs is None else vs, HKV=hkv, M=m, D=d, BLOCK_N=bn,
-                                 MODE=MODES.index(mode), I8=i8, TERMS=terms, NB=nb, num_warps=warps,
+                                 MODE=MODES.index(mode), I8=i8, TERMS=terms, NB=nb, PN=pn, ROWL=rowl, num_warps=warps,
                                  num_stages=stages)
 
 
-def reference(q, k, v, p, keys_per_split, n_keys, splits, hkv, m, d, bn, mode, terms=1, nb=0, ks=None, vs=None):
+def reference(q, k, v, p, keys_per_split, n_keys, splits, hkv, m, d, bn, mode, terms=1, nb=0, ks=None, vs=None,
+              rowl=False):
     """float64 torch: per program the same sums (the running max over its keys). ``terms`` 2 adds
     the second term's dot as the kernel forms it (q / 2, scaled by 2^-11; p's remainder: p exact);
     ``nb`` > 0: rows (g, b) = g * nb + b, scores summed over b with the K scales, weights
-    exp2(s - final max) times the V scales (the kernel rescales its accumulator as it goes)."""
+    exp2(s - final max) times the V scales (the kernel rescales its accumulator as it goes);
+    ``rowl``: the max's column holds each row's l (the sum of those weights) instead."""
     out = torch.zeros(hkv * splits * m, d + 1, dtype=torch.float64)
     kf, vf = k.double(), v.double()
     qk_gain = 1.0 + (0.5 / 2048.0 if terms >= 2 else 0.0)     # 3: the same two terms, stacked
@@ -181,7 +208,7 @@ def reference(q, k, v, p, keys_per_split, n_keys, splits, hkv, m, d, bn, mode, t
                 w = torch.exp2(sg - mx[:, None])                                       # [gr, n]
                 wr = (w[:, None, :] * dv.T[None]).reshape(m, -1)                       # [M, n]
                 out[o:o + m, :d] = wr @ vf[lo:hi, h]
-                out[o:o + m, d] = mx.repeat_interleave(nb)
+                out[o:o + m, d] = (w.sum(1) if rowl else mx).repeat_interleave(nb)
                 continue
             if mode == "pv":
                 acc = torch.zeros(m, d, dtype=torch.float64)
@@ -223,19 +250,19 @@ def check(args) -> int:
     hkv, m, d, bn, n_keys, per = 2, 16, 32, 16, 80, 32
     splits = -(-n_keys // per)
     bad = 0
-    cases = [(mode, 1, 0) for mode in MODES] + [("both", 2, 0), ("both", 3, 0), ("both", 1, 4), ("both", 2, 4)]
-    for mode, terms, nb in cases:
+    for mode, terms, nb, extra in cases(4):
         for i8 in (True, False):
             q, p, k, v = make(n_keys, hkv, m, d, bn, i8, "cpu", gen)
             ks, vs = (scales(n_keys, hkv, nb, "cpu", gen) for _ in range(2)) if nb else (None, None)
             out = torch.empty(hkv * splits * m, d + 1, dtype=torch.float32)
-            launch(q, k, v, p, out, per, n_keys, splits, hkv, m, d, bn, mode, i8, terms=terms, nb=nb, ks=ks, vs=vs)
+            launch(q, k, v, p, out, per, n_keys, splits, hkv, m, d, bn, mode, i8, terms=terms, nb=nb, ks=ks, vs=vs,
+                   pn=bool(extra & 1), rowl=bool(extra & 2))
             ref = reference(q.float(), k.float(), v.float(), p.float(), per, n_keys, splits, hkv, m, d, bn, mode,
-                            terms=terms, nb=nb, ks=ks, vs=vs)
+                            terms=terms, nb=nb, ks=ks, vs=vs, rowl=bool(extra & 2))
             err = ((out.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
             ok = err < 2e-3
             bad += not ok
-            print(f"check {mode:4} terms {terms} nb {nb} {'i8' if i8 else 'f16'}: max rel err {err:.2e} "
+            print(f"check {case_name(mode, terms, nb, extra):26} {'i8' if i8 else 'f16'}: max rel err {err:.2e} "
                   f"{'ok' if ok else 'MISMATCH'}")
     return 1 if bad else 0
 
@@ -260,18 +287,18 @@ def time_all(args) -> dict:
         out = torch.empty(hkv * splits * m, d + 1, dtype=torch.float32, device=dev)
         nb = d // 32
         ks, vs = scales(n_keys, hkv, nb, dev, gen), scales(n_keys, hkv, nb, dev, gen)
-        for mode, terms, blocks in [(mode, 1, 0) for mode in MODES] + [("both", 2, 0), ("both", 3, 0), ("both", 1, nb),
-                                                                          ("both", 2, nb)]:
+        for mode, terms, blocks, extra in cases(nb):
             bytes_read = nbytes * (2 if mode == "both" else 1)
             us, _ = layered_time(bufs, lambda kb, vb: launch(q, kb, vb, p, out, per, n_keys, splits, hkv, m, d,
-                                                             bn, mode, i8, terms=terms, nb=blocks, ks=ks, vs=vs),
+                                                             bn, mode, i8, terms=terms, nb=blocks, ks=ks, vs=vs,
+                                                             pn=bool(extra & 1), rowl=bool(extra & 2)),
                                  args.reps)
-            mode = mode + {1: "", 2: "+2terms", 3: "+2stacked"}[terms] + (f"+blocks{blocks}" if blocks else "")
+            mode = case_name(mode, terms, blocks, extra)
             r = {"mode": mode, "cache": "i8" if i8 else "f16", "us": round(us, 2), "bytes_read": bytes_read,
                  "GBps": round(bytes_read / (us * 1e-6) / 1e9, 1), "copies": copies,
                  "splits": splits, "keys_per_split": per, "M": m, "block_n": bn, "ctx": n_keys, "hkv": hkv}
             rows.append(r)
-            print(f"{mode:20} {r['cache']:3}: {us:7.2f} us a launch, {r['GBps']:7.1f} GB/s "
+            print(f"{mode:26} {r['cache']:3}: {us:7.2f} us a launch, {r['GBps']:7.1f} GB/s "
                   f"({bytes_read / 1e6:.1f} MB; {splits} splits x {per} keys, M {m}, {bn}-key tiles)", flush=True)
         del bufs
     return {"device": torch.cuda.get_device_name(dev), "torch": torch.__version__, "triton": triton.__version__,
@@ -285,11 +312,11 @@ def offline(args) -> dict:
     for i8 in (True, False):
         R.PTR["K"] = R.PTR["V"] = "*i8" if i8 else "*fp16"
         R.PTR["KS"] = R.PTR["VS"] = "*fp16"
-        for mode, terms, nb in [(mode, 1, 0) for mode in MODES] + [("both", 2, 0), ("both", 3, 0), ("both", 1, args.d // 32),
-                                                                      ("both", 2, args.d // 32)]:
+        for mode, terms, nb, extra in cases(args.d // 32):
             r = R.compile_one(_probe_kernel, dict(HKV=args.hkv, M=args.m, D=args.d, BLOCK_N=args.block_n,
-                                                   MODE=MODES.index(mode), I8=i8, TERMS=terms, NB=nb), 4, 3, 90)
-            mode = mode + {1: "", 2: "+2terms", 3: "+2stacked"}[terms] + (f"+blocks{nb}" if nb else "")
+                                                   MODE=MODES.index(mode), I8=i8, TERMS=terms, NB=nb,
+                                                   PN=bool(extra & 1), ROWL=bool(extra & 2)), 4, 3, 90)
+            mode = case_name(mode, terms, nb, extra)
             lt = r["loop_top"]
             row = {"mode": mode, "cache": "i8" if i8 else "f16", "regs": r["regs"], "loop_sass": r["loop_sass"],
                    **{k: lt.get(k, 0) for k in ("LDS", "LDSM", "PRMT", "HADD2", "HMMA", "LDGSTS", "BAR")}}
