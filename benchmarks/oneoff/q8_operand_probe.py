@@ -54,21 +54,23 @@ MODES = ("qk", "pv", "both")
 
 def cases(nb: int) -> list[tuple[str, int, int, int]]:
     """(mode, terms, blocks, extra) timed and checked: extra bit 0 the per-tile V-scale
-    normalisation, bit 1 the row-wise l (the production rows form's two remaining parts)."""
+    normalisation (the production rows form's: a max over the tile), bit 1 the row-wise l (the
+    production form's two remaining parts), bit 2 the normalisation from the tile's first key
+    (no reduction) instead of bit 0's."""
     return ([(mode, 1, 0, 0) for mode in MODES] + [("both", 2, 0, 0), ("both", 3, 0, 0), ("both", 1, nb, 0)]
-            + [("both", 2, nb, extra) for extra in range(4)])
+            + [("both", 2, nb, extra) for extra in (0, 1, 2, 3, 4, 6)])
 
 
 def case_name(mode: str, terms: int, blocks: int, extra: int) -> str:
     return (mode + {1: "", 2: "+2terms", 3: "+2stacked"}[terms] + (f"+blocks{blocks}" if blocks else "")
-            + ("+pn" if extra & 1 else "") + ("+rowl" if extra & 2 else ""))
+            + ("+pn" if extra & 1 else "") + ("+pnfirst" if extra & 4 else "") + ("+rowl" if extra & 2 else ""))
 
 
 @triton.jit
 def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
                   HKV: tl.constexpr, M: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
                   MODE: tl.constexpr, I8: tl.constexpr, TERMS: tl.constexpr = 1, NB: tl.constexpr = 0,
-                  PN: tl.constexpr = False, ROWL: tl.constexpr = False):
+                  PN: tl.constexpr = 0, ROWL: tl.constexpr = False):
     # MODE 0: qk (reads K), 1: pv (reads V), 2: both. K, V: [rows, HKV, D], int8 (I8) or float16.
     h = tl.program_id(0)
     sp = tl.program_id(1)
@@ -105,8 +107,12 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
             p_r = tl.reshape(tl.broadcast_to(pg[:, None, :], [GR, NB, BLOCK_N]), [M, BLOCK_N])
             dv = tl.load(VS + rows[None, :] * (HKV * NB) + scol[:, None], mask=mask[None, :], other=0.0)
             dvf = dv.to(tl.float32)
-            if PN:      # the production form's per-tile power-of-two normalisation of the V scales
+            if PN == 1:     # the production form's per-tile power-of-two normalisation of the V scales
                 pn = _pow2_at_least(tl.maximum(tl.max(dvf, axis=1), 1e-30)) / 8192.0          # [NB]
+                dvf = dvf / pn[:, None]
+            elif PN == 2:   # no reduction: the power of two from the tile's first key's scales
+                dv0 = tl.load(VS + (n0 * (HKV * NB) + scol).to(tl.int64)).to(tl.float32)      # [NB]
+                pn = _pow2_at_least(tl.maximum(dv0, 1e-30)) / 1024.0
                 dvf = dvf / pn[:, None]
             dv_r = tl.reshape(tl.broadcast_to(dvf[None, :, :], [GR, NB, BLOCK_N]), [M, BLOCK_N])
             pw = p_r * dv_r
@@ -118,7 +124,7 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
                 pl = ((pw - ph.to(tl.float32)) * 2048.0).to(tl.float16)
                 pv += tl.dot(pl, vf, out_dtype=tl.float32) * (1.0 / 2048.0)
             alpha_r = tl.reshape(tl.broadcast_to(alpha[:, None], [GR, NB]), [M])
-            if PN:
+            if PN > 0:
                 pv = pv * tl.reshape(tl.broadcast_to(pn[None, :], [GR, NB]), [M])[:, None]
             if ROWL:    # the production form's row-wise l (its precision guard)
                 l_r = l_r * alpha_r + tl.sum(p_r, axis=1)
@@ -172,7 +178,7 @@ def _probe_kernel(Q, K, V, P, OUT, keys_per_split, n_keys, KS, VS,
 
 
 def launch(q, k, v, p, out, keys_per_split, n_keys, splits, hkv, m, d, bn, mode, i8, warps=4, stages=3,
-           terms=1, nb=0, ks=None, vs=None, pn=False, rowl=False):
+           terms=1, nb=0, ks=None, vs=None, pn=0, rowl=False):
     if nb and (mode != "both" or terms == 3):
         raise ValueError("the block bookkeeping (nb) is timed in mode 'both' with 1 or 2 terms only")
     _probe_kernel[(hkv, splits)](q, k, v, p, out, keys_per_split, n_keys, q if ks is None else ks,
@@ -256,7 +262,7 @@ def check(args) -> int:
             ks, vs = (scales(n_keys, hkv, nb, "cpu", gen) for _ in range(2)) if nb else (None, None)
             out = torch.empty(hkv * splits * m, d + 1, dtype=torch.float32)
             launch(q, k, v, p, out, per, n_keys, splits, hkv, m, d, bn, mode, i8, terms=terms, nb=nb, ks=ks, vs=vs,
-                   pn=bool(extra & 1), rowl=bool(extra & 2))
+                   pn=1 if extra & 1 else (2 if extra & 4 else 0), rowl=bool(extra & 2))
             ref = reference(q.float(), k.float(), v.float(), p.float(), per, n_keys, splits, hkv, m, d, bn, mode,
                             terms=terms, nb=nb, ks=ks, vs=vs, rowl=bool(extra & 2))
             err = ((out.double() - ref).abs() / ref.abs().clamp_min(1.0)).max().item()
@@ -291,7 +297,7 @@ def time_all(args) -> dict:
             bytes_read = nbytes * (2 if mode == "both" else 1)
             us, _ = layered_time(bufs, lambda kb, vb: launch(q, kb, vb, p, out, per, n_keys, splits, hkv, m, d,
                                                              bn, mode, i8, terms=terms, nb=blocks, ks=ks, vs=vs,
-                                                             pn=bool(extra & 1), rowl=bool(extra & 2)),
+                                                             pn=1 if extra & 1 else (2 if extra & 4 else 0), rowl=bool(extra & 2)),
                                  args.reps)
             mode = case_name(mode, terms, blocks, extra)
             r = {"mode": mode, "cache": "i8" if i8 else "f16", "us": round(us, 2), "bytes_read": bytes_read,
@@ -315,7 +321,8 @@ def offline(args) -> dict:
         for mode, terms, nb, extra in cases(args.d // 32):
             r = R.compile_one(_probe_kernel, dict(HKV=args.hkv, M=args.m, D=args.d, BLOCK_N=args.block_n,
                                                    MODE=MODES.index(mode), I8=i8, TERMS=terms, NB=nb,
-                                                   PN=bool(extra & 1), ROWL=bool(extra & 2)), 4, 3, 90)
+                                                   PN=1 if extra & 1 else (2 if extra & 4 else 0),
+                                                   ROWL=bool(extra & 2)), 4, 3, 90)
             mode = case_name(mode, terms, nb, extra)
             lt = r["loop_top"]
             row = {"mode": mode, "cache": "i8" if i8 else "f16", "regs": r["regs"], "loop_sass": r["loop_sass"],
