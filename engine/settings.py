@@ -82,6 +82,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "106.6 -> 86.4 instructions a key with kv, 75.4 with kv_prmt (kv, the bytes unpacked by PTX byte "
        "permutes; compiled only) (reports/cpu-2026-12-06c), not yet timed on a GPU",
        numerics=True, choices=("none", "k", "v", "kv", "kv_prmt")),
+    _s("KVBENCH_DECODE_Q8_VNORM", "choice", "tile", "the q8_0 rows kernel's power-of-two normalisation of "
+       "p * dv before its float16 split: tile (from each tile's largest V scale, a reduction in the loop) "
+       "or split (from the split's largest, found once before the loop)", numerics=True,
+       choices=("tile", "split")),
     _s("KVBENCH_DECODE_FUSE", "bool", False, "decode combine fused into the last split program",
        numerics=True),
     _s("KVBENCH_DECODE_COMBINE_BLOCK", "int", 128, "splits the decode combine reads per step of its "

@@ -217,6 +217,8 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
                 {"block_n": 64}, {"block_n": 128, "num_stages": 2}, {"block_n": 16, "q8_impl": "blocks"},
                 {"block_n": 64, "q8_impl": "blocks", "fuse_combine": True}, {"block_n": 64, "q8_words": "kv"},
                 {"block_n": 16, "q8_words": "k"}, {"block_n": 32, "q8_words": "v", "fuse_combine": True},
+                # the V scales' power of two from the split's largest, not each tile's
+                {"block_n": 64, "q8_vnorm": "split"}, {"block_n": 16, "q8_vnorm": "split", "fuse_combine": True},
                 # the batched form at the launches the occupancy model bets on (reports/cpu-2026-12-06d)
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 2, "num_stages": 2, "programs_per_sm": 6},
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
@@ -227,6 +229,36 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
         if not (rel(out) < bound and rel(at) < bound):
             bad.append(f"{cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")
     assert not bad, f"q8_0 kernel beyond {bound:.2e} of the float64 oracle: " + "; ".join(bad)
+
+
+@pytest.mark.parametrize("vnorm", ["tile", "split"])
+def test_q8_decode_with_v_scales_spread_across_keys(vnorm, triton_backend):
+    """The rows kernel's power-of-two normalisation of p * dv holds where one block's V scales
+    spread over 8 decades from key to key (the case "split" is weakest in: a tile's values sit far
+    below the split's largest scale), with keys' weights spread too: within the float64 oracle's
+    sensitivity to a 2^-22 perturbation of q, as the magnitude test, per query head and block."""
+    Hq, Hkv, D, n = 8, 2, 128, 300
+    gen = torch.Generator(device=DEV).manual_seed(17)
+    k = torch.randn(n, Hkv, D, device=DEV, generator=gen)
+    vmag = torch.logspace(-4, 4, n, device=DEV)[torch.randperm(n, generator=gen, device=DEV)]
+    v = torch.randn(n, Hkv, D, device=DEV, generator=gen) * vmag[:, None, None]
+    cache = LayerKV(0, Hkv, D, n, "q8_0", device=DEV)
+    cache.write(0, k, v)
+    q = torch.randn(Hq, D, device=DEV, generator=gen) * torch.logspace(-1, 0.5, Hq, device=DEV)[:, None]
+    kd, vd = dequant(cache)
+    want = oracle(q[None], kd, vd, n - 1, D ** -0.5)[0]
+    size = oracle(q[None], kd, vd.abs(), n - 1, D ** -0.5)[0]
+    blk = lambda t: t.reshape(Hq, D // 32, 32).abs().amax(2)
+    rel = lambda out: (blk(out - want) / blk(size)).max().item()
+    sens = 0.0
+    for _ in range(4):
+        sign = torch.randint(0, 2, q.shape, generator=gen, device=DEV).double() * 2 - 1
+        sens = max(sens, rel(oracle((q.double() * (1 + 2.0 ** -22 * sign))[None], kd, vd, n - 1, D ** -0.5)[0]))
+    bound = max(2e-6, 4 * sens)
+    for cfg in ({"block_n": 16}, {"block_n": 64}):
+        out = decode_attention(q, cache.k, cache.v, "q8_0", n, D ** -0.5, Hkv, cfg={**cfg, "q8_vnorm": vnorm})
+        print(f"q8_0 vnorm {vnorm} {cfg}: rel {rel(out):.2e} (bound {bound:.2e})")
+        assert rel(out) < bound, f"vnorm {vnorm} {cfg}: rel {rel(out):.2e} beyond {bound:.2e}"
 
 
 @pytest.mark.parametrize("T,Hq,Hkv,D,fmt", CASES)
@@ -505,6 +537,20 @@ def test_decode_launches_are_recorded_as_applied(monkeypatch, triton_backend):
         decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv)
         monkeypatch.delenv("KVBENCH_DECODE_Q8_WORDS")
     assert [x["q8_words"] for x in log] == ["none", "k", "v", "kv", "kv"]
+    # the V-scale normalisation from the split's largest scale: the reference's result, recorded
+    # as applied (setting or cfg), refused off the rows kernel and for an unknown name
+    with da.recording() as log:
+        out = decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv,
+                               cfg={"q8_vnorm": "split"})
+        assert_close("q8_0 rows vnorm split", ref, out, TOL["q8_0"])
+        monkeypatch.setenv("KVBENCH_DECODE_Q8_VNORM", "split")
+        decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv)
+        monkeypatch.delenv("KVBENCH_DECODE_Q8_VNORM")
+        decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv)
+    assert [x["q8_vnorm"] for x in log] == ["split", "split", da.CONFIG["q8_vnorm"]]
+    for bad_cfg in ({"q8_vnorm": "key"}, {"q8_vnorm": "split", "q8_impl": "batched"}):
+        with pytest.raises(ValueError, match="q8_vnorm"):
+            decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv, cfg=bad_cfg)
     from engine.kernels import interpreted
     if interpreted():      # the PTX byte permutes: refused by the interpreter, not run another way
         with pytest.raises(ValueError, match="kv_prmt.*interpreter cannot run"):

@@ -53,6 +53,8 @@ def q8_variants():
     rows = dict(base, G_PAD=8, QN=8192.0, PN=8192.0, ROW_L=True, S64=False, SKIP_QK=False, SKIP_PV=False,
                 K16=False, V16=False, PRMT=False)
     out = [("rows (2,2) bn64 w4", da._decode_q8_rows_kernel, rows, 4, 3),
+           ("rows (2,2) bn64 w4 vnorm split", da._decode_q8_rows_kernel, dict(rows, VN_SPLIT=True), 4, 3),
+           ("rows (2,2) bn64 w4 vnorm split no rowl", da._decode_q8_rows_kernel, dict(rows, VN_SPLIT=True, ROW_L=False), 4, 3),
            ("rows (1,1) bn64 w4", da._decode_q8_rows_kernel, dict(rows, Q_TERMS=1, P_TERMS=1), 4, 3),
            ("rows (2,2) bn64 w4 k16", da._decode_q8_rows_kernel, dict(rows, K16=True), 4, 3),
            ("rows (2,2) bn64 w4 v16", da._decode_q8_rows_kernel, dict(rows, V16=True), 4, 3),

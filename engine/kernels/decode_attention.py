@@ -65,6 +65,9 @@ CONFIG = {
     # magnitude test (2.03e-7, as both; 8.47e-5 with neither) and costs 0.7 us at coder30b ctx
     # 16384 against 2.4 for both (reports/h100-2026-12-05f); s in float64 alone holds too (+1.7 us)
     "q8_guards": (True, False),
+    # the rows kernel's V-scale normalisation: "tile" (a power of two from each tile's max) or
+    # "split" (one from the split's max, found before the loop: no reduction in it)
+    "q8_vnorm": "tile",
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
     "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv; kv_prmt: PTX unpack), float16 where they land
     "max_splits": 256,
@@ -92,7 +95,8 @@ HEAD_DIM_CONFIG = {
 _LIVE_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_DECODE_PROGRAMS_PER_SM",
               "num_warps": "KVBENCH_DECODE_WARPS", "num_stages": "KVBENCH_DECODE_STAGES",
               "q8_kernel": "KVBENCH_DECODE_Q8_KERNEL", "fuse_combine": "KVBENCH_DECODE_FUSE",
-              "precision": "KVBENCH_ATTN_PRECISION", "q8_words": "KVBENCH_DECODE_Q8_WORDS"}
+              "precision": "KVBENCH_ATTN_PRECISION", "q8_words": "KVBENCH_DECODE_Q8_WORDS",
+              "q8_vnorm": "KVBENCH_DECODE_Q8_VNORM"}
 last_scratch_bytes = 0
 LAUNCHES = LaunchLog()     # each launch's applied configuration, inside ``recording()``
 recording = LAUNCHES.recording
@@ -360,7 +364,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
                            ROW_L: tl.constexpr = True, S64: tl.constexpr = False,
                            SKIP_QK: tl.constexpr = False, SKIP_PV: tl.constexpr = False,
                            K16: tl.constexpr = False, V16: tl.constexpr = False,
-                           PRMT: tl.constexpr = False):
+                           PRMT: tl.constexpr = False, VN_SPLIT: tl.constexpr = False):
     # q8_0's decode kernel with plain 2-D dots ("block rows"; the batched kernel above made the
     # block a batch axis of 3-D dots, which Triton lowers poorly: ~0.8 TB/s on the H200).
     # Row r = g * NB + b of an [M = G_PAD * NB, D] operand is query head g restricted to block b
@@ -413,6 +417,20 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     l = tl.zeros([G_PAD], tl.float32)
     l_r = tl.zeros([M], tl.float32)
     acc = tl.zeros([M, D], tl.float32)
+    if VN_SPLIT:
+        # The V scales' power of two, one per block for the whole split (VN_SPLIT), instead of a
+        # max over each tile: an elementwise max over the split's tiles first (the scales alone,
+        # 2 bytes a key and block, read again from cache by the loop), then ONE reduction. Every
+        # tile's |p * dv / pn| <= PN as with the tile's max; a tile whose scales sit far below the
+        # split's largest has smaller values (2^-14, float16's smallest normal, is still 2^-27 of
+        # the top), and pn leaves the loop: the accumulator is scaled by it once at the end.
+        dvm = tl.zeros([NB, BLOCK_N], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            dvm = tl.maximum(dvm, tl.load(VS + offs_n.to(tl.int64)[None, :] * RS + scol[:, None],
+                                          mask=(offs_n < hi)[None, :], other=0.0).to(tl.float32))
+        pn_s = _pow2_at_least(tl.maximum(tl.max(dvm, axis=1), 1e-30)) / PN                   # [NB]
+        inv_pn_s = 1.0 / pn_s                                                                 # exact
     for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
@@ -436,8 +454,12 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         p_r = tl.reshape(tl.broadcast_to(p[:, None, :], [G_PAD, NB, BLOCK_N]), [M, BLOCK_N])  # row (g, b)
         vq = _q8_tile(VQ, rows, mask_n, h, RQ, D, V16, PRMT)                                 # [BN, D]
         dv = tl.load(VS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0).to(tl.float32)
-        pn = _pow2_at_least(tl.maximum(tl.max(dv, axis=1), 1e-30)) / PN                      # [NB]
-        dvn_r = tl.reshape(tl.broadcast_to((dv / pn[:, None])[None, :, :], [G_PAD, NB, BLOCK_N]), [M, BLOCK_N])
+        if VN_SPLIT:
+            dvn = dv * inv_pn_s[:, None]
+        else:
+            pn = _pow2_at_least(tl.maximum(tl.max(dv, axis=1), 1e-30)) / PN                  # [NB]
+            dvn = dv / pn[:, None]
+        dvn_r = tl.reshape(tl.broadcast_to(dvn[None, :, :], [G_PAD, NB, BLOCK_N]), [M, BLOCK_N])
         if SKIP_PV:     # ablation (timing only, wrong values): no split, no conversion, no dots
             pv = tl.sum(p_r * dvn_r, axis=1)[:, None] * tl.max(vq, axis=0).to(tl.float32)[None, :]
         else:
@@ -445,13 +467,18 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
             vf = vq if V16 else _i8_to_f16(vq)
             pv = _dot2(pbh, pbl, vf, P_TERMS)                                                # [M, D]
         alpha_r = tl.reshape(tl.broadcast_to(alpha[:, None], [G_PAD, NB]), [M])
-        pn_r = tl.reshape(tl.broadcast_to(pn[None, :], [G_PAD, NB]), [M])
         if ROW_L:
             l_r = l_r * alpha_r + tl.sum(p_r, axis=1)
         else:
             l = l * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha_r[:, None] + pv * pn_r[:, None]
+        if VN_SPLIT:
+            acc = acc * alpha_r[:, None] + pv
+        else:
+            pn_r = tl.reshape(tl.broadcast_to(pn[None, :], [G_PAD, NB]), [M])
+            acc = acc * alpha_r[:, None] + pv * pn_r[:, None]
         m = m_new
+    if VN_SPLIT:
+        acc = acc * tl.reshape(tl.broadcast_to(pn_s[None, :], [G_PAD, NB]), [M])[:, None]
     og = tl.arange(0, G_PAD)
     gmask = og < G
     o = (h * G + og) * n_splits + sp
@@ -739,6 +766,10 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         if words == "kv_prmt" and interpreted():
             raise ValueError("q8_words 'kv_prmt' unpacks with PTX byte permutes, which the Triton interpreter "
                              "cannot run: use 'kv' (the same values) or a compiled launch")
+        vnorm = str(cfg["q8_vnorm"])
+        if vnorm not in ("tile", "split") or (vnorm != "tile" and not rows_form):
+            raise ValueError(f"q8_vnorm {vnorm!r}: 'tile' or 'split', 'split' on the rows kernel only "
+                             f"(this launch: {cfg['q8_impl']})")
         if ablate - {"qk", "pv"} or (ablate and not rows_form):
             raise ValueError(f"q8_ablate {cfg['q8_ablate']!r}: 'qk' and/or 'pv', on the rows kernel only "
                              f"(this launch: {cfg['q8_impl']})")
@@ -752,13 +783,14 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]),
                          ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
                          SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate, K16="k" in words, V16="v" in words,
-                         PRMT=words == "kv_prmt")
+                         PRMT=words == "kv_prmt", VN_SPLIT=vnorm == "split")
         LAUNCHES.record({"kernel": kern.__name__, "q8_impl": cfg["q8_impl"], "block_n": cfg["block_n"],
                          "num_warps": cfg["num_warps"],
                          "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
                          "combine_block": 0 if fuse else comb["BLOCK_S"],
                          "q8_terms": [terms["Q_TERMS"], terms["P_TERMS"]],
-                         **({"q8_guards": list(map(bool, cfg["q8_guards"])), "q8_words": words} if rows_form else {}),
+                         **({"q8_guards": list(map(bool, cfg["q8_guards"])), "q8_words": words,
+                             "q8_vnorm": vnorm} if rows_form else {}),
                          **({"q8_ablate": sorted(ablate)} if ablate else {})})
         LAUNCHES.compiled(kern[(n_kv_heads, splits)](
             q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
