@@ -86,6 +86,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "p * dv before its float16 split: tile (from each tile's largest V scale, a reduction in the loop) "
        "or split (from the split's largest, found once before the loop)", numerics=True,
        choices=("tile", "split")),
+    _s("KVBENCH_DECODE_BF16_STACK", "bool", False, "decode over bf16 K and V with the three bf16 terms of q "
+       "and of p stacked along the rows of one dot operand (one dot for the scores, one for the values) "
+       "instead of three dots each; full-context attention only", numerics=True),
     _s("KVBENCH_DECODE_FUSE", "bool", False, "decode combine fused into the last split program",
        numerics=True),
     _s("KVBENCH_DECODE_COMBINE_BLOCK", "int", 128, "splits the decode combine reads per step of its "

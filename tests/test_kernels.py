@@ -105,9 +105,36 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     assert_close(f"ref-vs-oracle decode {fmt}", oracle(q[None], k, v, T - 1, scale)[0], ref, 1e-5)
     for cfg in ({"block_n": 16}, {"block_n": 32, "q8_kernel": False},    # several splits, every q8_0 path
                 {"block_n": 16, "q8_impl": "batched"}, {"block_n": 16, "q8_impl": "blocks"},
-                {"block_n": 16, "q8_words": "kv"}):
+                {"block_n": 16, "q8_words": "kv"}, {"block_n": 16, "bf16_stack": True},
+                {"block_n": 32, "bf16_stack": True, "fuse_combine": True, "num_warps": 4}):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(32, 8), (32, 4), (8, 8), (6, 3)])
+def test_bf16_stacked_decode_is_the_three_dot_form(Hq, Hkv, triton_backend, monkeypatch):
+    """bf16 K and V with the three bf16 terms of q and p stacked along one operand's rows (G = 4,
+    8, 1 and 2 query heads a KV head: 16, 32, 16 and 16 rows): the float64 oracle's result as the
+    three-dot form gives it, at a host position and a device one (most splits empty); the launch
+    records the stacked kernel when asked (setting or cfg) and only then; refused with a window."""
+    from engine.kernels import decode_attention as da
+    D, n = 128, 300
+    cache, gen = filled("bf16", Hkv, D, n, seed=Hq + Hkv, cap=512)
+    q = torch.randn(Hq, D, device=DEV, generator=gen) * 3
+    k, v = dequant(cache)
+    want = oracle(q[None], k, v, n - 1, D ** -0.5)[0]
+    pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
+    with da.recording() as log:
+        three = decode_attention(q, cache.k, cache.v, "bf16", n, D ** -0.5, Hkv)
+        stacked = decode_attention(q, cache.k, cache.v, "bf16", n, D ** -0.5, Hkv, cfg={"bf16_stack": True})
+        monkeypatch.setenv("KVBENCH_DECODE_BF16_STACK", "1")
+        at = decode_attention(q, cache.k, cache.v, "bf16", None, D ** -0.5, Hkv, pos=pos)
+    assert [x["kernel"] for x in log] == ["_decode_split_kernel"] + ["_decode_bf16_stacked_kernel"] * 2
+    assert log[1]["rows"] == max(16, 4 * (1 << (Hq // Hkv - 1).bit_length()))
+    for name, out in (("three dots", three), ("stacked", stacked), ("stacked at a device position", at)):
+        assert_close(f"bf16 {name} vs float64", want, out, TOL["bf16"])
+    with pytest.raises(ValueError, match="bf16_stack"):
+        decode_attention(q, cache.k, cache.v, "bf16", n, D ** -0.5, Hkv, window=64)
 
 
 @pytest.mark.parametrize("dev_pos,window,n_keys,per,n_used", [(False, 0, 20, 8, 3), (True, 0, 20, 8, 3),

@@ -77,6 +77,14 @@ def q8_variants():
     bf16 = dict(G=G, G_PAD=16, D=D, BLOCK_N=32, KFMT=1, VFMT=1, PREC="tf32x3", SPLIT=True, FUSE=False,
                 S_PAD=128, BLOCK_S=128, DEV_POS=True, WINDOW=0, RING=0)
     out.append(("bf16 split bn32 w2", da._decode_split_kernel, bf16, 2, 3))
+    out.append(("bf16 split G4 bn32 w2", da._decode_split_kernel, dict(bf16, G=4), 2, 3))
+    # the three bf16 terms stacked along one operand's rows: coder30b (G 8: 32 rows) and the
+    # bench geometry (8 KV heads, G 4: 16 rows)
+    st = dict(G=G, GP=8, M=32, D=D, BLOCK_N=32, SPLIT=True, FUSE=False, S_PAD=128, BLOCK_S=128, DEV_POS=True)
+    for bn, w in ((32, 2), (64, 4), (32, 4)):
+        out.append((f"bf16 stacked G8 bn{bn} w{w}", da._decode_bf16_stacked_kernel, dict(st, BLOCK_N=bn), w, 3))
+        out.append((f"bf16 stacked G4 bn{bn} w{w}", da._decode_bf16_stacked_kernel,
+                    dict(st, G=4, GP=4, M=16, BLOCK_N=bn), w, 3))
     return out
 
 

@@ -65,6 +65,9 @@ CONFIG = {
     # magnitude test (2.03e-7, as both; 8.47e-5 with neither) and costs 0.7 us at coder30b ctx
     # 16384 against 2.4 for both (reports/h100-2026-12-05f); s in float64 alone holds too (+1.7 us)
     "q8_guards": (True, False),
+    # bf16 K and V: dot_f32's three terms stacked along one operand's rows (one dot each for
+    # the scores and the values) instead of three dots
+    "bf16_stack": False,
     # the rows kernel's V-scale normalisation: "tile" (a power of two from each tile's max) or
     # "split" (one from the split's max, found before the loop: no reduction in it)
     "q8_vnorm": "tile",
@@ -96,7 +99,7 @@ _LIVE_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_D
               "num_warps": "KVBENCH_DECODE_WARPS", "num_stages": "KVBENCH_DECODE_STAGES",
               "q8_kernel": "KVBENCH_DECODE_Q8_KERNEL", "fuse_combine": "KVBENCH_DECODE_FUSE",
               "precision": "KVBENCH_ATTN_PRECISION", "q8_words": "KVBENCH_DECODE_Q8_WORDS",
-              "q8_vnorm": "KVBENCH_DECODE_Q8_VNORM"}
+              "q8_vnorm": "KVBENCH_DECODE_Q8_VNORM", "bf16_stack": "KVBENCH_DECODE_BF16_STACK"}
 last_scratch_bytes = 0
 LAUNCHES = LaunchLog()     # each launch's applied configuration, inside ``recording()``
 recording = LAUNCHES.recording
@@ -187,6 +190,92 @@ def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, P
     tl.store(M_OUT + o, m, mask=gmask)
     tl.store(L_OUT + o, l, mask=gmask)
     tl.store(ACC_OUT + o[:, None] * D + offs_d[None, :], acc, mask=gmask[:, None])
+    if FUSE:
+        _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
+
+
+@triton.jit
+def _bf16_term(x, t):
+    """Term ``t`` (0, 1, 2; any other: 0) of float32 ``x``'s three-term bf16 split (``dot_f32``'s
+    terms), chosen elementwise: each row of a stacked operand carries its own term."""
+    a1 = x.to(tl.bfloat16)
+    r1 = x - a1.to(tl.float32)
+    a2 = r1.to(tl.bfloat16)
+    a3 = (r1 - a2.to(tl.float32)).to(tl.bfloat16)
+    return tl.where(t == 0, a1, tl.where(t == 1, a2, tl.where(t == 2, a3, tl.zeros_like(a1))))
+
+
+@triton.jit
+def _decode_bf16_stacked_kernel(Q, K, V, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
+                                n_keys, keys_per_split, n_splits, stride_k, stride_v, qk_scale,
+                                G: tl.constexpr, GP: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
+                                BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FUSE: tl.constexpr,
+                                S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
+    # bf16 K and V with dot_f32's three bf16 terms of q and of p stacked along the rows of ONE
+    # operand instead of three dots: row r = t * GP + g is term t of query head g (GP = G
+    # padded to a power of two, M = 4 * GP or 16, rows past 3 * GP zero). One [M, D] x [D, BN]
+    # dot gives every term's partial score; a head's score is the sum of its three rows, put
+    # back on all of them (one reshape-sum and broadcast a tile), so the softmax runs in the row
+    # layout and each row takes its own term of p elementwise: one [M, BN] x [BN, D] dot, the
+    # terms summed once after the loop. With G = 4 (8 KV heads, 32 query heads) M is 16, the
+    # smallest dot, where the three-dot form ran 3 dots of 16 rows, 12 of them padding.
+    # SPLIT=False (the interpreter): the same terms, held in float32, through float32 dots.
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    if DEV_POS:
+        n_keys = tl.load(POS).to(tl.int32) + 1
+    if not FUSE:
+        if sp * keys_per_split >= n_keys:
+            return
+    orow = tl.arange(0, M)
+    rt = orow // GP
+    rg = orow % GP
+    od = tl.arange(0, D)
+    live = (rg < G) & (rt < 3)
+    q = tl.load(Q + (h * G + rg)[:, None] * D + od[None, :], mask=live[:, None], other=0.0) * qk_scale
+    qt = _bf16_term(q, rt[:, None])                                                   # [M, D]
+    if not SPLIT:
+        qt = qt.to(tl.float32)
+    col = h * D + od
+    lo = sp * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_keys)
+    m = tl.full([M], float("-inf"), tl.float32)
+    l = tl.zeros([M], tl.float32)
+    acc = tl.zeros([M, D], tl.float32)
+    for n0 in range(lo, hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        mask_n = offs_n < hi
+        rows = offs_n.to(tl.int64)
+        k = tl.load(K + rows[:, None] * stride_k + col[None, :], mask=mask_n[:, None], other=0.0)
+        v = tl.load(V + rows[:, None] * stride_v + col[None, :], mask=mask_n[:, None], other=0.0)
+        if SPLIT:
+            sb = tl.dot(qt, tl.trans(k), out_dtype=tl.float32)                       # [M, BN]
+        else:
+            sb = tl.dot(qt, tl.trans(k.to(tl.float32)), input_precision="ieee")
+        s_g = tl.sum(tl.reshape(sb, [M // GP, GP, BLOCK_N]), axis=0)                  # [GP, BN]
+        s = tl.reshape(tl.broadcast_to(s_g[None, :, :], [M // GP, GP, BLOCK_N]), [M, BLOCK_N])
+        s = tl.where(mask_n[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        alpha = tl.exp2(m - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l = l * alpha + tl.sum(p, axis=1)
+        pt = _bf16_term(p, rt[:, None])                                               # [M, BN]
+        if SPLIT:
+            pv = tl.dot(pt, v, out_dtype=tl.float32)
+        else:
+            pv = tl.dot(pt.to(tl.float32), v.to(tl.float32), input_precision="ieee")
+        acc = acc * alpha[:, None] + pv
+        m = m_new
+    og = tl.arange(0, GP)
+    gmask = og < G
+    o = (h * G + og) * n_splits + sp
+    # every row of head g holds the same m and l (computed from the same broadcast s); row t = 0's
+    m_g = tl.sum(tl.where(tl.arange(0, M // GP)[:, None] == 0, tl.reshape(m, [M // GP, GP]), 0.0), axis=0)
+    l_g = tl.sum(tl.where(tl.arange(0, M // GP)[:, None] == 0, tl.reshape(l, [M // GP, GP]), 0.0), axis=0)
+    out = tl.sum(tl.reshape(acc, [M // GP, GP, D]), axis=0)                           # the terms' sum
+    tl.store(M_OUT + o, m_g, mask=gmask)
+    tl.store(L_OUT + o, l_g, mask=gmask)
+    tl.store(ACC_OUT + o[:, None] * D + od[None, :], out, mask=gmask[:, None])
     if FUSE:
         _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G, D, S_PAD, BLOCK_S)
 
@@ -797,7 +886,21 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             splits, scale * LOG2E,
             HKV=n_kv_heads, G=G, G_PAD=g_pad, D=D, NB=nb, BLOCK_N=cfg["block_n"],
             **terms, **comb, **dev_pos, **launch))
+    elif fmt == v_fmt == "bf16" and cfg["bf16_stack"] and window is None:
+        gp = triton.next_power_of_2(G)
+        stacked_m = max(16, 4 * gp)
+        LAUNCHES.record({"kernel": "_decode_bf16_stacked_kernel", "block_n": cfg["block_n"],
+                         "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "splits": splits,
+                         "keys_per_split": per, "combine_block": 0 if fuse else comb["BLOCK_S"],
+                         "bf16_stack": True, "rows": stacked_m})
+        LAUNCHES.compiled(_decode_bf16_stacked_kernel[(n_kv_heads, splits)](
+            q, k_buf, v_buf, m, l, acc, out, counter, pos, n_keys, per, splits, k_buf.stride(0), v_buf.stride(0),
+            scale * LOG2E, G=G, GP=gp, M=stacked_m, D=D, BLOCK_N=cfg["block_n"], SPLIT=split,
+            **comb, **dev_pos, **launch))
     else:
+        if cfg["bf16_stack"] and fmt == v_fmt == "bf16":
+            raise ValueError("bf16_stack (KVBENCH_DECODE_BF16_STACK) serves full-context bf16 decode only, "
+                             "not a sliding window: unset it for this model")
         kv, ks, sk, sks = cache_args(k_buf, fmt, n_kv_heads, D)
         vv, vs, sv, svs = cache_args(v_buf, v_fmt, n_kv_heads, D)
         LAUNCHES.record({"kernel": "_decode_split_kernel", "block_n": cfg["block_n"],
