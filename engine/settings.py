@@ -82,13 +82,14 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "106.6 -> 86.4 instructions a key with kv, 75.4 with kv_prmt (kv, the bytes unpacked by PTX byte "
        "permutes; compiled only) (reports/cpu-2026-12-06c), not yet timed on a GPU",
        numerics=True, choices=("none", "k", "v", "kv", "kv_prmt")),
-    _s("KVBENCH_DECODE_Q8_VNORM", "choice", "tile", "the q8_0 rows kernel's power-of-two normalisation of "
+    _s("KVBENCH_DECODE_Q8_VNORM", "choice", "split", "the q8_0 rows kernel's power-of-two normalisation of "
        "p * dv before its float16 split: tile (from each tile's largest V scale, a reduction in the loop) "
        "or split (from the split's largest, found once before the loop)", numerics=True,
        choices=("tile", "split")),
-    _s("KVBENCH_DECODE_BF16_STACK", "bool", False, "decode over bf16 K and V with the three bf16 terms of q "
+    _s("KVBENCH_DECODE_BF16_STACK", "choice", "auto", "decode over bf16 K and V with the three bf16 terms of q "
        "and of p stacked along the rows of one dot operand (one dot for the scores, one for the values) "
-       "instead of three dots each; full-context attention only", numerics=True),
+       "instead of three dots each: auto (where that operand is 16 rows, up to 4 query heads a KV head, "
+       "no sliding window), 1 (every full-context launch), 0 (never)", numerics=True, choices=("auto", "0", "1")),
     _s("KVBENCH_DECODE_FUSE", "bool", False, "decode combine fused into the last split program",
        numerics=True),
     _s("KVBENCH_DECODE_COMBINE_BLOCK", "int", 128, "splits the decode combine reads per step of its "

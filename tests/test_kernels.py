@@ -115,26 +115,43 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
 def test_bf16_stacked_decode_is_the_three_dot_form(Hq, Hkv, triton_backend, monkeypatch):
     """bf16 K and V with the three bf16 terms of q and p stacked along one operand's rows (G = 4,
     8, 1 and 2 query heads a KV head: 16, 32, 16 and 16 rows): the float64 oracle's result as the
-    three-dot form gives it, at a host position and a device one (most splits empty); the launch
-    records the stacked kernel when asked (setting or cfg) and only then; refused with a window."""
+    three-dot form gives it, at a host position and a device one (most splits empty). The launch
+    records the kernel it ran: "auto" (the default) stacks where the operand is 16 rows, "1"
+    (setting) or True (cfg) everywhere, "0" / False never; asked on with a window, it refuses, and
+    "auto" with a window takes the windowed kernel."""
     from engine.kernels import decode_attention as da
+    monkeypatch.delenv("KVBENCH_DECODE_BF16_STACK", raising=False)
     D, n = 128, 300
     cache, gen = filled("bf16", Hkv, D, n, seed=Hq + Hkv, cap=512)
     q = torch.randn(Hq, D, device=DEV, generator=gen) * 3
     k, v = dequant(cache)
     want = oracle(q[None], k, v, n - 1, D ** -0.5)[0]
     pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
+    G = Hq // Hkv
+    rows = max(16, 4 * (1 << (G - 1).bit_length()))
     with da.recording() as log:
-        three = decode_attention(q, cache.k, cache.v, "bf16", n, D ** -0.5, Hkv)
+        three = decode_attention(q, cache.k, cache.v, "bf16", n, D ** -0.5, Hkv, cfg={"bf16_stack": False})
         stacked = decode_attention(q, cache.k, cache.v, "bf16", n, D ** -0.5, Hkv, cfg={"bf16_stack": True})
+        auto = decode_attention(q, cache.k, cache.v, "bf16", n, D ** -0.5, Hkv)
         monkeypatch.setenv("KVBENCH_DECODE_BF16_STACK", "1")
         at = decode_attention(q, cache.k, cache.v, "bf16", None, D ** -0.5, Hkv, pos=pos)
-    assert [x["kernel"] for x in log] == ["_decode_split_kernel"] + ["_decode_bf16_stacked_kernel"] * 2
-    assert log[1]["rows"] == max(16, 4 * (1 << (Hq // Hkv - 1).bit_length()))
-    for name, out in (("three dots", three), ("stacked", stacked), ("stacked at a device position", at)):
+        monkeypatch.setenv("KVBENCH_DECODE_BF16_STACK", "0")
+        decode_attention(q, cache.k, cache.v, "bf16", n, D ** -0.5, Hkv)
+    S, T = "_decode_bf16_stacked_kernel", "_decode_split_kernel"
+    assert [x["kernel"] for x in log] == [T, S, S if rows == 16 else T, S, T]
+    assert log[1]["rows"] == rows and da.bf16_stack_rows(G) == rows
+    for name, out in (("three dots", three), ("stacked", stacked), ("auto", auto),
+                      ("stacked at a device position", at)):
         assert_close(f"bf16 {name} vs float64", want, out, TOL["bf16"])
+    monkeypatch.setenv("KVBENCH_DECODE_BF16_STACK", "1")
     with pytest.raises(ValueError, match="bf16_stack"):
         decode_attention(q, cache.k, cache.v, "bf16", n, D ** -0.5, Hkv, window=64)
+    monkeypatch.delenv("KVBENCH_DECODE_BF16_STACK")
+    with da.recording() as log:
+        decode_attention(q, cache.k, cache.v, "bf16", n, D ** -0.5, Hkv, window=64)
+    assert [x["kernel"] for x in log] == [T]
+    with pytest.raises(ValueError, match="bf16_stack"):
+        decode_attention(q, cache.k, cache.v, "bf16", n, D ** -0.5, Hkv, cfg={"bf16_stack": "yes"})
 
 
 @pytest.mark.parametrize("dev_pos,window,n_keys,per,n_used", [(False, 0, 20, 8, 3), (True, 0, 20, 8, 3),
@@ -244,8 +261,9 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
                 {"block_n": 64}, {"block_n": 128, "num_stages": 2}, {"block_n": 16, "q8_impl": "blocks"},
                 {"block_n": 64, "q8_impl": "blocks", "fuse_combine": True}, {"block_n": 64, "q8_words": "kv"},
                 {"block_n": 16, "q8_words": "k"}, {"block_n": 32, "q8_words": "v", "fuse_combine": True},
-                # the V scales' power of two from the split's largest, not each tile's
+                # the V scales' power of two from the split's largest (the default) or each tile's
                 {"block_n": 64, "q8_vnorm": "split"}, {"block_n": 16, "q8_vnorm": "split", "fuse_combine": True},
+                {"block_n": 64, "q8_vnorm": "tile"}, {"block_n": 16, "q8_vnorm": "tile", "fuse_combine": True},
                 # the batched form at the launches the occupancy model bets on (reports/cpu-2026-12-06d)
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 2, "num_stages": 2, "programs_per_sm": 6},
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
@@ -536,7 +554,8 @@ def test_decode_launches_are_recorded_as_applied(monkeypatch, triton_backend):
         monkeypatch.setenv("KVBENCH_DECODE_BLOCK_N", "16")
         monkeypatch.setenv("KVBENCH_DECODE_Q8_IMPL", "batched")
         decode_attention(q, caches["q8_0"].k, caches["q8_0"].v, "q8_0", n, D ** -0.5, Hkv)
-    assert [x["kernel"] for x in log] == ["_decode_split_kernel", "_decode_q8_rows_kernel", "_decode_q8_kernel"]
+    # bf16 at 3 query heads a KV head: the stacked kernel by default ("auto": a 16-row operand)
+    assert [x["kernel"] for x in log] == ["_decode_bf16_stacked_kernel", "_decode_q8_rows_kernel", "_decode_q8_kernel"]
     assert log[0]["block_n"] == da.FORMAT_CONFIG["bf16"]["block_n"]
     assert log[1]["block_n"] == da.HEAD_DIM_CONFIG[("q8_0", 64)]["block_n"] and log[2]["block_n"] == 16
     assert log[2]["keys_per_split"] % 16 == 0 and log[2]["splits"] * log[2]["keys_per_split"] >= n

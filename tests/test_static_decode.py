@@ -79,7 +79,11 @@ def test_static_decode_matches_eager(kv, triton_backend):
     # what the step's attention ran is recorded: one launch per layer, q8_0 through its own kernel
     launches = eng._static.attn_launches
     assert sum(x["layers"] for x in launches) == eng.spec.n_layers
-    assert {x["kernel"] for x in launches} == {"_decode_q8_rows_kernel" if kv == "q8_0" else "_decode_split_kernel"}
+    from engine.kernels.decode_attention import bf16_stacked
+    bf16_kernel = ("_decode_bf16_stacked_kernel" if bf16_stacked("auto", eng.spec.n_heads // eng.spec.n_kv_heads)
+                   else "_decode_split_kernel")
+    assert {x["kernel"] for x in launches} == {{"q8_0": "_decode_q8_rows_kernel", "bf16": bf16_kernel}.get(
+        kv, "_decode_split_kernel")}
 
 
 def test_static_generate_equals_eager(triton_backend):

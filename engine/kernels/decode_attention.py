@@ -66,11 +66,16 @@ CONFIG = {
     # 16384 against 2.4 for both (reports/h100-2026-12-05f); s in float64 alone holds too (+1.7 us)
     "q8_guards": (True, False),
     # bf16 K and V: dot_f32's three terms stacked along one operand's rows (one dot each for
-    # the scores and the values) instead of three dots
-    "bf16_stack": False,
-    # the rows kernel's V-scale normalisation: "tile" (a power of two from each tile's max) or
-    # "split" (one from the split's max, found before the loop: no reduction in it)
-    "q8_vnorm": "tile",
+    # the scores and the values) instead of three dots. "auto": where the stacked operand is 16
+    # rows (up to 4 query heads a KV head), measured faster there on the H100 (8 KV heads x 128,
+    # 32 query heads: 29.8 against 30.5 us at 16384, 12.2 against 12.7 at 4096) and level at 32
+    # rows (coder30b, 8 a KV head), where the captured step at depth 16 ran slower
+    # (reports/h100-2026-12-06g); True / "1" everywhere but windows, False / "0" never
+    "bf16_stack": "auto",
+    # the rows kernel's V-scale normalisation: "split" (one power of two from the split's largest
+    # V scale, found before the loop: no reduction in it; H100, coder30b 16384: 22.1 against
+    # 24.1 us, reports/h100-2026-12-06g) or "tile" (from each tile's largest, the earlier form)
+    "q8_vnorm": "split",
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
     "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv; kv_prmt: PTX unpack), float16 where they land
     "max_splits": 256,
@@ -769,6 +774,27 @@ def split_plan(n_keys: int, n_kv_heads: int, device: torch.device, cfg: dict = C
     return per, triton.cdiv(n_keys, per)
 
 
+def bf16_stack_rows(group: int) -> int:
+    """Rows of the stacked bf16 operand for ``group`` query heads a KV head: three terms of each
+    head's q, the group padded to a power of two, four row blocks, at least 16 (a dot's M)."""
+    return max(16, 4 * triton.next_power_of_2(group))
+
+
+def bf16_stacked(asked, group: int, window: int | None = None) -> bool:
+    """Whether a bf16 decode launch takes the stacked kernel: ``asked`` is ``bf16_stack``'s value
+    ("auto": where its operand is 16 rows and there is no window; on / off), ``group`` the query
+    heads a KV head. Asked on with a window, it raises: the stacked kernel reads no window."""
+    key = str(asked).lower()
+    if key not in ("auto", "1", "0", "true", "false"):
+        raise ValueError(f"bf16_stack {asked!r}: 'auto', '1' (on) or '0' (off)")
+    if key == "auto":
+        return window is None and bf16_stack_rows(group) == 16
+    if key in ("1", "true") and window is not None:
+        raise ValueError("bf16_stack (KVBENCH_DECODE_BF16_STACK=1) serves full-context bf16 decode only, "
+                         "not a sliding window: set it to auto or 0 for this model")
+    return key in ("1", "true")
+
+
 def q8_kernel_fits(head_dim: int) -> bool:
     """Whether q8_0's own kernel serves this head size: whole 32-value blocks per head."""
     return not head_dim % Q8_BLOCK
@@ -803,6 +829,9 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     p in row p % ring_rows, which must hold the window. Both go through the generic kernel."""
     global last_scratch_bytes
     v_fmt = fmt if v_fmt is None else v_fmt
+    # asked for by name (cfg or its variable), not a default: a rows-only option asked for a
+    # launch of another form is refused, a default is not applied there (the record omits it)
+    vnorm_asked = "q8_vnorm" in (cfg or {}) or bool(settings.overrides({"q8_vnorm": _LIVE_KEYS["q8_vnorm"]}))
     cfg = resolved_config(fmt, v_fmt, q.shape[1], cfg)
     Hq, D = q.shape
     if Hq % n_kv_heads or D & (D - 1) or D < 16:
@@ -856,7 +885,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError("q8_words 'kv_prmt' unpacks with PTX byte permutes, which the Triton interpreter "
                              "cannot run: use 'kv' (the same values) or a compiled launch")
         vnorm = str(cfg["q8_vnorm"])
-        if vnorm not in ("tile", "split") or (vnorm != "tile" and not rows_form):
+        if vnorm not in ("tile", "split") or (vnorm_asked and vnorm != "tile" and not rows_form):
             raise ValueError(f"q8_vnorm {vnorm!r}: 'tile' or 'split', 'split' on the rows kernel only "
                              f"(this launch: {cfg['q8_impl']})")
         if ablate - {"qk", "pv"} or (ablate and not rows_form):
@@ -886,21 +915,18 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             splits, scale * LOG2E,
             HKV=n_kv_heads, G=G, G_PAD=g_pad, D=D, NB=nb, BLOCK_N=cfg["block_n"],
             **terms, **comb, **dev_pos, **launch))
-    elif fmt == v_fmt == "bf16" and cfg["bf16_stack"] and window is None:
+    elif fmt == v_fmt == "bf16" and bf16_stacked(cfg["bf16_stack"], G, window):
         gp = triton.next_power_of_2(G)
-        stacked_m = max(16, 4 * gp)
+        stacked_m = bf16_stack_rows(G)
         LAUNCHES.record({"kernel": "_decode_bf16_stacked_kernel", "block_n": cfg["block_n"],
                          "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "splits": splits,
                          "keys_per_split": per, "combine_block": 0 if fuse else comb["BLOCK_S"],
-                         "bf16_stack": True, "rows": stacked_m})
+                         "bf16_stack": str(cfg["bf16_stack"]).lower(), "rows": stacked_m})
         LAUNCHES.compiled(_decode_bf16_stacked_kernel[(n_kv_heads, splits)](
             q, k_buf, v_buf, m, l, acc, out, counter, pos, n_keys, per, splits, k_buf.stride(0), v_buf.stride(0),
             scale * LOG2E, G=G, GP=gp, M=stacked_m, D=D, BLOCK_N=cfg["block_n"], SPLIT=split,
             **comb, **dev_pos, **launch))
     else:
-        if cfg["bf16_stack"] and fmt == v_fmt == "bf16":
-            raise ValueError("bf16_stack (KVBENCH_DECODE_BF16_STACK) serves full-context bf16 decode only, "
-                             "not a sliding window: unset it for this model")
         kv, ks, sk, sks = cache_args(k_buf, fmt, n_kv_heads, D)
         vv, vs, sv, svs = cache_args(v_buf, v_fmt, n_kv_heads, D)
         LAUNCHES.record({"kernel": "_decode_split_kernel", "block_n": cfg["block_n"],
