@@ -6,7 +6,9 @@ Contract: ``decode_attention(q, k_buf, v_buf, fmt, n_keys, scale, n_kv_heads)`` 
 of that head's query heads and dequantizes only the tile it reads; the splits' partial softmax
 states are combined by a second kernel (or, with ``fuse_combine``, by the last split to
 finish). Arithmetic stays near float32 on tensor cores: float32 caches use tf32x3 dots; bf16
-caches feed their exact values to bf16 dots against a three-term bf16 split of q and p; q8_0
+caches feed their exact values to bf16 dots against a three-term bf16 split of q and p (where a
+KV head serves at most 4 query heads, ``bf16_stack`` "auto", the three terms are stacked along one
+operand's rows: one dot each for the scores and the values, ``_decode_bf16_stacked_kernel``); q8_0
 caches (the split layout of ``engine.kernels.q8_layout``: int8 quants and fp16 scales in two
 arrays) have their own kernel: vector loads of each head's contiguous quants, the quants turned
 into exact float16 in registers (no int->float conversion), and dots in which a block's scale
@@ -114,14 +116,21 @@ recording = LAUNCHES.recording
 
 
 @triton.jit
+def _bf16_split3(x):
+    """float32 ``x`` as three bf16 terms a1 + a2 + a3 (~2^-24 relative)."""
+    a1 = x.to(tl.bfloat16)
+    r1 = x - a1.to(tl.float32)
+    a2 = r1.to(tl.bfloat16)
+    a3 = (r1 - a2.to(tl.float32)).to(tl.bfloat16)
+    return a1, a2, a3
+
+
+@triton.jit
 def dot_f32(a, b, SPLIT: tl.constexpr):
     """a (float32) @ b (exact in bf16) at ~float32 fidelity: three bf16 terms of a on tensor
     cores. SPLIT=False (the interpreter, whose bf16 dot is not numeric) does one fp32 dot."""
     if SPLIT:
-        a1 = a.to(tl.bfloat16)
-        r1 = a - a1.to(tl.float32)
-        a2 = r1.to(tl.bfloat16)
-        a3 = (r1 - a2.to(tl.float32)).to(tl.bfloat16)
+        a1, a2, a3 = _bf16_split3(a)
         bb = b.to(tl.bfloat16)
         acc = tl.dot(a1, bb, out_dtype=tl.float32)
         acc = tl.dot(a2, bb, acc, out_dtype=tl.float32)
@@ -203,10 +212,7 @@ def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, P
 def _bf16_term(x, t):
     """Term ``t`` (0, 1, 2; any other: 0) of float32 ``x``'s three-term bf16 split (``dot_f32``'s
     terms), chosen elementwise: each row of a stacked operand carries its own term."""
-    a1 = x.to(tl.bfloat16)
-    r1 = x - a1.to(tl.float32)
-    a2 = r1.to(tl.bfloat16)
-    a3 = (r1 - a2.to(tl.float32)).to(tl.bfloat16)
+    a1, a2, a3 = _bf16_split3(x)
     return tl.where(t == 0, a1, tl.where(t == 1, a2, tl.where(t == 2, a3, tl.zeros_like(a1))))
 
 
