@@ -92,6 +92,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "no sliding window), 1 (every full-context launch), 0 (never)", numerics=True, choices=("auto", "0", "1")),
     _s("KVBENCH_DECODE_FUSE", "bool", False, "decode combine fused into the last split program",
        numerics=True),
+    _s("KVBENCH_DECODE_PDL", "bool", False, "decode attention's split kernel and combine launched with "
+       "programmatic dependent launch (sm_90+): each waits for the kernel before it inside the kernel, so "
+       "its launch overlaps that kernel's tail; compiled launches with the separate combine only"),
     _s("KVBENCH_DECODE_COMBINE_BLOCK", "int", 128, "splits the decode combine reads per step of its "
        "loop (a power of two; up to the split count). 128 from the H200 (reports/h200-2026-12-04g): "
        "the SmolLM2 step's combine 115 -> 67 us at depth 4096 against 32", lo=1, hi=1024),

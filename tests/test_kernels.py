@@ -111,6 +111,42 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
 
 
+@pytest.mark.parametrize("fmt", KV_DTYPES)
+def test_decode_pdl_launch(fmt, triton_backend, monkeypatch):
+    """Programmatic dependent launch (``pdl``, ``KVBENCH_DECODE_PDL``): compiled, the split kernel
+    and the combine wait for the kernel before them, so the result equals the reference, eagerly
+    and replayed from a captured graph after the cache and position changed under it; every
+    launch records it. Interpreted (no griddepcontrol) or with the fused combine it refuses."""
+    from engine.kernels import decode_attention as da
+    Hq, Hkv, D, n = 16, 4, 128, 300
+    cache, gen = filled(fmt, Hkv, D, n, seed=7, cap=512)
+    q = torch.randn(Hq, D, device=DEV, generator=gen)
+    if DEV == "cpu":
+        monkeypatch.setenv("KVBENCH_DECODE_PDL", "1")
+        with pytest.raises(ValueError, match="pdl.*compiled launch"):
+            decode_attention(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv)
+        return
+    with pytest.raises(ValueError, match="pdl"):
+        decode_attention(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv, cfg={"pdl": True, "fuse_combine": True})
+    with da.recording() as log:
+        out = decode_attention(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv, cfg={"pdl": True})
+    assert [x["pdl"] for x in log] == [True]
+    assert_close(f"decode {fmt} pdl", decode_attention_ref(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv), out, TOL[fmt])
+    pos = torch.tensor([n - 1], dtype=torch.int32, device=DEV)
+    qs = q.clone()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):   # q scaled by a kernel inside the graph: the split kernel must wait for it
+        qs.mul_(1.0)
+        got = decode_attention(qs, cache.k, cache.v, fmt, None, D ** -0.5, Hkv, pos=pos, cfg={"pdl": True})
+    q2 = torch.randn(Hq, D, device=DEV, generator=gen)
+    qs.copy_(q2)
+    pos.fill_(n - 50)
+    g.replay()
+    torch.cuda.synchronize()
+    ref = decode_attention_ref(q2, cache.k, cache.v, fmt, n - 49, D ** -0.5, Hkv)
+    assert_close(f"decode {fmt} pdl, graph replay", ref, got, TOL[fmt])
+
+
 @pytest.mark.parametrize("Hq,Hkv", [(32, 8), (32, 4), (8, 8), (6, 3)])
 def test_bf16_stacked_decode_is_the_three_dot_form(Hq, Hkv, triton_backend, monkeypatch):
     """bf16 K and V with the three bf16 terms of q and p stacked along one operand's rows (G = 4,

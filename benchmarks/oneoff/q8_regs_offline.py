@@ -85,6 +85,10 @@ def q8_variants():
         out.append((f"bf16 stacked G8 bn{bn} w{w}", da._decode_bf16_stacked_kernel, dict(st, BLOCK_N=bn), w, 3))
         out.append((f"bf16 stacked G4 bn{bn} w{w}", da._decode_bf16_stacked_kernel,
                     dict(st, G=4, GP=4, M=16, BLOCK_N=bn), w, 3))
+    # programmatic dependent launch (griddepcontrol.wait / launch_dependents at the kernels' start)
+    out.append(("rows (2,2) bn64 w4 vnorm split pdl", da._decode_q8_rows_kernel, dict(rows, VN_SPLIT=True, PDL=True), 4, 3))
+    out.append(("bf16 split bn32 w2 pdl", da._decode_split_kernel, dict(bf16, PDL=True), 2, 3))
+    out.append(("bf16 stacked G4 bn32 w2 pdl", da._decode_bf16_stacked_kernel, dict(st, G=4, GP=4, M=16, PDL=True), 2, 3))
     return out
 
 

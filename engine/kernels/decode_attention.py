@@ -44,6 +44,7 @@ import math
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .. import formats, settings
 from . import KV_FORMAT_CODES, Q8_BLOCK, LaunchLog, interpreted, q8_layout
@@ -81,6 +82,11 @@ CONFIG = {
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
     "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv; kv_prmt: PTX unpack), float16 where they land
     "max_splits": 256,
+    # programmatic dependent launch (sm_90+): the split kernel and the combine are launched with
+    # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, each waiting (griddepcontrol.wait) for
+    # the grid before it to finish before reading anything, so a launch's set-up overlaps the tail
+    # of the kernel before it; compiled launches only (the interpreter cannot run the PTX)
+    "pdl": False,
 }
 # Per-format defaults: fp32 / bf16 the fastest variants of the sweep on an H100 (triton 3.6,
 # ctx 16384, 8 KV heads x 128, 32 query heads): fp32 67 us, bf16 40 us. q8_0 (split layout,
@@ -106,7 +112,8 @@ _LIVE_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_D
               "num_warps": "KVBENCH_DECODE_WARPS", "num_stages": "KVBENCH_DECODE_STAGES",
               "q8_kernel": "KVBENCH_DECODE_Q8_KERNEL", "fuse_combine": "KVBENCH_DECODE_FUSE",
               "precision": "KVBENCH_ATTN_PRECISION", "q8_words": "KVBENCH_DECODE_Q8_WORDS",
-              "q8_vnorm": "KVBENCH_DECODE_Q8_VNORM", "bf16_stack": "KVBENCH_DECODE_BF16_STACK"}
+              "q8_vnorm": "KVBENCH_DECODE_Q8_VNORM", "bf16_stack": "KVBENCH_DECODE_BF16_STACK",
+              "pdl": "KVBENCH_DECODE_PDL"}
 last_scratch_bytes = 0
 LAUNCHES = LaunchLog()     # each launch's applied configuration, inside ``recording()``
 recording = LAUNCHES.recording
@@ -140,6 +147,16 @@ def dot_f32(a, b, SPLIT: tl.constexpr):
 
 
 @triton.jit
+def _pdl_enter(PDL: tl.constexpr):
+    """With programmatic dependent launch: wait until the grid launched before this one has
+    finished and its writes are visible (q, the appended K/V row, the position, the partials),
+    then let the grid after this one be scheduled (it waits the same way before reading)."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+@triton.jit
 def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
                          n_keys, keys_per_split, n_splits,
                          stride_k, stride_ks, stride_v, stride_vs, qk_scale,
@@ -147,11 +164,12 @@ def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, P
                          BLOCK_N: tl.constexpr, KFMT: tl.constexpr, VFMT: tl.constexpr,
                          PREC: tl.constexpr, SPLIT: tl.constexpr, FUSE: tl.constexpr,
                          S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr,
-                         WINDOW: tl.constexpr = 0, RING: tl.constexpr = 0):
+                         WINDOW: tl.constexpr = 0, RING: tl.constexpr = 0, PDL: tl.constexpr = False):
     # KFMT / VFMT: the K and V buffers' formats (KV_FORMAT_CODES), each read in its own: a bf16
     # buffer's exact values feed dot_f32, other formats are dequantized to float32 tiles.
     # WINDOW > 0: sliding-window attention, keys at positions (n_keys - 1 - WINDOW, n_keys - 1]
     # only (the splits cover that range); RING > 0: position p lives in row p % RING (RingKV).
+    _pdl_enter(PDL)
     h = tl.program_id(0)            # KV head
     sp = tl.program_id(1)           # context split
     if DEV_POS:                     # n_keys = position + 1 read on the device (CUDA graphs)
@@ -221,7 +239,8 @@ def _decode_bf16_stacked_kernel(Q, K, V, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, PO
                                 n_keys, keys_per_split, n_splits, stride_k, stride_v, qk_scale,
                                 G: tl.constexpr, GP: tl.constexpr, M: tl.constexpr, D: tl.constexpr,
                                 BLOCK_N: tl.constexpr, SPLIT: tl.constexpr, FUSE: tl.constexpr,
-                                S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr):
+                                S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr,
+                                PDL: tl.constexpr = False):
     # bf16 K and V with dot_f32's three bf16 terms of q and of p stacked along the rows of ONE
     # operand instead of three dots: row r = t * GP + g is term t of query head g (GP = G
     # padded to a power of two, M = 4 * GP or 16, rows past 3 * GP zero). One [M, D] x [D, BN]
@@ -231,6 +250,7 @@ def _decode_bf16_stacked_kernel(Q, K, V, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, PO
     # terms summed once after the loop. With G = 4 (8 KV heads, 32 query heads) M is 16, the
     # smallest dot, where the three-dot form ran 3 dots of 16 rows, 12 of them padding.
     # SPLIT=False (the interpreter): the same terms, held in float32, through float32 dots.
+    _pdl_enter(PDL)
     h = tl.program_id(0)
     sp = tl.program_id(1)
     if DEV_POS:
@@ -464,7 +484,8 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
                            ROW_L: tl.constexpr = True, S64: tl.constexpr = False,
                            SKIP_QK: tl.constexpr = False, SKIP_PV: tl.constexpr = False,
                            K16: tl.constexpr = False, V16: tl.constexpr = False,
-                           PRMT: tl.constexpr = False, VN_SPLIT: tl.constexpr = False):
+                           PRMT: tl.constexpr = False, VN_SPLIT: tl.constexpr = False,
+                           PDL: tl.constexpr = False):
     # q8_0's decode kernel with plain 2-D dots ("block rows"; the batched kernel above made the
     # block a batch axis of 3-D dots, which Triton lowers poorly: ~0.8 TB/s on the H200).
     # Row r = g * NB + b of an [M = G_PAD * NB, D] operand is query head g restricted to block b
@@ -479,6 +500,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     M: tl.constexpr = G_PAD * NB
     RQ: tl.constexpr = HKV * D          # quants per token
     RS: tl.constexpr = HKV * NB         # scales per token
+    _pdl_enter(PDL)
     h = tl.program_id(0)
     sp = tl.program_id(1)
     if DEV_POS:                         # n_keys = position + 1 read on the device (CUDA graphs)
@@ -753,9 +775,11 @@ def _finish(M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, h, n_splits, G: tl.constexpr, D
 @triton.jit
 def _decode_combine_kernel(M_IN, L_IN, ACC_IN, OUT, POS, n_keys, keys_per_split, n_splits, D: tl.constexpr,
                            S_PAD: tl.constexpr, BLOCK_S: tl.constexpr, DEV_POS: tl.constexpr,
-                           WINDOW: tl.constexpr = 0):
+                           WINDOW: tl.constexpr = 0, PDL: tl.constexpr = False):
     # Only the splits that hold keys are read: at a short depth in a long buffer (the captured
     # step's splits cover the whole buffer) that is one or a few of ~100.
+    if PDL:
+        gdc_wait()
     if DEV_POS:
         n_keys = tl.load(POS).to(tl.int32) + 1
     first = 0
@@ -858,6 +882,10 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     win = {"WINDOW": window or 0, "RING": ring_rows or 0}
     G = Hq // n_kv_heads
     split = not interpreted()
+    pdl = bool(cfg["pdl"])
+    if pdl and (interpreted() or cfg["fuse_combine"]):
+        raise ValueError("pdl (KVBENCH_DECODE_PDL=1) needs a compiled launch (the Triton interpreter cannot run "
+                         "griddepcontrol) and the separate combine (fuse_combine off): unset one of them")
     q = q.to(torch.float32).contiguous()
     per, splits = split_plan(grid_keys, n_kv_heads, q.device, cfg)
     dev_pos = {"DEV_POS": pos is not None}
@@ -867,6 +895,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     acc = torch.empty(Hq, splits, D, device=q.device, dtype=torch.float32)
     last_scratch_bytes = m.nbytes + l.nbytes + acc.nbytes
     launch = {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+    if pdl:     # the constexpr that makes each kernel wait, and the launch attribute
+        launch.update(PDL=True, launch_pdl=True)
     out = torch.empty(Hq, D, device=q.device, dtype=torch.float32)
     fuse = bool(cfg["fuse_combine"])
     counter = _counter(q.device, n_kv_heads)
@@ -897,6 +927,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         if ablate - {"qk", "pv"} or (ablate and not rows_form):
             raise ValueError(f"q8_ablate {cfg['q8_ablate']!r}: 'qk' and/or 'pv', on the rows kernel only "
                              f"(this launch: {cfg['q8_impl']})")
+        if pdl and not rows_form:
+            raise ValueError(f"pdl (KVBENCH_DECODE_PDL=1) serves the q8_0 rows form, not {cfg['q8_impl']!r}")
         kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel,
                 "blocks": _decode_q8_blocks_kernel}[cfg["q8_impl"]]
         g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
@@ -912,7 +944,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                          "num_warps": cfg["num_warps"],
                          "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
                          "combine_block": 0 if fuse else comb["BLOCK_S"],
-                         "q8_terms": [terms["Q_TERMS"], terms["P_TERMS"]],
+                         "q8_terms": [terms["Q_TERMS"], terms["P_TERMS"]], "pdl": pdl,
                          **({"q8_guards": list(map(bool, cfg["q8_guards"])), "q8_words": words,
                              "q8_vnorm": vnorm} if rows_form else {}),
                          **({"q8_ablate": sorted(ablate)} if ablate else {})})
@@ -927,7 +959,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         LAUNCHES.record({"kernel": "_decode_bf16_stacked_kernel", "block_n": cfg["block_n"],
                          "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "splits": splits,
                          "keys_per_split": per, "combine_block": 0 if fuse else comb["BLOCK_S"],
-                         "bf16_stack": str(cfg["bf16_stack"]).lower(), "rows": stacked_m})
+                         "bf16_stack": str(cfg["bf16_stack"]).lower(), "rows": stacked_m, "pdl": pdl})
         LAUNCHES.compiled(_decode_bf16_stacked_kernel[(n_kv_heads, splits)](
             q, k_buf, v_buf, m, l, acc, out, counter, pos, n_keys, per, splits, k_buf.stride(0), v_buf.stride(0),
             scale * LOG2E, G=G, GP=gp, M=stacked_m, D=D, BLOCK_N=cfg["block_n"], SPLIT=split,
@@ -938,7 +970,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         LAUNCHES.record({"kernel": "_decode_split_kernel", "block_n": cfg["block_n"],
                          "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "splits": splits,
                          "keys_per_split": per, "combine_block": 0 if fuse else comb["BLOCK_S"],
-                         "precision": cfg["precision"]})
+                         "precision": cfg["precision"], "pdl": pdl})
         LAUNCHES.compiled(_decode_split_kernel[(n_kv_heads, splits)](
             q, kv, ks, vv, vs, m, l, acc, out, counter, pos, n_keys, per, splits, sk, sks, sv, svs,
             scale * LOG2E,
@@ -948,7 +980,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if not fuse:
         _decode_combine_kernel[(Hq,)](m, l, acc, out, pos, n_keys, per, splits, D=D, S_PAD=comb["S_PAD"],
                                       DEV_POS=dev_pos["DEV_POS"], WINDOW=win["WINDOW"],
-                                      BLOCK_S=comb["BLOCK_S"], num_warps=4)
+                                      BLOCK_S=comb["BLOCK_S"], num_warps=4,
+                                      **({"PDL": True, "launch_pdl": True} if pdl else {}))
     return out
 
 
