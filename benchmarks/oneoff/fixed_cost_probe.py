@@ -7,7 +7,7 @@ copies, >= 4x the L2, median replay / copies):
 
 - ``prod``: ``decode_attention`` with the defaults (split kernel + combine);
 - ``prod_pdl``: the same with programmatic dependent launch (``cfg pdl``, ``KVBENCH_DECODE_PDL``);
-- ``read``: a floor kernel on the production grid (KV heads x splits of ``split_plan``) that
+- ``read``: ``benchmarks/attn_floor.py``'s floor kernel on the production grid (KV heads x splits of ``split_plan``) that
   only streams the same bytes (K, V and q8_0's scales as int32 words, XOR-summed) and writes
   one word a program: what reading those bytes costs with no arithmetic;
 - ``read_combine`` / ``read_combine_pdl``: that floor kernel followed by the production combine
@@ -33,97 +33,19 @@ from pathlib import Path
 
 import torch
 import triton
-import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from attn_floor import read_floor  # noqa: E402
 from bench_attention import GEOMETRIES, copy_bandwidth, fill_cache, layered_copies, layered_time  # noqa: E402
 from engine.kernels import decode_attention as dmod  # noqa: E402
-from engine.kernels import q8_layout  # noqa: E402
 from engine.kv import LayerKV  # noqa: E402
 
 
-@triton.jit
-def _read_floor_kernel(A, B, SA, SB, OUT, n_keys, keys_per_split, n_splits, stride_a, stride_s,
-                       W: tl.constexpr, WS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_S: tl.constexpr,
-                       PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-    h = tl.program_id(0)
-    sp = tl.program_id(1)
-    lo = sp * keys_per_split
-    hi = tl.minimum(lo + keys_per_split, n_keys)
-    cols = h * W + tl.arange(0, W)
-    scols = h * WS + tl.arange(0, WS)
-    acc = tl.zeros([BLOCK_N, W], tl.int32)
-    acc_s = tl.zeros([BLOCK_N, WS], tl.int32)
-    for n0 in range(lo, hi, BLOCK_N):
-        rows = n0 + tl.arange(0, BLOCK_N)
-        mask = rows < hi
-        r64 = rows.to(tl.int64)
-        a = tl.load(A + r64[:, None] * stride_a + cols[None, :], mask=mask[:, None], other=0)
-        b = tl.load(B + r64[:, None] * stride_a + cols[None, :], mask=mask[:, None], other=0)
-        acc = acc ^ a ^ b
-        if HAS_S:
-            sa = tl.load(SA + r64[:, None] * stride_s + scols[None, :], mask=mask[:, None], other=0)
-            sb = tl.load(SB + r64[:, None] * stride_s + scols[None, :], mask=mask[:, None], other=0)
-            acc_s = acc_s ^ sa ^ sb
-    tot = tl.xor_sum(tl.xor_sum(acc, axis=1), axis=0)
-    if HAS_S:
-        tot = tot ^ tl.xor_sum(tl.xor_sum(acc_s, axis=1), axis=0)
-    tl.store(OUT + h * n_splits + sp, tot)
-
-
-@triton.jit
-def _empty_kernel(OUT, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
-def words(buf: torch.Tensor, fmt: str, hkv: int, d: int):
-    """(values as int32 [rows, words], scales as int32 [rows, words] or None)."""
-    if fmt == "q8_0":
-        r = q8_layout.split(buf, hkv, d)
-        q = r.quants.reshape(r.quants.shape[0], -1).view(torch.int32)
-        s = r.scales.reshape(r.scales.shape[0], -1).view(torch.int32)
-        return q, s
-    return buf.reshape(buf.shape[0], -1).view(torch.int32), None
-
-
 def floor_launch(fmt, hkv, d, hq, ctx, cfg, combine: bool, pdl: bool, empty: bool = False):
-    per, splits = dmod.split_plan(ctx, hkv, torch.device("cuda"), cfg)
-    out = torch.empty(hkv * splits, device="cuda", dtype=torch.int32)
-    m = torch.zeros(hq, splits, device="cuda")
-    l = torch.ones(hq, splits, device="cuda")
-    acc = torch.zeros(hq, splits, d, device="cuda")
-    res = torch.empty(hq, d, device="cuda")
-    s_pad = triton.next_power_of_2(splits)
-    extra = {"launch_pdl": True} if pdl else {}
-
-    def launch(k, v):
-        if empty:
-            _empty_kernel[(hkv, splits)](out, PDL=pdl, num_warps=cfg["num_warps"], **extra)
-        else:
-            ka, ks = words(k, fmt, hkv, d)
-            va, vs = words(v, fmt, hkv, d)
-            _read_floor_kernel[(hkv, splits)](
-                ka, va, ks if ks is not None else ka, vs if vs is not None else va, out, ctx, per, splits,
-                ka.stride(0), ks.stride(0) if ks is not None else 0,
-                W=ka.shape[1] // hkv, WS=(ks.shape[1] // hkv) if ks is not None else 1,
-                BLOCK_N=cfg["block_n"], HAS_S=ks is not None, PDL=pdl,
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **extra)
-        if combine:
-            if empty:
-                _empty_kernel[(hq,)](out, PDL=pdl, num_warps=4, **extra)
-            else:
-                dmod._decode_combine_kernel[(hq,)](m, l, acc, res, out, ctx, per, splits, D=d, S_PAD=s_pad,
-                                                   DEV_POS=False, WINDOW=0, BLOCK_S=min(128, s_pad),
-                                                   num_warps=4, **({"PDL": True} if pdl else {}), **extra)
-    return launch, splits, per
+    f = read_floor(fmt, hkv, d, hq, ctx, cfg, combine, pdl, empty)
+    return f, f.splits, f.keys_per_split
 
 
 def profile_kernels(launch_fn, n: int = 30) -> dict:
