@@ -19,19 +19,17 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from engine.kernels import decode_attention as dmod
 from engine.kernels import q8_layout
+from engine.kernels.common import pdl_enter
 
 
 @triton.jit
 def _read_floor_kernel(A, B, SA, SB, OUT, n_keys, keys_per_split, n_splits, stride_a, stride_s,
                        W: tl.constexpr, WS: tl.constexpr, BLOCK_N: tl.constexpr, HAS_S: tl.constexpr,
                        PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_enter(PDL)
     h = tl.program_id(0)
     sp = tl.program_id(1)
     lo = sp * keys_per_split
@@ -59,9 +57,7 @@ def _read_floor_kernel(A, B, SA, SB, OUT, n_keys, keys_per_split, n_splits, stri
 
 @triton.jit
 def _empty_kernel(OUT, PDL: tl.constexpr):
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+    pdl_enter(PDL)
 
 
 def words(buf: torch.Tensor, fmt: str, hkv: int, d: int):

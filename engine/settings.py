@@ -95,6 +95,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_DECODE_PDL", "bool", False, "decode attention's split kernel and combine launched with "
        "programmatic dependent launch (sm_90+): each waits for the kernel before it inside the kernel, so "
        "its launch overlaps that kernel's tail; compiled launches with the separate combine only"),
+    _s("KVBENCH_STEP_PDL", "bool", False, "every Triton kernel of the decode step (GEMVs, RoPE + append, "
+       "routing, MoE experts, KV append, decode attention) launched with programmatic dependent launch, "
+       "each waiting for the kernel before it inside the kernel (sm_90+, compiled only)"),
     _s("KVBENCH_DECODE_COMBINE_BLOCK", "int", 128, "splits the decode combine reads per step of its "
        "loop (a power of two; up to the split count). 128 from the H200 (reports/h200-2026-12-04g): "
        "the SmolLM2 step's combine 115 -> 67 us at depth 4096 against 32", lo=1, hi=1024),

@@ -545,3 +545,42 @@ def test_cuda_graph_decode_settings_on_match_off(model, monkeypatch):
     err = (out[True][0] - out[False][0]).abs().max().item()
     print(f"{model}: cuda graph settings on vs off, f32 weights: logits max-abs {err:.2e}")
     assert err < GRAPH_TOL["fp32"] and out[True][1:] == out[False][1:]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("model,kv", [("tiny-qwen3moe", "q8_0"), ("tiny-llama", "bf16"), ("coder30b-mini-synth", "fp32")])
+def test_cuda_graph_decode_with_step_pdl_matches_without(model, kv, monkeypatch):
+    """KVBENCH_STEP_PDL: every Triton kernel of the captured step launched with programmatic
+    dependent launch, each waiting for the kernel before it inside the kernel. Against the same
+    step without it: the same greedy tokens, logits within GRAPH_TOL; the step's attention
+    launches record pdl."""
+    eng = engine.load(synth.ensure(model), kv_dtype=kv, device="cuda", ctx=64, weight_format="f32")
+    assert eng.decode_path == "cuda_graph", eng.decode_path_reason
+    out = {}
+    for on in (False, True):
+        monkeypatch.setenv("KVBENCH_STEP_PDL", "1" if on else "0")
+        eng.set_decode_mode("cuda_graph")
+        eng.prefill(PROMPT)
+        logits = torch.stack([eng.decode(PROMPT[-1] + i) for i in range(4)])
+        log = eng._static.attn_launches          # what the captured step's attention ran
+        assert eng._static.graph is not None
+        assert log and all(x["pdl"] == on for x in log), log[:2]
+        out[on] = logits, eng.generate(PROMPT, 24, stop_at_eos=False)
+    err = (out[True][0] - out[False][0]).abs().max().item()
+    print(f"{model} {kv}: step pdl on vs off: logits max-abs {err:.2e}")
+    assert err < GRAPH_TOL[kv] and out[True][1] == out[False][1]
+
+
+def test_step_pdl_refuses_interpreted_kernels(monkeypatch):
+    """KVBENCH_STEP_PDL=1 with the Triton interpreter (no griddepcontrol): a kernel launch
+    raises a ConfigError naming the setting, it does not run without it."""
+    from engine.kernels import common, gemv
+    if torch.cuda.is_available():
+        pytest.skip("the interpreter's refusal; CUDA runs the compiled kernels")
+    monkeypatch.setenv("KVBENCH_STEP_PDL", "1")
+    with pytest.raises(engine.errors.ConfigError, match="KVBENCH_STEP_PDL"):
+        common.pdl_launch()
+    with pytest.raises(engine.errors.ConfigError, match="KVBENCH_STEP_PDL"):
+        gemv.gemv(torch.randn(1, 64), torch.randn(32, 64))
+    monkeypatch.setenv("KVBENCH_STEP_PDL", "0")
+    assert common.pdl_launch() == {}

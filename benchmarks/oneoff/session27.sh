@@ -6,7 +6,8 @@
 #          production grid, with and without the combine; fits of fixed cost + GB/s; the split sweep
 #          at 4096; profiler kernel durations);
 #   attn:  bench_attention's grid (targets) with the defaults and with KVBENCH_DECODE_PDL=1;
-#   step:  the captured coder30b step (bf16 / q8_0 KV, depth 16 and 16384): default vs pdl.
+#   step:  the captured coder30b step (bf16 / q8_0 KV, depth 16 and 16384): default vs pdl (attention)
+#          vs steppdl (KVBENCH_STEP_PDL: every Triton kernel of the step).
 # Usage on the device: bash benchmarks/oneoff/session27.sh [tests] [probe] [attn] [step]
 set -uo pipefail
 bash benchmarks/gpu_session.sh nop >/dev/null 2>&1
@@ -20,6 +21,8 @@ for step in $steps; do
     tests)
       python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py -s \
         -k "pdl or decode_kernel_matches_ref or stacked or combine" > "$OUT/tests.log" 2>&1
+      python3 -m pytest -q -p no:cacheprovider tests/test_static_decode.py tests/test_attn_floor.py -s -k "pdl or floor" \
+        >> "$OUT/tests.log" 2>&1
       grep -E "passed|failed" "$OUT/tests.log" | tail -4 ;;
     probe)
       timeout ${PROBE_TIMEOUT:-420} python3 benchmarks/oneoff/fixed_cost_probe.py ${PROBE_ARGS:-} --out "$OUT/fixed.json" \
@@ -33,7 +36,7 @@ for step in $steps; do
         echo "== $name $*"; grep -E "^(bench|coder30b) " "$OUT/attn-$name.log" | awk '{print $1,$2,$3,$4,$6}'
       done ;;
     step)
-      MOE_VARIANTS="default,pdl:KVBENCH_DECODE_PDL=1" MOE_MAX_S=${MOE_MAX_S:-200} MOE_TAG=-s27 \
+      MOE_VARIANTS="default,pdl:KVBENCH_DECODE_PDL=1,steppdl:KVBENCH_STEP_PDL=1" MOE_MAX_S=${MOE_MAX_S:-200} MOE_TAG=-s27 \
         bash benchmarks/gpu_session.sh moevar 2>&1 | tail -30 ;;
   esac
   echo "[$step: ${SECONDS} s]"

@@ -17,10 +17,36 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from . import Q8_BLOCK, q8_layout
 
 QK = tl.constexpr(Q8_BLOCK)                   # q8_0 values per block (engine.formats)
+
+
+@triton.jit
+def pdl_enter(PDL: tl.constexpr):
+    """With programmatic dependent launch (``PDL``): wait until the grid launched before this one
+    has finished and its writes are visible, then let the next grid be scheduled (it waits the
+    same way before it reads anything). A kernel calls it first, before any load or store."""
+    if PDL:
+        gdc_wait()
+        gdc_launch_dependents()
+
+
+def pdl_launch() -> dict:
+    """Launch arguments of the decode step's kernels under ``KVBENCH_STEP_PDL``: the ``PDL``
+    constexpr that makes a kernel wait (``pdl_enter``) and the launch attribute; ``{}`` when off.
+    On, with the Triton interpreter (no griddepcontrol), it raises instead of running without."""
+    from .. import settings
+    if not settings.get("KVBENCH_STEP_PDL"):
+        return {}
+    from . import interpreted
+    if interpreted():
+        from ..errors import ConfigError
+        raise ConfigError("KVBENCH_STEP_PDL=1 needs compiled kernels (the Triton interpreter cannot run "
+                          "griddepcontrol)", "unset KVBENCH_STEP_PDL on this machine")
+    return {"PDL": True, "launch_pdl": True}
 
 
 @triton.jit

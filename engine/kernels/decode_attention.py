@@ -47,11 +47,10 @@ import math
 import torch
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .. import formats, settings
 from . import KV_FORMAT_CODES, Q8_BLOCK, LaunchLog, interpreted, q8_layout
-from .common import QK, cache_args, load_kv_tile
+from .common import QK, cache_args, load_kv_tile, pdl_enter, pdl_launch
 
 LOG2E = 1.4426950408889634
 
@@ -150,16 +149,6 @@ def dot_f32(a, b, SPLIT: tl.constexpr):
 
 
 @triton.jit
-def _pdl_enter(PDL: tl.constexpr):
-    """With programmatic dependent launch: wait until the grid launched before this one has
-    finished and its writes are visible (q, the appended K/V row, the position, the partials),
-    then let the grid after this one be scheduled (it waits the same way before reading)."""
-    if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
-
-
-@triton.jit
 def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
                          n_keys, keys_per_split, n_splits,
                          stride_k, stride_ks, stride_v, stride_vs, qk_scale,
@@ -172,7 +161,7 @@ def _decode_split_kernel(Q, K, KS, V, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, P
     # buffer's exact values feed dot_f32, other formats are dequantized to float32 tiles.
     # WINDOW > 0: sliding-window attention, keys at positions (n_keys - 1 - WINDOW, n_keys - 1]
     # only (the splits cover that range); RING > 0: position p lives in row p % RING (RingKV).
-    _pdl_enter(PDL)
+    pdl_enter(PDL)
     h = tl.program_id(0)            # KV head
     sp = tl.program_id(1)           # context split
     if DEV_POS:                     # n_keys = position + 1 read on the device (CUDA graphs)
@@ -253,7 +242,7 @@ def _decode_bf16_stacked_kernel(Q, K, V, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, PO
     # terms summed once after the loop. With G = 4 (8 KV heads, 32 query heads) M is 16, the
     # smallest dot, where the three-dot form ran 3 dots of 16 rows, 12 of them padding.
     # SPLIT=False (the interpreter): the same terms, held in float32, through float32 dots.
-    _pdl_enter(PDL)
+    pdl_enter(PDL)
     h = tl.program_id(0)
     sp = tl.program_id(1)
     if DEV_POS:
@@ -503,7 +492,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     M: tl.constexpr = G_PAD * NB
     RQ: tl.constexpr = HKV * D          # quants per token
     RS: tl.constexpr = HKV * NB         # scales per token
-    _pdl_enter(PDL)
+    pdl_enter(PDL)
     h = tl.program_id(0)
     sp = tl.program_id(1)
     if DEV_POS:                         # n_keys = position + 1 read on the device (CUDA graphs)
@@ -781,8 +770,7 @@ def _decode_combine_kernel(M_IN, L_IN, ACC_IN, OUT, POS, n_keys, keys_per_split,
                            WINDOW: tl.constexpr = 0, PDL: tl.constexpr = False):
     # Only the splits that hold keys are read: at a short depth in a long buffer (the captured
     # step's splits cover the whole buffer) that is one or a few of ~100.
-    if PDL:
-        gdc_wait()
+    pdl_enter(PDL)
     if DEV_POS:
         n_keys = tl.load(POS).to(tl.int32) + 1
     first = 0
@@ -885,7 +873,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     win = {"WINDOW": window or 0, "RING": ring_rows or 0}
     G = Hq // n_kv_heads
     split = not interpreted()
-    pdl = bool(cfg["pdl"])
+    pdl = bool(cfg["pdl"]) or bool(pdl_launch())     # KVBENCH_STEP_PDL: every kernel of the step
     if pdl and (interpreted() or cfg["fuse_combine"]):
         raise ValueError("pdl (KVBENCH_DECODE_PDL=1) needs a compiled launch (the Triton interpreter cannot run "
                          "griddepcontrol) and the separate combine (fuse_combine off): unset one of them")

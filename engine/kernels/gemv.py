@@ -42,7 +42,7 @@ import triton.language as tl
 from .. import qweights
 from ..formats import Q8_BLOCK
 from . import interpreted
-from .common import round_bf16
+from .common import pdl_enter, pdl_launch, round_bf16
 
 PROLOGUES = {"none": 0, "rms": 1, "silu": 2, "gelu_tanh": 3}
 _GELU_C = 0.7978845608028654          # sqrt(2 / pi)
@@ -52,7 +52,8 @@ _GELU_C = 0.7978845608028654          # sqrt(2 / pi)
 def _gemv_kernel(X, W, Y, G, R, H, WD, N, stride_w, stride_d, eps, K: tl.constexpr,
                  PRO: tl.constexpr, RES: tl.constexpr, NARROW: tl.constexpr,
                  BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, HOUT: tl.constexpr = False,
-                 Q8: tl.constexpr = False, QB: tl.constexpr = 32, BLOCK_SUMS: tl.constexpr = False):
+                 Q8: tl.constexpr = False, QB: tl.constexpr = 32, BLOCK_SUMS: tl.constexpr = False, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # K is a compile-time constant and the K loops unroll (tl.static_range): every weight
     # load of a program can be in flight at once (a decode GEMV is bound by memory latency)
     pid = tl.program_id(0)
@@ -208,7 +209,7 @@ def gemv(x: torch.Tensor, w: torch.Tensor, prologue: str = "none", g: torch.Tens
         wd.stride(0) if q8 else 0, float(eps), K=K,
         PRO=PROLOGUES[prologue], RES=residual is not None, NARROW=w.dtype == torch.bfloat16,
         BLOCK_N=bn, BLOCK_K=bk, HOUT=norm_out is not None, Q8=q8, QB=Q8_BLOCK, BLOCK_SUMS=q8_blocks,
-        num_warps=4)
+        num_warps=4, **pdl_launch())
     return y
 
 

@@ -33,7 +33,7 @@ import triton.language as tl
 
 from . import KV_FORMAT_CODES, Q8_BLOCK, Q8_BYTES, Q8_SCALE_BYTES, planted, use_triton
 from . import q8_layout
-from .common import QK, bf16_bits
+from .common import QK, bf16_bits, pdl_enter, pdl_launch
 
 
 # --- Triton kernel --------------------------------------------------------------------------
@@ -77,7 +77,8 @@ def _store_row(x, OUT, OUT_S, row, c, mask, n_cols, stride_out, stride_out_s, pi
 def _kv_append_kernel(X, OUT, OUT_S, POS, n_cols, stride_x, stride_out, stride_out_s,
                       FMT: tl.constexpr, BLOCK: tl.constexpr, DEV_POS: tl.constexpr,
                       SCALE_BF16: tl.constexpr = False, SCALE_SHIFT: tl.constexpr = False,
-                      RING: tl.constexpr = 0):
+                      RING: tl.constexpr = 0, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # grid: (T, cdiv(n_cols, BLOCK)); one program stores BLOCK values of one token row.
     # DEV_POS: OUT is the whole buffer and the first row is read from POS (a device int), so
     # the launch is the same at every position (CUDA graphs).
@@ -99,7 +100,8 @@ def _kv_append_pair_kernel(XK, XV, OK, OKS, OV, OVS, POS, n_cols, stride_xk, str
                            stride_ov, stride_ovs, KFMT: tl.constexpr, VFMT: tl.constexpr, BLOCK: tl.constexpr,
                            K_SCALE_BF16: tl.constexpr = False, K_SCALE_SHIFT: tl.constexpr = False,
                            V_SCALE_BF16: tl.constexpr = False, V_SCALE_SHIFT: tl.constexpr = False,
-                           RING: tl.constexpr = 0):
+                           RING: tl.constexpr = 0, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # grid: (T, cdiv(n_cols, BLOCK), 2): axis 2 picks K (0) or V (1); rows from POS (device).
     t = tl.program_id(0)
     pid1 = tl.program_id(1)
@@ -125,7 +127,8 @@ def _rope_append_kernel(QKV, COS, SIN, POS, QOUT, OK, OKS, OV, OVS, stride_ok, s
                         KFMT: tl.constexpr, VFMT: tl.constexpr,
                         K_SCALE_BF16: tl.constexpr = False, K_SCALE_SHIFT: tl.constexpr = False,
                         V_SCALE_BF16: tl.constexpr = False, V_SCALE_SHIFT: tl.constexpr = False,
-                        RING: tl.constexpr = 0, HEAD_NORM: tl.constexpr = False):
+                        RING: tl.constexpr = 0, HEAD_NORM: tl.constexpr = False, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # grid: (HQ + 2 * HKV,): program h takes head h of the row [q heads | k heads | v heads].
     # HEAD_NORM: q and k heads are RMS-normed per head first (qk_norm "head": Qwen3), with the
     # weights QN / KN [D]: x * rsqrt(mean(x^2) + eps) * w, engine.model.rms_norm's maths.
@@ -223,7 +226,7 @@ def kv_append(buf: torch.Tensor, start: int | None, x: torch.Tensor, fmt: str,
                             DEV_POS=pos is not None,
                             SCALE_BF16=fmt == "q8_0" and planted("q8_scale_bf16"),
                             SCALE_SHIFT=fmt == "q8_0" and planted("q8_scale_shift"),
-                            RING=ring_rows or 0)
+                            RING=ring_rows or 0, **pdl_launch())
 
 
 def kv_append_pair(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -246,7 +249,7 @@ def kv_append_pair(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v:
                                  K_SCALE_SHIFT=k_fmt == "q8_0" and planted("q8_scale_shift"),
                                  V_SCALE_BF16=v_fmt == "q8_0" and planted("q8_scale_bf16"),
                                  V_SCALE_SHIFT=v_fmt == "q8_0" and planted("q8_scale_shift"),
-                                 RING=ring_rows or 0)
+                                 RING=ring_rows or 0, **pdl_launch())
 
 
 def kv_append_at(k_buf: torch.Tensor, v_buf: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -301,7 +304,7 @@ def rope_append_at(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, pos:
         K_SCALE_SHIFT=k_fmt == "q8_0" and planted("q8_scale_shift"),
         V_SCALE_BF16=v_fmt == "q8_0" and planted("q8_scale_bf16"),
         V_SCALE_SHIFT=v_fmt == "q8_0" and planted("q8_scale_shift"),
-        RING=ring_rows or 0)
+        RING=ring_rows or 0, **pdl_launch())
     return q
 
 

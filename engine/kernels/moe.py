@@ -25,6 +25,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from .common import pdl_enter, pdl_launch
+
 # Tile sizes (benchmarks/bench_moe_decode.py sweeps them on the GPU). gate_up: BLOCK_F rows
 # of gate and up per program, BLOCK_D columns per step; down: BLOCK_D output rows per
 # program, BLOCK_F columns per step.
@@ -58,7 +60,8 @@ def _moe_gate_up_kernel(X, G, U, IDS, TABLE, H,
                         D: tl.constexpr, FF,
                         stride_ge, stride_gf, stride_ue, stride_uf, stride_hk,
                         USE_TABLE: tl.constexpr, UNROLL: tl.constexpr,
-                        BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr):
+                        BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # grid: (k, cdiv(FF, BLOCK_F)); H[j, f] = silu(gate[s_j, f] . x) * (up[s_j, f] . x).
     # UNROLL: the D loop unrolled at compile time, so a program's loads are all in flight
     # together (a decode GEMV waits on memory latency, not bandwidth, when they go one by one)
@@ -101,7 +104,8 @@ def _moe_down_kernel(H, W, IDS, TABLE, P, R, OUT,
                      D, FF: tl.constexpr, K: tl.constexpr,
                      stride_we, stride_wd, stride_hk,
                      USE_TABLE: tl.constexpr, HAS_RES: tl.constexpr, UNROLL: tl.constexpr,
-                     BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr):
+                     BLOCK_D: tl.constexpr, BLOCK_F: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # grid: (cdiv(D, BLOCK_D),); OUT[r] = R[r] + sum_j P[j] * (down[s_j, r] . H[j]). One flat
     # loop over (expert, column block) pairs, so the loads pipeline across experts too
     # (UNROLL: unrolled at compile time, every load of the program in flight together).
@@ -171,12 +175,12 @@ def moe_decode(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
         x1, gate, up, ids, tab, h, d, ff,
         gate.stride(0), gate.stride(1), up.stride(0), up.stride(1), h.stride(0),
         USE_TABLE=table is not None, UNROLL=unroll,
-        BLOCK_F=cu["BLOCK_F"], BLOCK_D=cu["BLOCK_D"], num_warps=cu["num_warps"])
+        BLOCK_F=cu["BLOCK_F"], BLOCK_D=cu["BLOCK_D"], num_warps=cu["num_warps"], **pdl_launch())
     _moe_down_kernel[(triton.cdiv(d, cd["BLOCK_D"]),)](
         h, down, ids, tab, p, x1 if res is None else res, out, d, ff, k,
         down.stride(0), down.stride(1), h.stride(0),
         USE_TABLE=table is not None, HAS_RES=res is not None, UNROLL=unroll,
-        BLOCK_D=cd["BLOCK_D"], BLOCK_F=cd["BLOCK_F"], num_warps=cd["num_warps"])
+        BLOCK_D=cd["BLOCK_D"], BLOCK_F=cd["BLOCK_F"], num_warps=cd["num_warps"], **pdl_launch())
     return out
 
 

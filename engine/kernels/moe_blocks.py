@@ -46,6 +46,7 @@ from gguf import GGMLQuantizationType as QT
 
 from ..formats import Q8_BLOCK
 from . import LaunchLog
+from .common import pdl_enter, pdl_launch
 from .moe import _expert_row, check_stacks_and_route, moe_decode_ref  # shared with the float kernel
 
 # bits a value and ggml bytes a block, from the gguf package's table of ggml's block types
@@ -244,7 +245,8 @@ def _block_tile(Q, Dsc, q_rows, d_rows, mask_r, X, k0, K, QBITS: tl.constexpr, B
 def _blocks_gate_up_kernel(X, GQ, GD, UQ, UD, IDS, TABLE, H, D: tl.constexpr, FF,
                            sgq_e, sgq_f, sgd_e, sgd_f, suq_e, suq_f, sud_e, sud_f, stride_hk,
                            USE_TABLE: tl.constexpr, QBITS: tl.constexpr, UNROLL: tl.constexpr,
-                           BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, SUMS: tl.constexpr):
+                           BLOCK_F: tl.constexpr, BLOCK_K: tl.constexpr, SUMS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # grid: (k, cdiv(FF, BLOCK_F)); H[j, f] = silu(gate[s_j, f] . x) * (up[s_j, f] . x)
     j = tl.program_id(0)
     s = _expert_row(IDS, TABLE, j, USE_TABLE)
@@ -274,7 +276,8 @@ def _blocks_down_kernel(H, WQ, WD, IDS, TABLE, P, R, OUT, D, FF: tl.constexpr, K
                         swq_e, swq_d, swd_e, swd_d, stride_hk,
                         USE_TABLE: tl.constexpr, HAS_RES: tl.constexpr, QBITS: tl.constexpr,
                         UNROLL: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-                        SUMS: tl.constexpr):
+                        SUMS: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # grid: (cdiv(D, BLOCK_D),); OUT[r] = R[r] + sum_j P[j] * (down[s_j, r] . H[j]): one flat
     # loop over (expert, column block) pairs, so loads pipeline across experts too
     offs_d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -362,7 +365,7 @@ def gate_up_launch(x1: torch.Tensor, gate: BlockStack, up: BlockStack, ids: torc
         gate.qs.stride(0), gate.qs.stride(1), gate.d.stride(0), gate.d.stride(1),
         up.qs.stride(0), up.qs.stride(1), up.d.stride(0), up.d.stride(1), h.stride(0),
         USE_TABLE=table is not None, QBITS=FORMATS[gate.fmt][0], UNROLL=cu["UNROLL"],
-        BLOCK_F=cu["BLOCK_F"], BLOCK_K=cu["BLOCK_K"], SUMS=cu["SUMS"], num_warps=cu["num_warps"])
+        BLOCK_F=cu["BLOCK_F"], BLOCK_K=cu["BLOCK_K"], SUMS=cu["SUMS"], num_warps=cu["num_warps"], **pdl_launch())
     _record("gate_up", gate.fmt, cu, where)
     return h
 
@@ -381,7 +384,7 @@ def down_launch(h: torch.Tensor, down: BlockStack, ids: torch.Tensor, table: tor
         h, down.qs, down.d, ids, ids if table is None else table, p, x1 if res is None else res, out, d, ff, k,
         down.qs.stride(0), down.qs.stride(1), down.d.stride(0), down.d.stride(1), h.stride(0),
         USE_TABLE=table is not None, HAS_RES=res is not None, QBITS=FORMATS[down.fmt][0], UNROLL=cd["UNROLL"],
-        BLOCK_D=cd["BLOCK_D"], BLOCK_K=cd["BLOCK_K"], SUMS=cd["SUMS"], num_warps=cd["num_warps"])
+        BLOCK_D=cd["BLOCK_D"], BLOCK_K=cd["BLOCK_K"], SUMS=cd["SUMS"], num_warps=cd["num_warps"], **pdl_launch())
     _record("down", down.fmt, cd, where)
     return out
 

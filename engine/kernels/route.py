@@ -24,10 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import pdl_enter, pdl_launch
+
 
 @triton.jit
 def _route_topk_kernel(L, P, IDX, E, stride_l, stride_p, stride_i,
-                       K: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr):
+                       K: tl.constexpr, KP: tl.constexpr, RENORM: tl.constexpr, BLOCK_E: tl.constexpr, PDL: tl.constexpr = False):
+    pdl_enter(PDL)
     # one program per row; KP = K rounded up to a power of two (tl.arange), lanes >= K unused
     row = tl.program_id(0)
     offs = tl.arange(0, BLOCK_E)
@@ -74,7 +77,7 @@ def route_topk(logits: torch.Tensor, k: int, renorm: bool) -> tuple[torch.Tensor
     idx = torch.empty(T, k, dtype=torch.int64, device=lg.device)
     _route_topk_kernel[(T,)](lg, p, idx, E, lg.stride(0), p.stride(0), idx.stride(0),
                              K=k, KP=triton.next_power_of_2(k), RENORM=bool(renorm),
-                             BLOCK_E=triton.next_power_of_2(E), num_warps=1)
+                             BLOCK_E=triton.next_power_of_2(E), num_warps=1, **pdl_launch())
     return (p[0], idx[0]) if one else (p, idx)
 
 
