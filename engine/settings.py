@@ -95,9 +95,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_DECODE_PDL", "bool", False, "decode attention's split kernel and combine launched with "
        "programmatic dependent launch (sm_90+): each waits for the kernel before it inside the kernel, so "
        "its launch overlaps that kernel's tail; compiled launches with the separate combine only"),
-    _s("KVBENCH_STEP_PDL", "bool", False, "every Triton kernel of the decode step (GEMVs, RoPE + append, "
+    _s("KVBENCH_STEP_PDL", "choice", "auto", "every Triton kernel of the decode step (GEMVs, RoPE + append, "
        "routing, MoE experts, KV append, decode attention) launched with programmatic dependent launch, "
-       "each waiting for the kernel before it inside the kernel (sm_90+, compiled only)"),
+       "each waiting for the kernel before it inside the kernel: auto (on for compiled kernels on sm_90 and "
+       "newer; H200, captured coder30b step: +3-8% tok/s, reports/h200-2026-12-06), 1 (on; refused where it "
+       "cannot run), 0 (off)", choices=("auto", "0", "1")),
     _s("KVBENCH_DECODE_COMBINE_BLOCK", "int", 128, "splits the decode combine reads per step of its "
        "loop (a power of two; up to the split count). 128 from the H200 (reports/h200-2026-12-04g): "
        "the SmolLM2 step's combine 115 -> 67 us at depth 4096 against 32", lo=1, hi=1024),

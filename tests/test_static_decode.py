@@ -573,7 +573,8 @@ def test_cuda_graph_decode_with_step_pdl_matches_without(model, kv, monkeypatch)
 
 def test_step_pdl_refuses_interpreted_kernels(monkeypatch):
     """KVBENCH_STEP_PDL=1 with the Triton interpreter (no griddepcontrol): a kernel launch
-    raises a ConfigError naming the setting, it does not run without it."""
+    raises a ConfigError naming the setting, it does not run without it; "auto" (the default)
+    and "0" launch without it."""
     from engine.kernels import common, gemv
     if torch.cuda.is_available():
         pytest.skip("the interpreter's refusal; CUDA runs the compiled kernels")
@@ -582,5 +583,8 @@ def test_step_pdl_refuses_interpreted_kernels(monkeypatch):
         common.pdl_launch()
     with pytest.raises(engine.errors.ConfigError, match="KVBENCH_STEP_PDL"):
         gemv.gemv(torch.randn(1, 64), torch.randn(32, 64))
-    monkeypatch.setenv("KVBENCH_STEP_PDL", "0")
+    for mode in ("0", "auto"):          # off, and the default: off where it cannot run
+        monkeypatch.setenv("KVBENCH_STEP_PDL", mode)
+        assert common.pdl_launch() == {}
+    monkeypatch.delenv("KVBENCH_STEP_PDL")
     assert common.pdl_launch() == {}

@@ -36,17 +36,36 @@ def pdl_enter(PDL: tl.constexpr):
 
 def pdl_launch() -> dict:
     """Launch arguments of the decode step's kernels under ``KVBENCH_STEP_PDL``: the ``PDL``
-    constexpr that makes a kernel wait (``pdl_enter``) and the launch attribute; ``{}`` when off.
-    On, with the Triton interpreter (no griddepcontrol), it raises instead of running without."""
+    constexpr that makes a kernel wait (``pdl_enter``) and the launch attribute, or ``{}``.
+    "auto" (the default): on for compiled kernels on a device of compute capability 9.0 or newer
+    (griddepcontrol is sm_90 PTX), off otherwise; "1": on, and where it cannot run (the Triton
+    interpreter, an older GPU) it raises instead of running without; "0": off."""
     from .. import settings
-    if not settings.get("KVBENCH_STEP_PDL"):
+    mode = str(settings.get("KVBENCH_STEP_PDL"))
+    if mode == "0":
         return {}
     from . import interpreted
+    why = None
     if interpreted():
-        from ..errors import ConfigError
-        raise ConfigError("KVBENCH_STEP_PDL=1 needs compiled kernels (the Triton interpreter cannot run "
-                          "griddepcontrol)", "unset KVBENCH_STEP_PDL on this machine")
-    return {"PDL": True, "launch_pdl": True}
+        why = "the Triton interpreter cannot run griddepcontrol"
+    elif not torch.cuda.is_available() or _capability() < (9, 0):
+        why = "programmatic dependent launch needs a GPU of compute capability 9.0 or newer"
+    if why is None:
+        return {"PDL": True, "launch_pdl": True}
+    if mode == "auto":
+        return {}
+    from ..errors import ConfigError
+    raise ConfigError(f"KVBENCH_STEP_PDL=1: {why}", "set KVBENCH_STEP_PDL=auto or 0 on this machine")
+
+
+_CAPABILITY: dict = {}
+
+
+def _capability() -> tuple[int, int]:
+    dev = torch.cuda.current_device()
+    if dev not in _CAPABILITY:
+        _CAPABILITY[dev] = torch.cuda.get_device_capability(dev)
+    return _CAPABILITY[dev]
 
 
 @triton.jit
