@@ -18,8 +18,9 @@ decode step pays a layer: one graph of back-to-back launches over distinct copie
 (together >= 4x the L2), median replay / copies; the targets are judged on both timings. Each row
 also carries ``floor_us``: the same bytes streamed on the same grid and then the combine
 (``benchmarks/attn_floor.py``), layered, and each layered verdict the best a split + combine launch
-could show (``floor_bound``: each dtype at its floor, against the fp32 kernel as measured or the
-copy) and whether that reaches each target (``within_floor``). The last stdout line is one compact
+could show (``floor_bound``: each dtype at its floor, or at its measured time where that is lower,
+against the fp32 kernel as measured or the copy) and whether that reaches each target
+(``within_floor``). The last stdout line is one compact
 JSON document (``--out FILE`` writes it too). ``--sweep`` also times decode variants (q8_0:
 tile sizes, warps, splits, its own kernel vs the generic one, one-term float16 splits).
 
@@ -357,10 +358,15 @@ def grid_section(args, copy_gbps: float, gen: torch.Generator) -> dict:
                 met = {k: got[k] >= TARGETS[k] for k in TARGETS}
                 extra = {}
                 if timing == "layered":     # the best this design could show: each dtype at its floor
-                    # against the fp32 kernel as measured (ratios) or against the copy (fractions)
-                    bound = {"q8_0_vs_fp32": round(f32[us] / q8["floor_us"], 2), "q8_0_frac_copy": q8["floor_frac_copy"],
-                             "bf16_vs_fp32": round(f32[us] / b16["floor_us"], 2),
-                             "fp32_frac_copy": f32["floor_frac_copy"]}
+                    # against the fp32 kernel as measured (ratios) or against the copy (fractions).
+                    # The floor kernel is the plain streaming one, not the fastest possible: where
+                    # the production launch beats it (bf16 at 16384+ on the H200), the measured
+                    # time stands in, so a bound never sits below what was shown.
+                    low = {f: min(r["floor_us"], r[us]) for f, r in (("fp32", f32), ("bf16", b16), ("q8_0", q8))}
+                    bound = {"q8_0_vs_fp32": round(f32[us] / low["q8_0"], 2),
+                             "q8_0_frac_copy": round(q8["bytes_read"] / (low["q8_0"] * 1e-6) / 1e9 / copy_gbps, 3),
+                             "bf16_vs_fp32": round(f32[us] / low["bf16"], 2),
+                             "fp32_frac_copy": round(f32["bytes_read"] / (low["fp32"] * 1e-6) / 1e9 / copy_gbps, 3)}
                     extra = {"floor_bound": bound, "within_floor": {k: bound[k] >= TARGETS[k] for k in TARGETS}}
                 verdicts.append({"geometry": geo, "ctx": ctx, "timing": timing, **got, "met": met,
                                  "pass": all(met.values()), **extra})
