@@ -98,7 +98,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_STEP_PDL", "choice", "auto", "every Triton kernel of the decode step (GEMVs, RoPE + append, "
        "routing, MoE experts, KV append, decode attention) launched with programmatic dependent launch, "
        "each waiting for the kernel before it inside the kernel: auto (on for compiled kernels on sm_90 and "
-       "newer; H200, captured coder30b step: +3-8% tok/s, reports/h200-2026-12-06), 1 (on; refused where it "
+       "newer; H200, captured coder30b step: +3.2-7.7% tok/s in one call, +4.7-5.1% in another but bf16 KV at 16384 level, reports/h200-2026-12-06), 1 (on; refused where it "
        "cannot run), 0 (off)", choices=("auto", "0", "1")),
     _s("KVBENCH_DECODE_COMBINE_BLOCK", "int", 128, "splits the decode combine reads per step of its "
        "loop (a power of two; up to the split count). 128 from the H200 (reports/h200-2026-12-04g): "
