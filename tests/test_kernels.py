@@ -116,18 +116,28 @@ def test_decode_pdl_launch(fmt, triton_backend, monkeypatch):
     """Programmatic dependent launch (``pdl``, ``KVBENCH_DECODE_PDL``): compiled, the split kernel
     and the combine wait for the kernel before them, so the result equals the reference, eagerly
     and replayed from a captured graph after the cache and position changed under it; every
-    launch records it. Interpreted (no griddepcontrol) or with the fused combine it refuses."""
+    launch records it. Asked by name, it refuses interpreted (no griddepcontrol) or with the fused
+    combine; KVBENCH_STEP_PDL's default (auto) applies it only where the launch can take it."""
     from engine.kernels import decode_attention as da
     Hq, Hkv, D, n = 16, 4, 128, 300
     cache, gen = filled(fmt, Hkv, D, n, seed=7, cap=512)
     q = torch.randn(Hq, D, device=DEV, generator=gen)
     if DEV == "cpu":
+        with da.recording() as log:     # KVBENCH_STEP_PDL's default (auto) does not apply it here
+            decode_attention(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv)
+        assert [x["pdl"] for x in log] == [False]
         monkeypatch.setenv("KVBENCH_DECODE_PDL", "1")
-        with pytest.raises(ValueError, match="pdl.*compiled launch"):
+        with pytest.raises(ValueError, match="pdl.*interpreter"):
             decode_attention(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv)
         return
-    with pytest.raises(ValueError, match="pdl"):
+    with pytest.raises(ValueError, match="pdl.*fused combine"):
         decode_attention(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv, cfg={"pdl": True, "fuse_combine": True})
+    monkeypatch.setenv("KVBENCH_STEP_PDL", "auto")      # the default: applied where the launch can take it
+    with da.recording() as log:
+        decode_attention(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv, cfg={"fuse_combine": True})
+        decode_attention(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv)
+    assert [x["pdl"] for x in log] == [False, torch.cuda.get_device_capability() >= (9, 0)]
+    monkeypatch.delenv("KVBENCH_STEP_PDL")
     with da.recording() as log:
         out = decode_attention(q, cache.k, cache.v, fmt, n, D ** -0.5, Hkv, cfg={"pdl": True})
     assert [x["pdl"] for x in log] == [True]

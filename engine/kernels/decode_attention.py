@@ -873,10 +873,19 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     win = {"WINDOW": window or 0, "RING": ring_rows or 0}
     G = Hq // n_kv_heads
     split = not interpreted()
-    pdl = bool(cfg["pdl"]) or bool(pdl_launch())     # KVBENCH_STEP_PDL: every kernel of the step
-    if pdl and (interpreted() or cfg["fuse_combine"]):
-        raise ValueError("pdl (KVBENCH_DECODE_PDL=1) needs a compiled launch (the Triton interpreter cannot run "
-                         "griddepcontrol) and the separate combine (fuse_combine off): unset one of them")
+    # programmatic dependent launch: asked by name (cfg / KVBENCH_DECODE_PDL, or KVBENCH_STEP_PDL=1) it
+    # is refused where this launch cannot take it; from KVBENCH_STEP_PDL=auto it applies where it can
+    step_pdl = bool(pdl_launch())
+    pdl_asked = bool(cfg["pdl"]) or str(settings.get("KVBENCH_STEP_PDL")) == "1"
+    q8_own = fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D) and window is None
+    no_pdl = ("the Triton interpreter cannot run griddepcontrol" if interpreted() else
+              "the fused combine (fuse_combine) has no second kernel to wait" if cfg["fuse_combine"] else
+              f"the q8_0 {cfg['q8_impl']!r} form has none (the rows form has)" if q8_own and cfg["q8_impl"] != "rows"
+              else None)
+    if pdl_asked and no_pdl:
+        raise ValueError(f"pdl (KVBENCH_DECODE_PDL / KVBENCH_STEP_PDL=1) cannot apply to this launch: {no_pdl}; "
+                         f"unset it or change the launch")
+    pdl = (pdl_asked or step_pdl) and not no_pdl
     q = q.to(torch.float32).contiguous()
     per, splits = split_plan(grid_keys, n_kv_heads, q.device, cfg)
     dev_pos = {"DEV_POS": pos is not None}
@@ -894,7 +903,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     block_s = triton.next_power_of_2(int(settings.get("KVBENCH_DECODE_COMBINE_BLOCK")))
     comb = {"FUSE": fuse, "S_PAD": triton.next_power_of_2(splits),
             "BLOCK_S": min(block_s, triton.next_power_of_2(splits))}
-    if fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D) and window is None:
+    if q8_own:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
         if cfg["q8_impl"] not in ("rows", "batched", "blocks"):
@@ -918,8 +927,6 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         if ablate - {"qk", "pv"} or (ablate and not rows_form):
             raise ValueError(f"q8_ablate {cfg['q8_ablate']!r}: 'qk' and/or 'pv', on the rows kernel only "
                              f"(this launch: {cfg['q8_impl']})")
-        if pdl and not rows_form:
-            raise ValueError(f"pdl (KVBENCH_DECODE_PDL=1) serves the q8_0 rows form, not {cfg['q8_impl']!r}")
         kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel,
                 "blocks": _decode_q8_blocks_kernel}[cfg["q8_impl"]]
         g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
