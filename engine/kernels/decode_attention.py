@@ -31,9 +31,11 @@ the generic kernel: its splits cover only the window's keys, a ring's rows taken
 K and V may hold different formats (``v_fmt``, default ``fmt``): the generic kernel reads each
 in its own (``KFMT`` / ``VFMT`` constexprs: a bf16 K with ``dot_f32``, a q8_0 V dequantized to
 float32 tiles, ...); q8_0's own kernel serves only q8_0 K with q8_0 V.
-``pdl`` (setting ``KVBENCH_DECODE_PDL``, off by default) launches the split kernel and the combine
-with programmatic dependent launch: each waits inside the kernel for the grid before it, so its
-launch overlaps that grid's tail (compiled launches with the separate combine only; recorded).
+``pdl`` (setting ``KVBENCH_DECODE_PDL``; also ``KVBENCH_STEP_PDL``, whose default "auto" applies it
+wherever a launch can take it) launches the split kernel and the combine with programmatic dependent
+launch: each waits inside the kernel for the grid before it, so its launch overlaps that grid's tail
+(compiled launches, the separate combine, the q8_0 rows form; asked by name elsewhere it raises;
+recorded per launch).
 ``decode_attention_ref`` is the torch reference (the blocked CPU path with one row);
 ``last_scratch_bytes`` is the size of the last launch's partials.
 
