@@ -15,10 +15,12 @@ block scales are rounded to bfloat16 (the scale's fp16 mantissa of 10 bits to 7)
 accumulate in float32 inside the kernel, the SiLU gate and the weighted sum are float32.
 That is a speed path, as llama.cpp's CPU experts (activations rounded to Q8_0 blocks) are:
 ``tests/test_cpu_experts.py`` bounds its distance from the exact float32 maths over the same
-GGUF values. The packing layout is torch's: ``pack_int4`` writes it directly (tiles of 64
-rows, rows ``n`` and ``n + 32`` of a tile in one byte; a last tile of 16-48 rows pairs
-adjacent rows) and is checked against ``_convert_weight_to_int4pack_for_cpu`` once per
-process (``packing()``); where they differ, torch's op packs (slower, same result).
+GGUF values. The packing layout is torch's, which depends on the CPU kernels torch dispatches
+to: tiles of 64 rows under AVX-512, 32 under AVX2, rows ``n`` and ``n + tile/2`` of a tile in one
+byte, a last partial tile pairing adjacent rows. ``pack_int4`` writes it directly with the tile
+that matches ``_convert_weight_to_int4pack_for_cpu`` on a probe, found once per process
+(``packing()`` says "direct", ``packing_tile()`` which tile); where neither matches, torch's op
+packs (slower, same result) and ``packing()`` says "torch-op".
 
     ex = HostQ4Experts.from_blocks(gate, up, down)       # host BlockStacks, Q4_0
     y = ex(h_host, top_e_host, top_p_host)               # float32 [1, d]
@@ -42,16 +44,18 @@ def _values(st: BlockStack) -> torch.Tensor:
     return torch.cat([q & 15, q >> 4], dim=-1).reshape(S, N, nb * BLOCK)
 
 
-def pack_int4(v: torch.Tensor) -> torch.Tensor:
-    """Values ``v`` [N, K] (0..15) in torch's CPU int4 layout, uint8 [N, K/2] (see module)."""
+def pack_int4(v: torch.Tensor, tile: int | None = None) -> torch.Tensor:
+    """Values ``v`` [N, K] (0..15) in torch's CPU int4 layout, uint8 [N, K/2] (see module), with
+    tiles of ``tile`` rows (default: the tile this process's torch packs with, ``packing_tile()``)."""
     N, K = v.shape
     if N % 16 or K % 2:
         raise ValueError(f"pack_int4: [{N}, {K}] needs rows a multiple of 16 and an even row length")
+    tile = tile or packing_tile() or 64
     v = v.to(torch.uint8)
-    full = N // 64 * 64
+    full = N // tile * tile
     parts = []
     if full:
-        t = v[:full].reshape(full // 64, 2, 32, K)                        # [tile, nibble, row, k]
+        t = v[:full].reshape(full // tile, 2, tile // 2, K)              # [tile, nibble, row, k]
         parts.append((t[:, 0] | (t[:, 1] << 4)).permute(0, 2, 1).reshape(-1))   # [tile, k, row]
     if N > full:
         r = N - full
@@ -61,13 +65,22 @@ def pack_int4(v: torch.Tensor) -> torch.Tensor:
 
 
 @functools.cache
-def packing() -> str:
-    """``"direct"`` when ``pack_int4`` equals torch's packing op on a probe (tile and remainder),
-    else ``"torch-op"``."""
+def packing_tile() -> int | None:
+    """The tile (64 or 32 rows) whose ``pack_int4`` equals torch's packing op on a probe of 80 rows
+    (whole tiles and a partial one under either), or None where neither does."""
     g = torch.Generator().manual_seed(0)
     probe = torch.randint(0, 16, (80, 64), generator=g, dtype=torch.int32)
     op = torch.ops.aten._convert_weight_to_int4pack_for_cpu(probe, 1)
-    return "direct" if torch.equal(op, pack_int4(probe)) else "torch-op"
+    for tile in (64, 32):
+        if torch.equal(op, pack_int4(probe, tile)):
+            return tile
+    return None
+
+
+def packing() -> str:
+    """``"direct"`` when ``pack_int4`` writes torch's layout on this machine (``packing_tile()``
+    found), else ``"torch-op"``."""
+    return "direct" if packing_tile() else "torch-op"
 
 
 def _pack(v: torch.Tensor) -> torch.Tensor:

@@ -27,6 +27,20 @@ def test_pack_int4_is_torchs_layout(N, K):
     assert cpu_experts.packing() == "direct"
 
 
+def test_packing_tile_follows_torchs_cpu_kernels():
+    """torch packs in tiles of 64 rows where it dispatches to AVX-512 kernels and 32 under AVX2;
+    the tile found on the probe is the one this machine's torch uses."""
+    cap = torch.backends.cpu.get_cpu_capability()
+    want = {"AVX512": 64, "AVX2": 32}.get(cap)
+    if want is None:
+        pytest.skip(f"torch's CPU capability here is {cap}: no documented tile to hold it to")
+    assert cpu_experts.packing_tile() == want
+    other = 96 - want
+    g = torch.Generator().manual_seed(1)
+    v = torch.randint(0, 16, (128, 64), generator=g, dtype=torch.int32)
+    assert not torch.equal(pack_int4(v, other), torch.ops.aten._convert_weight_to_int4pack_for_cpu(v, 1))
+
+
 def test_pack_int4_refuses_rows_it_cannot_tile():
     with pytest.raises(ValueError, match="multiple of 16"):
         pack_int4(torch.zeros(24, 64, dtype=torch.int32))
