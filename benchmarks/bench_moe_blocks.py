@@ -65,7 +65,7 @@ def configs(part: str, args) -> list[dict]:
     rows = ("BLOCK_F" if part == "gate_up" else "BLOCK_D")
     forms = [f == "blocks" for f in args.forms.split(",")]
     if args.quick:
-        grid = {"SUMS": forms, rows: [4], "BLOCK_K": [64], "num_warps": [2]}
+        grid = {"SUMS": forms, rows: [16], "BLOCK_K": [256], "num_warps": [2]}   # the interpreter: few programs
     else:
         grid = {"SUMS": forms, rows: ints(args.rows), "BLOCK_K": ints(args.ks), "num_warps": ints(args.warps)}
     out = [dict(zip(grid, v)) for v in itertools.product(*grid.values())]

@@ -15,7 +15,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.mark.slow(seconds=55)
+@pytest.mark.slow(seconds=25)
 def test_sweep_checks_times_and_names_the_best(tmp_path):
     out = tmp_path / "mb.json"
     r = subprocess.run([sys.executable, "benchmarks/bench_moe_blocks.py", "--device", "cpu", "--quick",

@@ -161,7 +161,8 @@ def test_default_suite_on_scaled_down_coder30b(tmp_path):
                  # smaller work, same path: the wave prefill still crosses 4096 tokens (RoPE's first
                  # table) in waves; positions 4096..4223 compared
                  "--set", "wave_prefill.tokens=4224", "--set", "throughput.pp=64", "--set", "throughput.tg=16",
-                 "--set", "throughput_blocks.tg_depths=[128]"],
+                 "--set", "throughput_blocks.tg_depths=[128]", "--set", "throughput_blocks.pp=64",
+                 "--set", "throughput_blocks.tg=8", "--set", "throughput_blocks.warmup_tokens=4"],
                 {"KVBENCH_HOST_RAM": str(ram)})
     assert proc.returncode in (0, 1) and "Traceback" not in proc.stderr, proc.stdout[-3000:] + proc.stderr[-3000:]
     last = json.loads(proc.stdout.strip().splitlines()[-1])
