@@ -177,13 +177,21 @@ def main() -> int:
                 doc["rows"].append(row)
                 if name in ("stream", "torch_sum") and (best is None or us_ < best["us"]):
                     best = row
-            emp = min(r["us"] for r in doc["rows"] if r["dtype"] == fmt and r["ctx"] == ctx and r["cell"] == "empty")
+            if best is None:        # no streaming cell ran: no bound at this (dtype, ctx), said so
+                doc.setdefault("best", []).append({"dtype": fmt, "ctx": ctx, "bytes": nbytes, "best_us": None,
+                                                   "error": "no streaming cell ran (see rows)"})
+                print(f"{fmt:5} {ctx:6}  no streaming cell ran: no bound", flush=True)
+                del bufs
+                save()
+                continue
+            emp = min((r["us"] for r in doc["rows"] if r["dtype"] == fmt and r["ctx"] == ctx and r["cell"] == "empty"),
+                      default=None)
             doc.setdefault("best", []).append({"dtype": fmt, "ctx": ctx, "bytes": nbytes, "prod_us": round(prod[(fmt, ctx)], 3),
                                                "best_us": best["us"], "best": {"cell": best["cell"], "cfg": best["cfg"]},
                                                "best_frac_copy": best["frac_copy"], "empty_us": emp})
             print(f"{fmt:5} {ctx:6}  {nbytes / 1e6:7.2f} MB  prod {prod[(fmt, ctx)]:7.2f} us  one-launch best "
                   f"{best['us']:7.2f} us ({100 * best['frac_copy']:.1f}% of copy; {best['cell']} {best['cfg']})  "
-                  f"empty {emp:.2f} us", flush=True)
+                  f"empty {emp} us", flush=True)
             del bufs
             save()
         # the budgets at this ctx
@@ -191,6 +199,10 @@ def main() -> int:
             if (fmt, ctx) not in prod or ("fp32", ctx) not in prod:
                 continue
             b = next(r for r in doc["best"] if r["dtype"] == fmt and r["ctx"] == ctx)
+            if b["best_us"] is None:
+                doc["targets"].append({"dtype": fmt, "ctx": ctx, "target": f"{kind} >= {goal}",
+                                       "reachable_by_one_launch": None, "error": "no bound measured"})
+                continue
             if kind == "frac_copy":
                 budget = b["bytes"] / (goal * copy * 1e9) * 1e6
                 now = round(b["bytes"] / (prod[(fmt, ctx)] * 1e-6) / 1e9 / copy, 3)
