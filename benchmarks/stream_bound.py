@@ -40,6 +40,7 @@ import triton.language as tl
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from attn_floor import _empty_kernel  # noqa: E402  (an empty launch: the fixed cost alone)
 from engine.kernels.common import pdl_enter  # noqa: E402
 
 
@@ -53,11 +54,6 @@ def _stream_kernel(X, OUT, n_words, CHUNK: tl.constexpr, BLOCK: tl.constexpr, PD
         offs = base + i + tl.arange(0, BLOCK)
         acc = acc ^ tl.load(X + offs, mask=offs < n_words, other=0)
     tl.store(OUT + pid, tl.xor_sum(acc, axis=0))
-
-
-@triton.jit
-def _empty_kernel(OUT, PDL: tl.constexpr):
-    pdl_enter(PDL)
 
 
 def stream_launch(n_words: int, chunk: int, block: int, num_warps: int, pdl: bool, dev=None):
