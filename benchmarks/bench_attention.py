@@ -123,9 +123,15 @@ def layered_copies(cache: LayerKV, per_launch_bytes: int, l2_bytes: int,
                    cap_bytes: int = 6 << 30) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Copies of the cache's K and V (distinct memory) enough that one pass over them reads at
     least 4x the L2 (at least 8 copies, at most ``cap_bytes`` of them)."""
-    n = max(8, -(-4 * l2_bytes // per_launch_bytes))
-    n = max(2, min(n, cap_bytes // max(1, cache.k.nbytes + cache.v.nbytes)))
+    n = layered_count(per_launch_bytes, l2_bytes, cache.k.nbytes + cache.v.nbytes, cap_bytes)
     return [(cache.k.clone(), cache.v.clone()) for _ in range(n)]
+
+
+def layered_count(per_launch_bytes: int, l2_bytes: int, copy_bytes: int, cap_bytes: int = 6 << 30) -> int:
+    """How many distinct copies ``layered_copies`` makes: enough that one pass reads >= 4x the L2,
+    at least 8, at most ``cap_bytes`` of copies of ``copy_bytes`` each (and never fewer than 2)."""
+    n = max(8, -(-4 * l2_bytes // per_launch_bytes))
+    return max(2, min(n, cap_bytes // max(1, copy_bytes)))
 
 
 def layered_time(bufs, launch, reps: int) -> tuple[float, list[float]]:
