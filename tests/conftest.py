@@ -7,6 +7,8 @@ import torch
 
 if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CPU machines
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    from _interp_patch import install as _install_interp_patch   # tests/_interp_patch.py
+    _install_interp_patch()
 
 # Under pytest-xdist (`make test`: -n 2 on the 2-core CI box) each worker gets its share of the
 # cores for torch's intra-op pool, and so do the CLI subprocesses it starts (they read
