@@ -13,7 +13,8 @@ then down, the weighted sum over the k experts and the residual. Every
 product accumulates in float32 from the stored dtype. ``KVBENCH_MOE_UNROLL`` (default on)
 unrolls both kernels' loops at compile time (d, ff and k become compile-time constants: one
 compilation per model geometry). ``moe_decode_ref`` is the plain torch
-ground truth (float32 maths, a loop over the k experts); ``CONFIG`` holds the tile sizes.
+ground truth (float32 maths, a loop over the k experts); ``CONFIG`` holds the tile sizes
+(``_tiles``: wider under the interpreter).
 
     y = moe_decode(h, cache_gate, cache_up, cache_down, top_e, top_p, table=slot_of_expert)
     x = moe_decode(h, w.gate, w.up, w.down, top_e, top_p, residual=x)   # x + MoE(h)
@@ -25,6 +26,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from . import interpreted
 from .common import pdl_enter, pdl_launch
 
 # Tile sizes (benchmarks/bench_moe_decode.py sweeps them on the GPU). gate_up: BLOCK_F rows
@@ -129,6 +131,17 @@ def _moe_down_kernel(H, W, IDS, TABLE, P, R, OUT,
 
 
 # --- launch wrapper -------------------------------------------------------------------------
+def _tiles(d: int, ff: int) -> tuple[dict, dict]:
+    """(gate_up, down) tiles: ``CONFIG``'s, or under the interpreter (which runs programs one by
+    one, each paying a fixed cost per op) few wide programs: a whole expert's rows of up to 128 x
+    256 a gate/up program, up to 256 x 256 a down program (partial tiles still masked)."""
+    if not interpreted():
+        return CONFIG["gate_up"], CONFIG["down"]
+    bd, bf = min(256, triton.next_power_of_2(d)), min(256, triton.next_power_of_2(ff))
+    return ({"BLOCK_F": min(128, bf), "BLOCK_D": bd, "num_warps": 4},
+            {"BLOCK_D": bd, "BLOCK_F": bf, "num_warps": 4})
+
+
 def check_stacks_and_route(op, x, gate, up, down, ids, weights, table, residual):
     """The arguments every one-token MoE launch shares (``op`` names the caller in errors):
     stacks [S, ff, d], [S, ff, d], [S, d, ff] (anything with a ``shape``), one token, [k] ids
@@ -168,7 +181,7 @@ def moe_decode(x: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, down: torc
     res = None if residual is None else residual.reshape(d).to(torch.float32).contiguous()
     h = torch.empty(k, ff, dtype=torch.float32, device=x.device)              # [k, ff] scratch
     out = torch.empty(1, d, dtype=torch.float32, device=x.device)
-    cu, cd = CONFIG["gate_up"], CONFIG["down"]
+    cu, cd = _tiles(d, ff)
     from .. import settings
     unroll = bool(settings.get("KVBENCH_MOE_UNROLL"))
     _moe_gate_up_kernel[(k, triton.cdiv(ff, cu["BLOCK_F"]))](

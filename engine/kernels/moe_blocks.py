@@ -63,8 +63,7 @@ assert GGML_QUANT_SIZES[QT.Q8_0][0] == BLOCK == Q8_BLOCK
 # forms x rows {2,4,8} x BLOCK_K {512,1024} x warps {2,4}; reports/h100-2026-12-05c call 1, H100,
 # each launch reading HBM): gate/up 11.2 us (1269 GB/s) at blocks 8 x 512 x 2 warps, down 10.5 us
 # (673 GB/s) at blocks 4 x 512 x 4 warps, against 18.4 and 12.3 us for the best per-value tiles
-# (the previous defaults) and 47 / 28 us (H200) at the first guess of 16 x 256 x 4 warps, which
-# the interpreter keeps (it runs programs one by one: few, wide ones), in the per-value form.
+# (the previous defaults) and 47 / 28 us (H200) at the first guess of 16 x 256 x 4 warps.
 CONFIG = {"gate_up": {"BLOCK_F": 8, "BLOCK_K": 512, "num_warps": 2, "SUMS": True},
           "down": {"BLOCK_D": 4, "BLOCK_K": 512, "num_warps": 4, "SUMS": True}}
 # Stacks in page-locked host memory, read in place over PCIe (``PcieExperts``): a read crosses
@@ -74,8 +73,10 @@ CONFIG = {"gate_up": {"BLOCK_F": 8, "BLOCK_K": 512, "num_warps": 2, "SUMS": True
 # tiles; down 151 us (47 GB/s) at blocks 4 x 1024 x 4 warps against 168 us.
 HOST_CONFIG = {"gate_up": {"BLOCK_F": 2, "BLOCK_K": 1024, "num_warps": 2, "SUMS": True},
                "down": {"BLOCK_D": 4, "BLOCK_K": 1024, "num_warps": 4, "SUMS": True}}
-INTERPRETED_CONFIG = {"gate_up": {"BLOCK_F": 16, "BLOCK_K": 256, "num_warps": 4, "SUMS": False},
-                      "down": {"BLOCK_D": 16, "BLOCK_K": 256, "num_warps": 4, "SUMS": False}}
+# The interpreter runs programs one by one, each paying a fixed cost per op: a whole small
+# expert's rows a program (coder30b-mini: ff 96, d 256), partial tiles masked.
+INTERPRETED_CONFIG = {"gate_up": {"BLOCK_F": 128, "BLOCK_K": 256, "num_warps": 4, "SUMS": False},
+                      "down": {"BLOCK_D": 256, "BLOCK_K": 256, "num_warps": 4, "SUMS": False}}
 LAUNCHES = LaunchLog()     # each launch's applied configuration (part, format, tiles, form)
 recording = LAUNCHES.recording          # what a decode step ran: ``StaticDecode.moe_launches``
 
