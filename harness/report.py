@@ -19,14 +19,29 @@ in ``harness.metric_registry``), as the run's manifest recorded it.
 from __future__ import annotations
 
 import math
+import os
 import re
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import pandas as pd  # noqa: E402
+
+# Plots are files (Agg), whoever imports pyplot first (a check's own section does too).
+os.environ.setdefault("MPLBACKEND", "Agg")
+
+
+class _Pyplot:
+    """``matplotlib.pyplot``, imported at the first plot: a CLI call that only fails on bad
+    input, or never plots, skips matplotlib's ~0.7 s import (every ``harness`` command imports
+    this module)."""
+
+    def __getattr__(self, name):
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as pyplot
+        return getattr(pyplot, name)
+
+
+plt = _Pyplot()
 
 from . import metric_registry  # noqa: E402
 from . import stats as _stats  # noqa: E402
