@@ -23,7 +23,7 @@ import os
 import re
 from pathlib import Path
 
-import pandas as pd  # noqa: E402
+import pandas as pd
 
 # Plots are files (Agg), whoever imports pyplot first (a check's own section does too).
 os.environ.setdefault("MPLBACKEND", "Agg")
@@ -38,6 +38,7 @@ class _Pyplot:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as pyplot
+        self.__dict__.update(pyplot.__dict__)        # later look-ups are plain attributes
         return getattr(pyplot, name)
 
 
