@@ -136,6 +136,12 @@ CONFIGS: dict[str, SynthConfig] = {c.name: c for c in [
                 sliding_window=512, query_pre_attn_scalar=256.0, seed_name="gemma3-synth",
                 about="Gemma-3-270M geometry (15 sliding-window layers of 512, 3 global, 262144-token "
                       "vocabulary), random Q8_0 weights: the gemma3 suite on a GPU that cannot fetch the model"),
+    SynthConfig("attnbench-synth", "llama", n_layers=2, d_model=4096, n_heads=32, n_kv_heads=8, head_dim=128,
+                d_ff=1024, ctx=65536, rope_base=500000.0, rms_eps=1e-5, tied=True, kind="blocks",
+                seed_name="attnbench-synth",
+                about="decode attention's bench geometry (32 query heads, 8 KV heads x 128; Llama-3-8B's), 2 "
+                      "layers, random Q8_0 weights: a peer's attention kernels timed where kvbench's targets are "
+                      "set (benchmarks/peer_attention.py; ~0.3 GB)"),
     SynthConfig("smollm2-moe", "llama", n_layers=30, d_model=576, n_heads=9, n_kv_heads=3,
                 head_dim=64, d_ff=1536, n_experts=8, n_used=2, vocab=49152, ctx=8192,
                 rope_base=100000.0, rms_eps=1e-5, tied=True, kind="upcycle", expert_qtype=QT.Q8_0,
