@@ -105,7 +105,7 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     assert_close(f"ref-vs-oracle decode {fmt}", oracle(q[None], k, v, T - 1, scale)[0], ref, 1e-5)
     for cfg in ({"block_n": 16}, {"block_n": 32, "q8_kernel": False},    # several splits, every q8_0 path
                 {"block_n": 16, "q8_impl": "batched"}, {"block_n": 16, "q8_impl": "blocks"},
-                {"block_n": 16, "q8_words": "kv"}, {"block_n": 16, "bf16_stack": True},
+                {"block_n": 16, "q8_words": "kv"}, {"block_n": 16, "bf16_stack": True}, {"block_n": 16, "q8_impl": "streams"},
                 {"block_n": 32, "bf16_stack": True, "fuse_combine": True, "num_warps": 4}):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
@@ -313,6 +313,8 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
                 # the batched form at the launches the occupancy model bets on (reports/cpu-2026-12-06d)
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 2, "num_stages": 2, "programs_per_sm": 6},
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
+                # float32 FMAs, no tensor cores: R streams a program (R = block_n)
+                {"block_n": 16, "q8_impl": "streams"}, {"block_n": 32, "q8_impl": "streams", "num_warps": 8},
                 *([] if kernels.interpreted() else [{"block_n": 64, "q8_words": "kv_prmt"}])):   # PTX: compiled only
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)

@@ -89,6 +89,12 @@ def q8_variants():
     out.append(("rows (2,2) bn64 w4 vnorm split pdl", da._decode_q8_rows_kernel, dict(rows, VN_SPLIT=True, PDL=True), 4, 3))
     out.append(("bf16 split bn32 w2 pdl", da._decode_split_kernel, dict(bf16, PDL=True), 2, 3))
     out.append(("bf16 stacked G4 bn32 w2 pdl", da._decode_bf16_stacked_kernel, dict(st, G=4, GP=4, M=16, PDL=True), 2, 3))
+    # the streams form (float32 FMAs, R softmax streams a program): coder30b (G 8) and the bench
+    # geometry (8 KV heads, G 4)
+    for g, hkv in ((8, 4), (4, 8)):
+        for r, w, st in ((16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (16, 2, 2), (32, 4, 3), (32, 4, 1)):
+            out.append((f"streams G{g} R{r} w{w} s{st}", da._decode_q8_streams_kernel,
+                        dict(HKV=hkv, G=g, D=D, NB=NB, R=r, DEV_POS=True, PDL=True), w, st))
     return out
 
 

@@ -727,6 +727,152 @@ def _decode_q8_blocks_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUN
 
 
 @triton.jit
+def _i8_to_f32(x):
+    """int8 -> float32, exact, without an int->float conversion: the float with bits
+    0x4B400000 + x (x sign-extended) is 1.5 * 2^23 + x."""
+    return (x.to(tl.int32) + 0x4B400000).to(tl.float32, bitcast=True) - 12582912.0
+
+
+@triton.jit
+def _stream_step(kd, vd, dk, dv, q, m, l, acc, valid):
+    """One key a stream (row r of the tile) for one query head: the score from the dequantized
+    quants' block sums times the block scales (float32 throughout), the stream's running max,
+    sum and accumulator updated (log2 domain). ``m`` starts finite (-1e30), so a stream that has
+    seen no key yet has alpha 1 and p 0 and never a NaN."""
+    sb = tl.sum(kd * q[None, :, :], axis=2)                         # [R, NB] block sums
+    sc = tl.sum(sb * dk, axis=1)                                     # [R]
+    sc = tl.where(valid, sc, float("-inf"))
+    m_new = tl.maximum(m, sc)
+    alpha = tl.exp2(m - m_new)
+    p = tl.exp2(sc - m_new)
+    l = l * alpha + p
+    acc = acc * alpha[:, None, None] + (p[:, None] * dv)[:, :, None] * vd
+    return m_new, l, acc
+
+
+@triton.jit
+def _stream_store(m, l, acc, M_OUT, L_OUT, ACC_OUT, o, D: tl.constexpr, NB: tl.constexpr):
+    """A query head's R streams merged into the split's one (m, l, acc) for the combine."""
+    mx = tl.max(m, axis=0)
+    w = tl.exp2(m - mx)                                              # streams with no key: 0
+    tl.store(M_OUT + o, mx)
+    tl.store(L_OUT + o, tl.sum(l * w, axis=0))
+    a = tl.sum(acc * w[:, None, None], axis=0)                       # [NB, QK]
+    ob = tl.arange(0, NB)
+    oi = tl.arange(0, QK)
+    tl.store(ACC_OUT + o * D + ob[:, None] * QK + oi[None, :], a)
+
+
+@triton.jit
+def _decode_q8_streams_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
+                              n_keys, keys_per_split, n_splits, qk_scale,
+                              HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
+                              R: tl.constexpr, DEV_POS: tl.constexpr, PDL: tl.constexpr = False):
+    # q8_0 decode without tensor cores: R independent softmax streams a program, stream r taking
+    # keys r, r + R, r + 2R, ... of the split, each with its own running max, sum and float32
+    # accumulator per query head; the streams merge once, after the loop. Every tensor is
+    # [R, NB, 32] (a key's quants by block) or a slice of it, so the loads land where the
+    # arithmetic runs: no tile crosses threads except the block sums' reduction. The quants are
+    # dequantized exactly (int8 -> float32 by a magic add, times the fp16 scale: <= 19 bits, exact
+    # in float32), so the maths is the torch reference's up to summation order.
+    RQ: tl.constexpr = HKV * D
+    RS: tl.constexpr = HKV * NB
+    pdl_enter(PDL)
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    if DEV_POS:
+        n_keys = tl.load(POS).to(tl.int32) + 1
+    if sp * keys_per_split >= n_keys:
+        return
+    ob = tl.arange(0, NB)
+    oi = tl.arange(0, QK)
+    qoff = ob[:, None] * QK + oi[None, :]                            # [NB, QK]
+    q0 = tl.load(Q + (h * G + 0) * D + qoff) * qk_scale
+    m0 = tl.full([R], -1e30, tl.float32)
+    l0 = tl.zeros([R], tl.float32)
+    a0 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 1:
+        q1 = tl.load(Q + (h * G + 1) * D + qoff) * qk_scale
+        m1 = tl.full([R], -1e30, tl.float32)
+        l1 = tl.zeros([R], tl.float32)
+        a1 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 2:
+        q2 = tl.load(Q + (h * G + 2) * D + qoff) * qk_scale
+        m2 = tl.full([R], -1e30, tl.float32)
+        l2 = tl.zeros([R], tl.float32)
+        a2 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 3:
+        q3 = tl.load(Q + (h * G + 3) * D + qoff) * qk_scale
+        m3 = tl.full([R], -1e30, tl.float32)
+        l3 = tl.zeros([R], tl.float32)
+        a3 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 4:
+        q4 = tl.load(Q + (h * G + 4) * D + qoff) * qk_scale
+        m4 = tl.full([R], -1e30, tl.float32)
+        l4 = tl.zeros([R], tl.float32)
+        a4 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 5:
+        q5 = tl.load(Q + (h * G + 5) * D + qoff) * qk_scale
+        m5 = tl.full([R], -1e30, tl.float32)
+        l5 = tl.zeros([R], tl.float32)
+        a5 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 6:
+        q6 = tl.load(Q + (h * G + 6) * D + qoff) * qk_scale
+        m6 = tl.full([R], -1e30, tl.float32)
+        l6 = tl.zeros([R], tl.float32)
+        a6 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 7:
+        q7 = tl.load(Q + (h * G + 7) * D + qoff) * qk_scale
+        m7 = tl.full([R], -1e30, tl.float32)
+        l7 = tl.zeros([R], tl.float32)
+        a7 = tl.zeros([R, NB, QK], tl.float32)
+    lo = sp * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_keys)
+    orr = tl.arange(0, R)
+    for n0 in range(lo, hi, R):
+        rows = n0 + orr
+        valid = rows < hi
+        r64 = rows.to(tl.int64)
+        qp = r64[:, None, None] * RQ + h * D + qoff[None, :, :]
+        sp_ = r64[:, None] * RS + h * NB + ob[None, :]
+        kd = _i8_to_f32(tl.load(KQ + qp, mask=valid[:, None, None], other=0))
+        vd = _i8_to_f32(tl.load(VQ + qp, mask=valid[:, None, None], other=0))
+        dk = tl.load(KS + sp_, mask=valid[:, None], other=0.0).to(tl.float32)
+        dv = tl.load(VS + sp_, mask=valid[:, None], other=0.0).to(tl.float32)
+        m0, l0, a0 = _stream_step(kd, vd, dk, dv, q0, m0, l0, a0, valid)
+        if G > 1:
+            m1, l1, a1 = _stream_step(kd, vd, dk, dv, q1, m1, l1, a1, valid)
+        if G > 2:
+            m2, l2, a2 = _stream_step(kd, vd, dk, dv, q2, m2, l2, a2, valid)
+        if G > 3:
+            m3, l3, a3 = _stream_step(kd, vd, dk, dv, q3, m3, l3, a3, valid)
+        if G > 4:
+            m4, l4, a4 = _stream_step(kd, vd, dk, dv, q4, m4, l4, a4, valid)
+        if G > 5:
+            m5, l5, a5 = _stream_step(kd, vd, dk, dv, q5, m5, l5, a5, valid)
+        if G > 6:
+            m6, l6, a6 = _stream_step(kd, vd, dk, dv, q6, m6, l6, a6, valid)
+        if G > 7:
+            m7, l7, a7 = _stream_step(kd, vd, dk, dv, q7, m7, l7, a7, valid)
+    o = (h * G) * n_splits + sp
+    _stream_store(m0, l0, a0, M_OUT, L_OUT, ACC_OUT, o, D, NB)
+    if G > 1:
+        _stream_store(m1, l1, a1, M_OUT, L_OUT, ACC_OUT, o + n_splits, D, NB)
+    if G > 2:
+        _stream_store(m2, l2, a2, M_OUT, L_OUT, ACC_OUT, o + 2 * n_splits, D, NB)
+    if G > 3:
+        _stream_store(m3, l3, a3, M_OUT, L_OUT, ACC_OUT, o + 3 * n_splits, D, NB)
+    if G > 4:
+        _stream_store(m4, l4, a4, M_OUT, L_OUT, ACC_OUT, o + 4 * n_splits, D, NB)
+    if G > 5:
+        _stream_store(m5, l5, a5, M_OUT, L_OUT, ACC_OUT, o + 5 * n_splits, D, NB)
+    if G > 6:
+        _stream_store(m6, l6, a6, M_OUT, L_OUT, ACC_OUT, o + 6 * n_splits, D, NB)
+    if G > 7:
+        _stream_store(m7, l7, a7, M_OUT, L_OUT, ACC_OUT, o + 7 * n_splits, D, NB)
+
+
+@triton.jit
 def _combine_head(M_IN, L_IN, ACC_IN, OUT, hq, n_splits, D: tl.constexpr, S_PAD: tl.constexpr,
                   BLOCK_S: tl.constexpr, n_used):
     """out[hq] = sum_s w_s acc_s / sum_s w_s l_s with w_s = 2^(m_s - max m) over the splits.
@@ -854,6 +1000,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     v_fmt = fmt if v_fmt is None else v_fmt
     # asked for by name (cfg or its variable), not a default: a rows-only option asked for a
     # launch of another form is refused, a default is not applied there (the record omits it)
+    asked_cfg = dict(cfg or {})
     vnorm_asked = "q8_vnorm" in (cfg or {}) or bool(settings.overrides({"q8_vnorm": _LIVE_KEYS["q8_vnorm"]}))
     cfg = resolved_config(fmt, v_fmt, q.shape[1], cfg)
     Hq, D = q.shape
@@ -882,7 +1029,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     q8_own = fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D) and window is None
     no_pdl = ("the Triton interpreter cannot run griddepcontrol" if interpreted() else
               "the fused combine (fuse_combine) has no second kernel to wait" if cfg["fuse_combine"] else
-              f"the q8_0 {cfg['q8_impl']!r} form has none (the rows form has)" if q8_own and cfg["q8_impl"] != "rows"
+              f"the q8_0 {cfg['q8_impl']!r} form has none (the rows and streams forms have)"
+              if q8_own and cfg["q8_impl"] not in ("rows", "streams")
               else None)
     if pdl_asked and no_pdl:
         raise ValueError(f"pdl (KVBENCH_DECODE_PDL / KVBENCH_STEP_PDL=1) cannot apply to this launch: {no_pdl}; "
@@ -908,12 +1056,15 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if q8_own:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
-        if cfg["q8_impl"] not in ("rows", "batched", "blocks"):
-            raise ValueError(f"q8_impl must be 'rows', 'batched' or 'blocks', not {cfg['q8_impl']!r}")
+        if cfg["q8_impl"] not in ("rows", "batched", "blocks", "streams"):
+            raise ValueError(f"q8_impl must be 'rows', 'batched', 'blocks' or 'streams', not {cfg['q8_impl']!r}")
+        if cfg["q8_impl"] == "streams" and G > 8:
+            raise ValueError(f"q8_impl 'streams' serves up to 8 query heads a KV head, not {G}: use 'rows'")
         if cfg["q8_impl"] == "blocks" and nb not in (1, 2, 4):
             raise ValueError(f"q8_impl 'blocks' serves head_dim 32, 64 or 128 (1, 2 or 4 blocks a head), "
                              f"not {D}: use 'rows'")
         rows_form = cfg["q8_impl"] == "rows"
+        streams = cfg["q8_impl"] == "streams"
         ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
         words = str(cfg["q8_words"] or "none")
         if words not in ("none", "k", "v", "kv", "kv_prmt") or (words != "none" and not rows_form):
@@ -929,30 +1080,43 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         if ablate - {"qk", "pv"} or (ablate and not rows_form):
             raise ValueError(f"q8_ablate {cfg['q8_ablate']!r}: 'qk' and/or 'pv', on the rows kernel only "
                              f"(this launch: {cfg['q8_impl']})")
-        kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel,
-                "blocks": _decode_q8_blocks_kernel}[cfg["q8_impl"]]
-        g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
-        terms = {"Q_TERMS": cfg["q8_terms"][0], "P_TERMS": cfg["q8_terms"][1]}
-        if cfg["q8_impl"] == "blocks":
-            terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]))
-        if rows_form:
-            terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]),
-                         ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
-                         SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate, K16="k" in words, V16="v" in words,
-                         PRMT=words == "kv_prmt", VN_SPLIT=vnorm == "split")
-        LAUNCHES.record({"kernel": kern.__name__, "q8_impl": cfg["q8_impl"], "block_n": cfg["block_n"],
-                         "num_warps": cfg["num_warps"],
-                         "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
-                         "combine_block": 0 if fuse else comb["BLOCK_S"],
-                         "q8_terms": [terms["Q_TERMS"], terms["P_TERMS"]], "pdl": pdl,
-                         **({"q8_guards": list(map(bool, cfg["q8_guards"])), "q8_words": words,
-                             "q8_vnorm": vnorm} if rows_form else {}),
-                         **({"q8_ablate": sorted(ablate)} if ablate else {})})
-        LAUNCHES.compiled(kern[(n_kv_heads, splits)](
-            q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
-            splits, scale * LOG2E,
-            HKV=n_kv_heads, G=G, G_PAD=g_pad, D=D, NB=nb, BLOCK_N=cfg["block_n"],
-            **terms, **comb, **dev_pos, **launch))
+        if streams and fuse:
+            raise ValueError("q8_impl 'streams' has no fused combine: unset fuse_combine (KVBENCH_DECODE_FUSE)")
+        if streams and ({"q8_terms", "q8_norms", "q8_guards"} & set(asked_cfg)):
+            raise ValueError("q8_impl 'streams' computes in float32 (no float16 terms, norms or guards): "
+                             "unset q8_terms / q8_norms / q8_guards for it")
+        if streams:
+            LAUNCHES.record({"kernel": "_decode_q8_streams_kernel", "q8_impl": "streams", "block_n": cfg["block_n"],
+                             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "splits": splits,
+                             "keys_per_split": per, "combine_block": comb["BLOCK_S"], "pdl": pdl})
+            LAUNCHES.compiled(_decode_q8_streams_kernel[(n_kv_heads, splits)](
+                q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
+                splits, scale * LOG2E, HKV=n_kv_heads, G=G, D=D, NB=nb, R=cfg["block_n"], **dev_pos, **launch))
+        else:
+            kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel,
+                    "blocks": _decode_q8_blocks_kernel}[cfg["q8_impl"]]
+            g_pad = max(triton.next_power_of_2(G), max(1, 16 // nb)) if rows_form else max(16, triton.next_power_of_2(G))
+            terms = {"Q_TERMS": cfg["q8_terms"][0], "P_TERMS": cfg["q8_terms"][1]}
+            if cfg["q8_impl"] == "blocks":
+                terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]))
+            if rows_form:
+                terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]),
+                             ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
+                             SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate, K16="k" in words, V16="v" in words,
+                             PRMT=words == "kv_prmt", VN_SPLIT=vnorm == "split")
+            LAUNCHES.record({"kernel": kern.__name__, "q8_impl": cfg["q8_impl"], "block_n": cfg["block_n"],
+                             "num_warps": cfg["num_warps"],
+                             "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
+                             "combine_block": 0 if fuse else comb["BLOCK_S"],
+                             "q8_terms": [terms["Q_TERMS"], terms["P_TERMS"]], "pdl": pdl,
+                             **({"q8_guards": list(map(bool, cfg["q8_guards"])), "q8_words": words,
+                                 "q8_vnorm": vnorm} if rows_form else {}),
+                             **({"q8_ablate": sorted(ablate)} if ablate else {})})
+            LAUNCHES.compiled(kern[(n_kv_heads, splits)](
+                q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
+                splits, scale * LOG2E,
+                HKV=n_kv_heads, G=G, G_PAD=g_pad, D=D, NB=nb, BLOCK_N=cfg["block_n"],
+                **terms, **comb, **dev_pos, **launch))
     elif fmt == v_fmt == "bf16" and bf16_stacked(cfg["bf16_stack"], G, window):
         gp = triton.next_power_of_2(G)
         stacked_m = bf16_stack_rows(G)
