@@ -261,8 +261,9 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
                  for bn, pps, w, st in itertools.product([32, 64, 128], [2, 4], [2, 4], [2, 3])]
         # the streams form (float32 FMAs, no tensor cores; thirtieth session, untimed): R = block_n
         # streams a program, 8 threads a key (R x 8 = the program's threads), G <= 8
-        grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": "streams"}
-                 for (bn, w), pps, st in itertools.product(((16, 4), (32, 8), (8, 2)), (2, 4, 8), (1, 2))]
+        grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": impl}
+                 for impl in ("streams", "streams2")
+                 for (bn, w), pps, st in itertools.product(((16, 4), (32, 8), (8, 2)), (2, 4, 8), (2,))]
     if impls:   # the q8_0 forms asked for (a variant without q8_impl is the default form, "rows";
         # q8_kernel False the generic kernel, "generic")
         form = lambda c: "generic" if c.get("q8_kernel") is False else c.get("q8_impl", "rows")

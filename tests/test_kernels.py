@@ -106,6 +106,7 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
     for cfg in ({"block_n": 16}, {"block_n": 32, "q8_kernel": False},    # several splits, every q8_0 path
                 {"block_n": 16, "q8_impl": "batched"}, {"block_n": 16, "q8_impl": "blocks"},
                 {"block_n": 16, "q8_words": "kv"}, {"block_n": 16, "bf16_stack": True}, {"block_n": 16, "q8_impl": "streams"},
+                {"block_n": 16, "q8_impl": "streams2"},
                 {"block_n": 32, "bf16_stack": True, "fuse_combine": True, "num_warps": 4}):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
@@ -315,6 +316,7 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
                 # float32 FMAs, no tensor cores: R streams a program (R = block_n)
                 {"block_n": 16, "q8_impl": "streams"}, {"block_n": 32, "q8_impl": "streams", "num_warps": 8},
+                {"block_n": 16, "q8_impl": "streams2"}, {"block_n": 8, "q8_impl": "streams2", "num_warps": 2},
                 *([] if kernels.interpreted() else [{"block_n": 64, "q8_words": "kv_prmt"}])):   # PTX: compiled only
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)

@@ -42,7 +42,7 @@ HKV, G, D, NB = 4, 8, 128, 4
 DEVICE_TRITON = "3.6.0"     # what torch 2.11+cu130 on the GPU machine brings
 
 PTR = {"Q": "*fp32", "KQ": "*i8", "KS": "*fp16", "VQ": "*i8", "VS": "*fp16", "M_OUT": "*fp32",
-       "L_OUT": "*fp32", "ACC_OUT": "*fp32", "OUT": "*fp32", "COUNTER": "*i32", "POS": "*i64",
+       "L_OUT": "*fp32", "ACC_OUT": "*fp32", "OUT": "*fp32", "S_BUF": "*fp32", "COUNTER": "*i32", "POS": "*i64",
        "n_keys": "i32", "keys_per_split": "i32", "n_splits": "i32", "qk_scale": "fp32",
        "K": "*bf16", "V": "*bf16", "stride_k": "i32", "stride_ks": "i32", "stride_v": "i32", "stride_vs": "i32"}
 
@@ -94,6 +94,8 @@ def q8_variants():
     for g, hkv in ((8, 4), (4, 8)):
         for r, w, st in ((16, 4, 2), (32, 4, 2), (32, 8, 2), (64, 8, 2), (16, 2, 2), (32, 4, 3), (32, 4, 1)):
             out.append((f"streams G{g} R{r} w{w} s{st}", da._decode_q8_streams_kernel,
+                        dict(HKV=hkv, G=g, D=D, NB=NB, R=r, DEV_POS=True, PDL=True), w, st))
+            out.append((f"streams2 G{g} R{r} w{w} s{st}", da._decode_q8_streams2_kernel,
                         dict(HKV=hkv, G=g, D=D, NB=NB, R=r, DEV_POS=True, PDL=True), w, st))
     return out
 

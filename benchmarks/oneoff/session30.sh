@@ -34,7 +34,7 @@ for step in "$@"; do
     sweep)
       for geo in ${SWEEP_GEOS:-bench coder30b}; do
         timeout ${SWEEP_TIMEOUT:-150} python3 benchmarks/bench_attention.py --sweep --geometry $geo --sweep-dtypes q8_0 \
-          --sweep-impls rows,streams --sweep-keys q8_impl --sweep-layered --ctxs "" --skip-prefill --ctx ${SWEEP_CTX:-16384} \
+          --sweep-impls rows,streams,streams2 --sweep-keys q8_impl --sweep-layered --ctxs "" --skip-prefill --ctx ${SWEEP_CTX:-16384} \
           --reps 20 --out "$OUT/attention-streams-$geo.json" > "$OUT/sweep-$geo.log" 2>&1
         grep -E "sweep q8_0|decode|Error|error" "$OUT/sweep-$geo.log" | grep -v "^{" | tail -12
       done ;;

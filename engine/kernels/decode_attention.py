@@ -787,6 +787,7 @@ def _decode_q8_streams_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COU
     ob = tl.arange(0, NB)
     oi = tl.arange(0, QK)
     qoff = ob[:, None] * QK + oi[None, :]                            # [NB, QK]
+    od = tl.arange(0, D)
     q0 = tl.load(Q + (h * G + 0) * D + qoff) * qk_scale
     m0 = tl.full([R], -1e30, tl.float32)
     l0 = tl.zeros([R], tl.float32)
@@ -833,10 +834,12 @@ def _decode_q8_streams_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COU
         rows = n0 + orr
         valid = rows < hi
         r64 = rows.to(tl.int64)
-        qp = r64[:, None, None] * RQ + h * D + qoff[None, :, :]
+        # [R, D] loads (16 bytes a thread, a key's row over 8 threads, the warps along the keys),
+        # then [R, NB, QK]: the block sums reduce inside a warp
+        qp = r64[:, None] * RQ + h * D + od[None, :]
         sp_ = r64[:, None] * RS + h * NB + ob[None, :]
-        kd = _i8_to_f32(tl.load(KQ + qp, mask=valid[:, None, None], other=0))
-        vd = _i8_to_f32(tl.load(VQ + qp, mask=valid[:, None, None], other=0))
+        kd = tl.reshape(_i8_to_f32(tl.load(KQ + qp, mask=valid[:, None], other=0)), [R, NB, QK])
+        vd = tl.reshape(_i8_to_f32(tl.load(VQ + qp, mask=valid[:, None], other=0)), [R, NB, QK])
         dk = tl.load(KS + sp_, mask=valid[:, None], other=0.0).to(tl.float32)
         dv = tl.load(VS + sp_, mask=valid[:, None], other=0.0).to(tl.float32)
         m0, l0, a0 = _stream_step(kd, vd, dk, dv, q0, m0, l0, a0, valid)
@@ -870,6 +873,183 @@ def _decode_q8_streams_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COU
         _stream_store(m6, l6, a6, M_OUT, L_OUT, ACC_OUT, o + 6 * n_splits, D, NB)
     if G > 7:
         _stream_store(m7, l7, a7, M_OUT, L_OUT, ACC_OUT, o + 7 * n_splits, D, NB)
+
+
+@triton.jit
+def _s2_scores(kd, dk, q, valid, m, SB, R: tl.constexpr):
+    """The two-pass streams kernel's first pass for one query head: the tile's scores (log2
+    domain, -inf past the keys) stored at ``SB`` (R consecutive floats), and the running max."""
+    sc = tl.sum(tl.sum(kd * q[None, :, :], axis=2) * dk, axis=1)
+    sc = tl.where(valid, sc, float("-inf"))
+    tl.store(SB + tl.arange(0, R), sc)
+    return tl.maximum(m, sc)
+
+
+@triton.jit
+def _s2_values(vd, dv, mx, l, acc, SB, R: tl.constexpr):
+    """The second pass for one query head: p from the stored scores and the split's max (no
+    rescaling: the max is known), the stream's sum and accumulator."""
+    p = tl.exp2(tl.load(SB + tl.arange(0, R)) - mx)
+    l = l + p
+    acc = acc + (p[:, None] * dv)[:, :, None] * vd
+    return l, acc
+
+
+@triton.jit
+def _s2_store(mx, l, acc, M_OUT, L_OUT, ACC_OUT, o, D: tl.constexpr, NB: tl.constexpr):
+    tl.store(M_OUT + o, mx)
+    tl.store(L_OUT + o, tl.sum(l, axis=0))
+    a = tl.sum(acc, axis=0)                                          # [NB, QK]
+    ob = tl.arange(0, NB)
+    oi = tl.arange(0, QK)
+    tl.store(ACC_OUT + o * D + ob[:, None] * QK + oi[None, :], a)
+
+
+@triton.jit
+def _decode_q8_streams2_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, S_BUF, POS,
+                               n_keys, keys_per_split, n_splits, qk_scale,
+                               HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
+                               R: tl.constexpr, DEV_POS: tl.constexpr, PDL: tl.constexpr = False):
+    # The streams form in two passes over the split: the first reads K only and writes every
+    # key's score (G floats a key, to a scratch the second pass reads back from L2) and each
+    # head's max; the second reads V only, p = exp2(s - max) with the max known, so no
+    # accumulator is ever rescaled and each pass holds half the live state of one (q and K, or
+    # the accumulators and V): fewer registers a program. Same bytes of K and V as one pass.
+    RQ: tl.constexpr = HKV * D
+    RS: tl.constexpr = HKV * NB
+    pdl_enter(PDL)
+    h = tl.program_id(0)
+    sp = tl.program_id(1)
+    if DEV_POS:
+        n_keys = tl.load(POS).to(tl.int32) + 1
+    if sp * keys_per_split >= n_keys:
+        return
+    ob = tl.arange(0, NB)
+    oi = tl.arange(0, QK)
+    od = tl.arange(0, D)
+    orr = tl.arange(0, R)
+    lo = sp * keys_per_split
+    hi = tl.minimum(lo + keys_per_split, n_keys)
+    # the scratch: [G, keys_per_split] floats of this (KV head, split)
+    sb = S_BUF + (h * n_splits + sp).to(tl.int64) * (G * keys_per_split)
+    qoff = ob[:, None] * QK + oi[None, :]
+    q0 = tl.load(Q + (h * G + 0) * D + qoff) * qk_scale
+    m0 = tl.full([R], float("-inf"), tl.float32)
+    if G > 1:
+        q1 = tl.load(Q + (h * G + 1) * D + qoff) * qk_scale
+        m1 = tl.full([R], float("-inf"), tl.float32)
+    if G > 2:
+        q2 = tl.load(Q + (h * G + 2) * D + qoff) * qk_scale
+        m2 = tl.full([R], float("-inf"), tl.float32)
+    if G > 3:
+        q3 = tl.load(Q + (h * G + 3) * D + qoff) * qk_scale
+        m3 = tl.full([R], float("-inf"), tl.float32)
+    if G > 4:
+        q4 = tl.load(Q + (h * G + 4) * D + qoff) * qk_scale
+        m4 = tl.full([R], float("-inf"), tl.float32)
+    if G > 5:
+        q5 = tl.load(Q + (h * G + 5) * D + qoff) * qk_scale
+        m5 = tl.full([R], float("-inf"), tl.float32)
+    if G > 6:
+        q6 = tl.load(Q + (h * G + 6) * D + qoff) * qk_scale
+        m6 = tl.full([R], float("-inf"), tl.float32)
+    if G > 7:
+        q7 = tl.load(Q + (h * G + 7) * D + qoff) * qk_scale
+        m7 = tl.full([R], float("-inf"), tl.float32)
+    for n0 in range(lo, hi, R):
+        rows = n0 + orr
+        valid = rows < hi
+        r64 = rows.to(tl.int64)
+        kd = tl.reshape(_i8_to_f32(tl.load(KQ + r64[:, None] * RQ + h * D + od[None, :], mask=valid[:, None],
+                                           other=0)), [R, NB, QK])
+        dk = tl.load(KS + r64[:, None] * RS + h * NB + ob[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        t = sb + (n0 - lo)
+        m0 = _s2_scores(kd, dk, q0, valid, m0, t, R)
+        if G > 1:
+            m1 = _s2_scores(kd, dk, q1, valid, m1, t + keys_per_split, R)
+        if G > 2:
+            m2 = _s2_scores(kd, dk, q2, valid, m2, t + 2 * keys_per_split, R)
+        if G > 3:
+            m3 = _s2_scores(kd, dk, q3, valid, m3, t + 3 * keys_per_split, R)
+        if G > 4:
+            m4 = _s2_scores(kd, dk, q4, valid, m4, t + 4 * keys_per_split, R)
+        if G > 5:
+            m5 = _s2_scores(kd, dk, q5, valid, m5, t + 5 * keys_per_split, R)
+        if G > 6:
+            m6 = _s2_scores(kd, dk, q6, valid, m6, t + 6 * keys_per_split, R)
+        if G > 7:
+            m7 = _s2_scores(kd, dk, q7, valid, m7, t + 7 * keys_per_split, R)
+    tl.debug_barrier()                  # the scores' stores before any thread reads them back
+    x0 = tl.max(m0, axis=0)
+    l0 = tl.zeros([R], tl.float32)
+    a0 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 1:
+        x1 = tl.max(m1, axis=0)
+        l1 = tl.zeros([R], tl.float32)
+        a1 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 2:
+        x2 = tl.max(m2, axis=0)
+        l2 = tl.zeros([R], tl.float32)
+        a2 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 3:
+        x3 = tl.max(m3, axis=0)
+        l3 = tl.zeros([R], tl.float32)
+        a3 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 4:
+        x4 = tl.max(m4, axis=0)
+        l4 = tl.zeros([R], tl.float32)
+        a4 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 5:
+        x5 = tl.max(m5, axis=0)
+        l5 = tl.zeros([R], tl.float32)
+        a5 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 6:
+        x6 = tl.max(m6, axis=0)
+        l6 = tl.zeros([R], tl.float32)
+        a6 = tl.zeros([R, NB, QK], tl.float32)
+    if G > 7:
+        x7 = tl.max(m7, axis=0)
+        l7 = tl.zeros([R], tl.float32)
+        a7 = tl.zeros([R, NB, QK], tl.float32)
+    for n0 in range(lo, hi, R):
+        rows = n0 + orr
+        valid = rows < hi
+        r64 = rows.to(tl.int64)
+        vd = tl.reshape(_i8_to_f32(tl.load(VQ + r64[:, None] * RQ + h * D + od[None, :], mask=valid[:, None],
+                                           other=0)), [R, NB, QK])
+        dv = tl.load(VS + r64[:, None] * RS + h * NB + ob[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
+        t = sb + (n0 - lo)
+        l0, a0 = _s2_values(vd, dv, x0, l0, a0, t, R)
+        if G > 1:
+            l1, a1 = _s2_values(vd, dv, x1, l1, a1, t + keys_per_split, R)
+        if G > 2:
+            l2, a2 = _s2_values(vd, dv, x2, l2, a2, t + 2 * keys_per_split, R)
+        if G > 3:
+            l3, a3 = _s2_values(vd, dv, x3, l3, a3, t + 3 * keys_per_split, R)
+        if G > 4:
+            l4, a4 = _s2_values(vd, dv, x4, l4, a4, t + 4 * keys_per_split, R)
+        if G > 5:
+            l5, a5 = _s2_values(vd, dv, x5, l5, a5, t + 5 * keys_per_split, R)
+        if G > 6:
+            l6, a6 = _s2_values(vd, dv, x6, l6, a6, t + 6 * keys_per_split, R)
+        if G > 7:
+            l7, a7 = _s2_values(vd, dv, x7, l7, a7, t + 7 * keys_per_split, R)
+    o = (h * G) * n_splits + sp
+    _s2_store(x0, l0, a0, M_OUT, L_OUT, ACC_OUT, o, D, NB)
+    if G > 1:
+        _s2_store(x1, l1, a1, M_OUT, L_OUT, ACC_OUT, o + n_splits, D, NB)
+    if G > 2:
+        _s2_store(x2, l2, a2, M_OUT, L_OUT, ACC_OUT, o + 2 * n_splits, D, NB)
+    if G > 3:
+        _s2_store(x3, l3, a3, M_OUT, L_OUT, ACC_OUT, o + 3 * n_splits, D, NB)
+    if G > 4:
+        _s2_store(x4, l4, a4, M_OUT, L_OUT, ACC_OUT, o + 4 * n_splits, D, NB)
+    if G > 5:
+        _s2_store(x5, l5, a5, M_OUT, L_OUT, ACC_OUT, o + 5 * n_splits, D, NB)
+    if G > 6:
+        _s2_store(x6, l6, a6, M_OUT, L_OUT, ACC_OUT, o + 6 * n_splits, D, NB)
+    if G > 7:
+        _s2_store(x7, l7, a7, M_OUT, L_OUT, ACC_OUT, o + 7 * n_splits, D, NB)
 
 
 @triton.jit
@@ -1030,7 +1210,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     no_pdl = ("the Triton interpreter cannot run griddepcontrol" if interpreted() else
               "the fused combine (fuse_combine) has no second kernel to wait" if cfg["fuse_combine"] else
               f"the q8_0 {cfg['q8_impl']!r} form has none (the rows and streams forms have)"
-              if q8_own and cfg["q8_impl"] not in ("rows", "streams")
+              if q8_own and cfg["q8_impl"] not in ("rows", "streams", "streams2")
               else None)
     if pdl_asked and no_pdl:
         raise ValueError(f"pdl (KVBENCH_DECODE_PDL / KVBENCH_STEP_PDL=1) cannot apply to this launch: {no_pdl}; "
@@ -1056,15 +1236,16 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if q8_own:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
-        if cfg["q8_impl"] not in ("rows", "batched", "blocks", "streams"):
-            raise ValueError(f"q8_impl must be 'rows', 'batched', 'blocks' or 'streams', not {cfg['q8_impl']!r}")
-        if cfg["q8_impl"] == "streams" and G > 8:
-            raise ValueError(f"q8_impl 'streams' serves up to 8 query heads a KV head, not {G}: use 'rows'")
+        if cfg["q8_impl"] not in ("rows", "batched", "blocks", "streams", "streams2"):
+            raise ValueError(f"q8_impl must be 'rows', 'batched', 'blocks', 'streams' or 'streams2', "
+                             f"not {cfg['q8_impl']!r}")
+        if cfg["q8_impl"] in ("streams", "streams2") and G > 8:
+            raise ValueError(f"q8_impl {cfg['q8_impl']!r} serves up to 8 query heads a KV head, not {G}: use 'rows'")
         if cfg["q8_impl"] == "blocks" and nb not in (1, 2, 4):
             raise ValueError(f"q8_impl 'blocks' serves head_dim 32, 64 or 128 (1, 2 or 4 blocks a head), "
                              f"not {D}: use 'rows'")
         rows_form = cfg["q8_impl"] == "rows"
-        streams = cfg["q8_impl"] == "streams"
+        streams = cfg["q8_impl"] in ("streams", "streams2")
         ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
         words = str(cfg["q8_words"] or "none")
         if words not in ("none", "k", "v", "kv", "kv_prmt") or (words != "none" and not rows_form):
@@ -1081,11 +1262,21 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_ablate {cfg['q8_ablate']!r}: 'qk' and/or 'pv', on the rows kernel only "
                              f"(this launch: {cfg['q8_impl']})")
         if streams and fuse:
-            raise ValueError("q8_impl 'streams' has no fused combine: unset fuse_combine (KVBENCH_DECODE_FUSE)")
+            raise ValueError(f"q8_impl {cfg['q8_impl']!r} has no fused combine: unset fuse_combine (KVBENCH_DECODE_FUSE)")
         if streams and ({"q8_terms", "q8_norms", "q8_guards"} & set(asked_cfg)):
-            raise ValueError("q8_impl 'streams' computes in float32 (no float16 terms, norms or guards): "
+            raise ValueError(f"q8_impl {cfg['q8_impl']!r} computes in float32 (no float16 terms, norms or guards): "
                              "unset q8_terms / q8_norms / q8_guards for it")
-        if streams:
+        if streams and cfg["q8_impl"] == "streams2":
+            # the scores' scratch: G floats a key of each (KV head, split)
+            sbuf = torch.empty(n_kv_heads * splits * G * per, device=q.device, dtype=torch.float32)
+            last_scratch_bytes += sbuf.nbytes
+            LAUNCHES.record({"kernel": "_decode_q8_streams2_kernel", "q8_impl": "streams2", "block_n": cfg["block_n"],
+                             "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "splits": splits,
+                             "keys_per_split": per, "combine_block": comb["BLOCK_S"], "pdl": pdl})
+            LAUNCHES.compiled(_decode_q8_streams2_kernel[(n_kv_heads, splits)](
+                q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, sbuf, pos, n_keys, per,
+                splits, scale * LOG2E, HKV=n_kv_heads, G=G, D=D, NB=nb, R=cfg["block_n"], **dev_pos, **launch))
+        elif streams:
             LAUNCHES.record({"kernel": "_decode_q8_streams_kernel", "q8_impl": "streams", "block_n": cfg["block_n"],
                              "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "splits": splits,
                              "keys_per_split": per, "combine_block": comb["BLOCK_S"], "pdl": pdl})
