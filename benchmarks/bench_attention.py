@@ -264,6 +264,8 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_impl": impl}
                  for impl in ("streams", "streams2")
                  for (bn, w), pps, st in itertools.product(((16, 4), (32, 8), (8, 2)), (2, 4, 8), (2,))]
+        grid += [{"block_n": 16, "programs_per_sm": pps, "num_warps": 4, "num_stages": 2, "q8_impl": impl,
+                  "q8_unpack": "magic"} for impl in ("streams", "streams2") for pps in (2, 4)]
     if impls:   # the q8_0 forms asked for (a variant without q8_impl is the default form, "rows";
         # q8_kernel False the generic kernel, "generic")
         form = lambda c: "generic" if c.get("q8_kernel") is False else c.get("q8_impl", "rows")

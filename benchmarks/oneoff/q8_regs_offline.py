@@ -97,6 +97,9 @@ def q8_variants():
                         dict(HKV=hkv, G=g, D=D, NB=NB, R=r, DEV_POS=True, PDL=True), w, st))
             out.append((f"streams2 G{g} R{r} w{w} s{st}", da._decode_q8_streams2_kernel,
                         dict(HKV=hkv, G=g, D=D, NB=NB, R=r, DEV_POS=True, PDL=True), w, st))
+            for k in (da._decode_q8_streams_kernel, da._decode_q8_streams2_kernel):
+                out.append((f"{k.__name__.split('_')[3]} prmt G{g} R{r} w{w} s{st}", k,
+                            dict(HKV=hkv, G=g, D=D, NB=NB, R=r, DEV_POS=True, PDL=True, PRMT=True), w, st))
     return out
 
 

@@ -84,6 +84,7 @@ CONFIG = {
     # 24.1 us, reports/h100-2026-12-06g) or "tile" (from each tile's largest, the earlier form)
     "q8_vnorm": "split",
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
+    "q8_unpack": "auto",      # the streams forms' int8 -> float32: PTX byte permutes (compiled) or a magic add
     "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv; kv_prmt: PTX unpack), float16 where they land
     "max_splits": 256,
     # programmatic dependent launch (sm_90+): the split kernel and the combine are launched with
@@ -734,6 +735,44 @@ def _i8_to_f32(x):
 
 
 @triton.jit
+def _i8x4_to_f32_prmt(w):
+    """Four int8 in each int32 word (little-endian) -> four float32, exact: the bytes flipped to
+    x + 128 (one xor a word), each placed under 0x4B000000 by a PTX byte permute (2^23 + x + 128)
+    and 2^23 + 128 subtracted. Compiled only."""
+    return tl.inline_asm_elementwise(
+        asm="""{
+        .reg .b32 t;
+        xor.b32 t, $4, 0x80808080;
+        prmt.b32 $0, t, 0x4B000000, 0x7540;
+        prmt.b32 $1, t, 0x4B000000, 0x7541;
+        prmt.b32 $2, t, 0x4B000000, 0x7542;
+        prmt.b32 $3, t, 0x4B000000, 0x7543;
+        sub.f32 $0, $0, 0f4B000080;
+        sub.f32 $1, $1, 0f4B000080;
+        sub.f32 $2, $2, 0f4B000080;
+        sub.f32 $3, $3, 0f4B000080;
+        }""",
+        constraints="=r,=r,=r,=r,r", args=[w], dtype=(tl.float32, tl.float32, tl.float32, tl.float32),
+        is_pure=True, pack=1)
+
+
+@triton.jit
+def _q8_rows_f32(P, r64, valid, h, RQ: tl.constexpr, D: tl.constexpr, NB: tl.constexpr, R: tl.constexpr,
+                 PRMT: tl.constexpr):
+    """Head ``h``'s quants of ``R`` cache rows as float32 [R, NB, QK], exact, masked rows 0:
+    int8 loads and a magic add, or (``PRMT``) int32 words unpacked by PTX byte permutes."""
+    if PRMT:
+        w = tl.load(P.to(tl.pointer_type(tl.int32)) + r64[:, None] * (RQ // 4)
+                    + (h * (D // 4) + tl.arange(0, D // 4))[None, :], mask=valid[:, None], other=0)
+        a, b, c, d = _i8x4_to_f32_prmt(w)
+        x = tl.reshape(tl.join(tl.join(a, b), tl.join(c, d)), [R, D])
+    else:
+        x = _i8_to_f32(tl.load(P + r64[:, None] * RQ + h * D + tl.arange(0, D)[None, :], mask=valid[:, None],
+                               other=0))
+    return tl.reshape(x, [R, NB, QK])
+
+
+@triton.jit
 def _stream_step(kd, vd, dk, dv, q, m, l, acc, valid):
     """One key a stream (row r of the tile) for one query head: the score from the dequantized
     quants' block sums times the block scales (float32 throughout), the stream's running max,
@@ -767,7 +806,8 @@ def _stream_store(m, l, acc, M_OUT, L_OUT, ACC_OUT, o, D: tl.constexpr, NB: tl.c
 def _decode_q8_streams_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
                               n_keys, keys_per_split, n_splits, qk_scale,
                               HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
-                              R: tl.constexpr, DEV_POS: tl.constexpr, PDL: tl.constexpr = False):
+                              R: tl.constexpr, DEV_POS: tl.constexpr, PDL: tl.constexpr = False,
+                              PRMT: tl.constexpr = False):
     # q8_0 decode without tensor cores: R independent softmax streams a program, stream r taking
     # keys r, r + R, r + 2R, ... of the split, each with its own running max, sum and float32
     # accumulator per query head; the streams merge once, after the loop. Every tensor is
@@ -787,7 +827,6 @@ def _decode_q8_streams_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COU
     ob = tl.arange(0, NB)
     oi = tl.arange(0, QK)
     qoff = ob[:, None] * QK + oi[None, :]                            # [NB, QK]
-    od = tl.arange(0, D)
     q0 = tl.load(Q + (h * G + 0) * D + qoff) * qk_scale
     m0 = tl.full([R], -1e30, tl.float32)
     l0 = tl.zeros([R], tl.float32)
@@ -836,10 +875,9 @@ def _decode_q8_streams_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COU
         r64 = rows.to(tl.int64)
         # [R, D] loads (16 bytes a thread, a key's row over 8 threads, the warps along the keys),
         # then [R, NB, QK]: the block sums reduce inside a warp
-        qp = r64[:, None] * RQ + h * D + od[None, :]
         sp_ = r64[:, None] * RS + h * NB + ob[None, :]
-        kd = tl.reshape(_i8_to_f32(tl.load(KQ + qp, mask=valid[:, None], other=0)), [R, NB, QK])
-        vd = tl.reshape(_i8_to_f32(tl.load(VQ + qp, mask=valid[:, None], other=0)), [R, NB, QK])
+        kd = _q8_rows_f32(KQ, r64, valid, h, RQ, D, NB, R, PRMT)
+        vd = _q8_rows_f32(VQ, r64, valid, h, RQ, D, NB, R, PRMT)
         dk = tl.load(KS + sp_, mask=valid[:, None], other=0.0).to(tl.float32)
         dv = tl.load(VS + sp_, mask=valid[:, None], other=0.0).to(tl.float32)
         m0, l0, a0 = _stream_step(kd, vd, dk, dv, q0, m0, l0, a0, valid)
@@ -909,7 +947,8 @@ def _s2_store(mx, l, acc, M_OUT, L_OUT, ACC_OUT, o, D: tl.constexpr, NB: tl.cons
 def _decode_q8_streams2_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, S_BUF, POS,
                                n_keys, keys_per_split, n_splits, qk_scale,
                                HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
-                               R: tl.constexpr, DEV_POS: tl.constexpr, PDL: tl.constexpr = False):
+                               R: tl.constexpr, DEV_POS: tl.constexpr, PDL: tl.constexpr = False,
+                               PRMT: tl.constexpr = False):
     # The streams form in two passes over the split: the first reads K only and writes every
     # key's score (G floats a key, to a scratch the second pass reads back from L2) and each
     # head's max; the second reads V only, p = exp2(s - max) with the max known, so no
@@ -926,7 +965,6 @@ def _decode_q8_streams2_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, S_BUF, 
         return
     ob = tl.arange(0, NB)
     oi = tl.arange(0, QK)
-    od = tl.arange(0, D)
     orr = tl.arange(0, R)
     lo = sp * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)
@@ -960,8 +998,7 @@ def _decode_q8_streams2_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, S_BUF, 
         rows = n0 + orr
         valid = rows < hi
         r64 = rows.to(tl.int64)
-        kd = tl.reshape(_i8_to_f32(tl.load(KQ + r64[:, None] * RQ + h * D + od[None, :], mask=valid[:, None],
-                                           other=0)), [R, NB, QK])
+        kd = _q8_rows_f32(KQ, r64, valid, h, RQ, D, NB, R, PRMT)
         dk = tl.load(KS + r64[:, None] * RS + h * NB + ob[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
         t = sb + (n0 - lo)
         m0 = _s2_scores(kd, dk, q0, valid, m0, t, R)
@@ -1015,8 +1052,7 @@ def _decode_q8_streams2_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, S_BUF, 
         rows = n0 + orr
         valid = rows < hi
         r64 = rows.to(tl.int64)
-        vd = tl.reshape(_i8_to_f32(tl.load(VQ + r64[:, None] * RQ + h * D + od[None, :], mask=valid[:, None],
-                                           other=0)), [R, NB, QK])
+        vd = _q8_rows_f32(VQ, r64, valid, h, RQ, D, NB, R, PRMT)
         dv = tl.load(VS + r64[:, None] * RS + h * NB + ob[None, :], mask=valid[:, None], other=0.0).to(tl.float32)
         t = sb + (n0 - lo)
         l0, a0 = _s2_values(vd, dv, x0, l0, a0, t, R)
@@ -1266,23 +1302,32 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         if streams and ({"q8_terms", "q8_norms", "q8_guards"} & set(asked_cfg)):
             raise ValueError(f"q8_impl {cfg['q8_impl']!r} computes in float32 (no float16 terms, norms or guards): "
                              "unset q8_terms / q8_norms / q8_guards for it")
+        unpack = str(cfg["q8_unpack"])
+        if unpack not in ("auto", "prmt", "magic") or (unpack == "prmt" and interpreted()):
+            raise ValueError(f"q8_unpack {unpack!r}: 'auto' (PTX byte permutes compiled, the magic add "
+                             f"interpreted), 'prmt' (compiled only) or 'magic'")
+        prmt = unpack == "prmt" or (unpack == "auto" and not interpreted())
         if streams and cfg["q8_impl"] == "streams2":
             # the scores' scratch: G floats a key of each (KV head, split)
             sbuf = torch.empty(n_kv_heads * splits * G * per, device=q.device, dtype=torch.float32)
             last_scratch_bytes += sbuf.nbytes
             LAUNCHES.record({"kernel": "_decode_q8_streams2_kernel", "q8_impl": "streams2", "block_n": cfg["block_n"],
                              "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "splits": splits,
-                             "keys_per_split": per, "combine_block": comb["BLOCK_S"], "pdl": pdl})
+                             "keys_per_split": per, "combine_block": comb["BLOCK_S"], "pdl": pdl,
+                             "q8_unpack": "prmt" if prmt else "magic"})
             LAUNCHES.compiled(_decode_q8_streams2_kernel[(n_kv_heads, splits)](
                 q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, sbuf, pos, n_keys, per,
-                splits, scale * LOG2E, HKV=n_kv_heads, G=G, D=D, NB=nb, R=cfg["block_n"], **dev_pos, **launch))
+                splits, scale * LOG2E, HKV=n_kv_heads, G=G, D=D, NB=nb, R=cfg["block_n"], PRMT=prmt,
+                **dev_pos, **launch))
         elif streams:
             LAUNCHES.record({"kernel": "_decode_q8_streams_kernel", "q8_impl": "streams", "block_n": cfg["block_n"],
                              "num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"], "splits": splits,
-                             "keys_per_split": per, "combine_block": comb["BLOCK_S"], "pdl": pdl})
+                             "keys_per_split": per, "combine_block": comb["BLOCK_S"], "pdl": pdl,
+                             "q8_unpack": "prmt" if prmt else "magic"})
             LAUNCHES.compiled(_decode_q8_streams_kernel[(n_kv_heads, splits)](
                 q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
-                splits, scale * LOG2E, HKV=n_kv_heads, G=G, D=D, NB=nb, R=cfg["block_n"], **dev_pos, **launch))
+                splits, scale * LOG2E, HKV=n_kv_heads, G=G, D=D, NB=nb, R=cfg["block_n"], PRMT=prmt,
+                **dev_pos, **launch))
         else:
             kern = {"rows": _decode_q8_rows_kernel, "batched": _decode_q8_kernel,
                     "blocks": _decode_q8_blocks_kernel}[cfg["q8_impl"]]
