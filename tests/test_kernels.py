@@ -326,6 +326,32 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
     assert not bad, f"q8_0 kernel beyond {bound:.2e} of the float64 oracle: " + "; ".join(bad)
 
 
+def test_q8_streams_forms_refuse_what_they_cannot_apply(triton_backend):
+    """The streams forms compute in float32 with no float16 terms, norms or guards and no fused
+    combine, serve up to 8 query heads a KV head, and unpack by PTX permutes only compiled: each
+    of those asked of them raises, naming it; what they applied is recorded."""
+    from engine.kernels import decode_attention as da
+    cache, gen = filled("q8_0", 2, 64, 40, seed=3)
+    q = torch.randn(8, 64, device=DEV, generator=gen)
+    for impl in ("streams", "streams2"):
+        with pytest.raises(ValueError, match="fused combine"):
+            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": impl, "fuse_combine": True})
+        with pytest.raises(ValueError, match="q8_terms"):
+            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": impl, "q8_terms": (1, 1)})
+        with pytest.raises(ValueError, match="up to 8 query heads"):
+            decode_attention(torch.randn(18, 64, device=DEV, generator=gen), cache.k, cache.v, "q8_0", 40, 0.125, 1,
+                             cfg={"q8_impl": impl})
+        with pytest.raises(ValueError, match="q8_unpack 'bytes'"):
+            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": impl, "q8_unpack": "bytes"})
+        if kernels.interpreted():
+            with pytest.raises(ValueError, match="q8_unpack 'prmt'"):
+                decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": impl, "q8_unpack": "prmt"})
+        with da.recording() as log:
+            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": impl, "block_n": 8})
+        assert log[0]["kernel"] == f"_decode_q8_{impl}_kernel" and log[0]["block_n"] == 8
+        assert log[0]["q8_unpack"] == ("magic" if kernels.interpreted() else "prmt")
+
+
 @pytest.mark.parametrize("vnorm", ["tile", "split"])
 def test_q8_decode_with_v_scales_spread_across_keys(vnorm, triton_backend):
     """The rows kernel's power-of-two normalisation of p * dv holds where one block's V scales
