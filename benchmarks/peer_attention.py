@@ -263,7 +263,7 @@ def ours(ncu: str, args, work: Path) -> list[dict]:
     return rows
 
 
-def llama(ncu: str, args, model: Path, work: Path) -> list[dict]:
+def llama(ncu: str, args, model: Path, work: Path, save=lambda rows: None) -> list[dict]:
     rows = []
     for ctk in args.llama_kv.split(","):
         for depth in [int(c) for c in args.depths.split(",")]:
@@ -288,6 +288,7 @@ def llama(ncu: str, args, model: Path, work: Path) -> list[dict]:
                 row["reason"] = reason
             rows.append(row)
             print(f"  llama.cpp {ctk:5} depth {depth:6}: {row['us']} us a layer  {kernels}", flush=True)
+            save(rows)
     return rows
 
 
@@ -355,7 +356,10 @@ def run(args) -> int:
         from engine import synth
         model = Path(args.model) if args.model else synth.ensure("attnbench-synth")
         doc["model"] = str(model)
-        rows += llama(ncu, args, model, work)
+        def save(done):     # each row as it lands: a call cut short keeps what it measured
+            if args.out:
+                Path(args.out + ".partial").write_text(json.dumps({**doc, "rows": done}, indent=1))
+        rows += llama(ncu, args, model, work, save)
     doc["llama_s"] = round(time.time() - t0, 1)
     t0 = time.time()
     if args.ours_dtypes:
