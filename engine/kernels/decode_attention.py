@@ -20,7 +20,11 @@ product; ``batched`` makes the block a batch axis of
 3-D dots (Triton lowers those poorly: ~0.8 TB/s on the H200); ``blocks`` (head_dim 32 / 64 / 128)
 runs one 2-D dot a 32-value block for the scores and one for each block's output columns, each
 block's quants their own tile, so no operand carries the rows form's zeros (3/4 of it at
-head_dim 128) and p has one layout. Only ``rows`` has been the default; the others stay
+head_dim 128) and p has one layout; ``streams`` and ``streams2`` (up to 8 query heads a KV
+head) leave the tensor cores: the quants dequantized exactly into float32 (a magic add, or PTX
+byte permutes where compiled: ``q8_unpack``) and float32 FMAs, R = ``block_n`` independent
+softmax streams a program merged after the loop; ``streams2`` in two passes, K's scores through a
+scratch then V with the split's max known (no rescaling). Only ``rows`` has been the default; the others stay
 selectable for the sweeps (timings: docs/perf-notes.md). Two more forms were measured slower and
 removed: tiles dequantized in registers (reports/h100-2026-12-06b; commit f548d24 has it) and
 int8 x int8 integer tensor-core dots over int8 terms of q and p (reports/h100-2026-12-06c;
