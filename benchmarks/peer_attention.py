@@ -292,24 +292,6 @@ def llama(ncu: str, args, model: Path, work: Path, save=lambda rows: None) -> li
     return rows
 
 
-def copy_gbps() -> float:
-    import torch
-    src = torch.randn(256 << 20, device="cuda")
-    dst = torch.empty_like(src)
-    for _ in range(3):
-        dst.copy_(src)
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        dst.copy_(src)
-        b.record()
-        b.synchronize()
-        best = min(best, a.elapsed_time(b))
-    return 2 * src.nbytes / (best * 1e-3) / 1e9
-
-
 def verdicts(rows: list[dict]) -> list[dict]:
     """Per ctx: kvbench's target ratios and llama.cpp's own, each with what it was measured from."""
     at = {(r["peer"], r["kv"], r["ctx"]): r for r in rows}
@@ -348,7 +330,9 @@ def run(args) -> int:
         print("peer_attention: Nsight Compute (ncu) not found on PATH or under /usr/local/cuda, /opt/nvidia; "
               "pass --ncu PATH", file=sys.stderr)
         return 2
-    doc["copy_GBps"] = round(copy_gbps(), 1)
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_attention import copy_bandwidth
+    doc["copy_GBps"] = round(copy_bandwidth(10), 1)
     print(f"copy {doc['copy_GBps']} GB/s; ncu {ncu}", flush=True)
     rows: list[dict] = []
     t0 = time.time()
