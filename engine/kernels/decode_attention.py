@@ -807,7 +807,7 @@ def _stream_store(m, l, acc, M_OUT, L_OUT, ACC_OUT, o, D: tl.constexpr, NB: tl.c
 
 
 @triton.jit
-def _decode_q8_streams_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTER, POS,
+def _decode_q8_streams_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, POS,
                               n_keys, keys_per_split, n_splits, qk_scale,
                               HKV: tl.constexpr, G: tl.constexpr, D: tl.constexpr, NB: tl.constexpr,
                               R: tl.constexpr, DEV_POS: tl.constexpr, PDL: tl.constexpr = False,
@@ -1329,7 +1329,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                              "keys_per_split": per, "combine_block": comb["BLOCK_S"], "pdl": pdl,
                              "q8_unpack": "prmt" if prmt else "magic"})
             LAUNCHES.compiled(_decode_q8_streams_kernel[(n_kv_heads, splits)](
-                q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
+                q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, pos, n_keys, per,
                 splits, scale * LOG2E, HKV=n_kv_heads, G=G, D=D, NB=nb, R=cfg["block_n"], PRMT=prmt,
                 **dev_pos, **launch))
         else:
