@@ -769,7 +769,9 @@ def _q8_rows_f32(P, r64, valid, h, RQ: tl.constexpr, D: tl.constexpr, NB: tl.con
         w = tl.load(P.to(tl.pointer_type(tl.int32)) + r64[:, None] * (RQ // 4)
                     + (h * (D // 4) + tl.arange(0, D // 4))[None, :], mask=valid[:, None], other=0)
         a, b, c, d = _i8x4_to_f32_prmt(w)
-        x = tl.reshape(tl.join(tl.join(a, b), tl.join(c, d)), [R, D])
+        # join's new axis is the last: [.., i0, i1] holds (a, c)[i0] for i1 0 and (b, d)[i0] for
+        # i1 1, so flattened (i0, i1) reads a, b, c, d: bytes 0..3 in order
+        x = tl.reshape(tl.join(tl.join(a, c), tl.join(b, d)), [R, D])
     else:
         x = _i8_to_f32(tl.load(P + r64[:, None] * RQ + h * D + tl.arange(0, D)[None, :], mask=valid[:, None],
                                other=0))
