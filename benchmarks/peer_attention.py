@@ -28,6 +28,11 @@ Contract. ``run`` measures, in one process tree on one GPU:
 
     python benchmarks/bench_llamacpp.py build .devcarry/llamacpp-src.tar.gz /tmp/lcb
     python benchmarks/peer_attention.py run --bin /tmp/lcb/bin/llama-bench --out peer_attention.json
+    python benchmarks/peer_attention.py merge ours.json llama.json --out peer.json --plot peer.png
+
+``merge`` joins runs of one device and geometry (kvbench's rows and llama.cpp's from two calls on
+the same machine) and recomputes the verdicts across them; a (peer, kv, ctx) in two inputs, or
+inputs from different devices, are refused in one line (exit 2).
 """
 from __future__ import annotations
 
@@ -313,6 +318,82 @@ def verdicts(rows: list[dict]) -> list[dict]:
     return out
 
 
+def print_table(doc: dict) -> None:
+    print(f"\n{'peer':10} {'kv':5} {'ctx':>6} {'us/layer':>9} {'GB/s':>8} {'%copy':>6}  kernels / reason")
+    for r in doc["rows"]:
+        extra = r.get("reason") or ", ".join(f"{k} {v}" for k, v in sorted((r.get("kernels") or {}).items()))
+        print(f"{r['peer']:10} {r['kv']:5} {r['ctx']:>6} {str(r.get('us')):>9} {str(r.get('GBps')):>8} "
+              f"{str(r.get('pct_copy')):>6}  {extra[:160]}")
+    for v in doc["verdicts"]:
+        print(json.dumps(v))
+
+
+class MergeError(ValueError):
+    """A set of ``run`` outputs that cannot be read as one measurement (one line, exit 2)."""
+
+
+def merge(docs: list[tuple[str, dict]]) -> dict:
+    """``run`` outputs of one session (e.g. kvbench's rows and llama.cpp's from two calls on the
+    same warm machine) as one document: the rows of all, the verdicts recomputed across them.
+    Refused: no rows, different devices or geometries, or a (peer, kv, ctx) measured twice."""
+    if not docs:
+        raise MergeError("nothing to merge: pass the run JSONs")
+    first = docs[0][1]
+    seen: dict[tuple, str] = {}
+    rows: list[dict] = []
+    for name, d in docs:
+        if not isinstance(d, dict) or not isinstance(d.get("rows"), list):
+            raise MergeError(f"{name} is not a peer_attention run output (no 'rows' list)")
+        for key in ("device", "geometry"):
+            if d.get(key) != first.get(key):
+                raise MergeError(f"{name}: {key} {d.get(key)!r} differs from {docs[0][0]}'s {first.get(key)!r}; "
+                                 "merge runs of one device and geometry only")
+        for r in d["rows"]:
+            k = (r["peer"], r["kv"], r["ctx"])
+            if k in seen:
+                raise MergeError(f"{name}: {k[0]} {k[1]} at ctx {k[2]} is also in {seen[k]}; keep one of them")
+            seen[k] = name
+            rows.append({**r, "source": name})
+    rows.sort(key=lambda r: (r["peer"], ("fp32", "f16", "bf16", "q8_0").index(r["kv"])
+                             if r["kv"] in ("fp32", "f16", "bf16", "q8_0") else 9, r["ctx"]))
+    return {"command": " ".join(sys.argv), "merged": [n for n, _ in docs], "device": first.get("device"),
+            "geometry": first.get("geometry"), "ncu_flags": first.get("ncu_flags"),
+            "copy_GBps": {n: d.get("copy_GBps") for n, d in docs}, "rows": rows, "verdicts": verdicts(rows)}
+
+
+def plot(doc: dict, path: str) -> None:
+    """us a layer against depth, one line per (peer, KV dtype), with % of copy at each point."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
+    style = {"kvbench": "-", "llama.cpp": "--"}
+    colour = {"fp32": "tab:gray", "f16": "tab:purple", "bf16": "tab:blue", "q8_0": "tab:orange"}
+    lines: dict[tuple, list] = {}
+    for r in doc["rows"]:
+        if r.get("us"):
+            lines.setdefault((r["peer"], r["kv"]), []).append(r)
+    for (peer, kv), rs in lines.items():
+        xs, ys = [r["ctx"] for r in rs], [r["us"] for r in rs]
+        ax.plot(xs, ys, style.get(peer, ":"), marker="o", color=colour.get(kv), label=f"{peer} {kv}")
+        for r in rs:
+            if r.get("pct_copy") is not None:
+                ax.annotate(f"{r['pct_copy']:.0f}%", (r["ctx"], r["us"]), textcoords="offset points",
+                            xytext=(4, 3), fontsize=7, color=colour.get(kv))
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log", base=2)
+    ax.set_xlabel("context (keys)")
+    ax.set_ylabel("us a layer (kernel time, L2 flushed)")
+    g = doc.get("geometry") or {}
+    ax.set_title(f"decode attention, {g.get('n_heads')} q heads, {g.get('n_kv_heads')} KV heads x "
+                 f"{g.get('head_dim')}: {doc.get('device')} (labels: % of copy)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(args) -> int:
     import torch
     ncu = args.ncu or _which_ncu()
@@ -354,13 +435,7 @@ def run(args) -> int:
             r["pct_copy"] = round(100 * r["GBps"] / doc["copy_GBps"], 1)
     doc["rows"] = rows
     doc["verdicts"] = verdicts(rows)
-    print(f"\n{'peer':10} {'kv':5} {'ctx':>6} {'us/layer':>9} {'GB/s':>8} {'%copy':>6}  kernels / reason")
-    for r in rows:
-        extra = r.get("reason") or ", ".join(f"{k} {v}" for k, v in sorted((r.get("kernels") or {}).items()))
-        print(f"{r['peer']:10} {r['kv']:5} {r['ctx']:>6} {str(r.get('us')):>9} {str(r.get('GBps')):>8} "
-              f"{str(r.get('pct_copy')):>6}  {extra[:160]}")
-    for v in doc["verdicts"]:
-        print(json.dumps(v))
+    print_table(doc)
     text = json.dumps(doc)
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1))
@@ -390,9 +465,30 @@ def main(argv=None) -> int:
     c.add_argument("--dtypes", required=True)
     c.add_argument("--ctxs", required=True)
     c.add_argument("--reps", type=int, required=True)
+    m = sub.add_parser("merge", help="run outputs of one device (e.g. two calls) as one table, verdicts across them")
+    m.add_argument("inputs", nargs="+")
+    m.add_argument("--out", required=True)
+    m.add_argument("--plot", default=None, help="PNG of us a layer against depth")
     args = p.parse_args(argv)
     if args.cmd == "ours-child":
         return ours_child(args)
+    if args.cmd == "merge":
+        try:
+            docs = []
+            for name in args.inputs:
+                try:
+                    docs.append((Path(name).name, json.loads(Path(name).read_text())))
+                except (OSError, ValueError) as e:
+                    raise MergeError(f"cannot read {name}: {e}") from None
+            doc = merge(docs)
+        except MergeError as e:
+            print(f"peer_attention: {e}", file=sys.stderr)
+            return 2
+        print_table(doc)
+        Path(args.out).write_text(json.dumps(doc, indent=1))
+        if args.plot:
+            plot(doc, args.plot)
+        return 0
     if args.na >= args.nb or args.na < 1:
         print(f"peer_attention: --na {args.na} must be >= 1 and below --nb {args.nb}", file=sys.stderr)
         return 2

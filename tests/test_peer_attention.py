@@ -119,3 +119,35 @@ def test_verdicts_never_invent_a_ratio():
 def test_cli_refuses_bad_token_counts(capsys):
     assert pa.main(["run", "--na", "8", "--nb", "8"]) == 2
     assert "--na 8" in capsys.readouterr().err
+
+
+def _doc(device, rows, geometry=None):
+    return {"device": device, "geometry": geometry or dict(pa.GEOMETRY), "copy_GBps": 3000.0, "rows": rows}
+
+
+def test_merge_takes_verdicts_across_runs_and_refuses_what_is_not_one_measurement(tmp_path, capsys):
+    ours = _doc("H100", [{"peer": "kvbench", "kv": "q8_0", "ctx": 4096, "us": 10.0, "pct_copy": 30.0}])
+    llama = _doc("H100", [{"peer": "llama.cpp", "kv": "q8_0", "ctx": 4096, "us": 25.0},
+                          {"peer": "llama.cpp", "kv": "f16", "ctx": 4096, "us": None, "reason": "rc 1"}])
+    doc = pa.merge([("ours.json", ours), ("llama.json", llama)])
+    (v,) = doc["verdicts"]
+    assert v["q8_0_kvbench_over_llama"] == 2.5 and v["llama_q8_0_over_f16"] is None   # unmeasured stays None
+    assert [r["source"] for r in doc["rows"]] == ["ours.json", "llama.json", "llama.json"]
+    with pytest.raises(pa.MergeError, match="device 'H200' differs"):
+        pa.merge([("ours.json", ours), ("other.json", _doc("H200", []))])
+    with pytest.raises(pa.MergeError, match="kvbench q8_0 at ctx 4096 is also in ours.json"):
+        pa.merge([("ours.json", ours), ("again.json", ours)])
+    with pytest.raises(pa.MergeError, match="geometry"):
+        pa.merge([("ours.json", ours), ("g.json", _doc("H100", [], {"n_kv_heads": 4}))])
+    # the CLI: one line, exit 2, nothing written; a good merge writes the JSON and the plot
+    a, b, bad = tmp_path / "a.json", tmp_path / "b.json", tmp_path / "bad.json"
+    a.write_text(pa.json.dumps(ours))
+    b.write_text(pa.json.dumps(llama))
+    bad.write_text("{not json")
+    out = tmp_path / "m.json"
+    assert pa.main(["merge", str(a), str(bad), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read" in err and "bad.json" in err and not out.exists()
+    assert pa.main(["merge", str(a), str(b), "--out", str(out), "--plot", str(tmp_path / "m.png")]) == 0
+    assert pa.json.loads(out.read_text())["verdicts"][0]["q8_0_kvbench_over_llama"] == 2.5
+    assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
