@@ -439,6 +439,8 @@ def run(args) -> int:
     text = json.dumps(doc)
     if args.out:
         Path(args.out).write_text(json.dumps(doc, indent=1))
+    if args.plot and any(r.get("us") for r in rows):
+        plot(doc, args.plot)
     print(text)
     return 0
 
@@ -461,6 +463,7 @@ def main(argv=None) -> int:
     r.add_argument("--timeout", type=int, default=240)
     r.add_argument("--work", default="/tmp/peer_attention")
     r.add_argument("--out", default=None)
+    r.add_argument("--plot", default=None, help="PNG of us a layer against depth (when a row measured)")
     c = sub.add_parser("ours-child", help=argparse.SUPPRESS)
     c.add_argument("--dtypes", required=True)
     c.add_argument("--ctxs", required=True)
