@@ -24,8 +24,9 @@ head_dim 128) and p has one layout; ``streams`` and ``streams2`` (up to 8 query 
 head) leave the tensor cores: the quants dequantized exactly into float32 (a magic add, or PTX
 byte permutes where compiled: ``q8_unpack``) and float32 FMAs, R = ``block_n`` independent
 softmax streams a program merged after the loop; ``streams2`` in two passes, K's scores through a
-scratch then V with the split's max known (no rescaling). Only ``rows`` has been the default; the others stay
-selectable for the sweeps (timings: docs/perf-notes.md). Two more forms were measured slower and
+scratch then V with the split's max known (no rescaling); on the H100 at 16384 they took 40-43 us
+against rows' 25.7 (reports/h100-2026-12-07b: ~8 warps a SM, latency-bound). Only ``rows`` has been
+the default; the others stay selectable for the sweeps (timings: docs/perf-notes.md). Two more forms were measured slower and
 removed: tiles dequantized in registers (reports/h100-2026-12-06b; commit f548d24 has it) and
 int8 x int8 integer tensor-core dots over int8 terms of q and p (reports/h100-2026-12-06c;
 commit b2a901c has it). ``cfg={"q8_kernel": False}`` reads q8_0 through the generic
