@@ -335,7 +335,8 @@ class MergeError(ValueError):
 def merge(docs: list[tuple[str, dict]]) -> dict:
     """``run`` outputs of one session (e.g. kvbench's rows and llama.cpp's from two calls on the
     same warm machine) as one document: the rows of all, the verdicts recomputed across them.
-    Refused: no rows, different devices or geometries, or a (peer, kv, ctx) measured twice."""
+    Refused: an input without a 'rows' list or with a row lacking (peer, kv, ctx), different
+    devices or geometries, or a (peer, kv, ctx) measured twice."""
     if not docs:
         raise MergeError("nothing to merge: pass the run JSONs")
     first = docs[0][1]
@@ -349,6 +350,8 @@ def merge(docs: list[tuple[str, dict]]) -> dict:
                 raise MergeError(f"{name}: {key} {d.get(key)!r} differs from {docs[0][0]}'s {first.get(key)!r}; "
                                  "merge runs of one device and geometry only")
         for r in d["rows"]:
+            if not isinstance(r, dict) or not {"peer", "kv", "ctx"} <= r.keys():
+                raise MergeError(f"{name}: a row without peer / kv / ctx ({str(r)[:80]})")
             k = (r["peer"], r["kv"], r["ctx"])
             if k in seen:
                 raise MergeError(f"{name}: {k[0]} {k[1]} at ctx {k[2]} is also in {seen[k]}; keep one of them")

@@ -137,6 +137,8 @@ def test_merge_takes_verdicts_across_runs_and_refuses_what_is_not_one_measuremen
         pa.merge([("ours.json", ours), ("other.json", _doc("H200", []))])
     with pytest.raises(pa.MergeError, match="kvbench q8_0 at ctx 4096 is also in ours.json"):
         pa.merge([("ours.json", ours), ("again.json", ours)])
+    with pytest.raises(pa.MergeError, match="a row without peer / kv / ctx"):
+        pa.merge([("ours.json", ours), ("odd.json", _doc("H100", [{"peer": "kvbench", "us": 1.0}]))])
     with pytest.raises(pa.MergeError, match="geometry"):
         pa.merge([("ours.json", ours), ("g.json", _doc("H100", [], {"n_kv_heads": 4}))])
     # the CLI: one line, exit 2, nothing written; a good merge writes the JSON and the plot
