@@ -87,6 +87,10 @@ def q8_variants():
                     dict(st, G=4, GP=4, M=16, BLOCK_N=bn), w, 3))
     # programmatic dependent launch (griddepcontrol.wait / launch_dependents at the kernels' start)
     out.append(("rows (2,2) bn64 w4 vnorm split pdl", da._decode_q8_rows_kernel, dict(rows, VN_SPLIT=True, PDL=True), 4, 3))
+    # the same default at the bench geometry (8 KV heads, G 4: a [16, 128] operand against G 8's [32, 128]):
+    # the thirty-first session's question, why q8_0 beats bf16 at G 4 and only ties it at G 8
+    out.append(("rows G4 (2,2) bn64 w4 vnorm split pdl", da._decode_q8_rows_kernel,
+                dict(rows, HKV=8, G=4, G_PAD=4, VN_SPLIT=True, PDL=True), 4, 3))
     out.append(("bf16 split bn32 w2 pdl", da._decode_split_kernel, dict(bf16, PDL=True), 2, 3))
     out.append(("bf16 stacked G4 bn32 w2 pdl", da._decode_bf16_stacked_kernel, dict(st, G=4, GP=4, M=16, PDL=True), 2, 3))
     # the streams form (float32 FMAs, R softmax streams a program): coder30b (G 8) and the bench
