@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The next session's first device call (planned in docs/perf-notes.md, "Thirty-first session"):
+# why q8_0 only ties bf16 at coder30b's geometry (4 KV heads x 128, G 8) while it beats it at G 4.
+#   g8ncu:   Nsight Compute's counters for the q8_0 rows kernel and bf16's at G 8, ctx 16384
+#   terms:   a layered sweep of q8_terms at --geometry coder30b, ctx 16384 (offline: (1, 1) -19% loop
+#            instructions at G 8, more registers)
+#   split:   g8_split_probe.py: the G 8 call against two G 4 calls over the same cache (predicted to lose)
+# Carry .whl. Usage on the device: bash benchmarks/oneoff/session32.sh g8ncu terms split
+set -uo pipefail
+bash benchmarks/gpu_session.sh nop >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD KVBENCH_CACHE=/tmp/kvcache PYTHONUNBUFFERED=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+nvidia-smi --query-gpu=name --format=csv,noheader
+for step in "$@"; do
+  SECONDS=0
+  case $step in
+    g8ncu) timeout ${NCU_TIMEOUT:-200} python3 benchmarks/oneoff/streams_ncu.py run --hkv 4 --variants rows,bf16 \
+             --out "$OUT/g8_ncu.json" 2>&1 | tail -6 ;;
+    terms) timeout ${TERMS_TIMEOUT:-200} python3 benchmarks/bench_attention.py --sweep --geometry coder30b --sweep-dtypes q8_0 \
+             --sweep-impls rows --sweep-keys q8_terms --sweep-layered --ctxs "" --skip-prefill --ctx 16384 --reps 20 \
+             --out "$OUT/terms-coder30b-16384.json" > "$OUT/terms.log" 2>&1
+           grep -E "sweep q8_0|decode|triton" "$OUT/terms.log" | grep -v "^{" | tail -14 ;;
+    split) timeout ${SPLIT_TIMEOUT:-150} python3 benchmarks/oneoff/g8_split_probe.py --out "$OUT/g8_split.json" 2>&1 | tail -6 ;;
+  esac
+  echo "[$step: ${SECONDS} s]"
+done
