@@ -115,8 +115,8 @@ def fill_cache(cache: LayerKV, n: int, gen: torch.Generator, chunk: int = 4096) 
     for s in range(0, n, chunk):
         t = min(chunk, n - s)
         shape = (t, cache.n_kv_heads, cache.head_dim)
-        cache.write(s, torch.randn(shape, device="cuda", generator=gen),
-                    torch.randn(shape, device="cuda", generator=gen))
+        cache.write(s, torch.randn(shape, device=gen.device, generator=gen),
+                    torch.randn(shape, device=gen.device, generator=gen))
 
 
 def layered_copies(cache: LayerKV, per_launch_bytes: int, l2_bytes: int,

@@ -58,10 +58,6 @@ def main(argv=None) -> int:
         l2 = torch.cuda.get_device_properties(0).L2_cache_size
     else:
         from bench_attention import fill_cache
-        if dev == "cpu":                       # bench_attention's fill draws on CUDA
-            def fill_cache(cache, n, gen):
-                x = torch.randn(n, HKV, D, generator=gen)
-                cache.write(0, x, torch.randn(n, HKV, D, generator=gen))
     scale = D ** -0.5
     for fmt in args.fmts.split(","):
         for ctx in ctxs:
