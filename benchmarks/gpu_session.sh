@@ -80,7 +80,8 @@ for step in $steps; do
               && split -b 15000000 -d /tmp/llama-bench.stripped "$OUT/llama-bench.part"
             # compressed, it comes back under the 64 MiB limit: later sessions carry it instead of building
             gzip -9 -c /tmp/llama-bench.stripped > /tmp/llama-bench.gz && ls -la /tmp/llama-bench.gz | tee -a "$OUT/lcbuild.log"
-            # xz'd (42 MB) it fits a later call's 64 MiB carry beside the tracked tree: carry .devcarry/lcxz/
+            # xz'd it is 42 MB: .devcarry/lcxz/ fits a later call's 64 MiB carry only beside a tracked tree
+            # under ~22 MB (it was ~33 MB on 2026-12-07, so then the call builds llama-bench instead)
             xz -9 -T0 -c /tmp/llama-bench.stripped > /tmp/llama-bench.xz && split -b 15000000 -d /tmp/llama-bench.xz "$OUT/llama-bench.xz.part" ;;
     hybrid) python3 benchmarks/bench_hybrid.py --out "$OUT/hybrid.json" 2>&1 | tee "$OUT/bench-hybrid.log" | tail -30 ;;
     bench)  for kv in fp32 bf16 q8_0; do python3 -m engine bench --device cuda --kv-dtype $kv --decode-tokens 128 2>&1 | tail -1; done | tee "$OUT/engine-bench.jsonl" ;;

@@ -58,10 +58,11 @@ NCU_FLAGS = ["--clock-control", "none", "--cache-control", "all", "--metrics", "
 MARKER = "_decode_marker_kernel"
 
 
-def ncu_kernels(text: str) -> list[dict]:
+def ncu_kernels(text: str, metrics: tuple[str, ...] = ()) -> list[dict]:
     """The profiled kernels of ncu's ``--csv --page raw --print-units base`` output, in launch
-    order: ``{"id", "name", "ns"}``. Lines before the CSV header (the program's own output, ncu's
-    ``==PROF==`` lines) are skipped; the units row after the header is skipped."""
+    order: ``{"id", "name", "ns"}``, plus each of ``metrics`` as ncu printed it (None where the
+    column is missing). Lines before the CSV header (the program's own output, ncu's ``==PROF==``
+    lines) are skipped; the units row after the header is skipped."""
     lines = text.splitlines()
     start = next((i for i, ln in enumerate(lines) if ln.startswith('"ID"')), None)
     if start is None:
@@ -77,9 +78,13 @@ def ncu_kernels(text: str) -> list[dict]:
         if len(r) <= max(i_id, i_name, i_ns):
             continue
         try:
-            out.append({"id": int(r[i_id]), "name": r[i_name], "ns": float(r[i_ns].replace(",", ""))})
+            row = {"id": int(r[i_id]), "name": r[i_name], "ns": float(r[i_ns].replace(",", ""))}
         except ValueError:
             continue                      # the units row ("", "", ..., "nsecond")
+        for m in metrics:
+            j = head.index(m) if m in head else None
+            row[m] = r[j] if j is not None and j < len(r) else None
+        out.append(row)
     return out
 
 

@@ -34,6 +34,9 @@ def test_parse_skips_program_output_and_units_row():
     assert pa.base_name(ks[0]["name"]) == "flash_attn_ext_vec"
     assert pa.base_name(ks[1]["name"]) == "flash_attn_combine_results"
     assert pa.ncu_kernels("no profile here\n") == []
+    # asked-for metric columns come along as printed; one ncu did not print is None, not a number
+    ks = pa.ncu_kernels(text, ("Stream", "sm__warps_active.avg.pct_of_peak_sustained_active"))
+    assert [(k["Stream"], k["sm__warps_active.avg.pct_of_peak_sustained_active"]) for k in ks] == [("7", None)] * 2
 
 
 def test_parse_refuses_a_csv_without_the_duration_column():

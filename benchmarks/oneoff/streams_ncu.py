@@ -11,8 +11,6 @@ by the table: each variant's max-abs against the ``rows`` output of its dtype is
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import subprocess
 import sys
@@ -80,18 +78,14 @@ def run(args) -> int:
         return 2
     # every decode kernel but the combine (the split kernels of each dtype and form)
     cmd = ["ncu", "--clock-control", "none", "--cache-control", "all", "-k", "regex:_decode_(q8|split|bf16)",
-           "--metrics", ",".join(METRICS), "--csv", "--page", "raw",
+           "--metrics", ",".join(METRICS), "--csv", "--page", "raw", "--print-units", "base",
            sys.executable, __file__, "child", "--ctx", str(args.ctx), "--hkv", str(args.hkv),
            "--variants", args.variants]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout, cwd=ROOT)
-    lines = p.stdout.splitlines()
-    checks = [json.loads(x) for x in lines if x.startswith("{")]
-    start = next((i for i, x in enumerate(lines) if x.startswith('"ID"')), None)
-    rows = []
-    if start is not None:
-        rdr = list(csv.DictReader(io.StringIO("\n".join(lines[start:]))))
-        for r in rdr[1:]:                     # [0] is the units row
-            rows.append({"kernel": r.get("Kernel Name"), **{m: r.get(m) for m in METRICS}})
+    checks = [json.loads(x) for x in p.stdout.splitlines() if x.startswith("{")]
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from peer_attention import ncu_kernels
+    rows = [{"kernel": k["name"], **{m: k[m] for m in METRICS}} for k in ncu_kernels(p.stdout, tuple(METRICS))]
     # launch order: --variants in order (one split kernel each; the combine is not matched)
     res = {"ctx": args.ctx, "hkv": args.hkv, "variants": names, "cfgs": {n: VARIANTS[n] for n in names},
            "checks": checks, "kernels": rows,
