@@ -5,6 +5,8 @@
 #   terms:   a layered sweep of q8_terms at --geometry coder30b, ctx 16384 (offline: (1, 1) -19% loop
 #            instructions at G 8, more registers)
 #   split:   g8_split_probe.py: the G 8 call against two G 4 calls over the same cache (predicted to lose)
+#   h200:    on an H200 (needs_h200): the one-launch bound (session31.sh's arguments) and the default
+#            decode tables of both geometries at 4096 / 16384 / 32768, for the H200 rows
 # Carry .whl. Usage on the device: bash benchmarks/oneoff/session32.sh g8ncu terms split
 set -uo pipefail
 bash benchmarks/gpu_session.sh nop >/dev/null 2>&1
@@ -20,6 +22,10 @@ for step in "$@"; do
              --sweep-impls rows --sweep-keys q8_terms --sweep-layered --ctxs "" --skip-prefill --ctx 16384 --reps 20 \
              --out "$OUT/terms-coder30b-16384.json" > "$OUT/terms.log" 2>&1
            grep -E "sweep q8_0|decode|triton" "$OUT/terms.log" | grep -v "^{" | tail -14 ;;
+    h200)  BOUND_ARGS="--ctxs 4096,16384,32768 --chunks 2048,8192,32768 --blocks 1024,4096 --reps 10" \
+             BOUND_TIMEOUT=${BOUND_TIMEOUT:-260} bash benchmarks/oneoff/session28.sh bound 2>&1 | tail -30
+           timeout ${ATTN_TIMEOUT:-240} python3 benchmarks/bench_attention.py --skip-prefill --out "$OUT/attention-h200.json" \
+             > "$OUT/attention-h200.log" 2>&1; grep -vE "^\{|^\s*$" "$OUT/attention-h200.log" | tail -40 ;;
     split) timeout ${SPLIT_TIMEOUT:-150} python3 benchmarks/oneoff/g8_split_probe.py --out "$OUT/g8_split.json" 2>&1 | tail -6 ;;
   esac
   echo "[$step: ${SECONDS} s]"
