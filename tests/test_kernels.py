@@ -107,8 +107,10 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
                 {"block_n": 16, "q8_impl": "batched"}, {"block_n": 16, "q8_impl": "blocks"},
                 {"block_n": 16, "q8_words": "kv"}, {"block_n": 16, "bf16_stack": True},
                 {"block_n": 32, "bf16_stack": True, "fuse_combine": True, "num_warps": 4},
-                # q8_0's streams forms (other formats would run the generic kernel again)
-                *([{"block_n": 16, "q8_impl": "streams"}, {"block_n": 16, "q8_impl": "streams2"}]
+                # q8_0's streams forms and the rows kernel's stacked terms (other formats would run
+                # the generic kernel again)
+                *([{"block_n": 16, "q8_impl": "streams"}, {"block_n": 16, "q8_impl": "streams2"},
+                   {"block_n": 16, "q8_stack": True}, {"block_n": 32, "q8_stack": True, "fuse_combine": True}]
                   if fmt == "q8_0" else [])):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
@@ -313,6 +315,8 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
                 # the V scales' power of two from the split's largest (the default) or each tile's
                 {"block_n": 64, "q8_vnorm": "split"}, {"block_n": 16, "q8_vnorm": "split", "fuse_combine": True},
                 {"block_n": 64, "q8_vnorm": "tile"}, {"block_n": 16, "q8_vnorm": "tile", "fuse_combine": True},
+                # the rows kernel's two float16 terms stacked along one operand's rows
+                {"block_n": 64, "q8_stack": True}, {"block_n": 16, "q8_stack": True, "fuse_combine": True},
                 # the batched form at the launches the occupancy model bets on (reports/cpu-2026-12-06d)
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 2, "num_stages": 2, "programs_per_sm": 6},
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
@@ -377,7 +381,7 @@ def test_q8_decode_with_v_scales_spread_across_keys(vnorm, triton_backend):
         sign = torch.randint(0, 2, q.shape, generator=gen, device=DEV).double() * 2 - 1
         sens = max(sens, rel(oracle((q.double() * (1 + 2.0 ** -22 * sign))[None], kd, vd, n - 1, D ** -0.5)[0]))
     bound = max(2e-6, 4 * sens)
-    for cfg in ({"block_n": 16}, {"block_n": 64}):
+    for cfg in ({"block_n": 16}, {"block_n": 64}, *([{"block_n": 64, "q8_stack": True}] if vnorm == "split" else [])):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, D ** -0.5, Hkv, cfg={**cfg, "q8_vnorm": vnorm})
         print(f"q8_0 vnorm {vnorm} {cfg}: rel {rel(out):.2e} (bound {bound:.2e})")
         assert rel(out) < bound, f"vnorm {vnorm} {cfg}: rel {rel(out):.2e} beyond {bound:.2e}"
@@ -518,6 +522,46 @@ def test_gpu_q8_streams_match_the_reference(impl, unpack, geo, triton_backend):
     launch = next(x for x in rec if x["kernel"].startswith("_decode_q8_streams"))
     assert (launch["q8_impl"], launch["q8_unpack"]) == (impl, unpack)
     assert_close(f"gpu q8_0 {impl} {unpack}", ref, out, 1e-5)
+
+
+def test_q8_stack_applies_where_asked_and_refuses_what_it_cannot(monkeypatch, triton_backend):
+    """q8_stack (cfg or KVBENCH_DECODE_Q8_STACK) is recorded as applied; asked where it cannot
+    apply (one float16 term, the tile normalisation, an ablation, another q8_0 form) it raises,
+    naming the setting, instead of running unstacked."""
+    from engine.kernels import decode_attention as da
+    monkeypatch.delenv("KVBENCH_DECODE_Q8_STACK", raising=False)
+    cache, gen = filled("q8_0", 2, 128, 40, seed=5)
+    q = torch.randn(16, 128, device=DEV, generator=gen)
+
+    def applied(**cfg):
+        with da.recording() as log:
+            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.1, 2, cfg={"block_n": 16, **cfg})
+        return log[0]["q8_stack"]
+
+    assert applied() is False and applied(q8_stack=True) is True
+    monkeypatch.setenv("KVBENCH_DECODE_Q8_STACK", "1")
+    assert applied() is True
+    for bad in ({"q8_terms": (2, 1)}, {"q8_vnorm": "tile"}, {"q8_ablate": "qk"}, {"q8_impl": "batched"}):
+        with pytest.raises(ValueError, match="q8_stack"):
+            applied(**bad)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("geo", [(16384, 32, 4), (4096, 32, 4), (1000, 32, 8), (777, 16, 2)])
+def test_gpu_q8_stacked_terms_match_the_reference(geo, triton_backend):
+    """The compiled rows kernel with its float16 terms stacked (at coder30b's G 8 a 64-row
+    operand, which sm_90 runs as a warpgroup MMA the interpreter never models)."""
+    from engine.kernels import decode_attention as da
+    ctx, Hq, Hkv = geo
+    D = 128
+    cache, gen = filled("q8_0", Hkv, D, ctx, seed=21)
+    q = torch.randn(Hq, D, device=DEV, generator=gen)
+    ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv)
+    for bn in (32, 64):
+        with da.recording() as rec:
+            out = decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg={"q8_stack": True, "block_n": bn})
+        assert rec[0]["q8_stack"] is True
+        assert_close(f"gpu q8_0 stack bn {bn}", ref, out, 1e-5)
 
 
 @pytest.mark.gpu

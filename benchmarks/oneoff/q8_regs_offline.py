@@ -91,6 +91,12 @@ def q8_variants():
     # the thirty-first session's question, why q8_0 beats bf16 at G 4 and only ties it at G 8
     out.append(("rows G4 (2,2) bn64 w4 vnorm split pdl", da._decode_q8_rows_kernel,
                 dict(rows, HKV=8, G=4, G_PAD=4, VN_SPLIT=True, PDL=True), 4, 3))
+    # the two float16 terms stacked along the rows (q8_stack; thirty-second session): at G 8 the stacked
+    # operand is 64 rows, one sm_90 warpgroup MMA; at G 4 32 rows
+    for g, hkv in ((8, 4), (4, 8)):
+        for bn, w in ((64, 4), (32, 4), (64, 8), (128, 4)):
+            out.append((f"rows stack G{g} bn{bn} w{w}", da._decode_q8_rows_kernel,
+                        dict(rows, HKV=hkv, G=g, G_PAD=g, BLOCK_N=bn, VN_SPLIT=True, PDL=True, STACK=True), w, 3))
     out.append(("bf16 split bn32 w2 pdl", da._decode_split_kernel, dict(bf16, PDL=True), 2, 3))
     out.append(("bf16 stacked G4 bn32 w2 pdl", da._decode_bf16_stacked_kernel, dict(st, G=4, GP=4, M=16, PDL=True), 2, 3))
     # the streams form (float32 FMAs, R softmax streams a program): coder30b (G 8) and the bench

@@ -5,6 +5,8 @@
 #   terms:   a layered sweep of q8_terms at --geometry coder30b, ctx 16384 (offline: (1, 1) -19% loop
 #            instructions at G 8, more registers)
 #   split:   g8_split_probe.py: the G 8 call against two G 4 calls over the same cache (predicted to lose)
+#   stack:   the rows kernel's stacked float16 terms (q8_stack): its compiled tests, then layered sweeps of
+#            q8_stack at coder30b's geometry (4096 / 16384 / 32768) and the bench one (16384)
 #   h200:    on an H200 (needs_h200): the one-launch bound (session31.sh's arguments) and the default
 #            decode tables of both geometries at 4096 / 16384 / 32768, for the H200 rows
 # Carry .whl. Usage on the device: bash benchmarks/oneoff/session32.sh g8ncu terms split
@@ -26,6 +28,17 @@ for step in "$@"; do
              BOUND_TIMEOUT=${BOUND_TIMEOUT:-260} bash benchmarks/oneoff/session28.sh bound 2>&1 | tail -30
            timeout ${ATTN_TIMEOUT:-240} python3 benchmarks/bench_attention.py --skip-prefill --out "$OUT/attention-h200.json" \
              > "$OUT/attention-h200.log" 2>&1; grep -vE "^\{|^\s*$" "$OUT/attention-h200.log" | tail -40 ;;
+    stack) timeout ${STACK_TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+             -k "stack or q8_decode_kernel_across or v_scales_spread or decode_kernel_matches_ref" > "$OUT/stack-tests.log" 2>&1
+           grep -E "passed|failed|FAILED|Error" "$OUT/stack-tests.log" | tail -6
+           for gc in coder30b:16384 coder30b:4096 coder30b:32768 bench:16384; do
+             timeout ${STACK_SWEEP_TIMEOUT:-100} python3 benchmarks/bench_attention.py --sweep --geometry ${gc%%:*} \
+               --sweep-dtypes q8_0 --sweep-keys q8_stack --sweep-layered --ctxs "" --skip-prefill --ctx ${gc##*:} --reps 20 \
+               --out "$OUT/stack-${gc%%:*}-${gc##*:}.json" > "$OUT/stack-${gc%%:*}-${gc##*:}.log" 2>&1
+             echo "== $gc"; grep -E "^(fp32|bf16|q8_0) +triton|default is" "$OUT/stack-${gc%%:*}-${gc##*:}.log"
+             python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(r['us'], {k: v for k, v in r.items() if k not in ('us', 'GBps', 'depth', 'timing')}) for r in d['decode']['q8_0']['sweep'][:6]]" \
+               "$OUT/stack-${gc%%:*}-${gc##*:}.json" 2>&1 | tail -6
+           done ;;
     split) timeout ${SPLIT_TIMEOUT:-150} python3 benchmarks/oneoff/g8_split_probe.py --out "$OUT/g8_split.json" 2>&1 | tail -6 ;;
   esac
   echo "[$step: ${SECONDS} s]"

@@ -26,7 +26,10 @@ byte permutes where compiled: ``q8_unpack``) and float32 FMAs, R = ``block_n`` i
 softmax streams a program merged after the loop; ``streams2`` in two passes, K's scores through a
 scratch then V with the split's max known (no rescaling); on the H100 at 16384 they took 40-43 us
 against rows' 25.7 (reports/h100-2026-12-07b: ~8 warps a SM, latency-bound). Only ``rows`` has been
-the default; the others stay selectable for the sweeps (timings: docs/perf-notes.md). Two more forms were measured slower and
+the default; the others stay selectable for the sweeps (timings: docs/perf-notes.md). ``q8_stack``
+(``KVBENCH_DECODE_Q8_STACK``, off by default) stacks the rows kernel's two float16 terms along one
+operand's rows (one dot a side instead of two; at G 8 a 64-row warpgroup MMA on sm_90): 40% fewer
+instructions, not less time (reports/h100-2026-12-07c). Two more forms were measured slower and
 removed: tiles dequantized in registers (reports/h100-2026-12-06b; commit f548d24 has it) and
 int8 x int8 integer tensor-core dots over int8 terms of q and p (reports/h100-2026-12-06c;
 commit b2a901c has it). ``cfg={"q8_kernel": False}`` reads q8_0 through the generic
@@ -88,6 +91,10 @@ CONFIG = {
     # V scale, found before the loop: no reduction in it; H100, coder30b 16384: 22.1 against
     # 24.1 us, reports/h100-2026-12-06g) or "tile" (from each tile's largest, the earlier form)
     "q8_vnorm": "split",
+    # the rows kernel's two float16 terms of q and of p * dv stacked along one operand's rows
+    # (``q8_stacked``): 957 against 1597 loop instructions a 64-key tile at G 8 offline, yet slower
+    # at ctx 4096 / 16384 on the H100 and 2% faster at 32768 (reports/h100-2026-12-07c)
+    "q8_stack": False,
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
     "q8_unpack": "auto",      # the streams forms' int8 -> float32: PTX byte permutes (compiled) or a magic add
     "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv; kv_prmt: PTX unpack), float16 where they land
@@ -123,6 +130,7 @@ _LIVE_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_D
               "q8_kernel": "KVBENCH_DECODE_Q8_KERNEL", "fuse_combine": "KVBENCH_DECODE_FUSE",
               "precision": "KVBENCH_ATTN_PRECISION", "q8_words": "KVBENCH_DECODE_Q8_WORDS",
               "q8_vnorm": "KVBENCH_DECODE_Q8_VNORM", "bf16_stack": "KVBENCH_DECODE_BF16_STACK",
+              "q8_stack": "KVBENCH_DECODE_Q8_STACK",
               "pdl": "KVBENCH_DECODE_PDL"}
 last_scratch_bytes = 0
 LAUNCHES = LaunchLog()     # each launch's applied configuration, inside ``recording()``
@@ -367,6 +375,22 @@ def _q8_tile(P, rows, mask_n, h, RQ: tl.constexpr, D: tl.constexpr, WORDS: tl.co
 
 
 @triton.jit
+def _stack_terms(hi, lo, M: tl.constexpr, N: tl.constexpr):
+    """Two [M, N] tiles (M a multiple of 8) as one [2M, N]: rows 16 j .. 16 j + 7 are ``hi``'s
+    rows 8 j .. 8 j + 7 and rows 16 j + 8 .. 16 j + 15 are ``lo``'s same rows. In an MMA
+    accumulator's layout a thread holds rows r and r + 8 of each 16-row tile, so a row's two
+    halves meet in one thread (``_unstack_sum``)."""
+    t = tl.join(tl.reshape(hi, [M // 8, 8, N]), tl.reshape(lo, [M // 8, 8, N]))       # [M/8, 8, N, 2]
+    return tl.reshape(tl.permute(t, (0, 3, 1, 2)), [2 * M, N])
+
+
+@triton.jit
+def _unstack_sum(x, M: tl.constexpr, N: tl.constexpr):
+    """[2M, N] stacked as ``_stack_terms`` stacks -> [M, N], each row's two halves summed."""
+    return tl.reshape(tl.sum(tl.reshape(x, [M // 8, 2, 8, N]), axis=1), [M, N])
+
+
+@triton.jit
 def _pow2_at_least(x):
     """Smallest power of two >= x (x a normal float32 > 0, below 2^127), exact, as float32: from
     the exponent bits. (``exp2(ceil(log2(x)))`` compiles to the GPU's approximate ``lg2`` and
@@ -485,7 +509,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
                            SKIP_QK: tl.constexpr = False, SKIP_PV: tl.constexpr = False,
                            K16: tl.constexpr = False, V16: tl.constexpr = False,
                            PRMT: tl.constexpr = False, VN_SPLIT: tl.constexpr = False,
-                           PDL: tl.constexpr = False):
+                           STACK: tl.constexpr = False, PDL: tl.constexpr = False):
     # q8_0's decode kernel with plain 2-D dots ("block rows"; the batched kernel above made the
     # block a batch axis of 3-D dots, which Triton lowers poorly: ~0.8 TB/s on the H200).
     # Row r = g * NB + b of an [M = G_PAD * NB, D] operand is query head g restricted to block b
@@ -497,6 +521,11 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     # For G * NB <= 16 the zero columns cost nothing (a dot's M is at least 16 anyway). q and
     # p * dv are float32 split into two float16 terms after power-of-two normalisation (~2^-22
     # relative), float32 accumulation, as in the batched kernel.
+    # STACK (Q_TERMS = P_TERMS = 2, VN_SPLIT): the two terms stacked along the rows of one
+    # [2M, D] operand (``_stack_terms``), so the scores and the values take one dot each instead of
+    # two; at M = 32 (G 8, NB 4) the stacked dot has 64 rows, which sm_90 runs as one warpgroup
+    # MMA (wgmma) reading its other operand from shared memory. The value accumulator is stacked
+    # too, its two halves summed once after the loop.
     M: tl.constexpr = G_PAD * NB
     RQ: tl.constexpr = HKV * D          # quants per token
     RS: tl.constexpr = HKV * NB         # scales per token
@@ -520,6 +549,10 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     # otherwise fall into float16's subnormals, which the GPU's tensor cores flush to zero
     qnorm = _pow2_at_least(tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)) / QN        # [M]
     qh, ql = _split2(q / qnorm[:, None], Q_TERMS)
+    if STACK:
+        qs = _stack_terms(qh, ql, M, D)                                               # [2M, D]
+        # each stacked row's factor: qnorm for the high term, qnorm * 2^-11 for the low (exact)
+        qsc = tl.reshape(_stack_terms(qnorm[:, None], qnorm[:, None] * (1.0 / 2048.0), M, 1), [2 * M])
     scol = h * NB + tl.arange(0, NB)
     lo = sp * keys_per_split
     hi = tl.minimum(lo + keys_per_split, n_keys)
@@ -538,7 +571,10 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     m = tl.full([G_PAD], float("-inf"), tl.float32)
     l = tl.zeros([G_PAD], tl.float32)
     l_r = tl.zeros([M], tl.float32)
-    acc = tl.zeros([M, D], tl.float32)
+    if STACK:
+        acc2 = tl.zeros([2 * M, D], tl.float32)
+    else:
+        acc = tl.zeros([M, D], tl.float32)
     if VN_SPLIT:
         # The V scales' power of two, one per block for the whole split (VN_SPLIT), instead of a
         # max over each tile: an elementwise max over the split's tiles first (the scales alone,
@@ -563,7 +599,10 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
             sb = tl.max(kq, axis=1).to(tl.float32)[None, :] * qnorm[:, None]
         else:
             kf = kq if K16 else _i8_to_f16(kq)
-            sb = _dot2(qh, ql, tl.trans(kf), Q_TERMS) * qnorm[:, None]                         # [M, BN]
+            if STACK:
+                sb = _unstack_sum(tl.dot(qs, tl.trans(kf), out_dtype=tl.float32) * qsc[:, None], M, BLOCK_N)
+            else:
+                sb = _dot2(qh, ql, tl.trans(kf), Q_TERMS) * qnorm[:, None]                     # [M, BN]
         if S64:
             s = tl.sum(tl.reshape(sb, [G_PAD, NB, BLOCK_N]).to(tl.float64)
                        * dk.to(tl.float64)[None, :, :], axis=1).to(tl.float32)
@@ -587,18 +626,26 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         else:
             pbh, pbl = _split2(p_r * dvn_r, P_TERMS)
             vf = vq if V16 else _i8_to_f16(vq)
-            pv = _dot2(pbh, pbl, vf, P_TERMS)                                                # [M, D]
+            if not STACK:
+                pv = _dot2(pbh, pbl, vf, P_TERMS)                                            # [M, D]
         alpha_r = tl.reshape(tl.broadcast_to(alpha[:, None], [G_PAD, NB]), [M])
         if ROW_L:
             l_r = l_r * alpha_r + tl.sum(p_r, axis=1)
         else:
             l = l * alpha + tl.sum(p, axis=1)
-        if VN_SPLIT:
+        if STACK:       # (the launcher refuses the ablations with it)
+            alpha_s = tl.reshape(_stack_terms(alpha_r[:, None], alpha_r[:, None], M, 1), [2 * M])
+            acc2 = tl.dot(_stack_terms(pbh, pbl, M, BLOCK_N), vf, acc2 * alpha_s[:, None], out_dtype=tl.float32)
+        elif VN_SPLIT:
             acc = acc * alpha_r[:, None] + pv
         else:
             pn_r = tl.reshape(tl.broadcast_to(pn[None, :], [G_PAD, NB]), [M])
             acc = acc * alpha_r[:, None] + pv * pn_r[:, None]
         m = m_new
+    if STACK:       # the low term's half was accumulated at 2^11 (_split2)
+        acc = _unstack_sum(acc2 * tl.reshape(_stack_terms(tl.full([M, 1], 1.0, tl.float32),
+                                                          tl.full([M, 1], 1.0 / 2048.0, tl.float32), M, 1),
+                                             [2 * M])[:, None], M, D)
     if VN_SPLIT:
         acc = acc * tl.reshape(tl.broadcast_to(pn_s[None, :], [G_PAD, NB]), [M])[:, None]
     og = tl.arange(0, G_PAD)
@@ -1187,6 +1234,19 @@ def bf16_stacked(asked, group: int, window: int | None = None) -> bool:
     return key in ("1", "true")
 
 
+def q8_stacked(asked, terms, vnorm: str, ablate) -> bool:
+    """Whether a q8_0 rows launch stacks its float16 terms (``_stack_terms``): ``asked`` is
+    ``q8_stack``'s value. Stacking needs two terms a side and the split normalisation, and takes
+    no ablation: asked without them, it raises rather than run unstacked."""
+    if not asked:
+        return False
+    if tuple(terms) != (2, 2) or vnorm != "split" or ablate:
+        raise ValueError(f"q8_stack (KVBENCH_DECODE_Q8_STACK=1) needs q8_terms (2, 2), q8_vnorm 'split' and no "
+                         f"q8_ablate (this launch: q8_terms {tuple(terms)}, q8_vnorm {vnorm!r}, "
+                         f"q8_ablate {sorted(ablate)}): unset it or change those")
+    return True
+
+
 def q8_kernel_fits(head_dim: int) -> bool:
     """Whether q8_0's own kernel serves this head size: whole 32-value blocks per head."""
     return not head_dim % Q8_BLOCK
@@ -1314,6 +1374,9 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_unpack {unpack!r}: 'auto' (PTX byte permutes compiled, the magic add "
                              f"interpreted), 'prmt' (compiled only) or 'magic'")
         prmt = unpack == "prmt" or (unpack == "auto" and not interpreted())
+        if cfg["q8_stack"] and not rows_form:
+            raise ValueError(f"q8_stack stacks the rows kernel's terms; this launch is q8_impl {cfg['q8_impl']!r}: "
+                             f"unset q8_stack (KVBENCH_DECODE_Q8_STACK) or use 'rows'")
         if streams and cfg["q8_impl"] == "streams2":
             # the scores' scratch: G floats a key of each (KV head, split)
             sbuf = torch.empty(n_kv_heads * splits * G * per, device=q.device, dtype=torch.float32)
@@ -1343,7 +1406,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             if cfg["q8_impl"] == "blocks":
                 terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]))
             if rows_form:
-                terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]),
+                stack = q8_stacked(cfg["q8_stack"], (terms["Q_TERMS"], terms["P_TERMS"]), vnorm, ablate)
+                terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]), STACK=stack,
                              ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
                              SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate, K16="k" in words, V16="v" in words,
                              PRMT=words == "kv_prmt", VN_SPLIT=vnorm == "split")
@@ -1353,7 +1417,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                              "combine_block": 0 if fuse else comb["BLOCK_S"],
                              "q8_terms": [terms["Q_TERMS"], terms["P_TERMS"]], "pdl": pdl,
                              **({"q8_guards": list(map(bool, cfg["q8_guards"])), "q8_words": words,
-                                 "q8_vnorm": vnorm} if rows_form else {}),
+                                 "q8_vnorm": vnorm, "q8_stack": stack} if rows_form else {}),
                              **({"q8_ablate": sorted(ablate)} if ablate else {})})
             LAUNCHES.compiled(kern[(n_kv_heads, splits)](
                 q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
