@@ -7,6 +7,7 @@
 #   split:   g8_split_probe.py: the G 8 call against two G 4 calls over the same cache (predicted to lose)
 #   stack:   the rows kernel's stacked float16 terms (q8_stack): its compiled tests, then layered sweeps of
 #            q8_stack at coder30b's geometry (4096 / 16384 / 32768) and the bench one (16384)
+#   stackncu: Nsight Compute's counters for the stacked rows kernel against the default at G 8 and G 4 (ctx 16384)
 #   h200:    on an H200 (needs_h200): the one-launch bound (session31.sh's arguments) and the default
 #            decode tables of both geometries at 4096 / 16384 / 32768, for the H200 rows
 # Carry .whl. Usage on the device: bash benchmarks/oneoff/session32.sh g8ncu terms split
@@ -39,6 +40,8 @@ for step in "$@"; do
              python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(r['us'], {k: v for k, v in r.items() if k not in ('us', 'GBps', 'depth', 'timing')}) for r in d['decode']['q8_0']['sweep'][:6]]" \
                "$OUT/stack-${gc%%:*}-${gc##*:}.json" 2>&1 | tail -6
            done ;;
+    stackncu) for hkv in 4 8; do timeout ${NCU_TIMEOUT:-200} python3 benchmarks/oneoff/streams_ncu.py run --hkv $hkv \
+                --variants rows,stack64,stack32 --out "$OUT/stack_ncu_hkv$hkv.json" 2>&1 | tail -4; done ;;
     split) timeout ${SPLIT_TIMEOUT:-150} python3 benchmarks/oneoff/g8_split_probe.py --out "$OUT/g8_split.json" 2>&1 | tail -6 ;;
   esac
   echo "[$step: ${SECONDS} s]"

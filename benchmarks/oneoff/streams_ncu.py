@@ -23,6 +23,9 @@ VARIANTS = {                      # name: cfg (q8_0 unless the name is another K
     "fp32": {},
     "streams": {"q8_impl": "streams", "block_n": 16, "programs_per_sm": 2, "num_warps": 4, "num_stages": 2},
     "streams2": {"q8_impl": "streams2", "block_n": 16, "programs_per_sm": 2, "num_warps": 4, "num_stages": 2},
+    # the rows kernel with its float16 terms stacked (q8_stack: a 64-row warpgroup MMA at G 8)
+    "stack64": {"q8_stack": True},
+    "stack32": {"q8_stack": True, "block_n": 32},
 }
 METRICS = [
     "gpu__time_duration.sum", "sm__throughput.avg.pct_of_peak_sustained_elapsed",
@@ -38,6 +41,10 @@ METRICS = [
     "smsp__average_warp_latency_issue_stalled_lg_throttle.ratio",
     "smsp__average_warp_latency_issue_stalled_not_selected.ratio",
     "smsp__average_warp_latency_issue_stalled_selected.ratio",
+    "smsp__average_warp_latency_issue_stalled_membar.ratio",
+    "smsp__average_warp_latency_issue_stalled_no_instruction.ratio",
+    "smsp__average_warp_latency_issue_stalled_dispatch_stall.ratio",
+    "smsp__average_warp_latency_issue_stalled_sleeping.ratio",
     "smsp__average_warps_issue_stalled_long_scoreboard_per_issue_active.ratio",
     "smsp__inst_executed_pipe_fma.sum", "smsp__inst_executed_pipe_alu.sum", "smsp__inst_executed_pipe_lsu.sum",
     "smsp__inst_executed_pipe_tensor.sum", "smsp__inst_executed_pipe_fp16.sum",
