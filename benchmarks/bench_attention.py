@@ -245,9 +245,6 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
                  for pps in (2, 4) for t in ((1, 1), (1, 2), (2, 1))]
         # the rows kernel's two float16 terms stacked along one operand's rows (q8_stack; offline at G 8:
         # 957 loop instructions a 64-key tile against 1597, the dots as sm_90 warpgroup MMAs)
-        # the V-scale pre-pass reading several tiles' scales a load (its loads are not pipelined)
-        grid += [{"block_n": bn, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3, "q8_pre_unroll": u}
-                 for bn, u in ((64, 2), (64, 4), (64, 8), (32, 4), (32, 8))]
         grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_stack": True}
                  for bn, pps, w, st in ((64, 2, 4, 3), (64, 2, 4, 2), (64, 1, 4, 3), (64, 3, 4, 3), (32, 2, 4, 3),
                                         (32, 3, 4, 3), (32, 4, 4, 3), (32, 3, 4, 2), (64, 1, 8, 3), (64, 2, 8, 3))]

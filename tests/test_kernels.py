@@ -317,8 +317,6 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
                 {"block_n": 64, "q8_vnorm": "tile"}, {"block_n": 16, "q8_vnorm": "tile", "fuse_combine": True},
                 # the rows kernel's two float16 terms stacked along one operand's rows
                 {"block_n": 64, "q8_stack": True}, {"block_n": 16, "q8_stack": True, "fuse_combine": True},
-                # the V-scale pre-pass several tiles a load
-                {"block_n": 16, "q8_pre_unroll": 4}, {"block_n": 64, "q8_pre_unroll": 2, "fuse_combine": True},
                 # the batched form at the launches the occupancy model bets on (reports/cpu-2026-12-06d)
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 2, "num_stages": 2, "programs_per_sm": 6},
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
@@ -383,8 +381,7 @@ def test_q8_decode_with_v_scales_spread_across_keys(vnorm, triton_backend):
         sign = torch.randint(0, 2, q.shape, generator=gen, device=DEV).double() * 2 - 1
         sens = max(sens, rel(oracle((q.double() * (1 + 2.0 ** -22 * sign))[None], kd, vd, n - 1, D ** -0.5)[0]))
     bound = max(2e-6, 4 * sens)
-    for cfg in ({"block_n": 16}, {"block_n": 64},
-                *([{"block_n": 64, "q8_stack": True}, {"block_n": 16, "q8_pre_unroll": 8}] if vnorm == "split" else [])):
+    for cfg in ({"block_n": 16}, {"block_n": 64}, *([{"block_n": 64, "q8_stack": True}] if vnorm == "split" else [])):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, D ** -0.5, Hkv, cfg={**cfg, "q8_vnorm": vnorm})
         print(f"q8_0 vnorm {vnorm} {cfg}: rel {rel(out):.2e} (bound {bound:.2e})")
         assert rel(out) < bound, f"vnorm {vnorm} {cfg}: rel {rel(out):.2e} beyond {bound:.2e}"
@@ -527,11 +524,10 @@ def test_gpu_q8_streams_match_the_reference(impl, unpack, geo, triton_backend):
     assert_close(f"gpu q8_0 {impl} {unpack}", ref, out, 1e-5)
 
 
-def test_q8_rows_options_apply_where_asked_and_refuse_what_they_cannot(monkeypatch, triton_backend):
+def test_q8_stack_applies_where_asked_and_refuses_what_it_cannot(monkeypatch, triton_backend):
     """q8_stack (cfg or KVBENCH_DECODE_Q8_STACK) is recorded as applied; asked where it cannot
     apply (one float16 term, the tile normalisation, an ablation, another q8_0 form) it raises,
-    naming the setting, instead of running unstacked. q8_pre_unroll takes a power of two from 1 to
-    16, and is recorded where the V-scale pre-pass runs (the split normalisation) only."""
+    naming the setting, instead of running unstacked."""
     from engine.kernels import decode_attention as da
     monkeypatch.delenv("KVBENCH_DECODE_Q8_STACK", raising=False)
     cache, gen = filled("q8_0", 2, 128, 40, seed=5)
@@ -548,14 +544,6 @@ def test_q8_rows_options_apply_where_asked_and_refuse_what_they_cannot(monkeypat
     for bad in ({"q8_terms": (2, 1)}, {"q8_vnorm": "tile"}, {"q8_ablate": "qk"}, {"q8_impl": "batched"}):
         with pytest.raises(ValueError, match="q8_stack"):
             applied(**bad)
-    monkeypatch.delenv("KVBENCH_DECODE_Q8_STACK")
-    for bad in (3, 0, 32):      # the pre-pass's tiles a load: a power of two from 1 to 16
-        with pytest.raises(ValueError, match="q8_pre_unroll"):
-            applied(q8_pre_unroll=bad)
-    with da.recording() as log:
-        decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.1, 2, cfg={"block_n": 16, "q8_pre_unroll": 4})
-        decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.1, 2, cfg={"block_n": 16, "q8_vnorm": "tile"})
-    assert [x["q8_pre_unroll"] for x in log] == [4, None]     # no pre-pass with the tile normalisation
 
 
 @pytest.mark.gpu

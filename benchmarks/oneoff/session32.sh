@@ -8,8 +8,6 @@
 #   stack:   the rows kernel's stacked float16 terms (q8_stack): its compiled tests, then layered sweeps of
 #            q8_stack at coder30b's geometry (4096 / 16384 / 32768) and the bench one (16384)
 #   stackncu: Nsight Compute's counters for the stacked rows kernel against the default at G 8 and G 4 (ctx 16384)
-#   pre:     the rows kernel's V-scale pre-pass several tiles a load (q8_pre_unroll): the q8_0 tests compiled,
-#            then layered sweeps of it at coder30b 4096 / 16384 / 32768 and bench 4096 / 16384
 #   h200:    on an H200 (needs_h200): the one-launch bound (session31.sh's arguments) and the default
 #            decode tables of both geometries at 4096 / 16384 / 32768, for the H200 rows
 # Carry .whl. Usage on the device: bash benchmarks/oneoff/session32.sh g8ncu terms split
@@ -44,17 +42,6 @@ for step in "$@"; do
            done ;;
     stackncu) for hkv in 4 8; do timeout ${NCU_TIMEOUT:-200} python3 benchmarks/oneoff/streams_ncu.py run --hkv $hkv \
                 --variants rows,stack64,stack32 --out "$OUT/stack_ncu_hkv$hkv.json" 2>&1 | tail -4; done ;;
-    pre)   timeout ${PRE_TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-             -k "stack or q8_decode_kernel_across or v_scales_spread or q8_rows_options" > "$OUT/pre-tests.log" 2>&1
-           grep -E "passed|failed|FAILED|Error" "$OUT/pre-tests.log" | tail -6
-           for gc in coder30b:16384 coder30b:4096 coder30b:32768 bench:4096 bench:16384; do
-             timeout ${PRE_SWEEP_TIMEOUT:-100} python3 benchmarks/bench_attention.py --sweep --geometry ${gc%%:*} \
-               --sweep-dtypes q8_0 --sweep-keys q8_pre_unroll --sweep-layered --ctxs "" --skip-prefill --ctx ${gc##*:} --reps 20 \
-               --out "$OUT/pre-${gc%%:*}-${gc##*:}.json" > "$OUT/pre-${gc%%:*}-${gc##*:}.log" 2>&1
-             echo "== $gc"; grep -E "^(fp32|bf16|q8_0) +triton|default is" "$OUT/pre-${gc%%:*}-${gc##*:}.log"
-             python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(r['us'], {k: v for k, v in r.items() if k not in ('us', 'GBps', 'depth', 'timing')}) for r in d['decode']['q8_0']['sweep'][:7]]" \
-               "$OUT/pre-${gc%%:*}-${gc##*:}.json" 2>&1 | tail -7
-           done ;;
     split) timeout ${SPLIT_TIMEOUT:-150} python3 benchmarks/oneoff/g8_split_probe.py --out "$OUT/g8_split.json" 2>&1 | tail -6 ;;
   esac
   echo "[$step: ${SECONDS} s]"

@@ -95,8 +95,6 @@ CONFIG = {
     # (``q8_stacked``): 957 against 1597 loop instructions a 64-key tile at G 8 offline, yet slower
     # at ctx 4096 / 16384 on the H100 and 2% faster at 32768 (reports/h100-2026-12-07c)
     "q8_stack": False,
-    # the rows kernel's V-scale pre-pass (q8_vnorm "split"): tiles of scales a load (1: one a load)
-    "q8_pre_unroll": 1,
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
     "q8_unpack": "auto",      # the streams forms' int8 -> float32: PTX byte permutes (compiled) or a magic add
     "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv; kv_prmt: PTX unpack), float16 where they land
@@ -511,8 +509,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
                            SKIP_QK: tl.constexpr = False, SKIP_PV: tl.constexpr = False,
                            K16: tl.constexpr = False, V16: tl.constexpr = False,
                            PRMT: tl.constexpr = False, VN_SPLIT: tl.constexpr = False,
-                           STACK: tl.constexpr = False, PRE_UNROLL: tl.constexpr = 1,
-                           PDL: tl.constexpr = False):
+                           STACK: tl.constexpr = False, PDL: tl.constexpr = False):
     # q8_0's decode kernel with plain 2-D dots ("block rows"; the batched kernel above made the
     # block a batch axis of 3-D dots, which Triton lowers poorly: ~0.8 TB/s on the H200).
     # Row r = g * NB + b of an [M = G_PAD * NB, D] operand is query head g restricted to block b
@@ -585,12 +582,9 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
         # tile's |p * dv / pn| <= PN as with the tile's max; a tile whose scales sit far below the
         # split's largest has smaller values (2^-14, float16's smallest normal, is still 2^-27 of
         # the top), and pn leaves the loop: the accumulator is scaled by it once at the end.
-        # PRE_UNROLL tiles' scales a load (one [NB, PRE_UNROLL x BLOCK_N] tile): nothing pipelines
-        # this loop, so each load is a round trip to memory the split waits on before its first tile
-        PRE_N: tl.constexpr = BLOCK_N * PRE_UNROLL
-        dvm = tl.zeros([NB, PRE_N], tl.float32)
-        for n0 in range(lo, hi, PRE_N):
-            offs_n = n0 + tl.arange(0, PRE_N)
+        dvm = tl.zeros([NB, BLOCK_N], tl.float32)
+        for n0 in range(lo, hi, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
             dvm = tl.maximum(dvm, tl.load(VS + offs_n.to(tl.int64)[None, :] * RS + scol[:, None],
                                           mask=(offs_n < hi)[None, :], other=0.0).to(tl.float32))
         pn_s = _pow2_at_least(tl.maximum(tl.max(dvm, axis=1), 1e-30)) / PN                   # [NB]
@@ -1413,11 +1407,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                 terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]))
             if rows_form:
                 stack = q8_stacked(cfg["q8_stack"], (terms["Q_TERMS"], terms["P_TERMS"]), vnorm, ablate)
-                pre = int(cfg["q8_pre_unroll"])
-                if pre < 1 or pre & (pre - 1) or pre > 16:
-                    raise ValueError(f"q8_pre_unroll {cfg['q8_pre_unroll']!r}: a power of two from 1 to 16 "
-                                     f"(tiles of V scales the rows kernel's pre-pass reads a load)")
-                terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]), STACK=stack, PRE_UNROLL=pre,
+                terms.update(QN=float(cfg["q8_norms"][0]), PN=float(cfg["q8_norms"][1]), STACK=stack,
                              ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
                              SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate, K16="k" in words, V16="v" in words,
                              PRMT=words == "kv_prmt", VN_SPLIT=vnorm == "split")
@@ -1427,8 +1417,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                              "combine_block": 0 if fuse else comb["BLOCK_S"],
                              "q8_terms": [terms["Q_TERMS"], terms["P_TERMS"]], "pdl": pdl,
                              **({"q8_guards": list(map(bool, cfg["q8_guards"])), "q8_words": words,
-                                 "q8_vnorm": vnorm, "q8_stack": stack,
-                                 "q8_pre_unroll": pre if vnorm == "split" else None} if rows_form else {}),
+                                 "q8_vnorm": vnorm, "q8_stack": stack} if rows_form else {}),
                              **({"q8_ablate": sorted(ablate)} if ablate else {})})
             LAUNCHES.compiled(kern[(n_kv_heads, splits)](
                 q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
