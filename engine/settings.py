@@ -94,7 +94,7 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_DECODE_Q8_STACK", "bool", False, "the q8_0 rows kernel with the two float16 terms of q and of "
        "p * dv stacked along the rows of one dot operand (one dot for the scores, one for the values, a stacked "
        "accumulator) instead of two dots each; needs two terms a side and the split normalisation. Measured on "
-       "the H100 at coder30b's geometry: slower at ctx 4096 and 16384, 2% faster at 32768 "
+       "the H100 at coder30b's geometry: level or slower at ctx 4096 and 16384, 2% faster at 32768 "
        "(reports/h100-2026-12-07c), so off by default", numerics=True),
     _s("KVBENCH_DECODE_FUSE", "bool", False, "decode combine fused into the last split program",
        numerics=True),

@@ -92,8 +92,8 @@ CONFIG = {
     # 24.1 us, reports/h100-2026-12-06g) or "tile" (from each tile's largest, the earlier form)
     "q8_vnorm": "split",
     # the rows kernel's two float16 terms of q and of p * dv stacked along one operand's rows
-    # (``q8_stacked``): 957 against 1597 loop instructions a 64-key tile at G 8 offline, yet slower
-    # at ctx 4096 / 16384 on the H100 and 2% faster at 32768 (reports/h100-2026-12-07c)
+    # (``q8_stacked``): 957 against 1597 loop instructions a 64-key tile at G 8 offline, yet level or
+    # slower at ctx 4096 / 16384 on the H100 and 2% faster at 32768 (reports/h100-2026-12-07c)
     "q8_stack": False,
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
     "q8_unpack": "auto",      # the streams forms' int8 -> float32: PTX byte permutes (compiled) or a magic add
