@@ -544,6 +544,12 @@ def test_q8_stack_applies_where_asked_and_refuses_what_it_cannot(monkeypatch, tr
     for bad in ({"q8_terms": (2, 1)}, {"q8_vnorm": "tile"}, {"q8_ablate": "qk"}, {"q8_impl": "batched"}):
         with pytest.raises(ValueError, match="q8_stack"):
             applied(**bad)
+    monkeypatch.delenv("KVBENCH_DECODE_Q8_STACK")
+    with pytest.raises(ValueError, match="q8_stack 'auto'"):
+        applied(q8_stack="auto")
+    with da.recording() as log:      # off, spelled as its variable spells it, for another form
+        decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.1, 2, cfg={"q8_stack": "0", "q8_impl": "batched"})
+    assert log[0]["kernel"] == "_decode_q8_kernel"
 
 
 @pytest.mark.gpu

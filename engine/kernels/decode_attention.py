@@ -642,10 +642,9 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
             pn_r = tl.reshape(tl.broadcast_to(pn[None, :], [G_PAD, NB]), [M])
             acc = acc * alpha_r[:, None] + pv * pn_r[:, None]
         m = m_new
-    if STACK:       # the low term's half was accumulated at 2^11 (_split2)
-        acc = _unstack_sum(acc2 * tl.reshape(_stack_terms(tl.full([M, 1], 1.0, tl.float32),
-                                                          tl.full([M, 1], 1.0 / 2048.0, tl.float32), M, 1),
-                                             [2 * M])[:, None], M, D)
+    if STACK:       # the low term's rows (8..15 of each 16, _stack_terms) were accumulated at 2^11
+        lo_w = tl.where(tl.arange(0, 2 * M) % 16 < 8, 1.0, 1.0 / 2048.0)
+        acc = _unstack_sum(acc2 * lo_w[:, None], M, D)
     if VN_SPLIT:
         acc = acc * tl.reshape(tl.broadcast_to(pn_s[None, :], [G_PAD, NB]), [M])[:, None]
     og = tl.arange(0, G_PAD)
@@ -1238,7 +1237,10 @@ def q8_stacked(asked, terms, vnorm: str, ablate) -> bool:
     """Whether a q8_0 rows launch stacks its float16 terms (``_stack_terms``): ``asked`` is
     ``q8_stack``'s value. Stacking needs two terms a side and the split normalisation, and takes
     no ablation: asked without them, it raises rather than run unstacked."""
-    if not asked:
+    key = str(asked).lower()
+    if key not in ("0", "1", "true", "false"):
+        raise ValueError(f"q8_stack {asked!r}: True / '1' (on) or False / '0' (off)")
+    if key in ("0", "false"):
         return False
     if tuple(terms) != (2, 2) or vnorm != "split" or ablate:
         raise ValueError(f"q8_stack (KVBENCH_DECODE_Q8_STACK=1) needs q8_terms (2, 2), q8_vnorm 'split' and no "
@@ -1374,7 +1376,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_unpack {unpack!r}: 'auto' (PTX byte permutes compiled, the magic add "
                              f"interpreted), 'prmt' (compiled only) or 'magic'")
         prmt = unpack == "prmt" or (unpack == "auto" and not interpreted())
-        if cfg["q8_stack"] and not rows_form:
+        if not rows_form and q8_stacked(cfg["q8_stack"], (2, 2), "split", set()):     # asked on (value checked)
             raise ValueError(f"q8_stack stacks the rows kernel's terms; this launch is q8_impl {cfg['q8_impl']!r}: "
                              f"unset q8_stack (KVBENCH_DECODE_Q8_STACK) or use 'rows'")
         if streams and cfg["q8_impl"] == "streams2":
