@@ -8,6 +8,8 @@
 #   stack:   the rows kernel's stacked float16 terms (q8_stack): its compiled tests, then layered sweeps of
 #            q8_stack at coder30b's geometry (4096 / 16384 / 32768) and the bench one (16384)
 #   stackncu: Nsight Compute's counters for the stacked rows kernel against the default at G 8 and G 4 (ctx 16384)
+#   stacktests: the stacked rows kernel's compiled tests, whole (call 6 of reports/h100-2026-12-07c was cut
+#            by its 150 s timeout after five passes, after the kernel's last change): the next session's first call
 #   h200:    on an H200 (needs_h200): the one-launch bound (session31.sh's arguments) and the default
 #            decode tables of both geometries at 4096 / 16384 / 32768, for the H200 rows
 # Carry .whl. Usage on the device: bash benchmarks/oneoff/session32.sh g8ncu terms split
@@ -42,6 +44,9 @@ for step in "$@"; do
            done ;;
     stackncu) for hkv in 4 8; do timeout ${NCU_TIMEOUT:-200} python3 benchmarks/oneoff/streams_ncu.py run --hkv $hkv \
                 --variants rows,stack64,stack32 --out "$OUT/stack_ncu_hkv$hkv.json" 2>&1 | tail -4; done ;;
+    stacktests) timeout ${STACK_TEST_TIMEOUT:-400} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
+             -k "stack or q8_decode_kernel_across or v_scales_spread or decode_kernel_matches_ref" > "$OUT/stacktests.log" 2>&1
+           grep -E "passed|failed|FAILED|Error" "$OUT/stacktests.log" | tail -8 ;;
     split) timeout ${SPLIT_TIMEOUT:-150} python3 benchmarks/oneoff/g8_split_probe.py --out "$OUT/g8_split.json" 2>&1 | tail -6 ;;
   esac
   echo "[$step: ${SECONDS} s]"
