@@ -31,9 +31,7 @@ for step in "$@"; do
              BOUND_TIMEOUT=${BOUND_TIMEOUT:-260} bash benchmarks/oneoff/session28.sh bound 2>&1 | tail -30
            timeout ${ATTN_TIMEOUT:-240} python3 benchmarks/bench_attention.py --skip-prefill --out "$OUT/attention-h200.json" \
              > "$OUT/attention-h200.log" 2>&1; grep -vE "^\{|^\s*$" "$OUT/attention-h200.log" | tail -40 ;;
-    stack) timeout ${STACK_TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-             -k "stack or q8_decode_kernel_across or v_scales_spread or decode_kernel_matches_ref" > "$OUT/stack-tests.log" 2>&1
-           grep -E "passed|failed|FAILED|Error" "$OUT/stack-tests.log" | tail -6
+    stack) OUT=$OUT STACK_TEST_TIMEOUT=${STACK_TEST_TIMEOUT:-200} bash "$0" stacktests | grep -v "^\[" | tail -8
            for gc in coder30b:16384 coder30b:4096 coder30b:32768 bench:16384; do
              timeout ${STACK_SWEEP_TIMEOUT:-100} python3 benchmarks/bench_attention.py --sweep --geometry ${gc%%:*} \
                --sweep-dtypes q8_0 --sweep-keys q8_stack --sweep-layered --ctxs "" --skip-prefill --ctx ${gc##*:} --reps 20 \
