@@ -10,6 +10,11 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
     from _interp_patch import install as _install_interp_patch   # tests/_interp_patch.py
     _install_interp_patch()
 
+# gguf.GGUFReader over a plain mmap, and one reader a process for each large model file
+# (tests/_gguf_reader_patch.py): HF transformers parses gemma3's 262144-token GGUF twice a load
+from _gguf_reader_patch import install as _install_gguf_reader_patch  # noqa: E402
+_install_gguf_reader_patch()
+
 # Under pytest-xdist (`make test`: -n 2 on the 2-core CI box) each worker gets its share of the
 # cores for torch's intra-op pool, and so do the CLI subprocesses it starts (they read
 # OMP_NUM_THREADS): two workers at two threads each on two cores spin against each other.
