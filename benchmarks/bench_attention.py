@@ -248,11 +248,6 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_stack": True}
                  for bn, pps, w, st in ((64, 2, 4, 3), (64, 2, 4, 2), (64, 1, 4, 3), (64, 3, 4, 3), (32, 2, 4, 3),
                                         (32, 3, 4, 3), (32, 4, 4, 3), (32, 3, 4, 2), (64, 1, 8, 3), (64, 2, 8, 3))]
-        # q's float16 terms reloaded from a scratch each tile (q8_qreload; thirty-third session, offline at
-        # G 8: 157 registers and 3 programs a SM at 32-key tiles, against 194 and 2, 1010 loop instructions a tile)
-        grid += [{"block_n": bn, "programs_per_sm": pps, "num_warps": w, "num_stages": st, "q8_qreload": True}
-                 for bn, pps, w, st in ((32, 3, 4, 3), (32, 4, 4, 3), (32, 2, 4, 3), (32, 3, 4, 2), (32, 6, 4, 3),
-                                        (64, 2, 4, 3), (64, 3, 4, 3), (64, 1, 8, 3), (64, 2, 8, 3))]
         # the rows kernel's one-s guards (what each costs), and its ablations: timing only, wrong
         # results (no score dots / no V path): where its compute-bound time goes
         grid += [{"block_n": 64, "programs_per_sm": 2, "num_warps": 4, "num_stages": 3, "q8_guards": g}

@@ -110,8 +110,7 @@ def test_decode_kernel_matches_ref(T, Hq, Hkv, D, fmt, triton_backend):
                 # q8_0's streams forms and the rows kernel's stacked terms (other formats would run
                 # the generic kernel again)
                 *([{"block_n": 16, "q8_impl": "streams"}, {"block_n": 16, "q8_impl": "streams2"},
-                   {"block_n": 16, "q8_stack": True}, {"block_n": 32, "q8_stack": True, "fuse_combine": True},
-                   {"block_n": 16, "q8_qreload": True}, {"block_n": 32, "q8_qreload": True, "fuse_combine": True}]
+                   {"block_n": 16, "q8_stack": True}, {"block_n": 32, "q8_stack": True, "fuse_combine": True}]
                   if fmt == "q8_0" else [])):
         out = decode_attention(q, cache.k, cache.v, fmt, T, scale, Hkv, cfg=cfg)
         assert_close(f"decode {fmt} {cfg}", ref, out, TOL[fmt])
@@ -318,8 +317,6 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
                 {"block_n": 64, "q8_vnorm": "tile"}, {"block_n": 16, "q8_vnorm": "tile", "fuse_combine": True},
                 # the rows kernel's two float16 terms stacked along one operand's rows
                 {"block_n": 64, "q8_stack": True}, {"block_n": 16, "q8_stack": True, "fuse_combine": True},
-                # q's float16 terms reloaded from a scratch each tile
-                {"block_n": 32, "q8_qreload": True}, {"block_n": 64, "q8_qreload": True, "fuse_combine": True},
                 # the batched form at the launches the occupancy model bets on (reports/cpu-2026-12-06d)
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 2, "num_stages": 2, "programs_per_sm": 6},
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
@@ -553,46 +550,6 @@ def test_q8_stack_applies_where_asked_and_refuses_what_it_cannot(monkeypatch, tr
     with da.recording() as log:      # off, spelled as its variable spells it, for another form
         decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.1, 2, cfg={"q8_stack": "0", "q8_impl": "batched"})
     assert log[0]["kernel"] == "_decode_q8_kernel"
-
-
-def test_q8_qreload_applies_where_asked_and_refuses_what_it_cannot(triton_backend):
-    """q8_qreload (cfg only) is recorded as applied; asked with the stacked terms, for another
-    q8_0 form, or as anything but a bool, it raises naming the setting instead of running without."""
-    from engine.kernels import decode_attention as da
-    cache, gen = filled("q8_0", 2, 128, 40, seed=6)
-    q = torch.randn(16, 128, device=DEV, generator=gen)
-
-    def record(**cfg):
-        with da.recording() as log:
-            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.1, 2, cfg={"block_n": 16, **cfg})
-        return log[0]
-
-    assert "q8_qreload" not in record() and record(q8_qreload=True)["q8_qreload"] is True
-    assert da.last_scratch_bytes > 0
-    for bad, words in (({"q8_qreload": True, "q8_stack": True}, "unset q8_stack"),
-                       ({"q8_qreload": True, "q8_impl": "batched"}, "q8_impl 'batched'"),
-                       ({"q8_qreload": "1"}, "True or False")):
-        with pytest.raises(ValueError, match=f"q8_qreload.*{words}"):
-            record(**bad)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("geo", [(16384, 32, 4), (4096, 32, 4), (1000, 32, 8), (777, 16, 2)])
-def test_gpu_q8_qreload_matches_the_reference(geo, triton_backend):
-    """The compiled rows kernel reloading q's terms each tile (a store, a barrier and loads the
-    compiler is told not to hoist: what the interpreter does not model)."""
-    from engine.kernels import decode_attention as da
-    ctx, Hq, Hkv = geo
-    D = 128
-    cache, gen = filled("q8_0", Hkv, D, ctx, seed=22)
-    q = torch.randn(Hq, D, device=DEV, generator=gen)
-    ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv)
-    for bn in (32, 64):
-        with da.recording() as rec:
-            out = decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv,
-                                   cfg={"q8_qreload": True, "block_n": bn})
-        assert rec[0]["q8_qreload"] is True
-        assert_close(f"gpu q8_0 qreload bn {bn}", ref, out, 1e-5)
 
 
 @pytest.mark.gpu

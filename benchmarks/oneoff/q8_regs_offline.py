@@ -44,8 +44,7 @@ DEVICE_TRITON = "3.6.0"     # what torch 2.11+cu130 on the GPU machine brings
 PTR = {"Q": "*fp32", "KQ": "*i8", "KS": "*fp16", "VQ": "*i8", "VS": "*fp16", "M_OUT": "*fp32",
        "L_OUT": "*fp32", "ACC_OUT": "*fp32", "OUT": "*fp32", "S_BUF": "*fp32", "COUNTER": "*i32", "POS": "*i64",
        "n_keys": "i32", "keys_per_split": "i32", "n_splits": "i32", "qk_scale": "fp32",
-       "K": "*bf16", "V": "*bf16", "stride_k": "i32", "stride_ks": "i32", "stride_v": "i32", "stride_vs": "i32",
-       "QS": "*fp16"}
+       "K": "*bf16", "V": "*bf16", "stride_k": "i32", "stride_ks": "i32", "stride_v": "i32", "stride_vs": "i32"}
 
 
 def q8_variants():
@@ -98,12 +97,6 @@ def q8_variants():
         for bn, w in ((64, 4), (32, 4), (64, 8), (128, 4)):
             out.append((f"rows stack G{g} bn{bn} w{w}", da._decode_q8_rows_kernel,
                         dict(rows, HKV=hkv, G=g, G_PAD=g, BLOCK_N=bn, VN_SPLIT=True, PDL=True, STACK=True), w, 3))
-    # q's float16 terms reloaded from a scratch each tile (q8_qreload; thirty-third session)
-    for g, hkv in ((8, 4), (4, 8)):
-        for bn, w in ((32, 4), (64, 4), (64, 8)):
-            for qr in (True, False):    # and the same launch without, the defaults' flags
-                out.append((f"rows {'qreload' if qr else 'held q'} G{g} bn{bn} w{w}", da._decode_q8_rows_kernel,
-                            dict(rows, HKV=hkv, G=g, G_PAD=g, BLOCK_N=bn, VN_SPLIT=True, PDL=True, QRELOAD=qr), w, 3))
     out.append(("bf16 split bn32 w2 pdl", da._decode_split_kernel, dict(bf16, PDL=True), 2, 3))
     out.append(("bf16 stacked G4 bn32 w2 pdl", da._decode_bf16_stacked_kernel, dict(st, G=4, GP=4, M=16, PDL=True), 2, 3))
     # the streams form (float32 FMAs, R softmax streams a program): coder30b (G 8) and the bench
@@ -126,8 +119,6 @@ def compile_one(fn, consts: dict, warps: int, stages: int, arch: int) -> dict:
     defaults = {n: p.default for n, p in inspect.signature(fn.fn).parameters.items()
                 if p.default is not inspect.Parameter.empty}
     consts = {**{n: v for n, v in defaults.items() if n not in PTR}, **consts}
-    if not consts.get("QRELOAD"):       # the scratch pointer only where the kernel reads it
-        consts.setdefault("QS", None) if "QS" in names else None
     sig = {n: ("constexpr" if n in consts else PTR[n]) for n in names}
     # what a launch specializes: pointers 16-byte aligned (torch's allocations), keys_per_split a
     # multiple of the tile (split_plan); without these the loads compile narrow

@@ -10,9 +10,6 @@
 #   stackncu: Nsight Compute's counters for the stacked rows kernel against the default at G 8 and G 4 (ctx 16384)
 #   stacktests: the stacked rows kernel's compiled tests, whole (call 6 of reports/h100-2026-12-07c was cut
 #            by its 150 s timeout after five passes, after the kernel's last change): the next session's first call
-#   qreload: the rows kernel reloading q's float16 terms each tile (q8_qreload, thirty-third session): its
-#            compiled tests, then layered sweeps of q8_qreload at coder30b's geometry (16384 / 4096 / 32768)
-#            and the bench one (16384, 4096)
 #   h200:    on an H200 (needs_h200): the one-launch bound (session31.sh's arguments) and the default
 #            decode tables of both geometries at 4096 / 16384 / 32768, for the H200 rows
 # Carry .whl. Usage on the device: bash benchmarks/oneoff/session32.sh g8ncu terms split
@@ -42,17 +39,6 @@ for step in "$@"; do
              echo "== $gc"; grep -E "^(fp32|bf16|q8_0) +triton|default is" "$OUT/stack-${gc%%:*}-${gc##*:}.log"
              python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(r['us'], {k: v for k, v in r.items() if k not in ('us', 'GBps', 'depth', 'timing')}) for r in d['decode']['q8_0']['sweep'][:6]]" \
                "$OUT/stack-${gc%%:*}-${gc##*:}.json" 2>&1 | tail -6
-           done ;;
-    qreload) timeout ${QR_TEST_TIMEOUT:-200} python3 -m pytest -q -p no:cacheprovider tests/test_kernels.py \
-             -k "qreload or q8_decode_kernel_across or (decode_kernel_matches_ref and q8_0)" > "$OUT/qrtests.log" 2>&1
-           grep -E "passed|failed|FAILED|Error" "$OUT/qrtests.log" | tail -8
-           for gc in coder30b:16384 coder30b:4096 coder30b:32768 bench:16384 bench:4096; do
-             timeout ${QR_SWEEP_TIMEOUT:-100} python3 benchmarks/bench_attention.py --sweep --geometry ${gc%%:*} \
-               --sweep-dtypes q8_0 --sweep-keys q8_qreload --sweep-layered --ctxs "" --skip-prefill --ctx ${gc##*:} --reps 20 \
-               --out "$OUT/qr-${gc%%:*}-${gc##*:}.json" > "$OUT/qr-${gc%%:*}-${gc##*:}.log" 2>&1
-             echo "== $gc"; grep -E "^(fp32|bf16|q8_0) +triton|default is" "$OUT/qr-${gc%%:*}-${gc##*:}.log"
-             python3 -c "import json,sys; d=json.load(open(sys.argv[1])); [print(r['us'], {k: v for k, v in r.items() if k not in ('us', 'GBps', 'depth', 'timing')}) for r in d['decode']['q8_0']['sweep'][:5]]" \
-               "$OUT/qr-${gc%%:*}-${gc##*:}.json" 2>&1 | tail -5
            done ;;
     stackncu) for hkv in 4 8; do timeout ${NCU_TIMEOUT:-200} python3 benchmarks/oneoff/streams_ncu.py run --hkv $hkv \
                 --variants rows,stack64,stack32 --out "$OUT/stack_ncu_hkv$hkv.json" 2>&1 | tail -4; done ;;

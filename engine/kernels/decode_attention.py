@@ -95,9 +95,6 @@ CONFIG = {
     # (``q8_stacked``): 957 against 1597 loop instructions a 64-key tile at G 8 offline, yet level or
     # slower at ctx 4096 / 16384 on the H100 and 2% faster at 32768 (reports/h100-2026-12-07c)
     "q8_stack": False,
-    # the rows kernel's float16 terms of q stored to a scratch before the loop and loaded back each
-    # tile (``q8_qreloaded``; fewer live registers, more loads); sweep-only, no variable
-    "q8_qreload": False,
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
     "q8_unpack": "auto",      # the streams forms' int8 -> float32: PTX byte permutes (compiled) or a magic add
     "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv; kv_prmt: PTX unpack), float16 where they land
@@ -512,8 +509,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
                            SKIP_QK: tl.constexpr = False, SKIP_PV: tl.constexpr = False,
                            K16: tl.constexpr = False, V16: tl.constexpr = False,
                            PRMT: tl.constexpr = False, VN_SPLIT: tl.constexpr = False,
-                           STACK: tl.constexpr = False, PDL: tl.constexpr = False,
-                           QS=None, QRELOAD: tl.constexpr = False):
+                           STACK: tl.constexpr = False, PDL: tl.constexpr = False):
     # q8_0's decode kernel with plain 2-D dots ("block rows"; the batched kernel above made the
     # block a batch axis of 3-D dots, which Triton lowers poorly: ~0.8 TB/s on the H200).
     # Row r = g * NB + b of an [M = G_PAD * NB, D] operand is query head g restricted to block b
@@ -530,10 +526,6 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     # two; at M = 32 (G 8, NB 4) the stacked dot has 64 rows, which sm_90 runs as one warpgroup
     # MMA (wgmma) reading its other operand from shared memory. The value accumulator is stacked
     # too, its two halves summed once after the loop.
-    # QRELOAD (q8_qreload): q's two float16 terms go to this program's slice of a scratch QS
-    # ([programs, 2, M, D] float16) before the loop and are loaded back each tile, the loop kept
-    # from hoisting the loads (disable_licm): they are not live across the V half of a tile, so
-    # fewer registers a thread (offline, sm_90, G 8, 32-key tiles: 168 against 194).
     M: tl.constexpr = G_PAD * NB
     RQ: tl.constexpr = HKV * D          # quants per token
     RS: tl.constexpr = HKV * NB         # scales per token
@@ -557,11 +549,6 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
     # otherwise fall into float16's subnormals, which the GPU's tensor cores flush to zero
     qnorm = _pow2_at_least(tl.maximum(tl.max(tl.abs(q), axis=1), 1e-30)) / QN        # [M]
     qh, ql = _split2(q / qnorm[:, None], Q_TERMS)
-    if QRELOAD:
-        q_at = QS + (h * n_splits + sp).to(tl.int64) * (2 * M * D) + orow[:, None] * D + od[None, :]
-        tl.store(q_at, qh)
-        tl.store(q_at + M * D, ql)
-        tl.debug_barrier()              # every thread's terms stored before any thread reads them
     if STACK:
         qs = _stack_terms(qh, ql, M, D)                                               # [2M, D]
         # each stacked row's factor: qnorm for the high term, qnorm * 2^-11 for the low (exact)
@@ -602,16 +589,10 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
                                           mask=(offs_n < hi)[None, :], other=0.0).to(tl.float32))
         pn_s = _pow2_at_least(tl.maximum(tl.max(dvm, axis=1), 1e-30)) / PN                   # [NB]
         inv_pn_s = 1.0 / pn_s                                                                 # exact
-    for n0 in tl.range(lo, hi, BLOCK_N, disable_licm=QRELOAD):
+    for n0 in range(lo, hi, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         mask_n = offs_n < hi
         rows = offs_n.to(tl.int64)
-        if QRELOAD:                     # new names: qh / ql themselves are not carried by the loop
-            qht = tl.load(q_at)
-            qlt = tl.load(q_at + M * D)
-        else:
-            qht = qh
-            qlt = ql
         kq = _q8_tile(KQ, rows, mask_n, h, RQ, D, K16, PRMT)                                 # [BN, D]
         dk = tl.load(KS + rows[None, :] * RS + scol[:, None], mask=mask_n[None, :], other=0.0)  # [NB, BN]
         if SKIP_QK:     # ablation (timing only, wrong scores): no conversion, no dots; K still read
@@ -621,7 +602,7 @@ def _decode_q8_rows_kernel(Q, KQ, KS, VQ, VS, M_OUT, L_OUT, ACC_OUT, OUT, COUNTE
             if STACK:
                 sb = _unstack_sum(tl.dot(qs, tl.trans(kf), out_dtype=tl.float32) * qsc[:, None], M, BLOCK_N)
             else:
-                sb = _dot2(qht, qlt, tl.trans(kf), Q_TERMS) * qnorm[:, None]                   # [M, BN]
+                sb = _dot2(qh, ql, tl.trans(kf), Q_TERMS) * qnorm[:, None]                     # [M, BN]
         if S64:
             s = tl.sum(tl.reshape(sb, [G_PAD, NB, BLOCK_N]).to(tl.float64)
                        * dk.to(tl.float64)[None, :, :], axis=1).to(tl.float32)
@@ -1268,16 +1249,6 @@ def q8_stacked(asked, terms, vnorm: str, ablate) -> bool:
     return True
 
 
-def q8_qreloaded(asked, stack: bool) -> bool:
-    """Whether a q8_0 rows launch reloads q's float16 terms each tile (``asked``: ``q8_qreload``'s
-    value, a bool). Not with the stacked terms (their q operand is built once, stacked)."""
-    if not isinstance(asked, bool):
-        raise ValueError(f"q8_qreload {asked!r}: True or False")
-    if asked and stack:
-        raise ValueError("q8_qreload reloads the unstacked terms: unset q8_stack (KVBENCH_DECODE_Q8_STACK) for it")
-    return asked
-
-
 def q8_kernel_fits(head_dim: int) -> bool:
     """Whether q8_0's own kernel serves this head size: whole 32-value blocks per head."""
     return not head_dim % Q8_BLOCK
@@ -1405,9 +1376,6 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_unpack {unpack!r}: 'auto' (PTX byte permutes compiled, the magic add "
                              f"interpreted), 'prmt' (compiled only) or 'magic'")
         prmt = unpack == "prmt" or (unpack == "auto" and not interpreted())
-        if not rows_form and q8_qreloaded(cfg["q8_qreload"], False):
-            raise ValueError(f"q8_qreload reloads the rows kernel's q terms; this launch is q8_impl {cfg['q8_impl']!r}: "
-                             f"unset q8_qreload or use 'rows'")
         if not rows_form and q8_stacked(cfg["q8_stack"], (2, 2), "split", set()):     # asked on (value checked)
             raise ValueError(f"q8_stack stacks the rows kernel's terms; this launch is q8_impl {cfg['q8_impl']!r}: "
                              f"unset q8_stack (KVBENCH_DECODE_Q8_STACK) or use 'rows'")
@@ -1445,19 +1413,13 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                              ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
                              SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate, K16="k" in words, V16="v" in words,
                              PRMT=words == "kv_prmt", VN_SPLIT=vnorm == "split")
-                if q8_qreloaded(cfg["q8_qreload"], stack):
-                    qscratch = torch.empty(n_kv_heads * splits * 2 * g_pad * nb * D, device=q.device,
-                                           dtype=torch.float16)
-                    last_scratch_bytes += qscratch.nbytes
-                    terms.update(QS=qscratch, QRELOAD=True)
             LAUNCHES.record({"kernel": kern.__name__, "q8_impl": cfg["q8_impl"], "block_n": cfg["block_n"],
                              "num_warps": cfg["num_warps"],
                              "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
                              "combine_block": 0 if fuse else comb["BLOCK_S"],
                              "q8_terms": [terms["Q_TERMS"], terms["P_TERMS"]], "pdl": pdl,
                              **({"q8_guards": list(map(bool, cfg["q8_guards"])), "q8_words": words,
-                                 "q8_vnorm": vnorm, "q8_stack": stack,
-                                 **({"q8_qreload": True} if terms.get("QRELOAD") else {})} if rows_form else {}),
+                                 "q8_vnorm": vnorm, "q8_stack": stack} if rows_form else {}),
                              **({"q8_ablate": sorted(ablate)} if ablate else {})})
             LAUNCHES.compiled(kern[(n_kv_heads, splits)](
                 q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc, out, counter, pos, n_keys, per,
