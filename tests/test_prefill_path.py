@@ -188,3 +188,34 @@ def test_mm_keeps_narrow_activations_only_over_their_own_weights():
     assert y.dtype == torch.bfloat16 and torch.equal(y, x.bfloat16() @ w.bfloat16().T)
     z = mm(x.bfloat16(), w)
     assert z.dtype == torch.float32 and torch.equal(z, x.bfloat16().float() @ w.T)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("rows", [1, 7, 8, 300])
+def test_narrow_mm_rounds_the_exact_product_once_at_any_row_count(monkeypatch, dtype, rows):
+    """engine.model.mm over bf16/f16 weights, whichever product this CPU takes (the narrow one,
+    or from ``WIDE_MM_MIN_ROWS`` rows on a CPU without native narrow arithmetic the one widened
+    to float32, also with its weight rows widened a chunk at a time): each output is the exact
+    product of the narrowed values (float64 here) rounded once to ``dtype``, up to summation
+    order, so within one unit in the last place (plus float32 summation's error where sums
+    cancel), and equal to that rounding almost everywhere."""
+    from engine import model, qweights
+    gen = torch.Generator().manual_seed(rows)
+    x = torch.randn(rows, 192, generator=gen)
+    w = (torch.randn(70, 192, generator=gen) * 0.1).to(dtype)
+    exact = x.to(dtype).double() @ w.double().T
+    want = exact.to(dtype)
+    fi = torch.finfo(dtype)        # one unit in the last place of dtype at each exact value
+    ulp = torch.ldexp(torch.full_like(exact, fi.eps), torch.frexp(exact)[1] - 1).clamp_min(fi.eps * fi.smallest_normal)
+    # + what float32 sums of 192 products may lose where they cancel to near zero
+    ulp += 192 * torch.finfo(torch.float32).eps * (x.to(dtype).double().abs() @ w.double().abs().T)
+    ys = {"whole": model.mm(x, w), "narrow-out": model.mm(x.to(dtype), w).float()}
+    monkeypatch.setattr(qweights, "MM_CHUNK_BYTES", 4 * 192 * 16)      # 16 weight rows a chunk
+    ys["chunked"] = model.mm(x, w)
+    for name, y in ys.items():
+        assert y.dtype == torch.float32 and y.shape == (rows, 70), name
+        assert ((y.double() - exact).abs() <= ulp).all(), name
+        assert (y == want.float()).float().mean() >= 0.99, name
+    if not model.cpu_has_native(dtype) and rows >= model.WIDE_MM_MIN_ROWS:
+        # the widened path is the one taken here: rounded from float32 sums, not the narrow GEMM's
+        assert torch.equal(ys["chunked"], model._mm_widened(x.to(dtype), w).float())
