@@ -25,8 +25,6 @@ import tempfile
 import time
 import traceback
 
-import torch
-
 from .errors import EngineError, out_of_memory
 
 
@@ -46,6 +44,8 @@ def load_explained(model, *, kv_dtype: str, device, ctx: int, weight_format: str
     """``engine.load`` where an allocator failure becomes ``OutOfMemoryError`` (exit 2) with
     the planner's numbers and the free memory, instead of a raw torch error (exit 3); then the
     decode mode, if given (a mode that cannot be applied is a ConfigError, exit 2)."""
+    import torch
+
     from . import load
     try:
         from .settings import parse_size
@@ -131,11 +131,13 @@ DECODE_PREFIX = 16      # tokens prefilled before the timed decode steps
 
 
 def _sync(device) -> None:
+    import torch
     if torch.device(device).type == "cuda":
         torch.cuda.synchronize()
 
 
 def bench_main(args) -> int:
+    import torch
     from rich.console import Console
     from rich.table import Table
 

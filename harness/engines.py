@@ -32,7 +32,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:      # torch loads in the functions that use it: a bad input fails fast, in one line
+    import torch
 
 from . import adapters
 from .adapters.base import Adapter
@@ -192,6 +195,7 @@ class EnginePool:
     def kv_effect(self, model: str, kv_dtype: str, eng) -> tuple[list[dict], list[str]]:
         """Records (the engine's facts, KV-only cost) and failure lines (``not applied? ...``)
         for a case just run on ``eng``; nothing for kvbench's own engine."""
+        import torch
         if not isinstance(eng, Adapter):
             return [], []
         recs: list[dict] = [{"type": "info", "info": {"engine": eng.describe()}}]
@@ -253,6 +257,7 @@ class EnginePool:
 
 def _kld(test: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
     """KL(ref || test) per position in nats (float64)."""
+    import torch
     lr, lt = torch.log_softmax(ref.double(), -1), torch.log_softmax(test.double(), -1)
     return (lr.exp() * (lr - lt)).sum(-1).clamp_min(0.0)
 

@@ -20,7 +20,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:      # torch loads in the functions that use it: a bad input fails fast, in one line
+    import torch
 
 from .stats import mean_se, proportion_se, ratio_of_means_log, rms_se
 
@@ -39,6 +42,7 @@ def logit_stats(base: torch.Tensor, test: torch.Tensor, top_k: int = 5,
     """base, test: [T, V] logits at the same positions; ``targets[i]`` is the token that
     follows position i (for perplexity; shorter than T or -1 where none is known). Rows are
     processed ``rows`` at a time so the float64 copies stay small."""
+    import torch
     if base.shape != test.shape or base.dim() != 2:
         raise ValueError(f"logit shapes differ or are not 2-D: {tuple(base.shape)} vs {tuple(test.shape)}")
     T, V = base.shape

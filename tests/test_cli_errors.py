@@ -213,6 +213,23 @@ def test_good_suite_template_is_valid():
     assert suite.checks[0].top_k == 5
 
 
+def test_the_harness_cli_and_suite_checks_load_without_torch(tmp_path):
+    """A bad suite, `harness compare` / `report` / `merge`: the harness's command line, its
+    check registry and the suite parser import no torch (~3 s of the 4 a command took), so
+    such a command answers in about a second; torch loads where a check measures."""
+    bad = tmp_path / "bad.toml"
+    bad.write_text(GOOD_SUITE.replace("[suite]\nname", "[suite\nname", 1))
+    probe = ("import sys; sys.argv = ['harness', 'run', sys.argv[1], '--out', sys.argv[2]]\n"
+             "import harness.cli, harness.suite, harness.compare, harness.report\n"
+             "assert 'torch' not in sys.modules, 'torch imported by the harness CLI'\n"
+             "code = harness.cli.main(sys.argv[1:])\n"
+             "print('torch' in sys.modules, code)")
+    res = subprocess.run([sys.executable, "-c", probe, str(bad), str(tmp_path / "out")], capture_output=True,
+                         text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert res.stdout.split() == ["False", "2"] and "TOML syntax error" in res.stderr
+
+
 @pytest.mark.parametrize("case", list(SUITE_CASES))
 def test_suite_input_errors(cli_runs, case):
     path, res = cli_runs[("suite", case)]

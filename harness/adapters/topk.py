@@ -28,7 +28,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:      # torch loads in the functions that use it: a bad input fails fast, in one line
+    import torch
 
 from ..checks.argmax import DEFAULT_MESSAGES
 from ..checks.base import Check, Outcome, chat_ids, register
@@ -54,6 +57,7 @@ class TopK:
 
     @classmethod
     def from_logits(cls, logits: torch.Tensor, tokens: list[int], k: int, source: str = "full logits") -> "TopK":
+        import torch
         lp = torch.log_softmax(logits.double(), dim=-1)          # [T, V]
         vals, ids = lp.topk(k, dim=-1)
         nxt = torch.tensor(list(tokens[1:]) + [0])
@@ -86,6 +90,7 @@ def _kld_name(stat: str, k: int) -> str:
 
 def topk_stats(base: torch.Tensor, test: TopK) -> TopKStats:
     """Baseline full logits [T, V] against an engine's top-k with the tail as one bucket."""
+    import torch
     T = base.shape[0]
     if len(test) != T:
         raise ValueError(f"{T} baseline positions vs {len(test)} top-k positions")
@@ -134,6 +139,7 @@ def topk_stats(base: torch.Tensor, test: TopK) -> TopKStats:
 def ppl_ratio(base: torch.Tensor, test: TopK, tokens: list[int]) -> float | None:
     """exp(mean NLL under the engine - mean NLL under the baseline) over positions whose next
     token is known; None when the engine did not give every target's log-probability."""
+    import torch
     lb = torch.log_softmax(base.double(), dim=-1)
     nb, nt = [], []
     for t in range(len(tokens) - 1):

@@ -35,7 +35,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:      # torch loads in the functions that use it: a bad input fails fast, in one line
+    import torch
 
 from ..metrics import logit_stats
 from ..stats import proportion_se
@@ -141,6 +144,7 @@ class Argmax(Check):
         return None
 
     def measure(self, eng, cfg: ArgmaxConfig, state, ctx) -> Outcome:
+        import torch
         out = Outcome()
         no_routes = self._no_routes_reason(eng, state)
         chunk = cfg.noise_chunk if ctx.is_baseline else None

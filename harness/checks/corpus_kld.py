@@ -26,7 +26,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:      # torch loads in the functions that use it: a bad input fails fast, in one line
+    import torch
 
 from .. import corpus as corpora
 from ..engine_api import CAP_ATTN_MATH, CAP_CHUNKED_LOGITS, CAP_LOGITS, CAP_PREFILL_STATS, capabilities_of
@@ -182,6 +185,7 @@ class CorpusKld(Check):
         return {cfg.gate(n)[0]: why for n in cfg.threshold_fields()}
 
     def prepare(self, eng, cfg: CorpusKldConfig, ctx):
+        import torch
         text = corpora.load(cfg.corpus, cfg.corpus_sha256)
         depths, dropped = resolve_lengths(cfg.depths, eng.spec, cfg.trained_cap)
         if not depths:

@@ -56,7 +56,10 @@ import os
 import time
 from dataclasses import dataclass
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:      # torch loads in the functions that use it: a bad input fails fast, in one line
+    import torch
 
 from engine.errors import ConfigError
 
@@ -100,6 +103,7 @@ class ThroughputConfig(CheckConfig):
 
 
 def _sync(device: str) -> None:
+    import torch
     if device.startswith("cuda") and torch.cuda.is_available():
         torch.cuda.synchronize()
 
