@@ -70,6 +70,7 @@ ENGINE_WEIGHT_FORMATS = ("f32", "bf16", "f16", "q8_0")  # what the engine stores
 NORM_BYTES = 4                                        # 1-D norms always f32
 
 DEFAULT_WAVE_BUDGET = 256 << 20       # attention wave scratch of a prefill
+DEFAULT_RESERVE = 256 << 20           # trunk headroom the planner keeps free (planned, never allocated)
 CUDA_ALLOC_ROUND = 512                # the caching allocator's block rounding (default config)
 
 # q8_0 geometry (ggml block_q8_0: one little-endian fp16 scale, then 32 int8 quants), read by the

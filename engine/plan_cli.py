@@ -16,15 +16,19 @@ import argparse
 import json
 import sys
 
+from typing import TYPE_CHECKING
+
 from .errors import EngineError, OutOfMemoryError
-from .models import file_bytes, spec_for
-from .planner import (CATEGORIES, DEFAULT_RESERVE, DEFAULT_WAVE_BUDGET, KV_FORMATS, MiB, WEIGHT_FORMAT_CHOICES,
-                      Plan, _gib, _mib, decode_read_bytes, parse_size, plan, require_host_fit)
+from .formats import DEFAULT_RESERVE, DEFAULT_WAVE_BUDGET, KV_DTYPES as KV_FORMATS, WEIGHT_FORMAT_CHOICES
+
+if TYPE_CHECKING:      # the planner (torch, the kernels) loads when a plan is made: `--help` and bad flags stay fast
+    from .planner import Plan
 
 
 def format_reads(p: Plan, spec, depths) -> list[str]:
     """One line per depth: the bytes a decode token reads on the trunk and on the host
     (``planner.decode_read_bytes``), the roofline's numerator."""
+    from .planner import _mib, decode_read_bytes
     out = []
     for d in depths:
         r = decode_read_bytes(p, spec, d)
@@ -39,6 +43,7 @@ def format_reads(p: Plan, spec, depths) -> list[str]:
 def format_plan(p: Plan, spec=None, depths=()) -> str:
     """A load-log style banner: layers per tier, MiB per category, expert slots, KV tags, and
     with ``spec`` the bytes a decode token reads at each of ``depths``."""
+    from .planner import CATEGORIES, MiB, _gib, _mib
     dev = "device" if p.device != "cpu" else "device (cpu)"
     wf = p.weight_format + (f" (auto: {p.weight_format_reason})" if p.weight_format_requested == "auto" else "")
     lines = [f"plan: {p.model} ({p.arch}, {p.n_layers} layers) on {p.device}: budget {_mib(p.budget_bytes)} "
@@ -122,6 +127,8 @@ def _cpu_moe(text: str | None):
 
 
 def main(args: argparse.Namespace) -> int:
+    from .models import file_bytes, spec_for
+    from .planner import decode_read_bytes, parse_size, plan, require_host_fit
     try:
         budget = None if args.vram_budget is None else parse_size(args.vram_budget, "--vram-budget")
         host = None if args.host_ram is None else parse_size(args.host_ram, "--host-ram")

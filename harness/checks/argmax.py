@@ -35,10 +35,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:      # torch loads in the functions that use it: a bad input fails fast, in one line
-    import torch
+# torch loads in the function that uses it: a bad suite fails fast, in one line, without it
 
 from ..metrics import logit_stats
 from ..stats import proportion_se

@@ -56,10 +56,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:      # torch loads in the functions that use it: a bad input fails fast, in one line
-    import torch
+# torch loads in the function that uses it: a bad suite fails fast, in one line, without it
 
 from engine.errors import ConfigError
 
