@@ -27,7 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:      # torch loads in the functions that use it: a bad input fails fast, in one line
+    import torch
 from gguf import GGMLQuantizationType as QT
 from gguf import GGML_QUANT_SIZES
 from gguf.quants import dequantize
@@ -329,14 +332,17 @@ class GGUFFile:
                                  f"implies {list(shape)}", "the file's metadata contradicts its tensors")
         return _raw_tensor(np.asarray(t.data).reshape(-1).view(np.uint8))
 
-    def tensor(self, name: str, shape: tuple[int, ...] | None = None, *, dtype: torch.dtype = torch.float32,
+    def tensor(self, name: str, shape: tuple[int, ...] | None = None, *, dtype: torch.dtype | None = None,
                device: str | torch.device | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
         """Tensor ``name`` in PyTorch order, dequantized to float32 then cast to ``dtype``.
 
         ``shape`` (if given) is checked. ``device``: where the blocks are decoded and the result
         lives (default cpu). ``out``: a tensor of the final shape and ``dtype`` to fill instead
         (any device, e.g. pinned host memory); it is returned. Work proceeds in chunks of rows
-        (about ``DEQUANT_CHUNK_BYTES`` of float32 each), so peak extra memory is one chunk."""
+        (about ``DEQUANT_CHUNK_BYTES`` of float32 each), so peak extra memory is one chunk.
+        ``dtype`` None is float32."""
+        import torch
+        dtype = torch.float32 if dtype is None else dtype
         t = self._get(name)
         if t.tensor_type not in SUPPORTED_TYPES:
             allowed = ", ".join(q.name for q in sorted(SUPPORTED_TYPES))
@@ -378,6 +384,7 @@ class GGUFFile:
         to float32 and quantised (``gguf.quants``' Q8_0 arithmetic) on ``device`` (default cpu),
         ``DEQUANT_CHUNK_BYTES`` of float32 rows at a time. ``out``: a matrix to fill instead
         (any device, e.g. pinned host memory); it is returned."""
+        import torch
         from . import qweights
         t = self._get(name)
         n, k = shape
@@ -414,6 +421,7 @@ DEQUANT_CHUNK_BYTES = 64 << 20     # float32 bytes decoded per chunk
 
 def _decode_rows(qtype: QT, rows: np.ndarray, row_len: int, work: torch.device, x: torch.Tensor) -> None:
     """Raw rows of a tensor's bytes decoded into float32 ``x`` [len(rows), row_len] on ``work``."""
+    import torch
     if qtype in TORCH_DECODERS:
         dequantize_torch(_raw_tensor(rows).to(work), qtype, out=x)
     else:
@@ -423,6 +431,7 @@ def _decode_rows(qtype: QT, rows: np.ndarray, row_len: int, work: torch.device, 
 
 def _raw_tensor(rows: np.ndarray) -> torch.Tensor:
     """A uint8 tensor over the memory-mapped bytes without copying them (never written to)."""
+    import torch
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)    # "non-writable array": we only read it
         return torch.from_numpy(rows)
@@ -430,6 +439,7 @@ def _raw_tensor(rows: np.ndarray) -> torch.Tensor:
 
 def _f16(b: torch.Tensor) -> torch.Tensor:
     """Little-endian fp16 fields from byte columns [n, 2] -> float32 [n, 1, 1]."""
+    import torch
     return b.contiguous().view(torch.float16).float()[:, :, None]
 
 
@@ -443,6 +453,7 @@ def _nibbles(qs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
 # Decoders write float32 into ``out`` with gguf.quants' operation order (same roundings):
 # Q8_0 q*d, Q4_0 (q-8)*d (q-8 is exact in float32), Q4_1 d*q + m.
 def _q8_0(b, out):
+    import torch
     return out.copy_(b[:, 2:].view(torch.int8)).mul_(_f16(b[:, :2])[:, :, 0])
 
 
@@ -454,10 +465,18 @@ def _q4_1(b, out):
     return _nibbles(b[:, 4:], out.view(-1, 2, 16)).mul_(_f16(b[:, :2])).add_(_f16(b[:, 2:4]))
 
 
+def _as(dtype_name: str):
+    """decode for a float type: the bytes viewed as ``torch.<dtype_name>``, copied into ``out``."""
+    def decode(b, out):
+        import torch
+        return out.copy_(b.contiguous().view(getattr(torch, dtype_name)))
+    return decode
+
+
 TORCH_DECODERS = {   # qtype -> (bytes per block, decode(raw [n, bytes] uint8, out [n, values] f32))
-    QT.F32: (4, lambda b, out: out.copy_(b.contiguous().view(torch.float32))),
-    QT.F16: (2, lambda b, out: out.copy_(b.contiguous().view(torch.float16))),
-    QT.BF16: (2, lambda b, out: out.copy_(b.contiguous().view(torch.bfloat16))),
+    QT.F32: (4, _as("float32")),
+    QT.F16: (2, _as("float16")),
+    QT.BF16: (2, _as("bfloat16")),
     QT.Q8_0: (34, _q8_0),
     QT.Q4_0: (18, _q4_0),
     QT.Q4_1: (20, _q4_1),
@@ -468,6 +487,7 @@ def dequantize_torch(raw: torch.Tensor, qtype: QT, out: torch.Tensor | None = No
     """Raw GGUF bytes (uint8, whole blocks, any shape) -> float32 values, decoded on ``raw``'s
     device with the arithmetic of ``gguf.quants.dequantize`` (bit-identical). ``out``: a
     contiguous float32 tensor with room for exactly the decoded values (returned, flattened)."""
+    import torch
     size, fn = TORCH_DECODERS[qtype]
     block = GGML_QUANT_SIZES[qtype][0]
     b = raw.reshape(-1, size)

@@ -128,11 +128,12 @@ def _cpu_moe(text: str | None):
 
 def main(args: argparse.Namespace) -> int:
     from .models import file_bytes, spec_for
-    from .planner import decode_read_bytes, parse_size, plan, require_host_fit
+    from .settings import parse_size
     try:
         budget = None if args.vram_budget is None else parse_size(args.vram_budget, "--vram-budget")
         host = None if args.host_ram is None else parse_size(args.host_ram, "--host-ram")
-        spec = spec_for(args.model)
+        spec = spec_for(args.model)          # a bad file fails here, before torch and the kernels load
+        from .planner import decode_read_bytes, plan, require_host_fit
         p = plan(spec, kv_dtype=args.kv_dtype, ctx=args.ctx, vram_budget=budget,
                  n_gpu_layers=args.n_gpu_layers, wave_budget_bytes=parse_size(args.wave_budget, "--wave-budget"),
                  weight_format=args.weight_format, reserve_bytes=parse_size(args.reserve, "--reserve"),

@@ -230,23 +230,25 @@ def test_the_harness_cli_and_suite_checks_load_without_torch(tmp_path):
     assert res.stdout.split() == ["False", "2"] and "TOML syntax error" in res.stderr
 
 
-def test_the_engine_cli_parses_its_flags_without_torch():
-    """`python -m engine --help` and a bad flag of any command answer before torch (and the
-    planner's kernels) load; a plan loads them."""
+def test_the_engine_cli_parses_its_flags_without_torch(tmp_path):
+    """`python -m engine --help`, a bad flag of any command and `plan` of a file that is no
+    GGUF answer before torch (and the planner's kernels) load."""
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"XXXX" + bytes(60))
     probe = ("import sys, contextlib, io\n"
              "import engine.cli\n"
-             "for argv in (['--help'], ['bench', '--repeats', '0'], ['plan', 'tiny-llama', '--ctx', 'x']):\n"
+             "for argv in (['--help'], ['bench', '--repeats', '0'], ['plan', 'tiny-llama', '--ctx', 'x'], ['plan', sys.argv[1]]):\n"
              "    err, code = io.StringIO(), None\n"
              "    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(err):\n"
              "        try:\n"
-             "            engine.cli.main(argv)\n"
+             "            code = engine.cli.main(argv)\n"
              "        except SystemExit as e:\n"
              "            code = e.code\n"
              "    print(argv[0], code, 'torch' in sys.modules, err.getvalue().count('\\n'))\n")
-    res = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT,
+    res = subprocess.run([sys.executable, "-c", probe, str(bad)], capture_output=True, text=True, cwd=ROOT,
                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
     assert res.returncode == 0, res.stderr[-2000:]
-    assert res.stdout.splitlines() == ["--help 0 False 0", "bench 2 False 1", "plan 2 False 1"], res.stdout
+    assert res.stdout.splitlines() == ["--help 0 False 0", "bench 2 False 1", "plan 2 False 1", "plan 2 False 1"], res.stdout
 
 
 @pytest.mark.parametrize("case", list(SUITE_CASES))
