@@ -551,14 +551,7 @@ def _mm_widened(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     float32 sums, one rounding) in another summation order. Widens ``qweights.MM_CHUNK_BYTES``
     of weight rows at a time, so an output head of 150k rows never needs its float32 copy."""
     n, k = w.shape
-    xf = x.float()
-    step = max(1, qweights.MM_CHUNK_BYTES // (4 * k))
-    if step >= n:
-        return (xf @ w.float().T).to(w.dtype)
-    y = torch.empty(*x.shape[:-1], n, dtype=w.dtype)
-    for r0 in range(0, n, step):
-        y[..., r0:r0 + step] = xf @ w[r0:r0 + step].float().T
-    return y
+    return qweights.rows_mm(x.float(), n, k, lambda r0, r1: w[r0:r1].float(), w.dtype)
 
 
 def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:

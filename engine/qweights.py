@@ -19,6 +19,8 @@ it; an int8 2-D weight means Q8_0 everywhere in the engine (``is_q8``).
   values), dequantising ``MM_CHUNK_BYTES`` of float32 rows at a time, so an output head of
   150k rows never needs its float32 copy at once. Returns float32 [T, N]; bfloat16 ``x`` (the
   fast prefill path) computes and returns bfloat16 over the values rounded to bfloat16.
+- ``rows_mm(x, n, k, rows, dtype)``: that chunking for any matrix given a slice of rows at a time
+  (``engine.model.mm`` widens bf16/f16 weights through it on CPUs without native narrow maths).
 
 Torch only (no Triton): ``engine.model`` and the loader import it.
 
@@ -122,10 +124,17 @@ def mm(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     n, k = w.shape[0], in_features(w)
     if x.shape[-1] != k:
         raise ValueError(f"mm: x has {x.shape[-1]} features, the Q8_0 matrix {k}")
+    return rows_mm(x, n, k, lambda r0, r1: dequantize(w[r0:r1], dt), dt)
+
+
+def rows_mm(x: torch.Tensor, n: int, k: int, rows, dtype: torch.dtype) -> torch.Tensor:
+    """``x [..., K] @ W.T`` -> ``dtype`` [..., N] for an N x K matrix given as ``rows(r0, r1)``
+    (its rows r0..r1 in ``x``'s dtype), ``MM_CHUNK_BYTES`` of float32 rows at a time: a wide copy
+    of a 150k-row output head never exists at once."""
     step = max(1, MM_CHUNK_BYTES // (4 * k))
     if step >= n:
-        return x @ dequantize(w, dt).T
-    y = torch.empty(*x.shape[:-1], n, dtype=dt, device=x.device)
+        return (x @ rows(0, n).T).to(dtype)
+    y = torch.empty(*x.shape[:-1], n, dtype=dtype, device=x.device)
     for r0 in range(0, n, step):
-        y[..., r0:r0 + step] = x @ dequantize(w[r0:r0 + step], dt).T
+        y[..., r0:r0 + step] = x @ rows(r0, min(n, r0 + step)).T
     return y
