@@ -66,8 +66,6 @@ class EnginePool:
     def __init__(self, device: str, weight_format: str, engine: str | None = None,
                  engine_kv: dict[str, str] | list[str] | None = None, baseline: str = "fp32",
                  rows: list[str] | tuple = ()):
-        from engine import Engine
-        self.engine_class = Engine          # kvbench's engine: the baseline row's, always
         self.device, self.weight_format = device, weight_format
         self.spec = adapters.parse(engine)
         self.baseline = baseline
@@ -117,6 +115,13 @@ class EnginePool:
 
     def uses_adapter(self, kv_dtype: str) -> bool:
         return self.adapter_class is not None and kv_dtype != self.baseline
+
+    @property
+    def engine_class(self):
+        """kvbench's engine: the baseline row's, always (imported here: the flags above are
+        checked without torch)."""
+        from engine import Engine
+        return Engine
 
     def engine_class_for(self, kv_dtype: str):
         """The class that will answer this row (its capabilities decide ``n/a`` up front)."""
