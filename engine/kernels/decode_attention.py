@@ -1341,16 +1341,25 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if q8_own:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
-        if cfg["q8_impl"] not in ("rows", "batched", "blocks", "streams", "streams2"):
-            raise ValueError(f"q8_impl must be 'rows', 'batched', 'blocks', 'streams' or 'streams2', "
+        if cfg["q8_impl"] not in ("rows", "batched", "blocks", "streams", "streams2", "cuda"):
+            raise ValueError(f"q8_impl must be 'rows', 'batched', 'blocks', 'streams', 'streams2' or 'cuda', "
                              f"not {cfg['q8_impl']!r}")
+        cuda_form = cfg["q8_impl"] == "cuda"
+        if cuda_form:
+            from . import cuda_q8
+            if interpreted() or q.device.type != "cuda":
+                raise ValueError("q8_impl 'cuda' is a CUDA C++ kernel: it runs compiled on a CUDA device only "
+                                 "(not under TRITON_INTERPRET, not on the CPU); use 'rows' there")
+            if not cuda_q8.supports(G, D):
+                raise ValueError(f"q8_impl 'cuda' serves {cuda_q8.GROUPS} query heads a KV head at head_dim "
+                                 f"{cuda_q8.HEAD_DIMS}, not {G} at {D}: use 'rows'")
         if cfg["q8_impl"] in ("streams", "streams2") and G > 8:
             raise ValueError(f"q8_impl {cfg['q8_impl']!r} serves up to 8 query heads a KV head, not {G}: use 'rows'")
         if cfg["q8_impl"] == "blocks" and nb not in (1, 2, 4):
             raise ValueError(f"q8_impl 'blocks' serves head_dim 32, 64 or 128 (1, 2 or 4 blocks a head), "
                              f"not {D}: use 'rows'")
         rows_form = cfg["q8_impl"] == "rows"
-        streams = cfg["q8_impl"] in ("streams", "streams2")
+        streams = cfg["q8_impl"] in ("streams", "streams2", "cuda")     # float32 FMAs, no fused combine
         ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
         words = str(cfg["q8_words"] or "none")
         if words not in ("none", "k", "v", "kv", "kv_prmt") or (words != "none" and not rows_form):
@@ -1379,7 +1388,13 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         if not rows_form and q8_stacked(cfg["q8_stack"], (2, 2), "split", set()):     # asked on (value checked)
             raise ValueError(f"q8_stack stacks the rows kernel's terms; this launch is q8_impl {cfg['q8_impl']!r}: "
                              f"unset q8_stack (KVBENCH_DECODE_Q8_STACK) or use 'rows'")
-        if streams and cfg["q8_impl"] == "streams2":
+        if cuda_form:
+            LAUNCHES.record({"kernel": f"kvbench_q8_decode_g{G}_d{D}", "q8_impl": "cuda", "block_n": cuda_q8.TILE,
+                             "num_warps": cuda_q8.THREADS // 32, "num_stages": cuda_q8.STAGES, "splits": splits,
+                             "keys_per_split": per, "combine_block": comb["BLOCK_S"], "pdl": pdl})
+            cuda_q8.launch(q, kr, vr, m, l, acc, pos if dev_pos["DEV_POS"] else None, n_keys, per, splits,
+                           scale * LOG2E, n_kv_heads)
+        elif streams and cfg["q8_impl"] == "streams2":
             # the scores' scratch: G floats a key of each (KV head, split)
             sbuf = torch.empty(n_kv_heads * splits * G * per, device=q.device, dtype=torch.float32)
             last_scratch_bytes += sbuf.nbytes

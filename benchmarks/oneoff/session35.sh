@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The thirty-fifth session's device call: the CUDA C++ q8_0 decode kernel (q8_impl "cuda",
+# engine/kernels/cuda/q8_decode.cu), built on the device with its nvcc.
+#   tests: its GPU tests against the torch reference (groups 1-8, head_dim 64/128, device position,
+#          CUDA graph) and the float64-oracle magnitude test with the form in its list
+#   grid:  bench_attention's decode grid (both geometries, 4096 / 16384 / 32768) with q8_0 through the
+#          CUDA form, then the default (rows) in the same call, for the same-card ratios
+#   bound: on an H200 only, the one-launch bound (session28.sh bound with the H200 arguments)
+# Carry .whl. Usage on the device: bash benchmarks/oneoff/session35.sh tests grid bound
+set -uo pipefail
+bash benchmarks/gpu_session.sh nop >/dev/null 2>&1
+export PYTHONPATH=/tmp/site:$PWD KVBENCH_CACHE=/tmp/kvcache PYTHONUNBUFFERED=1
+[ -x /usr/local/cuda/bin/nvcc ] && export PATH=$PATH:/usr/local/cuda/bin
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "card: $gpu"
+echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -2 | head -1)"
+for step in "$@"; do
+  SECONDS=0
+  case $step in
+    tests) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -s tests/test_cuda_q8.py \
+             "tests/test_kernels.py::test_q8_decode_kernel_across_magnitudes_and_at_a_device_position" > "$OUT/tests.log" 2>&1
+           grep -E "cuda q8_0|'cuda'|passed|failed|FAILED|Error|error" "$OUT/tests.log" | tail -30 ;;
+    grid)  for impl in cuda rows; do
+             KVBENCH_DECODE_Q8_IMPL=$impl timeout ${GRID_TIMEOUT:-230} python3 benchmarks/bench_attention.py --skip-prefill \
+               --reps ${REPS:-20} --out "$OUT/attention-$impl.json" > "$OUT/attention-$impl.log" 2>&1
+             echo "== q8_impl $impl (rc $?)"; grep -vE "^\{|^\s*$" "$OUT/attention-$impl.log" | tail -34
+           done ;;
+    bound) if [[ $gpu == *H200* ]]; then
+             BOUND_ARGS="--ctxs 4096,16384,32768 --chunks 2048,8192,32768 --blocks 1024,4096 --reps 10" \
+               BOUND_TIMEOUT=${BOUND_TIMEOUT:-200} bash benchmarks/oneoff/session28.sh bound 2>&1 | tail -30
+           else echo "bound: not an H200, skipped"; fi ;;
+  esac
+  echo "[$step: ${SECONDS} s]"
+done

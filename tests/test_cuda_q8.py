@@ -1,0 +1,124 @@
+"""q8_0 decode attention in CUDA C++ (``q8_impl="cuda"``, engine/kernels/cuda_q8.py).
+
+Independent reference: ``decode_attention_ref`` (the blocked torch attention over the
+dequantized cache) on the GPU, at GQA groups 1-8, head_dim 64 and 128, contexts shorter than
+one tile and longer than a split, the position read from the device (int64 and int32) and the
+launch captured in a CUDA graph. Off the GPU: the form refuses to run where it cannot (CPU,
+the Triton interpreter), and where nvcc is installed the source builds for sm_90 with every
+entry point the launcher looks up."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from engine import kernels
+from engine.kernels import cuda_q8
+from engine.kernels import decode_attention as da
+from engine.kernels.decode_attention import decode_attention, decode_attention_ref
+from engine.kv import LayerKV
+
+CUDA = torch.cuda.is_available()
+
+
+def filled(hkv, d, n, seed):
+    dev = "cuda" if CUDA else "cpu"
+    gen = torch.Generator(device=dev).manual_seed(seed)
+    cache = LayerKV(0, hkv, d, n, "q8_0", device=dev)
+    prev = kernels.set_backend("torch")
+    try:
+        cache.write(0, torch.randn(n, hkv, d, device=dev, generator=gen),
+                    torch.randn(n, hkv, d, device=dev, generator=gen) * 2)
+    finally:
+        kernels.set_backend(prev)
+    return cache, gen
+
+
+def test_the_cuda_form_refuses_where_it_cannot_run(monkeypatch):
+    if CUDA and not kernels.interpreted():
+        pytest.skip("on a CUDA device the form runs (test_gpu_* below)")
+    cache, gen = filled(2, 64, 40, seed=3)
+    q = torch.randn(8, 64, generator=gen, device=cache.k.device)
+    prev = kernels.set_backend("triton")
+    try:
+        with pytest.raises(ValueError, match="q8_impl 'cuda' is a CUDA C.. kernel: it runs compiled on a CUDA "
+                                             "device only"):
+            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "cuda"})
+    finally:
+        kernels.set_backend(prev)
+
+
+def test_the_source_builds_with_every_entry_point(tmp_path):
+    nvcc = cuda_q8.nvcc_path()
+    if nvcc is None:
+        pytest.skip("no nvcc here (the GPU machine builds it on first use)")
+    cubin = cuda_q8.build("sm_90", nvcc=nvcc, out_dir=tmp_path).read_bytes()
+    for g in cuda_q8.GROUPS:
+        for d in cuda_q8.HEAD_DIMS:
+            assert f"kvbench_q8_decode_g{g}_d{d}".encode() in cubin
+            assert f"kvbench_q8_smem_g{g}_d{d}".encode() in cubin
+    # cached: the second call compiles nothing and returns the same file
+    assert cuda_q8.build("sm_90", nvcc=nvcc, out_dir=tmp_path).read_bytes() == cubin
+
+
+def test_no_nvcc_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("KVBENCH_NVCC", str(tmp_path / "missing"))
+    monkeypatch.setenv("PATH", str(tmp_path))
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.setattr(cuda_q8, "FALLBACK_NVCC", str(tmp_path / "nvcc"))
+    with pytest.raises(cuda_q8.CudaKernelError, match="needs the CUDA toolkit's nvcc"):
+        cuda_q8.build("sm_90", out_dir=tmp_path)
+
+
+GEOS = [(16384, 32, 8, 128), (1000, 32, 8, 128), (4096, 32, 4, 128), (77, 32, 4, 128), (5, 8, 8, 128),
+        (300, 9, 3, 64), (129, 8, 1, 64), (2000, 16, 8, 64)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("geo", GEOS, ids=lambda g: "ctx{}-hq{}-hkv{}-d{}".format(*g))
+def test_gpu_cuda_form_matches_the_reference(geo):
+    if not CUDA:
+        pytest.skip("needs CUDA (run on the GPU machine)")
+    ctx, Hq, Hkv, D = geo
+    cache, gen = filled(Hkv, D, ctx, seed=ctx + Hq)
+    q = torch.randn(Hq, D, device="cuda", generator=gen)
+    ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv)
+    prev = kernels.set_backend("triton")
+    try:
+        with da.recording() as rec:
+            out = decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg={"q8_impl": "cuda"})
+        for dtype in (torch.int64, torch.int32):
+            pos = torch.tensor([ctx - 1], dtype=dtype, device="cuda")
+            at = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": "cuda"}, pos=pos)
+            err = (at - ref).abs().max().item()
+            assert err < 2e-5 * max(1.0, ref.abs().max().item()), (dtype, err)
+    finally:
+        kernels.set_backend(prev)
+    assert rec[0]["kernel"] == f"kvbench_q8_decode_g{Hq // Hkv}_d{D}" and rec[0]["q8_impl"] == "cuda"
+    err = (out - ref).abs().max().item()
+    print(f"cuda q8_0 {geo}: max-abs {err:.2e} (|ref| max {ref.abs().max().item():.2f})")
+    assert err < 2e-5 * max(1.0, ref.abs().max().item())
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position():
+    if not CUDA:
+        pytest.skip("needs CUDA (run on the GPU machine)")
+    Hq, Hkv, D, cap = 32, 4, 128, 3000
+    cache, gen = filled(Hkv, D, cap, seed=7)
+    q = torch.randn(Hq, D, device="cuda", generator=gen)
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    prev = kernels.set_backend("triton")
+    try:
+        decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": "cuda"}, pos=pos)
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": "cuda"}, pos=pos)
+    finally:
+        kernels.set_backend(prev)
+    for n in (1, 64, 65, 1999, 3000):
+        pos.fill_(n - 1)
+        g.replay()
+        torch.cuda.synchronize()
+        ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", n, D ** -0.5, Hkv)
+        assert (out - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), n
