@@ -142,3 +142,25 @@ def test_rope_append_with_head_norms_matches_norm_rotate_append(kind, k_fmt, v_f
     q_plain = rope_append_at(qkv.to(DEV), rope.cos.to(DEV), rope.sin.to(DEV), torch.tensor([pos], device=DEV),
                              kb2, vb2, k_fmt, v_fmt, hq, hkv, d, kind)
     assert (q_plain.cpu() - q_ref).abs().max().item() > 0.1
+
+
+@pytest.mark.parametrize("kind", ["neox", "norm"])
+def test_rope_tables_grow_past_their_first_4096_rows(kind):
+    """``Rope`` starts with 4096 rows of tables and rebuilds them longer when a prefill reaches
+    past them: rows straddling 4096 and far beyond are rotated by the angle of their own
+    position, against a float64 rotation written out from the RoPE formula."""
+    D, base = 64, 1e6
+    rope = Rope(D, base, kind, 4096)
+    assert rope.cos.shape[0] == 4096
+    g = torch.Generator().manual_seed(0)
+    for start, T in ((4090, 12), (9000, 5)):
+        x = torch.randn(T, 3, D, generator=g)
+        got = rope.apply(x, start)
+        inv = 1.0 / base ** (torch.arange(0, D, 2, dtype=torch.float64) / D)
+        ang = torch.arange(start, start + T, dtype=torch.float64)[:, None, None] * inv      # [T, 1, D/2]
+        xd = x.double()
+        a, b = (xd[..., : D // 2], xd[..., D // 2:]) if kind == "neox" else (xd[..., 0::2], xd[..., 1::2])
+        ra, rb = a * ang.cos() - b * ang.sin(), b * ang.cos() + a * ang.sin()
+        want = torch.cat([ra, rb], -1) if kind == "neox" else torch.stack([ra, rb], -1).flatten(-2)
+        assert rope.cos.shape[0] >= start + T
+        assert (got.double() - want).abs().max().item() < 1e-5
