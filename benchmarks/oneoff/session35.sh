@@ -20,10 +20,15 @@ for step in "$@"; do
     tests) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -s tests/test_cuda_q8.py \
              "tests/test_kernels.py::test_q8_decode_kernel_across_magnitudes_and_at_a_device_position" > "$OUT/tests.log" 2>&1
            grep -E "cuda q8_0|'cuda'|passed|failed|FAILED|Error|error" "$OUT/tests.log" | tail -30 ;;
-    grid)  for impl in cuda rows; do
-             KVBENCH_DECODE_Q8_IMPL=$impl timeout ${GRID_TIMEOUT:-230} python3 benchmarks/bench_attention.py --skip-prefill \
-               --reps ${REPS:-20} --out "$OUT/attention-$impl.json" > "$OUT/attention-$impl.log" 2>&1
-             echo "== q8_impl $impl (rc $?)"; grep -vE "^\{|^\s*$" "$OUT/attention-$impl.log" | tail -34
+    grid)  # GRID_VARIANTS: name:q8_impl:programs_per_sm (q8_0's rows only differ between variants that
+           # share programs_per_sm; a variant at 3 moves the fp32 / bf16 launches too: read only its q8_0 rows)
+           for v in ${GRID_VARIANTS:-cuda:cuda:2 cuda3:cuda:3 rows:rows:2}; do
+             IFS=: read -r name impl ppsm <<< "$v"
+             KVBENCH_DECODE_Q8_IMPL=$impl KVBENCH_DECODE_PROGRAMS_PER_SM=$ppsm timeout ${GRID_TIMEOUT:-230} \
+               python3 benchmarks/bench_attention.py --skip-prefill --reps ${REPS:-20} --out "$OUT/attention-$name.json" \
+               > "$OUT/attention-$name.log" 2>&1
+             echo "== $name: q8_impl $impl, programs_per_sm $ppsm (rc $?)"
+             grep -E "q8_0|targets.*layered" "$OUT/attention-$name.log" | grep -v "^{" | tail -14
            done ;;
     bound) if [[ $gpu == *H200* ]]; then
              BOUND_ARGS="--ctxs 4096,16384,32768 --chunks 2048,8192,32768 --blocks 1024,4096 --reps 10" \

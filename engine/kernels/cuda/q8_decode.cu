@@ -54,16 +54,20 @@ template <int G, int D, int NSTAGE>
 struct Q8Geom {
     static constexpr int NB = D / 32;                 // scales a head row
     static constexpr int SB = NB * 2;                 // their bytes
-    static constexpr int QB = TILE * D;               // quant bytes of a tile (one of K, V)
-    static constexpr int STAGE = 2 * QB + 2 * TILE * SB;
+    static constexpr int KS = D + 16;                 // K rows in shared memory: padded, so the 8 lanes
+                                                      // of a 16-byte load phase hit distinct banks
+    static constexpr int KQB = TILE * KS;             // K quant bytes of a tile
+    static constexpr int VQB = TILE * D;              // V quant bytes of a tile
+    static constexpr int STAGE = KQB + VQB + 2 * TILE * SB;
     static constexpr int VD = 8;                      // V phase: dims a thread
     static constexpr int DG = D / VD;                 //          dim groups
     static constexpr int KL = NT / DG;                //          key lanes
-    static constexpr int LPK = D / 16;                // K phase: lanes a key (16 quants each)
-    static constexpr int KPP = NT / LPK;              //          keys a pass
+    static constexpr int KW = (NT / 32) / NB;         // K phase: a warp a 32-value block; key groups
+    static constexpr int KPL = TILE / (32 * KW);      //          keys a lane
     static constexpr int RED = KL * G * D * 4;        // the key lanes' accumulators, summed at the end
     static constexpr int BASE = (NSTAGE * STAGE > RED ? NSTAGE * STAGE : RED);
-    static constexpr int SMEM = BASE + 4 * (G * D + 2 * G * TILE + 3 * G);
+    static constexpr int SMEM = BASE + 4 * (G * D + NB * G * TILE + G * TILE + 3 * G);
+    static_assert(NB * KW == NT / 32 && KPL * 32 * KW == TILE, "K phase mapping");
 };
 
 template <int G, int D, int NSTAGE>
@@ -74,12 +78,12 @@ __device__ __forceinline__ void q8_decode(const float* __restrict__ q, const int
                                           const void* __restrict__ pos, int pos64, int n_keys, int per, int n_splits,
                                           float qk_scale, int hkv) {
     using Geo = Q8Geom<G, D, NSTAGE>;
-    constexpr int NB = Geo::NB, SB = Geo::SB, QB = Geo::QB, STAGE = Geo::STAGE;
-    constexpr int VD = Geo::VD, DG = Geo::DG, KL = Geo::KL, LPK = Geo::LPK, KPP = Geo::KPP;
+    constexpr int NB = Geo::NB, SB = Geo::SB, KS = Geo::KS, KQB = Geo::KQB, VQB = Geo::VQB, STAGE = Geo::STAGE;
+    constexpr int VD = Geo::VD, DG = Geo::DG, KL = Geo::KL, KW = Geo::KW, KPL = Geo::KPL;
     extern __shared__ __align__(16) unsigned char smem[];
     float* sq = reinterpret_cast<float*>(smem + Geo::BASE);    // [G][D] q * qk_scale
-    float* ss = sq + G * D;                                     // [G][TILE] scores
-    float* sp = ss + G * TILE;                                  // [TILE][G] p
+    float* ss = sq + G * D;                                     // [NB][G][TILE] scores, a block's part
+    float* sp = ss + NB * G * TILE;                             // [TILE][G] p
     float* sm = sp + TILE * G;                                  // [G] running max
     float* sl = sm + G;                                         // [G] running sum
     float* sa = sl + G;                                         // [G] this tile's rescale
@@ -109,15 +113,15 @@ __device__ __forceinline__ void q8_decode(const float* __restrict__ q, const int
             const int j = c / CH, k = c % CH, r = r0 + j;
             const bool ok = r < hi;
             const long long rr = ok ? r : lo;
-            cp_async16(st + j * D + k * 16, kq + rr * qstride + h * D + k * 16, ok);
-            cp_async16(st + QB + j * D + k * 16, vq + rr * qstride + h * D + k * 16, ok);
+            cp_async16(st + j * KS + k * 16, kq + rr * qstride + h * D + k * 16, ok);
+            cp_async16(st + KQB + j * D + k * 16, vq + rr * qstride + h * D + k * 16, ok);
         }
         if (tid < TILE) {
             const int r = r0 + tid;
             const bool ok = r < hi;
             const long long rr = ok ? r : lo;
-            cp_async_ca<SB>(st + 2 * QB + tid * SB, ks + rr * sstride + h * NB, ok);
-            cp_async_ca<SB>(st + 2 * QB + TILE * SB + tid * SB, vs + rr * sstride + h * NB, ok);
+            cp_async_ca<SB>(st + KQB + VQB + tid * SB, ks + rr * sstride + h * NB, ok);
+            cp_async_ca<SB>(st + KQB + VQB + TILE * SB + tid * SB, vs + rr * sstride + h * NB, ok);
         }
     };
 #pragma unroll
@@ -127,7 +131,8 @@ __device__ __forceinline__ void q8_decode(const float* __restrict__ q, const int
     }
 
     const int dg = tid % DG, kl = tid / DG;     // V phase
-    const int kc = tid % LPK, kj = tid / LPK;   // K phase
+    const int wp = tid / 32, lane = tid % 32;
+    const int kb = wp % NB, kg = wp / NB;       // K phase: this warp's block and key group
     float acc[G][VD];
 #pragma unroll
     for (int g = 0; g < G; ++g)
@@ -142,47 +147,59 @@ __device__ __forceinline__ void q8_decode(const float* __restrict__ q, const int
         const unsigned char* st = smem + (t % NSTAGE) * STAGE;
         const int r0 = lo + t * TILE;
 
-        // K: scores of the tile's keys, LPK lanes a key, 16 quants a lane (one 32-value block's half)
+        // K: a lane's KPL keys against one 32-value block (this warp's): q read from shared memory is
+        // the same address for every lane (a broadcast), each q value used for KPL keys; four quants
+        // are widened at a time and used for every query head
+        {
+            uint32_t kw[KPL][8];
+            float d[KPL], a[KPL][G];
 #pragma unroll
-        for (int j = kj; j < TILE; j += KPP) {
-            const uint4 w = *reinterpret_cast<const uint4*>(st + j * D + kc * 16);
-            float kf[16];
-            i8x4_to_f32(w.x, kf);
-            i8x4_to_f32(w.y, kf + 4);
-            i8x4_to_f32(w.z, kf + 8);
-            i8x4_to_f32(w.w, kf + 12);
-            const float d = __half2float(reinterpret_cast<const __half*>(st + 2 * QB + j * SB)[kc / 2]);
-            float part[G];
+            for (int u = 0; u < KPL; ++u) {
+                const int j = (kg * KPL + u) * 32 + lane;
+                const uint4 w0 = *reinterpret_cast<const uint4*>(st + j * KS + kb * 32);
+                const uint4 w1 = *reinterpret_cast<const uint4*>(st + j * KS + kb * 32 + 16);
+                kw[u][0] = w0.x; kw[u][1] = w0.y; kw[u][2] = w0.z; kw[u][3] = w0.w;
+                kw[u][4] = w1.x; kw[u][5] = w1.y; kw[u][6] = w1.z; kw[u][7] = w1.w;
+                d[u] = __half2float(reinterpret_cast<const __half*>(st + KQB + VQB + j * SB)[kb]);
 #pragma unroll
-            for (int g = 0; g < G; ++g) {
-                const float4* qq = reinterpret_cast<const float4*>(sq + g * D + kc * 16);
-                float s = 0.0f;
-#pragma unroll
-                for (int i = 0; i < 4; ++i) {
-                    const float4 a = qq[i];
-                    s = fmaf(a.x, kf[4 * i], s);
-                    s = fmaf(a.y, kf[4 * i + 1], s);
-                    s = fmaf(a.z, kf[4 * i + 2], s);
-                    s = fmaf(a.w, kf[4 * i + 3], s);
-                }
-                part[g] = s * d;
+                for (int g = 0; g < G; ++g) a[u][g] = 0.0f;
             }
 #pragma unroll
-            for (int off = LPK / 2; off > 0; off >>= 1)
+            for (int c = 0; c < 8; ++c) {
+                float kf[KPL][4];
 #pragma unroll
-                for (int g = 0; g < G; ++g) part[g] += __shfl_xor_sync(0xffffffffu, part[g], off);
-            const bool ok = r0 + j < hi;
+                for (int u = 0; u < KPL; ++u) i8x4_to_f32(kw[u][c], kf[u]);
+#pragma unroll
+                for (int g = 0; g < G; ++g) {
+                    const float4 x = reinterpret_cast<const float4*>(sq + g * D + kb * 32)[c];
+#pragma unroll
+                    for (int u = 0; u < KPL; ++u) {
+                        a[u][g] = fmaf(x.x, kf[u][0], a[u][g]);
+                        a[u][g] = fmaf(x.y, kf[u][1], a[u][g]);
+                        a[u][g] = fmaf(x.z, kf[u][2], a[u][g]);
+                        a[u][g] = fmaf(x.w, kf[u][3], a[u][g]);
+                    }
+                }
+            }
 #pragma unroll
             for (int g = 0; g < G; ++g)
-                if (g % LPK == kc) ss[g * TILE + j] = ok ? part[g] : -INFINITY;
+#pragma unroll
+                for (int u = 0; u < KPL; ++u)
+                    ss[(kb * G + g) * TILE + (kg * KPL + u) * 32 + lane] = a[u][g] * d[u];
         }
         __syncthreads();
 
         // softmax over the tile: warp w takes heads w, w + 4, ...; two keys a lane
         {
-            const int wp = tid / 32, lane = tid % 32;
             for (int g = wp; g < G; g += NT / 32) {
-                const float a = ss[g * TILE + lane], b = ss[g * TILE + lane + 32];
+                float a = 0.0f, b = 0.0f;
+#pragma unroll
+                for (int k = 0; k < NB; ++k) {
+                    a += ss[(k * G + g) * TILE + lane];
+                    b += ss[(k * G + g) * TILE + lane + 32];
+                }
+                if (r0 + lane >= hi) a = -INFINITY;
+                if (r0 + lane + 32 >= hi) b = -INFINITY;
                 const float m_old = sm[g];
                 float mx = fmaxf(a, b);
 #pragma unroll
@@ -213,12 +230,12 @@ __device__ __forceinline__ void q8_decode(const float* __restrict__ q, const int
         }
 #pragma unroll
         for (int j = kl; j < TILE; j += KL) {
-            const uint2 w = *reinterpret_cast<const uint2*>(st + QB + j * D + dg * VD);
+            const uint2 w = *reinterpret_cast<const uint2*>(st + KQB + j * D + dg * VD);
             float vf[8];
             i8x4_to_f32(w.x, vf);
             i8x4_to_f32(w.y, vf + 4);
             const float dv = __half2float(
-                reinterpret_cast<const __half*>(st + 2 * QB + TILE * SB + j * SB)[(dg * VD) / 32]);
+                reinterpret_cast<const __half*>(st + KQB + VQB + TILE * SB + j * SB)[(dg * VD) / 32]);
 #pragma unroll
             for (int g = 0; g < G; ++g) {
                 const float pv = sp[j * G + g] * dv;
