@@ -26,7 +26,10 @@ byte permutes where compiled: ``q8_unpack``) and float32 FMAs, R = ``block_n`` i
 softmax streams a program merged after the loop; ``streams2`` in two passes, K's scores through a
 scratch then V with the split's max known (no rescaling); on the H100 at 16384 they took 40-43 us
 against rows' 25.7 (reports/h100-2026-12-07b: ~8 warps a SM, latency-bound). Only ``rows`` has been
-the default; the others stay selectable for the sweeps (timings: docs/perf-notes.md). ``q8_stack``
+the default; the others stay selectable for the sweeps (timings: docs/perf-notes.md). ``cuda`` is the split
+part written in CUDA C++ (``engine.kernels.cuda_q8``, ``engine/kernels/cuda/q8_decode.cu``: float32 FMAs
+over 64-key tiles that cp.async brings into shared memory three at a time, built with nvcc at first
+use, launched through the driver API; compiled CUDA only, no fused combine, no PDL). ``q8_stack``
 (``KVBENCH_DECODE_Q8_STACK``, off by default) stacks the rows kernel's two float16 terms along one
 operand's rows (one dot a side instead of two; at G 8 a 64-row warpgroup MMA on sm_90): 40% fewer
 instructions, not less time (reports/h100-2026-12-07c). Two more forms were measured slower and
