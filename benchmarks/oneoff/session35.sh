@@ -5,6 +5,7 @@
 #          CUDA graph) and the float64-oracle magnitude test with the form in its list
 #   grid:  bench_attention's decode grid (both geometries, 4096 / 16384 / 32768) with q8_0 through the
 #          CUDA form, then the default (rows) in the same call, for the same-card ratios
+#   step:  the captured coder30b step at 16384, bf16 / q8_0 KV, q8_0 by rows and by the CUDA form
 #   bound: on an H200 only, the one-launch bound (session28.sh bound with the H200 arguments)
 # Carry .whl. Usage on the device: bash benchmarks/oneoff/session35.sh tests grid bound
 set -uo pipefail
@@ -30,6 +31,11 @@ for step in "$@"; do
              echo "== $name: q8_impl $impl, programs_per_sm $ppsm (rc $?)"
              grep -E "q8_0|targets.*layered" "$OUT/attention-$name.log" | grep -v "^{" | tail -14
            done ;;
+    step)  # the captured coder30b step at depth 16384 (all on the GPU), bf16 / q8_0 KV: the default q8_0 form
+           # against the CUDA one, each twice, alternating (issue 14: q8_0 KV >= bf16 KV at 16384)
+           MOE_VARIANTS="default,cuda:KVBENCH_DECODE_Q8_IMPL=cuda,rep2:KVBENCH_STEP_PDL=auto,cuda2:KVBENCH_DECODE_Q8_IMPL=cuda" \
+             MOE_MAX_S=${MOE_MAX_S:-300} MOE_TAG=-s35 MOE_ARGS="--depths 16384 --profile none" \
+             bash benchmarks/gpu_session.sh moevar 2>&1 | tail -30 ;;
     bound) if [[ $gpu == *H200* ]]; then
              BOUND_ARGS="--ctxs 4096,16384,32768 --chunks 2048,8192,32768 --blocks 1024,4096 --reps 10" \
                BOUND_TIMEOUT=${BOUND_TIMEOUT:-200} bash benchmarks/oneoff/session28.sh bound 2>&1 | tail -30
