@@ -236,9 +236,20 @@ __device__ __forceinline__ void q8_decode(const float* __restrict__ q, const int
             i8x4_to_f32(w.y, vf + 4);
             const float dv = __half2float(
                 reinterpret_cast<const __half*>(st + KQB + VQB + TILE * SB + j * SB)[(dg * VD) / 32]);
+            float pj[G];
+            if constexpr (G % 4 == 0) {      // a key's G values of p as 16-byte loads
+#pragma unroll
+                for (int g = 0; g < G; g += 4) {
+                    const float4 x = reinterpret_cast<const float4*>(sp + j * G)[g / 4];
+                    pj[g] = x.x; pj[g + 1] = x.y; pj[g + 2] = x.z; pj[g + 3] = x.w;
+                }
+            } else {
+#pragma unroll
+                for (int g = 0; g < G; ++g) pj[g] = sp[j * G + g];
+            }
 #pragma unroll
             for (int g = 0; g < G; ++g) {
-                const float pv = sp[j * G + g] * dv;
+                const float pv = pj[g] * dv;
 #pragma unroll
                 for (int i = 0; i < VD; ++i) acc[g][i] = fmaf(pv, vf[i], acc[g][i]);
             }
