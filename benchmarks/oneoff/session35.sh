@@ -18,8 +18,8 @@ echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -2 | head -1)
 for step in "$@"; do
   SECONDS=0
   case $step in
-    tests) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -s tests/test_cuda_q8.py \
-             "tests/test_kernels.py::test_q8_decode_kernel_across_magnitudes_and_at_a_device_position" > "$OUT/tests.log" 2>&1
+    tests) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -s --durations=5 ${TESTS:-tests/test_cuda_q8.py \
+             "tests/test_kernels.py::test_q8_decode_kernel_across_magnitudes_and_at_a_device_position"} > "$OUT/tests.log" 2>&1
            grep -E "cuda q8_0|'cuda'|passed|failed|FAILED|Error|error" "$OUT/tests.log" | tail -30 ;;
     grid)  # GRID_VARIANTS: name:q8_impl:programs_per_sm (q8_0's rows only differ between variants that
            # share programs_per_sm; a variant at 3 moves the fp32 / bf16 launches too: read only its q8_0 rows)
