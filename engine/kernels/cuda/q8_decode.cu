@@ -79,7 +79,7 @@ __device__ __forceinline__ void q8_decode(const float* __restrict__ q, const int
                                           float qk_scale, int hkv) {
     using Geo = Q8Geom<G, D, NSTAGE>;
     constexpr int NB = Geo::NB, SB = Geo::SB, KS = Geo::KS, KQB = Geo::KQB, VQB = Geo::VQB, STAGE = Geo::STAGE;
-    constexpr int VD = Geo::VD, DG = Geo::DG, KL = Geo::KL, KW = Geo::KW, KPL = Geo::KPL;
+    constexpr int VD = Geo::VD, DG = Geo::DG, KL = Geo::KL, KPL = Geo::KPL;
     extern __shared__ __align__(16) unsigned char smem[];
     float* sq = reinterpret_cast<float*>(smem + Geo::BASE);    // [G][D] q * qk_scale
     float* ss = sq + G * D;                                     // [NB][G][TILE] scores, a block's part
