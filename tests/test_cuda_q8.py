@@ -15,28 +15,15 @@ from engine import kernels
 from engine.kernels import cuda_q8
 from engine.kernels import decode_attention as da
 from engine.kernels.decode_attention import decode_attention, decode_attention_ref
-from engine.kv import LayerKV
+from test_kernels import filled  # the cache of random K / V written through the torch path
 
 CUDA = torch.cuda.is_available()
-
-
-def filled(hkv, d, n, seed):
-    dev = "cuda" if CUDA else "cpu"
-    gen = torch.Generator(device=dev).manual_seed(seed)
-    cache = LayerKV(0, hkv, d, n, "q8_0", device=dev)
-    prev = kernels.set_backend("torch")
-    try:
-        cache.write(0, torch.randn(n, hkv, d, device=dev, generator=gen),
-                    torch.randn(n, hkv, d, device=dev, generator=gen) * 2)
-    finally:
-        kernels.set_backend(prev)
-    return cache, gen
 
 
 def test_the_cuda_form_refuses_where_it_cannot_run(monkeypatch):
     if CUDA and not kernels.interpreted():
         pytest.skip("on a CUDA device the form runs (test_gpu_* below)")
-    cache, gen = filled(2, 64, 40, seed=3)
+    cache, gen = filled("q8_0", 2, 64, 40, seed=3)
     q = torch.randn(8, 64, generator=gen, device=cache.k.device)
     prev = kernels.set_backend("triton")
     try:
@@ -79,7 +66,7 @@ def test_gpu_cuda_form_matches_the_reference(geo):
     if not CUDA:
         pytest.skip("needs CUDA (run on the GPU machine)")
     ctx, Hq, Hkv, D = geo
-    cache, gen = filled(Hkv, D, ctx, seed=ctx + Hq)
+    cache, gen = filled("q8_0", Hkv, D, ctx, seed=ctx + Hq)
     q = torch.randn(Hq, D, device="cuda", generator=gen)
     ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv)
     prev = kernels.set_backend("triton")
@@ -104,7 +91,7 @@ def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position():
     if not CUDA:
         pytest.skip("needs CUDA (run on the GPU machine)")
     Hq, Hkv, D, cap = 32, 4, 128, 3000
-    cache, gen = filled(Hkv, D, cap, seed=7)
+    cache, gen = filled("q8_0", Hkv, D, cap, seed=7)
     q = torch.randn(Hq, D, device="cuda", generator=gen)
     pos = torch.zeros(1, dtype=torch.long, device="cuda")
     prev = kernels.set_backend("triton")
