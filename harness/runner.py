@@ -242,8 +242,6 @@ class Runner:
         if dupes:
             raise UsageError(f"--model {dupes[0]} is given more than once", "name each model once")
         self.device_requested = device or suite.suite.device
-        if not DEVICE_RE.match(self.device_requested):
-            raise UsageError(f"--device {self.device_requested!r}: expected auto, cpu, cuda or cuda:N")
         self.weight_format = weight_format or suite.suite.weight_format
         if self.weight_format not in WEIGHT_FORMATS:
             raise UsageError(f"--weight-format {self.weight_format!r}: expected one of {', '.join(WEIGHT_FORMATS)}")
@@ -256,7 +254,8 @@ class Runner:
         self.console = console
         self.progress = progress
         self.cases = shard(matrix(suite, self.models), *self.shard)
-        # bad engine flags exit 2 here, before the device is resolved (which imports torch)
+        # bad engine flags exit 2 here, before the device is resolved (which imports torch; a bad
+        # --device exits 2 there)
         self.pool = EnginePool(None, self.weight_format, engine=engine, engine_kv=engine_kv,
                                baseline=suite.suite.baseline, rows=suite.dtypes)
         self.device = self.pool.device = resolve_device(self.device_requested)
