@@ -74,8 +74,9 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "over block rows), batched (per-block 3-D dots) or blocks (one 2-D dot a 32-value block; "
        "head_dim 32, 64, 128) or streams (float32 FMAs, no tensor cores: R softmax streams a program, up to 8 query "
        "heads a KV head; streams2: the same in two passes, K then V, scores through a scratch; cuda: a CUDA C++ kernel, "
-       "float32 FMAs over cp.async tiles, built with nvcc on first use)", numerics=True,
-       choices=("rows", "batched", "blocks", "streams", "streams2", "cuda")),
+       "float32 FMAs over cp.async tiles, built with nvcc on first use; cuda_mma: the same with mma.sync tensor-core "
+       "dots)", numerics=True,
+       choices=("rows", "batched", "blocks", "streams", "streams2", "cuda", "cuda_mma")),
     _s("KVBENCH_DECODE_Q8_TILES", "tiles", None, "the decode launch over q8_0 K and V (q8_0's own kernel, or the "
        "generic one where that serves), block_n,programs_per_sm,num_warps,num_stages (e.g. 32,6,2,2 or 32x6x2x2), "
        "for q8_0 K and V only where KVBENCH_DECODE_BLOCK_N and its "

@@ -1,4 +1,4 @@
-"""q8_0 decode attention in CUDA C++ (``q8_impl="cuda"``, engine/kernels/cuda_q8.py).
+"""q8_0 decode attention in CUDA C++ (``q8_impl="cuda"`` and ``"cuda_mma"``, engine/kernels/cuda_q8.py).
 
 Independent reference: ``decode_attention_ref`` (the blocked torch attention over the
 dequantized cache) on the GPU, at GQA groups 1-8, head_dim 64 and 128, contexts shorter than
@@ -27,9 +27,10 @@ def test_the_cuda_form_refuses_where_it_cannot_run(monkeypatch):
     q = torch.randn(8, 64, generator=gen, device=cache.k.device)
     prev = kernels.set_backend("triton")
     try:
-        with pytest.raises(ValueError, match="q8_impl 'cuda' is a CUDA C.. kernel: it runs compiled on a CUDA "
-                                             "device only"):
-            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "cuda"})
+        for impl in ("cuda", "cuda_mma"):
+            with pytest.raises(ValueError, match=f"q8_impl '{impl}' is a CUDA C.. kernel: it runs compiled on a "
+                                                 "CUDA device only"):
+                decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": impl})
     finally:
         kernels.set_backend(prev)
 
@@ -39,10 +40,11 @@ def test_the_source_builds_with_every_entry_point(tmp_path):
     if nvcc is None:
         pytest.skip("no nvcc here (the GPU machine builds it on first use)")
     cubin = cuda_q8.build("sm_90", nvcc=nvcc, out_dir=tmp_path).read_bytes()
-    for g in cuda_q8.GROUPS:
-        for d in cuda_q8.HEAD_DIMS:
-            assert f"kvbench_q8_decode_g{g}_d{d}".encode() in cubin
-            assert f"kvbench_q8_smem_g{g}_d{d}".encode() in cubin
+    for form, (kernel, shared) in cuda_q8.FORMS.items():
+        for g in cuda_q8.GROUPS:
+            for d in cuda_q8.HEAD_DIMS:
+                assert cuda_q8.kernel_name(form, g, d).encode() in cubin
+                assert f"{shared}_g{g}_d{d}".encode() in cubin
     # cached: the second call compiles nothing and returns the same file
     assert cuda_q8.build("sm_90", nvcc=nvcc, out_dir=tmp_path).read_bytes() == cubin
 
@@ -60,9 +62,13 @@ GEOS = [(16384, 32, 8, 128), (1000, 32, 8, 128), (4096, 32, 4, 128), (77, 32, 4,
         (300, 9, 3, 64), (129, 8, 1, 64), (2000, 16, 8, 64)]
 
 
+IMPLS = {"cuda": "fma", "cuda_mma": "mma"}
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("geo", GEOS, ids=lambda g: "ctx{}-hq{}-hkv{}-d{}".format(*g))
-def test_gpu_cuda_form_matches_the_reference(geo):
+def test_gpu_cuda_form_matches_the_reference(geo, impl):
     if not CUDA:
         pytest.skip("needs CUDA (run on the GPU machine)")
     ctx, Hq, Hkv, D = geo
@@ -72,22 +78,23 @@ def test_gpu_cuda_form_matches_the_reference(geo):
     prev = kernels.set_backend("triton")
     try:
         with da.recording() as rec:
-            out = decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg={"q8_impl": "cuda"})
+            out = decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg={"q8_impl": impl})
         for dtype in (torch.int64, torch.int32):
             pos = torch.tensor([ctx - 1], dtype=dtype, device="cuda")
-            at = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": "cuda"}, pos=pos)
+            at = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": impl}, pos=pos)
             err = (at - ref).abs().max().item()
             assert err < 2e-5 * max(1.0, ref.abs().max().item()), (dtype, err)
     finally:
         kernels.set_backend(prev)
-    assert rec[0]["kernel"] == f"kvbench_q8_decode_g{Hq // Hkv}_d{D}" and rec[0]["q8_impl"] == "cuda"
+    assert rec[0]["kernel"] == cuda_q8.kernel_name(IMPLS[impl], Hq // Hkv, D) and rec[0]["q8_impl"] == impl
     err = (out - ref).abs().max().item()
-    print(f"cuda q8_0 {geo}: max-abs {err:.2e} (|ref| max {ref.abs().max().item():.2f})")
+    print(f"{impl} q8_0 {geo}: max-abs {err:.2e} (|ref| max {ref.abs().max().item():.2f})")
     assert err < 2e-5 * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.gpu
-def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position():
+@pytest.mark.parametrize("impl", IMPLS)
+def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position(impl):
     if not CUDA:
         pytest.skip("needs CUDA (run on the GPU machine)")
     Hq, Hkv, D, cap = 32, 4, 128, 3000
@@ -96,11 +103,11 @@ def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position():
     pos = torch.zeros(1, dtype=torch.long, device="cuda")
     prev = kernels.set_backend("triton")
     try:
-        decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": "cuda"}, pos=pos)
+        decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": impl}, pos=pos)
         torch.cuda.synchronize()
         g = torch.cuda.CUDAGraph()
         with torch.cuda.graph(g):
-            out = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": "cuda"}, pos=pos)
+            out = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": impl}, pos=pos)
     finally:
         kernels.set_backend(prev)
     for n in (1, 64, 65, 1999, 3000):

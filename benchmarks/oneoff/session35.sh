@@ -8,6 +8,8 @@
 #   step:  the captured coder30b step at 16384, bf16 / q8_0 KV, q8_0 by rows and by the CUDA form
 #   bound: on an H200 only, the one-launch bound (session28.sh bound with the H200 arguments)
 # Carry .whl. Usage on the device: bash benchmarks/oneoff/session35.sh tests grid bound
+# (the thirty-sixth session's call adds the tensor-core form through the environment:
+#  GRID_VARIANTS="mma:cuda_mma:2 ..." STEP_VARIANTS="default,mma:KVBENCH_DECODE_Q8_IMPL=cuda_mma,...")
 set -uo pipefail
 bash benchmarks/gpu_session.sh nop >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD KVBENCH_CACHE=/tmp/kvcache PYTHONUNBUFFERED=1
@@ -33,7 +35,7 @@ for step in "$@"; do
            done ;;
     step)  # the captured coder30b step at depth 16384 (all on the GPU), bf16 / q8_0 KV: the default q8_0 form
            # against the CUDA one, each twice, alternating (issue 14: q8_0 KV >= bf16 KV at 16384)
-           MOE_VARIANTS="default,cuda:KVBENCH_DECODE_Q8_IMPL=cuda,rep2:KVBENCH_STEP_PDL=auto,cuda2:KVBENCH_DECODE_Q8_IMPL=cuda" \
+           MOE_VARIANTS=${STEP_VARIANTS:-default,cuda:KVBENCH_DECODE_Q8_IMPL=cuda,rep2:KVBENCH_STEP_PDL=auto,cuda2:KVBENCH_DECODE_Q8_IMPL=cuda} \
              MOE_MAX_S=${MOE_MAX_S:-300} MOE_TAG=-s35 MOE_ARGS="--depths 16384 --profile none" \
              bash benchmarks/gpu_session.sh moevar 2>&1 | tail -30 ;;
     bound) if [[ $gpu == *H200* ]]; then

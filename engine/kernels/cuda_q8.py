@@ -1,7 +1,9 @@
-"""q8_0 decode attention's split part in CUDA C++ (``q8_impl="cuda"``): build, load, launch.
+"""q8_0 decode attention's split part in CUDA C++ (``q8_impl="cuda"`` / ``"cuda_mma"``): build, load, launch.
 
-Contract: ``launch(q, kr, vr, m, l, acc, pos, n_keys, per, n_splits, qk_scale, n_kv_heads)``
-runs ``kvbench_q8_decode_g<G>_d<D>`` of ``engine/kernels/cuda/q8_decode.cu`` on the current
+Contract: ``launch(q, kr, vr, m, l, acc, pos, n_keys, per, n_splits, qk_scale, n_kv_heads, form)``
+runs ``kvbench_q8_decode_g<G>_d<D>`` (form ``"fma"``: float32 FMAs) or ``kvbench_q8_mma_g<G>_d<D>``
+(form ``"mma"``: mma.sync tensor-core dots over exact float16 quants and two-term float16 q and
+p * scale) of ``engine/kernels/cuda/q8_decode.cu`` on the current
 CUDA stream with grid (n_kv_heads, n_splits), writing the same partials as the Triton split
 kernels (``m``/``l`` [Hq, n_splits] float32 in log2 units, ``acc`` [Hq, n_splits, D]); the
 caller launches the combine. ``kr``/``vr`` are ``q8_layout.Q8Rows`` views of the cache.
@@ -22,6 +24,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import itertools
 import os
 import shutil
 import subprocess
@@ -38,6 +41,9 @@ TILE = 64                          # keys a tile (TILE in the source)
 STAGES = 3                         # tiles in flight (q8_decode<G, D, 3>)
 SMEM_DEFAULT_MAX = 48 * 1024       # above this a kernel must opt in to more dynamic shared memory
 FALLBACK_NVCC = "/usr/local/cuda/bin/nvcc"
+# the two forms of the source (q8_impl "cuda": float32 FMAs; "cuda_mma": mma.sync tensor-core dots):
+# entry-point and shared-size name prefixes
+FORMS = {"fma": ("kvbench_q8_decode", "kvbench_q8_smem"), "mma": ("kvbench_q8_mma", "kvbench_q8_mma_smem")}
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 
@@ -123,21 +129,20 @@ class _Module:
         self.image = path.read_bytes()
         self.mod = ctypes.c_void_p()
         drv.check(L.cuModuleLoadData(ctypes.byref(self.mod), self.image), f"loading {path.name}")
-        self.funcs: dict[tuple[int, int], tuple[ctypes.c_void_p, int]] = {}
-        for g in GROUPS:
-            for d in HEAD_DIMS:
-                f = ctypes.c_void_p()
-                drv.check(L.cuModuleGetFunction(ctypes.byref(f), self.mod, f"kvbench_q8_decode_g{g}_d{d}".encode()),
-                          f"finding kvbench_q8_decode_g{g}_d{d}")
-                ptr, size = ctypes.c_uint64(), ctypes.c_size_t()
-                drv.check(L.cuModuleGetGlobal_v2(ctypes.byref(ptr), ctypes.byref(size), self.mod,
-                                                 f"kvbench_q8_smem_g{g}_d{d}".encode()), "reading the shared size")
-                smem = ctypes.c_int()
-                drv.check(L.cuMemcpyDtoH_v2(ctypes.byref(smem), ptr, ctypes.c_size_t(4)), "reading the shared size")
-                if smem.value > SMEM_DEFAULT_MAX:
-                    drv.check(L.cuFuncSetAttribute(f, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem.value),
-                              "raising the dynamic shared memory")
-                self.funcs[(g, d)] = (f, smem.value)
+        self.funcs: dict[tuple[str, int, int], tuple[ctypes.c_void_p, int]] = {}
+        for form, g, d in itertools.product(FORMS, GROUPS, HEAD_DIMS):
+            f = ctypes.c_void_p()
+            name = kernel_name(form, g, d)
+            drv.check(L.cuModuleGetFunction(ctypes.byref(f), self.mod, name.encode()), f"finding {name}")
+            ptr, size = ctypes.c_uint64(), ctypes.c_size_t()
+            drv.check(L.cuModuleGetGlobal_v2(ctypes.byref(ptr), ctypes.byref(size), self.mod,
+                                             f"{FORMS[form][1]}_g{g}_d{d}".encode()), "reading the shared size")
+            smem = ctypes.c_int()
+            drv.check(L.cuMemcpyDtoH_v2(ctypes.byref(smem), ptr, ctypes.c_size_t(4)), "reading the shared size")
+            if smem.value > SMEM_DEFAULT_MAX:
+                drv.check(L.cuFuncSetAttribute(f, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem.value),
+                          "raising the dynamic shared memory")
+            self.funcs[(form, g, d)] = (f, smem.value)
 
 
 _lock = threading.Lock()
@@ -160,13 +165,19 @@ def _module(device) -> _Module:
     return mod
 
 
+def kernel_name(form: str, group: int, head_dim: int) -> str:
+    return f"{FORMS[form][0]}_g{group}_d{head_dim}"
+
+
 def supports(group: int, head_dim: int) -> bool:
     return group in GROUPS and head_dim in HEAD_DIMS
 
 
 def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_scale: float,
-           n_kv_heads: int) -> None:
+           n_kv_heads: int, form: str = "fma") -> None:
     import torch
+    if form not in FORMS:
+        raise CudaKernelError(f"cuda_q8 form {form!r} is not one of {sorted(FORMS)}", "pass 'fma' or 'mma'")
     Hq, D = q.shape
     G = Hq // n_kv_heads
     if not supports(G, D):
@@ -181,7 +192,7 @@ def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_s
     if q.dtype != torch.float32 or not q.is_contiguous():
         raise CudaKernelError("q8_impl 'cuda' takes q as contiguous float32 [Hq, D]", "pass q.float().contiguous()")
     mod = _module(q.device)
-    f, smem = mod.funcs[(G, D)]
+    f, smem = mod.funcs[(form, G, D)]
     args = [ctypes.c_void_p(t.data_ptr()) for t in (q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc)]
     if pos is not None and pos.dtype not in (torch.int64, torch.int32):
         raise CudaKernelError(f"q8_impl 'cuda' reads the device position as int64 or int32, not {pos.dtype}",

@@ -29,7 +29,9 @@ against rows' 25.7 (reports/h100-2026-12-07b: ~8 warps a SM, latency-bound). Onl
 the default; the others stay selectable for the sweeps (timings: docs/perf-notes.md). ``cuda`` is the split
 part written in CUDA C++ (``engine.kernels.cuda_q8``, ``engine/kernels/cuda/q8_decode.cu``: float32 FMAs
 over 64-key tiles that cp.async brings into shared memory three at a time, built with nvcc at first
-use, launched through the driver API; compiled CUDA only, no fused combine, no PDL). ``q8_stack``
+use, launched through the driver API; compiled CUDA only, no fused combine, no PDL); ``cuda_mma`` is
+the same kernel with its dots on mma.sync tensor cores (exact float16 quants against two float16
+terms of q and of p * scale, as the rows kernel). ``q8_stack``
 (``KVBENCH_DECODE_Q8_STACK``, off by default) stacks the rows kernel's two float16 terms along one
 operand's rows (one dot a side instead of two; at G 8 a 64-row warpgroup MMA on sm_90): 40% fewer
 instructions, not less time (reports/h100-2026-12-07c). Two more forms were measured slower and
@@ -1344,17 +1346,17 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if q8_own:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
-        if cfg["q8_impl"] not in ("rows", "batched", "blocks", "streams", "streams2", "cuda"):
-            raise ValueError(f"q8_impl must be 'rows', 'batched', 'blocks', 'streams', 'streams2' or 'cuda', "
+        if cfg["q8_impl"] not in ("rows", "batched", "blocks", "streams", "streams2", "cuda", "cuda_mma"):
+            raise ValueError(f"q8_impl must be 'rows', 'batched', 'blocks', 'streams', 'streams2', 'cuda' or 'cuda_mma', "
                              f"not {cfg['q8_impl']!r}")
-        cuda_form = cfg["q8_impl"] == "cuda"
+        cuda_form = cfg["q8_impl"] in ("cuda", "cuda_mma")
         if cuda_form:
             from . import cuda_q8
             if interpreted() or q.device.type != "cuda":
-                raise ValueError("q8_impl 'cuda' is a CUDA C++ kernel: it runs compiled on a CUDA device only "
-                                 "(not under TRITON_INTERPRET, not on the CPU); use 'rows' there")
+                raise ValueError(f"q8_impl {cfg['q8_impl']!r} is a CUDA C++ kernel: it runs compiled on a CUDA device "
+                                 "only (not under TRITON_INTERPRET, not on the CPU); use 'rows' there")
             if not cuda_q8.supports(G, D):
-                raise ValueError(f"q8_impl 'cuda' serves {cuda_q8.GROUPS} query heads a KV head at head_dim "
+                raise ValueError(f"q8_impl {cfg['q8_impl']!r} serves {cuda_q8.GROUPS} query heads a KV head at head_dim "
                                  f"{cuda_q8.HEAD_DIMS}, not {G} at {D}: use 'rows'")
         if cfg["q8_impl"] in ("streams", "streams2") and G > 8:
             raise ValueError(f"q8_impl {cfg['q8_impl']!r} serves up to 8 query heads a KV head, not {G}: use 'rows'")
@@ -1362,7 +1364,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_impl 'blocks' serves head_dim 32, 64 or 128 (1, 2 or 4 blocks a head), "
                              f"not {D}: use 'rows'")
         rows_form = cfg["q8_impl"] == "rows"
-        streams = cfg["q8_impl"] in ("streams", "streams2", "cuda")     # float32 FMAs, no fused combine
+        streams = cfg["q8_impl"] in ("streams", "streams2", "cuda", "cuda_mma")     # no fused combine, no terms knobs
         ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
         words = str(cfg["q8_words"] or "none")
         if words not in ("none", "k", "v", "kv", "kv_prmt") or (words != "none" and not rows_form):
@@ -1381,7 +1383,8 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         if streams and fuse:
             raise ValueError(f"q8_impl {cfg['q8_impl']!r} has no fused combine: unset fuse_combine (KVBENCH_DECODE_FUSE)")
         if streams and ({"q8_terms", "q8_norms", "q8_guards"} & set(asked_cfg)):
-            raise ValueError(f"q8_impl {cfg['q8_impl']!r} computes in float32 (no float16 terms, norms or guards): "
+            raise ValueError(f"q8_impl {cfg['q8_impl']!r} " + ("fixes its own two float16 terms and norms"
+                             if cfg["q8_impl"] == "cuda_mma" else "computes in float32 (no float16 terms, norms or guards)") + ": "
                              "unset q8_terms / q8_norms / q8_guards for it")
         unpack = str(cfg["q8_unpack"])
         if unpack not in ("auto", "prmt", "magic") or (unpack == "prmt" and interpreted()):
@@ -1392,11 +1395,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_stack stacks the rows kernel's terms; this launch is q8_impl {cfg['q8_impl']!r}: "
                              f"unset q8_stack (KVBENCH_DECODE_Q8_STACK) or use 'rows'")
         if cuda_form:
-            LAUNCHES.record({"kernel": f"kvbench_q8_decode_g{G}_d{D}", "q8_impl": "cuda", "block_n": cuda_q8.TILE,
+            form = "mma" if cfg["q8_impl"] == "cuda_mma" else "fma"
+            LAUNCHES.record({"kernel": cuda_q8.kernel_name(form, G, D), "q8_impl": cfg["q8_impl"], "block_n": cuda_q8.TILE,
                              "num_warps": cuda_q8.THREADS // 32, "num_stages": cuda_q8.STAGES, "splits": splits,
                              "keys_per_split": per, "combine_block": comb["BLOCK_S"], "pdl": pdl})
             cuda_q8.launch(q, kr, vr, m, l, acc, pos if dev_pos["DEV_POS"] else None, n_keys, per, splits,
-                           scale * LOG2E, n_kv_heads)
+                           scale * LOG2E, n_kv_heads, form)
         elif streams and cfg["q8_impl"] == "streams2":
             # the scores' scratch: G floats a key of each (KV head, split)
             sbuf = torch.empty(n_kv_heads * splits * G * per, device=q.device, dtype=torch.float32)

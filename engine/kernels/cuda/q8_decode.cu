@@ -278,6 +278,340 @@ __device__ __forceinline__ void q8_decode(const float* __restrict__ q, const int
     }
 }
 
+// ---------------------------------------------------------------------------------------------------
+// The tensor-core form (q8_impl "cuda_mma"): the same contract, partials and cache layout; the dots on
+// mma.sync m16n8k16 (float16 operands, float32 accumulation) instead of float32 FMAs, so a key costs
+// ~4x fewer instructions (the FMA form above is issue-bound: ~1600 warp instructions a 64-key tile).
+// Each quant is an exact float16 (a byte permute into 0x64xx = 1152 + q, one half2 subtraction for
+// two). q * qk_scale is normalised per (query head, block) by a power of two (|x| <= 2^13) and split
+// into two float16 terms, x = hi + lo (~2^-22 relative), both against the same quants, as the Triton
+// rows kernel does; p * (V scale) likewise per (block, tile), normalised by the tile's largest V scale.
+//   K phase: warp w takes keys 16w..16w+15 (M) of the tile, all G <= 8 query heads (N, zero-padded),
+//            head_dim in k-steps of 16 (two a 32-value block); a block's partial scores times its
+//            scale and q's norm are summed into the score (fragment C, float32).
+//   V phase: warp w takes D/4 dims (M, one block's), keys in k-steps of 16 (K), the heads (N):
+//            out^T[dim, head] += v^T[dim, key] * (p[head, key] * dv[key, block] / pn) * pn.
+// Within a k-step the order of the 16 summed indices is free (A and B permuted alike): a thread's
+// A values are then whole 32-bit words of shared memory.
+__device__ __forceinline__ void mma16816(float* c, const uint32_t* a, uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+        "{%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// four int8 (one 32-bit word) -> two half2, exact: lo = (q0, q1), hi = (q2, q3)
+__device__ __forceinline__ void i8x4_to_h2(uint32_t w, uint32_t& lo, uint32_t& hi) {
+    const uint32_t u = w ^ 0x80808080u;                     // q + 128 in each byte
+    uint32_t a = __byte_perm(u, 0x64646464u, 0x4140);       // (0x64, q0 + 128), (0x64, q1 + 128)
+    uint32_t b = __byte_perm(u, 0x64646464u, 0x4342);
+    const __half2 bias = __halves2half2(__ushort_as_half(0x6480), __ushort_as_half(0x6480));   // 1152
+    __half2 ha = __hsub2(*reinterpret_cast<__half2*>(&a), bias);
+    __half2 hb = __hsub2(*reinterpret_cast<__half2*>(&b), bias);
+    lo = *reinterpret_cast<uint32_t*>(&ha);
+    hi = *reinterpret_cast<uint32_t*>(&hb);
+}
+
+// the smallest power of two >= x (x a positive normal float)
+__device__ __forceinline__ float pow2_at_least(float x) {
+    const uint32_t b = __float_as_uint(x);
+    return (b & 0x007fffffu) ? __uint_as_float((b & 0x7f800000u) + 0x00800000u) : x;
+}
+
+// x0, x1 -> float16 hi + lo terms, as half2 (x0 in the low half)
+__device__ __forceinline__ void split_h2(float x0, float x1, uint32_t& hi, uint32_t& lo) {
+    __half2 h = __floats2half2_rn(x0, x1);
+    __half2 l = __floats2half2_rn(x0 - __low2float(h), x1 - __high2float(h));
+    hi = *reinterpret_cast<uint32_t*>(&h);
+    lo = *reinterpret_cast<uint32_t*>(&l);
+}
+
+template <int G, int D, int NSTAGE>
+struct Q8MmaGeom {
+    static constexpr int NB = D / 32;
+    static constexpr int SB = NB * 2;
+    static constexpr int KS = D + 32;                 // K rows: a 16-lane phase of 8-byte loads (4 rows x
+                                                      // 32 bytes) on distinct banks
+    static constexpr int VS = D + 16;                 // V rows: the 4 keys of a load on distinct banks
+    static constexpr int KQB = TILE * KS;
+    static constexpr int VQB = TILE * VS;
+    static constexpr int STAGE = KQB + VQB + 2 * TILE * SB;
+    static constexpr int DW = D / 4;                  // V phase: dims a warp
+    static constexpr int MT = DW / 16;                //          its 16-dim M tiles (1 or 2)
+    static constexpr int SMEM = NSTAGE * STAGE + 4 * (2 * 8 * TILE + NB * TILE + 3 * 8 + NB);
+    static_assert(G <= 8 && (D == 64 || D == 128), "mma form: G <= 8, head_dim 64 or 128");
+};
+
+template <int G, int D, int NSTAGE>
+__device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const int8_t* __restrict__ kq,
+                                              const __half* __restrict__ ks, const int8_t* __restrict__ vq,
+                                              const __half* __restrict__ vs, float* __restrict__ m_out,
+                                              float* __restrict__ l_out, float* __restrict__ acc_out,
+                                              const void* __restrict__ pos, int pos64, int n_keys, int per,
+                                              int n_splits, float qk_scale, int hkv) {
+    using Geo = Q8MmaGeom<G, D, NSTAGE>;
+    constexpr int NB = Geo::NB, SB = Geo::SB, KS = Geo::KS, VS = Geo::VS, KQB = Geo::KQB, VQB = Geo::VQB;
+    constexpr int STAGE = Geo::STAGE, DW = Geo::DW, MT = Geo::MT;
+    extern __shared__ __align__(16) unsigned char smem[];
+    float* ss = reinterpret_cast<float*>(smem + NSTAGE * STAGE);   // [8][TILE] scores
+    float* sp = ss + 8 * TILE;                                      // [8][TILE] p
+    float* dvn = sp + 8 * TILE;                                     // [NB][TILE] V scale / pn
+    float* sm = dvn + NB * TILE;                                    // [8] running max
+    float* sl = sm + 8;                                             // [8] running sum
+    float* sa = sl + 8;                                             // [8] this tile's rescale
+    float* pns = sa + 8;                                            // [NB] this tile's pn
+
+    const int h = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
+    if (pos != nullptr)
+        n_keys = (pos64 ? (int)*reinterpret_cast<const long long*>(pos) : *reinterpret_cast<const int*>(pos)) + 1;
+    const int lo = split * per;
+    if (lo >= n_keys) return;
+    const int hi = min(lo + per, n_keys);
+    const int n_tiles = (hi - lo + TILE - 1) / TILE;
+    const long long qstride = (long long)hkv * D;
+    const long long sstride = (long long)hkv * NB;
+    const int wp = tid / 32, lane = tid % 32, gid = lane / 4, tig = lane % 4;
+
+    if (tid < 8) {
+        sm[tid] = -INFINITY;
+        sl[tid] = 0.0f;
+        sa[tid] = 0.0f;
+    }
+    for (int i = tid; i < 8 * TILE; i += NT) sp[i] = 0.0f;      // heads >= G stay 0
+
+    auto issue = [&](int t) {
+        unsigned char* st = smem + (t % NSTAGE) * STAGE;
+        const int r0 = lo + t * TILE;
+        constexpr int CH = D / 16;
+#pragma unroll
+        for (int c = tid; c < TILE * CH; c += NT) {
+            const int j = c / CH, k = c % CH, r = r0 + j;
+            const bool ok = r < hi;
+            const long long rr = ok ? r : lo;
+            cp_async16(st + j * KS + k * 16, kq + rr * qstride + h * D + k * 16, ok);
+            cp_async16(st + KQB + j * VS + k * 16, vq + rr * qstride + h * D + k * 16, ok);
+        }
+        if (tid < TILE) {
+            const int r = r0 + tid;
+            const bool ok = r < hi;
+            const long long rr = ok ? r : lo;
+            cp_async_ca<SB>(st + KQB + VQB + tid * SB, ks + rr * sstride + h * NB, ok);
+            cp_async_ca<SB>(st + KQB + VQB + TILE * SB + tid * SB, vs + rr * sstride + h * NB, ok);
+        }
+    };
+#pragma unroll
+    for (int t = 0; t < NSTAGE - 1; ++t) {
+        if (t < n_tiles) issue(t);
+        cp_async_commit();
+    }
+
+    // q as B fragments, once: k-step (b, e) of block b takes this thread's dims 32b + 8tig + 4e + {0,1}
+    // (b0) and {2,3} (b1), column gid = query head gid; normalised per (head, block), two terms
+    uint32_t qh[NB][2][2], ql[NB][2][2];
+    float qc0[NB], qc1[NB];         // the norms of the heads of this thread's C columns, 2tig and 2tig + 1
+#pragma unroll
+    for (int b = 0; b < NB; ++b) {
+        float x[8];
+        if (gid < G) {
+            const float4* src = reinterpret_cast<const float4*>(q + (long long)(h * G + gid) * D + 32 * b + 8 * tig);
+            const float4 u = src[0], v = src[1];
+            x[0] = u.x; x[1] = u.y; x[2] = u.z; x[3] = u.w; x[4] = v.x; x[5] = v.y; x[6] = v.z; x[7] = v.w;
+        } else {
+#pragma unroll
+            for (int i = 0; i < 8; ++i) x[i] = 0.0f;
+        }
+        float mx = 0.0f;
+#pragma unroll
+        for (int i = 0; i < 8; ++i) {
+            x[i] *= qk_scale;
+            mx = fmaxf(mx, fabsf(x[i]));
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        const float qn = pow2_at_least(fmaxf(mx, 1e-30f)) * (1.0f / 8192.0f);
+        const float inv = 1.0f / qn;        // a power of two: exact
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            split_h2(x[4 * e] * inv, x[4 * e + 1] * inv, qh[b][e][0], ql[b][e][0]);
+            split_h2(x[4 * e + 2] * inv, x[4 * e + 3] * inv, qh[b][e][1], ql[b][e][1]);
+        }
+        qc0[b] = __shfl_sync(0xffffffffu, qn, (2 * tig) * 4);
+        qc1[b] = __shfl_sync(0xffffffffu, qn, (2 * tig + 1) * 4);
+    }
+
+    const int w0 = wp * DW;                 // V phase: this warp's dims
+    const int vb = w0 / 32;                 //          their block
+    float acc[MT][4];
+#pragma unroll
+    for (int t = 0; t < MT; ++t)
+#pragma unroll
+        for (int i = 0; i < 4; ++i) acc[t][i] = 0.0f;
+
+    for (int t = 0; t < n_tiles; ++t) {
+        cp_async_wait<NSTAGE - 2>();
+        __syncthreads();
+        if (t + NSTAGE - 1 < n_tiles) issue(t + NSTAGE - 1);
+        cp_async_commit();
+        const unsigned char* st = smem + (t % NSTAGE) * STAGE;
+        const int r0 = lo + t * TILE;
+
+        // K: scores of keys 16wp + gid (c0, c1) and 16wp + gid + 8 (c2, c3), heads 2tig, 2tig + 1
+        {
+            const int ra = 16 * wp + gid, rb = ra + 8;
+            const __half* ksa = reinterpret_cast<const __half*>(st + KQB + VQB + ra * SB);
+            const __half* ksb = reinterpret_cast<const __half*>(st + KQB + VQB + rb * SB);
+            float s[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+#pragma unroll
+            for (int b = 0; b < NB; ++b) {
+                const uint2 wa = *reinterpret_cast<const uint2*>(st + ra * KS + 32 * b + 8 * tig);
+                const uint2 wb = *reinterpret_cast<const uint2*>(st + rb * KS + 32 * b + 8 * tig);
+                uint32_t a[4];
+                float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+                i8x4_to_h2(wa.x, a[0], a[2]);
+                i8x4_to_h2(wb.x, a[1], a[3]);
+                mma16816(c, a, qh[b][0][0], qh[b][0][1]);
+                mma16816(c, a, ql[b][0][0], ql[b][0][1]);
+                i8x4_to_h2(wa.y, a[0], a[2]);
+                i8x4_to_h2(wb.y, a[1], a[3]);
+                mma16816(c, a, qh[b][1][0], qh[b][1][1]);
+                mma16816(c, a, ql[b][1][0], ql[b][1][1]);
+                const float da = __half2float(ksa[b]), db = __half2float(ksb[b]);
+                s[0] = fmaf(c[0], da * qc0[b], s[0]);
+                s[1] = fmaf(c[1], da * qc1[b], s[1]);
+                s[2] = fmaf(c[2], db * qc0[b], s[2]);
+                s[3] = fmaf(c[3], db * qc1[b], s[3]);
+            }
+            const int g0 = 2 * tig, g1 = g0 + 1;
+            if (g0 < G) {
+                ss[g0 * TILE + ra] = s[0];
+                ss[g0 * TILE + rb] = s[2];
+            }
+            if (g1 < G) {
+                ss[g1 * TILE + ra] = s[1];
+                ss[g1 * TILE + rb] = s[3];
+            }
+        }
+        __syncthreads();
+
+        // softmax over the tile (warp w: heads w, w + 4), and warp b < NB: block b's V scales / pn
+        {
+            for (int g = wp; g < G; g += NT / 32) {
+                float a = ss[g * TILE + lane], b = ss[g * TILE + lane + 32];
+                if (r0 + lane >= hi) a = -INFINITY;
+                if (r0 + lane + 32 >= hi) b = -INFINITY;
+                const float m_old = sm[g];
+                float mx = fmaxf(a, b);
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+                const float m_new = fmaxf(m_old, mx);
+                const float pa = exp2f(a - m_new), pb = exp2f(b - m_new);
+                sp[g * TILE + lane] = pa;
+                sp[g * TILE + lane + 32] = pb;
+                float sum = pa + pb;
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+                if (lane == 0) {
+                    const float al = exp2f(m_old - m_new);
+                    sa[g] = al;
+                    sl[g] = sl[g] * al + sum;
+                    sm[g] = m_new;
+                }
+            }
+            if (wp < NB) {
+                const __half* vsc = reinterpret_cast<const __half*>(st + KQB + VQB + TILE * SB);
+                const float da = __half2float(vsc[lane * NB + wp]), db = __half2float(vsc[(lane + 32) * NB + wp]);
+                float mx = fmaxf(fabsf(da), fabsf(db));
+#pragma unroll
+                for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+                const float pn = pow2_at_least(fmaxf(mx, 1e-30f)) * (1.0f / 8192.0f);
+                const float inv = 1.0f / pn;
+                dvn[wp * TILE + lane] = da * inv;
+                dvn[wp * TILE + lane + 32] = db * inv;
+                if (lane == 0) pns[wp] = pn;
+            }
+        }
+        __syncthreads();
+
+        // V: warp's dims w0 + gid * 2MT + j (j = 2 * mtile + row half), keys in k-steps of 16
+        {
+            float c[MT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+                for (int i = 0; i < 4; ++i) c[mt][i] = 0.0f;
+            const unsigned char* vt = st + KQB + w0 + gid * 2 * MT;
+            const float* pg = sp + gid * TILE;
+            const float* dq = dvn + vb * TILE;
+#pragma unroll
+            for (int kst = 0; kst < TILE / 16; ++kst) {
+                const int ka = 16 * kst + 2 * tig, kb = ka + 8;
+                uint32_t wa0, wa1, wb0, wb1;
+                if constexpr (MT == 2) {
+                    wa0 = *reinterpret_cast<const uint32_t*>(vt + ka * VS);
+                    wa1 = *reinterpret_cast<const uint32_t*>(vt + (ka + 1) * VS);
+                    wb0 = *reinterpret_cast<const uint32_t*>(vt + kb * VS);
+                    wb1 = *reinterpret_cast<const uint32_t*>(vt + (kb + 1) * VS);
+                } else {
+                    wa0 = *reinterpret_cast<const uint16_t*>(vt + ka * VS);
+                    wa1 = *reinterpret_cast<const uint16_t*>(vt + (ka + 1) * VS);
+                    wb0 = *reinterpret_cast<const uint16_t*>(vt + kb * VS);
+                    wb1 = *reinterpret_cast<const uint16_t*>(vt + (kb + 1) * VS);
+                }
+                // (key, key + 1) pairs of each dim j: j 0, 1 from t0, j 2, 3 from t1
+                uint32_t aA[4], aB[4];
+                i8x4_to_h2(__byte_perm(wa0, wa1, 0x5140), aA[0], aA[1]);
+                i8x4_to_h2(__byte_perm(wb0, wb1, 0x5140), aB[0], aB[1]);
+                if constexpr (MT == 2) {
+                    i8x4_to_h2(__byte_perm(wa0, wa1, 0x7362), aA[2], aA[3]);
+                    i8x4_to_h2(__byte_perm(wb0, wb1, 0x7362), aB[2], aB[3]);
+                }
+                const float2 pa = *reinterpret_cast<const float2*>(pg + ka);
+                const float2 pb = *reinterpret_cast<const float2*>(pg + kb);
+                const float2 da = *reinterpret_cast<const float2*>(dq + ka);
+                const float2 db = *reinterpret_cast<const float2*>(dq + kb);
+                uint32_t bh0, bl0, bh1, bl1;
+                split_h2(pa.x * da.x, pa.y * da.y, bh0, bl0);
+                split_h2(pb.x * db.x, pb.y * db.y, bh1, bl1);
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    const uint32_t a[4] = {aA[2 * mt], aA[2 * mt + 1], aB[2 * mt], aB[2 * mt + 1]};
+                    mma16816(c[mt], a, bh0, bh1);
+                    mma16816(c[mt], a, bl0, bl1);
+                }
+            }
+            const float al0 = sa[2 * tig], al1 = sa[2 * tig + 1], pn = pns[vb];
+#pragma unroll
+            for (int mt = 0; mt < MT; ++mt) {
+                acc[mt][0] = fmaf(c[mt][0], pn, acc[mt][0] * al0);
+                acc[mt][1] = fmaf(c[mt][1], pn, acc[mt][1] * al1);
+                acc[mt][2] = fmaf(c[mt][2], pn, acc[mt][2] * al0);
+                acc[mt][3] = fmaf(c[mt][3], pn, acc[mt][3] * al1);
+            }
+        }
+    }
+    cp_async_wait<0>();
+
+    // C rows: dim w0 + gid * 2MT + 2mt (c0, c1) and + 1 (c2, c3); columns: heads 2tig, 2tig + 1
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+        const int d0 = w0 + gid * 2 * MT + 2 * mt;
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int g = 2 * tig + e;
+            if (g < G) {
+                float* o = acc_out + ((long long)(h * G + g) * n_splits + split) * D;
+                o[d0] = acc[mt][e];
+                o[d0 + 1] = acc[mt][2 + e];
+            }
+        }
+    }
+    if (tid < G) {
+        m_out[(long long)(h * G + tid) * n_splits + split] = sm[tid];
+        l_out[(long long)(h * G + tid) * n_splits + split] = sl[tid];
+    }
+}
+
 #define Q8_ARGS                                                                                         \
     const float *q, const int8_t *kq, const __half *ks, const int8_t *vq, const __half *vs, float *m_out, \
         float *l_out, float *acc_out, const void *pos, int pos64, int n_keys, int per, int n_splits, float qk_scale, int hkv
@@ -288,7 +622,11 @@ __device__ __forceinline__ void q8_decode(const float* __restrict__ q, const int
     extern "C" __global__ void __launch_bounds__(NT) kvbench_q8_decode_g##G##_d##D(Q8_ARGS) {         \
         q8_decode<G, D, 3>(Q8_PASS);                                                                 \
     }                                                                                                \
-    extern "C" __device__ int kvbench_q8_smem_g##G##_d##D = Q8Geom<G, D, 3>::SMEM;
+    extern "C" __device__ int kvbench_q8_smem_g##G##_d##D = Q8Geom<G, D, 3>::SMEM;                \
+    extern "C" __global__ void __launch_bounds__(NT) kvbench_q8_mma_g##G##_d##D(Q8_ARGS) {            \
+        q8_decode_mma<G, D, 3>(Q8_PASS);                                                             \
+    }                                                                                                \
+    extern "C" __device__ int kvbench_q8_mma_smem_g##G##_d##D = Q8MmaGeom<G, D, 3>::SMEM;
 
 Q8_KERNEL(1, 64)
 Q8_KERNEL(2, 64)
