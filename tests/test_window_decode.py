@@ -111,17 +111,26 @@ def test_ring_decode_kernel_after_the_ring_wrapped(fmt):
 def test_ring_device_position_steps_after_the_ring_wrapped(fmt, pair, triton_backend, monkeypatch):
     """The captured step's ring path: ``RingKV.write_at`` / ``attend_at`` with the position on
     the device (K+V in one launch or two), after a prefill that wrapped the ring twice and
-    across its end, store the rows ``write`` stores and equal the float64 reference."""
+    across its end, store the rows ``write`` stores and equal the float64 reference.
+
+    The prefill is set-up, taken by both rings through the torch backend: the interpreted
+    Triton append of 450 rows cost 4-11 s a case, and its bytes are the torch reference's
+    (every format: tests/test_kernels.py; a wrapping ring prefill on Triton: the test above).
+    The decode steps, which this test is about, run on the Triton backend."""
     monkeypatch.setenv("KVBENCH_DECODE_KV_PAIR", "1" if pair else "0")
     n, prompt = 462, 450
     k, v, q = _data(n, 3)
     ks, vs = stored(k, fmt), stored(v, fmt)
     ring, ref = (RingKV(0, HKV, D, 512, W, fmt, chunk=128) for _ in range(2))
-    for s0 in range(0, prompt, 128):
-        s1 = min(prompt, s0 + 128)
-        for c in (ring, ref):
-            c.write(s0, k[s0:s1], v[s0:s1])
-            c.attend(q[s0:s1], s0, D ** -0.5, window=W)
+    prev = kernels.set_backend("torch")
+    try:
+        for s0 in range(0, prompt, 128):
+            s1 = min(prompt, s0 + 128)
+            for c in (ring, ref):
+                c.write(s0, k[s0:s1], v[s0:s1])
+                c.attend(q[s0:s1], s0, D ** -0.5, window=W)
+    finally:
+        kernels.set_backend(prev)
     ring.flush()
     for pos in range(prompt, n):
         p = torch.tensor([pos], dtype=torch.int32)
