@@ -1,13 +1,15 @@
 """Static decode (position on the device; the step a CUDA graph captures) against the eager step.
 
 On CPU the static step runs the Triton kernels in the interpreter without capture; the
-reference is the ordinary decode (``Transformer.forward`` with the torch attention). Same
-prompt, same KV dtype: logits agree to float32 rounding (the static step splits the context
-over the whole buffer, the eager one over the filled rows, so sums differ in order) and the
-greedy tokens are identical. The GPU test does the same with the captured graph replayed.
+reference is the ordinary decode (``Transformer.forward``) on the torch backend (the torch
+attention and MoE references: ``torch_backend``). Same prompt, same KV dtype: logits agree
+to float32 rounding (the static step splits the context over the whole buffer, the eager one
+attends over the filled rows, so sums differ in order) and the greedy tokens are identical.
+The GPU test does the same with the captured graph replayed.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 
 import pytest
@@ -25,6 +27,19 @@ def triton_backend():
     prev = kernels.set_backend("triton")
     yield
     kernels.set_backend(prev)
+
+
+@contextlib.contextmanager
+def torch_backend():
+    """The torch backend (the torch attention and MoE reference kernels) for the eager
+    reference the static step is held to, and for set-up prefills: ~0.01 s a tiny-model decode
+    step on the CPU against 0.3-0.8 s through Triton's interpreter. The Triton kernels against
+    these references (same KV bytes, same outputs to rounding): tests/test_kernels.py."""
+    prev = kernels.set_backend("torch")
+    try:
+        yield
+    finally:
+        kernels.set_backend(prev)
 
 
 @pytest.mark.parametrize("fmt", ["fp32", "bf16", "q8_0"])
@@ -68,10 +83,11 @@ def _eager_logits(eng, n):
 def test_static_decode_matches_eager(kv, triton_backend):
     eng = engine.load(synth.ensure("tiny-qwen3"), kv_dtype=kv, ctx=32)
     assert eng.decode_path == "eager"          # auto on CPU
-    ref = _eager_logits(eng, 4)
+    with torch_backend():
+        ref = _eager_logits(eng, 4)
     eng.set_decode_mode("static")
     assert eng.decode_path == "static"
-    eng.prefill(PROMPT)
+    _prefill_torch(eng, PROMPT)
     got = torch.stack([eng.decode(PROMPT[-1] + i) for i in range(4)])
     assert eng.pos == len(PROMPT) + 4
     assert (got - ref).abs().max().item() < 1e-4
@@ -88,7 +104,8 @@ def test_static_decode_matches_eager(kv, triton_backend):
 
 def test_static_generate_equals_eager(triton_backend):
     eng = engine.load(synth.ensure("tiny-llama"), kv_dtype="q8_0", ctx=40)
-    eager = eng.generate(PROMPT, 6, stop_at_eos=False)
+    with torch_backend():
+        eager = eng.generate(PROMPT, 6, stop_at_eos=False)
     eng.set_decode_mode("static")
     assert eng.generate(PROMPT, 6, stop_at_eos=False) == eager
 
@@ -97,7 +114,8 @@ def test_one_token_prompt_is_one_decode_step_not_a_prefill(triton_backend):
     """generate() from a one-token prompt (the throughput check's tg<N>) runs that token
     through the decode step, as llama.cpp does, not the prefill path; the tokens are eager's."""
     eng = engine.load(synth.ensure("tiny-qwen3moe"), kv_dtype="bf16", ctx=40)
-    eager = eng.generate(PROMPT[:1], 6, stop_at_eos=False)
+    with torch_backend():
+        eager = eng.generate(PROMPT[:1], 6, stop_at_eos=False)
     eng.set_decode_mode("static")
     prefills = []
     step = eng._step
@@ -111,9 +129,11 @@ def test_rewind_on_the_static_path_decodes_the_same_tokens_again(triton_backend)
     """tg<N>@d<D> on the GPU's path: the static step holds its position on the device, so a
     rewind must reach it; decoding again from the depth gives eager's continuation again."""
     eng = engine.load(synth.ensure("tiny-qwen3moe"), kv_dtype="q8_0", ctx=40)
-    want = eng.generate(PROMPT, 5, stop_at_eos=False)            # eager
+    with torch_backend():
+        want = eng.generate(PROMPT, 5, stop_at_eos=False)        # eager
     eng.set_decode_mode("static")
-    first = int(eng.prefill(PROMPT).argmax())
+    with torch_backend():                                       # the prefill: set-up
+        first = int(eng.prefill(PROMPT).argmax())
     assert eng.decode_greedy(first, 4) == want[1:]
     for _ in range(2):
         eng.rewind(len(PROMPT))
@@ -244,26 +264,28 @@ MOE_CASES = [pytest.param("tiny-qwen3moe", "fp32", id="qwen3moe-fp32"),
              pytest.param("tiny-llama-moe", "fp32", id="llama-moe-fp32")]
 
 
-@pytest.mark.slow(seconds=25)
+@pytest.mark.slow(seconds=10)
 @pytest.mark.parametrize("model,kv", MOE_CASES)
 def test_static_moe_decode_matches_eager(model, kv, triton_backend):
     eng = engine.load(synth.ensure(model), kv_dtype=kv, ctx=40)
     spec, cache = eng.spec, eng.expert_cache
     assert eng.plan.expert_slots == eng.plan.trunk_experts == spec.n_experts * len(spec.moe_layers)
-    ref = _eager_logits(eng, 4)
-    rows = len(PROMPT) + 4
-    eager_kv = [(c.k.clone(), c.v.clone()) for c in eng.caches]
-    eager_tokens = eng.generate(PROMPT, 6, stop_at_eos=False)
+    with torch_backend():
+        ref = _eager_logits(eng, 4)
+        rows = len(PROMPT) + 4
+        eager_kv = [(c.k.clone(), c.v.clone()) for c in eng.caches]
+        eager_tokens = eng.generate(PROMPT, 6, stop_at_eos=False)
     before = cache.stats()
     eng.set_decode_mode("static")
     assert eng.decode_path == "static"
-    eng.prefill(PROMPT)
+    _prefill_torch(eng, PROMPT)
     got = torch.stack([eng.decode(PROMPT[-1] + i) for i in range(4)])
     err = (got - ref).abs().max().item()
     # The two paths sum in different orders; with a narrowed KV a value that lies on a rounding
     # boundary then rounds one step apart, and the logits move by that step's effect (tiny-olmoe,
-    # bf16 KV, one torch thread as under `make test`: 7 stored values apart by 1-4 bf16 steps,
-    # 3.3e-4 in the logits; two threads: none, 3e-6). fp32 KV has no rounding step to flip.
+    # bf16 KV, against the torch backend's eager step: 7 stored values apart at one torch thread
+    # as under `make test`, 8 at two; 3.3e-4 in the logits either way). fp32 KV has no rounding
+    # step to flip.
     moved = sum(int((a[:rows] != b[:rows]).sum()) for (ek, ev), c in zip(eager_kv, eng.caches)
                 for a, b in ((ek, c.k), (ev, c.v)) if a.dtype == torch.bfloat16)
     print(f"{model} KV {kv}: static vs eager MoE decode max-abs {err:.2e}, {moved} stored bf16 values apart")
@@ -492,13 +514,14 @@ def test_greedy_batches_stop_at_eos_and_leave_the_position_right(triton_backend,
     queued after it are not returned), max_new_tokens is never exceeded, ``eng.pos`` is where
     one step at a time leaves it, and decoding on from there matches the eager engine."""
     eng = engine.load(synth.ensure("tiny-llama"), ctx=40)
-    free = eng.generate(PROMPT, 8, stop_at_eos=False)
-    j = next(j for j in range(2, 8) if free[j] not in free[:j])      # a token first seen at j >= 2
-    eos = free[j]
-    monkeypatch.setattr(eng.tokenizer, "eos_ids", frozenset({eos}), raising=False)
-    eager = eng.generate(PROMPT, 8)
-    eager_pos = eng.pos
-    eager_next = eng.decode(eos)
+    with torch_backend():
+        free = eng.generate(PROMPT, 8, stop_at_eos=False)
+        j = next(j for j in range(2, 8) if free[j] not in free[:j])      # a token first seen at j >= 2
+        eos = free[j]
+        monkeypatch.setattr(eng.tokenizer, "eos_ids", frozenset({eos}), raising=False)
+        eager = eng.generate(PROMPT, 8)
+        eager_pos = eng.pos
+        eager_next = eng.decode(eos)
     assert eager == free[:j + 1] and eager_pos == len(PROMPT) + j and eng.last_stop_reason == "eos"
     monkeypatch.setenv("KVBENCH_DECODE_READBACK", "4")
     eng.set_decode_mode("static")
@@ -519,8 +542,9 @@ def test_static_step_without_a_device_token_is_refused(triton_backend, monkeypat
     assert not eng._static.device_embed
     got = eng.decode_greedy(3, 3)                        # the host-staged path, one read-back a step
     eng.set_decode_mode("eager")
-    eng.prefill(PROMPT)
-    assert got == eng.decode_greedy(3, 3)
+    with torch_backend():
+        eng.prefill(PROMPT)
+        assert got == eng.decode_greedy(3, 3)
 
 
 @pytest.mark.gpu
