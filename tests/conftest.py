@@ -14,6 +14,10 @@ if not torch.cuda.is_available():  # Triton kernels run in its interpreter on CP
 # (tests/_gguf_reader_patch.py): HF transformers parses gemma3's 262144-token GGUF twice a load
 from _gguf_reader_patch import install as _install_gguf_reader_patch  # noqa: E402
 _install_gguf_reader_patch()
+# gguf.get_tensor_name_map memoized (tests/_gguf_name_map_patch.py): HF transformers builds the
+# same name map once per module of a model it loads from GGUF (~7 s of gemma3's load)
+from _gguf_name_map_patch import install as _install_gguf_name_map_patch  # noqa: E402
+_install_gguf_name_map_patch()
 
 # Under pytest-xdist (`make test`: -n 2 on the 2-core CI box) each worker gets its share of the
 # cores for torch's intra-op pool, and so do the CLI subprocesses it starts (they read
