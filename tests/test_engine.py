@@ -39,7 +39,7 @@ def prompt_ids(smol):
     return ids
 
 
-@pytest.mark.slow(seconds=25)
+@pytest.mark.slow(seconds=16)
 def test_logits_match_hf_transformers(smol, hf_smol, prompt_ids):
     with torch.no_grad():
         ref = hf_smol(torch.tensor([prompt_ids])).logits[0].float()
