@@ -162,7 +162,6 @@ def test_decode_pdl_launch(fmt, triton_backend, monkeypatch):
     assert_close(f"decode {fmt} pdl, graph replay", ref, got, TOL[fmt])
 
 
-@pytest.mark.slow(seconds=4)
 @pytest.mark.parametrize("Hq,Hkv", [(32, 8), (32, 4), (8, 8), (6, 3)])
 def test_bf16_stacked_decode_is_the_three_dot_form(Hq, Hkv, triton_backend, monkeypatch):
     """bf16 K and V with the three bf16 terms of q and p stacked along one operand's rows (G = 4,
@@ -279,7 +278,6 @@ def q8_magnitude_instance(D: int) -> dict:
             "scale": D ** -0.5}
 
 
-@pytest.mark.slow(seconds=11)
 @pytest.mark.parametrize("D", [64, 128])
 def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_backend):
     """q8_0's own decode kernels (split layout; block rows on float16 dots, per-block batched float16 dots): its two-term
@@ -361,7 +359,6 @@ def test_q8_streams_forms_refuse_what_they_cannot_apply(triton_backend):
         assert log[0]["q8_unpack"] == ("magic" if kernels.interpreted() else "prmt")
 
 
-@pytest.mark.slow(seconds=5)
 @pytest.mark.parametrize("vnorm", ["tile", "split"])
 def test_q8_decode_with_v_scales_spread_across_keys(vnorm, triton_backend):
     """The rows kernel's power-of-two normalisation of p * dv holds where one block's V scales
