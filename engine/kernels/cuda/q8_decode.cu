@@ -50,6 +50,55 @@ __device__ __forceinline__ void i8x4_to_f32(uint32_t w, float* f) {
     f[3] = __uint_as_float(__byte_perm(u, 0x4B000000u, 0x7543)) - 8388736.0f;
 }
 
+// One tile's loads into a stage, both forms: K quant rows at a stride of KS bytes, then V quant rows
+// at VS, then the K and V scales (SB bytes a key each). Rows past hi are zero-filled (nothing read).
+template <int D, int KS, int VS>
+__device__ __forceinline__ void issue_tile(unsigned char* st, int r0, int lo, int hi, int h, long long qstride,
+                                           long long sstride, const int8_t* kq, const __half* ks,
+                                           const int8_t* vq, const __half* vs, int tid) {
+    constexpr int NB = D / 32, SB = NB * 2, KQB = TILE * KS, VQB = TILE * VS, CH = D / 16;
+#pragma unroll
+    for (int c = tid; c < TILE * CH; c += NT) {
+        const int j = c / CH, k = c % CH, r = r0 + j;
+        const bool ok = r < hi;
+        const long long rr = ok ? r : lo;
+        cp_async16(st + j * KS + k * 16, kq + rr * qstride + h * D + k * 16, ok);
+        cp_async16(st + KQB + j * VS + k * 16, vq + rr * qstride + h * D + k * 16, ok);
+    }
+    if (tid < TILE) {
+        const int r = r0 + tid;
+        const bool ok = r < hi;
+        const long long rr = ok ? r : lo;
+        cp_async_ca<SB>(st + KQB + VQB + tid * SB, ks + rr * sstride + h * NB, ok);
+        cp_async_ca<SB>(st + KQB + VQB + TILE * SB + tid * SB, vs + rr * sstride + h * NB, ok);
+    }
+}
+
+// One query head's online softmax over a tile, a warp: a and b are the scores of keys lane and
+// lane + 32 (log2 units); writes their p to *pa / *pb and, lane 0, the head's rescale, sum and max.
+__device__ __forceinline__ void softmax_tile(float a, float b, int g, int r0, int hi, int lane, float* sm,
+                                             float* sl, float* sa, float* pa, float* pb) {
+    if (r0 + lane >= hi) a = -INFINITY;
+    if (r0 + lane + 32 >= hi) b = -INFINITY;
+    const float m_old = sm[g];
+    float mx = fmaxf(a, b);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
+    const float m_new = fmaxf(m_old, mx);
+    const float ea = exp2f(a - m_new), eb = exp2f(b - m_new);
+    *pa = ea;
+    *pb = eb;
+    float sum = ea + eb;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
+    if (lane == 0) {
+        const float al = exp2f(m_old - m_new);
+        sa[g] = al;
+        sl[g] = sl[g] * al + sum;
+        sm[g] = m_new;
+    }
+}
+
 template <int G, int D, int NSTAGE>
 struct Q8Geom {
     static constexpr int NB = D / 32;                 // scales a head row
@@ -105,24 +154,7 @@ __device__ __forceinline__ void q8_decode(const float* __restrict__ q, const int
     }
 
     auto issue = [&](int t) {
-        unsigned char* st = smem + (t % NSTAGE) * STAGE;
-        const int r0 = lo + t * TILE;
-        constexpr int CH = D / 16;
-#pragma unroll
-        for (int c = tid; c < TILE * CH; c += NT) {
-            const int j = c / CH, k = c % CH, r = r0 + j;
-            const bool ok = r < hi;
-            const long long rr = ok ? r : lo;
-            cp_async16(st + j * KS + k * 16, kq + rr * qstride + h * D + k * 16, ok);
-            cp_async16(st + KQB + j * D + k * 16, vq + rr * qstride + h * D + k * 16, ok);
-        }
-        if (tid < TILE) {
-            const int r = r0 + tid;
-            const bool ok = r < hi;
-            const long long rr = ok ? r : lo;
-            cp_async_ca<SB>(st + KQB + VQB + tid * SB, ks + rr * sstride + h * NB, ok);
-            cp_async_ca<SB>(st + KQB + VQB + TILE * SB + tid * SB, vs + rr * sstride + h * NB, ok);
-        }
+        issue_tile<D, KS, D>(smem + (t % NSTAGE) * STAGE, lo + t * TILE, lo, hi, h, qstride, sstride, kq, ks, vq, vs, tid);
     };
 #pragma unroll
     for (int t = 0; t < NSTAGE - 1; ++t) {
@@ -198,25 +230,7 @@ __device__ __forceinline__ void q8_decode(const float* __restrict__ q, const int
                     a += ss[(k * G + g) * TILE + lane];
                     b += ss[(k * G + g) * TILE + lane + 32];
                 }
-                if (r0 + lane >= hi) a = -INFINITY;
-                if (r0 + lane + 32 >= hi) b = -INFINITY;
-                const float m_old = sm[g];
-                float mx = fmaxf(a, b);
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-                const float m_new = fmaxf(m_old, mx);
-                const float pa = exp2f(a - m_new), pb = exp2f(b - m_new);
-                sp[lane * G + g] = pa;
-                sp[(lane + 32) * G + g] = pb;
-                float sum = pa + pb;
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-                if (lane == 0) {
-                    const float al = exp2f(m_old - m_new);
-                    sa[g] = al;
-                    sl[g] = sl[g] * al + sum;
-                    sm[g] = m_new;
-                }
+                softmax_tile(a, b, g, r0, hi, lane, sm, sl, sa, &sp[lane * G + g], &sp[(lane + 32) * G + g]);
             }
         }
         __syncthreads();
@@ -381,24 +395,7 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
     for (int i = tid; i < 8 * TILE; i += NT) sp[i] = 0.0f;      // heads >= G stay 0
 
     auto issue = [&](int t) {
-        unsigned char* st = smem + (t % NSTAGE) * STAGE;
-        const int r0 = lo + t * TILE;
-        constexpr int CH = D / 16;
-#pragma unroll
-        for (int c = tid; c < TILE * CH; c += NT) {
-            const int j = c / CH, k = c % CH, r = r0 + j;
-            const bool ok = r < hi;
-            const long long rr = ok ? r : lo;
-            cp_async16(st + j * KS + k * 16, kq + rr * qstride + h * D + k * 16, ok);
-            cp_async16(st + KQB + j * VS + k * 16, vq + rr * qstride + h * D + k * 16, ok);
-        }
-        if (tid < TILE) {
-            const int r = r0 + tid;
-            const bool ok = r < hi;
-            const long long rr = ok ? r : lo;
-            cp_async_ca<SB>(st + KQB + VQB + tid * SB, ks + rr * sstride + h * NB, ok);
-            cp_async_ca<SB>(st + KQB + VQB + TILE * SB + tid * SB, vs + rr * sstride + h * NB, ok);
-        }
+        issue_tile<D, KS, VS>(smem + (t % NSTAGE) * STAGE, lo + t * TILE, lo, hi, h, qstride, sstride, kq, ks, vq, vs, tid);
     };
 #pragma unroll
     for (int t = 0; t < NSTAGE - 1; ++t) {
@@ -496,28 +493,9 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
 
         // softmax over the tile (warp w: heads w, w + 4), and warp b < NB: block b's V scales / pn
         {
-            for (int g = wp; g < G; g += NT / 32) {
-                float a = ss[g * TILE + lane], b = ss[g * TILE + lane + 32];
-                if (r0 + lane >= hi) a = -INFINITY;
-                if (r0 + lane + 32 >= hi) b = -INFINITY;
-                const float m_old = sm[g];
-                float mx = fmaxf(a, b);
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, off));
-                const float m_new = fmaxf(m_old, mx);
-                const float pa = exp2f(a - m_new), pb = exp2f(b - m_new);
-                sp[g * TILE + lane] = pa;
-                sp[g * TILE + lane + 32] = pb;
-                float sum = pa + pb;
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) sum += __shfl_xor_sync(0xffffffffu, sum, off);
-                if (lane == 0) {
-                    const float al = exp2f(m_old - m_new);
-                    sa[g] = al;
-                    sl[g] = sl[g] * al + sum;
-                    sm[g] = m_new;
-                }
-            }
+            for (int g = wp; g < G; g += NT / 32)
+                softmax_tile(ss[g * TILE + lane], ss[g * TILE + lane + 32], g, r0, hi, lane, sm, sl, sa,
+                             &sp[g * TILE + lane], &sp[g * TILE + lane + 32]);
             if (wp < NB) {
                 const __half* vsc = reinterpret_cast<const __half*>(st + KQB + VQB + TILE * SB);
                 const float da = __half2float(vsc[lane * NB + wp]), db = __half2float(vsc[(lane + 32) * NB + wp]);
