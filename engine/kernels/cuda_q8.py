@@ -72,7 +72,7 @@ def build(arch: str, nvcc: str | None = None, out_dir: Path | None = None) -> Pa
     """The cubin of ``q8_decode.cu`` for ``arch`` (e.g. ``sm_90``), compiled unless cached."""
     nvcc = nvcc or nvcc_path()
     if nvcc is None:
-        raise CudaKernelError("q8_impl 'cuda' needs the CUDA toolkit's nvcc to build its kernel, and none was found "
+        raise CudaKernelError("q8_impl 'cuda' / 'cuda_mma' needs the CUDA toolkit's nvcc to build its kernel, and none was found "
                               "(KVBENCH_NVCC, PATH, CUDA_HOME, /usr/local/cuda)",
                               "install the CUDA toolkit or set KVBENCH_NVCC, or use q8_impl 'rows'")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
@@ -99,7 +99,7 @@ class _Driver:
         try:
             self.lib = ctypes.CDLL("libcuda.so.1")
         except OSError as e:
-            raise CudaKernelError(f"q8_impl 'cuda' cannot load the CUDA driver (libcuda.so.1): {e}",
+            raise CudaKernelError(f"q8_impl 'cuda' / 'cuda_mma' cannot load the CUDA driver (libcuda.so.1): {e}",
                                   "run on a machine with an NVIDIA driver, or use q8_impl 'rows'") from None
         L = self.lib
         L.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p,
@@ -110,7 +110,7 @@ class _Driver:
         if rc:
             name = ctypes.c_char_p()
             self.lib.cuGetErrorName(rc, ctypes.byref(name))
-            raise CudaKernelError(f"q8_impl 'cuda': {what} failed: {(name.value or b'?').decode()} ({rc})",
+            raise CudaKernelError(f"q8_impl 'cuda' / 'cuda_mma': {what} failed: {(name.value or b'?').decode()} ({rc})",
                                   "use q8_impl 'rows'")
 
 
@@ -178,24 +178,25 @@ def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_s
     import torch
     if form not in FORMS:
         raise CudaKernelError(f"cuda_q8 form {form!r} is not one of {sorted(FORMS)}", "pass 'fma' or 'mma'")
+    impl = "cuda_mma" if form == "mma" else "cuda"      # the setting that asked for this form
     Hq, D = q.shape
     G = Hq // n_kv_heads
     if not supports(G, D):
-        raise CudaKernelError(f"q8_impl 'cuda' serves {', '.join(map(str, GROUPS))} query heads a KV head at head_dim "
+        raise CudaKernelError(f"q8_impl {impl!r} serves {', '.join(map(str, GROUPS))} query heads a KV head at head_dim "
                               f"{' or '.join(map(str, HEAD_DIMS))}, not {G} at {D}", "use q8_impl 'rows'")
     nb = D // 32
     for name, t, align in (("K quants", kr.quants, 16), ("V quants", vr.quants, 16),
                            ("K scales", kr.scales, 2 * nb), ("V scales", vr.scales, 2 * nb)):
         if t.data_ptr() % align:
-            raise CudaKernelError(f"q8_impl 'cuda': the cache's {name} start at an address not a multiple of {align} "
+            raise CudaKernelError(f"q8_impl {impl!r}: the cache's {name} start at an address not a multiple of {align} "
                                   "bytes", "allocate the KV buffer whole (q8_layout.alloc), or use q8_impl 'rows'")
     if q.dtype != torch.float32 or not q.is_contiguous():
-        raise CudaKernelError("q8_impl 'cuda' takes q as contiguous float32 [Hq, D]", "pass q.float().contiguous()")
+        raise CudaKernelError(f"q8_impl {impl!r} takes q as contiguous float32 [Hq, D]", "pass q.float().contiguous()")
     mod = _module(q.device)
     f, smem = mod.funcs[(form, G, D)]
     args = [ctypes.c_void_p(t.data_ptr()) for t in (q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc)]
     if pos is not None and pos.dtype not in (torch.int64, torch.int32):
-        raise CudaKernelError(f"q8_impl 'cuda' reads the device position as int64 or int32, not {pos.dtype}",
+        raise CudaKernelError(f"q8_impl {impl!r} reads the device position as int64 or int32, not {pos.dtype}",
                               "hold the position in a torch.long tensor")
     args += [ctypes.c_void_p(pos.data_ptr() if pos is not None else 0),
              ctypes.c_int(int(pos is not None and pos.dtype == torch.int64)), ctypes.c_int(n_keys), ctypes.c_int(per),
