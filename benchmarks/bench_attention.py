@@ -271,13 +271,22 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
                  for (bn, w), pps, st in itertools.product(((16, 4), (32, 8), (8, 2)), (2, 4, 8), (2,))]
         grid += [{"block_n": 16, "programs_per_sm": pps, "num_warps": 4, "num_stages": 2, "q8_impl": impl,
                   "q8_unpack": "magic"} for impl in ("streams", "streams2") for pps in (2, 4)]
-    if impls:   # the q8_0 forms asked for (a variant without q8_impl is the default form, "rows";
-        # q8_kernel False the generic kernel, "generic")
+        # the CUDA C++ form (mma.sync dots; thirty-seventh session): its 64-key, 4-warp tiles at 2-4 stages
+        # and 1-4 programs a SM (2 at 3 stages: the default's launch)
+        grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": st, "q8_impl": "cuda_mma"}
+                 for pps, st in itertools.product([1, 2, 3, 4], [2, 3, 4])]
+        # the variants above without a form are the rows kernel's tiles: name it (the default, "auto",
+        # takes cuda_mma where the tiles are its own)
+        grid = [c if "q8_impl" in c or c.get("q8_kernel") is False else {**c, "q8_impl": "rows"} for c in grid]
+    if impls:   # the q8_0 forms asked for (q8_kernel False: the generic kernel, "generic")
         form = lambda c: "generic" if c.get("q8_kernel") is False else c.get("q8_impl", "rows")
         grid = [c for c in grid if form(c) in impls]
     default = dmod.resolved_config(fmt, fmt, q.shape[1])
-    if keys:    # only the variants that set one of these settings, and the row that launches as the default
-        grid = [c for c in grid if any(k in c for k in keys) or dmod.resolved_config(fmt, fmt, q.shape[1], c) == default]
+    if keys:    # only the variants that set one of these settings, and the rows that launch as the default
+        # (q8_impl aside: the default's "auto" resolves per launch)
+        same = lambda c: ({**dmod.resolved_config(fmt, fmt, q.shape[1], c), "q8_impl": None}
+                          == {**default, "q8_impl": None})
+        grid = [c for c in grid if any(k in c for k in keys) or same(c)]
     bufs = (layered_copies(cache, decode_bytes_read(read_keys, hkv, q.shape[1], fmt),
                            torch.cuda.get_device_properties(0).L2_cache_size) if layered else None)
     for cfg in grid:
@@ -337,7 +346,8 @@ def grid_section(args, copy_gbps: float, gen: torch.Generator) -> dict:
                 fn = lambda: decode_attention(q, cache.k, cache.v, fmt, ctx, scale, hkv)   # noqa: E731
                 plan = plan_waves(1, ctx - 1, hq, hkv, d, 256 << 20)
                 ref, _ = prefill_attention_ref(q[None], cache.k, cache.v, fmt, ctx - 1, scale, hkv, plan)
-                mx, rel = rel_err(fn(), ref[0])
+                with dmod.recording() as launch_log:     # which kernel / q8_0 form the timed launches run
+                    mx, rel = rel_err(fn(), ref[0])
                 t_graph, samples = bench_us(fn, args.reps)
                 t_do = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") * 1e3
                 t_lay, n_lay, lay_samples = layered_us(cache, q, fmt, ctx, scale, hkv, args.reps, l2)
@@ -359,7 +369,8 @@ def grid_section(args, copy_gbps: float, gen: torch.Generator) -> dict:
                        "layered_frac_copy": round(lay_gbps / copy_gbps, 3),
                        "floor_us": round(t_floor, 2), "floor_frac_copy": round(nbytes / (t_floor * 1e-6) / 1e9 / copy_gbps, 3),
                        "max_abs_vs_ref": mx, "rel_vs_ref": rel,
-                       "scratch_bytes": dmod.last_scratch_bytes}
+                       "scratch_bytes": dmod.last_scratch_bytes,
+                       **{k: launch_log[0][k] for k in ("kernel", "q8_impl", "q8_impl_why") if launch_log and k in launch_log[0]}}
                 rows.append(row)
                 by_fmt.setdefault(fmt, {})[ctx] = row
                 print(f"{geo:9} {ctx:6d} {fmt:6} {t_graph:9.2f} {t_do:9.2f} {t_lay:9.2f} {nbytes / 1e6:8.2f} "

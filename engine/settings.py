@@ -42,7 +42,7 @@ def _s(*args, **kw) -> Setting:
 
 
 SETTINGS: dict[str, Setting] = {s.name: s for s in [
-    _s("KVBENCH_NVCC", "path", None, "nvcc that builds the CUDA C++ kernels (q8_impl cuda; default: nvcc on PATH, "
+    _s("KVBENCH_NVCC", "path", None, "nvcc that builds the CUDA C++ kernels (q8_impl cuda_mma; default: nvcc on PATH, "
        "then $CUDA_HOME/bin, then /usr/local/cuda/bin)"),
     _s("KVBENCH_CACHE", "path", None, "model cache directory (default ~/.cache/kvbench/models)"),
     _s("KVBENCH_MODELS_DIR", "path", None, "directory of user-provided GGUFs (coder30b, olmoe)"),
@@ -70,13 +70,14 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
     _s("KVBENCH_DECODE_STAGES", "int", None, "decode kernel pipeline stages (default: per format)", lo=1, hi=8),
     _s("KVBENCH_DECODE_Q8_KERNEL", "bool", True, "q8_0 decode through its own kernel (0: the generic "
        "kernel)", numerics=True),
-    _s("KVBENCH_DECODE_Q8_IMPL", "choice", "rows", "q8_0's own decode kernel: rows (2-D float16 dots "
+    _s("KVBENCH_DECODE_Q8_IMPL", "choice", "auto", "q8_0's own decode kernel: auto (cuda_mma where it runs as "
+       "configured: a compiled CUDA device of compute capability 8.0+, nvcc found, 64-key tiles on 4 warps, none of the rows "
+       "kernel's options asked; else rows; the launch record says which and why), rows (2-D float16 dots "
        "over block rows), batched (per-block 3-D dots) or blocks (one 2-D dot a 32-value block; "
        "head_dim 32, 64, 128) or streams (float32 FMAs, no tensor cores: R softmax streams a program, up to 8 query "
-       "heads a KV head; streams2: the same in two passes, K then V, scores through a scratch; cuda: a CUDA C++ kernel, "
-       "float32 FMAs over cp.async tiles, built with nvcc on first use; cuda_mma: the same with mma.sync tensor-core "
-       "dots)", numerics=True,
-       choices=("rows", "batched", "blocks", "streams", "streams2", "cuda", "cuda_mma")),
+       "heads a KV head; streams2: the same in two passes, K then V, scores through a scratch) or cuda_mma (a CUDA C++ "
+       "kernel, mma.sync tensor-core dots over cp.async tiles, built with nvcc on first use)", numerics=True,
+       choices=("auto", "rows", "batched", "blocks", "streams", "streams2", "cuda_mma")),
     _s("KVBENCH_DECODE_Q8_TILES", "tiles", None, "the decode launch over q8_0 K and V (q8_0's own kernel, or the "
        "generic one where that serves), block_n,programs_per_sm,num_warps,num_stages (e.g. 32,6,2,2 or 32x6x2x2), "
        "for q8_0 K and V only where KVBENCH_DECODE_BLOCK_N and its "

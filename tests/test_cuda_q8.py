@@ -1,11 +1,13 @@
-"""q8_0 decode attention in CUDA C++ (``q8_impl="cuda"`` and ``"cuda_mma"``, engine/kernels/cuda_q8.py).
+"""q8_0 decode attention in CUDA C++ (``q8_impl="cuda_mma"``, engine/kernels/cuda_q8.py), and ``"auto"``.
 
 Independent reference: ``decode_attention_ref`` (the blocked torch attention over the
 dequantized cache) on the GPU, at GQA groups 1-8, head_dim 64 and 128, contexts shorter than
-one tile and longer than a split, the position read from the device (int64 and int32) and the
-launch captured in a CUDA graph. Off the GPU: the form refuses to run where it cannot (CPU,
-the Triton interpreter), and where nvcc is installed the source builds for sm_90 with every
-entry point the launcher looks up."""
+one tile and longer than a split, 2, 3 and 4 stages, the position read from the device (int64
+and int32) and the launch captured in a CUDA graph. Off the GPU: the form refuses to run where it
+cannot (CPU, the Triton interpreter), the removed FMA form's name is one clear error, where nvcc
+is installed the source builds for sm_90 with every entry point the launcher looks up, and
+``"auto"`` (the default) records the rows kernel and why. On the GPU, ``"auto"`` takes cuda_mma
+and keeps rows where a launch asks for what only rows has."""
 from __future__ import annotations
 
 import pytest
@@ -27,10 +29,16 @@ def test_the_cuda_form_refuses_where_it_cannot_run(monkeypatch):
     q = torch.randn(8, 64, generator=gen, device=cache.k.device)
     prev = kernels.set_backend("triton")
     try:
-        for impl in ("cuda", "cuda_mma"):
-            with pytest.raises(ValueError, match=f"q8_impl '{impl}' is a CUDA C.. kernel: it runs compiled on a "
-                                                 "CUDA device only"):
-                decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": impl})
+        with pytest.raises(ValueError, match="q8_impl 'cuda_mma' is a CUDA C.. kernel: it runs compiled on a "
+                                             "CUDA device only"):
+            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "cuda_mma"})
+        # the default picks rows here, and says so in the launch record
+        with da.recording() as rec:
+            out = decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2)
+        assert rec[0]["q8_impl"] == "rows" and rec[0]["kernel"] == "_decode_q8_rows_kernel"
+        assert rec[0]["q8_impl_why"] == "auto: rows (cuda_mma runs compiled on a CUDA device only)"
+        ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", 40, 0.125, 2)
+        assert (out - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item())
     finally:
         kernels.set_backend(prev)
 
@@ -40,11 +48,12 @@ def test_the_source_builds_with_every_entry_point(tmp_path):
     if nvcc is None:
         pytest.skip("no nvcc here (the GPU machine builds it on first use)")
     cubin = cuda_q8.build("sm_90", nvcc=nvcc, out_dir=tmp_path).read_bytes()
-    for form, (kernel, shared) in cuda_q8.FORMS.items():
-        for g in cuda_q8.GROUPS:
-            for d in cuda_q8.HEAD_DIMS:
-                assert cuda_q8.kernel_name(form, g, d).encode() in cubin
-                assert f"{shared}_g{g}_d{d}".encode() in cubin
+    for g in cuda_q8.GROUPS:
+        for d in cuda_q8.HEAD_DIMS:
+            for st in cuda_q8.STAGE_CHOICES:
+                assert cuda_q8.kernel_name(g, d, st).encode() in cubin
+                assert f"kvbench_q8_mma_smem_g{g}_d{d}_s{st}".encode() in cubin
+    assert b"kvbench_q8_decode_" not in cubin       # the FMA form is gone
     # cached: the second call compiles nothing and returns the same file
     assert cuda_q8.build("sm_90", nvcc=nvcc, out_dir=tmp_path).read_bytes() == cubin
 
@@ -62,13 +71,28 @@ GEOS = [(16384, 32, 8, 128), (1000, 32, 8, 128), (4096, 32, 4, 128), (77, 32, 4,
         (300, 9, 3, 64), (129, 8, 1, 64), (2000, 16, 8, 64)]
 
 
-IMPLS = {"cuda": "fma", "cuda_mma": "mma"}
+def test_the_removed_fma_form_is_one_clear_error():
+    cache, gen = filled("q8_0", 2, 64, 40, seed=3)
+    q = torch.randn(8, 64, generator=gen, device=cache.k.device)
+    prev = kernels.set_backend("triton")
+    try:
+        with pytest.raises(ValueError, match="q8_impl 'cuda' .the CUDA C.. form on float32 FMAs. was removed: "
+                                             "'cuda_mma'"):
+            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "cuda"})
+    finally:
+        kernels.set_backend(prev)
+
+
+# (geometry, stages): every geometry at the default 3 stages, two at 2 and 4
+CASES = [(g, 3) for g in GEOS] + [(g, st) for g in (GEOS[1], GEOS[5]) for st in (2, 4)]
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", IMPLS)
-@pytest.mark.parametrize("geo", GEOS, ids=lambda g: "ctx{}-hq{}-hkv{}-d{}".format(*g))
-def test_gpu_cuda_form_matches_the_reference(geo, impl):
+@pytest.mark.parametrize("geo,stages", CASES, ids=lambda c: "ctx{}-hq{}-hkv{}-d{}".format(*c) if isinstance(c, tuple)
+                         else f"s{c}")
+def test_gpu_cuda_form_matches_the_reference(geo, stages):
+    impl = "cuda_mma"
+    cfg = {"q8_impl": impl, "num_stages": stages}
     if not CUDA:
         pytest.skip("needs CUDA (run on the GPU machine)")
     ctx, Hq, Hkv, D = geo
@@ -78,23 +102,24 @@ def test_gpu_cuda_form_matches_the_reference(geo, impl):
     prev = kernels.set_backend("triton")
     try:
         with da.recording() as rec:
-            out = decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg={"q8_impl": impl})
+            out = decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg=cfg)
         for dtype in (torch.int64, torch.int32):
             pos = torch.tensor([ctx - 1], dtype=dtype, device="cuda")
-            at = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": impl}, pos=pos)
+            at = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg=cfg, pos=pos)
             err = (at - ref).abs().max().item()
             assert err < 2e-5 * max(1.0, ref.abs().max().item()), (dtype, err)
     finally:
         kernels.set_backend(prev)
-    assert rec[0]["kernel"] == cuda_q8.kernel_name(IMPLS[impl], Hq // Hkv, D) and rec[0]["q8_impl"] == impl
+    assert rec[0]["kernel"] == cuda_q8.kernel_name(Hq // Hkv, D, stages) and rec[0]["q8_impl"] == impl
+    assert rec[0]["num_stages"] == stages and rec[0]["q8_impl_why"] == "asked"
     err = (out - ref).abs().max().item()
-    print(f"{impl} q8_0 {geo}: max-abs {err:.2e} (|ref| max {ref.abs().max().item():.2f})")
+    print(f"{impl} s{stages} q8_0 {geo}: max-abs {err:.2e} (|ref| max {ref.abs().max().item():.2f})")
     assert err < 2e-5 * max(1.0, ref.abs().max().item())
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", IMPLS)
-def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position(impl):
+def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position():
+    impl = "cuda_mma"
     if not CUDA:
         pytest.skip("needs CUDA (run on the GPU machine)")
     Hq, Hkv, D, cap = 32, 4, 128, 3000
@@ -116,3 +141,33 @@ def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position(impl):
         torch.cuda.synchronize()
         ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", n, D ** -0.5, Hkv)
         assert (out - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), n
+
+
+@pytest.mark.gpu
+def test_gpu_auto_takes_cuda_mma_and_keeps_rows_for_what_only_rows_has():
+    """The default form on a CUDA device with nvcc: cuda_mma, recorded as auto's choice; rows where the
+    launch's tiles are not cuda_mma's or a rows-only option is asked (recorded with the reason);
+    cuda_mma asked by name with tiles it does not run is refused."""
+    if not CUDA:
+        pytest.skip("needs CUDA (run on the GPU machine)")
+    if cuda_q8.nvcc_path() is None:
+        pytest.skip("no nvcc on this GPU machine: auto keeps rows (test_the_cuda_form_refuses... covers the record)")
+    Hq, Hkv, D, ctx = 32, 4, 128, 700
+    cache, gen = filled("q8_0", Hkv, D, ctx, seed=11)
+    q = torch.randn(Hq, D, device="cuda", generator=gen)
+    ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv)
+    prev = kernels.set_backend("triton")
+    try:
+        with da.recording() as rec:
+            for cfg in ({}, {"block_n": 32}, {"q8_words": "kv"}, {"num_stages": 2}):
+                out = decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg=cfg)
+                assert (out - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), cfg
+        with pytest.raises(ValueError, match="q8_impl 'cuda_mma' runs 64-key tiles on 4 warps"):
+            decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg={"q8_impl": "cuda_mma", "block_n": 32})
+    finally:
+        kernels.set_backend(prev)
+    got = [(r["q8_impl"], r["kernel"], r["q8_impl_why"]) for r in rec]
+    assert got[0] == ("cuda_mma", cuda_q8.kernel_name(8, D, 3), "auto: cuda_mma")
+    assert got[1][:2] == ("rows", "_decode_q8_rows_kernel") and "tiles 32x3st 4w" in got[1][2]
+    assert got[2][:2] == ("rows", "_decode_q8_rows_kernel") and got[2][2] == "auto: rows (q8_words asked: the rows kernel's options)"
+    assert got[3] == ("cuda_mma", cuda_q8.kernel_name(8, D, 2), "auto: cuda_mma")

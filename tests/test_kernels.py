@@ -322,9 +322,11 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
                 {"block_n": 32, "q8_impl": "batched", "num_warps": 4, "num_stages": 2, "programs_per_sm": 4},
                 # float32 FMAs, no tensor cores: R streams a program (R = block_n)
                 {"block_n": 32, "q8_impl": "streams", "num_warps": 8}, {"block_n": 16, "q8_impl": "streams2"},
-                # PTX: compiled only; the CUDA C++ forms (float32 FMAs, mma.sync dots): on a CUDA device
+                # PTX: compiled only; on a CUDA device rows by name (the default there is auto: cuda_mma)
+                # and the CUDA C++ form (mma.sync dots) at 3, 2 and 4 stages
                 *([] if kernels.interpreted() else [{"block_n": 64, "q8_words": "kv_prmt"}]),
-                *([{"q8_impl": "cuda"}, {"q8_impl": "cuda_mma"}] if DEV == "cuda" and not kernels.interpreted() else [])):
+                *([{"q8_impl": "rows"}, {"q8_impl": "cuda_mma"}, {"q8_impl": "cuda_mma", "num_stages": 2},
+                   {"q8_impl": "cuda_mma", "num_stages": 4}] if DEV == "cuda" and not kernels.interpreted() else [])):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)
         print(f"q8_0 kernel {cfg}: rel {rel(out):.2e}, at pos {rel(at):.2e}")

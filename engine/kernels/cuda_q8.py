@@ -1,10 +1,9 @@
-"""q8_0 decode attention's split part in CUDA C++ (``q8_impl="cuda"`` / ``"cuda_mma"``): build, load, launch.
+"""q8_0 decode attention's split part in CUDA C++ (``q8_impl="cuda_mma"``): build, load, launch.
 
-Contract: ``launch(q, kr, vr, m, l, acc, pos, n_keys, per, n_splits, qk_scale, n_kv_heads, form)``
-runs ``kvbench_q8_decode_g<G>_d<D>`` (form ``"fma"``: float32 FMAs) or ``kvbench_q8_mma_g<G>_d<D>``
-(form ``"mma"``: mma.sync tensor-core dots over exact float16 quants and two-term float16 q and
-p * scale) of ``engine/kernels/cuda/q8_decode.cu`` on the current
-CUDA stream with grid (n_kv_heads, n_splits), writing the same partials as the Triton split
+Contract: ``launch(q, kr, vr, m, l, acc, pos, n_keys, per, n_splits, qk_scale, n_kv_heads, stages)``
+runs ``kvbench_q8_mma_g<G>_d<D>_s<stages>`` (mma.sync tensor-core dots over exact float16 quants
+and two-term float16 q and p * scale; ``stages`` tiles in flight, one of ``STAGE_CHOICES``) of
+``engine/kernels/cuda/q8_decode.cu`` on the current CUDA stream with grid (n_kv_heads, n_splits), writing the same partials as the Triton split
 kernels (``m``/``l`` [Hq, n_splits] float32 in log2 units, ``acc`` [Hq, n_splits, D]); the
 caller launches the combine. ``kr``/``vr`` are ``q8_layout.Q8Rows`` views of the cache.
 
@@ -38,12 +37,9 @@ GROUPS = (1, 2, 3, 4, 8)           # query heads a KV head with an entry point
 HEAD_DIMS = (64, 128)
 THREADS = 128
 TILE = 64                          # keys a tile (TILE in the source)
-STAGES = 3                         # tiles in flight (q8_decode<G, D, 3>)
 SMEM_DEFAULT_MAX = 48 * 1024       # above this a kernel must opt in to more dynamic shared memory
 FALLBACK_NVCC = "/usr/local/cuda/bin/nvcc"
-# the two forms of the source (q8_impl "cuda": float32 FMAs; "cuda_mma": mma.sync tensor-core dots):
-# entry-point and shared-size name prefixes
-FORMS = {"fma": ("kvbench_q8_decode", "kvbench_q8_smem"), "mma": ("kvbench_q8_mma", "kvbench_q8_mma_smem")}
+STAGE_CHOICES = (2, 3, 4)          # tiles in flight with an entry point (num_stages)
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 
@@ -72,7 +68,7 @@ def build(arch: str, nvcc: str | None = None, out_dir: Path | None = None) -> Pa
     """The cubin of ``q8_decode.cu`` for ``arch`` (e.g. ``sm_90``), compiled unless cached."""
     nvcc = nvcc or nvcc_path()
     if nvcc is None:
-        raise CudaKernelError("q8_impl 'cuda' / 'cuda_mma' needs the CUDA toolkit's nvcc to build its kernel, and none was found "
+        raise CudaKernelError("q8_impl 'cuda_mma' needs the CUDA toolkit's nvcc to build its kernel, and none was found "
                               "(KVBENCH_NVCC, PATH, CUDA_HOME, /usr/local/cuda)",
                               "install the CUDA toolkit or set KVBENCH_NVCC, or use q8_impl 'rows'")
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout
@@ -99,7 +95,7 @@ class _Driver:
         try:
             self.lib = ctypes.CDLL("libcuda.so.1")
         except OSError as e:
-            raise CudaKernelError(f"q8_impl 'cuda' / 'cuda_mma' cannot load the CUDA driver (libcuda.so.1): {e}",
+            raise CudaKernelError(f"q8_impl 'cuda_mma' cannot load the CUDA driver (libcuda.so.1): {e}",
                                   "run on a machine with an NVIDIA driver, or use q8_impl 'rows'") from None
         L = self.lib
         L.cuLaunchKernel.argtypes = [ctypes.c_void_p] + [ctypes.c_uint] * 7 + [ctypes.c_void_p,
@@ -110,7 +106,7 @@ class _Driver:
         if rc:
             name = ctypes.c_char_p()
             self.lib.cuGetErrorName(rc, ctypes.byref(name))
-            raise CudaKernelError(f"q8_impl 'cuda' / 'cuda_mma': {what} failed: {(name.value or b'?').decode()} ({rc})",
+            raise CudaKernelError(f"q8_impl 'cuda_mma': {what} failed: {(name.value or b'?').decode()} ({rc})",
                                   "use q8_impl 'rows'")
 
 
@@ -129,20 +125,20 @@ class _Module:
         self.image = path.read_bytes()
         self.mod = ctypes.c_void_p()
         drv.check(L.cuModuleLoadData(ctypes.byref(self.mod), self.image), f"loading {path.name}")
-        self.funcs: dict[tuple[str, int, int], tuple[ctypes.c_void_p, int]] = {}
-        for form, g, d in itertools.product(FORMS, GROUPS, HEAD_DIMS):
+        self.funcs: dict[tuple[int, int, int], tuple[ctypes.c_void_p, int]] = {}
+        for g, d, st in itertools.product(GROUPS, HEAD_DIMS, STAGE_CHOICES):
             f = ctypes.c_void_p()
-            name = kernel_name(form, g, d)
+            name = kernel_name(g, d, st)
             drv.check(L.cuModuleGetFunction(ctypes.byref(f), self.mod, name.encode()), f"finding {name}")
             ptr, size = ctypes.c_uint64(), ctypes.c_size_t()
             drv.check(L.cuModuleGetGlobal_v2(ctypes.byref(ptr), ctypes.byref(size), self.mod,
-                                             f"{FORMS[form][1]}_g{g}_d{d}".encode()), "reading the shared size")
+                                             f"kvbench_q8_mma_smem_g{g}_d{d}_s{st}".encode()), "reading the shared size")
             smem = ctypes.c_int()
             drv.check(L.cuMemcpyDtoH_v2(ctypes.byref(smem), ptr, ctypes.c_size_t(4)), "reading the shared size")
             if smem.value > SMEM_DEFAULT_MAX:
                 drv.check(L.cuFuncSetAttribute(f, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem.value),
                           "raising the dynamic shared memory")
-            self.funcs[(form, g, d)] = (f, smem.value)
+            self.funcs[(g, d, st)] = (f, smem.value)
 
 
 _lock = threading.Lock()
@@ -165,8 +161,8 @@ def _module(device) -> _Module:
     return mod
 
 
-def kernel_name(form: str, group: int, head_dim: int) -> str:
-    return f"{FORMS[form][0]}_g{group}_d{head_dim}"
+def kernel_name(group: int, head_dim: int, stages: int) -> str:
+    return f"kvbench_q8_mma_g{group}_d{head_dim}_s{stages}"
 
 
 def supports(group: int, head_dim: int) -> bool:
@@ -174,11 +170,12 @@ def supports(group: int, head_dim: int) -> bool:
 
 
 def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_scale: float,
-           n_kv_heads: int, form: str = "fma") -> None:
+           n_kv_heads: int, stages: int = 3) -> None:
     import torch
-    if form not in FORMS:
-        raise CudaKernelError(f"cuda_q8 form {form!r} is not one of {sorted(FORMS)}", "pass 'fma' or 'mma'")
-    impl = "cuda_mma" if form == "mma" else "cuda"      # the setting that asked for this form
+    impl = "cuda_mma"
+    if stages not in STAGE_CHOICES:
+        raise CudaKernelError(f"q8_impl 'cuda_mma' has entry points for {STAGE_CHOICES} stages, not {stages}",
+                              "set num_stages (KVBENCH_DECODE_STAGES / KVBENCH_DECODE_Q8_TILES) to 2, 3 or 4")
     Hq, D = q.shape
     G = Hq // n_kv_heads
     if not supports(G, D):
@@ -193,7 +190,7 @@ def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_s
     if q.dtype != torch.float32 or not q.is_contiguous():
         raise CudaKernelError(f"q8_impl {impl!r} takes q as contiguous float32 [Hq, D]", "pass q.float().contiguous()")
     mod = _module(q.device)
-    f, smem = mod.funcs[(form, G, D)]
+    f, smem = mod.funcs[(G, D, stages)]
     args = [ctypes.c_void_p(t.data_ptr()) for t in (q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc)]
     if pos is not None and pos.dtype not in (torch.int64, torch.int32):
         raise CudaKernelError(f"q8_impl {impl!r} reads the device position as int64 or int32, not {pos.dtype}",

@@ -14,7 +14,9 @@ arrays) have their own kernel: vector loads of each head's contiguous quants, th
 into exact float16 in registers (no int->float conversion), and dots in which a block's scale
 multiplies a dot's result and never enters it, against a two-term float16 split of q and of p
 times the V scales, accumulated in float32. Forms (``q8_impl``, setting
-``KVBENCH_DECODE_Q8_IMPL``): ``rows`` (default) makes each (query head, block) pair a row of
+``KVBENCH_DECODE_Q8_IMPL``): ``auto`` (default) takes ``cuda_mma`` where it runs as configured and
+``rows`` elsewhere (``resolve_q8_impl``; the launch record's ``q8_impl`` and ``q8_impl_why`` say
+which and why); ``rows`` makes each (query head, block) pair a row of
 one 2-D [G*NB, D] operand, zero outside its block, so plain 2-D dots give every block's partial
 product; ``batched`` makes the block a batch axis of
 3-D dots (Triton lowers those poorly: ~0.8 TB/s on the H200); ``blocks`` (head_dim 32 / 64 / 128)
@@ -25,13 +27,15 @@ head) leave the tensor cores: the quants dequantized exactly into float32 (a mag
 byte permutes where compiled: ``q8_unpack``) and float32 FMAs, R = ``block_n`` independent
 softmax streams a program merged after the loop; ``streams2`` in two passes, K's scores through a
 scratch then V with the split's max known (no rescaling); on the H100 at 16384 they took 40-43 us
-against rows' 25.7 (reports/h100-2026-12-07b: ~8 warps a SM, latency-bound). Only ``rows`` has been
-the default; the others stay selectable for the sweeps (timings: docs/perf-notes.md). ``cuda`` is the split
-part written in CUDA C++ (``engine.kernels.cuda_q8``, ``engine/kernels/cuda/q8_decode.cu``: float32 FMAs
-over 64-key tiles that cp.async brings into shared memory three at a time, built with nvcc at first
-use, launched through the driver API; compiled CUDA only, no fused combine, no PDL); ``cuda_mma`` is
-the same kernel with its dots on mma.sync tensor cores (exact float16 quants against two float16
-terms of q and of p * scale, as the rows kernel). ``q8_stack``
+against rows' 25.7 (reports/h100-2026-12-07b: ~8 warps a SM, latency-bound); they stay selectable for the
+sweeps (timings: docs/perf-notes.md). ``cuda_mma`` is the split part written in CUDA C++
+(``engine.kernels.cuda_q8``, ``engine/kernels/cuda/q8_decode.cu``: 64-key tiles that cp.async brings into
+shared memory 2-4 at a time (``num_stages``), dots on mma.sync tensor cores over exact float16 quants against two
+float16 terms of q and of p * scale, as the rows kernel; built with nvcc at first use, launched through the
+driver API; compiled CUDA only, no fused combine, no PDL): on the H100 it took 17.5 us against rows' 21.3 at
+coder30b's geometry and 16384 keys, and made the captured coder30b step's q8_0 KV faster than its bf16 KV
+(reports/h100-2026-12-07h); an earlier CUDA form on float32 FMAs (``cuda``) was level with rows and was
+removed (commit 3850518 has it). ``q8_stack``
 (``KVBENCH_DECODE_Q8_STACK``, off by default) stacks the rows kernel's two float16 terms along one
 operand's rows (one dot a side instead of two; at G 8 a 64-row warpgroup MMA on sm_90): 40% fewer
 instructions, not less time (reports/h100-2026-12-07c). Two more forms were measured slower and
@@ -1259,6 +1263,44 @@ def q8_kernel_fits(head_dim: int) -> bool:
     return not head_dim % Q8_BLOCK
 
 
+Q8_IMPLS = ("auto", "rows", "batched", "blocks", "streams", "streams2", "cuda_mma")
+
+
+def resolve_q8_impl(cfg: dict, device: torch.device, group: int, head_dim: int,
+                    rows_only: list[str]) -> tuple[str, str]:
+    """(form, why) of q8_0's own decode kernel for a launch under ``cfg``. A form asked by name is
+    returned as asked (the launch checks it can run). ``"auto"`` (the default) takes ``cuda_mma``
+    where it runs as configured: compiled on a CUDA device of compute capability 8.0 or newer,
+    an entry point for (``group``, ``head_dim``), nvcc found, the launch's tiles its own (64 keys,
+    4 warps, 2-4 stages) and none of ``rows_only`` (the rows kernel's options that were asked by
+    name) asked; otherwise ``rows``. ``why`` says which, for the launch record."""
+    asked = str(cfg["q8_impl"])
+    if asked not in Q8_IMPLS:
+        if asked == "cuda":
+            raise ValueError("q8_impl 'cuda' (the CUDA C++ form on float32 FMAs) was removed: 'cuda_mma' is the same "
+                             "kernel on tensor cores, 1.2x faster (reports/h100-2026-12-07h); use it, 'auto' or 'rows'")
+        raise ValueError(f"q8_impl must be one of {', '.join(map(repr, Q8_IMPLS))}, not {asked!r}")
+    if asked != "auto":
+        return asked, "asked"
+    from . import cuda_q8
+    if interpreted() or device.type != "cuda":
+        return "rows", "auto: rows (cuda_mma runs compiled on a CUDA device only)"
+    if torch.cuda.get_device_capability(device) < (8, 0):
+        return "rows", "auto: rows (cuda_mma needs compute capability 8.0 or newer)"
+    if not cuda_q8.supports(group, head_dim):
+        return "rows", f"auto: rows (cuda_mma has no entry point for {group} query heads a KV head at head_dim {head_dim})"
+    if (cfg["block_n"], cfg["num_warps"]) != (cuda_q8.TILE, cuda_q8.THREADS // 32) \
+            or cfg["num_stages"] not in cuda_q8.STAGE_CHOICES:
+        return "rows", (f"auto: rows (the launch's tiles {cfg['block_n']}x{cfg['num_stages']}st {cfg['num_warps']}w "
+                        f"are not cuda_mma's: {cuda_q8.TILE} keys, {cuda_q8.THREADS // 32} warps, "
+                        f"{'/'.join(map(str, cuda_q8.STAGE_CHOICES))} stages)")
+    if rows_only:
+        return "rows", f"auto: rows ({', '.join(rows_only)} asked: the rows kernel's options)"
+    if cuda_q8.nvcc_path() is None:
+        return "rows", "auto: rows (no nvcc to build cuda_mma: KVBENCH_NVCC, PATH, CUDA_HOME, /usr/local/cuda)"
+    return "cuda_mma", "auto: cuda_mma"
+
+
 def resolved_config(fmt: str, v_fmt: str, head_dim: int, cfg: dict | None = None) -> dict:
     """The launch configuration in force: ``CONFIG``, then the format's (K and V alike) and the
     (format, head_dim) defaults, then the tile environment variables as set now (not at import:
@@ -1317,6 +1359,16 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     step_pdl = bool(pdl_launch())
     pdl_asked = bool(cfg["pdl"]) or str(settings.get("KVBENCH_STEP_PDL")) == "1"
     q8_own = fmt == v_fmt == "q8_0" and cfg["q8_kernel"] and q8_kernel_fits(D) and window is None
+    q8_why = None
+    if q8_own:
+        # the rows kernel's own options asked by name (cfg or their variables): "auto" keeps rows for them
+        rows_only = [k for k, on in (("q8_words", str(cfg["q8_words"] or "none") != "none"),
+                                     ("q8_ablate", bool(str(cfg["q8_ablate"] or ""))),
+                                     ("q8_stack", str(cfg["q8_stack"]).lower() in ("1", "true")),
+                                     ("fuse_combine", bool(cfg["fuse_combine"])), ("q8_vnorm", vnorm_asked),
+                                     ("pdl", pdl_asked)) if on]
+        rows_only += sorted({"q8_terms", "q8_norms", "q8_guards"} & set(asked_cfg))
+        cfg["q8_impl"], q8_why = resolve_q8_impl(cfg, q.device, G, D, rows_only)
     no_pdl = ("the Triton interpreter cannot run griddepcontrol" if interpreted() else
               "the fused combine (fuse_combine) has no second kernel to wait" if cfg["fuse_combine"] else
               f"the q8_0 {cfg['q8_impl']!r} form has none (the rows and streams forms have)"
@@ -1346,25 +1398,28 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if q8_own:
         kr, vr = q8_layout.split(k_buf, n_kv_heads, D), q8_layout.split(v_buf, n_kv_heads, D)
         nb = D // Q8_BLOCK
-        if cfg["q8_impl"] not in ("rows", "batched", "blocks", "streams", "streams2", "cuda", "cuda_mma"):
-            raise ValueError(f"q8_impl must be 'rows', 'batched', 'blocks', 'streams', 'streams2', 'cuda' or 'cuda_mma', "
-                             f"not {cfg['q8_impl']!r}")
-        cuda_form = cfg["q8_impl"] in ("cuda", "cuda_mma")
+        cuda_form = cfg["q8_impl"] == "cuda_mma"
         if cuda_form:
             from . import cuda_q8
             if interpreted() or q.device.type != "cuda":
                 raise ValueError(f"q8_impl {cfg['q8_impl']!r} is a CUDA C++ kernel: it runs compiled on a CUDA device "
-                                 "only (not under TRITON_INTERPRET, not on the CPU); use 'rows' there")
+                                 "only (not under TRITON_INTERPRET, not on the CPU); use 'rows' or 'auto' there")
             if not cuda_q8.supports(G, D):
                 raise ValueError(f"q8_impl {cfg['q8_impl']!r} serves {cuda_q8.GROUPS} query heads a KV head at head_dim "
                                  f"{cuda_q8.HEAD_DIMS}, not {G} at {D}: use 'rows'")
+            if (cfg["block_n"], cfg["num_warps"]) != (cuda_q8.TILE, cuda_q8.THREADS // 32) \
+                    or cfg["num_stages"] not in cuda_q8.STAGE_CHOICES:
+                raise ValueError(f"q8_impl 'cuda_mma' runs {cuda_q8.TILE}-key tiles on {cuda_q8.THREADS // 32} warps, "
+                                 f"{'/'.join(map(str, cuda_q8.STAGE_CHOICES))} stages, not block_n {cfg['block_n']}, "
+                                 f"num_warps {cfg['num_warps']}, num_stages {cfg['num_stages']}: unset those "
+                                 "(KVBENCH_DECODE_BLOCK_N / _WARPS / _STAGES / _Q8_TILES) or use 'rows'")
         if cfg["q8_impl"] in ("streams", "streams2") and G > 8:
             raise ValueError(f"q8_impl {cfg['q8_impl']!r} serves up to 8 query heads a KV head, not {G}: use 'rows'")
         if cfg["q8_impl"] == "blocks" and nb not in (1, 2, 4):
             raise ValueError(f"q8_impl 'blocks' serves head_dim 32, 64 or 128 (1, 2 or 4 blocks a head), "
                              f"not {D}: use 'rows'")
         rows_form = cfg["q8_impl"] == "rows"
-        streams = cfg["q8_impl"] in ("streams", "streams2", "cuda", "cuda_mma")     # no fused combine, no terms knobs
+        streams = cfg["q8_impl"] in ("streams", "streams2", "cuda_mma")     # no fused combine, no terms knobs
         ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
         words = str(cfg["q8_words"] or "none")
         if words not in ("none", "k", "v", "kv", "kv_prmt") or (words != "none" and not rows_form):
@@ -1395,12 +1450,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_stack stacks the rows kernel's terms; this launch is q8_impl {cfg['q8_impl']!r}: "
                              f"unset q8_stack (KVBENCH_DECODE_Q8_STACK) or use 'rows'")
         if cuda_form:
-            form = "mma" if cfg["q8_impl"] == "cuda_mma" else "fma"
-            LAUNCHES.record({"kernel": cuda_q8.kernel_name(form, G, D), "q8_impl": cfg["q8_impl"], "block_n": cuda_q8.TILE,
-                             "num_warps": cuda_q8.THREADS // 32, "num_stages": cuda_q8.STAGES, "splits": splits,
-                             "keys_per_split": per, "combine_block": comb["BLOCK_S"], "pdl": pdl})
+            LAUNCHES.record({"kernel": cuda_q8.kernel_name(G, D, cfg["num_stages"]), "q8_impl": "cuda_mma",
+                             "q8_impl_why": q8_why, "block_n": cuda_q8.TILE, "num_warps": cuda_q8.THREADS // 32,
+                             "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
+                             "combine_block": comb["BLOCK_S"], "pdl": pdl})
             cuda_q8.launch(q, kr, vr, m, l, acc, pos if dev_pos["DEV_POS"] else None, n_keys, per, splits,
-                           scale * LOG2E, n_kv_heads, form)
+                           scale * LOG2E, n_kv_heads, cfg["num_stages"])
         elif streams and cfg["q8_impl"] == "streams2":
             # the scores' scratch: G floats a key of each (KV head, split)
             sbuf = torch.empty(n_kv_heads * splits * G * per, device=q.device, dtype=torch.float32)
@@ -1435,7 +1490,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                              ROW_L=bool(cfg["q8_guards"][0]), S64=bool(cfg["q8_guards"][1]),
                              SKIP_QK="qk" in ablate, SKIP_PV="pv" in ablate, K16="k" in words, V16="v" in words,
                              PRMT=words == "kv_prmt", VN_SPLIT=vnorm == "split")
-            LAUNCHES.record({"kernel": kern.__name__, "q8_impl": cfg["q8_impl"], "block_n": cfg["block_n"],
+            LAUNCHES.record({"kernel": kern.__name__, "q8_impl": cfg["q8_impl"], "q8_impl_why": q8_why, "block_n": cfg["block_n"],
                              "num_warps": cfg["num_warps"],
                              "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
                              "combine_block": 0 if fuse else comb["BLOCK_S"],
