@@ -9,7 +9,8 @@
 #   grid:  bench_attention's decode grid at the default (auto) and with q8_impl rows, for the targets
 #   step:  the captured coder30b step at depth 16 and 16384, bf16 / q8_0 KV: the default (auto: cuda_mma)
 #          against rows and three cuda_mma launches (KVBENCH_DECODE_Q8_TILES moves q8_0's launch only)
-# Carry .whl. Usage on the device: bash benchmarks/oneoff/session37.sh tests sweep grid step
+#   bound: on an H200 only, the one-launch bound (as session35.sh)
+# Carry .whl. Usage on the device: bash benchmarks/oneoff/session37.sh tests grid step sweep bound
 set -uo pipefail
 bash benchmarks/gpu_session.sh nop >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD KVBENCH_CACHE=/tmp/kvcache PYTHONUNBUFFERED=1
@@ -41,6 +42,7 @@ for step in "$@"; do
     step)  MOE_VARIANTS=${STEP_VARIANTS:-default,rows:KVBENCH_DECODE_Q8_IMPL=rows,p3:KVBENCH_DECODE_Q8_TILES=64x3x4x3,s2p4:KVBENCH_DECODE_Q8_TILES=64x4x4x2,s4:KVBENCH_DECODE_Q8_TILES=64x2x4x4} \
              MOE_MAX_S=${MOE_MAX_S:-330} MOE_TAG=-s37 MOE_ARGS="--profile none" \
              bash benchmarks/gpu_session.sh moevar 2>&1 | tail -34 ;;
+    bound) bash benchmarks/oneoff/session35.sh bound ;;     # on an H200 only: the one-launch bound
   esac
   echo "[$step: ${SECONDS} s]"
 done
