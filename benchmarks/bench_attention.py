@@ -275,6 +275,9 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         # and 1-4 programs a SM (2 at 3 stages: the default's launch)
         grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": st, "q8_impl": "cuda_mma"}
                  for pps, st in itertools.product([1, 2, 3, 4], [2, 3, 4])]
+        if q.shape[0] // hkv <= 4:      # its packed terms (one mma a k-step), at 3 stages
+            grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_impl": "cuda_mma",
+                      "q8_pack": True} for pps in (1, 2, 3, 4)]
         # the variants above without a form are the rows kernel's tiles: name it (the default, "auto",
         # takes cuda_mma where the tiles are its own)
         grid = [c if "q8_impl" in c or c.get("q8_kernel") is False else {**c, "q8_impl": "rows"} for c in grid]

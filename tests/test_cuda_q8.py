@@ -2,8 +2,8 @@
 
 Independent reference: ``decode_attention_ref`` (the blocked torch attention over the
 dequantized cache) on the GPU, at GQA groups 1-8, head_dim 64 and 128, contexts shorter than
-one tile and longer than a split, 2, 3 and 4 stages, the position read from the device (int64
-and int32) and the launch captured in a CUDA graph. Off the GPU: the form refuses to run where it
+one tile and longer than a split, 2, 3 and 4 stages, the packed-terms form (G <= 4), the
+position read from the device (int64 and int32) and the launch captured in a CUDA graph. Off the GPU: the form refuses to run where it
 cannot (CPU, the Triton interpreter), the removed FMA form's name is one clear error, where nvcc
 is installed the source builds for sm_90 with every entry point the launcher looks up, and
 ``"auto"`` (the default) records the rows kernel and why. On the GPU, ``"auto"`` takes cuda_mma
@@ -53,6 +53,8 @@ def test_the_source_builds_with_every_entry_point(tmp_path):
             for st in cuda_q8.STAGE_CHOICES:
                 assert cuda_q8.kernel_name(g, d, st).encode() in cubin
                 assert f"kvbench_q8_mma_smem_g{g}_d{d}_s{st}".encode() in cubin
+            assert (cuda_q8.kernel_name(g, d, cuda_q8.PACK_STAGES, pack=True).encode() in cubin) == \
+                (g in cuda_q8.PACK_GROUPS)
     assert b"kvbench_q8_decode_" not in cubin       # the FMA form is gone
     # cached: the second call compiles nothing and returns the same file
     assert cuda_q8.build("sm_90", nvcc=nvcc, out_dir=tmp_path).read_bytes() == cubin
@@ -83,16 +85,33 @@ def test_the_removed_fma_form_is_one_clear_error():
         kernels.set_backend(prev)
 
 
-# (geometry, stages): every geometry at the default 3 stages, two at 2 and 4
-CASES = [(g, 3) for g in GEOS] + [(g, st) for g in (GEOS[1], GEOS[5]) for st in (2, 4)]
+# (geometry, stages, packed terms): every geometry at the default 3 stages, two at 2 and 4, and each
+# geometry of at most 4 query heads a KV head packed
+CASES = ([(g, 3, False) for g in GEOS] + [(g, st, False) for g in (GEOS[1], GEOS[5]) for st in (2, 4)]
+         + [(g, 3, True) for g in GEOS if g[1] // g[2] in cuda_q8.PACK_GROUPS])
+
+
+def test_packed_terms_are_refused_where_they_do_not_apply():
+    cache, gen = filled("q8_0", 2, 64, 40, seed=3)
+    q = torch.randn(8, 64, generator=gen, device=cache.k.device)
+    prev = kernels.set_backend("triton")
+    try:
+        with pytest.raises(ValueError, match="q8_pack .KVBENCH_DECODE_Q8_PACK. is cuda_mma's.*q8_impl 'rows' .asked."):
+            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_pack": True})
+        if not CUDA or kernels.interpreted():     # auto keeps rows here, and says why in the refusal
+            with pytest.raises(ValueError, match="q8_pack .* .auto: rows .cuda_mma runs compiled on a CUDA device only.."):
+                decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_pack": True})
+    finally:
+        kernels.set_backend(prev)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("geo,stages", CASES, ids=lambda c: "ctx{}-hq{}-hkv{}-d{}".format(*c) if isinstance(c, tuple)
-                         else f"s{c}")
-def test_gpu_cuda_form_matches_the_reference(geo, stages):
+@pytest.mark.parametrize("geo,stages,pack", CASES,
+                         ids=lambda c: "ctx{}-hq{}-hkv{}-d{}".format(*c) if isinstance(c, tuple)
+                         else (("packed" if c else "two-mma") if isinstance(c, bool) else f"s{c}"))
+def test_gpu_cuda_form_matches_the_reference(geo, stages, pack):
     impl = "cuda_mma"
-    cfg = {"q8_impl": impl, "num_stages": stages}
+    cfg = {"q8_impl": impl, "num_stages": stages, "q8_pack": pack}
     if not CUDA:
         pytest.skip("needs CUDA (run on the GPU machine)")
     ctx, Hq, Hkv, D = geo
@@ -110,10 +129,10 @@ def test_gpu_cuda_form_matches_the_reference(geo, stages):
             assert err < 2e-5 * max(1.0, ref.abs().max().item()), (dtype, err)
     finally:
         kernels.set_backend(prev)
-    assert rec[0]["kernel"] == cuda_q8.kernel_name(Hq // Hkv, D, stages) and rec[0]["q8_impl"] == impl
-    assert rec[0]["num_stages"] == stages and rec[0]["q8_impl_why"] == "asked"
+    assert rec[0]["kernel"] == cuda_q8.kernel_name(Hq // Hkv, D, stages, pack) and rec[0]["q8_impl"] == impl
+    assert rec[0]["num_stages"] == stages and rec[0]["q8_impl_why"] == "asked" and rec[0]["q8_pack"] == pack
     err = (out - ref).abs().max().item()
-    print(f"{impl} s{stages} q8_0 {geo}: max-abs {err:.2e} (|ref| max {ref.abs().max().item():.2f})")
+    print(f"{impl} s{stages}{' packed' if pack else ''} q8_0 {geo}: max-abs {err:.2e} (|ref| max {ref.abs().max().item():.2f})")
     assert err < 2e-5 * max(1.0, ref.abs().max().item())
 
 

@@ -2,15 +2,16 @@
 # The thirty-seventh session's device call: q8_0's CUDA C++ tensor-core kernel (q8_impl "cuda_mma") as the
 # default ("auto") and its launch space (2-4 stages, 1-4 programs a SM).
 #   tests: its GPU tests (every geometry at 3 stages, two at 2 and 4, the device position, the CUDA graph,
-#          auto's choices), the float64-oracle magnitude test (rows by name and cuda_mma at 2/3/4 stages), and
-#          the GPU tests of the captured dense and MoE steps (their q8_0 KV now through auto's cuda_mma)
+#          auto's choices), the float64-oracle magnitude test (rows by name and cuda_mma at 2/3/4 stages)
+#   steptests: the GPU tests of the captured dense and MoE steps (their q8_0 KV now through auto's cuda_mma)
 #   sweep: bench_attention's q8_0 sweep of cuda_mma's launches, layered, position on the device, at 4096 /
 #          16384 / 32768 keys, both geometries
-#   grid:  bench_attention's decode grid at the default (auto) and with q8_impl rows, for the targets
+#   grid:  bench_attention's decode grid at the default (auto), with q8_impl rows, and (bench geometry, G 4)
+#          cuda_mma with its packed terms (q8_pack), for the targets
 #   step:  the captured coder30b step at depth 16 and 16384, bf16 / q8_0 KV: the default (auto: cuda_mma)
 #          against rows and three cuda_mma launches (KVBENCH_DECODE_Q8_TILES moves q8_0's launch only)
 #   bound: on an H200 only, the one-launch bound (as session35.sh)
-# Carry .whl. Usage on the device: bash benchmarks/oneoff/session37.sh tests grid step sweep bound
+# Carry .whl. Usage on the device: bash benchmarks/oneoff/session37.sh tests grid step sweep steptests bound
 set -uo pipefail
 bash benchmarks/gpu_session.sh nop >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD KVBENCH_CACHE=/tmp/kvcache PYTHONUNBUFFERED=1
@@ -23,8 +24,8 @@ for step in "$@"; do
   case $step in
     tests) timeout ${TEST_TIMEOUT:-300} python3 -m pytest -q -p no:cacheprovider -s --durations=8 tests/test_cuda_q8.py \
              "tests/test_kernels.py::test_q8_decode_kernel_across_magnitudes_and_at_a_device_position" > "$OUT/tests.log" 2>&1
-           grep -E "cuda_mma|passed|failed|FAILED|Error" "$OUT/tests.log" | tail -30
-           timeout ${STEPTEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu --durations=8 \
+           grep -E "cuda_mma|passed|failed|FAILED|Error" "$OUT/tests.log" | tail -40 ;;
+    steptests) timeout ${STEPTEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu --durations=8 \
              tests/test_static_decode.py tests/test_moe_decode.py > "$OUT/tests-steps.log" 2>&1
            tail -12 "$OUT/tests-steps.log" ;;
     sweep) for geo in coder30b bench; do
@@ -33,9 +34,11 @@ for step in "$@"; do
                --reps ${REPS:-20} --out "$OUT/attention-sweep-$geo.json" > "$OUT/sweep-$geo.log" 2>&1
              echo "== sweep $geo (rc $?)"; grep -E "sweep|us" "$OUT/sweep-$geo.log" | grep -v "^{" | tail -40
            done ;;
-    grid)  for v in auto:auto rows:rows; do
-             IFS=: read -r name impl <<< "$v"
-             KVBENCH_DECODE_Q8_IMPL=$impl timeout ${GRID_TIMEOUT:-200} python3 benchmarks/bench_attention.py --skip-prefill \
+    grid)  # name:q8_impl:q8_pack:geometries (the packed terms serve G <= 4: the bench geometry only)
+           for v in auto:auto:0:bench,coder30b rows:rows:0:bench,coder30b pack:cuda_mma:1:bench; do
+             IFS=: read -r name impl pack geos <<< "$v"
+             KVBENCH_DECODE_Q8_IMPL=$impl KVBENCH_DECODE_Q8_PACK=$pack timeout ${GRID_TIMEOUT:-200} \
+               python3 benchmarks/bench_attention.py --skip-prefill --geometries $geos \
                --reps ${REPS:-20} --out "$OUT/attention-$name.json" > "$OUT/attention-$name.log" 2>&1
              echo "== grid $name (rc $?)"; grep -E "q8_0|targets.*layered" "$OUT/attention-$name.log" | grep -v "^{" | tail -14
            done ;;

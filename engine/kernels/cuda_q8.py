@@ -2,7 +2,9 @@
 
 Contract: ``launch(q, kr, vr, m, l, acc, pos, n_keys, per, n_splits, qk_scale, n_kv_heads, stages)``
 runs ``kvbench_q8_mma_g<G>_d<D>_s<stages>`` (mma.sync tensor-core dots over exact float16 quants
-and two-term float16 q and p * scale; ``stages`` tiles in flight, one of ``STAGE_CHOICES``) of
+and two-term float16 q and p * scale; ``stages`` tiles in flight, one of ``STAGE_CHOICES``), or with
+``pack`` (G <= 4, 3 stages) ``kvbench_q8_mmap_g<G>_d<D>_s3``, whose mma columns hold both terms
+(one mma a k-step instead of two), of
 ``engine/kernels/cuda/q8_decode.cu`` on the current CUDA stream with grid (n_kv_heads, n_splits), writing the same partials as the Triton split
 kernels (``m``/``l`` [Hq, n_splits] float32 in log2 units, ``acc`` [Hq, n_splits, D]); the
 caller launches the combine. ``kr``/``vr`` are ``q8_layout.Q8Rows`` views of the cache.
@@ -40,6 +42,8 @@ TILE = 64                          # keys a tile (TILE in the source)
 SMEM_DEFAULT_MAX = 48 * 1024       # above this a kernel must opt in to more dynamic shared memory
 FALLBACK_NVCC = "/usr/local/cuda/bin/nvcc"
 STAGE_CHOICES = (2, 3, 4)          # tiles in flight with an entry point (num_stages)
+PACK_GROUPS = (1, 2, 3, 4)         # groups with a packed-terms entry point (q8_pack), at PACK_STAGES
+PACK_STAGES = 3
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 
 
@@ -125,10 +129,12 @@ class _Module:
         self.image = path.read_bytes()
         self.mod = ctypes.c_void_p()
         drv.check(L.cuModuleLoadData(ctypes.byref(self.mod), self.image), f"loading {path.name}")
-        self.funcs: dict[tuple[int, int, int], tuple[ctypes.c_void_p, int]] = {}
-        for g, d, st in itertools.product(GROUPS, HEAD_DIMS, STAGE_CHOICES):
+        self.funcs: dict[tuple[int, int, int, bool], tuple[ctypes.c_void_p, int]] = {}
+        entries = [(g, d, st, False) for g, d, st in itertools.product(GROUPS, HEAD_DIMS, STAGE_CHOICES)]
+        entries += [(g, d, PACK_STAGES, True) for g, d in itertools.product(PACK_GROUPS, HEAD_DIMS)]
+        for g, d, st, pack in entries:
             f = ctypes.c_void_p()
-            name = kernel_name(g, d, st)
+            name = kernel_name(g, d, st, pack)
             drv.check(L.cuModuleGetFunction(ctypes.byref(f), self.mod, name.encode()), f"finding {name}")
             ptr, size = ctypes.c_uint64(), ctypes.c_size_t()
             drv.check(L.cuModuleGetGlobal_v2(ctypes.byref(ptr), ctypes.byref(size), self.mod,
@@ -138,7 +144,7 @@ class _Module:
             if smem.value > SMEM_DEFAULT_MAX:
                 drv.check(L.cuFuncSetAttribute(f, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem.value),
                           "raising the dynamic shared memory")
-            self.funcs[(g, d, st)] = (f, smem.value)
+            self.funcs[(g, d, st, pack)] = (f, smem.value)
 
 
 _lock = threading.Lock()
@@ -161,8 +167,8 @@ def _module(device) -> _Module:
     return mod
 
 
-def kernel_name(group: int, head_dim: int, stages: int) -> str:
-    return f"kvbench_q8_mma_g{group}_d{head_dim}_s{stages}"
+def kernel_name(group: int, head_dim: int, stages: int, pack: bool = False) -> str:
+    return f"kvbench_q8_{'mmap' if pack else 'mma'}_g{group}_d{head_dim}_s{stages}"
 
 
 def supports(group: int, head_dim: int) -> bool:
@@ -170,12 +176,16 @@ def supports(group: int, head_dim: int) -> bool:
 
 
 def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_scale: float,
-           n_kv_heads: int, stages: int = 3) -> None:
+           n_kv_heads: int, stages: int = 3, pack: bool = False) -> None:
     import torch
     impl = "cuda_mma"
     if stages not in STAGE_CHOICES:
         raise CudaKernelError(f"q8_impl 'cuda_mma' has entry points for {STAGE_CHOICES} stages, not {stages}",
                               "set num_stages (KVBENCH_DECODE_STAGES / KVBENCH_DECODE_Q8_TILES) to 2, 3 or 4")
+    G0 = q.shape[0] // n_kv_heads
+    if pack and (G0 not in PACK_GROUPS or stages != PACK_STAGES):
+        raise CudaKernelError(f"q8_pack (cuda_mma's packed terms) serves {PACK_GROUPS} query heads a KV head at "
+                              f"{PACK_STAGES} stages, not {G0} at {stages}", "unset q8_pack (KVBENCH_DECODE_Q8_PACK)")
     Hq, D = q.shape
     G = Hq // n_kv_heads
     if not supports(G, D):
@@ -190,7 +200,7 @@ def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_s
     if q.dtype != torch.float32 or not q.is_contiguous():
         raise CudaKernelError(f"q8_impl {impl!r} takes q as contiguous float32 [Hq, D]", "pass q.float().contiguous()")
     mod = _module(q.device)
-    f, smem = mod.funcs[(G, D, stages)]
+    f, smem = mod.funcs[(G, D, stages, bool(pack))]
     args = [ctypes.c_void_p(t.data_ptr()) for t in (q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc)]
     if pos is not None and pos.dtype not in (torch.int64, torch.int32):
         raise CudaKernelError(f"q8_impl {impl!r} reads the device position as int64 or int32, not {pos.dtype}",

@@ -104,6 +104,9 @@ CONFIG = {
     # (``q8_stacked``): 957 against 1597 loop instructions a 64-key tile at G 8 offline, yet level or
     # slower at ctx 4096 / 16384 on the H100 and 2% faster at 32768 (reports/h100-2026-12-07c)
     "q8_stack": False,
+    # cuda_mma's packed terms (G <= 4, 3 stages): the mma's 8 columns hold each head's hi and lo
+    # float16 terms, one mma a k-step instead of two (thirty-seventh session; unmeasured: off)
+    "q8_pack": False,
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
     "q8_unpack": "auto",      # the streams forms' int8 -> float32: PTX byte permutes (compiled) or a magic add
     "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv; kv_prmt: PTX unpack), float16 where they land
@@ -139,7 +142,7 @@ _LIVE_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_D
               "q8_kernel": "KVBENCH_DECODE_Q8_KERNEL", "fuse_combine": "KVBENCH_DECODE_FUSE",
               "precision": "KVBENCH_ATTN_PRECISION", "q8_words": "KVBENCH_DECODE_Q8_WORDS",
               "q8_vnorm": "KVBENCH_DECODE_Q8_VNORM", "bf16_stack": "KVBENCH_DECODE_BF16_STACK",
-              "q8_stack": "KVBENCH_DECODE_Q8_STACK",
+              "q8_stack": "KVBENCH_DECODE_Q8_STACK", "q8_pack": "KVBENCH_DECODE_Q8_PACK",
               "pdl": "KVBENCH_DECODE_PDL"}
 last_scratch_bytes = 0
 LAUNCHES = LaunchLog()     # each launch's applied configuration, inside ``recording()``
@@ -1418,6 +1421,11 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         if cfg["q8_impl"] == "blocks" and nb not in (1, 2, 4):
             raise ValueError(f"q8_impl 'blocks' serves head_dim 32, 64 or 128 (1, 2 or 4 blocks a head), "
                              f"not {D}: use 'rows'")
+        pack = str(cfg["q8_pack"]).lower() in ("1", "true")
+        if pack and not (cuda_form and G in cuda_q8.PACK_GROUPS and cfg["num_stages"] == cuda_q8.PACK_STAGES):
+            raise ValueError(f"q8_pack (KVBENCH_DECODE_Q8_PACK) is cuda_mma's, at up to 4 query heads a KV head and "
+                             f"3 stages; this launch: q8_impl {cfg['q8_impl']!r} ({q8_why}), {G} query heads a KV head, "
+                             f"{cfg['num_stages']} stages: unset it or change those")
         rows_form = cfg["q8_impl"] == "rows"
         streams = cfg["q8_impl"] in ("streams", "streams2", "cuda_mma")     # no fused combine, no terms knobs
         ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
@@ -1450,12 +1458,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_stack stacks the rows kernel's terms; this launch is q8_impl {cfg['q8_impl']!r}: "
                              f"unset q8_stack (KVBENCH_DECODE_Q8_STACK) or use 'rows'")
         if cuda_form:
-            LAUNCHES.record({"kernel": cuda_q8.kernel_name(G, D, cfg["num_stages"]), "q8_impl": "cuda_mma",
-                             "q8_impl_why": q8_why, "block_n": cuda_q8.TILE, "num_warps": cuda_q8.THREADS // 32,
+            LAUNCHES.record({"kernel": cuda_q8.kernel_name(G, D, cfg["num_stages"], pack), "q8_impl": "cuda_mma",
+                             "q8_impl_why": q8_why, "q8_pack": pack, "block_n": cuda_q8.TILE, "num_warps": cuda_q8.THREADS // 32,
                              "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
                              "combine_block": comb["BLOCK_S"], "pdl": pdl})
             cuda_q8.launch(q, kr, vr, m, l, acc, pos if dev_pos["DEV_POS"] else None, n_keys, per, splits,
-                           scale * LOG2E, n_kv_heads, cfg["num_stages"])
+                           scale * LOG2E, n_kv_heads, cfg["num_stages"], pack)
         elif streams and cfg["q8_impl"] == "streams2":
             # the scores' scratch: G floats a key of each (KV head, split)
             sbuf = torch.empty(n_kv_heads * splits * G * per, device=q.device, dtype=torch.float32)

@@ -158,13 +158,17 @@ struct Q8MmaGeom {
     static_assert(G <= 8 && (D == 64 || D == 128), "mma form: G <= 8, head_dim 64 or 128");
 };
 
-template <int G, int D, int NSTAGE>
+// PACK (G <= 4): the N columns hold both float16 terms, 0-3 the heads' hi terms and 4-7 their lo terms, so
+// each k-step is one mma instead of two; the two columns of a head are summed (a shuffle, lane ^ 2) once a
+// tile for the scores and once at the end for the output, both sums being linear in them.
+template <int G, int D, int NSTAGE, bool PACK>
 __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const int8_t* __restrict__ kq,
                                               const __half* __restrict__ ks, const int8_t* __restrict__ vq,
                                               const __half* __restrict__ vs, float* __restrict__ m_out,
                                               float* __restrict__ l_out, float* __restrict__ acc_out,
                                               const void* __restrict__ pos, int pos64, int n_keys, int per,
                                               int n_splits, float qk_scale, int hkv) {
+    static_assert(!PACK || G <= 4, "packed terms: G <= 4");
     using Geo = Q8MmaGeom<G, D, NSTAGE>;
     constexpr int NB = Geo::NB, SB = Geo::SB, KS = Geo::KS, VS = Geo::VS, KQB = Geo::KQB, VQB = Geo::VQB;
     constexpr int STAGE = Geo::STAGE, DW = Geo::DW, MT = Geo::MT;
@@ -187,6 +191,8 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
     const long long qstride = (long long)hkv * D;
     const long long sstride = (long long)hkv * NB;
     const int wp = tid / 32, lane = tid % 32, gid = lane / 4, tig = lane % 4;
+    const int head = PACK ? (gid & 3) : gid;    // the query head of this thread's B column gid
+    const bool lo_col = PACK && gid >= 4;       // PACK: the column holds that head's lo term
 
     if (tid < 8) {
         sm[tid] = -INFINITY;
@@ -205,14 +211,15 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
     }
 
     // q as B fragments, once: k-step (b, e) of block b takes this thread's dims 32b + 8tig + 4e + {0,1}
-    // (b0) and {2,3} (b1), column gid = query head gid; normalised per (head, block), two terms
+    // (b0) and {2,3} (b1), column gid = query head gid (PACK: gid & 3, the lo term from gid 4);
+    // normalised per (head, block), two terms
     uint32_t qh[NB][2][2], ql[NB][2][2];
     float qc0[NB], qc1[NB];         // the norms of the heads of this thread's C columns, 2tig and 2tig + 1
 #pragma unroll
     for (int b = 0; b < NB; ++b) {
         float x[8];
-        if (gid < G) {
-            const float4* src = reinterpret_cast<const float4*>(q + (long long)(h * G + gid) * D + 32 * b + 8 * tig);
+        if (head < G) {
+            const float4* src = reinterpret_cast<const float4*>(q + (long long)(h * G + head) * D + 32 * b + 8 * tig);
             const float4 u = src[0], v = src[1];
             x[0] = u.x; x[1] = u.y; x[2] = u.z; x[3] = u.w; x[4] = v.x; x[5] = v.y; x[6] = v.z; x[7] = v.w;
         } else {
@@ -233,6 +240,10 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
         for (int e = 0; e < 2; ++e) {
             split_h2(x[4 * e] * inv, x[4 * e + 1] * inv, qh[b][e][0], ql[b][e][0]);
             split_h2(x[4 * e + 2] * inv, x[4 * e + 3] * inv, qh[b][e][1], ql[b][e][1]);
+            if (lo_col) {           // PACK: this column's term is the lo one
+                qh[b][e][0] = ql[b][e][0];
+                qh[b][e][1] = ql[b][e][1];
+            }
         }
         qc0[b] = __shfl_sync(0xffffffffu, qn, (2 * tig) * 4);
         qc1[b] = __shfl_sync(0xffffffffu, qn, (2 * tig + 1) * 4);
@@ -269,18 +280,22 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
                 i8x4_to_h2(wa.x, a[0], a[2]);
                 i8x4_to_h2(wb.x, a[1], a[3]);
                 mma16816(c, a, qh[b][0][0], qh[b][0][1]);
-                mma16816(c, a, ql[b][0][0], ql[b][0][1]);
+                if constexpr (!PACK) mma16816(c, a, ql[b][0][0], ql[b][0][1]);
                 i8x4_to_h2(wa.y, a[0], a[2]);
                 i8x4_to_h2(wb.y, a[1], a[3]);
                 mma16816(c, a, qh[b][1][0], qh[b][1][1]);
-                mma16816(c, a, ql[b][1][0], ql[b][1][1]);
+                if constexpr (!PACK) mma16816(c, a, ql[b][1][0], ql[b][1][1]);
                 const float da = __half2float(ksa[b]), db = __half2float(ksb[b]);
                 s[0] = fmaf(c[0], da * qc0[b], s[0]);
                 s[1] = fmaf(c[1], da * qc1[b], s[1]);
                 s[2] = fmaf(c[2], db * qc0[b], s[2]);
                 s[3] = fmaf(c[3], db * qc1[b], s[3]);
             }
-            const int g0 = 2 * tig, g1 = g0 + 1;
+            if constexpr (PACK) {   // hi column 2tig (+1) plus lo column 2tig + 4 (+5): lanes tig and tig ^ 2
+#pragma unroll
+                for (int i = 0; i < 4; ++i) s[i] += __shfl_xor_sync(0xffffffffu, s[i], 2);
+            }
+            const int g0 = 2 * tig, g1 = g0 + 1;       // (PACK: tig 2, 3 hold the lo columns, g0 >= 4 >= G)
             if (g0 < G) {
                 ss[g0 * TILE + ra] = s[0];
                 ss[g0 * TILE + rb] = s[2];
@@ -320,7 +335,7 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
 #pragma unroll
                 for (int i = 0; i < 4; ++i) c[mt][i] = 0.0f;
             const unsigned char* vt = st + KQB + w0 + gid * 2 * MT;
-            const float* pg = sp + gid * TILE;
+            const float* pg = sp + head * TILE;
             const float* dq = dvn + vb * TILE;
 #pragma unroll
             for (int kst = 0; kst < TILE / 16; ++kst) {
@@ -352,14 +367,18 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
                 uint32_t bh0, bl0, bh1, bl1;
                 split_h2(pa.x * da.x, pa.y * da.y, bh0, bl0);
                 split_h2(pb.x * db.x, pb.y * db.y, bh1, bl1);
+                if (lo_col) {       // PACK: this column's term is the lo one
+                    bh0 = bl0;
+                    bh1 = bl1;
+                }
 #pragma unroll
                 for (int mt = 0; mt < MT; ++mt) {
                     const uint32_t a[4] = {aA[2 * mt], aA[2 * mt + 1], aB[2 * mt], aB[2 * mt + 1]};
                     mma16816(c[mt], a, bh0, bh1);
-                    mma16816(c[mt], a, bl0, bl1);
+                    if constexpr (!PACK) mma16816(c[mt], a, bl0, bl1);
                 }
             }
-            const float al0 = sa[2 * tig], al1 = sa[2 * tig + 1], pn = pns[vb];
+            const float al0 = sa[(2 * tig) & (PACK ? 3 : 7)], al1 = sa[(2 * tig + 1) & (PACK ? 3 : 7)], pn = pns[vb];
 #pragma unroll
             for (int mt = 0; mt < MT; ++mt) {
                 acc[mt][0] = fmaf(c[mt][0], pn, acc[mt][0] * al0);
@@ -370,6 +389,12 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
         }
     }
     cp_async_wait<0>();
+    if constexpr (PACK) {   // each head's hi and lo columns: lanes tig and tig ^ 2 (the writes below take tig 0, 1)
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[mt][i] += __shfl_xor_sync(0xffffffffu, acc[mt][i], 2);
+    }
 
     // C rows: dim w0 + gid * 2MT + 2mt (c0, c1) and + 1 (c2, c3); columns: heads 2tig, 2tig + 1
 #pragma unroll
@@ -396,13 +421,19 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
         float *l_out, float *acc_out, const void *pos, int pos64, int n_keys, int per, int n_splits, float qk_scale, int hkv
 #define Q8_PASS q, kq, ks, vq, vs, m_out, l_out, acc_out, pos, pos64, n_keys, per, n_splits, qk_scale, hkv
 
-// Entry points kvbench_q8_mma_g<G>_d<D>_s<NSTAGE>, shared bytes kvbench_q8_mma_smem_g<G>_d<D>_s<NSTAGE>.
+// Entry points kvbench_q8_mma_g<G>_d<D>_s<NSTAGE>, shared bytes kvbench_q8_mma_smem_g<G>_d<D>_s<NSTAGE>;
+// for G <= 4 the packed-terms form too, at 3 stages: kvbench_q8_mmap_g<G>_d<D>_s3 (the same shared bytes).
 #define Q8_KERNEL_S(G, D, S)                                                                         \
     extern "C" __global__ void __launch_bounds__(NT) kvbench_q8_mma_g##G##_d##D##_s##S(Q8_ARGS) {     \
-        q8_decode_mma<G, D, S>(Q8_PASS);                                                             \
+        q8_decode_mma<G, D, S, false>(Q8_PASS);                                                      \
     }                                                                                                \
     extern "C" __device__ int kvbench_q8_mma_smem_g##G##_d##D##_s##S = Q8MmaGeom<G, D, S>::SMEM;
+#define Q8_KERNEL_P(G, D, S)                                                                         \
+    extern "C" __global__ void __launch_bounds__(NT) kvbench_q8_mmap_g##G##_d##D##_s##S(Q8_ARGS) {    \
+        q8_decode_mma<G, D, S, true>(Q8_PASS);                                                       \
+    }
 #define Q8_KERNEL(G, D) Q8_KERNEL_S(G, D, 2) Q8_KERNEL_S(G, D, 3) Q8_KERNEL_S(G, D, 4)
+#define Q8_KERNEL_PACKED(G, D) Q8_KERNEL_P(G, D, 3)
 
 Q8_KERNEL(1, 64)
 Q8_KERNEL(2, 64)
@@ -414,3 +445,11 @@ Q8_KERNEL(2, 128)
 Q8_KERNEL(3, 128)
 Q8_KERNEL(4, 128)
 Q8_KERNEL(8, 128)
+Q8_KERNEL_PACKED(1, 64)
+Q8_KERNEL_PACKED(2, 64)
+Q8_KERNEL_PACKED(3, 64)
+Q8_KERNEL_PACKED(4, 64)
+Q8_KERNEL_PACKED(1, 128)
+Q8_KERNEL_PACKED(2, 128)
+Q8_KERNEL_PACKED(3, 128)
+Q8_KERNEL_PACKED(4, 128)
