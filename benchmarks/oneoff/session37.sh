@@ -43,7 +43,7 @@ for step in "$@"; do
              echo "== grid $name (rc $?)"; grep -E "q8_0|targets.*layered" "$OUT/attention-$name.log" | grep -v "^{" | tail -14
            done ;;
     step)  MOE_VARIANTS=${STEP_VARIANTS:-default,rows:KVBENCH_DECODE_Q8_IMPL=rows,p3:KVBENCH_DECODE_Q8_TILES=64x3x4x3,s2p4:KVBENCH_DECODE_Q8_TILES=64x4x4x2,s4:KVBENCH_DECODE_Q8_TILES=64x2x4x4} \
-             MOE_MAX_S=${MOE_MAX_S:-330} MOE_TAG=-s37 MOE_ARGS="--profile none" \
+             MOE_MAX_S=${MOE_MAX_S:-330} MOE_TAG=-s37 MOE_ARGS="${STEP_ARGS:---profile none}" \
              bash benchmarks/gpu_session.sh moevar 2>&1 | tail -34 ;;
     bound) bash benchmarks/oneoff/session35.sh bound ;;     # on an H200 only: the one-launch bound
   esac
