@@ -273,8 +273,8 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
                   "q8_unpack": "magic"} for impl in ("streams", "streams2") for pps in (2, 4)]
         # the CUDA C++ form (mma.sync dots; thirty-seventh session): its 64-key, 4-warp tiles at 2-4 stages
         # and 1-4 programs a SM (2 at 3 stages: the default's launch)
-        grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": st, "q8_impl": "cuda_mma"}
-                 for pps, st in itertools.product([1, 2, 3, 4], [2, 3, 4])]
+        grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": st, "q8_impl": "cuda_mma",
+                  "q8_pack": False} for pps, st in itertools.product([1, 2, 3, 4], [2, 3, 4])]
         if q.shape[0] // hkv <= 4:      # its packed terms (one mma a k-step), at 3 stages
             grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_impl": "cuda_mma",
                       "q8_pack": True} for pps in (1, 2, 3, 4)]

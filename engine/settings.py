@@ -97,9 +97,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "and of p stacked along the rows of one dot operand (one dot for the scores, one for the values) "
        "instead of three dots each: auto (where that operand is 16 rows, up to 4 query heads a KV head, "
        "no sliding window), 1 (every full-context launch), 0 (never)", numerics=True, choices=("auto", "0", "1")),
-    _s("KVBENCH_DECODE_Q8_PACK", "bool", False, "q8_0's cuda_mma kernel with each query head's two float16 terms "
-       "in the mma's columns (one mma a k-step instead of two; up to 4 query heads a KV head, 3 stages; refused "
-       "elsewhere)", numerics=True),
+    _s("KVBENCH_DECODE_Q8_PACK", "choice", "auto", "q8_0's cuda_mma kernel with each query head's two float16 "
+       "terms in the mma's columns (one mma a k-step instead of two): auto (where it applies: cuda_mma at up to 4 "
+       "query heads a KV head and 3 stages; 3% faster at the bench geometry, 16384 and 32768 keys, on the H100, "
+       "reports/h100-2026-12-07h), 1 (asked: refused where it does not apply), 0 (never)", numerics=True,
+       choices=("auto", "0", "1")),
     _s("KVBENCH_DECODE_Q8_STACK", "bool", False, "the q8_0 rows kernel with the two float16 terms of q and of "
        "p * dv stacked along the rows of one dot operand (one dot for the scores, one for the values, a stacked "
        "accumulator) instead of two dots each; needs two terms a side and the split normalisation. Measured on "

@@ -185,6 +185,17 @@ def test_gpu_auto_takes_cuda_mma_and_keeps_rows_for_what_only_rows_has():
             decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg={"q8_impl": "cuda_mma", "block_n": 32})
     finally:
         kernels.set_backend(prev)
+    # at 4 query heads a KV head (3 stages) auto packs the two float16 terms into the mma's columns
+    q4 = torch.randn(16, D, device="cuda", generator=gen)
+    ref4 = decode_attention_ref(q4, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv)
+    prev = kernels.set_backend("triton")
+    try:
+        with da.recording() as rec4:
+            out4 = decode_attention(q4, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv)
+    finally:
+        kernels.set_backend(prev)
+    assert (out4 - ref4).abs().max().item() < 2e-5 * max(1.0, ref4.abs().max().item())
+    assert (rec4[0]["kernel"], rec4[0]["q8_pack"]) == (cuda_q8.kernel_name(4, D, 3, pack=True), True)
     got = [(r["q8_impl"], r["kernel"], r["q8_impl_why"]) for r in rec]
     assert got[0] == ("cuda_mma", cuda_q8.kernel_name(8, D, 3), "auto: cuda_mma")
     assert got[1][:2] == ("rows", "_decode_q8_rows_kernel") and "tiles 32x3st 4w" in got[1][2]

@@ -323,10 +323,11 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
                 # float32 FMAs, no tensor cores: R streams a program (R = block_n)
                 {"block_n": 32, "q8_impl": "streams", "num_warps": 8}, {"block_n": 16, "q8_impl": "streams2"},
                 # PTX: compiled only; on a CUDA device rows by name (the default there is auto: cuda_mma)
-                # and the CUDA C++ form (mma.sync dots) at 3, 2 and 4 stages, and with its packed terms (G 4 here)
+                # and the CUDA C++ form (mma.sync dots) at 3, 2 and 4 stages, with its packed terms (G 4 here: auto packs) and without
                 *([] if kernels.interpreted() else [{"block_n": 64, "q8_words": "kv_prmt"}]),
                 *([{"q8_impl": "rows"}, {"q8_impl": "cuda_mma"}, {"q8_impl": "cuda_mma", "num_stages": 2},
-                   {"q8_impl": "cuda_mma", "num_stages": 4}, {"q8_impl": "cuda_mma", "q8_pack": True}]
+                   {"q8_impl": "cuda_mma", "num_stages": 4}, {"q8_impl": "cuda_mma", "q8_pack": True},
+                   {"q8_impl": "cuda_mma", "q8_pack": False}]
                   if DEV == "cuda" and not kernels.interpreted() else [])):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)

@@ -105,8 +105,10 @@ CONFIG = {
     # slower at ctx 4096 / 16384 on the H100 and 2% faster at 32768 (reports/h100-2026-12-07c)
     "q8_stack": False,
     # cuda_mma's packed terms (G <= 4, 3 stages): the mma's 8 columns hold each head's hi and lo
-    # float16 terms, one mma a k-step instead of two (thirty-seventh session; unmeasured: off)
-    "q8_pack": False,
+    # float16 terms, one mma a k-step instead of two. "auto": where that applies (H100, bench geometry,
+    # G 4: 22.82 / 37.02 us against 23.52 / 38.39 at 16384 / 32768 keys, level at 4096, same call,
+    # reports/h100-2026-12-07h call 2); True / "1": asked (refused where it does not apply); False / "0"
+    "q8_pack": "auto",
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
     "q8_unpack": "auto",      # the streams forms' int8 -> float32: PTX byte permutes (compiled) or a magic add
     "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv; kv_prmt: PTX unpack), float16 where they land
@@ -1421,8 +1423,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         if cfg["q8_impl"] == "blocks" and nb not in (1, 2, 4):
             raise ValueError(f"q8_impl 'blocks' serves head_dim 32, 64 or 128 (1, 2 or 4 blocks a head), "
                              f"not {D}: use 'rows'")
-        pack = str(cfg["q8_pack"]).lower() in ("1", "true")
-        if pack and not (cuda_form and G in cuda_q8.PACK_GROUPS and cfg["num_stages"] == cuda_q8.PACK_STAGES):
+        pack_key = str(cfg["q8_pack"]).lower()
+        if pack_key not in ("auto", "0", "1", "true", "false"):
+            raise ValueError(f"q8_pack {cfg['q8_pack']!r}: 'auto', '1' (on) or '0' (off)")
+        pack_fits = cuda_form and G in cuda_q8.PACK_GROUPS and cfg["num_stages"] == cuda_q8.PACK_STAGES
+        pack = pack_fits if pack_key == "auto" else pack_key in ("1", "true")
+        if pack and not pack_fits:
             raise ValueError(f"q8_pack (KVBENCH_DECODE_Q8_PACK) is cuda_mma's, at up to 4 query heads a KV head and "
                              f"3 stages; this launch: q8_impl {cfg['q8_impl']!r} ({q8_why}), {G} query heads a KV head, "
                              f"{cfg['num_stages']} stages: unset it or change those")
