@@ -201,3 +201,41 @@ def test_gpu_auto_takes_cuda_mma_and_keeps_rows_for_what_only_rows_has():
     assert got[1][:2] == ("rows", "_decode_q8_rows_kernel") and "tiles 32x3st 4w" in got[1][2]
     assert got[2][:2] == ("rows", "_decode_q8_rows_kernel") and got[2][2] == "auto: rows (q8_words asked: the rows kernel's options)"
     assert got[3] == ("cuda_mma", cuda_q8.kernel_name(8, D, 2), "auto: cuda_mma")
+
+
+@pytest.mark.gpu
+def test_gpu_cuda_form_under_programmatic_dependent_launch_matches_without(monkeypatch):
+    """cuda_mma launched with programmatic stream serialization (it waits for the grid before it, then
+    lets the combine start early) gives the same output as a plain launch, eager and in a CUDA graph
+    replayed at moving positions, and the record says which launch ran."""
+    if not CUDA:
+        pytest.skip("needs CUDA (run on the GPU machine)")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    monkeypatch.setenv("KVBENCH_STEP_PDL", "0")     # PDL only where the launch asks for it (cfg "pdl")
+    Hq, Hkv, D, cap = 32, 8, 128, 2500
+    cache, gen = filled("q8_0", Hkv, D, cap, seed=5)
+    q = torch.randn(Hq, D, device="cuda", generator=gen)
+    pos = torch.tensor([cap - 1], dtype=torch.long, device="cuda")
+    prev = kernels.set_backend("triton")
+    try:
+        outs = {}
+        for pdl in (False, True):
+            cfg = {"q8_impl": "cuda_mma", "pdl": pdl}
+            with da.recording() as rec:
+                outs[pdl] = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg=cfg, pos=pos)
+            assert rec[0]["pdl"] is pdl and rec[0]["q8_impl"] == "cuda_mma"
+        assert torch.equal(outs[False], outs[True])
+        torch.cuda.synchronize()
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            out = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv,
+                                   cfg={"q8_impl": "cuda_mma", "pdl": True}, pos=pos)
+    finally:
+        kernels.set_backend(prev)
+    for n in (1, 700, 2500):
+        pos.fill_(n - 1)
+        g.replay()
+        torch.cuda.synchronize()
+        ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", n, D ** -0.5, Hkv)
+        assert (out - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), n

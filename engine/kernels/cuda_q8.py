@@ -45,6 +45,20 @@ STAGE_CHOICES = (2, 3, 4)          # tiles in flight with an entry point (num_st
 PACK_GROUPS = (1, 2, 3, 4)         # groups with a packed-terms entry point (q8_pack), at PACK_STAGES
 PACK_STAGES = 3
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
+_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6     # cuda.h, CUlaunchAttributeID
+
+
+class _LaunchAttribute(ctypes.Structure):
+    """CUlaunchAttribute: the id, padding to 8 bytes, a 64-byte value union (an int here)."""
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", ctypes.c_char * 64)]
+
+
+class _LaunchConfig(ctypes.Structure):
+    """CUlaunchConfig (cuda.h): grid, block, dynamic shared bytes, stream, attributes."""
+    _fields_ = [("gridDimX", ctypes.c_uint), ("gridDimY", ctypes.c_uint), ("gridDimZ", ctypes.c_uint),
+                ("blockDimX", ctypes.c_uint), ("blockDimY", ctypes.c_uint), ("blockDimZ", ctypes.c_uint),
+                ("sharedMemBytes", ctypes.c_uint), ("hStream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_LaunchAttribute)), ("numAttrs", ctypes.c_uint)]
 
 
 class CudaKernelError(ConfigError):
@@ -176,7 +190,10 @@ def supports(group: int, head_dim: int) -> bool:
 
 
 def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_scale: float,
-           n_kv_heads: int, stages: int = 3, pack: bool = False) -> None:
+           n_kv_heads: int, stages: int = 3, pack: bool = False, pdl: bool = False) -> None:
+    """One launch on torch's current stream. ``pdl``: programmatic dependent launch (sm_90+): launched
+    with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, the kernel first waits for the grid before
+    it (griddepcontrol.wait) and then lets the next one be scheduled, as the Triton kernels' ``pdl_enter``."""
     import torch
     impl = "cuda_mma"
     if stages not in STAGE_CHOICES:
@@ -207,8 +224,18 @@ def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_s
                               "hold the position in a torch.long tensor")
     args += [ctypes.c_void_p(pos.data_ptr() if pos is not None else 0),
              ctypes.c_int(int(pos is not None and pos.dtype == torch.int64)), ctypes.c_int(n_keys), ctypes.c_int(per),
-             ctypes.c_int(n_splits), ctypes.c_float(qk_scale), ctypes.c_int(n_kv_heads)]
+             ctypes.c_int(n_splits), ctypes.c_float(qk_scale), ctypes.c_int(n_kv_heads), ctypes.c_int(int(bool(pdl)))]
     params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
     stream = torch.cuda.current_stream(q.device).cuda_stream
-    _driver.check(_driver.lib.cuLaunchKernel(f, n_kv_heads, n_splits, 1, THREADS, 1, 1, smem,
-                                             ctypes.c_void_p(stream), params, None), "cuLaunchKernel")
+    if not pdl:
+        _driver.check(_driver.lib.cuLaunchKernel(f, n_kv_heads, n_splits, 1, THREADS, 1, 1, smem,
+                                                 ctypes.c_void_p(stream), params, None), "cuLaunchKernel")
+        return
+    if torch.cuda.get_device_capability(q.device) < (9, 0):
+        raise CudaKernelError("q8_impl 'cuda_mma' with pdl: programmatic dependent launch needs compute capability 9.0 "
+                              "or newer", "unset KVBENCH_DECODE_PDL / set KVBENCH_STEP_PDL=auto")
+    attr = _LaunchAttribute(id=_CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION)
+    ctypes.memmove(attr.value, ctypes.byref(ctypes.c_int(1)), 4)
+    cfg = _LaunchConfig(n_kv_heads, n_splits, 1, THREADS, 1, 1, smem, ctypes.c_void_p(stream),
+                        ctypes.pointer(attr), 1)
+    _driver.check(_driver.lib.cuLaunchKernelEx(ctypes.byref(cfg), f, params, None), "cuLaunchKernelEx")

@@ -32,7 +32,7 @@ sweeps (timings: docs/perf-notes.md). ``cuda_mma`` is the split part written in 
 (``engine.kernels.cuda_q8``, ``engine/kernels/cuda/q8_decode.cu``: 64-key tiles that cp.async brings into
 shared memory 2-4 at a time (``num_stages``), dots on mma.sync tensor cores over exact float16 quants against two
 float16 terms of q and of p * scale, as the rows kernel; built with nvcc at first use, launched through the
-driver API; compiled CUDA only, no fused combine, no PDL): on the H100 it took 17.5 us against rows' 21.3 at
+driver API; compiled CUDA only, no fused combine; programmatic dependent launch as the Triton kernels): on the H100 it took 17.5 us against rows' 21.3 at
 coder30b's geometry and 16384 keys, and made the captured coder30b step's q8_0 KV faster than its bf16 KV
 (reports/h100-2026-12-07h); an earlier CUDA form on float32 FMAs (``cuda``) was level with rows and was
 removed (commit 3850518 has it). ``q8_stack``
@@ -1370,14 +1370,13 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
         rows_only = [k for k, on in (("q8_words", str(cfg["q8_words"] or "none") != "none"),
                                      ("q8_ablate", bool(str(cfg["q8_ablate"] or ""))),
                                      ("q8_stack", str(cfg["q8_stack"]).lower() in ("1", "true")),
-                                     ("fuse_combine", bool(cfg["fuse_combine"])), ("q8_vnorm", vnorm_asked),
-                                     ("pdl", pdl_asked)) if on]
+                                     ("fuse_combine", bool(cfg["fuse_combine"])), ("q8_vnorm", vnorm_asked)) if on]
         rows_only += sorted({"q8_terms", "q8_norms", "q8_guards"} & set(asked_cfg))
         cfg["q8_impl"], q8_why = resolve_q8_impl(cfg, q.device, G, D, rows_only)
     no_pdl = ("the Triton interpreter cannot run griddepcontrol" if interpreted() else
               "the fused combine (fuse_combine) has no second kernel to wait" if cfg["fuse_combine"] else
-              f"the q8_0 {cfg['q8_impl']!r} form has none (the rows and streams forms have)"
-              if q8_own and cfg["q8_impl"] not in ("rows", "streams", "streams2")
+              f"the q8_0 {cfg['q8_impl']!r} form has none (the rows, streams and cuda_mma forms have)"
+              if q8_own and cfg["q8_impl"] not in ("rows", "streams", "streams2", "cuda_mma")
               else None)
     if pdl_asked and no_pdl:
         raise ValueError(f"pdl (KVBENCH_DECODE_PDL / KVBENCH_STEP_PDL=1) cannot apply to this launch: {no_pdl}; "
@@ -1469,7 +1468,7 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
                              "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
                              "combine_block": comb["BLOCK_S"], "pdl": pdl})
             cuda_q8.launch(q, kr, vr, m, l, acc, pos if dev_pos["DEV_POS"] else None, n_keys, per, splits,
-                           scale * LOG2E, n_kv_heads, cfg["num_stages"], pack)
+                           scale * LOG2E, n_kv_heads, cfg["num_stages"], pack, pdl)
         elif streams and cfg["q8_impl"] == "streams2":
             # the scores' scratch: G floats a key of each (KV head, split)
             sbuf = torch.empty(n_kv_heads * splits * G * per, device=q.device, dtype=torch.float32)

@@ -167,7 +167,7 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
                                               const __half* __restrict__ vs, float* __restrict__ m_out,
                                               float* __restrict__ l_out, float* __restrict__ acc_out,
                                               const void* __restrict__ pos, int pos64, int n_keys, int per,
-                                              int n_splits, float qk_scale, int hkv) {
+                                              int n_splits, float qk_scale, int hkv, int pdl) {
     static_assert(!PACK || G <= 4, "packed terms: G <= 4");
     using Geo = Q8MmaGeom<G, D, NSTAGE>;
     constexpr int NB = Geo::NB, SB = Geo::SB, KS = Geo::KS, VS = Geo::VS, KQB = Geo::KQB, VQB = Geo::VQB;
@@ -182,6 +182,13 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
     float* pns = sa + 8;                                            // [NB] this tile's pn
 
     const int h = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
+#if __CUDA_ARCH__ >= 900
+    if (pdl) {      // programmatic dependent launch: wait for the grid before (and its writes), then let the
+                    // next one (the combine, which waits the same way) be scheduled; before any load or store
+        asm volatile("griddepcontrol.wait;\n" ::: "memory");
+        asm volatile("griddepcontrol.launch_dependents;\n" :::);
+    }
+#endif
     if (pos != nullptr)
         n_keys = (pos64 ? (int)*reinterpret_cast<const long long*>(pos) : *reinterpret_cast<const int*>(pos)) + 1;
     const int lo = split * per;
@@ -418,8 +425,9 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
 
 #define Q8_ARGS                                                                                         \
     const float *q, const int8_t *kq, const __half *ks, const int8_t *vq, const __half *vs, float *m_out, \
-        float *l_out, float *acc_out, const void *pos, int pos64, int n_keys, int per, int n_splits, float qk_scale, int hkv
-#define Q8_PASS q, kq, ks, vq, vs, m_out, l_out, acc_out, pos, pos64, n_keys, per, n_splits, qk_scale, hkv
+        float *l_out, float *acc_out, const void *pos, int pos64, int n_keys, int per, int n_splits, float qk_scale, int hkv, \
+        int pdl
+#define Q8_PASS q, kq, ks, vq, vs, m_out, l_out, acc_out, pos, pos64, n_keys, per, n_splits, qk_scale, hkv, pdl
 
 // Entry points kvbench_q8_mma_g<G>_d<D>_s<NSTAGE>, shared bytes kvbench_q8_mma_smem_g<G>_d<D>_s<NSTAGE>;
 // for G <= 4 the packed-terms form too, at 3 stages: kvbench_q8_mmap_g<G>_d<D>_s3 (the same shared bytes).
