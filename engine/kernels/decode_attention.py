@@ -1381,7 +1381,10 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
     if pdl_asked and no_pdl:
         raise ValueError(f"pdl (KVBENCH_DECODE_PDL / KVBENCH_STEP_PDL=1) cannot apply to this launch: {no_pdl}; "
                          f"unset it or change the launch")
-    pdl = (pdl_asked or step_pdl) and not no_pdl
+    # cuda_mma takes PDL when asked by name (cfg "pdl", KVBENCH_DECODE_PDL, KVBENCH_STEP_PDL=1) only, not from
+    # KVBENCH_STEP_PDL=auto, until its PDL launch is measured on the GPU (written in the thirty-seventh session)
+    auto_pdl = step_pdl and not (q8_own and cfg["q8_impl"] == "cuda_mma")
+    pdl = (pdl_asked or auto_pdl) and not no_pdl
     q = q.to(torch.float32).contiguous()
     per, splits = split_plan(grid_keys, n_kv_heads, q.device, cfg)
     dev_pos = {"DEV_POS": pos is not None}
