@@ -275,6 +275,10 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         # and 1-4 programs a SM (2 at 3 stages: the default's launch)
         grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": st, "q8_impl": "cuda_mma",
                   "q8_pack": False} for pps, st in itertools.product([1, 2, 3, 4], [2, 3, 4])]
+        from engine.kernels import cuda_q8
+        if (q.shape[0] // hkv, q.shape[1]) in cuda_q8.WSM_GEOMETRIES:   # its warp softmax (packed where G <= 4)
+            grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_impl": "cuda_mma",
+                      "q8_softmax": "warp"} for pps in (1, 2, 3, 4)]
         if q.shape[0] // hkv <= 4:      # its packed terms (one mma a k-step), at 3 stages
             grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_impl": "cuda_mma",
                       "q8_pack": True} for pps in (1, 2, 3, 4)]

@@ -102,6 +102,10 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "query heads a KV head and 3 stages; 3% faster at the bench geometry, 16384 and 32768 keys, on the H100, "
        "reports/h100-2026-12-07h), 1 (asked: refused where it does not apply), 0 (never)", numerics=True,
        choices=("auto", "0", "1")),
+    _s("KVBENCH_DECODE_Q8_SOFTMAX", "choice", "tile", "q8_0's cuda_mma kernel's softmax: tile (each tile's max "
+       "over its 64 keys) or warp (each warp's 16 keys their own online-softmax stream, merged at the end: one "
+       "barrier a tile fewer; at 3 / 4 / 8 query heads a KV head with head_dim 64 / 128 / 128, 3 stages; "
+       "unmeasured, refused elsewhere)", numerics=True, choices=("tile", "warp")),
     _s("KVBENCH_DECODE_Q8_STACK", "bool", False, "the q8_0 rows kernel with the two float16 terms of q and of "
        "p * dv stacked along the rows of one dot operand (one dot for the scores, one for the values, a stacked "
        "accumulator) instead of two dots each; needs two terms a side and the split normalisation. Measured on "

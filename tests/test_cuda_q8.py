@@ -55,6 +55,9 @@ def test_the_source_builds_with_every_entry_point(tmp_path):
                 assert f"kvbench_q8_mma_smem_g{g}_d{d}_s{st}".encode() in cubin
             assert (cuda_q8.kernel_name(g, d, cuda_q8.PACK_STAGES, pack=True).encode() in cubin) == \
                 (g in cuda_q8.PACK_GROUPS)
+            for pk in (False, True):    # the warp-softmax form: at its geometries only
+                assert (cuda_q8.kernel_name(g, d, 3, pack=pk, wsm=True).encode() in cubin) == \
+                    ((g, d) in cuda_q8.WSM_GEOMETRIES and (not pk or g in cuda_q8.PACK_GROUPS))
     assert b"kvbench_q8_decode_" not in cubin       # the FMA form is gone
     # cached: the second call compiles nothing and returns the same file
     assert cuda_q8.build("sm_90", nvcc=nvcc, out_dir=tmp_path).read_bytes() == cubin
@@ -85,10 +88,12 @@ def test_the_removed_fma_form_is_one_clear_error():
         kernels.set_backend(prev)
 
 
-# (geometry, stages, packed terms): every geometry at the default 3 stages, two at 2 and 4, and each
-# geometry of at most 4 query heads a KV head packed
-CASES = ([(g, 3, False) for g in GEOS] + [(g, st, False) for g in (GEOS[1], GEOS[5]) for st in (2, 4)]
-         + [(g, 3, True) for g in GEOS if g[1] // g[2] in cuda_q8.PACK_GROUPS])
+# (geometry, stages, packed terms, softmax): every geometry at the default 3 stages, two at 2 and 4, each
+# geometry of at most 4 query heads a KV head packed, and the warp softmax at its geometries, packed and not
+CASES = ([(g, 3, False, "tile") for g in GEOS] + [(g, st, False, "tile") for g in (GEOS[1], GEOS[5]) for st in (2, 4)]
+         + [(g, 3, True, "tile") for g in GEOS if g[1] // g[2] in cuda_q8.PACK_GROUPS]
+         + [(g, 3, pk, "warp") for g in GEOS if (g[1] // g[2], g[3]) in cuda_q8.WSM_GEOMETRIES
+            for pk in (False, True) if not pk or g[1] // g[2] in cuda_q8.PACK_GROUPS])
 
 
 def test_packed_terms_are_refused_where_they_do_not_apply():
@@ -98,6 +103,8 @@ def test_packed_terms_are_refused_where_they_do_not_apply():
     try:
         with pytest.raises(ValueError, match="q8_pack .KVBENCH_DECODE_Q8_PACK. is cuda_mma's.*q8_impl 'rows' .asked."):
             decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_pack": True})
+        with pytest.raises(ValueError, match="q8_softmax 'warp' .KVBENCH_DECODE_Q8_SOFTMAX. is cuda_mma's.*'rows'"):
+            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_softmax": "warp"})
         if not CUDA or kernels.interpreted():     # auto keeps rows here, and says why in the refusal
             with pytest.raises(ValueError, match="q8_pack .* .auto: rows .cuda_mma runs compiled on a CUDA device only.."):
                 decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_pack": True})
@@ -106,12 +113,13 @@ def test_packed_terms_are_refused_where_they_do_not_apply():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("geo,stages,pack", CASES,
+@pytest.mark.parametrize("geo,stages,pack,softmax", CASES,
                          ids=lambda c: "ctx{}-hq{}-hkv{}-d{}".format(*c) if isinstance(c, tuple)
-                         else (("packed" if c else "two-mma") if isinstance(c, bool) else f"s{c}"))
-def test_gpu_cuda_form_matches_the_reference(geo, stages, pack):
+                         else (("packed" if c else "two-mma") if isinstance(c, bool)
+                               else (f"{c}-softmax" if isinstance(c, str) else f"s{c}")))
+def test_gpu_cuda_form_matches_the_reference(geo, stages, pack, softmax):
     impl = "cuda_mma"
-    cfg = {"q8_impl": impl, "num_stages": stages, "q8_pack": pack}
+    cfg = {"q8_impl": impl, "num_stages": stages, "q8_pack": pack, "q8_softmax": softmax}
     if not CUDA:
         pytest.skip("needs CUDA (run on the GPU machine)")
     ctx, Hq, Hkv, D = geo
@@ -129,10 +137,11 @@ def test_gpu_cuda_form_matches_the_reference(geo, stages, pack):
             assert err < 2e-5 * max(1.0, ref.abs().max().item()), (dtype, err)
     finally:
         kernels.set_backend(prev)
-    assert rec[0]["kernel"] == cuda_q8.kernel_name(Hq // Hkv, D, stages, pack) and rec[0]["q8_impl"] == impl
+    assert rec[0]["kernel"] == cuda_q8.kernel_name(Hq // Hkv, D, stages, pack, softmax == "warp")
     assert rec[0]["num_stages"] == stages and rec[0]["q8_impl_why"] == "asked" and rec[0]["q8_pack"] == pack
+    assert rec[0]["q8_impl"] == impl and rec[0]["q8_softmax"] == softmax
     err = (out - ref).abs().max().item()
-    print(f"{impl} s{stages}{' packed' if pack else ''} q8_0 {geo}: max-abs {err:.2e} (|ref| max {ref.abs().max().item():.2f})")
+    print(f"{impl} s{stages}{' packed' if pack else ''} {softmax}-softmax q8_0 {geo}: max-abs {err:.2e} (|ref| max {ref.abs().max().item():.2f})")
     assert err < 2e-5 * max(1.0, ref.abs().max().item())
 
 

@@ -327,7 +327,10 @@ def test_q8_decode_kernel_across_magnitudes_and_at_a_device_position(D, triton_b
                 *([] if kernels.interpreted() else [{"block_n": 64, "q8_words": "kv_prmt"}]),
                 *([{"q8_impl": "rows"}, {"q8_impl": "cuda_mma"}, {"q8_impl": "cuda_mma", "num_stages": 2},
                    {"q8_impl": "cuda_mma", "num_stages": 4}, {"q8_impl": "cuda_mma", "q8_pack": True},
-                   {"q8_impl": "cuda_mma", "q8_pack": False}]
+                   {"q8_impl": "cuda_mma", "q8_pack": False},
+                   # the warp-softmax form, where it has an entry point (G 4 at head_dim 128 here)
+                   *([{"q8_impl": "cuda_mma", "q8_softmax": "warp"},
+                      {"q8_impl": "cuda_mma", "q8_softmax": "warp", "q8_pack": False}] if D == 128 else [])]
                   if DEV == "cuda" and not kernels.interpreted() else [])):
         out = decode_attention(q, cache.k, cache.v, "q8_0", n, scale, Hkv, cfg=cfg)
         at = decode_attention(q, cache.k, cache.v, "q8_0", None, scale, Hkv, cfg=cfg, pos=pos)

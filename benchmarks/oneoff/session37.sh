@@ -8,7 +8,8 @@
 #          16384 / 32768 keys, both geometries
 #   grid:  bench_attention's decode grid at the default (auto: cuda_mma, packed terms at G <= 4), with q8_impl
 #          rows, and with cuda_mma's PDL launch (KVBENCH_DECODE_PDL=1), for the targets
-#          (GRID_VARIANTS: name:q8_impl:q8_pack:geometries:KVBENCH_DECODE_PDL)
+#          and with cuda_mma's warp softmax (KVBENCH_DECODE_Q8_SOFTMAX=warp)
+#          (GRID_VARIANTS: name:q8_impl:q8_pack:geometries:KVBENCH_DECODE_PDL:KVBENCH_DECODE_Q8_SOFTMAX)
 #   step:  the captured coder30b step at depth 16 and 16384, bf16 / q8_0 KV: the default (auto: cuda_mma)
 #          against rows, cuda_mma's PDL launch and 3 programs a SM (KVBENCH_DECODE_Q8_TILES moves q8_0's only)
 #   bound: on an H200 only, the one-launch bound (as session35.sh)
@@ -37,14 +38,15 @@ for step in "$@"; do
            done ;;
     grid)  # name:q8_impl:q8_pack:geometries (the packed terms serve G <= 4: the bench geometry only)
            # (pdl: KVBENCH_DECODE_PDL=1, cuda_mma's programmatic dependent launch, which auto does not take yet)
-           for v in ${GRID_VARIANTS:-auto:auto:auto:bench,coder30b:0 rows:rows:auto:bench,coder30b:0 pdl:auto:auto:bench,coder30b:1}; do
-             IFS=: read -r name impl pack geos pdl <<< "$v"
-             KVBENCH_DECODE_Q8_IMPL=$impl KVBENCH_DECODE_Q8_PACK=$pack KVBENCH_DECODE_PDL=$pdl timeout ${GRID_TIMEOUT:-200} \
+           for v in ${GRID_VARIANTS:-auto:auto:auto:bench,coder30b:0:tile rows:rows:auto:bench,coder30b:0:tile pdl:auto:auto:bench,coder30b:1:tile warp:cuda_mma:auto:bench,coder30b:0:warp}; do
+             IFS=: read -r name impl pack geos pdl softmax <<< "$v"
+             KVBENCH_DECODE_Q8_IMPL=$impl KVBENCH_DECODE_Q8_PACK=$pack KVBENCH_DECODE_PDL=$pdl \
+               KVBENCH_DECODE_Q8_SOFTMAX=$softmax timeout ${GRID_TIMEOUT:-200} \
                python3 benchmarks/bench_attention.py --skip-prefill --geometries $geos \
                --reps ${REPS:-20} --out "$OUT/attention-$name.json" > "$OUT/attention-$name.log" 2>&1
              echo "== grid $name (rc $?)"; grep -E "q8_0|targets.*layered" "$OUT/attention-$name.log" | grep -v "^{" | tail -14
            done ;;
-    step)  MOE_VARIANTS=${STEP_VARIANTS:-default,rows:KVBENCH_DECODE_Q8_IMPL=rows,pdl:KVBENCH_DECODE_PDL=1,p3:KVBENCH_DECODE_Q8_TILES=64x3x4x3} \
+    step)  MOE_VARIANTS=${STEP_VARIANTS:-default,rows:KVBENCH_DECODE_Q8_IMPL=rows,pdl:KVBENCH_DECODE_PDL=1,warp:KVBENCH_DECODE_Q8_SOFTMAX=warp,p3:KVBENCH_DECODE_Q8_TILES=64x3x4x3} \
              MOE_MAX_S=${MOE_MAX_S:-330} MOE_TAG=-s37 MOE_ARGS="${STEP_ARGS:---profile none}" \
              bash benchmarks/gpu_session.sh moevar 2>&1 | tail -34 ;;
     bound) bash benchmarks/oneoff/session35.sh bound ;;     # on an H200 only: the one-launch bound

@@ -4,7 +4,8 @@ Contract: ``launch(q, kr, vr, m, l, acc, pos, n_keys, per, n_splits, qk_scale, n
 runs ``kvbench_q8_mma_g<G>_d<D>_s<stages>`` (mma.sync tensor-core dots over exact float16 quants
 and two-term float16 q and p * scale; ``stages`` tiles in flight, one of ``STAGE_CHOICES``), or with
 ``pack`` (G <= 4, 3 stages) ``kvbench_q8_mmap_g<G>_d<D>_s3``, whose mma columns hold both terms
-(one mma a k-step instead of two), of
+(one mma a k-step instead of two), or with ``wsm`` (``WSM_GEOMETRIES``, 3 stages) the warp-softmax
+form ``kvbench_q8_mma[p]w_...`` (each warp's 16 keys of a tile their own softmax stream), of
 ``engine/kernels/cuda/q8_decode.cu`` on the current CUDA stream with grid (n_kv_heads, n_splits), writing the same partials as the Triton split
 kernels (``m``/``l`` [Hq, n_splits] float32 in log2 units, ``acc`` [Hq, n_splits, D]); the
 caller launches the combine. ``kr``/``vr`` are ``q8_layout.Q8Rows`` views of the cache.
@@ -44,6 +45,8 @@ FALLBACK_NVCC = "/usr/local/cuda/bin/nvcc"
 STAGE_CHOICES = (2, 3, 4)          # tiles in flight with an entry point (num_stages)
 PACK_GROUPS = (1, 2, 3, 4)         # groups with a packed-terms entry point (q8_pack), at PACK_STAGES
 PACK_STAGES = 3
+# (group, head_dim) with a warp-softmax entry point (q8_softmax "warp"), at 3 stages, packed where G <= 4
+WSM_GEOMETRIES = ((3, 64), (4, 128), (8, 128))
 _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES = 8
 _CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION = 6     # cuda.h, CUlaunchAttributeID
 
@@ -146,19 +149,23 @@ class _Module:
         self.funcs: dict[tuple[int, int, int, bool], tuple[ctypes.c_void_p, int]] = {}
         entries = [(g, d, st, False) for g, d, st in itertools.product(GROUPS, HEAD_DIMS, STAGE_CHOICES)]
         entries += [(g, d, PACK_STAGES, True) for g, d in itertools.product(PACK_GROUPS, HEAD_DIMS)]
-        for g, d, st, pack in entries:
+        entries = [(*e, False) for e in entries]
+        entries += [(g, d, 3, pk, True) for g, d in WSM_GEOMETRIES for pk in (False, True)
+                    if not pk or g in PACK_GROUPS]
+        for g, d, st, pack, wsm in entries:
             f = ctypes.c_void_p()
-            name = kernel_name(g, d, st, pack)
+            name = kernel_name(g, d, st, pack, wsm)
             drv.check(L.cuModuleGetFunction(ctypes.byref(f), self.mod, name.encode()), f"finding {name}")
             ptr, size = ctypes.c_uint64(), ctypes.c_size_t()
             drv.check(L.cuModuleGetGlobal_v2(ctypes.byref(ptr), ctypes.byref(size), self.mod,
                                              f"kvbench_q8_mma_smem_g{g}_d{d}_s{st}".encode()), "reading the shared size")
+            # (every form of a (G, D, stages) has the two-mma form's shared layout and bytes)
             smem = ctypes.c_int()
             drv.check(L.cuMemcpyDtoH_v2(ctypes.byref(smem), ptr, ctypes.c_size_t(4)), "reading the shared size")
             if smem.value > SMEM_DEFAULT_MAX:
                 drv.check(L.cuFuncSetAttribute(f, _CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES, smem.value),
                           "raising the dynamic shared memory")
-            self.funcs[(g, d, st, pack)] = (f, smem.value)
+            self.funcs[(g, d, st, pack, wsm)] = (f, smem.value)
 
 
 _lock = threading.Lock()
@@ -181,8 +188,8 @@ def _module(device) -> _Module:
     return mod
 
 
-def kernel_name(group: int, head_dim: int, stages: int, pack: bool = False) -> str:
-    return f"kvbench_q8_{'mmap' if pack else 'mma'}_g{group}_d{head_dim}_s{stages}"
+def kernel_name(group: int, head_dim: int, stages: int, pack: bool = False, wsm: bool = False) -> str:
+    return f"kvbench_q8_{'mmap' if pack else 'mma'}{'w' if wsm else ''}_g{group}_d{head_dim}_s{stages}"
 
 
 def supports(group: int, head_dim: int) -> bool:
@@ -190,7 +197,7 @@ def supports(group: int, head_dim: int) -> bool:
 
 
 def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_scale: float,
-           n_kv_heads: int, stages: int = 3, pack: bool = False, pdl: bool = False) -> None:
+           n_kv_heads: int, stages: int = 3, pack: bool = False, pdl: bool = False, wsm: bool = False) -> None:
     """One launch on torch's current stream. ``pdl``: programmatic dependent launch (sm_90+): launched
     with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, the kernel first waits for the grid before
     it (griddepcontrol.wait) and then lets the next one be scheduled, as the Triton kernels' ``pdl_enter``."""
@@ -217,7 +224,11 @@ def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_s
     if q.dtype != torch.float32 or not q.is_contiguous():
         raise CudaKernelError(f"q8_impl {impl!r} takes q as contiguous float32 [Hq, D]", "pass q.float().contiguous()")
     mod = _module(q.device)
-    f, smem = mod.funcs[(G, D, stages, bool(pack))]
+    if wsm and ((G, D) not in WSM_GEOMETRIES or stages != 3):
+        raise CudaKernelError(f"q8_softmax 'warp' (cuda_mma's warp-softmax form) serves (query heads a KV head, "
+                              f"head_dim) {WSM_GEOMETRIES} at 3 stages, not ({G}, {D}) at {stages}",
+                              "unset KVBENCH_DECODE_Q8_SOFTMAX")
+    f, smem = mod.funcs[(G, D, stages, bool(pack), bool(wsm))]
     args = [ctypes.c_void_p(t.data_ptr()) for t in (q, kr.quants, kr.scales, vr.quants, vr.scales, m, l, acc)]
     if pos is not None and pos.dtype not in (torch.int64, torch.int32):
         raise CudaKernelError(f"q8_impl {impl!r} reads the device position as int64 or int32, not {pos.dtype}",

@@ -109,6 +109,10 @@ CONFIG = {
     # G 4: 22.82 / 37.02 us against 23.52 / 38.39 at 16384 / 32768 keys, level at 4096, same call,
     # reports/h100-2026-12-07h call 2); True / "1": asked (refused where it does not apply); False / "0"
     "q8_pack": "auto",
+    # cuda_mma's softmax: "tile" (each tile's max over its 64 keys, scores through shared memory, three
+    # barriers a tile) or "warp" (each warp's 16 keys their own stream, merged at the end; two barriers a
+    # tile; thirty-seventh session, unmeasured; at cuda_q8.WSM_GEOMETRIES, 3 stages)
+    "q8_softmax": "tile",
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
     "q8_unpack": "auto",      # the streams forms' int8 -> float32: PTX byte permutes (compiled) or a magic add
     "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv; kv_prmt: PTX unpack), float16 where they land
@@ -145,6 +149,7 @@ _LIVE_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_D
               "precision": "KVBENCH_ATTN_PRECISION", "q8_words": "KVBENCH_DECODE_Q8_WORDS",
               "q8_vnorm": "KVBENCH_DECODE_Q8_VNORM", "bf16_stack": "KVBENCH_DECODE_BF16_STACK",
               "q8_stack": "KVBENCH_DECODE_Q8_STACK", "q8_pack": "KVBENCH_DECODE_Q8_PACK",
+              "q8_softmax": "KVBENCH_DECODE_Q8_SOFTMAX",
               "pdl": "KVBENCH_DECODE_PDL"}
 last_scratch_bytes = 0
 LAUNCHES = LaunchLog()     # each launch's applied configuration, inside ``recording()``
@@ -1434,6 +1439,13 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_pack (KVBENCH_DECODE_Q8_PACK) is cuda_mma's, at up to 4 query heads a KV head and "
                              f"3 stages; this launch: q8_impl {cfg['q8_impl']!r} ({q8_why}), {G} query heads a KV head, "
                              f"{cfg['num_stages']} stages: unset it or change those")
+        wsm = str(cfg["q8_softmax"]) == "warp"
+        if str(cfg["q8_softmax"]) not in ("tile", "warp"):
+            raise ValueError(f"q8_softmax {cfg['q8_softmax']!r}: 'tile' or 'warp'")
+        if wsm and not (cuda_form and (G, D) in cuda_q8.WSM_GEOMETRIES and cfg["num_stages"] == 3):
+            raise ValueError(f"q8_softmax 'warp' (KVBENCH_DECODE_Q8_SOFTMAX) is cuda_mma's, at (query heads a KV head, "
+                             f"head_dim) (3, 64), (4, 128) or (8, 128) and 3 stages; this launch: q8_impl "
+                             f"{cfg['q8_impl']!r} ({q8_why}), ({G}, {D}), {cfg['num_stages']} stages: unset it")
         rows_form = cfg["q8_impl"] == "rows"
         streams = cfg["q8_impl"] in ("streams", "streams2", "cuda_mma")     # no fused combine, no terms knobs
         ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
@@ -1466,12 +1478,12 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_stack stacks the rows kernel's terms; this launch is q8_impl {cfg['q8_impl']!r}: "
                              f"unset q8_stack (KVBENCH_DECODE_Q8_STACK) or use 'rows'")
         if cuda_form:
-            LAUNCHES.record({"kernel": cuda_q8.kernel_name(G, D, cfg["num_stages"], pack), "q8_impl": "cuda_mma",
-                             "q8_impl_why": q8_why, "q8_pack": pack, "block_n": cuda_q8.TILE, "num_warps": cuda_q8.THREADS // 32,
+            LAUNCHES.record({"kernel": cuda_q8.kernel_name(G, D, cfg["num_stages"], pack, wsm), "q8_impl": "cuda_mma",
+                             "q8_impl_why": q8_why, "q8_pack": pack, "q8_softmax": "warp" if wsm else "tile", "block_n": cuda_q8.TILE, "num_warps": cuda_q8.THREADS // 32,
                              "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
                              "combine_block": comb["BLOCK_S"], "pdl": pdl})
             cuda_q8.launch(q, kr, vr, m, l, acc, pos if dev_pos["DEV_POS"] else None, n_keys, per, splits,
-                           scale * LOG2E, n_kv_heads, cfg["num_stages"], pack, pdl)
+                           scale * LOG2E, n_kv_heads, cfg["num_stages"], pack, pdl, wsm)
         elif streams and cfg["q8_impl"] == "streams2":
             # the scores' scratch: G floats a key of each (KV head, split)
             sbuf = torch.empty(n_kv_heads * splits * G * per, device=q.device, dtype=torch.float32)

@@ -161,7 +161,10 @@ struct Q8MmaGeom {
 // PACK (G <= 4): the N columns hold both float16 terms, 0-3 the heads' hi terms and 4-7 their lo terms, so
 // each k-step is one mma instead of two; the two columns of a head are summed (a shuffle, lane ^ 2) once a
 // tile for the scores and once at the end for the output, both sums being linear in them.
-template <int G, int D, int NSTAGE, bool PACK>
+// WSM (warp softmax): each warp's 16 keys of a tile are their own online-softmax stream (its max and sum
+// across the warp's lanes, no scores through shared memory, one barrier a tile fewer); the V phase keeps
+// one accumulator a stream (k-step kst is stream kst) and the streams are merged once at the end.
+template <int G, int D, int NSTAGE, bool PACK, bool WSM = false>
 __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const int8_t* __restrict__ kq,
                                               const __half* __restrict__ ks, const int8_t* __restrict__ vq,
                                               const __half* __restrict__ vs, float* __restrict__ m_out,
@@ -180,6 +183,10 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
     float* sl = sm + 8;                                             // [8] running sum
     float* sa = sl + 8;                                             // [8] this tile's rescale
     float* pns = sa + 8;                                            // [NB] this tile's pn
+    float* sal = ss;                                                // WSM: [4][8] the streams' rescales
+    float* swm = ss + 32;                                           //      [4][8] their maxima (at the end)
+    float* swl = ss + 64;                                           //      [4][8] their sums (at the end)
+    constexpr int NS = WSM ? 4 : 1;                                 // accumulators (streams)
 
     const int h = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
 #if __CUDA_ARCH__ >= 900
@@ -258,11 +265,15 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
 
     const int w0 = wp * DW;                 // V phase: this warp's dims
     const int vb = w0 / 32;                 //          their block
-    float acc[MT][4];
+    float acc[NS][MT][4];
 #pragma unroll
-    for (int t = 0; t < MT; ++t)
+    for (int w = 0; w < NS; ++w)
 #pragma unroll
-        for (int i = 0; i < 4; ++i) acc[t][i] = 0.0f;
+        for (int t = 0; t < MT; ++t)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) acc[w][t][i] = 0.0f;
+    // WSM: this thread's stream state (the stream of warp wp) for its C columns 2tig, 2tig + 1
+    float wm0 = -INFINITY, wm1 = -INFINITY, wl0 = 0.0f, wl1 = 0.0f;
 
     for (int t = 0; t < n_tiles; ++t) {
         cp_async_wait<NSTAGE - 2>();
@@ -303,22 +314,56 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
                 for (int i = 0; i < 4; ++i) s[i] += __shfl_xor_sync(0xffffffffu, s[i], 2);
             }
             const int g0 = 2 * tig, g1 = g0 + 1;       // (PACK: tig 2, 3 hold the lo columns, g0 >= 4 >= G)
-            if (g0 < G) {
-                ss[g0 * TILE + ra] = s[0];
-                ss[g0 * TILE + rb] = s[2];
-            }
-            if (g1 < G) {
-                ss[g1 * TILE + ra] = s[1];
-                ss[g1 * TILE + rb] = s[3];
+            if constexpr (WSM) {    // this warp's stream: max over its 16 keys (lanes of one tig), p, rescale
+                const bool oka = r0 + ra < hi, okb = r0 + rb < hi;
+                const float x0 = oka ? s[0] : -INFINITY, x1 = oka ? s[1] : -INFINITY;
+                const float x2 = okb ? s[2] : -INFINITY, x3 = okb ? s[3] : -INFINITY;
+                float mx0 = fmaxf(x0, x2), mx1 = fmaxf(x1, x3);
+#pragma unroll
+                for (int off = 4; off < 32; off <<= 1) {
+                    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, off));
+                    mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, off));
+                }
+                const float mn0 = fmaxf(wm0, mx0), mn1 = fmaxf(wm1, mx1);
+                const float mu0 = mn0 == -INFINITY ? 0.0f : mn0, mu1 = mn1 == -INFINITY ? 0.0f : mn1;
+                const float al0 = exp2f(wm0 - mu0), al1 = exp2f(wm1 - mu1);
+                const float p0 = exp2f(x0 - mu0), p1 = exp2f(x1 - mu1), p2 = exp2f(x2 - mu0), p3 = exp2f(x3 - mu1);
+                wl0 = fmaf(wl0, al0, p0 + p2);
+                wl1 = fmaf(wl1, al1, p1 + p3);
+                wm0 = mn0;
+                wm1 = mn1;
+                if (g0 < G) {
+                    sp[g0 * TILE + ra] = p0;
+                    sp[g0 * TILE + rb] = p2;
+                }
+                if (g1 < G) {
+                    sp[g1 * TILE + ra] = p1;
+                    sp[g1 * TILE + rb] = p3;
+                }
+                if (gid == 0) {     // by column: the V phase's thread of this tig reads its own columns
+                    sal[wp * 8 + g0] = al0;
+                    sal[wp * 8 + g1] = al1;
+                }
+            } else {
+                if (g0 < G) {
+                    ss[g0 * TILE + ra] = s[0];
+                    ss[g0 * TILE + rb] = s[2];
+                }
+                if (g1 < G) {
+                    ss[g1 * TILE + ra] = s[1];
+                    ss[g1 * TILE + rb] = s[3];
+                }
             }
         }
-        __syncthreads();
+        if constexpr (!WSM) __syncthreads();
 
-        // softmax over the tile (warp w: heads w, w + 4), and warp b < NB: block b's V scales / pn
+        // softmax over the tile (warp w: heads w, w + 4; WSM: done above), and warp b < NB: block b's V
+        // scales / pn
         {
-            for (int g = wp; g < G; g += NT / 32)
-                softmax_tile(ss[g * TILE + lane], ss[g * TILE + lane + 32], g, r0, hi, lane, sm, sl, sa,
-                             &sp[g * TILE + lane], &sp[g * TILE + lane + 32]);
+            if constexpr (!WSM)
+                for (int g = wp; g < G; g += NT / 32)
+                    softmax_tile(ss[g * TILE + lane], ss[g * TILE + lane + 32], g, r0, hi, lane, sm, sl, sa,
+                                 &sp[g * TILE + lane], &sp[g * TILE + lane + 32]);
             if (wp < NB) {
                 const __half* vsc = reinterpret_cast<const __half*>(st + KQB + VQB + TILE * SB);
                 const float da = __half2float(vsc[lane * NB + wp]), db = __half2float(vsc[(lane + 32) * NB + wp]);
@@ -344,6 +389,7 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
             const unsigned char* vt = st + KQB + w0 + gid * 2 * MT;
             const float* pg = sp + head * TILE;
             const float* dq = dvn + vb * TILE;
+            const float pn = pns[vb];
 #pragma unroll
             for (int kst = 0; kst < TILE / 16; ++kst) {
                 const int ka = 16 * kst + 2 * tig, kb = ka + 8;
@@ -384,23 +430,82 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
                     mma16816(c[mt], a, bh0, bh1);
                     if constexpr (!PACK) mma16816(c[mt], a, bl0, bl1);
                 }
-            }
-            const float al0 = sa[(2 * tig) & (PACK ? 3 : 7)], al1 = sa[(2 * tig + 1) & (PACK ? 3 : 7)], pn = pns[vb];
+                if constexpr (WSM) {    // k-step kst is stream kst: its rescale, then a fresh C
+                    const float al0 = sal[kst * 8 + 2 * tig], al1 = sal[kst * 8 + 2 * tig + 1];
 #pragma unroll
-            for (int mt = 0; mt < MT; ++mt) {
-                acc[mt][0] = fmaf(c[mt][0], pn, acc[mt][0] * al0);
-                acc[mt][1] = fmaf(c[mt][1], pn, acc[mt][1] * al1);
-                acc[mt][2] = fmaf(c[mt][2], pn, acc[mt][2] * al0);
-                acc[mt][3] = fmaf(c[mt][3], pn, acc[mt][3] * al1);
+                    for (int mt = 0; mt < MT; ++mt) {
+                        acc[kst][mt][0] = fmaf(c[mt][0], pn, acc[kst][mt][0] * al0);
+                        acc[kst][mt][1] = fmaf(c[mt][1], pn, acc[kst][mt][1] * al1);
+                        acc[kst][mt][2] = fmaf(c[mt][2], pn, acc[kst][mt][2] * al0);
+                        acc[kst][mt][3] = fmaf(c[mt][3], pn, acc[kst][mt][3] * al1);
+#pragma unroll
+                        for (int i = 0; i < 4; ++i) c[mt][i] = 0.0f;
+                    }
+                }
+            }
+            if constexpr (!WSM) {
+                const float al0 = sa[(2 * tig) & (PACK ? 3 : 7)], al1 = sa[(2 * tig + 1) & (PACK ? 3 : 7)];
+#pragma unroll
+                for (int mt = 0; mt < MT; ++mt) {
+                    acc[0][mt][0] = fmaf(c[mt][0], pn, acc[0][mt][0] * al0);
+                    acc[0][mt][1] = fmaf(c[mt][1], pn, acc[0][mt][1] * al1);
+                    acc[0][mt][2] = fmaf(c[mt][2], pn, acc[0][mt][2] * al0);
+                    acc[0][mt][3] = fmaf(c[mt][3], pn, acc[0][mt][3] * al1);
+                }
             }
         }
     }
     cp_async_wait<0>();
+    if constexpr (WSM) {    // merge the 4 streams: each one's sum over its lanes, then its weight 2^(m_w - M)
+#pragma unroll
+        for (int off = 4; off < 32; off <<= 1) {
+            wl0 += __shfl_xor_sync(0xffffffffu, wl0, off);
+            wl1 += __shfl_xor_sync(0xffffffffu, wl1, off);
+        }
+        if (gid == 0) {
+            swm[wp * 8 + 2 * tig] = wm0;
+            swm[wp * 8 + 2 * tig + 1] = wm1;
+            swl[wp * 8 + 2 * tig] = wl0;
+            swl[wp * 8 + 2 * tig + 1] = wl1;
+        }
+        __syncthreads();
+        float f[2][4];
+#pragma unroll
+        for (int e = 0; e < 2; ++e) {
+            const int col = 2 * tig + e;
+            float mx = -INFINITY;
+#pragma unroll
+            for (int w = 0; w < 4; ++w) mx = fmaxf(mx, swm[w * 8 + col]);
+            const float mu = mx == -INFINITY ? 0.0f : mx;
+#pragma unroll
+            for (int w = 0; w < 4; ++w) f[e][w] = exp2f(swm[w * 8 + col] - mu);
+        }
+#pragma unroll
+        for (int mt = 0; mt < MT; ++mt)
+#pragma unroll
+            for (int i = 0; i < 4; ++i) {
+                float x = acc[0][mt][i] * f[i & 1][0];
+#pragma unroll
+                for (int w = 1; w < NS; ++w) x = fmaf(acc[w][mt][i], f[i & 1][w], x);
+                acc[0][mt][i] = x;
+            }
+        if (tid < G) {      // column tid is head tid's (PACK: its hi column)
+            float mx = -INFINITY, l = 0.0f;
+#pragma unroll
+            for (int w = 0; w < 4; ++w) mx = fmaxf(mx, swm[w * 8 + tid]);
+            const float mu = mx == -INFINITY ? 0.0f : mx;
+#pragma unroll
+            for (int w = 0; w < 4; ++w) l = fmaf(swl[w * 8 + tid], exp2f(swm[w * 8 + tid] - mu), l);
+            sm[tid] = mx;
+            sl[tid] = l;
+        }
+        __syncthreads();
+    }
     if constexpr (PACK) {   // each head's hi and lo columns: lanes tig and tig ^ 2 (the writes below take tig 0, 1)
 #pragma unroll
         for (int mt = 0; mt < MT; ++mt)
 #pragma unroll
-            for (int i = 0; i < 4; ++i) acc[mt][i] += __shfl_xor_sync(0xffffffffu, acc[mt][i], 2);
+            for (int i = 0; i < 4; ++i) acc[0][mt][i] += __shfl_xor_sync(0xffffffffu, acc[0][mt][i], 2);
     }
 
     // C rows: dim w0 + gid * 2MT + 2mt (c0, c1) and + 1 (c2, c3); columns: heads 2tig, 2tig + 1
@@ -412,8 +517,8 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
             const int g = 2 * tig + e;
             if (g < G) {
                 float* o = acc_out + ((long long)(h * G + g) * n_splits + split) * D;
-                o[d0] = acc[mt][e];
-                o[d0 + 1] = acc[mt][2 + e];
+                o[d0] = acc[0][mt][e];
+                o[d0 + 1] = acc[0][mt][2 + e];
             }
         }
     }
@@ -440,6 +545,12 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
     extern "C" __global__ void __launch_bounds__(NT) kvbench_q8_mmap_g##G##_d##D##_s##S(Q8_ARGS) {    \
         q8_decode_mma<G, D, S, true>(Q8_PASS);                                                       \
     }
+// the warp-softmax form (WSM) at 3 stages, at the geometries measured (SmolLM2 3 x 64; the bench
+// geometry 4 x 128; coder30b 8 x 128): kvbench_q8_mmaw_g<G>_d<D>_s3, packed kvbench_q8_mmapw_...
+#define Q8_KERNEL_W(G, D, PK, NAME)                                                                  \
+    extern "C" __global__ void __launch_bounds__(NT) NAME(Q8_ARGS) {                                  \
+        q8_decode_mma<G, D, 3, PK, true>(Q8_PASS);                                                   \
+    }
 #define Q8_KERNEL(G, D) Q8_KERNEL_S(G, D, 2) Q8_KERNEL_S(G, D, 3) Q8_KERNEL_S(G, D, 4)
 #define Q8_KERNEL_PACKED(G, D) Q8_KERNEL_P(G, D, 3)
 
@@ -461,3 +572,8 @@ Q8_KERNEL_PACKED(1, 128)
 Q8_KERNEL_PACKED(2, 128)
 Q8_KERNEL_PACKED(3, 128)
 Q8_KERNEL_PACKED(4, 128)
+Q8_KERNEL_W(3, 64, false, kvbench_q8_mmaw_g3_d64_s3)
+Q8_KERNEL_W(4, 128, false, kvbench_q8_mmaw_g4_d128_s3)
+Q8_KERNEL_W(8, 128, false, kvbench_q8_mmaw_g8_d128_s3)
+Q8_KERNEL_W(3, 64, true, kvbench_q8_mmapw_g3_d64_s3)
+Q8_KERNEL_W(4, 128, true, kvbench_q8_mmapw_g4_d128_s3)
