@@ -76,18 +76,6 @@ GEOS = [(16384, 32, 8, 128), (1000, 32, 8, 128), (4096, 32, 4, 128), (77, 32, 4,
         (300, 9, 3, 64), (129, 8, 1, 64), (2000, 16, 8, 64)]
 
 
-def test_the_removed_fma_form_is_one_clear_error():
-    cache, gen = filled("q8_0", 2, 64, 40, seed=3)
-    q = torch.randn(8, 64, generator=gen, device=cache.k.device)
-    prev = kernels.set_backend("triton")
-    try:
-        with pytest.raises(ValueError, match="q8_impl 'cuda' .the CUDA C.. form on float32 FMAs. was removed: "
-                                             "'cuda_mma'"):
-            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "cuda"})
-    finally:
-        kernels.set_backend(prev)
-
-
 # (geometry, stages, packed terms, softmax): every geometry at the default 3 stages, two at 2 and 4, each
 # geometry of at most 4 query heads a KV head packed, and the warp softmax at its geometries, packed and not
 CASES = ([(g, 3, False, "tile") for g in GEOS] + [(g, st, False, "tile") for g in (GEOS[1], GEOS[5]) for st in (2, 4)]
@@ -96,11 +84,14 @@ CASES = ([(g, 3, False, "tile") for g in GEOS] + [(g, st, False, "tile") for g i
             for pk in (False, True) if not pk or g[1] // g[2] in cuda_q8.PACK_GROUPS])
 
 
-def test_packed_terms_are_refused_where_they_do_not_apply():
+def test_the_removed_form_and_options_where_they_do_not_apply_are_one_clear_error():
     cache, gen = filled("q8_0", 2, 64, 40, seed=3)
     q = torch.randn(8, 64, generator=gen, device=cache.k.device)
     prev = kernels.set_backend("triton")
     try:
+        with pytest.raises(ValueError, match="q8_impl 'cuda' .the CUDA C.. form on float32 FMAs. was removed: "
+                                             "'cuda_mma'"):
+            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "cuda"})
         with pytest.raises(ValueError, match="q8_pack .KVBENCH_DECODE_Q8_PACK. is cuda_mma's.*q8_impl 'rows' .asked."):
             decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_pack": True})
         with pytest.raises(ValueError, match="q8_softmax 'warp' .KVBENCH_DECODE_Q8_SOFTMAX. is cuda_mma's.*'rows'"):
