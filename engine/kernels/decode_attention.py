@@ -61,7 +61,9 @@ recorded per launch).
 """
 from __future__ import annotations
 
+import functools
 import math
+import os
 
 import torch
 import triton
@@ -1295,7 +1297,7 @@ def resolve_q8_impl(cfg: dict, device: torch.device, group: int, head_dim: int,
     from . import cuda_q8
     if interpreted() or device.type != "cuda":
         return "rows", "auto: rows (cuda_mma runs compiled on a CUDA device only)"
-    if torch.cuda.get_device_capability(device) < (8, 0):
+    if _capability_of(device) < (8, 0):
         return "rows", "auto: rows (cuda_mma needs compute capability 8.0 or newer)"
     if not cuda_q8.supports(group, head_dim):
         return "rows", f"auto: rows (cuda_mma has no entry point for {group} query heads a KV head at head_dim {head_dim})"
@@ -1306,9 +1308,22 @@ def resolve_q8_impl(cfg: dict, device: torch.device, group: int, head_dim: int,
                         f"{'/'.join(map(str, cuda_q8.STAGE_CHOICES))} stages)")
     if rows_only:
         return "rows", f"auto: rows ({', '.join(rows_only)} asked: the rows kernel's options)"
-    if cuda_q8.nvcc_path() is None:
+    if not _nvcc_found(settings.get("KVBENCH_NVCC"), os.environ.get("PATH", ""), os.environ.get("CUDA_HOME", "")):
         return "rows", "auto: rows (no nvcc to build cuda_mma: KVBENCH_NVCC, PATH, CUDA_HOME, /usr/local/cuda)"
     return "cuda_mma", "auto: cuda_mma"
+
+
+@functools.lru_cache(maxsize=None)
+def _capability_of(device: torch.device) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _nvcc_found(nvcc_setting, path: str, cuda_home: str) -> bool:
+    """Whether ``cuda_q8.nvcc_path`` finds nvcc, once per (setting, PATH, CUDA_HOME): every eager
+    decode launch resolves ``auto``, and the lookup walks PATH."""
+    from . import cuda_q8
+    return cuda_q8.nvcc_path() is not None
 
 
 def resolved_config(fmt: str, v_fmt: str, head_dim: int, cfg: dict | None = None) -> dict:
