@@ -17,30 +17,28 @@ from engine import kernels
 from engine.kernels import cuda_q8
 from engine.kernels import decode_attention as da
 from engine.kernels.decode_attention import decode_attention, decode_attention_ref
-from test_kernels import filled  # the cache of random K / V written through the torch path
+from test_kernels import filled, triton_backend  # noqa: F401  (the cache of random K / V written through
+# the torch path; the fixture that runs a test on the Triton backend)
 
 CUDA = torch.cuda.is_available()
 
 
+@pytest.mark.usefixtures("triton_backend")
 def test_the_cuda_form_refuses_where_it_cannot_run(monkeypatch):
     if CUDA and not kernels.interpreted():
         pytest.skip("on a CUDA device the form runs (test_gpu_* below)")
     cache, gen = filled("q8_0", 2, 64, 40, seed=3)
     q = torch.randn(8, 64, generator=gen, device=cache.k.device)
-    prev = kernels.set_backend("triton")
-    try:
-        with pytest.raises(ValueError, match="q8_impl 'cuda_mma' is a CUDA C.. kernel: it runs compiled on a "
-                                             "CUDA device only"):
-            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "cuda_mma"})
-        # the default picks rows here, and says so in the launch record
-        with da.recording() as rec:
-            out = decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2)
-        assert rec[0]["q8_impl"] == "rows" and rec[0]["kernel"] == "_decode_q8_rows_kernel"
-        assert rec[0]["q8_impl_why"] == "auto: rows (cuda_mma runs compiled on a CUDA device only)"
-        ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", 40, 0.125, 2)
-        assert (out - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item())
-    finally:
-        kernels.set_backend(prev)
+    with pytest.raises(ValueError, match="q8_impl 'cuda_mma' is a CUDA C.. kernel: it runs compiled on a "
+                                         "CUDA device only"):
+        decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "cuda_mma"})
+    # the default picks rows here, and says so in the launch record
+    with da.recording() as rec:
+        out = decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2)
+    assert rec[0]["q8_impl"] == "rows" and rec[0]["kernel"] == "_decode_q8_rows_kernel"
+    assert rec[0]["q8_impl_why"] == "auto: rows (cuda_mma runs compiled on a CUDA device only)"
+    ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", 40, 0.125, 2)
+    assert (out - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item())
 
 
 def test_the_source_builds_with_every_entry_point(tmp_path):
@@ -84,23 +82,20 @@ CASES = ([(g, 3, False, "tile") for g in GEOS] + [(g, st, False, "tile") for g i
             for pk in (False, True) if not pk or g[1] // g[2] in cuda_q8.PACK_GROUPS])
 
 
+@pytest.mark.usefixtures("triton_backend")
 def test_the_removed_form_and_options_where_they_do_not_apply_are_one_clear_error():
     cache, gen = filled("q8_0", 2, 64, 40, seed=3)
     q = torch.randn(8, 64, generator=gen, device=cache.k.device)
-    prev = kernels.set_backend("triton")
-    try:
-        with pytest.raises(ValueError, match="q8_impl 'cuda' .the CUDA C.. form on float32 FMAs. was removed: "
-                                             "'cuda_mma'"):
-            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "cuda"})
-        with pytest.raises(ValueError, match="q8_pack .KVBENCH_DECODE_Q8_PACK. is cuda_mma's.*q8_impl 'rows' .asked."):
-            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_pack": True})
-        with pytest.raises(ValueError, match="q8_softmax 'warp' .KVBENCH_DECODE_Q8_SOFTMAX. is cuda_mma's.*'rows'"):
-            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_softmax": "warp"})
-        if not CUDA or kernels.interpreted():     # auto keeps rows here, and says why in the refusal
-            with pytest.raises(ValueError, match="q8_pack .* .auto: rows .cuda_mma runs compiled on a CUDA device only.."):
-                decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_pack": True})
-    finally:
-        kernels.set_backend(prev)
+    with pytest.raises(ValueError, match="q8_impl 'cuda' .the CUDA C.. form on float32 FMAs. was removed: "
+                                         "'cuda_mma'"):
+        decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "cuda"})
+    with pytest.raises(ValueError, match="q8_pack .KVBENCH_DECODE_Q8_PACK. is cuda_mma's.*q8_impl 'rows' .asked."):
+        decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_pack": True})
+    with pytest.raises(ValueError, match="q8_softmax 'warp' .KVBENCH_DECODE_Q8_SOFTMAX. is cuda_mma's.*'rows'"):
+        decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_softmax": "warp"})
+    if not CUDA or kernels.interpreted():     # auto keeps rows here, and says why in the refusal
+        with pytest.raises(ValueError, match="q8_pack .* .auto: rows .cuda_mma runs compiled on a CUDA device only.."):
+            decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_pack": True})
 
 
 @pytest.mark.gpu
@@ -108,6 +103,7 @@ def test_the_removed_form_and_options_where_they_do_not_apply_are_one_clear_erro
                          ids=lambda c: "ctx{}-hq{}-hkv{}-d{}".format(*c) if isinstance(c, tuple)
                          else (("packed" if c else "two-mma") if isinstance(c, bool)
                                else (f"{c}-softmax" if isinstance(c, str) else f"s{c}")))
+@pytest.mark.usefixtures("triton_backend")
 def test_gpu_cuda_form_matches_the_reference(geo, stages, pack, softmax):
     impl = "cuda_mma"
     cfg = {"q8_impl": impl, "num_stages": stages, "q8_pack": pack, "q8_softmax": softmax}
@@ -117,17 +113,13 @@ def test_gpu_cuda_form_matches_the_reference(geo, stages, pack, softmax):
     cache, gen = filled("q8_0", Hkv, D, ctx, seed=ctx + Hq)
     q = torch.randn(Hq, D, device="cuda", generator=gen)
     ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv)
-    prev = kernels.set_backend("triton")
-    try:
-        with da.recording() as rec:
-            out = decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg=cfg)
-        for dtype in (torch.int64, torch.int32):
-            pos = torch.tensor([ctx - 1], dtype=dtype, device="cuda")
-            at = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg=cfg, pos=pos)
-            err = (at - ref).abs().max().item()
-            assert err < 2e-5 * max(1.0, ref.abs().max().item()), (dtype, err)
-    finally:
-        kernels.set_backend(prev)
+    with da.recording() as rec:
+        out = decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg=cfg)
+    for dtype in (torch.int64, torch.int32):
+        pos = torch.tensor([ctx - 1], dtype=dtype, device="cuda")
+        at = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg=cfg, pos=pos)
+        err = (at - ref).abs().max().item()
+        assert err < 2e-5 * max(1.0, ref.abs().max().item()), (dtype, err)
     assert rec[0]["kernel"] == cuda_q8.kernel_name(Hq // Hkv, D, stages, pack, softmax == "warp")
     assert rec[0]["num_stages"] == stages and rec[0]["q8_impl_why"] == "asked" and rec[0]["q8_pack"] == pack
     assert rec[0]["q8_impl"] == impl and rec[0]["q8_softmax"] == softmax
@@ -137,6 +129,7 @@ def test_gpu_cuda_form_matches_the_reference(geo, stages, pack, softmax):
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("triton_backend")
 def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position():
     impl = "cuda_mma"
     if not CUDA:
@@ -145,15 +138,11 @@ def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position():
     cache, gen = filled("q8_0", Hkv, D, cap, seed=7)
     q = torch.randn(Hq, D, device="cuda", generator=gen)
     pos = torch.zeros(1, dtype=torch.long, device="cuda")
-    prev = kernels.set_backend("triton")
-    try:
-        decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": impl}, pos=pos)
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": impl}, pos=pos)
-    finally:
-        kernels.set_backend(prev)
+    decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": impl}, pos=pos)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": impl}, pos=pos)
     for n in (1, 64, 65, 1999, 3000):
         pos.fill_(n - 1)
         g.replay()
@@ -163,6 +152,7 @@ def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position():
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("triton_backend")
 def test_gpu_auto_takes_cuda_mma_and_keeps_rows_for_what_only_rows_has():
     """The default form on a CUDA device with nvcc: cuda_mma, recorded as auto's choice; rows where the
     launch's tiles are not cuda_mma's or a rows-only option is asked (recorded with the reason);
@@ -175,25 +165,17 @@ def test_gpu_auto_takes_cuda_mma_and_keeps_rows_for_what_only_rows_has():
     cache, gen = filled("q8_0", Hkv, D, ctx, seed=11)
     q = torch.randn(Hq, D, device="cuda", generator=gen)
     ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv)
-    prev = kernels.set_backend("triton")
-    try:
-        with da.recording() as rec:
-            for cfg in ({}, {"block_n": 32}, {"q8_words": "kv"}, {"num_stages": 2}):
-                out = decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg=cfg)
-                assert (out - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), cfg
-        with pytest.raises(ValueError, match="q8_impl 'cuda_mma' runs 64-key tiles on 4 warps"):
-            decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg={"q8_impl": "cuda_mma", "block_n": 32})
-    finally:
-        kernels.set_backend(prev)
+    with da.recording() as rec:
+        for cfg in ({}, {"block_n": 32}, {"q8_words": "kv"}, {"num_stages": 2}):
+            out = decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg=cfg)
+            assert (out - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), cfg
+    with pytest.raises(ValueError, match="q8_impl 'cuda_mma' runs 64-key tiles on 4 warps"):
+        decode_attention(q, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv, cfg={"q8_impl": "cuda_mma", "block_n": 32})
     # at 4 query heads a KV head (3 stages) auto packs the two float16 terms into the mma's columns
     q4 = torch.randn(16, D, device="cuda", generator=gen)
     ref4 = decode_attention_ref(q4, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv)
-    prev = kernels.set_backend("triton")
-    try:
-        with da.recording() as rec4:
-            out4 = decode_attention(q4, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv)
-    finally:
-        kernels.set_backend(prev)
+    with da.recording() as rec4:
+        out4 = decode_attention(q4, cache.k, cache.v, "q8_0", ctx, D ** -0.5, Hkv)
     assert (out4 - ref4).abs().max().item() < 2e-5 * max(1.0, ref4.abs().max().item())
     assert (rec4[0]["kernel"], rec4[0]["q8_pack"]) == (cuda_q8.kernel_name(4, D, 3, pack=True), True)
     got = [(r["q8_impl"], r["kernel"], r["q8_impl_why"]) for r in rec]
@@ -204,6 +186,7 @@ def test_gpu_auto_takes_cuda_mma_and_keeps_rows_for_what_only_rows_has():
 
 
 @pytest.mark.gpu
+@pytest.mark.usefixtures("triton_backend")
 def test_gpu_cuda_form_under_programmatic_dependent_launch_matches_without(monkeypatch):
     """cuda_mma launched with programmatic stream serialization (it waits for the grid before it, then
     lets the combine start early) gives the same output as a plain launch, eager and in a CUDA graph
@@ -217,22 +200,18 @@ def test_gpu_cuda_form_under_programmatic_dependent_launch_matches_without(monke
     cache, gen = filled("q8_0", Hkv, D, cap, seed=5)
     q = torch.randn(Hq, D, device="cuda", generator=gen)
     pos = torch.tensor([cap - 1], dtype=torch.long, device="cuda")
-    prev = kernels.set_backend("triton")
-    try:
-        outs = {}
-        for pdl in (False, True):
-            cfg = {"q8_impl": "cuda_mma", "pdl": pdl}
-            with da.recording() as rec:
-                outs[pdl] = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg=cfg, pos=pos)
-            assert rec[0]["pdl"] is pdl and rec[0]["q8_impl"] == "cuda_mma"
-        assert torch.equal(outs[False], outs[True])
-        torch.cuda.synchronize()
-        g = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(g):
-            out = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv,
-                                   cfg={"q8_impl": "cuda_mma", "pdl": True}, pos=pos)
-    finally:
-        kernels.set_backend(prev)
+    outs = {}
+    for pdl in (False, True):
+        cfg = {"q8_impl": "cuda_mma", "pdl": pdl}
+        with da.recording() as rec:
+            outs[pdl] = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg=cfg, pos=pos)
+        assert rec[0]["pdl"] is pdl and rec[0]["q8_impl"] == "cuda_mma"
+    assert torch.equal(outs[False], outs[True])
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv,
+                               cfg={"q8_impl": "cuda_mma", "pdl": True}, pos=pos)
     for n in (1, 700, 2500):
         pos.fill_(n - 1)
         g.replay()
