@@ -279,6 +279,10 @@ def sweep(cache, q, fmt, ctx, scale, hkv, reps, copy_gbps, depth: int | None = N
         if (q.shape[0] // hkv, q.shape[1]) in cuda_q8.WSM_GEOMETRIES:   # its warp softmax (packed where G <= 4)
             grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_impl": "cuda_mma",
                       "q8_softmax": "warp"} for pps in (1, 2, 3, 4)]
+        # under programmatic dependent launch (the layered graph's combine ahead of each split), waiting
+        # first and with the first tiles' loads before the wait (q8_early; thirty-eighth session)
+        grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_impl": "cuda_mma",
+                  "pdl": True, "q8_early": early} for pps in (2, 3) for early in ("0", "1")]
         if q.shape[0] // hkv <= 4:      # its packed terms (one mma a k-step), at 3 stages
             grid += [{"block_n": 64, "programs_per_sm": pps, "num_warps": 4, "num_stages": 3, "q8_impl": "cuda_mma",
                       "q8_pack": True} for pps in (1, 2, 3, 4)]

@@ -106,6 +106,11 @@ SETTINGS: dict[str, Setting] = {s.name: s for s in [
        "over its 64 keys) or warp (each warp's 16 keys their own online-softmax stream, merged at the end: one "
        "barrier a tile fewer; at 3 / 4 / 8 query heads a KV head with head_dim 64 / 128 / 128, 3 stages; "
        "unmeasured, refused elsewhere)", numerics=True, choices=("tile", "warp")),
+    _s("KVBENCH_DECODE_Q8_EARLY", "choice", "auto", "q8_0's cuda_mma kernel under programmatic dependent "
+       "launch (KVBENCH_DECODE_PDL=1): auto / 1 issue the first tiles' loads of the cache rows before the newest "
+       "key before waiting for the kernel ahead (the decode step's K/V append, which writes that key only), so "
+       "they overlap it; 0 waits first; 1 is refused where the launch is not cuda_mma under PDL (unmeasured)",
+       choices=("auto", "0", "1")),
     _s("KVBENCH_DECODE_Q8_STACK", "bool", False, "the q8_0 rows kernel with the two float16 terms of q and of "
        "p * dv stacked along the rows of one dot operand (one dot for the scores, one for the values, a stacked "
        "accumulator) instead of two dots each; needs two terms a side and the split normalisation. Measured on "

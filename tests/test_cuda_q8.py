@@ -3,7 +3,9 @@
 Independent reference: ``decode_attention_ref`` (the blocked torch attention over the
 dequantized cache) on the GPU, at GQA groups 1-8, head_dim 64 and 128, contexts shorter than
 one tile and longer than a split, 2, 3 and 4 stages, the packed-terms form (G <= 4), the
-position read from the device (int64 and int32) and the launch captured in a CUDA graph. Off the GPU: the form refuses to run where it
+position read from the device (int64 and int32), the launch captured in a CUDA graph, and under
+programmatic dependent launch behind the append of the newest key, waiting first or with its first
+tiles' loads before the wait (q8_early). Off the GPU: the form refuses to run where it
 cannot (CPU, the Triton interpreter), the removed FMA form's name is one clear error, where nvcc
 is installed the source builds for sm_90 with every entry point the launcher looks up, and
 ``"auto"`` (the default) records the rows kernel and why. On the GPU, ``"auto"`` takes cuda_mma
@@ -93,6 +95,12 @@ def test_the_removed_form_and_options_where_they_do_not_apply_are_one_clear_erro
         decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_pack": True})
     with pytest.raises(ValueError, match="q8_softmax 'warp' .KVBENCH_DECODE_Q8_SOFTMAX. is cuda_mma's.*'rows'"):
         decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_softmax": "warp"})
+    # early loads are cuda_mma's under PDL: asked by name elsewhere (rows, no PDL) it is refused, never ignored
+    with pytest.raises(ValueError, match=r"q8_early .KVBENCH_DECODE_Q8_EARLY. is cuda_mma's under programmatic "
+                                         r"dependent launch; this launch: q8_impl 'rows' .asked., pdl False"):
+        decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_early": "1"})
+    with pytest.raises(ValueError, match="q8_early 'soon': 'auto', '1' .on. or '0' .off."):
+        decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_early": "soon"})
     if not CUDA or kernels.interpreted():     # auto keeps rows here, and says why in the refusal
         with pytest.raises(ValueError, match="q8_pack .* .auto: rows .cuda_mma runs compiled on a CUDA device only.."):
             decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_pack": True})
@@ -201,12 +209,16 @@ def test_gpu_cuda_form_under_programmatic_dependent_launch_matches_without(monke
     q = torch.randn(Hq, D, device="cuda", generator=gen)
     pos = torch.tensor([cap - 1], dtype=torch.long, device="cuda")
     outs = {}
-    for pdl in (False, True):
-        cfg = {"q8_impl": "cuda_mma", "pdl": pdl}
+    for pdl, early in ((False, "auto"), (True, "0"), (True, "auto")):
+        cfg = {"q8_impl": "cuda_mma", "pdl": pdl, "q8_early": early}
         with da.recording() as rec:
-            outs[pdl] = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg=cfg, pos=pos)
+            outs[pdl, early] = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg=cfg, pos=pos)
         assert rec[0]["pdl"] is pdl and rec[0]["q8_impl"] == "cuda_mma"
-    assert torch.equal(outs[False], outs[True])
+        assert rec[0]["q8_early"] is (pdl and early == "auto")      # auto: early loads wherever PDL is on
+    assert torch.equal(outs[False, "auto"], outs[True, "0"]) and torch.equal(outs[False, "auto"], outs[True, "auto"])
+    with pytest.raises(ValueError, match="q8_early .KVBENCH_DECODE_Q8_EARLY. is cuda_mma's under programmatic"):
+        decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, pos=pos,
+                         cfg={"q8_impl": "cuda_mma", "pdl": False, "q8_early": "1"})
     torch.cuda.synchronize()
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
@@ -218,3 +230,52 @@ def test_gpu_cuda_form_under_programmatic_dependent_launch_matches_without(monke
         torch.cuda.synchronize()
         ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", n, D ** -0.5, Hkv)
         assert (out - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), n
+
+
+@pytest.mark.gpu
+@pytest.mark.usefixtures("triton_backend")
+@pytest.mark.parametrize("early", ["0", "1"])
+def test_gpu_early_loads_still_read_the_key_the_append_ahead_just_wrote(monkeypatch, early):
+    """The decode step's order in a CUDA graph: the K/V append of the newest key (a Triton kernel under
+    programmatic dependent launch, so the attention may start while it runs), then cuda_mma under PDL,
+    waiting first ("0") or with its first tiles' loads before the wait ("1"). Before each replay the
+    newest row holds stale K/V and the append's input is new: the output must be the reference over the
+    new row (at n = 1 it is the only key; at 64 / 65 it sits at a tile's end / start; at 130 a split's
+    second tile), never over the stale one."""
+    if not CUDA:
+        pytest.skip("needs CUDA (run on the GPU machine)")
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("programmatic dependent launch needs compute capability 9.0+")
+    from engine.kernels.kv_append import kv_append_pair
+    monkeypatch.setenv("KVBENCH_STEP_PDL", "1")     # the append under PDL too, as in the captured step
+    Hq, Hkv, D, cap = 32, 8, 128, 3000
+    cache, gen = filled("q8_0", Hkv, D, cap, seed=13)
+    q = torch.randn(Hq, D, device="cuda", generator=gen)
+    k_new = torch.empty(1, Hkv, D, device="cuda")
+    v_new = torch.empty_like(k_new)
+    pos = torch.zeros(1, dtype=torch.long, device="cuda")
+    cfg = {"q8_impl": "cuda_mma", "pdl": True, "q8_early": early}
+
+    def step():
+        kv_append_pair(cache.k, cache.v, k_new, v_new, "q8_0", "q8_0", pos)
+        return decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg=cfg, pos=pos)
+
+    with da.recording() as rec:
+        step()
+    assert rec[0]["pdl"] is True and rec[0]["q8_early"] is (early == "1")
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = step()
+    for n in (1, 64, 65, 130, 2999):
+        stale = torch.randn(1, Hkv, D, device="cuda", generator=gen) * 4
+        kv_append_pair(cache.k, cache.v, stale, -stale, "q8_0", "q8_0", torch.tensor([n - 1], device="cuda"))
+        k_new.copy_(torch.randn(1, Hkv, D, device="cuda", generator=gen))
+        v_new.copy_(torch.randn(1, Hkv, D, device="cuda", generator=gen) * 2)
+        pos.fill_(n - 1)
+        torch.cuda.synchronize()
+        g.replay()
+        torch.cuda.synchronize()
+        ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", n, D ** -0.5, Hkv)   # the cache as appended
+        err = (out - ref).abs().max().item()
+        assert err < 2e-5 * max(1.0, ref.abs().max().item()), (n, err)

@@ -197,12 +197,20 @@ def supports(group: int, head_dim: int) -> bool:
 
 
 def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_scale: float,
-           n_kv_heads: int, stages: int = 3, pack: bool = False, pdl: bool = False, wsm: bool = False) -> None:
+           n_kv_heads: int, stages: int = 3, pack: bool = False, pdl: bool = False, wsm: bool = False,
+           early: bool = False) -> None:
     """One launch on torch's current stream. ``pdl``: programmatic dependent launch (sm_90+): launched
     with CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION, the kernel first waits for the grid before
-    it (griddepcontrol.wait) and then lets the next one be scheduled, as the Triton kernels' ``pdl_enter``."""
+    it (griddepcontrol.wait) and then lets the next one be scheduled, as the Triton kernels' ``pdl_enter``.
+    ``early`` (with ``pdl`` only): the loads of the first tiles in flight that end before the newest key
+    (row n_keys - 1) go out before that wait, so they overlap the grid before; the caller guarantees that
+    grid writes neither the position nor any cache row before the newest key (the decode step's append
+    writes that key only). Nothing is stored before the wait either way."""
     import torch
     impl = "cuda_mma"
+    if early and not pdl:
+        raise CudaKernelError("q8_impl 'cuda_mma': early loads (q8_early) are a programmatic dependent launch's, and "
+                              "this launch has none", "set KVBENCH_DECODE_PDL=1 too, or unset KVBENCH_DECODE_Q8_EARLY")
     if stages not in STAGE_CHOICES:
         raise CudaKernelError(f"q8_impl 'cuda_mma' has entry points for {STAGE_CHOICES} stages, not {stages}",
                               "set num_stages (KVBENCH_DECODE_STAGES / KVBENCH_DECODE_Q8_TILES) to 2, 3 or 4")
@@ -235,7 +243,8 @@ def launch(q, kr, vr, m, l, acc, pos, n_keys: int, per: int, n_splits: int, qk_s
                               "hold the position in a torch.long tensor")
     args += [ctypes.c_void_p(pos.data_ptr() if pos is not None else 0),
              ctypes.c_int(int(pos is not None and pos.dtype == torch.int64)), ctypes.c_int(n_keys), ctypes.c_int(per),
-             ctypes.c_int(n_splits), ctypes.c_float(qk_scale), ctypes.c_int(n_kv_heads), ctypes.c_int(int(bool(pdl)))]
+             ctypes.c_int(n_splits), ctypes.c_float(qk_scale), ctypes.c_int(n_kv_heads),
+             ctypes.c_int(2 if early else int(bool(pdl)))]
     params = (ctypes.c_void_p * len(args))(*[ctypes.cast(ctypes.pointer(a), ctypes.c_void_p) for a in args])
     stream = torch.cuda.current_stream(q.device).cuda_stream
     if not pdl:

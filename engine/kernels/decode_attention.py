@@ -115,6 +115,10 @@ CONFIG = {
     # barriers a tile) or "warp" (each warp's 16 keys their own stream, merged at the end; two barriers a
     # tile; thirty-seventh session, unmeasured; at cuda_q8.WSM_GEOMETRIES, 3 stages)
     "q8_softmax": "tile",
+    # cuda_mma under programmatic dependent launch: "auto" / "1" issue the first tiles' loads of the rows
+    # before the newest key before waiting for the grid ahead (the decode step's append, which writes that
+    # key only), "0" waits first; "1" is refused without PDL (thirty-eighth session, unmeasured)
+    "q8_early": "auto",
     "q8_ablate": "",          # the rows kernel's ablations, timing only (wrong results): "qk", "pv", "qk,pv"
     "q8_unpack": "auto",      # the streams forms' int8 -> float32: PTX byte permutes (compiled) or a magic add
     "q8_words": "none",       # the rows kernel's K / V read as int16 words (k, v, kv; kv_prmt: PTX unpack), float16 where they land
@@ -151,7 +155,7 @@ _LIVE_KEYS = {"block_n": "KVBENCH_DECODE_BLOCK_N", "programs_per_sm": "KVBENCH_D
               "precision": "KVBENCH_ATTN_PRECISION", "q8_words": "KVBENCH_DECODE_Q8_WORDS",
               "q8_vnorm": "KVBENCH_DECODE_Q8_VNORM", "bf16_stack": "KVBENCH_DECODE_BF16_STACK",
               "q8_stack": "KVBENCH_DECODE_Q8_STACK", "q8_pack": "KVBENCH_DECODE_Q8_PACK",
-              "q8_softmax": "KVBENCH_DECODE_Q8_SOFTMAX",
+              "q8_softmax": "KVBENCH_DECODE_Q8_SOFTMAX", "q8_early": "KVBENCH_DECODE_Q8_EARLY",
               "pdl": "KVBENCH_DECODE_PDL"}
 last_scratch_bytes = 0
 LAUNCHES = LaunchLog()     # each launch's applied configuration, inside ``recording()``
@@ -1461,6 +1465,14 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             raise ValueError(f"q8_softmax 'warp' (KVBENCH_DECODE_Q8_SOFTMAX) is cuda_mma's, at (query heads a KV head, "
                              f"head_dim) (3, 64), (4, 128) or (8, 128) and 3 stages; this launch: q8_impl "
                              f"{cfg['q8_impl']!r} ({q8_why}), ({G}, {D}), {cfg['num_stages']} stages: unset it")
+        early_key = str(cfg["q8_early"]).lower()
+        if early_key not in ("auto", "0", "1", "true", "false"):
+            raise ValueError(f"q8_early {cfg['q8_early']!r}: 'auto', '1' (on) or '0' (off)")
+        early = cuda_form and pdl and early_key != "0" and early_key != "false"
+        if early_key in ("1", "true") and not early:
+            raise ValueError(f"q8_early (KVBENCH_DECODE_Q8_EARLY) is cuda_mma's under programmatic dependent launch; "
+                             f"this launch: q8_impl {cfg['q8_impl']!r} ({q8_why}), pdl {pdl}: unset it or set "
+                             f"KVBENCH_DECODE_PDL=1 with cuda_mma")
         rows_form = cfg["q8_impl"] == "rows"
         streams = cfg["q8_impl"] in ("streams", "streams2", "cuda_mma")     # no fused combine, no terms knobs
         ablate = {x for x in str(cfg["q8_ablate"] or "").split(",") if x}
@@ -1496,9 +1508,9 @@ def decode_attention(q: torch.Tensor, k_buf: torch.Tensor, v_buf: torch.Tensor, 
             LAUNCHES.record({"kernel": cuda_q8.kernel_name(G, D, cfg["num_stages"], pack, wsm), "q8_impl": "cuda_mma",
                              "q8_impl_why": q8_why, "q8_pack": pack, "q8_softmax": "warp" if wsm else "tile", "block_n": cuda_q8.TILE, "num_warps": cuda_q8.THREADS // 32,
                              "num_stages": cfg["num_stages"], "splits": splits, "keys_per_split": per,
-                             "combine_block": comb["BLOCK_S"], "pdl": pdl})
+                             "combine_block": comb["BLOCK_S"], "pdl": pdl, "q8_early": early})
             cuda_q8.launch(q, kr, vr, m, l, acc, pos if dev_pos["DEV_POS"] else None, n_keys, per, splits,
-                           scale * LOG2E, n_kv_heads, cfg["num_stages"], pack, pdl, wsm)
+                           scale * LOG2E, n_kv_heads, cfg["num_stages"], pack, pdl, wsm, early)
         elif streams and cfg["q8_impl"] == "streams2":
             # the scores' scratch: G floats a key of each (KV head, split)
             sbuf = torch.empty(n_kv_heads * splits * G * per, device=q.device, dtype=torch.float32)

@@ -8,6 +8,13 @@
 // sum of 2^(s - m)) and acc_out[hq, sp, :] (the sum of 2^(s - m) v, unnormalised). A split with
 // no key writes nothing (the combine reads only the splits that hold keys).
 //
+// pdl: 0 a plain launch; 1 programmatic dependent launch, the kernel waiting for the grid before it
+// (griddepcontrol.wait) before any load or store; 2 the same, but the loads of the first tiles in flight
+// (cache rows before the newest key, row n_keys - 1) go out before the wait (PDL_EARLY). That is exact when
+// the grid launched just before writes neither the position, nor n_keys' source, nor any cache row before
+// the newest key: in a decode step it is the K/V append of row n_keys - 1 (with RoPE: and q), and in
+// bench_attention's layered graph the previous launch's combine. Nothing is stored before the wait.
+//
 // Cache layout (engine/kernels/q8_layout.py): quants int8 [rows, Hkv, D] and fp16 scales
 // [rows, Hkv, D/32], two arrays; value = quant * scale (exact in float32).
 //
@@ -37,6 +44,16 @@ __device__ __forceinline__ void cp_async_ca(void* smem, const void* gmem, bool v
     unsigned s = (unsigned)__cvta_generic_to_shared(smem);
     int n = valid ? BYTES : 0;
     asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(s), "l"(gmem), "n"(BYTES), "r"(n));
+}
+
+// Programmatic dependent launch: wait until the grid launched before this one has finished and its writes
+// are visible, then let the next grid be scheduled (it waits the same way before it reads what this one
+// writes). The launcher asks for PDL only on sm_90+ (griddepcontrol is sm_90 PTX).
+__device__ __forceinline__ void pdl_wait() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+    asm volatile("griddepcontrol.launch_dependents;\n" :::);
+#endif
 }
 
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
@@ -189,13 +206,8 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
     constexpr int NS = WSM ? 4 : 1;                                 // accumulators (streams)
 
     const int h = blockIdx.x, split = blockIdx.y, tid = threadIdx.x;
-#if __CUDA_ARCH__ >= 900
-    if (pdl) {      // programmatic dependent launch: wait for the grid before (and its writes), then let the
-                    // next one (the combine, which waits the same way) be scheduled; before any load or store
-        asm volatile("griddepcontrol.wait;\n" ::: "memory");
-        asm volatile("griddepcontrol.launch_dependents;\n" :::);
-    }
-#endif
+    if (pdl == 1)   // programmatic dependent launch: wait for the grid before (and its writes), then let the
+        pdl_wait(); // next one (the combine, which waits the same way) be scheduled; before any load or store
     if (pos != nullptr)
         n_keys = (pos64 ? (int)*reinterpret_cast<const long long*>(pos) : *reinterpret_cast<const int*>(pos)) + 1;
     const int lo = split * per;
@@ -218,8 +230,17 @@ __device__ __forceinline__ void q8_decode_mma(const float* __restrict__ q, const
     auto issue = [&](int t) {
         issue_tile<D, KS, VS>(smem + (t % NSTAGE) * STAGE, lo + t * TILE, lo, hi, h, qstride, sstride, kq, ks, vq, vs, tid);
     };
-#pragma unroll
-    for (int t = 0; t < NSTAGE - 1; ++t) {
+    int t0 = 0;
+    if (pdl == 2) {     // early (PDL_EARLY): the first tiles' loads go out before the wait, up to the tile that
+                        // holds the newest key (row n_keys - 1), which the grid before may be writing; rows
+                        // before it, the position and n_keys were written before that grid began (see PDL_EARLY)
+        for (; t0 < NSTAGE - 1 && t0 < n_tiles && lo + (t0 + 1) * TILE < n_keys; ++t0) {
+            issue(t0);
+            cp_async_commit();
+        }
+        pdl_wait();
+    }
+    for (int t = t0; t < NSTAGE - 1; ++t) {
         if (t < n_tiles) issue(t);
         cp_async_commit();
     }
