@@ -251,8 +251,8 @@ def test_gpu_early_loads_still_read_the_key_the_append_ahead_just_wrote(monkeypa
     Hq, Hkv, D, cap = 32, 8, 128, 3000
     cache, gen = filled("q8_0", Hkv, D, cap, seed=13)
     q = torch.randn(Hq, D, device="cuda", generator=gen)
-    k_new = torch.empty(1, Hkv, D, device="cuda")
-    v_new = torch.empty_like(k_new)
+    k_new = torch.randn(1, Hkv, D, device="cuda", generator=gen)    # the warm-up step writes them to row 0
+    v_new = torch.randn(1, Hkv, D, device="cuda", generator=gen)
     pos = torch.zeros(1, dtype=torch.long, device="cuda")
     cfg = {"q8_impl": "cuda_mma", "pdl": True, "q8_early": early}
 
