@@ -7,7 +7,8 @@
 #   grid:  bench_attention's decode grid per variant (GRID_VARIANTS: name:ENV=VAL+ENV=VAL, "-" for none):
 #          auto (the default), rows, pdl (PDL, early loads: q8_early auto), pdlwait (PDL waiting first),
 #          warp (warp softmax), warppdl (both)
-#   step:  the captured coder30b step at depth 16384 (STEP_ARGS), bf16 / q8_0 KV, per STEP_VARIANTS
+#   step:  the captured coder30b step at depth 16384 (STEP_ARGS), bf16 / q8_0 KV, per STEP_VARIANTS: default,
+#          pdl (early loads), pdlwait, warp, rows
 #   sweep: bench_attention's cuda_mma launch sweep, layered, position on the device (both geometries)
 #   steptests: the GPU tests of the captured dense and MoE steps
 #   bound: on an H200 only, the one-launch bound (as session35.sh)
@@ -31,7 +32,7 @@ for step in "$@"; do
                --geometries ${GEOS:-bench,coder30b} --reps ${REPS:-20} --out "$OUT/attention-$name.json" > "$OUT/attention-$name.log" 2>&1
              echo "== grid $name [${envs}] (rc $?)"; grep -E "q8_0|targets.*layered" "$OUT/attention-$name.log" | grep -v "^{" | tail -14
            done ;;
-    step)  MOE_VARIANTS=${STEP_VARIANTS:-default,pdl:KVBENCH_DECODE_PDL=1,warp:KVBENCH_DECODE_Q8_SOFTMAX=warp,rows:KVBENCH_DECODE_Q8_IMPL=rows} \
+    step)  MOE_VARIANTS=${STEP_VARIANTS:-default,pdl:KVBENCH_DECODE_PDL=1,pdlwait:KVBENCH_DECODE_PDL=1+KVBENCH_DECODE_Q8_EARLY=0,warp:KVBENCH_DECODE_Q8_SOFTMAX=warp,rows:KVBENCH_DECODE_Q8_IMPL=rows} \
              MOE_MAX_S=${MOE_MAX_S:-240} MOE_TAG=-s38 MOE_ARGS="${STEP_ARGS:---profile none --depths 16384}" \
              bash benchmarks/gpu_session.sh moevar 2>&1 | tail -34 ;;
     sweep) for geo in coder30b bench; do
