@@ -5,14 +5,15 @@
 #   tests: test_cuda_q8.py whole (every form, the CUDA graph, auto, PDL waiting first / early, early
 #          behind the append of the newest key) and the float64-oracle magnitude test
 #   grid:  bench_attention's decode grid per variant (GRID_VARIANTS: name:ENV=VAL+ENV=VAL, "-" for none):
-#          auto (the default), rows, pdl (PDL, early loads: q8_early auto), pdlwait (PDL waiting first),
-#          warp (warp softmax), warppdl (both)
+#          auto (the default), pdl (PDL, early loads: q8_early auto), pdlwait (PDL waiting first), warp (warp
+#          softmax); e.g. also rows:KVBENCH_DECODE_Q8_IMPL=rows, warppdl:KVBENCH_DECODE_Q8_SOFTMAX=warp+KVBENCH_DECODE_PDL=1
 #   step:  the captured coder30b step at depth 16384 (STEP_ARGS), bf16 / q8_0 KV, per STEP_VARIANTS: default,
 #          pdl (early loads), pdlwait, warp, rows
 #   sweep: bench_attention's cuda_mma launch sweep, layered, position on the device (both geometries)
 #   steptests: the GPU tests of the captured dense and MoE steps
 #   bound: on an H200 only, the one-launch bound (as session35.sh)
-# Carry .whl. Usage on the device: bash benchmarks/oneoff/session38.sh tests grid step sweep steptests
+# Carry .whl. Usage on the device, two calls of ~400-550 s each (one call is capped at 600 s):
+#   bash benchmarks/oneoff/session38.sh tests grid        then        bash benchmarks/oneoff/session38.sh step sweep steptests
 set -uo pipefail
 bash benchmarks/gpu_session.sh nop >/dev/null 2>&1
 export PYTHONPATH=/tmp/site:$PWD KVBENCH_CACHE=/tmp/kvcache PYTHONUNBUFFERED=1
@@ -26,7 +27,7 @@ for step in "$@"; do
     tests) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -s --durations=8 tests/test_cuda_q8.py \
              "tests/test_kernels.py::test_q8_decode_kernel_across_magnitudes_and_at_a_device_position" > "$OUT/tests.log" 2>&1
            grep -E "cuda_mma|passed|failed|FAILED|Error" "$OUT/tests.log" | tail -40 ;;
-    grid)  for v in ${GRID_VARIANTS:-auto:- rows:KVBENCH_DECODE_Q8_IMPL=rows pdl:KVBENCH_DECODE_PDL=1 pdlwait:KVBENCH_DECODE_PDL=1+KVBENCH_DECODE_Q8_EARLY=0 warp:KVBENCH_DECODE_Q8_SOFTMAX=warp warppdl:KVBENCH_DECODE_Q8_SOFTMAX=warp+KVBENCH_DECODE_PDL=1}; do
+    grid)  for v in ${GRID_VARIANTS:-auto:- pdl:KVBENCH_DECODE_PDL=1 pdlwait:KVBENCH_DECODE_PDL=1+KVBENCH_DECODE_Q8_EARLY=0 warp:KVBENCH_DECODE_Q8_SOFTMAX=warp}; do
              name=${v%%:*}; envs=${v#*:}; [ "$envs" = "-" ] && envs=""
              env ${envs//+/ } timeout ${GRID_TIMEOUT:-120} python3 benchmarks/bench_attention.py --skip-prefill \
                --geometries ${GEOS:-bench,coder30b} --reps ${REPS:-20} --out "$OUT/attention-$name.json" > "$OUT/attention-$name.log" 2>&1
