@@ -136,6 +136,22 @@ def test_gpu_cuda_form_matches_the_reference(geo, stages, pack, softmax):
     assert err < 2e-5 * max(1.0, ref.abs().max().item())
 
 
+def replays_match(g, out, q, cache, pos, Hkv: int, ns, before=None) -> None:
+    """Replay the captured graph ``g`` at each key count n of ``ns`` (position n - 1 in ``pos``; ``before(n)``
+    first, if given) and check its output ``out`` against the reference over the cache as it then is."""
+    D = q.shape[1]
+    for n in ns:
+        if before is not None:
+            before(n)
+        pos.fill_(n - 1)
+        torch.cuda.synchronize()
+        g.replay()
+        torch.cuda.synchronize()
+        ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", n, D ** -0.5, Hkv)
+        err = (out - ref).abs().max().item()
+        assert err < 2e-5 * max(1.0, ref.abs().max().item()), (n, err)
+
+
 @pytest.mark.gpu
 @pytest.mark.usefixtures("triton_backend")
 def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position():
@@ -151,12 +167,7 @@ def test_gpu_cuda_form_in_a_cuda_graph_follows_the_device_position():
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv, cfg={"q8_impl": impl}, pos=pos)
-    for n in (1, 64, 65, 1999, 3000):
-        pos.fill_(n - 1)
-        g.replay()
-        torch.cuda.synchronize()
-        ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", n, D ** -0.5, Hkv)
-        assert (out - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), n
+    replays_match(g, out, q, cache, pos, Hkv, (1, 64, 65, 1999, 3000))
 
 
 @pytest.mark.gpu
@@ -224,12 +235,7 @@ def test_gpu_cuda_form_under_programmatic_dependent_launch_matches_without(monke
     with torch.cuda.graph(g):
         out = decode_attention(q, cache.k, cache.v, "q8_0", None, D ** -0.5, Hkv,
                                cfg={"q8_impl": "cuda_mma", "pdl": True}, pos=pos)
-    for n in (1, 700, 2500):
-        pos.fill_(n - 1)
-        g.replay()
-        torch.cuda.synchronize()
-        ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", n, D ** -0.5, Hkv)
-        assert (out - ref).abs().max().item() < 2e-5 * max(1.0, ref.abs().max().item()), n
+    replays_match(g, out, q, cache, pos, Hkv, (1, 700, 2500))
 
 
 @pytest.mark.gpu
@@ -267,15 +273,12 @@ def test_gpu_early_loads_still_read_the_key_the_append_ahead_just_wrote(monkeypa
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         out = step()
-    for n in (1, 64, 65, 130, 2999):
+
+    def stale_row_and_new_inputs(n):
         stale = torch.randn(1, Hkv, D, device="cuda", generator=gen) * 4
         kv_append_pair(cache.k, cache.v, stale, -stale, "q8_0", "q8_0", torch.tensor([n - 1], device="cuda"))
         k_new.copy_(torch.randn(1, Hkv, D, device="cuda", generator=gen))
         v_new.copy_(torch.randn(1, Hkv, D, device="cuda", generator=gen) * 2)
-        pos.fill_(n - 1)
-        torch.cuda.synchronize()
-        g.replay()
-        torch.cuda.synchronize()
-        ref = decode_attention_ref(q, cache.k, cache.v, "q8_0", n, D ** -0.5, Hkv)   # the cache as appended
-        err = (out - ref).abs().max().item()
-        assert err < 2e-5 * max(1.0, ref.abs().max().item()), (n, err)
+
+    # the reference reads the cache as the replay appended it
+    replays_match(g, out, q, cache, pos, Hkv, (1, 64, 65, 130, 2999), before=stale_row_and_new_inputs)
