@@ -10,13 +10,7 @@
 # Carry .whl. Usage on the device: bash benchmarks/oneoff/session35.sh tests grid bound
 # (the thirty-sixth session's call adds the tensor-core form through the environment:
 #  GRID_VARIANTS="mma:cuda_mma:2 ..." STEP_VARIANTS="default,mma:KVBENCH_DECODE_Q8_IMPL=cuda_mma,...")
-set -uo pipefail
-bash benchmarks/gpu_session.sh nop >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD KVBENCH_CACHE=/tmp/kvcache PYTHONUNBUFFERED=1
-[ -x /usr/local/cuda/bin/nvcc ] && export PATH=$PATH:/usr/local/cuda/bin
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "card: $gpu"
-echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -2 | head -1)"
+source benchmarks/oneoff/device_prelude.sh
 for step in "$@"; do
   SECONDS=0
   case $step in

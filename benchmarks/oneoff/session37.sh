@@ -14,13 +14,7 @@
 #          against rows, cuda_mma's PDL launch and 3 programs a SM (KVBENCH_DECODE_Q8_TILES moves q8_0's only)
 #   bound: on an H200 only, the one-launch bound (as session35.sh)
 # Carry .whl. Usage on the device: bash benchmarks/oneoff/session37.sh tests grid step sweep steptests bound
-set -uo pipefail
-bash benchmarks/gpu_session.sh nop >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD KVBENCH_CACHE=/tmp/kvcache PYTHONUNBUFFERED=1
-[ -x /usr/local/cuda/bin/nvcc ] && export PATH=$PATH:/usr/local/cuda/bin
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "card: $gpu"
-echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -2 | head -1)"
+source benchmarks/oneoff/device_prelude.sh
 for step in "$@"; do
   SECONDS=0
   case $step in

@@ -14,19 +14,12 @@
 #   bound: on an H200 only, the one-launch bound (as session35.sh)
 # Carry .whl. Usage on the device, two calls of ~400-550 s each (one call is capped at 600 s):
 #   bash benchmarks/oneoff/session38.sh tests grid        then        bash benchmarks/oneoff/session38.sh step sweep steptests
-set -uo pipefail
-bash benchmarks/gpu_session.sh nop >/dev/null 2>&1
-export PYTHONPATH=/tmp/site:$PWD KVBENCH_CACHE=/tmp/kvcache PYTHONUNBUFFERED=1
-[ -x /usr/local/cuda/bin/nvcc ] && export PATH=$PATH:/usr/local/cuda/bin
-OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
-gpu=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1); echo "card: $gpu"
-echo "nvcc: $(command -v nvcc) $(nvcc --version 2>/dev/null | tail -2 | head -1)"
+source benchmarks/oneoff/device_prelude.sh
 for step in "$@"; do
   SECONDS=0
   case $step in
-    tests) timeout ${TEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -s --durations=8 tests/test_cuda_q8.py \
-             "tests/test_kernels.py::test_q8_decode_kernel_across_magnitudes_and_at_a_device_position" > "$OUT/tests.log" 2>&1
-           grep -E "cuda_mma|passed|failed|FAILED|Error" "$OUT/tests.log" | tail -40 ;;
+    tests|steptests|bound)      # as session37.sh's (bound: H200 only)
+           TEST_TIMEOUT=${TEST_TIMEOUT:-240} bash benchmarks/oneoff/session37.sh $step ;;
     grid)  for v in ${GRID_VARIANTS:-auto:- pdl:KVBENCH_DECODE_PDL=1 pdlwait:KVBENCH_DECODE_PDL=1+KVBENCH_DECODE_Q8_EARLY=0 warp:KVBENCH_DECODE_Q8_SOFTMAX=warp}; do
              name=${v%%:*}; envs=${v#*:}; [ "$envs" = "-" ] && envs=""
              env ${envs//+/ } timeout ${GRID_TIMEOUT:-120} python3 benchmarks/bench_attention.py --skip-prefill \
@@ -42,10 +35,6 @@ for step in "$@"; do
                --reps ${REPS:-20} --out "$OUT/attention-sweep-$geo.json" > "$OUT/sweep-$geo.log" 2>&1
              echo "== sweep $geo (rc $?)"; grep -E "sweep|us" "$OUT/sweep-$geo.log" | grep -v "^{" | tail -40
            done ;;
-    steptests) timeout ${STEPTEST_TIMEOUT:-240} python3 -m pytest -q -p no:cacheprovider -m gpu --durations=8 \
-             tests/test_static_decode.py tests/test_moe_decode.py > "$OUT/tests-steps.log" 2>&1
-           tail -12 "$OUT/tests-steps.log" ;;
-    bound) bash benchmarks/oneoff/session35.sh bound ;;     # on an H200 only: the one-launch bound
   esac
   echo "[$step: ${SECONDS} s]"
 done
