@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by the oneoff device scripts (session35.sh, session37.sh, session38.sh), from the repository root
 # on the device: the carried wheels installed (gpu_session.sh nop), the environment, $OUT, and the card and
 # nvcc each call ran with.
